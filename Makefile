@@ -1,0 +1,34 @@
+# Two commands for a fresh clone: `make run` and `make test`. The Makefile makes its own virtualenv.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test test-all lint typecheck check bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+run: $(STAMP)  ## serve ./routes.yaml on the embedded SQLite store
+	$(BIN)/hookyard serve -c routes.yaml
+
+test: $(STAMP)  ## the suite (torture tests marked slow are skipped; see test-all)
+	$(BIN)/pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: $(STAMP)  ## every test, slow torture tests included (what CI runs)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check gateway plugins tests
+	$(BIN)/ruff format --check gateway plugins tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+check: lint typecheck test
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,131 @@
+"""What an action plugin implements: take one event and deliver it somewhere, then say how it went."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import httpx
+from pydantic import BaseModel, ConfigDict
+
+from gateway.config import RetryPolicy
+from gateway.events import Event
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one attempt went.
+
+    kind: `delivered` (done), `retry` (try again per the schedule), `dead` (give up now),
+    `skipped` (nothing to do for this event; final, not a failure).
+    """
+
+    kind: Literal["delivered", "retry", "dead", "skipped"]
+    status_code: int | None = None
+    error: str | None = None
+    # Seconds the receiver asked us to wait (Retry-After); the schedule's delay is used when it is longer.
+    retry_after: float | None = None
+
+
+def delivered(status_code: int | None = None) -> Outcome:
+    return Outcome("delivered", status_code)
+
+
+def retry(error: str, status_code: int | None = None, retry_after: float | None = None) -> Outcome:
+    return Outcome("retry", status_code, error, retry_after)
+
+
+def dead(error: str, status_code: int | None = None) -> Outcome:
+    return Outcome("dead", status_code, error)
+
+
+def skipped(reason: str) -> Outcome:
+    return Outcome("skipped", None, reason)
+
+
+@dataclass(frozen=True, slots=True)
+class ParentResult:
+    """The final state of the action a dependent action runs `after`."""
+
+    action: str
+    state: Literal["delivered", "dead"]
+    attempts: int
+    status_code: int | None
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One attempt at one delivery."""
+
+    event: Event
+    route: str
+    action: str
+    attempt: int
+    timeout: float
+    retry: RetryPolicy
+    parent: ParentResult | None = None
+
+
+@dataclass(slots=True)
+class Resources:
+    """Shared by every action of a gateway: one HTTP client with a keep-alive pool."""
+
+    http: httpx.AsyncClient
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Action:
+    """Base class of actions. Subclasses set `name`, optionally `Options` (the schema of `with:`, checked
+    when the config loads), and implement `deliver`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, options: Any, resources: Resources) -> None:
+        self.options = options
+        self.resources = resources
+
+    async def deliver(self, job: Job) -> Outcome:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        """Release what the action holds (pools, connections)."""
+
+
+def http_outcome(response: httpx.Response, policy: RetryPolicy) -> Outcome:
+    """The usual reading of an HTTP answer: 2xx delivered, retryable statuses retried, others dead."""
+    status = response.status_code
+    if 200 <= status < 300:
+        return delivered(status)
+    error = f"HTTP {status}"
+    if policy.retries_status(status):
+        return retry(error, status, parse_retry_after(response.headers.get("retry-after")))
+    return dead(error, status)
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as delta-seconds or an HTTP date."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def transport_error(exc: Exception) -> Outcome:
+    """Connection failures and timeouts are always worth another attempt."""
+    if isinstance(exc, httpx.TimeoutException):
+        return retry(f"timeout: {type(exc).__name__}")
+    return retry(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)

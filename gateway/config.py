@@ -1,0 +1,274 @@
+"""routes.yaml: parsing, ${VAR} interpolation and schema validation.
+
+This module knows the shape of the file only. Checks that need the plugins (provider and action names,
+each action's own `with:` schema, filters, event names) happen when routes are compiled (gateway.routing).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
+
+DEFAULT_CONFIG_PATH = "routes.yaml"
+CONFIG_ENV_VAR = "HOOKYARD_CONFIG"
+
+
+class ConfigError(Exception):
+    """The config is invalid; `errors` has one line per problem, each naming its place."""
+
+    def __init__(self, errors: list[str], config: Config | None = None) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+        # Set when only interpolation failed: the shape is valid, so later checks can still run on it.
+        self.config = config
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def parse_duration(value: Any) -> float:
+    """`5s`, `2m`, `1h`, `250ms` or a number of seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    else:
+        raise ValueError(f"{value!r} is not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds")
+    if seconds < 0:
+        raise ValueError(f"{value!r} is negative")
+    return seconds
+
+
+Duration = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "minimum": 0},
+                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"},
+            ]
+        }
+    ),
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Listener(Strict):
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class OpsListener(Listener):
+    port: int = Field(default=9000, ge=0, le=65535)
+
+
+class StorageConfig(Strict):
+    url: str = "sqlite:///./var/hookyard.db"
+
+
+class Limits(Strict):
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+
+
+class RetryPolicy(Strict):
+    """When a failed attempt is tried again: after each delay of the schedule in turn, then dead."""
+
+    schedule: list[Duration] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 3600.0])
+    jitter: float = Field(default=0.1, ge=0, le=1)
+    # HTTP statuses worth another attempt; any other non-2xx answer ends the delivery dead at once.
+    retry_on: list[int | Literal["5xx", "4xx"]] = Field(default_factory=lambda: [408, 429, "5xx"])
+
+    def retries_status(self, status: int) -> bool:
+        family = f"{status // 100}xx"
+        return status in self.retry_on or family in self.retry_on
+
+
+class Defaults(Strict):
+    retry: RetryPolicy = RetryPolicy()
+    timeout: Duration = 30.0
+
+
+class DeliveryEngine(Strict):
+    """How the delivery workers run."""
+
+    concurrency: int = Field(default=64, ge=1)
+    # A claimed delivery is invisible to other workers this long; after a crash it is claimed again.
+    lease: Duration = 120.0
+    poll_interval: Duration = 1.0
+
+
+class LogConfig(Strict):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "text"] = "json"
+
+
+class Source(Strict):
+    path: str
+    provider: str
+    secrets: list[str] = Field(default_factory=list)
+    tolerance: Duration = 300.0
+    insecure: bool = False
+    # Provider-specific settings, validated by the provider itself.
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        if not path.startswith("/"):
+            raise ValueError(f"path {path!r} must start with /")
+        return path
+
+    @field_validator("secrets")
+    @classmethod
+    def _drop_empty(cls, secrets: list[str]) -> list[str]:
+        # `${OPTIONAL_KEY:-}` expands to "" when unset: such a slot is simply not configured.
+        return [secret for secret in secrets if secret.strip()]
+
+
+class ActionConfig(Strict):
+    id: str | None = None
+    use: str
+    with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    after: str | None = None
+    when: Literal["success", "failure", "always"] | None = None
+    retry: RetryPolicy | None = None
+    timeout: Duration | None = None
+    concurrency: int | None = Field(default=None, ge=1)
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def key(self) -> str:
+        return self.id or self.use
+
+
+class Route(Strict):
+    name: str
+    source: str
+    events: list[str | int] = Field(default_factory=lambda: ["*"])
+    filter: dict[str, Any] | None = None
+    actions: list[ActionConfig] = Field(min_length=1)
+
+
+class Config(Strict):
+    listen: Listener = Listener()
+    ops: OpsListener = OpsListener()
+    storage: StorageConfig = StorageConfig()
+    limits: Limits = Limits()
+    defaults: Defaults = Defaults()
+    delivery: DeliveryEngine = DeliveryEngine()
+    log: LogConfig = LogConfig()
+    sources: dict[str, Source] = Field(default_factory=dict)
+    routes: list[Route] = Field(default_factory=list)
+
+
+def default_config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
+
+
+def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Config:
+    """Read, interpolate and validate a config file; raises ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    return parse_config(text, environ=environ, origin=str(path))
+
+
+def parse_config(text: str, *, environ: dict[str, str] | None = None, origin: str = "<config>") -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{origin}: not valid YAML: {exc}"]) from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError([f"{origin}: the top level must be a mapping"])
+    errors: list[str] = []
+    expanded = _interpolate(raw, os.environ if environ is None else environ, (), errors)
+    config = None
+    try:
+        config = Config.model_validate(expanded)
+    except ValidationError as exc:
+        errors.extend(format_validation_errors(exc))
+    if errors or config is None:
+        raise ConfigError(errors, config)
+    return config
+
+
+def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
+    lines = []
+    for error in exc.errors():
+        place = format_location(prefix + tuple(error["loc"]))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "missing":
+            message = "field required"
+        elif error["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{place}: {message}" if place else message)
+    return lines
+
+
+def format_location(loc: tuple[str | int, ...]) -> str:
+    """('routes', 1, 'actions', 0, 'with', 'url') -> routes[1].actions[0].with.url"""
+    text = ""
+    for part in loc:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            text += ("." if text else "") + ("with" if part == "with_" else str(part))
+    return text
+
+
+_VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+def _interpolate(value: Any, environ: Any, loc: tuple[str | int, ...], errors: list[str]) -> Any:
+    """Expand ${VAR} and ${VAR:-default} in every string of the parsed tree (not in the raw text, so that
+    a value can never change the YAML structure)."""
+    if isinstance(value, dict):
+        return {key: _interpolate(item, environ, (*loc, key), errors) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(item, environ, (*loc, index), errors) for index, item in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ:
+            return str(environ[name])
+        if default is not None:
+            return default
+        errors.append(f"{format_location(loc)}: environment variable {name} is not set (and has no default)")
+        return ""
+
+    return _VARIABLE.sub(substitute, value)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of routes.yaml, for editors."""
+    schema = Config.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Hookyard routes.yaml"
+    return schema

@@ -1,0 +1,232 @@
+"""The delivery engine: claim due deliveries with a lease, run their actions, record every attempt, and
+schedule retries. At-least-once: a delivery is final only once an attempt's result is committed; a worker
+that dies leaves a lease that expires (or, with SQLite, is released at the next start)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+
+import pluggy
+
+from gateway.actions import Action, Job, Outcome, Resources, dead, retry
+from gateway.config import DeliveryEngine as EngineSettings
+from gateway.metrics import Metrics
+from gateway.plugins import Registry
+from gateway.retry import next_delay
+from gateway.routing import PlannedAction, RouteTable
+from gateway.storage import Attempt, Claim, Storage, StorageUnavailable
+
+log = logging.getLogger("hookyard.delivery")
+
+_METRIC_OUTCOME = {"delivered": "delivered", "retry": "retried", "dead": "dead", "skipped": "skipped"}
+
+
+@dataclass(slots=True)
+class RunnableAction:
+    plan: PlannedAction
+    action: Action
+    limit: asyncio.Semaphore | None
+
+
+def build_actions(table: RouteTable, registry: Registry, resources: Resources) -> dict[tuple[str, str], RunnableAction]:
+    runnable = {}
+    for key, plan in table.actions.items():
+        action = registry.actions[plan.use](plan.options, resources)
+        limit = asyncio.Semaphore(plan.concurrency) if plan.concurrency else None
+        runnable[key] = RunnableAction(plan, action, limit)
+    return runnable
+
+
+class Engine:
+    def __init__(
+        self,
+        storage: Storage,
+        actions: dict[tuple[str, str], RunnableAction],
+        settings: EngineSettings,
+        metrics: Metrics,
+        pm: pluggy.PluginManager,
+    ) -> None:
+        self.storage = storage
+        self.actions = actions
+        self.settings = settings
+        self.metrics = metrics
+        self.pm = pm
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._wakeup = asyncio.Event()
+        self._running: dict[int, asyncio.Task[None]] = {}
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._stats_task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        """New work may be due (an event was ingested, a replay was asked for)."""
+        self._wakeup.set()
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._claim_loop(), name="hookyard-delivery")
+        self._stats_task = asyncio.create_task(self._stats_loop(), name="hookyard-queue-stats")
+
+    async def stop(self, timeout: float) -> None:
+        """Stop claiming, give running deliveries `timeout` seconds, then release the rest for the next
+        start (their attempt is not counted as done)."""
+        self._stopping = True
+        self._wakeup.set()
+        for task in (self._loop_task, self._stats_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        if self._running:
+            _done, pending = await asyncio.wait(list(self._running.values()), timeout=timeout)
+            unfinished = [delivery_id for delivery_id, task in self._running.items() if task in pending]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            if unfinished:
+                with contextlib.suppress(StorageUnavailable):
+                    await self.storage.release(unfinished, time.time())
+                log.warning("released unfinished deliveries", extra={"count": len(unfinished)})
+        for runnable in self.actions.values():
+            await runnable.action.aclose()
+
+    async def _claim_loop(self) -> None:
+        settings = self.settings
+        while not self._stopping:
+            self._wakeup.clear()
+            free = settings.concurrency - len(self._running)
+            if free > 0:
+                try:
+                    claims = await self.storage.claim(time.time(), free, settings.lease, self.owner)
+                except StorageUnavailable as exc:
+                    log.error("cannot claim deliveries", extra={"error": str(exc)})
+                    claims = []
+                    await asyncio.sleep(settings.poll_interval)
+                for claim in claims:
+                    self._start(claim)
+                if len(claims) == free:
+                    continue  # there may be more due right now
+            timeout = settings.poll_interval
+            if free > 0:
+                with contextlib.suppress(StorageUnavailable):
+                    due = await self.storage.next_due_at()
+                    if due is not None:
+                        timeout = min(timeout, max(0.0, due - time.time()))
+            if timeout > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)
+
+    def _start(self, claim: Claim) -> None:
+        task = asyncio.create_task(self._deliver(claim))
+        delivery_id = claim.delivery.id
+        self._running[delivery_id] = task
+
+        def done(_task: asyncio.Task[None]) -> None:
+            self._running.pop(delivery_id, None)
+            self._wakeup.set()  # a worker slot is free
+
+        task.add_done_callback(done)
+
+    async def _deliver(self, claim: Claim) -> None:
+        delivery, event = claim.delivery, claim.event
+        runnable = self.actions.get((delivery.route, delivery.action))
+        started = time.time()
+        if runnable is None:
+            outcome = dead(f"action {delivery.action!r} of route {delivery.route!r} is no longer configured")
+            policy = None
+        else:
+            policy = runnable.plan.retry
+            job = Job(
+                event=event,
+                route=delivery.route,
+                action=delivery.action,
+                attempt=delivery.attempts,
+                timeout=runnable.plan.timeout,
+                retry=policy,
+                parent=claim.parent,
+            )
+            async with runnable.limit or contextlib.nullcontext():
+                started = time.time()
+                outcome = await self._attempt(runnable.action, job)
+        finished_at = time.time()
+        duration = finished_at - started
+
+        state, due_at = "pending", None
+        if outcome.kind == "retry":
+            delay = next_delay(policy, delivery.attempts, outcome.retry_after) if policy else None
+            if delay is None:
+                outcome = dead(f"gave up after {delivery.attempts} attempts: {outcome.error}", outcome.status_code)
+                state = "dead"
+            else:
+                due_at = finished_at + delay
+        else:
+            state = outcome.kind
+
+        attempt = Attempt(delivery.attempts, started, duration, outcome.kind, outcome.status_code, outcome.error)
+        try:
+            finished = await self.storage.finish(delivery, attempt, state, due_at, finished_at)
+        except StorageUnavailable as exc:
+            # The lease stays: once it expires the delivery is attempted again (at-least-once).
+            log.error("cannot record attempt", extra={**event.summary(), "error": str(exc)})
+            return
+
+        labels = (delivery.route, delivery.action)
+        self.metrics.deliveries.labels(*labels, _METRIC_OUTCOME[outcome.kind]).inc()
+        self.metrics.delivery_duration.labels(*labels).observe(duration)
+        if outcome.kind == "delivered":
+            self.metrics.end_to_end.labels(delivery.route).observe(finished_at - event.received_at)
+        for route, action in finished.skipped:
+            self.metrics.deliveries.labels(route, action, "skipped").inc()
+        if finished.activated:
+            self._wakeup.set()
+
+        fields = {
+            **event.summary(),
+            "route": delivery.route,
+            "action": delivery.action,
+            "attempt": delivery.attempts,
+            "outcome": outcome.kind,
+            "status_code": outcome.status_code,
+            "error": outcome.error,
+            "duration_ms": round(duration * 1000, 1),
+        }
+        if due_at is not None:
+            fields["retry_in_s"] = round(due_at - finished_at, 3)
+        level = {"delivered": logging.DEBUG, "skipped": logging.INFO, "retry": logging.INFO}.get(
+            outcome.kind, logging.WARNING
+        )
+        log.log(level, "delivery %s", outcome.kind, extra=fields)
+        delivery.state = state
+        if self.pm.hook.delivery_finished.get_hookimpls():
+            self.pm.hook.delivery_finished(delivery=delivery, outcome=outcome, final=state != "pending")
+
+    async def _attempt(self, action: Action, job: Job) -> Outcome:
+        try:
+            async with asyncio.timeout(job.timeout):
+                return await action.deliver(job)
+        except TimeoutError:
+            return retry(f"timeout after {job.timeout:g}s")
+        except Exception as exc:
+            # A plugin bug or an unexpected failure: retried like any other, and logged with its traceback.
+            log.exception("action raised", extra={**job.event.summary(), "action": job.action})
+            return retry(f"{type(exc).__name__}: {exc}")
+
+    async def _stats_loop(self) -> None:
+        while True:
+            now = time.time()
+            try:
+                stats = await self.storage.queue_stats(now)
+            except StorageUnavailable:
+                pass
+            else:
+                for state, count in stats.counts.items():
+                    self.metrics.delivery_queue.labels(state).set(count)
+                lag = 0.0 if stats.oldest_due_at is None else max(0.0, now - stats.oldest_due_at)
+                self.metrics.delivery_lag.set(lag)
+            await asyncio.sleep(2.0)

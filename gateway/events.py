@@ -1,0 +1,61 @@
+"""The canonical event: what routes, filters and actions see, whatever the provider."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+_MISSING = object()
+
+
+@dataclass(slots=True)
+class Event:
+    source: str
+    id: str
+    type: str
+    received_at: float
+    body: bytes
+    payload: Any
+    occurred_at: float | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    verified: bool = True
+
+    @property
+    def data(self) -> Any:
+        if isinstance(self.payload, dict):
+            return self.payload.get("data")
+        return None
+
+    def lookup(self, path: str, default: Any = None) -> Any:
+        """Resolve `type`, `id`, `source`, `data.a.b`, `payload.a.0`, `headers.name` on this event."""
+        head, _, rest = path.partition(".")
+        if head in ("type", "id", "source", "occurred_at", "received_at") and not rest:
+            return getattr(self, head)
+        if head == "headers":
+            return self.headers.get(rest.lower(), default) if rest else self.headers
+        if head == "data":
+            return dig(self.data, rest, default)
+        if head == "payload":
+            return dig(self.payload, rest, default)
+        return default
+
+    def summary(self) -> dict[str, Any]:
+        """Fields for logs: never the body, never a header."""
+        return {"event_id": self.id, "source": self.source, "event_type": self.type}
+
+
+def dig(value: Any, path: str, default: Any = None) -> Any:
+    """Follow a dotted path through dicts and lists (`items.0.sku`)."""
+    if not path:
+        return value
+    for part in path.split("."):
+        if isinstance(value, dict):
+            value = value.get(part, _MISSING)
+        elif isinstance(value, list) and part.lstrip("-").isdigit():
+            index = int(part)
+            value = value[index] if -len(value) <= index < len(value) else _MISSING
+        else:
+            return default
+        if value is _MISSING:
+            return default
+    return value

@@ -1,0 +1,49 @@
+"""Every hook a Hookyard plugin can implement.
+
+Implementations may accept any subset of a spec's arguments, so specs can grow without breaking plugins.
+Hooks are always called with keyword arguments.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from gateway.actions import Action, Outcome
+    from gateway.events import Event
+    from gateway.providers import Provider
+    from gateway.storage import DeliveryRecord
+
+hookspec = pluggy.HookspecMarker("hookyard")
+
+
+@hookspec
+def register_providers() -> list[type[Provider]]:  # type: ignore[empty-body]
+    """Return a list of Provider classes; each verifies and parses one signature scheme."""
+
+
+@hookspec
+def register_actions() -> list[type[Action]]:  # type: ignore[empty-body]
+    """Return a list of Action classes; each delivers events somewhere (HTTP, a database, a chat)."""
+
+
+@hookspec
+def startup(gateway: Any) -> Any:
+    """Called once the gateway has loaded its config and opened storage; may return an awaitable."""
+
+
+@hookspec
+def shutdown(gateway: Any) -> Any:
+    """Called as the gateway stops, after deliveries have drained; may return an awaitable."""
+
+
+@hookspec
+def event_accepted(event: Event, routes: list[str]) -> None:
+    """Called after an event was durably stored, with the names of the routes it matched."""
+
+
+@hookspec
+def delivery_finished(delivery: DeliveryRecord, outcome: Outcome, final: bool) -> None:
+    """Called after every delivery attempt; final is True once the delivery is delivered or dead."""

@@ -1,0 +1,78 @@
+"""Prometheus metrics. Their names and labels are a contract: dashboards and alerts depend on them.
+Labels never hold ids or URLs, so their number stays bounded."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+
+from gateway import __version__
+
+# The *_created series double the exposition for nothing a dashboard uses.
+disable_created_metrics()
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+END_TO_END_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
+
+
+class Metrics:
+    """One set of metrics on its own registry, so several gateways (tests) never share counters."""
+
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry()
+        self.webhooks_received = Counter(
+            "hookyard_webhooks_received_total",
+            "Webhook requests received, by outcome: accepted, duplicate or rejected.",
+            ["source", "outcome"],
+            registry=registry,
+        )
+        self.rejections = Counter(
+            "hookyard_webhook_rejections_total",
+            "Webhook requests rejected, by reason.",
+            ["source", "reason"],
+            registry=registry,
+        )
+        self.ingest_duration = Histogram(
+            "hookyard_ingest_duration_seconds",
+            "Time from a webhook's first byte to its answer, durable commit included.",
+            ["source"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.deliveries = Counter(
+            "hookyard_deliveries_total",
+            "Delivery attempts by outcome: delivered, retried, dead or skipped.",
+            ["route", "action", "outcome"],
+            registry=registry,
+        )
+        self.delivery_duration = Histogram(
+            "hookyard_delivery_duration_seconds",
+            "Duration of one delivery attempt.",
+            ["route", "action"],
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.delivery_queue = Gauge(
+            "hookyard_delivery_queue",
+            "Deliveries not yet final: due, scheduled (waiting for a retry), in_flight, waiting (for a parent).",
+            ["state"],
+            registry=registry,
+        )
+        self.delivery_lag = Gauge(
+            "hookyard_delivery_lag_seconds",
+            "How long the oldest due delivery has been waiting for a worker.",
+            registry=registry,
+        )
+        self.end_to_end = Histogram(
+            "hookyard_end_to_end_seconds",
+            "Time from receiving a webhook to delivering it, per route.",
+            ["route"],
+            buckets=END_TO_END_BUCKETS,
+            registry=registry,
+        )
+        self.build_info = Info("hookyard_build", "Hookyard version.", registry=registry)
+        self.build_info.info({"version": __version__})
+        self.ready = Gauge("hookyard_ready", "1 when the gateway is ready to accept webhooks.", registry=registry)
+
+    def rejected(self, source: str, reason: str) -> None:
+        self.webhooks_received.labels(source, "rejected").inc()
+        self.rejections.labels(source, reason).inc()

@@ -1,0 +1,43 @@
+"""The ops listener: health, readiness and metrics. Never exposed to providers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gateway.storage import StorageUnavailable
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+
+def ops_app(gateway: Gateway) -> Starlette:
+    async def healthz(request: Request) -> Response:
+        # Liveness: the process and its event loop answer. Storage trouble is readiness, not liveness:
+        # restarting the pod would not bring a full disk back.
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if not gateway.ready:
+            return JSONResponse({"status": "not ready", "reason": "starting or stopping"}, status_code=503)
+        try:
+            await gateway.storage.check_writable()
+        except StorageUnavailable as exc:
+            return JSONResponse({"status": "not ready", "reason": f"storage: {exc}"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route("/metrics", metrics),
+        ]
+    )

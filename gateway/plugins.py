@@ -1,0 +1,85 @@
+"""The plugin manager: built-in plugins and third-party ones are loaded the same way."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+from functools import cache
+from typing import TYPE_CHECKING
+
+import pluggy
+
+from gateway import hookspecs
+
+if TYPE_CHECKING:
+    from gateway.actions import Action
+    from gateway.providers import Provider
+
+# Built-ins are ordinary plugins, registered exactly like third-party ones.
+DEFAULT_PLUGINS: tuple[str, ...] = (
+    "plugins.svix",
+    "plugins.consignly",
+    "plugins.insecure",
+    "plugins.forward",
+)
+
+ENTRY_POINT_GROUP = "hookyard"
+
+
+def new_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:
+    """A fresh manager with the built-in plugins and, optionally, installed entry points."""
+    pm = pluggy.PluginManager("hookyard")
+    pm.add_hookspecs(hookspecs)
+    for dotted in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(dotted), name=dotted)
+    if load_entry_points:
+        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+    # Typos in hook names fail here instead of silently never being called.
+    pm.check_pending()
+    if os.environ.get("HOOKYARD_TRACE_HOOKS"):
+        pm.trace.root.setwriter(sys.stderr.write)
+        pm.enable_tracing()
+    return pm
+
+
+@cache
+def plugin_manager() -> pluggy.PluginManager:
+    """The process-wide manager, built on first use."""
+    return new_plugin_manager()
+
+
+class DuplicateName(Exception):
+    pass
+
+
+@dataclass
+class Registry:
+    """Everything the plugins registered, by name."""
+
+    providers: dict[str, type[Provider]] = field(default_factory=dict)
+    actions: dict[str, type[Action]] = field(default_factory=dict)
+
+    @classmethod
+    def collect(cls, pm: pluggy.PluginManager) -> Registry:
+        registry = cls()
+        for batch in pm.hook.register_providers():
+            for provider in batch:
+                _add(registry.providers, provider.name, provider, "provider")
+        for batch in pm.hook.register_actions():
+            for action in batch:
+                _add(registry.actions, action.name, action, "action")
+        return registry
+
+
+def _add(table: dict[str, type], name: str, cls: type, kind: str) -> None:
+    if name in table and table[name] is not cls:
+        raise DuplicateName(
+            f"{kind} {name!r} is registered twice: by {table[name].__module__} and {cls.__module__}"
+        )
+    table[name] = cls
+
+
+def registry(pm: pluggy.PluginManager | None = None) -> Registry:
+    return Registry.collect(pm or plugin_manager())

@@ -1,0 +1,109 @@
+"""What a provider plugin implements: verify a request's signature, then turn its payload into an Event."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from gateway.config import Source
+from gateway.events import Event
+
+
+class Rejected(Exception):
+    """A request that must not be accepted. `reason` is a short, stable label (it becomes a metric label);
+    `detail` is for the sender and never contains a secret."""
+
+    def __init__(self, status: int, reason: str, detail: str = "") -> None:
+        super().__init__(detail or reason)
+        self.status = status
+        self.reason = reason
+        self.detail = detail or reason.replace("_", " ")
+
+
+def unauthorized(reason: str, detail: str = "") -> Rejected:
+    return Rejected(401, reason, detail)
+
+
+def bad_request(reason: str, detail: str = "") -> Rejected:
+    return Rejected(400, reason, detail)
+
+
+class NoOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Provider:
+    """Base class of providers. Subclasses set `name` and implement `verify`; most keep `parse`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    # False for schemes with nothing to verify; such a source must say `insecure: true`.
+    needs_secret: ClassVar[bool] = True
+    # Settings under the source's `options:`.
+    Options: ClassVar[type[BaseModel]] = NoOptions
+
+    def __init__(self, source_name: str, source: Source) -> None:
+        self.source_name = source_name
+        self.secrets = list(source.secrets)
+        self.tolerance = source.tolerance
+        self.options = self.Options.model_validate(source.options)
+
+    def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
+        """Raise Rejected unless the request carries a valid signature for the exact bytes of body.
+        Must never raise anything else, whatever the headers hold."""
+        raise NotImplementedError
+
+    def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:
+        """Build the canonical event from a verified request. The default reads `id` and `type` from a
+        JSON object payload; raise bad_request(...) when they are missing."""
+        if not isinstance(payload, dict):
+            raise bad_request("invalid_payload", "the body must be a JSON object")
+        return Event(
+            source=self.source_name,
+            id=require_text(payload.get("id"), "missing_event_id", "the payload has no id"),
+            type=self.event_type(require_text(payload.get("type"), "missing_event_type", "no type")),
+            received_at=received_at,
+            body=body,
+            payload=payload,
+            headers=dict(headers),
+        )
+
+    def event_type(self, name: str | int) -> str:
+        """Map a route's `events:` entry or a payload's type to the canonical type (catalog lookups)."""
+        return str(name)
+
+
+def require_text(value: Any, reason: str, detail: str) -> str:
+    if isinstance(value, bool) or value is None or value == "":
+        raise bad_request(reason, detail)
+    if isinstance(value, str | int):
+        return str(value)
+    raise bad_request(reason, detail)
+
+
+def any_digest_matches(expected: list[bytes], offered: list[bytes]) -> bool:
+    """Constant time per comparison; every pair is compared so timing says nothing about which matched."""
+    found = False
+    for mine in expected:
+        for theirs in offered:
+            found |= hmac.compare_digest(mine, theirs)
+    return found
+
+
+def parse_timestamp(value: Any) -> float | None:
+    """Seconds since the epoch from epoch seconds, epoch milliseconds or ISO 8601; None when unreadable."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        # Anything past the year 33658 in seconds is really milliseconds.
+        return float(value) / 1000.0 if value > 1e12 else float(value)
+    if isinstance(value, str):
+        try:
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+    return None

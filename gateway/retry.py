@@ -1,0 +1,23 @@
+"""When to try a failed delivery again."""
+
+from __future__ import annotations
+
+import random
+
+from gateway.config import RetryPolicy
+
+
+def next_delay(policy: RetryPolicy, attempt: int, retry_after: float | None = None) -> float | None:
+    """Seconds until the attempt after `attempt` (1-based), or None when the schedule is used up.
+
+    Jitter spreads retries of many deliveries that failed together (an outage) so that they do not all hit
+    the recovering receiver in the same instant. A receiver's Retry-After is honoured when it asks for longer.
+    """
+    if attempt > len(policy.schedule):
+        return None
+    delay = policy.schedule[attempt - 1]
+    if policy.jitter:
+        delay *= 1 + random.uniform(-policy.jitter, policy.jitter)
+    if retry_after is not None:
+        delay = max(delay, retry_after)
+    return delay

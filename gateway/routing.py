@@ -1,0 +1,206 @@
+"""The compiled configuration: which provider answers each path, which routes match an event, and which
+actions each matched route runs. Built once per config load; everything that needs plugins is checked here."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from gateway.config import (
+    ActionConfig,
+    Config,
+    ConfigError,
+    RetryPolicy,
+    Route,
+    format_validation_errors,
+)
+from gateway.events import Event
+from gateway.filters import FilterError, Predicate, compile_filter
+from gateway.plugins import Registry
+from gateway.providers import Provider
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedAction:
+    """One action of a route, with its defaults resolved and its `with:` validated."""
+
+    route: str
+    key: str
+    use: str
+    options: BaseModel
+    retry: RetryPolicy
+    timeout: float
+    concurrency: int | None
+    after: str | None
+    when: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledRoute:
+    name: str
+    source: str
+    matches_type: Callable[[str], bool]
+    predicate: Predicate | None
+    actions: tuple[PlannedAction, ...]
+
+    def matches(self, event: Event) -> bool:
+        return self.matches_type(event.type) and (self.predicate is None or self.predicate(event))
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A source as the ingress sees it."""
+
+    name: str
+    path: str
+    provider: Provider
+    insecure: bool
+
+
+@dataclass
+class RouteTable:
+    config: Config
+    endpoints: dict[str, Endpoint] = field(default_factory=dict)  # by path
+    routes: dict[str, list[CompiledRoute]] = field(default_factory=dict)  # by source name
+    actions: dict[tuple[str, str], PlannedAction] = field(default_factory=dict)  # by (route, key)
+
+    def match(self, event: Event) -> list[CompiledRoute]:
+        return [route for route in self.routes.get(event.source, ()) if route.matches(event)]
+
+    @classmethod
+    def build(cls, config: Config, registry: Registry) -> RouteTable:
+        """Compile the config; raises ConfigError with every problem found, each naming its place."""
+        table = cls(config)
+        errors: list[str] = []
+        for name, source in config.sources.items():
+            place = f"sources.{name}"
+            if source.path in table.endpoints:
+                errors.append(f"{place}.path: {source.path} is already the path of {table.endpoints[source.path].name}")
+                continue
+            provider_cls = registry.providers.get(source.provider)
+            if provider_cls is None:
+                errors.append(f"{place}.provider: unknown provider {source.provider!r}; known: {_known(registry.providers)}")
+                continue
+            if provider_cls.needs_secret and not source.secrets:
+                errors.append(f"{place}.secrets: at least one secret is required (all configured ones are empty)")
+                continue
+            if not provider_cls.needs_secret and not source.insecure:
+                errors.append(f"{place}: provider {source.provider!r} verifies nothing; say `insecure: true` to allow it")
+                continue
+            try:
+                provider = provider_cls(name, source)
+            except ValidationError as exc:
+                errors.extend(format_validation_errors(exc, (*place.split("."), "options")))
+                continue
+            except ValueError as exc:
+                errors.append(f"{place}.{exc}")
+                continue
+            table.endpoints[source.path] = Endpoint(name, source.path, provider, source.insecure)
+
+        providers = {endpoint.name: endpoint.provider for endpoint in table.endpoints.values()}
+        seen_routes: set[str] = set()
+        for index, route in enumerate(config.routes):
+            place = f"routes[{index}]"
+            if route.name in seen_routes:
+                errors.append(f"{place}.name: a route named {route.name!r} already exists")
+            seen_routes.add(route.name)
+            if route.source not in config.sources:
+                errors.append(f"{place}.source: unknown source {route.source!r}; known: {_known(config.sources)}")
+                continue
+            # Without a provider (its own error is reported above) the route is still checked, not built.
+            compiled = _compile_route(route, place, providers.get(route.source), config, registry, errors)
+            if compiled is not None:
+                table.routes.setdefault(route.source, []).append(compiled)
+                for action in compiled.actions:
+                    table.actions[(route.name, action.key)] = action
+        if errors:
+            raise ConfigError(errors)
+        return table
+
+
+def _compile_route(
+    route: Route, place: str, provider: Provider | None, config: Config, registry: Registry, errors: list[str]
+) -> CompiledRoute | None:
+    before = len(errors)
+    predicate = None
+    if route.filter is not None:
+        try:
+            predicate = compile_filter(route.filter, f"{place}.filter")
+        except FilterError as exc:
+            errors.append(str(exc))
+    actions: list[PlannedAction] = []
+    keys: set[str] = set()
+    for index, action in enumerate(route.actions):
+        planned = _plan_action(route.name, action, f"{place}.actions[{index}]", keys, config, registry, errors)
+        keys.add(action.key)
+        if planned is not None:
+            actions.append(planned)
+    if len(errors) > before or provider is None:
+        return None
+    return CompiledRoute(
+        name=route.name,
+        source=route.source,
+        matches_type=type_matcher([_event_pattern(provider, pattern) for pattern in route.events]),
+        predicate=predicate,
+        actions=tuple(actions),
+    )
+
+
+def _plan_action(
+    route: str,
+    action: ActionConfig,
+    place: str,
+    earlier: set[str],
+    config: Config,
+    registry: Registry,
+    errors: list[str],
+) -> PlannedAction | None:
+    if action.key in earlier:
+        errors.append(f"{place}.id: {action.key!r} is used by an earlier action of this route; give each an id")
+    if action.after is not None and action.after not in earlier:
+        errors.append(f"{place}.after: {action.after!r} is not the id of an earlier action in this route")
+    if action.when is not None and action.after is None:
+        errors.append(f"{place}.when: only meaningful together with after")
+    action_cls = registry.actions.get(action.use)
+    if action_cls is None:
+        errors.append(f"{place}.use: unknown action {action.use!r}; known: {_known(registry.actions)}")
+        return None
+    try:
+        options = action_cls.Options.model_validate(action.with_)
+    except ValidationError as exc:
+        errors.extend(format_validation_errors(exc, (place, "with")))
+        return None
+    return PlannedAction(
+        route=route,
+        key=action.key,
+        use=action.use,
+        options=options,
+        retry=action.retry or config.defaults.retry,
+        timeout=action.timeout if action.timeout is not None else config.defaults.timeout,
+        concurrency=action.concurrency,
+        after=action.after,
+        when=(action.when or "always") if action.after else None,
+    )
+
+
+def _event_pattern(provider: Provider, pattern: str | int) -> str:
+    # Globs stay globs; a plain name or code goes through the provider's catalog (101 -> consignment.created).
+    if isinstance(pattern, str) and any(char in pattern for char in "*?["):
+        return pattern
+    return provider.event_type(pattern)
+
+
+def type_matcher(patterns: list[str]) -> Callable[[str], bool]:
+    if "*" in patterns:
+        return lambda _type: True
+    regex = re.compile("|".join(f"(?:{fnmatch.translate(pattern)})" for pattern in patterns))
+    return lambda event_type: regex.match(event_type) is not None
+
+
+def _known(names: dict[str, Any]) -> str:
+    return ", ".join(sorted(names)) or "(none)"

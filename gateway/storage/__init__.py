@@ -1,0 +1,174 @@
+"""Durable storage of events, deliveries and attempts, behind one small interface.
+
+The ingress, the delivery engine, the CLI and the ops endpoints only talk to `Storage`; the embedded default
+is SQLite (gateway.storage.sqlite). A backend shared by several replicas implements the same methods.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gateway.actions import ParentResult
+from gateway.events import Event
+
+DeliveryState = Literal["waiting", "pending", "delivered", "dead", "skipped"]
+FINAL_STATES = ("delivered", "dead", "skipped")
+EventState = Literal["pending", "delivered", "dead", "unrouted"]
+
+
+class StorageUnavailable(Exception):
+    """The store could not durably write (disk full, read-only, I/O error, database down)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NewDelivery:
+    """A delivery to create with its event: one per action of every matched route."""
+
+    route: str
+    action: str
+    after: str | None = None  # key of the parent action in the same route
+    when: str | None = None  # success | failure | always, for dependents
+
+
+@dataclass(slots=True)
+class DeliveryRecord:
+    id: int
+    event_seq: int
+    route: str
+    action: str
+    state: str
+    attempts: int
+    due_at: float | None
+    created_at: float
+    parent_id: int | None = None
+    when: str | None = None
+    last_status: int | None = None
+    last_error: str | None = None
+    finished_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    number: int
+    started_at: float
+    duration: float
+    outcome: str
+    status_code: int | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Claim:
+    """A delivery leased to one worker, with what it needs to run."""
+
+    delivery: DeliveryRecord
+    event: Event
+    parent: ParentResult | None = None
+
+
+@dataclass(slots=True)
+class Finished:
+    """Dependents whose parent reached a final state: those that now run, and those skipped."""
+
+    activated: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class QueueStats:
+    counts: dict[str, int]  # due, scheduled, in_flight, waiting
+    oldest_due_at: float | None
+
+
+@dataclass(slots=True)
+class EventSummary:
+    seq: int
+    source: str
+    id: str
+    type: str
+    received_at: float
+    state: str
+
+
+@dataclass(slots=True)
+class EventDetail:
+    event: Event
+    seq: int
+    deliveries: list[DeliveryRecord]
+    attempts: dict[int, list[Attempt]]  # by delivery id
+
+
+class Storage(ABC):
+    @abstractmethod
+    async def open(self) -> None:
+        """Create the schema if missing and get ready to serve."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def ingest(self, event: Event, deliveries: list[NewDelivery]) -> bool:
+        """Durably store the event and its deliveries in one transaction. False when (source, id) was
+        already stored: then nothing is written. Raises StorageUnavailable when it could not commit."""
+
+    @abstractmethod
+    async def claim(self, now: float, limit: int, lease: float, owner: str) -> list[Claim]:
+        """Lease up to `limit` due deliveries, oldest due first, counting an attempt for each."""
+
+    @abstractmethod
+    async def finish(
+        self, delivery: DeliveryRecord, attempt: Attempt, state: str, due_at: float | None, now: float
+    ) -> Finished:
+        """Record an attempt and the delivery's next state (pending again at due_at, or final). A final
+        state releases or skips the delivery's dependents in the same transaction."""
+
+    @abstractmethod
+    async def release(self, delivery_ids: list[int], now: float) -> None:
+        """Give leased deliveries back (graceful shutdown) so they are due again at once."""
+
+    @abstractmethod
+    async def next_due_at(self) -> float | None:
+        """When the next pending delivery (or lease) falls due."""
+
+    @abstractmethod
+    async def queue_stats(self, now: float) -> QueueStats: ...
+
+    @abstractmethod
+    async def check_writable(self) -> None:
+        """Raise StorageUnavailable unless a write would succeed now."""
+
+    @abstractmethod
+    async def list_events(
+        self,
+        *,
+        state: str | None = None,
+        source: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[EventSummary]: ...
+
+    @abstractmethod
+    async def get_event(self, event_id: str, source: str | None = None) -> list[EventDetail]:
+        """Every stored event with that id (one per source), newest first."""
+
+    @abstractmethod
+    async def replay_event(self, seq: int, action: str | None = None, now: float = 0.0) -> int:
+        """Make an event's finished deliveries (or one action's) run again; returns how many were reset."""
+
+    @abstractmethod
+    async def replay_dead(
+        self, *, since: float | None, source: str | None = None, now: float = 0.0
+    ) -> int:
+        """Make every dead delivery (finished since `since`) run again; returns how many."""
+
+
+def open_storage(url: str) -> Storage:
+    """A Storage for a URL: sqlite:///relative/path.db, sqlite:////absolute/path.db."""
+    if url.startswith("sqlite://"):
+        from gateway.storage.sqlite import SQLiteStorage
+
+        return SQLiteStorage.from_url(url)
+    scheme = url.split(":", 1)[0]
+    raise ValueError(f"storage.url: unsupported scheme {scheme!r}; supported: sqlite")

@@ -1,0 +1,551 @@
+"""The embedded store: one SQLite file in WAL mode with synchronous=FULL.
+
+Every operation runs on a single writer thread that takes whatever operations are queued, runs them in one
+transaction and commits once: under load many webhooks share one fsync (group commit), and no caller is
+answered before the commit that holds its write has returned. The event loop never waits on the disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from gateway.actions import ParentResult
+from gateway.events import Event
+from gateway.storage import (
+    Attempt,
+    Claim,
+    DeliveryRecord,
+    EventDetail,
+    EventSummary,
+    Finished,
+    NewDelivery,
+    QueueStats,
+    Storage,
+    StorageUnavailable,
+)
+
+T = TypeVar("T")
+Operation = Callable[[sqlite3.Connection], Any]
+
+# Bounds one transaction so a flood cannot make a single commit (and its callers' latency) arbitrarily large.
+MAX_BATCH = 512
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS events (
+    seq         INTEGER PRIMARY KEY,
+    source      TEXT NOT NULL,
+    event_id    TEXT NOT NULL,
+    type        TEXT NOT NULL,
+    occurred_at REAL,
+    received_at REAL NOT NULL,
+    verified    INTEGER NOT NULL DEFAULT 1,
+    headers     TEXT NOT NULL,
+    body        BLOB NOT NULL,
+    UNIQUE (source, event_id)
+);
+CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
+CREATE INDEX IF NOT EXISTS events_by_id ON events (event_id);
+
+CREATE TABLE IF NOT EXISTS deliveries (
+    id          INTEGER PRIMARY KEY,
+    event_seq   INTEGER NOT NULL REFERENCES events (seq),
+    route       TEXT NOT NULL,
+    action      TEXT NOT NULL,
+    parent_id   INTEGER REFERENCES deliveries (id),
+    run_when    TEXT,
+    -- waiting (for its parent), pending (due at due_at, or leased until due_at), delivered, dead, skipped
+    state       TEXT NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    due_at      REAL,
+    lease_owner TEXT,
+    last_status INTEGER,
+    last_error  TEXT,
+    created_at  REAL NOT NULL,
+    finished_at REAL
+);
+-- Claiming the next due delivery is an index seek, whatever the backlog.
+CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (due_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_seq);
+CREATE INDEX IF NOT EXISTS deliveries_parent ON deliveries (parent_id) WHERE parent_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS deliveries_waiting ON deliveries (state) WHERE state = 'waiting';
+CREATE INDEX IF NOT EXISTS deliveries_dead ON deliveries (finished_at) WHERE state = 'dead';
+
+CREATE TABLE IF NOT EXISTS attempts (
+    id          INTEGER PRIMARY KEY,
+    delivery_id INTEGER NOT NULL REFERENCES deliveries (id),
+    number      INTEGER NOT NULL,
+    started_at  REAL NOT NULL,
+    duration    REAL NOT NULL,
+    outcome     TEXT NOT NULL,
+    status_code INTEGER,
+    error       TEXT
+);
+CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts (delivery_id);
+"""
+
+_DELIVERY_COLUMNS = (
+    "id, event_seq, route, action, state, attempts, due_at, created_at, parent_id, run_when, "
+    "last_status, last_error, finished_at"
+)
+_EVENT_COLUMNS = "seq, source, event_id, type, occurred_at, received_at, verified, headers, body"
+
+
+class _Writer(threading.Thread):
+    """Runs queued operations in batches: one transaction and one commit per batch."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        super().__init__(name="hookyard-sqlite-writer", daemon=True)
+        self.connection = connection
+        self.queue: queue.SimpleQueue[tuple[Operation, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+
+    def submit(self, operation: Operation) -> asyncio.Future[Any]:
+        future = asyncio.get_running_loop().create_future()
+        self.queue.put((operation, future))
+        return future
+
+    def stop(self) -> None:
+        self.queue.put(None)
+        self.join()
+
+    def run(self) -> None:
+        while True:
+            first = self.queue.get()
+            if first is None:
+                return
+            batch = [first]
+            stopping = False
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._run_batch(batch)
+            if stopping:
+                return
+
+    def _run_batch(self, batch: list[tuple[Operation, asyncio.Future[Any]]]) -> None:
+        conn = self.connection
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for operation, future in batch:
+                # A savepoint per operation: one failing operation does not undo the others in the batch.
+                conn.execute("SAVEPOINT op")
+                try:
+                    result = operation(conn)
+                except Exception as exc:
+                    conn.execute("ROLLBACK TO op")
+                    conn.execute("RELEASE op")
+                    results.append((future, None, exc))
+                else:
+                    conn.execute("RELEASE op")
+                    results.append((future, result, None))
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                try:
+                    conn.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            failure = StorageUnavailable(f"sqlite: {exc}")
+            results = [(future, None, failure) for _, future in batch]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        for item in results:
+            by_loop.setdefault(item[0].get_loop(), []).append(item)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, items)
+            except RuntimeError:
+                pass  # that loop is closed; nobody is waiting any more
+
+
+def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, error in items:
+        if future.cancelled():
+            continue
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+
+class SQLiteStorage(Storage):
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self._writer: _Writer | None = None
+
+    @classmethod
+    def from_url(cls, url: str) -> SQLiteStorage:
+        # sqlite:///relative.db and sqlite:////absolute.db, as in SQLAlchemy.
+        path = url.removeprefix("sqlite://").removeprefix("/")
+        if not path:
+            raise ValueError("storage.url: sqlite needs a file path, e.g. sqlite:///./var/hookyard.db")
+        return cls(path)
+
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is on disk (WAL fsynced) before we answer 2xx.
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA busy_timeout = 5000")
+        conn.executescript(SCHEMA)
+        self._writer = _Writer(conn)
+        self._writer.start()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.stop()
+            self._writer.connection.close()
+            self._writer = None
+
+    async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+        if self._writer is None:
+            raise StorageUnavailable("storage is not open")
+        result: T = await self._writer.submit(operation)
+        return result
+
+    # -- ingest ---------------------------------------------------------------------------------------
+
+    async def ingest(self, event: Event, deliveries: list[NewDelivery]) -> bool:
+        return await self._run(lambda conn: _insert_event(conn, event, deliveries))
+
+    # -- delivery -------------------------------------------------------------------------------------
+
+    async def claim(self, now: float, limit: int, lease: float, owner: str) -> list[Claim]:
+        return await self._run(lambda conn: _claim(conn, now, limit, now + lease, owner))
+
+    async def finish(
+        self, delivery: DeliveryRecord, attempt: Attempt, state: str, due_at: float | None, now: float
+    ) -> Finished:
+        return await self._run(lambda conn: _finish(conn, delivery, attempt, state, due_at, now))
+
+    async def release(self, delivery_ids: list[int], now: float) -> None:
+        def release(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE deliveries SET due_at = ?, lease_owner = NULL WHERE id = ? AND state = 'pending'",
+                [(now, delivery_id) for delivery_id in delivery_ids],
+            )
+
+        await self._run(release)
+
+    async def release_all_leases(self, now: float) -> int:
+        """Only one process serves a SQLite file, so at start-up every lease is a dead process's."""
+
+        def release(conn: sqlite3.Connection) -> int:
+            cursor = conn.execute(
+                "UPDATE deliveries SET due_at = min(due_at, ?), lease_owner = NULL "
+                "WHERE state = 'pending' AND lease_owner IS NOT NULL",
+                (now,),
+            )
+            return cursor.rowcount
+
+        return await self._run(release)
+
+    async def next_due_at(self) -> float | None:
+        def next_due(conn: sqlite3.Connection) -> float | None:
+            row = conn.execute("SELECT min(due_at) FROM deliveries WHERE state = 'pending'").fetchone()
+            return None if row[0] is None else float(row[0])
+
+        return await self._run(next_due)
+
+    async def queue_stats(self, now: float) -> QueueStats:
+        def stats(conn: sqlite3.Connection) -> QueueStats:
+            counts = {"due": 0, "scheduled": 0, "in_flight": 0, "waiting": 0}
+            for bucket, count in conn.execute(
+                "SELECT CASE WHEN lease_owner IS NOT NULL THEN 'in_flight' "
+                "WHEN due_at <= ? THEN 'due' ELSE 'scheduled' END, count(*) "
+                "FROM deliveries WHERE state = 'pending' GROUP BY 1",
+                (now,),
+            ):
+                counts[bucket] = count
+            counts["waiting"] = conn.execute(
+                "SELECT count(*) FROM deliveries WHERE state = 'waiting'"
+            ).fetchone()[0]
+            row = conn.execute(
+                "SELECT due_at FROM deliveries WHERE state = 'pending' AND lease_owner IS NULL "
+                "ORDER BY due_at LIMIT 1"
+            ).fetchone()
+            return QueueStats(counts, None if row is None else float(row[0]))
+
+        return await self._run(stats)
+
+    async def check_writable(self) -> None:
+        def probe(conn: sqlite3.Connection) -> None:
+            # A real write that the batch commits: proves the file and the disk take writes right now.
+            conn.execute("PRAGMA user_version = 1")
+
+        await self._run(probe)
+
+    # -- inspection and replay ------------------------------------------------------------------------
+
+    async def list_events(
+        self,
+        *,
+        state: str | None = None,
+        source: str | None = None,
+        since: float | None = None,
+        limit: int = 100,
+    ) -> list[EventSummary]:
+        def list_events(conn: sqlite3.Connection) -> list[EventSummary]:
+            clauses, params = ["1 = 1"], []
+            if source is not None:
+                clauses.append("e.source = ?")
+                params.append(source)
+            if since is not None:
+                clauses.append("e.received_at >= ?")
+                params.append(since)
+            sql = (
+                "SELECT * FROM (SELECT e.seq, e.source, e.event_id, e.type, e.received_at, "
+                f"{_EVENT_STATE} AS state FROM events e WHERE {' AND '.join(clauses)}) "
+                f"{'WHERE state = ?' if state else ''} ORDER BY seq DESC LIMIT ?"
+            )
+            if state:
+                params.append(state)
+            params.append(limit)
+            return [EventSummary(*row) for row in conn.execute(sql, params)]
+
+        return await self._run(list_events)
+
+    async def get_event(self, event_id: str, source: str | None = None) -> list[EventDetail]:
+        def get_event(conn: sqlite3.Connection) -> list[EventDetail]:
+            sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE event_id = ?"
+            params: list[Any] = [event_id]
+            if source is not None:
+                sql += " AND source = ?"
+                params.append(source)
+            details = []
+            for row in conn.execute(sql + " ORDER BY seq DESC", params).fetchall():
+                deliveries = [
+                    _delivery(r)
+                    for r in conn.execute(
+                        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE event_seq = ? ORDER BY id", (row[0],)
+                    )
+                ]
+                attempts: dict[int, list[Attempt]] = {d.id: [] for d in deliveries}
+                for delivery_id, *fields in conn.execute(
+                    "SELECT a.delivery_id, a.number, a.started_at, a.duration, a.outcome, a.status_code, a.error "
+                    "FROM attempts a JOIN deliveries d ON d.id = a.delivery_id WHERE d.event_seq = ? "
+                    "ORDER BY a.id",
+                    (row[0],),
+                ):
+                    attempts[delivery_id].append(Attempt(*fields))
+                details.append(EventDetail(_event(row), row[0], deliveries, attempts))
+            return details
+
+        return await self._run(get_event)
+
+    async def replay_event(self, seq: int, action: str | None = None, now: float = 0.0) -> int:
+        def replay(conn: sqlite3.Connection) -> int:
+            sql = "SELECT id FROM deliveries WHERE event_seq = ? AND state IN ('delivered', 'dead', 'skipped')"
+            params: list[Any] = [seq]
+            if action is None:
+                sql += " AND parent_id IS NULL"
+            else:
+                sql += " AND action = ?"
+                params.append(action)
+            ids = [row[0] for row in conn.execute(sql, params)]
+            return _reset(conn, ids, now)
+
+        return await self._run(replay)
+
+    async def replay_dead(self, *, since: float | None, source: str | None = None, now: float = 0.0) -> int:
+        def replay(conn: sqlite3.Connection) -> int:
+            sql = "SELECT d.id FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.state = 'dead'"
+            params: list[Any] = []
+            if since is not None:
+                sql += " AND d.finished_at >= ?"
+                params.append(since)
+            if source is not None:
+                sql += " AND e.source = ?"
+                params.append(source)
+            ids = [row[0] for row in conn.execute(sql, params)]
+            return _reset(conn, ids, now)
+
+        return await self._run(replay)
+
+
+_EVENT_STATE = """CASE
+    WHEN EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.state = 'dead') THEN 'dead'
+    WHEN EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq AND d.state IN ('pending', 'waiting'))
+        THEN 'pending'
+    WHEN EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq) THEN 'delivered'
+    ELSE 'unrouted' END"""
+
+
+def _insert_event(conn: sqlite3.Connection, event: Event, deliveries: list[NewDelivery]) -> bool:
+    cursor = conn.execute(
+        "INSERT INTO events (source, event_id, type, occurred_at, received_at, verified, headers, body) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, event_id) DO NOTHING",
+        (
+            event.source,
+            event.id,
+            event.type,
+            event.occurred_at,
+            event.received_at,
+            event.verified,
+            orjson.dumps(event.headers),
+            event.body,
+        ),
+    )
+    if cursor.rowcount == 0:
+        return False
+    seq = cursor.lastrowid
+    now = event.received_at
+    ids: dict[tuple[str, str], int] = {}
+    for delivery in deliveries:
+        parent = ids.get((delivery.route, delivery.after)) if delivery.after else None
+        row = conn.execute(
+            "INSERT INTO deliveries (event_seq, route, action, parent_id, run_when, state, due_at, created_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                seq,
+                delivery.route,
+                delivery.action,
+                parent,
+                delivery.when,
+                "waiting" if parent else "pending",
+                None if parent else now,
+                now,
+            ),
+        )
+        assert row.lastrowid is not None
+        ids[(delivery.route, delivery.action)] = row.lastrowid
+    return True
+
+
+def _claim(conn: sqlite3.Connection, now: float, limit: int, lease_until: float, owner: str) -> list[Claim]:
+    rows = conn.execute(
+        "UPDATE deliveries SET due_at = ?, lease_owner = ?, attempts = attempts + 1 "
+        "WHERE id IN (SELECT id FROM deliveries WHERE state = 'pending' AND due_at <= ? "
+        "ORDER BY due_at LIMIT ?) "
+        f"RETURNING {_DELIVERY_COLUMNS}",
+        (lease_until, owner, now, limit),
+    ).fetchall()
+    if not rows:
+        return []
+    deliveries = [_delivery(row) for row in rows]
+    events = _by_key(conn, f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq IN", {d.event_seq for d in deliveries})
+    parent_ids = {d.parent_id for d in deliveries if d.parent_id is not None}
+    parents = _by_key(conn, f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id IN", parent_ids)
+    claims = []
+    for delivery in deliveries:
+        parent = None
+        if delivery.parent_id is not None and delivery.parent_id in parents:
+            p = _delivery(parents[delivery.parent_id])
+            state = "delivered" if p.state == "delivered" else "dead"
+            parent = ParentResult(p.action, state, p.attempts, p.last_status, p.last_error)
+        claims.append(Claim(delivery, _event(events[delivery.event_seq]), parent))
+    return claims
+
+
+def _by_key(conn: sqlite3.Connection, select: str, keys: Iterable[int]) -> dict[int, tuple[Any, ...]]:
+    keys = list(keys)
+    if not keys:
+        return {}
+    placeholders = ",".join("?" * len(keys))
+    return {row[0]: row for row in conn.execute(f"{select} ({placeholders})", keys)}
+
+
+def _finish(
+    conn: sqlite3.Connection,
+    delivery: DeliveryRecord,
+    attempt: Attempt,
+    state: str,
+    due_at: float | None,
+    now: float,
+) -> Finished:
+    conn.execute(
+        "INSERT INTO attempts (delivery_id, number, started_at, duration, outcome, status_code, error) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (delivery.id, attempt.number, attempt.started_at, attempt.duration, attempt.outcome,
+         attempt.status_code, attempt.error),
+    )
+    final = state in ("delivered", "dead", "skipped")
+    # `attempts = ?` fences out a worker whose lease expired and whose delivery was claimed again since.
+    conn.execute(
+        "UPDATE deliveries SET state = ?, due_at = ?, lease_owner = NULL, last_status = ?, last_error = ?, "
+        "finished_at = ? WHERE id = ? AND attempts = ? AND state = 'pending'",
+        (state, due_at, attempt.status_code, attempt.error, now if final else None, delivery.id, attempt.number),
+    )
+    finished = Finished()
+    if not final:
+        return finished
+    # Dependents of a finished parent run when their `when` matches, otherwise they (and theirs) are skipped.
+    outcome = "success" if state == "delivered" else "failure" if state == "dead" else None
+    parents = [delivery.id]
+    while parents:
+        placeholders = ",".join("?" * len(parents))
+        children = conn.execute(
+            f"SELECT id, route, action, run_when FROM deliveries WHERE parent_id IN ({placeholders}) "
+            "AND state = 'waiting'",
+            parents,
+        ).fetchall()
+        parents = []
+        for child_id, route, action, when in children:
+            if outcome is not None and when in ("always", outcome):
+                conn.execute("UPDATE deliveries SET state = 'pending', due_at = ? WHERE id = ?", (now, child_id))
+                finished.activated.append((route, action))
+            else:
+                conn.execute(
+                    "UPDATE deliveries SET state = 'skipped', finished_at = ?, last_error = ? WHERE id = ?",
+                    (now, "parent did not reach the required state", child_id),
+                )
+                finished.skipped.append((route, action))
+                parents.append(child_id)
+        outcome = None  # below a skipped dependent, everything is skipped
+    return finished
+
+
+def _reset(conn: sqlite3.Connection, ids: list[int], now: float) -> int:
+    """Replay: the given deliveries are due now with a fresh attempt count; their dependents wait again."""
+    for delivery_id in ids:
+        conn.execute(
+            "UPDATE deliveries SET state = 'pending', due_at = ?, attempts = 0, lease_owner = NULL, "
+            "finished_at = NULL WHERE id = ?",
+            (now, delivery_id),
+        )
+        descendants = [delivery_id]
+        while descendants:
+            placeholders = ",".join("?" * len(descendants))
+            descendants = [
+                row[0]
+                for row in conn.execute(
+                    f"UPDATE deliveries SET state = 'waiting', due_at = NULL, attempts = 0, finished_at = NULL "
+                    f"WHERE parent_id IN ({placeholders}) AND state IN ('delivered', 'dead', 'skipped') "
+                    "RETURNING id",
+                    descendants,
+                )
+            ]
+    return len(ids)
+
+
+def _delivery(row: tuple[Any, ...]) -> DeliveryRecord:
+    return DeliveryRecord(*row)
+
+
+def _event(row: tuple[Any, ...]) -> Event:
+    _seq, source, event_id, type_, occurred_at, received_at, verified, headers, body = row
+    return Event(
+        source=source,
+        id=event_id,
+        type=type_,
+        occurred_at=occurred_at,
+        received_at=received_at,
+        body=body,
+        payload=orjson.loads(body),
+        headers=orjson.loads(headers),
+        verified=bool(verified),
+    )

@@ -1,0 +1,119 @@
+"""Consignly: HMAC-SHA256 of the raw body, hex, in `X-Consignly-Signature: sha256=<hex>`.
+
+Any of the configured secrets may have signed a request: the app's client secret and the subscription's
+signingKey1/signingKey2 (two slots, so keys can be rotated without downtime).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from gateway import hookimpl
+from gateway.events import Event
+from gateway.providers import (
+    Provider,
+    any_digest_matches,
+    bad_request,
+    parse_timestamp,
+    require_text,
+    unauthorized,
+)
+
+SIGNATURE_HEADER = "x-consignly-signature"
+
+# Every event type Consignly documents, by code. The dotted type in payloads is derived from the name by one
+# rule (see dotted_type): the first word is the resource, the remaining words, snake_cased, the change.
+CATALOG: dict[int, str] = {
+    0: "WebhookTest",
+    101: "ConsignmentCreated",
+    102: "ConsignmentUpdated",
+    103: "ConsignmentDeleted",
+    104: "ConsignmentStatusUpdated",
+    105: "ConsignmentBooked",
+    106: "ConsignmentBookingFailed",
+    107: "ConsignmentCancelled",
+    108: "ConsignmentLabelCreated",
+    109: "ConsignmentDocumentsCreated",
+    110: "ConsignmentDispatched",
+    111: "ConsignmentDelivered",
+    112: "ConsignmentTrackingUpdated",
+    113: "ConsignmentDeliveryFailed",
+    114: "ConsignmentReturned",
+    115: "ConsignmentPickupBooked",
+    116: "ConsignmentPickupCancelled",
+    201: "ManifestCreated",
+    202: "ManifestClosed",
+    203: "ManifestFailed",
+    301: "JobConnectionCreated",
+    302: "JobConnectionUpdated",
+    303: "JobConnectionDeleted",
+    304: "JobConnectionActionManualTrigger",
+}
+
+_WORD = re.compile(r"[A-Z][a-z0-9]*")
+
+
+def dotted_type(name: str) -> str:
+    """ConsignmentStatusUpdated -> consignment.status_updated; JobConnectionActionManualTrigger ->
+    job.connection_action_manual_trigger."""
+    words = [word.lower() for word in _WORD.findall(name)]
+    return f"{words[0]}.{'_'.join(words[1:])}" if len(words) > 1 else name.lower()
+
+
+BY_NAME: dict[str, str] = {name: dotted_type(name) for name in CATALOG.values()}
+BY_CODE: dict[int, str] = {code: dotted_type(name) for code, name in CATALOG.items()}
+
+
+class ConsignlyProvider(Provider):
+    name = "consignly"
+    description = "Consignly: X-Consignly-Signature: sha256=<hex HMAC-SHA256 of the body>, several secrets"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.keys = [secret.encode() for secret in self.secrets]
+
+    def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
+        header = headers.get(SIGNATURE_HEADER)
+        if not header:
+            raise unauthorized("missing_signature", "missing X-Consignly-Signature header")
+        scheme, _, value = header.strip().partition("=")
+        if scheme.lower() != "sha256" or len(value) != 64:
+            raise unauthorized("invalid_signature", "expected sha256=<64 hex digits>")
+        try:
+            offered = bytes.fromhex(value)
+        except ValueError:
+            raise unauthorized("invalid_signature", "expected sha256=<64 hex digits>") from None
+        expected = [hmac.new(key, body, hashlib.sha256).digest() for key in self.keys]
+        if not any_digest_matches(expected, [offered]):
+            raise unauthorized("invalid_signature", "no signature matches")
+
+    def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:
+        if not isinstance(payload, dict):
+            raise bad_request("invalid_payload", "the body must be a JSON object")
+        raw_type = payload.get("type")
+        if isinstance(raw_type, bool) or not isinstance(raw_type, str | int) or raw_type == "":
+            raise bad_request("missing_event_type", "the payload has no type")
+        return Event(
+            source=self.source_name,
+            id=require_text(payload.get("id"), "missing_event_id", "the payload has no id"),
+            type=self.event_type(raw_type),
+            occurred_at=parse_timestamp(payload.get("created")),
+            received_at=received_at,
+            body=body,
+            payload=payload,
+            headers=dict(headers),
+        )
+
+    def event_type(self, name: str | int) -> str:
+        if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
+            return BY_CODE.get(int(name), str(name))
+        return BY_NAME.get(name, name)
+
+
+@hookimpl
+def register_providers() -> list[type[Provider]]:
+    return [ConsignlyProvider]

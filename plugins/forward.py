@@ -1,0 +1,95 @@
+"""`forward`: POST the event's raw body to an HTTP endpoint (usually the app next to the sidecar)."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from gateway import hookimpl
+from gateway.actions import Action, Job, Outcome, http_outcome, transport_error
+from plugins.svix import decode_secret, sign
+
+
+class Signing(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # A whsec_ secret: the app verifies Hookyard's requests with any Standard Webhooks library.
+    secret: str
+
+    @field_validator("secret")
+    @classmethod
+    def _valid(cls, secret: str) -> str:
+        decode_secret(secret)
+        return secret
+
+
+class ForwardOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    method: str = "POST"
+    headers: dict[str, str] = Field(default_factory=dict)
+    sign: Signing | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parsed = httpx.URL(url)
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ValueError(f"{url!r} is not an http(s) URL")
+        return url
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, method: str) -> str:
+        if method.upper() not in ("POST", "PUT", "PATCH"):
+            raise ValueError(f"method {method!r} must be POST, PUT or PATCH")
+        return method.upper()
+
+
+class Forward(Action):
+    name = "forward"
+    description = "POST the raw body to an HTTP endpoint, with Idempotency-Key and optional signature"
+    Options = ForwardOptions
+    options: ForwardOptions
+
+    def __init__(self, options: Any, resources: Any) -> None:
+        super().__init__(options, resources)
+        self.signing_key = decode_secret(options.sign.secret) if options.sign else None
+
+    def request_headers(self, job: Job) -> dict[str, str]:
+        event = job.event
+        headers = {
+            "content-type": event.headers.get("content-type", "application/json"),
+            "idempotency-key": event.id,
+            "x-hookyard-event-id": event.id,
+            "x-hookyard-source": event.source,
+            "x-hookyard-type": event.type,
+            "x-hookyard-attempt": str(job.attempt),
+            **self.options.headers,
+        }
+        if self.signing_key is not None:
+            timestamp = int(time.time())
+            headers["webhook-id"] = event.id
+            headers["webhook-timestamp"] = str(timestamp)
+            headers["webhook-signature"] = sign(self.signing_key, event.id, timestamp, event.body)
+        return headers
+
+    async def deliver(self, job: Job) -> Outcome:
+        try:
+            response = await self.resources.http.request(
+                self.options.method,
+                self.options.url,
+                content=job.event.body,
+                headers=self.request_headers(job),
+                timeout=job.timeout,
+            )
+        except httpx.HTTPError as exc:
+            return transport_error(exc)
+        return http_outcome(response, job.retry)
+
+
+@hookimpl
+def register_actions() -> list[type[Action]]:
+    return [Forward]

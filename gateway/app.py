@@ -17,6 +17,7 @@ import httpx
 import pluggy
 import uvicorn
 
+from gateway import __version__
 from gateway.actions import Resources
 from gateway.config import Config
 from gateway.delivery import Engine, build_actions
@@ -80,6 +81,7 @@ class Gateway:
         self._http = httpx.AsyncClient(
             limits=httpx.Limits(max_connections=self.config.delivery.concurrency, max_keepalive_connections=64),
             follow_redirects=False,
+            headers={"user-agent": f"hookyard/{__version__}"},
         )
         actions = build_actions(self.table, self.registry, Resources(http=self._http))
         self._engine = Engine(self.storage, actions, self.config.delivery, self.metrics, self.pm)

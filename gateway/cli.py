@@ -256,3 +256,58 @@ def replay(
     click.echo(f"replaying {count} deliveries")
     if count == 0:
         sys.exit(0)
+
+
+@main.command()
+@config_option
+@click.argument("source")
+@click.option("--type", "event_type", required=True, help="Event type, e.g. user.created or ConsignmentCreated.")
+@click.option("--data", help="The event's data as JSON, or @file.json (default: a realistic sample).")
+@click.option("--id", "event_id", help="Event id (default: a new random one).")
+@click.option("--url", help="Base URL of the gateway (default: from listen: in the config).")
+def send(
+    config_path: Path | None,
+    source: str,
+    event_type: str,
+    data: str | None,
+    event_id: str | None,
+    url: str | None,
+) -> None:
+    """Send a test event, signed exactly as SOURCE's provider signs it, and print the answer."""
+    from gateway.sender import build_request, listen_url
+    from gateway.sender import send as post
+
+    _, table = _load(config_path)
+    parsed: Any = None
+    if data is not None:
+        text = Path(data[1:]).read_text() if data.startswith("@") else data
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--data") from None
+    try:
+        path, body, headers = build_request(table, source, event_type, parsed, event_id)
+    except KeyError as exc:
+        raise click.BadParameter(str(exc.args[0]), param_hint="SOURCE") from None
+    target = (url or listen_url(table)).rstrip("/") + path
+    try:
+        response = post(target, body, headers)
+    except Exception as exc:
+        click.echo(f"cannot reach {target}: {exc}", err=True)
+        raise SystemExit(1) from None
+    click.echo(f"{response.status_code} {response.text}")
+    if not response.is_success:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=3000, show_default=True)
+@click.option("--status", default=200, show_default=True, help="Status code to answer with.")
+def sink(host: str, port: int, status: int) -> None:
+    """Receive HTTP requests and print each as a JSON line (a stand-in app for trying routes)."""
+    import uvicorn
+
+    from gateway.sink import Sink
+
+    uvicorn.run(Sink(status), host=host, port=port, log_level="warning", access_log=False)

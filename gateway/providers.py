@@ -76,6 +76,16 @@ class Provider:
         """Map a route's `events:` entry or a payload's type to the canonical type (catalog lookups)."""
         return str(name)
 
+    # -- the sender's side, for `hookyard send` and tests --------------------------------------------
+
+    def sample_payload(self, event_type: str, event_id: str, data: Any, now: float) -> Any:
+        """A payload shaped as this provider sends it."""
+        return {"id": event_id, "type": event_type, "data": data}
+
+    def sign(self, body: bytes, event_id: str, now: float) -> dict[str, str]:
+        """The headers this provider would send with body, signed with the first configured secret."""
+        return {}
+
 
 def require_text(value: Any, reason: str, detail: str) -> str:
     if isinstance(value, bool) or value is None or value == "":

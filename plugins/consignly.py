@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from datetime import UTC, datetime
 from collections.abc import Mapping
 from typing import Any
 
@@ -112,6 +113,19 @@ class ConsignlyProvider(Provider):
         if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
             return BY_CODE.get(int(name), str(name))
         return BY_NAME.get(name, name)
+
+    def sample_payload(self, event_type: str, event_id: str, data: Any, now: float) -> Any:
+        created = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return {
+            "id": event_id,
+            "type": self.event_type(event_type),
+            "created": created,
+            "data": data,
+            "operationId": f"op_{event_id}",
+        }
+
+    def sign(self, body: bytes, event_id: str, now: float) -> dict[str, str]:
+        return {"X-Consignly-Signature": "sha256=" + hmac.new(self.keys[0], body, hashlib.sha256).hexdigest()}
 
 
 @hookimpl

@@ -111,6 +111,23 @@ class SvixProvider(Provider):
             headers=dict(headers),
         )
 
+    def sample_payload(self, event_type: str, event_id: str, data: Any, now: float) -> Any:
+        return {
+            "data": data,
+            "object": "event",
+            "type": event_type,
+            "timestamp": int(now * 1000),
+            "instance_id": "ins_hookyard_sample",
+        }
+
+    def sign(self, body: bytes, event_id: str, now: float) -> dict[str, str]:
+        prefix = self.header_prefixes[0]
+        return {
+            f"{prefix}id": event_id,
+            f"{prefix}timestamp": str(int(now)),
+            f"{prefix}signature": sign(self.keys[0], event_id, int(now), body),
+        }
+
 
 @hookimpl
 def register_providers() -> list[type[Provider]]:

@@ -1,0 +1,66 @@
+"""`hookyard send`: a realistic, correctly signed test event for a configured source."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import httpx
+import orjson
+
+from gateway.routing import Endpoint, RouteTable
+
+# Sample `data` per event type, so that a bare `hookyard send SOURCE --type T` looks like the real thing.
+SAMPLE_DATA: dict[str, Any] = {
+    "user.created": {
+        "id": "user_29w83sxmDNGwOuEthce5gg56FcC",
+        "object": "user",
+        "first_name": "Ada",
+        "last_name": "Lovelace",
+        "email_addresses": [{"email_address": "ada@example.com", "id": "idn_29w83yL7CwVlJXylYLxcslromF1"}],
+        "created_at": 1654012591514,
+    },
+    "consignment.created": {
+        "consignmentId": "550e8400-e29b-41d4-a716-446655440000",
+        "consignmentNumber": "CN-000123",
+        "status": 1,
+        "carrier": "Example Freight",
+        "reference": "ORDER-1001",
+    },
+}
+
+
+def find_endpoint(table: RouteTable, source: str) -> Endpoint:
+    for endpoint in table.endpoints.values():
+        if endpoint.name == source:
+            return endpoint
+    known = ", ".join(sorted(e.name for e in table.endpoints.values()))
+    raise KeyError(f"unknown source {source!r}; known: {known}")
+
+
+def build_request(
+    table: RouteTable, source: str, event_type: str, data: Any = None, event_id: str | None = None
+) -> tuple[str, bytes, dict[str, str]]:
+    """(path, body, headers) of a webhook signed as the source's provider signs it."""
+    endpoint = find_endpoint(table, source)
+    provider = endpoint.provider
+    now = time.time()
+    event_id = event_id or f"msg_{uuid.uuid4().hex}"
+    canonical = provider.event_type(event_type)
+    if data is None:
+        data = SAMPLE_DATA.get(canonical, {"id": f"obj_{uuid.uuid4().hex[:12]}"})
+    body = orjson.dumps(provider.sample_payload(event_type, event_id, data, now))
+    headers = {"content-type": "application/json", **provider.sign(body, event_id, now)}
+    return endpoint.path, body, headers
+
+
+def listen_url(table: RouteTable) -> str:
+    host = table.config.listen.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{host}:{table.config.listen.port}"
+
+
+def send(url: str, body: bytes, headers: dict[str, str], timeout: float = 10.0) -> httpx.Response:
+    return httpx.post(url, content=body, headers=headers, timeout=timeout)

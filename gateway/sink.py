@@ -1,0 +1,43 @@
+"""`hookyard sink`: a tiny receiver that prints every request it gets, for tours and debugging."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import orjson
+
+
+class Sink:
+    """An ASGI app answering every request with `status`, printing one JSON line per request."""
+
+    def __init__(self, status: int = 200, out: Any = None) -> None:
+        self.status = status
+        self.out = out or sys.stdout
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        try:
+            shown: Any = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            shown = body.decode("utf-8", "replace")
+        line = {
+            "time": round(time.time(), 3),
+            "method": scope["method"],
+            "path": scope["path"],
+            "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
+            "body": shown,
+        }
+        self.out.write(orjson.dumps(line).decode() + "\n")
+        self.out.flush()
+        await send({"type": "http.response.start", "status": self.status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})

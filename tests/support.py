@@ -1,0 +1,332 @@
+"""Real servers for tests: a downstream HTTP receiver and a running gateway, both on loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+import yaml
+from svix.webhooks import Webhook
+
+from gateway.app import Gateway
+from gateway.config import parse_config
+
+SVIX_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+CONSIGNLY_SECRETS = ["client-secret-1", "signing-key-one", "signing-key-two"]
+
+
+def bound_socket() -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    return sock
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+# -- a downstream receiver ---------------------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+@dataclass
+class Downstream:
+    """An HTTP server that records every request and answers from a script: `script[path]` is a list of
+    statuses (or (status, headers) pairs) used in turn; once used up, `default` answers."""
+
+    url: str = ""
+    requests: list[Received] = field(default_factory=list)
+    script: dict[str, list[Any]] = field(default_factory=dict)
+    default: int = 200
+    delay: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answer(self, path: str, *answers: Any) -> None:
+        with self.lock:
+            self.script[path] = list(answers)
+
+    def received(self, path: str | None = None) -> list[Received]:
+        with self.lock:
+            return [r for r in self.requests if path is None or r.path == path]
+
+    def wait_for(self, count: int, path: str | None = None, timeout: float = 10.0) -> list[Received]:
+        wait_until(lambda: len(self.received(path)) >= count, timeout)
+        return self.received(path)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        with self.lock:
+            self.requests.append(Received(scope["method"], scope["path"], headers, body))
+            queued = self.script.get(scope["path"])
+            answer = queued.pop(0) if queued else self.default
+        status, extra = answer if isinstance(answer, tuple) else (answer, {})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(k.encode(), v.encode()) for k, v in extra.items()],
+            }
+        )
+        await send({"type": "http.response.body", "body": b"{}"})
+
+
+class ServerThread:
+    """Runs an ASGI app under a real uvicorn server in a background thread."""
+
+    def __init__(self, app: Any) -> None:
+        self.sock = bound_socket()
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        wait_until(lambda: self.server.started, 10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+@contextmanager
+def downstream_server() -> Iterator[Downstream]:
+    downstream = Downstream()
+    with ServerThread(downstream) as server:
+        downstream.url = f"http://127.0.0.1:{server.port}"
+        yield downstream
+
+
+# -- a running gateway -------------------------------------------------------------------------------
+
+
+def gateway_config(tmp_path: Path, downstream_url: str = "http://127.0.0.1:9", **overrides: Any) -> dict[str, Any]:
+    """A config dict with both demo sources, fast retries and storage under tmp_path."""
+    config: dict[str, Any] = {
+        "storage": {"url": f"sqlite:///{tmp_path}/hookyard.db"},
+        "defaults": {"retry": {"schedule": ["50ms", "50ms", "50ms"], "jitter": 0}, "timeout": "5s"},
+        "delivery": {"poll_interval": "200ms", "lease": "5s"},
+        "log": {"level": "warning"},
+        "sources": {
+            "consignease": {"path": "/webhooks/consignease", "provider": "svix", "secrets": [SVIX_SECRET]},
+            "consignly": {"path": "/webhooks/consignly", "provider": "consignly", "secrets": CONSIGNLY_SECRETS},
+        },
+        "routes": [
+            {
+                "name": "users",
+                "source": "consignease",
+                "events": ["user.*"],
+                "actions": [{"id": "app", "use": "forward", "with": {"url": f"{downstream_url}/hooks/users"}}],
+            },
+            {
+                "name": "consignments",
+                "source": "consignly",
+                "events": ["ConsignmentCreated", 112],
+                "actions": [
+                    {"id": "app", "use": "forward", "with": {"url": f"{downstream_url}/hooks/consignments"}}
+                ],
+            },
+        ],
+    }
+    config.update(overrides)
+    return config
+
+
+class RunningGateway:
+    """A Gateway serving on two real loopback sockets in a background thread with its own event loop."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.gateway = Gateway(parse_config(yaml.safe_dump(config)))
+        self.ingress_sock, self.ops_sock = bound_socket(), bound_socket()
+        self.url = f"http://127.0.0.1:{self.ingress_sock.getsockname()[1]}"
+        self.ops_url = f"http://127.0.0.1:{self.ops_sock.getsockname()[1]}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.client = httpx.Client(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            self.loop.run_until_complete(self.gateway.serve([self.ingress_sock], [self.ops_sock]))
+        finally:
+            self.loop.close()
+
+    def __enter__(self) -> RunningGateway:
+        self.thread.start()
+        wait_until(lambda: _ready(self.ops_url), 10)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.gateway.request_exit)
+        self.thread.join(20)
+        self.client.close()
+        self.ingress_sock.close()
+        self.ops_sock.close()
+
+    def post(self, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        return self.client.post(self.url + path, content=body, headers=headers)
+
+    def metric(self, name: str, **labels: str) -> float:
+        return metric_value(self.client.get(self.ops_url + "/metrics").text, name, **labels)
+
+
+def _ready(ops_url: str) -> bool:
+    try:
+        return httpx.get(ops_url + "/readyz", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def metric_value(exposition: str, name: str, **labels: str) -> float:
+    """The value of one sample in a Prometheus exposition, 0.0 when absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(exposition):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+# -- signing as the providers do -----------------------------------------------------------------------
+
+
+def svix_request(
+    event_type: str = "user.created",
+    data: dict[str, Any] | None = None,
+    msg_id: str = "msg_2KWPBgLlAfxdpx2AI54pPJ85f4W",
+    secret: str = SVIX_SECRET,
+    timestamp: datetime | None = None,
+) -> tuple[bytes, dict[str, str]]:
+    """A Consignease webhook signed by the svix library itself."""
+    timestamp = timestamp or datetime.now(tz=UTC)
+    body = json.dumps(
+        {
+            "data": data if data is not None else {"id": "user_29w83sxmDNGwOuEthce5gg56FcC", "first_name": "Ada"},
+            "object": "event",
+            "type": event_type,
+            "timestamp": int(timestamp.timestamp() * 1000),
+            "instance_id": "ins_123",
+        }
+    )
+    signature = Webhook(secret).sign(msg_id, timestamp, body)
+    headers = {
+        "content-type": "application/json",
+        "svix-id": msg_id,
+        "svix-timestamp": str(int(timestamp.timestamp())),
+        "svix-signature": signature,
+    }
+    return body.encode(), headers
+
+
+def consignly_body(event_type: str = "consignment.created", event_id: str = "evt_1", **data: Any) -> bytes:
+    return json.dumps(
+        {
+            "id": event_id,
+            "type": event_type,
+            "created": "2026-11-22T10:00:00Z",
+            "data": {"consignmentId": "550e8400-e29b-41d4-a716-446655440000", "status": 1, **data},
+            "operationId": "op-42",
+        }
+    ).encode()
+
+
+def consignly_headers(body: bytes, secret: str = CONSIGNLY_SECRETS[0]) -> dict[str, str]:
+    """As the Consignly docs show: hex HMAC-SHA256 of the raw body keyed by the secret, prefixed sha256=."""
+    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return {"content-type": "application/json", "x-consignly-signature": f"sha256={digest}"}
+
+
+def standard_webhooks_secret_bytes(secret: str) -> bytes:
+    return base64.b64decode(secret.removeprefix("whsec_"))
+
+
+# -- the gateway as a separate process (for crash tests) ---------------------------------------------
+
+
+class GatewayProcess:
+    def __init__(self, config_path: Path, ops_url: str, env: dict[str, str] | None = None) -> None:
+        self.config_path = config_path
+        self.ops_url = ops_url
+        self.env = {**os.environ, **(env or {})}
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> GatewayProcess:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "-c", str(self.config_path)],
+            env=self.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_until(lambda: self.process is not None and (self.process.poll() is not None or _ready(self.ops_url)), 20)
+        except AssertionError:
+            self.kill()
+            raise
+        if self.process.poll() is not None:
+            raise AssertionError(f"gateway exited: {self.process.stderr.read().decode() if self.process.stderr else ''}")
+        return self
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+    def terminate(self) -> int:
+        assert self.process is not None
+        self.process.terminate()
+        return self.process.wait(30)

@@ -76,10 +76,14 @@ class Gateway:
         if release is not None:
             released = await release(time.time())
             if released:
-                log.warning("resuming deliveries left in flight by the previous run", extra={"count": released})
+                log.warning(
+                    "resuming deliveries left in flight by the previous run", extra={"count": released}
+                )
         # One pool for every action: keep-alive connections to the app make forwarding cheap.
         self._http = httpx.AsyncClient(
-            limits=httpx.Limits(max_connections=self.config.delivery.concurrency, max_keepalive_connections=64),
+            limits=httpx.Limits(
+                max_connections=self.config.delivery.concurrency, max_keepalive_connections=64
+            ),
             follow_redirects=False,
             headers={"user-agent": f"hookyard/{__version__}"},
         )
@@ -89,7 +93,9 @@ class Gateway:
         self._engine.start()
         for name, source in self.config.sources.items():
             if source.insecure:
-                log.warning("source %s accepts unverified webhooks (insecure: true)", name, extra={"source": name})
+                log.warning(
+                    "source %s accepts unverified webhooks (insecure: true)", name, extra={"source": name}
+                )
         self.ready = True
         self.metrics.ready.set(1)
         log.info(
@@ -118,7 +124,9 @@ class Gateway:
     ) -> None:
         """Run until SIGTERM/SIGINT (or request_exit): start, serve both listeners, then stop cleanly."""
         await self.start()
-        ingress = _Server(self._uvicorn_config(self.ingress, self.config.listen.host, self.config.listen.port))
+        ingress = _Server(
+            self._uvicorn_config(self.ingress, self.config.listen.host, self.config.listen.port)
+        )
         ops = _Server(self._uvicorn_config(self.ops, self.config.ops.host, self.config.ops.port))
         self._servers = [ingress, ops]
         loop = asyncio.get_running_loop()

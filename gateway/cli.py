@@ -108,7 +108,9 @@ def schema() -> None:
 def list_plugins() -> None:
     """List loaded plugins with the providers and actions they register."""
     pm = plugin_manager()
-    distributions = {id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()}
+    distributions = {
+        id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()
+    }
     for name, plugin in pm.list_name_plugin():
         providers = [p.name for batch in _call(plugin, "register_providers") for p in batch]
         actions = [a.name for batch in _call(plugin, "register_actions") for a in batch]
@@ -153,7 +155,12 @@ def events() -> None:
 @click.option("--limit", default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def events_list(
-    config_path: Path | None, state: str | None, source: str | None, since: str | None, limit: int, as_json: bool
+    config_path: Path | None,
+    state: str | None,
+    source: str | None,
+    since: str | None,
+    limit: int,
+    as_json: bool,
 ) -> None:
     """List events, newest first."""
     config, _ = _load(config_path)
@@ -162,8 +169,17 @@ def events_list(
     )
     for row in rows:
         if as_json:
-            click.echo(json.dumps({"id": row.id, "source": row.source, "type": row.type,
-                                   "received_at": _time(row.received_at), "state": row.state}))
+            click.echo(
+                json.dumps(
+                    {
+                        "id": row.id,
+                        "source": row.source,
+                        "type": row.type,
+                        "received_at": _time(row.received_at),
+                        "state": row.state,
+                    }
+                )
+            )
         else:
             click.echo(f"{_time(row.received_at)}  {row.state:<9}  {row.source:<14} {row.type:<32} {row.id}")
 
@@ -261,7 +277,9 @@ def replay(
 @main.command()
 @config_option
 @click.argument("source")
-@click.option("--type", "event_type", required=True, help="Event type, e.g. user.created or ConsignmentCreated.")
+@click.option(
+    "--type", "event_type", required=True, help="Event type, e.g. user.created or ConsignmentCreated."
+)
 @click.option("--data", help="The event's data as JSON, or @file.json (default: a realistic sample).")
 @click.option("--id", "event_id", help="Event id (default: a new random one).")
 @click.option("--url", help="Base URL of the gateway (default: from listen: in the config).")

@@ -90,13 +90,16 @@ class Limits(Strict):
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
 
 
+_RETRY_ON: list[int | Literal["5xx", "4xx"]] = [408, 429, "5xx"]
+
+
 class RetryPolicy(Strict):
     """When a failed attempt is tried again: after each delay of the schedule in turn, then dead."""
 
     schedule: list[Duration] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 3600.0])
     jitter: float = Field(default=0.1, ge=0, le=1)
     # HTTP statuses worth another attempt; any other non-2xx answer ends the delivery dead at once.
-    retry_on: list[int | Literal["5xx", "4xx"]] = Field(default_factory=lambda: [408, 429, "5xx"])
+    retry_on: list[int | Literal["5xx", "4xx"]] = Field(default_factory=lambda: list(_RETRY_ON))
 
     def retries_status(self, status: int) -> bool:
         family = f"{status // 100}xx"
@@ -165,7 +168,7 @@ class ActionConfig(Strict):
 class Route(Strict):
     name: str
     source: str
-    events: list[str | int] = Field(default_factory=lambda: ["*"])
+    events: list[str | int] = Field(default_factory=lambda: list[str | int](["*"]))
     filter: dict[str, Any] | None = None
     actions: list[ActionConfig] = Field(min_length=1)
 

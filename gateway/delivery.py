@@ -35,7 +35,9 @@ class RunnableAction:
     limit: asyncio.Semaphore | None
 
 
-def build_actions(table: RouteTable, registry: Registry, resources: Resources) -> dict[tuple[str, str], RunnableAction]:
+def build_actions(
+    table: RouteTable, registry: Registry, resources: Resources
+) -> dict[tuple[str, str], RunnableAction]:
     runnable = {}
     for key, plan in table.actions.items():
         action = registry.actions[plan.use](plan.options, resources)
@@ -161,14 +163,18 @@ class Engine:
         if outcome.kind == "retry":
             delay = next_delay(policy, delivery.attempts, outcome.retry_after) if policy else None
             if delay is None:
-                outcome = dead(f"gave up after {delivery.attempts} attempts: {outcome.error}", outcome.status_code)
+                outcome = dead(
+                    f"gave up after {delivery.attempts} attempts: {outcome.error}", outcome.status_code
+                )
                 state = "dead"
             else:
                 due_at = finished_at + delay
         else:
             state = outcome.kind
 
-        attempt = Attempt(delivery.attempts, started, duration, outcome.kind, outcome.status_code, outcome.error)
+        attempt = Attempt(
+            delivery.attempts, started, duration, outcome.kind, outcome.status_code, outcome.error
+        )
         try:
             finished = await self.storage.finish(delivery, attempt, state, due_at, finished_at)
         except StorageUnavailable as exc:

@@ -96,7 +96,9 @@ def _compile_operator(name: str, operand: Any, place: str) -> Callable[[Any], bo
         if isinstance(operand, bool) or not isinstance(operand, int | float | str):
             raise FilterError(place, f"{name} takes a number or a string")
         return lambda value: _comparable(value, operand) and compare(value, operand)
-    raise FilterError(place, f"unknown operator {name!r}; use eq, ne, in, not_in, exists, regex, gt, gte, lt, lte")
+    raise FilterError(
+        place, f"unknown operator {name!r}; use eq, ne, in, not_in, exists, regex, gt, gte, lt, lte"
+    )
 
 
 def _equal(value: Any, expected: Any) -> bool:

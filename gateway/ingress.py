@@ -79,8 +79,12 @@ class Ingress:
             gateway.metrics.rejected(source, rejection.reason)
             log.info(
                 "webhook rejected",
-                extra={"source": source, "reason": rejection.reason, "status": rejection.status,
-                       "client": _client(scope)},
+                extra={
+                    "source": source,
+                    "reason": rejection.reason,
+                    "status": rejection.status,
+                    "client": _client(scope),
+                },
             )
             await _respond(send, rejection.status, {"error": rejection.reason, "detail": rejection.detail})
             return
@@ -92,7 +96,9 @@ class Ingress:
             gateway.metrics.rejected(source, "storage_unavailable")
             log.error("cannot store webhook", extra={**event.summary(), "error": str(exc)})
             await _respond(
-                send, 503, {"error": "storage_unavailable", "detail": "not stored; please retry"},
+                send,
+                503,
+                {"error": "storage_unavailable", "detail": "not stored; please retry"},
                 [(b"retry-after", b"5")],
             )
             return

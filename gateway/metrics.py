@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from gateway import __version__
 
 # The *_created series double the exposition for nothing a dashboard uses.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 END_TO_END_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
@@ -71,7 +71,9 @@ class Metrics:
         )
         self.build_info = Info("hookyard_build", "Hookyard version.", registry=registry)
         self.build_info.info({"version": __version__})
-        self.ready = Gauge("hookyard_ready", "1 when the gateway is ready to accept webhooks.", registry=registry)
+        self.ready = Gauge(
+            "hookyard_ready", "1 when the gateway is ready to accept webhooks.", registry=registry
+        )
 
     def rejected(self, source: str, reason: str) -> None:
         self.webhooks_received.labels(source, "rejected").inc()

@@ -80,17 +80,25 @@ class RouteTable:
         for name, source in config.sources.items():
             place = f"sources.{name}"
             if source.path in table.endpoints:
-                errors.append(f"{place}.path: {source.path} is already the path of {table.endpoints[source.path].name}")
+                errors.append(
+                    f"{place}.path: {source.path} is already the path of {table.endpoints[source.path].name}"
+                )
                 continue
             provider_cls = registry.providers.get(source.provider)
             if provider_cls is None:
-                errors.append(f"{place}.provider: unknown provider {source.provider!r}; known: {_known(registry.providers)}")
+                errors.append(
+                    f"{place}.provider: unknown provider {source.provider!r}; known: {_known(registry.providers)}"
+                )
                 continue
             if provider_cls.needs_secret and not source.secrets:
-                errors.append(f"{place}.secrets: at least one secret is required (all configured ones are empty)")
+                errors.append(
+                    f"{place}.secrets: at least one secret is required (all configured ones are empty)"
+                )
                 continue
             if not provider_cls.needs_secret and not source.insecure:
-                errors.append(f"{place}: provider {source.provider!r} verifies nothing; say `insecure: true` to allow it")
+                errors.append(
+                    f"{place}: provider {source.provider!r} verifies nothing; say `insecure: true` to allow it"
+                )
                 continue
             try:
                 provider = provider_cls(name, source)
@@ -110,7 +118,9 @@ class RouteTable:
                 errors.append(f"{place}.name: a route named {route.name!r} already exists")
             seen_routes.add(route.name)
             if route.source not in config.sources:
-                errors.append(f"{place}.source: unknown source {route.source!r}; known: {_known(config.sources)}")
+                errors.append(
+                    f"{place}.source: unknown source {route.source!r}; known: {_known(config.sources)}"
+                )
                 continue
             # Without a provider (its own error is reported above) the route is still checked, not built.
             compiled = _compile_route(route, place, providers.get(route.source), config, registry, errors)
@@ -136,7 +146,9 @@ def _compile_route(
     actions: list[PlannedAction] = []
     keys: set[str] = set()
     for index, action in enumerate(route.actions):
-        planned = _plan_action(route.name, action, f"{place}.actions[{index}]", keys, config, registry, errors)
+        planned = _plan_action(
+            route.name, action, f"{place}.actions[{index}]", keys, config, registry, errors
+        )
         keys.add(action.key)
         if planned is not None:
             actions.append(planned)
@@ -161,7 +173,9 @@ def _plan_action(
     errors: list[str],
 ) -> PlannedAction | None:
     if action.key in earlier:
-        errors.append(f"{place}.id: {action.key!r} is used by an earlier action of this route; give each an id")
+        errors.append(
+            f"{place}.id: {action.key!r} is used by an earlier action of this route; give each an id"
+        )
     if action.after is not None and action.after not in earlier:
         errors.append(f"{place}.after: {action.after!r} is not the id of an earlier action in this route")
     if action.when is not None and action.after is None:

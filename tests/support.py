@@ -82,6 +82,8 @@ class Downstream:
     script: dict[str, list[Any]] = field(default_factory=dict)
     default: int = 200
     delay: float = 0.0
+    in_flight: int = 0
+    max_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self, path: str, *answers: Any) -> None:
@@ -105,8 +107,13 @@ class Downstream:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
         if self.delay:
             await asyncio.sleep(self.delay)
+        with self.lock:
+            self.in_flight -= 1
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         with self.lock:
             self.requests.append(Received(scope["method"], scope["path"], headers, body))
@@ -155,7 +162,9 @@ def downstream_server() -> Iterator[Downstream]:
 # -- a running gateway -------------------------------------------------------------------------------
 
 
-def gateway_config(tmp_path: Path, downstream_url: str = "http://127.0.0.1:9", **overrides: Any) -> dict[str, Any]:
+def gateway_config(
+    tmp_path: Path, downstream_url: str = "http://127.0.0.1:9", **overrides: Any
+) -> dict[str, Any]:
     """A config dict with both demo sources, fast retries and storage under tmp_path."""
     config: dict[str, Any] = {
         "storage": {"url": f"sqlite:///{tmp_path}/hookyard.db"},
@@ -164,14 +173,20 @@ def gateway_config(tmp_path: Path, downstream_url: str = "http://127.0.0.1:9", *
         "log": {"level": "warning"},
         "sources": {
             "consignease": {"path": "/webhooks/consignease", "provider": "svix", "secrets": [SVIX_SECRET]},
-            "consignly": {"path": "/webhooks/consignly", "provider": "consignly", "secrets": CONSIGNLY_SECRETS},
+            "consignly": {
+                "path": "/webhooks/consignly",
+                "provider": "consignly",
+                "secrets": CONSIGNLY_SECRETS,
+            },
         },
         "routes": [
             {
                 "name": "users",
                 "source": "consignease",
                 "events": ["user.*"],
-                "actions": [{"id": "app", "use": "forward", "with": {"url": f"{downstream_url}/hooks/users"}}],
+                "actions": [
+                    {"id": "app", "use": "forward", "with": {"url": f"{downstream_url}/hooks/users"}}
+                ],
             },
             {
                 "name": "consignments",
@@ -256,7 +271,9 @@ def svix_request(
     timestamp = timestamp or datetime.now(tz=UTC)
     body = json.dumps(
         {
-            "data": data if data is not None else {"id": "user_29w83sxmDNGwOuEthce5gg56FcC", "first_name": "Ada"},
+            "data": data
+            if data is not None
+            else {"id": "user_29w83sxmDNGwOuEthce5gg56FcC", "first_name": "Ada"},
             "object": "event",
             "type": event_type,
             "timestamp": int(timestamp.timestamp() * 1000),
@@ -299,26 +316,33 @@ def standard_webhooks_secret_bytes(secret: str) -> bytes:
 
 
 class GatewayProcess:
+    """`hookyard serve` in a child process (crash tests kill it); its logs go to gateway.log beside the config."""
+
     def __init__(self, config_path: Path, ops_url: str, env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.ops_url = ops_url
+        self.log_path = config_path.parent / "gateway.log"
         self.env = {**os.environ, **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> GatewayProcess:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "-c", str(self.config_path)],
-            env=self.env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "-c", str(self.config_path)],
+                env=self.env,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        process = self.process
         try:
-            wait_until(lambda: self.process is not None and (self.process.poll() is not None or _ready(self.ops_url)), 20)
+            wait_until(lambda: process.poll() is not None or _ready(self.ops_url), 20)
         except AssertionError:
             self.kill()
             raise
-        if self.process.poll() is not None:
-            raise AssertionError(f"gateway exited: {self.process.stderr.read().decode() if self.process.stderr else ''}")
+        if process.poll() is not None:
+            raise AssertionError(
+                f"gateway exited with {process.returncode}: {self.log_path.read_text()[-2000:]}"
+            )
         return self
 
     def kill(self) -> None:
@@ -326,7 +350,7 @@ class GatewayProcess:
             self.process.kill()
             self.process.wait(10)
 
-    def terminate(self) -> int:
+    def terminate(self, timeout: float = 30) -> int:
         assert self.process is not None
         self.process.terminate()
-        return self.process.wait(30)
+        return self.process.wait(timeout)

@@ -158,9 +158,7 @@ class Storage(ABC):
         """Make an event's finished deliveries (or one action's) run again; returns how many were reset."""
 
     @abstractmethod
-    async def replay_dead(
-        self, *, since: float | None, source: str | None = None, now: float = 0.0
-    ) -> int:
+    async def replay_dead(self, *, since: float | None, source: str | None = None, now: float = 0.0) -> int:
         """Make every dead delivery (finished since `since`) run again; returns how many."""
 
 

@@ -8,12 +8,13 @@ answered before the commit that holds its write has returned. The event loop nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import orjson
 
@@ -155,20 +156,19 @@ class _Writer(threading.Thread):
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             if conn.in_transaction:
-                try:
+                with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-                except sqlite3.Error:
-                    pass
             failure = StorageUnavailable(f"sqlite: {exc}")
             results = [(future, None, failure) for _, future in batch]
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]
+        ] = {}
         for item in results:
             by_loop.setdefault(item[0].get_loop(), []).append(item)
         for loop, items in by_loop.items():
-            try:
+            # RuntimeError: that loop is closed; nobody is waiting any more.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_settle, items)
-            except RuntimeError:
-                pass  # that loop is closed; nobody is waiting any more
 
 
 def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
@@ -300,7 +300,8 @@ class SQLiteStorage(Storage):
         limit: int = 100,
     ) -> list[EventSummary]:
         def list_events(conn: sqlite3.Connection) -> list[EventSummary]:
-            clauses, params = ["1 = 1"], []
+            clauses: list[str] = ["1 = 1"]
+            params: list[Any] = []
             if source is not None:
                 clauses.append("e.source = ?")
                 params.append(source)
@@ -331,7 +332,8 @@ class SQLiteStorage(Storage):
                 deliveries = [
                     _delivery(r)
                     for r in conn.execute(
-                        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE event_seq = ? ORDER BY id", (row[0],)
+                        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE event_seq = ? ORDER BY id",
+                        (row[0],),
                     )
                 ]
                 attempts: dict[int, list[Attempt]] = {d.id: [] for d in deliveries}
@@ -349,7 +351,9 @@ class SQLiteStorage(Storage):
 
     async def replay_event(self, seq: int, action: str | None = None, now: float = 0.0) -> int:
         def replay(conn: sqlite3.Connection) -> int:
-            sql = "SELECT id FROM deliveries WHERE event_seq = ? AND state IN ('delivered', 'dead', 'skipped')"
+            sql = (
+                "SELECT id FROM deliveries WHERE event_seq = ? AND state IN ('delivered', 'dead', 'skipped')"
+            )
             params: list[Any] = [seq]
             if action is None:
                 sql += " AND parent_id IS NULL"
@@ -437,7 +441,9 @@ def _claim(conn: sqlite3.Connection, now: float, limit: int, lease_until: float,
     if not rows:
         return []
     deliveries = [_delivery(row) for row in rows]
-    events = _by_key(conn, f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq IN", {d.event_seq for d in deliveries})
+    events = _by_key(
+        conn, f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq IN", {d.event_seq for d in deliveries}
+    )
     parent_ids = {d.parent_id for d in deliveries if d.parent_id is not None}
     parents = _by_key(conn, f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id IN", parent_ids)
     claims = []
@@ -445,8 +451,8 @@ def _claim(conn: sqlite3.Connection, now: float, limit: int, lease_until: float,
         parent = None
         if delivery.parent_id is not None and delivery.parent_id in parents:
             p = _delivery(parents[delivery.parent_id])
-            state = "delivered" if p.state == "delivered" else "dead"
-            parent = ParentResult(p.action, state, p.attempts, p.last_status, p.last_error)
+            outcome: Literal["delivered", "dead"] = "delivered" if p.state == "delivered" else "dead"
+            parent = ParentResult(p.action, outcome, p.attempts, p.last_status, p.last_error)
         claims.append(Claim(delivery, _event(events[delivery.event_seq]), parent))
     return claims
 
@@ -470,15 +476,30 @@ def _finish(
     conn.execute(
         "INSERT INTO attempts (delivery_id, number, started_at, duration, outcome, status_code, error) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (delivery.id, attempt.number, attempt.started_at, attempt.duration, attempt.outcome,
-         attempt.status_code, attempt.error),
+        (
+            delivery.id,
+            attempt.number,
+            attempt.started_at,
+            attempt.duration,
+            attempt.outcome,
+            attempt.status_code,
+            attempt.error,
+        ),
     )
     final = state in ("delivered", "dead", "skipped")
     # `attempts = ?` fences out a worker whose lease expired and whose delivery was claimed again since.
     conn.execute(
         "UPDATE deliveries SET state = ?, due_at = ?, lease_owner = NULL, last_status = ?, last_error = ?, "
         "finished_at = ? WHERE id = ? AND attempts = ? AND state = 'pending'",
-        (state, due_at, attempt.status_code, attempt.error, now if final else None, delivery.id, attempt.number),
+        (
+            state,
+            due_at,
+            attempt.status_code,
+            attempt.error,
+            now if final else None,
+            delivery.id,
+            attempt.number,
+        ),
     )
     finished = Finished()
     if not final:
@@ -496,7 +517,9 @@ def _finish(
         parents = []
         for child_id, route, action, when in children:
             if outcome is not None and when in ("always", outcome):
-                conn.execute("UPDATE deliveries SET state = 'pending', due_at = ? WHERE id = ?", (now, child_id))
+                conn.execute(
+                    "UPDATE deliveries SET state = 'pending', due_at = ? WHERE id = ?", (now, child_id)
+                )
                 finished.activated.append((route, action))
             else:
                 conn.execute(

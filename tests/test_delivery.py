@@ -1,0 +1,225 @@
+"""The delivery engine: retries, dead deliveries and dependent actions, against real servers."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from standardwebhooks.webhooks import Webhook as StandardWebhook
+
+from tests.support import Downstream, RunningGateway, gateway_config, svix_request, wait_until
+
+SIGNING_SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
+
+
+def users_route(downstream: Downstream, *actions: dict[str, Any], **route: Any) -> dict[str, Any]:
+    return {
+        "name": "users",
+        "source": "consignease",
+        "events": ["user.*"],
+        "actions": list(actions)
+        or [{"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}}],
+        **route,
+    }
+
+
+def event_detail(gw: RunningGateway, event_id: str):
+    [detail] = asyncio.run_coroutine_threadsafe(gw.gateway.storage.get_event(event_id), gw.loop).result(10)
+    return detail
+
+
+def delivery_states(gw: RunningGateway, event_id: str) -> dict[str, str]:
+    return {d.action: d.state for d in event_detail(gw, event_id).deliveries}
+
+
+def test_500_500_200_is_delivered_on_the_third_attempt(tmp_path, downstream: Downstream) -> None:
+    downstream.answer("/app", 500, 500, 200)
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:
+        body, headers = svix_request(msg_id="msg_retry")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        received = downstream.wait_for(3, "/app")
+        assert [r.headers["x-hookyard-attempt"] for r in received] == ["1", "2", "3"]
+        # Every retry carries the same Idempotency-Key, so the app can dedupe.
+        assert {r.headers["idempotency-key"] for r in received} == {"msg_retry"}
+        wait_until(lambda: delivery_states(gw, "msg_retry") == {"app": "delivered"})
+        attempts = event_detail(gw, "msg_retry").attempts
+        [history] = attempts.values()
+        assert [(a.outcome, a.status_code) for a in history] == [
+            ("retry", 500),
+            ("retry", 500),
+            ("delivered", 200),
+        ]
+        assert all(a.duration >= 0 for a in history)
+        assert gw.metric("hookyard_deliveries_total", route="users", action="app", outcome="retried") == 2
+        assert gw.metric("hookyard_deliveries_total", route="users", action="app", outcome="delivered") == 1
+        assert gw.metric("hookyard_end_to_end_seconds_count", route="users") == 1
+
+
+def test_400_from_downstream_is_dead_without_retries(tmp_path, downstream: Downstream) -> None:
+    downstream.answer("/app", 400)
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:
+        body, headers = svix_request(msg_id="msg_400")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_400") == {"app": "dead"})
+        assert len(downstream.received("/app")) == 1
+        [delivery] = event_detail(gw, "msg_400").deliveries
+        assert delivery.attempts == 1
+        assert delivery.last_status == 400
+        assert gw.metric("hookyard_deliveries_total", route="users", action="app", outcome="dead") == 1
+
+
+def test_schedule_used_up_ends_dead(tmp_path, downstream: Downstream) -> None:
+    downstream.default = 503
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:
+        body, headers = svix_request(msg_id="msg_exhausted")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_exhausted") == {"app": "dead"})
+        # The test schedule has three delays: one first attempt plus three retries.
+        assert len(downstream.received("/app")) == 4
+        [delivery] = event_detail(gw, "msg_exhausted").deliveries
+        assert "gave up after 4 attempts" in (delivery.last_error or "")
+
+
+def test_retry_after_is_honoured(tmp_path, downstream: Downstream) -> None:
+    downstream.answer("/app", (429, {"Retry-After": "1"}), 200)
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:
+        body, headers = svix_request(msg_id="msg_429")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_429") == {"app": "delivered"}, timeout=10)
+        first, second = event_detail(gw, "msg_429").attempts.popitem()[1]
+        # The schedule says 50 ms; the receiver asked for a second.
+        assert second.started_at - first.started_at >= 1.0
+
+
+def test_connection_refused_and_timeouts_are_retried(tmp_path, downstream: Downstream) -> None:
+    downstream.delay = 0.5
+    route = users_route(
+        downstream,
+        {"id": "slow", "use": "forward", "timeout": "100ms", "with": {"url": f"{downstream.url}/slow"}},
+        {"id": "closed", "use": "forward", "with": {"url": "http://127.0.0.1:9/closed"}},
+    )
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        body, headers = svix_request(msg_id="msg_faults")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(
+            lambda: delivery_states(gw, "msg_faults") == {"slow": "dead", "closed": "dead"}, timeout=15
+        )
+        attempts = {
+            d.action: event_detail(gw, "msg_faults").attempts[d.id]
+            for d in event_detail(gw, "msg_faults").deliveries
+        }
+        assert len(attempts["slow"]) == 4 and all("timeout" in (a.error or "") for a in attempts["slow"])
+        assert len(attempts["closed"]) == 4 and all(a.status_code is None for a in attempts["closed"])
+
+
+@pytest.mark.parametrize(
+    ("app_status", "alert_runs"), [(400, True), (200, False)], ids=["app-dead", "app-delivered"]
+)
+def test_after_app_when_failure_runs_only_when_app_is_dead(
+    tmp_path, downstream: Downstream, app_status: int, alert_runs: bool
+) -> None:
+    downstream.answer("/app", app_status)
+    route = users_route(
+        downstream,
+        {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}},
+        {
+            "id": "alert",
+            "use": "forward",
+            "after": "app",
+            "when": "failure",
+            "with": {"url": f"{downstream.url}/alert"},
+        },
+    )
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        body, headers = svix_request(msg_id="msg_dependent")
+        gw.post("/webhooks/consignease", body, headers)
+        expected = (
+            {"app": "dead", "alert": "delivered"} if alert_runs else {"app": "delivered", "alert": "skipped"}
+        )
+        wait_until(lambda: delivery_states(gw, "msg_dependent") == expected)
+        assert len(downstream.received("/alert")) == (1 if alert_runs else 0)
+        skipped = gw.metric("hookyard_deliveries_total", route="users", action="alert", outcome="skipped")
+        assert skipped == (0 if alert_runs else 1)
+
+
+def test_dependent_waits_for_its_parent_to_finish(tmp_path, downstream: Downstream) -> None:
+    downstream.answer("/app", 500, 500, 200)
+    route = users_route(
+        downstream,
+        {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}},
+        {"id": "audit", "use": "forward", "after": "app", "with": {"url": f"{downstream.url}/audit"}},
+    )
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        body, headers = svix_request(msg_id="msg_chain")
+        gw.post("/webhooks/consignease", body, headers)
+        [audit] = downstream.wait_for(1, "/audit")
+        app_times = [r for r in downstream.received("/app")]
+        assert len(app_times) == 3  # audit only ran once app had finished (delivered on the third attempt)
+        assert audit.headers["idempotency-key"] == "msg_chain"
+
+
+def test_forward_signs_with_standard_webhooks(tmp_path, downstream: Downstream) -> None:
+    route = users_route(
+        downstream,
+        {
+            "id": "app",
+            "use": "forward",
+            "with": {
+                "url": f"{downstream.url}/app",
+                "sign": {"secret": SIGNING_SECRET},
+                "headers": {"X-Team": "platform"},
+            },
+        },
+    )
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        body, headers = svix_request(msg_id="msg_signed")
+        gw.post("/webhooks/consignease", body, headers)
+        [received] = downstream.wait_for(1, "/app")
+        assert received.headers["x-team"] == "platform"
+        # The app verifies Hookyard with the official Standard Webhooks library.
+        verified = StandardWebhook(SIGNING_SECRET).verify(received.body, received.headers)
+        assert verified["type"] == "user.created"
+        assert received.headers["webhook-id"] == "msg_signed"
+
+
+def test_filter_and_codes_decide_what_consignly_delivers(tmp_path, downstream: Downstream) -> None:
+    from tests.support import consignly_body, consignly_headers
+
+    route = {
+        "name": "consignments",
+        "source": "consignly",
+        "events": ["ConsignmentCreated", 112],
+        "filter": {"data.status": {"in": [1, 2]}},
+        "actions": [{"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/c"}}],
+    }
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        sent = {
+            "created-status-1": consignly_body("consignment.created", "e1", status=1),
+            "tracking-by-code": consignly_body(112, "e2", status=2),
+            "filtered-status-9": consignly_body("ConsignmentCreated", "e3", status=9),
+            "other-type": consignly_body("consignment.deleted", "e4", status=1),
+            "created-by-name": consignly_body("ConsignmentCreated", "e5", status=2),
+        }
+        for body in sent.values():
+            assert gw.post("/webhooks/consignly", body, consignly_headers(body)).status_code == 200
+        received = downstream.wait_for(3, "/c")
+        assert sorted(r.json()["id"] for r in received) == ["e1", "e2", "e5"]
+        # The others were stored but matched no route: no delivery exists that could still arrive.
+        assert event_detail(gw, "e3").deliveries == [] and event_detail(gw, "e4").deliveries == []
+        types = {r.json()["id"]: r.headers["x-hookyard-type"] for r in received}
+        assert types["e2"] == "consignment.tracking_updated"
+
+
+def test_action_concurrency_limits_requests_in_flight(tmp_path, downstream: Downstream) -> None:
+    downstream.delay = 0.1
+    route = users_route(
+        downstream,
+        {"id": "app", "use": "forward", "concurrency": 2, "with": {"url": f"{downstream.url}/app"}},
+    )
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        for index in range(8):
+            body, headers = svix_request(msg_id=f"msg_conc_{index}")
+            gw.post("/webhooks/consignease", body, headers)
+        downstream.wait_for(8, "/app")
+    assert downstream.max_in_flight == 2

@@ -1,0 +1,234 @@
+"""The webhook listener against a real uvicorn server and a real downstream receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+
+from tests.support import (
+    CONSIGNLY_SECRETS,
+    Downstream,
+    RunningGateway,
+    consignly_body,
+    consignly_headers,
+    gateway_config,
+    svix_request,
+)
+
+
+@pytest.fixture
+def gw(tmp_path, downstream: Downstream):
+    with RunningGateway(gateway_config(tmp_path, downstream.url)) as running:
+        yield running
+
+
+def test_svix_signed_request_is_accepted_and_forwarded(gw: RunningGateway, downstream: Downstream) -> None:
+    body, headers = svix_request(msg_id="msg_forward_1")
+    response = gw.post("/webhooks/consignease", body, headers)
+    assert response.status_code == 200
+    assert response.json() == {"id": "msg_forward_1", "status": "accepted"}
+
+    [forwarded] = downstream.wait_for(1, "/hooks/users")
+    assert forwarded.method == "POST"
+    assert forwarded.body == body
+    assert forwarded.headers["content-type"] == "application/json"
+    assert forwarded.headers["idempotency-key"] == "msg_forward_1"
+    assert forwarded.headers["x-hookyard-event-id"] == "msg_forward_1"
+    assert forwarded.headers["x-hookyard-source"] == "consignease"
+    assert forwarded.headers["x-hookyard-type"] == "user.created"
+    assert gw.metric("hookyard_webhooks_received_total", source="consignease", outcome="accepted") == 1
+
+
+def test_same_request_twice_is_a_duplicate_and_forwarded_once(
+    gw: RunningGateway, downstream: Downstream
+) -> None:
+    body, headers = svix_request(msg_id="msg_dup")
+    assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
+    downstream.wait_for(1, "/hooks/users")
+    again = gw.post("/webhooks/consignease", body, headers)
+    assert again.status_code == 200
+    assert again.json() == {"id": "msg_dup", "status": "duplicate"}
+
+    # A later event is delivered after the duplicate would have been: by then a second copy would show.
+    marker_body, marker_headers = svix_request(msg_id="msg_marker")
+    gw.post("/webhooks/consignease", marker_body, marker_headers)
+    received = downstream.wait_for(2, "/hooks/users")
+    assert [r.headers["idempotency-key"] for r in received] == ["msg_dup", "msg_marker"]
+    assert gw.metric("hookyard_webhooks_received_total", source="consignease", outcome="duplicate") == 1
+
+
+def _tampered() -> tuple[bytes, dict[str, str]]:
+    body, headers = svix_request()
+    return body.replace(b"Ada", b"Eve"), headers
+
+
+def _wrong_secret() -> tuple[bytes, dict[str, str]]:
+    return svix_request(secret="whsec_" + "A" * 43 + "=")
+
+
+def _old() -> tuple[bytes, dict[str, str]]:
+    return svix_request(timestamp=datetime.now(tz=UTC) - timedelta(minutes=6))
+
+
+@pytest.mark.parametrize(
+    ("make_request", "reason"),
+    [
+        (_tampered, "invalid_signature"),
+        (_wrong_secret, "invalid_signature"),
+        (_old, "timestamp_out_of_tolerance"),
+    ],
+    ids=["tampered-body", "wrong-secret", "old-timestamp"],
+)
+def test_bad_svix_requests_are_401_and_counted_by_reason(
+    gw: RunningGateway, downstream: Downstream, make_request, reason: str
+) -> None:
+    body, headers = make_request()
+    response = gw.post("/webhooks/consignease", body, headers)
+    assert response.status_code == 401
+    assert response.json()["error"] == reason
+    assert gw.metric("hookyard_webhook_rejections_total", source="consignease", reason=reason) == 1
+    assert gw.metric("hookyard_webhooks_received_total", source="consignease", outcome="rejected") == 1
+    assert SVIX_SECRET_FRAGMENT not in response.text
+
+
+SVIX_SECRET_FRAGMENT = "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+@pytest.mark.parametrize("secret", CONSIGNLY_SECRETS, ids=["client-secret", "signing-key-1", "signing-key-2"])
+def test_consignly_request_is_accepted_with_any_configured_secret(
+    gw: RunningGateway, downstream: Downstream, secret: str
+) -> None:
+    body = consignly_body(event_id=f"evt_{secret}")
+    # Signed exactly as the Consignly docs describe: hex HMAC-SHA256 of the raw body, prefixed sha256=.
+    signature = "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    response = gw.post(
+        "/webhooks/consignly", body, {"content-type": "application/json", "X-Consignly-Signature": signature}
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "accepted"
+    [forwarded] = downstream.wait_for(1, "/hooks/consignments")
+    assert forwarded.headers["x-hookyard-type"] == "consignment.created"
+
+
+def test_consignly_unknown_secret_is_rejected(gw: RunningGateway) -> None:
+    body = consignly_body()
+    response = gw.post("/webhooks/consignly", body, consignly_headers(body, secret="not-a-configured-secret"))
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_signature"
+
+
+def test_unknown_path_is_404(gw: RunningGateway) -> None:
+    response = gw.post("/webhooks/nope", b"{}", {})
+    assert response.status_code == 404
+    assert response.json()["error"] == "unknown_path"
+
+
+def test_wrong_method_is_405(gw: RunningGateway) -> None:
+    response = gw.client.get(gw.url + "/webhooks/consignly")
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert (
+        gw.metric("hookyard_webhook_rejections_total", source="consignly", reason="method_not_allowed") == 1
+    )
+
+
+def test_body_over_the_limit_is_413_by_content_length_and_while_streaming(tmp_path, downstream) -> None:
+    config = gateway_config(tmp_path, downstream.url, limits={"max_body_bytes": 1000})
+    with RunningGateway(config) as gw:
+        big = consignly_body(padding="x" * 2000)
+        response = gw.post("/webhooks/consignly", big, consignly_headers(big))
+        assert response.status_code == 413
+        assert response.json()["error"] == "body_too_large"
+
+        def chunks():
+            for _ in range(20):
+                yield b"x" * 100
+
+        # No Content-Length: the limit is enforced while reading, before the body is all in memory.
+        streamed = gw.client.post(
+            gw.url + "/webhooks/consignly", content=chunks(), headers=consignly_headers(big)
+        )
+        assert streamed.status_code == 413
+        assert (
+            gw.metric("hookyard_webhook_rejections_total", source="consignly", reason="body_too_large") == 2
+        )
+
+
+def test_signed_body_that_is_not_json_is_400(gw: RunningGateway) -> None:
+    body = b"this is not json"
+    response = gw.post("/webhooks/consignly", body, consignly_headers(body))
+    assert response.status_code == 400
+    assert response.json()["error"] == "invalid_json"
+
+
+def test_unsigned_body_that_is_not_json_is_401_not_400(gw: RunningGateway) -> None:
+    # Verification comes first: an unauthenticated sender learns nothing about parsing.
+    response = gw.post("/webhooks/consignly", b"not json", {"x-consignly-signature": "sha256=" + "0" * 64})
+    assert response.status_code == 401
+
+
+@pytest.mark.parametrize(("field", "reason"), [("id", "missing_event_id"), ("type", "missing_event_type")])
+def test_payload_without_id_or_type_is_400(gw: RunningGateway, field: str, reason: str) -> None:
+    payload = json.loads(consignly_body())
+    del payload[field]
+    body = json.dumps(payload).encode()
+    response = gw.post("/webhooks/consignly", body, consignly_headers(body))
+    assert response.status_code == 400
+    assert response.json()["error"] == reason
+
+
+def test_event_matching_no_route_is_stored_but_not_delivered(
+    gw: RunningGateway, downstream: Downstream
+) -> None:
+    body, headers = svix_request(event_type="session.created", msg_id="msg_unrouted")
+    assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
+    marker, marker_headers = svix_request(msg_id="msg_after_unrouted")
+    gw.post("/webhooks/consignease", marker, marker_headers)
+    received = downstream.wait_for(1, "/hooks/users")
+    assert [r.headers["idempotency-key"] for r in received] == ["msg_after_unrouted"]
+    details = _run(gw, gw.gateway.storage.get_event("msg_unrouted"))
+    assert details[0].deliveries == []
+
+
+def _run(gw: RunningGateway, coroutine):
+    return asyncio.run_coroutine_threadsafe(coroutine, gw.loop).result(10)
+
+
+def test_storage_that_cannot_write_answers_503_never_2xx(gw: RunningGateway, downstream: Downstream) -> None:
+    storage = gw.gateway.storage
+    _run(gw, storage._run(lambda conn: conn.execute("PRAGMA query_only = ON")))
+    try:
+        body, headers = svix_request(msg_id="msg_while_readonly")
+        response = gw.post("/webhooks/consignease", body, headers)
+        assert response.status_code == 503
+        assert response.json()["error"] == "storage_unavailable"
+        assert response.headers["retry-after"]
+        assert gw.client.get(gw.ops_url + "/readyz").status_code == 503
+        assert (
+            gw.metric("hookyard_webhook_rejections_total", source="consignease", reason="storage_unavailable")
+            == 1
+        )
+    finally:
+        # Not through the writer: with query_only on, even its BEGIN IMMEDIATE fails.
+        storage._writer.connection.execute("PRAGMA query_only = OFF")
+    # Nothing was stored, so the provider's retry of the same request is accepted, not a duplicate.
+    retried = gw.post("/webhooks/consignease", body, headers)
+    assert retried.json() == {"id": "msg_while_readonly", "status": "accepted"}
+    assert gw.client.get(gw.ops_url + "/readyz").status_code == 200
+    downstream.wait_for(1, "/hooks/users")
+
+
+def test_ops_endpoints(gw: RunningGateway) -> None:
+    assert gw.client.get(gw.ops_url + "/healthz").json() == {"status": "ok"}
+    assert gw.client.get(gw.ops_url + "/readyz").json() == {"status": "ready"}
+    metrics = gw.client.get(gw.ops_url + "/metrics")
+    assert metrics.headers["content-type"].startswith("text/plain")
+    assert 'hookyard_build_info{version="' in metrics.text
+    # The ops endpoints are not on the webhook listener.
+    assert httpx.get(gw.url + "/metrics").status_code == 404

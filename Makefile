@@ -32,3 +32,6 @@ check: lint typecheck test
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
+
+bench: $(STAMP)  ## ingest benchmark: bare Starlette no-op vs Hookyard, one run (needs wrk)
+	$(BIN)/python bench/ingest.py

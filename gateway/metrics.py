@@ -71,9 +71,25 @@ class Metrics:
         )
         self.build_info = Info("hookyard_build", "Hookyard version.", registry=registry)
         self.build_info.info({"version": __version__})
+        self.commit_duration = Histogram(
+            "hookyard_storage_commit_seconds",
+            "Duration of one storage transaction, durable commit included.",
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.commit_batch = Histogram(
+            "hookyard_storage_batch_size",
+            "Operations per storage commit: above 1 when group commit shares one fsync among many.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=registry,
+        )
         self.ready = Gauge(
             "hookyard_ready", "1 when the gateway is ready to accept webhooks.", registry=registry
         )
+
+    def observe_commit(self, batch_size: int, seconds: float) -> None:
+        self.commit_batch.observe(batch_size)
+        self.commit_duration.observe(seconds)
 
     def rejected(self, source: str, reason: str) -> None:
         self.webhooks_received.labels(source, "rejected").inc()

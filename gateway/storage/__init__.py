@@ -7,6 +7,7 @@ is SQLite (gateway.storage.sqlite). A backend shared by several replicas impleme
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -101,6 +102,9 @@ class EventDetail:
 
 
 class Storage(ABC):
+    # Told the size and duration of every commit, when the backend batches them (group commit).
+    on_commit: Callable[[int, float], None] | None = None
+
     @abstractmethod
     async def open(self) -> None:
         """Create the schema if missing and get ready to serve."""

@@ -1,18 +1,18 @@
 """The embedded store: one SQLite file in WAL mode with synchronous=FULL.
 
-Every operation runs on a single writer thread that takes whatever operations are queued, runs them in one
-transaction and commits once: under load many webhooks share one fsync (group commit), and no caller is
-answered before the commit that holds its write has returned. The event loop never waits on the disk.
+Operations queued together run in one transaction with one commit: under load many webhooks share one fsync
+(group commit), and no caller is answered before the commit that holds its write has returned. The event
+loop never waits on the disk: the commit runs on a helper thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import queue
 import sqlite3
-import threading
+import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -35,6 +35,8 @@ from gateway.storage import (
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
+# Told the size and duration of every committed batch (metrics); called on the writer thread.
+CommitObserver = Callable[[int, float], None]
 
 # Bounds one transaction so a flood cannot make a single commit (and its callers' latency) arbitrarily large.
 MAX_BATCH = 512
@@ -99,45 +101,43 @@ _DELIVERY_COLUMNS = (
 _EVENT_COLUMNS = "seq, source, event_id, type, occurred_at, received_at, verified, headers, body"
 
 
-class _Writer(threading.Thread):
-    """Runs queued operations in batches: one transaction and one commit per batch."""
+class _GroupCommit:
+    """Runs operations in batches: one transaction and one durable commit per batch.
 
-    def __init__(self, connection: sqlite3.Connection) -> None:
-        super().__init__(name="hookyard-sqlite-writer", daemon=True)
+    The operations run on the event loop's thread, back to back (they touch only SQLite's page cache);
+    the COMMIT, where the fsync happens, runs on a helper thread so the loop keeps serving requests while
+    the disk works. Operations that arrive meanwhile form the next batch, so under load one fsync serves
+    many webhooks. Each caller's future resolves only after the commit that holds its write.
+    """
+
+    def __init__(self, connection: sqlite3.Connection, on_commit: CommitObserver | None) -> None:
         self.connection = connection
-        self.queue: queue.SimpleQueue[tuple[Operation, asyncio.Future[Any]] | None] = queue.SimpleQueue()
+        self.on_commit = on_commit
+        self.pending: list[tuple[Operation, asyncio.Future[Any]]] = []
+        self.busy = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self.committer = ThreadPoolExecutor(1, thread_name_prefix="hookyard-sqlite-commit")
 
     def submit(self, operation: Operation) -> asyncio.Future[Any]:
-        future = asyncio.get_running_loop().create_future()
-        self.queue.put((operation, future))
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.pending.append((operation, future))
+        if not self.busy:
+            self.busy = True
+            self.idle.clear()
+            # Not at once: requests handled in this same loop iteration join the batch.
+            loop.call_soon(self._run_batch)
         return future
 
-    def stop(self) -> None:
-        self.queue.put(None)
-        self.join()
+    async def close(self) -> None:
+        await self.idle.wait()
+        self.committer.shutdown(wait=True)
 
-    def run(self) -> None:
-        while True:
-            first = self.queue.get()
-            if first is None:
-                return
-            batch = [first]
-            stopping = False
-            while len(batch) < MAX_BATCH:
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
-            self._run_batch(batch)
-            if stopping:
-                return
-
-    def _run_batch(self, batch: list[tuple[Operation, asyncio.Future[Any]]]) -> None:
+    def _run_batch(self) -> None:
+        batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
         conn = self.connection
+        started = time.perf_counter()
         results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -153,38 +153,47 @@ class _Writer(threading.Thread):
                 else:
                     conn.execute("RELEASE op")
                     results.append((future, result, None))
-            conn.execute("COMMIT")
         except sqlite3.Error as exc:
-            if conn.in_transaction:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-            failure = StorageUnavailable(f"sqlite: {exc}")
-            results = [(future, None, failure) for _, future in batch]
-        by_loop: dict[
-            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]
-        ] = {}
-        for item in results:
-            by_loop.setdefault(item[0].get_loop(), []).append(item)
-        for loop, items in by_loop.items():
-            # RuntimeError: that loop is closed; nobody is waiting any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, items)
+            self._finish_batch(batch, [], started, exc)
+            return
+        commit = asyncio.get_running_loop().run_in_executor(self.committer, conn.execute, "COMMIT")
+        commit.add_done_callback(lambda done: self._finish_batch(batch, results, started, done.exception()))
 
-
-def _settle(items: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for future, result, error in items:
-        if future.cancelled():
-            continue
+    def _finish_batch(
+        self,
+        batch: list[tuple[Operation, asyncio.Future[Any]]],
+        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
+        started: float,
+        error: BaseException | None,
+    ) -> None:
         if error is None:
-            future.set_result(result)
+            if self.on_commit is not None:
+                self.on_commit(len(batch), time.perf_counter() - started)
         else:
-            future.set_exception(error)
+            if self.connection.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self.connection.execute("ROLLBACK")
+            failure = StorageUnavailable(f"sqlite: {error}")
+            results = [(future, None, failure) for _, future in batch]
+        for future, result, failed in results:
+            if future.cancelled():
+                continue
+            if failed is None:
+                future.set_result(result)
+            else:
+                future.set_exception(failed)
+        if self.pending:
+            asyncio.get_running_loop().call_soon(self._run_batch)
+        else:
+            self.busy = False
+            self.idle.set()
 
 
 class SQLiteStorage(Storage):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self._writer: _Writer | None = None
+        self._writer: _GroupCommit | None = None
+        self.on_commit: CommitObserver | None = None
 
     @classmethod
     def from_url(cls, url: str) -> SQLiteStorage:
@@ -202,12 +211,11 @@ class SQLiteStorage(Storage):
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA busy_timeout = 5000")
         conn.executescript(SCHEMA)
-        self._writer = _Writer(conn)
-        self._writer.start()
+        self._writer = _GroupCommit(conn, self.on_commit)
 
     async def close(self) -> None:
         if self._writer is not None:
-            self._writer.stop()
+            await self._writer.close()
             self._writer.connection.close()
             self._writer = None
 

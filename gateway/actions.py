@@ -87,6 +87,8 @@ class Action:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     Options: ClassVar[type[BaseModel]] = NoOptions
+    # True for actions that report on another action's result (acknowledge): the config must say `after:`.
+    needs_parent: ClassVar[bool] = False
 
     def __init__(self, options: Any, resources: Resources) -> None:
         self.options = options

@@ -23,6 +23,9 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.consignly",
     "plugins.insecure",
     "plugins.forward",
+    "plugins.store",
+    "plugins.notify",
+    "plugins.acknowledge",
 )
 
 ENTRY_POINT_GROUP = "hookyard"

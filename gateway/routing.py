@@ -184,6 +184,10 @@ def _plan_action(
     if action_cls is None:
         errors.append(f"{place}.use: unknown action {action.use!r}; known: {_known(registry.actions)}")
         return None
+    if action_cls.needs_parent and action.after is None:
+        errors.append(
+            f"{place}.after: {action.use!r} reports on another action's result; name it with after:"
+        )
     try:
         options = action_cls.Options.model_validate(action.with_)
     except ValidationError as exc:

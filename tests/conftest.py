@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
 import pytest
 
 from tests.support import Downstream, downstream_server
+
+DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -17,3 +21,23 @@ def pytest_configure(config: pytest.Config) -> None:
 def downstream() -> Iterator[Downstream]:
     with downstream_server() as server:
         yield server
+
+
+def require_service(name: str, url: str) -> None:
+    """Skip when a server a test needs is unreachable, unless HOOKYARD_REQUIRE_SERVICES=1 (CI): then fail."""
+    parts = urlsplit(url)
+    try:
+        socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), timeout=2).close()
+    except OSError as exc:
+        message = f"{name} at {parts.hostname}:{parts.port} is unreachable: {exc}"
+        if os.environ.get("HOOKYARD_REQUIRE_SERVICES") == "1":
+            pytest.fail(message + " (HOOKYARD_REQUIRE_SERVICES=1)")
+        pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> str:
+    """A real PostgreSQL server: HOOKYARD_TEST_POSTGRES_URL, by default the local `test` database."""
+    url = os.environ.get("HOOKYARD_TEST_POSTGRES_URL", DEFAULT_POSTGRES_URL)
+    require_service("PostgreSQL", url)
+    return url

@@ -354,3 +354,71 @@ class GatewayProcess:
         assert self.process is not None
         self.process.terminate()
         return self.process.wait(timeout)
+
+
+# -- a TCP proxy whose outage is real (for "the database went away" tests) ------------------------------
+
+
+class TcpProxy:
+    """Forwards a loopback port to `target`; `cut()` drops every connection and refuses new ones until
+    `restore()`. A real network fault between Hookyard and a server, without stopping the shared server."""
+
+    def __init__(self, target_host: str, target_port: int) -> None:
+        self.target = (target_host, target_port)
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.server: asyncio.Server | None = None
+        self.writers: set[asyncio.StreamWriter] = set()
+
+    def __enter__(self) -> TcpProxy:
+        self.thread.start()
+        self.restore()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cut()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+    def _call(self, coroutine: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
+
+    def restore(self) -> None:
+        async def start() -> None:
+            self.server = await asyncio.start_server(self._handle, "127.0.0.1", self.port, reuse_address=True)
+
+        self._call(start())
+
+    def cut(self) -> None:
+        async def stop() -> None:
+            if self.server is not None:
+                self.server.close()
+                self.server = None
+            for writer in list(self.writers):
+                writer.close()
+            self.writers.clear()
+
+        self._call(stop())
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
+        except OSError:
+            writer.close()
+            return
+        self.writers.update({writer, upstream_writer})
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        self.writers.difference_update({writer, upstream_writer})

@@ -17,7 +17,7 @@ from gateway import __version__
 from gateway.config import Config, ConfigError, default_config_path, json_schema, load_config, parse_duration
 from gateway.plugins import Registry, plugin_manager
 from gateway.routing import RouteTable
-from gateway.storage import EventDetail, Storage, open_storage
+from gateway.storage import EventDetail, Storage, StorageUnavailable, open_storage
 
 T = TypeVar("T")
 
@@ -62,7 +62,11 @@ def _run(coro: Awaitable[T]) -> T:
 def _with_storage(config: Config, work: Callable[[Storage], Awaitable[T]]) -> T:
     async def run() -> T:
         storage = open_storage(config.storage.url)
-        await storage.open()
+        try:
+            await storage.open()
+        except StorageUnavailable as exc:
+            click.echo(f"hookyard: {exc}", err=True)
+            raise SystemExit(1) from None
         try:
             return await work(storage)
         finally:
@@ -86,7 +90,11 @@ def serve(config_path: Path | None) -> None:
 
     config, _ = _load(config_path)
     configure_logging(config.log.level, config.log.format)
-    _run(Gateway(config).serve())
+    try:
+        _run(Gateway(config).serve())
+    except StorageUnavailable as exc:
+        click.echo(f"hookyard: {exc}", err=True)
+        raise SystemExit(1) from None
 
 
 @main.command()

@@ -177,7 +177,7 @@ class Engine:
         )
         try:
             finished = await self.storage.finish(delivery, attempt, state, due_at, finished_at)
-        except StorageUnavailable as exc:
+        except Exception as exc:
             # The lease stays: once it expires the delivery is attempted again (at-least-once).
             log.error("cannot record attempt", extra={**event.summary(), "error": str(exc)})
             return

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pluggy
 import uvicorn
 import yaml
 from svix.webhooks import Webhook
@@ -205,8 +206,8 @@ def gateway_config(
 class RunningGateway:
     """A Gateway serving on two real loopback sockets in a background thread with its own event loop."""
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.gateway = Gateway(parse_config(yaml.safe_dump(config)))
+    def __init__(self, config: dict[str, Any], pm: pluggy.PluginManager | None = None) -> None:
+        self.gateway = Gateway(parse_config(yaml.safe_dump(config)), pm=pm)
         self.ingress_sock, self.ops_sock = bound_socket(), bound_socket()
         self.url = f"http://127.0.0.1:{self.ingress_sock.getsockname()[1]}"
         self.ops_url = f"http://127.0.0.1:{self.ops_sock.getsockname()[1]}"

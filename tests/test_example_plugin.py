@@ -1,0 +1,74 @@
+"""The example plugin distribution in examples/, loaded through the real entry-point machinery."""
+
+from __future__ import annotations
+
+import json
+import time
+import tomllib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gateway.cli import main
+from gateway.plugins import new_plugin_manager, plugin_manager
+from tests.support import RunningGateway, gateway_config, wait_until
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "hookyard-example"
+
+
+@pytest.fixture
+def installed_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """What `pip install examples/hookyard-example` leaves behind: the module on the path and a
+    dist-info with its `hookyard` entry point, found by importlib.metadata like any installed package."""
+    site = tmp_path / "site"
+    dist_info = site / "hookyard_example-0.1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: hookyard-example\nVersion: 0.1.0\n")
+    project = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
+    lines = [f"{name} = {target}" for name, target in project["entry-points"]["hookyard"].items()]
+    (dist_info / "entry_points.txt").write_text("[hookyard]\n" + "\n".join(lines) + "\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    plugin_manager.cache_clear()
+    yield
+    plugin_manager.cache_clear()
+
+
+def test_entry_point_plugin_is_loaded_and_listed(installed_example: None) -> None:
+    pm = new_plugin_manager()
+    assert "example" in dict(pm.list_name_plugin())
+    result = CliRunner().invoke(main, ["plugins"])
+    assert result.exit_code == 0, result.output
+    assert "example [hookyard-example 0.1.0]  (providers: acme; actions: jsonl)" in result.output
+
+
+def test_event_flows_through_the_example_provider_and_action(installed_example: None, tmp_path: Path) -> None:
+    archive = tmp_path / "archive.jsonl"
+    config = gateway_config(
+        tmp_path,
+        sources={"acme": {"path": "/webhooks/acme", "provider": "acme", "secrets": ["acme-secret"]}},
+        routes=[
+            {
+                "name": "archive",
+                "source": "acme",
+                "actions": [{"use": "jsonl", "with": {"path": str(archive)}}],
+            }
+        ],
+    )
+    with RunningGateway(config, pm=new_plugin_manager()) as gw:
+        provider = gw.gateway.table.endpoints["/webhooks/acme"].provider
+        body = json.dumps({"id": "acme_1", "type": "invoice.paid", "data": {"amount": 42}}).encode()
+        headers = provider.sign(body, "acme_1", time.time())
+        assert gw.post("/webhooks/acme", body, headers).json() == {"id": "acme_1", "status": "accepted"}
+        tampered = gw.post("/webhooks/acme", body.replace(b"42", b"43"), headers)
+        assert tampered.status_code == 401
+        wait_until(lambda: archive.exists() and archive.read_text().count("\n") == 1)
+    line = json.loads(archive.read_text())
+    assert line == {
+        "id": "acme_1",
+        "source": "acme",
+        "type": "invoice.paid",
+        "payload": {"id": "acme_1", "type": "invoice.paid", "data": {"amount": 42}},
+    }

@@ -282,15 +282,51 @@ def replay(
         sys.exit(0)
 
 
+def _event_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """What `send` and `sign` share: which source, which event."""
+    for option in reversed(
+        [
+            config_option,
+            click.argument("source"),
+            click.option("--type", "event_type", required=True, help="Event type, e.g. user.created."),
+            click.option(
+                "--data", help="The event's data as JSON, or @file.json (default: a realistic sample)."
+            ),
+            click.option("--id", "event_id", help="Event id (default: a new random one)."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def _parse_data(data: str | None) -> Any:
+    if data is None:
+        return None
+    text = Path(data[1:]).read_text() if data.startswith("@") else data
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--data") from None
+
+
+def _signed_request(
+    config_path: Path | None, source: str, event_type: str, data: str | None, event_id: str | None
+) -> tuple[RouteTable, str, bytes, dict[str, str]]:
+    from gateway.sender import build_request
+
+    _, table = _load(config_path)
+    try:
+        path, body, headers = build_request(table, source, event_type, _parse_data(data), event_id)
+    except KeyError as exc:
+        raise click.BadParameter(str(exc.args[0]), param_hint="SOURCE") from None
+    return table, path, body, headers
+
+
 @main.command()
-@config_option
-@click.argument("source")
-@click.option(
-    "--type", "event_type", required=True, help="Event type, e.g. user.created or ConsignmentCreated."
-)
-@click.option("--data", help="The event's data as JSON, or @file.json (default: a realistic sample).")
-@click.option("--id", "event_id", help="Event id (default: a new random one).")
+@_event_options
 @click.option("--url", help="Base URL of the gateway (default: from listen: in the config).")
+@click.option("--count", default=1, show_default=True, help="Send this many events (each its own id).")
+@click.option("--concurrency", default=1, show_default=True, help="Requests in flight at once with --count.")
 def send(
     config_path: Path | None,
     source: str,
@@ -298,24 +334,23 @@ def send(
     data: str | None,
     event_id: str | None,
     url: str | None,
+    count: int,
+    concurrency: int,
 ) -> None:
     """Send a test event, signed exactly as SOURCE's provider signs it, and print the answer."""
-    from gateway.sender import build_request, listen_url
+    from gateway.sender import build_request, listen_url, send_many
     from gateway.sender import send as post
 
-    _, table = _load(config_path)
-    parsed: Any = None
-    if data is not None:
-        text = Path(data[1:]).read_text() if data.startswith("@") else data
-        try:
-            parsed = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise click.BadParameter(f"not JSON: {exc}", param_hint="--data") from None
-    try:
-        path, body, headers = build_request(table, source, event_type, parsed, event_id)
-    except KeyError as exc:
-        raise click.BadParameter(str(exc.args[0]), param_hint="SOURCE") from None
+    table, path, body, headers = _signed_request(config_path, source, event_type, data, event_id)
     target = (url or listen_url(table)).rstrip("/") + path
+    if count > 1:
+        if event_id is not None:
+            raise click.UsageError("--id names one event; leave it out with --count")
+        parsed = _parse_data(data)
+        requests = [build_request(table, source, event_type, parsed)[1:] for _ in range(count)]
+        summary = _run(send_many(target, requests, concurrency))
+        click.echo(summary.describe())
+        raise SystemExit(0 if summary.all_succeeded else 1)
     try:
         response = post(target, body, headers)
     except Exception as exc:
@@ -324,6 +359,31 @@ def send(
     click.echo(f"{response.status_code} {response.text}")
     if not response.is_success:
         raise SystemExit(1)
+
+
+@main.command()
+@_event_options
+@click.option("--url", help="Base URL of the gateway (default: from listen: in the config).")
+def sign(
+    config_path: Path | None,
+    source: str,
+    event_type: str,
+    data: str | None,
+    event_id: str | None,
+    url: str | None,
+) -> None:
+    """Print a curl command that sends a signed test event (the signature's timestamp starts now)."""
+    import shlex
+
+    from gateway.sender import listen_url
+
+    table, path, body, headers = _signed_request(config_path, source, event_type, data, event_id)
+    target = (url or listen_url(table)).rstrip("/") + path
+    parts = ["curl", "-sS", "-X", "POST", shlex.quote(target)]
+    for name, value in headers.items():
+        parts += ["-H", shlex.quote(f"{name}: {value}")]
+    parts += ["--data-binary", shlex.quote(body.decode())]
+    click.echo(" ".join(parts))
 
 
 @main.command()

@@ -22,6 +22,8 @@ from pydantic import (
     field_validator,
 )
 
+from gateway.addresses import parse_networks
+
 DEFAULT_CONFIG_PATH = "routes.yaml"
 CONFIG_ENV_VAR = "HOOKYARD_CONFIG"
 
@@ -78,6 +80,17 @@ class Listener(Strict):
     port: int = Field(default=8080, ge=0, le=65535)
 
 
+class IngressListener(Listener):
+    # Proxies (CIDRs or presets) whose X-Forwarded-For / Forwarded headers are believed.
+    trusted_proxies: list[str] = Field(default_factory=list)
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, entries: list[str]) -> list[str]:
+        parse_networks(entries)
+        return entries
+
+
 class OpsListener(Listener):
     port: int = Field(default=9000, ge=0, le=65535)
 
@@ -88,6 +101,12 @@ class StorageConfig(Strict):
 
 class Limits(Strict):
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
+    max_headers: int = Field(default=100, gt=0)
+    max_header_bytes: int = Field(default=16 * 1024, gt=0)
+    # A body that takes longer than this to arrive is cut off with 408 (slow clients hold workers).
+    read_timeout: Duration = 10.0
+    # Webhook requests in progress at once; past it, 503 at once instead of a growing pile.
+    max_concurrent_requests: int = Field(default=512, gt=0)
 
 
 _RETRY_ON: list[int | Literal["5xx", "4xx"]] = [408, 429, "5xx"]
@@ -131,8 +150,19 @@ class Source(Strict):
     secrets: list[str] = Field(default_factory=list)
     tolerance: Duration = 300.0
     insecure: bool = False
+    # enforce: reject bad signatures. log-only (for migrations): log and count them, accept the event
+    # marked unverified.
+    verify: Literal["enforce", "log-only"] = "enforce"
+    # Networks (CIDRs, addresses or presets such as `svix`) allowed to send to this source; empty = all.
+    allow_ips: list[str] = Field(default_factory=list)
     # Provider-specific settings, validated by the provider itself.
     options: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("allow_ips")
+    @classmethod
+    def _networks(cls, entries: list[str]) -> list[str]:
+        parse_networks(entries)
+        return entries
 
     @field_validator("path")
     @classmethod
@@ -174,7 +204,7 @@ class Route(Strict):
 
 
 class Config(Strict):
-    listen: Listener = Listener()
+    listen: IngressListener = IngressListener()
     ops: OpsListener = OpsListener()
     storage: StorageConfig = StorageConfig()
     limits: Limits = Limits()

@@ -1,12 +1,14 @@
 """The webhook listener: a plain ASGI app, because this is the hot path and every microsecond a framework
 spends on request objects and routing is paid by every webhook.
 
-One path for a webhook: read the body (bounded) -> verify the signature on the exact bytes -> parse JSON ->
-canonical event -> match routes -> store event + deliveries in one durable commit -> answer -> wake delivery.
+One path for a webhook: admit (path, method, load, size of headers, sender address) -> read the body
+(bounded in size and time) -> verify the signature on the exact bytes -> parse JSON -> canonical event ->
+match routes -> store event + deliveries in one durable commit -> answer -> wake delivery.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -14,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from gateway.addresses import client_address, contains
 from gateway.providers import Rejected
 from gateway.storage import NewDelivery, StorageUnavailable
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
-    from gateway.routing import CompiledRoute
+    from gateway.events import Event
+    from gateway.routing import CompiledRoute, Endpoint
 
 log = logging.getLogger("hookyard.ingress")
 
@@ -33,85 +37,118 @@ UNSTORED_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class Ingress:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
-        gateway = self.gateway
         started = time.perf_counter()
+        gateway = self.gateway
         endpoint = gateway.table.endpoints.get(scope["path"])
-        if endpoint is None:
-            gateway.metrics.rejected("", "unknown_path")
-            await _respond(send, 404, {"error": "unknown_path", "detail": "no source listens on this path"})
-            return
-        source = endpoint.name
-        if scope["method"] != "POST":
-            gateway.metrics.rejected(source, "method_not_allowed")
-            await _respond(
-                send, 405, {"error": "method_not_allowed", "detail": "use POST"}, [(b"allow", b"POST")]
+        source = endpoint.name if endpoint is not None else ""
+        if self.in_flight >= gateway.config.limits.max_concurrent_requests:
+            # Shed load before reading anything: a quick 503 lets the provider retry later.
+            await self._reject(
+                send, source, Rejected(503, "overloaded", "too many requests in progress"), scope
             )
             return
-
-        headers = _headers(scope)
+        self.in_flight += 1
         try:
-            body = await _read_body(receive, headers, gateway.config.limits.max_body_bytes)
-            received_at = time.time()
-            endpoint.provider.verify(headers, body, received_at)
-            try:
-                payload = orjson.loads(body)
-            except orjson.JSONDecodeError:
-                raise Rejected(400, "invalid_json", "the body is not valid JSON") from None
-            kept = {name: value for name, value in headers.items() if name not in UNSTORED_HEADERS}
-            event = endpoint.provider.parse(kept, body, payload, received_at)
-        except BodyTooLarge:
-            gateway.metrics.rejected(source, "body_too_large")
-            limit = gateway.config.limits.max_body_bytes
-            await _respond(send, 413, {"error": "body_too_large", "detail": f"the limit is {limit} bytes"})
-            return
+            status, body = await self._handle(scope, receive, endpoint)
         except Rejected as rejection:
-            gateway.metrics.rejected(source, rejection.reason)
+            await self._reject(send, source, rejection, scope)
+            return
+        finally:
+            self.in_flight -= 1
+        await _respond(send, 200, body)
+        gateway.metrics.webhooks_received.labels(source, status).inc()
+        gateway.metrics.ingest_duration.labels(source).observe(time.perf_counter() - started)
+
+    async def _handle(
+        self, scope: Scope, receive: Receive, endpoint: Endpoint | None
+    ) -> tuple[str, dict[str, Any]]:
+        """Everything between the request line and the answer; raises Rejected for any refusal."""
+        gateway = self.gateway
+        limits = gateway.config.limits
+        if endpoint is None:
+            raise Rejected(404, "unknown_path", "no source listens on this path")
+        if scope["method"] != "POST":
+            raise Rejected(405, "method_not_allowed", "use POST")
+        headers = _headers(scope, limits.max_headers, limits.max_header_bytes)
+        if endpoint.allow:
+            client = scope.get("client")
+            address = client_address(client[0] if client else None, headers, gateway.table.trusted_proxies)
+            if address is None or not contains(endpoint.allow, address):
+                raise Rejected(403, "ip_denied", "this address may not send to this source")
+        try:
+            async with asyncio.timeout(limits.read_timeout):
+                body = await _read_body(receive, headers, limits.max_body_bytes)
+        except TimeoutError:
+            raise Rejected(408, "body_timeout", "the body did not arrive in time") from None
+        received_at = time.time()
+        verified = self._verify(endpoint, headers, body, received_at)
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            raise Rejected(400, "invalid_json", "the body is not valid JSON") from None
+        kept = {name: value for name, value in headers.items() if name not in UNSTORED_HEADERS}
+        event = endpoint.provider.parse(kept, body, payload, received_at)
+        event.verified = verified
+        return await self._store(event)
+
+    def _verify(self, endpoint: Endpoint, headers: dict[str, str], body: bytes, now: float) -> bool:
+        try:
+            endpoint.provider.verify(headers, body, now)
+        except Rejected as rejection:
+            if not endpoint.log_only or rejection.status != 401:
+                raise
+            # verify: log-only, while a source is being migrated: count and keep the event, marked.
+            self.gateway.metrics.unverified.labels(endpoint.name, rejection.reason).inc()
+            log.warning(
+                "accepting unverified webhook (verify: log-only)",
+                extra={"source": endpoint.name, "reason": rejection.reason},
+            )
+            return False
+        return True
+
+    async def _store(self, event: Event) -> tuple[str, dict[str, Any]]:
+        gateway = self.gateway
+        routes = gateway.table.match(event)
+        try:
+            stored = await gateway.storage.ingest(event, plan_deliveries(routes))
+        except StorageUnavailable as exc:
+            log.error("cannot store webhook", extra={**event.summary(), "error": str(exc)})
+            raise Rejected(503, "storage_unavailable", "not stored; please retry") from None
+        if stored:
+            if routes:
+                gateway.engine.wake()
+            if gateway.observes_events:
+                gateway.pm.hook.event_accepted(event=event, routes=[route.name for route in routes])
+        status = "accepted" if stored else "duplicate"
+        return status, {"id": event.id, "status": status}
+
+    async def _reject(self, send: Send, source: str, rejection: Rejected, scope: Scope) -> None:
+        self.gateway.metrics.rejected(source, rejection.reason)
+        if rejection.status >= 500 or rejection.status in (401, 403):
+            client = scope.get("client")
             log.info(
                 "webhook rejected",
                 extra={
                     "source": source,
                     "reason": rejection.reason,
                     "status": rejection.status,
-                    "client": _client(scope),
+                    "client": client[0] if client else None,
                 },
             )
-            await _respond(send, rejection.status, {"error": rejection.reason, "detail": rejection.detail})
-            return
+        extra = _EXTRA_HEADERS.get(rejection.status)
+        await _respond(send, rejection.status, {"error": rejection.reason, "detail": rejection.detail}, extra)
 
-        routes = gateway.table.match(event)
-        try:
-            stored = await gateway.storage.ingest(event, plan_deliveries(routes))
-        except StorageUnavailable as exc:
-            gateway.metrics.rejected(source, "storage_unavailable")
-            log.error("cannot store webhook", extra={**event.summary(), "error": str(exc)})
-            await _respond(
-                send,
-                503,
-                {"error": "storage_unavailable", "detail": "not stored; please retry"},
-                [(b"retry-after", b"5")],
-            )
-            return
 
-        status = "accepted" if stored else "duplicate"
-        await _respond(send, 200, {"id": event.id, "status": status})
-        gateway.metrics.webhooks_received.labels(source, status).inc()
-        gateway.metrics.ingest_duration.labels(source).observe(time.perf_counter() - started)
-        if stored:
-            if routes:
-                gateway.engine.wake()
-            if gateway.observes_events:
-                gateway.pm.hook.event_accepted(event=event, routes=[route.name for route in routes])
+# Retry-After on 503 tells well-behaved senders when to come back; Allow on 405 names the method.
+_EXTRA_HEADERS = {503: [(b"retry-after", b"5")], 405: [(b"allow", b"POST")]}
 
 
 def plan_deliveries(routes: list[CompiledRoute]) -> list[NewDelivery]:
@@ -122,9 +159,12 @@ def plan_deliveries(routes: list[CompiledRoute]) -> list[NewDelivery]:
     ]
 
 
-def _headers(scope: Scope) -> dict[str, str]:
+def _headers(scope: Scope, max_count: int, max_bytes: int) -> dict[str, str]:
+    raw = scope["headers"]
+    if len(raw) > max_count or sum(len(name) + len(value) for name, value in raw) > max_bytes:
+        raise Rejected(431, "headers_too_large", "too many or too large headers")
     headers: dict[str, str] = {}
-    for raw_name, raw_value in scope["headers"]:
+    for raw_name, raw_value in raw:
         name = raw_name.decode("latin-1")
         value = raw_value.decode("latin-1")
         # A repeated header is one comma-separated value (RFC 9110), so a second signature header can
@@ -135,8 +175,9 @@ def _headers(scope: Scope) -> dict[str, str]:
 
 async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
     declared = headers.get("content-length", "")
+    too_large = Rejected(413, "body_too_large", f"the limit is {limit} bytes")
     if declared.isdigit() and int(declared) > limit:
-        raise BodyTooLarge
+        raise too_large
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -146,15 +187,10 @@ async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> b
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise BodyTooLarge
+            raise too_large
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-
-def _client(scope: Scope) -> str | None:
-    client = scope.get("client")
-    return client[0] if client else None
 
 
 async def _respond(

@@ -31,6 +31,12 @@ class Metrics:
             ["source", "reason"],
             registry=registry,
         )
+        self.unverified = Counter(
+            "hookyard_webhooks_unverified_total",
+            "Webhooks accepted although their verification failed (sources with verify: log-only).",
+            ["source", "reason"],
+            registry=registry,
+        )
         self.ingest_duration = Histogram(
             "hookyard_ingest_duration_seconds",
             "Time from a webhook's first byte to its answer, durable commit included.",

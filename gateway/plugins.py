@@ -21,6 +21,12 @@ if TYPE_CHECKING:
 DEFAULT_PLUGINS: tuple[str, ...] = (
     "plugins.svix",
     "plugins.consignly",
+    "plugins.github",
+    "plugins.stripe",
+    "plugins.slack",
+    "plugins.shopify",
+    "plugins.hmac_generic",
+    "plugins.shared_secret",
     "plugins.insecure",
     "plugins.forward",
     "plugins.store",

@@ -11,6 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from gateway.addresses import Network, parse_networks
 from gateway.config import (
     ActionConfig,
     Config,
@@ -60,6 +61,8 @@ class Endpoint:
     path: str
     provider: Provider
     insecure: bool
+    log_only: bool = False
+    allow: tuple[Network, ...] = ()
 
 
 @dataclass
@@ -68,6 +71,7 @@ class RouteTable:
     endpoints: dict[str, Endpoint] = field(default_factory=dict)  # by path
     routes: dict[str, list[CompiledRoute]] = field(default_factory=dict)  # by source name
     actions: dict[tuple[str, str], PlannedAction] = field(default_factory=dict)  # by (route, key)
+    trusted_proxies: tuple[Network, ...] = ()
 
     def match(self, event: Event) -> list[CompiledRoute]:
         return [route for route in self.routes.get(event.source, ()) if route.matches(event)]
@@ -75,7 +79,7 @@ class RouteTable:
     @classmethod
     def build(cls, config: Config, registry: Registry) -> RouteTable:
         """Compile the config; raises ConfigError with every problem found, each naming its place."""
-        table = cls(config)
+        table = cls(config, trusted_proxies=parse_networks(config.listen.trusted_proxies))
         errors: list[str] = []
         for name, source in config.sources.items():
             place = f"sources.{name}"
@@ -108,7 +112,14 @@ class RouteTable:
             except ValueError as exc:
                 errors.append(f"{place}.{exc}")
                 continue
-            table.endpoints[source.path] = Endpoint(name, source.path, provider, source.insecure)
+            table.endpoints[source.path] = Endpoint(
+                name,
+                source.path,
+                provider,
+                source.insecure,
+                log_only=source.verify == "log-only",
+                allow=parse_networks(source.allow_ips),
+            )
 
         providers = {endpoint.name: endpoint.provider for endpoint in table.endpoints.values()}
         seen_routes: set[str] = set()

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -64,3 +67,52 @@ def listen_url(table: RouteTable) -> str:
 
 def send(url: str, body: bytes, headers: dict[str, str], timeout: float = 10.0) -> httpx.Response:
     return httpx.post(url, content=body, headers=headers, timeout=timeout)
+
+
+@dataclass
+class LoadSummary:
+    """What `hookyard send --count N` saw."""
+
+    statuses: Counter[str]
+    latencies: list[float]
+    seconds: float
+
+    @property
+    def all_succeeded(self) -> bool:
+        return all(status.startswith("2") for status in self.statuses)
+
+    def describe(self) -> str:
+        total = sum(self.statuses.values())
+        ordered = sorted(self.latencies)
+
+        def percentile(fraction: float) -> float:
+            return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1000 if ordered else 0.0
+
+        statuses = ", ".join(f"{status}: {count}" for status, count in sorted(self.statuses.items()))
+        return (
+            f"sent {total} in {self.seconds:.2f}s ({total / self.seconds:.0f}/s); {statuses}; "
+            f"latency p50 {percentile(0.5):.1f} ms, p99 {percentile(0.99):.1f} ms"
+        )
+
+
+async def send_many(url: str, requests: list[tuple[bytes, dict[str, str]]], concurrency: int) -> LoadSummary:
+    """Send every request, at most `concurrency` at a time: a quick, bounded load."""
+    statuses: Counter[str] = Counter()
+    latencies: list[float] = []
+    queue = list(reversed(requests))
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=30) as client:
+
+        async def worker() -> None:
+            while queue:
+                body, headers = queue.pop()
+                sent = time.perf_counter()
+                try:
+                    response = await client.post(url, content=body, headers=headers)
+                    statuses[str(response.status_code)] += 1
+                except httpx.HTTPError as exc:
+                    statuses[type(exc).__name__] += 1
+                latencies.append(time.perf_counter() - sent)
+
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    return LoadSummary(statuses, latencies, time.perf_counter() - started)

@@ -1,0 +1,302 @@
+"""A corpus of bad (and tricky but valid) webhook requests against a real server: each gets its documented
+status and reason (docs/errors.md), nothing answers 5xx, and every rejection is counted."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.support import (
+    CONSIGNLY_SECRETS,
+    SVIX_SECRET,
+    RunningGateway,
+    gateway_config,
+)
+
+SVIX_KEY = base64.b64decode(SVIX_SECRET.removeprefix("whsec_"))
+LIMIT = 4096
+
+
+@dataclass
+class Request:
+    path: str
+    body: bytes
+    headers: dict[str, str] = field(default_factory=dict)
+    method: str = "POST"
+
+
+def svix_body(**overrides: object) -> bytes:
+    payload = {
+        "data": {"id": "user_1"},
+        "object": "event",
+        "type": "user.created",
+        "timestamp": int(time.time() * 1000),
+        "instance_id": "ins_1",
+    }
+    payload.update(overrides)
+    return json.dumps(payload).encode()
+
+
+def svix_signature(msg_id: str, timestamp: str, body: bytes) -> str:
+    mac = hmac.new(SVIX_KEY, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(mac).decode()
+
+
+def svix(
+    body: bytes | None = None,
+    *,
+    prefix: str = "svix-",
+    ts_offset: int = 0,
+    timestamp: str | None = None,
+    signature: str | None = None,
+    drop: str | None = None,
+    extra: dict[str, str] | None = None,
+    sign_body: bytes | None = None,
+) -> Request:
+    body = svix_body() if body is None else body
+    msg_id = f"msg_{uuid.uuid4().hex}"
+    timestamp = timestamp if timestamp is not None else str(int(time.time()) + ts_offset)
+    headers = {
+        "content-type": "application/json",
+        f"{prefix}id": msg_id,
+        f"{prefix}timestamp": timestamp,
+        f"{prefix}signature": signature
+        if signature is not None
+        else svix_signature(msg_id, timestamp, body if sign_body is None else sign_body),
+    }
+    if drop:
+        del headers[f"{prefix}{drop}"]
+    headers.update(extra or {})
+    return Request("/webhooks/consignease", body, headers)
+
+
+def consignly_payload(**overrides: object) -> bytes:
+    payload: dict[str, object] = {
+        "id": f"evt_{uuid.uuid4().hex}",
+        "type": "consignment.created",
+        "created": "2026-11-22T10:00:00Z",
+        "data": {"consignmentId": "c1", "status": 1},
+        "operationId": "op-1",
+    }
+    payload.update(overrides)
+    return json.dumps({k: v for k, v in payload.items() if v is not DROP}).encode()
+
+
+DROP = object()
+
+
+def consignly(
+    body: bytes | None = None,
+    *,
+    header: str | None = None,
+    transform: Callable[[str], str] = lambda h: h,
+    sign_body: bytes | None = None,
+) -> Request:
+    body = consignly_payload() if body is None else body
+    digest = hmac.new(
+        CONSIGNLY_SECRETS[1].encode(), body if sign_body is None else sign_body, hashlib.sha256
+    ).hexdigest()
+    value = header if header is not None else transform(f"sha256={digest}")
+    return Request(
+        "/webhooks/consignly", body, {"content-type": "application/json", "x-consignly-signature": value}
+    )
+
+
+def with_method(request: Request, method: str) -> Request:
+    request.method = method
+    return request
+
+
+def many_garbage_then_valid() -> Request:
+    request = svix()
+    valid = request.headers["svix-signature"]
+    request.headers["svix-signature"] = " ".join(["v1,AAAA"] * 10 + [valid])
+    return request
+
+
+CASES: list[tuple[str, Callable[[], Request], int, str]] = [
+    # valid, and tricky-but-valid
+    ("svix valid", lambda: svix(), 200, "accepted"),
+    ("standard webhooks headers", lambda: svix(prefix="webhook-"), 200, "accepted"),
+    ("unicode body", lambda: svix(svix_body(data={"name": "Zoë 🚚 東京"})), 200, "accepted"),
+    ("trailing newline signed", lambda: svix(svix_body() + b"\n"), 200, "accepted"),
+    (
+        "wrong content type, valid signature",
+        lambda: svix(extra={"content-type": "text/plain"}),
+        200,
+        "accepted",
+    ),
+    (
+        "second of two signatures valid",
+        lambda: (
+            lambda r: (
+                r.headers.__setitem__("svix-signature", "v1,bm90IHRoaXMgb25l " + r.headers["svix-signature"]),
+                r,
+            )[1]
+        )(svix()),
+        200,
+        "accepted",
+    ),
+    ("clock skew inside tolerance", lambda: svix(ts_offset=-240), 200, "accepted"),
+    ("consignly valid", lambda: consignly(), 200, "accepted"),
+    (
+        "consignly uppercase hex",
+        lambda: consignly(transform=lambda h: "sha256=" + h[7:].upper()),
+        200,
+        "accepted",
+    ),
+    (
+        "double space between signatures",
+        lambda: (
+            lambda r: (
+                r.headers.__setitem__(
+                    "svix-signature", "v1,bm90IHRoaXMgb25l  " + r.headers["svix-signature"]
+                ),
+                r,
+            )[1]
+        )(svix()),
+        200,
+        "accepted",
+    ),
+    ("consignly type by code", lambda: consignly(consignly_payload(type=101)), 200, "accepted"),
+    # what the body says
+    ("empty body", lambda: svix(b""), 400, "invalid_json"),
+    ("malformed json", lambda: svix(b'{"type": "user.created",'), 400, "invalid_json"),
+    ("json with a BOM", lambda: svix("\ufeff".encode() + svix_body()), 400, "invalid_json"),
+    ("json array", lambda: svix(b"[1, 2]"), 400, "invalid_payload"),
+    ("json string", lambda: svix(b'"hello"'), 400, "invalid_payload"),
+    ("payload without type", lambda: svix(b'{"data": {}}'), 400, "missing_event_type"),
+    ("payload with null type", lambda: svix(svix_body(type=None)), 400, "missing_event_type"),
+    ("consignly without id", lambda: consignly(consignly_payload(id=DROP)), 400, "missing_event_id"),
+    ("consignly id is an object", lambda: consignly(consignly_payload(id={"a": 1})), 400, "missing_event_id"),
+    ("consignly without type", lambda: consignly(consignly_payload(type=DROP)), 400, "missing_event_type"),
+    ("consignly empty body", lambda: consignly(b""), 400, "invalid_json"),
+    # signature headers
+    ("missing svix-id", lambda: svix(drop="id"), 401, "missing_signature"),
+    ("missing svix-signature", lambda: svix(drop="signature"), 401, "missing_signature"),
+    ("missing svix-timestamp", lambda: svix(drop="timestamp"), 401, "missing_timestamp"),
+    ("signature without a comma", lambda: svix(signature="v1bm90YXNpZw=="), 401, "invalid_signature"),
+    ("signature not base64", lambda: svix(signature="v1,not base64!!"), 401, "invalid_signature"),
+    (
+        "signature wrong version",
+        lambda: (
+            lambda r: (
+                r.headers.__setitem__("svix-signature", r.headers["svix-signature"].replace("v1,", "v2,")),
+                r,
+            )[1]
+        )(svix()),
+        401,
+        "invalid_signature",
+    ),
+    ("signature only a version", lambda: svix(signature="v1,"), 401, "invalid_signature"),
+    (
+        "tampered body",
+        lambda: svix(svix_body(data={"id": "evil"}), sign_body=svix_body()),
+        401,
+        "invalid_signature",
+    ),
+    (
+        "newline added after signing",
+        lambda: (lambda b: svix(b + b"\n", sign_body=b))(svix_body()),
+        401,
+        "invalid_signature",
+    ),
+    ("ten garbage signatures then a valid one", many_garbage_then_valid, 401, "invalid_signature"),
+    ("timestamp not a number", lambda: svix(timestamp="yesterday"), 401, "invalid_timestamp"),
+    ("timestamp fractional", lambda: svix(timestamp=f"{int(time.time())}.5"), 401, "invalid_timestamp"),
+    ("timestamp negative", lambda: svix(timestamp="-5"), 401, "invalid_timestamp"),
+    ("timestamp absurdly large", lambda: svix(timestamp="9" * 20), 401, "invalid_timestamp"),
+    ("timestamp in the future", lambda: svix(ts_offset=600), 401, "timestamp_out_of_tolerance"),
+    ("timestamp ancient", lambda: svix(timestamp="0"), 401, "timestamp_out_of_tolerance"),
+    (
+        "consignly missing header",
+        lambda: (lambda r: (r.headers.pop("x-consignly-signature"), r)[1])(consignly()),
+        401,
+        "missing_signature",
+    ),
+    ("consignly empty digest", lambda: consignly(header="sha256="), 401, "invalid_signature"),
+    (
+        "consignly sha1 prefix",
+        lambda: consignly(transform=lambda h: h.replace("sha256", "sha1")),
+        401,
+        "invalid_signature",
+    ),
+    ("consignly no prefix", lambda: consignly(transform=lambda h: h[7:]), 401, "invalid_signature"),
+    ("consignly non-hex", lambda: consignly(header="sha256=" + "zz" * 32), 401, "invalid_signature"),
+    ("consignly short digest", lambda: consignly(transform=lambda h: h[:-2]), 401, "invalid_signature"),
+    (
+        "consignly tampered body",
+        lambda: consignly(consignly_payload(), sign_body=b"{}"),
+        401,
+        "invalid_signature",
+    ),
+    (
+        "consignly duplicated header",
+        lambda: consignly(transform=lambda h: f"{h}, {h}"),
+        401,
+        "invalid_signature",
+    ),
+    # method, path, size
+    ("GET", lambda: with_method(svix(), "GET"), 405, "method_not_allowed"),
+    ("PUT", lambda: with_method(svix(), "PUT"), 405, "method_not_allowed"),
+    ("unknown path", lambda: Request("/webhooks/unknown", b"{}"), 404, "unknown_path"),
+    ("path with trailing slash", lambda: Request("/webhooks/consignease/", svix_body()), 404, "unknown_path"),
+    ("body over the limit", lambda: svix(svix_body(data={"pad": "x" * LIMIT})), 413, "body_too_large"),
+    ("too many headers", lambda: svix(extra={f"x-h{i}": "1" for i in range(120)}), 431, "headers_too_large"),
+    ("one huge header", lambda: svix(extra={"x-big": "a" * 20000}), 431, "headers_too_large"),
+]
+
+
+@pytest.fixture(scope="module")
+def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    tmp_path = tmp_path_factory.mktemp("bad-inputs")
+    config = gateway_config(tmp_path, limits={"max_body_bytes": LIMIT})
+    with RunningGateway(config) as running:
+        yield running
+
+
+def test_corpus_is_large() -> None:
+    assert len(CASES) >= 40
+    assert len({name for name, *_ in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "reason"), [case[1:] for case in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input(gw: RunningGateway, make: Callable[[], Request], status: int, reason: str) -> None:
+    request = make()
+    response = gw.client.request(
+        request.method, gw.url + request.path, content=request.body, headers=request.headers
+    )
+    assert response.status_code == status, response.text
+    key = "status" if status == 200 else "error"
+    assert response.json()[key] == reason
+
+
+def raw_request(url: str, data: bytes) -> bytes:
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(data)
+        return sock.recv(65536)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"svix-id: a\rb", b"svix-id: a\x00b", b"svix id: spaces in a name", b"\x7fbad: x"],
+    ids=["bare CR", "NUL", "space in name", "DEL in name"],
+)
+def test_header_injection_is_refused_by_the_parser(gw: RunningGateway, header: bytes) -> None:
+    request = (
+        b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" + header + b"\r\n\r\n{}"
+    )
+    answer = raw_request(gw.url, request)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:100]

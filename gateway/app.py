@@ -7,10 +7,13 @@ import asyncio
 import contextlib
 import inspect
 import logging
+import os
 import signal
 import socket
+import ssl
 import time
 from collections.abc import Generator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,7 +23,7 @@ from httpx_aiohttp import AiohttpTransport
 
 from gateway import __version__
 from gateway.actions import Resources
-from gateway.config import Config
+from gateway.config import Config, ConfigError, load_config
 from gateway.delivery import Engine, build_actions
 from gateway.ingress import Ingress
 from gateway.metrics import Metrics
@@ -45,12 +48,19 @@ class Gateway:
     config: a validated Config (see gateway.config.load_config).
     pm: the plugin manager; the process-wide one by default.
     storage: a Storage; by default one is opened from config.storage.url.
+    config_path: the file the config came from; watched and re-read for hot reload.
     """
 
     def __init__(
-        self, config: Config, *, pm: pluggy.PluginManager | None = None, storage: Storage | None = None
+        self,
+        config: Config,
+        *,
+        pm: pluggy.PluginManager | None = None,
+        storage: Storage | None = None,
+        config_path: str | Path | None = None,
     ) -> None:
         self.config = config
+        self.config_path = Path(config_path) if config_path is not None else None
         self.pm = pm or plugin_manager()
         self.registry = Registry.collect(self.pm)
         self.table = RouteTable.build(config, self.registry)
@@ -62,9 +72,11 @@ class Gateway:
         self.ready = False
         # Skip the hook call on the hot path when no plugin listens.
         self.observes_events = bool(self.pm.hook.event_accepted.get_hookimpls())
-        self._http: httpx.AsyncClient | None = None
+        self._config_text = self.config_path.read_bytes() if self.config_path else None
+        self._resources: Resources | None = None
         self._engine: Engine | None = None
-        self._servers: list[_Server] = []
+        self._ingress_server: _Server | None = None
+        self._exit = asyncio.Event()
 
     @property
     def engine(self) -> Engine:
@@ -84,20 +96,17 @@ class Gateway:
         # One pool for every action: keep-alive connections to the app make forwarding cheap. httpx's API
         # over aiohttp's connection pool: httpcore's pool costs several times more CPU per request.
         limits = httpx.Limits(max_connections=self.config.delivery.concurrency, keepalive_expiry=30)
-        self._http = httpx.AsyncClient(
+        http = httpx.AsyncClient(
             transport=AiohttpTransport(limits=limits),
             follow_redirects=False,
             headers={"user-agent": f"hookyard/{__version__}"},
         )
-        actions = build_actions(self.table, self.registry, Resources(http=self._http))
+        self._resources = Resources(http=http)
+        actions = build_actions(self.table, self.registry, self._resources)
         self._engine = Engine(self.storage, actions, self.config.delivery, self.metrics, self.pm)
         await _await_all(self.pm.hook.startup(gateway=self))
         self._engine.start()
-        for name, source in self.config.sources.items():
-            if source.insecure:
-                log.warning(
-                    "source %s accepts unverified webhooks (insecure: true)", name, extra={"source": name}
-                )
+        self._warn_insecure()
         self.ready = True
         self.metrics.ready.set(1)
         log.info(
@@ -105,40 +114,134 @@ class Gateway:
             extra={"sources": len(self.table.endpoints), "routes": sum(map(len, self.table.routes.values()))},
         )
 
-    async def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self) -> None:
+        """Stop delivering (running deliveries get delivery.shutdown_timeout), then close storage."""
         self.ready = False
         self.metrics.ready.set(0)
         if self._engine is not None:
-            await self._engine.stop(timeout)
+            await self._engine.stop(self.config.delivery.shutdown_timeout)
         await _await_all(self.pm.hook.shutdown(gateway=self))
-        if self._http is not None:
-            await self._http.aclose()
+        if self._resources is not None:
+            await self._resources.http.aclose()
         await self.storage.close()
 
     def request_exit(self) -> None:
-        for server in self._servers:
-            server.should_exit = True
+        self._exit.set()
+
+    # -- hot reload -------------------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the config file. A new config is validated in full before anything is swapped; an
+        invalid one is logged and counted, and the old one keeps serving."""
+        if self.config_path is None:
+            return False
+        try:
+            text = self.config_path.read_bytes()
+            config = load_config(self.config_path)
+            table = RouteTable.build(config, self.registry)
+        except (OSError, ConfigError) as exc:
+            errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
+            self.metrics.config_reloads.labels("error").inc()
+            log.error("config reload refused; keeping the running config", extra={"errors": errors})
+            return False
+        self._config_text = text
+        for section in ("listen", "ops", "storage", "delivery"):
+            if section != "listen" and getattr(config, section) != getattr(self.config, section):
+                log.warning("config section %s changed; it takes effect at the next restart", section)
+        if (config.listen.host, config.listen.port) != (self.config.listen.host, self.config.listen.port):
+            log.warning("listen address changed; it takes effect at the next restart")
+        self.config = config
+        self.table = table
+        if self._engine is not None and self._resources is not None:
+            # Deliveries already running finish with the actions they started with.
+            self._engine.swap_actions(build_actions(table, self.registry, self._resources))
+        self._reload_certificate()
+        self.metrics.config_reloads.labels("success").inc()
+        log.info("config reloaded", extra={"sources": len(table.endpoints)})
+        self._warn_insecure()
+        return True
+
+    async def _watch_config(self) -> None:
+        """Poll the file's content: a ConfigMap update swaps a symlink and never rewrites the file in place,
+        so watching the content by path sees it whatever the kubelet does."""
+        assert self.config_path is not None
+        while True:
+            await asyncio.sleep(self.config.reload.interval)
+            try:
+                text = self.config_path.read_bytes()
+            except OSError:
+                continue  # mid-swap, or gone for a moment; the next look decides
+            if text != self._config_text:
+                await self.reload()
+
+    def _reload_certificate(self) -> None:
+        server, tls = self._ingress_server, self.config.listen.tls
+        if server is None or tls is None or not isinstance(server.config.ssl, ssl.SSLContext):
+            return
+        try:
+            # New handshakes use the new certificate; open connections keep theirs.
+            server.config.ssl.load_cert_chain(tls.cert, tls.key)
+        except (OSError, ssl.SSLError) as exc:
+            log.error("cannot load the TLS certificate; keeping the old one", extra={"error": str(exc)})
+
+    def _warn_insecure(self) -> None:
+        for name, source in self.config.sources.items():
+            if source.insecure:
+                log.warning(
+                    "source %s accepts unverified webhooks (insecure: true)", name, extra={"source": name}
+                )
+
+    # -- serving ----------------------------------------------------------------------------------------
 
     async def serve(
         self,
         ingress_sockets: list[socket.socket] | None = None,
         ops_sockets: list[socket.socket] | None = None,
     ) -> None:
-        """Run until SIGTERM/SIGINT (or request_exit): start, serve both listeners, then stop cleanly."""
+        """Run until SIGTERM/SIGINT (or request_exit), then shut down without losing anything:
+        /readyz turns 503; after listen.drain_delay the webhook listener stops taking connections and
+        finishes the requests in progress; running deliveries get delivery.shutdown_timeout; storage is
+        closed; the ops listener stops last, so probes and scrapes see the whole shutdown."""
+        listen, ops_config = self.config.listen, self.config.ops
+        # Bind first: a port that is taken is a clean error before anything else starts.
+        ingress_sockets = ingress_sockets or [listening_socket(listen.host, listen.port)]
+        ops_sockets = ops_sockets or [listening_socket(ops_config.host, ops_config.port)]
         await self.start()
-        ingress = _Server(
-            self._uvicorn_config(self.ingress, self.config.listen.host, self.config.listen.port)
-        )
-        ops = _Server(self._uvicorn_config(self.ops, self.config.ops.host, self.config.ops.port))
-        self._servers = [ingress, ops]
+        ingress = self._ingress_server = _Server(self._uvicorn_config(self.ingress, listen.host, listen.port))
+        if listen.tls is not None:
+            ingress.config.ssl_certfile, ingress.config.ssl_keyfile = listen.tls.cert, listen.tls.key
+        ops = _Server(self._uvicorn_config(self.ops, ops_config.host, ops_config.port))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_exit)
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        servers = [
+            asyncio.create_task(ingress.serve(ingress_sockets), name="hookyard-ingress"),
+            asyncio.create_task(ops.serve(ops_sockets), name="hookyard-ops"),
+        ]
+        watcher = None
+        if self.config_path is not None and self.config.reload.watch:
+            watcher = asyncio.create_task(self._watch_config(), name="hookyard-config-watch")
+        exit_requested = asyncio.create_task(self._exit.wait())
         try:
-            await asyncio.gather(ingress.serve(ingress_sockets), ops.serve(ops_sockets))
+            # A listener that stops on its own ends the wait as surely as a signal does.
+            await asyncio.wait([exit_requested, *servers], return_when=asyncio.FIRST_COMPLETED)
         finally:
+            exit_requested.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            self.ready = False
+            self.metrics.ready.set(0)
+            log.info("shutting down")
+            if self.config.listen.drain_delay and not servers[0].done():
+                await asyncio.sleep(self.config.listen.drain_delay)
+            ingress.should_exit = True
+            await asyncio.gather(servers[0], return_exceptions=True)
             await self.stop()
+            ops.should_exit = True
+            await asyncio.gather(servers[1], return_exceptions=True)
+            log.info("stopped")
 
     def _uvicorn_config(self, app: Any, host: str, port: int) -> uvicorn.Config:
         return uvicorn.Config(
@@ -152,6 +255,15 @@ class Gateway:
             proxy_headers=False,
             timeout_graceful_shutdown=10,
         )
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A bound, listening TCP socket; OSError (say, the port is taken) names the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {os.strerror(exc.errno or 0)}") from None
 
 
 async def _await_all(results: list[Any]) -> None:

@@ -91,8 +91,8 @@ def serve(config_path: Path | None) -> None:
     config, _ = _load(config_path)
     configure_logging(config.log.level, config.log.format)
     try:
-        _run(Gateway(config).serve())
-    except StorageUnavailable as exc:
+        _run(Gateway(config, config_path=config_path or default_config_path()).serve())
+    except (StorageUnavailable, OSError) as exc:
         click.echo(f"hookyard: {exc}", err=True)
         raise SystemExit(1) from None
 

@@ -80,9 +80,19 @@ class Listener(Strict):
     port: int = Field(default=8080, ge=0, le=65535)
 
 
+class TLS(Strict):
+    """Serve HTTPS on the webhook listener; the files are read again whenever the config is reloaded."""
+
+    cert: str
+    key: str
+
+
 class IngressListener(Listener):
     # Proxies (CIDRs or presets) whose X-Forwarded-For / Forwarded headers are believed.
     trusted_proxies: list[str] = Field(default_factory=list)
+    tls: TLS | None = None
+    # On SIGTERM, keep answering this long after /readyz turns 503, while the load balancer notices.
+    drain_delay: Duration = 0.0
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -93,6 +103,16 @@ class IngressListener(Listener):
 
 class OpsListener(Listener):
     port: int = Field(default=9000, ge=0, le=65535)
+    # The admin API (/admin/*) needs this bearer token; without one it is served only on loopback.
+    admin_token: str | None = None
+
+    @property
+    def admin_enabled(self) -> bool:
+        return bool(self.admin_token) or is_loopback(self.host)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
 
 
 class StorageConfig(Strict):
@@ -137,6 +157,16 @@ class DeliveryEngine(Strict):
     # A claimed delivery is invisible to other workers this long; after a crash it is claimed again.
     lease: Duration = 120.0
     poll_interval: Duration = 1.0
+    # On SIGTERM, running deliveries get this long to finish; the rest are released for the next start.
+    shutdown_timeout: Duration = 15.0
+
+
+class Reload(Strict):
+    """Hot reload: the config file is watched (by content, so a ConfigMap's symlink swap is seen) and
+    re-read on SIGHUP; an invalid new config is refused and the old one keeps serving."""
+
+    watch: bool = True
+    interval: Duration = 2.0
 
 
 class LogConfig(Strict):
@@ -211,6 +241,7 @@ class Config(Strict):
     defaults: Defaults = Defaults()
     delivery: DeliveryEngine = DeliveryEngine()
     log: LogConfig = LogConfig()
+    reload: Reload = Reload()
     sources: dict[str, Source] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
 

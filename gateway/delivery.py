@@ -66,6 +66,24 @@ class Engine:
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._stats_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
+
+    def swap_actions(self, actions: dict[tuple[str, str], RunnableAction]) -> None:
+        """Run new deliveries with a reloaded config's actions; close the old ones once the deliveries
+        that started with them have finished."""
+        old, self.actions = self.actions, actions
+        running = list(self._running.values())
+
+        async def close_old() -> None:
+            if running:
+                await asyncio.wait(running)
+            for runnable in old.values():
+                await runnable.action.aclose()
+
+        task = asyncio.create_task(close_old())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        self._wakeup.set()
 
     def wake(self) -> None:
         """New work may be due (an event was ingested, a replay was asked for)."""

@@ -89,6 +89,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=registry,
         )
+        self.config_reloads = Counter(
+            "hookyard_config_reloads_total",
+            "Config reloads by result: success, or error (the running config was kept).",
+            ["result"],
+            registry=registry,
+        )
         self.ready = Gauge(
             "hookyard_ready", "1 when the gateway is ready to accept webhooks.", registry=registry
         )

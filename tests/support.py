@@ -27,7 +27,7 @@ import yaml
 from svix.webhooks import Webhook
 
 from gateway.app import Gateway
-from gateway.config import parse_config
+from gateway.config import load_config, parse_config
 
 SVIX_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 CONSIGNLY_SECRETS = ["client-secret-1", "signing-key-one", "signing-key-two"]
@@ -206,10 +206,15 @@ def gateway_config(
 class RunningGateway:
     """A Gateway serving on two real loopback sockets in a background thread with its own event loop."""
 
-    def __init__(self, config: dict[str, Any], pm: pluggy.PluginManager | None = None) -> None:
-        self.gateway = Gateway(parse_config(yaml.safe_dump(config)), pm=pm)
+    def __init__(
+        self, config: dict[str, Any] | Path, pm: pluggy.PluginManager | None = None, scheme: str = "http"
+    ) -> None:
+        if isinstance(config, Path):  # a file: watched for hot reload like `hookyard serve -c`
+            self.gateway = Gateway(load_config(config), pm=pm, config_path=config)
+        else:
+            self.gateway = Gateway(parse_config(yaml.safe_dump(config)), pm=pm)
         self.ingress_sock, self.ops_sock = bound_socket(), bound_socket()
-        self.url = f"http://127.0.0.1:{self.ingress_sock.getsockname()[1]}"
+        self.url = f"{scheme}://127.0.0.1:{self.ingress_sock.getsockname()[1]}"
         self.ops_url = f"http://127.0.0.1:{self.ops_sock.getsockname()[1]}"
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self._run, daemon=True)

@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-import time
+import os
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
 from gateway import __version__
-from gateway.config import Config, ConfigError, default_config_path, json_schema, load_config, parse_duration
+from gateway.config import Config, ConfigError, default_config_path, json_schema, load_config
 from gateway.plugins import Registry, plugin_manager
 from gateway.routing import RouteTable
-from gateway.storage import EventDetail, Storage, StorageUnavailable, open_storage
+from gateway.storage import StorageUnavailable, open_storage
 
 T = TypeVar("T")
 
@@ -57,22 +55,6 @@ def _run(coro: Awaitable[T]) -> T:
         return asyncio.run(coro)  # type: ignore[arg-type]
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)  # type: ignore[arg-type]
-
-
-def _with_storage(config: Config, work: Callable[[Storage], Awaitable[T]]) -> T:
-    async def run() -> T:
-        storage = open_storage(config.storage.url)
-        try:
-            await storage.open()
-        except StorageUnavailable as exc:
-            click.echo(f"hookyard: {exc}", err=True)
-            raise SystemExit(1) from None
-        try:
-            return await work(storage)
-        finally:
-            await storage.close()
-
-    return _run(run())
 
 
 @click.group()
@@ -135,19 +117,42 @@ def _call(plugin: Any, hook: str) -> list[Any]:
     return [impl()] if callable(impl) else []
 
 
-def _since(value: str | None) -> float | None:
-    if value is None:
-        return None
+admin_url_option = click.option(
+    "--admin-url",
+    envvar="HOOKYARD_ADMIN_URL",
+    help="Talk to a running gateway's admin API (e.g. http://127.0.0.1:9000) instead of the database; "
+    "the token comes from $HOOKYARD_ADMIN_TOKEN.",
+)
+
+
+def _operate(config_path: Path | None, admin_url: str | None, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run `work` with Operations on the database named by the config, or on a running gateway."""
+    from gateway.admin_client import RemoteOperations
+    from gateway.operations import OperationError, Operations
+
+    async def run() -> T:
+        if admin_url:
+            remote = RemoteOperations(admin_url, os.environ.get("HOOKYARD_ADMIN_TOKEN"))
+            try:
+                return await work(remote)
+            finally:
+                await remote.aclose()
+        config, table = _load(config_path)
+        storage = open_storage(config.storage.url)
+        try:
+            await storage.open()
+        except StorageUnavailable as exc:
+            raise OperationError(503, str(exc)) from None
+        try:
+            return await work(Operations(storage, table))
+        finally:
+            await storage.close()
+
     try:
-        return time.time() - parse_duration(value)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--since") from None
-
-
-def _time(timestamp: float | None) -> str:
-    if timestamp is None:
-        return "-"
-    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        return _run(run())
+    except OperationError as exc:
+        click.echo(f"hookyard: {exc}", err=True)
+        raise SystemExit(1) from None
 
 
 @main.group()
@@ -157,129 +162,110 @@ def events() -> None:
 
 @events.command("list")
 @config_option
+@admin_url_option
 @click.option("--state", type=click.Choice(["pending", "delivered", "dead", "unrouted"]))
 @click.option("--source")
-@click.option("--since", help="Only events received in this window, e.g. 2h.")
+@click.option("--type", "event_type")
+@click.option("--route")
+@click.option("--since", help="Only events received in this window (2h) or since a time (ISO 8601).")
+@click.option("--until", help="Only events received before this time.")
 @click.option("--limit", default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def events_list(
     config_path: Path | None,
+    admin_url: str | None,
     state: str | None,
     source: str | None,
+    event_type: str | None,
+    route: str | None,
     since: str | None,
+    until: str | None,
     limit: int,
     as_json: bool,
 ) -> None:
     """List events, newest first."""
-    config, _ = _load(config_path)
-    rows = _with_storage(
-        config, lambda s: s.list_events(state=state, source=source, since=_since(since), limit=limit)
+    page = _operate(
+        config_path,
+        admin_url,
+        lambda ops: ops.list_events(
+            state=state, source=source, type=event_type, route=route, since=since, until=until, limit=limit
+        ),
     )
-    for row in rows:
+    for row in page["events"]:
         if as_json:
-            click.echo(
-                json.dumps(
-                    {
-                        "id": row.id,
-                        "source": row.source,
-                        "type": row.type,
-                        "received_at": _time(row.received_at),
-                        "state": row.state,
-                    }
-                )
-            )
+            click.echo(json.dumps(row))
         else:
-            click.echo(f"{_time(row.received_at)}  {row.state:<9}  {row.source:<14} {row.type:<32} {row.id}")
+            click.echo(
+                f"{row['received_at']}  {row['state']:<9}  {row['source']:<14} {row['type']:<32} {row['id']}"
+            )
 
 
 @events.command("show")
 @config_option
+@admin_url_option
 @click.argument("event_id")
 @click.option("--source")
 @click.option("--json", "as_json", is_flag=True)
-def events_show(config_path: Path | None, event_id: str, source: str | None, as_json: bool) -> None:
+def events_show(
+    config_path: Path | None, admin_url: str | None, event_id: str, source: str | None, as_json: bool
+) -> None:
     """Show an event with its deliveries and every attempt."""
-    config, _ = _load(config_path)
-    details = _with_storage(config, lambda s: s.get_event(event_id, source))
-    if not details:
-        click.echo(f"no event {event_id!r}", err=True)
-        raise SystemExit(1)
-    for detail in details:
-        click.echo(json.dumps(_describe(detail), indent=None if as_json else 2))
-
-
-def _describe(detail: EventDetail) -> dict[str, Any]:
-    event = detail.event
-    return {
-        "id": event.id,
-        "source": event.source,
-        "type": event.type,
-        "occurred_at": _time(event.occurred_at),
-        "received_at": _time(event.received_at),
-        "verified": event.verified,
-        "payload": event.payload,
-        "deliveries": [
-            {
-                "route": d.route,
-                "action": d.action,
-                "state": d.state,
-                "attempts": [
-                    {
-                        "number": a.number,
-                        "at": _time(a.started_at),
-                        "duration_ms": round(a.duration * 1000, 1),
-                        "outcome": a.outcome,
-                        "status_code": a.status_code,
-                        "error": a.error,
-                    }
-                    for a in detail.attempts.get(d.id, [])
-                ],
-                "next_attempt_at": _time(d.due_at) if d.state == "pending" else None,
-            }
-            for d in detail.deliveries
-        ],
-    }
+    detail = _operate(config_path, admin_url, lambda ops: ops.show_event(event_id, source))
+    click.echo(json.dumps(detail, indent=None if as_json else 2))
 
 
 @main.command()
 @config_option
+@admin_url_option
 @click.argument("event_id", required=False)
-@click.option("--source", help="The event's source, when the same id exists in several.")
-@click.option("--action", help="Replay only this action of the event.")
-@click.option("--state", type=click.Choice(["dead"]), help="Replay every delivery in this state.")
-@click.option("--since", help="With --state: only deliveries that finished in this window, e.g. 2h.")
+@click.option("--source", help="The event's source (needed when the same id exists in several).")
+@click.option("--action", help="Only this action.")
+@click.option(
+    "--state",
+    type=click.Choice(["dead", "missing"]),
+    help="Bulk: every dead delivery, or every event not yet delivered for an action the current config "
+    "routes it to (missing ones are created).",
+)
+@click.option("--since", help="With --state: the window, e.g. 2h (or an ISO 8601 time).")
+@click.option("--until", help="With --state: the end of the window.")
+@click.option("--route", help="With --state: only this route.")
 def replay(
     config_path: Path | None,
+    admin_url: str | None,
     event_id: str | None,
     source: str | None,
     action: str | None,
     state: str | None,
     since: str | None,
+    until: str | None,
+    route: str | None,
 ) -> None:
-    """Run an event's deliveries again, or every dead delivery (--state dead)."""
+    """Run deliveries again: an event's (EVENT_ID), or in bulk (--state dead|missing --since 2h)."""
     if (event_id is None) == (state is None):
-        raise click.UsageError("give an EVENT_ID or --state dead, not both")
-    config, _ = _load(config_path)
+        raise click.UsageError("give an EVENT_ID or --state dead|missing, not both")
+    if event_id is not None:
+        result = _operate(config_path, admin_url, lambda ops: ops.replay_event(event_id, source, action))
+        click.echo(f"replaying {result['replayed']} deliveries")
+        return
 
-    async def run(storage: Storage) -> int:
-        now = time.time()
-        if state is not None:
-            return await storage.replay_dead(since=_since(since), source=source, now=now)
-        assert event_id is not None
-        details = await storage.get_event(event_id, source)
-        if not details:
-            click.echo(f"no event {event_id!r}", err=True)
-            raise SystemExit(1)
-        if len(details) > 1:
-            sources = ", ".join(d.event.source for d in details)
-            click.echo(f"event {event_id!r} exists in several sources ({sources}); pass --source", err=True)
-            raise SystemExit(1)
-        return await storage.replay_event(details[0].seq, action, now)
+    async def bulk(ops: Any) -> tuple[int, int]:
+        replayed = created = 0
+        cursor: int | None = 0
+        while cursor is not None:
+            page = await ops.replay(
+                mode=state, since=since, until=until, source=source, route=route, action=action, cursor=cursor
+            )
+            replayed, created, cursor = (
+                replayed + page["replayed"],
+                created + page["created"],
+                page["next_cursor"],
+            )
+            if cursor is not None:  # a long replay shows its progress
+                click.echo(f"... {replayed} replayed, {created} created", err=True)
+        return replayed, created
 
-    count = _with_storage(config, run)
-    click.echo(f"replaying {count} deliveries")
-    if count == 0:
-        sys.exit(0)
+    replayed, created = _operate(config_path, admin_url, bulk)
+    click.echo(f"replaying {replayed} deliveries" + (f", created {created} missing ones" if created else ""))
 
 
 def _event_options(command: Callable[..., Any]) -> Callable[..., Any]:

@@ -89,6 +89,12 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=registry,
         )
+        self.replays = Counter(
+            "hookyard_replays_total",
+            "Deliveries made to run again through the admin API, by mode: event, dead or missing.",
+            ["mode"],
+            registry=registry,
+        )
         self.config_reloads = Counter(
             "hookyard_config_reloads_total",
             "Config reloads by result: success, or error (the running config was kept).",

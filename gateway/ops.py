@@ -10,6 +10,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway.admin import admin_routes
 from gateway.storage import StorageUnavailable
 
 if TYPE_CHECKING:
@@ -36,8 +37,9 @@ def ops_app(gateway: Gateway) -> Starlette:
 
     return Starlette(
         routes=[
-            Route("/healthz", healthz),
-            Route("/readyz", readyz),
-            Route("/metrics", metrics),
+            Route("/healthz", healthz, include_in_schema=False),
+            Route("/readyz", readyz, include_in_schema=False),
+            Route("/metrics", metrics, include_in_schema=False),
+            *admin_routes(gateway),
         ]
     )

@@ -94,6 +94,15 @@ class EventSummary:
 
 
 @dataclass(slots=True)
+class StoredEvent:
+    """An event with its deliveries by (route, action): what replaying missing deliveries looks at."""
+
+    seq: int
+    event: Event
+    deliveries: dict[tuple[str, str], DeliveryRecord]
+
+
+@dataclass(slots=True)
 class EventDetail:
     event: Event
     seq: int
@@ -149,9 +158,14 @@ class Storage(ABC):
         *,
         state: str | None = None,
         source: str | None = None,
+        type: str | None = None,
+        route: str | None = None,
         since: float | None = None,
+        until: float | None = None,
+        before: int | None = None,
         limit: int = 100,
-    ) -> list[EventSummary]: ...
+    ) -> list[EventSummary]:
+        """Events newest first; `before` is the seq of the last one of the previous page."""
 
     @abstractmethod
     async def get_event(self, event_id: str, source: str | None = None) -> list[EventDetail]:
@@ -159,11 +173,46 @@ class Storage(ABC):
 
     @abstractmethod
     async def replay_event(self, seq: int, action: str | None = None, now: float = 0.0) -> int:
-        """Make an event's finished deliveries (or one action's) run again; returns how many were reset."""
+        """Make an event's finished deliveries (all root ones, or one action's) run again, their
+        dependents waiting again; returns how many were reset."""
 
     @abstractmethod
     async def replay_dead(self, *, since: float | None, source: str | None = None, now: float = 0.0) -> int:
         """Make every dead delivery (finished since `since`) run again; returns how many."""
+
+    @abstractmethod
+    async def dead_delivery_ids(
+        self,
+        *,
+        since: float | None,
+        until: float | None = None,
+        source: str | None = None,
+        route: str | None = None,
+        action: str | None = None,
+        after: int = 0,
+        limit: int | None = None,
+    ) -> list[int]:
+        """Ids of dead deliveries that finished in [since, until), id > after, in id order."""
+
+    @abstractmethod
+    async def reset_deliveries(self, delivery_ids: list[int], now: float) -> int:
+        """Make these deliveries (those in a final state) run again, their dependents waiting again."""
+
+    @abstractmethod
+    async def events_page(
+        self,
+        *,
+        since: float | None,
+        until: float | None = None,
+        source: str | None = None,
+        after: int = 0,
+        limit: int = 500,
+    ) -> list[StoredEvent]:
+        """Events received in [since, until) with seq > after, oldest first, with their deliveries."""
+
+    @abstractmethod
+    async def add_deliveries(self, seq: int, deliveries: list[NewDelivery], now: float) -> int:
+        """Create deliveries for a stored event (replay of missing ones); returns how many."""
 
 
 def open_storage(url: str) -> Storage:

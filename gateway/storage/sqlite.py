@@ -31,6 +31,7 @@ from gateway.storage import (
     QueueStats,
     Storage,
     StorageUnavailable,
+    StoredEvent,
 )
 
 T = TypeVar("T")
@@ -307,18 +308,27 @@ class SQLiteStorage(Storage):
         *,
         state: str | None = None,
         source: str | None = None,
+        type: str | None = None,
+        route: str | None = None,
         since: float | None = None,
+        until: float | None = None,
+        before: int | None = None,
         limit: int = 100,
     ) -> list[EventSummary]:
         def list_events(conn: sqlite3.Connection) -> list[EventSummary]:
             clauses: list[str] = ["1 = 1"]
             params: list[Any] = []
-            if source is not None:
-                clauses.append("e.source = ?")
-                params.append(source)
-            if since is not None:
-                clauses.append("e.received_at >= ?")
-                params.append(since)
+            for clause, value in (
+                ("e.source = ?", source),
+                ("e.type = ?", type),
+                ("e.received_at >= ?", since),
+                ("e.received_at < ?", until),
+                ("e.seq < ?", before),
+                ("EXISTS (SELECT 1 FROM deliveries r WHERE r.event_seq = e.seq AND r.route = ?)", route),
+            ):
+                if value is not None:
+                    clauses.append(clause)
+                    params.append(value)
             sql = (
                 "SELECT * FROM (SELECT e.seq, e.source, e.event_id, e.type, e.received_at, "
                 f"{_EVENT_STATE} AS state FROM events e WHERE {' AND '.join(clauses)}) "
@@ -377,19 +387,104 @@ class SQLiteStorage(Storage):
         return await self._run(replay)
 
     async def replay_dead(self, *, since: float | None, source: str | None = None, now: float = 0.0) -> int:
-        def replay(conn: sqlite3.Connection) -> int:
-            sql = "SELECT d.id FROM deliveries d JOIN events e ON e.seq = d.event_seq WHERE d.state = 'dead'"
-            params: list[Any] = []
-            if since is not None:
-                sql += " AND d.finished_at >= ?"
-                params.append(since)
-            if source is not None:
-                sql += " AND e.source = ?"
-                params.append(source)
-            ids = [row[0] for row in conn.execute(sql, params)]
-            return _reset(conn, ids, now)
+        ids = await self.dead_delivery_ids(since=since, source=source)
+        return await self.reset_deliveries(ids, now)
 
-        return await self._run(replay)
+    async def dead_delivery_ids(
+        self,
+        *,
+        since: float | None,
+        until: float | None = None,
+        source: str | None = None,
+        route: str | None = None,
+        action: str | None = None,
+        after: int = 0,
+        limit: int | None = None,
+    ) -> list[int]:
+        def select(conn: sqlite3.Connection) -> list[int]:
+            sql = (
+                "SELECT d.id FROM deliveries d JOIN events e ON e.seq = d.event_seq "
+                "WHERE d.state = 'dead' AND d.id > ?"
+            )
+            params: list[Any] = [after]
+            for clause, value in (
+                ("d.finished_at >= ?", since),
+                ("d.finished_at < ?", until),
+                ("e.source = ?", source),
+                ("d.route = ?", route),
+                ("d.action = ?", action),
+            ):
+                if value is not None:
+                    sql += f" AND {clause}"
+                    params.append(value)
+            sql += " ORDER BY d.id"
+            if limit is not None:
+                sql += " LIMIT ?"
+                params.append(limit)
+            return [row[0] for row in conn.execute(sql, params)]
+
+        return await self._run(select)
+
+    async def reset_deliveries(self, delivery_ids: list[int], now: float) -> int:
+        def reset(conn: sqlite3.Connection) -> int:
+            placeholders = ",".join("?" * len(delivery_ids))
+            final = [
+                row[0]
+                for row in conn.execute(
+                    f"SELECT id FROM deliveries WHERE id IN ({placeholders}) "
+                    "AND state IN ('delivered', 'dead', 'skipped')",
+                    delivery_ids,
+                )
+            ]
+            return _reset(conn, final, now)
+
+        return await self._run(reset) if delivery_ids else 0
+
+    async def events_page(
+        self,
+        *,
+        since: float | None,
+        until: float | None = None,
+        source: str | None = None,
+        after: int = 0,
+        limit: int = 500,
+    ) -> list[StoredEvent]:
+        def page(conn: sqlite3.Connection) -> list[StoredEvent]:
+            sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq > ?"
+            params: list[Any] = [after]
+            for clause, value in (
+                ("received_at >= ?", since),
+                ("received_at < ?", until),
+                ("source = ?", source),
+            ):
+                if value is not None:
+                    sql += f" AND {clause}"
+                    params.append(value)
+            rows = conn.execute(sql + " ORDER BY seq LIMIT ?", [*params, limit]).fetchall()
+            deliveries: dict[int, dict[tuple[str, str], DeliveryRecord]] = {row[0]: {} for row in rows}
+            if rows:
+                placeholders = ",".join("?" * len(rows))
+                for delivery_row in conn.execute(
+                    f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE event_seq IN ({placeholders})",
+                    [row[0] for row in rows],
+                ):
+                    delivery = _delivery(delivery_row)
+                    deliveries[delivery.event_seq][(delivery.route, delivery.action)] = delivery
+            return [StoredEvent(row[0], _event(row), deliveries[row[0]]) for row in rows]
+
+        return await self._run(page)
+
+    async def add_deliveries(self, seq: int, deliveries: list[NewDelivery], now: float) -> int:
+        def add(conn: sqlite3.Connection) -> int:
+            existing = {
+                (route, action): (delivery_id, state)
+                for delivery_id, route, action, state in conn.execute(
+                    "SELECT id, route, action, state FROM deliveries WHERE event_seq = ?", (seq,)
+                )
+            }
+            return _insert_deliveries(conn, seq, deliveries, now, existing)
+
+        return await self._run(add)
 
 
 _EVENT_STATE = """CASE
@@ -417,28 +512,52 @@ def _insert_event(conn: sqlite3.Connection, event: Event, deliveries: list[NewDe
     )
     if cursor.rowcount == 0:
         return False
-    seq = cursor.lastrowid
-    now = event.received_at
-    ids: dict[tuple[str, str], int] = {}
+    assert cursor.lastrowid is not None
+    _insert_deliveries(conn, cursor.lastrowid, deliveries, event.received_at, {})
+    return True
+
+
+def _insert_deliveries(
+    conn: sqlite3.Connection,
+    seq: int,
+    deliveries: list[NewDelivery],
+    now: float,
+    existing: dict[tuple[str, str], tuple[int, str]],
+) -> int:
+    """Insert an event's deliveries. A dependent waits for its parent, or, when the parent (created
+    earlier, e.g. before a replay of missing deliveries) is already final, is decided at once."""
+    known = dict(existing)
     for delivery in deliveries:
-        parent = ids.get((delivery.route, delivery.after)) if delivery.after else None
+        parent = known.get((delivery.route, delivery.after)) if delivery.after else None
+        state: str = "pending"
+        due_at: float | None = now
+        if parent is not None:
+            parent_state = parent[1]
+            outcome = {"delivered": "success", "dead": "failure"}.get(parent_state)
+            if parent_state in ("pending", "waiting"):
+                state, due_at = "waiting", None
+            elif outcome is not None and delivery.when in ("always", outcome):
+                state = "pending"
+            else:
+                state, due_at = "skipped", None
         row = conn.execute(
-            "INSERT INTO deliveries (event_seq, route, action, parent_id, run_when, state, due_at, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO deliveries (event_seq, route, action, parent_id, run_when, state, due_at, created_at, "
+            "finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 seq,
                 delivery.route,
                 delivery.action,
-                parent,
+                parent[0] if parent else None,
                 delivery.when,
-                "waiting" if parent else "pending",
-                None if parent else now,
+                state,
+                due_at,
                 now,
+                now if state == "skipped" else None,
             ),
         )
         assert row.lastrowid is not None
-        ids[(delivery.route, delivery.action)] = row.lastrowid
-    return True
+        known[(delivery.route, delivery.action)] = (row.lastrowid, state)
+    return len(deliveries)
 
 
 def _claim(conn: sqlite3.Connection, now: float, limit: int, lease_until: float, owner: str) -> list[Claim]:

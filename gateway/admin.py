@@ -1,0 +1,238 @@
+"""The admin API, on the ops listener only (never on the webhook port): list and inspect events, replay.
+
+Auth: `Authorization: Bearer <ops.admin_token>`. Without a token configured, the API answers only when the
+ops listener is bound to loopback. The OpenAPI document is generated from the endpoints' docstrings.
+"""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.schemas import SchemaGenerator
+
+from gateway import __version__
+from gateway.operations import OperationError, Operations
+
+if TYPE_CHECKING:
+    from gateway.app import Gateway
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+schemas = SchemaGenerator(
+    {
+        "openapi": "3.0.3",
+        "info": {"title": "Hookyard admin API", "version": __version__},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "properties": {"error": {"type": "string"}},
+                    "required": ["error"],
+                },
+                "ReplayPage": {
+                    "type": "object",
+                    "properties": {
+                        "replayed": {"type": "integer"},
+                        "created": {"type": "integer"},
+                        "next_cursor": {"type": "integer", "nullable": True},
+                    },
+                    "required": ["replayed", "created", "next_cursor"],
+                },
+            },
+        },
+        "security": [{"bearer": []}],
+    }
+)
+
+
+def admin_routes(gateway: Gateway) -> list[Route]:
+    def operations() -> Operations:
+        # Looked up per request: a hot reload swaps the route table, and replays use the current one.
+        return Operations(gateway.storage, gateway.table, wake=gateway.engine.wake, counted=count)
+
+    def count(mode: str, deliveries: int) -> None:
+        gateway.metrics.replays.labels(mode).inc(deliveries)
+
+    def guarded(endpoint: Callable[[Request, Operations], Awaitable[Any]]) -> Endpoint:
+        async def handle(request: Request) -> Response:
+            ops = gateway.config.ops
+            if not ops.admin_enabled:
+                return _error(
+                    403, "the admin API needs ops.admin_token when the ops listener is not on loopback"
+                )
+            if ops.admin_token:
+                offered = request.headers.get("authorization", "")
+                if not hmac.compare_digest(offered.encode(), f"Bearer {ops.admin_token}".encode()):
+                    return _error(401, "missing or wrong bearer token", {"www-authenticate": "Bearer"})
+            try:
+                return JSONResponse(await endpoint(request, operations()))
+            except OperationError as exc:
+                return _error(exc.status, str(exc))
+
+        handle.__doc__ = endpoint.__doc__
+        handle.__name__ = endpoint.__name__
+        return handle
+
+    async def list_events(request: Request, ops: Operations) -> Any:
+        """
+        summary: List events, newest first
+        parameters:
+          - {name: source, in: query, schema: {type: string}}
+          - {name: type, in: query, schema: {type: string}}
+          - {name: state, in: query, schema: {type: string, enum: [pending, delivered, dead, unrouted]}}
+          - {name: route, in: query, schema: {type: string}}
+          - {name: since, in: query, description: "2h, ISO 8601 or epoch seconds", schema: {type: string}}
+          - {name: until, in: query, schema: {type: string}}
+          - {name: cursor, in: query, description: next_cursor of the previous page, schema: {type: integer}}
+          - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 500, default: 50}}
+        responses:
+          200: {description: a page of events}
+          400: {description: a bad filter}
+          401: {description: missing or wrong token}
+        """
+        query = request.query_params
+        return await ops.list_events(
+            source=query.get("source"),
+            type=query.get("type"),
+            state=query.get("state"),
+            route=query.get("route"),
+            since=query.get("since"),
+            until=query.get("until"),
+            cursor=_int(query.get("cursor"), "cursor"),
+            limit=_default(_int(query.get("limit"), "limit"), 50),
+        )
+
+    async def show_event(request: Request, ops: Operations) -> Any:
+        """
+        summary: One event with its deliveries and every attempt
+        parameters:
+          - {name: event_id, in: path, required: true, schema: {type: string}}
+          - {name: source, in: query, schema: {type: string}}
+        responses:
+          200: {description: the event}
+          404: {description: no such event}
+          409: {description: the id exists in several sources; give source}
+        """
+        return await ops.show_event(request.path_params["event_id"], request.query_params.get("source"))
+
+    async def replay_event(request: Request, ops: Operations) -> Any:
+        """
+        summary: Replay an event's deliveries (all, or one action's)
+        parameters:
+          - {name: event_id, in: path, required: true, schema: {type: string}}
+        requestBody:
+          content:
+            application/json:
+              schema:
+                type: object
+                properties: {source: {type: string}, action: {type: string}}
+        responses:
+          200: {description: how many deliveries will run again}
+          404: {description: no such event or action}
+          409: {description: the id exists in several sources; give source}
+        """
+        body = await _json(request)
+        return await ops.replay_event(
+            request.path_params["event_id"], _str(body, "source"), _str(body, "action")
+        )
+
+    async def bulk_replay(request: Request, ops: Operations) -> Any:
+        """
+        summary: Bulk replay, one page at a time
+        description: >
+          mode dead replays deliveries that ended dead in the window; mode missing replays every event
+          received in the window that has not been delivered for an action the current config routes it to
+          (dead deliveries run again; deliveries that never existed are created). Call again with
+          cursor = next_cursor until next_cursor is null.
+        requestBody:
+          required: true
+          content:
+            application/json:
+              schema:
+                type: object
+                required: [mode]
+                properties:
+                  mode: {type: string, enum: [dead, missing]}
+                  since: {type: string}
+                  until: {type: string}
+                  source: {type: string}
+                  route: {type: string}
+                  action: {type: string}
+                  cursor: {type: integer, minimum: 0}
+                  limit: {type: integer, minimum: 1, maximum: 500}
+        responses:
+          200:
+            description: this page's counts
+            content: {application/json: {schema: {$ref: "#/components/schemas/ReplayPage"}}}
+          400: {description: a bad request}
+        """
+        body = await _json(request)
+        return await ops.replay(
+            mode=_str(body, "mode") or "",
+            since=_str(body, "since"),
+            until=_str(body, "until"),
+            source=_str(body, "source"),
+            route=_str(body, "route"),
+            action=_str(body, "action"),
+            cursor=_default(_int(body.get("cursor"), "cursor"), 0),
+            limit=_default(_int(body.get("limit"), "limit"), 500),
+        )
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(schemas.get_schema(routes=request.app.routes))
+
+    return [
+        Route("/admin/events", guarded(list_events), methods=["GET"]),
+        Route("/admin/events/{event_id}", guarded(show_event), methods=["GET"]),
+        Route("/admin/events/{event_id}/replay", guarded(replay_event), methods=["POST"]),
+        Route("/admin/replay", guarded(bulk_replay), methods=["POST"]),
+        Route("/admin/openapi.json", openapi, methods=["GET"], include_in_schema=False),
+    ]
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw:
+        return {}
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise OperationError(400, "the body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise OperationError(400, "the body must be a JSON object")
+    return body
+
+
+def _str(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool) and name in ("since", "until"):
+        return str(value)
+    raise OperationError(400, f"{name}: must be a string")
+
+
+def _default(value: int | None, default: int) -> int:
+    return default if value is None else value
+
+
+def _int(value: Any, name: str) -> int | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise OperationError(400, f"{name}: must be an integer")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise OperationError(400, f"{name}: must be an integer") from None

@@ -1,0 +1,53 @@
+"""The admin API from the outside: the same methods as gateway.operations.Operations, over HTTP, so the
+CLI works the same against a running gateway as against the database."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from gateway.operations import OperationError
+
+
+class RemoteOperations:
+    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0) -> None:
+        headers = {"authorization": f"Bearer {token}"} if token else {}
+        self.client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = await self.client.request(method, path, **kwargs)
+        except httpx.HTTPError as exc:
+            raise OperationError(
+                503, f"cannot reach the admin API at {self.client.base_url}: {exc}"
+            ) from None
+        try:
+            body: dict[str, Any] = response.json()
+        except ValueError:
+            body = {"error": response.text[:200]}
+        if not response.is_success:
+            raise OperationError(response.status_code, body.get("error", f"HTTP {response.status_code}"))
+        return body
+
+    async def list_events(self, **filters: Any) -> dict[str, Any]:
+        params = {name: value for name, value in filters.items() if value is not None}
+        return await self._call("GET", "/admin/events", params=params)
+
+    async def show_event(self, event_id: str, source: str | None = None) -> dict[str, Any]:
+        params = {"source": source} if source else {}
+        return await self._call("GET", f"/admin/events/{quote(event_id, safe='')}", params=params)
+
+    async def replay_event(
+        self, event_id: str, source: str | None = None, action: str | None = None
+    ) -> dict[str, Any]:
+        body = {name: value for name, value in (("source", source), ("action", action)) if value}
+        return await self._call("POST", f"/admin/events/{quote(event_id, safe='')}/replay", json=body)
+
+    async def replay(self, **request: Any) -> dict[str, Any]:
+        body = {name: value for name, value in request.items() if value is not None}
+        return await self._call("POST", "/admin/replay", json=body)

@@ -1,0 +1,209 @@
+"""What operators do with stored events — list, show, replay — as JSON-ready views. The admin API serves
+these over HTTP and the CLI calls them directly (or through the admin API): one implementation for both."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from collections.abc import Callable
+from typing import Any
+
+from gateway.config import parse_duration
+from gateway.replay import PAGE, ReplayPage, replay_dead_page, replay_missing_page
+from gateway.routing import RouteTable
+from gateway.storage import EventDetail, EventSummary, Storage
+
+MAX_PAGE = 500
+
+
+class OperationError(Exception):
+    """A request an operator made that cannot be done; `status` is the HTTP status the admin API uses."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def iso(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_time(value: str | float | None, name: str = "since") -> float | None:
+    """`2h` (that long ago), an ISO 8601 time, or seconds since the epoch."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return time.time() - parse_duration(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise OperationError(
+            400, f"{name}: {value!r} is neither a duration (2h), an ISO time nor epoch seconds"
+        ) from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def summary_view(row: EventSummary) -> dict[str, Any]:
+    return {
+        "id": row.id,
+        "source": row.source,
+        "type": row.type,
+        "received_at": iso(row.received_at),
+        "state": row.state,
+        "cursor": row.seq,
+    }
+
+
+def detail_view(detail: EventDetail) -> dict[str, Any]:
+    event = detail.event
+    return {
+        "id": event.id,
+        "source": event.source,
+        "type": event.type,
+        "occurred_at": iso(event.occurred_at),
+        "received_at": iso(event.received_at),
+        "verified": event.verified,
+        "payload": event.payload,
+        "deliveries": [
+            {
+                "route": d.route,
+                "action": d.action,
+                "state": d.state,
+                "attempts": [
+                    {
+                        "number": a.number,
+                        "at": iso(a.started_at),
+                        "duration_ms": round(a.duration * 1000, 1),
+                        "outcome": a.outcome,
+                        "status_code": a.status_code,
+                        "error": a.error,
+                    }
+                    for a in detail.attempts.get(d.id, [])
+                ],
+                "last_error": d.last_error,
+                "next_attempt_at": iso(d.due_at) if d.state == "pending" else None,
+            }
+            for d in detail.deliveries
+        ],
+    }
+
+
+class Operations:
+    """Operator actions against a store, routed with a config's table (for replays of missing deliveries)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        table: RouteTable,
+        wake: Callable[[], None] | None = None,
+        counted: Callable[[str, int], None] | None = None,
+    ) -> None:
+        self.storage = storage
+        self.table = table
+        self.wake = wake or (lambda: None)
+        # Told (mode, number of deliveries) after each replay: the metrics.
+        self.counted = counted or (lambda mode, count: None)
+
+    async def list_events(
+        self,
+        *,
+        source: str | None = None,
+        type: str | None = None,
+        state: str | None = None,
+        route: str | None = None,
+        since: str | float | None = None,
+        until: str | float | None = None,
+        cursor: int | None = None,
+        limit: int = 50,
+    ) -> dict[str, Any]:
+        if state is not None and state not in ("pending", "delivered", "dead", "unrouted"):
+            raise OperationError(400, f"state: {state!r} is not one of pending, delivered, dead, unrouted")
+        if not 1 <= limit <= MAX_PAGE:
+            raise OperationError(400, f"limit: must be between 1 and {MAX_PAGE}")
+        rows = await self.storage.list_events(
+            state=state,
+            source=source,
+            type=type,
+            route=route,
+            since=parse_time(since),
+            until=parse_time(until, "until"),
+            before=cursor,
+            limit=limit,
+        )
+        return {
+            "events": [summary_view(row) for row in rows],
+            "next_cursor": rows[-1].seq if len(rows) == limit else None,
+        }
+
+    async def _one(self, event_id: str, source: str | None) -> EventDetail:
+        details = await self.storage.get_event(event_id, source)
+        if not details:
+            raise OperationError(404, f"no event {event_id!r}" + (f" from {source}" if source else ""))
+        if len(details) > 1:
+            sources = ", ".join(d.event.source for d in details)
+            raise OperationError(
+                409, f"event {event_id!r} exists in several sources ({sources}); give the source"
+            )
+        return details[0]
+
+    async def show_event(self, event_id: str, source: str | None = None) -> dict[str, Any]:
+        return detail_view(await self._one(event_id, source))
+
+    async def replay_event(
+        self, event_id: str, source: str | None = None, action: str | None = None
+    ) -> dict[str, Any]:
+        detail = await self._one(event_id, source)
+        if action is not None and action not in {d.action for d in detail.deliveries}:
+            raise OperationError(404, f"event {event_id!r} has no delivery for action {action!r}")
+        count = await self.storage.replay_event(detail.seq, action, time.time())
+        self.counted("event", count)
+        self.wake()
+        return asdict(ReplayPage(replayed=count))
+
+    async def replay(
+        self,
+        *,
+        mode: str,
+        since: str | float | None = None,
+        until: str | float | None = None,
+        source: str | None = None,
+        route: str | None = None,
+        action: str | None = None,
+        cursor: int = 0,
+        limit: int = PAGE,
+    ) -> dict[str, Any]:
+        """One page of a bulk replay; call again with next_cursor until it is null."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise OperationError(400, f"limit: must be between 1 and {MAX_PAGE}")
+        window: dict[str, Any] = {
+            "since": parse_time(since),
+            "until": parse_time(until, "until"),
+            "source": source,
+            "route": route,
+            "action": action,
+            "cursor": cursor,
+            "limit": limit,
+        }
+        if mode == "dead":
+            page = await replay_dead_page(self.storage, self.table, **window)
+        elif mode == "missing":
+            if window["since"] is None:
+                raise OperationError(400, "since: required for mode missing (e.g. 2h)")
+            page = await replay_missing_page(self.storage, self.table, **window)
+        else:
+            raise OperationError(400, f"mode: {mode!r} is not one of dead, missing")
+        if page.replayed or page.created:
+            self.counted(mode, page.replayed + page.created)
+            self.wake()
+        return asdict(page)

@@ -1,0 +1,81 @@
+"""Replay: run deliveries again. Shared by the admin API and the CLI, so both do exactly the same.
+
+Modes:
+- one event: its finished deliveries (or one action's) run again;
+- dead: every delivery that ended dead in a window;
+- missing: every event received in a window that has not reached `delivered` for an action the *current*
+  config routes it to: dead deliveries run again, and deliveries that never existed (the event matched no
+  route when it arrived, or the action was added since) are created.
+Replayed deliveries keep the event id, so Idempotency-Key dedupe downstream still works.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from gateway.routing import RouteTable
+from gateway.storage import NewDelivery, Storage
+
+PAGE = 500
+
+
+@dataclass
+class ReplayPage:
+    replayed: int = 0  # existing deliveries reset to run again
+    created: int = 0  # deliveries that did not exist before
+    next_cursor: int | None = None  # pass back to continue; None when done
+
+
+async def replay_dead_page(
+    storage: Storage,
+    table: RouteTable,
+    *,
+    since: float | None,
+    until: float | None = None,
+    source: str | None = None,
+    route: str | None = None,
+    action: str | None = None,
+    cursor: int = 0,
+    limit: int = PAGE,
+) -> ReplayPage:
+    ids = await storage.dead_delivery_ids(
+        since=since, until=until, source=source, route=route, action=action, after=cursor, limit=limit
+    )
+    replayed = await storage.reset_deliveries(ids, time.time())
+    return ReplayPage(replayed=replayed, next_cursor=ids[-1] if len(ids) == limit else None)
+
+
+async def replay_missing_page(
+    storage: Storage,
+    table: RouteTable,
+    *,
+    since: float | None,
+    until: float | None = None,
+    source: str | None = None,
+    route: str | None = None,
+    action: str | None = None,
+    cursor: int = 0,
+    limit: int = PAGE,
+) -> ReplayPage:
+    now = time.time()
+    events = await storage.events_page(since=since, until=until, source=source, after=cursor, limit=limit)
+    page = ReplayPage(next_cursor=events[-1].seq if len(events) == limit else None)
+    for stored in events:
+        missing: list[NewDelivery] = []
+        dead: list[int] = []
+        for matched in table.match(stored.event):
+            if route is not None and matched.name != route:
+                continue
+            for planned in matched.actions:
+                if action is not None and planned.key != action:
+                    continue
+                existing = stored.deliveries.get((matched.name, planned.key))
+                if existing is None:
+                    missing.append(NewDelivery(matched.name, planned.key, planned.after, planned.when))
+                elif existing.state == "dead":
+                    dead.append(existing.id)
+        if missing:
+            page.created += await storage.add_deliveries(stored.seq, missing, now)
+        page.replayed += await storage.reset_deliveries(dead, now)
+    return page

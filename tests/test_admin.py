@@ -1,0 +1,218 @@
+"""The admin API on the ops listener: auth, listing, inspection and every replay mode; and the CLI through it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from click.testing import CliRunner
+from openapi_spec_validator import validate
+
+from gateway.cli import main
+from tests.support import Downstream, RunningGateway, gateway_config, svix_request, wait_until
+
+TOKEN = "admin-token-for-tests"
+
+
+def users_config(
+    tmp_path: Path, downstream: Downstream, events: list[str] | None = None, **ops: Any
+) -> dict[str, Any]:
+    config = gateway_config(tmp_path)
+    config["ops"] = {"host": "127.0.0.1", "admin_token": TOKEN, **ops}
+    config["reload"] = {"interval": "100ms"}
+    config["routes"] = [
+        {
+            "name": "users",
+            "source": "consignease",
+            "events": events or ["user.*"],
+            "actions": [
+                {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}},
+                {"id": "audit", "use": "forward", "after": "app", "with": {"url": f"{downstream.url}/audit"}},
+            ],
+        }
+    ]
+    return config
+
+
+def admin(
+    gw: RunningGateway, method: str, path: str, token: str | None = TOKEN, **kwargs: Any
+) -> httpx.Response:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return gw.client.request(method, gw.ops_url + path, headers=headers, **kwargs)
+
+
+def send(gw: RunningGateway, msg_id: str, event_type: str = "user.created") -> None:
+    body, headers = svix_request(event_type=event_type, msg_id=msg_id)
+    assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+
+
+def states(gw: RunningGateway, msg_id: str) -> dict[str, str]:
+    return {d["action"]: d["state"] for d in admin(gw, "GET", f"/admin/events/{msg_id}").json()["deliveries"]}
+
+
+@pytest.mark.parametrize(
+    ("ops", "token", "status"),
+    [
+        ({}, None, 401),
+        ({}, "wrong", 401),
+        ({}, TOKEN, 200),
+        ({"admin_token": None}, None, 200),  # no token configured, bound to loopback: open
+        ({"admin_token": None, "host": "0.0.0.0"}, None, 403),  # no token and reachable from outside: closed
+    ],
+    ids=["no-token", "bad-token", "good-token", "loopback-open", "exposed-without-token"],
+)
+def test_auth(
+    tmp_path: Path, downstream: Downstream, ops: dict[str, Any], token: str | None, status: int
+) -> None:
+    with RunningGateway(users_config(tmp_path, downstream, **ops)) as gw:
+        response = admin(gw, "GET", "/admin/events", token=token)
+        assert response.status_code == status, response.text
+        if status == 401:
+            assert response.headers["www-authenticate"] == "Bearer"
+        # Never on the webhook listener.
+        assert gw.client.get(gw.url + "/admin/events").status_code == 404
+
+
+def test_list_filters_and_cursor_pages(tmp_path: Path, downstream: Downstream) -> None:
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        for index in range(5):
+            send(gw, f"msg_list_{index}")
+        send(gw, "msg_session", event_type="session.created")
+        downstream.wait_for(10)
+        wait_until(lambda: states(gw, "msg_list_4") == {"app": "delivered", "audit": "delivered"})
+        first = admin(gw, "GET", "/admin/events", params={"limit": 2, "type": "user.created"}).json()
+        assert [e["id"] for e in first["events"]] == ["msg_list_4", "msg_list_3"]
+        second = admin(
+            gw,
+            "GET",
+            "/admin/events",
+            params={"limit": 2, "type": "user.created", "cursor": first["next_cursor"]},
+        ).json()
+        assert [e["id"] for e in second["events"]] == ["msg_list_2", "msg_list_1"]
+        unrouted = admin(gw, "GET", "/admin/events", params={"state": "unrouted"}).json()["events"]
+        assert [e["id"] for e in unrouted] == ["msg_session"]
+        assert admin(gw, "GET", "/admin/events", params={"route": "users", "since": "1h"}).json()["events"]
+        assert admin(gw, "GET", "/admin/events", params={"since": "yesterday-ish"}).status_code == 400
+        assert admin(gw, "GET", "/admin/events", params={"limit": 0}).status_code == 400
+
+
+def test_show_event_with_attempts(tmp_path: Path, downstream: Downstream) -> None:
+    downstream.answer("/app", 503, 200)
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_show")
+        wait_until(lambda: states(gw, "msg_show") == {"app": "delivered", "audit": "delivered"})
+        event = admin(gw, "GET", "/admin/events/msg_show").json()
+        app = event["deliveries"][0]
+        assert [(a["number"], a["outcome"], a["status_code"]) for a in app["attempts"]] == [
+            (1, "retry", 503),
+            (2, "delivered", 200),
+        ]
+        assert all(a["duration_ms"] >= 0 and a["at"].endswith("Z") for a in app["attempts"])
+        assert admin(gw, "GET", "/admin/events/nope").status_code == 404
+
+
+def test_replay_one_event_and_one_action(tmp_path: Path, downstream: Downstream) -> None:
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_replay")
+        downstream.wait_for(1, "/audit")
+        wait_until(lambda: states(gw, "msg_replay") == {"app": "delivered", "audit": "delivered"})
+        assert admin(gw, "POST", "/admin/events/msg_replay/replay", json={}).json()["replayed"] == 1
+        # The root runs again, and its dependent after it, with the same event id for downstream dedupe.
+        assert [r.headers["idempotency-key"] for r in downstream.wait_for(2, "/audit")] == ["msg_replay"] * 2
+        assert len(downstream.received("/app")) == 2
+        wait_until(lambda: states(gw, "msg_replay") == {"app": "delivered", "audit": "delivered"})
+        assert (
+            admin(gw, "POST", "/admin/events/msg_replay/replay", json={"action": "audit"}).json()["replayed"]
+            == 1
+        )
+        downstream.wait_for(3, "/audit")
+        assert len(downstream.received("/app")) == 2
+        assert (
+            admin(gw, "POST", "/admin/events/msg_replay/replay", json={"action": "nope"}).status_code == 404
+        )
+        assert gw.metric("hookyard_replays_total", mode="event") == 2
+
+
+def test_bulk_replay_dead(tmp_path: Path, downstream: Downstream) -> None:
+    downstream.answer("/app", 400, 400, 400)
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        for index in range(3):
+            send(gw, f"msg_dead_{index}")
+        wait_until(lambda: all(states(gw, f"msg_dead_{i}")["app"] == "dead" for i in range(3)))
+        # audit runs after app whatever its outcome (when: always by default).
+        wait_until(lambda: {states(gw, f"msg_dead_{i}")["audit"] for i in range(3)} == {"delivered"})
+        first = admin(gw, "POST", "/admin/replay", json={"mode": "dead", "since": "1h", "limit": 2}).json()
+        assert first["replayed"] == 2 and first["next_cursor"] is not None
+        rest = admin(
+            gw, "POST", "/admin/replay", json={"mode": "dead", "since": "1h", "cursor": first["next_cursor"]}
+        ).json()
+        assert rest == {"replayed": 1, "created": 0, "next_cursor": None}
+        for index in range(3):
+            wait_until(
+                lambda i=index: states(gw, f"msg_dead_{i}") == {"app": "delivered", "audit": "delivered"}
+            )
+        assert gw.metric("hookyard_replays_total", mode="dead") == 3
+        assert admin(gw, "POST", "/admin/replay", json={"mode": "sideways"}).status_code == 400
+
+
+def test_bulk_replay_missing_includes_events_that_matched_no_route(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    config_path = tmp_path / "routes.yaml"
+    config_path.write_text(yaml.safe_dump(users_config(tmp_path, downstream, events=["user.created"])))
+    downstream.answer("/app", 200, 400)
+    with RunningGateway(config_path) as gw:
+        send(gw, "msg_ok")
+        send(gw, "msg_failed")
+        send(gw, "msg_unrouted", event_type="user.deleted")
+        wait_until(lambda: states(gw, "msg_failed")["app"] == "dead")
+        wait_until(lambda: states(gw, "msg_ok") == {"app": "delivered", "audit": "delivered"})
+        assert states(gw, "msg_unrouted") == {}
+
+        # The current config routes user.deleted too: its missing deliveries are created and run.
+        config_path.write_text(yaml.safe_dump(users_config(tmp_path, downstream, events=["user.*"])))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+        result = admin(gw, "POST", "/admin/replay", json={"mode": "missing", "since": "1h"}).json()
+        assert result == {"replayed": 1, "created": 2, "next_cursor": None}
+        wait_until(lambda: states(gw, "msg_unrouted") == {"app": "delivered", "audit": "delivered"})
+        wait_until(lambda: states(gw, "msg_failed") == {"app": "delivered", "audit": "delivered"})
+        # msg_ok was delivered already: not sent again.
+        assert [r.headers["idempotency-key"] for r in downstream.received("/app")].count("msg_ok") == 1
+        assert (
+            admin(gw, "POST", "/admin/replay", json={"mode": "missing"}).status_code == 400
+        )  # since required
+
+
+def test_openapi_document_is_valid(tmp_path: Path, downstream: Downstream) -> None:
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        document = admin(gw, "GET", "/admin/openapi.json").json()
+    validate(document)
+    assert set(document["paths"]) == {
+        "/admin/events",
+        "/admin/events/{event_id}",
+        "/admin/events/{event_id}/replay",
+        "/admin/replay",
+    }
+
+
+def test_cli_through_the_admin_api(tmp_path: Path, downstream: Downstream) -> None:
+    downstream.answer("/app", 400)
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_cli")
+        wait_until(lambda: states(gw, "msg_cli")["app"] == "dead")
+        runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
+        listed = runner.invoke(main, ["events", "list", "--admin-url", gw.ops_url, "--state", "dead"])
+        assert listed.exit_code == 0, listed.output
+        assert "msg_cli" in listed.output and "dead" in listed.output
+        shown = runner.invoke(main, ["events", "show", "msg_cli", "--admin-url", gw.ops_url, "--json"])
+        assert '"status_code": 400' in shown.output
+        replayed = runner.invoke(
+            main, ["replay", "--state", "dead", "--since", "1h", "--admin-url", gw.ops_url]
+        )
+        assert replayed.exit_code == 0 and "replaying 1 deliveries" in replayed.output
+        wait_until(lambda: states(gw, "msg_cli")["app"] == "delivered")
+        denied = CliRunner().invoke(main, ["events", "list", "--admin-url", gw.ops_url])
+        assert denied.exit_code == 1 and "bearer token" in denied.output

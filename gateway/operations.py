@@ -4,9 +4,9 @@ these over HTTP and the CLI calls them directly (or through the admin API): one 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime
-from collections.abc import Callable
 from typing import Any
 
 from gateway.config import parse_duration

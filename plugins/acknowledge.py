@@ -1,11 +1,281 @@
-"""`acknowledge` action (being written)."""
+"""`acknowledge`: tell Consignly how the delivery of a consignment event went (its connection result).
+
+Consignly waits for an integration to report back on each operation it started. This action runs after the
+action that handled the event (usually `forward` to the app) and reports its final result:
+
+    PUT {base_url}/v1/consignments/{data.consignmentId}/connection-result
+    {"operationId": <payload.operationId>, "result": 1}     # 1: the parent was delivered, 2: it ended dead
+
+    - id: ack
+      use: acknowledge
+      after: app
+      with:
+        base_url: https://api.consignly.example
+        oauth:
+          token_url: https://auth.consignly.example/oauth/token
+          client_id: ${CONSIGNLY_CLIENT_ID}
+          client_secret: ${CONSIGNLY_CLIENT_SECRET}
+
+Authentication is a static bearer `token`, or `oauth` (the client credentials grant): the access token is
+fetched once, shared by every delivery of the action, renewed shortly before it expires, and renewed at once
+when the API answers 401 (that request is then sent once more).
+"""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import dataclasses
+import time
+from typing import Any, ClassVar, Literal, Self
+from urllib.parse import quote, quote_plus
+
+import httpx
+from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_validator
+
 from gateway import hookimpl
-from gateway.actions import Action
+from gateway.actions import (
+    Action,
+    Job,
+    Outcome,
+    dead,
+    http_outcome,
+    parse_retry_after,
+    retry,
+    skipped,
+    transport_error,
+)
+
+# Consignly's connection results.
+RESULT_SUCCESS = 1
+RESULT_FAILURE = 2
+
+
+def check_http_url(url: str) -> str:
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    return url
+
+
+class OAuthOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    token_url: str
+    client_id: str
+    # SecretStr: the options may end up in a repr (an error, a debugger); the secret must not.
+    client_secret: SecretStr
+    scope: str | None = None
+    # How the client authenticates to the token endpoint (RFC 6749 2.3.1): in the form body, or with HTTP
+    # Basic authentication.
+    auth_method: Literal["client_secret_post", "client_secret_basic"] = "client_secret_post"
+
+    @field_validator("token_url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        return check_http_url(url)
+
+
+class AcknowledgeOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base_url: str
+    token: SecretStr | None = None
+    oauth: OAuthOptions | None = None
+
+    @field_validator("base_url")
+    @classmethod
+    def _base_url(cls, url: str) -> str:
+        return check_http_url(url).rstrip("/")
+
+    @field_validator("token")
+    @classmethod
+    def _blank_is_unset(cls, token: SecretStr | None) -> SecretStr | None:
+        # `token: ${CONSIGNLY_TOKEN:-}` with the variable unset means "no static token", not an empty one.
+        return token if token is not None and token.get_secret_value().strip() else None
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> Self:
+        if self.token is not None and self.oauth is not None:
+            raise ValueError("give either token or oauth, not both")
+        if self.token is None and self.oauth is None:
+            raise ValueError("give a bearer token or oauth client credentials (token_url, client_id, ...)")
+        return self
+
+
+class TokenUnavailable(Exception):
+    """The token endpoint did not issue a token; `outcome` says how the delivery attempt ends."""
+
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.error)
+        self.outcome = outcome
+
+
+class ClientCredentials:
+    """Access tokens from an OAuth2 client credentials grant, cached until shortly before they expire."""
+
+    # Renew this long before the announced expiry, so that a token never expires on its way to the API.
+    margin: ClassVar[float] = 30.0
+    # Reuse a token announced without expires_in this long; a 401 renews it earlier anyway.
+    default_lifetime: ClassVar[float] = 300.0
+
+    def __init__(self, options: OAuthOptions, http: httpx.AsyncClient) -> None:
+        self.options = options
+        self.http = http
+        self._token: str | None = None
+        self._expires_at = 0.0  # time.monotonic()
+        # Concurrent deliveries that find no valid token wait for one fetch instead of each making their own.
+        self._lock = asyncio.Lock()
+
+    async def token(self, timeout: float, *, rejected: str | None = None) -> str:
+        """A valid access token; `rejected` is one the API just refused, which must not be handed out again."""
+        async with self._lock:
+            token = self._token
+            if token is not None and token != rejected and time.monotonic() < self._expires_at:
+                return token
+            # A token fetched now is used for this request even when its lifetime is shorter than the margin.
+            return await self._fetch(timeout)
+
+    async def _fetch(self, timeout: float) -> str:
+        options = self.options
+        secret = options.client_secret.get_secret_value()
+        form = {"grant_type": "client_credentials"}
+        if options.scope:
+            form["scope"] = options.scope
+        headers = {"accept": "application/json"}
+        if options.auth_method == "client_secret_post":
+            form["client_id"] = options.client_id
+            form["client_secret"] = secret
+        else:
+            # RFC 6749 2.3.1: both are form-encoded before they are joined and base64-encoded.
+            pair = f"{quote_plus(options.client_id)}:{quote_plus(secret)}"
+            headers["authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+        started = time.monotonic()
+        try:
+            response = await self.http.post(
+                options.token_url,
+                data=form,
+                headers=headers,
+                timeout=timeout,
+            )
+        except httpx.HTTPError as exc:
+            outcome = transport_error(exc)
+            raise TokenUnavailable(
+                dataclasses.replace(outcome, error=f"token endpoint: {outcome.error}")
+            ) from None
+        # A token endpoint that refuses us may recover (a rotated secret is fixed, the server comes back): every
+        # failure here is retried on the action's schedule rather than ending the delivery dead at once.
+        if not 200 <= response.status_code < 300:
+            detail = _oauth_error(response)
+            raise TokenUnavailable(
+                retry(
+                    f"token endpoint: HTTP {response.status_code}{f' {detail}' if detail else ''}",
+                    retry_after=parse_retry_after(response.headers.get("retry-after")),
+                )
+            )
+        try:
+            answer = response.json()
+        except ValueError:
+            answer = None
+        token = answer.get("access_token") if isinstance(answer, dict) else None
+        if not isinstance(token, str) or not token:
+            raise TokenUnavailable(retry("token endpoint: the answer has no access_token"))
+        lifetime = _expires_in(answer)
+        lifetime = self.default_lifetime if lifetime is None else max(0.0, lifetime - self.margin)
+        # Counted from before the request: the server's clock started while we were waiting for its answer.
+        self._token, self._expires_at = token, started + lifetime
+        return token
+
+
+def _expires_in(answer: dict[str, Any]) -> float | None:
+    value = answer.get("expires_in")
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    # Some servers send it as a string.
+    if isinstance(value, str) and value.strip().isdigit():
+        return float(value)
+    return None
+
+
+def _oauth_error(response: httpx.Response) -> str:
+    """The `error` code of an OAuth error answer (`invalid_client`), or nothing."""
+    try:
+        answer = response.json()
+    except ValueError:
+        return ""
+    error = answer.get("error") if isinstance(answer, dict) else None
+    return error if isinstance(error, str) else ""
+
+
+def _identifier(value: Any) -> str | int | None:
+    """An id from the payload: a non-empty string or an integer, anything else counts as missing."""
+    if isinstance(value, str) and value.strip():
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    return None
+
+
+class Acknowledge(Action):
+    name = "acknowledge"
+    description = (
+        "Report another action's result to Consignly (PUT .../connection-result), static or OAuth2 auth"
+    )
+    Options = AcknowledgeOptions
+    options: AcknowledgeOptions
+    needs_parent = True
+
+    def __init__(self, options: Any, resources: Any) -> None:
+        super().__init__(options, resources)
+        # The options hold exactly one of the two.
+        self.static_token = options.token.get_secret_value() if options.token else ""
+        self.credentials = ClientCredentials(options.oauth, resources.http) if options.oauth else None
+
+    async def bearer(self, timeout: float, rejected: str | None = None) -> str:
+        if self.credentials is None:
+            return self.static_token
+        return await self.credentials.token(timeout, rejected=rejected)
+
+    async def deliver(self, job: Job) -> Outcome:
+        parent = job.parent
+        if parent is None:
+            return dead("the result of the action this one runs after is missing")
+        payload = job.event.payload
+        operation_id = _identifier(payload.get("operationId")) if isinstance(payload, dict) else None
+        consignment_id = _identifier(job.event.lookup("data.consignmentId"))
+        # Not every Consignly event belongs to an operation: there is nothing to report, and no point retrying.
+        if operation_id is None:
+            return skipped("the event has no operationId")
+        if consignment_id is None:
+            return skipped("the event has no data.consignmentId")
+        # The id comes from the payload: encoded as one path segment, a `/` or `..` in it stays inside it.
+        url = (
+            f"{self.options.base_url}/v1/consignments/{quote(str(consignment_id), safe='')}/connection-result"
+        )
+        body = {
+            "operationId": operation_id,
+            "result": RESULT_SUCCESS if parent.state == "delivered" else RESULT_FAILURE,
+        }
+        try:
+            token = await self.bearer(job.timeout)
+            response = await self._put(url, body, token, job.timeout)
+            if response.status_code == 401 and self.credentials is not None:
+                # The token was revoked or expired before we thought: renew it and try once more. A second
+                # 401 is the API's verdict, read like any other answer.
+                token = await self.bearer(job.timeout, rejected=token)
+                response = await self._put(url, body, token, job.timeout)
+        except TokenUnavailable as exc:
+            return exc.outcome
+        except httpx.HTTPError as exc:
+            return transport_error(exc)
+        return http_outcome(response, job.retry)
+
+    async def _put(self, url: str, body: dict[str, Any], token: str, timeout: float) -> httpx.Response:
+        return await self.resources.http.put(
+            url, json=body, headers={"authorization": f"Bearer {token}"}, timeout=timeout
+        )
 
 
 @hookimpl
 def register_actions() -> list[type[Action]]:
-    return []
+    return [Acknowledge]

@@ -1,11 +1,241 @@
-"""`notify` action (being written)."""
+"""`notify`: post a short message about an event to a chat webhook (Slack, Microsoft Teams, Discord) or any
+HTTP endpoint that takes JSON.
+
+Used alone it announces events; used with `after:` it reports how another action went, e.g. an alert when
+forwarding to the app ended dead:
+
+    - id: alert
+      use: notify
+      after: app
+      when: failure
+      with:
+        url: ${SLACK_WEBHOOK_URL}
+        format: slack
+        template: "Consignment {{ event.data.consignmentId }} not delivered: {{ parent.error }}"
+
+The message is a Jinja template rendered in a sandbox. Undefined names are errors (a typo must not send a
+half-empty message), syntax errors are reported when the config loads, and a template that renders to
+nothing (say, everything inside an `{% if %}`) skips the notification.
+"""
 
 from __future__ import annotations
 
+import re
+import traceback
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+import httpx
+from jinja2 import StrictUndefined, Template, TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from gateway import hookimpl
-from gateway.actions import Action
+from gateway.actions import (
+    Action,
+    Job,
+    Outcome,
+    ParentResult,
+    dead,
+    http_outcome,
+    skipped,
+    transport_error,
+)
+
+# Discord rejects a message whose content is longer than this (HTTP 400, which would end the delivery dead).
+DISCORD_MAX_CONTENT = 2000
+
+# The engine words a used-up retry schedule as "gave up after N attempts: <last error>"; the default message
+# states the attempts itself, so it shows only the last error.
+_GAVE_UP = re.compile(r"^gave up after \d+ attempts?: ")
+
+
+def isotime(value: float | None) -> str:
+    """A Unix timestamp as ISO 8601 UTC (`2026-11-22T10:00:00Z`), for templates: event times are numbers."""
+    if value is None:
+        return ""
+    return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    # Sandboxed because templates come from the config, which may be edited by people who must not get code
+    # execution in the gateway; immutable so a template cannot change the event other actions see.
+    env = ImmutableSandboxedEnvironment(autoescape=False, undefined=StrictUndefined)
+    env.filters["isotime"] = isotime
+    return env
+
+
+ENVIRONMENT = _environment()
+
+
+def compile_template(source: str) -> Template:
+    """Compile a message template; raises ValueError naming the line of a syntax error."""
+    try:
+        return ENVIRONMENT.from_string(source)
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"line {exc.lineno}: {exc.message}") from None
+
+
+def check_http_url(url: str) -> str:
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    return url
+
+
+class NotifyOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    format: Literal["slack", "teams", "discord", "generic"] = "generic"
+    template: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        return check_http_url(url)
+
+    @field_validator("template")
+    @classmethod
+    def _compiles(cls, template: str | None) -> str | None:
+        # Compiled here so that `hookyard check` reports a broken template with its place and line, instead
+        # of every delivery failing once the gateway runs.
+        if template is not None:
+            compile_template(template)
+        return template
+
+
+def parent_fields(parent: ParentResult | None) -> dict[str, Any] | None:
+    if parent is None:
+        return None
+    return {
+        "action": parent.action,
+        "state": parent.state,
+        "attempts": parent.attempts,
+        "status_code": parent.status_code,
+        "error": parent.error,
+    }
+
+
+def template_context(job: Job) -> dict[str, Any]:
+    event = job.event
+    return {
+        "event": {
+            "id": event.id,
+            "source": event.source,
+            "type": event.type,
+            "data": event.data,
+            "payload": event.payload,
+            "occurred_at": event.occurred_at,
+            "received_at": event.received_at,
+        },
+        "route": job.route,
+        "action": job.action,
+        "attempt": job.attempt,
+        "parent": parent_fields(job.parent),
+    }
+
+
+def default_message(job: Job) -> str:
+    """`consignly consignment.created <id> could not be delivered to app after 6 attempts: HTTP 503`,
+    `... was delivered to app`, or `... received` for a notify that runs on its own."""
+    event, parent = job.event, job.parent
+    subject = f"{event.source} {event.type} {event.id}"
+    if parent is None:
+        return f"{subject} received"
+    if parent.state == "delivered":
+        return f"{subject} was delivered to {parent.action}"
+    plural = "" if parent.attempts == 1 else "s"
+    text = f"{subject} could not be delivered to {parent.action} after {parent.attempts} attempt{plural}"
+    if parent.error:
+        reason: str | None = _GAVE_UP.sub("", parent.error)
+    elif parent.status_code is not None:
+        reason = f"HTTP {parent.status_code}"
+    else:
+        reason = None
+    return f"{text}: {reason}" if reason else text
+
+
+def chat_payload(format: str, message: str, job: Job) -> dict[str, Any]:
+    """The JSON body each kind of webhook expects."""
+    if format == "slack":
+        return {"text": message}
+    if format == "discord":
+        if len(message) > DISCORD_MAX_CONTENT:
+            message = message[: DISCORD_MAX_CONTENT - 1] + "…"
+        return {"content": message}
+    if format == "teams":
+        # Teams Workflows (Power Automate) webhooks take a message carrying an Adaptive Card; the retired
+        # Office 365 connectors took MessageCards, which Workflows do not render.
+        return {
+            "type": "message",
+            "attachments": [
+                {
+                    "contentType": "application/vnd.microsoft.card.adaptive",
+                    "content": {
+                        "type": "AdaptiveCard",
+                        "version": "1.4",
+                        "body": [{"type": "TextBlock", "text": message, "wrap": True}],
+                    },
+                }
+            ],
+        }
+    event = job.event
+    return {
+        "text": message,
+        "event": {"id": event.id, "source": event.source, "type": event.type},
+        "route": job.route,
+        "parent": parent_fields(job.parent),
+    }
+
+
+def render_error(exc: Exception) -> str:
+    """`template line 2: UndefinedError: 'dict object' has no attribute 'nope'`."""
+    # Jinja rewrites tracebacks so that template frames carry the template's own line numbers.
+    frames = traceback.StackSummary.extract(traceback.walk_tb(exc.__traceback__), lookup_lines=False)
+    lines = [frame.lineno for frame in frames if frame.filename == "<template>"]
+    where = f"template line {lines[-1]}" if lines else "template"
+    return f"{where}: {type(exc).__name__}: {exc}"
+
+
+class Notify(Action):
+    name = "notify"
+    description = (
+        "Post a message about the event (or another action's result) to Slack, Teams, Discord or JSON"
+    )
+    Options = NotifyOptions
+    options: NotifyOptions
+
+    def __init__(self, options: Any, resources: Any) -> None:
+        super().__init__(options, resources)
+        self.template = compile_template(options.template) if options.template is not None else None
+
+    def message(self, job: Job) -> str:
+        if self.template is None:
+            return default_message(job)
+        return self.template.render(template_context(job)).strip()
+
+    async def deliver(self, job: Job) -> Outcome:
+        try:
+            message = self.message(job)
+        except Exception as exc:
+            # A template fails the same way on every attempt: retrying would only delay the verdict.
+            return dead(render_error(exc))
+        if not message:
+            return skipped("the template rendered an empty message")
+        headers = {"x-hookyard-event-id": job.event.id, **self.options.headers}
+        try:
+            response = await self.resources.http.post(
+                self.options.url,
+                json=chat_payload(self.options.format, message, job),
+                headers=headers,
+                timeout=job.timeout,
+            )
+        except httpx.HTTPError as exc:
+            return transport_error(exc)
+        return http_outcome(response, job.retry)
 
 
 @hookimpl
 def register_actions() -> list[type[Action]]:
-    return []
+    return [Notify]

@@ -1,0 +1,522 @@
+"""The `acknowledge` action against a fake Consignly API: a real HTTP server on loopback that checks what a
+real one would (bearer token, method, path, body) and issues OAuth tokens that expire."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote
+
+import httpx
+import pytest
+import yaml
+
+from gateway.config import ConfigError, parse_config
+from gateway.plugins import registry
+from gateway.routing import RouteTable
+from gateway.storage import EventDetail
+from plugins.acknowledge import AcknowledgeOptions, ClientCredentials, OAuthOptions, TokenUnavailable
+from tests.support import (
+    Downstream,
+    RunningGateway,
+    ServerThread,
+    consignly_headers,
+    gateway_config,
+    wait_until,
+)
+
+CLIENT_ID = "hookyard-integration"
+CLIENT_SECRET = "cs_9f8e7d&6c5b=4a"  # characters that form encoding must escape
+STATIC_TOKEN = "static-api-token"
+CONSIGNMENT_ID = "550e8400-e29b-41d4-a716-446655440000"
+_PATH = re.compile(r"^/v1/consignments/([^/]+)/connection-result$")
+
+
+@dataclass
+class ApiCall:
+    method: str
+    raw_path: str
+    consignment_id: str | None
+    token: str | None
+    body: Any
+    status: int
+
+
+@dataclass
+class FakeConsignly:
+    """The connection-result endpoint and an OAuth2 token endpoint (client credentials)."""
+
+    url: str = ""
+    expires_in: int = 3600
+    # Seconds the token endpoint takes to answer: lets concurrent deliveries pile up behind one fetch.
+    token_delay: float = 0.0
+    # Statuses the token endpoint answers with before it issues tokens again.
+    token_failures: list[int] = field(default_factory=list)
+    # Every bearer token is refused, as when the integration was disconnected.
+    refuse_all: bool = False
+    issued: list[str] = field(default_factory=list)
+    valid: set[str] = field(default_factory=lambda: {STATIC_TOKEN})
+    token_requests: list[dict[str, Any]] = field(default_factory=list)
+    calls: list[ApiCall] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def revoke(self) -> None:
+        with self.lock:
+            self.valid.clear()
+
+    def acknowledged(self) -> list[ApiCall]:
+        with self.lock:
+            return [call for call in self.calls if call.status == 200]
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["path"] == "/oauth/token":
+            status, answer = await self.token_endpoint(scope["method"], headers, body)
+        else:
+            status, answer = self.connection_result(scope, headers, body)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
+        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+
+    async def token_endpoint(self, method: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
+        if self.token_delay:
+            await asyncio.sleep(self.token_delay)
+        form = {key: values[0] for key, values in parse_qs(body.decode()).items()}
+        with self.lock:
+            self.token_requests.append({"headers": headers, "form": form})
+            if self.token_failures:
+                return self.token_failures.pop(0), {"error": "temporarily_unavailable"}
+        if method != "POST" or headers.get("content-type") != "application/x-www-form-urlencoded":
+            return 400, {"error": "invalid_request"}
+        if form.get("grant_type") != "client_credentials":
+            return 400, {"error": "unsupported_grant_type"}
+        if "authorization" in headers:  # client_secret_basic
+            scheme, _, encoded = headers["authorization"].partition(" ")
+            user, _, password = base64.b64decode(encoded).decode().partition(":")
+            client = (unquote(user.replace("+", " ")), unquote(password.replace("+", " ")))
+            if scheme != "Basic" or "client_secret" in form:
+                return 400, {"error": "invalid_request"}
+        else:  # client_secret_post
+            client = (form.get("client_id", ""), form.get("client_secret", ""))
+        if client != (CLIENT_ID, CLIENT_SECRET):
+            return 401, {"error": "invalid_client"}
+        with self.lock:
+            token = f"tok-{len(self.issued) + 1}"
+            self.issued.append(token)
+            self.valid.add(token)
+        return 200, {"access_token": token, "token_type": "Bearer", "expires_in": self.expires_in}
+
+    def connection_result(
+        self, scope: dict[str, Any], headers: dict[str, str], body: bytes
+    ) -> tuple[int, Any]:
+        raw_path = scope["raw_path"].decode("ascii")
+        match = _PATH.match(raw_path)
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+        with self.lock:
+            if match is None:
+                status = 404
+            elif scope["method"] != "PUT":
+                status = 405
+            elif scheme != "Bearer" or token not in self.valid or self.refuse_all:
+                status = 401
+            elif (
+                headers.get("content-type") != "application/json"
+                or not isinstance(payload, dict)
+                or set(payload) != {"operationId", "result"}
+                or payload["result"] not in (1, 2)
+                or not payload["operationId"]
+            ):
+                status = 400
+            else:
+                status = 200
+            consignment_id = unquote(match.group(1)) if match else None
+            self.calls.append(
+                ApiCall(scope["method"], raw_path, consignment_id, token or None, payload, status)
+            )
+        return status, {} if status == 200 else {"message": "rejected"}
+
+
+@pytest.fixture
+def consignly_api() -> Iterator[FakeConsignly]:
+    api = FakeConsignly()
+    with ServerThread(api) as server:
+        api.url = f"http://127.0.0.1:{server.port}"
+        yield api
+
+
+def oauth(api: FakeConsignly, **extra: Any) -> dict[str, Any]:
+    return {
+        "oauth": {
+            "token_url": f"{api.url}/oauth/token",
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            **extra,
+        }
+    }
+
+
+def consignments_route(downstream: Downstream, api: FakeConsignly, **auth: Any) -> dict[str, Any]:
+    return {
+        "name": "consignments",
+        "source": "consignly",
+        "events": ["ConsignmentCreated"],
+        "actions": [
+            {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}},
+            {"id": "ack", "use": "acknowledge", "after": "app", "with": {"base_url": api.url, **auth}},
+        ],
+    }
+
+
+_MISSING = object()
+
+
+def consignly_event(
+    event_id: str, operation_id: Any = _MISSING, consignment_id: Any = CONSIGNMENT_ID
+) -> bytes:
+    payload: dict[str, Any] = {
+        "id": event_id,
+        "type": "consignment.created",
+        "created": "2026-11-22T10:00:00Z",
+        "data": {"consignmentId": consignment_id, "status": 1},
+        "operationId": f"op-{event_id}" if operation_id is _MISSING else operation_id,
+    }
+    if payload["data"]["consignmentId"] is None:
+        del payload["data"]["consignmentId"]
+    if payload["operationId"] is None:
+        del payload["operationId"]
+    return json.dumps(payload).encode()
+
+
+def send(gw: RunningGateway, body: bytes) -> None:
+    assert gw.post("/webhooks/consignly", body, consignly_headers(body)).status_code == 200
+
+
+def event_detail(gw: RunningGateway, event_id: str) -> EventDetail:
+    [detail] = asyncio.run_coroutine_threadsafe(gw.gateway.storage.get_event(event_id), gw.loop).result(10)
+    return detail
+
+
+def delivery_states(gw: RunningGateway, event_id: str) -> dict[str, str]:
+    return {d.action: d.state for d in event_detail(gw, event_id).deliveries}
+
+
+# -- results ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("app_status", "app_state", "result"),
+    [(200, "delivered", 1), (400, "dead", 2)],
+    ids=["delivered", "dead"],
+)
+def test_reports_the_parent_result_with_a_static_token(
+    tmp_path: Path,
+    downstream: Downstream,
+    consignly_api: FakeConsignly,
+    app_status: int,
+    app_state: str,
+    result: int,
+) -> None:
+    downstream.answer("/app", app_status)
+    route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        # An id that is not a plain path segment: it must stay one segment, not reach another endpoint.
+        send(gw, consignly_event("evt_1", "op-42", consignment_id="CN/2026 #7?x=1"))
+        wait_until(lambda: delivery_states(gw, "evt_1") == {"app": app_state, "ack": "delivered"})
+        [call] = consignly_api.calls
+        assert call.method == "PUT"
+        # One path segment (the fake API matched it as such) that decodes to the id; `=` may stay as it is.
+        assert call.raw_path.startswith("/v1/consignments/CN%2F2026%20%237%3Fx")
+        assert call.consignment_id == "CN/2026 #7?x=1"
+        assert call.token == STATIC_TOKEN
+        assert call.body == {"operationId": "op-42", "result": result}
+        assert call.status == 200
+        assert consignly_api.token_requests == []
+
+
+def test_a_refused_static_token_ends_dead_without_retries(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    route = consignments_route(downstream, consignly_api, token="not-the-token")
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_refused"))
+        wait_until(lambda: delivery_states(gw, "evt_refused") == {"app": "delivered", "ack": "dead"})
+        # A static token cannot be renewed: the 401 is final.
+        assert [call.status for call in consignly_api.calls] == [401]
+        ack = next(d for d in event_detail(gw, "evt_refused").deliveries if d.action == "ack")
+        assert (ack.last_status, ack.last_error) == (401, "HTTP 401")
+
+
+def test_events_without_an_operation_are_skipped(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_no_op", operation_id=None))
+        send(gw, consignly_event("evt_no_consignment", consignment_id=None))
+        send(gw, consignly_event("evt_blank_op", operation_id=""))
+        for event_id in ("evt_no_op", "evt_no_consignment", "evt_blank_op"):
+            wait_until(lambda: delivery_states(gw, event_id) == {"app": "delivered", "ack": "skipped"})  # noqa: B023
+        reasons = {
+            event_id: next(d for d in event_detail(gw, event_id).deliveries if d.action == "ack").last_error
+            for event_id in ("evt_no_op", "evt_no_consignment", "evt_blank_op")
+        }
+        assert reasons == {
+            "evt_no_op": "the event has no operationId",
+            "evt_no_consignment": "the event has no data.consignmentId",
+            "evt_blank_op": "the event has no operationId",
+        }
+        assert consignly_api.calls == []
+        assert (
+            gw.metric("hookyard_deliveries_total", route="consignments", action="ack", outcome="skipped") == 3
+        )
+
+
+# -- OAuth ------------------------------------------------------------------------------------------------
+
+
+def test_one_token_serves_several_acknowledgements(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    # A slow token endpoint: deliveries that start meanwhile must wait for that fetch, not start their own.
+    consignly_api.token_delay = 0.3
+    route = consignments_route(downstream, consignly_api, **oauth(consignly_api, scope="connections"))
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        for index in range(3):
+            send(gw, consignly_event(f"evt_many_{index}"))
+        wait_until(lambda: len(consignly_api.acknowledged()) == 3)
+        assert consignly_api.issued == ["tok-1"]
+        assert {call.token for call in consignly_api.calls} == {"tok-1"}
+        assert sorted(call.body["operationId"] for call in consignly_api.calls) == [
+            "op-evt_many_0",
+            "op-evt_many_1",
+            "op-evt_many_2",
+        ]
+        [request] = consignly_api.token_requests
+        # client_secret_post: the credentials travel in the form body.
+        assert request["form"] == {
+            "grant_type": "client_credentials",
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "scope": "connections",
+        }
+        assert "authorization" not in request["headers"]
+
+
+def test_the_token_is_renewed_before_it_expires(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    # 31 s with the 30 s safety margin: the gateway treats the token as valid for about one second.
+    consignly_api.expires_in = 31
+    route = consignments_route(downstream, consignly_api, **oauth(consignly_api))
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_early"))
+        wait_until(lambda: len(consignly_api.acknowledged()) == 1)
+        time.sleep(1.1)
+        send(gw, consignly_event("evt_late"))
+        wait_until(lambda: len(consignly_api.acknowledged()) == 2)
+        assert consignly_api.issued == ["tok-1", "tok-2"]
+        assert [call.token for call in consignly_api.calls] == ["tok-1", "tok-2"]
+        # Renewed ahead of time: the API never saw the old token after its expiry.
+        assert all(call.status == 200 for call in consignly_api.calls)
+
+
+def test_a_401_renews_the_token_once_and_sends_again(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    route = consignments_route(downstream, consignly_api, **oauth(consignly_api))
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_before"))
+        wait_until(lambda: delivery_states(gw, "evt_before") == {"app": "delivered", "ack": "delivered"})
+        # The API forgets the token long before its announced expiry (revoked, server restarted).
+        consignly_api.revoke()
+        send(gw, consignly_event("evt_revoked"))
+        wait_until(lambda: delivery_states(gw, "evt_revoked") == {"app": "delivered", "ack": "delivered"})
+        assert [(call.token, call.status) for call in consignly_api.calls] == [
+            ("tok-1", 200),
+            ("tok-1", 401),
+            ("tok-2", 200),
+        ]
+        ack = next(d for d in event_detail(gw, "evt_revoked").deliveries if d.action == "ack")
+        assert ack.attempts == 1  # renewed and sent again within the same attempt
+
+        # Refused even with a fresh token: one renewal only, then the 401 is the answer (not retryable).
+        consignly_api.refuse_all = True
+        send(gw, consignly_event("evt_disconnected"))
+        wait_until(lambda: delivery_states(gw, "evt_disconnected") == {"app": "delivered", "ack": "dead"})
+        assert [(call.token, call.status) for call in consignly_api.calls[3:]] == [
+            ("tok-2", 401),
+            ("tok-3", 401),
+        ]
+        assert consignly_api.issued == ["tok-1", "tok-2", "tok-3"]
+
+
+def test_token_endpoint_failures_are_retried(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    consignly_api.token_failures = [503]
+    route = consignments_route(downstream, consignly_api, **oauth(consignly_api))
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_token_down"))
+        wait_until(lambda: delivery_states(gw, "evt_token_down") == {"app": "delivered", "ack": "delivered"})
+        detail = event_detail(gw, "evt_token_down")
+        ack = next(d for d in detail.deliveries if d.action == "ack")
+        assert [(a.outcome, a.error) for a in detail.attempts[ack.id]] == [
+            ("retry", "token endpoint: HTTP 503 temporarily_unavailable"),
+            ("delivered", None),
+        ]
+        assert [call.token for call in consignly_api.calls] == ["tok-1"]
+
+
+# -- the token cache on its own ---------------------------------------------------------------------------
+
+
+def test_client_secret_basic_and_concurrent_callers(consignly_api: FakeConsignly) -> None:
+    options = OAuthOptions.model_validate(
+        {
+            "token_url": f"{consignly_api.url}/oauth/token",
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+            "auth_method": "client_secret_basic",
+        }
+    )
+    consignly_api.token_delay = 0.2
+
+    async def scenario() -> list[str]:
+        async with httpx.AsyncClient() as http:
+            credentials = ClientCredentials(options, http)
+            return await asyncio.gather(*(credentials.token(5) for _ in range(5)))
+
+    assert asyncio.run(scenario()) == ["tok-1"] * 5
+    [request] = consignly_api.token_requests
+    assert request["form"] == {"grant_type": "client_credentials"}
+    assert request["headers"]["authorization"].startswith("Basic ")
+
+
+def test_wrong_client_credentials_are_a_retryable_token_failure(consignly_api: FakeConsignly) -> None:
+    options = OAuthOptions.model_validate(
+        {"token_url": f"{consignly_api.url}/oauth/token", "client_id": CLIENT_ID, "client_secret": "wrong"}
+    )
+
+    async def scenario() -> TokenUnavailable:
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(TokenUnavailable) as raised:
+                await ClientCredentials(options, http).token(5)
+            return raised.value
+
+    failure = asyncio.run(scenario())
+    assert (failure.outcome.kind, failure.outcome.error) == (
+        "retry",
+        "token endpoint: HTTP 401 invalid_client",
+    )
+    # The secret never shows in the options' repr.
+    assert "wrong" not in repr(options)
+
+
+# -- config checks ----------------------------------------------------------------------------------------
+
+
+def build(tmp_path: Path, *actions: dict[str, Any]) -> RouteTable:
+    route = {"name": "consignments", "source": "consignly", "actions": list(actions)}
+    config = gateway_config(tmp_path, routes=[route])
+    return RouteTable.build(parse_config(yaml.safe_dump(config)), registry())
+
+
+APP: dict[str, Any] = {"id": "app", "use": "forward", "with": {"url": "http://127.0.0.1:9/app"}}
+
+
+def test_valid_acknowledge_options_load(tmp_path: Path) -> None:
+    static = {"base_url": "https://api.example/", "token": STATIC_TOKEN}
+    client = {
+        "base_url": "https://api.example",
+        "oauth": {"token_url": "https://auth.example/token", "client_id": "c", "client_secret": "s"},
+    }
+    table = build(
+        tmp_path,
+        APP,
+        {"id": "ack", "use": "acknowledge", "after": "app", "with": static},
+        {"id": "ack-oauth", "use": "acknowledge", "after": "app", "with": client},
+    )
+    options = table.actions[("consignments", "ack")].options
+    assert isinstance(options, AcknowledgeOptions)
+    assert options.base_url == "https://api.example"  # no double slash before /v1
+    oauth_options = table.actions[("consignments", "ack-oauth")].options
+    assert isinstance(oauth_options, AcknowledgeOptions) and oauth_options.oauth is not None
+    assert oauth_options.oauth.auth_method == "client_secret_post"
+
+
+def test_acknowledge_needs_after(tmp_path: Path) -> None:
+    ack = {"id": "ack", "use": "acknowledge", "with": {"base_url": "https://api.example", "token": "t"}}
+    with pytest.raises(ConfigError) as raised:
+        build(tmp_path, APP, ack)
+    assert raised.value.errors == [
+        "routes[0].actions[1].after: 'acknowledge' reports on another action's result; name it with after:"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (
+            {
+                "token": "t",
+                "oauth": {"token_url": "https://auth.example/token", "client_id": "c", "client_secret": "s"},
+            },
+            "routes[0].actions[1].with: give either token or oauth, not both",
+        ),
+        (
+            {},
+            "routes[0].actions[1].with: give a bearer token or oauth client credentials (token_url, client_id, ...)",
+        ),
+        # `${CONSIGNLY_TOKEN:-}` with the variable unset counts as no token.
+        (
+            {"token": " "},
+            "routes[0].actions[1].with: give a bearer token or oauth client credentials (token_url, client_id, ...)",
+        ),
+        (
+            {"oauth": {"token_url": "https://auth.example/token", "client_id": "c"}},
+            "routes[0].actions[1].with.oauth.client_secret: field required",
+        ),
+        (
+            {"token": "t", "base_url": "api.example"},
+            "routes[0].actions[1].with.base_url: 'api.example' is not an http(s) URL",
+        ),
+    ],
+    ids=["both", "neither", "blank-token", "oauth-incomplete", "base-url"],
+)
+def test_credentials_are_checked_at_config_load(
+    tmp_path: Path, options: dict[str, Any], expected: str
+) -> None:
+    ack = {
+        "id": "ack",
+        "use": "acknowledge",
+        "after": "app",
+        "with": {"base_url": "https://api.example", **options},
+    }
+    with pytest.raises(ConfigError) as raised:
+        build(tmp_path, APP, ack)
+    assert raised.value.errors == [expected]

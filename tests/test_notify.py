@@ -1,0 +1,340 @@
+"""The `notify` action against a real server posing as the chat webhooks (Slack, Teams, Discord, JSON)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from gateway.cli import main as cli
+from gateway.config import ConfigError, parse_config
+from gateway.plugins import registry
+from gateway.routing import RouteTable
+from gateway.storage import EventDetail
+from tests.support import (
+    Downstream,
+    RunningGateway,
+    consignly_body,
+    consignly_headers,
+    gateway_config,
+    svix_request,
+    wait_until,
+)
+
+CONSIGNMENT_ID = "550e8400-e29b-41d4-a716-446655440000"
+
+
+def app_action(downstream: Downstream) -> dict[str, Any]:
+    return {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}}
+
+
+def notify_action(action_id: str, url: str, **options: Any) -> dict[str, Any]:
+    return {"id": action_id, "use": "notify", "with": {"url": url, **options}}
+
+
+def route(source: str, *actions: dict[str, Any]) -> dict[str, Any]:
+    return {"name": "alerts", "source": source, "events": ["*"], "actions": list(actions)}
+
+
+def event_detail(gw: RunningGateway, event_id: str) -> EventDetail:
+    [detail] = asyncio.run_coroutine_threadsafe(gw.gateway.storage.get_event(event_id), gw.loop).result(10)
+    return detail
+
+
+def delivery_states(gw: RunningGateway, event_id: str) -> dict[str, str]:
+    return {d.action: d.state for d in event_detail(gw, event_id).deliveries}
+
+
+def send_consignly(gw: RunningGateway, body: bytes) -> None:
+    assert gw.post("/webhooks/consignly", body, consignly_headers(body)).status_code == 200
+
+
+def send_consignease(gw: RunningGateway, msg_id: str) -> None:
+    body, headers = svix_request(msg_id=msg_id)
+    assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+
+
+# -- the default messages -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("app_status", "app_state", "expected"),
+    [
+        (
+            400,
+            "dead",
+            "consignease user.created msg_default could not be delivered to app after 1 attempt: HTTP 400",
+        ),
+        (200, "delivered", "consignease user.created msg_default was delivered to app"),
+    ],
+    ids=["app-dead", "app-delivered"],
+)
+def test_default_messages_report_the_parent_result(
+    tmp_path: Path, downstream: Downstream, app_status: int, app_state: str, expected: str
+) -> None:
+    downstream.answer("/app", app_status)
+    alert = {**notify_action("alert", f"{downstream.url}/slack", format="slack"), "after": "app"}
+    # Without `after:` there is no result to report: the message says the event arrived.
+    hello = notify_action("hello", f"{downstream.url}/hello", format="slack")
+    config = gateway_config(tmp_path, routes=[route("consignease", app_action(downstream), alert, hello)])
+    with RunningGateway(config) as gw:
+        send_consignease(gw, "msg_default")
+        wait_until(
+            lambda: (
+                delivery_states(gw, "msg_default")
+                == {"app": app_state, "alert": "delivered", "hello": "delivered"}
+            )
+        )
+        [slack] = downstream.received("/slack")
+        assert slack.method == "POST"
+        assert slack.headers["content-type"] == "application/json"
+        assert slack.json() == {"text": expected}
+        [hello_request] = downstream.received("/hello")
+        assert hello_request.json() == {"text": "consignease user.created msg_default received"}
+
+
+def test_failure_alert_after_the_schedule_is_used_up_and_custom_templates(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # The test schedule has three retries: four attempts, all 503.
+    downstream.answer("/app", 503, 503, 503, 503)
+    alert = {
+        **notify_action("alert", f"{downstream.url}/slack", format="slack"),
+        "after": "app",
+        "when": "failure",
+    }
+    custom = {
+        **notify_action(
+            "custom",
+            f"{downstream.url}/custom",
+            format="slack",
+            # As YAML block scalars arrive: several lines and a trailing newline.
+            template=(
+                ":warning: Consignment {{ event.data.consignmentId }} (status {{ event.data.status }})"
+                " was not handed to {{ parent.action }}: {{ parent.error }}\n"
+                "{{ event.type }} {{ event.id }} via {{ route }}/{{ action }}, attempt {{ attempt }},"
+                " {{ parent.attempts }} tries ({{ parent.state }}, last status {{ parent.status_code }})\n"
+            ),
+        ),
+        "after": "app",
+        "when": "failure",
+    }
+    config = gateway_config(tmp_path, routes=[route("consignly", app_action(downstream), alert, custom)])
+    with RunningGateway(config) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_exhausted", status=3))
+        wait_until(
+            lambda: (
+                delivery_states(gw, "evt_exhausted")
+                == {"app": "dead", "alert": "delivered", "custom": "delivered"}
+            )
+        )
+        assert len(downstream.received("/app")) == 4
+        [slack] = downstream.received("/slack")
+        # The engine's "gave up after 4 attempts: ..." is not repeated: the message states the attempts.
+        assert slack.json() == {
+            "text": "consignly consignment.created evt_exhausted could not be delivered to app"
+            " after 4 attempts: HTTP 503"
+        }
+        [custom_request] = downstream.received("/custom")
+        assert custom_request.json() == {
+            "text": f":warning: Consignment {CONSIGNMENT_ID} (status 3) was not handed to app:"
+            " gave up after 4 attempts: HTTP 503\n"
+            "consignment.created evt_exhausted via alerts/custom, attempt 1, 4 tries (dead, last status 503)"
+        }
+
+
+# -- formats --------------------------------------------------------------------------------------------
+
+
+def test_teams_discord_and_generic_payloads(tmp_path: Path, downstream: Downstream) -> None:
+    template = "{{ event.source }}: consignment {{ event.data.consignmentId }} {{ parent.state }}"
+    text = f"consignly: consignment {CONSIGNMENT_ID} delivered"
+    actions = [
+        app_action(downstream),
+        {
+            **notify_action("teams", f"{downstream.url}/teams", format="teams", template=template),
+            "after": "app",
+        },
+        {
+            **notify_action("discord", f"{downstream.url}/discord", format="discord", template=template),
+            "after": "app",
+        },
+        {
+            **notify_action(
+                "generic", f"{downstream.url}/generic", template=template, headers={"X-Token": "t0ken"}
+            ),
+            "after": "app",
+        },
+        # The default format is generic; without a parent, `parent` is null.
+        notify_action("plain", f"{downstream.url}/plain"),
+    ]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_formats"))
+        wait_until(lambda: set(delivery_states(gw, "evt_formats").values()) == {"delivered"})
+
+        [teams] = downstream.received("/teams")
+        assert teams.json() == {
+            "type": "message",
+            "attachments": [
+                {
+                    "contentType": "application/vnd.microsoft.card.adaptive",
+                    "content": {
+                        "type": "AdaptiveCard",
+                        "version": "1.4",
+                        "body": [{"type": "TextBlock", "text": text, "wrap": True}],
+                    },
+                }
+            ],
+        }
+        [discord] = downstream.received("/discord")
+        assert discord.json() == {"content": text}
+        [generic] = downstream.received("/generic")
+        assert generic.headers["x-token"] == "t0ken"
+        assert generic.headers["x-hookyard-event-id"] == "evt_formats"
+        assert generic.json() == {
+            "text": text,
+            "event": {"id": "evt_formats", "source": "consignly", "type": "consignment.created"},
+            "route": "alerts",
+            "parent": {
+                "action": "app",
+                "state": "delivered",
+                "attempts": 1,
+                "status_code": 200,
+                "error": None,
+            },
+        }
+        [plain] = downstream.received("/plain")
+        assert plain.json() == {
+            "text": "consignly consignment.created evt_formats received",
+            "event": {"id": "evt_formats", "source": "consignly", "type": "consignment.created"},
+            "route": "alerts",
+            "parent": None,
+        }
+
+
+# -- failures ---------------------------------------------------------------------------------------------
+
+
+def test_render_errors_end_dead_with_the_reason(tmp_path: Path, downstream: Downstream) -> None:
+    actions = [
+        # A typo: StrictUndefined makes it an error instead of an empty string in the message.
+        notify_action(
+            "typo", f"{downstream.url}/typo", template="Consignment\n{{ event.data.consignmentid }}"
+        ),
+        # The sandbox refuses to reach Python internals.
+        notify_action("escape", f"{downstream.url}/escape", template="{{ event.id.__class__.__mro__ }}"),
+        # Nothing to say for this event: skipped, not sent.
+        notify_action(
+            "quiet", f"{downstream.url}/quiet", template="{% if event.data.status == 9 %}lost{% endif %}"
+        ),
+    ]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_render", status=1))
+        wait_until(
+            lambda: (
+                delivery_states(gw, "evt_render") == {"typo": "dead", "escape": "dead", "quiet": "skipped"}
+            )
+        )
+        deliveries = {d.action: d for d in event_detail(gw, "evt_render").deliveries}
+        assert deliveries["typo"].attempts == 1  # a template fails the same way every time: no retries
+        assert deliveries["typo"].last_error == (
+            "template line 2: UndefinedError: 'dict object' has no attribute 'consignmentid'"
+        )
+        assert "SecurityError" in (deliveries["escape"].last_error or "")
+        assert deliveries["quiet"].last_error == "the template rendered an empty message"
+        assert downstream.received() == []
+        assert gw.metric("hookyard_deliveries_total", route="alerts", action="typo", outcome="dead") == 1
+        assert gw.metric("hookyard_deliveries_total", route="alerts", action="quiet", outcome="skipped") == 1
+
+
+def test_a_500_from_the_chat_webhook_is_retried(tmp_path: Path, downstream: Downstream) -> None:
+    downstream.answer("/slack", 500, (429, {"Retry-After": "0"}), 200)
+    action = notify_action("alert", f"{downstream.url}/slack", format="slack")
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignease", action)])) as gw:
+        send_consignease(gw, "msg_chat_down")
+        wait_until(lambda: delivery_states(gw, "msg_chat_down") == {"alert": "delivered"})
+        received = downstream.received("/slack")
+        assert [r.json() for r in received] == [
+            {"text": "consignease user.created msg_chat_down received"}
+        ] * 3
+        [history] = event_detail(gw, "msg_chat_down").attempts.values()
+        assert [(a.outcome, a.status_code) for a in history] == [
+            ("retry", 500),
+            ("retry", 429),
+            ("delivered", 200),
+        ]
+
+
+# -- config checks ---------------------------------------------------------------------------------------
+
+
+def build(config: dict[str, Any]) -> RouteTable:
+    return RouteTable.build(parse_config(yaml.safe_dump(config)), registry())
+
+
+def alert_config(tmp_path: Path, **options: Any) -> dict[str, Any]:
+    actions = [
+        {"id": "app", "use": "forward", "with": {"url": "http://127.0.0.1:9/app"}},
+        {
+            "id": "alert",
+            "use": "notify",
+            "after": "app",
+            "with": {"url": "http://127.0.0.1:9/slack", **options},
+        },
+    ]
+    return gateway_config(tmp_path, routes=[route("consignly", *actions)])
+
+
+def test_a_valid_template_loads(tmp_path: Path) -> None:
+    table = build(
+        alert_config(tmp_path, format="teams", template="{{ event.id }} {{ event.received_at | isotime }}")
+    )
+    assert table.actions[("alerts", "alert")].use == "notify"
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        (
+            {"template": "Consignment {{ event.data.consignmentId }}\nfailed: {{ parent.error }"},
+            "routes[0].actions[1].with.template: line 2: unexpected '}'",
+        ),
+        (
+            {"template": "{% if parent.state == 'dead' %}dead"},
+            "routes[0].actions[1].with.template: line 1: Unexpected end of template.",
+        ),
+        (
+            {"template": "{{ event.id | shout }}"},
+            "routes[0].actions[1].with.template: line 1: No filter named 'shout'.",
+        ),
+        (
+            {"format": "irc"},
+            "routes[0].actions[1].with.format: Input should be 'slack', 'teams', 'discord' or 'generic'",
+        ),
+        (
+            {"url": "ftp://chat.example/hook"},
+            "routes[0].actions[1].with.url: 'ftp://chat.example/hook' is not an http(s) URL",
+        ),
+        ({"colour": "red"}, "routes[0].actions[1].with.colour: unknown key"),
+    ],
+    ids=["syntax", "unclosed-block", "unknown-filter", "format", "url", "unknown-option"],
+)
+def test_bad_options_fail_at_config_load(tmp_path: Path, options: dict[str, Any], expected: str) -> None:
+    with pytest.raises(ConfigError) as raised:
+        build(alert_config(tmp_path, **options))
+    [error] = raised.value.errors
+    # Jinja's messages go on to list what it expected, in no fixed order: the start says enough.
+    assert error.startswith(expected)
+
+
+def test_hookyard_check_names_the_broken_template(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    config = alert_config(tmp_path, template="{{ parent.error }")
+    path.write_text(yaml.safe_dump(config))
+    result = CliRunner().invoke(cli, ["check", "-c", str(path)])
+    assert result.exit_code == 1
+    assert f"{path}: routes[0].actions[1].with.template: line 1: unexpected '}}'" in result.output

@@ -6,6 +6,7 @@ each action's own `with:` schema, filters, event names) happen when routes are c
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -52,8 +53,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
         raise ValueError(f"{value!r} is not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds")
-    if seconds < 0:
-        raise ValueError(f"{value!r} is negative")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{value!r} is not a finite, non-negative duration")
     return seconds
 
 

@@ -148,6 +148,9 @@ class _GroupCommit:
                 try:
                     result = operation(conn)
                 except Exception as exc:
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back (disk full, I/O error): the batch fails.
+                        raise exc if isinstance(exc, sqlite3.Error) else sqlite3.OperationalError(str(exc))
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     results.append((future, None, exc))
@@ -561,16 +564,25 @@ def _insert_deliveries(
 
 
 def _claim(conn: sqlite3.Connection, now: float, limit: int, lease_until: float, owner: str) -> list[Claim]:
-    rows = conn.execute(
-        "UPDATE deliveries SET due_at = ?, lease_owner = ?, attempts = attempts + 1 "
-        "WHERE id IN (SELECT id FROM deliveries WHERE state = 'pending' AND due_at <= ? "
-        "ORDER BY due_at LIMIT ?) "
-        f"RETURNING {_DELIVERY_COLUMNS}",
-        (lease_until, owner, now, limit),
-    ).fetchall()
-    if not rows:
+    due = [
+        row[0]
+        for row in conn.execute(
+            "SELECT id FROM deliveries WHERE state = 'pending' AND due_at <= ? ORDER BY due_at, id LIMIT ?",
+            (now, limit),
+        )
+    ]
+    if not due:
         return []
-    deliveries = [_delivery(row) for row in rows]
+    placeholders = ",".join("?" * len(due))
+    leased = {
+        row[0]: _delivery(row)
+        for row in conn.execute(
+            f"UPDATE deliveries SET due_at = ?, lease_owner = ?, attempts = attempts + 1 "
+            f"WHERE id IN ({placeholders}) RETURNING {_DELIVERY_COLUMNS}",
+            (lease_until, owner, *due),
+        )
+    }
+    deliveries = [leased[delivery_id] for delivery_id in due]  # oldest due first
     events = _by_key(
         conn, f"SELECT {_EVENT_COLUMNS} FROM events WHERE seq IN", {d.event_seq for d in deliveries}
     )
@@ -603,22 +615,10 @@ def _finish(
     due_at: float | None,
     now: float,
 ) -> Finished:
-    conn.execute(
-        "INSERT INTO attempts (delivery_id, number, started_at, duration, outcome, status_code, error) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (
-            delivery.id,
-            attempt.number,
-            attempt.started_at,
-            attempt.duration,
-            attempt.outcome,
-            attempt.status_code,
-            attempt.error,
-        ),
-    )
     final = state in ("delivered", "dead", "skipped")
-    # `attempts = ?` fences out a worker whose lease expired and whose delivery was claimed again since.
-    conn.execute(
+    # `attempts = ?` fences out a worker whose lease expired and whose delivery was claimed again since:
+    # its late result changes nothing.
+    updated = conn.execute(
         "UPDATE deliveries SET state = ?, due_at = ?, lease_owner = NULL, last_status = ?, last_error = ?, "
         "finished_at = ? WHERE id = ? AND attempts = ? AND state = 'pending'",
         (
@@ -632,6 +632,21 @@ def _finish(
         ),
     )
     finished = Finished()
+    if updated.rowcount == 0:
+        return finished
+    conn.execute(
+        "INSERT INTO attempts (delivery_id, number, started_at, duration, outcome, status_code, error) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            delivery.id,
+            attempt.number,
+            attempt.started_at,
+            attempt.duration,
+            attempt.outcome,
+            attempt.status_code,
+            attempt.error,
+        ),
+    )
     if not final:
         return finished
     # Dependents of a finished parent run when their `when` matches, otherwise they (and theirs) are skipped.
@@ -663,8 +678,12 @@ def _finish(
 
 
 def _reset(conn: sqlite3.Connection, ids: list[int], now: float) -> int:
-    """Replay: the given deliveries are due now with a fresh attempt count; their dependents wait again."""
-    for delivery_id in ids:
+    """Replay: the given deliveries run again with a fresh attempt count, and their dependents wait again.
+    A delivery whose parent (or any ancestor) is replayed too waits for it instead of running at once."""
+    replayed = set(ids)
+    roots = [delivery_id for delivery_id in ids if not _has_ancestor_in(conn, delivery_id, replayed)]
+    changed = set(roots)
+    for delivery_id in roots:
         conn.execute(
             "UPDATE deliveries SET state = 'pending', due_at = ?, attempts = 0, lease_owner = NULL, "
             "finished_at = NULL WHERE id = ?",
@@ -682,7 +701,17 @@ def _reset(conn: sqlite3.Connection, ids: list[int], now: float) -> int:
                     descendants,
                 )
             ]
-    return len(ids)
+            changed.update(replayed.intersection(descendants))
+    return len(changed)
+
+
+def _has_ancestor_in(conn: sqlite3.Connection, delivery_id: int, ids: set[int]) -> bool:
+    parent = conn.execute("SELECT parent_id FROM deliveries WHERE id = ?", (delivery_id,)).fetchone()
+    while parent is not None and parent[0] is not None:
+        if parent[0] in ids:
+            return True
+        parent = conn.execute("SELECT parent_id FROM deliveries WHERE id = ?", (parent[0],)).fetchone()
+    return False
 
 
 def _delivery(row: tuple[Any, ...]) -> DeliveryRecord:

@@ -1,0 +1,414 @@
+"""The `hookyard` command: config checks, schema, plugins, and inspecting and replaying stored events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import yaml
+from click.testing import CliRunner, Result
+
+from gateway.cli import main
+from gateway.events import Event
+from gateway.storage import Attempt, Claim, DeliveryRecord, NewDelivery
+from gateway.storage.sqlite import SQLiteStorage
+from tests.support import CONSIGNLY_SECRETS, SVIX_SECRET
+
+T = TypeVar("T")
+
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "routes.yaml"
+
+
+def config_dict(tmp_path: Path) -> dict[str, Any]:
+    return {
+        "storage": {"url": f"sqlite:///{tmp_path}/db.sqlite"},
+        "sources": {
+            "consignease": {"path": "/webhooks/consignease", "provider": "svix", "secrets": [SVIX_SECRET]},
+            "consignly": {
+                "path": "/webhooks/consignly",
+                "provider": "consignly",
+                "secrets": CONSIGNLY_SECRETS,
+            },
+        },
+        "routes": [
+            {
+                "name": "users",
+                "source": "consignease",
+                "events": ["user.*"],
+                "actions": [{"id": "app", "use": "forward", "with": {"url": "http://127.0.0.1:3000/hooks"}}],
+            }
+        ],
+    }
+
+
+def write_config(tmp_path: Path, config: dict[str, Any] | str, name: str = "routes.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
+    return path
+
+
+def invoke(*args: str | Path, env: dict[str, str] | None = None) -> Result:
+    return CliRunner(env=env).invoke(main, [str(arg) for arg in args], catch_exceptions=False)
+
+
+# -- check, schema, plugins ---------------------------------------------------------------------------
+
+
+def test_check_accepts_the_repository_config() -> None:
+    result = invoke("check", "-c", REPO_CONFIG)
+    assert result.exit_code == 0, result.output
+    assert re.fullmatch(r"ok: \d+ sources, \d+ routes\n", result.stdout)
+    assert result.stderr == ""
+
+
+def test_check_reports_every_routing_error_with_its_place(tmp_path: Path) -> None:
+    config = config_dict(tmp_path)
+    config["sources"]["legacy"] = {"path": "/webhooks/legacy", "provider": "carrier-pigeon", "secrets": ["s"]}
+    config["sources"]["consignly"]["secrets"] = ["${HOOKYARD_TEST_UNSET_SECRET}"]
+    config["routes"][0]["actions"] = [
+        {"id": "app", "use": "forward", "with": {}},
+        {"id": "ack", "use": "forward", "with": {"url": "http://x/ack"}, "after": "nope"},
+        {"id": "sms", "use": "carrier-pigeon"},
+    ]
+    path = write_config(tmp_path, config)
+
+    result = invoke("check", "-c", path)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    expected = [
+        f"{path}: sources.consignly.secrets[0]: environment variable HOOKYARD_TEST_UNSET_SECRET is not set",
+        f"{path}: sources.legacy.provider: unknown provider 'carrier-pigeon'",
+        f"{path}: routes[0].actions[0].with.url: field required",
+        f"{path}: routes[0].actions[1].after: 'nope' is not the id of an earlier action in this route",
+        f"{path}: routes[0].actions[2].use: unknown action 'carrier-pigeon'",
+    ]
+    for line in expected:
+        assert any(printed.startswith(line) for printed in lines), (line, lines)
+
+
+def test_check_reports_every_shape_error_with_its_place(tmp_path: Path) -> None:
+    config = config_dict(tmp_path)
+    config["sources"]["consignease"]["colour"] = "blue"
+    config["sources"]["consignease"]["secrets"] = ["${HOOKYARD_TEST_UNSET_SECRET}"]
+    config["listen"] = {"port": 70000}
+    config["delivery"] = {"lease": "soon"}
+    del config["routes"][0]["source"]
+    path = write_config(tmp_path, config)
+
+    result = invoke("check", "-c", path)
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    expected = [
+        f"{path}: sources.consignease.secrets[0]: environment variable HOOKYARD_TEST_UNSET_SECRET is not set",
+        f"{path}: sources.consignease.colour: unknown key",
+        f"{path}: listen.port: ",
+        f"{path}: delivery.lease: 'soon' is not a duration",
+        f"{path}: routes[0].source: field required",
+    ]
+    for line in expected:
+        assert any(printed.startswith(line) for printed in lines), (line, lines)
+    assert len(lines) == len(expected), lines
+
+
+def test_check_reports_unreadable_and_invalid_files(tmp_path: Path) -> None:
+    missing = invoke("check", "-c", tmp_path / "missing.yaml")
+    assert missing.exit_code == 1
+    assert f"{tmp_path / 'missing.yaml'}: cannot read" in missing.stderr
+
+    broken = write_config(tmp_path, "sources: [unclosed\n", "broken.yaml")
+    result = invoke("check", "-c", broken)
+    assert result.exit_code == 1
+    assert f"{broken}: not valid YAML" in result.stderr
+
+
+def test_check_uses_hookyard_config_without_c(tmp_path: Path) -> None:
+    good = write_config(tmp_path, config_dict(tmp_path), "good.yaml")
+    result = invoke("check", env={"HOOKYARD_CONFIG": str(good)})
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "ok: 2 sources, 1 routes\n"
+
+    bad = write_config(tmp_path, {"sources": {"x": {"path": "nope", "provider": "svix"}}}, "bad.yaml")
+    result = invoke("check", env={"HOOKYARD_CONFIG": str(bad)})
+    assert result.exit_code == 1
+    assert f"{bad}: sources.x.path: path 'nope' must start with /" in result.stderr
+
+    # -c wins over the environment.
+    result = invoke("check", "-c", good, env={"HOOKYARD_CONFIG": str(bad)})
+    assert result.exit_code == 0
+
+
+def test_schema_is_the_json_schema_of_routes_yaml() -> None:
+    result = invoke("schema")
+    assert result.exit_code == 0
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "Hookyard routes.yaml"
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert {"sources", "routes", "storage", "listen"} <= set(schema["properties"])
+
+
+def test_plugins_lists_builtins_with_what_they_register() -> None:
+    result = invoke("plugins")
+    assert result.exit_code == 0
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.strip()}
+    assert "providers: svix" in lines["plugins.svix"]
+    assert "providers: consignly" in lines["plugins.consignly"]
+    assert "actions: forward" in lines["plugins.forward"]
+    assert "providers" not in lines["plugins.forward"]
+
+
+# -- events and replay against a filled database ---------------------------------------------------------
+
+
+def with_storage(db_path: Path, work: Callable[[SQLiteStorage], Awaitable[T]]) -> T:
+    async def run() -> T:
+        storage = SQLiteStorage(db_path)
+        await storage.open()
+        try:
+            return await work(storage)
+        finally:
+            await storage.close()
+
+    return asyncio.run(run())
+
+
+def make_event(
+    event_id: str, received_at: float, source: str = "consignease", type_: str = "user.created"
+) -> Event:
+    body = json.dumps({"type": type_, "data": {"id": event_id}}).encode()
+    return Event(source, event_id, type_, received_at, body, json.loads(body), occurred_at=received_at - 1)
+
+
+async def finish(
+    storage: SQLiteStorage, claim: Claim, state: str, now: float, status: int, due_at: float | None = None
+) -> None:
+    outcome = "retry" if state == "pending" else state
+    attempt = Attempt(claim.delivery.attempts, now - 0.5, 0.5, outcome, status, f"HTTP {status}")
+    await storage.finish(claim.delivery, attempt, state, due_at, now)
+
+
+APP = NewDelivery("users", "app")
+NOTIFY = NewDelivery("users", "notify", after="app", when="failure")
+
+
+async def fill(storage: SQLiteStorage) -> None:
+    """evt_delivered, evt_dead (app dead after a retry; notify ran), evt_pending, evt_old_dead (2 h ago),
+    evt_unrouted (10 min ago), and evt_twin stored under two sources."""
+    now = time.time()
+    await storage.ingest(make_event("evt_old_dead", now - 3 * 3600, "consignly", "ConsignmentCreated"), [APP])
+    [old] = await storage.claim(now - 3 * 3600, 10, 60, "w")
+    await finish(storage, old, "dead", now - 2 * 3600, 410)
+
+    await storage.ingest(make_event("evt_delivered", now - 60), [APP])
+    await storage.ingest(make_event("evt_dead", now - 50, type_="user.deleted"), [APP, NOTIFY])
+    claims = {c.event.id: c for c in await storage.claim(now - 50, 10, 60, "w")}
+    await finish(storage, claims["evt_delivered"], "delivered", now - 49, 200)
+    await finish(storage, claims["evt_dead"], "pending", now - 49, 500, due_at=now - 45)
+    [again] = await storage.claim(now - 45, 10, 60, "w")
+    await finish(storage, again, "dead", now - 44, 500)
+    [notify] = await storage.claim(now - 44, 10, 60, "w")
+    await finish(storage, notify, "delivered", now - 43, 204)
+
+    await storage.ingest(make_event("evt_pending", now - 40, "consignly", "ConsignmentCreated"), [APP])
+    await storage.ingest(make_event("evt_unrouted", now - 600), [])
+    await storage.ingest(make_event("evt_twin", now - 20), [])
+    await storage.ingest(make_event("evt_twin", now - 10, "consignly", "ConsignmentCreated"), [])
+
+
+@pytest.fixture
+def filled(tmp_path: Path) -> Path:
+    """A config whose database holds the events of `fill`."""
+    with_storage(tmp_path / "db.sqlite", fill)
+    return write_config(tmp_path, config_dict(tmp_path))
+
+
+def deliveries(config: Path, event_id: str) -> dict[str, DeliveryRecord]:
+    async def get(storage: SQLiteStorage) -> dict[str, DeliveryRecord]:
+        [detail] = await storage.get_event(event_id)
+        return {d.action: d for d in detail.deliveries}
+
+    return with_storage(config.parent / "db.sqlite", get)
+
+
+def listed_ids(result: Result) -> list[str]:
+    return [line.split()[-1] for line in result.stdout.splitlines()]
+
+
+def test_events_list(filled: Path) -> None:
+    result = invoke("events", "list", "-c", filled)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert listed_ids(result) == [
+        "evt_twin",
+        "evt_twin",
+        "evt_unrouted",
+        "evt_pending",
+        "evt_dead",
+        "evt_delivered",
+        "evt_old_dead",
+    ]
+    assert lines[4].split()[1:] == ["dead", "consignease", "user.deleted", "evt_dead"]
+    assert lines[5].split()[1:] == ["delivered", "consignease", "user.created", "evt_delivered"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", lines[0].split()[0])
+
+    dead = invoke("events", "list", "-c", filled, "--state", "dead")
+    assert listed_ids(dead) == ["evt_dead", "evt_old_dead"]
+    recent_dead = invoke("events", "list", "-c", filled, "--state", "dead", "--since", "1h")
+    assert listed_ids(recent_dead) == ["evt_dead"]
+    consignly = invoke("events", "list", "-c", filled, "--source", "consignly")
+    assert listed_ids(consignly) == ["evt_twin", "evt_pending", "evt_old_dead"]
+    assert listed_ids(invoke("events", "list", "-c", filled, "--limit", "2")) == ["evt_twin", "evt_twin"]
+    assert listed_ids(invoke("events", "list", "-c", filled, "--state", "unrouted", "--since", "5m")) == [
+        "evt_twin",
+        "evt_twin",
+    ]
+
+    as_json = invoke("events", "list", "-c", filled, "--state", "pending", "--json")
+    assert as_json.exit_code == 0
+    [row] = [json.loads(line) for line in as_json.stdout.splitlines()]
+    assert {k: row[k] for k in ("id", "source", "type", "state")} == {
+        "id": "evt_pending",
+        "source": "consignly",
+        "type": "ConsignmentCreated",
+        "state": "pending",
+    }
+    assert row["received_at"].endswith("Z")
+
+
+def test_events_list_rejects_a_bad_since(filled: Path) -> None:
+    result = invoke("events", "list", "-c", filled, "--since", "yesterday")
+    assert result.exit_code != 0
+    assert result.stdout == ""
+    assert "since" in result.stderr
+    assert "'yesterday'" in result.stderr
+
+
+def test_events_show(filled: Path) -> None:
+    result = invoke("events", "show", "-c", filled, "evt_dead")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert {k: shown[k] for k in ("id", "source", "type", "verified")} == {
+        "id": "evt_dead",
+        "source": "consignease",
+        "type": "user.deleted",
+        "verified": True,
+    }
+    assert shown["payload"] == {"type": "user.deleted", "data": {"id": "evt_dead"}}
+    assert shown["received_at"].endswith("Z")
+    app, notify = shown["deliveries"]
+    assert (app["route"], app["action"], app["state"], app["next_attempt_at"]) == (
+        "users",
+        "app",
+        "dead",
+        None,
+    )
+    assert [(a["number"], a["outcome"], a["status_code"], a["error"]) for a in app["attempts"]] == [
+        (1, "retry", 500, "HTTP 500"),
+        (2, "dead", 500, "HTTP 500"),
+    ]
+    assert all(a["duration_ms"] == 500.0 for a in app["attempts"])
+    assert (notify["action"], notify["state"]) == ("notify", "delivered")
+    assert [a["status_code"] for a in notify["attempts"]] == [204]
+
+    pending = json.loads(invoke("events", "show", "-c", filled, "evt_pending", "--json").stdout)
+    [delivery] = pending["deliveries"]
+    assert delivery["state"] == "pending"
+    assert delivery["attempts"] == []
+    assert delivery["next_attempt_at"].endswith("Z")
+
+    twin = invoke("events", "show", "-c", filled, "evt_twin", "--source", "consignly", "--json")
+    assert json.loads(twin.stdout)["source"] == "consignly"
+    # Without --source an id stored under two sources is ambiguous.
+    both = invoke("events", "show", "-c", filled, "evt_twin")
+    assert both.exit_code == 1
+    assert both.stdout == ""
+    assert "several sources (consignly, consignease)" in both.stderr
+
+
+def test_events_show_an_unknown_id_exits_1(filled: Path) -> None:
+    result = invoke("events", "show", "-c", filled, "evt_nope")
+    assert result.exit_code == 1
+    assert "no event 'evt_nope'" in result.stderr
+
+
+def test_replay_an_event(filled: Path) -> None:
+    result = invoke("replay", "-c", filled, "evt_dead")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "replaying 1 deliveries\n"
+    records = deliveries(filled, "evt_dead")
+    assert (records["app"].state, records["app"].attempts) == ("pending", 0)
+    assert records["app"].due_at is not None and records["app"].due_at <= time.time()
+    assert (records["notify"].state, records["notify"].attempts) == ("waiting", 0)
+    # The others are untouched.
+    assert deliveries(filled, "evt_delivered")["app"].state == "delivered"
+    assert deliveries(filled, "evt_old_dead")["app"].state == "dead"
+
+    again = invoke("replay", "-c", filled, "evt_dead")
+    assert again.exit_code == 0
+    assert again.stdout == "replaying 0 deliveries\n"
+
+
+def test_replay_one_action(filled: Path) -> None:
+    result = invoke("replay", "-c", filled, "evt_dead", "--action", "notify")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "replaying 1 deliveries\n"
+    records = deliveries(filled, "evt_dead")
+    assert {k: r.state for k, r in records.items()} == {"app": "dead", "notify": "pending"}
+
+
+def test_replay_dead_deliveries_since(filled: Path) -> None:
+    result = invoke("replay", "-c", filled, "--state", "dead", "--since", "1h")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "replaying 1 deliveries\n"
+    assert {k: r.state for k, r in deliveries(filled, "evt_dead").items()} == {
+        "app": "pending",
+        "notify": "waiting",
+    }
+    assert deliveries(filled, "evt_old_dead")["app"].state == "dead"
+
+    everything = invoke("replay", "-c", filled, "--state", "dead")
+    assert everything.stdout == "replaying 1 deliveries\n"
+    assert deliveries(filled, "evt_old_dead")["app"].state == "pending"
+    assert deliveries(filled, "evt_delivered")["app"].state == "delivered"
+
+
+@pytest.mark.parametrize("args", [[], ["evt_dead", "--state", "dead"]])
+def test_replay_needs_an_id_or_a_state(filled: Path, args: list[str]) -> None:
+    result = invoke("replay", "-c", filled, *args)
+    assert result.exit_code == 2
+    assert "give an EVENT_ID or --state" in result.stderr
+    assert deliveries(filled, "evt_dead")["app"].state == "dead"
+
+
+def test_replay_an_unknown_id_exits_1(filled: Path) -> None:
+    result = invoke("replay", "-c", filled, "evt_nope")
+    assert result.exit_code == 1
+    assert "no event 'evt_nope'" in result.stderr
+    assert result.stdout == ""
+
+
+def test_replay_an_unknown_action_exits_1(filled: Path) -> None:
+    result = invoke("replay", "-c", filled, "evt_dead", "--action", "sms")
+    assert result.exit_code == 1
+    assert "'sms'" in result.stderr
+    assert {k: r.state for k, r in deliveries(filled, "evt_dead").items()} == {
+        "app": "dead",
+        "notify": "delivered",
+    }
+
+
+def test_replay_an_id_in_several_sources_needs_source(filled: Path) -> None:
+    result = invoke("replay", "-c", filled, "evt_twin")
+    assert result.exit_code == 1
+    assert "several sources (consignly, consignease)" in result.stderr
+    assert result.stdout == ""
+
+    chosen = invoke("replay", "-c", filled, "evt_twin", "--source", "consignly")
+    assert chosen.exit_code == 0
+    assert chosen.stdout == "replaying 0 deliveries\n"

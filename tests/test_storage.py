@@ -1,0 +1,739 @@
+"""The embedded SQLite store, against a real database file: ingest, claim, finish, replay, inspection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from gateway.actions import ParentResult
+from gateway.events import Event
+from gateway.storage import (
+    Attempt,
+    Claim,
+    DeliveryRecord,
+    EventDetail,
+    Finished,
+    NewDelivery,
+    StorageUnavailable,
+    open_storage,
+)
+from gateway.storage.sqlite import SQLiteStorage
+
+T = TypeVar("T")
+
+T0 = 1_700_000_000.0
+LEASE = 60.0
+ROUTE = "orders"
+
+
+def make_event(event_id: str, *, source: str = "shop", at: float = T0, type_: str = "order.created") -> Event:
+    body = json.dumps({"id": event_id, "type": type_, "data": {"total": 42}}).encode()
+    return Event(
+        source=source,
+        id=event_id,
+        type=type_,
+        received_at=at,
+        body=body,
+        payload=json.loads(body),
+        occurred_at=at - 1,
+        headers={"content-type": "application/json"},
+    )
+
+
+def action(key: str, after: str | None = None, when: str | None = None) -> NewDelivery:
+    return NewDelivery(ROUTE, key, after, when)
+
+
+APP = action("app")
+
+
+class Harness:
+    """A SQLiteStorage on a file, driven from sync tests through one event loop."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.runner = asyncio.Runner()
+        self.storage = SQLiteStorage(path)
+        self.commits: list[int] = []
+        self.storage.on_commit = lambda size, _duration: self.commits.append(size)
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self.runner.run(coro)
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        assert self.storage._writer is not None
+        return self.storage._writer.connection
+
+    def ingest(self, event_id: str, *deliveries: NewDelivery, **event: Any) -> bool:
+        return self.run(self.storage.ingest(make_event(event_id, **event), list(deliveries)))
+
+    def claim(self, now: float, limit: int = 100, lease: float = LEASE, owner: str = "w1") -> list[Claim]:
+        return self.run(self.storage.claim(now, limit, lease, owner))
+
+    def finish(
+        self,
+        delivery: Claim | DeliveryRecord,
+        state: str,
+        now: float,
+        *,
+        due_at: float | None = None,
+        status: int | None = None,
+        error: str | None = None,
+        number: int | None = None,
+    ) -> Finished:
+        record = delivery.delivery if isinstance(delivery, Claim) else delivery
+        outcome = "retry" if state == "pending" else state
+        attempt = Attempt(
+            record.attempts if number is None else number, now - 0.25, 0.25, outcome, status, error
+        )
+        return self.run(self.storage.finish(record, attempt, state, due_at, now))
+
+    def detail(self, event_id: str, source: str | None = None) -> EventDetail:
+        [detail] = self.run(self.storage.get_event(event_id, source))
+        return detail
+
+    def deliveries(self, event_id: str) -> dict[str, DeliveryRecord]:
+        return {d.action: d for d in self.detail(event_id).deliveries}
+
+    def states(self, event_id: str) -> dict[str, str]:
+        return {key: d.state for key, d in self.deliveries(event_id).items()}
+
+
+def keyed(claims: list[Claim]) -> dict[tuple[str, str], Claim]:
+    return {(c.event.id, c.delivery.action): c for c in claims}
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Harness]:
+    harness = Harness(tmp_path / "hookyard.db")
+    harness.run(harness.storage.open())
+    try:
+        yield harness
+    finally:
+        harness.run(harness.storage.close())
+        harness.runner.close()
+
+
+# -- ingest -------------------------------------------------------------------------------------------
+
+
+def test_ingest_stores_an_event_once_per_source_and_id(db: Harness) -> None:
+    assert db.ingest("evt_1", APP, action("audit")) is True
+    assert db.ingest("evt_1", APP, action("audit"), at=T0 + 5) is False
+
+    detail = db.detail("evt_1")
+    assert [(d.action, d.state, d.attempts) for d in detail.deliveries] == [
+        ("app", "pending", 0),
+        ("audit", "pending", 0),
+    ]
+    # The first copy is kept as it was.
+    assert detail.event.received_at == T0
+    assert detail.event.payload == {"id": "evt_1", "type": "order.created", "data": {"total": 42}}
+    assert detail.event.headers == {"content-type": "application/json"}
+    assert detail.event.occurred_at == T0 - 1
+
+    # The same id from another source is another event.
+    assert db.ingest("evt_1", APP, source="billing") is True
+    assert [d.event.source for d in db.run(db.storage.get_event("evt_1"))] == ["billing", "shop"]
+    assert len(db.detail("evt_1", source="billing").deliveries) == 1
+    assert len(db.detail("evt_1", source="shop").deliveries) == 2
+    assert len(db.claim(T0 + 10)) == 3
+
+
+def test_the_same_event_twice_in_one_batch_is_stored_once(db: Harness) -> None:
+    async def twice() -> list[bool]:
+        return list(
+            await asyncio.gather(
+                db.storage.ingest(make_event("evt_twice"), [APP]),
+                db.storage.ingest(make_event("evt_twice"), [APP]),
+            )
+        )
+
+    assert sorted(db.run(twice())) == [False, True]
+    assert len(db.detail("evt_twice").deliveries) == 1
+
+
+def test_database_is_wal_with_full_synchronous(db: Harness) -> None:
+    with contextlib.closing(sqlite3.connect(db.path)) as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.connection.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_concurrent_ingests_share_commits(db: Harness) -> None:
+    async def flood() -> list[bool]:
+        return list(
+            await asyncio.gather(
+                *(db.storage.ingest(make_event(f"evt_{n}", at=T0 + n), [APP]) for n in range(300))
+            )
+        )
+
+    assert db.run(flood()) == [True] * 300
+    assert sum(db.commits) == 300
+    assert len(db.commits) < 300, db.commits
+    with contextlib.closing(sqlite3.connect(db.path)) as other:
+        assert other.execute("SELECT count(*) FROM events").fetchone()[0] == 300
+        assert other.execute("SELECT count(*) FROM deliveries WHERE state = 'pending'").fetchone()[0] == 300
+    assert len(db.run(db.storage.list_events(limit=1000))) == 300
+
+
+# -- claim ----------------------------------------------------------------------------------------------
+
+
+def test_claim_leases_the_oldest_due_deliveries(db: Harness) -> None:
+    db.ingest("evt_b", APP, at=T0 + 2)
+    db.ingest("evt_a", APP, at=T0 + 1)
+    db.ingest("evt_c", APP, at=T0 + 3)
+    db.ingest("evt_future", APP, at=T0 + 500)
+
+    first = db.claim(T0 + 10, limit=2)
+    assert {c.event.id for c in first} == {"evt_a", "evt_b"}
+    assert all(c.delivery.attempts == 1 for c in first)
+    assert all(c.parent is None for c in first)
+    claimed = keyed(first)[("evt_a", "app")]
+    assert claimed.event.payload["data"] == {"total": 42}
+    assert claimed.event.received_at == T0 + 1
+    assert (claimed.delivery.route, claimed.delivery.state) == (ROUTE, "pending")
+
+    # Leased: only the remaining due delivery can be claimed, then nothing until the lease runs out.
+    assert [c.event.id for c in db.claim(T0 + 10)] == ["evt_c"]
+    assert db.claim(T0 + 10) == []
+    assert db.claim(T0 + 10 + LEASE - 1) == []
+
+    again = db.claim(T0 + 10 + LEASE)
+    assert {c.event.id for c in again} == {"evt_a", "evt_b", "evt_c"}
+    assert all(c.delivery.attempts == 2 for c in again)
+    assert db.deliveries("evt_future")["app"].attempts == 0
+
+
+def test_claim_returns_the_oldest_due_first(db: Harness) -> None:
+    for event_id, at in [("evt_3", T0 + 3), ("evt_1", T0 + 1), ("evt_2", T0 + 2), ("evt_0", T0)]:
+        db.ingest(event_id, APP, at=at)
+    assert [c.event.id for c in db.claim(T0 + 10, limit=3)] == ["evt_0", "evt_1", "evt_2"]
+
+
+def test_dependents_wait_for_their_parent(db: Harness) -> None:
+    db.ingest("evt_1", APP, action("ack", after="app", when="success"))
+    ack = db.deliveries("evt_1")["ack"]
+    assert (ack.state, ack.due_at, ack.when) == ("waiting", None, "success")
+    assert ack.parent_id == db.deliveries("evt_1")["app"].id
+
+    assert [c.delivery.action for c in db.claim(T0 + 10)] == ["app"]
+    # Only app comes back once its lease runs out; ack waits for app's final state.
+    assert [(c.delivery.action, c.delivery.attempts) for c in db.claim(T0 + 10 + LEASE)] == [("app", 2)]
+    assert db.run(db.storage.queue_stats(T0 + 10 + LEASE)).counts["waiting"] == 1
+
+
+# -- finish ---------------------------------------------------------------------------------------------
+
+
+def test_retry_makes_the_delivery_due_again_later(db: Harness) -> None:
+    db.ingest("evt_1", APP)
+    [claim] = db.claim(T0 + 1)
+    finished = db.finish(claim, "pending", T0 + 2, due_at=T0 + 30, status=503, error="HTTP 503")
+    assert finished == Finished()
+
+    record = db.deliveries("evt_1")["app"]
+    assert (record.state, record.due_at, record.attempts) == ("pending", T0 + 30, 1)
+    assert (record.last_status, record.last_error, record.finished_at) == (503, "HTTP 503", None)
+    assert db.claim(T0 + 29) == []
+    [again] = db.claim(T0 + 30)
+    assert again.delivery.attempts == 2
+
+
+@pytest.mark.parametrize("state", ["delivered", "dead"])
+def test_delivered_and_dead_are_final(db: Harness, state: str) -> None:
+    db.ingest("evt_1", APP)
+    [claim] = db.claim(T0 + 1)
+    db.finish(claim, state, T0 + 2, status=200 if state == "delivered" else 400)
+
+    record = db.deliveries("evt_1")["app"]
+    assert (record.state, record.finished_at) == (state, T0 + 2)
+    assert db.claim(T0 + 10 * LEASE) == []
+    assert db.run(db.storage.next_due_at()) is None
+
+    # A second report for the same attempt changes nothing.
+    db.finish(claim, "pending", T0 + 3, due_at=T0 + 4)
+    assert db.deliveries("evt_1")["app"].state == state
+    assert db.claim(T0 + 10 * LEASE) == []
+
+
+def test_a_stale_attempt_cannot_finish_a_delivery_claimed_again(db: Harness) -> None:
+    db.ingest("evt_1", APP, action("ack", after="app", when="success"))
+    [first] = db.claim(T0 + 1)
+    [second] = db.claim(T0 + 1 + LEASE)  # the first worker's lease ran out
+    assert (first.delivery.attempts, second.delivery.attempts) == (1, 2)
+
+    # The first worker finally reports: it was fenced out, so nothing changes.
+    finished = db.finish(first, "delivered", T0 + 2 + LEASE, status=200)
+    assert finished == Finished()
+    records = db.deliveries("evt_1")
+    assert (records["app"].state, records["app"].attempts, records["app"].finished_at) == ("pending", 2, None)
+    assert records["ack"].state == "waiting"
+    assert db.detail("evt_1").attempts[records["app"].id] == []
+    assert db.claim(T0 + 3 + LEASE) == []
+
+    # The current worker's report counts.
+    finished = db.finish(second, "delivered", T0 + 4 + LEASE, status=200)
+    assert finished.activated == [(ROUTE, "ack")]
+    assert db.states("evt_1") == {"app": "delivered", "ack": "pending"}
+
+
+DEPENDENTS = (
+    APP,
+    action("on_success", after="app", when="success"),
+    action("on_failure", after="app", when="failure"),
+    action("always", after="app", when="always"),
+    action("after_success", after="on_success", when="always"),
+    action("after_failure", after="on_failure", when="always"),
+)
+
+
+def test_a_delivered_parent_runs_success_and_always_and_skips_failure(db: Harness) -> None:
+    db.ingest("evt_1", *DEPENDENTS)
+    [parent] = db.claim(T0 + 1)
+    finished = db.finish(parent, "delivered", T0 + 2, status=202)
+
+    assert sorted(finished.activated) == [(ROUTE, "always"), (ROUTE, "on_success")]
+    assert sorted(finished.skipped) == [(ROUTE, "after_failure"), (ROUTE, "on_failure")]
+    assert db.states("evt_1") == {
+        "app": "delivered",
+        "on_success": "pending",
+        "on_failure": "skipped",
+        "always": "pending",
+        "after_success": "waiting",
+        "after_failure": "skipped",
+    }
+    skipped = db.deliveries("evt_1")["after_failure"]
+    assert skipped.finished_at == T0 + 2
+
+    claims = db.claim(T0 + 2)
+    assert sorted(c.delivery.action for c in claims) == ["always", "on_success"]
+    for claim in claims:
+        assert claim.parent == ParentResult("app", "delivered", 1, 202, None)
+
+    # One level further down: after_success runs once on_success is done.
+    on_success = keyed(claims)[("evt_1", "on_success")]
+    finished = db.finish(on_success, "dead", T0 + 3, status=400, error="HTTP 400")
+    assert finished.activated == [(ROUTE, "after_success")]
+    [grandchild] = db.claim(T0 + 3)
+    assert grandchild.delivery.action == "after_success"
+    assert grandchild.parent == ParentResult("on_success", "dead", 1, 400, "HTTP 400")
+
+
+def test_a_dead_parent_runs_failure_and_always_and_skips_success(db: Harness) -> None:
+    db.ingest("evt_1", *DEPENDENTS)
+    [parent] = db.claim(T0 + 1)
+    finished = db.finish(parent, "dead", T0 + 2, status=410, error="HTTP 410")
+
+    assert sorted(finished.activated) == [(ROUTE, "always"), (ROUTE, "on_failure")]
+    assert sorted(finished.skipped) == [(ROUTE, "after_success"), (ROUTE, "on_success")]
+    assert db.states("evt_1") == {
+        "app": "dead",
+        "on_success": "skipped",
+        "on_failure": "pending",
+        "always": "pending",
+        "after_success": "skipped",
+        "after_failure": "waiting",
+    }
+    claims = db.claim(T0 + 2)
+    assert sorted(c.delivery.action for c in claims) == ["always", "on_failure"]
+    assert {c.parent for c in claims} == {ParentResult("app", "dead", 1, 410, "HTTP 410")}
+
+
+def test_a_skipped_parent_skips_every_dependent(db: Harness) -> None:
+    db.ingest("evt_1", *DEPENDENTS)
+    [parent] = db.claim(T0 + 1)
+    finished = db.finish(parent, "skipped", T0 + 2, error="nothing to do")
+    assert finished.activated == []
+    assert len(finished.skipped) == 5
+    assert set(db.states("evt_1").values()) == {"skipped"}
+
+
+def test_a_retry_leaves_dependents_waiting(db: Harness) -> None:
+    db.ingest("evt_1", *DEPENDENTS)
+    [parent] = db.claim(T0 + 1)
+    assert db.finish(parent, "pending", T0 + 2, due_at=T0 + 5, status=500) == Finished()
+    assert list(db.states("evt_1").values()).count("waiting") == 5
+
+
+# -- release --------------------------------------------------------------------------------------------
+
+
+def test_release_makes_leased_deliveries_due_at_once(db: Harness) -> None:
+    db.ingest("evt_1", APP, at=T0)
+    db.ingest("evt_2", APP, at=T0 + 1)
+    claims = keyed(db.claim(T0 + 2))
+    db.run(db.storage.release([claims[("evt_1", "app")].delivery.id], T0 + 3))
+
+    assert db.claim(T0 + 2) == []  # due at the release time, not before
+    [again] = db.claim(T0 + 3)
+    assert again.event.id == "evt_1"
+    stats = db.run(db.storage.queue_stats(T0 + 3))
+    assert stats.counts["in_flight"] == 2
+
+
+def test_release_all_leases_after_a_crash(db: Harness) -> None:
+    db.ingest("evt_1", APP, at=T0)
+    db.ingest("evt_2", APP, at=T0 + 1)
+    db.ingest("evt_later", APP, at=T0 + 1000)
+    db.claim(T0 + 2, owner="crashed")
+    assert db.run(db.storage.release_all_leases(T0 + 5)) == 2
+
+    stats = db.run(db.storage.queue_stats(T0 + 5))
+    assert stats.counts == {"due": 2, "scheduled": 1, "in_flight": 0, "waiting": 0}
+    assert {c.event.id for c in db.claim(T0 + 5)} == {"evt_1", "evt_2"}
+    assert db.deliveries("evt_later")["app"].due_at == T0 + 1000
+
+
+# -- queue stats ----------------------------------------------------------------------------------------
+
+
+def test_queue_stats_and_next_due_at(db: Harness) -> None:
+    empty = db.run(db.storage.queue_stats(T0))
+    assert empty.counts == {"due": 0, "scheduled": 0, "in_flight": 0, "waiting": 0}
+    assert empty.oldest_due_at is None
+    assert db.run(db.storage.next_due_at()) is None
+
+    db.ingest("evt_inflight", APP, action("ack", after="app"), at=T0)
+    db.claim(T0, lease=60)  # in flight until T0 + 60
+    db.ingest("evt_retry", APP, at=T0 + 1)
+    [retry] = db.claim(T0 + 1)
+    db.finish(retry, "pending", T0 + 1, due_at=T0 + 100)  # scheduled
+    db.ingest("evt_due", APP, at=T0 + 5)
+
+    stats = db.run(db.storage.queue_stats(T0 + 10))
+    assert stats.counts == {"due": 1, "scheduled": 1, "in_flight": 1, "waiting": 1}
+    assert stats.oldest_due_at == T0 + 5
+    assert db.run(db.storage.next_due_at()) == T0 + 5
+
+    assert db.run(db.storage.queue_stats(T0 + 2)).counts == {
+        "due": 0,
+        "scheduled": 2,
+        "in_flight": 1,
+        "waiting": 1,
+    }
+
+    db.claim(T0 + 10, lease=20)  # evt_due, leased until T0 + 30
+    assert db.run(db.storage.next_due_at()) == T0 + 30
+    stats = db.run(db.storage.queue_stats(T0 + 10))
+    assert stats.counts == {"due": 0, "scheduled": 1, "in_flight": 2, "waiting": 1}
+    assert stats.oldest_due_at == T0 + 100
+
+
+# -- inspection -----------------------------------------------------------------------------------------
+
+
+def test_list_events_by_state_source_and_time(db: Harness) -> None:
+    db.ingest("evt_pending", APP, at=T0 + 1, source="shop")
+    db.ingest("evt_delivered", APP, at=T0 + 2, source="shop", type_="order.paid")
+    db.ingest("evt_dead", APP, at=T0 + 3, source="billing")
+    db.ingest("evt_unrouted", at=T0 + 4, source="billing")
+    db.ingest("evt_mixed", APP, action("audit"), at=T0 + 5, source="shop")
+    db.ingest("evt_waiting", APP, action("ack", after="app"), at=T0 + 6, source="shop")
+    claims = keyed(db.claim(T0 + 10))
+    for event_id, key, state in [
+        ("evt_delivered", "app", "delivered"),
+        ("evt_dead", "app", "dead"),
+        ("evt_mixed", "app", "delivered"),
+        ("evt_mixed", "audit", "dead"),
+        ("evt_waiting", "app", "pending"),
+    ]:
+        db.finish(claims[(event_id, key)], state, T0 + 11, due_at=T0 + 50 if state == "pending" else None)
+
+    def ids(**filters: Any) -> list[str]:
+        return [summary.id for summary in db.run(db.storage.list_events(**filters))]
+
+    everything = db.run(db.storage.list_events())
+    assert [(e.id, e.state) for e in everything] == [
+        ("evt_waiting", "pending"),
+        ("evt_mixed", "dead"),
+        ("evt_unrouted", "unrouted"),
+        ("evt_dead", "dead"),
+        ("evt_delivered", "delivered"),
+        ("evt_pending", "pending"),
+    ]
+    delivered = everything[-2]
+    assert (delivered.source, delivered.type, delivered.received_at) == ("shop", "order.paid", T0 + 2)
+    assert everything[0].seq > everything[1].seq
+
+    assert ids(state="pending") == ["evt_waiting", "evt_pending"]
+    assert ids(state="delivered") == ["evt_delivered"]
+    assert ids(state="dead") == ["evt_mixed", "evt_dead"]
+    assert ids(state="unrouted") == ["evt_unrouted"]
+    assert ids(source="billing") == ["evt_unrouted", "evt_dead"]
+    assert ids(source="shop", state="dead") == ["evt_mixed"]
+    assert ids(since=T0 + 4) == ["evt_waiting", "evt_mixed", "evt_unrouted"]
+    assert ids(since=T0 + 4, state="dead") == ["evt_mixed"]
+    assert ids(limit=2) == ["evt_waiting", "evt_mixed"]
+    assert ids(state="pending", limit=1) == ["evt_waiting"]
+    assert ids(source="nobody") == []
+
+
+def test_get_event_returns_deliveries_and_attempts_in_order(db: Harness) -> None:
+    db.ingest("evt_1", APP, action("audit"), action("ack", after="app", when="always"))
+    claims = keyed(db.claim(T0 + 1))
+    db.finish(claims[("evt_1", "audit")], "delivered", T0 + 1, status=204)
+    db.finish(claims[("evt_1", "app")], "pending", T0 + 2, due_at=T0 + 3, status=500, error="HTTP 500")
+    [app] = db.claim(T0 + 3)
+    db.finish(app, "pending", T0 + 4, due_at=T0 + 5, error="connect timeout")
+    [app] = db.claim(T0 + 5)
+    db.finish(app, "delivered", T0 + 6, status=200)
+
+    detail = db.detail("evt_1")
+    assert detail.event.id == "evt_1"
+    assert [(d.action, d.state, d.attempts) for d in detail.deliveries] == [
+        ("app", "delivered", 3),
+        ("audit", "delivered", 1),
+        ("ack", "pending", 0),
+    ]
+    app_record, audit_record, ack_record = detail.deliveries
+    assert (app_record.last_status, app_record.last_error) == (200, None)
+    history = detail.attempts[app_record.id]
+    assert [(a.number, a.outcome, a.status_code, a.error) for a in history] == [
+        (1, "retry", 500, "HTTP 500"),
+        (2, "retry", None, "connect timeout"),
+        (3, "delivered", 200, None),
+    ]
+    assert [a.started_at for a in history] == [T0 + 1.75, T0 + 3.75, T0 + 5.75]
+    assert all(a.duration == 0.25 for a in history)
+    assert [a.status_code for a in detail.attempts[audit_record.id]] == [204]
+    assert detail.attempts[ack_record.id] == []
+    assert db.run(db.storage.get_event("evt_missing")) == []
+    assert db.run(db.storage.get_event("evt_1", source="other")) == []
+
+
+# -- replay ---------------------------------------------------------------------------------------------
+
+
+def finished_event(db: Harness) -> int:
+    """evt_1: app dead, its `always` dependent ack delivered, audit delivered, slow still in flight."""
+    db.ingest("evt_1", APP, action("ack", after="app", when="always"), action("audit"), action("slow"))
+    claims = keyed(db.claim(T0 + 1, lease=1000))
+    db.finish(claims[("evt_1", "app")], "dead", T0 + 2, status=400)
+    db.finish(claims[("evt_1", "audit")], "delivered", T0 + 2, status=200)
+    [ack] = db.claim(T0 + 2, lease=1000)
+    db.finish(ack, "delivered", T0 + 3, status=200)
+    assert db.states("evt_1") == {"app": "dead", "ack": "delivered", "audit": "delivered", "slow": "pending"}
+    return db.detail("evt_1").seq
+
+
+def test_replay_event_reruns_finished_deliveries_and_rewinds_dependents(db: Harness) -> None:
+    seq = finished_event(db)
+    assert db.run(db.storage.replay_event(seq, now=T0 + 100)) == 2
+
+    records = db.deliveries("evt_1")
+    assert {k: (r.state, r.attempts) for k, r in records.items()} == {
+        "app": ("pending", 0),
+        "ack": ("waiting", 0),
+        "audit": ("pending", 0),
+        "slow": ("pending", 1),  # in flight: untouched
+    }
+    assert (records["app"].due_at, records["app"].finished_at) == (T0 + 100, None)
+    assert records["ack"].due_at is None
+    assert records["slow"].due_at == T0 + 1 + 1000
+    assert db.run(db.storage.queue_stats(T0 + 100)).counts == {
+        "due": 2,
+        "scheduled": 0,
+        "in_flight": 1,
+        "waiting": 1,
+    }
+    assert db.claim(T0 + 99) == []
+    claims = db.claim(T0 + 100)
+    assert sorted(c.delivery.action for c in claims) == ["app", "audit"]
+    assert all(c.delivery.attempts == 1 for c in claims)
+    # The attempt history is kept.
+    detail = db.detail("evt_1")
+    assert len(detail.attempts[records["app"].id]) == 1
+
+
+def test_replay_event_of_one_action(db: Harness) -> None:
+    seq = finished_event(db)
+    assert db.run(db.storage.replay_event(seq, "audit", now=T0 + 100)) == 1
+    assert db.states("evt_1") == {"app": "dead", "ack": "delivered", "audit": "pending", "slow": "pending"}
+    # A dependent can be replayed on its own; in-flight or unknown actions are not reset.
+    assert db.run(db.storage.replay_event(seq, "ack", now=T0 + 100)) == 1
+    assert db.states("evt_1")["ack"] == "pending"
+    assert db.run(db.storage.replay_event(seq, "slow", now=T0 + 100)) == 0
+    assert db.run(db.storage.replay_event(seq, "nope", now=T0 + 100)) == 0
+    assert sorted(c.delivery.action for c in db.claim(T0 + 100)) == ["ack", "audit"]
+
+
+def test_replay_dead_since_and_by_source(db: Harness) -> None:
+    db.ingest("evt_old", APP, at=T0, source="shop")
+    db.ingest("evt_recent", APP, action("ack", after="app", when="failure"), at=T0 + 1, source="shop")
+    db.ingest("evt_billing", APP, at=T0 + 2, source="billing")
+    db.ingest("evt_ok", APP, at=T0 + 3, source="shop")
+    db.ingest("evt_waiting", APP, at=T0 + 4, source="shop")
+    claims = keyed(db.claim(T0 + 5, lease=1000))
+    db.finish(claims[("evt_old", "app")], "dead", T0 + 10)
+    db.finish(claims[("evt_recent", "app")], "dead", T0 + 500)
+    db.finish(claims[("evt_billing", "app")], "dead", T0 + 600)
+    db.finish(claims[("evt_ok", "app")], "delivered", T0 + 600)
+    [ack] = db.claim(T0 + 500)
+    db.finish(ack, "delivered", T0 + 501)
+    # evt_waiting's app stays in flight.
+
+    assert db.run(db.storage.replay_dead(since=T0 + 100, source="shop", now=T0 + 700)) == 1
+    assert db.states("evt_recent") == {"app": "pending", "ack": "waiting"}
+    assert db.deliveries("evt_recent")["app"].attempts == 0
+    assert db.states("evt_old") == {"app": "dead"}
+    assert db.states("evt_billing") == {"app": "dead"}
+
+    assert db.run(db.storage.replay_dead(since=T0 + 100, now=T0 + 700)) == 1
+    assert db.states("evt_billing") == {"app": "pending"}
+    assert db.states("evt_old") == {"app": "dead"}
+
+    assert db.run(db.storage.replay_dead(since=None, now=T0 + 700)) == 1
+    assert db.states("evt_old") == {"app": "pending"}
+    assert db.states("evt_ok") == {"app": "delivered"}
+    assert db.deliveries("evt_waiting")["app"].attempts == 1
+    assert db.run(db.storage.replay_dead(since=None, now=T0 + 700)) == 0
+    assert {c.event.id for c in db.claim(T0 + 700)} == {"evt_old", "evt_recent", "evt_billing"}
+
+
+def test_replay_dead_keeps_a_dead_dependent_waiting_for_its_replayed_parent(db: Harness) -> None:
+    db.ingest("evt_1", APP, action("cleanup", after="app", when="always"))
+    [app] = db.claim(T0 + 1)
+    db.finish(app, "dead", T0 + 2, status=500)
+    [cleanup] = db.claim(T0 + 2)
+    db.finish(cleanup, "dead", T0 + 3, status=500)
+
+    db.run(db.storage.replay_dead(since=None, now=T0 + 10))
+    # cleanup runs after app: replaying both must not let it run before (or beside) app's new attempt.
+    assert db.states("evt_1") == {"app": "pending", "cleanup": "waiting"}
+    assert [c.delivery.action for c in db.claim(T0 + 10)] == ["app"]
+
+
+# -- failures -------------------------------------------------------------------------------------------
+
+
+def test_a_read_only_store_is_unavailable_until_writable_again(db: Harness) -> None:
+    db.ingest("evt_before", APP)
+    db.connection.execute("PRAGMA query_only = ON")
+    with pytest.raises(StorageUnavailable):
+        db.ingest("evt_refused", APP)
+    with pytest.raises(StorageUnavailable):
+        db.run(db.storage.check_writable())
+
+    db.connection.execute("PRAGMA query_only = OFF")
+    db.run(db.storage.check_writable())
+    assert db.ingest("evt_after", APP) is True
+    assert [e.id for e in db.run(db.storage.list_events())] == ["evt_after", "evt_before"]
+
+
+def fill_disk(db: Harness) -> None:
+    pages = db.connection.execute("PRAGMA page_count").fetchone()[0]
+    db.connection.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def big_event(event_id: str) -> tuple[Event, list[NewDelivery]]:
+    event = make_event(event_id)
+    event.body = json.dumps({"id": event_id, "pad": "x" * 50_000}).encode()
+    return event, [APP]
+
+
+def test_a_full_disk_is_unavailable_and_loses_nothing_committed(db: Harness) -> None:
+    db.ingest("evt_before", APP)
+    fill_disk(db)
+
+    async def flood() -> list[BaseException | bool]:
+        return list(
+            await asyncio.gather(
+                db.storage.ingest(*big_event("evt_big")),
+                db.storage.ingest(make_event("evt_small"), [APP]),
+                return_exceptions=True,
+            )
+        )
+
+    results = db.run(flood())
+    assert all(isinstance(result, StorageUnavailable) for result in results), results
+    with pytest.raises(StorageUnavailable):
+        db.run(db.storage.ingest(*big_event("evt_big")))
+
+    db.connection.execute("PRAGMA max_page_count = 1073741823")
+    assert db.run(db.storage.ingest(*big_event("evt_big"))) is True
+    assert db.ingest("evt_small", APP) is True
+    assert [e.id for e in db.run(db.storage.list_events())] == ["evt_small", "evt_big", "evt_before"]
+
+
+def test_a_full_disk_error_names_the_cause(db: Harness) -> None:
+    fill_disk(db)
+    with pytest.raises(StorageUnavailable) as failure:
+        db.run(db.storage.ingest(*big_event("evt_big")))
+    assert "full" in str(failure.value)
+
+
+def test_operations_on_a_closed_store_are_unavailable(tmp_path: Path) -> None:
+    storage = SQLiteStorage(tmp_path / "closed.db")
+    with pytest.raises(StorageUnavailable, match="not open"):
+        asyncio.run(storage.ingest(make_event("evt_1"), [APP]))
+
+
+def test_open_reports_an_unusable_path(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("not a directory")
+    storage = SQLiteStorage(tmp_path / "a-file" / "hookyard.db")
+    with pytest.raises(StorageUnavailable, match="cannot open"):
+        asyncio.run(storage.open())
+
+
+def test_data_survives_reopening(tmp_path: Path) -> None:
+    path = tmp_path / "hookyard.db"
+
+    async def write() -> None:
+        storage = SQLiteStorage(path)
+        await storage.open()
+        await storage.ingest(make_event("evt_1"), [APP])
+        await storage.close()
+
+    async def read() -> list[str]:
+        storage = open_storage(f"sqlite:///{path}")
+        await storage.open()
+        try:
+            return [e.id for e in await storage.list_events()]
+        finally:
+            await storage.close()
+
+    asyncio.run(write())
+    assert asyncio.run(read()) == ["evt_1"]
+
+
+# -- URLs -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["mongodb://localhost/hookyard", "file:///tmp/hookyard.db", "hookyard.db"])
+def test_open_storage_rejects_an_unknown_scheme(url: str) -> None:
+    with pytest.raises(ValueError, match=r"storage\.url: unsupported scheme") as rejected:
+        open_storage(url)
+    assert repr(url.split(":", 1)[0]) in str(rejected.value)
+    assert "sqlite" in str(rejected.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:///var/hookyard.db", Path("var/hookyard.db")),
+        ("sqlite:///./var/hookyard.db", Path("var/hookyard.db")),
+        ("sqlite:////srv/hookyard/hookyard.db", Path("/srv/hookyard/hookyard.db")),
+    ],
+)
+def test_sqlite_urls(url: str, path: Path) -> None:
+    storage = SQLiteStorage.from_url(url)
+    assert storage.path == path
+    assert storage.path.is_absolute() == path.is_absolute()
+    opened = open_storage(url)
+    assert isinstance(opened, SQLiteStorage)
+    assert opened.path == path
+
+
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///"])
+def test_a_sqlite_url_needs_a_path(url: str) -> None:
+    with pytest.raises(ValueError, match="sqlite needs a file path"):
+        SQLiteStorage.from_url(url)

@@ -1,11 +1,710 @@
-"""`store` action (being written)."""
+"""`store`: write events to a PostgreSQL or SQLite table, as an event log or as rows kept in sync by key.
+
+    with:
+      url: postgresql://hookyard@db:5432/app   # also postgres://; sqlite:///relative.db, sqlite:////absolute.db
+      table: hookyard_events                   # the default; letters, digits, _; PostgreSQL allows schema.table
+      mode: append                             # append (the default) or upsert
+      key: data.id                             # upsert only, required: the event path whose value names the row
+      delete_on: [user.deleted]                # upsert only: event types (globs allowed) that delete the row
+
+Tables and indexes are created when missing, on the first delivery rather than at start-up: a database that
+is down only delays this action's deliveries (retried on the route's schedule), never the gateway or the other
+actions. Names are quoted, so they keep their case. A PostgreSQL schema must already exist. `delete_on`
+matches the canonical event type (event.type, e.g. consignment.deleted), not a provider's code.
+
+PostgreSQL: a pool of up to 10 connections per action, each statement limited to the action's timeout; a
+lost connection is replaced on a later attempt.
+
+append: one row per event, written with INSERT ... ON CONFLICT DO NOTHING, so replays and duplicate
+deliveries never add a second row.
+
+    source       text         NOT NULL   -- the source's name in routes.yaml
+    event_id     text         NOT NULL
+    type         text         NOT NULL
+    occurred_at  timestamptz             -- when the provider says it happened (NULL if it does not say)
+    received_at  timestamptz  NOT NULL
+    payload      jsonb        NOT NULL   -- the parsed body
+    headers      jsonb        NOT NULL   -- the request headers, minus Authorization and cookies
+    PRIMARY KEY (source, event_id); index <table>_type_idx on (type, received_at)
+
+upsert: one row per value of `key`, holding the latest `data` ("sync data to your database").
+
+    key          text         PRIMARY KEY  -- the value at `key`, as text (numbers and booleans as in JSON)
+    data         jsonb        NOT NULL     -- the payload's `data` (the whole payload when it has none)
+    source       text         NOT NULL     -- source, event_id and type of the event that wrote the row
+    event_id     text         NOT NULL
+    type         text         NOT NULL
+    occurred_at  timestamptz  NOT NULL     -- the event's occurred_at, else its received_at
+    updated_at   timestamptz  NOT NULL     -- when the row was written
+    index <table>_updated_idx on (updated_at)
+
+    <table>_tombstones: deleted keys
+    key text PRIMARY KEY, occurred_at timestamptz NOT NULL, source text NOT NULL, event_id text NOT NULL,
+    deleted_at timestamptz NOT NULL
+
+Events are ordered by occurred_at, not by arrival: an event older than the stored row does not overwrite
+it (on a tie the later arrival wins). A `delete_on` event removes the row and leaves a tombstone, so an
+update older than the delete (or as old) that arrives after it does not bring the row back; a newer update
+recreates the row and clears the tombstone. Writes to one key are serialized (an advisory lock in
+PostgreSQL, BEGIN IMMEDIATE in SQLite), so concurrent deliveries cannot interleave. An event whose `key` is
+missing, null, empty, an object or a list is skipped, with the reason recorded.
+
+SQLite: the same tables, with timestamps as ISO 8601 UTC text (2026-11-22T10:00:00.000000Z, which sorts in
+time order) and JSON as text (query it with json_extract). The file is opened in WAL mode with
+synchronous=FULL, one connection per action.
+
+Failures: a database that cannot be reached, a lost connection, a timeout, a missing database or schema, a
+lock held too long are retried. A table dropped while running is created again on the next attempt. An
+error in the statement itself (a column missing or of the wrong type in a table created by hand, a value
+the column rejects, such as \\u0000 in a string for jsonb) ends the delivery dead: retrying cannot help.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fnmatch
+import hashlib
+import json
+import re
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg  # type: ignore[import-untyped]
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
 from gateway import hookimpl
-from gateway.actions import Action
+from gateway.actions import Action, Job, Outcome, Resources, dead, delivered, retry, skipped
+from gateway.events import Event
+
+T = TypeVar("T")
+
+DEFAULT_TABLE = "hookyard_events"
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Names derived from the table's: PostgreSQL cuts identifiers at 63 bytes, which could make two collide.
+_SUFFIXES = ("_tombstones", "_type_idx", "_updated_idx")
+_MAX_NAME = 63 - max(map(len, _SUFFIXES))
+# Event paths a key may name (see Event.lookup): a field of data, payload or headers, or a top-level one.
+_KEY_CONTAINERS = ("data", "payload", "headers")
+_KEY_FIELDS = ("id", "type", "source")
+
+
+# -- options ----------------------------------------------------------------------------------------------
+
+
+def parse_url(url: str) -> tuple[Literal["postgresql", "sqlite"], str]:
+    """("postgresql", dsn) or ("sqlite", file path). Messages never repeat the URL: it may hold a password."""
+    scheme = url.partition(":")[0].lower()
+    if scheme == "sqlite":
+        # sqlite:///relative.db and sqlite:////absolute.db, as the gateway's own storage.url.
+        path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
+        if not path:
+            raise ValueError(
+                "sqlite needs a file path: sqlite:///relative/path.db or sqlite:////absolute/path.db"
+            )
+        return "sqlite", path
+    if scheme in ("postgresql", "postgres"):
+        try:
+            _ = urlsplit(url).port
+        except ValueError as exc:
+            raise ValueError(f"not a valid PostgreSQL URL: {exc}") from None
+        return "postgresql", url
+    raise ValueError(
+        f"unsupported scheme {scheme!r}; use postgresql://user@host:port/db, sqlite:///relative/path.db "
+        "or sqlite:////absolute/path.db"
+    )
+
+
+class StoreOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    table: str = DEFAULT_TABLE
+    mode: Literal["append", "upsert"] = "append"
+    # Validated even when absent: upsert requires it (validators run in field order, after mode).
+    key: str | None = Field(default=None, validate_default=True)
+    delete_on: list[str] = Field(default_factory=list)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        parse_url(url)
+        return url
+
+    @field_validator("table")
+    @classmethod
+    def _table(cls, table: str, info: ValidationInfo) -> str:
+        parts = table.split(".")
+        if len(parts) > 2 or not all(_IDENTIFIER.fullmatch(part) for part in parts):
+            raise ValueError(
+                f"{table!r} is not a table name: letters, digits and underscores, not starting with a digit, "
+                "optionally schema.table"
+            )
+        if any(len(part) > _MAX_NAME for part in parts):
+            raise ValueError(f"{table!r} is too long: at most {_MAX_NAME} characters per name")
+        url = info.data.get("url")
+        if len(parts) == 2 and isinstance(url, str) and url.lower().startswith("sqlite:"):
+            raise ValueError(f"{table!r}: SQLite has no schemas; use a plain table name")
+        return table
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, key: str | None, info: ValidationInfo) -> str | None:
+        mode = info.data.get("mode")
+        if key is None:
+            if mode == "upsert":
+                raise ValueError(
+                    "required with mode: upsert (the event path that names the row, e.g. data.id)"
+                )
+            return None
+        if mode == "append":
+            raise ValueError("only used with mode: upsert (append keys its rows by source and event id)")
+        head, *rest = key.split(".")
+        nested = head in _KEY_CONTAINERS and bool(rest) and all(rest)
+        top_level = head in _KEY_FIELDS and not rest
+        if not (nested or top_level):
+            raise ValueError(
+                f"{key!r} is not an event path such as data.id, payload.object.id or headers.x-id"
+            )
+        return key
+
+    @field_validator("delete_on")
+    @classmethod
+    def _delete_on(cls, types: list[str], info: ValidationInfo) -> list[str]:
+        if types and info.data.get("mode") == "append":
+            raise ValueError("only used with mode: upsert (append never deletes)")
+        if not all(event_type.strip() for event_type in types):
+            raise ValueError("event types must not be empty")
+        return types
+
+
+# -- SQL ----------------------------------------------------------------------------------------------
+
+
+def _quote(name: str) -> str:
+    return ".".join('"' + part.replace('"', '""') + '"' for part in name.split("."))
+
+
+@dataclass(frozen=True, slots=True)
+class Statements:
+    """The SQL of one table in one dialect."""
+
+    setup: str
+    append: str
+    put: str
+    clear_tombstone: str
+    tombstone: str
+    delete: str
+
+
+def statements(table: str, mode: str, dialect: Literal["postgresql", "sqlite"]) -> Statements:
+    """The SQL for `table` (as validated by StoreOptions). Written once with PostgreSQL's $n placeholders
+    and casts; SQLite gets ?n placeholders (numbered alike) and no casts."""
+    name = table.rpartition(".")[2]
+    qualified = _quote(table)
+    tombstones = _quote(f"{table}_tombstones")
+    # PostgreSQL puts an index in its table's schema and wants the bare name.
+    type_index, updated_index = _quote(f"{name}_type_idx"), _quote(f"{name}_updated_idx")
+    ts, json_type = ("timestamptz", "jsonb") if dialect == "postgresql" else ("TEXT", "TEXT")
+    if mode == "append":
+        setup = f"""
+            CREATE TABLE IF NOT EXISTS {qualified} (
+                source text NOT NULL,
+                event_id text NOT NULL,
+                type text NOT NULL,
+                occurred_at {ts},
+                received_at {ts} NOT NULL,
+                payload {json_type} NOT NULL,
+                headers {json_type} NOT NULL,
+                PRIMARY KEY (source, event_id)
+            );
+            CREATE INDEX IF NOT EXISTS {type_index} ON {qualified} (type, received_at);
+        """
+    else:
+        setup = f"""
+            CREATE TABLE IF NOT EXISTS {qualified} (
+                "key" text PRIMARY KEY,
+                data {json_type} NOT NULL,
+                source text NOT NULL,
+                event_id text NOT NULL,
+                type text NOT NULL,
+                occurred_at {ts} NOT NULL,
+                updated_at {ts} NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS {updated_index} ON {qualified} (updated_at);
+            CREATE TABLE IF NOT EXISTS {tombstones} (
+                "key" text PRIMARY KEY,
+                occurred_at {ts} NOT NULL,
+                source text NOT NULL,
+                event_id text NOT NULL,
+                deleted_at {ts} NOT NULL
+            );
+        """
+    sql: list[str] = [
+        setup,
+        f"""
+        INSERT INTO {qualified} (source, event_id, type, occurred_at, received_at, payload, headers)
+        VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7::jsonb)
+        ON CONFLICT (source, event_id) DO NOTHING
+        """,
+        # INSERT ... SELECT so that a tombstone at least as new as the event keeps the key deleted. The casts
+        # give PostgreSQL the types of parameters that appear only in the select list.
+        f"""
+        INSERT INTO {qualified} AS stored ("key", data, source, event_id, type, occurred_at, updated_at)
+        SELECT $1::text, $2::jsonb, $3::text, $4::text, $5::text, $6::timestamptz, $7::timestamptz
+        WHERE NOT EXISTS (SELECT 1 FROM {tombstones} WHERE "key" = $1 AND occurred_at >= $6)
+        ON CONFLICT ("key") DO UPDATE SET
+            data = excluded.data,
+            source = excluded.source,
+            event_id = excluded.event_id,
+            type = excluded.type,
+            occurred_at = excluded.occurred_at,
+            updated_at = excluded.updated_at
+        WHERE stored.occurred_at <= excluded.occurred_at
+        """,
+        # Once the row is newer than the tombstone, the row's own occurred_at guards it.
+        f'DELETE FROM {tombstones} WHERE "key" = $1 AND occurred_at < $2',
+        f"""
+        INSERT INTO {tombstones} AS tomb ("key", occurred_at, source, event_id, deleted_at)
+        VALUES ($1, $2, $3, $4, $5)
+        ON CONFLICT ("key") DO UPDATE SET
+            occurred_at = excluded.occurred_at,
+            source = excluded.source,
+            event_id = excluded.event_id,
+            deleted_at = excluded.deleted_at
+        WHERE tomb.occurred_at <= excluded.occurred_at
+        """,
+        # A row newer than the delete stays: it was written by an update that happened after the delete.
+        f'DELETE FROM {qualified} WHERE "key" = $1 AND occurred_at <= $2',
+    ]
+    if dialect == "sqlite":
+        sql = [re.sub(r"\$(\d+)", r"?\1", re.sub(r"::[a-z]+", "", text)) for text in sql]
+    return Statements(*sql)
+
+
+# -- what one event writes ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """An append row."""
+
+    source: str
+    event_id: str
+    type: str
+    occurred_at: float | None
+    received_at: float
+    payload: str
+    headers: str
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """An upsert: `data` written for `key`, or (delete) the key removed; as of `occurred_at`."""
+
+    key: str
+    delete: bool
+    data: str
+    source: str
+    event_id: str
+    type: str
+    occurred_at: float
+
+
+def _json(value: Any) -> str:
+    # allow_nan=False: NaN is not JSON, and the database would refuse it later with a less clear message.
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def key_text(value: Any) -> str | None:
+    """A key value as text: strings as they are, numbers and booleans as in JSON; None when unusable."""
+    if isinstance(value, str):
+        return value or None
+    if isinstance(value, bool | int | float):
+        return _json(value)
+    return None
+
+
+# -- backends -------------------------------------------------------------------------------------------
+
+
+class Backend(ABC):
+    """One database: runs the statements, and says which of its errors retrying cannot fix."""
+
+    where: str
+
+    def __init__(self, sql: Statements) -> None:
+        self.sql = sql
+
+    @abstractmethod
+    async def connect(self, timeout: float) -> None:
+        """Open the pool or connection if it is not open."""
+
+    @abstractmethod
+    async def setup(self, timeout: float) -> None: ...
+
+    @abstractmethod
+    async def append(self, record: Record, timeout: float) -> None: ...
+
+    @abstractmethod
+    async def change(self, change: Change, timeout: float) -> None: ...
+
+    @abstractmethod
+    def permanent(self, exc: Exception) -> bool:
+        """True for an error in the statement or the data; everything else is worth another attempt."""
+
+    @abstractmethod
+    def missing_table(self, exc: Exception) -> bool: ...
+
+    @abstractmethod
+    async def aclose(self) -> None: ...
+
+
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+# SQLSTATE classes of errors in the statement or its data: 22 data exception, 23 integrity constraint,
+# 42 syntax error or access rule violation. Except those a person or a later attempt can fix: a privilege
+# granted, a table dropped while running (created again), a schema created.
+_PG_PERMANENT_CLASSES = ("22", "23", "42")
+_PG_FIXABLE_STATES = frozenset({"42501", "42P01", "3F000"})
+
+
+class Postgres(Backend):
+    """asyncpg with a pool created on first use, and created again after a failed creation."""
+
+    def __init__(self, dsn: str, sql: Statements, table: str) -> None:
+        super().__init__(sql)
+        self.dsn = dsn
+        parts = urlsplit(dsn)
+        # Host, port and database only: the URL may carry a password.
+        self.where = f"postgresql {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+        self.lock_prefix = f"hookyard.store:{table}:"
+        self._pool: Any = None
+        self._pool_lock = asyncio.Lock()
+
+    async def _get_pool(self, timeout: float) -> Any:
+        pool = self._pool
+        if pool is not None and not pool.is_closing():
+            return pool
+        async with self._pool_lock:
+            if self._pool is None or self._pool.is_closing():
+                self._pool = None
+                # min_size=1 connects now, so a failure is reported by this attempt; asyncpg closes a pool
+                # whose creation failed, and _pool stays None so that the next attempt creates a new one.
+                # An established pool replaces lost connections by itself.
+                self._pool = await asyncpg.create_pool(
+                    self.dsn, min_size=1, max_size=10, command_timeout=timeout, timeout=timeout
+                )
+            return self._pool
+
+    async def _run(self, timeout: float, *steps: tuple[str, tuple[Any, ...]]) -> None:
+        pool = await self._get_pool(timeout)
+        async with pool.acquire(timeout=timeout) as conn:
+            if len(steps) == 1:
+                query, args = steps[0]
+                await conn.execute(query, *args, timeout=timeout)
+                return
+            async with conn.transaction():
+                for query, args in steps:
+                    await conn.execute(query, *args, timeout=timeout)
+
+    async def connect(self, timeout: float) -> None:
+        await self._get_pool(timeout)
+
+    async def setup(self, timeout: float) -> None:
+        # Serialized across gateways: concurrent CREATE TABLE IF NOT EXISTS can fail on PostgreSQL's catalog.
+        lock = ("SELECT pg_advisory_xact_lock($1)", (_lock_id(self.lock_prefix),))
+        await self._run(timeout, lock, (self.sql.setup, ()))
+
+    async def append(self, record: Record, timeout: float) -> None:
+        occurred = None if record.occurred_at is None else _utc(record.occurred_at)
+        args = (record.source, record.event_id, record.type, occurred, _utc(record.received_at))
+        await self._run(timeout, (self.sql.append, (*args, record.payload, record.headers)))
+
+    async def change(self, change: Change, timeout: float) -> None:
+        # Serialized per key across connections and gateways: the tombstone check and the write must not
+        # interleave with a concurrent delete of the same key.
+        lock = ("SELECT pg_advisory_xact_lock($1)", (_lock_id(self.lock_prefix + change.key),))
+        occurred, now = _utc(change.occurred_at), _utc(time.time())
+        if change.delete:
+            tombstone = (change.key, occurred, change.source, change.event_id, now)
+            await self._run(
+                timeout,
+                lock,
+                (self.sql.tombstone, tombstone),
+                (self.sql.delete, (change.key, occurred)),
+            )
+        else:
+            row = (change.key, change.data, change.source, change.event_id, change.type, occurred, now)
+            await self._run(
+                timeout,
+                lock,
+                (self.sql.put, row),
+                (self.sql.clear_tombstone, (change.key, occurred)),
+            )
+
+    def permanent(self, exc: Exception) -> bool:
+        if isinstance(exc, asyncpg.exceptions.DataError):
+            return True  # asyncpg refused a value for the column's type before sending it
+        if isinstance(exc, asyncpg.PostgresError):
+            state = str(getattr(exc, "sqlstate", "") or "")
+            return state[:2] in _PG_PERMANENT_CLASSES and state not in _PG_FIXABLE_STATES
+        return False
+
+    def missing_table(self, exc: Exception) -> bool:
+        return isinstance(exc, asyncpg.PostgresError) and getattr(exc, "sqlstate", None) == "42P01"
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            async with asyncio.timeout(5):
+                await pool.close()
+        except Exception:
+            pool.terminate()
+
+
+def _lock_id(text: str) -> int:
+    """A stable signed 64-bit advisory lock id."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big", signed=True)
+
+
+def _iso(timestamp: float) -> str:
+    # Fixed width, so that text comparison in SQL is time order.
+    return _utc(timestamp).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class SQLite(Backend):
+    """One connection, used by one worker thread at a time so the event loop never blocks on the file."""
+
+    def __init__(self, path: Path, sql: Statements) -> None:
+        super().__init__(sql)
+        self.path = path
+        self.where = f"sqlite {path}"
+        self._conn: sqlite3.Connection | None = None
+        # The asyncio lock queues deliveries without holding threads. The thread lock is what protects the
+        # connection: a delivery cancelled by its timeout leaves its thread running to the end.
+        self._lock = asyncio.Lock()
+        self._thread_lock = threading.Lock()
+
+    def _connect(self, timeout: float) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+                # FULL: a delivery is reported delivered only once the row is on disk.
+                conn.execute("PRAGMA synchronous = FULL")
+                # Wait for another writer's lock as long as the delivery may take, like command_timeout.
+                conn.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
+            except BaseException:
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _locked(self, work: Callable[[sqlite3.Connection], T], timeout: float) -> T:
+        with self._thread_lock:
+            conn = self._connect(timeout)
+            try:
+                return work(conn)
+            except sqlite3.Error as exc:
+                if conn.in_transaction:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                if not self.permanent(exc):
+                    # Start over with a fresh connection (the file may have been replaced or remounted).
+                    self._conn = None
+                    conn.close()
+                raise
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T], timeout: float) -> T:
+        async with self._lock:
+            return await asyncio.to_thread(self._locked, work, timeout)
+
+    @staticmethod
+    def _transaction(*steps: tuple[str, tuple[Any, ...]]) -> Callable[[sqlite3.Connection], None]:
+        def work(conn: sqlite3.Connection) -> None:
+            # IMMEDIATE takes the write lock first: check-then-write is atomic against other writers.
+            conn.execute("BEGIN IMMEDIATE")
+            for query, args in steps:
+                conn.execute(query, args)
+            conn.execute("COMMIT")
+
+        return work
+
+    async def connect(self, timeout: float) -> None:
+        await self._run(lambda conn: None, timeout)
+
+    async def setup(self, timeout: float) -> None:
+        script = f"BEGIN IMMEDIATE; {self.sql.setup} COMMIT;"
+
+        def create(conn: sqlite3.Connection) -> None:
+            conn.executescript(script)
+
+        await self._run(create, timeout)
+
+    async def append(self, record: Record, timeout: float) -> None:
+        occurred = None if record.occurred_at is None else _iso(record.occurred_at)
+        args = (record.source, record.event_id, record.type, occurred, _iso(record.received_at))
+        await self._run(
+            self._transaction((self.sql.append, (*args, record.payload, record.headers))), timeout
+        )
+
+    async def change(self, change: Change, timeout: float) -> None:
+        occurred, now = _iso(change.occurred_at), _iso(time.time())
+        if change.delete:
+            tombstone = (change.key, occurred, change.source, change.event_id, now)
+            work = self._transaction(
+                (self.sql.tombstone, tombstone), (self.sql.delete, (change.key, occurred))
+            )
+        else:
+            row = (change.key, change.data, change.source, change.event_id, change.type, occurred, now)
+            work = self._transaction((self.sql.put, row), (self.sql.clear_tombstone, (change.key, occurred)))
+        await self._run(work, timeout)
+
+    def permanent(self, exc: Exception) -> bool:
+        if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError | sqlite3.ProgrammingError):
+            return True
+        if isinstance(exc, sqlite3.OperationalError):
+            # SQLITE_ERROR is an error in the statement (no such column...); busy, locked, I/O, full,
+            # read-only and cannot-open have codes of their own and are worth another attempt.
+            return exc.sqlite_errorcode == sqlite3.SQLITE_ERROR and not self.missing_table(exc)
+        return False
+
+    def missing_table(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith("no such table")
+
+    async def aclose(self) -> None:
+        def close() -> None:
+            with self._thread_lock:
+                if self._conn is not None:
+                    self._conn.close()
+                    self._conn = None
+
+        await asyncio.to_thread(close)
+
+
+# -- the action -----------------------------------------------------------------------------------------
+
+
+def _error(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class Store(Action):
+    name = "store"
+    description = "Write events to a PostgreSQL or SQLite table: an event log, or rows kept in sync by key"
+    Options = StoreOptions
+    options: StoreOptions
+
+    def __init__(self, options: Any, resources: Resources) -> None:
+        super().__init__(options, resources)
+        kind, location = parse_url(options.url)
+        sql = statements(options.table, options.mode, kind)
+        self.backend: Backend = (
+            Postgres(location, sql, options.table) if kind == "postgresql" else SQLite(Path(location), sql)
+        )
+        # Tables are created on the first delivery, once (again after one was found missing).
+        self._ready = False
+        self._setup_lock = asyncio.Lock()
+
+    async def deliver(self, job: Job) -> Outcome:
+        try:
+            write = self._prepare(job.event)
+        except (TypeError, ValueError) as exc:
+            return dead(f"the event cannot be stored as JSON: {exc}")
+        if isinstance(write, Outcome):
+            return write
+        backend, table = self.backend, self.options.table
+        if not self._ready and (failed := await self._create_tables(job.timeout)) is not None:
+            return failed
+        try:
+            if isinstance(write, Record):
+                await backend.append(write, job.timeout)
+            else:
+                await backend.change(write, job.timeout)
+        except Exception as exc:
+            if backend.missing_table(exc):
+                self._ready = False  # dropped while running: the next attempt creates it again
+                return retry(f"{backend.where}: table {table} is missing: {_error(exc)}")
+            if backend.permanent(exc):
+                return dead(f"{backend.where}: cannot write to {table}: {_error(exc)}")
+            return retry(f"{backend.where}: {_error(exc)}")
+        return delivered()
+
+    def _prepare(self, event: Event) -> Record | Change | Outcome:
+        options = self.options
+        if options.mode == "append":
+            return Record(
+                source=event.source,
+                event_id=event.id,
+                type=event.type,
+                occurred_at=event.occurred_at,
+                received_at=event.received_at,
+                payload=_json(event.payload),
+                headers=_json(event.headers),
+            )
+        assert options.key is not None  # StoreOptions requires it with upsert
+        value = event.lookup(options.key)
+        key = key_text(value)
+        if key is None:
+            found = (
+                "no value"
+                if value is None or value == ""
+                else f"a {type(value).__name__}, not a string or number"
+            )
+            return skipped(f"{options.key} has {found}: no row to write")
+        payload = event.payload
+        data = payload["data"] if isinstance(payload, dict) and "data" in payload else payload
+        delete = any(fnmatch.fnmatchcase(event.type, pattern) for pattern in options.delete_on)
+        return Change(
+            key=key,
+            delete=delete,
+            data=_json(data),
+            source=event.source,
+            event_id=event.id,
+            type=event.type,
+            occurred_at=event.occurred_at if event.occurred_at is not None else event.received_at,
+        )
+
+    async def _create_tables(self, timeout: float) -> Outcome | None:
+        """Connect and create the tables if missing; an outcome when that failed."""
+        backend = self.backend
+        async with self._setup_lock:
+            if self._ready:
+                return None
+            # Whatever stops this (database down or not created yet, no such schema, no privilege) may be
+            # fixed while the retry schedule runs.
+            try:
+                await backend.connect(timeout)
+            except Exception as exc:
+                return retry(f"{backend.where}: cannot connect: {_error(exc)}")
+            try:
+                await backend.setup(timeout)
+            except Exception as exc:
+                return retry(f"{backend.where}: cannot create table {self.options.table}: {_error(exc)}")
+            self._ready = True
+        return None
+
+    async def aclose(self) -> None:
+        await self.backend.aclose()
 
 
 @hookimpl
 def register_actions() -> list[type[Action]]:
-    return []
+    return [Store]

@@ -1,0 +1,530 @@
+"""The store action against real databases: PostgreSQL (the postgres_url fixture) and SQLite files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg  # type: ignore[import-untyped]
+import httpx
+import pytest
+import yaml
+
+from gateway.actions import Action, Job, Outcome, Resources
+from gateway.config import ConfigError, RetryPolicy, parse_config
+from gateway.events import Event
+from gateway.plugins import Registry, new_plugin_manager
+from gateway.routing import RouteTable
+from gateway.storage import EventDetail
+from tests.support import Downstream, RunningGateway, TcpProxy, gateway_config, svix_request, wait_until
+
+T0 = 1_790_000_000.0  # a fixed occurred_at, so that ordering tests say exactly which event is older
+
+
+@cache
+def registry() -> Registry:
+    return Registry.collect(new_plugin_manager(load_entry_points=False))
+
+
+# -- the databases ------------------------------------------------------------------------------------
+
+
+class Database:
+    """A table of a real database, read back with the database's own client."""
+
+    kind: str
+    url: str
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+
+    def fetch(self, sql: str) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def execute(self, sql: str) -> None:
+        raise NotImplementedError
+
+    def events(self) -> list[dict[str, Any]]:
+        return [_decode(row) for row in self.fetch(f'SELECT * FROM "{self.table}" ORDER BY event_id')]
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        return {row["key"]: _decode(row) for row in self.fetch(f'SELECT * FROM "{self.table}"')}
+
+    def tombstones(self) -> dict[str, datetime]:
+        rows = self.fetch(f'SELECT * FROM "{self.table}_tombstones"')
+        return {row["key"]: _decode(row)["occurred_at"] for row in rows}
+
+    def drop(self) -> None:
+        for name in (self.table, f"{self.table}_tombstones"):
+            self.execute(f'DROP TABLE IF EXISTS "{name}"')
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON columns to values and timestamps to aware datetimes, whichever database they came from."""
+    decoded = dict(row)
+    for column in ("payload", "headers", "data"):
+        if isinstance(decoded.get(column), str):
+            decoded[column] = json.loads(decoded[column])
+    for column in ("occurred_at", "received_at", "updated_at", "deleted_at"):
+        if isinstance(decoded.get(column), str):
+            decoded[column] = datetime.fromisoformat(decoded[column])
+    return decoded
+
+
+class SQLiteDatabase(Database):
+    kind = "sqlite"
+
+    def __init__(self, path: Path, table: str) -> None:
+        super().__init__(table)
+        self.path = path
+        self.url = f"sqlite:///{path}"  # path is absolute: sqlite:////tmp/...
+
+    def fetch(self, sql: str) -> list[dict[str, Any]]:
+        conn = sqlite3.connect(self.path)
+        try:
+            conn.row_factory = sqlite3.Row
+            return [dict(row) for row in conn.execute(sql)]
+        finally:
+            conn.close()
+
+    def execute(self, sql: str) -> None:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute(sql)
+        finally:
+            conn.close()
+
+
+class PostgresDatabase(Database):
+    kind = "postgresql"
+
+    def __init__(self, url: str, table: str) -> None:
+        super().__init__(table)
+        self.url = url
+
+    async def _fetch(self, sql: str) -> list[dict[str, Any]]:
+        conn = await asyncpg.connect(self.url)
+        try:
+            return [dict(row) for row in await conn.fetch(sql)]
+        finally:
+            await conn.close()
+
+    def fetch(self, sql: str) -> list[dict[str, Any]]:
+        return asyncio.run(self._fetch(sql))
+
+    def execute(self, sql: str) -> None:
+        self.fetch(sql)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Database]:
+    # A table of its own for every test: the PostgreSQL database is shared.
+    table = f"hookyard_test_{uuid.uuid4().hex[:12]}"
+    database: Database
+    if request.param == "sqlite":
+        database = SQLiteDatabase(tmp_path / "store.db", table)
+    else:
+        database = PostgresDatabase(request.getfixturevalue("postgres_url"), table)
+    yield database
+    if isinstance(database, PostgresDatabase):
+        database.drop()
+
+
+# -- calling the action directly ------------------------------------------------------------------------
+
+
+def make_event(
+    event_id: str,
+    event_type: str = "user.updated",
+    data: Any = None,
+    occurred_at: float | None = None,
+) -> Event:
+    payload = {"type": event_type, "data": {"id": "user_1"} if data is None else data}
+    return Event(
+        source="consignease",
+        id=event_id,
+        type=event_type,
+        received_at=time.time(),
+        body=json.dumps(payload).encode(),
+        payload=payload,
+        occurred_at=occurred_at,
+        headers={"content-type": "application/json", "svix-id": event_id},
+    )
+
+
+def deliver(options: dict[str, Any], *events: Event, between: Any = None) -> list[Outcome]:
+    """Deliver each event in turn through one store action, as the engine would; `between(index)` runs
+    after each delivery."""
+    store = registry().actions["store"]
+
+    async def run() -> list[Outcome]:
+        async with httpx.AsyncClient() as http:
+            action: Action = store(store.Options.model_validate(options), Resources(http=http))
+            outcomes = []
+            try:
+                for index, event in enumerate(events):
+                    job = Job(event, "users", "db", attempt=1, timeout=5.0, retry=RetryPolicy())
+                    outcomes.append(await action.deliver(job))
+                    if between is not None:
+                        # In a thread: the PostgreSQL helpers run their own event loop.
+                        await asyncio.to_thread(between, index)
+            finally:
+                await action.aclose()
+            return outcomes
+
+    return asyncio.run(run())
+
+
+def kinds(outcomes: list[Outcome]) -> list[str]:
+    return [outcome.kind for outcome in outcomes]
+
+
+def upsert(db: Database, **extra: Any) -> dict[str, Any]:
+    return {"url": db.url, "table": db.table, "mode": "upsert", "key": "data.id", **extra}
+
+
+def at(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
+# -- through a running gateway ----------------------------------------------------------------------------
+
+
+def users_route(*actions: dict[str, Any]) -> dict[str, Any]:
+    return {"name": "users", "source": "consignease", "events": ["user.*"], "actions": list(actions)}
+
+
+def event_detail(gw: RunningGateway, event_id: str) -> EventDetail:
+    future = asyncio.run_coroutine_threadsafe(gw.gateway.storage.get_event(event_id), gw.loop)
+    [detail] = future.result(10)
+    return detail
+
+
+def delivery_states(gw: RunningGateway, event_id: str) -> dict[str, str]:
+    return {d.action: d.state for d in event_detail(gw, event_id).deliveries}
+
+
+def attempts_of(gw: RunningGateway, event_id: str, action: str) -> list[Any]:
+    detail = event_detail(gw, event_id)
+    [delivery] = [d for d in detail.deliveries if d.action == action]
+    return detail.attempts.get(delivery.id, [])
+
+
+def replay(gw: RunningGateway, event_id: str) -> None:
+    seq = event_detail(gw, event_id).seq
+    storage = gw.gateway.storage
+    asyncio.run_coroutine_threadsafe(storage.replay_event(seq, now=time.time()), gw.loop).result(10)
+    gw.loop.call_soon_threadsafe(gw.gateway.engine.wake)
+
+
+def post_user_event(
+    gw: RunningGateway, msg_id: str, event_type: str, data: dict[str, Any], seconds_ago: float = 0
+) -> None:
+    timestamp = datetime.fromtimestamp(time.time() - seconds_ago, UTC)
+    body, headers = svix_request(event_type, data, msg_id=msg_id, timestamp=timestamp)
+    assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+
+
+# -- append -------------------------------------------------------------------------------------------------
+
+
+def test_append_stores_each_event_once_however_often_it_is_delivered(tmp_path: Path, db: Database) -> None:
+    action = {"id": "db", "use": "store", "with": {"url": db.url, "table": db.table}}
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(action)])) as gw:
+        post_user_event(gw, "msg_store", "user.created", {"id": "user_1", "first_name": "Ada"})
+        wait_until(lambda: delivery_states(gw, "msg_store") == {"db": "delivered"})
+        # The provider sends it again, and an operator replays it: still one row.
+        post_user_event(gw, "msg_store", "user.created", {"id": "user_1", "first_name": "Ada"})
+        replay(gw, "msg_store")
+        wait_until(
+            lambda: (
+                len(attempts_of(gw, "msg_store", "db")) == 2
+                and delivery_states(gw, "msg_store") == {"db": "delivered"}
+            )
+        )
+    [row] = db.events()
+    assert (row["source"], row["event_id"], row["type"]) == ("consignease", "msg_store", "user.created")
+    assert row["payload"]["data"] == {"id": "user_1", "first_name": "Ada"}
+    assert row["headers"]["svix-id"] == "msg_store"
+    assert abs((row["received_at"] - row["occurred_at"]).total_seconds()) < 5
+    if db.kind == "postgresql":
+        # JSONB, so the payload is queryable in SQL.
+        [found] = db.fetch(
+            f"SELECT jsonb_typeof(payload) AS kind, payload->'data'->>'first_name' AS name "
+            f"FROM \"{db.table}\" WHERE payload->'data'->>'id' = 'user_1'"
+        )
+        assert found == {"kind": "object", "name": "Ada"}
+    else:
+        [found] = db.fetch(f"SELECT json_extract(payload, '$.data.first_name') AS name FROM \"{db.table}\"")
+        assert found == {"name": "Ada"}
+
+
+def test_append_delivered_twice_is_one_row_and_keeps_a_missing_occurred_at(db: Database) -> None:
+    first, second = make_event("evt_1"), make_event("evt_2", occurred_at=T0)
+    outcomes = deliver({"url": db.url, "table": db.table}, first, first, second)
+    assert kinds(outcomes) == ["delivered"] * 3
+    rows = db.events()
+    assert [row["event_id"] for row in rows] == ["evt_1", "evt_2"]
+    assert rows[0]["occurred_at"] is None
+    assert rows[1]["occurred_at"] == at(T0)
+
+
+# -- upsert -------------------------------------------------------------------------------------------------
+
+
+def test_upsert_keeps_the_latest_data_and_ignores_older_events(db: Database) -> None:
+    outcomes = deliver(
+        upsert(db),
+        make_event("e1", "user.created", {"id": "user_1", "name": "Ada"}, occurred_at=T0),
+        make_event("e3", "user.updated", {"id": "user_1", "name": "Grace"}, occurred_at=T0 + 20),
+        # Arrives last, happened in between: must not overwrite Grace.
+        make_event("e2", "user.updated", {"id": "user_1", "name": "Late"}, occurred_at=T0 + 10),
+        make_event("e4", "user.created", {"id": 42, "name": "Numeric"}, occurred_at=T0),
+    )
+    assert kinds(outcomes) == ["delivered"] * 4
+    rows = db.rows()
+    assert set(rows) == {"user_1", "42"}
+    row = rows["user_1"]
+    assert row["data"] == {"id": "user_1", "name": "Grace"}
+    assert (row["event_id"], row["type"], row["source"]) == ("e3", "user.updated", "consignease")
+    assert row["occurred_at"] == at(T0 + 20)
+    assert row["updated_at"] >= row["occurred_at"]
+
+
+def test_delete_on_removes_the_row_and_older_updates_do_not_bring_it_back(db: Database) -> None:
+    states: list[set[str]] = []
+    outcomes = deliver(
+        upsert(db, delete_on=["user.deleted"]),
+        make_event("e1", "user.created", {"id": "user_1", "name": "Ada"}, occurred_at=T0),
+        make_event("e3", "user.deleted", {"id": "user_1"}, occurred_at=T0 + 20),
+        # Happened before the delete, arrives after it.
+        make_event("e2", "user.updated", {"id": "user_1", "name": "Zombie"}, occurred_at=T0 + 10),
+        # The user comes back after the delete.
+        make_event("e4", "user.updated", {"id": "user_1", "name": "Back"}, occurred_at=T0 + 30),
+        # A delete older than the row, arriving late, leaves the row.
+        make_event("e5", "user.deleted", {"id": "user_1"}, occurred_at=T0 + 25),
+        between=lambda _index: states.append(set(db.rows())),
+    )
+    assert kinds(outcomes) == ["delivered"] * 5
+    assert states == [{"user_1"}, set(), set(), {"user_1"}, {"user_1"}]
+    row = db.rows()["user_1"]
+    assert (row["data"]["name"], row["event_id"]) == ("Back", "e4")
+
+
+def test_delete_arriving_before_the_create_keeps_the_key_deleted(db: Database) -> None:
+    outcomes = deliver(
+        upsert(db, delete_on=["*.deleted"]),
+        make_event("e2", "user.deleted", {"id": "user_1"}, occurred_at=T0 + 10),
+        make_event("e1", "user.created", {"id": "user_1", "name": "Ada"}, occurred_at=T0),
+    )
+    assert kinds(outcomes) == ["delivered", "delivered"]
+    assert db.rows() == {}
+    assert db.tombstones() == {"user_1": at(T0 + 10)}
+
+
+def test_upsert_through_the_gateway_converges_whatever_the_delivery_order(
+    tmp_path: Path, db: Database
+) -> None:
+    action = {"id": "db", "use": "store", "with": upsert(db, delete_on=["user.deleted"])}
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(action)])) as gw:
+        # Sent out of order and delivered concurrently; occurred_at (the svix timestamp) decides.
+        post_user_event(gw, "m2", "user.updated", {"id": "u1", "name": "Grace"}, seconds_ago=20)
+        post_user_event(gw, "m3", "user.deleted", {"id": "u1"}, seconds_ago=10)
+        post_user_event(gw, "m1", "user.created", {"id": "u1", "name": "Ada"}, seconds_ago=30)
+        post_user_event(gw, "m9", "user.created", {"id": "u2", "name": "Alan"}, seconds_ago=30)
+        wait_until(
+            lambda: all(delivery_states(gw, m) == {"db": "delivered"} for m in ("m1", "m2", "m3", "m9"))
+        )
+        assert set(db.rows()) == {"u2"}
+        post_user_event(gw, "m4", "user.updated", {"id": "u1", "name": "Back"}, seconds_ago=5)
+        wait_until(lambda: delivery_states(gw, "m4") == {"db": "delivered"})
+    rows = db.rows()
+    assert {key: row["data"]["name"] for key, row in rows.items()} == {"u1": "Back", "u2": "Alan"}
+
+
+def test_an_event_without_a_key_is_skipped_with_the_reason(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/store.db"
+    action = {"id": "db", "use": "store", "with": {"url": url, "mode": "upsert", "key": "data.id"}}
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(action)])) as gw:
+        post_user_event(gw, "m_nokey", "user.updated", {"first_name": "Ada"})
+        wait_until(lambda: delivery_states(gw, "m_nokey") == {"db": "skipped"})
+        [delivery] = event_detail(gw, "m_nokey").deliveries
+        assert delivery.attempts == 1
+        assert "data.id has no value" in (delivery.last_error or "")
+    # An object is no key either.
+    [outcome] = deliver({"url": url, "mode": "upsert", "key": "data.id"}, make_event("e", data={"id": {}}))
+    assert outcome.kind == "skipped" and "dict" in (outcome.error or "")
+
+
+# -- configuration -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "field", "message"),
+    [
+        ({"mode": "upsert"}, "key", "required with mode: upsert"),
+        ({"key": "data.id"}, "key", "only used with mode: upsert"),
+        ({"mode": "upsert", "key": "id."}, "key", "is not an event path"),
+        ({"mode": "upsert", "key": "body.id"}, "key", "is not an event path"),
+        ({"delete_on": ["user.deleted"]}, "delete_on", "only used with mode: upsert"),
+        ({"table": "events; DROP TABLE users"}, "table", "is not a table name"),
+        ({"table": "a.b.c"}, "table", "is not a table name"),
+        ({"table": "1events"}, "table", "is not a table name"),
+        ({"table": "x" * 60}, "table", "too long"),
+        ({"table": "analytics.events"}, "table", "SQLite has no schemas"),
+        ({"url": "mysql://root:hunter2@db/app"}, "url", "unsupported scheme 'mysql'"),
+        ({"url": "sqlite://relative.db"}, "url", "sqlite needs a file path"),
+        ({"url": "postgresql://db:port/app"}, "url", "not a valid PostgreSQL URL"),
+        ({"mode": "merge"}, "mode", "'append' or 'upsert'"),
+        ({"url": None}, "url", "field required"),
+    ],
+)
+def test_config_errors_name_the_field(
+    tmp_path: Path, options: dict[str, Any], field: str, message: str
+) -> None:
+    settings = {"url": "sqlite:///./store.db", **options}
+    if settings["url"] is None:
+        del settings["url"]
+    action = {"id": "db", "use": "store", "with": settings}
+    config = parse_config(yaml.safe_dump(gateway_config(tmp_path, routes=[users_route(action)])))
+    with pytest.raises(ConfigError) as raised:
+        RouteTable.build(config, registry())
+    [error] = raised.value.errors
+    assert error.startswith(f"routes[0].actions[0].with.{field}: ")
+    assert message in error
+    assert "hunter2" not in error  # a URL's password never reaches a log
+
+
+def test_valid_options_load(tmp_path: Path) -> None:
+    actions = [
+        {"id": "log", "use": "store", "with": {"url": "postgres://u:p@db:5432/app", "table": "audit.events"}},
+        {
+            "id": "sync",
+            "use": "store",
+            "with": {
+                "url": "sqlite:///./var/app.db",
+                "table": "Users",
+                "mode": "upsert",
+                "key": "headers.x-user-id",
+                "delete_on": ["user.deleted"],
+            },
+        },
+    ]
+    config = parse_config(yaml.safe_dump(gateway_config(tmp_path, routes=[users_route(*actions)])))
+    table = RouteTable.build(config, registry())
+    assert table.actions[("users", "log")].options.model_dump()["mode"] == "append"
+
+
+# -- failures ------------------------------------------------------------------------------------------------
+
+
+def test_a_table_of_the_wrong_shape_is_dead_not_retried(db: Database) -> None:
+    # Made by hand without the headers column: no later attempt can succeed.
+    db.execute(
+        f'CREATE TABLE "{db.table}" (source text, event_id text, type text, occurred_at text, '
+        "received_at text, payload text, PRIMARY KEY (source, event_id))"
+    )
+    [outcome] = deliver({"url": db.url, "table": db.table}, make_event("e1"))
+    assert outcome.kind == "dead"
+    assert "headers" in (outcome.error or "")
+
+
+def test_a_column_of_the_wrong_type_is_dead(postgres_url: str) -> None:
+    database = PostgresDatabase(postgres_url, f"hookyard_test_{uuid.uuid4().hex[:12]}")
+    database.execute(
+        f'CREATE TABLE "{database.table}" ("key" text PRIMARY KEY, data integer NOT NULL, source text, '
+        "event_id text, type text, occurred_at timestamptz, updated_at timestamptz)"
+    )
+    try:
+        options = {"url": postgres_url, "table": database.table, "mode": "upsert", "key": "data.id"}
+        [outcome] = deliver(options, make_event("e1"))
+    finally:
+        database.drop()
+    assert outcome.kind == "dead"
+    assert "DatatypeMismatchError" in (outcome.error or "")
+
+
+def test_a_table_dropped_while_running_is_created_again(db: Database) -> None:
+    outcomes = deliver(
+        {"url": db.url, "table": db.table},
+        make_event("e1"),
+        make_event("e2"),
+        make_event("e2"),
+        between=lambda index: db.drop() if index == 0 else None,
+    )
+    assert kinds(outcomes) == ["delivered", "retry", "delivered"]
+    assert "missing" in (outcomes[1].error or "")
+    assert [row["event_id"] for row in db.events()] == ["e2"]
+
+
+def test_a_missing_database_is_retried(postgres_url: str, tmp_path: Path) -> None:
+    parts = urlsplit(postgres_url)
+    missing = parts._replace(path=f"/hookyard_missing_{uuid.uuid4().hex[:8]}").geturl()
+    [outcome] = deliver({"url": missing}, make_event("e1"))
+    assert outcome.kind == "retry"
+    assert "does not exist" in (outcome.error or "")
+    # SQLite: a directory that cannot be created (a file is in the way).
+    (tmp_path / "blocked").write_text("")
+    [outcome] = deliver({"url": f"sqlite:///{tmp_path}/blocked/store.db"}, make_event("e1"))
+    assert outcome.kind == "retry"
+    assert "cannot connect" in (outcome.error or "")
+
+
+def test_postgres_outage_retries_only_the_store_and_recovers(
+    tmp_path: Path, postgres_url: str, downstream: Downstream
+) -> None:
+    parts = urlsplit(postgres_url)
+    table = f"hookyard_test_{uuid.uuid4().hex[:12]}"
+    database = PostgresDatabase(postgres_url, table)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        user = parts.netloc.rpartition("@")[0]
+        through_proxy = parts._replace(
+            netloc=f"{user}@127.0.0.1:{proxy.port}" if user else f"127.0.0.1:{proxy.port}"
+        )
+        store = {
+            "id": "db",
+            "use": "store",
+            "timeout": "2s",
+            # Fast and long enough to outlast the outage.
+            "retry": {"schedule": ["100ms"] * 100, "jitter": 0},
+            "with": {"url": through_proxy.geturl(), "table": table},
+        }
+        app = {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}}
+        try:
+            # Down from the start: the gateway starts anyway.
+            proxy.cut()
+            with RunningGateway(gateway_config(tmp_path, routes=[users_route(store, app)])) as gw:
+                errors = ride_out_outage(gw, proxy, downstream, "msg_down_at_start")
+                assert all("cannot connect" in error for error in errors), errors
+                # Drops the pool's open connection: the pool must connect again once the network is back.
+                proxy.cut()
+                errors = ride_out_outage(gw, proxy, downstream, "msg_lost")
+            assert [row["event_id"] for row in database.events()] == ["msg_down_at_start", "msg_lost"]
+        finally:
+            database.drop()
+
+
+def ride_out_outage(gw: RunningGateway, proxy: TcpProxy, downstream: Downstream, msg_id: str) -> list[str]:
+    """Send an event while the proxy is cut, check it is retried, restore; the attempts' errors."""
+    with downstream.lock:
+        downstream.requests.clear()
+    post_user_event(gw, msg_id, "user.created", {"id": msg_id})
+    # The other action of the same event is not held up.
+    downstream.wait_for(1, "/app")
+    wait_until(lambda: len(attempts_of(gw, msg_id, "db")) >= 2)
+    assert delivery_states(gw, msg_id) == {"db": "pending", "app": "delivered"}
+    failed = attempts_of(gw, msg_id, "db")
+    assert all(a.outcome == "retry" and f"127.0.0.1:{proxy.port}" in (a.error or "") for a in failed)
+    proxy.restore()
+    wait_until(lambda: delivery_states(gw, msg_id)["db"] == "delivered")
+    assert attempts_of(gw, msg_id, "db")[-1].outcome == "delivered"
+    return [a.error or "" for a in failed]

@@ -376,10 +376,23 @@ def sign(
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True)
 @click.option("--status", default=200, show_default=True, help="Status code to answer with.")
-def sink(host: str, port: int, status: int) -> None:
+@click.option(
+    "--answer",
+    "answers",
+    multiple=True,
+    metavar="PREFIX=STATUS",
+    help="Answer STATUS to paths starting with PREFIX, e.g. --answer /hooks/consignments=400.",
+)
+def sink(host: str, port: int, status: int, answers: tuple[str, ...]) -> None:
     """Receive HTTP requests and print each as a JSON line (a stand-in app for trying routes)."""
     import uvicorn
 
     from gateway.sink import Sink
 
-    uvicorn.run(Sink(status), host=host, port=port, log_level="warning", access_log=False)
+    by_prefix = {}
+    for answer in answers:
+        prefix, _, code = answer.rpartition("=")
+        if not prefix.startswith("/") or not code.isdigit():
+            raise click.BadParameter(f"{answer!r} is not PREFIX=STATUS, e.g. /hooks/consignments=400")
+        by_prefix[prefix] = int(code)
+    uvicorn.run(Sink(status, answers=by_prefix), host=host, port=port, log_level="warning", access_log=False)

@@ -94,7 +94,12 @@ class Ingress:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:
             raise Rejected(400, "invalid_json", "the body is not valid JSON") from None
-        kept = {name: value for name, value in headers.items() if name not in UNSTORED_HEADERS}
+        unstored = endpoint.provider.secret_headers
+        kept = {
+            name: value
+            for name, value in headers.items()
+            if name not in UNSTORED_HEADERS and name not in unstored
+        }
         event = endpoint.provider.parse(kept, body, payload, received_at)
         event.verified = verified
         return await self._store(event)

@@ -51,6 +51,8 @@ class Provider:
         self.secrets = list(source.secrets)
         self.tolerance = source.tolerance
         self.options = self.Options.model_validate(source.options)
+        # Headers that carry a secret itself (not a signature of it): never stored with the event.
+        self.secret_headers: frozenset[str] = frozenset()
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         """Raise Rejected unless the request carries a valid signature for the exact bytes of body.

@@ -10,11 +10,14 @@ import orjson
 
 
 class Sink:
-    """An ASGI app answering every request with `status`, printing one JSON line per request."""
+    """An ASGI app answering every request with `status` (or the status given for its path prefix),
+    printing one JSON line per request."""
 
-    def __init__(self, status: int = 200, out: Any = None) -> None:
+    def __init__(self, status: int = 200, out: Any = None, answers: dict[str, int] | None = None) -> None:
         self.status = status
         self.out = out or sys.stdout
+        # Path prefix -> status, longest prefix first: make one route fail while others succeed.
+        self.answers = sorted((answers or {}).items(), key=lambda item: -len(item[0]))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -39,5 +42,8 @@ class Sink:
         }
         self.out.write(orjson.dumps(line).decode() + "\n")
         self.out.flush()
-        await send({"type": "http.response.start", "status": self.status, "headers": []})
+        status = next(
+            (code for prefix, code in self.answers if scope["path"].startswith(prefix)), self.status
+        )
+        await send({"type": "http.response.start", "status": status, "headers": []})
         await send({"type": "http.response.body", "body": b""})

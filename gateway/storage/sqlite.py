@@ -150,7 +150,9 @@ class _GroupCommit:
                 except Exception as exc:
                     if not conn.in_transaction:
                         # SQLite rolled the whole transaction back (disk full, I/O error): the batch fails.
-                        raise exc if isinstance(exc, sqlite3.Error) else sqlite3.OperationalError(str(exc))
+                        if isinstance(exc, sqlite3.Error):
+                            raise
+                        raise sqlite3.OperationalError(str(exc)) from exc
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     results.append((future, None, exc))

@@ -305,6 +305,8 @@ def _signed_request(
         path, body, headers = build_request(table, source, event_type, _parse_data(data), event_id)
     except KeyError as exc:
         raise click.BadParameter(str(exc.args[0]), param_hint="SOURCE") from None
+    except ValueError as exc:  # e.g. a source with only public keys cannot sign
+        raise click.UsageError(f"cannot sign for {source}: {exc}") from None
     return table, path, body, headers
 
 

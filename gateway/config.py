@@ -283,7 +283,7 @@ def parse_config(text: str, *, environ: dict[str, str] | None = None, origin: st
 
 
 def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
-    lines = []
+    lines: list[str] = []
     for error in exc.errors():
         place = format_location(prefix + tuple(error["loc"]))
         message = error["msg"].removeprefix("Value error, ")
@@ -291,14 +291,22 @@ def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...]
             message = "field required"
         elif error["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"{place}: {message}" if place else message)
+        line = f"{place}: {message}" if place else message
+        if line not in lines:
+            lines.append(line)
     return lines
+
+
+# The names pydantic gives to the branches of a union: not places in the file.
+_UNION_BRANCHES = re.compile(r"^(str|int|float|bool|literal\[.*\]|function-.*)$")
 
 
 def format_location(loc: tuple[str | int, ...]) -> str:
     """('routes', 1, 'actions', 0, 'with', 'url') -> routes[1].actions[0].with.url"""
     text = ""
     for part in loc:
+        if isinstance(part, str) and _UNION_BRANCHES.match(part):
+            continue
         if isinstance(part, int):
             text += f"[{part}]"
         else:

@@ -39,7 +39,9 @@ def compile_filter(spec: Any, place: str = "filter") -> Predicate:
     return lambda event: all(part(event) for part in parts)
 
 
-def _compile_entry(key: str, value: Any, place: str) -> Predicate:
+def _compile_entry(key: Any, value: Any, place: str) -> Predicate:
+    if not isinstance(key, str):  # YAML reads `1:` or `true:` as non-strings
+        raise FilterError(place, f"a path must be a string, not {key!r}")
     if key in ("any", "all"):
         if not isinstance(value, list) or not value:
             raise FilterError(place, f"{key} takes a non-empty list of filters")

@@ -1,11 +1,119 @@
-"""Provider module (being written)."""
+"""Schemes that send the secret itself instead of a signature: `token` and `basic`.
+
+Nothing here binds the body to the secret (a captured request can be replayed and altered), so prefer a
+signing scheme whenever the sender offers one. Every configured secret is compared, in constant time and
+as SHA-256 digests so that not even a secret's length shows in the timing.
+
+    provider: token     # Authorization: Bearer <secret>, or options: {header: X-Gitlab-Token}
+    provider: basic     # Authorization: Basic base64(user:password); each secret is `user:password`
+"""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+from collections.abc import Mapping
+
+from pydantic import model_validator
+
 from gateway import hookimpl
-from gateway.providers import Provider
+from gateway.config import Source
+from gateway.providers import Provider, any_digest_matches, unauthorized
+from plugins.hmac_generic import FieldMappedProvider, FieldOptions, HeaderName, require_header
+
+AUTHORIZATION = "authorization"
+
+
+def _fingerprint(secret: bytes) -> bytes:
+    return hashlib.sha256(secret).digest()
+
+
+def _text_bytes(text: str) -> bytes:
+    # Lone surrogates cannot arrive over HTTP; surrogatepass keeps such text from raising.
+    return text.encode("utf-8", "surrogatepass")
+
+
+def _require_credential(expected: list[bytes], offered: bytes) -> None:
+    if not any_digest_matches(expected, [_fingerprint(offered)]):
+        raise unauthorized("invalid_signature", "the credential matches no configured secret")
+
+
+class TokenOptions(FieldOptions):
+    # The header holding the token; with Authorization it is `<scheme> <token>`.
+    header: HeaderName = AUTHORIZATION
+    # Bearer by default with Authorization; none (the raw token) with any other header.
+    scheme: str | None = None
+
+    @model_validator(mode="after")
+    def _default_scheme(self) -> TokenOptions:
+        if self.scheme is None:
+            self.scheme = "Bearer" if self.header == AUTHORIZATION else ""
+        if any(char.isspace() for char in self.scheme):
+            raise ValueError(f"scheme {self.scheme!r} must be one word, such as Bearer")
+        return self
+
+
+class TokenProvider(FieldMappedProvider):
+    name = "token"
+    description = "a shared token: Authorization: Bearer <secret>, or the raw secret in a chosen header"
+    Options = TokenOptions
+    options: TokenOptions
+
+    def __init__(self, source_name: str, source: Source) -> None:
+        super().__init__(source_name, source)
+        for index, secret in enumerate(self.secrets):
+            # A token an HTTP header cannot carry would never match: say so now, not at the first request.
+            if not (secret.isascii() and secret.isprintable()) or secret != secret.strip() or " " in secret:
+                raise ValueError(
+                    f"secrets[{index}] cannot be sent in the {self.options.header} header: "
+                    "use printable ASCII without spaces"
+                )
+        self.expected = [_fingerprint(secret.encode()) for secret in self.secrets]
+        # The header is the secret itself: it is never stored with the event (Authorization never is).
+        self.secret_headers = frozenset({self.options.header})
+
+    def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
+        header = self.options.header
+        value = require_header(headers, header, header).strip()
+        if self.options.scheme:
+            scheme, _, value = value.partition(" ")
+            if scheme.lower() != self.options.scheme.lower():
+                raise unauthorized("invalid_signature", f"expected {header}: {self.options.scheme} <token>")
+            value = value.strip()
+        _require_credential(self.expected, _text_bytes(value))
+
+    def sign(self, body: bytes, event_id: str, now: float) -> dict[str, str]:
+        token = f"{self.options.scheme} {self.secrets[0]}" if self.options.scheme else self.secrets[0]
+        return {**self.field_headers(event_id), self.options.header: token}
+
+
+class BasicProvider(FieldMappedProvider):
+    name = "basic"
+    description = "HTTP basic authentication; each secret is user:password"
+
+    def __init__(self, source_name: str, source: Source) -> None:
+        super().__init__(source_name, source)
+        for index, secret in enumerate(self.secrets):
+            user, colon, _ = secret.partition(":")
+            if not user or not colon or not secret.isprintable():
+                raise ValueError(f"secrets[{index}] must be user:password (printable, the user without ':')")
+        self.expected = [_fingerprint(secret.encode()) for secret in self.secrets]
+
+    def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
+        scheme, _, encoded = require_header(headers, AUTHORIZATION, "Authorization").strip().partition(" ")
+        if scheme.lower() != "basic":
+            raise unauthorized("invalid_signature", "expected Authorization: Basic <base64 user:password>")
+        try:
+            credentials = base64.b64decode(encoded.strip(), validate=True)
+        except ValueError:
+            raise unauthorized("invalid_signature", "the Basic credentials are not base64") from None
+        _require_credential(self.expected, credentials)
+
+    def sign(self, body: bytes, event_id: str, now: float) -> dict[str, str]:
+        credentials = base64.b64encode(self.secrets[0].encode()).decode()
+        return {**self.field_headers(event_id), "Authorization": f"Basic {credentials}"}
 
 
 @hookimpl
 def register_providers() -> list[type[Provider]]:
-    return []
+    return [TokenProvider, BasicProvider]

@@ -1,11 +1,80 @@
-"""Provider module (being written)."""
+"""Shopify: `X-Shopify-Hmac-Sha256: <base64 HMAC-SHA256 of the body>` keyed by the app's client secret.
+
+The event id is `X-Shopify-Webhook-Id` (kept by Shopify's retries; `X-Shopify-Event-Id` when it is
+absent), the type is `X-Shopify-Topic` (`orders/create`), and the time is `X-Shopify-Triggered-At`
+(ISO 8601). Shopify signs no timestamp, so there is no replay window to check: dedupe on the id is the
+replay protection.
+"""
 
 from __future__ import annotations
 
+import base64
+import hmac
+from collections.abc import Mapping
+from typing import Any
+
 from gateway import hookimpl
-from gateway.providers import Provider
+from gateway.config import Source
+from gateway.events import Event
+from gateway.providers import Provider, parse_timestamp
+from plugins.hmac_generic import (
+    SampleTypes,
+    iso_now,
+    make_event,
+    offered_digests,
+    require_header,
+    require_hmac,
+)
+
+SIGNATURE_HEADER = "x-shopify-hmac-sha256"
+API_VERSION = "2025-07"
+
+
+class ShopifyProvider(Provider):
+    name = "shopify"
+    description = "Shopify: X-Shopify-Hmac-Sha256 <base64 HMAC-SHA256 of the body>; type X-Shopify-Topic"
+
+    def __init__(self, source_name: str, source: Source) -> None:
+        super().__init__(source_name, source)
+        self.keys = [secret.encode() for secret in self.secrets]
+        self.sample_types = SampleTypes("orders/create")
+
+    def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
+        header = require_header(headers, SIGNATURE_HEADER, "X-Shopify-Hmac-Sha256")
+        require_hmac(self.keys, body, offered_digests(header, "", "base64"))
+
+    def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:
+        return make_event(
+            self,
+            headers,
+            body,
+            payload,
+            received_at,
+            event_id=headers.get("x-shopify-webhook-id") or headers.get("x-shopify-event-id"),
+            event_type=headers.get("x-shopify-topic"),
+            occurred_at=parse_timestamp(headers.get("x-shopify-triggered-at")),
+            id_detail="missing X-Shopify-Webhook-Id header",
+            type_detail="missing X-Shopify-Topic header",
+        )
+
+    def sample_payload(self, event_type: str, event_id: str, data: Any, now: float) -> Any:
+        # Shopify's body is the resource itself (the order, the product), not an envelope.
+        self.sample_types.remember(event_id, event_type)
+        return dict(data) if isinstance(data, dict) else {"data": data}
+
+    def sign(self, body: bytes, event_id: str, now: float) -> dict[str, str]:
+        digest = hmac.new(self.keys[0], body, "sha256").digest()
+        return {
+            "X-Shopify-Topic": self.sample_types.recall(event_id),
+            "X-Shopify-Hmac-Sha256": base64.b64encode(digest).decode(),
+            "X-Shopify-Shop-Domain": "hookyard-sample.myshopify.com",
+            "X-Shopify-API-Version": API_VERSION,
+            "X-Shopify-Webhook-Id": event_id,
+            "X-Shopify-Event-Id": f"event-{event_id}",
+            "X-Shopify-Triggered-At": iso_now(now),
+        }
 
 
 @hookimpl
 def register_providers() -> list[type[Provider]]:
-    return []
+    return [ShopifyProvider]

@@ -1,7 +1,14 @@
 """Svix / Standard Webhooks signatures (Consignease uses them).
 
-Signed content is `{id}.{timestamp}.{body}`, HMAC-SHA256 keyed by the base64 part of a `whsec_` secret;
-the signature header holds space-separated `v1,<base64>` entries (several during key rotation).
+Signed content is `{id}.{timestamp}.{body}`. The signature header holds space-separated entries, several
+during key rotation:
+
+- `v1,<base64>`: HMAC-SHA256 keyed by the base64 part of a `whsec_` secret;
+- `v1a,<base64>`: an ed25519 signature, checked with a `whpk_<base64 public key>` secret (or the public
+  half of a `whsk_<base64 private key>` secret, which the sender's side signs with).
+
+A source may list any mix of whsec_, whpk_ and whsk_ secrets. `svix` reads svix-* (or webhook-*) headers;
+`standard-webhooks` reads only webhook-* headers.
 """
 
 from __future__ import annotations
@@ -12,6 +19,9 @@ import hashlib
 import hmac
 from collections.abc import Mapping
 from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from gateway import hookimpl
 from gateway.config import Source
@@ -24,9 +34,13 @@ from gateway.providers import (
     require_text,
     unauthorized,
 )
+from plugins.hmac_generic import MAX_SIGNATURES, check_timestamp, iso_now, wire_bytes
 
-# More entries than this is not key rotation but an attempt to make us burn CPU.
-MAX_SIGNATURES = 10
+__all__ = ["MAX_SIGNATURES", "StandardWebhooksProvider", "SvixProvider", "decode_secret", "sign"]
+
+PUBLIC_KEY_PREFIX = "whpk_"
+PRIVATE_KEY_PREFIX = "whsk_"
+ED25519_SIGNATURE_BYTES = 64
 
 
 def decode_secret(secret: str) -> bytes:
@@ -41,26 +55,58 @@ def decode_secret(secret: str) -> bytes:
     return key
 
 
+def decode_ed25519(secret: str, prefix: str) -> bytes:
+    """`whpk_<base64>` / `whsk_<base64>` -> the 32 raw key bytes (the private one is the ed25519 seed)."""
+    try:
+        key = base64.b64decode(secret.removeprefix(prefix), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if len(key) != 32:
+        raise ValueError(f"is not a {prefix} ed25519 key: the part after {prefix} must be base64 of 32 bytes")
+    return key
+
+
+def signed_content(msg_id: str, timestamp: int | str, body: bytes) -> bytes:
+    return f"{msg_id}.{timestamp}.".encode() + body
+
+
 def sign(key: bytes, msg_id: str, timestamp: int | str, body: bytes) -> str:
     """One `v1,<base64>` signature, as a sender computes it."""
-    mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
+    mac = hmac.new(key, signed_content(msg_id, timestamp, body), hashlib.sha256).digest()
     return "v1," + base64.b64encode(mac).decode()
+
+
+def sign_ed25519(key: Ed25519PrivateKey, msg_id: str, timestamp: int | str, body: bytes) -> str:
+    """One `v1a,<base64>` signature, as a sender holding a whsk_ key computes it."""
+    return "v1a," + base64.b64encode(key.sign(signed_content(msg_id, timestamp, body))).decode()
 
 
 class SvixProvider(Provider):
     name = "svix"
-    description = "Svix / Standard Webhooks: svix-* or webhook-* headers, whsec_ secrets, v1 HMAC-SHA256"
+    description = (
+        "Svix / Standard Webhooks: svix-* or webhook-* headers, v1 (whsec_) and v1a (whpk_) signatures"
+    )
     header_prefixes: tuple[str, ...] = ("svix-", "webhook-")
 
     def __init__(self, source_name: str, source: Source) -> None:
         super().__init__(source_name, source)
-        keys = []
+        self.keys: list[bytes] = []
+        self.public_keys: list[Ed25519PublicKey] = []
+        self.private_keys: list[Ed25519PrivateKey] = []
         for index, secret in enumerate(self.secrets):
             try:
-                keys.append(decode_secret(secret))
+                if secret.startswith(PUBLIC_KEY_PREFIX):
+                    raw = decode_ed25519(secret, PUBLIC_KEY_PREFIX)
+                    self.public_keys.append(Ed25519PublicKey.from_public_bytes(raw))
+                elif secret.startswith(PRIVATE_KEY_PREFIX):
+                    private = Ed25519PrivateKey.from_private_bytes(decode_ed25519(secret, PRIVATE_KEY_PREFIX))
+                    # A sender's key also verifies what it signed, so `hookyard send` works with it alone.
+                    self.private_keys.append(private)
+                    self.public_keys.append(private.public_key())
+                else:
+                    self.keys.append(decode_secret(secret))
             except ValueError as exc:
                 raise ValueError(f"secrets[{index}] {exc}") from None
-        self.keys = keys
 
     def _headers(self, headers: Mapping[str, str]) -> tuple[str, str, str]:
         for prefix in self.header_prefixes:
@@ -70,39 +116,54 @@ class SvixProvider(Provider):
         return "", "", ""
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
+        prefix = self.header_prefixes[0]
         msg_id, timestamp, signature = self._headers(headers)
         if not msg_id or not signature:
-            raise unauthorized("missing_signature", "missing svix-id/svix-signature headers")
-        if not timestamp:
-            raise unauthorized("missing_timestamp", "missing svix-timestamp header")
-        if not timestamp.isascii() or not timestamp.isdigit() or len(timestamp) > 12:
-            raise unauthorized("invalid_timestamp", "the timestamp must be whole seconds since the epoch")
-        if abs(now - int(timestamp)) > self.tolerance:
-            raise unauthorized("timestamp_out_of_tolerance", "the timestamp is too old or too new")
-        offered = []
-        for entry in signature.split(" ")[:MAX_SIGNATURES]:
-            version, _, value = entry.partition(",")
-            if version != "v1" or not value:
+            raise unauthorized("missing_signature", f"missing {prefix}id/{prefix}signature headers")
+        check_timestamp(timestamp, now, self.tolerance, f"{prefix}timestamp header")
+        symmetric: list[bytes] = []
+        asymmetric: list[bytes] = []
+        # split with a limit: an endless header costs no more than MAX_SIGNATURES entries.
+        for entry in signature.split(" ", MAX_SIGNATURES)[:MAX_SIGNATURES]:
+            # A repeated header arrives joined with ", "; base64 never ends in a comma.
+            version, _, value = entry.rstrip(",").partition(",")
+            if version not in ("v1", "v1a") or not value:
                 continue
             try:
-                offered.append(base64.b64decode(value, validate=True))
+                decoded = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
                 continue
-        signed = f"{msg_id}.{timestamp}.".encode() + body
-        expected = [hmac.new(key, signed, hashlib.sha256).digest() for key in self.keys]
-        if not any_digest_matches(expected, offered):
+            (symmetric if version == "v1" else asymmetric).append(decoded)
+        # The id as its bytes arrived (the timestamp is ASCII digits by now).
+        content = wire_bytes(msg_id) + f".{timestamp}.".encode() + body
+        expected = [hmac.new(key, content, hashlib.sha256).digest() for key in self.keys]
+        if not any_digest_matches(expected, symmetric) and not self._ed25519_matches(content, asymmetric):
             raise unauthorized("invalid_signature", "no signature matches")
+
+    def _ed25519_matches(self, content: bytes, offered: list[bytes]) -> bool:
+        # Public keys are no secret, so stopping at the first match leaks nothing.
+        for signature in offered:
+            if len(signature) != ED25519_SIGNATURE_BYTES:
+                continue
+            for key in self.public_keys:
+                try:
+                    key.verify(signature, content)
+                except InvalidSignature:
+                    continue
+                return True
+        return False
 
     def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:
         if not isinstance(payload, dict):
             raise bad_request("invalid_payload", "the body must be a JSON object")
+        prefix = self.header_prefixes[0]
         msg_id, timestamp, _ = self._headers(headers)
         occurred_at = parse_timestamp(payload.get("timestamp"))
         if occurred_at is None and timestamp.isdigit():
             occurred_at = float(timestamp)
         return Event(
             source=self.source_name,
-            id=require_text(msg_id, "missing_event_id", "missing svix-id header"),
+            id=require_text(msg_id, "missing_event_id", f"missing {prefix}id header"),
             type=require_text(payload.get("type"), "missing_event_type", "the payload has no type"),
             occurred_at=occurred_at,
             received_at=received_at,
@@ -121,14 +182,34 @@ class SvixProvider(Provider):
         }
 
     def sign(self, body: bytes, event_id: str, now: float) -> dict[str, str]:
+        """v1 with the first whsec_ secret; v1a with the first whsk_ key when there is no whsec_ secret."""
+        if self.keys:
+            signature = sign(self.keys[0], event_id, int(now), body)
+        elif self.private_keys:
+            signature = sign_ed25519(self.private_keys[0], event_id, int(now), body)
+        else:
+            raise ValueError(
+                f"source {self.source_name!r} has only whpk_ public keys, which cannot sign; "
+                "add the whsk_ private key (or a whsec_ secret) to send test events"
+            )
         prefix = self.header_prefixes[0]
         return {
             f"{prefix}id": event_id,
             f"{prefix}timestamp": str(int(now)),
-            f"{prefix}signature": sign(self.keys[0], event_id, int(now), body),
+            f"{prefix}signature": signature,
         }
+
+
+class StandardWebhooksProvider(SvixProvider):
+    name = "standard-webhooks"
+    description = "Standard Webhooks: webhook-* headers, v1 (whsec_) and v1a (whpk_) signatures"
+    header_prefixes = ("webhook-",)
+
+    def sample_payload(self, event_type: str, event_id: str, data: Any, now: float) -> Any:
+        # The specification's payload: type, an ISO 8601 timestamp and data.
+        return {"type": event_type, "timestamp": iso_now(now), "data": data}
 
 
 @hookimpl
 def register_providers() -> list[type[Provider]]:
-    return [SvixProvider]
+    return [SvixProvider, StandardWebhooksProvider]

@@ -232,3 +232,28 @@ def test_ops_endpoints(gw: RunningGateway) -> None:
     assert 'hookyard_build_info{version="' in metrics.text
     # The ops endpoints are not on the webhook listener.
     assert httpx.get(gw.url + "/metrics").status_code == 404
+
+
+def test_credentials_in_headers_are_never_stored(tmp_path, downstream: Downstream) -> None:
+    sources = {
+        "gitlab": {
+            "path": "/webhooks/gitlab",
+            "provider": "token",
+            "secrets": ["glpat-secret"],
+            "options": {"header": "X-Gitlab-Token", "type_from": "header:X-Gitlab-Event"},
+        }
+    }
+    with RunningGateway(gateway_config(tmp_path, downstream.url, sources=sources, routes=[])) as gw:
+        body = json.dumps({"id": "push-1", "object_kind": "push"}).encode()
+        headers = {
+            "x-gitlab-token": "glpat-secret",
+            "x-gitlab-event": "Push Hook",
+            "authorization": "Bearer something",
+            "cookie": "session=1",
+            "content-type": "application/json",
+        }
+        assert gw.post("/webhooks/gitlab", body, headers).json() == {"id": "push-1", "status": "accepted"}
+        [detail] = _run(gw, gw.gateway.storage.get_event("push-1"))
+        stored = detail.event.headers
+        assert stored["x-gitlab-event"] == "Push Hook"
+        assert not {"x-gitlab-token", "authorization", "cookie"} & set(stored)

@@ -1,0 +1,497 @@
+"""routes.yaml parsing: ${VAR} interpolation, durations, unknown and missing keys (each error naming its place),
+YAML errors, and the JSON Schema offered to editors."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from gateway.config import (
+    Config,
+    ConfigError,
+    format_location,
+    json_schema,
+    load_config,
+    parse_config,
+    parse_duration,
+)
+
+REPO_ROUTES = Path(__file__).resolve().parent.parent / "routes.yaml"
+
+
+def config_errors(text: str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, environ={} if environ is None else environ)
+    assert caught.value.errors, "a ConfigError must list at least one problem"
+    assert str(caught.value) == "\n".join(caught.value.errors)
+    return caught.value.errors
+
+
+def one_source(**fields: Any) -> str:
+    source = {"path": "/hooks/x", "provider": "consignly", "secrets": ["s3cret"], **fields}
+    return yaml.safe_dump({"sources": {"x": source}})
+
+
+def one_route(**action: Any) -> str:
+    route = {"name": "r", "source": "x", "actions": [{"use": "forward", **action}]}
+    return yaml.safe_dump({"routes": [route]})
+
+
+# -- ${VAR} interpolation ------------------------------------------------------------------------------
+
+
+def test_variable_is_replaced_by_its_value() -> None:
+    config = parse_config(
+        'sources: {x: {path: /x, provider: svix, secrets: ["${SECRET}"]}}',
+        environ={"SECRET": "whsec_abc"},
+    )
+    assert config.sources["x"].secrets == ["whsec_abc"]
+
+
+def test_default_is_used_when_the_variable_is_unset() -> None:
+    text = 'routes: [{name: r, source: x, actions: [{use: forward, with: {url: "${APP_URL:-http://127.0.0.1:3000}/hooks"}}]}]'
+    config = parse_config(text, environ={})
+    assert config.routes[0].actions[0].with_ == {"url": "http://127.0.0.1:3000/hooks"}
+
+
+def test_value_wins_over_the_default_when_the_variable_is_set() -> None:
+    text = 'routes: [{name: r, source: x, actions: [{use: forward, with: {url: "${APP_URL:-http://127.0.0.1:3000}/hooks"}}]}]'
+    config = parse_config(text, environ={"APP_URL": "https://app.internal"})
+    assert config.routes[0].actions[0].with_ == {"url": "https://app.internal/hooks"}
+
+
+def test_default_may_contain_colons_and_slashes() -> None:
+    config = parse_config('storage: {url: "${DB:-postgresql://u:p@db:5432/x}"}', environ={})
+    assert config.storage.url == "postgresql://u:p@db:5432/x"
+
+
+def test_several_variables_in_one_string_and_surrounding_text_are_kept() -> None:
+    config = parse_config(
+        'storage: {url: "sqlite:///${DIR}/${NAME:-hy}.db"}', environ={"DIR": "/data", "NAME": "main"}
+    )
+    assert config.storage.url == "sqlite:////data/main.db"
+
+
+def test_empty_default_gives_an_empty_string() -> None:
+    config = parse_config('ops: {admin_token: "x${TOKEN:-}y"}', environ={})
+    assert config.ops.admin_token == "xy"
+
+
+def test_a_set_but_empty_variable_wins_over_the_default() -> None:
+    # Unlike the shell's `:-`, the default applies only when the variable is unset (docs/configuration.md).
+    config = parse_config('storage: {url: "x${DB_URL:-sqlite:///./x.db}"}', environ={"DB_URL": ""})
+    assert config.storage.url == "x"
+
+
+def test_set_but_empty_variable_without_default_is_empty() -> None:
+    config = parse_config('ops: {admin_token: "a${TOKEN}b"}', environ={"TOKEN": ""})
+    assert config.ops.admin_token == "ab"
+
+
+def test_interpolated_numbers_and_booleans_are_coerced_by_the_schema() -> None:
+    text = 'listen: {port: "${PORT}"}\nsources: {x: {path: /x, provider: none, insecure: "${INSECURE}"}}'
+    config = parse_config(text, environ={"PORT": "8181", "INSECURE": "true"})
+    assert config.listen.port == 8181
+    assert config.sources["x"].insecure is True
+
+
+def test_a_value_never_changes_the_yaml_structure() -> None:
+    hostile = "x\nstorage: {url: 'sqlite:///evil'}\n"
+    config = parse_config('ops: {admin_token: "${TOKEN}"}', environ={"TOKEN": hostile})
+    assert config.ops.admin_token == hostile
+    assert config.storage.url == "sqlite:///./var/hookyard.db"
+
+
+def test_values_are_not_expanded_again() -> None:
+    config = parse_config('ops: {admin_token: "${A}"}', environ={"A": "${B}", "B": "leak"})
+    assert config.ops.admin_token == "${B}"
+
+
+def test_text_that_is_not_a_variable_is_left_alone() -> None:
+    config = parse_config(
+        'ops: {admin_token: "$HOME ${1X} $${} {Y}"}', environ={"HOME": "/root", "1X": "no", "Y": "no"}
+    )
+    assert config.ops.admin_token == "$HOME ${1X} $${} {Y}"
+
+
+def test_mapping_keys_are_not_interpolated() -> None:
+    config = parse_config(
+        'sources: {"${NAME}": {path: /x, provider: svix, secrets: [whsec_abc]}}', environ={"NAME": "other"}
+    )
+    assert list(config.sources) == ["${NAME}"]
+
+
+def test_environ_defaults_to_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOKYARD_TEST_TOKEN", "from-env")
+    config = parse_config('ops: {admin_token: "${HOOKYARD_TEST_TOKEN}"}')
+    assert config.ops.admin_token == "from-env"
+
+
+def test_an_explicit_environ_replaces_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOKYARD_TEST_TOKEN", "from-env")
+    config = parse_config('ops: {admin_token: "${HOOKYARD_TEST_TOKEN:-fallback}"}', environ={})
+    assert config.ops.admin_token == "fallback"
+
+
+def test_missing_variable_is_an_error_naming_its_place() -> None:
+    errors = config_errors('sources: {x: {path: /x, provider: svix, secrets: ["${NOPE}"]}}')
+    assert len(errors) == 1
+    assert errors[0].startswith("sources.x.secrets[0]: environment variable NOPE is not set")
+
+
+def test_missing_variable_deep_in_a_route_names_the_with_key() -> None:
+    text = """
+routes:
+  - {name: a, source: x, actions: [{use: forward}]}
+  - name: b
+    source: x
+    actions: [{use: forward}, {use: forward, with: {url: "${APP_URL}/x"}}]
+"""
+    errors = config_errors(text)
+    assert errors == [
+        "routes[1].actions[1].with.url: environment variable APP_URL is not set (and has no default)"
+    ]
+
+
+def test_every_missing_variable_is_reported_with_the_shape_still_available() -> None:
+    text = 'sources: {x: {path: /x, provider: svix, secrets: ["${ONE}", "${TWO:-ok}", "${THREE}"]}}'
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, environ={})
+    errors = caught.value.errors
+    assert len(errors) == 2
+    assert errors[0].startswith("sources.x.secrets[0]: environment variable ONE is not set")
+    assert errors[1].startswith("sources.x.secrets[2]: environment variable THREE is not set")
+    # Only interpolation failed: the validated config is attached for further checks.
+    assert isinstance(caught.value.config, Config)
+    assert caught.value.config.sources["x"].secrets == ["ok"]
+
+
+def test_missing_variable_and_schema_errors_are_reported_together() -> None:
+    text = 'sources: {x: {path: /x, provider: svix, secrets: ["${NOPE}"], bogus: 1}}'
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, environ={})
+    errors = caught.value.errors
+    assert any(e.startswith("sources.x.secrets[0]: environment variable NOPE") for e in errors)
+    assert "sources.x.bogus: unknown key" in errors
+    assert caught.value.config is None
+
+
+# -- secrets ---------------------------------------------------------------------------------------------
+
+
+def test_empty_and_blank_secrets_are_dropped() -> None:
+    config = parse_config(one_source(secrets=["", "  ", "key-1", "\t", "key-2"]), environ={})
+    assert config.sources["x"].secrets == ["key-1", "key-2"]
+
+
+def test_unset_optional_secret_slots_are_dropped() -> None:
+    text = 'sources: {x: {path: /x, provider: consignly, secrets: ["${A:-fallback}", "${B:-}", "${C:-}"]}}'
+    assert parse_config(text, environ={}).sources["x"].secrets == ["fallback"]
+    both = parse_config(text, environ={"B": "key-b"})
+    assert both.sources["x"].secrets == ["fallback", "key-b"]
+
+
+def test_source_defaults() -> None:
+    source = parse_config(one_source(), environ={}).sources["x"]
+    assert source.tolerance == 300.0
+    assert source.insecure is False
+    assert source.verify == "enforce"
+    assert source.allow_ips == []
+    assert source.options == {}
+
+
+def test_source_path_must_be_absolute() -> None:
+    assert config_errors(one_source(path="hooks/x")) == ["sources.x.path: path 'hooks/x' must start with /"]
+
+
+# -- durations -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [
+        ("5s", 5.0),
+        ("2m", 120.0),
+        ("1h", 3600.0),
+        ("1d", 86400.0),
+        ("250ms", 0.25),
+        ("1.5h", 5400.0),
+        ("0.5s", 0.5),
+        (" 10 s ", 10.0),
+        ("42", 42.0),
+        (7, 7.0),
+        (2.5, 2.5),
+        (0, 0.0),
+    ],
+)
+def test_durations(written: Any, seconds: float) -> None:
+    assert parse_duration(written) == pytest.approx(seconds)
+    config = parse_config(yaml.safe_dump({"defaults": {"timeout": written}}), environ={})
+    assert config.defaults.timeout == pytest.approx(seconds)
+
+
+def test_durations_in_lists_and_nested_places() -> None:
+    text = """
+defaults:
+  retry: {schedule: [250ms, 5s, 2m, 1h]}
+  timeout: 10s
+sources: {x: {path: /x, provider: svix, secrets: [whsec_abc], tolerance: 5m}}
+limits: {read_timeout: 1500ms}
+routes: [{name: r, source: x, actions: [{use: forward, timeout: 3s}]}]
+"""
+    config = parse_config(text, environ={})
+    assert config.defaults.retry.schedule == [0.25, 5.0, 120.0, 3600.0]
+    assert config.defaults.timeout == 10.0
+    assert config.sources["x"].tolerance == 300.0
+    assert config.limits.read_timeout == 1.5
+    assert config.routes[0].actions[0].timeout == 3.0
+
+
+def test_duration_from_a_variable() -> None:
+    config = parse_config('defaults: {timeout: "${TIMEOUT:-5s}"}', environ={"TIMEOUT": "2m"})
+    assert config.defaults.timeout == 120.0
+
+
+@pytest.mark.parametrize("written", ["5x", "soon", "", "5 s s", "1e3s", "s", "5sec", "-5s", "1,5s", "0x10"])
+def test_bad_duration_strings_are_rejected_with_a_clear_message(written: str) -> None:
+    with pytest.raises(ValueError, match=re.escape("is not a duration; use e.g. 500ms, 5s, 2m, 1h")):
+        parse_duration(written)
+    errors = config_errors(yaml.safe_dump({"defaults": {"timeout": written}}))
+    assert errors == [
+        f"defaults.timeout: {written!r} is not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds"
+    ]
+
+
+def test_negative_duration_number_is_rejected() -> None:
+    assert config_errors(one_source(tolerance=-5)) == [
+        "sources.x.tolerance: -5 is not a finite, non-negative duration"
+    ]
+
+
+@pytest.mark.parametrize("written", [True, False, None, [5], {"s": 5}])
+def test_non_scalar_and_boolean_durations_are_rejected(written: Any) -> None:
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(written)
+
+
+def test_boolean_duration_in_config_names_its_place() -> None:
+    assert config_errors(one_source(tolerance=True)) == ["sources.x.tolerance: True is not a duration"]
+
+
+def test_bad_duration_in_a_schedule_names_its_index() -> None:
+    errors = config_errors("defaults: {retry: {schedule: [1s, soon, 2m]}}")
+    assert errors == [
+        "defaults.retry.schedule[1]: 'soon' is not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds"
+    ]
+
+
+def test_bad_action_timeout_names_its_place() -> None:
+    errors = config_errors(one_route(timeout="5x", **{"with": {"url": "http://a"}}))
+    assert errors == [
+        "routes[0].actions[0].timeout: '5x' is not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds"
+    ]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_durations_are_rejected(value: float) -> None:
+    # With a NaN tolerance every `abs(now - timestamp) > tolerance` would be false: replay protection off.
+    with pytest.raises(ValueError, match="is not a finite, non-negative duration"):
+        parse_duration(value)
+
+
+@pytest.mark.parametrize("written", [".nan", ".inf", "-.inf"])
+def test_non_finite_durations_in_the_config_name_their_place(written: str) -> None:
+    errors = config_errors(f"sources: {{x: {{path: /x, provider: svix, tolerance: {written}}}}}")
+    assert len(errors) == 1
+    assert errors[0].startswith("sources.x.tolerance: ")
+    assert errors[0].endswith("is not a finite, non-negative duration")
+
+
+# -- unknown keys and missing fields ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("bogus: 1", "bogus: unknown key"),
+        ("listen: {host: 0.0.0.0, prot: 80}", "listen.prot: unknown key"),
+        ("listen: {tls: {cert: c, key: k, chain: x}}", "listen.tls.chain: unknown key"),
+        ("defaults: {retry: {schedul: [1s]}}", "defaults.retry.schedul: unknown key"),
+        ("sources: {x: {path: /x, provider: svix, secret: whsec_abc}}", "sources.x.secret: unknown key"),
+        (
+            "routes: [{name: a, source: x, actions: [{use: forward}]},"
+            " {name: b, source: x, actions: [{use: forward}, {use: forward, wiht: {}}]}]",
+            "routes[1].actions[1].wiht: unknown key",
+        ),
+        (
+            "routes: [{name: a, source: x, event: [a], actions: [{use: forward}]}]",
+            "routes[0].event: unknown key",
+        ),
+        ("delivery: {retries: 3}", "delivery.retries: unknown key"),
+    ],
+)
+def test_unknown_keys_are_rejected_at_their_place(text: str, error: str) -> None:
+    assert config_errors(text) == [error]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            "routes: [{name: a, source: x, actions: [{use: forward}]}, {name: b, source: x, actions: [{id: y}]}]",
+            "routes[1].actions[0].use: field required",
+        ),
+        ("routes: [{source: x, actions: [{use: forward}]}]", "routes[0].name: field required"),
+        ("routes: [{name: a, actions: [{use: forward}]}]", "routes[0].source: field required"),
+        ("routes: [{name: a, source: x}]", "routes[0].actions: field required"),
+        ("sources: {x: {provider: svix}}", "sources.x.path: field required"),
+        ("sources: {x: {path: /x}}", "sources.x.provider: field required"),
+        ("listen: {tls: {cert: c}}", "listen.tls.key: field required"),
+    ],
+)
+def test_missing_fields_are_reported_as_field_required(text: str, error: str) -> None:
+    assert config_errors(text) == [error]
+
+
+def test_a_route_needs_at_least_one_action() -> None:
+    errors = config_errors("routes: [{name: a, source: x, actions: []}]")
+    assert len(errors) == 1
+    assert errors[0].startswith("routes[0].actions: ")
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    text = """
+bogus: 1
+listen: {port: 70000}
+sources: {x: {provider: svix}}
+routes: [{name: a, source: x, actions: [{with: {}}]}]
+"""
+    errors = config_errors(text)
+    assert "bogus: unknown key" in errors
+    assert "sources.x.path: field required" in errors
+    assert "routes[0].actions[0].use: field required" in errors
+    assert any(error.startswith("listen.port: ") for error in errors)
+    assert len(errors) == 4
+
+
+def test_format_location() -> None:
+    assert format_location(("routes", 1, "actions", 0, "with_", "url")) == "routes[1].actions[0].with.url"
+    assert format_location(("sources", "x", "secrets", 0)) == "sources.x.secrets[0]"
+    assert format_location(()) == ""
+
+
+# -- YAML and the top level ------------------------------------------------------------------------------
+
+
+def test_invalid_yaml_is_an_error_naming_the_origin() -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config("sources: {x: [", environ={}, origin="conf/routes.yaml")
+    assert len(caught.value.errors) == 1
+    assert caught.value.errors[0].startswith("conf/routes.yaml: not valid YAML: ")
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string", "42"])
+def test_top_level_must_be_a_mapping(text: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, environ={})
+    assert caught.value.errors == ["<config>: the top level must be a mapping"]
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n"])
+def test_an_empty_file_is_the_default_config(text: str) -> None:
+    config = parse_config(text, environ={})
+    assert config == Config()
+    assert config.listen.port == 8080
+    assert config.ops.port == 9000
+    assert config.defaults.timeout == 30.0
+    assert config.defaults.retry.schedule == [5.0, 30.0, 120.0, 600.0, 3600.0]
+    assert config.sources == {}
+    assert config.routes == []
+
+
+def test_load_config_reads_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_text('sources: {x: {path: /x, provider: svix, secrets: ["${S}"]}}\n', encoding="utf-8")
+    config = load_config(path, environ={"S": "whsec_abc"})
+    assert config.sources["x"].secrets == ["whsec_abc"]
+
+
+def test_load_config_names_the_file_in_errors(tmp_path: Path) -> None:
+    path = tmp_path / "broken.yaml"
+    path.write_text("routes: [\n", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert caught.value.errors[0].startswith(f"{path}: not valid YAML")
+
+
+def test_load_config_of_a_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent.yaml"
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, environ={})
+    assert len(caught.value.errors) == 1
+    assert caught.value.errors[0].startswith(f"{path}: cannot read: ")
+
+
+def test_the_repo_routes_yaml_loads() -> None:
+    config = load_config(REPO_ROUTES, environ={})
+    assert set(config.sources) == {"consignease", "consignly"}
+    assert config.sources["consignly"].secrets == ["demo-client-secret"]
+    assert config.defaults.retry.schedule == [5.0, 30.0, 120.0, 600.0, 3600.0]
+    assert config.routes[1].events == ["ConsignmentCreated", 112, "consignment.status_updated"]
+
+
+# -- JSON Schema -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def validator() -> jsonschema.Draft202012Validator:
+    schema = json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def test_json_schema_is_a_valid_draft_2020_12_schema() -> None:
+    schema = json_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["title"] == "Hookyard routes.yaml"
+    jsonschema.Draft202012Validator.check_schema(schema)
+
+
+def test_json_schema_accepts_the_repo_routes_yaml(validator: jsonschema.Draft202012Validator) -> None:
+    document = yaml.safe_load(REPO_ROUTES.read_text(encoding="utf-8"))
+    assert list(validator.iter_errors(document)) == []
+
+
+def test_json_schema_rejects_an_unknown_top_level_key(validator: jsonschema.Draft202012Validator) -> None:
+    document = yaml.safe_load(REPO_ROUTES.read_text(encoding="utf-8"))
+    document["bogus"] = 1
+    errors = list(validator.iter_errors(document))
+    assert len(errors) == 1
+    assert "bogus" in errors[0].message
+
+
+def test_json_schema_uses_the_with_alias(validator: jsonschema.Draft202012Validator) -> None:
+    route = {"name": "r", "source": "x", "actions": [{"use": "forward", "with": {"url": "http://a"}}]}
+    assert validator.is_valid({"routes": [route]})
+    misspelt = {"name": "r", "source": "x", "actions": [{"use": "forward", "with_": {"url": "http://a"}}]}
+    assert not validator.is_valid({"routes": [misspelt]})
+
+
+@pytest.mark.parametrize(
+    ("tolerance", "valid"), [("5m", True), ("250ms", True), (30, True), ("5x", False), (-1, False)]
+)
+def test_json_schema_checks_durations(
+    validator: jsonschema.Draft202012Validator, tolerance: Any, valid: bool
+) -> None:
+    document = {"sources": {"x": {"path": "/x", "provider": "svix", "tolerance": tolerance}}}
+    assert validator.is_valid(document) is valid
+
+
+def test_json_schema_requires_route_fields(validator: jsonschema.Draft202012Validator) -> None:
+    assert not validator.is_valid({"routes": [{"name": "r", "actions": [{"use": "forward"}]}]})
+    assert not validator.is_valid({"routes": [{"name": "r", "source": "x", "actions": [{"id": "a"}]}]})

@@ -1,0 +1,635 @@
+"""Compiling a config into a RouteTable with the built-in plugins: event matching (globs, Consignly codes and
+names), filters, planned actions with their defaults, and every error, collected at once with its place."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from gateway.config import ConfigError, load_config, parse_config
+from gateway.events import Event
+from gateway.plugins import Registry, new_plugin_manager
+from gateway.routing import PlannedAction, RouteTable
+from plugins.consignly import ConsignlyProvider
+from plugins.insecure import NoVerification
+from plugins.svix import SvixProvider
+from tests.support import CONSIGNLY_SECRETS, SVIX_SECRET
+
+REPO_ROUTES = Path(__file__).resolve().parent.parent / "routes.yaml"
+
+
+@pytest.fixture(scope="module")
+def registry() -> Registry:
+    return Registry.collect(new_plugin_manager(load_entry_points=False))
+
+
+def base_config(routes: list[dict[str, Any]] | None = None, **overrides: Any) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "sources": {
+            "consignease": {"path": "/webhooks/consignease", "provider": "svix", "secrets": [SVIX_SECRET]},
+            "consignly": {
+                "path": "/webhooks/consignly",
+                "provider": "consignly",
+                "secrets": CONSIGNLY_SECRETS,
+            },
+        },
+        "routes": routes if routes is not None else [],
+    }
+    config.update(overrides)
+    return config
+
+
+def forward(url: str = "http://127.0.0.1:3000/hooks", **fields: Any) -> dict[str, Any]:
+    return {"use": "forward", "with": {"url": url}, **fields}
+
+
+def route(name: str, source: str, *actions: dict[str, Any], **fields: Any) -> dict[str, Any]:
+    return {"name": name, "source": source, "actions": list(actions) or [forward(id="app")], **fields}
+
+
+def build(registry: Registry, config: dict[str, Any]) -> RouteTable:
+    return RouteTable.build(parse_config(yaml.safe_dump(config), environ={}), registry)
+
+
+def build_errors(registry: Registry, config: dict[str, Any]) -> list[str]:
+    parsed = parse_config(yaml.safe_dump(config), environ={})
+    with pytest.raises(ConfigError) as caught:
+        RouteTable.build(parsed, registry)
+    assert caught.value.errors
+    return caught.value.errors
+
+
+def make_event(source: str, event_type: str, data: dict[str, Any] | None = None) -> Event:
+    return Event(
+        source=source,
+        id="evt_1",
+        type=event_type,
+        received_at=0.0,
+        body=b"{}",
+        payload={"id": "evt_1", "type": event_type, "data": data or {}},
+    )
+
+
+def matched(table: RouteTable, source: str, event_type: str, data: dict[str, Any] | None = None) -> list[str]:
+    return [compiled.name for compiled in table.match(make_event(source, event_type, data))]
+
+
+# -- endpoints ---------------------------------------------------------------------------------------
+
+
+def test_the_repo_routes_yaml_builds(registry: Registry) -> None:
+    table = RouteTable.build(load_config(REPO_ROUTES, environ={}), registry)
+    assert set(table.endpoints) == {"/webhooks/consignease", "/webhooks/consignly"}
+    assert isinstance(table.endpoints["/webhooks/consignease"].provider, SvixProvider)
+    assert isinstance(table.endpoints["/webhooks/consignly"].provider, ConsignlyProvider)
+    assert matched(table, "consignease", "user.created") == ["users"]
+    assert matched(table, "consignly", "consignment.created", {"status": 1}) == ["consignments"]
+    assert matched(table, "consignly", "consignment.tracking_updated", {"status": 2}) == ["consignments"]
+    assert matched(table, "consignly", "consignment.status_updated", {"status": 2}) == ["consignments"]
+    assert matched(table, "consignly", "consignment.created", {"status": 3}) == []
+    assert matched(table, "consignly", "consignment.deleted", {"status": 1}) == []
+    # Its dependent actions: `when` defaults to always once `after` is given.
+    assert table.actions[("consignments", "app")].when is None
+    assert table.actions[("consignments", "ack")].after == "app"
+    assert table.actions[("consignments", "ack")].when == "always"
+    assert table.actions[("consignments", "alert")].when == "failure"
+
+
+def test_endpoints_are_keyed_by_path(registry: Registry) -> None:
+    table = build(registry, base_config())
+    endpoint = table.endpoints["/webhooks/consignly"]
+    assert endpoint.name == "consignly"
+    assert endpoint.path == "/webhooks/consignly"
+    assert isinstance(endpoint.provider, ConsignlyProvider)
+    assert endpoint.provider.source_name == "consignly"
+    assert endpoint.insecure is False
+    assert endpoint.log_only is False
+    assert endpoint.allow == ()
+
+
+def test_log_only_and_allow_ips_reach_the_endpoint(registry: Registry) -> None:
+    config = base_config()
+    config["sources"]["consignly"].update(verify="log-only", allow_ips=["10.0.0.0/8", "127.0.0.1"])
+    endpoint = build(registry, config).endpoints["/webhooks/consignly"]
+    assert endpoint.log_only is True
+    assert len(endpoint.allow) == 2
+
+
+def test_a_config_without_sources_builds_empty(registry: Registry) -> None:
+    table = build(registry, {})
+    assert table.endpoints == {}
+    assert table.routes == {}
+    assert table.match(make_event("x", "y")) == []
+
+
+# -- event matching ----------------------------------------------------------------------------------
+
+
+def test_glob_patterns(registry: Registry) -> None:
+    table = build(registry, base_config([route("users", "consignease", events=["user.*"])]))
+    assert matched(table, "consignease", "user.created") == ["users"]
+    assert matched(table, "consignease", "user.email.updated") == ["users"]
+    assert matched(table, "consignease", "organization.created") == []
+    assert matched(table, "consignease", "user") == []
+    assert matched(table, "consignease", "User.created") == []
+    assert matched(table, "consignease", "superuser.created") == []
+
+
+def test_question_mark_and_character_class_globs(registry: Registry) -> None:
+    table = build(
+        registry,
+        base_config([route("r", "consignease", events=["v?.ping", "[ab].created", "[!x]y.z"])]),
+    )
+    assert matched(table, "consignease", "v1.ping") == ["r"]
+    assert matched(table, "consignease", "v10.ping") == []
+    assert matched(table, "consignease", "a.created") == ["r"]
+    assert matched(table, "consignease", "c.created") == []
+    assert matched(table, "consignease", "ay.z") == ["r"]
+    assert matched(table, "consignease", "xy.z") == []
+
+
+def test_exact_names_match_exactly(registry: Registry) -> None:
+    table = build(registry, base_config([route("r", "consignease", events=["user.created"])]))
+    assert matched(table, "consignease", "user.created") == ["r"]
+    assert matched(table, "consignease", "user.created.extra") == []
+    assert matched(table, "consignease", "xuser.created") == []
+
+
+@pytest.mark.parametrize("events", [None, ["*"], [], ["user.created", "*"]])
+def test_every_event_matches_by_default_star_or_empty_list(
+    registry: Registry, events: list[str] | None
+) -> None:
+    fields = {} if events is None else {"events": events}
+    table = build(registry, base_config([route("all", "consignly", **fields)]))
+    assert matched(table, "consignly", "consignment.created") == ["all"]
+    assert matched(table, "consignly", "anything.at_all") == ["all"]
+
+
+def test_consignly_codes_and_names_map_to_dotted_types(registry: Registry) -> None:
+    table = build(registry, base_config([route("c", "consignly", events=[112, "ConsignmentCreated"])]))
+    assert matched(table, "consignly", "consignment.tracking_updated") == ["c"]
+    assert matched(table, "consignly", "consignment.created") == ["c"]
+    assert matched(table, "consignly", "consignment.updated") == []
+    # The catalog is applied to the route's patterns, not to event types at match time.
+    assert matched(table, "consignly", "ConsignmentCreated") == []
+    assert matched(table, "consignly", "112") == []
+
+
+def test_consignly_code_as_a_string_and_dotted_types(registry: Registry) -> None:
+    table = build(
+        registry, base_config([route("c", "consignly", events=["101", "consignment.status_updated", 304, 0])])
+    )
+    assert matched(table, "consignly", "consignment.created") == ["c"]
+    assert matched(table, "consignly", "consignment.status_updated") == ["c"]
+    assert matched(table, "consignly", "job.connection_action_manual_trigger") == ["c"]
+    assert matched(table, "consignly", "webhook.test") == ["c"]
+
+
+def test_consignly_globs_skip_the_catalog(registry: Registry) -> None:
+    table = build(registry, base_config([route("c", "consignly", events=["consignment.*", "Manifest*"])]))
+    assert matched(table, "consignly", "consignment.delivered") == ["c"]
+    assert matched(table, "consignly", "manifest.closed") == []
+
+
+def test_unknown_entries_never_match_but_are_not_errors(registry: Registry) -> None:
+    table = build(registry, base_config([route("c", "consignly", events=[999, "NoSuchEvent"])]))
+    assert matched(table, "consignly", "consignment.created") == []
+    assert matched(table, "consignly", "no_such_event") == []
+
+
+def test_svix_has_no_catalog(registry: Registry) -> None:
+    table = build(registry, base_config([route("u", "consignease", events=["ConsignmentCreated", 112])]))
+    assert matched(table, "consignease", "consignment.created") == []
+    assert matched(table, "consignease", "ConsignmentCreated") == ["u"]
+    assert matched(table, "consignease", "112") == ["u"]
+
+
+def test_several_routes_match_one_event_in_config_order(registry: Registry) -> None:
+    table = build(
+        registry,
+        base_config(
+            [
+                route("all-consignly", "consignly"),
+                route("users", "consignease", events=["user.*"]),
+                route("created", "consignly", events=["ConsignmentCreated"]),
+                route("tracking", "consignly", events=[112]),
+                route("consignments", "consignly", events=["consignment.*"]),
+            ]
+        ),
+    )
+    assert matched(table, "consignly", "consignment.created") == ["all-consignly", "created", "consignments"]
+    assert matched(table, "consignly", "consignment.tracking_updated") == [
+        "all-consignly",
+        "tracking",
+        "consignments",
+    ]
+    assert matched(table, "consignly", "manifest.closed") == ["all-consignly"]
+
+
+def test_routes_only_see_events_of_their_own_source(registry: Registry) -> None:
+    table = build(registry, base_config([route("users", "consignease", events=["user.*"])]))
+    assert matched(table, "consignly", "user.created") == []
+    assert matched(table, "unknown", "user.created") == []
+    assert [r.name for r in table.routes["consignease"]] == ["users"]
+    assert "consignly" not in table.routes
+
+
+def test_filter_is_applied(registry: Registry) -> None:
+    table = build(
+        registry,
+        base_config(
+            [
+                route(
+                    "active",
+                    "consignly",
+                    events=["ConsignmentCreated"],
+                    filter={"data.status": {"in": [1, 2]}},
+                ),
+                route("any-created", "consignly", events=["ConsignmentCreated"]),
+            ]
+        ),
+    )
+    assert matched(table, "consignly", "consignment.created", {"status": 1}) == ["active", "any-created"]
+    assert matched(table, "consignly", "consignment.created", {"status": 3}) == ["any-created"]
+    assert matched(table, "consignly", "consignment.created", {}) == ["any-created"]
+    # The type must match too: the filter alone is not enough.
+    assert matched(table, "consignly", "consignment.updated", {"status": 1}) == []
+
+
+def test_compiled_route_fields(registry: Registry) -> None:
+    table = build(registry, base_config([route("r", "consignly", forward(id="app"), filter={"type": "x"})]))
+    (compiled,) = table.routes["consignly"]
+    assert compiled.name == "r"
+    assert compiled.source == "consignly"
+    assert compiled.predicate is not None
+    assert [a.key for a in compiled.actions] == ["app"]
+
+
+# -- planned actions ---------------------------------------------------------------------------------
+
+
+def test_planned_actions_take_the_defaults(registry: Registry) -> None:
+    config = base_config(
+        [
+            route(
+                "r",
+                "consignly",
+                forward(id="app"),
+                forward("http://audit.internal/x", id="audit", after="app"),
+            )
+        ],
+        defaults={"retry": {"schedule": ["1s", "2s"], "jitter": 0, "retry_on": [503]}, "timeout": "7s"},
+    )
+    table = build(registry, config)
+    app = table.actions[("r", "app")]
+    assert isinstance(app, PlannedAction)
+    assert app.route == "r"
+    assert app.use == "forward"
+    assert app.retry.schedule == [1.0, 2.0]
+    assert app.retry.jitter == 0
+    assert app.retry.retry_on == [503]
+    assert app.timeout == 7.0
+    assert app.concurrency is None
+    assert app.after is None
+    assert app.when is None
+    assert app.options.url == "http://127.0.0.1:3000/hooks"  # type: ignore[attr-defined]
+    assert app.options.method == "POST"  # type: ignore[attr-defined]
+    audit = table.actions[("r", "audit")]
+    assert audit.after == "app"
+    assert audit.when == "always"
+    assert audit.timeout == 7.0
+    assert audit.retry == app.retry
+
+
+def test_builtin_defaults_when_none_are_configured(registry: Registry) -> None:
+    action = build(registry, base_config([route("r", "consignly")])).actions[("r", "app")]
+    assert action.timeout == 30.0
+    assert action.retry.schedule == [5.0, 30.0, 120.0, 600.0, 3600.0]
+    assert action.retry.retry_on == [408, 429, "5xx"]
+
+
+def test_an_action_overrides_retry_timeout_and_concurrency(registry: Registry) -> None:
+    config = base_config(
+        [
+            route(
+                "r",
+                "consignly",
+                forward(id="app", timeout="250ms", concurrency=4, retry={"schedule": ["10s"]}),
+                forward(id="zero", timeout=0),
+            )
+        ],
+        defaults={"retry": {"schedule": ["1s", "2s"], "jitter": 0.5}, "timeout": "7s"},
+    )
+    table = build(registry, config)
+    app = table.actions[("r", "app")]
+    assert app.timeout == 0.25
+    assert app.concurrency == 4
+    assert app.retry.schedule == [10.0]
+    # An action's own policy replaces the default as a whole: keys it leaves out take the built-in values.
+    assert app.retry.jitter == 0.1
+    assert table.actions[("r", "zero")].timeout == 0.0
+
+
+@pytest.mark.parametrize("when", ["success", "failure", "always"])
+def test_explicit_when_is_kept(registry: Registry, when: str) -> None:
+    config = base_config(
+        [route("r", "consignly", forward(id="app"), forward(id="b", after="app", when=when))]
+    )
+    assert build(registry, config).actions[("r", "b")].when == when
+
+
+def test_action_key_defaults_to_use(registry: Registry) -> None:
+    table = build(registry, base_config([route("r", "consignly", forward())]))
+    assert list(table.actions) == [("r", "forward")]
+    assert table.actions[("r", "forward")].key == "forward"
+
+
+def test_actions_of_different_routes_are_kept_apart(registry: Registry) -> None:
+    table = build(
+        registry,
+        base_config(
+            [
+                route("a", "consignly", forward("http://a/x", id="app")),
+                route("b", "consignly", forward("http://b/x", id="app")),
+            ]
+        ),
+    )
+    assert table.actions[("a", "app")].options.url == "http://a/x"  # type: ignore[attr-defined]
+    assert table.actions[("b", "app")].options.url == "http://b/x"  # type: ignore[attr-defined]
+
+
+def test_after_may_chain(registry: Registry) -> None:
+    config = base_config(
+        [
+            route(
+                "r",
+                "consignly",
+                forward(id="a"),
+                forward(id="b", after="a"),
+                forward(id="c", after="b", when="failure"),
+            )
+        ]
+    )
+    table = build(registry, config)
+    assert table.actions[("r", "b")].after == "a"
+    assert table.actions[("r", "c")].after == "b"
+    assert table.actions[("r", "c")].when == "failure"
+
+
+def test_acknowledge_after_an_action(registry: Registry) -> None:
+    ack = {
+        "use": "acknowledge",
+        "after": "app",
+        "with": {"base_url": "https://api.example.test", "token": "t"},
+    }
+    table = build(registry, base_config([route("r", "consignly", forward(id="app"), ack)]))
+    assert table.actions[("r", "acknowledge")].after == "app"
+    assert table.actions[("r", "acknowledge")].when == "always"
+
+
+# -- errors: sources ---------------------------------------------------------------------------------
+
+
+def test_unknown_provider_lists_the_known_ones(registry: Registry) -> None:
+    config = base_config()
+    config["sources"]["consignly"]["provider"] = "consignlee"
+    errors = build_errors(registry, config)
+    known = ", ".join(sorted(registry.providers))
+    assert errors == [f"sources.consignly.provider: unknown provider 'consignlee'; known: {known}"]
+    assert {"svix", "consignly", "none"} <= set(registry.providers)
+
+
+def test_provider_none_needs_insecure(registry: Registry) -> None:
+    config = base_config()
+    config["sources"]["scratch"] = {"path": "/webhooks/scratch", "provider": "none"}
+    errors = build_errors(registry, config)
+    assert errors == ["sources.scratch: provider 'none' verifies nothing; say `insecure: true` to allow it"]
+
+
+def test_provider_none_is_accepted_with_insecure(registry: Registry) -> None:
+    config = base_config([route("scratch", "scratch", events=["test.*"])])
+    config["sources"]["scratch"] = {"path": "/webhooks/scratch", "provider": "none", "insecure": True}
+    table = build(registry, config)
+    endpoint = table.endpoints["/webhooks/scratch"]
+    assert isinstance(endpoint.provider, NoVerification)
+    assert endpoint.insecure is True
+    assert matched(table, "scratch", "test.ping") == ["scratch"]
+
+
+def test_svix_source_with_a_non_whsec_secret(registry: Registry) -> None:
+    secret = "whsec_not*base64!very-secret-value"
+    config = base_config()
+    config["sources"]["consignease"]["secrets"] = [secret, SVIX_SECRET]
+    errors = build_errors(registry, config)
+    assert errors == [
+        "sources.consignease.secrets[0] is not a whsec_ secret: the part after whsec_ must be base64"
+    ]
+    assert not any("very-secret-value" in error or secret in error for error in errors)
+
+
+def test_svix_secret_index_names_the_bad_one(registry: Registry) -> None:
+    config = base_config()
+    config["sources"]["consignease"]["secrets"] = [SVIX_SECRET, "whsec_%%%"]
+    errors = build_errors(registry, config)
+    assert len(errors) == 1
+    assert errors[0].startswith("sources.consignease.secrets[1] ")
+    assert "%%%" not in errors[0]
+
+
+@pytest.mark.parametrize("provider", ["svix", "consignly"])
+def test_a_verifying_provider_needs_a_secret(registry: Registry, provider: str) -> None:
+    config = base_config()
+    config["sources"]["x"] = {"path": "/x", "provider": provider, "secrets": ["", "  "]}
+    errors = build_errors(registry, config)
+    assert errors == ["sources.x.secrets: at least one secret is required (all configured ones are empty)"]
+
+
+def test_two_sources_on_one_path(registry: Registry) -> None:
+    config = base_config()
+    config["sources"]["other"] = {"path": "/webhooks/consignly", "provider": "consignly", "secrets": ["k"]}
+    errors = build_errors(registry, config)
+    assert errors == ["sources.other.path: /webhooks/consignly is already the path of consignly"]
+
+
+def test_provider_options_are_validated_by_the_provider(registry: Registry) -> None:
+    config = base_config()
+    config["sources"]["consignly"]["options"] = {"bogus": 1}
+    errors = build_errors(registry, config)
+    assert errors == ["sources.consignly.options.bogus: unknown key"]
+
+
+# -- errors: routes and actions ----------------------------------------------------------------------
+
+
+def test_unknown_source_lists_the_known_ones(registry: Registry) -> None:
+    errors = build_errors(registry, base_config([route("r", "consignlee")]))
+    assert errors == ["routes[0].source: unknown source 'consignlee'; known: consignease, consignly"]
+
+
+def test_unknown_action_lists_the_known_ones(registry: Registry) -> None:
+    errors = build_errors(registry, base_config([route("r", "consignly", {"use": "fwd"})]))
+    known = ", ".join(sorted(registry.actions))
+    assert errors == [f"routes[0].actions[0].use: unknown action 'fwd'; known: {known}"]
+    assert "forward" in known
+
+
+def test_duplicate_route_names(registry: Registry) -> None:
+    errors = build_errors(
+        registry,
+        base_config([route("users", "consignease"), route("x", "consignly"), route("users", "consignly")]),
+    )
+    assert errors == ["routes[2].name: a route named 'users' already exists"]
+
+
+def test_duplicate_action_ids_in_a_route(registry: Registry) -> None:
+    errors = build_errors(
+        registry, base_config([route("r", "consignly", forward(id="app"), forward(id="app"))])
+    )
+    assert errors == [
+        "routes[0].actions[1].id: 'app' is used by an earlier action of this route; give each an id"
+    ]
+
+
+def test_two_actions_with_the_same_use_need_ids(registry: Registry) -> None:
+    errors = build_errors(registry, base_config([route("r", "consignly", forward(), forward("http://b/x"))]))
+    assert errors == [
+        "routes[0].actions[1].id: 'forward' is used by an earlier action of this route; give each an id"
+    ]
+
+
+def test_the_same_action_id_in_different_routes_is_fine(registry: Registry) -> None:
+    table = build(registry, base_config([route("a", "consignly"), route("b", "consignly")]))
+    assert set(table.actions) == {("a", "app"), ("b", "app")}
+
+
+@pytest.mark.parametrize("after", ["later", "itself", "nope"])
+def test_after_must_name_an_earlier_action(registry: Registry, after: str) -> None:
+    config = base_config(
+        [route("r", "consignly", forward(id="first"), forward(id="itself", after=after), forward(id="later"))]
+    )
+    errors = build_errors(registry, config)
+    assert errors == [
+        f"routes[0].actions[1].after: {after!r} is not the id of an earlier action in this route"
+    ]
+
+
+def test_after_may_not_cross_routes(registry: Registry) -> None:
+    config = base_config(
+        [route("a", "consignly", forward(id="app")), route("b", "consignly", forward(id="x", after="app"))]
+    )
+    assert build_errors(registry, config) == [
+        "routes[1].actions[0].after: 'app' is not the id of an earlier action in this route"
+    ]
+
+
+def test_when_without_after(registry: Registry) -> None:
+    errors = build_errors(registry, base_config([route("r", "consignly", forward(id="app", when="failure"))]))
+    assert errors == ["routes[0].actions[0].when: only meaningful together with after"]
+
+
+def test_an_action_that_needs_a_parent_needs_after(registry: Registry) -> None:
+    ack = {"use": "acknowledge", "with": {"base_url": "https://api.example.test", "token": "t"}}
+    errors = build_errors(registry, base_config([route("r", "consignly", forward(id="app"), ack)]))
+    assert len(errors) == 1
+    assert errors[0].startswith(
+        "routes[0].actions[1].after: 'acknowledge' reports on another action's result"
+    )
+
+
+def test_forward_without_url(registry: Registry) -> None:
+    errors = build_errors(registry, base_config([route("r", "consignly", {"use": "forward"})]))
+    assert errors == ["routes[0].actions[0].with.url: field required"]
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "file:///etc/passwd", "127.0.0.1:3000/hooks", "http://"])
+def test_forward_needs_an_http_url(registry: Registry, url: str) -> None:
+    errors = build_errors(registry, base_config([route("r", "consignly", forward(url))]))
+    assert errors == [f"routes[0].actions[0].with.url: {url!r} is not an http(s) URL"]
+
+
+def test_forward_with_an_unknown_key(registry: Registry) -> None:
+    action = {"use": "forward", "with": {"url": "http://a/x", "retries": 3}}
+    errors = build_errors(registry, base_config([route("r", "consignly", forward(id="ok"), action)]))
+    assert errors == ["routes[0].actions[1].with.retries: unknown key"]
+
+
+def test_forward_method_is_checked(registry: Registry) -> None:
+    errors = build_errors(
+        registry,
+        base_config(
+            [route("r", "consignly", {"use": "forward", "with": {"url": "http://a/x", "method": "GET"}})]
+        ),
+    )
+    assert errors == ["routes[0].actions[0].with.method: method 'GET' must be POST, PUT or PATCH"]
+
+
+def test_a_bad_filter_names_its_place(registry: Registry) -> None:
+    errors = build_errors(
+        registry,
+        base_config([route("r", "consignly"), route("s", "consignly", filter={"data.status": {"in": 1}})]),
+    )
+    assert errors == ["routes[1].filter.data.status.in: in takes a list"]
+
+
+def test_a_non_string_path_inside_a_filter_is_a_config_error(registry: Registry) -> None:
+    # YAML reads `1:` as an integer key; inside `any:` the schema does not see it.
+    config = base_config([route("r", "consignly", filter={"any": [{1: "x"}]})])
+    errors = build_errors(registry, config)
+    assert len(errors) == 1
+    assert errors[0].startswith("routes[0].filter.any[0]")
+
+
+def test_every_error_is_collected_at_once(registry: Registry) -> None:
+    config = base_config(
+        [
+            route(
+                "users",
+                "consignly",
+                forward("ftp://x"),
+                forward(id="alert", when="failure"),
+                forward("http://b/x", after="nope"),
+                filter={"data.status": {"between": [1, 2]}},
+            ),
+            route("users", "nowhere"),
+            route("r3", "consignly", {"use": "teleport"}),
+        ]
+    )
+    config["sources"]["consignease"]["provider"] = "svx"
+    config["sources"]["dupe"] = {"path": "/webhooks/consignly", "provider": "consignly", "secrets": ["k"]}
+    errors = build_errors(registry, config)
+    expected_starts = [
+        "sources.consignease.provider: unknown provider 'svx'",
+        "sources.dupe.path: /webhooks/consignly is already the path of consignly",
+        "routes[0].filter.data.status.between: unknown operator 'between'",
+        "routes[0].actions[0].with.url: 'ftp://x' is not an http(s) URL",
+        "routes[0].actions[1].when: only meaningful together with after",
+        "routes[0].actions[2].id: 'forward' is used by an earlier action of this route",
+        "routes[0].actions[2].after: 'nope' is not the id of an earlier action in this route",
+        "routes[1].name: a route named 'users' already exists",
+        "routes[1].source: unknown source 'nowhere'; known: consignease, consignly, dupe",
+        "routes[2].actions[0].use: unknown action 'teleport'",
+    ]
+    assert len(errors) == len(expected_starts), errors
+    for error, start in zip(errors, expected_starts, strict=True):
+        assert error.startswith(start), (error, start)
+
+
+def test_a_route_of_a_broken_source_is_still_checked(registry: Registry) -> None:
+    config = base_config([route("r", "consignease", forward("ftp://x"))])
+    config["sources"]["consignease"]["secrets"] = ["whsec_***"]
+    errors = build_errors(registry, config)
+    assert errors[0].startswith("sources.consignease.secrets[0] is not a whsec_ secret")
+    assert errors[1] == "routes[0].actions[0].with.url: 'ftp://x' is not an http(s) URL"
+    assert len(errors) == 2
+
+
+def test_build_does_not_mutate_the_config(registry: Registry) -> None:
+    raw = base_config([route("r", "consignly", events=[112])])
+    parsed = parse_config(yaml.safe_dump(raw), environ={})
+    before = copy.deepcopy(parsed.model_dump())
+    RouteTable.build(parsed, registry)
+    assert parsed.model_dump() == before

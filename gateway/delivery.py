@@ -117,30 +117,39 @@ class Engine:
             await runnable.action.aclose()
 
     async def _claim_loop(self) -> None:
-        settings = self.settings
         while not self._stopping:
-            self._wakeup.clear()
-            free = settings.concurrency - len(self._running)
-            if free > 0:
-                try:
-                    claims = await self.storage.claim(time.time(), free, settings.lease, self.owner)
-                except StorageUnavailable as exc:
-                    log.error("cannot claim deliveries", extra={"error": str(exc)})
-                    claims = []
-                    await asyncio.sleep(settings.poll_interval)
-                for claim in claims:
-                    self._start(claim)
-                if len(claims) == free:
-                    continue  # there may be more due right now
-            timeout = settings.poll_interval
-            if free > 0:
-                with contextlib.suppress(StorageUnavailable):
-                    due = await self.storage.next_due_at()
-                    if due is not None:
-                        timeout = min(timeout, max(0.0, due - time.time()))
-            if timeout > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wakeup.wait(), timeout)
+            try:
+                await self._claim_once()
+            except Exception:
+                # Whatever went wrong, the loop must live on: it is the only thing that delivers.
+                log.exception("delivery loop failed; trying again")
+                await asyncio.sleep(self.settings.poll_interval)
+
+    async def _claim_once(self) -> None:
+        """Claim what is due, then sleep until the next delivery falls due or something wakes us."""
+        settings = self.settings
+        self._wakeup.clear()
+        free = settings.concurrency - len(self._running)
+        if free > 0:
+            try:
+                claims = await self.storage.claim(time.time(), free, settings.lease, self.owner)
+            except StorageUnavailable as exc:
+                log.error("cannot claim deliveries", extra={"error": str(exc)})
+                claims = []
+                await asyncio.sleep(settings.poll_interval)
+            for claim in claims:
+                self._start(claim)
+            if len(claims) == free:
+                return  # there may be more due right now
+        timeout = settings.poll_interval
+        if free > 0:
+            with contextlib.suppress(StorageUnavailable):
+                due = await self.storage.next_due_at()
+                if due is not None:
+                    timeout = min(timeout, max(0.0, due - time.time()))
+        if timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout)
 
     def _start(self, claim: Claim) -> None:
         task = asyncio.create_task(self._deliver(claim))
@@ -246,8 +255,8 @@ class Engine:
             now = time.time()
             try:
                 stats = await self.storage.queue_stats(now)
-            except StorageUnavailable:
-                pass
+            except Exception as exc:
+                log.warning("cannot read queue statistics", extra={"error": str(exc)})
             else:
                 for state, count in stats.counts.items():
                     self.metrics.delivery_queue.labels(state).set(count)

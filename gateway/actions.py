@@ -128,6 +128,10 @@ def parse_retry_after(value: str | None) -> float | None:
 
 def transport_error(exc: Exception) -> Outcome:
     """Connection failures and timeouts are always worth another attempt."""
+    cause = exc.__cause__
+    if cause is not None and "Connect" in type(cause).__name__ and "Timeout" not in type(cause).__name__:
+        # The transport maps a refused connection to a ConnectTimeout; say what really happened.
+        return retry(f"cannot connect: {cause}")
     if isinstance(exc, httpx.TimeoutException):
         return retry(f"timeout: {type(exc).__name__}")
     return retry(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)

@@ -30,7 +30,7 @@ from gateway.metrics import Metrics
 from gateway.ops import ops_app
 from gateway.plugins import Registry, plugin_manager
 from gateway.routing import RouteTable
-from gateway.storage import Storage, open_storage
+from gateway.storage import Storage, StorageUnavailable, open_storage
 
 log = logging.getLogger("hookyard")
 
@@ -86,6 +86,13 @@ class Gateway:
 
     async def start(self) -> None:
         await self.storage.open()
+        lock = getattr(self.storage, "lock_for_serving", None)
+        if lock is not None:
+            try:
+                lock()
+            except StorageUnavailable:
+                await self.storage.close()
+                raise
         release = getattr(self.storage, "release_all_leases", None)
         if release is not None:
             released = await release(time.time())
@@ -186,7 +193,7 @@ class Gateway:
 
     def _warn_insecure(self) -> None:
         for name, source in self.config.sources.items():
-            if source.insecure:
+            if source.insecure and not self.registry.providers[source.provider].needs_secret:
                 log.warning(
                     "source %s accepts unverified webhooks (insecure: true)", name, extra={"source": name}
                 )

@@ -13,7 +13,7 @@ import click
 
 from gateway import __version__
 from gateway.config import Config, ConfigError, default_config_path, json_schema, load_config
-from gateway.plugins import Registry, plugin_manager
+from gateway.plugins import DuplicateName, Registry, plugin_manager
 from gateway.routing import RouteTable
 from gateway.storage import StorageUnavailable, open_storage
 
@@ -31,7 +31,11 @@ config_option = click.option(
 
 def _load(config_path: Path | None) -> tuple[Config, RouteTable]:
     path = config_path or default_config_path()
-    registry = Registry.collect(plugin_manager())
+    try:
+        registry = Registry.collect(plugin_manager())
+    except DuplicateName as exc:
+        click.echo(f"hookyard: {exc}", err=True)
+        raise SystemExit(1) from None
     try:
         config = load_config(path)
         table = RouteTable.build(config, registry)

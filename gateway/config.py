@@ -119,6 +119,13 @@ def is_loopback(host: str) -> bool:
 class StorageConfig(Strict):
     url: str = "sqlite:///./var/hookyard.db"
 
+    @field_validator("url")
+    @classmethod
+    def _supported(cls, url: str) -> str:
+        if not url.startswith("sqlite:///"):
+            raise ValueError("only sqlite:///path/to/file.db is supported for the gateway's own store")
+        return url
+
 
 class Limits(Strict):
     max_body_bytes: int = Field(default=1024 * 1024, gt=0)
@@ -229,7 +236,7 @@ class ActionConfig(Strict):
 class Route(Strict):
     name: str
     source: str
-    events: list[str | int] = Field(default_factory=lambda: list[str | int](["*"]))
+    events: list[str | int] = Field(default_factory=lambda: list[str | int](["*"]), min_length=1)
     filter: dict[str, Any] | None = None
     actions: list[ActionConfig] = Field(min_length=1)
 
@@ -329,10 +336,13 @@ def _interpolate(value: Any, environ: Any, loc: tuple[str | int, ...], errors: l
 
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if name in environ:
+        # As in the shell: `:-` uses the default when the variable is unset or empty.
+        if environ.get(name):
             return str(environ[name])
         if default is not None:
             return default
+        if name in environ:
+            return ""
         errors.append(f"{format_location(loc)}: environment variable {name} is not set (and has no default)")
         return ""
 

@@ -66,6 +66,7 @@ class Engine:
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._stats_task: asyncio.Task[None] | None = None
+        self._lease_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
 
     def swap_actions(self, actions: dict[tuple[str, str], RunnableAction]) -> None:
@@ -92,13 +93,15 @@ class Engine:
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._claim_loop(), name="hookyard-delivery")
         self._stats_task = asyncio.create_task(self._stats_loop(), name="hookyard-queue-stats")
+        self._lease_task = asyncio.create_task(self._keep_leases(), name="hookyard-leases")
 
     async def stop(self, timeout: float) -> None:
-        """Stop claiming, give running deliveries `timeout` seconds, then release the rest for the next
-        start (their attempt is not counted as done)."""
+        """Stop claiming, give running deliveries `timeout` seconds, then release the rest so they are due
+        at once at the next start (the interrupted attempt still counts towards the schedule: its request
+        may have reached the receiver)."""
         self._stopping = True
         self._wakeup.set()
-        for task in (self._loop_task, self._stats_task):
+        for task in (self._loop_task, self._stats_task, self._lease_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -151,9 +154,24 @@ class Engine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 
+    async def _keep_leases(self) -> None:
+        """Renew the leases of deliveries still running (slow receivers, waits for a concurrency slot), so
+        only a dead process's leases ever expire and nothing is sent twice while its first attempt runs."""
+        interval = self.settings.lease / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.storage.renew(list(self._running), time.time() + self.settings.lease, self.owner)
+            except Exception as exc:
+                log.warning("cannot renew delivery leases", extra={"error": str(exc)})
+
     def _start(self, claim: Claim) -> None:
-        task = asyncio.create_task(self._deliver(claim))
         delivery_id = claim.delivery.id
+        if delivery_id in self._running:
+            # Our own lease ran out under a still-running attempt: let that attempt finish.
+            log.warning("delivery claimed while still running", extra={"delivery": delivery_id})
+            return
+        task = asyncio.create_task(self._deliver(claim))
         self._running[delivery_id] = task
 
         def done(_task: asyncio.Task[None]) -> None:
@@ -237,7 +255,10 @@ class Engine:
         log.log(level, "delivery %s", outcome.kind, extra=fields)
         delivery.state = state
         if self.pm.hook.delivery_finished.get_hookimpls():
-            self.pm.hook.delivery_finished(delivery=delivery, outcome=outcome, final=state != "pending")
+            try:
+                self.pm.hook.delivery_finished(delivery=delivery, outcome=outcome, final=state != "pending")
+            except Exception:
+                log.exception("a delivery_finished hook failed", extra=event.summary())
 
     async def _attempt(self, action: Action, job: Job) -> Outcome:
         try:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.addresses import client_address, contains
-from gateway.providers import Rejected
+from gateway.providers import Provider, Rejected
 from gateway.storage import NewDelivery, StorageUnavailable
 
 if TYPE_CHECKING:
@@ -102,7 +102,7 @@ class Ingress:
         }
         event = endpoint.provider.parse(kept, body, payload, received_at)
         event.verified = verified
-        return await self._store(event)
+        return await self._store(event, endpoint.provider)
 
     def _verify(self, endpoint: Endpoint, headers: dict[str, str], body: bytes, now: float) -> bool:
         try:
@@ -119,7 +119,7 @@ class Ingress:
             return False
         return True
 
-    async def _store(self, event: Event) -> tuple[str, dict[str, Any]]:
+    async def _store(self, event: Event, provider: Provider) -> tuple[str, dict[str, Any]]:
         gateway = self.gateway
         routes = gateway.table.match(event)
         try:
@@ -131,9 +131,13 @@ class Ingress:
             if routes:
                 gateway.engine.wake()
             if gateway.observes_events:
-                gateway.pm.hook.event_accepted(event=event, routes=[route.name for route in routes])
+                try:
+                    gateway.pm.hook.event_accepted(event=event, routes=[route.name for route in routes])
+                except Exception:
+                    # The event is stored: a plugin's failure must not turn its answer into an error.
+                    log.exception("an event_accepted hook failed", extra=event.summary())
         status = "accepted" if stored else "duplicate"
-        return status, {"id": event.id, "status": status}
+        return status, {**(provider.reply(event) or {}), "id": event.id, "status": status}
 
     async def _reject(self, send: Send, source: str, rejection: Rejected, scope: Scope) -> None:
         self.gateway.metrics.rejected(source, rejection.reason)

@@ -33,3 +33,5 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     root.setLevel(level.upper())
     # uvicorn's access log would write a line per webhook; Hookyard's own metrics and logs cover it.
     logging.getLogger("uvicorn.access").disabled = True
+    # httpx logs every request's full URL at INFO; a chat webhook's URL is a secret.
+    logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -74,6 +74,10 @@ class Provider:
             headers=dict(headers),
         )
 
+    def reply(self, event: Event) -> dict[str, Any] | None:
+        """Fields to add to the 200 answer, for senders that expect something back (Slack's challenge)."""
+        return None
+
     def event_type(self, name: str | int) -> str:
         """Map a route's `events:` entry or a payload's type to the canonical type (catalog lookups)."""
         return str(name)

@@ -75,7 +75,8 @@ async def replay_missing_page(
                     missing.append(NewDelivery(matched.name, planned.key, planned.after, planned.when))
                 elif existing.state == "dead":
                     dead.append(existing.id)
+        # Dead ones first: a dependent created next then waits for its parent's new result.
+        page.replayed += await storage.reset_deliveries(dead, now)
         if missing:
             page.created += await storage.add_deliveries(stored.seq, missing, now)
-        page.replayed += await storage.reset_deliveries(dead, now)
     return page

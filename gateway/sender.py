@@ -59,10 +59,10 @@ def build_request(
 
 
 def listen_url(table: RouteTable) -> str:
-    host = table.config.listen.host
-    if host in ("0.0.0.0", "::", ""):
-        host = "127.0.0.1"
-    return f"http://{host}:{table.config.listen.port}"
+    listen = table.config.listen
+    host = "127.0.0.1" if listen.host in ("0.0.0.0", "::", "") else listen.host
+    scheme = "https" if listen.tls is not None else "http"
+    return f"{scheme}://{host}:{listen.port}"
 
 
 def send(url: str, body: bytes, headers: dict[str, str], timeout: float = 10.0) -> httpx.Response:

@@ -74,6 +74,12 @@ class SlackProvider(Provider):
             type_detail=type_detail,
         )
 
+    def reply(self, event: Event) -> dict[str, Any] | None:
+        # Slack confirms a new Events API URL by expecting its challenge echoed back.
+        if event.type == "url_verification" and isinstance(event.payload, dict):
+            return {"challenge": event.payload.get("challenge")}
+        return None
+
     def sample_payload(self, event_type: str, event_id: str, data: Any, now: float) -> Any:
         if event_type == "url_verification":
             return {

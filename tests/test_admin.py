@@ -216,3 +216,32 @@ def test_cli_through_the_admin_api(tmp_path: Path, downstream: Downstream) -> No
         wait_until(lambda: states(gw, "msg_cli")["app"] == "delivered")
         denied = CliRunner().invoke(main, ["events", "list", "--admin-url", gw.ops_url])
         assert denied.exit_code == 1 and "bearer token" in denied.output
+
+
+def test_replay_missing_makes_a_new_dependent_wait_for_its_replayed_parent(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    config = users_config(tmp_path, downstream)
+    config["routes"][0]["actions"] = config["routes"][0]["actions"][:1]  # only app
+    config_path = tmp_path / "routes.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    downstream.answer("/app", 400)
+    with RunningGateway(config_path) as gw:
+        send(gw, "msg_late_alert")
+        wait_until(lambda: states(gw, "msg_late_alert") == {"app": "dead"})
+        # An alert on failure is added; app is fixed downstream and replayed: the alert must not fire.
+        config["routes"][0]["actions"].append(
+            {
+                "id": "alert",
+                "use": "forward",
+                "after": "app",
+                "when": "failure",
+                "with": {"url": f"{downstream.url}/alert"},
+            }
+        )
+        config_path.write_text(yaml.safe_dump(config))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+        result = admin(gw, "POST", "/admin/replay", json={"mode": "missing", "since": "1h"}).json()
+        assert result == {"replayed": 1, "created": 1, "next_cursor": None}
+        wait_until(lambda: states(gw, "msg_late_alert") == {"app": "delivered", "alert": "skipped"})
+        assert downstream.received("/alert") == []

@@ -223,3 +223,49 @@ def test_action_concurrency_limits_requests_in_flight(tmp_path, downstream: Down
             gw.post("/webhooks/consignease", body, headers)
         downstream.wait_for(8, "/app")
     assert downstream.max_in_flight == 2
+
+
+def test_an_attempt_longer_than_the_lease_is_sent_once(tmp_path, downstream: Downstream) -> None:
+    # The engine renews the leases of running deliveries: a slow receiver never gets the same event twice.
+    downstream.delay = 1.5
+    config = gateway_config(tmp_path, routes=[users_route(downstream)], delivery={"lease": "600ms"})
+    with RunningGateway(config) as gw:
+        body, headers = svix_request(msg_id="msg_slow")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_slow") == {"app": "delivered"}, timeout=10)
+        assert len(downstream.received("/app")) == 1
+        [delivery] = event_detail(gw, "msg_slow").deliveries
+        assert delivery.attempts == 1
+
+
+def test_refused_connections_are_named_as_such(tmp_path, downstream: Downstream) -> None:
+    route = users_route(
+        downstream, {"id": "closed", "use": "forward", "with": {"url": "http://127.0.0.1:9/x"}}
+    )
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        body, headers = svix_request(msg_id="msg_refused")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: event_detail(gw, "msg_refused").attempts.popitem()[1] != [])
+        [first, *_] = next(iter(event_detail(gw, "msg_refused").attempts.values()))
+        assert first.error is not None and first.error.startswith("cannot connect"), first.error
+
+
+def test_a_failing_observer_hook_changes_no_answer(tmp_path, downstream: Downstream) -> None:
+    from gateway import hookimpl
+    from gateway.plugins import new_plugin_manager
+
+    class Broken:
+        @hookimpl
+        def event_accepted(self, event):  # type: ignore[no-untyped-def]
+            raise RuntimeError("observer bug")
+
+        @hookimpl
+        def delivery_finished(self, delivery, outcome, final):  # type: ignore[no-untyped-def]
+            raise RuntimeError("observer bug")
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(Broken(), name="broken")
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)]), pm=pm) as gw:
+        body, headers = svix_request(msg_id="msg_observed")
+        assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
+        wait_until(lambda: delivery_states(gw, "msg_observed") == {"app": "delivered"})

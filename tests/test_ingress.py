@@ -257,3 +257,32 @@ def test_credentials_in_headers_are_never_stored(tmp_path, downstream: Downstrea
         stored = detail.event.headers
         assert stored["x-gitlab-event"] == "Push Hook"
         assert not {"x-gitlab-token", "authorization", "cookie"} & set(stored)
+
+
+def test_slack_url_verification_gets_its_challenge_back(tmp_path, downstream: Downstream) -> None:
+    from gateway.sender import build_request
+
+    sources = {
+        "slack": {
+            "path": "/webhooks/slack",
+            "provider": "slack",
+            "secrets": ["8f742231b10e8888abcd99yyyzzz85a5"],
+        }
+    }
+    with RunningGateway(gateway_config(tmp_path, downstream.url, sources=sources, routes=[])) as gw:
+        path, body, headers = build_request(gw.gateway.table, "slack", "url_verification", event_id="abc")
+        answer = gw.post(path, body, headers).json()
+        assert answer["challenge"] == json.loads(body)["challenge"]
+        assert answer["status"] == "accepted"
+
+
+def test_one_serving_process_per_database(tmp_path, downstream: Downstream) -> None:
+    from gateway.app import Gateway
+    from gateway.config import parse_config
+    from gateway.storage import StorageUnavailable
+
+    config = gateway_config(tmp_path, downstream.url)
+    with RunningGateway(config):
+        second = Gateway(parse_config(json.dumps(config)))
+        with pytest.raises(StorageUnavailable, match="already served"):
+            asyncio.run(second.start())

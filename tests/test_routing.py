@@ -159,8 +159,14 @@ def test_exact_names_match_exactly(registry: Registry) -> None:
     assert matched(table, "consignease", "xuser.created") == []
 
 
-@pytest.mark.parametrize("events", [None, ["*"], [], ["user.created", "*"]])
-def test_every_event_matches_by_default_star_or_empty_list(
+def test_an_empty_events_list_is_an_error_not_match_everything() -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config("routes: [{name: r, source: s, events: [], actions: [{use: forward}]}]")
+    assert any(line.startswith("routes[0].events:") for line in error.value.errors)
+
+
+@pytest.mark.parametrize("events", [None, ["*"], ["user.created", "*"]])
+def test_every_event_matches_by_default_or_star(
     registry: Registry, events: list[str] | None
 ) -> None:
     fields = {} if events is None else {"events": events}

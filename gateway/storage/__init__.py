@@ -142,6 +142,10 @@ class Storage(ABC):
         """Give leased deliveries back (graceful shutdown) so they are due again at once."""
 
     @abstractmethod
+    async def renew(self, delivery_ids: list[int], until: float, owner: str) -> None:
+        """Extend the leases `owner` holds on these deliveries: they are still being worked on."""
+
+    @abstractmethod
     async def next_due_at(self) -> float | None:
         """When the next pending delivery (or lease) falls due."""
 

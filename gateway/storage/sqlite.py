@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
 import orjson
 
@@ -199,6 +200,7 @@ class SQLiteStorage(Storage):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self._writer: _GroupCommit | None = None
+        self._serving_lock: IO[str] | None = None
         self.on_commit: CommitObserver | None = None
 
     @classmethod
@@ -227,6 +229,9 @@ class SQLiteStorage(Storage):
             await self._writer.close()
             self._writer.connection.close()
             self._writer = None
+        if self._serving_lock is not None:
+            self._serving_lock.close()
+            self._serving_lock = None
 
     async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
         if self._writer is None:
@@ -258,8 +263,31 @@ class SQLiteStorage(Storage):
 
         await self._run(release)
 
+    async def renew(self, delivery_ids: list[int], until: float, owner: str) -> None:
+        def renew(conn: sqlite3.Connection) -> None:
+            conn.executemany(
+                "UPDATE deliveries SET due_at = ? WHERE id = ? AND state = 'pending' AND lease_owner = ?",
+                [(until, delivery_id, owner) for delivery_id in delivery_ids],
+            )
+
+        if delivery_ids:
+            await self._run(renew)
+
+    def lock_for_serving(self) -> None:
+        """One serving process per file: a second one would release the first one's leases at start-up
+        and deliver its in-flight work twice. The lock goes with the process, however it ends."""
+        lock_path = self.path.with_name(self.path.name + ".lock")
+        handle = lock_path.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            raise StorageUnavailable(f"{self.path} is already served by another hookyard process") from None
+        self._serving_lock = handle
+
     async def release_all_leases(self, now: float) -> int:
-        """Only one process serves a SQLite file, so at start-up every lease is a dead process's."""
+        """Only one process serves a SQLite file (lock_for_serving), so at start-up every lease is a dead
+        process's."""
 
         def release(conn: sqlite3.Connection) -> int:
             cursor = conn.execute(

@@ -166,9 +166,7 @@ def test_an_empty_events_list_is_an_error_not_match_everything() -> None:
 
 
 @pytest.mark.parametrize("events", [None, ["*"], ["user.created", "*"]])
-def test_every_event_matches_by_default_or_star(
-    registry: Registry, events: list[str] | None
-) -> None:
+def test_every_event_matches_by_default_or_star(registry: Registry, events: list[str] | None) -> None:
     fields = {} if events is None else {"events": events}
     table = build(registry, base_config([route("all", "consignly", **fields)]))
     assert matched(table, "consignly", "consignment.created") == ["all"]

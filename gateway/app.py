@@ -72,7 +72,7 @@ class Gateway:
         self.ready = False
         # Skip the hook call on the hot path when no plugin listens.
         self.observes_events = bool(self.pm.hook.event_accepted.get_hookimpls())
-        self._config_text = self.config_path.read_bytes() if self.config_path else None
+        self._watched = self._read_watched() if self.config_path else None
         self._resources: Resources | None = None
         self._engine: Engine | None = None
         self._ingress_server: _Server | None = None
@@ -143,22 +143,29 @@ class Gateway:
         if self.config_path is None:
             return False
         try:
-            text = self.config_path.read_bytes()
             config = load_config(self.config_path)
             table = RouteTable.build(config, self.registry)
         except (OSError, ConfigError) as exc:
             errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
+            # Not tried again until the files change (or SIGHUP): one error per bad update, not per poll.
+            self._watched = self._read_watched()
             self.metrics.config_reloads.labels("error").inc()
             log.error("config reload refused; keeping the running config", extra={"errors": errors})
             return False
-        self._config_text = text
-        for section in ("listen", "ops", "storage", "delivery"):
-            if section != "listen" and getattr(config, section) != getattr(self.config, section):
-                log.warning("config section %s changed; it takes effect at the next restart", section)
-        if (config.listen.host, config.listen.port) != (self.config.listen.host, self.config.listen.port):
-            log.warning("listen address changed; it takes effect at the next restart")
+        # Everything else applies at once; these are bound at start-up.
+        old = self.config
+        for name, before, after in (
+            ("listen address", (old.listen.host, old.listen.port), (config.listen.host, config.listen.port)),
+            ("ops address", (old.ops.host, old.ops.port), (config.ops.host, config.ops.port)),
+            ("storage", old.storage, config.storage),
+            ("delivery", old.delivery, config.delivery),
+            ("log", old.log, config.log),
+        ):
+            if before != after:
+                log.warning("%s changed; it takes effect at the next restart", name)
         self.config = config
         self.table = table
+        self._watched = self._read_watched()
         if self._engine is not None and self._resources is not None:
             # Deliveries already running finish with the actions they started with.
             self._engine.swap_actions(build_actions(table, self.registry, self._resources))
@@ -168,17 +175,23 @@ class Gateway:
         self._warn_insecure()
         return True
 
-    async def _watch_config(self) -> None:
-        """Poll the file's content: a ConfigMap update swaps a symlink and never rewrites the file in place,
-        so watching the content by path sees it whatever the kubelet does."""
+    def _read_watched(self) -> tuple[bytes, ...]:
+        """The config file and the TLS files it names, by content."""
         assert self.config_path is not None
+        tls = self.config.listen.tls
+        paths = [self.config_path, *((Path(tls.cert), Path(tls.key)) if tls else ())]
+        return tuple(_read_or_empty(path) for path in paths)
+
+    async def _watch_config(self) -> None:
+        """Poll the files' content: a ConfigMap or Secret update swaps a symlink and never rewrites a file
+        in place, so watching the content by path sees it whatever the kubelet does. A renewed certificate
+        is picked up the same way."""
         while True:
             await asyncio.sleep(self.config.reload.interval)
-            try:
-                text = self.config_path.read_bytes()
-            except OSError:
-                continue  # mid-swap, or gone for a moment; the next look decides
-            if text != self._config_text:
+            watched = self._read_watched()
+            # An unreadable file (mid-swap, or gone for a moment) reads as empty: the reload then refuses
+            # it and keeps the running config until the file is back.
+            if watched != self._watched:
                 await self.reload()
 
     def _reload_certificate(self) -> None:
@@ -262,6 +275,13 @@ class Gateway:
             proxy_headers=False,
             timeout_graceful_shutdown=10,
         )
+
+
+def _read_or_empty(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -91,6 +91,8 @@ def test_configmap_swap_changes_routing_without_restart(tmp_path: Path, downstre
         downstream.wait_for(2, "/after")
         assert downstream.received("/broken") == []
         assert gw.client.get(gw.ops_url + "/readyz").status_code == 200
+        # The bad update is refused once, not again at every look at the file.
+        assert gw.metric("hookyard_config_reloads_total", result="error") == 1
 
         # A source added by a reload answers on its path.
         added = users_config(tmp_path, downstream, "/after")
@@ -218,6 +220,27 @@ def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+def test_renewed_certificate_files_are_picked_up_without_a_config_change(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    cert, key = self_signed(tmp_path, "current")
+    renewed_cert, renewed_key = self_signed(tmp_path, "renewed")
+    config_path = tmp_path / "routes.yaml"
+    config = users_config(tmp_path, downstream, "/app", listen={"tls": {"cert": str(cert), "key": str(key)}})
+    config_path.write_text(yaml.safe_dump(config))
+    with RunningGateway(config_path, scheme="https") as gw:
+        # cert-manager renews in place (a Secret volume swaps its files): same paths, new content.
+        cert.write_bytes(renewed_cert.read_bytes())
+        key.write_bytes(renewed_key.read_bytes())
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+        body, headers = svix_request(msg_id="msg_renewed")
+        with httpx.Client(verify=ssl.create_default_context(cafile=renewed_cert)) as client:
+            assert (
+                client.post(gw.url + "/webhooks/consignease", content=body, headers=headers).status_code
+                == 200
+            )
 
 
 def test_tls_listener_and_certificate_reload(tmp_path: Path, downstream: Downstream) -> None:

@@ -233,6 +233,9 @@ def _int(value: Any, name: str) -> int | None:
     if isinstance(value, bool):
         raise OperationError(400, f"{name}: must be an integer")
     try:
-        return int(value)
-    except (TypeError, ValueError):
+        number = int(value)
+    except (TypeError, ValueError, OverflowError):
         raise OperationError(400, f"{name}: must be an integer") from None
+    if not -(2**63) <= number < 2**63:  # what the database can hold
+        raise OperationError(400, f"{name}: out of range")
+    return number

@@ -29,6 +29,7 @@ from gateway.ingress import Ingress
 from gateway.metrics import Metrics
 from gateway.ops import ops_app
 from gateway.plugins import Registry, plugin_manager
+from gateway.protocol import header_deadline_protocol
 from gateway.routing import RouteTable
 from gateway.storage import Storage, StorageUnavailable, open_storage
 
@@ -227,7 +228,9 @@ class Gateway:
         ingress_sockets = ingress_sockets or [listening_socket(listen.host, listen.port)]
         ops_sockets = ops_sockets or [listening_socket(ops_config.host, ops_config.port)]
         await self.start()
-        ingress = self._ingress_server = _Server(self._uvicorn_config(self.ingress, listen.host, listen.port))
+        ingress_config = self._uvicorn_config(self.ingress, listen.host, listen.port)
+        ingress_config.http = header_deadline_protocol(lambda: self.config.limits.read_timeout)
+        ingress = self._ingress_server = _Server(ingress_config)
         if listen.tls is not None:
             ingress.config.ssl_certfile, ingress.config.ssl_keyfile = listen.tls.cert, listen.tls.key
         ops = _Server(self._uvicorn_config(self.ops, ops_config.host, ops_config.port))
@@ -273,6 +276,8 @@ class Gateway:
             access_log=False,
             server_header=False,
             proxy_headers=False,
+            # Webhooks are plain HTTP requests: an Upgrade is answered by Hookyard, not a WebSocket stack.
+            ws="none",
             timeout_graceful_shutdown=10,
         )
 
@@ -288,7 +293,10 @@ def listening_socket(host: str, port: int) -> socket.socket:
     """A bound, listening TCP socket; OSError (say, the port is taken) names the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
-        return socket.create_server((host, port), family=family, backlog=2048)
+        sock = socket.create_server((host, port), family=family, backlog=2048)
+        # Accepted connections inherit it: small answers are not held back by Nagle's algorithm.
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
     except OSError as exc:
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {os.strerror(exc.errno or 0)}") from None
 

@@ -281,6 +281,7 @@ class Engine:
             else:
                 for state, count in stats.counts.items():
                     self.metrics.delivery_queue.labels(state).set(count)
-                lag = 0.0 if stats.oldest_due_at is None else max(0.0, now - stats.oldest_due_at)
+                oldest = stats.oldest_pending_since
+                lag = 0.0 if oldest is None else max(0.0, now - oldest)
                 self.metrics.delivery_lag.set(lag)
             await asyncio.sleep(2.0)

@@ -65,7 +65,8 @@ class Metrics:
         )
         self.delivery_lag = Gauge(
             "hookyard_delivery_lag_seconds",
-            "How long the oldest due delivery has been waiting for a worker.",
+            "How long the oldest undelivered delivery has been pending (due, waiting for a retry or in "
+            "flight): how far behind delivery is. 0 when nothing is pending.",
             registry=registry,
         )
         self.end_to_end = Histogram(

@@ -116,7 +116,9 @@ def parse_timestamp(value: Any) -> float | None:
         return None
     if isinstance(value, int | float):
         # Anything past the year 33658 in seconds is really milliseconds.
-        return float(value) / 1000.0 if value > 1e12 else float(value)
+        seconds = float(value) / 1000.0 if value > 1e12 else float(value)
+        # Beyond the years 1-9999 no date can show it: treat it as unreadable.
+        return seconds if -62135596800 <= seconds <= 253402300799 else None
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -110,7 +110,10 @@ class ConsignlyProvider(Provider):
         )
 
     def event_type(self, name: str | int) -> str:
-        if isinstance(name, int) or (isinstance(name, str) and name.isdigit()):
+        # isdigit() is true for "²" and "①" too, which int() refuses: only short ASCII digit strings are codes.
+        if isinstance(name, int) or (
+            isinstance(name, str) and name.isascii() and name.isdigit() and len(name) < 19
+        ):
             return BY_CODE.get(int(name), str(name))
         return BY_NAME.get(name, name)
 

@@ -399,7 +399,7 @@ def test_release_all_leases_after_a_crash(db: Harness) -> None:
 def test_queue_stats_and_next_due_at(db: Harness) -> None:
     empty = db.run(db.storage.queue_stats(T0))
     assert empty.counts == {"due": 0, "scheduled": 0, "in_flight": 0, "waiting": 0}
-    assert empty.oldest_due_at is None
+    assert empty.oldest_pending_since is None
     assert db.run(db.storage.next_due_at()) is None
 
     db.ingest("evt_inflight", APP, action("ack", after="app"), at=T0)
@@ -411,7 +411,8 @@ def test_queue_stats_and_next_due_at(db: Harness) -> None:
 
     stats = db.run(db.storage.queue_stats(T0 + 10))
     assert stats.counts == {"due": 1, "scheduled": 1, "in_flight": 1, "waiting": 1}
-    assert stats.oldest_due_at == T0 + 5
+    # The lag counts from when a delivery became pending, retries included: evt_inflight's app, at T0.
+    assert stats.oldest_pending_since == T0
     assert db.run(db.storage.next_due_at()) == T0 + 5
 
     assert db.run(db.storage.queue_stats(T0 + 2)).counts == {
@@ -425,7 +426,7 @@ def test_queue_stats_and_next_due_at(db: Harness) -> None:
     assert db.run(db.storage.next_due_at()) == T0 + 30
     stats = db.run(db.storage.queue_stats(T0 + 10))
     assert stats.counts == {"due": 0, "scheduled": 1, "in_flight": 2, "waiting": 1}
-    assert stats.oldest_due_at == T0 + 100
+    assert stats.oldest_pending_since == T0
 
 
 # -- inspection -----------------------------------------------------------------------------------------

@@ -80,7 +80,8 @@ class Finished:
 @dataclass(slots=True)
 class QueueStats:
     counts: dict[str, int]  # due, scheduled, in_flight, waiting
-    oldest_due_at: float | None
+    # When the longest-pending delivery became pending (due, waiting for a retry, or in flight).
+    oldest_pending_since: float | None
 
 
 @dataclass(slots=True)

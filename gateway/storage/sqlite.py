@@ -70,6 +70,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     state       TEXT NOT NULL,
     attempts    INTEGER NOT NULL DEFAULT 0,
     due_at      REAL,
+    -- when it last became pending (created, released by its parent, replayed): what the lag is measured from
+    pending_since REAL,
     lease_owner TEXT,
     last_status INTEGER,
     last_error  TEXT,
@@ -78,6 +80,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 -- Claiming the next due delivery is an index seek, whatever the backlog.
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (due_at) WHERE state = 'pending';
+CREATE INDEX IF NOT EXISTS deliveries_pending_since ON deliveries (pending_since) WHERE state = 'pending';
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_seq);
 CREATE INDEX IF NOT EXISTS deliveries_parent ON deliveries (parent_id) WHERE parent_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS deliveries_waiting ON deliveries (state) WHERE state = 'waiting';
@@ -156,7 +159,9 @@ class _GroupCommit:
                         raise sqlite3.OperationalError(str(exc)) from exc
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
-                    results.append((future, None, exc))
+                    # A database error is the store's failure, never the caller's: 503, not 500.
+                    failed = StorageUnavailable(f"sqlite: {exc}") if isinstance(exc, sqlite3.Error) else exc
+                    results.append((future, None, failed))
                 else:
                     conn.execute("RELEASE op")
                     results.append((future, result, None))
@@ -320,8 +325,7 @@ class SQLiteStorage(Storage):
                 "SELECT count(*) FROM deliveries WHERE state = 'waiting'"
             ).fetchone()[0]
             row = conn.execute(
-                "SELECT due_at FROM deliveries WHERE state = 'pending' AND lease_owner IS NULL "
-                "ORDER BY due_at LIMIT 1"
+                "SELECT pending_since FROM deliveries WHERE state = 'pending' ORDER BY pending_since LIMIT 1"
             ).fetchone()
             return QueueStats(counts, None if row is None else float(row[0]))
 
@@ -331,6 +335,13 @@ class SQLiteStorage(Storage):
         def probe(conn: sqlite3.Connection) -> None:
             # A real write that the batch commits: proves the file and the disk take writes right now.
             conn.execute("PRAGMA user_version = 1")
+            # That write never needs a new page; an insert would, so a database at its size limit with no
+            # free page left is not ready either.
+            pages = conn.execute("PRAGMA page_count").fetchone()[0]
+            limit = conn.execute("PRAGMA max_page_count").fetchone()[0]
+            free = conn.execute("PRAGMA freelist_count").fetchone()[0]
+            if pages >= limit and free == 0:
+                raise StorageUnavailable("the database is at its size limit")
 
         await self._run(probe)
 
@@ -574,8 +585,8 @@ def _insert_deliveries(
             else:
                 state, due_at = "skipped", None
         row = conn.execute(
-            "INSERT INTO deliveries (event_seq, route, action, parent_id, run_when, state, due_at, created_at, "
-            "finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO deliveries (event_seq, route, action, parent_id, run_when, state, due_at, pending_since, "
+            "created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 seq,
                 delivery.route,
@@ -584,6 +595,7 @@ def _insert_deliveries(
                 delivery.when,
                 state,
                 due_at,
+                now if state == "pending" else None,
                 now,
                 now if state == "skipped" else None,
             ),
@@ -693,7 +705,8 @@ def _finish(
         for child_id, route, action, when in children:
             if outcome is not None and when in ("always", outcome):
                 conn.execute(
-                    "UPDATE deliveries SET state = 'pending', due_at = ? WHERE id = ?", (now, child_id)
+                    "UPDATE deliveries SET state = 'pending', due_at = ?, pending_since = ? WHERE id = ?",
+                    (now, now, child_id),
                 )
                 finished.activated.append((route, action))
             else:
@@ -715,9 +728,9 @@ def _reset(conn: sqlite3.Connection, ids: list[int], now: float) -> int:
     changed = set(roots)
     for delivery_id in roots:
         conn.execute(
-            "UPDATE deliveries SET state = 'pending', due_at = ?, attempts = 0, lease_owner = NULL, "
-            "finished_at = NULL WHERE id = ?",
-            (now, delivery_id),
+            "UPDATE deliveries SET state = 'pending', due_at = ?, pending_since = ?, attempts = 0, "
+            "lease_owner = NULL, finished_at = NULL WHERE id = ?",
+            (now, now, delivery_id),
         )
         descendants = [delivery_id]
         while descendants:

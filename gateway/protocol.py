@@ -1,0 +1,58 @@
+"""The webhook listener's HTTP/1.1 protocol: uvicorn's httptools protocol with a deadline for headers.
+
+uvicorn bounds idle keep-alive connections but not a client that opens a connection and then sends its
+request line and headers a byte at a time (slowloris): each such connection would hold a file descriptor
+for ever. Here a request's headers must be complete within the listener's read timeout, counted from the
+connection or from the request's first byte; otherwise it is answered 408 and closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+_TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+
+def header_deadline_protocol(timeout: Callable[[], float]) -> type[HttpToolsProtocol]:
+    """A protocol class whose header deadline is read from `timeout()` for each connection, so a config
+    reload changes it for new connections."""
+
+    class HeaderDeadlineProtocol(HttpToolsProtocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._arm()
+
+        def on_headers_complete(self) -> None:
+            self._disarm()
+            super().on_headers_complete()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+        def _arm(self) -> None:
+            self._disarm()
+            self._header_timer = self.loop.call_later(timeout(), self._timed_out)
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _timed_out(self) -> None:
+            self._header_timer = None
+            if not self.transport.is_closing():
+                self.transport.write(_TIMED_OUT)
+                self.transport.close()
+
+    return HeaderDeadlineProtocol

@@ -1,0 +1,442 @@
+"""Scenario 3: the store fails under the gateway. A full disk (a real tmpfs filled to the last byte, or
+SQLite's max_page_count where mounting is not allowed), a database that turns read-only under load, and a
+PostgreSQL server that `store` writes to going away. The ingress must answer 503 storage_unavailable,
+never 2xx, while nothing can be stored; /readyz must say so; and service must resume by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import os
+import random
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import asyncpg  # type: ignore[import-untyped]
+import httpx
+import pytest
+
+from tests.reliability.harness import (
+    Load,
+    delivered_keys,
+    in_process,
+    read_db,
+    record,
+    sampler,
+    signed_events,
+)
+from tests.support import (
+    Downstream,
+    RunningGateway,
+    TcpProxy,
+    gateway_config,
+    svix_request,
+    wait_until,
+)
+
+PATH = "/webhooks/consignease"
+
+
+def _users_route(app: Downstream, *extra: dict[str, Any]) -> list[dict[str, Any]]:
+    forward = {"id": "app", "use": "forward", "with": {"url": f"{app.url}/app"}}
+    return [{"name": "users", "source": "consignease", "actions": [*extra, forward]}]
+
+
+def _run(gw: RunningGateway, coroutine: Any) -> Any:
+    return asyncio.run_coroutine_threadsafe(coroutine, gw.loop).result(10)
+
+
+def _between_transactions(gw: RunningGateway, sql: str) -> None:
+    """Execute on the writer connection from the gateway's own loop while no transaction is open: the
+    database changes between two group commits. (Lifting query_only cannot go through the group commit:
+    with it on, even BEGIN IMMEDIATE fails.)"""
+    connection = gw.gateway.storage._writer.connection  # type: ignore[attr-defined]
+
+    async def execute() -> None:
+        for _ in range(10_000):
+            if not connection.in_transaction:
+                # Operations run only on this thread: nothing opens a transaction before the next await.
+                connection.execute(sql)
+                return
+            await asyncio.sleep(0.0005)
+        raise AssertionError("the writer never left its transaction")
+
+    _run(gw, execute())
+
+
+def _ready(gw: RunningGateway) -> int:
+    return gw.client.get(gw.ops_url + "/readyz").status_code
+
+
+def _post(gw: RunningGateway, msg_id: str) -> tuple[int, str]:
+    body, headers = svix_request(data={"id": msg_id, "pad": "x" * 300}, msg_id=msg_id)
+    response = gw.post(PATH, body, headers)
+    answer = response.json()
+    return response.status_code, answer.get("status") or answer.get("error")
+
+
+# -- disk full ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(directory: Path, size: str) -> Iterator[Path]:
+    """A real, tiny file system: tmpfs mounted on directory (needs root, or CAP_SYS_ADMIN)."""
+    directory.mkdir()
+    mount = shutil.which("mount")
+    if mount is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root; the max_page_count variant covers this case")
+    result = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True, text=True
+    )
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); max_page_count covers this case")
+    try:
+        yield directory
+    finally:
+        if subprocess.run(["umount", str(directory)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(directory)], capture_output=True)
+
+
+def fill(directory: Path) -> int:
+    """Write a ballast file until the file system says ENOSPC; its size."""
+    written = 0
+    with (directory / "ballast").open("wb") as ballast:
+        try:
+            for _ in range(1_000_000):
+                ballast.write(b"\0" * 65536)
+                ballast.flush()
+                written += 65536
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+    return written
+
+
+class Disk:
+    """Makes the store unable to grow, and gives the room back."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self.tmp_path = tmp_path
+
+    @contextlib.contextmanager
+    def storage_directory(self) -> Iterator[Path]:
+        if self.kind == "tmpfs":
+            with tmpfs(self.tmp_path / "disk", "8m") as directory:
+                yield directory
+        else:
+            yield self.tmp_path
+
+    def make_full(self, gw: RunningGateway) -> dict[str, Any]:
+        if self.kind == "tmpfs":
+            return {"ballast_bytes": fill(self.tmp_path / "disk")}
+        storage = gw.gateway.storage
+        pages = _run(gw, storage._run(lambda conn: conn.execute("PRAGMA page_count").fetchone()[0]))  # type: ignore[attr-defined]
+        _run(gw, storage._run(lambda conn: conn.execute(f"PRAGMA max_page_count = {pages}")))  # type: ignore[attr-defined]
+        return {"max_page_count": pages}
+
+    def free(self, gw: RunningGateway) -> None:
+        if self.kind == "tmpfs":
+            (self.tmp_path / "disk" / "ballast").unlink()
+        else:
+            storage = gw.gateway.storage
+            _run(gw, storage._run(lambda conn: conn.execute("PRAGMA max_page_count = 4294967294")))  # type: ignore[attr-defined]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["tmpfs", "max_page_count"])
+def test_disk_full_answers_503_never_2xx_and_recovers_without_restart(
+    tmp_path: Path, app: Downstream, kind: str
+) -> None:
+    started = time.monotonic()
+    disk = Disk(kind, tmp_path)
+    with disk.storage_directory() as directory:
+        config = gateway_config(directory, app.url, routes=_users_route(app))
+        with in_process(config) as gw:
+            before = [_post(gw, f"msg_full_before_{n}") for n in range(5)]
+            assert all(status == 200 for status, _ in before)
+            how = disk.make_full(gw)
+            # Rows that still fit in the pages already there are stored (and answered 2xx) until the first
+            # refusal; from then on the store is full.
+            filling: list[tuple[int, str]] = []
+            for n in range(2000):
+                filling.append(_post(gw, f"msg_filling_{n:04}"))
+                if filling[-1][0] != 200:
+                    break
+            first_refusal = f"msg_filling_{len(filling) - 1:04}"
+
+            # Full: every new event is refused with 503 storage_unavailable; nothing is answered 2xx.
+            while_full = {f"msg_full_{n:03}": _post(gw, f"msg_full_{n:03}") for n in range(50)}
+            while_full[first_refusal] = filling[-1]
+            ready_while_full = _ready(gw)
+            readyz_reason = gw.client.get(gw.ops_url + "/readyz").json().get("reason")
+            refusals = gw.metric(
+                "hookyard_webhook_rejections_total", source="consignease", reason="storage_unavailable"
+            )
+
+            disk.free(gw)
+            # Space is back: the same requests, sent again, are accepted (they were never stored).
+            recovered_at = time.monotonic()
+            retried = {msg_id: _post(gw, msg_id) for msg_id in while_full}
+            recovery_s = time.monotonic() - recovered_at
+            ready_after = _ready(gw)
+            after = [_post(gw, f"msg_full_after_{n}") for n in range(5)]
+            expected = set(while_full) | {f"msg_full_after_{n}" for n in range(5)}
+            wait_until(lambda: set(delivered_keys(app)) >= expected, 20)
+            delivered = set(delivered_keys(app))
+        stored = {row[0] for row in read_db(directory / "hookyard.db", "SELECT event_id FROM events")}
+    figures = {
+        "fault": kind,
+        **how,
+        "accepted_before_first_refusal": len(filling) - 1,
+        "requests_while_full": len(while_full),
+        "answers_while_full": sorted({f"{status} {reason}" for status, reason in while_full.values()}),
+        "readyz_while_full": ready_while_full,
+        "readyz_reason_while_full": readyz_reason,
+        "storage_unavailable_counted": refusals,
+        "answers_after_space_returned": sorted({f"{status} {reason}" for status, reason in retried.values()}),
+        "first_retries_took_s": round(recovery_s, 2),
+        "readyz_after": ready_after,
+        "delivered": len(delivered),
+        "test_s": round(time.monotonic() - started, 1),
+    }
+    record(f"disk_full_{kind}", figures, tmp_path)
+
+    assert set(while_full.values()) == {(503, "storage_unavailable")}
+    assert refusals == len(while_full)
+    assert set(retried.values()) == {(200, "accepted")}, "a 503 must mean nothing was stored"
+    assert stored >= set(while_full) | {f"msg_filling_{n:04}" for n in range(len(filling) - 1)}
+    assert all(answer == (200, "accepted") for answer in after)
+    assert ready_after == 200
+    if kind == "tmpfs":
+        assert ready_while_full == 503
+        assert "full" in (readyz_reason or "")
+
+
+@pytest.mark.slow
+def test_readyz_turns_503_when_the_database_cannot_grow(tmp_path: Path, app: Downstream) -> None:
+    with in_process(gateway_config(tmp_path, app.url, routes=_users_route(app))) as gw:
+        disk = Disk("max_page_count", tmp_path)
+        disk.make_full(gw)
+        try:
+            # Rows that still fit in the last pages are stored; then the database is full.
+            answers = [_post(gw, f"msg_cannot_grow_{n:03}") for n in range(200)]
+            assert (503, "storage_unavailable") in answers
+            assert answers[-1] == (503, "storage_unavailable")
+            assert _ready(gw) == 503
+        finally:
+            disk.free(gw)
+
+
+# -- read-only under load -------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_database_turning_read_only_under_load_answers_503_then_recovers(
+    tmp_path: Path, app: Downstream, seed: int
+) -> None:
+    started = time.monotonic()
+    rng = random.Random(seed)
+    config = gateway_config(tmp_path, app.url, routes=_users_route(app))
+    events = signed_events(2000, "msg_ro")
+    with in_process(config) as gw, httpx.Client(timeout=5) as probe:
+        load = Load(gw.url + PATH, events, 8, seed).start()
+        with sampler(lambda: probe.get(gw.ops_url + "/readyz").status_code, 0.1) as readiness:
+            wait_until(lambda: load.done >= 300, 60, 0.01)
+            time.sleep(rng.uniform(0, 0.1))
+            _between_transactions(gw, "PRAGMA query_only = ON")
+            read_only_from = time.time()
+            done_before = load.done
+            time.sleep(2.0)
+            read_only_until = time.time()
+            _between_transactions(gw, "PRAGMA query_only = OFF")
+            lifted_at = time.monotonic()
+            load.join(120)
+        wait_until(lambda: set(delivered_keys(app)) >= {e.id for e in events if e.answered_2xx}, 60)
+        delivered = set(delivered_keys(app))
+    stored = {row[0] for row in read_db(tmp_path / "hookyard.db", "SELECT event_id FROM events")}
+
+    offset = time.monotonic() - time.time()
+    inside = [a for e in events for a in e.history if read_only_from + 0.2 < a[0] < read_only_until]
+    ready_inside = {s for at, s in readiness if read_only_from + 0.2 < at - offset < read_only_until}
+    ready_after = [s for at, s in readiness if at > lifted_at + 0.5]
+    refused = [e for e in events if any(a[2] == "storage_unavailable" for a in e.history)]
+    figures = {
+        "events_sent": len(events),
+        "read_only_s": round(read_only_until - read_only_from, 2),
+        "answers_while_read_only": sorted({f"{status} {reason}" for _, status, reason in inside}),
+        "requests_while_read_only": len(inside),
+        "events_refused_then_retried": len(refused),
+        "readyz_while_read_only": sorted(ready_inside),
+        "readyz_after": sorted(set(ready_after)),
+        "answered_2xx": sum(e.answered_2xx for e in events),
+        "delivered": len(delivered & {e.id for e in events}),
+        "test_s": round(time.monotonic() - started, 1),
+    }
+    record("read_only", figures, tmp_path)
+
+    assert done_before < len(events), "the load must still be running when the database turns read-only"
+    assert inside and {(status, reason) for _, status, reason in inside} == {(503, "storage_unavailable")}
+    assert ready_inside == {503}
+    assert ready_after and set(ready_after) == {200}
+    # Refused events were not stored: their retries were accepted, not duplicates.
+    assert refused and all(e.outcome == "accepted" for e in refused)
+    assert all(e.answered_2xx for e in events)
+    assert {e.id for e in events} <= stored
+    assert {e.id for e in events} <= delivered
+
+
+async def _through_ingress(ingress: Any, body: bytes, headers: dict[str, str]) -> int:
+    """One request through the webhook listener's ASGI app, as uvicorn would pass it; its status. An
+    exception raised here is what uvicorn turns into a bare 500."""
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": PATH,
+        "headers": [(name.encode(), value.encode()) for name, value in headers.items()],
+        "client": ("127.0.0.1", 40000),
+    }
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await ingress(scope, receive, send)
+    return int(sent[0]["status"])
+
+
+@pytest.mark.slow
+def test_webhooks_sharing_a_batch_with_a_failing_write_get_503_not_500(
+    tmp_path: Path, app: Downstream
+) -> None:
+    with in_process(gateway_config(tmp_path, app.url, routes=_users_route(app))) as gw:
+        storage = gw.gateway.storage
+        requests = [svix_request(msg_id=f"msg_same_batch_{n}") for n in range(4)]
+
+        async def same_batch() -> list[Any]:
+            # Submitted in one loop iteration, so they form one batch: the database turns read-only in
+            # the middle of it, as a statement-level failure would.
+            return await asyncio.gather(
+                storage._run(lambda conn: conn.execute("PRAGMA query_only = ON")),  # type: ignore[attr-defined]
+                *(_through_ingress(gw.gateway.ingress, body, headers) for body, headers in requests),
+                return_exceptions=True,
+            )
+
+        try:
+            _pragma, *answers = _run(gw, same_batch())
+        finally:
+            _between_transactions(gw, "PRAGMA query_only = OFF")
+        assert answers == [503] * len(requests), answers
+
+
+# -- PostgreSQL down ------------------------------------------------------------------------------------------
+
+
+def _pg_rows(url: str, table: str) -> list[tuple[str, int]]:
+    async def fetch() -> list[tuple[str, int]]:
+        conn = await asyncpg.connect(url)
+        try:
+            rows = await conn.fetch(f'SELECT event_id, count(*) AS n FROM "{table}" GROUP BY event_id')
+            return [(row["event_id"], row["n"]) for row in rows]
+        finally:
+            await conn.close()
+
+    return asyncio.run(fetch())
+
+
+def _pg_drop(url: str, table: str) -> None:
+    async def drop() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            await conn.execute(f'DROP TABLE IF EXISTS "{table}"')
+        finally:
+            await conn.close()
+
+    asyncio.run(drop())
+
+
+def _states(db: Path, action: str) -> dict[str, int]:
+    return dict(
+        read_db(db, "SELECT state, count(*) FROM deliveries WHERE action = ? GROUP BY state", (action,))
+    )
+
+
+@pytest.mark.slow
+def test_postgres_down_only_the_store_retries_and_rows_land_once(
+    tmp_path: Path, app: Downstream, postgres_url: str, seed: int
+) -> None:
+    started = time.monotonic()
+    rng = random.Random(seed)
+    parts = urlsplit(postgres_url)
+    table = f"hookyard_rel_{uuid.uuid4().hex[:12]}"
+    db = tmp_path / "hookyard.db"
+    events = signed_events(600, "msg_pg")
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        user = parts.netloc.rpartition("@")[0]
+        through_proxy = parts._replace(
+            netloc=f"{user}@127.0.0.1:{proxy.port}" if user else f"127.0.0.1:{proxy.port}"
+        )
+        store = {
+            "id": "db",
+            "use": "store",
+            "timeout": "2s",
+            "retry": {"schedule": ["200ms"] * 150, "jitter": 0},
+            "with": {"url": through_proxy.geturl(), "table": table},
+        }
+        config = gateway_config(tmp_path, app.url, routes=_users_route(app, store))
+        try:
+            with in_process(config) as gw:
+                load = Load(gw.url + PATH, events, 8, seed).start()
+                wait_until(lambda: load.done >= 150, 60, 0.01)
+                time.sleep(rng.uniform(0, 0.1))
+                proxy.cut()  # mid-load: some INSERTs are in flight
+                cut_at = time.monotonic()
+                load.join(120)
+                answered = {e.id for e in events if e.answered_2xx}
+                # The forward action of the same events is not held up by the store being down.
+                wait_until(lambda: set(delivered_keys(app, "/app")) >= answered, 30)
+                app_done_s = time.monotonic() - cut_at
+                wait_until(lambda: _states(db, "db").get("pending", 0) > 0, 10)
+                store_while_down = _states(db, "db")
+                retried_while_down = read_db(
+                    db,
+                    "SELECT count(*) FROM attempts a JOIN deliveries d ON d.id = a.delivery_id "
+                    "WHERE d.action = 'db' AND a.outcome = 'retry'",
+                )[0][0]
+                time.sleep(max(0.0, 3.0 - (time.monotonic() - cut_at)))
+                proxy.restore()
+                restored_at = time.monotonic()
+                wait_until(lambda: _states(db, "db") == {"delivered": len(answered)}, 60, 0.2)
+                store_caught_up_s = time.monotonic() - restored_at
+            rows = _pg_rows(postgres_url, table)
+        finally:
+            _pg_drop(postgres_url, table)
+    figures = {
+        "events_sent": len(events),
+        "answered_2xx": len(answered),
+        "outage_s": round(restored_at - cut_at, 2),
+        "forward_all_delivered_after_cut_s": round(app_done_s, 2),
+        "store_deliveries_while_down": store_while_down,
+        "store_retries_while_down": retried_while_down,
+        "store_caught_up_after_restore_s": round(store_caught_up_s, 2),
+        "rows": len(rows),
+        "rows_more_than_once": sum(n > 1 for _, n in rows),
+        "test_s": round(time.monotonic() - started, 1),
+    }
+    record("postgres_down", figures, tmp_path)
+
+    assert answered == {e.id for e in events}
+    assert store_while_down.get("pending", 0) > 0 and retried_while_down > 0
+    assert store_while_down.get("dead", 0) == 0
+    assert {event_id for event_id, _ in rows} == answered
+    assert all(n == 1 for _, n in rows)

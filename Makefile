@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-slow lint typecheck check bench clean
+.PHONY: run test test-slow lint typecheck check bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,5 +33,8 @@ check: lint typecheck test
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
 
-bench: $(STAMP)  ## ingest benchmark: bare Starlette no-op vs Hookyard, one run (needs wrk)
-	$(BIN)/python bench/ingest.py
+bench: $(STAMP)  ## the whole benchmark in one run (~7 min): ingest, end to end, scale, profiles -> bench/RESULTS.md
+	$(BIN)/python -m bench.run --profile $(BENCH_ARGS)
+
+bench-quick: $(STAMP)  ## a shorter benchmark run, no profiles; results in /tmp/hookyard-bench-quick
+	$(BIN)/python -m bench.run --quick $(BENCH_ARGS)

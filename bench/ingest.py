@@ -1,285 +1,292 @@
-"""Ingest benchmark: a bare Starlette no-op against Hookyard's verified, durable ingest, in one run.
+"""Part 1, ingest: the same wrk load against each server, one after the other, in one run.
 
-    make bench                     # or: .venv/bin/python bench/ingest.py --duration 10
+1. bare Starlette no-op under uvicorn (uvloop + httptools, one worker): the baseline;
+2. Hookyard: svix verification + durable SQLite commit + a route forwarding to the sink;
+2b. Hookyard with a route that matches nothing: the pure ingest cost;
+3. adnanh/webhook with a payload-hmac-sha256 trigger rule, running no command, and running `true`.
 
-Every server and the load generator run on 127.0.0.1; each load phase is bounded in time. Needs `wrk`
-(Debian package wrk); says so and stops when it is missing. Prints a table and writes bench/results/ingest.json.
+Every request carries svix headers and the webhook HMAC header, so the load is identical. CPU per request is
+the server process's CPU time (/proc, children included: webhook's commands) over the measured window,
+divided by the requests wrk completed in it; RSS is the highest resident size sampled during the window.
 """
 
 from __future__ import annotations
 
-import argparse
-import base64
-import hashlib
-import hmac
 import json
-import os
-import platform
-import re
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
-import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-PATH = "/webhooks/consignease"
+from bench.common import (
+    HOST,
+    PATH,
+    PYTHON,
+    WEBHOOK_HEADER,
+    WEBHOOK_SECRET,
+    GatewayPorts,
+    Json,
+    Processes,
+    Sampler,
+    Scrape,
+    Settings,
+    SinkHandle,
+    body_1kb,
+    cpu_seconds,
+    free_port,
+    gateway_config,
+    rss_mb,
+    run_wrk,
+    say,
+    start_gateway,
+    start_sink,
+    svix_signature,
+    table,
+    wait_http,
+    webhook_signature,
+    write_signed_requests,
+)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_ready(url: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"server at {url} did not come up")
-
-
-def body_1kb() -> bytes:
-    data = {"id": "user_29w83sxmDNGwOuEthce5gg56FcC", "first_name": "Ada", "last_name": "Lovelace", "bio": ""}
-    payload = {
-        "data": data,
-        "object": "event",
-        "type": "user.created",
-        "timestamp": 0,
-        "instance_id": "ins_1",
-    }
-    filler = 1024 - len(json.dumps(payload))
-    data["bio"] = "x" * max(0, filler)
-    return json.dumps(payload).encode()
+# Pre-signed ids per second of load: more than any server here completes, so no id repeats.
+IDS_PER_SECOND = 40_000
 
 
-def write_requests(directory: Path, body: bytes, count: int) -> tuple[Path, Path]:
-    key = base64.b64decode(SECRET.removeprefix("whsec_"))
-    timestamp = str(int(time.time()))
-    lines = []
-    for index in range(count):
-        msg_id = f"msg_bench_{os.getpid()}_{index}"
-        mac = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
-        lines.append(f"{msg_id}\t{timestamp}\tv1,{base64.b64encode(mac).decode()}")
-    requests_path, body_path = directory / "requests.tsv", directory / "body.json"
-    requests_path.write_text("\n".join(lines) + "\n")
-    body_path.write_bytes(body)
-    return requests_path, body_path
+@dataclass
+class Server:
+    key: str
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    verifies: bool = True
+    gateway: GatewayPorts | None = None
+    sink: SinkHandle | None = None
 
 
-def run_wrk(
-    url: str, duration: int, connections: int, threads: int, requests: Path, body: Path
-) -> dict[str, float]:
-    script = ROOT / "bench" / "signed_requests.lua"
-    command = [
-        "wrk",
-        "-t",
-        str(threads),
-        "-c",
-        str(connections),
-        "-d",
-        f"{duration}s",
-        "--latency",
-        "-s",
-        str(script),
-        url,
-        "--",
-        str(requests),
-        str(body),
-        str(threads),
-    ]
-    output = subprocess.run(command, capture_output=True, text=True, timeout=duration + 30, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    latency = {m.group(1): _ms(m.group(2)) for m in re.finditer(r"\s+(50|99)%\s+([\d.]+\w+)", output)}
-    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", output)
-    return {
-        "rps": rps,
-        "p50_ms": latency.get("50", 0),
-        "p99_ms": latency.get("99", 0),
-        "non_2xx": float(non_2xx.group(1)) if non_2xx else 0.0,
-    }
+Starter = Callable[[Processes, Settings], Server]
 
 
-def _ms(text: str) -> float:
-    value, unit = re.match(r"([\d.]+)(\w+)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+def start_starlette(processes: Processes, settings: Settings) -> Server:
+    port = free_port()
+    argv = [PYTHON, "-m", "uvicorn", "bench.noop_app:app", "--host", HOST, "--port", str(port)]
+    argv += ["--loop", "uvloop", "--http", "httptools", "--no-access-log", "--log-level", "warning"]
+    process = processes.start("starlette", argv)
+    wait_http(f"http://{HOST}:{port}/", process)
+    return Server("starlette", "bare Starlette no-op", f"http://{HOST}:{port}{PATH}", process, verifies=False)
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return 0.0
-
-
-def measure(
-    name: str,
-    process: subprocess.Popen[bytes],
-    url: str,
-    args: argparse.Namespace,
-    requests: Path,
-    body: Path,
-) -> dict[str, float | str]:
-    run_wrk(url, 2, args.connections, args.threads, requests, body)  # warm-up
-    cpu_before = cpu_seconds(process.pid)
-    result: dict[str, float | str] = {
-        "name": name,
-        **run_wrk(url, args.duration, args.connections, args.threads, requests, body),
-    }
-    cpu = cpu_seconds(process.pid) - cpu_before
-    result["cpu_us_per_request"] = cpu / (float(result["rps"]) * args.duration) * 1e6
-    result["rss_mb"] = rss_mb(process.pid)
-    return result
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def _start_hookyard(processes: Processes, settings: Settings, *, routed: bool) -> Server:
+    key = "hookyard" if routed else "hookyard-unrouted"
+    sink = start_sink(processes, name=f"sink-{key}") if routed else None
+    config, ports = gateway_config(
+        settings.work, settings.work / f"ingest-{key}.db", sink.url if sink else None, route_matches=routed
     )
-    parser.add_argument("--duration", type=int, default=10, help="seconds of load per server (bounded)")
-    parser.add_argument("--connections", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        raise SystemExit("wrk is not installed (Debian: apt-get install wrk); nothing was measured")
+    process = start_gateway(processes, key, config, ports)
+    name = (
+        "Hookyard: svix + durable + forward route"
+        if routed
+        else "Hookyard: svix + durable, route not matching"
+    )
+    return Server(key, name, ports.url, process, gateway=ports, sink=sink)
 
-    python = sys.executable
-    results = []
-    with tempfile.TemporaryDirectory(prefix="hookyard-bench-") as tmp:
-        work = Path(tmp)
-        body = body_1kb()
-        requests, body_path = write_requests(work, body, count=args.duration * 40_000)
 
-        port = free_port()
-        noop = subprocess.Popen(
-            [
-                python,
-                "-m",
-                "uvicorn",
-                "bench.noop_app:app",
-                "--port",
-                str(port),
-                "--loop",
-                "uvloop",
-                "--http",
-                "httptools",
-                "--no-access-log",
-                "--log-level",
-                "warning",
-            ],
-            cwd=ROOT,
-            stdout=subprocess.DEVNULL,
+def start_hookyard(processes: Processes, settings: Settings) -> Server:
+    return _start_hookyard(processes, settings, routed=True)
+
+
+def start_hookyard_unrouted(processes: Processes, settings: Settings) -> Server:
+    return _start_hookyard(processes, settings, routed=False)
+
+
+def _start_webhook(processes: Processes, settings: Settings, *, command: bool) -> Server:
+    key = "webhook-true" if command else "webhook"
+    hook: Json = {
+        "id": "bench",
+        "execute-command": "/bin/true" if command else "",
+        "response-message": "accepted",
+        "trigger-rule-mismatch-http-response-code": 401,
+        "trigger-rule": {
+            "match": {
+                "type": "payload-hmac-sha256",
+                "secret": WEBHOOK_SECRET,
+                "parameter": {"source": "header", "name": WEBHOOK_HEADER},
+            }
+        },
+    }
+    if command:
+        # Answer once the command has run: otherwise every request only queues a goroutine and a fork,
+        # and the load measures how fast they pile up.
+        hook["include-command-output-in-response"] = True
+    hooks = settings.work / f"{key}-hooks.json"
+    hooks.write_text(json.dumps([hook]))
+    port = free_port()
+    argv = ["webhook", "-hooks", str(hooks), "-ip", HOST, "-port", str(port), "-http-methods", "POST"]
+    process = processes.start(key, argv)
+    wait_http(f"http://{HOST}:{port}/", process)
+    name = "adnanh/webhook: HMAC rule, runs `true`" if command else "adnanh/webhook: HMAC rule, no command"
+    return Server(key, name, f"http://{HOST}:{port}/hooks/bench", process)
+
+
+def start_webhook(processes: Processes, settings: Settings) -> Server:
+    return _start_webhook(processes, settings, command=False)
+
+
+def start_webhook_true(processes: Processes, settings: Settings) -> Server:
+    return _start_webhook(processes, settings, command=True)
+
+
+def check_verification(server: Server, body: bytes) -> None:
+    """One correctly and one wrongly signed request: verification is really on (and the URL is right)."""
+    timestamp = int(time.time())
+    good_id, bad_id = f"msg_check_good_{server.key}", f"msg_check_bad_{server.key}"
+    headers = {"content-type": "application/json", "svix-timestamp": str(timestamp)}
+    good = {**headers, "svix-id": good_id, "svix-signature": svix_signature(good_id, timestamp, body)}
+    good[WEBHOOK_HEADER] = webhook_signature(body)
+    bad = {**headers, "svix-id": bad_id, "svix-signature": svix_signature(bad_id, timestamp, b"{}")}
+    bad[WEBHOOK_HEADER] = webhook_signature(b"{}")
+    answer = httpx.post(server.url, content=body, headers=good, timeout=10)
+    if not answer.is_success:
+        raise RuntimeError(
+            f"{server.name}: a correctly signed request got {answer.status_code}: {answer.text}"
         )
+    if server.verifies:
+        refused = httpx.post(server.url, content=body, headers=bad, timeout=10)
+        if refused.is_success:
+            raise RuntimeError(f"{server.name}: a wrongly signed request was accepted")
+
+
+def measure(server: Server, settings: Settings, body_path: Path) -> Json:
+    body = body_path.read_bytes()
+    signature = webhook_signature(body)
+    check_verification(server, body)
+    work = settings.work
+    # Fresh files for every server: signed now (svix tolerance), ids never seen by this server before.
+    warmup = write_signed_requests(
+        work / "warmup.tsv", f"{server.key}_w", round(settings.warmup * IDS_PER_SECOND), body
+    )
+    requests = write_signed_requests(
+        work / "requests.tsv", f"{server.key}_r", round(settings.duration * IDS_PER_SECOND), body
+    )
+    args = (settings.connections, settings.threads)
+    run_wrk(server.url, settings.warmup, *args, warmup, body_path, signature)
+
+    before = Scrape.fetch(f"{server.gateway.ops_url}/metrics") if server.gateway else None
+    pid = server.process.pid
+    cpu_before = cpu_seconds(pid)
+    with Sampler(lambda: rss_mb(pid), 0.2) as rss:
+        result = run_wrk(server.url, settings.duration, *args, requests, body_path, signature)
+    cpu = cpu_seconds(pid) - cpu_before
+    row: Json = {
+        "key": server.key,
+        "name": server.name,
+        "requests": result.requests,
+        "rps": result.rps,
+        "p50_ms": result.p50_ms,
+        "p99_ms": result.p99_ms,
+        "non_2xx": result.non_2xx,
+        "socket_errors": result.socket_errors,
+        "cpu_us_per_request": cpu / max(1, result.requests) * 1e6,
+        "cpu_cores": cpu / result.seconds,
+        "rss_mb": rss.max(),
+        "rss_end_mb": rss_mb(pid),
+    }
+    if server.gateway is not None and before is not None:
+        after = Scrape.fetch(f"{server.gateway.ops_url}/metrics")
+
+        def delta(name: str, **labels: str) -> float:
+            return after.get(name, **labels) - before.get(name, **labels)
+
+        commits = delta("hookyard_storage_batch_size_count")
+        row["accepted"] = delta("hookyard_webhooks_received_total", outcome="accepted")
+        row["duplicates"] = delta("hookyard_webhooks_received_total", outcome="duplicate")
+        row["rejected"] = delta("hookyard_webhooks_received_total", outcome="rejected")
+        row["operations_per_commit"] = delta("hookyard_storage_batch_size_sum") / commits if commits else 0.0
+        row["commits_per_second"] = commits / result.seconds
+        row["delivered_during_load"] = delta("hookyard_deliveries_total", outcome="delivered")
+    return row
+
+
+SERVERS: list[tuple[str, Starter]] = [
+    ("starlette", start_starlette),
+    ("hookyard", start_hookyard),
+    ("hookyard-unrouted", start_hookyard_unrouted),
+    ("webhook", start_webhook),
+    ("webhook-true", start_webhook_true),
+]
+
+
+def run(settings: Settings, processes: Processes) -> Json:
+    missing: list[str] = []
+    body_path = settings.work / "body.json"
+    body_path.write_bytes(body_1kb())
+    rows: list[Json] = []
+    for key, starter in SERVERS:
+        if key.startswith("webhook") and not settings.tools["webhook"].present:
+            if not missing:
+                say("   adnanh/webhook is not installed (Debian: apt-get install webhook); skipping it")
+                missing.append("webhook")
+            continue
+        server = starter(processes, settings)
         try:
-            wait_ready(f"http://127.0.0.1:{port}/")
-            results.append(
-                measure("starlette no-op", noop, f"http://127.0.0.1:{port}{PATH}", args, requests, body_path)
-            )
+            say(f"   {server.name} ...")
+            row = measure(server, settings, body_path)
         finally:
-            noop.send_signal(signal.SIGTERM)
-            noop.wait(10)
-
-        sink_port, port, ops = free_port(), free_port(), free_port()
-        sink = subprocess.Popen(
-            [python, "-m", "gateway", "sink", "--port", str(sink_port)], stdout=subprocess.DEVNULL, cwd=ROOT
+            processes.stop(server.process)
+            if server.sink is not None and server.sink.process is not None:
+                processes.stop(server.sink.process)
+        rows.append(row)
+        say(
+            f"     {row['rps']:.0f} req/s, p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
+            f"{row['cpu_us_per_request']:.0f} µs CPU/req, RSS {row['rss_mb']:.1f} MB"
         )
-        config = {
-            "listen": {"host": "127.0.0.1", "port": port},
-            "ops": {"host": "127.0.0.1", "port": ops},
-            "storage": {"url": f"sqlite:///{work}/bench.db"},
-            "log": {"level": "warning"},
-            "sources": {"consignease": {"path": PATH, "provider": "svix", "secrets": [SECRET]}},
-            "routes": [
-                {
-                    "name": "users",
-                    "source": "consignease",
-                    "events": ["user.*"],
-                    "actions": [
-                        {
-                            "id": "app",
-                            "use": "forward",
-                            "with": {"url": f"http://127.0.0.1:{sink_port}/hooks"},
-                        }
-                    ],
-                }
-            ],
+        if row["non_2xx"] or row["socket_errors"]:
+            say(f"     WARNING: {row['non_2xx']} non-2xx answers, {row['socket_errors']} socket errors")
+    baseline = rows[0]
+    for row in rows:
+        row["ratio"] = {
+            "rps": row["rps"] / baseline["rps"],
+            "p50": row["p50_ms"] / baseline["p50_ms"] if baseline["p50_ms"] else 0.0,
+            "p99": row["p99_ms"] / baseline["p99_ms"] if baseline["p99_ms"] else 0.0,
+            "cpu": row["cpu_us_per_request"] / baseline["cpu_us_per_request"],
+            "rss": row["rss_mb"] / baseline["rss_mb"],
         }
-        (work / "routes.yaml").write_text(yaml.safe_dump(config))
-        gateway = subprocess.Popen(
-            [python, "-m", "gateway", "serve", "-c", str(work / "routes.yaml")], cwd=ROOT
-        )
-        try:
-            wait_ready(f"http://127.0.0.1:{ops}/readyz")
-            hookyard = measure(
-                "hookyard ingest (svix + durable + route)",
-                gateway,
-                f"http://127.0.0.1:{port}{PATH}",
-                args,
-                requests,
-                body_path,
+    say()
+    say(render(rows))
+    for row in rows:
+        if "operations_per_commit" in row:
+            say(
+                f"   {row['key']}: {row['operations_per_commit']:.1f} storage operations per fsync'd commit, "
+                f"{row['commits_per_second']:.0f} commits/s, {row['duplicates']:.0f} duplicate ids"
             )
-            metrics = httpx.get(f"http://127.0.0.1:{ops}/metrics").text
-            batches = _sample(metrics, "hookyard_storage_batch_size_count")
-            operations = _sample(metrics, "hookyard_storage_batch_size_sum")
-            hookyard["operations_per_commit"] = operations / batches if batches else 0.0
-            results.append(hookyard)
-        finally:
-            gateway.send_signal(signal.SIGTERM)
-            sink.send_signal(signal.SIGTERM)
-            gateway.wait(30)
-            sink.wait(10)
+    return {
+        "duration_s": settings.duration,
+        "warmup_s": settings.warmup,
+        "connections": settings.connections,
+        "wrk_threads": settings.threads,
+        "body_bytes": body_path.stat().st_size,
+        "missing": missing,
+        "results": rows,
+    }
 
-    baseline = float(results[0]["rps"])
-    print(
-        f"\n{'server':<42} {'req/s':>9} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7} {'cpu µs/req':>10} {'RSS MB':>7}"
+
+def render(rows: list[Json]) -> str:
+    headers = ["server", "req/s", "x bare", "p50 ms", "p99 ms", "x bare", "CPU µs/req", "x bare", "RSS MB"]
+    return table(
+        headers,
+        [
+            [
+                row["name"],
+                f"{row['rps']:.0f}",
+                f"{row['ratio']['rps']:.2f}",
+                f"{row['p50_ms']:.2f}",
+                f"{row['p99_ms']:.2f}",
+                f"{row['ratio']['p99']:.2f}",
+                f"{row['cpu_us_per_request']:.0f}",
+                f"{row['ratio']['cpu']:.2f}",
+                f"{row['rss_mb']:.1f}",
+            ]
+            for row in rows
+        ],
     )
-    for row in results:
-        row["ratio"] = float(row["rps"]) / baseline
-        print(
-            f"{row['name']:<42} {row['rps']:>9.0f} {row['ratio']:>6.2f} {row['p50_ms']:>7.2f} "
-            f"{row['p99_ms']:>7.2f} {row['cpu_us_per_request']:>10.0f} {row['rss_mb']:>7.1f}"
-        )
-    print(f"\ngroup commit: {results[1]['operations_per_commit']:.1f} storage operations per fsync'd commit")
-    out = ROOT / "bench" / "results" / "ingest.json"
-    out.write_text(
-        json.dumps(
-            {
-                "machine": {
-                    "cpus": os.cpu_count(),
-                    "python": platform.python_version(),
-                    "platform": platform.platform(),
-                },
-                "duration_s": args.duration,
-                "connections": args.connections,
-                "results": results,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out.relative_to(ROOT)}")
-
-
-def _sample(exposition: str, name: str) -> float:
-    match = re.search(rf"^{name} ([\d.e+]+)$", exposition, re.M)
-    return float(match.group(1)) if match else 0.0
-
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,403 @@
+"""The targets, judged on one run's results, and bench/RESULTS.md."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.common import Json
+
+# An ingest ratio at or above MINIMUM but below GOAL passes the minimum only.
+INGEST_GOAL, INGEST_MINIMUM = 1.0, 0.75
+P99_FACTOR = 2.0
+SUSTAINED_EV_S = 2000
+E2E_P99_RATE, E2E_P99_MS = 1000, 100.0
+RSS_LIMIT_MB = 80.0
+X = "\u00d7"  # the multiplication sign, for ratios
+
+
+def _row(results: Json, key: str) -> Json | None:
+    ingest = results.get("ingest") or {}
+    return next((row for row in ingest.get("results", []) if row["key"] == key), None)
+
+
+def _rate(results: Json, rate: int) -> Json | None:
+    e2e = results.get("end_to_end") or {}
+    return next((row for row in e2e.get("rates", []) if row["offered_ev_s"] == rate), None)
+
+
+def targets(results: Json) -> list[Json]:
+    """One entry per target: what was measured and whether it passed (None: not measured in this run)."""
+    found: list[Json] = []
+
+    def add(target: str, measured: str, passed: bool | None, result: str | None = None) -> None:
+        verdict = result or ("not measured" if passed is None else "PASS" if passed else "FAIL")
+        found.append({"target": target, "measured": measured, "passed": passed, "result": verdict})
+
+    bare, hookyard = _row(results, "starlette"), _row(results, "hookyard")
+    if bare and hookyard:
+        ratio = hookyard["rps"] / bare["rps"]
+        result = "PASS" if ratio >= INGEST_GOAL else "minimum met" if ratio >= INGEST_MINIMUM else "FAIL"
+        add(
+            f"Ingest, durable + verified: ≥ 1.0{X} bare Starlette (≥ 0.75{X} minimum)",
+            f"{ratio:.2f}{X} ({hookyard['rps']:,.0f} vs {bare['rps']:,.0f} req/s)",
+            ratio >= INGEST_MINIMUM,
+            result,
+        )
+        p99 = hookyard["p99_ms"] / bare["p99_ms"] if bare["p99_ms"] else float("inf")
+        add(
+            f"Ingest p99 ≤ 2{X} bare Starlette's",
+            f"{hookyard['p99_ms']:.1f} ms vs {bare['p99_ms']:.1f} ms ({p99:.1f}{X})",
+            p99 <= P99_FACTOR,
+        )
+    else:
+        add(f"Ingest, durable + verified: ≥ 1.0{X} bare Starlette (≥ 0.75{X} minimum)", "", None)
+        add(f"Ingest p99 ≤ 2{X} bare Starlette's", "", None)
+
+    e2e = results.get("end_to_end") or {}
+    rates = e2e.get("rates", [])
+    at_goal = _rate(results, SUSTAINED_EV_S)
+    if at_goal:
+        best = max((r for r in rates if r["sustained"]), key=lambda r: r["offered_ev_s"], default=None)
+        best_text = f"; highest sustained here: {best['offered_ev_s']:,} ev/s" if best else ""
+        drain = e2e.get("backlog", {}).get("drain_ev_s")
+        drain_text = f"; backlog drain {drain:,.0f} ev/s" if drain else ""
+        state = "sustained" if at_goal["sustained"] else "not sustained"
+        add(
+            "End to end: ≥ 2,000 delivered ev/s sustained",
+            f"{at_goal['delivered_ev_s']:,.0f} ev/s delivered at 2,000 offered ({state}){best_text}{drain_text}",
+            bool(at_goal["sustained"]),
+        )
+    else:
+        add("End to end: ≥ 2,000 delivered ev/s sustained", "", None)
+    at_p99 = _rate(results, E2E_P99_RATE)
+    add(
+        "End-to-end p99 < 100 ms at 1,000 ev/s offered",
+        f"{at_p99['e2e_p99_ms']:.1f} ms (p50 {at_p99['e2e_p50_ms']:.1f} ms)" if at_p99 else "",
+        at_p99["e2e_p99_ms"] < E2E_P99_MS and at_p99["all_delivered"] if at_p99 else None,
+    )
+
+    loads = []
+    for key in ("hookyard", "hookyard-unrouted"):
+        row = _row(results, key)
+        if row:
+            loads.append((row["rss_mb"], f"ingest ({key})"))
+    for row in rates:
+        loads.append((row["rss_max_mb"], f"end to end at {row['offered_ev_s']} ev/s"))
+    if e2e.get("backlog"):
+        loads.append((e2e["backlog"]["rss_max_mb"], "backlog drain"))
+    if loads:
+        peak, where = max(loads)
+        add("RSS ≤ 80 MB under load", f"{peak:.1f} MB at most ({where})", peak <= RSS_LIMIT_MB)
+    else:
+        add("RSS ≤ 80 MB under load", "", None)
+
+    scale = results.get("scale") or {}
+    verdict = scale.get("verdict")
+    if verdict:
+        levels = scale["levels"]
+        first, last = levels[0], levels[-1]
+        add(
+            f"RSS flat (±10 %) from {first['queued']:,} to {last['queued']:,} queued",
+            f"{first['rss_idle_mb']:.1f} → {last['rss_idle_mb']:.1f} MB idle ({verdict['rss_change']:+.1%})",
+            bool(verdict["rss_flat"]),
+        )
+        add(
+            "Claim cost independent of backlog",
+            f"claim+finish {first['pair_ms_median']:.2f} → {last['pair_ms_median']:.2f} ms, "
+            f"CPU {X}{verdict['claim_cpu_ratio']:.2f}; {'index seek' if verdict['claim_indexed'] else 'SCAN'}",
+            bool(verdict["claim_flat"]),
+        )
+    else:
+        add("RSS flat (±10 %) from 0 to 1 M queued", "", None)
+        add("Claim cost independent of backlog", "", None)
+    return found
+
+
+# -- RESULTS.md -------------------------------------------------------------------------------------
+
+
+def md_table(headers: list[str], rows: list[list[Any]], aligns: str = "") -> str:
+    aligns = aligns or "l" + "r" * (len(headers) - 1)
+    rule = ["---:" if a == "r" else "---" for a in aligns]
+    lines = ["| " + " | ".join(headers) + " |", "| " + " | ".join(rule) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render(results: Json) -> str:
+    run, machine = results["run"], results["machine"]
+    out = [
+        "# Hookyard benchmark results",
+        "",
+        f"Measured by `make bench` (`python -m bench.run {' '.join(run['argv'])}`) on {run['date']}, "
+        f"commit `{machine['commit']}`; the whole run took {run['total_s'] / 60:.1f} minutes.",
+        "",
+        f"Machine: {machine['nproc']} CPUs ({machine['cpu_model']}), {machine['memory']} RAM, "
+        f"Linux {machine['kernel']}, Python {machine['python']}. Every server, sink and load generator runs "
+        "on 127.0.0.1 on this same machine, so the load generator and the sink share its cores with the "
+        "server under test.",
+        "",
+        "## Targets",
+        "",
+        md_table(
+            ["target", "measured", "result"],
+            [[t["target"], t["measured"] or "—", f"**{t['result']}**"] for t in results["targets"]],
+            "llc",
+        ),
+    ]
+    for title, section in (
+        ("1. Ingest", _ingest),
+        ("2. End to end", _end_to_end),
+        ("3. Scale", _scale),
+        ("4. Profiles", _profiles),
+    ):
+        out += ["", f"## {title}", ""]
+        key = {"1": "ingest", "2": "end_to_end", "3": "scale", "4": "profile"}[title[0]]
+        part = results.get(key)
+        if not part:
+            out.append("Not run in this run." if key != "profile" else "Not run (`--profile`).")
+        elif "error" in part:
+            out.append(f"Failed: `{part['error']}`")
+        else:
+            out += section(part)
+    out += ["", "## Method", "", *_method(results)]
+    return "\n".join(out) + "\n"
+
+
+def _ingest(part: Json) -> list[str]:
+    rows = part["results"]
+    lines = [
+        f"wrk, {part['connections']} connections, {part['wrk_threads']} threads, {part['duration_s']:g} s per "
+        f"server after {part['warmup_s']:g} s of warm-up, {part['body_bytes']} B signed JSON bodies, every id "
+        "unique. CPU is the server process's (children included) over the measured window; RSS the highest "
+        "sampled during it.",
+        "",
+        md_table(
+            ["server", "req/s", "p50 ms", "p99 ms", "CPU µs/req", "RSS MB", "non-2xx"],
+            [
+                [
+                    r["name"],
+                    f"{r['rps']:,.0f}",
+                    f"{r['p50_ms']:.2f}",
+                    f"{r['p99_ms']:.2f}",
+                    f"{r['cpu_us_per_request']:.0f}",
+                    f"{r['rss_mb']:.1f}",
+                    r["non_2xx"],
+                ]
+                for r in rows
+            ],
+        ),
+        "",
+        "Ratios to the bare Starlette no-op in the same run (req/s: higher is better; the others: lower is "
+        "better):",
+        "",
+        md_table(
+            ["server", "req/s", "p50", "p99", "CPU/req", "RSS"],
+            [
+                [
+                    r["name"],
+                    f"{r['ratio']['rps']:.2f}{X}",
+                    f"{r['ratio']['p50']:.2f}{X}",
+                    f"{r['ratio']['p99']:.2f}{X}",
+                    f"{r['ratio']['cpu']:.2f}{X}",
+                    f"{r['ratio']['rss']:.2f}{X}",
+                ]
+                for r in rows
+            ],
+        ),
+    ]
+    gateway_rows = [r for r in rows if "operations_per_commit" in r]
+    if gateway_rows:
+        lines.append("")
+        for r in gateway_rows:
+            lines.append(
+                f"- {r['name']}: {r['operations_per_commit']:.1f} storage operations per durable commit "
+                f"({r['commits_per_second']:,.0f} commits/s), {r['delivered_during_load']:,.0f} deliveries made "
+                f"during the window, {r['duplicates']:.0f} duplicate ids."
+            )
+    if part.get("missing"):
+        lines += [
+            "",
+            "adnanh/webhook is not installed here (Debian: `apt-get install webhook`): not measured.",
+        ]
+    else:
+        lines += [
+            "",
+            "adnanh/webhook runs as packaged (Go, all cores). Its `true` variant answers after the command has "
+            "run (`include-command-output-in-response`); its CPU includes the commands' (reaped children).",
+        ]
+    return lines
+
+
+def _end_to_end(part: Json) -> list[str]:
+    rows = part["rates"]
+    drain = part["backlog"]
+    queue = drain["queue_when_sink_returned"]
+    return [
+        f"Open-loop load (bench/loadgen.py), {part['duration_s']:g} s per offered rate, 64 keep-alive "
+        "connections; latency counts from each request's scheduled send time. Delivered ev/s = events "
+        "delivered / (last arrival - first scheduled send).",
+        "",
+        md_table(
+            [
+                "offered ev/s",
+                "delivered ev/s",
+                "e2e p50 ms",
+                "e2e p99 ms",
+                "e2e max ms",
+                "ingest p99 ms",
+                "lag max s",
+                "done after load s",
+                "CPU µs/ev",
+                "RSS MB",
+                "sustained",
+            ],
+            [
+                [
+                    f"{r['offered_ev_s']:,}",
+                    f"{r['delivered_ev_s']:,.0f}",
+                    f"{r['e2e_p50_ms']:.1f}",
+                    f"{r['e2e_p99_ms']:.1f}",
+                    f"{r['e2e_max_ms']:.1f}",
+                    f"{r['ingest_p99_ms']:.1f}",
+                    f"{r['lag_max_s']:.2f}",
+                    f"{r['finished_after_load_s']:.2f}",
+                    f"{r['cpu_us_per_event']:.0f}",
+                    f"{r['rss_max_mb']:.1f}",
+                    "yes" if r["sustained"] else "no",
+                ]
+                for r in rows
+            ],
+            "r" * 11,
+        ),
+        "",
+        "`lag max` is the highest hookyard_delivery_lag_seconds scraped (the gateway refreshes it every 2 s). "
+        "`CPU µs/ev` is the gateway's CPU per delivered event, ingest and delivery together.",
+        "",
+        f"**Backlog drain.** The sink was stopped, {drain['events']:,} events were sent at "
+        f"{drain['send_rate']:,} ev/s ({drain['accepted']:,} accepted, ingest p99 "
+        f"{drain['ingest_p99_ms_while_down']:.0f} ms; {drain['failed_attempts_while_down']:,.0f} failed "
+        f"attempts meanwhile, retried every {part['retry_schedule']}), then the sink started again on the same "
+        f"port. Queue then: {queue['due']:,.0f} due, {queue['scheduled']:,.0f} scheduled, "
+        f"{queue['in_flight']:,.0f} in flight. {drain['drained']:,} delivered, first to last in "
+        f"{drain['drain_s']:.2f} s: **{drain['drain_ev_s']:,.0f} ev/s** (the first arrived "
+        f"{drain['first_delivery_after_s'] * 1000:.0f} ms after the sink process was started, the last "
+        f"{drain['drained_after_s']:.2f} s after; highest lag {drain['lag_max_s']:.1f} s, RSS "
+        f"{drain['rss_max_mb']:.1f} MB).",
+    ]
+
+
+def _scale(part: Json) -> list[str]:
+    rows, verdict, plans = part["levels"], part["verdict"], part["plans"]
+    return [
+        f"One database grown to each level (1 KB events, one pending delivery each). Per level: "
+        f"{part['pairs']} claim(now, 1, lease, owner) + finish pairs through SQLiteStorage (each a transaction "
+        "with a durable commit), and a `hookyard serve` process on the database: RSS idle, and after a "
+        "burst of 1,000 webhooks it ingests and delivers.",
+        "",
+        md_table(
+            [
+                "queued",
+                "DB MB",
+                "claim+finish ms (median)",
+                "claim ms",
+                "CPU µs/pair",
+                "next_due_at ms",
+                "queue_stats ms",
+                "RSS idle MB",
+                "RSS after burst MB",
+                "burst ingest p99 ms",
+                "ready s",
+            ],
+            [
+                [
+                    f"{r['queued']:,}",
+                    f"{r['db_mb']:,.0f}",
+                    f"{r['pair_ms_median']:.2f}",
+                    f"{r['claim_ms_median']:.2f}",
+                    f"{r['pair_cpu_us']:.0f}",
+                    f"{r['next_due_at_ms']:.2f}",
+                    f"{r['queue_stats_ms']:.1f}",
+                    f"{r['rss_idle_mb']:.1f}",
+                    f"{r['rss_after_burst_mb']:.1f}",
+                    f"{r['burst_ingest_p99_ms']:.1f}",
+                    f"{r['ready_s']:.1f}",
+                ]
+                for r in rows
+            ],
+            "r" * 11,
+        ),
+        "",
+        f"- Claim cost: **{'flat' if verdict['claim_flat'] else 'not flat'}** — CPU per pair "
+        f"{X}{verdict['claim_cpu_ratio']:.2f}, median wall {X}{verdict['claim_wall_ratio']:.2f} from the "
+        f"smallest to the largest backlog (flat: an index seek and at most 1.5{X}). Plan: `{plans['claim']}`.",
+        f"- RSS idle: **{'flat' if verdict['rss_flat'] else 'not flat'}** ({verdict['rss_change']:+.1%}; limit ±10 %).",
+        f"- next_due_at (before the engine sleeps): `{plans['next_due_at']}`.",
+        f"- queue_stats (the hookyard_delivery_queue and _lag gauges, every 2 s on the event loop): "
+        f"{X}{verdict['queue_stats_ratio']:,.0f} from the smallest to the largest backlog — plan "
+        f"`{plans['queue_stats']}`: it visits every pending delivery.",
+    ]
+
+
+def _profiles(part: Json) -> list[str]:
+    lines = [
+        f"py-spy at {part['sample_rate_hz']} Hz for {part['duration_s']:g} s per path, running threads only; a "
+        "sample belongs to the category of its innermost recognised frame (C code counts for the Python "
+        "function that called it)."
+    ]
+    for name in ("ingest", "delivery"):
+        summary = part.get(name)
+        if not summary:
+            continue
+        files = [f"[{summary['raw']}](results/{summary['raw']})"]
+        if summary.get("svg"):
+            files.insert(0, f"[{summary['svg']}](results/{summary['svg']})")
+        lines += [
+            "",
+            f"### {name.capitalize()} path",
+            "",
+            f"{summary['load']}; {summary['samples']:,} samples; {', '.join(files)}.",
+            "",
+            f"In short: {_in_short(summary['categories'])}.",
+            "",
+            md_table(
+                ["where the CPU goes", "share"],
+                [[c["category"], f"{c['share']:.1%}"] for c in summary["categories"]],
+            ),
+            "",
+            md_table(
+                ["top functions, own time", "share"],
+                [[f"`{f['function']}`", f"{f['share']:.1%}"] for f in summary["top_self"]],
+            ),
+            "",
+            md_table(
+                ["Hookyard functions, inclusive", "share"],
+                [[f"`{f['function']}`", f"{f['share']:.1%}"] for f in summary["top_inclusive_gateway"]],
+            ),
+        ]
+    return lines
+
+
+def _in_short(categories: list[Json]) -> str:
+    """The categories, largest first, with the storage ones added up."""
+    storage = [c for c in categories if c["category"].startswith("storage")]
+    groups = [(c["category"], c["share"]) for c in categories if not c["category"].startswith("storage")]
+    if storage:
+        parts = ", ".join(f"{c['category'].removeprefix('storage: ')} {c['share']:.0%}" for c in storage)
+        groups.append((f"storage ({parts})", sum(c["share"] for c in storage)))
+    groups.sort(key=lambda group: -group[1])
+    return "; ".join(f"{name} {share:.0%}" for name, share in groups if share >= 0.01)
+
+
+def _method(results: Json) -> list[str]:
+    return [
+        "- `make bench` runs `python -m bench.run --profile`; `make bench-quick` a shorter run without profiles "
+        "whose results go to /tmp/hookyard-bench-quick. Options: `python -m bench.run --help`.",
+        "- Servers: uvicorn with uvloop + httptools and one worker for the Starlette baseline; `hookyard serve` "
+        "(uvloop, httptools) on a fresh SQLite file (WAL, synchronous=FULL) per server; adnanh/webhook as "
+        "packaged. Each is stopped before the next starts.",
+        "- Every load phase is bounded in time and in count; every process the benchmark starts is stopped "
+        "when it ends, and killed by the kernel if the benchmark itself dies.",
+        "- The bench installs nothing: a missing tool (wrk, webhook, py-spy) is named, with how to install it, "
+        "and the parts that need it are skipped.",
+    ]

@@ -10,8 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import os
+import queue
 import sqlite3
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -37,11 +41,17 @@ from gateway.storage import (
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
-# Told the size and duration of every committed batch (metrics); called on the writer thread.
+# Told the size and duration of every committed batch (metrics), fsync included; called on the loop.
 CommitObserver = Callable[[int, float], None]
 
 # Bounds one transaction so a flood cannot make a single commit (and its callers' latency) arbitrarily large.
 MAX_BATCH = 512
+# The WAL is copied into the database every this many durable commits, or as soon as it is larger than
+# WAL_SIZE_LIMIT.
+CHECKPOINT_COMMITS = 100
+WAL_SIZE_LIMIT = 16 * 1024 * 1024
+# fsyncs of the WAL that may run at once.
+SYNC_THREADS = 2
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -107,48 +117,112 @@ _EVENT_COLUMNS = "seq, source, event_id, type, occurred_at, received_at, verifie
 
 
 class _GroupCommit:
-    """Runs operations in batches: one transaction and one durable commit per batch.
+    """Runs operations in batches, one transaction each, and answers a durable operation only once the
+    write-ahead log that holds it is on disk.
 
-    The operations run on the event loop's thread, back to back (they touch only SQLite's page cache);
-    the COMMIT, where the fsync happens, runs on a helper thread so the loop keeps serving requests while
-    the disk works. Operations that arrive meanwhile form the next batch, so under load one fsync serves
-    many webhooks. Each caller's future resolves only after the commit that holds its write.
+    A batch's statements and its COMMIT run on the event loop's thread, back to back: with
+    synchronous=NORMAL a commit only hands the WAL frames to the OS, which takes microseconds. The fsync
+    happens on helper threads (`_WalSyncer`), which then wake the callers of every batch committed before
+    the fsync began. The loop never waits on the disk, and one fsync serves every batch committed before
+    it (group commit). While every fsync thread is busy, durable operations wait uncommitted and then
+    commit together: their answer could not come sooner, and one large commit writes fewer WAL pages than
+    many small ones.
+
+    For what we answer this is as durable as synchronous=FULL: SQLite in WAL mode with NORMAL never
+    corrupts the database on power loss; it may lose the last commits, and nobody was told they were
+    stored. Operations that need no durability (a lease, a read) are answered at their commit.
+
+    Checkpoints (copying the WAL into the database file, with two fsyncs) run on a helper thread too,
+    between batches; SQLite's automatic checkpoints are off because they would run inside a COMMIT, on the
+    loop.
     """
 
-    def __init__(self, connection: sqlite3.Connection, on_commit: CommitObserver | None) -> None:
+    def __init__(self, connection: sqlite3.Connection, path: Path, on_commit: CommitObserver | None) -> None:
         self.connection = connection
         self.on_commit = on_commit
-        self.pending: list[tuple[Operation, asyncio.Future[Any]]] = []
-        self.busy = False
+        self.loop = asyncio.get_running_loop()
+        self.pending: list[_Pending] = []
+        self.pending_not_durable = 0
+        self.scheduled = False
+        self.checkpointing = False
+        # Committed batches waiting for an fsync, oldest first: (commit number, size, started, results).
+        self.unsynced: deque[tuple[int, int, float, list[_Result]]] = deque()
+        self.commits = 0
+        self.checkpointed_at = 0
+        self.broken: str | None = None  # why the store refuses every operation (a failed fsync)
         self.idle = asyncio.Event()
         self.idle.set()
-        self.committer = ThreadPoolExecutor(1, thread_name_prefix="hookyard-sqlite-commit")
+        self.syncer = _WalSyncer(Path(f"{path}-wal"), path.parent, self.loop, self._synced)
+        self.checkpointer = ThreadPoolExecutor(1, thread_name_prefix="hookyard-sqlite-checkpoint")
 
-    def submit(self, operation: Operation) -> asyncio.Future[Any]:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self.pending.append((operation, future))
-        if not self.busy:
-            self.busy = True
-            self.idle.clear()
-            # Not at once: requests handled in this same loop iteration join the batch.
-            loop.call_soon(self._run_batch)
+    def submit(self, operation: Operation, durable: bool) -> asyncio.Future[Any]:
+        future = self.loop.create_future()
+        if self.broken is not None:
+            future.set_exception(StorageUnavailable(f"sqlite: {self.broken}"))
+            return future
+        self.pending.append((operation, future, durable))
+        if not durable:
+            self.pending_not_durable += 1
+        self.idle.clear()
+        self._schedule()
         return future
 
     async def close(self) -> None:
         await self.idle.wait()
-        self.committer.shutdown(wait=True)
+        self.syncer.stop()
+        self.checkpointer.shutdown(wait=True)
+
+    def _schedule(self) -> None:
+        if self.scheduled or self.checkpointing or not self.pending:
+            return
+        if len(self.unsynced) >= SYNC_THREADS and not self.pending_not_durable:
+            return  # every fsync thread is busy: commit when one is done (_synced)
+        self.scheduled = True
+        # Not at once: operations submitted in this same loop iteration join the batch.
+        self.loop.call_soon(self._run_batch)
 
     def _run_batch(self) -> None:
+        self.scheduled = False
+        if self.checkpointing or not self.pending:
+            return
         batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
-        conn = self.connection
+        self.pending_not_durable = sum(not durable for *_, durable in self.pending)
         started = time.perf_counter()
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            try:
+                results = self._execute(batch, isolated=False)
+            except _OperationFailed:
+                # One operation failed and the others may have been fine: run them again, each in a
+                # savepoint, so the failure undoes only its own writes. Rare, so the fast path needs none.
+                results = self._execute(batch, isolated=True)
+        except sqlite3.Error as exc:
+            failure = StorageUnavailable(f"sqlite: {exc}")
+            _settle([(future, None, failure, durable) for _, future, durable in batch])
+        else:
+            if any(durable for *_, durable in results):
+                self.commits += 1
+                self.unsynced.append((self.commits, len(batch), started, results))
+                self.syncer.request(self.commits)
+                _settle([result for result in results if not result[3]])
+            else:
+                _settle(results)
+                self._observe(len(batch), started)
+        if self.pending:
+            self._schedule()
+        elif self.commits - self.checkpointed_at >= CHECKPOINT_COMMITS or self._wal_size() > WAL_SIZE_LIMIT:
+            self._start_checkpoint()
+        self._maybe_idle()
+
+    def _execute(self, batch: list[_Pending], *, isolated: bool) -> list[_Result]:
+        """One transaction for the batch. Raises sqlite3.Error when the transaction failed as a whole, and
+        _OperationFailed (everything rolled back) when one operation failed and `isolated` is False."""
+        conn = self.connection
+        results: list[_Result] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for operation, future in batch:
-                # A savepoint per operation: one failing operation does not undo the others in the batch.
-                conn.execute("SAVEPOINT op")
+            for operation, future, durable in batch:
+                if isolated:
+                    conn.execute("SAVEPOINT op")
                 try:
                     result = operation(conn)
                 except Exception as exc:
@@ -157,48 +231,166 @@ class _GroupCommit:
                         if isinstance(exc, sqlite3.Error):
                             raise
                         raise sqlite3.OperationalError(str(exc)) from exc
+                    if not isolated:
+                        raise _OperationFailed from exc
                     conn.execute("ROLLBACK TO op")
                     conn.execute("RELEASE op")
                     # A database error is the store's failure, never the caller's: 503, not 500.
                     failed = StorageUnavailable(f"sqlite: {exc}") if isinstance(exc, sqlite3.Error) else exc
-                    results.append((future, None, failed))
+                    results.append((future, None, failed, durable))
                 else:
-                    conn.execute("RELEASE op")
-                    results.append((future, result, None))
-        except sqlite3.Error as exc:
-            self._finish_batch(batch, [], started, exc)
-            return
-        commit = asyncio.get_running_loop().run_in_executor(self.committer, conn.execute, "COMMIT")
-        commit.add_done_callback(lambda done: self._finish_batch(batch, results, started, done.exception()))
-
-    def _finish_batch(
-        self,
-        batch: list[tuple[Operation, asyncio.Future[Any]]],
-        results: list[tuple[asyncio.Future[Any], Any, BaseException | None]],
-        started: float,
-        error: BaseException | None,
-    ) -> None:
-        if error is None:
-            if self.on_commit is not None:
-                self.on_commit(len(batch), time.perf_counter() - started)
-        else:
-            if self.connection.in_transaction:
+                    if isolated:
+                        conn.execute("RELEASE op")
+                    results.append((future, result, None, durable))
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
                 with contextlib.suppress(sqlite3.Error):
-                    self.connection.execute("ROLLBACK")
-            failure = StorageUnavailable(f"sqlite: {error}")
-            results = [(future, None, failure) for _, future in batch]
-        for future, result, failed in results:
-            if future.cancelled():
-                continue
-            if failed is None:
-                future.set_result(result)
+                    conn.execute("ROLLBACK")
+            raise
+        return results
+
+    def _synced(self, number: int, error: OSError | None) -> None:
+        """On the loop: the WAL is on disk up to commit `number` (or the fsync failed)."""
+        while self.unsynced and self.unsynced[0][0] <= number:
+            _number, size, started, results = self.unsynced.popleft()
+            durable = [result for result in results if result[3]]
+            if error is None:
+                _settle(durable)
+                self._observe(size, started)
             else:
-                future.set_exception(failed)
-        if self.pending:
-            asyncio.get_running_loop().call_soon(self._run_batch)
-        else:
-            self.busy = False
+                # After a failed fsync the kernel may have dropped dirty pages that SQLite believes are
+                # written: from now on nothing this process stores can be called durable, and a retry of
+                # one of these events would be answered "duplicate" from a row that may be gone. So the
+                # store refuses everything until a restart recovers it from what is really on disk.
+                self.broken = f"fsync of the WAL failed ({error}); restart hookyard to recover"
+                failure = StorageUnavailable(f"sqlite: {self.broken}")
+                _settle([(future, None, failure, True) for future, *_ in durable])
+        self._schedule()
+        self._maybe_idle()
+
+    def _maybe_idle(self) -> None:
+        if not (self.pending or self.unsynced or self.scheduled or self.checkpointing):
             self.idle.set()
+
+    def _observe(self, size: int, started: float) -> None:
+        if self.on_commit is not None:
+            self.on_commit(size, time.perf_counter() - started)
+
+    def _wal_size(self) -> int:
+        try:
+            return self.syncer.wal.stat().st_size
+        except OSError:
+            return 0
+
+    def _start_checkpoint(self) -> None:
+        # Operations arriving meanwhile wait (the connection is busy on the other thread) and then form
+        # one large batch: a checkpoint delays answers by its duration, it does not block the loop.
+        self.checkpointing = True
+        self.checkpointed_at = self.commits
+        done = self.loop.run_in_executor(self.checkpointer, self._checkpoint)
+        done.add_done_callback(self._checkpointed)
+
+    def _checkpoint(self) -> None:
+        # No other writer exists while it runs, so it copies the whole WAL and the next commit starts the
+        # file over from its beginning. PASSIVE keeps the file's size, which spares every later fsync an
+        # update of its length; after a burst made it large, TRUNCATE gives the space back.
+        mode = "TRUNCATE" if self._wal_size() > WAL_SIZE_LIMIT else "PASSIVE"
+        with contextlib.suppress(sqlite3.Error):
+            self.connection.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+
+    def _checkpointed(self, _done: asyncio.Future[None]) -> None:
+        self.checkpointing = False
+        self._schedule()
+        self._maybe_idle()
+
+
+_Pending = tuple[Operation, asyncio.Future[Any], bool]
+_Result = tuple[asyncio.Future[Any], Any, BaseException | None, bool]
+
+
+class _OperationFailed(Exception):
+    """One operation of a batch raised while the transaction was still alive."""
+
+
+def _settle(results: Iterable[_Result]) -> None:
+    for future, result, failed, _durable in results:
+        if future.cancelled():
+            continue
+        if failed is None:
+            future.set_result(result)
+        else:
+            future.set_exception(failed)
+
+
+class _WalSyncer:
+    """Threads that fdatasync the WAL whenever commits wait for it, and tell the loop how far the file is
+    on disk. A sync covers every commit made before it began. Two run at once: the disk serves two
+    concurrent flushes in about the time of one, so a commit need not wait for the previous batch's."""
+
+    def __init__(
+        self,
+        wal: Path,
+        directory: Path,
+        loop: asyncio.AbstractEventLoop,
+        synced: Callable[[int, OSError | None], None],
+    ) -> None:
+        self.wal = wal
+        self.directory = directory
+        self.loop = loop
+        self.synced = synced
+        self.requests: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.inode: int | None = None
+        self.threads = [
+            threading.Thread(target=self._run, name=f"hookyard-sqlite-fsync-{n}", daemon=True)
+            for n in range(SYNC_THREADS)
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def request(self, number: int) -> None:
+        self.requests.put(number)
+
+    def stop(self) -> None:
+        for _ in self.threads:
+            self.requests.put(None)
+        for thread in self.threads:
+            thread.join()
+
+    def _run(self) -> None:
+        while (target := self.requests.get()) is not None:
+            # Requests that queued up meanwhile are covered by this one sync.
+            with contextlib.suppress(queue.Empty):
+                while (newer := self.requests.get_nowait()) is not None:
+                    target = max(target, newer)
+                self.requests.put(None)  # not ours to take: give the stop signal back
+            error: OSError | None = None
+            try:
+                self._sync()
+            except OSError as exc:
+                error = exc
+            try:
+                self.loop.call_soon_threadsafe(self.synced, target, error)
+            except RuntimeError:
+                return  # the loop is closed: nobody waits any more
+
+    def _sync(self) -> None:
+        # Opened by path each time: SQLite may replace the WAL file (when the last connection closes), and
+        # an old descriptor would sync a file that no longer holds our commits.
+        fd = os.open(self.wal, os.O_RDONLY)
+        try:
+            os.fdatasync(fd)
+            inode = os.fstat(fd).st_ino
+        finally:
+            os.close(fd)
+        if inode != self.inode:
+            # A new WAL file: its directory entry must be on disk too, or a crash could forget the file.
+            directory = os.open(self.directory, os.O_RDONLY)
+            try:
+                os.fsync(directory)
+            finally:
+                os.close(directory)
+            self.inode = inode
 
 
 class SQLiteStorage(Storage):
@@ -221,13 +413,15 @@ class SQLiteStorage(Storage):
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: a commit is on disk (WAL fsynced) before we answer 2xx.
-            conn.execute("PRAGMA synchronous = FULL")
+            # NORMAL: a COMMIT does not fsync; _GroupCommit fsyncs the WAL itself, off the event loop, and
+            # answers a durable write only after that (see its docstring).
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.execute("PRAGMA busy_timeout = 5000")
             conn.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StorageUnavailable(f"cannot open {self.path}: {exc}") from exc
-        self._writer = _GroupCommit(conn, self.on_commit)
+        self._writer = _GroupCommit(conn, self.path, self.on_commit)
 
     async def close(self) -> None:
         if self._writer is not None:
@@ -238,10 +432,12 @@ class SQLiteStorage(Storage):
             self._serving_lock.close()
             self._serving_lock = None
 
-    async def _run(self, operation: Callable[[sqlite3.Connection], T]) -> T:
+    async def _run(self, operation: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
+        """Run `operation` in the next batch. Durable (the default): answered once its commit is on disk;
+        otherwise at its commit (reads, leases: losing them to a power cut loses nothing)."""
         if self._writer is None:
             raise StorageUnavailable("storage is not open")
-        result: T = await self._writer.submit(operation)
+        result: T = await self._writer.submit(operation, durable)
         return result
 
     # -- ingest ---------------------------------------------------------------------------------------
@@ -252,12 +448,15 @@ class SQLiteStorage(Storage):
     # -- delivery -------------------------------------------------------------------------------------
 
     async def claim(self, now: float, limit: int, lease: float, owner: str) -> list[Claim]:
-        return await self._run(lambda conn: _claim(conn, now, limit, now + lease, owner))
+        return await self._run(lambda conn: _claim(conn, now, limit, now + lease, owner), durable=False)
 
     async def finish(
         self, delivery: DeliveryRecord, attempt: Attempt, state: str, due_at: float | None, now: float
     ) -> Finished:
-        return await self._run(lambda conn: _finish(conn, delivery, attempt, state, due_at, now))
+        # Not durable: an attempt whose record a power cut loses is made again (at-least-once).
+        return await self._run(
+            lambda conn: _finish(conn, delivery, attempt, state, due_at, now), durable=False
+        )
 
     async def release(self, delivery_ids: list[int], now: float) -> None:
         def release(conn: sqlite3.Connection) -> None:
@@ -266,7 +465,7 @@ class SQLiteStorage(Storage):
                 [(now, delivery_id) for delivery_id in delivery_ids],
             )
 
-        await self._run(release)
+        await self._run(release, durable=False)
 
     async def renew(self, delivery_ids: list[int], until: float, owner: str) -> None:
         def renew(conn: sqlite3.Connection) -> None:
@@ -276,7 +475,7 @@ class SQLiteStorage(Storage):
             )
 
         if delivery_ids:
-            await self._run(renew)
+            await self._run(renew, durable=False)
 
     def lock_for_serving(self) -> None:
         """One serving process per file: a second one would release the first one's leases at start-up
@@ -302,14 +501,14 @@ class SQLiteStorage(Storage):
             )
             return cursor.rowcount
 
-        return await self._run(release)
+        return await self._run(release, durable=False)
 
     async def next_due_at(self) -> float | None:
         def next_due(conn: sqlite3.Connection) -> float | None:
             row = conn.execute("SELECT min(due_at) FROM deliveries WHERE state = 'pending'").fetchone()
             return None if row[0] is None else float(row[0])
 
-        return await self._run(next_due)
+        return await self._run(next_due, durable=False)
 
     async def queue_stats(self, now: float) -> QueueStats:
         def stats(conn: sqlite3.Connection) -> QueueStats:
@@ -329,7 +528,7 @@ class SQLiteStorage(Storage):
             ).fetchone()
             return QueueStats(counts, None if row is None else float(row[0]))
 
-        return await self._run(stats)
+        return await self._run(stats, durable=False)
 
     async def check_writable(self) -> None:
         def probe(conn: sqlite3.Connection) -> None:
@@ -383,7 +582,7 @@ class SQLiteStorage(Storage):
             params.append(limit)
             return [EventSummary(*row) for row in conn.execute(sql, params)]
 
-        return await self._run(list_events)
+        return await self._run(list_events, durable=False)
 
     async def get_event(self, event_id: str, source: str | None = None) -> list[EventDetail]:
         def get_event(conn: sqlite3.Connection) -> list[EventDetail]:
@@ -412,7 +611,7 @@ class SQLiteStorage(Storage):
                 details.append(EventDetail(_event(row), row[0], deliveries, attempts))
             return details
 
-        return await self._run(get_event)
+        return await self._run(get_event, durable=False)
 
     async def replay_event(self, seq: int, action: str | None = None, now: float = 0.0) -> int:
         def replay(conn: sqlite3.Connection) -> int:
@@ -467,7 +666,7 @@ class SQLiteStorage(Storage):
                 params.append(limit)
             return [row[0] for row in conn.execute(sql, params)]
 
-        return await self._run(select)
+        return await self._run(select, durable=False)
 
     async def reset_deliveries(self, delivery_ids: list[int], now: float) -> int:
         def reset(conn: sqlite3.Connection) -> int:
@@ -516,7 +715,7 @@ class SQLiteStorage(Storage):
                     deliveries[delivery.event_seq][(delivery.route, delivery.action)] = delivery
             return [StoredEvent(row[0], _event(row), deliveries[row[0]]) for row in rows]
 
-        return await self._run(page)
+        return await self._run(page, durable=False)
 
     async def add_deliveries(self, seq: int, deliveries: list[NewDelivery], now: float) -> int:
         def add(conn: sqlite3.Connection) -> int:

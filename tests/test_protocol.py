@@ -1,0 +1,71 @@
+"""The webhook listener's protocol: one write per response."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from gateway.protocol import CoalescedWrites
+
+
+class RecordingTransport:
+    """Stands in for a socket transport: what was written, in which system call."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 1234)}.get(name, default)
+
+
+def test_writes_of_one_loop_turn_leave_as_one() -> None:
+    async def respond() -> RecordingTransport:
+        transport = RecordingTransport()
+        coalesced = CoalescedWrites(transport, asyncio.get_running_loop())
+        coalesced.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        coalesced.write(b"ok")
+        assert transport.writes == []  # nothing sent before the loop turns
+        await asyncio.sleep(0)
+        coalesced.write(b"next")
+        await asyncio.sleep(0)
+        return transport
+
+    transport = asyncio.run(respond())
+    assert transport.writes == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", b"next"]
+
+
+def test_close_sends_what_is_buffered_first_and_a_closed_transport_gets_nothing() -> None:
+    async def close_after_writing() -> tuple[RecordingTransport, RecordingTransport]:
+        loop = asyncio.get_running_loop()
+        transport = RecordingTransport()
+        coalesced = CoalescedWrites(transport, loop)
+        coalesced.write(b"HTTP/1.1 408 Request Timeout\r\n\r\n")
+        coalesced.close()
+
+        gone = RecordingTransport()
+        late = CoalescedWrites(gone, loop)
+        late.write(b"too late")
+        gone.closed = True  # the peer went away before the loop turned
+        await asyncio.sleep(0)
+        return transport, gone
+
+    transport, gone = asyncio.run(close_after_writing())
+    assert transport.writes == [b"HTTP/1.1 408 Request Timeout\r\n\r\n"] and transport.closed
+    assert gone.writes == []
+
+
+def test_everything_else_is_the_wrapped_transports() -> None:
+    async def ask() -> Any:
+        return CoalescedWrites(RecordingTransport(), asyncio.get_running_loop()).get_extra_info("peername")
+
+    assert asyncio.run(ask()) == ("127.0.0.1", 1234)

@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+import aiohttp
 import httpx
 from pydantic import BaseModel, ConfigDict
 
@@ -71,9 +72,14 @@ class Job:
 
 @dataclass(slots=True)
 class Resources:
-    """Shared by every action of a gateway: one HTTP client with a keep-alive pool."""
+    """Shared by every action of a gateway: one keep-alive connection pool (aiohttp's), two APIs over it.
+
+    http: httpx's API, for any action. session: aiohttp's own API, for actions that send one request per
+    event (forward): it costs about a third of the CPU per request of httpx on the same pool.
+    """
 
     http: httpx.AsyncClient
+    session: aiohttp.ClientSession | None = None
 
 
 class NoOptions(BaseModel):
@@ -103,12 +109,16 @@ class Action:
 
 def http_outcome(response: httpx.Response, policy: RetryPolicy) -> Outcome:
     """The usual reading of an HTTP answer: 2xx delivered, retryable statuses retried, others dead."""
-    status = response.status_code
+    return status_outcome(response.status_code, response.headers.get("retry-after"), policy)
+
+
+def status_outcome(status: int, retry_after: str | None, policy: RetryPolicy) -> Outcome:
+    """`http_outcome` from the status and the Retry-After header alone."""
     if 200 <= status < 300:
         return delivered(status)
     error = f"HTTP {status}"
     if policy.retries_status(status):
-        return retry(error, status, parse_retry_after(response.headers.get("retry-after")))
+        return retry(error, status, parse_retry_after(retry_after))
     return dead(error, status)
 
 

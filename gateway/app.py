@@ -16,6 +16,7 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import pluggy
 import uvicorn
@@ -101,15 +102,24 @@ class Gateway:
                 log.warning(
                     "resuming deliveries left in flight by the previous run", extra={"count": released}
                 )
-        # One pool for every action: keep-alive connections to the app make forwarding cheap. httpx's API
-        # over aiohttp's connection pool: httpcore's pool costs several times more CPU per request.
-        limits = httpx.Limits(max_connections=self.config.delivery.concurrency, keepalive_expiry=30)
+        # One pool for every action: keep-alive connections to the app make forwarding cheap. aiohttp's
+        # pool, also under httpx's API: httpcore's pool costs several times more CPU per request.
+        connector = aiohttp.TCPConnector(
+            limit=self.config.delivery.concurrency,
+            keepalive_timeout=30,
+            ssl=httpx.create_ssl_context(),  # the CA bundle httpx trusts (certifi's), for both APIs
+        )
+        session = aiohttp.ClientSession(
+            connector=connector,
+            headers={"user-agent": f"hookyard/{__version__}"},
+            cookie_jar=aiohttp.DummyCookieJar(),
+        )
         http = httpx.AsyncClient(
-            transport=AiohttpTransport(limits=limits),
+            transport=AiohttpTransport(client=session),
             follow_redirects=False,
             headers={"user-agent": f"hookyard/{__version__}"},
         )
-        self._resources = Resources(http=http)
+        self._resources = Resources(http=http, session=session)
         actions = build_actions(self.table, self.registry, self._resources)
         self._engine = Engine(self.storage, actions, self.config.delivery, self.metrics, self.pm)
         await _await_all(self.pm.hook.startup(gateway=self))
@@ -131,6 +141,8 @@ class Gateway:
         await _await_all(self.pm.hook.shutdown(gateway=self))
         if self._resources is not None:
             await self._resources.http.aclose()
+            if self._resources.session is not None:
+                await self._resources.session.close()
         await self.storage.close()
 
     def request_exit(self) -> None:

@@ -5,12 +5,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import aiohttp
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway import hookimpl
-from gateway.actions import Action, Job, Outcome, http_outcome, transport_error
+from gateway.actions import Action, Job, Outcome, http_outcome, retry, status_outcome, transport_error
 from plugins.svix import decode_secret, sign
+
+# How much of the receiver's answer is read: enough to keep its connection for the next request.
+RESPONSE_BODY_LIMIT = 64 * 1024
 
 
 class Signing(BaseModel):
@@ -77,6 +81,27 @@ class Forward(Action):
         return headers
 
     async def deliver(self, job: Job) -> Outcome:
+        session = self.resources.session
+        if session is None:
+            return await self._deliver_with_httpx(job)
+        # The hot path: aiohttp's API, not httpx's (see Resources). The engine bounds the whole attempt
+        # with the action's timeout.
+        try:
+            async with session.request(
+                self.options.method,
+                self.options.url,
+                data=job.event.body,
+                headers=self.request_headers(job),
+                allow_redirects=False,
+            ) as response:
+                await _read_answer(response)
+                return status_outcome(response.status, response.headers.get("retry-after"), job.retry)
+        except aiohttp.ClientConnectorError as exc:
+            return retry(f"cannot connect: {exc.os_error or exc}")
+        except aiohttp.ClientError as exc:
+            return retry(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
+
+    async def _deliver_with_httpx(self, job: Job) -> Outcome:
         try:
             response = await self.resources.http.request(
                 self.options.method,
@@ -88,6 +113,14 @@ class Forward(Action):
         except httpx.HTTPError as exc:
             return transport_error(exc)
         return http_outcome(response, job.retry)
+
+
+async def _read_answer(response: aiohttp.ClientResponse) -> None:
+    """Read the answer, so its keep-alive connection serves the next request; an answer larger than
+    RESPONSE_BODY_LIMIT is left unread and costs its connection instead."""
+    remaining = RESPONSE_BODY_LIMIT
+    while remaining > 0 and (chunk := await response.content.read(remaining)):
+        remaining -= len(chunk)
 
 
 @hookimpl

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pluggy
 
-from gateway.actions import Action, Job, Outcome, Resources, dead, retry
+from gateway.actions import Action, Job, Outcome, Resources, dead, retry, skipped
 from gateway.config import DeliveryEngine as EngineSettings
 from gateway.metrics import Metrics
 from gateway.plugins import Registry
@@ -232,8 +232,8 @@ class Engine:
         self.metrics.delivery_duration.labels(*labels).observe(duration)
         if outcome.kind == "delivered":
             self.metrics.end_to_end.labels(delivery.route).observe(finished_at - event.received_at)
-        for route, action in finished.skipped:
-            self.metrics.deliveries.labels(route, action, "skipped").inc()
+        for dependent in finished.skipped:
+            self.metrics.deliveries.labels(dependent.route, dependent.action, "skipped").inc()
         if finished.activated:
             self._wakeup.set()
 
@@ -255,10 +255,16 @@ class Engine:
         log.log(level, "delivery %s", outcome.kind, extra=fields)
         delivery.state = state
         if self.pm.hook.delivery_finished.get_hookimpls():
-            try:
-                self.pm.hook.delivery_finished(delivery=delivery, outcome=outcome, final=state != "pending")
-            except Exception:
-                log.exception("a delivery_finished hook failed", extra=event.summary())
+            # The skipped dependents finished too, without an attempt of their own.
+            finals = [(delivery, outcome, state != "pending")]
+            finals += [
+                (dependent, skipped(dependent.last_error or ""), True) for dependent in finished.skipped
+            ]
+            for record, result, final in finals:
+                try:
+                    self.pm.hook.delivery_finished(delivery=record, outcome=result, final=final)
+                except Exception:
+                    log.exception("a delivery_finished hook failed", extra=event.summary())
 
     async def _attempt(self, action: Action, job: Job) -> Outcome:
         try:
@@ -281,7 +287,7 @@ class Engine:
             else:
                 for state, count in stats.counts.items():
                     self.metrics.delivery_queue.labels(state).set(count)
-                oldest = stats.oldest_pending_since
-                lag = 0.0 if oldest is None else max(0.0, now - oldest)
-                self.metrics.delivery_lag.set(lag)
+                due, pending = stats.oldest_due_at, stats.oldest_pending_since
+                self.metrics.delivery_lag.set(0.0 if due is None else max(0.0, now - due))
+                self.metrics.oldest_pending.set(0.0 if pending is None else max(0.0, now - pending))
             await asyncio.sleep(2.0)

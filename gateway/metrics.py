@@ -65,8 +65,14 @@ class Metrics:
         )
         self.delivery_lag = Gauge(
             "hookyard_delivery_lag_seconds",
+            "Age of the oldest due delivery: how long it has waited for a worker. Rises when delivery "
+            "cannot keep up; 0 when nothing is due.",
+            registry=registry,
+        )
+        self.oldest_pending = Gauge(
+            "hookyard_delivery_oldest_pending_seconds",
             "How long the oldest undelivered delivery has been pending (due, waiting for a retry or in "
-            "flight): how far behind delivery is. 0 when nothing is pending.",
+            "flight): rises while a receiver is down. 0 when nothing is pending.",
             registry=registry,
         )
         self.end_to_end = Histogram(

@@ -418,7 +418,10 @@ def test_a_delivered_parent_runs_success_and_always_and_skips_failure(db: Harnes
     finished = db.finish(parent, "delivered", T0 + 2, status=202)
 
     assert sorted(finished.activated) == [(ROUTE, "always"), (ROUTE, "on_success")]
-    assert sorted(finished.skipped) == [(ROUTE, "after_failure"), (ROUTE, "on_failure")]
+    assert sorted((d.route, d.action) for d in finished.skipped) == [
+        (ROUTE, "after_failure"),
+        (ROUTE, "on_failure"),
+    ]
     assert db.states("evt_1") == {
         "app": "delivered",
         "on_success": "pending",
@@ -450,7 +453,10 @@ def test_a_dead_parent_runs_failure_and_always_and_skips_success(db: Harness) ->
     finished = db.finish(parent, "dead", T0 + 2, status=410, error="HTTP 410")
 
     assert sorted(finished.activated) == [(ROUTE, "always"), (ROUTE, "on_failure")]
-    assert sorted(finished.skipped) == [(ROUTE, "after_success"), (ROUTE, "on_success")]
+    assert sorted((d.route, d.action) for d in finished.skipped) == [
+        (ROUTE, "after_success"),
+        (ROUTE, "on_success"),
+    ]
     assert db.states("evt_1") == {
         "app": "dead",
         "on_success": "skipped",
@@ -515,7 +521,7 @@ def test_release_all_leases_after_a_crash(db: Harness) -> None:
 def test_queue_stats_and_next_due_at(db: Harness) -> None:
     empty = db.run(db.storage.queue_stats(T0))
     assert empty.counts == {"due": 0, "scheduled": 0, "in_flight": 0, "waiting": 0}
-    assert empty.oldest_pending_since is None
+    assert empty.oldest_pending_since is None and empty.oldest_due_at is None
     assert db.run(db.storage.next_due_at()) is None
 
     db.ingest("evt_inflight", APP, action("ack", after="app"), at=T0)
@@ -527,8 +533,10 @@ def test_queue_stats_and_next_due_at(db: Harness) -> None:
 
     stats = db.run(db.storage.queue_stats(T0 + 10))
     assert stats.counts == {"due": 1, "scheduled": 1, "in_flight": 1, "waiting": 1}
-    # The lag counts from when a delivery became pending, retries included: evt_inflight's app, at T0.
+    # The oldest pending counts from when a delivery became pending, retries included: evt_inflight's
+    # app, at T0. The lag only counts what waits for a worker: evt_due, due since T0 + 5.
     assert stats.oldest_pending_since == T0
+    assert stats.oldest_due_at == T0 + 5
     assert db.run(db.storage.next_due_at()) == T0 + 5
 
     assert db.run(db.storage.queue_stats(T0 + 2)).counts == {
@@ -543,6 +551,7 @@ def test_queue_stats_and_next_due_at(db: Harness) -> None:
     stats = db.run(db.storage.queue_stats(T0 + 10))
     assert stats.counts == {"due": 0, "scheduled": 1, "in_flight": 2, "waiting": 1}
     assert stats.oldest_pending_since == T0
+    assert stats.oldest_due_at is None  # nothing waits for a worker
 
 
 # -- inspection -----------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ class Finished:
     """Dependents whose parent reached a final state: those that now run, and those skipped."""
 
     activated: list[tuple[str, str]] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
+    skipped: list[DeliveryRecord] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -82,6 +82,8 @@ class QueueStats:
     counts: dict[str, int]  # due, scheduled, in_flight, waiting
     # When the longest-pending delivery became pending (due, waiting for a retry, or in flight).
     oldest_pending_since: float | None
+    # When the delivery that has waited longest for a worker fell due (None: nothing is due).
+    oldest_due_at: float | None = None
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ each action's own `with:` schema, filters, event names) happen when routes are c
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -19,6 +20,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
 )
@@ -103,17 +105,35 @@ class IngressListener(Listener):
 
 
 class OpsListener(Listener):
+    # Loopback by default: health, metrics and the admin API are not for the network unless asked.
+    host: str = "127.0.0.1"
     port: int = Field(default=9000, ge=0, le=65535)
-    # The admin API (/admin/*) needs this bearer token; without one it is served only on loopback.
-    admin_token: str | None = None
+    # The admin API's bearer token; required unless the listener is bound to loopback.
+    admin_token: str | None = Field(default=None, validate_default=True)
 
-    @property
-    def admin_enabled(self) -> bool:
-        return bool(self.admin_token) or is_loopback(self.host)
+    @field_validator("admin_token")
+    @classmethod
+    def _required_off_loopback(cls, token: str | None, info: ValidationInfo) -> str | None:
+        host = info.data.get("host")
+        if token is not None and not token.strip():
+            token = None  # `${HOOKYARD_ADMIN_TOKEN:-}` with the variable unset
+        if token is None and host is not None and not is_loopback(host):
+            raise ValueError(
+                f"required when the ops listener is not bound to loopback (ops.host is {host!r}): "
+                'set admin_token: "${HOOKYARD_ADMIN_TOKEN}", or bind ops.host to 127.0.0.1'
+            )
+        return token
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as a dual-stack socket reports it
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 class StorageConfig(Strict):

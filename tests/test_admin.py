@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ import yaml
 from click.testing import CliRunner
 from openapi_spec_validator import validate
 
+from gateway.app import Gateway
 from gateway.cli import main
+from gateway.config import ConfigError, load_config, parse_config
 from tests.support import Downstream, RunningGateway, gateway_config, svix_request, wait_until
 
 TOKEN = "admin-token-for-tests"
@@ -60,9 +63,10 @@ def states(gw: RunningGateway, msg_id: str) -> dict[str, str]:
         ({}, "wrong", 401),
         ({}, TOKEN, 200),
         ({"admin_token": None}, None, 200),  # no token configured, bound to loopback: open
-        ({"admin_token": None, "host": "0.0.0.0"}, None, 403),  # no token and reachable from outside: closed
+        ({"host": "0.0.0.0"}, None, 401),  # reachable from outside, with its token: closed without it
+        ({"host": "0.0.0.0"}, TOKEN, 200),
     ],
-    ids=["no-token", "bad-token", "good-token", "loopback-open", "exposed-without-token"],
+    ids=["no-token", "bad-token", "good-token", "loopback-open", "exposed-no-token", "exposed-good-token"],
 )
 def test_auth(
     tmp_path: Path, downstream: Downstream, ops: dict[str, Any], token: str | None, status: int
@@ -74,6 +78,68 @@ def test_auth(
             assert response.headers["www-authenticate"] == "Bearer"
         # Never on the webhook listener.
         assert gw.client.get(gw.url + "/admin/events").status_code == 404
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3"])
+@pytest.mark.parametrize("token", [None, "", "${HOOKYARD_ADMIN_TOKEN:-}"])
+def test_an_ops_listener_off_loopback_without_a_token_is_refused_at_load(
+    tmp_path: Path, downstream: Downstream, host: str, token: str | None
+) -> None:
+    config_path = tmp_path / "routes.yaml"
+    config_path.write_text(yaml.safe_dump(users_config(tmp_path, downstream, host=host, admin_token=token)))
+    with pytest.raises(ConfigError) as caught:
+        load_config(config_path, environ={})
+    assert caught.value.errors == [
+        f"ops.admin_token: required when the ops listener is not bound to loopback (ops.host is {host!r}): "
+        'set admin_token: "${HOOKYARD_ADMIN_TOKEN}", or bind ops.host to 127.0.0.1'
+    ]
+    # `hookyard serve` and `hookyard check` stop with that line before anything listens.
+    result = CliRunner().invoke(main, ["check", "-c", str(config_path)])
+    assert result.exit_code == 1
+    assert (
+        f"ops.admin_token: required when the ops listener is not bound to loopback (ops.host is {host!r})"
+        in (result.output)
+    )
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+def test_an_ops_listener_on_loopback_needs_no_token(tmp_path: Path, host: str) -> None:
+    config = parse_config(yaml.safe_dump({"ops": {"host": host}}), environ={})
+    assert config.ops.admin_token is None
+    # The default binds loopback, so an empty file still loads.
+    assert parse_config("", environ={}).ops.host == "127.0.0.1"
+
+
+def test_a_reload_that_drops_the_token_is_refused_while_ops_is_exposed(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    config_path = tmp_path / "routes.yaml"
+    config = users_config(tmp_path, downstream)
+    config_path.write_text(yaml.safe_dump(config))
+    with RunningGateway(config_path) as gw:
+        # ops.host takes effect at the next restart, but the new file is checked as a whole: refused.
+        config["ops"] = {"host": "0.0.0.0"}
+        config_path.write_text(yaml.safe_dump(config))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="error") == 1)
+        assert admin(gw, "GET", "/admin/events", token=None).status_code == 401
+        assert admin(gw, "GET", "/admin/events").status_code == 200
+
+
+def test_without_a_token_only_loopback_peers_are_answered(tmp_path: Path) -> None:
+    """Belt and braces for a reload that drops the token while ops.host moves to loopback (the bound
+    address changes only at the restart): a token-less admin API answers loopback peers only."""
+    gateway = Gateway(parse_config(yaml.safe_dump(gateway_config(tmp_path)), environ={}))
+
+    async def get(peer: str) -> httpx.Response:
+        transport = httpx.ASGITransport(app=gateway.ops, client=(peer, 40000))
+        async with httpx.AsyncClient(transport=transport, base_url="http://ops") as client:
+            return await client.get("/admin/events")
+
+    response = asyncio.run(get("10.1.2.3"))
+    assert response.status_code == 403
+    assert response.json() == {
+        "error": "the admin API needs ops.admin_token when the ops listener is not on loopback"
+    }
 
 
 def test_list_filters_and_cursor_pages(tmp_path: Path, downstream: Downstream) -> None:

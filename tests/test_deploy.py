@@ -322,6 +322,14 @@ def test_deploy_routes_load_and_forward_to_the_app_in_the_same_pod(
 
     assert (config.listen.host, config.listen.port) == ("0.0.0.0", 8080)
     assert (config.ops.host, config.ops.port) == ("0.0.0.0", 9000)
+    # Off loopback, the admin API's token is required; it comes from the Secret like the others.
+    assert config.ops.admin_token == example_secret_env(docs)["HOOKYARD_ADMIN_TOKEN"]
+    assert yaml.safe_load(deploy_routes())["ops"]["admin_token"] == "${HOOKYARD_ADMIN_TOKEN}"
+    assert "not enforced" not in deploy_routes()
+    assert "not enforced" not in (ROOT / "docs" / "kubernetes.md").read_text()
+    without_token = dict(example_secret_env(docs), HOOKYARD_ADMIN_TOKEN="")
+    with pytest.raises(ConfigError, match=r"ops\.admin_token: required .* \(ops\.host is '0\.0\.0\.0'\)"):
+        parse_config(deploy_routes(), environ=without_token)
     assert config.storage.url == "sqlite:////var/lib/hookyard/hookyard.db"
     assert config.log.format == "json"
     app = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]

@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -421,6 +422,17 @@ def test_postgres_down_only_the_store_retries_and_rows_land_once(
             rows = _pg_rows(postgres_url, table)
         finally:
             _pg_drop(postgres_url, table)
+    # Only the store retried: every forward to the app was delivered at its first attempt, and the app got
+    # each event exactly once.
+    forward_attempts = dict(
+        read_db(
+            db,
+            "SELECT n, count(*) FROM (SELECT count(a.id) AS n FROM deliveries d "
+            "LEFT JOIN attempts a ON a.delivery_id = d.id WHERE d.action = 'app' GROUP BY d.id) GROUP BY n",
+        )
+    )
+    forward_states = _states(db, "app")
+    app_requests = Counter(delivered_keys(app, "/app"))
     figures = {
         "events_sent": len(events),
         "answered_2xx": len(answered),
@@ -429,6 +441,8 @@ def test_postgres_down_only_the_store_retries_and_rows_land_once(
         "store_deliveries_while_down": store_while_down,
         "store_retries_while_down": retried_while_down,
         "store_caught_up_after_restore_s": round(store_caught_up_s, 2),
+        "forward_attempts_per_delivery": forward_attempts,
+        "forward_requests": sum(app_requests.values()),
         "rows": len(rows),
         "rows_more_than_once": sum(n > 1 for _, n in rows),
         "test_s": round(time.monotonic() - started, 1),
@@ -440,3 +454,6 @@ def test_postgres_down_only_the_store_retries_and_rows_land_once(
     assert store_while_down.get("dead", 0) == 0
     assert {event_id for event_id, _ in rows} == answered
     assert all(n == 1 for _, n in rows)
+    assert forward_states == {"delivered": len(answered)}
+    assert forward_attempts == {1: len(answered)}, "a forward was retried although only the store failed"
+    assert set(app_requests) == answered and set(app_requests.values()) == {1}

@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 import pytest
 import yaml
 
+from gateway.app import INGRESS_DRAIN_TIMEOUT, OPS_DRAIN_TIMEOUT
 from gateway.config import ConfigError, parse_config
 from gateway.metrics import Metrics
 from gateway.plugins import Registry, plugin_manager
@@ -308,6 +309,24 @@ def test_hookyard_writes_only_to_its_data_volume_and_tmp(
     config = parse_config(deploy_routes(), environ=example_secret_env(docs))
     database = PurePosixPath(config.storage.url.removeprefix("sqlite:///"))
     assert database.is_absolute() and database.parent == PurePosixPath(DATA_DIR)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_grace_period_covers_the_app_and_then_hookyard(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    """A native sidecar gets SIGTERM only once the app has exited, from the same grace period: Hookyard's
+    whole shutdown (with the deploy's config) must leave the app at least as long."""
+    docs = rendered[variant]
+    config = parse_config(deploy_routes(), environ=example_secret_env(docs))
+    hookyard = (
+        config.listen.drain_delay
+        + INGRESS_DRAIN_TIMEOUT
+        + config.delivery.shutdown_timeout
+        + OPS_DRAIN_TIMEOUT
+    )
+    assert hookyard <= 15
+    assert pod_spec(docs)["terminationGracePeriodSeconds"] >= 2 * hookyard
 
 
 # -- routes.yaml, secrets -----------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import errno
 import os
 import random
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -26,12 +27,14 @@ import pytest
 
 from tests.reliability.harness import (
     Load,
+    child_gateway,
     delivered_keys,
     in_process,
     read_db,
     record,
     sampler,
     signed_events,
+    unavailable,
 )
 from tests.support import (
     Downstream,
@@ -92,12 +95,14 @@ def tmpfs(directory: Path, size: str) -> Iterator[Path]:
     directory.mkdir()
     mount = shutil.which("mount")
     if mount is None or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; the max_page_count variant covers this case")
+        unavailable("mounting a tmpfs needs root and mount(8); the max_page_count variant still runs")
     result = subprocess.run(
         [mount, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True, text=True
     )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); max_page_count covers this case")
+        unavailable(
+            f"cannot mount a tmpfs here ({result.stderr.strip()}); the max_page_count variant still runs"
+        )
     try:
         yield directory
     finally:
@@ -237,6 +242,49 @@ def test_readyz_turns_503_when_the_database_cannot_grow(tmp_path: Path, app: Dow
 
 # -- read-only under load -------------------------------------------------------------------------------------
 
+# The system calls by which a process changes a file's contents or size; on a read-only file system each one
+# fails with EROFS.
+_FILE_WRITES = "write,pwrite64,writev,pwritev,pwritev2,fsync,fdatasync,ftruncate,fallocate"
+
+
+def _tracers(pid: int) -> set[int]:
+    """The TracerPid of each thread of process pid (0: not traced)."""
+    tracers = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("TracerPid:"):
+                    tracers.add(int(line.split()[1]))
+    return tracers
+
+
+@contextlib.contextmanager
+def read_only_files(pid: int, paths: list[Path], log: Path) -> Iterator[None]:
+    """While the block runs, every write, sync, truncation or allocation that process pid (any of its
+    threads) makes to one of paths fails with EROFS, as on a file system turned read-only under it.
+
+    Linux cannot stage this for real and undo it: it refuses `mount -o remount,ro` ("mount point is busy")
+    while a process holds files on the mount open for writing, as the gateway holds its database, and the
+    read-only remount that ext4 makes itself after an error cannot be undone without unmounting. So strace
+    attaches to the running gateway and answers those system calls EROFS itself; detaching ends it."""
+    strace = shutil.which("strace")
+    if strace is None:
+        unavailable("a read-only file system is staged with strace, which is not installed")
+    command = [strace, "-qq", "-f", "-p", str(pid), *(f"-P{path}" for path in paths)]
+    command += ["-e", f"trace={_FILE_WRITES}", "-e", f"inject={_FILE_WRITES}:error=EROFS", "-o", str(log)]
+    tracer = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        # Attached once every thread of the gateway names strace as its tracer.
+        wait_until(lambda: tracer.poll() is not None or _tracers(pid) == {tracer.pid}, 10, 0.005)
+        if tracer.poll() is not None:
+            unavailable(f"strace cannot attach to the gateway: {tracer.communicate()[1].strip()}")
+        yield
+    finally:
+        if tracer.poll() is None:
+            tracer.send_signal(signal.SIGINT)  # strace detaches from every thread and exits
+            tracer.communicate(timeout=10)
+        wait_until(lambda: _tracers(pid) == {0}, 10, 0.005)
+
 
 @pytest.mark.slow
 def test_database_turning_read_only_under_load_answers_503_then_recovers(
@@ -244,24 +292,38 @@ def test_database_turning_read_only_under_load_answers_503_then_recovers(
 ) -> None:
     started = time.monotonic()
     rng = random.Random(seed)
-    config = gateway_config(tmp_path, app.url, routes=_users_route(app))
+    child = child_gateway(tmp_path, gateway_config(tmp_path, app.url, routes=_users_route(app)))
+    db = child.db_path
+    files = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
     events = signed_events(2000, "msg_ro")
-    with in_process(config) as gw, httpx.Client(timeout=5) as probe:
-        load = Load(gw.url + PATH, events, 8, seed).start()
-        with sampler(lambda: probe.get(gw.ops_url + "/readyz").status_code, 0.1) as readiness:
-            wait_until(lambda: load.done >= 300, 60, 0.01)
-            time.sleep(rng.uniform(0, 0.1))
-            _between_transactions(gw, "PRAGMA query_only = ON")
-            read_only_from = time.time()
-            done_before = load.done
-            time.sleep(2.0)
-            read_only_until = time.time()
-            _between_transactions(gw, "PRAGMA query_only = OFF")
-            lifted_at = time.monotonic()
-            load.join(120)
-        wait_until(lambda: set(delivered_keys(app)) >= {e.id for e in events if e.answered_2xx}, 60)
-        delivered = set(delivered_keys(app))
-    stored = {row[0] for row in read_db(tmp_path / "hookyard.db", "SELECT event_id FROM events")}
+    strace_log = tmp_path / "strace.log"
+    child.process.start()
+    try:
+        with httpx.Client(timeout=5) as probe, httpx.Client(timeout=5) as client:
+            load = Load(child.url + PATH, events, 8, seed).start()
+            with sampler(lambda: probe.get(child.ops_url + "/readyz").status_code, 0.1) as readiness:
+                wait_until(lambda: load.done >= 300, 60, 0.01)
+                time.sleep(rng.uniform(0, 0.1))
+                with read_only_files(child.pid, files, strace_log):
+                    read_only_from = time.time()
+                    done_before = load.done
+                    time.sleep(1.0)
+                    readyz_reason = client.get(child.ops_url + "/readyz").json().get("reason")
+                    time.sleep(1.0)
+                    read_only_until = time.time()
+                lifted_at = time.monotonic()
+                load.join(120)
+            # Service resumed without a restart: the same process serves on.
+            wait_until(lambda: set(delivered_keys(app)) >= {e.id for e in events if e.answered_2xx}, 60)
+            delivered = set(delivered_keys(app))
+            pid_after = child.pid
+            assert child.process.terminate(30) == 0
+    finally:
+        child.process.kill()
+    stored = {row[0] for row in read_db(db, "SELECT event_id FROM events")}
+    refused_writes = Counter(
+        line.split()[1].partition("(")[0] for line in strace_log.read_text().splitlines() if "EROFS" in line
+    )
 
     offset = time.monotonic() - time.time()
     inside = [a for e in events for a in e.history if read_only_from + 0.2 < a[0] < read_only_until]
@@ -271,10 +333,12 @@ def test_database_turning_read_only_under_load_answers_503_then_recovers(
     figures = {
         "events_sent": len(events),
         "read_only_s": round(read_only_until - read_only_from, 2),
+        "system_calls_refused_erofs": dict(refused_writes),
         "answers_while_read_only": sorted({f"{status} {reason}" for _, status, reason in inside}),
         "requests_while_read_only": len(inside),
         "events_refused_then_retried": len(refused),
         "readyz_while_read_only": sorted(ready_inside),
+        "readyz_reason_while_read_only": readyz_reason,
         "readyz_after": sorted(set(ready_after)),
         "answered_2xx": sum(e.answered_2xx for e in events),
         "delivered": len(delivered & {e.id for e in events}),
@@ -283,9 +347,11 @@ def test_database_turning_read_only_under_load_answers_503_then_recovers(
     record("read_only", figures, tmp_path)
 
     assert done_before < len(events), "the load must still be running when the database turns read-only"
+    assert refused_writes, "no write of the gateway's was refused: the fault was not staged"
     assert inside and {(status, reason) for _, status, reason in inside} == {(503, "storage_unavailable")}
     assert ready_inside == {503}
     assert ready_after and set(ready_after) == {200}
+    assert pid_after == child.pid
     # Refused events were not stored: their retries were accepted, not duplicates.
     assert refused and all(e.outcome == "accepted" for e in refused)
     assert all(e.answered_2xx for e in events)

@@ -10,6 +10,7 @@ import ipaddress
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,11 +35,11 @@ CONFIG_ENV_VAR = "HOOKYARD_CONFIG"
 class ConfigError(Exception):
     """The config is invalid; `errors` has one line per problem, each naming its place."""
 
-    def __init__(self, errors: list[str], config: Config | None = None) -> None:
+    def __init__(self, errors: list[str], partial: PartialConfig | None = None) -> None:
         super().__init__("\n".join(errors))
         self.errors = errors
-        # Set when only interpolation failed: the shape is valid, so later checks can still run on it.
-        self.config = config
+        # What did validate, so that the checks needing plugins can report their errors in the same run.
+        self.partial = partial
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -300,18 +301,62 @@ def parse_config(text: str, *, environ: dict[str, str] | None = None, origin: st
         raise ConfigError([f"{origin}: the top level must be a mapping"])
     errors: list[str] = []
     expanded = _interpolate(raw, os.environ if environ is None else environ, (), errors)
-    config = None
     try:
         config = Config.model_validate(expanded)
     except ValidationError as exc:
-        errors.extend(format_validation_errors(exc))
-    if errors or config is None:
-        raise ConfigError(errors, config)
+        raise ConfigError(errors + format_validation_errors(exc), _validated_parts(expanded)) from None
+    if errors:
+        raise ConfigError(errors, PartialConfig(config, tuple(range(len(config.routes)))))
     return config
 
 
 def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
     lines: list[str] = []
+@dataclass(frozen=True)
+class PartialConfig:
+    """The parts of an invalid config that are valid on their own; defaults stand in for the rest."""
+
+    config: Config
+    # config.routes[i] is routes[route_places[i]] of the file, so later errors name the right place.
+    route_places: tuple[int, ...]
+    # Sources in the file whose own shape is invalid: routes naming them are checked, not built.
+    unchecked_sources: frozenset[str] = frozenset()
+
+
+def _validated_parts(expanded: dict[str, Any]) -> PartialConfig | None:
+    def valid(part: dict[str, Any]) -> bool:
+        try:
+            Config.model_validate(part)
+        except ValidationError:
+            return False
+        return True
+
+    sections = {
+        key: value
+        for key, value in expanded.items()
+        if key in Config.model_fields and key not in ("sources", "routes") and valid({key: value})
+    }
+    sources, routes = expanded.get("sources"), expanded.get("routes")
+    sources = sources if isinstance(sources, dict) else {}
+    routes = routes if isinstance(routes, list) else []
+    good_sources = {name: item for name, item in sources.items() if valid({"sources": {name: item}})}
+    places = tuple(index for index, route in enumerate(routes) if valid({"routes": [route]}))
+    unchecked = {name for name in sources if name not in good_sources}
+    if "sources" in expanded and not isinstance(expanded["sources"], dict):
+        unchecked |= {
+            route["source"]
+            for route in routes
+            if isinstance(route, dict) and isinstance(route.get("source"), str)
+        }
+    try:
+        config = Config.model_validate(
+            {**sections, "sources": good_sources, "routes": [routes[index] for index in places]}
+        )
+    except ValidationError:  # pragma: no cover - each part validated on its own
+        return None
+    return PartialConfig(config, places, frozenset(map(str, unchecked)))
+
+
     for error in exc.errors():
         place = format_location(prefix + tuple(error["loc"]))
         message = error["msg"].removeprefix("Value error, ")

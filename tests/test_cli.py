@@ -100,6 +100,9 @@ def test_check_reports_every_shape_error_with_its_place(tmp_path: Path) -> None:
     config["listen"] = {"port": 70000}
     config["delivery"] = {"lease": "soon"}
     del config["routes"][0]["source"]
+    # Valid routes are still compiled; one naming the source whose shape is invalid gets no knock-on error.
+    config["routes"].append({**config["routes"][0], "name": "to-consignease", "source": "consignease"})
+    config["routes"].append({**config["routes"][0], "name": "to-consignly", "source": "consignly"})
     path = write_config(tmp_path, config)
 
     result = invoke("check", "-c", path)
@@ -412,3 +415,42 @@ def test_replay_an_id_in_several_sources_needs_source(filled: Path) -> None:
     chosen = invoke("replay", "-c", filled, "evt_twin", "--source", "consignly")
     assert chosen.exit_code == 0
     assert chosen.stdout == "replaying 0 deliveries\n"
+
+
+def test_check_reports_shape_and_routing_errors_in_one_run(tmp_path: Path) -> None:
+    config = config_dict(tmp_path)
+    config["listen"] = {"bogus": 1}
+    config["sources"]["legacy"] = {"path": "/webhooks/legacy", "provider": "carrier-pigeon", "secrets": ["s"]}
+    config["routes"] = [
+        {"name": "broken", "source": "consignly", "actions": [{"use": "forward"}], "colour": "blue"},
+        {
+            "name": "users",
+            "source": "consignease",
+            "filter": {"data.a": {"between": [1, 2]}, "body.x": 1, "data.b": {"in": 3}},
+            "actions": [
+                {"id": "app", "use": "forward", "with": {}},
+                {"id": "sms", "use": "carrier-pigeon"},
+            ],
+        },
+    ]
+    path = write_config(tmp_path, config)
+
+    result = invoke("check", "-c", path)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    expected = [
+        f"{path}: listen.bogus: unknown key",
+        f"{path}: routes[0].colour: unknown key",
+        f"{path}: sources.legacy.provider: unknown provider 'carrier-pigeon'",
+        # Every bad entry of the filter, not only the first.
+        f"{path}: routes[1].filter.data.a.between: unknown operator 'between'",
+        f"{path}: routes[1].filter.body.x: unknown path 'body.x'",
+        f"{path}: routes[1].filter.data.b.in: in takes a list",
+        # The route keeps its place in the file although routes[0] was left out of the later checks.
+        f"{path}: routes[1].actions[0].with.url: field required",
+        f"{path}: routes[1].actions[1].use: unknown action 'carrier-pigeon'",
+    ]
+    for line in expected:
+        assert any(printed.startswith(line) for printed in lines), (line, lines)
+    assert len(lines) == len(expected), lines

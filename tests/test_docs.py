@@ -1,13 +1,20 @@
-"""The docs stay in step with the code: every hook and every metric is documented where users look."""
+"""The docs stay in step with the code: every hook and every metric is documented where users look, and the
+README's two commands do what it says (CI runs the test command; `make run` installs only the runtime)."""
 
 from __future__ import annotations
 
 import ast
 import inspect
+import os
 import re
+import shlex
+import shutil
+import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
 
 from gateway import hookspecs
 from gateway.metrics import Metrics
@@ -100,8 +107,93 @@ def test_every_metric_is_documented() -> None:
     assert not missing, f"metrics missing from docs/operations.md: {missing}"
 
 
-def test_ci_runs_the_readme_test_command() -> None:
+def readme_commands() -> list[list[str]]:
+    """The commands of the README's quick start, as words (comments dropped)."""
     readme = (ROOT / "README.md").read_text()
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert "make run" in readme and "make test" in readme
-    assert re.search(r"^make test\b", ci, re.M)
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    [block] = re.findall(r"```sh\n(.*?)```", quick_start, re.S)
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def runs_exactly(line: str, command: list[str]) -> bool:
+    """`line` runs `command` itself: optionally under `timeout`, followed by make variables only."""
+    words = shlex.split(line, comments=True)
+    for start in range(len(words) - len(command) + 1):
+        if words[start : start + len(command)] != command:
+            continue
+        wrapper, rest = words[:start], words[start + len(command) :]
+        if (not wrapper or wrapper[0] == "timeout") and all(_MAKE_VARIABLE.match(word) for word in rest):
+            return True
+    return False
+
+
+_MAKE_VARIABLE = re.compile(r"^[A-Z_][A-Z0-9_]*=")
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    commands = readme_commands()
+    assert ["make", "run"] in commands
+    [test_command] = [words for words in commands if words[:1] == ["make"] and words[1].startswith("test")]
+    assert test_command == ["make", "test"]
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    runs = [index for index, line in enumerate(ci_lines) if runs_exactly(line, test_command)]
+    assert runs, f"{' '.join(test_command)!r} is not run by .ci/run"
+    # With every service required, a test needing a server fails in CI instead of skipping.
+    exports = [index for index, line in enumerate(ci_lines) if line == "export HOOKYARD_REQUIRE_SERVICES=1"]
+    assert exports and exports[0] < runs[-1], "HOOKYARD_REQUIRE_SERVICES=1 is not exported before the tests"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("make test", True),
+        ('timeout --kill-after=30 1800 make test PYTEST_ARGS="-p no:cacheprovider"', True),
+        ("make test-slow", False),
+        ("timeout 1800 make test-slow PYTEST_ARGS=-q", False),
+        ("make test lint", False),
+        ("# make test", False),
+        ("echo make test", False),
+    ],
+)
+def test_runs_exactly_tells_the_test_command_from_its_neighbours(line: str, expected: bool) -> None:
+    assert runs_exactly(line, ["make", "test"]) is expected
+
+
+def test_every_dependency_has_a_compatible_upper_bound() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [
+        requirement for extra in project["optional-dependencies"].values() for requirement in extra
+    ]
+    unbounded = [
+        requirement
+        for requirement in requirements
+        if not any(spec.operator in ("<", "<=", "~=", "==") for spec in Requirement(requirement).specifier)
+    ]
+    assert not unbounded, f"no upper bound: {unbounded}"
+
+
+def make_dry_run(tmp_path: Path, target: str) -> list[str]:
+    """What `make TARGET` would run in a fresh clone (no .venv yet)."""
+    for name in ("Makefile", "pyproject.toml"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    # Not the outer make's flags or a PYTHON of the caller's: what a fresh clone's `make` does.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    result = subprocess.run(
+        ["make", "-n", target], cwd=tmp_path, env=env, capture_output=True, text=True, check=True, timeout=30
+    )
+    return result.stdout.splitlines()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_run_installs_only_the_runtime_package_and_make_test_the_test_extra(tmp_path: Path) -> None:
+    run = make_dry_run(tmp_path, "run")
+    installs = [line for line in run if " install " in line and "--upgrade pip" not in line]
+    assert installs == [".venv/bin/pip install --quiet -e ."], run
+    assert run[0] == "python3 -m venv .venv"  # a fresh clone gets its own virtual environment
+    assert run[-1] == ".venv/bin/hookyard serve -c routes.yaml"
+
+    test = make_dry_run(tmp_path, "test")
+    installs = [line for line in test if " install " in line and "--upgrade pip" not in line]
+    assert installs == [".venv/bin/pip install --quiet -e .", ".venv/bin/pip install --quiet -e '.[test]'"]
+    assert test[0] == "python3 -m venv .venv"
+    assert test[-1].startswith(".venv/bin/pytest ")

@@ -26,7 +26,7 @@ from pydantic import (
     field_validator,
 )
 
-from gateway.addresses import parse_networks
+from gateway.addresses import ForwardedHeader, parse_networks
 
 DEFAULT_CONFIG_PATH = "routes.yaml"
 CONFIG_ENV_VAR = "HOOKYARD_CONFIG"
@@ -92,8 +92,10 @@ class TLS(Strict):
 
 
 class IngressListener(Listener):
-    # Proxies (CIDRs or presets) whose X-Forwarded-For / Forwarded headers are believed.
+    # Proxies (CIDRs or presets) whose forwarding header is believed.
     trusted_proxies: list[str] = Field(default_factory=list)
+    # The one header those proxies write; the other is the client's own and is never read.
+    forwarded_header: ForwardedHeader = "x-forwarded-for"
     tls: TLS | None = None
     # On SIGTERM, keep answering this long after /readyz turns 503, while the load balancer notices.
     drain_delay: Duration = 0.0

@@ -1,7 +1,9 @@
 """Scenario 3: the store fails under the gateway. A full disk (a real tmpfs filled to the last byte, or
-SQLite's max_page_count where mounting is not allowed), a database that turns read-only under load, and a
-PostgreSQL server that `store` writes to going away. The ingress must answer 503 storage_unavailable,
-never 2xx, while nothing can be stored; /readyz must say so; and service must resume by itself."""
+SQLite's max_page_count where mounting is not allowed), a database that turns read-only under load (its
+writes answered EROFS), a real ext4 file system that the kernel turns read-only, and a PostgreSQL server
+that `store` writes to going away. The ingress must answer 503 storage_unavailable, never 2xx, while nothing
+can be stored; /readyz must say so; and service must resume by itself (after the kernel's read-only
+remount, once an operator has repaired and remounted the file system)."""
 
 from __future__ import annotations
 
@@ -357,6 +359,123 @@ def test_database_turning_read_only_under_load_answers_503_then_recovers(
     assert all(e.answered_2xx for e in events)
     assert {e.id for e in events} <= stored
     assert {e.id for e in events} <= delivered
+
+
+def _mounted(directory: Path) -> tuple[str, str]:
+    """The device and the options of the file system mounted on directory ("?" when none is)."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[1] == str(directory):
+            return fields[0], fields[3]
+    return "?", "?"
+
+
+@contextlib.contextmanager
+def ext4_without_journal(directory: Path, size: str) -> Iterator[Path]:
+    """A real ext4 file system without a journal, mounted on directory from an image file through a loop
+    device with errors=remount-ro: an error makes the kernel itself turn it read-only. Yields the file in
+    /sys/fs/ext4 that raises such an error. Needs root and loop devices."""
+    directory.mkdir()
+    tools = {name: shutil.which(name) for name in ("mount", "umount", "mkfs.ext4", "e2fsck")}
+    if None in tools.values() or os.geteuid() != 0:
+        unavailable(f"an ext4 image needs root and {', '.join(tools)}")
+    image = directory.with_name(directory.name + ".img")
+    with image.open("wb") as file:
+        file.truncate(int(size.removesuffix("m")) << 20)
+    subprocess.run([tools["mkfs.ext4"], "-q", "-F", "-O", "^has_journal", str(image)], check=True)
+    mounted = subprocess.run(
+        [tools["mount"], "-o", "loop,errors=remount-ro", str(image), str(directory)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        unavailable(f"cannot mount an ext4 image on a loop device here ({mounted.stderr.strip()})")
+    try:
+        device = Path(_mounted(directory)[0]).name
+        trigger = Path(f"/sys/fs/ext4/{device}/trigger_fs_error")
+        if not trigger.exists():
+            unavailable(f"{trigger} does not exist: this kernel cannot be asked for an ext4 error")
+        yield trigger
+    finally:
+        if subprocess.run([tools["umount"], str(directory)], capture_output=True).returncode != 0:
+            subprocess.run([tools["umount"], "-l", str(directory)], capture_output=True)
+        image.unlink()
+
+
+def _post_to(client: httpx.Client, url: str, msg_id: str) -> tuple[int, str]:
+    body, headers = svix_request(data={"id": msg_id}, msg_id=msg_id)
+    response = client.post(url, content=body, headers=headers)
+    answer = response.json()
+    return response.status_code, answer.get("status") or answer.get("error")
+
+
+@pytest.mark.slow
+def test_file_system_the_kernel_turns_read_only_is_answered_503_and_nothing_answered_is_lost(
+    tmp_path: Path, app: Downstream
+) -> None:
+    """The read-only file system of production: ext4 remounts itself read-only after an error. The kernel
+    does not let it be made writable again while it is mounted, so recovery here is an operator's: stop
+    the gateway, repair, mount, start. Every event answered 2xx before the fault survives it."""
+    started = time.monotonic()
+    directory = tmp_path / "ext4"
+    with ext4_without_journal(directory, "64m") as trigger, httpx.Client(timeout=10) as client:
+        child = child_gateway(tmp_path, gateway_config(directory, app.url, routes=_users_route(app)))
+        url = child.url + PATH
+        child.process.start()
+        try:
+            before = {
+                f"msg_ext4_before_{n:02}": _post_to(client, url, f"msg_ext4_before_{n:02}") for n in range(50)
+            }
+            trigger.write_text("hookyard reliability test: turn read-only\n")
+            options = _mounted(directory)[1]
+            while_read_only = {
+                f"msg_ext4_ro_{n:02}": _post_to(client, url, f"msg_ext4_ro_{n:02}") for n in range(30)
+            }
+            readyz = client.get(child.ops_url + "/readyz")
+            healthz = client.get(child.ops_url + "/healthz").status_code
+            stopped = child.process.terminate(30)
+        finally:
+            child.process.kill()
+        # The operator's part: unmount, repair, mount again.
+        assert subprocess.run(["umount", str(directory)], capture_output=True).returncode == 0
+        image = directory.with_name(directory.name + ".img")
+        repaired = subprocess.run(["e2fsck", "-f", "-y", str(image)], capture_output=True, text=True)
+        assert repaired.returncode in (0, 1), repaired.stdout + repaired.stderr
+        mount = ["mount", "-o", "loop,errors=remount-ro", str(image), str(directory)]
+        assert subprocess.run(mount, capture_output=True).returncode == 0
+        child.process.start()
+        try:
+            retried = {msg_id: _post_to(client, url, msg_id) for msg_id in while_read_only}
+            expected = set(before) | set(retried)
+            wait_until(lambda: set(delivered_keys(app)) >= expected, 30)
+            ready_after = client.get(child.ops_url + "/readyz").status_code
+            assert child.process.terminate(30) == 0
+        finally:
+            child.process.kill()
+        stored = {row[0] for row in read_db(child.db_path, "SELECT event_id FROM events")}
+    figures = {
+        "mount_options_after_the_error": options,
+        "answers_before": sorted({f"{status} {reason}" for status, reason in before.values()}),
+        "requests_while_read_only": len(while_read_only),
+        "answers_while_read_only": sorted({f"{s} {r}" for s, r in while_read_only.values()}),
+        "readyz_while_read_only": f"{readyz.status_code} {readyz.json().get('reason')}",
+        "healthz_while_read_only": healthz,
+        "gateway_exit_status_on_sigterm": stopped,
+        "e2fsck_exit_status": repaired.returncode,
+        "answers_to_retries_after_repair": sorted({f"{s} {r}" for s, r in retried.values()}),
+        "readyz_after": ready_after,
+        "delivered": len(set(delivered_keys(app)) & expected),
+        "test_s": round(time.monotonic() - started, 1),
+    }
+    record("read_only_kernel", figures, tmp_path)
+
+    assert set(before.values()) == {(200, "accepted")}
+    assert set(while_read_only.values()) == {(503, "storage_unavailable")}
+    assert readyz.status_code == 503 and healthz == 200
+    # What was answered 2xx before the fault is still there after it; what was refused was not stored.
+    assert set(retried.values()) == {(200, "accepted")}, "a 503 must mean nothing was stored"
+    assert stored == expected
+    assert ready_after == 200
 
 
 async def _through_ingress(ingress: Any, body: bytes, headers: dict[str, str]) -> int:

@@ -254,13 +254,17 @@ def test_a_failing_observer_hook_changes_no_answer(tmp_path, downstream: Downstr
     from gateway import hookimpl
     from gateway.plugins import new_plugin_manager
 
+    calls: list[str] = []
+
     class Broken:
         @hookimpl
         def event_accepted(self, event):  # type: ignore[no-untyped-def]
+            calls.append(f"event_accepted {event.id}")
             raise RuntimeError("observer bug")
 
         @hookimpl
         def delivery_finished(self, delivery, outcome, final):  # type: ignore[no-untyped-def]
+            calls.append(f"delivery_finished {delivery.action}")
             raise RuntimeError("observer bug")
 
     pm = new_plugin_manager(load_entry_points=False)
@@ -269,3 +273,84 @@ def test_a_failing_observer_hook_changes_no_answer(tmp_path, downstream: Downstr
         body, headers = svix_request(msg_id="msg_observed")
         assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
         wait_until(lambda: delivery_states(gw, "msg_observed") == {"app": "delivered"})
+        # Both hooks did run (and raise): the answer and the delivery are as if they had not.
+        wait_until(lambda: "delivery_finished app" in calls)
+        assert calls == ["event_accepted msg_observed", "delivery_finished app"]
+        assert len(downstream.received("/app")) == 1
+
+
+def test_observer_hooks_are_called_with_their_arguments(tmp_path, downstream: Downstream) -> None:
+    from gateway import hookimpl
+    from gateway.plugins import new_plugin_manager
+
+    calls: list[tuple[Any, ...]] = []
+
+    class Recorder:
+        @hookimpl
+        def startup(self, gateway):  # type: ignore[no-untyped-def]
+            calls.append(("startup", gateway))
+
+        @hookimpl
+        def shutdown(self, gateway):  # type: ignore[no-untyped-def]
+            calls.append(("shutdown", gateway))
+
+        @hookimpl
+        def event_accepted(self, event, routes):  # type: ignore[no-untyped-def]
+            calls.append(("event_accepted", event.id, event.source, event.type, event.data, routes))
+
+        @hookimpl
+        def delivery_finished(self, delivery, outcome, final):  # type: ignore[no-untyped-def]
+            # The record is the engine's own: copy what it says now.
+            snapshot = (delivery.route, delivery.action, delivery.attempts, delivery.state)
+            calls.append(("delivery_finished", *snapshot, outcome.kind, outcome.status_code, final))
+
+    def finished(route: str, action: str) -> list[tuple[Any, ...]]:
+        return [call[3:] for call in calls if call[0] == "delivery_finished" and call[1:3] == (route, action)]
+
+    downstream.answer("/app", 500, 200)
+    audit = {
+        "name": "audit",
+        "source": "consignease",
+        "events": ["user.created"],
+        "actions": [{"id": "log", "use": "forward", "with": {"url": f"{downstream.url}/audit"}}],
+    }
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(Recorder(), name="recorder")
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream), audit]), pm=pm) as gw:
+        gateway = gw.gateway
+        assert calls == [("startup", gateway)]
+        body, headers = svix_request(msg_id="msg_hooks", data={"id": "user_1"})
+        assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
+        # A duplicate is not a new event: no second call.
+        assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "duplicate"
+        body, headers = svix_request("order.created", {"id": "order_1"}, msg_id="msg_unrouted")
+        assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
+        wait_until(lambda: len(finished("users", "app")) == 2 and finished("audit", "log"))
+        assert [call for call in calls if call[0] == "event_accepted"] == [
+            (
+                "event_accepted",
+                "msg_hooks",
+                "consignease",
+                "user.created",
+                {"id": "user_1"},
+                ["users", "audit"],
+            ),
+            (
+                "event_accepted",
+                "msg_unrouted",
+                "consignease",
+                "order.created",
+                {"id": "order_1"},
+                [],
+            ),
+        ]
+        # One call per attempt: a retry is not final, the delivered one is.
+        assert finished("users", "app") == [
+            (1, "pending", "retry", 500, False),
+            (2, "delivered", "delivered", 200, True),
+        ]
+        assert finished("audit", "log") == [(1, "delivered", "delivered", 200, True)]
+        assert not any(call[0] == "shutdown" for call in calls)
+    assert calls[0] == ("startup", gateway)
+    assert calls[-1] == ("shutdown", gateway)
+    assert [call[0] for call in calls].count("shutdown") == 1

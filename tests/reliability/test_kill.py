@@ -141,6 +141,10 @@ def _kill(
     }
 
 
+def _wait_for_requests(load: Load, count: int) -> None:
+    wait_until(lambda: load.done >= count, 180, 0.005)
+
+
 def _events(rng: random.Random) -> tuple[list[Sent], set[str], set[str]]:
     """EVENTS events in a random order: the ids of the badly signed ones and of those whose sender gives up
     after one try."""
@@ -193,8 +197,7 @@ def test_three_sigkills_under_load_lose_no_answered_event(tmp_path: Path, seed: 
                 ("ingest", rng.uniform(0.10, 0.30), False),
                 ("ingest, during a group commit", rng.uniform(0.45, 0.70), True),
             ):
-                target = int(share * EVENTS)
-                wait_until(lambda target=target: load.done >= target, 180, 0.005)
+                _wait_for_requests(load, int(share * EVENTS))
                 kills.append(_kill(child, moment, load, downstream, rng, in_commit=in_commit))
             load.join(300)
             ingest_s = (load.finished_at or time.monotonic()) - load.started_at

@@ -40,7 +40,7 @@ LOAD_S = 8.0
 # 300 connections at once. The slow-body senders hold 12 of the 16 slots for read_timeout at a time; the
 # others contend for the rest, so every kind of answer shows up.
 CLIENTS = {"normal": 200, "slow_body": 12, "stalled_headers": 28, "large_headers": 30, "large_body": 30}
-EXPECTED = {
+EXPECTED: dict[str, set[tuple[int, str | None]]] = {
     "normal": {(200, "accepted"), (503, "overloaded")},
     "slow_body": {(408, "body_timeout"), (503, "overloaded")},
     "large_headers": {(431, "headers_too_large"), (503, "overloaded")},

@@ -376,9 +376,10 @@ def ext4_without_journal(directory: Path, size: str) -> Iterator[Path]:
     device with errors=remount-ro: an error makes the kernel itself turn it read-only. Yields the file in
     /sys/fs/ext4 that raises such an error. Needs root and loop devices."""
     directory.mkdir()
-    tools = {name: shutil.which(name) for name in ("mount", "umount", "mkfs.ext4", "e2fsck")}
-    if None in tools.values() or os.geteuid() != 0:
-        unavailable(f"an ext4 image needs root and {', '.join(tools)}")
+    names = ("mount", "umount", "mkfs.ext4", "e2fsck")
+    tools = {name: path for name in names if (path := shutil.which(name)) is not None}
+    if len(tools) < len(names) or os.geteuid() != 0:
+        unavailable(f"an ext4 image needs root and {', '.join(names)}")
     image = directory.with_name(directory.name + ".img")
     with image.open("wb") as file:
         file.truncate(int(size.removesuffix("m")) << 20)

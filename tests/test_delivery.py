@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -354,3 +355,85 @@ def test_observer_hooks_are_called_with_their_arguments(tmp_path, downstream: Do
     assert calls[0] == ("startup", gateway)
     assert calls[-1] == ("shutdown", gateway)
     assert [call[0] for call in calls].count("shutdown") == 1
+
+
+# -- retry policy ------------------------------------------------------------------------------------
+
+
+def test_jitter_keeps_each_delay_within_its_band_and_spreads_them() -> None:
+    from gateway.config import RetryPolicy
+    from gateway.retry import next_delay
+
+    policy = RetryPolicy(schedule=[10.0, 60.0], jitter=0.2)
+    for attempt, scheduled in ((1, 10.0), (2, 60.0)):
+        delays = [next_delay(policy, attempt) for _ in range(500)]
+        assert all(d is not None and scheduled * 0.8 <= d <= scheduled * 1.2 for d in delays), delays
+        spread = [d for d in delays if d is not None]
+        # Spread both ways, not one constant: deliveries that failed together do not retry together.
+        assert min(spread) < scheduled < max(spread)
+        assert len(set(spread)) > 400
+    assert next_delay(policy, 3) is None  # the schedule is used up: dead
+    assert next_delay(RetryPolicy(schedule=[10.0], jitter=0), 1) == 10.0
+    # The receiver's Retry-After wins when it asks for longer than the jittered delay, not when shorter.
+    assert next_delay(policy, 1, retry_after=30.0) == 30.0
+    assert 8.0 <= (next_delay(policy, 1, retry_after=1.0) or 0) <= 12.0
+
+
+def test_408_from_downstream_is_retried(tmp_path, downstream: Downstream) -> None:
+    downstream.answer("/app", 408, 200)
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:
+        body, headers = svix_request(msg_id="msg_408")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_408") == {"app": "delivered"})
+        [history] = event_detail(gw, "msg_408").attempts.values()
+        assert [(a.outcome, a.status_code) for a in history] == [("retry", 408), ("delivered", 200)]
+
+
+def test_retry_after_as_an_http_date_is_honoured(tmp_path, downstream: Downstream) -> None:
+    from email.utils import formatdate
+
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:
+        # Whole seconds only in an HTTP date: three seconds ahead means at least two from the answer.
+        downstream.answer("/app", (503, {"Retry-After": formatdate(time.time() + 3, usegmt=True)}), 200)
+        body, headers = svix_request(msg_id="msg_503_date")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_503_date") == {"app": "delivered"}, timeout=15)
+        first, second = event_detail(gw, "msg_503_date").attempts.popitem()[1]
+        # The schedule says 50 ms; the receiver asked for a time seconds away.
+        assert second.started_at - first.started_at >= 1.5
+        assert (first.outcome, first.status_code) == ("retry", 503)
+
+
+def test_retry_on_decides_which_statuses_are_retried(tmp_path, downstream: Downstream) -> None:
+    downstream.answer("/app", 404, 200)
+    downstream.answer("/other", 503, 200)
+    retry = {"schedule": ["50ms", "50ms"], "jitter": 0, "retry_on": [404]}
+    route = users_route(
+        downstream,
+        {"id": "app", "use": "forward", "retry": retry, "with": {"url": f"{downstream.url}/app"}},
+        {"id": "other", "use": "forward", "retry": retry, "with": {"url": f"{downstream.url}/other"}},
+    )
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        body, headers = svix_request(msg_id="msg_retry_on")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_retry_on") == {"app": "delivered", "other": "dead"})
+        # 404 is retried because the config says so; 503, no longer in retry_on, ends dead at once.
+        assert len(downstream.received("/app")) == 2
+        assert len(downstream.received("/other")) == 1
+        assert gw.metric("hookyard_deliveries_total", route="users", action="app", outcome="retried") == 1
+        assert gw.metric("hookyard_deliveries_total", route="users", action="other", outcome="dead") == 1
+
+
+def test_delivery_duration_is_observed_for_every_attempt(tmp_path, downstream: Downstream) -> None:
+    downstream.answer("/app", 500, 200)
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:
+
+        def observed() -> float:
+            return gw.metric("hookyard_delivery_duration_seconds_count", route="users", action="app")
+
+        assert observed() == 0
+        body, headers = svix_request(msg_id="msg_durations")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_durations") == {"app": "delivered"})
+        wait_until(lambda: observed() == 2)
+        assert gw.metric("hookyard_delivery_duration_seconds_sum", route="users", action="app") > 0

@@ -514,15 +514,6 @@ def test_standard_webhooks_reads_only_webhook_headers() -> None:
     make_provider("svix", [public]).verify(ed_headers(signature, prefix="webhook-"), ED_BODY, NOW)
 
 
-def test_standard_webhooks_library_verifies_what_we_sign() -> None:
-    secret = "whsec_" + b64(b"shared with the standardwebhooks library")
-    provider = make_provider("standard-webhooks", [secret])
-    now = time.time()
-    body = orjson.dumps(provider.sample_payload("invoice.paid", "msg_lib_1", {"id": "in_1"}, now))
-    payload = standardwebhooks.Webhook(secret).verify(body, provider.sign(body, "msg_lib_1", now))
-    assert payload["type"] == "invoice.paid"
-
-
 # -- stripe -----------------------------------------------------------------------------------------------
 
 
@@ -630,13 +621,6 @@ def test_slack_event_callback_fields() -> None:
     broken = {"type": "event_callback", "event_id": "Ev1", "event": "not an object"}
     error = rejection(lambda: PROVIDERS["slack"].parse({}, b"{}", broken, NOW))
     assert (error.status, error.reason) == (400, "missing_event_type")
-
-
-def test_slack_sdk_accepts_what_we_sign() -> None:
-    provider = PROVIDERS["slack"]
-    now = time.time()
-    body = orjson.dumps(provider.sample_payload("message", "Ev1", {"text": "hi"}, now))
-    assert SignatureVerifier(CASE["slack"].secrets[0]).is_valid_request(body, provider.sign(body, "Ev1", now))
 
 
 # -- github and shopify -----------------------------------------------------------------------------------------

@@ -312,8 +312,6 @@ def parse_config(text: str, *, environ: dict[str, str] | None = None, origin: st
     return config
 
 
-def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
-    lines: list[str] = []
 @dataclass(frozen=True)
 class PartialConfig:
     """The parts of an invalid config that are valid on their own; defaults stand in for the rest."""
@@ -359,6 +357,8 @@ def _validated_parts(expanded: dict[str, Any]) -> PartialConfig | None:
     return PartialConfig(config, places, frozenset(map(str, unchecked)))
 
 
+def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
+    lines: list[str] = []
     for error in exc.errors():
         place = format_location(prefix + tuple(error["loc"]))
         message = error["msg"].removeprefix("Value error, ")

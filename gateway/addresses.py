@@ -1,17 +1,24 @@
 """Who sent a request: the client address behind trusted proxies, and allowlists of networks.
 
 Presets name the published source addresses of providers. Svix's list comes from its documentation page
-"Static Source IP Addresses" (docs.svix.com/receiving/source-ips); a provider may change it, so a source
-can always list networks itself instead of, or next to, a preset.
+"Static Source IP Addresses" (https://docs.svix.com/receiving/source-ips); a provider may change it, so a
+source can always list networks itself instead of, or next to, a preset.
+
+Behind proxies only one forwarding header is believed, the one the proxies write (`listen.forwarded_header`).
+Proxies such as nginx and AWS ALB append to X-Forwarded-For and pass any other header through untouched, so
+a client could otherwise write its own `Forwarded: for=...` and be believed.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
+from typing import Literal
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
+# The forwarding header that trusted proxies write: X-Forwarded-For (nginx, ALB, most) or RFC 7239 Forwarded.
+ForwardedHeader = Literal["x-forwarded-for", "forwarded"]
 
 _SVIX_REGIONS: dict[str, tuple[str, ...]] = {
     "us": ("44.228.126.217", "50.112.21.217", "52.24.126.164", "54.148.139.208", "2600:1f24:64:8000::/56"),
@@ -51,9 +58,13 @@ def parse_address(text: str) -> Address | None:
     elif text.count(":") == 1:  # v4:port
         text = text.split(":", 1)[0]
     try:
-        return ipaddress.ip_address(text)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
+    # A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d; they must match IPv4 networks and presets.
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def contains(networks: tuple[Network, ...], address: Address) -> bool:
@@ -61,16 +72,19 @@ def contains(networks: tuple[Network, ...], address: Address) -> bool:
 
 
 def client_address(
-    peer: str | None, headers: Mapping[str, str], trusted: tuple[Network, ...]
+    peer: str | None,
+    headers: Mapping[str, str],
+    trusted: tuple[Network, ...],
+    header: ForwardedHeader = "x-forwarded-for",
 ) -> Address | None:
-    """The address that sent the request. Forwarding headers are believed only from trusted proxies, and
+    """The address that sent the request. The forwarding header is believed only from trusted proxies, and
     only hop by hop: the rightmost address that is not itself a trusted proxy is the client, because every
-    address left of it could have been written by the client."""
+    address left of it could have been written by the client. Only `header` is read: the other one is
+    whatever the client sent, passed through by the proxy."""
     address = parse_address(peer) if peer else None
     if address is None or not trusted or not contains(trusted, address):
         return address
-    hops = _forwarded_for(headers)
-    for hop in reversed(hops):
+    for hop in reversed(_forwarded_for(headers, header)):
         hop_address = parse_address(hop)
         if hop_address is None:
             return address  # a garbled hop: stop at the last address we could trust
@@ -80,14 +94,14 @@ def client_address(
     return address
 
 
-def _forwarded_for(headers: Mapping[str, str]) -> list[str]:
-    forwarded = headers.get("forwarded")
-    if forwarded:
-        hops = []
-        for element in forwarded.split(","):
-            for pair in element.split(";"):
-                name, _, value = pair.strip().partition("=")
-                if name.lower() == "for":
-                    hops.append(value)
-        return hops
-    return [hop.strip() for hop in headers.get("x-forwarded-for", "").split(",") if hop.strip()]
+def _forwarded_for(headers: Mapping[str, str], header: ForwardedHeader) -> list[str]:
+    value = headers.get(header, "")
+    if header == "x-forwarded-for":
+        return [hop.strip() for hop in value.split(",") if hop.strip()]
+    hops = []
+    for element in value.split(","):
+        for pair in element.split(";"):
+            name, _, found = pair.strip().partition("=")
+            if name.lower() == "for":
+                hops.append(found)
+    return hops

@@ -1,7 +1,8 @@
 """The admin API, on the ops listener only (never on the webhook port): list and inspect events, replay.
 
-Auth: `Authorization: Bearer <ops.admin_token>`. Without a token configured, the API answers only when the
-ops listener is bound to loopback. The OpenAPI document is generated from the endpoints' docstrings.
+Auth: `Authorization: Bearer <ops.admin_token>`. The config requires a token unless the ops listener is
+bound to loopback, where the API answers without one. The OpenAPI document is generated from the endpoints'
+docstrings.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
 from gateway import __version__
+from gateway.config import is_loopback
 from gateway.operations import OperationError, Operations
 
 if TYPE_CHECKING:
@@ -63,14 +65,16 @@ def admin_routes(gateway: Gateway) -> list[Route]:
     def guarded(endpoint: Callable[[Request, Operations], Awaitable[Any]]) -> Endpoint:
         async def handle(request: Request) -> Response:
             ops = gateway.config.ops
-            if not ops.admin_enabled:
-                return _error(
-                    403, "the admin API needs ops.admin_token when the ops listener is not on loopback"
-                )
             if ops.admin_token:
                 offered = request.headers.get("authorization", "")
                 if not hmac.compare_digest(offered.encode(), f"Bearer {ops.admin_token}".encode()):
                     return _error(401, "missing or wrong bearer token", {"www-authenticate": "Bearer"})
+            elif request.client is None or not is_loopback(request.client.host):
+                # The config refuses a token-less listener off loopback; a reload that drops the token and
+                # moves ops.host to loopback takes effect only at the restart, so check the peer too.
+                return _error(
+                    403, "the admin API needs ops.admin_token when the ops listener is not on loopback"
+                )
             try:
                 return JSONResponse(await endpoint(request, operations()))
             except OperationError as exc:

@@ -36,6 +36,15 @@ from gateway.storage import Storage, StorageUnavailable, open_storage
 
 log = logging.getLogger("hookyard")
 
+# On SIGTERM, how long each listener waits for the requests in progress once it stops taking connections.
+# A webhook is verified, stored and answered in milliseconds, and a sender cut off without an answer
+# sends again; probes, scrapes and admin calls are as short. Together with delivery.shutdown_timeout
+# (8 s by default) the whole shutdown is bounded: listen.drain_delay + 5 + 8 + 1 s, about 15 s with the
+# defaults, well inside Kubernetes' default 30 s grace period, which a native sidecar shares with the
+# app it serves (it gets SIGTERM only once the app has exited).
+INGRESS_DRAIN_TIMEOUT = 5  # seconds
+OPS_DRAIN_TIMEOUT = 1
+
 
 class _Server(uvicorn.Server):
     """A uvicorn server that leaves signals to the Gateway, which runs two of them."""
@@ -240,12 +249,12 @@ class Gateway:
         ingress_sockets = ingress_sockets or [listening_socket(listen.host, listen.port)]
         ops_sockets = ops_sockets or [listening_socket(ops_config.host, ops_config.port)]
         await self.start()
-        ingress_config = self._uvicorn_config(self.ingress, listen.host, listen.port)
+        ingress_config = self._uvicorn_config(self.ingress, listen.host, listen.port, INGRESS_DRAIN_TIMEOUT)
         ingress_config.http = header_deadline_protocol(lambda: self.config.limits.read_timeout)
         ingress = self._ingress_server = _Server(ingress_config)
         if listen.tls is not None:
             ingress.config.ssl_certfile, ingress.config.ssl_keyfile = listen.tls.cert, listen.tls.key
-        ops = _Server(self._uvicorn_config(self.ops, ops_config.host, ops_config.port))
+        ops = _Server(self._uvicorn_config(self.ops, ops_config.host, ops_config.port, OPS_DRAIN_TIMEOUT))
         loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -278,7 +287,7 @@ class Gateway:
             await asyncio.gather(servers[1], return_exceptions=True)
             log.info("stopped")
 
-    def _uvicorn_config(self, app: Any, host: str, port: int) -> uvicorn.Config:
+    def _uvicorn_config(self, app: Any, host: str, port: int, drain_timeout: int) -> uvicorn.Config:
         return uvicorn.Config(
             app,
             host=host,
@@ -290,7 +299,8 @@ class Gateway:
             proxy_headers=False,
             # Webhooks are plain HTTP requests: an Upgrade is answered by Hookyard, not a WebSocket stack.
             ws="none",
-            timeout_graceful_shutdown=10,
+            # Requests still running this long after the listener stopped are cancelled.
+            timeout_graceful_shutdown=drain_timeout,
         )
 
 

@@ -41,9 +41,14 @@ def _load(config_path: Path | None) -> tuple[Config, RouteTable]:
         table = RouteTable.build(config, registry)
     except ConfigError as exc:
         errors = exc.errors
-        if exc.config is not None:  # report the later checks' errors in the same run
+        if exc.partial is not None:  # the parts that are valid on their own: report their errors too
             try:
-                RouteTable.build(exc.config, registry)
+                RouteTable.build(
+                    exc.partial.config,
+                    registry,
+                    route_places=exc.partial.route_places,
+                    unchecked_sources=exc.partial.unchecked_sources,
+                )
             except ConfigError as more:
                 errors = errors + more.errors
         for line in errors:
@@ -233,6 +238,13 @@ def events_show(
 @click.option("--since", help="With --state: the window, e.g. 2h (or an ISO 8601 time).")
 @click.option("--until", help="With --state: the end of the window.")
 @click.option("--route", help="With --state: only this route.")
+@click.option(
+    "--page-size",
+    type=click.IntRange(1, 500),
+    default=500,
+    show_default=True,
+    help="With --state: deliveries (dead) or events (missing) per page; progress is shown after each.",
+)
 def replay(
     config_path: Path | None,
     admin_url: str | None,
@@ -243,6 +255,7 @@ def replay(
     since: str | None,
     until: str | None,
     route: str | None,
+    page_size: int,
 ) -> None:
     """Run deliveries again: an event's (EVENT_ID), or in bulk (--state dead|missing --since 2h)."""
     if (event_id is None) == (state is None):
@@ -257,7 +270,14 @@ def replay(
         cursor: int | None = 0
         while cursor is not None:
             page = await ops.replay(
-                mode=state, since=since, until=until, source=source, route=route, action=action, cursor=cursor
+                mode=state,
+                since=since,
+                until=until,
+                source=source,
+                route=route,
+                action=action,
+                cursor=cursor,
+                limit=page_size,
             )
             replayed, created, cursor = (
                 replayed + page["replayed"],

@@ -6,9 +6,11 @@ each action's own `with:` schema, filters, event names) happen when routes are c
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,11 +21,12 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     WithJsonSchema,
     field_validator,
 )
 
-from gateway.addresses import parse_networks
+from gateway.addresses import ForwardedHeader, parse_networks
 
 DEFAULT_CONFIG_PATH = "routes.yaml"
 CONFIG_ENV_VAR = "HOOKYARD_CONFIG"
@@ -32,11 +35,11 @@ CONFIG_ENV_VAR = "HOOKYARD_CONFIG"
 class ConfigError(Exception):
     """The config is invalid; `errors` has one line per problem, each naming its place."""
 
-    def __init__(self, errors: list[str], config: Config | None = None) -> None:
+    def __init__(self, errors: list[str], partial: PartialConfig | None = None) -> None:
         super().__init__("\n".join(errors))
         self.errors = errors
-        # Set when only interpolation failed: the shape is valid, so later checks can still run on it.
-        self.config = config
+        # What did validate, so that the checks needing plugins can report their errors in the same run.
+        self.partial = partial
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -89,8 +92,10 @@ class TLS(Strict):
 
 
 class IngressListener(Listener):
-    # Proxies (CIDRs or presets) whose X-Forwarded-For / Forwarded headers are believed.
+    # Proxies (CIDRs or presets) whose forwarding header is believed.
     trusted_proxies: list[str] = Field(default_factory=list)
+    # The one header those proxies write; the other is the client's own and is never read.
+    forwarded_header: ForwardedHeader = "x-forwarded-for"
     tls: TLS | None = None
     # On SIGTERM, keep answering this long after /readyz turns 503, while the load balancer notices.
     drain_delay: Duration = 0.0
@@ -103,17 +108,35 @@ class IngressListener(Listener):
 
 
 class OpsListener(Listener):
+    # Loopback by default: health, metrics and the admin API are not for the network unless asked.
+    host: str = "127.0.0.1"
     port: int = Field(default=9000, ge=0, le=65535)
-    # The admin API (/admin/*) needs this bearer token; without one it is served only on loopback.
-    admin_token: str | None = None
+    # The admin API's bearer token; required unless the listener is bound to loopback.
+    admin_token: str | None = Field(default=None, validate_default=True)
 
-    @property
-    def admin_enabled(self) -> bool:
-        return bool(self.admin_token) or is_loopback(self.host)
+    @field_validator("admin_token")
+    @classmethod
+    def _required_off_loopback(cls, token: str | None, info: ValidationInfo) -> str | None:
+        host = info.data.get("host")
+        if token is not None and not token.strip():
+            token = None  # `${HOOKYARD_ADMIN_TOKEN:-}` with the variable unset
+        if token is None and host is not None and not is_loopback(host):
+            raise ValueError(
+                f"required when the ops listener is not bound to loopback (ops.host is {host!r}): "
+                'set admin_token: "${HOOKYARD_ADMIN_TOKEN}", or bind ops.host to 127.0.0.1'
+            )
+        return token
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, as a dual-stack socket reports it
+    return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 class StorageConfig(Strict):
@@ -166,7 +189,8 @@ class DeliveryEngine(Strict):
     lease: Duration = 120.0
     poll_interval: Duration = 1.0
     # On SIGTERM, running deliveries get this long to finish; the rest are released for the next start.
-    shutdown_timeout: Duration = 15.0
+    # With the listeners' own drains (gateway.app) the whole shutdown stays within about 15 s.
+    shutdown_timeout: Duration = 8.0
 
 
 class Reload(Strict):
@@ -279,14 +303,58 @@ def parse_config(text: str, *, environ: dict[str, str] | None = None, origin: st
         raise ConfigError([f"{origin}: the top level must be a mapping"])
     errors: list[str] = []
     expanded = _interpolate(raw, os.environ if environ is None else environ, (), errors)
-    config = None
     try:
         config = Config.model_validate(expanded)
     except ValidationError as exc:
-        errors.extend(format_validation_errors(exc))
-    if errors or config is None:
-        raise ConfigError(errors, config)
+        raise ConfigError(errors + format_validation_errors(exc), _validated_parts(expanded)) from None
+    if errors:
+        raise ConfigError(errors, PartialConfig(config, tuple(range(len(config.routes)))))
     return config
+
+
+@dataclass(frozen=True)
+class PartialConfig:
+    """The parts of an invalid config that are valid on their own; defaults stand in for the rest."""
+
+    config: Config
+    # config.routes[i] is routes[route_places[i]] of the file, so later errors name the right place.
+    route_places: tuple[int, ...]
+    # Sources in the file whose own shape is invalid: routes naming them are checked, not built.
+    unchecked_sources: frozenset[str] = frozenset()
+
+
+def _validated_parts(expanded: dict[str, Any]) -> PartialConfig | None:
+    def valid(part: dict[str, Any]) -> bool:
+        try:
+            Config.model_validate(part)
+        except ValidationError:
+            return False
+        return True
+
+    sections = {
+        key: value
+        for key, value in expanded.items()
+        if key in Config.model_fields and key not in ("sources", "routes") and valid({key: value})
+    }
+    sources, routes = expanded.get("sources"), expanded.get("routes")
+    sources = sources if isinstance(sources, dict) else {}
+    routes = routes if isinstance(routes, list) else []
+    good_sources = {name: item for name, item in sources.items() if valid({"sources": {name: item}})}
+    places = tuple(index for index, route in enumerate(routes) if valid({"routes": [route]}))
+    unchecked = {name for name in sources if name not in good_sources}
+    if "sources" in expanded and not isinstance(expanded["sources"], dict):
+        unchecked |= {
+            route["source"]
+            for route in routes
+            if isinstance(route, dict) and isinstance(route.get("source"), str)
+        }
+    try:
+        config = Config.model_validate(
+            {**sections, "sources": good_sources, "routes": [routes[index] for index in places]}
+        )
+    except ValidationError:  # pragma: no cover - each part validated on its own
+        return None
+    return PartialConfig(config, places, frozenset(map(str, unchecked)))
 
 
 def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:

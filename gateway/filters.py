@@ -26,44 +26,85 @@ _ABSENT = object()
 
 
 class FilterError(ValueError):
+    """A filter that does not compile; `errors` has one line per problem, each naming its place."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+
+class _BadOperand(ValueError):
+    """One operator's operand is wrong; collected into the FilterError."""
+
     def __init__(self, place: str, message: str) -> None:
         super().__init__(f"{place}: {message}")
 
 
 def compile_filter(spec: Any, place: str = "filter") -> Predicate:
+    """Compile a filter, or raise FilterError listing every bad entry (not only the first)."""
+    errors: list[str] = []
+    predicate = _compile(spec, place, errors)
+    if errors or predicate is None:
+        raise FilterError(errors)
+    return predicate
+
+
+def _compile(spec: Any, place: str, errors: list[str]) -> Predicate | None:
     if not isinstance(spec, dict) or not spec:
-        raise FilterError(place, "a filter is a non-empty mapping of paths to conditions")
-    parts = [_compile_entry(key, value, f"{place}.{key}") for key, value in spec.items()]
-    if len(parts) == 1:
-        return parts[0]
-    return lambda event: all(part(event) for part in parts)
+        errors.append(f"{place}: a filter is a non-empty mapping of paths to conditions")
+        return None
+    parts = [_compile_entry(key, value, f"{place}.{key}", errors) for key, value in spec.items()]
+    checked = [part for part in parts if part is not None]
+    if len(checked) < len(parts):
+        return None
+    if len(checked) == 1:
+        return checked[0]
+    return lambda event: all(part(event) for part in checked)
 
 
-def _compile_entry(key: Any, value: Any, place: str) -> Predicate:
+def _compile_entry(key: Any, value: Any, place: str, errors: list[str]) -> Predicate | None:
     if not isinstance(key, str):  # YAML reads `1:` or `true:` as non-strings
-        raise FilterError(place, f"a path must be a string, not {key!r}")
+        errors.append(f"{place}: a path must be a string, not {key!r}")
+        return None
     if key in ("any", "all"):
         if not isinstance(value, list) or not value:
-            raise FilterError(place, f"{key} takes a non-empty list of filters")
-        parts = [compile_filter(item, f"{place}[{index}]") for index, item in enumerate(value)]
+            errors.append(f"{place}: {key} takes a non-empty list of filters")
+            return None
+        parts = [_compile(item, f"{place}[{index}]", errors) for index, item in enumerate(value)]
+        checked = [part for part in parts if part is not None]
+        if len(checked) < len(parts):
+            return None
         combine = any if key == "any" else all
-        return lambda event: combine(part(event) for part in parts)
+        return lambda event: combine(part(event) for part in checked)
     if key == "not":
-        inner = compile_filter(value, place)
+        inner = _compile(value, place, errors)
+        if inner is None:
+            return None
         return lambda event: not inner(event)
     root = key.split(".", 1)[0]
     if root not in ROOTS:
-        raise FilterError(place, f"unknown path {key!r}; paths start with one of {', '.join(ROOTS)}")
-    test = _compile_condition(value, place)
+        errors.append(f"{place}: unknown path {key!r}; paths start with one of {', '.join(ROOTS)}")
+        return None
+    test = _compile_condition(value, place, errors)
+    if test is None:
+        return None
     return lambda event: test(event.lookup(key, _ABSENT))
 
 
-def _compile_condition(condition: Any, place: str) -> Callable[[Any], bool]:
+def _compile_condition(condition: Any, place: str, errors: list[str]) -> Callable[[Any], bool] | None:
     if not isinstance(condition, dict):
         return lambda value: _equal(value, condition)
     if not condition:
-        raise FilterError(place, "an empty condition")
-    tests = [_compile_operator(name, operand, f"{place}.{name}") for name, operand in condition.items()]
+        errors.append(f"{place}: an empty condition")
+        return None
+    tests = []
+    for name, operand in condition.items():
+        try:
+            tests.append(_compile_operator(name, operand, f"{place}.{name}"))
+        except _BadOperand as exc:
+            errors.append(str(exc))
+    if len(tests) < len(condition):
+        return None
     return lambda value: all(test(value) for test in tests)
 
 
@@ -77,28 +118,28 @@ def _compile_operator(name: str, operand: Any, place: str) -> Callable[[Any], bo
         return lambda value: value is not _ABSENT and not _equal(value, operand)
     if name in ("in", "not_in"):
         if not isinstance(operand, list):
-            raise FilterError(place, f"{name} takes a list")
+            raise _BadOperand(place, f"{name} takes a list")
         if name == "in":
             return lambda value: any(_equal(value, item) for item in operand)
         return lambda value: value is not _ABSENT and not any(_equal(value, item) for item in operand)
     if name == "exists":
         if not isinstance(operand, bool):
-            raise FilterError(place, "exists takes true or false")
+            raise _BadOperand(place, "exists takes true or false")
         return lambda value: (value is not _ABSENT and value is not None) is operand
     if name == "regex":
         if not isinstance(operand, str):
-            raise FilterError(place, "regex takes a string")
+            raise _BadOperand(place, "regex takes a string")
         try:
             pattern = re.compile(operand)
         except re.error as exc:
-            raise FilterError(place, f"invalid regex {operand!r}: {exc}") from None
+            raise _BadOperand(place, f"invalid regex {operand!r}: {exc}") from None
         return lambda value: isinstance(value, str) and pattern.search(value) is not None
     if name in _ORDERINGS:
         compare = _ORDERINGS[name]
         if isinstance(operand, bool) or not isinstance(operand, int | float | str):
-            raise FilterError(place, f"{name} takes a number or a string")
+            raise _BadOperand(place, f"{name} takes a number or a string")
         return lambda value: _comparable(value, operand) and compare(value, operand)
-    raise FilterError(
+    raise _BadOperand(
         place, f"unknown operator {name!r}; use eq, ne, in, not_in, exists, regex, gt, gte, lt, lte"
     )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,8 +77,19 @@ class RouteTable:
         return [route for route in self.routes.get(event.source, ()) if route.matches(event)]
 
     @classmethod
-    def build(cls, config: Config, registry: Registry) -> RouteTable:
-        """Compile the config; raises ConfigError with every problem found, each naming its place."""
+    def build(
+        cls,
+        config: Config,
+        registry: Registry,
+        *,
+        route_places: Sequence[int] | None = None,
+        unchecked_sources: Collection[str] = (),
+    ) -> RouteTable:
+        """Compile the config; raises ConfigError with every problem found, each naming its place.
+
+        route_places: the index in the file of each of config.routes (when some routes were left out).
+        unchecked_sources: sources of the file left out of config; routes naming them are checked, not built.
+        """
         table = cls(config, trusted_proxies=parse_networks(config.listen.trusted_proxies))
         errors: list[str] = []
         for name, source in config.sources.items():
@@ -124,13 +135,14 @@ class RouteTable:
         providers = {endpoint.name: endpoint.provider for endpoint in table.endpoints.values()}
         seen_routes: set[str] = set()
         for index, route in enumerate(config.routes):
-            place = f"routes[{index}]"
+            place = f"routes[{index if route_places is None else route_places[index]}]"
             if route.name in seen_routes:
                 errors.append(f"{place}.name: a route named {route.name!r} already exists")
             seen_routes.add(route.name)
-            if route.source not in config.sources:
+            if route.source not in config.sources and route.source not in unchecked_sources:
                 errors.append(
-                    f"{place}.source: unknown source {route.source!r}; known: {_known(config.sources)}"
+                    f"{place}.source: unknown source {route.source!r}; "
+                    f"known: {_known({**config.sources, **dict.fromkeys(unchecked_sources)})}"
                 )
                 continue
             # Without a provider (its own error is reported above) the route is still checked, not built.
@@ -153,7 +165,7 @@ def _compile_route(
         try:
             predicate = compile_filter(route.filter, f"{place}.filter")
         except FilterError as exc:
-            errors.append(str(exc))
+            errors.extend(exc.errors)
     actions: list[PlannedAction] = []
     keys: set[str] = set()
     for index, action in enumerate(route.actions):

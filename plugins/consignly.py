@@ -17,12 +17,12 @@ from gateway import hookimpl
 from gateway.events import Event
 from gateway.providers import (
     Provider,
-    any_digest_matches,
     bad_request,
     parse_timestamp,
     require_text,
     unauthorized,
 )
+from plugins.hmac_generic import require_signature
 
 SIGNATURE_HEADER = "x-consignly-signature"
 
@@ -78,19 +78,11 @@ class ConsignlyProvider(Provider):
         self.keys = [secret.encode() for secret in self.secrets]
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
-        header = headers.get(SIGNATURE_HEADER)
+        header = headers.get(SIGNATURE_HEADER, "").strip()
         if not header:
             raise unauthorized("missing_signature", "missing X-Consignly-Signature header")
-        scheme, _, value = header.strip().partition("=")
-        if scheme.lower() != "sha256" or len(value) != 64:
-            raise unauthorized("invalid_signature", "expected sha256=<64 hex digits>")
-        try:
-            offered = bytes.fromhex(value)
-        except ValueError:
-            raise unauthorized("invalid_signature", "expected sha256=<64 hex digits>") from None
-        expected = [hmac.new(key, body, hashlib.sha256).digest() for key in self.keys]
-        if not any_digest_matches(expected, [offered]):
-            raise unauthorized("invalid_signature", "no signature matches")
+        # Exactly one `sha256=<64 lower-case hex digits>`: a repeated header (joined with ", ") is refused.
+        require_signature(self.keys, body, [header], prefix="sha256=")
 
     def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:
         if not isinstance(payload, dict):

@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from gateway import hookimpl
 from gateway.actions import Action, Job, Outcome, http_outcome, retry, status_outcome, transport_error
@@ -29,12 +29,20 @@ class Signing(BaseModel):
         return secret
 
 
+# Set by forward itself on every request; a static header must not change them (the app dedupes and
+# routes on them).
+OWN_HEADERS = ("content-type", "idempotency-key")
+OWN_PREFIX = "x-hookyard-"
+SIGNATURE_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
+
+
 class ForwardOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     url: str
     method: str = "POST"
-    headers: dict[str, str] = Field(default_factory=dict)
+    # Before headers, so that the headers' check sees whether requests are signed.
     sign: Signing | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("url")
     @classmethod
@@ -43,6 +51,26 @@ class ForwardOptions(BaseModel):
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ValueError(f"{url!r} is not an http(s) URL")
         return url
+
+    @field_validator("headers")
+    @classmethod
+    def _not_ours(cls, headers: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        ours = [
+            name for name in headers if name.lower() in OWN_HEADERS or name.lower().startswith(OWN_PREFIX)
+        ]
+        if ours:
+            raise ValueError(
+                f"{', '.join(map(repr, ours))} cannot be set: forward sets Content-Type, Idempotency-Key "
+                "and X-Hookyard-* itself"
+            )
+        if info.data.get("sign") is not None:
+            signed = [name for name in headers if name.lower() in SIGNATURE_HEADERS]
+            if signed:
+                raise ValueError(
+                    f"{', '.join(map(repr, signed))} cannot be set together with sign: it sets "
+                    "webhook-id, webhook-timestamp and webhook-signature"
+                )
+        return headers
 
     @field_validator("method")
     @classmethod
@@ -64,14 +92,15 @@ class Forward(Action):
 
     def request_headers(self, job: Job) -> dict[str, str]:
         event = job.event
+        # The static headers never name the ones below (refused at load), so none is sent twice.
         headers = {
+            **self.options.headers,
             "content-type": event.headers.get("content-type", "application/json"),
             "idempotency-key": event.id,
             "x-hookyard-event-id": event.id,
             "x-hookyard-source": event.source,
             "x-hookyard-type": event.type,
             "x-hookyard-attempt": str(job.attempt),
-            **self.options.headers,
         }
         if self.signing_key is not None:
             timestamp = int(time.time())

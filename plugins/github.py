@@ -18,7 +18,13 @@ from gateway import hookimpl
 from gateway.config import Source
 from gateway.events import Event
 from gateway.providers import Provider
-from plugins.hmac_generic import SampleTypes, make_event, offered_digests, require_header, require_hmac
+from plugins.hmac_generic import (
+    SampleTypes,
+    make_event,
+    require_header,
+    require_signature,
+    signature_entries,
+)
 
 SIGNATURE_HEADER = "x-hub-signature-256"
 
@@ -34,7 +40,7 @@ class GitHubProvider(Provider):
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         header = require_header(headers, SIGNATURE_HEADER, "X-Hub-Signature-256")
-        require_hmac(self.keys, body, offered_digests(header, "sha256=", "hex"))
+        require_signature(self.keys, body, signature_entries(header), prefix="sha256=")
 
     def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:
         return make_event(

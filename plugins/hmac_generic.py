@@ -26,8 +26,6 @@ import re
 import string
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
-from functools import cache
-from itertools import islice
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, model_validator
@@ -52,48 +50,56 @@ Encoding = Literal["hex", "base64"]
 # -- signatures ----------------------------------------------------------------------------------------
 
 
-def decode_digest(text: str, encoding: Encoding) -> bytes | None:
-    """The raw digest, or None when text is not strictly hex / standard base64 (never raises)."""
-    try:
-        if encoding == "hex":
-            return bytes.fromhex(text) if text.isascii() and text.isalnum() else None
-        return base64.b64decode(text, validate=True)
-    except ValueError:  # binascii.Error is a ValueError; so is non-ASCII input to b64decode
-        return None
-
-
 def encode_digest(digest: bytes, encoding: Encoding) -> str:
+    """The one spelling of a digest that is accepted: lower-case hex, or standard base64 with padding."""
     return digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
 
 
-# Characters a hex or base64 (standard or URL-safe) digest is made of: a run of them is one token.
-_TOKEN_CHARS = r"A-Za-z0-9+/=_\-"
+def decode_digest(text: str, encoding: Encoding) -> bytes | None:
+    """The raw digest when text is exactly its canonical spelling (see encode_digest), else None. Decoders
+    also take upper-case hex and base64 whose unused padding bits were altered; those are other texts for
+    the same bytes, and a signature has exactly one text. Never raises."""
+    try:
+        digest = bytes.fromhex(text) if encoding == "hex" else base64.b64decode(text, validate=True)
+    except ValueError:  # binascii.Error is a ValueError; so is non-ASCII input to b64decode
+        return None
+    return digest if encode_digest(digest, encoding) == text else None
 
 
-@cache
-def _digest_pattern(prefix: str) -> re.Pattern[str]:
-    # The prefix must start a token, so `v1=` is not found inside `xv1=`; what follows it is the digest.
-    return re.compile(rf"(?<![{_TOKEN_CHARS}]){re.escape(prefix)}([{_TOKEN_CHARS}]+)", re.IGNORECASE)
+# Entries of a signature header are separated by whitespace; a repeated header arrives joined with ", ".
+_ENTRY_SEPARATOR = re.compile(r",?\s+")
 
 
-def offered_digests(header: str, prefix: str, encoding: Encoding) -> list[bytes]:
-    """Every `<prefix><digest>` in a signature header, whatever separates them (a repeated header arrives
-    joined with ", "), at most MAX_SIGNATURES of them; unreadable ones are skipped."""
-    offered = []
-    for match in islice(_digest_pattern(prefix).finditer(header), MAX_SIGNATURES):
-        digest = decode_digest(match.group(1), encoding)
-        if digest is not None:
-            offered.append(digest)
-    return offered
+def signature_entries(header: str) -> list[str]:
+    """The entries of a signature header, at most MAX_SIGNATURES of them (split with a limit: an endless
+    header costs no more than that). A comma that is not followed by whitespace is part of its entry."""
+    return _ENTRY_SEPARATOR.split(header.strip(), MAX_SIGNATURES)[:MAX_SIGNATURES]
 
 
-def require_hmac(
-    keys: Sequence[bytes], content: bytes, offered: Sequence[bytes], algorithm: Algorithm = "sha256"
+def text_bytes(text: str) -> bytes:
+    # For comparisons only. Lone surrogates cannot arrive over HTTP; surrogatepass keeps them from raising.
+    return text.encode("utf-8", "surrogatepass")
+
+
+def require_signature(
+    keys: Sequence[bytes],
+    content: bytes,
+    entries: Sequence[str],
+    *,
+    prefix: str = "",
+    encoding: Encoding = "hex",
+    algorithm: Algorithm = "sha256",
 ) -> None:
-    """Raise invalid_signature unless some offered digest is the HMAC of content under some key. Every
-    pair is compared in constant time, so neither the answer nor its timing names a secret."""
-    expected = [hmac.new(key, content, algorithm).digest() for key in keys]
-    if not any_digest_matches(expected, list(offered)):
+    """Raise invalid_signature unless some entry is, character for character, prefix + the canonical
+    encoding of the HMAC of content under some key. Text is compared, not decoded bytes, so that any change
+    to a signature's text is refused (upper-case hex, other base64 padding bits, a trailing comma), as the
+    providers' own verifiers compare it. Every pair is compared in constant time, so neither the answer nor
+    its timing names a secret."""
+    expected = [
+        text_bytes(prefix + encode_digest(hmac.new(key, content, algorithm).digest(), encoding))
+        for key in keys
+    ]
+    if not any_digest_matches(expected, [text_bytes(entry) for entry in entries]):
         raise unauthorized("invalid_signature", "no signature matches")
 
 
@@ -383,8 +389,14 @@ class HmacProvider(FieldMappedProvider):
         if "id" in self.template.fields:
             _, _, id_header = options.id_from.partition(":")
             values["id"] = wire_bytes(require_header(headers, id_header, id_header))
-        offered = offered_digests(header, options.prefix, options.encoding)
-        require_hmac(self.keys, self.template.render(values), offered, options.algorithm)
+        require_signature(
+            self.keys,
+            self.template.render(values),
+            signature_entries(header),
+            prefix=options.prefix,
+            encoding=options.encoding,
+            algorithm=options.algorithm,
+        )
 
     def occurred_at(self, headers: Mapping[str, str]) -> float | None:
         if self.options.timestamp_header is None:

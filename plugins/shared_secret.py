@@ -33,6 +33,11 @@ def _text_bytes(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
+def _basic_credentials(secret: str) -> str:
+    """`user:password` as RFC 7617 sends it: standard base64 of its UTF-8 bytes."""
+    return base64.b64encode(secret.encode()).decode()
+
+
 def _require_credential(expected: list[bytes], offered: bytes) -> None:
     if not any_digest_matches(expected, [_fingerprint(offered)]):
         raise unauthorized("invalid_signature", "the credential matches no configured secret")
@@ -97,21 +102,21 @@ class BasicProvider(FieldMappedProvider):
             user, colon, _ = secret.partition(":")
             if not user or not colon or not secret.isprintable():
                 raise ValueError(f"secrets[{index}] must be user:password (printable, the user without ':')")
-        self.expected = [_fingerprint(secret.encode()) for secret in self.secrets]
+        # The base64 text is compared, not what it decodes to: other spellings of the same bytes (altered
+        # padding bits) are refused, as for every signature.
+        self.expected = [_fingerprint(_basic_credentials(secret).encode()) for secret in self.secrets]
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         scheme, _, encoded = require_header(headers, AUTHORIZATION, "Authorization").strip().partition(" ")
         if scheme.lower() != "basic":
             raise unauthorized("invalid_signature", "expected Authorization: Basic <base64 user:password>")
-        try:
-            credentials = base64.b64decode(encoded.strip(), validate=True)
-        except ValueError:
-            raise unauthorized("invalid_signature", "the Basic credentials are not base64") from None
-        _require_credential(self.expected, credentials)
+        _require_credential(self.expected, _text_bytes(encoded.strip()))
 
     def sign(self, body: bytes, event_id: str, now: float) -> dict[str, str]:
-        credentials = base64.b64encode(self.secrets[0].encode()).decode()
-        return {**self.field_headers(event_id), "Authorization": f"Basic {credentials}"}
+        return {
+            **self.field_headers(event_id),
+            "Authorization": f"Basic {_basic_credentials(self.secrets[0])}",
+        }
 
 
 @hookimpl

@@ -21,9 +21,9 @@ from plugins.hmac_generic import (
     SampleTypes,
     iso_now,
     make_event,
-    offered_digests,
     require_header,
-    require_hmac,
+    require_signature,
+    signature_entries,
 )
 
 SIGNATURE_HEADER = "x-shopify-hmac-sha256"
@@ -41,7 +41,7 @@ class ShopifyProvider(Provider):
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         header = require_header(headers, SIGNATURE_HEADER, "X-Shopify-Hmac-Sha256")
-        require_hmac(self.keys, body, offered_digests(header, "", "base64"))
+        require_signature(self.keys, body, signature_entries(header), encoding="base64")
 
     def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:
         return make_event(

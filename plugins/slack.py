@@ -22,10 +22,10 @@ from plugins.hmac_generic import (
     body_digest_id,
     check_timestamp,
     make_event,
-    offered_digests,
     require_header,
-    require_hmac,
     require_object,
+    require_signature,
+    signature_entries,
 )
 
 SIGNATURE_HEADER = "x-slack-signature"
@@ -48,7 +48,8 @@ class SlackProvider(Provider):
         header = require_header(headers, SIGNATURE_HEADER, "X-Slack-Signature")
         label = "X-Slack-Request-Timestamp header"
         timestamp = check_timestamp(headers.get(TIMESTAMP_HEADER), now, self.tolerance, label)
-        require_hmac(self.keys, signed_content(timestamp, body), offered_digests(header, "v0=", "hex"))
+        entries = signature_entries(header)
+        require_signature(self.keys, signed_content(timestamp, body), entries, prefix="v0=")
 
     def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:
         payload = require_object(payload)

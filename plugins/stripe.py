@@ -16,15 +16,14 @@ from typing import Any
 from gateway import hookimpl
 from gateway.config import Source
 from gateway.events import Event
-from gateway.providers import Provider, parse_timestamp
+from gateway.providers import Provider, parse_timestamp, unauthorized
 from plugins.hmac_generic import (
     MAX_SIGNATURES,
     check_timestamp,
-    decode_digest,
     make_event,
     require_header,
-    require_hmac,
     require_object,
+    require_signature,
 )
 
 SIGNATURE_HEADER = "stripe-signature"
@@ -44,16 +43,18 @@ class StripeProvider(Provider):
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         header = require_header(headers, SIGNATURE_HEADER, "Stripe-Signature")
         timestamp: str | None = None
-        offered: list[bytes] = []
+        offered: list[str] = []
         # t plus a few v1/v0 entries; more is not a real header (split with a limit bounds the work).
         for item in header.split(",", MAX_SIGNATURES)[:MAX_SIGNATURES]:
             key, _, value = item.strip().partition("=")
+            if not key:  # `,,`, a leading or a trailing comma: not a header Stripe writes
+                raise unauthorized("invalid_signature", "the Stripe-Signature header has an empty entry")
             if key == "t" and timestamp is None:
                 timestamp = value
-            elif key == "v1" and (digest := decode_digest(value, "hex")) is not None:
-                offered.append(digest)
+            elif key == "v1":
+                offered.append(value)
         timestamp = check_timestamp(timestamp, now, self.tolerance, "t= in the Stripe-Signature header")
-        require_hmac(self.keys, f"{timestamp}.".encode() + body, offered)
+        require_signature(self.keys, f"{timestamp}.".encode() + body, offered)
 
     def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:
         payload = require_object(payload)

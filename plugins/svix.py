@@ -34,7 +34,15 @@ from gateway.providers import (
     require_text,
     unauthorized,
 )
-from plugins.hmac_generic import MAX_SIGNATURES, check_timestamp, iso_now, wire_bytes
+from plugins.hmac_generic import (
+    MAX_SIGNATURES,
+    check_timestamp,
+    decode_digest,
+    iso_now,
+    signature_entries,
+    text_bytes,
+    wire_bytes,
+)
 
 __all__ = ["MAX_SIGNATURES", "StandardWebhooksProvider", "SvixProvider", "decode_secret", "sign"]
 
@@ -121,23 +129,21 @@ class SvixProvider(Provider):
         if not msg_id or not signature:
             raise unauthorized("missing_signature", f"missing {prefix}id/{prefix}signature headers")
         check_timestamp(timestamp, now, self.tolerance, f"{prefix}timestamp header")
-        symmetric: list[bytes] = []
-        asymmetric: list[bytes] = []
-        # split with a limit: an endless header costs no more than MAX_SIGNATURES entries.
-        for entry in signature.split(" ", MAX_SIGNATURES)[:MAX_SIGNATURES]:
-            # A repeated header arrives joined with ", "; base64 never ends in a comma.
-            version, _, value = entry.rstrip(",").partition(",")
-            if version not in ("v1", "v1a") or not value:
-                continue
-            try:
-                decoded = base64.b64decode(value, validate=True)
-            except (binascii.Error, ValueError):
-                continue
-            (symmetric if version == "v1" else asymmetric).append(decoded)
+        entries = signature_entries(signature)
         # The id as its bytes arrived (the timestamp is ASCII digits by now).
         content = wire_bytes(msg_id) + f".{timestamp}.".encode() + body
-        expected = [hmac.new(key, content, hashlib.sha256).digest() for key in self.keys]
-        if not any_digest_matches(expected, symmetric) and not self._ed25519_matches(content, asymmetric):
+        # v1 entries are compared as text with what each key signs, so no other spelling of the same
+        # bytes passes (base64 with altered padding bits, a trailing comma).
+        expected = [
+            b"v1," + base64.b64encode(hmac.new(key, content, hashlib.sha256).digest()) for key in self.keys
+        ]
+        asymmetric = [
+            decoded
+            for entry in entries
+            if entry.startswith("v1a,") and (decoded := decode_digest(entry[4:], "base64")) is not None
+        ]
+        offered = [text_bytes(entry) for entry in entries]
+        if not any_digest_matches(expected, offered) and not self._ed25519_matches(content, asymmetric):
             raise unauthorized("invalid_signature", "no signature matches")
 
     def _ed25519_matches(self, content: bytes, offered: list[bytes]) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import re
 import threading
 import time
@@ -22,12 +23,13 @@ import yaml
 from gateway.config import ConfigError, parse_config
 from gateway.plugins import registry
 from gateway.routing import RouteTable
-from gateway.storage import EventDetail
+from gateway.storage import Attempt, EventDetail
 from plugins.acknowledge import AcknowledgeOptions, ClientCredentials, OAuthOptions, TokenUnavailable
 from tests.support import (
     Downstream,
     RunningGateway,
     ServerThread,
+    TcpProxy,
     consignly_headers,
     gateway_config,
     wait_until,
@@ -62,6 +64,9 @@ class FakeConsignly:
     token_failures: list[int] = field(default_factory=list)
     # Every bearer token is refused, as when the integration was disconnected.
     refuse_all: bool = False
+    # Answers the connection-result endpoint gives before it works again, as when the API is overloaded or
+    # being deployed: a status, or a (status, headers) pair.
+    outages: list[int | tuple[int, dict[str, str]]] = field(default_factory=list)
     issued: list[str] = field(default_factory=list)
     valid: set[str] = field(default_factory=lambda: {STATIC_TOKEN})
     token_requests: list[dict[str, Any]] = field(default_factory=list)
@@ -86,15 +91,17 @@ class FakeConsignly:
             if not message.get("more_body"):
                 break
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        extra: dict[str, str] = {}
         if scope["path"] == "/oauth/token":
             status, answer = await self.token_endpoint(scope["method"], headers, body)
         else:
-            status, answer = self.connection_result(scope, headers, body)
+            status, answer, extra = self.connection_result(scope, headers, body)
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(b"content-type", b"application/json")],
+                "headers": [(b"content-type", b"application/json")]
+                + [(k.encode(), v.encode()) for k, v in extra.items()],
             }
         )
         await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
@@ -129,7 +136,7 @@ class FakeConsignly:
 
     def connection_result(
         self, scope: dict[str, Any], headers: dict[str, str], body: bytes
-    ) -> tuple[int, Any]:
+    ) -> tuple[int, Any, dict[str, str]]:
         raw_path = scope["raw_path"].decode("ascii")
         match = _PATH.match(raw_path)
         scheme, _, token = headers.get("authorization", "").partition(" ")
@@ -137,9 +144,13 @@ class FakeConsignly:
             payload = json.loads(body)
         except ValueError:
             payload = None
+        extra: dict[str, str] = {}
         with self.lock:
             if match is None:
                 status = 404
+            elif self.outages:
+                outage = self.outages.pop(0)
+                status, extra = outage if isinstance(outage, tuple) else (outage, {})
             elif scope["method"] != "PUT":
                 status = 405
             elif scheme != "Bearer" or token not in self.valid or self.refuse_all:
@@ -158,7 +169,7 @@ class FakeConsignly:
             self.calls.append(
                 ApiCall(scope["method"], raw_path, consignment_id, token or None, payload, status)
             )
-        return status, {} if status == 200 else {"message": "rejected"}
+        return status, {} if status == 200 else {"message": "rejected"}, extra
 
 
 @pytest.fixture
@@ -272,8 +283,9 @@ def test_a_refused_static_token_ends_dead_without_retries(
 
 
 def test_events_without_an_operation_are_skipped(
-    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="hookyard.delivery")
     route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
     with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
         send(gw, consignly_event("evt_no_op", operation_id=None))
@@ -294,6 +306,99 @@ def test_events_without_an_operation_are_skipped(
         assert (
             gw.metric("hookyard_deliveries_total", route="consignments", action="ack", outcome="skipped") == 3
         )
+    # One log line per skipped acknowledgement, at INFO, naming the event and the reason (the JSON log's
+    # fields are the record's extra attributes).
+    skips = [
+        record
+        for record in caplog.records
+        if record.name == "hookyard.delivery" and getattr(record, "action", None) == "ack"
+    ]
+    assert sorted(
+        (r.levelname, r.getMessage(), getattr(r, "event_id", None), getattr(r, "error", None)) for r in skips
+    ) == [
+        ("INFO", "delivery skipped", "evt_blank_op", "the event has no operationId"),
+        ("INFO", "delivery skipped", "evt_no_consignment", "the event has no data.consignmentId"),
+        ("INFO", "delivery skipped", "evt_no_op", "the event has no operationId"),
+    ]
+
+
+# -- the API's own failures -------------------------------------------------------------------------------
+
+
+def ack_history(gw: RunningGateway, event_id: str) -> list[Attempt]:
+    detail = event_detail(gw, event_id)
+    ack = next(d for d in detail.deliveries if d.action == "ack")
+    return detail.attempts[ack.id]
+
+
+def test_api_outages_are_retried_until_acknowledged(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    consignly_api.outages = [503, 503]
+    route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_api_down", "op-7"))
+        wait_until(lambda: delivery_states(gw, "evt_api_down") == {"app": "delivered", "ack": "delivered"})
+        assert [(a.number, a.outcome, a.status_code, a.error) for a in ack_history(gw, "evt_api_down")] == [
+            (1, "retry", 503, "HTTP 503"),
+            (2, "retry", 503, "HTTP 503"),
+            (3, "delivered", 200, None),
+        ]
+        ack = next(d for d in event_detail(gw, "evt_api_down").deliveries if d.action == "ack")
+        assert (ack.attempts, ack.last_status, ack.last_error) == (3, 200, None)
+        # The same report every time, and only the acknowledgement is retried: the app got the event once.
+        assert [(call.status, call.token, call.body) for call in consignly_api.calls] == [
+            (503, STATIC_TOKEN, {"operationId": "op-7", "result": 1}),
+            (503, STATIC_TOKEN, {"operationId": "op-7", "result": 1}),
+            (200, STATIC_TOKEN, {"operationId": "op-7", "result": 1}),
+        ]
+        assert len(downstream.received("/app")) == 1
+        labels = {"route": "consignments", "action": "ack"}
+        assert gw.metric("hookyard_deliveries_total", **labels, outcome="retried") == 2
+        assert gw.metric("hookyard_deliveries_total", **labels, outcome="delivered") == 1
+
+
+def test_a_429_is_retried_after_its_retry_after(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    # The schedule's 50 ms would retry at once; the API asks for a second.
+    consignly_api.outages = [(429, {"Retry-After": "1"})]
+    route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_throttled"))
+        wait_until(lambda: delivery_states(gw, "evt_throttled") == {"app": "delivered", "ack": "delivered"})
+        first, second = ack_history(gw, "evt_throttled")
+        assert (first.outcome, first.status_code, first.error) == ("retry", 429, "HTTP 429")
+        assert (second.outcome, second.status_code) == ("delivered", 200)
+        assert second.started_at - (first.started_at + first.duration) >= 0.99
+        assert [call.status for call in consignly_api.calls] == [429, 200]
+
+
+def test_a_refused_connection_is_retried(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    host, _, port = consignly_api.url.removeprefix("http://").partition(":")
+    with TcpProxy(host, int(port)) as proxy:
+        proxy.cut()  # nothing listens on the proxy's port: connections are refused
+        route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
+        route["actions"][1]["with"]["base_url"] = f"http://127.0.0.1:{proxy.port}"
+        # Enough room for the refused attempts until the API is reachable again.
+        route["actions"][1]["retry"] = {"schedule": ["100ms"] * 30, "jitter": 0}
+        with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+            send(gw, consignly_event("evt_unreachable"))
+            wait_until(lambda: ack_history(gw, "evt_unreachable"))
+            proxy.restore()
+            wait_until(
+                lambda: delivery_states(gw, "evt_unreachable") == {"app": "delivered", "ack": "delivered"}
+            )
+            *refused, last = ack_history(gw, "evt_unreachable")
+    assert refused
+    for attempt in refused:
+        assert (attempt.outcome, attempt.status_code) == ("retry", None)
+        assert (attempt.error or "").startswith("cannot connect"), attempt.error
+    assert (last.number, last.outcome, last.status_code) == (len(refused) + 1, "delivered", 200)
+    # The refused attempts never reached the API.
+    assert [call.status for call in consignly_api.calls] == [200]
 
 
 # -- OAuth ------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from gateway.cli import main
 from gateway.events import Event
 from gateway.storage import Attempt, Claim, DeliveryRecord, NewDelivery
 from gateway.storage.sqlite import SQLiteStorage
-from tests.support import CONSIGNLY_SECRETS, SVIX_SECRET
+from tests.support import CONSIGNLY_SECRETS, SVIX_SECRET, Downstream, RunningGateway, wait_until
 
 T = TypeVar("T")
 
@@ -100,6 +100,9 @@ def test_check_reports_every_shape_error_with_its_place(tmp_path: Path) -> None:
     config["listen"] = {"port": 70000}
     config["delivery"] = {"lease": "soon"}
     del config["routes"][0]["source"]
+    # Valid routes are still compiled; one naming the source whose shape is invalid gets no knock-on error.
+    config["routes"].append({**config["routes"][0], "name": "to-consignease", "source": "consignease"})
+    config["routes"].append({**config["routes"][0], "name": "to-consignly", "source": "consignly"})
     path = write_config(tmp_path, config)
 
     result = invoke("check", "-c", path)
@@ -412,3 +415,133 @@ def test_replay_an_id_in_several_sources_needs_source(filled: Path) -> None:
     chosen = invoke("replay", "-c", filled, "evt_twin", "--source", "consignly")
     assert chosen.exit_code == 0
     assert chosen.stdout == "replaying 0 deliveries\n"
+
+
+def test_check_reports_shape_and_routing_errors_in_one_run(tmp_path: Path) -> None:
+    config = config_dict(tmp_path)
+    config["listen"] = {"bogus": 1}
+    config["sources"]["legacy"] = {"path": "/webhooks/legacy", "provider": "carrier-pigeon", "secrets": ["s"]}
+    config["routes"] = [
+        {"name": "broken", "source": "consignly", "actions": [{"use": "forward"}], "colour": "blue"},
+        {
+            "name": "users",
+            "source": "consignease",
+            "filter": {"data.a": {"between": [1, 2]}, "body.x": 1, "data.b": {"in": 3}},
+            "actions": [
+                {"id": "app", "use": "forward", "with": {}},
+                {"id": "sms", "use": "carrier-pigeon"},
+            ],
+        },
+    ]
+    path = write_config(tmp_path, config)
+
+    result = invoke("check", "-c", path)
+    assert result.exit_code == 1
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    expected = [
+        f"{path}: listen.bogus: unknown key",
+        f"{path}: routes[0].colour: unknown key",
+        f"{path}: sources.legacy.provider: unknown provider 'carrier-pigeon'",
+        # Every bad entry of the filter, not only the first.
+        f"{path}: routes[1].filter.data.a.between: unknown operator 'between'",
+        f"{path}: routes[1].filter.body.x: unknown path 'body.x'",
+        f"{path}: routes[1].filter.data.b.in: in takes a list",
+        # The route keeps its place in the file although routes[0] was left out of the later checks.
+        f"{path}: routes[1].actions[0].with.url: field required",
+        f"{path}: routes[1].actions[1].use: unknown action 'carrier-pigeon'",
+    ]
+    for line in expected:
+        assert any(printed.startswith(line) for printed in lines), (line, lines)
+    assert len(lines) == len(expected), lines
+
+
+# -- bulk replays over several pages, on the database and through the admin API -----------------------
+
+
+async def fill_for_bulk(storage: SQLiteStorage) -> None:
+    """evt_dead_0..4 (app dead), evt_unrouted_0..2 (matched no route when they arrived) and evt_done
+    (delivered), all received a minute ago."""
+    now = time.time()
+    for index in range(5):
+        await storage.ingest(make_event(f"evt_dead_{index}", now - 60), [APP])
+    for claim in await storage.claim(now - 60, 10, 60, "w"):
+        await finish(storage, claim, "dead", now - 59, 410)
+    await storage.ingest(make_event("evt_done", now - 60), [APP])
+    [done] = await storage.claim(now - 60, 10, 60, "w")
+    await finish(storage, done, "delivered", now - 59, 200)
+    for index in range(3):
+        await storage.ingest(make_event(f"evt_unrouted_{index}", now - 60), [])
+
+
+def bulk_replay(
+    tmp_path: Path, downstream: Downstream, through: str, *args: str, expect: int = 0
+) -> tuple[Result, set[str]]:
+    """Run `hookyard replay ARGS --page-size 2` on a database filled by fill_for_bulk, directly or
+    through a running gateway's admin API; answers the result and the event ids now due for app (through
+    the admin API: delivered by the gateway, `expect` of them)."""
+    config = config_dict(tmp_path)
+    config["routes"][0]["actions"][0]["with"]["url"] = f"{downstream.url}/hooks"
+    path = write_config(tmp_path, config)
+    with_storage(tmp_path / "db.sqlite", fill_for_bulk)
+    if through == "database":
+        result = invoke("replay", "-c", path, *args, "--page-size", "2")
+
+        async def due(storage: SQLiteStorage) -> set[str]:
+            claims = await storage.claim(time.time() + 1, 100, 60, "test")
+            return {claim.event.id for claim in claims}
+
+        return result, with_storage(tmp_path / "db.sqlite", due)
+    with RunningGateway(path) as gw:  # ops on loopback without a token: the CLI needs none
+        result = invoke("replay", "--admin-url", gw.ops_url, *args, "--page-size", "2")
+        wait_until(lambda: len(downstream.received("/hooks")) >= expect)
+        time.sleep(0.3)  # anything else would have arrived by now
+    return result, {r.headers["idempotency-key"] for r in downstream.received("/hooks")}
+
+
+@pytest.mark.parametrize("through", ["database", "admin-api"])
+def test_bulk_replay_of_dead_deliveries_pages_and_shows_progress(
+    tmp_path: Path, downstream: Downstream, through: str
+) -> None:
+    result, due = bulk_replay(tmp_path, downstream, through, "--state", "dead", "--since", "1h", expect=5)
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "replaying 5 deliveries\n"
+    # Five dead deliveries in pages of two: progress after each page but the last.
+    assert result.stderr.splitlines() == ["... 2 replayed, 0 created", "... 4 replayed, 0 created"]
+    assert due == {f"evt_dead_{index}" for index in range(5)}
+
+
+@pytest.mark.parametrize("through", ["database", "admin-api"])
+def test_bulk_replay_of_missing_deliveries_creates_them_and_shows_progress(
+    tmp_path: Path, downstream: Downstream, through: str
+) -> None:
+    result, due = bulk_replay(tmp_path, downstream, through, "--state", "missing", "--since", "1h", expect=8)
+    assert result.exit_code == 0, result.output
+    # The current config routes user.created to app: the unrouted events get their delivery, the dead
+    # ones run again, and evt_done, delivered already, is left alone. Nine events in pages of two.
+    assert result.stdout == "replaying 5 deliveries, created 3 missing ones\n"
+    # In the order received: evt_dead_0..4, evt_done, evt_unrouted_0..2.
+    assert result.stderr.splitlines() == [
+        "... 2 replayed, 0 created",
+        "... 4 replayed, 0 created",
+        "... 5 replayed, 0 created",
+        "... 5 replayed, 2 created",
+    ]
+    assert due == {f"evt_dead_{index}" for index in range(5)} | {
+        f"evt_unrouted_{index}" for index in range(3)
+    }
+
+
+@pytest.mark.parametrize("through", ["database", "admin-api"])
+def test_bulk_replay_of_missing_needs_since(tmp_path: Path, downstream: Downstream, through: str) -> None:
+    result, due = bulk_replay(tmp_path, downstream, through, "--state", "missing")
+    assert result.exit_code == 1
+    assert "since: required for mode missing" in result.stderr
+    assert due == set()
+
+
+@pytest.mark.parametrize("page_size", ["0", "501"])
+def test_replay_page_size_is_bounded(filled: Path, page_size: str) -> None:
+    result = invoke("replay", "-c", filled, "--state", "dead", "--page-size", page_size)
+    assert result.exit_code == 2
+    assert "--page-size" in result.stderr

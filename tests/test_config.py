@@ -165,9 +165,11 @@ def test_every_missing_variable_is_reported_with_the_shape_still_available() -> 
     assert len(errors) == 2
     assert errors[0].startswith("sources.x.secrets[0]: environment variable ONE is not set")
     assert errors[1].startswith("sources.x.secrets[2]: environment variable THREE is not set")
-    # Only interpolation failed: the validated config is attached for further checks.
-    assert isinstance(caught.value.config, Config)
-    assert caught.value.config.sources["x"].secrets == ["ok"]
+    # Only interpolation failed: the whole validated config is attached for further checks.
+    partial = caught.value.partial
+    assert partial is not None and isinstance(partial.config, Config)
+    assert partial.config.sources["x"].secrets == ["ok"]
+    assert partial.unchecked_sources == frozenset()
 
 
 def test_missing_variable_and_schema_errors_are_reported_together() -> None:
@@ -177,7 +179,57 @@ def test_missing_variable_and_schema_errors_are_reported_together() -> None:
     errors = caught.value.errors
     assert any(e.startswith("sources.x.secrets[0]: environment variable NOPE") for e in errors)
     assert "sources.x.bogus: unknown key" in errors
-    assert caught.value.config is None
+    # The source's shape is invalid: it is left out of what later checks see, but known to exist.
+    partial = caught.value.partial
+    assert partial is not None
+    assert partial.config.sources == {}
+    assert partial.unchecked_sources == {"x"}
+
+
+def test_the_valid_parts_of_an_invalid_config_are_attached_with_their_places() -> None:
+    text = """
+listen: {bogus: 1}
+ops: {port: 9100}
+defaults: {timeout: 7s}
+sources:
+  good: {path: /good, provider: svix, secrets: [s]}
+  bad: {path: no-slash, provider: svix, secrets: [s]}
+routes:
+  - {name: first, actions: [{use: forward}]}
+  - {name: second, source: good, actions: [{use: forward}]}
+  - {name: third, source: bad, actions: [{use: forward}], colour: blue}
+  - {name: fourth, source: bad, actions: [{use: forward}]}
+"""
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, environ={})
+    assert set(caught.value.errors) >= {
+        "listen.bogus: unknown key",
+        "sources.bad.path: path 'no-slash' must start with /",
+        "routes[0].source: field required",
+        "routes[2].colour: unknown key",
+    }
+    partial = caught.value.partial
+    assert partial is not None
+    # Invalid sections fall back to their defaults; valid ones are kept.
+    assert partial.config.listen == Config().listen
+    assert partial.config.ops.port == 9100
+    assert partial.config.defaults.timeout == 7.0
+    assert list(partial.config.sources) == ["good"]
+    assert partial.unchecked_sources == {"bad"}
+    assert [route.name for route in partial.config.routes] == ["second", "fourth"]
+    assert partial.route_places == (1, 3)
+
+
+@pytest.mark.parametrize("sources", ["[not, a, mapping]", "5"])
+def test_routes_naming_sources_of_an_invalid_sources_section_are_unchecked(sources: str) -> None:
+    text = f"sources: {sources}\nroutes: [{{name: r, source: s, actions: [{{use: forward}}]}}]\n"
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, environ={})
+    partial = caught.value.partial
+    assert partial is not None
+    assert partial.config.sources == {}
+    assert partial.unchecked_sources == {"s"}
+    assert partial.route_places == (0,)
 
 
 # -- secrets ---------------------------------------------------------------------------------------------

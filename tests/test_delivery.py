@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -254,13 +255,17 @@ def test_a_failing_observer_hook_changes_no_answer(tmp_path, downstream: Downstr
     from gateway import hookimpl
     from gateway.plugins import new_plugin_manager
 
+    calls: list[str] = []
+
     class Broken:
         @hookimpl
         def event_accepted(self, event):  # type: ignore[no-untyped-def]
+            calls.append(f"event_accepted {event.id}")
             raise RuntimeError("observer bug")
 
         @hookimpl
         def delivery_finished(self, delivery, outcome, final):  # type: ignore[no-untyped-def]
+            calls.append(f"delivery_finished {delivery.action}")
             raise RuntimeError("observer bug")
 
     pm = new_plugin_manager(load_entry_points=False)
@@ -269,3 +274,166 @@ def test_a_failing_observer_hook_changes_no_answer(tmp_path, downstream: Downstr
         body, headers = svix_request(msg_id="msg_observed")
         assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
         wait_until(lambda: delivery_states(gw, "msg_observed") == {"app": "delivered"})
+        # Both hooks did run (and raise): the answer and the delivery are as if they had not.
+        wait_until(lambda: "delivery_finished app" in calls)
+        assert calls == ["event_accepted msg_observed", "delivery_finished app"]
+        assert len(downstream.received("/app")) == 1
+
+
+def test_observer_hooks_are_called_with_their_arguments(tmp_path, downstream: Downstream) -> None:
+    from gateway import hookimpl
+    from gateway.plugins import new_plugin_manager
+
+    calls: list[tuple[Any, ...]] = []
+
+    class Recorder:
+        @hookimpl
+        def startup(self, gateway):  # type: ignore[no-untyped-def]
+            calls.append(("startup", gateway))
+
+        @hookimpl
+        def shutdown(self, gateway):  # type: ignore[no-untyped-def]
+            calls.append(("shutdown", gateway))
+
+        @hookimpl
+        def event_accepted(self, event, routes):  # type: ignore[no-untyped-def]
+            calls.append(("event_accepted", event.id, event.source, event.type, event.data, routes))
+
+        @hookimpl
+        def delivery_finished(self, delivery, outcome, final):  # type: ignore[no-untyped-def]
+            # The record is the engine's own: copy what it says now.
+            snapshot = (delivery.route, delivery.action, delivery.attempts, delivery.state)
+            calls.append(("delivery_finished", *snapshot, outcome.kind, outcome.status_code, final))
+
+    def finished(route: str, action: str) -> list[tuple[Any, ...]]:
+        return [call[3:] for call in calls if call[0] == "delivery_finished" and call[1:3] == (route, action)]
+
+    downstream.answer("/app", 500, 200)
+    audit = {
+        "name": "audit",
+        "source": "consignease",
+        "events": ["user.created"],
+        "actions": [{"id": "log", "use": "forward", "with": {"url": f"{downstream.url}/audit"}}],
+    }
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(Recorder(), name="recorder")
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream), audit]), pm=pm) as gw:
+        gateway = gw.gateway
+        assert calls == [("startup", gateway)]
+        body, headers = svix_request(msg_id="msg_hooks", data={"id": "user_1"})
+        assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
+        # A duplicate is not a new event: no second call.
+        assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "duplicate"
+        body, headers = svix_request("order.created", {"id": "order_1"}, msg_id="msg_unrouted")
+        assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
+        wait_until(lambda: len(finished("users", "app")) == 2 and finished("audit", "log"))
+        assert [call for call in calls if call[0] == "event_accepted"] == [
+            (
+                "event_accepted",
+                "msg_hooks",
+                "consignease",
+                "user.created",
+                {"id": "user_1"},
+                ["users", "audit"],
+            ),
+            (
+                "event_accepted",
+                "msg_unrouted",
+                "consignease",
+                "order.created",
+                {"id": "order_1"},
+                [],
+            ),
+        ]
+        # One call per attempt: a retry is not final, the delivered one is.
+        assert finished("users", "app") == [
+            (1, "pending", "retry", 500, False),
+            (2, "delivered", "delivered", 200, True),
+        ]
+        assert finished("audit", "log") == [(1, "delivered", "delivered", 200, True)]
+        assert not any(call[0] == "shutdown" for call in calls)
+    assert calls[0] == ("startup", gateway)
+    assert calls[-1] == ("shutdown", gateway)
+    assert [call[0] for call in calls].count("shutdown") == 1
+
+
+# -- retry policy ------------------------------------------------------------------------------------
+
+
+def test_jitter_keeps_each_delay_within_its_band_and_spreads_them() -> None:
+    from gateway.config import RetryPolicy
+    from gateway.retry import next_delay
+
+    policy = RetryPolicy(schedule=[10.0, 60.0], jitter=0.2)
+    for attempt, scheduled in ((1, 10.0), (2, 60.0)):
+        delays = [next_delay(policy, attempt) for _ in range(500)]
+        assert all(d is not None and scheduled * 0.8 <= d <= scheduled * 1.2 for d in delays), delays
+        spread = [d for d in delays if d is not None]
+        # Spread both ways, not one constant: deliveries that failed together do not retry together.
+        assert min(spread) < scheduled < max(spread)
+        assert len(set(spread)) > 400
+    assert next_delay(policy, 3) is None  # the schedule is used up: dead
+    assert next_delay(RetryPolicy(schedule=[10.0], jitter=0), 1) == 10.0
+    # The receiver's Retry-After wins when it asks for longer than the jittered delay, not when shorter.
+    assert next_delay(policy, 1, retry_after=30.0) == 30.0
+    assert 8.0 <= (next_delay(policy, 1, retry_after=1.0) or 0) <= 12.0
+
+
+def test_408_from_downstream_is_retried(tmp_path, downstream: Downstream) -> None:
+    downstream.answer("/app", 408, 200)
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:
+        body, headers = svix_request(msg_id="msg_408")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_408") == {"app": "delivered"})
+        [history] = event_detail(gw, "msg_408").attempts.values()
+        assert [(a.outcome, a.status_code) for a in history] == [("retry", 408), ("delivered", 200)]
+
+
+def test_retry_after_as_an_http_date_is_honoured(tmp_path, downstream: Downstream) -> None:
+    from email.utils import formatdate
+
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:
+        # Whole seconds only in an HTTP date: three seconds ahead means at least two from the answer.
+        downstream.answer("/app", (503, {"Retry-After": formatdate(time.time() + 3, usegmt=True)}), 200)
+        body, headers = svix_request(msg_id="msg_503_date")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_503_date") == {"app": "delivered"}, timeout=15)
+        first, second = event_detail(gw, "msg_503_date").attempts.popitem()[1]
+        # The schedule says 50 ms; the receiver asked for a time seconds away.
+        assert second.started_at - first.started_at >= 1.5
+        assert (first.outcome, first.status_code) == ("retry", 503)
+
+
+def test_retry_on_decides_which_statuses_are_retried(tmp_path, downstream: Downstream) -> None:
+    downstream.answer("/app", 404, 200)
+    downstream.answer("/other", 503, 200)
+    retry = {"schedule": ["50ms", "50ms"], "jitter": 0, "retry_on": [404]}
+    route = users_route(
+        downstream,
+        {"id": "app", "use": "forward", "retry": retry, "with": {"url": f"{downstream.url}/app"}},
+        {"id": "other", "use": "forward", "retry": retry, "with": {"url": f"{downstream.url}/other"}},
+    )
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        body, headers = svix_request(msg_id="msg_retry_on")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_retry_on") == {"app": "delivered", "other": "dead"})
+        # 404 is retried because the config says so; 503, no longer in retry_on, ends dead at once.
+        assert len(downstream.received("/app")) == 2
+        assert len(downstream.received("/other")) == 1
+        assert gw.metric("hookyard_deliveries_total", route="users", action="app", outcome="retried") == 1
+        assert gw.metric("hookyard_deliveries_total", route="users", action="other", outcome="dead") == 1
+
+
+def test_delivery_duration_is_observed_for_every_attempt(tmp_path, downstream: Downstream) -> None:
+    downstream.answer("/app", 500, 200)
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:
+
+        def observed() -> float:
+            return gw.metric("hookyard_delivery_duration_seconds_count", route="users", action="app")
+
+        assert observed() == 0
+        body, headers = svix_request(msg_id="msg_durations")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_durations") == {"app": "delivered"})
+        wait_until(lambda: observed() == 2)
+        assert gw.metric("hookyard_delivery_duration_seconds_sum", route="users", action="app") > 0

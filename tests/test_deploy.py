@@ -21,6 +21,8 @@ from typing import Any, NoReturn
 import pytest
 import yaml
 
+from gateway.app import INGRESS_DRAIN_TIMEOUT, OPS_DRAIN_TIMEOUT
+from gateway.cli import main
 from gateway.config import ConfigError, parse_config
 from gateway.metrics import Metrics
 from gateway.plugins import Registry, plugin_manager
@@ -32,14 +34,24 @@ DEPLOY = ROOT / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
 BASE = DEPLOY / "kustomize" / "base"
 OVERLAY = DEPLOY / "kustomize" / "overlays" / "classic-sidecar"
+EMPTYDIR = DEPLOY / "kustomize" / "overlays" / "emptydir"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yaml"
 DASHBOARD = DEPLOY / "grafana" / "hookyard-dashboard.json"
 
-VARIANTS = {"base": BASE, "classic-sidecar": OVERLAY}
+VARIANTS = {"base": BASE, "classic-sidecar": OVERLAY, "emptydir": EMPTYDIR}
+# Every directory under overlays/ is a variant, so a new overlay cannot escape these tests.
+assert {path.parent for path in (DEPLOY / "kustomize" / "overlays").glob("*/kustomization.yaml")} == {
+    OVERLAY,
+    EMPTYDIR,
+}
 # The Kubernetes versions every rendered object must be valid for (strict: no unknown fields). The
 # classic-sidecar overlay exists for clusters without native sidecars, so it is checked on 1.27 too.
-KUBERNETES_VERSIONS = {"base": ("1.29.0", "1.33.0"), "classic-sidecar": ("1.27.0", "1.29.0", "1.33.0")}
+KUBERNETES_VERSIONS = {
+    "base": ("1.29.0", "1.33.0"),
+    "classic-sidecar": ("1.27.0", "1.29.0", "1.33.0"),
+    "emptydir": ("1.29.0", "1.33.0"),
+}
 # Custom resources: not in kubernetes-validate's schemas; checked structurally below instead.
 CRD_API_VERSIONS = {"monitoring.coreos.com/v1"}
 
@@ -154,9 +166,18 @@ def test_every_rendered_object_is_valid_kubernetes(
     validator = kubernetes_validate()
     docs = rendered[variant]
     kinds = sorted(doc["kind"] for doc in docs)
-    assert kinds == sorted(
-        ["ConfigMap", "Deployment", "NetworkPolicy", "PodMonitor", "PrometheusRule", "Secret", "Service"]
-    )
+    expected = [
+        "ConfigMap",
+        "Deployment",
+        "NetworkPolicy",
+        "PodMonitor",
+        "PrometheusRule",
+        "Secret",
+        "Service",
+    ]
+    if variant != "emptydir":
+        expected.append("PersistentVolumeClaim")
+    assert kinds == sorted(expected)
     for doc in docs:
         if doc["apiVersion"] in CRD_API_VERSIONS:
             continue
@@ -240,6 +261,60 @@ def test_overlay_runs_hookyard_as_a_classic_container_and_changes_nothing_else(
     assert [d for d in overlay if d["kind"] != "Deployment"] == [d for d in base if d["kind"] != "Deployment"]
 
 
+def data_volume(spec: dict[str, Any]) -> dict[str, Any]:
+    [mount] = [m for m in sidecar(spec)["volumeMounts"] if m["mountPath"] == DATA_DIR]
+    [volume] = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    return volume
+
+
+@pytest.mark.parametrize("variant", ["base", "classic-sidecar"])
+def test_base_keeps_the_queue_on_a_claim_that_one_pod_owns(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    """Pending deliveries survive a rollout: the data volume is a PersistentVolumeClaim, and the
+    Deployment recreates (the old pod closes the file before the new one opens it) with one replica."""
+    docs = rendered[variant]
+    deployment = find(docs, "Deployment")
+    claim_name = data_volume(pod_spec(docs))["persistentVolumeClaim"]["claimName"]
+    claim = find(docs, "PersistentVolumeClaim", claim_name)
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] == 1
+    # The database is on that volume.
+    config = parse_config(deploy_routes(), environ=example_secret_env(docs))
+    assert PurePosixPath(config.storage.url.removeprefix("sqlite:///")).parent == PurePosixPath(DATA_DIR)
+
+
+def test_emptydir_overlay_trades_the_claim_for_replicas_and_changes_nothing_else(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    base, overlay = rendered["base"], rendered["emptydir"]
+    deployment = find(overlay, "Deployment")
+    assert data_volume(pod_spec(overlay)) == {"name": "hookyard-data", "emptyDir": {"sizeLimit": "1Gi"}}
+    assert not [d for d in overlay if d["kind"] == "PersistentVolumeClaim"]
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    assert deployment["spec"]["replicas"] >= 2
+
+    # Otherwise the base's: the same containers, the same other volumes, the same other objects.
+    def without_data(docs: list[dict[str, Any]]) -> dict[str, Any]:
+        spec = dict(pod_spec(docs))
+        spec["volumes"] = [v for v in spec["volumes"] if v["name"] != "hookyard-data"]
+        return spec
+
+    assert without_data(overlay) == without_data(base)
+    unchanged = {k: v for k, v in deployment["spec"].items() if k not in ("strategy", "replicas", "template")}
+    base_deployment = find(base, "Deployment")
+    assert unchanged == {
+        k: v for k, v in base_deployment["spec"].items() if k not in ("strategy", "replicas", "template")
+    }
+    others = ("Deployment", "PersistentVolumeClaim")
+    assert [d for d in overlay if d["kind"] not in others] == [d for d in base if d["kind"] not in others]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_config_map_is_mounted_as_a_directory_for_hot_reload(
     rendered: dict[str, list[dict[str, Any]]], variant: str
@@ -258,7 +333,9 @@ def test_config_map_is_mounted_as_a_directory_for_hot_reload(
     assert config_mount["readOnly"] is True
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["HOOKYARD_CONFIG"] == f"{config_mount['mountPath']}/routes.yaml"
-    assert container["args"] == ["serve"], "the config path comes from HOOKYARD_CONFIG"
+    # The image's entrypoint is `hookyard serve`: the arguments are serve's own, and name the same file.
+    assert container["args"] == ["-c", env["HOOKYARD_CONFIG"]]
+    main.commands["serve"].make_context("serve", list(container["args"]))  # serve accepts them
 
     # The mounted ConfigMap is rendered from routes.yaml under a fixed name (updated in place on apply).
     config_map = find(docs, "ConfigMap", volumes[config_mount["name"]]["configMap"]["name"])
@@ -310,6 +387,24 @@ def test_hookyard_writes_only_to_its_data_volume_and_tmp(
     assert database.is_absolute() and database.parent == PurePosixPath(DATA_DIR)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_grace_period_covers_the_app_and_then_hookyard(
+    rendered: dict[str, list[dict[str, Any]]], variant: str
+) -> None:
+    """A native sidecar gets SIGTERM only once the app has exited, from the same grace period: Hookyard's
+    whole shutdown (with the deploy's config) must leave the app at least as long."""
+    docs = rendered[variant]
+    config = parse_config(deploy_routes(), environ=example_secret_env(docs))
+    hookyard = (
+        config.listen.drain_delay
+        + INGRESS_DRAIN_TIMEOUT
+        + config.delivery.shutdown_timeout
+        + OPS_DRAIN_TIMEOUT
+    )
+    assert hookyard <= 15
+    assert pod_spec(docs)["terminationGracePeriodSeconds"] >= 2 * hookyard
+
+
 # -- routes.yaml, secrets -----------------------------------------------------------------------------
 
 
@@ -322,6 +417,14 @@ def test_deploy_routes_load_and_forward_to_the_app_in_the_same_pod(
 
     assert (config.listen.host, config.listen.port) == ("0.0.0.0", 8080)
     assert (config.ops.host, config.ops.port) == ("0.0.0.0", 9000)
+    # Off loopback, the admin API's token is required; it comes from the Secret like the others.
+    assert config.ops.admin_token == example_secret_env(docs)["HOOKYARD_ADMIN_TOKEN"]
+    assert yaml.safe_load(deploy_routes())["ops"]["admin_token"] == "${HOOKYARD_ADMIN_TOKEN}"
+    assert "not enforced" not in deploy_routes()
+    assert "not enforced" not in (ROOT / "docs" / "kubernetes.md").read_text()
+    without_token = dict(example_secret_env(docs), HOOKYARD_ADMIN_TOKEN="")
+    with pytest.raises(ConfigError, match=r"ops\.admin_token: required .* \(ops\.host is '0\.0\.0\.0'\)"):
+        parse_config(deploy_routes(), environ=without_token)
     assert config.storage.url == "sqlite:////var/lib/hookyard/hookyard.db"
     assert config.log.format == "json"
     app = find(docs, "Deployment")["spec"]["template"]["spec"]["containers"][0]
@@ -677,8 +780,10 @@ def test_dockerfile_builds_a_non_root_read_only_friendly_image() -> None:
         instructions.setdefault(keyword, []).append(arguments)
     assert any(args.startswith("--from=") for args in instructions["COPY"]), "the runtime copies the build"
     assert instructions["USER"] == [f"{UID}:{UID}"]
-    assert json.loads(instructions["ENTRYPOINT"][-1]) == ["hookyard"]
-    assert json.loads(instructions["CMD"][-1]) == ["serve", "-c", "/etc/hookyard/routes.yaml"]
+    # Exec form, so that hookyard is PID 1 and gets SIGTERM itself; CMD is only serve's config option.
+    assert json.loads(instructions["ENTRYPOINT"][-1]) == ["hookyard", "serve"]
+    assert json.loads(instructions["CMD"][-1]) == ["-c", "/etc/hookyard/routes.yaml"]
+    main.commands["serve"].make_context("serve", json.loads(instructions["CMD"][-1]))
     assert json.loads(instructions["VOLUME"][-1]) == [DATA_DIR]
     assert set(" ".join(instructions["EXPOSE"]).split()) == {"8080", "9000"}
     env = " ".join(instructions["ENV"])

@@ -1,15 +1,27 @@
-"""The docs stay in step with the code: every hook and every metric is documented where users look."""
+"""The docs stay in step with the code: every hook and every metric is documented where users look, and the
+README's two commands do what it says (CI runs the test command; `make run` installs only the runtime)."""
 
 from __future__ import annotations
 
+import ast
 import inspect
+import os
 import re
+import shlex
+import shutil
+import subprocess
+import tomllib
 from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
 
 from gateway import hookspecs
 from gateway.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
+
+Function = ast.FunctionDef | ast.AsyncFunctionDef
 
 
 def hook_names() -> list[str]:
@@ -29,6 +41,65 @@ def test_every_hook_has_a_section_in_the_plugin_guide() -> None:
     assert not missing, f"hooks without a `### name` section in docs/plugins.md: {missing}"
 
 
+def hook_sections(guide: str) -> dict[str, str]:
+    """The text of each `### name` section of the plugin guide, up to the next heading outside a code block."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    fenced = False
+    for line in guide.splitlines(keepends=True):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6} ", line):
+            current = sections.setdefault(line[4:].strip(), []) if line.startswith("### ") else None
+            continue
+        if current is not None:
+            current.append(line)
+    return {name: "".join(lines) for name, lines in sections.items()}
+
+
+def python_functions(section: str) -> list[Function]:
+    blocks = re.findall(r"^```python\n(.*?)^```", section, re.M | re.S)
+    return [node for block in blocks for node in ast.walk(ast.parse(block)) if isinstance(node, Function)]
+
+
+def decorated(function: Function, marker: str) -> bool:
+    return any(isinstance(d, ast.Name) and d.id == marker for d in function.decorator_list)
+
+
+def signature_of_spec(name: str) -> tuple[list[tuple[str, str]], str]:
+    # hookspecs.py has `from __future__ import annotations`: the annotations are the source text.
+    signature = inspect.signature(getattr(hookspecs, name))
+    parameters = [(p.name, str(p.annotation)) for p in signature.parameters.values()]
+    return parameters, str(signature.return_annotation)
+
+
+def signature_in_docs(function: Function) -> tuple[list[tuple[str, str]], str]:
+    arguments = function.args
+    assert not (arguments.posonlyargs or arguments.kwonlyargs or arguments.vararg or arguments.kwarg)
+    parameters = [(arg.arg, ast.unparse(arg.annotation) if arg.annotation else "") for arg in arguments.args]
+    return parameters, ast.unparse(function.returns) if function.returns else ""
+
+
+@pytest.mark.parametrize("name", hook_names())
+def test_each_hook_section_shows_the_spec_signature_and_a_valid_example(name: str) -> None:
+    section = hook_sections((ROOT / "docs" / "plugins.md").read_text())[name]
+    functions = python_functions(section)
+    specs = [f for f in functions if decorated(f, "hookspec")]
+    assert [f.name for f in specs] == [name], f"### {name} must show exactly one `@hookspec def {name}(...)`"
+    parameters, returns = signature_of_spec(name)
+    assert signature_in_docs(specs[0]) == (parameters, returns)
+    # Every argument is described in the section's text.
+    undescribed = [arg for arg, _ in parameters if f"`{arg}`" not in section]
+    assert not undescribed, f"### {name} does not describe {undescribed}"
+    # The example implements this hook, with a subset of the spec's arguments (all pluggy accepts).
+    examples = [f for f in functions if decorated(f, "hookimpl") and f.name == name]
+    assert examples, f"### {name} has no `@hookimpl def {name}(...)` example"
+    spec_arguments = [arg for arg, _ in parameters]
+    for example in examples:
+        arguments = [arg.arg for arg in example.args.args]
+        assert set(arguments) <= set(spec_arguments), f"### {name}: the example takes {arguments}"
+
+
 def test_every_metric_is_documented() -> None:
     operations = (ROOT / "docs" / "operations.md").read_text()
     names = {metric.name for metric in Metrics().registry.collect()}
@@ -36,8 +107,93 @@ def test_every_metric_is_documented() -> None:
     assert not missing, f"metrics missing from docs/operations.md: {missing}"
 
 
-def test_ci_runs_the_readme_test_command() -> None:
+def readme_commands() -> list[list[str]]:
+    """The commands of the README's quick start, as words (comments dropped)."""
     readme = (ROOT / "README.md").read_text()
-    ci = (ROOT / ".ci" / "run").read_text()
-    assert "make run" in readme and "make test" in readme
-    assert re.search(r"^make test\b", ci, re.M)
+    quick_start = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    [block] = re.findall(r"```sh\n(.*?)```", quick_start, re.S)
+    return [shlex.split(line, comments=True) for line in block.splitlines() if line.strip()]
+
+
+def runs_exactly(line: str, command: list[str]) -> bool:
+    """`line` runs `command` itself: optionally under `timeout`, followed by make variables only."""
+    words = shlex.split(line, comments=True)
+    for start in range(len(words) - len(command) + 1):
+        if words[start : start + len(command)] != command:
+            continue
+        wrapper, rest = words[:start], words[start + len(command) :]
+        if (not wrapper or wrapper[0] == "timeout") and all(_MAKE_VARIABLE.match(word) for word in rest):
+            return True
+    return False
+
+
+_MAKE_VARIABLE = re.compile(r"^[A-Z_][A-Z0-9_]*=")
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    commands = readme_commands()
+    assert ["make", "run"] in commands
+    [test_command] = [words for words in commands if words[:1] == ["make"] and words[1].startswith("test")]
+    assert test_command == ["make", "test"]
+    ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
+    runs = [index for index, line in enumerate(ci_lines) if runs_exactly(line, test_command)]
+    assert runs, f"{' '.join(test_command)!r} is not run by .ci/run"
+    # With every service required, a test needing a server fails in CI instead of skipping.
+    exports = [index for index, line in enumerate(ci_lines) if line == "export HOOKYARD_REQUIRE_SERVICES=1"]
+    assert exports and exports[0] < runs[-1], "HOOKYARD_REQUIRE_SERVICES=1 is not exported before the tests"
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("make test", True),
+        ('timeout --kill-after=30 1800 make test PYTEST_ARGS="-p no:cacheprovider"', True),
+        ("make test-slow", False),
+        ("timeout 1800 make test-slow PYTEST_ARGS=-q", False),
+        ("make test lint", False),
+        ("# make test", False),
+        ("echo make test", False),
+    ],
+)
+def test_runs_exactly_tells_the_test_command_from_its_neighbours(line: str, expected: bool) -> None:
+    assert runs_exactly(line, ["make", "test"]) is expected
+
+
+def test_every_dependency_has_a_compatible_upper_bound() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = project["dependencies"] + [
+        requirement for extra in project["optional-dependencies"].values() for requirement in extra
+    ]
+    unbounded = [
+        requirement
+        for requirement in requirements
+        if not any(spec.operator in ("<", "<=", "~=", "==") for spec in Requirement(requirement).specifier)
+    ]
+    assert not unbounded, f"no upper bound: {unbounded}"
+
+
+def make_dry_run(tmp_path: Path, target: str) -> list[str]:
+    """What `make TARGET` would run in a fresh clone (no .venv yet)."""
+    for name in ("Makefile", "pyproject.toml"):
+        (tmp_path / name).write_bytes((ROOT / name).read_bytes())
+    # Not the outer make's flags or a PYTHON of the caller's: what a fresh clone's `make` does.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    result = subprocess.run(
+        ["make", "-n", target], cwd=tmp_path, env=env, capture_output=True, text=True, check=True, timeout=30
+    )
+    return result.stdout.splitlines()
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_run_installs_only_the_runtime_package_and_make_test_the_test_extra(tmp_path: Path) -> None:
+    run = make_dry_run(tmp_path, "run")
+    installs = [line for line in run if " install " in line and "--upgrade pip" not in line]
+    assert installs == [".venv/bin/pip install --quiet -e ."], run
+    assert run[0] == "python3 -m venv .venv"  # a fresh clone gets its own virtual environment
+    assert run[-1] == ".venv/bin/hookyard serve -c routes.yaml"
+
+    test = make_dry_run(tmp_path, "test")
+    installs = [line for line in test if " install " in line and "--upgrade pip" not in line]
+    assert installs == [".venv/bin/pip install --quiet -e .", ".venv/bin/pip install --quiet -e '.[test]'"]
+    assert test[0] == "python3 -m venv .venv"
+    assert test[-1].startswith(".venv/bin/pytest ")

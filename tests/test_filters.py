@@ -550,3 +550,25 @@ def test_a_non_string_path_is_a_filter_error(spec: dict[Any, Any]) -> None:
     # so such keys inside any/all/not reach the compiler.
     with pytest.raises(FilterError):
         compile_filter(spec)
+
+
+def test_every_bad_entry_is_reported_not_only_the_first() -> None:
+    spec = {
+        "data.a": {"between": [1, 2], "in": 3},
+        "body.x": 1,
+        "type": "ok",
+        "any": [{"data.b": {"exists": "yes"}}, {}, {"data.c": 1}],
+        "not": {"data.d": {"regex": "(unclosed"}},
+    }
+    with pytest.raises(FilterError) as caught:
+        compile_filter(spec, "routes[1].filter")
+    errors = caught.value.errors
+    assert [line.split(": ", 1)[0] for line in errors] == [
+        "routes[1].filter.data.a.between",
+        "routes[1].filter.data.a.in",
+        "routes[1].filter.body.x",
+        "routes[1].filter.any[0].data.b.exists",
+        "routes[1].filter.any[1]",
+        "routes[1].filter.not.data.d.regex",
+    ]
+    assert str(caught.value) == "\n".join(errors)

@@ -7,18 +7,24 @@ import hashlib
 import hmac
 import json
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from tests.support import (
     CONSIGNLY_SECRETS,
+    SVIX_SECRET,
     Downstream,
+    GatewayProcess,
     RunningGateway,
     consignly_body,
     consignly_headers,
+    free_port,
     gateway_config,
     svix_request,
+    wait_until,
 )
 
 
@@ -286,3 +292,131 @@ def test_one_serving_process_per_database(tmp_path, downstream: Downstream) -> N
         second = Gateway(parse_config(json.dumps(config)))
         with pytest.raises(StorageUnavailable, match="already served"):
             asyncio.run(second.start())
+
+
+def test_ingest_duration_is_observed_for_every_answered_webhook(gw: RunningGateway) -> None:
+    def observed() -> float:
+        return gw.metric("hookyard_ingest_duration_seconds_count", source="consignease")
+
+    assert observed() == 0
+    body, headers = svix_request(msg_id="msg_timed")
+    assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+    wait_until(lambda: observed() == 1)  # observed just after the answer is sent
+    assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "duplicate"
+    wait_until(lambda: observed() == 2)
+    assert gw.metric("hookyard_ingest_duration_seconds_sum", source="consignease") > 0
+    # The other source's series did not move.
+    assert gw.metric("hookyard_ingest_duration_seconds_count", source="consignly") == 0
+
+
+# -- what the server writes to its log (a real `hookyard serve` process, JSON lines on stderr) ----------
+
+
+def serve_process(tmp_path, config: dict[str, Any]) -> tuple[GatewayProcess, str]:
+    ingress, ops = free_port(), free_port()
+    config = {
+        **config,
+        "listen": {"host": "127.0.0.1", "port": ingress},
+        "ops": {"host": "127.0.0.1", "port": ops},
+    }
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return GatewayProcess(path, f"http://127.0.0.1:{ops}"), f"http://127.0.0.1:{ingress}"
+
+
+def log_lines(process: GatewayProcess) -> list[dict[str, Any]]:
+    lines = [line for line in process.log_path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all(isinstance(record, dict) for record in records), lines
+    return records
+
+
+def test_an_insecure_source_is_warned_about_at_start(tmp_path, downstream: Downstream) -> None:
+    sources = {
+        "consignease": gateway_config(tmp_path)["sources"]["consignease"],
+        "scratch": {"path": "/webhooks/scratch", "provider": "none", "insecure": True},
+    }
+    config = gateway_config(tmp_path, downstream.url, sources=sources, routes=[], log={"level": "info"})
+    process, _ = serve_process(tmp_path, config)
+    process.start()
+    try:
+        records = log_lines(process)
+    finally:
+        exit_code = process.terminate()
+    assert exit_code == 0  # a clean shutdown on SIGTERM
+    warnings = [record for record in records if record["level"] == "WARNING"]
+    assert [(record["source"], record["message"]) for record in warnings] == [
+        ("scratch", "source scratch accepts unverified webhooks (insecure: true)")
+    ]
+    ready = [record for record in records if record["message"] == "hookyard ready"]
+    assert len(ready) == 1 and records.index(warnings[0]) < records.index(ready[0])
+
+
+def test_json_logs_name_the_event_and_source_and_never_a_secret_or_the_body(
+    tmp_path, downstream: Downstream
+) -> None:
+    downstream.answer("/app", 500, 200)
+    marker = "BODY-MARKER-7f3a"
+    app_token = "Bearer app-token-0c9d"
+    signing_secret = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
+    route = {
+        "name": "users",
+        "source": "consignease",
+        "actions": [
+            {
+                "id": "app",
+                "use": "forward",
+                "with": {
+                    "url": f"{downstream.url}/app",
+                    "headers": {"Authorization": app_token},
+                    "sign": {"secret": signing_secret},
+                },
+            }
+        ],
+    }
+    # debug: the most a log ever says.
+    config = gateway_config(
+        tmp_path, downstream.url, routes=[route], log={"level": "debug", "format": "json"}
+    )
+    process, url = serve_process(tmp_path, config)
+    body, headers = svix_request(data={"note": marker}, msg_id="msg_logged")
+    forged, forged_headers = svix_request(data={"note": marker}, msg_id="msg_forged", secret=signing_secret)
+    process.start()
+    try:
+        with httpx.Client(base_url=url, timeout=10) as client:
+            assert client.post("/webhooks/consignease", content=body, headers=headers).status_code == 200
+            rejected = client.post("/webhooks/consignease", content=forged, headers=forged_headers)
+            assert rejected.status_code == 401
+        downstream.wait_for(2, "/app")
+        # The retry is logged; the delivery after it at debug level.
+        wait_until(lambda: any(r.get("message") == "delivery delivered" for r in log_lines(process)))
+    finally:
+        exit_code = process.terminate()
+    assert exit_code == 0  # a clean shutdown on SIGTERM
+    records = log_lines(process)
+    text = process.log_path.read_text()
+
+    about_the_event = [record for record in records if record.get("event_id") == "msg_logged"]
+    messages = [record["message"] for record in about_the_event]
+    assert "delivery retry" in messages and "delivery delivered" in messages, messages
+    for record in about_the_event:
+        assert record["source"] == "consignease", record
+    [refusal] = [record for record in records if record["message"] == "webhook rejected"]
+    assert (refusal["source"], refusal["reason"], refusal["status"]) == (
+        "consignease",
+        "invalid_signature",
+        401,
+    )
+
+    secrets = [
+        SVIX_SECRET,
+        SVIX_SECRET.removeprefix("whsec_"),
+        signing_secret.removeprefix("whsec_"),
+        app_token,
+    ]
+    secrets += [headers["svix-signature"], forged_headers["svix-signature"]]
+    secrets += [request.headers["webhook-signature"] for request in downstream.received("/app")]
+    for secret in secrets:
+        assert secret not in text, f"a secret is in the log: {secret[:12]}..."
+    assert marker not in text, "the body is in the log"
+    assert body.decode() not in text

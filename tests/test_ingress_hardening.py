@@ -4,12 +4,17 @@ shedding, against a real server."""
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import socket
 import time
+from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 
+from gateway.addresses import PRESETS, ForwardedHeader, client_address, parse_address, parse_networks
 from tests.support import RunningGateway, gateway_config, svix_request, wait_until
 
 
@@ -50,13 +55,165 @@ def test_allow_ips_behind_trusted_proxies(
             )
 
 
-def test_rfc7239_forwarded_header(tmp_path: Any) -> None:
+def test_a_clients_own_forwarded_header_is_not_believed(tmp_path: Any) -> None:
+    """nginx and ALB append to X-Forwarded-For and pass a client's `Forwarded` through untouched: by default
+    only X-Forwarded-For is read, so a client cannot name its own address with `Forwarded`."""
+    config = with_source(tmp_path, allow_ips=["10.0.0.0/8"])
+    config["listen"] = {"trusted_proxies": ["127.0.0.1"]}
+    with RunningGateway(config) as gw:
+        for spoof in (
+            {"forwarded": "for=10.1.2.3", "x-forwarded-for": "6.6.6.6"},  # the proxy appended 6.6.6.6
+            {"forwarded": "for=10.1.2.3"},  # no X-Forwarded-For: the peer itself is the client
+        ):
+            body, headers = svix_request()
+            response = gw.post("/webhooks/consignease", body, {**headers, **spoof})
+            assert (response.status_code, response.json()["error"]) == (403, "ip_denied"), spoof
+        body, headers = svix_request()
+        headers.update({"forwarded": "for=6.6.6.6", "x-forwarded-for": "10.1.2.3"})
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="gateway/ingress.py does not yet pass listen.forwarded_header to client_address",
+)
+def test_forwarded_header_setting_reads_rfc7239_forwarded_only(tmp_path: Any) -> None:
     config = with_source(tmp_path, allow_ips=["2001:db8::/32"])
-    config["listen"] = {"trusted_proxies": ["loopback"]}
+    config["listen"] = {"trusted_proxies": ["loopback"], "forwarded_header": "forwarded"}
     with RunningGateway(config) as gw:
         body, headers = svix_request()
         headers["forwarded"] = 'for="[2001:db8::17]:4711";proto=https'
         assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        # ... and then X-Forwarded-For is the client's own.
+        body, headers = svix_request()
+        headers.update({"x-forwarded-for": "2001:db8::17", "forwarded": "for=198.51.100.7"})
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 403
+
+
+LOOPBACK = parse_networks(["loopback"])
+
+
+@pytest.mark.parametrize(
+    ("peer", "headers", "header", "client"),
+    [
+        # The audit's case: a client-written Forwarded next to the X-Forwarded-For the proxy appended to.
+        (
+            "127.0.0.1",
+            {"forwarded": "for=10.1.2.3", "x-forwarded-for": "6.6.6.6"},
+            "x-forwarded-for",
+            "6.6.6.6",
+        ),
+        ("127.0.0.1", {"forwarded": "for=10.1.2.3"}, "x-forwarded-for", "127.0.0.1"),
+        ("127.0.0.1", {"forwarded": "for=10.1.2.3", "x-forwarded-for": "6.6.6.6"}, "forwarded", "10.1.2.3"),
+        ("127.0.0.1", {"x-forwarded-for": "6.6.6.6"}, "forwarded", "127.0.0.1"),
+        (
+            "127.0.0.1",
+            {"forwarded": 'for=1.1.1.1, for="[2001:db8::1]:80";proto=https'},
+            "forwarded",
+            "2001:db8::1",
+        ),
+        ("127.0.0.1", {"forwarded": "for=1.1.1.1, for=127.0.0.2"}, "forwarded", "1.1.1.1"),  # proxies skipped
+        ("127.0.0.1", {"x-forwarded-for": "1.1.1.1, 6.6.6.6, 127.0.0.9"}, "x-forwarded-for", "6.6.6.6"),
+        ("127.0.0.1", {"x-forwarded-for": "1.1.1.1, bogus"}, "x-forwarded-for", "127.0.0.1"),
+        ("10.9.9.9", {"x-forwarded-for": "1.1.1.1"}, "x-forwarded-for", "10.9.9.9"),  # peer not trusted
+        # A dual-stack socket reports IPv4 peers as IPv4-mapped IPv6: still a trusted proxy.
+        ("::ffff:127.0.0.1", {"x-forwarded-for": "6.6.6.6"}, "x-forwarded-for", "6.6.6.6"),
+        ("::ffff:127.0.0.1", {"x-forwarded-for": "::ffff:10.1.2.3"}, "x-forwarded-for", "10.1.2.3"),
+    ],
+)
+def test_client_address_walks_only_the_configured_header(
+    peer: str, headers: dict[str, str], header: ForwardedHeader, client: str
+) -> None:
+    assert client_address(peer, headers, LOOPBACK, header) == ipaddress.ip_address(client)
+
+
+def test_ipv4_mapped_ipv6_addresses_match_ipv4_entries_and_presets() -> None:
+    mapped = parse_address("::ffff:127.0.0.1")
+    assert mapped == ipaddress.IPv4Address("127.0.0.1")
+    assert parse_address("[::ffff:10.1.2.3]:4711") == ipaddress.IPv4Address("10.1.2.3")
+    assert parse_address("::1") == ipaddress.IPv6Address("::1")  # other IPv6 stays IPv6
+    for entries, address, inside in [
+        (["loopback"], "::ffff:127.0.0.1", True),
+        (["10.0.0.0/8"], "::ffff:10.1.2.3", True),
+        (["10.1.2.3"], "::ffff:10.1.2.3", True),
+        (["svix"], "::ffff:44.228.126.217", True),
+        (["10.0.0.0/8"], "::ffff:11.1.2.3", False),
+    ]:
+        found = parse_address(address)
+        assert found is not None
+        assert any(found in network for network in parse_networks(entries)) is inside, (entries, address)
+
+
+def post_from(gw: RunningGateway, peer: str, path: str = "/webhooks/consignease") -> httpx.Response:
+    """A request through the real ingress, as if its TCP peer were `peer` (the loopback socket cannot be)."""
+
+    async def post() -> httpx.Response:
+        transport = httpx.ASGITransport(app=gw.gateway.ingress, client=(peer, 4711))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            body, headers = svix_request()
+            return await client.post(path, content=body, headers=headers)
+
+    return asyncio.run_coroutine_threadsafe(post(), gw.loop).result(10)
+
+
+def test_ipv4_mapped_peer_matches_an_ipv4_allowlist(tmp_path: Any) -> None:
+    with RunningGateway(with_source(tmp_path, allow_ips=["10.0.0.0/8"])) as gw:
+        assert post_from(gw, "::ffff:10.1.2.3").status_code == 200
+        assert post_from(gw, "::ffff:11.1.2.3").status_code == 403
+
+
+ALLOWLISTS = {
+    "svix": ["svix"],
+    "svix-eu": ["svix-eu"],
+    "by-hand": ["52.215.16.239"],  # overriding the preset: the networks listed by hand
+    "svix-and-more": ["svix", "203.0.113.0/24"],  # a preset and an address Svix added since
+}
+
+
+@pytest.fixture(scope="module")
+def allowlisted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
+    config = gateway_config(tmp_path_factory.mktemp("allowlists"))
+    template = config["sources"]["consignease"]
+    for name, allow_ips in ALLOWLISTS.items():
+        config["sources"][name] = {**template, "path": f"/webhooks/{name}", "allow_ips": allow_ips}
+    with RunningGateway(config) as gw:
+        yield gw
+
+
+SVIX_US, SVIX_EU_V6 = "44.228.126.217", "2a05:d028:17:8000::1"
+
+
+@pytest.mark.parametrize(
+    ("source", "peer", "status"),
+    [
+        ("svix", SVIX_US, 200),
+        ("svix", SVIX_EU_V6, 200),
+        ("svix", "13.126.41.108", 200),  # India, a private region
+        ("svix", "::ffff:44.228.126.217", 200),
+        ("svix", "44.228.126.218", 403),  # the neighbour of a Svix address
+        ("svix", "127.0.0.1", 403),
+        ("svix", "2a05:d028:17:8100::1", 403),  # just outside the EU /56
+        ("svix-eu", SVIX_US, 403),  # one region only
+        ("svix-eu", SVIX_EU_V6, 200),
+        ("by-hand", "52.215.16.239", 200),
+        ("by-hand", SVIX_US, 403),
+        ("svix-and-more", "203.0.113.9", 200),
+        ("svix-and-more", SVIX_US, 200),
+    ],
+)
+def test_svix_preset(allowlisted: RunningGateway, source: str, peer: str, status: int) -> None:
+    response = post_from(allowlisted, peer, f"/webhooks/{source}")
+    assert response.status_code == status, response.text
+    if status == 403:
+        assert response.json()["error"] == "ip_denied"
+
+
+def test_svix_preset_is_every_region_of_the_published_list() -> None:
+    # https://docs.svix.com/receiving/source-ips: US, EU, and the private regions AU, CA and IN.
+    regions = ("us", "eu", "au", "ca", "in")
+    assert set(PRESETS["svix"]) == {network for region in regions for network in PRESETS[f"svix-{region}"]}
+    assert len(PRESETS["svix"]) == 20
+    assert "2600:1f24:64:8000::/56" in PRESETS["svix-us"]
 
 
 def test_invalid_allowlist_is_a_config_error(tmp_path: Any) -> None:
@@ -67,7 +224,8 @@ def test_invalid_allowlist_is_a_config_error(tmp_path: Any) -> None:
     assert "sources.a.allow_ips" in str(error.value)
 
 
-def test_log_only_accepts_and_marks_unverified(tmp_path: Any) -> None:
+def test_log_only_accepts_and_marks_unverified(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="hookyard.ingress")
     with RunningGateway(with_source(tmp_path, verify="log-only")) as gw:
         body, headers = svix_request(msg_id="msg_unverified", secret="whsec_" + "A" * 43 + "=")
         response = gw.post("/webhooks/consignease", body, headers)
@@ -80,6 +238,13 @@ def test_log_only_accepts_and_marks_unverified(tmp_path: Any) -> None:
             gw.metric("hookyard_webhooks_unverified_total", source="consignease", reason="invalid_signature")
             == 1
         )
+        [logged] = [
+            record
+            for record in caplog.records
+            if record.getMessage() == "accepting unverified webhook (verify: log-only)"
+        ]
+        assert logged.levelno == logging.WARNING
+        assert (logged.__dict__["source"], logged.__dict__["reason"]) == ("consignease", "invalid_signature")
         # Malformed requests are still refused: there is no event to keep.
         assert gw.post("/webhooks/consignease", b"nope", headers).status_code == 400
         good_body, good_headers = svix_request(msg_id="msg_verified")

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ from gateway.storage import EventDetail
 from tests.support import (
     Downstream,
     RunningGateway,
+    ServerThread,
     consignly_body,
     consignly_headers,
     gateway_config,
@@ -58,6 +63,64 @@ def send_consignease(gw: RunningGateway, msg_id: str) -> None:
     assert gw.post("/webhooks/consignease", body, headers).status_code == 200
 
 
+@dataclass
+class SlackWebhook:
+    """A Slack incoming webhook: a JSON object with a non-empty `text` is posted and answered with a plain-text
+    `ok`; anything else gets Slack's plain-text error codes (`invalid_payload`, `no_text`, `no_service`)."""
+
+    path: str = "/services/T0001/B0002/abcdefghijklmnopqrstuvwx"
+    url: str = ""
+    messages: list[str] = field(default_factory=list)
+    refused: list[tuple[int, str]] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        try:
+            payload = json.loads(body)
+        except ValueError:
+            payload = None
+        if scope["path"] != self.path:
+            status, answer = 404, "no_service"
+        elif scope["method"] != "POST":
+            status, answer = 405, "invalid_method"
+        elif headers.get("content-type") != "application/json" or not isinstance(payload, dict):
+            status, answer = 400, "invalid_payload"
+        elif not isinstance(payload.get("text"), str) or not payload["text"].strip():
+            status, answer = 400, "no_text"
+        else:
+            status, answer = 200, "ok"
+        with self.lock:
+            if status == 200:
+                self.messages.append(payload["text"])
+            else:
+                self.refused.append((status, answer))
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [(b"content-type", b"text/html")],
+            }
+        )
+        await send({"type": "http.response.body", "body": answer.encode()})
+
+
+@pytest.fixture
+def slack() -> Iterator[SlackWebhook]:
+    webhook = SlackWebhook()
+    with ServerThread(webhook) as server:
+        webhook.url = f"http://127.0.0.1:{server.port}{webhook.path}"
+        yield webhook
+
+
 # -- the default messages -----------------------------------------------------------------------------
 
 
@@ -74,10 +137,15 @@ def send_consignease(gw: RunningGateway, msg_id: str) -> None:
     ids=["app-dead", "app-delivered"],
 )
 def test_default_messages_report_the_parent_result(
-    tmp_path: Path, downstream: Downstream, app_status: int, app_state: str, expected: str
+    tmp_path: Path,
+    downstream: Downstream,
+    slack: SlackWebhook,
+    app_status: int,
+    app_state: str,
+    expected: str,
 ) -> None:
     downstream.answer("/app", app_status)
-    alert = {**notify_action("alert", f"{downstream.url}/slack", format="slack"), "after": "app"}
+    alert = {**notify_action("alert", slack.url, format="slack"), "after": "app"}
     # Without `after:` there is no result to report: the message says the event arrived.
     hello = notify_action("hello", f"{downstream.url}/hello", format="slack")
     config = gateway_config(tmp_path, routes=[route("consignease", app_action(downstream), alert, hello)])
@@ -89,10 +157,9 @@ def test_default_messages_report_the_parent_result(
                 == {"app": app_state, "alert": "delivered", "hello": "delivered"}
             )
         )
-        [slack] = downstream.received("/slack")
-        assert slack.method == "POST"
-        assert slack.headers["content-type"] == "application/json"
-        assert slack.json() == {"text": expected}
+        # The stand-in takes only what Slack takes: a JSON POST with a non-empty text.
+        assert slack.messages == [expected]
+        assert slack.refused == []
         [hello_request] = downstream.received("/hello")
         assert hello_request.json() == {"text": "consignease user.created msg_default received"}
 
@@ -145,6 +212,50 @@ def test_failure_alert_after_the_schedule_is_used_up_and_custom_templates(
             " gave up after 4 attempts: HTTP 503\n"
             "consignment.created evt_exhausted via alerts/custom, attempt 1, 4 tries (dead, last status 503)"
         }
+
+
+def test_success_template_to_slack(tmp_path: Path, downstream: Downstream, slack: SlackWebhook) -> None:
+    # The app needs a second attempt, so the message has something to say about it.
+    downstream.answer("/app", 503, 200)
+    success = {
+        **notify_action(
+            "shipped",
+            slack.url,
+            format="slack",
+            template=(
+                ":white_check_mark: Consignment {{ event.data.consignmentId }} reached {{ parent.action }}"
+                " (HTTP {{ parent.status_code }}, {{ parent.attempts }}"
+                " attempt{{ '' if parent.attempts == 1 else 's' }})\n"
+                "{{ event.type }} {{ event.id }} from {{ event.occurred_at | isotime }}"
+                " via {{ route }}/{{ action }}\n"
+            ),
+        ),
+        "after": "app",
+        "when": "success",
+    }
+    # Its failure counterpart must stay silent when the app got the event.
+    failure = {
+        **notify_action("lost", slack.url, format="slack", template="lost {{ event.id }}"),
+        "after": "app",
+        "when": "failure",
+    }
+    config = gateway_config(tmp_path, routes=[route("consignly", app_action(downstream), success, failure)])
+    with RunningGateway(config) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_shipped"))
+        wait_until(
+            lambda: (
+                delivery_states(gw, "evt_shipped")
+                == {"app": "delivered", "shipped": "delivered", "lost": "skipped"}
+            )
+        )
+        assert slack.messages == [
+            f":white_check_mark: Consignment {CONSIGNMENT_ID} reached app (HTTP 200, 2 attempts)\n"
+            "consignment.created evt_shipped from 2026-11-22T10:00:00Z via alerts/shipped"
+        ]
+        assert slack.refused == []
+        # Slack's plain-text `ok` is a success like any 2xx: one attempt, no retry.
+        shipped = next(d for d in event_detail(gw, "evt_shipped").deliveries if d.action == "shipped")
+        assert (shipped.attempts, shipped.last_status, shipped.last_error) == (1, 200, None)
 
 
 # -- formats --------------------------------------------------------------------------------------------

@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import asyncio
+import copy
 import datetime
 import ipaddress
+import logging
 import os
 import signal
+import socket
+import sqlite3
 import ssl
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import yaml
 
+from gateway.app import INGRESS_DRAIN_TIMEOUT, OPS_DRAIN_TIMEOUT
+from gateway.config import DeliveryEngine
 from tests.support import (
     Downstream,
     GatewayProcess,
     RunningGateway,
+    ServerThread,
     free_port,
     gateway_config,
     svix_request,
@@ -66,7 +76,43 @@ class ConfigMapVolume:
             self.path.symlink_to("..data/routes.yaml")
 
 
-def test_configmap_swap_changes_routing_without_restart(tmp_path: Path, downstream: Downstream) -> None:
+class Holding:
+    """A receiver slower than any timeout: requests to /held/* wait until `release` is set, then the
+    Downstream answers them. `held` counts the requests waiting right now."""
+
+    def __init__(self) -> None:
+        self.downstream = Downstream()
+        self.release = threading.Event()
+        self.held = 0
+        self.lock = threading.Lock()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/held/"):
+            with self.lock:
+                self.held += 1
+            try:
+                while not self.release.is_set():
+                    await asyncio.sleep(0.02)
+            finally:
+                with self.lock:
+                    self.held -= 1
+        await self.downstream(scope, receive, send)
+
+
+@pytest.fixture
+def holding() -> Iterator[Holding]:
+    receiver = Holding()
+    with ServerThread(receiver) as server:
+        receiver.downstream.url = f"http://127.0.0.1:{server.port}"
+        try:
+            yield receiver
+        finally:
+            receiver.release.set()  # let the server's held requests end before it stops
+
+
+def test_configmap_swap_changes_routing_without_restart(
+    tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
     volume = ConfigMapVolume(tmp_path / "config")
     volume.publish(users_config(tmp_path, downstream, "/before"))
     with RunningGateway(volume.path) as gw:
@@ -86,6 +132,11 @@ def test_configmap_swap_changes_routing_without_restart(tmp_path: Path, downstre
         broken["routes"][0]["actions"][0]["use"] = "no-such-action"
         volume.publish(broken)
         wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="error") == 1)
+        [refused] = [
+            r for r in caplog.records if r.getMessage() == "config reload refused; keeping the running config"
+        ]
+        assert refused.levelno == logging.ERROR and refused.name == "hookyard"
+        assert any("no-such-action" in error for error in refused.errors)  # type: ignore[attr-defined]
         body, headers = svix_request(msg_id="msg_still_after")
         gw.post("/webhooks/consignease", body, headers)
         downstream.wait_for(2, "/after")
@@ -100,6 +151,74 @@ def test_configmap_swap_changes_routing_without_restart(tmp_path: Path, downstre
         volume.publish(added)
         wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 2)
         assert gw.post("/webhooks/extra", b"{}", {}).json()["error"] == "missing_signature"
+
+
+def test_a_reload_lets_running_deliveries_finish_and_pending_ones_use_the_new_config(
+    tmp_path: Path, holding: Holding
+) -> None:
+    downstream, url = holding.downstream, holding.downstream.url
+    config = gateway_config(tmp_path)
+    config["reload"] = {"interval": "100ms"}
+    config["defaults"] = {"retry": {"schedule": ["1s"] * 20, "jitter": 0}, "timeout": "30s"}
+    config["routes"] = [
+        {
+            "name": "users",
+            "source": "consignease",
+            "actions": [
+                {"id": "slow", "use": "forward", "with": {"url": f"{url}/held/slow"}},
+                {"id": "flaky", "use": "forward", "with": {"url": f"{url}/flaky/old"}},
+                {"id": "removed", "use": "forward", "with": {"url": f"{url}/removed"}},
+            ],
+        }
+    ]
+    downstream.answer("/flaky/old", *[503] * 50)
+    downstream.answer("/removed", *[503] * 50)
+    volume = ConfigMapVolume(tmp_path / "config")
+    volume.publish(config)
+
+    def deliveries(gw: RunningGateway) -> dict[str, dict[str, Any]]:
+        event = gw.client.get(gw.ops_url + "/admin/events/msg_reloaded").json()
+        return {d["action"]: d for d in event["deliveries"]}
+
+    with RunningGateway(volume.path) as gw:
+        body, headers = svix_request(msg_id="msg_reloaded")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        # slow is in flight; flaky and removed failed once and wait for their retry.
+        wait_until(lambda: holding.held == 1)
+        downstream.wait_for(1, "/flaky/old")
+        downstream.wait_for(1, "/removed")
+        assert {a: d["state"] for a, d in deliveries(gw).items()} == {
+            "slow": "pending",
+            "flaky": "pending",
+            "removed": "pending",
+        }
+
+        # The new config keeps slow as it is, sends flaky elsewhere and drops removed.
+        changed = copy.deepcopy(config)
+        slow, flaky, _removed = changed["routes"][0]["actions"]
+        flaky["with"]["url"] = f"{url}/flaky/new"
+        changed["routes"][0]["actions"] = [slow, flaky]
+        volume.publish(changed)
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+
+        # A pending delivery of an action that still exists runs with the new config.
+        [moved] = downstream.wait_for(1, "/flaky/new")
+        assert moved.headers["idempotency-key"] == "msg_reloaded"
+        # One of an action that is gone ends dead, saying why; a replay can run it again.
+        wait_until(lambda: deliveries(gw)["removed"]["state"] == "dead")
+        removed = deliveries(gw)["removed"]
+        expected = "action 'removed' of route 'users' is no longer configured"
+        assert removed["last_error"] == expected
+        assert removed["attempts"][-1]["error"] == expected
+        wait_until(lambda: deliveries(gw)["flaky"]["state"] == "delivered")
+
+        # The delivery in flight during the reload was not disturbed: it finishes once the receiver answers.
+        assert deliveries(gw)["slow"]["state"] == "pending" and holding.held == 1
+        holding.release.set()
+        wait_until(lambda: deliveries(gw)["slow"]["state"] == "delivered")
+        [slow_request] = downstream.received("/held/slow")
+        assert slow_request.headers["idempotency-key"] == "msg_reloaded"
+        assert [a["outcome"] for a in deliveries(gw)["slow"]["attempts"]] == ["delivered"]
 
 
 def start_process(tmp_path: Path, config: dict[str, Any]) -> tuple[GatewayProcess, str]:
@@ -188,6 +307,88 @@ def test_sigterm_under_load_loses_nothing(tmp_path: Path, downstream: Downstream
         process.kill()
     assert len(answered) >= 100
     assert len(delivered_before_restart) > 0
+
+
+def refuses_connections(url: str) -> bool:
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    try:
+        socket.create_connection((host, port or 80), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def stored_deliveries(database: Path) -> dict[str, sqlite3.Row]:
+    """The deliveries as the file holds them, by event id, read without the gateway."""
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as conn:
+        conn.row_factory = sqlite3.Row
+        rows = conn.execute(
+            "SELECT e.event_id, d.state, d.lease_owner, d.due_at, d.attempts "
+            "FROM deliveries d JOIN events e ON e.seq = d.event_seq"
+        ).fetchall()
+    conn.close()
+    return {row["event_id"]: row for row in rows}
+
+
+def test_the_default_shutdown_fits_well_inside_a_30s_grace_period() -> None:
+    """A native sidecar gets SIGTERM only after the app has exited, from the same 30 s."""
+    budget = INGRESS_DRAIN_TIMEOUT + DeliveryEngine().shutdown_timeout + OPS_DRAIN_TIMEOUT
+    assert budget <= 15
+
+
+def test_sigterm_releases_unfinished_deliveries_for_the_next_start(tmp_path: Path, holding: Holding) -> None:
+    """The receiver holds every request longer than delivery.shutdown_timeout (the default): SIGTERM
+    stops the webhook listener at once, waits shutdown_timeout for the deliveries, releases them in the
+    file, and exits; the next start delivers them."""
+    config = users_config(tmp_path, holding.downstream, "/held/app")
+    config["defaults"]["timeout"] = "60s"  # only the shutdown ends the attempts
+    config["delivery"] = {"poll_interval": "200ms", "lease": "2m"}
+    process, url = start_process(tmp_path, config)
+    ids = [f"msg_held_{index}" for index in range(3)]
+    try:
+        for msg_id in ids:
+            body, headers = svix_request(msg_id=msg_id)
+            assert httpx.post(url + "/webhooks/consignease", content=body, headers=headers).status_code == 200
+        wait_until(lambda: holding.held == len(ids))
+
+        assert process.process is not None
+        signalled_at, started = time.time(), time.monotonic()
+        process.process.send_signal(signal.SIGTERM)
+        # No drain_delay: the webhook listener closes at once and refuses new connections, while the
+        # process is still waiting for its deliveries and the ops listener still answers (not ready).
+        wait_until(lambda: refuses_connections(url), 3)
+        assert process.process.poll() is None
+        assert httpx.get(process.ops_url + "/readyz").status_code == 503
+        assert process.process.wait(30) == 0
+        took = time.monotonic() - started
+        exited_at = time.time()
+    finally:
+        process.kill()
+    timeout = DeliveryEngine().shutdown_timeout
+    assert timeout - 0.5 <= took <= timeout + 3, f"shutdown took {took:.1f}s with shutdown_timeout {timeout}s"
+
+    # Before any restart, the file has them pending, owned by nobody, due at once.
+    stored = stored_deliveries(tmp_path / "hookyard.db")
+    assert set(stored) == set(ids)
+    for msg_id, row in stored.items():
+        assert row["state"] == "pending", msg_id
+        assert row["lease_owner"] is None, msg_id
+        assert signalled_at <= row["due_at"] <= exited_at, msg_id
+        assert row["attempts"] == 1, msg_id  # the interrupted attempt counts: it may have reached the app
+    assert "released unfinished deliveries" in process.log_path.read_text()
+
+    holding.release.set()  # the receiver answers again
+    process.start()
+    try:
+        wait_until(
+            lambda: (
+                {r["state"] for r in stored_deliveries(tmp_path / "hookyard.db").values()} == {"delivered"}
+            )
+        )
+    finally:
+        process.kill()
+    assert {row["attempts"] for row in stored_deliveries(tmp_path / "hookyard.db").values()} == {2}
+    assert {r.headers["idempotency-key"] for r in holding.downstream.received("/held/app")} == set(ids)
 
 
 def self_signed(directory: Path, name: str) -> tuple[Path, Path]:

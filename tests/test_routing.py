@@ -571,6 +571,46 @@ def test_forward_method_is_checked(registry: Registry) -> None:
     assert errors == ["routes[0].actions[0].with.method: method 'GET' must be POST, PUT or PATCH"]
 
 
+@pytest.mark.parametrize(
+    "name", ["Idempotency-Key", "content-type", "Content-Type", "X-Hookyard-Event-Id", "x-hookyard-attempt"]
+)
+def test_forward_static_headers_may_not_replace_its_own(registry: Registry, name: str) -> None:
+    action = {"use": "forward", "with": {"url": "http://a/x", "headers": {"Authorization": "t", name: "x"}}}
+    errors = build_errors(registry, base_config([route("r", "consignly", forward(id="ok"), action)]))
+    assert errors == [
+        f"routes[0].actions[1].with.headers: {name!r} cannot be set: "
+        "forward sets Content-Type, Idempotency-Key and X-Hookyard-* itself"
+    ]
+
+
+SIGNING = {"secret": "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"}
+
+
+@pytest.mark.parametrize("name", ["webhook-id", "Webhook-Timestamp", "WEBHOOK-SIGNATURE"])
+def test_forward_static_headers_may_not_replace_the_signature_when_signing(
+    registry: Registry, name: str
+) -> None:
+    signed = {"use": "forward", "with": {"url": "http://a/x", "sign": SIGNING, "headers": {name: "x"}}}
+    errors = build_errors(registry, base_config([route("r", "consignly", signed)]))
+    assert errors == [
+        f"routes[0].actions[0].with.headers: {name!r} cannot be set together with sign: "
+        "it sets webhook-id, webhook-timestamp and webhook-signature"
+    ]
+    # Without sign: the app may use those names for its own purposes.
+    unsigned = {"use": "forward", "with": {"url": "http://a/x", "headers": {name: "x"}}}
+    [planned] = build(registry, base_config([route("r", "consignly", unsigned)])).actions.values()
+    assert planned.options.headers == {name: "x"}  # type: ignore[attr-defined]
+
+
+def test_forward_lists_every_refused_header(registry: Registry) -> None:
+    headers = {"Idempotency-Key": "x", "Authorization": "t", "X-Hookyard-Source": "y"}
+    action = {"use": "forward", "with": {"url": "http://a/x", "headers": headers}}
+    [error] = build_errors(registry, base_config([route("r", "consignly", action)]))
+    assert error.startswith(
+        "routes[0].actions[0].with.headers: 'Idempotency-Key', 'X-Hookyard-Source' cannot"
+    )
+
+
 def test_a_bad_filter_names_its_place(registry: Registry) -> None:
     errors = build_errors(
         registry,

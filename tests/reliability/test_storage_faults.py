@@ -1,7 +1,9 @@
 """Scenario 3: the store fails under the gateway. A full disk (a real tmpfs filled to the last byte, or
-SQLite's max_page_count where mounting is not allowed), a database that turns read-only under load, and a
-PostgreSQL server that `store` writes to going away. The ingress must answer 503 storage_unavailable,
-never 2xx, while nothing can be stored; /readyz must say so; and service must resume by itself."""
+SQLite's max_page_count where mounting is not allowed), a database that turns read-only under load (its
+writes answered EROFS), a real ext4 file system that the kernel turns read-only, and a PostgreSQL server
+that `store` writes to going away. The ingress must answer 503 storage_unavailable, never 2xx, while nothing
+can be stored; /readyz must say so; and service must resume by itself (after the kernel's read-only
+remount, once an operator has repaired and remounted the file system)."""
 
 from __future__ import annotations
 
@@ -11,9 +13,11 @@ import errno
 import os
 import random
 import shutil
+import signal
 import subprocess
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,12 +29,14 @@ import pytest
 
 from tests.reliability.harness import (
     Load,
+    child_gateway,
     delivered_keys,
     in_process,
     read_db,
     record,
     sampler,
     signed_events,
+    unavailable,
 )
 from tests.support import (
     Downstream,
@@ -91,12 +97,14 @@ def tmpfs(directory: Path, size: str) -> Iterator[Path]:
     directory.mkdir()
     mount = shutil.which("mount")
     if mount is None or os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root; the max_page_count variant covers this case")
+        unavailable("mounting a tmpfs needs root and mount(8); the max_page_count variant still runs")
     result = subprocess.run(
         [mount, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True, text=True
     )
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip()}); max_page_count covers this case")
+        unavailable(
+            f"cannot mount a tmpfs here ({result.stderr.strip()}); the max_page_count variant still runs"
+        )
     try:
         yield directory
     finally:
@@ -236,6 +244,49 @@ def test_readyz_turns_503_when_the_database_cannot_grow(tmp_path: Path, app: Dow
 
 # -- read-only under load -------------------------------------------------------------------------------------
 
+# The system calls by which a process changes a file's contents or size; on a read-only file system each one
+# fails with EROFS.
+_FILE_WRITES = "write,pwrite64,writev,pwritev,pwritev2,fsync,fdatasync,ftruncate,fallocate"
+
+
+def _tracers(pid: int) -> set[int]:
+    """The TracerPid of each thread of process pid (0: not traced)."""
+    tracers = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("TracerPid:"):
+                    tracers.add(int(line.split()[1]))
+    return tracers
+
+
+@contextlib.contextmanager
+def read_only_files(pid: int, paths: list[Path], log: Path) -> Iterator[None]:
+    """While the block runs, every write, sync, truncation or allocation that process pid (any of its
+    threads) makes to one of paths fails with EROFS, as on a file system turned read-only under it.
+
+    Linux cannot stage this for real and undo it: it refuses `mount -o remount,ro` ("mount point is busy")
+    while a process holds files on the mount open for writing, as the gateway holds its database, and the
+    read-only remount that ext4 makes itself after an error cannot be undone without unmounting. So strace
+    attaches to the running gateway and answers those system calls EROFS itself; detaching ends it."""
+    strace = shutil.which("strace")
+    if strace is None:
+        unavailable("a read-only file system is staged with strace, which is not installed")
+    command = [strace, "-qq", "-f", "-p", str(pid), *(f"-P{path}" for path in paths)]
+    command += ["-e", f"trace={_FILE_WRITES}", "-e", f"inject={_FILE_WRITES}:error=EROFS", "-o", str(log)]
+    tracer = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    try:
+        # Attached once every thread of the gateway names strace as its tracer.
+        wait_until(lambda: tracer.poll() is not None or _tracers(pid) == {tracer.pid}, 10, 0.005)
+        if tracer.poll() is not None:
+            unavailable(f"strace cannot attach to the gateway: {tracer.communicate()[1].strip()}")
+        yield
+    finally:
+        if tracer.poll() is None:
+            tracer.send_signal(signal.SIGINT)  # strace detaches from every thread and exits
+            tracer.communicate(timeout=10)
+        wait_until(lambda: _tracers(pid) == {0}, 10, 0.005)
+
 
 @pytest.mark.slow
 def test_database_turning_read_only_under_load_answers_503_then_recovers(
@@ -243,24 +294,38 @@ def test_database_turning_read_only_under_load_answers_503_then_recovers(
 ) -> None:
     started = time.monotonic()
     rng = random.Random(seed)
-    config = gateway_config(tmp_path, app.url, routes=_users_route(app))
+    child = child_gateway(tmp_path, gateway_config(tmp_path, app.url, routes=_users_route(app)))
+    db = child.db_path
+    files = [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
     events = signed_events(2000, "msg_ro")
-    with in_process(config) as gw, httpx.Client(timeout=5) as probe:
-        load = Load(gw.url + PATH, events, 8, seed).start()
-        with sampler(lambda: probe.get(gw.ops_url + "/readyz").status_code, 0.1) as readiness:
-            wait_until(lambda: load.done >= 300, 60, 0.01)
-            time.sleep(rng.uniform(0, 0.1))
-            _between_transactions(gw, "PRAGMA query_only = ON")
-            read_only_from = time.time()
-            done_before = load.done
-            time.sleep(2.0)
-            read_only_until = time.time()
-            _between_transactions(gw, "PRAGMA query_only = OFF")
-            lifted_at = time.monotonic()
-            load.join(120)
-        wait_until(lambda: set(delivered_keys(app)) >= {e.id for e in events if e.answered_2xx}, 60)
-        delivered = set(delivered_keys(app))
-    stored = {row[0] for row in read_db(tmp_path / "hookyard.db", "SELECT event_id FROM events")}
+    strace_log = tmp_path / "strace.log"
+    child.process.start()
+    try:
+        with httpx.Client(timeout=5) as probe, httpx.Client(timeout=5) as client:
+            load = Load(child.url + PATH, events, 8, seed).start()
+            with sampler(lambda: probe.get(child.ops_url + "/readyz").status_code, 0.1) as readiness:
+                wait_until(lambda: load.done >= 300, 60, 0.01)
+                time.sleep(rng.uniform(0, 0.1))
+                with read_only_files(child.pid, files, strace_log):
+                    read_only_from = time.time()
+                    done_before = load.done
+                    time.sleep(1.0)
+                    readyz_reason = client.get(child.ops_url + "/readyz").json().get("reason")
+                    time.sleep(1.0)
+                    read_only_until = time.time()
+                lifted_at = time.monotonic()
+                load.join(120)
+            # Service resumed without a restart: the same process serves on.
+            wait_until(lambda: set(delivered_keys(app)) >= {e.id for e in events if e.answered_2xx}, 60)
+            delivered = set(delivered_keys(app))
+            pid_after = child.pid
+            assert child.process.terminate(30) == 0
+    finally:
+        child.process.kill()
+    stored = {row[0] for row in read_db(db, "SELECT event_id FROM events")}
+    refused_writes = Counter(
+        line.split()[1].partition("(")[0] for line in strace_log.read_text().splitlines() if "EROFS" in line
+    )
 
     offset = time.monotonic() - time.time()
     inside = [a for e in events for a in e.history if read_only_from + 0.2 < a[0] < read_only_until]
@@ -270,10 +335,12 @@ def test_database_turning_read_only_under_load_answers_503_then_recovers(
     figures = {
         "events_sent": len(events),
         "read_only_s": round(read_only_until - read_only_from, 2),
+        "system_calls_refused_erofs": dict(refused_writes),
         "answers_while_read_only": sorted({f"{status} {reason}" for _, status, reason in inside}),
         "requests_while_read_only": len(inside),
         "events_refused_then_retried": len(refused),
         "readyz_while_read_only": sorted(ready_inside),
+        "readyz_reason_while_read_only": readyz_reason,
         "readyz_after": sorted(set(ready_after)),
         "answered_2xx": sum(e.answered_2xx for e in events),
         "delivered": len(delivered & {e.id for e in events}),
@@ -282,14 +349,134 @@ def test_database_turning_read_only_under_load_answers_503_then_recovers(
     record("read_only", figures, tmp_path)
 
     assert done_before < len(events), "the load must still be running when the database turns read-only"
+    assert refused_writes, "no write of the gateway's was refused: the fault was not staged"
     assert inside and {(status, reason) for _, status, reason in inside} == {(503, "storage_unavailable")}
     assert ready_inside == {503}
     assert ready_after and set(ready_after) == {200}
+    assert pid_after == child.pid
     # Refused events were not stored: their retries were accepted, not duplicates.
     assert refused and all(e.outcome == "accepted" for e in refused)
     assert all(e.answered_2xx for e in events)
     assert {e.id for e in events} <= stored
     assert {e.id for e in events} <= delivered
+
+
+def _mounted(directory: Path) -> tuple[str, str]:
+    """The device and the options of the file system mounted on directory ("?" when none is)."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 3 and fields[1] == str(directory):
+            return fields[0], fields[3]
+    return "?", "?"
+
+
+@contextlib.contextmanager
+def ext4_without_journal(directory: Path, size: str) -> Iterator[Path]:
+    """A real ext4 file system without a journal, mounted on directory from an image file through a loop
+    device with errors=remount-ro: an error makes the kernel itself turn it read-only. Yields the file in
+    /sys/fs/ext4 that raises such an error. Needs root and loop devices."""
+    directory.mkdir()
+    names = ("mount", "umount", "mkfs.ext4", "e2fsck")
+    tools = {name: path for name in names if (path := shutil.which(name)) is not None}
+    if len(tools) < len(names) or os.geteuid() != 0:
+        unavailable(f"an ext4 image needs root and {', '.join(names)}")
+    image = directory.with_name(directory.name + ".img")
+    with image.open("wb") as file:
+        file.truncate(int(size.removesuffix("m")) << 20)
+    subprocess.run([tools["mkfs.ext4"], "-q", "-F", "-O", "^has_journal", str(image)], check=True)
+    mounted = subprocess.run(
+        [tools["mount"], "-o", "loop,errors=remount-ro", str(image), str(directory)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        unavailable(f"cannot mount an ext4 image on a loop device here ({mounted.stderr.strip()})")
+    try:
+        device = Path(_mounted(directory)[0]).name
+        trigger = Path(f"/sys/fs/ext4/{device}/trigger_fs_error")
+        if not trigger.exists():
+            unavailable(f"{trigger} does not exist: this kernel cannot be asked for an ext4 error")
+        yield trigger
+    finally:
+        if subprocess.run([tools["umount"], str(directory)], capture_output=True).returncode != 0:
+            subprocess.run([tools["umount"], "-l", str(directory)], capture_output=True)
+        image.unlink()
+
+
+def _post_to(client: httpx.Client, url: str, msg_id: str) -> tuple[int, str]:
+    body, headers = svix_request(data={"id": msg_id}, msg_id=msg_id)
+    response = client.post(url, content=body, headers=headers)
+    answer = response.json()
+    return response.status_code, answer.get("status") or answer.get("error")
+
+
+@pytest.mark.slow
+def test_file_system_the_kernel_turns_read_only_is_answered_503_and_nothing_answered_is_lost(
+    tmp_path: Path, app: Downstream
+) -> None:
+    """The read-only file system of production: ext4 remounts itself read-only after an error. The kernel
+    does not let it be made writable again while it is mounted, so recovery here is an operator's: stop
+    the gateway, repair, mount, start. Every event answered 2xx before the fault survives it."""
+    started = time.monotonic()
+    directory = tmp_path / "ext4"
+    with ext4_without_journal(directory, "64m") as trigger, httpx.Client(timeout=10) as client:
+        child = child_gateway(tmp_path, gateway_config(directory, app.url, routes=_users_route(app)))
+        url = child.url + PATH
+        child.process.start()
+        try:
+            before = {
+                f"msg_ext4_before_{n:02}": _post_to(client, url, f"msg_ext4_before_{n:02}") for n in range(50)
+            }
+            trigger.write_text("hookyard reliability test: turn read-only\n")
+            options = _mounted(directory)[1]
+            while_read_only = {
+                f"msg_ext4_ro_{n:02}": _post_to(client, url, f"msg_ext4_ro_{n:02}") for n in range(30)
+            }
+            readyz = client.get(child.ops_url + "/readyz")
+            healthz = client.get(child.ops_url + "/healthz").status_code
+            stopped = child.process.terminate(30)
+        finally:
+            child.process.kill()
+        # The operator's part: unmount, repair, mount again.
+        assert subprocess.run(["umount", str(directory)], capture_output=True).returncode == 0
+        image = directory.with_name(directory.name + ".img")
+        repaired = subprocess.run(["e2fsck", "-f", "-y", str(image)], capture_output=True, text=True)
+        assert repaired.returncode in (0, 1), repaired.stdout + repaired.stderr
+        mount = ["mount", "-o", "loop,errors=remount-ro", str(image), str(directory)]
+        assert subprocess.run(mount, capture_output=True).returncode == 0
+        child.process.start()
+        try:
+            retried = {msg_id: _post_to(client, url, msg_id) for msg_id in while_read_only}
+            expected = set(before) | set(retried)
+            wait_until(lambda: set(delivered_keys(app)) >= expected, 30)
+            ready_after = client.get(child.ops_url + "/readyz").status_code
+            assert child.process.terminate(30) == 0
+        finally:
+            child.process.kill()
+        stored = {row[0] for row in read_db(child.db_path, "SELECT event_id FROM events")}
+    figures = {
+        "mount_options_after_the_error": options,
+        "answers_before": sorted({f"{status} {reason}" for status, reason in before.values()}),
+        "requests_while_read_only": len(while_read_only),
+        "answers_while_read_only": sorted({f"{s} {r}" for s, r in while_read_only.values()}),
+        "readyz_while_read_only": f"{readyz.status_code} {readyz.json().get('reason')}",
+        "healthz_while_read_only": healthz,
+        "gateway_exit_status_on_sigterm": stopped,
+        "e2fsck_exit_status": repaired.returncode,
+        "answers_to_retries_after_repair": sorted({f"{s} {r}" for s, r in retried.values()}),
+        "readyz_after": ready_after,
+        "delivered": len(set(delivered_keys(app)) & expected),
+        "test_s": round(time.monotonic() - started, 1),
+    }
+    record("read_only_kernel", figures, tmp_path)
+
+    assert set(before.values()) == {(200, "accepted")}
+    assert set(while_read_only.values()) == {(503, "storage_unavailable")}
+    assert readyz.status_code == 503 and healthz == 200
+    # What was answered 2xx before the fault is still there after it; what was refused was not stored.
+    assert set(retried.values()) == {(200, "accepted")}, "a 503 must mean nothing was stored"
+    assert stored == expected
+    assert ready_after == 200
 
 
 async def _through_ingress(ingress: Any, body: bytes, headers: dict[str, str]) -> int:
@@ -421,6 +608,17 @@ def test_postgres_down_only_the_store_retries_and_rows_land_once(
             rows = _pg_rows(postgres_url, table)
         finally:
             _pg_drop(postgres_url, table)
+    # Only the store retried: every forward to the app was delivered at its first attempt, and the app got
+    # each event exactly once.
+    forward_attempts = dict(
+        read_db(
+            db,
+            "SELECT n, count(*) FROM (SELECT count(a.id) AS n FROM deliveries d "
+            "LEFT JOIN attempts a ON a.delivery_id = d.id WHERE d.action = 'app' GROUP BY d.id) GROUP BY n",
+        )
+    )
+    forward_states = _states(db, "app")
+    app_requests = Counter(delivered_keys(app, "/app"))
     figures = {
         "events_sent": len(events),
         "answered_2xx": len(answered),
@@ -429,6 +627,8 @@ def test_postgres_down_only_the_store_retries_and_rows_land_once(
         "store_deliveries_while_down": store_while_down,
         "store_retries_while_down": retried_while_down,
         "store_caught_up_after_restore_s": round(store_caught_up_s, 2),
+        "forward_attempts_per_delivery": forward_attempts,
+        "forward_requests": sum(app_requests.values()),
         "rows": len(rows),
         "rows_more_than_once": sum(n > 1 for _, n in rows),
         "test_s": round(time.monotonic() - started, 1),
@@ -440,3 +640,6 @@ def test_postgres_down_only_the_store_retries_and_rows_land_once(
     assert store_while_down.get("dead", 0) == 0
     assert {event_id for event_id, _ in rows} == answered
     assert all(n == 1 for _, n in rows)
+    assert forward_states == {"delivered": len(answered)}
+    assert forward_attempts == {1: len(answered)}, "a forward was retried although only the store failed"
+    assert set(app_requests) == answered and set(app_requests.values()) == {1}

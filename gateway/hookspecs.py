@@ -46,4 +46,5 @@ def event_accepted(event: Event, routes: list[str]) -> None:
 
 @hookspec
 def delivery_finished(delivery: DeliveryRecord, outcome: Outcome, final: bool) -> None:
-    """Called after every delivery attempt; final is True once the delivery is delivered or dead."""
+    """Called after every delivery attempt, and for each dependent it skips; final is True once the delivery
+    is delivered, dead or skipped."""

@@ -357,6 +357,42 @@ def test_observer_hooks_are_called_with_their_arguments(tmp_path, downstream: Do
     assert [call[0] for call in calls].count("shutdown") == 1
 
 
+def test_delivery_finished_reports_dependents_that_end_skipped(tmp_path, downstream: Downstream) -> None:
+    from gateway import hookimpl
+    from gateway.plugins import new_plugin_manager
+
+    finished: list[tuple[Any, ...]] = []
+
+    class Recorder:
+        @hookimpl
+        def delivery_finished(self, delivery, outcome, final):  # type: ignore[no-untyped-def]
+            finished.append((delivery.action, delivery.state, outcome.kind, outcome.error, final))
+
+    route = users_route(
+        downstream,
+        {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}},
+        {
+            "id": "alert",
+            "use": "forward",
+            "after": "app",
+            "when": "failure",
+            "with": {"url": f"{downstream.url}/a"},
+        },
+    )
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(Recorder(), name="recorder")
+    with RunningGateway(gateway_config(tmp_path, routes=[route]), pm=pm) as gw:
+        body, headers = svix_request(msg_id="msg_skip")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        wait_until(lambda: len(finished) == 2)
+        assert finished == [
+            ("app", "delivered", "delivered", None, True),
+            ("alert", "skipped", "skipped", "parent did not reach the required state", True),
+        ]
+        assert gw.metric("hookyard_deliveries_total", route="users", action="alert", outcome="skipped") == 1
+    assert downstream.received("/a") == []
+
+
 # -- retry policy ------------------------------------------------------------------------------------
 
 

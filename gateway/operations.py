@@ -38,11 +38,12 @@ def parse_time(value: str | float | None, name: str = "since") -> float | None:
     if isinstance(value, int | float):
         return float(value)
     try:
-        return time.time() - parse_duration(value)
+        # A bare number is a time, never a duration: `2h` or `90s` say "ago" with their unit.
+        return float(value)
     except ValueError:
         pass
     try:
-        return float(value)
+        return time.time() - parse_duration(value)
     except ValueError:
         pass
     try:

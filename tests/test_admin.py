@@ -206,11 +206,6 @@ def test_list_filters_by_source_and_until(tmp_path: Path, downstream: Downstream
         assert bad.status_code == 400 and bad.json()["error"].startswith("until: ")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway.operations.parse_time reads a bare number as a duration (that many seconds ago), "
-    "while the docs promise epoch seconds",
-)
 def test_until_as_epoch_seconds(tmp_path: Path, downstream: Downstream) -> None:
     with RunningGateway(users_config(tmp_path, downstream)) as gw:
         send(gw, "msg_epoch")

@@ -1,5 +1,6 @@
-"""A corpus of bad (and tricky but valid) webhook requests against a real server: each gets its documented
-status and reason (docs/errors.md), nothing answers 5xx, and every rejection is counted."""
+"""A corpus of bad (and tricky but valid) webhook requests against a real server: each gets the status
+docs/errors.md gives its reason (read from the table there, so docs and behaviour cannot drift), nothing
+answers 5xx, and every rejection is counted in hookyard_webhook_rejections_total{source, reason}."""
 
 from __future__ import annotations
 
@@ -7,11 +8,13 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 
@@ -32,6 +35,21 @@ class Request:
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
     method: str = "POST"
+    # Header lines sent as they are, after `headers`: a name may repeat (httpx sends each pair as a line).
+    lines: list[tuple[str, str]] = field(default_factory=list)
+
+    def header_lines(self) -> list[tuple[str, str]]:
+        return [*self.headers.items(), *self.lines]
+
+
+def repeated(request: Request, name: str, *values: str) -> Request:
+    """The request with `name` sent as one header line per value, instead of its single one."""
+    del request.headers[name]
+    request.lines += [(name, value) for value in values]
+    return request
+
+
+SOURCES = {"/webhooks/consignease": "consignease", "/webhooks/consignly": "consignly"}
 
 
 def svix_body(**overrides: object) -> bytes:
@@ -162,6 +180,21 @@ CASES: list[tuple[str, Callable[[], Request], int, str]] = [
         "accepted",
     ),
     ("consignly type by code", lambda: consignly(consignly_payload(type=101)), 200, "accepted"),
+    (
+        # Content-Type is not checked (docs/errors.md): a body that is JSON is accepted whatever it says.
+        "no content type, valid signature",
+        lambda: (lambda r: (r.headers.pop("content-type"), r)[1])(svix()),
+        200,
+        "accepted",
+    ),
+    (
+        "two signature header lines, the second valid",
+        lambda: (lambda r: repeated(r, "svix-signature", "v1,bm90IHRoaXMgb25l", r.headers["svix-signature"]))(
+            svix()
+        ),
+        200,
+        "accepted",
+    ),
     # what the body says
     ("empty body", lambda: svix(b""), 400, "invalid_json"),
     ("malformed json", lambda: svix(b'{"type": "user.created",'), 400, "invalid_json"),
@@ -245,6 +278,28 @@ CASES: list[tuple[str, Callable[[], Request], int, str]] = [
         401,
         "invalid_signature",
     ),
+    (
+        "consignly two signature header lines",  # joined into one value, which is not one signature
+        lambda: (lambda r: repeated(r, "x-consignly-signature", *[r.headers["x-consignly-signature"]] * 2))(
+            consignly()
+        ),
+        401,
+        "invalid_signature",
+    ),
+    (
+        "two signature header lines, neither valid",
+        lambda: repeated(svix(), "svix-signature", "v1,bm90IHRoaXMgb25l", "v1,bm9yIHRoaXMgb25l"),
+        401,
+        "invalid_signature",
+    ),
+    (
+        "signature with a comma stuck to it",
+        lambda: (
+            lambda r: (r.headers.__setitem__("svix-signature", r.headers["svix-signature"] + ","), r)[1]
+        )(svix()),
+        401,
+        "invalid_signature",
+    ),
     # method, path, size
     ("GET", lambda: with_method(svix(), "GET"), 405, "method_not_allowed"),
     ("PUT", lambda: with_method(svix(), "PUT"), 405, "method_not_allowed"),
@@ -264,22 +319,46 @@ def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
         yield running
 
 
+def documented_statuses() -> dict[str, int]:
+    """reason -> status, from the table in docs/errors.md."""
+    table = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text()
+    rows = re.findall(r"^\| (\d{3}) \| `([a-z_]+)`", table, re.MULTILINE)
+    statuses = {reason: int(status) for status, reason in rows}
+    assert len(statuses) == len(rows), "a reason appears twice in docs/errors.md"
+    return statuses
+
+
+DOCUMENTED = documented_statuses()
+
+
 def test_corpus_is_large() -> None:
     assert len(CASES) >= 40
     assert len({name for name, *_ in CASES}) == len(CASES)
+
+
+def test_the_documented_table_is_read() -> None:
+    assert DOCUMENTED["accepted"] == 200
+    assert DOCUMENTED["invalid_signature"] == 401
+    assert DOCUMENTED["storage_unavailable"] == 503
+    assert len(DOCUMENTED) >= 20
 
 
 @pytest.mark.parametrize(
     ("make", "status", "reason"), [case[1:] for case in CASES], ids=[c[0] for c in CASES]
 )
 def test_bad_input(gw: RunningGateway, make: Callable[[], Request], status: int, reason: str) -> None:
+    assert DOCUMENTED.get(reason) == status, f"docs/errors.md gives {reason!r} another status"
     request = make()
+    source = SOURCES.get(request.path, "")
+    rejections = gw.metric("hookyard_webhook_rejections_total", source=source, reason=reason)
     response = gw.client.request(
-        request.method, gw.url + request.path, content=request.body, headers=request.headers
+        request.method, gw.url + request.path, content=request.body, headers=request.header_lines()
     )
     assert response.status_code == status, response.text
     key = "status" if status == 200 else "error"
     assert response.json()[key] == reason
+    counted = gw.metric("hookyard_webhook_rejections_total", source=source, reason=reason) - rejections
+    assert counted == (0 if status == 200 else 1)
 
 
 def raw_request(url: str, data: bytes) -> bytes:

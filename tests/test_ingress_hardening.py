@@ -216,6 +216,16 @@ def test_svix_preset_is_every_region_of_the_published_list() -> None:
     assert "2600:1f24:64:8000::/56" in PRESETS["svix-us"]
 
 
+def test_forwarded_header_setting() -> None:
+    from gateway.config import ConfigError, parse_config
+
+    assert parse_config("sources: {}").listen.forwarded_header == "x-forwarded-for"
+    assert parse_config("listen: {forwarded_header: forwarded}").listen.forwarded_header == "forwarded"
+    with pytest.raises(ConfigError) as error:
+        parse_config("listen: {forwarded_header: x-real-ip}")
+    assert "listen.forwarded_header" in str(error.value)
+
+
 def test_invalid_allowlist_is_a_config_error(tmp_path: Any) -> None:
     from gateway.config import ConfigError, parse_config
 

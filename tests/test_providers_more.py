@@ -874,6 +874,37 @@ def test_misconfigured_sources_name_the_place(tmp_path: Path, source: dict[str, 
     assert not any(secret in errors[0] for secret in source["secrets"])
 
 
+# -- the copy-paste snippets of docs/providers.md ----------------------------------------------------------------
+
+PROVIDERS_DOC = Path(__file__).resolve().parent.parent / "docs" / "providers.md"
+SNIPPETS = [
+    block
+    for block in re.findall(r"```yaml\n(.*?)```", PROVIDERS_DOC.read_text(), re.DOTALL)
+    if block.startswith("sources:")
+]
+
+
+@pytest.mark.parametrize("snippet", SNIPPETS, ids=[block.split("\n")[1].strip(" :") for block in SNIPPETS])
+def test_documented_routes_yaml_snippets_load_and_verify(snippet: str, tmp_path: Path) -> None:
+    """Each snippet is a valid routes.yaml, and its source accepts what `hookyard send` signs for it."""
+    environ = {
+        name: SVIX_SECRET if name.startswith(("CONSIGNEASE", "BILLING")) else f"secret-{name.lower()}"
+        for name in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", snippet)
+    }
+    config = parse_config(f"storage: {{url: 'sqlite:///{tmp_path}/db.sqlite'}}\n{snippet}", environ=environ)
+    table = RouteTable.build(config, registry())
+    assert table.endpoints
+    for endpoint in table.endpoints.values():
+        _, body, headers = build_request(table, endpoint.name, "order.created", {"id": "o-1"})
+        now = time.time()
+        endpoint.provider.verify(lower(headers), body, now)
+        endpoint.provider.parse(lower(headers), body, orjson.loads(body), now)
+
+
+def test_the_basic_snippet_is_documented() -> None:
+    assert any("provider: basic" in snippet for snippet in SNIPPETS)
+
+
 # -- through the real ingress, as `hookyard send` sends ---------------------------------------------------------------
 
 

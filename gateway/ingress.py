@@ -80,7 +80,12 @@ class Ingress:
         headers = _headers(scope, limits.max_headers, limits.max_header_bytes)
         if endpoint.allow:
             client = scope.get("client")
-            address = client_address(client[0] if client else None, headers, gateway.table.trusted_proxies)
+            address = client_address(
+                client[0] if client else None,
+                headers,
+                gateway.table.trusted_proxies,
+                gateway.config.listen.forwarded_header,
+            )
             if address is None or not contains(endpoint.allow, address):
                 raise Rejected(403, "ip_denied", "this address may not send to this source")
         try:
@@ -117,7 +122,7 @@ class Ingress:
                 extra={"source": endpoint.name, "reason": rejection.reason},
             )
             return False
-        return True
+        return endpoint.provider.verifies
 
     async def _store(self, event: Event, provider: Provider) -> tuple[str, dict[str, Any]]:
         gateway = self.gateway

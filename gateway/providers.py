@@ -43,6 +43,8 @@ class Provider:
     description: ClassVar[str] = ""
     # False for schemes with nothing to verify; such a source must say `insecure: true`.
     needs_secret: ClassVar[bool] = True
+    # False for a provider that checks nothing (`none`): its events are stored as unverified.
+    verifies: ClassVar[bool] = True
     # Settings under the source's `options:`.
     Options: ClassVar[type[BaseModel]] = NoOptions
 

@@ -73,10 +73,6 @@ def test_a_clients_own_forwarded_header_is_not_believed(tmp_path: Any) -> None:
         assert gw.post("/webhooks/consignease", body, headers).status_code == 200
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="gateway/ingress.py does not yet pass listen.forwarded_header to client_address",
-)
 def test_forwarded_header_setting_reads_rfc7239_forwarded_only(tmp_path: Any) -> None:
     config = with_source(tmp_path, allow_ips=["2001:db8::/32"])
     config["listen"] = {"trusted_proxies": ["loopback"], "forwarded_header": "forwarded"}

@@ -1017,6 +1017,8 @@ def test_hookyard_send_command_round_trip(
     assert result.output == f'200 {{"id":"{event_id}","status":"accepted"}}\n'
     event = stored(running, event_id, source)
     assert event.type == event_type
+    # Only `provider: none` checks nothing: its events are kept marked as unverified.
+    assert event.verified is (source != "none")
 
 
 @pytest.mark.parametrize(("source", "event_type"), SEND, ids=[source for source, _ in SEND])

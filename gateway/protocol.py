@@ -34,6 +34,12 @@ def header_deadline_protocol(timeout: Callable[[], float]) -> type[HttpToolsProt
             super().connection_made(cast(asyncio.Transport, CoalescedWrites(transport, self.loop)))
             self._arm()
 
+        def eof_received(self) -> None:
+            # The client closed its side and the transport closes when this returns: what is buffered
+            # (the answer to its last request) must leave first.
+            cast(CoalescedWrites, self.transport).flush()
+            super().eof_received()
+
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._arm()
@@ -78,15 +84,15 @@ class CoalescedWrites:
     def write(self, data: bytes) -> None:
         if self._buffer is None:
             self._buffer = [data]
-            self._loop.call_soon(self._flush)
+            self._loop.call_soon(self.flush)
         else:
             self._buffer.append(data)
 
     def close(self) -> None:
-        self._flush()
+        self.flush()
         self._transport.close()
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         buffer, self._buffer = self._buffer, None
         if buffer and not self._transport.is_closing():
             self._transport.write(buffer[0] if len(buffer) == 1 else b"".join(buffer))

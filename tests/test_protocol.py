@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from typing import Any
 
 from gateway.protocol import CoalescedWrites
+from tests.support import RunningGateway, gateway_config
 
 
 class RecordingTransport:
@@ -69,3 +71,16 @@ def test_everything_else_is_the_wrapped_transports() -> None:
         return CoalescedWrites(RecordingTransport(), asyncio.get_running_loop()).get_extra_info("peername")
 
     assert asyncio.run(ask()) == ("127.0.0.1", 1234)
+
+
+def test_a_client_that_closes_its_side_after_the_request_still_gets_the_answer(tmp_path) -> None:
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            sock.shutdown(socket.SHUT_WR)  # the answer is still buffered when the EOF arrives
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 401 ")
+    assert answer.endswith(b'{"error":"missing_signature","detail":"missing svix-id/svix-signature headers"}')

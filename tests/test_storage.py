@@ -211,24 +211,28 @@ def test_an_ingest_is_answered_only_after_the_wal_is_fsynced(
     assert fsync.calls >= 1
 
 
-def test_while_every_fsync_runs_durable_writes_wait_and_commit_together(
+def test_while_an_fsync_runs_durable_writes_wait_and_commit_together(
     db: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     fsync = BlockedFsync(monkeypatch)
 
-    async def trickle() -> list[bool]:
+    async def trickle() -> tuple[list[bool], list[int]]:
         tasks = []
         for n in range(6):
             tasks.append(asyncio.create_task(db.storage.ingest(make_event(f"evt_{n}"), [APP])))
             await asyncio.sleep(0.02)  # each its own batch, were nothing held back
+        # A lease is not held back: it commits and is answered while the fsync still runs.
+        claimed = [c.event.id for c in await db.storage.claim(T0 + 1, 10, LEASE, "worker")]
         fsync.release.set()
-        return list(await asyncio.gather(*tasks))
+        return list(await asyncio.gather(*tasks)), claimed
 
-    assert db.run(trickle()) == [True] * 6
-    # The first two batches took both fsync threads; the other four waited and shared one commit and
-    # one more fsync.
-    assert db.commits == [1, 1, 4]
-    assert fsync.calls == 3
+    stored, claimed = db.run(trickle())
+    assert stored == [True] * 6
+    assert claimed == ["evt_0"]  # the others were not committed yet
+    # The first ingest took the fsync; the lease committed on its own; the other five ingests waited and
+    # shared one commit and one more fsync.
+    assert db.commits == [1, 1, 5]
+    assert fsync.calls == 2
 
 
 def test_after_a_failed_fsync_nothing_is_answered_stored_until_a_restart(

@@ -50,8 +50,6 @@ MAX_BATCH = 512
 # WAL_SIZE_LIMIT.
 CHECKPOINT_COMMITS = 100
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
-# fsyncs of the WAL that may run at once.
-SYNC_THREADS = 2
 SKIPPED_REASON = "parent did not reach the required state"
 
 SCHEMA = """
@@ -123,15 +121,15 @@ class _GroupCommit:
 
     A batch's statements and its COMMIT run on the event loop's thread, back to back: with
     synchronous=NORMAL a commit only hands the WAL frames to the OS, which takes microseconds. The fsync
-    happens on helper threads (`_WalSyncer`), which then wake the callers of every batch committed before
-    the fsync began. The loop never waits on the disk, and one fsync serves every batch committed before
-    it (group commit). While every fsync thread is busy, durable operations wait uncommitted and then
-    commit together: their answer could not come sooner, and one large commit writes fewer WAL pages than
-    many small ones.
+    happens on a helper thread (`_WalSyncer`), which then wakes the callers of every batch committed
+    before the fsync began: the loop never waits on the disk. While an fsync runs, durable operations wait
+    uncommitted and then commit together (group commit): their answer could not come sooner, and one large
+    commit writes fewer WAL pages than many small ones.
 
     For what we answer this is as durable as synchronous=FULL: SQLite in WAL mode with NORMAL never
     corrupts the database on power loss; it may lose the last commits, and nobody was told they were
-    stored. Operations that need no durability (a lease, a read) are answered at their commit.
+    stored. Operations that need no durability (a lease, a read) neither wait for an fsync nor for the
+    durable operations held back: they commit at once and are answered then.
 
     Checkpoints (copying the WAL into the database file, with two fsyncs) run on a helper thread too,
     between batches; SQLite's automatic checkpoints are off because they would run inside a COMMIT, on the
@@ -142,8 +140,9 @@ class _GroupCommit:
         self.connection = connection
         self.on_commit = on_commit
         self.loop = asyncio.get_running_loop()
-        self.pending: list[_Pending] = []
-        self.pending_not_durable = 0
+        # Operations waiting for the next batch: durable ones, and those answered at their commit.
+        self.durable: list[_Pending] = []
+        self.fast: list[_Pending] = []
         self.scheduled = False
         self.checkpointing = False
         # Committed batches waiting for an fsync, oldest first: (commit number, size, started, results).
@@ -161,9 +160,7 @@ class _GroupCommit:
         if self.broken is not None:
             future.set_exception(StorageUnavailable(f"sqlite: {self.broken}"))
             return future
-        self.pending.append((operation, future, durable))
-        if not durable:
-            self.pending_not_durable += 1
+        (self.durable if durable else self.fast).append((operation, future, durable))
         self.idle.clear()
         self._schedule()
         return future
@@ -174,20 +171,24 @@ class _GroupCommit:
         self.checkpointer.shutdown(wait=True)
 
     def _schedule(self) -> None:
-        if self.scheduled or self.checkpointing or not self.pending:
+        if self.scheduled or self.checkpointing:
             return
-        if len(self.unsynced) >= SYNC_THREADS and not self.pending_not_durable:
-            return  # every fsync thread is busy: commit when one is done (_synced)
+        if not self.fast and not (self.durable and not self.unsynced):
+            return  # nothing, or only durable operations while an fsync runs: commit when it is done
         self.scheduled = True
         # Not at once: operations submitted in this same loop iteration join the batch.
         self.loop.call_soon(self._run_batch)
 
     def _run_batch(self) -> None:
         self.scheduled = False
-        if self.checkpointing or not self.pending:
+        if self.checkpointing:
             return
-        batch, self.pending = self.pending[:MAX_BATCH], self.pending[MAX_BATCH:]
-        self.pending_not_durable = sum(not durable for *_, durable in self.pending)
+        batch, self.fast = self.fast[:MAX_BATCH], self.fast[MAX_BATCH:]
+        if not self.unsynced:
+            room = MAX_BATCH - len(batch)
+            batch, self.durable = batch + self.durable[:room], self.durable[room:]
+        if not batch:
+            return
         started = time.perf_counter()
         try:
             try:
@@ -208,10 +209,10 @@ class _GroupCommit:
             else:
                 _settle(results)
                 self._observe(len(batch), started)
-        if self.pending:
+        if self.commits - self.checkpointed_at >= CHECKPOINT_COMMITS or self._wal_size() > WAL_SIZE_LIMIT:
+            self._start_checkpoint()  # what waits now runs once it is done (_checkpointed)
+        else:
             self._schedule()
-        elif self.commits - self.checkpointed_at >= CHECKPOINT_COMMITS or self._wal_size() > WAL_SIZE_LIMIT:
-            self._start_checkpoint()
         self._maybe_idle()
 
     def _execute(self, batch: list[_Pending], *, isolated: bool) -> list[_Result]:
@@ -271,7 +272,7 @@ class _GroupCommit:
         self._maybe_idle()
 
     def _maybe_idle(self) -> None:
-        if not (self.pending or self.unsynced or self.scheduled or self.checkpointing):
+        if not (self.fast or self.durable or self.unsynced or self.scheduled or self.checkpointing):
             self.idle.set()
 
     def _observe(self, size: int, started: float) -> None:
@@ -325,9 +326,8 @@ def _settle(results: Iterable[_Result]) -> None:
 
 
 class _WalSyncer:
-    """Threads that fdatasync the WAL whenever commits wait for it, and tell the loop how far the file is
-    on disk. A sync covers every commit made before it began. Two run at once: the disk serves two
-    concurrent flushes in about the time of one, so a commit need not wait for the previous batch's."""
+    """A thread that fdatasyncs the WAL whenever commits wait for it, and tells the loop how far the file
+    is on disk. A sync covers every commit made before it began."""
 
     def __init__(
         self,
@@ -340,31 +340,20 @@ class _WalSyncer:
         self.directory = directory
         self.loop = loop
         self.synced = synced
-        self.requests: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.requests: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # commit numbers; None: stop
         self.inode: int | None = None
-        self.threads = [
-            threading.Thread(target=self._run, name=f"hookyard-sqlite-fsync-{n}", daemon=True)
-            for n in range(SYNC_THREADS)
-        ]
-        for thread in self.threads:
-            thread.start()
+        self.thread = threading.Thread(target=self._run, name="hookyard-sqlite-fsync", daemon=True)
+        self.thread.start()
 
     def request(self, number: int) -> None:
         self.requests.put(number)
 
     def stop(self) -> None:
-        for _ in self.threads:
-            self.requests.put(None)
-        for thread in self.threads:
-            thread.join()
+        self.requests.put(None)
+        self.thread.join()
 
     def _run(self) -> None:
         while (target := self.requests.get()) is not None:
-            # Requests that queued up meanwhile are covered by this one sync.
-            with contextlib.suppress(queue.Empty):
-                while (newer := self.requests.get_nowait()) is not None:
-                    target = max(target, newer)
-                self.requests.put(None)  # not ours to take: give the stop signal back
             error: OSError | None = None
             try:
                 self._sync()

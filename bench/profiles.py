@@ -44,8 +44,8 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
         "verification (svix HMAC)",
         ("plugins/svix.py", "plugins/hmac_generic.py", "/hmac.py", "gateway/providers.py"),
     ),
-    ("storage: statements (event loop)", ("gateway/storage/",)),
-    ("storage: COMMIT on the helper thread (sqlite3, fsync)", ("concurrent/futures/thread.py",)),
+    ("storage: statements and COMMIT (event loop)", ("gateway/storage/",)),
+    ("storage: checkpoints and queue statistics (helper threads)", ("concurrent/futures/thread.py",)),
     ("delivery engine", ("gateway/delivery.py", "gateway/retry.py", "gateway/actions.py")),
     (
         "HTTP client (forward, httpx, aiohttp)",
@@ -67,7 +67,9 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("uvicorn / httptools", ("uvicorn/", "httptools/")),
 ]
 EVENT_LOOP = "event loop (uvloop: I/O, scheduling)"
-# The commit thread between two commits: taking the next one off its queue, getting the GIL back.
+# The fsync thread: fdatasync of the WAL, and telling the loop.
+WAL_SYNC = "storage: fsync of the WAL (helper thread)"
+# A helper thread between two jobs: taking the next one off its queue, getting the GIL back.
 HELPER_WAKEUP = "storage: helper thread wake-ups (queue, GIL)"
 # Entry points every stack of the main thread goes through: no information in their inclusive share.
 _ENTRY_FILES = ("gateway/__main__.py", "gateway/cli.py")
@@ -93,6 +95,8 @@ def category(frames: list[tuple[str, str]]) -> str:
     function, file = frames[-1]
     if function == "_worker" and file.endswith("concurrent/futures/thread.py"):
         return HELPER_WAKEUP
+    if any(function.startswith("_WalSyncer.") for function, _file in frames):
+        return WAL_SYNC
     for _function, file in reversed(frames):
         for name, markers in CATEGORIES:
             if any(marker in file for marker in markers):

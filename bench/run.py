@@ -58,7 +58,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, default=2, help="seconds of wrk warm-up per ingest server")
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
-    parser.add_argument("--rates", default="500,1000,2000", help="offered end-to-end rates, ev/s")
+    parser.add_argument("--rates", default="500,1000,2000,3000", help="offered end-to-end rates, ev/s")
     parser.add_argument("--e2e-duration", type=float, default=10, help="seconds per offered rate")
     parser.add_argument("--backlog", type=int, default=10_000, help="events sent while the sink is down")
     parser.add_argument("--backlog-rate", type=int, default=1000, help="ev/s while the sink is down")

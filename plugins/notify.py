@@ -20,14 +20,13 @@ nothing (say, everything inside an `{% if %}`) skips the notification.
 
 from __future__ import annotations
 
+import functools
 import re
 import traceback
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
-from jinja2 import StrictUndefined, Template, TemplateSyntaxError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway import hookimpl
@@ -41,6 +40,12 @@ from gateway.actions import (
     skipped,
     transport_error,
 )
+
+# Jinja costs about 2 MB of resident memory and only templates need it: it is imported when the first
+# template is compiled, so a gateway with no notify template (or no notify action) never loads it.
+if TYPE_CHECKING:
+    from jinja2 import Template
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Discord rejects a message whose content is longer than this (HTTP 400, which would end the delivery dead).
 DISCORD_MAX_CONTENT = 2000
@@ -57,7 +62,11 @@ def isotime(value: float | None) -> str:
     return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+@functools.cache
 def _environment() -> ImmutableSandboxedEnvironment:
+    from jinja2 import StrictUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     # Sandboxed because templates come from the config, which may be edited by people who must not get code
     # execution in the gateway; immutable so a template cannot change the event other actions see.
     env = ImmutableSandboxedEnvironment(autoescape=False, undefined=StrictUndefined)
@@ -65,13 +74,12 @@ def _environment() -> ImmutableSandboxedEnvironment:
     return env
 
 
-ENVIRONMENT = _environment()
-
-
 def compile_template(source: str) -> Template:
     """Compile a message template; raises ValueError naming the line of a syntax error."""
+    from jinja2 import TemplateSyntaxError
+
     try:
-        return ENVIRONMENT.from_string(source)
+        return _environment().from_string(source)
     except TemplateSyntaxError as exc:
         raise ValueError(f"line {exc.lineno}: {exc.message}") from None
 

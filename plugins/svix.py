@@ -18,10 +18,7 @@ import binascii
 import hashlib
 import hmac
 from collections.abc import Mapping
-from typing import Any
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from gateway import hookimpl
 from gateway.config import Source
@@ -43,6 +40,11 @@ from plugins.hmac_generic import (
     text_bytes,
     wire_bytes,
 )
+
+# cryptography costs about 6 MB of resident memory and only v1a (ed25519) keys need it: it is imported when
+# a whpk_/whsk_ secret is parsed, so a gateway whose sources use whsec_ secrets alone never loads it.
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = ["MAX_SIGNATURES", "StandardWebhooksProvider", "SvixProvider", "decode_secret", "sign"]
 
@@ -104,9 +106,13 @@ class SvixProvider(Provider):
         for index, secret in enumerate(self.secrets):
             try:
                 if secret.startswith(PUBLIC_KEY_PREFIX):
+                    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
                     raw = decode_ed25519(secret, PUBLIC_KEY_PREFIX)
                     self.public_keys.append(Ed25519PublicKey.from_public_bytes(raw))
                 elif secret.startswith(PRIVATE_KEY_PREFIX):
+                    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
                     private = Ed25519PrivateKey.from_private_bytes(decode_ed25519(secret, PRIVATE_KEY_PREFIX))
                     # A sender's key also verifies what it signed, so `hookyard send` works with it alone.
                     self.private_keys.append(private)
@@ -147,6 +153,10 @@ class SvixProvider(Provider):
             raise unauthorized("invalid_signature", "no signature matches")
 
     def _ed25519_matches(self, content: bytes, offered: list[bytes]) -> bool:
+        if not self.public_keys:
+            return False  # and cryptography stays unloaded (see the top of this module)
+        from cryptography.exceptions import InvalidSignature
+
         # Public keys are no secret, so stopping at the first match leaks nothing.
         for signature in offered:
             if len(signature) != ED25519_SIGNATURE_BYTES:

@@ -218,7 +218,7 @@ def _ingest_tables(part: Json) -> list[str]:
         lines.append("")
         for r in gateway_rows:
             lines.append(
-                f"- {r['name']}: {r['operations_per_commit']:.1f} storage operations per durable commit "
+                f"- {r['name']}: {r['operations_per_commit']:.1f} storage operations per commit "
                 f"({r['commits_per_second']:,.0f} commits/s), {r['delivered_during_load']:,.0f} deliveries made "
                 f"during the window, {r['duplicates']:.0f} duplicate ids."
             )
@@ -299,8 +299,8 @@ def _scale(part: Json) -> list[str]:
     return [
         f"One database grown to each level (1 KB events, one pending delivery each). Per level: "
         f"{part['pairs']} claim(now, 1, lease, owner) + finish pairs through SQLiteStorage (each a transaction "
-        "with a durable commit), and a `hookyard serve` process on the database: RSS idle, and after a "
-        "burst of 1,000 webhooks it ingests and delivers.",
+        "with a commit; leases and results are not fsynced), and a `hookyard serve` process on the database: "
+        "RSS idle, and after a burst of 1,000 webhooks it ingests and delivers.",
         "",
         md_table(
             [
@@ -340,7 +340,8 @@ def _scale(part: Json) -> list[str]:
         f"smallest to the largest backlog (flat: an index seek and at most 1.5{X}). Plan: `{plans['claim']}`.",
         f"- RSS idle: **{'flat' if verdict['rss_flat'] else 'not flat'}** ({verdict['rss_change']:+.1%}; limit ±10 %).",
         f"- next_due_at (before the engine sleeps): `{plans['next_due_at']}`.",
-        f"- queue_stats (the hookyard_delivery_queue and _lag gauges, every 2 s on the event loop): "
+        f"- queue_stats (the hookyard_delivery_queue and _lag gauges, every 2 s on a reader connection and "
+        f"thread of its own, so it never holds up the event loop): "
         f"{X}{verdict['queue_stats_ratio']:,.0f} from the smallest to the largest backlog — plan "
         f"`{plans['queue_stats']}`: it visits every pending delivery.",
     ]

@@ -4,7 +4,8 @@
 - the RSS of a `hookyard serve` process on that database, idle (and again after a short burst of webhooks
   that it ingests and delivers to the sink), and how long it took to become ready;
 - the cost to claim the next due delivery: `claim(now, 1, lease, owner)` + `finish` pairs through
-  SQLiteStorage (each one transaction with a durable commit), median wall time and process CPU per pair;
+  SQLiteStorage (each one transaction and commit; leases and results need no fsync), median wall time
+  and process CPU per pair;
 - the two queue queries the gateway runs on its own: next_due_at (before sleeping) and queue_stats
   (the hookyard_delivery_queue / _lag gauges, every 2 s).
 
@@ -71,7 +72,7 @@ def grow(db: Path, start: int, count: int, base: float) -> float:
     )
     conn = sqlite3.connect(db, isolation_level=None)
     try:
-        conn.execute("PRAGMA synchronous = OFF")  # building only; the gateway opens it with FULL
+        conn.execute("PRAGMA synchronous = OFF")  # building only; the gateway fsyncs what it answers
         conn.execute("BEGIN IMMEDIATE")
         last_seq = conn.execute("SELECT coalesce(max(seq), 0) FROM events").fetchone()[0]
         conn.execute(
@@ -81,8 +82,8 @@ def grow(db: Path, start: int, count: int, base: float) -> float:
             (start, start + count, SOURCE, base, headers, body_1kb()),
         )
         conn.execute(
-            "INSERT INTO deliveries (event_seq, route, action, state, attempts, due_at, created_at) "
-            "SELECT seq, ?, ?, 'pending', 0, received_at, received_at FROM events WHERE seq > ?",
+            "INSERT INTO deliveries (event_seq, route, action, state, attempts, due_at, pending_since, created_at) "
+            "SELECT seq, ?, ?, 'pending', 0, received_at, received_at, received_at FROM events WHERE seq > ?",
             (ROUTE, ACTION, last_seq),
         )
         conn.execute("COMMIT")

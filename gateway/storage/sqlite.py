@@ -1,8 +1,9 @@
-"""The embedded store: one SQLite file in WAL mode with synchronous=FULL.
+"""The embedded store: one SQLite file in WAL mode.
 
-Operations queued together run in one transaction with one commit: under load many webhooks share one fsync
-(group commit), and no caller is answered before the commit that holds its write has returned. The event
-loop never waits on the disk: the commit runs on a helper thread.
+Operations queued together run in one transaction with one commit, and a webhook is answered only once the
+write-ahead log holding its commit is fsynced: under load many webhooks share one fsync (group commit). The
+event loop never waits on the disk: the fsync runs on a helper thread (see _GroupCommit), and so do
+checkpoints and the queue statistics' scans (on a reader connection of their own).
 """
 
 from __future__ import annotations

@@ -258,6 +258,64 @@ def test_after_a_failed_fsync_nothing_is_answered_stored_until_a_restart(
     assert db.ingest("evt_after_restart", APP) is True
 
 
+def test_what_waited_for_a_failed_fsync_is_refused_too(db: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    fsync = BlockedFsync(monkeypatch)
+
+    def fail(fd: int) -> None:
+        fsync.calls += 1
+        fsync.entered.set()
+        fsync.release.wait(10)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", fail)
+
+    async def retry_during_the_failing_fsync() -> list[BaseException | bool]:
+        first = asyncio.create_task(db.storage.ingest(make_event("evt_lost"), [APP]))
+        await asyncio.to_thread(fsync.entered.wait, 10)
+        # Queued while the fsync runs: the sender's retry of the same event, and another event.
+        retry = asyncio.create_task(db.storage.ingest(make_event("evt_lost"), [APP]))
+        other = asyncio.create_task(db.storage.ingest(make_event("evt_other"), [APP]))
+        await asyncio.sleep(0.05)
+        fsync.release.set()
+        return list(await asyncio.gather(first, retry, other, return_exceptions=True))
+
+    results = db.run(retry_during_the_failing_fsync())
+    # None of them is answered as stored: not the retry ("duplicate"), not the other one.
+    assert all(isinstance(result, StorageUnavailable) for result in results), results
+    assert fsync.calls == 1
+
+
+def test_a_checkpoint_that_fails_stops_the_store(db: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken_disk(self: Any) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr("gateway.storage.sqlite._GroupCommit._checkpoint", broken_disk)
+    for n in range(CHECKPOINT_COMMITS - 1):
+        assert db.ingest(f"evt_{n}", APP) is True
+    # This commit starts the checkpoint; whether its own answer comes before the failure is a race.
+    with contextlib.suppress(StorageUnavailable):
+        db.ingest("evt_starts_the_checkpoint", APP)
+    with pytest.raises(StorageUnavailable, match="checkpoint failed"):
+        db.ingest("evt_after", APP)
+    with pytest.raises(StorageUnavailable, match="restart"):
+        db.run(db.storage.check_writable())
+
+
+def test_a_database_behind_a_symlink_syncs_the_real_wal(tmp_path: Path) -> None:
+    real, link = tmp_path / "real", tmp_path / "link"
+    real.mkdir()
+    link.mkdir()
+    (link / "hookyard.db").symlink_to(real / "hookyard.db")
+    harness = Harness(link / "hookyard.db")
+    harness.run(harness.storage.open())
+    try:
+        assert harness.ingest("evt_1", APP) is True
+        assert (real / "hookyard.db-wal").exists()
+    finally:
+        harness.run(harness.storage.close())
+        harness.runner.close()
+
+
 def test_the_wal_is_checkpointed_off_the_loop_and_emptied(db: Harness) -> None:
     wal = Path(f"{db.path}-wal")
 

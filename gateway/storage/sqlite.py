@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import logging
 import os
 import queue
 import sqlite3
@@ -39,6 +40,8 @@ from gateway.storage import (
     StorageUnavailable,
     StoredEvent,
 )
+
+log = logging.getLogger("hookyard.storage")
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]
@@ -153,13 +156,15 @@ class _GroupCommit:
         self.broken: str | None = None  # why the store refuses every operation (a failed fsync)
         self.idle = asyncio.Event()
         self.idle.set()
-        self.syncer = _WalSyncer(Path(f"{path}-wal"), path.parent, self.loop, self._synced)
+        # SQLite keeps the WAL next to the real file when the database's path is a symlink.
+        real = Path(os.path.realpath(path))
+        self.syncer = _WalSyncer(Path(f"{real}-wal"), real.parent, self.loop, self._synced)
         self.checkpointer = ThreadPoolExecutor(1, thread_name_prefix="hookyard-sqlite-checkpoint")
 
     def submit(self, operation: Operation, durable: bool) -> asyncio.Future[Any]:
         future = self.loop.create_future()
         if self.broken is not None:
-            future.set_exception(StorageUnavailable(f"sqlite: {self.broken}"))
+            future.set_exception(self._refusal())
             return future
         (self.durable if durable else self.fast).append((operation, future, durable))
         self.idle.clear()
@@ -168,7 +173,7 @@ class _GroupCommit:
 
     async def close(self) -> None:
         await self.idle.wait()
-        self.syncer.stop()
+        self.syncer.stop()  # idle: no fsync or checkpoint is running, so both stop at once
         self.checkpointer.shutdown(wait=True)
 
     def _schedule(self) -> None:
@@ -183,6 +188,9 @@ class _GroupCommit:
     def _run_batch(self) -> None:
         self.scheduled = False
         if self.checkpointing:
+            return
+        if self.broken is not None:
+            self._refuse_waiting()
             return
         batch, self.fast = self.fast[:MAX_BATCH], self.fast[MAX_BATCH:]
         if not self.unsynced:
@@ -258,7 +266,7 @@ class _GroupCommit:
         while self.unsynced and self.unsynced[0][0] <= number:
             _number, size, started, results = self.unsynced.popleft()
             durable = [result for result in results if result[3]]
-            if error is None:
+            if error is None and self.broken is None:
                 _settle(durable)
                 self._observe(size, started)
             else:
@@ -266,11 +274,25 @@ class _GroupCommit:
                 # written: from now on nothing this process stores can be called durable, and a retry of
                 # one of these events would be answered "duplicate" from a row that may be gone. So the
                 # store refuses everything until a restart recovers it from what is really on disk.
-                self.broken = f"fsync of the WAL failed ({error}); restart hookyard to recover"
-                failure = StorageUnavailable(f"sqlite: {self.broken}")
-                _settle([(future, None, failure, True) for future, *_ in durable])
+                self._break(f"fsync of the WAL failed ({error})")
+                _settle([(future, None, self._refusal(), True) for future, *_ in durable])
+        if self.broken is not None:
+            # What waited for this fsync must not be committed and answered by the next one.
+            self._refuse_waiting()
         self._schedule()
         self._maybe_idle()
+
+    def _break(self, reason: str) -> None:
+        if self.broken is None:
+            self.broken = f"{reason}; restart hookyard to recover"
+            log.error("the store refuses every write until a restart", extra={"error": self.broken})
+
+    def _refusal(self) -> StorageUnavailable:
+        return StorageUnavailable(f"sqlite: {self.broken}")
+
+    def _refuse_waiting(self) -> None:
+        waiting, self.fast, self.durable = self.fast + self.durable, [], []
+        _settle([(future, None, self._refusal(), durable) for _, future, durable in waiting])
 
     def _maybe_idle(self) -> None:
         if not (self.fast or self.durable or self.unsynced or self.scheduled or self.checkpointing):
@@ -299,11 +321,28 @@ class _GroupCommit:
         # file over from its beginning. PASSIVE keeps the file's size, which spares every later fsync an
         # update of its length; after a burst made it large, TRUNCATE gives the space back.
         mode = "TRUNCATE" if self._wal_size() > WAL_SIZE_LIMIT else "PASSIVE"
-        with contextlib.suppress(sqlite3.Error):
-            self.connection.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+        conn = self.connection
+        try:
+            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+            # The first commit after a checkpoint starts the WAL over and fsyncs its new header, whatever
+            # `synchronous` says: make that commit here, on this thread, not on the event loop.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute(f"PRAGMA user_version = {conn.execute('PRAGMA user_version').fetchone()[0]}")
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                # A checkpoint fsyncs the WAL through SQLite's own descriptor: an I/O error it saw is one
+                # the fsync thread may never see again, so it means the same as a failed fsync.
+                raise
 
-    def _checkpointed(self, _done: asyncio.Future[None]) -> None:
+    def _checkpointed(self, done: asyncio.Future[None]) -> None:
         self.checkpointing = False
+        if done.exception() is not None:
+            self._break(f"a checkpoint failed ({done.exception()})")
+            self._refuse_waiting()
         self._schedule()
         self._maybe_idle()
 
@@ -342,6 +381,7 @@ class _WalSyncer:
         self.loop = loop
         self.synced = synced
         self.requests: queue.SimpleQueue[int | None] = queue.SimpleQueue()  # commit numbers; None: stop
+        self.fd: int | None = None
         self.inode: int | None = None
         self.thread = threading.Thread(target=self._run, name="hookyard-sqlite-fsync", daemon=True)
         self.thread.start()
@@ -352,6 +392,7 @@ class _WalSyncer:
     def stop(self) -> None:
         self.requests.put(None)
         self.thread.join()
+        self._close()
 
     def _run(self) -> None:
         while (target := self.requests.get()) is not None:
@@ -366,22 +407,26 @@ class _WalSyncer:
                 return  # the loop is closed: nobody waits any more
 
     def _sync(self) -> None:
-        # Opened by path each time: SQLite may replace the WAL file (when the last connection closes), and
-        # an old descriptor would sync a file that no longer holds our commits.
-        fd = os.open(self.wal, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            inode = os.fstat(fd).st_ino
-        finally:
-            os.close(fd)
-        if inode != self.inode:
-            # A new WAL file: its directory entry must be on disk too, or a crash could forget the file.
+        # One descriptor for as long as the file lives: the kernel reports a write error to every descriptor
+        # opened before it, once each, so one opened afresh for each sync could miss an error that SQLite's
+        # own descriptor (a checkpoint) already saw. A new WAL file (SQLite replaces it only when the last
+        # connection closes) gets a new descriptor, and its directory entry an fsync.
+        inode = os.stat(self.wal).st_ino
+        if self.fd is None or inode != self.inode:
+            fd = os.open(self.wal, os.O_RDONLY)
+            self._close()
+            self.fd, self.inode = fd, inode
             directory = os.open(self.directory, os.O_RDONLY)
             try:
                 os.fsync(directory)
             finally:
                 os.close(directory)
-            self.inode = inode
+        os.fdatasync(self.fd)
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 class SQLiteStorage(Storage):
@@ -412,13 +457,17 @@ class SQLiteStorage(Storage):
             conn.execute("PRAGMA wal_autocheckpoint = 0")
             conn.execute("PRAGMA busy_timeout = 5000")
             conn.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as exc:
+            raise StorageUnavailable(f"cannot open {self.path}: {exc}") from exc
+        try:
             # Autocommit: each query is a short read transaction, which never keeps a checkpoint from
             # emptying the WAL.
             reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             reader.execute("PRAGMA query_only = ON")
             # Its queries scan once every 2 s: a page cache would only add to the process's memory.
             reader.execute("PRAGMA cache_size = -256")
-        except (OSError, sqlite3.Error) as exc:
+        except sqlite3.Error as exc:
+            conn.close()
             raise StorageUnavailable(f"cannot open {self.path}: {exc}") from exc
         self._writer = _GroupCommit(conn, self.path, self.on_commit)
         self._reader = reader
@@ -426,7 +475,8 @@ class SQLiteStorage(Storage):
 
     async def close(self) -> None:
         if self._reader is not None:
-            self._reader_thread.shutdown(wait=True)
+            # A scan of a large queue may be running: wait for it without holding up the loop.
+            await asyncio.to_thread(self._reader_thread.shutdown, wait=True)
             self._reader.close()
             self._reader = None
         if self._writer is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -13,8 +14,22 @@ from gateway import hookimpl
 from gateway.actions import Action, Job, Outcome, http_outcome, retry, status_outcome, transport_error
 from plugins.svix import decode_secret, sign
 
-# How much of the receiver's answer is read: enough to keep its connection for the next request.
+# How much of the receiver's answer is read, and for how long: enough to keep its connection for the next
+# request.
 RESPONSE_BODY_LIMIT = 64 * 1024
+ANSWER_READ_TIMEOUT = 1.0
+# Headers that frame the request or belong to one connection: a static value would corrupt the request.
+FRAMING_HEADERS = (
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "host",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+)
 
 
 class Signing(BaseModel):
@@ -55,6 +70,21 @@ class ForwardOptions(BaseModel):
     @field_validator("headers")
     @classmethod
     def _not_ours(cls, headers: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+        broken = [
+            name
+            for name, value in headers.items()
+            if not name or any(c in name + value for c in "\r\n\0") or any(c in name for c in " :\t")
+        ]
+        if broken:
+            raise ValueError(
+                f"{', '.join(map(repr, broken))}: not a header (a name with a space, colon or control "
+                "character, or a value with CR, LF or NUL)"
+            )
+        framing = [name for name in headers if name.lower() in FRAMING_HEADERS]
+        if framing:
+            raise ValueError(
+                f"{', '.join(map(repr, framing))} cannot be set: the HTTP client frames each request itself"
+            )
         ours = [
             name for name in headers if name.lower() in OWN_HEADERS or name.lower().startswith(OWN_PREFIX)
         ]
@@ -122,9 +152,12 @@ class Forward(Action):
                 data=job.event.body,
                 headers=self.request_headers(job),
                 allow_redirects=False,
+                auto_decompress=False,  # the answer is only read to keep the connection, never decoded
             ) as response:
+                # The status decides: a receiver that said 2xx has the event, whatever its body does next.
+                outcome = status_outcome(response.status, response.headers.get("retry-after"), job.retry)
                 await _read_answer(response)
-                return status_outcome(response.status, response.headers.get("retry-after"), job.retry)
+                return outcome
         except aiohttp.ClientConnectorError as exc:
             return retry(f"cannot connect: {exc.os_error or exc}")
         except aiohttp.ClientError as exc:
@@ -145,11 +178,16 @@ class Forward(Action):
 
 
 async def _read_answer(response: aiohttp.ClientResponse) -> None:
-    """Read the answer, so its keep-alive connection serves the next request; an answer larger than
-    RESPONSE_BODY_LIMIT is left unread and costs its connection instead."""
+    """Read the answer, so its keep-alive connection serves the next request. An answer larger than
+    RESPONSE_BODY_LIMIT, slower than ANSWER_READ_TIMEOUT or broken is left unread and costs its connection
+    instead, nothing more."""
     remaining = RESPONSE_BODY_LIMIT
-    while remaining > 0 and (chunk := await response.content.read(remaining)):
-        remaining -= len(chunk)
+    try:
+        async with asyncio.timeout(ANSWER_READ_TIMEOUT):
+            while remaining > 0 and (chunk := await response.content.read(remaining)):
+                remaining -= len(chunk)
+    except (aiohttp.ClientError, TimeoutError):
+        response.close()
 
 
 @hookimpl

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
+
+import pytest
 
 from tests.support import RunningGateway, ServerThread, gateway_config, svix_request, wait_until
 
@@ -21,6 +25,26 @@ class Chatty:
             pass
         self.requests.append((scope["path"], scope["client"]))
         big = b"x" * 300_000
+        if scope["path"].endswith("/truncated"):
+            # 2xx, then the connection drops before the promised body is complete.
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100")]}
+            )
+            await send({"type": "http.response.body", "body": b"x" * 10, "more_body": True})
+            raise RuntimeError("the receiver dies mid-answer")
+        if scope["path"].endswith("/brotli"):
+            headers = [(b"content-encoding", b"br"), (b"content-length", b"4")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"\x8b\x01\x80\x03"})
+            return
+        if scope["path"].endswith("/stalled"):
+            # 2xx, one byte of the body, then nothing for longer than the action's timeout.
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"100")]}
+            )
+            await send({"type": "http.response.body", "body": b"x", "more_body": True})
+            await asyncio.sleep(10)
+            return
         if scope["path"].endswith("/small"):
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]})
             await send({"type": "http.response.body", "body": b"ok"})
@@ -81,3 +105,25 @@ def test_answers_are_read_so_one_keep_alive_connection_serves_event_after_event(
                 assert gw.post("/webhooks/consignease", body, headers).status_code == 200
                 wait_until(lambda n=n: len(receiver.requests) == n + 1)
     assert len({client for _path, client in receiver.requests}) == 1
+
+
+@pytest.mark.parametrize("path", ["/truncated", "/brotli", "/stalled"])
+def test_a_2xx_is_delivered_whatever_the_answers_body_does(tmp_path, path: str) -> None:
+    receiver = Chatty()
+    with ServerThread(receiver) as server:
+        config = gateway_config(tmp_path, routes=[route(f"http://127.0.0.1:{server.port}{path}")])
+        config["defaults"]["timeout"] = "3s"
+        with RunningGateway(config) as gw:
+            body, headers = svix_request(msg_id=f"msg{path.replace('/', '_')}")
+            started = time.monotonic()
+            assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+            wait_until(
+                lambda: (
+                    gw.metric("hookyard_deliveries_total", route="users", action="app", outcome="delivered")
+                    == 1
+                )
+            )
+            # Within the answer's own read bound, not the action's 3 s timeout.
+            assert time.monotonic() - started < 2.5
+            assert gw.metric("hookyard_deliveries_total", outcome="retried") == 0
+    assert [path for path, _client in receiver.requests] == [path]

@@ -583,6 +583,24 @@ def test_forward_static_headers_may_not_replace_its_own(registry: Registry, name
     ]
 
 
+@pytest.mark.parametrize("name", ["Content-Length", "transfer-encoding", "Host", "Connection", "Upgrade"])
+def test_forward_static_headers_may_not_frame_the_request(registry: Registry, name: str) -> None:
+    action = {"use": "forward", "with": {"url": "http://a/x", "headers": {name: "3"}}}
+    errors = build_errors(registry, base_config([route("r", "consignly", action)]))
+    assert errors == [
+        f"routes[0].actions[0].with.headers: {name!r} cannot be set: the HTTP client frames each request itself"
+    ]
+
+
+@pytest.mark.parametrize(
+    "headers", [{"X-App": "a\r\nX-Injected: 1"}, {"X-App": "a\nb"}, {"X App": "a"}, {"X:App": "a"}, {"": "a"}]
+)
+def test_forward_static_headers_must_be_headers(registry: Registry, headers: dict[str, str]) -> None:
+    action = {"use": "forward", "with": {"url": "http://a/x", "headers": headers}}
+    [error] = build_errors(registry, base_config([route("r", "consignly", action)]))
+    assert error.startswith("routes[0].actions[0].with.headers: ") and "not a header" in error
+
+
 SIGNING = {"secret": "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"}
 
 

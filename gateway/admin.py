@@ -20,6 +20,7 @@ from starlette.schemas import SchemaGenerator
 from gateway import __version__
 from gateway.config import is_loopback
 from gateway.operations import OperationError, Operations
+from gateway.storage import StorageUnavailable
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -79,6 +80,9 @@ def admin_routes(gateway: Gateway) -> list[Route]:
                 return JSONResponse(await endpoint(request, operations()))
             except OperationError as exc:
                 return _error(exc.status, str(exc))
+            except StorageUnavailable as exc:
+                # The store's failure, not the caller's: try again later, as /readyz says.
+                return _error(503, f"storage unavailable: {exc}", {"retry-after": "5"})
 
         handle.__doc__ = endpoint.__doc__
         handle.__name__ = endpoint.__name__
@@ -100,6 +104,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           200: {description: a page of events}
           400: {description: a bad filter}
           401: {description: missing or wrong token}
+          503: {description: the store cannot be read or written right now}
         """
         query = request.query_params
         return await ops.list_events(
@@ -123,6 +128,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           200: {description: the event}
           404: {description: no such event}
           409: {description: the id exists in several sources; give source}
+          503: {description: the store cannot be read or written right now}
         """
         return await ops.show_event(request.path_params["event_id"], request.query_params.get("source"))
 
@@ -141,6 +147,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           200: {description: how many deliveries will run again}
           404: {description: no such event or action}
           409: {description: the id exists in several sources; give source}
+          503: {description: the store cannot be read or written right now}
         """
         body = await _json(request)
         return await ops.replay_event(
@@ -176,6 +183,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
             description: this page's counts
             content: {application/json: {schema: {$ref: "#/components/schemas/ReplayPage"}}}
           400: {description: a bad request}
+          503: {description: the store cannot be read or written right now}
         """
         body = await _json(request)
         return await ops.replay(

@@ -214,6 +214,25 @@ def test_until_as_epoch_seconds(tmp_path: Path, downstream: Downstream) -> None:
         assert [event["id"] for event in events] == ["msg_epoch"]
 
 
+def test_a_store_that_cannot_write_is_503_not_500(tmp_path: Path, downstream: Downstream) -> None:
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_readonly")
+        wait_until(lambda: states(gw, "msg_readonly") == {"app": "delivered", "audit": "delivered"})
+        storage = gw.gateway.storage
+        asyncio.run_coroutine_threadsafe(
+            storage._run(lambda conn: conn.execute("PRAGMA query_only = ON")),  # type: ignore[attr-defined]
+            gw.loop,
+        ).result(10)
+        try:
+            replay = admin(gw, "POST", "/admin/events/msg_readonly/replay")
+            assert replay.status_code == 503
+            assert replay.json()["error"].startswith("storage unavailable: ")
+            assert replay.headers["retry-after"] == "5"
+        finally:
+            storage._writer.connection.execute("PRAGMA query_only = OFF")  # type: ignore[attr-defined]
+        assert admin(gw, "POST", "/admin/events/msg_readonly/replay").status_code == 200
+
+
 def test_show_event_with_attempts(tmp_path: Path, downstream: Downstream) -> None:
     downstream.answer("/app", 503, 200)
     with RunningGateway(users_config(tmp_path, downstream)) as gw:

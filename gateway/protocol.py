@@ -34,11 +34,17 @@ def header_deadline_protocol(timeout: Callable[[], float]) -> type[HttpToolsProt
             super().connection_made(cast(asyncio.Transport, CoalescedWrites(transport, self.loop)))
             self._arm()
 
-        def eof_received(self) -> None:
-            # The client closed its side and the transport closes when this returns: what is buffered
-            # (the answer to its last request) must leave first.
+        def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol allows a bool
+            # The client closed its side: what is buffered (the answer to its last request) leaves now.
             cast(CoalescedWrites, self.transport).flush()
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete and not cycle.more_body:
+                # Its whole request is in, and its answer (after an fsync) is still to come: a client may
+                # half-close after sending and still read the answer. Close once it is written.
+                cycle.keep_alive = False
+                return True
             super().eof_received()
+            return None
 
         def on_message_begin(self) -> None:
             super().on_message_begin()

@@ -7,7 +7,7 @@ import socket
 from typing import Any
 
 from gateway.protocol import CoalescedWrites
-from tests.support import RunningGateway, gateway_config
+from tests.support import RunningGateway, gateway_config, svix_request
 
 
 class RecordingTransport:
@@ -84,3 +84,21 @@ def test_a_client_that_closes_its_side_after_the_request_still_gets_the_answer(t
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 401 ")
     assert answer.endswith(b'{"error":"missing_signature","detail":"missing svix-id/svix-signature headers"}')
+
+
+def test_a_client_that_closes_its_side_still_gets_the_answer_that_waits_for_an_fsync(tmp_path) -> None:
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        body, headers = svix_request(msg_id="msg_half_closed")
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        request = (
+            f"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}\r\n"
+        )
+        with socket.create_connection((host, int(port)), timeout=5) as sock:
+            sock.sendall(request.encode() + body)
+            sock.shutdown(socket.SHUT_WR)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert answer.endswith(b'{"id":"msg_half_closed","status":"accepted"}')

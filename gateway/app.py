@@ -32,7 +32,7 @@ from gateway.ops import ops_app
 from gateway.plugins import Registry, plugin_manager
 from gateway.protocol import header_deadline_protocol
 from gateway.routing import RouteTable
-from gateway.storage import Storage, StorageUnavailable, open_storage
+from gateway.storage import Storage, open_storage
 
 log = logging.getLogger("hookyard")
 
@@ -97,13 +97,22 @@ class Gateway:
 
     async def start(self) -> None:
         await self.storage.open()
+        try:
+            await self._start_on_open_storage()
+        except BaseException:
+            # A startup hook, an action's constructor or the lock failed: leave no pool, thread or lock behind.
+            if self._resources is not None:
+                await self._resources.http.aclose()
+                if self._resources.session is not None:
+                    await self._resources.session.close()
+                self._resources = None
+            await self.storage.close()
+            raise
+
+    async def _start_on_open_storage(self) -> None:
         lock = getattr(self.storage, "lock_for_serving", None)
         if lock is not None:
-            try:
-                lock()
-            except StorageUnavailable:
-                await self.storage.close()
-                raise
+            lock()
         release = getattr(self.storage, "release_all_leases", None)
         if release is not None:
             released = await release(time.time())

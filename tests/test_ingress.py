@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -292,6 +293,34 @@ def test_one_serving_process_per_database(tmp_path, downstream: Downstream) -> N
         second = Gateway(parse_config(json.dumps(config)))
         with pytest.raises(StorageUnavailable, match="already served"):
             asyncio.run(second.start())
+
+
+def test_a_failed_start_leaves_nothing_behind(tmp_path, downstream: Downstream) -> None:
+    from gateway import hookimpl
+    from gateway.app import Gateway
+    from gateway.config import parse_config
+    from gateway.plugins import new_plugin_manager
+
+    class Broken:
+        @hookimpl
+        def startup(self, gateway):  # type: ignore[no-untyped-def]
+            raise RuntimeError("a plugin cannot start")
+
+    config = parse_config(json.dumps(gateway_config(tmp_path, downstream.url)))
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(Broken(), name="broken")
+    threads = threading.active_count()
+    with pytest.raises(RuntimeError, match="cannot start"):
+        asyncio.run(Gateway(config, pm=pm).start())
+    # The database's serving lock, its helper threads and the HTTP pool are gone: another start works.
+    assert threading.active_count() == threads
+
+    async def start_and_stop() -> None:
+        gateway = Gateway(config)
+        await gateway.start()
+        await gateway.stop()
+
+    asyncio.run(start_and_stop())
 
 
 def test_ingest_duration_is_observed_for_every_answered_webhook(gw: RunningGateway) -> None:

@@ -79,7 +79,7 @@ class Resources:
     """
 
     http: httpx.AsyncClient
-    session: aiohttp.ClientSession | None = None
+    session: aiohttp.ClientSession
 
 
 class NoOptions(BaseModel):

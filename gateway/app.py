@@ -103,8 +103,7 @@ class Gateway:
             # A startup hook, an action's constructor or the lock failed: leave no pool, thread or lock behind.
             if self._resources is not None:
                 await self._resources.http.aclose()
-                if self._resources.session is not None:
-                    await self._resources.session.close()
+                await self._resources.session.close()
                 self._resources = None
             await self.storage.close()
             raise
@@ -159,8 +158,7 @@ class Gateway:
         await _await_all(self.pm.hook.shutdown(gateway=self))
         if self._resources is not None:
             await self._resources.http.aclose()
-            if self._resources.session is not None:
-                await self._resources.session.close()
+            await self._resources.session.close()
         await self.storage.close()
 
     def request_exit(self) -> None:

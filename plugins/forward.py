@@ -11,7 +11,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from gateway import hookimpl
-from gateway.actions import Action, Job, Outcome, http_outcome, retry, status_outcome, transport_error
+from gateway.actions import Action, Job, Outcome, retry, status_outcome
 from plugins.svix import decode_secret, sign
 
 # How much of the receiver's answer is read, and for how long: enough to keep its connection for the next
@@ -140,13 +140,10 @@ class Forward(Action):
         return headers
 
     async def deliver(self, job: Job) -> Outcome:
-        session = self.resources.session
-        if session is None:
-            return await self._deliver_with_httpx(job)
         # The hot path: aiohttp's API, not httpx's (see Resources). The engine bounds the whole attempt
         # with the action's timeout.
         try:
-            async with session.request(
+            async with self.resources.session.request(
                 self.options.method,
                 self.options.url,
                 data=job.event.body,
@@ -162,19 +159,6 @@ class Forward(Action):
             return retry(f"cannot connect: {exc.os_error or exc}")
         except aiohttp.ClientError as exc:
             return retry(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-
-    async def _deliver_with_httpx(self, job: Job) -> Outcome:
-        try:
-            response = await self.resources.http.request(
-                self.options.method,
-                self.options.url,
-                content=job.event.body,
-                headers=self.request_headers(job),
-                timeout=job.timeout,
-            )
-        except httpx.HTTPError as exc:
-            return transport_error(exc)
-        return http_outcome(response, job.retry)
 
 
 async def _read_answer(response: aiohttp.ClientResponse) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import asyncpg  # type: ignore[import-untyped]
 import httpx
 import pytest
@@ -167,8 +168,9 @@ def deliver(options: dict[str, Any], *events: Event, between: Any = None) -> lis
     store = registry().actions["store"]
 
     async def run() -> list[Outcome]:
-        async with httpx.AsyncClient() as http:
-            action: Action = store(store.Options.model_validate(options), Resources(http=http))
+        async with aiohttp.ClientSession() as session, httpx.AsyncClient() as http:
+            resources = Resources(http=http, session=session)
+            action: Action = store(store.Options.model_validate(options), resources)
             outcomes = []
             try:
                 for index, event in enumerate(events):

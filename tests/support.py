@@ -74,6 +74,16 @@ class Received:
         return json.loads(self.body)
 
 
+async def read_body(receive: Any) -> bytes:
+    """The whole body of an ASGI request, for the stand-in servers of the tests."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 @dataclass
 class Downstream:
     """An HTTP server that records every request and answers from a script: `script[path]` is a list of
@@ -103,12 +113,7 @@ class Downstream:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         with self.lock:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)

@@ -32,6 +32,7 @@ from tests.support import (
     TcpProxy,
     consignly_headers,
     gateway_config,
+    read_body,
     wait_until,
 )
 
@@ -84,12 +85,7 @@ class FakeConsignly:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         extra: dict[str, str] = {}
         if scope["path"] == "/oauth/token":

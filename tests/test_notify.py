@@ -26,6 +26,7 @@ from tests.support import (
     consignly_body,
     consignly_headers,
     gateway_config,
+    read_body,
     svix_request,
     wait_until,
 )
@@ -77,12 +78,7 @@ class SlackWebhook:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         try:
             payload = json.loads(body)

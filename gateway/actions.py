@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -86,7 +87,7 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Action:
+class Action(ABC):
     """Base class of actions. Subclasses set `name`, optionally `Options` (the schema of `with:`, checked
     when the config loads), and implement `deliver`."""
 
@@ -100,10 +101,11 @@ class Action:
         self.options = options
         self.resources = resources
 
+    @abstractmethod
     async def deliver(self, job: Job) -> Outcome:
-        raise NotImplementedError
+        """Make one attempt and say how it went; a subclass without it cannot be instantiated."""
 
-    async def aclose(self) -> None:
+    async def aclose(self) -> None:  # noqa: B027 - optional: most actions hold nothing of their own
         """Release what the action holds (pools, connections)."""
 
 

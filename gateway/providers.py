@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hmac
+from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar
@@ -36,7 +37,7 @@ class NoOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class Provider:
+class Provider(ABC):
     """Base class of providers. Subclasses set `name` and implement `verify`; most keep `parse`."""
 
     name: ClassVar[str]
@@ -56,10 +57,10 @@ class Provider:
         # Headers that carry a secret itself (not a signature of it): never stored with the event.
         self.secret_headers: frozenset[str] = frozenset()
 
+    @abstractmethod
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         """Raise Rejected unless the request carries a valid signature for the exact bytes of body.
         Must never raise anything else, whatever the headers hold."""
-        raise NotImplementedError
 
     def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:
         """Build the canonical event from a verified request. The default reads `id` and `type` from a

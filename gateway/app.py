@@ -30,7 +30,7 @@ from gateway.ingress import Ingress
 from gateway.metrics import Metrics
 from gateway.ops import ops_app
 from gateway.plugins import Registry, plugin_manager
-from gateway.protocol import header_deadline_protocol
+from gateway.protocol import webhook_protocol
 from gateway.routing import RouteTable
 from gateway.storage import Storage, open_storage
 
@@ -257,7 +257,7 @@ class Gateway:
         ops_sockets = ops_sockets or [listening_socket(ops_config.host, ops_config.port)]
         await self.start()
         ingress_config = self._uvicorn_config(self.ingress, listen.host, listen.port, INGRESS_DRAIN_TIMEOUT)
-        ingress_config.http = header_deadline_protocol(lambda: self.config.limits.read_timeout)
+        ingress_config.http = webhook_protocol(self.ingress, lambda: self.config.limits.read_timeout)
         ingress = self._ingress_server = _Server(ingress_config)
         if listen.tls is not None:
             ingress.config.ssl_certfile, ingress.config.ssl_keyfile = listen.tls.cert, listen.tls.key

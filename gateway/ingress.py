@@ -1,9 +1,13 @@
-"""The webhook listener: a plain ASGI app, because this is the hot path and every microsecond a framework
-spends on request objects and routing is paid by every webhook.
+"""The webhook listener's steps, in order: admit (load, path, method, headers, sender address, declared
+size) -> read the body (bounded in size and time) -> verify the signature on the exact bytes -> parse JSON
+-> canonical event -> match routes -> store event + deliveries in one durable commit -> answer -> wake
+delivery.
 
-One path for a webhook: admit (path, method, load, size of headers, sender address) -> read the body
-(bounded in size and time) -> verify the signature on the exact bytes -> parse JSON -> canonical event ->
-match routes -> store event + deliveries in one durable commit -> answer -> wake delivery.
+A request comes in through one of two doors, and both take these same steps: the listener's HTTP protocol
+takes the common case (a POST to a source's path) straight from the HTTP parser, without an ASGI cycle or a
+task per request (gateway/protocol.py: this is the hot path, and every microsecond spent on it is paid by
+every webhook); `Ingress` as a plain ASGI app takes everything else (other paths and methods, a sender
+that expects `100 Continue`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.addresses import client_address, contains
-from gateway.providers import Provider, Rejected
+from gateway.providers import Rejected
 from gateway.storage import NewDelivery, StorageUnavailable
 
 if TYPE_CHECKING:
@@ -30,9 +34,16 @@ log = logging.getLogger("hookyard.ingress")
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
+Reply = dict[str, Any]
 
 # Never persisted with an event: credentials a sender or a proxy may attach.
 UNSTORED_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
+# A bug (in a provider plugin, say) must not leave the sender without an answer, nor show it a traceback.
+INTERNAL_ERROR = Rejected(500, "internal_error", "the request could not be handled; see the gateway's log")
+
+# Retry-After on 503 tells well-behaved senders when to come back; Allow on 405 names the method.
+EXTRA_HEADERS = {503: [(b"retry-after", b"5")], 405: [(b"allow", b"POST")]}
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
@@ -40,39 +51,21 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 class Ingress:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
-        self.in_flight = 0
+        self.in_flight = 0  # admitted requests not answered yet
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        started = time.perf_counter()
-        gateway = self.gateway
-        endpoint = gateway.table.endpoints.get(scope["path"])
-        source = endpoint.name if endpoint is not None else ""
-        if self.in_flight >= gateway.config.limits.max_concurrent_requests:
-            # Shed load before reading anything: a quick 503 lets the provider retry later.
-            await self._reject(
-                send, source, Rejected(503, "overloaded", "too many requests in progress"), scope
-            )
-            return
-        self.in_flight += 1
-        try:
-            status, body = await self._handle(scope, receive, endpoint)
-        except Rejected as rejection:
-            await self._reject(send, source, rejection, scope)
-            return
-        finally:
-            self.in_flight -= 1
-        await _respond(send, 200, body)
-        gateway.metrics.webhooks_received.labels(source, status).inc()
-        gateway.metrics.ingest_duration.labels(source).observe(time.perf_counter() - started)
+    # -- the steps, shared by both doors ----------------------------------------------------------------
 
-    async def _handle(
-        self, scope: Scope, receive: Receive, endpoint: Endpoint | None
-    ) -> tuple[str, dict[str, Any]]:
-        """Everything between the request line and the answer; raises Rejected for any refusal."""
+    def endpoint(self, scope: Scope) -> Endpoint | None:
+        return self.gateway.table.endpoints.get(scope["path"])
+
+    def admit(self, scope: Scope, endpoint: Endpoint | None) -> dict[str, str]:
+        """Everything decided before the body: raises Rejected. An admitted request is in flight until
+        `release()`."""
         gateway = self.gateway
         limits = gateway.config.limits
+        if self.in_flight >= limits.max_concurrent_requests:
+            # Shed load before reading anything: a quick 503 lets the provider retry later.
+            raise Rejected(503, "overloaded", "too many requests in progress")
         if endpoint is None:
             raise Rejected(404, "unknown_path", "no source listens on this path")
         if scope["method"] != "POST":
@@ -88,11 +81,19 @@ class Ingress:
             )
             if address is None or not contains(endpoint.allow, address):
                 raise Rejected(403, "ip_denied", "this address may not send to this source")
-        try:
-            async with asyncio.timeout(limits.read_timeout):
-                body = await _read_body(receive, headers, limits.max_body_bytes)
-        except TimeoutError:
-            raise Rejected(408, "body_timeout", "the body did not arrive in time") from None
+        declared = headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limits.max_body_bytes:
+            raise too_large(limits.max_body_bytes)
+        self.in_flight += 1
+        return headers
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    def accept(
+        self, endpoint: Endpoint, headers: dict[str, str], body: bytes
+    ) -> tuple[Event, list[CompiledRoute]]:
+        """Verify, parse and route a whole request; raises Rejected."""
         received_at = time.time()
         verified = self._verify(endpoint, headers, body, received_at)
         try:
@@ -107,7 +108,56 @@ class Ingress:
         }
         event = endpoint.provider.parse(kept, body, payload, received_at)
         event.verified = verified
-        return await self._store(event, endpoint.provider)
+        return event, self.gateway.table.match(event)
+
+    def store(self, event: Event, routes: list[CompiledRoute]) -> asyncio.Future[bool]:
+        """Start the durable commit of the event and its deliveries; the future says whether it was new."""
+        try:
+            return self.gateway.storage.begin_ingest(event, plan_deliveries(routes))
+        except StorageUnavailable as exc:
+            raise self.unstored(event, exc) from None
+
+    def unstored(self, event: Event, exc: StorageUnavailable) -> Rejected:
+        log.error("cannot store webhook", extra={**event.summary(), "error": str(exc)})
+        return Rejected(503, "storage_unavailable", "not stored; please retry")
+
+    def stored(
+        self, endpoint: Endpoint, event: Event, routes: list[CompiledRoute], new: bool
+    ) -> tuple[str, Reply]:
+        """After the commit: wake delivery, tell observers; the status and the reply to send."""
+        gateway = self.gateway
+        if new:
+            if routes:
+                gateway.engine.wake()
+            if gateway.observes_events:
+                try:
+                    gateway.pm.hook.event_accepted(event=event, routes=[route.name for route in routes])
+                except Exception:
+                    # The event is stored: a plugin's failure must not turn its answer into an error.
+                    log.exception("an event_accepted hook failed", extra=event.summary())
+        status = "accepted" if new else "duplicate"
+        return status, {**(endpoint.provider.reply(event) or {}), "id": event.id, "status": status}
+
+    def answered(self, source: str, status: str, started: float) -> None:
+        metrics = self.gateway.metrics
+        metrics.webhooks_received.labels(source, status).inc()
+        metrics.ingest_duration.labels(source).observe(time.perf_counter() - started)
+
+    def refused(self, source: str, rejection: Rejected, scope: Scope) -> Reply:
+        """Count and log a refusal; the reply to send with its status."""
+        self.gateway.metrics.rejected(source, rejection.reason)
+        if rejection.status >= 500 or rejection.status in (401, 403):
+            client = scope.get("client")
+            log.info(
+                "webhook rejected",
+                extra={
+                    "source": source,
+                    "reason": rejection.reason,
+                    "status": rejection.status,
+                    "client": client[0] if client else None,
+                },
+            )
+        return {"error": rejection.reason, "detail": rejection.detail}
 
     def _verify(self, endpoint: Endpoint, headers: dict[str, str], body: bytes, now: float) -> bool:
         try:
@@ -124,45 +174,53 @@ class Ingress:
             return False
         return endpoint.provider.verifies
 
-    async def _store(self, event: Event, provider: Provider) -> tuple[str, dict[str, Any]]:
-        gateway = self.gateway
-        routes = gateway.table.match(event)
+    # -- the ASGI door: what the protocol's fast path leaves --------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        started = time.perf_counter()
+        endpoint = self.endpoint(scope)
+        source = endpoint.name if endpoint is not None else ""
         try:
-            stored = await gateway.storage.ingest(event, plan_deliveries(routes))
+            headers = self.admit(scope, endpoint)
+        except Rejected as rejection:
+            await self._refuse(send, source, rejection, scope)
+            return
+        assert endpoint is not None  # admitted
+        try:
+            status, reply = await self._receive_and_store(receive, endpoint, headers)
+        except Rejected as rejection:
+            await self._refuse(send, source, rejection, scope)
+            return
+        except Exception:
+            log.exception("a webhook could not be handled", extra={"source": source})
+            await self._refuse(send, source, INTERNAL_ERROR, scope)
+            return
+        finally:
+            self.release()
+        await _respond(send, 200, reply)
+        self.answered(source, status, started)
+
+    async def _receive_and_store(
+        self, receive: Receive, endpoint: Endpoint, headers: dict[str, str]
+    ) -> tuple[str, Reply]:
+        limits = self.gateway.config.limits
+        try:
+            async with asyncio.timeout(limits.read_timeout):
+                body = await _read_body(receive, limits.max_body_bytes)
+        except TimeoutError:
+            raise Rejected(408, "body_timeout", "the body did not arrive in time") from None
+        event, routes = self.accept(endpoint, headers, body)
+        try:
+            new = await self.store(event, routes)
         except StorageUnavailable as exc:
-            log.error("cannot store webhook", extra={**event.summary(), "error": str(exc)})
-            raise Rejected(503, "storage_unavailable", "not stored; please retry") from None
-        if stored:
-            if routes:
-                gateway.engine.wake()
-            if gateway.observes_events:
-                try:
-                    gateway.pm.hook.event_accepted(event=event, routes=[route.name for route in routes])
-                except Exception:
-                    # The event is stored: a plugin's failure must not turn its answer into an error.
-                    log.exception("an event_accepted hook failed", extra=event.summary())
-        status = "accepted" if stored else "duplicate"
-        return status, {**(provider.reply(event) or {}), "id": event.id, "status": status}
+            raise self.unstored(event, exc) from None
+        return self.stored(endpoint, event, routes, new)
 
-    async def _reject(self, send: Send, source: str, rejection: Rejected, scope: Scope) -> None:
-        self.gateway.metrics.rejected(source, rejection.reason)
-        if rejection.status >= 500 or rejection.status in (401, 403):
-            client = scope.get("client")
-            log.info(
-                "webhook rejected",
-                extra={
-                    "source": source,
-                    "reason": rejection.reason,
-                    "status": rejection.status,
-                    "client": client[0] if client else None,
-                },
-            )
-        extra = _EXTRA_HEADERS.get(rejection.status)
-        await _respond(send, rejection.status, {"error": rejection.reason, "detail": rejection.detail}, extra)
-
-
-# Retry-After on 503 tells well-behaved senders when to come back; Allow on 405 names the method.
-_EXTRA_HEADERS = {503: [(b"retry-after", b"5")], 405: [(b"allow", b"POST")]}
+    async def _refuse(self, send: Send, source: str, rejection: Rejected, scope: Scope) -> None:
+        reply = self.refused(source, rejection, scope)
+        await _respond(send, rejection.status, reply, EXTRA_HEADERS.get(rejection.status))
 
 
 def plan_deliveries(routes: list[CompiledRoute]) -> list[NewDelivery]:
@@ -171,6 +229,10 @@ def plan_deliveries(routes: list[CompiledRoute]) -> list[NewDelivery]:
         for route in routes
         for action in route.actions
     ]
+
+
+def too_large(limit: int) -> Rejected:
+    return Rejected(413, "body_too_large", f"the limit is {limit} bytes")
 
 
 def _headers(scope: Scope, max_count: int, max_bytes: int) -> dict[str, str]:
@@ -187,10 +249,7 @@ def _headers(scope: Scope, max_count: int, max_bytes: int) -> dict[str, str]:
     return headers
 
 
-async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> bytes:
-    declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
+async def _read_body(receive: Receive, limit: int) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -200,18 +259,14 @@ async def _read_body(receive: Receive, headers: dict[str, str], limit: int) -> b
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise _too_large(limit)
+            raise too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _too_large(limit: int) -> Rejected:
-    return Rejected(413, "body_too_large", f"the limit is {limit} bytes")
-
-
 async def _respond(
-    send: Send, status: int, body: dict[str, Any], extra_headers: list[tuple[bytes, bytes]] | None = None
+    send: Send, status: int, body: Reply, extra_headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     content = orjson.dumps(body)
     headers = [*_JSON_HEADERS, (b"content-length", str(len(content)).encode())]

@@ -1,10 +1,19 @@
-"""The webhook listener's HTTP/1.1 protocol: uvicorn's httptools protocol with a deadline for headers and
-one write per response.
+"""The webhook listener's HTTP/1.1 protocol: uvicorn's httptools protocol with the webhook fast path, a
+deadline for headers and body, and one write per response.
 
-uvicorn bounds idle keep-alive connections but not a client that opens a connection and then sends its
-request line and headers a byte at a time (slowloris): each such connection would hold a file descriptor
-for ever. Here a request's headers must be complete within the listener's read timeout, counted from the
-connection or from the request's first byte; otherwise it is answered 408 and closed.
+The fast path: a POST to a source's path is taken straight from the HTTP parser's callbacks. uvicorn would
+build an ASGI cycle for it and run the app in a task of its own, with receive() and send() coroutines; here
+the request goes through the same steps as in the ASGI app (gateway.ingress.Ingress: admit, accept, store,
+answer), called from the parser's callbacks, and its answer is written from the storage commit's callback.
+No task, no coroutine, no ASGI message: on a webhook listener that is most of what a request costs beyond
+its own work. Everything else (other paths and methods, `Expect: 100-continue`) goes to the ASGI app as
+usual.
+
+Deadlines: uvicorn bounds idle keep-alive connections but not a client that opens a connection and then
+sends its request line and headers a byte at a time (slowloris): each such connection would hold a file
+descriptor for ever. Here a request's headers must be complete within the listener's read timeout, counted
+from the connection or from the request's first byte; otherwise it is answered 408 and closed. A fast-path
+request's body then has the read timeout again (408 body_timeout, as the ASGI app answers).
 
 uvicorn writes a response's head and its body separately, and each write is a send() system call: for a
 webhook's small answer that is half of the cost of answering. Writes made in one turn of the event loop
@@ -14,25 +23,59 @@ are joined into one (`CoalescedWrites`).
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Callable
-from typing import Any, cast
+from functools import partial
+from typing import TYPE_CHECKING, Any, cast
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+import orjson
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
+
+from gateway.ingress import EXTRA_HEADERS, INTERNAL_ERROR, Reply, too_large
+from gateway.providers import Rejected
+from gateway.storage import StorageUnavailable
+
+if TYPE_CHECKING:
+    from gateway.events import Event
+    from gateway.ingress import Ingress
+    from gateway.routing import CompiledRoute, Endpoint
+
+log = logging.getLogger("hookyard.ingress")
 
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
+# A fast-path request's stages.
+RECEIVING, STORING, ANSWERED = "receiving", "storing", "answered"
 
-def header_deadline_protocol(timeout: Callable[[], float]) -> type[HttpToolsProtocol]:
-    """A protocol class whose header deadline is read from `timeout()` for each connection, so a config
-    reload changes it for new connections."""
 
-    class HeaderDeadlineProtocol(HttpToolsProtocol):
-        _header_timer: asyncio.TimerHandle | None = None
+class Webhook:
+    """One request on the fast path, from its headers to its answer."""
+
+    __slots__ = ("cycle", "endpoint", "event", "headers", "routes", "stage", "started")
+
+    def __init__(self, cycle: RequestResponseCycle, endpoint: Endpoint, started: float) -> None:
+        self.cycle = cycle
+        self.endpoint = endpoint
+        self.started = started
+        self.stage = RECEIVING
+        self.headers: dict[str, str] = {}
+        self.event: Event | None = None
+        self.routes: list[CompiledRoute] = []
+
+
+def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[HttpToolsProtocol]:
+    """The listener's protocol class. `timeout()` is read for each deadline, so a config reload changes it
+    for what comes next."""
+
+    class WebhookProtocol(HttpToolsProtocol):
+        _timer: asyncio.TimerHandle | None = None
+        _webhook: Webhook | None = None  # the fast-path request being received or stored
 
         def connection_made(self, transport: Any) -> None:
             # Duck-typed: uvicorn only writes, closes and asks the transport about itself.
             super().connection_made(cast(asyncio.Transport, CoalescedWrites(transport, self.loop)))
-            self._arm()
+            self._arm(self._headers_timed_out)
 
         def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol allows a bool
             # The client closed its side: what is buffered (the answer to its last request) leaves now.
@@ -48,32 +91,165 @@ def header_deadline_protocol(timeout: Callable[[], float]) -> type[HttpToolsProt
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._arm()
+            self._arm(self._headers_timed_out)
 
         def on_headers_complete(self) -> None:
             self._disarm()
-            super().on_headers_complete()
+            super().on_headers_complete()  # starts the request: _start_asgi_task, now or once answered
+
+        def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+            scope = cycle.scope
+            endpoint = None
+            if app is self.app and scope["method"] == "POST" and not cycle.waiting_for_100_continue:
+                endpoint = ingress.endpoint(cast(dict[str, Any], scope))
+            if endpoint is None:
+                super()._start_asgi_task(cycle, app)
+                return
+            webhook = self._webhook = Webhook(cycle, endpoint, time.perf_counter())
+            try:
+                webhook.headers = ingress.admit(cast(dict[str, Any], scope), endpoint)
+            except Rejected as rejection:
+                webhook.stage = ANSWERED  # never admitted: nothing to release
+                self._refuse(webhook, rejection)
+                if cycle.more_body:
+                    self._arm(self._body_timed_out)  # the rest of the body is read and dropped, in time
+                return
+            if cycle.more_body:
+                self._arm(self._body_timed_out)
+            else:
+                self._received(webhook)
+
+        def on_body(self, body: bytes) -> None:
+            super().on_body(body)
+            webhook = self._webhook
+            if webhook is None or webhook.cycle is not self.cycle or webhook.stage != RECEIVING:
+                return
+            # uvicorn pauses reading past 64 KB until the app asks for more; here the limit bounds it.
+            self.flow.resume_reading()
+            limit = ingress.gateway.config.limits.max_body_bytes
+            if len(self.cycle.body) > limit:
+                self._refuse(webhook, too_large(limit))
+
+        def on_message_complete(self) -> None:
+            super().on_message_complete()
+            webhook = self._webhook
+            if webhook is None or webhook.cycle is not self.cycle:
+                return
+            self._disarm()
+            if webhook.stage == RECEIVING:
+                self._received(webhook)
+            elif webhook.stage == ANSWERED:
+                self._webhook = None  # a refused request's body, read to its end and dropped
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            webhook = self._webhook
+            if webhook is not None and webhook.stage == RECEIVING:
+                self._refuse(
+                    webhook,
+                    Rejected(400, "client_disconnected", "the client went away before sending the body"),
+                )
             super().connection_lost(exc)
 
-        def _arm(self) -> None:
+        # -- the steps --------------------------------------------------------------------------------
+
+        def _received(self, webhook: Webhook) -> None:
+            webhook.stage = STORING
+            try:
+                webhook.event, webhook.routes = ingress.accept(
+                    webhook.endpoint, webhook.headers, bytes(webhook.cycle.body)
+                )
+                stored = ingress.store(webhook.event, webhook.routes)
+            except Rejected as rejection:
+                self._refuse(webhook, rejection)
+                return
+            except Exception:
+                log.exception("a webhook could not be handled", extra={"source": webhook.endpoint.name})
+                self._refuse(webhook, INTERNAL_ERROR)
+                return
+            stored.add_done_callback(partial(self._stored, webhook))
+
+        def _stored(self, webhook: Webhook, stored: asyncio.Future[bool]) -> None:
+            event = webhook.event
+            assert event is not None
+            try:
+                new = stored.result()
+                status, reply = ingress.stored(webhook.endpoint, event, webhook.routes, new)
+            except StorageUnavailable as exc:
+                self._refuse(webhook, ingress.unstored(event, exc))
+                return
+            except (Exception, asyncio.CancelledError):
+                log.exception("a webhook could not be stored", extra=event.summary())
+                self._refuse(webhook, INTERNAL_ERROR)
+                return
+            self._answer(webhook, 200, reply)
+            ingress.answered(webhook.endpoint.name, status, webhook.started)
+
+        def _refuse(self, webhook: Webhook, rejection: Rejected) -> None:
+            # Refused before its body is in: the rest is read and dropped (uvicorn does that once a response
+            # is complete), in time, or the connection is closed (_body_timed_out).
+            reply = ingress.refused(
+                webhook.endpoint.name, rejection, cast(dict[str, Any], webhook.cycle.scope)
+            )
+            self._answer(webhook, rejection.status, reply, EXTRA_HEADERS.get(rejection.status))
+
+        def _answer(
+            self,
+            webhook: Webhook,
+            status: int,
+            reply: Reply,
+            extra_headers: list[tuple[bytes, bytes]] | None = None,
+        ) -> None:
+            if webhook.stage != ANSWERED:
+                webhook.stage = ANSWERED
+                ingress.release()
+            if self._webhook is webhook and not webhook.cycle.more_body:
+                self._webhook = None
+            cycle = webhook.cycle
+            if cycle.disconnected or cycle.response_complete:
+                return
+            content = orjson.dumps(reply)
+            head = [STATUS_LINE[status]]
+            for name, value in [*self.server_state.default_headers, *(extra_headers or ())]:
+                head += [name, b": ", value, b"\r\n"]
+            head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(content))
+            if not cycle.keep_alive:
+                head.append(b"connection: close\r\n")
+            head += [b"\r\n", content]
+            self.transport.write(b"".join(head))
+            cycle.response_complete = True
+            if not cycle.keep_alive:
+                self.transport.close()
+            self.on_response_complete()  # the next pipelined request, or the keep-alive timer
+
+        # -- deadlines --------------------------------------------------------------------------------
+
+        def _arm(self, expired: Callable[[], None]) -> None:
             self._disarm()
-            self._header_timer = self.loop.call_later(timeout(), self._timed_out)
+            self._timer = self.loop.call_later(timeout(), expired)
 
         def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
 
-        def _timed_out(self) -> None:
-            self._header_timer = None
+        def _headers_timed_out(self) -> None:
+            self._timer = None
             if not self.transport.is_closing():
                 self.transport.write(_TIMED_OUT)
                 self.transport.close()
 
-    return HeaderDeadlineProtocol
+        def _body_timed_out(self) -> None:
+            self._timer = None
+            webhook, self._webhook = self._webhook, None
+            if webhook is not None and webhook.stage == RECEIVING:
+                webhook.cycle.keep_alive = (
+                    False  # the rest of the body may still come: never read it as a request
+                )
+                self._refuse(webhook, Rejected(408, "body_timeout", "the body did not arrive in time"))
+            self.transport.close()
+
+    return WebhookProtocol
 
 
 class CoalescedWrites:

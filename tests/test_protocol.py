@@ -1,13 +1,18 @@
-"""The webhook listener's protocol: one write per response."""
+"""The webhook listener's protocol: the fast path for webhooks, deadlines, one write per response."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from typing import Any
 
+from gateway import hookimpl
+from gateway.plugins import plugin_manager
 from gateway.protocol import CoalescedWrites
-from tests.support import RunningGateway, gateway_config, svix_request
+from gateway.providers import Provider
+from plugins.svix import SvixProvider
+from tests.support import RunningGateway, gateway_config, svix_request, wait_until
 
 
 class RecordingTransport:
@@ -102,3 +107,164 @@ def test_a_client_that_closes_its_side_still_gets_the_answer_that_waits_for_an_f
                 answer += chunk
     assert answer.startswith(b"HTTP/1.1 200 ")
     assert answer.endswith(b'{"id":"msg_half_closed","status":"accepted"}')
+
+
+# -- the fast path: a POST to a source's path, answered from the parser's callbacks -------------------
+
+
+class Connection:
+    """One raw keep-alive connection to the listener: requests as bytes, answers parsed."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.reader = self.sock.makefile("rb")
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.reader.close()
+        self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def answer(self) -> tuple[int, dict[str, str], bytes]:
+        status_line = self.reader.readline()
+        assert status_line.startswith(b"HTTP/1.1 "), status_line
+        headers: dict[str, str] = {}
+        while (line := self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = self.reader.read(int(headers.get("content-length", "0")))
+        return int(status_line.split()[1]), headers, body
+
+    def closed_by_server(self) -> bool:
+        return self.reader.read(1) == b""
+
+
+def signed(msg_id: str, path: str = "/webhooks/consignease", extra: str = "", version: str = "1.1") -> bytes:
+    body, headers = svix_request(msg_id=msg_id)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return (
+        f"POST {path} HTTP/{version}\r\nHost: x\r\nContent-Length: {len(body)}\r\n{head}{extra}\r\n".encode()
+        + body
+    )
+
+
+def test_pipelined_webhooks_are_answered_in_order_on_one_connection(tmp_path) -> None:
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.url) as conn:
+        # Three requests in one write: the second and third wait for the first's fsync, in order.
+        conn.send(signed("msg_p1") + signed("msg_p2") + signed("msg_p1"))
+        answers = [conn.answer() for _ in range(3)]
+        conn.send(signed("msg_p3"))  # and the connection is still good
+        answers.append(conn.answer())
+    assert [(status, json.loads(body)) for status, _, body in answers] == [
+        (200, {"id": "msg_p1", "status": "accepted"}),
+        (200, {"id": "msg_p2", "status": "accepted"}),
+        (200, {"id": "msg_p1", "status": "duplicate"}),
+        (200, {"id": "msg_p3", "status": "accepted"}),
+    ]
+    assert all(headers["content-type"] == "application/json" for _, headers, _ in answers)
+
+
+def test_a_stalled_body_gets_408_body_timeout_and_the_connection_is_closed(tmp_path) -> None:
+    with RunningGateway(gateway_config(tmp_path, limits={"read_timeout": "300ms"})) as gw:
+        with Connection(gw.url) as conn:
+            request = signed("msg_stalled")
+            conn.send(request[:-10])  # all but the last ten bytes of the body
+            status, _, body = conn.answer()
+            assert conn.closed_by_server()
+        assert (status, json.loads(body)["error"]) == (408, "body_timeout")
+        assert (
+            gw.metric("hookyard_webhook_rejections_total", source="consignease", reason="body_timeout") == 1
+        )
+        assert gw.gateway.ingress.in_flight == 0
+        with Connection(gw.url) as conn:
+            conn.send(signed("msg_in_time"))
+            assert conn.answer()[0] == 200
+        listed = gw.client.get(f"{gw.ops_url}/admin/events").text
+        assert "msg_in_time" in listed and "msg_stalled" not in listed
+
+
+def test_a_body_over_the_limit_is_refused_as_it_arrives_and_the_connection_stays_usable(tmp_path) -> None:
+    chunk = b"x" * 600
+    with (
+        RunningGateway(gateway_config(tmp_path, limits={"max_body_bytes": 1000})) as gw,
+        Connection(gw.url) as conn,
+    ):
+        # Chunked: no Content-Length to refuse it by, so it is refused once 1000 bytes are in.
+        conn.send(b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+        conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2)
+        status, _, body = conn.answer()
+        conn.send(b"%x\r\n%s\r\n0\r\n\r\n" % (len(chunk), chunk))  # the rest is read and dropped
+        conn.send(signed("msg_after_413"))
+        after = conn.answer()
+        assert gw.gateway.ingress.in_flight == 0
+    assert (status, json.loads(body)["error"]) == (413, "body_too_large")
+    assert (after[0], json.loads(after[2])["status"]) == (200, "accepted")
+
+
+def test_a_client_that_leaves_mid_body_is_counted_and_frees_its_slot(tmp_path) -> None:
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        with Connection(gw.url) as conn:
+            conn.send(signed("msg_left")[:-10])
+            wait_until(lambda: gw.gateway.ingress.in_flight == 1)
+        wait_until(lambda: gw.gateway.ingress.in_flight == 0)
+        assert (
+            gw.metric("hookyard_webhook_rejections_total", source="consignease", reason="client_disconnected")
+            == 1
+        )
+
+
+def test_a_sender_that_expects_100_continue_is_served_by_the_asgi_app(tmp_path) -> None:
+    request = signed("msg_continue", extra="Expect: 100-continue\r\n")
+    head, _, body = request.partition(b"\r\n\r\n")
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.url) as conn:
+        conn.send(head + b"\r\n\r\n")
+        assert conn.reader.readline() == b"HTTP/1.1 100 Continue\r\n"
+        assert conn.reader.readline() == b"\r\n"
+        conn.send(body)
+        status, _, answer = conn.answer()
+    assert (status, json.loads(answer)) == (200, {"id": "msg_continue", "status": "accepted"})
+
+
+def test_http_1_0_is_answered_and_closed(tmp_path) -> None:
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.url) as conn:
+        conn.send(signed("msg_http10", version="1.0"))
+        status, headers, body = conn.answer()
+        assert conn.closed_by_server()
+    assert (status, headers["connection"], json.loads(body)["status"]) == (200, "close", "accepted")
+
+
+class ExplodingProvider(SvixProvider):
+    name = "exploding"
+
+    def parse(self, headers: Any, body: bytes, payload: Any, received_at: float) -> Any:
+        raise RuntimeError("a bug in a provider plugin")
+
+
+class ExplodingPlugin:
+    @hookimpl
+    def register_providers(self) -> list[type[Provider]]:
+        return [ExplodingProvider]
+
+
+def test_a_provider_that_raises_gets_500_internal_error_and_the_connection_stays_usable(tmp_path) -> None:
+    pm = plugin_manager()
+    pm.register(ExplodingPlugin(), name="exploding")
+    config = gateway_config(tmp_path)
+    config["sources"]["exploding"] = {**config["sources"]["consignease"], "path": "/webhooks/exploding"}
+    config["sources"]["exploding"]["provider"] = "exploding"
+    with RunningGateway(config, pm=pm) as gw, Connection(gw.url) as conn:
+        conn.send(signed("msg_boom", path="/webhooks/exploding"))
+        status, _, body = conn.answer()
+        conn.send(signed("msg_fine"))
+        after = conn.answer()
+        assert (
+            gw.metric("hookyard_webhook_rejections_total", source="exploding", reason="internal_error") == 1
+        )
+        assert gw.gateway.ingress.in_flight == 0
+    assert (status, json.loads(body)["error"]) == (500, "internal_error")
+    assert (after[0], json.loads(after[2])["status"]) == (200, "accepted")

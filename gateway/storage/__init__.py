@@ -6,6 +6,7 @@ is SQLite (gateway.storage.sqlite). A backend shared by several replicas impleme
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -128,6 +129,11 @@ class Storage(ABC):
     async def ingest(self, event: Event, deliveries: list[NewDelivery]) -> bool:
         """Durably store the event and its deliveries in one transaction. False when (source, id) was
         already stored: then nothing is written. Raises StorageUnavailable when it could not commit."""
+
+    def begin_ingest(self, event: Event, deliveries: list[NewDelivery]) -> asyncio.Future[bool]:
+        """`ingest` as a future, for the listener's hot path, which answers from a callback rather than a
+        task. A store that can queue the write without a coroutine overrides this."""
+        return asyncio.ensure_future(self.ingest(event, deliveries))
 
     @abstractmethod
     async def claim(self, now: float, limit: int, lease: float, owner: str) -> list[Claim]:

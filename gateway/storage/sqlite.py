@@ -508,7 +508,12 @@ class SQLiteStorage(Storage):
     # -- ingest ---------------------------------------------------------------------------------------
 
     async def ingest(self, event: Event, deliveries: list[NewDelivery]) -> bool:
-        return await self._run(lambda conn: _insert_event(conn, event, deliveries))
+        return await self.begin_ingest(event, deliveries)
+
+    def begin_ingest(self, event: Event, deliveries: list[NewDelivery]) -> asyncio.Future[bool]:
+        if self._writer is None:
+            raise StorageUnavailable("storage is not open")
+        return self._writer.submit(lambda conn: _insert_event(conn, event, deliveries), True)
 
     # -- delivery -------------------------------------------------------------------------------------
 

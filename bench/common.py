@@ -185,22 +185,50 @@ def exit_on_signals() -> None:
 # -- /proc --------------------------------------------------------------------------------------------
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and its descendants still running: a server's own helpers (Hookyard's fsync helper process)
+    count with it."""
+    tree, index = [pid], 0
+    while index < len(tree):
+        try:
+            for task in Path(f"/proc/{tree[index]}/task").iterdir():
+                tree += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            pass  # ended while being read
+        index += 1
+    return tree
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process and of its children it has waited for (a hook's commands)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # After the command: state is field 3, so utime (14), stime (15), cutime (16), cstime (17) are 11-14.
-    ticks = sum(int(value) for value in fields[11:15])
+    """User + system CPU of a process, of its running descendants, and of the children it has waited for
+    (a hook's commands)."""
+    ticks = 0
+    for member in process_tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command: state is field 3, so utime (14), stime (15), cutime (16), cstime (17) are 11-14.
+        ticks += sum(int(value) for value in fields[11:15])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mb(pid: int) -> float:
+    """Resident memory of a process, plus the private memory of its running descendants (Hookyard's fsync
+    helper): what they add to the machine. A helper's shared pages are the same files the process has
+    mapped (the Python library), counted once in the process's RSS."""
+    kilobytes = _proc_kb(f"/proc/{pid}/status", ("VmRSS:",))
+    for child in process_tree(pid)[1:]:
+        kilobytes += _proc_kb(f"/proc/{child}/smaps_rollup", ("Private_Clean:", "Private_Dirty:"))
+    return kilobytes / 1024
+
+
+def _proc_kb(path: str, keys: tuple[str, ...]) -> int:
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        lines = Path(path).read_text().splitlines()
     except OSError:
-        pass
-    return 0.0
+        return 0
+    return sum(int(line.split()[1]) for line in lines if line.startswith(keys))
 
 
 class Sampler:

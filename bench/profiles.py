@@ -6,7 +6,7 @@
 
 For each, py-spy records collapsed stacks (`--format raw`, kept as profile-*.txt) and then a flame graph
 (profile-*.svg), one after the other under the same load. Samples are of running threads only (py-spy leaves
-out idle ones: a loop waiting in epoll, the commit thread waiting on fsync). Each sample is put in the
+out idle ones: a loop waiting in epoll, the fsync helper process waiting for a request). Each sample is put in the
 category of its innermost recognised frame: time in C code (httptools, hmac, sqlite3, orjson) counts for
 the Python function that called it.
 """
@@ -44,6 +44,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
         "verification (svix HMAC)",
         ("plugins/svix.py", "plugins/hmac_generic.py", "/hmac.py", "gateway/providers.py"),
     ),
+    ("storage: fsync of the WAL (helper process)", ("gateway/storage/fsync_helper.py",)),
     ("storage: statements and COMMIT (event loop)", ("gateway/storage/",)),
     ("storage: checkpoints and queue statistics (helper threads)", ("concurrent/futures/thread.py",)),
     ("delivery engine", ("gateway/delivery.py", "gateway/retry.py", "gateway/actions.py")),
@@ -67,8 +68,6 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("uvicorn / httptools", ("uvicorn/", "httptools/")),
 ]
 EVENT_LOOP = "event loop (uvloop: I/O, scheduling)"
-# The fsync thread: fdatasync of the WAL, and telling the loop.
-WAL_SYNC = "storage: fsync of the WAL (helper thread)"
 # A helper thread between two jobs: taking the next one off its queue, getting the GIL back.
 HELPER_WAKEUP = "storage: helper thread wake-ups (queue, GIL)"
 # Entry points every stack of the main thread goes through: no information in their inclusive share.
@@ -95,8 +94,6 @@ def category(frames: list[tuple[str, str]]) -> str:
     function, file = frames[-1]
     if function == "_worker" and file.endswith("concurrent/futures/thread.py"):
         return HELPER_WAKEUP
-    if any(function.startswith("_WalSyncer.") for function, _file in frames):
-        return WAL_SYNC
     for _function, file in reversed(frames):
         for name, markers in CATEGORIES:
             if any(marker in file for marker in markers):
@@ -133,7 +130,8 @@ def summarize(path: Path, top: int = 12) -> Json:
 def py_spy(settings: Settings, processes: Processes, pid: int, out: Path, fmt: str) -> None:
     spy = settings.tools["py-spy"].path
     assert spy is not None
-    argv = [spy, "record", "--pid", str(pid), "--duration", f"{settings.profile_duration:g}"]
+    # --subprocesses: the fsync helper process too.
+    argv = [spy, "record", "--pid", str(pid), "--subprocesses", "--duration", f"{settings.profile_duration:g}"]
     argv += ["--rate", str(SAMPLE_RATE), "--format", fmt, "-o", str(out)]
     process = processes.start(f"py-spy-{out.stem}", argv)
     try:

@@ -7,8 +7,8 @@ import contextlib
 import errno
 import json
 import os
+import signal
 import sqlite3
-import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +27,7 @@ from gateway.storage import (
     StorageUnavailable,
     open_storage,
 )
-from gateway.storage.sqlite import CHECKPOINT_COMMITS, WAL_SIZE_LIMIT, SQLiteStorage
+from gateway.storage.sqlite import CHECKPOINT_COMMITS, WAL_SIZE_LIMIT, SQLiteStorage, _WalSyncer
 
 T = TypeVar("T")
 
@@ -167,41 +167,51 @@ def test_the_same_event_twice_in_one_batch_is_stored_once(db: Harness) -> None:
 def test_database_is_wal_and_commits_never_fsync_on_the_loop(db: Harness) -> None:
     with contextlib.closing(sqlite3.connect(db.path)) as other:
         assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    # NORMAL: a COMMIT hands the WAL to the OS; the store's own fsync thread makes it durable.
+    # NORMAL: a COMMIT hands the WAL to the OS; the store's own fsync helper makes it durable.
     assert db.connection.execute("PRAGMA synchronous").fetchone()[0] == 1
     assert db.connection.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0
 
 
-class BlockedFsync:
-    """os.fdatasync held until released: a disk that takes its time (a fault a test cannot cause)."""
+class HeldFsync:
+    """The store's fsync helper process stopped (SIGSTOP) until released: a disk that takes its time. Its
+    failure is the helper killed: nobody can tell whether its last fsync happened."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.real = os.fdatasync
-        self.release = threading.Event()
-        self.entered = threading.Event()
-        self.calls = 0
-        monkeypatch.setattr(os, "fdatasync", self)
+    def __init__(self, db: Harness) -> None:
+        writer = db.storage._writer
+        assert writer is not None
+        self.syncer = writer.syncer
+        self.pid = self.syncer.process.pid
+        os.kill(self.pid, signal.SIGSTOP)
 
-    def __call__(self, fd: int) -> None:
-        self.calls += 1
-        self.entered.set()
-        self.release.wait(10)
-        self.real(fd)
+    @property
+    def calls(self) -> int:
+        return self.syncer.syncs
+
+    async def requested(self) -> None:
+        for _ in range(1000):
+            if self.syncer.requested:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("no fsync was asked for")
+
+    def release(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
+
+    def kill(self) -> None:
+        os.kill(self.pid, signal.SIGKILL)
 
 
-def test_an_ingest_is_answered_only_after_the_wal_is_fsynced(
-    db: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fsync = BlockedFsync(monkeypatch)
+def test_an_ingest_is_answered_only_after_the_wal_is_fsynced(db: Harness) -> None:
+    fsync = HeldFsync(db)
 
     async def ingest_while_the_disk_is_slow() -> tuple[bool, bool, list[str]]:
         task = asyncio.create_task(db.storage.ingest(make_event("evt_slow"), [APP]))
-        await asyncio.to_thread(fsync.entered.wait, 10)
+        await fsync.requested()
         await asyncio.sleep(0.05)
         answered_before = task.done()
         # Committed (visible to a reader) but not yet answered: the fsync has not returned.
         claims = await db.storage.claim(T0 + 1, 10, LEASE, "worker")
-        fsync.release.set()
+        fsync.release()
         return answered_before, await task, [c.event.id for c in claims]
 
     answered_before, stored, claimed = db.run(ingest_while_the_disk_is_slow())
@@ -211,10 +221,8 @@ def test_an_ingest_is_answered_only_after_the_wal_is_fsynced(
     assert fsync.calls >= 1
 
 
-def test_while_an_fsync_runs_durable_writes_wait_and_commit_together(
-    db: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    fsync = BlockedFsync(monkeypatch)
+def test_while_an_fsync_runs_durable_writes_wait_and_commit_together(db: Harness) -> None:
+    fsync = HeldFsync(db)
 
     async def trickle() -> tuple[list[bool], list[int]]:
         tasks = []
@@ -223,7 +231,7 @@ def test_while_an_fsync_runs_durable_writes_wait_and_commit_together(
             await asyncio.sleep(0.02)  # each its own batch, were nothing held back
         # A lease is not held back: it commits and is answered while the fsync still runs.
         claimed = [c.event.id for c in await db.storage.claim(T0 + 1, 10, LEASE, "worker")]
-        fsync.release.set()
+        fsync.release()
         return list(await asyncio.gather(*tasks)), claimed
 
     stored, claimed = db.run(trickle())
@@ -235,18 +243,19 @@ def test_while_an_fsync_runs_durable_writes_wait_and_commit_together(
     assert fsync.calls == 2
 
 
-def test_after_a_failed_fsync_nothing_is_answered_stored_until_a_restart(
-    db: Harness, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    def broken_disk(fd: int) -> None:
-        raise OSError(errno.EIO, "Input/output error")
+def test_after_a_failed_fsync_nothing_is_answered_stored_until_a_restart(db: Harness) -> None:
+    fsync = HeldFsync(db)
 
-    monkeypatch.setattr(os, "fdatasync", broken_disk)
-    with pytest.raises(StorageUnavailable, match="fsync"):
-        db.ingest("evt_lost", APP)
-    monkeypatch.undo()
-    # The disk answers again, but the kernel may have dropped what the failed fsync held: a retry of
-    # evt_lost must not be answered "duplicate" from a row that may not be on disk.
+    async def ingest_while_the_helper_dies() -> None:
+        task = asyncio.create_task(db.storage.ingest(make_event("evt_lost"), [APP]))
+        await fsync.requested()
+        fsync.kill()
+        await task
+
+    with pytest.raises(StorageUnavailable, match="fsync helper exited"):
+        db.run(ingest_while_the_helper_dies())
+    # evt_lost is committed, but whether it reached the disk nobody knows: a retry must not be answered
+    # "duplicate" from a row that may not be on disk.
     with pytest.raises(StorageUnavailable, match="restart"):
         db.ingest("evt_lost", APP)
     with pytest.raises(StorageUnavailable, match="restart"):
@@ -258,31 +267,54 @@ def test_after_a_failed_fsync_nothing_is_answered_stored_until_a_restart(
     assert db.ingest("evt_after_restart", APP) is True
 
 
-def test_what_waited_for_a_failed_fsync_is_refused_too(db: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
-    fsync = BlockedFsync(monkeypatch)
-
-    def fail(fd: int) -> None:
-        fsync.calls += 1
-        fsync.entered.set()
-        fsync.release.wait(10)
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(os, "fdatasync", fail)
+def test_what_waited_for_a_failed_fsync_is_refused_too(db: Harness) -> None:
+    fsync = HeldFsync(db)
 
     async def retry_during_the_failing_fsync() -> list[BaseException | bool]:
         first = asyncio.create_task(db.storage.ingest(make_event("evt_lost"), [APP]))
-        await asyncio.to_thread(fsync.entered.wait, 10)
+        await fsync.requested()
         # Queued while the fsync runs: the sender's retry of the same event, and another event.
         retry = asyncio.create_task(db.storage.ingest(make_event("evt_lost"), [APP]))
         other = asyncio.create_task(db.storage.ingest(make_event("evt_other"), [APP]))
         await asyncio.sleep(0.05)
-        fsync.release.set()
+        fsync.kill()
         return list(await asyncio.gather(first, retry, other, return_exceptions=True))
 
     results = db.run(retry_during_the_failing_fsync())
     # None of them is answered as stored: not the retry ("duplicate"), not the other one.
     assert all(isinstance(result, StorageUnavailable) for result in results), results
-    assert fsync.calls == 1
+    assert fsync.calls == 0
+
+
+def test_the_fsync_helper_reports_the_error_of_a_failed_fdatasync(tmp_path: Path) -> None:
+    # fdatasync of a character device fails (EINVAL) for real, in the helper process, as EIO would.
+    async def sync_dev_null() -> tuple[int, OSError | None]:
+        loop = asyncio.get_running_loop()
+        answer: asyncio.Future[tuple[int, OSError | None]] = loop.create_future()
+        syncer = _WalSyncer(Path("/dev/null"), tmp_path, loop, lambda n, e: answer.set_result((n, e)))
+        try:
+            syncer.request(7)
+            return await asyncio.wait_for(answer, 10)
+        finally:
+            syncer.stop()
+
+    number, error = asyncio.run(sync_dev_null())
+    assert number == 7
+    assert isinstance(error, OSError) and error.errno == errno.EINVAL
+
+
+def test_the_fsync_helper_outlives_signals_for_the_gateway_and_ends_with_the_store(db: Harness) -> None:
+    writer = db.storage._writer
+    assert writer is not None
+    helper = writer.syncer.process
+    assert db.ingest("evt_before_signals", APP) is True  # the helper is up and serving
+    # Ctrl-C or a SIGTERM meant for the gateway must not end it before the gateway's last commits.
+    os.kill(helper.pid, signal.SIGINT)
+    os.kill(helper.pid, signal.SIGTERM)
+    assert db.ingest("evt_after_signals", APP) is True
+    assert helper.poll() is None
+    db.run(db.storage.close())
+    assert helper.poll() == 0  # closing the store ended it
 
 
 def test_a_checkpoint_that_fails_stops_the_store(db: Harness, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -7,6 +7,7 @@ answered 2xx must reach the downstream at least once, and no event the gateway e
 from __future__ import annotations
 
 import base64
+import contextlib
 import os
 import platform
 import random
@@ -54,24 +55,38 @@ _WAL_SYSCALLS = {
 }
 
 
+def _processes(pid: int) -> list[int]:
+    """pid and its children: the gateway writes the WAL, its fsync helper process syncs it."""
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            children += [int(child) for child in (task / "children").read_text().split()]
+    return [pid, *children]
+
+
 def _in_commit(pid: int, syscalls: dict[int, str]) -> str | None:
-    """What a thread of process pid is doing to a WAL file right now, from /proc/PID/task/*/syscall (the
-    number of the system call a thread is blocked in, then its arguments): e.g. "fdatasync of the WAL".
-    None when no thread is in one of `syscalls` on a `-wal` file."""
+    """What a thread of process pid (or of its fsync helper) is doing to a WAL file right now, from
+    /proc/PID/task/*/syscall (the number of the system call a thread is blocked in, then its arguments):
+    e.g. "fdatasync of the WAL". None when no thread is in one of `syscalls` on a `-wal` file."""
     found = None
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    for process in _processes(pid):
         try:
-            fields = (task / "syscall").read_text().split()
-            name = syscalls.get(int(fields[0])) if fields and fields[0] not in ("running", "-1") else None
-            if name is None:
-                continue
-            target = os.readlink(f"/proc/{pid}/fd/{int(fields[1], 16)}")
-        except (OSError, ValueError, IndexError):
-            continue  # the thread ended, or the descriptor closed, while being read
-        if target.endswith("-wal"):
-            found = f"{name} of the WAL"
-            if "sync" in name:
-                return found
+            tasks = list(Path(f"/proc/{process}/task").iterdir())
+        except OSError:
+            continue  # the helper ended while being read
+        for task in tasks:
+            try:
+                fields = (task / "syscall").read_text().split()
+                name = syscalls.get(int(fields[0])) if fields and fields[0] not in ("running", "-1") else None
+                if name is None:
+                    continue
+                target = os.readlink(f"/proc/{process}/fd/{int(fields[1], 16)}")
+            except (OSError, ValueError, IndexError):
+                continue  # the thread ended, or the descriptor closed, while being read
+            if target.endswith("-wal"):
+                found = f"{name} of the WAL"
+                if "sync" in name:
+                    return found
     return found
 
 

@@ -69,8 +69,11 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
     for what comes next."""
 
     class WebhookProtocol(HttpToolsProtocol):
-        _timer: asyncio.TimerHandle | None = None
         _webhook: Webhook | None = None  # the fast-path request being received or stored
+        # The deadline of what is being waited for (headers, a body) and what to do when it passes.
+        _timer: asyncio.TimerHandle | None = None
+        _deadline = 0.0
+        _expired: Callable[[], None] | None = None
 
         def connection_made(self, transport: Any) -> None:
             # Duck-typed: uvicorn only writes, closes and asks the transport about itself.
@@ -143,6 +146,9 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             webhook = self._webhook
             if webhook is not None and webhook.stage == RECEIVING:
                 self._refuse(
@@ -216,7 +222,8 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
             if not cycle.keep_alive:
                 head.append(b"connection: close\r\n")
             head += [b"\r\n", content]
-            self.transport.write(b"".join(head))
+            # Already one write: nothing to join it with, so it leaves now rather than at the end of the turn.
+            cast(CoalescedWrites, self.transport).write_now(b"".join(head))
             cycle.response_complete = True
             if not cycle.keep_alive:
                 self.transport.close()
@@ -224,23 +231,39 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
 
         # -- deadlines --------------------------------------------------------------------------------
 
+        # Every request sets a deadline twice (headers, then body) and clears it twice. A timer per
+        # deadline would cost a heap insertion and a cancellation each time; instead one timer per
+        # connection stays armed, and when it fires it only acts if the deadline it finds has passed (else
+        # it sleeps until that deadline). It fires at most once per `timeout()` of a connection's life.
+
         def _arm(self, expired: Callable[[], None]) -> None:
-            self._disarm()
-            self._timer = self.loop.call_later(timeout(), expired)
+            self._deadline = self.loop.time() + timeout()
+            self._expired = expired
+            if self._timer is not None and self._deadline < self._timer.when():
+                self._timer.cancel()  # sooner than planned: a reload shortened the timeout
+                self._timer = None
+            if self._timer is None:
+                self._timer = self.loop.call_at(self._deadline, self._check_deadline)
 
         def _disarm(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._expired = None
+
+        def _check_deadline(self) -> None:
+            self._timer = None
+            if self._expired is None:
+                return
+            if self.loop.time() < self._deadline:
+                self._timer = self.loop.call_at(self._deadline, self._check_deadline)
+                return
+            expired, self._expired = self._expired, None
+            expired()
 
         def _headers_timed_out(self) -> None:
-            self._timer = None
             if not self.transport.is_closing():
                 self.transport.write(_TIMED_OUT)
                 self.transport.close()
 
         def _body_timed_out(self) -> None:
-            self._timer = None
             webhook, self._webhook = self._webhook, None
             if webhook is not None and webhook.stage == RECEIVING:
                 webhook.cycle.keep_alive = (
@@ -269,6 +292,12 @@ class CoalescedWrites:
             self._loop.call_soon(self.flush)
         else:
             self._buffer.append(data)
+
+    def write_now(self, data: bytes) -> None:
+        """Write after what is buffered, at once."""
+        self.flush()
+        if not self._transport.is_closing():
+            self._transport.write(data)
 
     def close(self) -> None:
         self.flush()

@@ -3,16 +3,20 @@
 1. bare Starlette no-op under uvicorn (uvloop + httptools, one worker): the baseline;
 2. Hookyard: svix verification + durable SQLite commit + a route forwarding to the sink;
 2b. Hookyard with a route that matches nothing: the pure ingest cost;
+2c. the same with its database on tmpfs, where an fsync costs nothing: what waiting for the disk costs;
 3. adnanh/webhook with a payload-hmac-sha256 trigger rule, running no command, and running `true`.
 
 Every request carries svix headers and the webhook HMAC header, so the load is identical. CPU per request is
-the server process's CPU time (/proc, children included: webhook's commands) over the measured window,
-divided by the requests wrk completed in it; RSS is the highest resident size sampled during the window.
+the server's CPU time (/proc: the process, its running helpers such as Hookyard's fsync process, and the
+children it reaped: webhook's commands) over the measured window, divided by the requests wrk completed in
+it; RSS is the highest sampled during the window (the process's RSS plus its helpers' private memory).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import time
 from collections.abc import Callable
@@ -50,6 +54,9 @@ from bench.common import (
     write_signed_requests,
 )
 
+# Memory-backed on Linux: an fsync there returns at once.
+TMPFS = Path("/dev/shm")
+
 # Pre-signed ids per second of load: more than any server here completes, so no id repeats.
 IDS_PER_SECOND = 40_000
 
@@ -63,6 +70,7 @@ class Server:
     verifies: bool = True
     gateway: GatewayPorts | None = None
     sink: SinkHandle | None = None
+    scratch: Path | None = None  # a directory of its own outside the work directory, removed after
 
 
 Starter = Callable[[Processes, Settings], Server]
@@ -77,19 +85,25 @@ def start_starlette(processes: Processes, settings: Settings) -> Server:
     return Server("starlette", "bare Starlette no-op", f"http://{HOST}:{port}{PATH}", process, verifies=False)
 
 
-def _start_hookyard(processes: Processes, settings: Settings, *, routed: bool) -> Server:
-    key = "hookyard" if routed else "hookyard-unrouted"
+def _start_hookyard(processes: Processes, settings: Settings, *, routed: bool, tmpfs: bool = False) -> Server:
+    key = "hookyard" if routed else "hookyard-tmpfs" if tmpfs else "hookyard-unrouted"
     sink = start_sink(processes, name=f"sink-{key}") if routed else None
+    directory = TMPFS / f"hookyard-bench-{os.getpid()}" if tmpfs else settings.work
+    directory.mkdir(exist_ok=True)
     config, ports = gateway_config(
-        settings.work, settings.work / f"ingest-{key}.db", sink.url if sink else None, route_matches=routed
+        settings.work, directory / f"ingest-{key}.db", sink.url if sink else None, route_matches=routed
     )
     process = start_gateway(processes, key, config, ports)
     name = (
         "Hookyard: svix + durable + forward route"
         if routed
+        else "Hookyard: svix, route not matching, database on tmpfs (fsync free)"
+        if tmpfs
         else "Hookyard: svix + durable, route not matching"
     )
-    return Server(key, name, ports.url, process, gateway=ports, sink=sink)
+    return Server(
+        key, name, ports.url, process, gateway=ports, sink=sink, scratch=directory if tmpfs else None
+    )
 
 
 def start_hookyard(processes: Processes, settings: Settings) -> Server:
@@ -98,6 +112,13 @@ def start_hookyard(processes: Processes, settings: Settings) -> Server:
 
 def start_hookyard_unrouted(processes: Processes, settings: Settings) -> Server:
     return _start_hookyard(processes, settings, routed=False)
+
+
+def start_hookyard_tmpfs(processes: Processes, settings: Settings) -> Server:
+    """The unrouted gateway with its database in memory (tmpfs, where fsync returns at once): what durable
+    ingest costs beyond the CPU of verifying, parsing and inserting is the difference from the row above.
+    Not a configuration to run: a power cut loses everything."""
+    return _start_hookyard(processes, settings, routed=False, tmpfs=True)
 
 
 def _start_webhook(processes: Processes, settings: Settings, *, command: bool) -> Server:
@@ -212,6 +233,7 @@ SERVERS: list[tuple[str, Starter]] = [
     ("starlette", start_starlette),
     ("hookyard", start_hookyard),
     ("hookyard-unrouted", start_hookyard_unrouted),
+    ("hookyard-tmpfs", start_hookyard_tmpfs),
     ("webhook", start_webhook),
     ("webhook-true", start_webhook_true),
 ]
@@ -223,6 +245,9 @@ def run(settings: Settings, processes: Processes) -> Json:
     body_path.write_bytes(body_1kb())
     rows: list[Json] = []
     for key, starter in SERVERS:
+        if key == "hookyard-tmpfs" and not TMPFS.is_dir():
+            say(f"   no {TMPFS} (tmpfs) here; skipping the in-memory variant")
+            continue
         if key.startswith("webhook") and not settings.tools["webhook"].present:
             if not missing:
                 say("   adnanh/webhook is not installed (Debian: apt-get install webhook); skipping it")
@@ -236,6 +261,8 @@ def run(settings: Settings, processes: Processes) -> Json:
             processes.stop(server.process)
             if server.sink is not None and server.sink.process is not None:
                 processes.stop(server.sink.process)
+            if server.scratch is not None:
+                shutil.rmtree(server.scratch, ignore_errors=True)
         rows.append(row)
         say(
             f"     {row['rps']:.0f} req/s, p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "

@@ -82,7 +82,8 @@ def serve(config_path: Path | None) -> None:
     config, _ = _load(config_path)
     configure_logging(config.log.level, config.log.format)
     try:
-        _run(Gateway(config, config_path=config_path or default_config_path()).serve())
+        gateway = Gateway(config, config_path=config_path or default_config_path())
+        _run(gateway.serve(freeze_startup_objects=True))
     except (StorageUnavailable, OSError) as exc:
         click.echo(f"hookyard: {exc}", err=True)
         raise SystemExit(1) from None

@@ -213,8 +213,13 @@ class RunningGateway:
     """A Gateway serving on two real loopback sockets in a background thread with its own event loop."""
 
     def __init__(
-        self, config: dict[str, Any] | Path, pm: pluggy.PluginManager | None = None, scheme: str = "http"
+        self,
+        config: dict[str, Any] | Path,
+        pm: pluggy.PluginManager | None = None,
+        scheme: str = "http",
+        **serve_options: Any,
     ) -> None:
+        self.serve_options = serve_options
         if isinstance(config, Path):  # a file: watched for hot reload like `hookyard serve -c`
             self.gateway = Gateway(load_config(config), pm=pm, config_path=config)
         else:
@@ -228,7 +233,9 @@ class RunningGateway:
 
     def _run(self) -> None:
         try:
-            self.loop.run_until_complete(self.gateway.serve([self.ingress_sock], [self.ops_sock]))
+            self.loop.run_until_complete(
+                self.gateway.serve([self.ingress_sock], [self.ops_sock], **self.serve_options)
+            )
         finally:
             self.loop.close()
 

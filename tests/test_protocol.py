@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import socket
 from typing import Any
 
 from gateway import hookimpl
-from gateway.plugins import plugin_manager
+from gateway.plugins import new_plugin_manager
 from gateway.protocol import CoalescedWrites
 from gateway.providers import Provider
 from plugins.svix import SvixProvider
@@ -252,7 +253,7 @@ class ExplodingPlugin:
 
 
 def test_a_provider_that_raises_gets_500_internal_error_and_the_connection_stays_usable(tmp_path) -> None:
-    pm = plugin_manager()
+    pm = new_plugin_manager(load_entry_points=False)
     pm.register(ExplodingPlugin(), name="exploding")
     config = gateway_config(tmp_path)
     config["sources"]["exploding"] = {**config["sources"]["consignease"], "path": "/webhooks/exploding"}
@@ -268,3 +269,19 @@ def test_a_provider_that_raises_gets_500_internal_error_and_the_connection_stays
         assert gw.gateway.ingress.in_flight == 0
     assert (status, json.loads(body)["error"]) == (500, "internal_error")
     assert (after[0], json.loads(after[2])["status"]) == (200, "accepted")
+
+
+def test_hookyard_serve_freezes_what_exists_once_started_and_tests_do_not(tmp_path) -> None:
+    # A full collection would walk every module, config and plugin object, holding up the webhooks in
+    # progress: `hookyard serve` (one gateway for the process's life) moves them out of the collector's sight.
+    assert gc.get_freeze_count() == 0
+    with RunningGateway(gateway_config(tmp_path)):
+        assert gc.get_freeze_count() == 0  # what the tests start many times is never frozen
+    try:
+        with RunningGateway(gateway_config(tmp_path), freeze_startup_objects=True) as gw:
+            frozen = gc.get_freeze_count()
+            status = gw.post("/webhooks/consignease", *svix_request(msg_id="msg_frozen")).status_code
+    finally:
+        gc.unfreeze()
+    assert frozen > 10_000
+    assert status == 200

@@ -131,7 +131,8 @@ def py_spy(settings: Settings, processes: Processes, pid: int, out: Path, fmt: s
     spy = settings.tools["py-spy"].path
     assert spy is not None
     # --subprocesses: the fsync helper process too.
-    argv = [spy, "record", "--pid", str(pid), "--subprocesses", "--duration", f"{settings.profile_duration:g}"]
+    argv = [spy, "record", "--pid", str(pid), "--subprocesses"]
+    argv += ["--duration", f"{settings.profile_duration:g}"]
     argv += ["--rate", str(SAMPLE_RATE), "--format", fmt, "-o", str(out)]
     process = processes.start(f"py-spy-{out.stem}", argv)
     try:

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sqlite3
+import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -27,7 +28,13 @@ from gateway.storage import (
     StorageUnavailable,
     open_storage,
 )
-from gateway.storage.sqlite import CHECKPOINT_COMMITS, WAL_SIZE_LIMIT, SQLiteStorage, _WalSyncer
+from gateway.storage.sqlite import (
+    CHECKPOINT_COMMITS,
+    WAL_SIZE_LIMIT,
+    SQLiteStorage,
+    _GroupCommit,
+    _WalSyncer,
+)
 
 T = TypeVar("T")
 
@@ -322,6 +329,7 @@ def test_a_checkpoint_that_fails_stops_the_store(db: Harness, monkeypatch: pytes
         raise sqlite3.OperationalError("disk I/O error")
 
     monkeypatch.setattr("gateway.storage.sqlite._GroupCommit._checkpoint", broken_disk)
+    monkeypatch.setattr("gateway.storage.sqlite._GroupCommit._checkpoint_in_background", broken_disk)
     for n in range(CHECKPOINT_COMMITS - 1):
         assert db.ingest(f"evt_{n}", APP) is True
     # This commit starts the checkpoint; whether its own answer comes before the failure is a race.
@@ -371,6 +379,46 @@ def test_the_wal_is_checkpointed_every_hundred_commits(db: Harness) -> None:
     with contextlib.closing(sqlite3.connect(f"file:{db.path}?mode=ro&immutable=1", uri=True)) as file_only:
         # immutable: the WAL is not read, so this counts what the checkpoint wrote to the main file.
         assert file_only.execute("SELECT count(*) FROM events").fetchone()[0] >= CHECKPOINT_COMMITS
+
+
+def test_a_background_checkpoint_holds_up_no_commit(db: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A checkpoint that takes its time (a slow disk: a fault a test cannot cause on demand).
+    started, release = threading.Event(), threading.Event()
+    real = _GroupCommit._checkpoint_in_background
+
+    def slow(self: _GroupCommit) -> bool:
+        started.set()
+        release.wait(10)
+        return real(self)
+
+    monkeypatch.setattr(_GroupCommit, "_checkpoint_in_background", slow)
+
+    async def ingest_during_the_checkpoint() -> tuple[list[bool], bool]:
+        for n in range(CHECKPOINT_COMMITS):
+            assert await db.storage.ingest(make_event(f"evt_{n}"), [APP])
+        await asyncio.to_thread(started.wait, 10)
+        # The checkpoint is still running: these commit and are answered all the same.
+        during = [await db.storage.ingest(make_event(f"evt_during_{n}"), [APP]) for n in range(20)]
+        still_running = not release.is_set()
+        release.set()
+        return during, still_running
+
+    during, still_running = db.run(ingest_during_the_checkpoint())
+    assert during == [True] * 20 and still_running
+    assert len(db.run(db.storage.list_events(limit=1000))) == CHECKPOINT_COMMITS + 20
+
+
+def test_the_wal_starts_over_once_checkpoints_have_copied_it(db: Harness) -> None:
+    wal = Path(f"{db.path}-wal")
+    sizes = []
+    for round_ in range(5):
+        for n in range(CHECKPOINT_COMMITS):
+            assert db.ingest(f"evt_{round_}_{n}", APP) is True  # one commit each
+        sizes.append(wal.stat().st_size)
+    # Without starting over, five rounds of commits would make the WAL five times as long.
+    assert max(sizes) < 2 * sizes[0], sizes
+    with contextlib.closing(sqlite3.connect(db.path)) as other:
+        assert other.execute("SELECT count(*) FROM events").fetchone()[0] == 5 * CHECKPOINT_COMMITS
 
 
 async def grow_batch(db: Harness, round_: int) -> None:

@@ -12,6 +12,7 @@ import hashlib
 import hmac
 import itertools
 import json
+import re
 import socket
 import time
 from collections import Counter
@@ -459,9 +460,13 @@ def test_malformed_http_gets_only_documented_answers_and_the_server_stays_up(gw:
             return
         head, _, content = data.partition(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
+        # The first answer only: a request answered at once may be followed on the same connection by the
+        # 400 for the garbage after it.
+        length = re.search(rb"(?im)^content-length: *(\d+)", head)
+        first = content[: int(length[1])] if length else content.split(b"\r\n\r\n")[0]
         reason = None
         with contextlib.suppress(ValueError, AttributeError):
-            reason = json.loads(content.split(b"\r\n\r\n")[0]).get("error")
+            reason = json.loads(first).get("error")
         seen[f"{status} {reason}"] += 1
         _assert_documented(status, reason, raw)
         assert status != 200, raw

@@ -16,6 +16,7 @@ Everything runs on 127.0.0.1. Nothing is installed: missing tools are named, and
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import tempfile
@@ -75,6 +76,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--keep-work", action="store_true", help="keep the scratch directory (databases, logs)"
     )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="measure nothing: write bench/RESULTS.md again from bench/results/*.json (after editing the report)",
+    )
     return parser.parse_args(argv)
 
 
@@ -133,8 +139,22 @@ def check_tools(settings: Settings, parts: list[str]) -> list[str]:
     return runnable
 
 
+def rewrite_report() -> int:
+    """RESULTS.md from the last full run's JSON files, as that run measured them."""
+    summary = json.loads((RESULTS / "run.json").read_text())
+    results: Json = {"machine": summary["machine"], "run": summary["run"]}
+    for part, (_title, filename, _run) in PARTS.items():
+        results[RESULT_KEYS[part]] = json.loads((RESULTS / filename).read_text())
+    results["targets"] = report.targets(results)
+    (BENCH / "RESULTS.md").write_text(report.render(results))
+    say(f"wrote bench/RESULTS.md from the run of {summary['run']['date']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.report_only:
+        return rewrite_report()
     exit_on_signals()
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="hookyard-bench-"))

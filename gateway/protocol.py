@@ -117,7 +117,12 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
                 if cycle.more_body:
                     self._arm(self._body_timed_out)  # the rest of the body is read and dropped, in time
                 return
-            if cycle.more_body:
+            limit = ingress.gateway.config.limits.max_body_bytes
+            if len(cycle.body) > limit:  # queued behind another request, its body came in meanwhile
+                self._refuse(webhook, too_large(limit))
+                if cycle.more_body:
+                    self._arm(self._body_timed_out)
+            elif cycle.more_body:
                 self._arm(self._body_timed_out)
             else:
                 self._received(webhook)
@@ -227,7 +232,13 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
             cycle.response_complete = True
             if not cycle.keep_alive:
                 self.transport.close()
-            self.on_response_complete()  # the next pipelined request, or the keep-alive timer
+            if self.pipeline:
+                # The next pipelined request starts in a turn of the loop of its own: started from here,
+                # each one answered at once would be a call inside the previous one's answer, and a few
+                # hundred of them in one write would overflow the stack. (Reading is paused meanwhile.)
+                self.loop.call_soon(self.on_response_complete)
+            else:
+                self.on_response_complete()  # the keep-alive timer
 
         # -- deadlines --------------------------------------------------------------------------------
 

@@ -285,3 +285,34 @@ def test_hookyard_serve_freezes_what_exists_once_started_and_tests_do_not(tmp_pa
         gc.unfreeze()
     assert frozen > 10_000
     assert status == 200
+
+
+def test_hundreds_of_pipelined_refusals_in_one_write_are_each_answered(tmp_path) -> None:
+    # Queued behind a GET (answered by the ASGI app, in a task of its own), each is refused at once (401:
+    # unsigned) and starts the next: that must not be a call inside the previous one's answer.
+    count = 1500
+    get = b"GET /webhooks/consignease HTTP/1.1\r\nHost: x\r\n\r\n"
+    unsigned = b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.url) as conn:
+        conn.send(get + unsigned * count + signed("msg_after_the_flood"))
+        assert conn.answer()[0] == 405
+        answers = [conn.answer() for _ in range(count + 1)]
+        wait_until(lambda: gw.gateway.ingress.in_flight == 0)
+    assert [status for status, _, _ in answers[:count]] == [401] * count
+    assert {json.loads(body)["error"] for _, _, body in answers[:count]} == {"missing_signature"}
+    assert (answers[-1][0], json.loads(answers[-1][2])["status"]) == (200, "accepted")
+
+
+def test_a_pipelined_chunked_body_over_the_limit_is_refused_even_when_it_arrived_whole(tmp_path) -> None:
+    chunk = b"x" * 600
+    over = b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    over += b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2 + b"0\r\n\r\n"
+    with (
+        RunningGateway(gateway_config(tmp_path, limits={"max_body_bytes": 1000})) as gw,
+        Connection(gw.url) as conn,
+    ):
+        # Queued behind the first request, its whole body is in before it starts.
+        conn.send(signed("msg_first") + over)
+        first, second = conn.answer(), conn.answer()
+    assert first[0] == 200
+    assert (second[0], json.loads(second[2])["error"]) == (413, "body_too_large")

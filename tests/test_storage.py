@@ -274,6 +274,24 @@ def test_after_a_failed_fsync_nothing_is_answered_stored_until_a_restart(db: Har
     assert db.ingest("evt_after_restart", APP) is True
 
 
+def test_a_helper_that_dies_while_nothing_waits_stops_the_store_too(db: Harness) -> None:
+    assert db.ingest("evt_before", APP) is True
+    writer = db.storage._writer
+    assert writer is not None
+    helper = writer.syncer.process
+    helper.kill()
+    helper.wait(10)
+
+    async def ingest_after_the_helper_died() -> None:
+        await asyncio.sleep(0.1)  # the loop sees the end of its replies
+        # Refused at once, never left waiting for an fsync nobody will make.
+        await asyncio.wait_for(db.storage.ingest(make_event("evt_after"), [APP]), 5)
+
+    with pytest.raises(StorageUnavailable, match="restart"):
+        db.run(ingest_after_the_helper_died())
+    db.run(asyncio.wait_for(db.storage.close(), 10))  # and closing does not hang either
+
+
 def test_what_waited_for_a_failed_fsync_is_refused_too(db: Harness) -> None:
     fsync = HeldFsync(db)
 

@@ -4,8 +4,8 @@ gateway.storage.sqlite._WalSyncer, which explains why a process and not a thread
 Run as `python -I -S fsync_helper.py WAL DIRECTORY`: it uses nothing beyond the interpreter's built-in
 modules, so it starts fast and stays small. On stdin come 8-byte little-endian commit numbers; for each
 batch of them read at once, it makes one fdatasync and writes the highest number and one byte to stdout: 0
-when the sync succeeded, else the errno of its failure. The number 0 asks it to look for a new WAL file
-before the next sync. At the end of its input (the store closed, or its process died) it exits.
+when the sync succeeded, else the errno of its failure. At the end of its input (the store closed, or its
+process died) it exits.
 """
 
 import os

@@ -143,9 +143,11 @@ class _GroupCommit:
     what was committed when it began and never blocks a writer). Only to start the WAL over from its
     beginning must nothing else write: when it has grown past WAL_SIZE_LIMIT, or when a background
     checkpoint found it all copied, batches wait while the rest is copied and one small commit on the
-    helper thread starts the file over (that commit fsyncs the WAL's new header, which must not happen on
-    the loop). Checkpointing everything with batches held back, as this did before, held up every webhook
-    in progress by the checkpoint's length ten times a second under load: it set the ingest p99.
+    helper thread starts the file over (that commit fsyncs the WAL's new header, which should not happen
+    on the loop; it still may, rarely, when a batch commits between a background checkpoint that copied
+    everything and that restart). Checkpointing everything with batches held back, as this did before,
+    held up every webhook in progress by the checkpoint's length ten times a second under load: it set the
+    ingest p99.
     """
 
     def __init__(self, connection: sqlite3.Connection, path: Path, on_commit: CommitObserver | None) -> None:
@@ -163,19 +165,27 @@ class _GroupCommit:
         self.commits = 0
         self.checkpointed_at = 0
         self.broken: str | None = None  # why the store refuses every operation (a failed fsync)
+        self.closed = False
         self.idle = asyncio.Event()
         self.idle.set()
         # SQLite keeps the WAL next to the real file when the database's path is a symlink.
         real = Path(os.path.realpath(path))
         self.wal = Path(f"{real}-wal")
-        self.syncer = _WalSyncer(self.wal, real.parent, self.loop, self._synced)
-        self.checkpointer = ThreadPoolExecutor(1, thread_name_prefix="hookyard-sqlite-checkpoint")
         self.checkpoint_connection = _checkpoint_connection(path)
+        try:
+            self.syncer = _WalSyncer(self.wal, real.parent, self.loop, self._synced)
+        except BaseException:
+            self.checkpoint_connection.close()
+            raise
+        self.checkpointer = ThreadPoolExecutor(1, thread_name_prefix="hookyard-sqlite-checkpoint")
 
     def submit(self, operation: Operation, durable: bool) -> asyncio.Future[Any]:
         future = self.loop.create_future()
         if self.broken is not None:
             future.set_exception(self._refusal())
+            return future
+        if self.closed:
+            future.set_exception(StorageUnavailable("storage is closed"))
             return future
         (self.durable if durable else self.fast).append((operation, future, durable))
         self.idle.clear()
@@ -184,6 +194,7 @@ class _GroupCommit:
 
     async def close(self) -> None:
         await self.idle.wait()
+        self.closed = True  # from here on nothing could be synced: refuse, never leave a caller waiting
         self.syncer.stop()  # idle: no fsync or checkpoint is running, so both stop at once
         self.checkpointer.shutdown(wait=True)
         self.checkpoint_connection.close()
@@ -277,18 +288,20 @@ class _GroupCommit:
 
     def _synced(self, number: int, error: OSError | None) -> None:
         """On the loop: the WAL is on disk up to commit `number` (or the fsync failed)."""
+        if error is not None:
+            # After a failed fsync the kernel may have dropped dirty pages that SQLite believes are
+            # written: from now on nothing this process stores can be called durable, and a retry of one
+            # of these events would be answered "duplicate" from a row that may be gone. So the store
+            # refuses everything until a restart recovers it from what is really on disk. The same when
+            # the helper is gone, even if nothing was waiting for it: nothing could be made durable again.
+            self._break(f"fsync of the WAL failed ({error})")
         while self.unsynced and self.unsynced[0][0] <= number:
             _number, size, started, results = self.unsynced.popleft()
             durable = [result for result in results if result[3]]
-            if error is None and self.broken is None:
+            if self.broken is None:
                 _settle(durable)
                 self._observe(size, started)
             else:
-                # After a failed fsync the kernel may have dropped dirty pages that SQLite believes are
-                # written: from now on nothing this process stores can be called durable, and a retry of
-                # one of these events would be answered "duplicate" from a row that may be gone. So the
-                # store refuses everything until a restart recovers it from what is really on disk.
-                self._break(f"fsync of the WAL failed ({error})")
                 _settle([(future, None, self._refusal(), True) for future, *_ in durable])
         if self.broken is not None:
             # What waited for this fsync must not be committed and answered by the next one.
@@ -485,6 +498,8 @@ class _WalSyncer:
 
     def _send(self, number: int) -> None:
         if self._gone:
+            # Asked after it went away (in the same turn of the loop): that commit fails the same way.
+            self.loop.call_soon(self._report_lost, "the fsync helper is gone")
             return
         try:
             # Eight bytes into a pipe the helper keeps draining: never blocks, never split (PIPE_BUF).
@@ -516,8 +531,13 @@ class _WalSyncer:
             return
         self._gone = True
         self.loop.remove_reader(self._output.fileno())
+        self.process.poll()  # reap it if it has exited
         # Later, not from inside the batch that was asking for a sync.
-        self.loop.call_soon(self.synced, max(self.requested, 1), OSError(why))
+        self.loop.call_soon(self._report_lost, why)
+
+    def _report_lost(self, why: str) -> None:
+        # Every commit asked for until now, read when this runs: none of them can be called durable.
+        self.synced(max(self.requested, 1), OSError(why))
 
 
 # The helper's messages (see fsync_helper.py): a commit number; a commit number and an errno (0: synced).
@@ -566,7 +586,12 @@ class SQLiteStorage(Storage):
         except sqlite3.Error as exc:
             conn.close()
             raise StorageUnavailable(f"cannot open {self.path}: {exc}") from exc
-        self._writer = _GroupCommit(conn, self.path, self.on_commit)
+        try:
+            self._writer = _GroupCommit(conn, self.path, self.on_commit)
+        except (OSError, sqlite3.Error) as exc:  # the checkpoint connection, or the fsync helper
+            conn.close()
+            reader.close()
+            raise StorageUnavailable(f"cannot open {self.path}: {exc}") from exc
         self._reader = reader
         self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="hookyard-sqlite-read")
 

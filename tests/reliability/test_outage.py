@@ -213,7 +213,12 @@ def test_downstream_outage_is_ridden_out_in_schedule_order(outage: dict[str, Any
     after_recovery = [a for a in attempts if a["started"] >= outage["recovered"]]
     assert after_recovery[0]["due"] == min(a["due"] for a in after_recovery)
     assert after_recovery[0]["outcome"] == "delivered"
-    assert after_recovery[0]["number"] > 1, "the first delivery after recovery is a retry of the outage"
+    # Which delivery that is depends on the last moments of the outage: a retry, or an event that arrived
+    # after the last retry fell due (its first attempt is then the oldest due). Either way the outage's
+    # retries are delivered after recovery, in the order above.
+    assert any(a["number"] > 1 and a["outcome"] == "delivered" for a in after_recovery), (
+        "the outage's retries are delivered after recovery"
+    )
     # The gauges: retries pile up as scheduled during the outage; the queue is empty again after, lag ~0.
     assert figures["max_scheduled_during_outage"] is not None
     assert figures["max_scheduled_during_outage"] >= 10

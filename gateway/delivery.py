@@ -26,6 +26,7 @@ from gateway.storage import Attempt, Claim, Storage, StorageUnavailable
 log = logging.getLogger("hookyard.delivery")
 
 _METRIC_OUTCOME = {"delivered": "delivered", "retry": "retried", "dead": "dead", "skipped": "skipped"}
+_LOG_LEVEL = {"delivered": logging.DEBUG, "skipped": logging.INFO, "retry": logging.INFO}
 
 
 @dataclass(slots=True)
@@ -237,22 +238,21 @@ class Engine:
         if finished.activated:
             self._wakeup.set()
 
-        fields = {
-            **event.summary(),
-            "route": delivery.route,
-            "action": delivery.action,
-            "attempt": delivery.attempts,
-            "outcome": outcome.kind,
-            "status_code": outcome.status_code,
-            "error": outcome.error,
-            "duration_ms": round(duration * 1000, 1),
-        }
-        if due_at is not None:
-            fields["retry_in_s"] = round(due_at - finished_at, 3)
-        level = {"delivered": logging.DEBUG, "skipped": logging.INFO, "retry": logging.INFO}.get(
-            outcome.kind, logging.WARNING
-        )
-        log.log(level, "delivery %s", outcome.kind, extra=fields)
+        level = _LOG_LEVEL.get(outcome.kind, logging.WARNING)
+        if log.isEnabledFor(level):  # a delivered one is logged at DEBUG: skip building its fields
+            fields = {
+                **event.summary(),
+                "route": delivery.route,
+                "action": delivery.action,
+                "attempt": delivery.attempts,
+                "outcome": outcome.kind,
+                "status_code": outcome.status_code,
+                "error": outcome.error,
+                "duration_ms": round(duration * 1000, 1),
+            }
+            if due_at is not None:
+                fields["retry_in_s"] = round(due_at - finished_at, 3)
+            log.log(level, "delivery %s", outcome.kind, extra=fields)
         delivery.state = state
         if self.pm.hook.delivery_finished.get_hookimpls():
             # The skipped dependents finished too, without an attempt of their own.

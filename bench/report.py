@@ -426,7 +426,7 @@ CHANGES = [
     "5.8-5.9 ms after, in runs of the same load).",
     "**The objects that exist once `hookyard serve` has started are frozen out of the garbage collector** "
     "(gc.freeze): a full collection walked some 60,000 of them, 17 ms each time, holding up every webhook "
-    "in progress; it was what set the ingest p99 under load.",
+    "in progress (ingest p99 with a forward route under load: 28 ms with them, 11 ms without).",
     "**Smaller trims on the hot path**: one lazily re-armed deadline timer per connection instead of two "
     "timers per request; the answer written at once as one write; one-shot `hmac.digest`; the answer "
     "metrics' label children kept.",

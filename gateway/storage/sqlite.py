@@ -245,7 +245,7 @@ class _GroupCommit:
             self._start_checkpoint()  # what waits now runs once it is done (_checkpointed)
         else:
             if self.commits - self.checkpointed_at >= CHECKPOINT_COMMITS and not self.background_checkpoint:
-                self._start_background_checkpoint()
+                self._start_checkpoint(background=True)
             self._schedule()
         self._maybe_idle()
 
@@ -342,11 +342,20 @@ class _GroupCommit:
         except OSError:
             return 0
 
-    def _start_background_checkpoint(self) -> None:
-        self.background_checkpoint = True
+    def _start_checkpoint(self, *, background: bool = False) -> None:
+        """In the background, batches go on committing. Otherwise they wait (the writer's connection is
+        busy on the other thread) and then form one large batch: that delays answers by the checkpoint's
+        length, it does not block the loop."""
         self.checkpointed_at = self.commits
-        done = self.loop.run_in_executor(self.checkpointer, self._checkpoint_in_background)
-        done.add_done_callback(self._checkpointed_in_background)
+        if background:
+            self.background_checkpoint = True
+            done = self.loop.run_in_executor(self.checkpointer, self._checkpoint_in_background)
+            done.add_done_callback(self._checkpointed_in_background)
+        else:
+            self.checkpointing = True
+            self.loop.run_in_executor(self.checkpointer, self._checkpoint).add_done_callback(
+                self._checkpointed
+            )
 
     def _checkpoint_in_background(self) -> bool:
         """Copy what is committed into the database file; True when that was all of the WAL."""
@@ -370,14 +379,6 @@ class _GroupCommit:
             # the loop does (and fsyncs the new header there).
             self._start_checkpoint()
         self._maybe_idle()
-
-    def _start_checkpoint(self) -> None:
-        # Operations arriving meanwhile wait (the connection is busy on the other thread) and then form
-        # one large batch: this delays answers by its duration, it does not block the loop.
-        self.checkpointing = True
-        self.checkpointed_at = self.commits
-        done = self.loop.run_in_executor(self.checkpointer, self._checkpoint)
-        done.add_done_callback(self._checkpointed)
 
     def _checkpoint(self) -> None:
         # No other writer exists while it runs, so it copies the rest of the WAL (background checkpoints

@@ -399,6 +399,47 @@ def test_the_wal_is_checkpointed_every_hundred_commits(db: Harness) -> None:
         assert file_only.execute("SELECT count(*) FROM events").fetchone()[0] >= CHECKPOINT_COMMITS
 
 
+@pytest.mark.parametrize(
+    ("errorname", "stops"),
+    [("SQLITE_IOERR_WRITE", False), ("SQLITE_FULL", False), ("SQLITE_IOERR_FSYNC", True)],
+)
+def test_a_checkpoint_that_cannot_write_is_tried_again_but_one_whose_fsync_failed_stops_the_store(
+    db: Harness, monkeypatch: pytest.MonkeyPatch, errorname: str, stops: bool
+) -> None:
+    # The disk refusing a checkpoint's writes (read-only, full) loses nothing: the WAL still holds it all.
+    # A failed fsync may have: the kernel can drop what it had accepted. (Faults a unit test cannot cause
+    # on demand; the reliability tests make the file system read-only for real.)
+    failures: list[sqlite3.Error] = []
+    real = _GroupCommit._checkpoint_in_background
+
+    def failing_once(self: _GroupCommit) -> bool:
+        if not failures:
+            failure = sqlite3.OperationalError("disk I/O error")
+            failure.sqlite_errorname = errorname
+            failures.append(failure)
+            raise failure
+        return real(self)
+
+    monkeypatch.setattr(_GroupCommit, "_checkpoint_in_background", failing_once)
+    for n in range(CHECKPOINT_COMMITS - 1):
+        assert db.ingest(f"evt_{n}", APP) is True
+    # This commit starts the checkpoint; whether its own answer comes before the failure is a race.
+    with contextlib.suppress(StorageUnavailable):
+        db.ingest("evt_starts_the_checkpoint", APP)
+    db.run(asyncio.sleep(0.1))  # the failed checkpoint is reported
+    assert failures
+    if stops:
+        with pytest.raises(StorageUnavailable, match="checkpoint failed"):
+            db.ingest("evt_after", APP)
+        return
+    for n in range(CHECKPOINT_COMMITS):  # and the next checkpoint runs
+        assert db.ingest(f"evt_after_{n}", APP) is True
+    db.run(asyncio.sleep(0.1))
+    with contextlib.closing(sqlite3.connect(f"file:{db.path}?mode=ro&immutable=1", uri=True)) as file_only:
+        # What the checkpoint after the failed one copied into the database file itself.
+        assert file_only.execute("SELECT count(*) FROM events").fetchone()[0] >= CHECKPOINT_COMMITS
+
+
 def test_a_background_checkpoint_holds_up_no_commit(db: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     # A checkpoint that takes its time (a slow disk: a fault a test cannot cause on demand).
     started, release = threading.Event(), threading.Event()

@@ -399,17 +399,32 @@ class _GroupCommit:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
             if exc.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                # A checkpoint fsyncs the WAL through SQLite's own descriptor: an I/O error it saw is one
-                # the fsync helper may never see again, so it means the same as a failed fsync.
                 raise
 
     def _checkpointed(self, done: asyncio.Future[Any]) -> None:
         self.checkpointing = False
-        if done.exception() is not None:
-            self._break(f"a checkpoint failed ({done.exception()})")
-            self._refuse_waiting()
+        failure = done.exception()
+        if failure is not None:
+            if _fsync_failed(failure):
+                self._break(f"a checkpoint failed ({failure})")
+                self._refuse_waiting()
+            else:
+                # A write refused (read-only, disk full): nothing is lost, the WAL still holds it all.
+                # The next checkpoint copies it once the disk takes writes again.
+                log.warning("a checkpoint failed; trying again later", extra={"error": str(failure)})
         self._schedule()
         self._maybe_idle()
+
+
+def _fsync_failed(failure: BaseException) -> bool:
+    """Whether a checkpoint's failure may have lost data the OS had accepted. A checkpoint fsyncs the WAL
+    and the database through SQLite's own descriptors: an fsync error it saw is one the fsync helper may
+    never see again, so it means the same as a failed fsync. So does anything SQLite did not name."""
+    name = getattr(failure, "sqlite_errorname", None)
+    if name is None or "FSYNC" in name:
+        return True
+    # A write refused or failed (read-only, disk full, EIO on a write): the pages are still in the WAL.
+    return not name.startswith(("SQLITE_IOERR", "SQLITE_FULL", "SQLITE_READONLY"))
 
 
 _Pending = tuple[Operation, asyncio.Future[Any], bool]

@@ -53,8 +53,10 @@ CommitObserver = Callable[[int, float], None]
 # Bounds one transaction so a flood cannot make a single commit (and its callers' latency) arbitrarily large.
 MAX_BATCH = 512
 # The WAL is copied into the database every this many durable commits, in the background, and started
-# over from its beginning once it is larger than WAL_SIZE_LIMIT (or all copied).
-CHECKPOINT_COMMITS = 100
+# over from its beginning once it is larger than WAL_SIZE_LIMIT (or all copied). Batches wait while it is
+# started over, for longer the more was committed since the last time (mostly the database file's fsync):
+# short and often keeps those waits out of the ingest p99 (measured: 1.3 ms each at 25, 4.8 ms at 100).
+CHECKPOINT_COMMITS = 25
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 SKIPPED_REASON = "parent did not reach the required state"
 

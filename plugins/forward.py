@@ -165,6 +165,10 @@ async def _read_answer(response: aiohttp.ClientResponse) -> None:
     """Read the answer, so its keep-alive connection serves the next request. An answer larger than
     RESPONSE_BODY_LIMIT, slower than ANSWER_READ_TIMEOUT or broken is left unread and costs its connection
     instead, nothing more."""
+    if response.content.is_eof():
+        # Usually: a small answer arrived whole with its head. The connection goes back to the pool as it
+        # is; no timer, no read.
+        return
     remaining = RESPONSE_BODY_LIMIT
     try:
         async with asyncio.timeout(ANSWER_READ_TIMEOUT):

@@ -228,11 +228,14 @@ class Engine:
             log.error("cannot record attempt", extra={**event.summary(), "error": str(exc)})
             return
 
-        labels = (delivery.route, delivery.action)
-        self.metrics.deliveries.labels(*labels, _METRIC_OUTCOME[outcome.kind]).inc()
-        self.metrics.delivery_duration.labels(*labels).observe(duration)
-        if outcome.kind == "delivered":
-            self.metrics.end_to_end.labels(delivery.route).observe(finished_at - event.received_at)
+        delivered = outcome.kind == "delivered"
+        self.metrics.delivery_finished(
+            delivery.route,
+            delivery.action,
+            _METRIC_OUTCOME[outcome.kind],
+            duration,
+            end_to_end=finished_at - event.received_at if delivered else None,
+        )
         for dependent in finished.skipped:
             self.metrics.deliveries.labels(dependent.route, dependent.action, "skipped").inc()
         if finished.activated:

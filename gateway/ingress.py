@@ -52,7 +52,6 @@ class Ingress:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.in_flight = 0  # admitted requests not answered yet
-        self._answer_metrics: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     # -- the steps, shared by both doors ----------------------------------------------------------------
 
@@ -140,17 +139,7 @@ class Ingress:
         return status, {**(endpoint.provider.reply(event) or {}), "id": event.id, "status": status}
 
     def answered(self, source: str, status: str, started: float) -> None:
-        # labels() looks the child up under a lock on every call: keep the two children per outcome.
-        children = self._answer_metrics.get((source, status))
-        if children is None:
-            metrics = self.gateway.metrics
-            children = (
-                metrics.webhooks_received.labels(source, status),
-                metrics.ingest_duration.labels(source),
-            )
-            self._answer_metrics[(source, status)] = children
-        children[0].inc()
-        children[1].observe(time.perf_counter() - started)
+        self.gateway.metrics.answered(source, status, time.perf_counter() - started)
 
     def refused(self, source: str, rejection: Rejected, scope: Scope) -> Reply:
         """Count and log a refusal; the reply to send with its status."""

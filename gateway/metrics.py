@@ -19,6 +19,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = registry = CollectorRegistry()
+        self._answer_children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+        self._delivery_children: dict[tuple[str, str, str], tuple[Counter, Histogram, Histogram | None]] = {}
         self.webhooks_received = Counter(
             "hookyard_webhooks_received_total",
             "Webhook requests received, by outcome: accepted, duplicate or rejected.",
@@ -111,6 +113,35 @@ class Metrics:
         self.ready = Gauge(
             "hookyard_ready", "1 when the gateway is ready to accept webhooks.", registry=registry
         )
+
+    def answered(self, source: str, status: str, seconds: float) -> None:
+        """A webhook answered 200 (accepted or duplicate) after `seconds`; runs for every webhook, so the
+        children of each (source, status) are kept, as for deliveries."""
+        children = self._answer_children.get((source, status))
+        if children is None:
+            children = (self.webhooks_received.labels(source, status), self.ingest_duration.labels(source))
+            self._answer_children[(source, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def delivery_finished(
+        self, route: str, action: str, outcome: str, seconds: float, end_to_end: float | None = None
+    ) -> None:
+        """One attempt: its outcome and duration, and for a delivered one the time since its webhook arrived.
+        labels() looks a child up under a lock on every call, so the children of each (route, action,
+        outcome) are kept: this runs for every delivery."""
+        children = self._delivery_children.get((route, action, outcome))
+        if children is None:
+            children = (
+                self.deliveries.labels(route, action, outcome),
+                self.delivery_duration.labels(route, action),
+                self.end_to_end.labels(route) if outcome == "delivered" else None,
+            )
+            self._delivery_children[(route, action, outcome)] = children
+        children[0].inc()
+        children[1].observe(seconds)
+        if end_to_end is not None and children[2] is not None:
+            children[2].observe(end_to_end)
 
     def observe_commit(self, batch_size: int, seconds: float) -> None:
         self.commit_batch.observe(batch_size)

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -211,6 +212,20 @@ def cpu_seconds(pid: int) -> float:
         # After the command: state is field 3, so utime (14), stime (15), cutime (16), cstime (17) are 11-14.
         ticks += sum(int(value) for value in fields[11:15])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every core of the machine has spent on anything but idling since boot (/proc/stat):
+    the gateway, the sink and the load generator together, and whatever else runs."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal; guest is inside user
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU of the processes this one has waited for (wrk, run to its end)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def rss_mb(pid: int) -> float:

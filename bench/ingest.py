@@ -39,9 +39,11 @@ from bench.common import (
     Settings,
     SinkHandle,
     body_1kb,
+    children_cpu_seconds,
     cpu_seconds,
     free_port,
     gateway_config,
+    machine_busy_seconds,
     rss_mb,
     run_wrk,
     say,
@@ -195,10 +197,15 @@ def measure(server: Server, settings: Settings, body_path: Path) -> Json:
 
     before = Scrape.fetch(f"{server.gateway.ops_url}/metrics") if server.gateway else None
     pid = server.process.pid
+    sink = server.sink.process.pid if server.sink is not None and server.sink.process is not None else None
     cpu_before = cpu_seconds(pid)
+    sink_before = cpu_seconds(sink) if sink else 0.0
+    wrk_before, machine_before = children_cpu_seconds(), machine_busy_seconds()
     with Sampler(lambda: rss_mb(pid), 0.2) as rss:
         result = run_wrk(server.url, settings.duration, *args, requests, body_path, signature)
     cpu = cpu_seconds(pid) - cpu_before
+    machine = machine_busy_seconds() - machine_before
+    per_request = 1e6 / max(1, result.requests)
     row: Json = {
         "key": server.key,
         "name": server.name,
@@ -208,8 +215,14 @@ def measure(server: Server, settings: Settings, body_path: Path) -> Json:
         "p99_ms": result.p99_ms,
         "non_2xx": result.non_2xx,
         "socket_errors": result.socket_errors,
-        "cpu_us_per_request": cpu / max(1, result.requests) * 1e6,
+        "cpu_us_per_request": cpu * per_request,
         "cpu_cores": cpu / result.seconds,
+        # The whole machine over the window: wrk's own CPU, the sink's, and every core's busy time.
+        "wrk_cpu_us_per_request": (children_cpu_seconds() - wrk_before) * per_request,
+        "sink_cpu_us_per_request": (cpu_seconds(sink) - sink_before) * per_request if sink else 0.0,
+        "machine_cpu_us_per_request": machine * per_request,
+        "machine_busy_cores": machine / result.seconds,
+        "machine_cores": len(os.sched_getaffinity(0)),
         "rss_mb": rss.max(),
         "rss_end_mb": rss_mb(pid),
     }
@@ -266,7 +279,8 @@ def run(settings: Settings, processes: Processes) -> Json:
         rows.append(row)
         say(
             f"     {row['rps']:.0f} req/s, p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
-            f"{row['cpu_us_per_request']:.0f} µs CPU/req, RSS {row['rss_mb']:.1f} MB"
+            f"{row['cpu_us_per_request']:.0f} µs CPU/req, RSS {row['rss_mb']:.1f} MB; the machine: "
+            f"{row['machine_busy_cores']:.2f} cores busy, {row['machine_cpu_us_per_request']:.0f} µs/req"
         )
         if row["non_2xx"] or row["socket_errors"]:
             say(f"     WARNING: {row['non_2xx']} non-2xx answers, {row['socket_errors']} socket errors")

@@ -225,6 +225,7 @@ def _ingest_tables(part: Json) -> list[str]:
             ],
         ),
     ]
+    lines += _machine_table(rows)
     gateway_rows = [r for r in rows if "operations_per_commit" in r]
     if gateway_rows:
         lines.append("")
@@ -512,6 +513,32 @@ def _before_after(results: Json, before: Json) -> list[str]:
     return lines[:-1] if lines[-1] == "" else lines
 
 
+def _machine_table(rows: list[Json]) -> list[str]:
+    """Where the whole machine's CPU went during each run: the load generator and the sink share it."""
+    if not all("machine_cpu_us_per_request" in r for r in rows):
+        return []  # a run from before these were measured
+    return [
+        "",
+        "The whole machine during each window: its cores' busy time (every process, from /proc/stat) and "
+        "the CPU per request of the server, of the sink it forwards to and of wrk:",
+        "",
+        md_table(
+            ["server", "cores busy", "server µs/req", "sink µs/req", "wrk µs/req", "machine µs/req"],
+            [
+                [
+                    r["name"],
+                    f"{r['machine_busy_cores']:.2f}",
+                    f"{r['cpu_us_per_request']:.0f}",
+                    f"{r['sink_cpu_us_per_request']:.0f}" if r["sink_cpu_us_per_request"] else "-",
+                    f"{r['wrk_cpu_us_per_request']:.0f}",
+                    f"{r['machine_cpu_us_per_request']:.0f}",
+                ]
+                for r in rows
+            ],
+        ),
+    ]
+
+
 def ingest_below_minimum_reason(results: Json) -> list[str]:
     """The written reason a durable ingest ratio below the minimum needs."""
     bare, gateway = _row(results, "starlette"), _row(results, "hookyard-unrouted")
@@ -529,6 +556,7 @@ def ingest_below_minimum_reason(results: Json) -> list[str]:
         f" With a forward route ({routed['rps']:,.0f} req/s, {routed['ratio']['rps']:.2f}{X}) the same core "
         f"also delivers every event as it comes ({routed['cpu_us_per_request']:.0f} µs per request in all): "
         "the HTTP client, the claim and the finish of each delivery (part 4 shows the shares)."
+        + _machine_bound(bare, routed)
         if routed
         else ""
     )
@@ -536,8 +564,8 @@ def ingest_below_minimum_reason(results: Json) -> list[str]:
         "",
         f"**Why durable ingest stays below {INGEST_MINIMUM:.2f}{X} of the bare endpoint.** It is CPU. {disk}"
         f"The no-op spends {bare['cpu_us_per_request']:.0f} µs of CPU per request; Hookyard "
-        f"{gateway['cpu_us_per_request']:.0f} µs (the gateway and its fsync helper together), and wrk holds "
-        "the machine's other core, so CPU per request sets the rate. Its HTTP layer is not where the "
+        f"{gateway['cpu_us_per_request']:.0f} µs (the gateway and its fsync helper together), nearly all of it "
+        "on the event loop's one core, so CPU per request sets the rate. Its HTTP layer is not where the "
         "difference is: webhooks skip the ASGI cycle and Starlette. It is the work the no-op does not do, "
         "all of it in Python on one core: verifying the svix signature, parsing the JSON and building the "
         "event, inserting it into SQLite (a table and three indexes) and committing the WAL's frames, "
@@ -546,6 +574,23 @@ def ingest_below_minimum_reason(results: Json) -> list[str]:
         "Python code gives. A slower ratio is the price of `200` meaning stored: Hookyard does not answer "
         "before the disk has the event.",
     ]
+
+
+def _machine_bound(bare: Json, routed: Json) -> str:
+    """What the minimum ratio with a forward route would leave the gateway, on this machine's cores."""
+    if "machine_cpu_us_per_request" not in routed:
+        return ""
+    target = INGEST_MINIMUM * bare["rps"]
+    budget = routed["machine_cores"] / target * 1e6  # µs of all the machine's cores per request
+    others = routed["sink_cpu_us_per_request"] + routed["wrk_cpu_us_per_request"]
+    return (
+        f" Nor would the machine have room: at {INGEST_MINIMUM:.2f}{X} of the no-op ({target:,.0f} req/s) its "
+        f"{routed['machine_cores']} cores give {budget:.0f} µs per request to everything; the sink and wrk "
+        f"take {others:.0f} µs of that, leaving {budget - others:.0f} µs to receive, verify, store, answer and "
+        f"deliver each event, where the no-op alone spends {bare['cpu_us_per_request']:.0f} µs to answer one "
+        f"(during this run {routed['machine_busy_cores']:.2f} of the cores were busy: the gateway's event "
+        "loop, on one of them, set the rate)."
+    )
 
 
 def _in_short(categories: list[Json]) -> str:

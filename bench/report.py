@@ -568,7 +568,7 @@ def ingest_below_minimum_reason(results: Json) -> list[str]:
         "on the event loop's one core, so CPU per request sets the rate. Its HTTP layer is not where the "
         "difference is: webhooks skip the ASGI cycle and Starlette. It is the work the no-op does not do, "
         "all of it in Python on one core: verifying the svix signature, parsing the JSON and building the "
-        "event, inserting it into SQLite (a table and three indexes) and committing the WAL's frames, "
+        "event, inserting it into SQLite (a table and two indexes) and committing the WAL's frames, "
         "answering after the fsync and counting it." + forwarding + " Reaching "
         f"{INGEST_MINIMUM:.2f}{X} would take that work at well under half its cost, which no trim of this "
         "Python code gives. A slower ratio is the price of `200` meaning stored: Hookyard does not answer "

@@ -158,6 +158,42 @@ def test_ingest_stores_an_event_once_per_source_and_id(db: Harness) -> None:
     assert len(db.claim(T0 + 10)) == 3
 
 
+def test_a_database_made_with_the_earlier_events_indexes_works_as_before(tmp_path: Path) -> None:
+    # Earlier versions made events UNIQUE (source, event_id) with a second index on event_id; a table's
+    # constraints cannot change, so such a database keeps them.
+    path = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.executescript(
+            """
+            CREATE TABLE events (
+                seq INTEGER PRIMARY KEY, source TEXT NOT NULL, event_id TEXT NOT NULL, type TEXT NOT NULL,
+                occurred_at REAL, received_at REAL NOT NULL, verified INTEGER NOT NULL DEFAULT 1,
+                headers TEXT NOT NULL, body BLOB NOT NULL, UNIQUE (source, event_id)
+            );
+            CREATE INDEX events_by_id ON events (event_id);
+            """
+        )
+    harness = Harness(path)
+    harness.run(harness.storage.open())
+    try:
+        assert harness.ingest("evt_1", APP) is True
+        assert harness.ingest("evt_1", APP) is False
+        assert harness.ingest("evt_1", APP, source="billing") is True
+        assert sorted(d.event.source for d in harness.run(harness.storage.get_event("evt_1"))) == [
+            "billing",
+            "shop",
+        ]
+    finally:
+        harness.run(harness.storage.close())
+        harness.runner.close()
+
+
+def test_an_event_is_found_by_its_id_through_an_index(db: Harness) -> None:
+    # The admin's lookup of an id from any source: a search of an index, never a scan of every event.
+    [(*_, plan)] = db.connection.execute("EXPLAIN QUERY PLAN SELECT * FROM events WHERE event_id = ?", ("x",))
+    assert plan.startswith("SEARCH events USING INDEX"), plan
+
+
 def test_the_same_event_twice_in_one_batch_is_stored_once(db: Harness) -> None:
     async def twice() -> list[bool]:
         return list(
@@ -387,7 +423,7 @@ def test_the_wal_is_checkpointed_off_the_loop_and_emptied(db: Harness) -> None:
         assert other.execute("SELECT count(*) FROM events").fetchone()[0] == 400
 
 
-def test_the_wal_is_checkpointed_every_hundred_commits(db: Harness) -> None:
+def test_the_wal_is_checkpointed_every_few_commits(db: Harness) -> None:
     main_file = db.path.stat().st_size
     for n in range(CHECKPOINT_COMMITS + 5):
         db.ingest(f"evt_{n}", APP)  # one commit each

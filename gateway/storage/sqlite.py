@@ -71,10 +71,12 @@ CREATE TABLE IF NOT EXISTS events (
     verified    INTEGER NOT NULL DEFAULT 1,
     headers     TEXT NOT NULL,
     body        BLOB NOT NULL,
-    UNIQUE (source, event_id)
+    -- event_id first: the same index finds an id whatever its source (the admin's lookups) and keeps one
+    -- per source. Every index is written on every webhook; databases made before this have a second one,
+    -- events_by_id, which does no harm.
+    UNIQUE (event_id, source)
 );
 CREATE INDEX IF NOT EXISTS events_received ON events (received_at);
-CREATE INDEX IF NOT EXISTS events_by_id ON events (event_id);
 
 CREATE TABLE IF NOT EXISTS deliveries (
     id          INTEGER PRIMARY KEY,

@@ -141,20 +141,20 @@ class SvixProvider(Provider):
         # v1 entries are compared as text with what each key signs, so no other spelling of the same
         # bytes passes (base64 with altered padding bits, a trailing comma).
         expected = [b"v1," + base64.b64encode(hmac.digest(key, content, "sha256")) for key in self.keys]
-        asymmetric = [
-            decoded
-            for entry in entries
-            if entry.startswith("v1a,") and (decoded := decode_digest(entry[4:], "base64")) is not None
-        ]
         offered = [text_bytes(entry) for entry in entries]
-        if not any_digest_matches(expected, offered) and not self._ed25519_matches(content, asymmetric):
+        if not any_digest_matches(expected, offered) and not self._ed25519_matches(content, entries):
             raise unauthorized("invalid_signature", "no signature matches")
 
-    def _ed25519_matches(self, content: bytes, offered: list[bytes]) -> bool:
+    def _ed25519_matches(self, content: bytes, entries: list[str]) -> bool:
         if not self.public_keys:
             return False  # and cryptography stays unloaded (see the top of this module)
         from cryptography.exceptions import InvalidSignature
 
+        offered = [
+            decoded
+            for entry in entries
+            if entry.startswith("v1a,") and (decoded := decode_digest(entry[4:], "base64")) is not None
+        ]
         # Public keys are no secret, so stopping at the first match leaks nothing.
         for signature in offered:
             if len(signature) != ED25519_SIGNATURE_BYTES:

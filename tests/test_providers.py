@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import string
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from gateway.config import Source
 from gateway.plugins import registry
 from gateway.providers import Provider, Rejected
 from plugins.consignly import BY_CODE, BY_NAME, CATALOG, ConsignlyProvider, dotted_type
-from plugins.hmac_generic import signature_entries
+from plugins.hmac_generic import MAX_SIGNATURES, signature_entries
 from plugins.svix import SvixProvider
 from tests.support import CONSIGNLY_SECRETS, SVIX_SECRET, consignly_body, consignly_headers, svix_request
 
@@ -1058,3 +1059,24 @@ def test_any_change_to_a_signed_timestamp_is_rejected(
     with pytest.raises(Rejected) as caught:
         scheme.make(secret).verify(headers, body, NOW)
     assert caught.value.reason == "invalid_signature"
+
+
+# What signature_entries means: split on an optional comma and a run of whitespace, at most MAX_SIGNATURES.
+ENTRY_SEPARATOR = re.compile(r",?\s+")
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    header=st.lists(
+        st.one_of(
+            st.sampled_from(
+                ["v1,abc=", "v1a,x", ",", ",,", " ", "  ", "\t", ", ", "\u00a0", "\x1c", "\u2003"]
+            ),
+            st.text(max_size=6),
+        ),
+        max_size=30,
+    ).map("".join)
+)
+def test_signature_entries_split_as_the_separator_says(header: str) -> None:
+    expected = ENTRY_SEPARATOR.split(header.strip(), MAX_SIGNATURES)[:MAX_SIGNATURES]
+    assert signature_entries(header) == expected

@@ -235,15 +235,19 @@ def too_large(limit: int) -> Rejected:
 
 def _headers(scope: Scope, max_count: int, max_bytes: int) -> dict[str, str]:
     raw = scope["headers"]
-    if len(raw) > max_count or sum(len(name) + len(value) for name, value in raw) > max_bytes:
+    if len(raw) > max_count:
         raise Rejected(431, "headers_too_large", "too many or too large headers")
     headers: dict[str, str] = {}
+    size = 0
     for raw_name, raw_value in raw:
+        size += len(raw_name) + len(raw_value)
         name = raw_name.decode("latin-1")
         value = raw_value.decode("latin-1")
         # A repeated header is one comma-separated value (RFC 9110), so a second signature header can
         # never silently replace the first.
         headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    if size > max_bytes:
+        raise Rejected(431, "headers_too_large", "too many or too large headers")
     return headers
 
 

@@ -18,9 +18,10 @@ from plugins.svix import decode_secret, sign
 # request.
 RESPONSE_BODY_LIMIT = 64 * 1024
 ANSWER_READ_TIMEOUT = 1.0
-# aiohttp's own timers, armed and cancelled on every request, would only repeat the bounds already there:
-# the engine's action timeout around the whole attempt, ANSWER_READ_TIMEOUT around the answer's body.
-NO_CLIENT_TIMERS = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=None, sock_read=None)
+# No timer armed and cancelled on every request: the engine's action timeout bounds the whole attempt and
+# ANSWER_READ_TIMEOUT the answer's body. Opening a new connection keeps aiohttp's own bound (its default),
+# which costs nothing on a pooled connection.
+CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30)
 # Headers that frame the request or belong to one connection: a static value would corrupt the request.
 FRAMING_HEADERS = (
     "content-length",
@@ -153,7 +154,7 @@ class Forward(Action):
                 headers=self.request_headers(job),
                 allow_redirects=False,
                 auto_decompress=False,  # the answer is only read to keep the connection, never decoded
-                timeout=NO_CLIENT_TIMERS,
+                timeout=CLIENT_TIMEOUT,
             ) as response:
                 # The status decides: a receiver that said 2xx has the event, whatever its body does next.
                 outcome = status_outcome(response.status, response.headers.get("retry-after"), job.retry)

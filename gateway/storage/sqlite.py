@@ -73,7 +73,8 @@ CREATE TABLE IF NOT EXISTS events (
     body        BLOB NOT NULL,
     -- event_id first: the same index finds an id whatever its source (the admin's lookups) and keeps one
     -- per source. Every index is written on every webhook; databases made before this have a second one,
-    -- events_by_id, which does no harm.
+    -- events_by_id, which does no harm. Listings filtered by source walk the events newest first until
+    -- they have a page: quick for a busy source, a long walk for a rare one in a large database.
     UNIQUE (event_id, source)
 );
 CREATE INDEX IF NOT EXISTS events_received ON events (received_at);

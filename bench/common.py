@@ -218,8 +218,10 @@ def machine_busy_seconds() -> float:
     """CPU seconds every core of the machine has spent on anything but idling since boot (/proc/stat):
     the gateway, the sink and the load generator together, and whatever else runs."""
     fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # user .. steal; guest is inside user
+    # user, nice, system, idle, iowait, irq, softirq; not steal (the hypervisor ran someone else) nor
+    # guest (already inside user).
+    user, nice, system, _idle, _iowait, irq, softirq = fields[:7]
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
 def children_cpu_seconds() -> float:

@@ -228,13 +228,12 @@ class Engine:
             log.error("cannot record attempt", extra={**event.summary(), "error": str(exc)})
             return
 
-        delivered = outcome.kind == "delivered"
         self.metrics.delivery_finished(
             delivery.route,
             delivery.action,
             _METRIC_OUTCOME[outcome.kind],
             duration,
-            end_to_end=finished_at - event.received_at if delivered else None,
+            end_to_end=finished_at - event.received_at if outcome.kind == "delivered" else None,
         )
         for dependent in finished.skipped:
             self.metrics.deliveries.labels(dependent.route, dependent.action, "skipped").inc()

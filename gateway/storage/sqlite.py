@@ -15,7 +15,6 @@ import fcntl
 import logging
 import os
 import sqlite3
-import struct
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ from gateway.storage import (
     StorageUnavailable,
     StoredEvent,
 )
+from gateway.storage.fsync_helper import REPLY, REQUEST  # the helper's messages
 
 log = logging.getLogger("hookyard.storage")
 
@@ -58,6 +58,8 @@ MAX_BATCH = 512
 # short and often keeps those waits out of the ingest p99 (measured: 1.3 ms each at 25, 4.8 ms at 100).
 CHECKPOINT_COMMITS = 25
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
+# The two kinds of checkpoint (_GroupCommit.checkpoint).
+BACKGROUND, RESTART = "background", "restart"
 SKIPPED_REASON = "parent did not reach the required state"
 
 SCHEMA = """
@@ -163,8 +165,9 @@ class _GroupCommit:
         self.durable: list[_Pending] = []
         self.fast: list[_Pending] = []
         self.scheduled = False
-        self.checkpointing = False  # batches wait: the WAL is being started over
-        self.background_checkpoint = False  # batches go on
+        # The checkpoint running, if any: BACKGROUND (batches go on) or RESTART (batches wait: the WAL is
+        # being started over).
+        self.checkpoint: str | None = None
         # Committed batches waiting for an fsync, oldest first: (commit number, size, started, results).
         self.unsynced: deque[tuple[int, int, float, list[_Result]]] = deque()
         self.commits = 0
@@ -205,7 +208,7 @@ class _GroupCommit:
         self.checkpoint_connection.close()
 
     def _schedule(self) -> None:
-        if self.scheduled or self.checkpointing:
+        if self.scheduled or self.checkpoint == RESTART:
             return
         if not self.fast and not (self.durable and not self.unsynced):
             return  # nothing, or only durable operations while an fsync runs: commit when it is done
@@ -215,7 +218,7 @@ class _GroupCommit:
 
     def _run_batch(self) -> None:
         self.scheduled = False
-        if self.checkpointing:
+        if self.checkpoint == RESTART:
             return
         if self.broken is not None:
             self._refuse_waiting()
@@ -246,11 +249,11 @@ class _GroupCommit:
             else:
                 _settle(results)
                 self._observe(len(batch), started)
-        if self._wal_size() > WAL_SIZE_LIMIT and not self.background_checkpoint:
-            self._start_checkpoint()  # what waits now runs once it is done (_checkpointed)
+        if self.checkpoint is None and self._wal_size() > WAL_SIZE_LIMIT:
+            self._start_checkpoint(RESTART)  # what waits now runs once it is done (_checkpointed)
         else:
-            if self.commits - self.checkpointed_at >= CHECKPOINT_COMMITS and not self.background_checkpoint:
-                self._start_checkpoint(background=True)
+            if self.checkpoint is None and self.commits - self.checkpointed_at >= CHECKPOINT_COMMITS:
+                self._start_checkpoint(BACKGROUND)
             self._schedule()
         self._maybe_idle()
 
@@ -327,14 +330,7 @@ class _GroupCommit:
         _settle([(future, None, self._refusal(), durable) for _, future, durable in waiting])
 
     def _maybe_idle(self) -> None:
-        if not (
-            self.fast
-            or self.durable
-            or self.unsynced
-            or self.scheduled
-            or self.checkpointing
-            or self.background_checkpoint
-        ):
+        if not (self.fast or self.durable or self.unsynced or self.scheduled or self.checkpoint is not None):
             self.idle.set()
 
     def _observe(self, size: int, started: float) -> None:
@@ -347,17 +343,16 @@ class _GroupCommit:
         except OSError:
             return 0
 
-    def _start_checkpoint(self, *, background: bool = False) -> None:
-        """In the background, batches go on committing. Otherwise they wait (the writer's connection is
+    def _start_checkpoint(self, kind: str) -> None:
+        """In the BACKGROUND, batches go on committing. For a RESTART they wait (the writer's connection is
         busy on the other thread) and then form one large batch: that delays answers by the checkpoint's
         length, it does not block the loop."""
         self.checkpointed_at = self.commits
-        if background:
-            self.background_checkpoint = True
+        self.checkpoint = kind
+        if kind == BACKGROUND:
             done = self.loop.run_in_executor(self.checkpointer, self._checkpoint_in_background)
             done.add_done_callback(self._checkpointed_in_background)
         else:
-            self.checkpointing = True
             self.loop.run_in_executor(self.checkpointer, self._checkpoint).add_done_callback(
                 self._checkpointed
             )
@@ -375,14 +370,14 @@ class _GroupCommit:
         return not busy and frames > 0 and frames == copied
 
     def _checkpointed_in_background(self, done: asyncio.Future[bool]) -> None:
-        self.background_checkpoint = False
         if done.exception() is not None:
             self._checkpointed(done)  # a failed checkpoint stops the store, whichever connection ran it
             return
-        if done.result() and not self.checkpointing:
+        self.checkpoint = None
+        if done.result():
             # All of it is in the database file: start the WAL over now, off the loop, before a commit on
             # the loop does (and fsyncs the new header there).
-            self._start_checkpoint()
+            self._start_checkpoint(RESTART)
         self._maybe_idle()
 
     def _checkpoint(self) -> None:
@@ -407,7 +402,7 @@ class _GroupCommit:
                 raise
 
     def _checkpointed(self, done: asyncio.Future[Any]) -> None:
-        self.checkpointing = False
+        self.checkpoint = None
         failure = done.exception()
         if failure is not None:
             if _fsync_failed(failure):
@@ -524,7 +519,7 @@ class _WalSyncer:
             return
         try:
             # Eight bytes into a pipe the helper keeps draining: never blocks, never split (PIPE_BUF).
-            os.write(self._input.fileno(), _REQUEST.pack(number))
+            os.write(self._input.fileno(), REQUEST.pack(number))
         except OSError as exc:
             self._lost(f"cannot reach the fsync helper: {exc}")
 
@@ -540,10 +535,10 @@ class _WalSyncer:
             self._lost(f"the fsync helper exited (status {self.process.poll()})")
             return
         buffer = self._buffer + data
-        size = _REPLY.size
+        size = REPLY.size
         whole = len(buffer) - len(buffer) % size
         self._buffer = buffer[whole:]
-        for number, errno in _REPLY.iter_unpack(buffer[:whole]):
+        for number, errno in REPLY.iter_unpack(buffer[:whole]):
             self.syncs += 1
             self.synced(number, OSError(errno, os.strerror(errno)) if errno else None)
 
@@ -561,9 +556,6 @@ class _WalSyncer:
         self.synced(max(self.requested, 1), OSError(why))
 
 
-# The helper's messages (see fsync_helper.py): a commit number; a commit number and an errno (0: synced).
-_REQUEST = struct.Struct("<Q")
-_REPLY = struct.Struct("<QB")
 _FSYNC_HELPER = Path(__file__).with_name("fsync_helper.py")
 
 

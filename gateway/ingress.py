@@ -208,7 +208,7 @@ class Ingress:
             async with asyncio.timeout(limits.read_timeout):
                 body = await _read_body(receive, limits.max_body_bytes)
         except TimeoutError:
-            raise Rejected(408, "body_timeout", "the body did not arrive in time") from None
+            raise body_timeout() from None
         event, routes = self.accept(endpoint, headers, body)
         try:
             new = await self.store(event, routes)
@@ -231,6 +231,14 @@ def plan_deliveries(routes: list[CompiledRoute]) -> list[NewDelivery]:
 
 def too_large(limit: int) -> Rejected:
     return Rejected(413, "body_too_large", f"the limit is {limit} bytes")
+
+
+def body_timeout() -> Rejected:
+    return Rejected(408, "body_timeout", "the body did not arrive in time")
+
+
+def client_disconnected() -> Rejected:
+    return Rejected(400, "client_disconnected", "the client went away before sending the body")
 
 
 def _headers(scope: Scope, max_count: int, max_bytes: int) -> dict[str, str]:
@@ -257,7 +265,7 @@ async def _read_body(receive: Receive, limit: int) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise Rejected(400, "client_disconnected", "the client went away before sending the body")
+            raise client_disconnected()
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

@@ -32,7 +32,14 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
-from gateway.ingress import EXTRA_HEADERS, INTERNAL_ERROR, Reply, too_large
+from gateway.ingress import (
+    EXTRA_HEADERS,
+    INTERNAL_ERROR,
+    Reply,
+    body_timeout,
+    client_disconnected,
+    too_large,
+)
 from gateway.providers import Rejected
 from gateway.storage import StorageUnavailable
 
@@ -156,10 +163,7 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
                 self._timer = None
             webhook = self._webhook
             if webhook is not None and webhook.stage == RECEIVING:
-                self._refuse(
-                    webhook,
-                    Rejected(400, "client_disconnected", "the client went away before sending the body"),
-                )
+                self._refuse(webhook, client_disconnected())
             super().connection_lost(exc)
 
         # -- the steps --------------------------------------------------------------------------------
@@ -280,7 +284,7 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
                 webhook.cycle.keep_alive = (
                     False  # the rest of the body may still come: never read it as a request
                 )
-                self._refuse(webhook, Rejected(408, "body_timeout", "the body did not arrive in time"))
+                self._refuse(webhook, body_timeout())
             self.transport.close()
 
     return WebhookProtocol

@@ -233,7 +233,7 @@ class Engine:
             delivery.action,
             _METRIC_OUTCOME[outcome.kind],
             duration,
-            end_to_end=finished_at - event.received_at if outcome.kind == "delivered" else None,
+            finished_at - event.received_at,
         )
         for dependent in finished.skipped:
             self.metrics.deliveries.labels(dependent.route, dependent.action, "skipped").inc()

@@ -124,10 +124,8 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def delivery_finished(
-        self, route: str, action: str, outcome: str, seconds: float, end_to_end: float | None = None
-    ) -> None:
-        """One attempt: its outcome and duration, and for a delivered one the time since its webhook arrived.
+    def delivery_finished(self, route: str, action: str, outcome: str, seconds: float, age: float) -> None:
+        """One attempt: its outcome and duration; for a delivered one also its event's age (end to end).
         labels() looks a child up under a lock on every call, so the children of each (route, action,
         outcome) are kept: this runs for every delivery."""
         children = self._delivery_children.get((route, action, outcome))
@@ -140,8 +138,8 @@ class Metrics:
             self._delivery_children[(route, action, outcome)] = children
         children[0].inc()
         children[1].observe(seconds)
-        if end_to_end is not None and children[2] is not None:
-            children[2].observe(end_to_end)
+        if children[2] is not None:
+            children[2].observe(age)
 
     def observe_commit(self, batch_size: int, seconds: float) -> None:
         self.commit_batch.observe(batch_size)

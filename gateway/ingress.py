@@ -111,11 +111,9 @@ class Ingress:
         return event, self.gateway.table.match(event)
 
     def store(self, event: Event, routes: list[CompiledRoute]) -> asyncio.Future[bool]:
-        """Start the durable commit of the event and its deliveries; the future says whether it was new."""
-        try:
-            return self.gateway.storage.begin_ingest(event, plan_deliveries(routes))
-        except StorageUnavailable as exc:
-            raise self.unstored(event, exc) from None
+        """Start the durable commit of the event and its deliveries; the future says whether it was new,
+        or fails with StorageUnavailable."""
+        return self.gateway.storage.begin_ingest(event, plan_deliveries(routes))
 
     def unstored(self, event: Event, exc: StorageUnavailable) -> Rejected:
         log.error("cannot store webhook", extra={**event.summary(), "error": str(exc)})

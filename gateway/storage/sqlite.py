@@ -635,10 +635,15 @@ class SQLiteStorage(Storage):
     async def _run(self, operation: Callable[[sqlite3.Connection], T], *, durable: bool = True) -> T:
         """Run `operation` in the next batch. Durable (the default): answered once its commit is on disk;
         otherwise at its commit (reads, leases: losing them to a power cut loses nothing)."""
-        if self._writer is None:
-            raise StorageUnavailable("storage is not open")
-        result: T = await self._writer.submit(operation, durable)
+        result: T = await self._submit(operation, durable)
         return result
+
+    def _submit(self, operation: Callable[[sqlite3.Connection], T], durable: bool) -> asyncio.Future[T]:
+        if self._writer is None:
+            future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+            future.set_exception(StorageUnavailable("storage is not open"))
+            return future
+        return self._writer.submit(operation, durable)
 
     # -- ingest ---------------------------------------------------------------------------------------
 
@@ -646,9 +651,7 @@ class SQLiteStorage(Storage):
         return await self.begin_ingest(event, deliveries)
 
     def begin_ingest(self, event: Event, deliveries: list[NewDelivery]) -> asyncio.Future[bool]:
-        if self._writer is None:
-            raise StorageUnavailable("storage is not open")
-        return self._writer.submit(lambda conn: _insert_event(conn, event, deliveries), True)
+        return self._submit(lambda conn: _insert_event(conn, event, deliveries), True)
 
     # -- delivery -------------------------------------------------------------------------------------
 

@@ -121,18 +121,16 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
             except Rejected as rejection:
                 webhook.stage = ANSWERED  # never admitted: nothing to release
                 self._refuse(webhook, rejection)
-                if cycle.more_body:
-                    self._arm(self._body_timed_out)  # the rest of the body is read and dropped, in time
-                return
-            limit = ingress.gateway.config.limits.max_body_bytes
-            if len(cycle.body) > limit:  # queued behind another request, its body came in meanwhile
-                self._refuse(webhook, too_large(limit))
-                if cycle.more_body:
-                    self._arm(self._body_timed_out)
-            elif cycle.more_body:
-                self._arm(self._body_timed_out)
             else:
-                self._received(webhook)
+                limit = ingress.gateway.config.limits.max_body_bytes
+                if len(cycle.body) > limit:  # queued behind another request, its body came in meanwhile
+                    self._refuse(webhook, too_large(limit))
+                elif not cycle.more_body:
+                    self._received(webhook)
+                    return
+            if cycle.more_body:
+                # The body is still coming: read it in time, and (if refused) drop it.
+                self._arm(self._body_timed_out)
 
         def on_body(self, body: bytes) -> None:
             super().on_body(body)

@@ -14,6 +14,7 @@ the Python function that called it.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from bench.common import (
     Settings,
     body_1kb,
     gateway_config,
+    process_tree,
     say,
     start_gateway,
     start_sink,
@@ -70,6 +72,8 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
 EVENT_LOOP = "event loop (uvloop: I/O, scheduling)"
 # A helper thread between two jobs: taking the next one off its queue, getting the GIL back.
 HELPER_WAKEUP = "storage: helper thread wake-ups (queue, GIL)"
+# Who used the CPU, measured (/proc), beside py-spy's samples.
+THREAD_ROLES = ("event loop (main thread)", "helper threads", "fsync helper process")
 # Entry points every stack of the main thread goes through: no information in their inclusive share.
 _ENTRY_FILES = ("gateway/__main__.py", "gateway/cli.py")
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::\d+)?\)$")
@@ -143,13 +147,36 @@ def py_spy(settings: Settings, processes: Processes, pid: int, out: Path, fmt: s
         raise RuntimeError(f"py-spy failed ({status}):\n{processes.log_tail(f'py-spy-{out.stem}')}")
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds so far of the gateway's threads, by role: its event loop (the main thread), its other
+    threads, and its helper processes (the fsync helper)."""
+    seconds = dict.fromkeys(THREAD_ROLES, 0.0)
+    for member in process_tree(pid):
+        try:
+            tasks = list(Path(f"/proc/{member}/task").iterdir())
+        except OSError:
+            continue  # ended meanwhile
+        for task in tasks:
+            try:
+                fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            role = THREAD_ROLES[0 if task.name == str(pid) else 1 if member == pid else 2]
+            seconds[role] += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    return seconds
+
+
 def record(settings: Settings, processes: Processes, name: str, pid: int) -> Json:
-    """Raw stacks first (the summary), then the flame graph, each over profile_duration seconds."""
+    """Raw stacks first (the summary), then the flame graph, each over profile_duration seconds. While the
+    raw stacks are recorded, the CPU each of the gateway's threads really used is read from /proc too."""
     settings.results.mkdir(parents=True, exist_ok=True)
     raw, svg = settings.results / f"profile-{name}.txt", settings.results / f"profile-{name}.svg"
+    before, started = thread_cpu(pid), time.monotonic()
     py_spy(settings, processes, pid, raw, "raw")
+    after, elapsed = thread_cpu(pid), time.monotonic() - started
     py_spy(settings, processes, pid, svg, "flamegraph")
     summary = summarize(raw)
+    summary["thread_cores"] = {role: (after[role] - before[role]) / elapsed for role in THREAD_ROLES}
     summary["raw"] = raw.name
     if svg.exists() and svg.stat().st_size > MAX_SVG_BYTES:
         svg.unlink()

@@ -381,6 +381,7 @@ def _profiles(part: Json) -> list[str]:
             "",
             f"In short: {_in_short(summary['categories'])}.",
             "",
+            *_thread_cores(summary),
             md_table(
                 ["where the CPU goes", "share"],
                 [[c["category"], f"{c['share']:.1%}"] for c in summary["categories"]],
@@ -397,6 +398,21 @@ def _profiles(part: Json) -> list[str]:
             ),
         ]
     return lines
+
+
+def _thread_cores(summary: Json) -> list[str]:
+    """The CPU each of the gateway's threads used while the samples were taken (runs before this was
+    measured have none)."""
+    cores = summary.get("thread_cores")
+    if not cores:
+        return []
+    measured = ", ".join(f"{role} {used:.2f}" for role, used in cores.items())
+    return [
+        f"Cores used while sampling, read from /proc: {measured}. py-spy counts a thread that has been "
+        "woken but still waits for the GIL or for a core as running, so a helper thread's share of the "
+        "samples can be well above its share of the CPU.",
+        "",
+    ]
 
 
 BEFORE = Path(__file__).parent / "results" / "before"

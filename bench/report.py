@@ -294,6 +294,7 @@ def _end_to_end(part: Json) -> list[str]:
         "`lag max` is the highest hookyard_delivery_lag_seconds scraped (the gateway refreshes it every 2 s). "
         "`CPU µs/ev` is the gateway's CPU per delivered event, ingest and delivery together.",
         "",
+        *_where_the_rate_stops(rows),
         f"**Backlog drain.** The sink was stopped, {drain['events']:,} events were sent at "
         f"{drain['send_rate']:,} ev/s ({drain['accepted']:,} accepted, ingest p99 "
         f"{drain['ingest_p99_ms_while_down']:.0f} ms; {drain['failed_attempts_while_down']:,.0f} failed "
@@ -594,6 +595,26 @@ def ingest_below_minimum_reason(results: Json) -> list[str]:
         + _what_the_minimum_takes(bare, gateway)
         + " A slower ratio is the price of `200` meaning stored: Hookyard does not answer before the disk has "
         "the event.",
+    ]
+
+
+def _where_the_rate_stops(rows: list[Json]) -> list[str]:
+    """When an offered rate was not sustained: the gateway's cores at each rate, which say why."""
+    if all(r["sustained"] for r in rows):
+        return []
+    cores = ", ".join(
+        f"{r['cpu_us_per_event'] * r['delivered_ev_s'] / 1e6:.2f} at {r['offered_ev_s']:,}" for r in rows
+    )
+    cheapest = min(rows, key=lambda r: r["cpu_us_per_event"])
+    return [
+        f"**Where the end-to-end rate stops.** CPU per event times events delivered per second gives the "
+        f"cores the gateway used at each offered rate (ev/s): {cores}. Nearly all of it is its event "
+        "loop's, on one core. CPU per event falls as the rate rises (more events per commit and per turn "
+        f"of the loop) but was not below {cheapest['cpu_us_per_event']:.0f} µs (at "
+        f"{cheapest['offered_ev_s']:,} ev/s): at that cost one core delivers at most about "
+        f"{1e6 / cheapest['cpu_us_per_event']:,.0f} ev/s. Past that, events queue and their latency with "
+        "them; close to it, bursts queue too. The load generator (Python) and the sink share the machine's other core and this one.",
+        "",
     ]
 
 

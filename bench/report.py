@@ -613,7 +613,8 @@ def _where_the_rate_stops(rows: list[Json]) -> list[str]:
         f"of the loop) but was not below {cheapest['cpu_us_per_event']:.0f} µs (at "
         f"{cheapest['offered_ev_s']:,} ev/s): at that cost one core delivers at most about "
         f"{1e6 / cheapest['cpu_us_per_event']:,.0f} ev/s. Past that, events queue and their latency with "
-        "them; close to it, bursts queue too. The load generator (Python) and the sink share the machine's other core and this one.",
+        "them; close to it, bursts queue too. The load generator (Python) and the sink share the "
+        "machine's two cores with it.",
         "",
     ]
 

@@ -492,12 +492,17 @@ def _before_after(results: Json, before: Json) -> list[str]:
     run = before.get("run", {})
     lines = [
         f"The run kept in `bench/results/before/` ({run.get('run', {}).get('date', '?')}, commit "
-        f"`{run.get('machine', {}).get('commit', '?')}`, same machine class) against this one. What changed:",
+        f"`{run.get('machine', {}).get('commit', '?')}`, same machine class) against this one. Machines of "
+        "one class differ in speed (compare the no-op's row): the ratios to the no-op of the same run are "
+        "what compares across them. What changed:",
         "",
         *[f"- {change}" for change in CHANGES],
         "",
     ]
     rows: list[list[Any]] = []
+    old_bare, new_bare = _row(before, "starlette"), _row(results, "starlette")
+    if old_bare and new_bare:
+        rows.append(["bare Starlette no-op: req/s", f"{old_bare['rps']:,.0f}", f"{new_bare['rps']:,.0f}"])
     for key, label in (("hookyard", "ingest + forward route"), ("hookyard-unrouted", "ingest, no route")):
         old = _row(before, key)
         new = _row(results, key)

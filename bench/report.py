@@ -577,7 +577,7 @@ def ingest_below_minimum_reason(results: Json) -> list[str]:
     if not bare or not gateway or gateway["ratio"]["rps"] >= INGEST_MINIMUM:
         return []
     tmpfs, routed = _row(results, "hookyard-tmpfs"), _row(results, "hookyard")
-    disk = _disk_or_cpu(gateway, tmpfs) if tmpfs else ""
+    disk = _what_tmpfs_shows(gateway, tmpfs) if tmpfs else ""
     forwarding = (
         f" With a forward route ({routed['rps']:,.0f} req/s, {routed['ratio']['rps']:.2f}{X}) the same core "
         f"also delivers every event as it comes ({routed['cpu_us_per_request']:.0f} µs per request in all): "
@@ -624,7 +624,7 @@ def _where_the_rate_stops(rows: list[Json]) -> list[str]:
     ]
 
 
-def _disk_or_cpu(gateway: Json, tmpfs: Json) -> str:
+def _what_tmpfs_shows(gateway: Json, tmpfs: Json) -> str:
     """What the same gateway with its database on tmpfs says about the disk's part."""
     served = (
         f"With its database on tmpfs, where an fsync costs nothing, Hookyard serves {tmpfs['rps']:,.0f} req/s "

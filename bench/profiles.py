@@ -52,7 +52,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("delivery engine", ("gateway/delivery.py", "gateway/retry.py", "gateway/actions.py")),
     (
         "HTTP client (forward, httpx, aiohttp)",
-        ("plugins/forward.py", "httpx/", "httpx_aiohttp/", "aiohttp/", "yarl/"),
+        ("plugins/forward.py", "gateway/http_client.py", "httpx/", "httpx_aiohttp/", "aiohttp/", "yarl/"),
     ),
     ("metrics (prometheus_client)", ("prometheus_client/",)),
     ("logging", ("logging/", "pythonjsonlogger/", "gateway/logs.py")),

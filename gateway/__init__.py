@@ -23,6 +23,7 @@ from gateway.actions import (  # noqa: E402
     http_outcome,
     retry,
     skipped,
+    status_outcome,
     transport_error,
 )
 from gateway.events import Event  # noqa: E402
@@ -45,6 +46,7 @@ __all__ = [
     "http_outcome",
     "retry",
     "skipped",
+    "status_outcome",
     "transport_error",
     "unauthorized",
 ]

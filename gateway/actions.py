@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gateway.config import RetryPolicy
 from gateway.events import Event
+from gateway.http_client import HttpClient
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,14 +74,21 @@ class Job:
 
 @dataclass(slots=True)
 class Resources:
-    """Shared by every action of a gateway: one keep-alive connection pool (aiohttp's), two APIs over it.
+    """Shared by every action of a gateway; none of them is closed by an action.
 
-    http: httpx's API, for any action. session: aiohttp's own API, for actions that send one request per
-    event (forward): it costs about a third of the CPU per request of httpx on the same pool.
+    http: httpx's API over aiohttp's keep-alive pool, for any action. session: aiohttp's own API over that
+    pool. client: a lean HTTP/1.1 client for actions that send one plain request per event on the hot path
+    (forward): it costs about a seventh of aiohttp's CPU per request (bench/RESULTS.md).
     """
 
     http: httpx.AsyncClient
     session: aiohttp.ClientSession
+    client: HttpClient
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+        await self.session.close()
+        await self.client.aclose()
 
 
 class NoOptions(BaseModel):

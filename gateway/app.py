@@ -27,6 +27,7 @@ from gateway import __version__
 from gateway.actions import Resources
 from gateway.config import Config, ConfigError, load_config
 from gateway.delivery import Engine, build_actions
+from gateway.http_client import HttpClient
 from gateway.ingress import Ingress
 from gateway.metrics import Metrics
 from gateway.ops import ops_app
@@ -103,8 +104,7 @@ class Gateway:
         except BaseException:
             # A startup hook, an action's constructor or the lock failed: leave no pool, thread or lock behind.
             if self._resources is not None:
-                await self._resources.http.aclose()
-                await self._resources.session.close()
+                await self._resources.aclose()
                 self._resources = None
             await self.storage.close()
             raise
@@ -120,24 +120,24 @@ class Gateway:
                 log.warning(
                     "resuming deliveries left in flight by the previous run", extra={"count": released}
                 )
-        # One pool for every action: keep-alive connections to the app make forwarding cheap. aiohttp's
-        # pool, also under httpx's API: httpcore's pool costs several times more CPU per request.
+        # Shared by every action: keep-alive connections to the app make delivering cheap. aiohttp's pool,
+        # also under httpx's API (httpcore's pool costs several times more CPU per request), and the lean
+        # client that forward sends each event with.
+        user_agent = f"hookyard/{__version__}"
+        ssl_context = httpx.create_ssl_context()  # the CA bundle httpx trusts (certifi's), for every client
         connector = aiohttp.TCPConnector(
-            limit=self.config.delivery.concurrency,
-            keepalive_timeout=30,
-            ssl=httpx.create_ssl_context(),  # the CA bundle httpx trusts (certifi's), for both APIs
+            limit=self.config.delivery.concurrency, keepalive_timeout=30, ssl=ssl_context
         )
         session = aiohttp.ClientSession(
-            connector=connector,
-            headers={"user-agent": f"hookyard/{__version__}"},
-            cookie_jar=aiohttp.DummyCookieJar(),
+            connector=connector, headers={"user-agent": user_agent}, cookie_jar=aiohttp.DummyCookieJar()
         )
         http = httpx.AsyncClient(
             transport=AiohttpTransport(client=session),
             follow_redirects=False,
-            headers={"user-agent": f"hookyard/{__version__}"},
+            headers={"user-agent": user_agent},
         )
-        self._resources = Resources(http=http, session=session)
+        client = HttpClient(ssl_context=ssl_context, user_agent=user_agent, keepalive=30)
+        self._resources = Resources(http=http, session=session, client=client)
         actions = build_actions(self.table, self.registry, self._resources)
         self._engine = Engine(self.storage, actions, self.config.delivery, self.metrics, self.pm)
         await _await_all(self.pm.hook.startup(gateway=self))
@@ -158,8 +158,7 @@ class Gateway:
             await self._engine.stop(self.config.delivery.shutdown_timeout)
         await _await_all(self.pm.hook.shutdown(gateway=self))
         if self._resources is not None:
-            await self._resources.http.aclose()
-            await self._resources.session.close()
+            await self._resources.aclose()
         await self.storage.close()
 
     def request_exit(self) -> None:

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
-import aiohttp
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from gateway import hookimpl
-from gateway.actions import Action, Job, Outcome, retry, status_outcome
+from gateway.actions import Action, Job, Outcome, dead, retry, status_outcome
+from gateway.http_client import HeaderError, RequestError, Target
 from plugins.svix import decode_secret, sign
 
 # How much of the receiver's answer is read, and for how long: enough to keep its connection for the next
-# request.
+# request. Neither bounds the status, which is all that decides the outcome.
 RESPONSE_BODY_LIMIT = 64 * 1024
 ANSWER_READ_TIMEOUT = 1.0
-# No timer armed and cancelled on every request: the engine's action timeout bounds the whole attempt and
-# ANSWER_READ_TIMEOUT the answer's body. Opening a new connection keeps aiohttp's own bound (its default),
-# which costs nothing on a pooled connection.
-CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=30)
 # Headers that frame the request or belong to one connection: a static value would corrupt the request.
 FRAMING_HEADERS = (
     "content-length",
@@ -66,9 +60,7 @@ class ForwardOptions(BaseModel):
     @field_validator("url")
     @classmethod
     def _http_url(cls, url: str) -> str:
-        parsed = httpx.URL(url)
-        if parsed.scheme not in ("http", "https") or not parsed.host:
-            raise ValueError(f"{url!r} is not an http(s) URL")
+        Target.parse(url)  # what the client sends to, checked as it will be read
         return url
 
     @field_validator("headers")
@@ -123,6 +115,7 @@ class Forward(Action):
     def __init__(self, options: Any, resources: Any) -> None:
         super().__init__(options, resources)
         self.signing_key = decode_secret(options.sign.secret) if options.sign else None
+        self.target = Target.parse(options.url)
 
     def request_headers(self, job: Job) -> dict[str, str]:
         event = job.event
@@ -144,43 +137,23 @@ class Forward(Action):
         return headers
 
     async def deliver(self, job: Job) -> Outcome:
-        # The hot path: aiohttp's API, not httpx's (see Resources). The engine bounds the whole attempt
-        # with the action's timeout.
+        # The hot path: the lean client (see Resources). The engine bounds the whole attempt with the
+        # action's timeout; the answer's body is read only to keep the connection, within its own bounds.
         try:
-            async with self.resources.session.request(
+            answer = await self.resources.client.request(
                 self.options.method,
-                self.options.url,
-                data=job.event.body,
-                headers=self.request_headers(job),
-                allow_redirects=False,
-                auto_decompress=False,  # the answer is only read to keep the connection, never decoded
-                timeout=CLIENT_TIMEOUT,
-            ) as response:
-                # The status decides: a receiver that said 2xx has the event, whatever its body does next.
-                outcome = status_outcome(response.status, response.headers.get("retry-after"), job.retry)
-                await _read_answer(response)
-                return outcome
-        except aiohttp.ClientConnectorError as exc:
-            return retry(f"cannot connect: {exc.os_error or exc}")
-        except aiohttp.ClientError as exc:
-            return retry(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
-
-
-async def _read_answer(response: aiohttp.ClientResponse) -> None:
-    """Read the answer, so its keep-alive connection serves the next request. An answer larger than
-    RESPONSE_BODY_LIMIT, slower than ANSWER_READ_TIMEOUT or broken is left unread and costs its connection
-    instead, nothing more."""
-    if response.content.is_eof():
-        # Usually: a small answer arrived whole with its head. The connection goes back to the pool as it
-        # is; no timer, no read.
-        return
-    remaining = RESPONSE_BODY_LIMIT
-    try:
-        async with asyncio.timeout(ANSWER_READ_TIMEOUT):
-            while remaining > 0 and (chunk := await response.content.read(remaining)):
-                remaining -= len(chunk)
-    except (aiohttp.ClientError, TimeoutError):
-        response.close()
+                self.target,
+                self.request_headers(job),
+                job.event.body,
+                read_limit=RESPONSE_BODY_LIMIT,
+                read_timeout=ANSWER_READ_TIMEOUT,
+            )
+        except HeaderError as exc:
+            return dead(str(exc))  # the same event would break the same header on every attempt
+        except RequestError as exc:
+            return retry(f"cannot connect: {exc}" if exc.connect else str(exc))
+        # The status decides: a receiver that said 2xx has the event, whatever its body does next.
+        return status_outcome(answer.status, answer.headers.get("retry-after"), job.retry)
 
 
 @hookimpl

@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from tests.support import RunningGateway, ServerThread, gateway_config, svix_request, wait_until
+from tests.support import (
+    RunningGateway,
+    ServerThread,
+    consignly_body,
+    consignly_headers,
+    gateway_config,
+    svix_request,
+    wait_until,
+)
 
 
 class Chatty:
@@ -127,3 +135,28 @@ def test_a_2xx_is_delivered_whatever_the_answers_body_does(tmp_path, path: str) 
             assert time.monotonic() - started < 2.5
             assert gw.metric("hookyard_deliveries_total", outcome="retried") == 0
     assert [path for path, _client in receiver.requests] == [path]
+
+
+def test_an_event_whose_id_would_break_the_forwarded_request_apart_is_dead_and_nothing_is_sent(
+    tmp_path,
+) -> None:
+    # Consignly's event id comes from the body, where a line break is valid JSON; as an Idempotency-Key
+    # it would smuggle a header into the app's request. The delivery is dead at once: every attempt would
+    # break the same way.
+    receiver = Chatty()
+    with ServerThread(receiver) as server:
+        config = gateway_config(tmp_path, f"http://127.0.0.1:{server.port}")
+        config["routes"] = [r for r in config["routes"] if r["name"] == "consignments"]
+        with RunningGateway(config) as gw:
+            body = consignly_body(event_id="evt_1\r\nx-injected: yes")
+            assert gw.post("/webhooks/consignly", body, consignly_headers(body)).status_code == 200
+            body = consignly_body(event_id="evt_2")
+            assert gw.post("/webhooks/consignly", body, consignly_headers(body)).status_code == 200
+            wait_until(
+                lambda: (
+                    gw.metric("hookyard_deliveries_total", outcome="dead") == 1
+                    and gw.metric("hookyard_deliveries_total", outcome="delivered") == 1
+                )
+            )
+            assert gw.metric("hookyard_deliveries_total", outcome="retried") == 0
+    assert len(receiver.requests) == 1

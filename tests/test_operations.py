@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import datetime
-import ipaddress
 import logging
 import os
 import signal
@@ -31,6 +29,7 @@ from tests.support import (
     ServerThread,
     free_port,
     gateway_config,
+    self_signed,
     svix_request,
     wait_until,
 )
@@ -389,38 +388,6 @@ def test_sigterm_releases_unfinished_deliveries_for_the_next_start(tmp_path: Pat
         process.kill()
     assert {row["attempts"] for row in stored_deliveries(tmp_path / "hookyard.db").values()} == {2}
     assert {r.headers["idempotency-key"] for r in holding.downstream.received("/held/app")} == set(ids)
-
-
-def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return cert_path, key_path
 
 
 def test_renewed_certificate_files_are_picked_up_without_a_config_change(

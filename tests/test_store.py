@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import ssl
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ import yaml
 from gateway.actions import Action, Job, Outcome, Resources
 from gateway.config import ConfigError, RetryPolicy, parse_config
 from gateway.events import Event
+from gateway.http_client import HttpClient
 from gateway.plugins import Registry, new_plugin_manager
 from gateway.routing import RouteTable
 from gateway.storage import EventDetail
@@ -169,7 +171,8 @@ def deliver(options: dict[str, Any], *events: Event, between: Any = None) -> lis
 
     async def run() -> list[Outcome]:
         async with aiohttp.ClientSession() as session, httpx.AsyncClient() as http:
-            resources = Resources(http=http, session=session)
+            client = HttpClient(ssl_context=ssl.create_default_context(), user_agent="test")
+            resources = Resources(http=http, session=session, client=client)
             action: Action = store(store.Options.model_validate(options), resources)
             outcomes = []
             try:

@@ -1,0 +1,396 @@
+"""The lean HTTP/1.1 client that forward sends with, against scripted servers on loopback: what it sends,
+how it reads answers, and when it keeps, retries or gives up a connection."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from gateway.http_client import HeaderError, HttpClient, RequestError, Target
+from tests.support import free_port, self_signed
+
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+# What the scripted server does with each request it reads: (connection number, request number on that
+# connection, raw request) -> bytes to answer (a list: pieces written apart), or None to close the
+# connection without answering.
+Script = Callable[[int, int, bytes], Awaitable[bytes | list[bytes] | None]]
+
+
+class Scripted:
+    """A raw HTTP server: reads whole requests (Content-Length bodies) and answers from a script."""
+
+    def __init__(self, script: Script, *, close_after_answer: bool = False) -> None:
+        self.script = script
+        self.close_after_answer = close_after_answer
+        self.requests: list[tuple[int, bytes]] = []  # (connection number, raw request)
+        self.connections = 0
+        self.ended_by_client: set[int] = set()  # connections the client closed
+        self.server: asyncio.Server | None = None
+
+    async def start(self, ssl_context: ssl.SSLContext | None = None) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=ssl_context)
+        port: int = self.server.sockets[0].getsockname()[1]
+        return port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number = self.connections
+        try:
+            for index in range(1_000):
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(
+                    (
+                        int(line.split(b":", 1)[1])
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length:")
+                    ),
+                    0,
+                )
+                request = head + await reader.readexactly(length)
+                self.requests.append((number, request))
+                answer = await self.script(number, index, request)
+                if answer is None:
+                    break
+                for piece in [answer] if isinstance(answer, bytes) else answer:
+                    writer.write(piece)
+                    await writer.drain()
+                    await asyncio.sleep(0.01)
+                if self.close_after_answer:
+                    break
+        except (asyncio.IncompleteReadError, ConnectionError):
+            self.ended_by_client.add(number)
+        finally:
+            writer.close()
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+def run(test: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(asyncio.wait_for(test(), 20))
+
+
+def client(**options: float) -> HttpClient:
+    return HttpClient(ssl_context=ssl.create_default_context(), user_agent="hookyard/test", **options)
+
+
+async def answer(reply: bytes | list[bytes]) -> Script:
+    async def script(_connection: int, _index: int, _request: bytes) -> bytes | list[bytes] | None:
+        return reply
+
+    return script
+
+
+def test_a_request_is_one_well_formed_http_1_1_message_and_the_connection_is_kept() -> None:
+    async def test() -> None:
+        server = Scripted(await answer(OK))
+        port = await server.start()
+        http = client()
+        target = Target.parse(f"http://127.0.0.1:{port}/hooks/users?tenant=a")
+        for n in range(3):
+            result = await http.request("POST", target, {"x-n": str(n)}, b'{"n": %d}' % n)
+            assert (result.status, result.headers["content-length"]) == (200, "2")
+        await http.aclose()
+        await server.close()
+        assert server.connections == 1
+        first = server.requests[0][1]
+        assert first.startswith(b"POST /hooks/users?tenant=a HTTP/1.1\r\n")
+        assert f"\r\nhost: 127.0.0.1:{port}\r\n".encode() in first
+        assert b"\r\nuser-agent: hookyard/test\r\n" in first
+        assert b"\r\ncontent-length: 8\r\n" in first
+        assert first.endswith(b'\r\nx-n: 0\r\n\r\n{"n": 0}')
+
+    run(test)
+
+
+def test_interim_and_chunked_answers_are_read_whole_and_keep_the_connection() -> None:
+    interim = b"HTTP/1.1 103 Early Hints\r\nlink: </a.css>\r\n\r\n"
+    chunked = (
+        b"HTTP/1.1 202 Accepted\r\ntransfer-encoding: chunked\r\nretry-after: 7\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    )
+
+    async def test() -> None:
+        server = Scripted(await answer(interim + chunked))
+        port = await server.start()
+        http = client()
+        target = Target.parse(f"http://127.0.0.1:{port}/")
+        for _ in range(2):
+            result = await http.request("POST", target, {}, b"{}")
+            assert result.status == 202
+            assert result.headers["retry-after"] == "7"
+            assert "link" not in result.headers  # the interim answer's headers are not the answer's
+        await http.aclose()
+        await server.close()
+        assert server.connections == 1
+
+    run(test)
+
+
+def test_an_answer_arriving_in_pieces_gives_each_header_whole_even_an_empty_one() -> None:
+    pieces = [b"HTTP/1.1 503 Service Unavailable\r\nx-em", b"pty: \r\nretry-af", b"ter: 7\r\ncontent-l"]
+    pieces.append(b"ength: 2\r\n\r\no")
+    pieces.append(b"k")
+
+    async def test() -> None:
+        server = Scripted(await answer(pieces))
+        port = await server.start()
+        http = client()
+        target = Target.parse(f"http://127.0.0.1:{port}/")
+        for _ in range(2):
+            result = await http.request("POST", target, {}, b"{}")
+            assert result.status == 503
+            assert result.headers == {"x-empty": "", "retry-after": "7", "content-length": "2"}
+        await http.aclose()
+        await server.close()
+        assert server.connections == 1
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 100_000, id="too large"),
+        pytest.param(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok", id="close"),
+    ],
+)
+def test_an_answer_not_worth_keeping_its_connection_for_gives_the_connection_up(reply: bytes) -> None:
+    async def test() -> None:
+        server = Scripted(await answer(reply))
+        port = await server.start()
+        http = client()
+        target = Target.parse(f"http://127.0.0.1:{port}/")
+        for _ in range(2):
+            assert (await http.request("POST", target, {}, b"{}", read_limit=64 * 1024)).status == 200
+        await http.aclose()
+        await server.close()
+        assert server.connections == 2
+        assert len(server.requests) == 2  # not sent once more on a connection that was given up
+
+    run(test)
+
+
+def test_a_stalled_body_costs_its_connection_after_the_read_timeout_and_the_status_stands() -> None:
+    async def stall(_connection: int, index: int, _request: bytes) -> bytes | None:
+        if index == 0:
+            return b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nx"  # nine bytes never come
+        return OK
+
+    async def test() -> None:
+        server = Scripted(stall)
+        port = await server.start()
+        http = client()
+        target = Target.parse(f"http://127.0.0.1:{port}/")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert (await http.request("POST", target, {}, b"{}", read_timeout=0.2)).status == 200
+        assert 0.2 <= loop.time() - started < 2
+        assert (await http.request("POST", target, {}, b"{}")).status == 200
+        await http.aclose()
+        await server.close()
+        assert server.connections == 2
+
+    run(test)
+
+
+def test_a_body_ended_by_closing_the_connection_gives_the_status_without_waiting() -> None:
+    async def test() -> None:
+        server = Scripted(await answer(b"HTTP/1.0 200 OK\r\n\r\nthe body ends with the connection"))
+        server.close_after_answer = True
+        port = await server.start()
+        http = client()
+        target = Target.parse(f"http://127.0.0.1:{port}/")
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        for _ in range(2):
+            assert (await http.request("POST", target, {}, b"{}", read_timeout=5)).status == 200
+        assert loop.time() - started < 4
+        await http.aclose()
+        await server.close()
+        assert server.connections == 2
+
+    run(test)
+
+
+def test_a_kept_connection_the_peer_dropped_is_retried_once_on_a_new_one() -> None:
+    async def drop_second(connection: int, index: int, _request: bytes) -> bytes | None:
+        # The first connection answers once, then closes on the next request, as a server whose keep-alive
+        # timer fired just as the request arrived.
+        return None if (connection, index) == (1, 1) else OK
+
+    async def test() -> None:
+        server = Scripted(drop_second)
+        port = await server.start()
+        http = client()
+        target = Target.parse(f"http://127.0.0.1:{port}/")
+        assert (await http.request("POST", target, {"x-n": "1"}, b"1")).status == 200
+        assert (await http.request("POST", target, {"x-n": "2"}, b"2")).status == 200
+        await http.aclose()
+        await server.close()
+        assert server.connections == 2
+        assert [(connection, request[-1:]) for connection, request in server.requests] == [
+            (1, b"1"),
+            (1, b"2"),
+            (2, b"2"),
+        ]
+
+    run(test)
+
+
+def test_a_new_connection_closed_before_the_answer_is_an_error_not_retried() -> None:
+    async def drop(_connection: int, _index: int, _request: bytes) -> bytes | None:
+        return None
+
+    async def test() -> None:
+        server = Scripted(drop)
+        port = await server.start()
+        http = client()
+        with pytest.raises(RequestError, match="connection closed before the answer") as caught:
+            await http.request("POST", Target.parse(f"http://127.0.0.1:{port}/"), {}, b"{}")
+        assert not caught.value.connect
+        await http.aclose()
+        await server.close()
+        assert server.connections == 1
+
+    run(test)
+
+
+def test_an_answer_that_is_not_http_is_an_error_and_not_sent_again() -> None:
+    async def first_ok(_connection: int, index: int, _request: bytes) -> bytes | None:
+        return OK if index == 0 else b"SSH-2.0-OpenSSH_9.2\r\n\r\n"
+
+    async def test() -> None:
+        server = Scripted(first_ok)
+        port = await server.start()
+        http = client()
+        target = Target.parse(f"http://127.0.0.1:{port}/")
+        assert (await http.request("POST", target, {}, b"{}")).status == 200
+        # On a kept connection: answered, if badly, so not tried again on a new one.
+        with pytest.raises(RequestError, match="invalid answer"):
+            await http.request("POST", target, {}, b"{}")
+        await http.aclose()
+        await server.close()
+        assert len(server.requests) == 2
+
+    run(test)
+
+
+def test_a_refused_connection_says_it_never_reached_the_peer() -> None:
+    async def test() -> None:
+        http = client()
+        with pytest.raises(RequestError) as caught:
+            await http.request("POST", Target.parse(f"http://127.0.0.1:{free_port()}/"), {}, b"{}")
+        assert caught.value.connect
+        await http.aclose()
+
+    run(test)
+
+
+@pytest.mark.parametrize("value", ["a\r\nx-injected: 1", "a\nb", "a\rb", "a\0b"])
+def test_a_header_value_that_would_break_the_request_apart_is_refused_and_nothing_is_sent(value: str) -> None:
+    async def test() -> None:
+        server = Scripted(await answer(OK))
+        port = await server.start()
+        http = client()
+        with pytest.raises(HeaderError):
+            await http.request("POST", Target.parse(f"http://127.0.0.1:{port}/"), {"x-id": value}, b"{}")
+        await http.aclose()
+        await server.close()
+        assert server.connections == 0
+
+    run(test)
+
+
+def test_a_request_cancelled_midway_gives_its_connection_up() -> None:
+    async def slow_first(_connection: int, index: int, _request: bytes) -> bytes | None:
+        if index == 0:
+            await asyncio.sleep(0.5)
+        return OK
+
+    async def test() -> None:
+        server = Scripted(slow_first)
+        port = await server.start()
+        http = client()
+        target = Target.parse(f"http://127.0.0.1:{port}/")
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await http.request("POST", target, {}, b"{}")
+        # The late answer to the first request must never be read as the answer to the second.
+        assert (await http.request("POST", target, {}, b"{}")).status == 200
+        assert server.connections == 2
+        for _ in range(100):
+            if 1 in server.ended_by_client:
+                break
+            await asyncio.sleep(0.02)
+        assert server.ended_by_client == {1}  # closed by the client, not left open
+        await http.aclose()
+        await server.close()
+
+    run(test)
+
+
+def test_idle_connections_are_not_reused_past_the_keepalive() -> None:
+    async def test() -> None:
+        server = Scripted(await answer(OK))
+        port = await server.start()
+        http = client(keepalive=0.1)
+        target = Target.parse(f"http://127.0.0.1:{port}/")
+        await http.request("POST", target, {}, b"{}")
+        await asyncio.sleep(0.2)
+        await http.request("POST", target, {}, b"{}")
+        await http.aclose()
+        await server.close()
+        assert server.connections == 2
+
+    run(test)
+
+
+def test_https_verifies_the_receiver_against_the_trusted_certificates(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path, "receiver")
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+
+    async def test() -> None:
+        server = Scripted(await answer(OK))
+        port = await server.start(server_context)
+        target = Target.parse(f"https://127.0.0.1:{port}/hooks")
+        trusting = HttpClient(ssl_context=ssl.create_default_context(cafile=cert), user_agent="t")
+        for _ in range(2):
+            assert (await trusting.request("POST", target, {}, b"{}")).status == 200
+        await trusting.aclose()
+        assert server.connections == 1
+        untrusting = client()
+        with pytest.raises(RequestError, match="CERTIFICATE_VERIFY_FAILED") as caught:
+            await untrusting.request("POST", target, {}, b"{}")
+        assert caught.value.connect
+        await untrusting.aclose()
+        await server.close()
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    ("url", "host_header", "path"),
+    [
+        ("http://app:3000/hooks", "app:3000", "/hooks"),
+        ("http://app:80/hooks", "app", "/hooks"),
+        ("https://app.example/", "app.example", "/"),
+        ("https://app.example", "app.example", "/"),
+        ("http://[::1]:8080/a/b?x=1&y=2", "[::1]:8080", "/a/b?x=1&y=2"),
+    ],
+)
+def test_a_url_gives_the_host_header_and_request_target(url: str, host_header: str, path: str) -> None:
+    target = Target.parse(url)
+    assert (target.host_header, target.path) == (host_header, path)
+
+
+@pytest.mark.parametrize("url", ["ftp://app/x", "http:///x", "http://user:secret@app/x", "app:3000/x"])
+def test_urls_the_client_cannot_send_to_are_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        Target.parse(url)

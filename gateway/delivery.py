@@ -64,6 +64,10 @@ class Engine:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wakeup = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
+        # The claim loop found no free slot, or filled every one: a slot that frees up may have work. When
+        # it claimed less than it could, a free slot changes nothing, and waking the loop for it would cost
+        # a claim and a read (a commit each) per delivery.
+        self._wants_slots = False
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._stats_task: asyncio.Task[None] | None = None
@@ -144,7 +148,9 @@ class Engine:
             for claim in claims:
                 self._start(claim)
             if len(claims) == free:
+                self._wants_slots = True
                 return  # there may be more due right now
+        self._wants_slots = free <= 0
         timeout = settings.poll_interval
         if free > 0:
             with contextlib.suppress(StorageUnavailable):
@@ -177,7 +183,8 @@ class Engine:
 
         def done(_task: asyncio.Task[None]) -> None:
             self._running.pop(delivery_id, None)
-            self._wakeup.set()  # a worker slot is free
+            if self._wants_slots:
+                self._wakeup.set()  # a worker slot is free, and the claim loop is waiting for one
 
         task.add_done_callback(done)
 
@@ -237,8 +244,8 @@ class Engine:
         )
         for dependent in finished.skipped:
             self.metrics.deliveries.labels(dependent.route, dependent.action, "skipped").inc()
-        if finished.activated:
-            self._wakeup.set()
+        if finished.activated or due_at is not None:
+            self._wakeup.set()  # something falls due that the claim loop's sleep may not have counted on
 
         level = _LOG_LEVEL.get(outcome.kind, logging.WARNING)
         if log.isEnabledFor(level):  # a delivered one is logged at DEBUG: skip building its fields

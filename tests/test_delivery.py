@@ -473,3 +473,36 @@ def test_delivery_duration_is_observed_for_every_attempt(tmp_path, downstream: D
         wait_until(lambda: delivery_states(gw, "msg_durations") == {"app": "delivered"})
         wait_until(lambda: observed() == 2)
         assert gw.metric("hookyard_delivery_duration_seconds_sum", route="users", action="app") > 0
+
+
+def test_a_retry_due_soon_is_made_on_time_however_long_the_poll_interval(
+    tmp_path, downstream: Downstream
+) -> None:
+    # Nothing else is due when the first attempt fails: the claim loop must wake for the retry it just
+    # scheduled instead of sleeping until its next poll.
+    downstream.answer("/app", 503, 200)
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"]["poll_interval"] = "30s"
+    config["defaults"]["retry"] = {"schedule": ["200ms"], "jitter": 0}
+    with RunningGateway(config) as gw:
+        body, headers = svix_request(msg_id="msg_soon")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        started = time.monotonic()
+        downstream.wait_for(2, "/app", timeout=10)
+        assert time.monotonic() - started < 5
+
+
+def test_with_every_slot_busy_the_next_due_delivery_starts_when_one_frees_up(
+    tmp_path, downstream: Downstream
+) -> None:
+    downstream.delay = 0.2  # each attempt holds the one slot while the next events fall due
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
+    with RunningGateway(config) as gw:
+        started = time.monotonic()
+        for n in range(4):
+            body, headers = svix_request(msg_id=f"msg_slot_{n}")
+            assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        downstream.wait_for(4, "/app", timeout=10)
+        assert time.monotonic() - started < 5
+        assert downstream.max_in_flight == 1

@@ -10,6 +10,7 @@ import os
 import signal
 import sqlite3
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,6 +29,7 @@ from gateway.storage import (
     StorageUnavailable,
     open_storage,
 )
+from gateway.storage import sqlite as sqlite_module
 from gateway.storage.sqlite import (
     CHECKPOINT_COMMITS,
     WAL_SIZE_LIMIT,
@@ -535,6 +537,60 @@ def test_concurrent_ingests_share_commits(db: Harness) -> None:
         assert other.execute("SELECT count(*) FROM events").fetchone()[0] == 300
         assert other.execute("SELECT count(*) FROM deliveries WHERE state = 'pending'").fetchone()[0] == 300
     assert len(db.run(db.storage.list_events(limit=1000))) == 300
+
+
+def test_an_attempts_result_rides_along_with_the_next_batch(
+    db: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "RIDE_ALONG_DELAY", 30.0)
+    db.ingest("evt_1", APP)
+    db.ingest("evt_2", APP)
+    first, second = db.claim(T0 + 1)
+    db.commits.clear()
+
+    async def finish_then_ingest() -> tuple[Finished, bool]:
+        attempt = Attempt(1, T0 + 1, 0.1, "delivered", 200, None)
+        finishing = asyncio.ensure_future(
+            db.storage.finish(first.delivery, attempt, "delivered", None, T0 + 2)
+        )
+        await asyncio.sleep(0.1)
+        assert not finishing.done()  # it waits for a batch to ride along with
+        stored = await db.storage.ingest(make_event("evt_3"), [APP])
+        return await finishing, stored
+
+    assert db.run(finish_then_ingest()) == (Finished(), True)
+    assert db.commits == [2]  # one commit for both
+    assert db.states("evt_1") == {"app": "delivered"}
+
+    # Alone, it commits by itself after RIDE_ALONG_DELAY.
+    monkeypatch.setattr(sqlite_module, "RIDE_ALONG_DELAY", 0.3)
+    db.commits.clear()
+    started = time.monotonic()
+    db.finish(second, "delivered", T0 + 3)
+    assert 0.3 <= time.monotonic() - started < 5
+    assert db.commits == [1]
+    assert db.states("evt_2") == {"app": "delivered"}
+
+
+def test_riders_are_committed_before_the_store_closes(tmp_path: Path) -> None:
+    harness = Harness(tmp_path / "hookyard.db")
+    harness.run(harness.storage.open())
+    harness.ingest("evt_1", APP)
+    [claim] = harness.claim(T0 + 1)
+
+    async def finish_and_close() -> None:
+        attempt = Attempt(1, T0 + 1, 0.1, "delivered", 200, None)
+        finishing = asyncio.ensure_future(
+            harness.storage.finish(claim.delivery, attempt, "delivered", None, T0 + 2)
+        )
+        await asyncio.sleep(0)
+        await harness.storage.close()
+        assert finishing.done() and finishing.result() == Finished()
+
+    harness.run(finish_and_close())
+    harness.runner.close()
+    with contextlib.closing(sqlite3.connect(harness.path)) as other:
+        assert other.execute("SELECT state FROM deliveries").fetchall() == [("delivered",)]
 
 
 # -- claim ----------------------------------------------------------------------------------------------

@@ -64,6 +64,7 @@ class Settings:
     levels: tuple[int, ...] = (0, 100_000, 1_000_000)  # queued deliveries for the scale part
     pairs: int = 1000  # claim + finish pairs timed per level
     profile_duration: float = 8.0
+    client_requests: int = 20_000  # requests per HTTP client in part 5
     tools: dict[str, Tool] = field(default_factory=dict)
 
 

@@ -4,7 +4,8 @@
    vs adnanh/webhook (HMAC rule; no command, and `true`), under the same wrk load;
 2. end to end: delivered ev/s, latency and delivery lag at fixed offered rates; backlog drain after an outage;
 3. scale: claim cost and RSS with 0, 100 k and 1 M queued deliveries;
-4. profiles (--profile): py-spy of the ingest and delivery paths.
+4. profiles (--profile): py-spy of the ingest and delivery paths;
+5. clients: the CPU of one forwarded request in each of the gateway's HTTP clients.
 
     make bench                      # everything, about 6 minutes; writes bench/results/ and bench/RESULTS.md
     make bench-quick                # shorter, without profiles; results go to /tmp/hookyard-bench-quick
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import end_to_end, ingest, profiles, report, scale
+from bench import clients, end_to_end, ingest, profiles, report, scale
 from bench.common import (
     BENCH,
     RESULTS,
@@ -47,8 +48,15 @@ PARTS: dict[str, tuple[str, str, Callable[[Settings, Processes], Json]]] = {
     "e2e": ("2. End to end", "end_to_end.json", end_to_end.run),
     "scale": ("3. Scale", "scale.json", scale.run),
     "profile": ("4. Profiles", "profile.json", profiles.run),
+    "clients": ("5. HTTP clients", "clients.json", clients.run),
 }
-RESULT_KEYS = {"ingest": "ingest", "e2e": "end_to_end", "scale": "scale", "profile": "profile"}
+RESULT_KEYS = {
+    "ingest": "ingest",
+    "e2e": "end_to_end",
+    "scale": "scale",
+    "profile": "profile",
+    "clients": "clients",
+}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -67,7 +75,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--pairs", type=int, default=1000, help="claim + finish pairs timed per level")
     parser.add_argument("--profile", action="store_true", help="also profile with py-spy (part 4)")
     parser.add_argument("--profile-duration", type=float, default=8, help="seconds per py-spy recording")
-    parser.add_argument("--only", default="", help="comma-separated parts: ingest,e2e,scale,profile")
+    parser.add_argument(
+        "--client-requests", type=int, default=20_000, help="requests per HTTP client (part 5)"
+    )
+    parser.add_argument("--only", default="", help="comma-separated parts: ingest,e2e,scale,profile,clients")
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -98,6 +109,7 @@ def settings_from(args: argparse.Namespace, work: Path) -> Settings:
         levels=tuple(int(n) for n in args.levels.split(",") if n),
         pairs=args.pairs,
         profile_duration=args.profile_duration,
+        client_requests=args.client_requests,
         tools=find_tools(),
     )
     if args.quick:
@@ -108,6 +120,7 @@ def settings_from(args: argparse.Namespace, work: Path) -> Settings:
         settings.levels = tuple(n for n in settings.levels if n <= 100_000)
         settings.pairs = 300
         settings.profile_duration = 4
+        settings.client_requests = 5000
     return settings
 
 

@@ -26,12 +26,12 @@ import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import httptools
 
-# Characters that would end a header line early (request smuggling) or that no header may hold.
-_BREAKS = ("\r", "\n", "\0")
+# What a request target keeps as it is (RFC 3986 pchar, "/" and "%" for escapes already made).
+_PATH_SAFE = "/%:@!$&'()*+,;=-._~"
 
 
 class RequestError(Exception):
@@ -65,12 +65,20 @@ class Target:
             raise ValueError(f"{url!r} is not an http(s) URL")
         if parts.username is not None or parts.password is not None:
             raise ValueError(f"{url!r}: credentials in the URL are not sent; use a header instead")
+        if "%" in parts.hostname:
+            raise ValueError(f"{url!r}: an IPv6 zone is not supported")
         default = 443 if parts.scheme == "https" else 80
-        port = parts.port or default
-        host = parts.hostname
+        port = default if parts.port is None else parts.port  # ValueError when out of range
+        if port == 0:
+            raise ValueError(f"{url!r}: port 0 cannot be connected to")
+        # A name outside ASCII is sent as IDNA (punycode); the path and query percent-encoded where
+        # they hold what a request line cannot (spaces, non-ASCII), escapes already there kept.
+        host = parts.hostname.encode("idna").decode("ascii")
         shown = f"[{host}]" if ":" in host else host
         host_header = shown if port == default else f"{shown}:{port}"
-        path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        path = quote(parts.path or "/", safe=_PATH_SAFE)
+        if parts.query:
+            path += "?" + quote(parts.query, safe=_PATH_SAFE + "?")
         return cls(parts.scheme, host, port, host_header, path)
 
     @property
@@ -125,7 +133,7 @@ class Connection(asyncio.Protocol):
         self.exchange.answered = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # not one family
             self._fail(RequestError(f"invalid answer: {exc}"))
             self.close()
 
@@ -146,14 +154,22 @@ class Connection(asyncio.Protocol):
     # -- httptools' callbacks
 
     def on_message_begin(self) -> None:
-        assert self.exchange is not None
-        self.exchange.headers = {}
-        self.exchange.body_read = 0
+        exchange = self.exchange
+        assert exchange is not None
+        if exchange.status:
+            # A second answer to one request: whatever it is, it would be read as the next request's.
+            self.close()
+            return
+        exchange.headers = {}
+        exchange.body_read = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.exchange is not None
+        exchange = self.exchange
+        assert exchange is not None
+        if exchange.status:
+            return  # a chunked body's trailer: the answer's headers are already out
         # httptools joins a name or value that arrived in pieces before calling this.
-        self.exchange.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+        exchange.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
         exchange = self.exchange
@@ -178,7 +194,12 @@ class Connection(asyncio.Protocol):
         assert exchange is not None
         if exchange.status == 0:
             return  # the end of an interim answer
-        self.reusable = self.parser.should_keep_alive()
+        # Kept only if the peer keeps it and all of the request went out: an answer that came before the
+        # body was written leaves the rest of the body to be read as the next request.
+        assert self.transport is not None
+        self.reusable = (
+            self.open and self.parser.should_keep_alive() and not self.transport.get_write_buffer_size()
+        )
         if not exchange.done.done():
             exchange.done.set_result(None)
 
@@ -272,7 +293,11 @@ class HttpClient:
             raise
         connection.finish()
         if connection.reusable and connection.open and not self._closed:
-            self._idle.setdefault(target.origin, deque()).append(connection)
+            idle = self._idle.setdefault(target.origin, deque())
+            idle.append(connection)
+            # Checkouts take the newest; the oldest would stay open past `keepalive` unless let go here.
+            while not (idle[0].open and connection.idle_since - idle[0].idle_since < self.keepalive):
+                idle.popleft().close()
         else:
             connection.close()
         return answer

@@ -383,6 +383,9 @@ def test_https_verifies_the_receiver_against_the_trusted_certificates(tmp_path: 
         ("https://app.example/", "app.example", "/"),
         ("https://app.example", "app.example", "/"),
         ("http://[::1]:8080/a/b?x=1&y=2", "[::1]:8080", "/a/b?x=1&y=2"),
+        ("http://app/hooks/a b?q=ü v", "app", "/hooks/a%20b?q=%C3%BC%20v"),
+        ("http://app/hooks/a%2Fb?q=%20", "app", "/hooks/a%2Fb?q=%20"),
+        ("http://bücher.example:8080/", "xn--bcher-kva.example:8080", "/"),
     ],
 )
 def test_a_url_gives_the_host_header_and_request_target(url: str, host_header: str, path: str) -> None:
@@ -390,7 +393,94 @@ def test_a_url_gives_the_host_header_and_request_target(url: str, host_header: s
     assert (target.host_header, target.path) == (host_header, path)
 
 
-@pytest.mark.parametrize("url", ["ftp://app/x", "http:///x", "http://user:secret@app/x", "app:3000/x"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "ftp://app/x",
+        "http:///x",
+        "http://user:secret@app/x",
+        "app:3000/x",
+        "http://app:0/x",
+        "http://app:70000/x",
+        "http://[fe80::1%25eth0]/x",
+    ],
+)
 def test_urls_the_client_cannot_send_to_are_refused(url: str) -> None:
     with pytest.raises(ValueError):
         Target.parse(url)
+
+
+def test_a_second_answer_to_one_request_costs_the_connection_and_is_never_read_as_the_next_answer() -> None:
+    stray = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 400 Bad Request\r\ncontent-le"
+
+    async def first_stray(connection: int, index: int, _request: bytes) -> bytes | None:
+        return stray if (connection, index) == (1, 0) else b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\n\r\n"
+
+    async def test() -> None:
+        server = Scripted(first_stray)
+        port = await server.start()
+        http = client()
+        target = Target.parse(f"http://127.0.0.1:{port}/")
+        assert (await http.request("POST", target, {}, b"{}")).status == 200
+        assert (await http.request("POST", target, {}, b"{}")).status == 503
+        await http.aclose()
+        await server.close()
+        assert server.connections == 2
+
+    run(test)
+
+
+def test_an_upgrade_answer_is_an_error_not_a_crash_of_the_protocol(caplog: pytest.LogCaptureFixture) -> None:
+    upgrade = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
+
+    async def test() -> None:
+        server = Scripted(await answer(upgrade))
+        port = await server.start()
+        http = client()
+        with pytest.raises(RequestError, match="invalid answer"):
+            await http.request("POST", Target.parse(f"http://127.0.0.1:{port}/"), {}, b"{}")
+        await http.aclose()
+        await server.close()
+
+    run(test)
+    assert "Fatal error" not in caplog.text
+
+
+def test_a_trailer_does_not_replace_the_answers_headers() -> None:
+    chunked = (
+        b"HTTP/1.1 503 Busy\r\ntransfer-encoding: chunked\r\nretry-after: 7\r\n\r\n"
+        b"2\r\nok\r\n0\r\nretry-after: 9999\r\n\r\n"
+    )
+
+    async def test() -> None:
+        server = Scripted(await answer(chunked))
+        port = await server.start()
+        http = client()
+        result = await http.request("POST", Target.parse(f"http://127.0.0.1:{port}/"), {}, b"{}")
+        assert result.headers["retry-after"] == "7"
+        await http.aclose()
+        await server.close()
+
+    run(test)
+
+
+def test_an_idle_connection_past_the_keepalive_is_let_go_even_while_a_newer_one_is_in_use() -> None:
+    async def test() -> None:
+        server = Scripted(await answer(OK))
+        port = await server.start()
+        http = client(keepalive=0.3)
+        target = Target.parse(f"http://127.0.0.1:{port}/")
+        await asyncio.gather(*(http.request("POST", target, {}, b"{}") for _ in range(2)))
+        assert server.connections == 2
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 3
+        # The newest connection serves every request; the older one waits, idle, past the keepalive.
+        while not server.ended_by_client and loop.time() < deadline:
+            await http.request("POST", target, {}, b"{}")
+            await asyncio.sleep(0.05)
+        assert len(server.ended_by_client) == 1
+        assert server.connections == 2
+        await http.aclose()
+        await server.close()
+
+    run(test)

@@ -229,7 +229,10 @@ class Engine:
             delivery.attempts, started, duration, outcome.kind, outcome.status_code, outcome.error
         )
         try:
-            finished = await self.storage.finish(delivery, attempt, state, due_at, finished_at)
+            # While the claim loop waits for a free slot, this record's commit is what frees one.
+            finished = await self.storage.finish(
+                delivery, attempt, state, due_at, finished_at, waited_for=self._wants_slots
+            )
         except Exception as exc:
             # The lease stays: once it expires the delivery is attempted again (at-least-once).
             log.error("cannot record attempt", extra={**event.summary(), "error": str(exc)})

@@ -562,6 +562,14 @@ def test_an_attempts_result_rides_along_with_the_next_batch(
     assert db.commits == [2]  # one commit for both
     assert db.states("evt_1") == {"app": "delivered"}
 
+    # One the engine waits for does not ride.
+    db.ingest("evt_4", APP)
+    fourth = keyed(db.claim(T0 + 1))[("evt_4", "app")]
+    started = time.monotonic()
+    attempt = Attempt(1, T0 + 1, 0.1, "delivered", 200, None)
+    db.run(db.storage.finish(fourth.delivery, attempt, "delivered", None, T0 + 2, waited_for=True))
+    assert time.monotonic() - started < 5
+
     # Alone, it commits by itself after RIDE_ALONG_DELAY.
     monkeypatch.setattr(sqlite_module, "RIDE_ALONG_DELAY", 0.3)
     db.commits.clear()

@@ -141,10 +141,20 @@ class Storage(ABC):
 
     @abstractmethod
     async def finish(
-        self, delivery: DeliveryRecord, attempt: Attempt, state: str, due_at: float | None, now: float
+        self,
+        delivery: DeliveryRecord,
+        attempt: Attempt,
+        state: str,
+        due_at: float | None,
+        now: float,
+        *,
+        waited_for: bool = False,
     ) -> Finished:
         """Record an attempt and the delivery's next state (pending again at due_at, or final). A final
-        state releases or skips the delivery's dependents in the same transaction."""
+        state releases or skips the delivery's dependents in the same transaction.
+
+        waited_for: something waits for this record to go on (the engine, for the slot it frees), so a
+        store that holds such records back to write them with others must not."""
 
     @abstractmethod
     async def release(self, delivery_ids: list[int], now: float) -> None:

@@ -244,9 +244,9 @@ class _GroupCommit:
             return
         if self.broken is not None:
             self._refuse_waiting()
+            self._maybe_idle()  # close() may be waiting
             return
         if self.riders:
-            # Submitted before what is in `fast` now: they go first, in order.
             self.fast[:0], self.riders = self.riders, []
             if self.riders_timer is not None:
                 self.riders_timer.cancel()
@@ -356,6 +356,9 @@ class _GroupCommit:
     def _refuse_waiting(self) -> None:
         waiting, self.fast, self.durable = self.riders + self.fast + self.durable, [], []
         self.riders = []
+        if self.riders_timer is not None:
+            self.riders_timer.cancel()
+            self.riders_timer = None
         _settle([(future, None, self._refusal(), durable) for _, future, durable in waiting])
 
     def _maybe_idle(self) -> None:
@@ -694,12 +697,21 @@ class SQLiteStorage(Storage):
         return await self._run(lambda conn: _claim(conn, now, limit, now + lease, owner), durable=False)
 
     async def finish(
-        self, delivery: DeliveryRecord, attempt: Attempt, state: str, due_at: float | None, now: float
+        self,
+        delivery: DeliveryRecord,
+        attempt: Attempt,
+        state: str,
+        due_at: float | None,
+        now: float,
+        *,
+        waited_for: bool = False,
     ) -> Finished:
-        # Not durable: an attempt whose record a power cut loses is made again (at-least-once). It rides
-        # along with the next batch: nothing waits on it but the attempt's own bookkeeping.
+        # Not durable: an attempt whose record a power cut loses is made again (at-least-once). Unless the
+        # engine waits for it, it rides along with the next batch: nothing else does.
         return await self._run(
-            lambda conn: _finish(conn, delivery, attempt, state, due_at, now), durable=False, ride=True
+            lambda conn: _finish(conn, delivery, attempt, state, due_at, now),
+            durable=False,
+            ride=not waited_for,
         )
 
     async def release(self, delivery_ids: list[int], now: float) -> None:

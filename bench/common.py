@@ -225,6 +225,13 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+def machine_steal_seconds() -> float:
+    """CPU seconds the hypervisor gave this machine's cores to someone else since boot (/proc/stat steal):
+    on a shared host, time every process here waited for a core that was there but not ours."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (fields[7] if len(fields) > 7 else 0) / os.sysconf("SC_CLK_TCK")
+
+
 def children_cpu_seconds() -> float:
     """User + system CPU of the processes this one has waited for (wrk, run to its end)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -33,6 +33,8 @@ from bench.common import (
     SinkHandle,
     cpu_seconds,
     gateway_config,
+    machine_busy_seconds,
+    machine_steal_seconds,
     percentile,
     rss_mb,
     say,
@@ -104,12 +106,16 @@ def offered_rate(settings: Settings, processes: Processes, rig: Rig, rate: int) 
     metrics = f"{rig.ports.ops_url}/metrics"
     before = Scrape.fetch(metrics)
     cpu_before = cpu_seconds(rig.gateway.pid)
+    machine_before, steal_before, started = machine_busy_seconds(), machine_steal_seconds(), time.monotonic()
     with watch(rig) as (rss, lag):
         sent = run_loadgen(settings, processes, rig.ports.url, rate, settings.e2e_duration, tag)
         accepted = sent["accepted"]
         # Bounded wait for the deliveries still under way when the load stopped.
         settled = wait_for(lambda: rig.sink.count() >= accepted, timeout=max(15.0, settings.e2e_duration))
     cpu = cpu_seconds(rig.gateway.pid) - cpu_before
+    elapsed = time.monotonic() - started
+    machine_cores = (machine_busy_seconds() - machine_before) / elapsed
+    steal_cores = (machine_steal_seconds() - steal_before) / elapsed
     after = Scrape.fetch(metrics)
     stats = rig.sink.stats()
     records = rig.sink.records()
@@ -148,6 +154,10 @@ def offered_rate(settings: Settings, processes: Processes, rig: Rig, rate: int) 
         "rss_max_mb": rss.max(),
         "cpu_us_per_event": cpu / max(1, delivered) * 1e6,
         "cpu_cores": cpu / max(1e-9, last - sent["start"]),
+        # Everything on the machine (gateway, sink, load generator) over the phase, and the cores the
+        # hypervisor took away from it meanwhile.
+        "machine_busy_cores": machine_cores,
+        "machine_steal_cores": steal_cores,
         "sustained": bool(settled and delivered >= accepted and delivered_rate >= 0.97 * rate),
     }
 
@@ -207,7 +217,9 @@ def run(settings: Settings, processes: Processes) -> Json:
             rows.append(row)
             say(
                 f"     delivered {row['delivered_ev_s']:.0f} ev/s, e2e p50 {row['e2e_p50_ms']:.1f} ms "
-                f"p99 {row['e2e_p99_ms']:.1f} ms, lag max {row['lag_max_s']:.2f} s, RSS {row['rss_max_mb']:.1f} MB"
+                f"p99 {row['e2e_p99_ms']:.1f} ms, lag max {row['lag_max_s']:.2f} s, RSS {row['rss_max_mb']:.1f} MB; "
+                f"gateway {row['cpu_cores']:.2f} cores, machine {row['machine_busy_cores']:.2f} busy, "
+                f"{row['machine_steal_cores']:.2f} stolen"
             )
         say(f"   backlog: sink down, {settings.backlog} events at {settings.backlog_rate} ev/s, sink up ...")
         drain = backlog_drain(settings, rig, processes)

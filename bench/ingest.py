@@ -44,6 +44,7 @@ from bench.common import (
     free_port,
     gateway_config,
     machine_busy_seconds,
+    machine_steal_seconds,
     rss_mb,
     run_wrk,
     say,
@@ -201,6 +202,7 @@ def measure(server: Server, settings: Settings, body_path: Path) -> Json:
     cpu_before = cpu_seconds(pid)
     sink_before = cpu_seconds(sink) if sink else 0.0
     wrk_before, machine_before = children_cpu_seconds(), machine_busy_seconds()
+    steal_before = machine_steal_seconds()
     with Sampler(lambda: rss_mb(pid), 0.2) as rss:
         result = run_wrk(server.url, settings.duration, *args, requests, body_path, signature)
     cpu = cpu_seconds(pid) - cpu_before
@@ -222,6 +224,7 @@ def measure(server: Server, settings: Settings, body_path: Path) -> Json:
         "sink_cpu_us_per_request": (cpu_seconds(sink) - sink_before) * per_request if sink else 0.0,
         "machine_cpu_us_per_request": machine * per_request,
         "machine_busy_cores": machine / result.seconds,
+        "machine_steal_cores": (machine_steal_seconds() - steal_before) / result.seconds,
         "machine_cores": os.cpu_count() or 1,  # what /proc/stat's busy time adds up
         "rss_mb": rss.max(),
         "rss_end_mb": rss_mb(pid),

@@ -78,7 +78,7 @@ class Resources:
 
     http: httpx's API over aiohttp's keep-alive pool, for any action. session: aiohttp's own API over that
     pool. client: a lean HTTP/1.1 client for actions that send one plain request per event on the hot path
-    (forward): it costs about a seventh of aiohttp's CPU per request (bench/RESULTS.md).
+    (forward): it costs about a fifth of aiohttp's CPU per request (bench/RESULTS.md).
     """
 
     http: httpx.AsyncClient

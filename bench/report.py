@@ -468,7 +468,7 @@ CHANGES = [
     "Both changes above, measured against the commit before them by alternating quick end-to-end runs of "
     "the two trees (5 s per rate), three rounds each, on this machine: at 2,000 ev/s offered the gateway "
     "delivered 1,441, 1,282 and 1,505 ev/s before and 1,876, 1,931 and 1,994 after (sustained in the "
-    "third); CPU per event at 3,000 ev/s offered fell from 551-625 µs to 401-417 µs; a backlog drained at "
+    "third); CPU per event at 3,000 ev/s offered fell from 551-614 µs to 401-417 µs; a backlog drained at "
     "2,278-2,749 ev/s before and 3,508-4,394 after; the p99 at 1,000 ev/s was 110-264 ms before and "
     "25-93 ms after. This machine's speed drifts by a third within an hour, so only runs side by side "
     "compare.",

@@ -59,8 +59,7 @@ MAX_BATCH = 512
 CHECKPOINT_COMMITS = 25
 # How long an operation that nobody waits on to go on (an attempt's result) may wait for another batch to
 # ride along with before it commits on its own. At a few hundred events a second each event otherwise
-# costs three commits of its own (store, lease, result), and commits, not statements, were most of the
-# event loop's CPU there.
+# costs four commits of its own (store, lease, result, the next-due read), each writing its own WAL frames.
 RIDE_ALONG_DELAY = 0.005
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
 # The two kinds of checkpoint (_GroupCommit.checkpoint).
@@ -218,9 +217,15 @@ class _GroupCommit:
         return future
 
     def _riders_due(self) -> None:
-        self.riders_timer = None
-        self.fast[:0], self.riders = self.riders, []
+        self._take_riders()
         self._schedule()
+
+    def _take_riders(self) -> None:
+        """The riders join the next batch: they go first, and their own timer is no longer needed."""
+        self.fast[:0], self.riders = self.riders, []
+        if self.riders_timer is not None:
+            self.riders_timer.cancel()
+            self.riders_timer = None
 
     async def close(self) -> None:
         await self.idle.wait()
@@ -246,11 +251,7 @@ class _GroupCommit:
             self._refuse_waiting()
             self._maybe_idle()  # close() may be waiting
             return
-        if self.riders:
-            self.fast[:0], self.riders = self.riders, []
-            if self.riders_timer is not None:
-                self.riders_timer.cancel()
-                self.riders_timer = None
+        self._take_riders()
         batch, self.fast = self.fast[:MAX_BATCH], self.fast[MAX_BATCH:]
         if not self.unsynced:
             room = MAX_BATCH - len(batch)
@@ -354,11 +355,8 @@ class _GroupCommit:
         return StorageUnavailable(f"sqlite: {self.broken}")
 
     def _refuse_waiting(self) -> None:
-        waiting, self.fast, self.durable = self.riders + self.fast + self.durable, [], []
-        self.riders = []
-        if self.riders_timer is not None:
-            self.riders_timer.cancel()
-            self.riders_timer = None
+        self._take_riders()
+        waiting, self.fast, self.durable = self.fast + self.durable, [], []
         _settle([(future, None, self._refusal(), durable) for _, future, durable in waiting])
 
     def _maybe_idle(self) -> None:

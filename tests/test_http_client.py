@@ -4,8 +4,9 @@ how it reads answers, and when it keeps, retries or gives up a connection."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -80,28 +81,40 @@ def client(**options: float) -> HttpClient:
     return HttpClient(ssl_context=ssl.create_default_context(), user_agent="hookyard/test", **options)
 
 
-async def answer(reply: bytes | list[bytes]) -> Script:
+def answer(reply: bytes | list[bytes]) -> Script:
     async def script(_connection: int, _index: int, _request: bytes) -> bytes | list[bytes] | None:
         return reply
 
     return script
 
 
-def test_a_request_is_one_well_formed_http_1_1_message_and_the_connection_is_kept() -> None:
-    async def test() -> None:
-        server = Scripted(await answer(OK))
-        port = await server.start()
-        http = client()
-        target = Target.parse(f"http://127.0.0.1:{port}/hooks/users?tenant=a")
-        for n in range(3):
-            result = await http.request("POST", target, {"x-n": str(n)}, b'{"n": %d}' % n)
-            assert (result.status, result.headers["content-length"]) == (200, "2")
+@contextlib.asynccontextmanager
+async def serving(
+    script: Script | bytes | list[bytes], *, close_after_answer: bool = False, **options: float
+) -> AsyncIterator[tuple[Scripted, HttpClient, Target]]:
+    """A scripted server (a script, or one reply to every request), a client, and the target of the
+    server's `/`; both closed at the end."""
+    server = Scripted(script if callable(script) else answer(script), close_after_answer=close_after_answer)
+    port = await server.start()
+    http = client(**options)
+    try:
+        yield server, http, Target.parse(f"http://127.0.0.1:{port}/")
+    finally:
         await http.aclose()
         await server.close()
+
+
+def test_a_request_is_one_well_formed_http_1_1_message_and_the_connection_is_kept() -> None:
+    async def test() -> None:
+        async with serving(OK) as (server, http, target):
+            target = Target.parse(f"http://127.0.0.1:{target.port}/hooks/users?tenant=a")
+            for n in range(3):
+                result = await http.request("POST", target, {"x-n": str(n)}, b'{"n": %d}' % n)
+                assert (result.status, result.headers["content-length"]) == (200, "2")
         assert server.connections == 1
         first = server.requests[0][1]
         assert first.startswith(b"POST /hooks/users?tenant=a HTTP/1.1\r\n")
-        assert f"\r\nhost: 127.0.0.1:{port}\r\n".encode() in first
+        assert f"\r\nhost: 127.0.0.1:{target.port}\r\n".encode() in first
         assert b"\r\nuser-agent: hookyard/test\r\n" in first
         assert b"\r\ncontent-length: 8\r\n" in first
         assert first.endswith(b'\r\nx-n: 0\r\n\r\n{"n": 0}')
@@ -116,17 +129,12 @@ def test_interim_and_chunked_answers_are_read_whole_and_keep_the_connection() ->
     )
 
     async def test() -> None:
-        server = Scripted(await answer(interim + chunked))
-        port = await server.start()
-        http = client()
-        target = Target.parse(f"http://127.0.0.1:{port}/")
-        for _ in range(2):
-            result = await http.request("POST", target, {}, b"{}")
-            assert result.status == 202
-            assert result.headers["retry-after"] == "7"
-            assert "link" not in result.headers  # the interim answer's headers are not the answer's
-        await http.aclose()
-        await server.close()
+        async with serving(interim + chunked) as (server, http, target):
+            for _ in range(2):
+                result = await http.request("POST", target, {}, b"{}")
+                assert result.status == 202
+                assert result.headers["retry-after"] == "7"
+                assert "link" not in result.headers  # the interim answer's headers are not the answer's
         assert server.connections == 1
 
     run(test)
@@ -138,16 +146,11 @@ def test_an_answer_arriving_in_pieces_gives_each_header_whole_even_an_empty_one(
     pieces.append(b"k")
 
     async def test() -> None:
-        server = Scripted(await answer(pieces))
-        port = await server.start()
-        http = client()
-        target = Target.parse(f"http://127.0.0.1:{port}/")
-        for _ in range(2):
-            result = await http.request("POST", target, {}, b"{}")
-            assert result.status == 503
-            assert result.headers == {"x-empty": "", "retry-after": "7", "content-length": "2"}
-        await http.aclose()
-        await server.close()
+        async with serving(pieces) as (server, http, target):
+            for _ in range(2):
+                result = await http.request("POST", target, {}, b"{}")
+                assert result.status == 503
+                assert result.headers == {"x-empty": "", "retry-after": "7", "content-length": "2"}
         assert server.connections == 1
 
     run(test)
@@ -162,14 +165,9 @@ def test_an_answer_arriving_in_pieces_gives_each_header_whole_even_an_empty_one(
 )
 def test_an_answer_not_worth_keeping_its_connection_for_gives_the_connection_up(reply: bytes) -> None:
     async def test() -> None:
-        server = Scripted(await answer(reply))
-        port = await server.start()
-        http = client()
-        target = Target.parse(f"http://127.0.0.1:{port}/")
-        for _ in range(2):
-            assert (await http.request("POST", target, {}, b"{}", read_limit=64 * 1024)).status == 200
-        await http.aclose()
-        await server.close()
+        async with serving(reply) as (server, http, target):
+            for _ in range(2):
+                assert (await http.request("POST", target, {}, b"{}", read_limit=64 * 1024)).status == 200
         assert server.connections == 2
         assert len(server.requests) == 2  # not sent once more on a connection that was given up
 
@@ -183,17 +181,12 @@ def test_a_stalled_body_costs_its_connection_after_the_read_timeout_and_the_stat
         return OK
 
     async def test() -> None:
-        server = Scripted(stall)
-        port = await server.start()
-        http = client()
-        target = Target.parse(f"http://127.0.0.1:{port}/")
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        assert (await http.request("POST", target, {}, b"{}", read_timeout=0.2)).status == 200
-        assert 0.2 <= loop.time() - started < 2
-        assert (await http.request("POST", target, {}, b"{}")).status == 200
-        await http.aclose()
-        await server.close()
+        async with serving(stall) as (server, http, target):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            assert (await http.request("POST", target, {}, b"{}", read_timeout=0.2)).status == 200
+            assert 0.2 <= loop.time() - started < 2
+            assert (await http.request("POST", target, {}, b"{}")).status == 200
         assert server.connections == 2
 
     run(test)
@@ -201,18 +194,13 @@ def test_a_stalled_body_costs_its_connection_after_the_read_timeout_and_the_stat
 
 def test_a_body_ended_by_closing_the_connection_gives_the_status_without_waiting() -> None:
     async def test() -> None:
-        server = Scripted(await answer(b"HTTP/1.0 200 OK\r\n\r\nthe body ends with the connection"))
-        server.close_after_answer = True
-        port = await server.start()
-        http = client()
-        target = Target.parse(f"http://127.0.0.1:{port}/")
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        for _ in range(2):
-            assert (await http.request("POST", target, {}, b"{}", read_timeout=5)).status == 200
-        assert loop.time() - started < 4
-        await http.aclose()
-        await server.close()
+        reply = b"HTTP/1.0 200 OK\r\n\r\nthe body ends with the connection"
+        async with serving(reply, close_after_answer=True) as (server, http, target):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            for _ in range(2):
+                assert (await http.request("POST", target, {}, b"{}", read_timeout=5)).status == 200
+            assert loop.time() - started < 4
         assert server.connections == 2
 
     run(test)
@@ -225,14 +213,9 @@ def test_a_kept_connection_the_peer_dropped_is_retried_once_on_a_new_one() -> No
         return None if (connection, index) == (1, 1) else OK
 
     async def test() -> None:
-        server = Scripted(drop_second)
-        port = await server.start()
-        http = client()
-        target = Target.parse(f"http://127.0.0.1:{port}/")
-        assert (await http.request("POST", target, {"x-n": "1"}, b"1")).status == 200
-        assert (await http.request("POST", target, {"x-n": "2"}, b"2")).status == 200
-        await http.aclose()
-        await server.close()
+        async with serving(drop_second) as (server, http, target):
+            assert (await http.request("POST", target, {"x-n": "1"}, b"1")).status == 200
+            assert (await http.request("POST", target, {"x-n": "2"}, b"2")).status == 200
         assert server.connections == 2
         assert [(connection, request[-1:]) for connection, request in server.requests] == [
             (1, b"1"),
@@ -248,14 +231,10 @@ def test_a_new_connection_closed_before_the_answer_is_an_error_not_retried() -> 
         return None
 
     async def test() -> None:
-        server = Scripted(drop)
-        port = await server.start()
-        http = client()
-        with pytest.raises(RequestError, match="connection closed before the answer") as caught:
-            await http.request("POST", Target.parse(f"http://127.0.0.1:{port}/"), {}, b"{}")
-        assert not caught.value.connect
-        await http.aclose()
-        await server.close()
+        async with serving(drop) as (server, http, target):
+            with pytest.raises(RequestError, match="connection closed before the answer") as caught:
+                await http.request("POST", target, {}, b"{}")
+            assert not caught.value.connect
         assert server.connections == 1
 
     run(test)
@@ -266,16 +245,11 @@ def test_an_answer_that_is_not_http_is_an_error_and_not_sent_again() -> None:
         return OK if index == 0 else b"SSH-2.0-OpenSSH_9.2\r\n\r\n"
 
     async def test() -> None:
-        server = Scripted(first_ok)
-        port = await server.start()
-        http = client()
-        target = Target.parse(f"http://127.0.0.1:{port}/")
-        assert (await http.request("POST", target, {}, b"{}")).status == 200
-        # On a kept connection: answered, if badly, so not tried again on a new one.
-        with pytest.raises(RequestError, match="invalid answer"):
-            await http.request("POST", target, {}, b"{}")
-        await http.aclose()
-        await server.close()
+        async with serving(first_ok) as (server, http, target):
+            assert (await http.request("POST", target, {}, b"{}")).status == 200
+            # On a kept connection: answered, if badly, so not tried again on a new one.
+            with pytest.raises(RequestError, match="invalid answer"):
+                await http.request("POST", target, {}, b"{}")
         assert len(server.requests) == 2
 
     run(test)
@@ -295,13 +269,9 @@ def test_a_refused_connection_says_it_never_reached_the_peer() -> None:
 @pytest.mark.parametrize("value", ["a\r\nx-injected: 1", "a\nb", "a\rb", "a\0b"])
 def test_a_header_value_that_would_break_the_request_apart_is_refused_and_nothing_is_sent(value: str) -> None:
     async def test() -> None:
-        server = Scripted(await answer(OK))
-        port = await server.start()
-        http = client()
-        with pytest.raises(HeaderError):
-            await http.request("POST", Target.parse(f"http://127.0.0.1:{port}/"), {"x-id": value}, b"{}")
-        await http.aclose()
-        await server.close()
+        async with serving(OK) as (server, http, target):
+            with pytest.raises(HeaderError):
+                await http.request("POST", target, {"x-id": value}, b"{}")
         assert server.connections == 0
 
     run(test)
@@ -314,38 +284,28 @@ def test_a_request_cancelled_midway_gives_its_connection_up() -> None:
         return OK
 
     async def test() -> None:
-        server = Scripted(slow_first)
-        port = await server.start()
-        http = client()
-        target = Target.parse(f"http://127.0.0.1:{port}/")
-        with pytest.raises(TimeoutError):
-            async with asyncio.timeout(0.2):
-                await http.request("POST", target, {}, b"{}")
-        # The late answer to the first request must never be read as the answer to the second.
-        assert (await http.request("POST", target, {}, b"{}")).status == 200
-        assert server.connections == 2
-        for _ in range(100):
-            if 1 in server.ended_by_client:
-                break
-            await asyncio.sleep(0.02)
-        assert server.ended_by_client == {1}  # closed by the client, not left open
-        await http.aclose()
-        await server.close()
+        async with serving(slow_first) as (server, http, target):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await http.request("POST", target, {}, b"{}")
+            # The late answer to the first request must never be read as the answer to the second.
+            assert (await http.request("POST", target, {}, b"{}")).status == 200
+            assert server.connections == 2
+            for _ in range(100):
+                if 1 in server.ended_by_client:
+                    break
+                await asyncio.sleep(0.02)
+            assert server.ended_by_client == {1}  # closed by the client, not left open
 
     run(test)
 
 
 def test_idle_connections_are_not_reused_past_the_keepalive() -> None:
     async def test() -> None:
-        server = Scripted(await answer(OK))
-        port = await server.start()
-        http = client(keepalive=0.1)
-        target = Target.parse(f"http://127.0.0.1:{port}/")
-        await http.request("POST", target, {}, b"{}")
-        await asyncio.sleep(0.2)
-        await http.request("POST", target, {}, b"{}")
-        await http.aclose()
-        await server.close()
+        async with serving(OK, keepalive=0.1) as (server, http, target):
+            await http.request("POST", target, {}, b"{}")
+            await asyncio.sleep(0.2)
+            await http.request("POST", target, {}, b"{}")
         assert server.connections == 2
 
     run(test)
@@ -357,7 +317,7 @@ def test_https_verifies_the_receiver_against_the_trusted_certificates(tmp_path: 
     server_context.load_cert_chain(cert, key)
 
     async def test() -> None:
-        server = Scripted(await answer(OK))
+        server = Scripted(answer(OK))
         port = await server.start(server_context)
         target = Target.parse(f"https://127.0.0.1:{port}/hooks")
         trusting = HttpClient(ssl_context=ssl.create_default_context(cafile=cert), user_agent="t")
@@ -417,14 +377,9 @@ def test_a_second_answer_to_one_request_costs_the_connection_and_is_never_read_a
         return stray if (connection, index) == (1, 0) else b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\n\r\n"
 
     async def test() -> None:
-        server = Scripted(first_stray)
-        port = await server.start()
-        http = client()
-        target = Target.parse(f"http://127.0.0.1:{port}/")
-        assert (await http.request("POST", target, {}, b"{}")).status == 200
-        assert (await http.request("POST", target, {}, b"{}")).status == 503
-        await http.aclose()
-        await server.close()
+        async with serving(first_stray) as (server, http, target):
+            assert (await http.request("POST", target, {}, b"{}")).status == 200
+            assert (await http.request("POST", target, {}, b"{}")).status == 503
         assert server.connections == 2
 
     run(test)
@@ -434,13 +389,9 @@ def test_an_upgrade_answer_is_an_error_not_a_crash_of_the_protocol(caplog: pytes
     upgrade = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
 
     async def test() -> None:
-        server = Scripted(await answer(upgrade))
-        port = await server.start()
-        http = client()
-        with pytest.raises(RequestError, match="invalid answer"):
-            await http.request("POST", Target.parse(f"http://127.0.0.1:{port}/"), {}, b"{}")
-        await http.aclose()
-        await server.close()
+        async with serving(upgrade) as (_server, http, target):
+            with pytest.raises(RequestError, match="invalid answer"):
+                await http.request("POST", target, {}, b"{}")
 
     run(test)
     assert "Fatal error" not in caplog.text
@@ -453,34 +404,25 @@ def test_a_trailer_does_not_replace_the_answers_headers() -> None:
     )
 
     async def test() -> None:
-        server = Scripted(await answer(chunked))
-        port = await server.start()
-        http = client()
-        result = await http.request("POST", Target.parse(f"http://127.0.0.1:{port}/"), {}, b"{}")
-        assert result.headers["retry-after"] == "7"
-        await http.aclose()
-        await server.close()
+        async with serving(chunked) as (_server, http, target):
+            result = await http.request("POST", target, {}, b"{}")
+            assert result.headers["retry-after"] == "7"
 
     run(test)
 
 
 def test_an_idle_connection_past_the_keepalive_is_let_go_even_while_a_newer_one_is_in_use() -> None:
     async def test() -> None:
-        server = Scripted(await answer(OK))
-        port = await server.start()
-        http = client(keepalive=0.3)
-        target = Target.parse(f"http://127.0.0.1:{port}/")
-        await asyncio.gather(*(http.request("POST", target, {}, b"{}") for _ in range(2)))
-        assert server.connections == 2
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 3
-        # The newest connection serves every request; the older one waits, idle, past the keepalive.
-        while not server.ended_by_client and loop.time() < deadline:
-            await http.request("POST", target, {}, b"{}")
-            await asyncio.sleep(0.05)
-        assert len(server.ended_by_client) == 1
-        assert server.connections == 2
-        await http.aclose()
-        await server.close()
+        async with serving(OK, keepalive=0.3) as (server, http, target):
+            await asyncio.gather(*(http.request("POST", target, {}, b"{}") for _ in range(2)))
+            assert server.connections == 2
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 3
+            # The newest connection serves every request; the older one waits, idle, past the keepalive.
+            while not server.ended_by_client and loop.time() < deadline:
+                await http.request("POST", target, {}, b"{}")
+                await asyncio.sleep(0.05)
+            assert len(server.ended_by_client) == 1
+            assert server.connections == 2
 
     run(test)

@@ -271,7 +271,7 @@ class Gateway:
             gc.collect()
             gc.freeze()
         ingress_config = self._uvicorn_config(self.ingress, listen.host, listen.port, INGRESS_DRAIN_TIMEOUT)
-        ingress_config.http = webhook_protocol(self.ingress, lambda: self.config.limits.read_timeout)
+        ingress_config.http = webhook_protocol(self.ingress)
         ingress = self._ingress_server = _Server(ingress_config)
         if listen.tls is not None:
             ingress.config.ssl_certfile, ingress.config.ssl_keyfile = listen.tls.cert, listen.tls.key

@@ -156,6 +156,10 @@ class Limits(Strict):
     max_header_bytes: int = Field(default=16 * 1024, gt=0)
     # A body that takes longer than this to arrive is cut off with 408 (slow clients hold workers).
     read_timeout: Duration = 10.0
+    # A keep-alive connection with no request for this long is closed. Behind a load balancer that reuses
+    # its connections, set it above the balancer's own idle timeout, so the gateway never closes one the
+    # balancer is about to send on.
+    idle_timeout: Duration = 5.0
     # Webhook requests in progress at once; past it, 503 at once instead of a growing pile.
     max_concurrent_requests: int = Field(default=512, gt=0)
 

@@ -7,7 +7,9 @@ the request goes through the same steps as in the ASGI app (gateway.ingress.Ingr
 answer), called from the parser's callbacks, and its answer is written from the storage commit's callback.
 No task, no coroutine, no ASGI message: on a webhook listener that is most of what a request costs beyond
 its own work. Everything else (other paths and methods, `Expect: 100-continue`) goes to the ASGI app as
-usual.
+usual. A webhook that is the connection's only request in progress (the common case: not pipelined behind
+another) does not even get uvicorn's request cycle, with its asyncio.Event and its parsed URL: a `FastCycle`
+holds what the protocol reads of it.
 
 Deadlines: uvicorn bounds idle keep-alive connections but not a client that opens a connection and then
 sends its request line and headers a byte at a time (slowloris): each such connection would hold a file
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
+from gateway.config import Limits
 from gateway.ingress import (
     EXTRA_HEADERS,
     INTERNAL_ERROR,
@@ -56,12 +59,41 @@ _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: 
 RECEIVING, STORING, ANSWERED = "receiving", "storing", "answered"
 
 
+class _Unwaited:
+    """uvicorn sets a cycle's message_event when the client leaves; nothing waits on a FastCycle's."""
+
+    def set(self) -> None:
+        pass
+
+
+class FastCycle:
+    """A webhook's request on the fast path, as uvicorn's protocol reads a request's cycle (connection_lost,
+    shutdown, a pipelined request behind it). uvicorn's RequestResponseCycle would also make an asyncio.Event
+    and the receive/send machinery of an ASGI app, which a webhook answered from the parser never uses."""
+
+    __slots__ = ("body", "disconnected", "keep_alive", "more_body", "response_complete", "scope")
+    waiting_for_100_continue = False
+    message_event = _Unwaited()
+
+    def __init__(self, scope: dict[str, Any], keep_alive: bool) -> None:
+        self.scope = scope
+        self.keep_alive = keep_alive
+        # A body that comes in one chunk (the common case) is used as it came, without a copy.
+        self.body: bytes | bytearray = b""
+        self.more_body = True
+        self.disconnected = False
+        self.response_complete = False
+
+
+Cycle = RequestResponseCycle | FastCycle
+
+
 class Webhook:
     """One request on the fast path, from its headers to its answer."""
 
     __slots__ = ("cycle", "endpoint", "event", "headers", "routes", "stage", "started")
 
-    def __init__(self, cycle: RequestResponseCycle, endpoint: Endpoint, started: float) -> None:
+    def __init__(self, cycle: Cycle, endpoint: Endpoint, started: float) -> None:
         self.cycle = cycle
         self.endpoint = endpoint
         self.started = started
@@ -71,11 +103,15 @@ class Webhook:
         self.routes: list[CompiledRoute] = []
 
 
-def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[HttpToolsProtocol]:
-    """The listener's protocol class. `timeout()` is read for each deadline, so a config reload changes it
-    for what comes next."""
+def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
+    """The listener's protocol class. The limits are read for each deadline and each body, so a config
+    reload changes them for what comes next."""
+
+    def limits() -> Limits:
+        return ingress.gateway.config.limits
 
     class WebhookProtocol(HttpToolsProtocol):
+        cycle: Cycle  # type: ignore[assignment]  # uvicorn's, or a FastCycle
         _webhook: Webhook | None = None  # the fast-path request being received or stored
         # The deadline of what is being waited for (headers, a body) and what to do when it passes.
         _timer: asyncio.TimerHandle | None = None
@@ -85,7 +121,7 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
         def connection_made(self, transport: Any) -> None:
             # Duck-typed: uvicorn only writes, closes and asks the transport about itself.
             super().connection_made(cast(asyncio.Transport, CoalescedWrites(transport, self.loop)))
-            self._arm(self._headers_timed_out)
+            self._arm(self._headers_timed_out, limits().read_timeout)
 
         def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol allows a bool
             # The client closed its side: what is buffered (the answer to its last request) leaves now.
@@ -101,10 +137,30 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
-            self._arm(self._headers_timed_out)
+            self._arm(self._headers_timed_out, limits().read_timeout)
 
         def on_headers_complete(self) -> None:
             self._disarm()
+            parser, url, cycle = self.parser, self.url, self.cycle
+            if (
+                (cycle is None or cycle.response_complete)  # not pipelined behind a request in progress
+                and parser.get_method() == b"POST"
+                and not self.expect_100_continue
+                and url.startswith(b"/")
+                and url.isascii()
+                and b"?" not in url
+                and b"%" not in url  # the path as sent is the path: nothing to parse or unquote
+                and not parser.should_upgrade()
+            ):
+                path = url.decode("ascii")
+                endpoint = ingress.gateway.table.endpoints.get(path)
+                if endpoint is not None:
+                    scope = cast(dict[str, Any], self.scope)
+                    scope.update(method="POST", path=path, raw_path=url, query_string=b"")
+                    keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
+                    self.cycle = fast = FastCycle(scope, keep_alive)
+                    self._begin(fast, endpoint)
+                    return
             super().on_headers_complete()  # starts the request: _start_asgi_task, now or once answered
 
         def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
@@ -115,14 +171,17 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
             if endpoint is None:
                 super()._start_asgi_task(cycle, app)
                 return
+            self._begin(cycle, endpoint)
+
+        def _begin(self, cycle: Cycle, endpoint: Endpoint) -> None:
             webhook = self._webhook = Webhook(cycle, endpoint, time.perf_counter())
             try:
-                webhook.headers = ingress.admit(cast(dict[str, Any], scope), endpoint)
+                webhook.headers = ingress.admit(cast(dict[str, Any], cycle.scope), endpoint)
             except Rejected as rejection:
                 webhook.stage = ANSWERED  # never admitted: nothing to release
                 self._refuse(webhook, rejection)
             else:
-                limit = ingress.gateway.config.limits.max_body_bytes
+                limit = limits().max_body_bytes
                 if len(cycle.body) > limit:  # queued behind another request, its body came in meanwhile
                     self._refuse(webhook, too_large(limit))
                 elif not cycle.more_body:
@@ -130,21 +189,36 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
                     return
             if cycle.more_body:
                 # The body is still coming: read it in time, and (if refused) drop it.
-                self._arm(self._body_timed_out)
+                self._arm(self._body_timed_out, limits().read_timeout)
 
         def on_body(self, body: bytes) -> None:
-            super().on_body(body)
+            cycle = self.cycle
+            if type(cycle) is FastCycle:
+                if cycle.response_complete:
+                    return  # refused: the rest is read and dropped
+                if not cycle.body:
+                    cycle.body = body
+                else:
+                    if type(cycle.body) is bytes:
+                        cycle.body = bytearray(cycle.body)  # more chunks: appended in place, not copied
+                    cycle.body += body
+            else:
+                super().on_body(body)
             webhook = self._webhook
-            if webhook is None or webhook.cycle is not self.cycle or webhook.stage != RECEIVING:
+            if webhook is None or webhook.cycle is not cycle or webhook.stage != RECEIVING:
                 return
             # uvicorn pauses reading past 64 KB until the app asks for more; here the limit bounds it.
             self.flow.resume_reading()
-            limit = ingress.gateway.config.limits.max_body_bytes
-            if len(self.cycle.body) > limit:
+            limit = limits().max_body_bytes
+            if len(cycle.body) > limit:
                 self._refuse(webhook, too_large(limit))
 
         def on_message_complete(self) -> None:
-            super().on_message_complete()
+            cycle = self.cycle
+            if type(cycle) is FastCycle:
+                cycle.more_body = False
+            else:
+                super().on_message_complete()
             webhook = self._webhook
             if webhook is None or webhook.cycle is not self.cycle:
                 return
@@ -240,17 +314,31 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
                 # hundred of them in one write would overflow the stack. (Reading is paused meanwhile.)
                 self.loop.call_soon(self.on_response_complete)
             else:
-                self.on_response_complete()  # the keep-alive timer
+                self.on_response_complete()
+
+        def on_response_complete(self) -> None:
+            # uvicorn's, with the idle deadline on the connection's timer instead of a timer of its own.
+            self.server_state.total_requests += 1
+            if self.transport.is_closing():
+                return
+            self._unset_keepalive_if_required()  # never set here; kept in case uvicorn sets one elsewhere
+            self.flow.resume_reading()
+            if self.pipeline:
+                cycle, app = self.pipeline.pop()
+                self._start_asgi_task(cycle, app)
+            else:
+                self._arm(self._idle_timed_out, limits().idle_timeout)
 
         # -- deadlines --------------------------------------------------------------------------------
 
-        # Every request sets a deadline twice (headers, then body) and clears it twice. A timer per
-        # deadline would cost a heap insertion and a cancellation each time; instead one timer per
-        # connection stays armed, and when it fires it only acts if the deadline it finds has passed (else
-        # it sleeps until that deadline). It fires at most once per `timeout()` of a connection's life.
+        # Every request sets a deadline three times (headers, body, then idle until the next request) and
+        # clears two of them. A timer per deadline would cost a heap insertion and a cancellation each
+        # time; instead one timer per connection stays armed, and when it fires it only acts if the
+        # deadline it finds has passed (else it sleeps until that deadline). It is moved sooner only when
+        # a deadline comes before it, which on a busy connection happens once per timer, not per request.
 
-        def _arm(self, expired: Callable[[], None]) -> None:
-            self._deadline = self.loop.time() + timeout()
+        def _arm(self, expired: Callable[[], None], seconds: float) -> None:
+            self._deadline = self.loop.time() + seconds
             self._expired = expired
             if self._timer is not None and self._deadline < self._timer.when():
                 self._timer.cancel()  # sooner than planned: a reload shortened the timeout
@@ -270,6 +358,10 @@ def webhook_protocol(ingress: Ingress, timeout: Callable[[], float]) -> type[Htt
                 return
             expired, self._expired = self._expired, None
             expired()
+
+        def _idle_timed_out(self) -> None:
+            if not self.transport.is_closing():
+                self.transport.close()
 
         def _headers_timed_out(self) -> None:
             if not self.transport.is_closing():
@@ -315,6 +407,10 @@ class CoalescedWrites:
     def close(self) -> None:
         self.flush()
         self._transport.close()
+
+    def is_closing(self) -> bool:
+        # Asked for every answer: __getattr__ would first raise and catch an AttributeError each time.
+        return bool(self._transport.is_closing())
 
     def flush(self) -> None:
         buffer, self._buffer = self._buffer, None

@@ -6,6 +6,7 @@ import asyncio
 import gc
 import json
 import socket
+import time
 from typing import Any
 
 from gateway import hookimpl
@@ -168,6 +169,33 @@ def test_pipelined_webhooks_are_answered_in_order_on_one_connection(tmp_path) ->
         (200, {"id": "msg_p3", "status": "accepted"}),
     ]
     assert all(headers["content-type"] == "application/json" for _, headers, _ in answers)
+
+
+def test_a_body_that_comes_in_pieces_is_put_together_in_order(tmp_path) -> None:
+    # The signature covers the exact bytes: a body put together wrongly would be refused 401.
+    head, _, body = signed("msg_pieces").partition(b"\r\n\r\n")
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.url) as conn:
+        conn.send(head + b"\r\n\r\n")
+        size = len(body) // 4 + 1
+        for start in range(0, len(body), size):
+            time.sleep(0.02)  # each piece read on its own
+            conn.send(body[start : start + size])
+        status, _, answer = conn.answer()
+    assert (status, json.loads(answer)) == (200, {"id": "msg_pieces", "status": "accepted"})
+
+
+def test_an_idle_keep_alive_connection_is_closed_after_idle_timeout_and_a_busy_one_is_not(tmp_path) -> None:
+    config = gateway_config(tmp_path, limits={"idle_timeout": "300ms"})
+    with RunningGateway(config) as gw, Connection(gw.url) as conn:
+        # A request every 100 ms for a second: busy for longer than the idle timeout, never idle that long.
+        for n in range(10):
+            conn.send(signed(f"msg_busy_{n}"))
+            assert conn.answer()[0] == 200
+            time.sleep(0.1)
+        idle_since = time.monotonic() - 0.1
+        assert conn.closed_by_server()
+        idle_for = time.monotonic() - idle_since
+    assert 0.3 <= idle_for < 2.0
 
 
 def test_a_stalled_body_gets_408_body_timeout_and_the_connection_is_closed(tmp_path) -> None:

@@ -37,6 +37,7 @@ from gateway.providers import (
     Provider,
     any_digest_matches,
     bad_request,
+    hmac_digest,
     require_text,
     unauthorized,
 )
@@ -101,7 +102,7 @@ def require_signature(
     providers' own verifiers compare it. Every pair is compared in constant time, so neither the answer nor
     its timing names a secret."""
     expected = [
-        text_bytes(prefix + encode_digest(hmac.digest(key, content, algorithm), encoding)) for key in keys
+        text_bytes(prefix + encode_digest(hmac_digest(key, content, algorithm), encoding)) for key in keys
     ]
     if not any_digest_matches(expected, [text_bytes(entry) for entry in entries]):
         raise unauthorized("invalid_signature", "no signature matches")

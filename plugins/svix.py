@@ -27,6 +27,7 @@ from gateway.providers import (
     Provider,
     any_digest_matches,
     bad_request,
+    hmac_digest,
     parse_timestamp,
     require_text,
     unauthorized,
@@ -140,7 +141,7 @@ class SvixProvider(Provider):
         content = wire_bytes(msg_id) + f".{timestamp}.".encode() + body
         # v1 entries are compared as text with what each key signs, so no other spelling of the same
         # bytes passes (base64 with altered padding bits, a trailing comma).
-        expected = [b"v1," + base64.b64encode(hmac.digest(key, content, "sha256")) for key in self.keys]
+        expected = [b"v1," + base64.b64encode(hmac_digest(key, content)) for key in self.keys]
         offered = [text_bytes(entry) for entry in entries]
         if not any_digest_matches(expected, offered) and not self._ed25519_matches(content, entries):
             raise unauthorized("invalid_signature", "no signature matches")

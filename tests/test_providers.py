@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from gateway.config import Source
 from gateway.plugins import registry
-from gateway.providers import Provider, Rejected
+from gateway.providers import Provider, Rejected, hmac_digest
 from plugins.consignly import BY_CODE, BY_NAME, CATALOG, ConsignlyProvider, dotted_type
 from plugins.hmac_generic import MAX_SIGNATURES, signature_entries
 from plugins.svix import SvixProvider
@@ -1080,3 +1080,11 @@ ENTRY_SEPARATOR = re.compile(r",?\s+")
 def test_signature_entries_split_as_the_separator_says(header: str) -> None:
     expected = ENTRY_SEPARATOR.split(header.strip(), MAX_SIGNATURES)[:MAX_SIGNATURES]
     assert signature_entries(header) == expected
+
+
+def test_hmac_digest_with_prepared_keys_is_hmac_digest_call_after_call() -> None:
+    # Each key is prepared once and copied for each message: no message may leave anything in it.
+    for algorithm in ("sha1", "sha256", "sha512"):
+        for key in (b"first-secret", b"second-secret", b""):
+            for content in (b"", b"a", b"b" * 1000, b"a"):
+                assert hmac_digest(key, content, algorithm) == hmac.digest(key, content, algorithm)

@@ -12,6 +12,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 import pluggy
 
@@ -47,6 +48,62 @@ def build_actions(
     return runnable
 
 
+# How late past its deadline an attempt may be cancelled, as a share of its timeout (see Deadlines).
+LATENESS = 0.1
+
+
+class Deadlines:
+    """Cancels the attempts that run past their action's timeout, all on one timer.
+
+    asyncio.timeout() starts a timer and cancels it for every attempt, which costs a delivery about 4% of
+    its instructions. Here an attempt only notes its deadline. One timer fires when some attempt may be
+    late, cancels those past their deadline, and is set again for the others. An attempt is cancelled
+    after its deadline and at most LATENESS of its timeout later (a 30 s timeout ends by 33 s): the timer
+    is moved sooner only for an attempt whose latest moment comes before it, so at a steady rate it fires
+    about once per timeout, not once per attempt."""
+
+    def __init__(self) -> None:
+        self._running: dict[asyncio.Task[Any], float] = {}  # task -> deadline, on the loop's clock
+        self._late: set[asyncio.Task[Any]] = set()  # cancelled here, not yet told (finish)
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, task: asyncio.Task[Any], seconds: float) -> None:
+        loop = task.get_loop()
+        deadline = loop.time() + seconds
+        self._running[task] = deadline
+        latest = deadline + seconds * LATENESS
+        if self._timer is None or latest < self._timer.when():
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = loop.call_at(latest, self._cancel_late, loop)
+
+    def finish(self, task: asyncio.Task[Any]) -> bool:
+        """The attempt is over; True when it was cancelled for running late (its cancellation is then
+        the caller's to take back, as asyncio.timeout does)."""
+        if self._running.pop(task, None) is not None:
+            return False
+        if task in self._late:
+            self._late.discard(task)
+            return True
+        return False
+
+    def _cancel_late(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        now, soonest = loop.time(), None
+        for task, deadline in list(self._running.items()):
+            if deadline <= now:
+                del self._running[task]
+                self._late.add(task)
+                task.cancel()
+            else:
+                # Its latest moment; the timeout is not kept, so allow a tenth of what is left (less slack,
+                # never more, than at its start).
+                latest = deadline + (deadline - now) * LATENESS
+                soonest = latest if soonest is None else min(soonest, latest)
+        if soonest is not None:
+            self._timer = loop.call_at(soonest, self._cancel_late, loop)
+
+
 class Engine:
     def __init__(
         self,
@@ -64,6 +121,7 @@ class Engine:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wakeup = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._deadlines = Deadlines()
         # The claim loop found no free slot, or filled every one: a slot that frees up may have work. When
         # it claimed less than it could, a free slot changes nothing, and waking the loop for it would cost
         # a claim and a read (a commit each) per delivery.
@@ -279,15 +337,25 @@ class Engine:
                     log.exception("a delivery_finished hook failed", extra=event.summary())
 
     async def _attempt(self, action: Action, job: Job) -> Outcome:
+        task = asyncio.current_task()
+        assert task is not None
+        self._deadlines.start(task, job.timeout)
         try:
-            async with asyncio.timeout(job.timeout):
-                return await action.deliver(job)
-        except TimeoutError:
-            return retry(f"timeout after {job.timeout:g}s")
+            outcome = await action.deliver(job)
+        except asyncio.CancelledError:
+            # Cancelled for running late, and by nobody else (a shutdown): the attempt timed out.
+            if self._deadlines.finish(task) and task.uncancel() == 0:
+                return retry(f"timeout after {job.timeout:g}s")
+            raise
         except Exception as exc:
+            if self._deadlines.finish(task):
+                task.uncancel()  # cancelled late, and the action turned it into an error of its own
             # A plugin bug or an unexpected failure: retried like any other, and logged with its traceback.
             log.exception("action raised", extra={**job.event.summary(), "action": job.action})
             return retry(f"{type(exc).__name__}: {exc}")
+        if self._deadlines.finish(task):
+            task.uncancel()  # cancelled late, but the action finished all the same: its outcome stands
+        return outcome
 
     async def _stats_loop(self) -> None:
         while True:

@@ -1,0 +1,101 @@
+"""The delivery engine's attempt timeouts: one timer for every running attempt (gateway.delivery.Deadlines)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gateway.actions import Outcome, delivered
+from gateway.config import DeliveryEngine
+from gateway.delivery import LATENESS, Deadlines, Engine
+from gateway.metrics import Metrics
+from gateway.plugins import new_plugin_manager
+
+
+def test_an_attempt_past_its_deadline_is_cancelled_after_it_and_at_most_a_tenth_of_its_timeout_later() -> (
+    None
+):
+    async def scenario() -> tuple[float, bool]:
+        deadlines = Deadlines()
+        task = asyncio.create_task(asyncio.sleep(10))
+        started = time.monotonic()
+        deadlines.start(task, 0.3)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return time.monotonic() - started, deadlines.finish(task)
+
+    took, late = asyncio.run(scenario())
+    assert late
+    assert 0.3 <= took <= 0.3 * (1 + LATENESS) + 0.05
+
+
+def test_attempts_that_finish_in_time_are_left_alone_and_the_others_are_cut_off() -> None:
+    async def scenario() -> tuple[list[bool], list[bool], float]:
+        deadlines = Deadlines()
+        quick = [asyncio.create_task(asyncio.sleep(0.05)) for _ in range(20)]
+        slow = [asyncio.create_task(asyncio.sleep(10)) for _ in range(20)]
+        started = time.monotonic()
+        for task in quick + slow:
+            deadlines.start(task, 0.3)
+        await asyncio.gather(*quick)
+        quick_late = [deadlines.finish(task) for task in quick]
+        await asyncio.gather(*slow, return_exceptions=True)
+        slow_late = [task.cancelled() and deadlines.finish(task) for task in slow]
+        return quick_late, slow_late, time.monotonic() - started
+
+    quick_late, slow_late, took = asyncio.run(scenario())
+    assert quick_late == [False] * 20
+    assert slow_late == [True] * 20
+    assert took <= 0.3 * (1 + LATENESS) + 0.05
+
+
+class SlowAction:
+    def __init__(self, seconds: float, swallow: bool = False) -> None:
+        self.seconds, self.swallow = seconds, swallow
+
+    async def deliver(self, job: Any) -> Outcome:
+        try:
+            await asyncio.sleep(self.seconds)
+        except asyncio.CancelledError:
+            if not self.swallow:
+                raise
+        return delivered(200)
+
+
+def attempt(action: SlowAction, timeout: float, cancel_after: float | None = None) -> Any:
+    """Runs Engine._attempt in a task of its own; cancels that task from outside after `cancel_after`."""
+
+    async def scenario() -> Any:
+        engine = Engine(None, {}, DeliveryEngine(), Metrics(), new_plugin_manager(load_entry_points=False))  # type: ignore[arg-type]
+        job = SimpleNamespace(timeout=timeout, action="app", event=SimpleNamespace(summary=dict))
+        task = asyncio.create_task(engine._attempt(action, job))  # type: ignore[arg-type]
+        if cancel_after is not None:
+            await asyncio.sleep(cancel_after)
+            task.cancel()
+        try:
+            return await task, task.cancelling()
+        except asyncio.CancelledError:
+            return "cancelled", task.cancelling()
+
+    return asyncio.run(scenario())
+
+
+def test_an_attempt_that_runs_late_is_retried_as_a_timeout() -> None:
+    outcome, cancelling = attempt(SlowAction(10), timeout=0.1)
+    assert (outcome.kind, outcome.error, cancelling) == ("retry", "timeout after 0.1s", 0)
+
+
+def test_a_cancellation_from_outside_is_not_taken_for_a_timeout() -> None:
+    # The engine cancels running attempts at shutdown: that must reach the task, not become a retry.
+    assert attempt(SlowAction(10), timeout=5, cancel_after=0.05)[0] == "cancelled"
+
+
+def test_an_action_that_finishes_although_cancelled_late_keeps_its_outcome_and_the_task_is_not_left_cancelling() -> (
+    None
+):
+    outcome, cancelling = attempt(SlowAction(0.5, swallow=True), timeout=0.1)
+    assert (outcome.kind, cancelling) == ("delivered", 0)

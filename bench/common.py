@@ -65,6 +65,7 @@ class Settings:
     pairs: int = 1000  # claim + finish pairs timed per level
     profile_duration: float = 8.0
     client_requests: int = 20_000  # requests per HTTP client in part 5
+    against: str = ""  # a git revision whose hot path part 6 also measures, for a before and after
     tools: dict[str, Tool] = field(default_factory=dict)
 
 
@@ -93,6 +94,7 @@ def find_tools() -> dict[str, Tool]:
             str(venv_spy) if venv_spy.exists() else shutil.which("py-spy"),
             ".venv/bin/pip install py-spy",
         ),
+        "valgrind": Tool("valgrind", shutil.which("valgrind"), "apt-get install valgrind"),
     }
 
 

@@ -5,7 +5,9 @@
 2. end to end: delivered ev/s, latency and delivery lag at fixed offered rates; backlog drain after an outage;
 3. scale: claim cost and RSS with 0, 100 k and 1 M queued deliveries;
 4. profiles (--profile): py-spy of the ingest and delivery paths;
-5. clients: the CPU of one forwarded request in each of the gateway's HTTP clients.
+5. clients: the CPU of one forwarded request in each of the gateway's HTTP clients;
+6. hot path: the CPU, and with valgrind the instructions, of one webhook's path in one process, without
+   the network (with --against REV, also for the tree at REV).
 
     make bench                      # everything, about 6 minutes; writes bench/results/ and bench/RESULTS.md
     make bench-quick                # shorter, without profiles; results go to /tmp/hookyard-bench-quick
@@ -27,7 +29,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import clients, end_to_end, ingest, profiles, report, scale
+from bench import clients, end_to_end, hotpath, ingest, profiles, report, scale
 from bench.common import (
     BENCH,
     RESULTS,
@@ -49,6 +51,7 @@ PARTS: dict[str, tuple[str, str, Callable[[Settings, Processes], Json]]] = {
     "scale": ("3. Scale", "scale.json", scale.run),
     "profile": ("4. Profiles", "profile.json", profiles.run),
     "clients": ("5. HTTP clients", "clients.json", clients.run),
+    "hotpath": ("6. The hot path alone", "hotpath.json", hotpath.run),
 }
 RESULT_KEYS = {
     "ingest": "ingest",
@@ -56,6 +59,7 @@ RESULT_KEYS = {
     "scale": "scale",
     "profile": "profile",
     "clients": "clients",
+    "hotpath": "hotpath",
 }
 
 
@@ -78,7 +82,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--client-requests", type=int, default=20_000, help="requests per HTTP client (part 5)"
     )
-    parser.add_argument("--only", default="", help="comma-separated parts: ingest,e2e,scale,profile,clients")
+    parser.add_argument(
+        "--against", default="", help="a git revision whose hot path part 6 also measures (before and after)"
+    )
+    parser.add_argument(
+        "--only", default="", help="comma-separated parts: ingest,e2e,scale,profile,clients,hotpath"
+    )
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -110,6 +119,7 @@ def settings_from(args: argparse.Namespace, work: Path) -> Settings:
         pairs=args.pairs,
         profile_duration=args.profile_duration,
         client_requests=args.client_requests,
+        against=args.against,
         tools=find_tools(),
     )
     if args.quick:
@@ -147,6 +157,10 @@ def check_tools(settings: Settings, parts: list[str]) -> list[str]:
             say(f"   skipping profile: it needs py-spy ({tools['py-spy'].install})")
         else:
             runnable.append(part)
+    if "hotpath" in runnable and not tools["valgrind"].present:
+        say(
+            f"   valgrind is missing: part 6 measures CPU but counts no instructions ({tools['valgrind'].install})"
+        )
     if "ingest" in runnable and not tools["webhook"].present:
         say(f"   adnanh/webhook is missing: its ingest rows are skipped ({tools['webhook'].install})")
     return runnable

@@ -1,0 +1,349 @@
+"""Part 6: the hot path alone, in one process: no sockets to the sender, no load generator.
+
+    python bench/hotpath.py --config ROUTES --requests FILE [--routed] [--warmup N]
+
+run with the tree under test first on PYTHONPATH, starts the gateway of ROUTES in its own process (the svix
+source, SQLite on disk with its fsync helper, a route that forwards to the benchmark sink or that matches
+nothing) and connects 32 in-memory transports to its webhook listener's protocol. Each round feeds every
+transport one signed 1 KB webhook, as whole requests from FILE, and waits for all 32 answers, and with
+--routed for all 32 deliveries, before the next round. It prints JSON: the process's CPU per webhook (every
+thread) over the rounds after the warm-up.
+
+Run under valgrind's callgrind with two numbers of rounds, the difference of the instructions counted,
+divided by the difference of webhooks, is what one webhook costs in instructions: the same count on every
+run of the same code, however busy the host is, where CPU seconds on a shared machine are not. The requests
+are signed beforehand by the part, outside the process counted.
+
+The part runs it for the current tree and, with `--against REV`, for a `git archive` of REV, the same way:
+a before and after that does not depend on what the host was doing during either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, cast
+
+if __package__ in (None, ""):
+    # Run as a script (the harness): the tree under test is on PYTHONPATH, this file's own tree is not.
+    Json = dict[str, Any]
+else:
+    from bench.common import (
+        PATH,
+        PYTHON,
+        ROOT,
+        Json,
+        Processes,
+        Settings,
+        body_1kb,
+        gateway_config,
+        say,
+        start_sink,
+        svix_signature,
+        table,
+    )
+
+HARNESS = Path(__file__).resolve()
+CONNECTIONS = 32
+WARMUP_ROUNDS = 20
+# Rounds per measurement; under callgrind, the counted slope is between the two.
+CPU_ROUNDS = 600
+COUNTED_ROUNDS = (30, 100)
+LENGTH = struct.Struct("!I")
+TIMEOUT_S = 600  # one harness run, callgrind's included
+
+
+# -- the harness (runs in its own process, importing the tree under test) ------------------------------
+
+
+class MemoryTransport:
+    """A connection's transport that keeps nothing: it counts the answers written."""
+
+    def __init__(self, answered: Answered) -> None:
+        self.answered = answered
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.answered.one()
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8080)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+class Answered:
+    """Counts what is done (answers, or deliveries) and wakes the round once the expected number is."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.expected = 0
+        self.done = asyncio.Event()
+
+    def expect(self, more: int) -> None:
+        self.expected = self.count + more
+        self.done.clear()
+
+    def one(self) -> None:
+        self.count += 1
+        if self.count >= self.expected:
+            self.done.set()
+
+
+def read_requests(path: Path) -> list[bytes]:
+    data = path.read_bytes()
+    requests, offset = [], 0
+    while offset < len(data):
+        (size,) = LENGTH.unpack_from(data, offset)
+        requests.append(data[offset + LENGTH.size : offset + LENGTH.size + size])
+        offset += LENGTH.size + size
+    return requests
+
+
+async def harness(config: Path, requests: list[bytes], routed: bool, warmup: int) -> Json:
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from gateway.app import Gateway
+    from gateway.config import load_config
+    from gateway.protocol import webhook_protocol
+
+    gateway = Gateway(load_config(config))
+    await gateway.start()
+    try:
+        # Earlier trees took the read timeout as a second argument.
+        if len(inspect.signature(webhook_protocol).parameters) == 2:
+            protocol = webhook_protocol(gateway.ingress, lambda: gateway.config.limits.read_timeout)  # type: ignore[call-arg]
+        else:
+            protocol = webhook_protocol(gateway.ingress)
+        server = uvicorn.Config(gateway.ingress, lifespan="off", log_config=None, access_log=False, ws="none")
+        state = ServerState()
+        answered, delivered = Answered(), Answered()
+        loop = asyncio.get_running_loop()
+        connections = []
+        for _ in range(CONNECTIONS):
+            connection = protocol(server, state, {}, loop)
+            connection.connection_made(cast(asyncio.Transport, MemoryTransport(answered)))
+            connections.append(connection)
+        finished = gateway.metrics.delivery_finished
+
+        def count_delivery(*args: Any) -> None:
+            finished(*args)
+            delivered.one()
+
+        gateway.metrics.delivery_finished = count_delivery  # type: ignore[method-assign, assignment]
+
+        async def rounds(first: int, last: int) -> None:
+            for start in range(first * CONNECTIONS, last * CONNECTIONS, CONNECTIONS):
+                answered.expect(CONNECTIONS)
+                delivered.expect(CONNECTIONS)
+                for connection, request in zip(
+                    connections, requests[start : start + CONNECTIONS], strict=True
+                ):
+                    connection.data_received(request)
+                await answered.done.wait()
+                if routed:
+                    await delivered.done.wait()
+
+        total = len(requests) // CONNECTIONS
+        await rounds(0, warmup)
+        cpu, started = time.process_time(), time.perf_counter()
+        await rounds(warmup, total)
+        cpu, elapsed = time.process_time() - cpu, time.perf_counter() - started
+    finally:
+        await gateway.stop()
+    webhooks = (total - warmup) * CONNECTIONS
+    return {
+        "webhooks": webhooks,
+        "cpu_us_per_webhook": cpu / webhooks * 1e6,
+        "webhooks_per_s": webhooks / elapsed,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python bench/hotpath.py")
+    parser.add_argument("--config", type=Path, required=True, help="the gateway's routes.yaml")
+    parser.add_argument("--requests", type=Path, required=True, help="signed requests, length-prefixed")
+    parser.add_argument("--routed", action="store_true", help="wait for each round's deliveries too")
+    parser.add_argument("--warmup", type=int, default=WARMUP_ROUNDS, help="rounds before the measured ones")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    result = asyncio.run(harness(args.config, read_requests(args.requests), args.routed, args.warmup))
+    json.dump(result, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()
+
+
+# -- the part (runs in the benchmark's process) -----------------------------------------------------------
+
+MODES = (("unrouted", "no route matching"), ("routed", "forward route, delivered to the sink"))
+
+
+def write_requests(path: Path, prefix: str, rounds: int) -> Path:
+    """rounds x CONNECTIONS signed webhooks, each a whole request, length-prefixed."""
+    body, timestamp = body_1kb(), int(time.time())
+    with path.open("wb") as out:
+        for n in range(rounds * CONNECTIONS):
+            msg_id = f"{prefix}-{n}"
+            head = (
+                f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nsvix-id: {msg_id}\r\nsvix-timestamp: {timestamp}\r\n"
+                f"svix-signature: {svix_signature(msg_id, timestamp, body)}\r\n\r\n"
+            ).encode()
+            out.write(LENGTH.pack(len(head) + len(body)) + head + body)
+    return path
+
+
+def archive(rev: str, directory: Path) -> tuple[Path, str]:
+    """A clean copy of the tree at `rev` (git archive), and its commit."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", f"{rev}^{{commit}}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    tree = directory / f"tree-{commit}"
+    tree.mkdir(parents=True, exist_ok=True)
+    tar = subprocess.Popen(["git", "archive", commit], cwd=ROOT, stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(tree)], stdin=tar.stdout, check=True)
+    if tar.wait() != 0:
+        raise RuntimeError(f"git archive {commit} failed")
+    return tree, commit
+
+
+def harness_run(
+    settings: Settings, tree: Path, sink_url: str, mode: str, rounds: int, counted: bool
+) -> tuple[Json, int | None]:
+    """One run of the harness on `tree`, on a database of its own: its JSON, and with `counted`
+    callgrind's instruction count."""
+    name = f"hotpath-{mode}-{rounds}-{time.monotonic_ns()}"
+    config, _ports = gateway_config(
+        settings.work, settings.work / f"{name}.db", sink_url, route_matches=mode == "routed"
+    )
+    requests = write_requests(settings.work / f"{name}.bin", f"hp{time.time_ns()}", rounds)
+    argv = [PYTHON, str(HARNESS), "--config", str(config), "--requests", str(requests)]
+    argv += ["--warmup", str(WARMUP_ROUNDS)] + (["--routed"] if mode == "routed" else [])
+    if counted:
+        out = settings.work / f"callgrind-{requests.stem}.out"
+        argv = [
+            str(settings.tools["valgrind"].path),
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            *argv,
+        ]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    try:
+        done = subprocess.run(
+            argv, cwd=tree, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+        )
+    finally:
+        requests.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the harness failed ({done.returncode}): {done.stderr[-1500:]}")
+    result: Json = json.loads(done.stdout.strip().splitlines()[-1])
+    instructions = None
+    if counted:
+        (settings.work / f"callgrind-{requests.stem}.out").unlink(missing_ok=True)
+        found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+        if found is None:
+            raise RuntimeError(f"callgrind printed no count: {done.stderr[-500:]}")
+        instructions = int(found.group(1).replace(",", ""))
+    return result, instructions
+
+
+def measure(settings: Settings, tree: Path, sink_url: str, mode: str) -> Json:
+    result, _ = harness_run(settings, tree, sink_url, mode, WARMUP_ROUNDS + CPU_ROUNDS, counted=False)
+    row: Json = {"cpu_us_per_webhook": result["cpu_us_per_webhook"], "webhooks": result["webhooks"]}
+    if settings.tools["valgrind"].present:
+        # The two counted runs at once, one per core: each is single-threaded under valgrind.
+        with ThreadPoolExecutor(2) as pool:
+            short, long = pool.map(
+                lambda rounds: harness_run(settings, tree, sink_url, mode, rounds, counted=True)[1],
+                COUNTED_ROUNDS,
+            )
+        assert short is not None and long is not None
+        extra = (COUNTED_ROUNDS[1] - COUNTED_ROUNDS[0]) * CONNECTIONS
+        row["instructions_per_webhook"] = (long - short) / extra
+    return row
+
+
+def run(settings: Settings, processes: Processes) -> Json:
+    trees = [("now", ROOT, "")]
+    if settings.against:
+        tree, commit = archive(settings.against, settings.work)
+        trees.append(("before", tree, commit))
+    sink = start_sink(processes, name="sink-hotpath")
+    rows: list[Json] = []
+    try:
+        for which, tree, commit in trees:
+            for mode, label in MODES:
+                say(f"   {which}{f' ({commit})' if commit else ''}, {label} ...")
+                row: Json = {"tree": which, "commit": commit, "mode": mode, "label": label}
+                try:
+                    row.update(measure(settings, tree, sink.url, mode))
+                except (RuntimeError, subprocess.TimeoutExpired, ValueError) as exc:
+                    row["error"] = str(exc)[-300:]
+                    say(f"     failed: {row['error']}")
+                else:
+                    counted = row.get("instructions_per_webhook")
+                    say(
+                        f"     {row['cpu_us_per_webhook']:.1f} µs CPU per webhook"
+                        + (f", {counted:,.0f} instructions" if counted else "")
+                    )
+                rows.append(row)
+    finally:
+        if sink.process is not None:
+            processes.stop(sink.process)
+    say()
+    say(render_table(rows))
+    return {
+        "connections": CONNECTIONS,
+        "cpu_rounds": CPU_ROUNDS,
+        "counted_rounds": list(COUNTED_ROUNDS),
+        "valgrind": settings.tools["valgrind"].present,
+        "rows": rows,
+    }
+
+
+def render_table(rows: list[Json]) -> str:
+    return table(
+        ["tree", "path", "CPU µs/webhook", "instructions/webhook"],
+        [
+            [
+                f"{row['tree']} {row['commit']}".strip(),
+                row["label"],
+                f"{row['cpu_us_per_webhook']:.1f}" if "cpu_us_per_webhook" in row else "failed",
+                f"{row['instructions_per_webhook']:,.0f}" if row.get("instructions_per_webhook") else "",
+            ]
+            for row in rows
+        ],
+        "llrr",
+    )

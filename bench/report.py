@@ -481,7 +481,7 @@ def _hotpath(part: Json) -> list[str]:
     now = {row["mode"]: row for row in rows if row["tree"] == "now"}
     before = {row["mode"]: row for row in rows if row["tree"] == "before"}
     compared = [
-        f"{1 - now[mode]['instructions_per_webhook'] / before[mode]['instructions_per_webhook']:.1%} "
+        f"{1 - now[mode]['instructions_per_webhook'] / before[mode]['instructions_per_webhook']:.1%} fewer "
         f"with {label}"
         for mode, label in (("unrouted", "no route"), ("routed", "the forward route"))
         if now.get(mode, {}).get("instructions_per_webhook")
@@ -489,10 +489,7 @@ def _hotpath(part: Json) -> list[str]:
     ]
     if compared:
         commit = next(iter(before.values()))["commit"]
-        out += [
-            "",
-            f"Against `{commit}`, this commit runs {' and '.join(compared)} fewer instructions per webhook.",
-        ]
+        out += ["", f"Instructions per webhook against `{commit}`: {', '.join(compared)}."]
     return out
 
 

@@ -341,7 +341,7 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
             self._deadline = self.loop.time() + seconds
             self._expired = expired
             if self._timer is not None and self._deadline < self._timer.when():
-                self._timer.cancel()  # sooner than planned: a reload shortened the timeout
+                self._timer.cancel()  # sooner than planned: an idle deadline after a read one, or a reload
                 self._timer = None
             if self._timer is None:
                 self._timer = self.loop.call_at(self._deadline, self._check_deadline)

@@ -3,8 +3,10 @@ Labels never hold ids or URLs, so their number stays bounded."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -14,6 +16,8 @@ from gateway import __version__
 
 # The *_created series double the exposition for nothing a dashboard uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
+
+Child = TypeVar("Child")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 END_TO_END_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400)
@@ -42,38 +46,61 @@ class LoopObservations:
         self.sum += amount
 
 
-class LoopCounter:
-    """A labelled counter for what runs on the event loop for every webhook or delivery, exposed as
-    prometheus_client's own Counter would be. Its children are plain numbers, read by the registry at
-    scrape time (/metrics is served on the same loop): prometheus_client's children take a lock and make
-    a few calls for every increment, about 1 µs each, and a histogram walks its buckets in Python."""
+class _LoopFamily(ABC, Generic[Child]):
+    """A labelled metric for what runs on the event loop for every webhook or delivery, exposed as
+    prometheus_client's own would be. Its children are plain numbers, read by the registry at scrape time
+    (/metrics is served on the same loop): prometheus_client's children take a lock and make a few calls
+    for every increment, about 1 µs each, and a histogram walks its buckets in Python."""
 
     def __init__(
-        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        registry: CollectorRegistry,
+        new_child: Callable[[], Child],
     ) -> None:
         self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
-        self._children: dict[tuple[str, ...], LoopCount] = {}
+        self._new_child = new_child
+        self._children: dict[tuple[str, ...], Child] = {}
         registry.register(self)
 
-    def labels(self, *values: str) -> LoopCount:
+    def labels(self, *values: str) -> Child:
         child = self._children.get(values)
         if child is None:
-            child = self._children[values] = LoopCount()
+            child = self._children[values] = self._new_child()
         return child
 
     def describe(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        yield self._family()
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        family = self._family()
         for values, child in list(self._children.items()):
-            family.add_metric(values, child.value)
+            self._add(family, values, child)
         yield family
 
+    @abstractmethod
+    def _family(self) -> Metric: ...
 
-class LoopHistogram:
-    """A labelled histogram, as LoopCounter is a counter."""
+    @abstractmethod
+    def _add(self, family: Any, values: tuple[str, ...], child: Child) -> None: ...
 
+
+class LoopCounter(_LoopFamily[LoopCount]):
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], registry: CollectorRegistry
+    ) -> None:
+        super().__init__(name, documentation, labelnames, registry, LoopCount)
+
+    def _family(self) -> Metric:
+        return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def _add(self, family: CounterMetricFamily, values: tuple[str, ...], child: LoopCount) -> None:
+        family.add_metric(values, child.value)
+
+
+class LoopHistogram(_LoopFamily[LoopObservations]):
     def __init__(
         self,
         name: str,
@@ -82,31 +109,19 @@ class LoopHistogram:
         buckets: Sequence[float],
         registry: CollectorRegistry,
     ) -> None:
-        self.name, self.documentation, self.labelnames = name, documentation, list(labelnames)
-        self.bounds = tuple(float(bound) for bound in buckets)
-        bounds = [floatToGoString(bound) for bound in self.bounds]  # type: ignore[no-untyped-call]
-        self._le = [*bounds, "+Inf"]
-        self._children: dict[tuple[str, ...], LoopObservations] = {}
-        registry.register(self)
+        bounds = tuple(float(bound) for bound in buckets)
+        super().__init__(name, documentation, labelnames, registry, lambda: LoopObservations(bounds))
+        self._le = [*(floatToGoString(bound) for bound in bounds), "+Inf"]  # type: ignore[no-untyped-call]
 
-    def labels(self, *values: str) -> LoopObservations:
-        child = self._children.get(values)
-        if child is None:
-            child = self._children[values] = LoopObservations(self.bounds)
-        return child
+    def _family(self) -> Metric:
+        return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
 
-    def describe(self) -> Iterator[Metric]:
-        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-
-    def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for values, child in list(self._children.items()):
-            cumulative, buckets = 0, []
-            for le, count in zip(self._le, child.counts, strict=True):
-                cumulative += count
-                buckets.append((le, float(cumulative)))
-            family.add_metric(values, buckets, child.sum)
-        yield family
+    def _add(self, family: HistogramMetricFamily, values: tuple[str, ...], child: LoopObservations) -> None:
+        cumulative, buckets = 0, []
+        for le, count in zip(self._le, child.counts, strict=True):
+            cumulative += count
+            buckets.append((le, float(cumulative)))
+        family.add_metric(values, buckets, child.sum)
 
 
 class Metrics:
@@ -118,7 +133,7 @@ class Metrics:
         self._delivery_children: dict[
             tuple[str, str, str], tuple[LoopCount, LoopObservations, LoopObservations | None]
         ] = {}
-        # Updated for every webhook and every delivery: Loop* (see LoopCounter).
+        # Updated for every webhook and every delivery: Loop* (see _LoopFamily).
         self.webhooks_received = LoopCounter(
             "hookyard_webhooks_received_total",
             "Webhook requests received, by outcome: accepted, duplicate or rejected.",

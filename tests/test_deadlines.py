@@ -54,14 +54,18 @@ def test_attempts_that_finish_in_time_are_left_alone_and_the_others_are_cut_off(
 
 
 class SlowAction:
-    def __init__(self, seconds: float, swallow: bool = False) -> None:
-        self.seconds, self.swallow = seconds, swallow
+    """Sleeps; when cancelled, lets it through (raise), ignores it (swallow) or makes it an error (convert)."""
+
+    def __init__(self, seconds: float, on_cancel: str = "raise") -> None:
+        self.seconds, self.on_cancel = seconds, on_cancel
 
     async def deliver(self, job: Any) -> Outcome:
         try:
             await asyncio.sleep(self.seconds)
         except asyncio.CancelledError:
-            if not self.swallow:
+            if self.on_cancel == "convert":
+                raise RuntimeError("interrupted") from None
+            if self.on_cancel == "raise":
                 raise
         return delivered(200)
 
@@ -97,5 +101,10 @@ def test_a_cancellation_from_outside_is_not_taken_for_a_timeout() -> None:
 def test_an_action_that_finishes_although_cancelled_late_keeps_its_outcome_and_the_task_is_not_left_cancelling() -> (
     None
 ):
-    outcome, cancelling = attempt(SlowAction(0.5, swallow=True), timeout=0.1)
+    outcome, cancelling = attempt(SlowAction(0.5, on_cancel="swallow"), timeout=0.1)
     assert (outcome.kind, cancelling) == ("delivered", 0)
+
+
+def test_an_action_that_turns_a_late_cancellation_into_an_error_is_retried_for_that_error() -> None:
+    outcome, cancelling = attempt(SlowAction(0.5, on_cancel="convert"), timeout=0.1)
+    assert (outcome.kind, outcome.error, cancelling) == ("retry", "RuntimeError: interrupted", 0)

@@ -24,7 +24,7 @@ import yaml
 from gateway.app import INGRESS_DRAIN_TIMEOUT, OPS_DRAIN_TIMEOUT
 from gateway.cli import main
 from gateway.config import ConfigError, parse_config
-from gateway.metrics import Metrics
+from gateway.metrics import LoopCounter, LoopHistogram, Metrics
 from gateway.plugins import Registry, plugin_manager
 from gateway.routing import RouteTable
 from tests.support import RunningGateway, gateway_config, svix_request, wait_until
@@ -612,11 +612,16 @@ def exported_series() -> dict[str, set[str]]:
     metrics = Metrics()
     families = set()
     for metric in vars(metrics).values():
-        name, kind = getattr(metric, "_name", None), getattr(metric, "_type", None)
+        if isinstance(metric, LoopCounter | LoopHistogram):  # kept on the loop, exposed by a collector
+            [family] = metric.describe()
+            name, kind, labelnames = family.name, family.type, metric.labelnames
+        else:
+            name, kind = getattr(metric, "_name", None), getattr(metric, "_type", None)
+            labelnames = getattr(metric, "_labelnames", ())
         if name is None or kind is None:
             continue
         families.add(name)
-        labels = set(metric._labelnames) | ({"version"} if kind == "info" else set())
+        labels = set(labelnames) | ({"version"} if kind == "info" else set())
         for suffix in suffixes.get(kind, ("",)):
             series[name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
     # Nothing registered escaped the walk over the Metrics attributes.

@@ -67,14 +67,14 @@ TIMEOUT_S = 600  # one harness run, callgrind's included
 
 
 class MemoryTransport:
-    """A connection's transport that keeps nothing: it counts the answers written."""
+    """A connection's transport that keeps nothing: it counts the answers written, and those not 200."""
 
     def __init__(self, answered: Answered) -> None:
         self.answered = answered
         self.closing = False
 
     def write(self, data: bytes) -> None:
-        self.answered.one()
+        self.answered.one(ok=data.startswith(b"HTTP/1.1 200 "))
 
     def is_closing(self) -> bool:
         return self.closing
@@ -97,6 +97,7 @@ class Answered:
 
     def __init__(self) -> None:
         self.count = 0
+        self.failed = 0  # answers other than 200, deliveries other than delivered: the figures would lie
         self.expected = 0
         self.done = asyncio.Event()
 
@@ -104,8 +105,9 @@ class Answered:
         self.expected = self.count + more
         self.done.clear()
 
-    def one(self) -> None:
+    def one(self, ok: bool) -> None:
         self.count += 1
+        self.failed += not ok
         if self.count >= self.expected:
             self.done.set()
 
@@ -147,9 +149,9 @@ async def harness(config: Path, requests: list[bytes], routed: bool, warmup: int
             connections.append(connection)
         finished = gateway.metrics.delivery_finished
 
-        def count_delivery(*args: Any) -> None:
-            finished(*args)
-            delivered.one()
+        def count_delivery(route: str, action: str, outcome: str, *args: Any) -> None:
+            finished(route, action, outcome, *args)
+            delivered.one(ok=outcome == "delivered")
 
         gateway.metrics.delivery_finished = count_delivery  # type: ignore[method-assign, assignment]
 
@@ -177,6 +179,8 @@ async def harness(config: Path, requests: list[bytes], routed: bool, warmup: int
         "webhooks": webhooks,
         "cpu_us_per_webhook": cpu / webhooks * 1e6,
         "webhooks_per_s": webhooks / elapsed,
+        "not_200": answered.failed,
+        "not_delivered": delivered.failed if routed else 0,
     }
 
 
@@ -269,6 +273,11 @@ def harness_run(
     if done.returncode != 0:
         raise RuntimeError(f"the harness failed ({done.returncode}): {done.stderr[-1500:]}")
     result: Json = json.loads(done.stdout.strip().splitlines()[-1])
+    if result.get("not_200") or result.get("not_delivered"):
+        # A refused webhook (a signature past its tolerance, say) costs far less than a stored one.
+        raise RuntimeError(
+            f"{result['not_200']} webhooks not answered 200, {result['not_delivered']} not delivered"
+        )
     instructions = None
     if counted:
         (settings.work / f"callgrind-{requests.stem}.out").unlink(missing_ok=True)

@@ -235,6 +235,10 @@ class Source(Strict):
     def _absolute(cls, path: str) -> str:
         if not path.startswith("/"):
             raise ValueError(f"path {path!r} must start with /")
+        # Matched against the path as decoded from the request line: a query, a fragment or a %-escape
+        # in it could never match.
+        if any(char in path for char in "?#%"):
+            raise ValueError(f"path {path!r}: write it without ?, # or %-escapes")
         return path
 
     @field_validator("secrets")

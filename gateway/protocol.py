@@ -148,12 +148,14 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
                 and not self.expect_100_continue
                 and url.startswith(b"/")
                 and url.isascii()
-                and b"?" not in url
-                and b"%" not in url  # the path as sent is the path: nothing to parse or unquote
                 and not parser.should_upgrade()
             ):
+                # Looked for in str: `b"?" in url` first tries b"?" as an integer, and raises (and
+                # swallows) a TypeError each time.
                 path = url.decode("ascii")
-                endpoint = ingress.gateway.table.endpoints.get(path)
+                endpoint = None
+                if "?" not in path and "%" not in path:  # the path as sent is the path: nothing to unquote
+                    endpoint = ingress.gateway.table.endpoints.get(path)
                 if endpoint is not None:
                     scope = cast(dict[str, Any], self.scope)
                     scope.update(method="POST", path=path, raw_path=url, query_string=b"")

@@ -258,6 +258,10 @@ def test_source_defaults() -> None:
 
 def test_source_path_must_be_absolute() -> None:
     assert config_errors(one_source(path="hooks/x")) == ["sources.x.path: path 'hooks/x' must start with /"]
+    for path in ("/hooks/x?tenant=a", "/hooks/a%20b", "/hooks/x#top"):
+        assert config_errors(one_source(path=path)) == [
+            f"sources.x.path: path {path!r}: write it without ?, # or %-escapes"
+        ]
 
 
 # -- durations -------------------------------------------------------------------------------------------

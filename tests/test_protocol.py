@@ -199,6 +199,17 @@ def test_an_idle_keep_alive_connection_is_closed_after_idle_timeout_and_a_busy_o
     assert 0.25 <= idle_for < 2.0
 
 
+def test_a_source_path_with_a_query_or_percent_encoding_is_still_a_webhook(tmp_path) -> None:
+    # Not the fast path's exact path: uvicorn parses and unquotes it, and the webhook is taken all the same.
+    paths = ["/webhooks/consignease?tenant=a", "/webhooks/%63onsignease"]
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.url) as conn:
+        answers = []
+        for n, path in enumerate(paths):
+            conn.send(signed(f"msg_path_{n}", path=path))
+            answers.append(conn.answer())
+    assert [(status, json.loads(body)["status"]) for status, _, body in answers] == [(200, "accepted")] * 2
+
+
 def test_a_stalled_body_gets_408_body_timeout_and_the_connection_is_closed(tmp_path) -> None:
     with RunningGateway(gateway_config(tmp_path, limits={"read_timeout": "300ms"})) as gw:
         with Connection(gw.url) as conn:

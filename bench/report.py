@@ -521,10 +521,10 @@ CHANGES = [
     "histograms updated for every webhook and delivery are plain numbers read at scrape time "
     "(prometheus_client's took a lock and walked the buckets in Python); one timer cancels the attempts "
     "that run late, instead of an asyncio.timeout per attempt; sqlite3 binds None, bools and bytes through "
-    "adapters that give them back as they are, where it raised and swallowed an AttributeError (and for "
-    "bytes a TypeError) per parameter; and the fast path looks for `?` and `%` in the decoded path, since "
-    '`b"?" in url` first tries `b"?"` as an integer and raised and swallowed a TypeError too (gdb on '
-    "PyErr_Format found the five such errors of each webhook).",
+    "adapters that give them back as they are, where it raised and swallowed an AttributeError per "
+    'parameter; and the fast path looks for `?` and `%` in the decoded path, since `b"?" in url` first '
+    'tries `b"?"` as an integer and raised and swallowed a TypeError (gdb on PyErr_Format found the '
+    "five such errors of each webhook: three AttributeErrors, two TypeErrors).",
     "**forward sends with a lean HTTP/1.1 client of its own** (gateway/http_client.py): keep-alive "
     "connections per origin, httptools' parser (llhttp, as uvicorn's server side uses), one write per "
     "request, http and https; no redirects, cookies, proxies or decompression, which forward never used. "

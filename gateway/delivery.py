@@ -56,11 +56,11 @@ class Deadlines:
     """Cancels the attempts that run past their action's timeout, all on one timer.
 
     asyncio.timeout() starts a timer and cancels it for every attempt: about 3% of a forwarded webhook's
-    instructions (bench part 6). Here an attempt only notes its deadline. One timer fires when some attempt may be
-    late, cancels those past their deadline, and is set again for the others. An attempt is cancelled
-    after its deadline and at most LATENESS of its timeout later (a 30 s timeout ends by 33 s): the timer
-    is moved sooner only for an attempt whose latest moment comes before it, so at a steady rate it fires
-    about once per timeout, not once per attempt."""
+    instructions (bench part 6). Here an attempt only notes its deadline. One timer fires when some attempt
+    may be late, cancels those past their deadline, and is set again for the others. An attempt is
+    cancelled after its deadline and at most LATENESS of its timeout later (a 30 s timeout ends by 33 s):
+    the timer is moved sooner only for an attempt whose latest moment comes before it, so at a steady rate
+    it fires about once per timeout, not once per attempt."""
 
     def __init__(self) -> None:
         self._running: dict[asyncio.Task[Any], float] = {}  # task -> deadline, on the loop's clock

@@ -1,6 +1,8 @@
 """The delivery engine: claim due deliveries with a lease, run their actions, record every attempt, and
-schedule retries. At-least-once: a delivery is final only once an attempt's result is committed; a worker
-that dies leaves a lease that expires (or, with SQLite, is released at the next start)."""
+schedule retries. A new event's deliveries are leased in the event's own commit while slots are free
+(`lease`, `ingested`), so they start without being claimed. At-least-once: a delivery is final only once
+an attempt's result is committed; a worker that dies leaves a lease that expires (or, with SQLite, is
+released at the next start)."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from gateway.metrics import Metrics
 from gateway.plugins import Registry
 from gateway.retry import next_delay
 from gateway.routing import PlannedAction, RouteTable
-from gateway.storage import Attempt, Claim, Storage, StorageUnavailable
+from gateway.storage import Attempt, Claim, Ingested, Lease, NewDelivery, Storage, StorageUnavailable
 
 log = logging.getLogger("hookyard.delivery")
 
@@ -121,6 +123,7 @@ class Engine:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wakeup = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
+        self._reserved = 0  # slots held for deliveries leased in commits that have not finished yet
         self._deadlines = Deadlines()
         # The claim loop found no free slot, or filled every one: a slot that frees up may have work. When
         # it claimed less than it could, a free slot changes nothing, and waking the loop for it would cost
@@ -152,6 +155,51 @@ class Engine:
     def wake(self) -> None:
         """New work may be due (an event was ingested, a replay was asked for)."""
         self._wakeup.set()
+
+    def lease(self, deliveries: list[NewDelivery]) -> Lease | None:
+        """A lease for a new event's deliveries, to take in the event's own commit: as many of those that
+        can run at once as there are free slots. None while older work waits for a slot (it goes first)
+        or the engine stops; then the claim loop fetches them, as it does what the lease leaves out."""
+        free = self.settings.concurrency - len(self._running) - self._reserved
+        limit = min(free, sum(delivery.after is None for delivery in deliveries))
+        if limit <= 0 or self._wants_slots or self._stopping:
+            return None
+        self._reserved += limit
+        return Lease(self.owner, time.time() + self.settings.lease, limit)
+
+    def ingested(
+        self, deliveries: list[NewDelivery], lease: Lease | None, stored: asyncio.Future[Ingested]
+    ) -> None:
+        """The commit of a new event's `deliveries` is done (or failed): start what it leased, and wake
+        the claim loop for what it did not."""
+        if lease is not None:
+            self._reserved -= lease.limit
+        if stored.cancelled() or stored.exception() is not None:
+            return  # nothing was stored, so nothing was leased
+        ingested = stored.result()
+        if not ingested.new:
+            return
+        if self._stopping:
+            # Too late to start: give them back, for the next start (failing that, at-least-once holds:
+            # the lease expires, or a SQLite store releases every lease when it opens).
+            self._release_soon([claim.delivery.id for claim in ingested.claims])
+        else:
+            for claim in ingested.claims:
+                self._start(claim)
+        if len(ingested.claims) < sum(delivery.after is None for delivery in deliveries):
+            self.wake()
+
+    def _release_soon(self, delivery_ids: list[int]) -> None:
+        if not delivery_ids:
+            return
+
+        async def release() -> None:
+            with contextlib.suppress(StorageUnavailable):
+                await self.storage.release(delivery_ids, time.time())
+
+        task = asyncio.create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._claim_loop(), name="hookyard-delivery")
@@ -195,7 +243,7 @@ class Engine:
         """Claim what is due, then sleep until the next delivery falls due or something wakes us."""
         settings = self.settings
         self._wakeup.clear()
-        free = settings.concurrency - len(self._running)
+        free = settings.concurrency - len(self._running) - self._reserved
         if free > 0:
             try:
                 claims = await self.storage.claim(time.time(), free, settings.lease, self.owner)

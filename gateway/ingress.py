@@ -1,7 +1,7 @@
 """The webhook listener's steps, in order: admit (load, path, method, headers, sender address, declared
 size) -> read the body (bounded in size and time) -> verify the signature on the exact bytes -> parse JSON
--> canonical event -> match routes -> store event + deliveries in one durable commit -> answer -> wake
-delivery.
+-> canonical event -> match routes -> store event + deliveries in one durable commit -> answer, and start
+the deliveries (or queue them for the engine).
 
 A request comes in through one of two doors, and both take these same steps: the listener's HTTP protocol
 takes the common case (a POST to a source's path) straight from the HTTP parser, without an ASGI cycle or a
@@ -16,13 +16,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from gateway.addresses import client_address, contains
 from gateway.providers import Rejected
-from gateway.storage import NewDelivery, StorageUnavailable
+from gateway.storage import Ingested, NewDelivery, StorageUnavailable
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -110,10 +111,17 @@ class Ingress:
         event.verified = verified
         return event, self.gateway.table.match(event)
 
-    def store(self, event: Event, routes: list[CompiledRoute]) -> asyncio.Future[bool]:
+    def store(self, event: Event, routes: list[CompiledRoute]) -> asyncio.Future[Ingested]:
         """Start the durable commit of the event and its deliveries; the future says whether it was new,
-        or fails with StorageUnavailable."""
-        return self.gateway.storage.begin_ingest(event, plan_deliveries(routes))
+        or fails with StorageUnavailable. Once it is done the engine starts or queues the deliveries."""
+        if not routes:
+            return self.gateway.storage.begin_ingest(event, [])
+        engine = self.gateway.engine
+        deliveries = plan_deliveries(routes)
+        lease = engine.lease(deliveries)
+        stored = self.gateway.storage.begin_ingest(event, deliveries, lease)
+        stored.add_done_callback(partial(engine.ingested, deliveries, lease))
+        return stored
 
     def unstored(self, event: Event, exc: StorageUnavailable) -> Rejected:
         log.error("cannot store webhook", extra={**event.summary(), "error": str(exc)})
@@ -122,17 +130,14 @@ class Ingress:
     def stored(
         self, endpoint: Endpoint, event: Event, routes: list[CompiledRoute], new: bool
     ) -> tuple[str, Reply]:
-        """After the commit: wake delivery, tell observers; the status and the reply to send."""
+        """After the commit: tell observers; the status and the reply to send."""
         gateway = self.gateway
-        if new:
-            if routes:
-                gateway.engine.wake()
-            if gateway.observes_events:
-                try:
-                    gateway.pm.hook.event_accepted(event=event, routes=[route.name for route in routes])
-                except Exception:
-                    # The event is stored: a plugin's failure must not turn its answer into an error.
-                    log.exception("an event_accepted hook failed", extra=event.summary())
+        if new and gateway.observes_events:
+            try:
+                gateway.pm.hook.event_accepted(event=event, routes=[route.name for route in routes])
+            except Exception:
+                # The event is stored: a plugin's failure must not turn its answer into an error.
+                log.exception("an event_accepted hook failed", extra=event.summary())
         status = "accepted" if new else "duplicate"
         return status, {**(endpoint.provider.reply(event) or {}), "id": event.id, "status": status}
 
@@ -209,7 +214,7 @@ class Ingress:
             raise body_timeout() from None
         event, routes = self.accept(endpoint, headers, body)
         try:
-            new = await self.store(event, routes)
+            new = (await self.store(event, routes)).new
         except StorageUnavailable as exc:
             raise self.unstored(event, exc) from None
         return self.stored(endpoint, event, routes, new)

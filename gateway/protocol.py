@@ -44,7 +44,7 @@ from gateway.ingress import (
     too_large,
 )
 from gateway.providers import Rejected
-from gateway.storage import StorageUnavailable
+from gateway.storage import Ingested, StorageUnavailable
 
 if TYPE_CHECKING:
     from gateway.events import Event
@@ -258,11 +258,11 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
                 return
             stored.add_done_callback(partial(self._stored, webhook))
 
-        def _stored(self, webhook: Webhook, stored: asyncio.Future[bool]) -> None:
+        def _stored(self, webhook: Webhook, stored: asyncio.Future[Ingested]) -> None:
             event = webhook.event
             assert event is not None
             try:
-                new = stored.result()
+                new = stored.result().new
                 status, reply = ingress.stored(webhook.endpoint, event, webhook.routes, new)
             except StorageUnavailable as exc:
                 self._refuse(webhook, ingress.unstored(event, exc))

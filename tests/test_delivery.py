@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
+from gateway.ingress import plan_deliveries
 from gateway.storage import sqlite as sqlite_module
 from tests.support import Downstream, RunningGateway, gateway_config, svix_request, wait_until
 
@@ -510,3 +511,124 @@ def test_with_every_slot_busy_the_next_due_delivery_starts_when_one_frees_up(
         downstream.wait_for(4, "/app", timeout=10)
         assert time.monotonic() - started < 5
         assert downstream.max_in_flight == 1
+
+
+def test_a_new_events_deliveries_start_from_its_commit_without_a_claim(
+    tmp_path, downstream: Downstream
+) -> None:
+    # Leased in the event's own transaction, they start once it is durable: the claim loop, asleep for
+    # its long poll interval, is neither woken nor needed.
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"]["poll_interval"] = "30s"
+    with RunningGateway(config) as gw:
+        storage = gw.gateway.storage
+        claims: list[float] = []
+        claim = storage.claim
+
+        async def counted_claim(*args: Any, **kwargs: Any) -> Any:
+            claims.append(time.monotonic())
+            return await claim(*args, **kwargs)
+
+        wait_until(lambda: gw.gateway.engine._loop_task is not None)
+        time.sleep(0.2)  # the claim loop's first claim, at start, is behind it
+        storage.claim = counted_claim  # type: ignore[method-assign]
+        for n in range(3):
+            body, headers = svix_request(msg_id=f"msg_leased_{n}")
+            assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+            downstream.wait_for(n + 1, "/app")
+        wait_until(
+            lambda: all(delivery_states(gw, f"msg_leased_{n}") == {"app": "delivered"} for n in range(3))
+        )
+        assert [r.headers["x-hookyard-attempt"] for r in downstream.received("/app")] == ["1", "1", "1"]
+        assert claims == []
+
+
+def test_events_stored_together_lease_no_more_deliveries_than_there_are_slots(
+    tmp_path, downstream: Downstream
+) -> None:
+    # Stored in the same turn of the loop, they commit in one batch: each lease must count the slots the
+    # leases before it hold, though none of their deliveries runs yet.
+    downstream.delay = 0.2
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"]["concurrency"] = 2
+    with RunningGateway(config) as gw:
+        gateway = gw.gateway
+        endpoint = gateway.table.endpoints["/webhooks/consignease"]
+
+        async def store_together() -> list[int]:
+            stored = []
+            for n in range(8):
+                body, headers = svix_request(msg_id=f"msg_together_{n}")
+                stored.append(gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body)))
+            return [len(ingested.claims) for ingested in await asyncio.gather(*stored)]
+
+        leased = asyncio.run_coroutine_threadsafe(store_together(), gw.loop).result(10)
+        assert leased == [1, 1, 0, 0, 0, 0, 0, 0]
+        downstream.wait_for(8, "/app")
+        assert downstream.max_in_flight == 2
+
+
+def test_the_claim_loop_leaves_alone_the_slots_held_for_leases(tmp_path, downstream: Downstream) -> None:
+    downstream.delay = 0.2
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
+    with RunningGateway(config) as gw:
+        gateway = gw.gateway
+        endpoint = gateway.table.endpoints["/webhooks/consignease"]
+        wait_until(lambda: gateway.engine._loop_task is not None)
+        time.sleep(0.2)  # the claim loop's first claim, at start, is behind it: it sleeps
+
+        async def queue_one_then_lease_one() -> int:
+            body, headers = svix_request(msg_id="msg_queued")
+            event, routes = gateway.ingress.accept(endpoint, headers, body)
+            await gateway.storage.ingest(event, plan_deliveries(routes))  # due, and nobody told
+            body, headers = svix_request(msg_id="msg_leased")
+            stored = gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))
+            gateway.engine.wake()  # the claim loop claims while the lease's commit waits for its fsync
+            return len((await stored).claims)
+
+        assert asyncio.run_coroutine_threadsafe(queue_one_then_lease_one(), gw.loop).result(10) == 1
+        downstream.wait_for(2, "/app")
+        assert downstream.max_in_flight == 1
+
+
+def test_a_commit_that_fails_gives_back_the_slots_it_held(tmp_path, downstream: Downstream) -> None:
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"]["concurrency"] = 1
+    with RunningGateway(config) as gw:
+        storage = gw.gateway.storage
+        asyncio.run_coroutine_threadsafe(
+            storage._run(lambda conn: conn.execute("PRAGMA query_only = ON")), gw.loop
+        ).result(10)
+        try:
+            body, headers = svix_request(msg_id="msg_not_stored")
+            assert gw.post("/webhooks/consignease", body, headers).status_code == 503
+        finally:
+            storage._writer.connection.execute("PRAGMA query_only = OFF")
+        # The one slot, held for the failed commit's delivery, is free again: the next event is delivered.
+        body, headers = svix_request(msg_id="msg_stored")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        [received] = downstream.wait_for(1, "/app")
+        assert received.headers["idempotency-key"] == "msg_stored"
+
+
+def test_deliveries_leased_as_the_engine_stops_are_given_back(tmp_path, downstream: Downstream) -> None:
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:
+        gateway = gw.gateway
+
+        async def store_while_stopping() -> float:
+            body, headers = svix_request(msg_id="msg_at_stop")
+            endpoint = gateway.table.endpoints["/webhooks/consignease"]
+            stored = gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))  # leased
+            await gateway.engine.stop(1.0)  # stopping before the commit is done
+            assert (await stored).claims
+            stopped = time.time()
+            await asyncio.sleep(0.3)  # the leases are given back in a task of their own
+            return stopped
+
+        stopped = asyncio.run_coroutine_threadsafe(store_while_stopping(), gw.loop).result(10)
+        [delivery] = event_detail(gw, "msg_at_stop").deliveries
+        # Due again at once for the next start, rather than when the lease would have run out.
+        assert delivery.state == "pending"
+        assert delivery.due_at is not None and delivery.due_at <= stopped + 0.5
+        assert downstream.received("/app") == []

@@ -25,6 +25,8 @@ from gateway.storage import (
     DeliveryRecord,
     EventDetail,
     Finished,
+    Ingested,
+    Lease,
     NewDelivery,
     StorageUnavailable,
     open_storage,
@@ -86,6 +88,12 @@ class Harness:
 
     def ingest(self, event_id: str, *deliveries: NewDelivery, **event: Any) -> bool:
         return self.run(self.storage.ingest(make_event(event_id, **event), list(deliveries)))
+
+    def ingest_leased(self, event: Event, deliveries: list[NewDelivery], lease: Lease) -> Ingested:
+        async def ingest() -> Ingested:
+            return await self.storage.begin_ingest(event, deliveries, lease)
+
+        return self.run(ingest())
 
     def claim(self, now: float, limit: int = 100, lease: float = LEASE, owner: str = "w1") -> list[Claim]:
         return self.run(self.storage.claim(now, limit, lease, owner))
@@ -646,6 +654,55 @@ def test_dependents_wait_for_their_parent(db: Harness) -> None:
     # Only app comes back once its lease runs out; ack waits for app's final state.
     assert [(c.delivery.action, c.delivery.attempts) for c in db.claim(T0 + 10 + LEASE)] == [("app", 2)]
     assert db.run(db.storage.queue_stats(T0 + 10 + LEASE)).counts["waiting"] == 1
+
+
+def test_ingest_with_a_lease_leases_deliveries_without_a_parent_up_to_its_limit(db: Harness) -> None:
+    lease = Lease("w1", T0 + LEASE, limit=2)
+    deliveries = [APP, action("ack", after="app", when="success"), action("audit"), action("archive")]
+    event = make_event("evt_1")
+    ingested = db.ingest_leased(event, deliveries, lease)
+
+    assert ingested.new is True
+    # The claims are those a claim would return: the first attempt counted, leased until the lease's end.
+    assert [(c.delivery.action, c.delivery.attempts, c.delivery.due_at) for c in ingested.claims] == [
+        ("app", 1, T0 + LEASE),
+        ("audit", 1, T0 + LEASE),
+    ]
+    stored = db.deliveries("evt_1")
+    assert [c.delivery.id for c in ingested.claims] == [stored["app"].id, stored["audit"].id]
+    assert all(c.event is event and c.parent is None for c in ingested.claims)
+    assert all(c.delivery.event_seq == stored["app"].event_seq for c in ingested.claims)
+    assert (stored["ack"].state, stored["ack"].attempts) == ("waiting", 0)
+
+    # Leased: a claim finds only what the lease left out, until the lease runs out.
+    assert [(c.delivery.action, c.delivery.attempts) for c in db.claim(T0 + 10)] == [("archive", 1)]
+    assert db.claim(T0 + LEASE - 1) == []
+    again = db.claim(T0 + LEASE)
+    assert sorted((c.delivery.action, c.delivery.attempts) for c in again) == [("app", 2), ("audit", 2)]
+
+    # Its first attempt's late result is fenced out, as a claimed one's would be.
+    assert db.finish(ingested.claims[0], "delivered", T0 + LEASE + 1, status=200) == Finished()
+    assert db.states("evt_1")["app"] == "pending"
+
+
+def test_a_duplicate_ingested_with_a_lease_leases_nothing(db: Harness) -> None:
+    assert db.ingest("evt_1", APP) is True
+    again = db.ingest_leased(make_event("evt_1"), [APP], Lease("w1", T0 + LEASE, 1))
+    assert (again.new, again.claims) == (False, [])
+    # The first copy's delivery is as it was: due, not leased.
+    assert [(c.event.id, c.delivery.attempts) for c in db.claim(T0 + 10)] == [("evt_1", 1)]
+
+
+def test_a_delivery_leased_at_ingest_finishes_and_releases_its_dependents(db: Harness) -> None:
+    lease = Lease("w1", T0 + LEASE, limit=5)
+    deliveries = [APP, action("ack", after="app", when="success")]
+    [app] = db.ingest_leased(make_event("evt_1"), deliveries, lease).claims
+    finished = db.finish(app, "delivered", T0 + 1, status=200)
+    assert finished.activated == [(ROUTE, "ack")]
+    assert db.states("evt_1") == {"app": "delivered", "ack": "pending"}
+    assert [(c.delivery.action, c.parent) for c in db.claim(T0 + 2)] == [
+        ("ack", ParentResult("app", "delivered", 1, 200, None))
+    ]
 
 
 # -- finish ---------------------------------------------------------------------------------------------

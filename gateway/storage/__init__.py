@@ -70,6 +70,26 @@ class Claim:
     parent: ParentResult | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Up to `limit` of a new event's deliveries leased to the engine `owner` until `until` in the event's
+    own transaction, for it to start once the commit is durable: they skip the queue, and the claim that
+    would otherwise fetch each one back from the store."""
+
+    owner: str
+    until: float
+    limit: int
+
+
+@dataclass(slots=True)
+class Ingested:
+    """What storing an event did: `new` is False when (source, id) was already stored (nothing written);
+    `claims` are the deliveries leased in the same transaction (see Lease)."""
+
+    new: bool
+    claims: list[Claim] = field(default_factory=list)
+
+
 @dataclass(slots=True)
 class Finished:
     """Dependents whose parent reached a final state: those that now run, and those skipped."""
@@ -130,10 +150,19 @@ class Storage(ABC):
         """Durably store the event and its deliveries in one transaction. False when (source, id) was
         already stored: then nothing is written. Raises StorageUnavailable when it could not commit."""
 
-    def begin_ingest(self, event: Event, deliveries: list[NewDelivery]) -> asyncio.Future[bool]:
+    def begin_ingest(
+        self, event: Event, deliveries: list[NewDelivery], lease: Lease | None = None
+    ) -> asyncio.Future[Ingested]:
         """`ingest` as a future, for the listener's hot path, which answers from a callback rather than a
-        task. A store that can queue the write without a coroutine overrides this."""
-        return asyncio.ensure_future(self.ingest(event, deliveries))
+        task. With a `lease`, up to `lease.limit` of the deliveries that can run at once (those with no
+        parent) are leased in the same transaction and returned as claims, their attempt counted; a store
+        may lease none, and the engine then claims them as usual. A store that can queue the write
+        without a coroutine overrides this."""
+
+        async def ingest() -> Ingested:
+            return Ingested(await self.ingest(event, deliveries))
+
+        return asyncio.ensure_future(ingest())
 
     @abstractmethod
     async def claim(self, now: float, limit: int, lease: float, owner: str) -> list[Claim]:

@@ -35,6 +35,8 @@ from gateway.storage import (
     EventDetail,
     EventSummary,
     Finished,
+    Ingested,
+    Lease,
     NewDelivery,
     QueueStats,
     Storage,
@@ -694,10 +696,12 @@ class SQLiteStorage(Storage):
     # -- ingest ---------------------------------------------------------------------------------------
 
     async def ingest(self, event: Event, deliveries: list[NewDelivery]) -> bool:
-        return await self.begin_ingest(event, deliveries)
+        return (await self.begin_ingest(event, deliveries)).new
 
-    def begin_ingest(self, event: Event, deliveries: list[NewDelivery]) -> asyncio.Future[bool]:
-        return self._submit(lambda conn: _insert_event(conn, event, deliveries), True)
+    def begin_ingest(
+        self, event: Event, deliveries: list[NewDelivery], lease: Lease | None = None
+    ) -> asyncio.Future[Ingested]:
+        return self._submit(lambda conn: _insert_event(conn, event, deliveries, lease), True)
 
     # -- delivery -------------------------------------------------------------------------------------
 
@@ -1013,7 +1017,9 @@ _EVENT_STATE = """CASE
     ELSE 'unrouted' END"""
 
 
-def _insert_event(conn: sqlite3.Connection, event: Event, deliveries: list[NewDelivery]) -> bool:
+def _insert_event(
+    conn: sqlite3.Connection, event: Event, deliveries: list[NewDelivery], lease: Lease | None
+) -> Ingested:
     cursor = conn.execute(
         "INSERT INTO events (source, event_id, type, occurred_at, received_at, verified, headers, body) "
         "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, event_id) DO NOTHING",
@@ -1029,10 +1035,11 @@ def _insert_event(conn: sqlite3.Connection, event: Event, deliveries: list[NewDe
         ),
     )
     if cursor.rowcount == 0:
-        return False
+        return Ingested(False)
     assert cursor.lastrowid is not None
-    _insert_deliveries(conn, cursor.lastrowid, deliveries, event.received_at, {})
-    return True
+    leased: list[DeliveryRecord] = []
+    _insert_deliveries(conn, cursor.lastrowid, deliveries, event.received_at, {}, lease, leased)
+    return Ingested(True, [Claim(delivery, event) for delivery in leased])
 
 
 def _insert_deliveries(
@@ -1041,14 +1048,19 @@ def _insert_deliveries(
     deliveries: list[NewDelivery],
     now: float,
     existing: dict[tuple[str, str], tuple[int, str]],
+    lease: Lease | None = None,
+    leased: list[DeliveryRecord] | None = None,
 ) -> int:
     """Insert an event's deliveries. A dependent waits for its parent, or, when the parent (created
-    earlier, e.g. before a replay of missing deliveries) is already final, is decided at once."""
+    earlier, e.g. before a replay of missing deliveries) is already final, is decided at once. With a
+    `lease`, up to `lease.limit` deliveries without a parent are inserted leased, their first attempt
+    counted, and appended to `leased`, as `_claim` would return them."""
     known = dict(existing)
     for delivery in deliveries:
         parent = known.get((delivery.route, delivery.after)) if delivery.after else None
         state: str = "pending"
         due_at: float | None = now
+        owner, attempts = None, 0
         if parent is not None:
             parent_state = parent[1]
             outcome = {"delivered": "success", "dead": "failure"}.get(parent_state)
@@ -1058,9 +1070,11 @@ def _insert_deliveries(
                 state = "pending"
             else:
                 state, due_at = "skipped", None
+        elif lease is not None and leased is not None and len(leased) < lease.limit:
+            due_at, owner, attempts = lease.until, lease.owner, 1
         row = conn.execute(
-            "INSERT INTO deliveries (event_seq, route, action, parent_id, run_when, state, due_at, pending_since, "
-            "created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO deliveries (event_seq, route, action, parent_id, run_when, state, attempts, due_at, "
+            "lease_owner, pending_since, created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 seq,
                 delivery.route,
@@ -1068,14 +1082,32 @@ def _insert_deliveries(
                 parent[0] if parent else None,
                 delivery.when,
                 state,
+                attempts,
                 due_at,
+                owner,
                 now if state == "pending" else None,
                 now,
                 now if state == "skipped" else None,
             ),
         )
-        assert row.lastrowid is not None
-        known[(delivery.route, delivery.action)] = (row.lastrowid, state)
+        delivery_id = row.lastrowid
+        assert delivery_id is not None
+        known[(delivery.route, delivery.action)] = (delivery_id, state)
+        if owner is not None:
+            assert leased is not None
+            leased.append(
+                DeliveryRecord(
+                    delivery_id,
+                    seq,
+                    delivery.route,
+                    delivery.action,
+                    state,
+                    attempts,
+                    due_at,
+                    created_at=now,
+                    when=delivery.when,
+                )
+            )
     return len(deliveries)
 
 

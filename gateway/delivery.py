@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import time
@@ -124,6 +125,11 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
         self._reserved = 0  # slots held for deliveries leased in commits that have not finished yet
+        # When the first queued delivery falls due, as the claim loop last read it; 0 once new work may
+        # have been queued since (wake). A new event's deliveries are leased only before then, so they
+        # never start ahead of a delivery that was due first.
+        self._due_at = 0.0
+        self._wakes = 0
         self._deadlines = Deadlines()
         # The claim loop found no free slot, or filled every one: a slot that frees up may have work. When
         # it claimed less than it could, a free slot changes nothing, and waking the loop for it would cost
@@ -153,16 +159,19 @@ class Engine:
         self._wakeup.set()
 
     def wake(self) -> None:
-        """New work may be due (an event was ingested, a replay was asked for)."""
+        """New work may be due (an event was queued, a retry scheduled, a replay asked for)."""
+        self._wakes += 1
+        self._due_at = 0.0
         self._wakeup.set()
 
     def lease(self, deliveries: list[NewDelivery]) -> Lease | None:
         """A lease for a new event's deliveries, to take in the event's own commit: as many of those that
-        can run at once as there are free slots. None while older work waits for a slot (it goes first)
-        or the engine stops; then the claim loop fetches them, as it does what the lease leaves out."""
+        can run at once as there are free slots. None while older work is due (it goes first: oldest due
+        first, as the claim loop takes them) or the engine stops; then the claim loop fetches them, as it
+        does what the lease leaves out."""
         free = self.settings.concurrency - len(self._running) - self._reserved
         limit = min(free, sum(delivery.after is None for delivery in deliveries))
-        if limit <= 0 or self._wants_slots or self._stopping:
+        if limit <= 0 or self._wants_slots or self._stopping or time.time() >= self._due_at:
             return None
         self._reserved += limit
         return Lease(self.owner, time.time() + self.settings.lease, limit)
@@ -243,6 +252,7 @@ class Engine:
         """Claim what is due, then sleep until the next delivery falls due or something wakes us."""
         settings = self.settings
         self._wakeup.clear()
+        wakes = self._wakes
         free = settings.concurrency - len(self._running) - self._reserved
         if free > 0:
             try:
@@ -261,6 +271,8 @@ class Engine:
         if free > 0:
             with contextlib.suppress(StorageUnavailable):
                 due = await self.storage.next_due_at()
+                if wakes == self._wakes:  # else what was queued since may be missing from this read
+                    self._due_at = math.inf if due is None else due
                 if due is not None:
                     timeout = min(timeout, max(0.0, due - time.time()))
         if timeout > 0:
@@ -354,7 +366,7 @@ class Engine:
         for dependent in finished.skipped:
             self.metrics.deliveries.labels(dependent.route, dependent.action, "skipped").inc()
         if finished.activated or due_at is not None:
-            self._wakeup.set()  # something falls due that the claim loop's sleep may not have counted on
+            self.wake()  # something falls due that the claim loop's sleep may not have counted on
 
         level = _LOG_LEVEL.get(outcome.kind, logging.WARNING)
         if log.isEnabledFor(level):  # a delivered one is logged at DEBUG: skip building its fields

@@ -592,6 +592,78 @@ def test_the_claim_loop_leaves_alone_the_slots_held_for_leases(tmp_path, downstr
         assert downstream.max_in_flight == 1
 
 
+def test_a_new_event_never_starts_ahead_of_a_delivery_that_was_due_first(
+    tmp_path, downstream: Downstream
+) -> None:
+    downstream.delay = 0.1
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
+    with RunningGateway(config) as gw:
+        gateway = gw.gateway
+        endpoint = gateway.table.endpoints["/webhooks/consignease"]
+
+        async def queue_one_due_soon() -> None:
+            body, headers = svix_request(msg_id="msg_due_first")
+            event, routes = gateway.ingress.accept(endpoint, headers, body)
+            event.received_at = time.time() + 0.3  # its delivery falls due then
+            await gateway.storage.ingest(event, plan_deliveries(routes))
+            gateway.engine.wake()  # as whatever queues a delivery does
+
+        async def store_once_it_is_due() -> int:
+            # The loop is held past the moment it fell due, as a busy loop would be: the claim loop, asleep
+            # until then, has not claimed it yet.
+            time.sleep(0.5)
+            body, headers = svix_request(msg_id="msg_new")
+            stored = gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))
+            return len((await stored).claims)
+
+        asyncio.run_coroutine_threadsafe(queue_one_due_soon(), gw.loop).result(10)
+        time.sleep(0.1)  # the claim loop has looked, found nothing due yet, and sleeps until it is
+        assert asyncio.run_coroutine_threadsafe(store_once_it_is_due(), gw.loop).result(10) == 0
+        received = downstream.wait_for(2, "/app")
+        assert [r.headers["idempotency-key"] for r in received] == ["msg_due_first", "msg_new"]
+
+
+def test_a_read_of_the_queue_older_than_the_last_wake_lets_no_new_event_ahead(
+    tmp_path, downstream: Downstream
+) -> None:
+    # The claim loop reads when the next delivery falls due; a delivery queued (and the engine woken) after
+    # that read began is missing from it, so the read must not tell leases the way is clear.
+    downstream.delay = 0.1
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
+    with RunningGateway(config) as gw:
+        gateway, storage = gw.gateway, gw.gateway.storage
+        endpoint = gateway.table.endpoints["/webhooks/consignease"]
+        wait_until(lambda: gateway.engine._loop_task is not None)
+        time.sleep(0.2)  # the claim loop has read an empty queue and sleeps
+        read = storage.next_due_at
+        leased: list[int] = []
+
+        def store_new() -> None:
+            body, headers = svix_request(msg_id="msg_new")
+            stored = gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))
+            stored.add_done_callback(lambda done: leased.append(len(done.result().claims)))
+
+        async def read_then_queue_one() -> float | None:
+            due = await read()  # nothing due: the read is done before the delivery below is queued
+            body, headers = svix_request(msg_id="msg_queued")
+            event, routes = gateway.ingress.accept(endpoint, headers, body)
+            await storage.ingest(event, plan_deliveries(routes))
+            gateway.engine.wake()
+            asyncio.get_running_loop().call_soon(store_new)  # before the claim loop looks again
+            storage.next_due_at = read  # type: ignore[method-assign]
+            return due
+
+        storage.next_due_at = read_then_queue_one  # type: ignore[method-assign]
+        gw.loop.call_soon_threadsafe(
+            gateway.engine.wake
+        )  # the claim loop looks: nothing to claim, then reads
+        received = downstream.wait_for(2, "/app")
+        assert [r.headers["idempotency-key"] for r in received] == ["msg_queued", "msg_new"]
+        assert leased == [0]
+
+
 def test_a_commit_that_fails_gives_back_the_slots_it_held(tmp_path, downstream: Downstream) -> None:
     config = gateway_config(tmp_path, routes=[users_route(downstream)])
     config["delivery"]["concurrency"] = 1

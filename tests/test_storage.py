@@ -688,7 +688,7 @@ def test_ingest_with_a_lease_leases_deliveries_without_a_parent_up_to_its_limit(
 def test_a_duplicate_ingested_with_a_lease_leases_nothing(db: Harness) -> None:
     assert db.ingest("evt_1", APP) is True
     again = db.ingest_leased(make_event("evt_1"), [APP], Lease("w1", T0 + LEASE, 1))
-    assert (again.new, again.claims) == (False, [])
+    assert (again.new, again.claims) == (False, ())
     # The first copy's delivery is as it was: due, not leased.
     assert [(c.event.id, c.delivery.attempts) for c in db.claim(T0 + 10)] == [("evt_1", 1)]
 

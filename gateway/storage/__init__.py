@@ -10,7 +10,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from gateway.actions import ParentResult
 from gateway.events import Event
@@ -81,13 +81,17 @@ class Lease:
     limit: int
 
 
-@dataclass(slots=True)
-class Ingested:
+class Ingested(NamedTuple):
     """What storing an event did: `new` is False when (source, id) was already stored (nothing written);
     `claims` are the deliveries leased in the same transaction (see Lease)."""
 
     new: bool
-    claims: list[Claim] = field(default_factory=list)
+    claims: tuple[Claim, ...] = ()
+
+
+# Immutable, so the two answers most webhooks get are made once, not per webhook.
+STORED = Ingested(True)  # stored, nothing leased
+DUPLICATE = Ingested(False)
 
 
 @dataclass(slots=True)
@@ -160,7 +164,7 @@ class Storage(ABC):
         without a coroutine overrides this."""
 
         async def ingest() -> Ingested:
-            return Ingested(await self.ingest(event, deliveries))
+            return STORED if await self.ingest(event, deliveries) else DUPLICATE
 
         return asyncio.ensure_future(ingest())
 

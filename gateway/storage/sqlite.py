@@ -29,6 +29,8 @@ import orjson
 from gateway.actions import ParentResult
 from gateway.events import Event
 from gateway.storage import (
+    DUPLICATE,
+    STORED,
     Attempt,
     Claim,
     DeliveryRecord,
@@ -1035,11 +1037,13 @@ def _insert_event(
         ),
     )
     if cursor.rowcount == 0:
-        return Ingested(False)
+        return DUPLICATE
+    if not deliveries:
+        return STORED
     assert cursor.lastrowid is not None
     leased: list[DeliveryRecord] = []
     _insert_deliveries(conn, cursor.lastrowid, deliveries, event.received_at, {}, lease, leased)
-    return Ingested(True, [Claim(delivery, event) for delivery in leased])
+    return Ingested(True, tuple([Claim(delivery, event) for delivery in leased])) if leased else STORED
 
 
 def _insert_deliveries(

@@ -29,6 +29,12 @@ from gateway.storage import Attempt, Claim, Ingested, Lease, NewDelivery, Storag
 
 log = logging.getLogger("hookyard.delivery")
 
+
+def _roots(deliveries: list[NewDelivery]) -> int:
+    """How many of an event's deliveries can start at once: those that wait for no parent."""
+    return sum(delivery.after is None for delivery in deliveries)
+
+
 _METRIC_OUTCOME = {"delivered": "delivered", "retry": "retried", "dead": "dead", "skipped": "skipped"}
 _LOG_LEVEL = {"delivered": logging.DEBUG, "skipped": logging.INFO, "retry": logging.INFO}
 
@@ -130,6 +136,7 @@ class Engine:
         # never start ahead of a delivery that was due first.
         self._due_at = 0.0
         self._wakes = 0
+        self._queueing = 0  # events being stored whose deliveries (some of them) go to the queue
         self._deadlines = Deadlines()
         # The claim loop found no free slot, or filled every one: a slot that frees up may have work. When
         # it claimed less than it could, a free slot changes nothing, and waking the loop for it would cost
@@ -140,6 +147,7 @@ class Engine:
         self._stats_task: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._releases: set[asyncio.Task[None]] = set()  # leases given back as the engine stops
 
     def swap_actions(self, actions: dict[tuple[str, str], RunnableAction]) -> None:
         """Run new deliveries with a reloaded config's actions; close the old ones once the deliveries
@@ -166,12 +174,19 @@ class Engine:
 
     def lease(self, deliveries: list[NewDelivery]) -> Lease | None:
         """A lease for a new event's deliveries, to take in the event's own commit: as many of those that
-        can run at once as there are free slots. None while older work is due (it goes first: oldest due
-        first, as the claim loop takes them) or the engine stops; then the claim loop fetches them, as it
-        does what the lease leaves out."""
+        can run at once as there are free slots. None while older work is due or on its way into the
+        queue (it goes first: oldest due first, as the claim loop takes them) or the engine stops; then
+        the claim loop fetches them, as it does what the lease leaves out. `ingested` must follow."""
+        roots = _roots(deliveries)
         free = self.settings.concurrency - len(self._running) - self._reserved
-        limit = min(free, sum(delivery.after is None for delivery in deliveries))
-        if limit <= 0 or self._wants_slots or self._stopping or time.time() >= self._due_at:
+        limit = min(free, roots)
+        if self._wants_slots or self._stopping or self._queueing or time.time() >= self._due_at:
+            limit = 0
+        if limit < roots:
+            # Some go to the queue: until they are in it and the claim loop has looked, none of the
+            # events after this one may start ahead of them.
+            self._queueing += 1
+        if limit <= 0:
             return None
         self._reserved += limit
         return Lease(self.owner, time.time() + self.settings.lease, limit)
@@ -181,22 +196,26 @@ class Engine:
     ) -> None:
         """The commit of a new event's `deliveries` is done (or failed): start what it leased, and wake
         the claim loop for what it did not."""
-        if lease is not None:
-            self._reserved -= lease.limit
-        if stored.cancelled() or stored.exception() is not None:
-            return  # nothing was stored, so nothing was leased
-        ingested = stored.result()
-        if not ingested.new:
-            return
-        if self._stopping:
-            # Too late to start: give them back, for the next start (failing that, at-least-once holds:
-            # the lease expires, or a SQLite store releases every lease when it opens).
-            self._release_soon([claim.delivery.id for claim in ingested.claims])
-        else:
-            for claim in ingested.claims:
-                self._start(claim)
-        if len(ingested.claims) < sum(delivery.after is None for delivery in deliveries):
-            self.wake()
+        roots = _roots(deliveries)
+        leased = lease.limit if lease is not None else 0
+        if leased < roots:
+            self._queueing -= 1
+        self._reserved -= leased
+        claims: tuple[Claim, ...] = ()
+        if not stored.cancelled() and stored.exception() is None:
+            new, claims = stored.result()
+            if new and self._stopping:
+                # Too late to start: give them back, for the next start (failing that, at-least-once
+                # holds: the lease expires, or a SQLite store releases every lease when it opens).
+                self._release_soon([claim.delivery.id for claim in claims])
+            elif new:
+                for claim in claims:
+                    self._start(claim)
+            if new and len(claims) < roots:
+                self.wake()
+                return
+        if len(claims) < leased and self._wants_slots:
+            self._wakeup.set()  # slots held for this commit are free again, and the claim loop waits for one
 
     def _release_soon(self, delivery_ids: list[int]) -> None:
         if not delivery_ids:
@@ -204,11 +223,11 @@ class Engine:
 
         async def release() -> None:
             with contextlib.suppress(StorageUnavailable):
-                await self.storage.release(delivery_ids, time.time())
+                await self.storage.release(delivery_ids, time.time(), attempted=False)
 
         task = asyncio.create_task(release())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
 
     def start(self) -> None:
         self._loop_task = asyncio.create_task(self._claim_loop(), name="hookyard-delivery")
@@ -236,6 +255,9 @@ class Engine:
                 with contextlib.suppress(StorageUnavailable):
                     await self.storage.release(unfinished, time.time())
                 log.warning("released unfinished deliveries", extra={"count": len(unfinished)})
+        # Given back by commits that finished meanwhile (`ingested`); one that finishes later still is
+        # released at the next start.
+        await asyncio.gather(*self._releases, return_exceptions=True)
         for runnable in self.actions.values():
             await runnable.action.aclose()
 
@@ -255,10 +277,15 @@ class Engine:
         wakes = self._wakes
         free = settings.concurrency - len(self._running) - self._reserved
         if free > 0:
+            self._reserved += free  # what the claim returns takes them: no lease may meanwhile
             try:
                 claims = await self.storage.claim(time.time(), free, settings.lease, self.owner)
             except StorageUnavailable as exc:
                 log.error("cannot claim deliveries", extra={"error": str(exc)})
+                claims = None
+            finally:
+                self._reserved -= free
+            if claims is None:
                 claims = []
                 await asyncio.sleep(settings.poll_interval)
             for claim in claims:

@@ -214,7 +214,9 @@ class Ingress:
             raise body_timeout() from None
         event, routes = self.accept(endpoint, headers, body)
         try:
-            new = (await self.store(event, routes)).new
+            # Shielded: a cancelled request (a shutdown's deadline) must not cancel what the store still
+            # commits, or the engine would never start the deliveries it leased.
+            new = (await asyncio.shield(self.store(event, routes))).new
         except StorageUnavailable as exc:
             raise self.unstored(event, exc) from None
         return self.stored(endpoint, event, routes, new)

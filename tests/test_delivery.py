@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import math
+import os
+import signal
 import time
 from typing import Any
 
@@ -10,6 +13,7 @@ import pytest
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
 from gateway.ingress import plan_deliveries
+from gateway.storage import Lease, NewDelivery, StorageUnavailable
 from gateway.storage import sqlite as sqlite_module
 from tests.support import Downstream, RunningGateway, gateway_config, svix_request, wait_until
 
@@ -529,8 +533,7 @@ def test_a_new_events_deliveries_start_from_its_commit_without_a_claim(
             claims.append(time.monotonic())
             return await claim(*args, **kwargs)
 
-        wait_until(lambda: gw.gateway.engine._loop_task is not None)
-        time.sleep(0.2)  # the claim loop's first claim, at start, is behind it
+        wait_until(lambda: gw.gateway.engine._due_at == math.inf)  # the claim loop read an empty queue
         storage.claim = counted_claim  # type: ignore[method-assign]
         for n in range(3):
             body, headers = svix_request(msg_id=f"msg_leased_{n}")
@@ -575,8 +578,7 @@ def test_the_claim_loop_leaves_alone_the_slots_held_for_leases(tmp_path, downstr
     with RunningGateway(config) as gw:
         gateway = gw.gateway
         endpoint = gateway.table.endpoints["/webhooks/consignease"]
-        wait_until(lambda: gateway.engine._loop_task is not None)
-        time.sleep(0.2)  # the claim loop's first claim, at start, is behind it: it sleeps
+        wait_until(lambda: gateway.engine._due_at == math.inf)  # the claim loop read an empty queue
 
         async def queue_one_then_lease_one() -> int:
             body, headers = svix_request(msg_id="msg_queued")
@@ -618,7 +620,8 @@ def test_a_new_event_never_starts_ahead_of_a_delivery_that_was_due_first(
             return len((await stored).claims)
 
         asyncio.run_coroutine_threadsafe(queue_one_due_soon(), gw.loop).result(10)
-        time.sleep(0.1)  # the claim loop has looked, found nothing due yet, and sleeps until it is
+        # The claim loop has looked, found nothing due yet, and sleeps until it is.
+        wait_until(lambda: 0 < gateway.engine._due_at < math.inf)
         assert asyncio.run_coroutine_threadsafe(store_once_it_is_due(), gw.loop).result(10) == 0
         received = downstream.wait_for(2, "/app")
         assert [r.headers["idempotency-key"] for r in received] == ["msg_due_first", "msg_new"]
@@ -635,8 +638,7 @@ def test_a_read_of_the_queue_older_than_the_last_wake_lets_no_new_event_ahead(
     with RunningGateway(config) as gw:
         gateway, storage = gw.gateway, gw.gateway.storage
         endpoint = gateway.table.endpoints["/webhooks/consignease"]
-        wait_until(lambda: gateway.engine._loop_task is not None)
-        time.sleep(0.2)  # the claim loop has read an empty queue and sleeps
+        wait_until(lambda: gateway.engine._due_at == math.inf)  # the claim loop read an empty queue
         read = storage.next_due_at
         leased: list[int] = []
 
@@ -664,20 +666,113 @@ def test_a_read_of_the_queue_older_than_the_last_wake_lets_no_new_event_ahead(
         assert leased == [0]
 
 
+def test_an_event_queued_while_its_commit_waits_is_not_overtaken_by_a_later_one(
+    tmp_path, downstream: Downstream
+) -> None:
+    downstream.delay = 0.3
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
+    with RunningGateway(config) as gw:
+        gateway = gw.gateway
+        endpoint = gateway.table.endpoints["/webhooks/consignease"]
+        helper = gateway.storage._writer.syncer.process.pid
+
+        def store(msg_id: str) -> asyncio.Future[Any]:
+            body, headers = svix_request(msg_id=msg_id)
+            return gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))
+
+        assert gw.post("/webhooks/consignease", *svix_request(msg_id="msg_running")).status_code == 200
+        stored: list[asyncio.Future[Any]] = []
+        os.kill(helper, signal.SIGSTOP)  # a slow disk: commits wait for their fsync
+        try:
+            # The one slot is taken: this one goes to the queue, once its commit is on disk.
+            gw.loop.call_soon_threadsafe(lambda: stored.append(store("msg_queued")))
+            downstream.wait_for(1, "/app")
+            wait_until(lambda: not gateway.engine._running)  # the slot is free; the queued one's commit waits
+            gw.loop.call_soon_threadsafe(lambda: stored.append(store("msg_later")))
+            wait_until(lambda: len(stored) == 2)
+        finally:
+            os.kill(helper, signal.SIGCONT)
+        received = downstream.wait_for(3, "/app")
+        assert [r.headers["idempotency-key"] for r in received] == ["msg_running", "msg_queued", "msg_later"]
+        assert [len(future.result().claims) for future in stored] == [0, 0]
+
+
+def test_no_lease_takes_the_slots_a_claim_in_progress_fills(tmp_path, downstream: Downstream) -> None:
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"].update({"poll_interval": "50ms", "concurrency": 1})
+    with RunningGateway(config) as gw:
+        engine, storage = gw.gateway.engine, gw.gateway.storage
+        claim = storage.claim
+        offered: list[Lease | None] = []
+        deliveries = [NewDelivery("users", "app")]
+
+        async def claim_while_an_event_asks_for_a_lease(*args: Any, **kwargs: Any) -> Any:
+            lease = engine.lease(deliveries)
+            offered.append(lease)
+            failed = asyncio.get_running_loop().create_future()
+            failed.set_exception(StorageUnavailable("this event was never stored"))
+            engine.ingested(deliveries, lease, failed)
+            return await claim(*args, **kwargs)
+
+        storage.claim = claim_while_an_event_asks_for_a_lease  # type: ignore[method-assign]
+        wait_until(lambda: len(offered) >= 3)  # claims on the poll interval, the queue read as empty
+        assert offered[:3] == [None, None, None]
+
+
+def test_slots_held_for_a_duplicate_free_up_for_the_claim_loop_waiting_for_them(
+    tmp_path, downstream: Downstream
+) -> None:
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
+    with RunningGateway(config) as gw:
+        gateway = gw.gateway
+        endpoint = gateway.table.endpoints["/webhooks/consignease"]
+        wait_until(lambda: gateway.engine._due_at == math.inf)  # the claim loop read an empty queue
+
+        async def scenario() -> int:
+            body, headers = svix_request(msg_id="msg_twice")
+            await gateway.storage.ingest(gateway.ingress.accept(endpoint, headers, body)[0], [])
+            body, headers = svix_request(msg_id="msg_due")
+            event, routes = gateway.ingress.accept(endpoint, headers, body)
+            await gateway.storage.ingest(event, plan_deliveries(routes))  # due; the engine not told yet
+            body, headers = svix_request(msg_id="msg_twice")
+            stored = gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))  # holds the slot
+            gateway.engine.wake()  # the claim loop finds no free slot, and waits for one
+            return len((await stored).claims)
+
+        assert asyncio.run_coroutine_threadsafe(scenario(), gw.loop).result(10) == 0
+        started = time.monotonic()
+        [received] = downstream.wait_for(1, "/app", timeout=10)
+        assert received.headers["idempotency-key"] == "msg_due"
+        assert time.monotonic() - started < 5  # not after the 30 s poll interval
+
+
 def test_a_commit_that_fails_gives_back_the_slots_it_held(tmp_path, downstream: Downstream) -> None:
     config = gateway_config(tmp_path, routes=[users_route(downstream)])
     config["delivery"]["concurrency"] = 1
     with RunningGateway(config) as gw:
-        storage = gw.gateway.storage
-        asyncio.run_coroutine_threadsafe(
-            storage._run(lambda conn: conn.execute("PRAGMA query_only = ON")), gw.loop
-        ).result(10)
-        try:
+        gateway = gw.gateway
+        endpoint = gateway.table.endpoints["/webhooks/consignease"]
+        wait_until(lambda: gateway.engine._due_at == math.inf)  # the claim loop read an empty queue
+
+        async def store_on_a_read_only_store() -> tuple[int, str]:
+            await gateway.storage._run(lambda conn: conn.execute("PRAGMA query_only = ON"))
             body, headers = svix_request(msg_id="msg_not_stored")
-            assert gw.post("/webhooks/consignease", body, headers).status_code == 503
-        finally:
-            storage._writer.connection.execute("PRAGMA query_only = OFF")
-        # The one slot, held for the failed commit's delivery, is free again: the next event is delivered.
+            stored = gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))
+            held = gateway.engine._reserved  # the one slot, leased to the event's delivery
+            try:
+                await stored
+            except StorageUnavailable as exc:
+                return held, str(exc)
+            finally:
+                # Not through the writer: with query_only on, even its BEGIN IMMEDIATE fails.
+                gateway.storage._writer.connection.execute("PRAGMA query_only = OFF")
+            return held, "stored"
+
+        held, outcome = asyncio.run_coroutine_threadsafe(store_on_a_read_only_store(), gw.loop).result(10)
+        assert (held, outcome.startswith("sqlite:")) == (1, True), outcome
+        # The slot is free again: the next event is delivered.
         body, headers = svix_request(msg_id="msg_stored")
         assert gw.post("/webhooks/consignease", body, headers).status_code == 200
         [received] = downstream.wait_for(1, "/app")
@@ -700,7 +795,8 @@ def test_deliveries_leased_as_the_engine_stops_are_given_back(tmp_path, downstre
 
         stopped = asyncio.run_coroutine_threadsafe(store_while_stopping(), gw.loop).result(10)
         [delivery] = event_detail(gw, "msg_at_stop").deliveries
-        # Due again at once for the next start, rather than when the lease would have run out.
-        assert delivery.state == "pending"
+        # Due again at once for the next start, rather than when the lease would have run out, and with
+        # no attempt counted: none was made.
+        assert (delivery.state, delivery.attempts) == ("pending", 0)
         assert delivery.due_at is not None and delivery.due_at <= stopped + 0.5
         assert downstream.received("/app") == []

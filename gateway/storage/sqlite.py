@@ -728,11 +728,12 @@ class SQLiteStorage(Storage):
             ride=not waited_for,
         )
 
-    async def release(self, delivery_ids: list[int], now: float) -> None:
+    async def release(self, delivery_ids: list[int], now: float, *, attempted: bool = True) -> None:
         def release(conn: sqlite3.Connection) -> None:
             conn.executemany(
-                "UPDATE deliveries SET due_at = ?, lease_owner = NULL WHERE id = ? AND state = 'pending'",
-                [(now, delivery_id) for delivery_id in delivery_ids],
+                "UPDATE deliveries SET due_at = ?, lease_owner = NULL, attempts = attempts - ? "
+                "WHERE id = ? AND state = 'pending'",
+                [(now, 0 if attempted else 1, delivery_id) for delivery_id in delivery_ids],
             )
 
         await self._run(release, durable=False)
@@ -1043,7 +1044,13 @@ def _insert_event(
     assert cursor.lastrowid is not None
     leased: list[DeliveryRecord] = []
     _insert_deliveries(conn, cursor.lastrowid, deliveries, event.received_at, {}, lease, leased)
-    return Ingested(True, tuple([Claim(delivery, event) for delivery in leased])) if leased else STORED
+    if not leased:
+        return STORED
+    # The first shares the ingress's event (read-only, as plugins are told); its siblings get their own.
+    first, *siblings = leased
+    return Ingested(
+        True, (Claim(first, event), *[Claim(delivery, _own_event(event)) for delivery in siblings])
+    )
 
 
 def _insert_deliveries(
@@ -1270,6 +1277,22 @@ def _has_ancestor_in(conn: sqlite3.Connection, delivery_id: int, ids: set[int]) 
 
 def _delivery(row: tuple[Any, ...]) -> DeliveryRecord:
     return DeliveryRecord(*row)
+
+
+def _own_event(event: Event) -> Event:
+    """The event as `_event` reads it back, for one delivery: its payload parsed again from the body and
+    its own headers, so no delivery sees what a sibling's plugin changed."""
+    return Event(
+        source=event.source,
+        id=event.id,
+        type=event.type,
+        occurred_at=event.occurred_at,
+        received_at=event.received_at,
+        body=event.body,
+        payload=orjson.loads(event.body),
+        headers=dict(event.headers),
+        verified=event.verified,
+    )
 
 
 def _event(row: tuple[Any, ...]) -> Event:

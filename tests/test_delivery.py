@@ -748,6 +748,40 @@ def test_slots_held_for_a_duplicate_free_up_for_the_claim_loop_waiting_for_them(
         assert time.monotonic() - started < 5  # not after the 30 s poll interval
 
 
+def test_a_request_cancelled_while_its_commit_waits_still_has_its_delivery_started(
+    tmp_path, downstream: Downstream
+) -> None:
+    # The ASGI door (requests the fast path leaves) awaits the store: a shutdown's deadline can cancel the
+    # request while the commit, which goes on regardless, waits for its fsync. The delivery it leased must
+    # start all the same, not wait for its lease to run out.
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"]["lease"] = "30s"
+    with RunningGateway(config) as gw:
+        gateway = gw.gateway
+        endpoint = gateway.table.endpoints["/webhooks/consignease"]
+        wait_until(lambda: gateway.engine._due_at == math.inf)  # the claim loop read an empty queue
+        body, headers = svix_request(msg_id="msg_cancelled")
+        helper = gateway.storage._writer.syncer.process.pid
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def cancel_while_committing() -> bool:
+            request = asyncio.create_task(gateway.ingress._receive_and_store(receive, endpoint, headers))
+            await asyncio.sleep(0.2)  # the commit waits for the (stopped) fsync helper
+            request.cancel()
+            await asyncio.gather(request, return_exceptions=True)
+            return request.cancelled()
+
+        os.kill(helper, signal.SIGSTOP)
+        try:
+            assert asyncio.run_coroutine_threadsafe(cancel_while_committing(), gw.loop).result(10)
+        finally:
+            os.kill(helper, signal.SIGCONT)
+        [received] = downstream.wait_for(1, "/app", timeout=10)  # well before the 30 s lease runs out
+        assert received.headers["idempotency-key"] == "msg_cancelled"
+
+
 def test_a_commit_that_fails_gives_back_the_slots_it_held(tmp_path, downstream: Downstream) -> None:
     config = gateway_config(tmp_path, routes=[users_route(downstream)])
     config["delivery"]["concurrency"] = 1

@@ -15,6 +15,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pluggy
@@ -148,6 +149,7 @@ class Engine:
         self._lease_task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._releases: set[asyncio.Task[None]] = set()  # leases given back as the engine stops
+        self._leasing: set[asyncio.Future[Ingested]] = set()  # commits holding a lease, not done yet
 
     def swap_actions(self, actions: dict[tuple[str, str], RunnableAction]) -> None:
         """Run new deliveries with a reloaded config's actions; close the old ones once the deliveries
@@ -190,6 +192,16 @@ class Engine:
             return None
         self._reserved += limit
         return Lease(self.owner, time.time() + self.settings.lease, limit)
+
+    def follow(
+        self, deliveries: list[NewDelivery], lease: Lease | None, stored: asyncio.Future[Ingested]
+    ) -> None:
+        """Call `ingested` once the commit of the event `lease` was asked for is done; until then, a
+        stop waits for it when it holds a lease."""
+        if lease is not None:
+            self._leasing.add(stored)
+            stored.add_done_callback(self._leasing.discard)
+        stored.add_done_callback(partial(self.ingested, deliveries, lease))
 
     def ingested(
         self, deliveries: list[NewDelivery], lease: Lease | None, stored: asyncio.Future[Ingested]
@@ -245,6 +257,9 @@ class Engine:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        if self._leasing:
+            # Their deliveries are started, or given back (stopping), as each commit finishes.
+            await asyncio.wait(list(self._leasing), timeout=timeout)
         if self._running:
             _done, pending = await asyncio.wait(list(self._running.values()), timeout=timeout)
             unfinished = [delivery_id for delivery_id, task in self._running.items() if task in pending]
@@ -255,7 +270,7 @@ class Engine:
                 with contextlib.suppress(StorageUnavailable):
                     await self.storage.release(unfinished, time.time())
                 log.warning("released unfinished deliveries", extra={"count": len(unfinished)})
-        # Given back by commits that finished meanwhile (`ingested`); one that finishes later still is
+        # Given back by commits that finished as it stopped (`ingested`); one that finishes later still is
         # released at the next start.
         await asyncio.gather(*self._releases, return_exceptions=True)
         for runnable in self.actions.values():
@@ -278,6 +293,7 @@ class Engine:
         free = settings.concurrency - len(self._running) - self._reserved
         if free > 0:
             self._reserved += free  # what the claim returns takes them: no lease may meanwhile
+            claims: list[Claim] | None
             try:
                 claims = await self.storage.claim(time.time(), free, settings.lease, self.owner)
             except StorageUnavailable as exc:

@@ -16,7 +16,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -120,7 +119,7 @@ class Ingress:
         deliveries = plan_deliveries(routes)
         lease = engine.lease(deliveries)
         stored = self.gateway.storage.begin_ingest(event, deliveries, lease)
-        stored.add_done_callback(partial(engine.ingested, deliveries, lease))
+        engine.follow(deliveries, lease, stored)
         return stored
 
     def unstored(self, event: Event, exc: StorageUnavailable) -> Rejected:

@@ -731,7 +731,7 @@ class SQLiteStorage(Storage):
     async def release(self, delivery_ids: list[int], now: float, *, attempted: bool = True) -> None:
         def release(conn: sqlite3.Connection) -> None:
             conn.executemany(
-                "UPDATE deliveries SET due_at = ?, lease_owner = NULL, attempts = attempts - ? "
+                "UPDATE deliveries SET due_at = ?, lease_owner = NULL, attempts = max(attempts - ?, 0) "
                 "WHERE id = ? AND state = 'pending'",
                 [(now, 0 if attempted else 1, delivery_id) for delivery_id in delivery_ids],
             )

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
+from gateway.app import Gateway
 from gateway.ingress import plan_deliveries
-from gateway.storage import Lease, NewDelivery, StorageUnavailable
+from gateway.storage import Ingested, Lease, NewDelivery, StorageUnavailable
 from gateway.storage import sqlite as sqlite_module
 from tests.support import Downstream, RunningGateway, gateway_config, svix_request, wait_until
 
@@ -38,6 +39,23 @@ def event_detail(gw: RunningGateway, event_id: str):
 
 def delivery_states(gw: RunningGateway, event_id: str) -> dict[str, str]:
     return {d.action: d.state for d in event_detail(gw, event_id).deliveries}
+
+
+def store_webhook(gateway: Gateway, msg_id: str) -> asyncio.Future[Ingested]:
+    """What the listener does with a signed user.created webhook, up to its commit (on the gateway's loop)."""
+    body, headers = svix_request(msg_id=msg_id)
+    endpoint = gateway.table.endpoints["/webhooks/consignease"]
+    return gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))
+
+
+async def queue_unannounced(gateway: Gateway, msg_id: str, due_at: float | None = None) -> None:
+    """Store a webhook and its deliveries, due at once (or at `due_at`), without telling the engine."""
+    body, headers = svix_request(msg_id=msg_id)
+    endpoint = gateway.table.endpoints["/webhooks/consignease"]
+    event, routes = gateway.ingress.accept(endpoint, headers, body)
+    if due_at is not None:
+        event.received_at = due_at  # a delivery falls due when its event was received
+    await gateway.storage.ingest(event, plan_deliveries(routes))
 
 
 def test_500_500_200_is_delivered_on_the_third_attempt(tmp_path, downstream: Downstream) -> None:
@@ -556,13 +574,11 @@ def test_events_stored_together_lease_no_more_deliveries_than_there_are_slots(
     config["delivery"]["concurrency"] = 2
     with RunningGateway(config) as gw:
         gateway = gw.gateway
-        endpoint = gateway.table.endpoints["/webhooks/consignease"]
 
         async def store_together() -> list[int]:
             stored = []
             for n in range(8):
-                body, headers = svix_request(msg_id=f"msg_together_{n}")
-                stored.append(gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body)))
+                stored.append(store_webhook(gateway, f"msg_together_{n}"))
             return [len(ingested.claims) for ingested in await asyncio.gather(*stored)]
 
         leased = asyncio.run_coroutine_threadsafe(store_together(), gw.loop).result(10)
@@ -577,15 +593,11 @@ def test_the_claim_loop_leaves_alone_the_slots_held_for_leases(tmp_path, downstr
     config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
     with RunningGateway(config) as gw:
         gateway = gw.gateway
-        endpoint = gateway.table.endpoints["/webhooks/consignease"]
         wait_until(lambda: gateway.engine._due_at == math.inf)  # the claim loop read an empty queue
 
         async def queue_one_then_lease_one() -> int:
-            body, headers = svix_request(msg_id="msg_queued")
-            event, routes = gateway.ingress.accept(endpoint, headers, body)
-            await gateway.storage.ingest(event, plan_deliveries(routes))  # due, and nobody told
-            body, headers = svix_request(msg_id="msg_leased")
-            stored = gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))
+            await queue_unannounced(gateway, "msg_queued")  # due, and nobody told
+            stored = store_webhook(gateway, "msg_leased")
             gateway.engine.wake()  # the claim loop claims while the lease's commit waits for its fsync
             return len((await stored).claims)
 
@@ -602,21 +614,16 @@ def test_a_new_event_never_starts_ahead_of_a_delivery_that_was_due_first(
     config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
     with RunningGateway(config) as gw:
         gateway = gw.gateway
-        endpoint = gateway.table.endpoints["/webhooks/consignease"]
 
         async def queue_one_due_soon() -> None:
-            body, headers = svix_request(msg_id="msg_due_first")
-            event, routes = gateway.ingress.accept(endpoint, headers, body)
-            event.received_at = time.time() + 0.3  # its delivery falls due then
-            await gateway.storage.ingest(event, plan_deliveries(routes))
+            await queue_unannounced(gateway, "msg_due_first", due_at=time.time() + 0.3)
             gateway.engine.wake()  # as whatever queues a delivery does
 
         async def store_once_it_is_due() -> int:
             # The loop is held past the moment it fell due, as a busy loop would be: the claim loop, asleep
             # until then, has not claimed it yet.
             time.sleep(0.5)
-            body, headers = svix_request(msg_id="msg_new")
-            stored = gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))
+            stored = store_webhook(gateway, "msg_new")
             return len((await stored).claims)
 
         asyncio.run_coroutine_threadsafe(queue_one_due_soon(), gw.loop).result(10)
@@ -637,21 +644,17 @@ def test_a_read_of_the_queue_older_than_the_last_wake_lets_no_new_event_ahead(
     config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
     with RunningGateway(config) as gw:
         gateway, storage = gw.gateway, gw.gateway.storage
-        endpoint = gateway.table.endpoints["/webhooks/consignease"]
         wait_until(lambda: gateway.engine._due_at == math.inf)  # the claim loop read an empty queue
         read = storage.next_due_at
         leased: list[int] = []
 
         def store_new() -> None:
-            body, headers = svix_request(msg_id="msg_new")
-            stored = gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))
+            stored = store_webhook(gateway, "msg_new")
             stored.add_done_callback(lambda done: leased.append(len(done.result().claims)))
 
         async def read_then_queue_one() -> float | None:
             due = await read()  # nothing due: the read is done before the delivery below is queued
-            body, headers = svix_request(msg_id="msg_queued")
-            event, routes = gateway.ingress.accept(endpoint, headers, body)
-            await storage.ingest(event, plan_deliveries(routes))
+            await queue_unannounced(gateway, "msg_queued")
             gateway.engine.wake()
             asyncio.get_running_loop().call_soon(store_new)  # before the claim loop looks again
             storage.next_due_at = read  # type: ignore[method-assign]
@@ -674,12 +677,10 @@ def test_an_event_queued_while_its_commit_waits_is_not_overtaken_by_a_later_one(
     config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
     with RunningGateway(config) as gw:
         gateway = gw.gateway
-        endpoint = gateway.table.endpoints["/webhooks/consignease"]
         helper = gateway.storage._writer.syncer.process.pid
 
         def store(msg_id: str) -> asyncio.Future[Any]:
-            body, headers = svix_request(msg_id=msg_id)
-            return gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))
+            return store_webhook(gateway, msg_id)
 
         assert gw.post("/webhooks/consignease", *svix_request(msg_id="msg_running")).status_code == 200
         stored: list[asyncio.Future[Any]] = []
@@ -733,11 +734,8 @@ def test_slots_held_for_a_duplicate_free_up_for_the_claim_loop_waiting_for_them(
         async def scenario() -> int:
             body, headers = svix_request(msg_id="msg_twice")
             await gateway.storage.ingest(gateway.ingress.accept(endpoint, headers, body)[0], [])
-            body, headers = svix_request(msg_id="msg_due")
-            event, routes = gateway.ingress.accept(endpoint, headers, body)
-            await gateway.storage.ingest(event, plan_deliveries(routes))  # due; the engine not told yet
-            body, headers = svix_request(msg_id="msg_twice")
-            stored = gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))  # holds the slot
+            await queue_unannounced(gateway, "msg_due")  # due; the engine not told yet
+            stored = store_webhook(gateway, "msg_twice")  # holds the slot
             gateway.engine.wake()  # the claim loop finds no free slot, and waits for one
             return len((await stored).claims)
 
@@ -787,13 +785,11 @@ def test_a_commit_that_fails_gives_back_the_slots_it_held(tmp_path, downstream: 
     config["delivery"]["concurrency"] = 1
     with RunningGateway(config) as gw:
         gateway = gw.gateway
-        endpoint = gateway.table.endpoints["/webhooks/consignease"]
         wait_until(lambda: gateway.engine._due_at == math.inf)  # the claim loop read an empty queue
 
         async def store_on_a_read_only_store() -> tuple[int, str]:
             await gateway.storage._run(lambda conn: conn.execute("PRAGMA query_only = ON"))
-            body, headers = svix_request(msg_id="msg_not_stored")
-            stored = gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))
+            stored = store_webhook(gateway, "msg_not_stored")
             held = gateway.engine._reserved  # the one slot, leased to the event's delivery
             try:
                 await stored
@@ -818,9 +814,7 @@ def test_deliveries_leased_as_the_engine_stops_are_given_back(tmp_path, downstre
         gateway = gw.gateway
 
         async def store_while_stopping() -> float:
-            body, headers = svix_request(msg_id="msg_at_stop")
-            endpoint = gateway.table.endpoints["/webhooks/consignease"]
-            stored = gateway.ingress.store(*gateway.ingress.accept(endpoint, headers, body))  # leased
+            stored = store_webhook(gateway, "msg_at_stop")  # leased
             await gateway.engine.stop(1.0)  # stopping before the commit is done: it waits for it
             assert stored.done() and stored.result().claims
             return time.time()

@@ -201,14 +201,11 @@ class Engine:
         if lease is not None:
             self._leasing.add(stored)
             stored.add_done_callback(self._leasing.discard)
-        stored.add_done_callback(partial(self.ingested, deliveries, lease))
+        stored.add_done_callback(partial(self.ingested, _roots(deliveries), lease))
 
-    def ingested(
-        self, deliveries: list[NewDelivery], lease: Lease | None, stored: asyncio.Future[Ingested]
-    ) -> None:
-        """The commit of a new event's `deliveries` is done (or failed): start what it leased, and wake
-        the claim loop for what it did not."""
-        roots = _roots(deliveries)
+    def ingested(self, roots: int, lease: Lease | None, stored: asyncio.Future[Ingested]) -> None:
+        """The commit of a new event whose deliveries include `roots` without a parent is done (or failed):
+        start what it leased, and wake the claim loop for what it did not."""
         leased = lease.limit if lease is not None else 0
         if leased < roots:
             self._queueing -= 1

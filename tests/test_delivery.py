@@ -713,7 +713,7 @@ def test_no_lease_takes_the_slots_a_claim_in_progress_fills(tmp_path, downstream
             offered.append(lease)
             failed = asyncio.get_running_loop().create_future()
             failed.set_exception(StorageUnavailable("this event was never stored"))
-            engine.ingested(deliveries, lease, failed)
+            engine.ingested(1, lease, failed)
             return await claim(*args, **kwargs)
 
         storage.claim = claim_while_an_event_asks_for_a_lease  # type: ignore[method-assign]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import fcntl
 import logging
 import os
@@ -1282,17 +1283,7 @@ def _delivery(row: tuple[Any, ...]) -> DeliveryRecord:
 def _own_event(event: Event) -> Event:
     """The event as `_event` reads it back, for one delivery: its payload parsed again from the body and
     its own headers, so no delivery sees what a sibling's plugin changed."""
-    return Event(
-        source=event.source,
-        id=event.id,
-        type=event.type,
-        occurred_at=event.occurred_at,
-        received_at=event.received_at,
-        body=event.body,
-        payload=orjson.loads(event.body),
-        headers=dict(event.headers),
-        verified=event.verified,
-    )
+    return dataclasses.replace(event, payload=orjson.loads(event.body), headers=dict(event.headers))
 
 
 def _event(row: tuple[Any, ...]) -> Event:

@@ -113,16 +113,16 @@ def tmpfs(directory: Path, size: str) -> Iterator[Path]:
 
 
 def fill(directory: Path) -> int:
-    """Write a ballast file until the file system says ENOSPC; its size."""
+    """Write a ballast file until the file system says ENOSPC; its size (0: it was full already)."""
     written = 0
-    with (directory / "ballast").open("wb") as ballast:
-        try:
+    try:
+        with (directory / "ballast").open("wb") as ballast:
             for _ in range(1_000_000):
                 ballast.write(b"\0" * 65536)
                 ballast.flush()
                 written += 65536
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
     return written
 
 
@@ -143,7 +143,10 @@ class Disk:
 
     def make_full(self, gw: RunningGateway) -> dict[str, Any]:
         if self.kind == "tmpfs":
-            return {"ballast_bytes": fill(self.tmp_path / "disk")}
+            disk = self.tmp_path / "disk"
+            # What the store held before the ballast: shown in the figures, for a run that finds it full.
+            held = sum(path.stat().st_size for path in disk.iterdir() if path.is_file())
+            return {"store_bytes_before": held, "ballast_bytes": fill(disk)}
         storage = gw.gateway.storage
         pages = _run(gw, storage._run(lambda conn: conn.execute("PRAGMA page_count").fetchone()[0]))  # type: ignore[attr-defined]
         _run(gw, storage._run(lambda conn: conn.execute(f"PRAGMA max_page_count = {pages}")))  # type: ignore[attr-defined]

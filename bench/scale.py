@@ -45,7 +45,7 @@ from bench.common import (
 from bench.end_to_end import run_loadgen
 from gateway.events import Event
 from gateway.storage import Attempt, NewDelivery
-from gateway.storage.sqlite import SQLiteStorage
+from gateway.storage.sqlite import QUEUE_STATS, SQLiteStorage
 
 DUE_IN = 3600.0  # the backlog falls due this far ahead: the idle gateway leaves it alone
 LEASE = 60.0
@@ -54,13 +54,10 @@ BURST = 1000  # webhooks sent to the gateway at each level, at BURST_RATE
 BURST_RATE = 500
 IDLE_SETTLE_S = 6.0  # the queue-stats loop runs every 2 s: let it run a few times before reading RSS
 
-# The statements the gateway runs, as written in gateway/storage/sqlite.py, for EXPLAIN QUERY PLAN.
+# The statements the gateway runs, as written in gateway/storage/sqlite.py (QUEUE_STATS comes from there),
+# for EXPLAIN QUERY PLAN.
 CLAIM_SELECT = "SELECT id FROM deliveries WHERE state = 'pending' AND due_at <= ? ORDER BY due_at, id LIMIT ?"
 NEXT_DUE = "SELECT min(due_at) FROM deliveries WHERE state = 'pending'"
-QUEUE_STATS = (
-    "SELECT CASE WHEN lease_owner IS NOT NULL THEN 'in_flight' WHEN due_at <= ? THEN 'due' ELSE 'scheduled' END, "
-    "count(*) FROM deliveries WHERE state = 'pending' GROUP BY 1"
-)
 
 
 def grow(db: Path, start: int, count: int, base: float) -> float:

@@ -198,6 +198,34 @@ def test_a_database_made_with_the_earlier_events_indexes_works_as_before(tmp_pat
         harness.runner.close()
 
 
+def test_a_database_with_the_earlier_pending_since_index_drops_it_and_counts_the_same(tmp_path: Path) -> None:
+    # Earlier versions indexed pending_since, written twice for every delivery; the queue statistics now
+    # take the oldest on their scan of the pending deliveries.
+    path = tmp_path / "old.db"
+    harness = Harness(path)
+    harness.run(harness.storage.open())
+    try:
+        harness.ingest("evt_1", APP, at=T0)
+        harness.ingest("evt_2", APP, at=T0 + 5)
+    finally:
+        harness.run(harness.storage.close())
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.execute(
+            "CREATE INDEX deliveries_pending_since ON deliveries (pending_since) WHERE state = 'pending'"
+        )
+        old.commit()
+    harness.run(harness.storage.open())
+    try:
+        indexes = {row[0] for row in harness.connection.execute("SELECT name FROM sqlite_master")}
+        assert "deliveries_pending_since" not in indexes and "deliveries_due" in indexes
+        stats = harness.run(harness.storage.queue_stats(T0 + 10))
+        assert stats.counts["due"] == 2
+        assert stats.oldest_pending_since == T0
+    finally:
+        harness.run(harness.storage.close())
+        harness.runner.close()
+
+
 def test_an_event_is_found_by_its_id_through_an_index(db: Harness) -> None:
     # The admin's lookup of an id from any source: a search of an index, never a scan of every event.
     [(*_, plan)] = db.connection.execute("EXPLAIN QUERY PLAN SELECT * FROM events WHERE event_id = ?", ("x",))

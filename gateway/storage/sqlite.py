@@ -121,7 +121,9 @@ CREATE TABLE IF NOT EXISTS deliveries (
 );
 -- Claiming the next due delivery is an index seek, whatever the backlog.
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (due_at) WHERE state = 'pending';
-CREATE INDEX IF NOT EXISTS deliveries_pending_since ON deliveries (pending_since) WHERE state = 'pending';
+-- Written twice for every delivery (made pending, then finished) for one reader, the queue statistics,
+-- which visit every pending delivery anyway and take the oldest on the way.
+DROP INDEX IF EXISTS deliveries_pending_since;
 CREATE INDEX IF NOT EXISTS deliveries_event ON deliveries (event_seq);
 CREATE INDEX IF NOT EXISTS deliveries_parent ON deliveries (parent_id) WHERE parent_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS deliveries_waiting ON deliveries (state) WHERE state = 'waiting';
@@ -139,6 +141,13 @@ CREATE TABLE IF NOT EXISTS attempts (
 );
 CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts (delivery_id);
 """
+
+# The pending deliveries by where they stand, each group with the oldest time one became pending: a scan of
+# every pending delivery (through the partial index deliveries_due), every 2 s on the reader's thread.
+QUEUE_STATS = (
+    "SELECT CASE WHEN lease_owner IS NOT NULL THEN 'in_flight' WHEN due_at <= ? THEN 'due' "
+    "ELSE 'scheduled' END, count(*), min(pending_since) FROM deliveries WHERE state = 'pending' GROUP BY 1"
+)
 
 _DELIVERY_COLUMNS = (
     "id, event_seq, route, action, state, attempts, due_at, created_at, parent_id, run_when, "
@@ -788,27 +797,20 @@ class SQLiteStorage(Storage):
         # event loop or the next batch (at 1 M queued it takes about half a second).
         def stats(conn: sqlite3.Connection) -> QueueStats:
             counts = {"due": 0, "scheduled": 0, "in_flight": 0, "waiting": 0}
-            for bucket, count in conn.execute(
-                "SELECT CASE WHEN lease_owner IS NOT NULL THEN 'in_flight' "
-                "WHEN due_at <= ? THEN 'due' ELSE 'scheduled' END, count(*) "
-                "FROM deliveries WHERE state = 'pending' GROUP BY 1",
-                (now,),
-            ):
+            oldest: float | None = None
+            for bucket, count, since in conn.execute(QUEUE_STATS, (now,)):
                 counts[bucket] = count
+                if since is not None and (oldest is None or since < oldest):
+                    oldest = since
             counts["waiting"] = conn.execute(
                 "SELECT count(*) FROM deliveries WHERE state = 'waiting'"
             ).fetchone()[0]
-            row = conn.execute(
-                "SELECT pending_since FROM deliveries WHERE state = 'pending' ORDER BY pending_since LIMIT 1"
-            ).fetchone()
             # A leased delivery's due_at is its lease's end, so only deliveries waiting for a worker count.
             due = conn.execute(
                 "SELECT min(due_at) FROM deliveries WHERE state = 'pending' AND due_at <= ?", (now,)
             ).fetchone()[0]
             return QueueStats(
-                counts,
-                None if row is None or row[0] is None else float(row[0]),
-                None if due is None else float(due),
+                counts, None if oldest is None else float(oldest), None if due is None else float(due)
             )
 
         return await self._read(stats)

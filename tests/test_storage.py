@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -224,6 +225,29 @@ def test_a_database_with_the_earlier_pending_since_index_drops_it_and_counts_the
     finally:
         harness.run(harness.storage.close())
         harness.runner.close()
+
+
+def test_binding_none_bytes_and_bools_runs_no_python_code() -> None:
+    # sqlite3 offers these to the store's adapters (gateway.storage.sqlite, imported here): C callables
+    # that give each value back, bound as sqlite3 would bind it anyway, without a Python frame per value.
+    calls: list[str] = []
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call":
+            calls.append(frame.f_code.co_name)
+
+    with contextlib.closing(sqlite3.connect(":memory:")) as conn:
+        sys.setprofile(profile)
+        try:
+            row = conn.execute(
+                "SELECT ?, ?, ?, typeof(?), typeof(?)", (None, b"\x00body", True, None, b"x")
+            ).fetchone()
+        finally:
+            sys.setprofile(None)
+    assert calls == []
+    assert row == (None, b"\x00body", 1, "null", "blob")
+    # Without an adapter, sqlite3 would raise and swallow an AttributeError for each of these values.
+    assert {(type(None), sqlite3.PrepareProtocol), (bytes, sqlite3.PrepareProtocol)} <= set(sqlite3.adapters)
 
 
 def test_an_event_is_found_by_its_id_through_an_index(db: Harness) -> None:

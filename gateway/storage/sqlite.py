@@ -56,9 +56,12 @@ log = logging.getLogger("hookyard.storage")
 # webhook's instructions with no route, 2% with a forward route (bench part 6). Adapters that give back the
 # same value bind exactly what sqlite3 would, without the error. They are the process's (sqlite3 keeps one
 # registry).
-sqlite3.register_adapter(bytes, bytes)  # the same object back: no copy, and no Python frame
+# Each adapter is a C callable, so binding runs no Python frame: bytes.__bytes__ gives an exact bytes object
+# back as it is (no copy), and an empty dict's get gives None back for None.
+_NOTHING: dict[None, None] = {}
+sqlite3.register_adapter(bytes, bytes.__bytes__)
 sqlite3.register_adapter(bool, int)
-sqlite3.register_adapter(type(None), lambda value: value)
+sqlite3.register_adapter(type(None), _NOTHING.get)
 
 T = TypeVar("T")
 Operation = Callable[[sqlite3.Connection], Any]

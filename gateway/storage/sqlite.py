@@ -1172,6 +1172,11 @@ def _by_key(conn: sqlite3.Connection, select: str, keys: Iterable[int]) -> dict[
     return {row[0]: row for row in conn.execute(f"{select} ({placeholders})", keys)}
 
 
+_WAITING_CHILDREN = (
+    "SELECT id, route, action, run_when FROM deliveries WHERE parent_id = ? AND state = 'waiting'"
+)
+
+
 def _finish(
     conn: sqlite3.Connection,
     delivery: DeliveryRecord,
@@ -1218,12 +1223,11 @@ def _finish(
     outcome = "success" if state == "delivered" else "failure" if state == "dead" else None
     parents = [delivery.id]
     while parents:
-        placeholders = ",".join("?" * len(parents))
-        children = conn.execute(
-            f"SELECT id, route, action, run_when FROM deliveries WHERE parent_id IN ({placeholders}) "
-            "AND state = 'waiting'",
-            parents,
-        ).fetchall()
+        # One statement, always the same text: sqlite3 finds it prepared in its cache, where an IN list
+        # built for each call is a new text to hash and look up each time (this runs for every delivery).
+        children = conn.execute(_WAITING_CHILDREN, (parents[0],)).fetchall()
+        for parent in parents[1:]:  # below a skipped dependent: rare
+            children += conn.execute(_WAITING_CHILDREN, (parent,)).fetchall()
         parents = []
         for child_id, route, action, when in children:
             if outcome is not None and when in ("always", outcome):

@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import email.utils
+import ssl
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import aiohttp
-import httpx
 from pydantic import BaseModel, ConfigDict
 
 from gateway.config import RetryPolicy
 from gateway.events import Event
 from gateway.http_client import HttpClient
+
+if TYPE_CHECKING:
+    import aiohttp
+    import httpx
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,22 +75,59 @@ class Job:
     parent: ParentResult | None = None
 
 
-@dataclass(slots=True)
 class Resources:
     """Shared by every action of a gateway; none of them is closed by an action.
 
     http: httpx's API over aiohttp's keep-alive pool, for any action. session: aiohttp's own API over that
     pool. client: a lean HTTP/1.1 client for actions that send one plain request per event on the hot path
     (forward): it costs about a fifth of aiohttp's CPU per request (bench/RESULTS.md).
+
+    `http` and `session` are made when an action first asks for them, on the event loop: httpx and
+    aiohttp take some 30 MB of memory once imported, which a gateway whose actions never use them (only
+    forward and store, say) does not spend.
     """
 
-    http: httpx.AsyncClient
-    session: aiohttp.ClientSession
-    client: HttpClient
+    def __init__(
+        self, *, client: HttpClient, user_agent: str, ssl_context: ssl.SSLContext, pool: int
+    ) -> None:
+        self.client = client
+        self.user_agent = user_agent
+        self.ssl_context = ssl_context
+        self.pool = pool  # aiohttp's limit of connections, all origins together
+        self._session: aiohttp.ClientSession | None = None
+        self._http: httpx.AsyncClient | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            import aiohttp
+
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.pool, keepalive_timeout=30, ssl=self.ssl_context),
+                headers={"user-agent": self.user_agent},
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        return self._session
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        if self._http is None:
+            # httpx's API over aiohttp's pool: httpcore's own pool costs several times more CPU per request.
+            import httpx
+            from httpx_aiohttp import AiohttpTransport
+
+            self._http = httpx.AsyncClient(
+                transport=AiohttpTransport(client=self.session),
+                follow_redirects=False,
+                headers={"user-agent": self.user_agent},
+            )
+        return self._http
 
     async def aclose(self) -> None:
-        await self.http.aclose()
-        await self.session.close()
+        if self._http is not None:
+            await self._http.aclose()
+        if self._session is not None:
+            await self._session.close()
         await self.client.aclose()
 
 
@@ -115,6 +155,16 @@ class Action(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional: most actions hold nothing of their own
         """Release what the action holds (pools, connections)."""
+
+
+def check_http_url(url: str) -> str:
+    """An http(s) URL with a host, as httpx reads it: for the options of actions that send with `http`."""
+    import httpx
+
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    return url
 
 
 def http_outcome(response: httpx.Response, policy: RetryPolicy) -> Outcome:
@@ -152,6 +202,8 @@ def transport_error(exc: Exception) -> Outcome:
     if cause is not None and "Connect" in type(cause).__name__ and "Timeout" not in type(cause).__name__:
         # The transport maps a refused connection to a ConnectTimeout; say what really happened.
         return retry(f"cannot connect: {cause}")
+    import httpx  # loaded already: exc came from a request made with it
+
     if isinstance(exc, httpx.TimeoutException):
         return retry(f"timeout: {type(exc).__name__}")
     return retry(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)

@@ -17,17 +17,14 @@ from collections.abc import Generator
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import httpx
 import pluggy
 import uvicorn
-from httpx_aiohttp import AiohttpTransport
 
 from gateway import __version__
 from gateway.actions import Resources
 from gateway.config import Config, ConfigError, load_config
 from gateway.delivery import Engine, build_actions
-from gateway.http_client import HttpClient
+from gateway.http_client import HttpClient, default_ssl_context
 from gateway.ingress import Ingress
 from gateway.metrics import Metrics
 from gateway.ops import ops_app
@@ -140,24 +137,17 @@ class Gateway:
                 log.warning(
                     "resuming deliveries left in flight by the previous run", extra={"count": released}
                 )
-        # Shared by every action: keep-alive connections to the app make delivering cheap. aiohttp's pool,
-        # also under httpx's API (httpcore's pool costs several times more CPU per request), and the lean
-        # client that forward sends each event with.
+        # Shared by every action: keep-alive connections to the app make delivering cheap. The lean client
+        # that forward sends each event with, and aiohttp's pool (also under httpx's API) for the others.
         user_agent = f"hookyard/{__version__}"
-        ssl_context = httpx.create_ssl_context()  # the CA bundle httpx trusts (certifi's), for every client
-        connector = aiohttp.TCPConnector(
-            limit=self.config.delivery.concurrency, keepalive_timeout=30, ssl=ssl_context
-        )
-        session = aiohttp.ClientSession(
-            connector=connector, headers={"user-agent": user_agent}, cookie_jar=aiohttp.DummyCookieJar()
-        )
-        http = httpx.AsyncClient(
-            transport=AiohttpTransport(client=session),
-            follow_redirects=False,
-            headers={"user-agent": user_agent},
-        )
+        ssl_context = default_ssl_context()
         client = HttpClient(ssl_context=ssl_context, user_agent=user_agent, keepalive=30)
-        self._resources = Resources(http=http, session=session, client=client)
+        self._resources = Resources(
+            client=client,
+            user_agent=user_agent,
+            ssl_context=ssl_context,
+            pool=self.config.delivery.concurrency,
+        )
         actions = build_actions(self.table, self.registry, self._resources)
         self._engine = Engine(self.storage, actions, self.config.delivery, self.metrics, self.pm)
         await _await_all(self.pm.hook.startup(gateway=self))

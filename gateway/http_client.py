@@ -22,12 +22,14 @@ the status has already decided how the attempt went.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
+import certifi
 import httptools
 
 # What a request target keeps as it is (RFC 3986 pchar, "/" and "%" for escapes already made).
@@ -231,6 +233,17 @@ class Connection(asyncio.Protocol):
         self.reusable = False
         if self.transport is not None:
             self.transport.close()
+
+
+def default_ssl_context() -> ssl.SSLContext:
+    """The certificates every action's HTTPS trusts, as httpx picks them (without importing httpx, which
+    a gateway that only forwards never needs): $SSL_CERT_FILE or $SSL_CERT_DIR when set, else certifi's
+    bundle."""
+    if os.environ.get("SSL_CERT_FILE"):
+        return ssl.create_default_context(cafile=os.environ["SSL_CERT_FILE"])
+    if os.environ.get("SSL_CERT_DIR"):
+        return ssl.create_default_context(capath=os.environ["SSL_CERT_DIR"])
+    return ssl.create_default_context(cafile=certifi.where())
 
 
 class HttpClient:

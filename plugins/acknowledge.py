@@ -27,10 +27,9 @@ import asyncio
 import base64
 import dataclasses
 import time
-from typing import Any, ClassVar, Literal, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 from urllib.parse import quote, quote_plus
 
-import httpx
 from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_validator
 
 from gateway import hookimpl
@@ -38,6 +37,7 @@ from gateway.actions import (
     Action,
     Job,
     Outcome,
+    check_http_url,
     dead,
     http_outcome,
     parse_retry_after,
@@ -46,16 +46,12 @@ from gateway.actions import (
     transport_error,
 )
 
+if TYPE_CHECKING:
+    import httpx  # imported by `resources.http` when an acknowledge action is built (see Resources)
+
 # Consignly's connection results.
 RESULT_SUCCESS = 1
 RESULT_FAILURE = 2
-
-
-def check_http_url(url: str) -> str:
-    parsed = httpx.URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"{url!r} is not an http(s) URL")
-    return url
 
 
 class OAuthOptions(BaseModel):
@@ -149,6 +145,8 @@ class ClientCredentials:
             pair = f"{quote_plus(options.client_id)}:{quote_plus(secret)}"
             headers["authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
         started = time.monotonic()
+        import httpx  # loaded already: self.http is an httpx client
+
         try:
             response = await self.http.post(
                 options.token_url,
@@ -256,6 +254,8 @@ class Acknowledge(Action):
             "operationId": operation_id,
             "result": RESULT_SUCCESS if parent.state == "delivered" else RESULT_FAILURE,
         }
+        import httpx  # loaded already: resources.http is an httpx client
+
         try:
             token = await self.bearer(job.timeout)
             response = await self._put(url, body, token, job.timeout)

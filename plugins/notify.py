@@ -26,7 +26,6 @@ import traceback
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway import hookimpl
@@ -35,6 +34,7 @@ from gateway.actions import (
     Job,
     Outcome,
     ParentResult,
+    check_http_url,
     dead,
     http_outcome,
     skipped,
@@ -82,13 +82,6 @@ def compile_template(source: str) -> Template:
         return _environment().from_string(source)
     except TemplateSyntaxError as exc:
         raise ValueError(f"line {exc.lineno}: {exc.message}") from None
-
-
-def check_http_url(url: str) -> str:
-    parsed = httpx.URL(url)
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"{url!r} is not an http(s) URL")
-    return url
 
 
 class NotifyOptions(BaseModel):
@@ -232,6 +225,8 @@ class Notify(Action):
         if not message:
             return skipped("the template rendered an empty message")
         headers = {"x-hookyard-event-id": job.event.id, **self.options.headers}
+        import httpx  # loaded already: resources.http is an httpx client (see Resources)
+
         try:
             response = await self.resources.http.post(
                 self.options.url,

@@ -15,9 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import aiohttp
 import asyncpg  # type: ignore[import-untyped]
-import httpx
 import pytest
 import yaml
 
@@ -170,21 +168,22 @@ def deliver(options: dict[str, Any], *events: Event, between: Any = None) -> lis
     store = registry().actions["store"]
 
     async def run() -> list[Outcome]:
-        async with aiohttp.ClientSession() as session, httpx.AsyncClient() as http:
-            client = HttpClient(ssl_context=ssl.create_default_context(), user_agent="test")
-            resources = Resources(http=http, session=session, client=client)
-            action: Action = store(store.Options.model_validate(options), resources)
-            outcomes = []
-            try:
-                for index, event in enumerate(events):
-                    job = Job(event, "users", "db", attempt=1, timeout=5.0, retry=RetryPolicy())
-                    outcomes.append(await action.deliver(job))
-                    if between is not None:
-                        # In a thread: the PostgreSQL helpers run their own event loop.
-                        await asyncio.to_thread(between, index)
-            finally:
-                await action.aclose()
-            return outcomes
+        context = ssl.create_default_context()
+        client = HttpClient(ssl_context=context, user_agent="test")
+        resources = Resources(client=client, user_agent="test", ssl_context=context, pool=10)
+        action: Action = store(store.Options.model_validate(options), resources)
+        outcomes = []
+        try:
+            for index, event in enumerate(events):
+                job = Job(event, "users", "db", attempt=1, timeout=5.0, retry=RetryPolicy())
+                outcomes.append(await action.deliver(job))
+                if between is not None:
+                    # In a thread: the PostgreSQL helpers run their own event loop.
+                    await asyncio.to_thread(between, index)
+        finally:
+            await action.aclose()
+            await resources.aclose()
+        return outcomes
 
     return asyncio.run(run())
 

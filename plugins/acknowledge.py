@@ -47,7 +47,7 @@ from gateway.actions import (
 )
 
 if TYPE_CHECKING:
-    import httpx  # imported by `resources.http` when an acknowledge action is built (see Resources)
+    import httpx  # imported where it is used, as `resources.http` is made: see Resources
 
 # Consignly's connection results.
 RESULT_SUCCESS = 1
@@ -254,7 +254,7 @@ class Acknowledge(Action):
             "operationId": operation_id,
             "result": RESULT_SUCCESS if parent.state == "delivered" else RESULT_FAILURE,
         }
-        import httpx  # loaded already: resources.http is an httpx client
+        import httpx  # here, not at the top: see Resources
 
         try:
             token = await self.bearer(job.timeout)

@@ -225,7 +225,7 @@ class Notify(Action):
         if not message:
             return skipped("the template rendered an empty message")
         headers = {"x-hookyard-event-id": job.event.id, **self.options.headers}
-        import httpx  # loaded already: resources.http is an httpx client (see Resources)
+        import httpx  # here, not at the top: see Resources
 
         try:
             response = await self.resources.http.post(

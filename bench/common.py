@@ -217,6 +217,16 @@ def cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
+def loop_seconds(pid: int) -> tuple[float, float]:
+    """A process's main thread (a Python server's event loop): seconds it has run on a core, and seconds
+    it was ready to run but waited for one (the scheduler's /proc schedstat), since it started."""
+    try:
+        ran, waited, _slices = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(ran) / 1e9, int(waited) / 1e9
+
+
 def machine_busy_seconds() -> float:
     """CPU seconds every core of the machine has spent on anything but idling since boot (/proc/stat):
     the gateway, the sink and the load generator together, and whatever else runs."""

@@ -43,6 +43,7 @@ from bench.common import (
     cpu_seconds,
     free_port,
     gateway_config,
+    loop_seconds,
     machine_busy_seconds,
     machine_steal_seconds,
     rss_mb,
@@ -200,12 +201,15 @@ def measure(server: Server, settings: Settings, body_path: Path) -> Json:
     pid = server.process.pid
     sink = server.sink.process.pid if server.sink is not None and server.sink.process is not None else None
     cpu_before = cpu_seconds(pid)
+    loop_before, window_started = loop_seconds(pid), time.monotonic()
     sink_before = cpu_seconds(sink) if sink else 0.0
     wrk_before, machine_before = children_cpu_seconds(), machine_busy_seconds()
     steal_before = machine_steal_seconds()
     with Sampler(lambda: rss_mb(pid), 0.2) as rss:
         result = run_wrk(server.url, settings.duration, *args, requests, body_path, signature)
     cpu = cpu_seconds(pid) - cpu_before
+    (ran, waited), (ran_before, waited_before) = loop_seconds(pid), loop_before
+    window = time.monotonic() - window_started  # what the scheduler's figures cover
     machine = machine_busy_seconds() - machine_before
     per_request = 1e6 / max(1, result.requests)
     row: Json = {
@@ -219,6 +223,10 @@ def measure(server: Server, settings: Settings, body_path: Path) -> Json:
         "socket_errors": result.socket_errors,
         "cpu_us_per_request": cpu * per_request,
         "cpu_cores": cpu / result.seconds,
+        # The main thread: the event loop of the Python servers (not a figure of Go's scheduler). The share
+        # of the window it ran, and the share it was ready to run but waited for a core.
+        "loop_cores": None if server.key.startswith("webhook") else (ran - ran_before) / window,
+        "loop_waiting_cores": None if server.key.startswith("webhook") else (waited - waited_before) / window,
         # The whole machine over the window: wrk's own CPU, the sink's, and every core's busy time.
         "wrk_cpu_us_per_request": (children_cpu_seconds() - wrk_before) * per_request,
         "sink_cpu_us_per_request": (cpu_seconds(sink) - sink_before) * per_request if sink else 0.0,
@@ -284,6 +292,7 @@ def run(settings: Settings, processes: Processes) -> Json:
             f"     {row['rps']:.0f} req/s, p50 {row['p50_ms']:.2f} ms, p99 {row['p99_ms']:.2f} ms, "
             f"{row['cpu_us_per_request']:.0f} µs CPU/req, RSS {row['rss_mb']:.1f} MB; the machine: "
             f"{row['machine_busy_cores']:.2f} cores busy, {row['machine_cpu_us_per_request']:.0f} µs/req"
+            + (f"; its event loop {row['loop_cores']:.2f} of a core" if row["loop_cores"] is not None else "")
         )
         if row["non_2xx"] or row["socket_errors"]:
             say(f"     WARNING: {row['non_2xx']} non-2xx answers, {row['socket_errors']} socket errors")

@@ -700,14 +700,18 @@ def _machine_table(rows: list[Json]) -> list[str]:
     return [
         "",
         "The whole machine during each window: its cores' busy time (every process, from /proc/stat), the "
-        "cores the hypervisor gave to other tenants meanwhile (stolen), and the CPU per request of the "
-        "server, of the sink it forwards to and of wrk:",
+        "cores the hypervisor gave to other tenants meanwhile (stolen), the share of the window the server's "
+        "event loop (its main thread) ran on a core and the share it was ready to run but waited for one "
+        "(the scheduler's figures), and the CPU per request of the server, of the sink it forwards to and "
+        "of wrk:",
         "",
         md_table(
             [
                 "server",
                 "cores busy",
                 "stolen",
+                "event loop ran",
+                "waited for a core",
                 "server µs/req",
                 "sink µs/req",
                 "wrk µs/req",
@@ -718,6 +722,8 @@ def _machine_table(rows: list[Json]) -> list[str]:
                     r["name"],
                     f"{r['machine_busy_cores']:.2f}",
                     f"{r['machine_steal_cores']:.2f}" if "machine_steal_cores" in r else "-",
+                    f"{r['loop_cores']:.2f}" if r.get("loop_cores") is not None else "-",
+                    f"{r['loop_waiting_cores']:.2f}" if r.get("loop_waiting_cores") is not None else "-",
                     f"{r['cpu_us_per_request']:.0f}",
                     f"{r['sink_cpu_us_per_request']:.0f}" if r["sink_cpu_us_per_request"] else "-",
                     f"{r['wrk_cpu_us_per_request']:.0f}",
@@ -749,7 +755,8 @@ def ingest_below_minimum_reason(results: Json) -> list[str]:
         f"**Why durable ingest stays below {INGEST_MINIMUM:.2f}{X} of the bare endpoint.** It is CPU. {disk}"
         f"The no-op spends {bare['cpu_us_per_request']:.0f} µs of CPU per request; Hookyard "
         f"{gateway['cpu_us_per_request']:.0f} µs (the gateway and its fsync helper together), nearly all of it "
-        "on the event loop's one core, so CPU per request sets the rate. Its HTTP layer is not where the "
+        f"on the event loop's one core, so CPU per request sets the rate{_loop_figures(gateway)}. Its HTTP "
+        "layer is not where the "
         "difference is: webhooks skip the ASGI cycle and Starlette. It is the work the no-op does not do, "
         "all of it in Python on one core: verifying the svix signature, parsing the JSON and building the "
         "event, inserting it into SQLite (a table and two indexes) and committing the WAL's frames, "
@@ -863,7 +870,17 @@ def _machine_bound(bare: Json, routed: Json) -> str:
         f"take {others:.0f} µs of that, leaving {budget - others:.0f} µs to receive, verify, store, answer and "
         f"deliver each event, where the no-op alone spends {bare['cpu_us_per_request']:.0f} µs to answer one "
         f"(during this run {routed['machine_busy_cores']:.2f} of the cores were busy: the gateway's event "
-        "loop, on one of them, set the rate)."
+        f"loop, on one of them, set the rate{_loop_figures(routed)})."
+    )
+
+
+def _loop_figures(row: Json) -> str:
+    """How much of the window the event loop ran, and waited for a core, when the run measured it."""
+    if row.get("loop_cores") is None:
+        return ""
+    return (
+        f": the loop's thread ran {row['loop_cores']:.0%} of the window, and was ready to run but waited "
+        f"for a core {row['loop_waiting_cores']:.0%} of it"
     )
 
 

@@ -201,15 +201,16 @@ def measure(server: Server, settings: Settings, body_path: Path) -> Json:
     pid = server.process.pid
     sink = server.sink.process.pid if server.sink is not None and server.sink.process is not None else None
     cpu_before = cpu_seconds(pid)
-    loop_before, window_started = loop_seconds(pid), time.monotonic()
     sink_before = cpu_seconds(sink) if sink else 0.0
     wrk_before, machine_before = children_cpu_seconds(), machine_busy_seconds()
     steal_before = machine_steal_seconds()
-    with Sampler(lambda: rss_mb(pid), 0.2) as rss:
+    with (
+        Sampler(lambda: rss_mb(pid), 0.2) as rss,
+        Sampler(lambda: loop_seconds(pid)[0], 0.2) as loop_ran,
+        Sampler(lambda: loop_seconds(pid)[1], 0.2) as loop_waited,
+    ):
         result = run_wrk(server.url, settings.duration, *args, requests, body_path, signature)
     cpu = cpu_seconds(pid) - cpu_before
-    (ran, waited), (ran_before, waited_before) = loop_seconds(pid), loop_before
-    window = time.monotonic() - window_started  # what the scheduler's figures cover
     machine = machine_busy_seconds() - machine_before
     per_request = 1e6 / max(1, result.requests)
     row: Json = {
@@ -224,9 +225,9 @@ def measure(server: Server, settings: Settings, body_path: Path) -> Json:
         "cpu_us_per_request": cpu * per_request,
         "cpu_cores": cpu / result.seconds,
         # The main thread: the event loop of the Python servers (not a figure of Go's scheduler). The share
-        # of the window it ran, and the share it was ready to run but waited for a core.
-        "loop_cores": None if server.key.startswith("webhook") else (ran - ran_before) / window,
-        "loop_waiting_cores": None if server.key.startswith("webhook") else (waited - waited_before) / window,
+        # of the load's steady part it ran, and the share it was ready to run but waited for a core.
+        "loop_cores": None if server.key.startswith("webhook") else steady_rate(loop_ran.samples),
+        "loop_waiting_cores": None if server.key.startswith("webhook") else steady_rate(loop_waited.samples),
         # The whole machine over the window: wrk's own CPU, the sink's, and every core's busy time.
         "wrk_cpu_us_per_request": (children_cpu_seconds() - wrk_before) * per_request,
         "sink_cpu_us_per_request": (cpu_seconds(sink) - sink_before) * per_request if sink else 0.0,
@@ -251,6 +252,15 @@ def measure(server: Server, settings: Settings, body_path: Path) -> Json:
         row["commits_per_second"] = commits / result.seconds
         row["delivered_during_load"] = delta("hookyard_deliveries_total", outcome="delivered")
     return row
+
+
+def steady_rate(samples: list[tuple[float, float]]) -> float | None:
+    """How fast a cumulative count of seconds grew over the middle half of its samples: the steady part of
+    the load, without wrk's start (it reads its file of requests first) or its end."""
+    if len(samples) < 4:
+        return None
+    (start, first), (end, last) = samples[len(samples) // 4], samples[3 * len(samples) // 4]
+    return (last - first) / (end - start) if end > start else None
 
 
 SERVERS: list[tuple[str, Starter]] = [

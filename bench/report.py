@@ -700,10 +700,10 @@ def _machine_table(rows: list[Json]) -> list[str]:
     return [
         "",
         "The whole machine during each window: its cores' busy time (every process, from /proc/stat), the "
-        "cores the hypervisor gave to other tenants meanwhile (stolen), the share of the window the server's "
+        "cores the hypervisor gave to other tenants meanwhile (stolen), the share of the time the server's "
         "event loop (its main thread) ran on a core and the share it was ready to run but waited for one "
-        "(the scheduler's figures), and the CPU per request of the server, of the sink it forwards to and "
-        "of wrk:",
+        "(the scheduler's figures, over the middle half of the window), and the CPU per request of the "
+        "server, of the sink it forwards to and of wrk:",
         "",
         md_table(
             [
@@ -879,8 +879,8 @@ def _loop_figures(row: Json) -> str:
     if row.get("loop_cores") is None:
         return ""
     return (
-        f": the loop's thread ran {row['loop_cores']:.0%} of the window, and was ready to run but waited "
-        f"for a core {row['loop_waiting_cores']:.0%} of it"
+        f": under load the loop's thread ran {row['loop_cores']:.0%} of the time, and was ready to run but "
+        f"waited for a core {row['loop_waiting_cores']:.0%} of it"
     )
 
 

@@ -755,8 +755,8 @@ def ingest_below_minimum_reason(results: Json) -> list[str]:
         f"**Why durable ingest stays below {INGEST_MINIMUM:.2f}{X} of the bare endpoint.** It is CPU. {disk}"
         f"The no-op spends {bare['cpu_us_per_request']:.0f} µs of CPU per request; Hookyard "
         f"{gateway['cpu_us_per_request']:.0f} µs (the gateway and its fsync helper together), nearly all of it "
-        f"on the event loop's one core, so CPU per request sets the rate{_loop_figures(gateway)}. Its HTTP "
-        "layer is not where the "
+        f"on the event loop's one core, so CPU per request sets the rate{_loop_figures(gateway)}. "
+        "Its HTTP layer is not where the "
         "difference is: webhooks skip the ASGI cycle and Starlette. It is the work the no-op does not do, "
         "all of it in Python on one core: verifying the svix signature, parsing the JSON and building the "
         "event, inserting it into SQLite (a table and two indexes) and committing the WAL's frames, "
@@ -870,18 +870,24 @@ def _machine_bound(bare: Json, routed: Json) -> str:
         f"take {others:.0f} µs of that, leaving {budget - others:.0f} µs to receive, verify, store, answer and "
         f"deliver each event, where the no-op alone spends {bare['cpu_us_per_request']:.0f} µs to answer one "
         f"(during this run {routed['machine_busy_cores']:.2f} of the cores were busy: the gateway's event "
-        f"loop, on one of them, set the rate{_loop_figures(routed)})."
+        f"loop, on one of them, set the rate{_loop_figures(routed, within=True)})."
     )
 
 
-def _loop_figures(row: Json) -> str:
-    """How much of the window the event loop ran, and waited for a core, when the run measured it."""
+def _loop_figures(row: Json, *, within: bool = False) -> str:
+    """How much of the time under load the event loop ran, and waited for a core, when the run measured it:
+    in parentheses, or `within` some already (after a semicolon)."""
     if row.get("loop_cores") is None:
         return ""
-    return (
-        f": under load the loop's thread ran {row['loop_cores']:.0%} of the time, and was ready to run but "
-        f"waited for a core {row['loop_waiting_cores']:.0%} of it"
+    ran, waited = row["loop_cores"], row["loop_waiting_cores"]
+    figures = (
+        f"under load its thread ran {ran:.0%} of the time, and was ready to run but waited for a core "
+        f"{waited:.0%} of it"
     )
+    if row["key"] == "hookyard-unrouted" and ran + waited < 0.95:
+        # It forwards nothing: the rest is the time every request in progress waited for the fsync.
+        figures += "; the rest of the time every request in progress was waiting for the disk"
+    return f"; {figures}" if within else f" ({figures})"
 
 
 def _in_short(categories: list[Json]) -> str:

@@ -32,6 +32,15 @@ def users_route(downstream: Downstream, *actions: dict[str, Any], **route: Any) 
     }
 
 
+def one_slot_config(tmp_path: Any, downstream: Downstream, delay: float = 0.0) -> dict[str, Any]:
+    """Users forwarded to `downstream`, which takes `delay` seconds to answer, one delivery at a time, by a
+    claim loop that looks only when woken (or after 30 s): so a test sees the order deliveries start in."""
+    downstream.delay = delay
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
+    return config
+
+
 def event_detail(gw: RunningGateway, event_id: str):
     [detail] = asyncio.run_coroutine_threadsafe(gw.gateway.storage.get_event(event_id), gw.loop).result(10)
     return detail
@@ -522,9 +531,8 @@ def test_with_every_slot_busy_the_next_due_delivery_starts_when_one_frees_up(
     # A result that frees the slot the engine waits for is committed at once, never held back to ride
     # along with a later batch (nothing else would commit here).
     monkeypatch.setattr(sqlite_module, "RIDE_ALONG_DELAY", 2.0)
-    downstream.delay = 0.2  # each attempt holds the one slot while the next events fall due
-    config = gateway_config(tmp_path, routes=[users_route(downstream)])
-    config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
+    # Each attempt holds the one slot while the next events fall due.
+    config = one_slot_config(tmp_path, downstream, delay=0.2)
     with RunningGateway(config) as gw:
         started = time.monotonic()
         for n in range(4):
@@ -588,9 +596,7 @@ def test_events_stored_together_lease_no_more_deliveries_than_there_are_slots(
 
 
 def test_the_claim_loop_leaves_alone_the_slots_held_for_leases(tmp_path, downstream: Downstream) -> None:
-    downstream.delay = 0.2
-    config = gateway_config(tmp_path, routes=[users_route(downstream)])
-    config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
+    config = one_slot_config(tmp_path, downstream, delay=0.2)
     with RunningGateway(config) as gw:
         gateway = gw.gateway
         wait_until(lambda: gateway.engine._due_at == math.inf)  # the claim loop read an empty queue
@@ -609,9 +615,7 @@ def test_the_claim_loop_leaves_alone_the_slots_held_for_leases(tmp_path, downstr
 def test_a_new_event_never_starts_ahead_of_a_delivery_that_was_due_first(
     tmp_path, downstream: Downstream
 ) -> None:
-    downstream.delay = 0.1
-    config = gateway_config(tmp_path, routes=[users_route(downstream)])
-    config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
+    config = one_slot_config(tmp_path, downstream, delay=0.1)
     with RunningGateway(config) as gw:
         gateway = gw.gateway
 
@@ -639,9 +643,7 @@ def test_a_read_of_the_queue_older_than_the_last_wake_lets_no_new_event_ahead(
 ) -> None:
     # The claim loop reads when the next delivery falls due; a delivery queued (and the engine woken) after
     # that read began is missing from it, so the read must not tell leases the way is clear.
-    downstream.delay = 0.1
-    config = gateway_config(tmp_path, routes=[users_route(downstream)])
-    config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
+    config = one_slot_config(tmp_path, downstream, delay=0.1)
     with RunningGateway(config) as gw:
         gateway, storage = gw.gateway, gw.gateway.storage
         wait_until(lambda: gateway.engine._due_at == math.inf)  # the claim loop read an empty queue
@@ -672,9 +674,7 @@ def test_a_read_of_the_queue_older_than_the_last_wake_lets_no_new_event_ahead(
 def test_an_event_queued_while_its_commit_waits_is_not_overtaken_by_a_later_one(
     tmp_path, downstream: Downstream
 ) -> None:
-    downstream.delay = 0.3
-    config = gateway_config(tmp_path, routes=[users_route(downstream)])
-    config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
+    config = one_slot_config(tmp_path, downstream, delay=0.3)
     with RunningGateway(config) as gw:
         gateway = gw.gateway
         helper = gateway.storage._writer.syncer.process.pid
@@ -724,8 +724,7 @@ def test_no_lease_takes_the_slots_a_claim_in_progress_fills(tmp_path, downstream
 def test_slots_held_for_a_duplicate_free_up_for_the_claim_loop_waiting_for_them(
     tmp_path, downstream: Downstream
 ) -> None:
-    config = gateway_config(tmp_path, routes=[users_route(downstream)])
-    config["delivery"].update({"poll_interval": "30s", "concurrency": 1})
+    config = one_slot_config(tmp_path, downstream)
     with RunningGateway(config) as gw:
         gateway = gw.gateway
         endpoint = gateway.table.endpoints["/webhooks/consignease"]

@@ -373,14 +373,16 @@ def sampler(
     probe: Callable[[], Any], interval: float, limit: int = 10_000
 ) -> Iterator[list[tuple[float, Any]]]:
     """Call `probe` every `interval` seconds on a thread while the block runs; yields the (time, value)
-    samples (at most `limit`)."""
+    samples (at most `limit`), each timed when its value came back: a probe sent just before a fault ends
+    may be answered after it."""
     samples: list[tuple[float, Any]] = []
     stop = threading.Event()
 
     def run() -> None:
         while not stop.is_set() and len(samples) < limit:
             with contextlib.suppress(Exception):
-                samples.append((time.monotonic(), probe()))
+                value = probe()
+                samples.append((time.monotonic(), value))
             stop.wait(interval)
 
     thread = threading.Thread(target=run, daemon=True)

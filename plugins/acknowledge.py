@@ -246,7 +246,11 @@ class Acknowledge(Action):
             return skipped("the event has no operationId")
         if consignment_id is None:
             return skipped("the event has no data.consignmentId")
-        # The id comes from the payload: encoded as one path segment, a `/` or `..` in it stays inside it.
+        # The id comes from the payload: encoded as one path segment, a `/`, `?` or `#` in it stays inside
+        # it. `.` and `..` are left as they are by any encoding (unreserved) and a URL resolves them as
+        # dot-segments, so the PUT would reach another endpoint: no consignment has such an id.
+        if str(consignment_id) in (".", ".."):
+            return dead(f"data.consignmentId {consignment_id!r} is not a consignment id")
         url = (
             f"{self.options.base_url}/v1/consignments/{quote(str(consignment_id), safe='')}/connection-result"
         )

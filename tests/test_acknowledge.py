@@ -265,6 +265,22 @@ def test_reports_the_parent_result_with_a_static_token(
         assert consignly_api.token_requests == []
 
 
+@pytest.mark.parametrize("consignment_id", ["..", "."])
+def test_a_dot_segment_consignment_id_ends_dead_without_a_request(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly, consignment_id: str
+) -> None:
+    # Percent-encoding leaves dots as they are, and a URL resolves `..` and `.`: the PUT would go to
+    # /v1/connection-result or /v1/consignments/connection-result instead.
+    route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_dots", consignment_id=consignment_id))
+        wait_until(lambda: delivery_states(gw, "evt_dots") == {"app": "delivered", "ack": "dead"})
+        ack = next(d for d in event_detail(gw, "evt_dots").deliveries if d.action == "ack")
+        assert ack.last_error == f"data.consignmentId {consignment_id!r} is not a consignment id"
+        assert consignly_api.calls == []
+        assert [request.path for request in downstream.received()] == ["/app"]
+
+
 def test_a_refused_static_token_ends_dead_without_retries(
     tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
 ) -> None:

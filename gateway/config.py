@@ -61,17 +61,25 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
+def parse_positive_duration(value: Any) -> float:
+    """A duration that must not be 0: a timeout, a lease or a polling interval of 0 would expire at once,
+    every time, and the loop that waits on it would spin."""
+    seconds = parse_duration(value)
+    if seconds == 0:
+        raise ValueError(f"{value!r}: must be longer than 0")
+    return seconds
+
+
+_DURATION_TEXT = {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"}
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "number", "minimum": 0},
-                {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"},
-            ]
-        }
-    ),
+    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, _DURATION_TEXT]}),
+]
+PositiveDuration = Annotated[
+    float,
+    BeforeValidator(parse_positive_duration),
+    WithJsonSchema({"anyOf": [{"type": "number", "exclusiveMinimum": 0}, _DURATION_TEXT]}),
 ]
 
 
@@ -155,7 +163,7 @@ class Limits(Strict):
     max_headers: int = Field(default=100, gt=0)
     max_header_bytes: int = Field(default=16 * 1024, gt=0)
     # A body that takes longer than this to arrive is cut off with 408 (slow clients hold workers).
-    read_timeout: Duration = 10.0
+    read_timeout: PositiveDuration = 10.0
     # A keep-alive connection with no request for this long is closed. Behind a load balancer that reuses
     # its connections, set it above the balancer's own idle timeout, so the gateway never closes one the
     # balancer is about to send on.
@@ -182,7 +190,7 @@ class RetryPolicy(Strict):
 
 class Defaults(Strict):
     retry: RetryPolicy = RetryPolicy()
-    timeout: Duration = 30.0
+    timeout: PositiveDuration = 30.0
 
 
 class DeliveryEngine(Strict):
@@ -190,8 +198,8 @@ class DeliveryEngine(Strict):
 
     concurrency: int = Field(default=64, ge=1)
     # A claimed delivery is invisible to other workers this long; after a crash it is claimed again.
-    lease: Duration = 120.0
-    poll_interval: Duration = 1.0
+    lease: PositiveDuration = 120.0
+    poll_interval: PositiveDuration = 1.0
     # On SIGTERM, running deliveries get this long to finish; the rest are released for the next start.
     # With the listeners' own drains (gateway.app) the whole shutdown stays within about 15 s.
     shutdown_timeout: Duration = 8.0
@@ -202,7 +210,7 @@ class Reload(Strict):
     re-read on SIGHUP; an invalid new config is refused and the old one keeps serving."""
 
     watch: bool = True
-    interval: Duration = 2.0
+    interval: PositiveDuration = 2.0
 
 
 class LogConfig(Strict):
@@ -255,7 +263,7 @@ class ActionConfig(Strict):
     after: str | None = None
     when: Literal["success", "failure", "always"] | None = None
     retry: RetryPolicy | None = None
-    timeout: Duration | None = None
+    timeout: PositiveDuration | None = None
     concurrency: int | None = Field(default=None, ge=1)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)

@@ -3,6 +3,7 @@ YAML errors, and the JSON Schema offered to editors."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -286,8 +287,8 @@ def test_source_path_must_be_absolute() -> None:
 )
 def test_durations(written: Any, seconds: float) -> None:
     assert parse_duration(written) == pytest.approx(seconds)
-    config = parse_config(yaml.safe_dump({"defaults": {"timeout": written}}), environ={})
-    assert config.defaults.timeout == pytest.approx(seconds)
+    config = parse_config(yaml.safe_dump({"delivery": {"shutdown_timeout": written}}), environ={})
+    assert config.delivery.shutdown_timeout == pytest.approx(seconds)
 
 
 def test_durations_in_lists_and_nested_places() -> None:
@@ -326,6 +327,27 @@ def test_negative_duration_number_is_rejected() -> None:
     assert config_errors(one_source(tolerance=-5)) == [
         "sources.x.tolerance: -5 is not a finite, non-negative duration"
     ]
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        {"defaults": {"timeout": "{}"}},
+        {"limits": {"read_timeout": "{}"}},
+        {"delivery": {"lease": "{}"}},
+        {"delivery": {"poll_interval": "{}"}},
+        {"reload": {"interval": "{}"}},
+        {"routes": [{"name": "r", "source": "x", "actions": [{"use": "forward", "timeout": "{}"}]}]},
+    ],
+    ids=["timeout", "read_timeout", "lease", "poll_interval", "reload", "action_timeout"],
+)
+@pytest.mark.parametrize("written", [0, "0s", "0ms"])
+def test_timeouts_leases_and_intervals_must_be_longer_than_zero(where: dict[str, Any], written: Any) -> None:
+    # Each of these expires at once when it is 0, every time: a lease of 0 made the engine claim, run and
+    # claim again in a loop that took a whole core.
+    text = yaml.safe_dump(where).replace("'{}'", json.dumps(written))
+    errors = [error for error in config_errors(text) if "longer than 0" in error]
+    assert len(errors) == 1 and errors[0].endswith(f"{written!r}: must be longer than 0"), errors
 
 
 @pytest.mark.parametrize("written", [True, False, None, [5], {"s": 5}])

@@ -323,7 +323,7 @@ def test_an_action_overrides_retry_timeout_and_concurrency(registry: Registry) -
                 "r",
                 "consignly",
                 forward(id="app", timeout="250ms", concurrency=4, retry={"schedule": ["10s"]}),
-                forward(id="zero", timeout=0),
+                forward(id="short", timeout="1ms"),
             )
         ],
         defaults={"retry": {"schedule": ["1s", "2s"], "jitter": 0.5}, "timeout": "7s"},
@@ -335,7 +335,7 @@ def test_an_action_overrides_retry_timeout_and_concurrency(registry: Registry) -
     assert app.retry.schedule == [10.0]
     # An action's own policy replaces the default as a whole: keys it leaves out take the built-in values.
     assert app.retry.jitter == 0.1
-    assert table.actions[("r", "zero")].timeout == 0.0
+    assert table.actions[("r", "short")].timeout == 0.001
 
 
 @pytest.mark.parametrize("when", ["success", "failure", "always"])

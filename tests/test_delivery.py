@@ -448,6 +448,18 @@ def test_jitter_keeps_each_delay_within_its_band_and_spreads_them() -> None:
     assert 8.0 <= (next_delay(policy, 1, retry_after=1.0) or 0) <= 12.0
 
 
+def test_retry_after_holds_a_delivery_back_an_hour_at_most_or_the_schedule_longest() -> None:
+    from gateway.config import RetryPolicy
+    from gateway.retry import next_delay
+
+    # Ten years, from a wrong header: the delivery would stay pending, out of replay's reach, for as long.
+    ten_years = 315_360_000.0
+    assert next_delay(RetryPolicy(schedule=[1.0, 5.0], jitter=0), 1, retry_after=ten_years) == 3600.0
+    assert next_delay(RetryPolicy(schedule=[1.0, 5.0], jitter=0), 1, retry_after=1800.0) == 1800.0
+    # A schedule that waits longer than an hour by itself lets a receiver ask for as long.
+    assert next_delay(RetryPolicy(schedule=[1.0, 86400.0], jitter=0), 1, retry_after=ten_years) == 86400.0
+
+
 def test_408_from_downstream_is_retried(tmp_path, downstream: Downstream) -> None:
     downstream.answer("/app", 408, 200)
     with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:

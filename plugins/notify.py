@@ -236,6 +236,9 @@ class Notify(Action):
             )
         except httpx.HTTPError as exc:
             return transport_error(exc)
+        except ValueError as exc:
+            # A header this event breaks (an id with a line break in it): the same on every attempt.
+            return dead(f"cannot send: {exc}")
         return http_outcome(response, job.retry)
 
 

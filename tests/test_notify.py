@@ -358,6 +358,20 @@ def test_render_errors_end_dead_with_the_reason(tmp_path: Path, downstream: Down
         assert gw.metric("hookyard_deliveries_total", route="alerts", action="quiet", outcome="skipped") == 1
 
 
+def test_an_event_id_that_cannot_be_a_header_ends_dead_without_a_request(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # The id is sent as x-hookyard-event-id: with a line break in it no request can carry it, on any attempt.
+    action = notify_action("alert", f"{downstream.url}/slack", format="slack")
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", action)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_1\r\nx-injected: 1"))
+        wait_until(lambda: delivery_states(gw, "evt_1\r\nx-injected: 1") == {"alert": "dead"})
+        [alert] = event_detail(gw, "evt_1\r\nx-injected: 1").deliveries
+        assert alert.attempts == 1
+        assert (alert.last_error or "").startswith("cannot send: ")
+        assert downstream.received() == []
+
+
 def test_a_500_from_the_chat_webhook_is_retried(tmp_path: Path, downstream: Downstream) -> None:
     downstream.answer("/slack", 500, (429, {"Retry-After": "0"}), 200)
     action = notify_action("alert", f"{downstream.url}/slack", format="slack")

@@ -228,7 +228,11 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
             if webhook.stage == RECEIVING:
                 self._received(webhook)
             elif webhook.stage == ANSWERED:
-                self._webhook = None  # a refused request's body, read to its end and dropped
+                # A refused request's body, read to its end and dropped: its answer left before, and the
+                # connection is idle from now (_begin had replaced that deadline with the body's).
+                self._webhook = None
+                if not self.transport.is_closing():
+                    self._arm(self._idle_timed_out, limits().idle_timeout)
 
         def connection_lost(self, exc: Exception | None) -> None:
             self._disarm()

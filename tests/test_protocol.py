@@ -9,6 +9,8 @@ import socket
 import time
 from typing import Any
 
+import pytest
+
 from gateway import hookimpl
 from gateway.app import GC_YOUNG_THRESHOLD
 from gateway.plugins import new_plugin_manager
@@ -198,6 +200,32 @@ def test_an_idle_keep_alive_connection_is_closed_after_idle_timeout_and_a_busy_o
         idle_for = time.monotonic() - answered
     # Counted from the answer's arrival here, a little after the server started counting.
     assert 0.25 <= idle_for < 2.0
+
+
+_OVER = b"x" * 200
+_REFUSED_BEFORE_THE_BODY_ENDED = {
+    "declared too large": b"Content-Length: 200\r\n\r\n" + _OVER,
+    "too large mid-body": b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(_OVER), _OVER),
+    "too many headers": b"".join(b"X-H%d: v\r\n" % n for n in range(6)) + b"Content-Length: 2\r\n\r\n{}",
+}
+
+
+@pytest.mark.parametrize("rest", _REFUSED_BEFORE_THE_BODY_ENDED.values(), ids=_REFUSED_BEFORE_THE_BODY_ENDED)
+def test_a_connection_whose_webhook_was_refused_before_its_body_ended_is_closed_once_idle(
+    tmp_path, rest: bytes
+) -> None:
+    # Refused at its headers or mid-body, the body is read to its end and dropped: then the connection is
+    # idle, and closed after idle_timeout like any other (read_timeout is far longer: not that deadline).
+    limits = {"idle_timeout": "300ms", "read_timeout": "30s", "max_body_bytes": 100, "max_headers": 5}
+    with RunningGateway(gateway_config(tmp_path, limits=limits)) as gw, Connection(gw.url) as conn:
+        conn.send(b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\n" + rest)
+        status = conn.answer()[0]
+        answered = time.monotonic()
+        conn.sock.settimeout(5)
+        assert conn.closed_by_server()
+        idle_for = time.monotonic() - answered
+    assert status in (413, 431)
+    assert idle_for < 2.0
 
 
 def test_a_source_path_with_a_query_or_percent_encoding_is_still_a_webhook(tmp_path) -> None:

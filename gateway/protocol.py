@@ -275,7 +275,12 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
                 log.exception("a webhook could not be stored", extra=event.summary())
                 self._refuse(webhook, INTERNAL_ERROR)
                 return
-            self._answer(webhook, 200, reply)
+            try:
+                self._answer(webhook, 200, reply)
+            except TypeError:  # orjson's JSONEncodeError: a provider's reply() holds what JSON cannot
+                log.exception("a webhook's answer could not be written", extra=event.summary())
+                self._refuse(webhook, INTERNAL_ERROR)
+                return
             ingress.answered(webhook.endpoint.name, status, webhook.started)
 
         def _refuse(self, webhook: Webhook, rejection: Rejected) -> None:

@@ -340,6 +340,41 @@ def test_a_provider_that_raises_gets_500_internal_error_and_the_connection_stays
     assert (after[0], json.loads(after[2])["status"]) == (200, "accepted")
 
 
+class UnanswerableProvider(SvixProvider):
+    name = "unanswerable"
+
+    def reply(self, event: Any) -> dict[str, Any]:
+        return {"challenge": object()}  # a bug in a provider plugin: JSON cannot hold it
+
+
+class UnanswerablePlugin:
+    @hookimpl
+    def register_providers(self) -> list[type[Provider]]:
+        return [UnanswerableProvider]
+
+
+def test_a_reply_that_json_cannot_hold_gets_500_internal_error_and_the_connection_stays_usable(
+    tmp_path,
+) -> None:
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(UnanswerablePlugin(), name="unanswerable")
+    config = gateway_config(tmp_path)
+    config["sources"]["unanswerable"] = {**config["sources"]["consignease"], "path": "/webhooks/unanswerable"}
+    config["sources"]["unanswerable"]["provider"] = "unanswerable"
+    with RunningGateway(config, pm=pm) as gw, Connection(gw.url) as conn:
+        conn.send(signed("msg_unanswerable", path="/webhooks/unanswerable"))
+        status, _, body = conn.answer()
+        conn.send(signed("msg_answerable"))
+        after = conn.answer()
+        assert (
+            gw.metric("hookyard_webhook_rejections_total", source="unanswerable", reason="internal_error")
+            == 1
+        )
+        assert gw.gateway.ingress.in_flight == 0
+    assert (status, json.loads(body)["error"]) == (500, "internal_error")
+    assert (after[0], json.loads(after[2])["status"]) == (200, "accepted")
+
+
 def test_hookyard_serve_freezes_what_exists_once_started_and_tests_do_not(tmp_path) -> None:
     # A full collection would walk every module, config and plugin object, holding up the webhooks in
     # progress: `hookyard serve` (one gateway for the process's life) moves them out of the collector's sight.

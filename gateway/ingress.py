@@ -245,6 +245,10 @@ def client_disconnected() -> Rejected:
     return Rejected(400, "client_disconnected", "the client went away before sending the body")
 
 
+def invalid_http(error: Exception) -> Rejected:
+    return Rejected(400, "invalid_http", f"the body is not valid HTTP/1.1 ({error})")
+
+
 def _headers(scope: Scope, max_count: int, max_bytes: int) -> dict[str, str]:
     raw = scope["headers"]
     if len(raw) > max_count:

@@ -17,6 +17,11 @@ descriptor for ever. Here a request's headers must be complete within the listen
 from the connection or from the request's first byte; otherwise it is answered 408 and closed. A fast-path
 request's body then has the read timeout again (408 body_timeout, as the ASGI app answers).
 
+Malformed HTTP: uvicorn answers 400 and closes the connection as soon as the parser fails. Here, what fails
+behind requests still in progress (pipelined) is answered 400 after them: each of their senders hears
+whether its webhook was stored. A fast-path webhook whose own body is malformed (a bad chunk) is refused
+`400 invalid_http`.
+
 uvicorn writes a response's head and its body separately, and each write is a send() system call: for a
 webhook's small answer that is half of the cost of answering. Writes made in one turn of the event loop
 are joined into one (`CoalescedWrites`).
@@ -31,6 +36,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol, RequestResponseCycle
 
@@ -41,6 +47,7 @@ from gateway.ingress import (
     Reply,
     body_timeout,
     client_disconnected,
+    invalid_http,
     too_large,
 )
 from gateway.providers import Rejected
@@ -117,6 +124,8 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
         _timer: asyncio.TimerHandle | None = None
         _deadline = 0.0
         _expired: Callable[[], None] | None = None
+        # The parser failed on what came after the requests in progress: answered 400 once they are.
+        _malformed = False
 
         def connection_made(self, transport: Any) -> None:
             # Duck-typed: uvicorn only writes, closes and asks the transport about itself.
@@ -134,6 +143,48 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
                 return True
             super().eof_received()
             return None
+
+        def data_received(self, data: bytes) -> None:
+            # uvicorn's, but for what the parser cannot read.
+            self._unset_keepalive_if_required()  # never set here, as in on_response_complete
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError as error:
+                self._invalid_http(error)
+            except httptools.HttpParserUpgrade:
+                self._unsupported_upgrade_warning()  # no WebSockets here (ws="none")
+
+        def _invalid_http(self, error: httptools.HttpParserError) -> None:
+            # uvicorn answers 400 and closes at once. That is right when nothing else is in progress, but a
+            # malformed request pipelined behind a webhook being stored would cost that webhook its answer
+            # (the sender would retry an event that is stored): the 400 waits for the answers before it.
+            if self._malformed:
+                return  # the parser keeps failing on what follows, which is never read
+            self._malformed = True
+            cycle, webhook = self.cycle, self._webhook
+            if webhook is not None and webhook.cycle is cycle and webhook.stage == RECEIVING:
+                # The webhook's own body is malformed (a bad chunk): refused, for what it is. Nothing after
+                # it can be read, so the connection is closed.
+                cycle.keep_alive = False
+                self._refuse(webhook, invalid_http(error))
+                return
+            if self.pipeline and self.pipeline[0][0] is cycle and cycle.more_body:
+                self.pipeline.popleft()  # queued, and its own body is malformed: the 400 is its answer
+                waiting = True
+            else:
+                # The last request's message is complete and its answer still to come: the error is in
+                # what follows it. (One whose body is malformed and that is being answered gets the 400 now.)
+                waiting = cycle is not None and not cycle.response_complete and not cycle.more_body
+            if waiting:
+                self._disarm()  # no deadline for what will never be read
+                self.flow.pause_reading()
+            else:
+                self._answer_malformed()
+
+        def _answer_malformed(self) -> None:
+            message = "Invalid HTTP request received."
+            self.logger.warning(message)
+            self.send_400_response(message)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -337,6 +388,8 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
             if self.pipeline:
                 cycle, app = self.pipeline.pop()
                 self._start_asgi_task(cycle, app)
+            elif self._malformed:
+                self._answer_malformed()  # what came after the requests answered (_invalid_http)
             else:
                 self._arm(self._idle_timed_out, limits().idle_timeout)
 

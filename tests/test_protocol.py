@@ -288,6 +288,45 @@ def test_a_client_that_leaves_mid_body_is_counted_and_frees_its_slot(tmp_path) -
         )
 
 
+_MALFORMED = {
+    "request line": b"GARBAGE \x00\x01\r\n\r\n",
+    "chunked body": b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\n",
+}
+
+
+@pytest.mark.parametrize("malformed", _MALFORMED.values(), ids=_MALFORMED)
+def test_a_malformed_request_pipelined_behind_a_webhook_being_stored_waits_for_its_answer(
+    tmp_path, malformed: bytes
+) -> None:
+    # The webhook is stored: its sender must hear so, not get the 400 meant for what came after it.
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.url) as conn:
+        conn.send(signed("msg_before_garbage") + malformed)
+        first, second = conn.answer(), conn.answer()
+        assert conn.closed_by_server()
+        assert gw.gateway.ingress.in_flight == 0
+    assert (first[0], json.loads(first[2])) == (200, {"id": "msg_before_garbage", "status": "accepted"})
+    assert (second[0], second[1]["connection"], second[2]) == (
+        400,
+        "close",
+        b"Invalid HTTP request received.",
+    )
+
+
+def test_a_webhook_whose_chunked_body_is_malformed_is_refused_400_invalid_http(tmp_path) -> None:
+    request = b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.url) as conn:
+        conn.send(request + b"2\r\n{}\r\nZZ\r\n")
+        status, headers, body = conn.answer()
+        assert conn.closed_by_server()  # nothing after it can be read
+        assert gw.gateway.ingress.in_flight == 0
+        rejections = {
+            reason: gw.metric("hookyard_webhook_rejections_total", source="consignease", reason=reason)
+            for reason in ("invalid_http", "client_disconnected")
+        }
+    assert (status, headers["connection"], json.loads(body)["error"]) == (400, "close", "invalid_http")
+    assert rejections == {"invalid_http": 1, "client_disconnected": 0}
+
+
 def test_a_sender_that_expects_100_continue_is_served_by_the_asgi_app(tmp_path) -> None:
     request = signed("msg_continue", extra="Expect: 100-continue\r\n")
     head, _, body = request.partition(b"\r\n\r\n")

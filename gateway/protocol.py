@@ -22,6 +22,10 @@ behind requests still in progress (pipelined) is answered 400 after them: each o
 whether its webhook was stored. A fast-path webhook whose own body is malformed (a bad chunk) is refused
 `400 invalid_http`.
 
+Upgrade: this listener switches to no other protocol. A request that asks to (`Upgrade: h2c`, sent by Java's
+HttpClient with every cleartext request) is answered in HTTP/1.1 like any other, body included, where
+httptools would drop its body (_ignore_upgrade).
+
 uvicorn writes a response's head and its body separately, and each write is a send() system call: for a
 webhook's small answer that is half of the cost of answering. Writes made in one turn of the event loop
 are joined into one (`CoalescedWrites`).
@@ -126,6 +130,9 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
         _expired: Callable[[], None] | None = None
         # The parser failed on what came after the requests in progress: answered 400 once they are.
         _malformed = False
+        # A request that asks to switch protocols, until it is parsed again without that (_ignore_upgrade):
+        # the request in progress before it.
+        _before_upgrade: tuple[Cycle] | None = None
 
         def connection_made(self, transport: Any) -> None:
             # Duck-typed: uvicorn only writes, closes and asks the transport about itself.
@@ -151,8 +158,9 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as error:
                 self._invalid_http(error)
-            except httptools.HttpParserUpgrade:
-                self._unsupported_upgrade_warning()  # no WebSockets here (ws="none")
+            except httptools.HttpParserUpgrade as upgrade:
+                # Where the parser stopped: the request's body, and what follows it, are not parsed yet.
+                self._parse_without_upgrade(memoryview(data)[upgrade.args[0] :])
 
         def _invalid_http(self, error: httptools.HttpParserError) -> None:
             # uvicorn answers 400 and closes at once. That is right when nothing else is in progress, but a
@@ -193,13 +201,15 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
         def on_headers_complete(self) -> None:
             self._disarm()
             parser, url, cycle = self.parser, self.url, self.cycle
+            if parser.should_upgrade():
+                self._ignore_upgrade(cycle)
+                return
             if (
                 (cycle is None or cycle.response_complete)  # not pipelined behind a request in progress
                 and parser.get_method() == b"POST"
                 and not self.expect_100_continue
                 and url.startswith(b"/")
                 and url.isascii()
-                and not parser.should_upgrade()
             ):
                 # Looked for in str: `b"?" in url` first tries b"?" as an integer, and raises (and
                 # swallows) a TypeError each time.
@@ -294,6 +304,58 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
             if webhook is not None and webhook.stage == RECEIVING:
                 self._refuse(webhook, client_disconnected())
             super().connection_lost(exc)
+
+        # -- Upgrade ----------------------------------------------------------------------------------
+
+        # A request that asks to switch protocols (`Upgrade: h2c` and `Connection: Upgrade, HTTP2-Settings`,
+        # which Java's HttpClient sends with every cleartext request, or `Upgrade: websocket`): httptools
+        # stops after its headers and calls it complete without its body. This listener never switches (no
+        # WebSockets, no h2c), and RFC 9110 §7.8 lets a server ignore Upgrade and answer in HTTP/1.1: the
+        # request is parsed again, by a new parser, without it.
+
+        def _ignore_upgrade(self, cycle: Cycle) -> None:
+            if self.parser.get_method() == b"CONNECT":
+                super().on_headers_complete()  # a tunnel, not an upgrade: uvicorn's, as before
+                return
+            # Until it is parsed again (_parse_without_upgrade), it stands as a request already answered, so
+            # that on_message_complete leaves the requests in progress as they are.
+            self._before_upgrade = (cycle,)
+            self.cycle = skipped = FastCycle(cast(dict[str, Any], self.scope), keep_alive=False)
+            skipped.response_complete = True
+
+        def _parse_without_upgrade(self, rest: memoryview) -> None:
+            while (before := self._before_upgrade) is not None:
+                self._before_upgrade = None
+                head = self._head_without_upgrade()
+                (self.cycle,) = before
+                self.parser = parser = httptools.HttpRequestParser(self)
+                parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn's
+                try:
+                    parser.feed_data(head)  # without Upgrade, it cannot stop the parser again
+                    parser.feed_data(rest)
+                    return
+                except httptools.HttpParserError as error:
+                    self._invalid_http(error)
+                    return
+                except httptools.HttpParserUpgrade as upgrade:
+                    rest = rest[upgrade.args[0] :]  # the next request asks too
+            self._unsupported_upgrade_warning()  # CONNECT: uvicorn's
+
+        def _head_without_upgrade(self) -> bytes:
+            parser = self.parser
+            version = parser.get_http_version().encode()
+            head = [parser.get_method(), b" ", self.url, b" HTTP/", version, b"\r\n"]
+            for name, value in self.headers:
+                if name == b"upgrade":
+                    continue
+                if name == b"connection":
+                    tokens = [token for token in value.split(b",") if token.strip().lower() != b"upgrade"]
+                    value = b",".join(tokens).strip()
+                    if not value:
+                        continue
+                head += [name, b": ", value, b"\r\n"]
+            head.append(b"\r\n")
+            return b"".join(head)
 
         # -- the steps --------------------------------------------------------------------------------
 

@@ -339,6 +339,63 @@ def test_a_sender_that_expects_100_continue_is_served_by_the_asgi_app(tmp_path) 
     assert (status, json.loads(answer)) == (200, {"id": "msg_continue", "status": "accepted"})
 
 
+# What Java's HttpClient (and Spring's RestClient on it) sends with every cleartext request.
+_H2C = (
+    "Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+    "HTTP2-Settings: AAEAAEAAAAIAAAAAAAMAAABkAAQBAAAAAAUAAEAA\r\n"
+)
+
+
+def chunked(msg_id: str, extra: str = "") -> tuple[bytes, bytes]:
+    """A signed request whose body comes in two chunks; and the body."""
+    body, headers = svix_request(msg_id=msg_id)
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    half = len(body) // 2
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:half], body[half:]))
+    request = (
+        f"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n{head}{extra}\r\n"
+    )
+    return request.encode() + chunks + b"0\r\n\r\n", body
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_webhook_that_asks_to_upgrade_to_h2c_is_answered_in_http_1_1_with_its_body(
+    tmp_path, framing: str
+) -> None:
+    # The listener switches to no other protocol: Upgrade is ignored (RFC 9110 §7.8), the body is read.
+    if framing == "chunked":
+        request, body = chunked("msg_h2c", extra=_H2C)
+    else:
+        request = signed("msg_h2c", extra=_H2C)
+        body = request.partition(b"\r\n\r\n")[2]
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.url) as conn:
+        conn.send(request + signed("msg_after_h2c", extra=_H2C))  # and one pipelined behind it, asking too
+        answers = [conn.answer(), conn.answer()]
+        conn.send(signed("msg_later"))  # the connection is still HTTP/1.1, and kept alive
+        answers.append(conn.answer())
+        [stored] = asyncio.run_coroutine_threadsafe(gw.gateway.storage.get_event("msg_h2c"), gw.loop).result(
+            10
+        )
+    assert [(status, json.loads(answer)) for status, _, answer in answers] == [
+        (200, {"id": "msg_h2c", "status": "accepted"}),
+        (200, {"id": "msg_after_h2c", "status": "accepted"}),
+        (200, {"id": "msg_later", "status": "accepted"}),
+    ]
+    assert stored.event.body == body
+    assert "upgrade" not in stored.event.headers and stored.event.headers["connection"] == "HTTP2-Settings"
+
+
+def test_a_webhook_that_asks_to_upgrade_to_websocket_is_answered_in_http_1_1(tmp_path) -> None:
+    extra = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.url) as conn:
+        conn.send(signed("msg_websocket", extra=extra + "Sec-WebSocket-Version: 13\r\n"))
+        status, _, answer = conn.answer()
+        conn.send(signed("msg_after_websocket"))
+        after = conn.answer()
+    assert (status, json.loads(answer)) == (200, {"id": "msg_websocket", "status": "accepted"})
+    assert (after[0], json.loads(after[2])["status"]) == (200, "accepted")
+
+
 def test_http_1_0_is_answered_and_closed(tmp_path) -> None:
     with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.url) as conn:
         conn.send(signed("msg_http10", version="1.0"))

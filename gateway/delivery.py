@@ -395,6 +395,20 @@ class Engine:
             # The lease stays: once it expires the delivery is attempted again (at-least-once).
             log.error("cannot record attempt", extra={**event.summary(), "error": str(exc)})
             return
+        if not finished.recorded:
+            # Fenced out: the delivery was claimed again or replayed while this attempt ran, so this result
+            # is not the delivery's and no metric or hook counts it. The delivery may be due now.
+            log.warning(
+                "attempt result discarded: the delivery was claimed again or replayed meanwhile",
+                extra={
+                    **event.summary(),
+                    "route": delivery.route,
+                    "action": delivery.action,
+                    "attempt": delivery.attempts,
+                },
+            )
+            self.wake()
+            return
 
         self.metrics.delivery_finished(
             delivery.route,

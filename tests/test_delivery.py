@@ -272,6 +272,41 @@ def test_an_attempt_longer_than_the_lease_is_sent_once(tmp_path, downstream: Dow
         assert delivery.attempts == 1
 
 
+def test_an_attempt_fenced_out_counts_in_no_metric_and_no_hook(tmp_path, downstream: Downstream) -> None:
+    from gateway import hookimpl
+    from gateway.plugins import new_plugin_manager
+
+    finished: list[tuple[Any, ...]] = []
+
+    class Recorder:
+        @hookimpl
+        def delivery_finished(self, delivery, outcome, final):  # type: ignore[no-untyped-def]
+            finished.append((delivery.action, delivery.attempts, outcome.kind))
+
+    downstream.delay = 1.0
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(Recorder(), name="recorder")
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)]), pm=pm) as gw:
+        body, headers = svix_request(msg_id="msg_fenced")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: downstream.in_flight == 1)
+        # Another worker claims the delivery as if this one's lease had run out: this attempt's result is
+        # no longer the delivery's.
+        storage = gw.gateway.storage
+        later = time.time() + 10  # past the 5 s lease
+        taken = asyncio.run_coroutine_threadsafe(storage.claim(later, 10, 60, "other"), gw.loop).result(10)
+        assert [claim.delivery.attempts for claim in taken] == [2]
+        wait_until(lambda: not gw.gateway.engine._running, timeout=5)
+        assert len(downstream.received("/app")) == 1
+        [delivery] = event_detail(gw, "msg_fenced").deliveries
+        assert (delivery.state, delivery.attempts) == ("pending", 2)
+        assert event_detail(gw, "msg_fenced").attempts[delivery.id] == []
+        for outcome in ("delivered", "retried", "dead"):
+            assert gw.metric("hookyard_deliveries_total", route="users", action="app", outcome=outcome) == 0
+        assert gw.metric("hookyard_delivery_duration_seconds_count", route="users", action="app") == 0
+        assert finished == []
+
+
 def test_refused_connections_are_named_as_such(tmp_path, downstream: Downstream) -> None:
     route = users_route(
         downstream, {"id": "closed", "use": "forward", "with": {"url": "http://127.0.0.1:9/x"}}

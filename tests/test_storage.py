@@ -739,7 +739,7 @@ def test_ingest_with_a_lease_leases_deliveries_without_a_parent_up_to_its_limit(
     assert sorted((c.delivery.action, c.delivery.attempts) for c in again) == [("app", 2), ("audit", 2)]
 
     # Its first attempt's late result is fenced out, as a claimed one's would be.
-    assert db.finish(ingested.claims[0], "delivered", T0 + LEASE + 1, status=200) == Finished()
+    assert db.finish(ingested.claims[0], "delivered", T0 + LEASE + 1, status=200) == Finished(recorded=False)
     assert db.states("evt_1")["app"] == "pending"
 
 
@@ -792,7 +792,7 @@ def test_delivered_and_dead_are_final(db: Harness, state: str) -> None:
     assert db.run(db.storage.next_due_at()) is None
 
     # A second report for the same attempt changes nothing.
-    db.finish(claim, "pending", T0 + 3, due_at=T0 + 4)
+    assert db.finish(claim, "pending", T0 + 3, due_at=T0 + 4) == Finished(recorded=False)
     assert db.deliveries("evt_1")["app"].state == state
     assert db.claim(T0 + 10 * LEASE) == []
 
@@ -803,9 +803,9 @@ def test_a_stale_attempt_cannot_finish_a_delivery_claimed_again(db: Harness) -> 
     [second] = db.claim(T0 + 1 + LEASE)  # the first worker's lease ran out
     assert (first.delivery.attempts, second.delivery.attempts) == (1, 2)
 
-    # The first worker finally reports: it was fenced out, so nothing changes.
+    # The first worker finally reports: it was fenced out, so nothing changes, and the answer says so.
     finished = db.finish(first, "delivered", T0 + 2 + LEASE, status=200)
-    assert finished == Finished()
+    assert finished == Finished(recorded=False)
     records = db.deliveries("evt_1")
     assert (records["app"].state, records["app"].attempts, records["app"].finished_at) == ("pending", 2, None)
     assert records["ack"].state == "waiting"

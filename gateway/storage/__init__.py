@@ -96,10 +96,13 @@ DUPLICATE = Ingested(False)
 
 @dataclass(slots=True)
 class Finished:
-    """Dependents whose parent reached a final state: those that now run, and those skipped."""
+    """What recording an attempt did: the dependents whose parent reached a final state, those that now run
+    and those skipped. `recorded` is False when nothing was written because the attempt was fenced out: its
+    delivery was claimed again or replayed while it ran, so its result is not the delivery's."""
 
     activated: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[DeliveryRecord] = field(default_factory=list)
+    recorded: bool = True
 
 
 @dataclass(slots=True)
@@ -184,7 +187,9 @@ class Storage(ABC):
         waited_for: bool = False,
     ) -> Finished:
         """Record an attempt and the delivery's next state (pending again at due_at, or final). A final
-        state releases or skips the delivery's dependents in the same transaction.
+        state releases or skips the delivery's dependents in the same transaction. Nothing is written, and
+        the answer's `recorded` is False, when the delivery was claimed again (its `attempts` moved on) or
+        is no longer pending (replayed) since this attempt was claimed.
 
         waited_for: something waits for this record to go on (the engine, for the slot it frees), so a
         store that holds such records back to write them with others must not."""

@@ -1201,9 +1201,9 @@ def _finish(
             attempt.number,
         ),
     )
-    finished = Finished()
     if updated.rowcount == 0:
-        return finished
+        return Finished(recorded=False)
+    finished = Finished()
     conn.execute(
         "INSERT INTO attempts (delivery_id, number, started_at, duration, outcome, status_code, error) "
         "VALUES (?, ?, ?, ?, ?, ?, ?)",

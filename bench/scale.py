@@ -45,7 +45,7 @@ from bench.common import (
 from bench.end_to_end import run_loadgen
 from gateway.events import Event
 from gateway.storage import Attempt, NewDelivery
-from gateway.storage.sqlite import QUEUE_STATS, SQLiteStorage
+from gateway.storage.sqlite import CLAIM_DUE, NEXT_DUE, QUEUE_STATS, SQLiteStorage
 
 DUE_IN = 3600.0  # the backlog falls due this far ahead: the idle gateway leaves it alone
 LEASE = 60.0
@@ -54,10 +54,6 @@ BURST = 1000  # webhooks sent to the gateway at each level, at BURST_RATE
 BURST_RATE = 500
 IDLE_SETTLE_S = 6.0  # the queue-stats loop runs every 2 s: let it run a few times before reading RSS
 
-# The statements the gateway runs, as written in gateway/storage/sqlite.py (QUEUE_STATS comes from there),
-# for EXPLAIN QUERY PLAN.
-CLAIM_SELECT = "SELECT id FROM deliveries WHERE state = 'pending' AND due_at <= ? ORDER BY due_at, id LIMIT ?"
-NEXT_DUE = "SELECT min(due_at) FROM deliveries WHERE state = 'pending'"
 
 
 def grow(db: Path, start: int, count: int, base: float) -> float:
@@ -99,8 +95,9 @@ def query_plans(db: Path) -> dict[str, str]:
     try:
         plans = {}
         for name, sql, params in (
-            ("claim", CLAIM_SELECT, (0.0, 1)),
-            ("next_due_at", NEXT_DUE, ()),
+            # The statements the gateway runs (from gateway/storage/sqlite.py), with nothing running.
+            ("claim", CLAIM_DUE, (0.0, "[]", 1)),
+            ("next_due_at", NEXT_DUE, ("[]",)),
             ("queue_stats", QUEUE_STATS, (0.0,)),
         ):
             rows = conn.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()

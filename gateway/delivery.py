@@ -292,7 +292,9 @@ class Engine:
             self._reserved += free  # what the claim returns takes them: no lease may meanwhile
             claims: list[Claim] | None
             try:
-                claims = await self.storage.claim(time.time(), free, settings.lease, self.owner)
+                claims = await self.storage.claim(
+                    time.time(), free, settings.lease, self.owner, running=self._running.keys()
+                )
             except StorageUnavailable as exc:
                 log.error("cannot claim deliveries", extra={"error": str(exc)})
                 claims = None
@@ -310,7 +312,9 @@ class Engine:
         timeout = settings.poll_interval
         if free > 0:
             with contextlib.suppress(StorageUnavailable):
-                due = await self.storage.next_due_at()
+                # Not one of ours whose lease ran out under its attempt: it is not claimed, and waking for
+                # it would only spin.
+                due = await self.storage.next_due_at(running=self._running.keys())
                 if wakes == self._wakes:  # else what was queued since may be missing from this read
                     self._due_at = math.inf if due is None else due
                 if due is not None:
@@ -333,7 +337,8 @@ class Engine:
     def _start(self, claim: Claim) -> None:
         delivery_id = claim.delivery.id
         if delivery_id in self._running:
-            # Our own lease ran out under a still-running attempt: let that attempt finish.
+            # Claimed although it runs here (a store that does not leave out `running`, once its lease ran
+            # out under the attempt): let that attempt finish.
             log.warning("delivery claimed while still running", extra={"delivery": delivery_id})
             return
         task = asyncio.create_task(self._deliver(claim))

@@ -272,6 +272,46 @@ def test_an_attempt_longer_than_the_lease_is_sent_once(tmp_path, downstream: Dow
         assert delivery.attempts == 1
 
 
+def test_an_attempt_that_outlives_its_lease_while_renewals_fail_is_sent_once(
+    tmp_path, downstream: Downstream
+) -> None:
+    downstream.delay = 2.0
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"].update({"lease": "1s", "poll_interval": "200ms"})
+    with RunningGateway(config) as gw:
+        storage = gw.gateway.storage
+        real_renew, real_next_due_at = storage.renew, storage.next_due_at
+        fail_until = time.time() + 1.6  # the lease runs out under the attempt, then renewals work again
+        reads = 0
+
+        async def renew(*args: Any, **kwargs: Any) -> None:
+            if time.time() < fail_until:  # a full disk for a moment, say
+                raise StorageUnavailable("sqlite: database or disk is full")
+            await real_renew(*args, **kwargs)
+
+        async def next_due_at(*args: Any, **kwargs: Any) -> float | None:
+            nonlocal reads
+            reads += 1
+            return await real_next_due_at(*args, **kwargs)
+
+        storage.renew = renew  # type: ignore[method-assign]
+        storage.next_due_at = next_due_at  # type: ignore[method-assign]
+        body, headers = svix_request(msg_id="msg_lapsed")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_lapsed") == {"app": "delivered"}, timeout=15)
+        # Not claimed again beside its running attempt, whose result is the one recorded.
+        assert len(downstream.received("/app")) == 1
+        detail = event_detail(gw, "msg_lapsed")
+        [delivery] = detail.deliveries
+        assert [(a.number, a.outcome, a.status_code) for a in detail.attempts[delivery.id]] == [
+            (1, "delivered", 200)
+        ]
+        assert delivery.attempts == 1
+        assert gw.metric("hookyard_deliveries_total", route="users", action="app", outcome="delivered") == 1
+        # Nor does the claim loop spin on the lapsed lease as if it were due: it looks every poll_interval.
+        assert reads < 30, reads
+
+
 def test_an_attempt_fenced_out_counts_in_no_metric_and_no_hook(tmp_path, downstream: Downstream) -> None:
     from gateway import hookimpl
     from gateway.plugins import new_plugin_manager
@@ -701,8 +741,8 @@ def test_a_read_of_the_queue_older_than_the_last_wake_lets_no_new_event_ahead(
             stored = store_webhook(gateway, "msg_new")
             stored.add_done_callback(lambda done: leased.append(len(done.result().claims)))
 
-        async def read_then_queue_one() -> float | None:
-            due = await read()  # nothing due: the read is done before the delivery below is queued
+        async def read_then_queue_one(**kwargs: Any) -> float | None:
+            due = await read(**kwargs)  # nothing due: the read is done before the delivery below is queued
             await queue_unannounced(gateway, "msg_queued")
             gateway.engine.wake()
             asyncio.get_running_loop().call_soon(store_new)  # before the claim loop looks again

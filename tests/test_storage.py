@@ -696,6 +696,35 @@ def test_claim_returns_the_oldest_due_first(db: Harness) -> None:
     assert [c.event.id for c in db.claim(T0 + 10, limit=3)] == ["evt_0", "evt_1", "evt_2"]
 
 
+def test_claim_leaves_out_the_deliveries_the_caller_runs_whatever_their_lease(db: Harness) -> None:
+    db.ingest("evt_mine", APP, at=T0)
+    db.ingest("evt_gone", APP, at=T0 + 1)
+    claims = keyed(db.claim(T0 + 2))
+    mine = claims[("evt_mine", "app")].delivery.id
+    lapsed = T0 + 2 + LEASE  # both leases ran out
+
+    # evt_mine still runs in the caller (its renewals failed): left out. evt_gone's worker is gone (another
+    # process, a previous run): claimed again.
+    again = db.run(db.storage.claim(lapsed, 10, LEASE, "w1", running=[mine]))
+    assert [(c.event.id, c.delivery.attempts) for c in again] == [("evt_gone", 2)]
+    assert db.run(db.storage.next_due_at(running=[mine])) == lapsed + LEASE
+    assert db.run(db.storage.next_due_at()) == T0 + 2 + LEASE
+    assert db.deliveries("evt_mine")["app"].attempts == 1
+    # Once it no longer runs there, it is claimed like any other.
+    assert [(c.event.id, c.delivery.attempts) for c in db.claim(lapsed)] == [("evt_mine", 2)]
+
+
+def test_claims_walk_the_due_index_with_the_running_ones_left_out(db: Harness) -> None:
+    # Whatever the backlog: a walk of deliveries_due in due order, no sort, whatever runs.
+    for sql, params in (
+        (sqlite_module.CLAIM_DUE, (T0, "[1, 2, 3]", 10)),
+        (sqlite_module.NEXT_DUE, ("[1, 2, 3]",)),
+    ):
+        plan = [row[3] for row in db.connection.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+        assert plan[0].startswith("SEARCH deliveries USING INDEX deliveries_due"), plan
+        assert not any("TEMP B-TREE" in step for step in plan), plan
+
+
 def test_dependents_wait_for_their_parent(db: Harness) -> None:
     db.ingest("evt_1", APP, action("ack", after="app", when="success"))
     ack = db.deliveries("evt_1")["ack"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -172,8 +172,12 @@ class Storage(ABC):
         return asyncio.ensure_future(ingest())
 
     @abstractmethod
-    async def claim(self, now: float, limit: int, lease: float, owner: str) -> list[Claim]:
-        """Lease up to `limit` due deliveries, oldest due first, counting an attempt for each."""
+    async def claim(
+        self, now: float, limit: int, lease: float, owner: str, *, running: Collection[int] = ()
+    ) -> list[Claim]:
+        """Lease up to `limit` due deliveries, oldest due first, counting an attempt for each. Deliveries in
+        `running` (the caller is running them itself) are left out, whatever their lease says: one of them
+        whose lease ran out while its attempt runs (missed renewals) is not attempted beside it."""
 
     @abstractmethod
     async def finish(
@@ -205,8 +209,9 @@ class Storage(ABC):
         """Extend the leases `owner` holds on these deliveries: they are still being worked on."""
 
     @abstractmethod
-    async def next_due_at(self) -> float | None:
-        """When the next pending delivery (or lease) falls due."""
+    async def next_due_at(self, *, running: Collection[int] = ()) -> float | None:
+        """When the next pending delivery (or lease) falls due, leaving out those in `running` (as `claim`
+        does)."""
 
     @abstractmethod
     async def queue_stats(self, now: float) -> QueueStats: ...

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
@@ -720,8 +720,13 @@ class SQLiteStorage(Storage):
 
     # -- delivery -------------------------------------------------------------------------------------
 
-    async def claim(self, now: float, limit: int, lease: float, owner: str) -> list[Claim]:
-        return await self._run(lambda conn: _claim(conn, now, limit, now + lease, owner), durable=False)
+    async def claim(
+        self, now: float, limit: int, lease: float, owner: str, *, running: Collection[int] = ()
+    ) -> list[Claim]:
+        left_out = _id_list(running)
+        return await self._run(
+            lambda conn: _claim(conn, now, limit, now + lease, owner, left_out), durable=False
+        )
 
     async def finish(
         self,
@@ -787,9 +792,11 @@ class SQLiteStorage(Storage):
 
         return await self._run(release, durable=False)
 
-    async def next_due_at(self) -> float | None:
+    async def next_due_at(self, *, running: Collection[int] = ()) -> float | None:
+        left_out = _id_list(running)
+
         def next_due(conn: sqlite3.Connection) -> float | None:
-            row = conn.execute("SELECT min(due_at) FROM deliveries WHERE state = 'pending'").fetchone()
+            row = conn.execute(NEXT_DUE, (left_out,)).fetchone()
             return None if row[0] is None else float(row[0])
 
         # Rides along: the claim loop only sets its sleep by it, and whatever falls due sooner wakes it.
@@ -1128,14 +1135,31 @@ def _insert_deliveries(
     return len(deliveries)
 
 
-def _claim(conn: sqlite3.Connection, now: float, limit: int, lease_until: float, owner: str) -> list[Claim]:
-    due = [
-        row[0]
-        for row in conn.execute(
-            "SELECT id FROM deliveries WHERE state = 'pending' AND due_at <= ? ORDER BY due_at, id LIMIT ?",
-            (now, limit),
-        )
-    ]
+# The deliveries the engine runs itself are left out of its claims and of when the next falls due, whatever
+# their lease says: if one's lease ran out under its running attempt (renewals failed, the loop stalled),
+# claiming it would count an attempt that fences out the running one's result and sends it again. They
+# come as one JSON array, so each statement keeps one text (prepared once, from sqlite3's cache); both stay
+# a walk of deliveries_due in due order, the array read once into a list to look ids up in.
+CLAIM_DUE = (
+    "SELECT id FROM deliveries WHERE state = 'pending' AND due_at <= ? "
+    "AND id NOT IN (SELECT value FROM json_each(?)) ORDER BY due_at, id LIMIT ?"
+)
+NEXT_DUE = (
+    "SELECT min(due_at) FROM deliveries WHERE state = 'pending' "
+    "AND id NOT IN (SELECT value FROM json_each(?))"
+)
+
+
+def _id_list(ids: Collection[int]) -> str:
+    """Delivery ids as the JSON array CLAIM_DUE and NEXT_DUE take (read when called: the caller's set
+    may change before the statement runs)."""
+    return orjson.dumps(list(ids)).decode()
+
+
+def _claim(
+    conn: sqlite3.Connection, now: float, limit: int, lease_until: float, owner: str, running: str
+) -> list[Claim]:
+    due = [row[0] for row in conn.execute(CLAIM_DUE, (now, running, limit))]
     if not due:
         return []
     placeholders = ",".join("?" * len(due))

@@ -386,6 +386,37 @@ def test_a_429_is_retried_after_its_retry_after(
         assert [call.status for call in consignly_api.calls] == [429, 200]
 
 
+def test_a_replay_while_the_acknowledgement_retries_reports_the_new_result_only(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    downstream.answer("/app", 200, 503, 503, 200)  # after the replay, app fails twice before it is delivered
+    consignly_api.outages = [503]  # the acknowledgement is retrying when the event is replayed
+    route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
+    config = gateway_config(tmp_path, routes=[route])
+    config["defaults"]["retry"] = {"schedule": ["1s"] * 4, "jitter": 0}
+    with RunningGateway(config) as gw:
+        send(gw, consignly_event("evt_replayed", "op-9"))
+        wait_until(lambda: consignly_api.calls)
+        replay = gw.client.post(gw.ops_url + "/admin/events/evt_replayed/replay", json={})
+        assert replay.json()["replayed"] == 1
+        assert delivery_states(gw, "evt_replayed")["ack"] == "waiting"
+        wait_until(
+            lambda: delivery_states(gw, "evt_replayed") == {"app": "delivered", "ack": "delivered"},
+            timeout=15,
+        )
+        # The acknowledgement's retry waited for app's new result: Consignly was never told it failed.
+        assert [(call.status, call.body) for call in consignly_api.calls] == [
+            (503, {"operationId": "op-9", "result": 1}),
+            (200, {"operationId": "op-9", "result": 1}),
+        ]
+        assert len(downstream.received("/app")) == 4
+        # It started over after the replay: its history keeps the attempt before it.
+        assert [(a.number, a.outcome, a.status_code) for a in ack_history(gw, "evt_replayed")] == [
+            (1, "retry", 503),
+            (1, "delivered", 200),
+        ]
+
+
 def test_a_refused_connection_is_retried(
     tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
 ) -> None:

@@ -270,6 +270,27 @@ def test_replay_one_event_and_one_action(tmp_path: Path, downstream: Downstream)
         assert gw.metric("hookyard_replays_total", mode="event") == 2
 
 
+def test_replay_while_a_dependent_is_in_flight_runs_it_again_after_its_parent(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    downstream.delay = 0.5
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_in_flight")
+        # app is done (a request is recorded once answered) and audit's request is under way.
+        wait_until(lambda: len(downstream.received("/app")) == 1 and downstream.in_flight == 1)
+        assert admin(gw, "POST", "/admin/events/msg_in_flight/replay", json={}).json()["replayed"] == 1
+        # audit acted on app's old result: it runs again once app's new one is in. The attempt that was
+        # under way is let finish, and its result discarded.
+        downstream.wait_for(2, "/audit")
+        wait_until(lambda: states(gw, "msg_in_flight") == {"app": "delivered", "audit": "delivered"})
+        assert len(downstream.received("/app")) == 2
+        detail = admin(gw, "GET", "/admin/events/msg_in_flight").json()
+        audit = next(d for d in detail["deliveries"] if d["action"] == "audit")
+        assert [(a["number"], a["outcome"]) for a in audit["attempts"]] == [(1, "delivered")]
+        labels = {"route": "users", "action": "audit", "outcome": "delivered"}
+        assert gw.metric("hookyard_deliveries_total", **labels) == 1
+
+
 def test_bulk_replay_dead(tmp_path: Path, downstream: Downstream) -> None:
     downstream.answer("/app", 400, 400, 400)
     with RunningGateway(users_config(tmp_path, downstream)) as gw:

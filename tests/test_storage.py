@@ -1170,6 +1170,54 @@ def test_replay_dead_since_and_by_source(db: Harness) -> None:
     assert {c.event.id for c in db.claim(T0 + 700)} == {"evt_old", "evt_recent", "evt_billing"}
 
 
+@pytest.mark.parametrize("dependent", ["retrying", "in_flight"])
+def test_replay_sends_a_dependent_still_pending_back_to_waiting(db: Harness, dependent: str) -> None:
+    db.ingest("evt_1", APP, action("ack", after="app", when="always"), action("audit", after="ack"))
+    [app] = db.claim(T0 + 1)
+    db.finish(app, "delivered", T0 + 2, status=200)
+    [ack] = db.claim(T0 + 2)
+    if dependent == "retrying":
+        db.finish(ack, "pending", T0 + 3, due_at=T0 + 30, status=503)
+
+    assert db.run(db.storage.replay_event(db.detail("evt_1").seq, now=T0 + 10)) == 1
+    # ack acted on app's old result: it waits for the new one, with a fresh count (audit waits still).
+    records = db.deliveries("evt_1")
+    assert {key: (r.state, r.attempts, r.due_at) for key, r in records.items()} == {
+        "app": ("pending", 0, T0 + 10),
+        "ack": ("waiting", 0, None),
+        "audit": ("waiting", 0, None),
+    }
+    if dependent == "in_flight":
+        # The attempt that was running reports: fenced out, nothing of it is recorded.
+        assert db.finish(ack, "delivered", T0 + 11, status=200) == Finished(recorded=False)
+        assert db.states("evt_1")["ack"] == "waiting"
+    [app] = db.claim(T0 + 100)
+    assert app.delivery.action == "app"
+    db.finish(app, "dead", T0 + 101, status=400)
+    [ack] = db.claim(T0 + 101)
+    assert (ack.delivery.attempts, ack.parent) == (1, ParentResult("app", "dead", 1, 400, None))
+
+
+def test_a_dependent_claimed_while_its_parent_runs_again_waits_for_it(db: Harness) -> None:
+    db.ingest("evt_1", APP, action("ack", after="app", when="always"))
+    [app] = db.claim(T0 + 1)
+    db.finish(app, "delivered", T0 + 2, status=200)
+    # app runs again while ack is pending, as a replay by an earlier version left a database.
+    db.connection.execute(
+        "UPDATE deliveries SET state = 'pending', due_at = ?, attempts = 0, finished_at = NULL WHERE id = ?",
+        (T0 + 3, app.delivery.id),
+    )
+
+    # ack is not run on a result app does not have: it waits for app's new one.
+    [app] = db.claim(T0 + 3)
+    assert app.delivery.action == "app"
+    ack = db.deliveries("evt_1")["ack"]
+    assert (ack.state, ack.attempts, ack.due_at, ack.last_status) == ("waiting", 0, None, None)
+    assert db.finish(app, "dead", T0 + 4, status=400).activated == [(ROUTE, "ack")]
+    [claim] = db.claim(T0 + 4)
+    assert (claim.delivery.attempts, claim.parent) == (1, ParentResult("app", "dead", 1, 400, None))
+
+
 def test_replay_dead_keeps_a_dead_dependent_waiting_for_its_replayed_parent(db: Harness) -> None:
     db.ingest("evt_1", APP, action("cleanup", after="app", when="always"))
     [app] = db.claim(T0 + 1)

@@ -31,6 +31,7 @@ from gateway.actions import ParentResult
 from gateway.events import Event
 from gateway.storage import (
     DUPLICATE,
+    FINAL_STATES,
     STORED,
     Attempt,
     Claim,
@@ -1178,13 +1179,27 @@ def _claim(
     parent_ids = {d.parent_id for d in deliveries if d.parent_id is not None}
     parents = _by_key(conn, f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id IN", parent_ids)
     claims = []
+    unready: list[int] = []
     for delivery in deliveries:
         parent = None
         if delivery.parent_id is not None and delivery.parent_id in parents:
             p = _delivery(parents[delivery.parent_id])
+            if p.state not in FINAL_STATES:
+                # Its parent has no final result (it runs again: replayed while this one was pending, in a
+                # database replayed by an earlier version). Waiting for the new result, not running on one
+                # made up.
+                unready.append(delivery.id)
+                continue
             outcome: Literal["delivered", "dead"] = "delivered" if p.state == "delivered" else "dead"
             parent = ParentResult(p.action, outcome, p.attempts, p.last_status, p.last_error)
         claims.append(Claim(delivery, _event(events[delivery.event_seq]), parent))
+    if unready:
+        placeholders = ",".join("?" * len(unready))
+        conn.execute(
+            "UPDATE deliveries SET state = 'waiting', due_at = NULL, lease_owner = NULL, attempts = 0 "
+            f"WHERE id IN ({placeholders})",
+            unready,
+        )
     return claims
 
 
@@ -1273,8 +1288,11 @@ def _finish(
 
 
 def _reset(conn: sqlite3.Connection, ids: list[int], now: float) -> int:
-    """Replay: the given deliveries run again with a fresh attempt count, and their dependents wait again.
-    A delivery whose parent (or any ancestor) is replayed too waits for it instead of running at once."""
+    """Replay: the given deliveries run again with a fresh attempt count, and their dependents wait again,
+    with a fresh count too, whatever their state: a dependent still pending (due, retrying or in flight)
+    acted on the parent's old result, and follows its new one. An attempt of it in flight is fenced out
+    (the delivery is no longer pending): its result is discarded. A delivery whose parent (or any
+    ancestor) is replayed too waits for it instead of running at once."""
     replayed = set(ids)
     roots = [delivery_id for delivery_id in ids if not _has_ancestor_in(conn, delivery_id, replayed)]
     changed = set(roots)
@@ -1290,8 +1308,8 @@ def _reset(conn: sqlite3.Connection, ids: list[int], now: float) -> int:
             descendants = [
                 row[0]
                 for row in conn.execute(
-                    f"UPDATE deliveries SET state = 'waiting', due_at = NULL, attempts = 0, finished_at = NULL "
-                    f"WHERE parent_id IN ({placeholders}) AND state IN ('delivered', 'dead', 'skipped') "
+                    "UPDATE deliveries SET state = 'waiting', due_at = NULL, attempts = 0, finished_at = NULL, "
+                    f"lease_owner = NULL WHERE parent_id IN ({placeholders}) AND state != 'waiting' "
                     "RETURNING id",
                     descendants,
                 )

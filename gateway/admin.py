@@ -160,8 +160,9 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         description: >
           mode dead replays deliveries that ended dead in the window; mode missing replays every event
           received in the window that has not been delivered for an action the current config routes it to
-          (dead deliveries run again; deliveries that never existed are created). Call again with
-          cursor = next_cursor until next_cursor is null.
+          (dead deliveries run again; deliveries that never existed are created, and with action set to a
+          dependent whose parent never existed either, that parent too). Call again with cursor =
+          next_cursor until next_cursor is null.
         requestBody:
           required: true
           content:

@@ -5,7 +5,8 @@ Modes:
 - dead: every delivery that ended dead in a window;
 - missing: every event received in a window that has not reached `delivered` for an action the *current*
   config routes it to: dead deliveries run again, and deliveries that never existed (the event matched no
-  route when it arrived, or the action was added since) are created.
+  route when it arrived, or the action was added since) are created. Narrowed to one action, a dependent
+  whose parent never existed either is created with that parent (and its own), which it then waits for.
 Replayed deliveries keep the event id, so Idempotency-Key dedupe downstream still works.
 """
 
@@ -67,8 +68,21 @@ async def replay_missing_page(
         for matched in table.match(stored.event):
             if route is not None and matched.name != route:
                 continue
-            for planned in matched.actions:
-                if action is not None and planned.key != action:
+            keyed = {planned.key: planned for planned in matched.actions}
+            wanted = set(keyed) if action is None else {action} & keyed.keys()
+            # A missing dependent needs its parent's result: a parent that is missing too is created with it
+            # (and its own, up the chain), so the dependent waits for it as it would have at ingest.
+            for key in [key for key in wanted if (matched.name, key) not in stored.deliveries]:
+                parent = keyed[key].after
+                while (
+                    parent is not None
+                    and parent not in wanted
+                    and (matched.name, parent) not in stored.deliveries
+                ):
+                    wanted.add(parent)
+                    parent = keyed[parent].after
+            for planned in matched.actions:  # in route order: a parent before its dependents
+                if planned.key not in wanted:
                     continue
                 existing = stored.deliveries.get((matched.name, planned.key))
                 if existing is None:

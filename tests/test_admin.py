@@ -349,6 +349,36 @@ def test_bulk_replay_missing_includes_events_that_matched_no_route(
         )  # since required
 
 
+def test_replay_missing_of_a_dependent_creates_its_missing_parent_for_it_to_wait_for(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    config = users_config(tmp_path, downstream, events=["user.created"])
+    config["routes"][0]["actions"][1] = {
+        "id": "alert",
+        "use": "forward",
+        "after": "app",
+        "when": "failure",
+        "with": {"url": f"{downstream.url}/alert"},
+    }
+    config_path = tmp_path / "routes.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    with RunningGateway(config_path) as gw:
+        send(gw, "msg_unrouted", event_type="user.deleted")
+        assert states(gw, "msg_unrouted") == {}
+        config["routes"][0]["events"] = ["user.*"]
+        config_path.write_text(yaml.safe_dump(config))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+
+        # Only alert is asked for; it runs after app, which the event has no delivery of either: app is
+        # created too, and alert waits for its result instead of running as if it had no parent.
+        body = {"mode": "missing", "since": "1h", "action": "alert"}
+        result = admin(gw, "POST", "/admin/replay", json=body).json()
+        assert result == {"replayed": 0, "created": 2, "next_cursor": None}
+        wait_until(lambda: states(gw, "msg_unrouted") == {"app": "delivered", "alert": "skipped"})
+        assert len(downstream.received("/app")) == 1
+        assert downstream.received("/alert") == []
+
+
 def test_openapi_document_is_valid(tmp_path: Path, downstream: Downstream) -> None:
     with RunningGateway(users_config(tmp_path, downstream)) as gw:
         document = admin(gw, "GET", "/admin/openapi.json").json()

@@ -1170,6 +1170,32 @@ def test_replay_dead_since_and_by_source(db: Harness) -> None:
     assert {c.event.id for c in db.claim(T0 + 700)} == {"evt_old", "evt_recent", "evt_billing"}
 
 
+def test_added_deliveries_wait_for_a_parent_added_with_them_or_stored_before(db: Harness) -> None:
+    db.ingest("evt_1", APP)
+    seq = db.detail("evt_1").seq
+    added = [action("alert", after="app", when="failure"), action("audit"), action("log", after="audit")]
+    assert db.run(db.storage.add_deliveries(seq, added, T0 + 5)) == 3
+    records = db.deliveries("evt_1")
+    assert {key: (r.state, r.parent_id) for key, r in records.items()} == {
+        "app": ("pending", None),
+        "alert": ("waiting", records["app"].id),
+        "audit": ("pending", None),
+        "log": ("waiting", records["audit"].id),
+    }
+
+
+def test_a_delivery_whose_parent_the_event_lacks_is_never_inserted_as_a_root(db: Harness) -> None:
+    db.ingest("evt_1", action("audit"))
+    seq = db.detail("evt_1").seq
+    orphan = [action("audit2"), action("alert", after="app", when="failure")]
+    with pytest.raises(ValueError, match="'alert' of route 'orders' runs after 'app'"):
+        db.run(db.storage.add_deliveries(seq, orphan, T0 + 5))
+    assert db.states("evt_1") == {"audit": "pending"}  # nothing of it was written
+    with pytest.raises(ValueError, match="runs after 'app'"):
+        db.ingest("evt_2", action("alert", after="app"))
+    assert db.run(db.storage.get_event("evt_2")) == []
+
+
 @pytest.mark.parametrize("dependent", ["retrying", "in_flight"])
 def test_replay_sends_a_dependent_still_pending_back_to_waiting(db: Harness, dependent: str) -> None:
     db.ingest("evt_1", APP, action("ack", after="app", when="always"), action("audit", after="ack"))

@@ -1079,10 +1079,19 @@ def _insert_deliveries(
     """Insert an event's deliveries. A dependent waits for its parent, or, when the parent (created
     earlier, e.g. before a replay of missing deliveries) is already final, is decided at once. With a
     `lease`, up to `lease.limit` deliveries without a parent are inserted leased, their first attempt
-    counted, and appended to `leased`, as `_claim` would return them."""
+    counted, and appended to `leased`, as `_claim` would return them. A dependent whose parent is neither
+    in `existing` nor before it in `deliveries` is refused (ValueError): inserted without one, it would run
+    as if it had none, its `when` ignored."""
     known = dict(existing)
     for delivery in deliveries:
-        parent = known.get((delivery.route, delivery.after)) if delivery.after else None
+        parent = None
+        if delivery.after:
+            parent = known.get((delivery.route, delivery.after))
+            if parent is None:
+                raise ValueError(
+                    f"delivery {delivery.action!r} of route {delivery.route!r} runs after "
+                    f"{delivery.after!r}, which the event has no delivery of"
+                )
         state: str = "pending"
         due_at: float | None = now
         owner, attempts = None, 0

@@ -478,6 +478,15 @@ class Engine:
             return retry(f"{type(exc).__name__}: {exc}")
         if late:
             task.uncancel()  # the action finished all the same: its outcome stands
+        if not isinstance(outcome, Outcome):
+            # A plugin bug that would otherwise fail the engine after the attempt, with the delivery never
+            # recorded: claimed again each time its lease ran out, for ever. Retried like a raised error.
+            log.error(
+                "action returned %r, not an Outcome",
+                type(outcome).__name__,
+                extra={**job.event.summary(), "action": job.action},
+            )
+            return retry(f"the action returned {type(outcome).__name__}, not an Outcome")
         return outcome
 
     async def _stats_loop(self) -> None:

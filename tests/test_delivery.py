@@ -347,6 +347,37 @@ def test_an_attempt_fenced_out_counts_in_no_metric_and_no_hook(tmp_path, downstr
         assert finished == []
 
 
+def test_an_action_that_returns_no_outcome_is_retried_then_dead(tmp_path, downstream: Downstream) -> None:
+    from gateway import hookimpl
+    from gateway.actions import Action, Job, Outcome
+    from gateway.plugins import new_plugin_manager
+
+    class Sloppy(Action):
+        name = "sloppy"
+
+        async def deliver(self, job: Job) -> Outcome:
+            return "done"  # type: ignore[return-value]  # the plugin bug under test
+
+    class SloppyPlugin:
+        @hookimpl
+        def register_actions(self) -> list[type[Action]]:
+            return [Sloppy]
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(SloppyPlugin(), name="sloppy")
+    route = users_route(downstream, {"id": "app", "use": "sloppy", "retry": {"schedule": ["10ms"]}})
+    with RunningGateway(gateway_config(tmp_path, routes=[route]), pm=pm) as gw:
+        body, headers = svix_request(msg_id="msg_sloppy")
+        gw.post("/webhooks/consignease", body, headers)
+        # Recorded like an attempt that raised: retried on the schedule, then dead, never left leased.
+        wait_until(lambda: delivery_states(gw, "msg_sloppy") == {"app": "dead"})
+        [delivery] = event_detail(gw, "msg_sloppy").deliveries
+        assert [(a.outcome, a.error) for a in event_detail(gw, "msg_sloppy").attempts[delivery.id]] == [
+            ("retry", "the action returned str, not an Outcome"),
+            ("dead", "gave up after 2 attempts: the action returned str, not an Outcome"),
+        ]
+
+
 def test_refused_connections_are_named_as_such(tmp_path, downstream: Downstream) -> None:
     route = users_route(
         downstream, {"id": "closed", "use": "forward", "with": {"url": "http://127.0.0.1:9/x"}}

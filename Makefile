@@ -33,8 +33,8 @@ test-slow: $(STAMP)  ## only the slow torture tests (CI runs them before `make t
 	$(BIN)/pytest -m slow --timeout=$(TEST_TIMEOUT) $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 lint: $(STAMP)
-	$(BIN)/ruff check gateway plugins tests
-	$(BIN)/ruff format --check gateway plugins tests
+	$(BIN)/ruff check gateway plugins tests bench
+	$(BIN)/ruff format --check gateway plugins tests bench
 
 typecheck: $(STAMP)
 	$(BIN)/mypy

@@ -55,7 +55,6 @@ BURST_RATE = 500
 IDLE_SETTLE_S = 6.0  # the queue-stats loop runs every 2 s: let it run a few times before reading RSS
 
 
-
 def grow(db: Path, start: int, count: int, base: float) -> float:
     """Add `count` events with one pending delivery each, in one transaction; returns seconds taken."""
     if count <= 0:

@@ -1137,6 +1137,37 @@ def test_replay_event_of_one_action(db: Harness) -> None:
     assert sorted(c.delivery.action for c in db.claim(T0 + 100)) == ["ack", "audit"]
 
 
+def test_a_dependent_replayed_below_a_skipped_parent_is_skipped_with_its_own(db: Harness) -> None:
+    db.ingest(
+        "evt_1",
+        APP,
+        action("alert", after="app", when="failure"),
+        action("ack", after="alert", when="always"),
+        action("audit", after="ack", when="always"),
+    )
+    [app] = db.claim(T0 + 1)
+    db.finish(app, "delivered", T0 + 2, status=200)
+    assert db.states("evt_1") == {
+        "app": "delivered",
+        "alert": "skipped",
+        "ack": "skipped",
+        "audit": "skipped",
+    }
+    seq = db.detail("evt_1").seq
+    # ack replayed on its own: its parent has no result to tell it, neither success nor failure.
+    assert db.run(db.storage.replay_event(seq, "ack", now=T0 + 10)) == 1
+    assert db.states("evt_1")["audit"] == "waiting"
+    assert db.claim(T0 + 10) == []
+    records = db.deliveries("evt_1")
+    assert {k: (r.state, r.attempts) for k, r in records.items()} == {
+        "app": ("delivered", 1),
+        "alert": ("skipped", 0),
+        "ack": ("skipped", 0),
+        "audit": ("skipped", 0),
+    }
+    assert records["ack"].last_error == "parent did not reach the required state"
+
+
 def test_replay_dead_since_and_by_source(db: Harness) -> None:
     db.ingest("evt_old", APP, at=T0, source="shop")
     db.ingest("evt_recent", APP, action("ack", after="app", when="failure"), at=T0 + 1, source="shop")

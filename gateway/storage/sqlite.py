@@ -1199,6 +1199,16 @@ def _claim(
                 # made up.
                 unready.append(delivery.id)
                 continue
+            if p.state == "skipped":
+                # Replayed on its own below a skipped parent: skipped too, as when the parent was, and its
+                # own dependents with it, rather than told of a failure that never happened.
+                conn.execute(
+                    "UPDATE deliveries SET state = 'skipped', due_at = NULL, lease_owner = NULL, "
+                    "attempts = attempts - 1, finished_at = ?, last_error = ? WHERE id = ?",
+                    (now, SKIPPED_REASON, delivery.id),
+                )
+                _settle_dependents(conn, delivery.id, None, now, Finished())
+                continue
             outcome: Literal["delivered", "dead"] = "delivered" if p.state == "delivered" else "dead"
             parent = ParentResult(p.action, outcome, p.attempts, p.last_status, p.last_error)
         claims.append(Claim(delivery, _event(events[delivery.event_seq]), parent))
@@ -1267,9 +1277,17 @@ def _finish(
     )
     if not final:
         return finished
-    # Dependents of a finished parent run when their `when` matches, otherwise they (and theirs) are skipped.
     outcome = "success" if state == "delivered" else "failure" if state == "dead" else None
-    parents = [delivery.id]
+    _settle_dependents(conn, delivery.id, outcome, now, finished)
+    return finished
+
+
+def _settle_dependents(
+    conn: sqlite3.Connection, parent_id: int, outcome: str | None, now: float, finished: Finished
+) -> None:
+    """The waiting dependents of a parent that reached `outcome` (success, failure, or None for skipped) run
+    when their `when` matches it, otherwise they (and theirs) are skipped; `finished` collects both."""
+    parents = [parent_id]
     while parents:
         # One statement, always the same text: sqlite3 finds it prepared in its cache, where an IN list
         # built for each call is a new text to hash and look up each time (this runs for every delivery).
@@ -1293,7 +1311,6 @@ def _finish(
                 finished.skipped.append(_delivery(skipped))
                 parents.append(child_id)
         outcome = None  # below a skipped dependent, everything is skipped
-    return finished
 
 
 def _reset(conn: sqlite3.Connection, ids: list[int], now: float) -> int:

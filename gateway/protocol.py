@@ -152,8 +152,8 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
             return None
 
         def data_received(self, data: bytes) -> None:
-            # uvicorn's, but for what the parser cannot read.
-            self._unset_keepalive_if_required()  # never set here, as in on_response_complete
+            # uvicorn's, but for what the parser cannot read. (uvicorn's keep-alive timer is never set here:
+            # the idle deadline is on the connection's one timer, so there is nothing to unset.)
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as error:
@@ -179,6 +179,11 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
             if self.pipeline and self.pipeline[0][0] is cycle and cycle.more_body:
                 self.pipeline.popleft()  # queued, and its own body is malformed: the 400 is its answer
                 waiting = True
+            elif cycle is not None and cycle.response_complete and cycle.more_body:
+                # The rest of a body whose request is answered already (refused, read to be dropped): no
+                # request is left to answer, and a 400 would be read as the answer to the next one.
+                self.transport.close()
+                return
             else:
                 # The last request's message is complete and its answer still to come: the error is in
                 # what follows it. (One whose body is malformed and that is being answered gets the 400 now.)
@@ -390,7 +395,7 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
                 return
             try:
                 self._answer(webhook, 200, reply)
-            except TypeError:  # orjson's JSONEncodeError: a provider's reply() holds what JSON cannot
+            except orjson.JSONEncodeError:  # a provider's reply() holds what JSON cannot
                 log.exception("a webhook's answer could not be written", extra=event.summary())
                 self._refuse(webhook, INTERNAL_ERROR)
                 return

@@ -327,6 +327,18 @@ def test_a_webhook_whose_chunked_body_is_malformed_is_refused_400_invalid_http(t
     assert rejections == {"invalid_http": 1, "client_disconnected": 0}
 
 
+def test_a_malformed_rest_of_a_refused_body_closes_the_connection_without_a_second_answer(tmp_path) -> None:
+    request = b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    config = gateway_config(tmp_path, limits={"max_body_bytes": 100})
+    with RunningGateway(config) as gw, Connection(gw.url) as conn:
+        conn.send(request + b"c8\r\n" + b"x" * 200 + b"\r\n")
+        status, _, body = conn.answer()  # refused mid-body; the rest is read to be dropped
+        conn.send(b"ZZ\r\n")
+        # Its request is answered: a 400 now would be read as the answer to the client's next request.
+        assert conn.closed_by_server()
+    assert (status, json.loads(body)["error"]) == (413, "body_too_large")
+
+
 def test_a_sender_that_expects_100_continue_is_served_by_the_asgi_app(tmp_path) -> None:
     request = signed("msg_continue", extra="Expect: 100-continue\r\n")
     head, _, body = request.partition(b"\r\n\r\n")

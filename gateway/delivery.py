@@ -345,7 +345,8 @@ class Engine:
         self._running[delivery_id] = task
 
         def done(_task: asyncio.Task[None]) -> None:
-            self._running.pop(delivery_id, None)
+            if self._running.get(delivery_id) is task:  # not a new attempt started after a fenced-out one
+                del self._running[delivery_id]
             if self._wants_slots:
                 self._wakeup.set()  # a worker slot is free, and the claim loop is waiting for one
 
@@ -412,6 +413,9 @@ class Engine:
                     "attempt": delivery.attempts,
                 },
             )
+            # No longer ours to run: out of `_running` before the claim loop wakes, or it would leave the
+            # delivery out of its claim and of when the next falls due, and sleep a whole poll_interval.
+            self._running.pop(delivery.id, None)
             self.wake()
             return
 

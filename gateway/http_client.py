@@ -26,6 +26,7 @@ import os
 import ssl
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import quote, urlsplit
 
@@ -48,6 +49,14 @@ class RequestError(Exception):
 
 class HeaderError(ValueError):
     """A header value that cannot be sent: it would break the request apart."""
+
+
+def check_headers(headers: Mapping[str, str]) -> None:
+    """Raise HeaderError for a name or value with a line break or NUL, for requests sent by another client
+    (this one checks its whole head at once when it encodes it)."""
+    for name, value in headers.items():
+        if any(char in text for text in (name, value) for char in "\r\n\0"):
+            raise HeaderError(f"header {name!r}: a line break or NUL in it cannot be sent")
 
 
 @dataclass(frozen=True, slots=True)

@@ -40,6 +40,7 @@ from gateway.actions import (
     skipped,
     transport_error,
 )
+from gateway.http_client import HeaderError, check_headers
 
 # Jinja costs about 2 MB of resident memory and only templates need it: it is imported when the first
 # template is compiled, so a gateway with no notify template (or no notify action) never loads it.
@@ -225,6 +226,10 @@ class Notify(Action):
         if not message:
             return skipped("the template rendered an empty message")
         headers = {"x-hookyard-event-id": job.event.id, **self.options.headers}
+        try:
+            check_headers(headers)
+        except HeaderError as exc:
+            return dead(str(exc))  # the event's id breaks the header, the same on every attempt
         import httpx  # here, not at the top: see Resources
 
         try:
@@ -236,9 +241,6 @@ class Notify(Action):
             )
         except httpx.HTTPError as exc:
             return transport_error(exc)
-        except ValueError as exc:
-            # A header this event breaks (an id with a line break in it): the same on every attempt.
-            return dead(f"cannot send: {exc}")
         return http_outcome(response, job.retry)
 
 

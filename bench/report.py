@@ -803,17 +803,17 @@ def _stolen(results: Json) -> str:
     """A sentence when the hypervisor took noticeably more of the machine during some rows than others:
     their ratios then compare unequal machines."""
     rows = [r for r in results.get("ingest", {}).get("results", []) if "machine_steal_cores" in r]
-    low = next((r for r in rows if r["key"] == "starlette"), None)
+    baseline = next((r for r in rows if r["key"] == "starlette"), None)
     ours = [r for r in rows if r["key"].startswith("hookyard")]
-    if low is None or not ours:
+    if baseline is None or not ours:
         return ""
     high = max(ours, key=lambda r: r["machine_steal_cores"])
     least = min(ours, key=lambda r: r["machine_steal_cores"])
-    if high["machine_steal_cores"] - low["machine_steal_cores"] >= 0.1:
-        row, other, direction = high, low, "lower"
-    elif low["machine_steal_cores"] - least["machine_steal_cores"] >= 0.1:
+    if high["machine_steal_cores"] - baseline["machine_steal_cores"] >= 0.1:
+        row, other, direction = high, baseline, "lower"
+    elif baseline["machine_steal_cores"] - least["machine_steal_cores"] >= 0.1:
         # The baseline lost more of the machine than a gateway row: its rate, the denominator, is low.
-        row, other, direction = low, least, "higher"
+        row, other, direction = baseline, least, "higher"
     else:
         return ""
     return (

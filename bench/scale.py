@@ -45,7 +45,7 @@ from bench.common import (
 from bench.end_to_end import run_loadgen
 from gateway.events import Event
 from gateway.storage import Attempt, NewDelivery
-from gateway.storage.sqlite import CLAIM_DUE, NEXT_DUE, QUEUE_STATS, SQLiteStorage
+from gateway.storage.sqlite import CLAIM_ALL_DUE, NEXT_OF_ALL_DUE, QUEUE_STATS, SQLiteStorage
 
 DUE_IN = 3600.0  # the backlog falls due this far ahead: the idle gateway leaves it alone
 LEASE = 60.0
@@ -91,7 +91,7 @@ def grow(db: Path, start: int, count: int, base: float) -> float:
 
 def walks_the_due_index(plan: str) -> bool:
     """The claim's plan seeks deliveries_due, in due order: no scan of the deliveries table and no sort.
-    What it does scan is json_each of the ids the engine runs itself (as many as its free slots at most)."""
+    (Once a lease may have lapsed, the claim also scans json_each of the ids the engine runs itself.)"""
     return "deliveries_due" in plan and "SCAN deliveries" not in plan and "TEMP B-TREE" not in plan
 
 
@@ -100,9 +100,9 @@ def query_plans(db: Path) -> dict[str, str]:
     try:
         plans = {}
         for name, sql, params in (
-            # The statements the gateway runs (from gateway/storage/sqlite.py), with nothing running.
-            ("claim", CLAIM_DUE, (0.0, "[]", 1)),
-            ("next_due_at", NEXT_DUE, ("[]",)),
+            # The statements the gateway runs (from gateway/storage/sqlite.py) while its leases hold.
+            ("claim", CLAIM_ALL_DUE, (0.0, 1)),
+            ("next_due_at", NEXT_OF_ALL_DUE, ()),
             ("queue_stats", QUEUE_STATS, (0.0,)),
         ):
             rows = conn.execute(f"EXPLAIN QUERY PLAN {sql}", params).fetchall()

@@ -14,6 +14,7 @@ import os
 import socket
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -132,6 +133,9 @@ class Engine:
         self._wakeup = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
         self._reserved = 0  # slots held for deliveries leased in commits that have not finished yet
+        # Every delivery running here is leased until at least this time: each lease taken since the last
+        # renewal (or since now) lasts past it, and that renewal took those running then past it.
+        self._leases_hold_until = time.time() + settings.lease
         # When the first queued delivery falls due, as the claim loop last read it; 0 once new work may
         # have been queued since (wake). A new event's deliveries are leased only before then, so they
         # never start ahead of a delivery that was due first.
@@ -292,8 +296,9 @@ class Engine:
             self._reserved += free  # what the claim returns takes them: no lease may meanwhile
             claims: list[Claim] | None
             try:
+                now = time.time()
                 claims = await self.storage.claim(
-                    time.time(), free, settings.lease, self.owner, running=self._running.keys()
+                    now, free, settings.lease, self.owner, running=self._maybe_lapsed(now)
                 )
             except StorageUnavailable as exc:
                 log.error("cannot claim deliveries", extra={"error": str(exc)})
@@ -314,7 +319,7 @@ class Engine:
             with contextlib.suppress(StorageUnavailable):
                 # Not one of ours whose lease ran out under its attempt: it is not claimed, and waking for
                 # it would only spin.
-                due = await self.storage.next_due_at(running=self._running.keys())
+                due = await self.storage.next_due_at(running=self._maybe_lapsed(time.time()))
                 if wakes == self._wakes:  # else what was queued since may be missing from this read
                     self._due_at = math.inf if due is None else due
                 if due is not None:
@@ -323,14 +328,24 @@ class Engine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout)
 
+    def _maybe_lapsed(self, now: float) -> Collection[int]:
+        """The deliveries running here whose lease may have run out by `now`, for the store to leave out of
+        a claim: none while renewals keep up (then no lease of theirs is due by `now`), all of them once
+        one failed or came late."""
+        return self._running.keys() if now >= self._leases_hold_until else ()
+
     async def _keep_leases(self) -> None:
         """Renew the leases of deliveries still running (slow receivers, waits for a concurrency slot), so
         only a dead process's leases ever expire and nothing is sent twice while its first attempt runs."""
         interval = self.settings.lease / 3
         while True:
             await asyncio.sleep(interval)
+            until = time.time() + self.settings.lease
             try:
-                await self.storage.renew(list(self._running), time.time() + self.settings.lease, self.owner)
+                await self.storage.renew(list(self._running), until, self.owner)
+                # Less a third: a lease taken just before this renewal, in a commit still on its way (not
+                # running yet, so not renewed), lasts from a little earlier. The next renewal comes sooner.
+                self._leases_hold_until = until - interval
             except Exception as exc:
                 log.warning("cannot renew delivery leases", extra={"error": str(exc)})
 

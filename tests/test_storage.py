@@ -715,10 +715,12 @@ def test_claim_leaves_out_the_deliveries_the_caller_runs_whatever_their_lease(db
 
 
 def test_claims_walk_the_due_index_with_the_running_ones_left_out(db: Harness) -> None:
-    # Whatever the backlog: a walk of deliveries_due in due order, no sort, whatever runs.
+    # Whatever the backlog: a walk of deliveries_due in due order, no sort, with or without ids left out.
     for sql, params in (
         (sqlite_module.CLAIM_DUE, (T0, "[1, 2, 3]", 10)),
         (sqlite_module.NEXT_DUE, ("[1, 2, 3]",)),
+        (sqlite_module.CLAIM_ALL_DUE, (T0, 10)),
+        (sqlite_module.NEXT_OF_ALL_DUE, ()),
     ):
         plan = [row[3] for row in db.connection.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
         assert plan[0].startswith("SEARCH deliveries USING INDEX deliveries_due"), plan

@@ -70,15 +70,12 @@ async def replay_missing_page(
                 continue
             keyed = {planned.key: planned for planned in matched.actions}
             wanted = set(keyed) if action is None else {action} & keyed.keys()
-            # A missing dependent needs its parent's result: a parent that is missing too is created with it
-            # (and its own, up the chain), so the dependent waits for it as it would have at ingest.
-            for key in [key for key in wanted if (matched.name, key) not in stored.deliveries]:
-                parent = keyed[key].after
-                while (
-                    parent is not None
-                    and parent not in wanted
-                    and (matched.name, parent) not in stored.deliveries
-                ):
+            if action in keyed and (matched.name, action) not in stored.deliveries:
+                # A missing dependent needs its parent's result: a parent that is missing too is created with
+                # it (and its own, up the chain), so it waits for that as it would have at ingest. (With no
+                # action named, every missing one is created already.)
+                parent = keyed[action].after
+                while parent is not None and (matched.name, parent) not in stored.deliveries:
                     wanted.add(parent)
                     parent = keyed[parent].after
             for planned in matched.actions:  # in route order: a parent before its dependents

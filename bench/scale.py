@@ -168,7 +168,7 @@ async def time_claims(db: Path, pairs: int, level: int, backlog_base: float) -> 
             claimed = await storage.claim(claim_now, 1, LEASE, "bench")
             backlog_claim_ok = bool(claimed) and claimed[0].event.id.startswith("msg_backlog_")
             if claimed:
-                await storage.release([claimed[0].delivery.id], backlog_base)
+                await storage.release([claimed[0].delivery.id], backlog_base, "bench")
     finally:
         await storage.close()
     pair_ms = [c + f for c, f in zip(claims_ms, finishes_ms, strict=True)]

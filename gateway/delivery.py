@@ -236,7 +236,7 @@ class Engine:
 
         async def release() -> None:
             with contextlib.suppress(StorageUnavailable):
-                await self.storage.release(delivery_ids, time.time(), attempted=False)
+                await self.storage.release(delivery_ids, time.time(), self.owner, attempted=False)
 
         task = asyncio.create_task(release())
         self._releases.add(task)
@@ -269,7 +269,7 @@ class Engine:
             await asyncio.gather(*pending, return_exceptions=True)
             if unfinished:
                 with contextlib.suppress(StorageUnavailable):
-                    await self.storage.release(unfinished, time.time())
+                    await self.storage.release(unfinished, time.time(), self.owner)
                 log.warning("released unfinished deliveries", extra={"count": len(unfinished)})
         # Given back by commits that finished as it stopped (`ingested`); one that finishes later still is
         # released at the next start.

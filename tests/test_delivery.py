@@ -943,3 +943,34 @@ def test_deliveries_leased_as_the_engine_stops_are_given_back(tmp_path, downstre
         assert (delivery.state, delivery.attempts) == ("pending", 0)
         assert delivery.due_at is not None and delivery.due_at <= stopped + 0.5
         assert downstream.received("/app") == []
+
+
+def test_a_result_committed_as_the_engine_stops_keeps_its_backoff(tmp_path, downstream: Downstream) -> None:
+    downstream.answer("/app", 500)
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["defaults"]["retry"]["schedule"] = ["1h"]
+    with RunningGateway(config) as gw:
+        gateway = gw.gateway
+        recorded = asyncio.Event()
+        finish = gateway.storage.finish
+
+        async def finish_then_hang(*args: Any, **kwargs: Any) -> Any:
+            # The retry is committed, and the task is cancelled before it runs on: as if the engine were
+            # stopped between the commit and the task's next step.
+            await finish(*args, **kwargs)
+            recorded.set()
+            await asyncio.Event().wait()
+
+        gateway.storage.finish = finish_then_hang  # type: ignore[method-assign]
+        body, headers = svix_request(msg_id="msg_stopping")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+
+        async def stop_once_recorded() -> None:
+            await recorded.wait()
+            await gateway.engine.stop(0.1)  # the task is still running: cancelled, its lease released
+
+        started = time.time()
+        asyncio.run_coroutine_threadsafe(stop_once_recorded(), gw.loop).result(10)
+        [delivery] = event_detail(gw, "msg_stopping").deliveries
+        assert (delivery.state, delivery.attempts, delivery.last_status) == ("pending", 1, 500)
+        assert delivery.due_at is not None and delivery.due_at >= started + 3000  # the hour's backoff stands

@@ -940,13 +940,31 @@ def test_release_makes_leased_deliveries_due_at_once(db: Harness) -> None:
     db.ingest("evt_1", APP, at=T0)
     db.ingest("evt_2", APP, at=T0 + 1)
     claims = keyed(db.claim(T0 + 2))
-    db.run(db.storage.release([claims[("evt_1", "app")].delivery.id], T0 + 3))
+    db.run(db.storage.release([claims[("evt_1", "app")].delivery.id], T0 + 3, "w1"))
 
     assert db.claim(T0 + 2) == []  # due at the release time, not before
     [again] = db.claim(T0 + 3)
     assert again.event.id == "evt_1"
     stats = db.run(db.storage.queue_stats(T0 + 3))
     assert stats.counts["in_flight"] == 2
+
+
+def test_release_leaves_a_recorded_result_and_other_owners_leases_alone(db: Harness) -> None:
+    db.ingest("evt_1", APP, at=T0)
+    db.ingest("evt_2", APP, at=T0 + 1)
+    claims = keyed(db.claim(T0 + 2, owner="w1"))
+    retried = claims[("evt_1", "app")]
+    db.finish(retried, "pending", T0 + 3, due_at=T0 + 60, status=500)  # a retry, due after its backoff
+    # w1 stops: its task for evt_1 was cancelled after that result was committed; evt_2's lease is w1's.
+    ids = [claim.delivery.id for claim in claims.values()]
+    db.run(db.storage.release(ids, T0 + 4, "w2"))  # not w2's leases: nothing changes
+    db.run(db.storage.release(ids, T0 + 4, "w1"))
+
+    [again] = db.claim(T0 + 4)
+    assert again.event.id == "evt_2"  # given back, due at once
+    assert db.claim(T0 + 59) == []  # evt_1 keeps its backoff
+    [retry] = db.claim(T0 + 60)
+    assert (retry.event.id, retry.delivery.attempts) == ("evt_1", 2)
 
 
 def test_release_all_leases_after_a_crash(db: Harness) -> None:

@@ -199,10 +199,13 @@ class Storage(ABC):
         store that holds such records back to write them with others must not."""
 
     @abstractmethod
-    async def release(self, delivery_ids: list[int], now: float, *, attempted: bool = True) -> None:
-        """Give leased deliveries back (graceful shutdown) so they are due again at once. attempted=False:
-        they never started (leased at ingest as the engine stopped), so their counted attempt is taken
-        back."""
+    async def release(
+        self, delivery_ids: list[int], now: float, owner: str, *, attempted: bool = True
+    ) -> None:
+        """Give back the leases `owner` still holds on these deliveries (graceful shutdown), so they are due
+        again at once; one whose result is recorded already is left as it is, a retry's backoff included.
+        attempted=False: they never started (leased at ingest as the engine stopped), so their counted
+        attempt is taken back."""
 
     @abstractmethod
     async def renew(self, delivery_ids: list[int], until: float, owner: str) -> None:

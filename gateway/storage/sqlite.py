@@ -747,12 +747,16 @@ class SQLiteStorage(Storage):
             ride=not waited_for,
         )
 
-    async def release(self, delivery_ids: list[int], now: float, *, attempted: bool = True) -> None:
+    async def release(
+        self, delivery_ids: list[int], now: float, owner: str, *, attempted: bool = True
+    ) -> None:
         def release(conn: sqlite3.Connection) -> None:
+            # `lease_owner = ?`: a task cancelled as the engine stops may have had its result committed
+            # already (a retry, due after its backoff, with no lease): that stands.
             conn.executemany(
                 "UPDATE deliveries SET due_at = ?, lease_owner = NULL, attempts = max(attempts - ?, 0) "
-                "WHERE id = ? AND state = 'pending'",
-                [(now, 0 if attempted else 1, delivery_id) for delivery_id in delivery_ids],
+                "WHERE id = ? AND state = 'pending' AND lease_owner = ?",
+                [(now, 0 if attempted else 1, delivery_id, owner) for delivery_id in delivery_ids],
             )
 
         await self._run(release, durable=False)

@@ -23,6 +23,7 @@ import pluggy
 
 from gateway.actions import Action, Job, Outcome, Resources, dead, retry, skipped
 from gateway.config import DeliveryEngine as EngineSettings
+from gateway.limits import ConcurrencyLimit
 from gateway.metrics import Metrics
 from gateway.plugins import Registry
 from gateway.retry import next_delay
@@ -45,7 +46,7 @@ _LOG_LEVEL = {"delivered": logging.DEBUG, "skipped": logging.INFO, "retry": logg
 class RunnableAction:
     plan: PlannedAction
     action: Action
-    limit: asyncio.Semaphore | None
+    limit: ConcurrencyLimit | None
 
 
 def build_actions(
@@ -54,7 +55,7 @@ def build_actions(
     runnable = {}
     for key, plan in table.actions.items():
         action = registry.actions[plan.use](plan.options, resources)
-        limit = asyncio.Semaphore(plan.concurrency) if plan.concurrency else None
+        limit = ConcurrencyLimit(plan.concurrency) if plan.concurrency else None
         runnable[key] = RunnableAction(plan, action, limit)
     return runnable
 
@@ -157,7 +158,13 @@ class Engine:
 
     def swap_actions(self, actions: dict[tuple[str, str], RunnableAction]) -> None:
         """Run new deliveries with a reloaded config's actions; close the old ones once the deliveries
-        that started with them have finished."""
+        that started with them have finished. An action that keeps a `concurrency` keeps its limit, at the
+        new size: the deliveries it runs now still count against it."""
+        for key, runnable in actions.items():
+            previous = self.actions.get(key)
+            if runnable.limit is not None and previous is not None and previous.limit is not None:
+                previous.limit.resize(runnable.limit.size)
+                runnable.limit = previous.limit
         old, self.actions = self.actions, actions
         running = list(self._running.values())
 

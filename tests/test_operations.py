@@ -220,6 +220,46 @@ def test_a_reload_lets_running_deliveries_finish_and_pending_ones_use_the_new_co
         assert [a["outcome"] for a in deliveries(gw)["slow"]["attempts"]] == ["delivered"]
 
 
+@pytest.mark.parametrize(("before", "after", "running"), [(1, 1, 1), (1, 2, 2)])
+def test_a_reload_keeps_an_actions_concurrency_counting_the_deliveries_in_flight(
+    tmp_path: Path, holding: Holding, before: int, after: int, running: int
+) -> None:
+    url = holding.downstream.url
+    config = gateway_config(tmp_path)
+    config["reload"] = {"interval": "100ms"}
+    config["routes"] = [
+        {
+            "name": "users",
+            "source": "consignease",
+            "actions": [
+                {"id": "app", "use": "forward", "concurrency": before, "with": {"url": f"{url}/held/app"}}
+            ],
+        }
+    ]
+    volume = ConfigMapVolume(tmp_path / "config")
+    volume.publish(config)
+    with RunningGateway(volume.path) as gw:
+        body, headers = svix_request(msg_id="msg_before")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        wait_until(lambda: holding.held == 1)
+
+        changed = copy.deepcopy(config)
+        changed["routes"][0]["actions"][0]["concurrency"] = after
+        changed["routes"][0]["actions"][0]["with"]["headers"] = {"X-Config": "new"}
+        volume.publish(changed)
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+        for index in range(3):
+            body, headers = svix_request(msg_id=f"msg_after_{index}")
+            assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+
+        # The delivery started before the reload still holds one of the action's slots.
+        wait_until(lambda: holding.held == running)
+        time.sleep(0.3)
+        assert holding.held == running
+        holding.release.set()
+        assert len(holding.downstream.wait_for(4, "/held/app")) == 4
+
+
 def start_process(tmp_path: Path, config: dict[str, Any]) -> tuple[GatewayProcess, str]:
     ingress, ops = free_port(), free_port()
     config["listen"] = {"host": "127.0.0.1", "port": ingress, **config.get("listen", {})}

@@ -142,16 +142,16 @@ def admin_routes(gateway: Gateway) -> list[Route]:
             application/json:
               schema:
                 type: object
-                properties: {source: {type: string}, action: {type: string}}
+                properties: {source: {type: string}, route: {type: string}, action: {type: string}}
         responses:
           200: {description: how many deliveries will run again}
-          404: {description: no such event or action}
+          404: {description: "no such event, or no delivery of that route or action"}
           409: {description: the id exists in several sources; give source}
           503: {description: the store cannot be read or written right now}
         """
         body = await _json(request)
         return await ops.replay_event(
-            request.path_params["event_id"], _str(body, "source"), _str(body, "action")
+            request.path_params["event_id"], _str(body, "source"), _str(body, "action"), _str(body, "route")
         )
 
     async def bulk_replay(request: Request, ops: Operations) -> Any:

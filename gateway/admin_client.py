@@ -43,9 +43,14 @@ class RemoteOperations:
         return await self._call("GET", f"/admin/events/{quote(event_id, safe='')}", params=params)
 
     async def replay_event(
-        self, event_id: str, source: str | None = None, action: str | None = None
+        self,
+        event_id: str,
+        source: str | None = None,
+        action: str | None = None,
+        route: str | None = None,
     ) -> dict[str, Any]:
-        body = {name: value for name, value in (("source", source), ("action", action)) if value}
+        fields = (("source", source), ("action", action), ("route", route))
+        body = {name: value for name, value in fields if value}
         return await self._call("POST", f"/admin/events/{quote(event_id, safe='')}/replay", json=body)
 
     async def replay(self, **request: Any) -> dict[str, Any]:

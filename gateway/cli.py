@@ -238,7 +238,7 @@ def events_show(
 )
 @click.option("--since", help="With --state: the window, e.g. 2h (or an ISO 8601 time).")
 @click.option("--until", help="With --state: the end of the window.")
-@click.option("--route", help="With --state: only this route.")
+@click.option("--route", help="Only this route (an event's route, or with --state).")
 @click.option(
     "--page-size",
     type=click.IntRange(1, 500),
@@ -262,7 +262,9 @@ def replay(
     if (event_id is None) == (state is None):
         raise click.UsageError("give an EVENT_ID or --state dead|missing, not both")
     if event_id is not None:
-        result = _operate(config_path, admin_url, lambda ops: ops.replay_event(event_id, source, action))
+        result = _operate(
+            config_path, admin_url, lambda ops: ops.replay_event(event_id, source, action, route)
+        )
         click.echo(f"replaying {result['replayed']} deliveries")
         return
 

@@ -162,12 +162,20 @@ class Operations:
         return detail_view(await self._one(event_id, source))
 
     async def replay_event(
-        self, event_id: str, source: str | None = None, action: str | None = None
+        self,
+        event_id: str,
+        source: str | None = None,
+        action: str | None = None,
+        route: str | None = None,
     ) -> dict[str, Any]:
         detail = await self._one(event_id, source)
-        if action is not None and action not in {d.action for d in detail.deliveries}:
-            raise OperationError(404, f"event {event_id!r} has no delivery for action {action!r}")
-        count = await self.storage.replay_event(detail.seq, action, time.time())
+        deliveries = [d for d in detail.deliveries if route is None or d.route == route]
+        if route is not None and not deliveries:
+            raise OperationError(404, f"event {event_id!r} has no delivery for route {route!r}")
+        if action is not None and action not in {d.action for d in deliveries}:
+            where = "" if route is None else f" in route {route!r}"
+            raise OperationError(404, f"event {event_id!r} has no delivery for action {action!r}{where}")
+        count = await self.storage.replay_event(detail.seq, action, time.time(), route=route)
         self.counted("event", count)
         self.wake()
         return asdict(ReplayPage(replayed=count))

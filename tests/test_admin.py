@@ -270,6 +270,48 @@ def test_replay_one_event_and_one_action(tmp_path: Path, downstream: Downstream)
         assert gw.metric("hookyard_replays_total", mode="event") == 2
 
 
+def test_replay_one_event_narrowed_to_a_route(tmp_path: Path, downstream: Downstream) -> None:
+    config = users_config(tmp_path, downstream)
+    # A second route whose action has the same id: `action` alone names both.
+    config["routes"].append(
+        {
+            "name": "mirror",
+            "source": "consignease",
+            "actions": [{"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/mirror"}}],
+        }
+    )
+    with RunningGateway(config) as gw:
+
+        def replay(**body: str) -> httpx.Response:
+            # Once every delivery has finished: a replay leaves one still pending alone.
+            wait_until(
+                lambda: (
+                    {d["state"] for d in admin(gw, "GET", "/admin/events/msg_routes").json()["deliveries"]}
+                    == {"delivered"}
+                )
+            )
+            return admin(gw, "POST", "/admin/events/msg_routes/replay", json=body)
+
+        send(gw, "msg_routes")
+        assert replay(route="mirror", action="app").json()["replayed"] == 1
+        assert replay(route="users").json()["replayed"] == 1  # its root; audit follows it again
+        assert replay(action="app").json()["replayed"] == 2  # both routes' app
+        downstream.wait_for(3, "/audit")
+        downstream.wait_for(3, "/mirror")
+        assert [len(downstream.received(path)) for path in ("/app", "/audit", "/mirror")] == [3, 3, 3]
+
+        missing = replay(route="nope")
+        assert (missing.status_code, missing.json()["error"]) == (
+            404,
+            "event 'msg_routes' has no delivery for route 'nope'",
+        )
+        missing = replay(route="mirror", action="audit")
+        assert (missing.status_code, missing.json()["error"]) == (
+            404,
+            "event 'msg_routes' has no delivery for action 'audit' in route 'mirror'",
+        )
+
+
 def test_replay_while_a_dependent_is_in_flight_runs_it_again_after_its_parent(
     tmp_path: Path, downstream: Downstream
 ) -> None:

@@ -373,6 +373,18 @@ def test_replay_one_action(filled: Path) -> None:
     assert {k: r.state for k, r in records.items()} == {"app": "dead", "notify": "pending"}
 
 
+def test_replay_one_route(filled: Path) -> None:
+    elsewhere = invoke("replay", "-c", filled, "evt_dead", "--route", "nope")
+    assert elsewhere.exit_code == 1
+    assert "has no delivery for route 'nope'" in elsewhere.stderr
+    assert deliveries(filled, "evt_dead")["app"].state == "dead"
+    route = deliveries(filled, "evt_dead")["app"].route
+    result = invoke("replay", "-c", filled, "evt_dead", "--route", route, "--action", "app")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "replaying 1 deliveries\n"
+    assert deliveries(filled, "evt_dead")["app"].state == "pending"
+
+
 def test_replay_dead_deliveries_since(filled: Path) -> None:
     result = invoke("replay", "-c", filled, "--state", "dead", "--since", "1h")
     assert result.exit_code == 0, result.output

@@ -243,9 +243,11 @@ class Storage(ABC):
         """Every stored event with that id (one per source), newest first."""
 
     @abstractmethod
-    async def replay_event(self, seq: int, action: str | None = None, now: float = 0.0) -> int:
-        """Make an event's finished deliveries (all root ones, or one action's) run again, their
-        dependents waiting again; returns how many were reset."""
+    async def replay_event(
+        self, seq: int, action: str | None = None, now: float = 0.0, *, route: str | None = None
+    ) -> int:
+        """Make an event's finished deliveries (all root ones, or one action's; of every route, or of
+        `route`) run again, their dependents waiting again; returns how many were reset."""
 
     @abstractmethod
     async def replay_dead(self, *, since: float | None, source: str | None = None, now: float = 0.0) -> int:

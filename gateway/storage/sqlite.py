@@ -915,7 +915,9 @@ class SQLiteStorage(Storage):
 
         return await self._run(get_event, durable=False)
 
-    async def replay_event(self, seq: int, action: str | None = None, now: float = 0.0) -> int:
+    async def replay_event(
+        self, seq: int, action: str | None = None, now: float = 0.0, *, route: str | None = None
+    ) -> int:
         def replay(conn: sqlite3.Connection) -> int:
             sql = (
                 "SELECT id FROM deliveries WHERE event_seq = ? AND state IN ('delivered', 'dead', 'skipped')"
@@ -926,6 +928,9 @@ class SQLiteStorage(Storage):
             else:
                 sql += " AND action = ?"
                 params.append(action)
+            if route is not None:
+                sql += " AND route = ?"
+                params.append(route)
             ids = [row[0] for row in conn.execute(sql, params)]
             return _reset(conn, ids, now)
 

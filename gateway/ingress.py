@@ -199,7 +199,12 @@ class Ingress:
             return
         finally:
             self.release()
-        await _respond(send, 200, reply)
+        try:
+            await _respond(send, 200, reply)
+        except orjson.JSONEncodeError:  # a provider's reply() holds what JSON cannot; nothing is sent yet
+            log.exception("a webhook's answer could not be written", extra={"source": source})
+            await self._refuse(send, source, INTERNAL_ERROR, scope)
+            return
         self.answered(source, status, started)
 
     async def _receive_and_store(

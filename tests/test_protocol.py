@@ -430,11 +430,12 @@ class UnanswerableProvider(SvixProvider):
         return {"challenge": object()}  # a bug in a provider plugin: JSON cannot hold it
 
 
+@pytest.mark.parametrize("expect", [False, True], ids=["fast_path", "asgi_path"])
 @pytest.mark.parametrize(
     "provider", [ExplodingProvider, UnanswerableProvider], ids=["parse_raises", "reply_not_json"]
 )
 def test_a_provider_bug_gets_500_internal_error_and_the_connection_stays_usable(
-    tmp_path, provider: type[Provider]
+    tmp_path, provider: type[Provider], expect: bool
 ) -> None:
     class BuggyPlugin:
         @hookimpl
@@ -448,7 +449,16 @@ def test_a_provider_bug_gets_500_internal_error_and_the_connection_stays_usable(
     config["sources"][provider.name] = {**config["sources"]["consignease"], "path": path}
     config["sources"][provider.name]["provider"] = provider.name
     with RunningGateway(config, pm=pm) as gw, Connection(gw.url) as conn:
-        conn.send(signed("msg_buggy", path=path))
+        if expect:  # served by the ASGI app, which says 100 Continue first
+            head, _, body = signed("msg_buggy", path=path, extra="Expect: 100-continue\r\n").partition(
+                b"\r\n\r\n"
+            )
+            conn.send(head + b"\r\n\r\n")
+            assert conn.reader.readline() == b"HTTP/1.1 100 Continue\r\n"
+            assert conn.reader.readline() == b"\r\n"
+            conn.send(body)
+        else:
+            conn.send(signed("msg_buggy", path=path))
         status, _, body = conn.answer()
         conn.send(signed("msg_fine"))
         after = conn.answer()

@@ -96,6 +96,11 @@ class Harness:
 
         return self.run(ingest())
 
+    def replay_dead(self, *, since: float | None, now: float, source: str | None = None) -> int:
+        """What `hookyard replay --state dead` does, in one page."""
+        ids = self.run(self.storage.dead_delivery_ids(since=since, source=source))
+        return self.run(self.storage.reset_deliveries(ids, now))
+
     def claim(self, now: float, limit: int = 100, lease: float = LEASE, owner: str = "w1") -> list[Claim]:
         return self.run(self.storage.claim(now, limit, lease, owner))
 
@@ -1203,21 +1208,21 @@ def test_replay_dead_since_and_by_source(db: Harness) -> None:
     db.finish(ack, "delivered", T0 + 501)
     # evt_waiting's app stays in flight.
 
-    assert db.run(db.storage.replay_dead(since=T0 + 100, source="shop", now=T0 + 700)) == 1
+    assert db.replay_dead(since=T0 + 100, source="shop", now=T0 + 700) == 1
     assert db.states("evt_recent") == {"app": "pending", "ack": "waiting"}
     assert db.deliveries("evt_recent")["app"].attempts == 0
     assert db.states("evt_old") == {"app": "dead"}
     assert db.states("evt_billing") == {"app": "dead"}
 
-    assert db.run(db.storage.replay_dead(since=T0 + 100, now=T0 + 700)) == 1
+    assert db.replay_dead(since=T0 + 100, now=T0 + 700) == 1
     assert db.states("evt_billing") == {"app": "pending"}
     assert db.states("evt_old") == {"app": "dead"}
 
-    assert db.run(db.storage.replay_dead(since=None, now=T0 + 700)) == 1
+    assert db.replay_dead(since=None, now=T0 + 700) == 1
     assert db.states("evt_old") == {"app": "pending"}
     assert db.states("evt_ok") == {"app": "delivered"}
     assert db.deliveries("evt_waiting")["app"].attempts == 1
-    assert db.run(db.storage.replay_dead(since=None, now=T0 + 700)) == 0
+    assert db.replay_dead(since=None, now=T0 + 700) == 0
     assert {c.event.id for c in db.claim(T0 + 700)} == {"evt_old", "evt_recent", "evt_billing"}
 
 
@@ -1302,7 +1307,7 @@ def test_replay_dead_keeps_a_dead_dependent_waiting_for_its_replayed_parent(db: 
     [cleanup] = db.claim(T0 + 2)
     db.finish(cleanup, "dead", T0 + 3, status=500)
 
-    db.run(db.storage.replay_dead(since=None, now=T0 + 10))
+    db.replay_dead(since=None, now=T0 + 10)
     # cleanup runs after app: replaying both must not let it run before (or beside) app's new attempt.
     assert db.states("evt_1") == {"app": "pending", "cleanup": "waiting"}
     assert [c.delivery.action for c in db.claim(T0 + 10)] == ["app"]

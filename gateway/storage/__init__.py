@@ -250,10 +250,6 @@ class Storage(ABC):
         `route`) run again, their dependents waiting again; returns how many were reset."""
 
     @abstractmethod
-    async def replay_dead(self, *, since: float | None, source: str | None = None, now: float = 0.0) -> int:
-        """Make every dead delivery (finished since `since`) run again; returns how many."""
-
-    @abstractmethod
     async def dead_delivery_ids(
         self,
         *,

@@ -936,10 +936,6 @@ class SQLiteStorage(Storage):
 
         return await self._run(replay)
 
-    async def replay_dead(self, *, since: float | None, source: str | None = None, now: float = 0.0) -> int:
-        ids = await self.dead_delivery_ids(since=since, source=source)
-        return await self.reset_deliveries(ids, now)
-
     async def dead_delivery_ids(
         self,
         *,

@@ -114,8 +114,13 @@ def parse_url(url: str) -> tuple[Literal["postgresql", "sqlite"], str]:
     if scheme in ("postgresql", "postgres"):
         try:
             _ = urlsplit(url).port
-        except ValueError as exc:
-            raise ValueError(f"not a valid PostgreSQL URL: {exc}") from None
+        except ValueError:
+            # Not the exception's text: urllib quotes the would-be port, which can be part of the password
+            # (an unencoded "/" in it ends the host part early).
+            raise ValueError(
+                "not a valid PostgreSQL URL: the host and port cannot be read (percent-encode any /, @, : "
+                "or # in the user name or password)"
+            ) from None
         return "postgresql", url
     raise ValueError(
         f"unsupported scheme {scheme!r}; use postgresql://user@host:port/db, sqlite:///relative/path.db "

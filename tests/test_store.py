@@ -532,3 +532,15 @@ def ride_out_outage(gw: RunningGateway, proxy: TcpProxy, downstream: Downstream,
     wait_until(lambda: delivery_states(gw, msg_id)["db"] == "delivered")
     assert attempts_of(gw, msg_id, "db")[-1].outcome == "delivered"
     return [a.error or "" for a in failed]
+
+
+def test_a_postgres_password_with_a_slash_never_reaches_the_config_error(tmp_path: Path) -> None:
+    # Generated passwords (base64) often hold a "/": unencoded, urlsplit ends the netloc there and reads the
+    # password's first part as the port. The error must not quote it.
+    action = {"id": "db", "use": "store", "with": {"url": "postgresql://app:Xy9/Secr3t@db.internal:5432/app"}}
+    config = parse_config(yaml.safe_dump(gateway_config(tmp_path, routes=[users_route(action)])))
+    with pytest.raises(ConfigError) as raised:
+        RouteTable.build(config, registry())
+    [error] = raised.value.errors
+    assert error.startswith("routes[0].actions[0].with.url: not a valid PostgreSQL URL")
+    assert "Xy9" not in error and "Secr3t" not in error

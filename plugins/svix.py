@@ -37,6 +37,7 @@ from plugins.hmac_generic import (
     check_timestamp,
     decode_digest,
     iso_now,
+    read_epoch,
     signature_entries,
     text_bytes,
     wire_bytes,
@@ -174,8 +175,10 @@ class SvixProvider(Provider):
         prefix = self.header_prefixes[0]
         msg_id, timestamp, _ = self._headers(headers)
         occurred_at = parse_timestamp(payload.get("timestamp"))
-        if occurred_at is None and timestamp.isdigit():
-            occurred_at = float(timestamp)
+        if occurred_at is None:
+            # Read as verify reads it: with `verify: log-only` an unverified header gets here too, and
+            # str.isdigit() accepts "²" (a latin-1 byte), which float() refuses.
+            occurred_at = read_epoch(timestamp)
         return Event(
             source=self.source_name,
             id=require_text(msg_id, "missing_event_id", f"missing {prefix}id header"),

@@ -1088,3 +1088,31 @@ def test_hmac_digest_with_prepared_keys_is_hmac_digest_call_after_call() -> None
         for key in (b"first-secret", b"second-secret", b""):
             for content in (b"", b"a", b"b" * 1000, b"a"):
                 assert hmac_digest(key, content, algorithm) == hmac.digest(key, content, algorithm)
+
+
+@pytest.mark.parametrize("timestamp", ["\u00b2", "\u00b9\u00b3", "1" * 25])
+def test_svix_parse_ignores_an_unreadable_timestamp_header(timestamp: str) -> None:
+    # With `verify: log-only` a request whose timestamp failed verification still reaches parse. A header
+    # is decoded as latin-1, so "²" (0xB2) arrives as a str that isdigit() accepts but float() refuses: the
+    # request was answered 500 internal_error. 25 digits became an occurred_at far beyond the year 9999.
+    body = json.dumps({"type": "user.created", "data": {"id": "u1"}}).encode()
+    headers = {"svix-id": MSG_ID, "svix-timestamp": timestamp, "svix-signature": "v1,AAAA"}
+    event = svix_provider().parse(headers, body, json.loads(body), NOW)
+    assert event.occurred_at is None
+    # A readable header is still used when the payload has no timestamp.
+    headers["svix-timestamp"] = str(int(NOW))
+    assert svix_provider().parse(headers, body, json.loads(body), NOW).occurred_at == int(NOW)
+
+
+def test_log_only_svix_request_with_a_superscript_timestamp_is_accepted(tmp_path: Any) -> None:
+    from tests.support import RunningGateway, gateway_config
+
+    config = gateway_config(tmp_path)
+    config["sources"]["consignease"]["verify"] = "log-only"
+    body = json.dumps({"type": "user.created", "data": {"id": "u1"}}).encode()
+    with RunningGateway(config) as gw:
+        headers = {"content-type": "application/json", "svix-id": "msg_sup", "svix-signature": "v1,AAAA"}
+        answer = gw.client.post(
+            gw.url + "/webhooks/consignease", content=body, headers={**headers, "svix-timestamp": b"\xb2"}
+        )
+    assert (answer.status_code, answer.json()["status"]) == (200, "accepted")

@@ -236,7 +236,9 @@ class Notify(Action):
             response = await self.resources.http.post(
                 self.options.url,
                 json=chat_payload(self.options.format, message, job),
-                headers=headers,
+                # As bytes: httpx encodes str header values as ASCII and raises UnicodeEncodeError for an
+                # event id such as "évt_1" (any JSON string, for Consignly). UTF-8, as forward sends it.
+                headers={name: value.encode() for name, value in headers.items()},
                 timeout=job.timeout,
             )
         except httpx.HTTPError as exc:

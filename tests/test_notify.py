@@ -459,3 +459,18 @@ def test_hookyard_check_names_the_broken_template(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["check", "-c", str(path)])
     assert result.exit_code == 1
     assert f"{path}: routes[0].actions[1].with.template: line 1: unexpected '}}'" in result.output
+
+
+def test_a_non_ascii_event_id_is_notified(tmp_path: Path, downstream: Downstream) -> None:
+    # Consignly's ids come from the payload: any JSON string. x-hookyard-event-id with "é" in it made httpx
+    # raise UnicodeEncodeError on every attempt, so the alert was never sent (dead after the whole schedule,
+    # with a traceback logged for each attempt). forward sends the same header as UTF-8.
+    action = notify_action("alert", f"{downstream.url}/slack", format="slack")
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", action)])) as gw:
+        send_consignly(gw, consignly_body(event_id="évt_事件"))
+        wait_until(lambda: delivery_states(gw, "évt_事件")["alert"] != "pending")
+        [alert] = event_detail(gw, "évt_事件").deliveries
+        assert (alert.state, alert.attempts, alert.last_error) == ("delivered", 1, None)
+        [received] = downstream.received("/slack")
+        assert received.json() == {"text": "consignly consignment.created évt_事件 received"}
+        assert received.headers["x-hookyard-event-id"].encode("latin-1").decode() == "évt_事件"

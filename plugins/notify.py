@@ -97,6 +97,23 @@ class NotifyOptions(BaseModel):
     def _http_url(cls, url: str) -> str:
         return check_http_url(url)
 
+    @field_validator("headers")
+    @classmethod
+    def _sendable(cls, headers: dict[str, str]) -> dict[str, str]:
+        # Checked here, as forward does, so that `hookyard check` reports it instead of every notification
+        # ending dead. Names only in the message: a value may be a secret.
+        broken = [
+            name
+            for name, value in headers.items()
+            if not name or any(c in name + value for c in "\r\n\0") or any(c in name for c in " :\t")
+        ]
+        if broken:
+            raise ValueError(
+                f"{', '.join(map(repr, broken))}: not a header (a name with a space, colon or control "
+                "character, or a value with CR, LF or NUL)"
+            )
+        return headers
+
     @field_validator("template")
     @classmethod
     def _compiles(cls, template: str | None) -> str | None:

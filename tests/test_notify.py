@@ -474,3 +474,18 @@ def test_a_non_ascii_event_id_is_notified(tmp_path: Path, downstream: Downstream
         [received] = downstream.received("/slack")
         assert received.json() == {"text": "consignly consignment.created évt_事件 received"}
         assert received.headers["x-hookyard-event-id"].encode("latin-1").decode() == "évt_事件"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Authorization": "Bearer token-from-a-file\n"}, {"X Team": "ops"}, {"X-Team:": "ops"}],
+    ids=["value-with-newline", "name-with-space", "name-with-colon"],
+)
+def test_headers_that_cannot_be_sent_fail_at_config_load(tmp_path: Path, headers: dict[str, str]) -> None:
+    # forward refuses these when the config loads; notify accepted them, `hookyard check` said ok, and then
+    # every notification ended dead (a newline: "cannot be sent"; a bad name: the chat answered 400).
+    with pytest.raises(ConfigError) as raised:
+        build(alert_config(tmp_path, headers=headers))
+    [error] = raised.value.errors
+    assert error.startswith("routes[0].actions[1].with.headers: ")
+    assert "token-from-a-file" not in error

@@ -706,7 +706,10 @@ class Store(Action):
             try:
                 await backend.setup(timeout)
             except Exception as exc:
-                return retry(f"{backend.where}: cannot create table {self.options.table}: {_error(exc)}")
+                message = f"{backend.where}: cannot create table {self.options.table}: {_error(exc)}"
+                # A table made by hand (or for the other mode) without a column an index names: no later
+                # attempt can create that index.
+                return dead(message) if backend.permanent(exc) else retry(message)
             self._ready = True
         return None
 

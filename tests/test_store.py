@@ -544,3 +544,16 @@ def test_a_postgres_password_with_a_slash_never_reaches_the_config_error(tmp_pat
     [error] = raised.value.errors
     assert error.startswith("routes[0].actions[0].with.url: not a valid PostgreSQL URL")
     assert "Xy9" not in error and "Secr3t" not in error
+
+
+def test_a_hand_made_table_missing_an_indexed_column_is_dead_not_retried(db: Database) -> None:
+    # Without `type`, CREATE INDEX ... (type, received_at) fails at setup. That error was retried for the
+    # whole schedule ("cannot create table"), though no attempt can succeed: docs promise dead for a
+    # column missing from a table created by hand. Same for a table switched from append to upsert.
+    db.execute(
+        f'CREATE TABLE "{db.table}" (source text, event_id text, occurred_at text, received_at text, '
+        "payload text, headers text, PRIMARY KEY (source, event_id))"
+    )
+    [outcome] = deliver({"url": db.url, "table": db.table}, make_event("e1"))
+    assert outcome.kind == "dead", outcome
+    assert "type" in (outcome.error or "")

@@ -144,5 +144,8 @@ def parse_timestamp(value: Any) -> float | None:
         except ValueError:
             return None
         # A time without a zone is UTC, whatever the server's own zone is.
-        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+        seconds = (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+        # An offset can move a time at either end of the years 1-9999 out of them (0001-01-01T00:00+01:00):
+        # unreadable, as for numbers, since no UTC date can show it.
+        return seconds if -62135596800 <= seconds <= 253402300799 else None
     return None

@@ -557,3 +557,17 @@ def test_a_hand_made_table_missing_an_indexed_column_is_dead_not_retried(db: Dat
     [outcome] = deliver({"url": db.url, "table": db.table}, make_event("e1"))
     assert outcome.kind == "dead", outcome
     assert "type" in (outcome.error or "")
+
+
+@pytest.mark.parametrize("created", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])
+def test_a_provider_time_beyond_the_years_1_to_9999_is_stored_as_unknown(db: Database, created: str) -> None:
+    # Consignly's `created` (or Svix's `timestamp`) in ISO 8601 with an offset can land just outside what a
+    # datetime holds. parse_timestamp bounds epoch numbers to years 1-9999 but not ISO text, so the store
+    # raised "year 0 is out of range" on every attempt: retried for the whole schedule, never stored.
+    from gateway.providers import parse_timestamp
+
+    occurred_at = parse_timestamp(created)
+    [outcome] = deliver({"url": db.url, "table": db.table}, make_event("e1", occurred_at=occurred_at))
+    assert outcome.kind == "delivered", outcome
+    [row] = db.events()
+    assert row["occurred_at"] is None

@@ -490,8 +490,9 @@ def _lock_id(text: str) -> int:
 
 
 def _iso(timestamp: float) -> str:
-    # Fixed width, so that text comparison in SQL is time order.
-    return _utc(timestamp).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # Fixed width, so that text comparison in SQL is time order. Not %Y: it writes the year 999 as "999".
+    moment = _utc(timestamp)
+    return f"{moment.year:04d}" + moment.strftime("-%m-%dT%H:%M:%S.%fZ")
 
 
 class SQLite(Backend):

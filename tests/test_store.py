@@ -571,3 +571,21 @@ def test_a_provider_time_beyond_the_years_1_to_9999_is_stored_as_unknown(db: Dat
     assert outcome.kind == "delivered", outcome
     [row] = db.events()
     assert row["occurred_at"] is None
+
+
+def test_sqlite_orders_times_before_the_year_1000_correctly(tmp_path: Path) -> None:
+    # _iso promises fixed-width text so that SQL text comparison is time order, but strftime("%Y") writes
+    # year 999 as "999": "999-06-01..." sorts after "2026-...", so a row stamped with a bogus early time
+    # (a sender's placeholder date) was newer than every real update and froze the key for good.
+    from gateway.providers import parse_timestamp
+
+    database = SQLiteDatabase(tmp_path / "store.db", "users")
+    early = parse_timestamp("0999-06-01T00:00:00Z")
+    outcomes = deliver(
+        upsert(database),
+        make_event("e1", data={"id": "user_1", "v": "placeholder"}, occurred_at=early),
+        make_event("e2", data={"id": "user_1", "v": "real"}, occurred_at=T0),
+    )
+    assert kinds(outcomes) == ["delivered", "delivered"]
+    [row] = database.fetch('SELECT data FROM "users"')
+    assert json.loads(row["data"]) == {"id": "user_1", "v": "real"}

@@ -86,7 +86,12 @@ class AcknowledgeOptions(BaseModel):
     @classmethod
     def _blank_is_unset(cls, token: SecretStr | None) -> SecretStr | None:
         # `token: ${CONSIGNLY_TOKEN:-}` with the variable unset means "no static token", not an empty one.
-        return token if token is not None and token.get_secret_value().strip() else None
+        if token is None or not token.get_secret_value().strip():
+            return None
+        # Refused here rather than on every attempt (aiohttp raises for it). The message never shows it.
+        if any(char in token.get_secret_value() for char in "\r\n\0"):
+            raise ValueError("the token holds a line break or NUL, which no header can carry")
+        return token
 
     @model_validator(mode="after")
     def _one_credential(self) -> Self:

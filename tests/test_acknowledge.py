@@ -668,3 +668,20 @@ def test_credentials_are_checked_at_config_load(
     with pytest.raises(ConfigError) as raised:
         build(tmp_path, APP, ack)
     assert raised.value.errors == [expected]
+
+
+def test_a_static_token_that_cannot_be_a_header_fails_at_config_load(tmp_path: Path) -> None:
+    # A token read from a file keeps its trailing newline. It passed `hookyard check`; then aiohttp refused
+    # the header on every attempt (a ValueError, not an httpx error: "action raised" with a traceback each
+    # time) and the acknowledgement ended dead after the whole schedule, Consignly never told.
+    ack = {
+        "id": "ack",
+        "use": "acknowledge",
+        "after": "app",
+        "with": {"base_url": "https://api.example", "token": "static-api-token\n"},
+    }
+    with pytest.raises(ConfigError) as raised:
+        build(tmp_path, APP, ack)
+    [error] = raised.value.errors
+    assert error.startswith("routes[0].actions[1].with.token: ")
+    assert "static-api-token" not in error

@@ -255,7 +255,7 @@ class Notify(Action):
                 json=chat_payload(self.options.format, message, job),
                 # As bytes: httpx encodes str header values as ASCII and raises UnicodeEncodeError for an
                 # event id such as "évt_1" (any JSON string, for Consignly). UTF-8, as forward sends it.
-                headers={name: value.encode() for name, value in headers.items()},
+                headers={name.encode(): value.encode() for name, value in headers.items()},
                 timeout=job.timeout,
             )
         except httpx.HTTPError as exc:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import ssl
 import time
 from collections import deque
@@ -57,6 +58,26 @@ def check_headers(headers: Mapping[str, str]) -> None:
     for name, value in headers.items():
         if any(char in text for text in (name, value) for char in "\r\n\0"):
             raise HeaderError(f"header {name!r}: a line break or NUL in it cannot be sent")
+
+
+# A header name is an RFC 9110 token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def check_configured_headers(headers: Mapping[str, str]) -> None:
+    """Raise ValueError, naming them, for configured headers no request can carry: a name that is not a
+    token, a value with a line break or NUL. Checked when the config loads, so that `hookyard check` says so
+    instead of every delivery ending dead. Names only in the message: a value may be a secret."""
+    broken = [
+        name
+        for name, value in headers.items()
+        if _TOKEN.fullmatch(name) is None or any(char in value for char in "\r\n\0")
+    ]
+    if broken:
+        raise ValueError(
+            f"{', '.join(map(repr, broken))}: not a header (a name must be letters, digits or !#$%&'*+-.^_`|~; "
+            "a value cannot hold CR, LF or NUL)"
+        )
 
 
 @dataclass(frozen=True, slots=True)

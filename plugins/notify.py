@@ -40,7 +40,7 @@ from gateway.actions import (
     skipped,
     transport_error,
 )
-from gateway.http_client import HeaderError, check_headers
+from gateway.http_client import HeaderError, check_configured_headers, check_headers
 
 # Jinja costs about 2 MB of resident memory and only templates need it: it is imported when the first
 # template is compiled, so a gateway with no notify template (or no notify action) never loads it.
@@ -100,18 +100,7 @@ class NotifyOptions(BaseModel):
     @field_validator("headers")
     @classmethod
     def _sendable(cls, headers: dict[str, str]) -> dict[str, str]:
-        # Checked here, as forward does, so that `hookyard check` reports it instead of every notification
-        # ending dead. Names only in the message: a value may be a secret.
-        broken = [
-            name
-            for name, value in headers.items()
-            if not name or any(c in name + value for c in "\r\n\0") or any(c in name for c in " :\t")
-        ]
-        if broken:
-            raise ValueError(
-                f"{', '.join(map(repr, broken))}: not a header (a name with a space, colon or control "
-                "character, or a value with CR, LF or NUL)"
-            )
+        check_configured_headers(headers)
         return headers
 
     @field_validator("template")

@@ -478,8 +478,13 @@ def test_a_non_ascii_event_id_is_notified(tmp_path: Path, downstream: Downstream
 
 @pytest.mark.parametrize(
     "headers",
-    [{"Authorization": "Bearer token-from-a-file\n"}, {"X Team": "ops"}, {"X-Team:": "ops"}],
-    ids=["value-with-newline", "name-with-space", "name-with-colon"],
+    [
+        {"Authorization": "Bearer token-from-a-file\n"},
+        {"X Team": "ops"},
+        {"X-Team:": "ops"},
+        {"X-Tëam": "ops"},
+    ],
+    ids=["value-with-newline", "name-with-space", "name-with-colon", "name-not-ascii"],
 )
 def test_headers_that_cannot_be_sent_fail_at_config_load(tmp_path: Path, headers: dict[str, str]) -> None:
     # forward refuses these when the config loads; notify accepted them, `hookyard check` said ok, and then

@@ -305,6 +305,10 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Conf
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"{path}: cannot read: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        # A file saved in another encoding: an error naming the file, not a traceback (and, on a hot
+        # reload, not an exception that would end the watcher).
+        raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start}): save the file as UTF-8"]) from None
     return parse_config(text, environ=environ, origin=str(path))
 
 

@@ -315,7 +315,11 @@ def _event_options(command: Callable[..., Any]) -> Callable[..., Any]:
 def _parse_data(data: str | None) -> Any:
     if data is None:
         return None
-    text = Path(data[1:]).read_text() if data.startswith("@") else data
+    try:
+        text = Path(data[1:]).read_text(encoding="utf-8") if data.startswith("@") else data
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise click.BadParameter(f"cannot read {data[1:]}: {reason}", param_hint="--data") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

@@ -203,8 +203,9 @@ def admin_routes(gateway: Gateway) -> list[Route]:
 
     return [
         Route("/admin/events", guarded(list_events), methods=["GET"]),
-        Route("/admin/events/{event_id}", guarded(show_event), methods=["GET"]),
-        Route("/admin/events/{event_id}/replay", guarded(replay_event), methods=["POST"]),
+        # `:path`: an event id may hold a `/` (the client sends it as %2F, which arrives decoded).
+        Route("/admin/events/{event_id:path}", guarded(show_event), methods=["GET"]),
+        Route("/admin/events/{event_id:path}/replay", guarded(replay_event), methods=["POST"]),
         Route("/admin/replay", guarded(bulk_replay), methods=["POST"]),
         Route("/admin/openapi.json", openapi, methods=["GET"], include_in_schema=False),
     ]

@@ -238,6 +238,18 @@ class Source(Strict):
         parse_networks(entries)
         return entries
 
+    @field_validator("tolerance")
+    @classmethod
+    def _at_least_a_second(cls, tolerance: float) -> float:
+        # Signed timestamps are whole seconds and `now` is not: below 1 s, genuine webhooks with a perfect
+        # clock are refused (at 0, every one of them) as timestamp_out_of_tolerance.
+        if tolerance < 1:
+            raise ValueError(
+                f"{tolerance:g}s refuses genuine webhooks: signed timestamps are whole seconds; "
+                "use at least 1s (the default is 5m)"
+            )
+        return tolerance
+
     @field_validator("path")
     @classmethod
     def _absolute(cls, path: str) -> str:

@@ -269,13 +269,17 @@ def replay(
         return
 
     async def bulk(ops: Any) -> tuple[int, int]:
+        from gateway.operations import parse_time
+
+        # `2h` means two hours before the replay started, on every page: re-read on each page, the window
+        # would slide forward as the pages go, and skip what lies near its start.
+        window = {"since": parse_time(since), "until": parse_time(until, "until")}
         replayed = created = 0
         cursor: int | None = 0
         while cursor is not None:
             page = await ops.replay(
                 mode=state,
-                since=since,
-                until=until,
+                **window,
                 source=source,
                 route=route,
                 action=action,

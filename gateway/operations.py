@@ -3,6 +3,7 @@ these over HTTP and the CLI calls them directly (or through the admin API): one 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -35,13 +36,16 @@ def parse_time(value: str | float | None, name: str = "since") -> float | None:
     """`2h` (that long ago), an ISO 8601 time, or seconds since the epoch."""
     if value is None or value == "":
         return None
-    if isinstance(value, int | float):
-        return float(value)
     try:
         # A bare number is a time, never a duration: `2h` or `90s` say "ago" with their unit.
-        return float(value)
+        number = float(value)
     except ValueError:
         pass
+    else:
+        # nan, inf or 1e999 would compare false with every time: an empty answer instead of an error.
+        if not math.isfinite(number):
+            raise OperationError(400, f"{name}: {value!r} is not a finite time")
+        return number
     try:
         return time.time() - parse_duration(value)
     except ValueError:

@@ -67,8 +67,11 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         async def handle(request: Request) -> Response:
             ops = gateway.config.ops
             if ops.admin_token:
-                offered = request.headers.get("authorization", "")
-                if not hmac.compare_digest(offered.encode(), f"Bearer {ops.admin_token}".encode()):
+                # The scheme is case-insensitive (RFC 9110 11.1): `bearer x` is as good as `Bearer x`.
+                scheme, _, offered = request.headers.get("authorization", "").partition(" ")
+                if scheme.lower() != "bearer" or not hmac.compare_digest(
+                    offered.strip().encode(), ops.admin_token.encode()
+                ):
                     return _error(401, "missing or wrong bearer token", {"www-authenticate": "Bearer"})
             elif request.client is None or not is_loopback(request.client.host):
                 # The config refuses a token-less listener off loopback; a reload that drops the token and

@@ -145,9 +145,13 @@ def _compile_operator(name: str, operand: Any, place: str) -> Callable[[Any], bo
 
 
 def _equal(value: Any, expected: Any) -> bool:
-    # True == 1 in Python; in a filter a boolean only equals a boolean.
+    # True == 1 in Python; in a filter a boolean only equals a boolean, at every depth ([true] is not [1]).
     if isinstance(value, bool) or isinstance(expected, bool):
         return type(value) is type(expected) and value == expected
+    if isinstance(value, list) and isinstance(expected, list):
+        return len(value) == len(expected) and all(map(_equal, value, expected))
+    if isinstance(value, dict) and isinstance(expected, dict):
+        return value.keys() == expected.keys() and all(_equal(value[key], expected[key]) for key in value)
     return bool(value == expected)
 
 

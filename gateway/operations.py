@@ -32,20 +32,24 @@ def iso(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def parse_time(value: str | float | None, name: str = "since") -> float | None:
+def parse_time(value: object, name: str = "since") -> float | None:
     """`2h` (that long ago), an ISO 8601 time, or seconds since the epoch."""
     if value is None or value == "":
         return None
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise OperationError(400, f"{name}: {value!r} is not a time")
+    number: float | None
     try:
         # A bare number is a time, never a duration: `2h` or `90s` say "ago" with their unit.
         number = float(value)
-    except ValueError:
-        pass
-    else:
+    except (ValueError, OverflowError):  # not a number, or an integer past what a float holds
+        number = math.nan if not isinstance(value, str) else None
+    if number is not None:
         # nan, inf or 1e999 would compare false with every time: an empty answer instead of an error.
         if not math.isfinite(number):
             raise OperationError(400, f"{name}: {value!r} is not a finite time")
         return number
+    assert isinstance(value, str)
     try:
         return time.time() - parse_duration(value)
     except ValueError:

@@ -480,3 +480,42 @@ def test_replay_missing_makes_a_new_dependent_wait_for_its_replayed_parent(
         assert result == {"replayed": 1, "created": 1, "next_cursor": None}
         wait_until(lambda: states(gw, "msg_late_alert") == {"app": "delivered", "alert": "skipped"})
         assert downstream.received("/alert") == []
+
+
+def test_admin_api_takes_the_bearer_scheme_in_any_case(tmp_path: Path, downstream: Downstream) -> None:
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        response = gw.client.get(gw.ops_url + "/admin/events", headers={"authorization": f"bearer {TOKEN}"})
+        assert response.status_code == 200, response.text
+        wrong = gw.client.get(gw.ops_url + "/admin/events", headers={"authorization": f"Basic {TOKEN}"})
+        assert wrong.status_code == 401
+
+
+def test_admin_api_shows_and_replays_an_event_whose_id_has_a_slash(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg/with/slash")
+        wait_until(lambda: len(downstream.received("/audit")) == 1)
+        shown = admin(gw, "GET", "/admin/events/msg%2Fwith%2Fslash")
+        assert shown.status_code == 200, shown.text
+        assert shown.json()["id"] == "msg/with/slash"
+        replayed = admin(gw, "POST", "/admin/events/msg%2Fwith%2Fslash/replay")
+        assert replayed.status_code == 200, replayed.text
+        assert replayed.json()["replayed"] == 1
+        # The CLI through the admin API too.
+        result = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN}).invoke(
+            main, ["events", "show", "--admin-url", gw.ops_url, "msg/with/slash"]
+        )
+        assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
+def test_a_time_that_is_not_finite_is_a_bad_parameter(
+    tmp_path: Path, downstream: Downstream, value: str
+) -> None:
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        response = admin(gw, "GET", "/admin/events", params={"since": value})
+        assert (response.status_code, response.json()["error"]) == (
+            400,
+            f"since: {value!r} is not a finite time",
+        )

@@ -561,3 +561,62 @@ def test_replay_page_size_is_bounded(filled: Path, page_size: str) -> None:
     result = invoke("replay", "-c", filled, "--state", "dead", "--page-size", page_size)
     assert result.exit_code == 2
     assert "--page-size" in result.stderr
+
+
+async def _dead_near_the_edge(storage: SQLiteStorage) -> None:
+    """Three dead deliveries that ended 2 h minus 5 s ago."""
+    now = time.time()
+    for index in range(3):
+        await storage.ingest(make_event(f"evt_edge_{index}", now - 7300), [APP])
+    for claim in await storage.claim(now - 7300, 10, 60, "w"):
+        await finish(storage, claim, "dead", now - 7195, 410)
+
+
+def test_a_bulk_replay_keeps_its_window_fixed_across_pages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--since 2h` means 2 h before the replay started, on every page: a window that slides forward
+    with each page skips the deliveries near its start."""
+    path = write_config(tmp_path, config_dict(tmp_path))
+    with_storage(tmp_path / "db.sqlite", _dead_near_the_edge)
+    import gateway.operations
+
+    real = time.time
+
+    class Clock:
+        calls = 0
+
+        @staticmethod
+        def time() -> float:
+            Clock.calls += 1
+            return real() + 10 * (Clock.calls - 1)  # each page a little later, as on a large replay
+
+    monkeypatch.setattr(gateway.operations, "time", Clock)
+    result = invoke("replay", "-c", path, "--state", "dead", "--since", "2h", "--page-size", "1")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "replaying 3 deliveries\n"
+
+
+def test_send_with_a_missing_data_file_is_a_usage_error(tmp_path: Path) -> None:
+    path = write_config(tmp_path, config_dict(tmp_path))
+    missing = tmp_path / "nope.json"
+    result = invoke("send", "-c", path, "consignease", "--type", "user.created", "--data", f"@{missing}")
+    assert result.exit_code == 2, (result.exit_code, result.exception)
+    assert f"cannot read {missing}: No such file or directory" in result.stderr
+
+
+def test_a_tolerance_under_a_second_is_refused_at_load(tmp_path: Path) -> None:
+    config = config_dict(tmp_path)
+    config["sources"]["consignease"]["tolerance"] = 0
+    result = invoke("check", "-c", write_config(tmp_path, config))
+    assert result.exit_code == 1
+    assert "sources.consignease.tolerance" in result.stderr
+
+
+def test_check_reports_a_config_that_is_not_utf8_instead_of_a_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "routes.yaml"
+    path.write_bytes(yaml.safe_dump(config_dict(tmp_path)).encode() + "# café\n".encode("latin-1"))
+    result = invoke("check", "-c", path)
+    assert result.exit_code == 1
+    assert not isinstance(result.exception, UnicodeDecodeError), result.exception
+    assert "UTF-8" in result.stderr and str(path) in result.stderr

@@ -572,3 +572,32 @@ def test_json_schema_checks_durations(
 def test_json_schema_requires_route_fields(validator: jsonschema.Draft202012Validator) -> None:
     assert not validator.is_valid({"routes": [{"name": "r", "actions": [{"use": "forward"}]}]})
     assert not validator.is_valid({"routes": [{"name": "r", "source": "x", "actions": [{"id": "a"}]}]})
+
+
+TWO_SOURCES_ONE_NAME = """
+sources:
+  consignease: {path: /webhooks/a, provider: svix, secrets: [whsec_abc]}
+  consignease: {path: /webhooks/b, provider: svix, secrets: [whsec_abc]}
+"""
+
+
+def test_a_duplicate_key_is_refused_with_its_line() -> None:
+    # YAML keys are unique; PyYAML would keep the last one without a word.
+    with pytest.raises(ConfigError) as caught:
+        parse_config(TWO_SOURCES_ONE_NAME, origin="routes.yaml")
+    [error] = caught.value.errors
+    assert error.startswith("routes.yaml: not valid YAML")
+    assert "duplicate key 'consignease'" in error and "line 4" in error
+
+
+def test_merge_keys_may_still_be_overridden() -> None:
+    config = parse_config(
+        """
+sources:
+  a: &base {path: /webhooks/a, provider: svix, secrets: [whsec_abc]}
+  b:
+    <<: *base
+    path: /webhooks/b
+"""
+    )
+    assert config.sources["b"].path == "/webhooks/b"

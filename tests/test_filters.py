@@ -572,3 +572,22 @@ def test_every_bad_entry_is_reported_not_only_the_first() -> None:
         "routes[1].filter.not.data.d.regex",
     ]
     assert str(caught.value) == "\n".join(errors)
+
+
+@pytest.mark.parametrize(
+    ("spec", "data"),
+    [
+        ({"data.flags": [True, False]}, {"flags": [1, 0]}),
+        ({"data.flags": [1, 0]}, {"flags": [True, False]}),
+        ({"data.flags": {"in": [[True]]}}, {"flags": [1]}),
+        ({"data.pair": [[1], [True]]}, {"pair": [[True], [1]]}),
+        ({"data.obj": {"eq": {"on": True}}}, {"obj": {"on": 1}}),
+    ],
+)
+def test_a_boolean_inside_a_list_or_object_only_equals_a_boolean(spec: dict[str, Any], data: Any) -> None:
+    assert not compile_filter(spec)(make_event(data))
+
+
+def test_lists_still_compare_element_by_element() -> None:
+    assert compile_filter({"data.flags": [True, 1.0, "x", None]})(make_event({"flags": [True, 1, "x", None]}))
+    assert not compile_filter({"data.flags": [1, 2]})(make_event({"flags": [1, 2, 3]}))

@@ -471,3 +471,18 @@ def test_tls_listener_and_certificate_reload(tmp_path: Path, downstream: Downstr
         with httpx.Client(verify=ssl.create_default_context(cafile=second_cert)) as client:
             response = client.post(gw.url + "/webhooks/consignease", content=body, headers=headers)
         assert response.status_code == 200
+
+
+def test_a_reload_of_a_config_that_is_not_utf8_is_refused_and_watching_goes_on(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    config = users_config(tmp_path, downstream, "/app")
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with RunningGateway(path) as gw:
+        path.write_bytes(yaml.safe_dump(config).encode() + "# café\n".encode("latin-1"))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="error") == 1, timeout=5)
+        # The watcher is still alive: a fixed file is picked up.
+        config["routes"][0]["name"] = "renamed"
+        path.write_text(yaml.safe_dump(config))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1, timeout=5)

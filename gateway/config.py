@@ -447,6 +447,9 @@ def format_location(loc: tuple[str | int, ...]) -> str:
 
 
 _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+# `${NAME` with no `}` after it: a typo that would otherwise be taken as literal text, which for a token
+# or a secret means a value anyone can guess.
+_UNCLOSED = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?=[^}]*$)")
 
 
 def _interpolate(value: Any, environ: Any, loc: tuple[str | int, ...], errors: list[str]) -> Any:
@@ -457,6 +460,13 @@ def _interpolate(value: Any, environ: Any, loc: tuple[str | int, ...], errors: l
     if isinstance(value, list):
         return [_interpolate(item, environ, (*loc, index), errors) for index, item in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
+        return value
+    if _UNCLOSED.search(value):
+        # The value is not shown: it may be a secret.
+        errors.append(
+            f"{format_location(loc)}: a ${{NAME}} reference is not closed with }} (text that must hold "
+            "such a thing can come from a variable, whose value is taken as it is)"
+        )
         return value
 
     def substitute(match: re.Match[str]) -> str:

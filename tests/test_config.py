@@ -119,6 +119,15 @@ def test_text_that_is_not_a_variable_is_left_alone() -> None:
     assert config.ops.admin_token == "$HOME ${1X} $${} {Y}"
 
 
+@pytest.mark.parametrize("text", ["${HOOKYARD_ADMIN_TOKEN", "x-${TOKEN:-fallback", "${A} ${B and more"])
+def test_an_unclosed_variable_reference_is_refused_without_showing_the_value(text: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f'ops: {{admin_token: "{text}"}}', environ={"A": "a", "B": "b"})
+    [error] = caught.value.errors
+    assert error.startswith("ops.admin_token: a ${NAME} reference is not closed with }")
+    assert text not in error
+
+
 def test_mapping_keys_are_not_interpolated() -> None:
     config = parse_config(
         'sources: {"${NAME}": {path: /x, provider: svix, secrets: [whsec_abc]}}', environ={"NAME": "other"}

@@ -69,8 +69,9 @@ def admin_routes(gateway: Gateway) -> list[Route]:
             if ops.admin_token:
                 # The scheme is case-insensitive (RFC 9110 11.1): `bearer x` is as good as `Bearer x`.
                 scheme, _, offered = request.headers.get("authorization", "").partition(" ")
+                # Header bytes arrive decoded as latin-1: back to bytes, against the token's UTF-8.
                 if scheme.lower() != "bearer" or not hmac.compare_digest(
-                    offered.strip().encode(), ops.admin_token.encode()
+                    offered.strip().encode("latin-1"), ops.admin_token.encode()
                 ):
                     return _error(401, "missing or wrong bearer token", {"www-authenticate": "Bearer"})
             elif request.client is None or not is_loopback(request.client.host):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from gateway import __version__
 from gateway.config import Config, ConfigError, default_config_path, json_schema, load_config
@@ -262,6 +263,11 @@ def replay(
     if (event_id is None) == (state is None):
         raise click.UsageError("give an EVENT_ID or --state dead|missing, not both")
     if event_id is not None:
+        ignored = [name for name, value in (("--since", since), ("--until", until)) if value is not None]
+        if click.get_current_context().get_parameter_source("page_size") != ParameterSource.DEFAULT:
+            ignored.append("--page-size")
+        if ignored:
+            raise click.UsageError(f"{', '.join(ignored)}: only with --state, not with an EVENT_ID")
         result = _operate(
             config_path, admin_url, lambda ops: ops.replay_event(event_id, source, action, route)
         )
@@ -348,8 +354,20 @@ def _signed_request(
 @main.command()
 @_event_options
 @click.option("--url", help="Base URL of the gateway (default: from listen: in the config).")
-@click.option("--count", default=1, show_default=True, help="Send this many events (each its own id).")
-@click.option("--concurrency", default=1, show_default=True, help="Requests in flight at once with --count.")
+@click.option(
+    "--count",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Send this many events (each its own id).",
+)
+@click.option(
+    "--concurrency",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Requests in flight at once with --count.",
+)
 def send(
     config_path: Path | None,
     source: str,

@@ -12,7 +12,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
 import yaml
 from pydantic import (
@@ -24,6 +24,7 @@ from pydantic import (
     ValidationInfo,
     WithJsonSchema,
     field_validator,
+    model_validator,
 )
 
 from gateway.addresses import ForwardedHeader, parse_networks
@@ -304,6 +305,19 @@ class Config(Strict):
     reload: Reload = Reload()
     sources: dict[str, Source] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _listeners_apart(self) -> Self:
+        # `serve` would fail to bind the second one; `check` should say so first. Port 0 picks a free port.
+        listen, ops = self.listen, self.ops
+        anywhere = {"0.0.0.0", "::", ""}
+        same_host = listen.host == ops.host or listen.host in anywhere or ops.host in anywhere
+        if listen.port and listen.port == ops.port and same_host:
+            raise ValueError(
+                f"listen and ops both use port {listen.port} on {listen.host} and {ops.host}: give ops "
+                "another port"
+            )
+        return self
 
 
 def default_config_path() -> Path:

@@ -519,3 +519,13 @@ def test_a_time_that_is_not_finite_is_a_bad_parameter(
             400,
             f"since: {value!r} is not a finite time",
         )
+
+
+def test_an_admin_token_beyond_ascii_is_accepted(tmp_path: Path, downstream: Downstream) -> None:
+    token = "jeton-sécurisé-✓"
+    with RunningGateway(users_config(tmp_path, downstream, admin_token=token)) as gw:
+        raw = b"Bearer " + token.encode()  # as a client sends it: UTF-8 bytes
+        response = httpx.get(gw.ops_url + "/admin/events", headers=[(b"authorization", raw)])
+        assert response.status_code == 200, response.text
+        wrong = httpx.get(gw.ops_url + "/admin/events", headers=[(b"authorization", b"Bearer jeton")])
+        assert wrong.status_code == 401

@@ -620,3 +620,19 @@ def test_check_reports_a_config_that_is_not_utf8_instead_of_a_traceback(tmp_path
     assert result.exit_code == 1
     assert not isinstance(result.exception, UnicodeDecodeError), result.exception
     assert "UTF-8" in result.stderr and str(path) in result.stderr
+
+
+@pytest.mark.parametrize("option", [["--since", "2h"], ["--until", "1h"], ["--page-size", "500"]])
+def test_replay_of_one_event_refuses_the_bulk_options(filled: Path, option: list[str]) -> None:
+    result = invoke("replay", "-c", filled, "evt_dead", *option)
+    assert result.exit_code == 2
+    assert f"{option[0]}: only with --state, not with an EVENT_ID" in result.stderr
+    assert deliveries(filled, "evt_dead")["app"].state == "dead"
+
+
+@pytest.mark.parametrize("option", ["--count", "--concurrency"])
+def test_send_refuses_a_count_or_concurrency_below_one(tmp_path: Path, option: str) -> None:
+    path = write_config(tmp_path, config_dict(tmp_path))
+    result = invoke("send", "-c", path, "consignease", "--type", "user.created", option, "0")
+    assert result.exit_code == 2
+    assert option in result.stderr

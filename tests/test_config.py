@@ -610,3 +610,27 @@ sources:
 """
     )
     assert config.sources["b"].path == "/webhooks/b"
+
+
+@pytest.mark.parametrize(
+    ("listen", "ops", "refused"),
+    [
+        ({"port": 9000}, {"port": 9000}, True),  # 0.0.0.0 holds 127.0.0.1:9000 too
+        ({"port": 8080, "host": "127.0.0.1"}, {"port": 8080, "host": "0.0.0.0", "admin_token": "t"}, True),
+        ({"port": 9000, "host": "127.0.0.1"}, {"port": 9000, "host": "127.0.0.2"}, False),
+        ({"port": 0}, {"port": 0}, False),  # each gets a free port
+    ],
+)
+def test_listen_and_ops_cannot_share_a_port(
+    listen: dict[str, Any], ops: dict[str, Any], refused: bool
+) -> None:
+    text = yaml.safe_dump({"listen": listen, "ops": ops})
+    if not refused:
+        parse_config(text)
+        return
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert caught.value.errors == [
+        f"listen and ops both use port {listen['port']} on {listen.get('host', '0.0.0.0')} and "
+        f"{ops.get('host', '127.0.0.1')}: give ops another port"
+    ]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import math
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
 from urllib.parse import quote, quote_plus
@@ -181,6 +182,9 @@ class ClientCredentials:
         token = answer.get("access_token") if isinstance(answer, dict) else None
         if not isinstance(token, str) or not token:
             raise TokenUnavailable(retry("token endpoint: the answer has no access_token"))
+        if any(char in token for char in "\r\n\0"):
+            # Not kept: no request could carry it, and every acknowledgement would fail until it expired.
+            raise TokenUnavailable(retry("token endpoint: the access_token holds a line break or NUL"))
         lifetime = _expires_in(answer)
         lifetime = self.default_lifetime if lifetime is None else max(0.0, lifetime - self.margin)
         # Counted from before the request: the server's clock started while we were waiting for its answer.
@@ -189,15 +193,16 @@ class ClientCredentials:
 
 
 def _expires_in(answer: dict[str, Any]) -> float | None:
+    """The token's lifetime in seconds, if the answer gives one that can be used."""
     value = answer.get("expires_in")
-    if isinstance(value, bool):
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
         return None
-    if isinstance(value, int | float):
-        return float(value)
-    # Some servers send it as a string.
-    if isinstance(value, str) and value.strip().isdigit():
-        return float(value)
-    return None
+    try:
+        seconds = float(value)  # some servers send it as a string, "3600" or "3599.0"
+    except (ValueError, OverflowError):
+        return None
+    # Python's JSON reads Infinity and NaN: a token kept for ever, or a lifetime no comparison holds.
+    return seconds if math.isfinite(seconds) else None
 
 
 def _oauth_error(response: httpx.Response) -> str:

@@ -24,7 +24,13 @@ from gateway.config import ConfigError, parse_config
 from gateway.plugins import registry
 from gateway.routing import RouteTable
 from gateway.storage import Attempt, EventDetail
-from plugins.acknowledge import AcknowledgeOptions, ClientCredentials, OAuthOptions, TokenUnavailable
+from plugins.acknowledge import (
+    AcknowledgeOptions,
+    ClientCredentials,
+    OAuthOptions,
+    TokenUnavailable,
+    _expires_in,
+)
 from tests.support import (
     Downstream,
     RunningGateway,
@@ -58,7 +64,9 @@ class FakeConsignly:
     """The connection-result endpoint and an OAuth2 token endpoint (client credentials)."""
 
     url: str = ""
-    expires_in: int = 3600
+    expires_in: Any = 3600
+    # Issued tokens end with this (a broken token endpoint's trailing newline, say).
+    token_suffix: str = ""
     # Seconds the token endpoint takes to answer: lets concurrent deliveries pile up behind one fetch.
     token_delay: float = 0.0
     # Statuses the token endpoint answers with before it issues tokens again.
@@ -126,6 +134,8 @@ class FakeConsignly:
             return 401, {"error": "invalid_client"}
         with self.lock:
             token = f"tok-{len(self.issued) + 1}"
+            if self.token_suffix:
+                token, self.token_suffix = token + self.token_suffix, ""  # the next one is fine
             self.issued.append(token)
             self.valid.add(token)
         return 200, {"access_token": token, "token_type": "Bearer", "expires_in": self.expires_in}
@@ -491,6 +501,30 @@ def test_the_token_is_renewed_before_it_expires(
         assert [call.token for call in consignly_api.calls] == ["tok-1", "tok-2"]
         # Renewed ahead of time: the API never saw the old token after its expiry.
         assert all(call.status == 200 for call in consignly_api.calls)
+
+
+@pytest.mark.parametrize(
+    ("expires_in", "lifetime"),
+    [(3600, 3600.0), ("3600", 3600.0), ("3599.5", 3599.5), (float("inf"), None), ("NaN", None), (True, None)],
+)
+def test_expires_in_is_read_as_a_finite_number_of_seconds(expires_in: Any, lifetime: float | None) -> None:
+    assert _expires_in({"expires_in": expires_in}) == lifetime
+
+
+def test_a_token_that_no_header_can_carry_is_not_kept(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    consignly_api.token_suffix = "\n"
+    route = consignments_route(downstream, consignly_api, **oauth(consignly_api))
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_bad_token"))
+        wait_until(lambda: delivery_states(gw, "evt_bad_token") == {"app": "delivered", "ack": "delivered"})
+        detail = event_detail(gw, "evt_bad_token")
+        ack = detail.attempts[next(d.id for d in detail.deliveries if d.action == "ack")]
+        assert [a.outcome for a in ack] == ["retry", "delivered"]
+        assert ack[0].error == "token endpoint: the access_token holds a line break or NUL"
+        assert consignly_api.issued == ["tok-1\n", "tok-2"]
+        assert [call.token for call in consignly_api.calls] == ["tok-2"]
 
 
 def test_a_401_renews_the_token_once_and_sends_again(

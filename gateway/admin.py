@@ -102,7 +102,10 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           - {name: route, in: query, schema: {type: string}}
           - {name: since, in: query, description: "2h, ISO 8601 or epoch seconds", schema: {type: string}}
           - {name: until, in: query, schema: {type: string}}
-          - {name: cursor, in: query, description: next_cursor of the previous page, schema: {type: integer}}
+          - name: cursor
+            in: query
+            description: next_cursor of the previous page (0 or none for the first)
+            schema: {type: integer}
           - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 500, default: 50}}
         responses:
           200: {description: a page of events}
@@ -110,7 +113,8 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           401: {description: missing or wrong token}
           503: {description: the store cannot be read or written right now}
         """
-        query = request.query_params
+        # An empty parameter (`?source=`) is one not given, as forms and scripts send them.
+        query = {name: value for name, value in request.query_params.items() if value}
         return await ops.list_events(
             source=query.get("source"),
             type=query.get("type"),
@@ -134,7 +138,9 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           409: {description: the id exists in several sources; give source}
           503: {description: the store cannot be read or written right now}
         """
-        return await ops.show_event(request.path_params["event_id"], request.query_params.get("source"))
+        return await ops.show_event(
+            request.path_params["event_id"], request.query_params.get("source") or None
+        )
 
     async def replay_event(request: Request, ops: Operations) -> Any:
         """

@@ -147,7 +147,8 @@ class Operations:
             route=route,
             since=parse_time(since),
             until=parse_time(until, "until"),
-            before=cursor,
+            # 0 is where a bulk replay's cursor starts: here too, the first page (no event has seq 0).
+            before=cursor or None,
             limit=limit,
         )
         return {

@@ -194,6 +194,8 @@ def test_list_filters_by_source_and_until(tmp_path: Path, downstream: Downstream
         assert ids(source="consignly") == ["evt_consignly"]
         assert ids(source="consignease") == ["msg_late", "msg_early"]
         assert ids(source="no-such-source") == []
+        # Empty parameters are parameters not given, and cursor 0 is the first page, as for bulk replays.
+        assert ids(source="", type="", cursor=0) == ["evt_consignly", "msg_late", "msg_early"]
         # until: received before that time; with since, a window.
         until = datetime.fromtimestamp(between, UTC).isoformat()
         assert ids(until=until) == ["msg_early"]

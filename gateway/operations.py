@@ -218,6 +218,16 @@ class Operations:
         elif mode == "missing":
             if window["since"] is None:
                 raise OperationError(400, "since: required for mode missing (e.g. 2h)")
+            # What the current config routes to, the only thing this mode creates: a typo would replay
+            # nothing, and say so only as a count of 0.
+            keys = self.table.actions.keys()
+            if route is not None and all(name != route for name, _ in keys):
+                raise OperationError(400, f"route: {route!r} is not a route of the current config")
+            if action is not None and all(key != action or route not in (None, name) for name, key in keys):
+                where = "any route" if route is None else f"route {route!r}"
+                raise OperationError(
+                    400, f"action: {action!r} is not an action of {where} in the current config"
+                )
             page = await replay_missing_page(self.storage, self.table, **window)
         else:
             raise OperationError(400, f"mode: {mode!r} is not one of dead, missing")

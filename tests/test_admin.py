@@ -391,6 +391,19 @@ def test_bulk_replay_missing_includes_events_that_matched_no_route(
         assert (
             admin(gw, "POST", "/admin/replay", json={"mode": "missing"}).status_code == 400
         )  # since required
+        # A route or action the current config does not have would create nothing: a typo, said so.
+        for body, error in [
+            ({"route": "user"}, "route: 'user' is not a route of the current config"),
+            ({"action": "ap"}, "action: 'ap' is not an action of any route in the current config"),
+            (
+                {"route": "users", "action": "ap"},
+                "action: 'ap' is not an action of route 'users' in the current config",
+            ),
+        ]:
+            refused = admin(gw, "POST", "/admin/replay", json={"mode": "missing", "since": "1h", **body})
+            assert (refused.status_code, refused.json()["error"]) == (400, error)
+        fine = {"mode": "missing", "since": "1h", "route": "users", "action": "audit"}
+        assert admin(gw, "POST", "/admin/replay", json=fine).status_code == 200
 
 
 def test_replay_missing_of_a_dependent_creates_its_missing_parent_for_it_to_wait_for(

@@ -582,6 +582,62 @@ def test_promtool_checks_and_unit_tests_the_alerts() -> None:
     assert tested.returncode == 0, tested.stdout + tested.stderr
 
 
+def test_alerts_fire_on_a_counter_series_that_appears_already_counted(tmp_path: Path) -> None:
+    """A labelled counter appears in /metrics the first time it counts, at 1, not at 0 (a first refused
+    reload, a route's first dead delivery): increase() over such a series alone is 0, so each of these
+    alerts must also see a series that was not there at the start of its window."""
+    promtool = require_tool("promtool", "apt-get install -y prometheus")
+    target = 'job="hookyard",namespace="shop",pod="app-1"'
+    cases = [
+        (
+            "HookyardDeadDeliveries",
+            f'hookyard_deliveries_total{{{target},route="users",action="app",outcome="dead"}}',
+            {"route": "users", "action": "app"},
+        ),
+        (
+            "HookyardStorageUnavailable",
+            f'hookyard_webhook_rejections_total{{{target},source="consignease",reason="storage_unavailable"}}',
+            {},
+        ),
+        (
+            "HookyardConfigReloadFailed",
+            f'hookyard_config_reloads_total{{{target},result="error"}}',
+            {},
+        ),
+    ]
+    tests = []
+    for alert, series, labels in cases:
+        expected = {"severity": ALERT_SEVERITIES[alert], "namespace": "shop", "pod": "app-1", **labels}
+        tests.append(
+            {
+                "interval": "1m",
+                # Not scraped yet, then at 1 for good: one refused reload, one dead delivery.
+                "input_series": [{"series": series, "values": "_x5 1x30"}],
+                "alert_rule_test": [
+                    {"eval_time": "4m", "alertname": alert, "exp_alerts": []},
+                    {"eval_time": "7m", "alertname": alert, "exp_alerts": [{"exp_labels": expected}]},
+                    {"eval_time": "30m", "alertname": alert, "exp_alerts": []},
+                ],
+            }
+        )
+    # The expressions are under test, not the texts: the annotations are left out.
+    groups = yaml.safe_load(ALERTS.read_text())
+    for rule in groups["groups"][0]["rules"]:
+        rule.pop("annotations", None)
+    rules = tmp_path / "alerts.yaml"
+    rules.write_text(yaml.safe_dump(groups))
+    path = tmp_path / "first-count.test.yaml"
+    path.write_text(yaml.safe_dump({"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": tests}))
+    tested = run([promtool, "test", "rules", str(path)])
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+ALERT_SEVERITIES = {
+    rule["alert"]: rule["labels"]["severity"]
+    for rule in yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
+}
+
+
 def test_promtool_accepts_a_real_metrics_scrape(tmp_path: Path) -> None:
     promtool = require_tool("promtool", "apt-get install -y prometheus")
     with RunningGateway(gateway_config(tmp_path)) as gw:

@@ -155,6 +155,8 @@ class Gateway:
         self._warn_insecure()
         self.ready = True
         self.metrics.ready.set(1)
+        # Opening the store and releasing the leases wrote to it; every /readyz checks again.
+        self.metrics.storage_writable.set(1)
         log.info(
             "hookyard ready",
             extra={"sources": len(self.table.endpoints), "routes": sum(map(len, self.table.routes.values()))},

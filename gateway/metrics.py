@@ -226,6 +226,11 @@ class Metrics:
         self.ready = Gauge(
             "hookyard_ready", "1 when the gateway is ready to accept webhooks.", registry=registry
         )
+        self.storage_writable = Gauge(
+            "hookyard_storage_writable",
+            "1 when the store took the last readiness check's test write (every /readyz), 0 when it failed.",
+            registry=registry,
+        )
 
     def answered(self, source: str, status: str, seconds: float) -> None:
         """A webhook answered 200 (accepted or duplicate) after `seconds`; runs for every webhook, so the

@@ -29,7 +29,11 @@ def ops_app(gateway: Gateway) -> Starlette:
         try:
             await gateway.storage.check_writable()
         except StorageUnavailable as exc:
+            # Out of the load balancer now, so no webhook is refused for it either: the gauge is what
+            # shows it.
+            gateway.metrics.storage_writable.set(0)
             return JSONResponse({"status": "not ready", "reason": f"storage: {exc}"}, status_code=503)
+        gateway.metrics.storage_writable.set(1)
         return JSONResponse({"status": "ready"})
 
     async def metrics(request: Request) -> Response:

@@ -6,6 +6,7 @@ test instead under HOOKYARD_REQUIRE_SERVICES=1 (CI), like the tests that need a 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import fnmatch
 import json
@@ -27,7 +28,7 @@ from gateway.config import ConfigError, parse_config
 from gateway.metrics import LoopCounter, LoopHistogram, Metrics
 from gateway.plugins import Registry, plugin_manager
 from gateway.routing import RouteTable
-from tests.support import RunningGateway, gateway_config, svix_request, wait_until
+from tests.support import RunningGateway, gateway_config, metric_value, svix_request, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -636,6 +637,60 @@ ALERT_SEVERITIES = {
     rule["alert"]: rule["labels"]["severity"]
     for rule in yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]
 }
+
+
+def test_a_store_that_fails_readiness_is_a_metric_and_an_alert(tmp_path: Path) -> None:
+    """While /readyz fails for storage, the pod is out of the Service: no webhook reaches it, and no
+    storage_unavailable rejection is counted after the first few seconds. What the probe saw must be a
+    metric of its own, and an alert must fire on it for as long as it lasts."""
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        scrape = gw.client.get(gw.ops_url + "/metrics").text
+        assert metric_value(scrape, "hookyard_storage_writable") == 1, "exported, and 1 once started"
+        storage = gw.gateway.storage
+        future = asyncio.run_coroutine_threadsafe(
+            storage._run(lambda conn: conn.execute("PRAGMA query_only = ON")), gw.loop
+        )
+        future.result(10)
+        try:
+            assert gw.client.get(gw.ops_url + "/readyz").status_code == 503
+            assert gw.metric("hookyard_storage_writable") == 0
+        finally:
+            storage._writer.connection.execute("PRAGMA query_only = OFF")
+        assert gw.client.get(gw.ops_url + "/readyz").status_code == 200
+        assert gw.metric("hookyard_storage_writable") == 1
+
+    promtool = require_tool("promtool", "apt-get install -y prometheus")
+    [group] = yaml.safe_load(ALERTS.read_text())["groups"]
+    [rule] = [r for r in group["rules"] if "hookyard_storage_writable" in r["expr"]]
+    assert rule["labels"]["severity"] == "critical"
+    rule.pop("annotations", None)
+    rules = tmp_path / "alerts.yaml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "hookyard", "rules": [rule]}]}))
+    expected = [
+        {"exp_labels": {"severity": "critical", "job": "hookyard", "namespace": "shop", "pod": "app-1"}}
+    ]
+    test = {
+        "interval": "1m",
+        # An hour out of the Service with nothing else to show for it: no webhook arrives to be refused.
+        "input_series": [
+            {
+                "series": 'hookyard_storage_writable{job="hookyard",namespace="shop",pod="app-1"}',
+                "values": "1x5 0x60 1x5",
+            }
+        ],
+        "alert_rule_test": [
+            {"eval_time": "5m", "alertname": rule["alert"], "exp_alerts": []},
+            {"eval_time": "10m", "alertname": rule["alert"], "exp_alerts": expected},
+            {"eval_time": "60m", "alertname": rule["alert"], "exp_alerts": expected},
+            {"eval_time": "70m", "alertname": rule["alert"], "exp_alerts": []},
+        ],
+    }
+    path = tmp_path / "storage.test.yaml"
+    path.write_text(
+        yaml.safe_dump({"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": [test]})
+    )
+    tested = run([promtool, "test", "rules", str(path)])
+    assert tested.returncode == 0, tested.stdout + tested.stderr
 
 
 def test_promtool_accepts_a_real_metrics_scrape(tmp_path: Path) -> None:

@@ -99,9 +99,16 @@ class BasicProvider(FieldMappedProvider):
     def __init__(self, source_name: str, source: Source) -> None:
         super().__init__(source_name, source)
         for index, secret in enumerate(self.secrets):
-            user, colon, _ = secret.partition(":")
+            user, colon, password = secret.partition(":")
             if not user or not colon or not secret.isprintable():
                 raise ValueError(f"secrets[{index}] must be user:password (printable, the user without ':')")
+            # `user:${PASSWORD:-}` with the variable unset is `user:`, which anyone can send. An empty slot
+            # is dropped (Source), but this one still names a user: refuse it.
+            if not password:
+                raise ValueError(
+                    f"secrets[{index}] has an empty password: anyone could send it "
+                    "(an unset ${VAR:-} leaves `user:`)"
+                )
         # The base64 text is compared, not what it decodes to: other spellings of the same bytes (altered
         # padding bits) are refused, as for every signature.
         self.expected = [_fingerprint(_basic_credentials(secret).encode()) for secret in self.secrets]

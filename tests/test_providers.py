@@ -854,7 +854,8 @@ token_secrets = st.text(PRINTABLE, min_size=1, max_size=40)
 basic_secrets = st.builds(
     "{}:{}".format,
     st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters=":"), min_size=1),
-    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=30),
+    # An empty password is refused when the config loads (anyone could send it).
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=30),
 )
 
 SCHEMES = [

@@ -778,6 +778,25 @@ def test_token_and_basic_schemes() -> None:
     token.verify(CASE["token"].headers(), body + b" ", NOW)
 
 
+def test_basic_refuses_a_secret_with_an_empty_password(tmp_path: Path) -> None:
+    """`user:${PASSWORD_NEXT:-}` with the variable unset (or set but empty) leaves `user:`: a credential
+    anyone can send. It is refused when the config loads, not accepted as an empty password."""
+    config = gateway_config(tmp_path)
+    config["sources"]["erp"] = {
+        "path": "/webhooks/erp",
+        "provider": "basic",
+        "secrets": ["hookyard:${ERP_WEBHOOK_PASSWORD}", "hookyard:${ERP_WEBHOOK_PASSWORD_NEXT:-}"],
+    }
+    parsed = parse_config(yaml.safe_dump(config), environ={"ERP_WEBHOOK_PASSWORD": "s3cret"})
+    with pytest.raises(ConfigError) as raised:
+        RouteTable.build(parsed, registry())
+    assert raised.value.errors == [
+        "sources.erp.secrets[1] has an empty password: anyone could send it "
+        "(an unset ${VAR:-} leaves `user:`)"
+    ]
+    assert not any("s3cret" in error for error in raised.value.errors)
+
+
 # -- configuration errors name their place ------------------------------------------------------------------------
 
 

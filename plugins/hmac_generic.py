@@ -380,6 +380,9 @@ class HmacProvider(FieldMappedProvider):
         super().__init__(source_name, source)
         self.keys = [secret.encode() for secret in self.secrets]
         self.template = Template(self.options.signed_content)
+        # Entries are separated by whitespace, so a prefix with a space in it (`HMAC `) cannot start one:
+        # such a header holds one signature, and its whole value is compared.
+        self.one_signature = any(char.isspace() for char in self.options.prefix)
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         options = self.options
@@ -397,7 +400,7 @@ class HmacProvider(FieldMappedProvider):
         require_signature(
             self.keys,
             self.template.render(values),
-            signature_entries(header),
+            [header.strip()] if self.one_signature else signature_entries(header),
             prefix=options.prefix,
             encoding=options.encoding,
             algorithm=options.algorithm,

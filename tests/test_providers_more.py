@@ -733,6 +733,19 @@ def test_hmac_variants() -> None:
     signed.verify(sent_headers, sent, NOW)
 
 
+def test_hmac_prefix_with_a_space() -> None:
+    """`Authorization: HMAC <hex>`: a prefix with a space in it. Entries are separated by whitespace, so
+    such a header holds one signature, compared whole; what `hookyard send` signs is accepted."""
+    provider = make_provider("hmac", ["k"], header="Authorization", prefix="HMAC ")
+    body = dumps({"id": "evt_1", "type": "thing.done"})
+    provider.verify({"authorization": "HMAC " + hex_hmac("k", body)}, body, NOW)
+    provider.verify(lower(provider.sign(body, "evt_1", NOW)), body, NOW)
+    for value in (hex_hmac("k", body), "HMAC  " + hex_hmac("k", body), "HMAC " + hex_hmac("k", body + b" ")):
+        assert reason_of(lambda v=value: provider.verify({"authorization": v}, body, NOW)) == (
+            "invalid_signature"
+        )
+
+
 def test_hmac_missing_payload_fields_are_400s() -> None:
     acme = PROVIDERS["hmac"]
     headers = VALID["hmac"]

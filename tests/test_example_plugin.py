@@ -64,6 +64,10 @@ def test_event_flows_through_the_example_provider_and_action(installed_example: 
         assert gw.post("/webhooks/acme", body, headers).json() == {"id": "acme_1", "status": "accepted"}
         tampered = gw.post("/webhooks/acme", body.replace(b"42", b"43"), headers)
         assert tampered.status_code == 401
+        # A latin-1 byte that str.isdigit() takes for a digit: refused, never a 500.
+        odd = [(b"x-acme-signature", b"t=\xb2,sha512=" + b"0" * 128)]
+        refused = gw.client.post(gw.url + "/webhooks/acme", content=body, headers=odd)
+        assert (refused.status_code, refused.json()["error"]) == (401, "invalid_timestamp")
         wait_until(lambda: archive.exists() and archive.read_text().count("\n") == 1)
     line = json.loads(archive.read_text())
     assert line == {

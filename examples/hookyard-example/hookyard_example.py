@@ -27,7 +27,7 @@ class AcmeProvider(Provider):
         timestamp, offered = fields.get("t", ""), fields.get("sha512", "")
         if not timestamp or not offered:
             raise unauthorized("missing_signature", "missing X-Acme-Signature t=...,sha512=...")
-        if not timestamp.isdigit():
+        if not (timestamp.isascii() and timestamp.isdigit()):  # "²" is a digit to isdigit(), not to int()
             raise unauthorized("invalid_timestamp")
         if abs(now - int(timestamp)) > self.tolerance:
             raise unauthorized("timestamp_out_of_tolerance")

@@ -266,6 +266,16 @@ class Source(Strict):
     @classmethod
     def _drop_empty(cls, secrets: list[str]) -> list[str]:
         # `${OPTIONAL_KEY:-}` expands to "" when unset: such a slot is simply not configured.
+        # A secret read from a file often keeps its newline, and then no signature ever matches: every
+        # webhook is refused invalid_signature with nothing to say why. The secret is not shown.
+        padded = [
+            str(index) for index, secret in enumerate(secrets) if secret.strip() and secret != secret.strip()
+        ]
+        if padded:
+            raise ValueError(
+                f"entry {', '.join(padded)} begins or ends with whitespace, such as a newline kept from a file: "
+                "remove it"
+            )
         return [secret for secret in secrets if secret.strip()]
 
 

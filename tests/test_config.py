@@ -634,3 +634,14 @@ def test_listen_and_ops_cannot_share_a_port(
         f"listen and ops both use port {listen['port']} on {listen.get('host', '0.0.0.0')} and "
         f"{ops.get('host', '127.0.0.1')}: give ops another port"
     ]
+
+
+@pytest.mark.parametrize("secret", ["whsec_abc\n", " whsec_abc", "whsec_abc\t"])
+def test_a_secret_with_whitespace_at_either_end_is_refused_without_showing_it(secret: str) -> None:
+    # Read from a file with its newline, it would make every webhook invalid_signature without a word.
+    text = yaml.safe_dump({"sources": {"a": {"path": "/a", "provider": "svix", "secrets": ["", secret]}}})
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text)
+    assert caught.value.errors == [
+        "sources.a.secrets: entry 1 begins or ends with whitespace, such as a newline kept from a file: remove it"
+    ]

@@ -848,14 +848,19 @@ class Scheme:
 PROVIDER_CLASSES = registry().providers
 PRINTABLE = st.characters(min_codepoint=0x21, max_codepoint=0x7E)
 whsec_secrets = st.binary(min_size=1, max_size=64).map(lambda key: "whsec_" + b64(key))
-# Secrets are used as their UTF-8 bytes; YAML cannot hold lone surrogates, and blank ones are dropped.
-text_secrets = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=40).filter(str.strip)
+# Secrets are used as their UTF-8 bytes; YAML cannot hold lone surrogates, blank ones are dropped, and
+# whitespace at either end is refused when the config loads (a newline kept from a file).
+text_secrets = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=40).filter(
+    lambda secret: secret.strip() == secret
+)
 token_secrets = st.text(PRINTABLE, min_size=1, max_size=40)
 basic_secrets = st.builds(
     "{}:{}".format,
     st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E, exclude_characters=":"), min_size=1),
     # An empty password is refused when the config loads (anyone could send it).
-    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=30),
+    st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=30).filter(
+        lambda password: password.strip() == password
+    ),
 )
 
 SCHEMES = [

@@ -1,9 +1,9 @@
 """Shopify: `X-Shopify-Hmac-Sha256: <base64 HMAC-SHA256 of the body>` keyed by the app's client secret.
 
-The event id is `X-Shopify-Webhook-Id` (kept by Shopify's retries; `X-Shopify-Event-Id` when it is
-absent), the type is `X-Shopify-Topic` (`orders/create`), and the time is `X-Shopify-Triggered-At`
-(ISO 8601). Shopify signs no timestamp, so there is no replay window to check: dedupe on the id is the
-replay protection.
+The event id is `X-Shopify-Event-Id`, the header Shopify's guide to duplicate webhooks names: the same on
+every delivery of one event (`X-Shopify-Webhook-Id` when it is absent). The type is `X-Shopify-Topic`
+(`orders/create`), and the time is `X-Shopify-Triggered-At` (ISO 8601). Shopify signs no timestamp, so
+there is no replay window to check: dedupe on the id stops an unchanged resend.
 """
 
 from __future__ import annotations
@@ -50,10 +50,10 @@ class ShopifyProvider(Provider):
             body,
             payload,
             received_at,
-            event_id=headers.get("x-shopify-webhook-id") or headers.get("x-shopify-event-id"),
+            event_id=headers.get("x-shopify-event-id") or headers.get("x-shopify-webhook-id"),
             event_type=headers.get("x-shopify-topic"),
             occurred_at=parse_timestamp(headers.get("x-shopify-triggered-at")),
-            id_detail="missing X-Shopify-Webhook-Id header",
+            id_detail="missing X-Shopify-Event-Id header",
             type_detail="missing X-Shopify-Topic header",
         )
 
@@ -69,8 +69,8 @@ class ShopifyProvider(Provider):
             "X-Shopify-Hmac-Sha256": base64.b64encode(digest).decode(),
             "X-Shopify-Shop-Domain": "hookyard-sample.myshopify.com",
             "X-Shopify-API-Version": API_VERSION,
-            "X-Shopify-Webhook-Id": event_id,
-            "X-Shopify-Event-Id": f"event-{event_id}",
+            "X-Shopify-Event-Id": event_id,
+            "X-Shopify-Webhook-Id": f"webhook-{event_id}",
             "X-Shopify-Triggered-At": iso_now(now),
         }
 

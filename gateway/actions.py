@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gateway.config import RetryPolicy
 from gateway.events import Event
-from gateway.http_client import HttpClient
+from gateway.http_client import HttpClient, shown_url
 
 if TYPE_CHECKING:
     import aiohttp
@@ -163,7 +163,7 @@ def check_http_url(url: str) -> str:
 
     parsed = httpx.URL(url)
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise ValueError(f"{url!r} is not an http(s) URL")
+        raise ValueError(f"{shown_url(url)!r} is not an http(s) URL")
     return url
 
 

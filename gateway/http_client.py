@@ -60,6 +60,19 @@ def check_headers(headers: Mapping[str, str]) -> None:
             raise HeaderError(f"header {name!r}: a line break or NUL in it cannot be sent")
 
 
+def shown_url(url: str) -> str:
+    """`url` as an error message may show it: scheme, host and port. Credentials, the path and the query
+    are left out ("/…" stands for what followed): a chat webhook carries its secret in its path, and a URL
+    may hold a password or a token."""
+    scheme, slashes, rest = url.partition("://")
+    if not slashes:  # `host:port/path` without a scheme, say
+        scheme, rest = "", url
+    end = min((rest.find(mark) for mark in "/?#" if mark in rest), default=len(rest))
+    authority, after = rest[:end], rest[end:]
+    host = authority.rpartition("@")[2]  # never user:password@
+    return f"{scheme}{slashes}{host}{after if after in ('', '/') else '/…'}"
+
+
 # A header name is an RFC 9110 token.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
@@ -94,15 +107,15 @@ class Target:
     def parse(cls, url: str) -> Target:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"{url!r} is not an http(s) URL")
+            raise ValueError(f"{shown_url(url)!r} is not an http(s) URL")
         if parts.username is not None or parts.password is not None:
-            raise ValueError(f"{url!r}: credentials in the URL are not sent; use a header instead")
+            raise ValueError(f"{shown_url(url)!r}: credentials in the URL are not sent; use a header instead")
         if "%" in parts.hostname:
-            raise ValueError(f"{url!r}: an IPv6 zone is not supported")
+            raise ValueError(f"{shown_url(url)!r}: an IPv6 zone is not supported")
         default = 443 if parts.scheme == "https" else 80
         port = default if parts.port is None else parts.port  # ValueError when out of range
         if port == 0:
-            raise ValueError(f"{url!r}: port 0 cannot be connected to")
+            raise ValueError(f"{shown_url(url)!r}: port 0 cannot be connected to")
         # A name outside ASCII is sent as IDNA (punycode); the path and query percent-encoded where
         # they hold what a request line cannot (spaces, non-ASCII), escapes already there kept.
         host = parts.hostname.encode("idna").decode("ascii")

@@ -438,7 +438,7 @@ def test_a_valid_template_loads(tmp_path: Path) -> None:
         ),
         (
             {"url": "ftp://chat.example/hook"},
-            "routes[0].actions[1].with.url: 'ftp://chat.example/hook' is not an http(s) URL",
+            "routes[0].actions[1].with.url: 'ftp://chat.example/…' is not an http(s) URL",
         ),
         ({"colour": "red"}, "routes[0].actions[1].with.colour: unknown key"),
     ],

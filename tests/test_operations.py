@@ -486,3 +486,37 @@ def test_a_reload_of_a_config_that_is_not_utf8_is_refused_and_watching_goes_on(
         config["routes"][0]["name"] = "renamed"
         path.write_text(yaml.safe_dump(config))
         wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1, timeout=5)
+
+
+def test_a_refused_reload_never_logs_a_urls_credentials_or_secret_path(
+    tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A chat webhook's URL is a secret, and so is a password in a URL: the reload's errors name the place
+    and the host, not the rest."""
+    config = users_config(tmp_path, downstream, "/app")
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with RunningGateway(path) as gw:
+        broken = copy.deepcopy(config)
+        actions = broken["routes"][0]["actions"]
+        actions[0]["with"]["url"] = "https://alice:pa55word@app.example/hooks?token=qs-secret"
+        actions.append(
+            {
+                "id": "chat",
+                "use": "notify",
+                "with": {"url": "htps://hooks.slack.example/services/T0/B0/XOXSECRET"},
+            }
+        )
+        actions.append({"id": "fwd", "use": "forward", "with": {"url": "ftp://files.example/drop/FTPSECRET"}})
+        path.write_text(yaml.safe_dump(broken))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="error") == 1, timeout=5)
+    [refused] = [
+        r for r in caplog.records if r.getMessage() == "config reload refused; keeping the running config"
+    ]
+    errors: list[str] = refused.errors  # type: ignore[attr-defined]
+    assert len(errors) == 3, errors
+    for secret in ("alice", "pa55word", "qs-secret", "XOXSECRET", "FTPSECRET"):
+        assert not any(secret in error for error in errors), (secret, errors)
+    assert errors[0].startswith("routes[0].actions[0].with.url: 'https://app.example/…': credentials")
+    assert errors[1] == "routes[0].actions[1].with.url: 'htps://hooks.slack.example/…' is not an http(s) URL"
+    assert errors[2] == "routes[0].actions[2].with.url: 'ftp://files.example/…' is not an http(s) URL"

@@ -549,10 +549,18 @@ def test_forward_without_url(registry: Registry) -> None:
     assert errors == ["routes[0].actions[0].with.url: field required"]
 
 
-@pytest.mark.parametrize("url", ["ftp://x", "file:///etc/passwd", "127.0.0.1:3000/hooks", "http://"])
-def test_forward_needs_an_http_url(registry: Registry, url: str) -> None:
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("ftp://x", "ftp://x"),
+        ("file:///etc/passwd", "file:///…"),
+        ("127.0.0.1:3000/hooks", "127.0.0.1:3000/…"),
+        ("http://", "http://"),
+    ],
+)
+def test_forward_needs_an_http_url(registry: Registry, url: str, shown: str) -> None:
     errors = build_errors(registry, base_config([route("r", "consignly", forward(url))]))
-    assert errors == [f"routes[0].actions[0].with.url: {url!r} is not an http(s) URL"]
+    assert errors == [f"routes[0].actions[0].with.url: {shown!r} is not an http(s) URL"]
 
 
 def test_forward_with_an_unknown_key(registry: Registry) -> None:

@@ -161,7 +161,10 @@ def check_http_url(url: str) -> str:
     """An http(s) URL with a host, as httpx reads it: for the options of actions that send with `http`."""
     import httpx
 
-    parsed = httpx.URL(url)
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL:  # not a ValueError: the config check would fail with it, not report it
+        raise ValueError(f"{shown_url(url)!r} is not a valid URL") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError(f"{shown_url(url)!r} is not an http(s) URL")
     return url

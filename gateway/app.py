@@ -186,8 +186,13 @@ class Gateway:
         try:
             config = load_config(self.config_path)
             table = RouteTable.build(config, self.registry)
-        except (OSError, ConfigError) as exc:
-            errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
+        except Exception as exc:
+            # Whatever failed (a plugin's check may raise anything), the running config stays and the
+            # watcher goes on: a reload never ends hot reloading.
+            if isinstance(exc, ConfigError):
+                errors = exc.errors
+            else:
+                errors = [str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"]
             # Not tried again until the files change (or SIGHUP): one error per bad update, not per poll.
             self._watched = self._read_watched()
             self.metrics.config_reloads.labels("error").inc()

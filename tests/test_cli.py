@@ -636,3 +636,10 @@ def test_send_refuses_a_count_or_concurrency_below_one(tmp_path: Path, option: s
     result = invoke("send", "-c", path, "consignease", "--type", "user.created", option, "0")
     assert result.exit_code == 2
     assert option in result.stderr
+
+
+def test_check_reports_a_malformed_notify_url_instead_of_a_traceback(tmp_path: Path) -> None:
+    config = config_dict(tmp_path)
+    config["routes"][0]["actions"].append({"id": "chat", "use": "notify", "with": {"url": "http://[::1"}})
+    path = write_config(tmp_path, config)
+    check_reports(path, [f"{path}: routes[0].actions[1].with.url: 'http://[::1' is not a valid URL"])

@@ -520,3 +520,19 @@ def test_a_refused_reload_never_logs_a_urls_credentials_or_secret_path(
     assert errors[0].startswith("routes[0].actions[0].with.url: 'https://app.example/…': credentials")
     assert errors[1] == "routes[0].actions[1].with.url: 'htps://hooks.slack.example/…' is not an http(s) URL"
     assert errors[2] == "routes[0].actions[2].with.url: 'ftp://files.example/…' is not an http(s) URL"
+
+
+def test_a_reload_with_a_malformed_notify_url_is_refused_and_watching_goes_on(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    config = users_config(tmp_path, downstream, "/app")
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with RunningGateway(path) as gw:
+        broken = copy.deepcopy(config)
+        broken["routes"][0]["actions"].append({"id": "chat", "use": "notify", "with": {"url": "http://[::1"}})
+        path.write_text(yaml.safe_dump(broken))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="error") == 1, timeout=5)
+        config["routes"][0]["name"] = "renamed"
+        path.write_text(yaml.safe_dump(config))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1, timeout=5)

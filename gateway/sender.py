@@ -61,6 +61,8 @@ def build_request(
 def listen_url(table: RouteTable) -> str:
     listen = table.config.listen
     host = "127.0.0.1" if listen.host in ("0.0.0.0", "::", "") else listen.host
+    if ":" in host:  # an IPv6 address goes in brackets in a URL
+        host = f"[{host}]"
     scheme = "https" if listen.tls is not None else "http"
     return f"{scheme}://{host}:{listen.port}"
 

@@ -643,3 +643,12 @@ def test_check_reports_a_malformed_notify_url_instead_of_a_traceback(tmp_path: P
     config["routes"][0]["actions"].append({"id": "chat", "use": "notify", "with": {"url": "http://[::1"}})
     path = write_config(tmp_path, config)
     check_reports(path, [f"{path}: routes[0].actions[1].with.url: 'http://[::1' is not a valid URL"])
+
+
+def test_send_and_sign_bracket_an_ipv6_listen_address(tmp_path: Path) -> None:
+    config = config_dict(tmp_path)
+    config["listen"] = {"host": "::1", "port": 8081}
+    path = write_config(tmp_path, config)
+    result = invoke("sign", "-c", path, "consignease", "--type", "user.created")
+    assert result.exit_code == 0
+    assert " 'http://[::1]:8081/webhooks/consignease' " in result.stdout

@@ -384,6 +384,7 @@ def send(
 
     table, path, body, headers = _signed_request(config_path, source, event_type, data, event_id)
     target = (url or listen_url(table)).rstrip("/") + path
+    _check_target(target)
     if count > 1:
         if event_id is not None:
             raise click.UsageError("--id names one event; leave it out with --count")
@@ -400,6 +401,22 @@ def send(
     click.echo(f"{response.status_code} {response.text}")
     if not response.is_success:
         raise SystemExit(1)
+
+
+def _check_target(target: str) -> None:
+    """A URL that could never be sent to is a usage error, not a traceback (--count) or a failed request."""
+    import httpx
+
+    from gateway.http_client import shown_url
+
+    try:
+        parsed = httpx.URL(target)
+    except httpx.InvalidURL as exc:
+        raise click.BadParameter(f"{shown_url(target)!r}: {exc}", param_hint="--url") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise click.BadParameter(
+            f"{shown_url(target)!r} is not an http(s) URL, e.g. http://127.0.0.1:8080", param_hint="--url"
+        )
 
 
 @main.command()

@@ -652,3 +652,16 @@ def test_send_and_sign_bracket_an_ipv6_listen_address(tmp_path: Path) -> None:
     result = invoke("sign", "-c", path, "consignease", "--type", "user.created")
     assert result.exit_code == 0
     assert " 'http://[::1]:8081/webhooks/consignease' " in result.stdout
+
+
+@pytest.mark.parametrize("count", ["1", "3"])
+@pytest.mark.parametrize("url", ["http://[::1", "localhost:8080", "ftp://127.0.0.1:8080"])
+def test_send_with_a_malformed_url_is_a_usage_error(tmp_path: Path, url: str, count: str) -> None:
+    path = write_config(tmp_path, config_dict(tmp_path))
+    result = CliRunner().invoke(
+        main,
+        ["send", "-c", str(path), "consignease", "--type", "user.created", "--url", url, "--count", count],
+    )
+    assert result.exit_code == 2, result.output
+    assert "--url" in result.stderr
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)

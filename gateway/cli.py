@@ -447,7 +447,13 @@ def sign(
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=3000, show_default=True)
-@click.option("--status", default=200, show_default=True, help="Status code to answer with.")
+@click.option(
+    "--status",
+    type=click.IntRange(100, 599),
+    default=200,
+    show_default=True,
+    help="Status code to answer with.",
+)
 @click.option(
     "--answer",
     "answers",
@@ -466,5 +472,7 @@ def sink(host: str, port: int, status: int, answers: tuple[str, ...]) -> None:
         prefix, _, code = answer.rpartition("=")
         if not prefix.startswith("/") or not code.isdigit():
             raise click.BadParameter(f"{answer!r} is not PREFIX=STATUS, e.g. /hooks/consignments=400")
+        if not 100 <= int(code) <= 599:  # what an HTTP answer can carry
+            raise click.BadParameter(f"{answer!r}: the status must be 100 to 599", param_hint="--answer")
         by_prefix[prefix] = int(code)
     uvicorn.run(Sink(status, answers=by_prefix), host=host, port=port, log_level="warning", access_log=False)

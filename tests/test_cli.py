@@ -665,3 +665,19 @@ def test_send_with_a_malformed_url_is_a_usage_error(tmp_path: Path, url: str, co
     assert result.exit_code == 2, result.output
     assert "--url" in result.stderr
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("option", [["--status", "600"], ["--status", "99"], ["--answer", "/hooks=1000"]])
+def test_sink_refuses_a_status_no_http_answer_can_carry(
+    option: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Refused at once: the sink would otherwise fail every such request with a traceback, and the gateway
+    see the connection close without an answer."""
+    import uvicorn
+
+    served: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(app))
+    result = CliRunner().invoke(main, ["sink", *option])
+    assert served == []
+    assert result.exit_code == 2, result.output
+    assert "100" in result.stderr and "599" in result.stderr

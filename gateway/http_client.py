@@ -15,8 +15,9 @@ What it leaves out on purpose: redirects (forward never follows them), cookies, 
 (the answer is never decoded, only read to keep the connection) and pipelining.
 
 An answer's body is read only so that its connection can serve the next request: at most `read_limit`
-bytes within `read_timeout` seconds. A larger, slower or broken body costs its connection, nothing more:
-the status has already decided how the attempt went.
+bytes within `read_timeout` seconds, after the status has been returned (a body still coming is read in the
+background). A larger, slower or broken body costs its connection, nothing more: the status has already
+decided how the attempt went.
 """
 
 from __future__ import annotations
@@ -306,6 +307,7 @@ class HttpClient:
         self.keepalive = keepalive
         self.connect_timeout = connect_timeout
         self._idle: dict[tuple[str, str, int], deque[Connection]] = {}
+        self._draining: set[Connection] = set()  # answered, the rest of the body still coming
         self._closed = False
 
     async def request(
@@ -338,15 +340,33 @@ class HttpClient:
                 connection = await self._connect(target)
                 exchange = connection.send(data, read_limit)
                 answer = await exchange.head
-            if not exchange.done.done():
-                try:
-                    async with asyncio.timeout(read_timeout):
-                        await exchange.done
-                except (TimeoutError, RequestError):
-                    connection.close()
         except BaseException:
             connection.close()  # cancelled (the action's timeout) or failed: the exchange's state is unknown
             raise
+        if exchange.done.done():
+            self._release(connection, target)
+        else:
+            # The rest of the body is read without the caller, who has the status: a cancellation (the
+            # action's timeout) while it comes must not turn an answered request into a failed one.
+            self._drain(connection, exchange, target, read_timeout)
+        return answer
+
+    def _drain(
+        self, connection: Connection, exchange: _Exchange, target: Target, read_timeout: float
+    ) -> None:
+        """Read the rest of an answer's body in the background: the connection goes back to the pool once
+        it is whole, or is closed after `read_timeout` seconds."""
+        timer = asyncio.get_running_loop().call_later(read_timeout, connection.close)
+        self._draining.add(connection)
+
+        def finished(_done: asyncio.Future[None]) -> None:
+            timer.cancel()
+            self._draining.discard(connection)
+            self._release(connection, target)
+
+        exchange.done.add_done_callback(finished)
+
+    def _release(self, connection: Connection, target: Target) -> None:
         connection.finish()
         if connection.reusable and connection.open and not self._closed:
             idle = self._idle.setdefault(target.origin, deque())
@@ -356,10 +376,11 @@ class HttpClient:
                 idle.popleft().close()
         else:
             connection.close()
-        return answer
 
     async def aclose(self) -> None:
         self._closed = True
+        for connection in list(self._draining):
+            connection.close()
         for connections in self._idle.values():
             for connection in connections:
                 connection.close()

@@ -160,3 +160,25 @@ def test_an_event_whose_id_would_break_the_forwarded_request_apart_is_dead_and_n
             )
             assert gw.metric("hookyard_deliveries_total", outcome="retried") == 0
     assert len(receiver.requests) == 1
+
+
+def test_a_2xx_whose_body_outlasts_a_short_timeout_is_delivered_once(tmp_path) -> None:
+    # The head says 200 at once; the body stalls past the action's timeout. The receiver has the event:
+    # the attempt must not end as a timeout and send it again.
+    receiver = Chatty()
+    with ServerThread(receiver) as server:
+        config = gateway_config(tmp_path, routes=[route(f"http://127.0.0.1:{server.port}/stalled")])
+        config["defaults"]["timeout"] = "300ms"
+        with RunningGateway(config) as gw:
+            body, headers = svix_request(msg_id="msg_short_timeout")
+            assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+            wait_until(
+                lambda: (
+                    gw.metric("hookyard_deliveries_total", outcome="delivered")
+                    + gw.metric("hookyard_deliveries_total", outcome="retried")
+                    >= 1
+                )
+            )
+            assert gw.metric("hookyard_deliveries_total", outcome="delivered") == 1
+            assert gw.metric("hookyard_deliveries_total", outcome="retried") == 0
+    assert [path for path, _client in receiver.requests] == ["/stalled"]

@@ -191,7 +191,8 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
     value = value.strip()
     if value.isdigit():
-        return float(value)
+        # ASCII digits only: a header read as latin-1 may hold ² or ¹, digits to isdigit() but not to float().
+        return float(value) if value.isascii() else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

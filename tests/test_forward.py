@@ -182,3 +182,40 @@ def test_a_2xx_whose_body_outlasts_a_short_timeout_is_delivered_once(tmp_path) -
             assert gw.metric("hookyard_deliveries_total", outcome="delivered") == 1
             assert gw.metric("hookyard_deliveries_total", outcome="retried") == 0
     assert [path for path, _client in receiver.requests] == ["/stalled"]
+
+
+@pytest.mark.parametrize("retry_after", [b"\xb2", b"\xb9\xb3"])
+def test_a_retry_after_of_digits_outside_ascii_leaves_the_answers_status_and_retry(
+    retry_after: bytes,
+) -> None:
+    # A header is read as latin-1, where ² and ¹³ are digits to str.isdigit() but not to float().
+    from gateway.actions import Job, Resources
+    from gateway.config import RetryPolicy
+    from gateway.events import Event
+    from gateway.http_client import HttpClient, default_ssl_context
+    from plugins.forward import Forward, ForwardOptions
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 503 Busy\r\nretry-after: " + retry_after + b"\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def test() -> None:
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        client = HttpClient(ssl_context=default_ssl_context(), user_agent="hookyard/test")
+        resources = Resources(
+            client=client, user_agent="hookyard/test", ssl_context=client.ssl_context, pool=1
+        )
+        action = Forward(ForwardOptions(url=f"http://127.0.0.1:{port}/hooks"), resources)
+        event = Event(source="s", id="evt_1", type="user.created", received_at=0.0, body=b"{}", payload={})
+        job = Job(event=event, route="r", action="app", attempt=1, timeout=5.0, retry=RetryPolicy())
+        try:
+            outcome = await action.deliver(job)
+        finally:
+            await client.aclose()
+            server.close()
+        assert (outcome.kind, outcome.status_code, outcome.retry_after) == ("retry", 503, None)
+
+    asyncio.run(asyncio.wait_for(test(), 10))

@@ -53,11 +53,16 @@ class HeaderError(ValueError):
     """A header value that cannot be sent: it would break the request apart."""
 
 
+def breaks_a_header(text: str) -> bool:
+    """A line break or NUL: no header can carry it (it would end the header, or the request's head)."""
+    return "\r" in text or "\n" in text or "\0" in text
+
+
 def check_headers(headers: Mapping[str, str]) -> None:
     """Raise HeaderError for a name or value with a line break or NUL, for requests sent by another client
     (this one checks its whole head at once when it encodes it)."""
     for name, value in headers.items():
-        if any(char in text for text in (name, value) for char in "\r\n\0"):
+        if breaks_a_header(name) or breaks_a_header(value):
             raise HeaderError(f"header {name!r}: a line break or NUL in it cannot be sent")
 
 
@@ -83,9 +88,7 @@ def check_configured_headers(headers: Mapping[str, str]) -> None:
     token, a value with a line break or NUL. Checked when the config loads, so that `hookyard check` says so
     instead of every delivery ending dead. Names only in the message: a value may be a secret."""
     broken = [
-        name
-        for name, value in headers.items()
-        if _TOKEN.fullmatch(name) is None or any(char in value for char in "\r\n\0")
+        name for name, value in headers.items() if _TOKEN.fullmatch(name) is None or breaks_a_header(value)
     ]
     if broken:
         raise ValueError(

@@ -46,6 +46,7 @@ from gateway.actions import (
     skipped,
     transport_error,
 )
+from gateway.http_client import breaks_a_header
 
 if TYPE_CHECKING:
     import httpx  # imported where it is used, as `resources.http` is made: see Resources
@@ -90,7 +91,7 @@ class AcknowledgeOptions(BaseModel):
         if token is None or not token.get_secret_value().strip():
             return None
         # Refused here rather than on every attempt (aiohttp raises for it). The message never shows it.
-        if any(char in token.get_secret_value() for char in "\r\n\0"):
+        if breaks_a_header(token.get_secret_value()):
             raise ValueError("the token holds a line break or NUL, which no header can carry")
         return token
 
@@ -182,7 +183,7 @@ class ClientCredentials:
         token = answer.get("access_token") if isinstance(answer, dict) else None
         if not isinstance(token, str) or not token:
             raise TokenUnavailable(retry("token endpoint: the answer has no access_token"))
-        if any(char in token for char in "\r\n\0"):
+        if breaks_a_header(token):
             # Not kept: no request could carry it, and every acknowledgement would fail until it expired.
             raise TokenUnavailable(retry("token endpoint: the access_token holds a line break or NUL"))
         lifetime = _expires_in(answer)

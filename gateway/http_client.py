@@ -37,6 +37,10 @@ import httptools
 
 # What a request target keeps as it is (RFC 3986 pchar, "/" and "%" for escapes already made).
 _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
+# The most an answer's head (status line, headers, interim answers) may take. httptools joins a header that
+# comes in pieces in memory of its own and bounds nothing: a receiver sending headers without end would
+# grow it until the action's timeout.
+HEAD_LIMIT = 64 * 1024
 
 
 class RequestError(Exception):
@@ -150,6 +154,7 @@ class _Exchange:
     done: asyncio.Future[None]
     read_limit: int
     answered: bool = False  # a byte of the answer came
+    head_read: int = 0  # bytes received before the head was whole
     status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     body_read: int = 0
@@ -179,12 +184,19 @@ class Connection(asyncio.Protocol):
             # Bytes nobody asked for: the peer is not speaking HTTP/1.1 request-response any more.
             self.close()
             return
-        self.exchange.answered = True
+        exchange = self.exchange
+        exchange.answered = True
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # not one family
             self._fail(RequestError(f"invalid answer: {exc}"))
             self.close()
+            return
+        if not exchange.status:
+            exchange.head_read += len(data)
+            if exchange.head_read > HEAD_LIMIT:
+                self._fail(RequestError(f"invalid answer: its head is longer than {HEAD_LIMIT} bytes"))
+                self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False
@@ -226,6 +238,12 @@ class Connection(asyncio.Protocol):
         status = self.parser.get_status_code()
         if 100 <= status < 200:
             return  # an interim answer (100 Continue, 103 Early Hints): the real one follows
+        if not 200 <= status <= 599:
+            # Not a status (RFC 9110 15: three digits, 100 to 599). A 0 would pass for no status yet, and
+            # the answer's end for an interim answer's.
+            self._fail(RequestError(f"invalid answer: status {status:03d}"))
+            self.close()
+            return
         exchange.status = status
         if not exchange.head.done():
             exchange.head.set_result(Answer(status, exchange.headers))

@@ -432,3 +432,30 @@ def test_an_idle_connection_past_the_keepalive_is_let_go_even_while_a_newer_one_
             assert server.connections == 2
 
     run(test)
+
+
+@pytest.mark.parametrize("status", [b"000", b"099", b"600", b"999"])
+def test_a_status_outside_100_to_599_is_an_invalid_answer_and_costs_the_connection(status: bytes) -> None:
+    async def first_odd(connection: int, _index: int, _request: bytes) -> bytes:
+        return b"HTTP/1.1 " + status + b" Odd\r\ncontent-length: 0\r\n\r\n" if connection == 1 else OK
+
+    async def test() -> None:
+        async with serving(first_odd) as (server, http, target):
+            async with asyncio.timeout(0.5):  # not left waiting for an answer's end taken for an interim's
+                with pytest.raises(RequestError, match=f"invalid answer: status {status.decode()}"):
+                    await http.request("POST", target, {}, b"{}")
+            assert (await http.request("POST", target, {}, b"{}")).status == 200
+        assert server.connections == 2
+
+    run(test)
+
+
+def test_an_answer_whose_head_never_ends_is_an_invalid_answer_once_past_the_head_limit() -> None:
+    endless = [b"HTTP/1.1 200 OK\r\n"] + [b"x-filler: " + b"y" * 16_000 + b"\r\n"] * 6
+
+    async def test() -> None:
+        async with serving(endless) as (_server, http, target):
+            with pytest.raises(RequestError, match="head is longer than 65536 bytes"):
+                await http.request("POST", target, {}, b"{}")
+
+    run(test)

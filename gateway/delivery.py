@@ -155,6 +155,7 @@ class Engine:
         self._background: set[asyncio.Task[None]] = set()
         self._releases: set[asyncio.Task[None]] = set()  # leases given back as the engine stops
         self._leasing: set[asyncio.Future[Ingested]] = set()  # commits holding a lease, not done yet
+        self._claiming: asyncio.Future[list[Claim]] | None = None  # the claim loop's claim in flight
 
     def swap_actions(self, actions: dict[tuple[str, str], RunnableAction]) -> None:
         """Run new deliveries with a reloaded config's actions; close the old ones once the deliveries
@@ -265,6 +266,13 @@ class Engine:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        claiming, self._claiming = self._claiming, None
+        if claiming is not None:
+            # The claim loop was cancelled waiting for this claim: what it leases is not run here but given
+            # back, with no attempt counted, rather than left leased until the next start.
+            await asyncio.wait([claiming], timeout=timeout)
+            if claiming.done() and not claiming.cancelled() and claiming.exception() is None:
+                self._release_soon([claim.delivery.id for claim in claiming.result()])
         if self._leasing:
             # Their deliveries are started, or given back (stopping), as each commit finishes.
             await asyncio.wait(list(self._leasing), timeout=timeout)
@@ -302,16 +310,21 @@ class Engine:
         if free > 0:
             self._reserved += free  # what the claim returns takes them: no lease may meanwhile
             claims: list[Claim] | None
+            now = time.time()
+            claiming = asyncio.ensure_future(
+                self.storage.claim(now, free, settings.lease, self.owner, running=self._maybe_lapsed(now))
+            )
+            self._claiming = claiming
             try:
-                now = time.time()
-                claims = await self.storage.claim(
-                    now, free, settings.lease, self.owner, running=self._maybe_lapsed(now)
-                )
+                # Shielded: when a stop cancels the loop here, the claim goes on, and `stop` gives back what
+                # it leased.
+                claims = await asyncio.shield(claiming)
             except StorageUnavailable as exc:
                 log.error("cannot claim deliveries", extra={"error": str(exc)})
                 claims = None
             finally:
                 self._reserved -= free
+            self._claiming = None
             if claims is None:
                 claims = []
                 await asyncio.sleep(settings.poll_interval)

@@ -945,6 +945,39 @@ def test_deliveries_leased_as_the_engine_stops_are_given_back(tmp_path, downstre
         assert downstream.received("/app") == []
 
 
+def test_deliveries_a_claim_leases_as_the_engine_stops_are_given_back(
+    tmp_path, downstream: Downstream
+) -> None:
+    with RunningGateway(one_slot_config(tmp_path, downstream)) as gw:
+        gateway = gw.gateway
+        claimed = asyncio.Event()
+        claim = gateway.storage.claim
+
+        async def claim_then_linger(*args: Any, **kwargs: Any) -> Any:
+            # The claim's commit is done; the engine stops before the claim loop has its result.
+            claims = await claim(*args, **kwargs)
+            if claims:
+                claimed.set()
+                await asyncio.sleep(0.3)
+            return claims
+
+        gateway.storage.claim = claim_then_linger  # type: ignore[method-assign]
+
+        async def stop_while_claiming() -> float:
+            await queue_unannounced(gateway, "msg_claimed_at_stop")
+            gateway.engine.wake()
+            await claimed.wait()
+            await gateway.engine.stop(1.0)
+            return time.time()
+
+        stopped = asyncio.run_coroutine_threadsafe(stop_while_claiming(), gw.loop).result(10)
+        [delivery] = event_detail(gw, "msg_claimed_at_stop").deliveries
+        # Not left leased, an attempt counted, until the next start: given back, due at once, no attempt.
+        assert (delivery.state, delivery.attempts) == ("pending", 0)
+        assert delivery.due_at is not None and delivery.due_at <= stopped + 0.5
+        assert downstream.received("/app") == []
+
+
 def test_a_result_committed_as_the_engine_stops_keeps_its_backoff(tmp_path, downstream: Downstream) -> None:
     downstream.answer("/app", 500)
     config = gateway_config(tmp_path, routes=[users_route(downstream)])

@@ -48,6 +48,13 @@ def parse_time(value: object, name: str = "since") -> float | None:
         # nan, inf or 1e999 would compare false with every time: an empty answer instead of an error.
         if not math.isfinite(number):
             raise OperationError(400, f"{name}: {value!r} is not a finite time")
+        if isinstance(value, str) and len(value) == 8 and value.isdigit() and _is_basic_date(value):
+            # 20261202 reads as a date (ISO 8601's basic form) and as epoch seconds in August 1970.
+            raise OperationError(
+                400,
+                f"{name}: {value!r} could be a date or epoch seconds (in 1970); "
+                f"write the date as {value[:4]}-{value[4:6]}-{value[6:]}",
+            )
         return number
     assert isinstance(value, str)
     try:
@@ -61,6 +68,14 @@ def parse_time(value: object, name: str = "since") -> float | None:
             400, f"{name}: {value!r} is neither a duration (2h), an ISO time nor epoch seconds"
         ) from None
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def _is_basic_date(value: str) -> bool:
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return True
 
 
 def summary_view(row: EventSummary) -> dict[str, Any]:

@@ -536,6 +536,19 @@ def test_a_time_that_is_not_finite_is_a_bad_parameter(
         )
 
 
+def test_eight_digits_that_read_as_a_date_are_refused_not_taken_for_epoch_seconds_in_1970(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        response = admin(gw, "GET", "/admin/events", params={"since": "20261202"})
+        assert (response.status_code, response.json()["error"]) == (
+            400,
+            "since: '20261202' could be a date or epoch seconds (in 1970); write the date as 2026-12-02",
+        )
+        # Not a date (no 13th month): epoch seconds, as any other number.
+        assert admin(gw, "GET", "/admin/events", params={"since": "20261302"}).status_code == 200
+
+
 def test_an_admin_token_beyond_ascii_is_accepted(tmp_path: Path, downstream: Downstream) -> None:
     token = "jeton-sécurisé-✓"
     with RunningGateway(users_config(tmp_path, downstream, admin_token=token)) as gw:

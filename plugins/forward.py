@@ -43,8 +43,8 @@ class Signing(BaseModel):
 
 
 # Set by forward itself on every request; a static header must not change them (the app dedupes and
-# routes on them).
-OWN_HEADERS = ("content-type", "idempotency-key")
+# routes on them). The client writes User-Agent itself: a second one would make the header repeated.
+OWN_HEADERS = ("content-type", "idempotency-key", "user-agent")
 OWN_PREFIX = "x-hookyard-"
 SIGNATURE_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
 
@@ -77,8 +77,8 @@ class ForwardOptions(BaseModel):
         ]
         if ours:
             raise ValueError(
-                f"{', '.join(map(repr, ours))} cannot be set: forward sets Content-Type, Idempotency-Key "
-                "and X-Hookyard-* itself"
+                f"{', '.join(map(repr, ours))} cannot be set: forward sets Content-Type, Idempotency-Key, "
+                "User-Agent and X-Hookyard-* itself"
             )
         if info.data.get("sign") is not None:
             signed = [name for name in headers if name.lower() in SIGNATURE_HEADERS]

@@ -580,14 +580,22 @@ def test_forward_method_is_checked(registry: Registry) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["Idempotency-Key", "content-type", "Content-Type", "X-Hookyard-Event-Id", "x-hookyard-attempt"]
+    "name",
+    [
+        "Idempotency-Key",
+        "content-type",
+        "Content-Type",
+        "X-Hookyard-Event-Id",
+        "x-hookyard-attempt",
+        "User-Agent",
+    ],
 )
 def test_forward_static_headers_may_not_replace_its_own(registry: Registry, name: str) -> None:
     action = {"use": "forward", "with": {"url": "http://a/x", "headers": {"Authorization": "t", name: "x"}}}
     errors = build_errors(registry, base_config([route("r", "consignly", forward(id="ok"), action)]))
     assert errors == [
         f"routes[0].actions[1].with.headers: {name!r} cannot be set: "
-        "forward sets Content-Type, Idempotency-Key and X-Hookyard-* itself"
+        "forward sets Content-Type, Idempotency-Key, User-Agent and X-Hookyard-* itself"
     ]
 
 

@@ -203,6 +203,8 @@ class Gateway:
         for name, before, after in (
             ("listen address", (old.listen.host, old.listen.port), (config.listen.host, config.listen.port)),
             ("ops address", (old.ops.host, old.ops.port), (config.ops.host, config.ops.port)),
+            # The listener speaks HTTP or HTTPS from its start; only a new certificate applies at once.
+            ("listen.tls", old.listen.tls is None, config.listen.tls is None),
             ("storage", old.storage, config.storage),
             ("delivery", old.delivery, config.delivery),
             ("log", old.log, config.log),

@@ -473,6 +473,25 @@ def test_tls_listener_and_certificate_reload(tmp_path: Path, downstream: Downstr
         assert response.status_code == 200
 
 
+def test_turning_tls_on_by_reload_is_said_to_wait_for_the_restart(
+    tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The listener is bound as plain HTTP or HTTPS at start: a reload renews a certificate, but cannot
+    switch TLS on or off, and says so like the other settings that wait for a restart."""
+    cert, key = self_signed(tmp_path, "later")
+    config_path = tmp_path / "routes.yaml"
+    config = users_config(tmp_path, downstream, "/app")
+    config_path.write_text(yaml.safe_dump(config))
+    with RunningGateway(config_path) as gw:
+        config.setdefault("listen", {})["tls"] = {"cert": str(cert), "key": str(key)}
+        config_path.write_text(yaml.safe_dump(config))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+        body, headers = svix_request(msg_id="msg_still_plain")
+        assert httpx.post(gw.url + "/webhooks/consignease", content=body, headers=headers).status_code == 200
+    messages = [record.getMessage() for record in caplog.records]
+    assert "listen.tls changed; it takes effect at the next restart" in messages
+
+
 def _not_utf8(config: dict[str, Any]) -> bytes:
     return yaml.safe_dump(config).encode() + "# café\n".encode("latin-1")
 

@@ -11,12 +11,16 @@ import shlex
 import shutil
 import subprocess
 import tomllib
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 from packaging.requirements import Requirement
+from pydantic import BaseModel
 
 from gateway import hookspecs
+from gateway.config import Config
 from gateway.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -197,3 +201,50 @@ def test_make_run_installs_only_the_runtime_package_and_make_test_the_test_extra
     assert installs == [".venv/bin/pip install --quiet -e .", ".venv/bin/pip install --quiet -e '.[test]'"]
     assert test[0] == "python3 -m venv .venv"
     assert test[-1].startswith(".venv/bin/pytest ")
+
+
+def rejection_reasons() -> set[str]:
+    """Every reason the listener and the built-in providers refuse a webhook with, read from their source."""
+    calls = re.compile(r'(?:Rejected\(\d{3},|unauthorized\(|bad_request\()\s*"([a-z_]+)"')
+    sources = [*(ROOT / "gateway").glob("*.py"), *(ROOT / "plugins").glob("*.py")]
+    return {reason for path in sources for reason in calls.findall(path.read_text())}
+
+
+def test_every_rejection_reason_is_documented() -> None:
+    reasons = rejection_reasons()
+    assert {"unknown_path", "invalid_signature", "internal_error", "storage_unavailable"} <= reasons
+    for page in ("errors.md", "providers.md"):
+        text = (ROOT / "docs" / page).read_text()
+        missing = sorted(reason for reason in reasons if f"`{reason}`" not in text)
+        assert not missing, f"rejection reasons missing from docs/{page}: {missing}"
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    [row] = [
+        line for line in operations.splitlines() if line.startswith("| `hookyard_webhook_rejections_total`")
+    ]
+    missing = sorted(reason for reason in reasons if f"`{reason}`" not in row)
+    assert not missing, f"reasons missing from the rejections metric in docs/operations.md: {missing}"
+
+
+def config_keys(model: type[BaseModel], place: str = "") -> list[str]:
+    """Every key of routes.yaml, as `section.key`, down through nested sections, sources and routes."""
+    keys = []
+    for name, field in model.model_fields.items():
+        key = field.alias or name
+        keys.append(f"{place}{key}")
+        for inner in _models(field.annotation):
+            keys += config_keys(inner, f"{place}{key}.")
+    return keys
+
+
+def _models(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for argument in typing.get_args(annotation) for model in _models(argument)]
+
+
+def test_every_config_key_is_in_the_reference() -> None:
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    keys = config_keys(Config)
+    assert "sources.allow_ips" in keys and "routes.actions.retry.retry_on" in keys
+    missing = sorted(key for key in keys if f"`{key.rpartition('.')[2]}`" not in reference)
+    assert not missing, f"config keys missing from docs/configuration.md: {missing}"

@@ -180,7 +180,8 @@ def events() -> None:
 @click.option("--route")
 @click.option("--since", help="Only events received in this window (2h) or since a time (ISO 8601).")
 @click.option("--until", help="Only events received before this time.")
-@click.option("--limit", default=50, show_default=True)
+@click.option("--limit", default=50, show_default=True, help="Events per page (at most 500).")
+@click.option("--cursor", type=int, help="The next page: the cursor the page before ended with.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def events_list(
     config_path: Path | None,
@@ -192,14 +193,22 @@ def events_list(
     since: str | None,
     until: str | None,
     limit: int,
+    cursor: int | None,
     as_json: bool,
 ) -> None:
-    """List events, newest first."""
+    """List events, newest first, a page at a time."""
     page = _operate(
         config_path,
         admin_url,
         lambda ops: ops.list_events(
-            state=state, source=source, type=event_type, route=route, since=since, until=until, limit=limit
+            state=state,
+            source=source,
+            type=event_type,
+            route=route,
+            since=since,
+            until=until,
+            cursor=cursor,
+            limit=limit,
         ),
     )
     for row in page["events"]:
@@ -209,6 +218,9 @@ def events_list(
             click.echo(
                 f"{row['received_at']}  {row['state']:<9}  {row['source']:<14} {row['type']:<32} {row['id']}"
             )
+    if page["next_cursor"] is not None:
+        # On stderr: the listing on stdout stays one event per line for whatever reads it.
+        click.echo(f"more: the same command with --cursor {page['next_cursor']}", err=True)
 
 
 @events.command("show")

@@ -416,7 +416,9 @@ class Engine:
             delay = next_delay(policy, delivery.attempts, outcome.retry_after) if policy else None
             if delay is None:
                 outcome = dead(
-                    f"gave up after {delivery.attempts} attempts: {outcome.error}", outcome.status_code
+                    f"gave up after {delivery.attempts} attempt{'s' if delivery.attempts > 1 else ''}: "
+                    f"{outcome.error}",
+                    outcome.status_code,
                 )
                 state = "dead"
             else:

@@ -274,7 +274,13 @@ def test_events_list(filled: Path) -> None:
     assert listed_ids(recent_dead) == ["evt_dead"]
     consignly = invoke("events", "list", "-c", filled, "--source", "consignly")
     assert listed_ids(consignly) == ["evt_twin", "evt_pending", "evt_old_dead"]
-    assert listed_ids(invoke("events", "list", "-c", filled, "--limit", "2")) == ["evt_twin", "evt_twin"]
+    first = invoke("events", "list", "-c", filled, "--limit", "2")
+    assert listed_ids(first) == ["evt_twin", "evt_twin"]
+    # The next page, from the cursor the first one ends with, as its hint on stderr says.
+    [hint] = first.stderr.splitlines()
+    assert hint.startswith("more: the same command with --cursor ")
+    second = invoke("events", "list", "-c", filled, "--limit", "2", "--cursor", hint.split()[-1])
+    assert listed_ids(second) == ["evt_unrouted", "evt_pending"]
     assert listed_ids(invoke("events", "list", "-c", filled, "--state", "unrouted", "--since", "5m")) == [
         "evt_twin",
         "evt_twin",

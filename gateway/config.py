@@ -167,8 +167,8 @@ class Limits(Strict):
     read_timeout: PositiveDuration = 10.0
     # A keep-alive connection with no request for this long is closed. Behind a load balancer that reuses
     # its connections, set it above the balancer's own idle timeout, so the gateway never closes one the
-    # balancer is about to send on.
-    idle_timeout: Duration = 5.0
+    # balancer is about to send on. Not 0: the connection would close under a client about to reuse it.
+    idle_timeout: PositiveDuration = 5.0
     # Webhook requests in progress at once; past it, 503 at once instead of a growing pile.
     max_concurrent_requests: int = Field(default=512, gt=0)
 

@@ -343,12 +343,13 @@ def test_negative_duration_number_is_rejected() -> None:
     [
         {"defaults": {"timeout": "{}"}},
         {"limits": {"read_timeout": "{}"}},
+        {"limits": {"idle_timeout": "{}"}},
         {"delivery": {"lease": "{}"}},
         {"delivery": {"poll_interval": "{}"}},
         {"reload": {"interval": "{}"}},
         {"routes": [{"name": "r", "source": "x", "actions": [{"use": "forward", "timeout": "{}"}]}]},
     ],
-    ids=["timeout", "read_timeout", "lease", "poll_interval", "reload", "action_timeout"],
+    ids=["timeout", "read_timeout", "idle_timeout", "lease", "poll_interval", "reload", "action_timeout"],
 )
 @pytest.mark.parametrize("written", [0, "0s", "0ms"])
 def test_timeouts_leases_and_intervals_must_be_longer_than_zero(where: dict[str, Any], written: Any) -> None:

@@ -166,12 +166,15 @@ class Gateway:
         """Stop delivering (running deliveries get delivery.shutdown_timeout), then close storage."""
         self.ready = False
         self.metrics.ready.set(0)
-        if self._engine is not None:
-            await self._engine.stop(self.config.delivery.shutdown_timeout)
-        await _await_all(self.pm.hook.shutdown(gateway=self))
-        if self._resources is not None:
-            await self._resources.aclose()
-        await self.storage.close()
+        try:
+            if self._engine is not None:
+                await self._engine.stop(self.config.delivery.shutdown_timeout)
+            await _call_each(self.pm.hook.shutdown, gateway=self)
+        finally:
+            # Whatever failed above, the pools, the store's threads and its serving lock are let go.
+            if self._resources is not None:
+                await self._resources.aclose()
+            await self.storage.close()
 
     def request_exit(self) -> None:
         self._exit.set()
@@ -315,9 +318,11 @@ class Gateway:
                 await asyncio.sleep(self.config.listen.drain_delay)
             ingress.should_exit = True
             await asyncio.gather(servers[0], return_exceptions=True)
-            await self.stop()
-            ops.should_exit = True
-            await asyncio.gather(servers[1], return_exceptions=True)
+            try:
+                await self.stop()
+            finally:
+                ops.should_exit = True
+                await asyncio.gather(servers[1], return_exceptions=True)
             log.info("stopped")
 
     def _uvicorn_config(self, app: Any, host: str, port: int, drain_timeout: int) -> uvicorn.Config:
@@ -361,3 +366,16 @@ async def _await_all(results: list[Any]) -> None:
     for result in results:
         if inspect.isawaitable(result):
             await result
+
+
+async def _call_each(hook: pluggy.HookCaller, **kwargs: Any) -> None:
+    """Call every implementation of a hook in pluggy's order, awaiting what it returns. One that raises is
+    logged and the others still run: pluggy would stop at the first failure, and a plugin whose shutdown
+    fails must not keep another one from closing what it opened."""
+    for impl in reversed(hook.get_hookimpls()):
+        try:
+            result = impl.function(*(kwargs[name] for name in impl.argnames))
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            log.exception("a %s hook failed", hook.name, extra={"plugin": impl.plugin_name})

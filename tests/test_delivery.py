@@ -419,6 +419,46 @@ def test_a_failing_observer_hook_changes_no_answer(tmp_path, downstream: Downstr
         assert len(downstream.received("/app")) == 1
 
 
+def test_a_failing_shutdown_hook_skips_no_other_and_still_closes_the_store(
+    tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gateway import hookimpl
+    from gateway.plugins import new_plugin_manager
+
+    closed: list[str] = []
+
+    class Closes:
+        @hookimpl
+        async def shutdown(self):  # type: ignore[no-untyped-def]
+            closed.append("pool")
+
+    class Raises:
+        @hookimpl
+        def shutdown(self, gateway):  # type: ignore[no-untyped-def]
+            raise RuntimeError("flush failed")
+
+    class RaisesLater:
+        @hookimpl
+        async def shutdown(self, gateway):  # type: ignore[no-untyped-def]
+            raise RuntimeError("close failed")
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(Closes(), name="closes")
+    # pluggy calls the last registered first: both failures come before the one that closes.
+    pm.register(Raises(), name="raises")
+    pm.register(RaisesLater(), name="raises-later")
+    gw = RunningGateway(gateway_config(tmp_path), pm=pm)
+    with gw:
+        pass
+    assert not gw.thread.is_alive()
+    assert closed == ["pool"]
+    failures = [r for r in caplog.records if r.getMessage() == "a shutdown hook failed"]
+    assert [r.plugin for r in failures] == ["raises-later", "raises"]  # type: ignore[attr-defined]
+    # The store was closed, its serving lock with it: the next gateway serves the same file.
+    with RunningGateway(gateway_config(tmp_path)):
+        pass
+
+
 def test_observer_hooks_are_called_with_their_arguments(tmp_path, downstream: Downstream) -> None:
     from gateway import hookimpl
     from gateway.plugins import new_plugin_manager

@@ -93,6 +93,11 @@ def _compile_entry(key: Any, value: Any, place: str, errors: list[str]) -> Predi
 
 def _compile_condition(condition: Any, place: str, errors: list[str]) -> Callable[[Any], bool] | None:
     if not isinstance(condition, dict):
+        try:
+            _check_json(condition, place)
+        except _BadOperand as exc:
+            errors.append(str(exc))
+            return None
         return lambda value: _equal(value, condition)
     if not condition:
         errors.append(f"{place}: an empty condition")
@@ -112,6 +117,8 @@ _ORDERINGS = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": o
 
 
 def _compile_operator(name: str, operand: Any, place: str) -> Callable[[Any], bool]:
+    if name in ("eq", "ne", "in", "not_in", *_ORDERINGS):
+        _check_json(operand, place)
     if name == "eq":
         return lambda value: _equal(value, operand)
     if name == "ne":
@@ -142,6 +149,21 @@ def _compile_operator(name: str, operand: Any, place: str) -> Callable[[Any], bo
     raise _BadOperand(
         place, f"unknown operator {name!r}; use eq, ne, in, not_in, exists, regex, gt, gte, lt, lte"
     )
+
+
+def _check_json(operand: Any, place: str) -> None:
+    """Refuse an operand no event field can ever be: YAML reads an unquoted 2026-11-22 as a date (and
+    `!!binary` as bytes), which equals no JSON value, so `eq` would never hold and `ne` always would."""
+    if isinstance(operand, list):
+        for item in operand:
+            _check_json(item, place)
+    elif isinstance(operand, dict):
+        for item in operand.values():
+            _check_json(item, place)
+    elif not isinstance(operand, str | int | float | type(None)):
+        raise _BadOperand(
+            place, f"{operand} is read by YAML as a {type(operand).__name__}, not text: quote it"
+        )
 
 
 def _equal(value: Any, expected: Any) -> bool:

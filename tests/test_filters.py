@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+import yaml
 
 from gateway.events import Event
 from gateway.filters import FilterError, compile_filter
@@ -505,6 +506,26 @@ def test_exists_takes_a_boolean(operand: Any) -> None:
 def test_orderings_take_a_number_or_a_string(operator: str, operand: Any) -> None:
     message = compile_error({"data.weight": {operator: operand}})
     assert message == f"filter.data.weight.{operator}: {operator} takes a number or a string"
+
+
+@pytest.mark.parametrize(
+    ("condition", "place"),
+    [
+        ("2026-11-22", "filter.data.day"),
+        ("{eq: 2026-11-22}", "filter.data.day.eq"),
+        ("{ne: 2026-11-22}", "filter.data.day.ne"),
+        ("{in: [2026-11-22, x]}", "filter.data.day.in"),
+        ("{not_in: [x, 2026-11-22]}", "filter.data.day.not_in"),
+        ("{gte: 2026-11-22}", "filter.data.day.gte"),
+        ("[2026-11-22]", "filter.data.day"),
+    ],
+)
+def test_an_unquoted_date_is_an_error_not_a_condition_that_never_holds(condition: str, place: str) -> None:
+    # YAML reads it as a date, which no event field equals: `ne` held for that very day, `eq` for none.
+    spec = {"data.day": yaml.safe_load(condition)}
+    assert compile_error(spec) == f"{place}: 2026-11-22 is read by YAML as a date, not text: quote it"
+    quoted = {"data.day": yaml.safe_load(condition.replace("2026-11-22", '"2026-11-22"'))}
+    assert compile_filter(quoted)
 
 
 @pytest.mark.parametrize("operand", [[], {}, None, {"data.a": 1}])

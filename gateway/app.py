@@ -186,9 +186,17 @@ class Gateway:
         invalid one is logged and counted, and the old one keeps serving."""
         if self.config_path is None:
             return False
+        engine, resources = self._engine, self._resources
         try:
             config = load_config(self.config_path)
             table = RouteTable.build(config, self.registry)
+            # Built before anything is swapped: an action's constructor may raise too (a plugin's file or
+            # client it prepares), and then nothing of the new config may apply.
+            actions = (
+                build_actions(table, self.registry, resources)
+                if engine is not None and resources is not None
+                else None
+            )
         except Exception as exc:
             # Whatever failed (a plugin's check may raise anything), the running config stays and the
             # watcher goes on: a reload never ends hot reloading.
@@ -217,9 +225,9 @@ class Gateway:
         self.config = config
         self.table = table
         self._watched = self._read_watched()
-        if self._engine is not None and self._resources is not None:
+        if engine is not None and actions is not None:
             # Deliveries already running finish with the actions they started with.
-            self._engine.swap_actions(build_actions(table, self.registry, self._resources))
+            engine.swap_actions(actions)
         self._reload_certificate()
         self.metrics.config_reloads.labels("success").inc()
         log.info("config reloaded", extra={"sources": len(table.endpoints)})

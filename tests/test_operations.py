@@ -519,6 +519,66 @@ def test_a_reload_that_cannot_load_is_refused_and_watching_goes_on(
         wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1, timeout=5)
 
 
+def test_a_reload_whose_action_cannot_be_built_is_refused_and_changes_nothing(
+    tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pydantic import BaseModel
+
+    from gateway import Action, Job, Outcome, delivered, hookimpl
+    from gateway.plugins import new_plugin_manager
+
+    class TemplateOptions(BaseModel):
+        template: str
+
+    class Templated(Action):
+        """Its options validate; the file they name is read as it is built."""
+
+        name = "templated"
+        Options = TemplateOptions
+
+        def __init__(self, options: Any, resources: Any) -> None:
+            super().__init__(options, resources)
+            self.template = Path(options.template).read_text()
+
+        async def deliver(self, job: Job) -> Outcome:
+            return delivered()
+
+    class Plugin:
+        @hookimpl
+        def register_actions(self) -> list[type[Action]]:
+            return [Templated]
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(Plugin(), name="templated")
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(users_config(tmp_path, downstream, "/before")))
+    with RunningGateway(path, pm=pm) as gw:
+        template = tmp_path / "message.txt"
+        changed = users_config(tmp_path, downstream, "/after")
+        changed["routes"][0]["actions"].append(
+            {"id": "chat", "use": "templated", "with": {"template": str(template)}}
+        )
+        path.write_text(yaml.safe_dump(changed))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="error") == 1, timeout=5)
+        [refused] = [
+            r for r in caplog.records if r.getMessage() == "config reload refused; keeping the running config"
+        ]
+        assert any("message.txt" in error for error in refused.errors)  # type: ignore[attr-defined]
+        # The running config is whole: routes and actions as before, not the new routes with the old actions.
+        body, headers = svix_request(msg_id="msg_kept")
+        assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
+        downstream.wait_for(1, "/before")
+        assert set(gw.gateway.table.actions) == {("users", "app")}
+        # And the watcher lives on: once the file exists, the same config loads.
+        template.write_text("{{ event.id }}")
+        changed["routes"][0]["name"] = "users-again"
+        path.write_text(yaml.safe_dump(changed))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1, timeout=5)
+        body, headers = svix_request(msg_id="msg_new")
+        assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
+        downstream.wait_for(1, "/after")
+
+
 def test_a_refused_reload_never_logs_a_urls_credentials_or_secret_path(
     tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -187,6 +187,9 @@ class Gateway:
         if self.config_path is None:
             return False
         engine, resources = self._engine, self._resources
+        # Read before the config is: should the files change from here on (a write in place that was not
+        # finished), the next look sees it, and loads what they end up holding.
+        watched = self._read_watched()
         try:
             config = load_config(self.config_path)
             table = RouteTable.build(config, self.registry)
@@ -205,7 +208,7 @@ class Gateway:
             else:
                 errors = [str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"]
             # Not tried again until the files change (or SIGHUP): one error per bad update, not per poll.
-            self._watched = self._read_watched()
+            self._watched = watched
             self.metrics.config_reloads.labels("error").inc()
             log.error("config reload refused; keeping the running config", extra={"errors": errors})
             return False
@@ -224,7 +227,8 @@ class Gateway:
                 log.warning("%s changed; it takes effect at the next restart", name)
         self.config = config
         self.table = table
-        self._watched = self._read_watched()
+        # New certificate paths are watched from now on, as read now (the certificate is loaded below).
+        self._watched = watched if config.listen.tls == old.listen.tls else self._read_watched()
         if engine is not None and actions is not None:
             # Deliveries already running finish with the actions they started with.
             engine.swap_actions(actions)

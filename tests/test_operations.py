@@ -519,6 +519,39 @@ def test_a_reload_that_cannot_load_is_refused_and_watching_goes_on(
         wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1, timeout=5)
 
 
+@pytest.mark.parametrize("valid", [True, False], ids=["loaded", "refused"])
+def test_a_file_that_changes_again_while_it_is_reloaded_is_reloaded_again(
+    tmp_path: Path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch, valid: bool
+) -> None:
+    """A file written in place can be read by a reload before its writer has finished: what the reload
+    took is then not what the file ends up holding, and the end of the write must still be loaded."""
+    import gateway.app
+
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(users_config(tmp_path, downstream, "/before")))
+    final = yaml.safe_dump(users_config(tmp_path, downstream, "/after"))
+    load_config = gateway.app.load_config
+
+    def read_then_the_writer_finishes(config_path: Path) -> Any:
+        try:
+            return load_config(config_path)
+        finally:
+            path.write_text(final)
+
+    with RunningGateway(path) as gw:
+        monkeypatch.setattr(gateway.app, "load_config", read_then_the_writer_finishes)
+        middle = users_config(tmp_path, downstream, "/middle")
+        path.write_text(yaml.safe_dump(middle) if valid else "routes: [")
+        result = "success" if valid else "error"
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result=result) == 1, timeout=5)
+        wait_until(
+            lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1 + valid, timeout=5
+        )
+        body, headers = svix_request(msg_id="msg_final")
+        assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
+        downstream.wait_for(1, "/after")
+
+
 def test_a_reload_whose_action_cannot_be_built_is_refused_and_changes_nothing(
     tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:

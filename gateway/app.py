@@ -191,7 +191,7 @@ class Gateway:
         # finished), the next look sees it, and loads what they end up holding.
         watched = self._read_watched()
         try:
-            config = load_config(self.config_path)
+            config = load_config(self.config_path, allow_empty=False)
             table = RouteTable.build(config, self.registry)
             # Built before anything is swapped: an action's constructor may raise too (a plugin's file or
             # client it prepares), and then nothing of the new config may apply.

@@ -334,8 +334,13 @@ def default_config_path() -> Path:
     return Path(os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH)
 
 
-def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Config:
-    """Read, interpolate and validate a config file; raises ConfigError listing every problem."""
+def load_config(
+    path: str | Path, environ: dict[str, str] | None = None, *, allow_empty: bool = True
+) -> Config:
+    """Read, interpolate and validate a config file; raises ConfigError listing every problem.
+
+    allow_empty: False for a hot reload, where an empty file is one caught as it is written in place (a
+    write truncates it first), not a config with no sources to switch to."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -345,6 +350,8 @@ def load_config(path: str | Path, environ: dict[str, str] | None = None) -> Conf
         # A file saved in another encoding: an error naming the file, not a traceback (and, on a hot
         # reload, not an exception that would end the watcher).
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start}): save the file as UTF-8"]) from None
+    if not allow_empty and not text.strip():
+        raise ConfigError([f"{path}: the file is empty"])
     return parse_config(text, environ=environ, origin=str(path))
 
 

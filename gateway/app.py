@@ -22,7 +22,7 @@ import uvicorn
 
 from gateway import __version__
 from gateway.actions import Resources
-from gateway.config import Config, ConfigError, load_config
+from gateway.config import Config, ConfigError
 from gateway.delivery import Engine, build_actions
 from gateway.http_client import HttpClient, default_ssl_context
 from gateway.ingress import Ingress
@@ -30,7 +30,7 @@ from gateway.metrics import Metrics
 from gateway.ops import ops_app
 from gateway.plugins import Registry, plugin_manager
 from gateway.protocol import webhook_protocol
-from gateway.routing import RouteTable
+from gateway.routing import RouteTable, load_routes
 from gateway.storage import Storage, open_storage
 
 log = logging.getLogger("hookyard")
@@ -191,8 +191,7 @@ class Gateway:
         # finished), the next look sees it, and loads what they end up holding.
         watched = self._read_watched()
         try:
-            config = load_config(self.config_path, allow_empty=False)
-            table = RouteTable.build(config, self.registry)
+            config, table = load_routes(self.config_path, self.registry, allow_empty=False)
             # Built before anything is swapped: an action's constructor may raise too (a plugin's file or
             # client it prepares), and then nothing of the new config may apply.
             actions = (

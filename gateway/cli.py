@@ -13,9 +13,9 @@ import click
 from click.core import ParameterSource
 
 from gateway import __version__
-from gateway.config import Config, ConfigError, default_config_path, json_schema, load_config
+from gateway.config import Config, ConfigError, default_config_path, json_schema
 from gateway.plugins import DuplicateName, Registry, plugin_manager
-from gateway.routing import RouteTable
+from gateway.routing import RouteTable, load_routes
 from gateway.storage import StorageUnavailable, open_storage
 
 T = TypeVar("T")
@@ -38,24 +38,11 @@ def _load(config_path: Path | None) -> tuple[Config, RouteTable]:
         click.echo(f"hookyard: {exc}", err=True)
         raise SystemExit(1) from None
     try:
-        config = load_config(path)
-        table = RouteTable.build(config, registry)
+        return load_routes(path, registry)
     except ConfigError as exc:
-        errors = exc.errors
-        if exc.partial is not None:  # the parts that are valid on their own: report their errors too
-            try:
-                RouteTable.build(
-                    exc.partial.config,
-                    registry,
-                    route_places=exc.partial.route_places,
-                    unchecked_sources=exc.partial.unchecked_sources,
-                )
-            except ConfigError as more:
-                errors = errors + more.errors
-        for line in errors:
+        for line in exc.errors:
             click.echo(line if line.startswith(str(path)) else f"{path}: {line}", err=True)
         raise SystemExit(1) from None
-    return config, table
 
 
 def _run(coro: Awaitable[T]) -> T:

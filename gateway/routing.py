@@ -7,6 +7,7 @@ import fnmatch
 import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ValidationError
@@ -19,6 +20,7 @@ from gateway.config import (
     RetryPolicy,
     Route,
     format_validation_errors,
+    load_config,
 )
 from gateway.events import Event
 from gateway.filters import FilterError, Predicate, compile_filter
@@ -154,6 +156,30 @@ class RouteTable:
         if errors:
             raise ConfigError(errors)
         return table
+
+
+def load_routes(
+    path: str | Path, registry: Registry, *, allow_empty: bool = True
+) -> tuple[Config, RouteTable]:
+    """Load a config file and compile it; raises one ConfigError with every problem found, those that
+    need the plugins included even when the file's shape is invalid too (`hookyard check` and a hot
+    reload report the same list)."""
+    try:
+        config = load_config(path, allow_empty=allow_empty)
+    except ConfigError as exc:
+        errors = exc.errors
+        if exc.partial is not None:  # the parts that are valid on their own: report their errors too
+            try:
+                RouteTable.build(
+                    exc.partial.config,
+                    registry,
+                    route_places=exc.partial.route_places,
+                    unchecked_sources=exc.partial.unchecked_sources,
+                )
+            except ConfigError as more:
+                errors = errors + more.errors
+        raise ConfigError(errors) from None
+    return config, RouteTable.build(config, registry)
 
 
 def _compile_route(

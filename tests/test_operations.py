@@ -533,12 +533,12 @@ def test_a_file_that_changes_again_while_it_is_reloaded_is_reloaded_again(
 ) -> None:
     """A file written in place can be read by a reload before its writer has finished: what the reload
     took is then not what the file ends up holding, and the end of the write must still be loaded."""
-    import gateway.app
+    import gateway.routing
 
     path = tmp_path / "routes.yaml"
     path.write_text(yaml.safe_dump(users_config(tmp_path, downstream, "/before")))
     final = yaml.safe_dump(users_config(tmp_path, downstream, "/after"))
-    load_config = gateway.app.load_config
+    load_config = gateway.routing.load_config
 
     def read_then_the_writer_finishes(config_path: Path, **options: Any) -> Any:
         try:
@@ -547,7 +547,7 @@ def test_a_file_that_changes_again_while_it_is_reloaded_is_reloaded_again(
             path.write_text(final)
 
     with RunningGateway(path) as gw:
-        monkeypatch.setattr(gateway.app, "load_config", read_then_the_writer_finishes)
+        monkeypatch.setattr(gateway.routing, "load_config", read_then_the_writer_finishes)
         middle = users_config(tmp_path, downstream, "/middle")
         path.write_text(yaml.safe_dump(middle) if valid else "routes: [")
         result = "success" if valid else "error"
@@ -618,6 +618,35 @@ def test_a_reload_whose_action_cannot_be_built_is_refused_and_changes_nothing(
         body, headers = svix_request(msg_id="msg_new")
         assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
         downstream.wait_for(1, "/after")
+
+
+def test_a_refused_reload_logs_every_error_as_check_does(
+    tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    config = users_config(tmp_path, downstream, "/app")
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with RunningGateway(path) as gw:
+        # One error of the file's shape, one that only the plugins see in a route whose shape is fine.
+        config["routes"][0]["actions"][0]["timeout"] = "soon"
+        config["routes"].append({"name": "two", "source": "consignease", "actions": [{"use": "nope"}]})
+        path.write_text(yaml.safe_dump(config))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="error") == 1, timeout=5)
+    [refused] = [
+        r for r in caplog.records if r.getMessage() == "config reload refused; keeping the running config"
+    ]
+    errors: list[str] = refused.errors  # type: ignore[attr-defined]
+    assert [error.split(": ", 1)[0] for error in errors] == [
+        "routes[0].actions[0].timeout",
+        "routes[1].actions[0].use",
+    ]
+    checked = CliRunner().invoke(main, ["check", "-c", str(path)])
+    assert checked.exit_code == 1
+    assert checked.output.splitlines() == [f"{path}: {error}" for error in errors]
 
 
 def test_a_refused_reload_never_logs_a_urls_credentials_or_secret_path(

@@ -107,6 +107,7 @@ class Gateway:
         self._engine: Engine | None = None
         self._ingress_server: _Server | None = None
         self._exit = asyncio.Event()
+        self._shutting_down = False
 
     @property
     def engine(self) -> Engine:
@@ -185,6 +186,11 @@ class Gateway:
         """Re-read the config file. A new config is validated in full before anything is swapped; an
         invalid one is logged and counted, and the old one keeps serving."""
         if self.config_path is None:
+            return False
+        if self._shutting_down:
+            # A SIGHUP or a file change as the gateway stops: new actions on a stopping engine would never
+            # run, and those swapped in after it stopped would never be closed.
+            log.info("config reload skipped: shutting down")
             return False
         engine, resources = self._engine, self._resources
         # Read before the config is: should the files change from here on (a write in place that was not
@@ -323,6 +329,7 @@ class Gateway:
             if watcher is not None:
                 watcher.cancel()
             self.ready = False
+            self._shutting_down = True
             self.metrics.ready.set(0)
             log.info("shutting down")
             if self.config.listen.drain_delay and not servers[0].done():

@@ -492,6 +492,27 @@ def test_turning_tls_on_by_reload_is_said_to_wait_for_the_restart(
     assert "listen.tls changed; it takes effect at the next restart" in messages
 
 
+def test_a_reload_asked_for_while_shutting_down_is_skipped(
+    tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    config_path = tmp_path / "routes.yaml"
+    config = users_config(tmp_path, downstream, "/app")
+    config.setdefault("listen", {})["drain_delay"] = "2s"  # the shutdown waits here, the ops port still up
+    config_path.write_text(yaml.safe_dump(config))
+    caplog.set_level(logging.INFO, logger="hookyard")
+    with RunningGateway(config_path) as gw:
+        gw.loop.call_soon_threadsafe(gw.gateway.request_exit)
+        wait_until(lambda: "shutting down" in caplog.messages)
+        running = gw.gateway.config
+        config["routes"][0]["events"] = ["nothing.*"]
+        config_path.write_text(yaml.safe_dump(config))
+        reloaded = asyncio.run_coroutine_threadsafe(gw.gateway.reload(), gw.loop).result(5)
+        assert reloaded is False
+        assert gw.gateway.config is running
+        assert gw.metric("hookyard_config_reloads_total", result="success") == 0
+    assert "config reload skipped: shutting down" in caplog.messages
+
+
 def _not_utf8(config: dict[str, Any]) -> bytes:
     return yaml.safe_dump(config).encode() + "# café\n".encode("latin-1")
 

@@ -108,6 +108,7 @@ class Gateway:
         self._ingress_server: _Server | None = None
         self._exit = asyncio.Event()
         self._shutting_down = False
+        self._reloads: set[asyncio.Task[bool]] = set()  # asked for by SIGHUP, held until done
 
     @property
     def engine(self) -> Engine:
@@ -243,6 +244,11 @@ class Gateway:
         self._warn_insecure()
         return True
 
+    def _reload_soon(self) -> None:
+        task = asyncio.create_task(self.reload())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
     def _read_watched(self) -> tuple[bytes, ...]:
         """The config file and the TLS files it names, by content."""
         assert self.config_path is not None
@@ -299,6 +305,11 @@ class Gateway:
         # Bind first: a port that is taken is a clean error before anything else starts.
         ingress_sockets = ingress_sockets or [listening_socket(listen.host, listen.port)]
         ops_sockets = ops_sockets or [listening_socket(ops_config.host, ops_config.port)]
+        loop = asyncio.get_running_loop()
+        hups: list[int] = []
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            # SIGHUP's default is to end the process: one sent while starting is kept for once started.
+            loop.add_signal_handler(signal.SIGHUP, hups.append, signal.SIGHUP)
         await self.start()
         if freeze_startup_objects:
             collect_less()
@@ -308,11 +319,12 @@ class Gateway:
         if listen.tls is not None:
             ingress.config.ssl_certfile, ingress.config.ssl_keyfile = listen.tls.cert, listen.tls.key
         ops = _Server(self._uvicorn_config(self.ops, ops_config.host, ops_config.port, OPS_DRAIN_TIMEOUT))
-        loop = asyncio.get_running_loop()
         with contextlib.suppress(NotImplementedError, RuntimeError):
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_exit)
-            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+            loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
+        if hups:
+            self._reload_soon()
         servers = [
             asyncio.create_task(ingress.serve(ingress_sockets), name="hookyard-ingress"),
             asyncio.create_task(ops.serve(ops_sockets), name="hookyard-ops"),

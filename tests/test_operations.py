@@ -10,6 +10,8 @@ import signal
 import socket
 import sqlite3
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -290,6 +292,66 @@ def test_sighup_reloads(tmp_path: Path, downstream: Downstream) -> None:
         downstream.wait_for(1, "/after")
     finally:
         process.kill()
+
+
+SLOW_START = """
+import asyncio, sys
+from pathlib import Path
+
+from gateway import hookimpl
+from gateway.app import Gateway
+from gateway.config import load_config
+from gateway.plugins import new_plugin_manager
+
+
+class SlowStart:
+    @hookimpl
+    async def startup(self, gateway):
+        print("starting", flush=True)
+        await asyncio.sleep(1.5)
+
+
+pm = new_plugin_manager(load_entry_points=False)
+pm.register(SlowStart())
+path = Path(sys.argv[1])
+asyncio.run(Gateway(load_config(path), pm=pm, config_path=path).serve())
+"""
+
+
+def test_a_sighup_while_starting_is_a_reload_once_started_not_the_end_of_the_process(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    config = users_config(tmp_path, downstream, "/before")
+    config["reload"] = {"watch": False}
+    ops = free_port()
+    config["listen"] = {"host": "127.0.0.1", "port": free_port()}
+    config["ops"] = {"host": "127.0.0.1", "port": ops}
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    script = tmp_path / "slow_start.py"
+    script.write_text(SLOW_START)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(path)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == "starting\n"
+        process.send_signal(signal.SIGHUP)  # SIGHUP's default action would end the process
+        metrics = f"http://127.0.0.1:{ops}/metrics"
+        wait_until(lambda: 'hookyard_config_reloads_total{result="success"} 1.0' in _text(metrics))
+        assert process.poll() is None
+    finally:
+        process.kill()
+        process.communicate(timeout=10)  # reaped, its pipe closed
+
+
+def _text(url: str) -> str:
+    try:
+        return httpx.get(url).text
+    except httpx.HTTPError:
+        return ""
 
 
 def test_sigterm_under_load_loses_nothing(tmp_path: Path, downstream: Downstream) -> None:

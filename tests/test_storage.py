@@ -1240,6 +1240,27 @@ def test_added_deliveries_wait_for_a_parent_added_with_them_or_stored_before(db:
     }
 
 
+def test_two_replays_adding_the_same_missing_deliveries_at_once_create_them_once(db: Harness) -> None:
+    db.ingest("evt_1")
+    [stored] = db.run(db.storage.events_page(since=None))
+    missing = [APP, action("audit", after="app")]
+
+    async def both() -> list[int]:
+        # Both read the event without deliveries before either adds what it found missing.
+        add = db.storage.add_deliveries
+        return list(await asyncio.gather(add(stored.seq, missing, T0 + 5), add(stored.seq, missing, T0 + 5)))
+
+    assert db.run(both()) == [2, 0]
+    assert [d.action for d in db.detail("evt_1").deliveries] == ["app", "audit"]
+    # One of them left out, its dependent still waits for the one created before.
+    assert (
+        db.run(db.storage.add_deliveries(stored.seq, [action("audit"), action("log", after="app")], T0 + 6))
+        == 1
+    )
+    records = db.deliveries("evt_1")
+    assert (records["log"].state, records["log"].parent_id) == ("waiting", records["app"].id)
+
+
 def test_a_delivery_whose_parent_the_event_lacks_is_never_inserted_as_a_root(db: Harness) -> None:
     db.ingest("evt_1", action("audit"))
     seq = db.detail("evt_1").seq

@@ -281,7 +281,8 @@ class Storage(ABC):
 
     @abstractmethod
     async def add_deliveries(self, seq: int, deliveries: list[NewDelivery], now: float) -> int:
-        """Create deliveries for a stored event (replay of missing ones); returns how many."""
+        """Create deliveries for a stored event (replay of missing ones), leaving out those it has by then;
+        returns how many were created."""
 
 
 def open_storage(url: str) -> Storage:

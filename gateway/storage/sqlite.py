@@ -1028,7 +1028,10 @@ class SQLiteStorage(Storage):
                     "SELECT id, route, action, state FROM deliveries WHERE event_seq = ?", (seq,)
                 )
             }
-            return _insert_deliveries(conn, seq, deliveries, now, existing)
+            # What the caller found missing was read earlier: another replay may have created some since
+            # (two at once over the same window). Created twice, they would be delivered twice.
+            missing = [d for d in deliveries if (d.route, d.action) not in existing]
+            return _insert_deliveries(conn, seq, missing, now, existing)
 
         return await self._run(add)
 

@@ -1193,6 +1193,36 @@ def test_a_dependent_replayed_below_a_skipped_parent_is_skipped_with_its_own(db:
     assert records["ack"].last_error == "parent did not reach the required state"
 
 
+def test_a_dependent_replayed_on_its_own_follows_its_when_on_the_parents_result(db: Harness) -> None:
+    db.ingest(
+        "evt_1",
+        APP,
+        action("alert", after="app", when="failure"),
+        action("ack", after="app", when="success"),
+        action("audit", after="alert", when="always"),
+    )
+    [app] = db.claim(T0 + 1)
+    db.finish(app, "delivered", T0 + 2, status=200)
+    [ack] = db.claim(T0 + 2)
+    db.finish(ack, "delivered", T0 + 3, status=200)
+    seq = db.detail("evt_1").seq
+    for key in ("alert", "ack"):
+        assert db.run(db.storage.replay_event(seq, key, now=T0 + 10)) == 1
+    # alert runs only on a failure and app was delivered: skipped again (its own with it), never sent; ack
+    # runs on the success it asks for.
+    claims = db.claim(T0 + 10)
+    assert [(c.delivery.action, c.parent) for c in claims] == [
+        ("ack", ParentResult("app", "delivered", 1, 200, None))
+    ]
+    records = db.deliveries("evt_1")
+    assert {k: (r.state, r.attempts) for k, r in records.items()} == {
+        "app": ("delivered", 1),
+        "alert": ("skipped", 0),
+        "ack": ("pending", 1),
+        "audit": ("skipped", 0),
+    }
+
+
 def test_replay_dead_since_and_by_source(db: Harness) -> None:
     db.ingest("evt_old", APP, at=T0, source="shop")
     db.ingest("evt_recent", APP, action("ack", after="app", when="failure"), at=T0 + 1, source="shop")

@@ -1220,9 +1220,11 @@ def _claim(
                 # made up.
                 unready.append(delivery.id)
                 continue
-            if p.state == "skipped":
-                # Replayed on its own below a skipped parent: skipped too, as when the parent was, and its
-                # own dependents with it, rather than told of a failure that never happened.
+            result = {"delivered": "success", "dead": "failure"}.get(p.state)
+            if result is None or delivery.when not in ("always", result):
+                # Replayed on its own below a skipped parent, or one whose result its `when` does not ask
+                # for: skipped again, as it was then, and its own dependents with it, rather than run on a
+                # result it does not follow (or told of a failure that never happened).
                 conn.execute(
                     "UPDATE deliveries SET state = 'skipped', due_at = NULL, lease_owner = NULL, "
                     "attempts = attempts - 1, finished_at = ?, last_error = ? WHERE id = ?",

@@ -490,6 +490,28 @@ def test_the_wal_is_checkpointed_off_the_loop_and_emptied(db: Harness) -> None:
         assert other.execute("SELECT count(*) FROM events").fetchone()[0] == 400
 
 
+def test_a_reader_holding_an_old_snapshot_holds_up_no_commit_past_the_wal_size_limit(db: Harness) -> None:
+    wal = Path(f"{db.path}-wal")
+    db.ingest("evt_first", APP)
+    with contextlib.closing(sqlite3.connect(db.path, isolation_level=None)) as backup:
+        # A reader on the snapshot of now (a backup, a shell's open transaction): the WAL cannot start over.
+        backup.execute("BEGIN")
+        backup.execute("SELECT count(*) FROM events").fetchone()
+        for round_ in range(4):
+            db.run(grow_batch(db, round_))
+        assert wal.stat().st_size > WAL_SIZE_LIMIT
+        # Each batch past the size limit tries to start the WAL over: none may wait for the reader to end.
+        started = time.perf_counter()
+        for n in range(3):
+            assert db.ingest(f"evt_while_read_{n}", APP) is True
+        assert time.perf_counter() - started < 1.0
+        backup.execute("COMMIT")
+    # The reader gone, the WAL starts over.
+    db.ingest("evt_after", APP)
+    db.run(db.storage.list_events(limit=1))  # waits for the checkpoint
+    assert wal.stat().st_size < WAL_SIZE_LIMIT
+
+
 def test_the_wal_is_checkpointed_every_few_commits(db: Harness) -> None:
     main_file = db.path.stat().st_size
     for n in range(CHECKPOINT_COMMITS + 5):

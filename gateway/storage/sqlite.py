@@ -81,6 +81,8 @@ CHECKPOINT_COMMITS = 25
 # costs four commits of its own (store, lease, result, the next-due read), each writing its own WAL frames.
 RIDE_ALONG_DELAY = 0.005
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
+# How long a write waits for another process's transaction (the CLI's) before it fails.
+BUSY_TIMEOUT_MS = 5000
 # The two kinds of checkpoint (_GroupCommit.checkpoint).
 BACKGROUND, RESTART = "background", "restart"
 SKIPPED_REASON = "parent did not reach the required state"
@@ -447,7 +449,15 @@ class _GroupCommit:
         mode = "TRUNCATE" if self._wal_size() > WAL_SIZE_LIMIT else "PASSIVE"
         conn = self.connection
         try:
-            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+            # TRUNCATE waits for readers on an older snapshot to finish, for as long as the busy timeout. One
+            # holding its snapshot (a backup, a shell's open transaction) keeps the WAL from starting over
+            # however long it waits, and batches wait for this: they would commit one per busy timeout.
+            # Without waiting, it copies what it can and the WAL starts over once that reader is done.
+            conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
+            finally:
+                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             # The first commit after a checkpoint starts the WAL over and fsyncs its new header, whatever
             # `synchronous` says: make that commit here, on this thread, not on the event loop.
             conn.execute("BEGIN IMMEDIATE")
@@ -644,7 +654,7 @@ class SQLiteStorage(Storage):
             # answers a durable write only after that (see its docstring).
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA wal_autocheckpoint = 0")
-            conn.execute("PRAGMA busy_timeout = 5000")
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             conn.executescript(SCHEMA)
         except (OSError, sqlite3.Error) as exc:
             raise StorageUnavailable(f"cannot open {self.path}: {exc}") from exc

@@ -663,7 +663,8 @@ class SQLiteStorage(Storage):
             # emptying the WAL.
             reader = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             reader.execute("PRAGMA query_only = ON")
-            # Its queries scan once every 2 s: a page cache would only add to the process's memory.
+            # Its queries scan (the statistics every 2 s, an operator's listing): a page cache would only add to
+            # the process's memory.
             reader.execute("PRAGMA cache_size = -256")
         except sqlite3.Error as exc:
             conn.close()
@@ -894,7 +895,10 @@ class SQLiteStorage(Storage):
             params.append(limit)
             return [EventSummary(*row) for row in conn.execute(sql, params)]
 
-        return await self._run(list_events, durable=False)
+        # On the reader: filtered by state or route it walks every event until it has a page (seconds in a
+        # large database), which in a batch would hold up the event loop, and, in the CLI, the file's write
+        # lock, which the serving process's batches then wait for.
+        return await self._read(list_events)
 
     async def get_event(self, event_id: str, source: str | None = None) -> list[EventDetail]:
         def get_event(conn: sqlite3.Connection) -> list[EventDetail]:
@@ -979,7 +983,8 @@ class SQLiteStorage(Storage):
                 params.append(limit)
             return [row[0] for row in conn.execute(sql, params)]
 
-        return await self._run(select, durable=False)
+        # On the reader, as list_events: narrowed to a rare source, it walks a window's dead deliveries.
+        return await self._read(select)
 
     async def reset_deliveries(self, delivery_ids: list[int], now: float) -> int:
         def reset(conn: sqlite3.Connection) -> int:
@@ -1028,7 +1033,9 @@ class SQLiteStorage(Storage):
                     deliveries[delivery.event_seq][(delivery.route, delivery.action)] = delivery
             return [StoredEvent(row[0], _event(row), deliveries[row[0]]) for row in rows]
 
-        return await self._run(page, durable=False)
+        # On the reader, as list_events: narrowed to a rare source, it walks a window's events. What it
+        # read may be stale by the time a replay acts on it: add_deliveries and reset_deliveries look again.
+        return await self._read(page)
 
     async def add_deliveries(self, seq: int, deliveries: list[NewDelivery], now: float) -> int:
         def add(conn: sqlite3.Connection) -> int:

@@ -1474,6 +1474,20 @@ def test_operations_on_a_closed_store_are_unavailable(tmp_path: Path) -> None:
         asyncio.run(storage.ingest(make_event("evt_1"), [APP]))
 
 
+def test_reads_asked_for_while_the_store_closes_are_unavailable(db: Harness) -> None:
+    async def read_while_closing() -> list[BaseException | Any]:
+        closing = asyncio.create_task(db.storage.close())
+        await asyncio.sleep(0)  # close has begun: the ops listener still takes requests
+        reads = await asyncio.gather(
+            db.storage.list_events(), db.storage.queue_stats(T0), return_exceptions=True
+        )
+        await closing
+        return reads
+
+    reads = db.run(read_while_closing())
+    assert [type(read) for read in reads] == [StorageUnavailable, StorageUnavailable], reads
+
+
 def test_open_reports_an_unusable_path(tmp_path: Path) -> None:
     (tmp_path / "a-file").write_text("not a directory")
     storage = SQLiteStorage(tmp_path / "a-file" / "hookyard.db")

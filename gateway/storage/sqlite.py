@@ -680,10 +680,12 @@ class SQLiteStorage(Storage):
 
     async def close(self) -> None:
         if self._reader is not None:
+            # Not open from here on: a read asked for meanwhile (the ops listener serves the whole shutdown)
+            # is refused as unavailable, not failed by the thread that no longer takes work.
+            reader, self._reader = self._reader, None
             # A scan of a large queue may be running: wait for it without holding up the loop.
             await asyncio.to_thread(self._reader_thread.shutdown, wait=True)
-            self._reader.close()
-            self._reader = None
+            reader.close()
         if self._writer is not None:
             await self._writer.close()
             self._writer.connection.close()

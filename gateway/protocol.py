@@ -15,7 +15,9 @@ Deadlines: uvicorn bounds idle keep-alive connections but not a client that open
 sends its request line and headers a byte at a time (slowloris): each such connection would hold a file
 descriptor for ever. Here a request's headers must be complete within the listener's read timeout, counted
 from the connection or from the request's first byte; otherwise it is answered 408 and closed. A fast-path
-request's body then has the read timeout again (408 body_timeout, as the ASGI app answers).
+request's body then has the read timeout again (408 body_timeout, as the ASGI app answers). A head that goes
+on past limits.max_header_bytes (and room for the request line) is answered 431 and closed as it arrives,
+rather than held until it ends.
 
 Malformed HTTP: uvicorn answers 400 and closes the connection as soon as the parser fails. Here, what fails
 behind requests still in progress (pipelined) is answered 400 after them: each of their senders hears
@@ -65,6 +67,12 @@ if TYPE_CHECKING:
 log = logging.getLogger("hookyard.ingress")
 
 _TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_HEAD_TOO_LARGE = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+)
+# Beyond limits.max_header_bytes (the headers' names and values), what a request's head may hold: its
+# line (uvicorn refuses a URL over 64 KiB) and each header's punctuation.
+_HEAD_ALLOWANCE = 128 * 1024
 
 # A fast-path request's stages.
 RECEIVING, STORING, ANSWERED = "receiving", "storing", "answered"
@@ -130,6 +138,15 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
         _expired: Callable[[], None] | None = None
         # The parser failed on what came after the requests in progress: answered 400 once they are.
         _malformed = False
+        # A request's head (line and headers) being read: the heads begun so far, and the bytes of the reads
+        # that were wholly inside the current one. The parser holds an unfinished header or URL until it
+        # ends, grown by a copy at each read: without a bound, one endless head would take memory and
+        # keep the event loop copying for the whole read_timeout.
+        _in_head = False
+        _heads = 0
+        _head_bytes = 0
+        # Refused (431) because its head went on past the limit, not because it is malformed.
+        _head_too_large = False
         # A request that asks to switch protocols, until it is parsed again without that (_ignore_upgrade):
         # the request in progress before it.
         _before_upgrade: tuple[Cycle] | None = None
@@ -154,6 +171,7 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
         def data_received(self, data: bytes) -> None:
             # uvicorn's, but for what the parser cannot read. (uvicorn's keep-alive timer is never set here:
             # the idle deadline is on the connection's one timer, so there is nothing to unset.)
+            in_head, heads = self._in_head, self._heads
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as error:
@@ -161,6 +179,13 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
             except httptools.HttpParserUpgrade as upgrade:
                 # Where the parser stopped: the request's body, and what follows it, are not parsed yet.
                 self._parse_without_upgrade(memoryview(data)[upgrade.args[0] :])
+            else:
+                if in_head and self._in_head and self._heads == heads:  # all of it is the same head
+                    self._head_bytes += len(data)
+                    limit = limits().max_header_bytes + 4 * limits().max_headers + _HEAD_ALLOWANCE
+                    if self._head_bytes > limit:
+                        self._head_too_large = True
+                        self._invalid_http(httptools.HttpParserError("request head too large"))
 
         def _invalid_http(self, error: httptools.HttpParserError) -> None:
             # uvicorn answers 400 and closes at once. That is right when nothing else is in progress, but a
@@ -195,15 +220,22 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
                 self._answer_malformed()
 
         def _answer_malformed(self) -> None:
+            if self._head_too_large:
+                self.transport.write(_HEAD_TOO_LARGE)
+                self.transport.close()
+                return
             message = "Invalid HTTP request received."
             self.logger.warning(message)
             self.send_400_response(message)
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
+            self._in_head, self._head_bytes = True, 0
+            self._heads += 1
             self._arm(self._headers_timed_out, limits().read_timeout)
 
         def on_headers_complete(self) -> None:
+            self._in_head = False
             self._disarm()
             parser, url, cycle = self.parser, self.url, self.cycle
             if parser.should_upgrade():

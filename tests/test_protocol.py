@@ -265,6 +265,33 @@ def test_a_stalled_body_gets_408_body_timeout_and_the_connection_is_closed(tmp_p
         assert "msg_in_time" in listed and "msg_stalled" not in listed
 
 
+@pytest.mark.parametrize("where", ["header", "url"])
+def test_a_head_that_never_ends_is_refused_431_as_it_arrives_and_webhooks_go_on(tmp_path, where: str) -> None:
+    # The parser holds an unfinished header (or URL) in memory, grown by a copy at each read: streamed
+    # for the whole read_timeout, it took memory and kept the event loop copying, every webhook waiting.
+    limits = {"read_timeout": "30s", "max_header_bytes": 1024}
+    start = b"X-Endless: " if where == "header" else b""
+    line = b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\n" + start
+    if where == "url":
+        line = b"POST /webhooks/consignease?"
+    with RunningGateway(gateway_config(tmp_path, limits=limits)) as gw, Connection(gw.url) as conn:
+        conn.sock.settimeout(5)
+        conn.send(line)
+        sent, answer = 0, b""
+        try:
+            while sent < 32 * 1024 * 1024:
+                conn.send(b"a" * 65536)
+                sent += 65536
+            answer = conn.reader.read()
+        except OSError:  # refused and closed: the unread rest of what was sent may reset the connection
+            pass
+        assert sent < 4 * 1024 * 1024  # what socket buffers took before the reset
+        assert answer in (b"",) or answer.startswith(b"HTTP/1.1 431 ")
+        with Connection(gw.url) as other:
+            other.send(signed("msg_after_endless_head"))
+            assert other.answer()[0] == 200
+
+
 def test_a_body_over_the_limit_is_refused_as_it_arrives_and_the_connection_stays_usable(tmp_path) -> None:
     chunk = b"x" * 600
     with (

@@ -53,6 +53,26 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 _CLOSE = [(b"connection", b"close")]
 
 
+def _check_codings(headers: dict[str, str]) -> None:
+    """A body is verified and parsed as it comes: one that is compressed would be refused as a bad
+    signature or as not JSON, which says nothing of the cause."""
+    encoding = headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity"):
+        raise Rejected(
+            415,
+            "unsupported_encoding",
+            f"Content-Encoding {encoding!r} is not accepted: send the body uncompressed",
+        )
+    transfer = headers.get("transfer-encoding")
+    if transfer is not None and transfer.strip().lower() != "chunked":
+        # RFC 9112 6.1: a transfer coding the server does not understand is answered 501.
+        raise Rejected(
+            501,
+            "unsupported_transfer_encoding",
+            f"Transfer-Encoding {transfer!r} is not understood: only chunked is",
+        )
+
+
 class Ingress:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -89,6 +109,8 @@ class Ingress:
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limits.max_body_bytes:
             raise too_large(limits.max_body_bytes)
+        if "content-encoding" in headers or "transfer-encoding" in headers:
+            _check_codings(headers)
         self.in_flight += 1
         return headers
 

@@ -308,6 +308,10 @@ CASES: list[tuple[str, Callable[[], Request], int, str]] = [
     ("body over the limit", lambda: svix(svix_body(data={"pad": "x" * LIMIT})), 413, "body_too_large"),
     ("too many headers", lambda: svix(extra={f"x-h{i}": "1" for i in range(120)}), 431, "headers_too_large"),
     ("one huge header", lambda: svix(extra={"x-big": "a" * 20000}), 431, "headers_too_large"),
+    # a compressed body would fail its signature or the JSON parse, which names the wrong cause
+    ("gzip body", lambda: svix(extra={"content-encoding": "gzip"}), 415, "unsupported_encoding"),
+    ("br body", lambda: svix(extra={"content-encoding": "br"}), 415, "unsupported_encoding"),
+    ("identity encoding", lambda: svix(extra={"content-encoding": "identity"}), 200, "accepted"),
 ]
 
 
@@ -379,3 +383,34 @@ def test_header_injection_is_refused_by_the_parser(gw: RunningGateway, header: b
     )
     answer = raw_request(gw.url, request)
     assert answer.startswith(b"HTTP/1.1 400"), answer[:100]
+
+
+@pytest.mark.parametrize("expect", [b"", b"Expect: 100-continue\r\n"], ids=["fast path", "asgi path"])
+def test_a_transfer_coding_other_than_chunked_is_refused_501(gw: RunningGateway, expect: bytes) -> None:
+    body = svix()
+    head = "".join(f"{name}: {value}\r\n" for name, value in body.headers.items()).encode()
+    request = (
+        b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n"
+        + expect
+        + head
+        + b"\r\n"
+        + f"{len(body.body):x}\r\n".encode()
+        + body.body
+        + b"\r\n0\r\n\r\n"
+    )
+    rejections = gw.metric(
+        "hookyard_webhook_rejections_total", source="consignease", reason="unsupported_transfer_encoding"
+    )
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(request)
+        answer = b""
+        # Refused before the body is asked for: no 100 Continue, just the answer.
+        while b"}" not in answer and (chunk := sock.recv(65536)):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 501 "), answer[:200]
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"] == "unsupported_transfer_encoding"
+    counted = gw.metric(
+        "hookyard_webhook_rejections_total", source="consignease", reason="unsupported_transfer_encoding"
+    )
+    assert counted == rejections + 1

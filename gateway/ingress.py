@@ -13,6 +13,7 @@ that expects `100 Continue`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -51,6 +52,15 @@ _JSON_HEADERS = [(b"content-type", b"application/json")]
 # connection, so a client that gave up on it and sent its next request there would have it swallowed.
 # Closed instead, as the fast path does (RFC 9110 §15.5.9).
 _CLOSE = [(b"connection", b"close")]
+
+
+def _json_after_bom(body: bytes) -> Any:
+    """A body orjson refused: JSON after a UTF-8 byte order mark, which some senders write first and RFC
+    8259 lets a parser ignore (the body is stored and forwarded as it came, mark included)."""
+    if body.startswith(b"\xef\xbb\xbf"):
+        with contextlib.suppress(orjson.JSONDecodeError):
+            return orjson.loads(body[3:])
+    raise Rejected(400, "invalid_json", "the body is not valid JSON")
 
 
 def _check_codings(headers: dict[str, str]) -> None:
@@ -126,7 +136,7 @@ class Ingress:
         try:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError:
-            raise Rejected(400, "invalid_json", "the body is not valid JSON") from None
+            payload = _json_after_bom(body)
         unstored = endpoint.provider.secret_headers
         kept = {
             name: value

@@ -198,7 +198,6 @@ CASES: list[tuple[str, Callable[[], Request], int, str]] = [
     # what the body says
     ("empty body", lambda: svix(b""), 400, "invalid_json"),
     ("malformed json", lambda: svix(b'{"type": "user.created",'), 400, "invalid_json"),
-    ("json with a BOM", lambda: svix("\ufeff".encode() + svix_body()), 400, "invalid_json"),
     ("json array", lambda: svix(b"[1, 2]"), 400, "invalid_payload"),
     ("json string", lambda: svix(b'"hello"'), 400, "invalid_payload"),
     ("payload without type", lambda: svix(b'{"data": {}}'), 400, "missing_event_type"),
@@ -312,6 +311,9 @@ CASES: list[tuple[str, Callable[[], Request], int, str]] = [
     ("gzip body", lambda: svix(extra={"content-encoding": "gzip"}), 415, "unsupported_encoding"),
     ("br body", lambda: svix(extra={"content-encoding": "br"}), 415, "unsupported_encoding"),
     ("identity encoding", lambda: svix(extra={"content-encoding": "identity"}), 200, "accepted"),
+    # RFC 8259 lets a parser ignore a UTF-8 byte order mark, which some senders write first
+    ("JSON after a byte order mark", lambda: svix(b"\xef\xbb\xbf" + svix_body()), 200, "accepted"),
+    ("a byte order mark, then not JSON", lambda: svix(b"\xef\xbb\xbfid=1"), 400, "invalid_json"),
 ]
 
 

@@ -225,7 +225,8 @@ def test_a_connection_whose_webhook_was_refused_before_its_body_ended_is_closed_
         assert conn.closed_by_server()
         idle_for = time.monotonic() - answered
     assert status in (413, 431)
-    assert idle_for < 2.0
+    # Not closed at once with the refusal: the connection was kept, and let go once idle that long.
+    assert 0.25 <= idle_for < 2.0
 
 
 def test_a_source_path_with_a_query_or_percent_encoding_is_still_a_webhook(tmp_path) -> None:

@@ -66,10 +66,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hookyard.ingress")
 
-_TIMED_OUT = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-_HEAD_TOO_LARGE = (
-    b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+def _closing_answer(status: int, reason: str, detail: str) -> tuple[bytes, str]:
+    """An answer for a request refused before it is one (its line and headers are not complete or not
+    HTTP): the same JSON reason as every refusal, then the connection is closed. With its reason, which is
+    counted under no source (the path may never have been read)."""
+    body = orjson.dumps({"error": reason, "detail": detail})
+    head = STATUS_LINE[status] + b"content-type: application/json\r\nconnection: close\r\n"
+    return head + b"content-length: %d\r\n\r\n" % len(body) + body, reason
+
+
+_TIMED_OUT = _closing_answer(
+    408, "header_timeout", "the request line and headers took longer than the read timeout"
 )
+_HEAD_TOO_LARGE = _closing_answer(
+    431, "headers_too_large", "the request line and headers go on past the limit without ending"
+)
+_MALFORMED = _closing_answer(400, "invalid_http", "the request is not valid HTTP/1.1")
 # Beyond limits.max_header_bytes (the headers' names and values), what a request's head may hold: its
 # line (uvicorn refuses a URL over 64 KiB) and each header's punctuation.
 _HEAD_ALLOWANCE = 128 * 1024
@@ -221,12 +234,16 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
 
         def _answer_malformed(self) -> None:
             if self._head_too_large:
-                self.transport.write(_HEAD_TOO_LARGE)
-                self.transport.close()
+                self._close_with(_HEAD_TOO_LARGE)
                 return
-            message = "Invalid HTTP request received."
-            self.logger.warning(message)
-            self.send_400_response(message)
+            self.logger.warning("Invalid HTTP request received.")
+            self._close_with(_MALFORMED)
+
+        def _close_with(self, answer: tuple[bytes, str]) -> None:
+            content, reason = answer
+            ingress.gateway.metrics.rejected("", reason)
+            self.transport.write(content)
+            self.transport.close()
 
         def on_message_begin(self) -> None:
             super().on_message_begin()
@@ -528,8 +545,7 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
 
         def _headers_timed_out(self) -> None:
             if not self.transport.is_closing():
-                self.transport.write(_TIMED_OUT)
-                self.transport.close()
+                self._close_with(_TIMED_OUT)
 
         def _body_timed_out(self) -> None:
             webhook, self._webhook = self._webhook, None

@@ -288,9 +288,21 @@ def test_a_head_that_never_ends_is_refused_431_as_it_arrives_and_webhooks_go_on(
             pass
         assert sent < 4 * 1024 * 1024  # what socket buffers took before the reset
         assert answer in (b"",) or answer.startswith(b"HTTP/1.1 431 ")
+        # The answer may be lost to the reset; the count is not.
+        assert gw.metric("hookyard_webhook_rejections_total", source="", reason="headers_too_large") == 1
         with Connection(gw.url) as other:
             other.send(signed("msg_after_endless_head"))
             assert other.answer()[0] == 200
+
+
+def test_a_head_not_complete_within_the_read_timeout_gets_408_header_timeout_and_is_closed(tmp_path) -> None:
+    with RunningGateway(gateway_config(tmp_path, limits={"read_timeout": "300ms"})) as gw:
+        with Connection(gw.url) as conn:
+            conn.send(b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nX-Slow: ")  # then nothing
+            status, headers, body = conn.answer()
+            assert conn.closed_by_server()
+        assert (status, headers["connection"], json.loads(body)["error"]) == (408, "close", "header_timeout")
+        assert gw.metric("hookyard_webhook_rejections_total", source="", reason="header_timeout") == 1
 
 
 def test_a_body_over_the_limit_is_refused_as_it_arrives_and_the_connection_stays_usable(tmp_path) -> None:
@@ -339,12 +351,14 @@ def test_a_malformed_request_pipelined_behind_a_webhook_being_stored_waits_for_i
         first, second = conn.answer(), conn.answer()
         assert conn.closed_by_server()
         assert gw.gateway.ingress.in_flight == 0
+        refused = gw.metric("hookyard_webhook_rejections_total", source="", reason="invalid_http")
     assert (first[0], json.loads(first[2])) == (200, {"id": "msg_before_garbage", "status": "accepted"})
-    assert (second[0], second[1]["connection"], second[2]) == (
+    assert (second[0], second[1]["connection"], json.loads(second[2])["error"]) == (
         400,
         "close",
-        b"Invalid HTTP request received.",
+        "invalid_http",
     )
+    assert refused == 1  # counted, under no source: the request may not even have had a path
 
 
 def test_a_webhook_whose_chunked_body_is_malformed_is_refused_400_invalid_http(tmp_path) -> None:

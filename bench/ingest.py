@@ -203,7 +203,7 @@ def measure(server: Server, settings: Settings, body_path: Path) -> Json:
     cpu_before = cpu_seconds(pid)
     sink_before = cpu_seconds(sink) if sink else 0.0
     wrk_before, machine_before = children_cpu_seconds(), machine_busy_seconds()
-    steal_before = machine_steal_seconds()
+    steal_before, started = machine_steal_seconds(), time.monotonic()
     with (
         Sampler(lambda: rss_mb(pid), 0.2) as rss,
         Sampler(lambda: loop_seconds(pid)[0], 0.2) as loop_ran,
@@ -212,6 +212,8 @@ def measure(server: Server, settings: Settings, body_path: Path) -> Json:
         result = run_wrk(server.url, settings.duration, *args, requests, body_path, signature)
     cpu = cpu_seconds(pid) - cpu_before
     machine = machine_busy_seconds() - machine_before
+    # The seconds the CPU figures were read over: wrk's own duration leaves out its start and its end.
+    elapsed = time.monotonic() - started
     per_request = 1e6 / max(1, result.requests)
     row: Json = {
         "key": server.key,
@@ -223,7 +225,7 @@ def measure(server: Server, settings: Settings, body_path: Path) -> Json:
         "non_2xx": result.non_2xx,
         "socket_errors": result.socket_errors,
         "cpu_us_per_request": cpu * per_request,
-        "cpu_cores": cpu / result.seconds,
+        "cpu_cores": cpu / elapsed,
         # The main thread: the event loop of the Python servers (not a figure of Go's scheduler). The share
         # of the load's steady part it ran, and the share it was ready to run but waited for a core.
         "loop_cores": None if server.key.startswith("webhook") else steady_rate(loop_ran.samples),
@@ -232,8 +234,8 @@ def measure(server: Server, settings: Settings, body_path: Path) -> Json:
         "wrk_cpu_us_per_request": (children_cpu_seconds() - wrk_before) * per_request,
         "sink_cpu_us_per_request": (cpu_seconds(sink) - sink_before) * per_request if sink else 0.0,
         "machine_cpu_us_per_request": machine * per_request,
-        "machine_busy_cores": machine / result.seconds,
-        "machine_steal_cores": (machine_steal_seconds() - steal_before) / result.seconds,
+        "machine_busy_cores": machine / elapsed,
+        "machine_steal_cores": (machine_steal_seconds() - steal_before) / elapsed,
         "machine_cores": os.cpu_count() or 1,  # what /proc/stat's busy time adds up
         "rss_mb": rss.max(),
         "rss_end_mb": rss_mb(pid),

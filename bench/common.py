@@ -8,6 +8,7 @@ import ctypes
 import hashlib
 import hmac
 import json
+import math
 import os
 import platform
 import re
@@ -570,7 +571,8 @@ def percentile(values: Sequence[float], q: float) -> float:
     if not values:
         return 0.0
     ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    # The smallest value with at least q% of them at or below it: rank ceil(q/100 x n).
+    rank = max(1, min(len(ordered), math.ceil(q * len(ordered) / 100)))
     return ordered[rank - 1]
 
 

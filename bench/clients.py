@@ -23,7 +23,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 
-from bench.common import PYTHON, Json, Processes, Settings, body_1kb, say, start_sink, table
+from bench.common import PYTHON, Json, Processes, Settings, body_1kb, die_with_parent, say, start_sink, table
 
 CLIENTS = ("httpx", "aiohttp", "hookyard")
 NAMES = {
@@ -126,7 +126,14 @@ def run(settings: Settings, processes: Processes) -> Json:
             say(f"   {NAMES[client]} ...")
             argv = [PYTHON, "-m", "bench.clients", client, sink.url + "/hooks"]
             argv += ["--requests", str(requests), "--concurrency", str(concurrency)]
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT_S, check=True)
+            done = subprocess.run(
+                argv,
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT_S,
+                check=True,
+                preexec_fn=die_with_parent,
+            )
             row = json.loads(done.stdout)
             row["name"] = NAMES[client]
             rows.append(row)

@@ -104,7 +104,7 @@ def find_tools() -> dict[str, Tool]:
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: the kernel kills it if the benchmark itself dies (even by SIGKILL)."""
     with suppress(OSError, AttributeError):
         ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -129,7 +129,7 @@ class Processes:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,  # prctl only, then exec
+                preexec_fn=die_with_parent,  # prctl only, then exec
             )
         finally:
             log.close()
@@ -398,7 +398,9 @@ def run_wrk(
     url: str, duration: float, connections: int, threads: int, requests: Path, body: Path, signature: str
 ) -> WrkResult:
     command = wrk_argv(url, duration, connections, threads, requests, body, signature)
-    done = subprocess.run(command, capture_output=True, text=True, timeout=duration + 60, check=True)
+    done = subprocess.run(
+        command, capture_output=True, text=True, timeout=duration + 60, check=True, preexec_fn=die_with_parent
+    )
     return parse_wrk(done.stdout)
 
 

@@ -47,6 +47,7 @@ else:
         Processes,
         Settings,
         body_1kb,
+        die_with_parent,
         gateway_config,
         say,
         start_sink,
@@ -274,8 +275,17 @@ def harness_run(
         ]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     try:
+        # Killed by the kernel if the benchmark dies (a callgrind run takes minutes). The signal follows the
+        # thread that started it: a pool thread here, which lives until this run has returned.
         done = subprocess.run(
-            argv, cwd=tree, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
+            argv,
+            cwd=tree,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT_S,
+            check=False,
+            preexec_fn=die_with_parent,
         )
     finally:
         requests.unlink(missing_ok=True)

@@ -169,6 +169,15 @@ def check_tools(settings: Settings, parts: list[str]) -> list[str]:
 def rewrite_report() -> int:
     """RESULTS.md from the last full run's JSON files, as that run measured them."""
     summary = json.loads((RESULTS / "run.json").read_text())
+    missing = [part for part in PARTS if part not in summary["run"]["parts"]]
+    if missing:
+        # A run of some parts rewrites their files and run.json only: the other files are an older run's.
+        say(
+            f"the last run written to bench/results ({summary['run']['date']}) did not run "
+            f"{', '.join(missing)}: its files there are from an earlier run, and RESULTS.md would present "
+            "both as one. Run the whole benchmark, or `git checkout bench/results` for the committed run."
+        )
+        return 1
     results: Json = {"machine": summary["machine"], "run": summary["run"]}
     for part, (_title, filename, _run) in PARTS.items():
         results[RESULT_KEYS[part]] = json.loads((RESULTS / filename).read_text())

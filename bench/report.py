@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import Json
+from bench.end_to_end import SUSTAINED_SHARE
 
 # An ingest ratio at or above INGEST_MINIMUM but below GOAL passes the minimum only.
 INGEST_GOAL, INGEST_MINIMUM = 1.0, 0.75
@@ -266,7 +267,8 @@ def _end_to_end(part: Json) -> list[str]:
     return [
         f"Open-loop load (bench/loadgen.py), {part['duration_s']:g} s per offered rate, 64 keep-alive "
         "connections; latency counts from each request's scheduled send time. Delivered ev/s = events "
-        "delivered / (last arrival - first scheduled send).",
+        "delivered / (last arrival - first scheduled send). Sustained: every accepted event delivered, at "
+        f"{SUSTAINED_SHARE:.0%} of the offered rate or more.",
         "",
         md_table(
             [

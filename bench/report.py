@@ -113,13 +113,15 @@ def targets(results: Json) -> list[Json]:
         first, last = levels[0], levels[-1]
         add(
             f"RSS flat (±10 %) from {first['queued']:,} to {last['queued']:,} queued",
-            f"{first['rss_idle_mb']:.1f} → {last['rss_idle_mb']:.1f} MB idle ({verdict['rss_change']:+.1%})",
+            f"{first['rss_idle_mb']:.1f} → {last['rss_idle_mb']:.1f} MB idle ({verdict['rss_change']:+.1%} "
+            "at most, any level)",
             bool(verdict["rss_flat"]),
         )
         add(
             "Claim cost independent of backlog",
             f"claim+finish {first['pair_ms_median']:.2f} → {last['pair_ms_median']:.2f} ms, "
-            f"CPU {X}{verdict['claim_cpu_ratio']:.2f}; {'index seek' if verdict['claim_indexed'] else 'SCAN'}",
+            f"CPU {X}{verdict['claim_cpu_ratio']:.2f} at most; "
+            f"{'index seek' if verdict['claim_indexed'] else 'SCAN'}",
             bool(verdict["claim_flat"]),
         )
     else:
@@ -362,9 +364,10 @@ def _scale(part: Json) -> list[str]:
         ),
         "",
         f"- Claim cost: **{'flat' if verdict['claim_flat'] else 'not flat'}** — CPU per pair "
-        f"{X}{verdict['claim_cpu_ratio']:.2f}, median wall {X}{verdict['claim_wall_ratio']:.2f} from the "
-        f"smallest to the largest backlog (flat: an index seek and at most 1.5{X}). Plan: `{plans['claim']}`.",
-        f"- RSS idle: **{'flat' if verdict['rss_flat'] else 'not flat'}** ({verdict['rss_change']:+.1%}; limit ±10 %).",
+        f"{X}{verdict['claim_cpu_ratio']:.2f}, median wall {X}{verdict['claim_wall_ratio']:.2f} at most, at any "
+        f"backlog against the smallest (flat: an index seek and at most 1.5{X}). Plan: `{plans['claim']}`.",
+        f"- RSS idle: **{'flat' if verdict['rss_flat'] else 'not flat'}** ({verdict['rss_change']:+.1%} at most, "
+        "at any backlog against the smallest; limit ±10 %).",
         f"- next_due_at (before the engine sleeps): `{plans['next_due_at']}`.",
         f"- queue_stats (the hookyard_delivery_queue and _lag gauges, every 2 s on a reader connection and "
         f"thread of its own, so it never holds up the event loop): "

@@ -114,10 +114,9 @@ class Resources:
         if self._http is None:
             # httpx's API over aiohttp's pool: httpcore's own pool costs several times more CPU per request.
             import httpx
-            from httpx_aiohttp import AiohttpTransport
 
             self._http = httpx.AsyncClient(
-                transport=AiohttpTransport(client=self.session),
+                transport=_url_free_transport(self.session),
                 follow_redirects=False,
                 headers={"user-agent": self.user_agent},
             )
@@ -129,6 +128,25 @@ class Resources:
         if self._session is not None:
             await self._session.close()
         await self.client.aclose()
+
+
+def _url_free_transport(session: aiohttp.ClientSession) -> httpx.AsyncBaseTransport:
+    """httpx_aiohttp's transport, except that an answer aiohttp cannot parse (a bad status line or header)
+    is an httpx error without the URL. aiohttp's own error ends with the whole URL, and httpx_aiohttp passes
+    it on as it is: a chat webhook's URL holds its secret, which would reach the attempt's error (the admin
+    API, `hookyard events show`) and the log."""
+    import aiohttp
+    import httpx
+    from httpx_aiohttp import AiohttpTransport
+
+    class Transport(AiohttpTransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            try:
+                return await super().handle_async_request(request)
+            except aiohttp.ClientResponseError as exc:
+                raise httpx.RemoteProtocolError(f"invalid answer: {exc.message}", request=request) from None
+
+    return Transport(client=session)
 
 
 class NoOptions(BaseModel):

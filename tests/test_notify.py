@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -388,6 +391,50 @@ def test_a_500_from_the_chat_webhook_is_retried(tmp_path: Path, downstream: Down
             ("retry", 429),
             ("delivered", 200),
         ]
+
+
+@contextmanager
+def garbled_server() -> Iterator[str]:
+    """A server that answers every request with something that is not HTTP: its address."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"NOT-HTTP\r\n\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def test_an_answer_that_is_not_http_is_reported_without_the_webhook_url(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A chat webhook's URL is its credential: an unreadable answer must not put it in the attempt's error
+    # (the admin API shows it) nor in the log.
+    secret = "services/T0001/B0002/abcdefghijklmnopqrstuvwx"
+    caplog.set_level(logging.INFO)
+    with garbled_server() as url:
+        action = notify_action("alert", f"{url}/{secret}", format="slack")
+        config = gateway_config(tmp_path, routes=[route("consignease", action)])
+        config["defaults"]["retry"]["schedule"] = []
+        with RunningGateway(config) as gw:
+            send_consignease(gw, "msg_garbled")
+            wait_until(lambda: delivery_states(gw, "msg_garbled") == {"alert": "dead"})
+            [alert] = event_detail(gw, "msg_garbled").deliveries
+    assert (alert.last_error or "").startswith(
+        "gave up after 1 attempt: RemoteProtocolError: invalid answer:"
+    )
+    assert secret not in (alert.last_error or "")
+    assert secret not in caplog.text  # messages and tracebacks
 
 
 # -- config checks ---------------------------------------------------------------------------------------

@@ -80,6 +80,12 @@ def admin_routes(gateway: Gateway) -> list[Route]:
                 return _error(
                     403, "the admin API needs ops.admin_token when the ops listener is not on loopback"
                 )
+            elif _from_a_web_page(request):
+                return _error(
+                    403,
+                    "without ops.admin_token the admin API answers local programs only, not a web page's "
+                    "request (Origin, Sec-Fetch-Site) nor one for a host name that is not loopback",
+                )
             try:
                 return JSONResponse(await endpoint(request, operations()))
             except OperationError as exc:
@@ -219,6 +225,23 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         Route("/admin/replay", guarded(bulk_replay), methods=["POST"]),
         Route("/admin/openapi.json", openapi, methods=["GET"], include_in_schema=False),
     ]
+
+
+def _from_a_web_page(request: Request) -> bool:
+    """A request a browser on this host sent for a web page: any site's script or form can reach a loopback
+    address, and a DNS name of its own made to resolve to 127.0.0.1 (rebinding) lets it read the answers.
+    Without a token, nothing else stops such a page from reading the events or replaying them. Browsers
+    say where a request comes from (Origin, Sec-Fetch-Site) and always name the host they asked for; the
+    CLI, curl and scripts send neither header and ask for the loopback address itself."""
+    headers = request.headers
+    if "origin" in headers or headers.get("sec-fetch-site", "none") != "none":
+        return True  # `none`: typed into the address bar by the user
+    host = headers.get("host")
+    if host is None:
+        return False
+    # `127.0.0.1:9000`, `localhost`, `[::1]:9000`
+    name = host[1 : host.find("]")] if host.startswith("[") else host.rpartition(":")[0] or host
+    return not is_loopback(name.lower())
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:

@@ -152,6 +152,34 @@ def test_without_a_token_only_loopback_peers_are_answered(tmp_path: Path) -> Non
     }
 
 
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({}, 200),  # the CLI, curl, a script
+        ({"host": "localhost"}, 200),
+        ({"sec-fetch-site": "none"}, 200),  # typed into a browser's address bar
+        ({"host": "rebound.example:9000"}, 403),  # a site's own name made to resolve to 127.0.0.1
+        ({"origin": "https://any.example"}, 403),  # a site's script or form
+        ({"sec-fetch-site": "cross-site"}, 403),
+        ({"sec-fetch-site": "same-site"}, 403),  # a page on another loopback port
+    ],
+    ids=["program", "localhost", "address-bar", "rebinding", "origin", "cross-site", "same-site"],
+)
+def test_without_a_token_a_web_page_cannot_call_the_admin_api(
+    tmp_path: Path, headers: dict[str, str], status: int
+) -> None:
+    """Any web page a browser on this host opens can send requests to a loopback address, and read the
+    answers through a DNS name rebound to 127.0.0.1: a token-less admin API answers local programs only."""
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        send(gw, "msg_private")
+        listed = gw.client.get(gw.ops_url + "/admin/events", headers=headers)
+        assert listed.status_code == status, listed.text
+        replayed = gw.client.post(gw.ops_url + "/admin/events/msg_private/replay", headers=headers)
+        assert replayed.status_code == status
+        if status == 403:
+            assert "msg_private" not in listed.text + replayed.text
+
+
 def test_list_filters_and_cursor_pages(tmp_path: Path, downstream: Downstream) -> None:
     with RunningGateway(users_config(tmp_path, downstream)) as gw:
         for index in range(5):

@@ -11,6 +11,14 @@ import httpx
 from gateway.operations import OperationError
 
 
+def _segment(event_id: str) -> str:
+    """An event id as one segment of a URL's path. quote() leaves `.` as it is, and a URL resolves a `.` or
+    `..` segment away: `/admin/events/..` would ask for `/admin` (`../replay`, for the bulk replay). Any
+    sender can choose such an id; escaped, the dots stay in the id (the server decodes them back)."""
+    segment = quote(event_id, safe="")
+    return segment.replace(".", "%2E") if segment in (".", "..") else segment
+
+
 class RemoteOperations:
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0) -> None:
         headers = {"authorization": f"Bearer {token}"} if token else {}
@@ -40,7 +48,7 @@ class RemoteOperations:
 
     async def show_event(self, event_id: str, source: str | None = None) -> dict[str, Any]:
         params = {"source": source} if source else {}
-        return await self._call("GET", f"/admin/events/{quote(event_id, safe='')}", params=params)
+        return await self._call("GET", f"/admin/events/{_segment(event_id)}", params=params)
 
     async def replay_event(
         self,
@@ -51,7 +59,7 @@ class RemoteOperations:
     ) -> dict[str, Any]:
         fields = (("source", source), ("action", action), ("route", route))
         body = {name: value for name, value in fields if value}
-        return await self._call("POST", f"/admin/events/{quote(event_id, safe='')}/replay", json=body)
+        return await self._call("POST", f"/admin/events/{_segment(event_id)}/replay", json=body)
 
     async def replay(self, **request: Any) -> dict[str, Any]:
         body = {name: value for name, value in request.items() if value is not None}

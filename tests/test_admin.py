@@ -552,6 +552,24 @@ def test_admin_api_shows_and_replays_an_event_whose_id_has_a_slash(
         assert result.exit_code == 0, result.output
 
 
+@pytest.mark.parametrize("event_id", [".", ".."])
+def test_the_cli_shows_and_replays_an_event_whose_id_is_a_dot_segment(
+    tmp_path: Path, downstream: Downstream, event_id: str
+) -> None:
+    # Any sender chooses its ids; as a path segment `..` would resolve to /admin (and its replay to the
+    # bulk replay), `.` to the list of events.
+    runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, event_id)
+        wait_until(lambda: len(downstream.received("/audit")) == 1)
+        shown = runner.invoke(main, ["events", "show", "--admin-url", gw.ops_url, event_id])
+        assert shown.exit_code == 0, shown.output
+        assert yaml.safe_load(shown.output)["id"] == event_id
+        replayed = runner.invoke(main, ["replay", "--admin-url", gw.ops_url, event_id])
+        assert replayed.exit_code == 0, replayed.output
+        wait_until(lambda: len(downstream.received("/audit")) == 2)
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e999"])
 def test_a_time_that_is_not_finite_is_a_bad_parameter(
     tmp_path: Path, downstream: Downstream, value: str

@@ -50,6 +50,11 @@ if TYPE_CHECKING:
 
 # Discord rejects a message whose content is longer than this (HTTP 400, which would end the delivery dead).
 DISCORD_MAX_CONTENT = 2000
+# The longest message a template may render, and the longest text or list its `*` may make. A template
+# runs on the event loop, over a payload any sender writes: `{{ "*" * event.data.rating }}` with a rating
+# of 10**9, or a loop printing a large field a hundred thousand times, would take gigabytes and stop the
+# gateway (webhooks included) while it runs. Far more than any chat shows: Slack cuts a message at 40,000.
+MAX_MESSAGE = 100_000
 
 # The engine words a used-up retry schedule as "gave up after N attempts: <last error>"; the default message
 # states the attempts itself, so it shows only the last error.
@@ -66,11 +71,27 @@ def isotime(value: float | None) -> str:
 @functools.cache
 def _environment() -> ImmutableSandboxedEnvironment:
     from jinja2 import StrictUndefined
+    from jinja2.exceptions import SecurityError
+    from jinja2.runtime import Context
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Environment(ImmutableSandboxedEnvironment):
+        # The sandbox bounds range() but not repetition: `*` is checked before it runs.
+        intercepted_binops = frozenset({"*"})
+
+        def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+            sequence, times = (right, left) if isinstance(left, int) else (left, right)
+            if (
+                isinstance(sequence, str | list | tuple)
+                and isinstance(times, int)
+                and len(sequence) * times > MAX_MESSAGE
+            ):
+                raise SecurityError(f"* would make a {type(sequence).__name__} longer than {MAX_MESSAGE}")
+            return super().call_binop(context, operator, left, right)
 
     # Sandboxed because templates come from the config, which may be edited by people who must not get code
     # execution in the gateway; immutable so a template cannot change the event other actions see.
-    env = ImmutableSandboxedEnvironment(autoescape=False, undefined=StrictUndefined)
+    env = Environment(autoescape=False, undefined=StrictUndefined)
     env.filters["isotime"] = isotime
     return env
 
@@ -221,7 +242,15 @@ class Notify(Action):
     def message(self, job: Job) -> str:
         if self.template is None:
             return default_message(job)
-        return self.template.render(template_context(job)).strip()
+        # Rendered piece by piece, so that a message that grows past the limit stops there.
+        pieces: list[str] = []
+        length = 0
+        for piece in self.template.generate(template_context(job)):
+            length += len(piece)
+            if length > MAX_MESSAGE:
+                raise ValueError(f"the message is longer than {MAX_MESSAGE} characters")
+            pieces.append(piece)
+        return "".join(pieces).strip()
 
     async def deliver(self, job: Job) -> Outcome:
         try:

@@ -361,6 +361,34 @@ def test_render_errors_end_dead_with_the_reason(tmp_path: Path, downstream: Down
         assert gw.metric("hookyard_deliveries_total", route="alerts", action="quiet", outcome="skipped") == 1
 
 
+def test_a_template_cannot_blow_up_on_a_hostile_payload(tmp_path: Path, downstream: Downstream) -> None:
+    # Templates run on the event loop over what any sender writes: what they may make is bounded.
+    actions = [
+        notify_action("stars", f"{downstream.url}/stars", template="{{ '*' * event.data.rating }}"),
+        notify_action(
+            "echo",
+            f"{downstream.url}/echo",
+            template="{% for _ in range(event.data.times) %}{{ event.data.note }}{% endfor %}",
+        ),
+    ]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_fair", rating=5, times=3, note="ok"))
+        # range() is bounded by the sandbox itself (100,000), but not what the loop prints.
+        send_consignly(
+            gw, consignly_body(event_id="evt_hostile", rating=10**12, times=100_000, note="x" * 100)
+        )
+        wait_until(lambda: delivery_states(gw, "evt_fair") == {"stars": "delivered", "echo": "delivered"})
+        wait_until(lambda: delivery_states(gw, "evt_hostile") == {"stars": "dead", "echo": "dead"})
+        deliveries = {d.action: d for d in event_detail(gw, "evt_hostile").deliveries}
+        assert deliveries["stars"].last_error == (
+            "template line 1: SecurityError: * would make a str longer than 100000"
+        )
+        assert deliveries["echo"].last_error == (
+            "template: ValueError: the message is longer than 100000 characters"
+        )
+        assert sorted(r.json()["text"] for r in downstream.received()) == ["*****", "okokok"]
+
+
 def test_an_event_id_that_cannot_be_a_header_ends_dead_without_a_request(
     tmp_path: Path, downstream: Downstream
 ) -> None:

@@ -129,6 +129,10 @@ class OpsListener(Listener):
         host = info.data.get("host")
         if token is not None and not token.strip():
             token = None  # `${HOOKYARD_ADMIN_TOKEN:-}` with the variable unset
+        if token is not None and token != token.strip():
+            # A token read from a file often keeps its newline: the bearer token sent (stripped, as any
+            # header value is) would never match it, and every call would be 401. The token is not shown.
+            raise ValueError("begins or ends with whitespace, such as a newline kept from a file: remove it")
         if token is None and host is not None and not is_loopback(host):
             raise ValueError(
                 f"required when the ops listener is not bound to loopback (ops.host is {host!r}): "

@@ -101,7 +101,7 @@ def test_interpolated_numbers_and_booleans_are_coerced_by_the_schema() -> None:
 
 
 def test_a_value_never_changes_the_yaml_structure() -> None:
-    hostile = "x\nstorage: {url: 'sqlite:///evil'}\n"
+    hostile = "x\nstorage: {url: 'sqlite:///evil'}"
     config = parse_config('ops: {admin_token: "${TOKEN}"}', environ={"TOKEN": hostile})
     assert config.ops.admin_token == hostile
     assert config.storage.url == "sqlite:///./var/hookyard.db"
@@ -645,4 +645,14 @@ def test_a_secret_with_whitespace_at_either_end_is_refused_without_showing_it(se
         parse_config(text)
     assert caught.value.errors == [
         "sources.a.secrets: entry 1 begins or ends with whitespace, such as a newline kept from a file: remove it"
+    ]
+
+
+@pytest.mark.parametrize("token", ["admin-token\n", " admin-token", "admin-token\t"])
+def test_an_admin_token_with_whitespace_at_either_end_is_refused_without_showing_it(token: str) -> None:
+    # From a Secret's file with its newline, the admin API would answer every call 401 without a word.
+    with pytest.raises(ConfigError) as caught:
+        parse_config('ops: {admin_token: "${TOKEN}"}', environ={"TOKEN": token})
+    assert caught.value.errors == [
+        "ops.admin_token: begins or ends with whitespace, such as a newline kept from a file: remove it"
     ]

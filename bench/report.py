@@ -523,6 +523,19 @@ BEFORE = Path(__file__).parent / "results" / "before"
 
 # What changed between the run kept in results/before/ and this code; the figures below say what it did.
 CHANGES = [
+    "**The listener refuses more as it arrives, at a small cost per webhook**: a request head that never "
+    "ends is refused `431` once past its limit (it was held until `read_timeout`, grown by a copy at each "
+    "read); a compressed body gets `415 unsupported_encoding` and a transfer coding other than chunked "
+    "`501` before the body is read; forward's client bounds an answer's head at 64 KiB and refuses a "
+    "status outside 100-599. Part 6 counts 0.9% more instructions per webhook than `a547690` with no route, "
+    "and 0.6% more with the forward route.",
+    "**The benchmark measures more exactly**: wrk's script split all of its request lines in each "
+    "thread's init, which wrk runs while the threads before it already send; the first thread's load "
+    "meanwhile (about 0.75 s) counted in wrk's requests but not in its duration, so every server's req/s "
+    "was some 7% high (the ratios, all measured the same way, hardly moved) and wrk's CPU per request too "
+    "high. Cores busy are divided by the window they were read over; percentiles take the nearest rank "
+    "(one rank high before when q/100 x n was odd); part 3's flat verdicts take the worst level, not only "
+    "the largest.",
     "**forward's client returns the status as soon as it is in**, and reads a body still coming in the "
     "background: an attempt cancelled by its timeout while a 2xx answer's body was on its way used to be "
     "recorded as a timeout and sent again. When the body comes with the head, as it does from the "

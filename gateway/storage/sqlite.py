@@ -86,6 +86,8 @@ BUSY_TIMEOUT_MS = 5000
 # The two kinds of checkpoint (_GroupCommit.checkpoint).
 BACKGROUND, RESTART = "background", "restart"
 SKIPPED_REASON = "parent did not reach the required state"
+# A final state as a dependent's `when` names it (a skipped parent has neither result).
+RESULT_OF = {"delivered": "success", "dead": "failure"}
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
@@ -1126,7 +1128,7 @@ def _insert_deliveries(
         owner, attempts = None, 0
         if parent is not None:
             parent_state = parent[1]
-            outcome = {"delivered": "success", "dead": "failure"}.get(parent_state)
+            outcome = RESULT_OF.get(parent_state)
             if parent_state in ("pending", "waiting"):
                 state, due_at = "waiting", None
             elif outcome is not None and delivery.when in ("always", outcome):
@@ -1239,7 +1241,7 @@ def _claim(
                 # made up.
                 unready.append(delivery.id)
                 continue
-            result = {"delivered": "success", "dead": "failure"}.get(p.state)
+            result = RESULT_OF.get(p.state)
             if result is None or delivery.when not in ("always", result):
                 # Replayed on its own below a skipped parent, or one whose result its `when` does not ask
                 # for: skipped again, as it was then, and its own dependents with it, rather than run on a
@@ -1319,7 +1321,7 @@ def _finish(
     )
     if not final:
         return finished
-    outcome = "success" if state == "delivered" else "failure" if state == "dead" else None
+    outcome = RESULT_OF.get(state)
     _settle_dependents(conn, delivery.id, outcome, now, finished)
     return finished
 

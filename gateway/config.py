@@ -393,6 +393,7 @@ def parse_config(text: str, *, environ: dict[str, str] | None = None, origin: st
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError([f"{origin}: the top level must be a mapping"])
+    _check_expanded_size(raw, origin)
     errors: list[str] = []
     expanded = _interpolate(raw, os.environ if environ is None else environ, (), errors)
     try:
@@ -402,6 +403,36 @@ def parse_config(text: str, *, environ: dict[str, str] | None = None, origin: st
     if errors:
         raise ConfigError(errors, PartialConfig(config, tuple(range(len(config.routes)))))
     return config
+
+
+# A config file holds hundreds of values; YAML aliases could make it expand to billions.
+MAX_CONFIG_VALUES = 100_000
+
+
+def _check_expanded_size(raw: Any, origin: str) -> None:
+    """Refuse a tree that YAML aliases make endless (an anchor used inside itself) or huge ("billion
+    laughs": each level ten aliases of the one before), before anything walks it: the walk would fail
+    with a RecursionError, or take the event loop for minutes during a hot reload."""
+    count, path = 0, set()
+    stack: list[tuple[Any, bool]] = [(raw, False)]
+    while stack:
+        node, leaving = stack.pop()
+        if leaving:
+            path.discard(id(node))
+            continue
+        count += 1
+        if count > MAX_CONFIG_VALUES:
+            raise ConfigError(
+                [f"{origin}: more than {MAX_CONFIG_VALUES:,} values once its YAML aliases are expanded"]
+            )
+        if isinstance(node, dict | list):
+            if id(node) in path:
+                raise ConfigError(
+                    [f"{origin}: a YAML alias is used inside what it names: the config never ends"]
+                )
+            path.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in (node.values() if isinstance(node, dict) else node))
 
 
 @dataclass(frozen=True)

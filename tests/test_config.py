@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -656,3 +657,19 @@ def test_an_admin_token_with_whitespace_at_either_end_is_refused_without_showing
     assert caught.value.errors == [
         "ops.admin_token: begins or ends with whitespace, such as a newline kept from a file: remove it"
     ]
+
+
+def test_a_yaml_alias_inside_what_it_names_is_a_config_error_not_a_recursion_error() -> None:
+    assert config_errors("sources: &s\n  x: *s\n") == [
+        "<config>: a YAML alias is used inside what it names: the config never ends"
+    ]
+
+
+def test_yaml_aliases_that_expand_past_the_limit_are_refused_before_anything_walks_them() -> None:
+    # Nine levels, each nine aliases of the one before: 387 million values from a few hundred bytes.
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 9)}]" for n in range(1, 9)]
+    text = "\n".join(levels) + "\nsources: {}\n"
+    started = time.monotonic()
+    assert config_errors(text) == ["<config>: more than 100,000 values once its YAML aliases are expanded"]
+    assert time.monotonic() - started < 5  # refused at once, not after walking them

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email.utils
+import re
 import ssl
 import time
 from abc import ABC, abstractmethod
@@ -218,6 +219,9 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S+")
+
+
 def transport_error(exc: Exception) -> Outcome:
     """Connection failures and timeouts are always worth another attempt."""
     cause = exc.__cause__
@@ -226,6 +230,14 @@ def transport_error(exc: Exception) -> Outcome:
         return retry(f"cannot connect: {cause}")
     import httpx  # loaded already: exc came from a request made with it
 
+    if isinstance(exc, httpx.TimeoutException) and cause is not None and not isinstance(cause, TimeoutError):
+        # The transport maps every lost connection to a ConnectTimeout too: a receiver that reset or closed
+        # the connection without answering did so at once, and "timeout" would send the operator looking
+        # for a slow receiver.
+        # aiohttp names the whole URL in some of these ("Can not write request body for http://..."): a chat
+        # webhook's URL holds its secret, and the error reaches the admin API and the log.
+        text = _URL.sub(lambda url: shown_url(url.group()), str(cause)) or type(cause).__name__
+        return retry(f"connection closed before the answer: {text}")
     if isinstance(exc, httpx.TimeoutException):
         return retry(f"timeout: {type(exc).__name__}")
     return retry(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)

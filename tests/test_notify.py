@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import socket
+import struct
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -463,6 +464,62 @@ def test_an_answer_that_is_not_http_is_reported_without_the_webhook_url(
     )
     assert secret not in (alert.last_error or "")
     assert secret not in caplog.text  # messages and tracebacks
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["closed", "reset"])
+def test_a_chat_webhook_that_drops_the_connection_is_not_reported_as_a_timeout(
+    tmp_path: Path, reset: bool
+) -> None:
+    # The transport maps a connection the receiver closed or reset to a ConnectTimeout; it happened at once,
+    # and the error must say so rather than send the operator looking for a slow receiver.
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            if reset:
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        action = notify_action("alert", f"http://127.0.0.1:{listener.getsockname()[1]}/hook")
+        config = gateway_config(tmp_path, routes=[route("consignease", action)])
+        config["defaults"]["retry"]["schedule"] = []
+        with RunningGateway(config) as gw:
+            send_consignease(gw, "msg_dropped")
+            wait_until(lambda: delivery_states(gw, "msg_dropped") == {"alert": "dead"})
+            [alert] = event_detail(gw, "msg_dropped").deliveries
+    finally:
+        listener.close()
+    assert (alert.last_error or "").startswith(
+        "gave up after 1 attempt: connection closed before the answer: "
+    )
+    assert "timeout" not in (alert.last_error or "").lower()
+
+
+def test_a_lost_connection_is_reported_without_the_url_aiohttp_names() -> None:
+    # aiohttp says "Can not write request body for <the whole URL>" when the receiver closes the
+    # connection as the body goes out (seen against a receiver that closes at once, now and then).
+    import aiohttp
+    import httpx
+
+    from gateway.actions import transport_error
+
+    secret = "services/T0001/B0002/abcdefghijklmnopqrstuvwx?token=t0k3n"
+    try:
+        try:
+            raise aiohttp.ClientOSError(None, f"Can not write request body for https://chat.example/{secret}")
+        except aiohttp.ClientOSError as cause:
+            raise httpx.ConnectTimeout(str(cause)) from cause
+    except httpx.ConnectTimeout as exc:
+        outcome = transport_error(exc)
+    assert outcome.error == (
+        "connection closed before the answer: [Errno None] Can not write request body for https://chat.example/…"
+    )
 
 
 # -- config checks ---------------------------------------------------------------------------------------

@@ -186,6 +186,10 @@ def check_http_url(url: str) -> str:
         raise ValueError(f"{shown_url(url)!r} is not a valid URL") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError(f"{shown_url(url)!r} is not an http(s) URL")
+    if parsed.userinfo:
+        # httpx turns them into an Authorization header and aiohttp then refuses the URL that still holds
+        # them: every attempt would fail, after the whole schedule, with a ValueError.
+        raise ValueError(f"{shown_url(url)!r}: credentials in the URL cannot be sent; use a header or token")
     return url
 
 

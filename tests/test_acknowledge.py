@@ -687,8 +687,13 @@ def test_acknowledge_needs_after(tmp_path: Path) -> None:
             {"token": "t", "base_url": "api.example"},
             "routes[0].actions[1].with.base_url: 'api.example' is not an http(s) URL",
         ),
+        (
+            {"token": "t", "base_url": "https://user:pw@api.example"},
+            "routes[0].actions[1].with.base_url: 'https://api.example': credentials in the URL cannot be sent; "
+            "use a header or token",
+        ),
     ],
-    ids=["both", "neither", "blank-token", "oauth-incomplete", "base-url"],
+    ids=["both", "neither", "blank-token", "oauth-incomplete", "base-url", "base-url-credentials"],
 )
 def test_credentials_are_checked_at_config_load(
     tmp_path: Path, options: dict[str, Any], expected: str

@@ -572,9 +572,15 @@ def test_a_valid_template_loads(tmp_path: Path) -> None:
             {"url": "ftp://chat.example/hook"},
             "routes[0].actions[1].with.url: 'ftp://chat.example/…' is not an http(s) URL",
         ),
+        (
+            # Refused rather than failing every attempt: httpx makes them an Authorization header, and
+            # aiohttp refuses a URL that holds them as well.
+            {"url": "https://hook:s3cret@chat.example/hook"},
+            "routes[0].actions[1].with.url: 'https://chat.example/…': credentials in the URL cannot be sent",
+        ),
         ({"colour": "red"}, "routes[0].actions[1].with.colour: unknown key"),
     ],
-    ids=["syntax", "unclosed-block", "unknown-filter", "format", "url", "unknown-option"],
+    ids=["syntax", "unclosed-block", "unknown-filter", "format", "url", "url-credentials", "unknown-option"],
 )
 def test_bad_options_fail_at_config_load(tmp_path: Path, options: dict[str, Any], expected: str) -> None:
     with pytest.raises(ConfigError) as raised:

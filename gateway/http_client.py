@@ -166,6 +166,10 @@ class Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
+        # An answer with both Content-Length and chunked Transfer-Encoding is read as chunked (RFC 9112 6.3)
+        # rather than refused: its status is what the receiver decided, and refusing it would send an event
+        # it has already taken again. The connection is then given up (on_message_complete).
+        self.parser.set_dangerous_leniencies(lenient_chunked_length=True)
         self.exchange: _Exchange | None = None
         self.open = False
         self.reusable = False
@@ -265,7 +269,11 @@ class Connection(asyncio.Protocol):
         # body was written leaves the rest of the body to be read as the next request.
         assert self.transport is not None
         self.reusable = (
-            self.open and self.parser.should_keep_alive() and not self.transport.get_write_buffer_size()
+            self.open
+            and self.parser.should_keep_alive()
+            and not self.transport.get_write_buffer_size()
+            # Two framings: whoever sent it may read the connection's next bytes by the other one.
+            and not ("content-length" in exchange.headers and "transfer-encoding" in exchange.headers)
         )
         if not exchange.done.done():
             exchange.done.set_result(None)

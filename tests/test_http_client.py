@@ -163,6 +163,12 @@ def test_an_answer_arriving_in_pieces_gives_each_header_whole_even_an_empty_one(
     [
         pytest.param(b"HTTP/1.1 200 OK\r\ncontent-length: 100000\r\n\r\n" + b"x" * 100_000, id="too large"),
         pytest.param(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok", id="close"),
+        # Both framings (RFC 9112 6.3): the chunked one is read, the status stands (the receiver has the
+        # event and must not get it again), and the connection is not trusted with another request.
+        pytest.param(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+            id="content-length and chunked",
+        ),
     ],
 )
 def test_an_answer_not_worth_keeping_its_connection_for_gives_the_connection_up(reply: bytes) -> None:

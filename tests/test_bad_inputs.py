@@ -1,6 +1,7 @@
 """A corpus of bad (and tricky but valid) webhook requests against a real server: each gets the status
 docs/errors.md gives its reason (read from the table there, so docs and behaviour cannot drift), nothing
-answers 5xx, and every rejection is counted in hookyard_webhook_rejections_total{source, reason}."""
+answers 5xx but a 501 for a transfer coding the listener does not understand, and every rejection is
+counted in hookyard_webhook_rejections_total{source, reason}."""
 
 from __future__ import annotations
 

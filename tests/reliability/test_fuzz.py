@@ -1,7 +1,7 @@
 """Scenario 6: fuzzing. Hypothesis drives the whole webhook listener of a running gateway with random
 requests, random mutations of valid signed requests and malformed HTTP: only the answers docs/errors.md
-lists, never a 5xx, and never an accepted request whose signed parts were tampered with. Schemathesis
-drives the admin API from its own OpenAPI document."""
+lists, never a 5xx (but 501 for a transfer coding it does not understand), and never an accepted request
+whose signed parts were tampered with. Schemathesis drives the admin API from its own OpenAPI document."""
 
 from __future__ import annotations
 
@@ -69,8 +69,12 @@ def _answer(response: httpx.Response) -> tuple[int, str | None]:
     return response.status_code, body.get("status") if response.status_code == 200 else body.get("error")
 
 
+# The one 5xx a request can earn: a transfer coding the listener does not understand (RFC 9112 6.1).
+NOT_UNDERSTOOD = (501, "unsupported_transfer_encoding")
+
+
 def _assert_documented(status: int, reason: str | None, context: Any) -> None:
-    assert status < 500, (status, reason, context)
+    assert status < 500 or (status, reason) == NOT_UNDERSTOOD, (status, reason, context)
     assert status in DOCUMENTED, (status, reason, context)
     assert reason in DOCUMENTED[status], (status, reason, context)
 

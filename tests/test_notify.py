@@ -8,7 +8,7 @@ import logging
 import socket
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,8 +423,9 @@ def test_a_500_from_the_chat_webhook_is_retried(tmp_path: Path, downstream: Down
 
 
 @contextmanager
-def garbled_server() -> Iterator[str]:
-    """A server that answers every request with something that is not HTTP: its address."""
+def raw_server(answer: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A server that reads each request (whatever came in its first packet) and hands the connection to
+    `answer`, which writes what it likes and may close it: the server's address."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
@@ -434,14 +435,28 @@ def garbled_server() -> Iterator[str]:
             except OSError:
                 return
             with conn:
+                # Once the request is in: a reset during the handshake would be a failed connect instead.
                 conn.recv(65536)
-                conn.sendall(b"NOT-HTTP\r\n\r\n")
+                answer(conn)
 
     threading.Thread(target=serve, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{listener.getsockname()[1]}"
     finally:
         listener.close()
+
+
+def only_attempt(tmp_path: Path, url: str, msg_id: str) -> Any:
+    """The delivery of one event to a notify action at `url` that has no retries, once it is dead."""
+    config = gateway_config(
+        tmp_path, routes=[route("consignease", notify_action("alert", url, format="slack"))]
+    )
+    config["defaults"]["retry"]["schedule"] = []
+    with RunningGateway(config) as gw:
+        send_consignease(gw, msg_id)
+        wait_until(lambda: delivery_states(gw, msg_id) == {"alert": "dead"})
+        [alert] = event_detail(gw, msg_id).deliveries
+    return alert
 
 
 def test_an_answer_that_is_not_http_is_reported_without_the_webhook_url(
@@ -451,14 +466,8 @@ def test_an_answer_that_is_not_http_is_reported_without_the_webhook_url(
     # (the admin API shows it) nor in the log.
     secret = "services/T0001/B0002/abcdefghijklmnopqrstuvwx"
     caplog.set_level(logging.INFO)
-    with garbled_server() as url:
-        action = notify_action("alert", f"{url}/{secret}", format="slack")
-        config = gateway_config(tmp_path, routes=[route("consignease", action)])
-        config["defaults"]["retry"]["schedule"] = []
-        with RunningGateway(config) as gw:
-            send_consignease(gw, "msg_garbled")
-            wait_until(lambda: delivery_states(gw, "msg_garbled") == {"alert": "dead"})
-            [alert] = event_detail(gw, "msg_garbled").deliveries
+    with raw_server(lambda conn: conn.sendall(b"NOT-HTTP\r\n\r\n")) as url:
+        alert = only_attempt(tmp_path, f"{url}/{secret}", "msg_garbled")
     assert (alert.last_error or "").startswith(
         "gave up after 1 attempt: RemoteProtocolError: invalid answer:"
     )
@@ -472,31 +481,12 @@ def test_a_chat_webhook_that_drops_the_connection_is_not_reported_as_a_timeout(
 ) -> None:
     # The transport maps a connection the receiver closed or reset to a ConnectTimeout; it happened at once,
     # and the error must say so rather than send the operator looking for a slow receiver.
-    listener = socket.create_server(("127.0.0.1", 0))
+    def drop(conn: socket.socket) -> None:
+        if reset:
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            # Once the request is in: a reset during the handshake would be a failed connect instead.
-            conn.recv(65536)
-            if reset:
-                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        action = notify_action("alert", f"http://127.0.0.1:{listener.getsockname()[1]}/hook")
-        config = gateway_config(tmp_path, routes=[route("consignease", action)])
-        config["defaults"]["retry"]["schedule"] = []
-        with RunningGateway(config) as gw:
-            send_consignease(gw, "msg_dropped")
-            wait_until(lambda: delivery_states(gw, "msg_dropped") == {"alert": "dead"})
-            [alert] = event_detail(gw, "msg_dropped").deliveries
-    finally:
-        listener.close()
+    with raw_server(drop) as url:
+        alert = only_attempt(tmp_path, f"{url}/hook", "msg_dropped")
     assert (alert.last_error or "").startswith(
         "gave up after 1 attempt: connection closed before the answer: "
     )

@@ -13,7 +13,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Generator
+from collections.abc import Collection, Generator
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,9 @@ class Gateway:
         self._exit = asyncio.Event()
         self._shutting_down = False
         self._reloads: set[asyncio.Task[bool]] = set()  # asked for by SIGHUP, held until done
+        # The plugins whose startup hook has returned: if the start fails after that, theirs is the
+        # shutdown to call, as a context manager's exit runs only once its enter has finished.
+        self._started_plugins: list[str] = []
 
     @property
     def engine(self) -> Engine:
@@ -121,7 +124,10 @@ class Gateway:
         try:
             await self._start_on_open_storage()
         except BaseException:
-            # A startup hook, an action's constructor or the lock failed: leave no pool, thread or lock behind.
+            # A startup hook, an action's constructor or the lock failed: leave no pool, thread or lock behind,
+            # and let the plugins that started close what they opened.
+            if self._started_plugins:
+                await _call_each(self.pm.hook.shutdown, only=self._started_plugins, gateway=self)
             if self._resources is not None:
                 await self._resources.aclose()
                 self._resources = None
@@ -152,7 +158,7 @@ class Gateway:
         )
         actions = build_actions(self.table, self.registry, self._resources)
         self._engine = Engine(self.storage, actions, self.config.delivery, self.metrics, self.pm)
-        await _await_all(self.pm.hook.startup(gateway=self))
+        await self._start_plugins()
         self._engine.start()
         self._warn_insecure()
         self.ready = True
@@ -163,6 +169,16 @@ class Gateway:
             "hookyard ready",
             extra={"sources": len(self.table.endpoints), "routes": sum(map(len, self.table.routes.values()))},
         )
+
+    async def _start_plugins(self) -> None:
+        """Each startup hook in pluggy's order, one at a time: a plugin's awaitable has finished before the
+        next plugin starts, and after one raises no other is called."""
+        arguments = {"gateway": self}
+        for impl in reversed(self.pm.hook.startup.get_hookimpls()):
+            result = impl.function(*(arguments[name] for name in impl.argnames))
+            if inspect.isawaitable(result):
+                await result
+            self._started_plugins.append(impl.plugin_name)
 
     async def stop(self) -> None:
         """Stop delivering (running deliveries get delivery.shutdown_timeout), then close storage."""
@@ -391,18 +407,13 @@ def listening_socket(host: str, port: int) -> socket.socket:
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {os.strerror(exc.errno or 0)}") from None
 
 
-async def _await_all(results: list[Any]) -> None:
-    """Hook implementations may return awaitables; await those, keep the rest."""
-    for result in results:
-        if inspect.isawaitable(result):
-            await result
-
-
-async def _call_each(hook: pluggy.HookCaller, **kwargs: Any) -> None:
-    """Call every implementation of a hook in pluggy's order, awaiting what it returns. One that raises is
-    logged and the others still run: pluggy would stop at the first failure, and a plugin whose shutdown
-    fails must not keep another one from closing what it opened."""
+async def _call_each(hook: pluggy.HookCaller, only: Collection[str] | None = None, **kwargs: Any) -> None:
+    """Call every implementation of a hook in pluggy's order (or those of the plugins named in `only`),
+    awaiting what it returns. One that raises is logged and the others still run: pluggy would stop at the
+    first failure, and a plugin whose shutdown fails must not keep another one from closing what it opened."""
     for impl in reversed(hook.get_hookimpls()):
+        if only is not None and impl.plugin_name not in only:
+            continue
         try:
             result = impl.function(*(kwargs[name] for name in impl.argnames))
             if inspect.isawaitable(result):

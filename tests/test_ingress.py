@@ -301,17 +301,42 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path, downstream: Downstream) 
     from gateway.config import parse_config
     from gateway.plugins import new_plugin_manager
 
+    calls: list[str] = []
+
     class Broken:
         @hookimpl
         def startup(self, gateway):  # type: ignore[no-untyped-def]
+            calls.append("broken starts")
             raise RuntimeError("a plugin cannot start")
+
+        @hookimpl
+        def shutdown(self, gateway):  # type: ignore[no-untyped-def]
+            calls.append("broken stops")
+
+    class Pool:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        @hookimpl
+        async def startup(self, gateway):  # type: ignore[no-untyped-def]
+            calls.append(f"{self.name} starts")
+
+        @hookimpl
+        async def shutdown(self, gateway):  # type: ignore[no-untyped-def]
+            calls.append(f"{self.name} stops")
 
     config = parse_config(json.dumps(gateway_config(tmp_path, downstream.url)))
     pm = new_plugin_manager(load_entry_points=False)
+    # pluggy calls the last registered first: "first" starts, then "broken" fails before "never" starts.
+    pm.register(Pool("never"), name="never")
     pm.register(Broken(), name="broken")
+    pm.register(Pool("first"), name="first")
     threads = threading.active_count()
     with pytest.raises(RuntimeError, match="cannot start"):
         asyncio.run(Gateway(config, pm=pm).start())
+    # The plugin that started is told to close what it opened; the one that failed and the one never
+    # started are not.
+    assert calls == ["first starts", "broken starts", "first stops"]
     # The database's serving lock, its helper threads and the HTTP pool are gone: another start works.
     assert threading.active_count() == threads
 

@@ -160,6 +160,10 @@ class _Exchange:
     body_read: int = 0
 
 
+def _announces_a_body(headers: dict[str, str]) -> bool:
+    return "transfer-encoding" in headers or headers.get("content-length", "0").strip() not in ("", "0")
+
+
 class Connection(asyncio.Protocol):
     """One keep-alive connection: one exchange at a time, answers fed to httptools as they arrive."""
 
@@ -274,6 +278,10 @@ class Connection(asyncio.Protocol):
             and not self.transport.get_write_buffer_size()
             # Two framings: whoever sent it may read the connection's next bytes by the other one.
             and not ("content-length" in exchange.headers and "transfer-encoding" in exchange.headers)
+            # A 204 or 304 has no body whatever it says (RFC 9110 6.4.1), so the parser is done at the head;
+            # one that announces a body may send it after all, and it would be read as the next answer. (A
+            # 304's length may only describe the resource; a new connection is the cheap side of that doubt.)
+            and not (exchange.status in (204, 304) and _announces_a_body(exchange.headers))
         )
         if not exchange.done.done():
             exchange.done.set_result(None)

@@ -401,6 +401,20 @@ def test_a_second_answer_to_one_request_costs_the_connection_and_is_never_read_a
     run(test)
 
 
+@pytest.mark.parametrize("status", [b"204 No Content", b"304 Not Modified"])
+def test_an_answer_without_a_body_that_announces_one_costs_the_connection(status: bytes) -> None:
+    # The body such a receiver sends after the head, in a later packet, would be read as the next answer.
+    reply = [b"HTTP/1.1 " + status + b"\r\ncontent-length: 5\r\n\r\n", b"hello"]
+
+    async def test() -> None:
+        async with serving(reply) as (server, http, target):
+            for _ in range(2):
+                assert (await http.request("POST", target, {}, b"{}")).status == int(status[:3])
+        assert server.connections == 2
+
+    run(test)
+
+
 def test_an_upgrade_answer_is_an_error_not_a_crash_of_the_protocol(caplog: pytest.LogCaptureFixture) -> None:
     upgrade = b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n"
 

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gateway.config import RetryPolicy
 from gateway.events import Event
-from gateway.http_client import HttpClient, shown_url
+from gateway.http_client import HttpClient, announces_a_stray_body, shown_url
 
 if TYPE_CHECKING:
     import aiohttp
@@ -107,6 +107,7 @@ class Resources:
                 connector=aiohttp.TCPConnector(limit=self.pool, keepalive_timeout=30, ssl=self.ssl_context),
                 headers={"user-agent": self.user_agent},
                 cookie_jar=aiohttp.DummyCookieJar(),
+                response_class=_response_class(),
             )
         return self._session
 
@@ -129,6 +130,24 @@ class Resources:
         if self._session is not None:
             await self._session.close()
         await self.client.aclose()
+
+
+def _response_class() -> type[aiohttp.ClientResponse]:
+    """aiohttp's answer, except that a 204 or 304 announcing a body costs its connection. aiohttp would
+    give the connection back to its pool, and read that body, should it come after the head, as the next
+    request's answer: that request would fail after its receiver took it, and be sent again."""
+    import aiohttp
+
+    class Response(aiohttp.ClientResponse):
+        async def start(self, connection: aiohttp.connector.Connection) -> Response:
+            protocol = connection.protocol  # the connection lets go of it once the answer is in
+            await super().start(connection)
+            # Nothing ran in between: the pool cannot have handed the connection to another request yet.
+            if protocol is not None and announces_a_stray_body(self.status, self.headers):
+                protocol.close()
+            return self
+
+    return Response
 
 
 def _url_free_transport(session: aiohttp.ClientSession) -> httpx.AsyncBaseTransport:

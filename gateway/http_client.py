@@ -160,7 +160,13 @@ class _Exchange:
     body_read: int = 0
 
 
-def _announces_a_body(headers: dict[str, str]) -> bool:
+def announces_a_stray_body(status: int, headers: Mapping[str, str]) -> bool:
+    """A 204 or 304, which has no body whatever it says (RFC 9110 6.4.1), that announces one all the same:
+    the receiver may send it after the head, and on a kept connection it would be read as the next answer.
+    (A 304's length may only describe the resource; a new connection is the cheap side of that doubt.)
+    `headers` is looked up by lower-case name."""
+    if status not in (204, 304):
+        return False
     return "transfer-encoding" in headers or headers.get("content-length", "0").strip() not in ("", "0")
 
 
@@ -278,10 +284,7 @@ class Connection(asyncio.Protocol):
             and not self.transport.get_write_buffer_size()
             # Two framings: whoever sent it may read the connection's next bytes by the other one.
             and not ("content-length" in exchange.headers and "transfer-encoding" in exchange.headers)
-            # A 204 or 304 has no body whatever it says (RFC 9110 6.4.1), so the parser is done at the head;
-            # one that announces a body may send it after all, and it would be read as the next answer. (A
-            # 304's length may only describe the resource; a new connection is the cheap side of that doubt.)
-            and not (exchange.status in (204, 304) and _announces_a_body(exchange.headers))
+            and not announces_a_stray_body(exchange.status, exchange.headers)
         )
         if not exchange.done.done():
             exchange.done.set_result(None)

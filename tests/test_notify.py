@@ -493,6 +493,34 @@ def test_a_chat_webhook_that_drops_the_connection_is_not_reported_as_a_timeout(
     assert "timeout" not in (alert.last_error or "").lower()
 
 
+def test_a_204_that_announces_a_body_costs_its_connection_and_the_next_message_is_sent_once(
+    tmp_path: Path,
+) -> None:
+    head = b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n"
+    requests: list[str] = []  # each request: the first on its connection, or a next one
+
+    def answer(conn: socket.socket) -> None:
+        requests.append("first")
+        conn.sendall(head)
+        while conn.recv(65536):
+            requests.append("next")
+            # The announced body comes late: a client that kept the connection reads it as this answer's start.
+            conn.sendall(b"hello" + head)
+
+    config = gateway_config(
+        tmp_path, routes=[route("consignease", notify_action("alert", "", format="slack"))]
+    )
+    config["defaults"]["retry"]["schedule"] = []
+    with raw_server(answer) as url:
+        config["routes"][0]["actions"][0]["with"]["url"] = f"{url}/hook"
+        with RunningGateway(config) as gw:
+            for msg_id in ("msg_first", "msg_second"):
+                send_consignease(gw, msg_id)
+                wait_until(lambda m=msg_id: delivery_states(gw, m)["alert"] in ("delivered", "dead"))
+                assert delivery_states(gw, msg_id) == {"alert": "delivered"}
+    assert requests == ["first", "first"]
+
+
 def test_a_lost_connection_is_reported_without_the_url_aiohttp_names() -> None:
     # aiohttp says "Can not write request body for <the whole URL>" when the receiver closes the
     # connection as the body goes out (seen against a receiver that closes at once, now and then).

@@ -164,7 +164,10 @@ def _url_free_transport(session: aiohttp.ClientSession) -> httpx.AsyncBaseTransp
             try:
                 return await super().handle_async_request(request)
             except aiohttp.ClientResponseError as exc:
-                raise httpx.RemoteProtocolError(f"invalid answer: {exc.message}", request=request) from None
+                # On one line: aiohttp's parser errors take several, the last only a caret under the fault.
+                lines = (line.strip() for line in str(exc.message).splitlines())
+                message = " ".join(line for line in lines if line.strip("^"))
+                raise httpx.RemoteProtocolError(f"invalid answer: {message}", request=request) from None
 
     return Transport(client=session)
 

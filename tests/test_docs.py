@@ -205,7 +205,9 @@ def test_make_run_installs_only_the_runtime_package_and_make_test_the_test_extra
 
 def rejection_reasons() -> set[str]:
     """Every reason the listener and the built-in providers refuse a webhook with, read from their source."""
-    calls = re.compile(r'(?:Rejected\(\d{3},|unauthorized\(|bad_request\()\s*"([a-z_]+)"')
+    calls = re.compile(
+        r'(?:Rejected\(\s*\d{3},|_closing_answer\(\s*\d{3},|unauthorized\(|bad_request\()\s*"([a-z_]+)"'
+    )
     sources = [*(ROOT / "gateway").glob("*.py"), *(ROOT / "plugins").glob("*.py")]
     return {reason for path in sources for reason in calls.findall(path.read_text())}
 

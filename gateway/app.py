@@ -9,6 +9,7 @@ import gc
 import inspect
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -49,6 +50,12 @@ OPS_DRAIN_TIMEOUT = 1
 # so forwarded webhooks, and are walked, though their reference counts free them all moments later; at
 # 10,000 that hardly happens, and what a reference cycle keeps waits a little longer: a few MB at most.
 GC_YOUNG_THRESHOLD = 10_000
+
+# The files a gateway keeps open besides its webhook listener's connections: about 30 at rest (the store's
+# database, WAL and lock, the fsync helper's pipes, both listening sockets, the event loop's own, stdio),
+# with the ops listener's probes, scrapes and admin calls on top. Deliveries add up to two per worker
+# (delivery.concurrency): the forward action's keep-alive connections and aiohttp's pool.
+FILES_RESERVED = 64
 
 
 def collect_less() -> None:
@@ -99,6 +106,7 @@ class Gateway:
         self.storage.on_commit = self.metrics.observe_commit
         self.ingress = Ingress(self)
         self.ops = ops_app(self)
+        self.metrics.webhook_max_connections.set_function(lambda: self.ingress.max_connections)
         self.ready = False
         # Skip the hook call on the hot path when no plugin listens.
         self.observes_events = bool(self.pm.hook.event_accepted.get_hookimpls())
@@ -255,6 +263,7 @@ class Gateway:
             # Deliveries already running finish with the actions they started with.
             engine.swap_actions(actions)
         self._reload_certificate()
+        self._fit_connections()
         self.metrics.config_reloads.labels("success").inc()
         log.info("config reloaded", extra={"sources": len(table.endpoints)})
         self._warn_insecure()
@@ -294,6 +303,13 @@ class Gateway:
         except (OSError, ssl.SSLError) as exc:
             log.error("cannot load the TLS certificate; keeping the old one", extra={"error": str(exc)})
 
+    def _fit_connections(self) -> None:
+        # The delivery pool is the one the gateway started with: a new `delivery` needs a restart.
+        pool = self._resources.pool if self._resources is not None else self.config.delivery.concurrency
+        self.ingress.max_connections = fit_connections(
+            self.config.listen.max_connections, FILES_RESERVED + 2 * pool
+        )
+
     def _warn_insecure(self) -> None:
         for name, source in self.config.sources.items():
             if source.insecure and not self.registry.providers[source.provider].needs_secret:
@@ -329,9 +345,12 @@ class Gateway:
         await self.start()
         if freeze_startup_objects:
             collect_less()
+        self._fit_connections()
         ingress_config = self._uvicorn_config(self.ingress, listen.host, listen.port, INGRESS_DRAIN_TIMEOUT)
         ingress_config.http = webhook_protocol(self.ingress)
         ingress = self._ingress_server = _Server(ingress_config)
+        connections = ingress.server_state.connections  # read at each scrape: nothing per connection
+        self.metrics.webhook_connections.set_function(lambda: len(connections))
         if listen.tls is not None:
             ingress.config.ssl_certfile, ingress.config.ssl_keyfile = listen.tls.cert, listen.tls.key
         ops = _Server(self._uvicorn_config(self.ops, ops_config.host, ops_config.port, OPS_DRAIN_TIMEOUT))
@@ -393,6 +412,49 @@ def _read_or_empty(path: Path) -> bytes:
         return path.read_bytes()
     except OSError:
         return b""
+
+
+def fit_connections(wanted: int, reserved: int) -> int:
+    """The webhook listener's limit of open connections: `wanted` (listen.max_connections) if the process
+    may open that many files and `reserved` more. Past its open-file limit (RLIMIT_NOFILE) accept() fails
+    with EMFILE, and so does everything else that opens a file: the store, the ops listener, deliveries.
+
+    The soft limit is raised as far as needed when the hard limit allows it, as Go programs do: its usual
+    1024 is there for select(), which asyncio does not use. If even the hard limit is too low, the limit is
+    lowered to fit, with a warning: refused 503 too_many_connections, a flood leaves the rest working."""
+    needed = wanted + reserved
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return wanted
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            pass  # macOS refuses a soft limit past kern.maxfilesperproc, even under an unlimited hard one
+        else:
+            log.info(
+                "open-file limit raised from %d to %d for listen.max_connections",
+                soft,
+                target,
+                extra={"max_connections": wanted},
+            )
+            soft = target
+    if soft >= needed:
+        return wanted
+    fitted = max(1, soft - reserved)
+    log.warning(
+        "listen.max_connections lowered from %d to %d: the open-file limit is %d (hard limit %s), and %d of "
+        "them are kept for the store, the ops listener and deliveries; raise the limit (ulimit -n, "
+        "LimitNOFILE=, the container's nofile ulimit) or lower listen.max_connections",
+        wanted,
+        fitted,
+        soft,
+        "unlimited" if hard == resource.RLIM_INFINITY else hard,
+        reserved,
+        extra={"max_connections": fitted},
+    )
+    return fitted
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

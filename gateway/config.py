@@ -108,6 +108,9 @@ class IngressListener(Listener):
     tls: TLS | None = None
     # On SIGTERM, keep answering this long after /readyz turns 503, while the load balancer notices.
     drain_delay: Duration = 0.0
+    # Connections open at once; past it, a new one is answered 503 and closed. Without a bound, a flood of
+    # connections would take every file descriptor, and the store and the ops listener would fail with it.
+    max_connections: int = Field(default=1024, gt=0)
 
     @field_validator("trusted_proxies")
     @classmethod

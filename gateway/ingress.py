@@ -87,6 +87,9 @@ class Ingress:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.in_flight = 0  # admitted requests not answered yet
+        # The listener's limit of open connections: listen.max_connections, or less where the process's
+        # open-file limit cannot hold that many (gateway.app.fit_connections).
+        self.max_connections = gateway.config.listen.max_connections
 
     # -- the steps, shared by both doors ----------------------------------------------------------------
 

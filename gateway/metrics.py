@@ -226,6 +226,17 @@ class Metrics:
         self.ready = Gauge(
             "hookyard_ready", "1 when the gateway is ready to accept webhooks.", registry=registry
         )
+        self.webhook_connections = Gauge(
+            "hookyard_webhook_connections",
+            "Connections open on the webhook listener.",
+            registry=registry,
+        )
+        self.webhook_max_connections = Gauge(
+            "hookyard_webhook_max_connections",
+            "The webhook listener's limit of open connections (listen.max_connections, or lower where the "
+            "open-file limit cannot hold it); past it, new ones are refused 503 too_many_connections.",
+            registry=registry,
+        )
         self.storage_writable = Gauge(
             "hookyard_storage_writable",
             "1 when the store took the last readiness check's test write (every /readyz), 0 when it failed.",

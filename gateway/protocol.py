@@ -69,10 +69,12 @@ log = logging.getLogger("hookyard.ingress")
 
 def _closing_answer(status: int, reason: str, detail: str) -> tuple[bytes, str]:
     """An answer for a request refused before it is one (its line and headers are not complete or not
-    HTTP): the same JSON reason as every refusal, then the connection is closed. With its reason, which is
-    counted under no source (the path may never have been read)."""
+    HTTP, or its connection is one too many): the same JSON reason as every refusal, then the connection
+    is closed. With its reason, which is counted under no source (the path may never have been read)."""
     body = orjson.dumps({"error": reason, "detail": detail})
     head = STATUS_LINE[status] + b"content-type: application/json\r\nconnection: close\r\n"
+    for name, value in EXTRA_HEADERS.get(status, ()):
+        head += name + b": " + value + b"\r\n"
     return head + b"content-length: %d\r\n\r\n" % len(body) + body, reason
 
 
@@ -83,6 +85,12 @@ _HEAD_TOO_LARGE = _closing_answer(
     431, "headers_too_large", "the request line and headers go on past the limit without ending"
 )
 _MALFORMED = _closing_answer(400, "invalid_http", "the request is not valid HTTP/1.1")
+_TOO_MANY_CONNECTIONS = _closing_answer(
+    503, "too_many_connections", "the listener has listen.max_connections connections open; retry later"
+)
+# A flood of connections is refused as fast as it comes: the log says so once a minute, the metric counts
+# each one.
+_FULL_LOG_INTERVAL = 60.0  # seconds
 # Beyond limits.max_header_bytes (the headers' names and values), what a request's head may hold: its
 # line (uvicorn refuses a URL over 64 KiB) and each header's punctuation.
 _HEAD_ALLOWANCE = 128 * 1024
@@ -163,11 +171,33 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
         # A request that asks to switch protocols, until it is parsed again without that (_ignore_upgrade):
         # the request in progress before it.
         _before_upgrade: tuple[Cycle] | None = None
+        # When a connection over listen.max_connections was last logged (any instance's).
+        _full_logged = -_FULL_LOG_INTERVAL
 
         def connection_made(self, transport: Any) -> None:
             # Duck-typed: uvicorn only writes, closes and asks the transport about itself.
             super().connection_made(cast(asyncio.Transport, CoalescedWrites(transport, self.loop)))
+            # uvicorn's set of the listener's open connections, this one included (added just now).
+            if len(self.connections) > ingress.max_connections:
+                self._too_many_connections()
+                return
             self._arm(self._headers_timed_out, limits().read_timeout)
+
+        def _too_many_connections(self) -> None:
+            # Answered and closed at once, before anything is read: waiting for its request would hold
+            # the file descriptor the limit is there to save. Its slot is given up now, not when the
+            # loop gets to connection_lost, so a burst of refusals does not refuse the next one in turn.
+            self.connections.discard(self)
+            self._close_with(_TOO_MANY_CONNECTIONS)
+            now = self.loop.time()
+            if now - WebhookProtocol._full_logged >= _FULL_LOG_INTERVAL:
+                WebhookProtocol._full_logged = now
+                log.warning(
+                    "the webhook listener has %d connections open (listen.max_connections): new ones are "
+                    "refused 503 too_many_connections",
+                    ingress.max_connections,
+                    extra={"max_connections": ingress.max_connections},
+                )
 
         def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol allows a bool
             # The client closed its side: what is buffered (the answer to its last request) leaves now.

@@ -9,6 +9,7 @@ import hmac
 import ipaddress
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -338,11 +339,19 @@ def standard_webhooks_secret_bytes(secret: str) -> bytes:
 class GatewayProcess:
     """`hookyard serve` in a child process (crash tests kill it); its logs go to gateway.log beside the config."""
 
-    def __init__(self, config_path: Path, ops_url: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config_path: Path,
+        ops_url: str,
+        env: dict[str, str] | None = None,
+        open_files: int | None = None,
+    ) -> None:
+        """open_files: the child's open-file limit (RLIMIT_NOFILE, soft and hard), if not the test's own."""
         self.config_path = config_path
         self.ops_url = ops_url
         self.log_path = config_path.parent / "gateway.log"
         self.env = {**os.environ, **(env or {})}
+        self.open_files = open_files
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> GatewayProcess:
@@ -352,6 +361,7 @@ class GatewayProcess:
                 env=self.env,
                 stdout=subprocess.DEVNULL,
                 stderr=log,
+                preexec_fn=None if self.open_files is None else self._limit_open_files,
             )
         process = self.process
         try:
@@ -364,6 +374,10 @@ class GatewayProcess:
                 f"gateway exited with {process.returncode}: {self.log_path.read_text()[-2000:]}"
             )
         return self
+
+    def _limit_open_files(self) -> None:
+        assert self.open_files is not None
+        resource.setrlimit(resource.RLIMIT_NOFILE, (self.open_files, self.open_files))
 
     def kill(self) -> None:
         if self.process is not None and self.process.poll() is None:

@@ -5,17 +5,32 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 from gateway.addresses import PRESETS, ForwardedHeader, client_address, parse_address, parse_networks
-from tests.support import RunningGateway, gateway_config, svix_request, wait_until
+from tests.support import (
+    GatewayProcess,
+    RunningGateway,
+    free_port,
+    gateway_config,
+    metric_value,
+    svix_request,
+    wait_until,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def with_source(tmp_path: Any, **source: Any) -> dict[str, Any]:
@@ -322,3 +337,135 @@ def test_overload_is_shed_with_503_and_health_stays_up(tmp_path: Any) -> None:
                 sock.close()
         wait_until(lambda: gw.gateway.ingress.in_flight == 0)
         assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+
+
+def test_a_connection_past_listen_max_connections_is_refused_503_and_closed(tmp_path: Any) -> None:
+    config = gateway_config(tmp_path, listen={"max_connections": 2}, reload={"watch": False})
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with RunningGateway(path) as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        idle = [socket.create_connection((host, int(port)), timeout=5) for _ in range(2)]
+        try:
+            wait_until(lambda: gw.metric("hookyard_webhook_connections") == 2)
+            assert gw.metric("hookyard_webhook_max_connections") == 2
+            # A third is answered at once, before it sends anything, and closed.
+            with socket.create_connection((host, int(port)), timeout=5) as third:
+                answer = read_response(third)
+                assert third.recv(1) == b""
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503 ")
+            assert b"\r\nretry-after: 5\r\n" in head and b"\r\nconnection: close\r\n" in head
+            assert json.loads(body)["error"] == "too_many_connections"
+            # A sender's client sees the same answer to its webhook.
+            with httpx.Client(timeout=5) as sender:
+                body, headers = svix_request(msg_id="msg_refused")
+                refused = sender.post(gw.url + "/webhooks/consignease", content=body, headers=headers)
+            assert (refused.status_code, refused.json()["error"]) == (503, "too_many_connections")
+            assert refused.headers["retry-after"] == "5"
+            assert (
+                gw.metric("hookyard_webhook_rejections_total", source="", reason="too_many_connections") == 2
+            )
+            # The ops listener is not the webhook listener's: it still answers.
+            assert gw.client.get(gw.ops_url + "/healthz").status_code == 200
+            assert gw.client.get(gw.ops_url + "/readyz").status_code == 200
+            assert gw.metric("hookyard_webhook_connections") == 2  # the refused ones hold no slot
+        finally:
+            idle.pop().close()
+        # A connection that closes frees its slot.
+        wait_until(lambda: gw.metric("hookyard_webhook_connections") == 1)
+        body, headers = svix_request(msg_id="msg_after_a_slot_freed")
+        accepted = gw.post("/webhooks/consignease", body, headers)
+        assert (accepted.status_code, accepted.json()["status"]) == (200, "accepted")
+        # Full again (the client keeps its connection open); a reload raising the limit applies at once.
+        assert gw.metric("hookyard_webhook_connections") == 2
+        path.write_text(yaml.safe_dump({**config, "listen": {"max_connections": 3}}))
+        assert asyncio.run_coroutine_threadsafe(gw.gateway.reload(), gw.loop).result(10)
+        with httpx.Client(timeout=5) as sender:
+            body, headers = svix_request(msg_id="msg_after_reload")
+            assert (
+                sender.post(gw.url + "/webhooks/consignease", content=body, headers=headers).status_code
+                == 200
+            )
+        for sock in idle:
+            sock.close()
+
+
+def test_a_flood_of_connections_under_a_low_open_file_limit_leaves_the_ops_listener_answering(
+    tmp_path: Any,
+) -> None:
+    # 200 open files at most, hard limit included: listen.max_connections (1024) is lowered to fit, with
+    # 64 + 2 x delivery.concurrency kept for the rest. Without a limit, the listener would take all 200
+    # and the ops listener's accept() would fail with EMFILE.
+    ingress, ops = free_port(), free_port()
+    config = gateway_config(
+        tmp_path,
+        listen={"host": "127.0.0.1", "port": ingress},
+        ops={"host": "127.0.0.1", "port": ops},
+        delivery={"concurrency": 8},
+    )
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    ops_url = f"http://127.0.0.1:{ops}"
+    process = GatewayProcess(path, ops_url, open_files=200).start()
+    flood: list[socket.socket] = []
+    try:
+        with httpx.Client(timeout=3) as client:
+            assert (
+                metric_value(client.get(ops_url + "/metrics").text, "hookyard_webhook_max_connections") == 120
+            )
+            for _ in range(250):
+                flood.append(socket.create_connection(("127.0.0.1", ingress), timeout=5))
+
+            def scraped(name: str, **labels: str) -> float:
+                return metric_value(client.get(ops_url + "/metrics").text, name, **labels)
+
+            wait_until(
+                lambda: scraped("hookyard_webhook_rejections_total", reason="too_many_connections") == 130
+            )
+            assert scraped("hookyard_webhook_connections") == 120
+            assert client.get(ops_url + "/healthz").status_code == 200
+            assert client.get(ops_url + "/readyz").status_code == 200  # the store still writes
+    finally:
+        for sock in flood:
+            sock.close()
+        process.kill()
+    assert "listen.max_connections lowered from 1024 to 120" in process.log_path.read_text()
+
+
+def test_the_open_file_limit_is_raised_for_listen_max_connections_or_the_limit_lowered_to_fit() -> None:
+    # In a process of its own: a hard limit, once lowered, cannot be raised again.
+    code = """
+import logging, resource, sys
+from gateway.app import fit_connections
+logging.basicConfig(stream=sys.stdout, format="%(levelname)s %(message)s", level=logging.INFO)
+resource.setrlimit(resource.RLIMIT_NOFILE, (300, 2000))
+print(fit_connections(1024, 192), resource.getrlimit(resource.RLIMIT_NOFILE))
+print(fit_connections(100, 192), resource.getrlimit(resource.RLIMIT_NOFILE))
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+print(fit_connections(1024, 192), resource.getrlimit(resource.RLIMIT_NOFILE))
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30, check=True
+    )
+    lines = result.stdout.splitlines()
+    assert lines == [
+        "INFO open-file limit raised from 300 to 1216 for listen.max_connections",
+        "1024 (1216, 2000)",
+        "100 (1216, 2000)",  # fits already: left as it is
+        "WARNING listen.max_connections lowered from 1024 to 64: the open-file limit is 256 (hard limit 256), "
+        "and 192 of them are kept for the store, the ops listener and deliveries; raise the limit "
+        "(ulimit -n, LimitNOFILE=, the container's nofile ulimit) or lower listen.max_connections",
+        "64 (256, 256)",
+    ], result.stderr
+
+
+def test_listen_max_connections_is_a_positive_integer() -> None:
+    from gateway.config import ConfigError, parse_config
+
+    assert parse_config("sources: {}").listen.max_connections == 1024
+    assert parse_config('listen: {max_connections: "50"}').listen.max_connections == 50
+    for bad in ("0", "-1", "2.5", "many"):
+        with pytest.raises(ConfigError) as error:
+            parse_config(f"listen: {{max_connections: {bad}}}")
+        assert str(error.value).startswith("listen.max_connections: "), bad

@@ -57,6 +57,7 @@ Failures: a database that cannot be reached, a lost connection, a timeout, a mis
 lock held too long are retried. A table dropped while running is created again on the next attempt. An
 error in the statement itself (a column missing or of the wrong type in a table created by hand, a value
 the column rejects, such as \\u0000 in a string for jsonb) ends the delivery dead: retrying cannot help.
+The error of a violated constraint names the constraint, never the row: that holds the event's data.
 """
 
 from __future__ import annotations
@@ -368,6 +369,10 @@ class Backend(ABC):
     @abstractmethod
     def missing_table(self, exc: Exception) -> bool: ...
 
+    def describe(self, exc: Exception) -> str:
+        """The error as the attempt record and the log show it."""
+        return _error(exc)
+
     @abstractmethod
     async def aclose(self) -> None: ...
 
@@ -472,6 +477,19 @@ class Postgres(Backend):
 
     def missing_table(self, exc: Exception) -> bool:
         return isinstance(exc, self._asyncpg.PostgresError) and getattr(exc, "sqlstate", None) == "42P01"
+
+    def describe(self, exc: Exception) -> str:
+        message = getattr(exc, "message", None)
+        if not isinstance(exc, self._asyncpg.PostgresError) or not message:
+            return _error(exc)  # raised by asyncpg itself, not sent by the server
+        # Not str(exc), which adds the server's DETAIL: for a constraint violation (class 23) that is the
+        # failing row or key, the start of each value, the event's payload and headers among them. They
+        # have no place in the attempt record and the log; the message names the constraint and the table.
+        detail, hint = getattr(exc, "detail", None), getattr(exc, "hint", None)
+        if str(getattr(exc, "sqlstate", "") or "").startswith("23"):
+            detail = None
+        text = "; ".join(str(part).strip() for part in (message, detail, hint) if part)
+        return f"{type(exc).__name__}: {text}"
 
     async def aclose(self) -> None:
         pool, self._pool = self._pool, None
@@ -651,10 +669,10 @@ class Store(Action):
         except Exception as exc:
             if backend.missing_table(exc):
                 self._ready = False  # dropped while running: the next attempt creates it again
-                return retry(f"{backend.where}: table {table} is missing: {_error(exc)}")
+                return retry(f"{backend.where}: table {table} is missing: {backend.describe(exc)}")
             if backend.permanent(exc):
-                return dead(f"{backend.where}: cannot write to {table}: {_error(exc)}")
-            return retry(f"{backend.where}: {_error(exc)}")
+                return dead(f"{backend.where}: cannot write to {table}: {backend.describe(exc)}")
+            return retry(f"{backend.where}: {backend.describe(exc)}")
         return delivered()
 
     def _prepare(self, event: Event) -> Record | Change | Outcome:
@@ -703,11 +721,13 @@ class Store(Action):
             try:
                 await backend.connect(timeout)
             except Exception as exc:
-                return retry(f"{backend.where}: cannot connect: {_error(exc)}")
+                return retry(f"{backend.where}: cannot connect: {backend.describe(exc)}")
             try:
                 await backend.setup(timeout)
             except Exception as exc:
-                message = f"{backend.where}: cannot create table {self.options.table}: {_error(exc)}"
+                message = (
+                    f"{backend.where}: cannot create table {self.options.table}: {backend.describe(exc)}"
+                )
                 # A table made by hand (or for the other mode) without a column an index names: no later
                 # attempt can create that index.
                 return dead(message) if backend.permanent(exc) else retry(message)

@@ -442,6 +442,22 @@ def test_a_table_of_the_wrong_shape_is_dead_not_retried(db: Database) -> None:
     assert "headers" in (outcome.error or "")
 
 
+def test_a_constraint_violation_is_dead_and_its_error_does_not_copy_the_row(db: Database) -> None:
+    # PostgreSQL's DETAIL for a violated constraint is the failing row: the start of each of its values, the
+    # event's payload and headers among them, went into the attempt record and the log.
+    ts, js = ("timestamptz", "jsonb") if db.kind == "postgresql" else ("text", "text")
+    db.execute(
+        f'CREATE TABLE "{db.table}" (source text NOT NULL, event_id text NOT NULL, type text NOT NULL, '
+        f"occurred_at {ts}, received_at {ts} NOT NULL, payload {js} NOT NULL, headers {js} NOT NULL, "
+        "PRIMARY KEY (source, event_id), CONSTRAINT no_updates CHECK (type <> 'user.updated'))"
+    )
+    event = make_event("e1", "user.updated", {"id": "user_1", "email": "ada@example.com"})
+    [outcome] = deliver({"url": db.url, "table": db.table}, event)
+    assert outcome.kind == "dead"
+    assert "no_updates" in (outcome.error or "")
+    assert "ada@example.com" not in (outcome.error or ""), outcome.error
+
+
 def test_a_column_of_the_wrong_type_is_dead(postgres_url: str) -> None:
     database = PostgresDatabase(postgres_url, f"hookyard_test_{uuid.uuid4().hex[:12]}")
     database.execute(

@@ -428,9 +428,19 @@ class Postgres(Backend):
                 query, args = steps[0]
                 await conn.execute(query, *args, timeout=timeout)
                 return
-            async with conn.transaction():
+            transaction = conn.transaction()
+            await transaction.start()
+            try:
                 for query, args in steps:
                     await conn.execute(query, *args, timeout=timeout)
+            except BaseException:
+                # The first error says what happened. On a connection the server closed (which rolled back by
+                # itself), the rollback fails too, "the underlying connection is closed"; the pool resets or
+                # drops a connection whose rollback failed.
+                with contextlib.suppress(Exception):
+                    await transaction.rollback()
+                raise
+            await transaction.commit()
 
     async def connect(self, timeout: float) -> None:
         await self._get_pool(timeout)

@@ -6,9 +6,11 @@ import asyncio
 import json
 import sqlite3
 import ssl
+import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -111,6 +113,23 @@ class PostgresDatabase(Database):
     def __init__(self, url: str, table: str) -> None:
         super().__init__(table)
         self.url = url
+        # For the action: its sessions are named after the table, so that a test finds them, and only them
+        # (the server is shared).
+        parts = urlsplit(url)
+        query = f"{parts.query}&" if parts.query else ""
+        self.action_url = parts._replace(query=f"{query}application_name={table}").geturl()
+
+    def action_sessions(self, condition: str = "true") -> int:
+        [row] = self.fetch(
+            f"SELECT count(*) AS n FROM pg_stat_activity WHERE application_name = '{self.table}' AND {condition}"
+        )
+        return int(row["n"])
+
+    def end_action_sessions(self) -> None:
+        """What a server restart or failover does to the action's connections."""
+        self.execute(
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{self.table}'"
+        )
 
     async def _fetch(self, sql: str) -> list[dict[str, Any]]:
         conn = await asyncpg.connect(self.url)
@@ -124,6 +143,50 @@ class PostgresDatabase(Database):
 
     def execute(self, sql: str) -> None:
         self.fetch(sql)
+
+
+@contextmanager
+def holding(url: str, *statements: str) -> Iterator[None]:
+    """Another session runs `statements` in a transaction and holds it open, with its locks, for the block."""
+    held, release = threading.Event(), threading.Event()
+    failed: list[BaseException] = []
+
+    async def hold() -> None:
+        conn = await asyncpg.connect(url)
+        try:
+            async with conn.transaction():
+                for sql in statements:
+                    await conn.execute(sql)
+                held.set()
+                await asyncio.to_thread(release.wait)
+        finally:
+            await conn.close()
+
+    def run() -> None:
+        try:
+            asyncio.run(hold())
+        except BaseException as exc:
+            failed.append(exc)
+            held.set()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    held.wait(10)
+    try:
+        if failed:
+            raise failed[0]
+        yield
+    finally:
+        release.set()
+        thread.join(10)
+
+
+@pytest.fixture
+def pg(postgres_url: str) -> Iterator[PostgresDatabase]:
+    """A table of its own in the shared PostgreSQL database."""
+    database = PostgresDatabase(postgres_url, f"hookyard_test_{uuid.uuid4().hex[:12]}")
+    yield database
+    database.drop()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -484,6 +547,30 @@ def test_a_table_dropped_while_running_is_created_again(db: Database) -> None:
     assert kinds(outcomes) == ["delivered", "retry", "delivered"]
     assert "missing" in (outcomes[1].error or "")
     assert [row["event_id"] for row in db.events()] == ["e2"]
+
+
+def test_a_connection_the_server_ends_mid_write_is_retried_on_a_new_one(
+    tmp_path: Path, pg: PostgresDatabase
+) -> None:
+    options = {"url": pg.action_url, "table": pg.table, "mode": "upsert", "key": "data.id"}
+    with RunningGateway(
+        gateway_config(tmp_path, routes=[users_route({"id": "db", "use": "store", "with": options})])
+    ) as gw:
+        post_user_event(gw, "m1", "user.created", {"id": "u1"})
+        wait_until(lambda: delivery_states(gw, "m1") == {"db": "delivered"})
+        # m2's write waits for another session's lock, inside its transaction, when the server ends the
+        # action's sessions.
+        with holding(pg.url, f'LOCK TABLE "{pg.table}" IN ACCESS EXCLUSIVE MODE'):
+            post_user_event(gw, "m2", "user.created", {"id": "u2"})
+            wait_until(lambda: pg.action_sessions("wait_event_type = 'Lock'") == 1)
+            pg.end_action_sessions()
+            wait_until(lambda: attempts_of(gw, "m2", "db"))
+        wait_until(lambda: delivery_states(gw, "m2") == {"db": "delivered"})
+        first, *_, last = attempts_of(gw, "m2", "db")
+    # The cause, not asyncpg's "cannot call Transaction.__aexit__(): the underlying connection is closed".
+    assert first.outcome == "retry" and "administrator command" in (first.error or ""), first.error
+    assert last.outcome == "delivered"
+    assert set(pg.rows()) == {"u1", "u2"}
 
 
 def test_a_missing_database_is_retried(postgres_url: str, tmp_path: Path) -> None:

@@ -12,8 +12,9 @@ is down only delays this action's deliveries (retried on the route's schedule), 
 actions. Names are quoted, so they keep their case. A PostgreSQL schema must already exist. `delete_on`
 matches the canonical event type (event.type, e.g. consignment.deleted), not a provider's code.
 
-PostgreSQL: a pool of up to 10 connections per action, each statement limited to the action's timeout; a
-lost connection is replaced on a later attempt.
+PostgreSQL: a pool of up to 10 connections per action; a lost connection is replaced on a later attempt.
+The action's timeout bounds the whole attempt: connecting, the wait for a free connection, the statements
+and the commit. An attempt that runs out says which of them it was waiting for, and is rolled back.
 
 append: one row per event, written with INSERT ... ON CONFLICT DO NOTHING, so replays and duplicate
 deliveries never add a second row.
@@ -386,6 +387,7 @@ def _utc(timestamp: float) -> datetime:
 # granted, a table dropped while running (created again), a schema created.
 _PG_PERMANENT_CLASSES = ("22", "23", "42")
 _PG_FIXABLE_STATES = frozenset({"42501", "42P01", "3F000"})
+POOL_SIZE = 10  # connections per action
 
 
 class Postgres(Backend):
@@ -405,8 +407,10 @@ class Postgres(Backend):
         self.lock_prefix = f"hookyard.store:{table}:"
         self._pool: Any = None
         self._pool_lock = asyncio.Lock()
+        # Taken before a connection of the pool, so that a wait for one is told from a wait to connect.
+        self._slots = asyncio.Semaphore(POOL_SIZE)
 
-    async def _get_pool(self, timeout: float) -> Any:
+    async def _get_pool(self) -> Any:
         pool = self._pool
         if pool is not None and not pool.is_closing():
             return pool
@@ -415,35 +419,59 @@ class Postgres(Backend):
                 self._pool = None
                 # min_size=1 connects now, so a failure is reported by this attempt; asyncpg closes a pool
                 # whose creation failed, and _pool stays None so that the next attempt creates a new one.
-                # An established pool replaces lost connections by itself.
-                self._pool = await self._asyncpg.create_pool(
-                    self.dsn, min_size=1, max_size=10, command_timeout=timeout, timeout=timeout
-                )
+                # An established pool replaces lost connections by itself. No timeouts of the pool's own:
+                # each attempt has its deadline.
+                self._pool = await self._asyncpg.create_pool(self.dsn, min_size=1, max_size=POOL_SIZE)
             return self._pool
 
     async def _run(self, timeout: float, *steps: tuple[str, tuple[Any, ...]]) -> None:
-        pool = await self._get_pool(timeout)
-        async with pool.acquire(timeout=timeout) as conn:
-            if len(steps) == 1:
-                query, args = steps[0]
-                await conn.execute(query, *args, timeout=timeout)
-                return
-            transaction = conn.transaction()
-            await transaction.start()
-            try:
-                for query, args in steps:
-                    await conn.execute(query, *args, timeout=timeout)
-            except BaseException:
-                # The first error says what happened. On a connection the server closed (which rolled back by
-                # itself), the rollback fails too, "the underlying connection is closed"; the pool resets or
-                # drops a connection whose rollback failed.
-                with contextlib.suppress(Exception):
-                    await transaction.rollback()
-                raise
-            await transaction.commit()
+        await self._work(asyncio.get_running_loop().time() + timeout, steps)
+
+    async def _work(self, deadline: float, steps: tuple[tuple[str, tuple[Any, ...]], ...]) -> None:
+        # One deadline for connecting, the wait for a free connection, every statement and the commit: the
+        # attempt ends by its timeout, with an error that says what it waited for. With a timeout each, they
+        # added up past it, and the engine cancelled the attempt instead.
+        loop = asyncio.get_running_loop()
+        waiting_for, written = "a connection to the server", False
+        try:
+            async with asyncio.timeout_at(deadline):
+                pool = await self._get_pool()
+                waiting_for = f"a free connection: all {POOL_SIZE} of the pool are in use"
+                async with self._slots:
+                    waiting_for = "a connection to the server"  # the pool replaces one it lost
+                    # A timeout of the acquire's own too: it also bounds the connection's reset on release.
+                    async with pool.acquire(timeout=max(deadline - loop.time(), 0.001)) as conn:
+                        waiting_for = "the database (a lock held by another session, or a busy server)"
+                        await self._execute(conn, steps)
+                        written = True
+        except TimeoutError:
+            if written:
+                return  # the time ran out while the connection went back to the pool
+            raise TimeoutError(f"timed out waiting for {waiting_for}") from None
+
+    @staticmethod
+    async def _execute(conn: Any, steps: tuple[tuple[str, tuple[Any, ...]], ...]) -> None:
+        if len(steps) == 1:
+            query, args = steps[0]
+            await conn.execute(query, *args)
+            return
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            for query, args in steps:
+                await conn.execute(query, *args)
+        except BaseException:
+            # The first error says what happened. On a connection the server closed (which rolled back by
+            # itself), the rollback fails too, "the underlying connection is closed"; the pool resets or
+            # drops a connection whose rollback failed.
+            with contextlib.suppress(Exception):
+                await transaction.rollback()
+            raise
+        await transaction.commit()
 
     async def connect(self, timeout: float) -> None:
-        await self._get_pool(timeout)
+        async with asyncio.timeout(timeout):
+            await self._get_pool()
 
     async def setup(self, timeout: float) -> None:
         # Serialized across gateways: concurrent CREATE TABLE IF NOT EXISTS can fail on PostgreSQL's catalog.
@@ -639,7 +667,7 @@ class SQLite(Backend):
 
 def _error(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
-        return "timed out"
+        return str(exc) or "timed out"
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -669,13 +697,19 @@ class Store(Action):
         if isinstance(write, Outcome):
             return write
         backend, table = self.backend, self.options.table
-        if not self._ready and (failed := await self._create_tables(job.timeout)) is not None:
+        # Connecting, creating the tables and the write share the attempt's timeout.
+        deadline = time.monotonic() + job.timeout
+
+        def left() -> float:
+            return max(0.0, deadline - time.monotonic())
+
+        if not self._ready and (failed := await self._create_tables(left)) is not None:
             return failed
         try:
             if isinstance(write, Record):
-                await backend.append(write, job.timeout)
+                await backend.append(write, left())
             else:
-                await backend.change(write, job.timeout)
+                await backend.change(write, left())
         except Exception as exc:
             if backend.missing_table(exc):
                 self._ready = False  # dropped while running: the next attempt creates it again
@@ -720,7 +754,7 @@ class Store(Action):
             occurred_at=event.occurred_at if event.occurred_at is not None else event.received_at,
         )
 
-    async def _create_tables(self, timeout: float) -> Outcome | None:
+    async def _create_tables(self, left: Callable[[], float]) -> Outcome | None:
         """Connect and create the tables if missing; an outcome when that failed."""
         backend = self.backend
         async with self._setup_lock:
@@ -729,11 +763,11 @@ class Store(Action):
             # Whatever stops this (database down or not created yet, no such schema, no privilege) may be
             # fixed while the retry schedule runs.
             try:
-                await backend.connect(timeout)
+                await backend.connect(left())
             except Exception as exc:
                 return retry(f"{backend.where}: cannot connect: {backend.describe(exc)}")
             try:
-                await backend.setup(timeout)
+                await backend.setup(left())
             except Exception as exc:
                 message = (
                     f"{backend.where}: cannot create table {self.options.table}: {backend.describe(exc)}"

@@ -9,8 +9,8 @@ import ssl
 import threading
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
@@ -225,27 +225,37 @@ def make_event(
     )
 
 
+@asynccontextmanager
+async def store_action(options: dict[str, Any]) -> AsyncIterator[Action]:
+    """A store action, closed at the end as the engine closes it."""
+    store = registry().actions["store"]
+    context = ssl.create_default_context()
+    client = HttpClient(ssl_context=context, user_agent="test")
+    resources = Resources(client=client, user_agent="test", ssl_context=context, pool=10)
+    action: Action = store(store.Options.model_validate(options), resources)
+    try:
+        yield action
+    finally:
+        await action.aclose()
+        await resources.aclose()
+
+
+def job(event: Event, timeout: float = 5.0) -> Job:
+    return Job(event, "users", "db", attempt=1, timeout=timeout, retry=RetryPolicy())
+
+
 def deliver(options: dict[str, Any], *events: Event, between: Any = None) -> list[Outcome]:
     """Deliver each event in turn through one store action, as the engine would; `between(index)` runs
     after each delivery."""
-    store = registry().actions["store"]
 
     async def run() -> list[Outcome]:
-        context = ssl.create_default_context()
-        client = HttpClient(ssl_context=context, user_agent="test")
-        resources = Resources(client=client, user_agent="test", ssl_context=context, pool=10)
-        action: Action = store(store.Options.model_validate(options), resources)
         outcomes = []
-        try:
+        async with store_action(options) as action:
             for index, event in enumerate(events):
-                job = Job(event, "users", "db", attempt=1, timeout=5.0, retry=RetryPolicy())
-                outcomes.append(await action.deliver(job))
+                outcomes.append(await action.deliver(job(event)))
                 if between is not None:
                     # In a thread: the PostgreSQL helpers run their own event loop.
                     await asyncio.to_thread(between, index)
-        finally:
-            await action.aclose()
-            await resources.aclose()
         return outcomes
 
     return asyncio.run(run())
@@ -571,6 +581,52 @@ def test_a_connection_the_server_ends_mid_write_is_retried_on_a_new_one(
     assert first.outcome == "retry" and "administrator command" in (first.error or ""), first.error
     assert last.outcome == "delivered"
     assert set(pg.rows()) == {"u1", "u2"}
+
+
+def test_deliveries_beyond_the_pool_end_by_their_timeout_and_say_what_they_waited_for(
+    pg: PostgresDatabase,
+) -> None:
+    options = {"url": pg.action_url, "table": pg.table, "mode": "upsert", "key": "data.id"}
+
+    async def timed(
+        action: Action, number: int, timeout: float = 0.5, delay: float = 0
+    ) -> tuple[Outcome, float]:
+        await asyncio.sleep(delay)
+        started = time.monotonic()
+        outcome = await action.deliver(job(make_event(f"e{number}", data={"id": f"u{number}"}), timeout))
+        return outcome, time.monotonic() - started
+
+    async def run() -> tuple[list[tuple[Outcome, float]], list[Outcome]]:
+        async with store_action(options) as action:
+            assert (await timed(action, 0, timeout=5))[0].kind == "delivered"
+            # Another session holds the table. The pool's 10 connections wait for it, an 11th delivery (with
+            # a shorter timeout) for one of them, and a 12th, later, gets one when the first ten give up. Each
+            # step had the whole timeout: the 12th waited for the pool, then for the lock, past its deadline.
+            blocker = await asyncpg.connect(pg.url)
+            try:
+                await blocker.execute(f'BEGIN; LOCK TABLE "{pg.table}" IN ACCESS EXCLUSIVE MODE')
+                blocked = await asyncio.gather(
+                    *(timed(action, number) for number in range(1, 11)),
+                    timed(action, 11, timeout=0.3),
+                    timed(action, 12, delay=0.1),
+                )
+            finally:
+                await blocker.close()
+            # The pool is fine afterwards: a burst three times its size is written.
+            burst = await asyncio.gather(*(timed(action, number, timeout=5) for number in range(20, 50)))
+        return blocked, [outcome for outcome, _ in burst]
+
+    blocked, burst = asyncio.run(run())
+    assert kinds([outcome for outcome, _ in blocked]) == ["retry"] * 12
+    errors = [outcome.error or "" for outcome, _ in blocked]
+    assert all("waiting for the database (a lock held by another session" in e for e in errors[:10]), errors
+    assert "waiting for a free connection: all 10 of the pool are in use" in errors[10], errors
+    assert "waiting for the database" in errors[11], errors
+    # The engine cancels an attempt 10% past its timeout at the latest.
+    assert max(duration for _, duration in blocked) < 0.5 * 1.1, blocked
+    assert kinds(burst) == ["delivered"] * 30
+    assert len(pg.rows()) == 31
+    assert pg.action_sessions("state = 'idle in transaction'") == 0
 
 
 def test_a_missing_database_is_retried(postgres_url: str, tmp_path: Path) -> None:

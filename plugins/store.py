@@ -409,6 +409,7 @@ class Postgres(Backend):
         self._pool_lock = asyncio.Lock()
         # Taken before a connection of the pool, so that a wait for one is told from a wait to connect.
         self._slots = asyncio.Semaphore(POOL_SIZE)
+        self._working: set[asyncio.Task[None]] = set()
 
     async def _get_pool(self) -> Any:
         pool = self._pool
@@ -425,7 +426,19 @@ class Postgres(Backend):
             return self._pool
 
     async def _run(self, timeout: float, *steps: tuple[str, tuple[Any, ...]]) -> None:
-        await self._work(asyncio.get_running_loop().time() + timeout, steps)
+        deadline = asyncio.get_running_loop().time() + timeout
+        # In a task of its own, which the engine's cancellation of a late attempt does not reach: it ends by
+        # the same deadline by itself. Cancelled in the middle of a rollback, asyncpg would leave the
+        # transaction to the pool, which rolls it back and logs an error about it.
+        work = asyncio.create_task(self._work(deadline, steps))
+        self._working.add(work)
+        work.add_done_callback(self._worked)
+        await asyncio.shield(work)
+
+    def _worked(self, work: asyncio.Task[None]) -> None:
+        self._working.discard(work)
+        if not work.cancelled():
+            work.exception()  # read here: an attempt that was cancelled never reads it
 
     async def _work(self, deadline: float, steps: tuple[tuple[str, tuple[Any, ...]], ...]) -> None:
         # One deadline for connecting, the wait for a free connection, every statement and the commit: the
@@ -455,19 +468,20 @@ class Postgres(Backend):
             query, args = steps[0]
             await conn.execute(query, *args)
             return
-        transaction = conn.transaction()
-        await transaction.start()
+        # BEGIN and COMMIT as statements, not asyncpg's Transaction: one whose BEGIN the deadline cancelled
+        # cannot be rolled back, and the pool rolls it back on release with an error in the log.
         try:
+            await conn.execute("BEGIN")
             for query, args in steps:
                 await conn.execute(query, *args)
+            await conn.execute("COMMIT")
         except BaseException:
-            # The first error says what happened. On a connection the server closed (which rolled back by
-            # itself), the rollback fails too, "the underlying connection is closed"; the pool resets or
-            # drops a connection whose rollback failed.
+            # Nothing may stay open on a connection that goes back to the pool. The first error says what
+            # happened: on a connection the server closed (which rolled back by itself) the rollback fails
+            # too, and the pool drops that connection.
             with contextlib.suppress(Exception):
-                await transaction.rollback()
+                await conn.execute("ROLLBACK")
             raise
-        await transaction.commit()
 
     async def connect(self, timeout: float) -> None:
         async with asyncio.timeout(timeout):
@@ -530,6 +544,11 @@ class Postgres(Backend):
         return f"{type(exc).__name__}: {text}"
 
     async def aclose(self) -> None:
+        working = list(self._working)
+        for work in working:
+            work.cancel()  # their attempts are over: the engine stops, or a reload replaced this action
+        if working:
+            await asyncio.wait(working)
         pool, self._pool = self._pool, None
         if pool is None:
             return

@@ -395,7 +395,8 @@ class GatewayProcess:
 
 class TcpProxy:
     """Forwards a loopback port to `target`; `cut()` drops every connection and refuses new ones until
-    `restore()`. A real network fault between Hookyard and a server, without stopping the shared server."""
+    `restore()`, `pause()` holds back what the target sends until `resume()`. Real network faults between
+    Hookyard and a server, without stopping the shared server."""
 
     def __init__(self, target_host: str, target_port: int) -> None:
         self.target = (target_host, target_port)
@@ -404,6 +405,8 @@ class TcpProxy:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: asyncio.Server | None = None
         self.writers: set[asyncio.StreamWriter] = set()
+        self.flowing = asyncio.Event()  # cleared by pause()
+        self.flowing.set()
 
     def __enter__(self) -> TcpProxy:
         self.thread.start()
@@ -436,6 +439,20 @@ class TcpProxy:
 
         self._call(stop())
 
+    def pause(self) -> None:
+        """The target's answers are held, on every connection, as from a server that stopped answering."""
+
+        async def pause() -> None:
+            self.flowing.clear()
+
+        self._call(pause())
+
+    def resume(self) -> None:
+        async def resume() -> None:
+            self.flowing.set()
+
+        self._call(resume())
+
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
@@ -444,9 +461,11 @@ class TcpProxy:
             return
         self.writers.update({writer, upstream_writer})
 
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter, answers: bool) -> None:
             try:
                 while data := await source.read(65536):
+                    if answers:
+                        await self.flowing.wait()
                     sink.write(data)
                     await sink.drain()
             except (ConnectionError, OSError):
@@ -454,7 +473,7 @@ class TcpProxy:
             finally:
                 sink.close()
 
-        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+        await asyncio.gather(pipe(reader, upstream_writer, False), pipe(upstream_reader, writer, True))
         self.writers.difference_update({writer, upstream_writer})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
 import ssl
@@ -118,6 +119,13 @@ class PostgresDatabase(Database):
         parts = urlsplit(url)
         query = f"{parts.query}&" if parts.query else ""
         self.action_url = parts._replace(query=f"{query}application_name={table}").geturl()
+
+    def action_url_via(self, proxy: TcpProxy) -> str:
+        parts = urlsplit(self.action_url)
+        user = parts.netloc.rpartition("@")[0]
+        return parts._replace(
+            netloc=f"{user}@127.0.0.1:{proxy.port}" if user else f"127.0.0.1:{proxy.port}"
+        ).geturl()
 
     def action_sessions(self, condition: str = "true") -> int:
         [row] = self.fetch(
@@ -627,6 +635,60 @@ def test_deliveries_beyond_the_pool_end_by_their_timeout_and_say_what_they_waite
     assert kinds(burst) == ["delivered"] * 30
     assert len(pg.rows()) == 31
     assert pg.action_sessions("state = 'idle in transaction'") == 0
+
+
+def test_an_attempt_cancelled_while_it_rolls_back_leaves_no_error_and_a_clean_connection(
+    pg: PostgresDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    options = {"url": pg.action_url, "table": pg.table, "mode": "upsert", "key": "data.id"}
+
+    async def run() -> Outcome:
+        async with store_action(options) as action:
+            assert (await action.deliver(job(make_event("e0")))).kind == "delivered"
+            blocker = await asyncpg.connect(pg.url)
+            try:
+                await blocker.execute(f'BEGIN; LOCK TABLE "{pg.table}" IN ACCESS EXCLUSIVE MODE')
+                attempt = asyncio.create_task(action.deliver(job(make_event("e1"), 0.3)))
+                # The engine cancels an attempt past its timeout on a timer of its own: here just after the
+                # action's own deadline, while it cancels its statement and rolls back. asyncpg then left the
+                # transaction to the pool, which logged an error about it.
+                asyncio.get_running_loop().call_later(0.302, attempt.cancel)
+                with contextlib.suppress(asyncio.CancelledError):
+                    await attempt
+            finally:
+                await blocker.close()
+            return await action.deliver(job(make_event("e2", data={"id": "user_2"})))
+
+    assert asyncio.run(run()).kind == "delivered"
+    assert "Resetting connection" not in caplog.text
+    assert pg.action_sessions("state = 'idle in transaction'") == 0
+
+
+def test_an_attempt_whose_deadline_falls_in_its_begin_is_rolled_back_without_an_error(
+    pg: PostgresDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    parts = urlsplit(pg.url)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        options = {"url": pg.action_url_via(proxy), "table": pg.table, "mode": "upsert", "key": "data.id"}
+
+        async def run() -> tuple[Outcome, Outcome]:
+            async with store_action(options) as action:
+                assert (await action.deliver(job(make_event("e0")))).kind == "delivered"
+                # The server's answers stop for a while: the next attempt's BEGIN has none by its deadline.
+                # asyncpg's Transaction could then no more be rolled back; it stayed open on the connection
+                # until the pool rolled it back, with an error in the log.
+                await asyncio.to_thread(proxy.pause)
+                attempt = asyncio.create_task(action.deliver(job(make_event("e1"), 0.3)))
+                await asyncio.sleep(0.4)
+                await asyncio.to_thread(proxy.resume)
+                stalled = await attempt
+                return stalled, await action.deliver(job(make_event("e2", data={"id": "user_2"})))
+
+        stalled, after = asyncio.run(run())
+    assert stalled.kind == "retry" and "timed out waiting for the database" in (stalled.error or "")
+    assert after.kind == "delivered"
+    assert "Resetting connection" not in caplog.text
+    assert set(pg.rows()) == {"user_1", "user_2"}
 
 
 def test_a_missing_database_is_retried(postgres_url: str, tmp_path: Path) -> None:

@@ -9,8 +9,10 @@
 
 Tables and indexes are created when missing, on the first delivery rather than at start-up: a database that
 is down only delays this action's deliveries (retried on the route's schedule), never the gateway or the other
-actions. Names are quoted, so they keep their case. A PostgreSQL schema must already exist. `delete_on`
-matches the canonical event type (event.type, e.g. consignment.deleted), not a provider's code.
+actions. PostgreSQL is first asked whether they exist, and when they all do no DDL is run: CREATE INDEX IF
+NOT EXISTS would lock the table. Names are quoted, so they keep their case. A PostgreSQL schema must already
+exist. `delete_on` matches the canonical event type (event.type, e.g. consignment.deleted), not a
+provider's code.
 
 PostgreSQL: a pool of up to 10 connections per action; a lost connection is replaced on a later attempt.
 The action's timeout bounds the whole attempt: connecting, the wait for a free connection, the statements
@@ -209,16 +211,24 @@ class Statements:
     clear_tombstone: str
     tombstone: str
     delete: str
+    # What setup creates, as PostgreSQL's to_regclass() reads names: the tables and the index.
+    relations: tuple[str, ...]
 
 
 def statements(table: str, mode: str, dialect: Literal["postgresql", "sqlite"]) -> Statements:
     """The SQL for `table` (as validated by StoreOptions). Written once with PostgreSQL's $n placeholders
     and casts; SQLite gets ?n placeholders (numbered alike) and no casts."""
-    name = table.rpartition(".")[2]
+    schema, _, name = table.rpartition(".")
     qualified = _quote(table)
     tombstones = _quote(f"{table}_tombstones")
     # PostgreSQL puts an index in its table's schema and wants the bare name.
     type_index, updated_index = _quote(f"{name}_type_idx"), _quote(f"{name}_updated_idx")
+    in_schema = f"{_quote(schema)}." if schema else ""
+    relations = (
+        (qualified, in_schema + type_index)
+        if mode == "append"
+        else (qualified, in_schema + updated_index, tombstones)
+    )
     ts, json_type = ("timestamptz", "jsonb") if dialect == "postgresql" else ("TEXT", "TEXT")
     if mode == "append":
         setup = f"""
@@ -293,7 +303,8 @@ def statements(table: str, mode: str, dialect: Literal["postgresql", "sqlite"]) 
     ]
     if dialect == "sqlite":
         sql = [re.sub(r"\$(\d+)", r"?\1", re.sub(r"::[a-z]+", "", text)) for text in sql]
-    return Statements(*sql)
+    setup, append, put, clear_tombstone, tombstone, delete = sql
+    return Statements(setup, append, put, clear_tombstone, tombstone, delete, relations)
 
 
 # -- what one event writes ------------------------------------------------------------------------------
@@ -409,7 +420,7 @@ class Postgres(Backend):
         self._pool_lock = asyncio.Lock()
         # Taken before a connection of the pool, so that a wait for one is told from a wait to connect.
         self._slots = asyncio.Semaphore(POOL_SIZE)
-        self._working: set[asyncio.Task[None]] = set()
+        self._working: set[asyncio.Task[Any]] = set()
 
     async def _get_pool(self) -> Any:
         pool = self._pool
@@ -425,7 +436,8 @@ class Postgres(Backend):
                 self._pool = await self._asyncpg.create_pool(self.dsn, min_size=1, max_size=POOL_SIZE)
             return self._pool
 
-    async def _run(self, timeout: float, *steps: tuple[str, tuple[Any, ...]]) -> None:
+    async def _run(self, timeout: float, *steps: tuple[str, tuple[Any, ...]]) -> Any:
+        """Run the statements, several in one transaction; the value of a lone statement's first row."""
         deadline = asyncio.get_running_loop().time() + timeout
         # In a task of its own, which the engine's cancellation of a late attempt does not reach: it ends by
         # the same deadline by itself. Cancelled in the middle of a rollback, asyncpg would leave the
@@ -433,19 +445,19 @@ class Postgres(Backend):
         work = asyncio.create_task(self._work(deadline, steps))
         self._working.add(work)
         work.add_done_callback(self._worked)
-        await asyncio.shield(work)
+        return await asyncio.shield(work)
 
-    def _worked(self, work: asyncio.Task[None]) -> None:
+    def _worked(self, work: asyncio.Task[Any]) -> None:
         self._working.discard(work)
         if not work.cancelled():
             work.exception()  # read here: an attempt that was cancelled never reads it
 
-    async def _work(self, deadline: float, steps: tuple[tuple[str, tuple[Any, ...]], ...]) -> None:
+    async def _work(self, deadline: float, steps: tuple[tuple[str, tuple[Any, ...]], ...]) -> Any:
         # One deadline for connecting, the wait for a free connection, every statement and the commit: the
         # attempt ends by its timeout, with an error that says what it waited for. With a timeout each, they
         # added up past it, and the engine cancelled the attempt instead.
         loop = asyncio.get_running_loop()
-        waiting_for, written = "a connection to the server", False
+        waiting_for, written, value = "a connection to the server", False, None
         try:
             async with asyncio.timeout_at(deadline):
                 pool = await self._get_pool()
@@ -455,19 +467,19 @@ class Postgres(Backend):
                     # A timeout of the acquire's own too: it also bounds the connection's reset on release.
                     async with pool.acquire(timeout=max(deadline - loop.time(), 0.001)) as conn:
                         waiting_for = "the database (a lock held by another session, or a busy server)"
-                        await self._execute(conn, steps)
+                        value = await self._execute(conn, steps)
                         written = True
         except TimeoutError:
             if written:
-                return  # the time ran out while the connection went back to the pool
+                return value  # the time ran out while the connection went back to the pool
             raise TimeoutError(f"timed out waiting for {waiting_for}") from None
+        return value
 
     @staticmethod
-    async def _execute(conn: Any, steps: tuple[tuple[str, tuple[Any, ...]], ...]) -> None:
+    async def _execute(conn: Any, steps: tuple[tuple[str, tuple[Any, ...]], ...]) -> Any:
         if len(steps) == 1:
             query, args = steps[0]
-            await conn.execute(query, *args)
-            return
+            return await conn.fetchval(query, *args)
         # BEGIN and COMMIT as statements, not asyncpg's Transaction: one whose BEGIN the deadline cancelled
         # cannot be rolled back, and the pool rolls it back on release with an error in the log.
         try:
@@ -482,15 +494,23 @@ class Postgres(Backend):
             with contextlib.suppress(Exception):
                 await conn.execute("ROLLBACK")
             raise
+        return None
 
     async def connect(self, timeout: float) -> None:
         async with asyncio.timeout(timeout):
             await self._get_pool()
 
     async def setup(self, timeout: float) -> None:
+        # Nothing missing, no DDL: CREATE INDEX IF NOT EXISTS takes a SHARE lock on its table even when the
+        # index exists. It waits for every open transaction that wrote to the table, and every writer that
+        # comes after waits behind it: a restart would hold up the app's own writes to the table.
+        present = "SELECT bool_and(to_regclass(name) IS NOT NULL) FROM unnest($1::text[]) AS name"
+        deadline = time.monotonic() + timeout
+        if await self._run(timeout, (present, (list(self.sql.relations),))):
+            return
         # Serialized across gateways: concurrent CREATE TABLE IF NOT EXISTS can fail on PostgreSQL's catalog.
         lock = ("SELECT pg_advisory_xact_lock($1)", (_lock_id(self.lock_prefix),))
-        await self._run(timeout, lock, (self.sql.setup, ()))
+        await self._run(max(0.0, deadline - time.monotonic()), lock, (self.sql.setup, ()))
 
     async def append(self, record: Record, timeout: float) -> None:
         occurred = None if record.occurred_at is None else _utc(record.occurred_at)

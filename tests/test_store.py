@@ -767,6 +767,28 @@ def test_a_postgres_password_with_a_slash_never_reaches_the_config_error(tmp_pat
     assert "Xy9" not in error and "Secr3t" not in error
 
 
+@pytest.mark.parametrize("mode", ["append", "upsert"])
+def test_a_new_action_does_not_wait_for_the_apps_transactions_on_an_existing_table(
+    pg: PostgresDatabase, mode: str
+) -> None:
+    # A restart, a reload or another gateway: the tables are there. CREATE INDEX IF NOT EXISTS takes a SHARE
+    # lock on its table even when the index exists: it waited for any open transaction that wrote to the
+    # table (and the app's writers queued behind it), and the attempt timed out.
+    options = {"url": pg.url, "table": pg.table}
+    if mode == "upsert":
+        options.update(mode="upsert", key="data.id")
+    assert kinds(deliver(options, make_event("e1"))) == ["delivered"]
+    column = "event_id" if mode == "append" else '"key"'
+    with holding(pg.url, f'UPDATE "{pg.table}" SET {column} = {column}'):
+
+        async def run() -> Outcome:
+            async with store_action(options) as action:
+                return await action.deliver(job(make_event("e2", data={"id": "user_2"}), 0.5))
+
+        outcome = asyncio.run(run())
+    assert outcome.kind == "delivered", outcome
+
+
 def test_a_hand_made_table_missing_an_indexed_column_is_dead_not_retried(db: Database) -> None:
     # Without `type`, CREATE INDEX ... (type, received_at) fails at setup. That error was retried for the
     # whole schedule ("cannot create table"), though no attempt can succeed: docs promise dead for a

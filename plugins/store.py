@@ -56,11 +56,16 @@ SQLite: the same tables, with timestamps as ISO 8601 UTC text (2026-11-22T10:00:
 time order) and JSON as text (query it with json_extract). The file is opened in WAL mode with
 synchronous=FULL, one connection per action.
 
-Failures: a database that cannot be reached, a lost connection, a timeout, a missing database or schema, a
-lock held too long are retried. A table dropped while running is created again on the next attempt. An
-error in the statement itself (a column missing or of the wrong type in a table created by hand, a value
-the column rejects, such as \\u0000 in a string for jsonb) ends the delivery dead: retrying cannot help.
-The error of a violated constraint names the constraint, never the row: that holds the event's data.
+Failures: a database that cannot be reached (at start-up or later), a connection the server ended, a
+timeout, a missing database, schema or privilege, wrong credentials and any other server error are
+retried: a person, or time, may fix them while the schedule runs. A table dropped while running is created
+again on the next attempt. An error in the statement itself (a column missing or of the wrong type in a
+table created by hand, a violated constraint, a value the column rejects, such as \\u0000 in a string for
+jsonb) ends the delivery dead: retrying cannot help. The error of a violated constraint names the
+constraint, never the row: that holds the event's data.
+
+Duplicates (at-least-once delivery): append keeps one row per event; upsert writes the same row again, but
+a copy of an event, written after another with the same occurred_at, wins the tie.
 """
 
 from __future__ import annotations

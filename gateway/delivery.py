@@ -62,6 +62,8 @@ def build_actions(
 
 # How late past its deadline an attempt may be cancelled, as a share of its timeout (see Deadlines).
 LATENESS = 0.1
+# How often the queue's gauges are read from the store (a scan of the deliveries that are not final).
+STATS_INTERVAL = 2.0
 
 
 class Deadlines:
@@ -261,11 +263,8 @@ class Engine:
         may have reached the receiver)."""
         self._stopping = True
         self._wakeup.set()
-        for task in (self._loop_task, self._stats_task, self._lease_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        # The queue's gauges go on until the end: a scrape during a long drain shows it progress.
+        await _cancel(self._loop_task, self._lease_task)
         claiming, self._claiming = self._claiming, None
         if claiming is not None:
             # The claim loop was cancelled waiting for this claim: what it leases is not run here but given
@@ -289,6 +288,8 @@ class Engine:
         # Given back by commits that finished as it stopped (`ingested`); one that finishes later still is
         # released at the next start.
         await asyncio.gather(*self._releases, return_exceptions=True)
+        await _cancel(self._stats_task)
+        await self._refresh_stats()  # what the drain left: due again at the next start, or none
         for runnable in self.actions.values():
             await runnable.action.aclose()
 
@@ -532,15 +533,26 @@ class Engine:
 
     async def _stats_loop(self) -> None:
         while True:
-            now = time.time()
-            try:
-                stats = await self.storage.queue_stats(now)
-            except Exception as exc:
-                log.warning("cannot read queue statistics", extra={"error": str(exc)})
-            else:
-                for state, count in stats.counts.items():
-                    self.metrics.delivery_queue.labels(state).set(count)
-                due, pending = stats.oldest_due_at, stats.oldest_pending_since
-                self.metrics.delivery_lag.set(0.0 if due is None else max(0.0, now - due))
-                self.metrics.oldest_pending.set(0.0 if pending is None else max(0.0, now - pending))
-            await asyncio.sleep(2.0)
+            await self._refresh_stats()
+            await asyncio.sleep(STATS_INTERVAL)
+
+    async def _refresh_stats(self) -> None:
+        now = time.time()
+        try:
+            stats = await self.storage.queue_stats(now)
+        except Exception as exc:
+            log.warning("cannot read queue statistics", extra={"error": str(exc)})
+            return
+        for state, count in stats.counts.items():
+            self.metrics.delivery_queue.labels(state).set(count)
+        due, pending = stats.oldest_due_at, stats.oldest_pending_since
+        self.metrics.delivery_lag.set(0.0 if due is None else max(0.0, now - due))
+        self.metrics.oldest_pending.set(0.0 if pending is None else max(0.0, now - pending))
+
+
+async def _cancel(*tasks: asyncio.Task[None] | None) -> None:
+    for task in tasks:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task

@@ -6,6 +6,7 @@ import asyncio
 import math
 import os
 import signal
+import threading
 import time
 from typing import Any
 
@@ -16,7 +17,15 @@ from gateway.app import Gateway
 from gateway.ingress import plan_deliveries
 from gateway.storage import Ingested, Lease, NewDelivery, StorageUnavailable
 from gateway.storage import sqlite as sqlite_module
-from tests.support import Downstream, RunningGateway, gateway_config, svix_request, wait_until
+from tests.support import (
+    Downstream,
+    RunningGateway,
+    downstream_server,
+    gateway_config,
+    metric_value,
+    svix_request,
+    wait_until,
+)
 
 SIGNING_SECRET = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"
 
@@ -457,6 +466,49 @@ def test_a_failing_shutdown_hook_skips_no_other_and_still_closes_the_store(
     # The store was closed, its serving lock with it: the next gateway serves the same file.
     with RunningGateway(gateway_config(tmp_path)):
         pass
+
+
+def test_the_queue_gauges_follow_the_deliveries_that_finish_while_the_gateway_stops(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import httpx
+
+    from gateway import delivery
+
+    monkeypatch.setattr(delivery, "STATS_INTERVAL", 0.05)
+    with downstream_server() as fast, downstream_server() as slow:
+        fast.delay, slow.delay = 0.5, 2.0
+        route = users_route(
+            fast,
+            {"id": "fast", "use": "forward", "with": {"url": f"{fast.url}/fast"}},
+            {"id": "slow", "use": "forward", "with": {"url": f"{slow.url}/slow"}},
+        )
+        config = gateway_config(tmp_path, routes=[route])
+        config["delivery"]["shutdown_timeout"] = "10s"
+        gw = RunningGateway(config).__enter__()
+
+        def in_flight() -> float:
+            return metric_value(
+                httpx.get(gw.ops_url + "/metrics").text, "hookyard_delivery_queue", state="in_flight"
+            )
+
+        body, headers = svix_request(msg_id="msg_draining")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        wait_until(lambda: in_flight() == 2)
+        stopping = threading.Thread(target=gw.__exit__, args=(None, None, None))
+        stopping.start()
+        try:
+            wait_until(lambda: not gw.gateway.ready)
+            # The fast delivery finishes during the drain, and a scrape sees it; the slow one is still running.
+            wait_until(lambda: in_flight() == 1, timeout=1.4)
+            assert not slow.received()
+        finally:
+            stopping.join(20)
+    assert [r.path for r in fast.received() + slow.received()] == ["/fast", "/slow"]
+    # Read last, once both had finished: nothing is left in flight.
+    assert (
+        gw.gateway.metrics.registry.get_sample_value("hookyard_delivery_queue", {"state": "in_flight"}) == 0
+    )
 
 
 def test_observer_hooks_are_called_with_their_arguments(tmp_path, downstream: Downstream) -> None:

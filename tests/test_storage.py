@@ -13,9 +13,11 @@ import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 
 from gateway.actions import ParentResult
@@ -40,6 +42,7 @@ from gateway.storage.sqlite import (
     _GroupCommit,
     _WalSyncer,
 )
+from tests.support import Downstream, RunningGateway, gateway_config, svix_request
 
 T = TypeVar("T")
 
@@ -417,6 +420,65 @@ def test_what_waited_for_a_failed_fsync_is_refused_too(db: Harness) -> None:
     # None of them is answered as stored: not the retry ("duplicate"), not the other one.
     assert all(isinstance(result, StorageUnavailable) for result in results), results
     assert fsync.calls == 0
+
+
+def test_a_batch_waits_for_another_processs_write_lock_off_the_loop(
+    db: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT", 0.3)
+    other = sqlite3.connect(db.path, isolation_level=None)
+
+    async def timed(operation: Coroutine[Any, Any, T]) -> tuple[T | BaseException, float]:
+        started = time.perf_counter()
+        [answer] = await asyncio.gather(operation, return_exceptions=True)
+        return answer, time.perf_counter() - started
+
+    async def behind_the_lock() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        stalls = [0.0]
+
+        async def tick() -> None:  # how long the loop went without running anything else
+            while True:
+                before = loop.time()
+                await asyncio.sleep(0.005)
+                stalls.append(loop.time() - before)
+
+        ticker = asyncio.create_task(tick())
+        seen: dict[str, Any] = {}
+        # Released before the bound: stored once the lock is free.
+        other.execute("BEGIN IMMEDIATE")
+        loop.call_later(0.15, other.execute, "ROLLBACK")
+        seen["waited"] = await timed(db.storage.ingest(make_event("evt_waited"), [APP]))
+        # Held past it: refused, and while it stays taken, the next batch is refused at once.
+        other.execute("BEGIN IMMEDIATE")
+        seen["refused"] = await timed(db.storage.ingest(make_event("evt_refused"), [APP]))
+        seen["refused_at_once"] = await timed(db.storage.check_writable())
+        other.execute("ROLLBACK")
+        # Once a batch got the lock, the next wait for it starts afresh.
+        seen["retried"] = await timed(db.storage.ingest(make_event("evt_refused"), [APP]))
+        other.execute("BEGIN IMMEDIATE")
+        loop.call_later(0.15, other.execute, "ROLLBACK")
+        seen["waited_again"] = await timed(db.storage.ingest(make_event("evt_waited_again"), [APP]))
+        ticker.cancel()
+        seen["stall"] = max(stalls)
+        return seen
+
+    try:
+        seen = db.run(behind_the_lock())
+    finally:
+        other.close()
+    for key in ("waited", "waited_again"):
+        stored, took = seen[key]
+        assert stored is True and 0.14 < took < 0.3, (key, stored, took)
+    refused, took = seen["refused"]
+    assert isinstance(refused, StorageUnavailable), refused
+    assert "database is locked (by another process, for " in str(refused)
+    assert 0.29 < took < 0.6, took
+    refused, took = seen["refused_at_once"]
+    assert isinstance(refused, StorageUnavailable) and took < 0.1, (refused, took)
+    assert seen["retried"][0] is True  # nothing of it was written when it was refused
+    # The loop ran all along: it never waited for the lock in SQLite's busy handler.
+    assert seen["stall"] < 0.1, seen["stall"]
 
 
 def test_the_fsync_helper_reports_the_error_of_a_failed_fdatasync(tmp_path: Path) -> None:
@@ -1548,3 +1610,57 @@ def test_sqlite_urls(url: str, path: Path) -> None:
 def test_a_sqlite_url_needs_a_path(url: str) -> None:
     with pytest.raises(ValueError, match="sqlite needs a file path"):
         SQLiteStorage.from_url(url)
+
+
+# -- another process's write lock, under a running gateway ---------------------------------------------------
+
+
+def ops_get(gw: RunningGateway, path: str) -> tuple[httpx.Response, float]:
+    started = time.perf_counter()
+    response = httpx.get(gw.ops_url + path, timeout=10)
+    return response, time.perf_counter() - started
+
+
+def test_another_process_holding_the_write_lock_holds_up_no_answer(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    body, headers = svix_request(msg_id="msg_behind_the_lock")
+    with RunningGateway(gateway_config(tmp_path, downstream.url)) as gw, ThreadPoolExecutor(1) as pool:
+        # An operator's `sqlite3 var/hookyard.db` with a transaction open, or `hookyard replay` at work.
+        with contextlib.closing(sqlite3.connect(tmp_path / "hookyard.db", isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            answer = pool.submit(gw.post, "/webhooks/consignease", body, headers)
+            time.sleep(0.3)  # the webhook's batch has found the lock taken, as have the engine's claims
+            # The event loop answers: it does not wait for the lock in SQLite's busy handler (up to 5 s).
+            for path in ("/healthz", "/metrics"):
+                response, took = ops_get(gw, path)
+                assert response.status_code == 200 and took < 1, (path, took)
+            assert not answer.done()  # nothing is answered before its commit
+            other.execute("ROLLBACK")
+        response = answer.result(10)
+        assert response.status_code == 200 and response.json()["status"] == "accepted"
+        downstream.wait_for(1, "/hooks/users")
+        assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "duplicate"
+
+
+def test_a_write_lock_held_past_the_bound_refuses_webhooks_and_readiness(
+    tmp_path: Path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT", 0.3)
+    body, headers = svix_request(msg_id="msg_refused_behind_the_lock")
+    with RunningGateway(gateway_config(tmp_path, downstream.url)) as gw:
+        with contextlib.closing(sqlite3.connect(tmp_path / "hookyard.db", isolation_level=None)) as other:
+            other.execute("BEGIN IMMEDIATE")
+            started = time.perf_counter()
+            response = gw.post("/webhooks/consignease", body, headers)
+            assert time.perf_counter() - started < 2
+            assert response.status_code == 503 and response.json()["error"] == "storage_unavailable"
+            # While the lock stays taken, a write is tried once and refused at once.
+            ready, took = ops_get(gw, "/readyz")
+            assert ready.status_code == 503 and took < 2, took
+            assert "database is locked (by another process" in ready.json()["reason"]
+            other.execute("ROLLBACK")
+        # Nothing of the refused webhook was stored: its retry is a new event.
+        assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
+        assert ops_get(gw, "/readyz")[0].status_code == 200
+        assert gw.metric("hookyard_webhook_rejections_total", reason="storage_unavailable") == 1

@@ -4,7 +4,8 @@ Operations queued together run in one transaction with one commit, and a webhook
 write-ahead log holding its commit is fsynced: under load many webhooks share one fsync (group commit). The
 event loop never waits on the disk: the fsync runs in a helper process (see _GroupCommit and _WalSyncer),
 checkpoints and the queue statistics' scans on helper threads (the scans on a reader connection of their
-own).
+own). Nor does it wait on another process's write lock: a batch that finds it taken is tried again from a
+timer.
 """
 
 from __future__ import annotations
@@ -81,8 +82,14 @@ CHECKPOINT_COMMITS = 25
 # costs four commits of its own (store, lease, result, the next-due read), each writing its own WAL frames.
 RIDE_ALONG_DELAY = 0.005
 WAL_SIZE_LIMIT = 16 * 1024 * 1024
-# How long a write waits for another process's transaction (the CLI's) before it fails.
-BUSY_TIMEOUT_MS = 5000
+# How long a batch waits for another process's write lock (the CLI's, a `sqlite3` shell's open transaction)
+# before its operations are refused. Not in SQLite's busy handler, which sleeps on the calling thread, here the
+# event loop's: the writer's busy timeout is 0, and a batch that finds the lock taken goes back to the head of
+# the queue and is tried again from a timer, after BUSY_RETRY_FIRST, then twice as long each time up to
+# BUSY_RETRY_MAX (SQLite's own handler backs off alike). Opening the database still waits in SQLite.
+BUSY_TIMEOUT = 5.0
+BUSY_RETRY_FIRST = 0.002
+BUSY_RETRY_MAX = 0.1
 # The two kinds of checkpoint (_GroupCommit.checkpoint).
 BACKGROUND, RESTART = "background", "restart"
 SKIPPED_REASON = "parent did not reach the required state"
@@ -191,6 +198,11 @@ class _GroupCommit:
     everything and that restart). Checkpointing everything with batches held back, as this did before,
     held up every webhook in progress by the checkpoint's length ten times a second under load: it set the
     ingest p99.
+
+    The loop never waits for another process's write lock (the CLI's, a shell's open transaction) either:
+    a batch that finds it taken is put back at the head of the queue, nothing of it written, and tried
+    again from a timer (_wait_for_lock). Its durable operations are still answered only once committed and
+    fsynced, and refused if the lock stays taken past BUSY_TIMEOUT.
     """
 
     def __init__(self, connection: sqlite3.Connection, path: Path, on_commit: CommitObserver | None) -> None:
@@ -214,6 +226,11 @@ class _GroupCommit:
         self.checkpointed_at = 0
         self.broken: str | None = None  # why the store refuses every operation (a failed fsync)
         self.closed = False
+        # Another process's write lock (_wait_for_lock): since when batches have found it taken, when one
+        # last did, and how long the next waits before it tries again.
+        self.busy_since: float | None = None
+        self.busy_seen = 0.0
+        self.busy_delay = BUSY_RETRY_FIRST
         self.idle = asyncio.Event()
         self.idle.set()
         # SQLite keeps the WAL next to the real file when the database's path is a symlink.
@@ -299,9 +316,16 @@ class _GroupCommit:
                 # savepoint, so the failure undoes only its own writes. Rare, so the fast path needs none.
                 results = self._execute(batch, isolated=True)
         except sqlite3.Error as exc:
-            failure = StorageUnavailable(f"sqlite: {exc}")
+            message = f"sqlite: {exc}"
+            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+                held = self._wait_for_lock(batch, started)
+                if held is None:
+                    return  # queued again, nothing of it written: the timer runs it
+                message += f" (by another process, for {held:.1f} s)"
+            failure = StorageUnavailable(message)
             _settle([(future, None, failure, durable) for _, future, durable in batch])
         else:
+            self.busy_since = None  # the lock was free: the next wait for it starts afresh
             if any(durable for *_, durable in results):
                 self.commits += 1
                 self.unsynced.append((self.commits, len(batch), started, results))
@@ -317,6 +341,28 @@ class _GroupCommit:
                 self._start_checkpoint(BACKGROUND)
             self._schedule()
         self._maybe_idle()
+
+    def _wait_for_lock(self, batch: list[_Pending], now: float) -> float | None:
+        """The batch found another process's write lock taken, and nothing of it is written: queue it again,
+        ahead of what came since, for a timer to try again; None. Once the lock has been found taken for
+        BUSY_TIMEOUT (since the last batch that got it), give up instead: how long that was. Each batch then
+        tries once more and is refused at once if it is still taken, rather than make its callers wait
+        again."""
+        if self.busy_since is None or now - self.busy_seen > BUSY_TIMEOUT:
+            # A new wait (the last one found the lock taken long ago: it was free since, if nothing wrote).
+            self.busy_since, self.busy_delay = now, BUSY_RETRY_FIRST
+        self.busy_seen = now
+        held = now - self.busy_since
+        if held >= BUSY_TIMEOUT:
+            return held
+        # The riders are in the batch (_take_riders), so they go back with the operations answered at commit.
+        self.fast[:0] = [pending for pending in batch if not pending[2]]
+        self.durable[:0] = [pending for pending in batch if pending[2]]
+        # As if a batch were scheduled (and it is): what is submitted meanwhile waits for the timer's batch.
+        self.scheduled = True
+        self.loop.call_later(self.busy_delay, self._run_batch)
+        self.busy_delay = min(self.busy_delay * 2, BUSY_RETRY_MAX)
+        return None
 
     def _execute(self, batch: list[_Pending], *, isolated: bool) -> list[_Result]:
         """One transaction for the batch. Raises sqlite3.Error when the transaction failed as a whole, and
@@ -451,17 +497,15 @@ class _GroupCommit:
         mode = "TRUNCATE" if self._wal_size() > WAL_SIZE_LIMIT else "PASSIVE"
         conn = self.connection
         try:
-            # TRUNCATE waits for readers on an older snapshot to finish, for as long as the busy timeout. One
-            # holding its snapshot (a backup, a shell's open transaction) keeps the WAL from starting over
-            # however long it waits, and batches wait for this: they would commit one per busy timeout.
-            # Without waiting, it copies what it can and the WAL starts over once that reader is done.
-            conn.execute("PRAGMA busy_timeout = 0")
-            try:
-                conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
-            finally:
-                conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # The writer's busy timeout is 0 (it waits for no lock: BUSY_TIMEOUT), and so this waits for
+            # nothing either. TRUNCATE would wait for readers on an older snapshot to finish, for as long as
+            # the busy timeout: one holding its snapshot (a backup, a shell's open transaction) keeps the WAL
+            # from starting over however long it waits, and batches wait for this. Without waiting, it
+            # copies what it can and the WAL starts over once that reader is done.
+            conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()
             # The first commit after a checkpoint starts the WAL over and fsyncs its new header, whatever
-            # `synchronous` says: make that commit here, on this thread, not on the event loop.
+            # `synchronous` says: make that commit here, on this thread, not on the event loop. (Another
+            # process holding the write lock makes it fail, and the WAL starts over at a later commit.)
             conn.execute("BEGIN IMMEDIATE")
             conn.execute(f"PRAGMA user_version = {conn.execute('PRAGMA user_version').fetchone()[0]}")
             conn.execute("COMMIT")
@@ -656,8 +700,11 @@ class SQLiteStorage(Storage):
             # answers a durable write only after that (see its docstring).
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA wal_autocheckpoint = 0")
-            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            # Not serving yet: the schema may wait for another process's lock in SQLite, on the loop.
+            conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
             conn.executescript(SCHEMA)
+            # From here on the loop waits for no lock: _GroupCommit tries a batch again from a timer.
+            conn.execute("PRAGMA busy_timeout = 0")
         except (OSError, sqlite3.Error) as exc:
             raise StorageUnavailable(f"cannot open {self.path}: {exc}") from exc
         try:

@@ -28,7 +28,16 @@ from gateway.metrics import Metrics
 from gateway.plugins import Registry
 from gateway.retry import next_delay
 from gateway.routing import PlannedAction, RouteTable
-from gateway.storage import Attempt, Claim, Ingested, Lease, NewDelivery, Storage, StorageUnavailable
+from gateway.storage import (
+    Attempt,
+    Claim,
+    Ingested,
+    Lease,
+    NewDelivery,
+    Storage,
+    StorageUnavailable,
+    Unconfirmed,
+)
 
 log = logging.getLogger("hookyard.delivery")
 
@@ -225,8 +234,19 @@ class Engine:
             self._queueing -= 1
         self._reserved -= leased
         claims: tuple[Claim, ...] = ()
-        if not stored.cancelled() and stored.exception() is None:
-            new, claims = stored.result()
+        ingested: Ingested | None = None
+        if not stored.cancelled():
+            failure = stored.exception()
+            if failure is None:
+                ingested = stored.result()
+            elif isinstance(failure, Unconfirmed):
+                # Committed, and its fsync overdue: the webhook is refused, but the event may be stored all
+                # the same, its deliveries leased here. Run them as if it were: left alone they would wait
+                # out their lease and be claimed with a second attempt counted. Should the disk lose the event
+                # after all, its sender's retry stores it again (at least once).
+                ingested = failure.result
+        if ingested is not None:
+            new, claims = ingested
             if new and self._stopping:
                 # Too late to start: give them back, for the next start (failing that, at-least-once
                 # holds: the lease expires, or a SQLite store releases every lease when it opens).

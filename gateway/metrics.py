@@ -205,6 +205,14 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        # Read at scrape time (set_function, by the gateway): a hung fsync never ends a commit, so the
+        # histogram above would not show it until it did.
+        self.storage_fsync_wait = Gauge(
+            "hookyard_storage_fsync_wait_seconds",
+            "How long the oldest fsync that commits wait for has run: milliseconds on a healthy disk, rising "
+            "while one hangs. 0 when none runs.",
+            registry=registry,
+        )
         self.commit_batch = Histogram(
             "hookyard_storage_batch_size",
             "Operations per storage commit: above 1 when group commit shares one fsync among many.",

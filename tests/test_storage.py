@@ -32,6 +32,7 @@ from gateway.storage import (
     Lease,
     NewDelivery,
     StorageUnavailable,
+    Unconfirmed,
     open_storage,
 )
 from gateway.storage import sqlite as sqlite_module
@@ -42,7 +43,7 @@ from gateway.storage.sqlite import (
     _GroupCommit,
     _WalSyncer,
 )
-from tests.support import Downstream, RunningGateway, gateway_config, svix_request
+from tests.support import Downstream, RunningGateway, gateway_config, svix_request, wait_until
 
 T = TypeVar("T")
 
@@ -291,11 +292,12 @@ def test_database_is_wal_and_commits_never_fsync_on_the_loop(db: Harness) -> Non
 
 
 class HeldFsync:
-    """The store's fsync helper process stopped (SIGSTOP) until released: a disk that takes its time. Its
-    failure is the helper killed: nobody can tell whether its last fsync happened."""
+    """The store's fsync helper process stopped (SIGSTOP) until released: a disk that takes its time, or,
+    past FSYNC_TIMEOUT, one that stopped answering. Its failure is the helper killed: nobody can tell whether
+    its last fsync happened."""
 
-    def __init__(self, db: Harness) -> None:
-        writer = db.storage._writer
+    def __init__(self, storage: SQLiteStorage) -> None:
+        writer = storage._writer
         assert writer is not None
         self.syncer = writer.syncer
         self.pid = self.syncer.process.pid
@@ -320,7 +322,7 @@ class HeldFsync:
 
 
 def test_an_ingest_is_answered_only_after_the_wal_is_fsynced(db: Harness) -> None:
-    fsync = HeldFsync(db)
+    fsync = HeldFsync(db.storage)
 
     async def ingest_while_the_disk_is_slow() -> tuple[bool, bool, list[str]]:
         task = asyncio.create_task(db.storage.ingest(make_event("evt_slow"), [APP]))
@@ -340,7 +342,7 @@ def test_an_ingest_is_answered_only_after_the_wal_is_fsynced(db: Harness) -> Non
 
 
 def test_while_an_fsync_runs_durable_writes_wait_and_commit_together(db: Harness) -> None:
-    fsync = HeldFsync(db)
+    fsync = HeldFsync(db.storage)
 
     async def trickle() -> tuple[list[bool], list[int]]:
         tasks = []
@@ -362,7 +364,7 @@ def test_while_an_fsync_runs_durable_writes_wait_and_commit_together(db: Harness
 
 
 def test_after_a_failed_fsync_nothing_is_answered_stored_until_a_restart(db: Harness) -> None:
-    fsync = HeldFsync(db)
+    fsync = HeldFsync(db.storage)
 
     async def ingest_while_the_helper_dies() -> None:
         task = asyncio.create_task(db.storage.ingest(make_event("evt_lost"), [APP]))
@@ -404,7 +406,7 @@ def test_a_helper_that_dies_while_nothing_waits_stops_the_store_too(db: Harness)
 
 
 def test_what_waited_for_a_failed_fsync_is_refused_too(db: Harness) -> None:
-    fsync = HeldFsync(db)
+    fsync = HeldFsync(db.storage)
 
     async def retry_during_the_failing_fsync() -> list[BaseException | bool]:
         first = asyncio.create_task(db.storage.ingest(make_event("evt_lost"), [APP]))
@@ -420,6 +422,60 @@ def test_what_waited_for_a_failed_fsync_is_refused_too(db: Harness) -> None:
     # None of them is answered as stored: not the retry ("duplicate"), not the other one.
     assert all(isinstance(result, StorageUnavailable) for result in results), results
     assert fsync.calls == 0
+
+
+def test_an_fsync_that_does_not_answer_in_time_is_waited_for_no_longer(
+    db: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "FSYNC_TIMEOUT", 0.3)
+    fsync = HeldFsync(db.storage)
+
+    async def ingest_while_the_disk_hangs() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        committed = asyncio.create_task(db.storage.ingest(make_event("evt_committed"), [APP]))
+        await fsync.requested()
+        queued = asyncio.create_task(db.storage.ingest(make_event("evt_queued"), [APP]))  # behind the fsync
+        started = loop.time()
+        answers = await asyncio.gather(committed, queued, return_exceptions=True)
+        seen: dict[str, Any] = {"answers": answers, "waited": loop.time() - started}
+        seen["age"] = db.storage.fsync_wait()
+        # From now on a durable write, the readiness check's included, is refused at once.
+        started = loop.time()
+        seen["refused"] = await asyncio.gather(
+            db.storage.ingest(make_event("evt_later"), [APP]),
+            db.storage.check_writable(),
+            return_exceptions=True,
+        )
+        seen["refused_in"] = loop.time() - started
+        # What needs no fsync goes on: a lease.
+        seen["claimed"] = [c.event.id for c in await db.storage.claim(T0 + 1, 10, LEASE, "worker")]
+        fsync.release()
+        for _ in range(500):
+            if db.storage.fsync_wait() == 0:
+                break
+            await asyncio.sleep(0.01)
+        await db.storage.check_writable()
+        return seen
+
+    try:
+        seen = db.run(asyncio.wait_for(ingest_while_the_disk_hangs(), 10))
+    finally:
+        fsync.release()
+    committed, queued = seen["answers"]
+    # Its commit is written and may yet be on disk: not answered as stored, nor as not written.
+    assert isinstance(committed, Unconfirmed) and committed.result.new is True, committed
+    assert "may still be stored" in str(committed)
+    # Behind the fsync, nothing of it was written: refused, as for any failed write.
+    assert type(queued) is StorageUnavailable and "no fsync has finished" in str(queued), queued
+    assert 0.2 < seen["waited"] < 2
+    assert seen["age"] >= 0.3
+    assert [type(refusal) for refusal in seen["refused"]] == [StorageUnavailable, StorageUnavailable]
+    assert seen["refused_in"] < 0.2
+    assert seen["claimed"] == ["evt_committed"]
+    # Once the fsync has answered: the committed event is stored, once; the refused one was not stored.
+    assert db.ingest("evt_committed", APP) is False
+    assert db.ingest("evt_queued", APP) is True
+    assert db.storage.fsync_wait() == 0
 
 
 def test_a_batch_waits_for_another_processs_write_lock_off_the_loop(
@@ -657,6 +713,60 @@ def test_a_background_checkpoint_holds_up_no_commit(db: Harness, monkeypatch: py
     during, still_running = db.run(ingest_during_the_checkpoint())
     assert during == [True] * 20 and still_running
     assert len(db.run(db.storage.list_events(limit=1000))) == CHECKPOINT_COMMITS + 20
+
+
+def test_a_checkpoint_that_commits_wait_for_and_does_not_finish_in_time_is_waited_for_no_longer(
+    db: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The checkpoint that starts the WAL over, stuck in its fsync (a disk that stopped answering: a fault a
+    # test cannot cause on demand); batches wait for it.
+    monkeypatch.setattr(sqlite_module, "FSYNC_TIMEOUT", 0.3)
+    started, release = threading.Event(), threading.Event()
+    real = _GroupCommit._checkpoint
+
+    def stuck(self: _GroupCommit) -> None:
+        started.set()
+        release.wait(10)
+        real(self)
+
+    monkeypatch.setattr(_GroupCommit, "_checkpoint", stuck)
+    writer = db.storage._writer
+    assert writer is not None
+
+    async def ingest_behind_the_checkpoint() -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        writer._start_checkpoint(sqlite_module.RESTART)
+        await asyncio.to_thread(started.wait, 10)
+        begun = loop.time()
+        held = await asyncio.gather(
+            db.storage.ingest(make_event("evt_held"), [APP]),
+            db.storage.claim(T0 + 1, 10, LEASE, "worker"),
+            return_exceptions=True,
+        )
+        seen: dict[str, Any] = {"held": held, "waited": loop.time() - begun, "gauge": db.storage.fsync_wait()}
+        begun = loop.time()
+        seen["refused"] = await asyncio.gather(db.storage.check_writable(), return_exceptions=True)
+        seen["refused_in"] = loop.time() - begun
+        release.set()
+        for _ in range(500):
+            if writer.checkpoint is None:
+                break
+            await asyncio.sleep(0.01)
+        return seen
+
+    try:
+        seen = db.run(asyncio.wait_for(ingest_behind_the_checkpoint(), 10))
+    finally:
+        release.set()
+    # Nothing of what waited was written: refused, a lease as well as a webhook.
+    assert [type(answer) for answer in seen["held"]] == [StorageUnavailable, StorageUnavailable], seen["held"]
+    assert all("no fsync has finished" in str(answer) for answer in seen["held"])
+    assert 0.2 < seen["waited"] < 2 and seen["gauge"] >= 0.3, seen
+    assert [type(answer) for answer in seen["refused"]] == [StorageUnavailable] and seen["refused_in"] < 0.2
+    # Once it has finished, the store takes writes again.
+    db.run(db.storage.check_writable())
+    assert db.ingest("evt_held", APP) is True
+    assert db.storage.fsync_wait() == 0
 
 
 def test_the_wal_starts_over_once_checkpoints_have_copied_it(db: Harness) -> None:
@@ -1612,7 +1722,7 @@ def test_a_sqlite_url_needs_a_path(url: str) -> None:
         SQLiteStorage.from_url(url)
 
 
-# -- another process's write lock, under a running gateway ---------------------------------------------------
+# -- another process's write lock and a disk that stops answering, under a running gateway ------------------
 
 
 def ops_get(gw: RunningGateway, path: str) -> tuple[httpx.Response, float]:
@@ -1664,3 +1774,44 @@ def test_a_write_lock_held_past_the_bound_refuses_webhooks_and_readiness(
         assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
         assert ops_get(gw, "/readyz")[0].status_code == 200
         assert gw.metric("hookyard_webhook_rejections_total", reason="storage_unavailable") == 1
+
+
+def test_a_hung_fsync_is_refused_after_the_bound_and_shows_in_readiness_and_metrics(
+    tmp_path: Path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sqlite_module, "FSYNC_TIMEOUT", 0.3)
+    first, first_headers = svix_request(msg_id="msg_on_a_hung_disk")
+    second, second_headers = svix_request(msg_id="msg_while_refused")
+    with RunningGateway(gateway_config(tmp_path, downstream.url)) as gw:
+        storage = gw.gateway.storage
+        assert isinstance(storage, SQLiteStorage)
+        fsync = HeldFsync(storage)
+        try:
+            started = time.perf_counter()
+            response = gw.client.post(
+                gw.url + "/webhooks/consignease", content=first, headers=first_headers, timeout=3
+            )
+            assert 0.2 < time.perf_counter() - started < 2
+            # Not known to be on disk: refused, so the sender sends it again.
+            assert response.status_code == 503 and response.json()["error"] == "storage_unavailable"
+            # Its commit leased its delivery, which runs (once, as its first attempt): left alone, it would
+            # wait out its lease and be sent as a second attempt.
+            [delivered] = downstream.wait_for(1, "/hooks/users")
+            assert delivered.headers["x-hookyard-attempt"] == "1"
+            ready, took = ops_get(gw, "/readyz")
+            assert ready.status_code == 503 and took < 2, took
+            assert "no fsync has finished for" in ready.json()["reason"]
+            assert gw.metric("hookyard_storage_fsync_wait_seconds") >= 0.3
+            refused = gw.post("/webhooks/consignease", second, second_headers)
+            assert refused.status_code == 503
+        finally:
+            fsync.release()
+        wait_until(lambda: ops_get(gw, "/readyz")[0].status_code == 200, 5)
+        assert gw.metric("hookyard_storage_fsync_wait_seconds") < 0.3
+        # The disk kept the first one after all: its retry is a duplicate, delivered no second time.
+        assert gw.post("/webhooks/consignease", first, first_headers).json()["status"] == "duplicate"
+        assert gw.post("/webhooks/consignease", second, second_headers).json()["status"] == "accepted"
+        downstream.wait_for(2, "/hooks/users")
+        time.sleep(0.2)
+        keys = [r.headers["idempotency-key"] for r in downstream.received("/hooks/users")]
+        assert sorted(keys) == ["msg_on_a_hung_disk", "msg_while_refused"]

@@ -10,7 +10,7 @@ import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 from gateway.actions import ParentResult
 from gateway.events import Event
@@ -22,6 +22,16 @@ EventState = Literal["pending", "delivered", "dead", "unrouted"]
 
 class StorageUnavailable(Exception):
     """The store could not durably write (disk full, read-only, I/O error, database down)."""
+
+
+class Unconfirmed(StorageUnavailable):
+    """Written, but not confirmed durable in time (a disk that stopped answering its fsync): it may still be
+    stored, or be lost. Its caller is answered as for a write that failed, but must not act as if nothing was
+    written: `result` is what the write returned (an ingest's leased deliveries, say)."""
+
+    def __init__(self, message: str, result: Any) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +232,11 @@ class Storage(ABC):
     @abstractmethod
     async def check_writable(self) -> None:
         """Raise StorageUnavailable unless a write would succeed now."""
+
+    def fsync_wait(self) -> float:
+        """How long the oldest fsync that commits wait for has run, in seconds; 0 when they wait for none, or
+        when the backend cannot tell. Read at every scrape: cheap."""
+        return 0.0
 
     @abstractmethod
     async def list_events(

@@ -47,6 +47,7 @@ from gateway.storage import (
     Storage,
     StorageUnavailable,
     StoredEvent,
+    Unconfirmed,
 )
 from gateway.storage.fsync_helper import REPLY, REQUEST  # the helper's messages
 
@@ -90,6 +91,11 @@ WAL_SIZE_LIMIT = 16 * 1024 * 1024
 BUSY_TIMEOUT = 5.0
 BUSY_RETRY_FIRST = 0.002
 BUSY_RETRY_MAX = 0.1
+# How long a commit may wait for its fsync (or batches for a checkpoint that starts the WAL over) before the
+# store stops waiting for it: what waits for it is answered (_GroupCommit._fsync_overdue), and durable writes
+# are refused until it finishes. A disk that stopped answering would otherwise hold every webhook, and
+# /readyz, for ever.
+FSYNC_TIMEOUT = 5.0
 # The two kinds of checkpoint (_GroupCommit.checkpoint).
 BACKGROUND, RESTART = "background", "restart"
 SKIPPED_REASON = "parent did not reach the required state"
@@ -203,6 +209,12 @@ class _GroupCommit:
     a batch that finds it taken is put back at the head of the queue, nothing of it written, and tried
     again from a timer (_wait_for_lock). Its durable operations are still answered only once committed and
     fsynced, and refused if the lock stays taken past BUSY_TIMEOUT.
+
+    Nor does anything wait for ever on a disk that stopped answering: an fsync that has not returned within
+    FSYNC_TIMEOUT (the helper's, or that of a RESTART checkpoint, which batches wait for) is no longer
+    waited for (_fsync_overdue). What waits uncommitted is refused; what its batch committed may still
+    reach the disk, and is answered Unconfirmed, with its result; durable operations are then refused
+    until it returns.
     """
 
     def __init__(self, connection: sqlite3.Connection, path: Path, on_commit: CommitObserver | None) -> None:
@@ -226,6 +238,16 @@ class _GroupCommit:
         self.checkpointed_at = 0
         self.broken: str | None = None  # why the store refuses every operation (a failed fsync)
         self.closed = False
+        # When the RESTART checkpoint running (batches wait for it) began.
+        self.restart_started: float | None = None
+        # Since when the store has waited for an fsync that is now overdue (FSYNC_TIMEOUT): durable operations
+        # are refused until it answers (and, while batches wait for a checkpoint, every operation).
+        self.overdue_since: float | None = None
+        # Whether `submit` must look before it queues (broken, closed or an fsync overdue): one check for the
+        # three on the hot path.
+        self.refusing = False
+        # Looks at the oldest fsync every FSYNC_TIMEOUT at most while the store waits for one (_watch_fsync).
+        self.fsync_watch: asyncio.TimerHandle | None = None
         # Another process's write lock (_wait_for_lock): since when batches have found it taken, when one
         # last did, and how long the next waits before it tries again.
         self.busy_since: float | None = None
@@ -249,12 +271,11 @@ class _GroupCommit:
         commit, which is the next batch; with `ride`, the next batch that something else starts, or a
         batch of its own after RIDE_ALONG_DELAY."""
         future = self.loop.create_future()
-        if self.broken is not None:
-            future.set_exception(self._refusal())
-            return future
-        if self.closed:
-            future.set_exception(StorageUnavailable("storage is closed"))
-            return future
+        if self.refusing:
+            refusal = self._refusal_of(durable)
+            if refusal is not None:
+                future.set_exception(refusal)
+                return future
         self.idle.clear()
         if ride and not durable:
             self.riders.append((operation, future, durable))
@@ -276,9 +297,21 @@ class _GroupCommit:
             self.riders_timer.cancel()
             self.riders_timer = None
 
+    def _refusal_of(self, durable: bool) -> StorageUnavailable | None:
+        if self.broken is not None:
+            return self._refusal()
+        if self.closed:
+            return StorageUnavailable("storage is closed")
+        if self.overdue_since is not None and (durable or self.checkpoint == RESTART):
+            return StorageUnavailable(f"sqlite: {self._overdue()}")
+        return None
+
     async def close(self) -> None:
         await self.idle.wait()
-        self.closed = True  # from here on nothing could be synced: refuse, never leave a caller waiting
+        # From here on nothing could be synced: refuse, never leave a caller waiting.
+        self.closed = self.refusing = True
+        if self.fsync_watch is not None:
+            self.fsync_watch.cancel()
         self.syncer.stop()  # idle: no fsync or checkpoint is running, so both stop at once
         self.checkpointer.shutdown(wait=True)
         self.checkpoint_connection.close()
@@ -330,6 +363,8 @@ class _GroupCommit:
                 self.commits += 1
                 self.unsynced.append((self.commits, len(batch), started, results))
                 self.syncer.request(self.commits)
+                if self.fsync_watch is None:  # at most once per FSYNC_TIMEOUT (_watch_fsync)
+                    self.fsync_watch = self.loop.call_later(FSYNC_TIMEOUT, self._watch_fsync)
                 _settle([result for result in results if not result[3]])
             else:
                 _settle(results)
@@ -418,14 +453,95 @@ class _GroupCommit:
                 self._observe(size, started)
             else:
                 _settle([(future, None, self._refusal(), True) for future, *_ in durable])
+        if self.overdue_since is not None:
+            self._maybe_caught_up()
         if self.broken is not None:
             # What waited for this fsync must not be committed and answered by the next one.
             self._refuse_waiting()
         self._schedule()
         self._maybe_idle()
 
+    def _waiting_for_disk_since(self) -> float | None:
+        """When the oldest fsync the store waits for began: the oldest commit's waiting for the helper, or
+        the RESTART checkpoint's that batches wait for. (A BACKGROUND checkpoint holds nothing up.)"""
+        oldest = self.restart_started
+        if self.unsynced and (oldest is None or self.unsynced[0][2] < oldest):
+            oldest = self.unsynced[0][2]
+        return oldest
+
+    def _watch_fsync(self) -> None:
+        """Whether the oldest fsync the store waits for has taken FSYNC_TIMEOUT; if not, look again when it
+        would have. Idle once nothing waits: the next durable commit or RESTART starts it again."""
+        self.fsync_watch = None
+        since = self._waiting_for_disk_since()
+        if since is None or self.overdue_since is not None:
+            return
+        waited = time.perf_counter() - since
+        if waited < FSYNC_TIMEOUT:
+            self.fsync_watch = self.loop.call_later(FSYNC_TIMEOUT - waited, self._watch_fsync)
+        else:
+            self._fsync_overdue(since)
+
+    def _fsync_overdue(self, since: float) -> None:
+        """An fsync has not answered within FSYNC_TIMEOUT (a disk that stopped answering): stop waiting for it.
+        Durable operations waiting uncommitted behind it are refused: nothing of theirs is written (nor of
+        any operation while batches wait for a checkpoint). Those its batch committed may still reach the
+        disk when it answers (or be lost with the OS's cache if the machine goes down first), so they are
+        neither answered as stored nor as not written: Unconfirmed, with their result. A webhook is refused
+        (its sender sends it again, and is told `duplicate` if it did reach the disk); the engine runs the
+        deliveries its commit leased, as if it were stored. New durable operations are refused until the
+        fsync answers; a failed one breaks the store as always."""
+        self.overdue_since = since
+        self.refusing = True
+        reason = self._overdue()
+        log.error(
+            "an fsync has not finished in time; durable writes are refused until it does",
+            extra={"error": reason},
+        )
+        waiting, self.durable = self.durable, []
+        if self.checkpoint == RESTART:
+            self._take_riders()
+            waiting, self.fast = self.fast + waiting, []
+        _settle(
+            [
+                (future, None, StorageUnavailable(f"sqlite: {reason}"), durable)
+                for _, future, durable in waiting
+            ]
+        )
+        unconfirmed = f"sqlite: committed, but {reason}: it may still be stored"
+        committed, self.unsynced = self.unsynced, deque()
+        for number, size, started, results in committed:
+            _settle(
+                (future, None, Unconfirmed(unconfirmed, result) if failed is None else failed, durable)
+                for future, result, failed, durable in results
+                if durable
+            )
+            # Answered: when the fsync does finish, only the commit is observed (_synced).
+            self.unsynced.append((number, size, started, []))
+        self._maybe_idle()
+
+    def _overdue(self) -> str:
+        assert self.overdue_since is not None
+        return f"no fsync has finished for {time.perf_counter() - self.overdue_since:.1f} s"
+
+    def _maybe_caught_up(self) -> None:
+        """After an fsync or a checkpoint: an overdue fsync that has finished ends the refusals."""
+        if self.overdue_since is not None and self._waiting_for_disk_since() is None:
+            log.warning(
+                "the overdue fsync has finished; durable writes are taken again",
+                extra={"waited_s": round(time.perf_counter() - self.overdue_since, 3)},
+            )
+            self.overdue_since = None
+            self.refusing = self.broken is not None or self.closed
+
+    def fsync_wait(self) -> float:
+        """How long the oldest fsync the store waits for has run; 0 when it waits for none."""
+        since = self._waiting_for_disk_since()
+        return 0.0 if since is None else time.perf_counter() - since
+
     def _break(self, reason: str) -> None:
         if self.broken is None:
+            self.refusing = True
             self.broken = f"{reason}; restart hookyard to recover"
             log.error("the store refuses every write until a restart", extra={"error": self.broken})
 
@@ -462,6 +578,9 @@ class _GroupCommit:
             done = self.loop.run_in_executor(self.checkpointer, self._checkpoint_in_background)
             done.add_done_callback(self._checkpointed_in_background)
         else:
+            self.restart_started = time.perf_counter()
+            if self.fsync_watch is None:
+                self.fsync_watch = self.loop.call_later(FSYNC_TIMEOUT, self._watch_fsync)
             self.loop.run_in_executor(self.checkpointer, self._checkpoint).add_done_callback(
                 self._checkpointed
             )
@@ -518,6 +637,7 @@ class _GroupCommit:
 
     def _checkpointed(self, done: asyncio.Future[Any]) -> None:
         self.checkpoint = None
+        self.restart_started = None
         failure = done.exception()
         if failure is not None:
             if _fsync_failed(failure):
@@ -527,6 +647,7 @@ class _GroupCommit:
                 # A write refused (read-only, disk full): nothing is lost, the WAL still holds it all.
                 # The next checkpoint copies it once the disk takes writes again.
                 log.warning("a checkpoint failed; trying again later", extra={"error": str(failure)})
+        self._maybe_caught_up()
         self._schedule()
         self._maybe_idle()
 
@@ -894,7 +1015,12 @@ class SQLiteStorage(Storage):
 
         return await self._read(stats)
 
+    def fsync_wait(self) -> float:
+        return 0.0 if self._writer is None else self._writer.fsync_wait()
+
     async def check_writable(self) -> None:
+        # Durable: while an fsync is overdue it is refused at once, and until then it waits for an fsync
+        # FSYNC_TIMEOUT at most, and for another process's write lock BUSY_TIMEOUT at most.
         def probe(conn: sqlite3.Connection) -> None:
             # A real write that the batch commits: proves the file and the disk take writes right now.
             conn.execute("PRAGMA user_version = 1")

@@ -336,7 +336,8 @@ def _scale(part: Json) -> list[str]:
                 "DB MB",
                 "claim+finish ms (median)",
                 "claim ms",
-                "CPU µs/pair",
+                "CPU µs/pair (median, its thread)",
+                "process CPU µs/pair",
                 "next_due_at ms",
                 "queue_stats ms",
                 "RSS idle MB",
@@ -351,6 +352,8 @@ def _scale(part: Json) -> list[str]:
                     f"{r['pair_ms_median']:.2f}",
                     f"{r['claim_ms_median']:.2f}",
                     f"{r['pair_cpu_us']:.0f}",
+                    # Runs before this column was measured have none.
+                    f"{r['pair_process_cpu_us']:.0f}" if "pair_process_cpu_us" in r else "",
                     f"{r['next_due_at_ms']:.2f}",
                     f"{r['queue_stats_ms']:.1f}",
                     f"{r['rss_idle_mb']:.1f}",
@@ -360,10 +363,12 @@ def _scale(part: Json) -> list[str]:
                 ]
                 for r in rows
             ],
-            "r" * 11,
+            "r" * 12,
         ),
         "",
-        f"- Claim cost: **{'flat' if verdict['claim_flat'] else 'not flat'}** — CPU per pair "
+        f"- Claim cost: **{'flat' if verdict['claim_flat'] else 'not flat'}** — median CPU per pair on the "
+        "thread that runs its statements (the process's CPU adds helper threads' checkpoints, which land "
+        "unevenly) "
         f"{X}{verdict['claim_cpu_ratio']:.2f}, median wall {X}{verdict['claim_wall_ratio']:.2f} at most, at any "
         f"backlog against the smallest (flat: an index seek and at most 1.5{X}). Plan: `{plans['claim']}`.",
         f"- RSS idle: **{'flat' if verdict['rss_flat'] else 'not flat'}** ({verdict['rss_change']:+.1%} at most, "

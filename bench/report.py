@@ -528,6 +528,19 @@ BEFORE = Path(__file__).parent / "results" / "before"
 
 # What changed between the run kept in results/before/ and this code; the figures below say what it did.
 CHANGES = [
+    "**The store waits neither for another process's write lock nor for a disk that stopped answering, and "
+    "the listener bounds its connections, at no cost per webhook worth measuring**: a batch that finds the "
+    "database locked is tried again from a timer (SQLite's busy handler slept on the event loop for up to "
+    "5 s), an fsync that has not returned in 5 s is no longer waited for, and a connection past "
+    "`listen.max_connections` is refused at once (one compare per connection). Part 6 counts, against "
+    "`1622a8c` in the same run, 0.1% more instructions per webhook with no route (309,564 against 309,316) "
+    "and 1.5% more with the forward route (639,846 against 630,395); the run before it, on the same code, "
+    "counted 0.1% more with each (632,496 against 631,558 forwarded). The count of the forward path moves by "
+    "about 1% from run to run: how many operations share a commit depends on when the fsync helper answers.",
+    "**Part 3's claim cost is the median CPU of a claim and finish pair on the thread that runs their "
+    "statements**. The process's CPU over all pairs, helper threads included, swung by half from run to run "
+    "(a checkpoint's copy lands on some pairs and not others), and once read 1.71x at 1 M queued on an "
+    "unchanged store; the table shows both.",
     "**The listener refuses more as it arrives, at a small cost per webhook**: a request head that never "
     "ends is refused `431` once past its limit (it was held until `read_timeout`, grown by a copy at each "
     "read); a compressed body gets `415 unsupported_encoding` and a transfer coding other than chunked "

@@ -537,6 +537,29 @@ def test_a_batch_waits_for_another_processs_write_lock_off_the_loop(
     assert seen["stall"] < 0.1, seen["stall"]
 
 
+def test_an_operation_that_fails_after_sqlite_rolled_back_is_refused_not_left_waiting(tmp_path: Path) -> None:
+    # The batch fails as a whole with an error raised here, not by SQLite: it carries no SQLite error code,
+    # and is no busy lock to wait for.
+    def rolled_back(conn: sqlite3.Connection) -> None:
+        conn.execute("ROLLBACK")
+        raise ValueError("the transaction was rolled back under the operation")
+
+    async def run() -> tuple[BaseException | bool, ...]:
+        storage = SQLiteStorage(tmp_path / "hookyard.db")
+        await storage.open()
+        try:
+            assert storage._writer is not None
+            failing = storage._writer.submit(rolled_back, durable=True)
+            [refused] = await asyncio.wait_for(asyncio.gather(failing, return_exceptions=True), 5)
+            return refused, await asyncio.wait_for(storage.ingest(make_event("evt_after"), [APP]), 5)
+        finally:
+            await asyncio.wait_for(storage.close(), 5)  # nothing is left waiting
+
+    refused, stored = asyncio.run(run())
+    assert type(refused) is StorageUnavailable and "rolled back under the operation" in str(refused), refused
+    assert stored is True
+
+
 def test_the_fsync_helper_reports_the_error_of_a_failed_fdatasync(tmp_path: Path) -> None:
     # fdatasync of a character device fails (EINVAL) for real, in the helper process, as EIO would.
     async def sync_dev_null() -> tuple[int, OSError | None]:

@@ -350,7 +350,9 @@ class _GroupCommit:
                 results = self._execute(batch, isolated=True)
         except sqlite3.Error as exc:
             message = f"sqlite: {exc}"
-            if exc.sqlite_errorcode & 0xFF == sqlite3.SQLITE_BUSY:
+            # An error _execute raised itself (an operation failed after SQLite rolled back) has no code.
+            code = getattr(exc, "sqlite_errorcode", None)
+            if code is not None and code & 0xFF == sqlite3.SQLITE_BUSY:
                 held = self._wait_for_lock(batch, started)
                 if held is None:
                     return  # queued again, nothing of it written: the timer runs it

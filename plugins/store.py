@@ -404,6 +404,10 @@ def _utc(timestamp: float) -> datetime:
 _PG_PERMANENT_CLASSES = ("22", "23", "42")
 _PG_FIXABLE_STATES = frozenset({"42501", "42P01", "3F000"})
 POOL_SIZE = 10  # connections per action
+# How long the rollback of a transaction cut short may take, once the attempt's own deadline has passed.
+# A server that stopped answering would otherwise hold the connection, and a slot of the pool, until TCP
+# gives up on it: ten such attempts and every later one times out waiting for a free connection.
+ROLLBACK_TIMEOUT = 1.0
 
 
 class Postgres(Backend):
@@ -495,9 +499,13 @@ class Postgres(Backend):
         except BaseException:
             # Nothing may stay open on a connection that goes back to the pool. The first error says what
             # happened: on a connection the server closed (which rolled back by itself) the rollback fails
-            # too, and the pool drops that connection.
-            with contextlib.suppress(Exception):
-                await conn.execute("ROLLBACK")
+            # too. One whose rollback fails or takes too long is closed, and the pool opens a new one.
+            try:
+                async with asyncio.timeout(ROLLBACK_TIMEOUT):
+                    await conn.execute("ROLLBACK")
+            except Exception:
+                with contextlib.suppress(Exception):  # one the server closed is the pool's already
+                    conn.terminate()
             raise
         return None
 

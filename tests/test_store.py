@@ -691,6 +691,36 @@ def test_an_attempt_whose_deadline_falls_in_its_begin_is_rolled_back_without_an_
     assert set(pg.rows()) == {"user_1", "user_2"}
 
 
+def test_an_attempt_against_a_server_that_stopped_answering_ends_without_waiting_for_its_rollback(
+    pg: PostgresDatabase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from plugins import store
+
+    monkeypatch.setattr(store, "ROLLBACK_TIMEOUT", 0.2)
+    parts = urlsplit(pg.url)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        options = {"url": pg.action_url_via(proxy), "table": pg.table, "mode": "upsert", "key": "data.id"}
+
+        async def run() -> tuple[bool, Outcome, Outcome]:
+            async with store_action(options) as action:
+                assert (await action.deliver(job(make_event("e0")))).kind == "delivered"
+                # No answer at all, as from a server gone without a reset: the rollback after the deadline
+                # gets none either, and used to wait for one until the server answered again.
+                await asyncio.to_thread(proxy.pause)
+                attempt = asyncio.create_task(action.deliver(job(make_event("e1"), 0.3)))
+                done, _ = await asyncio.wait([attempt], timeout=2.0)
+                await asyncio.to_thread(proxy.resume)
+                stalled = await attempt
+                return bool(done), stalled, await action.deliver(job(make_event("e2", data={"id": "user_2"})))
+
+        ended_while_unanswered, stalled, after = asyncio.run(run())
+    assert ended_while_unanswered
+    assert stalled.kind == "retry" and "timed out waiting for the database" in (stalled.error or "")
+    # Its connection was closed rather than given back with a transaction in an unknown state.
+    assert after.kind == "delivered"
+    assert set(pg.rows()) == {"user_1", "user_2"}
+
+
 def test_a_missing_database_is_retried(postgres_url: str, tmp_path: Path) -> None:
     parts = urlsplit(postgres_url)
     missing = parts._replace(path=f"/hookyard_missing_{uuid.uuid4().hex[:8]}").geturl()

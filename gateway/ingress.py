@@ -23,7 +23,7 @@ import orjson
 
 from gateway.addresses import client_address, contains
 from gateway.providers import Rejected
-from gateway.storage import Ingested, NewDelivery, StorageUnavailable
+from gateway.storage import Ingested, NewDelivery, StorageUnavailable, Unconfirmed
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -163,6 +163,10 @@ class Ingress:
         return stored
 
     def unstored(self, event: Event, exc: StorageUnavailable) -> Rejected:
+        if isinstance(exc, Unconfirmed):
+            # Written, but its fsync did not answer in time: it may be stored, and its deliveries run.
+            log.error("cannot confirm webhook stored", extra={**event.summary(), "error": str(exc)})
+            return Rejected(503, "storage_unavailable", "not confirmed stored; please retry")
         log.error("cannot store webhook", extra={**event.summary(), "error": str(exc)})
         return Rejected(503, "storage_unavailable", "not stored; please retry")
 

@@ -1817,6 +1817,7 @@ def test_a_hung_fsync_is_refused_after_the_bound_and_shows_in_readiness_and_metr
             assert 0.2 < time.perf_counter() - started < 2
             # Not known to be on disk: refused, so the sender sends it again.
             assert response.status_code == 503 and response.json()["error"] == "storage_unavailable"
+            assert response.json()["detail"] == "not confirmed stored; please retry"
             # Its commit leased its delivery, which runs (once, as its first attempt): left alone, it would
             # wait out its lease and be sent as a second attempt.
             [delivered] = downstream.wait_for(1, "/hooks/users")
@@ -1826,7 +1827,7 @@ def test_a_hung_fsync_is_refused_after_the_bound_and_shows_in_readiness_and_metr
             assert "no fsync has finished for" in ready.json()["reason"]
             assert gw.metric("hookyard_storage_fsync_wait_seconds") >= 0.3
             refused = gw.post("/webhooks/consignease", second, second_headers)
-            assert refused.status_code == 503
+            assert refused.status_code == 503 and refused.json()["detail"] == "not stored; please retry"
         finally:
             fsync.release()
         wait_until(lambda: ops_get(gw, "/readyz")[0].status_code == 200, 5)

@@ -138,7 +138,7 @@ def _operate(config_path: Path | None, admin_url: str | None, work: Callable[[An
         config, table = _load(config_path)
         storage = open_storage(config.storage.url)
         try:
-            await storage.open()
+            await storage.open(create=False)
         except StorageUnavailable as exc:
             raise OperationError(503, str(exc)) from None
         try:
@@ -198,6 +198,9 @@ def events_list(
             limit=limit,
         ),
     )
+    if not page["events"]:
+        # On stderr, as the hint below: a listing with nothing in it looks the same as one that failed.
+        click.echo("no events", err=True)
     for row in page["events"]:
         if as_json:
             click.echo(json.dumps(row))

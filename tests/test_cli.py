@@ -306,6 +306,26 @@ def test_events_list_rejects_a_bad_since(filled: Path) -> None:
     assert "'yesterday'" in result.stderr
 
 
+def test_operator_commands_refuse_a_database_that_does_not_exist(tmp_path: Path) -> None:
+    """Run from the wrong directory (a relative storage.url) or with the wrong config, they say where they
+    looked, rather than create an empty database there and list nothing."""
+    config = write_config(tmp_path, config_dict(tmp_path))
+    for args in (["events", "list"], ["events", "show", "evt_1"], ["replay", "evt_1"]):
+        result = invoke(*args, "-c", config)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.stdout == ""
+        assert result.stderr.startswith(f"hookyard: no database at {tmp_path / 'db.sqlite'} "), result.stderr
+        assert "--admin-url" in result.stderr
+    assert not (tmp_path / "db.sqlite").exists()
+
+
+def test_an_empty_listing_says_so_on_stderr(filled: Path) -> None:
+    result = invoke("events", "list", "-c", filled, "--source", "nobody")
+    assert result.exit_code == 0
+    assert (result.stdout, result.stderr) == ("", "no events\n")
+    assert "no events" not in invoke("events", "list", "-c", filled).stderr
+
+
 def test_events_show(filled: Path) -> None:
     result = invoke("events", "show", "-c", filled, "evt_dead")
     assert result.exit_code == 0, result.output

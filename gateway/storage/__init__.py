@@ -156,8 +156,11 @@ class Storage(ABC):
     on_commit: Callable[[int, float], None] | None = None
 
     @abstractmethod
-    async def open(self) -> None:
-        """Create the schema if missing and get ready to serve."""
+    async def open(self, *, create: bool = True) -> None:
+        """Create the schema if missing and get ready to serve. With create=False (the operator's commands,
+        which only read and replay what a gateway stored) a store that does not exist yet is refused with
+        StorageUnavailable, not created empty: a command run from the wrong directory, or with the wrong
+        config, then says so instead of listing nothing."""
 
     @abstractmethod
     async def close(self) -> None: ...

@@ -814,7 +814,12 @@ class SQLiteStorage(Storage):
             raise ValueError("storage.url: sqlite needs a file path, e.g. sqlite:///./var/hookyard.db")
         return cls(path)
 
-    async def open(self) -> None:
+    async def open(self, *, create: bool = True) -> None:
+        if not create and not self.path.exists():
+            raise StorageUnavailable(
+                f"no database at {self.path.absolute()} (a relative storage.url is relative to the working "
+                "directory): run this where the gateway runs, or give --admin-url"
+            )
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)

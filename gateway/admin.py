@@ -55,6 +55,10 @@ schemas = SchemaGenerator(
 )
 
 
+LIST_FILTERS = ("source", "type", "state", "route", "since", "until", "cursor", "limit")
+BULK_REPLAY_FIELDS = ("mode", "since", "until", "source", "route", "action", "cursor", "limit")
+
+
 def admin_routes(gateway: Gateway) -> list[Route]:
     def operations() -> Operations:
         # Looked up per request: a hot reload swaps the route table, and replays use the current one.
@@ -120,7 +124,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           503: {description: the store cannot be read or written right now}
         """
         # An empty parameter (`?source=`) is one not given, as forms and scripts send them.
-        query = {name: value for name, value in request.query_params.items() if value}
+        query = _known({name: value for name, value in request.query_params.items() if value}, LIST_FILTERS)
         return await ops.list_events(
             source=query.get("source"),
             type=query.get("type"),
@@ -165,7 +169,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           409: {description: the id exists in several sources; give source}
           503: {description: the store cannot be read or written right now}
         """
-        body = await _json(request)
+        body = _known(await _json(request), ("source", "route", "action"))
         return await ops.replay_event(
             request.path_params["event_id"], _str(body, "source"), _str(body, "action"), _str(body, "route")
         )
@@ -202,7 +206,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           400: {description: a bad request}
           503: {description: the store cannot be read or written right now}
         """
-        body = await _json(request)
+        body = _known(await _json(request), BULK_REPLAY_FIELDS)
         return await ops.replay(
             mode=_str(body, "mode") or "",
             since=_str(body, "since"),
@@ -259,6 +263,15 @@ async def _json(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise OperationError(400, "the body must be a JSON object")
     return body
+
+
+def _known(fields: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:
+    """Refuse a name the endpoint does not know: a misspelt filter would otherwise be left out unseen, and
+    a bulk replay with `sinse` for `since` would run every dead delivery ever stored again."""
+    unknown = sorted(name for name in fields if name not in known)
+    if unknown:
+        raise OperationError(400, f"unknown {', '.join(map(repr, unknown))}; known: {', '.join(known)}")
+    return fields
 
 
 def _str(body: dict[str, Any], name: str) -> str | None:

@@ -371,6 +371,23 @@ def test_bulk_replay_dead(tmp_path: Path, downstream: Downstream) -> None:
         wait_until(lambda: all(states(gw, f"msg_dead_{i}")["app"] == "dead" for i in range(3)))
         # audit runs after app whatever its outcome (when: always by default).
         wait_until(lambda: {states(gw, f"msg_dead_{i}")["audit"] for i in range(3)} == {"delivered"})
+        # A misspelt name is refused, not left out: without its window, this would replay every dead delivery.
+        misspelt = admin(gw, "POST", "/admin/replay", json={"mode": "dead", "sinse": "1h"})
+        assert (misspelt.status_code, misspelt.json()["error"]) == (
+            400,
+            "unknown 'sinse'; known: mode, since, until, source, route, action, cursor, limit",
+        )
+        one = admin(gw, "POST", "/admin/events/msg_dead_0/replay", json={"acton": "app"})
+        assert (one.status_code, one.json()["error"]) == (
+            400,
+            "unknown 'acton'; known: source, route, action",
+        )
+        listed = admin(gw, "GET", "/admin/events", params={"sate": "dead", "limit": 1})
+        assert (listed.status_code, listed.json()["error"]) == (
+            400,
+            "unknown 'sate'; known: source, type, state, route, since, until, cursor, limit",
+        )
+        assert gw.metric("hookyard_replays_total", mode="dead") == 0
         first = admin(gw, "POST", "/admin/replay", json={"mode": "dead", "since": "1h", "limit": 2}).json()
         assert first["replayed"] == 2 and first["next_cursor"] is not None
         rest = admin(

@@ -15,7 +15,8 @@ forwarding to the app ended dead:
 
 The message is a Jinja template rendered in a sandbox. Undefined names are errors (a typo must not send a
 half-empty message), syntax errors are reported when the config loads, and a template that renders to
-nothing (say, everything inside an `{% if %}`) skips the notification.
+nothing (say, everything inside an `{% if %}`) skips the notification. What one render may print and run is
+bounded (MAX_MESSAGE, MAX_STEPS): the payload it runs over is any sender's.
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ from __future__ import annotations
 import functools
 import re
 import traceback
+from collections.abc import Iterable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -55,6 +59,12 @@ DISCORD_MAX_CONTENT = 2000
 # of 10**9, or a loop printing a large field a hundred thousand times, would take gigabytes and stop the
 # gateway (webhooks included) while it runs. Far more than any chat shows: Slack cuts a message at 40,000.
 MAX_MESSAGE = 100_000
+# The most loop iterations and calls (of macros, methods, a recursive loop's `loop()`) one render may run.
+# Bounding what it prints is not enough: `{% for a in event.data.parcels %}{% for b in event.data.parcels %}`
+# over a payload of 20,000 parcels runs 400 million iterations, which may print nothing, while no webhook,
+# /healthz or /metrics is answered. A message listing a few thousand items, in nested loops, is far below it;
+# 100,000 steps take a tenth of a second.
+MAX_STEPS = 100_000
 
 # The engine words a used-up retry schedule as "gave up after N attempts: <last error>"; the default message
 # states the attempts itself, so it shows only the last error.
@@ -68,12 +78,36 @@ def isotime(value: float | None) -> str:
     return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+@dataclass(slots=True)
+class _Budget:
+    """What the render under way may still do."""
+
+    steps: int
+
+
+# The render under way on this thread (templates run on the event loop, one at a time, start to end).
+_budget: ContextVar[_Budget | None] = ContextVar("notify_render_budget", default=None)
+
+
 @functools.cache
 def _environment() -> ImmutableSandboxedEnvironment:
     from jinja2 import StrictUndefined
     from jinja2.exceptions import SecurityError
-    from jinja2.runtime import Context
+    from jinja2.runtime import Context, LoopContext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def step() -> None:
+        budget = _budget.get()
+        if budget is None:  # not rendered by render(): nothing to bound
+            return
+        budget.steps -= 1
+        if budget.steps < 0:
+            raise SecurityError(f"more than {MAX_STEPS} loop iterations and calls")
+
+    def count_iterations(iterable: Iterable[Any]) -> Iterator[Any]:
+        for item in iterable:
+            step()
+            yield item
 
     class Environment(ImmutableSandboxedEnvironment):
         # The sandbox bounds range() but not repetition: `*` is checked before it runs.
@@ -89,6 +123,17 @@ def _environment() -> ImmutableSandboxedEnvironment:
                 raise SecurityError(f"* would make a {type(sequence).__name__} longer than {MAX_MESSAGE}")
             return super().call_binop(context, operator, left, right)
 
+        # compile_template() makes every `{% for %}` loop over `environment.counted(<what it names>)`.
+        counted = staticmethod(count_iterations)
+
+        # Every call a template makes passes here: a macro that calls itself twice cannot run for ever.
+        def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+            if obj is not count_iterations:  # compile_template's, not one the template makes
+                step()
+            if isinstance(obj, LoopContext) and args:  # `loop(item.children)` in a recursive loop
+                args = (count_iterations(args[0]), *args[1:])
+            return super().call(context, obj, *args, **kwargs)
+
     # Sandboxed because templates come from the config, which may be edited by people who must not get code
     # execution in the gateway; immutable so a template cannot change the event other actions see.
     env = Environment(autoescape=False, undefined=StrictUndefined)
@@ -98,12 +143,37 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 def compile_template(source: str) -> Template:
     """Compile a message template; raises ValueError naming the line of a syntax error."""
-    from jinja2 import TemplateSyntaxError
+    from jinja2 import TemplateSyntaxError, nodes
 
+    env = _environment()
     try:
-        return _environment().from_string(source)
+        tree = env.parse(source)
+        # Each loop counts its iterations, as `environment.counted(<what it loops over>)`: Jinja has a hook
+        # for calls, none for iteration.
+        for loop in list(tree.find_all(nodes.For)):
+            counted = nodes.EnvironmentAttribute("counted", lineno=loop.iter.lineno)
+            loop.iter = nodes.Call(counted, [loop.iter], [], None, None, lineno=loop.iter.lineno)
+        tree.set_environment(env)
+        return env.from_string(tree)  # an unknown filter or test is found here
     except TemplateSyntaxError as exc:
         raise ValueError(f"line {exc.lineno}: {exc.message}") from None
+
+
+def render(template: Template, context: dict[str, Any]) -> str:
+    """The message `template` makes of `context`; raises past MAX_MESSAGE or MAX_STEPS."""
+    token = _budget.set(_Budget(MAX_STEPS))
+    try:
+        # Rendered piece by piece, so that a message that grows past the limit stops there.
+        pieces: list[str] = []
+        length = 0
+        for piece in template.generate(context):
+            length += len(piece)
+            if length > MAX_MESSAGE:
+                raise ValueError(f"the message is longer than {MAX_MESSAGE} characters")
+            pieces.append(piece)
+        return "".join(pieces).strip()
+    finally:
+        _budget.reset(token)
 
 
 class NotifyOptions(BaseModel):
@@ -242,15 +312,7 @@ class Notify(Action):
     def message(self, job: Job) -> str:
         if self.template is None:
             return default_message(job)
-        # Rendered piece by piece, so that a message that grows past the limit stops there.
-        pieces: list[str] = []
-        length = 0
-        for piece in self.template.generate(template_context(job)):
-            length += len(piece)
-            if length > MAX_MESSAGE:
-                raise ValueError(f"the message is longer than {MAX_MESSAGE} characters")
-            pieces.append(piece)
-        return "".join(pieces).strip()
+        return render(self.template, template_context(job))
 
     async def deliver(self, job: Job) -> Outcome:
         try:

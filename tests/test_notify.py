@@ -390,6 +390,65 @@ def test_a_template_cannot_blow_up_on_a_hostile_payload(tmp_path: Path, downstre
         assert sorted(r.json()["text"] for r in downstream.received()) == ["*****", "okokok"]
 
 
+def test_a_template_that_loops_over_a_large_payload_is_stopped_and_the_gateway_answers(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # Fine for the few parcels of a consignment, unbounded on what a sender may put in a payload: rendered on
+    # the event loop, they held every webhook, /healthz and /metrics for minutes, printing next to nothing.
+    actions = [
+        # Quadratic in the parcels: 400 million iterations for 20,000.
+        notify_action(
+            "twice",
+            f"{downstream.url}/twice",
+            template=(
+                "{% for a in event.data.parcels %}{% set i = loop.index %}{% for b in event.data.parcels %}"
+                "{% if loop.index > i and a == b %}{{ a }} sent twice{% endif %}{% endfor %}{% endfor %}"
+            ),
+        ),
+        # A recursive loop's inner levels: iterated by loop(), not by a `{% for %}`.
+        notify_action(
+            "tree",
+            f"{downstream.url}/tree",
+            template=(
+                "{% for p in event.data.parcels recursive %}{% if loop.depth == 1 %}"
+                "{{ loop(event.data.parcels) }}{% elif loop.first %}{{ p }}{% endif %}{% endfor %}"
+            ),
+        ),
+        # No loop at all: a macro that calls itself twice, 2**40 calls.
+        notify_action(
+            "split",
+            f"{downstream.url}/split",
+            template=(
+                "{% macro split(n) %}{% if n %}{{ split(n - 1) }}{{ split(n - 1) }}{% endif %}{% endmacro %}"
+                "{{ split(event.data.depth) }}{{ event.data.depth }} levels"
+            ),
+        ),
+    ]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        parcels = [f"p{i}" for i in range(20_000)]
+        send_consignly(gw, consignly_body(event_id="evt_large", parcels=parcels, depth=40))
+        # Sent while the first is rendered: answered, and notified.
+        send_consignly(gw, consignly_body(event_id="evt_small", parcels=["p1", "p2", "p1"], depth=2))
+        assert gw.client.get(gw.ops_url + "/healthz").status_code == 200
+        wait_until(lambda: set(delivery_states(gw, "evt_large").values()) == {"dead"})
+        wait_until(lambda: set(delivery_states(gw, "evt_small").values()) == {"delivered"})
+        # Past the bound, the render is refused: dead at once, as the same payload would go past it again.
+        for large in event_detail(gw, "evt_large").deliveries:
+            assert (large.attempts, large.last_error) == (
+                1,
+                "template line 1: SecurityError: more than 100000 loop iterations and calls",
+            )
+            assert (
+                gw.metric("hookyard_deliveries_total", route="alerts", action=large.action, outcome="dead")
+                == 1
+            )
+        assert sorted(r.json()["text"] for r in downstream.received()) == [
+            "2 levels",
+            "p1 sent twice",
+            "p1p1p1",
+        ]
+
+
 def test_an_event_id_that_cannot_be_a_header_ends_dead_without_a_request(
     tmp_path: Path, downstream: Downstream
 ) -> None:

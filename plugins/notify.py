@@ -16,13 +16,14 @@ forwarding to the app ended dead:
 The message is a Jinja template rendered in a sandbox. Undefined names are errors (a typo must not send a
 half-empty message), syntax errors are reported when the config loads, and a template that renders to
 nothing (say, everything inside an `{% if %}`) skips the notification. What one render may print and run is
-bounded (MAX_MESSAGE, MAX_STEPS): the payload it runs over is any sender's.
+bounded (MAX_MESSAGE, MAX_STEPS, MAX_RENDER_SECONDS): the payload it runs over is any sender's.
 """
 
 from __future__ import annotations
 
 import functools
 import re
+import time
 import traceback
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
@@ -65,6 +66,10 @@ MAX_MESSAGE = 100_000
 # /healthz or /metrics is answered. A message listing a few thousand items, in nested loops, is far below it;
 # 100,000 steps take a tenth of a second.
 MAX_STEPS = 100_000
+# How long one render may run: a backstop for what a single step may do over the whole payload, such as
+# `{% if p in event.data.flagged %}` in a loop over parcels, a billion comparisons for 20,000 and 50,000 of
+# them. Ten times what MAX_STEPS takes, so that a busy host does not fail a message that renders in time.
+MAX_RENDER_SECONDS = 1.0
 
 # The engine words a used-up retry schedule as "gave up after N attempts: <last error>"; the default message
 # states the attempts itself, so it shows only the last error.
@@ -83,6 +88,7 @@ class _Budget:
     """What the render under way may still do."""
 
     steps: int
+    deadline: float  # time.monotonic()
 
 
 # The render under way on this thread (templates run on the event loop, one at a time, start to end).
@@ -103,6 +109,8 @@ def _environment() -> ImmutableSandboxedEnvironment:
         budget.steps -= 1
         if budget.steps < 0:
             raise SecurityError(f"more than {MAX_STEPS} loop iterations and calls")
+        if time.monotonic() > budget.deadline:
+            raise SecurityError(f"rendering took more than {MAX_RENDER_SECONDS:g} s")
 
     def count_iterations(iterable: Iterable[Any]) -> Iterator[Any]:
         for item in iterable:
@@ -160,8 +168,8 @@ def compile_template(source: str) -> Template:
 
 
 def render(template: Template, context: dict[str, Any]) -> str:
-    """The message `template` makes of `context`; raises past MAX_MESSAGE or MAX_STEPS."""
-    token = _budget.set(_Budget(MAX_STEPS))
+    """The message `template` makes of `context`; raises past MAX_MESSAGE, MAX_STEPS or MAX_RENDER_SECONDS."""
+    token = _budget.set(_Budget(MAX_STEPS, time.monotonic() + MAX_RENDER_SECONDS))
     try:
         # Rendered piece by piece, so that a message that grows past the limit stops there.
         pieces: list[str] = []

@@ -449,6 +449,34 @@ def test_a_template_that_loops_over_a_large_payload_is_stopped_and_the_gateway_a
         ]
 
 
+def test_a_template_that_scans_the_payload_in_every_iteration_is_stopped_after_a_second(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # Few iterations, each over a whole list of the payload: 25,000 parcels looked up among 60,000 flagged ones
+    # are 1.5 billion comparisons, some ten seconds of the event loop, within the bound on iterations.
+    action = notify_action(
+        "flagged",
+        f"{downstream.url}/flagged",
+        template=(
+            "{% for p in event.data.parcels %}{% if p in event.data.flagged %}{{ p }} is flagged"
+            "{% endif %}{% endfor %}"
+        ),
+    )
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", action)])) as gw:
+        parcels = [f"p{i:05}" for i in range(25_000)]
+        flagged = [f"f{i:05}" for i in range(60_000)]
+        send_consignly(gw, consignly_body(event_id="evt_scan", parcels=parcels, flagged=flagged))
+        send_consignly(gw, consignly_body(event_id="evt_fine", parcels=["p1", "p2"], flagged=["p2"]))
+        wait_until(lambda: delivery_states(gw, "evt_scan") == {"flagged": "dead"})
+        wait_until(lambda: delivery_states(gw, "evt_fine") == {"flagged": "delivered"})
+        [scan] = event_detail(gw, "evt_scan").deliveries
+        assert (scan.attempts, scan.last_error) == (
+            1,
+            "template line 1: SecurityError: rendering took more than 1 s",
+        )
+        assert [r.json()["text"] for r in downstream.received()] == ["p2 is flagged"]
+
+
 def test_an_event_id_that_cannot_be_a_header_ends_dead_without_a_request(
     tmp_path: Path, downstream: Downstream
 ) -> None:

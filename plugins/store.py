@@ -59,10 +59,12 @@ synchronous=FULL, one connection per action.
 Failures: a database that cannot be reached (at start-up or later), a connection the server ended, a
 timeout, a missing database, schema or privilege, wrong credentials and any other server error are
 retried: a person, or time, may fix them while the schedule runs. A table dropped while running is created
-again on the next attempt. An error in the statement itself (a column missing or of the wrong type in a
-table created by hand, a violated constraint, a value the column rejects, such as \\u0000 in a string for
-jsonb) ends the delivery dead: retrying cannot help. The error of a violated constraint names the
-constraint, never the row: that holds the event's data.
+again on the next attempt. A write refused by a read-only server (25006: a standby, such as the old primary
+after a failover that moved the writer endpoint's name) makes the pool drop all its connections, so that
+the next attempt connects again and reaches the new primary. An error in the statement itself (a column
+missing or of the wrong type in a table created by hand, a violated constraint, a value the column rejects,
+such as \\u0000 in a string for jsonb) ends the delivery dead: retrying cannot help. The error of a
+violated constraint names the constraint, never the row: that holds the event's data.
 
 Duplicates (at-least-once delivery): append keeps one row per event; upsert writes the same row again, but
 a copy of an event, written after another with the same occurred_at, wins the tie.
@@ -403,6 +405,17 @@ def _utc(timestamp: float) -> datetime:
 # granted, a table dropped while running (created again), a schema created.
 _PG_PERMANENT_CLASSES = ("22", "23", "42")
 _PG_FIXABLE_STATES = frozenset({"42501", "42P01", "3F000"})
+# read_only_sql_transaction: a write on a hot standby, or on a session that starts read-only. After a
+# failover the pool's connections may still lead to the old primary, now a standby (a writer endpoint's
+# name moved to the new one, and connections opened before stay where they were). They stay open, so every
+# attempt would be refused on them; a new connection looks the name up again. A server being shut down
+# ends its connections (57P01, 57P02) and one that cannot take them yet refuses to connect (57P03): the
+# pool replaces those by itself.
+_PG_READ_ONLY = "25006"
+_READ_ONLY_SERVER = (
+    "read-only server (a standby, or the old primary after a failover): the pool's connections are "
+    "replaced, the next attempt connects again"
+)
 POOL_SIZE = 10  # connections per action
 # How long the rollback of a transaction cut short may take, once the attempt's own deadline has passed.
 # A server that stopped answering would otherwise hold the connection, and a slot of the pool, until TCP
@@ -476,13 +489,25 @@ class Postgres(Backend):
                     # A timeout of the acquire's own too: it also bounds the connection's reset on release.
                     async with pool.acquire(timeout=max(deadline - loop.time(), 0.001)) as conn:
                         waiting_for = "the database (a lock held by another session, or a busy server)"
-                        value = await self._execute(conn, steps)
+                        value = await self._execute_or_expire(pool, conn, steps)
                         written = True
         except TimeoutError:
             if written:
                 return value  # the time ran out while the connection went back to the pool
             raise TimeoutError(f"timed out waiting for {waiting_for}") from None
         return value
+
+    async def _execute_or_expire(
+        self, pool: Any, conn: Any, steps: tuple[tuple[str, tuple[Any, ...]], ...]
+    ) -> Any:
+        try:
+            return await self._execute(conn, steps)
+        except self._asyncpg.PostgresError as exc:
+            if _sqlstate(exc) == _PG_READ_ONLY:
+                # Every connection of the pool: the idle ones lead to the same read-only server. This one
+                # is closed when it goes back to the pool, the others when next taken from it.
+                await pool.expire_connections()
+            raise
 
     @staticmethod
     async def _execute(conn: Any, steps: tuple[tuple[str, tuple[Any, ...]], ...]) -> Any:
@@ -556,12 +581,12 @@ class Postgres(Backend):
         if isinstance(exc, self._asyncpg.exceptions.DataError):
             return True  # asyncpg refused a value for the column's type before sending it
         if isinstance(exc, self._asyncpg.PostgresError):
-            state = str(getattr(exc, "sqlstate", "") or "")
+            state = _sqlstate(exc)
             return state[:2] in _PG_PERMANENT_CLASSES and state not in _PG_FIXABLE_STATES
         return False
 
     def missing_table(self, exc: Exception) -> bool:
-        return isinstance(exc, self._asyncpg.PostgresError) and getattr(exc, "sqlstate", None) == "42P01"
+        return isinstance(exc, self._asyncpg.PostgresError) and _sqlstate(exc) == "42P01"
 
     def describe(self, exc: Exception) -> str:
         message = getattr(exc, "message", None)
@@ -571,10 +596,16 @@ class Postgres(Backend):
         # failing row or key, the start of each value, the event's payload and headers among them. They
         # have no place in the attempt record and the log; the message names the constraint and the table.
         detail, hint = getattr(exc, "detail", None), getattr(exc, "hint", None)
-        if str(getattr(exc, "sqlstate", "") or "").startswith("23"):
+        state = _sqlstate(exc)
+        if state.startswith("23"):
             detail = None
         text = "; ".join(str(part).strip() for part in (message, detail, hint) if part)
-        return f"{type(exc).__name__}: {text}"
+        described = f"{type(exc).__name__}: {text}"
+        if state == _PG_READ_ONLY:
+            # The server's message alone ("cannot execute INSERT in a read-only transaction") does not say
+            # why the primary would be read-only, nor that the action does something about it.
+            return f"{_READ_ONLY_SERVER}: {described}"
+        return described
 
     async def aclose(self) -> None:
         working = list(self._working)
@@ -590,6 +621,10 @@ class Postgres(Backend):
                 await pool.close()
         except Exception:
             pool.terminate()
+
+
+def _sqlstate(exc: Exception) -> str:
+    return str(getattr(exc, "sqlstate", "") or "")
 
 
 def _lock_id(text: str) -> int:

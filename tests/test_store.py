@@ -140,6 +140,23 @@ class PostgresDatabase(Database):
             f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = '{self.table}'"
         )
 
+    @contextmanager
+    def login_role(self) -> Iterator[tuple[str, str]]:
+        """A role of the test's own that may write its tables (made beforehand): its name, and the action's URL
+        that logs in as it. Roles are the server's: `ALTER ROLE` changes only this test's sessions."""
+        role, password = self.table.replace("hookyard_test_", "hookyard_role_"), uuid.uuid4().hex
+        self.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+        try:
+            for name in (self.table, f"{self.table}_tombstones"):
+                self.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON "{name}" TO {role}')
+            parts = urlsplit(self.action_url)
+            host = parts.netloc.rpartition("@")[2]
+            yield role, parts._replace(netloc=f"{role}:{password}@{host}").geturl()
+        finally:
+            self.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
+            self.execute(f"DROP OWNED BY {role}")
+            self.execute(f"DROP ROLE {role}")
+
     async def _fetch(self, sql: str) -> list[dict[str, Any]]:
         conn = await asyncpg.connect(self.url)
         try:
@@ -590,6 +607,46 @@ def test_a_connection_the_server_ends_mid_write_is_retried_on_a_new_one(
     assert first.outcome == "retry" and "administrator command" in (first.error or ""), first.error
     assert last.outcome == "delivered"
     assert set(pg.rows()) == {"u1", "u2"}
+
+
+def test_a_read_only_server_after_a_failover_makes_the_pool_connect_afresh(pg: PostgresDatabase) -> None:
+    options = {"url": pg.url, "table": pg.table, "mode": "upsert", "key": "data.id"}
+    assert kinds(deliver(options, make_event("e0", data={"id": "u0"}))) == ["delivered"]  # the tables
+    with pg.login_role() as (role, url):
+        options["url"] = url
+        # The old primary, which a failover left read-only: the pool's connections are opened while the
+        # role's sessions start read-only, and kept while the role's new sessions start writable again
+        # (the writer endpoint's name now leads to the new primary).
+        pg.execute(f"ALTER ROLE {role} SET default_transaction_read_only = on")
+
+        async def delivery(action: Action, number: int, timeout: float = 5) -> Outcome:
+            return await action.deliver(job(make_event(f"e{number}", data={"id": f"u{number}"}), timeout))
+
+        async def run() -> tuple[list[Outcome], Outcome, list[Outcome]]:
+            async with store_action(options) as action:
+                # Five connections to the old primary, idle in the pool: five deliveries held by another
+                # session's lock until their timeout, so that none of them is refused yet.
+                blocker = await asyncpg.connect(pg.url)
+                try:
+                    await blocker.execute(f'BEGIN; LOCK TABLE "{pg.table}" IN ACCESS EXCLUSIVE MODE')
+                    held = await asyncio.gather(*(delivery(action, n, 0.5) for n in range(1, 6)))
+                finally:
+                    await blocker.close()
+                assert await asyncio.to_thread(pg.action_sessions) == 5
+                await asyncio.to_thread(pg.execute, f"ALTER ROLE {role} RESET default_transaction_read_only")
+                refused = await delivery(action, 1)
+                # The engine's next attempts, as many at once as the pool held stale connections: every
+                # one of them used to be refused again, for as long as those connections lived.
+                after = await asyncio.gather(*(delivery(action, n) for n in range(1, 6)))
+            return held, refused, after
+
+        held, refused, after = asyncio.run(run())
+    assert kinds(held) == ["retry"] * 5 and all("timed out" in (o.error or "") for o in held), held
+    assert refused.kind == "retry"
+    assert "read-only server" in (refused.error or ""), refused.error
+    assert "in a read-only transaction" in (refused.error or ""), refused.error
+    assert kinds(after) == ["delivered"] * 5, after
+    assert set(pg.rows()) == {f"u{n}" for n in range(6)}
 
 
 def test_deliveries_beyond_the_pool_end_by_their_timeout_and_say_what_they_waited_for(

@@ -345,9 +345,12 @@ class GatewayProcess:
         ops_url: str,
         env: dict[str, str] | None = None,
         open_files: int | None = None,
+        command: list[str] | None = None,
     ) -> None:
-        """open_files: the child's open-file limit (RLIMIT_NOFILE, soft and hard), if not the test's own."""
+        """open_files: the child's open-file limit (RLIMIT_NOFILE, soft and hard), if not the test's own.
+        command: what runs the CLI, if not `python -m gateway` (`serve -c PATH` follows it)."""
         self.config_path = config_path
+        self.command = command or [sys.executable, "-m", "gateway"]
         self.ops_url = ops_url
         self.log_path = config_path.parent / "gateway.log"
         self.env = {**os.environ, **(env or {})}
@@ -357,7 +360,7 @@ class GatewayProcess:
     def start(self) -> GatewayProcess:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "gateway", "serve", "-c", str(self.config_path)],
+                [*self.command, "serve", "-c", str(self.config_path)],
                 env=self.env,
                 stdout=subprocess.DEVNULL,
                 stderr=log,

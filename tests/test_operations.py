@@ -262,13 +262,14 @@ def test_a_reload_keeps_an_actions_concurrency_counting_the_deliveries_in_flight
         assert len(holding.downstream.wait_for(4, "/held/app")) == 4
 
 
-def start_process(tmp_path: Path, config: dict[str, Any]) -> tuple[GatewayProcess, str]:
+def start_process(tmp_path: Path, config: dict[str, Any], **options: Any) -> tuple[GatewayProcess, str]:
+    """`hookyard serve` in a child process; options as GatewayProcess takes them."""
     ingress, ops = free_port(), free_port()
     config["listen"] = {"host": "127.0.0.1", "port": ingress, **config.get("listen", {})}
     config["ops"] = {"host": "127.0.0.1", "port": ops}
     path = tmp_path / "routes.yaml"
     path.write_text(yaml.safe_dump(config))
-    process = GatewayProcess(path, f"http://127.0.0.1:{ops}").start()
+    process = GatewayProcess(path, f"http://127.0.0.1:{ops}", **options).start()
     return process, f"http://127.0.0.1:{ingress}"
 
 
@@ -490,6 +491,68 @@ def test_sigterm_releases_unfinished_deliveries_for_the_next_start(tmp_path: Pat
         process.kill()
     assert {row["attempts"] for row in stored_deliveries(tmp_path / "hookyard.db").values()} == {2}
     assert {r.headers["idempotency-key"] for r in holding.downstream.received("/held/app")} == set(ids)
+
+
+# `hookyard serve`, giving up on an fsync that does not answer sooner than after 5 s.
+IMPATIENT_SERVE = """
+from gateway.cli import main
+from gateway.storage import sqlite
+
+sqlite.FSYNC_TIMEOUT = 0.5
+main()
+"""
+
+
+def fsync_helper_of(pid: int) -> int:
+    """The fsync helper process of the gateway process pid: its only child."""
+    [helper] = [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+    return helper
+
+
+def test_sigterm_ends_the_process_while_an_fsync_never_answers(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """A disk that stopped answering (the fsync helper stopped): the store gives up on the fsync after its
+    bound, and so does the shutdown, where the process waited for it for ever (until Kubernetes' SIGKILL)."""
+    script = tmp_path / "impatient_serve.py"
+    script.write_text(IMPATIENT_SERVE)
+    root = str(Path(__file__).resolve().parents[1])
+    process, url = start_process(
+        tmp_path,
+        users_config(tmp_path, downstream, "/app"),
+        command=[sys.executable, str(script)],
+        env={"PYTHONPATH": root},
+    )
+    assert process.process is not None
+    helper = fsync_helper_of(process.process.pid)
+    body, headers = svix_request(msg_id="msg_on_a_hung_disk")
+    os.kill(helper, signal.SIGSTOP)
+    try:
+        response = httpx.post(url + "/webhooks/consignease", content=body, headers=headers, timeout=5)
+        assert response.status_code == 503, response.text
+        assert response.json()["detail"] == "not confirmed stored; please retry"
+        downstream.wait_for(1, "/app")  # its delivery runs all the same
+        started = time.monotonic()
+        process.process.send_signal(signal.SIGTERM)
+        assert process.process.wait(15) == 0
+        took = time.monotonic() - started
+    finally:
+        os.kill(helper, signal.SIGCONT)
+        process.kill()
+    assert took < 5, f"shutdown took {took:.1f}s"
+    assert "the store is closed with an fsync unconfirmed" in process.log_path.read_text()
+    # Nothing is lost: the event reached the disk after all, and its retry is a duplicate, not sent again.
+    process.start()
+    try:
+        retried = httpx.post(url + "/webhooks/consignease", content=body, headers=headers, timeout=5)
+        assert retried.json()["status"] == "duplicate"
+    finally:
+        process.kill()
+    assert len(downstream.received("/app")) == 1
 
 
 def test_renewed_certificate_files_are_picked_up_without_a_config_change(

@@ -478,6 +478,102 @@ def test_an_fsync_that_does_not_answer_in_time_is_waited_for_no_longer(
     assert db.storage.fsync_wait() == 0
 
 
+def test_closing_gives_an_fsync_that_does_not_answer_a_bounded_wait(
+    db: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sqlite_module, "FSYNC_TIMEOUT", 0.3)
+    assert db.ingest("evt_confirmed", APP) is True
+    fsync = HeldFsync(db.storage)
+    helper = fsync.syncer.process
+
+    async def close_while_the_disk_hangs() -> tuple[list[BaseException | bool], float]:
+        answers = await asyncio.gather(
+            db.storage.ingest(make_event("evt_unconfirmed"), [APP]), return_exceptions=True
+        )
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(db.storage.close(), 5)
+        return answers, loop.time() - started
+
+    try:
+        [unconfirmed], took = db.run(close_while_the_disk_hangs())
+    finally:
+        fsync.release()
+    assert isinstance(unconfirmed, Unconfirmed), unconfirmed
+    assert took < 1, took  # FSYNC_TIMEOUT, where it waited for ever
+    [closed] = [
+        r for r in caplog.records if r.getMessage() == "the store is closed with an fsync unconfirmed"
+    ]
+    assert closed.levelname == "ERROR" and "no fsync has finished for" in closed.error  # type: ignore[attr-defined]
+    # Once its fsync has answered, the helper ends (at the end of its input) and is reaped.
+    wait_until(lambda: helper.returncode == 0, 5)
+    # Nothing answered as stored is lost; the unconfirmed event reached the disk after all.
+    db.run(db.storage.open())
+    assert db.ingest("evt_confirmed", APP) is False
+    assert db.ingest("evt_unconfirmed", APP) is False
+
+
+class StuckClose:
+    """The writer's connection, whose close does not return until released: the checkpoint that closing the
+    last connection makes, stuck in its fsync on a disk that stopped answering (a fault a test cannot cause
+    on demand)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+        self.release = threading.Event()
+        self.closed_on: threading.Thread | None = None
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed_on = threading.current_thread()
+        self.release.wait(5)
+        self.connection.close()
+        self.closed = True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.connection, name)
+
+
+def test_closing_the_last_connection_holds_up_neither_the_loop_nor_the_shutdown(
+    db: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(sqlite_module, "FSYNC_TIMEOUT", 0.3)
+    assert db.ingest("evt_stored", APP) is True
+    writer = db.storage._writer
+    assert writer is not None
+    stuck = StuckClose(writer.connection)
+    writer.connection = stuck  # type: ignore[assignment]
+
+    async def close_and_watch_the_loop() -> tuple[float, float]:
+        loop = asyncio.get_running_loop()
+        gaps: list[float] = []
+
+        async def tick() -> None:
+            while True:
+                before = loop.time()
+                await asyncio.sleep(0.01)
+                gaps.append(loop.time() - before)
+
+        ticker = asyncio.create_task(tick())
+        started = loop.time()
+        await asyncio.wait_for(db.storage.close(), 10)
+        took = loop.time() - started
+        ticker.cancel()
+        return took, max(gaps, default=took)  # none: the loop never turned while it closed
+
+    try:
+        took, longest_turn = db.run(close_and_watch_the_loop())
+    finally:
+        stuck.release.set()
+    assert took < 1 and longest_turn < 0.2, (took, longest_turn)
+    # Closed on a daemon thread: stuck there, it would not keep the process from exiting.
+    assert stuck.closed_on is not None and stuck.closed_on.daemon
+    assert "the store is closed with an fsync unconfirmed" in caplog.text
+    wait_until(lambda: stuck.closed, 5)  # closed once its checkpoint has answered
+    db.run(db.storage.open())
+    assert db.ingest("evt_stored", APP) is False
+
+
 def test_a_batch_waits_for_another_processs_write_lock_off_the_loop(
     db: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:

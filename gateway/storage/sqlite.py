@@ -14,17 +14,20 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
+import queue
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any, Literal, TypeVar
+from typing import IO, Any, Literal, ParamSpec, TypeVar
 
 import orjson
 
@@ -67,6 +70,7 @@ sqlite3.register_adapter(bool, int)
 sqlite3.register_adapter(type(None), _NOTHING.get)
 
 T = TypeVar("T")
+P = ParamSpec("P")
 Operation = Callable[[sqlite3.Connection], Any]
 # Told the size and duration of every committed batch (metrics), fsync included; called on the loop.
 CommitObserver = Callable[[int, float], None]
@@ -94,7 +98,7 @@ BUSY_RETRY_MAX = 0.1
 # How long a commit may wait for its fsync (or batches for a checkpoint that starts the WAL over) before the
 # store stops waiting for it: what waits for it is answered (_GroupCommit._fsync_overdue), and durable writes
 # are refused until it finishes. A disk that stopped answering would otherwise hold every webhook, and
-# /readyz, for ever.
+# /readyz, for ever. Closing the store waits as long at most for what is in progress (_GroupCommit.close).
 FSYNC_TIMEOUT = 5.0
 # The two kinds of checkpoint (_GroupCommit.checkpoint).
 BACKGROUND, RESTART = "background", "restart"
@@ -214,7 +218,7 @@ class _GroupCommit:
     FSYNC_TIMEOUT (the helper's, or that of a RESTART checkpoint, which batches wait for) is no longer
     waited for (_fsync_overdue). What waits uncommitted is refused; what its batch committed may still
     reach the disk, and is answered Unconfirmed, with its result; durable operations are then refused
-    until it returns.
+    until it returns. Closing the store waits FSYNC_TIMEOUT at most too (close).
     """
 
     def __init__(self, connection: sqlite3.Connection, path: Path, on_commit: CommitObserver | None) -> None:
@@ -264,7 +268,7 @@ class _GroupCommit:
         except BaseException:
             self.checkpoint_connection.close()
             raise
-        self.checkpointer = ThreadPoolExecutor(1, thread_name_prefix="hookyard-sqlite-checkpoint")
+        self.checkpointer = _DaemonThread("hookyard-sqlite-checkpoint")
 
     def submit(self, operation: Operation, durable: bool, ride: bool = False) -> asyncio.Future[Any]:
         """Queue `operation` for a batch. Durable: answered once its commit is on disk. Otherwise at its
@@ -307,14 +311,51 @@ class _GroupCommit:
         return None
 
     async def close(self) -> None:
-        await self.idle.wait()
+        """Close once nothing is in progress, FSYNC_TIMEOUT at most: an fsync or a checkpoint on a disk that
+        stopped answering must not hold a shutdown for ever (Kubernetes would kill the process at the end of
+        its grace period anyway). Past that, what still waits is answered as for an overdue fsync, and
+        the fsync or checkpoint is left to finish if it ever does: everything answered as stored was
+        fsynced before its answer, and what the WAL holds beyond that SQLite recovers at the next start."""
+        deadline = self.loop.time() + FSYNC_TIMEOUT
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await self.idle.wait()
         # From here on nothing could be synced: refuse, never leave a caller waiting.
         self.closed = self.refusing = True
         if self.fsync_watch is not None:
             self.fsync_watch.cancel()
-        self.syncer.stop()  # idle: no fsync or checkpoint is running, so both stop at once
-        self.checkpointer.shutdown(wait=True)
+        unfinished = None if self.idle.is_set() else self._give_up()
+        # An fsync still asked for: the helper exits once it has answered, and is not waited for.
+        self.syncer.stop(wait=not self.unsynced)
+        # Closing the last connection checkpoints the WAL, with its fsyncs: never on the loop. On the
+        # checkpoints' thread, after a checkpoint still running there (one connection, one thread at a time).
+        closing = self.loop.run_in_executor(self.checkpointer, self._close_connections)
+        self.checkpointer.shutdown(wait=False)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout_at(deadline):
+                await asyncio.shield(closing)
+        if unfinished is None and not closing.done():
+            unfinished = f"closing the database has not finished in {FSYNC_TIMEOUT:g} s"
+        if unfinished is not None:
+            log.error("the store is closed with an fsync unconfirmed", extra={"error": unfinished})
+
+    def _give_up(self) -> str | None:
+        """close() found something still in progress at its deadline: what has not been written is refused,
+        and what was committed but whose fsync has not answered is answered Unconfirmed, with its result.
+        The fsync or checkpoint that has not finished, if any."""
+        since = self._waiting_for_disk_since()
+        self._refuse_waiting("the store is closed")
+        if since is not None:
+            unfinished = self._no_fsync_since(since)
+            self._answer_unconfirmed(f"the store closed first ({unfinished})")
+            return unfinished
+        # Else a checkpoint in the background, or batches that waited for another process's write lock
+        # (refused: their callers say so).
+        return "a checkpoint has not finished" if self.checkpoint is not None else None
+
+    def _close_connections(self) -> None:
         self.checkpoint_connection.close()
+        self.connection.close()
 
     def _schedule(self) -> None:
         if self.scheduled or self.checkpoint == RESTART:
@@ -510,6 +551,12 @@ class _GroupCommit:
                 for _, future, durable in waiting
             ]
         )
+        self._answer_unconfirmed(reason)
+        self._maybe_idle()
+
+    def _answer_unconfirmed(self, reason: str) -> None:
+        """The durable operations of committed batches whose fsync has not answered are answered Unconfirmed,
+        with their result: they may still reach the disk, or be lost."""
         unconfirmed = f"sqlite: committed, but {reason}: it may still be stored"
         committed, self.unsynced = self.unsynced, deque()
         for number, size, started, results in committed:
@@ -520,11 +567,14 @@ class _GroupCommit:
             )
             # Answered: when the fsync does finish, only the commit is observed (_synced).
             self.unsynced.append((number, size, started, []))
-        self._maybe_idle()
 
     def _overdue(self) -> str:
         assert self.overdue_since is not None
-        return f"no fsync has finished for {time.perf_counter() - self.overdue_since:.1f} s"
+        return self._no_fsync_since(self.overdue_since)
+
+    @staticmethod
+    def _no_fsync_since(since: float) -> str:
+        return f"no fsync has finished for {time.perf_counter() - since:.1f} s"
 
     def _maybe_caught_up(self) -> None:
         """After an fsync or a checkpoint: an overdue fsync that has finished ends the refusals."""
@@ -547,13 +597,14 @@ class _GroupCommit:
             self.broken = f"{reason}; restart hookyard to recover"
             log.error("the store refuses every write until a restart", extra={"error": self.broken})
 
-    def _refusal(self) -> StorageUnavailable:
-        return StorageUnavailable(f"sqlite: {self.broken}")
+    def _refusal(self, reason: str | None = None) -> StorageUnavailable:
+        return StorageUnavailable(f"sqlite: {reason or self.broken}")
 
-    def _refuse_waiting(self) -> None:
+    def _refuse_waiting(self, reason: str | None = None) -> None:
+        """Refuse every operation that waits for a batch: the store broke, or `reason`."""
         self._take_riders()
         waiting, self.fast, self.durable = self.fast + self.durable, [], []
-        _settle([(future, None, self._refusal(), durable) for _, future, durable in waiting])
+        _settle([(future, None, self._refusal(reason), durable) for _, future, durable in waiting])
 
     def _maybe_idle(self) -> None:
         busy = self.fast or self.durable or self.riders or self.unsynced or self.scheduled
@@ -604,7 +655,7 @@ class _GroupCommit:
             self._checkpointed(done)  # a failed checkpoint stops the store, whichever connection ran it
             return
         self.checkpoint = None
-        if done.result():
+        if done.result() and not self.closed:
             # All of it is in the database file: start the WAL over now, off the loop, before a commit on
             # the loop does (and fsyncs the new header there).
             self._start_checkpoint(RESTART)
@@ -683,6 +734,42 @@ def _settle(results: Iterable[_Result]) -> None:
             future.set_exception(failed)
 
 
+class _DaemonThread(Executor):
+    """One thread that runs what it is given in turn, as ThreadPoolExecutor(1) does, but a daemon: a
+    ThreadPoolExecutor's threads are joined when the interpreter exits, so one stuck in an fsync on a disk
+    that stopped answering (a checkpoint's, or that of closing the last connection) would keep the
+    process from ever exiting."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._shut = False
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        if self._shut:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        future: Future[T] = Future()
+        self._calls.put((future, functools.partial(fn, *args, **kwargs)))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """The thread ends once it has run what it was given before."""
+        self._shut = True
+        self._calls.put(None)
+        if wait:
+            self._thread.join()
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, function = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+
 def _checkpoint_connection(path: Path) -> sqlite3.Connection:
     """The background checkpoints' own connection: they run while the writer's connection commits."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -737,17 +824,29 @@ class _WalSyncer:
         self.requested = number
         self._send(number)
 
-    def stop(self) -> None:
-        """End the helper (at close, when no sync is waited for)."""
+    def stop(self, *, wait: bool = True) -> None:
+        """End the helper (at close): at the end of its input it exits, once it has made the fsyncs asked for
+        before. With none asked for, that is at once, and it is waited for. Otherwise (`wait` False: one has
+        not answered, on a disk that stopped answering) it is not: a daemon thread reaps it if it ever
+        does. Killing it would not help: a process in the kernel's uninterruptible wait for the disk
+        ignores even SIGKILL."""
         if not self._gone:
             self._gone = True
             self.loop.remove_reader(self._output.fileno())
         self._input.close()  # end of input: the helper exits
+        if not wait:
+            threading.Thread(target=self._reap, name="hookyard-fsync-reaper", daemon=True).start()
+            return
         try:
             self.process.wait(5)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+        self._output.close()
+
+    def _reap(self) -> None:
+        # Its answers' pipe stays open until it has exited: its last answer must not fail on a closed pipe.
+        self.process.wait()
         self._output.close()
 
     def _send(self, number: int) -> None:
@@ -865,7 +964,6 @@ class SQLiteStorage(Storage):
             reader.close()
         if self._writer is not None:
             await self._writer.close()
-            self._writer.connection.close()
             self._writer = None
         if self._serving_lock is not None:
             self._serving_lock.close()

@@ -41,7 +41,8 @@ def shutdown(gateway: Any) -> Any:
 
 @hookspec
 def event_accepted(event: Event, routes: list[str]) -> None:
-    """Called after an event was durably stored, with the names of the routes it matched."""
+    """Called after a new event and its deliveries were committed, with the names of the routes it matched:
+    once durably stored, or once its fsync did not answer in time (answered 503, its deliveries run)."""
 
 
 @hookspec

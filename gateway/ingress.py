@@ -162,10 +162,15 @@ class Ingress:
         engine.follow(deliveries, lease, stored)
         return stored
 
-    def unstored(self, event: Event, exc: StorageUnavailable) -> Rejected:
+    def unstored(self, event: Event, routes: list[CompiledRoute], exc: StorageUnavailable) -> Rejected:
         if isinstance(exc, Unconfirmed):
             # Written, but its fsync did not answer in time: it may be stored, and its deliveries run.
             log.error("cannot confirm webhook stored", extra={**event.summary(), "error": str(exc)})
+            ingested: Ingested = exc.result
+            if ingested.new and self.gateway.observes_events:
+                # Observers are told of what runs: its deliveries do, and the sender's retry is answered
+                # `duplicate` if the event reached the disk, so this is the one time they can be.
+                self._accepted(event, routes)
             return Rejected(503, "storage_unavailable", "not confirmed stored; please retry")
         log.error("cannot store webhook", extra={**event.summary(), "error": str(exc)})
         return Rejected(503, "storage_unavailable", "not stored; please retry")
@@ -174,15 +179,18 @@ class Ingress:
         self, endpoint: Endpoint, event: Event, routes: list[CompiledRoute], new: bool
     ) -> tuple[str, Reply]:
         """After the commit: tell observers; the status and the reply to send."""
-        gateway = self.gateway
-        if new and gateway.observes_events:
-            try:
-                gateway.pm.hook.event_accepted(event=event, routes=[route.name for route in routes])
-            except Exception:
-                # The event is stored: a plugin's failure must not turn its answer into an error.
-                log.exception("an event_accepted hook failed", extra=event.summary())
+        if new and self.gateway.observes_events:
+            self._accepted(event, routes)
         status = "accepted" if new else "duplicate"
         return status, {**(endpoint.provider.reply(event) or {}), "id": event.id, "status": status}
+
+    def _accepted(self, event: Event, routes: list[CompiledRoute]) -> None:
+        """Tell the event_accepted hooks of a new event whose commit is written."""
+        try:
+            self.gateway.pm.hook.event_accepted(event=event, routes=[route.name for route in routes])
+        except Exception:
+            # The event is written: a plugin's failure must not change its answer.
+            log.exception("an event_accepted hook failed", extra=event.summary())
 
     def answered(self, source: str, status: str, started: float) -> None:
         self.gateway.metrics.answered(source, status, time.perf_counter() - started)
@@ -266,7 +274,7 @@ class Ingress:
             # commits, or the engine would never start the deliveries it leased.
             new = (await asyncio.shield(self.store(event, routes))).new
         except StorageUnavailable as exc:
-            raise self.unstored(event, exc) from None
+            raise self.unstored(event, routes, exc) from None
         return self.stored(endpoint, event, routes, new)
 
     async def _refuse(self, send: Send, source: str, rejection: Rejected, scope: Scope) -> None:

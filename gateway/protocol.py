@@ -466,7 +466,7 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
                 new = stored.result().new
                 status, reply = ingress.stored(webhook.endpoint, event, webhook.routes, new)
             except StorageUnavailable as exc:
-                self._refuse(webhook, ingress.unstored(event, exc))
+                self._refuse(webhook, ingress.unstored(event, webhook.routes, exc))
                 return
             except (Exception, asyncio.CancelledError):
                 log.exception("a webhook could not be stored", extra=event.summary())

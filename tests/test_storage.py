@@ -1935,3 +1935,45 @@ def test_a_hung_fsync_is_refused_after_the_bound_and_shows_in_readiness_and_metr
         time.sleep(0.2)
         keys = [r.headers["idempotency-key"] for r in downstream.received("/hooks/users")]
         assert sorted(keys) == ["msg_on_a_hung_disk", "msg_while_refused"]
+
+
+@pytest.mark.parametrize("expect", [{}, {"expect": "100-continue"}], ids=["fast path", "asgi path"])
+def test_an_event_whose_fsync_is_unconfirmed_is_reported_accepted_as_its_deliveries_run(
+    tmp_path: Path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch, expect: dict[str, str]
+) -> None:
+    from gateway import hookimpl
+    from gateway.plugins import new_plugin_manager
+
+    monkeypatch.setattr(sqlite_module, "FSYNC_TIMEOUT", 0.3)
+    calls: list[tuple[str, str]] = []
+
+    class Observer:
+        @hookimpl
+        def event_accepted(self, event, routes):  # type: ignore[no-untyped-def]
+            calls.append(("event_accepted", event.id))
+
+        @hookimpl
+        def delivery_finished(self, delivery, outcome, final):  # type: ignore[no-untyped-def]
+            calls.append(("delivery_finished", outcome.kind))
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(Observer(), name="observer")
+    body, headers = svix_request(msg_id="msg_unconfirmed")
+    with RunningGateway(gateway_config(tmp_path, downstream.url), pm=pm) as gw:
+        storage = gw.gateway.storage
+        assert isinstance(storage, SQLiteStorage)
+        fsync = HeldFsync(storage)
+        try:
+            response = gw.post("/webhooks/consignease", body, {**headers, **expect})
+            assert response.status_code == 503, response.text
+            assert response.json()["detail"] == "not confirmed stored; please retry"
+            wait_until(lambda: ("delivery_finished", "delivered") in calls)
+        finally:
+            fsync.release()
+        wait_until(lambda: ops_get(gw, "/readyz")[0].status_code == 200, 5)
+        # Its retry is a duplicate: never reported, as it is never delivered, a second time.
+        assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "duplicate"
+        time.sleep(0.2)
+    # Told of the event whose delivery runs, before that delivery's result.
+    assert calls == [("event_accepted", "msg_unconfirmed"), ("delivery_finished", "delivered")]
+    assert len(downstream.received("/hooks/users")) == 1

@@ -31,6 +31,7 @@ from gateway.routing import PlannedAction, RouteTable
 from gateway.storage import (
     Attempt,
     Claim,
+    Finished,
     Ingested,
     Lease,
     NewDelivery,
@@ -450,14 +451,20 @@ class Engine:
         attempt = Attempt(
             delivery.attempts, started, duration, outcome.kind, outcome.status_code, outcome.error
         )
+        finished: Finished | None
         try:
             # While the claim loop waits for a free slot, this record's commit is what frees one.
             finished = await self.storage.finish(
                 delivery, attempt, state, due_at, finished_at, waited_for=self._wants_slots
             )
+        except StorageUnavailable as exc:
+            log.error("cannot record attempt; trying again", extra={**event.summary(), "error": str(exc)})
+            finished = await self._record_once_taken(claim, attempt, state, due_at, finished_at)
         except Exception as exc:
             # The lease stays: once it expires the delivery is attempted again (at-least-once).
             log.error("cannot record attempt", extra={**event.summary(), "error": str(exc)})
+            return
+        if finished is None:
             return
         if not finished.recorded:
             # Fenced out: the delivery was claimed again or replayed while this attempt ran, so this result
@@ -516,6 +523,27 @@ class Engine:
                     self.pm.hook.delivery_finished(delivery=record, outcome=result, final=final)
                 except Exception:
                     log.exception("a delivery_finished hook failed", extra=event.summary())
+
+    async def _record_once_taken(
+        self, claim: Claim, attempt: Attempt, state: str, due_at: float | None, now: float
+    ) -> Finished | None:
+        """An attempt's result the store refused (an fsync that has not answered, a full disk), tried again
+        every poll_interval until it is taken: the attempt was made, and left to its lease the delivery would
+        be attempted again once the lease ran out. Meanwhile the delivery stays running here, so its lease
+        is renewed and claims leave it out. A refusal writes nothing, so the result is recorded once. A stop
+        cuts the tries short: the delivery is released, and attempted again at the next start. None for a
+        failure of another kind, as for the first try."""
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            try:
+                return await self.storage.finish(
+                    claim.delivery, attempt, state, due_at, now, waited_for=self._wants_slots
+                )
+            except StorageUnavailable:
+                continue
+            except Exception as exc:
+                log.error("cannot record attempt", extra={**claim.event.summary(), "error": str(exc)})
+                return None
 
     async def _attempt(self, action: Action, job: Job) -> Outcome:
         task = asyncio.current_task()

@@ -321,6 +321,47 @@ def test_an_attempt_that_outlives_its_lease_while_renewals_fail_is_sent_once(
         assert reads < 30, reads
 
 
+def test_an_attempt_whose_result_the_store_refuses_for_a_while_is_recorded_then_not_sent_again(
+    tmp_path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The checkpoint that starts the WAL over, stuck in its fsync past FSYNC_TIMEOUT (a disk that stopped
+    # answering for a while: a fault a test cannot cause on demand): every write is refused, the attempt's
+    # result and the lease renewals included, until it returns.
+    monkeypatch.setattr(sqlite_module, "FSYNC_TIMEOUT", 0.3)
+    stuck, release = threading.Event(), threading.Event()
+    real = sqlite_module._GroupCommit._checkpoint
+
+    def stuck_checkpoint(self: sqlite_module._GroupCommit) -> None:
+        stuck.set()
+        release.wait(10)
+        real(self)
+
+    monkeypatch.setattr(sqlite_module._GroupCommit, "_checkpoint", stuck_checkpoint)
+    downstream.delay = 0.8  # the attempt's result comes once the checkpoint is overdue
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"].update({"lease": "1s", "poll_interval": "200ms"})
+    with RunningGateway(config) as gw:
+        writer = gw.gateway.storage._writer
+        body, headers = svix_request(msg_id="msg_refused_result")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        gw.loop.call_soon_threadsafe(writer._start_checkpoint, sqlite_module.RESTART)
+        try:
+            assert stuck.wait(5)
+            downstream.wait_for(1, "/app")
+            wait_until(lambda: "cannot record attempt" in caplog.text, 5)
+            time.sleep(1.5)  # past the lease, which no renewal could extend
+        finally:
+            release.set()
+        wait_until(lambda: writer.overdue_since is None, 5)  # the store takes writes again
+        wait_until(lambda: delivery_states(gw, "msg_refused_result") == {"app": "delivered"}, timeout=10)
+        time.sleep(1.5)  # a lease's worth more: time for a second attempt, were one made
+        # Recorded once the store took writes again: one attempt, not a second after its lease ran out.
+        assert len(downstream.received("/app")) == 1
+        detail = event_detail(gw, "msg_refused_result")
+        [delivery] = detail.deliveries
+        assert [(a.number, a.outcome) for a in detail.attempts[delivery.id]] == [(1, "delivered")]
+
+
 def test_an_attempt_fenced_out_counts_in_no_metric_and_no_hook(tmp_path, downstream: Downstream) -> None:
     from gateway import hookimpl
     from gateway.plugins import new_plugin_manager

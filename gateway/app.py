@@ -23,14 +23,14 @@ import uvicorn
 
 from gateway import __version__
 from gateway.actions import Resources
-from gateway.config import Config, ConfigError
+from gateway.config import TLS, Config, ConfigError
 from gateway.delivery import Engine, build_actions
 from gateway.http_client import HttpClient, default_ssl_context
 from gateway.ingress import Ingress
 from gateway.metrics import Metrics
 from gateway.ops import ops_app
 from gateway.plugins import Registry, plugin_manager
-from gateway.protocol import webhook_protocol
+from gateway.protocol import tls_protocol, webhook_protocol
 from gateway.routing import RouteTable, load_routes
 from gateway.storage import Storage, open_storage
 
@@ -115,6 +115,7 @@ class Gateway:
         self._resources: Resources | None = None
         self._engine: Engine | None = None
         self._ingress_server: _Server | None = None
+        self._tls: ssl.SSLContext | None = None  # the webhook listener's, with listen.tls
         self._exit = asyncio.Event()
         self._shutting_down = False
         self._reloads: set[asyncio.Task[bool]] = set()  # asked for by SIGHUP, held until done
@@ -295,12 +296,12 @@ class Gateway:
                 await self.reload()
 
     def _reload_certificate(self) -> None:
-        server, tls = self._ingress_server, self.config.listen.tls
-        if server is None or tls is None or not isinstance(server.config.ssl, ssl.SSLContext):
+        context, tls = self._tls, self.config.listen.tls
+        if context is None or tls is None:
             return
         try:
             # New handshakes use the new certificate; open connections keep theirs.
-            server.config.ssl.load_cert_chain(tls.cert, tls.key)
+            context.load_cert_chain(tls.cert, tls.key)
         except (OSError, ssl.SSLError) as exc:
             log.error("cannot load the TLS certificate; keeping the old one", extra={"error": str(exc)})
 
@@ -338,6 +339,9 @@ class Gateway:
         # Bind first: a port that is taken is a clean error before anything else starts.
         ingress_sockets = ingress_sockets or [listening_socket(listen.host, listen.port)]
         ops_sockets = ops_sockets or [listening_socket(ops_config.host, ops_config.port)]
+        if listen.tls is not None:
+            # Loaded now, like the sockets bound: a certificate that cannot be loaded stops the start.
+            self._tls = tls_context(listen.tls)
         loop = asyncio.get_running_loop()
         hups: list[int] = []
         with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -348,12 +352,13 @@ class Gateway:
             collect_less()
         self._fit_connections()
         ingress_config = self._uvicorn_config(self.ingress, listen.host, listen.port, INGRESS_DRAIN_TIMEOUT)
-        ingress_config.http = webhook_protocol(self.ingress)
+        ingress_config.http = protocol = webhook_protocol(self.ingress)
+        if self._tls is not None:
+            # The handshake is the listener's, not asyncio's: see tls_protocol.
+            ingress_config.http = tls_protocol(protocol, self.ingress, self._tls)
         ingress = self._ingress_server = _Server(ingress_config)
         connections = ingress.server_state.connections  # read at each scrape: nothing per connection
         self.metrics.webhook_connections.set_function(lambda: len(connections))
-        if listen.tls is not None:
-            ingress.config.ssl_certfile, ingress.config.ssl_keyfile = listen.tls.cert, listen.tls.key
         ops = _Server(self._uvicorn_config(self.ops, ops_config.host, ops_config.port, OPS_DRAIN_TIMEOUT))
         with contextlib.suppress(NotImplementedError, RuntimeError):
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -456,6 +461,17 @@ def fit_connections(wanted: int, reserved: int) -> int:
         extra={"max_connections": fitted},
     )
     return fitted
+
+
+def tls_context(tls: TLS) -> ssl.SSLContext:
+    """The webhook listener's TLS context; OSError names the files that cannot be loaded."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(tls.cert, tls.key)
+    except OSError as exc:  # ssl.SSLError included
+        reason = exc.strerror if exc.strerror else str(exc)
+        raise OSError(f"cannot load listen.tls ({tls.cert}, {tls.key}): {reason}") from None
+    return context
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -43,6 +43,10 @@ UNSTORED_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 # A bug (in a provider plugin, say) must not leave the sender without an answer, nor show it a traceback.
 INTERNAL_ERROR = Rejected(500, "internal_error", "the request could not be handled; see the gateway's log")
 
+# A flood of connections is refused as fast as it comes: the log says so once a minute, the metric counts
+# each one.
+_FULL_LOG_INTERVAL = 60.0  # seconds
+
 # Retry-After on 503 tells well-behaved senders when to come back; Allow on 405 names the method.
 EXTRA_HEADERS = {503: [(b"retry-after", b"5")], 405: [(b"allow", b"POST")]}
 
@@ -90,6 +94,7 @@ class Ingress:
         # The listener's limit of open connections: listen.max_connections, or less where the process's
         # open-file limit cannot hold that many (gateway.app.fit_connections).
         self.max_connections = gateway.config.listen.max_connections
+        self._full_logged = -_FULL_LOG_INTERVAL  # when a connection past it was last logged
 
     # -- the steps, shared by both doors ----------------------------------------------------------------
 
@@ -129,6 +134,20 @@ class Ingress:
 
     def release(self) -> None:
         self.in_flight -= 1
+
+    def too_many_connections(self) -> None:
+        """Count a connection refused past max_connections (under no source: nothing of it is read), and
+        say so in the log at most once a minute."""
+        self.gateway.metrics.rejected("", "too_many_connections")
+        now = time.monotonic()
+        if now - self._full_logged >= _FULL_LOG_INTERVAL:
+            self._full_logged = now
+            log.warning(
+                "the webhook listener has %d connections open (listen.max_connections): new ones are "
+                "refused 503 too_many_connections",
+                self.max_connections,
+                extra={"max_connections": self.max_connections},
+            )
 
     def accept(
         self, endpoint: Endpoint, headers: dict[str, str], body: bytes

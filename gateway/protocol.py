@@ -31,12 +31,16 @@ httptools would drop its body (_ignore_upgrade).
 uvicorn writes a response's head and its body separately, and each write is a send() system call: for a
 webhook's small answer that is half of the cost of answering. Writes made in one turn of the event loop
 are joined into one (`CoalescedWrites`).
+
+HTTPS: the TLS handshake is the listener's own (`tls_protocol`), so that a connection counts against
+listen.max_connections, and has a deadline, from the moment it is accepted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from functools import partial
@@ -85,12 +89,10 @@ _HEAD_TOO_LARGE = _closing_answer(
     431, "headers_too_large", "the request line and headers go on past the limit without ending"
 )
 _MALFORMED = _closing_answer(400, "invalid_http", "the request is not valid HTTP/1.1")
-_TOO_MANY_CONNECTIONS = _closing_answer(
+# Counted by Ingress.too_many_connections, which the listener over HTTPS shares.
+_TOO_MANY_CONNECTIONS, _ = _closing_answer(
     503, "too_many_connections", "the listener has listen.max_connections connections open; retry later"
 )
-# A flood of connections is refused as fast as it comes: the log says so once a minute, the metric counts
-# each one.
-_FULL_LOG_INTERVAL = 60.0  # seconds
 # Beyond limits.max_header_bytes (the headers' names and values), what a request's head may hold: its
 # line (uvicorn refuses a URL over 64 KiB) and each header's punctuation.
 _HEAD_ALLOWANCE = 128 * 1024
@@ -171,8 +173,6 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
         # A request that asks to switch protocols, until it is parsed again without that (_ignore_upgrade):
         # the request in progress before it.
         _before_upgrade: tuple[Cycle] | None = None
-        # When a connection over listen.max_connections was last logged (any instance's).
-        _full_logged = -_FULL_LOG_INTERVAL
 
         def connection_made(self, transport: Any) -> None:
             # Duck-typed: uvicorn only writes, closes and asks the transport about itself.
@@ -188,16 +188,9 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
             # the file descriptor the limit is there to save. Its slot is given up now, not when the
             # loop gets to connection_lost, so a burst of refusals does not refuse the next one in turn.
             self.connections.discard(self)
-            self._close_with(_TOO_MANY_CONNECTIONS)
-            now = self.loop.time()
-            if now - WebhookProtocol._full_logged >= _FULL_LOG_INTERVAL:
-                WebhookProtocol._full_logged = now
-                log.warning(
-                    "the webhook listener has %d connections open (listen.max_connections): new ones are "
-                    "refused 503 too_many_connections",
-                    ingress.max_connections,
-                    extra={"max_connections": ingress.max_connections},
-                )
+            self.transport.write(_TOO_MANY_CONNECTIONS)
+            self.transport.close()
+            ingress.too_many_connections()
 
         def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol allows a bool
             # The client closed its side: what is buffered (the answer to its last request) leaves now.
@@ -587,6 +580,76 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
             self.transport.close()
 
     return WebhookProtocol
+
+
+def tls_protocol(
+    protocol: type[HttpToolsProtocol], ingress: Ingress, context: ssl.SSLContext
+) -> type[asyncio.Protocol]:
+    """The HTTPS listener's protocol: each connection goes through its TLS handshake here, then to
+    `protocol` (webhook_protocol's).
+
+    asyncio's own TLS server (create_server with ssl=) calls the protocol only once the handshake is over:
+    a connection still in it was not counted against listen.max_connections, and it had 60 s to finish,
+    so clients that connect and never send a ClientHello took file descriptors without limit. Here a
+    connection counts from the moment it is accepted: it is in uvicorn's set of the listener's
+    connections during its handshake too (and closed by uvicorn's shutdown). Its handshake has the read
+    timeout, as a request's head does. One accepted past the limit is closed at once, unanswered: an answer
+    would take a handshake first, and that is the cost the limit is there to refuse."""
+
+    class TlsHandshake(asyncio.Protocol):
+        def __init__(self, **kwargs: Any) -> None:
+            self.protocol = protocol(**kwargs)  # uvicorn's arguments, for the protocol after the handshake
+            self.connections = cast(set[Any], self.protocol.connections)
+            self.transport: asyncio.Transport | None = None
+            self.handshake: asyncio.Task[None] | None = None
+            # What the client sent once the handshake was over, before the protocol took the connection
+            # over: the TLS layer reads on as soon as it is done, in the turn before start_tls returns.
+            self.received: list[bytes] = []
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            raw = cast(asyncio.Transport, transport)
+            if len(self.connections) >= ingress.max_connections:
+                raw.close()
+                ingress.too_many_connections()
+                return
+            self.connections.add(self)
+            self.transport = raw
+            raw.pause_reading()  # the handshake reads from its first byte (start_tls resumes reading)
+            self.handshake = asyncio.get_running_loop().create_task(self._handshake(raw))
+
+        async def _handshake(self, raw: asyncio.Transport) -> None:
+            try:
+                if raw.is_closing():
+                    return  # the listener shut down before it began
+                # This protocol stays the TLS layer's until the protocol takes over, below.
+                transport = await asyncio.get_running_loop().start_tls(
+                    raw,
+                    self,
+                    context,
+                    server_side=True,
+                    ssl_handshake_timeout=ingress.gateway.config.limits.read_timeout,
+                )
+            except OSError:
+                return  # not TLS, too slow, or the client left: start_tls closed it, nothing to answer
+            finally:
+                self.connections.discard(self)
+            if transport is None or transport.is_closing():
+                return  # closed as it ended (shutdown, or the client left)
+            transport.set_protocol(self.protocol)
+            self.protocol.connection_made(transport)
+            if self.received and not transport.is_closing():
+                # To the protocol that has the connection now.
+                cast(asyncio.Protocol, transport.get_protocol()).data_received(b"".join(self.received))
+
+        def data_received(self, data: bytes) -> None:
+            self.received.append(data)
+
+        def shutdown(self) -> None:
+            # uvicorn's, as the listener stops: a handshake is not waited for.
+            if self.transport is not None:
+                self.transport.close()
+
+    return TlsHandshake
 
 
 class CoalescedWrites:

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import logging
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ from tests.support import (
     free_port,
     gateway_config,
     metric_value,
+    self_signed,
     svix_request,
     wait_until,
 )
@@ -389,6 +391,56 @@ def test_a_connection_past_listen_max_connections_is_refused_503_and_closed(tmp_
             )
         for sock in idle:
             sock.close()
+
+
+def test_tls_connections_count_against_listen_max_connections_from_their_handshake(tmp_path: Any) -> None:
+    # asyncio's own TLS server hands a connection over only once its handshake is done: clients that
+    # connect and never send a ClientHello were not counted, and each held a file descriptor for 60 s.
+    cert, key = self_signed(tmp_path, "listener")
+    config = gateway_config(
+        tmp_path,
+        listen={"max_connections": 3, "tls": {"cert": str(cert), "key": str(key)}},
+        limits={"read_timeout": "3s"},
+    )
+    verify = ssl.create_default_context(cafile=cert)
+    with RunningGateway(config, scheme="https") as gw:
+        address = ("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
+        opened = time.monotonic()
+        silent = [socket.create_connection(address, timeout=5) for _ in range(3)]
+        flood: list[socket.socket] = []
+        try:
+            wait_until(lambda: gw.metric("hookyard_webhook_connections") == 3)
+            # Past the limit, each is closed as soon as it is accepted (an answer needs a handshake).
+            flood = [socket.create_connection(address, timeout=5) for _ in range(50)]
+            assert all(closed_by_the_server(sock) for sock in flood)
+            with httpx.Client(verify=verify, timeout=5) as sender, pytest.raises(httpx.TransportError):
+                sender.post(gw.url + "/webhooks/consignease", content=b"{}")
+            assert time.monotonic() - opened < 3  # not by a handshake's timeout
+            assert (
+                gw.metric("hookyard_webhook_rejections_total", source="", reason="too_many_connections") == 51
+            )
+            # The silent ones have limits.read_timeout for their handshake, then they are closed.
+            assert all(closed_by_the_server(sock) for sock in silent)
+            assert time.monotonic() - opened >= 3
+            wait_until(lambda: gw.metric("hookyard_webhook_connections") == 0)
+        finally:
+            for sock in silent + flood:
+                sock.close()
+        body, headers = svix_request(msg_id="msg_after_the_handshakes")
+        with httpx.Client(verify=verify, timeout=5) as sender:
+            accepted = sender.post(gw.url + "/webhooks/consignease", content=body, headers=headers)
+        assert (accepted.status_code, accepted.json()["status"]) == (200, "accepted")
+
+
+def closed_by_the_server(sock: socket.socket) -> bool:
+    """The server closed the connection (without a word): False if it is still open at the socket's
+    timeout."""
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
 
 
 def test_a_flood_of_connections_under_a_low_open_file_limit_leaves_the_ops_listener_answering(

@@ -598,6 +598,27 @@ def test_tls_listener_and_certificate_reload(tmp_path: Path, downstream: Downstr
         assert response.status_code == 200
 
 
+def test_a_certificate_that_cannot_be_loaded_stops_the_start(tmp_path: Path) -> None:
+    # The listener's TLS context is made before anything starts; uvicorn's, made as it began to serve,
+    # failed in its task, and `hookyard serve` stopped at once with status 0 and nothing in the log.
+    cert, key = tmp_path / "missing.crt", tmp_path / "missing.key"
+    config = gateway_config(
+        tmp_path,
+        listen={"host": "127.0.0.1", "port": free_port(), "tls": {"cert": str(cert), "key": str(key)}},
+        ops={"host": "127.0.0.1", "port": free_port()},
+    )
+    config_path = tmp_path / "routes.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "-c", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert f"hookyard: cannot load listen.tls ({cert}, {key}): No such file or directory" in result.stderr
+
+
 def test_turning_tls_on_by_reload_is_said_to_wait_for_the_restart(
     tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -44,7 +44,7 @@ import ssl
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 import httptools
 import orjson
@@ -93,6 +93,14 @@ _MALFORMED = _closing_answer(400, "invalid_http", "the request is not valid HTTP
 _TOO_MANY_CONNECTIONS, _ = _closing_answer(
     503, "too_many_connections", "the listener has listen.max_connections connections open; retry later"
 )
+# A connection refused 503 too_many_connections is closed once its client has closed its side, or after
+# this long: what the client sent meanwhile (its request) is read and dropped first. Closed with that
+# unread, the connection would be reset (RST), and the client could lose the 503 it had not read yet.
+_REFUSAL_LINGER = 1.0  # seconds
+# Refused connections lingering at once, at most: their file descriptors are kept for them besides
+# listen.max_connections (gateway.app.FILES_RESERVED). Past that, the one that has lingered longest is
+# closed: a flood of clients that never close cannot take more.
+REFUSALS_LINGERING = 64
 # Beyond limits.max_header_bytes (the headers' names and values), what a request's head may hold: its
 # line (uvicorn refuses a URL over 64 KiB) and each header's punctuation.
 _HEAD_ALLOWANCE = 128 * 1024
@@ -173,6 +181,8 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
         # A request that asks to switch protocols, until it is parsed again without that (_ignore_upgrade):
         # the request in progress before it.
         _before_upgrade: tuple[Cycle] | None = None
+        # The listener's refused connections, until they close (oldest first).
+        _refusals: ClassVar[dict[Refusal, None]] = {}
 
         def connection_made(self, transport: Any) -> None:
             # Duck-typed: uvicorn only writes, closes and asks the transport about itself.
@@ -184,12 +194,16 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
             self._arm(self._headers_timed_out, limits().read_timeout)
 
         def _too_many_connections(self) -> None:
-            # Answered and closed at once, before anything is read: waiting for its request would hold
-            # the file descriptor the limit is there to save. Its slot is given up now, not when the
-            # loop gets to connection_lost, so a burst of refusals does not refuse the next one in turn.
+            # Answered at once, before anything is read: waiting for its request would hold the file
+            # descriptor the limit is there to save. Its slot is given up now, not when the loop gets to
+            # connection_lost, so a burst of refusals does not refuse the next one in turn. Then the
+            # connection is a Refusal's until it closes, soon.
             self.connections.discard(self)
-            self.transport.write(_TOO_MANY_CONNECTIONS)
-            self.transport.close()
+            transport = cast(CoalescedWrites, self.transport)
+            transport.write_now(_TOO_MANY_CONNECTIONS)
+            if transport.can_write_eof():  # not over TLS
+                transport.write_eof()  # the answer is all: a client that reads to the end has it now
+            transport.set_protocol(Refusal(transport, WebhookProtocol._refusals, self.loop))
             ingress.too_many_connections()
 
         def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol allows a bool
@@ -638,7 +652,7 @@ def tls_protocol(
             transport.set_protocol(self.protocol)
             self.protocol.connection_made(transport)
             if self.received and not transport.is_closing():
-                # To the protocol that has the connection now.
+                # To the protocol that has the connection now (a Refusal, if it was refused).
                 cast(asyncio.Protocol, transport.get_protocol()).data_received(b"".join(self.received))
 
         def data_received(self, data: bytes) -> None:
@@ -650,6 +664,36 @@ def tls_protocol(
                 self.transport.close()
 
     return TlsHandshake
+
+
+class Refusal(asyncio.Protocol):
+    """A connection answered 503 too_many_connections, from then on: what its client sends is read and
+    dropped, until it closes its side (having read the answer) or _REFUSAL_LINGER has passed. Then it is
+    closed, with nothing left unread to reset it."""
+
+    def __init__(
+        self, transport: CoalescedWrites, refusals: dict[Refusal, None], loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.transport = transport
+        self.refusals = refusals
+        if len(refusals) >= REFUSALS_LINGERING:
+            next(iter(refusals)).close()  # the oldest, which had the longest to read its answer
+        refusals[self] = None
+        self.timer = loop.call_later(_REFUSAL_LINGER, self.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # read, so that closing does not reset the connection
+
+    def eof_received(self) -> None:
+        self.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.refusals.pop(self, None)
+        self.timer.cancel()
+        self.transport.close()
 
 
 class CoalescedWrites:

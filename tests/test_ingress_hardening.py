@@ -7,12 +7,14 @@ import asyncio
 import ipaddress
 import json
 import logging
+import os
 import socket
 import ssl
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,9 @@ import httpx
 import pytest
 import yaml
 
+from gateway import protocol
 from gateway.addresses import PRESETS, ForwardedHeader, client_address, parse_address, parse_networks
+from gateway.protocol import REFUSALS_LINGERING
 from tests.support import (
     GatewayProcess,
     RunningGateway,
@@ -393,6 +397,62 @@ def test_a_connection_past_listen_max_connections_is_refused_503_and_closed(tmp_
             sock.close()
 
 
+def test_clients_past_listen_max_connections_that_sent_their_request_read_the_503(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Closed with the request unread, the connection was reset (RST) and the client lost the 503: nearly
+    # every one of these clients read ECONNRESET instead.
+    config = gateway_config(tmp_path, listen={"max_connections": 2})
+    with RunningGateway(config) as gw:
+        address = ("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
+        idle = [socket.create_connection(address, timeout=5) for _ in range(2)]
+        refused: list[socket.socket] = []
+        try:
+            wait_until(lambda: gw.metric("hookyard_webhook_connections") == 2)
+            files = open_files()
+            body, headers = svix_request(msg_id="msg_refused")
+            small = raw_request("/webhooks/consignease", body, headers)
+            # One past the socket buffers: its sender has to be read to finish sending.
+            large = raw_request("/webhooks/consignease", body + b" " * 4_000_000, headers)
+
+            def send_then_read(request: bytes) -> bytes:
+                with socket.create_connection(address, timeout=10) as sock:
+                    sock.sendall(request)
+                    return read_response(sock)
+
+            with ThreadPoolExecutor(max_workers=50) as pool:
+                answers = list(pool.map(send_then_read, [small] * 190 + [large] * 10))
+            for answer in answers:
+                assert answer.startswith(b"HTTP/1.1 503 "), answer[:100]
+                assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "too_many_connections"
+            wait_until(lambda: open_files() == files)  # the refused connections closed as their clients did
+            # A client that never closes holds its refused connection for a second at most.
+            refused = [socket.create_connection(address, timeout=5) for _ in range(10)]
+            assert all(read_response(sock).startswith(b"HTTP/1.1 503 ") for sock in refused)
+            wait_until(lambda: open_files() - files == len(refused), timeout=3)  # only the clients' sockets
+            # And at most REFUSALS_LINGERING of them at once (their file descriptors are in FILES_RESERVED),
+            # however long they would linger: past that, the oldest is closed.
+            monkeypatch.setattr(protocol, "_REFUSAL_LINGER", 60.0)
+            refused += [socket.create_connection(address, timeout=5) for _ in range(100)]
+            assert all(read_response(sock).startswith(b"HTTP/1.1 503 ") for sock in refused[10:])
+            wait_until(lambda: open_files() - files == len(refused) + REFUSALS_LINGERING)
+            assert gw.metric("hookyard_webhook_connections") == 2
+        finally:
+            for sock in idle + refused:
+                sock.close()
+
+
+def open_files() -> int:
+    """This process's file descriptors: the test's and the gateway's, which runs in it."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def raw_request(path: str, body: bytes, headers: dict[str, str]) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nhost: hookyard\r\ncontent-length: {len(body)}\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return head.encode() + b"\r\n" + body
+
+
 def test_tls_connections_count_against_listen_max_connections_from_their_handshake(tmp_path: Any) -> None:
     # asyncio's own TLS server hands a connection over only once its handshake is done: clients that
     # connect and never send a ClientHello were not counted, and each held a file descriptor for 60 s.
@@ -446,9 +506,9 @@ def closed_by_the_server(sock: socket.socket) -> bool:
 def test_a_flood_of_connections_under_a_low_open_file_limit_leaves_the_ops_listener_answering(
     tmp_path: Any,
 ) -> None:
-    # 200 open files at most, hard limit included: listen.max_connections (1024) is lowered to fit, with
-    # 64 + 2 x delivery.concurrency kept for the rest. Without a limit, the listener would take all 200
-    # and the ops listener's accept() would fail with EMFILE.
+    # 264 open files at most, hard limit included: listen.max_connections (1024) is lowered to fit, with
+    # 64 + 64 (refused connections as they linger) + 2 x delivery.concurrency kept for the rest. Without a
+    # limit, the listener would take all 264 and the ops listener's accept() would fail with EMFILE.
     ingress, ops = free_port(), free_port()
     config = gateway_config(
         tmp_path,
@@ -459,7 +519,7 @@ def test_a_flood_of_connections_under_a_low_open_file_limit_leaves_the_ops_liste
     path = tmp_path / "routes.yaml"
     path.write_text(yaml.safe_dump(config))
     ops_url = f"http://127.0.0.1:{ops}"
-    process = GatewayProcess(path, ops_url, open_files=200).start()
+    process = GatewayProcess(path, ops_url, open_files=264).start()
     flood: list[socket.socket] = []
     try:
         with httpx.Client(timeout=3) as client:

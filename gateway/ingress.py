@@ -52,6 +52,12 @@ EXTRA_HEADERS = {503: [(b"retry-after", b"5")], 405: [(b"allow", b"POST")]}
 
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
+# Set by the listener's protocol in the scope of a request the ASGI door has, when the HTTP parser finds
+# its body malformed (a bad chunk): the parser's error. The body ends there, and its reading is refused
+# invalid_http, as the fast path refuses its own; the connection the protocol then closes is not the
+# client leaving.
+MALFORMED_BODY = "hookyard.malformed_body"
+
 # A body cut off by its deadline may still be coming: uvicorn would read the rest as the body and keep the
 # connection, so a client that gave up on it and sent its next request there would have it swallowed.
 # Closed instead, as the fast path does (RFC 9110 §15.5.9).
@@ -260,7 +266,7 @@ class Ingress:
             return
         assert endpoint is not None  # admitted
         try:
-            status, reply = await self._receive_and_store(receive, endpoint, headers)
+            status, reply = await self._receive_and_store(scope, receive, endpoint, headers)
         except Rejected as rejection:
             await self._refuse(send, source, rejection, scope)
             return
@@ -279,12 +285,12 @@ class Ingress:
         self.answered(source, status, started)
 
     async def _receive_and_store(
-        self, receive: Receive, endpoint: Endpoint, headers: dict[str, str]
+        self, scope: Scope, receive: Receive, endpoint: Endpoint, headers: dict[str, str]
     ) -> tuple[str, Reply]:
         limits = self.gateway.config.limits
         try:
             async with asyncio.timeout(limits.read_timeout):
-                body = await _read_body(receive, limits.max_body_bytes)
+                body = await _read_body(receive, limits.max_body_bytes, scope)
         except TimeoutError:
             raise body_timeout() from None
         event, routes = self.accept(endpoint, headers, body)
@@ -344,11 +350,13 @@ def _headers(scope: Scope, max_count: int, max_bytes: int) -> dict[str, str]:
     return headers
 
 
-async def _read_body(receive: Receive, limit: int) -> bytes:
+async def _read_body(receive: Receive, limit: int, scope: Scope) -> bytes:
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
+        if MALFORMED_BODY in scope:
+            raise invalid_http(scope[MALFORMED_BODY])
         if message["type"] == "http.disconnect":
             raise client_disconnected()
         chunk = message.get("body", b"")

@@ -21,8 +21,8 @@ rather than held until it ends.
 
 Malformed HTTP: uvicorn answers 400 and closes the connection as soon as the parser fails. Here, what fails
 behind requests still in progress (pipelined) is answered 400 after them: each of their senders hears
-whether its webhook was stored. A fast-path webhook whose own body is malformed (a bad chunk) is refused
-`400 invalid_http`.
+whether its webhook was stored. A webhook whose own body is malformed (a bad chunk) is refused
+`400 invalid_http` under its source, on the fast path or by the ASGI app (`MALFORMED_BODY`).
 
 Upgrade: this listener switches to no other protocol. A request that asks to (`Upgrade: h2c`, sent by Java's
 HttpClient with every cleartext request) is answered in HTTP/1.1 like any other, body included, where
@@ -54,6 +54,7 @@ from gateway.config import Limits
 from gateway.ingress import (
     EXTRA_HEADERS,
     INTERNAL_ERROR,
+    MALFORMED_BODY,
     Reply,
     body_timeout,
     client_disconnected,
@@ -259,6 +260,14 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
                 # request is left to answer, and a 400 would be read as the answer to the next one.
                 self.transport.close()
                 return
+            elif cycle is not None and cycle.more_body:
+                # The body of a request the ASGI app has (a webhook that expects 100 Continue): the app
+                # refuses it as the fast path does, `invalid_http` under its source, where a 400 from here
+                # would close the connection under it and have it count the client as gone.
+                cast(dict[str, Any], cycle.scope)[MALFORMED_BODY] = error
+                cycle.keep_alive = False  # nothing after it can be read
+                cycle.message_event.set()
+                waiting = True
             else:
                 # The last request's message is complete and its answer still to come: the error is in
                 # what follows it. (One whose body is malformed and that is being answered gets the 400 now.)

@@ -1015,7 +1015,9 @@ def test_a_request_cancelled_while_its_commit_waits_still_has_its_delivery_start
             return {"type": "http.request", "body": body, "more_body": False}
 
         async def cancel_while_committing() -> bool:
-            request = asyncio.create_task(gateway.ingress._receive_and_store(receive, endpoint, headers))
+            request = asyncio.create_task(
+                gateway.ingress._receive_and_store({"type": "http"}, receive, endpoint, headers)
+            )
             await asyncio.sleep(0.2)  # the commit waits for the (stopped) fsync helper
             request.cancel()
             await asyncio.gather(request, return_exceptions=True)

@@ -361,19 +361,52 @@ def test_a_malformed_request_pipelined_behind_a_webhook_being_stored_waits_for_i
     assert refused == 1  # counted, under no source: the request may not even have had a path
 
 
-def test_a_webhook_whose_chunked_body_is_malformed_is_refused_400_invalid_http(tmp_path) -> None:
-    request = b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+@pytest.mark.parametrize(
+    "expect",
+    [
+        None,  # the fast path
+        "100 Continue first",  # the ASGI app, waiting for the body when it comes
+        "body at once",  # the ASGI app, whose request is malformed before it has started
+    ],
+)
+def test_a_webhook_whose_chunked_body_is_malformed_is_refused_400_invalid_http(
+    tmp_path, expect: str | None
+) -> None:
+    # Through the ASGI app (a sender that expects 100 Continue), the listener answered 400 itself, counted
+    # under no source, and closed the connection under the app, which counted `client_disconnected`.
+    request = b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+    request += b"Expect: 100-continue\r\n\r\n" if expect else b"\r\n"
     with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.url) as conn:
-        conn.send(request + b"2\r\n{}\r\nZZ\r\n")
+        if expect == "100 Continue first":
+            conn.send(request)
+            assert conn.answer()[0] == 100
+            conn.send(b"2\r\n{}\r\nZZ\r\n")
+        else:
+            conn.send(request + b"2\r\n{}\r\nZZ\r\n")
         status, headers, body = conn.answer()
+        if status == 100:  # the ASGI app's, as it starts reading the body
+            status, headers, body = conn.answer()
         assert conn.closed_by_server()  # nothing after it can be read
-        assert gw.gateway.ingress.in_flight == 0
+        wait_until(lambda: gw.gateway.ingress.in_flight == 0)
         rejections = {
-            reason: gw.metric("hookyard_webhook_rejections_total", source="consignease", reason=reason)
+            (source, reason): gw.metric("hookyard_webhook_rejections_total", source=source, reason=reason)
+            for source in ("consignease", "")
             for reason in ("invalid_http", "client_disconnected")
         }
-    assert (status, headers["connection"], json.loads(body)["error"]) == (400, "close", "invalid_http")
-    assert rejections == {"invalid_http": 1, "client_disconnected": 0}
+    assert rejections == {
+        ("consignease", "invalid_http"): 1,
+        ("consignease", "client_disconnected"): 0,
+        ("", "invalid_http"): 0,
+        ("", "client_disconnected"): 0,
+    }
+    assert (status, headers["connection"], json.loads(body)) == (
+        400,
+        "close",
+        {
+            "error": "invalid_http",
+            "detail": "the body is not valid HTTP/1.1 (Invalid character in chunk size)",
+        },
+    )
 
 
 def test_a_malformed_rest_of_a_refused_body_closes_the_connection_without_a_second_answer(tmp_path) -> None:

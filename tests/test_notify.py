@@ -362,32 +362,126 @@ def test_render_errors_end_dead_with_the_reason(tmp_path: Path, downstream: Down
         assert gw.metric("hookyard_deliveries_total", route="alerts", action="quiet", outcome="skipped") == 1
 
 
+# Templates that make what a hostile payload says in one step: `n` is a width, `note` a text, `count` a number of
+# items. For each: the message of a fair event (n=5, note "ok", count=3), and why a hostile one's delivery ends
+# dead. Each filter, str method and operator whose result's length comes from an argument is here.
+TEMPLATE_BOUNDS: dict[str, tuple[str, str, str]] = {
+    "stars": ("{{ '*' * event.data.n }}", "*****", "* would make a str longer"),
+    "center": ('[{{ "x"|center(event.data.n) }}]', "[  x  ]", "|center would make a str longer"),
+    "indent": ('{{ "a\\nb"|indent(event.data.n) }}', "a\n     b", "|indent would make a str longer"),
+    "format": ('[{{ "%*s"|format(event.data.n, "x") }}]', "[    x]", "|format would make a str longer"),
+    "percent": ('{{ "%.*f" % (event.data.n, 1) }}', "1.00000", "% would make a str longer"),
+    "power": ("{{ 2 ** event.data.n }}", "32", "** would make a number longer"),
+    # len(note) ** 2: every position of the note becomes the note.
+    "replace": (
+        '{{ event.data.note|replace("", event.data.note) }}',
+        "okookkok",
+        "|replace would make a str longer",
+    ),
+    "str-replace": (
+        '{{ event.data.note.replace("", event.data.note) }}',
+        "okookkok",
+        "str.replace would make a str longer",
+    ),
+    "wordwrap": (
+        "{{ event.data.note|wordwrap(1, wrapstring=event.data.note) }}",
+        "ookk",
+        "|wordwrap would make a str longer",
+    ),
+    "join": ("{{ event.data.note|join(event.data.note) }}", "ookk", "|join would make a str longer"),
+    "str-join": ("{{ event.data.note.join(event.data.note) }}", "ookk", "str.join would make a str longer"),
+    "translate": (
+        "{{ event.data.note.translate({111: event.data.note}) }}",
+        "okk",
+        "str.translate would make a str longer",
+    ),
+    "str-format": (
+        '[{{ "{:>{}}".format("x", event.data.n) }}]',
+        "[    x]",
+        "str.format would make a str longer",
+    ),
+    "str-format-repeat": (
+        '{{ ("{0}" * event.data.note|length).format(event.data.note) }}',
+        "okok",
+        "str.format would make a str longer",
+    ),
+    # In a loop, where Jinja gives a call keyword arguments of its own.
+    "ljust": (
+        '{% for _ in [1] %}[{{ "x".ljust(event.data.n) }}]{% endfor %}',
+        "[x    ]",
+        "str.ljust would make a str longer",
+    ),
+    "rjust": ('[{{ "x".rjust(event.data.n) }}]', "[    x]", "str.rjust would make a str longer"),
+    "str-center": ('[{{ "x".center(event.data.n) }}]', "[  x  ]", "str.center would make a str longer"),
+    "zfill": ('{{ "1".zfill(event.data.n) }}', "00001", "str.zfill would make a str longer"),
+    "expandtabs": (
+        '[{{ "\\tx".expandtabs(event.data.n) }}]',
+        "[     x]",
+        "str.expandtabs would make a str longer",
+    ),
+    "tojson": ("{{ [1]|tojson(indent=event.data.n) }}", "[\n     1\n]", "|tojson would make a str longer"),
+    "urlize": (
+        '{{ ("www.a.com " * 1000)|urlize(target=event.data.note)|length }}',
+        "69000",
+        "|urlize would make a str longer",
+    ),
+    "batch": ("{{ [1]|batch(event.data.count, 0)|first|length }}", "3", "|batch would make a list longer"),
+    "slice": ("{{ [1]|slice(event.data.count)|list|length }}", "3", "|slice would make a list longer"),
+    "sum": (
+        "{{ ([event.data.note|list] * 100)|sum(start=[])|length }}",
+        "200",
+        "|sum would make a list longer",
+    ),
+    "lipsum": (
+        "{{ lipsum(1, false, event.data.count, event.data.count + 1)|wordcount }}",
+        "3",
+        "lipsum() would make a str longer",
+    ),
+}
+
+
 def test_a_template_cannot_blow_up_on_a_hostile_payload(tmp_path: Path, downstream: Downstream) -> None:
-    # Templates run on the event loop over what any sender writes: what they may make is bounded.
+    # Templates run on the event loop over what any sender writes: what they may make is bounded. A step that
+    # would make too much is refused before it runs: `"x"|center(10**9)` took a gigabyte at once, before the
+    # message's length was checked, and could stop the gateway (and every webhook) for want of memory.
     actions = [
-        notify_action("stars", f"{downstream.url}/stars", template="{{ '*' * event.data.rating }}"),
+        notify_action(name, f"{downstream.url}/{name}", template=template)
+        for name, (template, _, _) in TEMPLATE_BOUNDS.items()
+    ]
+    # Made a piece at a time, a message is stopped as it grows past the bound.
+    actions.append(
         notify_action(
             "echo",
             f"{downstream.url}/echo",
             template="{% for _ in range(event.data.times) %}{{ event.data.note }}{% endfor %}",
-        ),
-    ]
+        )
+    )
     with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
-        send_consignly(gw, consignly_body(event_id="evt_fair", rating=5, times=3, note="ok"))
+        send_consignly(gw, consignly_body(event_id="evt_fair", n=5, note="ok", count=3, times=3))
+        # Without the bounds, each would make about 100 MB (the payload could as well say 10**9).
         # range() is bounded by the sandbox itself (100,000), but not what the loop prints.
-        send_consignly(
-            gw, consignly_body(event_id="evt_hostile", rating=10**12, times=100_000, note="x" * 100)
+        hostile = consignly_body(
+            event_id="evt_hostile", n=10**8, note="o" * 10_000, count=200_000, times=100_000
         )
-        wait_until(lambda: delivery_states(gw, "evt_fair") == {"stars": "delivered", "echo": "delivered"})
-        wait_until(lambda: delivery_states(gw, "evt_hostile") == {"stars": "dead", "echo": "dead"})
-        deliveries = {d.action: d for d in event_detail(gw, "evt_hostile").deliveries}
-        assert deliveries["stars"].last_error == (
-            "template line 1: SecurityError: * would make a str longer than 100000"
+        send_consignly(gw, hostile)
+        wait_until(lambda: set(delivery_states(gw, "evt_fair").values()) == {"delivered"})
+        # Generous, for the bounds' absence to show as the reasons below: with them, this takes a second.
+        wait_until(
+            lambda: set(delivery_states(gw, "evt_hostile").values()) <= {"dead", "delivered"}, timeout=60
         )
-        assert deliveries["echo"].last_error == (
-            "template: ValueError: the message is longer than 100000 characters"
-        )
-        assert sorted(r.json()["text"] for r in downstream.received()) == ["*****", "okokok"]
+        refused = {d.action: (d.attempts, d.last_error) for d in event_detail(gw, "evt_hostile").deliveries}
+        assert refused == {
+            **{
+                name: (1, f"template line 1: SecurityError: {reason} than 100000")
+                for name, (_, _, reason) in TEMPLATE_BOUNDS.items()
+            },
+            "echo": (1, "template: ValueError: the message is longer than 100000 characters"),
+        }
+        messages = {r.path.removeprefix("/"): r.json()["text"] for r in downstream.received()}
+        assert messages == {
+            **{name: message for name, (_, message, _) in TEMPLATE_BOUNDS.items()},
+            "echo": "okokok",
+        }
 
 
 def test_a_template_that_loops_over_a_large_payload_is_stopped_and_the_gateway_answers(

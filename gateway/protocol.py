@@ -628,6 +628,8 @@ def tls_protocol(
             # What the client sent once the handshake was over, before the protocol took the connection
             # over: the TLS layer reads on as soon as it is done, in the turn before start_tls returns.
             self.received: list[bytes] = []
+            # What the client sent before the handshake began (uvloop: see data_received).
+            self.early: list[bytes] = []
 
         def connection_made(self, transport: asyncio.BaseTransport) -> None:
             raw = cast(asyncio.Transport, transport)
@@ -641,11 +643,16 @@ def tls_protocol(
             self.handshake = asyncio.get_running_loop().create_task(self._handshake(raw))
 
         async def _handshake(self, raw: asyncio.Transport) -> None:
+            loop = asyncio.get_running_loop()
             try:
                 if raw.is_closing():
                     return  # the listener shut down before it began
+                if self.early:
+                    # Queued before start_tls queues the TLS layer's connection_made, which starts the
+                    # handshake from what the layer was given: this, then what is read from then on.
+                    loop.call_soon(_give, raw, b"".join(self.early))
                 # This protocol stays the TLS layer's until the protocol takes over, below.
-                transport = await asyncio.get_running_loop().start_tls(
+                transport = await loop.start_tls(
                     raw,
                     self,
                     context,
@@ -665,6 +672,12 @@ def tls_protocol(
                 cast(asyncio.Protocol, transport.get_protocol()).data_received(b"".join(self.received))
 
         def data_received(self, data: bytes) -> None:
+            if self.transport is not None and self.transport.get_protocol() is self:
+                # Read before the handshake began, the start of it: uvloop starts reading once
+                # connection_made has returned, whatever it paused. Kept for the TLS layer (_give).
+                self.transport.pause_reading()
+                self.early.append(data)
+                return
             self.received.append(data)
 
         def shutdown(self) -> None:
@@ -673,6 +686,19 @@ def tls_protocol(
                 self.transport.close()
 
     return TlsHandshake
+
+
+def _give(transport: asyncio.Transport, data: bytes) -> None:
+    """Hand `data` to the transport's protocol (a TLS layer: a buffered protocol, in asyncio and uvloop)
+    as the transport hands it what it reads."""
+    protocol = cast(asyncio.BufferedProtocol, transport.get_protocol())
+    view = memoryview(data)
+    while view:
+        buffer = memoryview(protocol.get_buffer(len(view)))
+        size = min(len(buffer), len(view))
+        buffer[:size] = view[:size]
+        protocol.buffer_updated(size)
+        view = view[size:]
 
 
 class Refusal(asyncio.Protocol):

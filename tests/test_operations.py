@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -596,6 +597,39 @@ def test_tls_listener_and_certificate_reload(tmp_path: Path, downstream: Downstr
         with httpx.Client(verify=ssl.create_default_context(cafile=second_cert)) as client:
             response = client.post(gw.url + "/webhooks/consignease", content=body, headers=headers)
         assert response.status_code == 200
+
+
+def test_hookyard_serve_completes_the_handshake_of_https_connections_whose_client_hello_waits(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # `hookyard serve` runs on uvloop, which starts reading a connection once connection_made returns (a
+    # pause there does nothing): a ClientHello read before the handshake began was kept as if it were the
+    # request, the handshake never saw it, and the client read an EOF. Connections made while the gateway
+    # is stopped have their ClientHello waiting when it takes them.
+    cert, key = self_signed(tmp_path, "listener")
+    listen = {"tls": {"cert": str(cert), "key": str(key)}}
+    config = users_config(tmp_path, downstream, "/app", listen=listen, limits={"read_timeout": "2s"})
+    process, url = start_process(tmp_path, config)
+    assert process.process is not None
+    url = url.replace("http://", "https://")
+    verify = ssl.create_default_context(cafile=cert)
+
+    def post(number: int) -> int:
+        body, headers = svix_request(msg_id=f"msg_connection_{number}")
+        with httpx.Client(verify=verify, timeout=10) as client:  # a connection of its own
+            return client.post(url + "/webhooks/consignease", content=body, headers=headers).status_code
+
+    try:
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            process.process.send_signal(signal.SIGSTOP)
+            try:
+                statuses = [pool.submit(post, number) for number in range(10)]
+                time.sleep(0.5)  # connected, in the listener's backlog, their ClientHello sent
+            finally:
+                process.process.send_signal(signal.SIGCONT)
+            assert [status.result() for status in statuses] == [200] * 10
+    finally:
+        process.kill()
 
 
 def test_a_certificate_that_cannot_be_loaded_stops_the_start(tmp_path: Path) -> None:

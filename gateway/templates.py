@@ -1,0 +1,505 @@
+"""Message templates: Jinja, sandboxed, with bounds on what one render may print and run.
+
+A template is written by whoever edits the config and rendered over a payload any sender writes, on the event
+loop. So a render is bounded: the message it prints (MAX_MESSAGE), the loop iterations and calls it runs
+(MAX_STEPS), its time (MAX_RENDER_SECONDS), and the length one filter, method or operator may make from its
+arguments before it runs. `compile_template` reports a syntax error with its line; `render` raises past a
+bound. Any action may use them: notify does.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+# Jinja costs about 2 MB of resident memory and only templates need it: it is imported when the first
+# template is compiled, so a gateway with no template (a notify action without one, say) never loads it.
+if TYPE_CHECKING:
+    from jinja2 import Template
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# The longest message a template may render, and the longest text or list one step may make (`*`, and the
+# filters, methods and operators under "what one step may make" below). A template
+# runs on the event loop, over a payload any sender writes: `{{ "*" * event.data.rating }}` with a rating
+# of 10**9, or a loop printing a large field a hundred thousand times, would take gigabytes and stop the
+# gateway (webhooks included) while it runs. Far more than any chat shows: Slack cuts a message at 40,000.
+MAX_MESSAGE = 100_000
+# The most loop iterations and calls (of macros, methods, a recursive loop's `loop()`) one render may run.
+# Bounding what it prints is not enough: `{% for a in event.data.parcels %}{% for b in event.data.parcels %}`
+# over a payload of 20,000 parcels runs 400 million iterations, which may print nothing, while no webhook,
+# /healthz or /metrics is answered. A message listing a few thousand items, in nested loops, is far below it;
+# 100,000 steps take a tenth of a second.
+MAX_STEPS = 100_000
+# How long one render may run: a backstop for what a single step may do over the whole payload, such as
+# `{% if p in event.data.flagged %}` in a loop over parcels, a billion comparisons for 20,000 and 50,000 of
+# them. Ten times what MAX_STEPS takes, so that a busy host does not fail a message that renders in time.
+MAX_RENDER_SECONDS = 1.0
+
+
+def isotime(value: float | None) -> str:
+    """A Unix timestamp as ISO 8601 UTC (`2026-11-22T10:00:00Z`), for templates: event times are numbers."""
+    if value is None:
+        return ""
+    return datetime.fromtimestamp(value, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# -- what one step may make --------------------------------------------------------------------------------
+# Some filters, str methods, operators and globals make in one step a result whose length comes from an
+# argument, perhaps a payload's value, rather than from what they are given: `"x"|center(event.data.width)`
+# with a width of 10**9 takes a gigabyte before MAX_MESSAGE, MAX_STEPS or MAX_RENDER_SECONDS can stop it. Or
+# they repeat a text: `s|replace("", s)` makes len(s)**2 characters. Each is refused before it runs when a
+# bound on its result's length, worked out cheaply from its arguments, passes MAX_MESSAGE. They are:
+#   filters: center, indent, format, replace, wordwrap (wrapstring), join, tojson (indent), urlize (target,
+#     rel), batch (fill_with), slice, sum (start=[]);
+#   str methods: center, ljust, rjust, zfill, expandtabs, replace, translate, join, format, format_map;
+#   operators: `%` on a text (printf-style widths and precisions), `**` (and `*`, in call_binop);
+#   the global lipsum().
+# The other filters and methods make about as much as they are given (escaping, upper-casing or quoting it
+# grows it by a small factor at most), which the request body's limit bounds; truncate (its end) and default
+# add an argument once. The bounds are right within such a factor (the markup urlize adds is not counted, nor
+# escaping): they are there to stop gigabytes, not to count characters.
+
+
+def _text(value: Any) -> str:
+    return value if isinstance(value, str) else str(value)
+
+
+def _number(value: Any) -> int:
+    """A width or count argument; one of another type is left for the call itself to refuse."""
+    return value if isinstance(value, int) else 0
+
+
+def _total(lengths: Iterable[int]) -> int:
+    """The sum of `lengths`, taken only until it passes MAX_MESSAGE: a list may hold one large text many times."""
+    total = 0
+    for length in lengths:
+        total += length
+        if total > MAX_MESSAGE:
+            break
+    return total
+
+
+def padded_length(value: Any, width: Any = 80, *_: Any) -> int:
+    """center, ljust, rjust, zfill."""
+    return max(len(_text(value)), _number(width))
+
+
+def indented_length(value: Any, width: Any = 4, first: Any = False, blank: Any = False) -> int:
+    """indent: each line, and the first with `first`, gets `width` spaces (or `width` itself, a text)."""
+    text = _text(value)
+    indentation = len(width) if isinstance(width, str) else _number(width)
+    return len(text) + (text.count("\n") + 2) * indentation
+
+
+def replaced_length(value: Any, old: Any, new: Any, count: Any = None) -> int:
+    """replace: each occurrence of `old` (each position, for an empty one), or the first `count`, becomes `new`."""
+    text, old, new = _text(value), _text(old), _text(new)
+    times = text.count(old)
+    if isinstance(count, int) and count >= 0:
+        times = min(times, count)
+    return len(text) + times * (len(new) - len(old))
+
+
+def expanded_length(value: Any, tabsize: Any = 8) -> int:
+    """expandtabs: each tab becomes up to `tabsize` spaces."""
+    text = _text(value)
+    return len(text) + text.count("\t") * _number(tabsize)
+
+
+def translated_length(value: Any, table: Any) -> int:
+    """translate: each character becomes what `table` maps it to, which may be a long text."""
+    length = 0
+    for char, times in Counter(_text(value)).items():
+        try:
+            mapped = table[ord(char)]
+        except LookupError:
+            mapped = char
+        length += times * (len(mapped) if isinstance(mapped, str) else 1)
+    return length
+
+
+def wrapped_length(
+    value: Any,
+    width: Any = 79,
+    break_long_words: Any = True,
+    wrapstring: Any = None,
+    break_on_hyphens: Any = True,
+) -> int:
+    """wordwrap: `wrapstring` between lines. Two lines in a row hold more than `width` characters of the text
+    (the second's first word did not fit on the first), so a paragraph has at most 2 * length / width + 1."""
+    text = _text(value)
+    lines = 2 * len(text) // max(_number(width), 1) + 2 * (text.count("\n") + 1)
+    return len(text) + lines * len(_text("\n" if wrapstring is None else wrapstring))
+
+
+def joined_length(items: Iterable[Any], separator: Any = "") -> int:
+    """join: each item's text and a separator."""
+    separator_length = len(_text(separator))
+    return _total(len(_text(item)) + separator_length for item in items)
+
+
+def json_length(value: Any, indent: Any = None) -> int:
+    """tojson: each line is indented by `indent` (spaces, or a text) for each level it is nested at."""
+    if indent is None:
+        return 0
+    step = len(indent) if isinstance(indent, str) else _number(indent)
+    flat, nested = (len(json.dumps(value, indent=width)) for width in (0, 1))
+    return flat + step * (nested - flat)
+
+
+def urlized_length(
+    value: Any,
+    trim_url_limit: Any = None,
+    nofollow: Any = False,
+    target: Any = None,
+    rel: Any = None,
+    extra_schemes: Any = None,
+) -> int:
+    """urlize: `target` and `rel` are written into each link, and each link has a dot, a colon or an @."""
+    text = _text(value)
+    links = sum(1 for word in text.split() if any(mark in word for mark in ".:@"))
+    return len(text) + links * sum(len(_text(attribute)) for attribute in (target, rel) if attribute)
+
+
+def batched_length(value: Any, linecount: Any, fill_with: Any = None) -> int:
+    """batch: the last batch is filled up to `linecount` items."""
+    return 0 if fill_with is None else _number(linecount)
+
+
+def sliced_length(value: Any, slices: Any, fill_with: Any = None) -> int:
+    """slice: `slices` lists, empty or not."""
+    return _number(slices)
+
+
+def lipsum_length(n: Any = 5, html: Any = True, min: Any = 20, max: Any = 100) -> int:
+    """lipsum: `n` paragraphs of fewer than `max` words of at most 12 letters."""
+    return _number(n) * _number(max) * 15
+
+
+def power_length(base: Any, exponent: Any) -> int:
+    """`**` of two integers: the power's digits."""
+    if not (isinstance(base, int) and isinstance(exponent, int) and exponent > 0 and abs(base) > 1):
+        return 0
+    return int(min(exponent, 10 * MAX_MESSAGE) * math.log10(abs(base))) + 1
+
+
+# One printf-style conversion after its `%` and `(key)`: flags, width, precision, length modifier, type.
+_PRINTF = re.compile(r"[-+ #0]*(\*|\d*)(?:\.(\*|\d*))?[hlL]?(.?)", re.DOTALL)
+
+
+def printf_length(template: str, values: Any) -> int:
+    """`template % values`: its text, and for each conversion what it prints, its width and its precision,
+    written in `template` or taken by `*` from `values`. Read as Python reads it."""
+    positional = iter(values if isinstance(values, tuple) else (values,))
+    length = len(template)
+    start = template.find("%")
+    while start != -1 and length <= MAX_MESSAGE:
+        key, end = _printf_key(template, start + 1)
+        match = _PRINTF.match(template, end)
+        assert match is not None  # every part of the pattern may be empty
+        width, precision, conversion = match.groups()
+        if conversion != "%":
+            for number in (width, precision):
+                length += abs(_number(next(positional, 0))) if number == "*" else int(number or 0)
+            try:
+                value = next(positional, "") if key is None else values[key]
+            except (LookupError, TypeError):  # no such key, or no mapping: so fails `%`
+                break
+            length += _printed_length(value, conversion)
+        start = template.find("%", match.end())
+    return length
+
+
+def _printf_key(template: str, start: int) -> tuple[str | None, int]:
+    """The `(key)` of a conversion if one starts at `start` (its parentheses may nest), and where it ends."""
+    if not template.startswith("(", start):
+        return None, start
+    depth = 0
+    for end in range(start, len(template)):
+        depth += (template[end] == "(") - (template[end] == ")")
+        if depth == 0:
+            return template[start + 1 : end], end + 1
+    raise ValueError("incomplete format key")
+
+
+def _printed_length(value: Any, conversion: str) -> int:
+    """How long a conversion prints `value`, before its width and precision."""
+    if isinstance(value, int):
+        return value.bit_length() // 3 + 3  # digits in any base, a sign and a 0x
+    if isinstance(value, float):
+        return 330  # 1e308 written out, with a sign and a point
+    return len({"r": repr, "a": ascii}.get(conversion, str)(value))
+
+
+def spec_length(spec: str) -> int:
+    """How far a str.format spec may pad or extend a field: its numbers (width, precision) added up."""
+    return sum(int(number) for number in re.findall(r"\d+", spec))
+
+
+def summed_length(values: Iterable[Any], start: Any = 0) -> int:
+    """sum of lists (`start=[]`): all their items."""
+    if not isinstance(start, list | tuple):
+        return 0
+    return len(start) + _total(len(value) if isinstance(value, list | tuple) else 0 for value in values)
+
+
+def _str_joined_length(separator: str, items: Iterable[Any]) -> int:
+    return joined_length(items, separator)
+
+
+# The str methods among them, with their signatures; format and format_map are bounded by their formatter.
+_STR_LENGTHS: dict[str, Callable[..., int]] = {
+    "center": padded_length,
+    "ljust": padded_length,
+    "rjust": padded_length,
+    "zfill": padded_length,
+    "expandtabs": expanded_length,
+    "replace": replaced_length,
+    "translate": translated_length,
+    "join": _str_joined_length,
+}
+_STR_METHODS = {
+    name: (length, inspect.signature(getattr(str, name))) for name, length in _STR_LENGTHS.items()
+}
+
+
+def check_length(length: int, what: str, kind: str = "str") -> None:
+    """Refuses a step whose result would be longer than MAX_MESSAGE, before it runs."""
+    if length > MAX_MESSAGE:
+        from jinja2.exceptions import SecurityError
+
+        raise SecurityError(f"{what} would make a {kind} longer than {MAX_MESSAGE}")
+
+
+def _length_of(
+    length: Callable[..., int],
+    signature: inspect.Signature,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    skip: int = 0,
+) -> int:
+    """`length` of a call's arguments but the first `skip`. Arguments that do not fit the function's `signature`
+    are refused with a TypeError that says why, rather than one that names `length`."""
+    try:
+        return length(*args[skip:], **kwargs)
+    except TypeError:
+        signature.bind(*args, **kwargs)
+        raise
+
+
+def _bounded(
+    function: Callable[..., Any], length: Callable[..., int], what: str, kind: str, consumes: bool
+) -> Callable[..., Any]:
+    """`function` (a filter or global), refused before it runs when `length` of its arguments passes MAX_MESSAGE.
+    With `consumes`, the value it goes through is made a list first, for `length` to go through it too."""
+    signature = inspect.signature(function)
+    skip = 1 if hasattr(function, "jinja_pass_arg") else 0  # the context or environment Jinja passes first
+
+    @functools.wraps(function)
+    def bounded(*args: Any, **kwargs: Any) -> Any:
+        if consumes and len(args) > skip:
+            args = (*args[:skip], list(args[skip]), *args[skip + 1 :])
+        check_length(_length_of(length, signature, args, kwargs, skip), what, kind)
+        return function(*args, **kwargs)
+
+    return bounded
+
+
+def _bound_growth(env: ImmutableSandboxedEnvironment) -> None:
+    """Wraps the filters and globals whose result's length comes from an argument, listed above."""
+    from jinja2.filters import make_attrgetter
+    from jinja2.utils import generate_lorem_ipsum
+
+    def attributes(items: Iterable[Any], attribute: Any) -> Iterable[Any]:
+        return items if attribute is None else map(make_attrgetter(env, attribute), items)
+
+    def join(items: Iterable[Any], d: Any = "", attribute: Any = None) -> int:
+        return joined_length(attributes(items, attribute), d)
+
+    def sum_(items: Iterable[Any], attribute: Any = None, start: Any = 0) -> int:
+        return summed_length(attributes(items, attribute), start)
+
+    def printf(value: Any, *args: Any, **kwargs: Any) -> int:
+        return printf_length(_text(value), kwargs or args)
+
+    filters: list[tuple[str, Callable[..., int], str]] = [
+        ("center", padded_length, "str"),
+        ("indent", indented_length, "str"),
+        ("format", printf, "str"),
+        ("replace", replaced_length, "str"),
+        ("wordwrap", wrapped_length, "str"),
+        ("join", join, "str"),
+        ("tojson", json_length, "str"),
+        ("urlize", urlized_length, "str"),
+        ("batch", batched_length, "list"),
+        ("slice", sliced_length, "list"),
+        ("sum", sum_, "list"),
+    ]
+    for name, length, kind in filters:
+        env.filters[name] = _bounded(env.filters[name], length, f"|{name}", kind, name in ("join", "sum"))
+    env.globals["lipsum"] = _bounded(generate_lorem_ipsum, lipsum_length, "lipsum()", "str", False)
+
+
+@dataclass(slots=True)
+class _Budget:
+    """What the render under way may still do."""
+
+    steps: int
+    deadline: float  # time.monotonic()
+
+
+# What Jinja adds to the keyword arguments of a call in a loop or a block, for itself: not the callee's.
+_JINJA_KWARGS = frozenset({"_loop_vars", "_block_vars"})
+
+# The render under way on this thread (templates run on the event loop, one at a time, start to end).
+_budget: ContextVar[_Budget | None] = ContextVar("template_render_budget", default=None)
+
+
+@functools.cache
+def _environment() -> ImmutableSandboxedEnvironment:
+    from jinja2 import StrictUndefined
+    from jinja2.exceptions import SecurityError
+    from jinja2.runtime import Context, LoopContext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
+    from markupsafe import Markup
+
+    def step() -> None:
+        budget = _budget.get()
+        if budget is None:  # not rendered by render(): nothing to bound
+            return
+        budget.steps -= 1
+        if budget.steps < 0:
+            raise SecurityError(f"more than {MAX_STEPS} loop iterations and calls")
+        if time.monotonic() > budget.deadline:
+            raise SecurityError(f"rendering took more than {MAX_RENDER_SECONDS:g} s")
+
+    def count_iterations(iterable: Iterable[Any]) -> Iterator[Any]:
+        for item in iterable:
+            step()
+            yield item
+
+    class BoundedFormatter(SandboxedFormatter):
+        """The sandbox's str.format, which refuses a field whose width or precision would take the result past
+        MAX_MESSAGE before it formats it, and a result that passes it (`"{0}{0}{0}…".format(s)` repeats s)."""
+
+        def __init__(self, env: Environment, what: str, **kwargs: Any) -> None:
+            super().__init__(env, **kwargs)
+            self.what, self.length = what, 0
+
+        def format_field(self, value: Any, format_spec: str) -> Any:
+            check_length(self.length + spec_length(format_spec), self.what)
+            text = super().format_field(value, format_spec)
+            self.length += len(text)
+            check_length(self.length, self.what)
+            return text
+
+    class BoundedEscapeFormatter(BoundedFormatter, SandboxedEscapeFormatter):
+        """Markup's, which escapes what it formats."""
+
+    class Environment(ImmutableSandboxedEnvironment):
+        # The sandbox bounds range() but not what these make: each is checked before it runs.
+        intercepted_binops = frozenset({"*", "%", "**"})
+
+        def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+            if operator == "*":
+                sequence, times = (right, left) if isinstance(left, int) else (left, right)
+                if isinstance(sequence, str | list | tuple) and isinstance(times, int):
+                    check_length(len(sequence) * times, "*", type(sequence).__name__)
+            elif operator == "%" and isinstance(left, str):
+                check_length(printf_length(left, right), "%")
+            elif operator == "**":
+                check_length(power_length(left, right), "**", "number")
+            return super().call_binop(context, operator, left, right)
+
+        # compile_template() makes every `{% for %}` loop over `environment.counted(<what it names>)`.
+        counted = staticmethod(count_iterations)
+
+        # Every call a template makes passes here: a macro that calls itself twice cannot run for ever.
+        def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+            if obj is not count_iterations:  # compile_template's, not one the template makes
+                step()
+            if isinstance(obj, LoopContext) and args:  # `loop(item.children)` in a recursive loop
+                args = (count_iterations(args[0]), *args[1:])
+            text, name = getattr(obj, "__self__", None), getattr(obj, "__name__", None)
+            if isinstance(text, str) and name in _STR_METHODS:
+                length, signature = _STR_METHODS[name]
+                if name == "join" and args:  # iterated here, to be measured, and then joined
+                    args = (list(args[0]), *args[1:])
+                given = {key: value for key, value in kwargs.items() if key not in _JINJA_KWARGS}
+                check_length(_length_of(length, signature, (text, *args), given), f"str.{name}")
+            return super().call(context, obj, *args, **kwargs)
+
+        def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
+            # Jinja's sandboxed str.format and format_map, with a formatter that bounds what they make.
+            sandboxed = super().wrap_str_format(value)
+            if sandboxed is None:  # not a text's format or format_map
+                return None
+            text: str = value.__self__
+            name: str = value.__name__
+
+            def bounded_format(*args: Any, **kwargs: Any) -> str:
+                if name == "format_map":
+                    if kwargs or len(args) != 1:
+                        return sandboxed(*args, **kwargs)  # which fails, saying why
+                    kwargs, args = args[0], ()
+                what = f"str.{name}"
+                formatter = (
+                    BoundedEscapeFormatter(self, what, escape=text.escape)
+                    if isinstance(text, Markup)
+                    else BoundedFormatter(self, what)
+                )
+                return type(text)(formatter.vformat(text, args, kwargs))
+
+            return functools.update_wrapper(bounded_format, value)
+
+    # Sandboxed because templates come from the config, which may be edited by people who must not get code
+    # execution in the gateway; immutable so a template cannot change the event other actions see.
+    env = Environment(autoescape=False, undefined=StrictUndefined)
+    env.filters["isotime"] = isotime
+    _bound_growth(env)
+    return env
+
+
+def compile_template(source: str) -> Template:
+    """Compile a message template; raises ValueError naming the line of a syntax error."""
+    from jinja2 import TemplateSyntaxError, nodes
+
+    env = _environment()
+    try:
+        tree = env.parse(source)
+        # Each loop counts its iterations, as `environment.counted(<what it loops over>)`: Jinja has a hook
+        # for calls, none for iteration.
+        for loop in list(tree.find_all(nodes.For)):
+            counted = nodes.EnvironmentAttribute("counted", lineno=loop.iter.lineno)
+            loop.iter = nodes.Call(counted, [loop.iter], [], None, None, lineno=loop.iter.lineno)
+        tree.set_environment(env)
+        return env.from_string(tree)  # an unknown filter or test is found here
+    except TemplateSyntaxError as exc:
+        raise ValueError(f"line {exc.lineno}: {exc.message}") from None
+
+
+def render(template: Template, context: dict[str, Any]) -> str:
+    """The message `template` makes of `context`; raises past MAX_MESSAGE, MAX_STEPS or MAX_RENDER_SECONDS."""
+    token = _budget.set(_Budget(MAX_STEPS, time.monotonic() + MAX_RENDER_SECONDS))
+    try:
+        # Rendered piece by piece, so that a message that grows past the limit stops there.
+        pieces: list[str] = []
+        length = 0
+        for piece in template.generate(context):
+            length += len(piece)
+            if length > MAX_MESSAGE:
+                raise ValueError(f"the message is longer than {MAX_MESSAGE} characters")
+            pieces.append(piece)
+        return "".join(pieces).strip()
+    finally:
+        _budget.reset(token)

@@ -44,6 +44,10 @@ MAX_STEPS = 100_000
 # `{% if p in event.data.flagged %}` in a loop over parcels, a billion comparisons for 20,000 and 50,000 of
 # them. Ten times what MAX_STEPS takes, so that a busy host does not fail a message that renders in time.
 MAX_RENDER_SECONDS = 1.0
+# The most the steps of one render bounded by MAX_MESSAGE may make together. Each may make up to MAX_MESSAGE,
+# and a list may keep what each made: `range(n)|map("center", 99999)|list` would hold ten gigabytes by
+# MAX_STEPS. Ten messages' worth, far more than a message built of thousands of padded or formatted fields.
+MAX_MADE = 10 * MAX_MESSAGE
 
 
 def isotime(value: float | None) -> str:
@@ -60,10 +64,13 @@ def isotime(value: float | None) -> str:
 # they repeat a text: `s|replace("", s)` makes len(s)**2 characters. Each is refused before it runs when a
 # bound on its result's length, worked out cheaply from its arguments, passes MAX_MESSAGE. They are:
 #   filters: center, indent, format, replace, wordwrap (wrapstring), join, tojson (indent), urlize (target,
-#     rel), batch (fill_with), slice, sum (start=[]);
+#     rel), batch (fill_with), slice (fill_with), sum (start=[]);
 #   str methods: center, ljust, rjust, zfill, expandtabs, replace, translate, join, format, format_map;
-#   operators: `%` on a text (printf-style widths and precisions), `**` (and `*`, in call_binop);
+#     and dict.fromkeys;
+#   operators: `%` on a text (printf-style widths and precisions), `**`, `*` and `+` on lists (call_binop);
 #   the global lipsum().
+# A list or dict is measured as it is written out (written_length): one may hold a text many times over.
+# What they make is also added up over the render, against MAX_MADE.
 # The other filters and methods make about as much as they are given (escaping, upper-casing or quoting it
 # grows it by a small factor at most), which the request body's limit bounds; truncate (its end) and default
 # add an argument once. The bounds are right within such a factor (the markup urlize adds is not counted, nor
@@ -86,6 +93,28 @@ def _total(lengths: Iterable[int]) -> int:
         total += length
         if total > MAX_MESSAGE:
             break
+    return total
+
+
+def written_length(value: Any) -> int:
+    """About how long `value` is written out (printed, joined, formatted): a text's length, and for a list,
+    tuple or dict its items' with their separators and quotes. Gone through only until it passes MAX_MESSAGE:
+    a list can hold one long text many times over at the cost of a reference each (`[text] * 1000`), and it
+    costs the whole text each time once written."""
+    if isinstance(value, str):
+        return len(value)
+    total = 0
+    pending = [value]
+    while pending and total <= MAX_MESSAGE:
+        item = pending.pop()
+        if isinstance(item, str):
+            total += len(item) + 2
+        elif isinstance(item, list | tuple | dict):
+            total += 2 + 2 * len(item)
+            if total <= MAX_MESSAGE:  # else it is too long already, however long its items are
+                pending.extend(item.items() if isinstance(item, dict) else item)
+        else:  # a number, a boolean, None, a macro: each written in a few characters
+            total += len(str(item)) if isinstance(item, int | float) else 4
     return total
 
 
@@ -145,7 +174,7 @@ def wrapped_length(
 def joined_length(items: Iterable[Any], separator: Any = "") -> int:
     """join: each item's text and a separator."""
     separator_length = len(_text(separator))
-    return _total(len(_text(item)) + separator_length for item in items)
+    return _total(written_length(item) + separator_length for item in items)
 
 
 def json_length(value: Any, indent: Any = None) -> int:
@@ -172,13 +201,14 @@ def urlized_length(
 
 
 def batched_length(value: Any, linecount: Any, fill_with: Any = None) -> int:
-    """batch: the last batch is filled up to `linecount` items."""
-    return 0 if fill_with is None else _number(linecount)
+    """batch: the last batch is filled up to `linecount` items with `fill_with`."""
+    return 0 if fill_with is None else _number(linecount) * (written_length(fill_with) + 2)
 
 
 def sliced_length(value: Any, slices: Any, fill_with: Any = None) -> int:
-    """slice: `slices` lists, empty or not."""
-    return _number(slices)
+    """slice: `slices` lists, empty or not, each filled with `fill_with` at most once."""
+    filler = 0 if fill_with is None else written_length(fill_with) + 2
+    return _number(slices) * (4 + filler)
 
 
 def lipsum_length(n: Any = 5, html: Any = True, min: Any = 20, max: Any = 100) -> int:
@@ -250,7 +280,14 @@ def summed_length(values: Iterable[Any], start: Any = 0) -> int:
     """sum of lists (`start=[]`): all their items."""
     if not isinstance(start, list | tuple):
         return 0
-    return len(start) + _total(len(value) if isinstance(value, list | tuple) else 0 for value in values)
+    lists = (value for value in values if isinstance(value, list | tuple))
+    return written_length(start) + _total(written_length(value) for value in lists)
+
+
+def dict_length(keys: Iterable[Any], value: Any = None) -> int:
+    """dict.fromkeys: each key, with `value` written after it."""
+    each = written_length(value) + 4
+    return _total(written_length(key) + each for key in keys)
 
 
 def _str_joined_length(separator: str, items: Iterable[Any]) -> int:
@@ -271,14 +308,33 @@ _STR_LENGTHS: dict[str, Callable[..., int]] = {
 _STR_METHODS = {
     name: (length, inspect.signature(getattr(str, name))) for name, length in _STR_LENGTHS.items()
 }
+_FROMKEYS = inspect.signature(dict.fromkeys)
 
 
 def check_length(length: int, what: str, kind: str = "str") -> None:
-    """Refuses a step whose result would be longer than MAX_MESSAGE, before it runs."""
+    """Refuses a step whose result would be longer than MAX_MESSAGE, or would take what the render's steps
+    made past MAX_MADE, before it runs."""
+    refuse_past_limit(length, what, kind)
+    count_made(length, what)
+
+
+def refuse_past_limit(length: int, what: str, kind: str = "str") -> None:
     if length > MAX_MESSAGE:
         from jinja2.exceptions import SecurityError
 
         raise SecurityError(f"{what} would make a {kind} longer than {MAX_MESSAGE}")
+
+
+def count_made(length: int, what: str) -> None:
+    """Adds `length` to what the render under way made, refused past MAX_MADE."""
+    budget = _budget.get()
+    if budget is None:  # not rendered by render(): nothing to bound
+        return
+    budget.made += length
+    if budget.made > MAX_MADE:
+        from jinja2.exceptions import SecurityError
+
+        raise SecurityError(f"{what} would take what this render made past {MAX_MADE} characters")
 
 
 def _length_of(
@@ -356,6 +412,7 @@ class _Budget:
 
     steps: int
     deadline: float  # time.monotonic()
+    made: int = 0  # by the steps check_length let run
 
 
 # What Jinja adds to the keyword arguments of a call in a loop or a block, for itself: not the callee's.
@@ -397,10 +454,11 @@ def _environment() -> ImmutableSandboxedEnvironment:
             self.what, self.length = what, 0
 
         def format_field(self, value: Any, format_spec: str) -> Any:
-            check_length(self.length + spec_length(format_spec), self.what)
+            refuse_past_limit(self.length + spec_length(format_spec), self.what)
             text = super().format_field(value, format_spec)
             self.length += len(text)
-            check_length(self.length, self.what)
+            refuse_past_limit(self.length, self.what)
+            count_made(len(text), self.what)
             return text
 
     class BoundedEscapeFormatter(BoundedFormatter, SandboxedEscapeFormatter):
@@ -408,13 +466,18 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
     class Environment(ImmutableSandboxedEnvironment):
         # The sandbox bounds range() but not what these make: each is checked before it runs.
-        intercepted_binops = frozenset({"*", "%", "**"})
+        intercepted_binops = frozenset({"*", "+", "%", "**"})
 
         def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
             if operator == "*":
                 sequence, times = (right, left) if isinstance(left, int) else (left, right)
-                if isinstance(sequence, str | list | tuple) and isinstance(times, int):
-                    check_length(len(sequence) * times, "*", type(sequence).__name__)
+                if isinstance(sequence, str) and isinstance(times, int):
+                    check_length(len(sequence) * times, "*")
+                elif isinstance(sequence, list | tuple) and isinstance(times, int) and times > 1:
+                    check_length(written_length(sequence) * times, "*", type(sequence).__name__)
+            elif operator == "+" and isinstance(left, list | tuple) and isinstance(right, list | tuple):
+                # `{% set ns.items = ns.items + ns.items %}` doubles a list's text at each step.
+                check_length(written_length(left) + written_length(right), "+", type(left).__name__)
             elif operator == "%" and isinstance(left, str):
                 check_length(printf_length(left, right), "%")
             elif operator == "**":
@@ -430,14 +493,29 @@ def _environment() -> ImmutableSandboxedEnvironment:
                 step()
             if isinstance(obj, LoopContext) and args:  # `loop(item.children)` in a recursive loop
                 args = (count_iterations(args[0]), *args[1:])
-            text, name = getattr(obj, "__self__", None), getattr(obj, "__name__", None)
-            if isinstance(text, str) and name in _STR_METHODS:
+            owner, name = getattr(obj, "__self__", None), getattr(obj, "__name__", None)
+            if isinstance(owner, str) and name in _STR_METHODS:
                 length, signature = _STR_METHODS[name]
                 if name == "join" and args:  # iterated here, to be measured, and then joined
                     args = (list(args[0]), *args[1:])
                 given = {key: value for key, value in kwargs.items() if key not in _JINJA_KWARGS}
-                check_length(_length_of(length, signature, (text, *args), given), f"str.{name}")
+                check_length(_length_of(length, signature, (owner, *args), given), f"str.{name}")
+            elif name == "fromkeys" and isinstance(owner, type) and issubclass(owner, dict):
+                if args:  # iterated here, to be measured, and then made a dict of
+                    args = (list(args[0]), *args[1:])
+                given = {key: value for key, value in kwargs.items() if key not in _JINJA_KWARGS}
+                check_length(_length_of(dict_length, _FROMKEYS, args, given), "dict.fromkeys", "dict")
             return super().call(context, obj, *args, **kwargs)
+
+        # map, select, reject, selectattr and rejectattr apply a filter or test to each item through these:
+        # each application is a step, as a loop's iteration is.
+        def call_filter(self, *args: Any, **kwargs: Any) -> Any:
+            step()
+            return super().call_filter(*args, **kwargs)
+
+        def call_test(self, *args: Any, **kwargs: Any) -> Any:
+            step()
+            return super().call_test(*args, **kwargs)
 
         def wrap_str_format(self, value: Any) -> Callable[..., str] | None:
             # Jinja's sandboxed str.format and format_map, with a formatter that bounds what they make.

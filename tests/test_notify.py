@@ -428,9 +428,32 @@ TEMPLATE_BOUNDS: dict[str, tuple[str, str, str]] = {
     "batch": ("{{ [1]|batch(event.data.count, 0)|first|length }}", "3", "|batch would make a list longer"),
     "slice": ("{{ [1]|slice(event.data.count)|list|length }}", "3", "|slice would make a list longer"),
     "sum": (
-        "{{ ([event.data.note|list] * 100)|sum(start=[])|length }}",
-        "200",
+        "{% set chars = event.data.note|list %}{{ [chars, chars, chars]|sum(start=[])|length }}",
+        "6",
         "|sum would make a list longer",
+    ),
+    # A list holds one text many times at the cost of a reference each, and costs the whole text each time
+    # once written: its length is what it is written as.
+    "list-repeat": (
+        "{{ ([event.data.note] * event.data.times)|length }}",
+        "3",
+        "* would make a list longer",
+    ),
+    "list-add": (
+        "{% set ns = namespace(items=[event.data.note]) %}"
+        '{% for _ in "12345" %}{% set ns.items = ns.items + ns.items %}{% endfor %}{{ ns.items|length }}',
+        "32",
+        "+ would make a list longer",
+    ),
+    "fromkeys": (
+        "{{ {}.fromkeys(range(event.data.times), event.data.note)|length }}",
+        "3",
+        "dict.fromkeys would make a dict longer",
+    ),
+    "batch-fill": (
+        "{{ [1]|batch(event.data.times, event.data.note)|first|length }}",
+        "3",
+        "|batch would make a list longer",
     ),
     "lipsum": (
         "{{ lipsum(1, false, event.data.count, event.data.count + 1)|wordcount }}",
@@ -456,6 +479,14 @@ def test_a_template_cannot_blow_up_on_a_hostile_payload(tmp_path: Path, downstre
             template="{% for _ in range(event.data.times) %}{{ event.data.note }}{% endfor %}",
         )
     )
+    # Each step within its bound, but a list keeps what each made: 100,000 of them would hold 10 GB.
+    actions.append(
+        notify_action(
+            "made",
+            f"{downstream.url}/made",
+            template='{{ range(event.data.times)|map("center", 99)|map("length")|sum }}',
+        )
+    )
     with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
         send_consignly(gw, consignly_body(event_id="evt_fair", n=5, note="ok", count=3, times=3))
         # Without the bounds, each would make about 100 MB (the payload could as well say 10**9).
@@ -476,11 +507,16 @@ def test_a_template_cannot_blow_up_on_a_hostile_payload(tmp_path: Path, downstre
                 for name, (_, _, reason) in TEMPLATE_BOUNDS.items()
             },
             "echo": (1, "template: ValueError: the message is longer than 100000 characters"),
+            "made": (
+                1,
+                "template line 1: SecurityError: |center would take what this render made past 1000000 characters",
+            ),
         }
         messages = {r.path.removeprefix("/"): r.json()["text"] for r in downstream.received()}
         assert messages == {
             **{name: message for name, (_, message, _) in TEMPLATE_BOUNDS.items()},
             "echo": "okokok",
+            "made": "297",
         }
 
 
@@ -517,6 +553,15 @@ def test_a_template_that_loops_over_a_large_payload_is_stopped_and_the_gateway_a
                 "{{ split(event.data.depth) }}{{ event.data.depth }} levels"
             ),
         ),
+        # A filter's or test's pass over a list, item by item: 20,000 passes over 20,000 parcels.
+        notify_action(
+            "dupes",
+            f"{downstream.url}/dupes",
+            template=(
+                "{% for p in event.data.parcels %}"
+                '{% if event.data.parcels|select("eq", p)|list|length > 1 %}{{ p }}!{% endif %}{% endfor %}'
+            ),
+        ),
     ]
     with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
         parcels = [f"p{i}" for i in range(20_000)]
@@ -539,6 +584,7 @@ def test_a_template_that_loops_over_a_large_payload_is_stopped_and_the_gateway_a
         assert sorted(r.json()["text"] for r in downstream.received()) == [
             "2 levels",
             "p1 sent twice",
+            "p1!p1!",
             "p1p1p1",
         ]
 

@@ -31,6 +31,7 @@ from gateway.storage import (
     Ingested,
     Lease,
     NewDelivery,
+    QueueStats,
     StorageUnavailable,
     Unconfirmed,
     open_storage,
@@ -572,6 +573,67 @@ def test_closing_the_last_connection_holds_up_neither_the_loop_nor_the_shutdown(
     wait_until(lambda: stuck.closed, 5)  # closed once its checkpoint has answered
     db.run(db.storage.open())
     assert db.ingest("evt_stored", APP) is False
+
+
+class StuckReads:
+    """The reader's connection, whose queries do not return until released: reads of a disk that stopped
+    answering (a fault a test cannot cause on demand)."""
+
+    def __init__(self, connection: sqlite3.Connection) -> None:
+        self.connection = connection
+        self.release = threading.Event()
+        self.read_on: threading.Thread | None = None
+
+    def execute(self, *args: Any) -> sqlite3.Cursor:
+        self.read_on = threading.current_thread()
+        self.release.wait(5)
+        return self.connection.execute(*args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.connection, name)
+
+
+def test_a_read_stuck_on_the_disk_does_not_hold_up_the_shutdown(
+    db: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The queue statistics the engine reads every 2 s, under way when SIGTERM comes: close() waited for them
+    # for ever, and their thread, not a daemon, would have kept the process from exiting even then.
+    monkeypatch.setattr(sqlite_module, "FSYNC_TIMEOUT", 0.3)
+    assert db.ingest("evt_stored", APP) is True
+    reader = db.storage._reader
+    assert reader is not None
+    stuck = StuckReads(reader)
+    db.storage._reader = stuck  # type: ignore[assignment]
+
+    async def read_then_close() -> tuple[asyncio.Task[QueueStats], float]:
+        reading = asyncio.create_task(db.storage.queue_stats(time.time()))
+        while stuck.read_on is None:
+            await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(db.storage.close(), 10)
+        return reading, loop.time() - started
+
+    try:
+        reading, took = db.run(read_then_close())
+        assert took < 1, took
+        assert stuck.read_on is not None and stuck.read_on.daemon
+        assert "the store is closed with a read unfinished" in caplog.text
+    finally:
+        stuck.release.set()
+    # Once the disk answers, the read does, and then its connection is closed.
+    assert db.run(asyncio.wait_for(reading, 5)).counts["due"] == 1
+    wait_until(lambda: is_closed(reader), 5)
+    db.run(db.storage.open())
+    assert db.ingest("evt_stored", APP) is False
+
+
+def is_closed(connection: sqlite3.Connection) -> bool:
+    try:
+        connection.execute("SELECT 1")
+    except sqlite3.ProgrammingError:  # "Cannot operate on a closed database."
+        return True
+    return False
 
 
 def test_a_batch_waits_for_another_processs_write_lock_off_the_loop(

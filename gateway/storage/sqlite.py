@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import IO, Any, Literal, ParamSpec, TypeVar
 
@@ -736,8 +736,8 @@ def _settle(results: Iterable[_Result]) -> None:
 
 class _DaemonThread(Executor):
     """One thread that runs what it is given in turn, as ThreadPoolExecutor(1) does, but a daemon: a
-    ThreadPoolExecutor's threads are joined when the interpreter exits, so one stuck in an fsync on a disk
-    that stopped answering (a checkpoint's, or that of closing the last connection) would keep the
+    ThreadPoolExecutor's threads are joined when the interpreter exits, so one stuck on a disk that stopped
+    answering (in a checkpoint's fsync, that of closing the last connection, or a read) would keep the
     process from ever exiting."""
 
     def __init__(self, name: str) -> None:
@@ -901,7 +901,7 @@ class SQLiteStorage(Storage):
         self.path = Path(path)
         self._writer: _GroupCommit | None = None
         self._reader: sqlite3.Connection | None = None
-        self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="hookyard-sqlite-read")
+        self._reader_thread: _DaemonThread | None = None  # the reader's: one query at a time, off the loop
         self._serving_lock: IO[str] | None = None
         self.on_commit: CommitObserver | None = None
 
@@ -952,16 +952,26 @@ class SQLiteStorage(Storage):
             reader.close()
             raise StorageUnavailable(f"cannot open {self.path}: {exc}") from exc
         self._reader = reader
-        self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="hookyard-sqlite-read")
+        self._reader_thread = _DaemonThread("hookyard-sqlite-read")
 
     async def close(self) -> None:
         if self._reader is not None:
             # Not open from here on: a read asked for meanwhile (the ops listener serves the whole shutdown)
             # is refused as unavailable, not failed by the thread that no longer takes work.
             reader, self._reader = self._reader, None
-            # A scan of a large queue may be running: wait for it without holding up the loop.
-            await asyncio.to_thread(self._reader_thread.shutdown, wait=True)
-            reader.close()
+            assert self._reader_thread is not None
+            # Closed on its thread, after a read under way there: a scan of a large queue, or a read stuck on
+            # a disk that stopped answering, waited for FSYNC_TIMEOUT at most (a daemon thread, it does not
+            # keep the process from exiting), as close() waits for an fsync.
+            closing = asyncio.get_running_loop().run_in_executor(self._reader_thread, reader.close)
+            self._reader_thread.shutdown(wait=False)
+            try:
+                await asyncio.wait_for(asyncio.shield(closing), FSYNC_TIMEOUT)
+            except TimeoutError:
+                log.error(
+                    "the store is closed with a read unfinished",
+                    extra={"error": f"a read has not finished in {FSYNC_TIMEOUT:g} s"},
+                )
         if self._writer is not None:
             await self._writer.close()
             self._writer = None
@@ -972,7 +982,7 @@ class SQLiteStorage(Storage):
     async def _read(self, query: Callable[[sqlite3.Connection], T]) -> T:
         """Run a read-only query on the reader connection, on its own thread: it sees what is committed
         and never waits for (nor holds up) a batch."""
-        if self._reader is None:
+        if self._reader is None or self._reader_thread is None:
             raise StorageUnavailable("storage is not open")
         try:
             return await asyncio.get_running_loop().run_in_executor(self._reader_thread, query, self._reader)

@@ -113,8 +113,15 @@ def written_length(value: Any) -> int:
             total += 2 + 2 * len(item)
             if total <= MAX_MESSAGE:  # else it is too long already, however long its items are
                 pending.extend(item.items() if isinstance(item, dict) else item)
-        else:  # a number, a boolean, None, a macro: each written in a few characters
-            total += len(str(item)) if isinstance(item, int | float) else 4
+        elif isinstance(item, int):
+            total += item.bit_length() // 3 + 2  # its digits and a sign (str() refuses past 4,300 digits)
+        elif isinstance(item, float | type(None)):
+            total += 25
+        else:  # another object, written as its str(): a view of a dict's values holds the whole dict
+            try:
+                total += len(str(item))
+            except Exception:  # an undefined name, say: writing it fails, with its own error
+                total += 4
     return total
 
 

@@ -439,6 +439,11 @@ TEMPLATE_BOUNDS: dict[str, tuple[str, str, str]] = {
         "3",
         "* would make a list longer",
     ),
+    "view-repeat": (
+        "{{ ([event.data.values()] * 100)|length }}",
+        "100",
+        "* would make a list longer",
+    ),
     "list-add": (
         "{% set ns = namespace(items=[event.data.note]) %}"
         '{% for _ in "12345" %}{% set ns.items = ns.items + ns.items %}{% endfor %}{{ ns.items|length }}',

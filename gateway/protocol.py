@@ -605,6 +605,13 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
     return WebhookProtocol
 
 
+# How long closing a TLS connection waits for the client's close_notify after sending its own, before it
+# drops the connection. asyncio waits 30 s: most clients send theirs only when they next read, so an
+# idle keep-alive client held its connection open through the whole shutdown drain (5 s), which waited
+# for it. What the gateway wrote is sent before its close_notify: nothing the client was owed is lost.
+TLS_SHUTDOWN_TIMEOUT = 1.0  # seconds
+
+
 def tls_protocol(
     protocol: type[HttpToolsProtocol], ingress: Ingress, context: ssl.SSLContext
 ) -> type[asyncio.Protocol]:
@@ -658,6 +665,7 @@ def tls_protocol(
                     context,
                     server_side=True,
                     ssl_handshake_timeout=ingress.gateway.config.limits.read_timeout,
+                    ssl_shutdown_timeout=TLS_SHUTDOWN_TIMEOUT,
                 )
             except OSError:
                 return  # not TLS, too slow, or the client left: start_tls closed it, nothing to answer

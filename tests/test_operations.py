@@ -632,6 +632,45 @@ def test_hookyard_serve_completes_the_handshake_of_https_connections_whose_clien
         process.kill()
 
 
+def test_idle_https_clients_that_never_close_their_side_do_not_hold_up_the_shutdown(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # Closing a TLS connection sends close_notify and waited for the client's, for asyncio's 30 s: a client
+    # that keeps an idle connection open and never answers it (most do not until they next read) held
+    # the shutdown for listen's whole drain, 5 s, and then was cut off.
+    cert, key = self_signed(tmp_path, "listener")
+    config = users_config(tmp_path, downstream, "/app", listen={"tls": {"cert": str(cert), "key": str(key)}})
+    process, url = start_process(tmp_path, config)
+    assert process.process is not None
+    port = int(url.rsplit(":", 1)[1])
+    context = ssl.create_default_context(cafile=cert)
+    body, headers = svix_request(msg_id="msg_before_the_shutdown")
+    request = b"".join(
+        [b"POST /webhooks/consignease HTTP/1.1\r\nhost: localhost\r\n"]
+        + [f"{name}: {value}\r\n".encode() for name, value in headers.items()]
+        + [f"content-length: {len(body)}\r\n\r\n".encode(), body]
+    )
+    idle: list[ssl.SSLSocket] = []
+    try:
+        for number in range(3):
+            client = context.wrap_socket(
+                socket.create_connection(("127.0.0.1", port), timeout=5), server_hostname="127.0.0.1"
+            )
+            idle.append(client)
+            if number == 0:  # one has had its answer and stays open, as keep-alive clients do
+                client.sendall(request)
+                assert client.recv(4096).startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        process.process.send_signal(signal.SIGTERM)
+        assert process.process.wait(15) == 0
+        took = time.monotonic() - started
+    finally:
+        for client in idle:
+            client.close()
+        process.kill()
+    assert took < 3, f"shutdown took {took:.1f}s"
+
+
 def test_a_certificate_that_cannot_be_loaded_stops_the_start(tmp_path: Path) -> None:
     # The listener's TLS context is made before anything starts; uvicorn's, made as it began to serve,
     # failed in its task, and `hookyard serve` stopped at once with status 0 and nothing in the log.

@@ -163,6 +163,13 @@ class StorageConfig(Strict):
     def _supported(cls, url: str) -> str:
         if not url.startswith("sqlite:///"):
             raise ValueError("only sqlite:///path/to/file.db is supported for the gateway's own store")
+        # `serve` and the operator commands would fail on it (with a traceback, or `cannot open /`), after
+        # `check` said it was fine.
+        path = url.removeprefix("sqlite:///")
+        if not path or path.endswith("/"):
+            raise ValueError(
+                f"{url!r} names no file: sqlite:///relative/path.db or sqlite:////absolute/path.db"
+            )
         return url
 
 

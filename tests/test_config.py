@@ -638,6 +638,14 @@ def test_listen_and_ops_cannot_share_a_port(
     ]
 
 
+@pytest.mark.parametrize("url", ["sqlite:///", "sqlite:////", "sqlite:///./var/"])
+def test_a_storage_url_without_a_file_is_refused(url: str) -> None:
+    # `serve` and `events list` failed on it with a traceback (or `cannot open /`) after `check` said ok.
+    assert config_errors(f"storage: {{url: {url!r}}}") == [
+        f"storage.url: {url!r} names no file: sqlite:///relative/path.db or sqlite:////absolute/path.db"
+    ]
+
+
 @pytest.mark.parametrize("secret", ["whsec_abc\n", " whsec_abc", "whsec_abc\t"])
 def test_a_secret_with_whitespace_at_either_end_is_refused_without_showing_it(secret: str) -> None:
     # Read from a file with its newline, it would make every webhook invalid_signature without a word.

@@ -526,6 +526,9 @@ _VARIABLE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 # `${NAME` with no `}` after it: a typo that would otherwise be taken as literal text, which for a token
 # or a secret means a value anyone can guess.
 _UNCLOSED = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?=[^}]*$)")
+# `${NAME` followed by anything but `}` or `:-`: a shell form this does not support (`${NAME-default}`,
+# `${NAME:?message}`, `${NAME:=default}`), which would otherwise be kept as literal text, as above.
+_UNSUPPORTED = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*+(?!\}|:-)")
 
 
 def _interpolate(value: Any, environ: Any, loc: tuple[str | int, ...], errors: list[str]) -> Any:
@@ -542,6 +545,12 @@ def _interpolate(value: Any, environ: Any, loc: tuple[str | int, ...], errors: l
         errors.append(
             f"{format_location(loc)}: a ${{NAME}} reference is not closed with }} (text that must hold "
             "such a thing can come from a variable, whose value is taken as it is)"
+        )
+        return value
+    if _UNSUPPORTED.search(value):
+        errors.append(
+            f"{format_location(loc)}: only ${{NAME}} and ${{NAME:-default}} are supported (not the shell's "
+            "${NAME-default}, ${NAME:?message} or ${NAME:=default})"
         )
         return value
 

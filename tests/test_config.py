@@ -129,6 +129,23 @@ def test_an_unclosed_variable_reference_is_refused_without_showing_the_value(tex
     assert text not in error
 
 
+@pytest.mark.parametrize(
+    "text", ["${TOKEN-fallback}", "${TOKEN:?required}", "${TOKEN:=x}", "Bearer ${TOKEN:x}", "${TOKEN.x}"]
+)
+def test_a_shell_form_of_variable_reference_is_refused_not_kept_as_text(text: str) -> None:
+    # Kept as written, `${TOKEN:?required}` was the admin token itself: text anyone can read in the docs.
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f'ops: {{admin_token: "{text}"}}', environ={"TOKEN": "t"})
+    [error] = caught.value.errors
+    assert error.startswith("ops.admin_token: only ${NAME} and ${NAME:-default} are supported")
+    assert text not in error
+
+
+def test_a_dollar_before_a_template_expression_is_still_text() -> None:
+    config = parse_config('ops: {admin_token: "${{ total }} ${A}"}', environ={"A": "a"})
+    assert config.ops.admin_token == "${{ total }} a"
+
+
 def test_mapping_keys_are_not_interpolated() -> None:
     config = parse_config(
         'sources: {"${NAME}": {path: /x, provider: svix, secrets: [whsec_abc]}}', environ={"NAME": "other"}

@@ -148,9 +148,8 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           409: {description: the id exists in several sources; give source}
           503: {description: the store cannot be read or written right now}
         """
-        return await ops.show_event(
-            request.path_params["event_id"], request.query_params.get("source") or None
-        )
+        query = _known({name: value for name, value in request.query_params.items() if value}, ("source",))
+        return await ops.show_event(request.path_params["event_id"], query.get("source"))
 
     async def replay_event(request: Request, ops: Operations) -> Any:
         """

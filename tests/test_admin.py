@@ -387,6 +387,8 @@ def test_bulk_replay_dead(tmp_path: Path, downstream: Downstream) -> None:
             400,
             "unknown 'sate'; known: source, type, state, route, since, until, cursor, limit",
         )
+        shown = admin(gw, "GET", "/admin/events/msg_dead_0", params={"sorce": "consignease"})
+        assert (shown.status_code, shown.json()["error"]) == (400, "unknown 'sorce'; known: source")
         assert gw.metric("hookyard_replays_total", mode="dead") == 0
         first = admin(gw, "POST", "/admin/replay", json={"mode": "dead", "since": "1h", "limit": 2}).json()
         assert first["replayed"] == 2 and first["next_cursor"] is not None

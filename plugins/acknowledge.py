@@ -46,7 +46,7 @@ from gateway.actions import (
     skipped,
     transport_error,
 )
-from gateway.http_client import breaks_a_header
+from gateway.http_client import breaks_a_header, shown_url
 
 if TYPE_CHECKING:
     import httpx  # imported where it is used, as `resources.http` is made: see Resources
@@ -82,7 +82,15 @@ class AcknowledgeOptions(BaseModel):
     @field_validator("base_url")
     @classmethod
     def _base_url(cls, url: str) -> str:
-        return check_http_url(url).rstrip("/")
+        check_http_url(url)
+        # The API's path is appended to it: after a query or a fragment it would go there, and the PUT would
+        # reach the base URL itself, whose 2xx would count as Consignly told.
+        if "?" in url or "#" in url:
+            raise ValueError(
+                f"{shown_url(url)!r}: a base URL cannot have a query or a fragment; "
+                "/v1/consignments/... is appended to it"
+            )
+        return url.rstrip("/")
 
     @field_validator("token")
     @classmethod

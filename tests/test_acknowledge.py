@@ -692,8 +692,28 @@ def test_acknowledge_needs_after(tmp_path: Path) -> None:
             "routes[0].actions[1].with.base_url: 'https://api.example': credentials in the URL cannot be sent; "
             "use a header or token",
         ),
+        # The path would go into the query (or fragment), and the PUT to the base URL itself.
+        (
+            {"token": "t", "base_url": "https://api.example/consignly?tenant=a"},
+            "routes[0].actions[1].with.base_url: 'https://api.example/…': a base URL cannot have a query or a "
+            "fragment; /v1/consignments/... is appended to it",
+        ),
+        (
+            {"token": "t", "base_url": "https://api.example/#top"},
+            "routes[0].actions[1].with.base_url: 'https://api.example/…': a base URL cannot have a query or a "
+            "fragment; /v1/consignments/... is appended to it",
+        ),
     ],
-    ids=["both", "neither", "blank-token", "oauth-incomplete", "base-url", "base-url-credentials"],
+    ids=[
+        "both",
+        "neither",
+        "blank-token",
+        "oauth-incomplete",
+        "base-url",
+        "base-url-credentials",
+        "base-url-query",
+        "base-url-fragment",
+    ],
 )
 def test_credentials_are_checked_at_config_load(
     tmp_path: Path, options: dict[str, Any], expected: str

@@ -72,6 +72,16 @@ class OAuthOptions(BaseModel):
     def _http_url(cls, url: str) -> str:
         return check_http_url(url)
 
+    @field_validator("client_id", "client_secret")
+    @classmethod
+    def _not_blank(cls, value: str | SecretStr) -> str | SecretStr:
+        # `${CONSIGNLY_CLIENT_ID:-}` with the variable unset: every token request would be refused, and each
+        # acknowledgement retried through its schedule, then dead, Consignly never told.
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if not text.strip():
+            raise ValueError("is empty (a ${VAR:-} whose variable is unset?)")
+        return value
+
 
 class AcknowledgeOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")

@@ -692,6 +692,11 @@ def test_acknowledge_needs_after(tmp_path: Path) -> None:
             "routes[0].actions[1].with.base_url: 'https://api.example': credentials in the URL cannot be sent; "
             "use a header or token",
         ),
+        (
+            {"oauth": {"token_url": "https://auth.example/token", "client_id": " ", "client_secret": ""}},
+            "routes[0].actions[1].with.oauth.client_id: is empty (a ${VAR:-} whose variable is unset?)\n"
+            "routes[0].actions[1].with.oauth.client_secret: is empty (a ${VAR:-} whose variable is unset?)",
+        ),
         # The path would go into the query (or fragment), and the PUT to the base URL itself.
         (
             {"token": "t", "base_url": "https://api.example/consignly?tenant=a"},
@@ -709,6 +714,7 @@ def test_acknowledge_needs_after(tmp_path: Path) -> None:
         "neither",
         "blank-token",
         "oauth-incomplete",
+        "oauth-blank",
         "base-url",
         "base-url-credentials",
         "base-url-query",
@@ -726,7 +732,7 @@ def test_credentials_are_checked_at_config_load(
     }
     with pytest.raises(ConfigError) as raised:
         build(tmp_path, APP, ack)
-    assert raised.value.errors == [expected]
+    assert raised.value.errors == expected.split("\n")
 
 
 def test_a_static_token_that_cannot_be_a_header_fails_at_config_load(tmp_path: Path) -> None:

@@ -205,12 +205,17 @@ def events_list(
         if as_json:
             click.echo(json.dumps(row))
         else:
-            click.echo(
-                f"{row['received_at']}  {row['state']:<9}  {row['source']:<14} {row['type']:<32} {row['id']}"
-            )
+            source, event_type, event_id = (_one_line(row[name]) for name in ("source", "type", "id"))
+            click.echo(f"{row['received_at']}  {row['state']:<9}  {source:<14} {event_type:<32} {event_id}")
     if page["next_cursor"] is not None:
         # On stderr: the listing on stdout stays one event per line for whatever reads it.
         click.echo(f"more: the same command with --cursor {page['next_cursor']}", err=True)
+
+
+def _one_line(text: str) -> str:
+    """An id or a type as the sender wrote it, its line breaks and other control characters escaped (`\\n`):
+    printed as they are, they would start lines that read as events of their own."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 @events.command("show")

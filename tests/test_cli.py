@@ -298,6 +298,21 @@ def test_events_list(filled: Path) -> None:
     assert row["received_at"].endswith("Z")
 
 
+def test_events_list_keeps_each_event_on_its_line(tmp_path: Path) -> None:
+    # A provider that takes the id from the body (Consignly) stores whatever the sender wrote there.
+    forged = "evt_x\n2026-12-02T11:18:09.371Z  delivered  consignly      consignment.created  evt_forged"
+
+    async def fill_forged(storage: SQLiteStorage) -> None:
+        await storage.ingest(make_event(forged, time.time(), "consignly", "consignment.created\t"), [])
+
+    with_storage(tmp_path / "db.sqlite", fill_forged)
+    result = invoke("events", "list", "-c", write_config(tmp_path, config_dict(tmp_path)))
+    assert result.exit_code == 0, result.output
+    [line] = result.stdout.splitlines()
+    assert line.split()[1:4] == ["unrouted", "consignly", "consignment.created\\t"]
+    assert line.endswith(" " + forged.replace("\n", "\\n"))
+
+
 def test_events_list_rejects_a_bad_since(filled: Path) -> None:
     result = invoke("events", "list", "-c", filled, "--since", "yesterday")
     assert result.exit_code != 0

@@ -267,8 +267,10 @@ def replay(
     page_size: int,
 ) -> None:
     """Run deliveries again: an event's (EVENT_ID), or in bulk (--state dead|missing --since 2h)."""
-    if (event_id is None) == (state is None):
+    if event_id is not None and state is not None:
         raise click.UsageError("give an EVENT_ID or --state dead|missing, not both")
+    if event_id is None and state is None:
+        raise click.UsageError("give an EVENT_ID, or --state dead|missing for a bulk replay")
     if event_id is not None:
         ignored = [name for name, value in (("--since", since), ("--until", until)) if value is not None]
         if click.get_current_context().get_parameter_source("page_size") != ParameterSource.DEFAULT:

@@ -442,11 +442,19 @@ def test_replay_dead_deliveries_since(filled: Path) -> None:
     assert deliveries(filled, "evt_delivered")["app"].state == "delivered"
 
 
-@pytest.mark.parametrize("args", [[], ["evt_dead", "--state", "dead"]])
-def test_replay_needs_an_id_or_a_state(filled: Path, args: list[str]) -> None:
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        ([], "give an EVENT_ID, or --state dead|missing for a bulk replay"),
+        (["--since", "2h"], "give an EVENT_ID, or --state dead|missing for a bulk replay"),
+        (["evt_dead", "--state", "dead"], "give an EVENT_ID or --state dead|missing, not both"),
+    ],
+)
+def test_replay_needs_an_id_or_a_state(filled: Path, args: list[str], error: str) -> None:
     result = invoke("replay", "-c", filled, *args)
     assert result.exit_code == 2
-    assert "give an EVENT_ID or --state" in result.stderr
+    # Given neither, the message said "not both".
+    assert f"Error: {error}\n" in result.stderr
     assert deliveries(filled, "evt_dead")["app"].state == "dead"
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
 
@@ -16,6 +18,38 @@ class _DropColorMessage(logging.Filter):
         return True
 
 
+# What every LogRecord has: anything else on a record is a field given with `extra=`.
+_RECORD_ATTRIBUTES = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+
+
+class TextFormatter(logging.Formatter):
+    """`time LEVEL logger: message`, then the record's fields as `name=value`: without them, `delivery dead`
+    would not say which event nor why, and a refused reload not what was wrong."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = [
+            f"{name}={_text_value(value)}"
+            for name, value in record.__dict__.items()
+            if name not in _RECORD_ATTRIBUTES
+        ]
+        if not fields:
+            return line
+        # Before a traceback, which super() appended on lines of its own.
+        first, newline, rest = line.partition("\n")
+        return f"{first} {' '.join(fields)}{newline}{rest}"
+
+
+def _text_value(value: Any) -> str:
+    if isinstance(value, str) and value and not any(char.isspace() or char in '"=' for char in value):
+        return value
+    # Quoted (and a list or a number as JSON), so that a value with spaces or a line break stays one field.
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
 def configure_logging(level: str = "info", fmt: str = "json") -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
@@ -26,7 +60,7 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
             )
         )
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     handler.addFilter(_DropColorMessage())
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -889,6 +889,35 @@ def test_a_refused_reload_logs_every_error_as_check_does(
     assert checked.output.splitlines() == [f"{path}: {error}" for error in errors]
 
 
+def test_text_logs_keep_each_lines_fields(tmp_path: Path, downstream: Downstream) -> None:
+    # With log.format: text, they were left out: `delivery dead` said neither which event nor why, and a
+    # refused reload not what was wrong.
+    downstream.answer("/app", 422)
+    config = users_config(tmp_path, downstream, "/app")
+    config["log"] = {"format": "text"}
+    process, url = start_process(tmp_path, config)
+    try:
+        body, headers = svix_request(msg_id="msg_text_log")
+        assert httpx.post(f"{url}/webhooks/consignease", content=body, headers=headers).status_code == 200
+        downstream.wait_for(1, "/app")
+        config["routes"][0]["actions"][0]["timeout"] = "soon"
+        process.config_path.write_text(yaml.safe_dump(config))
+        wait_until(lambda: "config reload refused" in process.log_path.read_text(), timeout=5)
+        wait_until(lambda: "delivery dead" in process.log_path.read_text(), timeout=5)
+    finally:
+        assert process.terminate() == 0
+    lines = process.log_path.read_text().splitlines()
+    [dead] = [line for line in lines if "WARNING hookyard.delivery: delivery dead " in line]
+    assert "event_id=msg_text_log source=consignease event_type=user.created route=users action=app" in dead
+    assert 'status_code=422 error="HTTP 422"' in dead
+    [refused] = [line for line in lines if "config reload refused" in line]
+    assert refused.endswith(
+        "ERROR hookyard: config reload refused; keeping the running config "
+        """errors=["routes[0].actions[0].timeout: 'soon' is not a duration; use e.g. 500ms, 5s, 2m, 1h or a """
+        'number of seconds"]'
+    )
+
+
 def test_a_refused_reload_never_logs_a_urls_credentials_or_secret_path(
     tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:

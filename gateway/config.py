@@ -493,9 +493,14 @@ def _validated_parts(expanded: dict[str, Any]) -> PartialConfig | None:
 def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
     lines: list[str] = []
     for error in exc.errors():
-        place = format_location(prefix + tuple(error["loc"]))
+        loc = prefix + tuple(error["loc"])
+        place = format_location(loc)
         message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "missing":
+        if len(loc) >= 2 and loc[-1] == "[key]" and error["type"] == "string_type":
+            # A name YAML read as something else: `no:` or `on:` is a boolean, `2026-01-01:` a date.
+            # pydantic would say `sources[0].[key]: Input should be a valid string`.
+            place, message = format_location(loc[:-2]), _not_text(error["input"])
+        elif error["type"] == "missing":
             message = "field required"
         elif error["type"] == "extra_forbidden":
             message = "unknown key"
@@ -503,6 +508,16 @@ def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...]
         if line not in lines:
             lines.append(line)
     return lines
+
+
+def _not_text(key: Any) -> str:
+    if isinstance(key, bool):
+        kind = f"the boolean {str(key).lower()} (as it reads yes, no, on, off, y and n)"
+    elif isinstance(key, int | float):
+        kind = f"the number {key}"
+    else:
+        kind = f"a {type(key).__name__} ({key})"
+    return f"a name that YAML reads as {kind}, not text: quote it"
 
 
 # The names pydantic gives to the branches of a union: not places in the file.

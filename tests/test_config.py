@@ -655,6 +655,22 @@ def test_listen_and_ops_cannot_share_a_port(
     ]
 
 
+@pytest.mark.parametrize(
+    ("name", "read_as"),
+    [
+        ("no", "the boolean false (as it reads yes, no, on, off, y and n)"),
+        ("on", "the boolean true (as it reads yes, no, on, off, y and n)"),
+        ("123", "the number 123"),
+        ("2026-01-01", "a date (2026-01-01)"),
+    ],
+)
+def test_a_source_name_that_yaml_reads_as_no_text_says_so(name: str, read_as: str) -> None:
+    # pydantic said `sources[0].[key]: Input should be a valid string` for `no:`.
+    assert config_errors(f"sources: {{{name}: {{path: /a, provider: none, insecure: true}}}}") == [
+        f"sources: a name that YAML reads as {read_as}, not text: quote it"
+    ]
+
+
 @pytest.mark.parametrize("url", ["sqlite:///", "sqlite:////", "sqlite:///./var/"])
 def test_a_storage_url_without_a_file_is_refused(url: str) -> None:
     # `serve` and `events list` failed on it with a traceback (or `cannot open /`) after `check` said ok.

@@ -21,7 +21,9 @@ def _segment(event_id: str) -> str:
 
 class RemoteOperations:
     def __init__(self, url: str, token: str | None = None, timeout: float = 60.0) -> None:
-        headers = {"authorization": f"Bearer {token}"} if token else {}
+        # As UTF-8 bytes, as the gateway reads it: httpx encodes a str value as ASCII, and a token beyond
+        # ASCII (which ops.admin_token may be) would end the command with a UnicodeEncodeError.
+        headers = {b"authorization": f"Bearer {token.strip()}".encode()} if token else {}
         self.client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
 
     async def aclose(self) -> None:

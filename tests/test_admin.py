@@ -622,3 +622,7 @@ def test_an_admin_token_beyond_ascii_is_accepted(tmp_path: Path, downstream: Dow
         assert response.status_code == 200, response.text
         wrong = httpx.get(gw.ops_url + "/admin/events", headers=[(b"authorization", b"Bearer jeton")])
         assert wrong.status_code == 401
+        # The CLI sends it so too; it ended with a UnicodeEncodeError traceback.
+        runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": token})
+        listed = runner.invoke(main, ["events", "list", "--admin-url", gw.ops_url])
+        assert (listed.exit_code, listed.stderr) == (0, "no events\n"), listed.output

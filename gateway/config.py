@@ -198,6 +198,18 @@ class RetryPolicy(Strict):
     # HTTP statuses worth another attempt; any other non-2xx answer ends the delivery dead at once.
     retry_on: list[int | Literal["5xx", "4xx"]] = Field(default_factory=lambda: list(_RETRY_ON))
 
+    @field_validator("retry_on")
+    @classmethod
+    def _statuses(cls, retry_on: list[int | str]) -> list[int | str]:
+        # A 2xx is delivered before retry_on is read, and no answer has a status past 599: such an entry (a
+        # typo such as 5003) would be taken and never match.
+        wrong = [str(status) for status in retry_on if isinstance(status, int) and not 300 <= status <= 599]
+        if wrong:
+            raise ValueError(
+                f"{', '.join(wrong)}: not a status an attempt fails with; give 300 to 599, '4xx' or '5xx'"
+            )
+        return retry_on
+
     def retries_status(self, status: int) -> bool:
         family = f"{status // 100}xx"
         return status in self.retry_on or family in self.retry_on

@@ -671,6 +671,19 @@ def test_a_source_name_that_yaml_reads_as_no_text_says_so(name: str, read_as: st
     ]
 
 
+def test_a_retry_on_status_no_failed_attempt_answers_is_refused() -> None:
+    # 200 is delivered before retry_on is read, and 5003 is no status: both were taken, and never matched.
+    text = "defaults: {retry: {retry_on: [429, 5003, 200, '5xx']}}"
+    assert config_errors(text) == [
+        "defaults.retry.retry_on: 5003, 200: not a status an attempt fails with; give 300 to 599, '4xx' or '5xx'"
+    ]
+    assert parse_config("defaults: {retry: {retry_on: [307, 599, '4xx']}}").defaults.retry.retry_on == [
+        307,
+        599,
+        "4xx",
+    ]
+
+
 @pytest.mark.parametrize("url", ["sqlite:///", "sqlite:////", "sqlite:///./var/"])
 def test_a_storage_url_without_a_file_is_refused(url: str) -> None:
     # `serve` and `events list` failed on it with a traceback (or `cannot open /`) after `check` said ok.

@@ -73,8 +73,15 @@ def serve(config_path: Path | None) -> None:
         gateway = Gateway(config, config_path=config_path or default_config_path())
         _run(gateway.serve(freeze_startup_objects=True))
     except (StorageUnavailable, OSError) as exc:
-        click.echo(f"hookyard: {exc}", err=True)
+        click.echo(f"hookyard: {_reason(exc)}", err=True)
         raise SystemExit(1) from None
+
+
+def _reason(exc: Exception) -> str:
+    # An OSError made with an errno reads `[Errno 98] cannot listen on ...`: its message is what to say.
+    if isinstance(exc, OSError) and exc.errno is not None and exc.strerror and exc.filename is None:
+        return exc.strerror
+    return str(exc)
 
 
 @main.command()

@@ -30,6 +30,7 @@ from tests.support import (
     GatewayProcess,
     RunningGateway,
     ServerThread,
+    bound_socket,
     free_port,
     gateway_config,
     self_signed,
@@ -690,6 +691,26 @@ def test_a_certificate_that_cannot_be_loaded_stops_the_start(tmp_path: Path) -> 
     )
     assert result.returncode == 1
     assert f"hookyard: cannot load listen.tls ({cert}, {key}): No such file or directory" in result.stderr
+
+
+def test_a_port_that_is_taken_stops_the_start_naming_the_address(tmp_path: Path) -> None:
+    taken = bound_socket()
+    port = taken.getsockname()[1]
+    config = gateway_config(
+        tmp_path, listen={"host": "127.0.0.1", "port": port}, ops={"host": "127.0.0.1", "port": free_port()}
+    )
+    config_path = tmp_path / "routes.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    with taken:
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", "serve", "-c", str(config_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    # As the docs quote it; it began `hookyard: [Errno 98] cannot listen on`.
+    assert result.stderr.endswith(f"hookyard: cannot listen on 127.0.0.1:{port}: Address already in use\n")
 
 
 def test_turning_tls_on_by_reload_is_said_to_wait_for_the_restart(

@@ -30,7 +30,7 @@ from gateway.ingress import Ingress
 from gateway.metrics import Metrics
 from gateway.ops import ops_app
 from gateway.plugins import Registry, plugin_manager
-from gateway.protocol import REFUSALS_LINGERING, tls_protocol, webhook_protocol
+from gateway.protocol import LINGERING_AT_MOST, tls_protocol, webhook_protocol
 from gateway.routing import RouteTable, load_routes
 from gateway.storage import Storage, open_storage
 
@@ -53,10 +53,10 @@ GC_YOUNG_THRESHOLD = 10_000
 
 # The files a gateway keeps open besides its webhook listener's connections: about 30 at rest (the store's
 # database, WAL and lock, the fsync helper's pipes, both listening sockets, the event loop's own, stdio),
-# with the ops listener's probes, scrapes and admin calls on top; and the webhook listener's refused
-# connections, for the moment they linger (REFUSALS_LINGERING). Deliveries add up to two per worker
-# (delivery.concurrency): the forward action's keep-alive connections and aiohttp's pool.
-FILES_RESERVED = 64 + REFUSALS_LINGERING
+# with the ops listener's probes, scrapes and admin calls on top; and the webhook listener's connections
+# closed after their answer, for the moment they linger (LINGERING_AT_MOST). Deliveries add up to two per
+# worker (delivery.concurrency): the forward action's keep-alive connections and aiohttp's pool.
+FILES_RESERVED = 64 + LINGERING_AT_MOST
 
 
 def collect_less() -> None:
@@ -390,6 +390,7 @@ class Gateway:
                 await asyncio.sleep(self.config.listen.drain_delay)
             ingress.should_exit = True
             await asyncio.gather(servers[0], return_exceptions=True)
+            protocol.lingering.close_all()
             try:
                 await self.stop()
             finally:

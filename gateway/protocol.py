@@ -32,6 +32,12 @@ uvicorn writes a response's head and its body separately, and each write is a se
 webhook's small answer that is half of the cost of answering. Writes made in one turn of the event loop
 are joined into one (`CoalescedWrites`).
 
+Closing: a connection closed after its answer (408, 431, 400 invalid_http, `Connection: close`, a
+connection past listen.max_connections) may still have its client sending (the rest of a body or of a
+head, a request it sent before reading): closed with that unread, it would be reset, and the client would
+read ECONNRESET instead of the answer. It is half-closed instead, and what the client sends is read and
+dropped until it closes its side, or for a second (`LingeringClose`, RFC 9112 §9.6).
+
 HTTPS: the TLS handshake is the listener's own (`tls_protocol`), so that a connection counts against
 listen.max_connections, and has a deadline, from the moment it is accepted.
 """
@@ -94,14 +100,14 @@ _MALFORMED = _closing_answer(400, "invalid_http", "the request is not valid HTTP
 _TOO_MANY_CONNECTIONS, _ = _closing_answer(
     503, "too_many_connections", "the listener has listen.max_connections connections open; retry later"
 )
-# A connection refused 503 too_many_connections is closed once its client has closed its side, or after
-# this long: what the client sent meanwhile (its request) is read and dropped first. Closed with that
-# unread, the connection would be reset (RST), and the client could lose the 503 it had not read yet.
-_REFUSAL_LINGER = 1.0  # seconds
-# Refused connections lingering at once, at most: their file descriptors are kept for them besides
+# A connection closed after its last answer is closed once its client has closed its side, or after this
+# long (LingeringClose): what the client sends meanwhile is read and dropped first. Closed with that unread,
+# the connection would be reset (RST), and the client could lose the answer it had not read yet.
+_LINGER = 1.0  # seconds
+# Connections lingering so at once, at most: their file descriptors are kept for them besides
 # listen.max_connections (gateway.app.FILES_RESERVED). Past that, the one that has lingered longest is
 # closed: a flood of clients that never close cannot take more.
-REFUSALS_LINGERING = 64
+LINGERING_AT_MOST = 64
 # Beyond limits.max_header_bytes (the headers' names and values), what a request's head may hold: its
 # line (uvicorn refuses a URL over 64 KiB) and each header's punctuation.
 _HEAD_ALLOWANCE = 128 * 1024
@@ -154,14 +160,21 @@ class Webhook:
         self.routes: list[CompiledRoute] = []
 
 
-def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
+class ListenerProtocol(HttpToolsProtocol):
+    """What the gateway sees of the webhook listener's protocol class (webhook_protocol's)."""
+
+    # The listener's connections closed after their last answer that still linger (LingeringClose).
+    lingering: ClassVar[Lingering]
+
+
+def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
     """The listener's protocol class. The limits are read for each deadline and each body, so a config
     reload changes them for what comes next."""
 
     def limits() -> Limits:
         return ingress.gateway.config.limits
 
-    class WebhookProtocol(HttpToolsProtocol):
+    class WebhookProtocol(ListenerProtocol):
         cycle: Cycle  # type: ignore[assignment]  # uvicorn's, or a FastCycle
         _webhook: Webhook | None = None  # the fast-path request being received or stored
         # The deadline of what is being waited for (headers, a body) and what to do when it passes.
@@ -182,12 +195,12 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
         # A request that asks to switch protocols, until it is parsed again without that (_ignore_upgrade):
         # the request in progress before it.
         _before_upgrade: tuple[Cycle] | None = None
-        # The listener's refused connections, until they close (oldest first).
-        _refusals: ClassVar[dict[Refusal, None]] = {}
+        lingering = Lingering()
 
         def connection_made(self, transport: Any) -> None:
             # Duck-typed: uvicorn only writes, closes and asks the transport about itself.
-            super().connection_made(cast(asyncio.Transport, CoalescedWrites(transport, self.loop)))
+            writes = CoalescedWrites(transport, self.loop, self.lingering)
+            super().connection_made(cast(asyncio.Transport, writes))
             # uvicorn's set of the listener's open connections, this one included (added just now).
             if len(self.connections) > ingress.max_connections:
                 self._too_many_connections()
@@ -198,18 +211,18 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
             # Answered at once, before anything is read: waiting for its request would hold the file
             # descriptor the limit is there to save. Its slot is given up now, not when the loop gets to
             # connection_lost, so a burst of refusals does not refuse the next one in turn. Then the
-            # connection is a Refusal's until it closes, soon.
+            # connection lingers until it closes, soon (the request its client sent is read and dropped).
             self.connections.discard(self)
-            transport = cast(CoalescedWrites, self.transport)
-            transport.write_now(_TOO_MANY_CONNECTIONS)
-            if transport.can_write_eof():  # not over TLS
-                transport.write_eof()  # the answer is all: a client that reads to the end has it now
-            transport.set_protocol(Refusal(transport, WebhookProtocol._refusals, self.loop))
+            cast(CoalescedWrites, self.transport).write_now(_TOO_MANY_CONNECTIONS)
+            self.transport.close()
             ingress.too_many_connections()
 
         def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol allows a bool
-            # The client closed its side: what is buffered (the answer to its last request) leaves now.
-            cast(CoalescedWrites, self.transport).flush()
+            # The client closed its side: what is buffered (the answer to its last request) leaves now, and
+            # a close after the answer to come has nothing left to read.
+            transport = cast(CoalescedWrites, self.transport)
+            transport.client_closed = True
+            transport.flush()
             cycle = self.cycle
             if cycle is not None and not cycle.response_complete and not cycle.more_body:
                 # Its whole request is in, and its answer (after an fsync) is still to come: a client may
@@ -257,7 +270,8 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
                 waiting = True
             elif cycle is not None and cycle.response_complete and cycle.more_body:
                 # The rest of a body whose request is answered already (refused, read to be dropped): no
-                # request is left to answer, and a 400 would be read as the answer to the next one.
+                # request is left to answer, and a 400 would be read as the answer to the next one. (What
+                # its client still sends is dropped as the connection lingers: see CoalescedWrites.close.)
                 self.transport.close()
                 return
             elif cycle is not None and cycle.more_body:
@@ -286,6 +300,8 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
             self._close_with(_MALFORMED)
 
         def _close_with(self, answer: tuple[bytes, str]) -> None:
+            # The client may still be sending (the head refused 431, the rest of what is not HTTP): the
+            # connection lingers after the answer (CoalescedWrites.close).
             content, reason = answer
             ingress.gateway.metrics.rejected("", reason)
             self.transport.write(content)
@@ -531,7 +547,7 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
             cast(CoalescedWrites, self.transport).write_now(b"".join(head))
             cycle.response_complete = True
             if not cycle.keep_alive:
-                self.transport.close()
+                self.transport.close()  # lingers: the client may still be sending the body refused
             if self.pipeline:
                 # The next pipelined request starts in a turn of the loop of its own: started from here,
                 # each one answered at once would be a call inside the previous one's answer, and a few
@@ -587,7 +603,18 @@ def webhook_protocol(ingress: Ingress) -> type[HttpToolsProtocol]:
 
         def _idle_timed_out(self) -> None:
             if not self.transport.is_closing():
-                self.transport.close()
+                cast(CoalescedWrites, self.transport).close_at_once()  # idle: nothing was answered
+
+        def shutdown(self) -> None:
+            # uvicorn's, as the listener stops: a request in progress is answered, then closed (and
+            # lingers); an idle connection is closed at once, as it has no answer to lose.
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                cycle.keep_alive = False
+            elif cycle is not None and cycle.more_body:
+                self.transport.close()  # answered before its body ended, which may still be coming
+            else:
+                cast(CoalescedWrites, self.transport).close_at_once()
 
         def _headers_timed_out(self) -> None:
             if not self.transport.is_closing():
@@ -676,7 +703,7 @@ def tls_protocol(
             transport.set_protocol(self.protocol)
             self.protocol.connection_made(transport)
             if self.received and not transport.is_closing():
-                # To the protocol that has the connection now (a Refusal, if it was refused).
+                # To the protocol that has the connection now (a LingeringClose, if it was refused).
                 cast(asyncio.Protocol, transport.get_protocol()).data_received(b"".join(self.received))
 
         def data_received(self, data: bytes) -> None:
@@ -709,20 +736,21 @@ def _give(transport: asyncio.Transport, data: bytes) -> None:
         view = view[size:]
 
 
-class Refusal(asyncio.Protocol):
-    """A connection answered 503 too_many_connections, from then on: what its client sends is read and
-    dropped, until it closes its side (having read the answer) or _REFUSAL_LINGER has passed. Then it is
-    closed, with nothing left unread to reset it."""
+class LingeringClose(asyncio.Protocol):
+    """A connection closed after its last answer, from then on (CoalescedWrites.close). Its client may still
+    be sending: the request it sent before reading (a connection refused too_many_connections), the rest of
+    a head refused 431 or of a body refused 413, what follows a request that is not HTTP. What it sends is
+    read and dropped, until it closes its side (having read the answer) or _LINGER has passed. Then the
+    connection is closed, with nothing left unread to reset it: closed with data unread, the connection is
+    reset (RST), and a client still sending, or not yet reading, reads ECONNRESET instead of the answer."""
 
     def __init__(
-        self, transport: CoalescedWrites, refusals: dict[Refusal, None], loop: asyncio.AbstractEventLoop
+        self, transport: asyncio.Transport, lingering: Lingering, loop: asyncio.AbstractEventLoop
     ) -> None:
         self.transport = transport
-        self.refusals = refusals
-        if len(refusals) >= REFUSALS_LINGERING:
-            next(iter(refusals)).close()  # the oldest, which had the longest to read its answer
-        refusals[self] = None
-        self.timer = loop.call_later(_REFUSAL_LINGER, self.close)
+        self.lingering = lingering
+        lingering.add(self)
+        self.timer = loop.call_later(_LINGER, self.close)
 
     def data_received(self, data: bytes) -> None:
         pass  # read, so that closing does not reset the connection
@@ -734,21 +762,47 @@ class Refusal(asyncio.Protocol):
         self.close()
 
     def close(self) -> None:
-        self.refusals.pop(self, None)
+        self.lingering.discard(self)
         self.timer.cancel()
         self.transport.close()
 
 
+class Lingering:
+    """A listener's lingering connections (LingeringClose), oldest first: at most LINGERING_AT_MOST."""
+
+    def __init__(self) -> None:
+        self._closes: dict[LingeringClose, None] = {}
+
+    def add(self, close: LingeringClose) -> None:
+        if len(self._closes) >= LINGERING_AT_MOST:
+            next(iter(self._closes)).close()  # the oldest, which had the longest to read its answer
+        self._closes[close] = None
+
+    def discard(self, close: LingeringClose) -> None:
+        self._closes.pop(close, None)
+
+    def close_all(self) -> None:
+        """Close them now: the listener has stopped, and its event loop may end before their time is up."""
+        for close in list(self._closes):
+            close.close()
+
+
 class CoalescedWrites:
-    """A transport whose writes in one turn of the event loop go out as one write, at the end of the turn.
+    """A connection's transport as the listener's protocol and uvicorn's request cycles see it: writes made
+    in one turn of the event loop go out as one write, at the end of the turn, and close() lingers.
     Everything else is the wrapped transport's."""
 
-    __slots__ = ("_buffer", "_loop", "_transport")
+    __slots__ = ("_buffer", "_closed", "_lingering", "_loop", "_transport", "client_closed")
 
-    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop, lingering: Lingering) -> None:
         self._transport = transport
         self._loop = loop
+        self._lingering = lingering
         self._buffer: list[bytes] | None = None
+        # Closed as the protocol and the cycles see it: the wrapped transport may be lingering.
+        self._closed = False
+        # The client closed its side: all it sent has been read.
+        self.client_closed = False
 
     def write(self, data: bytes) -> None:
         if self._buffer is None:
@@ -760,20 +814,55 @@ class CoalescedWrites:
     def write_now(self, data: bytes) -> None:
         """Write after what is buffered, at once."""
         self.flush()
-        if not self._transport.is_closing():
+        if not self.is_closing():
             self._transport.write(data)
 
     def close(self) -> None:
+        """Close after the connection's last answer (what is buffered is written first). The client may
+        still be sending, so the connection is not closed yet: it is half-closed (except over TLS), so a
+        client that reads to the end has the answer now, and handed to a LingeringClose, which reads and
+        drops what comes until the client closes its side. The protocol is told the connection is lost, as
+        it would be once closed: it lets go of its slot among listen.max_connections, its deadline and
+        its requests in progress, and writes nothing more."""
         self.flush()
-        self._transport.close()
+        if self._closed:
+            return
+        transport = self._transport
+        if transport.is_closing() or self.client_closed:
+            self.close_at_once()  # nothing more can come
+            return
+        self._closed = True
+        protocol = transport.get_protocol()
+        if transport.can_write_eof():
+            transport.write_eof()
+        transport.set_protocol(LingeringClose(transport, self._lingering, self._loop))
+        transport.resume_reading()  # paused behind pipelined requests, or a malformed one
+        self._loop.call_soon(protocol.connection_lost, None)  # in a turn of its own, as after a close
+
+    def close_at_once(self) -> None:
+        """Close with nothing to wait for: the connection is idle, or its client has closed its side."""
+        self.flush()
+        if not self._closed:
+            self._closed = True
+            self._transport.close()
 
     def is_closing(self) -> bool:
         # Asked for every answer: __getattr__ would first raise and catch an AttributeError each time.
-        return bool(self._transport.is_closing())
+        return self._closed or bool(self._transport.is_closing())
+
+    def pause_reading(self) -> None:
+        # uvicorn's flow control, which may still pause or resume the protocol's reading once the
+        # connection is closed to it: a LingeringClose reads on.
+        if not self._closed:
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self._closed:
+            self._transport.resume_reading()
 
     def flush(self) -> None:
         buffer, self._buffer = self._buffer, None
-        if buffer and not self._transport.is_closing():
+        if buffer and not self.is_closing():
             self._transport.write(buffer[0] if len(buffer) == 1 else b"".join(buffer))
 
     def __getattr__(self, name: str) -> Any:

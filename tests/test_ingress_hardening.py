@@ -4,6 +4,7 @@ shedding, against a real server."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import json
 import logging
@@ -24,7 +25,7 @@ import yaml
 
 from gateway import protocol
 from gateway.addresses import PRESETS, ForwardedHeader, client_address, parse_address, parse_networks
-from gateway.protocol import REFUSALS_LINGERING
+from gateway.protocol import LINGERING_AT_MOST
 from tests.support import (
     GatewayProcess,
     RunningGateway,
@@ -430,16 +431,41 @@ def test_clients_past_listen_max_connections_that_sent_their_request_read_the_50
             refused = [socket.create_connection(address, timeout=5) for _ in range(10)]
             assert all(read_response(sock).startswith(b"HTTP/1.1 503 ") for sock in refused)
             wait_until(lambda: open_files() - files == len(refused), timeout=3)  # only the clients' sockets
-            # And at most REFUSALS_LINGERING of them at once (their file descriptors are in FILES_RESERVED),
+            # And at most LINGERING_AT_MOST of them at once (their file descriptors are in FILES_RESERVED),
             # however long they would linger: past that, the oldest is closed.
-            monkeypatch.setattr(protocol, "_REFUSAL_LINGER", 60.0)
+            monkeypatch.setattr(protocol, "_LINGER", 60.0)
             refused += [socket.create_connection(address, timeout=5) for _ in range(100)]
             assert all(read_response(sock).startswith(b"HTTP/1.1 503 ") for sock in refused[10:])
-            wait_until(lambda: open_files() - files == len(refused) + REFUSALS_LINGERING)
+            wait_until(lambda: open_files() - files == len(refused) + LINGERING_AT_MOST)
             assert gw.metric("hookyard_webhook_connections") == 2
         finally:
             for sock in idle + refused:
                 sock.close()
+
+
+def test_connections_lingering_after_their_answer_are_closed_as_the_gateway_stops(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The event loop ends with the gateway: a connection still lingering then was never closed, its
+    # descriptor held until the garbage collector found it (with a ResourceWarning).
+    monkeypatch.setattr(protocol, "_LINGER", 60.0)
+    config = gateway_config(tmp_path, listen={"max_connections": 1})
+    gc.collect()
+    files = open_files()
+    clients: list[socket.socket] = []
+    try:
+        with RunningGateway(config) as gw:
+            address = ("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
+            clients.append(socket.create_connection(address, timeout=5))
+            wait_until(lambda: gw.metric("hookyard_webhook_connections") == 1)
+            serving = open_files()
+            clients += [socket.create_connection(address, timeout=5) for _ in range(3)]
+            assert all(read_response(sock).startswith(b"HTTP/1.1 503 ") for sock in clients[1:])
+            assert open_files() - serving == 3 + 3  # the clients' sockets, and the gateway's, lingering
+        assert open_files() - files == len(clients)  # only the clients' sockets are left
+    finally:
+        for sock in clients:
+            sock.close()
 
 
 def open_files() -> int:

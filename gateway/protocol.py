@@ -766,6 +766,12 @@ class LingeringClose(asyncio.Protocol):
         self.timer.cancel()
         self.transport.close()
 
+    def abort(self) -> None:
+        """Close now, waiting for nothing (over TLS, close() waits for the client's close_notify)."""
+        self.lingering.discard(self)
+        self.timer.cancel()
+        self.transport.abort()
+
 
 class Lingering:
     """A listener's lingering connections (LingeringClose), oldest first: at most LINGERING_AT_MOST."""
@@ -782,9 +788,11 @@ class Lingering:
         self._closes.pop(close, None)
 
     def close_all(self) -> None:
-        """Close them now: the listener has stopped, and its event loop may end before their time is up."""
+        """Close them now: the listener has stopped, and its event loop may end before their time is up.
+        Aborted, not closed: a TLS connection's close would wait for the client's close_notify, which a
+        client that has not closed its side by now is not sending, and outlive the loop all the same."""
         for close in list(self._closes):
-            close.close()
+            close.abort()
 
 
 class CoalescedWrites:

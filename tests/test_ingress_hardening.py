@@ -468,6 +468,36 @@ def test_connections_lingering_after_their_answer_are_closed_as_the_gateway_stop
             sock.close()
 
 
+def test_https_connections_lingering_after_their_answer_are_closed_as_the_gateway_stops(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Closing a TLS connection waits for the client's close_notify (a second at most): those still
+    # lingering as the listener stopped were left waiting for it, open past the event loop's end.
+    monkeypatch.setattr(protocol, "_LINGER", 60.0)
+    cert, key = self_signed(tmp_path, "listener")
+    config = gateway_config(tmp_path, listen={"tls": {"cert": str(cert), "key": str(key)}})
+    verify = ssl.create_default_context(cafile=cert)
+    gc.collect()
+    files = open_files()
+    clients: list[ssl.SSLSocket] = []
+    try:
+        with RunningGateway(config, scheme="https") as gw:
+            address = ("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
+            for number in range(3):
+                client = verify.wrap_socket(
+                    socket.create_connection(address, timeout=5), server_hostname="127.0.0.1"
+                )
+                clients.append(client)
+                body, headers = svix_request(msg_id=f"msg_lingering_{number}")
+                client.sendall(raw_request("/webhooks/consignease", body, {**headers, "connection": "close"}))
+                assert read_response(client).startswith(b"HTTP/1.1 200 ")
+            wait_until(lambda: gw.metric("hookyard_webhook_connections") == 0)
+        assert open_files() - files == len(clients)  # only the clients' sockets are left
+    finally:
+        for client in clients:
+            client.close()
+
+
 def open_files() -> int:
     """This process's file descriptors: the test's and the gateway's, which runs in it."""
     return len(os.listdir("/proc/self/fd"))

@@ -822,7 +822,7 @@ class CoalescedWrites:
     def write_now(self, data: bytes) -> None:
         """Write after what is buffered, at once."""
         self.flush()
-        if not self.is_closing():
+        if not self._closed and not self._transport.is_closing():  # is_closing(), inlined: every answer
             self._transport.write(data)
 
     def close(self) -> None:
@@ -870,7 +870,7 @@ class CoalescedWrites:
 
     def flush(self) -> None:
         buffer, self._buffer = self._buffer, None
-        if buffer and not self.is_closing():
+        if buffer and not self._closed and not self._transport.is_closing():
             self._transport.write(buffer[0] if len(buffer) == 1 else b"".join(buffer))
 
     def __getattr__(self, name: str) -> Any:

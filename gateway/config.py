@@ -12,7 +12,8 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Self
+from types import UnionType
+from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -20,12 +21,15 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
+    WrapValidator,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from gateway.addresses import ForwardedHeader, parse_networks
 
@@ -86,6 +90,64 @@ PositiveDuration = Annotated[
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _as_yaml_typed_it(cls, value: Any, info: ValidationInfo) -> Any:
+        """Refuse a boolean where a number is wanted and a number where a boolean is: pydantic would take
+        `port: true` as 1, `events: [yes]` as [1] and `insecure: 1` as true. Text still converts, as a
+        ${VAR} always expands to text."""
+        field = cls.model_fields[info.field_name or ""]
+        reads_itself = any(isinstance(item, _VALIDATORS) for item in field.metadata)
+        wrong = [] if reads_itself else _misread(value, field.annotation, ())
+        if wrong:
+            # Raised as a ValidationError, each error with its place inside the field (`events[0]`).
+            raise ValidationError.from_exception_data(cls.__name__, wrong)
+        return value
+
+
+# A type that brings one of these reads its input itself (a duration refuses a boolean with its own words).
+_VALIDATORS = (BeforeValidator, PlainValidator, WrapValidator)
+
+
+def _misread(value: Any, annotation: Any, loc: tuple[str | int, ...]) -> list[InitErrorDetails]:
+    branches = _branches(annotation)
+    if isinstance(value, list | dict):
+        container = list if isinstance(value, list) else dict
+        inner = [get_args(branch)[-1] for branch in branches if get_origin(branch) is container]
+        if len(inner) != 1:
+            return []  # not a container here: pydantic says so
+        items = enumerate(value) if isinstance(value, list) else value.items()
+        return [error for key, item in items for error in _misread(item, inner[0], (*loc, key))]
+    kinds = {kind for branch in branches for kind in _kinds(branch)}
+    if Any in kinds:
+        return []
+    if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
+        expected = "a number or text: quote it" if str in kinds else "a number"
+        message = f"the boolean {str(value).lower()} (as YAML reads yes, no, on and off), not {expected}"
+    elif isinstance(value, int | float) and not isinstance(value, bool) and kinds == {bool}:
+        message = f"the number {value}, not a boolean: write true or false"
+    else:
+        return []
+    return [InitErrorDetails(type=PydanticCustomError("yaml_type", message), loc=loc, input=value)]
+
+
+def _branches(annotation: Any) -> list[Any]:
+    """`int | Literal["5xx"] | None` -> [int, Literal["5xx"], None]; Annotated types without a validator of
+    their own are read as the type they annotate."""
+    origin = get_origin(annotation)
+    if origin is Union or origin is UnionType:
+        return [branch for arg in get_args(annotation) for branch in _branches(arg)]
+    if origin is Annotated:
+        base, *metadata = get_args(annotation)
+        return [Any] if any(isinstance(item, _VALIDATORS) for item in metadata) else _branches(base)
+    return [annotation]
+
+
+def _kinds(branch: Any) -> set[Any]:
+    if get_origin(branch) is Literal:
+        return {type(choice) for choice in get_args(branch)}
+    return {branch}
 
 
 class Listener(Strict):

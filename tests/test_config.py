@@ -101,6 +101,49 @@ def test_interpolated_numbers_and_booleans_are_coerced_by_the_schema() -> None:
     assert config.sources["x"].insecure is True
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "listen: {port: true}",
+            "listen.port: the boolean true (as YAML reads yes, no, on and off), not a number",
+        ),
+        (
+            "defaults: {retry: {jitter: no, retry_on: [500, on]}}",
+            "defaults.retry.jitter: the boolean false (as YAML reads yes, no, on and off), not a number\n"
+            "defaults.retry.retry_on[1]: the boolean true (as YAML reads yes, no, on and off), not a number or "
+            "text: quote it",
+        ),
+        (
+            "routes: [{name: r, source: x, events: [user.created, yes], actions: [{use: forward}]}]",
+            "routes[0].events[1]: the boolean true (as YAML reads yes, no, on and off), not a number or text: "
+            "quote it",
+        ),
+        ("reload: {watch: 1}", "reload.watch: the number 1, not a boolean: write true or false"),
+    ],
+    ids=["port", "retry", "events", "watch"],
+)
+def test_a_value_yaml_reads_as_another_kind_is_refused_not_converted(text: str, expected: str) -> None:
+    # pydantic's lax mode took `port: true` as 1, `events: [yes]` as [1] and `watch: 1` as true.
+    assert config_errors(text) == expected.split("\n")
+
+
+def test_numbers_durations_and_booleans_of_their_own_kind_still_load() -> None:
+    text = (
+        "listen: {port: 8181}\nreload: {watch: false, interval: 1}\n"
+        "defaults: {retry: {jitter: 0, schedule: [1, 2s, 0.5], retry_on: [503, 5xx]}, timeout: 5s}\n"
+        "sources: {x: {path: /x, provider: none, insecure: true}}\n"
+        'routes: [{name: r, source: x, events: [112, "yes"], actions: [{use: forward}]}]'
+    )
+    config = parse_config(text)
+    assert (config.listen.port, config.reload.watch, config.reload.interval) == (8181, False, 1.0)
+    assert config.defaults.retry.schedule == [1.0, 2.0, 0.5] and config.defaults.retry.retry_on == [
+        503,
+        "5xx",
+    ]
+    assert config.routes[0].events == [112, "yes"]
+
+
 def test_a_value_never_changes_the_yaml_structure() -> None:
     hostile = "x\nstorage: {url: 'sqlite:///evil'}"
     config = parse_config('ops: {admin_token: "${TOKEN}"}', environ={"TOKEN": hostile})

@@ -391,6 +391,14 @@ class Route(Strict):
     filter: dict[str, Any] | None = None
     actions: list[ActionConfig] = Field(min_length=1)
 
+    @field_validator("name")
+    @classmethod
+    def _named(cls, name: str) -> str:
+        # It labels the route's metrics and logs, and names it to `replay --route`.
+        if not name.strip():
+            raise ValueError("is empty: give the route a name")
+        return name
+
 
 class Config(Strict):
     listen: IngressListener = IngressListener()
@@ -403,6 +411,15 @@ class Config(Strict):
     reload: Reload = Reload()
     sources: dict[str, Source] = Field(default_factory=dict)
     routes: list[Route] = Field(default_factory=list)
+
+    @field_validator("sources")
+    @classmethod
+    def _named(cls, sources: dict[str, Source]) -> dict[str, Source]:
+        # A source's name labels its metrics: an empty one reads as `source=""`, the label of requests to a
+        # path no source has.
+        if any(not name.strip() for name in sources):
+            raise ValueError("a source name is empty: give each source a name")
+        return sources
 
     @model_validator(mode="after")
     def _listeners_apart(self) -> Self:

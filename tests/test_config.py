@@ -714,6 +714,15 @@ def test_a_source_name_that_yaml_reads_as_no_text_says_so(name: str, read_as: st
     ]
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_source_or_route_name_is_refused(name: str) -> None:
+    # Both were taken; a source named "" counted its requests under `source=""`, the label of unknown paths.
+    source = yaml.safe_dump({"sources": {name: {"path": "/a", "provider": "none", "insecure": True}}})
+    assert config_errors(source) == ["sources: a source name is empty: give each source a name"]
+    route = yaml.safe_dump({"routes": [{"name": name, "source": "x", "actions": [{"use": "forward"}]}]})
+    assert config_errors(route) == ["routes[0].name: is empty: give the route a name"]
+
+
 def test_a_retry_on_status_no_failed_attempt_answers_is_refused() -> None:
     # 200 is delivered before retry_on is read, and 5003 is no status: both were taken, and never matched.
     text = "defaults: {retry: {retry_on: [429, 5003, 200, '5xx']}}"

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gateway.config import RetryPolicy
 from gateway.events import Event
-from gateway.http_client import HttpClient, announces_a_stray_body, shown_url
+from gateway.http_client import HttpClient, Target, announces_a_stray_body, shown_url
 
 if TYPE_CHECKING:
     import aiohttp
@@ -212,6 +212,8 @@ def check_http_url(url: str) -> str:
         # httpx turns them into an Authorization header and aiohttp then refuses the URL that still holds
         # them: every attempt would fail, after the whole schedule, with a ValueError.
         raise ValueError(f"{shown_url(url)!r}: credentials in the URL cannot be sent; use a header or token")
+    # What `forward` checks too: a host no host can be (`exa mple.com`, which httpx percent-encodes), port 0.
+    Target.parse(url)
     return url
 
 

@@ -23,6 +23,7 @@ decided how the attempt went.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
 import re
 import ssl
@@ -101,6 +102,31 @@ def check_configured_headers(headers: Mapping[str, str]) -> None:
         )
 
 
+# A host name once IDNA-encoded, or an IPv4 address: DNS labels, with the `_` some internal names have.
+_HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def wire_host(url: str, hostname: str) -> str:
+    """`hostname` (of `url`) as it is connected to and sent: a name outside ASCII as IDNA (punycode).
+    Raises ValueError for one no host can be: urlsplit takes `exa mple.com` or `a<b`, and every attempt would
+    then fail to resolve it."""
+    if ":" in hostname:
+        if "%" in hostname:
+            raise ValueError(f"{shown_url(url)!r}: an IPv6 zone is not supported")
+        try:
+            ipaddress.IPv6Address(hostname)
+        except ValueError:
+            raise ValueError(f"{shown_url(url)!r}: {hostname!r} is not an IPv6 address") from None
+        return hostname
+    try:
+        host = hostname.encode("idna").decode("ascii")
+    except UnicodeError:  # an empty label (`a..b`), or one longer than 63
+        host = ""
+    if not _HOST_NAME.fullmatch(host):
+        raise ValueError(f"{shown_url(url)!r}: {hostname!r} is not a host name")
+    return host
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """A URL parsed once: where to connect and what to put in the request line and Host header."""
@@ -118,15 +144,13 @@ class Target:
             raise ValueError(f"{shown_url(url)!r} is not an http(s) URL")
         if parts.username is not None or parts.password is not None:
             raise ValueError(f"{shown_url(url)!r}: credentials in the URL are not sent; use a header instead")
-        if "%" in parts.hostname:
-            raise ValueError(f"{shown_url(url)!r}: an IPv6 zone is not supported")
+        host = wire_host(url, parts.hostname)
         default = 443 if parts.scheme == "https" else 80
         port = default if parts.port is None else parts.port  # ValueError when out of range
         if port == 0:
             raise ValueError(f"{shown_url(url)!r}: port 0 cannot be connected to")
-        # A name outside ASCII is sent as IDNA (punycode); the path and query percent-encoded where
-        # they hold what a request line cannot (spaces, non-ASCII), escapes already there kept.
-        host = parts.hostname.encode("idna").decode("ascii")
+        # The path and query percent-encoded where they hold what a request line cannot (spaces,
+        # non-ASCII), escapes already there kept.
         shown = f"[{host}]" if ":" in host else host
         host_header = shown if port == default else f"{shown}:{port}"
         path = quote(parts.path or "/", safe=_PATH_SAFE)

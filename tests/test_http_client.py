@@ -379,6 +379,7 @@ def test_a_url_gives_the_host_header_and_request_target(url: str, host_header: s
         "http://app:0/x",
         "http://app:70000/x",
         "http://[fe80::1%25eth0]/x",
+        "http://exa mple.com/x",
     ],
 )
 def test_urls_the_client_cannot_send_to_are_refused(url: str) -> None:

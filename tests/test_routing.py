@@ -563,6 +563,25 @@ def test_forward_needs_an_http_url(registry: Registry, url: str, shown: str) -> 
     assert errors == [f"routes[0].actions[0].with.url: {shown!r} is not an http(s) URL"]
 
 
+@pytest.mark.parametrize(
+    ("url", "shown", "host"),
+    [
+        ("http://exa mple.com/hooks", "http://exa mple.com/…", "exa mple.com"),
+        ("https://app<1>/", "https://app<1>/", "app<1>"),
+        ("http://a..b:3000/hooks", "http://a..b:3000/…", "a..b"),
+        ("http://ex%20a.com/", "http://ex%20a.com/", "ex%20a.com"),
+    ],
+)
+@pytest.mark.parametrize("use", ["forward", "notify"])
+def test_a_url_whose_host_no_host_can_be_is_refused(
+    registry: Registry, use: str, url: str, shown: str, host: str
+) -> None:
+    # Both passed `hookyard check`; then every attempt failed to resolve the name, through the whole schedule.
+    action = {"use": use, "with": {"url": url}}
+    errors = build_errors(registry, base_config([route("r", "consignly", action)]))
+    assert errors == [f"routes[0].actions[0].with.url: {shown!r}: {host!r} is not a host name"]
+
+
 def test_forward_with_an_unknown_key(registry: Registry) -> None:
     action = {"use": "forward", "with": {"url": "http://a/x", "retries": 3}}
     errors = build_errors(registry, base_config([route("r", "consignly", forward(id="ok"), action)]))

@@ -123,8 +123,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           401: {description: missing or wrong token}
           503: {description: the store cannot be read or written right now}
         """
-        # An empty parameter (`?source=`) is one not given, as forms and scripts send them.
-        query = _known({name: value for name, value in request.query_params.items() if value}, LIST_FILTERS)
+        query = _query(request, LIST_FILTERS)
         return await ops.list_events(
             source=query.get("source"),
             type=query.get("type"),
@@ -148,7 +147,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           409: {description: the id exists in several sources; give source}
           503: {description: the store cannot be read or written right now}
         """
-        query = _known({name: value for name, value in request.query_params.items() if value}, ("source",))
+        query = _query(request, ("source",))
         return await ops.show_event(request.path_params["event_id"], query.get("source"))
 
     async def replay_event(request: Request, ops: Operations) -> Any:
@@ -262,6 +261,19 @@ async def _json(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise OperationError(400, "the body must be a JSON object")
     return body
+
+
+def _query(request: Request, known: tuple[str, ...]) -> dict[str, str]:
+    """The query's parameters, each given once: of `?state=dead&state=pending`, either could be the one
+    meant (a plain dict keeps the last). An empty one (`?source=`) is one not given, as forms and scripts
+    send them."""
+    given = [(name, value) for name, value in request.query_params.multi_items() if value]
+    query = _known(dict(given), known)
+    names = [name for name, _ in given]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise OperationError(400, f"{', '.join(map(repr, repeated))} given more than once; give each once")
+    return query
 
 
 def _known(fields: dict[str, Any], known: tuple[str, ...]) -> dict[str, Any]:

@@ -389,6 +389,24 @@ def test_bulk_replay_dead(tmp_path: Path, downstream: Downstream) -> None:
         )
         shown = admin(gw, "GET", "/admin/events/msg_dead_0", params={"sorce": "consignease"})
         assert (shown.status_code, shown.json()["error"]) == (400, "unknown 'sorce'; known: source")
+        # A parameter given twice is refused too: the last one was used, and the other left out unseen.
+        twice = admin(
+            gw, "GET", "/admin/events", params=[("state", "dead"), ("state", "pending"), ("type", "")]
+        )
+        assert (twice.status_code, twice.json()["error"]) == (
+            400,
+            "'state' given more than once; give each once",
+        )
+        twice = admin(
+            gw, "GET", "/admin/events/msg_dead_0", params=[("source", "x"), ("source", "consignease")]
+        )
+        assert (twice.status_code, twice.json()["error"]) == (
+            400,
+            "'source' given more than once; give each once",
+        )
+        # An empty one is one not given, so it never counts as the second.
+        once = admin(gw, "GET", "/admin/events", params=[("state", "dead"), ("state", ""), ("limit", 1)])
+        assert once.status_code == 200 and once.json()["events"][0]["state"] == "dead"
         assert gw.metric("hookyard_replays_total", mode="dead") == 0
         first = admin(gw, "POST", "/admin/replay", json={"mode": "dead", "since": "1h", "limit": 2}).json()
         assert first["replayed"] == 2 and first["next_cursor"] is not None

@@ -123,6 +123,15 @@ def detail_view(detail: EventDetail) -> dict[str, Any]:
     }
 
 
+def _check_page(cursor: int | None, limit: int) -> None:
+    # A cursor is a next_cursor (an event's seq, from 1) or 0 for the first page: below 0, a list found
+    # nothing before it and answered an empty page, as if there were no events.
+    if cursor is not None and cursor < 0:
+        raise OperationError(400, "cursor: must be 0 or more (the next_cursor of the page before)")
+    if not 1 <= limit <= MAX_PAGE:
+        raise OperationError(400, f"limit: must be between 1 and {MAX_PAGE}")
+
+
 class Operations:
     """Operator actions against a store, routed with a config's table (for replays of missing deliveries)."""
 
@@ -153,8 +162,7 @@ class Operations:
     ) -> dict[str, Any]:
         if state is not None and state not in ("pending", "delivered", "dead", "unrouted"):
             raise OperationError(400, f"state: {state!r} is not one of pending, delivered, dead, unrouted")
-        if not 1 <= limit <= MAX_PAGE:
-            raise OperationError(400, f"limit: must be between 1 and {MAX_PAGE}")
+        _check_page(cursor, limit)
         rows = await self.storage.list_events(
             state=state,
             source=source,
@@ -217,8 +225,7 @@ class Operations:
         limit: int = PAGE,
     ) -> dict[str, Any]:
         """One page of a bulk replay; call again with next_cursor until it is null."""
-        if not 1 <= limit <= MAX_PAGE:
-            raise OperationError(400, f"limit: must be between 1 and {MAX_PAGE}")
+        _check_page(cursor, limit)
         window: dict[str, Any] = {
             "since": parse_time(since),
             "until": parse_time(until, "until"),

@@ -201,6 +201,12 @@ def test_list_filters_and_cursor_pages(tmp_path: Path, downstream: Downstream) -
         assert admin(gw, "GET", "/admin/events", params={"route": "users", "since": "1h"}).json()["events"]
         assert admin(gw, "GET", "/admin/events", params={"since": "yesterday-ish"}).status_code == 400
         assert admin(gw, "GET", "/admin/events", params={"limit": 0}).status_code == 400
+        # A cursor below 0 found no event before it: an empty page, as if there were none.
+        expected = (400, "cursor: must be 0 or more (the next_cursor of the page before)")
+        listed = admin(gw, "GET", "/admin/events", params={"cursor": -1})
+        assert (listed.status_code, listed.json()["error"]) == expected
+        replayed = admin(gw, "POST", "/admin/replay", json={"mode": "dead", "since": "1h", "cursor": -1})
+        assert (replayed.status_code, replayed.json()["error"]) == expected
 
 
 def test_list_filters_by_source_and_until(tmp_path: Path, downstream: Downstream) -> None:

@@ -111,6 +111,10 @@ class AcknowledgeOptions(BaseModel):
         # Refused here rather than on every attempt (aiohttp raises for it). The message never shows it.
         if breaks_a_header(token.get_secret_value()):
             raise ValueError("the token holds a line break or NUL, which no header can carry")
+        # A bearer token is ASCII (RFC 6750 2.1), and httpx sends headers as ASCII: every attempt would end
+        # in a UnicodeEncodeError, then dead. Such a token is a copy gone wrong (a typographic quote, say).
+        if not token.get_secret_value().isascii():
+            raise ValueError("the token holds a character beyond ASCII, which no bearer token has")
         return token
 
     @model_validator(mode="after")

@@ -750,3 +750,19 @@ def test_a_static_token_that_cannot_be_a_header_fails_at_config_load(tmp_path: P
     [error] = raised.value.errors
     assert error.startswith("routes[0].actions[1].with.token: ")
     assert "static-api-token" not in error
+
+
+def test_a_static_token_beyond_ascii_fails_at_config_load(tmp_path: Path) -> None:
+    # It passed `hookyard check`; then httpx could not encode the header, and every attempt ended in a
+    # UnicodeEncodeError until the acknowledgement was dead, Consignly never told.
+    ack = {
+        "id": "ack",
+        "use": "acknowledge",
+        "after": "app",
+        "with": {"base_url": "https://api.example", "token": "jeton-sécurisé"},
+    }
+    with pytest.raises(ConfigError) as raised:
+        build(tmp_path, APP, ack)
+    assert raised.value.errors == [
+        "routes[0].actions[1].with.token: the token holds a character beyond ASCII, which no bearer token has"
+    ]

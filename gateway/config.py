@@ -591,6 +591,10 @@ def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...]
             # A name YAML read as something else: `no:` or `on:` is a boolean, `2026-01-01:` a date.
             # pydantic would say `sources[0].[key]: Input should be a valid string`.
             place, message = format_location(loc[:-2]), _not_text(error["input"])
+        elif error["type"] in _SHAPES:
+            # pydantic says `Input should be a valid dictionary or instance of Route`: a class name that is
+            # nowhere in the file. The value is not shown: it may be a secret (`secrets: s3cret`).
+            message = f"must be {_SHAPES[error['type']]}, not {_kind_of(error['input'])}"
         elif error["type"] == "missing":
             message = "field required"
         elif error["type"] == "extra_forbidden":
@@ -599,6 +603,29 @@ def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...]
         if line not in lines:
             lines.append(line)
     return lines
+
+
+_SHAPES = {
+    "model_type": "a mapping (key: value)",
+    "dict_type": "a mapping (key: value)",
+    "list_type": "a list",
+}
+
+
+def _kind_of(value: Any) -> str:
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return f"a {type(value).__name__}"
 
 
 def _not_text(key: Any) -> str:

@@ -506,6 +506,22 @@ def test_missing_fields_are_reported_as_field_required(text: str, error: str) ->
     assert config_errors(text) == [error]
 
 
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("routes: [x]", "routes[0]: must be a mapping (key: value), not text"),
+        ("listen:", "listen: must be a mapping (key: value), not empty"),
+        ("sources: [x]", "sources: must be a mapping (key: value), not a list"),
+        ("defaults: {retry: {schedule: 5s}}", "defaults.retry.schedule: must be a list, not text"),
+        # The value is not shown: it may be a secret.
+        (one_source(secrets="s3cret"), "sources.x.secrets: must be a list, not text"),
+    ],
+)
+def test_a_value_of_the_wrong_shape_says_what_is_expected(text: str, error: str) -> None:
+    # pydantic said `routes[0]: Input should be a valid dictionary or instance of Route`: a class of the code.
+    assert config_errors(text) == [error]
+
+
 def test_a_route_needs_at_least_one_action() -> None:
     errors = config_errors("routes: [{name: a, source: x, actions: []}]")
     assert len(errors) == 1

@@ -630,7 +630,7 @@ def _kind_of(value: Any) -> str:
 
 def _not_text(key: Any) -> str:
     if isinstance(key, bool):
-        kind = f"the boolean {str(key).lower()} (as it reads yes, no, on, off, y and n)"
+        kind = f"the boolean {str(key).lower()} (as YAML reads yes, no, on and off)"
     elif isinstance(key, int | float):
         kind = f"the number {key}"
     else:

@@ -717,8 +717,8 @@ def test_listen_and_ops_cannot_share_a_port(
 @pytest.mark.parametrize(
     ("name", "read_as"),
     [
-        ("no", "the boolean false (as it reads yes, no, on, off, y and n)"),
-        ("on", "the boolean true (as it reads yes, no, on, off, y and n)"),
+        ("no", "the boolean false (as YAML reads yes, no, on and off)"),
+        ("on", "the boolean true (as YAML reads yes, no, on and off)"),
         ("123", "the number 123"),
         ("2026-01-01", "a date (2026-01-01)"),
     ],
@@ -728,6 +728,14 @@ def test_a_source_name_that_yaml_reads_as_no_text_says_so(name: str, read_as: st
     assert config_errors(f"sources: {{{name}: {{path: /a, provider: none, insecure: true}}}}") == [
         f"sources: a name that YAML reads as {read_as}, not text: quote it"
     ]
+
+
+def test_y_and_n_are_text_to_yaml_not_booleans() -> None:
+    # The message above said YAML reads y and n as booleans too: PyYAML (YAML 1.1 as it implements it) does not.
+    config = parse_config(
+        "sources: {y: {path: /y, provider: none, insecure: true}, n: {path: /n, provider: none, insecure: true}}"
+    )
+    assert list(config.sources) == ["y", "n"]
 
 
 @pytest.mark.parametrize("name", ["", "  "])

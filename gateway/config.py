@@ -123,13 +123,29 @@ def _misread(value: Any, annotation: Any, loc: tuple[str | int, ...]) -> list[In
     if Any in kinds:
         return []
     if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
-        expected = "a number or text: quote it" if str in kinds else "a number"
-        message = f"the boolean {str(value).lower()} (as YAML reads yes, no, on and off), not {expected}"
+        message = (
+            f"the boolean {str(value).lower()} (as YAML reads yes, no, on and off), not {_numbers(branches)}"
+        )
     elif isinstance(value, int | float) and not isinstance(value, bool) and kinds == {bool}:
         message = f"the number {value}, not a boolean: write true or false"
     else:
         return []
     return [InitErrorDetails(type=PydanticCustomError("yaml_type", message), loc=loc, input=value)]
+
+
+def _numbers(branches: list[Any]) -> str:
+    """What a place that takes numbers takes. Quoting the word helps only where any text is taken: where the
+    text is one of a few words (retry_on's `5xx`), the quoted word is refused all the same."""
+    if str in branches:
+        return "a number or text: quote it"
+    words = [
+        repr(choice)
+        for branch in branches
+        if get_origin(branch) is Literal
+        for choice in get_args(branch)
+        if isinstance(choice, str)
+    ]
+    return ", ".join(["a number", *words[:-1]]) + (f" or {words[-1]}" if words else "")
 
 
 def _branches(annotation: Any) -> list[Any]:

@@ -111,8 +111,9 @@ def test_interpolated_numbers_and_booleans_are_coerced_by_the_schema() -> None:
         (
             "defaults: {retry: {jitter: no, retry_on: [500, on]}}",
             "defaults.retry.jitter: the boolean false (as YAML reads yes, no, on and off), not a number\n"
-            "defaults.retry.retry_on[1]: the boolean true (as YAML reads yes, no, on and off), not a number or "
-            "text: quote it",
+            # Not "quote it": a quoted 'on' is no status family either.
+            "defaults.retry.retry_on[1]: the boolean true (as YAML reads yes, no, on and off), not a number, "
+            "'5xx' or '4xx'",
         ),
         (
             "routes: [{name: r, source: x, events: [user.created, yes], actions: [{use: forward}]}]",

@@ -115,7 +115,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           - name: cursor
             in: query
             description: next_cursor of the previous page (0 or none for the first)
-            schema: {type: integer}
+            schema: {type: integer, minimum: 0}
           - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 500, default: 50}}
         responses:
           200: {description: a page of events}

@@ -517,6 +517,14 @@ def test_openapi_document_is_valid(tmp_path: Path, downstream: Downstream) -> No
         "/admin/events/{event_id}/replay",
         "/admin/replay",
     }
+    # What the endpoints refuse, the document says: a client built from it never sends a cursor below 0.
+    listed = {
+        param["name"]: param["schema"] for param in document["paths"]["/admin/events"]["get"]["parameters"]
+    }
+    replayed = document["paths"]["/admin/replay"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]
+    assert listed["cursor"]["minimum"] == replayed["properties"]["cursor"]["minimum"] == 0
 
 
 def test_cli_through_the_admin_api(tmp_path: Path, downstream: Downstream) -> None:

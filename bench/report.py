@@ -528,6 +528,18 @@ BEFORE = Path(__file__).parent / "results" / "before"
 
 # What changed between the run kept in results/before/ and this code; the figures below say what it did.
 CHANGES = [
+    "**The ratios fell on this machine, not with the code; connections closed after their answer now "
+    "linger, at no cost per keep-alive webhook**. Part 6 counts, against `b991b85` (the commit of the last "
+    "run kept here) in the same run, 0.7% more instructions per webhook with no route (310,571 against "
+    "308,286) and 0.1% more with the forward route (633,633 against 633,039): each answer's write checks "
+    "that its connection has not been closed to the protocol while it lingers (a 400, 408, 431 or "
+    "`Connection: close` answer is followed by a half-close and up to a second of reading what the client "
+    "still sends, where closing at once reset the connection). The same tree's CPU for those instructions "
+    "moved from 46 µs to between 50 and 74 µs per webhook with no route over this day's runs, and part 1 "
+    "moved with it: run side by side on this machine, alternately, `b991b85` measured 0.31x and 0.31x with "
+    "the forward route and this commit 0.33x and 0.34x, with the no-op between 13,892 and 20,050 req/s "
+    "(`--only ingest --duration 5`). Three full runs of this day gave the forward route 0.33x, 0.51x and "
+    "0.34x (this one) and no route 0.54x, 0.85x and 0.78x; `b991b85`'s, on a quicker host, 0.46x and 0.86x.",
     "**The store waits neither for another process's write lock nor for a disk that stopped answering, and "
     "the listener bounds its connections, at no cost per webhook worth measuring**: a batch that finds the "
     "database locked is tried again from a timer (SQLite's busy handler slept on the event loop for up to "

@@ -681,14 +681,7 @@ def test_a_certificate_that_cannot_be_loaded_stops_the_start(tmp_path: Path) -> 
         listen={"host": "127.0.0.1", "port": free_port(), "tls": {"cert": str(cert), "key": str(key)}},
         ops={"host": "127.0.0.1", "port": free_port()},
     )
-    config_path = tmp_path / "routes.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway", "serve", "-c", str(config_path)],
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = serve_to_its_end(tmp_path, config)
     assert result.returncode == 1
     assert f"hookyard: cannot load listen.tls ({cert}, {key}): No such file or directory" in result.stderr
 
@@ -699,18 +692,23 @@ def test_a_port_that_is_taken_stops_the_start_naming_the_address(tmp_path: Path)
     config = gateway_config(
         tmp_path, listen={"host": "127.0.0.1", "port": port}, ops={"host": "127.0.0.1", "port": free_port()}
     )
-    config_path = tmp_path / "routes.yaml"
-    config_path.write_text(yaml.safe_dump(config))
     with taken:
-        result = subprocess.run(
-            [sys.executable, "-m", "gateway", "serve", "-c", str(config_path)],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        result = serve_to_its_end(tmp_path, config)
     assert result.returncode == 1
     # As the docs quote it; it began `hookyard: [Errno 98] cannot listen on`.
     assert result.stderr.endswith(f"hookyard: cannot listen on 127.0.0.1:{port}: Address already in use\n")
+
+
+def serve_to_its_end(tmp_path: Path, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    """`hookyard serve` on `config`, expected to stop by itself (30 s at most)."""
+    config_path = tmp_path / "routes.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "-c", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
 
 
 def test_turning_tls_on_by_reload_is_said_to_wait_for_the_restart(

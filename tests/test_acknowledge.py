@@ -739,15 +739,7 @@ def test_a_static_token_that_cannot_be_a_header_fails_at_config_load(tmp_path: P
     # A token read from a file keeps its trailing newline. It passed `hookyard check`; then aiohttp refused
     # the header on every attempt (a ValueError, not an httpx error: "action raised" with a traceback each
     # time) and the acknowledgement ended dead after the whole schedule, Consignly never told.
-    ack = {
-        "id": "ack",
-        "use": "acknowledge",
-        "after": "app",
-        "with": {"base_url": "https://api.example", "token": "static-api-token\n"},
-    }
-    with pytest.raises(ConfigError) as raised:
-        build(tmp_path, APP, ack)
-    [error] = raised.value.errors
+    [error] = static_token_errors(tmp_path, "static-api-token\n")
     assert error.startswith("routes[0].actions[1].with.token: ")
     assert "static-api-token" not in error
 
@@ -755,14 +747,19 @@ def test_a_static_token_that_cannot_be_a_header_fails_at_config_load(tmp_path: P
 def test_a_static_token_beyond_ascii_fails_at_config_load(tmp_path: Path) -> None:
     # It passed `hookyard check`; then httpx could not encode the header, and every attempt ended in a
     # UnicodeEncodeError until the acknowledgement was dead, Consignly never told.
+    assert static_token_errors(tmp_path, "jeton-sécurisé") == [
+        "routes[0].actions[1].with.token: the token holds a character beyond ASCII, which no bearer token has"
+    ]
+
+
+def static_token_errors(tmp_path: Path, token: str) -> list[str]:
+    """What loading an acknowledge action with the static `token` is refused with."""
     ack = {
         "id": "ack",
         "use": "acknowledge",
         "after": "app",
-        "with": {"base_url": "https://api.example", "token": "jeton-sécurisé"},
+        "with": {"base_url": "https://api.example", "token": token},
     }
     with pytest.raises(ConfigError) as raised:
         build(tmp_path, APP, ack)
-    assert raised.value.errors == [
-        "routes[0].actions[1].with.token: the token holds a character beyond ASCII, which no bearer token has"
-    ]
+    return raised.value.errors

@@ -123,9 +123,7 @@ def _misread(value: Any, annotation: Any, loc: tuple[str | int, ...]) -> list[In
     if Any in kinds:
         return []
     if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
-        message = (
-            f"the boolean {str(value).lower()} (as YAML reads yes, no, on and off), not {_numbers(branches)}"
-        )
+        message = f"{_yaml_boolean(value)}, not {_numbers(branches)}"
     elif isinstance(value, int | float) and not isinstance(value, bool) and kinds == {bool}:
         message = f"the number {value}, not a boolean: write true or false"
     else:
@@ -644,9 +642,13 @@ def _kind_of(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
+def _yaml_boolean(value: bool) -> str:
+    return f"the boolean {str(value).lower()} (as YAML reads yes, no, on and off)"
+
+
 def _not_text(key: Any) -> str:
     if isinstance(key, bool):
-        kind = f"the boolean {str(key).lower()} (as YAML reads yes, no, on and off)"
+        kind = _yaml_boolean(key)
     elif isinstance(key, int | float):
         kind = f"the number {key}"
     else:

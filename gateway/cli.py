@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -294,8 +295,12 @@ def replay(
         from gateway.operations import parse_time
 
         # `2h` means two hours before the replay started, on every page: re-read on each page, the window
-        # would slide forward as the pages go, and skip what lies near its start.
-        window = {"since": parse_time(since), "until": parse_time(until, "until")}
+        # would slide forward as the pages go, and skip what lies near its start. And the window ends when
+        # the replay starts: a delivery a page makes run again may end dead again before the last page is
+        # read, and one with a later id (a dependent, waiting for its parent again) would be replayed twice.
+        started = time.time()
+        ends = parse_time(until, "until")
+        window = {"since": parse_time(since), "until": started if ends is None else min(ends, started)}
         replayed = created = 0
         cursor: int | None = 0
         while cursor is not None:

@@ -646,6 +646,51 @@ def test_a_bulk_replay_keeps_its_window_fixed_across_pages(
     assert result.stdout == "replaying 3 deliveries\n"
 
 
+async def _app_and_notify_dead(storage: SQLiteStorage) -> None:
+    """evt_twice: app ended dead a minute ago, and notify (after app, when failure) then ended dead too."""
+    now = time.time()
+    await storage.ingest(make_event("evt_twice", now - 60), [APP, NOTIFY])
+    [app] = await storage.claim(now - 60, 10, 60, "w")
+    await finish(storage, app, "dead", now - 59, 410)
+    [notify] = await storage.claim(now - 59, 10, 60, "w")
+    await finish(storage, notify, "dead", now - 58, 410)
+
+
+def test_a_bulk_replay_leaves_alone_what_ends_dead_again_while_it_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first page makes app run again, and notify wait for it. Before the next page is read, the
+    gateway runs both and both end dead again (the app still refuses the event). The next page, past app,
+    must not find notify dead and make it run a second time: the chat would be told twice."""
+    path = write_config(tmp_path, config_dict(tmp_path))
+    with_storage(tmp_path / "db.sqlite", _app_and_notify_dead)
+    from gateway.operations import Operations
+
+    real = Operations.replay
+    pages = 0
+
+    async def replay(self: Operations, **window: Any) -> dict[str, Any]:
+        nonlocal pages
+        page = await real(self, **window)
+        pages += 1
+        if pages == 1:  # what a serving gateway does meanwhile
+            for _ in range(2):
+                now = time.time()
+                [claim] = await self.storage.claim(now, 10, 60, "gateway")
+                await finish(self.storage, claim, "dead", now, 410)
+        return page
+
+    monkeypatch.setattr(Operations, "replay", replay)
+    result = invoke("replay", "-c", path, "--state", "dead", "--since", "1h", "--page-size", "1")
+    assert result.exit_code == 0, result.output
+    assert pages == 2
+    assert result.stdout == "replaying 1 deliveries\n"
+    assert {action: d.state for action, d in deliveries(path, "evt_twice").items()} == {
+        "app": "dead",
+        "notify": "dead",
+    }
+
+
 def test_send_with_a_missing_data_file_is_a_usage_error(tmp_path: Path) -> None:
     path = write_config(tmp_path, config_dict(tmp_path))
     missing = tmp_path / "nope.json"

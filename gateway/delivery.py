@@ -48,6 +48,9 @@ def _roots(deliveries: list[NewDelivery]) -> int:
     return sum(delivery.after is None for delivery in deliveries)
 
 
+NONE_FULL: frozenset[tuple[str, str]] = frozenset()
+
+
 _METRIC_OUTCOME = {"delivered": "delivered", "retry": "retried", "dead": "dead", "skipped": "skipped"}
 _LOG_LEVEL = {"delivered": logging.DEBUG, "skipped": logging.INFO, "retry": logging.INFO}
 
@@ -68,6 +71,10 @@ def build_actions(
         limit = ConcurrencyLimit(plan.concurrency) if plan.concurrency else None
         runnable[key] = RunnableAction(plan, action, limit)
     return runnable
+
+
+def _limits(actions: dict[tuple[str, str], RunnableAction]) -> dict[tuple[str, str], ConcurrencyLimit]:
+    return {key: runnable.limit for key, runnable in actions.items() if runnable.limit is not None}
 
 
 # How late past its deadline an attempt may be cancelled, as a share of its timeout (see Deadlines).
@@ -139,6 +146,9 @@ class Engine:
     ) -> None:
         self.storage = storage
         self.actions = actions
+        # The actions with a `concurrency`: the engine takes on no more of their deliveries than that, so
+        # that those waiting for one never hold the slots the other actions' deliveries wait for.
+        self._limited = _limits(actions)
         self.settings = settings
         self.metrics = metrics
         self.pm = pm
@@ -179,6 +189,7 @@ class Engine:
                 previous.limit.resize(runnable.limit.size)
                 runnable.limit = previous.limit
         old, self.actions = self.actions, actions
+        self._limited = _limits(actions)
         running = list(self._running.values())
 
         async def close_old() -> None:
@@ -190,7 +201,7 @@ class Engine:
         task = asyncio.create_task(close_old())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-        self._wakeup.set()
+        self.wake()  # an action's `concurrency` may have changed: the queue is read anew
 
     def wake(self) -> None:
         """New work may be due (an event was queued, a retry scheduled, a replay asked for)."""
@@ -202,8 +213,11 @@ class Engine:
         """A lease for a new event's deliveries, to take in the event's own commit: as many of those that
         can run at once as there are free slots. None while older work is due or on its way into the
         queue (it goes first: oldest due first, as the claim loop takes them) or the engine stops; then
-        the claim loop fetches them, as it does what the lease leaves out. `ingested` must follow."""
-        roots = _roots(deliveries)
+        the claim loop fetches them, as it does what the lease leaves out. Those of an action at its
+        `concurrency` are never leased: they wait in the queue until it has room (see `follow`). `ingested`
+        must follow."""
+        skip = self._full(deliveries) if self._limited else NONE_FULL
+        roots = _roots(deliveries) - len(skip)
         free = self.settings.concurrency - len(self._running) - self._reserved
         limit = min(free, roots)
         if self._wants_slots or self._stopping or self._queueing or time.time() >= self._due_at:
@@ -215,25 +229,64 @@ class Engine:
         if limit <= 0:
             return None
         self._reserved += limit
-        return Lease(self.owner, time.time() + self.settings.lease, limit)
+        return Lease(self.owner, time.time() + self.settings.lease, limit, skip)
+
+    def _full(self, deliveries: list[NewDelivery]) -> frozenset[tuple[str, str]]:
+        """The actions of an event's deliveries without a parent that are at their `concurrency`."""
+        full = NONE_FULL
+        for delivery in deliveries:
+            key = (delivery.route, delivery.action)
+            limit = self._limited.get(key)
+            if delivery.after is None and limit is not None and limit.room <= 0:
+                full |= {key}
+        return full
 
     def follow(
         self, deliveries: list[NewDelivery], lease: Lease | None, stored: asyncio.Future[Ingested]
     ) -> None:
         """Call `ingested` once the commit of the event `lease` was asked for is done; until then, a
-        stop waits for it when it holds a lease."""
+        stop waits for it when it holds a lease. What the lease may take of an action with a
+        `concurrency` counts against it from now on (as `lease` saw it, nothing has run since)."""
         if lease is not None:
             self._leasing.add(stored)
             stored.add_done_callback(self._leasing.discard)
-        stored.add_done_callback(partial(self.ingested, _roots(deliveries), lease))
+        roots = _roots(deliveries)
+        held: list[ConcurrencyLimit] = []
+        full: list[ConcurrencyLimit] = []
+        if self._limited:
+            skip = lease.skip if lease is not None else self._full(deliveries)
+            roots -= len(skip)
+            full = [self._limited[key] for key in skip]
+            # The store leases the first `lease.limit` of the others, in order.
+            leasable = [
+                (d.route, d.action) for d in deliveries if d.after is None and (d.route, d.action) not in skip
+            ]
+            for key in leasable[: lease.limit if lease is not None else 0]:
+                limit = self._limited.get(key)
+                if limit is not None:
+                    limit.taken += 1
+                    held.append(limit)
+        stored.add_done_callback(partial(self.ingested, roots, lease, held=held, full=full))
 
-    def ingested(self, roots: int, lease: Lease | None, stored: asyncio.Future[Ingested]) -> None:
-        """The commit of a new event whose deliveries include `roots` without a parent is done (or failed):
-        start what it leased, and wake the claim loop for what it did not."""
+    def ingested(
+        self,
+        roots: int,
+        lease: Lease | None,
+        stored: asyncio.Future[Ingested],
+        *,
+        held: Collection[ConcurrencyLimit] = (),
+        full: Collection[ConcurrencyLimit] = (),
+    ) -> None:
+        """The commit of a new event whose deliveries include `roots` without a parent that may start (not
+        of an action at its `concurrency`) is done (or failed): start what it leased, and wake the claim
+        loop for what it did not. `held` counted the leased deliveries against their actions' `concurrency`
+        until now; `full` are the actions whose deliveries went to the queue as they had no room."""
         leased = lease.limit if lease is not None else 0
         if leased < roots:
             self._queueing -= 1
         self._reserved -= leased
+        for limit in held:
+            limit.taken -= 1  # those started below count again
         claims: tuple[Claim, ...] = ()
         ingested: Ingested | None = None
         if not stored.cancelled():
@@ -255,7 +308,9 @@ class Engine:
             elif new:
                 for claim in claims:
                     self._start(claim)
-            if new and len(claims) < roots:
+            # An action that was full when the lease was asked for may have room by now, and the claim
+            # loop may have looked for its deliveries before this one was in the queue.
+            if new and (len(claims) < roots or any(limit.room > 0 for limit in full)):
                 self.wake()
                 return
         if len(claims) < leased and self._wants_slots:
@@ -333,8 +388,16 @@ class Engine:
             self._reserved += free  # what the claim returns takes them: no lease may meanwhile
             claims: list[Claim] | None
             now = time.time()
+            rooms = {key: limit.room for key, limit in self._limited.items()} if self._limited else None
             claiming = asyncio.ensure_future(
-                self.storage.claim(now, free, settings.lease, self.owner, running=self._maybe_lapsed(now))
+                self.storage.claim(
+                    now,
+                    free,
+                    settings.lease,
+                    self.owner,
+                    running=self._maybe_lapsed(now),
+                    limited=rooms,
+                )
             )
             self._claiming = claiming
             try:
@@ -361,7 +424,11 @@ class Engine:
             with contextlib.suppress(StorageUnavailable):
                 # Not one of ours whose lease ran out under its attempt: it is not claimed, and waking for
                 # it would only spin.
-                due = await self.storage.next_due_at(running=self._maybe_lapsed(time.time()))
+                due = await self.storage.next_due_at(
+                    running=self._maybe_lapsed(time.time()),
+                    # Their due deliveries wait for a delivery of theirs to finish, which wakes the loop.
+                    full=[key for key, limit in self._limited.items() if limit.room <= 0],
+                )
                 if wakes == self._wakes:  # else what was queued since may be missing from this read
                     self._due_at = math.inf if due is None else due
                 if due is not None:
@@ -398,20 +465,31 @@ class Engine:
             # out under the attempt): let that attempt finish.
             log.warning("delivery claimed while still running", extra={"delivery": delivery_id})
             return
-        task = asyncio.create_task(self._deliver(claim))
+        # Looked up now, so that the delivery counts against the `concurrency` of the action it runs with.
+        runnable = self.actions.get((claim.delivery.route, claim.delivery.action))
+        limit = runnable.limit if runnable is not None else None
+        if limit is not None:
+            limit.taken += 1
+        task = asyncio.create_task(self._deliver(claim, runnable))
         self._running[delivery_id] = task
 
         def done(_task: asyncio.Task[None]) -> None:
             if self._running.get(delivery_id) is task:  # not a new attempt started after a fenced-out one
                 del self._running[delivery_id]
+            if limit is not None:
+                limit.taken -= 1
+                if limit.taken + 1 >= limit.size:
+                    # It was full: the claim loop left its due deliveries in the queue, and the next one
+                    # may start now, ahead of what was queued after it.
+                    self.wake()
+                    return
             if self._wants_slots:
                 self._wakeup.set()  # a worker slot is free, and the claim loop is waiting for one
 
         task.add_done_callback(done)
 
-    async def _deliver(self, claim: Claim) -> None:
+    async def _deliver(self, claim: Claim, runnable: RunnableAction | None) -> None:
         delivery, event = claim.delivery, claim.event
-        runnable = self.actions.get((delivery.route, delivery.action))
         started = time.time()
         if runnable is None:
             outcome = dead(f"action {delivery.action!r} of route {delivery.route!r} is no longer configured")

@@ -19,7 +19,15 @@ class ConcurrencyLimit:
     def __init__(self, size: int) -> None:
         self.size = size
         self.held = 0
+        # The action's deliveries the engine has taken on and not finished: leased (by a claim, or at
+        # ingest), waiting here or running. It takes on no more than `size` (room): one more would wait
+        # here, holding one of the engine's slots that every other action's deliveries wait for.
+        self.taken = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def room(self) -> int:
+        return self.size - self.taken
 
     async def __aenter__(self) -> None:
         if self.held < self.size and not self._waiters:

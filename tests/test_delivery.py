@@ -268,6 +268,42 @@ def test_action_concurrency_limits_requests_in_flight(tmp_path, downstream: Down
     assert downstream.max_in_flight == 2
 
 
+def test_an_action_at_its_concurrency_holds_no_slot_that_another_action_waits_for(
+    tmp_path, downstream: Downstream
+) -> None:
+    # slow's receiver takes 1.5 s per event, one at a time, and four of its events are queued when fast's
+    # event comes. Two slots in all: had slow's queue taken them, to wait for slow, fast's delivery would
+    # have waited behind three of slow's (4.5 s).
+    with downstream_server() as slow_app:
+        slow_app.delay = 1.5
+        routes = [
+            users_route(
+                slow_app,
+                {"id": "app", "use": "forward", "concurrency": 1, "with": {"url": f"{slow_app.url}/slow"}},
+                name="slow",
+                events=["user.created"],
+            ),
+            users_route(downstream, name="fast", events=["user.deleted"]),
+        ]
+        config = gateway_config(tmp_path, routes=routes)
+        config["delivery"]["concurrency"] = 2
+        with RunningGateway(config) as gw:
+            for index in range(4):
+                body, headers = svix_request(msg_id=f"msg_slow_{index}")
+                gw.post("/webhooks/consignease", body, headers)
+            body, headers = svix_request("user.deleted", msg_id="msg_fast")
+            sent = time.monotonic()
+            gw.post("/webhooks/consignease", body, headers)
+            downstream.wait_for(1, "/app", timeout=10)
+            assert time.monotonic() - sent < 1.0
+            # slow still took one at a time, in the order they came, each once.
+            received = slow_app.wait_for(4, "/slow", timeout=15)
+            assert [r.headers["idempotency-key"] for r in received] == [f"msg_slow_{i}" for i in range(4)]
+            assert slow_app.max_in_flight == 1
+            wait_until(lambda: delivery_states(gw, "msg_slow_3") == {"app": "delivered"})
+            assert all(event_detail(gw, f"msg_slow_{i}").deliveries[0].attempts == 1 for i in range(4))
+
+
 def test_an_attempt_longer_than_the_lease_is_sent_once(tmp_path, downstream: Downstream) -> None:
     # The engine renews the leases of running deliveries: a slow receiver never gets the same event twice.
     downstream.delay = 1.5

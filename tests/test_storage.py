@@ -1099,11 +1099,44 @@ def test_claim_leaves_out_the_deliveries_the_caller_runs_whatever_their_lease(db
     assert [(c.event.id, c.delivery.attempts) for c in db.claim(lapsed)] == [("evt_mine", 2)]
 
 
+def test_claim_takes_no_more_of_an_action_than_it_has_room_for_and_none_of_a_full_one(db: Harness) -> None:
+    slow, fast = action("slow"), action("fast")
+    for index in range(3):
+        db.ingest(f"evt_slow_{index}", slow, at=T0 + index)
+    db.ingest("evt_fast", fast, at=T0 + 5)
+
+    def claim(room: int) -> list[str]:
+        claims = db.run(db.storage.claim(T0 + 10, 10, LEASE, "w1", limited={(ROUTE, "slow"): room}))
+        return [c.event.id for c in claims]
+
+    # Room for one more of slow: the oldest. The others stay due, and fast, due after them, goes ahead.
+    assert claim(1) == ["evt_slow_0", "evt_fast"]
+    # Full: none of it, and when the next delivery falls due is read without its queue.
+    assert claim(0) == []
+    assert db.run(db.storage.next_due_at(full=[(ROUTE, "slow")])) == T0 + 10 + LEASE  # a lease's end
+    assert db.run(db.storage.next_due_at()) == T0 + 1
+    # With room again, its queue goes on from the oldest.
+    assert claim(2) == ["evt_slow_1", "evt_slow_2"]
+    assert [d.attempts for d in db.deliveries("evt_slow_2").values()] == [1]
+
+
+def test_ingest_with_a_lease_leaves_the_deliveries_of_a_full_action_in_the_queue(db: Harness) -> None:
+    lease = Lease("w1", T0 + LEASE, limit=2, skip=frozenset({(ROUTE, "app")}))
+    ingested = db.ingest_leased(make_event("evt_1"), [APP, action("audit"), action("archive")], lease)
+    assert [(c.delivery.action, c.delivery.attempts) for c in ingested.claims] == [
+        ("audit", 1),
+        ("archive", 1),
+    ]
+    assert (db.deliveries("evt_1")["app"].attempts, db.deliveries("evt_1")["app"].due_at) == (0, T0)
+
+
 def test_claims_walk_the_due_index_with_the_running_ones_left_out(db: Harness) -> None:
     # Whatever the backlog: a walk of deliveries_due in due order, no sort, with or without ids left out.
     for sql, params in (
         (sqlite_module.CLAIM_DUE, (T0, "[1, 2, 3]", 10)),
         (sqlite_module.NEXT_DUE, ("[1, 2, 3]",)),
+        (sqlite_module.CLAIM_DUE_LIMITED, (T0, "[1, 2, 3]", '[["orders", "app"]]', 10)),
+        (sqlite_module.NEXT_DUE_LIMITED, ("[]", '[["orders", "app"]]')),
         (sqlite_module.CLAIM_ALL_DUE, (T0, 10)),
         (sqlite_module.NEXT_OF_ALL_DUE, ()),
     ):

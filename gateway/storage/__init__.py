@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
@@ -84,11 +84,13 @@ class Claim:
 class Lease:
     """Up to `limit` of a new event's deliveries leased to the engine `owner` until `until` in the event's
     own transaction, for it to start once the commit is durable: they skip the queue, and the claim that
-    would otherwise fetch each one back from the store."""
+    would otherwise fetch each one back from the store. Those of the actions (route, action) in `skip`
+    (at their `concurrency`) are never leased: they go to the queue."""
 
     owner: str
     until: float
     limit: int
+    skip: frozenset[tuple[str, str]] = frozenset()
 
 
 class Ingested(NamedTuple):
@@ -186,11 +188,23 @@ class Storage(ABC):
 
     @abstractmethod
     async def claim(
-        self, now: float, limit: int, lease: float, owner: str, *, running: Collection[int] = ()
+        self,
+        now: float,
+        limit: int,
+        lease: float,
+        owner: str,
+        *,
+        running: Collection[int] = (),
+        limited: Mapping[tuple[str, str], int] | None = None,
     ) -> list[Claim]:
         """Lease up to `limit` due deliveries, oldest due first, counting an attempt for each. Deliveries in
         `running` (the caller is running them itself) are left out, whatever their lease says: one of them
-        whose lease ran out while its attempt runs (missed renewals) is not attempted beside it."""
+        whose lease ran out while its attempt runs (missed renewals) is not attempted beside it.
+
+        limited: how many more deliveries each of these actions (route, action) may start (its
+        `concurrency` less those the caller has of it). No more than that are leased, and none of one at 0:
+        leased, they would wait for the action while holding the caller's slots, which the other actions'
+        due deliveries wait for."""
 
     @abstractmethod
     async def finish(
@@ -225,9 +239,11 @@ class Storage(ABC):
         """Extend the leases `owner` holds on these deliveries: they are still being worked on."""
 
     @abstractmethod
-    async def next_due_at(self, *, running: Collection[int] = ()) -> float | None:
-        """When the next pending delivery (or lease) falls due, leaving out those in `running` (as `claim`
-        does)."""
+    async def next_due_at(
+        self, *, running: Collection[int] = (), full: Collection[tuple[str, str]] = ()
+    ) -> float | None:
+        """When the next pending delivery (or lease) falls due, leaving out those in `running` and those of
+        the actions (route, action) in `full` (as `claim` does, those of an action it may start none of)."""
 
     @abstractmethod
     async def queue_stats(self, now: float) -> QueueStats: ...

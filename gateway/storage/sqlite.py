@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import IO, Any, Literal, ParamSpec, TypeVar
@@ -1020,11 +1020,19 @@ class SQLiteStorage(Storage):
     # -- delivery -------------------------------------------------------------------------------------
 
     async def claim(
-        self, now: float, limit: int, lease: float, owner: str, *, running: Collection[int] = ()
+        self,
+        now: float,
+        limit: int,
+        lease: float,
+        owner: str,
+        *,
+        running: Collection[int] = (),
+        limited: Mapping[tuple[str, str], int] | None = None,
     ) -> list[Claim]:
         left_out = _id_list(running)
+        rooms = dict(limited) if limited else None  # read when called, as `running` is
         return await self._run(
-            lambda conn: _claim(conn, now, limit, now + lease, owner, left_out), durable=False
+            lambda conn: _claim(conn, now, limit, now + lease, owner, left_out, rooms), durable=False
         )
 
     async def finish(
@@ -1095,13 +1103,19 @@ class SQLiteStorage(Storage):
 
         return await self._run(release, durable=False)
 
-    async def next_due_at(self, *, running: Collection[int] = ()) -> float | None:
+    async def next_due_at(
+        self, *, running: Collection[int] = (), full: Collection[tuple[str, str]] = ()
+    ) -> float | None:
         left_out = _id_list(running)
+        full_actions = _key_list(full)
 
         def next_due(conn: sqlite3.Connection) -> float | None:
-            row = (
-                conn.execute(NEXT_OF_ALL_DUE) if left_out is None else conn.execute(NEXT_DUE, (left_out,))
-            ).fetchone()
+            if full_actions is not None:
+                row = conn.execute(NEXT_DUE_LIMITED, (left_out or "[]", full_actions)).fetchone()
+            elif left_out is None:
+                row = conn.execute(NEXT_OF_ALL_DUE).fetchone()
+            else:
+                row = conn.execute(NEXT_DUE, (left_out,)).fetchone()
             return None if row[0] is None else float(row[0])
 
         # Rides along: the claim loop only sets its sleep by it, and whatever falls due sooner wakes it.
@@ -1423,7 +1437,12 @@ def _insert_deliveries(
                 state = "pending"
             else:
                 state, due_at = "skipped", None
-        elif lease is not None and leased is not None and len(leased) < lease.limit:
+        elif (
+            lease is not None
+            and leased is not None
+            and len(leased) < lease.limit
+            and (not lease.skip or (delivery.route, delivery.action) not in lease.skip)
+        ):
             due_at, owner, attempts = lease.until, lease.owner, 1
         row = conn.execute(
             "INSERT INTO deliveries (event_seq, route, action, parent_id, run_when, state, attempts, due_at, "
@@ -1483,6 +1502,20 @@ NEXT_DUE = (
     "AND id NOT IN (SELECT value FROM json_each(?))"
 )
 NEXT_OF_ALL_DUE = "SELECT min(due_at) FROM deliveries WHERE state = 'pending'"
+# With actions at their `concurrency` (a JSON array of [route, action]), whose deliveries stay in the queue:
+# the walk of deliveries_due passes over theirs, as many as are due. Only while some action is full.
+_NOT_FULL = (
+    "AND (route, action) NOT IN "
+    "(SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?)) "
+)
+CLAIM_DUE_LIMITED = (
+    "SELECT id, route, action FROM deliveries WHERE state = 'pending' AND due_at <= ? "
+    f"AND id NOT IN (SELECT value FROM json_each(?)) {_NOT_FULL}ORDER BY due_at, id LIMIT ?"
+)
+NEXT_DUE_LIMITED = (
+    "SELECT min(due_at) FROM deliveries WHERE state = 'pending' "
+    f"AND id NOT IN (SELECT value FROM json_each(?)) {_NOT_FULL}"
+)
 
 
 def _id_list(ids: Collection[int]) -> str | None:
@@ -1491,15 +1524,43 @@ def _id_list(ids: Collection[int]) -> str | None:
     return orjson.dumps(list(ids)).decode() if ids else None
 
 
+def _key_list(keys: Iterable[tuple[str, str]]) -> str | None:
+    """(route, action) pairs as the JSON array of _NOT_FULL, None for none."""
+    listed = [list(key) for key in keys]
+    return orjson.dumps(listed).decode() if listed else None
+
+
 def _claim(
-    conn: sqlite3.Connection, now: float, limit: int, lease_until: float, owner: str, running: str | None
+    conn: sqlite3.Connection,
+    now: float,
+    limit: int,
+    lease_until: float,
+    owner: str,
+    running: str | None,
+    rooms: dict[tuple[str, str], int] | None = None,
 ) -> list[Claim]:
-    selected = (
-        conn.execute(CLAIM_ALL_DUE, (now, limit))
-        if running is None
-        else conn.execute(CLAIM_DUE, (now, running, limit))
-    )
-    due = [row[0] for row in selected]
+    if rooms:
+        # Some actions have a `concurrency`: none of a full one, and no more of the others than they have
+        # room for. What is passed over stays due, and goes first once its action has room.
+        full = _key_list(key for key, room in rooms.items() if room <= 0)
+        left = dict(rooms)  # counted down here: a batch that fails runs this again
+        due = []
+        for delivery_id, route, action in conn.execute(
+            CLAIM_DUE_LIMITED, (now, running or "[]", full or "[]", limit)
+        ):
+            room = left.get((route, action))
+            if room is not None:
+                if room <= 0:
+                    continue
+                left[(route, action)] = room - 1
+            due.append(delivery_id)
+    else:
+        selected = (
+            conn.execute(CLAIM_ALL_DUE, (now, limit))
+            if running is None
+            else conn.execute(CLAIM_DUE, (now, running, limit))
+        )
+        due = [row[0] for row in selected]
     if not due:
         return []
     placeholders = ",".join("?" * len(due))

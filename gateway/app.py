@@ -105,6 +105,7 @@ class Gateway:
         self.metrics = Metrics()
         self.storage = storage or open_storage(config.storage.url)
         self.storage.on_commit = self.metrics.observe_commit
+        self.storage.on_skipped = self.metrics.skipped
         self.metrics.storage_fsync_wait.set_function(self.storage.fsync_wait)
         self.ingress = Ingress(self)
         self.ops = ops_app(self)

@@ -6,13 +6,16 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from bisect import bisect_left
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
+
+if TYPE_CHECKING:
+    from gateway.storage import DeliveryRecord
 
 # The *_created series double the exposition for nothing a dashboard uses.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -276,6 +279,11 @@ class Metrics:
         children[1].observe(seconds)
         if children[2] is not None:
             children[2].observe(age)
+
+    def skipped(self, deliveries: Sequence[DeliveryRecord]) -> None:
+        """Dependents skipped without an attempt, other than by an attempt's result (Storage.on_skipped)."""
+        for delivery in deliveries:
+            self.deliveries.labels(delivery.route, delivery.action, "skipped").inc()
 
     def observe_commit(self, batch_size: int, seconds: float) -> None:
         self.commit_batch.observe(batch_size)

@@ -576,6 +576,65 @@ def test_replay_missing_makes_a_new_dependent_wait_for_its_replayed_parent(
         assert downstream.received("/alert") == []
 
 
+def test_dependents_a_replay_skips_count_as_skipped(tmp_path: Path, downstream: Downstream) -> None:
+    # `alert` runs only when app fails, and `page` after `alert`. app is delivered: both are skipped, once
+    # at first, again when alert is replayed on its own, and `late`, added after the event came with the
+    # same `when`, is created skipped by a replay of what is missing. Each counts, as a skip an attempt
+    # makes does.
+    config = users_config(tmp_path, downstream)
+    config_path = tmp_path / "routes.yaml"
+    actions = config["routes"][0]["actions"]
+    actions.append(
+        {
+            "id": "alert",
+            "use": "forward",
+            "after": "app",
+            "when": "failure",
+            "with": {"url": f"{downstream.url}/alert"},
+        }
+    )
+    actions.append(
+        {"id": "page", "use": "forward", "after": "alert", "with": {"url": f"{downstream.url}/page"}}
+    )
+    config_path.write_text(yaml.safe_dump(config))
+    with RunningGateway(config_path) as gw:
+
+        def skipped(action: str) -> float:
+            return gw.metric("hookyard_deliveries_total", route="users", action=action, outcome="skipped")
+
+        send(gw, "msg_skips")
+        wait_until(lambda: states(gw, "msg_skips")["page"] == "skipped")
+        assert (skipped("alert"), skipped("page")) == (1, 1)
+
+        replay = admin(gw, "POST", "/admin/events/msg_skips/replay", json={"action": "alert"})
+        assert replay.json()["replayed"] == 1
+        wait_until(lambda: skipped("alert") == 2)
+        assert skipped("page") == 2
+        assert states(gw, "msg_skips") == {
+            "app": "delivered",
+            "audit": "delivered",
+            "alert": "skipped",
+            "page": "skipped",
+        }
+
+        actions.append(
+            {
+                "id": "late",
+                "use": "forward",
+                "after": "app",
+                "when": "failure",
+                "with": {"url": f"{downstream.url}/late"},
+            }
+        )
+        config_path.write_text(yaml.safe_dump(config))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+        result = admin(gw, "POST", "/admin/replay", json={"mode": "missing", "since": "1h"}).json()
+        assert result == {"replayed": 0, "created": 1, "next_cursor": None}
+        assert states(gw, "msg_skips")["late"] == "skipped"
+        assert skipped("late") == 1
+        assert [r.path for r in downstream.received()] == ["/app", "/audit"]
+
+
 def test_admin_api_takes_the_bearer_scheme_in_any_case(tmp_path: Path, downstream: Downstream) -> None:
     with RunningGateway(users_config(tmp_path, downstream)) as gw:
         response = gw.client.get(gw.ops_url + "/admin/events", headers={"authorization": f"bearer {TOKEN}"})

@@ -156,6 +156,10 @@ class EventDetail:
 class Storage(ABC):
     # Told the size and duration of every commit, when the backend batches them (group commit).
     on_commit: Callable[[int, float], None] | None = None
+    # Told, once committed, of the dependents skipped without an attempt, their parent's result not one
+    # they run on, by anything but an attempt's result (whose `Finished` has its own): a claim of one
+    # replayed on its own, or a replay that creates one below a parent that is final already.
+    on_skipped: Callable[[list[DeliveryRecord]], None] | None = None
 
     @abstractmethod
     async def open(self, *, create: bool = True) -> None:

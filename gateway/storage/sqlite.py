@@ -1031,9 +1031,15 @@ class SQLiteStorage(Storage):
     ) -> list[Claim]:
         left_out = _id_list(running)
         rooms = dict(limited) if limited else None  # read when called, as `running` is
-        return await self._run(
+        claims, skipped = await self._run(
             lambda conn: _claim(conn, now, limit, now + lease, owner, left_out, rooms), durable=False
         )
+        self._tell_skipped(skipped)
+        return claims
+
+    def _tell_skipped(self, skipped: list[DeliveryRecord]) -> None:
+        if skipped and self.on_skipped is not None:
+            self.on_skipped(skipped)
 
     async def finish(
         self,
@@ -1344,7 +1350,7 @@ class SQLiteStorage(Storage):
         return await self._read(page)
 
     async def add_deliveries(self, seq: int, deliveries: list[NewDelivery], now: float) -> int:
-        def add(conn: sqlite3.Connection) -> int:
+        def add(conn: sqlite3.Connection) -> tuple[int, list[DeliveryRecord]]:
             existing = {
                 (route, action): (delivery_id, state)
                 for delivery_id, route, action, state in conn.execute(
@@ -1354,9 +1360,12 @@ class SQLiteStorage(Storage):
             # What the caller found missing was read earlier: another replay may have created some since
             # (two at once over the same window). Created twice, they would be delivered twice.
             missing = [d for d in deliveries if (d.route, d.action) not in existing]
-            return _insert_deliveries(conn, seq, missing, now, existing)
+            skipped: list[DeliveryRecord] = []
+            return _insert_deliveries(conn, seq, missing, now, existing, skipped=skipped), skipped
 
-        return await self._run(add)
+        created, skipped = await self._run(add)
+        self._tell_skipped(skipped)
+        return created
 
 
 _EVENT_STATE = """CASE
@@ -1408,13 +1417,16 @@ def _insert_deliveries(
     existing: dict[tuple[str, str], tuple[int, str]],
     lease: Lease | None = None,
     leased: list[DeliveryRecord] | None = None,
+    *,
+    skipped: list[DeliveryRecord] | None = None,
 ) -> int:
     """Insert an event's deliveries. A dependent waits for its parent, or, when the parent (created
     earlier, e.g. before a replay of missing deliveries) is already final, is decided at once. With a
     `lease`, up to `lease.limit` deliveries without a parent are inserted leased, their first attempt
     counted, and appended to `leased`, as `_claim` would return them. A dependent whose parent is neither
     in `existing` nor before it in `deliveries` is refused (ValueError): inserted without one, it would run
-    as if it had none, its `when` ignored."""
+    as if it had none, its `when` ignored. Those skipped at once (a parent final already, whose result
+    they do not run on) are appended to `skipped`."""
     known = dict(existing)
     for delivery in deliveries:
         parent = None
@@ -1465,6 +1477,22 @@ def _insert_deliveries(
         delivery_id = row.lastrowid
         assert delivery_id is not None
         known[(delivery.route, delivery.action)] = (delivery_id, state)
+        if state == "skipped" and skipped is not None:
+            skipped.append(
+                DeliveryRecord(
+                    delivery_id,
+                    seq,
+                    delivery.route,
+                    delivery.action,
+                    state,
+                    0,
+                    None,
+                    created_at=now,
+                    parent_id=parent[0] if parent else None,
+                    when=delivery.when,
+                    finished_at=now,
+                )
+            )
         if owner is not None:
             assert leased is not None
             leased.append(
@@ -1538,7 +1566,9 @@ def _claim(
     owner: str,
     running: str | None,
     rooms: dict[tuple[str, str], int] | None = None,
-) -> list[Claim]:
+) -> tuple[list[Claim], list[DeliveryRecord]]:
+    """The claims, and the deliveries skipped instead (with their dependents), their parent's result not
+    one they run on."""
     if rooms:
         # Some actions have a `concurrency`: none of a full one, and no more of the others than they have
         # room for. What is passed over stays due, and goes first once its action has room.
@@ -1562,7 +1592,7 @@ def _claim(
         )
         due = [row[0] for row in selected]
     if not due:
-        return []
+        return [], []
     placeholders = ",".join("?" * len(due))
     leased = {
         row[0]: _delivery(row)
@@ -1580,6 +1610,7 @@ def _claim(
     parents = _by_key(conn, f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE id IN", parent_ids)
     claims = []
     unready: list[int] = []
+    skipped = Finished()
     for delivery in deliveries:
         parent = None
         if delivery.parent_id is not None and delivery.parent_id in parents:
@@ -1595,12 +1626,14 @@ def _claim(
                 # Replayed on its own below a skipped parent, or one whose result its `when` does not ask
                 # for: skipped again, as it was then, and its own dependents with it, rather than run on a
                 # result it does not follow (or told of a failure that never happened).
-                conn.execute(
+                row = conn.execute(
                     "UPDATE deliveries SET state = 'skipped', due_at = NULL, lease_owner = NULL, "
-                    "attempts = attempts - 1, finished_at = ?, last_error = ? WHERE id = ?",
+                    "attempts = attempts - 1, finished_at = ?, last_error = ? WHERE id = ? "
+                    f"RETURNING {_DELIVERY_COLUMNS}",
                     (now, SKIPPED_REASON, delivery.id),
-                )
-                _settle_dependents(conn, delivery.id, None, now, Finished())
+                ).fetchone()
+                skipped.skipped.append(_delivery(row))
+                _settle_dependents(conn, delivery.id, None, now, skipped)
                 continue
             outcome: Literal["delivered", "dead"] = "delivered" if p.state == "delivered" else "dead"
             parent = ParentResult(p.action, outcome, p.attempts, p.last_status, p.last_error)
@@ -1612,7 +1645,7 @@ def _claim(
             f"WHERE id IN ({placeholders})",
             unready,
         )
-    return claims
+    return claims, skipped.skipped
 
 
 def _by_key(conn: sqlite3.Connection, select: str, keys: Iterable[int]) -> dict[int, tuple[Any, ...]]:

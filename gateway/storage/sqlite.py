@@ -1477,22 +1477,27 @@ def _insert_deliveries(
         delivery_id = row.lastrowid
         assert delivery_id is not None
         known[(delivery.route, delivery.action)] = (delivery_id, state)
-        if state == "skipped" and skipped is not None:
-            skipped.append(
-                DeliveryRecord(
-                    delivery_id,
-                    seq,
-                    delivery.route,
-                    delivery.action,
-                    state,
-                    0,
-                    None,
-                    created_at=now,
-                    parent_id=parent[0] if parent else None,
-                    when=delivery.when,
-                    finished_at=now,
+        if state == "skipped":
+            # Why, as for one its parent's result skips (_settle_dependents). Never at ingest, where every
+            # parent is new: not a column of the insert above, which every webhook's deliveries run.
+            conn.execute("UPDATE deliveries SET last_error = ? WHERE id = ?", (SKIPPED_REASON, delivery_id))
+            if skipped is not None:
+                skipped.append(
+                    DeliveryRecord(
+                        delivery_id,
+                        seq,
+                        delivery.route,
+                        delivery.action,
+                        state,
+                        0,
+                        None,
+                        created_at=now,
+                        parent_id=parent[0] if parent else None,
+                        when=delivery.when,
+                        last_error=SKIPPED_REASON,
+                        finished_at=now,
+                    )
                 )
-            )
         if owner is not None:
             assert leased is not None
             leased.append(

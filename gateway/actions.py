@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gateway.config import RetryPolicy
 from gateway.events import Event
-from gateway.http_client import HttpClient, Target, announces_a_stray_body, shown_url
+from gateway.http_client import HttpClient, Target, announces_a_stray_body, check_url_text, shown_url
 
 if TYPE_CHECKING:
     import aiohttp
@@ -202,6 +202,7 @@ def check_http_url(url: str) -> str:
     """An http(s) URL with a host, as httpx reads it: for the options of actions that send with `http`."""
     import httpx
 
+    check_url_text(url)  # httpx would refuse it too, as only "not a valid URL"
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL:  # not a ValueError: the config check would fail with it, not report it

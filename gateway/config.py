@@ -32,6 +32,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from gateway.addresses import ForwardedHeader, parse_networks
+from gateway.http_client import url_text_problem
 
 DEFAULT_CONFIG_PATH = "routes.yaml"
 CONFIG_ENV_VAR = "HOOKYARD_CONFIG"
@@ -237,6 +238,9 @@ class StorageConfig(Strict):
     @field_validator("url")
     @classmethod
     def _supported(cls, url: str) -> str:
+        problem = url_text_problem(url)
+        if problem is not None:
+            raise ValueError(problem)  # not the URL: `check` refuses a postgresql:// one, password and all
         if not url.startswith("sqlite:///"):
             raise ValueError("only sqlite:///path/to/file.db is supported for the gateway's own store")
         # `serve` and the operator commands would fail on it (with a traceback, or `cannot open /`), after

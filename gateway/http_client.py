@@ -84,6 +84,34 @@ def shown_url(url: str) -> str:
     return f"{scheme}{slashes}{host}{after if after in ('', '/') else '/…'}"
 
 
+# ASCII control characters: urlsplit drops tabs and line breaks wherever they are, and the leading ones with
+# the spaces before a URL, without a word (as browsers do with what is pasted into them).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_NAMES = {"\t": "a tab", "\n": "a line feed", "\r": "a carriage return", "\0": "a NUL"}
+
+
+def url_text_problem(url: str) -> str | None:
+    """What makes `url` no URL as written, without repeating it (it may hold a password): whitespace at
+    either end, or an ASCII control character anywhere. Either would be dropped without a word by urlsplit:
+    `"http://app/ho\\tok"`, a YAML escape, would be sent to /hook. A space inside is left to the parser
+    (a path's is percent-encoded, a host's refused)."""
+    if url != url.strip():
+        return "begins or ends with whitespace, such as a newline kept from a file: remove it"
+    found = _CONTROL.search(url)
+    if found is None:
+        return None
+    char = found.group()
+    name = _CONTROL_NAMES.get(char, "a control character")
+    return f"{name} ({char!r}) at character {found.start() + 1}: a URL cannot hold a control character"
+
+
+def check_url_text(url: str) -> None:
+    """Raise ValueError, showing `url` as shown_url does, for what url_text_problem finds."""
+    problem = url_text_problem(url)
+    if problem is not None:
+        raise ValueError(f"{shown_url(url)!r}: {problem}")
+
+
 # A header name is an RFC 9110 token.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
@@ -139,6 +167,7 @@ class Target:
 
     @classmethod
     def parse(cls, url: str) -> Target:
+        check_url_text(url)
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{shown_url(url)!r} is not an http(s) URL")

@@ -94,6 +94,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from gateway import hookimpl
 from gateway.actions import Action, Job, Outcome, Resources, dead, delivered, retry, skipped
 from gateway.events import Event
+from gateway.http_client import url_text_problem
 
 T = TypeVar("T")
 
@@ -113,6 +114,9 @@ _KEY_FIELDS = ("id", "type", "source")
 
 def parse_url(url: str) -> tuple[Literal["postgresql", "sqlite"], str]:
     """("postgresql", dsn) or ("sqlite", file path). Messages never repeat the URL: it may hold a password."""
+    problem = url_text_problem(url)
+    if problem is not None:
+        raise ValueError(problem)
     scheme = url.partition(":")[0].lower()
     if scheme == "sqlite":
         # sqlite:///relative.db and sqlite:////absolute.db, as the gateway's own storage.url.

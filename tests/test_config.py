@@ -769,6 +769,13 @@ def test_a_storage_url_without_a_file_is_refused(url: str) -> None:
     ]
 
 
+def test_a_storage_url_with_a_control_character_is_refused() -> None:
+    # It named a file with a tab in it: a YAML escape ("\t") where a path was meant.
+    assert config_errors(r'storage: {url: "sqlite:///./var/hook\tyard.db"}') == [
+        "storage.url: a tab ('\\t') at character 21: a URL cannot hold a control character"
+    ]
+
+
 @pytest.mark.parametrize("secret", ["whsec_abc\n", " whsec_abc", "whsec_abc\t"])
 def test_a_secret_with_whitespace_at_either_end_is_refused_without_showing_it(secret: str) -> None:
     # Read from a file with its newline, it would make every webhook invalid_signature without a word.

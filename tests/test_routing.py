@@ -12,6 +12,7 @@ import yaml
 
 from gateway.config import ConfigError, load_config, parse_config
 from gateway.events import Event
+from gateway.http_client import shown_url
 from gateway.plugins import Registry, new_plugin_manager
 from gateway.routing import PlannedAction, RouteTable
 from plugins.consignly import ConsignlyProvider
@@ -580,6 +581,38 @@ def test_a_url_whose_host_no_host_can_be_is_refused(
     action = {"use": use, "with": {"url": url}}
     errors = build_errors(registry, base_config([route("r", "consignly", action)]))
     assert errors == [f"routes[0].actions[0].with.url: {shown!r}: {host!r} is not a host name"]
+
+
+CONTROL = ": a URL cannot hold a control character"
+
+
+@pytest.mark.parametrize(
+    ("written", "problem"),
+    [
+        (r'"http://127.0.0.1:8080/ho\tok"', "a tab ('\\t') at character 25" + CONTROL),
+        (r'"http://127.0.0.1:8080/ho\nok"', "a line feed ('\\n') at character 25" + CONTROL),
+        (r'"http://12\r7.0.0.1/hooks"', "a carriage return ('\\r') at character 10" + CONTROL),
+        (r'"http://127.0.0.1/\x7f"', "a control character ('\\x7f') at character 18" + CONTROL),
+        (
+            r'"http://127.0.0.1/hooks\n"',
+            "begins or ends with whitespace, such as a newline kept from a file: remove it",
+        ),
+        (
+            r'" http://127.0.0.1/hooks"',
+            "begins or ends with whitespace, such as a newline kept from a file: remove it",
+        ),
+    ],
+)
+@pytest.mark.parametrize("use", ["forward", "notify"])
+def test_a_url_with_a_control_character_or_whitespace_at_an_end_is_refused(
+    registry: Registry, use: str, written: str, problem: str
+) -> None:
+    # urlsplit drops tabs and line breaks, and what is before the scheme, without a word: forward took
+    # "…/ho\tok" (a YAML escape) and sent every event to /hook; notify said only "not a valid URL".
+    url = yaml.safe_load(written)
+    action = {"use": use, "with": {"url": url}}
+    errors = build_errors(registry, base_config([route("r", "consignly", action)]))
+    assert errors == [f"routes[0].actions[0].with.url: {shown_url(url)!r}: {problem}"]
 
 
 def test_forward_with_an_unknown_key(registry: Registry) -> None:

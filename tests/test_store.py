@@ -487,6 +487,8 @@ def test_an_event_without_a_key_is_skipped_with_the_reason(tmp_path: Path) -> No
         ({"url": "mysql://root:hunter2@db/app"}, "url", "unsupported scheme 'mysql'"),
         ({"url": "sqlite://relative.db"}, "url", "sqlite needs a file path"),
         ({"url": "postgresql://db:port/app"}, "url", "not a valid PostgreSQL URL"),
+        ({"url": "sqlite:///./st\tore.db"}, "url", "a tab ('\\t') at character 15"),
+        ({"url": "postgresql://root:hunter2@db/app\n"}, "url", "begins or ends with whitespace"),
         ({"mode": "merge"}, "mode", "'append' or 'upsert'"),
         ({"url": None}, "url", "field required"),
     ],

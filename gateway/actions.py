@@ -206,6 +206,7 @@ def check_http_url(url: str) -> str:
     try:
         parsed = httpx.URL(url)
     except httpx.InvalidURL:  # not a ValueError: the config check would fail with it, not report it
+        Target.parse(url)  # its reason, where it has one: a host in brackets that is no IPv6 address, say
         raise ValueError(f"{shown_url(url)!r} is not a valid URL") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ValueError(f"{shown_url(url)!r} is not an http(s) URL")

@@ -155,6 +155,9 @@ def wire_host(url: str, hostname: str) -> str:
     return host
 
 
+_HOST_FORMS = " (a name, an IPv4 address, or an IPv6 address in brackets)"
+
+
 @dataclass(frozen=True, slots=True)
 class Target:
     """A URL parsed once: where to connect and what to put in the request line and Host header."""
@@ -168,11 +171,20 @@ class Target:
     @classmethod
     def parse(cls, url: str) -> Target:
         check_url_text(url)
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError:
+            # Brackets that hold no address (`[V1.x]`, `[127.0.0.1]`, one left open), or a name that reads as
+            # a `/`, `@` or `:` once normalised. Not urlsplit's own words: they may repeat a password.
+            raise ValueError(f"{shown_url(url)!r}: its host cannot be read{_HOST_FORMS}") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"{shown_url(url)!r} is not an http(s) URL")
         if parts.username is not None or parts.password is not None:
             raise ValueError(f"{shown_url(url)!r}: credentials in the URL are not sent; use a header instead")
+        if parts.netloc.startswith("[") and ":" not in parts.hostname:
+            # urlsplit takes an IPvFuture literal (`[v1.x]`) in brackets and gives it out without them, as if
+            # it were a name: no socket can connect to one.
+            raise ValueError(f"{shown_url(url)!r}: its host cannot be read{_HOST_FORMS}")
         host = wire_host(url, parts.hostname)
         default = 443 if parts.scheme == "https" else 80
         port = default if parts.port is None else parts.port  # ValueError when out of range

@@ -736,7 +736,13 @@ def test_check_reports_a_malformed_notify_url_instead_of_a_traceback(tmp_path: P
     config = config_dict(tmp_path)
     config["routes"][0]["actions"].append({"id": "chat", "use": "notify", "with": {"url": "http://[::1"}})
     path = write_config(tmp_path, config)
-    check_reports(path, [f"{path}: routes[0].actions[1].with.url: 'http://[::1' is not a valid URL"])
+    check_reports(
+        path,
+        [
+            f"{path}: routes[0].actions[1].with.url: 'http://[::1': its host cannot be read "
+            "(a name, an IPv4 address, or an IPv6 address in brackets)"
+        ],
+    )
 
 
 def test_send_and_sign_bracket_an_ipv6_listen_address(tmp_path: Path) -> None:

@@ -615,6 +615,31 @@ def test_a_url_with_a_control_character_or_whitespace_at_an_end_is_refused(
     assert errors == [f"routes[0].actions[0].with.url: {shown_url(url)!r}: {problem}"]
 
 
+@pytest.mark.parametrize("url", ["http://[v1.x]/hooks", "http://[V1.x]:3000/", "http://[127.0.0.1]/"])
+@pytest.mark.parametrize("use", ["forward", "notify"])
+def test_a_host_in_brackets_that_is_no_ipv6_address_is_refused(
+    registry: Registry, use: str, url: str
+) -> None:
+    # urlsplit took the IPvFuture literal [v1.x] and gave it out as the name v1.x, which nothing can resolve.
+    action = {"use": use, "with": {"url": url}}
+    errors = build_errors(registry, base_config([route("r", "consignly", action)]))
+    assert errors == [
+        f"routes[0].actions[0].with.url: {shown_url(url)!r}: its host cannot be read "
+        "(a name, an IPv4 address, or an IPv6 address in brackets)"
+    ]
+
+
+def test_a_url_urlsplit_cannot_read_is_refused_without_its_password(registry: Registry) -> None:
+    # A fullwidth number sign reads as # once normalised (NFKC); urlsplit's own message repeats the whole
+    # user:password@host.
+    url = "http://ops:hunter2\uff03@app/x"
+    errors = build_errors(registry, base_config([route("r", "consignly", forward(url))]))
+    assert errors == [
+        "routes[0].actions[0].with.url: 'http://app/…': its host cannot be read "
+        "(a name, an IPv4 address, or an IPv6 address in brackets)"
+    ]
+
+
 def test_forward_with_an_unknown_key(registry: Registry) -> None:
     action = {"use": "forward", "with": {"url": "http://a/x", "retries": 3}}
     errors = build_errors(registry, base_config([route("r", "consignly", forward(id="ok"), action)]))

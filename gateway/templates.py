@@ -113,8 +113,11 @@ def written_length(value: Any) -> int:
             total += 2 + 2 * len(item)
             if total <= MAX_MESSAGE:  # else it is too long already, however long its items are
                 pending.extend(item.items() if isinstance(item, dict) else item)
+        elif isinstance(item, bool):
+            total += 5
         elif isinstance(item, int):
-            total += item.bit_length() // 3 + 2  # its digits and a sign (str() refuses past 4,300 digits)
+            # Its digits, at most one too many (log10(2) < 0.30103), and a sign; str() refuses past 4,300.
+            total += item.bit_length() * 30103 // 100_000 + 1 + (item < 0)
         elif isinstance(item, float | type(None)):
             total += 25
         else:  # another object, written as its str(): a view of a dict's values holds the whole dict
@@ -481,7 +484,9 @@ def _environment() -> ImmutableSandboxedEnvironment:
                 if isinstance(sequence, str) and isinstance(times, int):
                     check_length(len(sequence) * times, "*")
                 elif isinstance(sequence, list | tuple) and isinstance(times, int) and times > 1:
-                    check_length(written_length(sequence) * times, "*", type(sequence).__name__)
+                    # Its items and their separators `times` over, its brackets once.
+                    length = 2 + (written_length(sequence) - 2) * times
+                    check_length(length, "*", type(sequence).__name__)
             elif operator == "+" and isinstance(left, list | tuple) and isinstance(right, list | tuple):
                 # `{% set ns.items = ns.items + ns.items %}` doubles a list's text at each step.
                 check_length(written_length(left) + written_length(right), "+", type(left).__name__)

@@ -439,6 +439,13 @@ TEMPLATE_BOUNDS: dict[str, tuple[str, str, str]] = {
         "3",
         "* would make a list longer",
     ),
+    # Measured as written, not beyond: 30,000 zeros are 90,000 characters, the brackets once. Each copy's
+    # brackets and each 0 as two digits made them 180,000, and refused them.
+    "list-repeat-numbers": (
+        "{{ ([0] * event.data.count * 10000)|length }}",
+        "30000",
+        "* would make a list longer",
+    ),
     "view-repeat": (
         "{{ ([event.data.values()] * 100)|length }}",
         "100",

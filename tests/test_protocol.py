@@ -588,6 +588,49 @@ def test_http_1_0_is_answered_and_closed(tmp_path) -> None:
     assert (status, headers["connection"], json.loads(body)["status"]) == (200, "close", "accepted")
 
 
+def closing_request(kind: str) -> tuple[bytes, int]:
+    """A request whose answer closes its connection, sent whole, and the status it is answered."""
+    close = "Connection: close\r\n"
+    return {
+        "stored": (signed("msg_first", extra=close), 200),
+        "http_1_0": (signed("msg_first", version="1.0"), 200),
+        "refused_at_its_head": (_HEAD + close.encode() + b"Content-Length: 2\r\n\r\n{}", 401),
+        "too_large": (_HEAD + close.encode() + b"Content-Length: 2000\r\n\r\n" + b"x" * 2000, 413),
+        "asgi_app": (
+            b"POST /nowhere HTTP/1.1\r\nHost: x\r\n" + close.encode() + b"Content-Length: 2\r\n\r\n{}",
+            404,
+        ),
+    }[kind]
+
+
+CLOSING_REQUESTS = ["stored", "http_1_0", "refused_at_its_head", "too_large", "asgi_app"]
+
+
+@pytest.mark.parametrize("kind", CLOSING_REQUESTS)
+def test_requests_pipelined_after_one_whose_answer_closes_the_connection_are_never_taken(
+    tmp_path, kind: str
+) -> None:
+    # A client that sent `Connection: close` (or HTTP/1.0) sends no further request on that connection (RFC
+    # 9112 §9.6). One that does anyway, in the same write, has them dropped unread: none is stored (so none
+    # is delivered) or answered, and the answer to the first is whole, the last thing on the connection.
+    first, status = closing_request(kind)
+    with RunningGateway(gateway_config(tmp_path, limits={"max_body_bytes": 1000})) as gw:
+        with Connection(gw.url) as conn:
+            conn.send(first + signed("msg_pipelined_1") + signed("msg_pipelined_2", version="1.0"))
+            answered, headers, body = conn.answer()
+            assert conn.closed_by_server()
+        assert (answered, headers["connection"], len(body)) == (
+            status,
+            "close",
+            int(headers["content-length"]),
+        )
+        with Connection(gw.url) as conn:  # whatever the first connection left to do is done by its answer
+            conn.send(signed("msg_next"))
+            assert conn.answer()[0] == 200
+        listed = [event["id"] for event in gw.client.get(f"{gw.ops_url}/admin/events").json()["events"]]
+        assert sorted(listed) == (["msg_first", "msg_next"] if status == 200 else ["msg_next"])
+
+
 class ExplodingProvider(SvixProvider):
     name = "exploding"
 

@@ -36,7 +36,9 @@ Closing: a connection closed after its answer (408, 431, 400 invalid_http, `Conn
 connection past listen.max_connections) may still have its client sending (the rest of a body or of a
 head, a request it sent before reading): closed with that unread, it would be reset, and the client would
 read ECONNRESET instead of the answer. It is half-closed instead, and what the client sends is read and
-dropped until it closes its side, or for a second (`LingeringClose`, RFC 9112 §9.6).
+dropped until it closes its side, or for a second (`LingeringClose`, RFC 9112 §9.6). A TLS connection has
+no half-close: it is closed at once when its client has sent all it has to send (its requests read whole
+and answered), so that a client reading to the end has the end with the answer, and lingers otherwise.
 
 HTTPS: the TLS handshake is the listener's own (`tls_protocol`), so that a connection counts against
 listen.max_connections, and has a deadline, from the moment it is accepted.
@@ -166,6 +168,11 @@ class ListenerProtocol(HttpToolsProtocol):
     # The listener's connections closed after their last answer that still linger (LingeringClose).
     lingering: ClassVar[Lingering]
 
+    def all_answered(self) -> bool:
+        """All its client has sent was read, as requests each whole and answered: a client that keeps to
+        HTTP/1.1 sends nothing more on a connection closed after its answer (RFC 9112 §9.6)."""
+        raise NotImplementedError
+
 
 def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
     """The listener's protocol class. The limits are read for each deadline and each body, so a config
@@ -206,6 +213,19 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
                 self._too_many_connections()
                 return
             self._arm(self._headers_timed_out, limits().read_timeout)
+
+        def all_answered(self) -> bool:
+            # What follows a request whose connection closes is never parsed (uvicorn's parser drops it:
+            # lenient_data_after_close), so a request after it leaves no trace here.
+            cycle = self.cycle
+            return (
+                cycle is not None
+                and cycle.response_complete
+                and not cycle.more_body
+                and not self._in_head
+                and not self.pipeline
+                and not self._malformed
+            )
 
         def _too_many_connections(self) -> None:
             # Answered at once, before anything is read: waiting for its request would hold the file
@@ -751,9 +771,20 @@ class LingeringClose(asyncio.Protocol):
         self.lingering = lingering
         lingering.add(self)
         self.timer = loop.call_later(_LINGER, self.close)
+        self.received = False  # anything since the answer
 
     def data_received(self, data: bytes) -> None:
-        pass  # read, so that closing does not reset the connection
+        self.received = True  # and dropped: read, so that closing does not reset the connection
+
+    def close_if_all_answered(self, protocol: ListenerProtocol) -> None:
+        """Over TLS, close now if the client has sent all it has to send. A TLS transport (asyncio's,
+        uvloop's) cannot half-close: a client that reads to the end (HTTP/1.0, `Connection: close`) would
+        have the end only once the connection had lingered _LINGER. Closed, close_notify leaves after the
+        answer, and the TLS layer waits TLS_SHUTDOWN_TIMEOUT at most for the client's. Not while the client
+        may still be sending: asyncio's TLS layer fails on data that comes after its close_notify
+        (APPLICATION_DATA_AFTER_CLOSE_NOTIFY) and resets the connection, the answer unread with it."""
+        if not self.received and not self.transport.is_closing() and protocol.all_answered():
+            self.transport.close()  # still lingering (close_all aborts it) until the connection is lost
 
     def eof_received(self) -> None:
         self.close()
@@ -764,7 +795,8 @@ class LingeringClose(asyncio.Protocol):
     def close(self) -> None:
         self.lingering.discard(self)
         self.timer.cancel()
-        self.transport.close()
+        if not self.transport.is_closing():  # else closed by close_if_all_answered: its TLS layer ends it
+            self.transport.close()
 
     def abort(self) -> None:
         """Close now, waiting for nothing (over TLS, close() waits for the client's close_notify)."""
@@ -827,11 +859,12 @@ class CoalescedWrites:
 
     def close(self) -> None:
         """Close after the connection's last answer (what is buffered is written first). The client may
-        still be sending, so the connection is not closed yet: it is half-closed (except over TLS), so a
-        client that reads to the end has the answer now, and handed to a LingeringClose, which reads and
-        drops what comes until the client closes its side. The protocol is told the connection is lost, as
-        it would be once closed: it lets go of its slot among listen.max_connections, its deadline and
-        its requests in progress, and writes nothing more."""
+        still be sending, so the connection is not closed yet: it is half-closed (over TLS, closed if the
+        client has sent all it has to: LingeringClose.close_if_all_answered), so a client that reads to the
+        end has the answer now, and handed to a LingeringClose, which reads and drops what comes until the
+        client closes its side. The protocol is told the connection is lost, as it would be once closed:
+        it lets go of its slot among listen.max_connections, its deadline and its requests in progress,
+        and writes nothing more."""
         self.flush()
         if self._closed:
             return
@@ -841,9 +874,13 @@ class CoalescedWrites:
             return
         self._closed = True
         protocol = transport.get_protocol()
+        lingering = LingeringClose(transport, self._lingering, self._loop)
         if transport.can_write_eof():
             transport.write_eof()
-        transport.set_protocol(LingeringClose(transport, self._lingering, self._loop))
+        elif isinstance(protocol, ListenerProtocol):
+            # TLS: once what was read with the answer is parsed (the rest of a body refused at its head).
+            self._loop.call_soon(lingering.close_if_all_answered, protocol)
+        transport.set_protocol(lingering)
         transport.resume_reading()  # paused behind pipelined requests, or a malformed one
         self._loop.call_soon(protocol.connection_lost, None)  # in a turn of its own, as after a close
 

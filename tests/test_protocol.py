@@ -7,18 +7,19 @@ import gc
 import json
 import select
 import socket
+import ssl
 import time
 from typing import Any
 
 import pytest
 
-from gateway import hookimpl
+from gateway import hookimpl, protocol
 from gateway.app import GC_YOUNG_THRESHOLD
 from gateway.plugins import new_plugin_manager
 from gateway.protocol import CoalescedWrites, Lingering
 from gateway.providers import Provider
 from plugins.svix import SvixProvider
-from tests.support import RunningGateway, gateway_config, svix_request, wait_until
+from tests.support import RunningGateway, gateway_config, self_signed, svix_request, wait_until
 
 
 class RecordingTransport:
@@ -363,6 +364,39 @@ def test_a_client_still_sending_when_its_connection_is_answered_and_closed_reads
         wait_until(lambda: gw.metric("hookyard_webhook_connections") == 0)
 
 
+def https_config(tmp_path) -> tuple[dict[str, Any], ssl.SSLContext]:
+    """A gateway_config served over HTTPS, with a certificate of its own, and a client context trusting it."""
+    cert, key = self_signed(tmp_path, "listener")
+    config = gateway_config(
+        tmp_path, listen={"tls": {"cert": str(cert), "key": str(key)}}, limits={"max_body_bytes": 1000}
+    )
+    return config, ssl.create_default_context(cafile=cert)
+
+
+def tls_socket(url: str, context: ssl.SSLContext) -> ssl.SSLSocket:
+    address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
+    return context.wrap_socket(socket.create_connection(address, timeout=5), server_hostname="127.0.0.1")
+
+
+@pytest.mark.parametrize("name", ["invalid_http_body", "asgi_invalid_http", "asgi_body_too_large"])
+def test_an_https_client_still_sending_when_its_connection_is_answered_and_closed_reads_the_answer(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, name: str
+) -> None:
+    # The connection lingers over TLS too: closed at once, with close_notify, asyncio's TLS layer fails on
+    # what the client sends after it (APPLICATION_DATA_AFTER_CLOSE_NOTIFY) and resets the connection. (Not
+    # a head refused 431: TLS 1.3 session tickets make the socket readable before the client sent enough.)
+    monkeypatch.setattr(protocol, "_LINGER", 0.3)  # long enough for what the client still sends
+    first, more, pace, status, reason = _STILL_SENDING[name]
+    config, context = https_config(tmp_path)
+    config["limits"] = {"read_timeout": "300ms", "max_header_bytes": 1024, "max_body_bytes": 1000}
+    with RunningGateway(config, scheme="https") as gw:
+        for _ in range(3):
+            with tls_socket(gw.url, context) as sock:
+                answer = send_until_answered(sock, first, more, pace)
+            assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:100]
+            assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == reason
+
+
 def send_until_answered(sock: socket.socket, first: bytes, more: bytes, pace: float | None) -> bytes:
     """Send `first`, then `more` every `pace` seconds until the answer comes (with no pace, nothing until
     then), and `more` twice again as it comes, as a client that is still sending; then read to the end.
@@ -629,6 +663,26 @@ def test_requests_pipelined_after_one_whose_answer_closes_the_connection_are_nev
             assert conn.answer()[0] == 200
         listed = [event["id"] for event in gw.client.get(f"{gw.ops_url}/admin/events").json()["events"]]
         assert sorted(listed) == (["msg_first", "msg_next"] if status == 200 else ["msg_next"])
+
+
+@pytest.mark.parametrize("kind", CLOSING_REQUESTS)
+def test_an_https_client_that_reads_to_the_end_has_the_end_with_its_answer(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    # A TLS connection cannot be half-closed: closed after its answer, it lingered a second (_LINGER) before
+    # its close_notify, and a client that reads to the end (HTTP/1.0, `Connection: close`) waited that long
+    # for it. Over plain HTTP the half-close ends its reading at once. Made long, for a wait to show.
+    monkeypatch.setattr(protocol, "_LINGER", 30.0)
+    first, status = closing_request(kind)
+    config, context = https_config(tmp_path)
+    with RunningGateway(config, scheme="https") as gw, tls_socket(gw.url, context) as sock:
+        sock.sendall(first)
+        answer = b""
+        while chunk := sock.recv(65536):  # TimeoutError (5 s) while the connection lingers
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 %d " % status)
+    assert b"content-length: %d" % len(body) in head.split(b"\r\n")
 
 
 class ExplodingProvider(SvixProvider):

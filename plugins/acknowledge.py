@@ -208,6 +208,10 @@ class ClientCredentials:
         if breaks_a_header(token):
             # Not kept: no request could carry it, and every acknowledgement would fail until it expired.
             raise TokenUnavailable(retry("token endpoint: the access_token holds a line break or NUL"))
+        if not token.isascii():
+            # Not kept either: httpx sends headers as ASCII, and every attempt would end in a
+            # UnicodeEncodeError until the token expired (an hour, say), each acknowledgement dead meanwhile.
+            raise TokenUnavailable(retry("token endpoint: the access_token holds a character beyond ASCII"))
         lifetime = _expires_in(answer)
         lifetime = self.default_lifetime if lifetime is None else max(0.0, lifetime - self.margin)
         # Counted from before the request: the server's clock started while we were waiting for its answer.

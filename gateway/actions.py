@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import email.utils
 import re
 import ssl
@@ -232,6 +234,41 @@ def status_outcome(status: int, retry_after: str | None, policy: RetryPolicy) ->
     if policy.retries_status(status):
         return retry(error, status, parse_retry_after(retry_after))
     return dead(error, status)
+
+
+# How much of an answer's body notify and acknowledge read, and for how long once the status is in: what
+# forward's client reads (plugins/forward.py). httpx alone reads a body whole, into memory, for as long as
+# it comes: a receiver that answered with an endless one would take the gateway's memory, and every
+# webhook with it.
+ANSWER_LIMIT = 64 * 1024
+ANSWER_READ_TIMEOUT = 1.0
+
+
+class AnswerTooLong(Exception):
+    """An answer's body went past ANSWER_LIMIT bytes."""
+
+
+async def read_answer(response: httpx.Response) -> bytes:
+    """The whole body of an answer sent with `stream=True` (`http.stream(...)`), decoded. Raises
+    AnswerTooLong past ANSWER_LIMIT bytes, and httpx's errors when the connection fails; closing the
+    answer then closes the connection rather than keep it for the next request."""
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        if len(body) > ANSWER_LIMIT:
+            raise AnswerTooLong(f"the answer is longer than {ANSWER_LIMIT // 1024} KiB")
+    return bytes(body)
+
+
+async def drain_answer(response: httpx.Response) -> None:
+    """Read a streamed answer's body for its connection's sake: up to ANSWER_LIMIT bytes within
+    ANSWER_READ_TIMEOUT seconds, as forward does. The status is in, and decides: a body that is longer,
+    slower or cut short costs the connection, not the attempt (which would send the request again)."""
+    import httpx  # loaded already: response came from it
+
+    with contextlib.suppress(AnswerTooLong, TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(ANSWER_READ_TIMEOUT):
+            await read_answer(response)
 
 
 def parse_retry_after(value: str | None) -> float | None:

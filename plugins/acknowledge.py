@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
+import json
 import math
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self
@@ -35,13 +37,17 @@ from pydantic import BaseModel, ConfigDict, SecretStr, field_validator, model_va
 
 from gateway import hookimpl
 from gateway.actions import (
+    ANSWER_LIMIT,
     Action,
+    AnswerTooLong,
     Job,
     Outcome,
     check_http_url,
     dead,
+    drain_answer,
     http_outcome,
     parse_retry_after,
+    read_answer,
     retry,
     skipped,
     transport_error,
@@ -176,13 +182,14 @@ class ClientCredentials:
         started = time.monotonic()
         import httpx  # loaded already: self.http is an httpx client
 
+        content: bytes | None = None
         try:
-            response = await self.http.post(
-                options.token_url,
-                data=form,
-                headers=headers,
-                timeout=timeout,
-            )
+            # Streamed: the answer is read only up to ANSWER_LIMIT (see read_answer).
+            async with self.http.stream(
+                "POST", options.token_url, data=form, headers=headers, timeout=timeout
+            ) as response:
+                with contextlib.suppress(AnswerTooLong):  # content stays None
+                    content = await read_answer(response)
         except httpx.HTTPError as exc:
             outcome = transport_error(exc)
             raise TokenUnavailable(
@@ -191,17 +198,18 @@ class ClientCredentials:
         # A token endpoint that refuses us may recover (a rotated secret is fixed, the server comes back): every
         # failure here is retried on the action's schedule rather than ending the delivery dead at once.
         if not 200 <= response.status_code < 300:
-            detail = _oauth_error(response)
+            detail = _oauth_error(content)
             raise TokenUnavailable(
                 retry(
                     f"token endpoint: HTTP {response.status_code}{f' {detail}' if detail else ''}",
                     retry_after=parse_retry_after(response.headers.get("retry-after")),
                 )
             )
-        try:
-            answer = response.json()
-        except ValueError:
-            answer = None
+        if content is None:
+            raise TokenUnavailable(
+                retry(f"token endpoint: the answer is longer than {ANSWER_LIMIT // 1024} KiB")
+            )
+        answer = _json(content)
         token = answer.get("access_token") if isinstance(answer, dict) else None
         if not isinstance(token, str) or not token:
             raise TokenUnavailable(retry("token endpoint: the answer has no access_token"))
@@ -232,12 +240,17 @@ def _expires_in(answer: dict[str, Any]) -> float | None:
     return seconds if math.isfinite(seconds) else None
 
 
-def _oauth_error(response: httpx.Response) -> str:
-    """The `error` code of an OAuth error answer (`invalid_client`), or nothing."""
+def _json(content: bytes) -> Any:
+    """The JSON of an answer's body, or None."""
     try:
-        answer = response.json()
-    except ValueError:
-        return ""
+        return json.loads(content)
+    except ValueError:  # UnicodeDecodeError included
+        return None
+
+
+def _oauth_error(content: bytes | None) -> str:
+    """The `error` code of an OAuth error answer (`invalid_client`), or nothing."""
+    answer = _json(content) if content is not None else None
     error = answer.get("error") if isinstance(answer, dict) else None
     return error if isinstance(error, str) else ""
 
@@ -312,9 +325,12 @@ class Acknowledge(Action):
         return http_outcome(response, job.retry)
 
     async def _put(self, url: str, body: dict[str, Any], token: str, timeout: float) -> httpx.Response:
-        return await self.resources.http.put(
-            url, json=body, headers={"authorization": f"Bearer {token}"}, timeout=timeout
-        )
+        """The API's answer, its body read only so far (see drain_answer): the status decides."""
+        async with self.resources.http.stream(
+            "PUT", url, json=body, headers={"authorization": f"Bearer {token}"}, timeout=timeout
+        ) as response:
+            await drain_answer(response)
+        return response
 
 
 @hookimpl

@@ -35,6 +35,7 @@ from gateway.actions import (
     ParentResult,
     check_http_url,
     dead,
+    drain_answer,
     http_outcome,
     skipped,
     transport_error,
@@ -204,14 +205,17 @@ class Notify(Action):
         import httpx  # here, not at the top: see Resources
 
         try:
-            response = await self.resources.http.post(
+            # Streamed: the answer's body is read only so far (see drain_answer).
+            async with self.resources.http.stream(
+                "POST",
                 self.options.url,
                 json=chat_payload(self.options.format, message, job),
                 # As bytes: httpx encodes str header values as ASCII and raises UnicodeEncodeError for an
                 # event id such as "évt_1" (any JSON string, for Consignly). UTF-8, as forward sends it.
                 headers={name.encode(): value.encode() for name, value in headers.items()},
                 timeout=job.timeout,
-            )
+            ) as response:
+                await drain_answer(response)
         except httpx.HTTPError as exc:
             return transport_error(exc)
         return http_outcome(response, job.retry)

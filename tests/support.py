@@ -168,6 +168,30 @@ def downstream_server() -> Iterator[Downstream]:
         yield downstream
 
 
+@contextmanager
+def raw_server(answer: Callable[[socket.socket], None]) -> Iterator[str]:
+    """A server that reads each request (whatever came in its first packet) and hands the connection to
+    `answer`, which writes what it likes and may close it: the server's address."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                # Once the request is in: a reset during the handshake would be a failed connect instead.
+                conn.recv(65536)
+                answer(conn)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
 # -- a running gateway -------------------------------------------------------------------------------
 
 

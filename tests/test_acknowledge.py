@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -38,6 +40,7 @@ from tests.support import (
     TcpProxy,
     consignly_headers,
     gateway_config,
+    raw_server,
     read_body,
     wait_until,
 )
@@ -427,6 +430,25 @@ def test_a_replay_while_the_acknowledgement_retries_reports_the_new_result_only(
         ]
 
 
+def test_a_2xx_whose_body_is_cut_short_is_acknowledged_once(tmp_path: Path, downstream: Downstream) -> None:
+    # The status decides: Consignly took the result. The attempt failed reading the rest of the body, and
+    # the result was sent again with every retry, then recorded dead although Consignly had it.
+    requests: list[bytes] = []
+
+    def answer(conn: socket.socket) -> None:
+        requests.append(b"PUT")
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 40\r\n\r\n{}")
+
+    with raw_server(answer) as url:
+        route = consignments_route(downstream, FakeConsignly(url=url), token=STATIC_TOKEN)
+        with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+            send(gw, consignly_event("evt_cut_short"))
+            wait_until(lambda: delivery_states(gw, "evt_cut_short")["ack"] in ("delivered", "dead"))
+            history = ack_history(gw, "evt_cut_short")
+    assert [(a.outcome, a.status_code, a.error) for a in history] == [("delivered", 200, None)]
+    assert len(requests) == 1
+
+
 def test_a_refused_connection_is_retried(
     tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
 ) -> None:
@@ -582,6 +604,35 @@ def test_token_endpoint_failures_are_retried(
             ("delivered", None),
         ]
         assert [call.token for call in consignly_api.calls] == ["tok-1"]
+
+
+def test_a_token_answer_past_64_kib_is_not_read_on(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    # httpx read an answer whole, into memory, for as long as it came: a token endpoint that sent an endless
+    # body took the gateway's memory (a gigabyte in 3 s on loopback) until the attempt timed out.
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000000000\r\n\r\n"
+        )
+        with contextlib.suppress(OSError):  # until the client closes the connection
+            conn.sendall(b'{"access_token": "tok-endless", "padding": "')
+            while True:
+                conn.sendall(b"x" * 65536)
+                time.sleep(0.01)
+
+    route = consignments_route(downstream, consignly_api, **oauth(consignly_api))
+    route["actions"][1]["retry"] = {"schedule": [], "jitter": 0}
+    config = gateway_config(tmp_path, routes=[route], defaults={"timeout": "3s"})
+    with raw_server(answer) as url:
+        route["actions"][1]["with"]["oauth"]["token_url"] = f"{url}/oauth/token"
+        with RunningGateway(config) as gw:
+            send(gw, consignly_event("evt_endless_token"))
+            wait_until(lambda: delivery_states(gw, "evt_endless_token")["ack"] == "dead", timeout=15)
+            [attempt] = ack_history(gw, "evt_endless_token")
+    assert attempt.error == "gave up after 1 attempt: token endpoint: the answer is longer than 64 KiB"
+    assert attempt.duration < 2
+    assert consignly_api.calls == []
 
 
 # -- the token cache on its own ---------------------------------------------------------------------------

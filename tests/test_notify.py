@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import socket
 import struct
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tests.support import (
     consignly_body,
     consignly_headers,
     gateway_config,
+    raw_server,
     read_body,
     svix_request,
     wait_until,
@@ -661,30 +663,6 @@ def test_a_500_from_the_chat_webhook_is_retried(tmp_path: Path, downstream: Down
         ]
 
 
-@contextmanager
-def raw_server(answer: Callable[[socket.socket], None]) -> Iterator[str]:
-    """A server that reads each request (whatever came in its first packet) and hands the connection to
-    `answer`, which writes what it likes and may close it: the server's address."""
-    listener = socket.create_server(("127.0.0.1", 0))
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            with conn:
-                # Once the request is in: a reset during the handshake would be a failed connect instead.
-                conn.recv(65536)
-                answer(conn)
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        listener.close()
-
-
 def only_attempt(tmp_path: Path, url: str, msg_id: str) -> Any:
     """The delivery of one event to a notify action at `url` that has no retries, once it is dead."""
     config = gateway_config(
@@ -759,6 +737,41 @@ def test_a_204_that_announces_a_body_costs_its_connection_and_the_next_message_i
                 wait_until(lambda m=msg_id: delivery_states(gw, m)["alert"] in ("delivered", "dead"))
                 assert delivery_states(gw, msg_id) == {"alert": "delivered"}
     assert requests == ["first", "first"]
+
+
+@pytest.mark.parametrize("body", ["endless", "cut-short"])
+def test_a_2xx_whose_body_does_not_come_whole_is_delivered_once(tmp_path: Path, body: str) -> None:
+    # The status decides, as for forward. httpx read an answer's body whole, into memory, for as long as
+    # it came: an endless one took a gigabyte in 3 s from a receiver on loopback, until the attempt timed
+    # out; one cut short failed the attempt. Either way the message was posted again with every retry.
+    requests: list[float] = []
+
+    def answer(conn: socket.socket) -> None:
+        requests.append(time.monotonic())
+        if body == "cut-short":
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n" + b"ok" * 25)
+            return
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 1000000000\r\n\r\n")
+        with contextlib.suppress(OSError):  # until the client closes the connection
+            while True:
+                conn.sendall(b"o" * 65536)
+                time.sleep(0.01)
+
+    config = gateway_config(
+        tmp_path, routes=[route("consignease", notify_action("alert", "", format="slack"))]
+    )
+    config["defaults"]["timeout"] = "3s"
+    with raw_server(answer) as url:
+        config["routes"][0]["actions"][0]["with"]["url"] = f"{url}/hook"
+        with RunningGateway(config) as gw:
+            send_consignease(gw, "msg_long_answer")
+            wait_until(
+                lambda: delivery_states(gw, "msg_long_answer")["alert"] in ("delivered", "dead"), timeout=30
+            )
+            [history] = event_detail(gw, "msg_long_answer").attempts.values()
+    assert [(a.outcome, a.status_code, a.error) for a in history] == [("delivered", 200, None)]
+    assert history[0].duration < 2  # 64 KiB of it are read, within a second at most
+    assert len(requests) == 1
 
 
 def test_a_lost_connection_is_reported_without_the_url_aiohttp_names() -> None:

@@ -130,6 +130,30 @@ def check_configured_headers(headers: Mapping[str, str]) -> None:
         )
 
 
+# Headers that frame the request or belong to one connection: a static value would corrupt the request.
+FRAMING_HEADERS = (
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "host",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+)
+
+
+def check_framing_headers(headers: Mapping[str, str]) -> None:
+    """Raise ValueError, naming them, for configured headers that frame the request (FRAMING_HEADERS): the
+    client that sends it writes them itself, and a second or a changed one corrupts the request."""
+    framing = [name for name in headers if name.lower() in FRAMING_HEADERS]
+    if framing:
+        raise ValueError(
+            f"{', '.join(map(repr, framing))} cannot be set: the HTTP client frames each request itself"
+        )
+
+
 # A host name once IDNA-encoded, or an IPv4 address: DNS labels, with the `_` some internal names have.
 _HOST_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 

@@ -9,25 +9,19 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from gateway import hookimpl
 from gateway.actions import Action, Job, Outcome, dead, retry, status_outcome
-from gateway.http_client import HeaderError, RequestError, Target, check_configured_headers
+from gateway.http_client import (
+    HeaderError,
+    RequestError,
+    Target,
+    check_configured_headers,
+    check_framing_headers,
+)
 from plugins.svix import decode_secret, sign
 
 # How much of the receiver's answer is read, and for how long: enough to keep its connection for the next
 # request. Neither bounds the status, which is all that decides the outcome.
 RESPONSE_BODY_LIMIT = 64 * 1024
 ANSWER_READ_TIMEOUT = 1.0
-# Headers that frame the request or belong to one connection: a static value would corrupt the request.
-FRAMING_HEADERS = (
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "host",
-    "te",
-    "trailer",
-    "upgrade",
-    "proxy-connection",
-)
 
 
 class Signing(BaseModel):
@@ -67,11 +61,7 @@ class ForwardOptions(BaseModel):
     @classmethod
     def _not_ours(cls, headers: dict[str, str], info: ValidationInfo) -> dict[str, str]:
         check_configured_headers(headers)
-        framing = [name for name in headers if name.lower() in FRAMING_HEADERS]
-        if framing:
-            raise ValueError(
-                f"{', '.join(map(repr, framing))} cannot be set: the HTTP client frames each request itself"
-            )
+        check_framing_headers(headers)
         ours = [
             name for name in headers if name.lower() in OWN_HEADERS or name.lower().startswith(OWN_PREFIX)
         ]

@@ -40,8 +40,10 @@ from gateway.actions import (
     skipped,
     transport_error,
 )
-from gateway.http_client import HeaderError, check_configured_headers, check_headers
+from gateway.http_client import HeaderError, check_configured_headers, check_framing_headers, check_headers
 from gateway.templates import compile_template, render
+
+EVENT_ID_HEADER = "x-hookyard-event-id"
 
 # Discord rejects a message whose content is longer than this (HTTP 400, which would end the delivery dead).
 DISCORD_MAX_CONTENT = 2000
@@ -67,6 +69,12 @@ class NotifyOptions(BaseModel):
     @classmethod
     def _sendable(cls, headers: dict[str, str]) -> dict[str, str]:
         check_configured_headers(headers)
+        # httpx sends a configured Content-Length or Transfer-Encoding as it is, beside the body it frames
+        # itself: a message cut short, the rest left on the connection as the start of a next request.
+        check_framing_headers(headers)
+        ours = [name for name in headers if name.lower() == EVENT_ID_HEADER]
+        if ours:
+            raise ValueError(f"{', '.join(map(repr, ours))} cannot be set: notify sends it")
         return headers
 
     @field_validator("template")
@@ -197,7 +205,7 @@ class Notify(Action):
             return dead(render_error(exc))
         if not message:
             return skipped("the template rendered an empty message")
-        headers = {"x-hookyard-event-id": job.event.id, **self.options.headers}
+        headers = {EVENT_ID_HEADER: job.event.id, **self.options.headers}
         try:
             check_headers(headers)
         except HeaderError as exc:

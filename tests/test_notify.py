@@ -905,3 +905,29 @@ def test_headers_that_cannot_be_sent_fail_at_config_load(tmp_path: Path, headers
     [error] = raised.value.errors
     assert error.startswith("routes[0].actions[1].with.headers: ")
     assert "token-from-a-file" not in error
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        (
+            {"Content-Length": "5"},
+            "'Content-Length' cannot be set: the HTTP client frames each request itself",
+        ),
+        (
+            {"transfer-encoding": "chunked", "Host": "chat.internal"},
+            "'Host', 'transfer-encoding' cannot be set: the HTTP client frames each request itself",
+        ),
+        ({"X-Hookyard-Event-Id": "evt"}, "'X-Hookyard-Event-Id' cannot be set: notify sends it"),
+    ],
+    ids=["content-length", "transfer-encoding-and-host", "event-id"],
+)
+def test_headers_notify_sets_itself_fail_at_config_load(
+    tmp_path: Path, headers: dict[str, str], expected: str
+) -> None:
+    # They were sent as configured: a Content-Length of 5 cut every message to `{"tex` and left the rest on
+    # the connection as the start of a next request; Transfer-Encoding: chunked went out beside the real
+    # Content-Length (a request a server must refuse, or reads wrongly); X-Hookyard-Event-Id went out twice.
+    with pytest.raises(ConfigError) as raised:
+        build(alert_config(tmp_path, headers=headers))
+    assert raised.value.errors == [f"routes[0].actions[1].with.headers: {expected}"]

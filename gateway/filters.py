@@ -7,7 +7,8 @@
       not: {headers.x-test: "1"}
 
 Paths start with type, id, source, data, payload or headers. Operators: eq, ne, in, not_in, exists, regex,
-gt, gte, lt, lte.
+gt, gte, lt, lte. A value compared with `type` may be one of the provider's names or codes, as in a route's
+`events:` (101 means consignment.created).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any
 from gateway.events import Event
 
 Predicate = Callable[[Event], bool]
+# A provider's event_type: a name or code of its catalog -> the canonical type.
+Canonical = Callable[[str | int], str]
 
 ROOTS = ("type", "id", "source", "data", "payload", "headers")
 _ABSENT = object()
@@ -40,20 +43,21 @@ class _BadOperand(ValueError):
         super().__init__(f"{place}: {message}")
 
 
-def compile_filter(spec: Any, place: str = "filter") -> Predicate:
-    """Compile a filter, or raise FilterError listing every bad entry (not only the first)."""
+def compile_filter(spec: Any, place: str = "filter", event_type: Canonical | None = None) -> Predicate:
+    """Compile a filter, or raise FilterError listing every bad entry (not only the first). `event_type`
+    makes the values compared with `type` canonical, as the route's `events:` entries are."""
     errors: list[str] = []
-    predicate = _compile(spec, place, errors)
+    predicate = _compile(spec, place, errors, event_type)
     if errors or predicate is None:
         raise FilterError(errors)
     return predicate
 
 
-def _compile(spec: Any, place: str, errors: list[str]) -> Predicate | None:
+def _compile(spec: Any, place: str, errors: list[str], event_type: Canonical | None) -> Predicate | None:
     if not isinstance(spec, dict) or not spec:
         errors.append(f"{place}: a filter is a non-empty mapping of paths to conditions")
         return None
-    parts = [_compile_entry(key, value, f"{place}.{key}", errors) for key, value in spec.items()]
+    parts = [_compile_entry(key, value, f"{place}.{key}", errors, event_type) for key, value in spec.items()]
     checked = [part for part in parts if part is not None]
     if len(checked) < len(parts):
         return None
@@ -62,7 +66,9 @@ def _compile(spec: Any, place: str, errors: list[str]) -> Predicate | None:
     return lambda event: all(part(event) for part in checked)
 
 
-def _compile_entry(key: Any, value: Any, place: str, errors: list[str]) -> Predicate | None:
+def _compile_entry(
+    key: Any, value: Any, place: str, errors: list[str], event_type: Canonical | None
+) -> Predicate | None:
     if not isinstance(key, str):  # YAML reads `1:` or `true:` as non-strings
         errors.append(f"{place}: a path must be a string, not {key!r}")
         return None
@@ -70,14 +76,14 @@ def _compile_entry(key: Any, value: Any, place: str, errors: list[str]) -> Predi
         if not isinstance(value, list) or not value:
             errors.append(f"{place}: {key} takes a non-empty list of filters")
             return None
-        parts = [_compile(item, f"{place}[{index}]", errors) for index, item in enumerate(value)]
+        parts = [_compile(item, f"{place}[{index}]", errors, event_type) for index, item in enumerate(value)]
         checked = [part for part in parts if part is not None]
         if len(checked) < len(parts):
             return None
         combine = any if key == "any" else all
         return lambda event: combine(part(event) for part in checked)
     if key == "not":
-        inner = _compile(value, place, errors)
+        inner = _compile(value, place, errors, event_type)
         if inner is None:
             return None
         return lambda event: not inner(event)
@@ -85,10 +91,32 @@ def _compile_entry(key: Any, value: Any, place: str, errors: list[str]) -> Predi
     if root not in ROOTS:
         errors.append(f"{place}: unknown path {key!r}; paths start with one of {', '.join(ROOTS)}")
         return None
+    if key == "type" and event_type is not None:
+        value = _canonical_types(value, event_type)
     test = _compile_condition(value, place, errors)
     if test is None:
         return None
     return lambda event: test(event.lookup(key, _ABSENT))
+
+
+def _canonical_types(condition: Any, event_type: Canonical) -> Any:
+    """A condition on `type` whose names and codes are made canonical (ConsignmentDeleted, 103 ->
+    consignment.deleted), in a plain value and in eq, ne, in and not_in: the event's type is the canonical
+    one, which a name or a code never equals."""
+
+    def canonical(value: Any) -> Any:
+        return event_type(value) if isinstance(value, str | int) and not isinstance(value, bool) else value
+
+    if not isinstance(condition, dict):
+        return canonical(condition)
+    made = dict(condition)
+    for name in ("eq", "ne"):
+        if name in made:
+            made[name] = canonical(made[name])
+    for name in ("in", "not_in"):
+        if isinstance(made.get(name), list):
+            made[name] = [canonical(item) for item in made[name]]
+    return made
 
 
 def _compile_condition(condition: Any, place: str, errors: list[str]) -> Callable[[Any], bool] | None:

@@ -189,7 +189,8 @@ def _compile_route(
     predicate = None
     if route.filter is not None:
         try:
-            predicate = compile_filter(route.filter, f"{place}.filter")
+            event_type = provider.event_type if provider is not None else None
+            predicate = compile_filter(route.filter, f"{place}.filter", event_type)
         except FilterError as exc:
             errors.extend(exc.errors)
     actions: list[PlannedAction] = []

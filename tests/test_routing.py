@@ -265,6 +265,40 @@ def test_filter_is_applied(registry: Registry) -> None:
     assert matched(table, "consignly", "consignment.updated", {"status": 1}) == []
 
 
+def test_a_filter_on_type_names_events_as_events_does(registry: Registry) -> None:
+    # `events: [ConsignmentDeleted]` matched consignment.deleted, but a filter compared the canonical type
+    # with the name or code itself: `not: {type: ConsignmentDeleted}` let deleted consignments through,
+    # `type: {in: [101, "304"]}` let nothing through, and `hookyard check` said ok.
+    table = build(
+        registry,
+        base_config(
+            [
+                route("not-deleted", "consignly", filter={"not": {"type": "ConsignmentDeleted"}}),
+                route("created-or-trigger", "consignly", filter={"type": {"in": [101, "304"]}}),
+                route("not-a-test", "consignly", filter={"any": [{"type": {"ne": 0}}]}),
+                route("dotted", "consignly", filter={"type": "consignment.created"}),
+                route("raw", "consignly", filter={"payload.type": 101}),
+            ]
+        ),
+    )
+    assert matched(table, "consignly", "consignment.deleted") == ["not-a-test"]
+    assert matched(table, "consignly", "consignment.created") == [
+        "not-deleted",
+        "created-or-trigger",
+        "not-a-test",
+        "dotted",
+    ]
+    assert matched(table, "consignly", "job.connection_action_manual_trigger") == [
+        "not-deleted",
+        "created-or-trigger",
+        "not-a-test",
+    ]
+    assert matched(table, "consignly", "webhook.test") == ["not-deleted"]
+    # A provider without a catalog compares the type as text, as `events:` does.
+    table = build(registry, base_config([route("u", "consignease", filter={"type": {"in": [112]}})]))
+    assert matched(table, "consignease", "112") == ["u"]
+
+
 def test_compiled_route_fields(registry: Registry) -> None:
     table = build(registry, base_config([route("r", "consignly", forward(id="app"), filter={"type": "x"})]))
     (compiled,) = table.routes["consignly"]

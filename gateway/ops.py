@@ -20,7 +20,11 @@ if TYPE_CHECKING:
 def ops_app(gateway: Gateway) -> Starlette:
     async def healthz(request: Request) -> Response:
         # Liveness: the process and its event loop answer. Storage trouble is readiness, not liveness:
-        # restarting the pod would not bring a full disk back.
+        # restarting the pod would not bring a full disk back. Except for a store that refuses every write
+        # until a restart (a failed fsync): only a restart recovers it, so the kubelet is asked for one.
+        broken = gateway.storage.needs_restart()
+        if broken is not None:
+            return JSONResponse({"status": "broken", "reason": f"storage: {broken}"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:

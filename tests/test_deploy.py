@@ -668,6 +668,8 @@ def test_a_store_that_fails_readiness_is_a_metric_and_an_alert(tmp_path: Path) -
         try:
             assert gw.client.get(gw.ops_url + "/readyz").status_code == 503
             assert gw.metric("hookyard_storage_writable") == 0
+            # A store that can recover by itself is no reason for the kubelet to restart the container.
+            assert gw.client.get(gw.ops_url + "/healthz").json() == {"status": "ok"}
         finally:
             storage._writer.connection.execute("PRAGMA query_only = OFF")
         assert gw.client.get(gw.ops_url + "/readyz").status_code == 200
@@ -717,6 +719,27 @@ def test_promtool_accepts_a_real_metrics_scrape(tmp_path: Path) -> None:
     assert "hookyard_webhooks_received_total{" in exposition
     checked = run([promtool, "check", "metrics"], stdin=exposition)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_store_that_only_a_restart_recovers_fails_the_liveness_probe(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """After a failed fsync (here: the fsync helper killed, as by the OOM killer) the store refuses every
+    write until the process restarts. Readiness alone would keep the pod out of the Service for ever, with
+    nothing to restart it: the liveness probe's endpoint must fail too."""
+    probe = sidecar(pod_spec(rendered["base"]))["livenessProbe"]["httpGet"]
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        liveness = gw.ops_url + probe["path"]
+        assert gw.client.get(liveness).json() == {"status": "ok"}
+        writer = gw.gateway.storage._writer
+        assert writer is not None
+        writer.syncer.process.kill()
+        writer.syncer.process.wait(10)
+        wait_until(lambda: gw.client.get(liveness).status_code == 503)
+        answer = gw.client.get(liveness).json()
+        assert answer["status"] == "broken"
+        assert answer["reason"].endswith("; restart hookyard to recover")
+        assert gw.client.get(gw.ops_url + "/readyz").json()["reason"] == answer["reason"]
 
 
 # -- metric names in the alerts and the dashboard -----------------------------------------------------

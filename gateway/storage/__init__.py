@@ -261,6 +261,12 @@ class Storage(ABC):
         when the backend cannot tell. Read at every scrape: cheap."""
         return 0.0
 
+    def needs_restart(self) -> str | None:
+        """Why the store refuses every write until the process restarts (a failed fsync), or None while it
+        can still recover by itself (a full disk, another process's lock, a slow fsync). /healthz fails on
+        it, so that Kubernetes restarts the process. Read at every liveness probe: cheap."""
+        return None
+
     @abstractmethod
     async def list_events(
         self,

@@ -1153,6 +1153,10 @@ class SQLiteStorage(Storage):
     def fsync_wait(self) -> float:
         return 0.0 if self._writer is None else self._writer.fsync_wait()
 
+    def needs_restart(self) -> str | None:
+        broken = None if self._writer is None else self._writer.broken
+        return None if broken is None else f"sqlite: {broken}"
+
     async def check_writable(self) -> None:
         # Durable: while an fsync is overdue it is refused at once, and until then it waits for an fsync
         # FSYNC_TIMEOUT at most, and for another process's write lock BUSY_TIMEOUT at most.

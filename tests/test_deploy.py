@@ -869,7 +869,9 @@ def test_dashboard_has_the_panels_and_a_datasource_variable() -> None:
     )
     panel_with("histogram_quantile(0.99,", "hookyard_delivery_duration_seconds_bucket")
     panel_with("histogram_quantile(0.99,", "hookyard_end_to_end_seconds_bucket")
-    panel_with("hookyard_ready")
+    # Readiness as /readyz answers it: hookyard_ready stays 1 while the store refuses writes and the pod
+    # is out of the Service.
+    panel_with("hookyard_ready", "hookyard_storage_writable")
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:

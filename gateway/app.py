@@ -244,6 +244,7 @@ class Gateway:
             # Not tried again until the files change (or SIGHUP): one error per bad update, not per poll.
             self._watched = watched
             self.metrics.config_reloads.labels("error").inc()
+            self.metrics.config_last_reload_successful.set(0)
             log.error("config reload refused; keeping the running config", extra={"errors": errors})
             return False
         # Everything else applies at once; these are bound at start-up.
@@ -269,6 +270,7 @@ class Gateway:
         self._reload_certificate()
         self._fit_connections()
         self.metrics.config_reloads.labels("success").inc()
+        self.metrics.config_last_reload_successful.set(1)
         log.info("config reloaded", extra={"sources": len(table.endpoints)})
         self._warn_insecure()
         return True

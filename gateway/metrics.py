@@ -234,6 +234,13 @@ class Metrics:
             ["result"],
             registry=registry,
         )
+        self.config_last_reload_successful = Gauge(
+            "hookyard_config_last_reload_successful",
+            "0 after a refused config reload, until one succeeds: the running config is not the file's, "
+            "and a restart may stop on the file. 1 otherwise.",
+            registry=registry,
+        )
+        self.config_last_reload_successful.set(1)
         self.ready = Gauge(
             "hookyard_ready", "1 when the gateway is ready to accept webhooks.", registry=registry
         )

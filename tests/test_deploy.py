@@ -598,8 +598,8 @@ def test_promtool_checks_and_unit_tests_the_alerts() -> None:
 
 
 def test_alerts_fire_on_a_counter_series_that_appears_already_counted(tmp_path: Path) -> None:
-    """A labelled counter appears in /metrics the first time it counts, at 1, not at 0 (a first refused
-    reload, a route's first dead delivery): increase() over such a series alone is 0, so each of these
+    """A labelled counter appears in /metrics the first time it counts, at 1, not at 0 (a route's first
+    dead delivery, a first refused webhook): increase() over such a series alone is 0, so each of these
     alerts must also see a series that was not there at the start of its window."""
     promtool = require_tool("promtool", "apt-get install -y prometheus")
     target = 'job="hookyard",namespace="shop",pod="app-1"'
@@ -614,11 +614,6 @@ def test_alerts_fire_on_a_counter_series_that_appears_already_counted(tmp_path: 
             f'hookyard_webhook_rejections_total{{{target},source="consignease",reason="storage_unavailable"}}',
             {},
         ),
-        (
-            "HookyardConfigReloadFailed",
-            f'hookyard_config_reloads_total{{{target},result="error"}}',
-            {},
-        ),
     ]
     tests = []
     for alert, series, labels in cases:
@@ -626,7 +621,7 @@ def test_alerts_fire_on_a_counter_series_that_appears_already_counted(tmp_path: 
         tests.append(
             {
                 "interval": "1m",
-                # Not scraped yet, then at 1 for good: one refused reload, one dead delivery.
+                # Not scraped yet, then at 1 for good: one dead delivery, one refused webhook.
                 "input_series": [{"series": series, "values": "_x5 1x30"}],
                 "alert_rule_test": [
                     {"eval_time": "4m", "alertname": alert, "exp_alerts": []},
@@ -719,6 +714,49 @@ def test_promtool_accepts_a_real_metrics_scrape(tmp_path: Path) -> None:
     assert "hookyard_webhooks_received_total{" in exposition
     checked = run([promtool, "check", "metrics"], stdin=exposition)
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_refused_reload_is_a_metric_and_an_alert_until_a_good_file(tmp_path: Path) -> None:
+    """A refused routes.yaml leaves the previous config serving, but the file is what the next start
+    reads, and the pod would stop on it: the alert must last until a reload succeeds, not resolve while
+    the file is still refused."""
+    config = gateway_config(tmp_path)
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with RunningGateway(path) as gw:
+        assert gw.metric("hookyard_config_last_reload_successful") == 1
+        path.write_text(yaml.safe_dump({**config, "sources": {"x": {"path": "/x", "provider": "nope"}}}))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="error") == 1)
+        assert gw.metric("hookyard_config_last_reload_successful") == 0
+        path.write_text(yaml.safe_dump(config))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+        assert gw.metric("hookyard_config_last_reload_successful") == 1
+
+    promtool = require_tool("promtool", "apt-get install -y prometheus")
+    [group] = yaml.safe_load(ALERTS.read_text())["groups"]
+    [rule] = [r for r in group["rules"] if r["alert"] == "HookyardConfigReloadFailed"]
+    rule.pop("annotations", None)
+    rules = tmp_path / "alerts.yaml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "hookyard", "rules": [rule]}]}))
+    expected = [{"exp_labels": {"severity": "warning", "namespace": "shop", "pod": "app-1"}}]
+    series = 'hookyard_config_last_reload_successful{job="hookyard",namespace="shop",pod="app-1"}'
+    test = {
+        "interval": "1m",
+        # Refused at 5 min, and left so for two hours (the counter of refusals stays at 1 all along).
+        "input_series": [{"series": series, "values": "1x5 0x120 1x5"}],
+        "alert_rule_test": [
+            {"eval_time": "4m", "alertname": rule["alert"], "exp_alerts": []},
+            {"eval_time": "6m", "alertname": rule["alert"], "exp_alerts": expected},
+            {"eval_time": "120m", "alertname": rule["alert"], "exp_alerts": expected},
+            {"eval_time": "128m", "alertname": rule["alert"], "exp_alerts": []},
+        ],
+    }
+    path = tmp_path / "reload.test.yaml"
+    path.write_text(
+        yaml.safe_dump({"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": [test]})
+    )
+    tested = run([promtool, "test", "rules", str(path)])
+    assert tested.returncode == 0, tested.stdout + tested.stderr
 
 
 def test_a_store_that_only_a_restart_recovers_fails_the_liveness_probe(

@@ -170,8 +170,9 @@ class ListenerProtocol(HttpToolsProtocol):
 
     def all_answered(self) -> bool:
         """All its client has sent was read, as requests each whole and answered: a client that keeps to
-        HTTP/1.1 sends nothing more on a connection closed after its answer (RFC 9112 §9.6)."""
-        raise NotImplementedError
+        HTTP/1.1 sends nothing more on a connection closed after its answer (RFC 9112 §9.6). False here: a
+        protocol that cannot tell lingers, the safe default (the listener's own class tells)."""
+        return False
 
 
 def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:

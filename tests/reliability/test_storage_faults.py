@@ -443,7 +443,8 @@ def test_file_system_the_kernel_turns_read_only_is_answered_503_and_nothing_answ
                 f"msg_ext4_ro_{n:02}": _post_to(client, url, f"msg_ext4_ro_{n:02}") for n in range(30)
             }
             readyz = client.get(child.ops_url + "/readyz")
-            healthz = client.get(child.ops_url + "/healthz").status_code
+            healthz_answer = client.get(child.ops_url + "/healthz")
+            healthz = healthz_answer.status_code
             stopped = child.process.terminate(30)
         finally:
             child.process.kill()
@@ -482,7 +483,13 @@ def test_file_system_the_kernel_turns_read_only_is_answered_503_and_nothing_answ
 
     assert set(before.values()) == {(200, "accepted")}
     assert set(while_read_only.values()) == {(503, "storage_unavailable")}
-    assert readyz.status_code == 503 and healthz == 200
+    assert readyz.status_code == 503
+    # Liveness fails only when the store refuses every write until a restart (here: when SQLite's own
+    # checkpoint hit the read-only file system first, which depends on timing), and then says why.
+    if "restart hookyard to recover" in readyz.json()["reason"]:
+        assert healthz == 503 and "restart hookyard" in healthz_answer.json()["reason"]
+    else:
+        assert healthz == 200
     # What was answered 2xx before the fault is still there after it; what was refused was not stored.
     assert set(retried.values()) == {(200, "accepted")}, "a 503 must mean nothing was stored"
     assert stored == expected

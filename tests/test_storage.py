@@ -760,6 +760,10 @@ def test_a_checkpoint_that_fails_stops_the_store(db: Harness, monkeypatch: pytes
     # This commit starts the checkpoint; whether its own answer comes before the failure is a race.
     with contextlib.suppress(StorageUnavailable):
         db.ingest("evt_starts_the_checkpoint", APP)
+    # The checkpoint fails on its own thread: on a busy machine a commit may still go first.
+    deadline = time.monotonic() + 10
+    while db.storage.needs_restart() is None and time.monotonic() < deadline:
+        db.run(asyncio.sleep(0.01))
     with pytest.raises(StorageUnavailable, match="checkpoint failed"):
         db.ingest("evt_after", APP)
     with pytest.raises(StorageUnavailable, match="restart"):

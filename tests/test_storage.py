@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import json
 import os
@@ -31,6 +32,7 @@ from gateway.storage import (
     Ingested,
     Lease,
     NewDelivery,
+    Pruned,
     QueueStats,
     StorageUnavailable,
     Unconfirmed,
@@ -39,6 +41,7 @@ from gateway.storage import (
 from gateway.storage import sqlite as sqlite_module
 from gateway.storage.sqlite import (
     CHECKPOINT_COMMITS,
+    PRUNE_BYTES,
     WAL_SIZE_LIMIT,
     SQLiteStorage,
     _GroupCommit,
@@ -1797,6 +1800,162 @@ def test_replay_dead_keeps_a_dead_dependent_waiting_for_its_replayed_parent(db: 
     # cleanup runs after app: replaying both must not let it run before (or beside) app's new attempt.
     assert db.states("evt_1") == {"app": "pending", "cleanup": "waiting"}
     assert [c.delivery.action for c in db.claim(T0 + 10)] == ["app"]
+
+
+# -- retention ------------------------------------------------------------------------------------------
+
+
+def prune_all(db: Harness, before: float, limit: int = 100) -> list[Pruned]:
+    """Every batch of one prune walk, as the gateway's retention runs them."""
+    batches = [db.run(db.storage.prune(before, limit=limit))]
+    while batches[-1].resume_after is not None:
+        batches.append(db.run(db.storage.prune(before, after=batches[-1].resume_after, limit=limit)))
+    return batches
+
+
+def stored_ids(db: Harness) -> set[str]:
+    return {row[0] for row in db.connection.execute("SELECT event_id FROM events")}
+
+
+def test_prune_deletes_events_whose_deliveries_all_ended_before_its_time_and_nothing_else(
+    db: Harness,
+) -> None:
+    db.ingest("evt_done", APP, action("audit"), action("ack", after="app", when="failure"), at=T0)
+    db.ingest("evt_unrouted", at=T0)
+    db.ingest("evt_retrying", APP, at=T0)
+    db.ingest("evt_in_flight", APP, at=T0)
+    db.ingest("evt_waiting", APP, action("ack", after="app", when="always"), at=T0)
+    db.ingest("evt_young", APP, at=T0)
+    claims = keyed(db.claim(T0 + 1, lease=1000))
+    db.finish(claims[("evt_done", "app")], "delivered", T0 + 10)  # ack skipped with it
+    db.finish(claims[("evt_done", "audit")], "dead", T0 + 20, status=410)
+    db.finish(claims[("evt_retrying", "app")], "pending", T0 + 10, due_at=T0 + 5000)
+    db.finish(claims[("evt_waiting", "app")], "pending", T0 + 10, due_at=T0 + 5000)
+    db.finish(claims[("evt_young", "app")], "delivered", T0 + 100)
+    # evt_in_flight's app stays leased. The newest event and delivery, whose seq and id are never handed out
+    # again, are young.
+    db.ingest("evt_newest", APP, at=T0 + 200)
+    assert db.states("evt_done") == {"app": "delivered", "audit": "dead", "ack": "skipped"}
+    done_ids = [d.id for d in db.detail("evt_done").deliveries]
+
+    # At T0 + 20 itself evt_done's last delivery has only just ended.
+    assert prune_all(db, T0 + 20) == [Pruned(1, 0, None)]  # evt_unrouted, received at T0
+    assert prune_all(db, T0 + 50) == [Pruned(1, 3, None)]
+    assert stored_ids(db) == {"evt_retrying", "evt_in_flight", "evt_waiting", "evt_young", "evt_newest"}
+    # Its deliveries and their attempts went with it.
+    placeholders = ",".join("?" * len(done_ids))
+    for table, column in (("deliveries", "id"), ("attempts", "delivery_id")):
+        left = db.connection.execute(
+            f"SELECT count(*) FROM {table} WHERE {column} IN ({placeholders})", done_ids
+        )
+        assert left.fetchone()[0] == 0, table
+    assert db.run(db.storage.get_event("evt_done")) == []
+
+    # Whatever the time, nothing pending, leased or waiting for its parent goes: only evt_young now.
+    assert sum(p.events for p in prune_all(db, T0 + 10**6)) == 1
+    assert stored_ids(db) == {"evt_retrying", "evt_in_flight", "evt_waiting", "evt_newest"}
+    assert db.states("evt_waiting") == {"app": "pending", "ack": "waiting"}
+    claimed = {c.event.id for c in db.claim(T0 + 6000)}
+    assert claimed == {"evt_retrying", "evt_in_flight", "evt_waiting", "evt_newest"}
+
+
+def test_a_dead_delivery_stays_replayable_until_its_event_is_pruned(db: Harness) -> None:
+    db.ingest("evt_dead", APP, at=T0)
+    [claim] = db.claim(T0 + 1)
+    db.finish(claim, "dead", T0 + 10, status=422)
+    db.ingest("evt_later", APP, at=T0 + 500)
+
+    assert prune_all(db, T0 + 10) == [Pruned(0, 0, None)]
+    # A replay makes it run again: pending, it stays whatever the time, and its retention starts over once
+    # it has ended again.
+    assert db.replay_dead(since=None, now=T0 + 100) == 1
+    assert sum(p.events for p in prune_all(db, T0 + 10**6)) == 0
+    [claim] = [c for c in db.claim(T0 + 100) if c.event.id == "evt_dead"]
+    db.finish(claim, "dead", T0 + 110, status=422)
+    assert prune_all(db, T0 + 50) == [Pruned(0, 0, None)]
+    assert db.replay_dead(since=None, now=T0 + 120) == 1
+    [claim] = [c for c in db.claim(T0 + 120) if c.event.id == "evt_dead"]
+    db.finish(claim, "dead", T0 + 130, status=422)
+
+    assert prune_all(db, T0 + 131) == [Pruned(1, 1, None)]
+    assert db.run(db.storage.dead_delivery_ids(since=None)) == []
+    assert db.replay_dead(since=None, now=T0 + 200) == 0
+
+
+def test_a_prune_batch_looks_at_no_more_events_than_its_limit(db: Harness) -> None:
+    for number in range(5):  # the oldest, still pending: looked at, and kept
+        db.ingest(f"evt_pending_{number}", APP, at=T0 + number)
+    for number in range(7):
+        db.ingest(f"evt_unrouted_{number}", at=T0 + 10 + number)
+    db.ingest("evt_newest", at=T0 + 100)
+    commits = len(db.commits)
+
+    batches = prune_all(db, T0 + 50, limit=3)
+    # Each batch one transaction of its own; the walk goes on past batches that deleted nothing.
+    assert [p.events for p in batches] == [0, 1, 3, 3, 0]
+    assert len(db.commits) - commits == len(batches)
+    assert len(stored_ids(db)) == 6
+
+
+def test_a_prune_batch_deletes_no_more_than_its_bytes_of_bodies(db: Harness) -> None:
+    padding = "x" * (PRUNE_BYTES * 2 // 5)  # two fit in a batch, a third does not
+    for number in range(5):
+        event = make_event(f"evt_large_{number}", at=T0 + number)
+        body = json.dumps({"id": event.id, "pad": padding}).encode()
+        assert db.run(db.storage.ingest(dataclasses.replace(event, body=body), []))
+    db.ingest("evt_newest", at=T0 + 100)
+
+    assert [p.events for p in prune_all(db, T0 + 50)] == [2, 2, 1]
+    assert stored_ids(db) == {"evt_newest"}
+
+
+def test_prune_hands_no_seq_or_delivery_id_out_again(db: Harness) -> None:
+    # SQLite gives a new row the largest rowid plus one: the newest event and the event of the newest
+    # delivery stay, whatever their age, so that a seq or an id still held (a replay's cursor, a page read
+    # before a replay acts on it) never names another event or delivery.
+    db.ingest("evt_1", APP, at=T0)
+    [claim] = db.claim(T0 + 1)
+    db.finish(claim, "delivered", T0 + 2)
+    first = db.detail("evt_1")
+    assert sum(p.events for p in prune_all(db, T0 + 1000)) == 0  # the newest event
+    db.ingest("evt_2", at=T0 + 10)
+    assert sum(p.events for p in prune_all(db, T0 + 1000)) == 0  # still the newest delivery's
+    db.ingest("evt_3", APP, at=T0 + 20)
+    assert sum(p.events for p in prune_all(db, T0 + 1000)) == 2  # evt_1 and evt_2
+    db.ingest("evt_4", APP, at=T0 + 30)
+    latest = db.detail("evt_4")
+    assert latest.seq > first.seq + 2
+    assert latest.deliveries[0].id > first.deliveries[0].id + 1
+
+
+def test_deliveries_added_to_an_event_pruned_since_it_was_read_are_not_created(db: Harness) -> None:
+    # `replay --state missing` reads a page of events, then adds what each one lacks.
+    db.ingest("evt_unrouted", at=T0)
+    db.ingest("evt_newest", APP, at=T0 + 100)
+    [page] = [p for p in db.run(db.storage.events_page(since=None)) if p.event.id == "evt_unrouted"]
+    assert sum(p.events for p in prune_all(db, T0 + 50)) == 1
+    assert db.run(db.storage.add_deliveries(page.seq, [APP], T0 + 200)) == 0
+    assert db.connection.execute("SELECT count(*) FROM deliveries").fetchone()[0] == 1
+    assert [c.event.id for c in db.claim(T0 + 200)] == ["evt_newest"]
+
+
+def test_a_prune_batch_walks_indexes_whatever_the_database_holds(db: Harness) -> None:
+    # The events received before its time from events_received, each one's deliveries from deliveries_event,
+    # their attempts from attempts_delivery: no statement scans a table, none sorts.
+    seqs = "[1, 2, 3]"
+    for sql, params in (
+        (sqlite_module.PRUNE_CANDIDATES, (T0, T0, T0 - 10, 5, 100)),
+        (sqlite_module.PRUNE_NEWEST, ()),
+        (sqlite_module.PRUNE_ATTEMPTS, (seqs,)),
+        (sqlite_module.PRUNE_DELIVERIES, (seqs,)),
+        (sqlite_module.PRUNE_EVENTS, (seqs,)),
+    ):
+        plan = [row[3] for row in db.connection.execute(f"EXPLAIN QUERY PLAN {sql}", params)]
+        scans = [step for step in plan if step.startswith("SCAN") and "json_each" not in step]
+        assert scans in ([], ["SCAN CONSTANT ROW"]), plan
+        assert not any("TEMP B-TREE" in step for step in plan), plan
+        if sql == sqlite_module.PRUNE_CANDIDATES:
+            assert plan[0].startswith("SEARCH e USING INDEX events_received"), plan
 
 
 # -- failures -------------------------------------------------------------------------------------------

@@ -126,6 +126,20 @@ class QueueStats:
     oldest_due_at: float | None = None
 
 
+# Where a prune walk stands: the (received_at, seq) of the last event it looked at.
+PruneCursor = tuple[float, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Pruned:
+    """What one batch of a prune deleted. `resume_after` is where the next batch of the same walk starts,
+    None once the walk has looked at every event received before its time."""
+
+    events: int
+    deliveries: int
+    resume_after: PruneCursor | None
+
+
 @dataclass(slots=True)
 class EventSummary:
     seq: int
@@ -326,7 +340,15 @@ class Storage(ABC):
     @abstractmethod
     async def add_deliveries(self, seq: int, deliveries: list[NewDelivery], now: float) -> int:
         """Create deliveries for a stored event (replay of missing ones), leaving out those it has by then;
-        returns how many were created."""
+        returns how many were created (none for an event pruned since it was read)."""
+
+    @abstractmethod
+    async def prune(self, before: float, *, after: PruneCursor | None = None, limit: int = 100) -> Pruned:
+        """One batch of retention: look at up to `limit` of the events received before `before`, oldest
+        first, from after `after`, and delete, with their deliveries and attempts, those whose deliveries
+        are all final (delivered, dead, skipped) and finished before `before` (one with no delivery: received
+        before it). An event with a delivery pending or waiting, or one finished since, stays. A store may
+        look at fewer than `limit` (to bound the batch's work); `resume_after` says where to go on."""
 
 
 def open_storage(url: str) -> Storage:

@@ -31,6 +31,7 @@ from gateway.metrics import Metrics
 from gateway.ops import ops_app
 from gateway.plugins import Registry, plugin_manager
 from gateway.protocol import LINGERING_AT_MOST, tls_protocol, webhook_protocol
+from gateway.retention import Retention
 from gateway.routing import RouteTable, load_routes
 from gateway.storage import Storage, open_storage
 
@@ -116,6 +117,7 @@ class Gateway:
         self._watched = self._read_watched() if self.config_path else None
         self._resources: Resources | None = None
         self._engine: Engine | None = None
+        self._retention: Retention | None = None
         self._ingress_server: _Server | None = None
         self._tls: ssl.SSLContext | None = None  # the webhook listener's, with listen.tls
         self._exit = asyncio.Event()
@@ -172,6 +174,8 @@ class Gateway:
         self._engine = Engine(self.storage, actions, self.config.delivery, self.metrics, self.pm)
         await self._start_plugins()
         self._engine.start()
+        self._retention = Retention(self.storage, self.config.storage.retention, self.metrics)
+        self._retention.start()
         self._warn_insecure()
         self.ready = True
         self.metrics.ready.set(1)
@@ -197,6 +201,8 @@ class Gateway:
         self.ready = False
         self.metrics.ready.set(0)
         try:
+            if self._retention is not None:
+                await self._retention.stop()
             if self._engine is not None:
                 await self._engine.stop(self.config.delivery.shutdown_timeout)
             await _call_each(self.pm.hook.shutdown, gateway=self)

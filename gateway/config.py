@@ -76,6 +76,22 @@ def parse_positive_duration(value: Any) -> float:
     return seconds
 
 
+def parse_retention(value: Any) -> float | None:
+    """A duration longer than 0, or `off` (None: nothing is deleted). YAML reads a bare off (or no, false)
+    as a boolean; from a ${VAR} it comes as text."""
+    if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "false", "no")):
+        return None
+    if value is True:
+        raise ValueError("true is not a duration; give one such as 7d, or off to keep every event")
+    seconds = parse_duration(value)
+    if seconds == 0:
+        raise ValueError(
+            f"{value!r} would delete events as soon as their deliveries end; give a duration such as 7d, "
+            "or off to keep every event"
+        )
+    return seconds
+
+
 _DURATION_TEXT = {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"}
 Duration = Annotated[
     float,
@@ -86,6 +102,19 @@ PositiveDuration = Annotated[
     float,
     BeforeValidator(parse_positive_duration),
     WithJsonSchema({"anyOf": [{"type": "number", "exclusiveMinimum": 0}, _DURATION_TEXT]}),
+]
+Retention = Annotated[
+    float | None,
+    BeforeValidator(parse_retention),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", "exclusiveMinimum": 0},
+                _DURATION_TEXT,
+                {"enum": [False, "off", "false", "no"]},
+            ]
+        }
+    ),
 ]
 
 
@@ -234,6 +263,11 @@ def is_loopback(host: str) -> bool:
 
 class StorageConfig(Strict):
     url: str = "sqlite:///./var/hookyard.db"
+    # An event is deleted, with its deliveries and attempts, once every delivery is final (delivered, dead,
+    # skipped) and the last ended this long ago; None (off) keeps every event. 7 days: longer than the
+    # providers' own retries (Stripe's run for up to 3 days), so a late resend of an id is still a duplicate,
+    # and a week to notice and replay a dead delivery.
+    retention: Retention = 7 * 86400.0
 
     @field_validator("url")
     @classmethod

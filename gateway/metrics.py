@@ -222,6 +222,11 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
             registry=registry,
         )
+        self.events_pruned = Counter(
+            "hookyard_events_pruned_total",
+            "Events deleted by retention (storage.retention), with their deliveries and attempts.",
+            registry=registry,
+        )
         self.replays = Counter(
             "hookyard_replays_total",
             "Deliveries made to run again through the admin API, by mode: event, dead or missing.",

@@ -776,6 +776,52 @@ def test_a_storage_url_with_a_control_character_is_refused() -> None:
     ]
 
 
+def test_storage_retention_is_seven_days_unless_given() -> None:
+    assert parse_config("").storage.retention == 7 * 86400
+    assert parse_config("storage: {retention: 30d}").storage.retention == 30 * 86400
+    assert parse_config("storage: {retention: 90}").storage.retention == 90
+
+
+@pytest.mark.parametrize(
+    ("text", "environ"),
+    [
+        ("storage: {retention: off}", {}),  # YAML reads off (no, false) as a boolean
+        ("storage: {retention: false}", {}),
+        ('storage: {retention: "off"}', {}),
+        ('storage: {retention: "${RETENTION}"}', {"RETENTION": "off"}),
+    ],
+)
+def test_storage_retention_off_keeps_every_event(text: str, environ: dict[str, str]) -> None:
+    assert parse_config(text, environ=environ).storage.retention is None
+
+
+@pytest.mark.parametrize(
+    ("written", "error"),
+    [
+        ("0", "0 would delete events as soon as their deliveries end; give a duration such as 7d, or off"),
+        (
+            "0s",
+            "'0s' would delete events as soon as their deliveries end; give a duration such as 7d, or off",
+        ),
+        ("on", "true is not a duration; give one such as 7d, or off to keep every event"),
+        ("null", "None is not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds"),
+        ("7 days", "'7 days' is not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds"),
+    ],
+)
+def test_a_storage_retention_that_is_no_duration_or_0_is_refused(written: str, error: str) -> None:
+    [refused] = config_errors(f"storage: {{retention: {written}}}")
+    assert refused.startswith(f"storage.retention: {error}"), refused
+
+
+@pytest.mark.parametrize(
+    ("retention", "valid"), [("7d", True), (3600, True), (False, True), ("off", True), (0, False)]
+)
+def test_json_schema_checks_storage_retention(
+    validator: jsonschema.Draft202012Validator, retention: Any, valid: bool
+) -> None:
+    assert validator.is_valid({"storage": {"retention": retention}}) is valid
+
+
 @pytest.mark.parametrize("secret", ["whsec_abc\n", " whsec_abc", "whsec_abc\t"])
 def test_a_secret_with_whitespace_at_either_end_is_refused_without_showing_it(secret: str) -> None:
     # Read from a file with its newline, it would make every webhook invalid_signature without a word.

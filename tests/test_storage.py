@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import os
 import signal
 import sqlite3
@@ -21,6 +22,7 @@ from typing import Any, TypeVar
 import httpx
 import pytest
 
+from gateway import retention as retention_module
 from gateway.actions import ParentResult
 from gateway.events import Event
 from gateway.storage import (
@@ -2235,3 +2237,108 @@ def test_an_event_whose_fsync_is_unconfirmed_is_reported_accepted_as_its_deliver
     # Told of the event whose delivery runs, before that delivery's result.
     assert calls == [("event_accepted", "msg_unconfirmed"), ("delivery_finished", "delivered")]
     assert len(downstream.received("/hooks/users")) == 1
+
+
+# -- retention under a running gateway ------------------------------------------------------------------
+
+
+class RetentionClock:
+    """What the gateway's retention reads the time from: the real time until `now` is set."""
+
+    now: float | None = None
+    perf_counter = staticmethod(time.perf_counter)
+
+    @classmethod
+    def time(cls) -> float:
+        return time.time() if cls.now is None else cls.now
+
+
+@pytest.fixture
+def retention_clock(monkeypatch: pytest.MonkeyPatch) -> type[RetentionClock]:
+    monkeypatch.setattr(retention_module, "PRUNE_INTERVAL", 0.05)
+    monkeypatch.setattr(retention_module, "PRUNE_PAUSE", 0.01)
+    monkeypatch.setattr(RetentionClock, "now", None)
+    monkeypatch.setattr(retention_module, "time", RetentionClock)
+    return RetentionClock
+
+
+def admin_show(gw: RunningGateway, event_id: str) -> httpx.Response:
+    return gw.client.get(f"{gw.ops_url}/admin/events/{event_id}")
+
+
+def states_of(gw: RunningGateway, event_id: str) -> list[str]:
+    response = admin_show(gw, event_id)
+    return [d["state"] for d in response.json()["deliveries"]] if response.status_code == 200 else []
+
+
+def post_event(gw: RunningGateway, event_id: str) -> str:
+    body, headers = svix_request(msg_id=event_id)
+    status: str = gw.post("/webhooks/consignease", body, headers).json()["status"]
+    return status
+
+
+def test_a_gateway_prunes_what_ended_before_its_retention_and_keeps_the_rest(
+    tmp_path: Path,
+    downstream: Downstream,
+    retention_clock: type[RetentionClock],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="hookyard.storage")
+    # One event per batch: every run goes on past the batches that delete nothing.
+    monkeypatch.setattr(retention_module, "PRUNE_BATCH", 1)
+    config = gateway_config(
+        tmp_path, downstream.url, storage={"url": f"sqlite:///{tmp_path}/hookyard.db", "retention": "1h"}
+    )
+    config["defaults"]["retry"]["schedule"] = ["1h"]
+    downstream.answer("/hooks/users", 503, 422, 422)  # then 200
+    with RunningGateway(config) as gw:
+        assert post_event(gw, "msg_pending") == "accepted"  # 503: retried in an hour
+        wait_until(lambda: admin_show(gw, "msg_pending").json()["deliveries"][0]["attempts"])
+        assert post_event(gw, "msg_dead") == "accepted"  # 422: dead at once
+        wait_until(lambda: states_of(gw, "msg_dead") == ["dead"])
+        # Replayable while it is kept.
+        replay = gw.client.post(f"{gw.ops_url}/admin/events/msg_dead/replay", json={})
+        assert replay.json()["replayed"] == 1
+        downstream.wait_for(3, "/hooks/users")
+        wait_until(lambda: states_of(gw, "msg_dead") == ["dead"])
+        assert post_event(gw, "msg_delivered") == "accepted"
+        wait_until(lambda: states_of(gw, "msg_delivered") == ["delivered"])
+        middle = time.time()
+        time.sleep(0.05)
+        assert post_event(gw, "msg_young") == "accepted"
+        wait_until(lambda: states_of(gw, "msg_young") == ["delivered"])
+        time.sleep(0.2)  # runs on the real time find nothing an hour old
+        assert gw.metric("hookyard_events_pruned_total") == 0
+
+        # An hour on: what ended before `middle` goes.
+        retention_clock.now = middle + 3600
+        wait_until(lambda: gw.metric("hookyard_events_pruned_total") == 2)
+        assert admin_show(gw, "msg_dead").status_code == 404
+        assert admin_show(gw, "msg_delivered").status_code == 404
+        assert gw.client.post(f"{gw.ops_url}/admin/events/msg_dead/replay", json={}).status_code == 404
+        assert states_of(gw, "msg_young") == ["delivered"]
+        assert states_of(gw, "msg_pending") == ["pending"]  # however old, never while it is pending
+        time.sleep(0.2)
+        assert gw.metric("hookyard_events_pruned_total") == 2
+        # Its id is no longer known: the provider's resend of it is a new event, and delivered again.
+        assert post_event(gw, "msg_delivered") == "accepted"
+        wait_until(lambda: states_of(gw, "msg_delivered") == ["delivered"])
+    runs = [r for r in caplog.records if r.getMessage() == "pruned events past storage.retention"]
+    assert [(r.events, r.deliveries) for r in runs] == [(2, 2)]  # type: ignore[attr-defined]
+
+
+def test_a_gateway_with_retention_off_prunes_nothing(
+    tmp_path: Path, downstream: Downstream, retention_clock: type[RetentionClock]
+) -> None:
+    config = gateway_config(
+        tmp_path, downstream.url, storage={"url": f"sqlite:///{tmp_path}/hookyard.db", "retention": False}
+    )
+    with RunningGateway(config) as gw:
+        for event_id in ("msg_first", "msg_second"):
+            assert post_event(gw, event_id) == "accepted"
+            wait_until(lambda event_id=event_id: states_of(gw, event_id) == ["delivered"])
+        retention_clock.now = time.time() + 10 * 365 * 86400
+        time.sleep(0.5)  # ten runs, had retention been on: msg_first would be gone after the first
+        assert states_of(gw, "msg_first") == ["delivered"]
+        assert gw.metric("hookyard_events_pruned_total") == 0

@@ -10,6 +10,7 @@ import ssl
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from datetime import UTC
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict
@@ -283,6 +284,10 @@ def parse_retry_after(value: str | None) -> float | None:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return None
+    if when.tzinfo is None:
+        # "-0000" (RFC 5322's "zone unknown") and asctime's form, which has none: email.utils leaves them
+        # naive, which timestamp() reads as local time. An HTTP date is GMT, however written (RFC 9110 5.6.7).
+        when = when.replace(tzinfo=UTC)
     return max(0.0, when.timestamp() - time.time())
 
 

@@ -8,6 +8,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
+from email.utils import formatdate
 from typing import Any
 
 import pytest
@@ -746,8 +748,6 @@ def test_408_from_downstream_is_retried(tmp_path, downstream: Downstream) -> Non
 
 
 def test_retry_after_as_an_http_date_is_honoured(tmp_path, downstream: Downstream) -> None:
-    from email.utils import formatdate
-
     with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:
         # Whole seconds only in an HTTP date: three seconds ahead means at least two from the answer.
         downstream.answer("/app", (503, {"Retry-After": formatdate(time.time() + 3, usegmt=True)}), 200)
@@ -758,6 +758,39 @@ def test_retry_after_as_an_http_date_is_honoured(tmp_path, downstream: Downstrea
         # The schedule says 50 ms; the receiver asked for a time seconds away.
         assert second.started_at - first.started_at >= 1.5
         assert (first.outcome, first.status_code) == ("retry", 503)
+
+
+@pytest.fixture
+def far_east_clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The process's local time 14 hours ahead of UTC (Line Islands), for as long as the test runs."""
+    monkeypatch.setenv("TZ", "LINT-14")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        # RFC 5322's "-0000" (formatdate's), which email.utils reads as a time in no known zone, and asctime()
+        # with no zone at all: RFC 9110 says an HTTP date is GMT whichever way it is written.
+        lambda when: formatdate(when),
+        lambda when: time.asctime(time.gmtime(when)),
+    ],
+    ids=["minus-0000", "asctime"],
+)
+def test_retry_after_as_an_http_date_without_a_zone_is_gmt(
+    tmp_path, downstream: Downstream, far_east_clock: None, written: Callable[[float], str]
+) -> None:
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:
+        # Read as local time, three seconds ahead would be 14 hours ago: retried after the schedule's 50 ms.
+        downstream.answer("/app", (503, {"Retry-After": written(time.time() + 3)}), 200)
+        body, headers = svix_request(msg_id="msg_503_gmt")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_503_gmt") == {"app": "delivered"}, timeout=15)
+        first, second = event_detail(gw, "msg_503_gmt").attempts.popitem()[1]
+        assert second.started_at - first.started_at >= 1.5
 
 
 def test_retry_on_decides_which_statuses_are_retried(tmp_path, downstream: Downstream) -> None:

@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict
 from gateway.config import Source
 from gateway.events import Event
 
+# How require_text names the payload's own id and type when they are of the wrong kind.
+PAYLOAD_ID = "the payload's id"
+PAYLOAD_TYPE = "the payload's type"
+
 
 class Rejected(Exception):
     """A request that must not be accepted. `reason` is a short, stable label (it becomes a metric label);
@@ -70,8 +74,10 @@ class Provider(ABC):
             raise bad_request("invalid_payload", "the body must be a JSON object")
         return Event(
             source=self.source_name,
-            id=require_text(payload.get("id"), "missing_event_id", "the payload has no id"),
-            type=self.event_type(require_text(payload.get("type"), "missing_event_type", "no type")),
+            id=require_text(payload.get("id"), "missing_event_id", "the payload has no id", name=PAYLOAD_ID),
+            type=self.event_type(
+                require_text(payload.get("type"), "missing_event_type", "no type", name=PAYLOAD_TYPE)
+            ),
             received_at=received_at,
             body=body,
             payload=payload,
@@ -97,12 +103,30 @@ class Provider(ABC):
         return {}
 
 
-def require_text(value: Any, reason: str, detail: str) -> str:
-    if isinstance(value, bool) or value is None or value == "":
+def require_text(value: Any, reason: str, detail: str, *, name: str | None = None) -> str:
+    """A string or an integer, as text; raises bad_request(reason, detail) when it is missing or empty.
+    With `name` ("the payload's type"), a value of another kind is refused saying what it is, not as missing:
+    `the payload's type is the number 1.5, not a string or an integer`."""
+    if value is None or value == "":
         raise bad_request(reason, detail)
-    if isinstance(value, str | int):
+    if isinstance(value, str | int) and not isinstance(value, bool):
         return str(value)
-    raise bad_request(reason, detail)
+    if name is None:
+        raise bad_request(reason, detail)
+    raise bad_request(reason, f"{name} is {_described(value)}, not a string or an integer")
+
+
+def _described(value: Any) -> str:
+    """A JSON value's kind, as a sender would recognise it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"the number {value!r}"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return f"a {type(value).__name__}"
 
 
 def hmac_digest(key: bytes, content: bytes, algorithm: str = "sha256") -> bytes:

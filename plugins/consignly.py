@@ -16,6 +16,8 @@ from typing import Any
 from gateway import hookimpl
 from gateway.events import Event
 from gateway.providers import (
+    PAYLOAD_ID,
+    PAYLOAD_TYPE,
     Provider,
     bad_request,
     parse_timestamp,
@@ -87,12 +89,13 @@ class ConsignlyProvider(Provider):
     def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:
         if not isinstance(payload, dict):
             raise bad_request("invalid_payload", "the body must be a JSON object")
-        raw_type = payload.get("type")
-        if isinstance(raw_type, bool) or not isinstance(raw_type, str | int) or raw_type == "":
-            raise bad_request("missing_event_type", "the payload has no type")
+        # A name or a code; a code comes as its text, which event_type looks up as it looks up 101.
+        raw_type = require_text(
+            payload.get("type"), "missing_event_type", "the payload has no type", name=PAYLOAD_TYPE
+        )
         return Event(
             source=self.source_name,
-            id=require_text(payload.get("id"), "missing_event_id", "the payload has no id"),
+            id=require_text(payload.get("id"), "missing_event_id", "the payload has no id", name=PAYLOAD_ID),
             type=self.event_type(raw_type),
             occurred_at=parse_timestamp(payload.get("created")),
             received_at=received_at,

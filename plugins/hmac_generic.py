@@ -34,6 +34,8 @@ from gateway import hookimpl
 from gateway.config import Source
 from gateway.events import Event, dig
 from gateway.providers import (
+    PAYLOAD_ID,
+    PAYLOAD_TYPE,
     Provider,
     any_digest_matches,
     bad_request,
@@ -177,12 +179,15 @@ def make_event(
     occurred_at: float | None = None,
     id_detail: str = "the payload has no id",
     type_detail: str = "the payload has no type",
+    id_name: str = PAYLOAD_ID,
+    type_name: str = PAYLOAD_TYPE,
 ) -> Event:
-    """The canonical event, with 400 missing_event_id / missing_event_type when either is unusable."""
+    """The canonical event, with 400 missing_event_id / missing_event_type when either is unusable: the
+    details say so when it is missing, and the names say where it is when it is of the wrong kind."""
     return Event(
         source=provider.source_name,
-        id=require_text(event_id, "missing_event_id", id_detail),
-        type=provider.event_type(require_text(event_type, "missing_event_type", type_detail)),
+        id=require_text(event_id, "missing_event_id", id_detail, name=id_name),
+        type=provider.event_type(require_text(event_type, "missing_event_type", type_detail, name=type_name)),
         occurred_at=occurred_at,
         received_at=received_at,
         body=body,
@@ -289,6 +294,8 @@ class FieldMappedProvider(Provider):
             occurred_at=self.occurred_at(headers),
             id_detail=f"no event id at {id_from}",
             type_detail=f"no event type at {type_from}",
+            id_name=f"the event id at {id_from}",
+            type_name=f"the event type at {type_from}",
         )
 
     def sample_payload(self, event_type: str, event_id: str, data: Any, now: float) -> Any:

@@ -17,7 +17,7 @@ from typing import Any
 from gateway import hookimpl
 from gateway.config import Source
 from gateway.events import Event
-from gateway.providers import Provider, parse_timestamp
+from gateway.providers import PAYLOAD_TYPE, Provider, parse_timestamp
 from plugins.hmac_generic import (
     body_digest_id,
     check_timestamp,
@@ -59,9 +59,9 @@ class SlackProvider(Provider):
         if payload.get("type") == "event_callback":
             inner = payload.get("event")
             event_type = inner.get("type") if isinstance(inner, dict) else None
-            type_detail = "the event_callback has no event.type"
+            type_detail, type_name = "the event_callback has no event.type", "the event_callback's event.type"
         else:
-            event_type, type_detail = payload.get("type"), "the payload has no type"
+            event_type, type_detail, type_name = payload.get("type"), "the payload has no type", PAYLOAD_TYPE
         return make_event(
             self,
             headers,
@@ -73,6 +73,8 @@ class SlackProvider(Provider):
             occurred_at=parse_timestamp(payload.get("event_time")),
             id_detail="the event_id is not text",
             type_detail=type_detail,
+            id_name="the payload's event_id",
+            type_name=type_name,
         )
 
     def reply(self, event: Event) -> dict[str, Any] | None:

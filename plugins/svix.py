@@ -24,6 +24,7 @@ from gateway import hookimpl
 from gateway.config import Source
 from gateway.events import Event
 from gateway.providers import (
+    PAYLOAD_TYPE,
     Provider,
     any_digest_matches,
     bad_request,
@@ -182,7 +183,9 @@ class SvixProvider(Provider):
         return Event(
             source=self.source_name,
             id=require_text(msg_id, "missing_event_id", f"missing {prefix}id header"),
-            type=require_text(payload.get("type"), "missing_event_type", "the payload has no type"),
+            type=require_text(
+                payload.get("type"), "missing_event_type", "the payload has no type", name=PAYLOAD_TYPE
+            ),
             occurred_at=occurred_at,
             received_at=received_at,
             body=body,

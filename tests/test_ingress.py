@@ -190,6 +190,30 @@ def test_payload_without_id_or_type_is_400(gw: RunningGateway, field: str, reaso
     assert response.json()["error"] == reason
 
 
+@pytest.mark.parametrize(
+    ("value", "described"),
+    [(1.5, "the number 1.5"), (True, "true"), ([101], "an array"), ({"code": 101}, "an object")],
+)
+@pytest.mark.parametrize("source", ["consignly", "consignease"])
+def test_a_type_that_is_no_string_or_integer_is_refused_saying_what_it_is(
+    gw: RunningGateway, source: str, value: Any, described: str
+) -> None:
+    if source == "consignly":
+        payload = json.loads(consignly_body())
+        payload["type"] = value
+        body = json.dumps(payload).encode()
+        headers = consignly_headers(body)
+    else:
+        body, headers = svix_request(event_type=value)
+    response = gw.post(f"/webhooks/{source}", body, headers)
+    assert response.status_code == 400
+    # The reason is the label it always was; the detail says what came instead of a type.
+    assert response.json() == {
+        "error": "missing_event_type",
+        "detail": f"the payload's type is {described}, not a string or an integer",
+    }
+
+
 def test_event_matching_no_route_is_stored_but_not_delivered(
     gw: RunningGateway, downstream: Downstream
 ) -> None:

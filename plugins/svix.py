@@ -125,18 +125,29 @@ class SvixProvider(Provider):
             except ValueError as exc:
                 raise ValueError(f"secrets[{index}] {exc}") from None
 
-    def _headers(self, headers: Mapping[str, str]) -> tuple[str, str, str]:
+    def _headers(self, headers: Mapping[str, str]) -> tuple[str | None, str, str, str]:
+        """The prefix of the set read (None when no id header came), the id, timestamp and signature. The
+        first set whose id header is there, even empty, as the svix library reads them: an empty svix-id
+        is refused, not passed over for webhook-id."""
         for prefix in self.header_prefixes:
             msg_id = headers.get(prefix + "id")
             if msg_id is not None:
-                return msg_id, headers.get(prefix + "timestamp", ""), headers.get(prefix + "signature", "")
-        return "", "", ""
+                timestamp = headers.get(prefix + "timestamp", "")
+                return prefix, msg_id, timestamp, headers.get(prefix + "signature", "")
+        return None, "", "", ""
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
-        prefix = self.header_prefixes[0]
-        msg_id, timestamp, signature = self._headers(headers)
-        if not msg_id or not signature:
-            raise unauthorized("missing_signature", f"missing {prefix}id/{prefix}signature headers")
+        prefix, msg_id, timestamp, signature = self._headers(headers)
+        if prefix is None:
+            first = self.header_prefixes[0]
+            raise unauthorized("missing_signature", f"missing {first}id/{first}signature headers")
+        if not msg_id:
+            later = self.header_prefixes[self.header_prefixes.index(prefix) + 1 :]
+            read_instead = "/".join(f"{other}*" for other in later)
+            note = f" ({read_instead} headers are read only when there is no {prefix}id)" if later else ""
+            raise unauthorized("missing_signature", f"empty {prefix}id header{note}")
+        if not signature:
+            raise unauthorized("missing_signature", f"missing {prefix}signature header")
         check_timestamp(timestamp, now, self.tolerance, f"{prefix}timestamp header")
         entries = signature_entries(signature)
         # The id as its bytes arrived (the timestamp is ASCII digits by now).
@@ -174,7 +185,7 @@ class SvixProvider(Provider):
         if not isinstance(payload, dict):
             raise bad_request("invalid_payload", "the body must be a JSON object")
         prefix = self.header_prefixes[0]
-        msg_id, timestamp, _ = self._headers(headers)
+        _, msg_id, timestamp, _ = self._headers(headers)
         occurred_at = parse_timestamp(payload.get("timestamp"))
         if occurred_at is None:
             # Read as verify reads it: with `verify: log-only` an unverified header gets here too, and

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from svix.webhooks import Webhook, WebhookVerificationError
 
 from gateway.config import Source
 from gateway.plugins import registry
@@ -104,6 +105,21 @@ def test_svix_headers_win_over_webhook_headers() -> None:
     bad = {**as_webhook_headers(headers), "svix-id": MSG_ID, "svix-timestamp": headers["svix-timestamp"]}
     bad["svix-signature"] = "v1," + base64.b64encode(b"x" * 32).decode()
     assert rejected(svix_provider(), bad, body).reason == "invalid_signature"
+
+
+def test_an_empty_svix_id_is_refused_as_the_svix_library_refuses_it_and_the_answer_says_why() -> None:
+    body, headers = signed()
+    request = {**as_webhook_headers(headers), "svix-id": ""}
+    # The svix library reads svix-id whenever it is there, even empty, and refuses the empty id: the
+    # webhook-* headers beside it are not looked at.
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SVIX_SECRET).verify(body, request)
+    error = rejected(svix_provider(), request, body)
+    assert (error.status, error.reason) == (401, "missing_signature")
+    assert error.detail == "empty svix-id header (webhook-* headers are read only when there is no svix-id)"
+    # Without it, the webhook-* headers are read; one of them missing is named as such.
+    del request["svix-id"], request["webhook-signature"]
+    assert rejected(svix_provider(), request, body).detail == "missing webhook-signature header"
 
 
 def test_the_library_signs_what_the_provider_checks() -> None:

@@ -21,6 +21,7 @@ bounded (gateway.templates): the payload it runs over is any sender's.
 
 from __future__ import annotations
 
+import json
 import re
 import traceback
 from typing import Any, Literal
@@ -47,6 +48,9 @@ EVENT_ID_HEADER = "x-hookyard-event-id"
 
 # Discord rejects a message whose content is longer than this (HTTP 400, which would end the delivery dead).
 DISCORD_MAX_CONTENT = 2000
+# Teams does not post a message past 28 KB. A Workflows webhook answers 202 before its flow posts the card,
+# so the delivery would count as delivered, and nothing shown. Counted on the whole body as sent.
+TEAMS_MAX_BYTES = 28_000
 
 # The engine words a used-up retry schedule as "gave up after N attempts: <last error>"; the default message
 # states the attempts itself, so it shows only the last error.
@@ -147,21 +151,7 @@ def chat_payload(format: str, message: str, job: Job) -> dict[str, Any]:
             message = message[: DISCORD_MAX_CONTENT - 1] + "…"
         return {"content": message}
     if format == "teams":
-        # Teams Workflows (Power Automate) webhooks take a message carrying an Adaptive Card; the retired
-        # Office 365 connectors took MessageCards, which Workflows do not render.
-        return {
-            "type": "message",
-            "attachments": [
-                {
-                    "contentType": "application/vnd.microsoft.card.adaptive",
-                    "content": {
-                        "type": "AdaptiveCard",
-                        "version": "1.4",
-                        "body": [{"type": "TextBlock", "text": message, "wrap": True}],
-                    },
-                }
-            ],
-        }
+        return teams_card(message)
     event = job.event
     return {
         "text": message,
@@ -169,6 +159,46 @@ def chat_payload(format: str, message: str, job: Job) -> dict[str, Any]:
         "route": job.route,
         "parent": parent_fields(job.parent),
     }
+
+
+def teams_card(message: str) -> dict[str, Any]:
+    """The message in an Adaptive Card, cut (ending in "…") to the longest that keeps the body within
+    TEAMS_MAX_BYTES."""
+    card = _adaptive_card(message)
+    if _size(card) <= TEAMS_MAX_BYTES:
+        return card
+    # The size grows with the length of the text kept: the longest that fits, by bisection.
+    shortest, longest = 0, len(message)
+    while shortest < longest:
+        middle = (shortest + longest + 1) // 2
+        if _size(_adaptive_card(message[:middle] + "…")) <= TEAMS_MAX_BYTES:
+            shortest = middle
+        else:
+            longest = middle - 1
+    return _adaptive_card(message[:shortest] + "…")
+
+
+def _adaptive_card(text: str) -> dict[str, Any]:
+    # Teams Workflows (Power Automate) webhooks take a message carrying an Adaptive Card; the retired
+    # Office 365 connectors took MessageCards, which Workflows do not render.
+    return {
+        "type": "message",
+        "attachments": [
+            {
+                "contentType": "application/vnd.microsoft.card.adaptive",
+                "content": {
+                    "type": "AdaptiveCard",
+                    "version": "1.4",
+                    "body": [{"type": "TextBlock", "text": text, "wrap": True}],
+                },
+            }
+        ],
+    }
+
+
+def _size(payload: dict[str, Any]) -> int:
+    """The bytes of the body httpx sends for `json=payload`: compact JSON, UTF-8, not ASCII-escaped."""
+    return len(json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode())
 
 
 def render_error(exc: Exception) -> str:

@@ -24,6 +24,7 @@ from gateway.config import ConfigError, parse_config
 from gateway.plugins import registry
 from gateway.routing import RouteTable
 from gateway.storage import EventDetail
+from plugins.notify import TEAMS_MAX_BYTES
 from tests.support import (
     Downstream,
     RunningGateway,
@@ -327,6 +328,23 @@ def test_teams_discord_and_generic_payloads(tmp_path: Path, downstream: Downstre
             "route": "alerts",
             "parent": None,
         }
+
+
+def test_a_teams_card_past_28_kb_is_cut_to_fit_as_valid_json(tmp_path: Path, downstream: Downstream) -> None:
+    # 40,000 characters, 80 KB as sent: é is 2 bytes of UTF-8, and JSON escapes the quote as 2.
+    template = """{{ event.id }} {{ 'é"' * 20000 }}"""
+    actions = [notify_action("teams", f"{downstream.url}/teams", format="teams", template=template)]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_long_card"))
+        wait_until(lambda: delivery_states(gw, "evt_long_card") == {"teams": "delivered"})
+        [card] = downstream.received("/teams")
+    # As long as fits: one more character (4 bytes at most) would take it past the cap.
+    assert TEAMS_MAX_BYTES - 4 < len(card.body) <= TEAMS_MAX_BYTES
+    [block] = card.json()["attachments"][0]["content"]["body"]
+    full = "evt_long_card " + 'é"' * 20000
+    assert block["text"].endswith("…")
+    assert full.startswith(block["text"][:-1])
+    assert block == {"type": "TextBlock", "text": block["text"], "wrap": True}
 
 
 # -- failures ---------------------------------------------------------------------------------------------

@@ -81,6 +81,9 @@ def _limits(actions: dict[tuple[str, str], RunnableAction]) -> dict[tuple[str, s
 LATENESS = 0.1
 # How often the queue's gauges are read from the store (a scan of the deliveries that are not final).
 STATS_INTERVAL = 2.0
+# How long a stop waits for the actions to close (their pools and connections), those a reload replaced
+# included: a database that stopped answering must not hold the exit for ever.
+ACTION_CLOSE_TIMEOUT = 5.0
 
 
 class Deadlines:
@@ -174,7 +177,7 @@ class Engine:
         self._loop_task: asyncio.Task[None] | None = None
         self._stats_task: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
-        self._background: set[asyncio.Task[None]] = set()
+        self._closing: set[asyncio.Task[None]] = set()  # actions a reload replaced, closing once idle
         self._releases: set[asyncio.Task[None]] = set()  # leases given back as the engine stops
         self._leasing: set[asyncio.Future[Ingested]] = set()  # commits holding a lease, not done yet
         self._claiming: asyncio.Future[list[Claim]] | None = None  # the claim loop's claim in flight
@@ -195,12 +198,11 @@ class Engine:
         async def close_old() -> None:
             if running:
                 await asyncio.wait(running)
-            for runnable in old.values():
-                await runnable.action.aclose()
+            await _close(old.values())
 
         task = asyncio.create_task(close_old())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
         self.wake()  # an action's `concurrency` may have changed: the queue is read anew
 
     def wake(self) -> None:
@@ -366,8 +368,13 @@ class Engine:
         await asyncio.gather(*self._releases, return_exceptions=True)
         await _cancel(self._stats_task)
         await self._refresh_stats()  # what the drain left: due again at the next start, or none
-        for runnable in self.actions.values():
-            await runnable.action.aclose()
+        # With the actions a reload replaced, whose deliveries are over by now: closed while the loop and the
+        # shared HTTP clients are still there, not left to a loop that is gone.
+        closing = [*self._closing, asyncio.create_task(_close(self.actions.values()))]
+        _done, late = await asyncio.wait(closing, timeout=ACTION_CLOSE_TIMEOUT)
+        if late:
+            log.warning("actions still closing; given up", extra={"timeout_s": ACTION_CLOSE_TIMEOUT})
+            await _cancel(*late)
 
     async def _claim_loop(self) -> None:
         while not self._stopping:
@@ -674,6 +681,17 @@ class Engine:
         due, pending = stats.oldest_due_at, stats.oldest_pending_since
         self.metrics.delivery_lag.set(0.0 if due is None else max(0.0, now - due))
         self.metrics.oldest_pending.set(0.0 if pending is None else max(0.0, now - pending))
+
+
+async def _close(actions: Collection[RunnableAction]) -> None:
+    """Close each action; one that fails to close keeps none of the others open."""
+    for runnable in actions:
+        try:
+            await runnable.action.aclose()
+        except Exception:
+            log.exception(
+                "an action failed to close", extra={"route": runnable.plan.route, "action": runnable.plan.key}
+            )
 
 
 async def _cancel(*tasks: asyncio.Task[None] | None) -> None:

@@ -22,9 +22,13 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from pydantic import BaseModel
 
+from gateway import delivery, hookimpl
+from gateway.actions import Action, Job, Outcome
 from gateway.app import INGRESS_DRAIN_TIMEOUT, OPS_DRAIN_TIMEOUT
 from gateway.config import DeliveryEngine
+from gateway.plugins import new_plugin_manager
 from tests.support import (
     Downstream,
     GatewayProcess,
@@ -222,6 +226,83 @@ def test_a_reload_lets_running_deliveries_finish_and_pending_ones_use_the_new_co
         [slow_request] = downstream.received("/held/slow")
         assert slow_request.headers["idempotency-key"] == "msg_reloaded"
         assert [a["outcome"] for a in deliveries(gw)["slow"]["attempts"]] == ["delivered"]
+
+
+class Pooled:
+    """A plugin whose action holds a pool of its own, closed in `closing[label]` seconds (None: never), and
+    whose deliveries run until they are cancelled. `started` and `closed` list the labels."""
+
+    def __init__(self, closing: dict[str, float | None]) -> None:
+        self.closing = closing
+        self.started: list[str] = []
+        self.closed: list[str] = []
+
+    @hookimpl
+    def register_actions(self) -> list[type[Action]]:
+        plugin = self
+
+        class PooledOptions(BaseModel):
+            label: str
+
+        class PooledAction(Action):
+            name = "pooled"
+            Options = PooledOptions
+            options: PooledOptions
+
+            async def deliver(self, job: Job) -> Outcome:
+                plugin.started.append(self.options.label)
+                await asyncio.Event().wait()
+                raise AssertionError("unreachable")
+
+            async def aclose(self) -> None:
+                seconds = plugin.closing[self.options.label]
+                await (asyncio.sleep(seconds) if seconds is not None else asyncio.Event().wait())
+                plugin.closed.append(self.options.label)
+
+        return [PooledAction]
+
+
+def pooled_config(tmp_path: Path, label: str) -> dict[str, Any]:
+    config = gateway_config(tmp_path)
+    config["reload"] = {"interval": "100ms"}
+    config["delivery"] = {"poll_interval": "200ms", "lease": "2m", "shutdown_timeout": "200ms"}
+    action = {"id": "app", "use": "pooled", "with": {"label": label}}
+    config["routes"] = [{"name": "users", "source": "consignease", "actions": [action]}]
+    return config
+
+
+def replace_the_running_action(tmp_path: Path, plugin: Pooled) -> RunningGateway:
+    """A gateway whose action `old`, running a delivery, a reload replaced with `new`; stopped."""
+    volume = ConfigMapVolume(tmp_path / "config")
+    volume.publish(pooled_config(tmp_path, "old"))
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(plugin, name="pooled")
+    with RunningGateway(volume.path, pm=pm) as gw:
+        body, headers = svix_request(msg_id="msg_pooled")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        wait_until(lambda: plugin.started == ["old"])
+        volume.publish(pooled_config(tmp_path, "new"))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+    assert not gw.thread.is_alive()
+    return gw
+
+
+def test_a_stop_waits_for_the_actions_a_reload_replaced_to_close(tmp_path: Path) -> None:
+    # The old action closes once its delivery ends, which the stop cancels: slower than the new one.
+    plugin = Pooled({"old": 1.0, "new": 0.0})
+    replace_the_running_action(tmp_path, plugin)
+    assert sorted(plugin.closed) == ["new", "old"]
+
+
+def test_a_stop_waits_for_the_actions_to_close_for_a_while_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery, "ACTION_CLOSE_TIMEOUT", 0.5)
+    plugin = Pooled({"old": None, "new": 0.0})  # a pool whose server stopped answering
+    started = time.monotonic()
+    replace_the_running_action(tmp_path, plugin)
+    assert plugin.closed == ["new"]
+    assert time.monotonic() - started < 5
 
 
 @pytest.mark.parametrize(("before", "after", "running"), [(1, 1, 1), (1, 2, 2)])
@@ -822,10 +903,7 @@ def test_a_file_that_changes_again_while_it_is_reloaded_is_reloaded_again(
 def test_a_reload_whose_action_cannot_be_built_is_refused_and_changes_nothing(
     tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from pydantic import BaseModel
-
-    from gateway import Action, Job, Outcome, delivered, hookimpl
-    from gateway.plugins import new_plugin_manager
+    from gateway import delivered
 
     class TemplateOptions(BaseModel):
         template: str

@@ -498,8 +498,13 @@ class Engine:
     async def _deliver(self, claim: Claim, runnable: RunnableAction | None) -> None:
         delivery, event = claim.delivery, claim.event
         started = time.time()
+        unfollowed = None
         if runnable is None:
-            outcome = dead(f"action {delivery.action!r} of route {delivery.route!r} is no longer configured")
+            where = f"action {delivery.action!r} of route {delivery.route!r} is no longer configured"
+            # Dead, for `replay --state dead` to find once the action is back. Its dependents are skipped:
+            # nothing failed (an `acknowledge` would report a failure to the provider), nor succeeded.
+            outcome = dead(where)
+            unfollowed = f"parent {where}"
             policy = None
         else:
             policy = runnable.plan.retry
@@ -540,11 +545,17 @@ class Engine:
         try:
             # While the claim loop waits for a free slot, this record's commit is what frees one.
             finished = await self.storage.finish(
-                delivery, attempt, state, due_at, finished_at, waited_for=self._wants_slots
+                delivery,
+                attempt,
+                state,
+                due_at,
+                finished_at,
+                waited_for=self._wants_slots,
+                unfollowed=unfollowed,
             )
         except StorageUnavailable as exc:
             log.error("cannot record attempt; trying again", extra={**event.summary(), "error": str(exc)})
-            finished = await self._record_once_taken(claim, attempt, state, due_at, finished_at)
+            finished = await self._record_once_taken(claim, attempt, state, due_at, finished_at, unfollowed)
         except Exception as exc:
             # The lease stays: once it expires the delivery is attempted again (at-least-once).
             log.error("cannot record attempt", extra={**event.summary(), "error": str(exc)})
@@ -610,7 +621,13 @@ class Engine:
                     log.exception("a delivery_finished hook failed", extra=event.summary())
 
     async def _record_once_taken(
-        self, claim: Claim, attempt: Attempt, state: str, due_at: float | None, now: float
+        self,
+        claim: Claim,
+        attempt: Attempt,
+        state: str,
+        due_at: float | None,
+        now: float,
+        unfollowed: str | None,
     ) -> Finished | None:
         """An attempt's result the store refused (an fsync that has not answered, a full disk), tried again
         every poll_interval until it is taken: the attempt was made, and left to its lease the delivery would
@@ -622,7 +639,13 @@ class Engine:
             await asyncio.sleep(self.settings.poll_interval)
             try:
                 return await self.storage.finish(
-                    claim.delivery, attempt, state, due_at, now, waited_for=self._wants_slots
+                    claim.delivery,
+                    attempt,
+                    state,
+                    due_at,
+                    now,
+                    waited_for=self._wants_slots,
+                    unfollowed=unfollowed,
                 )
             except StorageUnavailable:
                 continue

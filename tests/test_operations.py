@@ -228,6 +228,81 @@ def test_a_reload_lets_running_deliveries_finish_and_pending_ones_use_the_new_co
         assert [a["outcome"] for a in deliveries(gw)["slow"]["attempts"]] == ["delivered"]
 
 
+def test_the_dependents_of_an_action_a_reload_removed_are_skipped_and_follow_it_once_it_is_back(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    url = downstream.url
+    config = gateway_config(tmp_path)
+    config["reload"] = {"interval": "100ms"}
+    config["defaults"] = {"retry": {"schedule": ["1s"] * 20, "jitter": 0}, "timeout": "30s"}
+
+    def actions(parent: str, parent_url: str) -> list[dict[str, Any]]:
+        return [
+            {"id": parent, "use": "forward", "with": {"url": parent_url}},
+            {
+                "id": "alert",
+                "use": "forward",
+                "after": parent,
+                "when": "failure",
+                "with": {"url": f"{url}/alert"},
+            },
+            {
+                "id": "audit",
+                "use": "forward",
+                "after": parent,
+                "when": "success",
+                "with": {"url": f"{url}/audit"},
+            },
+        ]
+
+    config["routes"] = [{"name": "users", "source": "consignease", "actions": actions("app", f"{url}/app")}]
+    downstream.answer("/app", *[503] * 50)
+    volume = ConfigMapVolume(tmp_path / "config")
+    volume.publish(config)
+
+    def deliveries(gw: RunningGateway) -> dict[str, dict[str, Any]]:
+        event = gw.client.get(gw.ops_url + "/admin/events/msg_orphaned").json()
+        return {d["action"]: d for d in event["deliveries"]}
+
+    with RunningGateway(volume.path) as gw:
+        body, headers = svix_request(msg_id="msg_orphaned")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        downstream.wait_for(1, "/app")
+
+        # The operator moves the dependents to a new action and drops app, whose delivery is retrying.
+        moved = copy.deepcopy(config)
+        moved["routes"][0]["actions"] = actions("app2", f"{url}/app2")
+        volume.publish(moved)
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+        wait_until(lambda: deliveries(gw)["app"]["state"] == "dead")
+
+        # app did not fail, it is gone: neither its failure nor its success runs, and each says why.
+        wait_until(lambda: deliveries(gw)["alert"]["state"] == "skipped")
+        reason = "parent action 'app' of route 'users' is no longer configured"
+        assert {a: (d["state"], d["last_error"]) for a, d in deliveries(gw).items()} == {
+            "app": ("dead", "action 'app' of route 'users' is no longer configured"),
+            "alert": ("skipped", reason),
+            "audit": ("skipped", reason),
+        }
+        assert downstream.received("/alert") == []
+
+        # Put back (its receiver recovered), and replayed: its dependents follow its new result.
+        volume.publish(
+            config | {"routes": [{**config["routes"][0], "actions": actions("app", f"{url}/back")}]}
+        )
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 2)
+        replay = gw.client.post(gw.ops_url + "/admin/replay", json={"mode": "dead", "since": "1h"})
+        assert replay.json()["replayed"] == 1
+        wait_until(lambda: deliveries(gw)["audit"]["state"] == "delivered")
+        assert {a: d["state"] for a, d in deliveries(gw).items()} == {
+            "app": "delivered",
+            "alert": "skipped",
+            "audit": "delivered",
+        }
+        assert len(downstream.received("/back")) == 1
+        assert downstream.received("/alert") == []
+
+
 class Pooled:
     """A plugin whose action holds a pool of its own, closed in `closing[label]` seconds (None: never), and
     whose deliveries run until they are cancelled. `started` and `closed` list the labels."""

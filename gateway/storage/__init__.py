@@ -234,6 +234,7 @@ class Storage(ABC):
         now: float,
         *,
         waited_for: bool = False,
+        unfollowed: str | None = None,
     ) -> Finished:
         """Record an attempt and the delivery's next state (pending again at due_at, or final). A final
         state releases or skips the delivery's dependents in the same transaction. Nothing is written, and
@@ -241,7 +242,10 @@ class Storage(ABC):
         is no longer pending (replayed) since this attempt was claimed.
 
         waited_for: something waits for this record to go on (the engine, for the slot it frees), so a
-        store that holds such records back to write them with others must not."""
+        store that holds such records back to write them with others must not.
+
+        unfollowed: the final state is no result its dependents follow (its action was removed from the
+        config): they are skipped, whatever their `when`, with this reason."""
 
     @abstractmethod
     async def release(

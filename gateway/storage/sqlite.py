@@ -1057,11 +1057,12 @@ class SQLiteStorage(Storage):
         now: float,
         *,
         waited_for: bool = False,
+        unfollowed: str | None = None,
     ) -> Finished:
         # Not durable: an attempt whose record a power cut loses is made again (at-least-once). Unless the
         # engine waits for it, it rides along with the next batch: nothing else does.
         return await self._run(
-            lambda conn: _finish(conn, delivery, attempt, state, due_at, now),
+            lambda conn: _finish(conn, delivery, attempt, state, due_at, now, unfollowed),
             durable=False,
             ride=not waited_for,
         )
@@ -1744,6 +1745,7 @@ def _finish(
     state: str,
     due_at: float | None,
     now: float,
+    unfollowed: str | None = None,
 ) -> Finished:
     final = state in ("delivered", "dead", "skipped")
     # `attempts = ?` fences out a worker whose lease expired and whose delivery was claimed again since:
@@ -1779,16 +1781,25 @@ def _finish(
     )
     if not final:
         return finished
-    outcome = RESULT_OF.get(state)
-    _settle_dependents(conn, delivery.id, outcome, now, finished)
+    if unfollowed is not None:
+        _settle_dependents(conn, delivery.id, None, now, finished, reason=unfollowed)
+    else:
+        _settle_dependents(conn, delivery.id, RESULT_OF.get(state), now, finished)
     return finished
 
 
 def _settle_dependents(
-    conn: sqlite3.Connection, parent_id: int, outcome: str | None, now: float, finished: Finished
+    conn: sqlite3.Connection,
+    parent_id: int,
+    outcome: str | None,
+    now: float,
+    finished: Finished,
+    *,
+    reason: str = SKIPPED_REASON,
 ) -> None:
     """The waiting dependents of a parent that reached `outcome` (success, failure, or None for skipped) run
-    when their `when` matches it, otherwise they (and theirs) are skipped; `finished` collects both."""
+    when their `when` matches it, otherwise they (and theirs) are skipped; `finished` collects both. Those
+    skipped say `reason` (below them, theirs say that their parent was skipped)."""
     parents = [parent_id]
     while parents:
         # One statement, always the same text: sqlite3 finds it prepared in its cache, where an IN list
@@ -1808,11 +1819,11 @@ def _settle_dependents(
                 skipped = conn.execute(
                     "UPDATE deliveries SET state = 'skipped', finished_at = ?, last_error = ? WHERE id = ? "
                     f"RETURNING {_DELIVERY_COLUMNS}",
-                    (now, SKIPPED_REASON, child_id),
+                    (now, reason, child_id),
                 ).fetchone()
                 finished.skipped.append(_delivery(skipped))
                 parents.append(child_id)
-        outcome = None  # below a skipped dependent, everything is skipped
+        outcome, reason = None, SKIPPED_REASON  # below a skipped dependent, everything is skipped
 
 
 def _reset(conn: sqlite3.Connection, ids: list[int], now: float) -> int:

@@ -307,6 +307,19 @@ def test_a_refused_static_token_ends_dead_without_retries(
         assert (ack.last_status, ack.last_error) == (401, "HTTP 401")
 
 
+def test_a_409_ends_dead_and_is_not_taken_for_already_recorded(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    consignly_api.outages = [409]
+    route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_conflict"))
+        wait_until(lambda: delivery_states(gw, "evt_conflict") == {"app": "delivered", "ack": "dead"})
+        assert [call.status for call in consignly_api.calls] == [409]
+        ack = next(d for d in event_detail(gw, "evt_conflict").deliveries if d.action == "ack")
+        assert (ack.last_status, ack.last_error) == (409, "HTTP 409")
+
+
 def test_events_without_an_operation_are_skipped(
     tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -39,6 +39,8 @@ read ECONNRESET instead of the answer. It is half-closed instead, and what the c
 dropped until it closes its side, or for a second (`LingeringClose`, RFC 9112 §9.6). A TLS connection has
 no half-close: it is closed at once when its client has sent all it has to send (its requests read whole
 and answered), so that a client reading to the end has the end with the answer, and lingers otherwise.
+An idle connection (at limits.idle_timeout, or as the listener stops) is closed at once, over TLS too: its
+close_notify is sent, and the client's is not waited for.
 
 HTTPS: the TLS handshake is the listener's own (`tls_protocol`), so that a connection counts against
 listen.max_connections, and has a deadline, from the moment it is accepted.
@@ -167,6 +169,8 @@ class ListenerProtocol(HttpToolsProtocol):
 
     # The listener's connections closed after their last answer that still linger (LingeringClose).
     lingering: ClassVar[Lingering]
+    # Over HTTPS, the TCP connection's own transport, under the TLS layer's (set by tls_protocol).
+    tcp_transport: asyncio.Transport | None = None
 
     def all_answered(self) -> bool:
         """All its client has sent was read, as requests each whole and answered: a client that keeps to
@@ -207,7 +211,7 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
 
         def connection_made(self, transport: Any) -> None:
             # Duck-typed: uvicorn only writes, closes and asks the transport about itself.
-            writes = CoalescedWrites(transport, self.loop, self.lingering)
+            writes = CoalescedWrites(transport, self.loop, self.lingering, self.tcp_transport)
             super().connection_made(cast(asyncio.Transport, writes))
             # uvicorn's set of the listener's open connections, this one included (added just now).
             if len(self.connections) > ingress.max_connections:
@@ -653,15 +657,15 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
     return WebhookProtocol
 
 
-# How long closing a TLS connection waits for the client's close_notify after sending its own, before it
-# drops the connection. asyncio waits 30 s: most clients send theirs only when they next read, so an
-# idle keep-alive client held its connection open through the whole shutdown drain (5 s), which waited
-# for it. What the gateway wrote is sent before its close_notify: nothing the client was owed is lost.
+# How long closing a TLS connection after its answer waits for the client's close_notify after sending its
+# own, before it drops the connection. asyncio waits 30 s: most clients send theirs only when they next
+# read. What the gateway wrote is sent before its close_notify: nothing the client was owed is lost. (An
+# idle connection does not wait: see CoalescedWrites.close_at_once.)
 TLS_SHUTDOWN_TIMEOUT = 1.0  # seconds
 
 
 def tls_protocol(
-    protocol: type[HttpToolsProtocol], ingress: Ingress, context: ssl.SSLContext
+    protocol: type[ListenerProtocol], ingress: Ingress, context: ssl.SSLContext
 ) -> type[asyncio.Protocol]:
     """The HTTPS listener's protocol: each connection goes through its TLS handshake here, then to
     `protocol` (webhook_protocol's).
@@ -722,6 +726,7 @@ def tls_protocol(
             if transport is None or transport.is_closing():
                 return  # closed as it ended (shutdown, or the client left)
             transport.set_protocol(self.protocol)
+            self.protocol.tcp_transport = raw
             self.protocol.connection_made(transport)
             if self.received and not transport.is_closing():
                 # To the protocol that has the connection now (a LingeringClose, if it was refused).
@@ -833,10 +838,18 @@ class CoalescedWrites:
     in one turn of the event loop go out as one write, at the end of the turn, and close() lingers.
     Everything else is the wrapped transport's."""
 
-    __slots__ = ("_buffer", "_closed", "_lingering", "_loop", "_transport", "client_closed")
+    __slots__ = ("_buffer", "_closed", "_lingering", "_loop", "_tcp", "_transport", "client_closed")
 
-    def __init__(self, transport: Any, loop: asyncio.AbstractEventLoop, lingering: Lingering) -> None:
+    def __init__(
+        self,
+        transport: Any,
+        loop: asyncio.AbstractEventLoop,
+        lingering: Lingering,
+        tcp_transport: asyncio.Transport | None = None,
+    ) -> None:
+        """tcp_transport: over TLS, the TCP connection's transport, under `transport` (the TLS layer's)."""
         self._transport = transport
+        self._tcp = tcp_transport
         self._loop = loop
         self._lingering = lingering
         self._buffer: list[bytes] | None = None
@@ -888,9 +901,17 @@ class CoalescedWrites:
     def close_at_once(self) -> None:
         """Close with nothing to wait for: the connection is idle, or its client has closed its side."""
         self.flush()
-        if not self._closed:
-            self._closed = True
-            self._transport.close()
+        if self._closed:
+            return
+        self._closed = True
+        transport, tcp = self._transport, self._tcp
+        transport.close()  # over TLS, its close_notify is sent now, after what was written
+        if tcp is not None and not transport.get_write_buffer_size() and not tcp.get_write_buffer_size():
+            # Over TLS, close() goes on to wait for the client's close_notify (TLS_SHUTDOWN_TIMEOUT), which
+            # an idle client sends only when it next reads: meanwhile the connection held its place among
+            # the listener's connections, and a shutdown waited for it. All of it has been handed to the
+            # kernel, close_notify last, and nothing more will be read: the TCP connection ends now.
+            transport.abort()
 
     def is_closing(self) -> bool:
         # Asked for every answer: __getattr__ would first raise and catch an AttributeError each time.

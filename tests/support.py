@@ -243,8 +243,10 @@ class RunningGateway:
         config: dict[str, Any] | Path,
         pm: pluggy.PluginManager | None = None,
         scheme: str = "http",
+        new_loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop,
         **serve_options: Any,
     ) -> None:
+        """new_loop: the event loop's factory (`hookyard serve` runs on uvloop's where it is installed)."""
         self.serve_options = serve_options
         if isinstance(config, Path):  # a file: watched for hot reload like `hookyard serve -c`
             self.gateway = Gateway(load_config(config), pm=pm, config_path=config)
@@ -253,7 +255,7 @@ class RunningGateway:
         self.ingress_sock, self.ops_sock = bound_socket(), bound_socket()
         self.url = f"{scheme}://127.0.0.1:{self.ingress_sock.getsockname()[1]}"
         self.ops_url = f"http://127.0.0.1:{self.ops_sock.getsockname()[1]}"
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_loop()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.client = httpx.Client(timeout=10)
 

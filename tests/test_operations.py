@@ -24,7 +24,7 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from gateway import delivery, hookimpl
+from gateway import delivery, hookimpl, protocol
 from gateway.actions import Action, Job, Outcome
 from gateway.app import INGRESS_DRAIN_TIMEOUT, OPS_DRAIN_TIMEOUT
 from gateway.config import DeliveryEngine
@@ -826,6 +826,67 @@ def test_idle_https_clients_that_never_close_their_side_do_not_hold_up_the_shutd
             client.close()
         process.kill()
     assert took < 3, f"shutdown took {took:.1f}s"
+
+
+def _event_loops() -> list[Any]:
+    """asyncio's event loop, and uvloop's (`hookyard serve`'s where it is installed), each to run a gateway
+    in a thread of the test's."""
+    loops: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is an optional speed-up
+        return loops
+
+    class ThreadedUvloop(uvloop.Loop):
+        def add_signal_handler(self, sig: int, callback: Any, *args: Any) -> None:
+            # As asyncio's loop refuses it outside the main thread, which Gateway.serve expects; uvloop's
+            # raises ValueError.
+            raise RuntimeError("signal handlers are the main thread's")
+
+    return [*loops, pytest.param(ThreadedUvloop, id="uvloop")]
+
+
+@pytest.mark.parametrize("new_loop", _event_loops())
+def test_idle_https_connections_are_closed_at_once_as_the_listener_stops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_loop: Any
+) -> None:
+    # An idle connection was closed as one closed after its answer: its close_notify sent, then the
+    # client's waited for (TLS_SHUTDOWN_TIMEOUT), which a client sends only when it next reads. Until
+    # then it stayed among the listener's connections, and the shutdown waited for it. Made long here, so
+    # such a wait would take the listener's whole drain (INGRESS_DRAIN_TIMEOUT).
+    monkeypatch.setattr(protocol, "TLS_SHUTDOWN_TIMEOUT", 60.0)
+    cert, key = self_signed(tmp_path, "listener")
+    config = gateway_config(tmp_path, listen={"tls": {"cert": str(cert), "key": str(key)}})
+    context = ssl.create_default_context(cafile=cert)
+    body, headers = svix_request(msg_id="msg_before_the_shutdown")
+    request = b"".join(
+        [b"POST /webhooks/consignease HTTP/1.1\r\nhost: localhost\r\n"]
+        + [f"{name}: {value}\r\n".encode() for name, value in headers.items()]
+        + [f"content-length: {len(body)}\r\n\r\n".encode(), body]
+    )
+    idle: list[ssl.SSLSocket] = []
+    try:
+        with RunningGateway(config, scheme="https", new_loop=new_loop) as gw:
+            address = ("127.0.0.1", int(gw.url.rsplit(":", 1)[1]))
+            for number in range(3):
+                client = context.wrap_socket(
+                    socket.create_connection(address, timeout=5),
+                    server_hostname="127.0.0.1",
+                    suppress_ragged_eofs=False,  # a connection closed without close_notify raises
+                )
+                idle.append(client)
+                if number == 0:  # answered, and kept open, as keep-alive clients do
+                    client.sendall(request)
+                    assert client.recv(4096).startswith(b"HTTP/1.1 200 ")
+            wait_until(lambda: gw.metric("hookyard_webhook_connections") == 3)
+            started = time.monotonic()
+        took = time.monotonic() - started
+        # None of them read or answered anything meanwhile; each has its close_notify, then the end.
+        assert [client.recv(4096) for client in idle] == [b"", b"", b""]
+    finally:
+        for client in idle:
+            client.close()
+    assert took < INGRESS_DRAIN_TIMEOUT / 5, f"the gateway took {took:.1f}s to stop"
 
 
 def test_a_certificate_that_cannot_be_loaded_stops_the_start(tmp_path: Path) -> None:

@@ -282,7 +282,7 @@ def parse_retry_after(value: str | None) -> float | None:
         return float(value) if value.isascii() else None
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # a field of twenty digits overflows a C long
         return None
     if when.tzinfo is None:
         # "-0000" (RFC 5322's "zone unknown") and asctime's form, which has none: email.utils leaves them

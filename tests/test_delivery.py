@@ -793,6 +793,25 @@ def test_retry_after_as_an_http_date_without_a_zone_is_gmt(
         assert second.started_at - first.started_at >= 1.5
 
 
+def test_retry_after_with_a_date_past_any_calendar_is_ignored(
+    tmp_path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A year (or an hour, or a zone) of twenty digits: email.utils raises OverflowError, not ValueError.
+    date = "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"
+    downstream.answer("/app", (503, {"Retry-After": date}), 200)
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)])) as gw:
+        body, headers = svix_request(msg_id="msg_503_overflow")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_503_overflow") == {"app": "delivered"})
+        [history] = event_detail(gw, "msg_503_overflow").attempts.values()
+        # Retried at the schedule's delay, the answer's status kept, as for any header that is no date.
+        assert [(a.outcome, a.status_code, a.error) for a in history] == [
+            ("retry", 503, "HTTP 503"),
+            ("delivered", 200, None),
+        ]
+    assert not [r for r in caplog.records if r.getMessage() == "action raised"]
+
+
 def test_retry_on_decides_which_statuses_are_retried(tmp_path, downstream: Downstream) -> None:
     downstream.answer("/app", 404, 200)
     downstream.answer("/other", 503, 200)

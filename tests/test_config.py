@@ -813,6 +813,14 @@ def test_a_storage_retention_that_is_no_duration_or_0_is_refused(written: str, e
     assert refused.startswith(f"storage.retention: {error}"), refused
 
 
+@pytest.mark.parametrize(("section", "key"), [("storage", "retention"), ("delivery", "lease")])
+def test_a_duration_too_large_for_a_float_is_refused_naming_its_key(section: str, key: str) -> None:
+    # YAML reads 310 digits as one integer, past the largest float: float() raises OverflowError.
+    huge = 10**309
+    [refused] = config_errors(f"{section}: {{{key}: {huge}}}")
+    assert refused == f"{section}.{key}: {huge} is not a finite, non-negative duration", refused
+
+
 @pytest.mark.parametrize(
     ("retention", "valid"), [("7d", True), (3600, True), (False, True), ("off", True), (0, False)]
 )

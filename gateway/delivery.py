@@ -707,14 +707,18 @@ class Engine:
 
 
 async def _close(actions: Collection[RunnableAction]) -> None:
-    """Close each action; one that fails to close keeps none of the others open."""
-    for runnable in actions:
-        try:
-            await runnable.action.aclose()
-        except Exception:
-            log.exception(
-                "an action failed to close", extra={"route": runnable.plan.route, "action": runnable.plan.key}
-            )
+    """Close the actions side by side: one that fails to close, or is still closing when a stop gives up on
+    it (a pool whose server stopped answering), keeps none of the others open."""
+    await asyncio.gather(*(_close_one(runnable) for runnable in actions))
+
+
+async def _close_one(runnable: RunnableAction) -> None:
+    try:
+        await runnable.action.aclose()
+    except Exception:
+        log.exception(
+            "an action failed to close", extra={"route": runnable.plan.route, "action": runnable.plan.key}
+        )
 
 
 async def _cancel(*tasks: asyncio.Task[None] | None) -> None:

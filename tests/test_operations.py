@@ -380,6 +380,22 @@ def test_a_stop_waits_for_the_actions_to_close_for_a_while_only(
     assert time.monotonic() - started < 5
 
 
+def test_an_action_that_never_closes_keeps_none_of_the_others_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(delivery, "ACTION_CLOSE_TIMEOUT", 0.5)
+    # The first a pool whose server stopped answering: the one after it closes all the same.
+    plugin = Pooled({"stuck": None, "quick": 0.0})
+    config = pooled_config(tmp_path, "stuck")
+    config["routes"][0]["actions"].append({"id": "audit", "use": "pooled", "with": {"label": "quick"}})
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(plugin, name="pooled")
+    with RunningGateway(config, pm=pm) as gw:
+        assert gw.client.get(f"{gw.ops_url}/readyz").status_code == 200
+    assert not gw.thread.is_alive()
+    assert plugin.closed == ["quick"]
+
+
 @pytest.mark.parametrize(("before", "after", "running"), [(1, 1, 1), (1, 2, 2)])
 def test_a_reload_keeps_an_actions_concurrency_counting_the_deliveries_in_flight(
     tmp_path: Path, holding: Holding, before: int, after: int, running: int

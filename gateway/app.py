@@ -355,9 +355,16 @@ class Gateway:
         loop = asyncio.get_running_loop()
         hups: list[int] = []
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            # SIGHUP's default is to end the process: one sent while starting is kept for once started.
+            # Before the start, which may take a while (another process's write lock, a plugin's startup
+            # hook): a signal left at its default ends the process mid-start, or, for PID 1 in a container,
+            # is ignored by the kernel and lost. SIGHUP's default is to end the process too: one sent while
+            # starting is kept for once started.
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.request_exit)
             loop.add_signal_handler(signal.SIGHUP, hups.append, signal.SIGHUP)
-        await self.start()
+        if not await self._start_unless_exit():
+            log.info("stopped")
+            return
         if freeze_startup_objects:
             collect_less()
         self._fit_connections()
@@ -371,8 +378,6 @@ class Gateway:
         self.metrics.webhook_connections.set_function(lambda: len(connections))
         ops = _Server(self._uvicorn_config(self.ops, ops_config.host, ops_config.port, OPS_DRAIN_TIMEOUT))
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.request_exit)
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
         if hups:
             self._reload_soon()
@@ -406,6 +411,26 @@ class Gateway:
                 ops.should_exit = True
                 await asyncio.gather(servers[1], return_exceptions=True)
             log.info("stopped")
+
+    async def _start_unless_exit(self) -> bool:
+        """Start, unless an exit is asked for first (SIGTERM while the start waits): then the start is
+        cancelled, which closes what it opened (the store, the pools, the plugins started). Whether it
+        started."""
+        starting = asyncio.create_task(self.start(), name="hookyard-start")
+        exit_requested = asyncio.create_task(self._exit.wait())
+        try:
+            await asyncio.wait([starting, exit_requested], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exit_requested.cancel()
+            if not starting.done():
+                starting.cancel()
+                log.info("shutting down while starting")
+                with contextlib.suppress(asyncio.CancelledError):
+                    await starting
+        if starting.cancelled():
+            return False
+        starting.result()  # a failed start raises here
+        return True
 
     def _uvicorn_config(self, app: Any, host: str, port: int, drain_timeout: int) -> uvicorn.Config:
         return uvicorn.Config(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import logging
 import os
@@ -29,6 +30,7 @@ from gateway.actions import Action, Job, Outcome
 from gateway.app import INGRESS_DRAIN_TIMEOUT, OPS_DRAIN_TIMEOUT
 from gateway.config import DeliveryEngine
 from gateway.plugins import new_plugin_manager
+from gateway.storage.sqlite import SCHEMA
 from tests.support import (
     Downstream,
     GatewayProcess,
@@ -520,6 +522,67 @@ def test_a_sighup_while_starting_is_a_reload_once_started_not_the_end_of_the_pro
     finally:
         process.kill()
         process.communicate(timeout=10)  # reaped, its pipe closed
+
+
+def children_of(pid: int) -> list[int]:
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+def test_a_sigterm_while_starting_stops_the_gateway_cleanly(tmp_path: Path, downstream: Downstream) -> None:
+    """The start waits (here for another process's write lock, which releasing the last run's leases needs,
+    5 s at most) and SIGTERM comes: the start is cancelled, the store it opened closed, and `hookyard serve`
+    exits 0 at once. The handler was installed only once started: the signal's default action killed the
+    process mid-start (and a PID 1 in a container, whose default the kernel ignores, went on starting)."""
+    config = users_config(tmp_path, downstream, "/app")
+    config["listen"] = {"host": "127.0.0.1", "port": free_port()}
+    config["ops"] = {"host": "127.0.0.1", "port": free_port()}
+    config["log"] = {"level": "info"}
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    database = tmp_path / "hookyard.db"
+    with sqlite3.connect(database, isolation_level=None) as setup:
+        setup.execute("PRAGMA journal_mode = WAL")
+        setup.executescript(SCHEMA)
+    setup.close()
+    holder = sqlite3.connect(database, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    log_path = tmp_path / "gateway.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "-c", str(path)], stdout=subprocess.DEVNULL, stderr=log
+        )
+    try:
+        # The store is open once its fsync helper runs; the start then waits for the lock.
+        wait_until(lambda: process.poll() is not None or bool(children_of(process.pid)))
+        [helper] = children_of(process.pid)
+        time.sleep(0.3)
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        exit_code = process.wait(15)
+        took = time.monotonic() - started
+    finally:
+        process.kill()
+        holder.rollback()
+        holder.close()
+    assert exit_code == 0, log_path.read_text()
+    assert took < 2, f"stopping took {took:.1f}s"
+    logged = log_path.read_text()
+    assert "shutting down while starting" in logged and "stopped" in logged, logged
+    assert "hookyard ready" not in logged and "Traceback" not in logged, logged
+    # The store was closed: its fsync helper has ended with it, and the next start opens the file as usual.
+    wait_until(lambda: not Path(f"/proc/{helper}").exists() or _zombie(helper), 5)
+    restarted = GatewayProcess(path, f"http://127.0.0.1:{config['ops']['port']}").start()
+    restarted.kill()
+
+
+def _zombie(pid: int) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")
+    return True
 
 
 def _text(url: str) -> str:

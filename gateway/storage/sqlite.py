@@ -387,6 +387,7 @@ class _GroupCommit:
             room = MAX_BATCH - len(batch)
             batch, self.durable = batch + self.durable[:room], self.durable[room:]
         if not batch:
+            self._maybe_idle()  # what waited for the lock was all cancelled (_wait_for_lock): close() may wait
             return
         started = time.perf_counter()
         try:
@@ -441,6 +442,9 @@ class _GroupCommit:
         if held >= BUSY_TIMEOUT:
             return held
         # The riders are in the batch (_take_riders), so they go back with the operations answered at commit.
+        # Not those whose caller stopped waiting (a start cancelled by SIGTERM): they would hold up a close
+        # until the lock was given up on.
+        batch = [pending for pending in batch if not pending[1].cancelled()]
         self.fast[:0] = [pending for pending in batch if not pending[2]]
         self.durable[:0] = [pending for pending in batch if pending[2]]
         # As if a batch were scheduled (and it is): what is submitted meanwhile waits for the timer's batch.

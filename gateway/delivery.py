@@ -81,6 +81,10 @@ def _limits(actions: dict[tuple[str, str], RunnableAction]) -> dict[tuple[str, s
 LATENESS = 0.1
 # How often the queue's gauges are read from the store (a scan of the deliveries that are not final).
 STATS_INTERVAL = 2.0
+# How long a stop waits for their last read. A read on a disk that stopped answering never returns, and
+# the store's reads run one at a time: the last one would wait behind it for ever, and the store would
+# never be closed. Given up on, the gauges keep their last values.
+LAST_STATS_TIMEOUT = 2.0
 # How long a stop waits for the actions to close (their pools and connections), those a reload replaced
 # included: a database that stopped answering must not hold the exit for ever.
 ACTION_CLOSE_TIMEOUT = 5.0
@@ -367,7 +371,13 @@ class Engine:
         # released at the next start.
         await asyncio.gather(*self._releases, return_exceptions=True)
         await _cancel(self._stats_task)
-        await self._refresh_stats()  # what the drain left: due again at the next start, or none
+        try:
+            # What the drain left: due again at the next start, or none.
+            await asyncio.wait_for(self._refresh_stats(), LAST_STATS_TIMEOUT)
+        except TimeoutError:
+            log.warning(
+                "cannot read queue statistics", extra={"error": f"not read in {LAST_STATS_TIMEOUT:g} s"}
+            )
         # With the actions a reload replaced, whose deliveries are over by now: closed while the loop and the
         # shared HTTP clients are still there, not left to a loop that is gone.
         closing = [*self._closing, asyncio.create_task(_close(self.actions.values()))]

@@ -633,6 +633,70 @@ def test_a_read_stuck_on_the_disk_does_not_hold_up_the_shutdown(
     assert db.ingest("evt_stored", APP) is False
 
 
+def test_closing_waits_for_a_stuck_read_and_a_stuck_fsync_side_by_side(
+    db: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # On a disk that stopped answering both are stuck: the close waited for the read, then for the fsync,
+    # each for FSYNC_TIMEOUT, twice the bound in all.
+    monkeypatch.setattr(sqlite_module, "FSYNC_TIMEOUT", 1.0)
+    assert db.ingest("evt_confirmed", APP) is True
+    reader = db.storage._reader
+    assert reader is not None
+    stuck = StuckReads(reader)
+    db.storage._reader = stuck  # type: ignore[assignment]
+    fsync = HeldFsync(db.storage)
+
+    async def close_on_a_hung_disk() -> tuple[asyncio.Task[QueueStats], float]:
+        await asyncio.gather(db.storage.ingest(make_event("evt_unconfirmed"), [APP]), return_exceptions=True)
+        reading = asyncio.create_task(db.storage.queue_stats(time.time()))
+        while stuck.read_on is None:
+            await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.wait_for(db.storage.close(), 10)
+        return reading, loop.time() - started
+
+    try:
+        reading, took = db.run(close_on_a_hung_disk())
+    finally:
+        stuck.release.set()
+        fsync.release()
+    assert 0.9 < took < 1.6, took
+    db.run(asyncio.wait_for(reading, 5))
+    db.run(db.storage.open())
+    assert db.ingest("evt_unconfirmed", APP) is False
+
+
+def test_a_stop_gives_up_on_the_queue_statistics_when_their_read_is_stuck_on_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The engine's last read of the queue's gauges, as it stops, waited behind the statistics' read stuck
+    on a disk that stopped answering (their thread does one read at a time), and then in its own: the
+    shutdown never reached closing the store. It is given up on after its bound."""
+    from gateway import delivery
+
+    monkeypatch.setattr(sqlite_module, "FSYNC_TIMEOUT", 0.3)
+    monkeypatch.setattr(delivery, "STATS_INTERVAL", 0.05)
+    monkeypatch.setattr(delivery, "LAST_STATS_TIMEOUT", 0.3)
+    gw = RunningGateway(gateway_config(tmp_path)).__enter__()
+    storage = gw.gateway.storage
+    assert isinstance(storage, SQLiteStorage) and storage._reader is not None
+    stuck = StuckReads(storage._reader)
+    storage._reader = stuck  # type: ignore[assignment]
+    try:
+        wait_until(lambda: stuck.read_on is not None, 5)  # the statistics' next read
+        started = time.monotonic()
+        gw.__exit__(None, None, None)
+        took = time.monotonic() - started
+    finally:
+        stuck.release.set()
+    assert not gw.thread.is_alive()
+    assert took < 2, f"stopping took {took:.1f}s"
+    [given_up] = [r for r in caplog.records if r.getMessage() == "cannot read queue statistics"]
+    assert given_up.error == "not read in 0.3 s"  # type: ignore[attr-defined]
+    assert "the store is closed with a read unfinished" in caplog.text
+
+
 def is_closed(connection: sqlite3.Connection) -> bool:
     try:
         connection.execute("SELECT 1")

@@ -317,16 +317,19 @@ class _GroupCommit:
             return StorageUnavailable(f"sqlite: {self._overdue()}")
         return None
 
-    async def close(self) -> None:
-        """Close once nothing is in progress, FSYNC_TIMEOUT at most: an fsync or a checkpoint on a disk that
-        stopped answering must not hold a shutdown for ever (Kubernetes would kill the process at the end of
-        its grace period anyway). Past that, what still waits is answered as for an overdue fsync, and
-        the fsync or checkpoint is left to finish if it ever does: everything answered as stored was
-        fsynced before its answer, and what the WAL holds beyond that SQLite recovers at the next start."""
-        deadline = self.loop.time() + FSYNC_TIMEOUT
+    async def close(self, deadline: float, after: asyncio.Future[Any] | None = None) -> None:
+        """Close once nothing is in progress, by `deadline` (on the loop's clock) at most: an fsync or a
+        checkpoint on a disk that stopped answering must not hold a shutdown for ever (Kubernetes would kill
+        the process at the end of its grace period anyway). Past that, what still waits is answered as for
+        an overdue fsync, and the fsync or checkpoint is left to finish if it ever does: everything answered
+        as stored was fsynced before its answer, and what the WAL holds beyond that SQLite recovers at the
+        next start. `after`: the reader's close, waited for meanwhile, to the same deadline, so that the
+        writer's connection is the last one closed."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline):
                 await self.idle.wait()
+                if after is not None:
+                    await asyncio.shield(after)
         # From here on nothing could be synced: refuse, never leave a caller waiting.
         self.closed = self.refusing = True
         if self.fsync_watch is not None:
@@ -966,26 +969,33 @@ class SQLiteStorage(Storage):
         self._reader_thread = _DaemonThread("hookyard-sqlite-read")
 
     async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        # One bound for the whole close: on a disk that stopped answering a read and an fsync are stuck
+        # alike, and the reader's close and the writer's wait for them side by side.
+        deadline = loop.time() + FSYNC_TIMEOUT
+        reader_closed = None
         if self._reader is not None:
             # Not open from here on: a read asked for meanwhile (the ops listener serves the whole shutdown)
             # is refused as unavailable, not failed by the thread that no longer takes work.
             reader, self._reader = self._reader, None
             assert self._reader_thread is not None
             # Closed on its thread, after a read under way there: a scan of a large queue, or a read stuck on
-            # a disk that stopped answering, waited for FSYNC_TIMEOUT at most (a daemon thread, it does not
-            # keep the process from exiting), as close() waits for an fsync.
-            closing = asyncio.get_running_loop().run_in_executor(self._reader_thread, reader.close)
+            # a disk that stopped answering, waited for until the deadline at most (a daemon thread, it does
+            # not keep the process from exiting), as an fsync is.
+            reader_closed = loop.run_in_executor(self._reader_thread, reader.close)
             self._reader_thread.shutdown(wait=False)
-            try:
-                await asyncio.wait_for(asyncio.shield(closing), FSYNC_TIMEOUT)
-            except TimeoutError:
+        if self._writer is not None:
+            await self._writer.close(deadline, after=reader_closed)
+            self._writer = None
+        if reader_closed is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await asyncio.shield(reader_closed)
+            if not reader_closed.done():
                 log.error(
                     "the store is closed with a read unfinished",
                     extra={"error": f"a read has not finished in {FSYNC_TIMEOUT:g} s"},
                 )
-        if self._writer is not None:
-            await self._writer.close()
-            self._writer = None
         if self._serving_lock is not None:
             self._serving_lock.close()
             self._serving_lock = None

@@ -128,11 +128,12 @@ class Resources:
         return self._http
 
     async def aclose(self) -> None:
+        # The lean client first: it closes its connections at once, where aiohttp's close may wait.
+        await self.client.aclose()
         if self._http is not None:
             await self._http.aclose()
         if self._session is not None:
             await self._session.close()
-        await self.client.aclose()
 
 
 def _response_class() -> type[aiohttp.ClientResponse]:

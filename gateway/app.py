@@ -45,6 +45,13 @@ log = logging.getLogger("hookyard")
 # app it serves (it gets SIGTERM only once the app has exited).
 INGRESS_DRAIN_TIMEOUT = 5  # seconds
 OPS_DRAIN_TIMEOUT = 1
+# How long the plugins' shutdown hooks may take, all of them together: one waiting on a service that stopped
+# answering (a flush with no timeout of its own) is cancelled then, and the store is closed all the same.
+SHUTDOWN_HOOKS_TIMEOUT = 5.0
+# How long closing the HTTP clients that the actions share may take. aiohttp's close waits for every
+# connection still in use to close, and one still sending a body to a receiver that stopped reading (an
+# upload an action left running) never does.
+CLIENTS_CLOSE_TIMEOUT = 1.0
 
 # The collector looks at the youngest objects once this many more have been made than freed (Python's
 # default: 700). Under load, the objects of the webhooks and deliveries in progress pass 700 every 30 or
@@ -141,10 +148,13 @@ class Gateway:
             # A startup hook, an action's constructor or the lock failed: leave no pool, thread or lock behind,
             # and let the plugins that started close what they opened.
             if self._started_plugins:
-                await _call_each(self.pm.hook.shutdown, only=self._started_plugins, gateway=self)
-            if self._resources is not None:
-                await self._resources.aclose()
-                self._resources = None
+                await _call_each(
+                    self.pm.hook.shutdown,
+                    only=self._started_plugins,
+                    timeout=SHUTDOWN_HOOKS_TIMEOUT,
+                    gateway=self,
+                )
+            await self._close_clients()
             await self.storage.close()
             raise
 
@@ -205,12 +215,21 @@ class Gateway:
                 await self._retention.stop()
             if self._engine is not None:
                 await self._engine.stop(self.config.delivery.shutdown_timeout)
-            await _call_each(self.pm.hook.shutdown, gateway=self)
+            await _call_each(self.pm.hook.shutdown, timeout=SHUTDOWN_HOOKS_TIMEOUT, gateway=self)
         finally:
             # Whatever failed above, the pools, the store's threads and its serving lock are let go.
-            if self._resources is not None:
-                await self._resources.aclose()
+            await self._close_clients()
             await self.storage.close()
+
+    async def _close_clients(self) -> None:
+        resources, self._resources = self._resources, None
+        if resources is None:
+            return
+        try:
+            async with asyncio.timeout(CLIENTS_CLOSE_TIMEOUT):
+                await resources.aclose()
+        except TimeoutError:
+            log.warning("HTTP clients still closing; given up", extra={"timeout_s": CLIENTS_CLOSE_TIMEOUT})
 
     def request_exit(self) -> None:
         self._exit.set()
@@ -522,16 +541,33 @@ def listening_socket(host: str, port: int) -> socket.socket:
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {os.strerror(exc.errno or 0)}") from None
 
 
-async def _call_each(hook: pluggy.HookCaller, only: Collection[str] | None = None, **kwargs: Any) -> None:
+async def _call_each(
+    hook: pluggy.HookCaller,
+    only: Collection[str] | None = None,
+    timeout: float | None = None,
+    **kwargs: Any,
+) -> None:
     """Call every implementation of a hook in pluggy's order (or those of the plugins named in `only`),
-    awaiting what it returns. One that raises is logged and the others still run: pluggy would stop at the
-    first failure, and a plugin whose shutdown fails must not keep another one from closing what it opened."""
+    awaiting what it returns, for `timeout` seconds at most all together. One that raises, or is still
+    running then (cancelled), is logged and the others still run: pluggy would stop at the first failure,
+    and a plugin whose shutdown fails must not keep another one from closing what it opened. Those called
+    after the time is up are cancelled as soon as they wait."""
+    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
     for impl in reversed(hook.get_hookimpls()):
         if only is not None and impl.plugin_name not in only:
             continue
+        bound = asyncio.timeout_at(deadline)
         try:
             result = impl.function(*(kwargs[name] for name in impl.argnames))
             if inspect.isawaitable(result):
-                await result
+                async with bound:
+                    await result
         except Exception:
-            log.exception("a %s hook failed", hook.name, extra={"plugin": impl.plugin_name})
+            if bound.expired():
+                log.error(
+                    "a %s hook did not finish in time; given up",
+                    hook.name,
+                    extra={"plugin": impl.plugin_name, "timeout_s": timeout},
+                )
+            else:
+                log.exception("a %s hook failed", hook.name, extra={"plugin": impl.plugin_name})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import io
 import logging
 import os
 import signal
@@ -25,8 +26,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from gateway import delivery, hookimpl, protocol
-from gateway.actions import Action, Job, Outcome
+from gateway import app, delivery, hookimpl, protocol
+from gateway.actions import Action, Job, Outcome, delivered
 from gateway.app import INGRESS_DRAIN_TIMEOUT, OPS_DRAIN_TIMEOUT
 from gateway.config import DeliveryEngine
 from gateway.plugins import new_plugin_manager
@@ -398,6 +399,115 @@ def test_an_action_that_never_closes_keeps_none_of_the_others_open(
     assert plugin.closed == ["quick"]
 
 
+def test_a_shutdown_hook_waiting_on_a_service_that_never_answers_is_given_up_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plugin flushes to a service that takes the connection and never answers, with no timeout of its
+    own: the stop waited for it for ever, and the store was never closed."""
+    monkeypatch.setattr(app, "SHUTDOWN_HOOKS_TIMEOUT", 0.5)
+    closed: list[str] = []
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # connections land in its backlog, unanswered
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/audit"
+
+        class Flushes:
+            @hookimpl
+            async def shutdown(self) -> None:
+                async with httpx.AsyncClient(timeout=None) as client:
+                    await client.post(url, content=b"the last audit records")
+
+        class Closes:
+            @hookimpl
+            def shutdown(self) -> None:
+                closed.append("pool")
+
+        pm = new_plugin_manager(load_entry_points=False)
+        pm.register(Closes(), name="closes")
+        pm.register(Flushes(), name="flushes")  # pluggy calls the last registered first
+        gw = RunningGateway(gateway_config(tmp_path), pm=pm).__enter__()
+        started = time.monotonic()
+        gw.__exit__(None, None, None)
+        took = time.monotonic() - started
+    assert not gw.thread.is_alive()
+    assert took < 3, f"stopping took {took:.1f}s"
+    [given_up] = [
+        r for r in caplog.records if r.getMessage() == "a shutdown hook did not finish in time; given up"
+    ]
+    assert given_up.plugin == "flushes"  # type: ignore[attr-defined]
+    # The plugin after it is still called: its hook has nothing to wait for, and closes what it opened.
+    assert closed == ["pool"]
+    # The store was closed, its serving lock with it: the next gateway serves the same file.
+    with RunningGateway(gateway_config(tmp_path)):
+        pass
+
+
+class Uploads:
+    """A plugin whose action sends each event with the shared aiohttp session, in a task of its own that the
+    cancellation of a late attempt does not reach (as the `store` action runs its statements). `sending`
+    is set once a send has begun."""
+
+    def __init__(self) -> None:
+        self.sending = threading.Event()
+        self.sends: set[asyncio.Task[int]] = set()
+
+    @hookimpl
+    def register_actions(self) -> list[type[Action]]:
+        plugin = self
+
+        class UploadOptions(BaseModel):
+            url: str
+
+        class UploadAction(Action):
+            name = "upload"
+            Options = UploadOptions
+            options: UploadOptions
+
+            async def deliver(self, job: Job) -> Outcome:
+                async def send() -> int:
+                    plugin.sending.set()
+                    archive = io.BytesIO(job.event.body * (64 * 1024 * 1024 // len(job.event.body)))
+                    async with self.resources.session.post(self.options.url, data=archive) as response:
+                        return response.status
+
+                task = asyncio.create_task(send())
+                plugin.sends.add(task)
+                return delivered(await asyncio.shield(task))
+
+        return [UploadAction]
+
+
+# The stuck connection is left to the end of the process: here, to the garbage collector, which warns of it.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_closing_the_shared_http_clients_is_given_up_on_while_a_send_is_stuck(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An upload still running at the end (its receiver stopped reading, its buffers full): aiohttp's close
+    waits for its connection to close, which it never does, and the stop waited for ever, the store never
+    closed."""
+    monkeypatch.setattr(app, "CLIENTS_CLOSE_TIMEOUT", 0.3)
+    plugin = Uploads()
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(plugin, name="uploads")
+    with socket.create_server(("127.0.0.1", 0)) as stalled:  # takes the connection, never reads from it
+        config = gateway_config(tmp_path)
+        config["delivery"] = {"poll_interval": "200ms", "lease": "2m", "shutdown_timeout": "200ms"}
+        url = f"http://127.0.0.1:{stalled.getsockname()[1]}/archive"
+        action = {"id": "archive", "use": "upload", "with": {"url": url}}
+        config["routes"] = [{"name": "users", "source": "consignease", "actions": [action]}]
+        gw = RunningGateway(config, pm=pm).__enter__()
+        body, headers = svix_request(msg_id="msg_archived")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        assert plugin.sending.wait(5)
+        time.sleep(0.5)  # its buffers fill up
+        started = time.monotonic()
+        gw.__exit__(None, None, None)
+        took = time.monotonic() - started
+    assert not gw.thread.is_alive()
+    assert took < 3, f"stopping took {took:.1f}s"
+    assert "HTTP clients still closing; given up" in caplog.text
+    with RunningGateway(gateway_config(tmp_path)):  # the store was closed, its serving lock let go
+        pass
+
+
 @pytest.mark.parametrize(("before", "after", "running"), [(1, 1, 1), (1, 2, 2)])
 def test_a_reload_keeps_an_actions_concurrency_counting_the_deliveries_in_flight(
     tmp_path: Path, holding: Holding, before: int, after: int, running: int
@@ -673,6 +783,30 @@ def test_the_default_shutdown_fits_well_inside_a_30s_grace_period() -> None:
     """A native sidecar gets SIGTERM only after the app has exited, from the same 30 s."""
     budget = INGRESS_DRAIN_TIMEOUT + DeliveryEngine().shutdown_timeout + OPS_DRAIN_TIMEOUT
     assert budget <= 15
+
+
+def test_the_documented_worst_case_shutdown_is_the_sum_of_the_bounds() -> None:
+    """Every wait of a shutdown on something that can stop answering has its bound; operations.md adds
+    them up against the example's grace period."""
+    from gateway.storage import sqlite
+
+    store = max(sqlite.FSYNC_TIMEOUT, sqlite.BUSY_TIMEOUT)
+    beyond_deliveries = (
+        INGRESS_DRAIN_TIMEOUT
+        + store  # a claim or a webhook's commit as the engine stops
+        + store  # releasing the unfinished deliveries
+        + delivery.LAST_STATS_TIMEOUT
+        + delivery.ACTION_CLOSE_TIMEOUT
+        + app.SHUTDOWN_HOOKS_TIMEOUT
+        + app.CLIENTS_CLOSE_TIMEOUT
+        + sqlite.FSYNC_TIMEOUT  # closing the store
+        + OPS_DRAIN_TIMEOUT
+    )
+    assert beyond_deliveries == 34
+    default = beyond_deliveries + DeliveryEngine().shutdown_timeout
+    guide = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
+    assert "`shutdown_timeout` + 34 s: 42 s with the" in guide
+    assert default == 42
 
 
 def test_sigterm_releases_unfinished_deliveries_for_the_next_start(tmp_path: Path, holding: Holding) -> None:

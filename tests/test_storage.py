@@ -605,8 +605,8 @@ def test_a_read_stuck_on_the_disk_does_not_hold_up_the_shutdown(
     # for ever, and their thread, not a daemon, would have kept the process from exiting even then.
     monkeypatch.setattr(sqlite_module, "FSYNC_TIMEOUT", 0.3)
     assert db.ingest("evt_stored", APP) is True
-    reader = db.storage._reader
-    assert reader is not None
+    reader, reader_thread = db.storage._reader, db.storage._reader_thread
+    assert reader is not None and reader_thread is not None
     stuck = StuckReads(reader)
     db.storage._reader = stuck  # type: ignore[assignment]
 
@@ -628,7 +628,10 @@ def test_a_read_stuck_on_the_disk_does_not_hold_up_the_shutdown(
         stuck.release.set()
     # Once the disk answers, the read does, and then its connection is closed.
     assert db.run(asyncio.wait_for(reading, 5)).counts["due"] == 1
-    wait_until(lambda: is_closed(reader), 5)
+    # Looked at once its thread has closed it and ended: a query on a connection that another thread is
+    # closing can crash the interpreter.
+    wait_until(lambda: not reader_thread._thread.is_alive(), 5)
+    assert is_closed(reader)
     db.run(db.storage.open())
     assert db.ingest("evt_stored", APP) is False
 

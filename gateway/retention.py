@@ -57,6 +57,10 @@ class Retention:
             except StorageUnavailable as exc:
                 # A full or read-only disk: tried again at the next run.
                 log.warning("cannot prune events", extra={"error": str(exc)})
+            except Exception:
+                # Anything else is a bug, logged with its traceback. The runs go on, and the task does not
+                # end with an exception that Gateway.stop, awaiting it, would raise before the engine stops.
+                log.exception("cannot prune events")
             await asyncio.sleep(PRUNE_INTERVAL)
 
     async def run(self) -> int:

@@ -2395,6 +2395,36 @@ def test_a_gateway_prunes_what_ended_before_its_retention_and_keeps_the_rest(
     assert [(r.events, r.deliveries) for r in runs] == [(2, 2)]  # type: ignore[attr-defined]
 
 
+def test_a_prune_that_fails_unexpectedly_is_logged_and_tried_again_at_the_next_run(
+    tmp_path: Path,
+    downstream: Downstream,
+    retention_clock: type[RetentionClock],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = gateway_config(
+        tmp_path, downstream.url, storage={"url": f"sqlite:///{tmp_path}/hookyard.db", "retention": "1h"}
+    )
+    with RunningGateway(config) as gw:
+        for event_id in ("msg_old", "msg_newest"):  # the newest event is kept, whatever its age
+            assert post_event(gw, event_id) == "accepted"
+            wait_until(lambda: states_of(gw, event_id) == ["delivered"])  # noqa: B023 (called here)
+        real_prune, failures = gw.gateway.storage.prune, [RuntimeError("a bug in a prune statement")]
+
+        async def prune_failing_once(*args: Any, **kwargs: Any) -> Any:
+            if failures:
+                raise failures.pop()
+            return await real_prune(*args, **kwargs)
+
+        monkeypatch.setattr(gw.gateway.storage, "prune", prune_failing_once)
+        retention_clock.now = time.time() + 7200
+        # The run after the failed one deletes the event: the failure did not end the runs.
+        wait_until(lambda: gw.metric("hookyard_events_pruned_total") == 1)
+    assert not gw.thread.is_alive()
+    [failed] = [r for r in caplog.records if r.getMessage() == "cannot prune events"]
+    assert failed.exc_info is not None
+
+
 def test_a_gateway_with_retention_off_prunes_nothing(
     tmp_path: Path, downstream: Downstream, retention_clock: type[RetentionClock]
 ) -> None:

@@ -323,12 +323,17 @@ class _GroupCommit:
         the process at the end of its grace period anyway). Past that, what still waits is answered as for
         an overdue fsync, and the fsync or checkpoint is left to finish if it ever does: everything answered
         as stored was fsynced before its answer, and what the WAL holds beyond that SQLite recovers at the
-        next start. `after`: the reader's close, waited for meanwhile, to the same deadline, so that the
-        writer's connection is the last one closed."""
+        next start. `after`: the reader's close, waited for once the writer is idle, so that the writer's
+        connection is the last one closed, but no later than a fifth of FSYNC_TIMEOUT before the deadline:
+        that much is the writer's own close's."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline):
                 await self.idle.wait()
-                if after is not None:
+        if after is not None and self.idle.is_set():
+            # Not into the time the writer's own close needs: with nothing of its own in progress, a read
+            # stuck on the disk must not leave that close no time and have it reported as an fsync unconfirmed.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline - FSYNC_TIMEOUT / 5):
                     await asyncio.shield(after)
         # From here on nothing could be synced: refuse, never leave a caller waiting.
         self.closed = self.refusing = True

@@ -27,6 +27,7 @@ from gateway.config import TLS, Config, ConfigError
 from gateway.delivery import Engine, build_actions
 from gateway.http_client import HttpClient, default_ssl_context
 from gateway.ingress import Ingress
+from gateway.launch import sigterm_caught
 from gateway.metrics import Metrics
 from gateway.ops import ops_app
 from gateway.plugins import Registry, plugin_manager
@@ -381,6 +382,8 @@ class Gateway:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.request_exit)
             loop.add_signal_handler(signal.SIGHUP, hups.append, signal.SIGHUP)
+        if sigterm_caught():  # while `hookyard serve` was still importing: see gateway.launch
+            self.request_exit()
         if not await self._start_unless_exit():
             log.info("stopped")
             return
@@ -435,6 +438,10 @@ class Gateway:
         """Start, unless an exit is asked for first (SIGTERM while the start waits): then the start is
         cancelled, which closes what it opened (the store, the pools, the plugins started). Whether it
         started."""
+        if self._exit.is_set():
+            # Asked for before the start began (a SIGTERM while `hookyard serve` was still importing): a start
+            # that needs no wait would otherwise finish in its first step, before the exit is seen.
+            return False
         starting = asyncio.create_task(self.start(), name="hookyard-start")
         exit_requested = asyncio.create_task(self._exit.wait())
         try:

@@ -689,6 +689,62 @@ def test_a_sigterm_while_starting_stops_the_gateway_cleanly(tmp_path: Path, down
     restarted.kill()
 
 
+# `hookyard serve` as its console script runs it, but with the import of gateway.cli held up until the test
+# has sent its signal: the signal comes while the command is still importing, as in the first half second of
+# any start.
+SLOW_IMPORT = """
+import importlib.abc, sys, time
+
+class HoldCli(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "gateway.cli":
+            print("importing", flush=True)
+            sys.stdin.readline()  # until the test has signalled
+        return None
+
+sys.meta_path.insert(0, HoldCli())
+sys.argv = ["hookyard", "serve", "-c", sys.argv[1]]
+from gateway.launch import main
+main()
+"""
+
+
+def test_a_sigterm_while_the_command_is_still_importing_stops_it_cleanly(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """Importing the gateway takes about half a second, before any handler of the gateway's own is
+    installed: the command's entry point catches a SIGTERM then and the gateway, once its handlers are in
+    place, stops at once without ever turning ready. Before, the signal's default action killed the process
+    mid-import; a PID 1 in a container, whose default the kernel ignores, lost it and started as usual."""
+    config = users_config(tmp_path, downstream, "/app")
+    config["listen"] = {"host": "127.0.0.1", "port": free_port()}
+    config["ops"] = {"host": "127.0.0.1", "port": free_port()}
+    config["log"] = {"level": "info"}
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    script = tmp_path / "slow_import.py"
+    script.write_text(SLOW_IMPORT)
+    process = subprocess.Popen(
+        [sys.executable, str(script), str(path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        assert process.stdout.readline() == "importing\n"
+        process.send_signal(signal.SIGTERM)
+        process.stdin.write("go on\n")
+        process.stdin.flush()
+        _, logged = process.communicate(timeout=15)
+    finally:
+        process.kill()
+    assert process.returncode == 0, (process.returncode, logged)
+    assert "stopped" in logged and "hookyard ready" not in logged and "Traceback" not in logged, logged
+
+
 def _zombie(pid: int) -> bool:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1].startswith("Z")

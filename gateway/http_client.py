@@ -71,17 +71,39 @@ def check_headers(headers: Mapping[str, str]) -> None:
             raise HeaderError(f"header {name!r}: a line break or NUL in it cannot be sent")
 
 
+# What a host may be written as, with its port: a name or an address (even a bad one, which an error is
+# about), or anything in brackets. Never a ':' followed by anything but digits: that is `user:password`.
+_HOST_AND_PORT = re.compile(r"(?:\[[^\]]*\]|[^:\[\]]*)(?::[0-9]*)?")
+
+
 def shown_url(url: str) -> str:
     """`url` as an error message may show it: scheme, host and port. Credentials, the path and the query
     are left out ("/…" stands for what followed): a chat webhook carries its secret in its path, and a URL
-    may hold a password or a token."""
+    may hold a password or a token. Where a '/', '?' or '#' left unencoded in a password may have ended the
+    host early, only the host after the last '@' is shown, or "…" when that is no host either."""
     scheme, slashes, rest = url.partition("://")
     if not slashes:  # `host:port/path` without a scheme, say
         scheme, rest = "", url
-    end = min((rest.find(mark) for mark in "/?#" if mark in rest), default=len(rest))
+    end = _first_of("/?#", rest)
     authority, after = rest[:end], rest[end:]
     host = authority.rpartition("@")[2]  # never user:password@
+    query = _first_of("?#", rest)
+    if "@" in rest and ("@" in rest[end:query] or not _HOST_AND_PORT.fullmatch(host)):
+        # A '/', '?' or '#' in a password ended the authority early. What came before it may be a host, a
+        # user name (`user/name@host`) or a password's digits (`deploy:2024/pass@host`): not shown.
+        if _HOST_AND_PORT.fullmatch(host):
+            return f"{scheme}{slashes}…"
+        # It is no host (`user:pa` of `user:pa/ss@host`): the host follows the last '@'.
+        start = rest.rfind("@", 0, query) + 1
+        end = start + _first_of("/?#", rest[start:])
+        host, after = rest[start:end], rest[end:]
+        if not start or not _HOST_AND_PORT.fullmatch(host):
+            return f"{scheme}{slashes}…"
     return f"{scheme}{slashes}{host}{after if after in ('', '/') else '/…'}"
+
+
+def _first_of(marks: str, text: str) -> int:
+    return min((text.find(mark) for mark in marks if mark in text), default=len(text))
 
 
 # ASCII control characters: urlsplit drops tabs and line breaks wherever they are, and the leading ones with
@@ -211,7 +233,15 @@ class Target:
             raise ValueError(f"{shown_url(url)!r}: its host cannot be read{_HOST_FORMS}")
         host = wire_host(url, parts.hostname)
         default = 443 if parts.scheme == "https" else 80
-        port = default if parts.port is None else parts.port  # ValueError when out of range
+        try:
+            port = default if parts.port is None else parts.port
+        except ValueError:
+            # Not urlsplit's words either: they repeat what it read as the port, which, in
+            # `user:pa/ss@host`, is the start of a password.
+            problem = "its port is not a number from 1 to 65535"
+            if "@" in url:
+                problem += ", or a '/', '?' or '#' in a password ended the host early"
+            raise ValueError(f"{shown_url(url)!r}: {problem}") from None
         if port == 0:
             raise ValueError(f"{shown_url(url)!r}: port 0 cannot be connected to")
         # The path and query percent-encoded where they hold what a request line cannot (spaces,

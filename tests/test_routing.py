@@ -674,6 +674,55 @@ def test_a_url_urlsplit_cannot_read_is_refused_without_its_password(registry: Re
     ]
 
 
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://user:secret@app:8080/hook", "http://app:8080/…"),
+        ("http://[::1]:8080/x", "http://[::1]:8080/…"),
+        ("http://ops@[::1]:8080/", "http://[::1]:8080/"),
+        ("http://app/hook?to=ops@example.com", "http://app/…"),
+        ("http://app:80a/x", "http://app:80a/…"),  # no @ anywhere: nothing in it can be a credential
+        # A '/', '?' or '#' left unencoded in a password ends what urlsplit reads as the host early.
+        ("http://user:pa/ss@host:8080/hook", "http://host:8080/…"),
+        ("http://user:pa/ss@host:8080", "http://host:8080"),
+        ("http://user:p/a@ss@host/x", "http://host/…"),
+        ("user:pa/ss@host:3000/hooks", "host:3000/…"),
+        ("http://user:pa?ss@host/x", "http://…"),
+        ("http://user:pa#ss@host/x", "http://…"),
+        ("http://user:pa/ss@ho:st/x", "http://…"),
+        # What is before the first '/' may be a host, or a user name or digits of a password with a '/'.
+        ("http://deploy:2024/pass@host/x", "http://…"),
+        ("http://user/name@host/x", "http://…"),
+    ],
+)
+def test_a_shown_url_holds_no_part_of_a_password(url: str, shown: str) -> None:
+    assert shown_url(url) == shown
+
+
+PORT = "its port is not a number from 1 to 65535"
+
+
+@pytest.mark.parametrize(
+    ("url", "error"),
+    [
+        ("http://app:70000/x", f"'http://app:70000/…': {PORT}"),
+        ("http://app:80a/x", f"'http://app:80a/…': {PORT}"),
+        # urlsplit reads `user:pa` as a host and a port; its own words were "... integer value as 'pa'".
+        (
+            "http://user:pa/ss@host:8080/hook",
+            f"'http://host:8080/…': {PORT}, or a '/', '?' or '#' in a password ended the host early",
+        ),
+    ],
+)
+@pytest.mark.parametrize("use", ["forward", "notify"])
+def test_a_port_that_cannot_be_read_is_refused_without_repeating_it(
+    registry: Registry, use: str, url: str, error: str
+) -> None:
+    action = {"use": use, "with": {"url": url}}
+    errors = build_errors(registry, base_config([route("r", "consignly", action)]))
+    assert errors == [f"routes[0].actions[0].with.url: {error}"]
+
+
 def test_forward_with_an_unknown_key(registry: Registry) -> None:
     action = {"use": "forward", "with": {"url": "http://a/x", "retries": 3}}
     errors = build_errors(registry, base_config([route("r", "consignly", forward(id="ok"), action)]))

@@ -7,8 +7,10 @@ import base64
 import hashlib
 import hmac
 import ipaddress
+import itertools
 import json
 import os
+import random
 import resource
 import socket
 import subprocess
@@ -45,10 +47,46 @@ def bound_socket() -> socket.socket:
     return sock
 
 
+PORTS_PER_WORKER = 1000
+
+
+def worker_ports(worker: str) -> list[int]:
+    """The ports free_port gives out in pytest-xdist worker `worker` ("gw0", "gw1", ...; "" without xdist):
+    outside the kernel's ephemeral range, from which binding port 0 and every outgoing connection take
+    theirs, and apart from every other worker's."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        ephemeral = range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        ephemeral = range(32768, 61000)  # Linux's default; macOS's is 49152-65535
+    # From 10000: below it are the ports of services a test may reach (PostgreSQL's 5432, 8080, 9000).
+    outside = [*range(10000, ephemeral.start), *range(ephemeral.stop, 65536)]
+    index = int(worker.removeprefix("gw") or 0)
+    start = index * PORTS_PER_WORKER
+    if start + PORTS_PER_WORKER > len(outside):
+        raise RuntimeError(f"no ports left outside {ephemeral} for xdist worker {worker}")
+    return outside[start : start + PORTS_PER_WORKER]
+
+
+_ports = worker_ports(os.environ.get("PYTEST_XDIST_WORKER", ""))
+# Where in them to begin: another test run on this machine at the same time has other ports, mostly.
+_picks = itertools.count(random.randrange(PORTS_PER_WORKER))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A loopback port nothing listens on, for a server that binds it later (often `hookyard serve` in a
+    child process, given it in its config) and may bind it again after a restart. Not one from binding
+    port 0: back with the kernel, it could be handed to any other socket meanwhile. This worker's ports
+    are given in turn, so one is not given again until a thousand more have been."""
+    for _ in range(PORTS_PER_WORKER):
+        port = _ports[next(_picks) % PORTS_PER_WORKER]
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))  # no SO_REUSEADDR: a port still in TIME_WAIT is passed over
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in {_ports}")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:

@@ -38,6 +38,7 @@ from gateway.storage import (
     Storage,
     StorageUnavailable,
     Unconfirmed,
+    no_longer_configured,
 )
 
 log = logging.getLogger("hookyard.delivery")
@@ -510,7 +511,7 @@ class Engine:
         started = time.time()
         unfollowed = None
         if runnable is None:
-            where = f"action {delivery.action!r} of route {delivery.route!r} is no longer configured"
+            where = no_longer_configured(delivery.route, delivery.action)
             # Dead, for `replay --state dead` to find once the action is back. Its dependents are skipped:
             # nothing failed (an `acknowledge` would report a failure to the provider), nor succeeded.
             outcome = dead(where)

@@ -306,6 +306,87 @@ def test_the_dependents_of_an_action_a_reload_removed_are_skipped_and_follow_it_
         assert downstream.received("/alert") == []
 
 
+def test_a_dependent_of_an_action_a_reload_removed_is_skipped_when_replayed_or_created_on_its_own(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # It ran on its parent's stored state, dead with nothing sent: `alert` (when: failure) told of a
+    # failure that never happened, as an `acknowledge` would have told the provider.
+    url = downstream.url
+    config = gateway_config(tmp_path)
+    config["reload"] = {"interval": "100ms"}
+    config["defaults"] = {"retry": {"schedule": ["1s"] * 20, "jitter": 0}, "timeout": "30s"}
+
+    def actions(parent: str, path: str, *more_on_failure: str) -> list[dict[str, Any]]:
+        def after(name: str, when: str) -> dict[str, Any]:
+            return {
+                "id": name,
+                "use": "forward",
+                "after": parent,
+                "when": when,
+                "with": {"url": f"{url}/{name}"},
+            }
+
+        return [
+            {"id": parent, "use": "forward", "with": {"url": f"{url}/{path}"}},
+            after("alert", "failure"),
+            after("audit", "success"),
+            *(after(name, "failure") for name in more_on_failure),
+        ]
+
+    config["routes"] = [{"name": "users", "source": "consignease", "actions": actions("app", "app")}]
+    downstream.answer("/app", *[503] * 50)
+    volume = ConfigMapVolume(tmp_path / "config")
+    volume.publish(config)
+
+    def deliveries(gw: RunningGateway) -> dict[str, tuple[str, str | None, int]]:
+        event = gw.client.get(gw.ops_url + "/admin/events/msg_alone").json()
+        return {d["action"]: (d["state"], d["last_error"], len(d["attempts"])) for d in event["deliveries"]}
+
+    with RunningGateway(volume.path) as gw:
+        body, headers = svix_request(msg_id="msg_alone")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        downstream.wait_for(1, "/app")
+        # The dependents move to a new action; app, whose delivery is retrying, is dropped.
+        volume.publish(config | {"routes": [{**config["routes"][0], "actions": actions("app2", "app2")}]})
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+        reason = "parent action 'app' of route 'users' is no longer configured"
+        gone = {
+            "app": ("dead", "action 'app' of route 'users' is no longer configured", 2),
+            "alert": ("skipped", reason, 0),
+            "audit": ("skipped", reason, 0),
+        }
+        wait_until(lambda: deliveries(gw) == gone)
+
+        for action in ("alert", "audit"):
+            replay = gw.client.post(gw.ops_url + "/admin/events/msg_alone/replay", json={"action": action})
+            assert replay.json() == {"replayed": 1, "created": 0, "next_cursor": None}
+            wait_until(lambda: deliveries(gw)[action][0] == "skipped")  # noqa: B023
+        time.sleep(0.3)
+        assert deliveries(gw) == gone
+
+        # Put back, with a new dependent: created on its own (`missing`), it does not run on app's result
+        # either. Replayed, app runs, and its dependents follow its new result.
+        volume.publish(
+            config | {"routes": [{**config["routes"][0], "actions": actions("app", "back", "page")}]}
+        )
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 2)
+        missing = {"mode": "missing", "since": "1h", "action": "page"}
+        assert gw.client.post(gw.ops_url + "/admin/replay", json=missing).json()["created"] == 1
+        wait_until(lambda: deliveries(gw)["page"] == ("skipped", reason, 0))
+        replay = gw.client.post(gw.ops_url + "/admin/events/msg_alone/replay", json={"action": "app"})
+        assert replay.json()["replayed"] == 1
+        wait_until(lambda: deliveries(gw)["audit"][0] == "delivered")
+        assert {action: state for action, (state, _, _) in deliveries(gw).items()} == {
+            "app": "delivered",
+            "alert": "skipped",
+            "audit": "delivered",
+            "page": "skipped",
+        }
+        assert len(downstream.received("/back")) == 1
+        assert downstream.received("/alert") == []
+        assert downstream.received("/page") == []
+
+
 class Pooled:
     """A plugin whose action holds a pool of its own, closed in `closing[label]` seconds (None: never), and
     whose deliveries run until they are cancelled. `started` and `closed` list the labels."""

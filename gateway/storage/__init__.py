@@ -20,6 +20,13 @@ FINAL_STATES = ("delivered", "dead", "skipped")
 EventState = Literal["pending", "delivered", "dead", "unrouted"]
 
 
+def no_longer_configured(route: str, action: str) -> str:
+    """The error a delivery ends dead with, nothing sent, when a reload removed its action: no result its
+    dependents follow. A store knows such a parent by it: a dependent that a replay runs (or creates)
+    below it on its own is skipped, as its dependents were when it ended (Storage.finish, `unfollowed`)."""
+    return f"action {action!r} of route {route!r} is no longer configured"
+
+
 class StorageUnavailable(Exception):
     """The store could not durably write (disk full, read-only, I/O error, database down)."""
 

@@ -53,6 +53,7 @@ from gateway.storage import (
     StorageUnavailable,
     StoredEvent,
     Unconfirmed,
+    no_longer_configured,
 )
 from gateway.storage.fsync_helper import REPLY, REQUEST  # the helper's messages
 
@@ -1718,15 +1719,17 @@ def _claim(
                 unready.append(delivery.id)
                 continue
             result = RESULT_OF.get(p.state)
-            if result is None or delivery.when not in ("always", result):
-                # Replayed on its own below a skipped parent, or one whose result its `when` does not ask
-                # for: skipped again, as it was then, and its own dependents with it, rather than run on a
-                # result it does not follow (or told of a failure that never happened).
+            # Dead as its action was removed, nothing sent: no result, as a skipped parent's.
+            gone = p.state == "dead" and p.last_error == no_longer_configured(p.route, p.action)
+            if gone or result is None or delivery.when not in ("always", result):
+                # Replayed on its own below a skipped or removed parent, or one whose result its `when` does
+                # not ask for: skipped again, as it was then, and its own dependents with it, rather than
+                # run on a result it does not follow (or told of a failure that never happened).
                 row = conn.execute(
                     "UPDATE deliveries SET state = 'skipped', due_at = NULL, lease_owner = NULL, "
                     "attempts = attempts - 1, finished_at = ?, last_error = ? WHERE id = ? "
                     f"RETURNING {_DELIVERY_COLUMNS}",
-                    (now, SKIPPED_REASON, delivery.id),
+                    (now, f"parent {p.last_error}" if gone else SKIPPED_REASON, delivery.id),
                 ).fetchone()
                 skipped.skipped.append(_delivery(row))
                 _settle_dependents(conn, delivery.id, None, now, skipped)

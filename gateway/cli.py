@@ -433,7 +433,14 @@ def _check_target(target: str) -> None:
     try:
         parsed = httpx.URL(target)
     except httpx.InvalidURL as exc:
-        raise click.BadParameter(f"{shown_url(target)!r}: {exc}", param_hint="--url") from None
+        # httpx's words repeat what it read (`Invalid port: 'pa'`), which, in `user:pa/ss@host`, is the start
+        # of a password.
+        problem = str(exc)
+        if "@" in target:
+            problem = (
+                "it cannot be read; a '/', '?' or '#' in a user name or password must be percent-encoded"
+            )
+        raise click.BadParameter(f"{shown_url(target)!r}: {problem}", param_hint="--url") from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise click.BadParameter(
             f"{shown_url(target)!r} is not an http(s) URL, e.g. http://127.0.0.1:8080", param_hint="--url"

@@ -767,6 +767,18 @@ def test_send_with_a_malformed_url_is_a_usage_error(tmp_path: Path, url: str, co
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
 
 
+def test_send_with_a_slash_in_the_urls_password_shows_no_part_of_it(tmp_path: Path) -> None:
+    """httpx's own words repeat what it read as the port, here the start of the password."""
+    path = write_config(tmp_path, config_dict(tmp_path))
+    url = "http://user:s3cr3t/x9y@127.0.0.1:8080"
+    result = CliRunner().invoke(
+        main, ["send", "-c", str(path), "consignease", "--type", "user.created", "--url", url]
+    )
+    assert result.exit_code == 2, result.output
+    assert "s3cr3t" not in result.stderr and "x9y" not in result.stderr, result.stderr
+    assert "percent-encoded" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("option", [["--status", "600"], ["--status", "99"], ["--answer", "/hooks=1000"]])
 def test_sink_refuses_a_status_no_http_answer_can_carry(
     option: list[str], monkeypatch: pytest.MonkeyPatch

@@ -14,7 +14,7 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Collection, Generator
+from collections.abc import Callable, Collection, Generator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from gateway.protocol import LINGERING_AT_MOST, tls_protocol, webhook_protocol
 from gateway.retention import Retention
 from gateway.routing import RouteTable, load_routes
 from gateway.storage import Storage, open_storage
+from gateway.tasks import CANCELLED_GRACE, cancel_and_wait
 
 log = logging.getLogger("hookyard")
 
@@ -48,10 +49,11 @@ INGRESS_DRAIN_TIMEOUT = 5  # seconds
 OPS_DRAIN_TIMEOUT = 1
 # How long the plugins' shutdown hooks may take, all of them together: one waiting on a service that stopped
 # answering (a flush with no timeout of its own) is cancelled then, and the store is closed all the same.
+# One that does not end on its cancellation is left running CANCELLED_GRACE later.
 SHUTDOWN_HOOKS_TIMEOUT = 5.0
-# How long closing the HTTP clients that the actions share may take. aiohttp's close waits for every
-# connection still in use to close, and one still sending a body to a receiver that stopped reading (an
-# upload an action left running) never does.
+# How long closing the HTTP clients that the actions share may take (then cancelled, given CANCELLED_GRACE).
+# aiohttp's close waits for every connection still in use to close, and one still sending a body to a
+# receiver that stopped reading (an upload an action left running) never does.
 CLIENTS_CLOSE_TIMEOUT = 1.0
 
 # The collector looks at the youngest objects once this many more have been made than freed (Python's
@@ -150,10 +152,7 @@ class Gateway:
             # and let the plugins that started close what they opened.
             if self._started_plugins:
                 await _call_each(
-                    self.pm.hook.shutdown,
-                    only=self._started_plugins,
-                    timeout=SHUTDOWN_HOOKS_TIMEOUT,
-                    gateway=self,
+                    self.pm.hook.shutdown, SHUTDOWN_HOOKS_TIMEOUT, only=self._started_plugins, gateway=self
                 )
             await self._close_clients()
             await self.storage.close()
@@ -216,7 +215,7 @@ class Gateway:
                 await self._retention.stop()
             if self._engine is not None:
                 await self._engine.stop(self.config.delivery.shutdown_timeout)
-            await _call_each(self.pm.hook.shutdown, timeout=SHUTDOWN_HOOKS_TIMEOUT, gateway=self)
+            await _call_each(self.pm.hook.shutdown, SHUTDOWN_HOOKS_TIMEOUT, gateway=self)
         finally:
             # Whatever failed above, the pools, the store's threads and its serving lock are let go.
             await self._close_clients()
@@ -226,11 +225,13 @@ class Gateway:
         resources, self._resources = self._resources, None
         if resources is None:
             return
-        try:
-            async with asyncio.timeout(CLIENTS_CLOSE_TIMEOUT):
-                await resources.aclose()
-        except TimeoutError:
+        closing = asyncio.ensure_future(resources.aclose())
+        await asyncio.wait([closing], timeout=CLIENTS_CLOSE_TIMEOUT)
+        if not closing.done():
             log.warning("HTTP clients still closing; given up", extra={"timeout_s": CLIENTS_CLOSE_TIMEOUT})
+            await cancel_and_wait([closing])
+        elif not closing.cancelled() and closing.exception() is not None:
+            log.error("cannot close the HTTP clients", exc_info=closing.exception())
 
     def request_exit(self) -> None:
         self._exit.set()
@@ -549,32 +550,45 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 async def _call_each(
-    hook: pluggy.HookCaller,
-    only: Collection[str] | None = None,
-    timeout: float | None = None,
-    **kwargs: Any,
+    hook: pluggy.HookCaller, timeout: float, only: Collection[str] | None = None, **kwargs: Any
 ) -> None:
-    """Call every implementation of a hook in pluggy's order (or those of the plugins named in `only`),
-    awaiting what it returns, for `timeout` seconds at most all together. One that raises, or is still
-    running then (cancelled), is logged and the others still run: pluggy would stop at the first failure,
-    and a plugin whose shutdown fails must not keep another one from closing what it opened. Those called
-    after the time is up are cancelled as soon as they wait."""
-    deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
+    """Call every implementation of a hook in pluggy's order (or those of the plugins named in `only`), one
+    at a time, awaiting what it returns, for `timeout` seconds at most all together. One that raises, or is
+    still running then, is logged and the others still run: pluggy would stop at the first failure, and a
+    plugin whose shutdown fails must not keep another one from closing what it opened.
+
+    At the end of the time, the one still running is cancelled, and those called after it are cancelled as
+    soon as they wait; all of them together get CANCELLED_GRACE more to end. One still running then (it
+    catches its cancellation) is left running, a task that ends with the process."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    give_up_at = deadline + CANCELLED_GRACE
     for impl in reversed(hook.get_hookimpls()):
         if only is not None and impl.plugin_name not in only:
             continue
-        bound = asyncio.timeout_at(deadline)
+        call = asyncio.ensure_future(_call(impl.function, [kwargs[name] for name in impl.argnames]))
         try:
-            result = impl.function(*(kwargs[name] for name in impl.argnames))
-            if inspect.isawaitable(result):
-                async with bound:
-                    await result
-        except Exception:
-            if bound.expired():
-                log.error(
-                    "a %s hook did not finish in time; given up",
-                    hook.name,
-                    extra={"plugin": impl.plugin_name, "timeout_s": timeout},
-                )
-            else:
-                log.exception("a %s hook failed", hook.name, extra={"plugin": impl.plugin_name})
+            # Its first step runs before this wait ends, even past the deadline: what it does before it
+            # first waits is done.
+            await asyncio.wait([call], timeout=max(deadline - loop.time(), 0))
+            if not call.done():
+                await cancel_and_wait([call], max(give_up_at - loop.time(), 0))
+        except asyncio.CancelledError:
+            call.cancel()  # the caller is cancelled: so is the hook, rather than left behind unasked
+            raise
+        if not call.done() or call.cancelled():
+            log.error(
+                "a %s hook did not finish in time; given up",
+                hook.name,
+                extra={"plugin": impl.plugin_name, "timeout_s": timeout, "left_running": not call.done()},
+            )
+        elif call.exception() is not None:
+            log.error(
+                "a %s hook failed", hook.name, exc_info=call.exception(), extra={"plugin": impl.plugin_name}
+            )
+
+
+async def _call(function: Callable[..., Any], arguments: list[Any]) -> None:
+    result = function(*arguments)
+    if inspect.isawaitable(result):
+        await result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
@@ -18,6 +19,7 @@ from gateway.config import Config, ConfigError, default_config_path, json_schema
 from gateway.plugins import DuplicateName, Registry, plugin_manager
 from gateway.routing import RouteTable, load_routes
 from gateway.storage import StorageUnavailable, open_storage
+from gateway.tasks import cancel_and_wait
 
 T = TypeVar("T")
 
@@ -47,12 +49,30 @@ def _load(config_path: Path | None) -> tuple[Config, RouteTable]:
 
 
 def _run(coro: Awaitable[T]) -> T:
+    """Run coro to its end on a new event loop (uvloop's where it is installed), as asyncio.run does, but
+    wait for the tasks still running then CANCELLED_GRACE at most once cancelled: asyncio.run waits for
+    ever for one that ignores its cancellation (a plugin's, or one the shutdown gave up on), and the process
+    would never exit."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is an optional speed-up
-        return asyncio.run(coro)  # type: ignore[arg-type]
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coro)  # type: ignore[arg-type]
+        loop = asyncio.new_event_loop()
+    else:
+        loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        return loop.run_until_complete(coro)
+    finally:
+        try:
+            still = loop.run_until_complete(cancel_and_wait(asyncio.all_tasks(loop)))
+            if still:
+                logging.getLogger("hookyard").warning(
+                    "tasks still running at exit; given up", extra={"count": len(still)}
+                )
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
 
 @click.group()

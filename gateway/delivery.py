@@ -40,6 +40,7 @@ from gateway.storage import (
     Unconfirmed,
     no_longer_configured,
 )
+from gateway.tasks import cancel_and_wait
 
 log = logging.getLogger("hookyard.delivery")
 
@@ -361,9 +362,13 @@ class Engine:
         if self._running:
             _done, pending = await asyncio.wait(list(self._running.values()), timeout=timeout)
             unfinished = [delivery_id for delivery_id, task in self._running.items() if task in pending]
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            # An action that catches its cancellation and goes on is left running, its delivery released
+            # all the same (should it still end while the store is open, its result is recorded as usual).
+            left = await cancel_and_wait(pending)
+            if left:
+                log.warning(
+                    "deliveries still running after their cancellation; given up", extra={"count": len(left)}
+                )
             if unfinished:
                 with contextlib.suppress(StorageUnavailable):
                     await self.storage.release(unfinished, time.time(), self.owner)
@@ -385,7 +390,7 @@ class Engine:
         _done, late = await asyncio.wait(closing, timeout=ACTION_CLOSE_TIMEOUT)
         if late:
             log.warning("actions still closing; given up", extra={"timeout_s": ACTION_CLOSE_TIMEOUT})
-            await _cancel(*late)
+            await cancel_and_wait(late)
 
     async def _claim_loop(self) -> None:
         while not self._stopping:

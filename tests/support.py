@@ -342,6 +342,34 @@ def metric_value(exposition: str, name: str, **labels: str) -> float:
     return 0.0
 
 
+def worst_case_shutdown(drain_delay: float, shutdown_timeout: float) -> float:
+    """The longest a shutdown can take, with every wait on something that can stop answering stuck at once:
+    the sum of their bounds, as docs/operations.md's table lists them."""
+    from gateway import app, delivery, tasks
+    from gateway.storage import sqlite
+
+    store = max(sqlite.FSYNC_TIMEOUT, sqlite.BUSY_TIMEOUT)
+    cancelled = tasks.CANCELLED_GRACE  # what was cancelled, waited for once more
+    return (
+        drain_delay
+        + app.INGRESS_DRAIN_TIMEOUT
+        + store  # a claim or a webhook's commit as the engine stops
+        + shutdown_timeout
+        + cancelled
+        + store  # releasing the unfinished deliveries
+        + delivery.LAST_STATS_TIMEOUT
+        + delivery.ACTION_CLOSE_TIMEOUT
+        + cancelled
+        + app.SHUTDOWN_HOOKS_TIMEOUT
+        + cancelled
+        + app.CLIENTS_CLOSE_TIMEOUT
+        + cancelled
+        + sqlite.FSYNC_TIMEOUT  # closing the store
+        + app.OPS_DRAIN_TIMEOUT
+        + cancelled  # the tasks still running at the end
+    )
+
+
 # -- signing as the providers do -----------------------------------------------------------------------
 
 

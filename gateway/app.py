@@ -4,6 +4,7 @@ wired together and run in one event loop."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import gc
 import inspect
@@ -13,6 +14,7 @@ import resource
 import signal
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Collection, Generator
 from pathlib import Path
@@ -49,7 +51,7 @@ INGRESS_DRAIN_TIMEOUT = 5  # seconds
 OPS_DRAIN_TIMEOUT = 1
 # How long the plugins' shutdown hooks may take, all of them together: one waiting on a service that stopped
 # answering (a flush with no timeout of its own) is cancelled then, and the store is closed all the same.
-# One that does not end on its cancellation is left running CANCELLED_GRACE later.
+# One that does not end on its cancellation (or blocks its thread) is left running CANCELLED_GRACE later.
 SHUTDOWN_HOOKS_TIMEOUT = 5.0
 # How long closing the HTTP clients that the actions share may take (then cancelled, given CANCELLED_GRACE).
 # aiohttp's close waits for every connection still in use to close, and one still sending a body to a
@@ -557,9 +559,11 @@ async def _call_each(
     still running then, is logged and the others still run: pluggy would stop at the first failure, and a
     plugin whose shutdown fails must not keep another one from closing what it opened.
 
-    At the end of the time, the one still running is cancelled, and those called after it are cancelled as
-    soon as they wait; all of them together get CANCELLED_GRACE more to end. One still running then (it
-    catches its cancellation) is left running, a task that ends with the process."""
+    A plain (not async) implementation runs on a thread of its own, so that one that blocks (a socket with
+    no timeout, time.sleep) can be given up on too. At the end of the time, the one still running is
+    cancelled, and those called after it are cancelled as soon as they wait; all of them together get
+    CANCELLED_GRACE more to end. One still running then (it catches its cancellation, or its thread blocks)
+    is left running: a task, or a daemon thread, that ends with the process."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     give_up_at = deadline + CANCELLED_GRACE
@@ -589,6 +593,31 @@ async def _call_each(
 
 
 async def _call(function: Callable[..., Any], arguments: list[Any]) -> None:
-    result = function(*arguments)
+    if inspect.iscoroutinefunction(function):
+        result = function(*arguments)
+    else:
+        running = _on_daemon_thread(function, arguments)
+        try:
+            result = await asyncio.shield(running)
+        except asyncio.CancelledError:
+            # A thread cannot be cancelled: it is waited for all the same, for as long as the caller waits
+            # (a second cancellation ends the wait).
+            result = await running
     if inspect.isawaitable(result):
         await result
+
+
+def _on_daemon_thread(function: Callable[..., Any], arguments: list[Any]) -> asyncio.Future[Any]:
+    """What `function` returns, called on a thread of its own. A daemon: one that never returns does not
+    keep the process from exiting, as asyncio's threads (to_thread) would."""
+    outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def run() -> None:
+        if outcome.set_running_or_notify_cancel():
+            try:
+                outcome.set_result(function(*arguments))
+            except BaseException as exc:
+                outcome.set_exception(exc)
+
+    threading.Thread(target=run, name="hookyard-hook", daemon=True).start()
+    return asyncio.wrap_future(outcome)

@@ -36,7 +36,8 @@ def startup(gateway: Any) -> Any:
 
 @hookspec
 def shutdown(gateway: Any) -> Any:
-    """Called as the gateway stops, after deliveries have drained; may return an awaitable."""
+    """Called as the gateway stops, after deliveries have drained (a plain function on a thread of its own);
+    may return an awaitable."""
 
 
 @hookspec

@@ -620,6 +620,20 @@ class IgnoresCancellation:
                 self.cancelled += 1
 
 
+class Blocks:
+    """A plugin whose plain (not async) `shutdown` hook blocks (a socket call with no timeout) until `released`
+    is set. `threads` lists the threads it ran on."""
+
+    def __init__(self) -> None:
+        self.released = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    @hookimpl
+    def shutdown(self) -> None:
+        self.threads.append(threading.current_thread())
+        self.released.wait(60)
+
+
 def stop_taking(gw: RunningGateway) -> float:
     """Stop a started gateway; the seconds it took."""
     started = time.monotonic()
@@ -661,6 +675,53 @@ def test_a_shutdown_hook_that_ignores_its_cancellation_is_left_running(
     wait_until(lambda: closed == ["pool"], 2)
     with RunningGateway(gateway_config(tmp_path)):  # the store was closed, its serving lock let go
         pass
+
+
+def test_a_plain_shutdown_hook_that_blocks_runs_on_a_thread_and_is_given_up_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain `def` hook that blocks (time.sleep, a socket with no timeout) ran on the event loop: no bound
+    could end it, and it held up the whole stop, the ops listener with it."""
+    monkeypatch.setattr(app, "SHUTDOWN_HOOKS_TIMEOUT", 0.5)
+    blocks = Blocks()
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(blocks, name="blocks")
+    try:
+        gw = RunningGateway(gateway_config(tmp_path), pm=pm).__enter__()
+        took = stop_taking(gw)
+        alive = gw.thread.is_alive()
+    finally:
+        blocks.released.set()
+    assert not alive
+    assert took < 3, f"stopping took {took:.1f}s"
+    [hook_thread] = blocks.threads
+    assert hook_thread is not gw.thread and hook_thread.daemon
+    [given_up] = [
+        r for r in caplog.records if r.getMessage() == "a shutdown hook did not finish in time; given up"
+    ]
+    assert given_up.plugin == "blocks"  # type: ignore[attr-defined]
+    with RunningGateway(gateway_config(tmp_path)):
+        pass
+
+
+def test_a_plain_shutdown_hook_may_return_an_awaitable(tmp_path: Path) -> None:
+    """On its thread, a plain hook returns a coroutine (an async client's close): it is awaited on the loop."""
+    closed: list[bool] = []
+
+    class Returns:
+        @hookimpl
+        def shutdown(self) -> Any:
+            async def close() -> None:
+                await asyncio.sleep(0)
+                closed.append(threading.current_thread() is gw.thread)
+
+            return close()
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(Returns(), name="returns")
+    with RunningGateway(gateway_config(tmp_path), pm=pm) as gw:
+        pass
+    assert closed == [True]
 
 
 class Stubborn:
@@ -746,9 +807,9 @@ def test_closing_the_shared_http_clients_is_given_up_on_if_it_ignores_its_cancel
 
 
 # `hookyard serve` with a plugin whose shutdown hook never ends: `ignores` catches its cancellation and waits
-# on. The hooks get 1 s, not 5.
+# on, `blocks` is a plain function that sleeps. The hooks get 1 s, not 5.
 STUBBORN_SERVE = """
-import asyncio, sys
+import asyncio, sys, time
 
 from gateway import app, hookimpl
 from gateway.cli import main
@@ -765,14 +826,20 @@ class Ignores:
                 pass
 
 
+class Blocks:
+    @hookimpl
+    def shutdown(self):
+        time.sleep(3600)
+
+
 app.SHUTDOWN_HOOKS_TIMEOUT = 1.0
-plugin = {"ignores": Ignores}[sys.argv.pop(1)]()
+plugin = {"ignores": Ignores, "blocks": Blocks}[sys.argv.pop(1)]()
 plugin_manager().register(plugin, name="stubborn")
 main()
 """
 
 
-@pytest.mark.parametrize("kind", ["ignores"])
+@pytest.mark.parametrize("kind", ["ignores", "blocks"])
 def test_hookyard_serve_exits_on_sigterm_whatever_a_shutdown_hook_does(
     tmp_path: Path, downstream: Downstream, kind: str
 ) -> None:

@@ -359,7 +359,8 @@ class Storage(ABC):
         first, from after `after`, and delete, with their deliveries and attempts, those whose deliveries
         are all final (delivered, dead, skipped) and finished before `before` (one with no delivery: received
         before it). An event with a delivery pending or waiting, or one finished since, stays. A store may
-        look at fewer than `limit` (to bound the batch's work); `resume_after` says where to go on."""
+        look at fewer than `limit`, or delete only some of the attempts of an event it would delete (to bound
+        the batch's work); `resume_after` says where to go on."""
 
 
 def open_storage(url: str) -> Storage:

@@ -108,8 +108,13 @@ BACKGROUND, RESTART = "background", "restart"
 # A prune batch deletes no more than this many bytes of bodies (at least one event, whatever its size).
 # Deleting a body frees its overflow pages, which SQLite reads one by one and, where it is built with
 # secure_delete on (as Debian's is, which the image uses), overwrites with zeros: about 3 ms per MiB, on the
-# event loop, measured. A batch of 100 small events takes about 2 ms.
+# event loop, measured. A batch of 100 small events takes 2 to 3 ms.
 PRUNE_BYTES = 1024 * 1024
+# Nor more than this many rows of deliveries and attempts: a delivery retried every few seconds for days has
+# thousands of attempts, and a batch of 100 such events held the loop for tens of milliseconds. 2,000 rows
+# take about 4 ms, measured. An event with more on its own loses its attempts first, this many a batch, then
+# goes whole (its deliveries, a few per route, together).
+PRUNE_ROWS = 2_000
 SKIPPED_REASON = "parent did not reach the required state"
 # A final state as a dependent's `when` names it (a skipped parent has neither result).
 RESULT_OF = {"delivered": "success", "dead": "failure"}
@@ -1597,10 +1602,18 @@ NEXT_DUE_LIMITED = (
 # walk of events_received and, per event, a seek in deliveries_event: the same few steps per batch however
 # large the database. A final delivery without finished_at (none is written so) keeps nothing: the event
 # then goes by its received_at, as one with no delivery does.
+# With each event one is free to delete, the rows that deletes: its deliveries, and its attempts counted up
+# to :rows only (the count walks as many entries of attempts_delivery). The rows are made as they are read,
+# so a batch that stops early counts no further.
 PRUNE_CANDIDATES = (
-    "SELECT e.seq, e.received_at, length(e.body), EXISTS (SELECT 1 FROM deliveries d WHERE d.event_seq = e.seq "
-    "AND (d.state NOT IN ('delivered', 'dead', 'skipped') OR d.finished_at >= ?)) FROM events e "
-    "WHERE e.received_at < ? AND (e.received_at, e.seq) > (?, ?) ORDER BY e.received_at, e.seq LIMIT ?"
+    "SELECT seq, received_at, size, kept, "
+    "CASE WHEN kept THEN 0 ELSE (SELECT count(*) FROM deliveries d WHERE d.event_seq = c.seq) END, "
+    "CASE WHEN kept THEN 0 ELSE (SELECT count(*) FROM (SELECT 1 FROM deliveries d "
+    "JOIN attempts a ON a.delivery_id = d.id WHERE d.event_seq = c.seq LIMIT :rows)) END "
+    "FROM (SELECT e.seq, e.received_at, length(e.body) AS size, EXISTS (SELECT 1 FROM deliveries d "
+    "WHERE d.event_seq = e.seq AND (d.state NOT IN ('delivered', 'dead', 'skipped') OR d.finished_at >= :before)) "
+    "AS kept FROM events e WHERE e.received_at < :before AND (e.received_at, e.seq) > (:at, :last) "
+    "ORDER BY e.received_at, e.seq LIMIT :limit) AS c"
 )
 # The newest event and the event of the newest delivery are kept, whatever their age: SQLite gives a new row
 # the largest rowid plus one, so deleting them would hand their seq or id to the next event or delivery, and
@@ -1608,6 +1621,11 @@ PRUNE_CANDIDATES = (
 PRUNE_NEWEST = (
     "SELECT (SELECT max(seq) FROM events), "
     "(SELECT event_seq FROM deliveries WHERE id = (SELECT max(id) FROM deliveries))"
+)
+# Up to ? of the attempts of one event, one with more rows than a batch deletes.
+PRUNE_SOME_ATTEMPTS = (
+    "DELETE FROM attempts WHERE id IN (SELECT a.id FROM deliveries d JOIN attempts a ON a.delivery_id = d.id "
+    "WHERE d.event_seq = ? LIMIT ?)"
 )
 PRUNE_ATTEMPTS = (
     "DELETE FROM attempts WHERE delivery_id IN "
@@ -1619,21 +1637,39 @@ PRUNE_EVENTS = "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))
 
 def _prune(conn: sqlite3.Connection, before: float, after: PruneCursor | None, limit: int) -> Pruned:
     at, last = after if after is not None else (float("-inf"), 0)
-    rows = conn.execute(PRUNE_CANDIDATES, (before, before, at, last, limit)).fetchall()
     newest = set(conn.execute(PRUNE_NEWEST).fetchone())
+    candidates = conn.execute(
+        PRUNE_CANDIDATES,
+        {"before": before, "at": at, "last": last, "limit": limit, "rows": PRUNE_ROWS + 1},
+    )
     doomed: list[int] = []
-    size = 0
+    size = rows = looked_at = 0
     cursor: PruneCursor | None = None
-    full = len(rows) == limit
-    for seq, received_at, length, kept in rows:
-        deletable = not kept and seq not in newest
-        if deletable and doomed and size + length > PRUNE_BYTES:
-            full = True  # the next batch starts with this one
-            break
-        cursor = (received_at, seq)
-        if deletable:
+    full = False
+    try:
+        for seq, received_at, length, kept, its_deliveries, its_attempts in candidates:
+            looked_at += 1
+            if kept or seq in newest:
+                cursor = (received_at, seq)
+                continue
+            its_rows = its_deliveries + its_attempts
+            if doomed and (size + length > PRUNE_BYTES or rows + its_rows > PRUNE_ROWS):
+                full = True  # the next batch starts with this one
+                break
+            if its_rows > PRUNE_ROWS and its_attempts:
+                # More than a batch on its own: a batch's worth of its attempts goes, and the next batch
+                # starts with it again, from the key just below its own (no other event's lies between).
+                candidates.close()
+                conn.execute(PRUNE_SOME_ATTEMPTS, (seq, PRUNE_ROWS))
+                return Pruned(0, 0, (received_at, seq - 1))
+            cursor = (received_at, seq)
             doomed.append(seq)
             size += length
+            rows += its_rows
+        else:
+            full = looked_at == limit
+    finally:
+        candidates.close()
     deliveries = 0
     if doomed:
         seqs = orjson.dumps(doomed).decode()

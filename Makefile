@@ -27,8 +27,7 @@ run: $(RUN_STAMP)  ## serve ./routes.yaml on the embedded SQLite store
 TEST_TIMEOUT ?= 600
 
 # Most tests wait on servers, sockets and timers rather than compute: `make test TEST_WORKERS=2` (pytest-xdist)
-# halves the suite's time on two cores. One process by default: on two workers, a socket some test leaves
-# unclosed has once been collected (ResourceWarning, an error here) during another test and failed it.
+# halves the suite's time on two cores. One process by default, the way CI has run it green.
 TEST_WORKERS ?= 0
 
 test: $(STAMP)  ## the suite (torture tests marked slow are skipped; `make test-slow` runs them)

@@ -37,6 +37,7 @@ from gateway.protocol import LINGERING_AT_MOST, tls_protocol, webhook_protocol
 from gateway.retention import Retention
 from gateway.routing import RouteTable, load_routes
 from gateway.storage import Storage, open_storage
+from gateway.storage.sqlite import FSYNC_TIMEOUT
 from gateway.tasks import CANCELLED_GRACE, cancel_and_wait
 
 log = logging.getLogger("hookyard")
@@ -57,6 +58,12 @@ SHUTDOWN_HOOKS_TIMEOUT = 5.0
 # aiohttp's close waits for every connection still in use to close, and one still sending a body to a
 # receiver that stopped reading (an upload an action left running) never does.
 CLIENTS_CLOSE_TIMEOUT = 1.0
+# How long a start that an exit cancelled (SIGTERM while starting) is waited for: the sum of the bounds of
+# its clean-up (the shutdown hooks of the plugins started, the HTTP clients, closing the store). A startup
+# hook that catches its cancellation and goes on is given up on then, and the process exits all the same.
+START_CANCEL_BOUND = (
+    SHUTDOWN_HOOKS_TIMEOUT + CANCELLED_GRACE + CLIENTS_CLOSE_TIMEOUT + CANCELLED_GRACE + FSYNC_TIMEOUT
+)
 
 # The collector looks at the youngest objects once this many more have been made than freed (Python's
 # default: 700). Under load, the objects of the webhooks and deliveries in progress pass 700 every 30 or
@@ -439,8 +446,8 @@ class Gateway:
 
     async def _start_unless_exit(self) -> bool:
         """Start, unless an exit is asked for first (SIGTERM while the start waits): then the start is
-        cancelled, which closes what it opened (the store, the pools, the plugins started). Whether it
-        started."""
+        cancelled, which closes what it opened (the store, the pools, the plugins started), and waited for
+        START_CANCEL_BOUND at most. Whether it started."""
         if self._exit.is_set():
             # Asked for before the start began (a SIGTERM while `hookyard serve` was still importing): a start
             # that needs no wait would otherwise finish in its first step, before the exit is seen.
@@ -452,11 +459,10 @@ class Gateway:
         finally:
             exit_requested.cancel()
             if not starting.done():
-                starting.cancel()
                 log.info("shutting down while starting")
-                with contextlib.suppress(asyncio.CancelledError):
-                    await starting
-        if starting.cancelled():
+                if await cancel_and_wait([starting], grace=START_CANCEL_BOUND):
+                    log.warning("the start did not end on its cancellation; given up")
+        if not starting.done() or starting.cancelled():
             return False
         starting.result()  # a failed start raises here
         return True

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -48,11 +50,12 @@ def _load(config_path: Path | None) -> tuple[Config, RouteTable]:
         raise SystemExit(1) from None
 
 
-def _run(coro: Awaitable[T]) -> T:
+def _run(coro: Awaitable[T], *, exit_with_what_is_left: bool = False) -> T:
     """Run coro to its end on a new event loop (uvloop's where it is installed), as asyncio.run does, but
     wait for the tasks still running then CANCELLED_GRACE at most once cancelled: asyncio.run waits for
     ever for one that ignores its cancellation (a plugin's, or one the shutdown gave up on), and the process
-    would never exit."""
+    would never exit. exit_with_what_is_left: if such a task is left once coro has returned, end the process
+    there, with status 0 (see _exit_now)."""
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is an optional speed-up
@@ -60,8 +63,11 @@ def _run(coro: Awaitable[T]) -> T:
     else:
         loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
+    returned = False
     try:
-        return loop.run_until_complete(coro)
+        result = loop.run_until_complete(coro)
+        returned = True
+        return result
     finally:
         try:
             still = loop.run_until_complete(cancel_and_wait(asyncio.all_tasks(loop)))
@@ -69,10 +75,23 @@ def _run(coro: Awaitable[T]) -> T:
                 logging.getLogger("hookyard").warning(
                     "tasks still running at exit; given up", extra={"count": len(still)}
                 )
+                if returned and exit_with_what_is_left:
+                    _exit_now()
             loop.run_until_complete(loop.shutdown_asyncgens())
         finally:
             asyncio.set_event_loop(None)
             loop.close()
+
+
+def _exit_now() -> None:
+    """End the process with status 0, what still runs with it. Closing the loop would destroy the tasks
+    given up on: asyncio logs each as an error ("Task was destroyed but it is pending"), and a coroutine
+    closed so runs its `except` and `finally` blocks, whose awaits fail with more tracebacks."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(0)
 
 
 @click.group()
@@ -92,7 +111,7 @@ def serve(config_path: Path | None) -> None:
     configure_logging(config.log.level, config.log.format)
     try:
         gateway = Gateway(config, config_path=config_path or default_config_path())
-        _run(gateway.serve(freeze_startup_objects=True))
+        _run(gateway.serve(freeze_startup_objects=True), exit_with_what_is_left=True)
     except (StorageUnavailable, OSError) as exc:
         click.echo(f"hookyard: {_reason(exc)}", err=True)
         raise SystemExit(1) from None

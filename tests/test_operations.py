@@ -807,7 +807,8 @@ def test_closing_the_shared_http_clients_is_given_up_on_if_it_ignores_its_cancel
 
 
 # `hookyard serve` with a plugin whose shutdown hook never ends: `ignores` catches its cancellation and waits
-# on, `blocks` is a plain function that sleeps. The hooks get 1 s, not 5.
+# on, `blocks` is a plain function that sleeps. The hooks get 1 s, not 5. `ignores-at-start` is a startup hook
+# that never ends and catches its cancellation; a cancelled start is waited for 2 s.
 STUBBORN_SERVE = """
 import asyncio, sys, time
 
@@ -832,8 +833,20 @@ class Blocks:
         time.sleep(3600)
 
 
+class IgnoresAtStart:
+    @hookimpl
+    async def startup(self):
+        print("starting", flush=True)
+        while True:
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass
+
+
 app.SHUTDOWN_HOOKS_TIMEOUT = 1.0
-plugin = {"ignores": Ignores, "blocks": Blocks}[sys.argv.pop(1)]()
+app.START_CANCEL_BOUND = 2.0
+plugin = {"ignores": Ignores, "blocks": Blocks, "ignores-at-start": IgnoresAtStart}[sys.argv.pop(1)]()
 plugin_manager().register(plugin, name="stubborn")
 main()
 """
@@ -867,7 +880,53 @@ def test_hookyard_serve_exits_on_sigterm_whatever_a_shutdown_hook_does(
     # The hooks' 1 s, a second for the one cancelled to end, a second for the tasks left at the end.
     assert took < 1 + 2 * 1 + 1.5, f"shutdown took {took:.1f}s"
     assert "a shutdown hook did not finish in time; given up" in logged, logged
+    assert "destroyed" not in logged, logged
     assert "stopped" in logged and "Traceback" not in logged, logged
+
+
+def test_hookyard_serve_exits_on_sigterm_while_a_startup_hook_ignores_its_cancellation(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """The start is cancelled, and the hook goes on waiting: the cancelled start was awaited for ever, and the
+    process never exited (Kubernetes killed it at the end of its grace period). It is waited for as long as
+    the start's own clean-up may take, then given up on."""
+    script = tmp_path / "stubborn_serve.py"
+    script.write_text(STUBBORN_SERVE)
+    config = users_config(tmp_path, downstream, "/app")
+    config["listen"] = {"host": "127.0.0.1", "port": free_port()}
+    config["ops"] = {"host": "127.0.0.1", "port": free_port()}
+    config["log"] = {"level": "info"}
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log_path = tmp_path / "gateway.log"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, str(script), "ignores-at-start", "serve", "-c", str(path)],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            env=env,
+        )
+    try:
+        assert process.stdout is not None and process.stdout.readline() == b"starting\n"
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        exit_code = process.wait(30)
+        took = time.monotonic() - started
+    finally:
+        process.kill()
+        process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    logged = log_path.read_text()
+    assert exit_code == 0, logged
+    # START_CANCEL_BOUND (2 s in the script), a second for the tasks left at the end.
+    assert took < 2 + 1 + 1.5, f"stopping took {took:.1f}s"
+    assert "shutting down while starting" in logged, logged
+    assert "the start did not end on its cancellation; given up" in logged, logged
+    # The process ended with the hook still running: no error for a task destroyed with the loop.
+    assert "destroyed" not in logged, logged
+    assert "stopped" in logged and "hookyard ready" not in logged and "Traceback" not in logged, logged
 
 
 @pytest.mark.parametrize(("before", "after", "running"), [(1, 1, 1), (1, 2, 2)])
@@ -1212,6 +1271,9 @@ def test_the_documented_worst_case_shutdown_is_the_sum_of_the_bounds() -> None:
     assert worst_case_shutdown(5, DeliveryEngine().shutdown_timeout) == 52
     guide = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text()
     assert "`shutdown_timeout` + 39 s: 47 s with the\ndefaults, 52 s with the example's" in guide
+    # A start cancelled by SIGTERM runs a part of the same clean-up, and is given up on after its bounds.
+    assert app.START_CANCEL_BOUND == 13 < worst_case_shutdown(0, 0)
+    assert "goes on waiting is given up on after 13 s" in guide
 
 
 def test_sigterm_releases_unfinished_deliveries_for_the_next_start(tmp_path: Path, holding: Holding) -> None:

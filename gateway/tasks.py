@@ -1,13 +1,21 @@
-"""Giving up on tasks at shutdown. A stop cancels what runs past its bound; plugin code may catch that
-cancellation and go on (a retry loop around `except BaseException`, or one that catches CancelledError),
+"""Giving up on tasks and threads at shutdown. A stop cancels what runs past its bound; plugin code may catch
+that cancellation and go on (a retry loop around `except BaseException`, or one that catches CancelledError),
 and awaiting it then would hold up the stop for ever. So a cancelled task is waited for a moment only, then left
-running: it ends with the process."""
+running: it ends with the process. Blocking work (a file on a disk that stopped answering) runs on daemon
+threads, which the process does not wait for at exit either."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
-from typing import Any
+import functools
+import queue
+import threading
+from collections.abc import Callable, Collection
+from concurrent.futures import Executor, Future
+from typing import Any, ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 # How long a task that was cancelled is waited for before it is left running: ample for one that honours its
 # cancellation, even with a connection or two to close in its `finally`.
@@ -33,3 +41,39 @@ def _retrieved(task: asyncio.Future[Any]) -> None:
     # Read, or asyncio logs "exception was never retrieved" for a task given up on.
     if not task.cancelled():
         task.exception()
+
+
+class DaemonThread(Executor):
+    """One thread that runs what it is given in turn, as ThreadPoolExecutor(1) does, but a daemon: a
+    ThreadPoolExecutor's threads are joined when the interpreter exits, so one stuck on a disk that stopped
+    answering (in a checkpoint's fsync, that of closing the last connection, or a read) would keep the
+    process from ever exiting."""
+
+    def __init__(self, name: str) -> None:
+        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
+        self._shut = False
+        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
+        if self._shut:
+            raise RuntimeError("cannot schedule new futures after shutdown")
+        future: Future[T] = Future()
+        self._calls.put((future, functools.partial(fn, *args, **kwargs)))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """The thread ends once it has run what it was given before."""
+        self._shut = True
+        self._calls.put(None)
+        if wait:
+            self._thread.join()
+
+    def _work(self) -> None:
+        while (call := self._calls.get()) is not None:
+            future, function = call
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(function())
+                except BaseException as exc:
+                    future.set_exception(exc)

@@ -79,7 +79,6 @@ import hashlib
 import json
 import re
 import sqlite3
-import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -95,6 +94,7 @@ from gateway import hookimpl
 from gateway.actions import Action, Job, Outcome, Resources, dead, delivered, retry, skipped
 from gateway.events import Event
 from gateway.http_client import url_text_problem
+from gateway.tasks import DaemonThread
 
 T = TypeVar("T")
 
@@ -643,17 +643,20 @@ def _iso(timestamp: float) -> str:
 
 
 class SQLite(Backend):
-    """One connection, used by one worker thread at a time so the event loop never blocks on the file."""
+    """One connection, used on one thread of its own so the event loop never blocks on the file. A daemon:
+    asyncio's threads (to_thread) are joined when the interpreter exits, so one stuck on a disk that
+    stopped answering, its delivery long given up on, kept the process from ever exiting."""
 
     def __init__(self, path: Path, sql: Statements) -> None:
         super().__init__(sql)
         self.path = path
         self.where = f"sqlite {path}"
         self._conn: sqlite3.Connection | None = None
-        # The asyncio lock queues deliveries without holding threads. The thread lock is what protects the
-        # connection: a delivery cancelled by its timeout leaves its thread running to the end.
+        # The asyncio lock queues deliveries, so that one cancelled while it waits leaves no work behind.
+        # The one thread is what protects the connection: a delivery cancelled by its timeout leaves its work
+        # running there to the end, and the next runs after it.
         self._lock = asyncio.Lock()
-        self._thread_lock = threading.Lock()
+        self._thread: DaemonThread | None = None
 
     def _connect(self, timeout: float) -> sqlite3.Connection:
         if self._conn is None:
@@ -671,24 +674,28 @@ class SQLite(Backend):
             self._conn = conn
         return self._conn
 
-    def _locked(self, work: Callable[[sqlite3.Connection], T], timeout: float) -> T:
-        with self._thread_lock:
-            conn = self._connect(timeout)
-            try:
-                return work(conn)
-            except sqlite3.Error as exc:
-                if conn.in_transaction:
-                    with contextlib.suppress(sqlite3.Error):
-                        conn.execute("ROLLBACK")
-                if not self.permanent(exc):
-                    # Start over with a fresh connection (the file may have been replaced or remounted).
-                    self._conn = None
-                    conn.close()
-                raise
+    def _on_connection(self, work: Callable[[sqlite3.Connection], T], timeout: float) -> T:
+        conn = self._connect(timeout)
+        try:
+            return work(conn)
+        except sqlite3.Error as exc:
+            if conn.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            if not self.permanent(exc):
+                # Start over with a fresh connection (the file may have been replaced or remounted).
+                self._conn = None
+                conn.close()
+            raise
 
     async def _run(self, work: Callable[[sqlite3.Connection], T], timeout: float) -> T:
         async with self._lock:
-            return await asyncio.to_thread(self._locked, work, timeout)
+            return await self._on_thread(self._on_connection, work, timeout)
+
+    def _on_thread(self, function: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        if self._thread is None:
+            self._thread = DaemonThread(f"hookyard-store {self.path.name}")
+        return asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
 
     @staticmethod
     def _transaction(*steps: tuple[str, tuple[Any, ...]]) -> Callable[[sqlite3.Connection], None]:
@@ -745,12 +752,14 @@ class SQLite(Backend):
 
     async def aclose(self) -> None:
         def close() -> None:
-            with self._thread_lock:
-                if self._conn is not None:
-                    self._conn.close()
-                    self._conn = None
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
-        await asyncio.to_thread(close)
+        if self._thread is not None:
+            thread, self._thread = self._thread, None
+            await asyncio.get_running_loop().run_in_executor(thread, close)
+            thread.shutdown(wait=False)
 
 
 # -- the action -----------------------------------------------------------------------------------------

@@ -1393,6 +1393,58 @@ def test_sigterm_ends_the_process_while_an_fsync_never_answers(
     assert len(downstream.received("/app")) == 1
 
 
+# `hookyard serve` whose store action finds its SQLite file on a disk that stopped answering: opening it never
+# returns (a fault the tests cannot stage on a real disk). Closing the actions gets 1 s, not 5.
+STUCK_FILE_SERVE = """
+import time
+
+from gateway import delivery
+from gateway.cli import main
+from plugins import store
+
+delivery.ACTION_CLOSE_TIMEOUT = 1.0
+store.SQLite._connect = lambda self, timeout: time.sleep(3600)
+main()
+"""
+
+
+def test_sigterm_ends_the_process_while_a_store_actions_sqlite_file_never_answers(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """The delivery is given up on at its timeout; its thread stays blocked. That thread was asyncio's
+    (to_thread), which the interpreter joins at exit: the process logged `stopped` and never exited."""
+    script = tmp_path / "stuck_file_serve.py"
+    script.write_text(STUCK_FILE_SERVE)
+    config = users_config(tmp_path, downstream, "/app")
+    config["delivery"] = {"shutdown_timeout": "1s"}
+    store = {"url": f"sqlite:///{tmp_path}/users.db", "table": "users", "mode": "append"}
+    config["routes"][0]["actions"] = [{"id": "users-table", "use": "store", "timeout": "1s", "with": store}]
+    config["log"] = {"level": "info"}
+    process, url = start_process(
+        tmp_path,
+        config,
+        command=[sys.executable, str(script)],
+        env={"PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    assert process.process is not None
+    try:
+        body, headers = svix_request(msg_id="msg_to_a_stuck_file")
+        assert httpx.post(url + "/webhooks/consignease", content=body, headers=headers).status_code == 200
+        metrics = process.ops_url + "/metrics"
+        wait_until(lambda: 'action="users-table",outcome="retried"' in httpx.get(metrics).text, 10)
+        started = time.monotonic()
+        process.process.send_signal(signal.SIGTERM)
+        exit_code = process.process.wait(15)
+        took = time.monotonic() - started
+    finally:
+        process.kill()
+    logged = process.log_path.read_text()
+    assert exit_code == 0, logged
+    # shutdown_timeout, then the action's close, which waits for the stuck thread: 1 s, then cancelled.
+    assert took < 1 + 1 + 1 + 1.5, f"shutdown took {took:.1f}s"
+    assert "stopped" in logged and "Traceback" not in logged, logged
+
+
 def test_renewed_certificate_files_are_picked_up_without_a_config_change(
     tmp_path: Path, downstream: Downstream
 ) -> None:

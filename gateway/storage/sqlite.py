@@ -14,10 +14,8 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import logging
 import os
-import queue
 import sqlite3
 import subprocess
 import sys
@@ -25,7 +23,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping
-from concurrent.futures import Executor, Future
 from pathlib import Path
 from typing import IO, Any, Literal, ParamSpec, TypeVar
 
@@ -56,6 +53,7 @@ from gateway.storage import (
     no_longer_configured,
 )
 from gateway.storage.fsync_helper import REPLY, REQUEST  # the helper's messages
+from gateway.tasks import DaemonThread
 
 log = logging.getLogger("hookyard.storage")
 
@@ -281,7 +279,7 @@ class _GroupCommit:
         except BaseException:
             self.checkpoint_connection.close()
             raise
-        self.checkpointer = _DaemonThread("hookyard-sqlite-checkpoint")
+        self.checkpointer = DaemonThread("hookyard-sqlite-checkpoint")
 
     def submit(self, operation: Operation, durable: bool, ride: bool = False) -> asyncio.Future[Any]:
         """Queue `operation` for a batch. Durable: answered once its commit is on disk. Otherwise at its
@@ -759,42 +757,6 @@ def _settle(results: Iterable[_Result]) -> None:
             future.set_exception(failed)
 
 
-class _DaemonThread(Executor):
-    """One thread that runs what it is given in turn, as ThreadPoolExecutor(1) does, but a daemon: a
-    ThreadPoolExecutor's threads are joined when the interpreter exits, so one stuck on a disk that stopped
-    answering (in a checkpoint's fsync, that of closing the last connection, or a read) would keep the
-    process from ever exiting."""
-
-    def __init__(self, name: str) -> None:
-        self._calls: queue.SimpleQueue[tuple[Future[Any], Callable[[], Any]] | None] = queue.SimpleQueue()
-        self._shut = False
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> Future[T]:
-        if self._shut:
-            raise RuntimeError("cannot schedule new futures after shutdown")
-        future: Future[T] = Future()
-        self._calls.put((future, functools.partial(fn, *args, **kwargs)))
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """The thread ends once it has run what it was given before."""
-        self._shut = True
-        self._calls.put(None)
-        if wait:
-            self._thread.join()
-
-    def _work(self) -> None:
-        while (call := self._calls.get()) is not None:
-            future, function = call
-            if future.set_running_or_notify_cancel():
-                try:
-                    future.set_result(function())
-                except BaseException as exc:
-                    future.set_exception(exc)
-
-
 def _checkpoint_connection(path: Path) -> sqlite3.Connection:
     """The background checkpoints' own connection: they run while the writer's connection commits."""
     conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -926,7 +888,7 @@ class SQLiteStorage(Storage):
         self.path = Path(path)
         self._writer: _GroupCommit | None = None
         self._reader: sqlite3.Connection | None = None
-        self._reader_thread: _DaemonThread | None = None  # the reader's: one query at a time, off the loop
+        self._reader_thread: DaemonThread | None = None  # the reader's: one query at a time, off the loop
         self._serving_lock: IO[str] | None = None
         self.on_commit: CommitObserver | None = None
 
@@ -977,7 +939,7 @@ class SQLiteStorage(Storage):
             reader.close()
             raise StorageUnavailable(f"cannot open {self.path}: {exc}") from exc
         self._reader = reader
-        self._reader_thread = _DaemonThread("hookyard-sqlite-read")
+        self._reader_thread = DaemonThread("hookyard-sqlite-read")
 
     async def close(self) -> None:
         loop = asyncio.get_running_loop()

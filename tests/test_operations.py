@@ -61,6 +61,18 @@ def users_config(tmp_path: Path, downstream: Downstream, target: str, **extra: A
     return config
 
 
+def users_config_file(tmp_path: Path, downstream: Downstream) -> tuple[Path, dict[str, Any]]:
+    """users_config, on ports of its own and logging at info, written to tmp_path/routes.yaml: for a test
+    that starts `hookyard serve` itself (one that never turns ready, say)."""
+    config = users_config(tmp_path, downstream, "/app")
+    config["listen"] = {"host": "127.0.0.1", "port": free_port()}
+    config["ops"] = {"host": "127.0.0.1", "port": free_port()}
+    config["log"] = {"level": "info"}
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path, config
+
+
 class ConfigMapVolume:
     """A directory laid out as the kubelet lays out a ConfigMap volume, updated the way it updates one:
     write a new timestamped directory, then atomically swap the `..data` symlink. Files are never
@@ -892,12 +904,7 @@ def test_hookyard_serve_exits_on_sigterm_while_a_startup_hook_ignores_its_cancel
     the start's own clean-up may take, then given up on."""
     script = tmp_path / "stubborn_serve.py"
     script.write_text(STUBBORN_SERVE)
-    config = users_config(tmp_path, downstream, "/app")
-    config["listen"] = {"host": "127.0.0.1", "port": free_port()}
-    config["ops"] = {"host": "127.0.0.1", "port": free_port()}
-    config["log"] = {"level": "info"}
-    path = tmp_path / "routes.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, _ = users_config_file(tmp_path, downstream)
     log_path = tmp_path / "gateway.log"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     with log_path.open("wb") as log:
@@ -1068,12 +1075,7 @@ def test_a_sigterm_while_starting_stops_the_gateway_cleanly(tmp_path: Path, down
     5 s at most) and SIGTERM comes: the start is cancelled, the store it opened closed, and `hookyard serve`
     exits 0 at once. The handler was installed only once started: the signal's default action killed the
     process mid-start (and a PID 1 in a container, whose default the kernel ignores, went on starting)."""
-    config = users_config(tmp_path, downstream, "/app")
-    config["listen"] = {"host": "127.0.0.1", "port": free_port()}
-    config["ops"] = {"host": "127.0.0.1", "port": free_port()}
-    config["log"] = {"level": "info"}
-    path = tmp_path / "routes.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, config = users_config_file(tmp_path, downstream)
     database = tmp_path / "hookyard.db"
     with sqlite3.connect(database, isolation_level=None) as setup:
         setup.execute("PRAGMA journal_mode = WAL")
@@ -1137,12 +1139,7 @@ def test_a_sigterm_while_the_command_is_still_importing_stops_it_cleanly(
     installed: the command's entry point catches a SIGTERM then and the gateway, once its handlers are in
     place, stops at once without ever turning ready. Before, the signal's default action killed the process
     mid-import; a PID 1 in a container, whose default the kernel ignores, lost it and started as usual."""
-    config = users_config(tmp_path, downstream, "/app")
-    config["listen"] = {"host": "127.0.0.1", "port": free_port()}
-    config["ops"] = {"host": "127.0.0.1", "port": free_port()}
-    config["log"] = {"level": "info"}
-    path = tmp_path / "routes.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path, _ = users_config_file(tmp_path, downstream)
     script = tmp_path / "slow_import.py"
     script.write_text(SLOW_IMPORT)
     process = subprocess.Popen(

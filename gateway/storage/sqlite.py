@@ -24,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any, Literal, ParamSpec, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
 import orjson
 
@@ -71,7 +71,6 @@ sqlite3.register_adapter(bool, int)
 sqlite3.register_adapter(type(None), _NOTHING.get)
 
 T = TypeVar("T")
-P = ParamSpec("P")
 Operation = Callable[[sqlite3.Connection], Any]
 # Told the size and duration of every committed batch (metrics), fsync included; called on the loop.
 CommitObserver = Callable[[int, float], None]

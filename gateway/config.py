@@ -483,9 +483,14 @@ class Config(Strict):
         anywhere = {"0.0.0.0", "::", ""}
         same_host = listen.host == ops.host or listen.host in anywhere or ops.host in anywhere
         if listen.port and listen.port == ops.port and same_host:
-            raise ValueError(
+            message = (
                 f"listen and ops both use port {listen.port} on {listen.host} and {ops.host}: give ops "
                 "another port"
+            )
+            # At ops.port, as every error names its place (a ValueError here would name none).
+            clash = PydanticCustomError("listeners_apart", message)
+            raise ValidationError.from_exception_data(
+                type(self).__name__, [InitErrorDetails(type=clash, loc=("ops", "port"), input=ops.port)]
             )
         return self
 

@@ -709,8 +709,9 @@ def test_listen_and_ops_cannot_share_a_port(
         return
     with pytest.raises(ConfigError) as caught:
         parse_config(text)
+    # Named at ops.port, as every error names its place: it said `listen and ops both use ...` on its own.
     assert caught.value.errors == [
-        f"listen and ops both use port {listen['port']} on {listen.get('host', '0.0.0.0')} and "
+        f"ops.port: listen and ops both use port {listen['port']} on {listen.get('host', '0.0.0.0')} and "
         f"{ops.get('host', '127.0.0.1')}: give ops another port"
     ]
 

@@ -643,11 +643,17 @@ def _validated_parts(expanded: dict[str, Any]) -> PartialConfig | None:
 
 def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
     lines: list[str] = []
-    for error in exc.errors():
+    errors = exc.errors()
+    unions = _union_misses(errors)
+    for error in errors:
         loc = prefix + tuple(error["loc"])
         place = format_location(loc)
         message = error["msg"].removeprefix("Value error, ")
-        if len(loc) >= 2 and loc[-1] == "[key]" and error["type"] == "string_type":
+        miss = unions.get(tuple(error["loc"][:-1])) if _is_branch(error["loc"]) else None
+        if miss is not None:
+            # A value of none of the kinds a union takes: one line, not one per kind, each wrong on its own.
+            message = miss
+        elif len(loc) >= 2 and loc[-1] == "[key]" and error["type"] == "string_type":
             # A name YAML read as something else: `no:` or `on:` is a boolean, `2026-01-01:` a date.
             # pydantic would say `sources[0].[key]: Input should be a valid string`.
             place, message = format_location(loc[:-2]), _not_text(error["input"])
@@ -663,6 +669,51 @@ def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...]
         if line not in lines:
             lines.append(line)
     return lines
+
+
+# What a branch of a union takes, by the type of error pydantic gives for a value it does not take.
+_KINDS = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "string_type": "text",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "a boolean",
+    "bool_parsing": "a boolean",
+}
+
+
+def _is_branch(loc: Any) -> bool:
+    """The error is one branch of a union refusing the value at loc[:-1]."""
+    return bool(loc) and isinstance(loc[-1], str) and _UNION_BRANCHES.match(loc[-1]) is not None
+
+
+def _union_misses(errors: list[Any]) -> dict[tuple[Any, ...], str]:
+    """`must be an integer, '5xx' or '4xx'` for each place whose value no branch of its union took, by the
+    place (the errors' loc without the branch). A place where a branch said more than "not my kind" is left
+    out: that branch's own words are clearer."""
+    by_place: dict[tuple[Any, ...], list[Any]] = {}
+    for error in errors:
+        if _is_branch(error["loc"]):
+            by_place.setdefault(tuple(error["loc"][:-1]), []).append(error)
+    misses = {}
+    for place, refusals in by_place.items():
+        types = [error["type"] for error in refusals]
+        if len(refusals) < 2 or not all(kind in _KINDS or kind == "literal_error" for kind in types):
+            continue
+        kinds = [
+            error["msg"].removeprefix("Input should be ")
+            if error["type"] == "literal_error"
+            else _KINDS[error["type"]]
+            for error in refusals
+        ]
+        text = ", ".join(kinds[:-1]) + (", " if " or " in kinds[-1] else " or ") + kinds[-1]
+        if "literal_error" not in types:
+            # Its kind, not the value (it may be a secret). Not where a kind is a word: the value is text then.
+            text += f", not {_kind_of(refusals[0]['input'])}"
+        misses[place] = f"must be {text}"
+    return misses
 
 
 _SHAPES = {

@@ -523,6 +523,29 @@ def test_a_value_of_the_wrong_shape_says_what_is_expected(text: str, error: str)
     assert config_errors(text) == [error]
 
 
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            "defaults: {retry: {retry_on: [5XX]}}",
+            "defaults.retry.retry_on[0]: must be an integer, '5xx' or '4xx'",
+        ),
+        (
+            "routes: [{name: r, source: x, events: [1.5], actions: [{use: forward}]}]",
+            "routes[0].events[0]: must be text or an integer, not a number",
+        ),
+        (
+            "routes: [{name: r, source: x, events: [{a: 1}], actions: [{use: forward}]}]",
+            "routes[0].events[0]: must be text or an integer, not a mapping",
+        ),
+    ],
+)
+def test_a_value_that_is_none_of_the_kinds_a_key_takes_is_one_error(text: str, error: str) -> None:
+    # pydantic says it once per kind: `retry_on[0]: Input should be a valid integer, unable to parse string as
+    # an integer`, then `retry_on[0]: Input should be '5xx' or '4xx'`, each line wrong on its own.
+    assert config_errors(text) == [error]
+
+
 def test_a_route_needs_at_least_one_action() -> None:
     errors = config_errors("routes: [{name: a, source: x, actions: []}]")
     assert len(errors) == 1

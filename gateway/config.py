@@ -21,7 +21,9 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     PlainValidator,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     WithJsonSchema,
@@ -375,6 +377,24 @@ class Source(Strict):
     allow_ips: list[str] = Field(default_factory=list)
     # Provider-specific settings, validated by the provider itself.
     options: dict[str, Any] = Field(default_factory=dict)
+    # secrets[i] is the file's secrets[_secret_places[i]]: the empty entries are dropped.
+    _secret_places: tuple[int, ...] = PrivateAttr(default=())
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _places_of_secrets(cls, data: Any, handler: ModelWrapValidatorHandler[Self]) -> Self:
+        source = handler(data)
+        written = data.get("secrets") if isinstance(data, dict) else None
+        if isinstance(written, list):
+            source._secret_places = tuple(
+                index for index, secret in enumerate(written) if isinstance(secret, str) and secret.strip()
+            )
+        return source
+
+    def secret_place(self, index: int) -> int:
+        """Where secrets[index] is in the file, for errors a reader can find (`secrets[2]`)."""
+        places = self._secret_places
+        return places[index] if 0 <= index < len(places) else index
 
     @field_validator("allow_ips")
     @classmethod

@@ -19,6 +19,7 @@ from gateway.config import (
     ConfigError,
     RetryPolicy,
     Route,
+    Source,
     format_validation_errors,
     load_config,
 )
@@ -123,7 +124,7 @@ class RouteTable:
                 errors.extend(format_validation_errors(exc, (*place.split("."), "options")))
                 continue
             except ValueError as exc:
-                errors.append(f"{place}.{exc}")
+                errors.append(f"{place}.{_secret_in_the_file(str(exc), source)}")
                 continue
             table.endpoints[source.path] = Endpoint(
                 name,
@@ -268,6 +269,15 @@ def type_matcher(patterns: list[str]) -> Callable[[str], bool]:
         return lambda _type: True
     regex = re.compile("|".join(f"(?:{fnmatch.translate(pattern)})" for pattern in patterns))
     return lambda event_type: regex.match(event_type) is not None
+
+
+_SECRET_INDEX = re.compile(r"^secrets\[(\d+)\]")
+
+
+def _secret_in_the_file(message: str, source: Source) -> str:
+    """A provider names a secret by its index in its own secrets, which lack the file's empty entries:
+    `secrets[0] ...` becomes `secrets[2] ...` where two empty ones come first in the file."""
+    return _SECRET_INDEX.sub(lambda match: f"secrets[{source.secret_place(int(match[1]))}]", message, count=1)
 
 
 def _known(names: dict[str, Any]) -> str:

@@ -479,6 +479,24 @@ def test_svix_secret_index_names_the_bad_one(registry: Registry) -> None:
     assert "%%%" not in errors[0]
 
 
+@pytest.mark.parametrize(
+    ("provider", "secrets", "error"),
+    [
+        ("svix", ["${KEY_1:-}", "", "whsec_%%%"], "secrets[2] is not a whsec_ secret"),
+        ("token", ["  ", "a b"], "secrets[1] cannot be sent in the authorization header"),
+        ("basic", ["${OLD:-}", "user:p", "user:"], "secrets[2] has an empty password"),
+    ],
+)
+def test_a_bad_secret_is_named_by_its_index_in_the_file(
+    registry: Registry, provider: str, secrets: list[str], error: str
+) -> None:
+    # Empty entries are dropped before the provider reads the rest: it said secrets[0] for the file's third.
+    config = base_config()
+    config["sources"]["x"] = {"path": "/x", "provider": provider, "secrets": secrets}
+    errors = build_errors(registry, config)
+    assert len(errors) == 1 and errors[0].startswith(f"sources.x.{error}"), errors
+
+
 @pytest.mark.parametrize("provider", ["svix", "consignly"])
 def test_a_verifying_provider_needs_a_secret(registry: Registry, provider: str) -> None:
     config = base_config()

@@ -128,6 +128,8 @@ def _check_page(cursor: int | None, limit: int) -> None:
     # nothing before it and answered an empty page, as if there were no events.
     if cursor is not None and cursor < 0:
         raise OperationError(400, "cursor: must be 0 or more (the next_cursor of the page before)")
+    if cursor is not None and cursor >= 2**63:  # past what SQLite holds: its OverflowError, a traceback
+        raise OperationError(400, "cursor: out of range")
     if not 1 <= limit <= MAX_PAGE:
         raise OperationError(400, f"limit: must be between 1 and {MAX_PAGE}")
 

@@ -321,6 +321,14 @@ def test_events_list_rejects_a_bad_since(filled: Path) -> None:
     assert "'yesterday'" in result.stderr
 
 
+@pytest.mark.parametrize("cursor", [str(2**63), "99999999999999999999999"])
+def test_events_list_refuses_a_cursor_the_database_cannot_hold(filled: Path, cursor: str) -> None:
+    """As the admin API does: not a traceback from SQLite's OverflowError."""
+    result = invoke("events", "list", "-c", filled, "--cursor", cursor)
+    assert result.exit_code == 1, result.output
+    assert (result.stdout, result.stderr) == ("", "hookyard: cursor: out of range\n")
+
+
 def test_operator_commands_refuse_a_database_that_does_not_exist(tmp_path: Path) -> None:
     """Run from the wrong directory (a relative storage.url) or with the wrong config, they say where they
     looked, rather than create an empty database there and list nothing."""

@@ -8,6 +8,7 @@ from urllib.parse import quote
 
 import httpx
 
+from gateway.http_client import shown_url
 from gateway.operations import OperationError
 
 
@@ -33,8 +34,10 @@ class RemoteOperations:
         try:
             response = await self.client.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
+            # The URL without its credentials, as every URL in an error.
             raise OperationError(
-                503, f"cannot reach the admin API at {self.client.base_url}: {exc}"
+                503,
+                f"cannot reach the admin API at {shown_url(str(self.client.base_url))}: {exc}",
             ) from None
         try:
             body: dict[str, Any] = response.json()

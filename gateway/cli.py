@@ -175,6 +175,9 @@ def _operate(config_path: Path | None, admin_url: str | None, work: Callable[[An
     from gateway.admin_client import RemoteOperations
     from gateway.operations import OperationError, Operations
 
+    if admin_url:
+        _check_target(admin_url, "--admin-url", "http://127.0.0.1:9000")
+
     async def run() -> T:
         if admin_url:
             remote = RemoteOperations(admin_url, os.environ.get("HOOKYARD_ADMIN_TOKEN"))
@@ -463,8 +466,9 @@ def send(
         raise SystemExit(1)
 
 
-def _check_target(target: str) -> None:
-    """A URL that could never be sent to is a usage error, not a traceback (--count) or a failed request."""
+def _check_target(target: str, option: str = "--url", example: str = "http://127.0.0.1:8080") -> None:
+    """A URL that could never be sent to is a usage error, not a traceback (--count, --admin-url) or a
+    failed request."""
     import httpx
 
     from gateway.http_client import shown_url
@@ -479,10 +483,10 @@ def _check_target(target: str) -> None:
             problem = (
                 "it cannot be read; a '/', '?' or '#' in a user name or password must be percent-encoded"
             )
-        raise click.BadParameter(f"{shown_url(target)!r}: {problem}", param_hint="--url") from None
+        raise click.BadParameter(f"{shown_url(target)!r}: {problem}", param_hint=option) from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise click.BadParameter(
-            f"{shown_url(target)!r} is not an http(s) URL, e.g. http://127.0.0.1:8080", param_hint="--url"
+            f"{shown_url(target)!r} is not an http(s) URL, e.g. {example}", param_hint=option
         )
 
 

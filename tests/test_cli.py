@@ -18,7 +18,14 @@ from gateway.cli import main
 from gateway.events import Event
 from gateway.storage import Attempt, Claim, DeliveryRecord, NewDelivery
 from gateway.storage.sqlite import SQLiteStorage
-from tests.support import CONSIGNLY_SECRETS, SVIX_SECRET, Downstream, RunningGateway, wait_until
+from tests.support import (
+    CONSIGNLY_SECRETS,
+    SVIX_SECRET,
+    Downstream,
+    RunningGateway,
+    free_port,
+    wait_until,
+)
 
 T = TypeVar("T")
 
@@ -785,6 +792,29 @@ def test_send_with_a_slash_in_the_urls_password_shows_no_part_of_it(tmp_path: Pa
     assert result.exit_code == 2, result.output
     assert "s3cr3t" not in result.stderr and "x9y" not in result.stderr, result.stderr
     assert "percent-encoded" in result.stderr, result.stderr
+
+
+ADMIN_COMMANDS = [["events", "list"], ["events", "show", "evt_1"], ["replay", "evt_1"]]
+
+
+@pytest.mark.parametrize("command", ADMIN_COMMANDS)
+@pytest.mark.parametrize("url", ["http://[::1", "localhost:9000", "ftp://127.0.0.1:9000"])
+def test_a_malformed_admin_url_is_a_usage_error(command: list[str], url: str) -> None:
+    result = CliRunner().invoke(main, [*command, "--admin-url", url])
+    assert result.exit_code == 2, result.output
+    assert "--admin-url" in result.stderr
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("command", ADMIN_COMMANDS)
+@pytest.mark.parametrize("credentials", ["user:s3cr3t/x9y@", "user:s3cr3t@"])
+def test_an_admin_url_shows_no_part_of_its_password(command: list[str], credentials: str) -> None:
+    """Unreadable (httpx's words repeat the start of a password holding a '/') or unreachable."""
+    url = f"http://{credentials}127.0.0.1:{free_port()}"
+    result = CliRunner().invoke(main, [*command, "--admin-url", url])
+    assert result.exit_code in (1, 2), result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    assert "s3cr3t" not in result.output and "x9y" not in result.output, result.output
 
 
 @pytest.mark.parametrize("option", [["--status", "600"], ["--status", "99"], ["--answer", "/hooks=1000"]])

@@ -517,7 +517,7 @@ def sign(
 
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=3000, show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=3000, show_default=True)
 @click.option(
     "--status",
     type=click.IntRange(100, 599),

@@ -831,3 +831,17 @@ def test_sink_refuses_a_status_no_http_answer_can_carry(
     assert served == []
     assert result.exit_code == 2, result.output
     assert "100" in result.stderr and "599" in result.stderr
+
+
+@pytest.mark.parametrize("port", ["70000", "65536", "0", "-1"])
+def test_sink_refuses_a_port_it_cannot_listen_on(port: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused at once: 70000 was taken modulo 65536 (the sink listened on 4464 without a word), and with 0
+    it listened on a port nobody is told."""
+    import uvicorn
+
+    served: list[Any] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(options))
+    result = CliRunner().invoke(main, ["sink", "--port", port])
+    assert served == []
+    assert result.exit_code == 2, result.output
+    assert "--port" in result.stderr and "65535" in result.stderr

@@ -266,6 +266,26 @@ def is_loopback(host: str) -> bool:
     return address.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
+SQLITE_URL_FORMS = "sqlite:///relative/path.db or sqlite:////absolute/path.db"
+
+
+def is_sqlite_url(url: str) -> bool:
+    return url.partition(":")[0].lower() == "sqlite"  # a URL's scheme is not case-sensitive
+
+
+def sqlite_path(url: str) -> str:
+    """The file a SQLite URL names, as storage.url and the store action read it: sqlite:///relative/path.db
+    or sqlite:////absolute/path.db. ValueError, not repeating the URL, for one that names no file: no
+    path, or a directory (ending in '/', '.' or '..'), which SQLite fails on only when it opens it."""
+    if not is_sqlite_url(url):
+        raise ValueError(f"not a SQLite URL: {SQLITE_URL_FORMS}")
+    rest = url.partition(":")[2]
+    path = rest.removeprefix("///") if rest.startswith("///") else ""
+    if path.rpartition("/")[2] in ("", ".", ".."):
+        raise ValueError(f"names no file: {SQLITE_URL_FORMS}")
+    return path
+
+
 class StorageConfig(Strict):
     url: str = "sqlite:///./var/hookyard.db"
     # An event is deleted, with its deliveries and attempts, once every delivery is final (delivered, dead,
@@ -280,15 +300,14 @@ class StorageConfig(Strict):
         problem = url_text_problem(url)
         if problem is not None:
             raise ValueError(problem)  # not the URL: `check` refuses a postgresql:// one, password and all
-        if not url.startswith("sqlite:///"):
+        if not is_sqlite_url(url):
             raise ValueError("only sqlite:///path/to/file.db is supported for the gateway's own store")
-        # `serve` and the operator commands would fail on it (with a traceback, or `cannot open /`), after
-        # `check` said it was fine.
-        path = url.removeprefix("sqlite:///")
-        if not path or path.endswith("/"):
-            raise ValueError(
-                f"{url!r} names no file: sqlite:///relative/path.db or sqlite:////absolute/path.db"
-            )
+        # `serve` and the operator commands would fail on one that names no file (with a traceback, or
+        # `cannot open /`), after `check` said it was fine.
+        try:
+            sqlite_path(url)
+        except ValueError as exc:
+            raise ValueError(f"{url!r} {exc}") from None  # a SQLite URL holds no password
         return url
 
 

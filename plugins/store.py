@@ -92,6 +92,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from gateway import hookimpl
 from gateway.actions import Action, Job, Outcome, Resources, dead, delivered, retry, skipped
+from gateway.config import SQLITE_URL_FORMS, is_sqlite_url, sqlite_path
 from gateway.events import Event
 from gateway.http_client import url_text_problem
 from gateway.tasks import DaemonThread
@@ -119,13 +120,7 @@ def parse_url(url: str) -> tuple[Literal["postgresql", "sqlite"], str]:
         raise ValueError(problem)
     scheme = url.partition(":")[0].lower()
     if scheme == "sqlite":
-        # sqlite:///relative.db and sqlite:////absolute.db, as the gateway's own storage.url.
-        path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else ""
-        if not path:
-            raise ValueError(
-                "sqlite needs a file path: sqlite:///relative/path.db or sqlite:////absolute/path.db"
-            )
-        return "sqlite", path
+        return "sqlite", sqlite_path(url)  # read as the gateway's own storage.url
     if scheme in ("postgresql", "postgres"):
         try:
             _ = urlsplit(url).port
@@ -137,10 +132,7 @@ def parse_url(url: str) -> tuple[Literal["postgresql", "sqlite"], str]:
                 "or # in the user name or password)"
             ) from None
         return "postgresql", url
-    raise ValueError(
-        f"unsupported scheme {scheme!r}; use postgresql://user@host:port/db, sqlite:///relative/path.db "
-        "or sqlite:////absolute/path.db"
-    )
+    raise ValueError(f"unsupported scheme {scheme!r}; use postgresql://user@host:port/db, {SQLITE_URL_FORMS}")
 
 
 class StoreOptions(BaseModel):
@@ -170,7 +162,7 @@ class StoreOptions(BaseModel):
         if any(len(part) > _MAX_NAME for part in parts):
             raise ValueError(f"{table!r} is too long: at most {_MAX_NAME} characters per name")
         url = info.data.get("url")
-        if len(parts) == 2 and isinstance(url, str) and url.lower().startswith("sqlite:"):
+        if len(parts) == 2 and isinstance(url, str) and is_sqlite_url(url):
             raise ValueError(f"{table!r}: SQLite has no schemas; use a plain table name")
         return table
 

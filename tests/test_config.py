@@ -785,12 +785,17 @@ def test_a_retry_on_status_no_failed_attempt_answers_is_refused() -> None:
     ]
 
 
-@pytest.mark.parametrize("url", ["sqlite:///", "sqlite:////", "sqlite:///./var/"])
+@pytest.mark.parametrize("url", ["sqlite:///", "sqlite:////", "sqlite:///./var/", "sqlite:///./var/.."])
 def test_a_storage_url_without_a_file_is_refused(url: str) -> None:
     # `serve` and `events list` failed on it with a traceback (or `cannot open /`) after `check` said ok.
     assert config_errors(f"storage: {{url: {url!r}}}") == [
         f"storage.url: {url!r} names no file: sqlite:///relative/path.db or sqlite:////absolute/path.db"
     ]
+
+
+def test_a_storage_url_s_scheme_is_read_in_any_case() -> None:
+    # As the store action's url is: a URL's scheme is not case-sensitive.
+    assert parse_config('storage: {url: "SQLITE:///./var/hy.db"}').storage.url == "SQLITE:///./var/hy.db"
 
 
 def test_a_storage_url_with_a_control_character_is_refused() -> None:

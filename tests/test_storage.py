@@ -2209,6 +2209,7 @@ def test_open_storage_rejects_an_unknown_scheme(url: str) -> None:
         ("sqlite:///var/hookyard.db", Path("var/hookyard.db")),
         ("sqlite:///./var/hookyard.db", Path("var/hookyard.db")),
         ("sqlite:////srv/hookyard/hookyard.db", Path("/srv/hookyard/hookyard.db")),
+        ("SQLite:///var/hookyard.db", Path("var/hookyard.db")),
     ],
 )
 def test_sqlite_urls(url: str, path: Path) -> None:
@@ -2220,9 +2221,9 @@ def test_sqlite_urls(url: str, path: Path) -> None:
     assert opened.path == path
 
 
-@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///"])
+@pytest.mark.parametrize("url", ["sqlite://", "sqlite:///", "sqlite:///var/"])
 def test_a_sqlite_url_needs_a_path(url: str) -> None:
-    with pytest.raises(ValueError, match="sqlite needs a file path"):
+    with pytest.raises(ValueError, match=r"storage\.url: names no file"):
         SQLiteStorage.from_url(url)
 
 

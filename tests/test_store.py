@@ -484,7 +484,9 @@ def test_an_event_without_a_key_is_skipped_with_the_reason(tmp_path: Path) -> No
         ({"table": "x" * 60}, "table", "too long"),
         ({"table": "analytics.events"}, "table", "SQLite has no schemas"),
         ({"url": "mysql://root:hunter2@db/app"}, "url", "unsupported scheme 'mysql'"),
-        ({"url": "sqlite://relative.db"}, "url", "sqlite needs a file path"),
+        ({"url": "sqlite://relative.db"}, "url", "names no file: sqlite:///relative/path.db"),
+        ({"url": "sqlite:///./var/"}, "url", "names no file: sqlite:///relative/path.db"),
+        ({"url": "sqlite:///./var/.."}, "url", "names no file: sqlite:///relative/path.db"),
         ({"url": "postgresql://db:port/app"}, "url", "not a valid PostgreSQL URL"),
         ({"url": "sqlite:///./st\tore.db"}, "url", "a tab ('\\t') at character 15"),
         ({"url": "postgresql://root:hunter2@db/app\n"}, "url", "begins or ends with whitespace"),
@@ -506,6 +508,16 @@ def test_config_errors_name_the_field(
     assert error.startswith(f"routes[0].actions[0].with.{field}: ")
     assert message in error
     assert "hunter2" not in error  # a URL's password never reaches a log
+
+
+def test_a_sqlite_url_s_scheme_is_read_in_any_case(tmp_path: Path) -> None:
+    # As a postgresql:// one's is: SQLITE:///x.db was refused with "sqlite needs a file path".
+    [outcome] = deliver({"url": f"SQLITE:///{tmp_path}/store.db"}, make_event("e1"))
+    assert outcome.kind == "delivered"
+    rows = SQLiteDatabase(tmp_path / "store.db", "hookyard_events").fetch(
+        "SELECT event_id FROM hookyard_events"
+    )
+    assert rows == [{"event_id": "e1"}]
 
 
 def test_valid_options_load(tmp_path: Path) -> None:

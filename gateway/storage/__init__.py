@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, NamedTuple
 
 from gateway.actions import ParentResult
+from gateway.config import is_sqlite_url
 from gateway.events import Event
 
 DeliveryState = Literal["waiting", "pending", "delivered", "dead", "skipped"]
@@ -365,7 +366,7 @@ class Storage(ABC):
 
 def open_storage(url: str) -> Storage:
     """A Storage for a URL: sqlite:///relative/path.db, sqlite:////absolute/path.db."""
-    if url.startswith("sqlite://"):
+    if is_sqlite_url(url):
         from gateway.storage.sqlite import SQLiteStorage
 
         return SQLiteStorage.from_url(url)

@@ -29,6 +29,7 @@ from typing import IO, Any, Literal, TypeVar
 import orjson
 
 from gateway.actions import ParentResult
+from gateway.config import sqlite_path
 from gateway.events import Event
 from gateway.storage import (
     DUPLICATE,
@@ -894,10 +895,10 @@ class SQLiteStorage(Storage):
     @classmethod
     def from_url(cls, url: str) -> SQLiteStorage:
         # sqlite:///relative.db and sqlite:////absolute.db, as in SQLAlchemy.
-        path = url.removeprefix("sqlite://").removeprefix("/")
-        if not path:
-            raise ValueError("storage.url: sqlite needs a file path, e.g. sqlite:///./var/hookyard.db")
-        return cls(path)
+        try:
+            return cls(sqlite_path(url))
+        except ValueError as exc:
+            raise ValueError(f"storage.url: {exc}") from None
 
     async def open(self, *, create: bool = True) -> None:
         if not create and not self.path.exists():

@@ -57,7 +57,7 @@ _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, No
 def parse_duration(value: Any) -> float:
     """`5s`, `2m`, `1h`, `250ms` or a number of seconds."""
     if isinstance(value, bool):
-        raise ValueError(f"{value!r} is not a duration")
+        raise ValueError(f"{_yaml_boolean(value)}, not a duration")
     if isinstance(value, int | float):
         try:
             seconds = float(value)
@@ -87,7 +87,9 @@ def parse_retention(value: Any) -> float | None:
     if value is False or (isinstance(value, str) and value.strip().lower() in ("off", "false", "no")):
         return None
     if value is True:
-        raise ValueError("true is not a duration; give one such as 7d, or off to keep every event")
+        raise ValueError(
+            f"{_yaml_boolean(True)}, not a duration; give one such as 7d, or off to keep every event"
+        )
     seconds = parse_duration(value)
     if seconds == 0:
         raise ValueError(

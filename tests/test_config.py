@@ -424,12 +424,15 @@ def test_timeouts_leases_and_intervals_must_be_longer_than_zero(where: dict[str,
 
 @pytest.mark.parametrize("written", [True, False, None, [5], {"s": 5}])
 def test_non_scalar_and_boolean_durations_are_rejected(written: Any) -> None:
-    with pytest.raises(ValueError, match="is not a duration"):
+    with pytest.raises(ValueError, match="not a duration"):
         parse_duration(written)
 
 
 def test_boolean_duration_in_config_names_its_place() -> None:
-    assert config_errors(one_source(tolerance=True)) == ["sources.x.tolerance: True is not a duration"]
+    # In the words of the other boolean errors, not Python's `True is not a duration`.
+    assert config_errors(one_source(tolerance=True)) == [
+        "sources.x.tolerance: the boolean true (as YAML reads yes, no, on and off), not a duration"
+    ]
 
 
 def test_bad_duration_in_a_schedule_names_its_index() -> None:
@@ -832,7 +835,11 @@ def test_storage_retention_off_keeps_every_event(text: str, environ: dict[str, s
             "0s",
             "'0s' would delete events as soon as their deliveries end; give a duration such as 7d, or off",
         ),
-        ("on", "true is not a duration; give one such as 7d, or off to keep every event"),
+        (
+            "on",
+            "the boolean true (as YAML reads yes, no, on and off), not a duration; give one such as 7d, or "
+            "off to keep every event",
+        ),
         ("null", "None is not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds"),
         ("7 days", "'7 days' is not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds"),
     ],

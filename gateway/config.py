@@ -698,6 +698,10 @@ def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...]
             # A name YAML read as something else: `no:` or `on:` is a boolean, `2026-01-01:` a date.
             # pydantic would say `sources[0].[key]: Input should be a valid string`.
             place, message = format_location(loc[:-2]), _not_text(error["input"])
+        elif error["type"] == "string_type" and not isinstance(error["input"], list | dict | None):
+            # A value YAML read as something else (`127`, `off`, `2026-01-01`), here and in a plugin's
+            # options alike. Its kind, not the value: it may be a secret.
+            message = f"{_read_as(error['input'])}, not text: quote it"
         elif error["type"] in _SHAPES:
             # pydantic says `Input should be a valid dictionary or instance of Route`: a class name that is
             # nowhere in the file. The value is not shown: it may be a secret (`secrets: s3cret`).
@@ -782,6 +786,10 @@ def _kind_of(value: Any) -> str:
 
 def _yaml_boolean(value: bool) -> str:
     return f"the boolean {str(value).lower()} (as YAML reads yes, no, on and off)"
+
+
+def _read_as(value: Any) -> str:
+    return _yaml_boolean(value) if isinstance(value, bool) else _kind_of(value)
 
 
 def _not_text(key: Any) -> str:

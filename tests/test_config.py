@@ -742,6 +742,17 @@ def test_listen_and_ops_cannot_share_a_port(
     ]
 
 
+def test_a_value_that_yaml_reads_as_no_text_says_so() -> None:
+    # pydantic said `Input should be a valid string`. The value is not shown: it may be a secret.
+    text = "listen: {host: 127}\nsources: {x: {path: /a, provider: svix, secrets: [12345, 2026-01-01, off]}}"
+    assert config_errors(text) == [
+        "listen.host: a number, not text: quote it",
+        "sources.x.secrets[0]: a number, not text: quote it",
+        "sources.x.secrets[1]: a date, not text: quote it",
+        "sources.x.secrets[2]: the boolean false (as YAML reads yes, no, on and off), not text: quote it",
+    ]
+
+
 @pytest.mark.parametrize(
     ("name", "read_as"),
     [

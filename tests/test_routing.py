@@ -519,6 +519,18 @@ def test_provider_options_are_validated_by_the_provider(registry: Registry) -> N
     assert errors == ["sources.consignly.options.bogus: unknown key"]
 
 
+def test_a_number_where_a_provider_option_takes_text_says_to_quote_it(registry: Registry) -> None:
+    config = base_config()
+    config["sources"]["acme"] = {
+        "path": "/acme",
+        "provider": "hmac",
+        "secrets": ["k"],
+        "options": {"header": 7},
+    }
+    errors = build_errors(registry, config)
+    assert errors == ["sources.acme.options.header: a number, not text: quote it"]
+
+
 # -- errors: routes and actions ----------------------------------------------------------------------
 
 
@@ -802,6 +814,17 @@ def test_forward_static_headers_must_be_headers(registry: Registry, headers: dic
     action = {"use": "forward", "with": {"url": "http://a/x", "headers": headers}}
     [error] = build_errors(registry, base_config([route("r", "consignly", action)]))
     assert error.startswith("routes[0].actions[0].with.headers: ") and "not a header" in error
+
+
+def test_a_number_or_boolean_where_an_action_option_takes_text_says_to_quote_it(registry: Registry) -> None:
+    # pydantic said `Input should be a valid string`, as it does for a value at the top level.
+    action = {"use": "forward", "with": {"url": "http://a/x", "headers": {"X-A": 1, "X-B": True}}}
+    errors = build_errors(registry, base_config([route("r", "consignly", action)]))
+    assert errors == [
+        "routes[0].actions[0].with.headers.X-A: a number, not text: quote it",
+        "routes[0].actions[0].with.headers.X-B: the boolean true (as YAML reads yes, no, on and off), not text: "
+        "quote it",
+    ]
 
 
 SIGNING = {"secret": "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD"}

@@ -66,7 +66,9 @@ def parse_duration(value: Any) -> float:
     elif isinstance(value, str) and (match := _DURATION.match(value)):
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
     else:
-        raise ValueError(f"{value!r} is not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds")
+        # YAML's null is a key with nothing after it: said so, not in Python's words (None).
+        written = "empty (null)," if value is None else f"{value!r} is"
+        raise ValueError(f"{written} not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds")
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{value!r} is not a finite, non-negative duration")
     return seconds

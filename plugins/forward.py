@@ -26,7 +26,8 @@ ANSWER_READ_TIMEOUT = 1.0
 
 class Signing(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    # A whsec_ secret: the app verifies Hookyard's requests with any Standard Webhooks library.
+    # A whsec_ secret (or its bare base64): the app verifies Hookyard's requests with any Standard Webhooks
+    # library.
     secret: str
 
     @field_validator("secret")

@@ -851,7 +851,8 @@ def test_storage_retention_off_keeps_every_event(text: str, environ: dict[str, s
             "the boolean true (as YAML reads yes, no, on and off), not a duration; give one such as 7d, or "
             "off to keep every event",
         ),
-        ("null", "None is not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds"),
+        # YAML's null (`retention:` with nothing after it), not Python's None.
+        ("null", "empty (null), not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds"),
         ("7 days", "'7 days' is not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds"),
     ],
 )

@@ -442,11 +442,13 @@ def send(
     concurrency: int,
 ) -> None:
     """Send a test event, signed exactly as SOURCE's provider signs it, and print the answer."""
+    from gateway.http_client import shown_url
     from gateway.sender import build_request, listen_url, send_many
     from gateway.sender import send as post
 
     table, path, body, headers = _signed_request(config_path, source, event_type, data, event_id)
-    target = (url or listen_url(table)).rstrip("/") + path
+    base = (url or listen_url(table)).rstrip("/")
+    target = base + path
     _check_target(target)
     if count > 1:
         if event_id is not None:
@@ -459,7 +461,8 @@ def send(
     try:
         response = post(target, body, headers)
     except Exception as exc:
-        click.echo(f"cannot reach {target}: {exc}", err=True)
+        # The base URL without its credentials; the source's path, from the config, is no secret.
+        click.echo(f"cannot reach {shown_url(base).removesuffix('/')}{path}: {exc}", err=True)
         raise SystemExit(1) from None
     click.echo(f"{response.status_code} {response.text}")
     if not response.is_success:

@@ -794,6 +794,21 @@ def test_send_with_a_slash_in_the_urls_password_shows_no_part_of_it(tmp_path: Pa
     assert "percent-encoded" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("count", ["1", "3"])
+def test_send_to_a_closed_port_shows_the_url_without_its_password(tmp_path: Path, count: str) -> None:
+    path = write_config(tmp_path, config_dict(tmp_path))
+    port = free_port()
+    url = f"http://user:s3cr3t@127.0.0.1:{port}"
+    result = CliRunner().invoke(
+        main,
+        ["send", "-c", str(path), "consignease", "--type", "user.created", "--url", url, "--count", count],
+    )
+    assert result.exit_code == 1, result.output
+    assert "s3cr3t" not in result.output, result.output
+    if count == "1":
+        assert f"cannot reach http://127.0.0.1:{port}/webhooks/consignease" in result.stderr, result.stderr
+
+
 ADMIN_COMMANDS = [["events", "list"], ["events", "show", "evt_1"], ["replay", "evt_1"]]
 
 

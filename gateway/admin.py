@@ -12,8 +12,9 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.schemas import SchemaGenerator
 
@@ -205,8 +206,11 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           503: {description: the store cannot be read or written right now}
         """
         body = _known(await _json(request), BULK_REPLAY_FIELDS)
+        mode = _str(body, "mode")
+        if not mode:
+            raise OperationError(400, "mode: required, one of dead, missing")
         return await ops.replay(
-            mode=_str(body, "mode") or "",
+            mode=mode,
             since=_str(body, "since"),
             until=_str(body, "until"),
             source=_str(body, "source"),
@@ -227,6 +231,23 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         Route("/admin/replay", guarded(bulk_replay), methods=["POST"]),
         Route("/admin/openapi.json", openapi, methods=["GET"], include_in_schema=False),
     ]
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    """The router's 404 and 405: under /admin, JSON as every admin error (with 405's Allow); elsewhere
+    (/healthz, /readyz, /metrics) the plain text they have always had."""
+    assert isinstance(exc, HTTPException)
+    path = request.url.path
+    if path != "/admin" and not path.startswith("/admin/"):
+        return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        message = f"{request.method} is not allowed on {path}; allowed: {allowed}"
+    elif exc.status_code == 404:
+        message = f"no admin endpoint {request.method} {path}; see /admin/openapi.json"
+    else:
+        message = exc.detail
+    return _error(exc.status_code, message, dict(exc.headers or {}))
 
 
 def _from_a_web_page(request: Request) -> bool:

@@ -6,11 +6,12 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.admin import admin_routes
+from gateway.admin import admin_routes, http_error
 from gateway.storage import StorageUnavailable
 
 if TYPE_CHECKING:
@@ -49,5 +50,6 @@ def ops_app(gateway: Gateway) -> Starlette:
             Route("/readyz", readyz, include_in_schema=False),
             Route("/metrics", metrics, include_in_schema=False),
             *admin_routes(gateway),
-        ]
+        ],
+        exception_handlers={HTTPException: http_error},
     )

@@ -723,3 +723,32 @@ def test_an_admin_token_beyond_ascii_is_accepted(tmp_path: Path, downstream: Dow
         runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": token})
         listed = runner.invoke(main, ["events", "list", "--admin-url", gw.ops_url])
         assert (listed.exit_code, listed.stderr) == (0, "no events\n"), listed.output
+
+
+def test_an_unknown_admin_path_or_method_is_answered_in_json(tmp_path: Path, downstream: Downstream) -> None:
+    """As every other admin error, so a tool reads `error` whatever went wrong; the health and metrics
+    paths, which no tool reads so, keep the plain answers."""
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        nothing = admin(gw, "GET", "/admin/nothing")
+        assert nothing.status_code == 404
+        assert nothing.headers["content-type"] == "application/json"
+        assert nothing.json() == {"error": "no admin endpoint GET /admin/nothing; see /admin/openapi.json"}
+        wrong = admin(gw, "GET", "/admin/replay")
+        assert wrong.status_code == 405
+        assert wrong.headers["allow"] == "POST"
+        assert wrong.json() == {"error": "GET is not allowed on /admin/replay; allowed: POST"}
+        plain = admin(gw, "GET", "/nothing")
+        assert (plain.status_code, plain.text) == (404, "Not Found")
+        assert (admin(gw, "POST", "/healthz").status_code, admin(gw, "GET", "/healthz").status_code) == (
+            405,
+            200,
+        )
+
+
+def test_a_bulk_replay_without_a_mode_says_it_is_missing(tmp_path: Path, downstream: Downstream) -> None:
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        response = admin(gw, "POST", "/admin/replay", json={"since": "1h"})
+        assert (response.status_code, response.json()) == (
+            400,
+            {"error": "mode: required, one of dead, missing"},
+        )

@@ -549,6 +549,12 @@ def listening_socket(host: str, port: int) -> socket.socket:
     """A bound, listening TCP socket; OSError (say, the port is taken) names the address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
+        # Looked up first: create_server's error for a name that does not resolve has a negative errno,
+        # for which os.strerror has no words ("Unknown error -2").
+        socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    try:
         sock = socket.create_server((host, port), family=family, backlog=2048)
         # Accepted connections inherit it: small answers are not held back by Nagle's algorithm.
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

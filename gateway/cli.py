@@ -539,6 +539,7 @@ def sink(host: str, port: int, status: int, answers: tuple[str, ...]) -> None:
     """Receive HTTP requests and print each as a JSON line (a stand-in app for trying routes)."""
     import uvicorn
 
+    from gateway.app import listening_socket
     from gateway.sink import Sink
 
     by_prefix = {}
@@ -549,4 +550,13 @@ def sink(host: str, port: int, status: int, answers: tuple[str, ...]) -> None:
         if not 100 <= int(code) <= 599:  # what an HTTP answer can carry
             raise click.BadParameter(f"{answer!r}: the status must be 100 to 599", param_hint="--answer")
         by_prefix[prefix] = int(code)
-    uvicorn.run(Sink(status, answers=by_prefix), host=host, port=port, log_level="warning", access_log=False)
+    try:
+        # Bound as serve binds its listeners, so a port that is taken is said the same way, not as
+        # uvicorn's `ERROR: [Errno 98] …` with exit status 3.
+        sock = listening_socket(host, port)
+    except OSError as exc:
+        click.echo(f"hookyard: {_reason(exc)}", err=True)
+        raise SystemExit(1) from None
+    config = uvicorn.Config(Sink(status, answers=by_prefix), log_level="warning", access_log=False)
+    with sock:
+        uvicorn.Server(config).run(sockets=[sock])

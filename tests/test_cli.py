@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from tests.support import (
     SVIX_SECRET,
     Downstream,
     RunningGateway,
+    bound_socket,
     free_port,
     wait_until,
 )
@@ -841,7 +843,7 @@ def test_sink_refuses_a_status_no_http_answer_can_carry(
     import uvicorn
 
     served: list[Any] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(app))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: served.append(server))
     result = CliRunner().invoke(main, ["sink", *option])
     assert served == []
     assert result.exit_code == 2, result.output
@@ -855,8 +857,28 @@ def test_sink_refuses_a_port_it_cannot_listen_on(port: str, monkeypatch: pytest.
     import uvicorn
 
     served: list[Any] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **options: served.append(options))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: served.append(sockets))
     result = CliRunner().invoke(main, ["sink", "--port", port])
     assert served == []
     assert result.exit_code == 2, result.output
     assert "--port" in result.stderr and "65535" in result.stderr
+
+
+def test_sink_on_a_port_that_is_taken_says_so_as_serve_does() -> None:
+    with bound_socket() as taken:
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(main, ["sink", "--port", str(port)])
+    assert result.exit_code == 1, result.output
+    assert result.stderr == f"hookyard: cannot listen on 127.0.0.1:{port}: Address already in use\n"
+
+
+def test_sink_on_a_host_that_does_not_resolve_says_so_as_serve_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A name lookup that fails needs a resolver to ask, which a test does not reach: its answer is made."""
+
+    def fail(host: str, *args: Any, **kwargs: Any) -> Any:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", fail)
+    result = CliRunner().invoke(main, ["sink", "--host", "nowhere.invalid", "--port", "3000"])
+    assert result.exit_code == 1, result.output
+    assert result.stderr == "hookyard: cannot listen on nowhere.invalid:3000: Name or service not known\n"

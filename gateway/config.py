@@ -603,7 +603,11 @@ def parse_config(text: str, *, environ: dict[str, str] | None = None, origin: st
     try:
         config = Config.model_validate(expanded)
     except ValidationError as exc:
-        raise ConfigError(errors + format_validation_errors(exc), _validated_parts(expanded)) from None
+        # A value whose ${VAR} could not be expanded is wrong for that reason alone: what validation says
+        # of the text left in its place (`only sqlite:///… is supported`) would point away from it.
+        expanded_badly = {error.partition(": ")[0] for error in errors}
+        shape = [e for e in format_validation_errors(exc) if e.partition(": ")[0] not in expanded_badly]
+        raise ConfigError(errors + shape, _validated_parts(expanded)) from None
     if errors:
         raise ConfigError(errors, PartialConfig(config, tuple(range(len(config.routes)))))
     return config

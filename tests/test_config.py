@@ -215,6 +215,16 @@ def test_missing_variable_is_an_error_naming_its_place() -> None:
     assert errors[0].startswith("sources.x.secrets[0]: environment variable NOPE is not set")
 
 
+@pytest.mark.parametrize(
+    ("text", "place"),
+    [('storage: {url: "${NOPE}"}', "storage.url"), ('listen: {port: "${NOPE}"}', "listen.port")],
+)
+def test_a_missing_variable_is_the_only_error_about_its_value(text: str, place: str) -> None:
+    """The empty text left in its place is no sqlite:/// URL, nor a port: saying so would point away from
+    the cause."""
+    assert config_errors(text) == [f"{place}: environment variable NOPE is not set (and has no default)"]
+
+
 def test_missing_variable_deep_in_a_route_names_the_with_key() -> None:
     text = """
 routes:

@@ -61,6 +61,14 @@ def users_config(tmp_path: Path, downstream: Downstream, target: str, **extra: A
     return config
 
 
+def stop_with_sigterm(process: subprocess.Popen[bytes], timeout: float = 15) -> tuple[int, float]:
+    """SIGTERM to process: its exit status, and how long it took to come."""
+    started = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    exit_code = process.wait(timeout)
+    return exit_code, time.monotonic() - started
+
+
 def users_config_file(tmp_path: Path, downstream: Downstream) -> tuple[Path, dict[str, Any]]:
     """users_config, on ports of its own and logging at info, written to tmp_path/routes.yaml: for a test
     that starts `hookyard serve` itself (one that never turns ready, say)."""
@@ -880,11 +888,8 @@ def test_hookyard_serve_exits_on_sigterm_whatever_a_shutdown_hook_does(
         env={"PYTHONPATH": root},
     )
     assert process.process is not None
-    started = time.monotonic()
     try:
-        process.process.send_signal(signal.SIGTERM)
-        exit_code = process.process.wait(15)
-        took = time.monotonic() - started
+        exit_code, took = stop_with_sigterm(process.process)
     finally:
         process.kill()
     logged = process.log_path.read_text()
@@ -916,10 +921,7 @@ def test_hookyard_serve_exits_on_sigterm_while_a_startup_hook_ignores_its_cancel
         )
     try:
         assert process.stdout is not None and process.stdout.readline() == b"starting\n"
-        started = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        exit_code = process.wait(30)
-        took = time.monotonic() - started
+        exit_code, took = stop_with_sigterm(process, 30)
     finally:
         process.kill()
         process.wait()
@@ -1093,10 +1095,7 @@ def test_a_sigterm_while_starting_stops_the_gateway_cleanly(tmp_path: Path, down
         wait_until(lambda: process.poll() is not None or bool(children_of(process.pid)))
         [helper] = children_of(process.pid)
         time.sleep(0.3)
-        started = time.monotonic()
-        process.send_signal(signal.SIGTERM)
-        exit_code = process.wait(15)
-        took = time.monotonic() - started
+        exit_code, took = stop_with_sigterm(process)
     finally:
         process.kill()
         holder.rollback()
@@ -1371,10 +1370,8 @@ def test_sigterm_ends_the_process_while_an_fsync_never_answers(
         assert response.status_code == 503, response.text
         assert response.json()["detail"] == "not confirmed stored; please retry"
         downstream.wait_for(1, "/app")  # its delivery runs all the same
-        started = time.monotonic()
-        process.process.send_signal(signal.SIGTERM)
-        assert process.process.wait(15) == 0
-        took = time.monotonic() - started
+        exit_code, took = stop_with_sigterm(process.process)
+        assert exit_code == 0
     finally:
         os.kill(helper, signal.SIGCONT)
         process.kill()
@@ -1429,10 +1426,7 @@ def test_sigterm_ends_the_process_while_a_store_actions_sqlite_file_never_answer
         assert httpx.post(url + "/webhooks/consignease", content=body, headers=headers).status_code == 200
         metrics = process.ops_url + "/metrics"
         wait_until(lambda: 'action="users-table",outcome="retried"' in httpx.get(metrics).text, 10)
-        started = time.monotonic()
-        process.process.send_signal(signal.SIGTERM)
-        exit_code = process.process.wait(15)
-        took = time.monotonic() - started
+        exit_code, took = stop_with_sigterm(process.process)
     finally:
         process.kill()
     logged = process.log_path.read_text()
@@ -1546,10 +1540,8 @@ def test_idle_https_clients_that_never_close_their_side_do_not_hold_up_the_shutd
             if number == 0:  # one has had its answer and stays open, as keep-alive clients do
                 client.sendall(request)
                 assert client.recv(4096).startswith(b"HTTP/1.1 200 ")
-        started = time.monotonic()
-        process.process.send_signal(signal.SIGTERM)
-        assert process.process.wait(15) == 0
-        took = time.monotonic() - started
+        exit_code, took = stop_with_sigterm(process.process)
+        assert exit_code == 0
     finally:
         for client in idle:
             client.close()

@@ -26,6 +26,7 @@ from pydantic import (
     PrivateAttr,
     ValidationError,
     ValidationInfo,
+    ValidatorFunctionWrapHandler,
     WithJsonSchema,
     WrapValidator,
     field_validator,
@@ -130,23 +131,46 @@ Retention = Annotated[
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    @field_validator("*", mode="before")
+    @field_validator("*", mode="wrap")
     @classmethod
-    def _as_yaml_typed_it(cls, value: Any, info: ValidationInfo) -> Any:
+    def _as_yaml_typed_it(
+        cls, value: Any, handler: ValidatorFunctionWrapHandler, info: ValidationInfo
+    ) -> Any:
         """Refuse a boolean where a number is wanted and a number where a boolean is: pydantic would take
         `port: true` as 1, `events: [yes]` as [1] and `insecure: 1` as true. Text still converts, as a
         ${VAR} always expands to text."""
         field = cls.model_fields[info.field_name or ""]
         reads_itself = any(isinstance(item, _VALIDATORS) for item in field.metadata)
         wrong = [] if reads_itself else _misread(value, field.annotation, ())
-        if wrong:
-            # Raised as a ValidationError, each error with its place inside the field (`events[0]`).
-            raise ValidationError.from_exception_data(cls.__name__, wrong)
-        return value
+        if not wrong:
+            return handler(value)
+        # The other entries are still validated: `events: [1.5, yes]` is two errors in one round, not two
+        # rounds of one. What pydantic says of a misread entry itself (yes taken as 1) is left out.
+        misread = [error["loc"] for error in wrong]
+        try:
+            handler(value)
+        except ValidationError as exc:
+            wrong += [
+                InitErrorDetails(
+                    type=PydanticCustomError(error["type"], error["msg"]),
+                    loc=error["loc"],
+                    input=error["input"],
+                )
+                for error in exc.errors()
+                if not any(error["loc"][: len(loc)] == loc for loc in misread)
+            ]
+        # Raised as a ValidationError, each error with its place inside the field (`events[0]`), in the
+        # order of the entries.
+        wrong.sort(key=lambda error: _entry(error["loc"]))
+        raise ValidationError.from_exception_data(cls.__name__, wrong)
 
 
 # A type that brings one of these reads its input itself (a duration refuses a boolean with its own words).
 _VALIDATORS = (BeforeValidator, PlainValidator, WrapValidator)
+
+
+def _entry(loc: tuple[str | int, ...]) -> int:
+    return loc[0] if loc and isinstance(loc[0], int) else -1
 
 
 def _misread(value: Any, annotation: Any, loc: tuple[str | int, ...]) -> list[InitErrorDetails]:

@@ -129,6 +129,17 @@ def test_a_value_yaml_reads_as_another_kind_is_refused_not_converted(text: str, 
     assert config_errors(text) == expected.split("\n")
 
 
+def test_a_boolean_in_a_list_does_not_hide_the_other_entries_errors() -> None:
+    # The boolean was reported alone; 1.5 only once it was fixed, one round of `check` later.
+    text = "routes: [{name: r, source: x, events: [1.5, yes, {a: 1}], actions: [{use: forward}]}]"
+    assert config_errors(text) == [
+        "routes[0].events[0]: must be text or an integer, not a number",
+        "routes[0].events[1]: the boolean true (as YAML reads yes, no, on and off), not a number or text: "
+        "quote it",
+        "routes[0].events[2]: must be text or an integer, not a mapping",
+    ]
+
+
 def test_numbers_durations_and_booleans_of_their_own_kind_still_load() -> None:
     text = (
         "listen: {port: 8181}\nreload: {watch: false, interval: 1}\n"

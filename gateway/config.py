@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal, Self, Union, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -353,7 +354,17 @@ class Limits(Strict):
     max_concurrent_requests: int = Field(default=512, gt=0)
 
 
-_RETRY_ON: list[int | Literal["5xx", "4xx"]] = [408, 429, "5xx"]
+def _failing_status(status: int | str) -> int | str:
+    # A 2xx is delivered before retry_on is read, and no answer has a status past 599: such an entry (a
+    # typo such as 5003) would be taken and never match. Checked entry by entry, so that a wrong word in
+    # another entry does not keep it from being read.
+    if isinstance(status, int) and not 300 <= status <= 599:
+        raise ValueError(f"{status}: not a status an attempt fails with; give 300 to 599, '4xx' or '5xx'")
+    return status
+
+
+RetryStatus = Annotated[int | Literal["5xx", "4xx"], AfterValidator(_failing_status)]
+_RETRY_ON: list[RetryStatus] = [408, 429, "5xx"]
 
 
 class RetryPolicy(Strict):
@@ -362,19 +373,7 @@ class RetryPolicy(Strict):
     schedule: list[Duration] = Field(default_factory=lambda: [5.0, 30.0, 120.0, 600.0, 3600.0])
     jitter: float = Field(default=0.1, ge=0, le=1)
     # HTTP statuses worth another attempt; any other non-2xx answer ends the delivery dead at once.
-    retry_on: list[int | Literal["5xx", "4xx"]] = Field(default_factory=lambda: list(_RETRY_ON))
-
-    @field_validator("retry_on")
-    @classmethod
-    def _statuses(cls, retry_on: list[int | str]) -> list[int | str]:
-        # A 2xx is delivered before retry_on is read, and no answer has a status past 599: such an entry (a
-        # typo such as 5003) would be taken and never match.
-        wrong = [str(status) for status in retry_on if isinstance(status, int) and not 300 <= status <= 599]
-        if wrong:
-            raise ValueError(
-                f"{', '.join(wrong)}: not a status an attempt fails with; give 300 to 599, '4xx' or '5xx'"
-            )
-        return retry_on
+    retry_on: list[RetryStatus] = Field(default_factory=lambda: list(_RETRY_ON))
 
     def retries_status(self, status: int) -> bool:
         family = f"{status // 100}xx"

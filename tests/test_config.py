@@ -811,12 +811,29 @@ def test_a_retry_on_status_no_failed_attempt_answers_is_refused() -> None:
     # 200 is delivered before retry_on is read, and 5003 is no status: both were taken, and never matched.
     text = "defaults: {retry: {retry_on: [429, 5003, 200, '5xx']}}"
     assert config_errors(text) == [
-        "defaults.retry.retry_on: 5003, 200: not a status an attempt fails with; give 300 to 599, '4xx' or '5xx'"
+        "defaults.retry.retry_on[1]: 5003: not a status an attempt fails with; give 300 to 599, '4xx' or '5xx'",
+        "defaults.retry.retry_on[2]: 200: not a status an attempt fails with; give 300 to 599, '4xx' or '5xx'",
     ]
     assert parse_config("defaults: {retry: {retry_on: [307, 599, '4xx']}}").defaults.retry.retry_on == [
         307,
         599,
         "4xx",
+    ]
+
+
+@pytest.mark.parametrize("place", ["defaults.retry", "routes[0].actions[0].retry"])
+def test_a_word_in_retry_on_does_not_hide_a_status_out_of_range(place: str) -> None:
+    # 600 was reported only once 5XY was fixed: a wrong word kept the range of the others from being read.
+    retry = {"retry_on": ["5XY", 600, 503, "on"]}
+    text = (
+        one_route(retry=retry)
+        if place.startswith("routes")
+        else yaml.safe_dump({"defaults": {"retry": retry}})
+    )
+    assert config_errors(text) == [
+        f"{place}.retry_on[0]: must be an integer, '5xx' or '4xx'",
+        f"{place}.retry_on[1]: 600: not a status an attempt fails with; give 300 to 599, '4xx' or '5xx'",
+        f"{place}.retry_on[3]: must be an integer, '5xx' or '4xx'",
     ]
 
 

@@ -228,6 +228,16 @@ def _kinds(branch: Any) -> set[Any]:
     return {branch}
 
 
+def _network(entry: str) -> str:
+    parse_networks([entry])
+    return entry
+
+
+# A CIDR, an address or a preset; each entry of a list is checked on its own, so every bad one is named by
+# its index in one run (`allow_ips[2]: …`).
+NetworkEntry = Annotated[str, AfterValidator(_network)]
+
+
 class Listener(Strict):
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -242,7 +252,7 @@ class TLS(Strict):
 
 class IngressListener(Listener):
     # Proxies (CIDRs or presets) whose forwarding header is believed.
-    trusted_proxies: list[str] = Field(default_factory=list)
+    trusted_proxies: list[NetworkEntry] = Field(default_factory=list)
     # The one header those proxies write; the other is the client's own and is never read.
     forwarded_header: ForwardedHeader = "x-forwarded-for"
     tls: TLS | None = None
@@ -251,12 +261,6 @@ class IngressListener(Listener):
     # Connections open at once; past it, a new one is answered 503 and closed. Without a bound, a flood of
     # connections would take every file descriptor, and the store and the ops listener would fail with it.
     max_connections: int = Field(default=1024, gt=0)
-
-    @field_validator("trusted_proxies")
-    @classmethod
-    def _networks(cls, entries: list[str]) -> list[str]:
-        parse_networks(entries)
-        return entries
 
 
 class OpsListener(Listener):
@@ -420,7 +424,7 @@ class Source(Strict):
     # marked unverified.
     verify: Literal["enforce", "log-only"] = "enforce"
     # Networks (CIDRs, addresses or presets such as `svix`) allowed to send to this source; empty = all.
-    allow_ips: list[str] = Field(default_factory=list)
+    allow_ips: list[NetworkEntry] = Field(default_factory=list)
     # Provider-specific settings, validated by the provider itself.
     options: dict[str, Any] = Field(default_factory=dict)
     # secrets[i] is the file's secrets[_secret_places[i]]: the empty entries are dropped.
@@ -441,12 +445,6 @@ class Source(Strict):
         """Where secrets[index] is in the file, for errors a reader can find (`secrets[2]`)."""
         places = self._secret_places
         return places[index] if 0 <= index < len(places) else index
-
-    @field_validator("allow_ips")
-    @classmethod
-    def _networks(cls, entries: list[str]) -> list[str]:
-        parse_networks(entries)
-        return entries
 
     @field_validator("tolerance")
     @classmethod

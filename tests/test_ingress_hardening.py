@@ -252,6 +252,26 @@ def test_invalid_allowlist_is_a_config_error(tmp_path: Any) -> None:
     assert "sources.a.allow_ips" in str(error.value)
 
 
+def test_every_bad_network_of_a_list_is_named_by_its_index() -> None:
+    from gateway.config import ConfigError, parse_config
+
+    # Only the first bad entry was reported, without its place; the next one a round of `check` later, and a
+    # number in the list hid them all.
+    text = (
+        "listen: {trusted_proxies: [10.0.0.1, nope, 7]}\n"
+        "sources: {a: {path: /a, provider: svix, allow_ips: [10.0.0.0/33, svix, 1.2.3.4, svix-mars]}}"
+    )
+    with pytest.raises(ConfigError) as error:
+        parse_config(text)
+    presets = ", ".join(sorted(PRESETS))
+    assert error.value.errors == [
+        f"listen.trusted_proxies[1]: 'nope' is neither an address, a CIDR nor a preset ({presets})",
+        "listen.trusted_proxies[2]: a number, not text: quote it",
+        f"sources.a.allow_ips[0]: '10.0.0.0/33' is neither an address, a CIDR nor a preset ({presets})",
+        f"sources.a.allow_ips[3]: 'svix-mars' is neither an address, a CIDR nor a preset ({presets})",
+    ]
+
+
 def test_log_only_accepts_and_marks_unverified(tmp_path: Any, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="hookyard.ingress")
     with RunningGateway(with_source(tmp_path, verify="log-only")) as gw:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
 import gc
 import inspect
 import logging
@@ -546,7 +547,8 @@ def tls_context(tls: TLS) -> ssl.SSLContext:
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A bound, listening TCP socket; OSError (say, the port is taken) names the address."""
+    """A bound, listening TCP socket; OSError (say, the port is taken, or the host is not a name) names the
+    address."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     try:
         # Looked up first: create_server's error for a name that does not resolve has a negative errno,
@@ -554,6 +556,11 @@ def listening_socket(host: str, port: int) -> socket.socket:
         socket.getaddrinfo(host, port, family, socket.SOCK_STREAM)
     except socket.gaierror as exc:
         raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    except UnicodeError as exc:
+        # A name IDNA cannot encode (an empty label, as in a..b; one over 63 characters), refused before
+        # any resolver is asked; its reason is the codec's, without "encoding with 'idna' codec failed".
+        reason = exc.__cause__ or exc
+        raise OSError(errno.EINVAL, f"cannot listen on {host}:{port}: not a host name ({reason})") from None
     try:
         sock = socket.create_server((host, port), family=family, backlog=2048)
         # Accepted connections inherit it: small answers are not held back by Nagle's algorithm.

@@ -882,3 +882,14 @@ def test_sink_on_a_host_that_does_not_resolve_says_so_as_serve_does(monkeypatch:
     result = CliRunner().invoke(main, ["sink", "--host", "nowhere.invalid", "--port", "3000"])
     assert result.exit_code == 1, result.output
     assert result.stderr == "hookyard: cannot listen on nowhere.invalid:3000: Name or service not known\n"
+
+
+@pytest.mark.parametrize("host", ["a..b", "a" * 64 + ".test"])
+def test_sink_on_a_host_that_is_not_a_name_says_so_as_serve_does(host: str) -> None:
+    """Refused by the IDNA encoding before any resolver is asked; it ended in a UnicodeError traceback."""
+    result = CliRunner().invoke(main, ["sink", "--host", host, "--port", "3000"])
+    assert result.exit_code == 1, result.output
+    assert (
+        result.stderr
+        == f"hookyard: cannot listen on {host}:3000: not a host name (label empty or too long)\n"
+    )

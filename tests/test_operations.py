@@ -1637,6 +1637,22 @@ def test_a_port_that_is_taken_stops_the_start_naming_the_address(tmp_path: Path)
     assert result.stderr.endswith(f"hookyard: cannot listen on 127.0.0.1:{port}: Address already in use\n")
 
 
+@pytest.mark.parametrize("listener", ["listen", "ops"])
+def test_a_host_that_is_not_a_name_stops_the_start_naming_the_address(tmp_path: Path, listener: str) -> None:
+    # Refused by the IDNA encoding before any resolver is asked; it ended in a UnicodeError traceback.
+    addresses = {
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "ops": {"host": "127.0.0.1", "port": free_port()},
+    }
+    addresses[listener] = {"host": "a..b", "port": 3000}
+    addresses["ops"]["admin_token"] = "not-loopback"  # ops.host a..b is not loopback: the token is required
+    result = serve_to_its_end(tmp_path, gateway_config(tmp_path, **addresses))
+    assert result.returncode == 1
+    assert result.stderr.endswith(
+        "hookyard: cannot listen on a..b:3000: not a host name (label empty or too long)\n"
+    )
+
+
 def serve_to_its_end(tmp_path: Path, config: dict[str, Any]) -> subprocess.CompletedProcess[str]:
     """`hookyard serve` on `config`, expected to stop by itself (30 s at most)."""
     config_path = tmp_path / "routes.yaml"

@@ -10,13 +10,15 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import orjson
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
-from starlette.routing import Route
+from starlette.routing import Match, Route
 from starlette.schemas import SchemaGenerator
+from starlette.types import Scope
 
 from gateway import __version__
 from gateway.config import is_loopback
@@ -226,11 +228,24 @@ def admin_routes(gateway: Gateway) -> list[Route]:
     return [
         Route("/admin/events", guarded(list_events), methods=["GET"]),
         # `:path`: an event id may hold a `/` (the client sends it as %2F, which arrives decoded).
-        Route("/admin/events/{event_id:path}", guarded(show_event), methods=["GET"]),
+        EventRoute("/admin/events/{event_id:path}", guarded(show_event), methods=["GET"]),
         Route("/admin/events/{event_id:path}/replay", guarded(replay_event), methods=["POST"]),
         Route("/admin/replay", guarded(bulk_replay), methods=["POST"]),
         Route("/admin/openapi.json", openapi, methods=["GET"], include_in_schema=False),
     ]
+
+
+class EventRoute(Route):
+    """/admin/events/{id}, but not a path whose last segment is `replay`: that is the replay endpoint's path
+    whatever the method, so a GET there is its 405, not the event `x/replay` shown. An id's own `/` arrives
+    as %2F, and is told apart by the raw path."""
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        raw = scope.get("raw_path") or scope["path"].encode()
+        if match is not Match.NONE and unquote(raw.rpartition(b"/")[2].decode("latin-1")) == "replay":
+            return Match.NONE, {}
+        return match, child
 
 
 async def http_error(request: Request, exc: Exception) -> Response:

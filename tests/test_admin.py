@@ -737,6 +737,13 @@ def test_an_unknown_admin_path_or_method_is_answered_in_json(tmp_path: Path, dow
         assert wrong.status_code == 405
         assert wrong.headers["allow"] == "POST"
         assert wrong.json() == {"error": "GET is not allowed on /admin/replay; allowed: POST"}
+        # Not an event `x/replay` to show: an id's own `/` arrives as %2F, which still reads as an id.
+        wrong = admin(gw, "GET", "/admin/events/x/replay")
+        assert wrong.status_code == 405
+        assert wrong.headers["allow"] == "POST"
+        assert wrong.json() == {"error": "GET is not allowed on /admin/events/x/replay; allowed: POST"}
+        an_id = admin(gw, "GET", "/admin/events/x%2Freplay")
+        assert (an_id.status_code, an_id.json()) == (404, {"error": "no event 'x/replay'"})
         plain = admin(gw, "GET", "/nothing")
         assert (plain.status_code, plain.text) == (404, "Not Found")
         assert (admin(gw, "POST", "/healthz").status_code, admin(gw, "GET", "/healthz").status_code) == (

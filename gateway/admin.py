@@ -58,6 +58,9 @@ schemas = SchemaGenerator(
 )
 
 
+# How the router's 404 under /admin begins: the CLI tells it from an endpoint's own 404 (no such event).
+NO_ENDPOINT = "no admin endpoint"
+
 LIST_FILTERS = ("source", "type", "state", "route", "since", "until", "cursor", "limit")
 BULK_REPLAY_FIELDS = ("mode", "since", "until", "source", "route", "action", "cursor", "limit")
 
@@ -259,7 +262,7 @@ async def http_error(request: Request, exc: Exception) -> Response:
         allowed = (exc.headers or {}).get("Allow", "")
         message = f"{request.method} is not allowed on {path}; allowed: {allowed}"
     elif exc.status_code == 404:
-        message = f"no admin endpoint {request.method} {path}; see /admin/openapi.json"
+        message = f"{NO_ENDPOINT} {request.method} {path}; see /admin/openapi.json"
     else:
         message = exc.detail
     return _error(exc.status_code, message, dict(exc.headers or {}))

@@ -8,6 +8,7 @@ from urllib.parse import quote
 
 import httpx
 
+from gateway.admin import NO_ENDPOINT
 from gateway.http_client import shown_url
 from gateway.operations import OperationError
 
@@ -18,6 +19,14 @@ def _segment(event_id: str) -> str:
     sender can choose such an id; escaped, the dots stay in the id (the server decodes them back)."""
     segment = quote(event_id, safe="")
     return segment.replace(".", "%2E") if segment in (".", "..") else segment
+
+
+def _from_an_endpoint(body: Any, status: int) -> bool:
+    """An error an admin endpoint answered: `{"error": "…"}` and nothing else (the webhook listener's has
+    `detail` too), and not the router's 404 for a path that is no endpoint."""
+    if not isinstance(body, dict) or list(body) != ["error"] or not isinstance(body["error"], str):
+        return False
+    return not (status == 404 and body["error"].startswith(NO_ENDPOINT + " "))
 
 
 class RemoteOperations:
@@ -40,12 +49,25 @@ class RemoteOperations:
                 f"cannot reach the admin API at {shown_url(str(self.client.base_url))}: {exc}",
             ) from None
         try:
-            body: dict[str, Any] = response.json()
+            body: Any = response.json()
         except ValueError:
-            body = {"error": response.text[:200]}
+            body = None
         if not response.is_success:
-            raise OperationError(response.status_code, body.get("error", f"HTTP {response.status_code}"))
-        return body
+            if not _from_an_endpoint(body, response.status_code):
+                raise OperationError(response.status_code, self._not_the_ops_listener(response))
+            raise OperationError(response.status_code, body["error"])
+        return body if isinstance(body, dict) else {"error": response.text[:200]}
+
+    def _not_the_ops_listener(self, response: httpx.Response) -> str:
+        """What the answer shows, no more: another listener, a proxy, or a base URL with a path of its own
+        (GET /admin/admin/events) all look so. The path asked for is shown whole, the URL as every URL in
+        an error."""
+        tried = response.request.url.raw_path.partition(b"?")[0].decode("ascii")
+        text = " ".join(response.text[:200].split()) or "with no body"
+        return (
+            f"--admin-url {shown_url(str(self.client.base_url))} does not answer as Hookyard's ops listener: "
+            f"{response.request.method} {tried} answered {response.status_code} {text}"
+        )
 
     async def list_events(self, **filters: Any) -> dict[str, Any]:
         params = {name: value for name, value in filters.items() if value is not None}

@@ -668,6 +668,42 @@ def test_admin_api_shows_and_replays_an_event_whose_id_has_a_slash(
         assert result.exit_code == 0, result.output
 
 
+@pytest.mark.parametrize(
+    ("command", "method", "path"),
+    [
+        (["events", "list"], "GET", "/admin/events"),
+        (["events", "show", "msg_x"], "GET", "/admin/events/msg_x"),
+        (["replay", "msg_x"], "POST", "/admin/events/msg_x/replay"),
+        (["replay", "--state", "dead", "--since", "1h"], "POST", "/admin/replay"),
+    ],
+)
+def test_an_admin_url_that_is_not_the_ops_listener_says_so(
+    tmp_path: Path, downstream: Downstream, command: list[str], method: str, path: str
+) -> None:
+    """The webhook listener's answer was shown as `hookyard: unknown_path`, and the ops listener's under a
+    base URL ending in /admin as its own 404, as if the admin API had refused what was asked."""
+    runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        webhooks = runner.invoke(main, [*command, "--admin-url", gw.url])
+        assert webhooks.exit_code == 1, webhooks.output
+        assert webhooks.stderr == (
+            f"hookyard: --admin-url {gw.url} does not answer as Hookyard's ops listener: {method} {path} "
+            "answered 404 "
+            '{"error":"unknown_path","detail":"no source listens on this path"}\n'
+        )
+        base = gw.ops_url + "/admin"
+        nested = runner.invoke(main, [*command, "--admin-url", base])
+        assert nested.exit_code == 1, nested.output
+        assert nested.stderr == (
+            f"hookyard: --admin-url {gw.ops_url}/… does not answer as Hookyard's ops listener: {method} "
+            f"/admin{path} answered 404 "
+            f'{{"error":"no admin endpoint {method} /admin{path}; see /admin/openapi.json"}}\n'
+        )
+        # What the admin API itself answers is still its own error.
+        missing = runner.invoke(main, ["events", "show", "msg_x", "--admin-url", gw.ops_url])
+        assert (missing.exit_code, missing.stderr) == (1, "hookyard: no event 'msg_x'\n")
+
+
 @pytest.mark.parametrize("event_id", [".", ".."])
 def test_the_cli_shows_and_replays_an_event_whose_id_is_a_dot_segment(
     tmp_path: Path, downstream: Downstream, event_id: str

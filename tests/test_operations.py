@@ -253,37 +253,42 @@ def test_a_reload_lets_running_deliveries_finish_and_pending_ones_use_the_new_co
         assert [a["outcome"] for a in deliveries(gw)["slow"]["attempts"]] == ["delivered"]
 
 
+def parent_and_dependents(url: str, parent: str, path: str, *more_on_failure: str) -> list[dict[str, Any]]:
+    """A route's actions: `parent` forwarding to url/path, `alert` after it on failure, `audit` on success,
+    and each of more_on_failure on failure too (each forwarding to url/its name)."""
+
+    def after(name: str, when: str) -> dict[str, Any]:
+        return {"id": name, "use": "forward", "after": parent, "when": when, "with": {"url": f"{url}/{name}"}}
+
+    return [
+        {"id": parent, "use": "forward", "with": {"url": f"{url}/{path}"}},
+        after("alert", "failure"),
+        after("audit", "success"),
+        *(after(name, "failure") for name in more_on_failure),
+    ]
+
+
+def published_with_dependents(
+    tmp_path: Path, downstream: Downstream
+) -> tuple[dict[str, Any], ConfigMapVolume]:
+    """A config whose route `users` runs `app` (its receiver answering 503 for a while) and its dependents,
+    published in a ConfigMap volume that the gateway reloads every 100 ms."""
+    config = gateway_config(tmp_path)
+    config["reload"] = {"interval": "100ms"}
+    config["defaults"] = {"retry": {"schedule": ["1s"] * 20, "jitter": 0}, "timeout": "30s"}
+    actions = parent_and_dependents(downstream.url, "app", "app")
+    config["routes"] = [{"name": "users", "source": "consignease", "actions": actions}]
+    downstream.answer("/app", *[503] * 50)
+    volume = ConfigMapVolume(tmp_path / "config")
+    volume.publish(config)
+    return config, volume
+
+
 def test_the_dependents_of_an_action_a_reload_removed_are_skipped_and_follow_it_once_it_is_back(
     tmp_path: Path, downstream: Downstream
 ) -> None:
     url = downstream.url
-    config = gateway_config(tmp_path)
-    config["reload"] = {"interval": "100ms"}
-    config["defaults"] = {"retry": {"schedule": ["1s"] * 20, "jitter": 0}, "timeout": "30s"}
-
-    def actions(parent: str, parent_url: str) -> list[dict[str, Any]]:
-        return [
-            {"id": parent, "use": "forward", "with": {"url": parent_url}},
-            {
-                "id": "alert",
-                "use": "forward",
-                "after": parent,
-                "when": "failure",
-                "with": {"url": f"{url}/alert"},
-            },
-            {
-                "id": "audit",
-                "use": "forward",
-                "after": parent,
-                "when": "success",
-                "with": {"url": f"{url}/audit"},
-            },
-        ]
-
-    config["routes"] = [{"name": "users", "source": "consignease", "actions": actions("app", f"{url}/app")}]
-    downstream.answer("/app", *[503] * 50)
-    volume = ConfigMapVolume(tmp_path / "config")
-    volume.publish(config)
+    config, volume = published_with_dependents(tmp_path, downstream)
 
     def deliveries(gw: RunningGateway) -> dict[str, dict[str, Any]]:
         event = gw.client.get(gw.ops_url + "/admin/events/msg_orphaned").json()
@@ -296,7 +301,7 @@ def test_the_dependents_of_an_action_a_reload_removed_are_skipped_and_follow_it_
 
         # The operator moves the dependents to a new action and drops app, whose delivery is retrying.
         moved = copy.deepcopy(config)
-        moved["routes"][0]["actions"] = actions("app2", f"{url}/app2")
+        moved["routes"][0]["actions"] = parent_and_dependents(url, "app2", "app2")
         volume.publish(moved)
         wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
         wait_until(lambda: deliveries(gw)["app"]["state"] == "dead")
@@ -313,7 +318,8 @@ def test_the_dependents_of_an_action_a_reload_removed_are_skipped_and_follow_it_
 
         # Put back (its receiver recovered), and replayed: its dependents follow its new result.
         volume.publish(
-            config | {"routes": [{**config["routes"][0], "actions": actions("app", f"{url}/back")}]}
+            config
+            | {"routes": [{**config["routes"][0], "actions": parent_and_dependents(url, "app", "back")}]}
         )
         wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 2)
         replay = gw.client.post(gw.ops_url + "/admin/replay", json={"mode": "dead", "since": "1h"})
@@ -334,31 +340,7 @@ def test_a_dependent_of_an_action_a_reload_removed_is_skipped_when_replayed_or_c
     # It ran on its parent's stored state, dead with nothing sent: `alert` (when: failure) told of a
     # failure that never happened, as an `acknowledge` would have told the provider.
     url = downstream.url
-    config = gateway_config(tmp_path)
-    config["reload"] = {"interval": "100ms"}
-    config["defaults"] = {"retry": {"schedule": ["1s"] * 20, "jitter": 0}, "timeout": "30s"}
-
-    def actions(parent: str, path: str, *more_on_failure: str) -> list[dict[str, Any]]:
-        def after(name: str, when: str) -> dict[str, Any]:
-            return {
-                "id": name,
-                "use": "forward",
-                "after": parent,
-                "when": when,
-                "with": {"url": f"{url}/{name}"},
-            }
-
-        return [
-            {"id": parent, "use": "forward", "with": {"url": f"{url}/{path}"}},
-            after("alert", "failure"),
-            after("audit", "success"),
-            *(after(name, "failure") for name in more_on_failure),
-        ]
-
-    config["routes"] = [{"name": "users", "source": "consignease", "actions": actions("app", "app")}]
-    downstream.answer("/app", *[503] * 50)
-    volume = ConfigMapVolume(tmp_path / "config")
-    volume.publish(config)
+    config, volume = published_with_dependents(tmp_path, downstream)
 
     def deliveries(gw: RunningGateway) -> dict[str, tuple[str, str | None, int]]:
         event = gw.client.get(gw.ops_url + "/admin/events/msg_alone").json()
@@ -369,7 +351,10 @@ def test_a_dependent_of_an_action_a_reload_removed_is_skipped_when_replayed_or_c
         assert gw.post("/webhooks/consignease", body, headers).status_code == 200
         downstream.wait_for(1, "/app")
         # The dependents move to a new action; app, whose delivery is retrying, is dropped.
-        volume.publish(config | {"routes": [{**config["routes"][0], "actions": actions("app2", "app2")}]})
+        volume.publish(
+            config
+            | {"routes": [{**config["routes"][0], "actions": parent_and_dependents(url, "app2", "app2")}]}
+        )
         wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
         reason = "parent action 'app' of route 'users' is no longer configured"
         gone = {
@@ -389,7 +374,12 @@ def test_a_dependent_of_an_action_a_reload_removed_is_skipped_when_replayed_or_c
         # Put back, with a new dependent: created on its own (`missing`), it does not run on app's result
         # either. Replayed, app runs, and its dependents follow its new result.
         volume.publish(
-            config | {"routes": [{**config["routes"][0], "actions": actions("app", "back", "page")}]}
+            config
+            | {
+                "routes": [
+                    {**config["routes"][0], "actions": parent_and_dependents(url, "app", "back", "page")}
+                ]
+            }
         )
         wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 2)
         missing = {"mode": "missing", "since": "1h", "action": "page"}

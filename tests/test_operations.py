@@ -399,6 +399,17 @@ def test_a_dependent_of_an_action_a_reload_removed_is_skipped_when_replayed_or_c
         assert downstream.received("/page") == []
 
 
+class ClosesPool:
+    """A plugin whose plain shutdown hook closes a pool of its own: `closed` lists it once closed."""
+
+    def __init__(self) -> None:
+        self.closed: list[str] = []
+
+    @hookimpl
+    def shutdown(self) -> None:
+        self.closed.append("pool")
+
+
 class Pooled:
     """A plugin whose action holds a pool of its own, closed in `closing[label]` seconds (None: never), and
     whose deliveries run until they are cancelled. `started` and `closed` list the labels."""
@@ -498,7 +509,6 @@ def test_a_shutdown_hook_waiting_on_a_service_that_never_answers_is_given_up_on(
     """A plugin flushes to a service that takes the connection and never answers, with no timeout of its
     own: the stop waited for it for ever, and the store was never closed."""
     monkeypatch.setattr(app, "SHUTDOWN_HOOKS_TIMEOUT", 0.5)
-    closed: list[str] = []
     with socket.create_server(("127.0.0.1", 0)) as silent:  # connections land in its backlog, unanswered
         url = f"http://127.0.0.1:{silent.getsockname()[1]}/audit"
 
@@ -508,13 +518,9 @@ def test_a_shutdown_hook_waiting_on_a_service_that_never_answers_is_given_up_on(
                 async with httpx.AsyncClient(timeout=None) as client:
                     await client.post(url, content=b"the last audit records")
 
-        class Closes:
-            @hookimpl
-            def shutdown(self) -> None:
-                closed.append("pool")
-
+        closes = ClosesPool()
         pm = new_plugin_manager(load_entry_points=False)
-        pm.register(Closes(), name="closes")
+        pm.register(closes, name="closes")
         pm.register(Flushes(), name="flushes")  # pluggy calls the last registered first
         gw = RunningGateway(gateway_config(tmp_path), pm=pm).__enter__()
         started = time.monotonic()
@@ -527,7 +533,7 @@ def test_a_shutdown_hook_waiting_on_a_service_that_never_answers_is_given_up_on(
     ]
     assert given_up.plugin == "flushes"  # type: ignore[attr-defined]
     # The plugin after it is still called: its hook has nothing to wait for, and closes what it opened.
-    assert closed == ["pool"]
+    assert closes.closed == ["pool"]
     # The store was closed, its serving lock with it: the next gateway serves the same file.
     with RunningGateway(gateway_config(tmp_path)):
         pass
@@ -659,15 +665,10 @@ def test_a_shutdown_hook_that_ignores_its_cancellation_is_left_running(
     and the store was never closed."""
     monkeypatch.setattr(app, "SHUTDOWN_HOOKS_TIMEOUT", 0.5)
     stubborn = IgnoresCancellation()
-    closed: list[str] = []
 
-    class Closes:
-        @hookimpl
-        def shutdown(self) -> None:
-            closed.append("pool")
-
+    closes = ClosesPool()
     pm = new_plugin_manager(load_entry_points=False)
-    pm.register(Closes(), name="closes")
+    pm.register(closes, name="closes")
     pm.register(stubborn, name="stubborn")  # pluggy calls the last registered first
     try:
         took = stop_taking(RunningGateway(gateway_config(tmp_path), pm=pm).__enter__())
@@ -682,7 +683,7 @@ def test_a_shutdown_hook_that_ignores_its_cancellation_is_left_running(
     }
     assert given_up["stubborn"] is True
     # The plugin after it is still called (on its thread: past the time, it is not waited for).
-    wait_until(lambda: closed == ["pool"], 2)
+    wait_until(lambda: closes.closed == ["pool"], 2)
     with RunningGateway(gateway_config(tmp_path)):  # the store was closed, its serving lock let go
         pass
 

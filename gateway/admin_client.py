@@ -12,6 +12,10 @@ from gateway.admin import NO_ENDPOINT
 from gateway.http_client import shown_url
 from gateway.operations import OperationError
 
+# What an event's detail and a replay's page always hold (gateway.operations.detail_view, ReplayPage).
+DETAIL = ("id", "source", "type", "deliveries")
+PAGE = ("replayed", "created", "next_cursor")
+
 
 def _segment(event_id: str) -> str:
     """An event id as one segment of a URL's path. quote() leaves `.` as it is, and a URL resolves a `.` or
@@ -30,7 +34,11 @@ def _from_an_endpoint(body: Any, status: int) -> bool:
 
 
 class RemoteOperations:
-    def __init__(self, url: str, token: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(
+        self, url: str, token: str | None = None, timeout: float = 60.0, given_as: str = "--admin-url"
+    ) -> None:
+        """given_as: where the user gave the URL (`--admin-url`, `$HOOKYARD_ADMIN_URL`), to name in errors."""
+        self.given_as = given_as
         # As UTF-8 bytes, as the gateway reads it: httpx encodes a str value as ASCII, and a token beyond
         # ASCII (which ops.admin_token may be) would end the command with a UnicodeEncodeError.
         headers = {b"authorization": f"Bearer {token.strip()}".encode()} if token else {}
@@ -39,7 +47,10 @@ class RemoteOperations:
     async def aclose(self) -> None:
         await self.client.aclose()
 
-    async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+    async def _call(self, method: str, path: str, answers: tuple[str, ...], **kwargs: Any) -> dict[str, Any]:
+        """`answers`: the fields the endpoint's answer always has. A 200 without them (a sink's empty one,
+        another app's JSON or text) is not from the ops listener, and would end the command on a missing
+        field, or show the answer as if it were an event."""
         try:
             response = await self.client.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
@@ -56,7 +67,9 @@ class RemoteOperations:
             if not _from_an_endpoint(body, response.status_code):
                 raise OperationError(response.status_code, self._not_the_ops_listener(response))
             raise OperationError(response.status_code, body["error"])
-        return body if isinstance(body, dict) else {"error": response.text[:200]}
+        if not isinstance(body, dict) or any(name not in body for name in answers):
+            raise OperationError(502, self._not_the_ops_listener(response))
+        return body
 
     def _not_the_ops_listener(self, response: httpx.Response) -> str:
         """What the answer shows, no more: another listener, a proxy, or a base URL with a path of its own
@@ -65,17 +78,17 @@ class RemoteOperations:
         tried = response.request.url.raw_path.partition(b"?")[0].decode("ascii")
         text = " ".join(response.text[:200].split()) or "with no body"
         return (
-            f"--admin-url {shown_url(str(self.client.base_url))} does not answer as Hookyard's ops listener: "
+            f"{self.given_as} {shown_url(str(self.client.base_url))} does not answer as Hookyard's ops listener: "
             f"{response.request.method} {tried} answered {response.status_code} {text}"
         )
 
     async def list_events(self, **filters: Any) -> dict[str, Any]:
         params = {name: value for name, value in filters.items() if value is not None}
-        return await self._call("GET", "/admin/events", params=params)
+        return await self._call("GET", "/admin/events", ("events", "next_cursor"), params=params)
 
     async def show_event(self, event_id: str, source: str | None = None) -> dict[str, Any]:
         params = {"source": source} if source else {}
-        return await self._call("GET", f"/admin/events/{_segment(event_id)}", params=params)
+        return await self._call("GET", f"/admin/events/{_segment(event_id)}", DETAIL, params=params)
 
     async def replay_event(
         self,
@@ -86,8 +99,8 @@ class RemoteOperations:
     ) -> dict[str, Any]:
         fields = (("source", source), ("action", action), ("route", route))
         body = {name: value for name, value in fields if value}
-        return await self._call("POST", f"/admin/events/{_segment(event_id)}/replay", json=body)
+        return await self._call("POST", f"/admin/events/{_segment(event_id)}/replay", PAGE, json=body)
 
     async def replay(self, **request: Any) -> dict[str, Any]:
         body = {name: value for name, value in request.items() if value is not None}
-        return await self._call("POST", "/admin/replay", json=body)
+        return await self._call("POST", "/admin/replay", PAGE, json=body)

@@ -175,12 +175,15 @@ def _operate(config_path: Path | None, admin_url: str | None, work: Callable[[An
     from gateway.admin_client import RemoteOperations
     from gateway.operations import OperationError, Operations
 
+    # Named in errors as the user gave it: the option, or the variable.
+    from_env = click.get_current_context().get_parameter_source("admin_url") == ParameterSource.ENVIRONMENT
+    given_as = "$HOOKYARD_ADMIN_URL" if from_env else "--admin-url"
     if admin_url:
-        _check_target(admin_url, "--admin-url", "http://127.0.0.1:9000")
+        _check_target(admin_url, given_as, "http://127.0.0.1:9000")
 
     async def run() -> T:
         if admin_url:
-            remote = RemoteOperations(admin_url, os.environ.get("HOOKYARD_ADMIN_TOKEN"))
+            remote = RemoteOperations(admin_url, os.environ.get("HOOKYARD_ADMIN_TOKEN"), given_as=given_as)
             try:
                 return await work(remote)
             finally:

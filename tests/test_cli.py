@@ -6,11 +6,15 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import pytest
 import yaml
 from click.testing import CliRunner, Result
@@ -832,6 +836,62 @@ def test_an_admin_url_shows_no_part_of_its_password(command: list[str], credenti
     assert result.exit_code in (1, 2), result.output
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
     assert "s3cr3t" not in result.output and "x9y" not in result.output, result.output
+
+
+ADMIN_CALLS = [
+    (["events", "list"], "GET", "/admin/events"),
+    (["events", "show", "evt_1"], "GET", "/admin/events/evt_1"),
+    (["replay", "evt_1"], "POST", "/admin/events/evt_1/replay"),
+    (["replay", "--state", "dead", "--since", "1h"], "POST", "/admin/replay"),
+]
+
+
+@contextmanager
+def running_sink() -> Iterator[str]:
+    """`hookyard sink` in a child process, answering 200 with no body to everything: its URL."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "sink", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: process.poll() is not None or _answers(url), 20)
+        assert process.poll() is None, f"sink exited with {process.returncode}"
+        yield url
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+def _answers(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=1)
+    except httpx.HTTPError:
+        return False
+    return True
+
+
+def test_an_admin_url_that_answers_200_but_is_not_the_ops_listener_says_so(downstream: Downstream) -> None:
+    """A sink (200, no body) or any app answering JSON (the downstream's `{}`): `events show` printed
+    `{"error": ""}` and exited 0, the others ended in a KeyError traceback. Said as for a 404, naming the
+    URL as the user gave it: the option or the variable."""
+    with running_sink() as sink_url:
+        for url, answer in ((sink_url, "with no body"), (downstream.url, "{}")):
+            for command, method, path in ADMIN_CALLS:
+                given = CliRunner().invoke(main, [*command, "--admin-url", url])
+                assert given.exit_code == 1, given.output
+                assert given.stderr == (
+                    f"hookyard: --admin-url {url} does not answer as Hookyard's ops listener: "
+                    f"{method} {path} answered 200 {answer}\n"
+                )
+                from_env = CliRunner(env={"HOOKYARD_ADMIN_URL": url}).invoke(main, command)
+                assert from_env.exit_code == 1, from_env.output
+                assert from_env.stderr == (
+                    f"hookyard: $HOOKYARD_ADMIN_URL {url} does not answer as Hookyard's ops listener: "
+                    f"{method} {path} answered 200 {answer}\n"
+                )
 
 
 @pytest.mark.parametrize("option", [["--status", "600"], ["--status", "99"], ["--answer", "/hooks=1000"]])

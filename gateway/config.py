@@ -238,6 +238,19 @@ def _network(entry: str) -> str:
 NetworkEntry = Annotated[str, AfterValidator(_network)]
 
 
+def _unpadded_secret(secret: str) -> str:
+    # A secret read from a file often keeps its newline, and then no signature ever matches: every webhook
+    # is refused invalid_signature with nothing to say why. The secret is not shown. An empty entry
+    # (`${OPTIONAL_KEY:-}` unset) is no secret at all, and dropped by the source.
+    if secret.strip() and secret != secret.strip():
+        raise ValueError("begins or ends with whitespace, such as a newline kept from a file: remove it")
+    return secret
+
+
+# Each entry checked on its own, so every padded one is named by its index (`secrets[2]: …`).
+SecretEntry = Annotated[str, AfterValidator(_unpadded_secret)]
+
+
 class Listener(Strict):
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=0, le=65535)
@@ -417,7 +430,7 @@ class LogConfig(Strict):
 class Source(Strict):
     path: str
     provider: str
-    secrets: list[str] = Field(default_factory=list)
+    secrets: list[SecretEntry] = Field(default_factory=list)
     tolerance: Duration = 300.0
     insecure: bool = False
     # enforce: reject bad signatures. log-only (for migrations): log and count them, accept the event
@@ -473,16 +486,6 @@ class Source(Strict):
     @classmethod
     def _drop_empty(cls, secrets: list[str]) -> list[str]:
         # `${OPTIONAL_KEY:-}` expands to "" when unset: such a slot is simply not configured.
-        # A secret read from a file often keeps its newline, and then no signature ever matches: every
-        # webhook is refused invalid_signature with nothing to say why. The secret is not shown.
-        padded = [
-            str(index) for index, secret in enumerate(secrets) if secret.strip() and secret != secret.strip()
-        ]
-        if padded:
-            raise ValueError(
-                f"entry {', '.join(padded)} begins or ends with whitespace, such as a newline kept from a file: "
-                "remove it"
-            )
         return [secret for secret in secrets if secret.strip()]
 
 

@@ -919,12 +919,16 @@ def test_json_schema_checks_storage_retention(
 @pytest.mark.parametrize("secret", ["whsec_abc\n", " whsec_abc", "whsec_abc\t"])
 def test_a_secret_with_whitespace_at_either_end_is_refused_without_showing_it(secret: str) -> None:
     # Read from a file with its newline, it would make every webhook invalid_signature without a word.
-    text = yaml.safe_dump({"sources": {"a": {"path": "/a", "provider": "svix", "secrets": ["", secret]}}})
+    # Each such entry is named by its index on a line of its own, as every other error in a list is.
+    secrets = ["", secret, "whsec_ok", f"{secret} "]
+    text = yaml.safe_dump({"sources": {"a": {"path": "/a", "provider": "svix", "secrets": secrets}}})
     with pytest.raises(ConfigError) as caught:
         parse_config(text)
     assert caught.value.errors == [
-        "sources.a.secrets: entry 1 begins or ends with whitespace, such as a newline kept from a file: remove it"
+        f"sources.a.secrets[{index}]: begins or ends with whitespace, such as a newline kept from a file: remove it"
+        for index in (1, 3)
     ]
+    assert not any("whsec_abc" in error for error in caught.value.errors)
 
 
 @pytest.mark.parametrize("token", ["admin-token\n", " admin-token", "admin-token\t"])

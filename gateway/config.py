@@ -513,6 +513,17 @@ class Route(Strict):
     filter: dict[str, Any] | None = None
     actions: list[ActionConfig] = Field(min_length=1)
 
+    @field_validator("events", mode="before")
+    @classmethod
+    def _some_events(cls, events: Any) -> Any:
+        # Before the list's own check (min_length, kept for the JSON schema), which says it in pydantic's
+        # words. An empty list would route nothing; what was meant is most often every event.
+        if events == []:
+            raise ValueError(
+                "an empty list matches no event: leave events out to match every event, or list the types to match"
+            )
+        return events
+
     @field_validator("name")
     @classmethod
     def _named(cls, name: str) -> str:

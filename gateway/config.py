@@ -747,6 +747,8 @@ def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...]
             # pydantic says `Input should be a valid dictionary or instance of Route`: a class name that is
             # nowhere in the file. The value is not shown: it may be a secret (`secrets: s3cret`).
             message = f"must be {_SHAPES[error['type']]}, not {_kind_of(error['input'])}"
+        elif error["type"] == "too_short" and error["input"] == []:
+            message = "an empty list: give at least one"
         elif error["type"] == "missing":
             message = "field required"
         elif error["type"] == "extra_forbidden":

@@ -170,6 +170,13 @@ def test_an_empty_events_list_is_an_error_not_match_everything() -> None:
     ]
 
 
+def test_a_route_with_an_empty_actions_list_is_told_to_give_one() -> None:
+    # In the config's words, not pydantic's `List should have at least 1 item after validation, not 0`.
+    with pytest.raises(ConfigError) as error:
+        parse_config("routes: [{name: r, source: s, actions: []}]")
+    assert error.value.errors == ["routes[0].actions: an empty list: give at least one"]
+
+
 @pytest.mark.parametrize("events", [None, ["*"], ["user.created", "*"]])
 def test_every_event_matches_by_default_or_star(registry: Registry, events: list[str] | None) -> None:
     fields = {} if events is None else {"events": events}

@@ -27,7 +27,7 @@ run: $(RUN_STAMP)  ## serve ./routes.yaml on the embedded SQLite store
 TEST_TIMEOUT ?= 600
 
 # Most tests wait on servers, sockets and timers rather than compute: two workers (pytest-xdist) halve the
-# suite's time on two cores (about 3.5 minutes against 7.5). `make test TEST_WORKERS=0` runs it in one process.
+# suite's time on two cores (about 4 minutes against 8). `make test TEST_WORKERS=0` runs it in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)  ## the suite (torture tests marked slow are skipped; `make test-slow` runs them)

@@ -3,6 +3,7 @@ CLI works the same against a running gateway as against the database."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 from urllib.parse import quote
 
@@ -11,10 +12,12 @@ import httpx
 from gateway.admin import NO_ENDPOINT
 from gateway.http_client import shown_url
 from gateway.operations import OperationError
+from gateway.replay import ReplayPage
 
-# What an event's detail and a replay's page always hold (gateway.operations.detail_view, ReplayPage).
-DETAIL = ("id", "source", "type", "deliveries")
-PAGE = ("replayed", "created", "next_cursor")
+# What an event's detail always holds (gateway.operations.detail_view), and a replay's page: the fields of
+# the ReplayPage the endpoint answers with.
+DETAIL_FIELDS = ("id", "source", "type", "deliveries")
+PAGE_FIELDS = tuple(field.name for field in fields(ReplayPage))
 
 
 def _segment(event_id: str) -> str:
@@ -88,7 +91,7 @@ class RemoteOperations:
 
     async def show_event(self, event_id: str, source: str | None = None) -> dict[str, Any]:
         params = {"source": source} if source else {}
-        return await self._call("GET", f"/admin/events/{_segment(event_id)}", DETAIL, params=params)
+        return await self._call("GET", f"/admin/events/{_segment(event_id)}", DETAIL_FIELDS, params=params)
 
     async def replay_event(
         self,
@@ -99,8 +102,8 @@ class RemoteOperations:
     ) -> dict[str, Any]:
         fields = (("source", source), ("action", action), ("route", route))
         body = {name: value for name, value in fields if value}
-        return await self._call("POST", f"/admin/events/{_segment(event_id)}/replay", PAGE, json=body)
+        return await self._call("POST", f"/admin/events/{_segment(event_id)}/replay", PAGE_FIELDS, json=body)
 
     async def replay(self, **request: Any) -> dict[str, Any]:
         body = {name: value for name, value in request.items() if value is not None}
-        return await self._call("POST", "/admin/replay", PAGE, json=body)
+        return await self._call("POST", "/admin/replay", PAGE_FIELDS, json=body)

@@ -4,7 +4,6 @@ wired together and run in one event loop."""
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import errno
 import gc
@@ -15,7 +14,6 @@ import resource
 import signal
 import socket
 import ssl
-import threading
 import time
 from collections.abc import Callable, Collection, Generator
 from pathlib import Path
@@ -39,7 +37,7 @@ from gateway.retention import Retention
 from gateway.routing import RouteTable, load_routes
 from gateway.storage import Storage, open_storage
 from gateway.storage.sqlite import FSYNC_TIMEOUT
-from gateway.tasks import CANCELLED_GRACE, cancel_and_wait
+from gateway.tasks import CANCELLED_GRACE, DaemonThread, cancel_and_wait
 
 log = logging.getLogger("hookyard")
 
@@ -629,14 +627,8 @@ async def _call(function: Callable[..., Any], arguments: list[Any]) -> None:
 def _on_daemon_thread(function: Callable[..., Any], arguments: list[Any]) -> asyncio.Future[Any]:
     """What `function` returns, called on a thread of its own. A daemon: one that never returns does not
     keep the process from exiting, as asyncio's threads (to_thread) would."""
-    outcome: concurrent.futures.Future[Any] = concurrent.futures.Future()
-
-    def run() -> None:
-        if outcome.set_running_or_notify_cancel():
-            try:
-                outcome.set_result(function(*arguments))
-            except BaseException as exc:
-                outcome.set_exception(exc)
-
-    threading.Thread(target=run, name="hookyard-hook", daemon=True).start()
-    return asyncio.wrap_future(outcome)
+    thread = DaemonThread("hookyard-hook")
+    try:
+        return asyncio.get_running_loop().run_in_executor(thread, function, *arguments)
+    finally:
+        thread.shutdown(wait=False)  # it ends once the call has returned

@@ -43,15 +43,18 @@ DOCKERFILE = DEPLOY / "Dockerfile"
 BASE = DEPLOY / "kustomize" / "base"
 OVERLAY = DEPLOY / "kustomize" / "overlays" / "classic-sidecar"
 EMPTYDIR = DEPLOY / "kustomize" / "overlays" / "emptydir"
+EXAMPLE = DEPLOY / "kustomize" / "overlays" / "example"
+EXAMPLE_SECRET = EXAMPLE / "secret.example.yaml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 ALERT_TESTS = DEPLOY / "prometheus" / "alerts.test.yaml"
 DASHBOARD = DEPLOY / "grafana" / "hookyard-dashboard.json"
 
-VARIANTS = {"base": BASE, "classic-sidecar": OVERLAY, "emptydir": EMPTYDIR}
+VARIANTS = {"base": BASE, "classic-sidecar": OVERLAY, "emptydir": EMPTYDIR, "example": EXAMPLE}
 # Every directory under overlays/ is a variant, so a new overlay cannot escape these tests.
 assert {path.parent for path in (DEPLOY / "kustomize" / "overlays").glob("*/kustomization.yaml")} == {
     OVERLAY,
     EMPTYDIR,
+    EXAMPLE,
 }
 # The Kubernetes versions every rendered object must be valid for (strict: no unknown fields). The
 # classic-sidecar overlay exists for clusters without native sidecars, so it is checked on 1.27 too.
@@ -59,6 +62,7 @@ KUBERNETES_VERSIONS = {
     "base": ("1.29.0", "1.33.0"),
     "classic-sidecar": ("1.27.0", "1.29.0", "1.33.0"),
     "emptydir": ("1.29.0", "1.33.0"),
+    "example": ("1.29.0", "1.33.0"),
 }
 # Custom resources: not in kubernetes-validate's schemas; checked structurally below instead.
 CRD_API_VERSIONS = {"monitoring.coreos.com/v1"}
@@ -157,8 +161,14 @@ def strings(value: Any) -> list[str]:
     return [value] if isinstance(value, str) else []
 
 
-def example_secret_env(docs: list[dict[str, Any]]) -> dict[str, str]:
-    return dict(find(docs, "Secret", "hookyard-secrets")["stringData"])
+def example_secret() -> dict[str, Any]:
+    """The placeholder Secret, which only overlays/example renders (the other variants expect a real one)."""
+    secret: dict[str, Any] = yaml.safe_load(EXAMPLE_SECRET.read_text())
+    return secret
+
+
+def example_secret_env() -> dict[str, str]:
+    return dict(example_secret()["stringData"])
 
 
 # -- Kubernetes objects: valid for the API server --------------------------------------------------------
@@ -180,9 +190,10 @@ def test_every_rendered_object_is_valid_kubernetes(
         "NetworkPolicy",
         "PodMonitor",
         "PrometheusRule",
-        "Secret",
         "Service",
     ]
+    if variant == "example":  # only here: `apply -k` of the others leaves the real Secret as it is
+        expected.append("Secret")
     if variant != "emptydir":
         expected.append("PersistentVolumeClaim")
     assert kinds == sorted(expected)
@@ -229,7 +240,7 @@ def test_base_runs_hookyard_as_a_native_sidecar_that_gates_the_app(
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_probes_use_the_ops_listener(rendered: dict[str, list[dict[str, Any]]], variant: str) -> None:
     container = sidecar(pod_spec(rendered[variant]))
-    config = parse_config(deploy_routes(), environ=example_secret_env(rendered[variant]))
+    config = parse_config(deploy_routes(), environ=example_secret_env())
     for probe, path in (
         ("startupProbe", "/readyz"),
         ("readinessProbe", "/readyz"),
@@ -290,7 +301,7 @@ def test_base_keeps_the_queue_on_a_claim_that_one_pod_owns(
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
     assert deployment["spec"]["replicas"] == 1
     # The database is on that volume.
-    config = parse_config(deploy_routes(), environ=example_secret_env(docs))
+    config = parse_config(deploy_routes(), environ=example_secret_env())
     assert PurePosixPath(config.storage.url.removeprefix("sqlite:///")).parent == PurePosixPath(DATA_DIR)
 
 
@@ -390,7 +401,7 @@ def test_hookyard_writes_only_to_its_data_volume_and_tmp(
     assert set(writable) == {DATA_DIR, "/tmp"}
     assert all("emptyDir" in volume or "persistentVolumeClaim" in volume for volume in writable.values())
     # The SQLite file lies on the data volume.
-    config = parse_config(deploy_routes(), environ=example_secret_env(docs))
+    config = parse_config(deploy_routes(), environ=example_secret_env())
     database = PurePosixPath(config.storage.url.removeprefix("sqlite:///"))
     assert database.is_absolute() and database.parent == PurePosixPath(DATA_DIR)
 
@@ -407,7 +418,7 @@ def test_the_grace_period_covers_the_app_and_then_hookyard(
     app's time and then Hookyard's whole shutdown (with the deploy's config), even with every wait of it
     stuck, as docs/kubernetes.md counts them."""
     docs = rendered[variant]
-    config = parse_config(deploy_routes(), environ=example_secret_env(docs))
+    config = parse_config(deploy_routes(), environ=example_secret_env())
     drain_delay, shutdown_timeout = config.listen.drain_delay, config.delivery.shutdown_timeout
     hookyard = drain_delay + INGRESS_DRAIN_TIMEOUT + shutdown_timeout + OPS_DRAIN_TIMEOUT
     assert hookyard <= APP_SHUTDOWN
@@ -424,17 +435,14 @@ def test_the_grace_period_covers_the_app_and_then_hookyard(
     assert f"the app's time plus {grace - APP_SHUTDOWN} s" in budget
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_the_webhook_listener_outlasts_the_endpoint_removal(
-    rendered: dict[str, list[dict[str, Any]]], variant: str
-) -> None:
+def test_the_webhook_listener_outlasts_the_endpoint_removal() -> None:
     """A deleted pod leaves the Service's endpoints at the moment it gets SIGTERM, and kube-proxy and the
     ingress controllers take a few seconds to follow. An app that exits at once hands the native sidecar
     its SIGTERM within a second (in the classic overlay both get it together): if the webhook listener
     closed then, the webhooks still routed to the pod would be refused, in the middle of the emptydir
-    overlay's rolling update that has no gap otherwise. listen.drain_delay keeps it taking them."""
-    docs = rendered[variant]
-    config = parse_config(deploy_routes(), environ=example_secret_env(docs))
+    overlay's rolling update that has no gap otherwise. listen.drain_delay keeps it taking them (every
+    variant mounts the same routes.yaml)."""
+    config = parse_config(deploy_routes(), environ=example_secret_env())
     assert config.listen.drain_delay >= 5
 
 
@@ -445,17 +453,17 @@ def test_deploy_routes_load_and_forward_to_the_app_in_the_same_pod(
     rendered: dict[str, list[dict[str, Any]]],
 ) -> None:
     docs = rendered["base"]
-    config = parse_config(deploy_routes(), environ=example_secret_env(docs))
+    config = parse_config(deploy_routes(), environ=example_secret_env())
     RouteTable.build(config, Registry.collect(plugin_manager()))  # providers, actions, secrets all valid
 
     assert (config.listen.host, config.listen.port) == ("0.0.0.0", 8080)
     assert (config.ops.host, config.ops.port) == ("0.0.0.0", 9000)
     # Off loopback, the admin API's token is required; it comes from the Secret like the others.
-    assert config.ops.admin_token == example_secret_env(docs)["HOOKYARD_ADMIN_TOKEN"]
+    assert config.ops.admin_token == example_secret_env()["HOOKYARD_ADMIN_TOKEN"]
     assert yaml.safe_load(deploy_routes())["ops"]["admin_token"] == "${HOOKYARD_ADMIN_TOKEN}"
     assert "not enforced" not in deploy_routes()
     assert "not enforced" not in (ROOT / "docs" / "kubernetes.md").read_text()
-    without_token = dict(example_secret_env(docs), HOOKYARD_ADMIN_TOKEN="")
+    without_token = dict(example_secret_env(), HOOKYARD_ADMIN_TOKEN="")
     with pytest.raises(ConfigError, match=r"ops\.admin_token: required .* \(ops\.host is '0\.0\.0\.0'\)"):
         parse_config(deploy_routes(), environ=without_token)
     assert config.storage.url == "sqlite:////var/lib/hookyard/hookyard.db"
@@ -471,7 +479,7 @@ def test_every_secret_variable_comes_from_the_secret(
     rendered: dict[str, list[dict[str, Any]]], variant: str
 ) -> None:
     docs = rendered[variant]
-    secret = find(docs, "Secret", "hookyard-secrets")
+    secret = example_secret()
     env = {e["name"]: e for e in sidecar(pod_spec(docs))["env"]}
     # Interpolation happens in the parsed values (comments may mention ${VAR} freely).
     values = " ".join(strings(yaml.safe_load(deploy_routes())))
@@ -492,7 +500,8 @@ def test_every_secret_variable_comes_from_the_secret(
 
 
 def test_example_secret_holds_only_marked_placeholders(rendered: dict[str, list[dict[str, Any]]]) -> None:
-    secret = find(rendered["base"], "Secret", "hookyard-secrets")
+    secret = find(rendered["example"], "Secret", "hookyard-secrets")
+    assert secret["stringData"] == example_secret()["stringData"]
     assert "data" not in secret
     for key, value in secret["stringData"].items():
         plain = value

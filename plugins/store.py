@@ -39,6 +39,8 @@ upsert: one row per value of `key`, holding the latest `data` ("sync data to you
     type         text         NOT NULL
     occurred_at  timestamptz  NOT NULL     -- the event's occurred_at, else its received_at
     updated_at   timestamptz  NOT NULL     -- when the row was written
+    received_at  timestamptz               -- when the gateway received the event (NULL in rows written
+                                           -- before the column was added, which setup adds)
     index <table>_updated_idx on (updated_at)
 
     <table>_tombstones: deleted keys
@@ -46,11 +48,13 @@ upsert: one row per value of `key`, holding the latest `data` ("sync data to you
     deleted_at timestamptz NOT NULL
 
 Events are ordered by occurred_at, not by arrival: an event older than the stored row does not overwrite
-it (on a tie the later arrival wins). A `delete_on` event removes the row and leaves a tombstone, so an
-update older than the delete (or as old) that arrives after it does not bring the row back; a newer update
-recreates the row and clears the tombstone. Writes to one key are serialized (an advisory lock in
-PostgreSQL, BEGIN IMMEDIATE in SQLite), so concurrent deliveries cannot interleave. An event whose `key` is
-missing, null, empty, an object or a list is skipped, with the reason recorded.
+it. On a tie the event the gateway received later wins, whichever is delivered first (a retry of the
+earlier one, delivered last, must not bring back its data); a row without received_at loses the tie. A
+`delete_on` event removes the row and leaves a tombstone, so an update older than the delete (or as old)
+that arrives after it does not bring the row back; a newer update recreates the row and clears the
+tombstone. Writes to one key are serialized (an advisory lock in PostgreSQL, BEGIN IMMEDIATE in SQLite),
+so concurrent deliveries cannot interleave. An event whose `key` is missing, null, empty, an object or a
+list is skipped, with the reason recorded.
 
 SQLite: the same tables, with timestamps as ISO 8601 UTC text (2026-11-22T10:00:00.000000Z, which sorts in
 time order) and JSON as text (query it with json_extract). The file is opened in WAL mode with
@@ -66,8 +70,8 @@ missing or of the wrong type in a table created by hand, a violated constraint, 
 such as \\u0000 in a string for jsonb) ends the delivery dead: retrying cannot help. The error of a
 violated constraint names the constraint, never the row: that holds the event's data.
 
-Duplicates (at-least-once delivery): append keeps one row per event; upsert writes the same row again, but
-a copy of an event, written after another with the same occurred_at, wins the tie.
+Duplicates (at-least-once delivery): append keeps one row per event; upsert writes the same row again (a
+copy has the event's received_at, so it does not win a tie against an event received after it).
 """
 
 from __future__ import annotations
@@ -216,6 +220,9 @@ class Statements:
     delete: str
     # What setup creates, as PostgreSQL's to_regclass() reads names: the tables and the index.
     relations: tuple[str, ...]
+    # Columns added to the table after its first shape, each with the SQLite statement that adds it to a
+    # table created before (PostgreSQL's setup adds them with ADD COLUMN IF NOT EXISTS).
+    added_columns: tuple[tuple[str, str], ...]
 
 
 def statements(table: str, mode: str, dialect: Literal["postgresql", "sqlite"]) -> Statements:
@@ -256,7 +263,8 @@ def statements(table: str, mode: str, dialect: Literal["postgresql", "sqlite"]) 
                 event_id text NOT NULL,
                 type text NOT NULL,
                 occurred_at {ts} NOT NULL,
-                updated_at {ts} NOT NULL
+                updated_at {ts} NOT NULL,
+                received_at {ts}
             );
             CREATE INDEX IF NOT EXISTS {updated_index} ON {qualified} (updated_at);
             CREATE TABLE IF NOT EXISTS {tombstones} (
@@ -267,6 +275,8 @@ def statements(table: str, mode: str, dialect: Literal["postgresql", "sqlite"]) 
                 deleted_at {ts} NOT NULL
             );
         """
+        if dialect == "postgresql":
+            setup += f"ALTER TABLE {qualified} ADD COLUMN IF NOT EXISTS received_at {ts};"
     sql: list[str] = [
         setup,
         f"""
@@ -277,8 +287,10 @@ def statements(table: str, mode: str, dialect: Literal["postgresql", "sqlite"]) 
         # INSERT ... SELECT so that a tombstone at least as new as the event keeps the key deleted. The casts
         # give PostgreSQL the types of parameters that appear only in the select list.
         f"""
-        INSERT INTO {qualified} AS stored ("key", data, source, event_id, type, occurred_at, updated_at)
-        SELECT $1::text, $2::jsonb, $3::text, $4::text, $5::text, $6::timestamptz, $7::timestamptz
+        INSERT INTO {qualified} AS stored
+            ("key", data, source, event_id, type, occurred_at, updated_at, received_at)
+        SELECT $1::text, $2::jsonb, $3::text, $4::text, $5::text, $6::timestamptz, $7::timestamptz,
+            $8::timestamptz
         WHERE NOT EXISTS (SELECT 1 FROM {tombstones} WHERE "key" = $1 AND occurred_at >= $6)
         ON CONFLICT ("key") DO UPDATE SET
             data = excluded.data,
@@ -286,8 +298,11 @@ def statements(table: str, mode: str, dialect: Literal["postgresql", "sqlite"]) 
             event_id = excluded.event_id,
             type = excluded.type,
             occurred_at = excluded.occurred_at,
-            updated_at = excluded.updated_at
-        WHERE stored.occurred_at <= excluded.occurred_at
+            updated_at = excluded.updated_at,
+            received_at = excluded.received_at
+        WHERE stored.occurred_at < excluded.occurred_at
+            OR (stored.occurred_at = excluded.occurred_at
+                AND (stored.received_at IS NULL OR stored.received_at <= excluded.received_at))
         """,
         # Once the row is newer than the tombstone, the row's own occurred_at guards it.
         f'DELETE FROM {tombstones} WHERE "key" = $1 AND occurred_at < $2',
@@ -307,7 +322,9 @@ def statements(table: str, mode: str, dialect: Literal["postgresql", "sqlite"]) 
     if dialect == "sqlite":
         sql = [re.sub(r"\$(\d+)", r"?\1", re.sub(r"::[a-z]+", "", text)) for text in sql]
     setup, append, put, clear_tombstone, tombstone, delete = sql
-    return Statements(setup, append, put, clear_tombstone, tombstone, delete, relations)
+    add_received_at = f"ALTER TABLE {qualified} ADD COLUMN received_at {ts}"
+    added = () if mode == "append" else (("received_at", add_received_at),)
+    return Statements(setup, append, put, clear_tombstone, tombstone, delete, relations, added)
 
 
 # -- what one event writes ------------------------------------------------------------------------------
@@ -337,6 +354,8 @@ class Change:
     event_id: str
     type: str
     occurred_at: float
+    # Breaks a tie on occurred_at: the event received later wins.
+    received_at: float
 
 
 def _json(value: Any) -> str:
@@ -538,9 +557,16 @@ class Postgres(Backend):
         # Nothing missing, no DDL: CREATE INDEX IF NOT EXISTS takes a SHARE lock on its table even when the
         # index exists. It waits for every open transaction that wrote to the table, and every writer that
         # comes after waits behind it: a restart would hold up the app's own writes to the table.
-        present = "SELECT bool_and(to_regclass(name) IS NOT NULL) FROM unnest($1::text[]) AS name"
+        # A table from before a column was added is missing something too.
+        present = """
+            SELECT (SELECT bool_and(to_regclass(name) IS NOT NULL) FROM unnest($1::text[]) AS name)
+                AND (SELECT count(*) FROM pg_attribute
+                     WHERE attrelid = to_regclass($2) AND attname = ANY($3::text[]) AND NOT attisdropped)
+                    = cardinality($3::text[])
+        """
+        table, columns = self.sql.relations[0], [name for name, _ in self.sql.added_columns]
         deadline = time.monotonic() + timeout
-        if await self._run(timeout, (present, (list(self.sql.relations),))):
+        if await self._run(timeout, (present, (list(self.sql.relations), table, columns))):
             return
         # Serialized across gateways: concurrent CREATE TABLE IF NOT EXISTS can fail on PostgreSQL's catalog.
         lock = ("SELECT pg_advisory_xact_lock($1)", (_lock_id(self.lock_prefix),))
@@ -565,7 +591,8 @@ class Postgres(Backend):
                 (self.sql.delete, (change.key, occurred)),
             )
         else:
-            row = (change.key, change.data, change.source, change.event_id, change.type, occurred, now)
+            fields = (change.key, change.data, change.source, change.event_id, change.type)
+            row = (*fields, occurred, now, _utc(change.received_at))
             await self._run(
                 timeout,
                 lock,
@@ -704,10 +731,17 @@ class SQLite(Backend):
         await self._run(lambda conn: None, timeout)
 
     async def setup(self, timeout: float) -> None:
-        script = f"BEGIN IMMEDIATE; {self.sql.setup} COMMIT;"
+        # Left open by the script, so that the columns are added in the same transaction.
+        script = f"BEGIN IMMEDIATE; {self.sql.setup}"
+        table = self.sql.relations[0]
 
         def create(conn: sqlite3.Connection) -> None:
             conn.executescript(script)
+            present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            for column, add in self.sql.added_columns:
+                if column not in present:
+                    conn.execute(add)
+            conn.execute("COMMIT")
 
         await self._run(create, timeout)
 
@@ -726,7 +760,8 @@ class SQLite(Backend):
                 (self.sql.tombstone, tombstone), (self.sql.delete, (change.key, occurred))
             )
         else:
-            row = (change.key, change.data, change.source, change.event_id, change.type, occurred, now)
+            fields = (change.key, change.data, change.source, change.event_id, change.type)
+            row = (*fields, occurred, now, _iso(change.received_at))
             work = self._transaction((self.sql.put, row), (self.sql.clear_tombstone, (change.key, occurred)))
         await self._run(work, timeout)
 
@@ -844,6 +879,7 @@ class Store(Action):
             event_id=event.id,
             type=event.type,
             occurred_at=event.occurred_at if event.occurred_at is not None else event.received_at,
+            received_at=event.received_at,
         )
 
     async def _create_tables(self, left: Callable[[], float]) -> Outcome | None:

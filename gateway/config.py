@@ -45,11 +45,15 @@ CONFIG_ENV_VAR = "HOOKYARD_CONFIG"
 class ConfigError(Exception):
     """The config is invalid; `errors` has one line per problem, each naming its place."""
 
-    def __init__(self, errors: list[str], partial: PartialConfig | None = None) -> None:
+    def __init__(
+        self, errors: list[str], partial: PartialConfig | None = None, tree: dict[str, Any] | None = None
+    ) -> None:
         super().__init__("\n".join(errors))
         self.errors = errors
         # What did validate, so that the checks needing plugins can report their errors in the same run.
         self.partial = partial
+        # The file as read: the errors of those checks are put in the file's order with these by it.
+        self.tree = tree
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -584,6 +588,13 @@ def load_config(
 
     allow_empty: False for a hot reload, where an empty file is one caught as it is written in place (a
     write truncates it first), not a config with no sources to switch to."""
+    return load_config_tree(path, environ, allow_empty=allow_empty)[0]
+
+
+def load_config_tree(
+    path: str | Path, environ: dict[str, str] | None = None, *, allow_empty: bool = True
+) -> tuple[Config, dict[str, Any]]:
+    """load_config, and the file as read: what in_file_order puts later checks' errors in order by."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -595,7 +606,7 @@ def load_config(
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start}): save the file as UTF-8"]) from None
     if not allow_empty and not text.strip():
         raise ConfigError([f"{path}: the file is empty"])
-    return parse_config(text, environ=environ, origin=str(path))
+    return _parse_config_tree(text, environ, str(path))
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -624,6 +635,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def parse_config(text: str, *, environ: dict[str, str] | None = None, origin: str = "<config>") -> Config:
+    return _parse_config_tree(text, environ, origin)[0]
+
+
+def _parse_config_tree(
+    text: str, environ: dict[str, str] | None, origin: str
+) -> tuple[Config, dict[str, Any]]:
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
@@ -642,10 +659,55 @@ def parse_config(text: str, *, environ: dict[str, str] | None = None, origin: st
         # of the text left in its place (`only sqlite:///… is supported`) would point away from it.
         expanded_badly = {error.partition(": ")[0] for error in errors}
         shape = [e for e in format_validation_errors(exc) if e.partition(": ")[0] not in expanded_badly]
-        raise ConfigError(errors + shape, _validated_parts(expanded)) from None
+        raise ConfigError(
+            in_file_order(errors + shape, expanded), _validated_parts(expanded), expanded
+        ) from None
     if errors:
-        raise ConfigError(errors, PartialConfig(config, tuple(range(len(config.routes)))))
-    return config
+        raise ConfigError(errors, PartialConfig(config, tuple(range(len(config.routes)))), expanded)
+    return config, expanded
+
+
+def in_file_order(errors: list[str], tree: dict[str, Any]) -> list[str]:
+    """The errors in the order of the places they name in the file, whatever found them: pydantic reports
+    a mapping's fields in the order its model declares them and unknown keys last, and the checks run one
+    after another. A key that is missing comes after those its mapping has, and an error naming no place
+    of the file after all the others; errors at one place keep their order."""
+    return sorted(errors, key=lambda error: _position(error.partition(": ")[0], tree))
+
+
+def _position(place: str, tree: Any) -> tuple[int, ...]:
+    """Where a place as format_location writes it is in the tree: the index of each key among its
+    mapping's keys (the file's order: YAML mappings load in order) and of each list entry."""
+    position: list[int] = []
+    node, rest = tree, place
+    while rest:
+        step = _step(node, rest)
+        if step is None:
+            # Not in the file: after everything the nearest place that is holds.
+            position.append(len(node) if isinstance(node, dict | list) else 0)
+            break
+        index, child, length = step
+        position.append(index)
+        node, rest = child, rest[length:].removeprefix(".")
+    return tuple(position)
+
+
+def _step(node: Any, rest: str) -> tuple[int, Any, int] | None:
+    """(index, value, length of its name in `rest`) of the entry of `node` that `rest` begins with."""
+    if isinstance(node, list):
+        match = re.match(r"\[(\d+)\]", rest)
+        if match is None or int(match[1]) >= len(node):
+            return None
+        return int(match[1]), node[int(match[1])], match.end()
+    if not isinstance(node, dict):
+        return None
+    # The longest name that matches: a key may hold a dot (`with: {a.b: 1}`).
+    found = [
+        (index, value, len(str(key)))
+        for index, (key, value) in enumerate(node.items())
+        if rest == str(key) or rest.startswith((f"{key}.", f"{key}["))
+    ]
+    return max(found, key=lambda entry: entry[2], default=None)
 
 
 # A config file holds hundreds of values; YAML aliases could make it expand to billions.

@@ -21,7 +21,8 @@ from gateway.config import (
     Route,
     Source,
     format_validation_errors,
-    load_config,
+    in_file_order,
+    load_config_tree,
 )
 from gateway.events import Event
 from gateway.filters import FilterError, Predicate, compile_filter
@@ -166,7 +167,7 @@ def load_routes(
     need the plugins included even when the file's shape is invalid too (`hookyard check` and a hot
     reload report the same list)."""
     try:
-        config = load_config(path, allow_empty=allow_empty)
+        config, tree = load_config_tree(path, allow_empty=allow_empty)
     except ConfigError as exc:
         errors = exc.errors
         if exc.partial is not None:  # the parts that are valid on their own: report their errors too
@@ -179,8 +180,11 @@ def load_routes(
                 )
             except ConfigError as more:
                 errors = errors + more.errors
-        raise ConfigError(errors) from None
-    return config, RouteTable.build(config, registry)
+        raise ConfigError(errors if exc.tree is None else in_file_order(errors, exc.tree)) from None
+    try:
+        return config, RouteTable.build(config, registry)
+    except ConfigError as exc:
+        raise ConfigError(in_file_order(exc.errors, tree)) from None
 
 
 def _compile_route(

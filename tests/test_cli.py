@@ -507,6 +507,32 @@ def test_replay_an_id_in_several_sources_needs_source(filled: Path) -> None:
     assert chosen.stdout == "replaying 0 deliveries\n"
 
 
+def test_check_lists_the_errors_in_the_order_of_the_file(tmp_path: Path) -> None:
+    # The shape's errors came first and the plugins' checks after them, each mapping's in the order its
+    # model declares its keys: a reader going down the file met them out of order.
+    config = config_dict(tmp_path)
+    store = {"mode": "upsert", "table": "1x", "url": "ftp://db"}
+    config["routes"][0]["actions"] = [{"id": "db", "use": "store", "with": store, "when": "success"}]
+    config["routes"].append(
+        {"name": "late", "source": "consignly", "actions": [{"use": "log"}], "colour": "red"}
+    )
+    config["listen"] = {"bogus": 1}
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    result = invoke("check", "-c", path)
+    assert result.exit_code == 1
+    places = [line.removeprefix(f"{path}: ").partition(": ")[0] for line in result.stderr.splitlines()]
+    assert places == [
+        "routes[0].actions[0].with.table",
+        "routes[0].actions[0].with.url",
+        "routes[0].actions[0].with.key",  # missing: after the keys that are there
+        "routes[0].actions[0].when",
+        "routes[1].colour",
+        "listen.bogus",
+    ]
+
+
 def test_check_reports_shape_and_routing_errors_in_one_run(tmp_path: Path) -> None:
     config = config_dict(tmp_path)
     config["listen"] = {"bogus": 1}

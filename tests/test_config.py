@@ -591,6 +591,37 @@ routes: [{name: a, source: x, actions: [{with: {}}]}]
     assert len(errors) == 4
 
 
+def test_errors_come_in_the_order_of_the_file() -> None:
+    # pydantic reports a mapping's fields in the order the model declares them, unknown keys last, and
+    # ${VAR} errors came before all of those: a long list did not follow the file a reader walks down.
+    text = """
+sources:
+  x:
+    verify: sometimes
+    tolerance: 0s
+    zzz: 1
+    secrets: ["${NOPE}"]
+    path: relative
+routes:
+  - actions: [{use: forward, concurrency: 0, with: {}, timeout: never}]
+    name: a
+    source: x
+    bogus: 1
+"""
+    assert [error.partition(": ")[0] for error in config_errors(text)] == [
+        "sources.x.verify",
+        "sources.x.tolerance",
+        "sources.x.zzz",
+        "sources.x.secrets[0]",
+        "sources.x.path",
+        # A key that is missing is not in the file: after those that are, of its mapping.
+        "sources.x.provider",
+        "routes[0].actions[0].concurrency",
+        "routes[0].actions[0].timeout",
+        "routes[0].bogus",
+    ]
+
+
 def test_format_location() -> None:
     assert format_location(("routes", 1, "actions", 0, "with_", "url")) == "routes[1].actions[0].with.url"
     assert format_location(("sources", "x", "secrets", 0)) == "sources.x.secrets[0]"

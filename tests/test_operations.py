@@ -1742,16 +1742,16 @@ def test_a_file_that_changes_again_while_it_is_reloaded_is_reloaded_again(
     path = tmp_path / "routes.yaml"
     path.write_text(yaml.safe_dump(users_config(tmp_path, downstream, "/before")))
     final = yaml.safe_dump(users_config(tmp_path, downstream, "/after"))
-    load_config = gateway.routing.load_config
+    load_config_tree = gateway.routing.load_config_tree
 
     def read_then_the_writer_finishes(config_path: Path, **options: Any) -> Any:
         try:
-            return load_config(config_path, **options)
+            return load_config_tree(config_path, **options)
         finally:
             path.write_text(final)
 
     with RunningGateway(path) as gw:
-        monkeypatch.setattr(gateway.routing, "load_config", read_then_the_writer_finishes)
+        monkeypatch.setattr(gateway.routing, "load_config_tree", read_then_the_writer_finishes)
         middle = users_config(tmp_path, downstream, "/middle")
         path.write_text(yaml.safe_dump(middle) if valid else "routes: [")
         result = "success" if valid else "error"

@@ -26,6 +26,7 @@ from typing import Any
 
 import httpx
 import pluggy
+import pytest
 import uvicorn
 import yaml
 from svix.webhooks import Webhook
@@ -271,6 +272,24 @@ def gateway_config(
     }
     config.update(overrides)
     return config
+
+
+def event_loops() -> list[Any]:
+    """asyncio's event loop, and uvloop's (`hookyard serve`'s where it is installed), each to run a gateway
+    in a thread of the test's."""
+    loops: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is an optional speed-up
+        return loops
+
+    class ThreadedUvloop(uvloop.Loop):
+        def add_signal_handler(self, sig: int, callback: Any, *args: Any) -> None:
+            # As asyncio's loop refuses it outside the main thread, which Gateway.serve expects; uvloop's
+            # raises ValueError.
+            raise RuntimeError("signal handlers are the main thread's")
+
+    return [*loops, pytest.param(ThreadedUvloop, id="uvloop")]
 
 
 class RunningGateway:

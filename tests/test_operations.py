@@ -39,6 +39,7 @@ from tests.support import (
     RunningGateway,
     ServerThread,
     bound_socket,
+    event_loops,
     free_port,
     gateway_config,
     self_signed,
@@ -1540,25 +1541,7 @@ def test_idle_https_clients_that_never_close_their_side_do_not_hold_up_the_shutd
     assert took < 3, f"shutdown took {took:.1f}s"
 
 
-def _event_loops() -> list[Any]:
-    """asyncio's event loop, and uvloop's (`hookyard serve`'s where it is installed), each to run a gateway
-    in a thread of the test's."""
-    loops: list[Any] = [pytest.param(asyncio.new_event_loop, id="asyncio")]
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is an optional speed-up
-        return loops
-
-    class ThreadedUvloop(uvloop.Loop):
-        def add_signal_handler(self, sig: int, callback: Any, *args: Any) -> None:
-            # As asyncio's loop refuses it outside the main thread, which Gateway.serve expects; uvloop's
-            # raises ValueError.
-            raise RuntimeError("signal handlers are the main thread's")
-
-    return [*loops, pytest.param(ThreadedUvloop, id="uvloop")]
-
-
-@pytest.mark.parametrize("new_loop", _event_loops())
+@pytest.mark.parametrize("new_loop", event_loops())
 def test_idle_https_connections_are_closed_at_once_as_the_listener_stops(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, new_loop: Any
 ) -> None:

@@ -40,7 +40,8 @@ dropped until it closes its side, or for a second (`LingeringClose`, RFC 9112 §
 no half-close: it is closed at once when its client has sent all it has to send (its requests read whole
 and answered), so that a client reading to the end has the end with the answer, and lingers otherwise.
 An idle connection (at limits.idle_timeout, or as the listener stops) is closed at once, over TLS too: its
-close_notify is sent, and the client's is not waited for.
+close_notify is sent, and the client's is not waited for. So is one still lingering as the listener stops
+(LingeringClose.end).
 
 HTTPS: the TLS handshake is the listener's own (`tls_protocol`), so that a connection counts against
 listen.max_connections, and has a deadline, from the moment it is accepted.
@@ -771,9 +772,15 @@ class LingeringClose(asyncio.Protocol):
     reset (RST), and a client still sending, or not yet reading, reads ECONNRESET instead of the answer."""
 
     def __init__(
-        self, transport: asyncio.Transport, lingering: Lingering, loop: asyncio.AbstractEventLoop
+        self,
+        transport: asyncio.Transport,
+        lingering: Lingering,
+        loop: asyncio.AbstractEventLoop,
+        tcp_transport: asyncio.Transport | None = None,
     ) -> None:
+        """tcp_transport: over TLS, the TCP connection's transport, under `transport` (the TLS layer's)."""
         self.transport = transport
+        self.tcp_transport = tcp_transport
         self.lingering = lingering
         lingering.add(self)
         self.timer = loop.call_later(_LINGER, self.close)
@@ -790,7 +797,7 @@ class LingeringClose(asyncio.Protocol):
         may still be sending: asyncio's TLS layer fails on data that comes after its close_notify
         (APPLICATION_DATA_AFTER_CLOSE_NOTIFY) and resets the connection, the answer unread with it."""
         if not self.received and not self.transport.is_closing() and protocol.all_answered():
-            self.transport.close()  # still lingering (close_all aborts it) until the connection is lost
+            self.transport.close()  # still lingering (close_all ends it) until the connection is lost
 
     def eof_received(self) -> None:
         self.close()
@@ -804,11 +811,25 @@ class LingeringClose(asyncio.Protocol):
         if not self.transport.is_closing():  # else closed by close_if_all_answered: its TLS layer ends it
             self.transport.close()
 
-    def abort(self) -> None:
-        """Close now, waiting for nothing (over TLS, close() waits for the client's close_notify)."""
+    def end(self) -> None:
+        """Close now, waiting for nothing (over TLS, close() waits for the client's close_notify). Over TLS,
+        close_notify is sent first when all that was written has been handed to the kernel: aborted without
+        it, the connection's end reads as a truncation to its client ("EOF occurred in violation of
+        protocol"), after an answer that was whole. With some of it still unsent (its client is not
+        reading), close_notify would only wait behind it: the connection is aborted as it is."""
         self.lingering.discard(self)
         self.timer.cancel()
-        self.transport.abort()
+        transport, tcp = self.transport, self.tcp_transport
+        if (
+            tcp is not None
+            # Closed already (close_if_all_answered): its close_notify has left. And a second close() makes
+            # asyncio's TLS transport let go of its TLS layer, through which abort() reaches the socket.
+            and not transport.is_closing()
+            and not transport.get_write_buffer_size()
+            and not tcp.get_write_buffer_size()
+        ):
+            transport.close()  # its close_notify leaves now, after what was written
+        transport.abort()
 
 
 class Lingering:
@@ -827,10 +848,10 @@ class Lingering:
 
     def close_all(self) -> None:
         """Close them now: the listener has stopped, and its event loop may end before their time is up.
-        Aborted, not closed: a TLS connection's close would wait for the client's close_notify, which a
+        Ended, not closed: a TLS connection's close would wait for the client's close_notify, which a
         client that has not closed its side by now is not sending, and outlive the loop all the same."""
         for close in list(self._closes):
-            close.abort()
+            close.end()
 
 
 class CoalescedWrites:
@@ -888,7 +909,7 @@ class CoalescedWrites:
             return
         self._closed = True
         protocol = transport.get_protocol()
-        lingering = LingeringClose(transport, self._lingering, self._loop)
+        lingering = LingeringClose(transport, self._lingering, self._loop, self._tcp)
         if transport.can_write_eof():
             transport.write_eof()
         elif isinstance(protocol, ListenerProtocol):

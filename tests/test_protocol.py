@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import select
@@ -14,12 +15,19 @@ from typing import Any
 import pytest
 
 from gateway import hookimpl, protocol
-from gateway.app import GC_YOUNG_THRESHOLD
+from gateway.app import GC_YOUNG_THRESHOLD, INGRESS_DRAIN_TIMEOUT
 from gateway.plugins import new_plugin_manager
 from gateway.protocol import CoalescedWrites, Lingering
 from gateway.providers import Provider
 from plugins.svix import SvixProvider
-from tests.support import RunningGateway, gateway_config, self_signed, svix_request, wait_until
+from tests.support import (
+    RunningGateway,
+    event_loops,
+    gateway_config,
+    self_signed,
+    svix_request,
+    wait_until,
+)
 
 
 class RecordingTransport:
@@ -373,9 +381,13 @@ def https_config(tmp_path) -> tuple[dict[str, Any], ssl.SSLContext]:
     return config, ssl.create_default_context(cafile=cert)
 
 
-def tls_socket(url: str, context: ssl.SSLContext) -> ssl.SSLSocket:
+def tls_socket(url: str, context: ssl.SSLContext, suppress_ragged_eofs: bool = True) -> ssl.SSLSocket:
     address = ("127.0.0.1", int(url.rsplit(":", 1)[1]))
-    return context.wrap_socket(socket.create_connection(address, timeout=5), server_hostname="127.0.0.1")
+    return context.wrap_socket(
+        socket.create_connection(address, timeout=5),
+        server_hostname="127.0.0.1",
+        suppress_ragged_eofs=suppress_ragged_eofs,
+    )
 
 
 @pytest.mark.parametrize("name", ["invalid_http_body", "asgi_invalid_http", "asgi_body_too_large"])
@@ -683,6 +695,41 @@ def test_an_https_client_that_reads_to_the_end_has_the_end_with_its_answer(
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 %d " % status)
     assert b"content-length: %d" % len(body) in head.split(b"\r\n")
+
+
+@pytest.mark.parametrize("new_loop", event_loops())
+def test_an_https_connection_lingering_as_the_listener_stops_ends_with_close_notify(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, new_loop: Any
+) -> None:
+    # A connection still lingering after its last answer (a body refused before it ended, which its client
+    # may still be sending) was aborted as the listener stopped: over TLS, with no close_notify, so its
+    # client read "EOF occurred in violation of protocol" after the answer, not the end. Made long, so the
+    # connection still lingers at the stop; and a wait for the client's close_notify would show.
+    monkeypatch.setattr(protocol, "_LINGER", 30.0)
+    monkeypatch.setattr(protocol, "TLS_SHUTDOWN_TIMEOUT", 60.0)
+    config, context = https_config(tmp_path)
+    body, headers = svix_request(msg_id="msg_before_the_stop")
+    webhook = b"".join(
+        [_HEAD]
+        + [f"{name}: {value}\r\n".encode() for name, value in headers.items()]
+        + [f"content-length: {len(body)}\r\n\r\n".encode(), body]
+    )
+    with contextlib.ExitStack() as closing:  # the client's connection, once the gateway has stopped
+        with RunningGateway(config, scheme="https", new_loop=new_loop) as gw:
+            # Ended without close_notify, the connection raises SSLEOFError.
+            sock = tls_socket(gw.url, context, suppress_ragged_eofs=False)
+            closing.callback(sock.close)
+            sock.sendall(webhook)  # a keep-alive connection: answered, and open
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200 ")
+            # Past max_body_bytes: refused at once, and closed after its answer, its body still owed.
+            sock.sendall(_HEAD + b"Connection: close\r\nContent-Length: 5000\r\n\r\n" + b"a" * 100)
+            assert sock.recv(4096).startswith(b"HTTP/1.1 413 ")
+            # Its slot is given up as it lingers: the listener has no connection left to wait for.
+            wait_until(lambda: gw.metric("hookyard_webhook_connections") == 0)
+            started = time.monotonic()
+        took = time.monotonic() - started
+        assert sock.recv(4096) == b""  # close_notify: the end, not a truncation
+    assert took < INGRESS_DRAIN_TIMEOUT / 5, f"the gateway took {took:.1f}s to stop"
 
 
 class ExplodingProvider(SvixProvider):

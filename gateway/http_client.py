@@ -44,6 +44,33 @@ _PATH_SAFE = "/%:@!$&'()*+,;=-._~"
 HEAD_LIMIT = 64 * 1024
 
 
+# A header continued on the next line, which begins with a space or a tab (obs-fold, RFC 9112 §5.2), is
+# refused by llhttp. It unfolds one only under lenient_headers, which would also take NUL and control
+# characters in a value and a space before a name's colon (`Content-Length : 5`, then read as no length),
+# on connections that are reused. Its words for a fold: after a value, and after an empty value (the same
+# words as for a control character, so the head is looked at).
+_FOLDED_AFTER_VALUE = "Unexpected whitespace after header value"
+_FOLDED_AFTER_EMPTY = "Invalid header value char"
+_EMPTY_THEN_FOLDED = re.compile(rb":[ \t]*\r\n[ \t]")
+_VALUE_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+OBS_FOLD = (
+    "a header continues on the next line (obs-fold, obsolete line folding: RFC 9112 section 5.2), which "
+    "Hookyard does not accept; the app must send each header on one line"
+)
+
+
+def parse_error(error: Exception, received: bytes) -> str:
+    """What an answer's parser error says, `received` the data it failed in: llhttp's words, or OBS_FOLD."""
+    reason = str(error)
+    if reason == _FOLDED_AFTER_VALUE:
+        return OBS_FOLD
+    if reason == _FOLDED_AFTER_EMPTY:
+        head = received.partition(b"\r\n\r\n")[0]
+        if _EMPTY_THEN_FOLDED.search(head) and not _VALUE_CONTROL.search(head):
+            return OBS_FOLD
+    return reason
+
+
 class RequestError(Exception):
     """The request could not be made or its answer not read. `connect`: the peer was never reached.
     `unanswered`: the connection ended before a byte of the answer came."""
@@ -322,7 +349,7 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # not one family
-            self._fail(RequestError(f"invalid answer: {exc}"))
+            self._fail(RequestError(f"invalid answer: {parse_error(exc, data)}"))
             self.close()
             return
         if not exchange.status:

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from typing import Any
 
 import pytest
 
+from gateway.http_client import OBS_FOLD
 from tests.support import (
     RunningGateway,
     ServerThread,
     consignly_body,
     consignly_headers,
     gateway_config,
+    raw_server,
     svix_request,
     wait_until,
 )
@@ -220,3 +223,33 @@ def test_a_retry_after_of_digits_outside_ascii_leaves_the_answers_status_and_ret
         assert (outcome.kind, outcome.status_code, outcome.retry_after) == ("retry", 503, None)
 
     asyncio.run(asyncio.wait_for(test(), 10))
+
+
+@pytest.mark.parametrize(
+    "folded",
+    [b"x-trace: a,\r\n b\r\n", b"x-trace:\r\n\tb\r\n"],
+    ids=["continued", "empty_then_continued"],
+)
+def test_an_answer_with_a_folded_header_is_refused_saying_so(tmp_path, folded: bytes) -> None:
+    # A header continued on the next line (obs-fold, RFC 9112 §5.2) is refused by the parser (see
+    # gateway.http_client): the attempt's error said only llhttp's words, "Unexpected whitespace after header
+    # value", or "Invalid header value char", which do not tell the app's owner what to change.
+    requests: list[bytes] = []
+
+    def answer(conn: socket.socket) -> None:
+        requests.append(b"POST")
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n" + folded + b"\r\nok")
+
+    with raw_server(answer) as url:
+        config = gateway_config(tmp_path, routes=[route(f"{url}/hooks/users")])
+        config["defaults"]["retry"] = {"schedule": [], "jitter": 0}
+        with RunningGateway(config) as gw:
+            body, headers = svix_request(msg_id="msg_folded")
+            assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+            wait_until(lambda: gw.metric("hookyard_deliveries_total", outcome="dead") == 1)
+            [detail] = asyncio.run_coroutine_threadsafe(
+                gw.gateway.storage.get_event("msg_folded"), gw.loop
+            ).result(10)
+    [attempt] = detail.attempts[detail.deliveries[0].id]
+    assert attempt.error == f"gave up after 1 attempt: invalid answer: {OBS_FOLD}"
+    assert requests == [b"POST"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.http_client import HeaderError, HttpClient, RequestError, Target
+from gateway.http_client import OBS_FOLD, HeaderError, HttpClient, RequestError, Target
 from tests.support import free_port, self_signed
 
 OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
@@ -412,6 +412,32 @@ def test_an_answer_without_a_body_that_announces_one_costs_the_connection(status
             for _ in range(2):
                 assert (await http.request("POST", target, {}, b"{}")).status == int(status[:3])
         assert server.connections == 2
+
+    run(test)
+
+
+@pytest.mark.parametrize(
+    ("headers", "error"),
+    [
+        (b"x-trace: a,\r\n b\r\n", OBS_FOLD),
+        (b"x-trace: a,\r\n\t b\r\n", OBS_FOLD),
+        (b"x-trace:\r\n b\r\n", OBS_FOLD),
+        # Not a fold: llhttp's words, as before.
+        (b"x-trace: a\x01b\r\n", "Invalid header value char"),
+        (b"x-trace: a\x01b\r\nx-next:\r\n b\r\n", "Invalid header value char"),
+    ],
+    ids=["after_a_value", "tab", "after_an_empty_value", "control_character", "control_character_first"],
+)
+def test_a_folded_header_is_an_error_that_says_so(headers: bytes, error: str) -> None:
+    # llhttp refuses obs-fold (RFC 9112 §5.2) in its strict mode, and unfolds it only under lenient_headers,
+    # which loosens far more (see http_client): refused, the error names it rather than llhttp's words.
+    reply = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n" + headers + b"\r\nok"
+
+    async def test() -> None:
+        async with serving(reply) as (_server, http, target):
+            with pytest.raises(RequestError) as caught:
+                await http.request("POST", target, {}, b"{}")
+            assert str(caught.value) == f"invalid answer: {error}"
 
     run(test)
 

@@ -729,7 +729,8 @@ def test_an_https_connection_lingering_as_the_listener_stops_ends_with_close_not
             started = time.monotonic()
         took = time.monotonic() - started
         assert sock.recv(4096) == b""  # close_notify: the end, not a truncation
-    assert took < INGRESS_DRAIN_TIMEOUT / 5, f"the gateway took {took:.1f}s to stop"
+    # A wait for it would last until the listener's drain timeout at least; a loaded machine stops in far less.
+    assert took < INGRESS_DRAIN_TIMEOUT - 1, f"the gateway took {took:.1f}s to stop"
 
 
 class ExplodingProvider(SvixProvider):

@@ -101,6 +101,8 @@ def check_headers(headers: Mapping[str, str]) -> None:
 # What a host may be written as, with its port: a name or an address (even a bad one, which an error is
 # about), or anything in brackets. Never a ':' followed by anything but digits: that is `user:password`.
 _HOST_AND_PORT = re.compile(r"(?:\[[^\]]*\]|[^:\[\]]*)(?::[0-9]*)?")
+# RFC 3986's scheme: what comes before a "://" is one only if it is one (a password may hold "://").
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def shown_url(url: str) -> str:
@@ -108,25 +110,40 @@ def shown_url(url: str) -> str:
     are left out ("/…" stands for what followed): a chat webhook carries its secret in its path, and a URL
     may hold a password or a token. Where a '/', '?' or '#' left unencoded in a password may have ended the
     host early, only the host after the last '@' is shown, or "…" when that is no host either."""
-    scheme, slashes, rest = url.partition("://")
-    if not slashes:  # `host:port/path` without a scheme, say
-        scheme, rest = "", url
+    scheme, rest = _split_scheme(url)
     end = _first_of("/?#", rest)
-    authority, after = rest[:end], rest[end:]
-    host = authority.rpartition("@")[2]  # never user:password@
-    query = _first_of("?#", rest)
-    if "@" in rest and ("@" in rest[end:query] or not _HOST_AND_PORT.fullmatch(host)):
-        # A '/', '?' or '#' in a password ended the authority early. What came before it may be a host, a
-        # user name (`user/name@host`) or a password's digits (`deploy:2024/pass@host`): not shown.
-        if _HOST_AND_PORT.fullmatch(host):
-            return f"{scheme}{slashes}…"
-        # It is no host (`user:pa` of `user:pa/ss@host`): the host follows the last '@'.
-        start = rest.rfind("@", 0, query) + 1
-        end = start + _first_of("/?#", rest[start:])
-        host, after = rest[start:end], rest[end:]
-        if not start or not _HOST_AND_PORT.fullmatch(host):
-            return f"{scheme}{slashes}…"
-    return f"{scheme}{slashes}{host}{after if after in ('', '/') else '/…'}"
+    at = rest.rfind("@")
+    if at < end:  # no '@', or every '@' before the path: whatever holds a password is before the last one
+        return _host_and_rest(scheme, rest[at + 1 : end], rest[end:])
+    # An '@' after the first '/', '?' or '#': in the path or the query, or in a password holding one of them.
+    authority_host = rest[:end].rpartition("@")[2]
+    if ":" not in rest[:at] and _first_of("?#", rest) < rest.find("@", end):
+        # No password without a ':' before it, and a '?' or '#' before the '@' makes it the query's
+        # (`/hook?to=ops@example.com`), not a user name's (`user/name@host`).
+        return _host_and_rest(scheme, authority_host, rest[end:])
+    if _HOST_AND_PORT.fullmatch(authority_host) or _first_of("?#", rest) < at:
+        # What is before the first '/' may be a host, a user name (`user/name@host`) or a password's digits
+        # (`deploy:2024/pass@host`); and an '@' after a '?' or '#' may be a query's, whose token the host
+        # after it would be part of: nothing is shown.
+        return f"{scheme}…"
+    # It is no host (`user:pa` of `user:pa/ss@host`): the host follows the last '@'.
+    after = rest[at + 1 :]
+    end = _first_of("/?#", after)
+    if not _HOST_AND_PORT.fullmatch(after[:end]):
+        return f"{scheme}…"
+    return _host_and_rest(scheme, after[:end], after[end:])
+
+
+def _split_scheme(url: str) -> tuple[str, str]:
+    """`scheme://` (or "" for `host:port/path` without one, say) and what follows it."""
+    found = _SCHEME.match(url)
+    if found is None:
+        return "", url
+    return found.group(), url[found.end() :]
+
+
+def _host_and_rest(scheme: str, host: str, after: str) -> str:
+    return f"{scheme}{host}{after if after in ('', '/') else '/…'}"
 
 
 def _first_of(marks: str, text: str) -> int:

@@ -9,6 +9,8 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.config import ConfigError, load_config, parse_config
 from gateway.events import Event
@@ -734,10 +736,36 @@ def test_a_url_urlsplit_cannot_read_is_refused_without_its_password(registry: Re
         # What is before the first '/' may be a host, or a user name or digits of a password with a '/'.
         ("http://deploy:2024/pass@host/x", "http://…"),
         ("http://user/name@host/x", "http://…"),
+        # A '?' or '#' in a password, before an '@' of its own, or after a '/': each '@' may end it.
+        ("http://user:@pa?ss@host/x", "http://…"),
+        ("http://user:pa@ss?x@host/x", "http://…"),
+        ("http://user:p/a@b?c@host/x", "http://…"),
+        ("http://ops:pa@app/x?to=a@b", "http://…"),
+        # "://" in a password is no scheme's: `user:pa` is none.
+        ("user:pa://ss@host:3000/hooks", "host:3000/…"),
     ],
 )
 def test_a_shown_url_holds_no_part_of_a_password(url: str, shown: str) -> None:
     assert shown_url(url) == shown
+
+
+# A password's letters are upper case, and nothing else in the URL has one: none may be shown.
+PASSWORD = st.text(alphabet="PQRS/?#@:%.[]", min_size=1, max_size=10).map(lambda text: f"P{text}")
+
+
+@settings(max_examples=500, database=None, deadline=None)
+@given(
+    scheme=st.sampled_from(["http://", "https://", ""]),
+    user=st.sampled_from(["", "ops", "a.b", "a/b"]),
+    password=PASSWORD,
+    host=st.sampled_from(["app", "app:8080", "[::1]:9000", "10.0.0.1", "ho:st"]),
+    after=st.sampled_from(["", "/", "/hook", "/a@b", "?to=a@b", "/p?q=1#f", "#f@g"]),
+)
+def test_a_shown_url_holds_no_part_of_any_password(
+    scheme: str, user: str, password: str, host: str, after: str
+) -> None:
+    url = f"{scheme}{user}:{password}@{host}{after}"
+    assert not any(char in "PQRS" for char in shown_url(url)), url
 
 
 PORT = "its port is not a number from 1 to 65535"

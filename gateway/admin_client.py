@@ -10,7 +10,7 @@ from urllib.parse import quote
 import httpx
 
 from gateway.admin import NO_ENDPOINT
-from gateway.http_client import shown_url
+from gateway.http_client import shown_url_with_path
 from gateway.operations import OperationError
 from gateway.replay import ReplayPage
 
@@ -42,6 +42,8 @@ class RemoteOperations:
     ) -> None:
         """given_as: where the user gave the URL (`--admin-url`, `$HOOKYARD_ADMIN_URL`), to name in errors."""
         self.given_as = given_as
+        # As the user gave it, path and all, without its credentials: what errors name.
+        self.shown_url = shown_url_with_path(url.rstrip("/"))
         # As UTF-8 bytes, as the gateway reads it: httpx encodes a str value as ASCII, and a token beyond
         # ASCII (which ops.admin_token may be) would end the command with a UnicodeEncodeError.
         headers = {b"authorization": f"Bearer {token.strip()}".encode()} if token else {}
@@ -57,10 +59,9 @@ class RemoteOperations:
         try:
             response = await self.client.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            # The URL without its credentials, as every URL in an error.
             raise OperationError(
                 503,
-                f"cannot reach the admin API at {shown_url(str(self.client.base_url))}: {exc}",
+                f"cannot reach the admin API at {self.shown_url}: {exc}",
             ) from None
         try:
             body: Any = response.json()
@@ -76,12 +77,12 @@ class RemoteOperations:
 
     def _not_the_ops_listener(self, response: httpx.Response) -> str:
         """What the answer shows, no more: another listener, a proxy, or a base URL with a path of its own
-        (GET /admin/admin/events) all look so. The path asked for is shown whole, the URL as every URL in
-        an error."""
+        (GET /admin/admin/events) all look so. The path asked for is shown whole, and the URL as given,
+        without its credentials."""
         tried = response.request.url.raw_path.partition(b"?")[0].decode("ascii")
         text = " ".join(response.text[:200].split()) or "with no body"
         return (
-            f"{self.given_as} {shown_url(str(self.client.base_url))} does not answer as Hookyard's ops listener: "
+            f"{self.given_as} {self.shown_url} does not answer as Hookyard's ops listener: "
             f"{response.request.method} {tried} answered {response.status_code} {text}"
         )
 

@@ -445,13 +445,12 @@ def send(
     concurrency: int,
 ) -> None:
     """Send a test event, signed exactly as SOURCE's provider signs it, and print the answer."""
-    from gateway.http_client import shown_url
+    from gateway.http_client import shown_url_with_path
     from gateway.sender import build_request, listen_url, send_many
     from gateway.sender import send as post
 
     table, path, body, headers = _signed_request(config_path, source, event_type, data, event_id)
-    base = (url or listen_url(table)).rstrip("/")
-    target = base + path
+    target = (url or listen_url(table)).rstrip("/") + path
     _check_target(target)
     if count > 1:
         if event_id is not None:
@@ -464,8 +463,8 @@ def send(
     try:
         response = post(target, body, headers)
     except Exception as exc:
-        # The base URL without its credentials; the source's path, from the config, is no secret.
-        click.echo(f"cannot reach {shown_url(base).removesuffix('/')}{path}: {exc}", err=True)
+        # Where it was sent, path and all (--url may have a path of its own), without the credentials.
+        click.echo(f"cannot reach {shown_url_with_path(target)}: {exc}", err=True)
         raise SystemExit(1) from None
     click.echo(f"{response.status_code} {response.text}")
     if not response.is_success:
@@ -477,7 +476,7 @@ def _check_target(target: str, option: str = "--url", example: str = "http://127
     failed request."""
     import httpx
 
-    from gateway.http_client import shown_url
+    from gateway.http_client import shown_url_with_path
 
     try:
         parsed = httpx.URL(target)
@@ -489,10 +488,10 @@ def _check_target(target: str, option: str = "--url", example: str = "http://127
             problem = (
                 "it cannot be read; a '/', '?' or '#' in a user name or password must be percent-encoded"
             )
-        raise click.BadParameter(f"{shown_url(target)!r}: {problem}", param_hint=option) from None
+        raise click.BadParameter(f"{shown_url_with_path(target)!r}: {problem}", param_hint=option) from None
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise click.BadParameter(
-            f"{shown_url(target)!r} is not an http(s) URL, e.g. {example}", param_hint=option
+            f"{shown_url_with_path(target)!r} is not an http(s) URL, e.g. {example}", param_hint=option
         )
 
 

@@ -134,6 +134,18 @@ def shown_url(url: str) -> str:
     return _host_and_rest(scheme, after[:end], after[end:])
 
 
+def shown_url_with_path(url: str) -> str:
+    """`url` without its credentials, but with its path and query: for a URL the user gave on the command
+    line (`--url`, `--admin-url`), whose path is theirs to see and no secret of a config. Where a '/', '?' or
+    '#' left unencoded in a password makes it ambiguous which '@' ends the credentials, everything before
+    the last '@' is left out ("…@" stands for it): a password may hold any character."""
+    scheme, rest = _split_scheme(url)
+    at = rest.rfind("@")
+    if at < _first_of("/?#", rest):  # no '@', or every '@' before the path: userinfo as URL parsers read it
+        return f"{scheme}{rest[at + 1 :]}"
+    return f"{scheme}…@{rest[at + 1 :]}"
+
+
 def _split_scheme(url: str) -> tuple[str, str]:
     """`scheme://` (or "" for `host:port/path` without one, say) and what follows it."""
     found = _SCHEME.match(url)

@@ -695,7 +695,7 @@ def test_an_admin_url_that_is_not_the_ops_listener_says_so(
         nested = runner.invoke(main, [*command, "--admin-url", base])
         assert nested.exit_code == 1, nested.output
         assert nested.stderr == (
-            f"hookyard: --admin-url {gw.ops_url}/… does not answer as Hookyard's ops listener: {method} "
+            f"hookyard: --admin-url {base} does not answer as Hookyard's ops listener: {method} "
             f"/admin{path} answered 404 "
             f'{{"error":"no admin endpoint {method} /admin{path}; see /admin/openapi.json"}}\n'
         )

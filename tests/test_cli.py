@@ -841,6 +841,29 @@ def test_send_to_a_closed_port_shows_the_url_without_its_password(tmp_path: Path
         assert f"cannot reach http://127.0.0.1:{port}/webhooks/consignease" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("credentials", "shown"),
+    [
+        ("user:s3cr3t@", "http://127.0.0.1:{port}/gateway/webhooks/consignease"),
+        # A '/' in the password: which '@' ends it is ambiguous, so all before the last one is left out.
+        ("user:s3/cr3t@", "'http://…@127.0.0.1:{port}/gateway/webhooks/consignease'"),
+    ],
+)
+def test_send_shows_the_urls_own_path_without_its_password(
+    tmp_path: Path, credentials: str, shown: str
+) -> None:
+    """The path of --url (a gateway behind a proxy, say) was shown as /…, as a config error shows a URL."""
+    path = write_config(tmp_path, config_dict(tmp_path))
+    port = free_port()
+    url = f"http://{credentials}127.0.0.1:{port}/gateway"
+    result = CliRunner().invoke(
+        main, ["send", "-c", str(path), "consignease", "--type", "user.created", "--url", url]
+    )
+    assert result.exit_code in (1, 2), result.output
+    assert shown.format(port=port) in result.stderr, result.stderr
+    assert "s3" not in result.stderr and "cr3t" not in result.stderr, result.stderr
+
+
 ADMIN_COMMANDS = [["events", "list"], ["events", "show", "evt_1"], ["replay", "evt_1"]]
 
 
@@ -862,6 +885,17 @@ def test_an_admin_url_shows_no_part_of_its_password(command: list[str], credenti
     assert result.exit_code in (1, 2), result.output
     assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
     assert "s3cr3t" not in result.output and "x9y" not in result.output, result.output
+
+
+@pytest.mark.parametrize("command", ADMIN_COMMANDS)
+def test_an_unreachable_admin_url_is_shown_with_its_path_without_its_password(command: list[str]) -> None:
+    port = free_port()
+    result = CliRunner().invoke(
+        main, [*command, "--admin-url", f"http://ops:s3cr3t@127.0.0.1:{port}/hookyard/"]
+    )
+    assert result.exit_code == 1, result.output
+    assert f"cannot reach the admin API at http://127.0.0.1:{port}/hookyard: " in result.stderr, result.stderr
+    assert "s3cr3t" not in result.output, result.output
 
 
 ADMIN_CALLS = [

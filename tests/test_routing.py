@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from gateway.config import ConfigError, load_config, parse_config
 from gateway.events import Event
-from gateway.http_client import shown_url
+from gateway.http_client import shown_url, shown_url_with_path
 from gateway.plugins import Registry, new_plugin_manager
 from gateway.routing import PlannedAction, RouteTable
 from plugins.consignly import ConsignlyProvider
@@ -765,7 +765,25 @@ def test_a_shown_url_holds_no_part_of_any_password(
     scheme: str, user: str, password: str, host: str, after: str
 ) -> None:
     url = f"{scheme}{user}:{password}@{host}{after}"
-    assert not any(char in "PQRS" for char in shown_url(url)), url
+    for shown in (shown_url(url), shown_url_with_path(url)):
+        assert not any(char in "PQRS" for char in shown), (url, shown)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("http://127.0.0.1:8080/gateway/webhooks/x?a=1", "http://127.0.0.1:8080/gateway/webhooks/x?a=1"),
+        ("http://user:secret@app:8080/gateway", "http://app:8080/gateway"),
+        ("https://ops:p@ss@[::1]:9000/hookyard/", "https://[::1]:9000/hookyard/"),
+        ("app:8080/gateway", "app:8080/gateway"),
+        # Which '@' ends the password is ambiguous: all before the last one is left out.
+        ("http://user:pa/ss@host:8080/gateway", "http://…@host:8080/gateway"),
+        ("http://user:pa?ss@host/x", "http://…@host/x"),
+        ("http://app/hook?to=ops@example.com", "http://…@example.com"),
+    ],
+)
+def test_a_url_shown_with_its_path_holds_no_part_of_a_password(url: str, shown: str) -> None:
+    assert shown_url_with_path(url) == shown
 
 
 PORT = "its port is not a number from 1 to 65535"

@@ -29,6 +29,7 @@ from gateway.delivery import Engine, build_actions
 from gateway.http_client import HttpClient, default_ssl_context
 from gateway.ingress import Ingress
 from gateway.launch import sigterm_caught
+from gateway.logs import serving_listener
 from gateway.metrics import Metrics
 from gateway.ops import ops_app
 from gateway.plugins import Registry, plugin_manager
@@ -93,7 +94,17 @@ def collect_less() -> None:
 
 
 class _Server(uvicorn.Server):
-    """A uvicorn server that leaves signals to the Gateway, which runs two of them."""
+    """A uvicorn server that leaves signals to the Gateway, which runs two of them, and whose log lines
+    name its listener (`webhook` or `ops`)."""
+
+    def __init__(self, config: uvicorn.Config, listener: str) -> None:
+        super().__init__(config)
+        self.listener = listener
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        # Set in the server's own task (each is one, see Gateway.serve): the other listener's keep theirs.
+        serving_listener.set(self.listener)
+        await super().serve(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -404,10 +415,12 @@ class Gateway:
         if self._tls is not None:
             # The handshake is the listener's, not asyncio's: see tls_protocol.
             ingress_config.http = tls_protocol(protocol, self.ingress, self._tls)
-        ingress = self._ingress_server = _Server(ingress_config)
+        ingress = self._ingress_server = _Server(ingress_config, "webhook")
         connections = ingress.server_state.connections  # read at each scrape: nothing per connection
         self.metrics.webhook_connections.set_function(lambda: len(connections))
-        ops = _Server(self._uvicorn_config(self.ops, ops_config.host, ops_config.port, OPS_DRAIN_TIMEOUT))
+        ops = _Server(
+            self._uvicorn_config(self.ops, ops_config.host, ops_config.port, OPS_DRAIN_TIMEOUT), "ops"
+        )
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
         if hups:

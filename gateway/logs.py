@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from contextvars import ContextVar
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
@@ -16,6 +17,25 @@ class _DropColorMessage(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         record.__dict__.pop("color_message", None)
         return True
+
+
+# The listener whose uvicorn server runs in this task. `hookyard serve` runs two in one process, and
+# uvicorn's own lines ("Started server process [PID]", "Shutting down", "Waiting for connections to
+# close") would otherwise come twice without saying which listener each is about.
+serving_listener: ContextVar[str | None] = ContextVar("serving_listener", default=None)
+
+
+class _NameTheListener(logging.Filter):
+    """Gives uvicorn's lines a `listener` field: `webhook` or `ops`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        listener = serving_listener.get()
+        if listener is not None:
+            record.listener = listener
+        return True
+
+
+_NAME_THE_LISTENER = _NameTheListener()
 
 
 # What every LogRecord has: anything else on a record is a field given with `extra=`.
@@ -67,5 +87,6 @@ def configure_logging(level: str = "info", fmt: str = "json") -> None:
     root.setLevel(level.upper())
     # uvicorn's access log would write a line per webhook; Hookyard's own metrics and logs cover it.
     logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("uvicorn.error").addFilter(_NAME_THE_LISTENER)  # added once, however often called
     # httpx logs every request's full URL at INFO; a chat webhook's URL is a secret.
     logging.getLogger("httpx").setLevel(logging.WARNING)

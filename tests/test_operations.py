@@ -7,6 +7,7 @@ import contextlib
 import copy
 import gc
 import io
+import json
 import logging
 import os
 import signal
@@ -1894,3 +1895,21 @@ def test_a_refused_reload_never_logs_a_urls_credentials_or_secret_path(
     assert errors[0].startswith("routes[0].actions[0].with.url: 'https://app.example/…': credentials")
     assert errors[1] == "routes[0].actions[1].with.url: 'htps://hooks.slack.example/…' is not an http(s) URL"
     assert errors[2] == "routes[0].actions[2].with.url: 'ftp://files.example/…' is not an http(s) URL"
+
+
+def test_uvicorns_lines_name_the_listener_they_are_about(tmp_path: Path, downstream: Downstream) -> None:
+    """Both listeners are uvicorn servers: "Started server process [PID]" and "Shutting down" came twice,
+    with nothing to tell which listener each was about."""
+    config = users_config(tmp_path, downstream, "/app")
+    config["log"] = {"level": "info"}
+    process, _ = start_process(tmp_path, config)
+    assert process.terminate() == 0
+    records = [json.loads(line) for line in process.log_path.read_text().splitlines()]
+    uvicorns = [
+        (record["message"], record.get("listener"))
+        for record in records
+        if record["logger"] == "uvicorn.error"
+    ]
+    for message in ("Started server process [{}]", "Shutting down", "Finished server process [{}]"):
+        said = [listener for text, listener in uvicorns if text == message.format(process.process.pid)]
+        assert sorted(said) == ["ops", "webhook"], uvicorns

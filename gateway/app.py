@@ -429,6 +429,15 @@ class Gateway:
             asyncio.create_task(ingress.serve(ingress_sockets), name="hookyard-ingress"),
             asyncio.create_task(ops.serve(ops_sockets), name="hookyard-ops"),
         ]
+        # uvicorn names no address when it is handed bound sockets: the addresses bound, a port 0 resolved.
+        scheme = "https" if self._tls is not None else "http"
+        log.info(
+            "listening",
+            extra={
+                "webhook": [f"{scheme}://{socket_address(sock)}" for sock in ingress_sockets],
+                "ops": [f"http://{socket_address(sock)}" for sock in ops_sockets],
+            },
+        )
         watcher = None
         if self.config_path is not None and self.config.reload.watch:
             watcher = asyncio.create_task(self._watch_config(), name="hookyard-config-watch")
@@ -555,6 +564,12 @@ def tls_context(tls: TLS) -> ssl.SSLContext:
         reason = exc.strerror if exc.strerror else str(exc)
         raise OSError(f"cannot load listen.tls ({tls.cert}, {tls.key}): {reason}") from None
     return context
+
+
+def socket_address(sock: socket.socket) -> str:
+    """HOST:PORT of a bound socket, an IPv6 host in brackets as in a URL."""
+    host, port = sock.getsockname()[:2]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

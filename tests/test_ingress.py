@@ -416,7 +416,7 @@ def test_an_insecure_source_is_warned_about_at_start(tmp_path, downstream: Downs
         "scratch": {"path": "/webhooks/scratch", "provider": "none", "insecure": True},
     }
     config = gateway_config(tmp_path, downstream.url, sources=sources, routes=[], log={"level": "info"})
-    process, _ = serve_process(tmp_path, config)
+    process, webhook_url = serve_process(tmp_path, config)
     process.start()
     try:
         records = log_lines(process)
@@ -429,6 +429,10 @@ def test_an_insecure_source_is_warned_about_at_start(tmp_path, downstream: Downs
     ]
     ready = [record for record in records if record["message"] == "hookyard ready"]
     assert len(ready) == 1 and records.index(warnings[0]) < records.index(ready[0])
+    # Where it listens, as bound: uvicorn names no address for sockets it is handed.
+    [listening] = [record for record in records if record["message"] == "listening"]
+    assert listening["webhook"] == [webhook_url] and listening["ops"] == [process.ops_url]
+    assert records.index(ready[0]) < records.index(listening)
 
 
 def test_json_logs_name_the_event_and_source_and_never_a_secret_or_the_body(

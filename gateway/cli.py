@@ -446,11 +446,11 @@ def send(
 ) -> None:
     """Send a test event, signed exactly as SOURCE's provider signs it, and print the answer."""
     from gateway.http_client import shown_url_with_path
-    from gateway.sender import build_request, listen_url, send_many
+    from gateway.sender import build_request, listen_url, send_many, source_url
     from gateway.sender import send as post
 
     table, path, body, headers = _signed_request(config_path, source, event_type, data, event_id)
-    target = (url or listen_url(table)).rstrip("/") + path
+    target = source_url(url or listen_url(table), path)
     _check_target(target)
     if count > 1:
         if event_id is not None:
@@ -509,10 +509,10 @@ def sign(
     """Print a curl command that sends a signed test event (the signature's timestamp starts now)."""
     import shlex
 
-    from gateway.sender import listen_url
+    from gateway.sender import listen_url, source_url
 
     table, path, body, headers = _signed_request(config_path, source, event_type, data, event_id)
-    target = (url or listen_url(table)).rstrip("/") + path
+    target = source_url(url or listen_url(table), path)
     parts = ["curl", "-sS", "-X", "POST", shlex.quote(target)]
     for name, value in headers.items():
         parts += ["-H", shlex.quote(f"{name}: {value}")]

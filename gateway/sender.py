@@ -8,6 +8,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import orjson
@@ -65,6 +66,16 @@ def listen_url(table: RouteTable) -> str:
         host = f"[{host}]"
     scheme = "https" if listen.tls is not None else "http"
     return f"{scheme}://{host}:{listen.port}"
+
+
+def source_url(base: str, path: str) -> str:
+    """Where a source's webhooks go through `base` (--url): its path after the base's own path, and the
+    base's query after both, where appending would have put the path inside the query."""
+    try:
+        parts = urlsplit(base)
+    except ValueError:  # unreadable (`http://[::1`): left whole, for the URL check to name it
+        return base.rstrip("/") + path
+    return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path, fragment=""))
 
 
 def send(url: str, body: bytes, headers: dict[str, str], timeout: float = 10.0) -> httpx.Response:

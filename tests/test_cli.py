@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -799,6 +800,23 @@ def test_send_and_sign_bracket_an_ipv6_listen_address(tmp_path: Path) -> None:
     result = invoke("sign", "-c", path, "consignease", "--type", "user.created")
     assert result.exit_code == 0
     assert " 'http://[::1]:8081/webhooks/consignease' " in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("url", "target"),
+    [
+        ("http://127.0.0.1:8080/", "http://127.0.0.1:8080/webhooks/consignease"),
+        ("http://127.0.0.1:8080/gw/", "http://127.0.0.1:8080/gw/webhooks/consignease"),
+        # The query stays a query: appended, the source's path went into it.
+        ("http://127.0.0.1:8080/gw?tenant=a", "http://127.0.0.1:8080/gw/webhooks/consignease?tenant=a"),
+        ("http://127.0.0.1:8080/?tenant=a#top", "http://127.0.0.1:8080/webhooks/consignease?tenant=a"),
+    ],
+)
+def test_sign_puts_the_sources_path_after_the_urls_own_path(tmp_path: Path, url: str, target: str) -> None:
+    path = write_config(tmp_path, config_dict(tmp_path))
+    result = invoke("sign", "-c", path, "consignease", "--type", "user.created", "--url", url)
+    assert result.exit_code == 0, result.output
+    assert f" {shlex.quote(target)} " in result.stdout, result.stdout
 
 
 @pytest.mark.parametrize("count", ["1", "3"])

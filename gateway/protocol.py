@@ -6,8 +6,8 @@ build an ASGI cycle for it and run the app in a task of its own, with receive() 
 the request goes through the same steps as in the ASGI app (gateway.ingress.Ingress: admit, accept, store,
 answer), called from the parser's callbacks, and its answer is written from the storage commit's callback.
 No task, no coroutine, no ASGI message: on a webhook listener that is most of what a request costs beyond
-its own work. Everything else (other paths and methods, `Expect: 100-continue`) goes to the ASGI app as
-usual. A webhook that is the connection's only request in progress (the common case: not pipelined behind
+its own work. Everything else (other paths and methods, `Expect: 100-continue` in HTTP/1.1) goes to the
+ASGI app as usual. A webhook that is the connection's only request in progress (the common case: not pipelined behind
 another) does not even get uvicorn's request cycle, with its asyncio.Event and its parsed URL: a `FastCycle`
 holds what the protocol reads of it.
 
@@ -346,6 +346,10 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
             if parser.should_upgrade():
                 self._ignore_upgrade(cycle)
                 return
+            if self.expect_100_continue and parser.get_http_version() == "1.0":
+                # HTTP/1.0 has no 1xx answers: its client would read `100 Continue` as the answer. The
+                # expectation is ignored (RFC 9110 §10.1.1), and the webhook taken as any other.
+                self.expect_100_continue = False
             if (
                 (cycle is None or cycle.response_complete)  # not pipelined behind a request in progress
                 and parser.get_method() == b"POST"

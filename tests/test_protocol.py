@@ -569,6 +569,23 @@ def test_a_sender_that_expects_100_continue_is_served_by_the_asgi_app(tmp_path) 
     assert (status, json.loads(answer)) == (200, {"id": "msg_continue", "status": "accepted"})
 
 
+def test_an_http_1_0_sender_that_expects_100_continue_gets_no_1xx_and_the_same_answer(tmp_path) -> None:
+    # HTTP/1.0 has no 1xx answers: a client reads `100 Continue` as the final answer (RFC 9110 §15.2), so
+    # the expectation is ignored (§10.1.1) and the webhook is answered as it would be without it.
+    answers = []
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        for n, extra in enumerate(["", "Expect: 100-continue\r\n"]):
+            with Connection(gw.url) as conn:
+                conn.send(signed(f"msg_http_1_0_{n}", extra=extra, version="1.0"))
+                answers.append(conn.answer())
+                assert conn.closed_by_server()
+        accepted = gw.metric("hookyard_webhooks_received_total", source="consignease", outcome="accepted")
+    assert [
+        (status, headers["connection"], json.loads(body)["status"]) for status, headers, body in answers
+    ] == [(200, "close", "accepted")] * 2
+    assert accepted == 2
+
+
 # What Java's HttpClient (and Spring's RestClient on it) sends with every cleartext request.
 _H2C = (
     "Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n"

@@ -291,19 +291,18 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
                 cycle.keep_alive = False
                 self._refuse(webhook, invalid_http(error))
                 return
-            if self.pipeline and self.pipeline[0][0] is cycle and cycle.more_body:
-                self.pipeline.popleft()  # queued, and its own body is malformed: the 400 is its answer
-                waiting = True
-            elif cycle is not None and cycle.response_complete and cycle.more_body:
+            if cycle is not None and cycle.response_complete and cycle.more_body:
                 # The rest of a body whose request is answered already (refused, read to be dropped): no
                 # request is left to answer, and a 400 would be read as the answer to the next one. (What
                 # its client still sends is dropped as the connection lingers: see CoalescedWrites.close.)
                 self.transport.close()
                 return
             elif cycle is not None and cycle.more_body:
-                # The body of a request the ASGI app has (a webhook that expects 100 Continue): the app
-                # refuses it as the fast path does, `invalid_http` under its source, where a 400 from here
-                # would close the connection under it and have it count the client as gone.
+                # The body of a request the ASGI app has (a webhook that expects 100 Continue), or of one
+                # queued behind the requests in progress (pipelined): it is refused once started, as the
+                # fast path refuses its own, `invalid_http` under its source (_begin, or the app). A 400
+                # from here would close the connection under the app and have it count the client as
+                # gone, or answer a queued webhook under no source.
                 cast(dict[str, Any], cycle.scope)[MALFORMED_BODY] = error
                 cycle.keep_alive = False  # nothing after it can be read
                 cycle.message_event.set()
@@ -391,8 +390,12 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
                 self._refuse(webhook, rejection)
             else:
                 limit = limits().max_body_bytes
+                malformed = cast(dict[str, Any], cycle.scope).get(MALFORMED_BODY)
                 if len(cycle.body) > limit:  # queued behind another request, its body came in meanwhile
                     self._refuse(webhook, too_large(limit))
+                elif malformed is not None:  # queued, and the parser failed on its body meanwhile
+                    self._refuse(webhook, invalid_http(malformed))
+                    return  # nothing more of it can be read: its answer closes the connection
                 elif not cycle.more_body:
                     self._received(webhook)
                     return

@@ -1,7 +1,8 @@
 """A corpus of bad (and tricky but valid) webhook requests against a real server: each gets the status
 docs/errors.md gives its reason (read from the table there, so docs and behaviour cannot drift), nothing
 answers 5xx but a 501 for a transfer coding the listener does not understand, and every rejection is
-counted in hookyard_webhook_rejections_total{source, reason}."""
+counted in hookyard_webhook_rejections_total{source, reason}. And each is answered alike by both of the
+listener's doors: its fast path and the ASGI app."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -36,6 +38,7 @@ class Request:
     body: bytes
     headers: dict[str, str] = field(default_factory=dict)
     method: str = "POST"
+    version: str = "1.1"
     # Header lines sent as they are, after `headers`: a name may repeat (httpx sends each pair as a line).
     lines: list[tuple[str, str]] = field(default_factory=list)
 
@@ -417,3 +420,115 @@ def test_a_transfer_coding_other_than_chunked_is_refused_501(gw: RunningGateway,
         "hookyard_webhook_rejections_total", source="consignease", reason="unsupported_transfer_encoding"
     )
     assert counted == rejections + 1
+
+
+# -- the same request through both doors ------------------------------------------------------------------
+#
+# A POST to a source's path is taken by the listener's fast path, straight from the HTTP parser; one whose
+# sender expects `100 Continue` by the ASGI app. A sender must not be able to tell them apart: the same
+# status, reason, headers and metrics.
+
+# Answer headers a sender may act on.
+_COMPARED_HEADERS = ("content-type", "retry-after", "allow", "connection")
+# Counters of what the listener did with a request, every label included.
+_COUNTERS = (
+    "hookyard_webhooks_received_total",
+    "hookyard_webhook_rejections_total",
+    "hookyard_webhooks_unverified_total",
+    "hookyard_ingest_duration_seconds_count",
+)
+
+
+def counters(gw: RunningGateway) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    exposition = gw.client.get(gw.ops_url + "/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if sample.name in _COUNTERS
+    }
+
+
+def through_door(
+    gw: RunningGateway, request: Request, expect: bool, chunked: bool = False
+) -> tuple[Any, ...]:
+    """Send `request` on a connection of its own (with `Expect: 100-continue`: its body only once asked
+    for, if it is); what a sender sees of the answer, and what the metrics counted."""
+    body = request.body
+    if chunked:
+        body = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    lines = [
+        *request.header_lines(),
+        ("transfer-encoding", "chunked") if chunked else ("content-length", str(len(body))),
+    ]
+    if expect:
+        lines.append(("expect", "100-continue"))
+    head = f"{request.method} {request.path} HTTP/{request.version}\r\nHost: x\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in lines) + "\r\n"
+    before = counters(gw)
+    host, port = gw.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as sock, sock.makefile("rb") as reader:
+        # In HTTP/1.0, which has no 1xx answers, the body goes at once.
+        sock.sendall(head.encode() if expect and request.version != "1.0" else head.encode() + body)
+        status, headers = read_head(reader)
+        if status == 100 and request.version != "1.0":  # an HTTP/1.0 client reads it as the answer
+            sock.sendall(body)
+            status, headers = read_head(reader)
+        length = 0 if request.method == "HEAD" else int(headers.get("content-length", "0"))
+        answer = json.loads(reader.read(length)) if length else None
+    if isinstance(answer, dict):
+        answer.pop("id", None)  # each request has an id of its own
+    after = counters(gw)
+    counted = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    shown = {name: value for name, value in headers.items() if name in _COMPARED_HEADERS}
+    return status, shown, answer, counted
+
+
+def read_head(reader: Any) -> tuple[int, dict[str, str]]:
+    status = int(reader.readline().split()[1])
+    headers = {}
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers
+
+
+def duplicate() -> Request:
+    return svix(svix_body(data={"id": "user_duplicate"}), extra={"svix-id": "msg_sent_twice"})
+
+
+# Requests besides the corpus: framing, connection and path, and a duplicate.
+DOOR_CASES: dict[str, tuple[Callable[[], Request], bool]] = {
+    "chunked": (lambda: svix(), True),
+    "chunked over the limit": (lambda: svix(svix_body(data={"pad": "x" * LIMIT})), True),
+    "chunked, empty": (lambda: svix(b""), True),
+    "connection close": (lambda: svix(extra={"connection": "close"}), False),
+    "connection close, refused": (lambda: svix(signature="v1,", extra={"connection": "close"}), False),
+    "a query string": (lambda: (lambda r: (setattr(r, "path", r.path + "?tenant=a"), r)[1])(svix()), False),
+    "percent-encoded path": (
+        lambda: (lambda r: (setattr(r, "path", "/webhooks/%63onsignease"), r)[1])(svix()),
+        False,
+    ),
+    "HTTP/1.0": (lambda: (lambda r: (setattr(r, "version", "1.0"), r)[1])(svix()), False),
+    "HTTP/1.0, refused": (
+        lambda: (lambda r: (setattr(r, "version", "1.0"), r)[1])(svix(signature="v1,")),
+        False,
+    ),
+    "HEAD": (lambda: with_method(Request("/webhooks/consignease", b""), "HEAD"), False),
+    "OPTIONS": (lambda: with_method(Request("/webhooks/consignease", b""), "OPTIONS"), False),
+    "duplicate": (duplicate, False),
+}
+DOOR_CASES.update({name: (make, False) for name, make, _, _ in CASES})
+
+
+@pytest.mark.parametrize(("make", "chunked"), DOOR_CASES.values(), ids=DOOR_CASES)
+def test_the_fast_path_and_the_asgi_app_answer_a_request_alike(
+    gw: RunningGateway, make: Callable[[], Request], chunked: bool
+) -> None:
+    if make is duplicate:
+        through_door(gw, make(), expect=False, chunked=chunked)  # stored before
+    fast = through_door(gw, make(), expect=False, chunked=chunked)
+    asgi = through_door(gw, make(), expect=True, chunked=chunked)
+    assert fast == asgi

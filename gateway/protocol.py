@@ -431,6 +431,13 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
                 cycle.more_body = False
             else:
                 super().on_message_complete()
+                if cycle.response_complete:
+                    # uvicorn's leaves a body answered before it ended unfinished: it has ended.
+                    cycle.more_body = False
+                    if self._webhook is None and not self.transport.is_closing():
+                        # The ASGI app's request, refused before its body ended (read and dropped since):
+                        # the connection is idle from now, as below.
+                        self._arm(self._idle_timed_out, limits().idle_timeout)
             webhook = self._webhook
             if webhook is None or webhook.cycle is not self.cycle:
                 return
@@ -601,6 +608,11 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
                 self._start_asgi_task(cycle, app)
             elif self._malformed:
                 self._answer_malformed()  # what came after the requests answered (_invalid_http)
+            elif self.cycle.more_body:
+                # Answered before its body ended (refused): the rest is read and dropped in the time a body
+                # has, not an idle connection's, which a sender still sending would be reset by. Idle once
+                # it has ended (on_message_complete).
+                self._arm(self._body_timed_out, limits().read_timeout)
             else:
                 self._arm(self._idle_timed_out, limits().idle_timeout)
 

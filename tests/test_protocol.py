@@ -459,6 +459,31 @@ def test_a_body_over_the_limit_is_refused_as_it_arrives_and_the_connection_stays
     assert (after[0], json.loads(after[2])["status"]) == (200, "accepted")
 
 
+@pytest.mark.parametrize("expect", [False, True], ids=["fast_path", "asgi_path"])
+def test_the_rest_of_a_body_refused_mid_way_is_read_for_the_read_timeout_not_the_idle_one(
+    tmp_path, expect: bool
+) -> None:
+    # Refused 413 while its body was still coming, the connection was closed idle_timeout after the answer
+    # (at once, not lingering): a sender still sending the rest was reset, and could lose the answer.
+    limits = {"max_body_bytes": 1000, "idle_timeout": "300ms", "read_timeout": "30s"}
+    chunk = b"%x\r\n%s\r\n" % (600, b"x" * 600)
+    with RunningGateway(gateway_config(tmp_path, limits=limits)) as gw, Connection(gw.url) as conn:
+        conn.send(b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n")
+        conn.send(_CONTINUE + b"\r\n" if expect else b"\r\n")
+        if expect:
+            assert conn.answer()[0] == 100
+        conn.send(chunk * 2)
+        status, _, body = conn.answer()
+        deadline = time.monotonic() + 1.0  # sending the rest for longer than idle_timeout
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            conn.send(chunk)
+        conn.send(b"0\r\n\r\n" + signed("msg_after_the_rest"))
+        after = conn.answer()
+    assert (status, json.loads(body)["error"]) == (413, "body_too_large")
+    assert (after[0], json.loads(after[2])["status"]) == (200, "accepted")
+
+
 def test_a_client_that_leaves_mid_body_is_counted_and_frees_its_slot(tmp_path) -> None:
     with RunningGateway(gateway_config(tmp_path)) as gw:
         with Connection(gw.url) as conn:

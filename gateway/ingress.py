@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.addresses import client_address, contains
+from gateway.events import BYTE_ORDER_MARK
 from gateway.providers import Rejected
 from gateway.storage import Ingested, NewDelivery, StorageUnavailable, Unconfirmed
 
@@ -67,7 +68,7 @@ _CLOSE = [(b"connection", b"close")]
 def _json_after_bom(body: bytes) -> Any:
     """A body orjson refused: JSON after a UTF-8 byte order mark, which some senders write first and RFC
     8259 lets a parser ignore (the body is stored and forwarded as it came, mark included)."""
-    if body.startswith(b"\xef\xbb\xbf"):
+    if body.startswith(BYTE_ORDER_MARK):
         with contextlib.suppress(orjson.JSONDecodeError):
             return orjson.loads(body[3:])
     raise Rejected(400, "invalid_json", "the body is not valid JSON")

@@ -52,6 +52,27 @@ def test_svix_signed_request_is_accepted_and_forwarded(gw: RunningGateway, downs
     assert gw.metric("hookyard_webhooks_received_total", source="consignease", outcome="accepted") == 1
 
 
+def test_json_after_a_byte_order_mark_is_forwarded_as_it_came_and_deliveries_go_on(
+    gw: RunningGateway, downstream: Downstream
+) -> None:
+    # Accepted at the door, the event's payload was parsed again from its stored body when its delivery was
+    # claimed for a retry, without the mark allowed for: every claim of deliveries failed, this one's and
+    # all others' with it.
+    from svix.webhooks import Webhook
+
+    downstream.answer("/hooks/users", 503)  # the first attempt fails: the retry is claimed from the store
+    plain, headers = svix_request(msg_id="msg_with_a_mark")
+    body = b"\xef\xbb\xbf" + plain
+    timestamp = datetime.fromtimestamp(int(headers["svix-timestamp"]), tz=UTC)
+    headers["svix-signature"] = Webhook(SVIX_SECRET).sign("msg_with_a_mark", timestamp, body.decode())
+    assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
+    downstream.wait_for(1, "/hooks/users")  # its first attempt, refused
+    after, after_headers = svix_request(msg_id="msg_after_the_mark")
+    assert gw.post("/webhooks/consignease", after, after_headers).json()["status"] == "accepted"
+    forwarded = {r.headers["idempotency-key"]: r.body for r in downstream.wait_for(3, "/hooks/users")}
+    assert forwarded == {"msg_with_a_mark": body, "msg_after_the_mark": after}
+
+
 def test_same_request_twice_is_a_duplicate_and_forwarded_once(
     gw: RunningGateway, downstream: Downstream
 ) -> None:

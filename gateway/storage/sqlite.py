@@ -30,7 +30,7 @@ import orjson
 
 from gateway.actions import ParentResult
 from gateway.config import sqlite_path
-from gateway.events import Event
+from gateway.events import Event, stored_payload
 from gateway.storage import (
     DUPLICATE,
     FINAL_STATES,
@@ -1893,7 +1893,7 @@ def _delivery(row: tuple[Any, ...]) -> DeliveryRecord:
 def _own_event(event: Event) -> Event:
     """The event as `_event` reads it back, for one delivery: its payload parsed again from the body and
     its own headers, so no delivery sees what a sibling's plugin changed."""
-    return dataclasses.replace(event, payload=orjson.loads(event.body), headers=dict(event.headers))
+    return dataclasses.replace(event, payload=stored_payload(event.body), headers=dict(event.headers))
 
 
 def _event(row: tuple[Any, ...]) -> Event:
@@ -1905,7 +1905,7 @@ def _event(row: tuple[Any, ...]) -> Event:
         occurred_at=occurred_at,
         received_at=received_at,
         body=body,
-        payload=orjson.loads(body),
+        payload=stored_payload(body),
         headers=orjson.loads(headers),
         verified=bool(verified),
     )

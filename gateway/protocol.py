@@ -377,7 +377,7 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
             if app is self.app and scope["method"] == "POST" and not cycle.waiting_for_100_continue:
                 endpoint = ingress.endpoint(cast(dict[str, Any], scope))
             if endpoint is None:
-                super()._start_asgi_task(cycle, app)
+                super()._start_asgi_task(cycle, partial(_unanswered_if_cut_off, app, cycle))
                 return
             self._begin(cycle, endpoint)
 
@@ -675,6 +675,22 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
             self.transport.close()
 
     return WebhookProtocol
+
+
+async def _unanswered_if_cut_off(
+    app: Any, cycle: RequestResponseCycle, scope: Any, receive: Any, send: Any
+) -> None:
+    """The ASGI app, for one request. Cancelled at the end of the listener's drain, its request gets no
+    answer, as one on the fast path does (the sender sends it again): uvicorn would answer it `500`
+    text/plain, and log a traceback. Its connection is closed, and the cycle marked as gone, which uvicorn
+    then writes nothing to."""
+    try:
+        await app(scope, receive, send)
+    except asyncio.CancelledError:
+        if cycle.response_started:
+            raise  # uvicorn closes the connection under an answer begun
+        cycle.disconnected = True
+        cycle.transport.close()
 
 
 # How long closing a TLS connection after its answer waits for the client's close_notify after sending its

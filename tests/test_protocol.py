@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from gateway import hookimpl, protocol
+from gateway import app, hookimpl, protocol
 from gateway.app import GC_YOUNG_THRESHOLD, INGRESS_DRAIN_TIMEOUT
 from gateway.plugins import new_plugin_manager
 from gateway.protocol import CoalescedWrites, Lingering
@@ -482,6 +482,26 @@ def test_the_rest_of_a_body_refused_mid_way_is_read_for_the_read_timeout_not_the
         after = conn.answer()
     assert (status, json.loads(body)["error"]) == (413, "body_too_large")
     assert (after[0], json.loads(after[2])["status"]) == (200, "accepted")
+
+
+def test_a_webhook_cut_off_by_the_shutdown_on_the_asgi_app_gets_no_answer_as_on_the_fast_path(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Cancelled at the end of the listener's drain, the ASGI app's request was answered by uvicorn: `500`,
+    # text/plain, counted nowhere, with a traceback in the log. A cut-off request gets no answer (docs/
+    # operations.md), so its sender sends it again: its connection is closed.
+    monkeypatch.setattr(app, "INGRESS_DRAIN_TIMEOUT", 1)
+    request = signed("msg_cut_off", extra="Expect: 100-continue\r\n")
+    head, _, body = request.partition(b"\r\n\r\n")
+    gw = RunningGateway(gateway_config(tmp_path, limits={"read_timeout": "30s"}))
+    with gw, Connection(gw.url) as conn:
+        conn.send(head + b"\r\n\r\n")
+        assert conn.answer()[0] == 100
+        conn.send(body[:10])  # and the rest never
+        wait_until(lambda: gw.gateway.ingress.in_flight == 1)
+        gw.loop.call_soon_threadsafe(gw.gateway.request_exit)
+        assert conn.reader.read() == b""
+        wait_until(lambda: gw.gateway.ingress.in_flight == 0)
 
 
 def test_a_client_that_leaves_mid_body_is_counted_and_frees_its_slot(tmp_path) -> None:

@@ -46,7 +46,11 @@ class ConfigError(Exception):
     """The config is invalid; `errors` has one line per problem, each naming its place."""
 
     def __init__(
-        self, errors: list[str], partial: PartialConfig | None = None, tree: dict[str, Any] | None = None
+        self,
+        errors: list[str],
+        partial: PartialConfig | None = None,
+        tree: dict[str, Any] | None = None,
+        unexpanded: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__("\n".join(errors))
         self.errors = errors
@@ -54,6 +58,15 @@ class ConfigError(Exception):
         self.partial = partial
         # The file as read: the errors of those checks are put in the file's order with these by it.
         self.tree = tree
+        # The places whose ${VAR} could not be expanded: what those checks say of them is left out.
+        self.unexpanded = unexpanded
+
+    def follows_from_unexpanded(self, error: str) -> bool:
+        """Whether `error` is about a value whose ${VAR} could not be expanded, or about the list holding it:
+        the empty text left in its place is no reason of its own (`secrets: at least one secret is
+        required`, `secrets[0] has an empty password`), and would point away from the variable to set."""
+        places = {*self.unexpanded, *(re.sub(r"\[\d+\]$", "", place) for place in self.unexpanded)}
+        return any(error.startswith((f"{place}: ", f"{place} ")) for place in places)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -652,18 +665,19 @@ def _parse_config_tree(
     _check_expanded_size(raw, origin)
     errors: list[str] = []
     expanded = _interpolate(raw, os.environ if environ is None else environ, (), errors)
+    expanded_badly = frozenset(error.partition(": ")[0] for error in errors)
     try:
         config = Config.model_validate(expanded)
     except ValidationError as exc:
         # A value whose ${VAR} could not be expanded is wrong for that reason alone: what validation says
         # of the text left in its place (`only sqlite:///… is supported`) would point away from it.
-        expanded_badly = {error.partition(": ")[0] for error in errors}
         shape = [e for e in format_validation_errors(exc) if e.partition(": ")[0] not in expanded_badly]
         raise ConfigError(
-            in_file_order(errors + shape, expanded), _validated_parts(expanded), expanded
+            in_file_order(errors + shape, expanded), _validated_parts(expanded), expanded, expanded_badly
         ) from None
     if errors:
-        raise ConfigError(errors, PartialConfig(config, tuple(range(len(config.routes)))), expanded)
+        partial = PartialConfig(config, tuple(range(len(config.routes))))
+        raise ConfigError(errors, partial, expanded, expanded_badly)
     return config, expanded
 
 

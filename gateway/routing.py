@@ -179,7 +179,7 @@ def load_routes(
                     unchecked_sources=exc.partial.unchecked_sources,
                 )
             except ConfigError as more:
-                errors = errors + more.errors
+                errors = errors + [error for error in more.errors if not exc.follows_from_unexpanded(error)]
         raise ConfigError(errors if exc.tree is None else in_file_order(errors, exc.tree)) from None
     try:
         return config, RouteTable.build(config, registry)

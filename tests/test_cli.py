@@ -118,6 +118,28 @@ def test_check_reports_every_routing_error_with_its_place(tmp_path: Path) -> Non
     )
 
 
+def test_check_reports_an_unset_secret_variable_once(tmp_path: Path) -> None:
+    """The empty text left in place of the variable is no reason of its own: `all configured ones are
+    empty` or `has an empty password` would point away from the variable to set."""
+    config = config_dict(tmp_path)
+    config["sources"]["consignly"]["secrets"] = ["${HOOKYARD_TEST_UNSET_SECRET}"]
+    config["sources"]["erp"] = {
+        "path": "/webhooks/erp",
+        "provider": "basic",
+        "secrets": ["hookyard:${HOOKYARD_TEST_UNSET_PASSWORD}"],
+        "options": {"id_from": "json:eventId", "type_from": "json:eventType"},
+    }
+    path = write_config(tmp_path, config)
+
+    check_reports(
+        path,
+        [
+            f"{path}: sources.consignly.secrets[0]: environment variable HOOKYARD_TEST_UNSET_SECRET is not set",
+            f"{path}: sources.erp.secrets[0]: environment variable HOOKYARD_TEST_UNSET_PASSWORD is not set",
+        ],
+    )
+
+
 def test_check_reports_every_shape_error_with_its_place(tmp_path: Path) -> None:
     config = config_dict(tmp_path)
     config["sources"]["consignease"]["colour"] = "blue"

@@ -250,3 +250,35 @@ def test_every_config_key_is_in_the_reference() -> None:
     assert "sources.allow_ips" in keys and "routes.actions.retry.retry_on" in keys
     missing = sorted(key for key in keys if f"`{key.rpartition('.')[2]}`" not in reference)
     assert not missing, f"config keys missing from docs/configuration.md: {missing}"
+
+
+def check_examples(page: str) -> list[tuple[str, str, list[str]]]:
+    """The `hookyard check -c FILE` examples of a docs page: (FILE, the YAML block shown before the
+    command, or "" for routes.yaml, the lines the command prints)."""
+    text = (ROOT / "docs" / page).read_text()
+    examples = []
+    for match in re.finditer(r"```console\n\$ \.venv/bin/hookyard check -c (\S+)\n(.*?)```", text, re.S):
+        blocks = re.findall(r"```yaml\n(.*?)```", text[: match.start()], re.S)
+        config = "" if match[1] == "routes.yaml" else blocks[-1]
+        examples.append((match[1], config, match[2].splitlines()))
+    return examples
+
+
+@pytest.mark.parametrize(("name", "config", "printed"), check_examples("configuration.md"))
+def test_hookyard_check_prints_what_the_docs_show(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, config: str, printed: list[str]
+) -> None:
+    from click.testing import CliRunner
+
+    from gateway.cli import main
+
+    path = ROOT / "routes.yaml"
+    if config:
+        path = tmp_path / name
+        path.write_text(config)
+        # The example's variables are unset, as its text says.
+        for variable in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", config):
+            monkeypatch.delenv(variable, raising=False)
+    monkeypatch.chdir(path.parent)
+    result = CliRunner().invoke(main, ["check", "-c", name], catch_exceptions=False)
+    assert result.output.splitlines() == printed

@@ -16,11 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 from packaging.requirements import Requirement
 from pydantic import BaseModel
 
 from gateway import hookspecs
-from gateway.config import Config
+from gateway.cli import main
+from gateway.config import Config, parse_config
 from gateway.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -268,10 +270,6 @@ def check_examples(page: str) -> list[tuple[str, str, list[str]]]:
 def test_hookyard_check_prints_what_the_docs_show(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, config: str, printed: list[str]
 ) -> None:
-    from click.testing import CliRunner
-
-    from gateway.cli import main
-
     path = ROOT / "routes.yaml"
     if config:
         path = tmp_path / name
@@ -282,3 +280,22 @@ def test_hookyard_check_prints_what_the_docs_show(
     monkeypatch.chdir(path.parent)
     result = CliRunner().invoke(main, ["check", "-c", name], catch_exceptions=False)
     assert result.output.splitlines() == printed
+
+
+def test_the_readme_names_the_demo_ports_and_every_variable_that_moves_the_sink() -> None:
+    readme = (ROOT / "README.md").read_text()
+    text = (ROOT / "routes.yaml").read_text()
+    config = parse_config(text, environ={})
+    [sink_port] = [p.default for p in main.commands["sink"].params if p.name == "port"]
+    for address in (
+        f"127.0.0.1:{config.listen.port}",
+        f"127.0.0.1:{config.ops.port}",
+        f"127.0.0.1:{sink_port}",
+    ):
+        assert f"`{address}`" in readme, f"the README does not name {address}"
+    assert f"localhost:{config.ops.port}/metrics" in readme
+    # A user whose port 3000 is taken moves every URL of the demo that points at the sink.
+    variables = sorted(set(re.findall(rf"\$\{{(\w+):-http://127\.0\.0\.1:{sink_port}\b", text)))
+    assert len(variables) >= 3
+    missing = [name for name in variables if f"{name}=http://127.0.0.1:PORT" not in readme]
+    assert not missing, f"the README's paragraph on ports taken does not set {missing}"

@@ -548,7 +548,9 @@ def sink(host: str, port: int, status: int, answers: tuple[str, ...]) -> None:
     for answer in answers:
         prefix, _, code = answer.rpartition("=")
         if not prefix.startswith("/") or not code.isdigit():
-            raise click.BadParameter(f"{answer!r} is not PREFIX=STATUS, e.g. /hooks/consignments=400")
+            raise click.BadParameter(
+                f"{answer!r} is not PREFIX=STATUS, e.g. /hooks/consignments=400", param_hint="--answer"
+            )
         if not 100 <= int(code) <= 599:  # what an HTTP answer can carry
             raise click.BadParameter(f"{answer!r}: the status must be 100 to 599", param_hint="--answer")
         by_prefix[prefix] = int(code)

@@ -1010,6 +1010,18 @@ def test_sink_refuses_a_status_no_http_answer_can_carry(
     assert "100" in result.stderr and "599" in result.stderr
 
 
+@pytest.mark.parametrize("answer", ["hooks=422", "/hooks=", "/hooks"])
+def test_sink_names_the_option_an_answer_without_prefix_or_status_was_given_to(
+    answer: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: None)
+    result = CliRunner().invoke(main, ["sink", "--answer", answer])
+    assert result.exit_code == 2, result.output
+    assert f"Invalid value for --answer: {answer!r} is not PREFIX=STATUS" in result.stderr
+
+
 @pytest.mark.parametrize("port", ["70000", "65536", "0", "-1"])
 def test_sink_refuses_a_port_it_cannot_listen_on(port: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Refused at once: 70000 was taken modulo 65536 (the sink listened on 4464 without a word), and with 0

@@ -202,7 +202,9 @@ def _operate(config_path: Path | None, admin_url: str | None, work: Callable[[An
     try:
         return _run(run())
     except OperationError as exc:
-        click.echo(f"hookyard: {exc}", err=True)
+        # An id in several sources (409): the option that names one, which the store's words do not.
+        hint = " with --source" if exc.status == 409 else ""
+        click.echo(f"hookyard: {exc}{hint}", err=True)
         raise SystemExit(1) from None
 
 

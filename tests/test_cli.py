@@ -424,7 +424,7 @@ def test_events_show(filled: Path) -> None:
     both = invoke("events", "show", "-c", filled, "evt_twin")
     assert both.exit_code == 1
     assert both.stdout == ""
-    assert "several sources (consignly, consignease)" in both.stderr
+    assert "several sources (consignly, consignease); give the source with --source\n" in both.stderr
 
 
 def test_events_show_an_unknown_id_exits_1(filled: Path) -> None:
@@ -522,7 +522,7 @@ def test_replay_an_unknown_action_exits_1(filled: Path) -> None:
 def test_replay_an_id_in_several_sources_needs_source(filled: Path) -> None:
     result = invoke("replay", "-c", filled, "evt_twin")
     assert result.exit_code == 1
-    assert "several sources (consignly, consignease)" in result.stderr
+    assert "several sources (consignly, consignease); give the source with --source\n" in result.stderr
     assert result.stdout == ""
 
     chosen = invoke("replay", "-c", filled, "evt_twin", "--source", "consignly")

@@ -289,7 +289,11 @@ def test_replay_one_event_and_one_action(tmp_path: Path, downstream: Downstream)
         send(gw, "msg_replay")
         downstream.wait_for(1, "/audit")
         wait_until(lambda: states(gw, "msg_replay") == {"app": "delivered", "audit": "delivered"})
-        assert admin(gw, "POST", "/admin/events/msg_replay/replay", json={}).json()["replayed"] == 1
+        assert admin(gw, "POST", "/admin/events/msg_replay/replay", json={}).json() == {
+            "replayed": 1,
+            "created": 0,
+            "next_cursor": None,
+        }  # as docs/operations.md shows it
         # The root runs again, and its dependent after it, with the same event id for downstream dedupe.
         assert [r.headers["idempotency-key"] for r in downstream.wait_for(2, "/audit")] == ["msg_replay"] * 2
         assert len(downstream.received("/app")) == 2

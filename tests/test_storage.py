@@ -1292,6 +1292,20 @@ def test_a_delivery_leased_at_ingest_finishes_and_releases_its_dependents(db: Ha
     ]
 
 
+def test_the_records_made_for_every_delivery_are_immutable_tuples() -> None:
+    # Made for every forwarded webhook: as frozen dataclasses each field cost an object.__setattr__ call,
+    # about three times a NamedTuple's whole construction. Immutable either way.
+    delivery, lease = NewDelivery(ROUTE, "app"), Lease("w1", T0 + LEASE, 1)
+    attempt = Attempt(1, T0, 0.25, "delivered", 200)
+    for record, field in [(delivery, "route"), (lease, "owner"), (attempt, "number")]:
+        assert isinstance(record, tuple)
+        with pytest.raises(AttributeError):
+            setattr(record, field, None)
+    assert delivery == APP and delivery.after is None
+    assert lease.skip == frozenset()
+    assert attempt.error is None
+
+
 # -- finish ---------------------------------------------------------------------------------------------
 
 

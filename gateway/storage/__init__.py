@@ -42,8 +42,12 @@ class Unconfirmed(StorageUnavailable):
         self.result = result
 
 
-@dataclass(frozen=True, slots=True)
-class NewDelivery:
+# The records made for every delivery (NewDelivery, Lease, Attempt) are NamedTuples: immutable, as the
+# frozen dataclasses they were, which set each field with a call of object.__setattr__ (under callgrind an
+# Attempt took 10,400 instructions to make as one, 4,000 as a NamedTuple).
+
+
+class NewDelivery(NamedTuple):
     """A delivery to create with its event: one per action of every matched route."""
 
     route: str
@@ -69,8 +73,7 @@ class DeliveryRecord:
     finished_at: float | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Attempt:
+class Attempt(NamedTuple):
     number: int
     started_at: float
     duration: float
@@ -88,8 +91,7 @@ class Claim:
     parent: ParentResult | None = None
 
 
-@dataclass(frozen=True, slots=True)
-class Lease:
+class Lease(NamedTuple):
     """Up to `limit` of a new event's deliveries leased to the engine `owner` until `until` in the event's
     own transaction, for it to start once the commit is durable: they skip the queue, and the claim that
     would otherwise fetch each one back from the store. Those of the actions (route, action) in `skip`

@@ -1340,6 +1340,32 @@ def test_delivered_and_dead_are_final(db: Harness, state: str) -> None:
     assert db.claim(T0 + 10 * LEASE) == []
 
 
+def test_a_webhook_s_delivery_and_its_delivered_result_bind_no_none_and_no_bool(
+    db: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # sqlite3 binds each None or bool through its adapters (a tuple, a lookup and a call per parameter):
+    # the statements of every webhook's delivery and of its result have what is NULL in their text.
+    adapted: list[object] = []
+
+    def counted(value: object) -> object:
+        adapted.append(value)
+        return value
+
+    for kind in (type(None), bool):
+        monkeypatch.setitem(sqlite3.adapters, (kind, sqlite3.PrepareProtocol), counted)
+    [app] = db.ingest_leased(make_event("evt_1"), [APP], Lease("w1", T0 + LEASE, limit=5)).claims
+    db.finish(app, "delivered", T0 + 1, status=200)
+    assert adapted == []
+
+    record = db.deliveries("evt_1")["app"]
+    assert (record.state, record.due_at, record.parent_id, record.when) == ("delivered", None, None, None)
+    assert (record.last_status, record.last_error, record.finished_at) == (200, None, T0 + 1)
+    [row] = db.connection.execute("SELECT verified FROM events").fetchall()
+    assert row == (1,)
+    [attempt] = db.connection.execute("SELECT number, outcome, status_code, error FROM attempts").fetchall()
+    assert attempt == (1, "delivered", 200, None)
+
+
 def test_a_stale_attempt_cannot_finish_a_delivery_claimed_again(db: Harness) -> None:
     db.ingest("evt_1", APP, action("ack", after="app", when="success"))
     [first] = db.claim(T0 + 1)

@@ -1395,7 +1395,7 @@ def _insert_event(
             event.type,
             event.occurred_at,
             event.received_at,
-            event.verified,
+            1 if event.verified else 0,  # as the bool adapter binds it, without the adapter
             orjson.dumps(event.headers),
             event.body,
         ),
@@ -1414,6 +1414,20 @@ def _insert_event(
     return Ingested(
         True, (Claim(first, event), *[Claim(delivery, _own_event(event)) for delivery in siblings])
     )
+
+
+# sqlite3 binds a None (a bool, bytes) through its adapters (see the top of this module): a tuple, a dict
+# lookup and a call per parameter. The statements that every webhook's deliveries and every delivered
+# attempt run write what is NULL, or always the same, into their text instead.
+_INSERT_DELIVERY = (
+    "INSERT INTO deliveries (event_seq, route, action, parent_id, run_when, state, attempts, due_at, "
+    "lease_owner, pending_since, created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_ROOT = (
+    "INSERT INTO deliveries (event_seq, route, action, parent_id, run_when, state, attempts, due_at, "
+    "lease_owner, pending_since, created_at, finished_at) "
+    "VALUES (?, ?, ?, NULL, NULL, 'pending', ?, ?, ?, ?, ?, NULL)"
+)
 
 
 def _insert_deliveries(
@@ -1463,24 +1477,30 @@ def _insert_deliveries(
             and (not lease.skip or (delivery.route, delivery.action) not in lease.skip)
         ):
             due_at, owner, attempts = lease.until, lease.owner, 1
-        row = conn.execute(
-            "INSERT INTO deliveries (event_seq, route, action, parent_id, run_when, state, attempts, due_at, "
-            "lease_owner, pending_since, created_at, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                seq,
-                delivery.route,
-                delivery.action,
-                parent[0] if parent else None,
-                delivery.when,
-                state,
-                attempts,
-                due_at,
-                owner,
-                now if state == "pending" else None,
-                now,
-                now if state == "skipped" else None,
-            ),
-        )
+        if parent is None and delivery.when is None:
+            # Every delivery of a new event but a dependent's: pending, its lease (if any) all it has of
+            # what may be NULL.
+            row = conn.execute(
+                _INSERT_ROOT, (seq, delivery.route, delivery.action, attempts, due_at, owner, now, now)
+            )
+        else:
+            row = conn.execute(
+                _INSERT_DELIVERY,
+                (
+                    seq,
+                    delivery.route,
+                    delivery.action,
+                    parent[0] if parent else None,
+                    delivery.when,
+                    state,
+                    attempts,
+                    due_at,
+                    owner,
+                    now if state == "pending" else None,
+                    now,
+                    now if state == "skipped" else None,
+                ),
+            )
         delivery_id = row.lastrowid
         assert delivery_id is not None
         known[(delivery.route, delivery.action)] = (delivery_id, state)
@@ -1756,6 +1776,24 @@ def _by_key(conn: sqlite3.Connection, select: str, keys: Iterable[int]) -> dict[
 _WAITING_CHILDREN = (
     "SELECT id, route, action, run_when FROM deliveries WHERE parent_id = ? AND state = 'waiting'"
 )
+# An attempt's result; for a delivered one, with what is NULL or always the same in its text (see
+# _INSERT_ROOT).
+_FINISH = (
+    "UPDATE deliveries SET state = ?, due_at = ?, lease_owner = NULL, last_status = ?, last_error = ?, "
+    "finished_at = ? WHERE id = ? AND attempts = ? AND state = 'pending'"
+)
+_FINISH_DELIVERED = (
+    "UPDATE deliveries SET state = 'delivered', due_at = NULL, lease_owner = NULL, last_status = ?, "
+    "last_error = NULL, finished_at = ? WHERE id = ? AND attempts = ? AND state = 'pending'"
+)
+_INSERT_ATTEMPT = (
+    "INSERT INTO attempts (delivery_id, number, started_at, duration, outcome, status_code, error) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_ATTEMPT_OK = (
+    "INSERT INTO attempts (delivery_id, number, started_at, duration, outcome, status_code, error) "
+    "VALUES (?, ?, ?, ?, ?, ?, NULL)"
+)
 
 
 def _finish(
@@ -1770,35 +1808,36 @@ def _finish(
     final = state in ("delivered", "dead", "skipped")
     # `attempts = ?` fences out a worker whose lease expired and whose delivery was claimed again since:
     # its late result changes nothing.
-    updated = conn.execute(
-        "UPDATE deliveries SET state = ?, due_at = ?, lease_owner = NULL, last_status = ?, last_error = ?, "
-        "finished_at = ? WHERE id = ? AND attempts = ? AND state = 'pending'",
-        (
-            state,
-            due_at,
-            attempt.status_code,
-            attempt.error,
-            now if final else None,
-            delivery.id,
-            attempt.number,
-        ),
-    )
+    if state == "delivered" and due_at is None and attempt.error is None:  # most results
+        updated = conn.execute(_FINISH_DELIVERED, (attempt.status_code, now, delivery.id, attempt.number))
+    else:
+        updated = conn.execute(
+            _FINISH,
+            (
+                state,
+                due_at,
+                attempt.status_code,
+                attempt.error,
+                now if final else None,
+                delivery.id,
+                attempt.number,
+            ),
+        )
     if updated.rowcount == 0:
         return Finished(recorded=False)
     finished = Finished()
-    conn.execute(
-        "INSERT INTO attempts (delivery_id, number, started_at, duration, outcome, status_code, error) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (
-            delivery.id,
-            attempt.number,
-            attempt.started_at,
-            attempt.duration,
-            attempt.outcome,
-            attempt.status_code,
-            attempt.error,
-        ),
+    recorded = (
+        delivery.id,
+        attempt.number,
+        attempt.started_at,
+        attempt.duration,
+        attempt.outcome,
+        attempt.status_code,
     )
+    if attempt.error is None:
+        conn.execute(_INSERT_ATTEMPT_OK, recorded)
+    else:
+        conn.execute(_INSERT_ATTEMPT, (*recorded, attempt.error))
     if not final:
         return finished
     if unfollowed is not None:

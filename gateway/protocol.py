@@ -7,9 +7,9 @@ the request goes through the same steps as in the ASGI app (gateway.ingress.Ingr
 answer), called from the parser's callbacks, and its answer is written from the storage commit's callback.
 No task, no coroutine, no ASGI message: on a webhook listener that is most of what a request costs beyond
 its own work. Everything else (other paths and methods, `Expect: 100-continue` in HTTP/1.1) goes to the
-ASGI app as usual. A webhook that is the connection's only request in progress (the common case: not pipelined behind
-another) does not even get uvicorn's request cycle, with its asyncio.Event and its parsed URL: a `FastCycle`
-holds what the protocol reads of it.
+ASGI app as usual. A webhook that is the connection's only request in progress (the common case: not
+pipelined behind another) does not even get uvicorn's request cycle, with its asyncio.Event and its parsed
+URL: a `FastCycle` holds what the protocol reads of it.
 
 Deadlines: uvicorn bounds idle keep-alive connections but not a client that opens a connection and then
 sends its request line and headers a byte at a time (slowloris): each such connection would hold a file

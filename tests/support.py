@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -99,6 +99,21 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: fl
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(interval)
+
+
+def open_files() -> int:
+    """This process's file descriptors: the test's and those of a gateway running in it (RunningGateway)."""
+    return len(os.listdir("/proc/self/fd"))
+
+
+def open_sockets() -> int:
+    """This process's sockets: unlike open_files, blind to what an event loop keeps for the whole process
+    (uvloop's first loop opens a pipe that outlives it)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with suppress(OSError):  # the listing's own descriptor, closed by now
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
 
 
 # -- a downstream receiver ---------------------------------------------------------------------------
@@ -330,7 +345,8 @@ class RunningGateway:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.loop.call_soon_threadsafe(self.gateway.request_exit)
+        with suppress(RuntimeError):  # its event loop is closed: the gateway has stopped already
+            self.loop.call_soon_threadsafe(self.gateway.request_exit)
         self.thread.join(20)
         self.client.close()
         self.ingress_sock.close()

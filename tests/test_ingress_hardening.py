@@ -8,7 +8,6 @@ import gc
 import ipaddress
 import json
 import logging
-import os
 import socket
 import ssl
 import subprocess
@@ -32,6 +31,7 @@ from tests.support import (
     free_port,
     gateway_config,
     metric_value,
+    open_files,
     self_signed,
     svix_request,
     wait_until,
@@ -516,11 +516,6 @@ def test_https_connections_lingering_after_their_answer_are_closed_as_the_gatewa
     finally:
         for client in clients:
             client.close()
-
-
-def open_files() -> int:
-    """This process's file descriptors: the test's and the gateway's, which runs in it."""
-    return len(os.listdir("/proc/self/fd"))
 
 
 def raw_request(path: str, body: bytes, headers: dict[str, str]) -> bytes:

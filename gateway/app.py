@@ -33,7 +33,7 @@ from gateway.logs import serving_listener
 from gateway.metrics import Metrics
 from gateway.ops import ops_app
 from gateway.plugins import Registry, plugin_manager
-from gateway.protocol import LINGERING_AT_MOST, tls_protocol, webhook_protocol
+from gateway.protocol import LINGERING_AT_MOST, cut_off, tls_protocol, webhook_protocol
 from gateway.retention import Retention
 from gateway.routing import RouteTable, load_routes
 from gateway.storage import Storage, open_storage
@@ -457,6 +457,7 @@ class Gateway:
                 await asyncio.sleep(self.config.listen.drain_delay)
             ingress.should_exit = True
             await asyncio.gather(servers[0], return_exceptions=True)
+            cut_off(connections)
             protocol.lingering.close_all()
             try:
                 await self.stop()

@@ -41,7 +41,8 @@ no half-close: it is closed at once when its client has sent all it has to send 
 and answered), so that a client reading to the end has the end with the answer, and lingers otherwise.
 An idle connection (at limits.idle_timeout, or as the listener stops) is closed at once, over TLS too: its
 close_notify is sent, and the client's is not waited for. So is one still lingering as the listener stops
-(LingeringClose.end).
+(LingeringClose.end). One whose request is still in progress when the listener's drain runs out (its body
+still coming, or its commit) is aborted, unanswered (cut_off).
 
 HTTPS: the TLS handshake is the listener's own (`tls_protocol`), so that a connection counts against
 listen.max_connections, and has a deadline, from the moment it is accepted.
@@ -53,7 +54,7 @@ import asyncio
 import logging
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from functools import partial
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
@@ -178,6 +179,21 @@ class ListenerProtocol(HttpToolsProtocol):
         HTTP/1.1 sends nothing more on a connection closed after its answer (RFC 9112 §9.6). False here: a
         protocol that cannot tell lingers, the safe default (the listener's own class tells)."""
         return False
+
+    def cut_off(self) -> None:
+        """End the connection now, unanswered: the listener's drain has run out with it still open."""
+        self.transport.abort()
+
+
+def cut_off(connections: Collection[Any]) -> None:
+    """End the listener's connections still open once its drain has run out (INGRESS_DRAIN_TIMEOUT): the
+    requests they carry are cut off, with no answer (their senders send them again). uvicorn cancels the
+    ASGI app's requests then, but leaves their connections, and a fast-path webhook has no task to cancel:
+    left open, a connection would hold its client until the process exits, and in a process that goes on
+    (the gateway run in-process) for ever. Aborted rather than closed: a client still sending would keep a
+    close waiting, and the event loop may end before it is done, leaving the socket to the collector."""
+    for connection in list(connections):
+        connection.cut_off()
 
 
 def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
@@ -650,6 +666,16 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
             if not self.transport.is_closing():
                 cast(CoalescedWrites, self.transport).close_at_once()  # idle: nothing was answered
 
+        def cut_off(self) -> None:
+            # Its webhook, still being received, gets no answer: not counted as client_disconnected, which
+            # connection_lost would count it as, since the client did not leave.
+            webhook, self._webhook = self._webhook, None
+            if webhook is not None and webhook.stage == RECEIVING:
+                webhook.stage = ANSWERED
+                ingress.release()
+            self._disarm()
+            super().cut_off()
+
         def shutdown(self) -> None:
             # uvicorn's, as the listener stops: a request in progress is answered, then closed (and
             # lingers); an idle connection is closed at once, as it has no answer to lose.
@@ -781,6 +807,11 @@ def tls_protocol(
             # uvicorn's, as the listener stops: a handshake is not waited for.
             if self.transport is not None:
                 self.transport.close()
+
+        def cut_off(self) -> None:
+            # Still in its handshake once the listener's drain has run out (see the module's cut_off).
+            if self.transport is not None:
+                self.transport.abort()
 
     return TlsHandshake
 

@@ -24,6 +24,7 @@ from tests.support import (
     RunningGateway,
     event_loops,
     gateway_config,
+    open_sockets,
     self_signed,
     svix_request,
     wait_until,
@@ -502,6 +503,57 @@ def test_a_webhook_cut_off_by_the_shutdown_on_the_asgi_app_gets_no_answer_as_on_
         gw.loop.call_soon_threadsafe(gw.gateway.request_exit)
         assert conn.reader.read() == b""
         wait_until(lambda: gw.gateway.ingress.in_flight == 0)
+
+
+@pytest.mark.parametrize("new_loop", event_loops())
+@pytest.mark.parametrize("door", ["fast_path", "asgi_path", "https"])
+def test_a_webhook_cut_off_by_the_shutdown_has_its_connection_ended_as_the_listener_stops(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, new_loop: Any, door: str
+) -> None:
+    # Its body still coming when the listener's drain ran out, a fast-path webhook has no task to cancel:
+    # its connection was left open. Under `hookyard serve` the process exits; in-process, its client waited
+    # for its own read timeout, and on asyncio's loop the socket outlived the loop until garbage collection.
+    monkeypatch.setattr(app, "INGRESS_DRAIN_TIMEOUT", 1)
+    request = signed("msg_cut_off", extra="Expect: 100-continue\r\n" if door == "asgi_path" else "")
+    config, context = https_config(tmp_path) if door == "https" else (gateway_config(tmp_path), None)
+    config["limits"] = {**config.get("limits", {}), "read_timeout": "60s"}
+    gc.collect()
+    sockets = open_sockets()
+    with contextlib.ExitStack() as closing:  # the client's socket, once the gateway has stopped
+        gw = RunningGateway(config, scheme="https" if context else "http", new_loop=new_loop)
+        with gw:
+            if context is not None:
+                sock = closing.enter_context(tls_socket(gw.url, context))
+                sock.sendall(request[:-10])  # and the rest never
+            else:
+                conn = closing.enter_context(Connection(gw.url))
+                sock = conn.sock
+                if door == "asgi_path":
+                    head, _, body = request.partition(b"\r\n\r\n")
+                    conn.send(head + b"\r\n\r\n")
+                    assert conn.answer()[0] == 100
+                    conn.send(body[:10])  # and the rest never
+                else:
+                    conn.send(request[:-10])  # and the rest never
+            sock.settimeout(10)
+            wait_until(lambda: gw.gateway.ingress.in_flight == 1)
+            gw.loop.call_soon_threadsafe(gw.gateway.request_exit)
+            started = time.monotonic()
+            try:
+                ended = sock.recv(4096)  # no answer; TimeoutError if the connection is left open
+            except ConnectionResetError:
+                ended = b""
+            took = time.monotonic() - started
+            assert ended == b""
+            assert took < 8, f"the connection ended {took:.1f}s after the exit was asked for"
+            wait_until(lambda: gw.gateway.ingress.in_flight == 0)
+        assert not gw.thread.is_alive()
+        assert open_sockets() - sockets == 1  # only the client's socket is left
+    # The gateway cut it off: its client did not leave.
+    rejections = gw.gateway.metrics.registry.get_sample_value(
+        "hookyard_webhook_rejections_total", {"source": "consignease", "reason": "client_disconnected"}
+    )
+    assert not rejections
 
 
 def test_a_client_that_leaves_mid_body_is_counted_and_frees_its_slot(tmp_path) -> None:

@@ -33,7 +33,7 @@ from gateway.logs import serving_listener
 from gateway.metrics import Metrics
 from gateway.ops import ops_app
 from gateway.plugins import Registry, plugin_manager
-from gateway.protocol import LINGERING_AT_MOST, cut_off, tls_protocol, webhook_protocol
+from gateway.protocol import LINGERING_AT_MOST, OpsProtocol, cut_off, tls_protocol, webhook_protocol
 from gateway.retention import Retention
 from gateway.routing import RouteTable, load_routes
 from gateway.storage import Storage, open_storage
@@ -418,9 +418,9 @@ class Gateway:
         ingress = self._ingress_server = _Server(ingress_config, "webhook")
         connections = ingress.server_state.connections  # read at each scrape: nothing per connection
         self.metrics.webhook_connections.set_function(lambda: len(connections))
-        ops = _Server(
-            self._uvicorn_config(self.ops, ops_config.host, ops_config.port, OPS_DRAIN_TIMEOUT), "ops"
-        )
+        ops_uvicorn = self._uvicorn_config(self.ops, ops_config.host, ops_config.port, OPS_DRAIN_TIMEOUT)
+        ops_uvicorn.http = OpsProtocol  # uvicorn's, but what its drain cuts off gets no answer
+        ops = _Server(ops_uvicorn, "ops")
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
         if hups:

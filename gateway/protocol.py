@@ -44,6 +44,9 @@ close_notify is sent, and the client's is not waited for. So is one still linger
 (LingeringClose.end). One whose request is still in progress when the listener's drain runs out (its body
 still coming, or its commit) is aborted, unanswered (cut_off).
 
+The ops listener's protocol (OpsProtocol) is uvicorn's, but for the end of its drain: a request cut off
+then gets no answer either.
+
 HTTPS: the TLS handshake is the listener's own (`tls_protocol`), so that a connection counts against
 listen.max_connections, and has a deadline, from the moment it is accepted.
 """
@@ -717,6 +720,15 @@ async def _unanswered_if_cut_off(
             raise  # uvicorn closes the connection under an answer begun
         cycle.disconnected = True
         cycle.transport.close()
+
+
+class OpsProtocol(HttpToolsProtocol):
+    """The ops listener's protocol: uvicorn's, but a request cut off at the end of the listener's drain
+    (OPS_DRAIN_TIMEOUT: its body still coming, say) gets no answer, as on the webhook listener, rather than
+    uvicorn's `500` text/plain with a traceback logged."""
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        super()._start_asgi_task(cycle, partial(_unanswered_if_cut_off, app, cycle))
 
 
 # How long closing a TLS connection after its answer waits for the client's close_notify after sending its

@@ -1913,3 +1913,24 @@ def test_uvicorns_lines_name_the_listener_they_are_about(tmp_path: Path, downstr
     for message in ("Started server process [{}]", "Shutting down", "Finished server process [{}]"):
         said = [listener for text, listener in uvicorns if text == message.format(process.process.pid)]
         assert sorted(said) == ["ops", "webhook"], uvicorns
+
+
+@pytest.mark.parametrize("new_loop", event_loops())
+def test_an_ops_request_cut_off_by_the_shutdown_gets_no_answer_as_a_webhook_does(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, new_loop: Any
+) -> None:
+    # Its body still coming when the ops listener's drain (OPS_DRAIN_TIMEOUT) ran out, uvicorn cancelled
+    # it and answered `500` text/plain "Internal Server Error", with a traceback logged at ERROR. As on the
+    # webhook listener, a request cut off gets no answer: its connection is closed.
+    with RunningGateway(gateway_config(tmp_path), new_loop=new_loop) as gw:
+        port = int(gw.ops_url.rpartition(":")[2])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+            conn.sendall(b"POST /admin/replay HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
+            # Answered after the request above was read: the ops listener reads its connections in turn.
+            assert gw.client.get(gw.ops_url + "/healthz").status_code == 200
+            gw.loop.call_soon_threadsafe(gw.gateway.request_exit)
+            gw.thread.join(20)
+            assert not gw.thread.is_alive()
+            with conn.makefile("rb") as reader:
+                assert reader.read() == b""
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []

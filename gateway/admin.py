@@ -8,6 +8,7 @@ docstrings.
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -27,6 +28,8 @@ from gateway.storage import StorageUnavailable
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+
+log = logging.getLogger("hookyard.admin")
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -103,6 +106,13 @@ def admin_routes(gateway: Gateway) -> list[Route]:
             except StorageUnavailable as exc:
                 # The store's failure, not the caller's: try again later, as /readyz says.
                 return _error(503, f"storage unavailable: {exc}", {"retry-after": "5"})
+            except Exception:
+                # A bug: answered in the shape a tool reads (uvicorn's would be `500` text/plain), its
+                # text left to the log, which may hold paths and data the caller has no use for.
+                log.exception(
+                    "an admin request failed", extra={"method": request.method, "path": request.url.path}
+                )
+                return _error(500, "internal error")
 
         handle.__doc__ = endpoint.__doc__
         handle.__name__ = endpoint.__name__

@@ -17,6 +17,7 @@ from openapi_spec_validator import validate
 from gateway.app import Gateway
 from gateway.cli import main
 from gateway.config import ConfigError, load_config, parse_config
+from gateway.operations import Operations
 from tests.support import (
     Downstream,
     RunningGateway,
@@ -799,3 +800,23 @@ def test_a_bulk_replay_without_a_mode_says_it_is_missing(tmp_path: Path, downstr
             400,
             {"error": "mode: required, one of dead, missing"},
         )
+
+
+def test_a_fault_in_an_admin_endpoint_is_a_json_500_logged_once_with_its_traceback(
+    tmp_path: Path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A bug, not an OperationError: uvicorn answered it `500` text/plain, which a tool reading `error`
+    could not read. Its text stays out of the answer, in the log with its traceback."""
+
+    async def fault(self: Operations, **filters: Any) -> Any:
+        raise RuntimeError("a fault at /var/lib/hookyard")
+
+    monkeypatch.setattr(Operations, "list_events", fault)
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        response = admin(gw, "GET", "/admin/events")
+        assert (response.status_code, response.headers["content-type"]) == (500, "application/json")
+        assert response.json() == {"error": "internal error"}
+        # And the listener goes on answering.
+        assert admin(gw, "GET", "/admin/events/nothing").status_code == 404
+    faults = [r for r in caplog.records if r.exc_info]
+    assert [(r.levelname, str(r.exc_info[1])) for r in faults] == [("ERROR", "a fault at /var/lib/hookyard")]

@@ -820,3 +820,18 @@ def test_a_fault_in_an_admin_endpoint_is_a_json_500_logged_once_with_its_traceba
         assert admin(gw, "GET", "/admin/events/nothing").status_code == 404
     faults = [r for r in caplog.records if r.exc_info]
     assert [(r.levelname, str(r.exc_info[1])) for r in faults] == [("ERROR", "a fault at /var/lib/hookyard")]
+
+
+@pytest.mark.parametrize("path", ["/admin/replay", "/admin/events/msg_1/replay"])
+def test_a_replay_body_that_is_not_a_json_object_is_a_400_with_its_reason(
+    tmp_path: Path, downstream: Downstream, path: str
+) -> None:
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        for body, reason in (
+            (b"{mode: dead}", "the body is not valid JSON"),
+            (b"\xff\xfe", "the body is not valid JSON"),
+            (b'["dead"]', "the body must be a JSON object"),
+            (b'"dead"', "the body must be a JSON object"),
+        ):
+            response = admin(gw, "POST", path, content=body)
+            assert (response.status_code, response.json()) == (400, {"error": reason}), body

@@ -15,7 +15,7 @@ from urllib.parse import unquote
 
 import orjson
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Match, Route
 from starlette.schemas import SchemaGenerator
@@ -300,7 +300,11 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 async def _json(request: Request) -> dict[str, Any]:
-    raw = await request.body()
+    try:
+        raw = await request.body()
+    except ClientDisconnect:
+        # The caller left mid-body, or the listener closed a malformed one: no fault, and no one to answer.
+        raise OperationError(400, "the body was cut short") from None
     if not raw:
         return {}
     try:

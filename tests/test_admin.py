@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -835,3 +836,23 @@ def test_a_replay_body_that_is_not_a_json_object_is_a_400_with_its_reason(
         ):
             response = admin(gw, "POST", path, content=body)
             assert (response.status_code, response.json()) == (400, {"error": reason}), body
+
+
+def test_a_caller_that_leaves_before_its_body_ends_is_no_fault(
+    tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its body cut short (the caller left, or its chunked body turned out malformed and the listener
+    closed the connection), the request is over: nothing to answer, nothing to log. It was logged as an
+    application error, with starlette's ClientDisconnect traceback."""
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        port = int(gw.ops_url.rpartition(":")[2])
+        head = f"POST /admin/replay HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as left:
+            left.sendall(head.encode() + b"Content-Length: 100\r\n\r\n{")
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as malformed:
+            malformed.sendall(head.encode() + b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\nzz\r\n")
+            with malformed.makefile("rb") as reader:
+                assert reader.readline().startswith(b"HTTP/1.1 400 ")
+        assert admin(gw, "GET", "/admin/events").status_code == 200
+    # The gateway has stopped, its ops listener once those requests were over.
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []

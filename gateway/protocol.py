@@ -722,13 +722,30 @@ async def _unanswered_if_cut_off(
         cycle.transport.close()
 
 
+# The ops listener's answer to a request that is not HTTP, after its status line and the Date header.
+_OPS_MALFORMED_BODY = orjson.dumps({"error": "the request is not valid HTTP/1.1"})
+_OPS_MALFORMED = b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (
+    len(_OPS_MALFORMED_BODY),
+    _OPS_MALFORMED_BODY,
+)
+
+
 class OpsProtocol(HttpToolsProtocol):
     """The ops listener's protocol: uvicorn's, but a request cut off at the end of the listener's drain
     (OPS_DRAIN_TIMEOUT: its body still coming, say) gets no answer, as on the webhook listener, rather than
-    uvicorn's `500` text/plain with a traceback logged."""
+    uvicorn's `500` text/plain with a traceback logged. And a request that is not HTTP is answered in JSON."""
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         super()._start_asgi_task(cycle, partial(_unanswered_if_cut_off, app, cycle))
+
+    def send_400_response(self, msg: str) -> None:
+        # What the parser cannot read (not HTTP, a URL past 64 KiB, a bad chunk): in JSON as every error a
+        # tool reads here, where uvicorn answers text/plain. Then closed, as uvicorn does.
+        head = STATUS_LINE[400] + b"".join(
+            name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
+        )
+        self.transport.write(head + _OPS_MALFORMED)
+        self.transport.close()
 
 
 # How long closing a TLS connection after its answer waits for the client's close_notify after sending its

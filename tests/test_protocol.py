@@ -962,3 +962,24 @@ def test_a_pipelined_chunked_body_over_the_limit_is_refused_even_when_it_arrived
         first, second = conn.answer(), conn.answer()
     assert first[0] == 200
     assert (second[0], json.loads(second[2])["error"]) == (413, "body_too_large")
+
+
+def test_the_ops_listener_answers_a_request_that_is_not_http_in_json(tmp_path) -> None:
+    # uvicorn's own answer was `400` text/plain "Invalid HTTP request received.": the one error of the ops
+    # listener that was neither JSON nor one of the plain health paths' answers.
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        for request in (
+            b"BLAH\r\n\r\n",
+            b"GET /admin/events HTTP/9.9\r\n\r\n",
+            b"GET /admin/events?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
+        ):
+            with Connection(gw.ops_url) as conn:
+                conn.send(request)
+                status, headers, body = conn.answer()
+                assert (status, headers["content-type"], headers["connection"]) == (
+                    400,
+                    "application/json",
+                    "close",
+                )
+                assert json.loads(body) == {"error": "the request is not valid HTTP/1.1"}
+                assert conn.closed_by_server()

@@ -26,7 +26,7 @@ whether its webhook was stored. A webhook whose own body is malformed (a bad chu
 
 Upgrade: this listener switches to no other protocol. A request that asks to (`Upgrade: h2c`, sent by Java's
 HttpClient with every cleartext request) is answered in HTTP/1.1 like any other, body included, where
-httptools would drop its body (_ignore_upgrade).
+httptools would drop its body (UpgradeIgnoring, which the ops listener's protocol shares).
 
 uvicorn writes a response's head and its body separately, and each write is a send() system call: for a
 webhook's small answer that is half of the cost of answering. Writes made in one turn of the event loop
@@ -169,7 +169,87 @@ class Webhook:
         self.routes: list[CompiledRoute] = []
 
 
-class ListenerProtocol(HttpToolsProtocol):
+class UpgradeIgnoring(HttpToolsProtocol):
+    """uvicorn's protocol, but a request that asks to switch protocols (`Upgrade: h2c` and `Connection:
+    Upgrade, HTTP2-Settings`, which Java's HttpClient sends with every cleartext request, or `Upgrade:
+    websocket`) is answered in HTTP/1.1 like any other, body included. httptools stops after its headers
+    and calls it complete without its body, which uvicorn then never reads: the request waits for it, or
+    runs without it. Neither listener switches (no WebSockets, no h2c), and RFC 9110 §7.8 lets a server
+    ignore Upgrade: the request is parsed again, by a new parser, without it."""
+
+    cycle: Cycle  # type: ignore[assignment]  # uvicorn's, or a FastCycle
+    # A request that asks to switch protocols, until it is parsed again without that (_ignore_upgrade):
+    # the request in progress before it.
+    _before_upgrade: tuple[Cycle] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            self._invalid_http(error)
+        except httptools.HttpParserUpgrade as upgrade:
+            # Where the parser stopped: the request's body, and what follows it, are not parsed yet.
+            self._parse_without_upgrade(memoryview(data)[upgrade.args[0] :])
+
+    def on_headers_complete(self) -> None:
+        if self.parser.should_upgrade():
+            self._ignore_upgrade(self.cycle)
+            return
+        super().on_headers_complete()
+
+    def _invalid_http(self, error: httptools.HttpParserError) -> None:
+        """What the parser cannot read: uvicorn's answer (400, closed)."""
+        message = "Invalid HTTP request received."
+        self.logger.warning(message)
+        self.send_400_response(message)
+
+    def _ignore_upgrade(self, cycle: Cycle) -> None:
+        if self.parser.get_method() == b"CONNECT":
+            super().on_headers_complete()  # a tunnel, not an upgrade: uvicorn's, as before
+            return
+        # Until it is parsed again (_parse_without_upgrade), it stands as a request already answered, so
+        # that on_message_complete leaves the requests in progress as they are.
+        self._before_upgrade = (cycle,)
+        self.cycle = skipped = FastCycle(cast(dict[str, Any], self.scope), keep_alive=False)
+        skipped.response_complete = True
+
+    def _parse_without_upgrade(self, rest: memoryview) -> None:
+        while (before := self._before_upgrade) is not None:
+            self._before_upgrade = None
+            head = self._head_without_upgrade()
+            (self.cycle,) = before
+            self.parser = parser = httptools.HttpRequestParser(self)
+            parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn's
+            try:
+                parser.feed_data(head)  # without Upgrade, it cannot stop the parser again
+                parser.feed_data(rest)
+                return
+            except httptools.HttpParserError as error:
+                self._invalid_http(error)
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                rest = rest[upgrade.args[0] :]  # the next request asks too
+        self._unsupported_upgrade_warning()  # CONNECT: uvicorn's
+
+    def _head_without_upgrade(self) -> bytes:
+        parser = self.parser
+        version = parser.get_http_version().encode()
+        head = [parser.get_method(), b" ", self.url, b" HTTP/", version, b"\r\n"]
+        for name, value in self.headers:
+            if name == b"upgrade":
+                continue
+            if name == b"connection":
+                tokens = [token for token in value.split(b",") if token.strip().lower() != b"upgrade"]
+                value = b",".join(tokens).strip()
+                if not value:
+                    continue
+            head += [name, b": ", value, b"\r\n"]
+        head.append(b"\r\n")
+        return b"".join(head)
+
+
+class ListenerProtocol(UpgradeIgnoring):
     """What the gateway sees of the webhook listener's protocol class (webhook_protocol's)."""
 
     # The listener's connections closed after their last answer that still linger (LingeringClose).
@@ -207,7 +287,6 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
         return ingress.gateway.config.limits
 
     class WebhookProtocol(ListenerProtocol):
-        cycle: Cycle  # type: ignore[assignment]  # uvicorn's, or a FastCycle
         _webhook: Webhook | None = None  # the fast-path request being received or stored
         # The deadline of what is being waited for (headers, a body) and what to do when it passes.
         _timer: asyncio.TimerHandle | None = None
@@ -224,9 +303,6 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
         _head_bytes = 0
         # Refused (431) because its head went on past the limit, not because it is malformed.
         _head_too_large = False
-        # A request that asks to switch protocols, until it is parsed again without that (_ignore_upgrade):
-        # the request in progress before it.
-        _before_upgrade: tuple[Cycle] | None = None
         lingering = Lingering()
 
         def connection_made(self, transport: Any) -> None:
@@ -482,56 +558,6 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
 
         # -- Upgrade ----------------------------------------------------------------------------------
 
-        # A request that asks to switch protocols (`Upgrade: h2c` and `Connection: Upgrade, HTTP2-Settings`,
-        # which Java's HttpClient sends with every cleartext request, or `Upgrade: websocket`): httptools
-        # stops after its headers and calls it complete without its body. This listener never switches (no
-        # WebSockets, no h2c), and RFC 9110 §7.8 lets a server ignore Upgrade and answer in HTTP/1.1: the
-        # request is parsed again, by a new parser, without it.
-
-        def _ignore_upgrade(self, cycle: Cycle) -> None:
-            if self.parser.get_method() == b"CONNECT":
-                super().on_headers_complete()  # a tunnel, not an upgrade: uvicorn's, as before
-                return
-            # Until it is parsed again (_parse_without_upgrade), it stands as a request already answered, so
-            # that on_message_complete leaves the requests in progress as they are.
-            self._before_upgrade = (cycle,)
-            self.cycle = skipped = FastCycle(cast(dict[str, Any], self.scope), keep_alive=False)
-            skipped.response_complete = True
-
-        def _parse_without_upgrade(self, rest: memoryview) -> None:
-            while (before := self._before_upgrade) is not None:
-                self._before_upgrade = None
-                head = self._head_without_upgrade()
-                (self.cycle,) = before
-                self.parser = parser = httptools.HttpRequestParser(self)
-                parser.set_dangerous_leniencies(lenient_data_after_close=True)  # as uvicorn's
-                try:
-                    parser.feed_data(head)  # without Upgrade, it cannot stop the parser again
-                    parser.feed_data(rest)
-                    return
-                except httptools.HttpParserError as error:
-                    self._invalid_http(error)
-                    return
-                except httptools.HttpParserUpgrade as upgrade:
-                    rest = rest[upgrade.args[0] :]  # the next request asks too
-            self._unsupported_upgrade_warning()  # CONNECT: uvicorn's
-
-        def _head_without_upgrade(self) -> bytes:
-            parser = self.parser
-            version = parser.get_http_version().encode()
-            head = [parser.get_method(), b" ", self.url, b" HTTP/", version, b"\r\n"]
-            for name, value in self.headers:
-                if name == b"upgrade":
-                    continue
-                if name == b"connection":
-                    tokens = [token for token in value.split(b",") if token.strip().lower() != b"upgrade"]
-                    value = b",".join(tokens).strip()
-                    if not value:
-                        continue
-                head += [name, b": ", value, b"\r\n"]
-            head.append(b"\r\n")
-            return b"".join(head)
-
         # -- the steps --------------------------------------------------------------------------------
 
         def _received(self, webhook: Webhook) -> None:
@@ -730,7 +756,7 @@ _OPS_MALFORMED = b"content-type: application/json\r\nconnection: close\r\nconten
 )
 
 
-class OpsProtocol(HttpToolsProtocol):
+class OpsProtocol(UpgradeIgnoring):
     """The ops listener's protocol: uvicorn's, but a request cut off at the end of the listener's drain
     (OPS_DRAIN_TIMEOUT: its body still coming, say) gets no answer, as on the webhook listener, rather than
     uvicorn's `500` text/plain with a traceback logged. And a request that is not HTTP is answered in JSON."""

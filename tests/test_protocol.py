@@ -964,6 +964,26 @@ def test_a_pipelined_chunked_body_over_the_limit_is_refused_even_when_it_arrived
     assert (second[0], json.loads(second[2])["error"]) == (413, "body_too_large")
 
 
+def test_an_admin_request_that_asks_to_upgrade_to_h2c_is_answered_in_http_1_1_with_its_body(tmp_path) -> None:
+    # As on the webhook listener: uvicorn's protocol read no body after an Upgrade (Java's HttpClient sends
+    # `Upgrade: h2c` with every cleartext request), so a bulk replay was refused `mode: required`, and an
+    # event's replay for one action would have replayed all of them.
+    body = json.dumps({"mode": "dead", "since": "1h"}).encode()
+    request = (
+        f"POST /admin/replay HTTP/1.1\r\nHost: 127.0.0.1\r\n{_H2C}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.ops_url) as conn:
+        conn.send(request + request)  # and one pipelined behind it, asking too
+        answers = [conn.answer(), conn.answer()]
+        conn.send(b"GET /admin/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # still HTTP/1.1, kept alive
+        later = conn.answer()
+    assert [(status, json.loads(answer)) for status, _, answer in answers] == [
+        (200, {"replayed": 0, "created": 0, "next_cursor": None})
+    ] * 2
+    assert (later[0], json.loads(later[2])) == (200, {"events": [], "next_cursor": None})
+
+
 def test_the_ops_listener_answers_a_request_that_is_not_http_in_json(tmp_path) -> None:
     # uvicorn's own answer was `400` text/plain "Invalid HTTP request received.": the one error of the ops
     # listener that was neither JSON nor one of the plain health paths' answers.

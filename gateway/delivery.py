@@ -23,6 +23,7 @@ import pluggy
 
 from gateway.actions import Action, Job, Outcome, Resources, dead, retry, skipped
 from gateway.config import DeliveryEngine as EngineSettings
+from gateway.events import Event
 from gateway.limits import ConcurrencyLimit
 from gateway.metrics import Metrics
 from gateway.plugins import Registry
@@ -31,6 +32,7 @@ from gateway.routing import PlannedAction, RouteTable
 from gateway.storage import (
     Attempt,
     Claim,
+    DeliveryRecord,
     Finished,
     Ingested,
     Lease,
@@ -38,6 +40,7 @@ from gateway.storage import (
     Storage,
     StorageUnavailable,
     Unconfirmed,
+    Unreadable,
     no_longer_configured,
 )
 from gateway.tasks import cancel_and_wait
@@ -187,6 +190,7 @@ class Engine:
         self._releases: set[asyncio.Task[None]] = set()  # leases given back as the engine stops
         self._leasing: set[asyncio.Future[Ingested]] = set()  # commits holding a lease, not done yet
         self._claiming: asyncio.Future[list[Claim]] | None = None  # the claim loop's claim in flight
+        storage.on_unreadable = self._unreadable
 
     def swap_actions(self, actions: dict[tuple[str, str], RunnableAction]) -> None:
         """Run new deliveries with a reloaded config's actions; close the old ones once the deliveries
@@ -624,17 +628,43 @@ class Engine:
                 fields["retry_in_s"] = round(due_at - finished_at, 3)
             log.log(level, "delivery %s", outcome.kind, extra=fields)
         delivery.state = state
-        if self.pm.hook.delivery_finished.get_hookimpls():
-            # The skipped dependents finished too, without an attempt of their own.
-            finals = [(delivery, outcome, state != "pending")]
-            finals += [
-                (dependent, skipped(dependent.last_error or ""), True) for dependent in finished.skipped
-            ]
-            for record, result, final in finals:
-                try:
-                    self.pm.hook.delivery_finished(delivery=record, outcome=result, final=final)
-                except Exception:
-                    log.exception("a delivery_finished hook failed", extra=event.summary())
+        self._tell_hooks(event, delivery, outcome, state != "pending", finished)
+
+    def _tell_hooks(
+        self, event: Event, delivery: DeliveryRecord, outcome: Outcome, final: bool, finished: Finished
+    ) -> None:
+        if not self.pm.hook.delivery_finished.get_hookimpls():
+            return
+        # The skipped dependents finished too, without an attempt of their own.
+        finals = [(delivery, outcome, final)]
+        finals += [(dependent, skipped(dependent.last_error or ""), True) for dependent in finished.skipped]
+        for record, result, is_final in finals:
+            try:
+                self.pm.hook.delivery_finished(delivery=record, outcome=result, final=is_final)
+            except Exception:
+                log.exception("a delivery_finished hook failed", extra=event.summary())
+
+    def _unreadable(self, deliveries: list[Unreadable]) -> None:
+        """Deliveries a claim ended dead as their event could not be read back (Storage.on_unreadable):
+        counted, logged and told to plugins as any dead delivery, though no attempt ran here."""
+        for delivery, event, finished in deliveries:
+            self.metrics.deliveries.labels(delivery.route, delivery.action, "dead").inc()
+            for dependent in finished.skipped:
+                self.metrics.deliveries.labels(dependent.route, dependent.action, "skipped").inc()
+            log.error(
+                "delivery dead",
+                extra={
+                    **event.summary(),
+                    "route": delivery.route,
+                    "action": delivery.action,
+                    "attempt": delivery.attempts,
+                    "outcome": "dead",
+                    "error": delivery.last_error,
+                },
+            )
+            self._tell_hooks(event, delivery, dead(delivery.last_error or ""), True, finished)
+            if finished.activated:
+                self.wake()  # its dependents that run on a failure are due
 
     async def _record_once_taken(
         self,

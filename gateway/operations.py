@@ -91,7 +91,7 @@ def summary_view(row: EventSummary) -> dict[str, Any]:
 
 def detail_view(detail: EventDetail) -> dict[str, Any]:
     event = detail.event
-    return {
+    view: dict[str, Any] = {
         "id": event.id,
         "source": event.source,
         "type": event.type,
@@ -121,6 +121,9 @@ def detail_view(detail: EventDetail) -> dict[str, Any]:
             for d in detail.deliveries
         ],
     }
+    if detail.unreadable is not None:
+        view["unreadable"] = detail.unreadable  # its payload is null: the body cannot be read back
+    return view
 
 
 def _check_page(cursor: int | None, limit: int) -> None:

@@ -12,6 +12,7 @@ Replayed deliveries keep the event id, so Idempotency-Key dedupe downstream stil
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ from gateway.routing import RouteTable
 from gateway.storage import NewDelivery, Storage
 
 PAGE = 500
+
+log = logging.getLogger("hookyard.replay")
 
 
 @dataclass
@@ -63,6 +66,13 @@ async def replay_missing_page(
     events = await storage.events_page(since=since, until=until, source=source, after=cursor, limit=limit)
     page = ReplayPage(next_cursor=events[-1].seq if len(events) == limit else None)
     for stored in events:
+        if stored.unreadable is not None:
+            # No payload to route on; its dead deliveries would only die again (`replay --state dead` can
+            # still run them, once the row is mended).
+            log.warning(
+                "event left out of the replay", extra={**stored.event.summary(), "error": stored.unreadable}
+            )
+            continue
         missing: list[NewDelivery] = []
         dead: list[int] = []
         for matched in table.match(stored.event):

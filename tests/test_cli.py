@@ -7,6 +7,7 @@ import json
 import re
 import shlex
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -425,6 +426,33 @@ def test_events_show(filled: Path) -> None:
     assert both.exit_code == 1
     assert both.stdout == ""
     assert "several sources (consignly, consignease); give the source with --source\n" in both.stderr
+
+
+def test_an_event_whose_stored_body_cannot_be_read_is_shown_replayed_and_left_out_of_missing(
+    filled: Path,
+) -> None:
+    conn = sqlite3.connect(filled.parent / "db.sqlite")
+    with conn:
+        conn.execute("UPDATE events SET body = X'FF00' WHERE event_id = 'evt_dead'")
+    conn.close()
+
+    result = invoke("events", "show", "-c", filled, "evt_dead", "--json")
+    assert result.exit_code == 0, result.output
+    shown = json.loads(result.stdout)
+    assert shown["payload"] is None
+    assert shown["unreadable"].startswith("the stored event cannot be read: JSONDecodeError")
+    assert [d["state"] for d in shown["deliveries"]] == ["dead", "delivered"]
+    assert "unreadable" not in json.loads(invoke("events", "show", "-c", filled, "evt_delivered").stdout)
+
+    # Its own replay runs it again (the engine then ends it dead again, saying why); a replay of what is
+    # missing, which routes every event anew, has no payload to route it on and goes on past it.
+    missing = invoke("replay", "-c", filled, "--state", "missing", "--since", "1h")
+    assert missing.exit_code == 0, missing.output
+    assert deliveries(filled, "evt_dead")["app"].state == "dead"
+    assert missing.stdout == "replaying 0 deliveries, created 2 missing ones\n"  # evt_unrouted, evt_twin
+    replayed = invoke("replay", "-c", filled, "evt_dead")
+    assert replayed.stdout == "replaying 1 deliveries\n"
+    assert deliveries(filled, "evt_dead")["app"].state == "pending"
 
 
 def test_events_show_an_unknown_id_exits_1(filled: Path) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -701,6 +703,89 @@ def test_delivery_finished_reports_dependents_that_end_skipped(tmp_path, downstr
         ]
         assert gw.metric("hookyard_deliveries_total", route="users", action="alert", outcome="skipped") == 1
     assert downstream.received("/a") == []
+
+
+def test_a_delivery_whose_stored_event_cannot_be_read_ends_dead_and_the_others_go_out(
+    tmp_path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    from gateway import hookimpl
+    from gateway.operations import Operations
+    from gateway.plugins import new_plugin_manager
+
+    finished: list[tuple[Any, ...]] = []
+
+    class Recorder:
+        @hookimpl
+        def delivery_finished(self, delivery, outcome, final):  # type: ignore[no-untyped-def]
+            finished.append((delivery.action, delivery.state, outcome.kind, outcome.error, final))
+
+    downstream.answer("/app", 500, 500)  # the first attempt of each: both wait for a retry
+    route = users_route(
+        downstream,
+        {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}},
+        {
+            "id": "alert",
+            "use": "forward",
+            "after": "app",
+            "when": "failure",
+            "with": {"url": f"{downstream.url}/a"},
+        },
+    )
+    config = gateway_config(tmp_path, routes=[route])
+    config["defaults"]["retry"] = {"schedule": ["1h"], "jitter": 0}  # due again only as the test says
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(Recorder(), name="recorder")
+    with RunningGateway(config, pm=pm) as gw:
+        for msg_id in ("msg_bad", "msg_good"):
+            body, headers = svix_request(msg_id=msg_id)
+            assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+
+        def recorded(msg_id: str) -> int:
+            return sum(map(len, event_detail(gw, msg_id).attempts.values()))
+
+        # Their first attempts recorded, so that their retries' due times are written, not still to come.
+        wait_until(lambda: recorded("msg_bad") == recorded("msg_good") == 1)
+        # The bad event's body damaged in the file, and both retries made due at once: one claim takes both.
+        with sqlite3.connect(tmp_path / "hookyard.db") as conn:
+            conn.execute("UPDATE events SET body = X'FF00' WHERE event_id = 'msg_bad'")
+            conn.execute("UPDATE deliveries SET due_at = ? WHERE state = 'pending'", (time.time(),))
+        conn.close()
+
+        wait_until(lambda: delivery_states(gw, "msg_good") == {"app": "delivered", "alert": "skipped"})
+        # Dead, and its dependent on a failure with it (the same event, no more readable for it).
+        wait_until(lambda: delivery_states(gw, "msg_bad") == {"app": "dead", "alert": "dead"})
+        detail = event_detail(gw, "msg_bad")
+        assert detail.unreadable is not None and detail.event.payload is None
+        for delivery in detail.deliveries:
+            assert (delivery.last_error or "").startswith("the stored event cannot be read: JSONDecodeError")
+        assert [r.headers["x-hookyard-attempt"] for r in downstream.received("/app")] == ["1", "1", "2"]
+        assert downstream.received("/a") == []
+        for action in ("app", "alert"):
+            assert gw.metric("hookyard_deliveries_total", route="users", action=action, outcome="dead") == 1
+        wait_until(lambda: len(finished) == 6)  # both retries, good: 2, bad: 2
+        bad = [f for f in finished if f[1] == "dead"]
+        assert [f[:3] + f[4:] for f in bad] == [
+            ("app", "dead", "dead", True),
+            ("alert", "dead", "dead", True),
+        ]
+        assert all(f[3].startswith("the stored event cannot be read: ") for f in bad)
+        logged = [
+            r for r in caplog.records if r.getMessage() == "delivery dead" and r.levelno >= logging.WARNING
+        ]
+        assert [(r.event_id, r.source, r.route, r.action) for r in logged] == [  # type: ignore[attr-defined]
+            ("msg_bad", "consignease", "users", "app"),
+            ("msg_bad", "consignease", "users", "alert"),
+        ]
+
+        # A replay runs it again: dead again, the same way, and nothing else goes wrong.
+        ops = Operations(gw.gateway.storage, gw.gateway.table, wake=gw.gateway.engine.wake)
+        replayed = asyncio.run_coroutine_threadsafe(ops.replay_event("msg_bad"), gw.loop).result(10)
+        assert replayed["replayed"] == 1
+        wait_until(lambda: len([f for f in finished if f[1] == "dead"]) == 4)
+        assert delivery_states(gw, "msg_bad") == {"app": "dead", "alert": "dead"}
+        assert downstream.received("/a") == [] and len(downstream.received("/app")) == 3
+        assert gw.metric("hookyard_deliveries_total", route="users", action="app", outcome="dead") == 2
+    assert "delivery loop failed" not in caplog.text
 
 
 # -- retry policy ------------------------------------------------------------------------------------

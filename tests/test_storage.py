@@ -1179,6 +1179,55 @@ def test_claim_leaves_out_the_deliveries_the_caller_runs_whatever_their_lease(db
     assert [(c.event.id, c.delivery.attempts) for c in db.claim(lapsed)] == [("evt_mine", 2)]
 
 
+def damage(path: Path, sql: str) -> None:
+    """Change the database file behind the store's back, as a `sqlite3` shell (or a bad disk) would."""
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.execute(sql)
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    ("sql", "reason"),
+    [
+        ("UPDATE events SET body = X'FF00' WHERE event_id = 'evt_bad'", "JSONDecodeError"),
+        ("UPDATE events SET body = 'not json' WHERE event_id = 'evt_bad'", "TypeError"),
+        ("UPDATE events SET headers = CAST(X'FF' AS TEXT) WHERE event_id = 'evt_bad'", "JSONDecodeError"),
+        ("DELETE FROM events WHERE event_id = 'evt_bad'", "event 1 is missing"),
+    ],
+    ids=["body-not-utf8", "body-text", "headers-not-utf8", "row-deleted"],
+)
+def test_a_claimed_delivery_whose_event_cannot_be_read_ends_dead_and_the_others_are_claimed(
+    db: Harness, sql: str, reason: str
+) -> None:
+    told: list[Any] = []
+    db.storage.on_unreadable = told.append
+    ack, alert = action("ack", after="app", when="success"), action("alert", after="app", when="failure")
+    db.ingest("evt_bad", APP, ack, alert, at=T0)
+    db.ingest("evt_good", APP, at=T0 + 1)
+    damage(db.path, sql)
+
+    assert [c.event.id for c in db.claim(T0 + 10)] == ["evt_good"]
+    [[unreadable]] = told
+    delivery, event, finished = unreadable
+    error = delivery.last_error or ""
+    assert error.startswith("the stored event cannot be read: ") and reason in error
+    assert (delivery.action, delivery.state, delivery.attempts) == ("app", "dead", 1)
+    assert event.payload is None and event.headers == {}
+    if reason != "event 1 is missing":
+        assert (event.id, event.source, event.received_at) == ("evt_bad", "shop", T0)
+        detail = db.detail("evt_bad")
+        assert detail.unreadable == error and detail.event.payload is None
+        assert [(a.outcome, a.error) for a in detail.attempts[delivery.id]] == [("dead", error)]
+        [page] = [e for e in db.run(db.storage.events_page(since=None)) if e.event.id == "evt_bad"]
+        assert page.unreadable == error
+    # Settled as for any dead delivery: the one on a failure runs (and ends the same way), the other skipped.
+    assert finished.activated == [(ROUTE, "alert")]
+    assert [(d.action, d.state) for d in finished.skipped] == [("ack", "skipped")]
+    assert db.claim(T0 + 11) == []
+    assert [d.action for [(d, _event, _finished)] in told[1:]] == ["alert"]
+
+
 def test_claim_takes_no_more_of_an_action_than_it_has_room_for_and_none_of_a_full_one(db: Harness) -> None:
     slow, fast = action("slow"), action("fast")
     for index in range(3):

@@ -116,6 +116,12 @@ STORED = Ingested(True)  # stored, nothing leased
 DUPLICATE = Ingested(False)
 
 
+def unreadable_event(reason: object) -> str:
+    """The error a delivery ends dead with, nothing sent, when its stored event cannot be read back (a body
+    or headers that are not JSON: a database edited by hand, a row of another version, a damaged page)."""
+    return f"the stored event cannot be read: {reason}"
+
+
 @dataclass(slots=True)
 class Finished:
     """What recording an attempt did: the dependents whose parent reached a final state, those that now run
@@ -125,6 +131,16 @@ class Finished:
     activated: list[tuple[str, str]] = field(default_factory=list)
     skipped: list[DeliveryRecord] = field(default_factory=list)
     recorded: bool = True
+
+
+class Unreadable(NamedTuple):
+    """A claimed delivery ended dead in its claim, nothing sent, as its event could not be read back (see
+    Storage.on_unreadable). `event` holds what could be read (id, source, type, times), no payload and no
+    headers; `finished` has its dependents, settled as for any dead delivery."""
+
+    delivery: DeliveryRecord
+    event: Event
+    finished: Finished
 
 
 @dataclass(slots=True)
@@ -162,11 +178,13 @@ class EventSummary:
 
 @dataclass(slots=True)
 class StoredEvent:
-    """An event with its deliveries by (route, action): what replaying missing deliveries looks at."""
+    """An event with its deliveries by (route, action): what replaying missing deliveries looks at.
+    `unreadable` says why its body or headers cannot be read back (the event then has neither), else None."""
 
     seq: int
     event: Event
     deliveries: dict[tuple[str, str], DeliveryRecord]
+    unreadable: str | None = None
 
 
 @dataclass(slots=True)
@@ -175,6 +193,7 @@ class EventDetail:
     seq: int
     deliveries: list[DeliveryRecord]
     attempts: dict[int, list[Attempt]]  # by delivery id
+    unreadable: str | None = None  # as StoredEvent's
 
 
 class Storage(ABC):
@@ -184,6 +203,9 @@ class Storage(ABC):
     # they run on, by anything but an attempt's result (whose `Finished` has its own): a claim of one
     # replayed on its own, or a replay that creates one below a parent that is final already.
     on_skipped: Callable[[list[DeliveryRecord]], None] | None = None
+    # Told, once committed, of the deliveries a claim ended dead instead of leasing them, their event not
+    # readable from the store: one such row must not fail every claim, and with it every delivery.
+    on_unreadable: Callable[[list[Unreadable]], None] | None = None
 
     @abstractmethod
     async def open(self, *, create: bool = True) -> None:
@@ -232,7 +254,11 @@ class Storage(ABC):
         limited: how many more deliveries each of these actions (route, action) may start (its
         `concurrency` less those the caller has of it). No more than that are leased, and none of one at 0:
         leased, they would wait for the action while holding the caller's slots, which the other actions'
-        due deliveries wait for."""
+        due deliveries wait for.
+
+        A delivery whose event cannot be read back is not leased but ended dead in the same transaction
+        (`unreadable_event`), its dependents settled, and told to `on_unreadable` once committed: one bad
+        row must not fail every claim, and with it every delivery."""
 
     @abstractmethod
     async def finish(

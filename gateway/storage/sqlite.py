@@ -51,7 +51,9 @@ from gateway.storage import (
     StorageUnavailable,
     StoredEvent,
     Unconfirmed,
+    Unreadable,
     no_longer_configured,
+    unreadable_event,
 )
 from gateway.storage.fsync_helper import REPLY, REQUEST  # the helper's messages
 from gateway.tasks import DaemonThread
@@ -189,7 +191,11 @@ _DELIVERY_COLUMNS = (
     "id, event_seq, route, action, state, attempts, due_at, created_at, parent_id, run_when, "
     "last_status, last_error, finished_at"
 )
-_EVENT_COLUMNS = "seq, source, event_id, type, occurred_at, received_at, verified, headers, body"
+# The headers as bytes, which orjson decodes and checks: a row whose text is not UTF-8 (edited by hand, a
+# damaged page) then fails on its own in _read_event, where sqlite3 would fail the whole statement.
+_EVENT_COLUMNS = (
+    "seq, source, event_id, type, occurred_at, received_at, verified, CAST(headers AS BLOB), body"
+)
 
 
 class _GroupCommit:
@@ -1025,10 +1031,12 @@ class SQLiteStorage(Storage):
     ) -> list[Claim]:
         left_out = _id_list(running)
         rooms = dict(limited) if limited else None  # read when called, as `running` is
-        claims, skipped = await self._run(
+        claims, skipped, unreadable = await self._run(
             lambda conn: _claim(conn, now, limit, now + lease, owner, left_out, rooms), durable=False
         )
         self._tell_skipped(skipped)
+        if unreadable and self.on_unreadable is not None:
+            self.on_unreadable(unreadable)
         return claims
 
     def _tell_skipped(self, skipped: list[DeliveryRecord]) -> None:
@@ -1235,7 +1243,8 @@ class SQLiteStorage(Storage):
                     (row[0],),
                 ):
                     attempts[delivery_id].append(Attempt(*fields))
-                details.append(EventDetail(_event(row), row[0], deliveries, attempts))
+                event, unreadable = _read_event(row)
+                details.append(EventDetail(event, row[0], deliveries, attempts, unreadable))
             return details
 
         return await self._run(get_event, durable=False)
@@ -1342,7 +1351,11 @@ class SQLiteStorage(Storage):
                 ):
                     delivery = _delivery(delivery_row)
                     deliveries[delivery.event_seq][(delivery.route, delivery.action)] = delivery
-            return [StoredEvent(row[0], _event(row), deliveries[row[0]]) for row in rows]
+            stored = []
+            for row in rows:
+                event, unreadable = _read_event(row)
+                stored.append(StoredEvent(row[0], event, deliveries[row[0]], unreadable))
+            return stored
 
         # On the reader, as list_events: narrowed to a rare source, it walks a window's events. What it
         # read may be stale by the time a replay acts on it: add_deliveries and reset_deliveries look again.
@@ -1681,9 +1694,9 @@ def _claim(
     owner: str,
     running: str | None,
     rooms: dict[tuple[str, str], int] | None = None,
-) -> tuple[list[Claim], list[DeliveryRecord]]:
-    """The claims, and the deliveries skipped instead (with their dependents), their parent's result not
-    one they run on."""
+) -> tuple[list[Claim], list[DeliveryRecord], list[Unreadable]]:
+    """The claims, the deliveries skipped instead (with their dependents), their parent's result not one
+    they run on, and those ended dead instead, their event not readable (see _end_unreadable)."""
     if rooms:
         # Some actions have a `concurrency`: none of a full one, and no more of the others than they have
         # room for. What is passed over stays due, and goes first once its action has room.
@@ -1707,7 +1720,7 @@ def _claim(
         )
         due = [row[0] for row in selected]
     if not due:
-        return [], []
+        return [], [], []
     placeholders = ",".join("?" * len(due))
     leased = {
         row[0]: _delivery(row)
@@ -1726,6 +1739,7 @@ def _claim(
     claims = []
     unready: list[int] = []
     skipped = Finished()
+    unreadable: list[Unreadable] = []
     for delivery in deliveries:
         parent = None
         if delivery.parent_id is not None and delivery.parent_id in parents:
@@ -1754,7 +1768,11 @@ def _claim(
                 continue
             outcome: Literal["delivered", "dead"] = "delivered" if p.state == "delivered" else "dead"
             parent = ParentResult(p.action, outcome, p.attempts, p.last_status, p.last_error)
-        claims.append(Claim(delivery, _event(events[delivery.event_seq]), parent))
+        event, reason = _read_event(events.get(delivery.event_seq), delivery)
+        if reason is not None:
+            unreadable.append(_end_unreadable(conn, delivery, event, reason, now))
+            continue
+        claims.append(Claim(delivery, event, parent))
     if unready:
         placeholders = ",".join("?" * len(unready))
         conn.execute(
@@ -1762,7 +1780,24 @@ def _claim(
             f"WHERE id IN ({placeholders})",
             unready,
         )
-    return claims, skipped.skipped
+    return claims, skipped.skipped, unreadable
+
+
+def _end_unreadable(
+    conn: sqlite3.Connection, delivery: DeliveryRecord, event: Event, reason: str, now: float
+) -> Unreadable:
+    """A claimed delivery whose event cannot be read back, ended dead with an attempt that sent nothing,
+    its dependents settled as for any dead delivery. Leased and sent to the engine, it would fail every
+    claim it came in, and with it the claim of every other due delivery, for as long as it stayed due."""
+    row = conn.execute(
+        "UPDATE deliveries SET state = 'dead', due_at = NULL, lease_owner = NULL, last_status = NULL, "
+        f"last_error = ?, finished_at = ? WHERE id = ? RETURNING {_DELIVERY_COLUMNS}",
+        (reason, now, delivery.id),
+    ).fetchone()
+    conn.execute(_INSERT_ATTEMPT, (delivery.id, delivery.attempts, now, 0.0, "dead", None, reason))
+    finished = Finished()
+    _settle_dependents(conn, delivery.id, RESULT_OF["dead"], now, finished)
+    return Unreadable(_delivery(row), event, finished)
 
 
 def _by_key(conn: sqlite3.Connection, select: str, keys: Iterable[int]) -> dict[int, tuple[Any, ...]]:
@@ -1933,6 +1968,23 @@ def _own_event(event: Event) -> Event:
     """The event as `_event` reads it back, for one delivery: its payload parsed again from the body and
     its own headers, so no delivery sees what a sibling's plugin changed."""
     return dataclasses.replace(event, payload=stored_payload(event.body), headers=dict(event.headers))
+
+
+def _read_event(
+    row: tuple[Any, ...] | None, delivery: DeliveryRecord | None = None
+) -> tuple[Event, str | None]:
+    """The event of a row, and None; or, when its body or headers cannot be read back (or, for a
+    `delivery`, the row is gone), what could be read of it, with no payload and no headers, and why."""
+    if row is None:
+        assert delivery is not None
+        missing = Event("", "", "", delivery.created_at, b"", None)
+        return missing, unreadable_event(f"event {delivery.event_seq} is missing")
+    try:
+        return _event(row), None
+    except Exception as exc:  # whatever a damaged row makes orjson (or the bytes checks) raise
+        _seq, source, event_id, type_, occurred_at, received_at, verified, _headers, body = row
+        event = Event(source, event_id, type_, received_at, body, None, occurred_at, {}, bool(verified))
+        return event, unreadable_event(f"{type(exc).__name__}: {exc}")
 
 
 def _event(row: tuple[Any, ...]) -> Event:

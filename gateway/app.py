@@ -201,6 +201,7 @@ class Gateway:
         )
         actions = build_actions(self.table, self.registry, self._resources)
         self._engine = Engine(self.storage, actions, self.config.delivery, self.metrics, self.pm)
+        self.storage.on_unreadable = self._engine.unreadable
         await self._start_plugins()
         self._engine.start()
         self._retention = Retention(self.storage, self.config.storage.retention, self.metrics)

@@ -190,7 +190,6 @@ class Engine:
         self._releases: set[asyncio.Task[None]] = set()  # leases given back as the engine stops
         self._leasing: set[asyncio.Future[Ingested]] = set()  # commits holding a lease, not done yet
         self._claiming: asyncio.Future[list[Claim]] | None = None  # the claim loop's claim in flight
-        storage.on_unreadable = self._unreadable
 
     def swap_actions(self, actions: dict[tuple[str, str], RunnableAction]) -> None:
         """Run new deliveries with a reloaded config's actions; close the old ones once the deliveries
@@ -644,7 +643,7 @@ class Engine:
             except Exception:
                 log.exception("a delivery_finished hook failed", extra=event.summary())
 
-    def _unreadable(self, deliveries: list[Unreadable]) -> None:
+    def unreadable(self, deliveries: list[Unreadable]) -> None:
         """Deliveries a claim ended dead as their event could not be read back (Storage.on_unreadable):
         counted, logged and told to plugins as any dead delivery, though no attempt ran here."""
         for delivery, event, finished in deliveries:

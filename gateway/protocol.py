@@ -184,6 +184,10 @@ class UpgradeIgnoring(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> bool:
+        """Parse `data`; whether the parser took it all as it came (no error, no request to upgrade)."""
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as error:
@@ -191,6 +195,9 @@ class UpgradeIgnoring(HttpToolsProtocol):
         except httptools.HttpParserUpgrade as upgrade:
             # Where the parser stopped: the request's body, and what follows it, are not parsed yet.
             self._parse_without_upgrade(memoryview(data)[upgrade.args[0] :])
+        else:
+            return True
+        return False
 
     def on_headers_complete(self) -> None:
         if self.parser.should_upgrade():
@@ -357,20 +364,12 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
             # uvicorn's, but for what the parser cannot read. (uvicorn's keep-alive timer is never set here:
             # the idle deadline is on the connection's one timer, so there is nothing to unset.)
             in_head, heads = self._in_head, self._heads
-            try:
-                self.parser.feed_data(data)
-            except httptools.HttpParserError as error:
-                self._invalid_http(error)
-            except httptools.HttpParserUpgrade as upgrade:
-                # Where the parser stopped: the request's body, and what follows it, are not parsed yet.
-                self._parse_without_upgrade(memoryview(data)[upgrade.args[0] :])
-            else:
-                if in_head and self._in_head and self._heads == heads:  # all of it is the same head
-                    self._head_bytes += len(data)
-                    limit = limits().max_header_bytes + 4 * limits().max_headers + _HEAD_ALLOWANCE
-                    if self._head_bytes > limit:
-                        self._head_too_large = True
-                        self._invalid_http(httptools.HttpParserError("request head too large"))
+            if self._feed(data) and in_head and self._in_head and self._heads == heads:  # all the same head
+                self._head_bytes += len(data)
+                limit = limits().max_header_bytes + 4 * limits().max_headers + _HEAD_ALLOWANCE
+                if self._head_bytes > limit:
+                    self._head_too_large = True
+                    self._invalid_http(httptools.HttpParserError("request head too large"))
 
         def _invalid_http(self, error: httptools.HttpParserError) -> None:
             # uvicorn answers 400 and closes at once. That is right when nothing else is in progress, but a

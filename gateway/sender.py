@@ -73,7 +73,11 @@ def source_url(base: str, path: str) -> str:
     base's query after both, where appending would have put the path inside the query."""
     try:
         parts = urlsplit(base)
-    except ValueError:  # unreadable (`http://[::1`): left whole, for the URL check to name it
+    except ValueError:  # unreadable (`http://[::1`)
+        parts = None
+    if parts is None or "@" in parts.fragment:
+        # Left whole, for the URL check to refuse it without showing a password: unreadable, or with an
+        # unencoded '#' in its password, after which the '@' that tells of one is no fragment to drop.
         return base.rstrip("/") + path
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path, fragment=""))
 

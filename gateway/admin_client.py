@@ -69,7 +69,7 @@ class RemoteOperations:
             body = None
         if not response.is_success:
             if not _from_an_endpoint(body, response.status_code):
-                raise OperationError(response.status_code, self._not_the_ops_listener(response))
+                raise OperationError(502, self._not_the_ops_listener(response))  # not ours: a bad gateway
             raise OperationError(response.status_code, body["error"])
         if not isinstance(body, dict) or any(name not in body for name in answers):
             raise OperationError(502, self._not_the_ops_listener(response))

@@ -708,6 +708,12 @@ def test_an_admin_url_that_is_not_the_ops_listener_says_so(
         # What the admin API itself answers is still its own error.
         missing = runner.invoke(main, ["events", "show", "msg_x", "--admin-url", gw.ops_url])
         assert (missing.exit_code, missing.stderr) == (1, "hookyard: no event 'msg_x'\n")
+    # A 409 from something else (a proxy) is not the admin API's "several sources": no --source hint.
+    downstream.answer("/admin/events/msg_x", 409)
+    proxied = runner.invoke(main, ["events", "show", "msg_x", "--admin-url", downstream.url])
+    assert proxied.exit_code == 1, proxied.output
+    assert "does not answer as Hookyard's ops listener" in proxied.stderr, proxied.stderr
+    assert "--source" not in proxied.stderr, proxied.stderr
 
 
 @pytest.mark.parametrize("event_id", [".", ".."])

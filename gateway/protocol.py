@@ -484,11 +484,11 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
                 self._refuse(webhook, rejection)
             else:
                 limit = limits().max_body_bytes
-                malformed = cast(dict[str, Any], cycle.scope).get(MALFORMED_BODY)
                 if len(cycle.body) > limit:  # queued behind another request, its body came in meanwhile
                     self._refuse(webhook, too_large(limit))
-                elif malformed is not None:  # queued, and the parser failed on its body meanwhile
-                    self._refuse(webhook, invalid_http(malformed))
+                elif not cycle.keep_alive and MALFORMED_BODY in cycle.scope:  # (looked up only then)
+                    # Queued, and the parser failed on its body meanwhile (_invalid_http).
+                    self._refuse(webhook, invalid_http(cast(dict[str, Any], cycle.scope)[MALFORMED_BODY]))
                     return  # nothing more of it can be read: its answer closes the connection
                 elif not cycle.more_body:
                     self._received(webhook)

@@ -606,8 +606,7 @@ class Engine:
             duration,
             finished_at - event.received_at,
         )
-        for dependent in finished.skipped:
-            self.metrics.deliveries.labels(dependent.route, dependent.action, "skipped").inc()
+        self.metrics.skipped(finished.skipped)
         if finished.activated or due_at is not None:
             self.wake()  # something falls due that the claim loop's sleep may not have counted on
 
@@ -648,8 +647,7 @@ class Engine:
         counted, logged and told to plugins as any dead delivery, though no attempt ran here."""
         for delivery, event, finished in deliveries:
             self.metrics.deliveries.labels(delivery.route, delivery.action, "dead").inc()
-            for dependent in finished.skipped:
-                self.metrics.deliveries.labels(dependent.route, dependent.action, "skipped").inc()
+            self.metrics.skipped(finished.skipped)
             log.error(
                 "delivery dead",
                 extra={

@@ -293,7 +293,8 @@ class Metrics:
             children[2].observe(age)
 
     def skipped(self, deliveries: Sequence[DeliveryRecord]) -> None:
-        """Dependents skipped without an attempt, other than by an attempt's result (Storage.on_skipped)."""
+        """Dependents skipped without an attempt of their own (Storage.on_skipped, and those an attempt's
+        result or an unreadable event settled)."""
         for delivery in deliveries:
             self.deliveries.labels(delivery.route, delivery.action, "skipped").inc()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import sys
 from dataclasses import dataclass, field
@@ -36,6 +37,16 @@ DEFAULT_PLUGINS: tuple[str, ...] = (
 
 ENTRY_POINT_GROUP = "hookyard"
 
+# Hooks whose results are used as they are returned: the registries are read at once, and the observers are
+# called on the hot path. An `async def` implementation returns a coroutine that nobody awaits, so its body
+# would never run.
+SYNC_HOOKS: tuple[str, ...] = (
+    "register_providers",
+    "register_actions",
+    "event_accepted",
+    "delivery_finished",
+)
+
 
 def new_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:
     """A fresh manager with the built-in plugins and, optionally, installed entry points."""
@@ -47,10 +58,24 @@ def new_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     # Typos in hook names fail here instead of silently never being called.
     pm.check_pending()
+    check_sync_hooks(pm)
     if os.environ.get("HOOKYARD_TRACE_HOOKS"):
         pm.trace.root.setwriter(sys.stderr.write)
         pm.enable_tracing()
     return pm
+
+
+def check_sync_hooks(pm: pluggy.PluginManager) -> None:
+    """Refuse an `async def` implementation of a hook in SYNC_HOOKS: like a typo in a hook's name, it would
+    silently never run."""
+    for name in SYNC_HOOKS:
+        for impl in getattr(pm.hook, name).get_hookimpls():
+            if inspect.iscoroutinefunction(impl.function):
+                raise pluggy.PluginValidationError(
+                    impl.plugin,
+                    f"{impl.plugin_name}: {name} is an async def, but its result is not awaited; "
+                    "make it a plain def (start a task for slow work)",
+                )
 
 
 @cache

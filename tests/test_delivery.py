@@ -15,6 +15,7 @@ from email.utils import formatdate
 from typing import Any
 
 import pytest
+import yaml
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
 from gateway.app import Gateway
@@ -507,6 +508,32 @@ def test_a_failing_observer_hook_changes_no_answer(tmp_path, downstream: Downstr
         wait_until(lambda: "delivery_finished app" in calls)
         assert calls == ["event_accepted msg_observed", "delivery_finished app"]
         assert len(downstream.received("/app")) == 1
+
+
+@pytest.mark.parametrize("hook", ["register_actions", "event_accepted", "delivery_finished"])
+def test_an_async_implementation_of_a_hook_called_synchronously_is_refused_at_start(
+    tmp_path, hook: str
+) -> None:
+    import pluggy
+
+    from gateway import hookimpl
+    from gateway.config import parse_config
+    from gateway.plugins import new_plugin_manager
+
+    ran: list[str] = []
+
+    async def observe(**arguments: Any) -> Any:
+        ran.append(hook)  # never, had it been called: nobody would await it
+        return []
+
+    observe.__name__ = hook
+    plugin = type("Observer", (), {hook: staticmethod(hookimpl(observe))})()
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(plugin, name="async-observer")
+    config = parse_config(yaml.safe_dump(gateway_config(tmp_path)))
+    with pytest.raises(pluggy.PluginValidationError, match=f"async-observer: {hook} is an async def"):
+        Gateway(config, pm=pm)
+    assert ran == []
 
 
 def test_a_failing_shutdown_hook_skips_no_other_and_still_closes_the_store(

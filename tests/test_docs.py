@@ -4,12 +4,15 @@ README's two commands do what it says (CI runs the test command; `make run` inst
 from __future__ import annotations
 
 import ast
+import dataclasses
+import importlib
 import inspect
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import textwrap
 import tomllib
 import typing
 from pathlib import Path
@@ -104,6 +107,84 @@ def test_each_hook_section_shows_the_spec_signature_and_a_valid_example(name: st
     for example in examples:
         arguments = [arg.arg for arg in example.args.args]
         assert set(arguments) <= set(spec_arguments), f"### {name}: the example takes {arguments}"
+
+
+def guide_sections(level: str) -> dict[str, str]:
+    """The text of each heading of one level (`##`, `###`) of the plugin guide, up to the next of its level."""
+    guide = (ROOT / "docs" / "plugins.md").read_text()
+    parts = re.split(rf"^{level} (.+)$", guide, flags=re.M)
+    return dict(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def table_members(section: str) -> dict[str, str]:
+    """The first column of a section's tables: each row's member name, with its cell as written."""
+    cells = re.findall(r"^\| `([^`]+)`", section, re.M)
+    return {re.sub(r"^async ", "", cell).split("(")[0]: cell for cell in cells}
+
+
+def public_members(cls: type) -> list[str]:
+    """What a plugin's subclass sets or overrides: the class's own public names, and its constructor."""
+    names = [*cls.__annotations__, *(name for name in vars(cls) if not name.startswith("_"))]
+    return sorted({"__init__", *names} - {"model_config"})
+
+
+def attributes_set_by_init(cls: type) -> list[str]:
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls.__init__)))
+    return [
+        node.attr
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+    ]
+
+
+def documented_call(cell: str) -> tuple[bool, list[str]]:
+    """`async deliver(job) -> Outcome`: whether it is a coroutine, and its arguments."""
+    arguments = cell.split("(", 1)[1].split(")", 1)[0]
+    return cell.startswith("async "), [name.strip() for name in arguments.split(",") if name.strip()]
+
+
+def actual_call(function: Any) -> tuple[bool, list[str]]:
+    parameters = list(inspect.signature(function).parameters)[1:]  # not self
+    return inspect.iscoroutinefunction(function), parameters
+
+
+@pytest.mark.parametrize(
+    ("heading", "cls"),
+    [("Writing a provider", "gateway.providers.Provider"), ("Writing an action", "gateway.actions.Action")],
+)
+def test_every_member_of_the_plugin_base_classes_is_in_the_guide_as_it_is_called(
+    heading: str, cls: str
+) -> None:
+    module, name = cls.rsplit(".", 1)
+    base = getattr(importlib.import_module(module), name)
+    section = guide_sections("##")[heading]
+    members = table_members(section.split("\n### ", 1)[0])
+    missing = sorted(set(public_members(base)) - set(members))
+    assert not missing, f"the table under ## {heading} lacks {missing}"
+    # Any other row is an attribute the constructor sets (secret_headers).
+    unknown = sorted(set(members) - set(public_members(base)) - set(attributes_set_by_init(base)))
+    assert not unknown, f"the table under ## {heading} has {unknown}, which {name} does not"
+    for member, cell in members.items():
+        if "(" in cell:
+            assert documented_call(cell) == actual_call(getattr(base, member)), f"## {heading}: {cell}"
+
+
+@pytest.mark.parametrize(
+    ("heading", "cls"), [("Event", "gateway.events.Event"), ("Job", "gateway.actions.Job")]
+)
+def test_every_field_of_event_and_job_is_in_the_guide(heading: str, cls: str) -> None:
+    module, name = cls.rsplit(".", 1)
+    fields = [f.name for f in dataclasses.fields(getattr(importlib.import_module(module), name))]
+    assert list(table_members(guide_sections("###")[heading])) == fields, f"the table under ### {heading}"
+
+
+def test_the_guide_imports_exactly_the_plugin_api_of_the_gateway_package() -> None:
+    import gateway
+
+    guide = (ROOT / "docs" / "plugins.md").read_text()
+    imported = re.findall(r"^from gateway import (.+?)(?:  #.*)?$", guide.split("\n- [", 1)[0], re.M)
+    names = sorted(name.strip() for line in imported for name in line.split(","))
+    assert names == sorted(["hookimpl", *gateway._EXPORTS])
 
 
 def test_every_metric_is_documented() -> None:

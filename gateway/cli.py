@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import pluggy
 from click.core import ParameterSource
 
 from gateway import __version__
@@ -35,10 +36,20 @@ config_option = click.option(
 )
 
 
+def _plugins() -> pluggy.PluginManager:
+    """The plugin manager; a plugin that cannot be loaded as it is (a misspelt hook, an `async def`
+    observer) ends the command with one line naming it, not a traceback."""
+    try:
+        return plugin_manager()
+    except pluggy.PluginValidationError as exc:
+        click.echo(f"hookyard: {exc}", err=True)
+        raise SystemExit(1) from None
+
+
 def _load(config_path: Path | None) -> tuple[Config, RouteTable]:
     path = config_path or default_config_path()
     try:
-        registry = Registry.collect(plugin_manager())
+        registry = Registry.collect(_plugins())
     except DuplicateName as exc:
         click.echo(f"hookyard: {exc}", err=True)
         raise SystemExit(1) from None
@@ -142,7 +153,7 @@ def schema() -> None:
 @main.command("plugins")
 def list_plugins() -> None:
     """List loaded plugins with the providers and actions they register."""
-    pm = plugin_manager()
+    pm = _plugins()
     distributions = {
         id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()
     }

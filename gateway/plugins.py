@@ -56,8 +56,11 @@ def new_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
         pm.register(importlib.import_module(dotted), name=dotted)
     if load_entry_points:
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-    # Typos in hook names fail here instead of silently never being called.
-    pm.check_pending()
+    try:
+        # Typos in hook names fail here instead of silently never being called.
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:  # named as the other refusals are (check_sync_hooks)
+        raise pluggy.PluginValidationError(exc.plugin, f"plugin {pm.get_name(exc.plugin)}: {exc}") from None
     check_sync_hooks(pm)
     if os.environ.get("HOOKYARD_TRACE_HOOKS"):
         pm.trace.root.setwriter(sys.stderr.write)
@@ -73,7 +76,7 @@ def check_sync_hooks(pm: pluggy.PluginManager) -> None:
             if inspect.iscoroutinefunction(impl.function):
                 raise pluggy.PluginValidationError(
                     impl.plugin,
-                    f"{impl.plugin_name}: {name} is an async def, but its result is not awaited; "
+                    f"plugin {impl.plugin_name}: {name} is an async def, but its result is not awaited; "
                     "make it a plain def (start a task for slow work)",
                 )
 

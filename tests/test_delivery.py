@@ -531,7 +531,7 @@ def test_an_async_implementation_of_a_hook_called_synchronously_is_refused_at_st
     pm = new_plugin_manager(load_entry_points=False)
     pm.register(plugin, name="async-observer")
     config = parse_config(yaml.safe_dump(gateway_config(tmp_path)))
-    with pytest.raises(pluggy.PluginValidationError, match=f"async-observer: {hook} is an async def"):
+    with pytest.raises(pluggy.PluginValidationError, match=f"plugin async-observer: {hook} is an async def"):
         Gateway(config, pm=pm)
     assert ran == []
 

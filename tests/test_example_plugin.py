@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 import tomllib
 from collections.abc import Iterator
@@ -76,3 +77,44 @@ def test_event_flows_through_the_example_provider_and_action(installed_example: 
         "type": "invoice.paid",
         "payload": {"id": "acme_1", "type": "invoice.paid", "data": {"amount": 42}},
     }
+
+
+@pytest.mark.parametrize(
+    ("source", "error"),
+    [
+        # A hook's name misspelt: pluggy's check_pending.
+        (
+            "from gateway import hookimpl\n\n\n@hookimpl\ndef event_acepted(event):\n    pass\n",
+            "unknown hook 'event_acepted'",
+        ),
+        # An observer that would never run.
+        (
+            "from gateway import hookimpl\n\n\n@hookimpl\nasync def event_accepted(event):\n    pass\n",
+            "event_accepted is an async def",
+        ),
+    ],
+    ids=["misspelt_hook", "async_observer"],
+)
+@pytest.mark.parametrize("command", [["serve"], ["check"], ["plugins"]])
+def test_a_plugin_refused_at_load_is_one_line_of_error_not_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, source: str, error: str, command: list[str]
+) -> None:
+    site = tmp_path / "site"
+    dist_info = site / "broken_plugin-0.1.0.dist-info"
+    dist_info.mkdir(parents=True)
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1.0\n")
+    (dist_info / "entry_points.txt").write_text("[hookyard]\nbroken = broken_plugin\n")
+    (site / "broken_plugin.py").write_text(source)
+    monkeypatch.syspath_prepend(str(site))
+    plugin_manager.cache_clear()
+    config = tmp_path / "routes.yaml"
+    config.write_text(json.dumps(gateway_config(tmp_path)))
+    arguments = command if command == ["plugins"] else [*command, "-c", str(config)]
+    try:
+        result = CliRunner().invoke(main, arguments)
+    finally:
+        plugin_manager.cache_clear()
+        sys.modules.pop("broken_plugin", None)  # the next case's module has the same name
+    assert result.exit_code == 1, (result.output, result.exception)
+    assert result.stderr.startswith("hookyard: plugin broken: ") and error in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.output, result.output

@@ -48,14 +48,19 @@ HEAD_LIMIT = 64 * 1024
 # refused by llhttp. It unfolds one only under lenient_headers, which would also take NUL and control
 # characters in a value and a space before a name's colon (`Content-Length : 5`, then read as no length),
 # on connections that are reused. Its words for a fold: after a value, and after an empty value (the same
-# words as for a control character, so the head is looked at).
+# words as for a control character, so the head is looked at). Such an answer's head is unfolded here
+# instead (see unfold), and parsed again in llhttp's strict mode.
 _FOLDED_AFTER_VALUE = "Unexpected whitespace after header value"
 _FOLDED_AFTER_EMPTY = "Invalid header value char"
 _EMPTY_THEN_FOLDED = re.compile(rb":[ \t]*\r\n[ \t]")
 _VALUE_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_FOLD = re.compile(rb"\r\n[ \t]")
+# Headers that frame an answer: a folded one is refused, as its framing must not be guessed.
+_FRAMING_NAMES = (b"content-length", b"transfer-encoding")
 OBS_FOLD = (
-    "a header continues on the next line (obs-fold, obsolete line folding: RFC 9112 section 5.2), which "
-    "Hookyard does not accept; the app must send each header on one line"
+    "a header continues on the next line (obs-fold, obsolete line folding: RFC 9112 section 5.2) where "
+    "Hookyard does not unfold it: right after the status line, in Content-Length or Transfer-Encoding (which "
+    "frame the answer), or in a head that is malformed otherwise; the app must send each header on one line"
 )
 
 
@@ -69,6 +74,45 @@ def parse_error(error: Exception, received: bytes) -> str:
         if _EMPTY_THEN_FOLDED.search(head) and not _VALUE_CONTROL.search(head):
             return OBS_FOLD
     return reason
+
+
+def unfold(received: bytes) -> bytes | None:
+    """`received`, an answer's bytes from its first (interim answers included), with each obs-fold of its
+    first folded head replaced by one space, as RFC 9112 §5.2 asks of a user agent. None where that would be
+    a guess: the head is not whole within HEAD_LIMIT bytes, or see unfold_head."""
+    start = 0
+    for _ in range(HEAD_LIMIT // 4 + 1):  # each head takes 4 bytes at least: its CRLFCRLF
+        end = received.find(b"\r\n\r\n", start, HEAD_LIMIT)
+        if end < 0:
+            return None
+        head = received[start:end]
+        if _FOLD.search(head):
+            unfolded = unfold_head(head)
+            return None if unfolded is None else received[:start] + unfolded + received[end:]
+        start = end + 4  # an interim answer's head, which llhttp took
+    return None
+
+
+def unfold_head(head: bytes) -> bytes | None:
+    """`head` (without its CRLFCRLF) with each CRLF and the spaces and tabs after it replaced by one space.
+    None unless the folds are all that is wrong with it: a control character or a CR or LF on its own
+    anywhere, a fold of the status line or of a header framing the answer, are not unfolded but refused."""
+    if _VALUE_CONTROL.search(head):
+        return None
+    lines = head.split(b"\r\n")
+    if any(b"\r" in line or b"\n" in line for line in lines):
+        return None
+    if not lines[0].startswith(b"HTTP/") or lines[1][:1] in (b" ", b"\t"):
+        return None  # a fold in, or right after, the status line
+    fields: list[bytes] = []
+    for line in lines[1:]:
+        if line[:1] not in (b" ", b"\t"):
+            fields.append(line)
+        elif fields[-1].partition(b":")[0].strip().lower() in _FRAMING_NAMES:
+            return None
+        else:
+            fields[-1] += b" " + line.lstrip(b" \t")
+    return b"\r\n".join([lines[0], *fields])
 
 
 class RequestError(Exception):
@@ -330,6 +374,9 @@ class _Exchange:
     read_limit: int
     answered: bool = False  # a byte of the answer came
     head_read: int = 0  # bytes received before the head was whole
+    # Those bytes, kept only when a head comes in more than one piece: a folded head is parsed again whole.
+    # (None until then: no list is made for the usual answer, whose head comes whole.)
+    head_pieces: list[bytes] | None = None
     status: int = 0
     headers: dict[str, str] = field(default_factory=dict)
     body_read: int = 0
@@ -350,17 +397,21 @@ class Connection(asyncio.Protocol):
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
-        # An answer with both Content-Length and chunked Transfer-Encoding is read as chunked (RFC 9112 6.3)
-        # rather than refused: its status is what the receiver decided, and refusing it would send an event
-        # it has already taken again. The connection is then given up (on_message_complete).
-        self.parser.set_dangerous_leniencies(lenient_chunked_length=True)
+        self.parser = self._new_parser()
         self.exchange: _Exchange | None = None
         self.open = False
         self.reusable = False
         # Served an earlier request: the peer may have closed it meanwhile (see HttpClient.request).
         self.used_before = False
         self.idle_since = 0.0
+
+    def _new_parser(self) -> httptools.HttpResponseParser:
+        parser = httptools.HttpResponseParser(self)
+        # An answer with both Content-Length and chunked Transfer-Encoding is read as chunked (RFC 9112 6.3)
+        # rather than refused: its status is what the receiver decided, and refusing it would send an event
+        # it has already taken again. The connection is then given up (on_message_complete).
+        parser.set_dangerous_leniencies(lenient_chunked_length=True)
+        return parser
 
     # -- asyncio.Protocol
 
@@ -378,14 +429,36 @@ class Connection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:  # not one family
-            self._fail(RequestError(f"invalid answer: {parse_error(exc, data)}"))
-            self.close()
+            self._parse_failed(exc, exchange, b"".join([*(exchange.head_pieces or ()), data]))
             return
         if not exchange.status:
+            # Not reached by a head that comes whole in one piece, the usual answer.
+            if exchange.head_pieces is None:
+                exchange.head_pieces = []
+            exchange.head_pieces.append(data)
             exchange.head_read += len(data)
             if exchange.head_read > HEAD_LIMIT:
                 self._fail(RequestError(f"invalid answer: its head is longer than {HEAD_LIMIT} bytes"))
                 self.close()
+
+    def _parse_failed(self, error: Exception, exchange: _Exchange, received: bytes) -> None:
+        """Refuse the answer, unless only obs-fold made it invalid: then parse its head again unfolded, with a
+        new parser, and give the connection up after it (whatever follows it was framed by the receiver's
+        idea of that head, which need not be this one's)."""
+        reason = parse_error(error, received)
+        unfolded = unfold(received) if reason == OBS_FOLD and not exchange.status else None
+        if unfolded is not None:
+            self.open = False  # serves no other request: _release closes it after this answer
+            self.parser = self._new_parser()
+            exchange.head_pieces = [unfolded]
+            exchange.head_read = len(unfolded)
+            try:
+                self.parser.feed_data(unfolded)
+                return
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+                reason = parse_error(exc, unfolded)
+        self._fail(RequestError(f"invalid answer: {reason}"))
+        self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.open = False

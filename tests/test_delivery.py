@@ -18,6 +18,7 @@ import pytest
 import yaml
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
+from gateway import hookimpl
 from gateway.app import Gateway
 from gateway.ingress import plan_deliveries
 from gateway.storage import Ingested, Lease, NewDelivery, StorageUnavailable
@@ -44,6 +45,32 @@ def users_route(downstream: Downstream, *actions: dict[str, Any], **route: Any) 
         or [{"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}}],
         **route,
     }
+
+
+def alert_on_failure_route(downstream: Downstream, alert_path: str) -> dict[str, Any]:
+    """Users forwarded to /app, and to `alert_path` only once /app's delivery is dead."""
+    return users_route(
+        downstream,
+        {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}},
+        {
+            "id": "alert",
+            "use": "forward",
+            "after": "app",
+            "when": "failure",
+            "with": {"url": f"{downstream.url}{alert_path}"},
+        },
+    )
+
+
+class FinishedRecorder:
+    """A plugin that records each delivery_finished call: (action, state, outcome, error, final)."""
+
+    def __init__(self) -> None:
+        self.finished: list[tuple[Any, ...]] = []
+
+    @hookimpl
+    def delivery_finished(self, delivery, outcome, final):  # type: ignore[no-untyped-def]
+        self.finished.append((delivery.action, delivery.state, outcome.kind, outcome.error, final))
 
 
 def one_slot_config(tmp_path: Any, downstream: Downstream, delay: float = 0.0) -> dict[str, Any]:
@@ -168,17 +195,7 @@ def test_after_app_when_failure_runs_only_when_app_is_dead(
     tmp_path, downstream: Downstream, app_status: int, alert_runs: bool
 ) -> None:
     downstream.answer("/app", app_status)
-    route = users_route(
-        downstream,
-        {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}},
-        {
-            "id": "alert",
-            "use": "forward",
-            "after": "app",
-            "when": "failure",
-            "with": {"url": f"{downstream.url}/alert"},
-        },
-    )
+    route = alert_on_failure_route(downstream, "/alert")
     with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
         body, headers = svix_request(msg_id="msg_dependent")
         gw.post("/webhooks/consignease", body, headers)
@@ -697,29 +714,13 @@ def test_observer_hooks_are_called_with_their_arguments(tmp_path, downstream: Do
 
 
 def test_delivery_finished_reports_dependents_that_end_skipped(tmp_path, downstream: Downstream) -> None:
-    from gateway import hookimpl
     from gateway.plugins import new_plugin_manager
 
-    finished: list[tuple[Any, ...]] = []
-
-    class Recorder:
-        @hookimpl
-        def delivery_finished(self, delivery, outcome, final):  # type: ignore[no-untyped-def]
-            finished.append((delivery.action, delivery.state, outcome.kind, outcome.error, final))
-
-    route = users_route(
-        downstream,
-        {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}},
-        {
-            "id": "alert",
-            "use": "forward",
-            "after": "app",
-            "when": "failure",
-            "with": {"url": f"{downstream.url}/a"},
-        },
-    )
+    recorder = FinishedRecorder()
+    finished = recorder.finished
+    route = alert_on_failure_route(downstream, "/a")
     pm = new_plugin_manager(load_entry_points=False)
-    pm.register(Recorder(), name="recorder")
+    pm.register(recorder, name="recorder")
     with RunningGateway(gateway_config(tmp_path, routes=[route]), pm=pm) as gw:
         body, headers = svix_request(msg_id="msg_skip")
         assert gw.post("/webhooks/consignease", body, headers).status_code == 200
@@ -735,33 +736,17 @@ def test_delivery_finished_reports_dependents_that_end_skipped(tmp_path, downstr
 def test_a_delivery_whose_stored_event_cannot_be_read_ends_dead_and_the_others_go_out(
     tmp_path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from gateway import hookimpl
     from gateway.operations import Operations
     from gateway.plugins import new_plugin_manager
 
-    finished: list[tuple[Any, ...]] = []
-
-    class Recorder:
-        @hookimpl
-        def delivery_finished(self, delivery, outcome, final):  # type: ignore[no-untyped-def]
-            finished.append((delivery.action, delivery.state, outcome.kind, outcome.error, final))
-
+    recorder = FinishedRecorder()
+    finished = recorder.finished
     downstream.answer("/app", 500, 500)  # the first attempt of each: both wait for a retry
-    route = users_route(
-        downstream,
-        {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}},
-        {
-            "id": "alert",
-            "use": "forward",
-            "after": "app",
-            "when": "failure",
-            "with": {"url": f"{downstream.url}/a"},
-        },
-    )
+    route = alert_on_failure_route(downstream, "/a")
     config = gateway_config(tmp_path, routes=[route])
     config["defaults"]["retry"] = {"schedule": ["1h"], "jitter": 0}  # due again only as the test says
     pm = new_plugin_manager(load_entry_points=False)
-    pm.register(Recorder(), name="recorder")
+    pm.register(recorder, name="recorder")
     with RunningGateway(config, pm=pm) as gw:
         for msg_id in ("msg_bad", "msg_good"):
             body, headers = svix_request(msg_id=msg_id)

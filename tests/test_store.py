@@ -622,6 +622,40 @@ def test_a_constraint_violation_is_dead_and_its_error_does_not_copy_the_row(db: 
     assert "ada@example.com" not in (outcome.error or ""), outcome.error
 
 
+@pytest.mark.parametrize("mode", ["append", "upsert"])
+def test_a_nul_character_in_a_webhook_is_accepted_and_only_a_postgresql_store_of_it_is_dead(
+    tmp_path: Path, db: Database, downstream: Downstream, mode: str
+) -> None:
+    # orjson reads "\u0000" in a body, and SQLite keeps it; jsonb and PostgreSQL's text cannot hold it. The
+    # webhook is still answered 200 and kept: the store's delivery of it ends dead with the reason (never
+    # delivered with no row, never retried for nothing), and its other actions and later events go on.
+    options: dict[str, Any] = {"url": db.url, "table": db.table}
+    if mode == "upsert":
+        options.update(mode="upsert", key="data.id")
+    store = {"id": "db", "use": "store", "with": options}
+    app = {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}}
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(store, app)])) as gw:
+        post_user_event(gw, "msg_nul", "user.created", {"id": "u1", "name": "Ada\x00Lovelace"})
+        post_user_event(gw, "msg_after", "user.created", {"id": "u2", "name": "Grace"})
+        wait_until(lambda: delivery_states(gw, "msg_after") == {"db": "delivered", "app": "delivered"})
+        wait_until(lambda: "pending" not in delivery_states(gw, "msg_nul").values())
+        states, attempts = delivery_states(gw, "msg_nul"), attempts_of(gw, "msg_nul", "db")
+    if db.kind == "sqlite":
+        assert states == {"db": "delivered", "app": "delivered"}
+        names = (
+            [row["payload"]["data"]["name"] for row in db.events()]
+            if mode == "append"
+            else [row["data"]["name"] for row in db.rows().values()]
+        )
+        assert sorted(names) == ["Ada\x00Lovelace", "Grace"]
+    else:
+        assert states == {"db": "dead", "app": "delivered"}
+        [attempt] = attempts
+        assert "\\u0000" in (attempt.error or ""), attempt.error
+        stored_ids = [r["event_id"] for r in db.events()] if mode == "append" else sorted(db.rows())
+        assert stored_ids == (["msg_after"] if mode == "append" else ["u2"])
+
+
 def test_a_column_of_the_wrong_type_is_dead(postgres_url: str) -> None:
     database = PostgresDatabase(postgres_url, f"hookyard_test_{uuid.uuid4().hex[:12]}")
     database.execute(

@@ -67,8 +67,9 @@ again on the next attempt. A write refused by a read-only server (25006: a stand
 after a failover that moved the writer endpoint's name) makes the pool drop all its connections, so that
 the next attempt connects again and reaches the new primary. An error in the statement itself (a column
 missing or of the wrong type in a table created by hand, a violated constraint, a value the column rejects,
-such as \\u0000 in a string for jsonb) ends the delivery dead: retrying cannot help. The error of a
-violated constraint names the constraint, never the row: that holds the event's data.
+such as \\u0000 in a string for jsonb, or a key, event id or type longer than the 2704 bytes, compressed,
+that a PostgreSQL index entry holds) ends the delivery dead: retrying cannot help. The error of a violated
+constraint names the constraint, never the row: that holds the event's data.
 
 Duplicates (at-least-once delivery): append keeps one row per event; upsert writes the same row again (a
 copy has the event's received_at, so it does not win a tie against an event received after it).
@@ -416,9 +417,10 @@ def _utc(timestamp: float) -> datetime:
 
 
 # SQLSTATE classes of errors in the statement or its data: 22 data exception, 23 integrity constraint,
-# 42 syntax error or access rule violation. Except those a person or a later attempt can fix: a privilege
+# 42 syntax error or access rule violation, 54 program limit exceeded (a key, event id or type too long for
+# a btree index entry, which SQLite stores). Except those a person or a later attempt can fix: a privilege
 # granted, a table dropped while running (created again), a schema created.
-_PG_PERMANENT_CLASSES = ("22", "23", "42")
+_PG_PERMANENT_CLASSES = ("22", "23", "42", "54")
 _PG_FIXABLE_STATES = frozenset({"42501", "42P01", "3F000"})
 # read_only_sql_transaction: a write on a hot standby, or on a session that starts read-only. After a
 # failover the pool's connections may still lead to the old primary, now a standby (a writer endpoint's

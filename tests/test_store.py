@@ -623,6 +623,28 @@ def test_a_constraint_violation_is_dead_and_its_error_does_not_copy_the_row(db: 
 
 
 @pytest.mark.parametrize("mode", ["append", "upsert"])
+def test_a_value_too_long_for_postgresql_s_index_is_dead_not_retried(db: Database, mode: str) -> None:
+    # A btree index entry holds at most 2704 bytes: a longer key, event id or type (4000 random characters,
+    # which compression cannot shrink) is refused with 54000 program_limit_exceeded, as it will be on every
+    # attempt. It was retried for the whole schedule. SQLite has no such limit and stores it.
+    long = "".join(uuid.uuid4().hex for _ in range(125))
+    if mode == "append":
+        options: dict[str, Any] = {"url": db.url, "table": db.table}
+        events = [make_event(long), make_event("e2", f"user.{long}"), make_event("e3")]
+    else:
+        options = upsert(db)
+        events = [make_event("e1", data={"id": long}), make_event("e2", data={"id": "user_2"})]
+    outcomes = deliver(options, *events)
+    if db.kind == "sqlite":
+        assert kinds(outcomes) == ["delivered"] * len(events)
+        return
+    assert kinds(outcomes) == ["dead"] * (len(events) - 1) + ["delivered"]
+    for outcome in outcomes[:-1]:
+        assert "exceeds btree" in (outcome.error or ""), outcome.error
+        assert long[:100] not in (outcome.error or "")
+
+
+@pytest.mark.parametrize("mode", ["append", "upsert"])
 def test_a_nul_character_in_a_webhook_is_accepted_and_only_a_postgresql_store_of_it_is_dead(
     tmp_path: Path, db: Database, downstream: Downstream, mode: str
 ) -> None:

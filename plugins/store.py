@@ -69,7 +69,8 @@ the next attempt connects again and reaches the new primary. An error in the sta
 missing or of the wrong type in a table created by hand, a violated constraint, a value the column rejects,
 such as \\u0000 in a string for jsonb, or a key, event id or type longer than the 2704 bytes, compressed,
 that a PostgreSQL index entry holds) ends the delivery dead: retrying cannot help. The error of a violated
-constraint names the constraint, never the row: that holds the event's data.
+constraint names the constraint, never the row: that holds the event's data. A payload nested too deeply
+for Python's json to write (the gateway reads up to 1024 levels) ends dead too, with either database.
 
 Duplicates (at-least-once delivery): append keeps one row per event; upsert writes the same row again (a
 copy has the event's received_at, so it does not win a tie against an event received after it).
@@ -361,7 +362,12 @@ class Change:
 
 def _json(value: Any) -> str:
     # allow_nan=False: NaN is not JSON, and the database would refuse it later with a less clear message.
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except RecursionError:
+        # The gateway reads JSON nested up to 1024 levels; json.dumps stops near Python's recursion limit.
+        # A ValueError, so that the delivery ends dead with the reason: raised, it was retried to no avail.
+        raise ValueError("nested too deeply for Python's json to write") from None
 
 
 def key_text(value: Any) -> str | None:

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
+import orjson
 import pytest
 import yaml
 
@@ -642,6 +643,29 @@ def test_a_value_too_long_for_postgresql_s_index_is_dead_not_retried(db: Databas
     for outcome in outcomes[:-1]:
         assert "exceeds btree" in (outcome.error or ""), outcome.error
         assert long[:100] not in (outcome.error or "")
+
+
+@pytest.mark.parametrize("mode", ["append", "upsert"])
+def test_a_payload_nested_past_what_json_dumps_can_write_is_dead_not_raised(db: Database, mode: str) -> None:
+    # The gateway reads JSON nested up to 1024 levels (orjson's limit); json.dumps stops near Python's
+    # recursion limit (1000, less the frames already on the stack). Its RecursionError escaped the action:
+    # the engine logged a traceback and retried the delivery for the whole schedule, to no avail.
+    nested = b"[" * 1010 + b"]" * 1010
+    body = b'{"type":"user.updated","data":{"id":"user_1","deep":' + nested + b"}}"
+    deep = Event(
+        source="consignease",
+        id="e1",
+        type="user.updated",
+        received_at=time.time(),
+        body=body,
+        payload=orjson.loads(body),
+        headers={"content-type": "application/json"},
+    )
+    options = upsert(db) if mode == "upsert" else {"url": db.url, "table": db.table}
+    first, second = deliver(options, deep, make_event("e2", data={"id": "user_2"}))
+    assert first.kind == "dead", first
+    assert "nested too deeply" in (first.error or ""), first.error
+    assert second.kind == "delivered"
 
 
 @pytest.mark.parametrize("mode", ["append", "upsert"])

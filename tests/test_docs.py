@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from click.testing import CliRunner
 from packaging.requirements import Requirement
 from pydantic import BaseModel
@@ -380,3 +381,106 @@ def test_the_readme_names_the_demo_ports_and_every_variable_that_moves_the_sink(
     assert len(variables) >= 3
     missing = [name for name in variables if f"{name}=http://127.0.0.1:PORT" not in readme]
     assert not missing, f"the README's paragraph on ports taken does not set {missing}"
+
+
+def reference_tables() -> dict[str, list[tuple[str, str]]]:
+    """Each `## \\`section\\`` table of the config reference (and the retry policy's): (key, default cell)."""
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    tables: dict[str, list[tuple[str, str]]] = {}
+    for heading, body in re.findall(r"^## `(\w+)`\n(.*?)(?=^## )", reference, re.M | re.S):
+        if heading == "defaults":
+            body, retry = body.split("A **retry policy**", 1)
+            tables["retry"] = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", retry, re.M)
+        tables[heading] = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", body, re.M)
+    return tables
+
+
+def documented_default(cell: str) -> Any:
+    """The value a default cell of the reference stands for: its first `code`, or None for `none …`."""
+    code = re.match(r"\s*`([^`]*)`", cell)
+    if code is None:
+        assert re.match(r"\s*none\b", cell), f"a default that is neither `code` nor none: {cell!r}"
+        return None
+    return yaml.safe_load(code[1])
+
+
+@pytest.mark.parametrize(
+    ("section", "model"),
+    [
+        ("listen", "IngressListener"),
+        ("ops", "OpsListener"),
+        ("storage", "StorageConfig"),
+        ("limits", "Limits"),
+        ("defaults", "Defaults"),
+        ("retry", "RetryPolicy"),
+        ("delivery", "DeliveryEngine"),
+        ("log", "LogConfig"),
+        ("reload", "Reload"),
+        ("sources", "Source"),
+    ],
+)
+def test_each_default_in_the_reference_is_the_default_the_config_takes(section: str, model: str) -> None:
+    cls = getattr(importlib.import_module("gateway.config"), model)
+    rows = dict(reference_tables()[section])
+    assert sorted(rows) == sorted(cls.model_fields), f"the table under ## `{section}`"
+    required = {name for name, field in cls.model_fields.items() if field.is_required()}
+    # Required keys are **required**; a default written as prose (`see below`) is checked where it points.
+    documented = {key: cell for key, cell in rows.items() if key not in required and "see below" not in cell}
+    assert all("**required**" in rows[key] for key in required), f"## `{section}`: {sorted(required)}"
+    # Only a source has required keys.
+    given = {key: {"path": "/hooks", "provider": "github"}[key] for key in required}
+    defaults = cls.model_validate(given)
+    for key, cell in documented.items():
+        expected = getattr(defaults, key)
+        # The documented value, read as the config reads it (durations, `off`, sizes).
+        written = documented_default(cell)
+        actual = written if written is None else getattr(cls.model_validate({**given, key: written}), key)
+        assert actual == expected, f"## `{section}`: `{key}` is documented as {cell.strip()!r}"
+
+
+_EXPORTED_SUFFIX = {"info": "_info", "counter": "_total"}  # what prometheus_client adds to a family's name
+
+
+def metric_labels() -> dict[str, tuple[str, list[str]]]:
+    """Every metric as it is exported: its name, its type and its labels (declared, or on its samples)."""
+    metrics: dict[str, tuple[str, list[str]]] = {}
+    registry = Metrics().registry
+    for collector in list(registry._collector_to_names):
+        declared = getattr(collector, "labelnames", None) or getattr(collector, "_labelnames", ())
+        for family in collector.collect():
+            name = family.name + _EXPORTED_SUFFIX.get(family.type, "")
+            sampled = {label for sample in family.samples for label in sample.labels if label != "le"}
+            metrics[name] = (family.type, sorted({*declared, *sampled}))
+    return metrics
+
+
+def test_each_metric_is_documented_with_its_type_and_labels() -> None:
+    operations = (ROOT / "docs" / "operations.md").read_text()
+    table = re.findall(r"^\| `(hookyard_\w+)` \| ([^|]+?) \|([^|]*)\|", operations, re.M)
+    rows = {name: (kind.split()[0], sorted(re.findall(r"`(\w+)`", labels))) for name, kind, labels in table}
+    exported = metric_labels()
+    assert "hookyard_build_info" in exported and len(exported) >= 20
+    for name, (kind, labels) in exported.items():
+        assert name in rows, f"no row for {name} in the metrics table of docs/operations.md"
+        # An info metric is a gauge of 1 with its labels, and the table says so.
+        documented = ({"info": "gauge"}.get(kind, kind), labels)
+        assert rows[name] == documented, f"{name}: a {kind} labelled {labels}"
+
+
+def test_the_consignly_catalog_in_the_provider_guide_is_the_providers() -> None:
+    from plugins.consignly import CATALOG, dotted_type
+
+    providers = (ROOT / "docs" / "providers.md").read_text()
+    catalog = providers.split("### Consignly event catalog", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \| `(\w+)` \| `([\w.]+)` \|$", catalog, re.M)
+    assert rows == [(str(code), name, dotted_type(name)) for code, name in CATALOG.items()]
+
+
+def test_the_reliability_guide_names_only_tests_that_exist() -> None:
+    guide = (ROOT / "docs" / "reliability.md").read_text()
+    names = set(re.findall(r"`(test_\w+?)(?:_…)?`", guide))
+    assert len(names) >= 10
+    suite = "".join(path.read_text() for path in (ROOT / "tests" / "reliability").glob("test_*.py"))
+    defined = set(re.findall(r"^(?:async )?def (test_\w+)", suite, re.M))
+    missing = sorted(name for name in names if not any(test.startswith(name) for test in defined))
+    assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"

@@ -484,3 +484,15 @@ def test_the_reliability_guide_names_only_tests_that_exist() -> None:
     defined = set(re.findall(r"^(?:async )?def (test_\w+)", suite, re.M))
     missing = sorted(name for name in names if not any(test.startswith(name) for test in defined))
     assert not missing, f"docs/reliability.md names tests that do not exist: {missing}"
+
+
+def test_the_readme_links_every_page_of_the_docs_and_names_every_module() -> None:
+    readme = (ROOT / "README.md").read_text()
+    documentation = readme.split("## Documentation", 1)[1].split("\n## ", 1)[0]
+    pages = sorted(path.name for path in (ROOT / "docs").glob("*.md"))
+    linked = sorted(re.findall(r"\]\(docs/([\w-]+\.md)\)", documentation))
+    assert linked == pages, "the README's Documentation list"
+    layout = readme.split("## Project layout", 1)[1]
+    modules = sorted(path.name for path in (ROOT / "gateway").glob("*.py") if not path.name.startswith("_"))
+    missing = [name for name in modules if not re.search(rf"(?<![\w.]){re.escape(name)}\b", layout)]
+    assert not missing, f"the README's Project layout does not name {missing}"

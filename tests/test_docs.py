@@ -496,3 +496,32 @@ def test_the_readme_links_every_page_of_the_docs_and_names_every_module() -> Non
     modules = sorted(path.name for path in (ROOT / "gateway").glob("*.py") if not path.name.startswith("_"))
     missing = [name for name in modules if not re.search(rf"(?<![\w.]){re.escape(name)}\b", layout)]
     assert not missing, f"the README's Project layout does not name {missing}"
+
+
+@pytest.mark.parametrize(
+    ("action", "cls"),
+    [
+        ("forward", "plugins.forward.Forward"),
+        ("store", "plugins.store.Store"),
+        ("notify", "plugins.notify.Notify"),
+        ("acknowledge", "plugins.acknowledge.Acknowledge"),
+    ],
+)
+def test_each_with_key_of_a_built_in_action_is_in_its_table_with_its_default(action: str, cls: str) -> None:
+    module, name = cls.rsplit(".", 1)
+    options = getattr(importlib.import_module(module), name).Options
+    reference = (ROOT / "docs" / "configuration.md").read_text()
+    section = reference.split(f"## The `{action}` action", 1)[1].split("\n## ", 1)[0]
+    rows = dict(
+        re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", section.split("| `with:` key |", 1)[1], re.M)
+    )
+    assert sorted(rows) == sorted(options.model_fields), f"the `with:` table of ## The `{action}` action"
+    for key, field in options.model_fields.items():
+        cell = rows[key]
+        if field.is_required():
+            assert "**required**" in cell, f"{action}: `{key}` is required"
+        elif re.match(r"\s*(`|none\b)", cell):
+            expected = field.get_default(call_default_factory=True)
+            assert documented_default(cell) == expected, f"{action}: `{key}` defaults to {expected!r}"
+        else:  # a default told in words (`a built-in message`) is one the action makes itself
+            assert field.get_default() is None, f"{action}: `{key}` is documented as {cell.strip()!r}"

@@ -525,3 +525,35 @@ def test_each_with_key_of_a_built_in_action_is_in_its_table_with_its_default(act
             assert documented_default(cell) == expected, f"{action}: `{key}` defaults to {expected!r}"
         else:  # a default told in words (`a built-in message`) is one the action makes itself
             assert field.get_default() is None, f"{action}: `{key}` is documented as {cell.strip()!r}"
+
+
+def example_configs(page: str) -> list[str]:
+    """The YAML blocks of a docs page that are whole configs (sources, routes), but for those whose
+    errors the page shows (see check_examples)."""
+    shown = {config for _, config, _ in check_examples(page)}
+    blocks = re.findall(r"```yaml\n(.*?)```", (ROOT / "docs" / page).read_text(), re.S)
+    return [
+        block
+        for block in blocks
+        if block not in shown
+        and isinstance(data := yaml.safe_load(block), dict)
+        and "sources" in data
+        and set(data) <= set(Config.model_fields)
+    ]
+
+
+@pytest.mark.parametrize(
+    "config", [*example_configs("configuration.md"), *example_configs("providers.md")], ids=lambda c: c[:40]
+)
+def test_each_example_config_passes_hookyard_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: str
+) -> None:
+    # Each variable set to a value of its kind: a URL, or a secret that every provider takes.
+    for variable in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", config):
+        value = (
+            "http://127.0.0.1:3000" if variable.endswith("_URL") else "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+        )
+        monkeypatch.setenv(variable, value)
+    (tmp_path / "routes.yaml").write_text(config)
+    result = CliRunner().invoke(main, ["check", "-c", str(tmp_path / "routes.yaml")], catch_exceptions=False)
+    assert result.exit_code == 0, result.output

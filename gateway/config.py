@@ -318,6 +318,18 @@ class OpsListener(Listener):
         return token
 
 
+def _addresses(host: str) -> set[str] | None:
+    """The addresses a listener on `host` binds, as far as the config can tell: None for every address.
+    `localhost` binds both loopbacks; an address is compared as an address (`0:0:0:0:0:0:0:1` is ::1)."""
+    if host.lower() == "localhost":
+        return {"127.0.0.1", "::1"}
+    try:
+        address = str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return {host.lower()} if host else None  # a name: compared as written
+    return None if address in ("0.0.0.0", "::") else {address}
+
+
 def is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -575,8 +587,8 @@ class Config(Strict):
     def _listeners_apart(self) -> Self:
         # `serve` would fail to bind the second one; `check` should say so first. Port 0 picks a free port.
         listen, ops = self.listen, self.ops
-        anywhere = {"0.0.0.0", "::", ""}
-        same_host = listen.host == ops.host or listen.host in anywhere or ops.host in anywhere
+        listen_on, ops_on = _addresses(listen.host), _addresses(ops.host)
+        same_host = listen_on is None or ops_on is None or bool(listen_on & ops_on)
         if listen.port and listen.port == ops.port and same_host:
             message = (
                 f"listen and ops both use port {listen.port} on {listen.host} and {ops.host}: give ops "

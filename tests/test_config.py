@@ -776,6 +776,13 @@ sources:
         ({"port": 8080, "host": "127.0.0.1"}, {"port": 8080, "host": "0.0.0.0", "admin_token": "t"}, True),
         ({"port": 9000, "host": "127.0.0.1"}, {"port": 9000, "host": "127.0.0.2"}, False),
         ({"port": 0}, {"port": 0}, False),  # each gets a free port
+        # localhost is 127.0.0.1 and ::1, and an address may be written in other ways: `serve` could bind
+        # only one of the two.
+        ({"port": 9000, "host": "127.0.0.1"}, {"port": 9000, "host": "localhost"}, True),
+        ({"port": 9000, "host": "::1"}, {"port": 9000, "host": "localhost"}, True),
+        ({"port": 9000, "host": "::1"}, {"port": 9000, "host": "0:0:0:0:0:0:0:1"}, True),
+        ({"port": 9000, "host": "::1"}, {"port": 9000, "host": "127.0.0.1"}, False),
+        ({"port": 9000, "host": "0:0:0:0:0:0:0:0"}, {"port": 9000, "host": "::1"}, True),
     ],
 )
 def test_listen_and_ops_cannot_share_a_port(

@@ -287,13 +287,22 @@ def test_make_run_installs_only_the_runtime_package_and_make_test_the_test_extra
     assert test[-1].startswith(".venv/bin/pytest ")
 
 
-def rejection_reasons() -> set[str]:
-    """Every reason the listener and the built-in providers refuse a webhook with, read from their source."""
+def rejection_statuses() -> set[tuple[int, str]]:
+    """(status, reason) of every refusal of the listener and the built-in providers, read from their source."""
     calls = re.compile(
-        r'(?:Rejected\(\s*\d{3},|_closing_answer\(\s*\d{3},|unauthorized\(|bad_request\()\s*"([a-z_]+)"'
+        r'(?:Rejected\(\s*(\d{3}),|_closing_answer\(\s*(\d{3}),|(unauthorized)\(|bad_request\()\s*"([a-z_]+)"'
     )
     sources = [*(ROOT / "gateway").glob("*.py"), *(ROOT / "plugins").glob("*.py")]
-    return {reason for path in sources for reason in calls.findall(path.read_text())}
+    return {
+        (int(status or closing or (401 if unauthorized else 400)), reason)
+        for path in sources
+        for status, closing, unauthorized, reason in calls.findall(path.read_text())
+    }
+
+
+def rejection_reasons() -> set[str]:
+    """Every reason the listener and the built-in providers refuse a webhook with, read from their source."""
+    return {reason for _, reason in rejection_statuses()}
 
 
 def test_every_rejection_reason_is_documented() -> None:
@@ -557,3 +566,19 @@ def test_each_example_config_passes_hookyard_check(
     (tmp_path / "routes.yaml").write_text(config)
     result = CliRunner().invoke(main, ["check", "-c", str(tmp_path / "routes.yaml")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
+
+
+def test_each_rejection_is_documented_with_its_status() -> None:
+    pairs = rejection_statuses()
+    assert (401, "invalid_signature") in pairs and (503, "storage_unavailable") in pairs
+    tables = {
+        "errors.md": r"^\| (\d{3}) \| `([a-z_]+)` \|",  # status | reason
+        "providers.md": r"^\| (?:\d+|any) \| (\d{3}) \| `([a-z_]+)` \|",  # # | status | reason
+    }
+    for page, row in tables.items():
+        documented = {
+            (int(status), reason)
+            for status, reason in re.findall(row, (ROOT / "docs" / page).read_text(), re.M)
+        }
+        wrong = sorted(pairs - documented)
+        assert not wrong, f"docs/{page} gives these another status, or none: {wrong}"

@@ -292,7 +292,7 @@ def _from_a_web_page(request: Request) -> bool:
         return False
     # `127.0.0.1:9000`, `localhost`, `[::1]:9000`
     name = host[1 : host.find("]")] if host.startswith("[") else host.rpartition(":")[0] or host
-    return not is_loopback(name.lower())
+    return not is_loopback(name)
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:

@@ -331,7 +331,7 @@ def _addresses(host: str) -> set[str] | None:
 
 
 def is_loopback(host: str) -> bool:
-    if host == "localhost":
+    if host.lower() == "localhost":  # host names are not case-sensitive
         return True
     try:
         address = ipaddress.ip_address(host.strip("[]"))

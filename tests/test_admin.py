@@ -114,7 +114,7 @@ def test_an_ops_listener_off_loopback_without_a_token_is_refused_at_load(
     )
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost"])
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "::1", "localhost", "LocalHost"])
 def test_an_ops_listener_on_loopback_needs_no_token(tmp_path: Path, host: str) -> None:
     config = parse_config(yaml.safe_dump({"ops": {"host": host}}), environ={})
     assert config.ops.admin_token is None

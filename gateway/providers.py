@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -17,6 +18,11 @@ from gateway.events import Event
 # How require_text names the payload's own id and type when they are of the wrong kind.
 PAYLOAD_ID = "the payload's id"
 PAYLOAD_TYPE = "the payload's type"
+
+# A control character but the tab: no HTTP header can carry it (RFC 9110, section 5.5), and an event's id and
+# type are sent on in headers (Idempotency-Key, X-Hookyard-Type).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+_CONTROL_NAMES = {"\n": "a line feed", "\r": "a carriage return", "\0": "a NUL"}
 
 
 class Rejected(Exception):
@@ -106,10 +112,16 @@ class Provider(ABC):
 def require_text(value: Any, reason: str, detail: str, *, name: str | None = None) -> str:
     """A string or an integer, as text; raises bad_request(reason, detail) when it is missing or empty.
     With `name` ("the payload's type"), a value of another kind is refused saying what it is, not as missing:
-    `the payload's type is the number 1.5, not a string or an integer`."""
+    `the payload's type is the number 1.5, not a string or an integer`. Text with a control character other
+    than the tab is refused too: the id and the type are sent on in headers, which cannot carry one."""
     if value is None or value == "":
         raise bad_request(reason, detail)
-    if isinstance(value, str | int) and not isinstance(value, bool):
+    if isinstance(value, str):
+        if not value.isprintable() and (found := _CONTROL.search(value)) is not None:
+            char = _CONTROL_NAMES.get(found.group(), "a control character")
+            raise bad_request(reason, f"{name or 'it'} holds {char}, which no HTTP header can carry")
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if name is None:
         raise bad_request(reason, detail)

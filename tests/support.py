@@ -31,8 +31,13 @@ import uvicorn
 import yaml
 from svix.webhooks import Webhook
 
+from gateway import hookimpl
 from gateway.app import Gateway
 from gateway.config import load_config, parse_config
+from gateway.events import Event
+from gateway.plugins import new_plugin_manager
+from gateway.providers import Provider
+from plugins.consignly import ConsignlyProvider
 
 SVIX_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 CONSIGNLY_SECRETS = ["client-secret-1", "signing-key-one", "signing-key-two"]
@@ -454,6 +459,32 @@ def consignly_headers(body: bytes, secret: str = CONSIGNLY_SECRETS[0]) -> dict[s
     """As the Consignly docs show: hex HMAC-SHA256 of the raw body keyed by the secret, prefixed sha256=."""
     digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     return {"content-type": "application/json", "x-consignly-signature": f"sha256={digest}"}
+
+
+class UncheckedIdProvider(ConsignlyProvider):
+    """Consignly, but the payload's id taken as it is, as a provider plugin that does not check it might:
+    the built-in providers refuse an id that no header can carry, and the actions still guard against one."""
+
+    name = "consignly-unchecked-id"
+
+    def parse(self, headers: Any, body: bytes, payload: Any, received_at: float) -> Event:
+        event = super().parse(headers, body, {**payload, "id": "checked"}, received_at)
+        event.id, event.payload = payload["id"], payload
+        return event
+
+
+def with_unchecked_ids(config: dict[str, Any]) -> pluggy.PluginManager:
+    """Switch config's consignly source to UncheckedIdProvider; the plugin manager to run it with."""
+
+    class UncheckedIds:
+        @hookimpl
+        def register_providers(self) -> list[type[Provider]]:
+            return [UncheckedIdProvider]
+
+    config["sources"]["consignly"]["provider"] = UncheckedIdProvider.name
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(UncheckedIds(), name=UncheckedIdProvider.name)
+    return pm
 
 
 def standard_webhooks_secret_bytes(secret: str) -> bytes:

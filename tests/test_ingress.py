@@ -235,6 +235,31 @@ def test_a_type_that_is_no_string_or_integer_is_refused_saying_what_it_is(
     }
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "reason", "named"),
+    [
+        ("id", "evt_1\nx", "missing_event_id", "the payload's id holds a line feed"),
+        ("id", "evt_1\x00", "missing_event_id", "the payload's id holds a NUL"),
+        ("type", "consignment.created\r\nx-injected: 1", "missing_event_type", "the payload's type holds a"),
+        ("type", "consignment.created\x07", "missing_event_type", "the payload's type holds a control"),
+    ],
+)
+def test_an_id_or_type_no_header_can_carry_is_refused_not_accepted_then_dead(
+    gw: RunningGateway, downstream: Downstream, field: str, value: str, reason: str, named: str
+) -> None:
+    # Both are sent on in headers (Idempotency-Key, X-Hookyard-Event-Id, X-Hookyard-Type): accepted, such an
+    # event had every delivery dead at its first attempt, and the sender was told all was well.
+    payload = json.loads(consignly_body())
+    payload[field] = value
+    body = json.dumps(payload).encode()
+    response = gw.post("/webhooks/consignly", body, consignly_headers(body))
+    assert response.status_code == 400
+    assert response.json()["error"] == reason
+    assert response.json()["detail"].startswith(named)
+    assert gw.metric("hookyard_webhook_rejections_total", source="consignly", reason=reason) == 1
+    assert _run(gw, gw.gateway.storage.get_event(value if field == "id" else "evt_1")) == []
+
+
 def test_event_matching_no_route_is_stored_but_not_delivered(
     gw: RunningGateway, downstream: Downstream
 ) -> None:

@@ -63,7 +63,7 @@ def dig(value: Any, path: str, default: Any = None) -> Any:
     for part in path.split("."):
         if isinstance(value, dict):
             value = value.get(part, _MISSING)
-        elif isinstance(value, list) and part.lstrip("-").isdigit():
+        elif isinstance(value, list) and _is_index(part):
             index = int(part)
             value = value[index] if -len(value) <= index < len(value) else _MISSING
         else:
@@ -71,3 +71,10 @@ def dig(value: Any, path: str, default: Any = None) -> Any:
         if value is _MISSING:
             return default
     return value
+
+
+def _is_index(part: str) -> bool:
+    """ASCII digits, after one minus sign at most: what int() reads as a list index. (str.isdigit() is
+    true for "²" too, and "--1" is digits once all its dashes are stripped: int() refuses both.)"""
+    digits = part[1:] if part.startswith("-") else part
+    return digits.isascii() and digits.isdigit()

@@ -759,6 +759,19 @@ def test_hmac_missing_payload_fields_are_400s() -> None:
     )
 
 
+@pytest.mark.parametrize("index", ["--1", "²", "-²", "+0"])
+def test_hmac_a_path_part_that_only_looks_like_an_index_finds_nothing(index: str) -> None:
+    # str.isdigit() is true for "²", and "--1" is digits once its dashes are stripped, yet int() refuses
+    # both: reading such a path through a list raised ValueError, a 500 for every webhook of the source.
+    acme = make_provider("hmac", ["s"], header="X-Sig", id_from=f"json:items.{index}")
+    payload = {"items": ["evt_1"], "type": "t"}
+    error = rejection(lambda: acme.parse({}, b"{}", payload, NOW))
+    assert (error.status, error.reason) == (400, "missing_event_id")
+    assert make_provider("hmac", ["s"], header="X-Sig", id_from="json:items.-1").parse(
+        {}, b"{}", payload, NOW
+    ).id == ("evt_1")
+
+
 # -- token and basic -------------------------------------------------------------------------------------------
 
 

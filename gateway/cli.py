@@ -18,7 +18,14 @@ import pluggy
 from click.core import ParameterSource
 
 from gateway import __version__
-from gateway.config import Config, ConfigError, default_config_path, json_schema
+from gateway.config import (
+    Config,
+    ConfigError,
+    StorageConfig,
+    default_config_path,
+    json_schema,
+    load_storage_config,
+)
 from gateway.plugins import DuplicateName, Registry, plugin_manager
 from gateway.routing import RouteTable, load_routes
 from gateway.storage import StorageUnavailable, open_storage
@@ -59,6 +66,23 @@ def _load(config_path: Path | None) -> tuple[Config, RouteTable]:
         for line in exc.errors:
             click.echo(line if line.startswith(str(path)) else f"{path}: {line}", err=True)
         raise SystemExit(1) from None
+
+
+def _load_storage(config_path: Path | None) -> StorageConfig:
+    """The config's storage section, for the commands that need only the store: a ${VAR} unset outside it
+    (a secret, the admin token, a chat webhook's URL, which an operator's shell need not hold) is named
+    in one line on stderr, not an error. Its value, were one set, is never shown."""
+    path = config_path or default_config_path()
+    try:
+        storage, unset = load_storage_config(path)
+    except ConfigError as exc:
+        for line in exc.errors:
+            click.echo(line if line.startswith(str(path)) else f"{path}: {line}", err=True)
+        raise SystemExit(1) from None
+    if unset:
+        named = ", ".join(f"{name} ({place})" for name, place in unset.items())
+        click.echo(f"hookyard: not set, and not needed by this command: {named}", err=True)
+    return storage
 
 
 def _run(coro: Awaitable[T], *, exit_with_what_is_left: bool = False) -> T:
@@ -181,8 +205,17 @@ admin_url_option = click.option(
 )
 
 
-def _operate(config_path: Path | None, admin_url: str | None, work: Callable[[Any], Awaitable[T]]) -> T:
-    """Run `work` with Operations on the database named by the config, or on a running gateway."""
+def _operate(
+    config_path: Path | None,
+    admin_url: str | None,
+    work: Callable[[Any], Awaitable[T]],
+    *,
+    routes: bool = False,
+) -> T:
+    """Run `work` with Operations on the database named by the config, or on a running gateway.
+
+    routes: whether `work` routes events (a replay of missing deliveries), for which the whole config must
+    load as `serve` loads it; otherwise only its storage section is needed (see _load_storage)."""
     from gateway.admin_client import RemoteOperations
     from gateway.operations import OperationError, Operations
 
@@ -199,8 +232,8 @@ def _operate(config_path: Path | None, admin_url: str | None, work: Callable[[An
                 return await work(remote)
             finally:
                 await remote.aclose()
-        config, table = _load(config_path)
-        storage = open_storage(config.storage.url)
+        table = _load(config_path)[1] if routes else None
+        storage = open_storage((table.config.storage if table else _load_storage(config_path)).url)
         try:
             await storage.open(create=False)
         except StorageUnavailable as exc:
@@ -380,7 +413,7 @@ def replay(
                 click.echo(f"... {replayed} replayed, {created} created", err=True)
         return replayed, created
 
-    replayed, created = _operate(config_path, admin_url, bulk)
+    replayed, created = _operate(config_path, admin_url, bulk, routes=state == "missing")
     click.echo(f"replaying {replayed} deliveries" + (f", created {created} missing ones" if created else ""))
 
 

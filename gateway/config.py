@@ -10,6 +10,7 @@ import ipaddress
 import math
 import os
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from types import UnionType
@@ -65,8 +66,12 @@ class ConfigError(Exception):
         """Whether `error` is about a value whose ${VAR} could not be expanded, or about the list holding it:
         the empty text left in its place is no reason of its own (`secrets: at least one secret is
         required`, `secrets[0] has an empty password`), and would point away from the variable to set."""
-        places = {*self.unexpanded, *(re.sub(r"\[\d+\]$", "", place) for place in self.unexpanded)}
-        return any(error.startswith((f"{place}: ", f"{place} ")) for place in places)
+        return _follows_from(error, self.unexpanded)
+
+
+def _follows_from(error: str, unexpanded: Collection[str]) -> bool:
+    places = {*unexpanded, *(re.sub(r"\[\d+\]$", "", place) for place in unexpanded)}
+    return any(error.startswith((f"{place}: ", f"{place} ")) for place in places)
 
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -632,6 +637,34 @@ def load_config_tree(
     if not allow_empty and not text.strip():
         raise ConfigError([f"{path}: the file is empty"])
     return _parse_config_tree(text, environ, str(path))
+
+
+# How _interpolate says a variable is unset: `PLACE: environment variable NAME is not set (…)`.
+_UNSET = re.compile(r"(?P<place>[^:]+): environment variable (?P<name>\w+) is not set ")
+
+
+def load_storage_config(path: str | Path) -> tuple[StorageConfig, dict[str, str]]:
+    """The storage section of a config file, for the commands that need nothing else (listing, showing
+    and replaying stored events). A ${VAR} left unset outside it, which an operator's shell need not hold
+    (a provider's secret, the admin token, a chat webhook's URL), is no error here: the answer is the
+    section with those variables, by name, each with the place it is in (never a value). Anything else
+    wrong with the file, an unset variable in `storage:` included, raises the ConfigError load_config does."""
+    try:
+        return load_config(path).storage, {}
+    except ConfigError as exc:
+        if exc.partial is None:
+            raise
+        unset: dict[str, str] = {}
+        places: set[str] = set()
+        for error in exc.errors:
+            match = _UNSET.match(error)
+            if match is not None and match["place"].partition(".")[0] != "storage":
+                unset.setdefault(match["name"], match["place"])
+                places.add(match["place"])
+        # What is left is wrong whatever the environment holds, or is about the store itself.
+        if any(not _follows_from(error, places) for error in exc.errors):
+            raise
+        return exc.partial.config.storage, unset
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

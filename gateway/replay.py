@@ -33,7 +33,6 @@ class ReplayPage:
 
 async def replay_dead_page(
     storage: Storage,
-    table: RouteTable,
     *,
     since: float | None,
     until: float | None = None,

@@ -379,6 +379,55 @@ def test_operator_commands_refuse_a_database_that_does_not_exist(tmp_path: Path)
     assert not (tmp_path / "db.sqlite").exists()
 
 
+def test_commands_on_the_store_need_no_variable_of_the_rest_of_the_config(filled: Path) -> None:
+    """An operator's shell need not hold the gateway's secrets, the admin token or a chat webhook's URL:
+    the commands that only read and replay stored events work without them, and say which were unset.
+    `check` and a replay of what is missing (which routes events with the config) still refuse."""
+    config = config_dict(filled.parent)
+    config["ops"] = {"admin_token": "${HOOKYARD_TEST_UNSET_TOKEN}"}
+    config["sources"]["consignly"]["secrets"] = ["${HOOKYARD_TEST_UNSET_SECRET}"]
+    config["routes"][0]["actions"].append(
+        {"id": "chat", "use": "notify", "with": {"url": "${HOOKYARD_TEST_UNSET_SLACK}", "text": "x"}}
+    )
+    path = write_config(filled.parent, config)
+    note = (
+        # In the order of the file (safe_dump sorts the keys).
+        "hookyard: not set, and not needed by this command: HOOKYARD_TEST_UNSET_TOKEN (ops.admin_token), "
+        "HOOKYARD_TEST_UNSET_SLACK (routes[0].actions[1].with.url), HOOKYARD_TEST_UNSET_SECRET "
+        "(sources.consignly.secrets[0])\n"
+    )
+    listed = invoke("events", "list", "-c", path, "--state", "dead")
+    assert (listed.exit_code, listed.stderr) == (0, note)
+    assert listed_ids(listed) == ["evt_dead", "evt_old_dead"]
+    shown = invoke("events", "show", "-c", path, "evt_dead", "--json")
+    assert (shown.exit_code, shown.stderr) == (0, note)
+    assert json.loads(shown.stdout)["id"] == "evt_dead"
+    replayed = invoke("replay", "-c", path, "evt_dead", "--action", "notify")
+    assert (replayed.exit_code, replayed.stdout, replayed.stderr) == (0, "replaying 1 deliveries\n", note)
+    dead = invoke("replay", "-c", path, "--state", "dead")
+    assert (dead.exit_code, dead.stdout, dead.stderr) == (0, "replaying 2 deliveries\n", note)
+
+    for args in (["check"], ["replay", "--state", "missing", "--since", "1h"]):
+        refused = invoke(*args, "-c", path)
+        assert refused.exit_code == 1, (args, refused.output)
+        assert refused.stdout == ""
+        assert (
+            f"{path}: sources.consignly.secrets[0]: environment variable HOOKYARD_TEST_UNSET_SECRET is not set"
+            in refused.stderr
+        )
+    assert deliveries(path, "evt_unrouted") == {}
+
+    # The store's own place is needed: unset there, it is the error it always was.
+    config["storage"]["url"] = "${HOOKYARD_TEST_UNSET_DATABASE}"
+    path = write_config(filled.parent, config)
+    unset = invoke("events", "list", "-c", path)
+    assert unset.exit_code == 1
+    assert unset.stdout == ""
+    assert (
+        f"{path}: storage.url: environment variable HOOKYARD_TEST_UNSET_DATABASE is not set" in unset.stderr
+    )
+
+
 def test_an_empty_listing_says_so_on_stderr(filled: Path) -> None:
     result = invoke("events", "list", "-c", filled, "--source", "nobody")
     assert result.exit_code == 0

@@ -26,6 +26,7 @@ from gateway.config import (
     json_schema,
     load_storage_config,
 )
+from gateway.http_client import breaks_a_header
 from gateway.plugins import DuplicateName, Registry, plugin_manager
 from gateway.routing import RouteTable, load_routes
 from gateway.storage import StorageUnavailable, open_storage
@@ -222,12 +223,19 @@ def _operate(
     # Named in errors as the user gave it: the option, or the variable.
     from_env = click.get_current_context().get_parameter_source("admin_url") == ParameterSource.ENVIRONMENT
     given_as = "$HOOKYARD_ADMIN_URL" if from_env else "--admin-url"
+    token = os.environ.get("HOOKYARD_ADMIN_TOKEN")
     if admin_url:
         _check_target(admin_url, given_as, "http://127.0.0.1:9000")
+        if token is not None and breaks_a_header(token.strip()):
+            # Not shown: the HTTP library's refusal would repeat the header, token and all.
+            raise click.UsageError(
+                "$HOOKYARD_ADMIN_TOKEN holds a line break, which no header can carry (two lines of a "
+                "file?); it is not shown"
+            )
 
     async def run() -> T:
         if admin_url:
-            remote = RemoteOperations(admin_url, os.environ.get("HOOKYARD_ADMIN_TOKEN"), given_as=given_as)
+            remote = RemoteOperations(admin_url, token, given_as=given_as)
             try:
                 return await work(remote)
             finally:

@@ -1017,6 +1017,21 @@ def test_an_unreachable_admin_url_is_shown_with_its_path_without_its_password(co
     assert "s3cr3t" not in result.output, result.output
 
 
+@pytest.mark.parametrize("command", ADMIN_COMMANDS)
+@pytest.mark.parametrize("token", ["s3cr3t\nx9y", "s3cr3t\rx9y"])
+def test_an_admin_token_no_header_can_carry_is_refused_without_showing_it(
+    command: list[str], token: str, downstream: Downstream
+) -> None:
+    """Two lines of a token file, say: the HTTP library's refusal repeated the header, token and all."""
+    result = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": token}).invoke(
+        main, [*command, "--admin-url", downstream.url]
+    )
+    assert result.exit_code == 2, result.output
+    assert downstream.received() == []
+    assert "$HOOKYARD_ADMIN_TOKEN" in result.stderr, result.stderr
+    assert "s3cr3t" not in result.output and "x9y" not in result.output, result.output
+
+
 ADMIN_CALLS = [
     (["events", "list"], "GET", "/admin/events"),
     (["events", "show", "evt_1"], "GET", "/admin/events/evt_1"),

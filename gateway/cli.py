@@ -254,8 +254,15 @@ def _operate(
     try:
         return _run(run())
     except OperationError as exc:
-        # An id in several sources (409): the option that names one, which the store's words do not.
+        # An id in several sources (409): the option that names one, which the store's words do not. A
+        # 401: where the token comes from, and whether one was sent.
         hint = " with --source" if exc.status == 409 else ""
+        if exc.status == 401:
+            hint = (
+                ": $HOOKYARD_ADMIN_TOKEN is not the gateway's ops.admin_token"
+                if token and token.strip()
+                else ": set $HOOKYARD_ADMIN_TOKEN to the gateway's ops.admin_token"
+            )
         click.echo(f"hookyard: {exc}{hint}", err=True)
         raise SystemExit(1) from None
 

@@ -553,6 +553,28 @@ def test_cli_through_the_admin_api(tmp_path: Path, downstream: Downstream) -> No
         assert denied.exit_code == 1 and "bearer token" in denied.output
 
 
+def test_the_cli_says_what_to_do_about_a_401(tmp_path: Path, downstream: Downstream) -> None:
+    """`missing or wrong bearer token` alone leaves the operator to guess where the CLI takes its token
+    from, and whether it sent one."""
+    env: dict[str, str | None]
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        for env, expected in (
+            (
+                {"HOOKYARD_ADMIN_TOKEN": None},
+                "hookyard: missing or wrong bearer token: "
+                "set $HOOKYARD_ADMIN_TOKEN to the gateway's ops.admin_token\n",
+            ),
+            (
+                {"HOOKYARD_ADMIN_TOKEN": "not-the-token"},
+                "hookyard: missing or wrong bearer token: "
+                "$HOOKYARD_ADMIN_TOKEN is not the gateway's ops.admin_token\n",
+            ),
+        ):
+            for command in (["events", "list"], ["events", "show", "x"], ["replay", "x"]):
+                result = CliRunner(env=env).invoke(main, [*command, "--admin-url", gw.ops_url])
+                assert (result.exit_code, result.stdout, result.stderr) == (1, "", expected), result.output
+
+
 def test_replay_missing_makes_a_new_dependent_wait_for_its_replayed_parent(
     tmp_path: Path, downstream: Downstream
 ) -> None:

@@ -42,6 +42,7 @@ class RemoteOperations:
     ) -> None:
         """given_as: where the user gave the URL (`--admin-url`, `$HOOKYARD_ADMIN_URL`), to name in errors."""
         self.given_as = given_as
+        self.timeout = timeout
         # As the user gave it, path and all, without its credentials: what errors name.
         self.shown_url = shown_url_with_path(url.rstrip("/"))
         # As UTF-8 bytes, as the gateway reads it: httpx encodes a str value as ASCII, and a token beyond
@@ -58,10 +59,18 @@ class RemoteOperations:
         field, or show the answer as if it were an event."""
         try:
             response = await self.client.request(method, path, **kwargs)
+        except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+            # Reached, but not answered in time (whose text is empty): a replay may have been done.
+            late = (
+                f"the admin API at {self.shown_url} did not answer {method} {path} within {self.timeout:g} s"
+            )
+            if method == "POST":
+                late += "; it may have been done all the same"
+            raise OperationError(504, late) from exc
         except httpx.HTTPError as exc:
             raise OperationError(
                 503,
-                f"cannot reach the admin API at {self.shown_url}: {exc}",
+                f"cannot reach the admin API at {self.shown_url}: {str(exc) or type(exc).__name__}",
             ) from None
         try:
             body: Any = response.json()

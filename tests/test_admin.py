@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,11 @@ import yaml
 from click.testing import CliRunner
 from openapi_spec_validator import validate
 
+from gateway.admin_client import RemoteOperations
 from gateway.app import Gateway
 from gateway.cli import main
 from gateway.config import ConfigError, load_config, parse_config
-from gateway.operations import Operations
+from gateway.operations import OperationError, Operations
 from tests.support import (
     Downstream,
     RunningGateway,
@@ -573,6 +575,39 @@ def test_the_cli_says_what_to_do_about_a_401(tmp_path: Path, downstream: Downstr
             for command in (["events", "list"], ["events", "show", "x"], ["replay", "x"]):
                 result = CliRunner(env=env).invoke(main, [*command, "--admin-url", gw.ops_url])
                 assert (result.exit_code, result.stdout, result.stderr) == (1, "", expected), result.output
+
+
+@pytest.mark.parametrize(
+    ("call", "expected"),
+    [
+        (lambda remote: remote.list_events(limit=5), "GET /admin/events within 0.5 s"),
+        (
+            lambda remote: remote.replay(mode="dead", since=0),
+            "POST /admin/replay within 0.5 s; it may have been done all the same",
+        ),
+    ],
+    ids=["list", "replay"],
+)
+def test_an_admin_api_that_does_not_answer_in_time_is_said_so(
+    call: Callable[[RemoteOperations], Awaitable[Any]], expected: str
+) -> None:
+    """A timeout's own text is empty: `cannot reach the admin API at URL: `, for a request that did reach
+    it, and that may have been done (a replay) when its answer is late."""
+    with socket.socket() as listener:  # takes the connection, and never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+        async def run() -> str:
+            remote = RemoteOperations(url, timeout=0.5)
+            try:
+                with pytest.raises(OperationError) as raised:
+                    await call(remote)
+            finally:
+                await remote.aclose()
+            return str(raised.value)
+
+        assert asyncio.run(run()) == f"the admin API at {url} did not answer {expected}"
 
 
 def test_replay_missing_makes_a_new_dependent_wait_for_its_replayed_parent(

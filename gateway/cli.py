@@ -281,7 +281,13 @@ def events() -> None:
 @click.option("--route")
 @click.option("--since", help="Only events received in this window (2h) or since a time (ISO 8601).")
 @click.option("--until", help="Only events received before this time.")
-@click.option("--limit", default=50, show_default=True, help="Events per page (at most 500).")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 500),
+    default=50,
+    show_default=True,
+    help="Events per page (at most 500).",
+)
 @click.option("--cursor", type=int, help="The next page: the cursor the page before ended with.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def events_list(

@@ -752,6 +752,15 @@ def test_bulk_replay_of_missing_needs_since(tmp_path: Path, downstream: Downstre
     assert due == set()
 
 
+@pytest.mark.parametrize("limit", ["0", "501", "-3"])
+def test_events_list_limit_is_bounded_as_a_usage_error(filled: Path, limit: str) -> None:
+    """As --page-size is: a bad option is exit status 2, with click's usage line, not 1 as a failure."""
+    result = invoke("events", "list", "-c", filled, "--limit", limit)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert "Invalid value for '--limit'" in result.stderr and "1<=x<=500" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("page_size", ["0", "501"])
 def test_replay_page_size_is_bounded(filled: Path, page_size: str) -> None:
     result = invoke("replay", "-c", filled, "--state", "dead", "--page-size", page_size)

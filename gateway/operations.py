@@ -178,11 +178,14 @@ class Operations:
             until=parse_time(until, "until"),
             # 0 is where a bulk replay's cursor starts: here too, the first page (no event has seq 0).
             before=cursor or None,
-            limit=limit,
+            # One more than the page: whether there is a next one, rather than a cursor to an empty page
+            # whenever the last page happens to be full.
+            limit=limit + 1,
         )
+        page = rows[:limit]
         return {
-            "events": [summary_view(row) for row in rows],
-            "next_cursor": rows[-1].seq if len(rows) == limit else None,
+            "events": [summary_view(row) for row in page],
+            "next_cursor": page[-1].seq if len(rows) > limit else None,
         }
 
     async def _one(self, event_id: str, source: str | None) -> EventDetail:

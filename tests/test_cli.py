@@ -318,6 +318,11 @@ def test_events_list(filled: Path) -> None:
     assert hint.startswith("more: the same command with --cursor ")
     second = invoke("events", "list", "-c", filled, "--limit", "2", "--cursor", hint.split()[-1])
     assert listed_ids(second) == ["evt_unrouted", "evt_pending"]
+    # A page that holds the last of them says no more, though it is full: the next would be empty.
+    every = invoke("events", "list", "-c", filled, "--limit", "7")
+    assert (len(listed_ids(every)), every.stderr) == (7, "")
+    last = invoke("events", "list", "-c", filled, "--limit", "3", "--cursor", second.stderr.split()[-1])
+    assert (listed_ids(last), last.stderr) == (["evt_dead", "evt_delivered", "evt_old_dead"], "")
     assert listed_ids(invoke("events", "list", "-c", filled, "--state", "unrouted", "--since", "5m")) == [
         "evt_twin",
         "evt_twin",

@@ -183,8 +183,8 @@ def list_plugins() -> None:
         id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()
     }
     for name, plugin in pm.list_name_plugin():
-        providers = [p.name for batch in _call(plugin, "register_providers") for p in batch]
-        actions = [a.name for batch in _call(plugin, "register_actions") for a in batch]
+        providers = [p.name for p in _registered(pm, plugin, "register_providers")]
+        actions = [a.name for a in _registered(pm, plugin, "register_actions")]
         parts = [f"providers: {', '.join(providers)}"] if providers else []
         parts += [f"actions: {', '.join(actions)}"] if actions else []
         hooks = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [])
@@ -193,9 +193,15 @@ def list_plugins() -> None:
         click.echo(f"{name}{origin}  ({'; '.join(parts) or 'hooks: ' + ', '.join(hooks)})")
 
 
-def _call(plugin: Any, hook: str) -> list[Any]:
-    impl = getattr(plugin, hook, None)
-    return [impl()] if callable(impl) else []
+def _registered(pm: pluggy.PluginManager, plugin: Any, hook: str) -> list[Any]:
+    """What `plugin` registers through `hook`, as the gateway collects it: from its implementation of the
+    hook whatever the function is named (`specname`), a None answer being none (pluggy drops it)."""
+    registered: list[Any] = []
+    for impl in getattr(pm.hook, hook).get_hookimpls():
+        if impl.plugin is plugin:
+            answer = impl.function()
+            registered += answer if answer is not None else []
+    return registered
 
 
 admin_url_option = click.option(

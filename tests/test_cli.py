@@ -21,8 +21,11 @@ import pytest
 import yaml
 from click.testing import CliRunner, Result
 
+from gateway import hookimpl
+from gateway.actions import Action
 from gateway.cli import main
 from gateway.events import Event
+from gateway.plugins import new_plugin_manager
 from gateway.storage import Attempt, Claim, DeliveryRecord, NewDelivery
 from gateway.storage.sqlite import SQLiteStorage
 from tests.support import (
@@ -209,6 +212,38 @@ def test_plugins_lists_builtins_with_what_they_register() -> None:
     assert "providers: consignly" in lines["plugins.consignly"]
     assert "actions: forward" in lines["plugins.forward"]
     assert "providers" not in lines["plugins.forward"]
+
+
+def test_plugins_lists_what_a_plugin_registers_as_the_gateway_collects_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The gateway takes what the hook answers: None is no answer (pluggy leaves it out), and an
+    implementation may have a name of its own (`specname`). `plugins` called an attribute named after the
+    hook: a traceback for the first, nothing listed for the second."""
+
+    class Optional:
+        @hookimpl
+        def register_providers(self) -> None:
+            return None  # e.g. an optional dependency is missing
+
+    class Renamed:
+        @hookimpl(specname="register_actions")
+        def actions(self) -> list[type[Action]]:
+            return [Sms]
+
+    class Sms(Action):
+        name = "sms"
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(Optional(), name="optional")
+    pm.register(Renamed(), name="renamed")
+    monkeypatch.setattr("gateway.cli.plugin_manager", lambda: pm)
+    result = invoke("plugins")
+    assert result.exit_code == 0, result.output
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert lines["optional"] == "optional  (hooks: register_providers)"
+    assert lines["renamed"] == "renamed  (actions: sms)"
+    assert "actions: forward" in lines["plugins.forward"]
 
 
 # -- events and replay against a filled database ---------------------------------------------------------

@@ -315,6 +315,13 @@ class OpsListener(Listener):
             # A token read from a file often keeps its newline: the bearer token sent (stripped, as any
             # header value is) would never match it, and every call would be 401. The token is not shown.
             raise ValueError("begins or ends with whitespace, such as a newline kept from a file: remove it")
+        if token is not None and any(char != "\t" and (char < " " or char == "\x7f") for char in token):
+            # Two lines of a file: no client can send it (a request header cannot hold a line break, and the
+            # ops listener refuses any other control character), so every call would be 401.
+            raise ValueError(
+                "holds a line break or another control character, which no request header can carry: "
+                "remove it"
+            )
         if token is None and host is not None and not is_loopback(host):
             raise ValueError(
                 f"required when the ops listener is not bound to loopback (ops.host is {host!r}): "

@@ -158,8 +158,10 @@ def test_numbers_durations_and_booleans_of_their_own_kind_still_load() -> None:
 
 def test_a_value_never_changes_the_yaml_structure() -> None:
     hostile = "x\nstorage: {url: 'sqlite:///evil'}"
-    config = parse_config('ops: {admin_token: "${TOKEN}"}', environ={"TOKEN": hostile})
-    assert config.ops.admin_token == hostile
+    config = parse_config(
+        'sources: {a: {path: /a, provider: svix, secrets: ["${SECRET}"]}}', environ={"SECRET": hostile}
+    )
+    assert config.sources["a"].secrets == [hostile]
     assert config.storage.url == "sqlite:///./var/hookyard.db"
 
 
@@ -976,6 +978,18 @@ def test_an_admin_token_with_whitespace_at_either_end_is_refused_without_showing
         parse_config('ops: {admin_token: "${TOKEN}"}', environ={"TOKEN": token})
     assert caught.value.errors == [
         "ops.admin_token: begins or ends with whitespace, such as a newline kept from a file: remove it"
+    ]
+
+
+@pytest.mark.parametrize("token", ["admin\ntoken", "admin\r\ntoken", "admin\x01token"])
+def test_an_admin_token_no_header_can_carry_is_refused_without_showing_it(token: str) -> None:
+    # Two lines of a file: no client can send it in a header (httpx refuses a line break, and the ops
+    # listener any other control character), so every call would be 401.
+    with pytest.raises(ConfigError) as caught:
+        parse_config('ops: {admin_token: "${TOKEN}"}', environ={"TOKEN": token})
+    assert caught.value.errors == [
+        "ops.admin_token: holds a line break or another control character, which no request header can "
+        "carry: remove it"
     ]
 
 

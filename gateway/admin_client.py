@@ -13,6 +13,7 @@ from gateway.admin import NO_ENDPOINT
 from gateway.http_client import shown_url_with_path
 from gateway.operations import OperationError
 from gateway.replay import ReplayPage
+from gateway.sender import unproxied_if_loopback
 
 # What an event's detail always holds (gateway.operations.detail_view), and a replay's page: the fields of
 # the ReplayPage the endpoint answers with.
@@ -48,7 +49,9 @@ class RemoteOperations:
         # As UTF-8 bytes, as the gateway reads it: httpx encodes a str value as ASCII, and a token beyond
         # ASCII (which ops.admin_token may be) would end the command with a UnicodeEncodeError.
         headers = {b"authorization": f"Bearer {token.strip()}".encode()} if token else {}
-        self.client = httpx.AsyncClient(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.client = httpx.AsyncClient(
+            base_url=url.rstrip("/"), headers=headers, timeout=timeout, mounts=unproxied_if_loopback(url)
+        )
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -82,8 +82,25 @@ def source_url(base: str, path: str) -> str:
     return urlunsplit(parts._replace(path=parts.path.rstrip("/") + path, fragment=""))
 
 
+def unproxied_if_loopback(url: str) -> dict[str, None]:
+    """httpx `mounts` for the CLI's clients (`send`, `--admin-url`) that keep a request to a loopback
+    gateway off a proxy of the environment ($HTTP_PROXY, $ALL_PROXY): the proxy's loopback is not this
+    host's, so the gateway can never be reached through it (a proxy answering for it would be taken for
+    it), and it would see the request, the admin token included. Other hosts go through it as usual."""
+    from gateway.config import is_loopback
+
+    try:
+        host = httpx.URL(url).host
+    except httpx.InvalidURL:
+        return {}
+    if not host or not is_loopback(host):
+        return {}
+    return {f"all://{f'[{host}]' if ':' in host else host}": None}
+
+
 def send(url: str, body: bytes, headers: dict[str, str], timeout: float = 10.0) -> httpx.Response:
-    return httpx.post(url, content=body, headers=headers, timeout=timeout)
+    with httpx.Client(timeout=timeout, mounts=unproxied_if_loopback(url)) as client:
+        return client.post(url, content=body, headers=headers)
 
 
 @dataclass
@@ -118,7 +135,7 @@ async def send_many(url: str, requests: list[tuple[bytes, dict[str, str]]], conc
     latencies: list[float] = []
     queue = list(reversed(requests))
     started = time.perf_counter()
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with httpx.AsyncClient(timeout=30, mounts=unproxied_if_loopback(url)) as client:
 
         async def worker() -> None:
             while queue:

@@ -1081,6 +1081,30 @@ def test_an_admin_token_no_header_can_carry_is_refused_without_showing_it(
     assert "s3cr3t" not in result.output and "x9y" not in result.output, result.output
 
 
+@pytest.mark.parametrize("variable", ["HTTP_PROXY", "ALL_PROXY", "http_proxy"])
+def test_a_proxy_in_the_environment_is_not_used_for_a_loopback_gateway(
+    tmp_path: Path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    """A shell (or a pod) with a proxy for its way out: the gateway on 127.0.0.1 is this host's, which no
+    proxy can reach, and the proxy saw the admin token. `send` printed the proxy's answer as the
+    gateway's."""
+    config = config_dict(tmp_path)
+    config["ops"] = {"admin_token": "admin-token-for-tests"}
+    path = write_config(tmp_path, config)
+    with RunningGateway(path) as gw:
+        monkeypatch.setenv(variable, downstream.url)  # a proxy that answers 200 to everything
+        env = {"HOOKYARD_ADMIN_TOKEN": "admin-token-for-tests"}
+        for count in ("1", "2"):
+            sent = invoke(
+                "send", "-c", path, "consignease", "--type", "user.created", "--url", gw.url, "--count", count
+            )
+            assert sent.exit_code == 0, sent.output
+        listed = invoke("events", "list", "--admin-url", gw.ops_url, "--json", env=env)
+        assert listed.exit_code == 0, listed.output
+        assert len(listed.stdout.splitlines()) == 3
+    assert downstream.received() == []
+
+
 ADMIN_CALLS = [
     (["events", "list"], "GET", "/admin/events"),
     (["events", "show", "evt_1"], "GET", "/admin/events/evt_1"),

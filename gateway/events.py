@@ -20,6 +20,26 @@ def stored_payload(body: bytes) -> Any:
     return orjson.loads(body[3:] if body.startswith(BYTE_ORDER_MARK) else body)
 
 
+# How deep a payload may nest to be shown as JSON (the admin API, `hookyard events show`). The gateway reads
+# JSON nested up to 1024 levels (orjson's limit); Python's json, which writes the admin API's answers and
+# the CLI's output and reads them back, stops near its recursion limit (1000, less the frames in use).
+SHOWN_DEPTH = 512
+
+
+def nesting_depth(value: Any) -> int:
+    """How many lists and objects deep `value` nests (0 for a scalar), counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict):
+            item = item.values()
+        elif not isinstance(item, list):
+            continue
+        deepest = max(deepest, level)
+        stack.extend((inner, level + 1) for inner in item if isinstance(inner, dict | list))
+    return deepest
+
+
 @dataclass(slots=True)
 class Event:
     source: str

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.config import parse_duration
+from gateway.events import SHOWN_DEPTH, nesting_depth
 from gateway.replay import PAGE, ReplayPage, replay_dead_page, replay_missing_page
 from gateway.routing import RouteTable
 from gateway.storage import EventDetail, EventSummary, Storage
@@ -123,6 +124,13 @@ def detail_view(detail: EventDetail) -> dict[str, Any]:
     }
     if detail.unreadable is not None:
         view["unreadable"] = detail.unreadable  # its payload is null: the body cannot be read back
+    elif nesting_depth(event.payload) > SHOWN_DEPTH:
+        # Python's json cannot write (or read back) the payload: shown as the text that came instead.
+        view["payload"] = None
+        view["unreadable"] = (
+            f"the payload is nested more than {SHOWN_DEPTH} levels deep: shown as text in body"
+        )
+        view["body"] = event.body.decode(errors="replace")
     return view
 
 

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from openapi_spec_validator import validate
+from svix.webhooks import Webhook
 
 from gateway.admin_client import RemoteOperations
 from gateway.app import Gateway
@@ -22,6 +23,7 @@ from gateway.cli import main
 from gateway.config import ConfigError, load_config, parse_config
 from gateway.operations import OperationError, Operations
 from tests.support import (
+    SVIX_SECRET,
     Downstream,
     RunningGateway,
     consignly_body,
@@ -608,6 +610,50 @@ def test_an_admin_api_that_does_not_answer_in_time_is_said_so(
             return str(raised.value)
 
         assert asyncio.run(run()) == f"the admin API at {url} did not answer {expected}"
+
+
+def deep_request(msg_id: str, levels: int) -> tuple[bytes, dict[str, str]]:
+    """A Consignease webhook whose data holds lists nested `levels` deep (the body is `levels` + 2 deep)."""
+    timestamp = datetime.now(tz=UTC)
+    deep = "[" * levels + "]" * levels
+    body = f'{{"type":"user.created","data":{{"id":"user_1","deep":{deep}}},"timestamp":1}}'
+    headers = {
+        "svix-id": msg_id,
+        "svix-timestamp": str(int(timestamp.timestamp())),
+        "svix-signature": Webhook(SVIX_SECRET).sign(msg_id, timestamp, body),
+    }
+    return body.encode(), headers
+
+
+def test_an_event_nested_too_deeply_to_show_as_json_is_shown_with_its_body_as_text(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # The gateway reads JSON nested up to 1024 levels (orjson's limit); Python's json, which writes the
+    # admin API's answers and the CLI's output and reads them back, stops near its recursion limit. The
+    # event's page was a 500 with a traceback in the log, and `hookyard events show` could not show it.
+    config_path = tmp_path / "hookyard.yaml"
+    config_path.write_text(yaml.safe_dump(users_config(tmp_path, downstream)))
+    with RunningGateway(config_path) as gw:
+        body, headers = deep_request("msg_deep", 1010)
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        shallow, headers = deep_request("msg_shallow", 300)
+        assert gw.post("/webhooks/consignease", shallow, headers).status_code == 200
+        answer = admin(gw, "GET", "/admin/events/msg_deep")
+        assert answer.status_code == 200, answer.text
+        event = answer.json()
+        assert event["payload"] is None
+        assert "nested more than 512 levels deep" in event["unreadable"]
+        assert event["body"] == body.decode()
+        assert [d["action"] for d in event["deliveries"]] == ["app", "audit"]
+        # Within the limit, the payload is shown as JSON, as for any event.
+        event = admin(gw, "GET", "/admin/events/msg_shallow").json()
+        assert event["payload"]["data"]["id"] == "user_1" and "body" not in event
+        runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
+        for where in (["--admin-url", gw.ops_url], ["--config", str(config_path)]):
+            for form in ([], ["--json"]):
+                shown = runner.invoke(main, ["events", "show", "msg_deep", *where, *form])
+                assert shown.exit_code == 0, shown.output
+                assert '"payload": null' in shown.output and "nested more than 512" in shown.output
 
 
 def test_replay_missing_makes_a_new_dependent_wait_for_its_replayed_parent(

@@ -40,7 +40,11 @@ class Sink:
             "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
             "body": shown,
         }
-        self.out.write(orjson.dumps(line).decode() + "\n")
+        try:
+            printed = orjson.dumps(line)
+        except orjson.JSONEncodeError:  # nested past the 254 levels orjson writes: the body as it came
+            printed = orjson.dumps({**line, "body": body.decode("utf-8", "replace")})
+        self.out.write(printed.decode() + "\n")
         self.out.flush()
         status = next(
             (code for prefix, code in self.answers if scope["path"].startswith(prefix)), self.status

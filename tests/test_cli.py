@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shlex
 import socket
@@ -1114,14 +1115,16 @@ ADMIN_CALLS = [
 
 
 @contextmanager
-def running_sink() -> Iterator[str]:
-    """`hookyard sink` in a child process, answering 200 with no body to everything: its URL."""
+def running_sink(out: Path | None = None) -> Iterator[str]:
+    """`hookyard sink` in a child process, answering 200 with no body to everything: its URL. `out`: the
+    file its output and errors go to."""
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "sink", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(out or os.devnull, "wb") as written:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "sink", "--port", str(port)],
+            stdout=written,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until(lambda: process.poll() is not None or _answers(url), 20)
@@ -1159,6 +1162,20 @@ def test_an_admin_url_that_answers_200_but_is_not_the_ops_listener_says_so(downs
                     f"hookyard: $HOOKYARD_ADMIN_URL {url} does not answer as Hookyard's ops listener: "
                     f"{method} {path} answered 200 {answer}\n"
                 )
+
+
+def test_the_sink_prints_a_body_nested_past_what_orjson_writes_as_text(tmp_path: Path) -> None:
+    """The gateway forwards JSON nested up to 1024 levels; orjson writes no more than 254. The sink failed
+    such a request with a 500 and a traceback, so its forward was retried until it ended dead."""
+    out = tmp_path / "sink.out"
+    body = '{"data":' + "[" * 300 + "]" * 300 + "}"
+    with running_sink(out) as url:
+        answer = httpx.post(url + "/hooks/users", content=body, timeout=10)
+        assert answer.status_code == 200
+        wait_until(lambda: "/hooks/users" in out.read_text(), 20)
+    [printed] = [json.loads(line) for line in out.read_text().splitlines() if "/hooks/users" in line]
+    assert printed["method"] == "POST" and printed["body"] == body
+    assert "Traceback" not in out.read_text()
 
 
 @pytest.mark.parametrize("option", [["--status", "600"], ["--status", "99"], ["--answer", "/hooks=1000"]])

@@ -80,7 +80,11 @@ class SlackProvider(Provider):
     def reply(self, event: Event) -> dict[str, Any] | None:
         # Slack confirms a new Events API URL by expecting its challenge echoed back.
         if event.type == "url_verification" and isinstance(event.payload, dict):
-            return {"challenge": event.payload.get("challenge")}
+            challenge = event.payload.get("challenge")
+            # Slack's is text. A list or an object is not echoed: nested past the 254 levels orjson writes
+            # (the gateway reads 1024), the answer could not be written once the event was stored.
+            if not isinstance(challenge, dict | list):
+                return {"challenge": challenge}
         return None
 
     def sample_payload(self, event_type: str, event_id: str, data: Any, now: float) -> Any:

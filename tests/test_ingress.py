@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -351,6 +352,28 @@ def test_slack_url_verification_gets_its_challenge_back(tmp_path, downstream: Do
         answer = gw.post(path, body, headers).json()
         assert answer["challenge"] == json.loads(body)["challenge"]
         assert answer["status"] == "accepted"
+
+
+def test_slack_url_verification_whose_challenge_is_no_text_is_accepted_without_an_echo(
+    tmp_path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Slack's challenge is text. One nested past the 254 levels orjson writes (the gateway reads 1024) was
+    # stored, then answered 500 with a traceback in the log, and its retry `duplicate`.
+    secret = "8f742231b10e8888abcd99yyyzzz85a5"
+    sources = {"slack": {"path": "/webhooks/slack", "provider": "slack", "secrets": [secret]}}
+    with RunningGateway(gateway_config(tmp_path, downstream.url, sources=sources, routes=[])) as gw:
+        for event_id, challenge in (("Ev1", "[" * 300 + "]" * 300), ("Ev2", '{"a":[1]}')):
+            body = f'{{"type":"url_verification","event_id":"{event_id}","challenge":{challenge}}}'.encode()
+            timestamp = str(int(time.time()))
+            signature = hmac.new(secret.encode(), f"v0:{timestamp}:".encode() + body, hashlib.sha256)
+            headers = {
+                "x-slack-request-timestamp": timestamp,
+                "x-slack-signature": f"v0={signature.hexdigest()}",
+            }
+            answer = gw.post("/webhooks/slack", body, headers)
+            assert answer.status_code == 200, answer.text
+            assert answer.json() == {"id": event_id, "status": "accepted"}
+    assert "could not be written" not in caplog.text
 
 
 def test_one_serving_process_per_database(tmp_path, downstream: Downstream) -> None:

@@ -473,16 +473,22 @@ def _parse_data(data: str | None) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise click.BadParameter(f"not JSON: {exc}", param_hint="--data") from None
+    except RecursionError:  # Python's json stops near its recursion limit
+        raise click.BadParameter("nested too deeply to read", param_hint="--data") from None
 
 
 def _signed_request(
     config_path: Path | None, source: str, event_type: str, data: str | None, event_id: str | None
 ) -> tuple[RouteTable, str, bytes, dict[str, str]]:
+    import orjson
+
     from gateway.sender import build_request
 
     _, table = _load(config_path)
     try:
         path, body, headers = build_request(table, source, event_type, _parse_data(data), event_id)
+    except orjson.JSONEncodeError as exc:  # nested past 254 levels, an integer past 64 bits
+        raise click.BadParameter(f"cannot be written as JSON: {exc}", param_hint="--data") from None
     except KeyError as exc:
         raise click.BadParameter(str(exc.args[0]), param_hint="SOURCE") from None
     except ValueError as exc:  # e.g. a source with only public keys cannot sign

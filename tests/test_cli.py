@@ -896,6 +896,20 @@ def test_send_with_a_missing_data_file_is_a_usage_error(tmp_path: Path) -> None:
     assert f"cannot read {missing}: No such file or directory" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("levels", "reason"), [(300, "Recursion limit reached"), (1100, "nested too deeply")]
+)
+def test_send_with_data_nested_too_deeply_is_a_usage_error(tmp_path: Path, levels: int, reason: str) -> None:
+    # The webhook's body is written by orjson, which stops at 254 levels (TypeError), and --data is read by
+    # Python's json, which stops near its recursion limit (RecursionError): both ended in a traceback.
+    path = write_config(tmp_path, config_dict(tmp_path))
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"items":' + "[" * levels + "]" * levels + "}")
+    result = invoke("send", "-c", path, "consignease", "--type", "user.created", "--data", f"@{deep}")
+    assert result.exit_code == 2, (result.exit_code, result.exception)
+    assert "--data" in result.stderr and reason in result.stderr, result.stderr
+
+
 def test_a_tolerance_under_a_second_is_refused_at_load(tmp_path: Path) -> None:
     config = config_dict(tmp_path)
     config["sources"]["consignease"]["tolerance"] = 0

@@ -207,6 +207,12 @@ def render_error(exc: Exception) -> str:
     frames = traceback.StackSummary.extract(traceback.walk_tb(exc.__traceback__), lookup_lines=False)
     lines = [frame.lineno for frame in frames if frame.filename == "<template>"]
     where = f"template line {lines[-1]}" if lines else "template"
+    if isinstance(exc, RecursionError):
+        # The gateway reads JSON nested up to 1024 levels; writing it (tojson, or as text) stops near Python's
+        # recursion limit. The interpreter's message says nothing of the event.
+        return (
+            f"{where}: RecursionError: the event (or the template's recursion) is nested too deeply to render"
+        )
     return f"{where}: {type(exc).__name__}: {exc}"
 
 

@@ -384,6 +384,32 @@ def test_render_errors_end_dead_with_the_reason(tmp_path: Path, downstream: Down
         assert gw.metric("hookyard_deliveries_total", route="alerts", action="quiet", outcome="skipped") == 1
 
 
+def test_a_template_on_an_event_nested_too_deeply_to_render_ends_dead_with_that_reason(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # The gateway reads JSON nested up to 1024 levels; Python stops near its recursion limit when a template
+    # writes the payload (tojson, or as text). The reason read as a RecursionError from the interpreter.
+    actions = [
+        notify_action("json", f"{downstream.url}/json", template="{{ event.data | tojson }}"),
+        notify_action("text", f"{downstream.url}/text", template="{{ event.payload }}"),
+        notify_action("plain", f"{downstream.url}/plain"),  # the default message names the event only
+    ]
+    deep = "[" * 1010 + "]" * 1010
+    body = consignly_body(event_id="evt_deep", deep="DEEP").replace(b'"DEEP"', deep.encode())
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, body)
+        wait_until(
+            lambda: delivery_states(gw, "evt_deep") == {"json": "dead", "text": "dead", "plain": "delivered"}
+        )
+        deliveries = {d.action: d for d in event_detail(gw, "evt_deep").deliveries}
+        for name in ("json", "text"):
+            assert deliveries[name].attempts == 1
+            assert deliveries[name].last_error == (
+                "template line 1: RecursionError: the event (or the template's recursion) is nested too "
+                "deeply to render"
+            )
+
+
 # Templates that make what a hostile payload says in one step: `n` is a width, `note` a text, `count` a number of
 # items. For each: the message of a fair event (n=5, note "ok", count=3), and why a hostile one's delivery ends
 # dead. Each filter, str method and operator whose result's length comes from an argument is here.

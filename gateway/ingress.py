@@ -13,7 +13,6 @@ that expects `100 Continue`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -65,12 +64,25 @@ MALFORMED_BODY = "hookyard.malformed_body"
 _CLOSE = [(b"connection", b"close")]
 
 
-def _json_after_bom(body: bytes) -> Any:
+# orjson reads JSON nested this deep at most, and says "depth limit exceeded" past it.
+JSON_DEPTH_LIMIT = 1024
+
+
+def _json_after_bom(body: bytes, refused: orjson.JSONDecodeError) -> Any:
     """A body orjson refused: JSON after a UTF-8 byte order mark, which some senders write first and RFC
     8259 lets a parser ignore (the body is stored and forwarded as it came, mark included)."""
     if body.startswith(BYTE_ORDER_MARK):
-        with contextlib.suppress(orjson.JSONDecodeError):
+        try:
             return orjson.loads(body[3:])
+        except orjson.JSONDecodeError as again:
+            refused = again
+    if str(refused).startswith("depth limit exceeded"):
+        # Valid JSON all the same: "not valid" would send its sender looking for a syntax error.
+        raise Rejected(
+            400,
+            "invalid_json",
+            f"the body is JSON nested more than {JSON_DEPTH_LIMIT} levels deep, more than the gateway reads",
+        )
     raise Rejected(400, "invalid_json", "the body is not valid JSON")
 
 
@@ -164,8 +176,8 @@ class Ingress:
         verified = self._verify(endpoint, headers, body, received_at)
         try:
             payload = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            payload = _json_after_bom(body)
+        except orjson.JSONDecodeError as refused:
+            payload = _json_after_bom(body, refused)
         unstored = endpoint.provider.secret_headers
         kept = {
             name: value

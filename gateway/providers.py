@@ -24,6 +24,11 @@ PAYLOAD_TYPE = "the payload's type"
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _CONTROL_NAMES = {"\n": "a line feed", "\r": "a carriage return", "\0": "a NUL"}
 
+# The longest event id or type accepted, in bytes of UTF-8. Real ids are far shorter (svix msg_ ids and
+# Stripe evt_ ids under 40 bytes, GitHub's and Consignly's UUIDs 36); past a few KB, receivers refuse the
+# headers they are sent on in (431) and PostgreSQL refuses to index the id (the store action).
+MAX_TEXT_BYTES = 512
+
 
 class Rejected(Exception):
     """A request that must not be accepted. `reason` is a short, stable label (it becomes a metric label);
@@ -113,19 +118,32 @@ def require_text(value: Any, reason: str, detail: str, *, name: str | None = Non
     """A string or an integer, as text; raises bad_request(reason, detail) when it is missing or empty.
     With `name` ("the payload's type"), a value of another kind is refused saying what it is, not as missing:
     `the payload's type is the number 1.5, not a string or an integer`. Text with a control character other
-    than the tab is refused too: the id and the type are sent on in headers, which cannot carry one."""
+    than the tab is refused too: the id and the type are sent on in headers, which cannot carry one; and so is
+    text longer than MAX_TEXT_BYTES bytes of UTF-8."""
     if value is None or value == "":
         raise bad_request(reason, detail)
     if isinstance(value, str):
         if not value.isprintable() and (found := _CONTROL.search(value)) is not None:
             char = _CONTROL_NAMES.get(found.group(), "a control character")
             raise bad_request(reason, f"{name or 'it'} holds {char}, which no HTTP header can carry")
-        return value
+        return _within_limit(value, reason, name)
     if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
+        return _within_limit(str(value), reason, name)
     if name is None:
         raise bad_request(reason, detail)
     raise bad_request(reason, f"{name} is {_described(value)}, not a string or an integer")
+
+
+def _within_limit(text: str, reason: str, name: str | None) -> str:
+    # Four bytes of UTF-8 at most per character: shorter text is within the limit without encoding it.
+    if len(text) * 4 <= MAX_TEXT_BYTES:
+        return text
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_TEXT_BYTES:
+        raise bad_request(
+            reason, f"{name or 'it'} is {size} bytes long; the limit is {MAX_TEXT_BYTES} bytes of UTF-8"
+        )
+    return text
 
 
 def _described(value: Any) -> str:

@@ -53,6 +53,8 @@ class GitHubProvider(Provider):
             event_type=headers.get("x-github-event"),
             id_detail="missing X-GitHub-Delivery header",
             type_detail="missing X-GitHub-Event header",
+            id_name="the X-GitHub-Delivery header",
+            type_name="the X-GitHub-Event header",
         )
 
     def sample_payload(self, event_type: str, event_id: str, data: Any, now: float) -> Any:

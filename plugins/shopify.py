@@ -44,6 +44,7 @@ class ShopifyProvider(Provider):
         require_signature(self.keys, body, signature_entries(header), encoding="base64")
 
     def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:
+        from_event_id = bool(headers.get("x-shopify-event-id"))
         return make_event(
             self,
             headers,
@@ -55,6 +56,8 @@ class ShopifyProvider(Provider):
             occurred_at=parse_timestamp(headers.get("x-shopify-triggered-at")),
             id_detail="missing X-Shopify-Event-Id header",
             type_detail="missing X-Shopify-Topic header",
+            id_name=f"the X-Shopify-{'Event' if from_event_id else 'Webhook'}-Id header",
+            type_name="the X-Shopify-Topic header",
         )
 
     def sample_payload(self, event_type: str, event_id: str, data: Any, now: float) -> Any:

@@ -185,7 +185,8 @@ class SvixProvider(Provider):
         if not isinstance(payload, dict):
             raise bad_request("invalid_payload", "the body must be a JSON object")
         prefix = self.header_prefixes[0]
-        _, msg_id, timestamp, _ = self._headers(headers)
+        id_prefix, msg_id, timestamp, _ = self._headers(headers)
+        id_prefix = id_prefix or prefix
         occurred_at = parse_timestamp(payload.get("timestamp"))
         if occurred_at is None:
             # Read as verify reads it: with `verify: log-only` an unverified header gets here too, and
@@ -193,7 +194,9 @@ class SvixProvider(Provider):
             occurred_at = read_epoch(timestamp)
         return Event(
             source=self.source_name,
-            id=require_text(msg_id, "missing_event_id", f"missing {prefix}id header"),
+            id=require_text(
+                msg_id, "missing_event_id", f"missing {prefix}id header", name=f"the {id_prefix}id header"
+            ),
             type=require_text(
                 payload.get("type"), "missing_event_type", "the payload has no type", name=PAYLOAD_TYPE
             ),

@@ -276,6 +276,54 @@ def test_an_id_or_type_no_header_can_carry_is_refused_not_accepted_then_dead(
     assert _run(gw, gw.gateway.storage.get_event(value if field == "id" else "evt_1")) == []
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "reason", "detail"),
+    [
+        ("id", "e" * 100_000, "missing_event_id", "the payload's id is 100000 bytes long"),
+        ("id", "\u00e9" * 256 + "x", "missing_event_id", "the payload's id is 513 bytes long"),
+        ("type", "t" * 100_000, "missing_event_type", "the payload's type is 100000 bytes long"),
+    ],
+)
+def test_an_id_or_type_too_long_to_send_on_is_refused_not_accepted_then_dead(
+    gw: RunningGateway, field: str, value: str, reason: str, detail: str
+) -> None:
+    # Both are sent on in headers (Idempotency-Key, X-Hookyard-Event-Id, X-Hookyard-Type), which receivers
+    # refuse past a few KB (431), and the store action indexes the id: such an event was answered 200, then
+    # every delivery of it was dead.
+    payload = json.loads(consignly_body())
+    payload[field] = value
+    body = json.dumps(payload).encode()
+    response = gw.post("/webhooks/consignly", body, consignly_headers(body))
+    assert response.status_code == 400
+    assert response.json() == {"error": reason, "detail": f"{detail}; the limit is 512 bytes of UTF-8"}
+    assert gw.metric("hookyard_webhook_rejections_total", source="consignly", reason=reason) == 1
+    assert _run(gw, gw.gateway.storage.get_event(value if field == "id" else "evt_1")) == []
+
+
+def test_an_id_of_512_bytes_is_accepted(gw: RunningGateway) -> None:
+    event_id = "\u00e9" * 256  # 256 characters, 512 bytes of UTF-8
+    body = consignly_body(event_id=event_id)
+    response = gw.post("/webhooks/consignly", body, consignly_headers(body))
+    assert response.status_code == 200
+    assert response.json() == {"id": event_id, "status": "accepted"}
+
+
+def test_a_header_id_too_long_to_send_on_is_refused(gw: RunningGateway) -> None:
+    # The id from svix-id goes the same way as one from the payload.
+    msg_id = "msg_" + "x" * 600
+    body, headers = svix_request(msg_id=msg_id)
+    response = gw.post("/webhooks/consignease", body, headers)
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": "missing_event_id",
+        "detail": "the svix-id header is 604 bytes long; the limit is 512 bytes of UTF-8",
+    }
+    assert (
+        gw.metric("hookyard_webhook_rejections_total", source="consignease", reason="missing_event_id") == 1
+    )
+    assert _run(gw, gw.gateway.storage.get_event(msg_id)) == []
+
+
 def test_event_matching_no_route_is_stored_but_not_delivered(
     gw: RunningGateway, downstream: Downstream
 ) -> None:

@@ -668,6 +668,38 @@ def test_github_sha1_alone_is_not_enough_and_headers_name_the_event() -> None:
         assert (error.status, error.reason) == (400, reason)
 
 
+@pytest.mark.parametrize(
+    ("header", "reason", "named"),
+    [
+        ("x-github-delivery", "missing_event_id", "the X-GitHub-Delivery header"),
+        ("x-github-event", "missing_event_type", "the X-GitHub-Event header"),
+    ],
+)
+def test_github_headers_too_long_to_send_on_are_refused(header: str, reason: str, named: str) -> None:
+    # The id and the type are sent on in headers and the id is indexed by the store action: past the limit,
+    # every delivery of the event would be dead.
+    case = CASE["github"]
+    headers = {**case.headers(), header: "f" * 513}
+    error = rejection(lambda: PROVIDERS["github"].parse(headers, case.body, json.loads(case.body), NOW))
+    assert (error.status, error.reason) == (400, reason)
+    assert error.detail == f"{named} is 513 bytes long; the limit is 512 bytes of UTF-8"
+    headers[header] = "f" * 512
+    assert PROVIDERS["github"].parse(headers, case.body, json.loads(case.body), NOW)
+
+
+def test_a_standard_webhooks_id_too_long_to_send_on_is_refused() -> None:
+    case = CASE["standard-webhooks"]
+    msg_id = "msg_" + "x" * 509
+    timestamp = datetime.fromtimestamp(NOW, UTC)
+    signature = standardwebhooks.Webhook(case.secrets[0]).sign(msg_id, timestamp, case.body)
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(int(NOW)), "webhook-signature": signature}
+    provider = PROVIDERS["standard-webhooks"]
+    provider.verify(headers, case.body, NOW)
+    error = rejection(lambda: provider.parse(headers, case.body, json.loads(case.body), NOW))
+    assert (error.status, error.reason) == (400, "missing_event_id")
+    assert error.detail == "the webhook-id header is 513 bytes long; the limit is 512 bytes of UTF-8"
+
+
 def test_github_sender_shorthand_splits_the_action() -> None:
     provider = make_provider("github", ["s"])
     body = orjson.dumps(provider.sample_payload("issues.opened", "d-1", {"issue": {"number": 1}}, NOW))

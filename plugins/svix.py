@@ -57,10 +57,11 @@ ED25519_SIGNATURE_BYTES = 64
 
 
 def decode_secret(secret: str) -> bytes:
-    """`whsec_<base64>` (or bare base64) -> key bytes; ValueError names the problem, never the secret."""
+    """`whsec_<base64>` (or bare base64) -> key bytes; ValueError names the problem, never the secret. The
+    base64 may leave out its `=` padding: the Standard Webhooks reference pads it before decoding."""
     encoded = secret.removeprefix("whsec_")
     try:
-        key = base64.b64decode(encoded, validate=True)
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
     except (binascii.Error, ValueError):
         raise ValueError("is not a whsec_ secret: the part after whsec_ must be base64") from None
     if not key:

@@ -157,6 +157,23 @@ def test_a_bare_base64_secret_is_the_same_key() -> None:
     svix_provider(SVIX_SECRET.removeprefix("whsec_")).verify(headers, body, NOW)
 
 
+def test_an_unpadded_whsec_secret_is_the_same_key_as_the_standard_webhooks_reference_reads() -> None:
+    # The Standard Webhooks reference pads the base64 before decoding it; the secret was refused at load.
+    assert OTHER_SVIX_SECRET.endswith("=")
+    unpadded = OTHER_SVIX_SECRET.rstrip("=")
+    body, headers = svix_request(secret=OTHER_SVIX_SECRET)
+    now = float(headers["svix-timestamp"])
+    assert Webhook(unpadded).verify(body, headers) is None
+    svix_provider(unpadded).verify(headers, body, now)
+    svix_provider(unpadded.removeprefix("whsec_")).verify(headers, body, now)
+
+
+@pytest.mark.parametrize("secret", ["whsec_QUJDR", "whsec_QU=JD", "whsec_QUJD*", "whsec_"])
+def test_a_whsec_secret_that_is_not_base64_even_padded_is_still_refused(secret: str) -> None:
+    with pytest.raises(ValueError, match=r"^secrets\[0\] is (not a|an empty) whsec_ secret"):
+        svix_provider(secret)
+
+
 def test_only_the_first_ten_signatures_are_looked_at() -> None:
     body, headers = signed()
     wrong = v1(OTHER_SVIX_SECRET, MSG_ID, headers["svix-timestamp"], body)

@@ -29,6 +29,9 @@ _CONTROL_NAMES = {"\n": "a line feed", "\r": "a carriage return", "\0": "a NUL"}
 # headers they are sent on in (431) and PostgreSQL refuses to index the id (the store action).
 MAX_TEXT_BYTES = 512
 
+# UTC written as a letter, after a time's last digit.
+_ZULU = re.compile(r"(?<=[0-9])[Zz]\Z")
+
 
 class Rejected(Exception):
     """A request that must not be accepted. `reason` is a short, stable label (it becomes a metric label);
@@ -194,7 +197,9 @@ def parse_timestamp(value: Any) -> float | None:
         return seconds if -62135596800 <= seconds <= 253402300799 else None
     if isinstance(value, str):
         try:
-            parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            # RFC 3339 allows a lower-case z (and t, which fromisoformat reads already), after the time's
+            # last digit.
+            parsed = datetime.fromisoformat(_ZULU.sub("+00:00", value))
         except ValueError:
             return None
         # A time without a zone is UTC, whatever the server's own zone is.

@@ -126,30 +126,39 @@ class SvixProvider(Provider):
             except ValueError as exc:
                 raise ValueError(f"secrets[{index}] {exc}") from None
 
-    def _headers(self, headers: Mapping[str, str]) -> tuple[str | None, str, str, str]:
-        """The prefix of the set read (None when no id header came), the id, timestamp and signature. The
-        first set whose id header is there, even empty, as the svix library reads them: an empty svix-id
-        is refused, not passed over for webhook-id."""
+    def _header(self, headers: Mapping[str, str], name: str) -> tuple[str | None, str]:
+        """The prefix (None when neither came) and the value of the first of svix-{name}, webhook-{name}
+        that is there, even empty. The svix library reads each of the id, the timestamp and the signature
+        so, one apart from the others: an empty svix-id is refused, not passed over for webhook-id, and
+        svix-id with webhook-timestamp and webhook-signature is a whole request."""
         for prefix in self.header_prefixes:
-            msg_id = headers.get(prefix + "id")
-            if msg_id is not None:
-                timestamp = headers.get(prefix + "timestamp", "")
-                return prefix, msg_id, timestamp, headers.get(prefix + "signature", "")
-        return None, "", "", ""
+            value = headers.get(prefix + name)
+            if value is not None:
+                return prefix, value
+        return None, ""
+
+    def _headers(self, headers: Mapping[str, str]) -> tuple[str | None, str, str]:
+        """The prefix of the id header read (None when none came), the id and the timestamp."""
+        prefix, msg_id = self._header(headers, "id")
+        return prefix, msg_id, self._header(headers, "timestamp")[1]
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
-        prefix, msg_id, timestamp, signature = self._headers(headers)
+        prefix, msg_id = self._header(headers, "id")
         if prefix is None:
             first = self.header_prefixes[0]
             raise unauthorized("missing_signature", f"missing {first}id/{first}signature headers")
         if not msg_id:
             later = self.header_prefixes[self.header_prefixes.index(prefix) + 1 :]
-            read_instead = "/".join(f"{other}*" for other in later)
-            note = f" ({read_instead} headers are read only when there is no {prefix}id)" if later else ""
+            read_instead = "/".join(f"{other}id" for other in later)
+            note = f" ({read_instead} is read only when there is no {prefix}id)" if later else ""
             raise unauthorized("missing_signature", f"empty {prefix}id header{note}")
+        # A header missing under both names is named as the id's set names it.
+        signature_prefix, signature = self._header(headers, "signature")
         if not signature:
-            raise unauthorized("missing_signature", f"missing {prefix}signature header")
-        check_timestamp(timestamp, now, self.tolerance, f"{prefix}timestamp header")
+            raise unauthorized("missing_signature", f"missing {signature_prefix or prefix}signature header")
+        timestamp_prefix, timestamp = self._header(headers, "timestamp")
+        label = f"{timestamp_prefix or prefix}timestamp header"
+        check_timestamp(timestamp, now, self.tolerance, label)
         entries = signature_entries(signature)
         # The id as its bytes arrived (the timestamp is ASCII digits by now).
         content = wire_bytes(msg_id) + f".{timestamp}.".encode() + body
@@ -186,7 +195,7 @@ class SvixProvider(Provider):
         if not isinstance(payload, dict):
             raise bad_request("invalid_payload", "the body must be a JSON object")
         prefix = self.header_prefixes[0]
-        id_prefix, msg_id, timestamp, _ = self._headers(headers)
+        id_prefix, msg_id, timestamp = self._headers(headers)
         id_prefix = id_prefix or prefix
         occurred_at = parse_timestamp(payload.get("timestamp"))
         if occurred_at is None:

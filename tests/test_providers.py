@@ -107,6 +107,32 @@ def test_svix_headers_win_over_webhook_headers() -> None:
     assert rejected(svix_provider(), bad, body).reason == "invalid_signature"
 
 
+@pytest.mark.parametrize("id_prefix", ["svix-", "webhook-"])
+@pytest.mark.parametrize("timestamp_prefix", ["svix-", "webhook-"])
+@pytest.mark.parametrize("signature_prefix", ["svix-", "webhook-"])
+def test_each_header_falls_back_to_its_webhook_name_alone_as_the_svix_library_reads_it(
+    id_prefix: str, timestamp_prefix: str, signature_prefix: str
+) -> None:
+    # The svix library takes each of the id, the timestamp and the signature from its svix-* header when
+    # that is there, else from its webhook-* one: a request mixing the two sets verifies.
+    body, headers = svix_request()
+    now = float(headers["svix-timestamp"])
+    mixed = {
+        f"{id_prefix}id": headers["svix-id"],
+        f"{timestamp_prefix}timestamp": headers["svix-timestamp"],
+        f"{signature_prefix}signature": headers["svix-signature"],
+    }
+    assert Webhook(SVIX_SECRET).verify(body, mixed) is None
+    svix_provider().verify(mixed, body, now)
+    assert svix_provider().parse(mixed, body, json.loads(body), now).id == headers["svix-id"]
+    # Where both names are there, the svix-* one is read, even when its webhook-* twin would pass.
+    for name, wrong in (("timestamp", "1"), ("signature", "v1,AAAA")):
+        bad = {**mixed, f"webhook-{name}": headers[f"svix-{name}"], f"svix-{name}": wrong}
+        with pytest.raises(WebhookVerificationError):
+            Webhook(SVIX_SECRET).verify(body, bad)
+        assert rejected(svix_provider(), bad, body, now).status == 401
+
+
 def test_an_empty_svix_id_is_refused_as_the_svix_library_refuses_it_and_the_answer_says_why() -> None:
     body, headers = signed()
     request = {**as_webhook_headers(headers), "svix-id": ""}
@@ -116,7 +142,7 @@ def test_an_empty_svix_id_is_refused_as_the_svix_library_refuses_it_and_the_answ
         Webhook(SVIX_SECRET).verify(body, request)
     error = rejected(svix_provider(), request, body)
     assert (error.status, error.reason) == (401, "missing_signature")
-    assert error.detail == "empty svix-id header (webhook-* headers are read only when there is no svix-id)"
+    assert error.detail == "empty svix-id header (webhook-id is read only when there is no svix-id)"
     # Without it, the webhook-* headers are read; one of them missing is named as such.
     del request["svix-id"], request["webhook-signature"]
     assert rejected(svix_provider(), request, body).detail == "missing webhook-signature header"

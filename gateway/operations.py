@@ -12,6 +12,7 @@ from typing import Any
 
 from gateway.config import parse_duration
 from gateway.events import SHOWN_DEPTH, nesting_depth
+from gateway.providers import iso_datetime
 from gateway.replay import PAGE, ReplayPage, replay_dead_page, replay_missing_page
 from gateway.routing import RouteTable
 from gateway.storage import EventDetail, EventSummary, Storage
@@ -63,7 +64,7 @@ def parse_time(value: object, name: str = "since") -> float | None:
     except ValueError:
         pass
     try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        parsed = iso_datetime(value)
     except ValueError:
         raise OperationError(
             400, f"{name}: {value!r} is neither a duration (2h), an ISO time nor epoch seconds"

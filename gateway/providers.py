@@ -186,6 +186,12 @@ def any_digest_matches(expected: list[bytes], offered: list[bytes]) -> bool:
     return found
 
 
+def iso_datetime(text: str) -> datetime:
+    """An ISO 8601 time; RFC 3339 allows a lower-case z (and t, which fromisoformat reads already) after
+    the time's last digit. Raises ValueError."""
+    return datetime.fromisoformat(_ZULU.sub("+00:00", text))
+
+
 def parse_timestamp(value: Any) -> float | None:
     """Seconds since the epoch from epoch seconds, epoch milliseconds or ISO 8601; None when unreadable."""
     if isinstance(value, bool):
@@ -197,9 +203,7 @@ def parse_timestamp(value: Any) -> float | None:
         return seconds if -62135596800 <= seconds <= 253402300799 else None
     if isinstance(value, str):
         try:
-            # RFC 3339 allows a lower-case z (and t, which fromisoformat reads already), after the time's
-            # last digit.
-            parsed = datetime.fromisoformat(_ZULU.sub("+00:00", value))
+            parsed = iso_datetime(value)
         except ValueError:
             return None
         # A time without a zone is UTC, whatever the server's own zone is.

@@ -21,7 +21,7 @@ from gateway.admin_client import RemoteOperations
 from gateway.app import Gateway
 from gateway.cli import main
 from gateway.config import ConfigError, load_config, parse_config
-from gateway.operations import OperationError, Operations
+from gateway.operations import OperationError, Operations, parse_time
 from tests.support import (
     SVIX_SECRET,
     Downstream,
@@ -965,3 +965,10 @@ def test_a_caller_that_leaves_before_its_body_ends_is_no_fault(
         assert admin(gw, "GET", "/admin/events").status_code == 200
     # The gateway has stopped, its ops listener once those requests were over.
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+
+
+def test_since_and_until_read_rfc_3339_s_lower_case_z() -> None:
+    # RFC 3339 allows `z` for UTC, as payload times are read; and a time without a zone is UTC too.
+    expected = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
+    for text in ("2026-01-01T00:00:00Z", "2026-01-01t00:00:00z", "2026-01-01T00:00:00+00:00", "2026-01-01"):
+        assert parse_time(text, "until") == expected, text

@@ -275,6 +275,20 @@ class ListenerProtocol(UpgradeIgnoring):
         self.transport.abort()
 
 
+# The server's default headers (date, server) as they are written, for the list uvicorn last set: it sets a
+# new one each second, with the date, and every answer in between writes the same bytes.
+_default_head: tuple[list[tuple[bytes, bytes]], bytes] = ([], b"")
+
+
+def _default_headers(headers: list[tuple[bytes, bytes]]) -> bytes:
+    global _default_head
+    known, head = _default_head
+    if headers is not known:
+        head = b"".join(b"%s: %s\r\n" % header for header in headers)
+        _default_head = (headers, head)
+    return head
+
+
 def cut_off(connections: Collection[Any]) -> None:
     """End the listener's connections still open once its drain has run out (INGRESS_DRAIN_TIMEOUT): the
     requests they carry are cut off, with no answer (their senders send them again). uvicorn cancels the
@@ -457,7 +471,8 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
                 if "?" not in path and "%" not in path:  # the path as sent is the path: nothing to unquote
                     endpoint = ingress.gateway.table.endpoints.get(path)
                 if endpoint is not None:
-                    scope = cast(dict[str, Any], self.scope)
+                    # Annotated, not cast(): cast(dict[str, Any], ...) builds the alias and calls, per webhook.
+                    scope: dict[str, Any] = self.scope  # type: ignore[assignment]
                     scope.update(method="POST", path=path, raw_path=url, query_string=b"")
                     keep_alive = parser.get_http_version() != "1.0" and parser.should_keep_alive()
                     self.cycle = fast = FastCycle(scope, keep_alive)
@@ -477,8 +492,9 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
 
         def _begin(self, cycle: Cycle, endpoint: Endpoint) -> None:
             webhook = self._webhook = Webhook(cycle, endpoint, time.perf_counter())
+            scope: dict[str, Any] = cycle.scope  # type: ignore[assignment]
             try:
-                webhook.headers = ingress.admit(cast(dict[str, Any], cycle.scope), endpoint)
+                webhook.headers = ingress.admit(scope, endpoint)
             except Rejected as rejection:
                 webhook.stage = ANSWERED  # never admitted: nothing to release
                 self._refuse(webhook, rejection)
@@ -620,15 +636,16 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
             if cycle.disconnected or cycle.response_complete:
                 return
             content = orjson.dumps(reply)
-            head = [STATUS_LINE[status]]
-            for name, value in [*self.server_state.default_headers, *(extra_headers or ())]:
+            head = [STATUS_LINE[status], _default_headers(self.server_state.default_headers)]
+            for name, value in extra_headers or ():
                 head += [name, b": ", value, b"\r\n"]
             head.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(content))
             if not cycle.keep_alive:
                 head.append(b"connection: close\r\n")
             head += [b"\r\n", content]
             # Already one write: nothing to join it with, so it leaves now rather than at the end of the turn.
-            cast(CoalescedWrites, self.transport).write_now(b"".join(head))
+            transport: CoalescedWrites = self.transport  # type: ignore[assignment]
+            transport.write_now(b"".join(head))
             cycle.response_complete = True
             if not cycle.keep_alive:
                 self.transport.close()  # lingers: the client may still be sending the body refused

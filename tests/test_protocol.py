@@ -1003,3 +1003,14 @@ def test_the_ops_listener_answers_a_request_that_is_not_http_in_json(tmp_path) -
                 )
                 assert json.loads(body) == {"error": "the request is not valid HTTP/1.1"}
                 assert conn.closed_by_server()
+
+
+def test_an_answer_writes_the_default_headers_uvicorn_set_last() -> None:
+    # uvicorn sets a new list each second (the date changes): each answer writes the list set last, and
+    # the bytes kept for one list are never written for another.
+    first = [(b"date", b"Fri, 04 Dec 2026 19:00:00 GMT"), (b"server", b"hookyard")]
+    later = [(b"date", b"Fri, 04 Dec 2026 19:00:01 GMT"), (b"server", b"hookyard")]
+    assert protocol._default_headers(first) == b"date: Fri, 04 Dec 2026 19:00:00 GMT\r\nserver: hookyard\r\n"
+    assert protocol._default_headers(first) == b"date: Fri, 04 Dec 2026 19:00:00 GMT\r\nserver: hookyard\r\n"
+    assert protocol._default_headers(later) == b"date: Fri, 04 Dec 2026 19:00:01 GMT\r\nserver: hookyard\r\n"
+    assert protocol._default_headers([]) == b""

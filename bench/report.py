@@ -470,9 +470,10 @@ def _hotpath(part: Json) -> list[str]:
         "left is the webhook's own path (parse, verify, store with the fsync'd commit, answer, deliver). CPU "
         f"is that process's, every thread, over {part['cpu_rounds']:,} rounds after a warm-up. Instructions "
         f"are callgrind's count: the difference between a run of {long} rounds and one of {short}, per "
-        "webhook of the difference. That count is the same on every run of the same code, whatever the host "
-        "does meanwhile, which CPU seconds on this shared machine are not. Neither includes the fsync helper "
-        "process or the sink.",
+        "webhook of the difference, with Python's hash seed fixed for both runs. That count varies by a few "
+        "tenths of a percent from run to run of the same code (how many operations share a commit depends on "
+        "when the fsync helper answers), whatever the host does meanwhile, where CPU seconds on this shared "
+        "machine vary by tens of percent. Neither includes the fsync helper process or the sink.",
         "",
         md_table(
             ["tree", "path", "CPU µs/webhook", "instructions/webhook"],

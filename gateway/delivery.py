@@ -536,9 +536,13 @@ class Engine:
                 retry=policy,
                 parent=claim.parent,
             )
-            async with runnable.limit or contextlib.nullcontext():
+            if runnable.limit is None:  # most actions: no context manager to enter and leave per attempt
                 started = time.time()
                 outcome = await self._attempt(runnable.action, job)
+            else:
+                async with runnable.limit:
+                    started = time.time()
+                    outcome = await self._attempt(runnable.action, job)
         finished_at = time.time()
         duration = finished_at - started
 

@@ -40,7 +40,14 @@ class Outcome:
 
 
 def delivered(status_code: int | None = None) -> Outcome:
+    # Outcomes are immutable: the usual ones are made once, not for every delivery (a frozen dataclass
+    # sets each of its fields through object.__setattr__).
+    if type(status_code) is int and 200 <= status_code < 300:
+        return _DELIVERED[status_code - 200]
     return Outcome("delivered", status_code)
+
+
+_DELIVERED = [Outcome("delivered", status) for status in range(200, 300)]
 
 
 def retry(error: str, status_code: int | None = None, retry_after: float | None = None) -> Outcome:

@@ -1327,3 +1327,13 @@ def test_a_result_committed_as_the_engine_stops_keeps_its_backoff(tmp_path, down
         [delivery] = event_detail(gw, "msg_stopping").deliveries
         assert (delivery.state, delivery.attempts, delivery.last_status) == ("pending", 1, 500)
         assert delivery.due_at is not None and delivery.due_at >= started + 3000  # the hour's backoff stands
+
+
+def test_delivered_gives_the_outcome_of_its_status_whether_made_once_or_anew() -> None:
+    from gateway.actions import Outcome, delivered
+
+    for status in (None, 199, 200, 204, 299, 300, 200.0):
+        outcome = delivered(status)  # type: ignore[arg-type]
+        assert outcome == Outcome("delivered", status)  # type: ignore[arg-type]
+        assert type(outcome.status_code) is type(status)
+    assert delivered(202) is delivered(202)  # immutable: the usual ones are shared, not made per delivery

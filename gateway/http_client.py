@@ -125,6 +125,9 @@ class RequestError(Exception):
         self.unanswered = unanswered
 
 
+BROKEN_HEADER = "a header name or value holds a line break or NUL and cannot be sent"
+
+
 class HeaderError(ValueError):
     """A header value that cannot be sent: it would break the request apart."""
 
@@ -392,6 +395,25 @@ def announces_a_stray_body(status: int, headers: Mapping[str, str]) -> bool:
     return "transfer-encoding" in headers or headers.get("content-length", "0").strip() not in ("", "0")
 
 
+class PreparedHead:
+    """A request head whose every line but the body's length and the headers that vary is the same from one
+    request to the next: joined and checked once (HttpClient.prepare), not for every request."""
+
+    __slots__ = ("_broken", "_fixed", "_start")
+
+    def __init__(self, start: str, fixed: str, broken: bool) -> None:
+        self._start = start  # up to the value of Content-Length
+        self._fixed = fixed  # the headers that do not vary, each line ending in CRLF
+        self._broken = broken  # a line break or NUL in those: every request is refused, as by `request`
+
+    def encode(self, lines: str, count: int, body: bytes) -> bytes:
+        """The request: this head, then `lines` (`count` header lines, each ending in CRLF), then `body`.
+        Raises HeaderError, as HttpClient.request does, for a line break or NUL inside a header."""
+        if self._broken or lines.count("\n") != count or lines.count("\r") != count or "\0" in lines:
+            raise HeaderError(BROKEN_HEADER)
+        return f"{self._start}{len(body)}\r\n{self._fixed}{lines}\r\n".encode() + body
+
+
 class Connection(asyncio.Protocol):
     """One keep-alive connection: one exchange at a time, answers fed to httptools as they arrive."""
 
@@ -615,7 +637,27 @@ class HttpClient:
         be reached or gave no valid answer. A pooled connection that the peer had closed meanwhile is
         retried once on a new one, before anything was answered: the receiver dedupes on the
         Idempotency-Key that forward sends."""
-        data = self._encode(method, target, headers, body)
+        return await self.send(
+            target,
+            self._encode(method, target, headers, body),
+            read_limit=read_limit,
+            read_timeout=read_timeout,
+        )
+
+    def prepare(self, method: str, target: Target, headers: Mapping[str, str]) -> PreparedHead:
+        """The head of `method` requests to `target` that start with `headers`, joined and checked once, for
+        `send` with the lines that vary from request to request (PreparedHead.encode)."""
+        start = self._start(method, target)
+        fixed = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        breaks = len(headers) + 3
+        whole = start + fixed
+        broken = whole.count("\n") != breaks or whole.count("\r") != breaks or "\0" in whole
+        return PreparedHead(start, fixed, broken)
+
+    async def send(
+        self, target: Target, data: bytes, *, read_limit: int = 64 * 1024, read_timeout: float = 1.0
+    ) -> Answer:
+        """`request` for a request already encoded (PreparedHead.encode)."""
         connection = await self._checkout(target)
         try:
             exchange = connection.send(data, read_limit)
@@ -675,18 +717,22 @@ class HttpClient:
         self._idle.clear()
 
     def _encode(self, method: str, target: Target, headers: dict[str, str], body: bytes) -> bytes:
-        lines = [
-            f"{method} {target.path} HTTP/1.1\r\nhost: {target.host_header}\r\n"
-            f"user-agent: {self.user_agent}\r\ncontent-length: {len(body)}\r\n"
-        ]
+        lines = [self._start(method, target), f"{len(body)}\r\n"]
         for name, value in headers.items():
             lines.append(f"{name}: {value}\r\n")
         lines.append("\r\n")
         head = "".join(lines)
         # One look at the whole head: it holds exactly one line break per line, and nothing else breaks it.
         if head.count("\n") != len(headers) + 5 or head.count("\r") != len(headers) + 5 or "\0" in head:
-            raise HeaderError("a header name or value holds a line break or NUL and cannot be sent")
+            raise HeaderError(BROKEN_HEADER)
         return head.encode() + body
+
+    def _start(self, method: str, target: Target) -> str:
+        """A request's head up to the value of its Content-Length."""
+        return (
+            f"{method} {target.path} HTTP/1.1\r\nhost: {target.host_header}\r\n"
+            f"user-agent: {self.user_agent}\r\ncontent-length: "
+        )
 
     async def _checkout(self, target: Target) -> Connection:
         idle = self._idle.get(target.origin)

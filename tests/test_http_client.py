@@ -293,6 +293,29 @@ def test_a_header_value_that_would_break_the_request_apart_is_refused_and_nothin
     run(test)
 
 
+def test_a_prepared_head_sends_what_request_sends_and_refuses_what_it_refuses() -> None:
+    async def test() -> None:
+        async with serving(OK) as (server, http, target):
+            head = http.prepare("PUT", target, {"x-static": "s", "x-two": "2"})
+            await http.request("PUT", target, {"x-static": "s", "x-two": "2", "x-id": "a"}, b"{}")
+            answer = await http.send(target, head.encode("x-id: a\r\n", 1, b"{}"))
+            assert answer.status == 200
+            for lines in (
+                "x-id: a\r\nx-injected: 1\r\n",
+                "x-id: a\nb\r\n",
+                "x-id: a\rb\r\n",
+                "x-id: a\0\r\n",
+            ):
+                with pytest.raises(HeaderError):
+                    head.encode(lines, 1, b"{}")
+            broken = http.prepare("PUT", target, {"x-static": "s\r\nx-injected: 1"})
+            with pytest.raises(HeaderError):
+                broken.encode("x-id: a\r\n", 1, b"{}")
+        assert [request for _connection, request in server.requests][1:] == [server.requests[0][1]]
+
+    run(test)
+
+
 def test_a_request_cancelled_midway_gives_its_connection_up() -> None:
     async def slow_first(_connection: int, index: int, _request: bytes) -> bytes | None:
         if index == 0:

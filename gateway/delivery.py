@@ -50,7 +50,11 @@ log = logging.getLogger("hookyard.delivery")
 
 def _roots(deliveries: list[NewDelivery]) -> int:
     """How many of an event's deliveries can start at once: those that wait for no parent."""
-    return sum(delivery.after is None for delivery in deliveries)
+    roots = 0
+    for delivery in deliveries:  # not sum() over a generator: this runs twice for every webhook
+        if delivery.after is None:
+            roots += 1
+    return roots
 
 
 NONE_FULL: frozenset[tuple[str, str]] = frozenset()
@@ -496,7 +500,7 @@ class Engine:
         limit = runnable.limit if runnable is not None else None
         if limit is not None:
             limit.taken += 1
-        task = asyncio.create_task(self._deliver(claim, runnable))
+        task = asyncio.get_running_loop().create_task(self._deliver(claim, runnable))
         self._running[delivery_id] = task
 
         def done(_task: asyncio.Task[None]) -> None:
@@ -516,9 +520,9 @@ class Engine:
 
     async def _deliver(self, claim: Claim, runnable: RunnableAction | None) -> None:
         delivery, event = claim.delivery, claim.event
-        started = time.time()
         unfollowed = None
         if runnable is None:
+            started = time.time()
             where = no_longer_configured(delivery.route, delivery.action)
             # Dead, for `replay --state dead` to find once the action is back. Its dependents are skipped:
             # nothing failed (an `acknowledge` would report a failure to the provider), nor succeeded.
@@ -527,14 +531,16 @@ class Engine:
             policy = None
         else:
             policy = runnable.plan.retry
+            # By position, in Job's order (event, route, action, attempt, timeout, retry, parent): no keywords
+            # to match for every delivery.
             job = Job(
-                event=event,
-                route=delivery.route,
-                action=delivery.action,
-                attempt=delivery.attempts,
-                timeout=runnable.plan.timeout,
-                retry=policy,
-                parent=claim.parent,
+                event,
+                delivery.route,
+                delivery.action,
+                delivery.attempts,
+                runnable.plan.timeout,
+                policy,
+                claim.parent,
             )
             if runnable.limit is None:  # most actions: no context manager to enter and leave per attempt
                 started = time.time()

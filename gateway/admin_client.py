@@ -70,6 +70,13 @@ class RemoteOperations:
             if method == "POST":
                 late += "; it may have been done all the same"
             raise OperationError(504, late) from exc
+        except httpx.LocalProtocolError:
+            # Not its text: that repeats the header it refused, which may be the token's.
+            raise OperationError(
+                400,
+                f"a request to the admin API at {self.shown_url} could not be sent: a header cannot be"
+                " carried",
+            ) from None
         except httpx.HTTPError as exc:
             raise OperationError(
                 503,

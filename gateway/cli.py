@@ -26,7 +26,7 @@ from gateway.config import (
     json_schema,
     load_storage_config,
 )
-from gateway.http_client import breaks_a_header
+from gateway.http_client import header_control_character
 from gateway.plugins import DuplicateName, Registry, plugin_manager
 from gateway.routing import RouteTable, load_routes
 from gateway.storage import StorageUnavailable, open_storage
@@ -232,11 +232,11 @@ def _operate(
     token = os.environ.get("HOOKYARD_ADMIN_TOKEN")
     if admin_url:
         _check_target(admin_url, given_as, "http://127.0.0.1:9000")
-        if token is not None and breaks_a_header(token.strip()):
+        if token is not None and header_control_character(token.strip()) is not None:
             # Not shown: the HTTP library's refusal would repeat the header, token and all.
             raise click.UsageError(
-                "$HOOKYARD_ADMIN_TOKEN holds a line break, which no header can carry (two lines of a "
-                "file?); it is not shown"
+                "$HOOKYARD_ADMIN_TOKEN holds a line break or another control character, which no header "
+                "can carry (two lines of a file?); it is not shown"
             )
 
     async def run() -> T:

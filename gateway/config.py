@@ -37,7 +37,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from gateway.addresses import ForwardedHeader, parse_networks
-from gateway.http_client import url_text_problem
+from gateway.http_client import header_control_character, url_text_problem
 
 DEFAULT_CONFIG_PATH = "routes.yaml"
 CONFIG_ENV_VAR = "HOOKYARD_CONFIG"
@@ -315,7 +315,7 @@ class OpsListener(Listener):
             # A token read from a file often keeps its newline: the bearer token sent (stripped, as any
             # header value is) would never match it, and every call would be 401. The token is not shown.
             raise ValueError("begins or ends with whitespace, such as a newline kept from a file: remove it")
-        if token is not None and any(char != "\t" and (char < " " or char == "\x7f") for char in token):
+        if token is not None and header_control_character(token) is not None:
             # Two lines of a file: no client can send it (a request header cannot hold a line break, and the
             # ops listener refuses any other control character), so every call would be 401.
             raise ValueError(

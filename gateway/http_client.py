@@ -132,6 +132,20 @@ class HeaderError(ValueError):
     """A header value that cannot be sent: it would break the request apart."""
 
 
+# A control character other than the tab: a line break or NUL would end a header, and the HTTP libraries
+# (h11, llhttp) and most servers refuse the others in a header's value.
+_HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def header_control_character(text: str) -> str | None:
+    """The first control character other than the tab in `text`, which no request header can carry; None
+    when there is none."""
+    if text.isprintable():  # the common case, without a regular expression
+        return None
+    found = _HEADER_CONTROL.search(text)
+    return found.group() if found is not None else None
+
+
 def breaks_a_header(text: str) -> bool:
     """A line break or NUL: no header can carry it (it would end the header, or the request's head)."""
     return "\r" in text or "\n" in text or "\0" in text

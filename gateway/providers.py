@@ -14,14 +14,14 @@ from pydantic import BaseModel, ConfigDict
 
 from gateway.config import Source
 from gateway.events import Event
+from gateway.http_client import header_control_character
 
 # How require_text names the payload's own id and type when they are of the wrong kind.
 PAYLOAD_ID = "the payload's id"
 PAYLOAD_TYPE = "the payload's type"
 
-# A control character but the tab: no HTTP header can carry it (RFC 9110, section 5.5), and an event's id and
-# type are sent on in headers (Idempotency-Key, X-Hookyard-Type).
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# An event's id and type are sent on in headers (Idempotency-Key, X-Hookyard-Type), which cannot carry a
+# control character but the tab (RFC 9110, section 5.5).
 _CONTROL_NAMES = {"\n": "a line feed", "\r": "a carriage return", "\0": "a NUL"}
 
 # The longest event id or type accepted, in bytes of UTF-8. Real ids are far shorter (svix msg_ ids and
@@ -126,8 +126,8 @@ def require_text(value: Any, reason: str, detail: str, *, name: str | None = Non
     if value is None or value == "":
         raise bad_request(reason, detail)
     if isinstance(value, str):
-        if not value.isprintable() and (found := _CONTROL.search(value)) is not None:
-            char = _CONTROL_NAMES.get(found.group(), "a control character")
+        if (found := header_control_character(value)) is not None:
+            char = _CONTROL_NAMES.get(found, "a control character")
             raise bad_request(reason, f"{name or 'it'} holds {char}, which no HTTP header can carry")
         return _within_limit(value, reason, name)
     if isinstance(value, int) and not isinstance(value, bool):

@@ -612,6 +612,27 @@ def test_an_admin_api_that_does_not_answer_in_time_is_said_so(
         assert asyncio.run(run()) == f"the admin API at {url} did not answer {expected}"
 
 
+def test_a_token_the_http_library_refuses_is_not_shown_by_the_admin_client(downstream: Downstream) -> None:
+    """h11 refuses a vertical tab in a header and repeats the header in its error: `Bearer <token>`."""
+
+    async def run() -> str:
+        remote = RemoteOperations(downstream.url, "s3cr3t\x0bx9y")
+        try:
+            with pytest.raises(OperationError) as raised:
+                await remote.list_events(limit=5)
+        finally:
+            await remote.aclose()
+        return str(raised.value)
+
+    message = asyncio.run(run())
+    assert "s3cr3t" not in message and "x9y" not in message, message
+    assert (
+        message
+        == f"a request to the admin API at {downstream.url} could not be sent: a header cannot be carried"
+    )
+    assert downstream.received() == []
+
+
 def deep_request(msg_id: str, levels: int) -> tuple[bytes, dict[str, str]]:
     """A Consignease webhook whose data holds lists nested `levels` deep (the body is `levels` + 2 deep)."""
     timestamp = datetime.now(tz=UTC)

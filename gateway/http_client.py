@@ -422,8 +422,16 @@ class PreparedHead:
 
     def encode(self, lines: str, count: int, body: bytes) -> bytes:
         """The request: this head, then `lines` (`count` header lines, each ending in CRLF), then `body`.
-        Raises HeaderError, as HttpClient.request does, for a line break or NUL inside a header."""
-        if self._broken or lines.count("\n") != count or lines.count("\r") != count or "\0" in lines:
+        Raises HeaderError, as HttpClient.request does, for a line break or NUL inside a header: `count` is
+        how many lines the caller's code writes, never counted from the text (a value holding CRLF would
+        count as a line of its own). For forward's hot path; other actions send with `request`."""
+        if (
+            self._broken
+            or lines.count("\n") != count
+            or lines.count("\r") != count
+            or "\0" in lines
+            or (lines and not lines.endswith("\r\n"))
+        ):
             raise HeaderError(BROKEN_HEADER)
         return f"{self._start}{len(body)}\r\n{self._fixed}{lines}\r\n".encode() + body
 
@@ -653,7 +661,7 @@ class HttpClient:
         Idempotency-Key that forward sends."""
         return await self.send(
             target,
-            self._encode(method, target, headers, body),
+            self.prepare(method, target, headers).encode("", 0, body),
             read_limit=read_limit,
             read_timeout=read_timeout,
         )
@@ -729,17 +737,6 @@ class HttpClient:
             for connection in connections:
                 connection.close()
         self._idle.clear()
-
-    def _encode(self, method: str, target: Target, headers: dict[str, str], body: bytes) -> bytes:
-        lines = [self._start(method, target), f"{len(body)}\r\n"]
-        for name, value in headers.items():
-            lines.append(f"{name}: {value}\r\n")
-        lines.append("\r\n")
-        head = "".join(lines)
-        # One look at the whole head: it holds exactly one line break per line, and nothing else breaks it.
-        if head.count("\n") != len(headers) + 5 or head.count("\r") != len(headers) + 5 or "\0" in head:
-            raise HeaderError(BROKEN_HEADER)
-        return head.encode() + body
 
     def _start(self, method: str, target: Target) -> str:
         """A request's head up to the value of its Content-Length."""

@@ -77,11 +77,12 @@ def _json_after_bom(body: bytes, refused: orjson.JSONDecodeError) -> Any:
         except orjson.JSONDecodeError as again:
             refused = again
     if str(refused).startswith("depth limit exceeded"):
-        # Valid JSON all the same: "not valid" would send its sender looking for a syntax error.
+        # Read no further than that, so it may be valid JSON: "not valid" would send its sender looking for
+        # a syntax error.
         raise Rejected(
             400,
             "invalid_json",
-            f"the body is JSON nested more than {JSON_DEPTH_LIMIT} levels deep, more than the gateway reads",
+            f"the body nests more than {JSON_DEPTH_LIMIT} levels deep, more than the gateway reads",
         )
     raise Rejected(400, "invalid_json", "the body is not valid JSON")
 

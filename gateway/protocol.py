@@ -275,8 +275,9 @@ class ListenerProtocol(UpgradeIgnoring):
         self.transport.abort()
 
 
-# The server's default headers (date, server) as they are written, for the list uvicorn last set: it sets a
-# new one each second, with the date, and every answer in between writes the same bytes.
+# The server's default headers as they are written (the date: serve turns uvicorn's `server` header off),
+# for the list uvicorn last set: it sets a new one each second, with the date, and every answer in between
+# writes the same bytes.
 _default_head: tuple[list[tuple[bytes, bytes]], bytes] = ([], b"")
 
 

@@ -252,6 +252,14 @@ def test_a_type_that_is_no_string_or_integer_is_refused_saying_what_it_is(
     }
 
 
+def _send_consignly_with(gw: RunningGateway, field: str, value: str) -> httpx.Response:
+    """A signed Consignly webhook whose payload's `field` is `value`."""
+    payload = json.loads(consignly_body())
+    payload[field] = value
+    body = json.dumps(payload).encode()
+    return gw.post("/webhooks/consignly", body, consignly_headers(body))
+
+
 @pytest.mark.parametrize(
     ("field", "value", "reason", "named"),
     [
@@ -266,10 +274,7 @@ def test_an_id_or_type_no_header_can_carry_is_refused_not_accepted_then_dead(
 ) -> None:
     # Both are sent on in headers (Idempotency-Key, X-Hookyard-Event-Id, X-Hookyard-Type): accepted, such an
     # event had every delivery dead at its first attempt, and the sender was told all was well.
-    payload = json.loads(consignly_body())
-    payload[field] = value
-    body = json.dumps(payload).encode()
-    response = gw.post("/webhooks/consignly", body, consignly_headers(body))
+    response = _send_consignly_with(gw, field, value)
     assert response.status_code == 400
     assert response.json()["error"] == reason
     assert response.json()["detail"].startswith(named)
@@ -291,10 +296,7 @@ def test_an_id_or_type_too_long_to_send_on_is_refused_not_accepted_then_dead(
     # Both are sent on in headers (Idempotency-Key, X-Hookyard-Event-Id, X-Hookyard-Type), which receivers
     # refuse past a few KB (431), and the store action indexes the id: such an event was answered 200, then
     # every delivery of it was dead.
-    payload = json.loads(consignly_body())
-    payload[field] = value
-    body = json.dumps(payload).encode()
-    response = gw.post("/webhooks/consignly", body, consignly_headers(body))
+    response = _send_consignly_with(gw, field, value)
     assert response.status_code == 400
     assert response.json() == {"error": reason, "detail": f"{detail}; the limit is 512 bytes of UTF-8"}
     assert gw.metric("hookyard_webhook_rejections_total", source="consignly", reason=reason) == 1

@@ -6,7 +6,9 @@
 - the cost to claim the next due delivery: `claim(now, 1, lease, owner)` + `finish` pairs through
   SQLiteStorage (each one transaction and commit; leases and results need no fsync), median wall time
   and median CPU per pair of the thread that runs them (the event loop's, where the store's statements
-  run); the process's CPU per pair too, helper threads included, which checkpoints make uneven;
+  run); the process's CPU per pair too, helper threads included, which checkpoints make uneven; and with
+  valgrind, callgrind's instructions per pair, which the flatness verdict goes by (CPU seconds of levels
+  measured minutes apart move with the host);
 - the two queue queries the gateway runs on its own: next_due_at (before sleeping) and queue_stats
   (the hookyard_delivery_queue / _lag gauges, every 2 s).
 
@@ -19,22 +21,28 @@ ingested through the storage API just before, due an hour ago.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
+import re
 import sqlite3
 import statistics
+import subprocess
 import time
 from pathlib import Path
 
 import orjson
 
 from bench.common import (
+    PYTHON,
+    ROOT,
     SOURCE,
     Json,
     Processes,
     Scrape,
     Settings,
     body_1kb,
+    die_with_parent,
     gateway_config,
     percentile,
     rss_mb,
@@ -55,6 +63,10 @@ ROUTE, ACTION = "users", "app"
 BURST = 1000  # webhooks sent to the gateway at each level, at BURST_RATE
 BURST_RATE = 500
 IDLE_SETTLE_S = 6.0  # the queue-stats loop runs every 2 s: let it run a few times before reading RSS
+# callgrind counts a run of the fewer pairs and one of the more, each on as many probes: the difference is
+# what the extra pairs cost, without the interpreter's start or the probes' ingest.
+COUNTED_PAIRS = (50, 250)
+COUNT_TIMEOUT_S = 600
 
 
 def grow(db: Path, start: int, count: int, base: float) -> float:
@@ -114,28 +126,42 @@ def query_plans(db: Path) -> dict[str, str]:
         conn.close()
 
 
+async def ingest_probes(storage: SQLiteStorage, count: int, tag: str) -> None:
+    """`count` probe events through the storage API, each with one delivery due an hour ago."""
+    now = time.time()
+    body = body_1kb()
+    payload = orjson.loads(body)
+    probes = [
+        Event(
+            source=SOURCE,
+            id=f"msg_probe_{tag}_{i}",
+            type="user.created",
+            received_at=now - DUE_IN + i * 0.001,
+            body=body,
+            payload=payload,
+            headers={"content-type": "application/json"},
+        )
+        for i in range(count)
+    ]
+    await asyncio.gather(*(storage.ingest(event, [NewDelivery(ROUTE, ACTION)]) for event in probes))
+
+
+async def claim_and_finish(storage: SQLiteStorage, claim_now: float) -> None:
+    """One pair: claim the oldest due delivery, which must be a probe, and finish it delivered."""
+    claimed = await storage.claim(claim_now, 1, LEASE, "bench")
+    if not claimed or not claimed[0].event.id.startswith("msg_probe_"):
+        raise RuntimeError(f"claim returned {claimed!r}, not the oldest probe")
+    delivery = claimed[0].delivery
+    attempt = Attempt(delivery.attempts, time.time(), 0.001, "delivered", 200)
+    await storage.finish(delivery, attempt, "delivered", None, time.time())
+
+
 async def time_claims(db: Path, pairs: int, level: int, backlog_base: float) -> Json:
     """Ingest `pairs` probe events through the storage API, then claim + finish them one by one."""
     storage = SQLiteStorage(db)
     await storage.open()
     try:
-        now = time.time()
-        body = body_1kb()
-        payload = orjson.loads(body)
-        probes = [
-            Event(
-                source=SOURCE,
-                id=f"msg_probe_{level}_{i}",
-                type="user.created",
-                received_at=now - DUE_IN + i * 0.001,
-                body=body,
-                payload=payload,
-                headers={"content-type": "application/json"},
-            )
-            for i in range(pairs)
-        ]
-        await asyncio.gather(*(storage.ingest(event, [NewDelivery(ROUTE, ACTION)]) for event in probes))
-
+        await ingest_probes(storage, pairs, str(level))
         claim_now = backlog_base + 2 * DUE_IN  # every queued delivery is due
         claims_ms, finishes_ms, pair_cpu_us = [], [], []
         cpu_started, wall_started = time.process_time(), time.perf_counter()
@@ -193,6 +219,66 @@ async def time_claims(db: Path, pairs: int, level: int, backlog_base: float) -> 
     }
 
 
+async def run_pairs(db: Path, probes: int, pairs: int, claim_now: float, tag: str) -> None:
+    """What callgrind counts: `probes` probes ingested, then `pairs` claim + finish pairs."""
+    storage = SQLiteStorage(db)
+    await storage.open()
+    try:
+        await ingest_probes(storage, probes, tag)
+        for _ in range(pairs):
+            await claim_and_finish(storage, claim_now)
+    finally:
+        await storage.close()
+
+
+def count_pair_instructions(settings: Settings, db: Path, level: int, backlog_base: float) -> float:
+    """callgrind's instructions per claim + finish pair at this level: a deterministic figure, where CPU
+    seconds move with what the rest of the host does between one level and the next."""
+    claim_now = backlog_base + 2 * DUE_IN
+    counts = []
+    for pairs in COUNTED_PAIRS:  # one after the other: both claim from the same database
+        out = settings.work / f"callgrind-scale-{level}-{pairs}.out"
+        argv = [
+            str(settings.tools["valgrind"].path),
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            PYTHON,
+            "-m",
+            "bench.scale",
+            "--db",
+            str(db),
+            "--probes",
+            str(COUNTED_PAIRS[-1]),
+            "--pairs",
+            str(pairs),
+            "--claim-now",
+            repr(claim_now),
+            "--tag",
+            f"{level}c{pairs}",
+        ]
+        # A random hash seed moves what each dict lookup costs between the two runs.
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "0"}
+        done = subprocess.run(
+            argv,
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=COUNT_TIMEOUT_S,
+            check=False,
+            preexec_fn=die_with_parent,
+        )
+        out.unlink(missing_ok=True)
+        found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+        if done.returncode != 0 or found is None:
+            raise RuntimeError(f"the counted claims failed ({done.returncode}): {done.stderr[-1500:]}")
+        counts.append(int(found.group(1).replace(",", "")))
+    # The probes left queued (as many as the first run did not claim) are claimed here, uncounted, so the
+    # next level's gateway finds nothing due.
+    asyncio.run(run_pairs(db, 0, COUNTED_PAIRS[-1] - COUNTED_PAIRS[0], claim_now, ""))
+    return (counts[1] - counts[0]) / (COUNTED_PAIRS[1] - COUNTED_PAIRS[0])
+
+
 def idle_gateway(settings: Settings, processes: Processes, db: Path, level: int) -> Json:
     sink = start_sink(processes, name=f"sink-scale-{level}")
     config, ports = gateway_config(settings.work, db, sink.url)
@@ -235,25 +321,38 @@ def run(settings: Settings, processes: Processes) -> Json:
         row: Json = {"queued": level, "build_s": build_s, "db_mb": db.stat().st_size / 1e6}
         row.update(idle_gateway(settings, processes, db, level))
         row.update(asyncio.run(time_claims(db, settings.pairs, level, backlog_base)))
+        if settings.tools["valgrind"].present:
+            row["pair_instructions"] = count_pair_instructions(settings, db, level, backlog_base)
         rows.append(row)
+        instructions = f", {row['pair_instructions']:,.0f} instructions" if "pair_instructions" in row else ""
         say(
             f"     claim+finish {row['pair_ms_median']:.2f} ms median, {row['pair_cpu_us']:.0f} µs CPU "
-            f"(process {row['pair_process_cpu_us']:.0f}); "
+            f"(process {row['pair_process_cpu_us']:.0f}){instructions}; "
             f"RSS idle {row['rss_idle_mb']:.1f} MB; queue_stats {row['queue_stats_ms']:.1f} ms"
         )
     plans = query_plans(db)
     first, last = rows[0], rows[-1]
     # Against the smallest backlog, the worst of every larger one: a bump at a level in between counts.
     claim_ratio = max(row["pair_cpu_us"] for row in rows) / first["pair_cpu_us"]
+    # Instructions, where callgrind counted them: the CPU seconds of levels measured minutes apart move with
+    # the host (the smallest level's median CPU per pair read 336 and 788 µs in two runs of one tree).
+    counted = all("pair_instructions" in row for row in rows)
+    instruction_ratio = (
+        max(row["pair_instructions"] for row in rows) / first["pair_instructions"] if counted else None
+    )
     wall_ratio = max(row["pair_ms_median"] for row in rows) / first["pair_ms_median"]
     rss_change = max((row["rss_idle_mb"] / first["rss_idle_mb"] - 1 for row in rows), key=abs)
     indexed = walks_the_due_index(plans["claim"])
     verdict = {
         "claim_cpu_ratio": claim_ratio,
+        "claim_instruction_ratio": instruction_ratio,
         "claim_wall_ratio": wall_ratio,
         "claim_indexed": indexed,
-        # Flat: an index seek (no scan) and at most 1.5x the per-pair cost at the largest backlog.
-        "claim_flat": indexed and claim_ratio <= 1.5 and wall_ratio <= 1.5,
+        # Flat: an index seek (no scan) and at most 1.5x the per-pair cost at the largest backlog: its
+        # instructions where counted, else its CPU.
+        "claim_flat": indexed
+        and (instruction_ratio if instruction_ratio is not None else claim_ratio) <= 1.5
+        and wall_ratio <= 1.5,
         "rss_change": rss_change,
         "rss_flat": abs(rss_change) <= 0.10,
         "queue_stats_ratio": last["queue_stats_ms"] / max(first["queue_stats_ms"], 1e-6),
@@ -303,3 +402,19 @@ def render(rows: list[Json]) -> str:
         ],
         "r" * 10,
     )
+
+
+def main() -> None:
+    """`python -m bench.scale`: the claims that count_pair_instructions runs under callgrind."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--db", type=Path, required=True)
+    parser.add_argument("--probes", type=int, required=True)
+    parser.add_argument("--pairs", type=int, required=True)
+    parser.add_argument("--claim-now", type=float, required=True)
+    parser.add_argument("--tag", required=True)
+    args = parser.parse_args()
+    asyncio.run(run_pairs(args.db, args.probes, args.pairs, args.claim_now, args.tag))
+
+
+if __name__ == "__main__":
+    main()

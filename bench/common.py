@@ -104,6 +104,26 @@ def find_tools() -> dict[str, Tool]:
 _PR_SET_PDEATHSIG = 1
 
 
+# -- callgrind ------------------------------------------------------------------------------------
+
+# A random hash seed moves what each dict and set lookup costs, by about 1% of a webhook's count: the runs
+# whose instructions are compared get the same one.
+COUNTED_ENV = {"PYTHONHASHSEED": "0"}
+
+
+def under_callgrind(settings: Settings, argv: list[str], out: Path) -> list[str]:
+    """`argv` run under callgrind, its profile written to `out` (deleted by the caller once counted)."""
+    return [str(settings.tools["valgrind"].path), "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
+
+
+def instructions_counted(stderr: str) -> int:
+    """The total callgrind printed on a run's stderr."""
+    found = re.search(r"I\s+refs:\s+([\d,]+)", stderr)
+    if found is None:
+        raise RuntimeError(f"callgrind printed no count: {stderr[-500:]}")
+    return int(found.group(1).replace(",", ""))
+
+
 def die_with_parent() -> None:
     """In the child, before exec: the kernel kills it if the benchmark itself dies (even by SIGKILL)."""
     with suppress(OSError, AttributeError):

@@ -26,7 +26,6 @@ import gc
 import inspect
 import json
 import os
-import re
 import struct
 import subprocess
 import sys
@@ -40,6 +39,7 @@ if __package__ in (None, ""):
     Json = dict[str, Any]
 else:
     from bench.common import (
+        COUNTED_ENV,
         PATH,
         PYTHON,
         ROOT,
@@ -49,10 +49,12 @@ else:
         body_1kb,
         die_with_parent,
         gateway_config,
+        instructions_counted,
         say,
         start_sink,
         svix_signature,
         table,
+        under_callgrind,
     )
 
 HARNESS = Path(__file__).resolve()
@@ -265,18 +267,10 @@ def harness_run(
     requests = write_requests(settings.work / f"{name}.bin", f"hp{time.time_ns()}", rounds)
     argv = [PYTHON, str(HARNESS), "--config", str(config), "--requests", str(requests)]
     argv += ["--warmup", str(WARMUP_ROUNDS)] + (["--routed"] if mode == "routed" else [])
-    if counted:
-        out = settings.work / f"callgrind-{requests.stem}.out"
-        argv = [
-            str(settings.tools["valgrind"].path),
-            "--tool=callgrind",
-            f"--callgrind-out-file={out}",
-            *argv,
-        ]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     if counted:
-        # A random seed moves what each dict and set lookup costs, by about 1% of a webhook's count.
-        env["PYTHONHASHSEED"] = "0"
+        argv = under_callgrind(settings, argv, settings.work / f"callgrind-{requests.stem}.out")
+        env.update(COUNTED_ENV)
     try:
         # Killed by the kernel if the benchmark dies (a callgrind run takes minutes). The signal follows the
         # thread that started it: a pool thread here, which lives until this run has returned.
@@ -303,10 +297,7 @@ def harness_run(
     instructions = None
     if counted:
         (settings.work / f"callgrind-{requests.stem}.out").unlink(missing_ok=True)
-        found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
-        if found is None:
-            raise RuntimeError(f"callgrind printed no count: {done.stderr[-500:]}")
-        instructions = int(found.group(1).replace(",", ""))
+        instructions = instructions_counted(done.stderr)
     return result, instructions
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import sqlite3
 import statistics
 import subprocess
@@ -34,6 +33,7 @@ from pathlib import Path
 import orjson
 
 from bench.common import (
+    COUNTED_ENV,
     PYTHON,
     ROOT,
     SOURCE,
@@ -44,12 +44,14 @@ from bench.common import (
     body_1kb,
     die_with_parent,
     gateway_config,
+    instructions_counted,
     percentile,
     rss_mb,
     say,
     start_gateway,
     start_sink,
     table,
+    under_callgrind,
     wait_for,
 )
 from bench.end_to_end import run_loadgen
@@ -238,30 +240,12 @@ def count_pair_instructions(settings: Settings, db: Path, level: int, backlog_ba
     counts = []
     for pairs in COUNTED_PAIRS:  # one after the other: both claim from the same database
         out = settings.work / f"callgrind-scale-{level}-{pairs}.out"
-        argv = [
-            str(settings.tools["valgrind"].path),
-            "--tool=callgrind",
-            f"--callgrind-out-file={out}",
-            PYTHON,
-            "-m",
-            "bench.scale",
-            "--db",
-            str(db),
-            "--probes",
-            str(COUNTED_PAIRS[-1]),
-            "--pairs",
-            str(pairs),
-            "--claim-now",
-            repr(claim_now),
-            "--tag",
-            f"{level}c{pairs}",
-        ]
-        # A random hash seed moves what each dict lookup costs between the two runs.
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONHASHSEED": "0"}
+        argv = [PYTHON, "-m", "bench.scale", "--db", str(db), "--probes", str(COUNTED_PAIRS[-1])]
+        argv += ["--pairs", str(pairs), "--claim-now", repr(claim_now), "--tag", f"{level}c{pairs}"]
         done = subprocess.run(
-            argv,
+            under_callgrind(settings, argv, out),
             cwd=ROOT,
-            env=env,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **COUNTED_ENV},
             capture_output=True,
             text=True,
             timeout=COUNT_TIMEOUT_S,
@@ -269,10 +253,9 @@ def count_pair_instructions(settings: Settings, db: Path, level: int, backlog_ba
             preexec_fn=die_with_parent,
         )
         out.unlink(missing_ok=True)
-        found = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
-        if done.returncode != 0 or found is None:
+        if done.returncode != 0:
             raise RuntimeError(f"the counted claims failed ({done.returncode}): {done.stderr[-1500:]}")
-        counts.append(int(found.group(1).replace(",", "")))
+        counts.append(instructions_counted(done.stderr))
     # The probes left queued (as many as the first run did not claim) are claimed here, uncounted, so the
     # next level's gateway finds nothing due.
     asyncio.run(run_pairs(db, 0, COUNTED_PAIRS[-1] - COUNTED_PAIRS[0], claim_now, ""))
@@ -361,7 +344,8 @@ def run(settings: Settings, processes: Processes) -> Json:
     say(render(rows))
     say(
         f"\n   claim cost: {'FLAT' if verdict['claim_flat'] else 'NOT flat'} "
-        f"(CPU x{claim_ratio:.2f}, wall x{wall_ratio:.2f} at most, against {first['queued']}; "
+        f"({'' if instruction_ratio is None else f'instructions x{instruction_ratio:.2f}, '}"
+        f"CPU x{claim_ratio:.2f}, wall x{wall_ratio:.2f} at most, against {first['queued']}; "
         f"plan: {plans['claim']})"
     )
     say(f"   RSS idle: {'FLAT' if verdict['rss_flat'] else 'NOT flat'} ({rss_change:+.1%}, limit ±10 %)")

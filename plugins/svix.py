@@ -14,7 +14,6 @@ A source may list any mix of whsec_, whpk_ and whsk_ secrets. `svix` reads svix-
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -56,13 +55,18 @@ PRIVATE_KEY_PREFIX = "whsk_"
 ED25519_SIGNATURE_BYTES = 64
 
 
+def _b64decode(encoded: str) -> bytes:
+    """Strict base64, whose `=` padding may be left out: the Standard Webhooks reference pads a secret
+    before decoding it. Raises binascii.Error (a ValueError)."""
+    return base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+
+
 def decode_secret(secret: str) -> bytes:
     """`whsec_<base64>` (or bare base64) -> key bytes; ValueError names the problem, never the secret. The
-    base64 may leave out its `=` padding: the Standard Webhooks reference pads it before decoding."""
-    encoded = secret.removeprefix("whsec_")
+    base64 may leave out its `=` padding."""
     try:
-        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
-    except (binascii.Error, ValueError):
+        key = _b64decode(secret.removeprefix("whsec_"))
+    except ValueError:
         raise ValueError("is not a whsec_ secret: the part after whsec_ must be base64") from None
     if not key:
         raise ValueError("is an empty whsec_ secret")
@@ -70,10 +74,11 @@ def decode_secret(secret: str) -> bytes:
 
 
 def decode_ed25519(secret: str, prefix: str) -> bytes:
-    """`whpk_<base64>` / `whsk_<base64>` -> the 32 raw key bytes (the private one is the ed25519 seed)."""
+    """`whpk_<base64>` / `whsk_<base64>` -> the 32 raw key bytes (the private one is the ed25519 seed); the
+    base64 may leave out its `=` padding, as a whsec_ secret's may."""
     try:
-        key = base64.b64decode(secret.removeprefix(prefix), validate=True)
-    except (binascii.Error, ValueError):
+        key = _b64decode(secret.removeprefix(prefix))
+    except ValueError:
         key = b""
     if len(key) != 32:
         raise ValueError(f"is not a {prefix} ed25519 key: the part after {prefix} must be base64 of 32 bytes")

@@ -513,6 +513,18 @@ def test_a_private_whsk_key_signs_v1a_for_holders_of_the_public_key() -> None:
         make_provider("svix", [public]).sign(ED_BODY, "msg_1", NOW)
 
 
+def test_ed25519_keys_without_their_base64_padding_are_read_as_whsec_secrets_are() -> None:
+    private, private_secret, public = ed25519_pair()
+    assert public.endswith("=") and private_secret.endswith("=")  # 32 bytes: one `=` of padding
+    signature = v1a(private, "msg_ed_1", int(NOW), ED_BODY)
+    make_provider("svix", [public.rstrip("=")]).verify(ed_headers(signature), ED_BODY, NOW)
+    headers = make_provider("svix", [private_secret.rstrip("=")]).sign(ED_BODY, "msg_1", NOW)
+    make_provider("svix", [public]).verify(headers, ED_BODY, NOW)
+    for broken in (public.rstrip("=") + "A", public[:-3], "whpk_" + "A" * 42 + "*"):
+        with pytest.raises(ValueError, match="whpk_ ed25519 key"):
+            make_provider("svix", [broken])
+
+
 def test_standard_webhooks_reads_only_webhook_headers() -> None:
     private, _, public = ed25519_pair()
     provider = make_provider("standard-webhooks", [public])

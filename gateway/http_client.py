@@ -229,6 +229,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _CONTROL_NAMES = {"\t": "a tab", "\n": "a line feed", "\r": "a carriage return", "\0": "a NUL"}
 
 
+def control_character_name(char: str) -> str:
+    """How an error names a control character: `a line feed`, or `a control character` for the rarer ones."""
+    return _CONTROL_NAMES.get(char, "a control character")
+
+
 def url_text_problem(url: str) -> str | None:
     """What makes `url` no URL as written, without repeating it (it may hold a password): whitespace at
     either end, or an ASCII control character anywhere. Either would be dropped without a word by urlsplit:
@@ -240,7 +245,7 @@ def url_text_problem(url: str) -> str | None:
     if found is None:
         return None
     char = found.group()
-    name = _CONTROL_NAMES.get(char, "a control character")
+    name = control_character_name(char)
     return f"{name} ({char!r}) at character {found.start() + 1}: a URL cannot hold a control character"
 
 

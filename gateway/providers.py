@@ -14,15 +14,11 @@ from pydantic import BaseModel, ConfigDict
 
 from gateway.config import Source
 from gateway.events import Event
-from gateway.http_client import header_control_character
+from gateway.http_client import control_character_name, header_control_character
 
 # How require_text names the payload's own id and type when they are of the wrong kind.
 PAYLOAD_ID = "the payload's id"
 PAYLOAD_TYPE = "the payload's type"
-
-# An event's id and type are sent on in headers (Idempotency-Key, X-Hookyard-Type), which cannot carry a
-# control character but the tab (RFC 9110, section 5.5).
-_CONTROL_NAMES = {"\n": "a line feed", "\r": "a carriage return", "\0": "a NUL"}
 
 # The longest event id or type accepted, in bytes of UTF-8. Real ids are far shorter (svix msg_ ids and
 # Stripe evt_ ids under 40 bytes, GitHub's and Consignly's UUIDs 36); past a few KB, receivers refuse the
@@ -127,7 +123,8 @@ def require_text(value: Any, reason: str, detail: str, *, name: str | None = Non
         raise bad_request(reason, detail)
     if isinstance(value, str):
         if (found := header_control_character(value)) is not None:
-            char = _CONTROL_NAMES.get(found, "a control character")
+            # Sent on in headers (Idempotency-Key, X-Hookyard-Type), which cannot carry it (RFC 9110 §5.5).
+            char = control_character_name(found)
             raise bad_request(reason, f"{name or 'it'} holds {char}, which no HTTP header can carry")
         return _within_limit(value, reason, name)
     if isinstance(value, int) and not isinstance(value, bool):

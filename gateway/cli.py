@@ -9,7 +9,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,10 +21,9 @@ from gateway import __version__
 from gateway.config import (
     Config,
     ConfigError,
-    StorageConfig,
     default_config_path,
     json_schema,
-    load_storage_config,
+    load_config_for,
 )
 from gateway.http_client import header_control_character
 from gateway.plugins import DuplicateName, Registry, plugin_manager
@@ -54,36 +53,58 @@ def _plugins() -> pluggy.PluginManager:
         raise SystemExit(1) from None
 
 
-def _load(config_path: Path | None) -> tuple[Config, RouteTable]:
-    path = config_path or default_config_path()
+def _registry() -> Registry:
     try:
-        registry = Registry.collect(_plugins())
+        return Registry.collect(_plugins())
     except DuplicateName as exc:
         click.echo(f"hookyard: {exc}", err=True)
         raise SystemExit(1) from None
+
+
+def _config_errors(path: Path, exc: ConfigError) -> SystemExit:
+    """Print a ConfigError's lines on stderr, each naming the file: what to raise."""
+    for line in exc.errors:
+        click.echo(line if line.startswith(str(path)) else f"{path}: {line}", err=True)
+    return SystemExit(1)
+
+
+def _load(config_path: Path | None) -> tuple[Config, RouteTable]:
+    path = config_path or default_config_path()
+    registry = _registry()
     try:
         return load_routes(path, registry)
     except ConfigError as exc:
-        for line in exc.errors:
-            click.echo(line if line.startswith(str(path)) else f"{path}: {line}", err=True)
-        raise SystemExit(1) from None
+        raise _config_errors(path, exc) from None
 
 
-def _load_storage(config_path: Path | None) -> StorageConfig:
-    """The config's storage section, for the commands that need only the store: a ${VAR} unset outside it
-    (a secret, the admin token, a chat webhook's URL, which an operator's shell need not hold) is named
-    in one line on stderr, not an error. Its value, were one set, is never shown."""
+def _load_for(config_path: Path | None, needs: Collection[str]) -> Config:
+    """The config as far as the sections in `needs` go, for the commands that need no more: a ${VAR} unset
+    outside them (a secret, the admin token, a chat webhook's URL, which an operator's shell need not hold)
+    is named in one line on stderr, not an error. Its value, were one set, is never shown."""
     path = config_path or default_config_path()
     try:
-        storage, unset = load_storage_config(path)
+        config, unset = load_config_for(path, needs)
     except ConfigError as exc:
-        for line in exc.errors:
-            click.echo(line if line.startswith(str(path)) else f"{path}: {line}", err=True)
-        raise SystemExit(1) from None
+        raise _config_errors(path, exc) from None
     if unset:
         named = ", ".join(f"{name} ({place})" for name, place in unset.items())
         click.echo(f"hookyard: not set, and not needed by this command: {named}", err=True)
-    return storage
+    return config
+
+
+def _load_source(config_path: Path | None, source: str, *, needs_listen: bool) -> RouteTable:
+    """The table of one source, for `send` and `sign`: they need its provider and secrets, and `listen:`
+    where no --url is given, not the routes or the rest of the config (see _load_for)."""
+    needs = [f"sources.{source}", *(["listen"] if needs_listen else [])]
+    config = _load_for(config_path, needs)
+    if source not in config.sources:
+        known = ", ".join(sorted(config.sources))
+        raise click.BadParameter(f"unknown source {source!r}; known: {known}", param_hint="SOURCE")
+    alone = config.model_copy(update={"sources": {source: config.sources[source]}, "routes": []})
+    try:
+        return RouteTable.build(alone, _registry())
+    except ConfigError as exc:  # its provider unknown, or one that cannot take its options
+        raise _config_errors(config_path or default_config_path(), exc) from None
 
 
 def _run(coro: Awaitable[T], *, exit_with_what_is_left: bool = False) -> T:
@@ -222,7 +243,7 @@ def _operate(
     """Run `work` with Operations on the database named by the config, or on a running gateway.
 
     routes: whether `work` routes events (a replay of missing deliveries), for which the whole config must
-    load as `serve` loads it; otherwise only its storage section is needed (see _load_storage)."""
+    load as `serve` loads it; otherwise only its storage section is needed (see _load_for)."""
     from gateway.admin_client import RemoteOperations
     from gateway.operations import OperationError, Operations
 
@@ -247,7 +268,8 @@ def _operate(
             finally:
                 await remote.aclose()
         table = _load(config_path)[1] if routes else None
-        storage = open_storage((table.config.storage if table else _load_storage(config_path)).url)
+        config = table.config if table else _load_for(config_path, ["storage"])
+        storage = open_storage(config.storage.url)
         try:
             await storage.open(create=False)
         except StorageUnavailable as exc:
@@ -478,13 +500,18 @@ def _parse_data(data: str | None) -> Any:
 
 
 def _signed_request(
-    config_path: Path | None, source: str, event_type: str, data: str | None, event_id: str | None
+    config_path: Path | None,
+    source: str,
+    event_type: str,
+    data: str | None,
+    event_id: str | None,
+    url: str | None,
 ) -> tuple[RouteTable, str, bytes, dict[str, str]]:
     import orjson
 
     from gateway.sender import build_request
 
-    _, table = _load(config_path)
+    table = _load_source(config_path, source, needs_listen=not url)
     try:
         path, body, headers = build_request(table, source, event_type, _parse_data(data), event_id)
     except orjson.JSONEncodeError as exc:  # nested past 254 levels, an integer past 64 bits
@@ -528,7 +555,7 @@ def send(
     from gateway.sender import build_request, listen_url, send_many, source_url
     from gateway.sender import send as post
 
-    table, path, body, headers = _signed_request(config_path, source, event_type, data, event_id)
+    table, path, body, headers = _signed_request(config_path, source, event_type, data, event_id, url)
     target = source_url(url or listen_url(table), path)
     _check_target(target)
     if count > 1:
@@ -590,7 +617,7 @@ def sign(
 
     from gateway.sender import listen_url, source_url
 
-    table, path, body, headers = _signed_request(config_path, source, event_type, data, event_id)
+    table, path, body, headers = _signed_request(config_path, source, event_type, data, event_id, url)
     target = source_url(url or listen_url(table), path)
     parts = ["curl", "-sS", "-X", "POST", shlex.quote(target)]
     for name, value in headers.items():

@@ -650,14 +650,16 @@ def load_config_tree(
 _UNSET = re.compile(r"(?P<place>[^:]+): environment variable (?P<name>\w+) is not set ")
 
 
-def load_storage_config(path: str | Path) -> tuple[StorageConfig, dict[str, str]]:
-    """The storage section of a config file, for the commands that need nothing else (listing, showing
-    and replaying stored events). A ${VAR} left unset outside it, which an operator's shell need not hold
-    (a provider's secret, the admin token, a chat webhook's URL), is no error here: the answer is the
-    section with those variables, by name, each with the place it is in (never a value). Anything else
-    wrong with the file, an unset variable in `storage:` included, raises the ConfigError load_config does."""
+def load_config_for(path: str | Path, needs: Collection[str]) -> tuple[Config, dict[str, str]]:
+    """The config as far as the places in `needs` go (`storage`, `sources.consignly`, `listen`), for the
+    commands that need nothing else (listing and replaying stored events, signing a source's test event).
+    A ${VAR} left unset outside them, which an operator's shell need not hold (another source's secret,
+    the admin token, a chat webhook's URL), is no error here: the answer is the parts of the config that
+    are valid, defaults standing in for the rest, with those variables by name, each with the place it is
+    in (never a value). Anything else wrong with the file, a variable unset in one of `needs` included,
+    raises the ConfigError load_config does."""
     try:
-        return load_config(path).storage, {}
+        return load_config(path), {}
     except ConfigError as exc:
         if exc.partial is None:
             raise
@@ -665,13 +667,20 @@ def load_storage_config(path: str | Path) -> tuple[StorageConfig, dict[str, str]
         places: set[str] = set()
         for error in exc.errors:
             match = _UNSET.match(error)
-            if match is not None and match["place"].partition(".")[0] != "storage":
+            if match is not None and not _inside(match["place"], needs):
                 unset.setdefault(match["name"], match["place"])
                 places.add(match["place"])
-        # What is left is wrong whatever the environment holds, or is about the store itself.
+        # What is left is wrong whatever the environment holds, or is about a place that is needed.
         if any(not _follows_from(error, places) for error in exc.errors):
             raise
-        return exc.partial.config.storage, unset
+        return exc.partial.config, unset
+
+
+def _inside(place: str, sections: Collection[str]) -> bool:
+    """Whether a place as format_location writes it is one of `sections` or inside one. (A source whose
+    name has a dot reads as inside another's: `sources.a.b.secrets[0]` as in `sources.a`; that only makes
+    an unset variable an error where it need not be.)"""
+    return any(place == section or place.startswith((f"{section}.", f"{section}[")) for section in sections)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

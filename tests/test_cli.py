@@ -469,6 +469,67 @@ def test_commands_on_the_store_need_no_variable_of_the_rest_of_the_config(filled
     )
 
 
+def test_send_and_sign_need_no_variable_but_their_sources(tmp_path: Path) -> None:
+    """They sign for one source and send to `listen:`: another source's secret, the admin token or a chat
+    webhook's URL, unset in the shell, is named and not needed. One of the source's own still is."""
+    with RunningGateway(config_dict(tmp_path)) as gw:
+        config = config_dict(tmp_path)
+        # The default URL comes from listen:, here the running gateway's.
+        config["listen"] = {"host": "127.0.0.1", "port": gw.ingress_sock.getsockname()[1]}
+        config["ops"] = {"admin_token": "${HOOKYARD_TEST_UNSET_TOKEN}"}
+        config["sources"]["consignly"]["secrets"] = ["${HOOKYARD_TEST_UNSET_SECRET}"]
+        config["routes"][0]["actions"].append(
+            {
+                "id": "chat",
+                "use": "notify",
+                "with": {"url": "${HOOKYARD_TEST_UNSET_SLACK}", "format": "slack"},
+            }
+        )
+        path = write_config(tmp_path, config)
+        note = (
+            "hookyard: not set, and not needed by this command: HOOKYARD_TEST_UNSET_TOKEN (ops.admin_token), "
+            "HOOKYARD_TEST_UNSET_SLACK (routes[0].actions[1].with.url), HOOKYARD_TEST_UNSET_SECRET "
+            "(sources.consignly.secrets[0])\n"
+        )
+        sent = invoke("send", "-c", path, "consignease", "--type", "user.created", "--id", "evt_sent")
+        assert (sent.exit_code, sent.stderr) == (0, note), sent.output
+        assert sent.stdout == '200 {"id":"evt_sent","status":"accepted"}\n'
+
+        signed = invoke("sign", "-c", path, "consignease", "--type", "user.created", "--id", "evt_signed")
+        assert (signed.exit_code, signed.stderr) == (0, note), signed.output
+        command = shlex.split(signed.stdout)
+        assert command[4] == f"{gw.url}/webhooks/consignease"
+        options = list(zip(command[5::2], command[6::2], strict=True))
+        headers = [tuple(value.split(": ", 1)) for option, value in options if option == "-H"]
+        [body] = [value for option, value in options if option == "--data-binary"]
+        response = httpx.post(command[4], content=body.encode(), headers=headers)
+        assert (response.status_code, response.json()) == (200, {"id": "evt_signed", "status": "accepted"})
+
+    unknown = invoke("sign", "-c", path, "consignlee", "--type", "101")
+    assert unknown.exit_code == 2
+    assert "unknown source 'consignlee'; known: consignease, consignly" in unknown.stderr
+
+    # The source's own secret, and listen: where no --url is given, are needed: unset, the error they were.
+    for command_name in ("send", "sign"):
+        refused = invoke(command_name, "-c", path, "consignly", "--type", "101")
+        assert refused.exit_code == 1, refused.output
+        assert refused.stdout == ""
+        # Listed with every other error of the file, as `check` lists them.
+        assert (
+            f"{path}: sources.consignly.secrets[0]: environment variable HOOKYARD_TEST_UNSET_SECRET is not set"
+            in refused.stderr
+        )
+    config["listen"]["port"] = "${HOOKYARD_TEST_UNSET_PORT}"
+    path = write_config(tmp_path, config)
+    refused = invoke("sign", "-c", path, "consignease", "--type", "user.created")
+    assert refused.exit_code == 1, refused.output
+    assert f"{path}: listen.port: environment variable HOOKYARD_TEST_UNSET_PORT is not set" in refused.stderr
+    with_url = invoke("sign", "-c", path, "consignease", "--type", "user.created", "--url", "http://h:1")
+    assert with_url.exit_code == 0, with_url.output
+    assert "HOOKYARD_TEST_UNSET_PORT (listen.port)" in with_url.stderr
+    assert " http://h:1/webhooks/consignease " in with_url.stdout
+
+
 def test_an_empty_listing_says_so_on_stderr(filled: Path) -> None:
     result = invoke("events", "list", "-c", filled, "--source", "nobody")
     assert result.exit_code == 0

@@ -373,6 +373,41 @@ def test_hookyard_check_prints_what_the_docs_show(
     assert result.output.splitlines() == printed
 
 
+def test_the_kubernetes_guide_exports_what_send_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The guide's `hookyard send` through the Service: the variables it exports are the ones `send`
+    needs from the base routes.yaml (the source's secret), no more."""
+    from tests.support import SVIX_SECRET
+
+    guide = (ROOT / "docs" / "kubernetes.md").read_text()
+    exported = [
+        word.partition("=")[0]
+        for line in re.findall(r"^export (.*)$", guide, re.M)
+        for word in shlex.split(line)
+    ]
+    assert exported
+    config = ROOT / "deploy" / "kustomize" / "base" / "routes.yaml"
+    for variable in re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", config.read_text()):
+        monkeypatch.delenv(variable, raising=False)
+    for variable in exported:
+        monkeypatch.setenv(variable, SVIX_SECRET)  # consignease is a svix source
+    result = CliRunner().invoke(
+        main,
+        [
+            "sign",
+            "consignease",
+            "--type",
+            "user.created",
+            "-c",
+            str(config),
+            "--url",
+            "http://127.0.0.1:8080",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith("hookyard: not set, and not needed by this command: "), result.stderr
+    assert not [variable for variable in exported if variable in result.stderr], result.stderr
+
+
 def test_the_readme_names_the_demo_ports_and_every_variable_that_moves_the_sink() -> None:
     readme = (ROOT / "README.md").read_text()
     text = (ROOT / "routes.yaml").read_text()

@@ -32,6 +32,20 @@ from gateway.storage import StorageUnavailable, open_storage
 from gateway.tasks import cancel_and_wait
 
 T = TypeVar("T")
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def _together(*decorators: Decorator) -> Decorator:
+    """One decorator for several, applied as if stacked in this order above the command (so their options
+    are listed in this order in its --help)."""
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return apply
+
 
 config_option = click.option(
     "-c",
@@ -225,12 +239,33 @@ def _registered(pm: pluggy.PluginManager, plugin: Any, hook: str) -> list[Any]:
     return registered
 
 
-admin_url_option = click.option(
-    "--admin-url",
-    envvar="HOOKYARD_ADMIN_URL",
-    help="Talk to a running gateway's admin API (e.g. http://127.0.0.1:9000) instead of the database; "
-    "the token comes from $HOOKYARD_ADMIN_TOKEN.",
+# The options the commands on stored events share. Where one means something else to each command, its
+# help is the command's own.
+operator_options = _together(
+    config_option,
+    click.option(
+        "--admin-url",
+        envvar="HOOKYARD_ADMIN_URL",
+        help="Talk to a running gateway's admin API (e.g. http://127.0.0.1:9000) instead of the database; "
+        "the token comes from $HOOKYARD_ADMIN_TOKEN.",
+    ),
 )
+
+
+def source_option(help: str | None = None) -> Decorator:
+    return click.option("--source", help=help)
+
+
+def route_option(help: str | None = None) -> Decorator:
+    return click.option("--route", help=help)
+
+
+def window_options(*, since: str, until: str) -> Decorator:
+    return _together(click.option("--since", help=since), click.option("--until", help=until))
+
+
+def json_option(help: str | None = None) -> Decorator:
+    return click.option("--json", "as_json", is_flag=True, help=help)
 
 
 def _operate(
@@ -301,14 +336,15 @@ def events() -> None:
 
 
 @events.command("list")
-@config_option
-@admin_url_option
+@operator_options
 @click.option("--state", type=click.Choice(["pending", "delivered", "dead", "unrouted"]))
-@click.option("--source")
+@source_option()
 @click.option("--type", "event_type")
-@click.option("--route")
-@click.option("--since", help="Only events received in this window (2h) or since a time (ISO 8601).")
-@click.option("--until", help="Only events received before this time.")
+@route_option()
+@window_options(
+    since="Only events received in this window (2h) or since a time (ISO 8601).",
+    until="Only events received before this time.",
+)
 @click.option(
     "--limit",
     type=click.IntRange(1, 500),
@@ -317,7 +353,7 @@ def events() -> None:
     help="Events per page (at most 500).",
 )
 @click.option("--cursor", type=int, help="The next page: the cursor the page before ended with.")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+@json_option("One JSON object per line.")
 def events_list(
     config_path: Path | None,
     admin_url: str | None,
@@ -367,11 +403,10 @@ def _one_line(text: str) -> str:
 
 
 @events.command("show")
-@config_option
-@admin_url_option
+@operator_options
 @click.argument("event_id")
-@click.option("--source")
-@click.option("--json", "as_json", is_flag=True)
+@source_option()
+@json_option()
 def events_show(
     config_path: Path | None, admin_url: str | None, event_id: str, source: str | None, as_json: bool
 ) -> None:
@@ -381,10 +416,9 @@ def events_show(
 
 
 @main.command()
-@config_option
-@admin_url_option
+@operator_options
 @click.argument("event_id", required=False)
-@click.option("--source", help="The event's source (needed when the same id exists in several).")
+@source_option("The event's source (needed when the same id exists in several).")
 @click.option("--action", help="Only this action.")
 @click.option(
     "--state",
@@ -392,9 +426,11 @@ def events_show(
     help="Bulk: every dead delivery, or every event not yet delivered for an action the current config "
     "routes it to (missing ones are created).",
 )
-@click.option("--since", help="With --state: the window, e.g. 2h (or an ISO 8601 time).")
-@click.option("--until", help="With --state: the end of the window.")
-@click.option("--route", help="Only this route (an event's route, or with --state).")
+@window_options(
+    since="With --state: the window, e.g. 2h (or an ISO 8601 time).",
+    until="With --state: the end of the window.",
+)
+@route_option("Only this route (an event's route, or with --state).")
 @click.option(
     "--page-size",
     type=click.IntRange(1, 500),
@@ -466,21 +502,15 @@ def replay(
     click.echo(f"replaying {replayed} deliveries" + (f", created {created} missing ones" if created else ""))
 
 
-def _event_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """What `send` and `sign` share: which source, which event."""
-    for option in reversed(
-        [
-            config_option,
-            click.argument("source"),
-            click.option("--type", "event_type", required=True, help="Event type, e.g. user.created."),
-            click.option(
-                "--data", help="The event's data as JSON, or @file.json (default: a realistic sample)."
-            ),
-            click.option("--id", "event_id", help="Event id (default: a new random one)."),
-        ]
-    ):
-        command = option(command)
-    return command
+# What `send` and `sign` share: which source, which event, and where to.
+event_options = _together(
+    config_option,
+    click.argument("source"),
+    click.option("--type", "event_type", required=True, help="Event type, e.g. user.created."),
+    click.option("--data", help="The event's data as JSON, or @file.json (default: a realistic sample)."),
+    click.option("--id", "event_id", help="Event id (default: a new random one)."),
+    click.option("--url", help="Base URL of the gateway (default: from listen: in the config)."),
+)
 
 
 def _parse_data(data: str | None) -> Any:
@@ -524,8 +554,7 @@ def _signed_request(
 
 
 @main.command()
-@_event_options
-@click.option("--url", help="Base URL of the gateway (default: from listen: in the config).")
+@event_options
 @click.option(
     "--count",
     type=click.IntRange(min=1),
@@ -602,8 +631,7 @@ def _check_target(target: str, option: str = "--url", example: str = "http://127
 
 
 @main.command()
-@_event_options
-@click.option("--url", help="Base URL of the gateway (default: from listen: in the config).")
+@event_options
 def sign(
     config_path: Path | None,
     source: str,

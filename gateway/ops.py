@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -11,11 +12,13 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from gateway.admin import admin_routes, http_error
+from gateway.admin import Endpoint, admin_routes, http_error
 from gateway.storage import StorageUnavailable
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
+
+log = logging.getLogger("hookyard.ops")
 
 
 def ops_app(gateway: Gateway) -> Starlette:
@@ -38,6 +41,11 @@ def ops_app(gateway: Gateway) -> Starlette:
             # shows it.
             gateway.metrics.storage_writable.set(0)
             return JSONResponse({"status": "not ready", "reason": f"storage: {exc}"}, status_code=503)
+        except Exception:
+            # A bug in the check: the test write did not succeed either, so the gauge says so, as the
+            # answer does (see answering_faults).
+            gateway.metrics.storage_writable.set(0)
+            raise
         gateway.metrics.storage_writable.set(1)
         return JSONResponse({"status": "ready"})
 
@@ -46,10 +54,29 @@ def ops_app(gateway: Gateway) -> Starlette:
 
     return Starlette(
         routes=[
-            Route("/healthz", healthz, include_in_schema=False),
-            Route("/readyz", readyz, include_in_schema=False),
-            Route("/metrics", metrics, include_in_schema=False),
+            Route("/healthz", answering_faults(healthz, 500, {"status": "error"}), include_in_schema=False),
+            # /readyz answers 200 or 503 (docs/operations.md), and a check that failed proved nothing.
+            Route("/readyz", answering_faults(readyz, 503, {"status": "not ready"}), include_in_schema=False),
+            Route("/metrics", answering_faults(metrics, 500), include_in_schema=False),
             *admin_routes(gateway),
         ],
         exception_handlers={HTTPException: http_error},
     )
+
+
+def answering_faults(endpoint: Endpoint, status_code: int, shape: dict[str, str] | None = None) -> Endpoint:
+    """`endpoint`, whose bugs (a plugin's collector that raises, a store's check) are answered `status_code`
+    in JSON, as the admin API's are: `{"error": "internal error"}`, or with `shape`, the health endpoints'
+    own fields and `"reason": "internal error"`. Starlette's answer is `500` in plain text, and uvicorn logs
+    the traceback without naming the path. The exception's text stays in the log: it may hold paths and
+    data that a probe or a scraper has no use for."""
+    body = {**shape, "reason": "internal error"} if shape is not None else {"error": "internal error"}
+
+    async def handle(request: Request) -> Response:
+        try:
+            return await endpoint(request)
+        except Exception:
+            log.exception("an ops request failed", extra={"method": request.method, "path": request.url.path})
+            return JSONResponse(body, status_code=status_code)
+
+    return handle

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -15,13 +15,16 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from openapi_spec_validator import validate
+from prometheus_client import Metric
 from svix.webhooks import Webhook
 
+from gateway import hookimpl
 from gateway.admin_client import RemoteOperations
 from gateway.app import Gateway
 from gateway.cli import main
 from gateway.config import ConfigError, load_config, parse_config
 from gateway.operations import OperationError, Operations, parse_time
+from gateway.plugins import new_plugin_manager
 from tests.support import (
     SVIX_SECRET,
     Downstream,
@@ -951,6 +954,95 @@ def test_a_fault_in_an_admin_endpoint_is_a_json_500_logged_once_with_its_traceba
         assert admin(gw, "GET", "/admin/events/nothing").status_code == 404
     faults = [r for r in caplog.records if r.exc_info]
     assert [(r.levelname, str(r.exc_info[1])) for r in faults] == [("ERROR", "a fault at /var/lib/hookyard")]
+
+
+class FailingCollector:
+    """A plugin's collector with a bug: it raises at every scrape."""
+
+    def collect(self) -> Iterator[Metric]:
+        raise RuntimeError("a fault in a plugin's collector")
+
+
+class RegistersAFailingCollector:
+    @hookimpl
+    def startup(self, gateway: Any) -> None:
+        # As the plugin guide shows: a plugin's metrics are served on /metrics with Hookyard's own.
+        gateway.metrics.registry.register(FailingCollector())
+
+
+def faults_logged(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str, str, str]]:
+    return [
+        (r.levelname, r.getMessage(), getattr(r, "path", ""), str(r.exc_info[1]))
+        for r in caplog.records
+        if r.exc_info
+    ]
+
+
+def test_a_fault_in_a_plugins_collector_is_a_json_500_on_metrics_logged_once(
+    tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It was starlette's `500 Internal Server Error` in plain text, and the traceback was logged by uvicorn
+    as `Exception in ASGI application`, with neither the listener's nor the path's name."""
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(RegistersAFailingCollector(), name="failing-collector")
+    with RunningGateway(users_config(tmp_path, downstream), pm=pm) as gw:
+        response = gw.client.get(gw.ops_url + "/metrics")
+        assert (response.status_code, response.headers["content-type"]) == (500, "application/json")
+        assert response.json() == {"error": "internal error"}
+        # The other endpoints, and the next scrape, are answered as before.
+        assert gw.client.get(gw.ops_url + "/readyz").json() == {"status": "ready"}
+        assert gw.client.get(gw.ops_url + "/metrics").status_code == 500
+    assert (
+        faults_logged(caplog)
+        == [("ERROR", "an ops request failed", "/metrics", "a fault in a plugin's collector")] * 2
+    )
+
+
+def test_a_fault_in_the_readiness_check_is_a_json_503_not_ready_logged_once(
+    tmp_path: Path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/readyz answers 200 when ready and 503 otherwise (docs/operations.md): a check that raised proved
+    nothing, so the pod goes out of rotation as for a store that cannot write, and the gauge that alerts
+    on that says so too. Patched: the store turns every sqlite error into StorageUnavailable, so a bug is
+    the only other cause."""
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        assert gw.metric("hookyard_storage_writable") == 1
+
+        async def fault() -> None:
+            raise RuntimeError("a fault in the readiness check")
+
+        monkeypatch.setattr(gw.gateway.storage, "check_writable", fault)
+        response = gw.client.get(gw.ops_url + "/readyz")
+        assert (response.status_code, response.headers["content-type"]) == (503, "application/json")
+        assert response.json() == {"status": "not ready", "reason": "internal error"}
+        assert gw.metric("hookyard_storage_writable") == 0
+        assert gw.client.get(gw.ops_url + "/healthz").json() == {"status": "ok"}
+        monkeypatch.undo()
+        assert gw.client.get(gw.ops_url + "/readyz").json() == {"status": "ready"}
+        assert gw.metric("hookyard_storage_writable") == 1
+    assert faults_logged(caplog) == [
+        ("ERROR", "an ops request failed", "/readyz", "a fault in the readiness check")
+    ]
+
+
+def test_a_fault_in_the_liveness_check_is_a_json_500_logged_once(
+    tmp_path: Path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Patched, as the readiness check: needs_restart reads one attribute, and a bug is its only fault."""
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+
+        def fault() -> str | None:
+            raise RuntimeError("a fault in the liveness check")
+
+        monkeypatch.setattr(gw.gateway.storage, "needs_restart", fault)
+        response = gw.client.get(gw.ops_url + "/healthz")
+        assert (response.status_code, response.headers["content-type"]) == (500, "application/json")
+        assert response.json() == {"status": "error", "reason": "internal error"}
+        monkeypatch.undo()
+        assert gw.client.get(gw.ops_url + "/healthz").json() == {"status": "ok"}
+    assert faults_logged(caplog) == [
+        ("ERROR", "an ops request failed", "/healthz", "a fault in the liveness check")
+    ]
 
 
 @pytest.mark.parametrize("path", ["/admin/replay", "/admin/events/msg_1/replay"])

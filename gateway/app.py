@@ -32,7 +32,7 @@ from gateway.launch import sigterm_caught
 from gateway.logs import serving_listener
 from gateway.metrics import Metrics
 from gateway.ops import ops_app
-from gateway.plugins import Registry, check_sync_hooks, plugin_manager
+from gateway.plugins import Registry, check_implementations, plugin_manager
 from gateway.protocol import LINGERING_AT_MOST, OpsProtocol, cut_off, tls_protocol, webhook_protocol
 from gateway.retention import Retention
 from gateway.routing import RouteTable, load_routes
@@ -130,7 +130,7 @@ class Gateway:
         self.config = config
         self.config_path = Path(config_path) if config_path is not None else None
         self.pm = pm or plugin_manager()
-        check_sync_hooks(self.pm)  # again: a manager built by hand may hold plugins registered since
+        check_implementations(self.pm)  # again: a manager built by hand may hold plugins registered since
         self.registry = Registry.collect(self.pm)
         self.table = RouteTable.build(config, self.registry)
         self.metrics = Metrics()

@@ -59,7 +59,7 @@ config_option = click.option(
 
 def _plugins() -> pluggy.PluginManager:
     """The plugin manager; a plugin that cannot be loaded as it is (a misspelt hook, an `async def`
-    observer) ends the command with one line naming it, not a traceback."""
+    observer, a wrapper on startup) ends the command with one line naming it, not a traceback."""
     try:
         return plugin_manager()
     except pluggy.PluginValidationError as exc:

@@ -47,6 +47,12 @@ SYNC_HOOKS: tuple[str, ...] = (
     "delivery_finished",
 )
 
+# Hooks whose implementations Hookyard calls itself, one at a time, rather than through pluggy: each awaited
+# before the next starts, and a shutdown one on a thread of its own and given up on after a while (see
+# Gateway._start_plugins and app._call_each). A wrapper (wrapper=True, hookwrapper=True) runs around the
+# others only in pluggy's own call; called here, its generator would be dropped and its body never run.
+CALLED_ONE_AT_A_TIME: tuple[str, ...] = ("startup", "shutdown")
+
 
 def new_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManager:
     """A fresh manager with the built-in plugins and, optionally, installed entry points."""
@@ -59,18 +65,28 @@ def new_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
     try:
         # Typos in hook names fail here instead of silently never being called.
         pm.check_pending()
-    except pluggy.PluginValidationError as exc:  # named as the other refusals are (check_sync_hooks)
+    except pluggy.PluginValidationError as exc:  # named as the other refusals are (check_implementations)
         raise pluggy.PluginValidationError(exc.plugin, f"plugin {pm.get_name(exc.plugin)}: {exc}") from None
-    check_sync_hooks(pm)
+    check_implementations(pm)
     if os.environ.get("HOOKYARD_TRACE_HOOKS"):
         pm.trace.root.setwriter(sys.stderr.write)
         pm.enable_tracing()
     return pm
 
 
-def check_sync_hooks(pm: pluggy.PluginManager) -> None:
-    """Refuse an `async def` implementation of a hook in SYNC_HOOKS: like a typo in a hook's name, it would
-    silently never run."""
+def check_implementations(pm: pluggy.PluginManager) -> None:
+    """Refuse an implementation that, like a typo in a hook's name, would silently never run: an `async def`
+    one of a hook in SYNC_HOOKS, and a wrapper on a hook in CALLED_ONE_AT_A_TIME."""
+    for name in CALLED_ONE_AT_A_TIME:
+        for impl in getattr(pm.hook, name).get_hookimpls():
+            if impl.wrapper or impl.hookwrapper:
+                style = "wrapper=True" if impl.wrapper else "hookwrapper=True"
+                raise pluggy.PluginValidationError(
+                    impl.plugin,
+                    f"plugin {impl.plugin_name}: {name} is a hook wrapper ({style}), but Hookyard calls each "
+                    f"{name} implementation itself, one at a time, and a wrapper's body would never run; make "
+                    "it a plain hook (tryfirst=True or trylast=True to run before or after the others)",
+                )
     for name in SYNC_HOOKS:
         for impl in getattr(pm.hook, name).get_hookimpls():
             if inspect.iscoroutinefunction(impl.function):

@@ -553,6 +553,68 @@ def test_an_async_implementation_of_a_hook_called_synchronously_is_refused_at_st
     assert ran == []
 
 
+@pytest.mark.parametrize("hook", ["startup", "shutdown"])
+@pytest.mark.parametrize("style", ["wrapper", "hookwrapper"])
+def test_a_wrapper_on_a_hook_called_one_implementation_at_a_time_is_refused_at_start(
+    tmp_path, hook: str, style: str
+) -> None:
+    """Hookyard calls each startup and shutdown implementation itself (awaited one at a time, a shutdown
+    one on a thread of its own and given up on in time): a wrapper was called too, as a plain function,
+    and the generator it returned was dropped, so its body never ran, and it counted as started."""
+    import pluggy
+
+    from gateway.config import parse_config
+    from gateway.plugins import new_plugin_manager
+
+    ran: list[str] = []
+
+    def wrap(**arguments: Any) -> Iterator[None]:
+        ran.append("before")  # never, as it was: nobody advanced the generator
+        yield
+        ran.append("after")
+
+    wrap.__name__ = hook
+    plugin = type("Wraps", (), {hook: staticmethod(hookimpl(**{style: True})(wrap))})()
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(plugin, name="wraps")
+    config = parse_config(yaml.safe_dump(gateway_config(tmp_path)))
+    with pytest.raises(
+        pluggy.PluginValidationError, match=f"^plugin wraps: {hook} is a hook wrapper \\({style}=True\\)"
+    ):
+        Gateway(config, pm=pm)
+    assert ran == []
+
+
+@pytest.mark.parametrize("style", ["wrapper", "hookwrapper"])
+def test_a_wrapper_on_a_hook_pluggy_calls_runs_around_the_other_implementations(
+    tmp_path, downstream: Downstream, style: str
+) -> None:
+    """event_accepted and delivery_finished are called through pluggy, whose wrappers work as documented."""
+    from gateway.plugins import new_plugin_manager
+
+    calls: list[str] = []
+
+    class Observes:
+        @hookimpl
+        def event_accepted(self, event):  # type: ignore[no-untyped-def]
+            calls.append(f"observed {event.id}")
+
+    def around(event: Any) -> Iterator[None]:
+        calls.append("before")
+        yield
+        calls.append("after")
+
+    around.__name__ = "event_accepted"
+    wraps = type("Wraps", (), {"event_accepted": staticmethod(hookimpl(**{style: True})(around))})()
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(wraps, name="wraps")
+    pm.register(Observes(), name="observes")
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)]), pm=pm) as gw:
+        body, headers = svix_request(msg_id="msg_wrapped")
+        assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
+    assert calls == ["before", "observed msg_wrapped", "after"]
+
+
 def test_a_failing_shutdown_hook_skips_no_other_and_still_closes_the_store(
     tmp_path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1931,6 +1931,31 @@ def test_replay_sends_a_dependent_still_pending_back_to_waiting(db: Harness, dep
     assert (ack.delivery.attempts, ack.parent) == (1, ParentResult("app", "dead", 1, 400, None))
 
 
+def test_an_attempt_begun_before_a_replay_cannot_finish_the_dependents_new_round(db: Harness) -> None:
+    db.ingest("evt_1", APP, action("ack", after="app", when="always"))
+    [app] = db.claim(T0 + 1)
+    db.finish(app, "dead", T0 + 2, status=400)
+    [stale] = db.claim(T0 + 2)  # ack's first attempt starts, to report app's failure, and takes long
+    assert stale.delivery.attempts == 1
+
+    # Meanwhile app is replayed and delivered, and ack is claimed again for that new result: its count
+    # starts over, so this claim's attempt is number 1 as well.
+    db.run(db.storage.replay_event(db.detail("evt_1").seq, now=T0 + 3))
+    [app] = db.claim(T0 + 4)
+    db.finish(app, "delivered", T0 + 5, status=200)
+    [fresh] = db.claim(T0 + 5)
+    assert (fresh.delivery.attempts, fresh.parent) == (1, ParentResult("app", "delivered", 1, 200, None))
+
+    # The attempt that reported the failure ends: it belongs to the round before the replay, and is
+    # fenced out, not taken for the report of app's new result.
+    assert db.finish(stale, "delivered", T0 + 6, status=200) == Finished(recorded=False)
+    ack = db.deliveries("evt_1")["ack"]
+    assert (ack.state, ack.attempts) == ("pending", 1)
+    assert db.detail("evt_1").attempts[ack.id] == []
+    assert db.finish(fresh, "delivered", T0 + 7, status=200) == Finished()
+    assert db.states("evt_1") == {"app": "delivered", "ack": "delivered"}
+
+
 def test_a_dependent_claimed_while_its_parent_runs_again_waits_for_it(db: Harness) -> None:
     db.ingest("evt_1", APP, action("ack", after="app", when="always"))
     [app] = db.claim(T0 + 1)

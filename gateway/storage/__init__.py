@@ -71,6 +71,9 @@ class DeliveryRecord:
     last_status: int | None = None
     last_error: str | None = None
     finished_at: float | None = None
+    # When it last became pending (created, released by its parent, replayed). With `attempts` it names
+    # one attempt: a replay starts the count over, so a number alone may be an attempt of the round before.
+    pending_since: float | None = None
 
 
 class Attempt(NamedTuple):

@@ -189,7 +189,7 @@ QUEUE_STATS = (
 
 _DELIVERY_COLUMNS = (
     "id, event_seq, route, action, state, attempts, due_at, created_at, parent_id, run_when, "
-    "last_status, last_error, finished_at"
+    "last_status, last_error, finished_at, pending_since"
 )
 # The headers as bytes, which orjson decodes and checks: a row whose text is not UTF-8 (edited by hand, a
 # damaged page) then fails on its own in _read_event, where sqlite3 would fail the whole statement.
@@ -1551,6 +1551,7 @@ def _insert_deliveries(
                     due_at,
                     created_at=now,
                     when=delivery.when,
+                    pending_since=now,
                 )
             )
     return len(deliveries)
@@ -1815,11 +1816,12 @@ _WAITING_CHILDREN = (
 # _INSERT_ROOT).
 _FINISH = (
     "UPDATE deliveries SET state = ?, due_at = ?, lease_owner = NULL, last_status = ?, last_error = ?, "
-    "finished_at = ? WHERE id = ? AND attempts = ? AND state = 'pending'"
+    "finished_at = ? WHERE id = ? AND attempts = ? AND pending_since IS ? AND state = 'pending'"
 )
 _FINISH_DELIVERED = (
     "UPDATE deliveries SET state = 'delivered', due_at = NULL, lease_owner = NULL, last_status = ?, "
-    "last_error = NULL, finished_at = ? WHERE id = ? AND attempts = ? AND state = 'pending'"
+    "last_error = NULL, finished_at = ? WHERE id = ? AND attempts = ? AND pending_since IS ? "
+    "AND state = 'pending'"
 )
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (delivery_id, number, started_at, duration, outcome, status_code, error) "
@@ -1842,9 +1844,14 @@ def _finish(
 ) -> Finished:
     final = state in ("delivered", "dead", "skipped")
     # `attempts = ?` fences out a worker whose lease expired and whose delivery was claimed again since:
-    # its late result changes nothing.
+    # its late result changes nothing. `pending_since` fences out an attempt of the round before a replay
+    # sent the delivery back to wait (a dependent whose parent was replayed): the count started over, and
+    # the new round's attempt may have the same number.
+    since = delivery.pending_since
     if state == "delivered" and due_at is None and attempt.error is None:  # most results
-        updated = conn.execute(_FINISH_DELIVERED, (attempt.status_code, now, delivery.id, attempt.number))
+        updated = conn.execute(
+            _FINISH_DELIVERED, (attempt.status_code, now, delivery.id, attempt.number, since)
+        )
     else:
         updated = conn.execute(
             _FINISH,
@@ -1856,6 +1863,7 @@ def _finish(
                 now if final else None,
                 delivery.id,
                 attempt.number,
+                since,
             ),
         )
     if updated.rowcount == 0:

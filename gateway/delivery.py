@@ -490,10 +490,14 @@ class Engine:
 
     def _start(self, claim: Claim) -> None:
         delivery_id = claim.delivery.id
-        if delivery_id in self._running:
-            # Claimed although it runs here (a store that does not leave out `running`, once its lease ran
-            # out under the attempt): let that attempt finish.
+        running = self._running.get(delivery_id)
+        if running is not None:
+            # Claimed although it runs here: a dependent whose parent was replayed and has its new result
+            # (the store fences out the running attempt of the round before), or a store that does not
+            # leave out `running`, once its lease ran out under the attempt. Let that attempt finish, then
+            # run this claim: left alone, its lease would hold the delivery back until it ran out.
             log.warning("delivery claimed while still running", extra={"delivery": delivery_id})
+            running.add_done_callback(partial(self._start_after, claim))
             return
         # Looked up now, so that the delivery counts against the `concurrency` of the action it runs with.
         runnable = self.actions.get((claim.delivery.route, claim.delivery.action))
@@ -517,6 +521,14 @@ class Engine:
                 self._wakeup.set()  # a worker slot is free, and the claim loop is waiting for one
 
         task.add_done_callback(done)
+
+    def _start_after(self, claim: Claim, _previous: asyncio.Task[None]) -> None:
+        """Start a claim that came while an attempt of its delivery ran, now that the attempt is over (its
+        own `done` ran first: callbacks run in the order they were added)."""
+        if self._stopping:
+            self._release_soon([claim.delivery.id])  # not attempted: due at the next start
+        else:
+            self._start(claim)
 
     async def _deliver(self, claim: Claim, runnable: RunnableAction | None) -> None:
         delivery, event = claim.delivery, claim.event

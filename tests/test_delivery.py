@@ -455,6 +455,64 @@ def test_an_attempt_fenced_out_counts_in_no_metric_and_no_hook(tmp_path, downstr
         assert finished == []
 
 
+def test_a_dependent_running_as_its_parent_is_replayed_reports_the_new_result_once_it_ends(
+    tmp_path, downstream: Downstream
+) -> None:
+    from gateway.actions import Action, Job, Outcome, delivered
+    from gateway.operations import Operations
+    from gateway.plugins import new_plugin_manager
+
+    reports: list[tuple[int, str]] = []  # (attempt, the parent's state it reported)
+    release = asyncio.Event()  # ends the first report, made on the gateway's loop
+
+    class Report(Action):
+        name = "report"
+
+        async def deliver(self, job: Job) -> Outcome:
+            assert job.parent is not None
+            reports.append((job.attempt, job.parent.state))
+            if len(reports) == 1:
+                await release.wait()
+            return delivered(200)
+
+    class ReportPlugin:
+        @hookimpl
+        def register_actions(self) -> list[type[Action]]:
+            return [Report]
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(ReportPlugin(), name="report")
+    route = users_route(
+        downstream,
+        {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}},
+        {"id": "report", "use": "report", "after": "app", "when": "always", "timeout": "30s"},
+    )
+    # The lease outlasts the test: nothing here may wait for one to run out.
+    config = gateway_config(tmp_path, routes=[route], delivery={"poll_interval": "200ms", "lease": "2m"})
+    downstream.answer("/app", 422)  # dead at once; then 200
+    with RunningGateway(config, pm=pm) as gw:
+        body, headers = svix_request(msg_id="msg_rereport")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: reports == [(1, "dead")])  # reporting app's failure, and taking long
+
+        # app is replayed and delivered while that report runs; report waits for app's new result, and is
+        # claimed again for it, with its count started over.
+        ops = Operations(gw.gateway.storage, gw.gateway.table, wake=gw.gateway.engine.wake)
+        asyncio.run_coroutine_threadsafe(ops.replay_event("msg_rereport"), gw.loop).result(10)
+        wait_until(lambda: delivery_states(gw, "msg_rereport")["app"] == "delivered")
+        wait_until(lambda: event_detail(gw, "msg_rereport").deliveries[1].attempts == 1)
+        gw.loop.call_soon_threadsafe(release.set)
+
+        # The report of the failure ends after the replay: not taken for the report of the success, which
+        # is made next, as attempt 1 of the new round.
+        wait_until(lambda: delivery_states(gw, "msg_rereport") == {"app": "delivered", "report": "delivered"})
+        assert reports == [(1, "dead"), (1, "delivered")]
+        app, report = event_detail(gw, "msg_rereport").deliveries
+        [attempt] = event_detail(gw, "msg_rereport").attempts[report.id]
+        assert (attempt.number, attempt.outcome) == (1, "delivered")
+        assert app.finished_at is not None and attempt.started_at >= app.finished_at  # the new round's
+
+
 def test_an_action_that_returns_no_outcome_is_retried_then_dead(tmp_path, downstream: Downstream) -> None:
     from gateway import hookimpl
     from gateway.actions import Action, Job, Outcome

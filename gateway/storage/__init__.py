@@ -278,7 +278,8 @@ class Storage(ABC):
         """Record an attempt and the delivery's next state (pending again at due_at, or final). A final
         state releases or skips the delivery's dependents in the same transaction. Nothing is written, and
         the answer's `recorded` is False, when the delivery was claimed again (its `attempts` moved on) or
-        is no longer pending (replayed) since this attempt was claimed.
+        is no longer pending (replayed) since this attempt was claimed, or was made pending again since
+        (its `pending_since` moved on: a round after a replay, whose count started over).
 
         waited_for: something waits for this record to go on (the engine, for the slot it frees), so a
         store that holds such records back to write them with others must not.

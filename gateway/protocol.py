@@ -30,7 +30,9 @@ httptools would drop its body (UpgradeIgnoring, which the ops listener's protoco
 
 uvicorn writes a response's head and its body separately, and each write is a send() system call: for a
 webhook's small answer that is half of the cost of answering. Writes made in one turn of the event loop
-are joined into one (`CoalescedWrites`).
+are joined into one (`CoalescedWrites`). A fast-path answer is written at once, where the ASGI app's waits
+until what was written before it has drained: while its client leaves answers unread, a connection reads no
+further requests (pause_writing), so those answers cannot pile up.
 
 Closing: a connection closed after its answer (408, 431, 400 invalid_http, `Connection: close`, a
 connection past listen.max_connections) may still have its client sending (the rest of a body or of a
@@ -531,7 +533,8 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
             if webhook is None or webhook.cycle is not cycle or webhook.stage != RECEIVING:
                 return
             # uvicorn pauses reading past 64 KB until the app asks for more; here the limit bounds it.
-            self.flow.resume_reading()
+            if not self.flow.write_paused:  # (see pause_writing)
+                self.flow.resume_reading()
             limit = limits().max_body_bytes
             if len(cycle.body) > limit:
                 self._refuse(webhook, too_large(limit))
@@ -664,7 +667,8 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
             if self.transport.is_closing():
                 return
             self._unset_keepalive_if_required()  # never set here; kept in case uvicorn sets one elsewhere
-            self.flow.resume_reading()
+            if not self.flow.write_paused:  # (see pause_writing)
+                self.flow.resume_reading()
             if self.pipeline:
                 cycle, app = self.pipeline.pop()
                 self._start_asgi_task(cycle, app)
@@ -677,6 +681,22 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
                 self._arm(self._body_timed_out, limits().read_timeout)
             else:
                 self._arm(self._idle_timed_out, limits().idle_timeout)
+
+        def pause_writing(self) -> None:
+            # What is written piles up: the client is not reading its answers. The ASGI app's answers wait
+            # for it (uvicorn's send() drains first), so no more of its requests are started; a fast-path
+            # answer is written at once, and reading on would let a client that pipelines requests without
+            # reading the answers fill the gateway's memory with them. Its next requests are read once it
+            # reads (resume_writing).
+            super().pause_writing()
+            self.flow.pause_reading()
+
+        def resume_writing(self) -> None:
+            super().resume_writing()
+            # Unless it is paused for another reason: a request queued behind the one in progress (resumed
+            # once that is answered), or a malformed one that waits for the answers before it.
+            if not self.pipeline and not self._malformed:
+                self.flow.resume_reading()
 
         # -- deadlines --------------------------------------------------------------------------------
 

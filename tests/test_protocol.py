@@ -9,6 +9,7 @@ import json
 import select
 import socket
 import ssl
+import threading
 import time
 from typing import Any
 
@@ -133,9 +134,10 @@ def test_a_client_that_closes_its_side_still_gets_the_answer_that_waits_for_an_f
 class Connection:
     """One raw keep-alive connection to the listener: requests as bytes, answers parsed."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, sock: socket.socket | None = None) -> None:
+        """sock: a connection to `url` made already (with options set before connecting)."""
         host, port = url.removeprefix("http://").split(":")
-        self.sock = socket.create_connection((host, int(port)), timeout=10)
+        self.sock = sock or socket.create_connection((host, int(port)), timeout=10)
         self.reader = self.sock.makefile("rb")
 
     def __enter__(self) -> Connection:
@@ -947,6 +949,54 @@ def test_hundreds_of_pipelined_refusals_in_one_write_are_each_answered(tmp_path)
     assert [status for status, _, _ in answers[:count]] == [401] * count
     assert {json.loads(body)["error"] for _, _, body in answers[:count]} == {"missing_signature"}
     assert (answers[-1][0], json.loads(answers[-1][2])["status"]) == (200, "accepted")
+
+
+def test_a_client_that_pipelines_without_reading_the_answers_is_read_no_further_until_it_reads(
+    tmp_path,
+) -> None:
+    # Each refusal is answered at once on the fast path: read on, the gateway held every answer its client
+    # left unread (here some 10 MB, and more for as long as it went on sending). The ASGI app's answers wait
+    # for the client to read; so are fast-path requests: their answers pile up no further than one read's.
+    count = 60_000  # their answers are several times what the socket buffers between the two sides hold
+    unsigned = b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # before connecting: it is the window
+            sock.connect((host, int(port)))
+            sock.settimeout(60)  # sendall's, for all it sends: it waits for the answers to be read
+            sender = threading.Thread(target=sock.sendall, args=(unsigned * count,), daemon=True)
+            sender.start()
+
+            def server_side() -> tuple[bool, int, int]:
+                """Whether the connection's reading is paused, its answers not sent yet (bytes), and how
+                many requests the listener has answered."""
+
+                async def look() -> tuple[bool, int, int]:
+                    server = gw.gateway._ingress_server
+                    assert server is not None
+                    [connection] = server.server_state.connections
+                    unsent = connection.transport.get_write_buffer_size()
+                    return connection.flow.read_paused, unsent, server.server_state.total_requests
+
+                return asyncio.run_coroutine_threadsafe(look(), gw.loop).result(10)
+
+            def paused_or_all_answered() -> bool:
+                paused, _, answered = server_side()
+                return paused or answered >= count
+
+            wait_until(paused_or_all_answered, timeout=60)
+            paused, unsent, answered = server_side()
+            assert paused and answered < count
+            assert unsent < 2 * 1024 * 1024
+            # The client reads: the rest of its requests are read and answered, in order.
+            with Connection(gw.url, sock) as conn:
+                statuses = [conn.answer()[0] for _ in range(count)]
+                sender.join(10)
+                conn.send(signed("msg_after_reading"))
+                last = conn.answer()
+    assert set(statuses) == {401}
+    assert (last[0], json.loads(last[2])["status"]) == (200, "accepted")
 
 
 def test_a_pipelined_chunked_body_over_the_limit_is_refused_even_when_it_arrived_whole(tmp_path) -> None:

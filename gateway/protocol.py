@@ -327,6 +327,8 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
         _head_bytes = 0
         # Refused (431) because its head went on past the limit, not because it is malformed.
         _head_too_large = False
+        # Refused (408) because its head did not end in time, behind requests still in progress.
+        _head_timed_out = False
         lingering = Lingering()
 
         def connection_made(self, transport: Any) -> None:
@@ -431,6 +433,9 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
         def _answer_malformed(self) -> None:
             if self._head_too_large:
                 self._close_with(_HEAD_TOO_LARGE)
+                return
+            if self._head_timed_out:
+                self._close_with(_TIMED_OUT)
                 return
             self.logger.warning("Invalid HTTP request received.")
             self._close_with(_MALFORMED)
@@ -754,8 +759,17 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
                 cast(CoalescedWrites, self.transport).close_at_once()
 
         def _headers_timed_out(self) -> None:
-            if not self.transport.is_closing():
-                self._close_with(_TIMED_OUT)
+            if self.transport.is_closing():
+                return
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                # A head pipelined behind a request still in progress (a webhook being stored): answered
+                # 408 now, the 408 would be read as that request's answer, and the connection closed under
+                # it. It is answered after the answers before it, as what is malformed there is.
+                self._head_timed_out = self._malformed = True
+                self.flow.pause_reading()  # nothing after it is read
+                return
+            self._close_with(_TIMED_OUT)
 
         def _body_timed_out(self) -> None:
             webhook, self._webhook = self._webhook, None

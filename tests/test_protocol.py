@@ -8,6 +8,7 @@ import gc
 import json
 import select
 import socket
+import sqlite3
 import ssl
 import threading
 import time
@@ -442,6 +443,30 @@ def test_a_head_not_complete_within_the_read_timeout_gets_408_header_timeout_and
             assert conn.closed_by_server()
         assert (status, headers["connection"], json.loads(body)["error"]) == (408, "close", "header_timeout")
         assert gw.metric("hookyard_webhook_rejections_total", source="", reason="header_timeout") == 1
+
+
+def test_a_head_that_times_out_behind_a_webhook_being_stored_is_answered_after_it(tmp_path) -> None:
+    # The 408 was written at once and the connection closed: the webhook's sender read it as its own answer
+    # (and sent again) while the webhook was being stored, and the answer it was owed was never written.
+    with RunningGateway(gateway_config(tmp_path, limits={"read_timeout": "300ms"})) as gw:
+        # Another process holds the database's write lock: the webhook's commit waits for it.
+        holder = sqlite3.connect(tmp_path / "hookyard.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with Connection(gw.url) as conn:
+                conn.send(signed("msg_before_slow_head") + b"POST /webhooks/consignease HTTP/1.1\r\nX-Slow: ")
+                time.sleep(1)  # well past the read timeout of the head that follows the webhook
+                holder.rollback()
+                first, second = conn.answer(), conn.answer()
+                assert conn.closed_by_server()
+        finally:
+            holder.close()
+    assert (first[0], json.loads(first[2])) == (200, {"id": "msg_before_slow_head", "status": "accepted"})
+    assert (second[0], second[1]["connection"], json.loads(second[2])["error"]) == (
+        408,
+        "close",
+        "header_timeout",
+    )
 
 
 def test_a_body_over_the_limit_is_refused_as_it_arrives_and_the_connection_stays_usable(tmp_path) -> None:

@@ -684,8 +684,9 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
                 # has, not an idle connection's, which a sender still sending would be reset by. Idle once
                 # it has ended (on_message_complete).
                 self._arm(self._body_timed_out, limits().read_timeout)
-            else:
+            elif not self._in_head:
                 self._arm(self._idle_timed_out, limits().idle_timeout)
+            # Else the next request's head began before this answer: its own deadline stands (on_message_begin).
 
         def pause_writing(self) -> None:
             # What is written piles up: the client is not reading its answers. The ASGI app's answers wait

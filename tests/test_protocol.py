@@ -469,6 +469,19 @@ def test_a_head_that_times_out_behind_a_webhook_being_stored_is_answered_after_i
     )
 
 
+def test_a_head_begun_before_the_answer_before_it_keeps_its_read_timeout(tmp_path) -> None:
+    # The answer to the webhook before it set the connection's idle deadline in place of the head's own:
+    # the head had limits.idle_timeout (a minute here) instead of the read timeout, and with an idle timeout
+    # shorter than the read timeout it was cut off without its 408.
+    limits = {"read_timeout": "300ms", "idle_timeout": "60s"}
+    with RunningGateway(gateway_config(tmp_path, limits=limits)) as gw, Connection(gw.url) as conn:
+        conn.send(signed("msg_before_slow_head") + b"POST /webhooks/consignease HTTP/1.1\r\nX-Slow: ")
+        first, second = conn.answer(), conn.answer()  # within the socket's 10 s
+        assert conn.closed_by_server()
+    assert (first[0], json.loads(first[2])["status"]) == (200, "accepted")
+    assert (second[0], json.loads(second[2])["error"]) == (408, "header_timeout")
+
+
 def test_a_body_over_the_limit_is_refused_as_it_arrives_and_the_connection_stays_usable(tmp_path) -> None:
     chunk = b"x" * 600
     with (

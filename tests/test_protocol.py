@@ -993,38 +993,52 @@ def test_a_client_that_pipelines_without_reading_the_answers_is_read_no_further_
     tmp_path,
 ) -> None:
     # Each refusal is answered at once on the fast path: read on, the gateway held every answer its client
-    # left unread (here some 10 MB, and more for as long as it went on sending). The ASGI app's answers wait
-    # for the client to read; so are fast-path requests: their answers pile up no further than one read's.
-    count = 60_000  # their answers are several times what the socket buffers between the two sides hold
+    # left unread (66 MB after 8 s of this, and more for as long as it went on sending). The ASGI app's
+    # answers wait for the client to read; so are fast-path requests: their answers pile up no further than
+    # one read's.
+    count = 20_000  # their answers are many times what the socket buffers between the two sides hold
     unsigned = b"POST /webhooks/consignease HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
     with RunningGateway(gateway_config(tmp_path)) as gw:
+
+        def on_the_loop(look: Any) -> Any:
+            return asyncio.run_coroutine_threadsafe(look(), gw.loop).result(10)
+
+        async def connection() -> Any:
+            """The listener's one connection; None until it is accepted."""
+            server = gw.gateway._ingress_server
+            assert server is not None
+            connections = list(server.server_state.connections)
+            assert len(connections) <= 1
+            return connections[0] if connections else None
+
+        async def server_side() -> tuple[bool, int, int]:
+            """Whether the connection's reading is paused, its answers not sent yet (bytes), and how many
+            requests the listener has answered."""
+            protocol = await connection()
+            total = protocol.server_state.total_requests
+            return protocol.flow.read_paused, protocol.transport.get_write_buffer_size(), total
+
+        async def fixed_send_buffer() -> None:
+            # As the kernel's autotuning would leave it on a small host (it grows to tcp_wmem's maximum).
+            sock = (await connection()).transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)
+
         host, port = gw.url.removeprefix("http://").split(":")
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)  # before connecting: it is the window
             sock.connect((host, int(port)))
             sock.settimeout(60)  # sendall's, for all it sends: it waits for the answers to be read
+            wait_until(lambda: on_the_loop(connection))  # accepted
+            on_the_loop(fixed_send_buffer)
             sender = threading.Thread(target=sock.sendall, args=(unsigned * count,), daemon=True)
             sender.start()
 
-            def server_side() -> tuple[bool, int, int]:
-                """Whether the connection's reading is paused, its answers not sent yet (bytes), and how
-                many requests the listener has answered."""
-
-                async def look() -> tuple[bool, int, int]:
-                    server = gw.gateway._ingress_server
-                    assert server is not None
-                    [connection] = server.server_state.connections
-                    unsent = connection.transport.get_write_buffer_size()
-                    return connection.flow.read_paused, unsent, server.server_state.total_requests
-
-                return asyncio.run_coroutine_threadsafe(look(), gw.loop).result(10)
-
             def paused_or_all_answered() -> bool:
-                paused, _, answered = server_side()
+                paused, _, answered = on_the_loop(server_side)
                 return paused or answered >= count
 
             wait_until(paused_or_all_answered, timeout=60)
-            paused, unsent, answered = server_side()
+            paused, unsent, answered = on_the_loop(server_side)
             assert paused and answered < count
             assert unsent < 2 * 1024 * 1024
             # The client reads: the rest of its requests are read and answered, in order.

@@ -18,6 +18,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import click
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -617,3 +618,102 @@ def test_each_rejection_is_documented_with_its_status() -> None:
         }
         wrong = sorted(pairs - documented)
         assert not wrong, f"docs/{page} gives these another status, or none: {wrong}"
+
+
+def section(page: str, heading: str) -> str:
+    """The text under the heading of a page (README.md or docs/…) that begins with `heading`, up to the next
+    heading of its level or above, outside code blocks."""
+    text = (ROOT / page).read_text()
+    level = heading.split(" ", 1)[0]
+    lines, inside, fenced = [], False, False
+    for line in text.splitlines(keepends=True):
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (match := re.match(r"(#{1,6}) ", line)):
+            if inside and len(match[1]) <= len(level):
+                break
+            inside = inside or line.startswith(heading)
+        if inside:
+            lines.append(line)
+    assert lines, f"no heading {heading!r} in {page}"
+    return "".join(lines)
+
+
+def cli_commands() -> dict[tuple[str, ...], click.Command]:
+    """Every command the `hookyard` command runs, by its words (`events list`)."""
+    commands: dict[tuple[str, ...], click.Command] = {}
+
+    def walk(group: click.Group, words: tuple[str, ...]) -> None:
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                walk(command, (*words, name))
+            else:
+                commands[(*words, name)] = command
+
+    walk(main, ())
+    return commands
+
+
+def long_options(command: click.Command) -> list[str]:
+    return [opt for param in command.params for opt in param.opts if opt.startswith("--")]
+
+
+def described_options(text: str) -> set[str]:
+    """The options that code in `text` names (`--since 2h`, `hookyard replay ID --action KEY`). A synopsis's
+    `[--json]` lists an option without saying what it does, and does not count."""
+    spans = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+    return {
+        opt
+        for span in spans
+        for opt in re.findall(r"(?<![\w\[-])--[a-z][\w-]*", re.sub(r"\[[^]]*\]", "", span))
+    }
+
+
+# Where each command's options are described. `--config` and `--admin-url` are described once for every
+# command that takes them (see the tests below).
+CLI_SECTIONS = {
+    ("serve",): ("docs/configuration.md", "# Configuration"),
+    ("check",): ("docs/configuration.md", "## Checking a config"),
+    ("schema",): ("docs/configuration.md", "## Editor integration"),
+    ("plugins",): ("docs/plugins.md", "## How plugins are loaded"),
+    ("events", "list"): ("docs/operations.md", "### `hookyard events list`"),
+    ("events", "show"): ("docs/operations.md", "### `hookyard events show`"),
+    ("replay",): ("docs/operations.md", "### Replay"),
+    ("send",): ("docs/providers.md", "## Test events"),
+    ("sign",): ("docs/providers.md", "## Test events"),
+    ("sink",): ("README.md", "## A short tour"),
+}
+SHARED_OPTIONS = {"--config", "--admin-url"}
+
+
+def test_every_cli_option_is_described_where_its_command_is() -> None:
+    commands = cli_commands()
+    assert sorted(commands) == sorted(CLI_SECTIONS), "a command with no section in CLI_SECTIONS"
+    for words, command in commands.items():
+        named = described_options(section(*CLI_SECTIONS[words]))
+        missing = [opt for opt in long_options(command) if opt not in SHARED_OPTIONS and opt not in named]
+        assert not missing, f"hookyard {' '.join(words)}: {missing} not in {CLI_SECTIONS[words]}"
+    # `-c/--config`: the configuration reference names every command that takes it, in its first lines.
+    intro = (ROOT / "docs" / "configuration.md").read_text().split("\n\n", 2)[1]
+    assert "`-c/--config PATH`" in intro
+    takes_config = {words[0] for words, command in commands.items() if "--config" in long_options(command)}
+    assert sorted(name for name in takes_config if f"`{name}`" not in intro) == []
+    # `--admin-url`: the operator commands' page says what it does, for the commands that take it.
+    operator = section("docs/operations.md", "## Operator CLI and admin API").split("\n### ", 1)[0]
+    assert "`--admin-url`" in operator and "`$HOOKYARD_ADMIN_URL`" in operator
+    assert {words[0] for words, command in commands.items() if "--admin-url" in long_options(command)} == {
+        "events",
+        "replay",
+    }
+
+
+def test_the_test_events_section_names_the_options_sign_does_not_take() -> None:
+    commands = cli_commands()
+    lacking = [
+        opt for opt in long_options(commands[("send",)]) if opt not in long_options(commands[("sign",)])
+    ]
+    assert lacking, "sign takes every option of send: the section may say `the same options`"
+    text = section("docs/providers.md", "## Test events")
+    [paragraph] = [part for part in text.split("\n\n") if part.startswith("`hookyard sign`")]
+    missing = [opt for opt in lacking if f"`{opt}`" not in paragraph]
+    assert not missing, f"the paragraph on `hookyard sign` does not say it lacks {missing}"

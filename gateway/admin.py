@@ -136,7 +136,9 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         responses:
           200: {description: a page of events}
           400: {description: a bad filter}
-          401: {description: missing or wrong token}
+          401: {description: missing or wrong bearer token (ops.admin_token is set)}
+          403: {description: "without ops.admin_token: a caller that is not a local program (a web page)"}
+          500: {description: "a fault in Hookyard, logged with its traceback"}
           503: {description: the store cannot be read or written right now}
         """
         query = _query(request, LIST_FILTERS)
@@ -159,8 +161,12 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           - {name: source, in: query, schema: {type: string}}
         responses:
           200: {description: the event}
+          400: {description: a bad parameter}
+          401: {description: missing or wrong bearer token (ops.admin_token is set)}
+          403: {description: "without ops.admin_token: a caller that is not a local program (a web page)"}
           404: {description: no such event}
           409: {description: the id exists in several sources; give source}
+          500: {description: "a fault in Hookyard, logged with its traceback"}
           503: {description: the store cannot be read or written right now}
         """
         query = _query(request, ("source",))
@@ -179,8 +185,12 @@ def admin_routes(gateway: Gateway) -> list[Route]:
                 properties: {source: {type: string}, route: {type: string}, action: {type: string}}
         responses:
           200: {description: how many deliveries will run again}
+          400: {description: a bad body}
+          401: {description: missing or wrong bearer token (ops.admin_token is set)}
+          403: {description: "without ops.admin_token: a caller that is not a local program (a web page)"}
           404: {description: "no such event, or no delivery of that route or action"}
           409: {description: the id exists in several sources; give source}
+          500: {description: "a fault in Hookyard, logged with its traceback"}
           503: {description: the store cannot be read or written right now}
         """
         body = _known(await _json(request), ("source", "route", "action"))
@@ -218,6 +228,9 @@ def admin_routes(gateway: Gateway) -> list[Route]:
             description: this page's counts
             content: {application/json: {schema: {$ref: "#/components/schemas/ReplayPage"}}}
           400: {description: a bad request}
+          401: {description: missing or wrong bearer token (ops.admin_token is set)}
+          403: {description: "without ops.admin_token: a caller that is not a local program (a web page)"}
+          500: {description: "a fault in Hookyard, logged with its traceback"}
           503: {description: the store cannot be read or written right now}
         """
         body = _known(await _json(request), BULK_REPLAY_FIELDS)

@@ -1085,3 +1085,37 @@ def test_since_and_until_read_rfc_3339_s_lower_case_z() -> None:
     expected = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
     for text in ("2026-01-01T00:00:00Z", "2026-01-01t00:00:00z", "2026-01-01T00:00:00+00:00", "2026-01-01"):
         assert parse_time(text, "until") == expected, text
+
+
+def test_the_openapi_document_names_every_status_an_endpoint_answers(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """Each endpoint is asked what it refuses (a parameter it does not know, a wrong token, a web page's
+    request, an unknown event): its answer's status is in the document's responses for it, as are those
+    the guard gives every endpoint (a store that cannot be read, a fault)."""
+    requests = {
+        ("get", "/admin/events"): ("GET", "/admin/events", {"params": {"nope": "1"}}),
+        ("get", "/admin/events/{event_id}"): ("GET", "/admin/events/msg_x", {"params": {"nope": "1"}}),
+        ("post", "/admin/events/{event_id}/replay"): (
+            "POST",
+            "/admin/events/msg_x/replay",
+            {"json": {"nope": 1}},
+        ),
+        ("post", "/admin/replay"): ("POST", "/admin/replay", {"json": {"nope": 1}}),
+    }
+    answered: dict[tuple[str, str], set[int]] = {key: {500, 503} for key in requests}
+    with RunningGateway(users_config(tmp_path / "token", downstream)) as gw:
+        document = admin(gw, "GET", "/admin/openapi.json").json()
+        for key, (method, path, refused) in requests.items():
+            answered[key].add(admin(gw, method, path, **refused).status_code)
+            answered[key].add(admin(gw, method, path, token="wrong").status_code)
+            answered[key].add(admin(gw, method, path, json={} if method == "POST" else None).status_code)
+    with RunningGateway(users_config(tmp_path / "open", downstream, admin_token=None)) as gw:
+        for key, (method, path, _) in requests.items():
+            headers = {"origin": "https://any.example"}
+            answered[key].add(gw.client.request(method, gw.ops_url + path, headers=headers).status_code)
+    assert answered[("get", "/admin/events/{event_id}")] >= {400, 401, 403, 404}
+    for (method, path), statuses in answered.items():
+        documented = {int(status) for status in document["paths"][path][method]["responses"]}
+        missing = sorted(statuses - documented)
+        assert not missing, f"{method.upper()} {path} answers {missing}, which /admin/openapi.json leaves out"

@@ -222,7 +222,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
                   route: {type: string}
                   action: {type: string}
                   cursor: {type: integer, minimum: 0}
-                  limit: {type: integer, minimum: 1, maximum: 500}
+                  limit: {type: integer, minimum: 1, maximum: 500, default: 500}
         responses:
           200:
             description: this page's counts

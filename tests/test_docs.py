@@ -717,3 +717,46 @@ def test_the_test_events_section_names_the_options_sign_does_not_take() -> None:
     [paragraph] = [part for part in text.split("\n\n") if part.startswith("`hookyard sign`")]
     missing = [opt for opt in lacking if f"`{opt}`" not in paragraph]
     assert not missing, f"the paragraph on `hookyard sign` does not say it lacks {missing}"
+
+
+def admin_parameters() -> dict[str, dict[str, dict[str, Any]]]:
+    """`METHOD /path` of each admin endpoint, as the admin table writes it, and its query and body
+    parameters, each with its schema: what /admin/openapi.json says of them."""
+    from gateway.admin import admin_routes, schemas
+
+    # The routes call on the gateway only when a request comes.
+    document = schemas.get_schema(routes=admin_routes(typing.cast(Any, None)))
+    endpoints = {}
+    for path, methods in document["paths"].items():
+        for method, operation in methods.items():
+            parameters = {
+                p["name"]: p["schema"] for p in operation.get("parameters", []) if p["in"] == "query"
+            }
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json", {})
+            parameters.update(body.get("schema", {}).get("properties", {}))
+            endpoints[f"{method.upper()} {path.replace('{event_id}', '{id}')}"] = parameters
+    return endpoints
+
+
+def test_every_admin_endpoint_is_in_the_table_with_its_parameters_and_their_bounds() -> None:
+    text = section("docs/operations.md", "### Admin API")
+    rows = dict(re.findall(r"^\| `((?:GET|POST) /admin/[^`]+)` \| (.+) \|$", text, re.M))
+    endpoints = admin_parameters()
+    assert "GET /admin/events" in endpoints and "POST /admin/replay" in endpoints
+    documented = sorted(set(rows) - {"GET /admin/openapi.json"})
+    assert documented == sorted(endpoints), "the endpoints of the admin table in docs/operations.md"
+    for endpoint, parameters in endpoints.items():
+        row = rows[endpoint]
+        # Named in code (`cursor`, `?source=`) or as a JSON key ("action").
+        code = re.findall(r"`([^`]+)`", row) + re.findall(r'"(\w+)"', row)
+        named = {word for text in code for word in re.findall(r"\w+", text)}
+        missing = [name for name in parameters if name not in named]
+        assert not missing, f"{endpoint}: {missing} not in its row"
+        for name, schema in parameters.items():
+            if "minimum" in schema and "maximum" in schema:
+                bounds = f"{schema['minimum']}\N{EN DASH}{schema['maximum']}"  # as the docs write a range
+                assert bounds in row, f"{endpoint}: `{name}` takes {bounds}, which its row does not say"
+            if "default" in schema:
+                assert f"default {schema['default']}" in row, (
+                    f"{endpoint}: `{name}` defaults to {schema['default']}"
+                )

@@ -760,3 +760,54 @@ def test_every_admin_endpoint_is_in_the_table_with_its_parameters_and_their_boun
                 assert f"default {schema['default']}" in row, (
                     f"{endpoint}: `{name}` defaults to {schema['default']}"
                 )
+
+
+_LOG_LEVELS = {"debug", "info", "warning", "error", "exception"}
+
+
+def log_calls() -> list[tuple[str, str, str]]:
+    """(file, level, message) of every log call of the gateway and the built-in plugins whose message is
+    written out (`log.warning("cannot prune events", …)`), read from their source."""
+    calls = []
+    for path in sorted([*(ROOT / "gateway").rglob("*.py"), *(ROOT / "plugins").glob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in _LOG_LEVELS
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
+                calls.append((path.relative_to(ROOT).as_posix(), node.func.attr, node.args[0].value))
+    return calls
+
+
+def _as_pattern(message: str) -> str:
+    # `%s` and `%d` stand for what the docs write as NAME or N.
+    return ".+?".join(re.escape(part) for part in re.split(r"%[sdr]", message))
+
+
+def logged_as(message: str, code: str) -> bool:
+    """Whether `code` in the logs table writes `message`; one ending in `…` may leave out its end."""
+    if code.endswith("…"):
+        shown = code.removesuffix("…").rstrip()
+        return any(re.fullmatch(_as_pattern(message[:end]), shown) for end in range(len(message) + 1))
+    return re.fullmatch(_as_pattern(message), code) is not None
+
+
+def test_every_log_message_is_in_the_logs_table_with_its_level() -> None:
+    text = section("docs/operations.md", "## Structured logs")
+    rows = re.findall(r"^\| `[\w.]+` \| (.+?) \| (.+?) \|", text, re.M)
+    calls = log_calls()
+    assert len(calls) >= 50 and ("gateway/app.py", "info", "hookyard ready") in calls
+    for path, level, message in calls:
+        found = [
+            levels
+            for cell, levels in rows
+            if any(logged_as(message, code) for code in re.findall(r"`([^`]+)`", cell))
+        ]
+        assert found, f"{path}: {message!r} is not in the logs table of docs/operations.md"
+        # An exception is logged at error level, with its traceback.
+        word = "error" if level == "exception" else level
+        assert any(word in levels for levels in found), f"{path}: {message!r} is logged at {level}"

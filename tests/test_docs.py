@@ -4,6 +4,7 @@ README's two commands do what it says (CI runs the test command; `make run` inst
 from __future__ import annotations
 
 import ast
+import asyncio
 import dataclasses
 import importlib
 import inspect
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import pluggy
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -811,3 +813,63 @@ def test_every_log_message_is_in_the_logs_table_with_its_level() -> None:
         # An exception is logged at error level, with its traceback.
         word = "error" if level == "exception" else level
         assert any(word in levels for levels in found), f"{path}: {message!r} is logged at {level}"
+
+
+def commands_that_load_plugins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The commands that build the plugin manager (and so call register_providers), found by running each
+    on a config whose store exists; `serve` compiles the config as `check` does, and `sink` needs none."""
+    import gateway.cli
+    from gateway.storage import open_storage
+
+    config = tmp_path / "routes.yaml"
+    config.write_text(
+        f'storage: {{url: "sqlite:///{tmp_path}/hookyard.db"}}\n'
+        "sources: {hooks: {path: /hooks, provider: token, secrets: [s3cret]}}\n"
+        "routes: [{name: r, source: hooks, actions: [{use: forward, with: {url: 'http://127.0.0.1:9/'}}]}]\n"
+    )
+
+    async def create() -> None:
+        storage = open_storage(f"sqlite:///{tmp_path}/hookyard.db")
+        await storage.open()
+        await storage.close()
+
+    asyncio.run(create())
+    loading: list[str] = []
+    plugins = gateway.cli._plugins
+
+    def counted() -> pluggy.PluginManager:
+        loading.append(name)  # the command running, in the loop below
+        return plugins()
+
+    monkeypatch.setattr(gateway.cli, "_plugins", counted)
+    runs = {
+        "check": ["check"],
+        "send": ["send", "hooks", "--type", "t", "--url", "http://127.0.0.1:9"],
+        "sign": ["sign", "hooks", "--type", "t"],
+        "plugins": ["plugins"],
+        "schema": ["schema"],
+        "events list": ["events", "list"],
+        "events show": ["events", "show", "evt_none"],
+        "replay ID": ["replay", "evt_none"],
+        "replay --state dead": ["replay", "--state", "dead", "--since", "1h"],
+        "replay --state missing": ["replay", "--state", "missing", "--since", "1h"],
+    }
+    for name, words in runs.items():
+        arguments = words if words[0] in ("plugins", "schema") else [*words, "-c", str(config)]
+        result = CliRunner().invoke(main, arguments, catch_exceptions=False)
+        # Done, or refused for what it was asked (no such event, no gateway to send to), not for the config.
+        assert result.exit_code in (0, 1) and "routes.yaml:" not in result.output, (name, result.output)
+    return {"serve", *loading}
+
+
+def test_the_guide_names_the_commands_that_call_register_providers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    called = hook_sections((ROOT / "docs" / "plugins.md").read_text())["register_providers"]
+    [bullet] = [item for item in called.split("\n- ") if item.startswith("**Called**")]
+    # Its first sentence names them; the next ones may name those that do not.
+    first = " ".join(bullet.split()).split(". ", 1)[0]
+    named = {name.removeprefix("hookyard ") for name in re.findall(r"`([^`]+)`", first)}
+    loaded = commands_that_load_plugins(tmp_path, monkeypatch)
+    assert loaded >= {"check", "send", "plugins"}
+    assert named == loaded, f"### register_providers is called by {sorted(loaded)}"

@@ -337,10 +337,15 @@ def events() -> None:
 
 @events.command("list")
 @operator_options
-@click.option("--state", type=click.Choice(["pending", "delivered", "dead", "unrouted"]))
-@source_option()
-@click.option("--type", "event_type")
-@route_option()
+@click.option(
+    "--state",
+    type=click.Choice(["pending", "delivered", "dead", "unrouted"]),
+    help="Only events with a delivery still to run (pending), all final and none dead (delivered), one "
+    "dead at least (dead), or no delivery (unrouted).",
+)
+@source_option("Only events of this source.")
+@click.option("--type", "event_type", help="Only events of this canonical type.")
+@route_option("Only events with a delivery for this route.")
 @window_options(
     since="Only events received in this window (2h) or since a time (ISO 8601).",
     until="Only events received before this time.",
@@ -405,8 +410,8 @@ def _one_line(text: str) -> str:
 @events.command("show")
 @operator_options
 @click.argument("event_id")
-@source_option()
-@json_option()
+@source_option("The event's source (needed when the same id exists in several).")
+@json_option("The event on one line (default: indented).")
 def events_show(
     config_path: Path | None, admin_url: str | None, event_id: str, source: str | None, as_json: bool
 ) -> None:

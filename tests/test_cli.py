@@ -1326,3 +1326,24 @@ def test_sink_on_a_host_that_is_not_a_name_says_so_as_serve_does(host: str) -> N
         result.stderr
         == f"hookyard: cannot listen on {host}:3000: not a host name (label empty or too long)\n"
     )
+
+
+def test_every_option_of_every_command_says_what_it_does_in_its_help() -> None:
+    import click
+
+    def commands(group: click.Group, words: tuple[str, ...]) -> Iterator[tuple[str, click.Command]]:
+        for name, command in group.commands.items():
+            if isinstance(command, click.Group):
+                yield from commands(command, (*words, name))
+            else:
+                yield " ".join((*words, name)), command
+
+    # `sink --host` and `--port` say their default, which is all they need to.
+    plain = {("sink", "host"), ("sink", "port")}
+    silent = [
+        f"hookyard {name} {param.opts[-1]}"
+        for name, command in commands(main, ())
+        for param in command.params
+        if isinstance(param, click.Option) and not param.help and (name, param.name) not in plain
+    ]
+    assert not silent, f"options whose --help says nothing: {silent}"

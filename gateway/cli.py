@@ -252,11 +252,11 @@ operator_options = _together(
 )
 
 
-def source_option(help: str | None = None) -> Decorator:
+def source_option(help: str) -> Decorator:
     return click.option("--source", help=help)
 
 
-def route_option(help: str | None = None) -> Decorator:
+def route_option(help: str) -> Decorator:
     return click.option("--route", help=help)
 
 
@@ -264,7 +264,7 @@ def window_options(*, since: str, until: str) -> Decorator:
     return _together(click.option("--since", help=since), click.option("--until", help=until))
 
 
-def json_option(help: str | None = None) -> Decorator:
+def json_option(help: str) -> Decorator:
     return click.option("--json", "as_json", is_flag=True, help=help)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -1119,3 +1120,39 @@ def test_the_openapi_document_names_every_status_an_endpoint_answers(
         documented = {int(status) for status in document["paths"][path][method]["responses"]}
         missing = sorted(statuses - documented)
         assert not missing, f"{method.upper()} {path} answers {missing}, which /admin/openapi.json leaves out"
+
+
+def test_an_event_whose_stored_text_is_not_utf8_is_listed_and_shown_not_a_500(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # Written by hand (`CAST(x'ff' AS TEXT)` in a `sqlite3` shell) or by another version: sqlite3 failed
+    # the whole listing on it, a 500 on the admin API and a failure of `hookyard events list`.
+    config_path = tmp_path / "hookyard.yaml"
+    config_path.write_text(yaml.safe_dump(users_config(tmp_path, downstream)))
+    with RunningGateway(config_path) as gw:
+        send(gw, "msg_bad")
+        send(gw, "msg_good")
+        wait_until(lambda: states(gw, "msg_bad") == {"app": "delivered", "audit": "delivered"})
+        conn = sqlite3.connect(tmp_path / "hookyard.db")
+        with conn:
+            conn.execute("UPDATE events SET type = CAST(X'7573FF' AS TEXT) WHERE event_id = 'msg_bad'")
+            conn.execute("UPDATE deliveries SET action = CAST(X'6170FF' AS TEXT) WHERE action = 'audit'")
+        conn.close()
+
+        listed = admin(gw, "GET", "/admin/events")
+        assert listed.status_code == 200, listed.text
+        assert {e["id"]: e["type"] for e in listed.json()["events"]} == {
+            "msg_bad": "us\ufffd",
+            "msg_good": "user.created",
+        }
+        shown = admin(gw, "GET", "/admin/events/msg_bad")
+        assert shown.status_code == 200, shown.text
+        event = shown.json()
+        assert event["payload"] is None and "its type is not UTF-8 ('us\ufffd')" in event["unreadable"]
+        assert [d["action"] for d in event["deliveries"]] == ["app", "ap\ufffd"]
+        runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
+        for where in (["--admin-url", gw.ops_url], ["--config", str(config_path)]):
+            result = runner.invoke(main, ["events", "list", *where])
+            assert result.exit_code == 0 and "us\ufffd" in result.output, result.output
+            result = runner.invoke(main, ["events", "show", "msg_bad", *where])
+            assert result.exit_code == 0 and '"ap\\ufffd"' in result.output, result.output  # JSON, ASCII

@@ -1457,3 +1457,42 @@ def test_delivered_gives_the_outcome_of_its_status_whether_made_once_or_anew() -
         assert outcome == Outcome("delivered", status)  # type: ignore[arg-type]
         assert type(outcome.status_code) is type(status)
     assert delivered(202) is delivered(202)  # immutable: the usual ones are shared, not made per delivery
+
+
+@pytest.mark.parametrize(
+    ("table", "column"), [("events", "type"), ("deliveries", "route")], ids=["event-type", "delivery-route"]
+)
+def test_a_delivery_whose_stored_text_is_not_utf8_ends_dead_and_the_others_go_out(
+    tmp_path, downstream: Downstream, caplog: pytest.LogCaptureFixture, table: str, column: str
+) -> None:
+    # A row written by hand (`CAST(x'ff' AS TEXT)` in a `sqlite3` shell) or by another version: sqlite3 failed
+    # every claim that read it, and with them every delivery of the gateway, for as long as it stayed due.
+    downstream.answer("/app", 500)  # the first attempt of each: both wait for a retry
+    config = gateway_config(tmp_path, routes=[alert_on_failure_route(downstream, "/a")])
+    config["defaults"]["retry"] = {"schedule": ["1h"], "jitter": 0}  # due again only as the test says
+    with RunningGateway(config) as gw:
+        for msg_id in ("msg_bad", "msg_good"):
+            body, headers = svix_request(msg_id=msg_id)
+            assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        wait_until(lambda: sum(map(len, event_detail(gw, "msg_good").attempts.values())) == 1)
+        wait_until(lambda: sum(map(len, event_detail(gw, "msg_bad").attempts.values())) == 1)
+        with sqlite3.connect(tmp_path / "hookyard.db") as conn:
+            seq = "(SELECT seq FROM events WHERE event_id = 'msg_bad')"
+            where = "event_id = 'msg_bad'" if table == "events" else f"event_seq = {seq} AND action = 'app'"
+            conn.execute(f"UPDATE {table} SET {column} = CAST(X'7573FF' AS TEXT) WHERE {where}")
+            conn.execute("UPDATE deliveries SET due_at = ? WHERE state = 'pending'", (time.time(),))
+        conn.close()
+
+        wait_until(lambda: delivery_states(gw, "msg_good") == {"app": "delivered", "alert": "skipped"})
+        wait_until(lambda: delivery_states(gw, "msg_bad")["app"] == "dead")
+        [dead] = [
+            d for d in event_detail(gw, "msg_bad").deliveries if d.state == "dead" and d.action == "app"
+        ]
+        assert f"its {column} is not UTF-8 ('us\ufffd')" in (dead.last_error or "")
+        # Its dependent on a failure runs on the event, if that can be read; ends dead the same way if not.
+        alert = "dead" if table == "events" else "delivered"
+        wait_until(lambda: delivery_states(gw, "msg_bad")["alert"] == alert)
+        route = "us\ufffd" if column == "route" else "users"
+        assert gw.metric("hookyard_deliveries_total", route=route, action="app", outcome="dead") == 1
+        assert gw.client.get(f"{gw.ops_url}/metrics").status_code == 200
+    assert "delivery loop failed" not in caplog.text

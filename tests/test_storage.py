@@ -1228,6 +1228,73 @@ def test_a_claimed_delivery_whose_event_cannot_be_read_ends_dead_and_the_others_
     assert [d.action for [(d, _event, _finished)] in told[1:]] == ["alert"]
 
 
+@pytest.mark.parametrize(
+    ("sql", "reason"),
+    [
+        ("UPDATE events SET source = CAST(X'73FF' AS TEXT) WHERE event_id = 'evt_bad'", "its source"),
+        ("UPDATE events SET event_id = CAST(X'65FF' AS TEXT) WHERE event_id = 'evt_bad'", "its event id"),
+        ("UPDATE events SET type = CAST(X'74FF' AS TEXT) WHERE event_id = 'evt_bad'", "its type"),
+        (
+            "UPDATE deliveries SET route = CAST(X'72FF' AS TEXT) WHERE action = 'app' AND event_seq = 1",
+            "its route",
+        ),
+        (
+            "UPDATE deliveries SET action = CAST(X'61FF' AS TEXT) WHERE action = 'app' AND event_seq = 1",
+            "its action",
+        ),
+    ],
+    ids=["source", "event-id", "type", "route", "action"],
+)
+@pytest.mark.parametrize("limited", [False, True], ids=["all", "concurrency"])
+def test_a_claimed_delivery_whose_text_is_not_utf8_ends_dead_and_the_others_are_claimed(
+    db: Harness, sql: str, reason: str, limited: bool
+) -> None:
+    # As a `sqlite3` shell writes it: sqlite3 fails a statement that reads such text, and with it the claim
+    # of every due delivery.
+    told: list[Any] = []
+    db.storage.on_unreadable = told.append
+    alert = action("alert", after="app", when="failure")
+    db.ingest("evt_bad", APP, alert, at=T0)
+    db.ingest("evt_good", APP, at=T0 + 1)
+    damage(db.path, sql)
+
+    rooms = {(ROUTE, "app"): 5} if limited else None
+    claims = db.run(db.storage.claim(T0 + 10, 100, LEASE, "w1", limited=rooms))
+    assert [c.event.id for c in claims] == ["evt_good"]
+    [[(delivery, event, finished)]] = told
+    error = delivery.last_error or ""
+    assert error.startswith("the stored event cannot be read: ") and reason in error and "\ufffd" in error
+    assert (delivery.state, delivery.attempts) == ("dead", 1)
+    assert event.payload is None and event.headers == {}
+    # Shown with U+FFFD for the byte that is not UTF-8: JSON, a log line, a metric label can hold it.
+    assert "\ufffd" in event.source + event.id + event.type + delivery.route + delivery.action
+    assert finished.activated == [(ROUTE, "alert")]
+
+    # The listings show it, as the CLI and the admin API list and show it.
+    listed = db.run(db.storage.list_events())
+    assert len(listed) == 2 and all("\ufffd" not in e.id for e in listed if e.id == "evt_good")
+    page = db.run(db.storage.events_page(since=None))
+    assert [e.unreadable is not None for e in page] == [
+        reason in ("its source", "its event id", "its type"),
+        False,
+    ]
+    [bad] = [e for e in listed if e.seq == 1]
+    if reason in ("its source", "its event id"):
+        # Its id (or source) as listed is not the one stored: not found, rather than a failure.
+        assert db.run(db.storage.get_event(bad.id, bad.source)) == []
+    else:
+        [detail] = db.run(db.storage.get_event(bad.id, bad.source))
+        [dead] = [d for d in detail.deliveries if d.id == delivery.id]
+        assert dead.state == "dead" and dead.last_error == error
+    # The other delivery goes on: its attempt is recorded, and the claims after it find nothing left.
+    db.finish(claims[0], "delivered", T0 + 11, status=200)
+    # The one on a failure runs, on an event that can be read; else it ends dead the same way.
+    event_unreadable = reason in ("its source", "its event id", "its type")
+    assert [c.delivery.action for c in db.claim(T0 + 12)] == ([] if event_unreadable else ["alert"])
+    assert [d.action for [(d, _event, _finished)] in told[1:]] == (["alert"] if event_unreadable else [])
+    assert db.claim(T0 + 13) == []
+
+
 def test_claim_takes_no_more_of_an_action_than_it_has_room_for_and_none_of_a_full_one(db: Harness) -> None:
     slow, fast = action("slow"), action("fast")
     for index in range(3):

@@ -121,7 +121,8 @@ DUPLICATE = Ingested(False)
 
 def unreadable_event(reason: object) -> str:
     """The error a delivery ends dead with, nothing sent, when its stored event cannot be read back (a body
-    or headers that are not JSON: a database edited by hand, a row of another version, a damaged page)."""
+    or headers that are not JSON, text that is not UTF-8: a database edited by hand, a row of another
+    version, a damaged page)."""
     return f"the stored event cannot be read: {reason}"
 
 
@@ -259,7 +260,8 @@ class Storage(ABC):
         leased, they would wait for the action while holding the caller's slots, which the other actions'
         due deliveries wait for.
 
-        A delivery whose event cannot be read back is not leased but ended dead in the same transaction
+        A delivery whose event cannot be read back, or whose text (its own route or action, its event's
+        source, id or type) is not UTF-8, is not leased but ended dead in the same transaction
         (`unreadable_event`), its dependents settled, and told to `on_unreadable` once committed: one bad
         row must not fail every claim, and with it every delivery."""
 

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import sqlite3
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Collection, Iterable, Mapping
 from pathlib import Path
@@ -484,6 +486,7 @@ class _GroupCommit:
                 try:
                     result = operation(conn)
                 except Exception as exc:
+                    _release_cursors(exc)
                     if not conn.in_transaction:
                         # SQLite rolled the whole transaction back (disk full, I/O error): the batch fails.
                         if isinstance(exc, sqlite3.Error):
@@ -753,6 +756,17 @@ class _OperationFailed(Exception):
     """One operation of a batch raised while the transaction was still alive."""
 
 
+def _release_cursors(failure: BaseException | None) -> None:
+    """Clear the frames a failure (and those it was raised from) went through. They may hold a cursor whose
+    statement is still in progress, one that failed to read a row (text that is not UTF-8): the savepoint's
+    release, or the next batch's, would fail on it ("SQL statements in progress") for as long as it lives."""
+    seen: set[int] = set()
+    while failure is not None and id(failure) not in seen:
+        seen.add(id(failure))
+        traceback.clear_frames(failure.__traceback__)
+        failure = failure.__cause__ or failure.__context__
+
+
 def _settle(results: Iterable[_Result]) -> None:
     for future, result, failed, _durable in results:
         if future.cancelled():
@@ -935,6 +949,8 @@ class SQLiteStorage(Storage):
             # Its queries scan (the statistics every 2 s, an operator's listing): a page cache would only add to
             # the process's memory.
             reader.execute("PRAGMA cache_size = -256")
+            # Its listings show what is stored, a row whose text is not UTF-8 too (see _LENIENT_TEXT).
+            reader.text_factory = _LENIENT_TEXT
         except sqlite3.Error as exc:
             conn.close()
             raise StorageUnavailable(f"cannot open {self.path}: {exc}") from exc
@@ -1031,9 +1047,17 @@ class SQLiteStorage(Storage):
     ) -> list[Claim]:
         left_out = _id_list(running)
         rooms = dict(limited) if limited else None  # read when called, as `running` is
-        claims, skipped, unreadable = await self._run(
-            lambda conn: _claim(conn, now, limit, now + lease, owner, left_out, rooms), durable=False
-        )
+
+        def claim(conn: sqlite3.Connection) -> tuple[list[Claim], list[DeliveryRecord], list[Unreadable]]:
+            return _claim(conn, now, limit, now + lease, owner, left_out, rooms)
+
+        try:
+            claims, skipped, unreadable = await self._run(_strict(claim), durable=False)
+        except _NotText:
+            # A due delivery, or its event, has text that is not UTF-8 (a row written by hand, or by another
+            # version): that claim was rolled back. Claimed again reading text leniently, which ends those
+            # deliveries dead on their own (_claim). Only then: the lenient reads cost every text value a call.
+            claims, skipped, unreadable = await self._run(_lenient(claim), durable=False)
         self._tell_skipped(skipped)
         if unreadable and self.on_unreadable is not None:
             self.on_unreadable(unreadable)
@@ -1212,7 +1236,7 @@ class SQLiteStorage(Storage):
             if state:
                 params.append(state)
             params.append(limit)
-            return [EventSummary(*row) for row in conn.execute(sql, params)]
+            return [EventSummary(*map(_shown, row)) for row in conn.execute(sql, params)]
 
         # On the reader: filtered by state or route it walks every event until it has a page (seconds in a
         # large database), which in a batch would hold up the event loop, and, in the CLI, the file's write
@@ -1229,7 +1253,7 @@ class SQLiteStorage(Storage):
             details = []
             for row in conn.execute(sql + " ORDER BY seq DESC", params).fetchall():
                 deliveries = [
-                    _delivery(r)
+                    _shown_delivery(_delivery(r))
                     for r in conn.execute(
                         f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE event_seq = ? ORDER BY id",
                         (row[0],),
@@ -1242,12 +1266,13 @@ class SQLiteStorage(Storage):
                     "ORDER BY a.id",
                     (row[0],),
                 ):
-                    attempts[delivery_id].append(Attempt(*fields))
+                    attempts[delivery_id].append(Attempt(*map(_shown, fields)))
                 event, unreadable = _read_event(row)
                 details.append(EventDetail(event, row[0], deliveries, attempts, unreadable))
             return details
 
-        return await self._run(get_event, durable=False)
+        # Shows a row whose text is not UTF-8 too, as the listings do (see _LENIENT_TEXT).
+        return await self._run(_lenient(get_event), durable=False)
 
     async def replay_event(
         self, seq: int, action: str | None = None, now: float = 0.0, *, route: str | None = None
@@ -1349,7 +1374,7 @@ class SQLiteStorage(Storage):
                     f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE event_seq IN ({placeholders})",
                     [row[0] for row in rows],
                 ):
-                    delivery = _delivery(delivery_row)
+                    delivery = _shown_delivery(_delivery(delivery_row))
                     deliveries[delivery.event_seq][(delivery.route, delivery.action)] = delivery
             stored = []
             for row in rows:
@@ -1764,15 +1789,21 @@ def _claim(
                     f"RETURNING {_DELIVERY_COLUMNS}",
                     (now, f"parent {p.last_error}" if gone else SKIPPED_REASON, delivery.id),
                 ).fetchone()
-                skipped.skipped.append(_delivery(row))
+                skipped.skipped.append(_shown_delivery(_delivery(row)))
                 _settle_dependents(conn, delivery.id, None, now, skipped)
                 continue
             outcome: Literal["delivered", "dead"] = "delivered" if p.state == "delivered" else "dead"
-            parent = ParentResult(p.action, outcome, p.attempts, p.last_status, p.last_error)
+            parent = ParentResult(_shown(p.action), outcome, p.attempts, p.last_status, _shown(p.last_error))
         event, reason = _read_event(events.get(delivery.event_seq), delivery)
+        not_text = _not_text(delivery)
+        if not_text is not None:  # the event may be fine: it is the delivery that cannot be run
+            event = dataclasses.replace(event, payload=None, headers={})
+            reason = unreadable_event(not_text)
         if reason is not None:
             unreadable.append(_end_unreadable(conn, delivery, event, reason, now))
             continue
+        if delivery.last_error is not None and not delivery.last_error.isascii():
+            delivery = _shown_delivery(delivery)
         claims.append(Claim(delivery, event, parent))
     if unready:
         placeholders = ",".join("?" * len(unready))
@@ -1798,7 +1829,10 @@ def _end_unreadable(
     conn.execute(_INSERT_ATTEMPT, (delivery.id, delivery.attempts, now, 0.0, "dead", None, reason))
     finished = Finished()
     _settle_dependents(conn, delivery.id, RESULT_OF["dead"], now, finished)
-    return Unreadable(_delivery(row), event, finished)
+    # Read leniently, its text may not be UTF-8, nor its dependents': told as shown, as the listings do.
+    finished.activated = [(_shown(route), _shown(action)) for route, action in finished.activated]
+    finished.skipped = [_shown_delivery(skipped) for skipped in finished.skipped]
+    return Unreadable(_shown_delivery(_delivery(row)), event, finished)
 
 
 def _by_key(conn: sqlite3.Connection, select: str, keys: Iterable[int]) -> dict[int, tuple[Any, ...]]:
@@ -1981,18 +2015,35 @@ def _own_event(event: Event) -> Event:
 def _read_event(
     row: tuple[Any, ...] | None, delivery: DeliveryRecord | None = None
 ) -> tuple[Event, str | None]:
-    """The event of a row, and None; or, when its body or headers cannot be read back (or, for a
-    `delivery`, the row is gone), what could be read of it, with no payload and no headers, and why."""
+    """The event of a row, and None; or, when its body or headers cannot be read back, or its source, id or
+    type is not UTF-8 (read with _LENIENT_TEXT), or (for a `delivery`) the row is gone, what could be read of
+    it, with no payload and no headers (and U+FFFD for the bytes that are not UTF-8), and why."""
     if row is None:
         assert delivery is not None
         missing = Event("", "", "", delivery.created_at, b"", None)
         return missing, unreadable_event(f"event {delivery.event_seq} is missing")
-    try:
-        return _event(row), None
-    except Exception as exc:  # whatever a damaged row makes orjson (or the bytes checks) raise
-        _seq, source, event_id, type_, occurred_at, received_at, verified, _headers, body = row
-        event = Event(source, event_id, type_, received_at, body, None, occurred_at, {}, bool(verified))
-        return event, unreadable_event(f"{type(exc).__name__}: {exc}")
+    _seq, source, event_id, type_, occurred_at, received_at, verified, _headers, body = row
+    if source.isascii() and event_id.isascii() and type_.isascii():  # a call each, what nearly all rows are
+        not_text = None
+    else:
+        not_text = _not_utf8(("source", source), ("event id", event_id), ("type", type_))
+    if not_text is None:
+        try:
+            return _event(row), None
+        except Exception as exc:  # whatever a damaged row makes orjson (or the bytes checks) raise
+            not_text = f"{type(exc).__name__}: {exc}"
+    event = Event(
+        _shown(source),
+        _shown(event_id),
+        _shown(type_),
+        received_at,
+        body,
+        None,
+        occurred_at,
+        {},
+        bool(verified),
+    )
+    return event, unreadable_event(not_text)
 
 
 def _event(row: tuple[Any, ...]) -> Event:
@@ -2007,4 +2058,87 @@ def _event(row: tuple[Any, ...]) -> Event:
         payload=stored_payload(body),
         headers=orjson.loads(headers),
         verified=bool(verified),
+    )
+
+
+# Text as read where a row's text may not be UTF-8 (a row written by hand, `CAST(x'ff' AS TEXT)`, or by
+# another version): sqlite3 would fail the whole statement, and with it every other row. The bytes that are
+# not UTF-8 come back as lone surrogates (which valid UTF-8 never gives), told from the rest by _is_utf8,
+# and shown with U+FFFD by _shown: never sent, never written back (sqlite3 refuses a lone surrogate), nor
+# put in a log line or a metric label. Each text value costs a call, so the claims read so only once a
+# strict read failed (SQLiteStorage.claim).
+_LENIENT_TEXT = functools.partial(str, encoding="utf-8", errors="surrogateescape")
+_NOT_UTF8 = "Could not decode to UTF-8"  # how sqlite3 fails a read of such text
+
+
+class _NotText(Exception):
+    """An operation read text that is not UTF-8, strictly: everything it did is rolled back."""
+
+
+def _strict(operation: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    def strict(conn: sqlite3.Connection) -> T:
+        try:
+            return operation(conn)
+        except sqlite3.OperationalError as exc:
+            if _NOT_UTF8 not in str(exc):
+                raise
+            raise _NotText(str(exc)) from None  # not a database error: the batch gives it back as it is
+
+    return strict
+
+
+def _lenient(operation: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """`operation`, run with the connection reading text with _LENIENT_TEXT."""
+
+    def lenient(conn: sqlite3.Connection) -> T:
+        conn.text_factory = _LENIENT_TEXT
+        try:
+            return operation(conn)
+        finally:
+            conn.text_factory = str
+
+    return lenient
+
+
+def _is_utf8(text: str) -> bool:
+    if text.isascii():
+        return True
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: bytes _LENIENT_TEXT could not decode
+        return False
+    return True
+
+
+def _not_utf8(*named: tuple[str, str | None]) -> str | None:
+    """Which of these texts are not UTF-8, and what they read as; None when all are."""
+    bad = [
+        f"its {name} is not UTF-8 ({_shown(text)!r})" for name, text in named if text and not _is_utf8(text)
+    ]
+    return ", ".join(bad) or None
+
+
+def _not_text(delivery: DeliveryRecord) -> str | None:
+    """Why a delivery read with _LENIENT_TEXT cannot run (its route or action names none that could be
+    configured), None when it can."""
+    if delivery.route.isascii() and delivery.action.isascii() and (delivery.when or "").isascii():
+        return None
+    return _not_utf8(("route", delivery.route), ("action", delivery.action), ("when", delivery.when))
+
+
+def _shown(value: Any) -> Any:
+    """A text read with _LENIENT_TEXT as it can be shown (U+FFFD for each byte that is not UTF-8); any
+    other value as it is."""
+    if type(value) is not str or _is_utf8(value):
+        return value
+    return value.encode(errors="surrogateescape").decode(errors="replace")
+
+
+def _shown_delivery(delivery: DeliveryRecord) -> DeliveryRecord:
+    return dataclasses.replace(
+        delivery,
+        route=_shown(delivery.route),
+        action=_shown(delivery.action),
+        when=_shown(delivery.when),
+        last_error=_shown(delivery.last_error),
     )

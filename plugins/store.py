@@ -60,17 +60,18 @@ SQLite: the same tables, with timestamps as ISO 8601 UTC text (2026-11-22T10:00:
 time order) and JSON as text (query it with json_extract). The file is opened in WAL mode with
 synchronous=FULL, one connection per action.
 
-Failures: a database that cannot be reached (at start-up or later), a connection the server ended, a
-timeout, a missing database, schema or privilege, wrong credentials and any other server error are
-retried: a person, or time, may fix them while the schedule runs. A table dropped while running is created
-again on the next attempt. A write refused by a read-only server (25006: a standby, such as the old primary
-after a failover that moved the writer endpoint's name) makes the pool drop all its connections, so that
-the next attempt connects again and reaches the new primary. An error in the statement itself (a column
-missing or of the wrong type in a table created by hand, a violated constraint, a value the column rejects,
-such as \\u0000 in a string for jsonb, or a key, event id or type longer than the 2704 bytes, compressed,
-that a PostgreSQL index entry holds) ends the delivery dead: retrying cannot help. The error of a violated
-constraint names the constraint, never the row: that holds the event's data. A payload nested too deeply
-for Python's json to write (the gateway reads up to 1024 levels) ends dead too, with either database.
+Failures: a database that cannot be reached (at start-up or later), a connection the server ended, a timeout,
+a missing database, schema or privilege, wrong credentials and any other server error are retried: a person,
+or time, may fix them while the schedule runs. A table dropped while running is created again on the next
+attempt. A write refused by a read-only server (25006: a standby, such as the old primary after a failover
+that moved the writer endpoint's name) makes the pool drop all its connections, so that the next attempt
+connects again and reaches the new primary. So does an idle connection the server ended (a restart, an idle
+timeout) that an attempt took before asyncpg noticed (StaleConnection). An error in the statement itself (a
+column missing or of the wrong type in a table created by hand, a violated constraint, a value the column
+rejects, such as \\u0000 in a string for jsonb, or a key, event id or type longer than the 2704 bytes,
+compressed, that a PostgreSQL index entry holds) ends the delivery dead: retrying cannot help. The error of a
+violated constraint names the constraint, never the row: that holds the event's data. A payload nested too
+deeply for Python's json to write (the gateway reads up to 1024 levels) ends dead too, with either database.
 
 Duplicates (at-least-once delivery): append keeps one row per event; upsert writes the same row again (a
 copy has the event's received_at, so it does not win a tie against an event received after it).
@@ -440,6 +441,21 @@ _READ_ONLY_SERVER = (
     "replaced, the next attempt connects again"
 )
 POOL_SIZE = 10  # connections per action
+
+
+class StaleConnection(ConnectionError):
+    """A connection of the pool that cannot run a statement: its protocol is out of step with the server.
+    The usual cause: the server ended the session while the connection sat idle in the pool (a restart, a
+    failover, an idle timeout, pg_terminate_backend). asyncpg reads the server's last message, the reason,
+    and then refuses any statement ("cannot switch to state 12; another operation (2) is in progress")
+    until it notices the connection is gone."""
+
+
+_STALE_CONNECTION = (
+    "the connection taken from the pool was no longer usable, most likely ended by the server while idle "
+    "(a restart, a failover, an idle timeout); it is closed and the pool's others are replaced, the next "
+    "attempt connects again"
+)
 # How long the rollback of a transaction cut short may take, once the attempt's own deadline has passed.
 # A server that stopped answering would otherwise hold the connection, and a slot of the pool, until TCP
 # gives up on it: ten such attempts and every later one times out waiting for a free connection.
@@ -531,6 +547,13 @@ class Postgres(Backend):
                 # is closed when it goes back to the pool, the others when next taken from it.
                 await pool.expire_connections()
             raise
+        except self._asyncpg.exceptions.InternalClientError as exc:
+            # Closed, so that the pool opens a new one instead of giving it to attempt after attempt, and
+            # the others replaced when next taken: what ended this session most likely ended theirs too.
+            with contextlib.suppress(Exception):
+                conn.terminate()
+            await pool.expire_connections()
+            raise StaleConnection(f"{_STALE_CONNECTION} (asyncpg: {exc})") from exc
 
     @staticmethod
     async def _execute(conn: Any, steps: tuple[tuple[str, tuple[Any, ...]], ...]) -> Any:

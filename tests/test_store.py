@@ -30,6 +30,7 @@ from gateway.http_client import HttpClient
 from gateway.plugins import Registry, new_plugin_manager
 from gateway.routing import RouteTable
 from gateway.storage import EventDetail
+from plugins.store import POOL_SIZE
 from tests.support import Downstream, RunningGateway, TcpProxy, gateway_config, svix_request, wait_until
 
 T0 = 1_790_000_000.0  # a fixed occurred_at, so that ordering tests say exactly which event is older
@@ -752,6 +753,49 @@ def test_a_connection_the_server_ends_mid_write_is_retried_on_a_new_one(
     assert first.outcome == "retry" and "administrator command" in (first.error or ""), first.error
     assert last.outcome == "delivered"
     assert set(pg.rows()) == {"u1", "u2"}
+
+
+@pytest.mark.parametrize("mode", ["append", "upsert"])
+def test_a_pooled_connection_the_server_ended_while_idle_is_replaced_with_a_clear_error(
+    pg: PostgresDatabase, mode: str
+) -> None:
+    # The server ends the action's idle sessions (a restart, a failover). asyncpg reads the server's last
+    # message, and until it notices the connection is gone it refuses every statement with its own
+    # "cannot switch to state 12; another operation (2) is in progress": that was the attempt's error. How
+    # often an attempt comes in between depends on the loop's timing, so the test tries many times.
+    options: dict[str, Any] = {"url": pg.action_url, "table": pg.table, "mode": mode}
+    if mode == "upsert":
+        options["key"] = "data.id"
+
+    async def run() -> list[Outcome]:
+        outcomes = []
+        admin = await asyncpg.connect(pg.url)
+        try:
+            async with store_action(options) as action:
+                assert (await action.deliver(job(make_event("e0")))).kind == "delivered"
+                for number in range(1, 121):
+                    await admin.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        f"WHERE application_name = '{pg.table}'"
+                    )
+                    await asyncio.sleep((number % 4) * 0.0005)
+                    event = make_event(f"e{number}", data={"id": f"user_{number}"})
+                    outcomes.append(await action.deliver(job(event)))
+                # Each broken connection was closed, not given back: one more attempt goes through.
+                last = make_event("e_last", data={"id": "user_last"})
+                outcomes.append(await action.deliver(job(last)))
+        finally:
+            await admin.close()
+        return outcomes
+
+    *outcomes, last = asyncio.run(run())
+    assert last.kind == "delivered"
+    for outcome in outcomes:
+        error = outcome.error or ""
+        assert outcome.kind in ("delivered", "retry") and "InternalClientError" not in error, error
+        if "cannot switch to state" in error:
+            assert "StaleConnection: the connection taken from the pool was no longer usable" in error
+    assert pg.action_sessions() <= POOL_SIZE
 
 
 def test_a_read_only_server_after_a_failover_makes_the_pool_connect_afresh(pg: PostgresDatabase) -> None:

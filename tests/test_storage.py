@@ -1295,6 +1295,24 @@ def test_a_claimed_delivery_whose_text_is_not_utf8_ends_dead_and_the_others_are_
     assert db.claim(T0 + 13) == []
 
 
+def test_the_result_of_a_delivery_whose_dependent_s_text_is_not_utf8_is_recorded(db: Harness) -> None:
+    # Reading the dependents to settle failed, and with it the record of the parent's attempt: its lease
+    # ran out, and the parent was attempted again, and again.
+    told: list[Any] = []
+    db.storage.on_unreadable = told.append
+    db.ingest("evt_bad", APP, action("alert", after="app", when="failure"), at=T0)
+    damage(db.path, "UPDATE deliveries SET action = CAST(X'61FF' AS TEXT) WHERE parent_id IS NOT NULL")
+    [claim] = db.claim(T0 + 10)
+
+    finished = db.finish(claim, "dead", T0 + 11, error="HTTP 500")
+    assert finished.recorded and finished.activated == [(ROUTE, "a\ufffd")]
+    assert db.deliveries("evt_bad")["app"].state == "dead"
+    # The dependent runs, and its claim ends it dead as any whose action is not UTF-8.
+    assert db.claim(T0 + 12) == []
+    [[(dependent, _event, _finished)]] = told
+    assert dependent.action == "a\ufffd" and "its action is not UTF-8" in (dependent.last_error or "")
+
+
 def test_claim_takes_no_more_of_an_action_than_it_has_room_for_and_none_of_a_full_one(db: Harness) -> None:
     slow, fast = action("slow"), action("fast")
     for index in range(3):

@@ -1078,13 +1078,19 @@ class SQLiteStorage(Storage):
         waited_for: bool = False,
         unfollowed: str | None = None,
     ) -> Finished:
+        def finish(conn: sqlite3.Connection) -> Finished:
+            return _finish(conn, delivery, attempt, state, due_at, now, unfollowed)
+
         # Not durable: an attempt whose record a power cut loses is made again (at-least-once). Unless the
         # engine waits for it, it rides along with the next batch: nothing else does.
-        return await self._run(
-            lambda conn: _finish(conn, delivery, attempt, state, due_at, now, unfollowed),
-            durable=False,
-            ride=not waited_for,
-        )
+        try:
+            return await self._run(_strict(finish), durable=False, ride=not waited_for)
+        except _NotText:
+            # A dependent's text is not UTF-8 (as in claim): read leniently, it runs (and its claim ends it
+            # dead) or is skipped, rather than this result never being recorded, and the attempt made again
+            # each time its lease ran out.
+            finished = await self._run(_lenient(finish), durable=False, ride=not waited_for)
+            return _shown_finished(finished)
 
     async def release(
         self, delivery_ids: list[int], now: float, owner: str, *, attempted: bool = True
@@ -1830,9 +1836,7 @@ def _end_unreadable(
     finished = Finished()
     _settle_dependents(conn, delivery.id, RESULT_OF["dead"], now, finished)
     # Read leniently, its text may not be UTF-8, nor its dependents': told as shown, as the listings do.
-    finished.activated = [(_shown(route), _shown(action)) for route, action in finished.activated]
-    finished.skipped = [_shown_delivery(skipped) for skipped in finished.skipped]
-    return Unreadable(_shown_delivery(_delivery(row)), event, finished)
+    return Unreadable(_shown_delivery(_delivery(row)), event, _shown_finished(finished))
 
 
 def _by_key(conn: sqlite3.Connection, select: str, keys: Iterable[int]) -> dict[int, tuple[Any, ...]]:
@@ -2142,3 +2146,9 @@ def _shown_delivery(delivery: DeliveryRecord) -> DeliveryRecord:
         when=_shown(delivery.when),
         last_error=_shown(delivery.last_error),
     )
+
+
+def _shown_finished(finished: Finished) -> Finished:
+    finished.activated = [(_shown(route), _shown(action)) for route, action in finished.activated]
+    finished.skipped = [_shown_delivery(skipped) for skipped in finished.skipped]
+    return finished

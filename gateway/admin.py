@@ -262,14 +262,20 @@ def admin_routes(gateway: Gateway) -> list[Route]:
 
 
 class EventRoute(Route):
-    """/admin/events/{id}, but not a path whose last segment is `replay`: that is the replay endpoint's path
-    whatever the method, so a GET there is its 405, not the event `x/replay` shown. An id's own `/` arrives
-    as %2F, and is told apart by the raw path."""
+    """/admin/events/{id}, but not a path whose last segment is `replay` after the id's: that is the replay
+    endpoint's path whatever the method, so a GET there is its 405, not the event `x/replay` shown. An id's
+    own `/` arrives as %2F, and is told apart by the raw path. The id `replay` alone (any sender chooses its
+    ids) is no replay endpoint's path, and is shown."""
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child = super().matches(scope)
         raw = scope.get("raw_path") or scope["path"].encode()
-        if match is not Match.NONE and unquote(raw.rpartition(b"/")[2].decode("latin-1")) == "replay":
+        before, _, last = raw.rpartition(b"/")
+        if (
+            match is not Match.NONE
+            and before != b"/admin/events"
+            and unquote(last.decode("latin-1")) == "replay"
+        ):
             return Match.NONE, {}
         return match, child
 

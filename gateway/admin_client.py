@@ -121,7 +121,9 @@ class RemoteOperations:
         route: str | None = None,
     ) -> dict[str, Any]:
         fields = (("source", source), ("action", action), ("route", route))
-        body = {name: value for name, value in fields if value}
+        # An empty one too (`--action "$ACTION"`, the variable unset): left out, it would replay every
+        # delivery of the event, where on the database it names none.
+        body = {name: value for name, value in fields if value is not None}
         return await self._call("POST", f"/admin/events/{_segment(event_id)}/replay", PAGE_FIELDS, json=body)
 
     async def replay(self, **request: Any) -> dict[str, Any]:

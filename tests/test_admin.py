@@ -561,6 +561,27 @@ def test_cli_through_the_admin_api(tmp_path: Path, downstream: Downstream) -> No
         assert denied.exit_code == 1 and "bearer token" in denied.output
 
 
+@pytest.mark.parametrize("option", ["--action", "--route", "--source"])
+def test_an_empty_option_of_an_event_replay_replays_nothing_through_the_admin_api_as_on_the_database(
+    tmp_path: Path, downstream: Downstream, option: str
+) -> None:
+    """`--action "$ACTION"` with the variable unset: on the database no delivery has the action '', and
+    nothing was replayed; through the admin API the empty value was left out, and every delivery ran."""
+    config = users_config(tmp_path, downstream)
+    config_path = tmp_path / "routes.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
+    with RunningGateway(config) as gw:
+        send(gw, "msg_empty")
+        downstream.wait_for(1, "/audit")
+        wait_until(lambda: states(gw, "msg_empty") == {"app": "delivered", "audit": "delivered"})
+        local = runner.invoke(main, ["replay", "msg_empty", option, "", "-c", str(config_path)])
+        remote = runner.invoke(main, ["replay", "msg_empty", option, "", "--admin-url", gw.ops_url])
+        assert (remote.exit_code, remote.stderr) == (local.exit_code, local.stderr) == (1, local.stderr)
+        assert gw.metric("hookyard_replays_total", mode="event") == 0
+    assert len(downstream.received("/app")) == 1
+
+
 def test_the_cli_says_what_to_do_about_a_401(tmp_path: Path, downstream: Downstream) -> None:
     """`missing or wrong bearer token` alone leaves the operator to guess where the CLI takes its token
     from, and whether it sent one."""

@@ -311,6 +311,10 @@ def _operate(
             raise OperationError(503, str(exc)) from None
         try:
             return await work(Operations(storage, table))
+        except StorageUnavailable as exc:
+            # A full or read-only disk, a lock another process holds: said as the admin API says it (503),
+            # not as a traceback.
+            raise OperationError(503, f"storage unavailable: {exc}") from None
         finally:
             await storage.close()
 

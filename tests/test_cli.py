@@ -420,6 +420,25 @@ def test_operator_commands_refuse_a_database_that_does_not_exist(tmp_path: Path)
     assert not (tmp_path / "db.sqlite").exists()
 
 
+def test_operator_commands_on_a_database_locked_by_another_process_say_so_without_a_traceback(
+    filled: Path,
+) -> None:
+    """A shell left with a write transaction open: the store gives up after 5 s, as the admin API answers
+    503 then. The commands ended with a traceback of StorageUnavailable."""
+    holder = sqlite3.connect(filled.parent / "db.sqlite", isolation_level=None)
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        result = CliRunner().invoke(main, ["replay", "-c", str(filled), "evt_dead"])
+    finally:
+        holder.close()
+    assert (result.exit_code, result.stdout) == (1, ""), result.output
+    assert result.stderr.startswith(
+        "hookyard: storage unavailable: sqlite: database is locked (by another process, for "
+    ), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert deliveries(filled, "evt_dead")["app"].state == "dead"
+
+
 def test_commands_on_the_store_need_no_variable_of_the_rest_of_the_config(filled: Path) -> None:
     """An operator's shell need not hold the gateway's secrets, the admin token or a chat webhook's URL:
     the commands that only read and replay stored events work without them, and say which were unset.

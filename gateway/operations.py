@@ -175,6 +175,9 @@ class Operations:
         cursor: int | None = None,
         limit: int = 50,
     ) -> dict[str, Any]:
+        # An empty filter is one not given, as the admin API reads `?source=` (`--source "$SOURCE"`, the
+        # variable unset): the CLI then lists the same on the database as through it.
+        source, type, route = source or None, type or None, route or None
         if state is not None and state not in ("pending", "delivered", "dead", "unrouted"):
             raise OperationError(400, f"state: {state!r} is not one of pending, delivered, dead, unrouted")
         _check_page(cursor, limit)
@@ -209,7 +212,8 @@ class Operations:
         return details[0]
 
     async def show_event(self, event_id: str, source: str | None = None) -> dict[str, Any]:
-        return detail_view(await self._one(event_id, source))
+        # An empty source is none given, as the admin API reads `?source=` (see list_events).
+        return detail_view(await self._one(event_id, source or None))
 
     async def replay_event(
         self,

@@ -582,6 +582,34 @@ def test_an_empty_option_of_an_event_replay_replays_nothing_through_the_admin_ap
     assert len(downstream.received("/app")) == 1
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["events", "list", "--source", ""],
+        ["events", "list", "--type", ""],
+        ["events", "list", "--route", ""],
+        ["events", "show", "msg_blank", "--source", ""],
+    ],
+)
+def test_an_empty_filter_of_a_listing_answers_on_the_database_as_through_the_admin_api(
+    tmp_path: Path, downstream: Downstream, command: list[str]
+) -> None:
+    """The admin API takes an empty query parameter as one not given (`--source "$SOURCE"`, the variable
+    unset); on the database it named a source '' and listed nothing, or found no event to show."""
+    config = users_config(tmp_path, downstream)
+    config_path = tmp_path / "routes.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
+    with RunningGateway(config) as gw:
+        send(gw, "msg_blank")
+        downstream.wait_for(1, "/audit")
+        wait_until(lambda: states(gw, "msg_blank") == {"app": "delivered", "audit": "delivered"})
+        local = runner.invoke(main, [*command, "-c", str(config_path)])
+        remote = runner.invoke(main, [*command, "--admin-url", gw.ops_url])
+    assert (local.exit_code, local.stdout, local.stderr) == (remote.exit_code, remote.stdout, remote.stderr)
+    assert local.exit_code == 0 and "msg_blank" in local.stdout, local.output
+
+
 def test_the_cli_says_what_to_do_about_a_401(tmp_path: Path, downstream: Downstream) -> None:
     """`missing or wrong bearer token` alone leaves the operator to guess where the CLI takes its token
     from, and whether it sent one."""

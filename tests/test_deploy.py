@@ -1030,6 +1030,21 @@ def test_dockerfile_builds_a_non_root_read_only_friendly_image() -> None:
     assert any(f"chown {UID}:{UID} {DATA_DIR}" in run_ for run_ in instructions["RUN"])
 
 
+def test_the_image_entrypoint_catches_a_sigterm_from_its_first_milliseconds() -> None:
+    """The image's entrypoint is the `hookyard` script, whose entry point (gateway.launch) remembers a SIGTERM
+    for `serve` before it imports the gateway: a pod deleted while Hookyard loads stops it, rather than
+    waiting out its grace period (PID 1's default signals are dropped). The guide must not say otherwise."""
+    entrypoint = json.loads(dict(dockerfile_stages()[-1])["ENTRYPOINT"])
+    assert entrypoint[:2] == ["hookyard", "serve"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["hookyard"] == "gateway.launch:main"
+    image = " ".join(
+        (ROOT / "docs" / "kubernetes.md").read_text().split("## The image", 1)[1].split("\n## ")[0].split()
+    )
+    assert "is a SIGTERM lost" not in image
+    assert "the command's entry point catches it" in image
+
+
 def dockerignored(path: str, patterns: list[str]) -> bool:
     """Whether Docker leaves `path` (relative to the context) out, by .dockerignore's patterns."""
     parts = PurePosixPath(path).parts

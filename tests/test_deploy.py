@@ -1059,6 +1059,19 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
     return excluded
 
 
+def test_the_build_backend_reads_the_license_the_project_declares() -> None:
+    """The builder stage builds the wheel with whatever setuptools the build requirements allow (a mirror or
+    a constraints file may hold an old one). A license given as an SPDX expression, a plain string, is read
+    by setuptools 77 and later only: older ones refuse the metadata, and the image does not build."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    requires = project["build-system"]["requires"]
+    [setuptools] = [r for r in requires if re.match(r"setuptools\b", r)]
+    lowest = re.fullmatch(r"setuptools>=(\d+)(\.\d+)*(,.*)?", setuptools)
+    assert lowest, setuptools
+    if isinstance(project["project"].get("license"), str):
+        assert int(lowest.group(1)) >= 77, f"{setuptools} allows a setuptools that refuses license = '...'"
+
+
 def test_build_context_has_what_the_wheel_needs_and_nothing_local() -> None:
     patterns = [
         line.strip()

@@ -13,8 +13,10 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any, NoReturn
@@ -29,7 +31,9 @@ from gateway.metrics import LoopCounter, LoopHistogram, Metrics
 from gateway.plugins import Registry, plugin_manager
 from gateway.routing import RouteTable
 from tests.support import (
+    GatewayProcess,
     RunningGateway,
+    free_port,
     gateway_config,
     metric_value,
     svix_request,
@@ -404,6 +408,81 @@ def test_hookyard_writes_only_to_its_data_volume_and_tmp(
     config = parse_config(deploy_routes(), environ=example_secret_env())
     database = PurePosixPath(config.storage.url.removeprefix("sqlite:///"))
     assert database.is_absolute() and database.parent == PurePosixPath(DATA_DIR)
+
+
+# bench/RESULTS.md's budget for Hookyard's own memory under load (measured: 64 MB at most).
+RSS_BUDGET = 80 * 1000 * 1000
+QUANTITY = {"Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "k": 1000, "M": 1000**2, "G": 1000**3}
+
+
+def memory_bytes(quantity: str) -> int:
+    match = re.fullmatch(r"(\d+)([A-Za-z]*)", quantity)
+    assert match, quantity
+    return int(match[1]) * QUANTITY.get(match[2], 1)
+
+
+def memory_used(pid: int) -> int:
+    """What a container's memory limit counts of a gateway: its peak resident memory and its helpers'."""
+
+    def status(of: int, field: str) -> int:
+        for line in Path(f"/proc/{of}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        return 0
+
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return status(pid, "VmHWM") + sum(status(int(child), "VmRSS") for child in children)
+
+
+def test_the_webhooks_in_progress_fit_in_the_memory_limit(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """Each webhook in progress holds its body until it is verified, and the webhook port is open to anyone:
+    limits.max_concurrent_requests bodies of limits.max_body_bytes, on top of Hookyard's own memory, must
+    fit in the container's memory limit, or a burst of large requests, signed or not, gets the sidecar
+    OOM-killed. Measured on `hookyard serve` with the deploy's routes.yaml, every allowed request in
+    progress with all of its body but the last byte sent."""
+    limit = memory_bytes(sidecar(pod_spec(rendered["base"]))["resources"]["limits"]["memory"])
+    config = parse_config(deploy_routes(), environ=example_secret_env())
+    in_progress, body = config.limits.max_concurrent_requests, config.limits.max_body_bytes
+    assert in_progress * body + RSS_BUDGET <= limit, (
+        f"{in_progress} requests of up to {body} bytes in progress do not fit in {limit} bytes with Hookyard's"
+    )
+
+    routes = yaml.safe_load(deploy_routes())
+    listen_port, ops_port = free_port(), free_port()
+    routes["listen"].update(host="127.0.0.1", port=listen_port, drain_delay="0s")  # a quick stop
+    routes["ops"].update(host="127.0.0.1", port=ops_port)
+    routes["storage"]["url"] = f"sqlite:///{tmp_path / 'hookyard.db'}"
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(routes))
+    gateway = GatewayProcess(path, f"http://127.0.0.1:{ops_port}", env=example_secret_env()).start()
+    assert gateway.process is not None
+    head = (
+        f"POST /webhooks/consignease HTTP/1.1\r\nHost: hookyard\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {body}\r\n\r\n"
+    ).encode()
+    connections: list[socket.socket] = []
+    try:
+        for _ in range(in_progress):
+            sock = socket.create_connection(("127.0.0.1", listen_port), timeout=30)
+            connections.append(sock)
+            sock.sendall(head + b"x" * (body - 1))
+        # One more is refused at once: every allowed request is in progress.
+        with socket.create_connection(("127.0.0.1", listen_port), timeout=30) as extra:
+            extra.sendall(head)
+            assert b"overloaded" in extra.recv(65536)
+        # The sockets' buffers drain into the gateway: until its memory stops growing.
+        samples = [memory_used(gateway.process.pid)]
+        while len(samples) < 3 or samples[-1] - samples[-3] > 2 * 1024 * 1024:
+            assert len(samples) < 120, samples
+            time.sleep(0.25)
+            samples.append(memory_used(gateway.process.pid))
+        assert samples[-1] <= limit - 16 * 1024 * 1024, f"{samples[-1]} bytes used, the limit is {limit}"
+    finally:
+        for sock in connections:
+            sock.close()
+        assert gateway.terminate() == 0
 
 
 # What the example leaves the app to stop in, before Hookyard (a native sidecar) gets its SIGTERM.

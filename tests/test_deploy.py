@@ -712,6 +712,23 @@ def test_no_alert_waits_on_hookyard_ready_longer_than_a_shutdown_lasts(
     assert not never, f"these alerts wait on hookyard_ready longer than any shutdown lasts: {never}"
 
 
+def test_the_overloaded_alert_gives_advice_the_example_can_follow(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """The base's one pod owns its claim, so another replica of its Deployment cannot serve (the volume does
+    not attach, or the file lock refuses it); and the webhooks in progress are sized to the memory limit
+    (test_the_webhooks_in_progress_fit_in_the_memory_limit). HookyardOverloaded's advice says so."""
+    base = rendered["base"]
+    assert find(base, "Deployment")["spec"]["replicas"] == 1
+    assert "persistentVolumeClaim" in data_volume(pod_spec(base))
+    [group] = yaml.safe_load(ALERTS.read_text())["groups"]
+    [rule] = [rule for rule in group["rules"] if rule["alert"] == "HookyardOverloaded"]
+    advice = " ".join(rule["annotations"]["description"].split())
+    assert "Scale the Deployment out" not in advice
+    assert "a claim per pod" in advice and "overlays/emptydir" in advice
+    assert "limits.max_concurrent_requests together with the memory limit" in advice
+
+
 def test_promtool_checks_and_unit_tests_the_alerts() -> None:
     promtool = require_tool("promtool", "apt-get install -y prometheus")
     checked = run([promtool, "check", "rules", str(ALERTS)])

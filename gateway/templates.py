@@ -67,7 +67,8 @@ def isotime(value: float | None) -> str:
 #     rel), batch (fill_with), slice (fill_with), sum (start=[]);
 #   str methods: center, ljust, rjust, zfill, expandtabs, replace, translate, join, format, format_map;
 #     and dict.fromkeys;
-#   operators: `%` on a text (printf-style widths and precisions), `**`, `*` and `+` on lists (call_binop);
+#   operators: `%` on a text (printf-style widths and precisions), `**`, `*` and `+` on lists (call_binop),
+#     `+` and `~` on texts, which double one at each step of `ns.text ~ ns.text` (~: compile_template);
 #   the global lipsum().
 # A list or dict is measured as it is written out (written_length): one may hold a text many times over.
 # What they make is also added up over the render, against MAX_MADE.
@@ -434,9 +435,10 @@ _budget: ContextVar[_Budget | None] = ContextVar("template_render_budget", defau
 
 @functools.cache
 def _environment() -> ImmutableSandboxedEnvironment:
-    from jinja2 import StrictUndefined
+    from jinja2 import StrictUndefined, pass_eval_context
     from jinja2.exceptions import SecurityError
-    from jinja2.runtime import Context, LoopContext
+    from jinja2.nodes import EvalContext
+    from jinja2.runtime import Context, LoopContext, markup_join, str_join
     from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
     from markupsafe import Markup
 
@@ -454,6 +456,13 @@ def _environment() -> ImmutableSandboxedEnvironment:
         for item in iterable:
             step()
             yield item
+
+    @pass_eval_context
+    def concatenate(eval_ctx: EvalContext, *values: Any) -> str:
+        """`~`, as Jinja joins its operands, refused before it runs past MAX_MESSAGE: like `+`, it doubles a
+        text at each step of `{% set ns.text = ns.text ~ ns.text %}`."""
+        refuse_past_limit(_total(written_length(value) for value in values), "~")
+        return (markup_join if eval_ctx.autoescape else str_join)(values)
 
     class BoundedFormatter(SandboxedFormatter):
         """The sandbox's str.format, which refuses a field whose width or precision would take the result past
@@ -490,6 +499,11 @@ def _environment() -> ImmutableSandboxedEnvironment:
             elif operator == "+" and isinstance(left, list | tuple) and isinstance(right, list | tuple):
                 # `{% set ns.items = ns.items + ns.items %}` doubles a list's text at each step.
                 check_length(written_length(left) + written_length(right), "+", type(left).__name__)
+            elif operator == "+" and isinstance(left, str) and isinstance(right, str):
+                # `{% set ns.text = ns.text + ns.text %}` doubles a text at each step: forty steps make a
+                # terabyte. Not counted against MAX_MADE: the old text is let go as the new one is made, and
+                # a text built up item by item (`ns.text + item`) would count its every length so far.
+                refuse_past_limit(len(left) + len(right), "+")
             elif operator == "%" and isinstance(left, str):
                 check_length(printf_length(left, right), "%")
             elif operator == "**":
@@ -498,10 +512,13 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
         # compile_template() makes every `{% for %}` loop over `environment.counted(<what it names>)`.
         counted = staticmethod(count_iterations)
+        # ... and every `a ~ b` into `environment.concatenated(a, b)`.
+        concatenated = staticmethod(concatenate)
 
         # Every call a template makes passes here: a macro that calls itself twice cannot run for ever.
         def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
-            if obj is not count_iterations:  # compile_template's, not one the template makes
+            # compile_template's, not one the template makes
+            if obj is not count_iterations and obj is not concatenate:
                 step()
             if isinstance(obj, LoopContext) and args:  # `loop(item.children)` in a recursive loop
                 args = (count_iterations(args[0]), *args[1:])
@@ -563,10 +580,19 @@ def _environment() -> ImmutableSandboxedEnvironment:
 def compile_template(source: str) -> Template:
     """Compile a message template; raises ValueError naming the line of a syntax error."""
     from jinja2 import TemplateSyntaxError, nodes
+    from jinja2.visitor import NodeTransformer
+
+    class BoundedConcat(NodeTransformer):
+        def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
+            operands = [self.visit(operand) for operand in node.nodes]
+            concatenated = nodes.EnvironmentAttribute("concatenated", lineno=node.lineno)
+            return nodes.Call(concatenated, operands, [], None, None, lineno=node.lineno)
 
     env = _environment()
     try:
-        tree = env.parse(source)
+        # `~` joins its operands as `environment.concatenated(…)`, which bounds what it makes: Jinja joins
+        # them in the compiled code, where no hook of the environment sees it.
+        tree = BoundedConcat().visit(env.parse(source))
         # Each loop counts its iterations, as `environment.counted(<what it loops over>)`: Jinja has a hook
         # for calls, none for iteration.
         for loop in list(tree.find_all(nodes.For)):

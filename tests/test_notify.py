@@ -506,6 +506,19 @@ TEMPLATE_BOUNDS: dict[str, tuple[str, str, str]] = {
         "32",
         "+ would make a list longer",
     ),
+    # A text doubled at each step: forty steps would make a terabyte.
+    "str-add": (
+        "{% set ns = namespace(text=event.data.note) %}"
+        '{% for _ in "12345" %}{% set ns.text = ns.text + ns.text %}{% endfor %}{{ ns.text|length }}',
+        "64",
+        "+ would make a str longer",
+    ),
+    "concat": (
+        "{% set ns = namespace(text=event.data.note) %}"
+        '{% for _ in "12345" %}{% set ns.text = ns.text ~ ns.text %}{% endfor %}{{ ns.text|length }}',
+        "64",
+        "~ would make a str longer",
+    ),
     "fromkeys": (
         "{{ {}.fromkeys(range(event.data.times), event.data.note)|length }}",
         "3",

@@ -13,6 +13,9 @@ _MISSING = object()
 # forwarded as it came, mark included.
 BYTE_ORDER_MARK = b"\xef\xbb\xbf"
 
+# Never kept with an event (and so never seen by a filter): credentials a sender or a proxy may attach.
+UNSTORED_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
+
 
 def stored_payload(body: bytes) -> Any:
     """The payload of a body accepted as JSON (gateway.ingress), read back from the store: after its byte

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
-from gateway.events import Event
+from gateway.events import UNSTORED_HEADERS, Event
 
 Predicate = Callable[[Event], bool]
 # A provider's event_type: a name or code of its catalog -> the canonical type.
@@ -36,6 +37,14 @@ class FilterError(ValueError):
         self.errors = errors
 
 
+@dataclass(frozen=True, slots=True)
+class _Context:
+    """What a filter is compiled for: its source's provider."""
+
+    event_type: Canonical | None
+    unseen_headers: frozenset[str]
+
+
 class _BadOperand(ValueError):
     """One operator's operand is wrong; collected into the FilterError."""
 
@@ -43,21 +52,27 @@ class _BadOperand(ValueError):
         super().__init__(f"{place}: {message}")
 
 
-def compile_filter(spec: Any, place: str = "filter", event_type: Canonical | None = None) -> Predicate:
+def compile_filter(
+    spec: Any,
+    place: str = "filter",
+    event_type: Canonical | None = None,
+    unseen_headers: Collection[str] = UNSTORED_HEADERS,
+) -> Predicate:
     """Compile a filter, or raise FilterError listing every bad entry (not only the first). `event_type`
-    makes the values compared with `type` canonical, as the route's `events:` entries are."""
+    makes the values compared with `type` canonical, as the route's `events:` entries are. `unseen_headers`
+    (lower case) are never kept with the source's events: a path to one is refused, as it never matches."""
     errors: list[str] = []
-    predicate = _compile(spec, place, errors, event_type)
+    predicate = _compile(spec, place, errors, _Context(event_type, frozenset(unseen_headers)))
     if errors or predicate is None:
         raise FilterError(errors)
     return predicate
 
 
-def _compile(spec: Any, place: str, errors: list[str], event_type: Canonical | None) -> Predicate | None:
+def _compile(spec: Any, place: str, errors: list[str], context: _Context) -> Predicate | None:
     if not isinstance(spec, dict) or not spec:
         errors.append(f"{place}: a filter is a non-empty mapping of paths to conditions")
         return None
-    parts = [_compile_entry(key, value, f"{place}.{key}", errors, event_type) for key, value in spec.items()]
+    parts = [_compile_entry(key, value, f"{place}.{key}", errors, context) for key, value in spec.items()]
     checked = [part for part in parts if part is not None]
     if len(checked) < len(parts):
         return None
@@ -67,7 +82,7 @@ def _compile(spec: Any, place: str, errors: list[str], event_type: Canonical | N
 
 
 def _compile_entry(
-    key: Any, value: Any, place: str, errors: list[str], event_type: Canonical | None
+    key: Any, value: Any, place: str, errors: list[str], context: _Context
 ) -> Predicate | None:
     if not isinstance(key, str):  # YAML reads `1:` or `true:` as non-strings
         errors.append(f"{place}: a path must be a string, not {key!r}")
@@ -76,23 +91,33 @@ def _compile_entry(
         if not isinstance(value, list) or not value:
             errors.append(f"{place}: {key} takes a non-empty list of filters")
             return None
-        parts = [_compile(item, f"{place}[{index}]", errors, event_type) for index, item in enumerate(value)]
+        parts = [_compile(item, f"{place}[{index}]", errors, context) for index, item in enumerate(value)]
         checked = [part for part in parts if part is not None]
         if len(checked) < len(parts):
             return None
         combine = any if key == "any" else all
         return lambda event: combine(part(event) for part in checked)
     if key == "not":
-        inner = _compile(value, place, errors, event_type)
+        inner = _compile(value, place, errors, context)
         if inner is None:
             return None
         return lambda event: not inner(event)
-    root = key.split(".", 1)[0]
+    root, _, rest = key.partition(".")
     if root not in ROOTS:
         errors.append(f"{place}: unknown path {key!r}; paths start with one of {', '.join(ROOTS)}")
         return None
-    if key == "type" and event_type is not None:
-        value = _canonical_types(value, event_type)
+    # Paths that are valid but never lead to a value: the route would never match, without a word.
+    if root in ("type", "id", "source") and rest:
+        errors.append(f"{place}: {root} is a text with nothing below it; write {root}")
+        return None
+    if root == "headers" and rest.lower() in context.unseen_headers:
+        errors.append(
+            f"{place}: the {rest} header is never kept with an event (it may hold a credential), so a "
+            "filter cannot see it"
+        )
+        return None
+    if key == "type" and context.event_type is not None:
+        value = _canonical_types(value, context.event_type)
     test = _compile_condition(value, place, errors)
     if test is None:
         return None

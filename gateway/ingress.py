@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.addresses import client_address, contains
-from gateway.events import BYTE_ORDER_MARK
+from gateway.events import BYTE_ORDER_MARK, UNSTORED_HEADERS
 from gateway.providers import Rejected
 from gateway.storage import Ingested, NewDelivery, StorageUnavailable, Unconfirmed
 
@@ -36,9 +36,6 @@ Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
 Reply = dict[str, Any]
-
-# Never persisted with an event: credentials a sender or a proxy may attach.
-UNSTORED_HEADERS = frozenset({"authorization", "proxy-authorization", "cookie"})
 
 # A bug (in a provider plugin, say) must not leave the sender without an answer, nor show it a traceback.
 INTERNAL_ERROR = Rejected(500, "internal_error", "the request could not be handled; see the gateway's log")

@@ -24,7 +24,7 @@ from gateway.config import (
     in_file_order,
     load_config_tree,
 )
-from gateway.events import Event
+from gateway.events import UNSTORED_HEADERS, Event
 from gateway.filters import FilterError, Predicate, compile_filter
 from gateway.plugins import Registry
 from gateway.providers import Provider
@@ -195,7 +195,8 @@ def _compile_route(
     if route.filter is not None:
         try:
             event_type = provider.event_type if provider is not None else None
-            predicate = compile_filter(route.filter, f"{place}.filter", event_type)
+            unseen = UNSTORED_HEADERS | (provider.secret_headers if provider is not None else frozenset())
+            predicate = compile_filter(route.filter, f"{place}.filter", event_type, unseen)
         except FilterError as exc:
             errors.extend(exc.errors)
     actions: list[PlannedAction] = []

@@ -477,6 +477,25 @@ def test_unknown_root_path(path: str) -> None:
     assert "type, id, source, data, payload, headers" in message
 
 
+@pytest.mark.parametrize("path", ["type.name", "id.value", "source.name"])
+def test_a_path_below_type_id_or_source_is_an_error_not_a_filter_that_never_holds(path: str) -> None:
+    # They are texts: `type.name` never had a value, so the route never matched, and `not:` always held.
+    root = path.partition(".")[0]
+    assert (
+        compile_error({"not": {path: "x"}})
+        == f"filter.not.{path}: {root} is a text with nothing below it; write {root}"
+    )
+
+
+@pytest.mark.parametrize("header", ["authorization", "Authorization", "proxy-authorization", "Cookie"])
+def test_a_header_that_is_never_kept_is_an_error_not_a_filter_that_never_holds(header: str) -> None:
+    # Credentials are dropped before the event is stored and routed: a filter on one never matched.
+    assert compile_error({f"headers.{header}": {"exists": True}}) == (
+        f"filter.headers.{header}: the {header} header is never kept with an event (it may hold a "
+        "credential), so a filter cannot see it"
+    )
+
+
 @pytest.mark.parametrize("spec", [{}, None, [], "type", 1, [{"type": "x"}]])
 def test_a_filter_must_be_a_non_empty_mapping(spec: Any) -> None:
     assert compile_error(spec) == "filter: a filter is a non-empty mapping of paths to conditions"

@@ -920,6 +920,30 @@ def test_a_bad_filter_names_its_place(registry: Registry) -> None:
     assert errors == ["routes[1].filter.data.status.in: in takes a list"]
 
 
+def test_a_filter_on_the_header_a_token_source_reads_its_secret_from_is_a_config_error(
+    registry: Registry,
+) -> None:
+    # The header holds the secret itself and is never kept with the event: the route never matched.
+    token = {
+        "path": "/webhooks/gitlab",
+        "provider": "token",
+        "secrets": ["t0ken"],
+        "options": {"header": "X-Gitlab-Token"},
+    }
+    config = base_config(
+        [
+            route("r", "gitlab", filter={"headers.X-Gitlab-Token": {"exists": True}}),
+            route("s", "gitlab", filter={"headers.x-gitlab-event": "Push Hook"}),
+            route("t", "consignly", filter={"headers.x-gitlab-token": {"exists": True}}),
+        ]
+    )
+    config["sources"]["gitlab"] = token
+    assert build_errors(registry, config) == [
+        "routes[0].filter.headers.X-Gitlab-Token: the X-Gitlab-Token header is never kept with an event (it "
+        "may hold a credential), so a filter cannot see it"
+    ]
+
+
 def test_a_non_string_path_inside_a_filter_is_a_config_error(registry: Registry) -> None:
     # YAML reads `1:` as an integer key; inside `any:` the schema does not see it.
     config = base_config([route("r", "consignly", filter={"any": [{1: "x"}]})])

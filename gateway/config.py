@@ -1006,6 +1006,8 @@ _UNCLOSED = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*(?=[^}]*$)")
 # `${NAME` followed by anything but `}` or `:-`: a shell form this does not support (`${NAME-default}`,
 # `${NAME:?message}`, `${NAME:=default}`), which would otherwise be kept as literal text, as above.
 _UNSUPPORTED = re.compile(r"\$\{[A-Za-z_][A-Za-z0-9_]*+(?!\}|:-)")
+# A reference in a default (`${NAME:-${OTHER}}`): nested defaults are not supported, as above.
+_NESTED = re.compile(r"\$\{[A-Za-z_]")
 
 
 def _interpolate(value: Any, environ: Any, loc: tuple[str | int, ...], errors: list[str]) -> Any:
@@ -1028,6 +1030,14 @@ def _interpolate(value: Any, environ: Any, loc: tuple[str | int, ...], errors: l
         errors.append(
             f"{format_location(loc)}: only ${{NAME}} and ${{NAME:-default}} are supported (not the shell's "
             "${NAME-default}, ${NAME:?message} or ${NAME:=default})"
+        )
+        return value
+    if any(_NESTED.search(match.group(2) or "") for match in _VARIABLE.finditer(value)):
+        # The default ends at the first `}`: the shell's `${TOKEN:-${FALLBACK}}` would be the text
+        # `${FALLBACK}`, whatever the environment holds.
+        errors.append(
+            f"{format_location(loc)}: the default of a ${{NAME:-default}} cannot hold another ${{NAME}} "
+            "(nested defaults are not supported): give the value of the one in the default as the default itself"
         )
         return value
 

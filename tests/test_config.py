@@ -198,6 +198,18 @@ def test_a_shell_form_of_variable_reference_is_refused_not_kept_as_text(text: st
     assert text not in error
 
 
+@pytest.mark.parametrize("text", ["${TOKEN:-${FALLBACK}}", "${TOKEN:-${FALLBACK:-x}}", "Bearer ${A:-x${B}}"])
+def test_a_nested_default_is_refused_not_kept_as_text(text: str) -> None:
+    # The shell's `${TOKEN:-${FALLBACK}}` made the admin token the text `${FALLBACK}`, set or not.
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f'ops: {{admin_token: "{text}"}}', environ={"FALLBACK": "f", "B": "b"})
+    [error] = caught.value.errors
+    assert error == (
+        "ops.admin_token: the default of a ${NAME:-default} cannot hold another ${NAME} (nested defaults "
+        "are not supported): give the value of the one in the default as the default itself"
+    )
+
+
 def test_a_dollar_before_a_template_expression_is_still_text() -> None:
     config = parse_config('ops: {admin_token: "${{ total }} ${A}"}', environ={"A": "a"})
     assert config.ops.admin_token == "${{ total }} a"

@@ -69,6 +69,8 @@ def isotime(value: float | None) -> str:
 #     and dict.fromkeys;
 #   operators: `%` on a text (printf-style widths and precisions), `**`, `*` and `+` on lists (call_binop),
 #     `+` and `~` on texts, which double one at each step of `ns.text ~ ns.text` (~: compile_template);
+#   what a macro or a block prints, joined into one text (Environment.concat): a macro that prints its
+#     argument twice doubles it at each call on its own output;
 #   the global lipsum().
 # A list or dict is measured as it is written out (written_length): one may hold a text many times over.
 # What they make is also added up over the render, against MAX_MADE.
@@ -464,6 +466,14 @@ def _environment() -> ImmutableSandboxedEnvironment:
         refuse_past_limit(_total(written_length(value) for value in values), "~")
         return (markup_join if eval_ctx.autoescape else str_join)(values)
 
+    def join_output(pieces: Iterable[str]) -> str:
+        """What a macro, a `{% set %}` block, a call block or a filter block prints, joined as Jinja does,
+        refused before it is past MAX_MESSAGE: a macro that prints its argument twice, called on its own
+        output, doubles a text at each call."""
+        pieces = list(pieces)
+        refuse_past_limit(_total(map(len, pieces)), "a macro or block")
+        return "".join(pieces)
+
     class BoundedFormatter(SandboxedFormatter):
         """The sandbox's str.format, which refuses a field whose width or precision would take the result past
         MAX_MESSAGE before it formats it, and a result that passes it (`"{0}{0}{0}…".format(s)` repeats s)."""
@@ -514,6 +524,8 @@ def _environment() -> ImmutableSandboxedEnvironment:
         counted = staticmethod(count_iterations)
         # ... and every `a ~ b` into `environment.concatenated(a, b)`.
         concatenated = staticmethod(concatenate)
+        # The compiled code joins what a macro or a block prints with `environment.concat`.
+        concat = staticmethod(join_output)
 
         # Every call a template makes passes here: a macro that calls itself twice cannot run for ever.
         def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:

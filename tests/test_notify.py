@@ -519,6 +519,19 @@ TEMPLATE_BOUNDS: dict[str, tuple[str, str, str]] = {
         "64",
         "~ would make a str longer",
     ),
+    # What a macro or a block prints, doubled at each step.
+    "macro-output": (
+        "{% macro twice(text) %}{{ text }}{{ text }}{% endmacro %}{% set ns = namespace(text=event.data.note) %}"
+        '{% for _ in "12345" %}{% set ns.text = twice(ns.text) %}{% endfor %}{{ ns.text|length }}',
+        "64",
+        "a macro or block would make a str longer",
+    ),
+    "block-set": (
+        '{% set ns = namespace(text=event.data.note) %}{% for _ in "12345" %}'
+        "{% set ns.text %}{{ ns.text }}{{ ns.text }}{% endset %}{% endfor %}{{ ns.text|length }}",
+        "64",
+        "a macro or block would make a str longer",
+    ),
     "fromkeys": (
         "{{ {}.fromkeys(range(event.data.times), event.data.note)|length }}",
         "3",

@@ -623,8 +623,8 @@ def load_config(
 ) -> Config:
     """Read, interpolate and validate a config file; raises ConfigError listing every problem.
 
-    allow_empty: False for a hot reload, where an empty file is one caught as it is written in place (a
-    write truncates it first), not a config with no sources to switch to."""
+    allow_empty: False for a hot reload, where an empty file (or one of only comments) is one caught as it is
+    written in place (a write truncates it first), not a config with no sources to switch to."""
     return load_config_tree(path, environ, allow_empty=allow_empty)[0]
 
 
@@ -643,7 +643,7 @@ def load_config_tree(
         raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start}): save the file as UTF-8"]) from None
     if not allow_empty and not text.strip():
         raise ConfigError([f"{path}: the file is empty"])
-    return _parse_config_tree(text, environ, str(path))
+    return _parse_config_tree(text, environ, str(path), allow_empty=allow_empty)
 
 
 # How _interpolate says a variable is unset: `PLACE: environment variable NAME is not set (…)`.
@@ -713,12 +713,15 @@ def parse_config(text: str, *, environ: dict[str, str] | None = None, origin: st
 
 
 def _parse_config_tree(
-    text: str, environ: dict[str, str] | None, origin: str
+    text: str, environ: dict[str, str] | None, origin: str, *, allow_empty: bool = True
 ) -> tuple[Config, dict[str, Any]]:
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         raise ConfigError([f"{origin}: not valid YAML: {exc}"]) from None
+    if raw is None and not allow_empty:
+        # Only comments: the first lines of a file being written in place, as empty as an empty file.
+        raise ConfigError([f"{origin}: the file holds no config, only comments"])
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):

@@ -1697,8 +1697,16 @@ def _emptied(config: dict[str, Any]) -> bytes:
     return b""
 
 
+def _only_its_comments(config: dict[str, Any]) -> bytes:
+    # Its first lines, as a write in place of a file that begins with comments leaves it for a moment: YAML
+    # reads nothing in them, as in an empty file.
+    return b"# Hookyard routes\n# secrets come from the environment\n"
+
+
 @pytest.mark.parametrize(
-    "breaking", [_not_utf8, _malformed_notify_url, _emptied], ids=["not_utf8", "malformed_url", "empty"]
+    "breaking",
+    [_not_utf8, _malformed_notify_url, _emptied, _only_its_comments],
+    ids=["not_utf8", "malformed_url", "empty", "only_comments"],
 )
 def test_a_reload_that_cannot_load_is_refused_and_watching_goes_on(
     tmp_path: Path, downstream: Downstream, breaking: Any

@@ -1426,6 +1426,43 @@ def test_a_delivery_leased_at_ingest_finishes_and_releases_its_dependents(db: Ha
     ]
 
 
+def test_a_delivered_result_with_no_dependent_waiting_runs_no_select_of_them(db: Harness) -> None:
+    # Most deliveries have no dependent: the UPDATE that records the result checks for one itself, so
+    # no statement of its own looks for dependents to settle.
+    lease = Lease("w1", T0 + LEASE, limit=5)
+    [app] = db.ingest_leased(make_event("evt_1"), [APP], lease).claims
+    statements: list[str] = []
+    db.connection.set_trace_callback(statements.append)
+    try:
+        assert db.finish(app, "delivered", T0 + 1, status=200) == Finished()
+    finally:
+        db.connection.set_trace_callback(None)
+    assert not [sql for sql in statements if sql.lstrip().upper().startswith("SELECT")], statements
+    assert db.states("evt_1") == {"app": "delivered"}
+    [attempt] = db.detail("evt_1").attempts[app.delivery.id]
+    assert (attempt.number, attempt.outcome, attempt.status_code) == (1, "delivered", 200)
+    # A late copy of the same result is fenced out, as before.
+    assert db.finish(app, "delivered", T0 + 2, status=200) == Finished(recorded=False)
+
+
+def test_a_dependent_added_while_its_parent_is_in_flight_is_released_by_its_result(db: Harness) -> None:
+    # Leased at ingest with no dependent, then a replay of missing deliveries (from any process) adds one
+    # that waits for it: the result, recorded after, must still release it.
+    lease = Lease("w1", T0 + LEASE, limit=5)
+    [app] = db.ingest_leased(make_event("evt_1"), [APP], lease).claims
+    seq = db.detail("evt_1").seq
+    assert db.run(db.storage.add_deliveries(seq, [action("ack", after="app", when="success")], T0 + 1)) == 1
+    assert db.states("evt_1") == {"app": "pending", "ack": "waiting"}
+    finished = db.finish(app, "delivered", T0 + 2, status=200)
+    assert (finished.recorded, finished.activated) == (True, [(ROUTE, "ack")])
+    assert db.states("evt_1") == {"app": "delivered", "ack": "pending"}
+    [attempt] = db.detail("evt_1").attempts[app.delivery.id]
+    assert (attempt.number, attempt.outcome) == (1, "delivered")
+    # Fenced out with a dependent waiting as well: nothing recorded twice.
+    assert db.finish(app, "delivered", T0 + 3, status=200) == Finished(recorded=False)
+    assert len(db.detail("evt_1").attempts[app.delivery.id]) == 1
+
+
 def test_the_records_made_for_every_delivery_are_immutable_tuples() -> None:
     # Made for every forwarded webhook: as frozen dataclasses each field cost an object.__setattr__ call,
     # about three times a NamedTuple's whole construction. Immutable either way.

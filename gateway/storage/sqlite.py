@@ -1861,6 +1861,14 @@ _FINISH_DELIVERED = (
     "last_error = NULL, finished_at = ? WHERE id = ? AND attempts = ? AND pending_since IS ? "
     "AND state = 'pending'"
 )
+# The same, for a delivery that no dependent waits for (most): it then has none to settle, and the SELECT
+# of its waiting children is left out. The check inside the UPDATE costs one index seek, where a statement
+# of its own costs a cursor, a bind and a fetch. Read in the UPDATE's transaction, so a dependent that a
+# replay of missing deliveries added meanwhile (from any process) is seen.
+_FINISH_DELIVERED_CHILDLESS = (
+    f"{_FINISH_DELIVERED} AND NOT EXISTS (SELECT 1 FROM deliveries AS child WHERE child.parent_id = ?3 "
+    "AND child.state = 'waiting')"
+)
 _INSERT_ATTEMPT = (
     "INSERT INTO attempts (delivery_id, number, started_at, duration, outcome, status_code, error) "
     "VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -1886,10 +1894,22 @@ def _finish(
     # sent the delivery back to wait (a dependent whose parent was replayed): the count started over, and
     # the new round's attempt may have the same number.
     since = delivery.pending_since
+    recorded = (
+        delivery.id,
+        attempt.number,
+        attempt.started_at,
+        attempt.duration,
+        attempt.outcome,
+        attempt.status_code,
+    )
     if state == "delivered" and due_at is None and attempt.error is None:  # most results
-        updated = conn.execute(
-            _FINISH_DELIVERED, (attempt.status_code, now, delivery.id, attempt.number, since)
-        )
+        parameters = (attempt.status_code, now, delivery.id, attempt.number, since)
+        if conn.execute(_FINISH_DELIVERED_CHILDLESS, parameters).rowcount:
+            # Final, and no dependent waits for it: nothing to settle.
+            conn.execute(_INSERT_ATTEMPT_OK, recorded)
+            return Finished()
+        # Fenced out, or a dependent waits: the statement without the check tells which.
+        updated = conn.execute(_FINISH_DELIVERED, parameters)
     else:
         updated = conn.execute(
             _FINISH,
@@ -1907,14 +1927,6 @@ def _finish(
     if updated.rowcount == 0:
         return Finished(recorded=False)
     finished = Finished()
-    recorded = (
-        delivery.id,
-        attempt.number,
-        attempt.started_at,
-        attempt.duration,
-        attempt.outcome,
-        attempt.status_code,
-    )
     if attempt.error is None:
         conn.execute(_INSERT_ATTEMPT_OK, recorded)
     else:

@@ -176,12 +176,11 @@ class Ingress:
             payload = orjson.loads(body)
         except orjson.JSONDecodeError as refused:
             payload = _json_after_bom(body, refused)
-        unstored = endpoint.provider.secret_headers
-        kept = {
-            name: value
-            for name, value in headers.items()
-            if name not in UNSTORED_HEADERS and name not in unstored
-        }
+        # A copy, with the few names never stored taken out: a comprehension that tested every header
+        # against both sets ran Python for each header of every webhook, about twice the cost.
+        kept = headers.copy()
+        for name in (*UNSTORED_HEADERS, *endpoint.provider.secret_headers):
+            kept.pop(name, None)
         event = endpoint.provider.parse(kept, body, payload, received_at)
         event.verified = verified
         return event, self.gateway.table.match(event)

@@ -319,11 +319,7 @@ class Ingress:
 
 
 def plan_deliveries(routes: list[CompiledRoute]) -> list[NewDelivery]:
-    return [
-        NewDelivery(route.name, action.key, action.after, action.when)
-        for route in routes
-        for action in route.actions
-    ]
+    return [delivery for route in routes for delivery in route.deliveries]
 
 
 def too_large(limit: int) -> Rejected:

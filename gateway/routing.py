@@ -28,6 +28,7 @@ from gateway.events import UNSTORED_HEADERS, Event
 from gateway.filters import FilterError, Predicate, compile_filter
 from gateway.plugins import Registry
 from gateway.providers import Provider
+from gateway.storage import NewDelivery
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +53,9 @@ class CompiledRoute:
     matches_type: Callable[[str], bool]
     predicate: Predicate | None
     actions: tuple[PlannedAction, ...]
+    # A matched event's delivery of each action, in order: the same for every event, so made once here
+    # rather than for every webhook (plan_deliveries).
+    deliveries: tuple[NewDelivery, ...]
 
     def matches(self, event: Event) -> bool:
         return self.matches_type(event.type) and (self.predicate is None or self.predicate(event))
@@ -216,6 +220,9 @@ def _compile_route(
         matches_type=type_matcher([_event_pattern(provider, pattern) for pattern in route.events]),
         predicate=predicate,
         actions=tuple(actions),
+        deliveries=tuple(
+            NewDelivery(route.name, action.key, action.after, action.when) for action in actions
+        ),
     )
 
 

@@ -432,6 +432,30 @@ def test_after_may_chain(registry: Registry) -> None:
     assert table.actions[("r", "c")].when == "failure"
 
 
+def test_a_route_plans_its_deliveries_once_for_every_event_it_matches(registry: Registry) -> None:
+    from gateway.ingress import plan_deliveries
+    from gateway.storage import NewDelivery
+
+    config = base_config(
+        [
+            route("r", "consignly", forward(id="a"), forward(id="b", after="a", when="failure")),
+            route("s", "consignly", forward(id="c")),
+        ]
+    )
+    table = build(registry, config)
+    routes = table.match(make_event("consignly", "consignment.created"))
+    planned = plan_deliveries(routes)
+    assert planned == [
+        NewDelivery("r", "a", None, None),
+        NewDelivery("r", "b", "a", "failure"),
+        NewDelivery("s", "c", None, None),
+    ]
+    # Made when the config is compiled: every event gets the same records, in a list of its own.
+    again = plan_deliveries(routes)
+    assert again == planned and again is not planned
+    assert all(mine is theirs for mine, theirs in zip(planned, again, strict=True))
+
+
 def test_acknowledge_after_an_action(registry: Registry) -> None:
     ack = {
         "use": "acknowledge",

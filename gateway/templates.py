@@ -73,7 +73,12 @@ def isotime(value: float | None) -> str:
 #     argument twice doubles it at each call on its own output;
 #   the global lipsum().
 # A list or dict is measured as it is written out (written_length): one may hold a text many times over.
-# What they make is also added up over the render, against MAX_MADE.
+# What they make is also added up over the render, against MAX_MADE (`+` on lists adds its shorter operand:
+# the new list refers to the items of both, and one built up item by item lets the old one go).
+# A list, dict or namespace may keep what every step of a loop made, so also added up are: the new result of
+# every other filter and str method (_count_made_by, Environment.call), the texts a list, tuple or dict written
+# in the template holds (hold), what namespace(), cycler() and joiner() are given, and what dict() adds, whose
+# result is bounded as a list's is (made_dict).
 # The other filters and methods make about as much as they are given (escaping, upper-casing or quoting it
 # grows it by a small factor at most), which the request body's limit bounds; truncate (its end) and default
 # add an argument once. The bounds are right within such a factor (the markup urlize adds is not counted, nor
@@ -350,6 +355,76 @@ def count_made(length: int, what: str) -> None:
         raise SecurityError(f"{what} would take what this render made past {MAX_MADE} characters")
 
 
+def known_length(value: Any) -> int:
+    """written_length(value), taken from the render's budget when `value` is the last list or dict it made."""
+    budget = _budget.get()
+    if budget is not None and budget.last is not None and budget.last[0] is value:
+        return budget.last[1]
+    return written_length(value)
+
+
+def remember_length(value: Any, length: int) -> None:
+    budget = _budget.get()
+    if budget is not None:
+        budget.last = (value, length)
+
+
+def made_dict(made: dict[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[Any, Any]:
+    """The `dict(...)` global's result, bounded as a list is: no longer than MAX_MESSAGE written out, and its new
+    entries (the keyword arguments; the mapping it copies refers to what it held) counted against MAX_MADE.
+    Unbounded, `{% set ns.d = dict(ns.d, **{i|string: text|upper}) %}` in a loop kept a new copy of the
+    text at each step: 630 MB of a 900 KB payload within the second a render may run."""
+    added = {key: value for key, value in kwargs.items() if key not in _JINJA_KWARGS}
+    added_length = written_length(added) - 2  # its entries, without its braces
+    copied = args[0] if args else {}
+    if isinstance(copied, dict) and len(made) == len(copied) + len(added):  # no key replaced: lengths add up
+        length = known_length(copied) + added_length
+    else:
+        length = written_length(made)
+    refuse_past_limit(length, "dict()", "dict")
+    count_made(added_length, "dict()")
+    remember_length(made, length)
+    return made
+
+
+def held_length(values: Iterable[Any]) -> int:
+    """What a list, tuple or dict written in a template, or a namespace, holds that may be new: its references
+    and its texts. A list it holds was counted where it was made; a constant one is not counted at all."""
+    length = 2
+    for value in values:
+        length += 2
+        if isinstance(value, str):
+            length += len(value)
+        elif isinstance(value, list | tuple | dict):
+            length += 2 + 2 * len(value)
+    return length
+
+
+def made_length(value: Any) -> int:
+    """What a filter made that is not bounded by _bound_growth: a text's length, and for a list, tuple or dict
+    its own references (the texts it refers to were made, and counted, elsewhere: it reorders or selects)."""
+    if isinstance(value, str):
+        return len(value)
+    if isinstance(value, list | tuple | dict):
+        return 2 + 2 * len(value)
+    return 0
+
+
+def _count_made_by(function: Callable[..., Any], what: str) -> Callable[..., Any]:
+    """`function` (a filter), whose result, when new, is counted against MAX_MADE after it runs. Each makes
+    about as much as it is given, a bounded step, but a dict, list or namespace may keep what each step made:
+    `{% set ns.l = [ns.l, event.data.note|upper] %}` in a loop kept a new copy of the note at each step."""
+
+    @functools.wraps(function)
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        made = function(*args, **kwargs)
+        if not any(made is given for given in args):  # `|string` of a text, `|default` of a defined value
+            count_made(made_length(made), what)
+        return made
+
+    return counted
+
+
 def _length_of(
     length: Callable[..., int],
     signature: inspect.Signature,
@@ -416,6 +491,9 @@ def _bound_growth(env: ImmutableSandboxedEnvironment) -> None:
     ]
     for name, length, kind in filters:
         env.filters[name] = _bounded(env.filters[name], length, f"|{name}", kind, name in ("join", "sum"))
+    bounded = {name for name, _, _ in filters}
+    for name in set(env.filters) - bounded - _SELECTING_FILTERS:
+        env.filters[name] = _count_made_by(env.filters[name], f"|{name}")
     env.globals["lipsum"] = _bounded(generate_lorem_ipsum, lipsum_length, "lipsum()", "str", False)
 
 
@@ -426,7 +504,16 @@ class _Budget:
     steps: int
     deadline: float  # time.monotonic()
     made: int = 0  # by the steps check_length let run
+    # The last list or dict `+` or dict() made, and its written length: one built up item by item is not gone
+    # through again at each step (a list of 5,000 items would take seconds), only what each step adds.
+    last: tuple[Any, int] | None = None
 
+
+# Filters that return one of the values they are given, or an item of it, and make nothing new: not counted.
+_SELECTING_FILTERS = frozenset({"attr", "d", "default", "first", "last", "max", "min", "random"})
+
+# The globals that keep what they are given, by the name of their class.
+_HOLDERS = {"Namespace": "namespace", "Cycler": "cycler", "Joiner": "joiner"}
 
 # What Jinja adds to the keyword arguments of a call in a loop or a block, for itself: not the callee's.
 _JINJA_KWARGS = frozenset({"_loop_vars", "_block_vars"})
@@ -442,6 +529,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
     from jinja2.nodes import EvalContext
     from jinja2.runtime import Context, LoopContext, markup_join, str_join
     from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
+    from jinja2.utils import Cycler, Joiner, Namespace
     from markupsafe import Markup
 
     def step() -> None:
@@ -465,6 +553,13 @@ def _environment() -> ImmutableSandboxedEnvironment:
         text at each step of `{% set ns.text = ns.text ~ ns.text %}`."""
         refuse_past_limit(_total(written_length(value) for value in values), "~")
         return (markup_join if eval_ctx.autoescape else str_join)(values)
+
+    def hold(value: Any) -> Any:
+        """A list, tuple or dict written in a template, which may keep a new text, or another list, at each step
+        of a loop: `{% set ns.l = [ns.l, text ~ "!"] %}` held a gigabyte within a second."""
+        held = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        count_made(held_length(held), "a list or dict")
+        return value
 
     def join_output(pieces: Iterable[str]) -> str:
         """What a macro, a `{% set %}` block, a call block or a filter block prints, joined as Jinja does,
@@ -507,8 +602,16 @@ def _environment() -> ImmutableSandboxedEnvironment:
                     length = 2 + (written_length(sequence) - 2) * times
                     check_length(length, "*", type(sequence).__name__)
             elif operator == "+" and isinstance(left, list | tuple) and isinstance(right, list | tuple):
-                # `{% set ns.items = ns.items + ns.items %}` doubles a list's text at each step.
-                check_length(written_length(left) + written_length(right), "+", type(left).__name__)
+                # `{% set ns.items = ns.items + ns.items %}` doubles a list's text at each step. What it adds to
+                # the render's total is the shorter operand: the new list refers to the items both hold, and
+                # one built up item by item (`ns.items + [item]`) lets the old one go. Counted whole, its every
+                # length so far added up, a list of a thousand short items was refused.
+                left_length, right_length = known_length(left), known_length(right)
+                refuse_past_limit(left_length + right_length, "+", type(left).__name__)
+                count_made(min(left_length, right_length), "+")
+                made = super().call_binop(context, operator, left, right)
+                remember_length(made, left_length + right_length - 2)  # one pair of brackets
+                return made
             elif operator == "+" and isinstance(left, str) and isinstance(right, str):
                 # `{% set ns.text = ns.text + ns.text %}` doubles a text at each step: forty steps make a
                 # terabyte. Not counted against MAX_MADE: the old text is let go as the new one is made, and
@@ -524,17 +627,32 @@ def _environment() -> ImmutableSandboxedEnvironment:
         counted = staticmethod(count_iterations)
         # ... and every `a ~ b` into `environment.concatenated(a, b)`.
         concatenated = staticmethod(concatenate)
+        # ... and every list, tuple or dict written in it but a constant one into `environment.held(<it>)`.
+        held = staticmethod(hold)
         # The compiled code joins what a macro or a block prints with `environment.concat`.
         concat = staticmethod(join_output)
 
         # Every call a template makes passes here: a macro that calls itself twice cannot run for ever.
         def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
             # compile_template's, not one the template makes
-            if obj is not count_iterations and obj is not concatenate:
+            if obj is not count_iterations and obj is not concatenate and obj is not hold:
                 step()
             if isinstance(obj, LoopContext) and args:  # `loop(item.children)` in a recursive loop
                 args = (count_iterations(args[0]), *args[1:])
             owner, name = getattr(obj, "__self__", None), getattr(obj, "__name__", None)
+            if obj is dict:
+                return made_dict(super().call(context, obj, *args, **kwargs), args, kwargs)
+            if obj in (Namespace, Cycler, Joiner):  # each keeps what it is given, as a list does
+                kept = [*args, *(value for key, value in kwargs.items() if key not in _JINJA_KWARGS)]
+                count_made(held_length(kept), f"{_HOLDERS[obj.__name__]}()")
+            if isinstance(owner, str) and name not in _STR_METHODS and name not in ("format", "format_map"):
+                # upper, lower, split and the like: no longer than the text, but new, and a dict or list may keep
+                # each: counted against MAX_MADE, as the filters are (_count_made_by). format and format_map
+                # count what they make as they make it (BoundedFormatter).
+                made = super().call(context, obj, *args, **kwargs)
+                if made is not owner:
+                    count_made(written_length(made), f"str.{name}")
+                return made
             if isinstance(owner, str) and name in _STR_METHODS:
                 length, signature = _STR_METHODS[name]
                 if name == "join" and args:  # iterated here, to be measured, and then joined
@@ -599,6 +717,30 @@ def compile_template(source: str) -> Template:
             operands = [self.visit(operand) for operand in node.nodes]
             concatenated = nodes.EnvironmentAttribute("concatenated", lineno=node.lineno)
             return nodes.Call(concatenated, operands, [], None, None, lineno=node.lineno)
+
+        def visit_List(self, node: nodes.List) -> nodes.Expr:
+            self.generic_visit(node)  # which changes it in place
+            return held(node)
+
+        def visit_Tuple(self, node: nodes.Tuple) -> nodes.Expr:
+            self.generic_visit(node)
+            return held(node) if node.ctx == "load" else node  # not `{% for a, b in … %}`'s names
+
+        def visit_Dict(self, node: nodes.Dict) -> nodes.Expr:
+            self.generic_visit(node)
+            return held(node)
+
+    def held(node: nodes.Expr) -> nodes.Expr:
+        if constant(node):  # made of the template's own text: it keeps nothing a render made
+            return node
+        return nodes.Call(nodes.EnvironmentAttribute("held"), [node], [], None, None, lineno=node.lineno)
+
+    def constant(node: nodes.Node) -> bool:
+        if isinstance(node, nodes.List | nodes.Tuple):
+            return all(constant(item) for item in node.items)
+        if isinstance(node, nodes.Dict):
+            return all(constant(pair.key) and constant(pair.value) for pair in node.items)
+        return isinstance(node, nodes.Const)
 
     env = _environment()
     try:

@@ -1012,3 +1012,56 @@ def test_headers_notify_sets_itself_fail_at_config_load(
     with pytest.raises(ConfigError) as raised:
         build(alert_config(tmp_path, headers=headers))
     assert raised.value.errors == [f"routes[0].actions[1].with.headers: {expected}"]
+
+
+def test_a_list_built_item_by_item_renders_and_what_filters_keep_is_bounded(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # `ns.items + [item]` makes anew only the item it adds (the list refers to the items it had): counted whole
+    # against what a render may make, a list of 1,000 short items built item by item was refused.
+    made = "would take what this render made past 1000000 characters"
+    listed = (
+        "{% set ns = namespace(items=[]) %}{% for i in range(event.data.count) %}"
+        '{% set ns.items = ns.items + ["parcel " ~ i] %}{% endfor %}{{ ns.items|length }} {{ ns.items|last }}'
+    )
+    # Each step makes a new text of the payload's length, kept by a dict, a list or a namespace: 100,000 of the
+    # note's 10,000 characters would hold a gigabyte, and a larger payload reached 630 MB within the second. Each
+    # is refused by what makes or keeps it: dict(), a list written in the template, namespace(), a str method or
+    # a filter (of which the list keeps a part).
+    kept = {
+        "dict": (
+            "{% set ns.d = dict(ns.d, **{i|string: event.data.note|upper}) %}",
+            "dict() would make a dict longer than 100000",
+        ),
+        "list": ('{% set ns.d = [ns.d, event.data.note ~ "!"] %}', f"a list or dict {made}"),
+        "namespace": ('{% set ns.d = namespace(a=ns.d, b=event.data.note ~ "!") %}', f"namespace() {made}"),
+        "method": ("{% set ns.d = [ns.d, event.data.note.split()] %}", f"str.split {made}"),
+        "filter": ("{% set ns.d = [ns.d, (event.data.note|upper)[:5]] %}", f"|upper {made}"),
+    }
+    actions = [notify_action("listed", f"{downstream.url}/listed", template=listed)] + [
+        notify_action(
+            name,
+            f"{downstream.url}/{name}",
+            template="{% set ns = namespace(d={}) %}{% for i in range(event.data.times) %}"
+            + step
+            + "{% endfor %}done",
+        )
+        for name, (step, _) in kept.items()
+    ]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_fair", count=3000, note="ok", times=3))
+        send_consignly(gw, consignly_body(event_id="evt_hostile", count=3, note="o" * 10_000, times=100_000))
+        wait_until(lambda: set(delivery_states(gw, "evt_fair").values()) == {"delivered"})
+        wait_until(
+            lambda: set(delivery_states(gw, "evt_hostile").values()) <= {"dead", "delivered"}, timeout=60
+        )
+        refused = {
+            d.action: (d.attempts, d.last_error)
+            for d in event_detail(gw, "evt_hostile").deliveries
+            if d.action in kept
+        }
+        assert refused == {
+            name: (1, f"template line 1: SecurityError: {reason}") for name, (_, reason) in kept.items()
+        }
+        messages = sorted(r.json()["text"] for r in downstream.received())
+        assert messages == sorted(["3000 parcel 2999", "3 parcel 2", *["done"] * len(kept)])

@@ -542,6 +542,15 @@ class ActionConfig(Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
+    @field_validator("id")
+    @classmethod
+    def _named(cls, name: str | None) -> str | None:
+        # `id: ""` (or a `${VAR:-}` left empty) would key the action by its `use` without a word: an
+        # `after:` or a `replay --action` naming the id meant would not find it.
+        if name is not None and not name.strip():
+            raise ValueError("is empty: give the action an id, or leave id out to key it by its use")
+        return name
+
     @property
     def key(self) -> str:
         return self.id or self.use

@@ -859,6 +859,16 @@ def test_an_empty_source_or_route_name_is_refused(name: str) -> None:
     assert config_errors(route) == ["routes[0].name: is empty: give the route a name"]
 
 
+@pytest.mark.parametrize("name", ["", "  "])
+def test_an_empty_action_id_is_refused(name: str) -> None:
+    # `id: ""` was taken as no id: the action was keyed by its `use` name without a word, which a later
+    # `after:` or `replay --action` naming what was meant would not find.
+    route = {"name": "r", "source": "x", "actions": [{"use": "store"}, {"id": name, "use": "forward"}]}
+    assert config_errors(yaml.safe_dump({"routes": [route]})) == [
+        "routes[0].actions[1].id: is empty: give the action an id, or leave id out to key it by its use"
+    ]
+
+
 def test_a_retry_on_status_no_failed_attempt_answers_is_refused() -> None:
     # 200 is delivered before retry_on is read, and 5003 is no status: both were taken, and never matched.
     text = "defaults: {retry: {retry_on: [429, 5003, 200, '5xx']}}"

@@ -167,6 +167,8 @@ def _compile_condition(condition: Any, place: str, errors: list[str]) -> Callabl
 
 
 _ORDERINGS = {"gt": operator.gt, "gte": operator.ge, "lt": operator.lt, "lte": operator.le}
+# Text a reader takes for a number: what JSON or YAML would read as one, with a sign or a leading dot.
+_NUMBER_TEXT = re.compile(r"\s*[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?\s*")
 
 
 def _compile_operator(name: str, operand: Any, place: str) -> Callable[[Any], bool]:
@@ -198,6 +200,15 @@ def _compile_operator(name: str, operand: Any, place: str) -> Callable[[Any], bo
         compare = _ORDERINGS[name]
         if isinstance(operand, bool) or not isinstance(operand, int | float | str):
             raise _BadOperand(place, f"{name} takes a number or a string")
+        if isinstance(operand, str) and _NUMBER_TEXT.fullmatch(operand):
+            # Such text would compare with text only, by code point, and never with a number: most often
+            # a `${VAR}` (always text) meant as a number, which would match nothing without a word.
+            raise _BadOperand(
+                place,
+                f"{operand!r} is text that reads as a number, and text compares with text only, by code "
+                f'point ("9" comes after "10"): write the number unquoted ({name}: 10); a ${{VAR}} always '
+                "expands to text, so a number to compare with cannot come from one",
+            )
         return lambda value: _comparable(value, operand) and compare(value, operand)
     raise _BadOperand(
         place, f"unknown operator {name!r}; use eq, ne, in, not_in, exists, regex, gt, gte, lt, lte"

@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from gateway.config import parse_config
 from gateway.events import Event
 from gateway.filters import FilterError, compile_filter
 
@@ -261,6 +262,38 @@ def test_iso_dates_compare_as_strings() -> None:
     spec = {"payload.created": {"gte": "2026-01-01"}}
     assert holds(spec, make_event(payload={"created": "2026-11-22T10:00:00Z"}))
     assert not holds(spec, make_event(payload={"created": "2025-12-31T23:59:59Z"}))
+
+
+@pytest.mark.parametrize("operator", ["gt", "gte", "lt", "lte"])
+@pytest.mark.parametrize("operand", ["10", "-2.5", " 1e3 ", "+7", ".5"])
+def test_an_ordering_with_text_that_reads_as_a_number_is_refused(operator: str, operand: str) -> None:
+    # Such text compared with text only, by code point ("9" above "10"), and never with a number: a
+    # `gte: "${MIN}"`, which always expands to text, matched no numeric value without a word.
+    assert compile_error({"data.weight": {operator: operand}}) == (
+        f"filter.data.weight.{operator}: {operand!r} is text that reads as a number, and text compares "
+        f'with text only, by code point ("9" comes after "10"): write the number unquoted ({operator}: '
+        "10); a ${VAR} always expands to text, so a number to compare with cannot come from one"
+    )
+
+
+def test_an_ordering_with_a_variable_reading_as_a_number_is_refused_when_the_config_loads() -> None:
+    # The case met in practice: the threshold from the environment, compared with a number in the payload.
+    route = {
+        "name": "r",
+        "source": "s",
+        "filter": {"data.weight": {"gte": "${MIN}"}},
+        "actions": [{"use": "store"}],
+    }
+    spec = parse_config(yaml.safe_dump({"routes": [route]}), environ={"MIN": "10"}).routes[0].filter
+    assert spec == {"data.weight": {"gte": "10"}}
+    assert compile_error(spec, "routes[0].filter").startswith(
+        "routes[0].filter.data.weight.gte: '10' is text that reads as a number"
+    )
+
+
+@pytest.mark.parametrize("operand", ["v10", "2026-01-01", "1.2.3", "ten", "", "0x10", "1_000"])
+def test_an_ordering_with_text_that_is_no_number_compares_as_text(operand: str) -> None:
+    assert compile_filter({"data.code": {"gte": operand}})
 
 
 @pytest.mark.parametrize("operator", ["gt", "gte", "lt", "lte"])

@@ -308,6 +308,10 @@ class Gateway:
         ):
             if before != after:
                 log.warning("%s changed; it takes effect at the next restart", name)
+        # The engine runs with the `delivery` it started with, and stop() gives running deliveries its
+        # shutdown_timeout: the new file's would hold a SIGTERM past the grace period set for the running
+        # one. Kept, the change is also said again at each reload until the restart applies it.
+        config = config.model_copy(update={"delivery": old.delivery})
         self.config = config
         self.table = table
         # New certificate paths are watched from now on, as read now (the certificate is loaded below).

@@ -971,6 +971,44 @@ def test_a_reload_keeps_an_actions_concurrency_counting_the_deliveries_in_flight
         assert len(holding.downstream.wait_for(4, "/held/app")) == 4
 
 
+def test_a_reload_keeps_the_running_shutdown_timeout_until_the_restart(
+    tmp_path: Path, holding: Holding, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`delivery` needs a restart, but a reload took its shutdown_timeout from the new file: a SIGTERM then
+    waited as long as that said for a delivery that never answers, past the grace period the pod was
+    given for the running value."""
+    config = gateway_config(tmp_path)
+    config["reload"] = {"interval": "100ms"}
+    config["delivery"]["shutdown_timeout"] = "1s"
+    url = holding.downstream.url
+    config["routes"] = [
+        {
+            "name": "users",
+            "source": "consignease",
+            "actions": [{"id": "app", "use": "forward", "timeout": "2m", "with": {"url": f"{url}/held/app"}}],
+        }
+    ]
+    volume = ConfigMapVolume(tmp_path / "config")
+    volume.publish(config)
+    with RunningGateway(volume.path) as gw:
+        body, headers = svix_request(msg_id="msg_held")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        wait_until(lambda: holding.held == 1)
+        changed = copy.deepcopy(config)
+        changed["delivery"]["shutdown_timeout"] = "90s"
+        volume.publish(changed)
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+        assert gw.gateway.config.delivery.shutdown_timeout == 1.0
+        began = time.monotonic()
+        gw.loop.call_soon_threadsafe(gw.gateway.request_exit)
+        gw.thread.join(60)
+        took = time.monotonic() - began
+        assert not gw.thread.is_alive()
+    # Far below the 90 s of the file, whatever the machine's load.
+    assert took < 45, f"stopping took {took:.1f}s"
+    assert "delivery changed; it takes effect at the next restart" in caplog.messages
+
+
 def start_process(tmp_path: Path, config: dict[str, Any], **options: Any) -> tuple[GatewayProcess, str]:
     """`hookyard serve` in a child process; options as GatewayProcess takes them."""
     ingress, ops = free_port(), free_port()
@@ -1403,7 +1441,7 @@ def test_sigterm_ends_the_process_while_a_store_actions_sqlite_file_never_answer
     script = tmp_path / "stuck_file_serve.py"
     script.write_text(STUCK_FILE_SERVE)
     config = users_config(tmp_path, downstream, "/app")
-    config["delivery"] = {"shutdown_timeout": "1s"}
+    config["delivery"]["shutdown_timeout"] = "1s"
     store = {"url": f"sqlite:///{tmp_path}/users.db", "table": "users", "mode": "append"}
     config["routes"][0]["actions"] = [{"id": "users-table", "use": "store", "timeout": "1s", "with": store}]
     config["log"] = {"level": "info"}

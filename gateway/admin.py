@@ -54,6 +54,21 @@ schemas = SchemaGenerator(
                     },
                     "required": ["replayed", "created", "next_cursor"],
                 },
+                "BulkReplayPage": {
+                    "allOf": [
+                        {"$ref": "#/components/schemas/ReplayPage"},
+                        {
+                            "type": "object",
+                            "description": "the window this page ran on, in epoch seconds: give it to "
+                            "the next pages",
+                            "properties": {
+                                "since": {"type": "number", "nullable": True},
+                                "until": {"type": "number"},
+                            },
+                            "required": ["since", "until"],
+                        },
+                    ]
+                },
             },
         },
         "security": [{"bearer": []}],
@@ -206,7 +221,8 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           received in the window that has not been delivered for an action the current config routes it to
           (dead deliveries run again; deliveries that never existed are created, and with action set to a
           dependent whose parent never existed either, that parent too). Call again with cursor =
-          next_cursor until next_cursor is null.
+          next_cursor until next_cursor is null, and with the since and until the answer gives: the window
+          as the first call fixed it by the gateway's clock, `2h` read then and until at most that time.
         requestBody:
           required: true
           content:
@@ -226,7 +242,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         responses:
           200:
             description: this page's counts
-            content: {application/json: {schema: {$ref: "#/components/schemas/ReplayPage"}}}
+            content: {application/json: {schema: {$ref: "#/components/schemas/BulkReplayPage"}}}
           400: {description: a bad request}
           401: {description: missing or wrong bearer token (ops.admin_token is set)}
           403: {description: "without ops.admin_token: a caller that is not a local program (a web page)"}

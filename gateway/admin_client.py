@@ -19,6 +19,8 @@ from gateway.sender import unproxied_if_loopback
 # the ReplayPage the endpoint answers with.
 DETAIL_FIELDS = ("id", "source", "type", "deliveries")
 PAGE_FIELDS = tuple(field.name for field in fields(ReplayPage))
+# A bulk replay's page also answers the window it was run on, for the next pages (see Operations.replay).
+BULK_PAGE_FIELDS = (*PAGE_FIELDS, "since", "until")
 
 
 def _segment(event_id: str) -> str:
@@ -128,4 +130,4 @@ class RemoteOperations:
 
     async def replay(self, **request: Any) -> dict[str, Any]:
         body = {name: value for name, value in request.items() if value is not None}
-        return await self._call("POST", "/admin/replay", PAGE_FIELDS, json=body)
+        return await self._call("POST", "/admin/replay", BULK_PAGE_FIELDS, json=body)

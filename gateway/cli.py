@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
@@ -477,15 +476,11 @@ def replay(
         return
 
     async def bulk(ops: Any) -> tuple[int, int]:
-        from gateway.operations import parse_time
-
-        # `2h` means two hours before the replay started, on every page: re-read on each page, the window
-        # would slide forward as the pages go, and skip what lies near its start. And the window ends when
-        # the replay starts: a delivery a page makes run again may end dead again before the last page is
-        # read, and one with a later id (a dependent, waiting for its parent again) would be replayed twice.
-        started = time.time()
-        ends = parse_time(until, "until")
-        window = {"since": parse_time(since), "until": started if ends is None else min(ends, started)}
+        # As given for the first page, which fixes the window (`2h` before it, ending then at the latest)
+        # by the clock of whoever runs it: through --admin-url, the gateway's, which wrote the deliveries'
+        # times. This machine's may be behind it, and would leave out what ended dead in the last seconds.
+        # The later pages carry the window the first answered (see Operations.replay).
+        window: dict[str, Any] = {"since": since, "until": until}
         replayed = created = 0
         cursor: int | None = 0
         while cursor is not None:
@@ -503,6 +498,7 @@ def replay(
                 created + page["created"],
                 page["next_cursor"],
             )
+            window = {"since": page["since"], "until": page["until"]}
             if cursor is not None:  # a long replay shows its progress
                 click.echo(f"... {replayed} replayed, {created} created", err=True)
         return replayed, created

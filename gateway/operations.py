@@ -246,11 +246,20 @@ class Operations:
         cursor: int = 0,
         limit: int = PAGE,
     ) -> dict[str, Any]:
-        """One page of a bulk replay; call again with next_cursor until it is null."""
+        """One page of a bulk replay; call again with next_cursor until it is null, and with the since and
+        until this page answers.
+
+        The window is fixed here, by this process's clock (the gateway's, through the admin API, where the
+        deliveries' times were written), and answered as epoch seconds for the next pages to carry: `2h`
+        read again on each page would slide forward and skip what lies near its start. It ends now at the
+        latest: a delivery a page makes run again may end dead again before the last page is read, and
+        one with a later id (a dependent, waiting for its parent again) would be replayed twice."""
         _check_page(cursor, limit)
+        starts, ends = parse_time(since), parse_time(until, "until")
+        now = time.time()
         window: dict[str, Any] = {
-            "since": parse_time(since),
-            "until": parse_time(until, "until"),
+            "since": starts,
+            "until": now if ends is None else min(ends, now),
             "source": source,
             "route": route,
             "action": action,
@@ -280,4 +289,4 @@ class Operations:
         if page.replayed or page.created:
             self.counted(mode, page.replayed + page.created)
             self.wake()
-        return asdict(page)
+        return {**asdict(page), "since": window["since"], "until": window["until"]}

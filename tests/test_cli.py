@@ -873,6 +873,53 @@ def test_bulk_replay_of_missing_needs_since(tmp_path: Path, downstream: Downstre
     assert due == set()
 
 
+async def _dead_a_moment_ago(storage: SQLiteStorage) -> None:
+    """evt_late_0..2: app ended dead a second ago."""
+    now = time.time()
+    for index in range(3):
+        await storage.ingest(make_event(f"evt_late_{index}", now - 5), [APP])
+    for claim in await storage.claim(now - 5, 10, 60, "w"):
+        await finish(storage, claim, "dead", now - 1, 410)
+
+
+# `hookyard` on a machine whose clock is a minute behind the gateway's (a laptop through a port-forward).
+CLOCK_BEHIND = """
+import sys, time
+real = time.time
+time.time = lambda: real() - 60
+from gateway.cli import main
+main(prog_name="hookyard")
+"""
+
+
+def test_a_bulk_replay_through_the_admin_api_ends_its_window_by_the_gateways_clock(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """The window of a replay through --admin-url is fixed by the gateway's clock, on every page: by the
+    CLI's, a minute behind, what ended dead in the last minute would be left out."""
+    config = config_dict(tmp_path)
+    config["routes"][0]["actions"][0]["with"]["url"] = f"{downstream.url}/hooks"
+    path = write_config(tmp_path, config)
+    with_storage(tmp_path / "db.sqlite", _dead_a_moment_ago)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOOKYARD_")}
+    args = ["--state", "dead", "--since", "1h", "--page-size", "1"]
+    with RunningGateway(path) as gw:
+        result = subprocess.run(
+            [sys.executable, "-c", CLOCK_BEHIND, "replay", "--admin-url", gw.ops_url, *args],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=Path(__file__).resolve().parent.parent,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "replaying 3 deliveries\n", result.stderr
+        wait_until(lambda: len(downstream.received("/hooks")) >= 3)
+    assert {r.headers["idempotency-key"] for r in downstream.received("/hooks")} == {
+        f"evt_late_{index}" for index in range(3)
+    }
+
+
 @pytest.mark.parametrize("limit", ["0", "501", "-3"])
 def test_events_list_limit_is_bounded_as_a_usage_error(filled: Path, limit: str) -> None:
     """As --page-size is: a bad option is exit status 2, with click's usage line, not 1 as a failure."""

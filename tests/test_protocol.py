@@ -1080,9 +1080,9 @@ def test_an_admin_request_that_asks_to_upgrade_to_h2c_is_answered_in_http_1_1_wi
         answers = [conn.answer(), conn.answer()]
         conn.send(b"GET /admin/events HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")  # still HTTP/1.1, kept alive
         later = conn.answer()
-    assert [(status, json.loads(answer)) for status, _, answer in answers] == [
-        (200, {"replayed": 0, "created": 0, "next_cursor": None})
-    ] * 2
+    # The page's counts; its window (since, until) is the gateway's time.
+    assert [(status, json.loads(answer)["next_cursor"]) for status, _, answer in answers] == [(200, None)] * 2
+    assert all(json.loads(answer)["replayed"] == 0 for _, _, answer in answers)
     assert (later[0], json.loads(later[2])) == (200, {"events": [], "next_cursor": None})
 
 

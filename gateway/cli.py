@@ -287,6 +287,7 @@ def _operate(
     token = os.environ.get("HOOKYARD_ADMIN_TOKEN")
     if admin_url:
         _check_target(admin_url, given_as, "http://127.0.0.1:9000")
+        _check_no_credentials(admin_url, given_as)
         if token is not None and header_control_character(token.strip()) is not None:
             # Not shown: the HTTP library's refusal would repeat the header, token and all.
             raise click.UsageError(
@@ -632,6 +633,22 @@ def _check_target(target: str, option: str = "--url", example: str = "http://127
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise click.BadParameter(
             f"{shown_url_with_path(target)!r} is not an http(s) URL, e.g. {example}", param_hint=option
+        )
+
+
+def _check_no_credentials(admin_url: str, given_as: str) -> None:
+    """The admin API takes a bearer token only: httpx would send a URL's `user:pass@` as Basic auth in its
+    place, and the gateway's 401 would then say the token is wrong, though $HOOKYARD_ADMIN_TOKEN holds the
+    right one. Shown without them."""
+    import httpx
+
+    from gateway.http_client import shown_url_with_path
+
+    if httpx.URL(admin_url).userinfo:
+        raise click.BadParameter(
+            f"{shown_url_with_path(admin_url)!r}: credentials in the URL are not used; the admin token "
+            "comes from $HOOKYARD_ADMIN_TOKEN",
+            param_hint=given_as,
         )
 
 

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
@@ -481,7 +482,10 @@ def replay(
         # by the clock of whoever runs it: through --admin-url, the gateway's, which wrote the deliveries'
         # times. This machine's may be behind it, and would leave out what ended dead in the last seconds.
         # The later pages carry the window the first answered (see Operations.replay).
+        from gateway.operations import parse_time
+
         window: dict[str, Any] = {"since": since, "until": until}
+        fixed_here = False
         replayed = created = 0
         cursor: int | None = 0
         while cursor is not None:
@@ -499,7 +503,14 @@ def replay(
                 created + page["created"],
                 page["next_cursor"],
             )
-            window = {"since": page["since"], "until": page["until"]}
+            if "since" in page:
+                window = {"since": page["since"], "until": page["until"]}
+            elif not fixed_here:
+                # A gateway of a version before the window was answered: fixed here, by this clock, after
+                # the first page (as the CLI did then), so that the later pages still keep to one window.
+                ends, now = parse_time(until, "until"), time.time()
+                window = {"since": parse_time(since), "until": now if ends is None else min(ends, now)}
+                fixed_here = True
             if cursor is not None:  # a long replay shows its progress
                 click.echo(f"... {replayed} replayed, {created} created", err=True)
         return replayed, created

@@ -920,6 +920,41 @@ def test_a_bulk_replay_through_the_admin_api_ends_its_window_by_the_gateways_clo
     }
 
 
+def test_a_bulk_replay_through_a_gateway_that_answers_no_window_fixes_it_here(
+    tmp_path: Path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A gateway of a version before the window was answered (made here by leaving it out of the answer):
+    the CLI fixes the window itself, by its clock, and sends it on every later page, as it did then."""
+    import gateway.operations
+
+    config = config_dict(tmp_path)
+    config["routes"][0]["actions"][0]["with"]["url"] = f"{downstream.url}/hooks"
+    path = write_config(tmp_path, config)
+    with_storage(tmp_path / "db.sqlite", _dead_a_moment_ago)
+    asked: list[tuple[Any, Any]] = []
+    answer = gateway.operations.Operations.replay
+
+    async def replay_as_before(self: Any, **request: Any) -> dict[str, Any]:
+        asked.append((request.get("since"), request.get("until")))
+        page = await answer(self, **request)
+        return {name: value for name, value in page.items() if name not in ("since", "until")}
+
+    monkeypatch.setattr(gateway.operations.Operations, "replay", replay_as_before)
+    with RunningGateway(path) as gw:
+        started = time.time()
+        result = invoke(
+            "replay", "--admin-url", gw.ops_url, "--state", "dead", "--since", "1h", "--page-size", "1"
+        )
+        assert result.exit_code == 0, result.output
+        assert result.stdout == "replaying 3 deliveries\n", result.output
+        wait_until(lambda: len(downstream.received("/hooks")) >= 3)
+    assert asked[0] == ("1h", None)
+    later = set(asked[1:])
+    assert len(asked) >= 3 and len(later) == 1, asked  # one window, carried on every later page
+    since, until = map(float, later.pop())
+    assert started - 3600 - 5 <= since <= started - 3600 + 5 and started - 5 <= until <= started + 5
+
+
 @pytest.mark.parametrize("limit", ["0", "501", "-3"])
 def test_events_list_limit_is_bounded_as_a_usage_error(filled: Path, limit: str) -> None:
     """As --page-size is: a bad option is exit status 2, with click's usage line, not 1 as a failure."""

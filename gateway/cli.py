@@ -268,6 +268,12 @@ def json_option(help: str) -> Decorator:
     return click.option("--json", "as_json", is_flag=True, help=help)
 
 
+def page_option(name: str, *, default: int, help: str) -> Decorator:
+    """How many a page holds: at most 500, what the admin API answers at most (operations.MAX_PAGE, not
+    imported here: the CLI loads gateway.operations only for the commands that use it)."""
+    return click.option(name, type=click.IntRange(1, 500), default=default, show_default=True, help=help)
+
+
 def _operate(
     config_path: Path | None,
     admin_url: str | None,
@@ -355,13 +361,7 @@ def events() -> None:
     since="Only events received in this window (2h) or since a time (ISO 8601).",
     until="Only events received before this time.",
 )
-@click.option(
-    "--limit",
-    type=click.IntRange(1, 500),
-    default=50,
-    show_default=True,
-    help="Events per page (at most 500).",
-)
+@page_option("--limit", default=50, help="Events per page (at most 500).")
 @click.option("--cursor", type=int, help="The next page: the cursor the page before ended with.")
 @json_option("One JSON object per line.")
 def events_list(
@@ -441,11 +441,9 @@ def events_show(
     until="With --state: the end of the window.",
 )
 @route_option("Only this route (an event's route, or with --state).")
-@click.option(
+@page_option(
     "--page-size",
-    type=click.IntRange(1, 500),
     default=500,
-    show_default=True,
     help="With --state: deliveries (dead) or events (missing) per page; progress is shown after each.",
 )
 def replay(

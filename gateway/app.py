@@ -32,7 +32,7 @@ from gateway.launch import sigterm_caught
 from gateway.logs import serving_listener
 from gateway.metrics import Metrics
 from gateway.ops import ops_app
-from gateway.plugins import Registry, check_implementations, plugin_manager
+from gateway.plugins import HookTrace, Registry, check_implementations, plugin_manager
 from gateway.protocol import LINGERING_AT_MOST, OpsProtocol, cut_off, tls_protocol, webhook_protocol
 from gateway.retention import Retention
 from gateway.routing import RouteTable, load_routes
@@ -172,7 +172,7 @@ class Gateway:
             # and let the plugins that started close what they opened.
             if self._started_plugins:
                 await _call_each(
-                    self.pm.hook.shutdown, SHUTDOWN_HOOKS_TIMEOUT, only=self._started_plugins, gateway=self
+                    self.pm, "shutdown", SHUTDOWN_HOOKS_TIMEOUT, only=self._started_plugins, gateway=self
                 )
             await self._close_clients()
             await self.storage.close()
@@ -221,10 +221,13 @@ class Gateway:
         """Each startup hook in pluggy's order, one at a time: a plugin's awaitable has finished before the
         next plugin starts, and after one raises no other is called."""
         arguments = {"gateway": self}
+        trace = HookTrace(self.pm)
         for impl in reversed(self.pm.hook.startup.get_hookimpls()):
+            trace.call("startup", impl.plugin_name, arguments)
             result = impl.function(*(arguments[name] for name in impl.argnames))
             if inspect.isawaitable(result):
-                await result
+                result = await result
+            trace.finish("startup", impl.plugin_name, result)
             self._started_plugins.append(impl.plugin_name)
 
     async def stop(self) -> None:
@@ -236,7 +239,7 @@ class Gateway:
                 await self._retention.stop()
             if self._engine is not None:
                 await self._engine.stop(self.config.delivery.shutdown_timeout)
-            await _call_each(self.pm.hook.shutdown, SHUTDOWN_HOOKS_TIMEOUT, gateway=self)
+            await _call_each(self.pm, "shutdown", SHUTDOWN_HOOKS_TIMEOUT, gateway=self)
         finally:
             # Whatever failed above, the pools, the store's threads and its serving lock are let go.
             await self._close_clients()
@@ -604,25 +607,30 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 async def _call_each(
-    hook: pluggy.HookCaller, timeout: float, only: Collection[str] | None = None, **kwargs: Any
+    pm: pluggy.PluginManager, name: str, timeout: float, only: Collection[str] | None = None, **kwargs: Any
 ) -> None:
-    """Call every implementation of a hook in pluggy's order (or those of the plugins named in `only`), one
-    at a time, awaiting what it returns, for `timeout` seconds at most all together. One that raises, or is
-    still running then, is logged and the others still run: pluggy would stop at the first failure, and a
-    plugin whose shutdown fails must not keep another one from closing what it opened.
+    """Call every implementation of the hook `name` in pluggy's order (or those of the plugins named in
+    `only`), one at a time, awaiting what it returns, for `timeout` seconds at most all together. One that
+    raises, or is still running then, is logged and the others still run: pluggy would stop at the first
+    failure, and a plugin whose shutdown fails must not keep another one from closing what it opened.
 
     A plain (not async) implementation runs on a thread of its own, so that one that blocks (a socket with
     no timeout, time.sleep) can be given up on too. At the end of the time, the one still running is
     cancelled, and those called after it are cancelled as soon as they wait; all of them together get
     CANCELLED_GRACE more to end. One still running then (it catches its cancellation, or its thread blocks)
-    is left running: a task, or a daemon thread, that ends with the process."""
+    is left running: a task, or a daemon thread, that ends with the process.
+
+    Each call, and what it returned, is traced as pluggy traces the hooks it calls (HookTrace)."""
+    hook = getattr(pm.hook, name)
+    trace = HookTrace(pm)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     give_up_at = deadline + CANCELLED_GRACE
     for impl in reversed(hook.get_hookimpls()):
         if only is not None and impl.plugin_name not in only:
             continue
-        call = asyncio.ensure_future(_call(impl.function, [kwargs[name] for name in impl.argnames]))
+        trace.call(name, impl.plugin_name, kwargs)
+        call = asyncio.ensure_future(_call(impl.function, [kwargs[arg] for arg in impl.argnames]))
         try:
             # Its first step runs before this wait ends, even past the deadline: what it does before it
             # first waits is done.
@@ -642,9 +650,12 @@ async def _call_each(
             log.error(
                 "a %s hook failed", hook.name, exc_info=call.exception(), extra={"plugin": impl.plugin_name}
             )
+        else:
+            trace.finish(name, impl.plugin_name, call.result())
 
 
-async def _call(function: Callable[..., Any], arguments: list[Any]) -> None:
+async def _call(function: Callable[..., Any], arguments: list[Any]) -> Any:
+    """What `function` returns, or what that returns once awaited."""
     if inspect.iscoroutinefunction(function):
         result = function(*arguments)
     else:
@@ -656,7 +667,8 @@ async def _call(function: Callable[..., Any], arguments: list[Any]) -> None:
             # (a second cancellation ends the wait).
             result = await running
     if inspect.isawaitable(result):
-        await result
+        result = await result
+    return result
 
 
 def _on_daemon_thread(function: Callable[..., Any], arguments: list[Any]) -> asyncio.Future[Any]:

@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -95,6 +95,29 @@ def check_implementations(pm: pluggy.PluginManager) -> None:
                     f"plugin {impl.plugin_name}: {name} is an async def, but its result is not awaited; "
                     "make it a plain def (start a task for slow work)",
                 )
+
+
+class HookTrace:
+    """Traces the calls of the hooks in CALLED_ONE_AT_A_TIME as pluggy traces those it calls itself (see
+    HOOKYARD_TRACE_HOOKS): the call with its arguments, then what it returned, one implementation at a time.
+    Nothing is written when the manager's tracing is off."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._trace = pm.trace.root.get("hook")
+
+    def call(self, hook: str, plugin: str, kwargs: dict[str, Any]) -> None:
+        self._write(f"{hook} of {plugin}", kwargs)
+
+    def finish(self, hook: str, plugin: str, result: Any) -> None:
+        self._write("finish", f"{hook} of {plugin}", "-->", result)
+
+    def _write(self, *args: Any) -> None:
+        # Indented one level, as pluggy's are while the call runs; set back at once, as this one's may await.
+        self._trace.root.indent += 1
+        try:
+            self._trace(*args)
+        finally:
+            self._trace.root.indent -= 1
 
 
 @cache

@@ -713,6 +713,36 @@ def test_a_failing_shutdown_hook_skips_no_other_and_still_closes_the_store(
         pass
 
 
+def test_with_hook_tracing_the_startup_and_shutdown_hooks_are_traced_too(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """HOOKYARD_TRACE_HOOKS traced the hooks that pluggy calls, but not startup and shutdown, which the
+    gateway calls itself one implementation at a time: a plugin that failed to start left no trace."""
+    from gateway.plugins import new_plugin_manager
+
+    class Opens:
+        @hookimpl
+        def startup(self, gateway):  # type: ignore[no-untyped-def]
+            return "opened"
+
+        @hookimpl
+        async def shutdown(self):  # type: ignore[no-untyped-def]
+            return "closed"
+
+    monkeypatch.setenv("HOOKYARD_TRACE_HOOKS", "1")
+    pm = new_plugin_manager(load_entry_points=False)  # writes its trace to the stderr captured now
+    pm.register(Opens(), name="opens")
+    with RunningGateway(gateway_config(tmp_path), pm=pm) as gw:
+        gateway = gw.gateway
+    trace = capsys.readouterr().err
+    # As pluggy traces the hooks it calls: the call with its arguments, then what it returned.
+    assert f"  startup of opens [hook]\n      gateway: {gateway}\n" in trace
+    assert "  finish startup of opens --> opened [hook]\n" in trace
+    assert "  shutdown of opens [hook]\n" in trace
+    assert "  finish shutdown of opens --> closed [hook]\n" in trace
+    assert trace.index("finish startup of opens") < trace.index("shutdown of opens [hook]")
+
+
 def test_the_queue_gauges_follow_the_deliveries_that_finish_while_the_gateway_stops(
     tmp_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -308,14 +308,13 @@ class Gateway:
             ("storage", old.storage, config.storage),
             ("delivery", old.delivery, config.delivery),
             ("log", old.log, config.log),
+            ("reload.watch", old.reload.watch, config.reload.watch),
         ):
             if before != after:
                 log.warning("%s changed; it takes effect at the next restart", name)
-        # The engine runs with the `delivery` it started with, and stop() gives running deliveries its
-        # shutdown_timeout: the new file's would hold a SIGTERM past the grace period set for the running
-        # one. Kept, the change is also said again at each reload until the restart applies it.
-        config = config.model_copy(update={"delivery": old.delivery})
+        config = keep_restart_only(old, config)
         self.config = config
+        table.config = config
         self.table = table
         # New certificate paths are watched from now on, as read now (the certificate is loaded below).
         self._watched = watched if config.listen.tls == old.listen.tls else self._read_watched()
@@ -513,6 +512,30 @@ class Gateway:
             # Requests still running this long after the listener stopped are cancelled.
             timeout_graceful_shutdown=drain_timeout,
         )
+
+
+def keep_restart_only(running: Config, new: Config) -> Config:
+    """`new`, with the settings that take effect only at a restart as the gateway runs them: what reads
+    the running config (the shutdown, the certificate's reload, a plugin's gateway.config) sees what is in
+    effect, and each reload says again what still waits for the restart.
+
+    The engine runs with the `delivery` it started with, and stop() gives running deliveries its
+    shutdown_timeout: the new file's would hold a SIGTERM past the grace period set for the running one.
+    The listeners stay bound where they were, and speak HTTP or HTTPS as they started: with listen.tls
+    still on, the certificate keeps being reloaded (from the new file's paths, if it names any)."""
+    listen = new.listen.model_copy(update={"host": running.listen.host, "port": running.listen.port})
+    if (new.listen.tls is None) != (running.listen.tls is None):
+        listen = listen.model_copy(update={"tls": running.listen.tls})
+    return new.model_copy(
+        update={
+            "listen": listen,
+            "ops": new.ops.model_copy(update={"host": running.ops.host, "port": running.ops.port}),
+            "storage": running.storage,
+            "delivery": running.delivery,
+            "log": running.log,
+            "reload": new.reload.model_copy(update={"watch": running.reload.watch}),
+        }
+    )
 
 
 def _read_or_empty(path: Path) -> bytes:

@@ -1697,6 +1697,54 @@ def test_turning_tls_on_by_reload_is_said_to_wait_for_the_restart(
     assert "listen.tls changed; it takes effect at the next restart" in messages
 
 
+def test_a_reload_keeps_the_sections_that_wait_for_a_restart_as_the_gateway_runs_them(
+    tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload said that the addresses, storage, log, reload.watch and turning TLS off wait for the
+    restart, but put the new file's values in the running config all the same (it kept only `delivery`).
+    What read them there was misled: with TLS off in the file, the certificate the listener still serves
+    was no longer watched nor reloaded, and a plugin's gateway.config named addresses and a store not in
+    use."""
+    cert, key = self_signed(tmp_path, "current")
+    renewed_cert, renewed_key = self_signed(tmp_path, "renewed")
+    config_path = tmp_path / "routes.yaml"
+    config = users_config(tmp_path, downstream, "/app", listen={"tls": {"cert": str(cert), "key": str(key)}})
+    config_path.write_text(yaml.safe_dump(config))
+    with RunningGateway(config_path, scheme="https") as gw:
+        started = gw.gateway.config
+        changed = copy.deepcopy(config)
+        changed["listen"] = {"host": "127.0.0.2", "port": free_port(), "max_connections": 100}
+        changed["ops"] = {"host": "127.0.0.2", "port": free_port(), "admin_token": "a-new-token"}
+        changed["storage"] = {"url": f"sqlite:///{tmp_path}/elsewhere.db", "retention": "1d"}
+        changed["log"] = {"level": "debug", "format": "text"}
+        changed["reload"] = {"watch": False, "interval": "200ms"}
+        config_path.write_text(yaml.safe_dump(changed))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+        running = gw.gateway.config
+        assert running.listen.tls == started.listen.tls
+        assert (running.listen.host, running.listen.port) == (started.listen.host, started.listen.port)
+        assert (running.ops.host, running.ops.port) == (started.ops.host, started.ops.port)
+        assert running.storage == started.storage
+        assert running.log == started.log
+        assert running.reload.watch is True
+        assert gw.gateway.table.config == running
+        # What a reload applies at once, it applied.
+        assert running.listen.max_connections == 100
+        assert running.ops.admin_token == "a-new-token"
+        assert running.reload.interval == 0.2
+        # The listener still speaks TLS, and a certificate renewed in place is still picked up.
+        cert.write_bytes(renewed_cert.read_bytes())
+        key.write_bytes(renewed_key.read_bytes())
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 2)
+        body, headers = svix_request(msg_id="msg_renewed_after_the_reload")
+        with httpx.Client(verify=ssl.create_default_context(cafile=renewed_cert)) as client:
+            response = client.post(gw.url + "/webhooks/consignease", content=body, headers=headers)
+        assert response.status_code == 200
+    messages = [record.getMessage() for record in caplog.records]
+    for name in ("listen address", "ops address", "listen.tls", "storage", "log", "reload.watch"):
+        assert f"{name} changed; it takes effect at the next restart" in messages, name
+
+
 def test_a_reload_asked_for_while_shutting_down_is_skipped(
     tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:

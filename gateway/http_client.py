@@ -125,16 +125,23 @@ class RequestError(Exception):
         self.unanswered = unanswered
 
 
-BROKEN_HEADER = "a header name or value holds a line break or NUL and cannot be sent"
+BROKEN_HEADER = "a header name or value holds a line break and cannot be sent"
 
 
 class HeaderError(ValueError):
-    """A header value that cannot be sent: it would break the request apart."""
+    """A header that cannot be sent: a name that is not a token, or a value with a control character (a line
+    break would break the request apart)."""
 
 
-# A control character other than the tab: a line break or NUL would end a header, and the HTTP libraries
-# (h11, llhttp) and most servers refuse the others in a header's value.
+# A control character other than the tab: a line break or NUL would end a header, and RFC 9110 (5.5) allows
+# none of the others in a field value either; the HTTP libraries (h11, llhttp, aiohttp) and most servers
+# refuse them.
 _HEADER_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# The same, but for header lines, each ending in CR LF (whose count is checked apart).
+_LINE_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+# A header name is an RFC 9110 token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+TOKEN_CHARACTERS = "letters, digits or !#$%&'*+-.^_`|~"
 
 
 def header_control_character(text: str) -> str | None:
@@ -151,12 +158,37 @@ def breaks_a_header(text: str) -> bool:
     return "\r" in text or "\n" in text or "\0" in text
 
 
+def header_problem(name: str, value: str) -> str | None:
+    """Why a header cannot be sent (RFC 9110 5.1 and 5.5), never showing its value (it may be a secret): a
+    name that is not a token, or a value that holds a control character other than the tab. None when it
+    can be."""
+    if _TOKEN.fullmatch(name) is None:
+        return f"its name is not a token ({TOKEN_CHARACTERS})"
+    found = header_control_character(value)
+    if found is not None:
+        return f"its value holds {control_character_name(found)} ({found!r})"
+    return None
+
+
 def check_headers(headers: Mapping[str, str]) -> None:
-    """Raise HeaderError for a name or value with a line break or NUL, for requests sent by another client
-    (this one checks its whole head at once when it encodes it)."""
+    """Raise HeaderError, naming the header, for one that no request can carry (header_problem): what the
+    actions that send with httpx check before each request, as HttpClient does its own."""
     for name, value in headers.items():
-        if breaks_a_header(name) or breaks_a_header(value):
-            raise HeaderError(f"header {name!r}: a line break or NUL in it cannot be sent")
+        problem = header_problem(name, value)
+        if problem is not None:
+            raise HeaderError(f"header {name!r} cannot be sent: {problem}")
+
+
+def _lines_problem(lines: str) -> str:
+    """What HeaderError says of header lines that PreparedHead.encode refused: the first header found that
+    cannot be sent, or BROKEN_HEADER for a line break that made a well-formed line of its own."""
+    for line in lines.removesuffix("\r\n").split("\r\n"):
+        name, colon, value = line.partition(":")
+        if colon:
+            problem = header_problem(name, value.strip(" \t"))
+            if problem is not None:
+                return f"header {name!r} cannot be sent: {problem}"
+    return BROKEN_HEADER
 
 
 # What a host may be written as, with its port: a name or an address (even a bad one, which an error is
@@ -256,21 +288,16 @@ def check_url_text(url: str) -> None:
         raise ValueError(f"{shown_url(url)!r}: {problem}")
 
 
-# A header name is an RFC 9110 token.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-
-
 def check_configured_headers(headers: Mapping[str, str]) -> None:
-    """Raise ValueError, naming them, for configured headers no request can carry: a name that is not a
-    token, a value with a line break or NUL. Checked when the config loads, so that `hookyard check` says so
-    instead of every delivery ending dead. Names only in the message: a value may be a secret."""
-    broken = [
-        name for name, value in headers.items() if _TOKEN.fullmatch(name) is None or breaks_a_header(value)
-    ]
+    """Raise ValueError, naming them, for configured headers no request can carry (header_problem): a name
+    that is not a token, a value with a control character other than the tab. Checked when the config loads,
+    so that `hookyard check` says so instead of every delivery ending dead. Names only in the message: a
+    value may be a secret."""
+    broken = [name for name, value in headers.items() if header_problem(name, value) is not None]
     if broken:
         raise ValueError(
-            f"{', '.join(map(repr, broken))}: not a header (a name must be letters, digits or !#$%&'*+-.^_`|~; "
-            "a value cannot hold CR, LF or NUL)"
+            f"{', '.join(map(repr, broken))}: not a header (a name must be {TOKEN_CHARACTERS}; a value cannot "
+            "hold a line break or another control character but the tab)"
         )
 
 
@@ -420,24 +447,28 @@ class PreparedHead:
 
     __slots__ = ("_broken", "_fixed", "_start")
 
-    def __init__(self, start: str, fixed: str, broken: bool) -> None:
+    def __init__(self, start: str, fixed: str, broken: str | None) -> None:
         self._start = start  # up to the value of Content-Length
         self._fixed = fixed  # the headers that do not vary, each line ending in CRLF
-        self._broken = broken  # a line break or NUL in those: every request is refused, as by `request`
+        # Why one of those cannot be sent: every request is refused, as by `request`.
+        self._broken = broken
 
     def encode(self, lines: str, count: int, body: bytes) -> bytes:
         """The request: this head, then `lines` (`count` header lines, each ending in CRLF), then `body`.
-        Raises HeaderError, as HttpClient.request does, for a line break or NUL inside a header: `count` is
-        how many lines the caller's code writes, never counted from the text (a value holding CRLF would
-        count as a line of its own). For forward's hot path; other actions send with `request`."""
+        Raises HeaderError, as HttpClient.request does, for a header value with a control character other
+        than the tab (header_problem), naming the header where it can be told: `count` is how many lines the
+        caller's code writes, never counted from the text (a value holding CRLF would count as a line of its
+        own). The names in `lines` are that code's own, and not checked. For forward's hot path; other
+        actions send with `request`."""
+        if self._broken is not None:
+            raise HeaderError(self._broken)
         if (
-            self._broken
-            or lines.count("\n") != count
+            lines.count("\n") != count
             or lines.count("\r") != count
-            or "\0" in lines
+            or _LINE_CONTROL.search(lines) is not None
             or (lines and not lines.endswith("\r\n"))
         ):
-            raise HeaderError(BROKEN_HEADER)
+            raise HeaderError(_lines_problem(lines))
         return f"{self._start}{len(body)}\r\n{self._fixed}{lines}\r\n".encode() + body
 
 
@@ -660,9 +691,9 @@ class HttpClient:
         """Send one request and return its answer once the status and headers are in; the body is then
         read for the connection's sake (see the module's docstring).
 
-        Raises HeaderError for a header value that cannot be sent, RequestError when the peer could not
-        be reached or gave no valid answer. A pooled connection that the peer had closed meanwhile is
-        retried once on a new one, before anything was answered: the receiver dedupes on the
+        Raises HeaderError for a header that cannot be sent (header_problem), RequestError when the peer
+        could not be reached or gave no valid answer. A pooled connection that the peer had closed meanwhile
+        is retried once on a new one, before anything was answered: the receiver dedupes on the
         Idempotency-Key that forward sends."""
         return await self.send(
             target,
@@ -676,9 +707,16 @@ class HttpClient:
         `send` with the lines that vary from request to request (PreparedHead.encode)."""
         start = self._start(method, target)
         fixed = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        breaks = len(headers) + 3
-        whole = start + fixed
-        broken = whole.count("\n") != breaks or whole.count("\r") != breaks or "\0" in whole
+        broken = next(
+            (
+                f"header {name!r} cannot be sent: {problem}"
+                for name, value in headers.items()
+                if (problem := header_problem(name, value)) is not None
+            ),
+            None,
+        )
+        if broken is None and _HEADER_CONTROL.search(start.replace("\r\n", "")) is not None:
+            broken = BROKEN_HEADER  # the user agent
         return PreparedHead(start, fixed, broken)
 
     async def send(

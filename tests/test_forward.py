@@ -168,6 +168,32 @@ def test_an_event_whose_id_would_break_the_forwarded_request_apart_is_dead_and_n
     assert len(receiver.requests) == 1
 
 
+@pytest.mark.parametrize("char", ["\x01", "\x7f"], ids=["control", "delete"])
+def test_an_event_id_with_a_control_character_is_dead_naming_the_header_and_nothing_is_sent(
+    tmp_path, char: str
+) -> None:
+    # RFC 9110 allows no control character but the tab in a field value. The client refused only CR, LF
+    # and NUL, and sent the others on to the app, for its server to refuse or take as it would.
+    receiver = Chatty()
+    event_id = f"evt_1{char}"
+    with ServerThread(receiver) as server:
+        config = gateway_config(tmp_path, f"http://127.0.0.1:{server.port}")
+        config["routes"] = [r for r in config["routes"] if r["name"] == "consignments"]
+        with RunningGateway(config, pm=with_unchecked_ids(config)) as gw:
+            body = consignly_body(event_id=event_id)
+            assert gw.post("/webhooks/consignly", body, consignly_headers(body)).status_code == 200
+            wait_until(lambda: gw.metric("hookyard_deliveries_total", outcome="dead") == 1)
+            [detail] = asyncio.run_coroutine_threadsafe(
+                gw.gateway.storage.get_event(event_id), gw.loop
+            ).result(10)
+    [delivery] = detail.deliveries
+    assert (delivery.attempts, delivery.last_error) == (
+        1,
+        f"header 'idempotency-key' cannot be sent: its value holds a control character ({char!r})",
+    )
+    assert receiver.requests == []
+
+
 def test_a_2xx_whose_body_outlasts_a_short_timeout_is_delivered_once(tmp_path) -> None:
     # The head says 200 at once; the body stalls past the action's timeout. The receiver has the event:
     # the attempt must not end as a timeout and send it again.

@@ -293,6 +293,47 @@ def test_a_header_value_that_would_break_the_request_apart_is_refused_and_nothin
     run(test)
 
 
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"x-id": "a\x01b"}, "header 'x-id' cannot be sent: its value holds a control character ('\\x01')"),
+        ({"x-id": "a\x7f"}, "header 'x-id' cannot be sent: its value holds a control character ('\\x7f')"),
+        (
+            {"x id": "a"},
+            "header 'x id' cannot be sent: its name is not a token (letters, digits or !#$%&'*+-.^_`|~)",
+        ),
+        (
+            {"x:id": "a"},
+            "header 'x:id' cannot be sent: its name is not a token (letters, digits or !#$%&'*+-.^_`|~)",
+        ),
+    ],
+    ids=["value-with-control", "value-with-delete", "name-with-space", "name-with-colon"],
+)
+def test_a_header_that_is_no_rfc_9110_field_is_refused_by_name_and_nothing_is_sent(
+    headers: dict[str, str], expected: str
+) -> None:
+    # Only CR, LF and NUL were refused: a name with a space or a colon, or a value with another control
+    # character, went out as written, for the receiver to refuse or take as it would.
+    async def test() -> None:
+        async with serving(OK) as (server, http, target):
+            with pytest.raises(HeaderError) as raised:
+                await http.request("POST", target, headers, b"{}")
+            assert str(raised.value) == expected
+            with pytest.raises(HeaderError) as raised:
+                http.prepare("POST", target, headers).encode("", 0, b"{}")
+            assert str(raised.value) == expected
+            # The lines that vary from request to request: their names are the caller's code's own, their
+            # values are checked.
+            [(name, value)] = headers.items()
+            if name == "x-id":
+                with pytest.raises(HeaderError) as raised:
+                    http.prepare("POST", target, {}).encode(f"{name}: {value}\r\n", 1, b"{}")
+                assert str(raised.value) == expected
+        assert server.connections == 0
+
+    run(test)
+
+
 def test_a_prepared_head_sends_what_request_sends_and_refuses_what_it_refuses() -> None:
     async def test() -> None:
         async with serving(OK) as (server, http, target):

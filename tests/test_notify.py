@@ -722,7 +722,29 @@ def test_an_event_id_that_cannot_be_a_header_ends_dead_without_a_request(
         wait_until(lambda: delivery_states(gw, "evt_1\r\nx-injected: 1") == {"alert": "dead"})
         [alert] = event_detail(gw, "evt_1\r\nx-injected: 1").deliveries
         assert alert.attempts == 1
-        assert alert.last_error == "header 'x-hookyard-event-id': a line break or NUL in it cannot be sent"
+        assert alert.last_error == (
+            "header 'x-hookyard-event-id' cannot be sent: its value holds a carriage return ('\\r')"
+        )
+        assert downstream.received() == []
+
+
+@pytest.mark.parametrize("char", ["\x01", "\x7f"], ids=["control", "delete"])
+def test_an_event_id_with_a_control_character_ends_dead_naming_the_header(
+    tmp_path: Path, downstream: Downstream, char: str
+) -> None:
+    # RFC 9110 allows no control character but the tab in a field value. Only CR, LF and NUL were refused:
+    # the others went out, for the chat's server to refuse or take as it would.
+    action = notify_action("alert", f"{downstream.url}/slack", format="slack")
+    config = gateway_config(tmp_path, routes=[route("consignly", action)])
+    event_id = f"evt_1{char}"
+    with RunningGateway(config, pm=with_unchecked_ids(config)) as gw:
+        send_consignly(gw, consignly_body(event_id=event_id))
+        wait_until(lambda: delivery_states(gw, event_id) == {"alert": "dead"})
+        [alert] = event_detail(gw, event_id).deliveries
+        assert (alert.attempts, alert.last_error) == (
+            1,
+            f"header 'x-hookyard-event-id' cannot be sent: its value holds a control character ({char!r})",
+        )
         assert downstream.received() == []
 
 
@@ -975,8 +997,17 @@ def test_a_non_ascii_event_id_is_notified(tmp_path: Path, downstream: Downstream
         {"X Team": "ops"},
         {"X-Team:": "ops"},
         {"X-Tëam": "ops"},
+        {"X-Team": "ops\x01"},
+        {"X-Team": "ops\x7f"},
     ],
-    ids=["value-with-newline", "name-with-space", "name-with-colon", "name-not-ascii"],
+    ids=[
+        "value-with-newline",
+        "name-with-space",
+        "name-with-colon",
+        "name-not-ascii",
+        "value-with-control",
+        "value-with-delete",
+    ],
 )
 def test_headers_that_cannot_be_sent_fail_at_config_load(tmp_path: Path, headers: dict[str, str]) -> None:
     # forward refuses these when the config loads; notify accepted them, `hookyard check` said ok, and then

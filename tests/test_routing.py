@@ -889,6 +889,8 @@ def test_forward_static_headers_may_not_frame_the_request(registry: Registry, na
         {"": "a"},
         {"X-Tëam": "a"},
         {"X(App)": "a"},
+        {"X-App": "a\x01b"},
+        {"X-App": "a\x7f"},
     ],
 )
 def test_forward_static_headers_must_be_headers(registry: Registry, headers: dict[str, str]) -> None:

@@ -103,7 +103,12 @@ class Forward(Action):
         self.head = resources.client.prepare(options.method, self.target, options.headers)
 
     def request_headers(self, job: Job) -> tuple[str, int]:
-        """The header lines that vary from event to event, each ending in CRLF, and how many."""
+        """The header lines that vary from event to event, each `name: value` ending in CRLF, joined into one
+        string, and how many lines the code here writes (6, or 9 with `sign:`), for PreparedHead.encode,
+        which refuses the request when the text holds another count of line breaks (a value with one).
+
+        Forward's own hot path, not part of the plugin API (docs/plugins.md does not list it): an action
+        of a plugin sends its headers as a mapping, with HttpClient.request or prepare."""
         event = job.event
         lines = (
             f"content-type: {event.headers.get('content-type', 'application/json')}\r\n"

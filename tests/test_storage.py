@@ -2013,6 +2013,26 @@ def test_two_replays_adding_the_same_missing_deliveries_at_once_create_them_once
     assert (records["log"].state, records["log"].parent_id) == ("waiting", records["app"].id)
 
 
+def test_deliveries_are_added_to_an_event_one_of_whose_deliveries_has_text_that_is_not_utf8(
+    db: Harness,
+) -> None:
+    # A replay of missing deliveries read the event's deliveries strictly: sqlite3 failed it, as the store
+    # being unavailable (a 503), on every try, and the replay never got past that event.
+    db.ingest("evt_bad", APP, action("audit"), at=T0)
+    db.ingest("evt_good", at=T0 + 1)
+    damage(db.path, "UPDATE deliveries SET action = CAST(X'61FF' AS TEXT) WHERE action = 'audit'")
+    bad, good = db.run(db.storage.events_page(since=None))
+    assert set(bad.deliveries) == {(ROUTE, "app"), (ROUTE, "a\ufffd")}
+
+    # The stored one names no action of the config: `audit` is missing, and is created as any other.
+    added = [action("audit"), action("log", after="app")]
+    assert db.run(db.storage.add_deliveries(bad.seq, added, T0 + 5)) == 2
+    records = db.deliveries("evt_bad")
+    assert (records["audit"].state, records["log"].parent_id) == ("pending", records["app"].id)
+    assert "a\ufffd" in records
+    assert db.run(db.storage.add_deliveries(good.seq, [APP], T0 + 5)) == 1
+
+
 def test_a_delivery_whose_parent_the_event_lacks_is_never_inserted_as_a_root(db: Harness) -> None:
     db.ingest("evt_1", action("audit"))
     seq = db.detail("evt_1").seq

@@ -1409,7 +1409,9 @@ class SQLiteStorage(Storage):
             skipped: list[DeliveryRecord] = []
             return _insert_deliveries(conn, seq, missing, now, existing, skipped=skipped), skipped
 
-        created, skipped = await self._run(add)
+        # Read leniently: a stored delivery whose route or action is not UTF-8 names none of the config's,
+        # and would otherwise fail the replay (on every try) at this event. Those inserted are the config's.
+        created, skipped = await self._run(_lenient(add))
         self._tell_skipped(skipped)
         return created
 

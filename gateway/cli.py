@@ -252,16 +252,36 @@ operator_options = _together(
 )
 
 
+class _Text(click.types.StringParamType):
+    """Text as the store and the admin API hold it: UTF-8. Python reads an argument that is not (`$'ev\\xff'`
+    in bash) with a lone surrogate for each byte it cannot decode, which neither sqlite3 nor a URL or JSON
+    can carry: refused as a usage error, not left to end the command on a traceback."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        text: str = super().convert(value, param, ctx)
+        if not text.isascii():
+            try:
+                text.encode()
+            except UnicodeEncodeError:
+                self.fail(f"{text!r} is not UTF-8, and names nothing stored", param, ctx)
+        return text
+
+
+TEXT = _Text()
+
+
 def source_option(help: str) -> Decorator:
-    return click.option("--source", help=help)
+    return click.option("--source", type=TEXT, help=help)
 
 
 def route_option(help: str) -> Decorator:
-    return click.option("--route", help=help)
+    return click.option("--route", type=TEXT, help=help)
 
 
 def window_options(*, since: str, until: str) -> Decorator:
-    return _together(click.option("--since", help=since), click.option("--until", help=until))
+    return _together(
+        click.option("--since", type=TEXT, help=since), click.option("--until", type=TEXT, help=until)
+    )
 
 
 def json_option(help: str) -> Decorator:
@@ -355,7 +375,7 @@ def events() -> None:
     "dead at least (dead), or no delivery (unrouted).",
 )
 @source_option("Only events of this source.")
-@click.option("--type", "event_type", help="Only events of this canonical type.")
+@click.option("--type", "event_type", type=TEXT, help="Only events of this canonical type.")
 @route_option("Only events with a delivery for this route.")
 @window_options(
     since="Only events received in this window (2h) or since a time (ISO 8601).",
@@ -414,7 +434,7 @@ def _one_line(text: str) -> str:
 
 @events.command("show")
 @operator_options
-@click.argument("event_id")
+@click.argument("event_id", type=TEXT)
 @source_option("The event's source (needed when the same id exists in several).")
 @json_option("The event on one line (default: indented).")
 def events_show(
@@ -427,9 +447,9 @@ def events_show(
 
 @main.command()
 @operator_options
-@click.argument("event_id", required=False)
+@click.argument("event_id", type=TEXT, required=False)
 @source_option("The event's source (needed when the same id exists in several).")
-@click.option("--action", help="Only this action.")
+@click.option("--action", type=TEXT, help="Only this action.")
 @click.option(
     "--state",
     type=click.Choice(["dead", "missing"]),

@@ -728,6 +728,43 @@ def test_replay_an_id_in_several_sources_needs_source(filled: Path) -> None:
     assert chosen.stdout == "replaying 0 deliveries\n"
 
 
+# As Python reads an argument that is not UTF-8 (`$'ev\xff'` in bash): each byte it cannot decode becomes a
+# lone surrogate, which neither the database nor the admin API's JSON and URLs can carry.
+NOT_UTF8 = "ev\udcff"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["events", "show", NOT_UTF8],
+        ["events", "list", "--source", NOT_UTF8],
+        ["events", "list", "--type", NOT_UTF8],
+        ["replay", NOT_UTF8],
+        ["replay", "evt_dead", "--action", NOT_UTF8],
+        ["replay", "evt_dead", "--route", NOT_UTF8],
+        ["replay", "--state", "dead", "--source", NOT_UTF8],
+        ["replay", "--state", "dead", "--since", NOT_UTF8],
+    ],
+    ids=lambda args: "-".join(arg for arg in args if arg != NOT_UTF8),
+)
+@pytest.mark.parametrize("through", ["database", "admin-url"])
+def test_an_argument_that_is_not_utf8_is_a_usage_error_not_a_traceback(
+    filled: Path, args: list[str], through: str
+) -> None:
+    # A traceback: sqlite3 cannot bind it, nor httpx put it in a URL or a JSON body.
+    gateway = f"http://127.0.0.1:{free_port()}"  # never reached
+    result = CliRunner().invoke(
+        main, [*args, *(["-c", str(filled)] if through == "database" else ["--admin-url", gateway])]
+    )
+    assert result.exit_code == 2, result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)
+    assert "'ev\\udcff' is not UTF-8" in result.stderr, result.stderr
+    assert {k: r.state for k, r in deliveries(filled, "evt_dead").items()} == {
+        "app": "dead",
+        "notify": "delivered",
+    }
+
+
 def test_check_lists_the_errors_in_the_order_of_the_file(tmp_path: Path) -> None:
     # The shape's errors came first and the plugins' checks after them, each mapping's in the order its
     # model declares its keys: a reader going down the file met them out of order.

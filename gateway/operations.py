@@ -15,9 +15,12 @@ from gateway.events import SHOWN_DEPTH, nesting_depth
 from gateway.providers import iso_datetime
 from gateway.replay import PAGE, ReplayPage, replay_dead_page, replay_missing_page
 from gateway.routing import RouteTable
-from gateway.storage import EventDetail, EventSummary, Storage
+from gateway.storage import FINAL_STATES, EventDetail, EventSummary, Storage
 
 MAX_PAGE = 500
+# Why an id, a source, a route or an action as listed may name nothing: the store shows text that is not
+# UTF-8 (a row edited by hand, a damaged page) with U+FFFD for each byte that is not, and looks up the bytes.
+NOT_NAMEABLE = "text shown with U+FFFD is stored as bytes that are not UTF-8, and cannot be named"
 
 
 class OperationError(Exception):
@@ -203,7 +206,10 @@ class Operations:
     async def _one(self, event_id: str, source: str | None) -> EventDetail:
         details = await self.storage.get_event(event_id, source)
         if not details:
-            raise OperationError(404, f"no event {event_id!r}" + (f" from {source}" if source else ""))
+            message = f"no event {event_id!r}" + (f" from {source}" if source else "")
+            if "\ufffd" in event_id + (source or ""):
+                message += f" (if it was listed so: {NOT_NAMEABLE})"
+            raise OperationError(404, message)
         if len(details) > 1:
             sources = ", ".join(d.event.source for d in details)
             raise OperationError(
@@ -230,6 +236,17 @@ class Operations:
             where = "" if route is None else f" in route {route!r}"
             raise OperationError(404, f"event {event_id!r} has no delivery for action {action!r}{where}")
         count = await self.storage.replay_event(detail.seq, action, time.time(), route=route)
+        if count == 0 and "\ufffd" in (route or "") + (action or ""):
+            # A final delivery is shown by that name, yet none is stored by it: its text is not UTF-8.
+            shown = [d for d in deliveries if d.action == action or (action is None and d.parent_id is None)]
+            if any(d.state in FINAL_STATES for d in shown):
+                named = [
+                    f"{name} {value!r}" for name, value in (("route", route), ("action", action)) if value
+                ]
+                raise OperationError(
+                    404,
+                    f"event {event_id!r} has no delivery for {' and '.join(named)} as stored: {NOT_NAMEABLE}",
+                )
         self.counted("event", count)
         self.wake()
         return asdict(ReplayPage(replayed=count))

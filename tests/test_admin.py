@@ -1216,3 +1216,54 @@ def test_an_event_whose_stored_text_is_not_utf8_is_listed_and_shown_not_a_500(
             assert result.exit_code == 0 and "us\ufffd" in result.output, result.output
             result = runner.invoke(main, ["events", "show", "msg_bad", *where])
             assert result.exit_code == 0 and '"ap\\ufffd"' in result.output, result.output  # JSON, ASCII
+
+
+def test_an_id_or_action_shown_with_u_fffd_is_refused_saying_why_not_replayed_as_none(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # What is shown with U+FFFD is not what is stored: looked up by it, the event was "not found", and a
+    # replay of the action shown replayed nothing, and said "replaying 0 deliveries".
+    downstream.answer("/app", *[500] * 8)  # each app ends dead (4 attempts); audit runs after it all the same
+    config_path = tmp_path / "hookyard.yaml"
+    config_path.write_text(yaml.safe_dump(users_config(tmp_path, downstream)))
+    with RunningGateway(config_path) as gw:
+        send(gw, "msg_bad")
+        send(gw, "msg_action")
+        wait_until(
+            lambda: states(gw, "msg_bad") == states(gw, "msg_action") == {"app": "dead", "audit": "delivered"}
+        )
+        conn = sqlite3.connect(tmp_path / "hookyard.db")
+        with conn:
+            conn.execute("UPDATE events SET event_id = CAST(X'6D73FF' AS TEXT) WHERE event_id = 'msg_bad'")
+            conn.execute(
+                "UPDATE deliveries SET action = CAST(X'6175FF' AS TEXT) WHERE action = 'audit' "
+                "AND event_seq = (SELECT seq FROM events WHERE event_id = 'msg_action')"
+            )
+        conn.close()
+        assert {e["id"] for e in admin(gw, "GET", "/admin/events").json()["events"]} == {
+            "ms\ufffd",
+            "msg_action",
+        }
+        assert [d["action"] for d in admin(gw, "GET", "/admin/events/msg_action").json()["deliveries"]] == [
+            "app",
+            "au\ufffd",
+        ]
+
+        not_utf8 = "text shown with U+FFFD is stored as bytes that are not UTF-8, and cannot be named"
+        for method, path, body in [
+            ("GET", "/admin/events/ms%EF%BF%BD", None),
+            ("POST", "/admin/events/ms%EF%BF%BD/replay", {}),
+            ("POST", "/admin/events/msg_action/replay", {"action": "au\ufffd"}),
+        ]:
+            answer = admin(gw, method, path, json=body)
+            assert answer.status_code == 404 and not_utf8 in answer.json()["error"], answer.text
+        assert states(gw, "msg_action") == {"app": "dead", "au\ufffd": "delivered"}
+        runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
+        for where in (["--admin-url", gw.ops_url], ["--config", str(config_path)]):
+            for args in (
+                ["events", "show", "ms\ufffd"],
+                ["replay", "ms\ufffd"],
+                ["replay", "msg_action", "--action", "au\ufffd"],
+            ):
+                result = runner.invoke(main, [*args, *where])
+                assert result.exit_code == 1 and not_utf8 in result.stderr, result.output

@@ -786,6 +786,28 @@ def test_the_queue_gauges_follow_the_deliveries_that_finish_while_the_gateway_st
     )
 
 
+def test_an_attempt_cut_off_by_a_shutdown_is_not_in_the_history_and_its_number_is_skipped(
+    tmp_path, downstream: Downstream
+) -> None:
+    downstream.delay = 3.0
+    config = gateway_config(tmp_path, routes=[users_route(downstream)])
+    config["delivery"]["shutdown_timeout"] = "200ms"
+    with RunningGateway(config) as gw:
+        body, headers = svix_request(msg_id="msg_cut_off")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        wait_until(lambda: downstream.in_flight == 1)
+    # Stopped with the request in flight: released, and sent again by the next start.
+    downstream.delay = 0.0
+    with RunningGateway(config) as gw:
+        wait_until(lambda: delivery_states(gw, "msg_cut_off") == {"app": "delivered"})
+        detail = event_detail(gw, "msg_cut_off")
+    received = downstream.wait_for(2, "/app")
+    assert sorted(r.headers["x-hookyard-attempt"] for r in received) == ["1", "2"]
+    # The receiver got attempt 1 (and may have acted on it), but no result of it was recorded.
+    [delivery] = detail.deliveries
+    assert [a.number for a in detail.attempts[delivery.id]] == [2]
+
+
 def test_observer_hooks_are_called_with_their_arguments(tmp_path, downstream: Downstream) -> None:
     from gateway import hookimpl
     from gateway.plugins import new_plugin_manager

@@ -464,7 +464,8 @@ def events_show(
 @page_option(
     "--page-size",
     default=500,
-    help="With --state: deliveries (dead) or events (missing) per page; progress is shown after each.",
+    help="With --state: deliveries (dead) or events (missing) per page; progress is shown after each "
+    "but the last.",
 )
 def replay(
     config_path: Path | None,

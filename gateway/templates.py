@@ -14,11 +14,12 @@ import inspect
 import json
 import math
 import re
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -44,9 +45,10 @@ MAX_STEPS = 100_000
 # `{% if p in event.data.flagged %}` in a loop over parcels, a billion comparisons for 20,000 and 50,000 of
 # them. Ten times what MAX_STEPS takes, so that a busy host does not fail a message that renders in time.
 MAX_RENDER_SECONDS = 1.0
-# The most the steps of one render bounded by MAX_MESSAGE may make together. Each may make up to MAX_MESSAGE,
-# and a list may keep what each made: `range(n)|map("center", 99999)|list` would hold ten gigabytes by
-# MAX_STEPS. Ten messages' worth, far more than a message built of thousands of padded or formatted fields.
+# The most the steps of one render bounded by MAX_MESSAGE may make and still hold at once. Each may make up to
+# MAX_MESSAGE, and a list may keep what each made: `range(n)|map("center", 99999)|list` would hold ten gigabytes
+# by MAX_STEPS. What a step made and the render dropped (`{{ event.data.note|lower|length }}` in a loop) is taken
+# back (_let_go). Ten messages' worth, far more than a message built of thousands of padded or formatted fields.
 MAX_MADE = 10 * MAX_MESSAGE
 
 
@@ -74,7 +76,10 @@ def isotime(value: float | None) -> str:
 #   the global lipsum().
 # A list or dict is measured as it is written out (written_length): one may hold a text many times over.
 # What they make is also added up over the render, against MAX_MADE (`+` on lists adds its shorter operand:
-# the new list refers to the items of both, and one built up item by item lets the old one go).
+# the new list refers to the items of both, and one built up item by item lets the old one go). What a step
+# makes as one new object (a text, a list's references) is counted as that object's, and taken back once
+# nothing but the count refers to it: MAX_MADE bounds what a render holds at once, not all it ever made
+# (count_made, _let_go). What `+` on lists, dict(), batch and slice add stays counted for the whole render.
 # A list, dict or namespace may keep what every step of a loop made, so also added up are: the new result of
 # every other filter and str method (_count_made_by, Environment.call), the texts a list, tuple or dict written
 # in the template holds (hold), what namespace(), cycler() and joiner() are given, and what dict() adds, whose
@@ -343,16 +348,104 @@ def refuse_past_limit(length: int, what: str, kind: str = "str") -> None:
         raise SecurityError(f"{what} would make a {kind} longer than {MAX_MESSAGE}")
 
 
-def count_made(length: int, what: str) -> None:
-    """Adds `length` to what the render under way made, refused past MAX_MADE."""
+# count_made's `made` when a length is the object's of no one result: counted for the whole render.
+_UNTRACKED = object()
+# The shortest length kept with its object, to be taken back: one kept costs some 150 bytes of its own until it
+# is let go, so that a million one-character texts would take more to keep than they count for. Shorter ones
+# are counted for the whole render, 62,500 of them at most before they reach MAX_MADE.
+_SMALLEST_TRACKED = 16
+
+
+def count_made(length: int, what: str, made: Any = _UNTRACKED) -> None:
+    """Adds `length` to what the render under way made, refused past MAX_MADE. With `made`, the object whose own
+    length it is (a text's characters, a list's references), it is taken back once nothing refers to `made`
+    any more, and it is not added again for an object it was added for already."""
     budget = _budget.get()
     if budget is None:  # not rendered by render(): nothing to bound
         return
+    if made is not _UNTRACKED and length >= _SMALLEST_TRACKED:
+        if id(made) in budget.tracked or id(made) in budget.kept:  # the same object, counted once
+            return
+        budget.tracked[id(made)] = (made, length)
     budget.made += length
     if budget.made > MAX_MADE:
-        from jinja2.exceptions import SecurityError
+        _let_go(budget)
+        if budget.made > MAX_MADE:
+            from jinja2.exceptions import SecurityError
 
-        raise SecurityError(f"{what} would take what this render made past {MAX_MADE} characters")
+            raise SecurityError(f"{what} would take what this render made past {MAX_MADE} characters")
+
+
+def track(made: Any, length: int) -> None:
+    """Marks `length`, counted by check_length before the step ran, as the own length of `made`, its result:
+    taken back once nothing refers to it (and at once if it was counted already: a step may return what it
+    was given)."""
+    budget = _budget.get()
+    if budget is None or length < _SMALLEST_TRACKED:
+        return
+    if id(made) in budget.tracked or id(made) in budget.kept:
+        budget.made -= length
+    else:
+        budget.tracked[id(made)] = (made, length)
+
+
+def _reference_counts(tracked: dict[int, tuple[Any, int]]) -> dict[int, int]:
+    return {key: sys.getrefcount(entry[0]) for key, entry in tracked.items()}
+
+
+# What _reference_counts finds for an object that only the budget refers to: measured, not assumed, as the
+# interpreter's own references differ between versions.
+_UNREFERENCED = _reference_counts({0: (object(), 0)})[0]
+
+
+def _let_go(budget: _Budget) -> None:
+    """Takes back what was counted for the objects the budget alone refers to: the render dropped them, and
+    they are freed as the budget lets them go. A text a filter made in one iteration of a loop and did not
+    keep is not counted in the next. An object referred to from anywhere else (a list, a namespace, a
+    variable, the expression being evaluated; a reference cycle) stays counted.
+    The objects counted since the last time are looked at first, and those still referred to moved to `kept`,
+    looked at only when that is not enough: a render near its bound that keeps many small objects and drops
+    a large one at each step does not go through all it keeps at each step."""
+    for tracked in (budget.tracked, budget.kept):
+        dropped = [key for key, count in _reference_counts(tracked).items() if count <= _UNREFERENCED]
+        for key in dropped:
+            budget.made -= tracked.pop(key)[1]
+        if tracked is budget.tracked:
+            budget.kept.update(tracked)
+            tracked.clear()
+        if budget.made <= MAX_MADE:
+            return
+
+
+def count_held(holder: Any, values: Iterable[Any], what: str) -> None:
+    """What a list, tuple or dict written in a template, a namespace(), cycler() or joiner() holds that may be
+    new, each counted as its own object: the holder's references; each text it holds (the result of `~`,
+    say, counted nowhere else); each list, tuple or dict it holds, by its references (its items were counted
+    where they were made). An object counted already, as a large text of the payload held at each step of a
+    loop, is not counted again."""
+    values = list(values)
+    count_made(2 + 2 * len(values), what, holder)
+    for value in values:
+        if isinstance(value, str):
+            count_made(len(value), what, value)
+        elif isinstance(value, list | tuple | dict):
+            count_made(2 + 2 * len(value), what, value)
+
+
+def count_result(made: Any, what: str) -> None:
+    """A new result of a str method: a text, or a list or tuple of texts (split, partition), each counted as its
+    own object; anything else by its written length, for the whole render."""
+    if isinstance(made, str):
+        count_made(len(made), what, made)
+    elif isinstance(made, list | tuple):
+        count_made(2 + 2 * len(made), what, made)
+        for item in made:
+            if isinstance(item, str):
+                count_made(len(item), what, item)
+            else:
+                count_made(written_length(item), what)
+    else:
+        count_made(written_length(made), what)
 
 
 def known_length(value: Any) -> int:
@@ -387,19 +480,6 @@ def made_dict(made: dict[Any, Any], args: tuple[Any, ...], kwargs: dict[str, Any
     return made
 
 
-def held_length(values: Iterable[Any]) -> int:
-    """What a list, tuple or dict written in a template, or a namespace, holds that may be new: its references
-    and its texts. A list it holds was counted where it was made; a constant one is not counted at all."""
-    length = 2
-    for value in values:
-        length += 2
-        if isinstance(value, str):
-            length += len(value)
-        elif isinstance(value, list | tuple | dict):
-            length += 2 + 2 * len(value)
-    return length
-
-
 def made_length(value: Any) -> int:
     """What a filter made that is not bounded by _bound_growth: a text's length, and for a list, tuple or dict
     its own references (the texts it refers to were made, and counted, elsewhere: it reorders or selects)."""
@@ -419,7 +499,7 @@ def _count_made_by(function: Callable[..., Any], what: str) -> Callable[..., Any
     def counted(*args: Any, **kwargs: Any) -> Any:
         made = function(*args, **kwargs)
         if not any(made is given for given in args):  # `|string` of a text, `|default` of a defined value
-            count_made(made_length(made), what)
+            count_made(made_length(made), what, made)
         return made
 
     return counted
@@ -453,8 +533,12 @@ def _bounded(
     def bounded(*args: Any, **kwargs: Any) -> Any:
         if consumes and len(args) > skip:
             args = (*args[:skip], list(args[skip]), *args[skip + 1 :])
-        check_length(_length_of(length, signature, args, kwargs, skip), what, kind)
-        return function(*args, **kwargs)
+        counted = _length_of(length, signature, args, kwargs, skip)
+        check_length(counted, what, kind)
+        made = function(*args, **kwargs)
+        if isinstance(made, str):  # batch and slice make lists of new lists: counted for the whole render
+            track(made, counted)
+        return made
 
     return bounded
 
@@ -503,7 +587,11 @@ class _Budget:
 
     steps: int
     deadline: float  # time.monotonic()
-    made: int = 0  # by the steps check_length let run
+    made: int = 0  # by the steps check_length let run, less what _let_go took back
+    # The objects whose own length `made` holds, by id, with it: let go, and taken back, when the render dropped
+    # them (_let_go). Those counted since _let_go last ran, and those it found referred to.
+    tracked: dict[int, tuple[Any, int]] = field(default_factory=dict)
+    kept: dict[int, tuple[Any, int]] = field(default_factory=dict)
     # The last list or dict `+` or dict() made, and its written length: one built up item by item is not gone
     # through again at each step (a list of 5,000 items would take seconds), only what each step adds.
     last: tuple[Any, int] | None = None
@@ -558,7 +646,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
         """A list, tuple or dict written in a template, which may keep a new text, or another list, at each step
         of a loop: `{% set ns.l = [ns.l, text ~ "!"] %}` held a gigabyte within a second."""
         held = [*value.keys(), *value.values()] if isinstance(value, dict) else value
-        count_made(held_length(held), "a list or dict")
+        count_held(value, held, "a list or dict")
         return value
 
     def join_output(pieces: Iterable[str]) -> str:
@@ -582,7 +670,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
             text = super().format_field(value, format_spec)
             self.length += len(text)
             refuse_past_limit(self.length, self.what)
-            count_made(len(text), self.what)
+            count_made(len(text), self.what, text)
             return text
 
     class BoundedEscapeFormatter(BoundedFormatter, SandboxedEscapeFormatter):
@@ -593,14 +681,16 @@ def _environment() -> ImmutableSandboxedEnvironment:
         intercepted_binops = frozenset({"*", "+", "%", "**"})
 
         def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+            counted = 0  # by check_length, for the one object the operator makes
             if operator == "*":
                 sequence, times = (right, left) if isinstance(left, int) else (left, right)
                 if isinstance(sequence, str) and isinstance(times, int):
-                    check_length(len(sequence) * times, "*")
+                    counted = len(sequence) * times
+                    check_length(counted, "*")
                 elif isinstance(sequence, list | tuple) and isinstance(times, int) and times > 1:
                     # Its items and their separators `times` over, its brackets once.
-                    length = 2 + (written_length(sequence) - 2) * times
-                    check_length(length, "*", type(sequence).__name__)
+                    counted = 2 + (written_length(sequence) - 2) * times
+                    check_length(counted, "*", type(sequence).__name__)
             elif operator == "+" and isinstance(left, list | tuple) and isinstance(right, list | tuple):
                 # `{% set ns.items = ns.items + ns.items %}` doubles a list's text at each step. What it adds to
                 # the render's total is the shorter operand: the new list refers to the items both hold, and
@@ -618,10 +708,14 @@ def _environment() -> ImmutableSandboxedEnvironment:
                 # a text built up item by item (`ns.text + item`) would count its every length so far.
                 refuse_past_limit(len(left) + len(right), "+")
             elif operator == "%" and isinstance(left, str):
-                check_length(printf_length(left, right), "%")
+                counted = printf_length(left, right)
+                check_length(counted, "%")
             elif operator == "**":
-                check_length(power_length(left, right), "**", "number")
-            return super().call_binop(context, operator, left, right)
+                counted = power_length(left, right)
+                check_length(counted, "**", "number")
+            made = super().call_binop(context, operator, left, right)
+            track(made, counted)
+            return made
 
         # compile_template() makes every `{% for %}` loop over `environment.counted(<what it names>)`.
         counted = staticmethod(count_iterations)
@@ -644,26 +738,36 @@ def _environment() -> ImmutableSandboxedEnvironment:
                 return made_dict(super().call(context, obj, *args, **kwargs), args, kwargs)
             if obj in (Namespace, Cycler, Joiner):  # each keeps what it is given, as a list does
                 kept = [*args, *(value for key, value in kwargs.items() if key not in _JINJA_KWARGS)]
-                count_made(held_length(kept), f"{_HOLDERS[obj.__name__]}()")
+                made = super().call(context, obj, *args, **kwargs)
+                count_held(made, kept, f"{_HOLDERS[obj.__name__]}()")
+                return made
             if isinstance(owner, str) and name not in _STR_METHODS and name not in ("format", "format_map"):
                 # upper, lower, split and the like: no longer than the text, but new, and a dict or list may keep
                 # each: counted against MAX_MADE, as the filters are (_count_made_by). format and format_map
                 # count what they make as they make it (BoundedFormatter).
                 made = super().call(context, obj, *args, **kwargs)
                 if made is not owner:
-                    count_made(written_length(made), f"str.{name}")
+                    count_result(made, f"str.{name}")
                 return made
             if isinstance(owner, str) and name in _STR_METHODS:
                 length, signature = _STR_METHODS[name]
                 if name == "join" and args:  # iterated here, to be measured, and then joined
                     args = (list(args[0]), *args[1:])
                 given = {key: value for key, value in kwargs.items() if key not in _JINJA_KWARGS}
-                check_length(_length_of(length, signature, (owner, *args), given), f"str.{name}")
-            elif name == "fromkeys" and isinstance(owner, type) and issubclass(owner, dict):
+                counted = _length_of(length, signature, (owner, *args), given)
+                check_length(counted, f"str.{name}")
+                made = super().call(context, obj, *args, **kwargs)
+                track(made, counted)
+                return made
+            if name == "fromkeys" and isinstance(owner, type) and issubclass(owner, dict):
                 if args:  # iterated here, to be measured, and then made a dict of
                     args = (list(args[0]), *args[1:])
                 given = {key: value for key, value in kwargs.items() if key not in _JINJA_KWARGS}
-                check_length(_length_of(dict_length, _FROMKEYS, args, given), "dict.fromkeys", "dict")
+                counted = _length_of(dict_length, _FROMKEYS, args, given)
+                check_length(counted, "dict.fromkeys", "dict")
+                made = super().call(context, obj, *args, **kwargs)
+                track(made, counted)
+                return made
             return super().call(context, obj, *args, **kwargs)
 
         # map, select, reject, selectattr and rejectattr apply a filter or test to each item through these:

@@ -571,7 +571,7 @@ def test_a_template_cannot_blow_up_on_a_hostile_payload(tmp_path: Path, downstre
         notify_action(
             "made",
             f"{downstream.url}/made",
-            template='{{ range(event.data.times)|map("center", 99)|map("length")|sum }}',
+            template='{{ range(event.data.times)|map("center", 99)|list|map("length")|sum }}',
         )
     )
     with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
@@ -1058,7 +1058,7 @@ def test_a_list_built_item_by_item_renders_and_what_filters_keep_is_bounded(
     # Each step makes a new text of the payload's length, kept by a dict, a list or a namespace: 100,000 of the
     # note's 10,000 characters would hold a gigabyte, and a larger payload reached 630 MB within the second. Each
     # is refused by what makes or keeps it: dict(), a list written in the template, namespace(), a str method or
-    # a filter (of which the list keeps a part).
+    # a filter.
     kept = {
         "dict": (
             "{% set ns.d = dict(ns.d, **{i|string: event.data.note|upper}) %}",
@@ -1066,8 +1066,8 @@ def test_a_list_built_item_by_item_renders_and_what_filters_keep_is_bounded(
         ),
         "list": ('{% set ns.d = [ns.d, event.data.note ~ "!"] %}', f"a list or dict {made}"),
         "namespace": ('{% set ns.d = namespace(a=ns.d, b=event.data.note ~ "!") %}', f"namespace() {made}"),
-        "method": ("{% set ns.d = [ns.d, event.data.note.split()] %}", f"str.split {made}"),
-        "filter": ("{% set ns.d = [ns.d, (event.data.note|upper)[:5]] %}", f"|upper {made}"),
+        "method": ('{% set ns.d = [ns.d, event.data.note.split("o", 1)] %}', f"str.split {made}"),
+        "filter": ("{% set ns.d = [ns.d, event.data.note|upper] %}", f"|upper {made}"),
     }
     actions = [notify_action("listed", f"{downstream.url}/listed", template=listed)] + [
         notify_action(
@@ -1096,3 +1096,49 @@ def test_a_list_built_item_by_item_renders_and_what_filters_keep_is_bounded(
         }
         messages = sorted(r.json()["text"] for r in downstream.received())
         assert messages == sorted(["3000 parcel 2999", "3 parcel 2", *["done"] * len(kept)])
+
+
+def test_a_loop_may_use_a_filter_on_a_large_field_when_it_keeps_little(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # Each iteration makes a new text of the note's 100,000 characters and drops it at once: what the render
+    # holds never passes one of them. Counted as if kept, every one added up, the loop was refused at its tenth.
+    loops = {
+        "filter": ("{{ event.data.note|lower|length }}", "100000"),
+        "method": ("{{ event.data.note.lower()|length }}", "100000"),
+        "replace": ('{{ event.data.note|replace("O", "o")|length }}', "100000"),
+        "format": ('{{ "{}!".format(event.data.note)|length }}', "100001"),
+        "literal": ("{{ [event.data.note, i]|length }}", "2"),
+    }
+    actions = [
+        notify_action(
+            name,
+            f"{downstream.url}/{name}",
+            template="{% for i in range(20) %}" + step + "{% endfor %}",
+        )
+        for name, (step, _) in loops.items()
+    ]
+    # What a render keeps is still bounded: the same text kept at each iteration is refused at the tenth or so.
+    actions.append(
+        notify_action(
+            "kept",
+            f"{downstream.url}/kept",
+            template=(
+                "{% set ns = namespace(d=[]) %}{% for i in range(20) %}"
+                "{% set ns.d = [ns.d, event.data.note|lower] %}{% endfor %}{{ ns.d|length }}"
+            ),
+        )
+    )
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_large", note="O" * 100_000))
+        wait_until(lambda: set(delivery_states(gw, "evt_large").values()) <= {"dead", "delivered"})
+        outcomes = {d.action: (d.state, d.last_error) for d in event_detail(gw, "evt_large").deliveries}
+        assert outcomes == {
+            **{name: ("delivered", None) for name in loops},
+            "kept": (
+                "dead",
+                "template line 1: SecurityError: |lower would take what this render made past 1000000 characters",
+            ),
+        }
+        messages = {r.path.removeprefix("/"): r.json()["text"] for r in downstream.received()}
+        assert messages == {name: length * 20 for name, (_, length) in loops.items()}

@@ -82,8 +82,9 @@ def isotime(value: float | None) -> str:
 # (count_made, _let_go). What `+` on lists, dict(), batch and slice add stays counted for the whole render.
 # A list, dict or namespace may keep what every step of a loop made, so also added up are: the new result of
 # every other filter and str method (_count_made_by, Environment.call), the texts a list, tuple or dict written
-# in the template holds (hold), what namespace(), cycler() and joiner() are given, and what dict() adds, whose
-# result is bounded as a list's is (made_dict).
+# in the template holds (hold), what namespace(), cycler() and joiner() are given, what a call passes to a
+# macro's varargs and kwargs (Environment.call), and what dict() adds, whose result is bounded as a list's is
+# (made_dict).
 # The other filters and methods make about as much as they are given (escaping, upper-casing or quoting it
 # grows it by a small factor at most), which the request body's limit bounds; truncate (its end) and default
 # add an argument once. The bounds are right within such a factor (the markup urlize adds is not counted, nor
@@ -419,12 +420,13 @@ def _let_go(budget: _Budget) -> None:
 
 def count_held(holder: Any, values: Iterable[Any], what: str) -> None:
     """What a list, tuple or dict written in a template, a namespace(), cycler() or joiner() holds that may be
-    new, each counted as its own object: the holder's references; each text it holds (the result of `~`,
-    say, counted nowhere else); each list, tuple or dict it holds, by its references (its items were counted
-    where they were made). An object counted already, as a large text of the payload held at each step of a
-    loop, is not counted again."""
+    new, each counted as its own object: the holder's references (with no holder, none); each text it holds
+    (the result of `~`, say, counted nowhere else); each list, tuple or dict it holds, by its references (its
+    items were counted where they were made). An object counted already, as a large text of the payload held
+    at each step of a loop, is not counted again."""
     values = list(values)
-    count_made(2 + 2 * len(values), what, holder)
+    if holder is not None:
+        count_made(2 + 2 * len(values), what, holder)
     for value in values:
         if isinstance(value, str):
             count_made(len(value), what, value)
@@ -615,7 +617,7 @@ def _environment() -> ImmutableSandboxedEnvironment:
     from jinja2 import StrictUndefined, pass_eval_context
     from jinja2.exceptions import SecurityError
     from jinja2.nodes import EvalContext
-    from jinja2.runtime import Context, LoopContext, markup_join, str_join
+    from jinja2.runtime import Context, LoopContext, Macro, markup_join, str_join
     from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
     from jinja2.utils import Cycler, Joiner, Namespace
     from markupsafe import Markup
@@ -736,6 +738,20 @@ def _environment() -> ImmutableSandboxedEnvironment:
             owner, name = getattr(obj, "__self__", None), getattr(obj, "__name__", None)
             if obj is dict:
                 return made_dict(super().call(context, obj, *args, **kwargs), args, kwargs)
+            if isinstance(obj, Macro) and (obj.catch_varargs or obj.catch_kwargs):
+                # What the call passes past the macro's arguments, which Jinja holds for it in `varargs` (a tuple)
+                # and `kwargs` (a dict): the macro may keep them (`{% set ns.d = [ns.d, varargs] %}`), and a text
+                # made for the call (`keep(text ~ "!")`) is counted nowhere else. Their holders are Jinja's, and
+                # not counted: a few references each.
+                passed = [
+                    *args[len(obj.arguments) :],
+                    *(
+                        value
+                        for key, value in kwargs.items()
+                        if key not in obj.arguments and key not in _JINJA_KWARGS
+                    ),
+                ]
+                count_held(None, passed, "a macro's varargs or kwargs")
             if obj in (Namespace, Cycler, Joiner):  # each keeps what it is given, as a list does
                 kept = [*args, *(value for key, value in kwargs.items() if key not in _JINJA_KWARGS)]
                 made = super().call(context, obj, *args, **kwargs)

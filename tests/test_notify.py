@@ -1068,6 +1068,15 @@ def test_a_list_built_item_by_item_renders_and_what_filters_keep_is_bounded(
         "namespace": ('{% set ns.d = namespace(a=ns.d, b=event.data.note ~ "!") %}', f"namespace() {made}"),
         "method": ('{% set ns.d = [ns.d, event.data.note.split("o", 1)] %}', f"str.split {made}"),
         "filter": ("{% set ns.d = [ns.d, event.data.note|upper] %}", f"|upper {made}"),
+        # What a call passes past a macro's arguments, which Jinja holds in a tuple and a dict the macro may keep.
+        "varargs": (
+            '{% macro keep() %}{% set ns.d = [ns.d, varargs] %}{% endmacro %}{{ keep(event.data.note ~ "!") }}',
+            f"a macro's varargs or kwargs {made}",
+        ),
+        "kwargs": (
+            '{% macro keep() %}{% set ns.d = [ns.d, kwargs] %}{% endmacro %}{{ keep(a=event.data.note ~ "!") }}',
+            f"a macro's varargs or kwargs {made}",
+        ),
     }
     actions = [notify_action("listed", f"{downstream.url}/listed", template=listed)] + [
         notify_action(

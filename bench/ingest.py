@@ -125,6 +125,27 @@ def start_hookyard_tmpfs(processes: Processes, settings: Settings) -> Server:
     return _start_hookyard(processes, settings, routed=False, tmpfs=True)
 
 
+def _start_floor(processes: Processes, settings: Settings, *, routed: bool) -> Server:
+    key = "floor" if routed else "floor-unrouted"
+    sink = start_sink(processes, name=f"sink-{key}") if routed else None
+    port = free_port()
+    database = settings.work / f"ingest-{key}.db"
+    argv = [PYTHON, "-m", "bench.floor_app", "--port", str(port), "--database", str(database)]
+    process = processes.start(key, argv + (["--sink-port", str(sink.port)] if sink else []))
+    wait_http(f"http://{HOST}:{port}/", process)
+    name = f"least Python gateway: svix + durable{' + forward' if routed else ''} (bench/floor_app.py)"
+    return Server(key, name, f"http://{HOST}:{port}{PATH}", process, sink=sink)
+
+
+def start_floor(processes: Processes, settings: Settings) -> Server:
+    """What the same durable work costs with none of Hookyard's generality (bench/floor_app.py)."""
+    return _start_floor(processes, settings, routed=True)
+
+
+def start_floor_unrouted(processes: Processes, settings: Settings) -> Server:
+    return _start_floor(processes, settings, routed=False)
+
+
 def _start_webhook(processes: Processes, settings: Settings, *, command: bool) -> Server:
     key = "webhook-true" if command else "webhook"
     hook: Json = {
@@ -270,6 +291,8 @@ SERVERS: list[tuple[str, Starter]] = [
     ("hookyard", start_hookyard),
     ("hookyard-unrouted", start_hookyard_unrouted),
     ("hookyard-tmpfs", start_hookyard_tmpfs),
+    ("floor", start_floor),
+    ("floor-unrouted", start_floor_unrouted),
     ("webhook", start_webhook),
     ("webhook-true", start_webhook_true),
 ]

@@ -871,6 +871,7 @@ def ingest_below_minimum_reason(results: Json) -> list[str]:
         if routed
         else ""
     )
+    floor = _floor_compared(results, routed, gateway)
     return [
         "",
         f"**Why durable ingest stays below {INGEST_MINIMUM:.2f}{X} of the bare endpoint.** It is CPU. {disk}"
@@ -884,6 +885,7 @@ def ingest_below_minimum_reason(results: Json) -> list[str]:
         "answering after the fsync and counting it."
         + forwarding
         + _what_the_minimum_takes(bare, gateway)
+        + floor
         + _PRICE
         + _stolen(results),
     ]
@@ -908,6 +910,7 @@ def _forward_below_minimum_reason(results: Json, bare: Json, gateway: Json, rout
         f"record of its attempt: {routed['cpu_us_per_request']:.0f} µs per webhook in all (part 4 shows the "
         "shares), on one core, so CPU per request sets the rate."
         + _machine_bound(bare, routed)
+        + _floor_compared(results, routed, gateway)
         + _stolen(results),
     ]
 
@@ -1011,16 +1014,43 @@ def _machine_bound(bare: Json, routed: Json) -> str:
     others = routed["sink_cpu_us_per_request"] + routed["wrk_cpu_us_per_request"]
     if others >= budget:
         return (
-            f" Nor would the machine have room: at {INGEST_MINIMUM:.2f}{X} of the no-op ({target:,.0f} req/s) "
-            f"the sink and wrk alone would need more than its {routed['machine_cores']} cores."
+            f" At {INGEST_MINIMUM:.2f}{X} of the no-op ({target:,.0f} req/s) the sink and wrk alone would need "
+            f"more than the machine's {routed['machine_cores']} cores."
         )
     return (
-        f" Nor would the machine have room: at {INGEST_MINIMUM:.2f}{X} of the no-op ({target:,.0f} req/s) its "
+        f" At {INGEST_MINIMUM:.2f}{X} of the no-op ({target:,.0f} req/s) the machine's "
         f"{routed['machine_cores']} cores give {budget:.0f} µs per request to everything; the sink and wrk "
         f"take {others:.0f} µs of that, leaving {budget - others:.0f} µs to receive, verify, store, answer and "
-        f"deliver each event, where the no-op alone spends {bare['cpu_us_per_request']:.0f} µs to answer one "
-        f"(during this run {routed['machine_busy_cores']:.2f} of the cores were busy: the gateway's event "
-        f"loop, on one of them, set the rate{_loop_figures(routed, within=True)})."
+        f"deliver each event, where Hookyard spends {routed['cpu_us_per_request']:.0f} µs (during this run "
+        f"{routed['machine_busy_cores']:.2f} of the cores were busy: the gateway's event loop, on one of them, "
+        f"set the rate{_loop_figures(routed, within=True)})."
+    )
+
+
+def _floor_compared(results: Json, routed: Json | None, gateway: Json) -> str:
+    """What the least gateway doing the same durable work (bench/floor_app.py) says about where the cost is."""
+    floor, floor_unrouted = _row(results, "floor"), _row(results, "floor-unrouted")
+    if not floor or not floor_unrouted:
+        return ""
+    than = (
+        f"; Hookyard spends {routed['cpu_us_per_request'] - floor['cpu_us_per_request']:.0f} µs more per "
+        f"forwarded webhook ({routed['ratio']['rps']:.2f}{X}), and "
+        if routed
+        else "; Hookyard spends "
+    )
+    return (
+        " **What is Hookyard's own.** The least gateway that does the same durable work in Python "
+        "(bench/floor_app.py: the same svix check and JSON parse, the same rows in SQLite, the same fsync "
+        "before each 200, and each forward's result recorded with a row for its attempt, but no config, "
+        "plugins, limits, timeouts, retries, metrics or logs) answered "
+        f"{floor['ratio']['rps']:.2f}{X} the no-op's requests per second with the forward ({floor['rps']:,.0f} "
+        f"req/s, {floor['cpu_us_per_request']:.0f} µs of CPU per request) and "
+        f"{floor_unrouted['ratio']['rps']:.2f}{X} without ({floor_unrouted['cpu_us_per_request']:.0f} µs)"
+        + than
+        + f"{gateway['cpu_us_per_request'] - floor_unrouted['cpu_us_per_request']:.0f} µs more per webhook with no "
+        f"route ({gateway['ratio']['rps']:.2f}{X}). Python, SQLite and the fsync before each answer set the "
+        "floor; the rest is what Hookyard's delivery engine (a task, a lease, a timeout and the storage "
+        "interface per attempt), its HTTP client's futures, its listener's limits and its metrics cost."
     )
 
 
@@ -1056,8 +1086,9 @@ def _method(results: Json) -> list[str]:
         "- `make bench` runs `python -m bench.run --profile`; `make bench-quick` a shorter run without profiles "
         "whose results go to /tmp/hookyard-bench-quick. Options: `python -m bench.run --help`.",
         "- Servers: uvicorn with uvloop + httptools and one worker for the Starlette baseline; `hookyard serve` "
-        "(uvloop, httptools) on a fresh SQLite file (WAL; fsynced before every answer) per server; adnanh/webhook as "
-        "packaged. Each is stopped before the next starts.",
+        "(uvloop, httptools) on a fresh SQLite file (WAL; fsynced before every answer) per server; bench/floor_app.py "
+        "(uvloop, httptools, the same fsync) as the least Python gateway doing the same durable work; "
+        "adnanh/webhook as packaged. Each is stopped before the next starts.",
         "- Every load phase is bounded in time and in count; every process the benchmark starts is stopped "
         "when it ends, and killed by the kernel if the benchmark itself dies.",
         "- The bench installs nothing: a missing tool (wrk, webhook, py-spy, valgrind) is named, with how to "

@@ -24,7 +24,8 @@ deliveries never add a second row.
     source       text         NOT NULL   -- the source's name in routes.yaml
     event_id     text         NOT NULL
     type         text         NOT NULL
-    occurred_at  timestamptz             -- when the provider says it happened (NULL if it does not say)
+    occurred_at  timestamptz             -- when the provider says it happened (NULL if it does not say,
+                                         -- or says a time beyond the years 1-9999)
     received_at  timestamptz  NOT NULL
     payload      jsonb        NOT NULL   -- the parsed body
     headers      jsonb        NOT NULL   -- the request headers, minus Authorization and cookies
@@ -37,7 +38,8 @@ upsert: one row per value of `key`, holding the latest `data` ("sync data to you
     source       text         NOT NULL     -- source, event_id and type of the event that wrote the row
     event_id     text         NOT NULL
     type         text         NOT NULL
-    occurred_at  timestamptz  NOT NULL     -- the event's occurred_at, else its received_at
+    occurred_at  timestamptz  NOT NULL     -- the event's occurred_at (if in the years 1-9999), else its
+                                           -- received_at
     updated_at   timestamptz  NOT NULL     -- when the row was written
     received_at  timestamptz               -- when the gateway received the event (NULL in rows written
                                            -- before the column was added, which setup adds)
@@ -421,6 +423,19 @@ class Backend(ABC):
 
 def _utc(timestamp: float) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
+
+
+def _dated(timestamp: float | None) -> float | None:
+    """A provider's time, or None when no date can show it (beyond the years 1-9999, not a number). Not all
+    are bounded before they get here: an unverified svix-timestamp (`verify: log-only`) of twelve digits
+    reaches the year 33658, and a plugin's provider may set anything. Raised, it failed every attempt."""
+    if timestamp is None:
+        return None
+    try:
+        _utc(timestamp)
+    except (ValueError, OverflowError, OSError):
+        return None
+    return timestamp
 
 
 # SQLSTATE classes of errors in the statement or its data: 22 data exception, 23 integrity constraint,
@@ -884,7 +899,7 @@ class Store(Action):
                 source=event.source,
                 event_id=event.id,
                 type=event.type,
-                occurred_at=event.occurred_at,
+                occurred_at=_dated(event.occurred_at),
                 received_at=event.received_at,
                 payload=_json(event.payload),
                 headers=_json(event.headers),
@@ -902,6 +917,7 @@ class Store(Action):
         payload = event.payload
         data = payload["data"] if isinstance(payload, dict) and "data" in payload else payload
         delete = any(fnmatch.fnmatchcase(event.type, pattern) for pattern in options.delete_on)
+        occurred_at = _dated(event.occurred_at)
         return Change(
             key=key,
             delete=delete,
@@ -909,7 +925,7 @@ class Store(Action):
             source=event.source,
             event_id=event.id,
             type=event.type,
-            occurred_at=event.occurred_at if event.occurred_at is not None else event.received_at,
+            occurred_at=occurred_at if occurred_at is not None else event.received_at,
             received_at=event.received_at,
         )
 

@@ -1095,6 +1095,35 @@ def test_a_provider_time_beyond_the_years_1_to_9999_is_stored_as_unknown(db: Dat
     assert row["occurred_at"] is None
 
 
+@pytest.mark.parametrize("mode", ["append", "upsert"])
+def test_an_unverified_svix_timestamp_past_the_year_9999_is_stored_as_unknown(
+    tmp_path: Path, db: Database, mode: str
+) -> None:
+    # With `verify: log-only` a request whose svix-timestamp failed verification is kept, and without a
+    # timestamp in the payload that header is the event's occurred_at: twelve digits reach the year 33658,
+    # which no datetime holds. The store raised "year 33658 is out of range" on every attempt: retried for
+    # the whole schedule, never stored.
+    options: dict[str, Any] = {"url": db.url, "table": db.table}
+    if mode == "upsert":
+        options.update(mode="upsert", key="data.id")
+    config = gateway_config(tmp_path, routes=[users_route({"id": "db", "use": "store", "with": options})])
+    config["sources"]["consignease"]["verify"] = "log-only"
+    body = json.dumps({"type": "user.created", "data": {"id": "u1"}}).encode()
+    headers = {"svix-id": "msg_far", "svix-timestamp": "999999999999", "svix-signature": "v1,AAAA"}
+    with RunningGateway(config) as gw:
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        wait_until(lambda: delivery_states(gw, "msg_far")["db"] != "pending")
+        states, attempts = delivery_states(gw, "msg_far"), attempts_of(gw, "msg_far", "db")
+    assert states == {"db": "delivered"}, attempts
+    if mode == "append":
+        [row] = db.events()
+        assert row["occurred_at"] is None
+    else:
+        # Ordered by when the gateway received it, as an event without a time of its own is.
+        row = db.rows()["u1"]
+        assert row["occurred_at"] == row["received_at"]
+
+
 def test_sqlite_orders_times_before_the_year_1000_correctly(tmp_path: Path) -> None:
     # _iso promises fixed-width text so that SQL text comparison is time order, but strftime("%Y") writes
     # year 999 as "999": "999-06-01..." sorts after "2026-...", so a row stamped with a bogus early time

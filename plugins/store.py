@@ -132,14 +132,23 @@ def parse_url(url: str) -> tuple[Literal["postgresql", "sqlite"], str]:
         return "sqlite", sqlite_path(url)  # read as the gateway's own storage.url
     if scheme in ("postgresql", "postgres"):
         try:
-            _ = urlsplit(url).port
+            parts = urlsplit(url)
+            _ = parts.port
         except ValueError:
             # Not the exception's text: urllib quotes the would-be port, which can be part of the password
             # (an unencoded "/" in it ends the host part early).
             raise ValueError(
-                "not a valid PostgreSQL URL: the host and port cannot be read (percent-encode any /, @, : "
-                "or # in the user name or password)"
+                "not a valid PostgreSQL URL: the host and port cannot be read (percent-encode any /, ?, @, "
+                ": or # in the user name or password)"
             ) from None
+        if "@" not in parts.netloc and "@" in url.partition("://")[2]:
+            # An unencoded "/", "?" or "#" in the password ended the host part early, after a first part
+            # that reads as a port (digits, or nothing): the user name became the host, and the rest of the
+            # password went to the path, query or fragment, which the attempts' errors would show.
+            raise ValueError(
+                "not a valid PostgreSQL URL: an @ after the host part (percent-encode any /, ?, @, : or # "
+                "in the user name or password, and an @ in the database name or a parameter as %40)"
+            )
         return "postgresql", url
     raise ValueError(f"unsupported scheme {scheme!r}; use postgresql://user@host:port/db, {SQLITE_URL_FORMS}")
 

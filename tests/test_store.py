@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import orjson
@@ -1044,6 +1044,32 @@ def test_a_postgres_password_with_a_slash_never_reaches_the_config_error(tmp_pat
     [error] = raised.value.errors
     assert error.startswith("routes[0].actions[0].with.url: not a valid PostgreSQL URL")
     assert "Xy9" not in error and "Secr3t" not in error
+
+
+@pytest.mark.parametrize("password", ["/Secr3t", "42/Secr3t", "5432?Secr3t", "42#Secr3t"])
+def test_a_postgres_password_cut_short_where_a_port_can_be_read_is_refused_without_it(
+    tmp_path: Path, password: str
+) -> None:
+    # Ended by an unencoded "/", "?" or "#" after nothing or digits only, the password's first part reads
+    # as a valid (or empty) port: the URL was accepted, with its user as the host and the rest of the
+    # password in the path, query or fragment. Every attempt's error then quoted it ("postgresql
+    # app:42/Secr3t@db.internal:5432/app: cannot connect", or asyncpg's "bad query field: 'Secr3t@...'"),
+    # in the attempt record and the log.
+    url = f"postgresql://app:{password}@db.internal:5432/app"
+    action = {"id": "db", "use": "store", "with": {"url": url}}
+    config = parse_config(yaml.safe_dump(gateway_config(tmp_path, routes=[users_route(action)])))
+    with pytest.raises(ConfigError) as raised:
+        RouteTable.build(config, registry())
+    [error] = raised.value.errors
+    assert error.startswith("routes[0].actions[0].with.url: not a valid PostgreSQL URL"), error
+    assert "Secr3t" not in error and "db.internal" not in error
+    # Percent-encoded, the same password is taken, and so is an encoded "@" elsewhere.
+    encoded = quote(password, safe="")
+    for ok in (f"postgresql://app:{encoded}@db.internal:5432/app", "postgresql://db.internal/app?user=a%40b"):
+        action["with"] = {"url": ok}
+        RouteTable.build(
+            parse_config(yaml.safe_dump(gateway_config(tmp_path, routes=[users_route(action)]))), registry()
+        )
 
 
 @pytest.mark.parametrize("mode", ["append", "upsert"])

@@ -155,11 +155,6 @@ def header_control_character(text: str) -> str | None:
     return found.group() if found is not None else None
 
 
-def breaks_a_header(text: str) -> bool:
-    """A line break or NUL: no header can carry it (it would end the header, or the request's head)."""
-    return "\r" in text or "\n" in text or "\0" in text
-
-
 def header_problem(name: str, value: str) -> str | None:
     """Why a header cannot be sent (RFC 9110 5.1 and 5.5), never showing its value (it may be a secret): a
     name that is not a token, or a value that holds a control character other than the tab. None when it

@@ -52,7 +52,7 @@ from gateway.actions import (
     skipped,
     transport_error,
 )
-from gateway.http_client import breaks_a_header, shown_url
+from gateway.http_client import control_character_name, header_control_character, shown_url
 
 if TYPE_CHECKING:
     import httpx  # imported where it is used, as `resources.http` is made: see Resources
@@ -115,8 +115,9 @@ class AcknowledgeOptions(BaseModel):
         if token is None or not token.get_secret_value().strip():
             return None
         # Refused here rather than on every attempt (aiohttp raises for it). The message never shows it.
-        if breaks_a_header(token.get_secret_value()):
-            raise ValueError("the token holds a line break or NUL, which no header can carry")
+        problem = _header_problem(token.get_secret_value())
+        if problem is not None:
+            raise ValueError(f"the token holds {problem}")
         # A bearer token is ASCII (RFC 6750 2.1), and httpx sends headers as ASCII: every attempt would end
         # in a UnicodeEncodeError, then dead. Such a token is a copy gone wrong (a typographic quote, say).
         if not token.get_secret_value().isascii():
@@ -213,9 +214,10 @@ class ClientCredentials:
         token = answer.get("access_token") if isinstance(answer, dict) else None
         if not isinstance(token, str) or not token:
             raise TokenUnavailable(retry("token endpoint: the answer has no access_token"))
-        if breaks_a_header(token):
+        problem = _header_problem(token)
+        if problem is not None:
             # Not kept: no request could carry it, and every acknowledgement would fail until it expired.
-            raise TokenUnavailable(retry("token endpoint: the access_token holds a line break or NUL"))
+            raise TokenUnavailable(retry(f"token endpoint: the access_token holds {problem}"))
         if not token.isascii():
             # Not kept either: httpx sends headers as ASCII, and every attempt would end in a
             # UnicodeEncodeError until the token expired (an hour, say), each acknowledgement dead meanwhile.
@@ -225,6 +227,16 @@ class ClientCredentials:
         # Counted from before the request: the server's clock started while we were waiting for its answer.
         self._token, self._expires_at = token, started + lifetime
         return token
+
+
+def _header_problem(token: str) -> str | None:
+    """What keeps `token` out of an Authorization header, never showing the token: a control character other
+    than the tab (RFC 9110 5.5), which the other actions' headers are checked for too; None when there is
+    none."""
+    found = header_control_character(token)
+    if found is None:
+        return None
+    return f"{control_character_name(found)} ({found!r}), which no header can carry"
 
 
 def _expires_in(answer: dict[str, Any]) -> float | None:

@@ -549,12 +549,18 @@ def test_expires_in_is_read_as_a_finite_number_of_seconds(expires_in: Any, lifet
 @pytest.mark.parametrize(
     ("suffix", "error"),
     [
-        ("\n", "token endpoint: the access_token holds a line break or NUL"),
+        ("\n", "token endpoint: the access_token holds a line feed ('\\n'), which no header can carry"),
+        # Any control character but the tab (RFC 9110 5.5): aiohttp refused the header on every attempt, a
+        # ValueError and its traceback each time, for as long as the token was kept.
+        (
+            "\x01",
+            "token endpoint: the access_token holds a control character ('\\x01'), which no header can carry",
+        ),
         # httpx sends headers as ASCII: kept for its hour, the token made every attempt end in a
         # UnicodeEncodeError, and every acknowledgement dead, Consignly never told.
         ("é", "token endpoint: the access_token holds a character beyond ASCII"),
     ],
-    ids=["line-break", "beyond-ascii"],
+    ids=["line-break", "control-character", "beyond-ascii"],
 )
 def test_a_token_that_no_header_can_carry_is_not_kept(
     tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly, suffix: str, error: str
@@ -809,13 +815,28 @@ def test_credentials_are_checked_at_config_load(
     assert raised.value.errors == expected.split("\n")
 
 
-def test_a_static_token_that_cannot_be_a_header_fails_at_config_load(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("token", "expected"),
+    [
+        ("static-api-token\n", "a line feed ('\\n')"),
+        ("static-api\rtoken", "a carriage return ('\\r')"),
+        ("static-api\x00token", "a NUL ('\\x00')"),
+        # Not a line break, but no header may carry it either (RFC 9110 5.5): it passed `hookyard check`, then
+        # aiohttp refused the header on every attempt, as below.
+        ("static-api\x01token", "a control character ('\\x01')"),
+        ("static-api-token\x7f", "a control character ('\\x7f')"),
+    ],
+    ids=["line-feed", "carriage-return", "nul", "control", "delete"],
+)
+def test_a_static_token_that_cannot_be_a_header_fails_at_config_load(
+    tmp_path: Path, token: str, expected: str
+) -> None:
     # A token read from a file keeps its trailing newline. It passed `hookyard check`; then aiohttp refused
     # the header on every attempt (a ValueError, not an httpx error: "action raised" with a traceback each
     # time) and the acknowledgement ended dead after the whole schedule, Consignly never told.
-    [error] = static_token_errors(tmp_path, "static-api-token\n")
-    assert error.startswith("routes[0].actions[1].with.token: ")
-    assert "static-api-token" not in error
+    assert static_token_errors(tmp_path, token) == [
+        f"routes[0].actions[1].with.token: the token holds {expected}, which no header can carry"
+    ]
 
 
 def test_a_static_token_beyond_ascii_fails_at_config_load(tmp_path: Path) -> None:

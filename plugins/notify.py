@@ -21,16 +21,22 @@ bounded (gateway.templates): the payload it runs over is any sender's.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import dataclasses
 import json
 import re
 import traceback
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway import hookimpl
 from gateway.actions import (
+    ANSWER_READ_TIMEOUT,
     Action,
+    AnswerTooLong,
     Job,
     Outcome,
     ParentResult,
@@ -38,11 +44,15 @@ from gateway.actions import (
     dead,
     drain_answer,
     http_outcome,
+    read_answer,
     skipped,
     transport_error,
 )
 from gateway.http_client import HeaderError, check_configured_headers, check_framing_headers, check_headers
 from gateway.templates import compile_template, render
+
+if TYPE_CHECKING:
+    import httpx  # imported where it is used, as `resources.http` is made: see Resources
 
 EVENT_ID_HEADER = "x-hookyard-event-id"
 
@@ -51,6 +61,9 @@ DISCORD_MAX_CONTENT = 2000
 # Teams does not post a message past 28 KB. A Workflows webhook answers 202 before its flow posts the card,
 # so the delivery would count as delivered, and nothing shown. Counted on the whole body as sent.
 TEAMS_MAX_BYTES = 28_000
+
+# How much of what a chat webhook says when it refuses a message goes into the delivery's error.
+REASON_LIMIT = 200
 
 # The engine words a used-up retry schedule as "gave up after N attempts: <last error>"; the default message
 # states the attempts itself, so it shows only the last error.
@@ -216,6 +229,66 @@ def render_error(exc: Exception) -> str:
     return f"{where}: {type(exc).__name__}: {exc}"
 
 
+def answer_reason(content: bytes, hidden: tuple[str, ...] = ()) -> str | None:
+    """What a chat webhook's refusal says, on one line and cut to REASON_LIMIT characters: Slack's plain-text
+    code (`no_service`, `channel_is_archived`), or the `error` or `message` of a JSON answer (Slack's API,
+    Discord's, a Teams Workflows trigger's); None for an empty answer, a page (a proxy's), or JSON without
+    either. Each text of `hidden` (hidden_paths) is shown as "/…"."""
+    text = content.decode("utf-8", "replace").strip()
+    if not text or text.startswith("<"):
+        return None
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        pass
+    else:
+        found = _json_reason(answer)
+        if found is None:
+            return None
+        text = found
+    # Control characters (a line break among them) become spaces: the error is one line of the log.
+    text = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", text).split())
+    for path in hidden:
+        text = text.replace(path, "/…")
+    if len(text) > REASON_LIMIT:
+        text = text[: REASON_LIMIT - 1] + "…"
+    return text or None
+
+
+def _json_reason(answer: Any) -> str | None:
+    if not isinstance(answer, dict):
+        return None
+    for key in ("error", "message"):
+        value = answer.get(key)
+        if isinstance(value, dict):  # Teams: {"error": {"code": ..., "message": ...}}
+            value = value.get("message") or value.get("code")
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
+
+
+def hidden_paths(url: str) -> tuple[str, ...]:
+    """The forms in which a server may repeat the path (and query) of `url`, longest first: a chat webhook's
+    path is its credential, which no error shows (see shown_url)."""
+    import httpx  # loaded already: the options' URL was checked with it
+
+    raw = httpx.URL(url).raw_path.decode("ascii")
+    forms = {raw, raw.partition("?")[0]}
+    forms |= {unquote(form) for form in forms}
+    return tuple(sorted((form for form in forms if len(form) > 1), key=len, reverse=True))
+
+
+async def read_reason(response: httpx.Response, hidden: tuple[str, ...] = ()) -> str | None:
+    """answer_reason of a streamed answer's body, read as drain_answer reads it: up to ANSWER_LIMIT bytes
+    within ANSWER_READ_TIMEOUT seconds. A longer, slower or cut-off body says nothing: the status decides."""
+    import httpx  # loaded already: response came from it
+
+    with contextlib.suppress(AnswerTooLong, TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(ANSWER_READ_TIMEOUT):
+            return answer_reason(await read_answer(response), hidden)
+    return None
+
+
 class Notify(Action):
     name = "notify"
     description = (
@@ -227,6 +300,7 @@ class Notify(Action):
     def __init__(self, options: Any, resources: Any) -> None:
         super().__init__(options, resources)
         self.template = compile_template(options.template) if options.template is not None else None
+        self.hidden = hidden_paths(options.url)
 
     def message(self, job: Job) -> str:
         if self.template is None:
@@ -259,10 +333,19 @@ class Notify(Action):
                 headers={name.encode(): value.encode() for name, value in headers.items()},
                 timeout=job.timeout,
             ) as response:
-                await drain_answer(response)
+                if 200 <= response.status_code < 300:
+                    await drain_answer(response)
+                    reason = None
+                else:
+                    # Chat webhooks say why they refused in the body: Slack's 404 `no_service` (the webhook
+                    # was removed) and 410 `channel_is_archived` need different fixes.
+                    reason = await read_reason(response, self.hidden)
         except httpx.HTTPError as exc:
             return transport_error(exc)
-        return http_outcome(response, job.retry)
+        outcome = http_outcome(response, job.retry)
+        if reason is not None and outcome.error is not None:
+            outcome = dataclasses.replace(outcome, error=f"{outcome.error}: {reason}")
+        return outcome
 
 
 @hookimpl

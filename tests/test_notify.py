@@ -766,6 +766,88 @@ def test_a_500_from_the_chat_webhook_is_retried(tmp_path: Path, downstream: Down
         ]
 
 
+def test_a_refusal_from_slack_is_dead_and_says_what_slack_said(tmp_path: Path, slack: SlackWebhook) -> None:
+    # A webhook that was removed: Slack answers 404 `no_service`, which no retry changes. "HTTP 404" alone
+    # did not tell a revoked webhook from an archived channel (410 `channel_is_archived`) or a bad payload.
+    alert = only_attempt(tmp_path, slack.url.replace("/B0002/", "/B0003/"), "msg_removed")
+    assert (alert.attempts, alert.last_status, alert.last_error) == (1, 404, "HTTP 404: no_service")
+    assert slack.refused == [(404, "no_service")]
+
+
+@pytest.mark.parametrize(
+    ("status", "body", "error"),
+    [
+        # Discord's JSON error.
+        (
+            400,
+            b'{"message": "Cannot send an empty message", "code": 50006}',
+            "HTTP 400: Cannot send an empty message",
+        ),
+        # A Teams Workflows (Power Automate) trigger's.
+        (
+            400,
+            b'{"error": {"code": "TriggerInputSchemaMismatch", "message": "The input body for trigger '
+            b"'manual' of type 'Request' did not match its schema definition.\"}}",
+            "HTTP 400: The input body for trigger 'manual' of type 'Request' did not match its schema "
+            "definition.",
+        ),
+        # The API's own, {"ok": false, "error": ...}.
+        (403, b'{"ok": false, "error": "action_prohibited"}', "HTTP 403: action_prohibited"),
+        # Text on several lines, on one; past 200 characters, cut.
+        (410, b"channel_is_archived\r\n", "HTTP 410: channel_is_archived"),
+        (400, b"bad\n\tpayload \x01" + b"x" * 300, "HTTP 400: bad payload " + "x" * 187 + "\u2026"),
+        # A page (a proxy's), an empty body, or JSON that says nothing of the kind: the status alone.
+        (404, b"<html><body><h1>404 Not Found</h1></body></html>", "HTTP 404"),
+        (404, b"", "HTTP 404"),
+        (404, b"{}", "HTTP 404"),
+    ],
+    ids=["discord", "teams", "slack-api", "text", "long-text", "html", "empty", "json"],
+)
+def test_a_refusal_says_what_the_chat_webhook_answered(
+    tmp_path: Path, status: int, body: bytes, error: str
+) -> None:
+    def answer(conn: socket.socket) -> None:
+        head = f"HTTP/1.1 {status} Refused\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        conn.sendall(head.encode() + body)
+
+    with raw_server(answer) as url:
+        alert = only_attempt(tmp_path, f"{url}/hook", "msg_refused")
+    assert (alert.attempts, alert.last_status, alert.last_error) == (1, status, error)
+
+
+@pytest.mark.parametrize("echoed", ["path", "url", "unquoted"])
+def test_a_refusal_that_echoes_the_webhook_url_is_reported_without_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, echoed: str
+) -> None:
+    # A chat webhook's path is its credential, kept out of every error; a server that names it in its
+    # refusal ("Cannot POST /services/..."), or the whole URL, must not put it there either.
+    secret = "services/T0001/B0002/abc%20def?key=xyz"
+    caplog.set_level(logging.INFO)
+    seen: list[str] = []
+
+    def answer(conn: socket.socket) -> None:
+        text = {"path": f"Cannot POST /{secret}", "url": f"no such hook: {seen[0]}/{secret}"}.get(
+            echoed, "Cannot POST /services/T0001/B0002/abc def?key=xyz"
+        )
+        body = text.encode()
+        head = f"HTTP/1.1 404 Not Found\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        conn.sendall(head.encode() + body)
+
+    with raw_server(answer) as url:
+        seen.append(url)
+        alert = only_attempt(tmp_path, f"{url}/{secret}", "msg_echoed")
+    expected = {
+        "path": "HTTP 404: Cannot POST /…",
+        "url": f"HTTP 404: no such hook: {url}/…",
+        "unquoted": "HTTP 404: Cannot POST /…",
+    }[echoed]
+    assert alert.last_error == expected
+    # Nor in the gateway's log (its fields are the records' attributes). httpx's own logger names every
+    # request's URL, and the gateway sets it to WARNING.
+    logged = [str(vars(record)) for record in caplog.records if record.name.startswith("hookyard")]
+    assert logged and not any("T0001" in text for text in logged)
+
+
 def only_attempt(tmp_path: Path, url: str, msg_id: str) -> Any:
     """The delivery of one event to a notify action at `url` that has no retries, once it is dead."""
     config = gateway_config(

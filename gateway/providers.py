@@ -131,7 +131,7 @@ def require_text(value: Any, reason: str, detail: str, *, name: str | None = Non
         return _within_limit(str(value), reason, name)
     if name is None:
         raise bad_request(reason, detail)
-    raise bad_request(reason, f"{name} is {_described(value)}, not a string or an integer")
+    raise bad_request(reason, f"{name} is {described(value)}, not a string or an integer")
 
 
 def _within_limit(text: str, reason: str, name: str | None) -> str:
@@ -146,7 +146,7 @@ def _within_limit(text: str, reason: str, name: str | None) -> str:
     return text
 
 
-def _described(value: Any) -> str:
+def described(value: Any) -> str:
     """A JSON value's kind, as a sender would recognise it."""
     if isinstance(value, bool):
         return "true" if value else "false"

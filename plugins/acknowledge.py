@@ -53,6 +53,7 @@ from gateway.actions import (
     transport_error,
 )
 from gateway.http_client import control_character_name, header_control_character, shown_url
+from gateway.providers import described
 
 if TYPE_CHECKING:
     import httpx  # imported where it is used, as `resources.http` is made: see Resources
@@ -276,6 +277,11 @@ def _identifier(value: Any) -> str | int | None:
     return None
 
 
+def _wrong_kind(value: Any) -> bool:
+    """A value that is there but can be no id: neither null, a string nor an integer."""
+    return value is not None and not isinstance(value, str) and _identifier(value) is None
+
+
 class Acknowledge(Action):
     name = "acknowledge"
     description = (
@@ -301,8 +307,14 @@ class Acknowledge(Action):
         if parent is None:
             return dead("the result of the action this one runs after is missing")
         payload = job.event.payload
-        operation_id = _identifier(payload.get("operationId")) if isinstance(payload, dict) else None
-        consignment_id = _identifier(job.event.lookup("data.consignmentId"))
+        operation = payload.get("operationId") if isinstance(payload, dict) else None
+        consignment = job.event.lookup("data.consignmentId")
+        # One of another kind (a number with a fraction, an object) names an operation that waits for its
+        # result, which cannot be sent: a failure to show, not an event without one.
+        for name, value in (("operationId", operation), ("data.consignmentId", consignment)):
+            if _wrong_kind(value):
+                return dead(f"the event's {name} is {described(value)}, not text or an integer")
+        operation_id, consignment_id = _identifier(operation), _identifier(consignment)
         # Not every Consignly event belongs to an operation: there is nothing to report, and no point retrying.
         if operation_id is None:
             return skipped("the event has no operationId")

@@ -360,6 +360,35 @@ def test_events_without_an_operation_are_skipped(
     ]
 
 
+@pytest.mark.parametrize(
+    ("operation_id", "consignment_id", "error"),
+    [
+        (1.5, CONSIGNMENT_ID, "the event's operationId is the number 1.5, not text or an integer"),
+        (True, CONSIGNMENT_ID, "the event's operationId is true, not text or an integer"),
+        ({"id": "op-1"}, CONSIGNMENT_ID, "the event's operationId is an object, not text or an integer"),
+        ("op-1", ["CN-1"], "the event's data.consignmentId is an array, not text or an integer"),
+    ],
+    ids=["fraction", "boolean", "object", "array"],
+)
+def test_an_id_of_the_wrong_kind_ends_dead_saying_so(
+    tmp_path: Path,
+    downstream: Downstream,
+    consignly_api: FakeConsignly,
+    operation_id: Any,
+    consignment_id: Any,
+    error: str,
+) -> None:
+    # The event belongs to an operation that waits for its result, which cannot be sent: not "the event has
+    # no operationId" and skipped, as for an event without one, which hid the failure.
+    route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_odd_id", operation_id, consignment_id=consignment_id))
+        wait_until(lambda: delivery_states(gw, "evt_odd_id") == {"app": "delivered", "ack": "dead"})
+        ack = next(d for d in event_detail(gw, "evt_odd_id").deliveries if d.action == "ack")
+        assert (ack.attempts, ack.last_error) == (1, error)
+        assert consignly_api.calls == []
+
+
 # -- the API's own failures -------------------------------------------------------------------------------
 
 

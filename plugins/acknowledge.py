@@ -164,6 +164,10 @@ class ClientCredentials:
             token = self._token
             if token is not None and token != rejected and time.monotonic() < self._expires_at:
                 return token
+            if token is not None and token == rejected:
+                # Forgotten before the fetch: should it fail, the next attempts fetch again rather than send
+                # the API a token it refused, each for one more 401.
+                self._token = None
             # A token fetched now is used for this request even when its lifetime is shorter than the margin.
             return await self._fetch(timeout)
 

@@ -637,6 +637,32 @@ def test_a_401_renews_the_token_once_and_sends_again(
         assert consignly_api.issued == ["tok-1", "tok-2", "tok-3"]
 
 
+def test_a_refused_token_is_not_used_again_when_its_renewal_fails(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    route = consignments_route(downstream, consignly_api, **oauth(consignly_api))
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_first"))
+        wait_until(lambda: delivery_states(gw, "evt_first") == {"app": "delivered", "ack": "delivered"})
+        # The token is revoked, and the token endpoint fails the renewal once.
+        consignly_api.revoke()
+        consignly_api.token_failures = [503]
+        send(gw, consignly_event("evt_renewal_failed"))
+        wait_until(
+            lambda: delivery_states(gw, "evt_renewal_failed") == {"app": "delivered", "ack": "delivered"}
+        )
+        assert [(a.outcome, a.error) for a in ack_history(gw, "evt_renewal_failed")] == [
+            ("retry", "token endpoint: HTTP 503 temporarily_unavailable"),
+            ("delivered", None),
+        ]
+        # The next attempt asked for a new token first: the API was not sent the refused one again.
+        assert [(call.token, call.status) for call in consignly_api.calls] == [
+            ("tok-1", 200),
+            ("tok-1", 401),
+            ("tok-2", 200),
+        ]
+
+
 def test_token_endpoint_failures_are_retried(
     tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
 ) -> None:

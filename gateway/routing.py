@@ -252,7 +252,8 @@ def _plan_action(
             f"{place}.after: {action.use!r} reports on another action's result; name it with after:"
         )
     try:
-        options = action_cls.Options.model_validate(action.with_)
+        # The context tells an action's options what they may not share with the gateway (its store).
+        options = action_cls.Options.model_validate(action.with_, context={"storage_url": config.storage.url})
     except ValidationError as exc:
         errors.extend(format_validation_errors(exc, (place, "with")))
         return None

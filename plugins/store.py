@@ -86,6 +86,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import os
 import re
 import sqlite3
 import time
@@ -153,6 +154,11 @@ def parse_url(url: str) -> tuple[Literal["postgresql", "sqlite"], str]:
     raise ValueError(f"unsupported scheme {scheme!r}; use postgresql://user@host:port/db, {SQLITE_URL_FORMS}")
 
 
+def _same_file(path: str, storage_url: str) -> bool:
+    """Whether `path` names the file of the SQLite `storage_url`, both read from the working directory."""
+    return os.path.realpath(path) == os.path.realpath(sqlite_path(storage_url))
+
+
 class StoreOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     url: str
@@ -164,8 +170,13 @@ class StoreOptions(BaseModel):
 
     @field_validator("url")
     @classmethod
-    def _url(cls, url: str) -> str:
-        parse_url(url)
+    def _url(cls, url: str, info: ValidationInfo) -> str:
+        kind, location = parse_url(url)
+        # The gateway's own storage.url, given as the options' validation context when its config loads.
+        own = (info.context or {}).get("storage_url")
+        if kind == "sqlite" and isinstance(own, str) and is_sqlite_url(own) and _same_file(location, own):
+            # Its tables, retention and backups are the gateway's: `table: events` indexed its events.
+            raise ValueError("the gateway's own database (storage.url); give the store a file of its own")
         return url
 
     @field_validator("table")

@@ -1166,3 +1166,31 @@ def test_sqlite_orders_times_before_the_year_1000_correctly(tmp_path: Path) -> N
     assert kinds(outcomes) == ["delivered", "delivered"]
     [row] = database.fetch('SELECT data FROM "users"')
     assert json.loads(row["data"]) == {"id": "user_1", "v": "real"}
+
+
+def test_a_sqlite_store_on_the_gateways_own_database_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `table: events` on storage.url's file added an index to the gateway's own events table before the
+    # delivery ended dead; any other table mixed the app's rows into the gateway's store, whose retention and
+    # backups are the gateway's. Refused when the config loads, however the same file is written.
+    monkeypatch.chdir(tmp_path)
+    for url in (
+        f"sqlite:///{tmp_path}/hookyard.db",
+        "sqlite:///hookyard.db",
+        f"SQLITE:///{tmp_path}/./hookyard.db",
+    ):
+        action = {"id": "db", "use": "store", "with": {"url": url, "table": "events"}}
+        config = parse_config(yaml.safe_dump(gateway_config(tmp_path, routes=[users_route(action)])))
+        with pytest.raises(ConfigError) as raised:
+            RouteTable.build(config, registry())
+        [error] = raised.value.errors
+        assert error == (
+            "routes[0].actions[0].with.url: the gateway's own database (storage.url); give the store a file "
+            "of its own"
+        ), error
+    # Another file beside it is the store's own.
+    action = {"id": "db", "use": "store", "with": {"url": f"sqlite:///{tmp_path}/app.db"}}
+    RouteTable.build(
+        parse_config(yaml.safe_dump(gateway_config(tmp_path, routes=[users_route(action)]))), registry()
+    )

@@ -25,6 +25,9 @@ PAYLOAD_TYPE = "the payload's type"
 # headers they are sent on in (431) and PostgreSQL refuses to index the id (the store action).
 MAX_TEXT_BYTES = 512
 
+# What HTTP strips from both ends of a header's value (RFC 9110 §5.5).
+_HEADER_WHITESPACE = " \t"
+
 # UTC written as a letter, after a time's last digit.
 _ZULU = re.compile(r"(?<=[0-9])[Zz]\Z")
 
@@ -117,8 +120,9 @@ def require_text(value: Any, reason: str, detail: str, *, name: str | None = Non
     """A string or an integer, as text; raises bad_request(reason, detail) when it is missing or empty.
     With `name` ("the payload's type"), a value of another kind is refused saying what it is, not as missing:
     `the payload's type is the number 1.5, not a string or an integer`. Text with a control character other
-    than the tab is refused too: the id and the type are sent on in headers, which cannot carry one; and so is
-    text longer than MAX_TEXT_BYTES bytes of UTF-8."""
+    than the tab is refused too: the id and the type are sent on in headers, which cannot carry one; so is
+    text that begins or ends with a space or a tab, which HTTP strips from a header's value; and so is text
+    longer than MAX_TEXT_BYTES bytes of UTF-8."""
     if value is None or value == "":
         raise bad_request(reason, detail)
     if isinstance(value, str):
@@ -126,6 +130,12 @@ def require_text(value: Any, reason: str, detail: str, *, name: str | None = Non
             # Sent on in headers (Idempotency-Key, X-Hookyard-Type), which cannot carry it (RFC 9110 §5.5).
             char = control_character_name(found)
             raise bad_request(reason, f"{name or 'it'} holds {char}, which no HTTP header can carry")
+        if value[0] in _HEADER_WHITESPACE or value[-1] in _HEADER_WHITESPACE:
+            # HTTP strips them from a header value's ends (RFC 9110 §5.5): sent on, "evt_1 " would arrive as
+            # evt_1, the Idempotency-Key of another event, and as a webhook-id matching no signature.
+            where, char = ("begins", value[0]) if value[0] in _HEADER_WHITESPACE else ("ends", value[-1])
+            space = "a space" if char == " " else "a tab"
+            raise bad_request(reason, f"{name or 'it'} {where} with {space}, which HTTP strips from a header")
         return _within_limit(value, reason, name)
     if isinstance(value, int) and not isinstance(value, bool):
         return _within_limit(str(value), reason, name)

@@ -267,6 +267,12 @@ def _send_consignly_with(gw: RunningGateway, field: str, value: str) -> httpx.Re
         ("id", "evt_1\x00", "missing_event_id", "the payload's id holds a NUL"),
         ("type", "consignment.created\r\nx-injected: 1", "missing_event_type", "the payload's type holds a"),
         ("type", "consignment.created\x07", "missing_event_type", "the payload's type holds a control"),
+        # HTTP strips spaces and tabs from both ends of a header's value (RFC 9110 §5.5): sent on, "evt_1 "
+        # arrived as the Idempotency-Key of another event, evt_1, and a receiver deduping on it dropped one.
+        ("id", "evt_1 ", "missing_event_id", "the payload's id ends with a space, which HTTP strips"),
+        ("id", "\tevt_1", "missing_event_id", "the payload's id begins with a tab, which HTTP strips"),
+        ("id", " ", "missing_event_id", "the payload's id begins with a space"),
+        ("type", " consignment.created", "missing_event_type", "the payload's type begins with a space"),
     ],
 )
 def test_an_id_or_type_no_header_can_carry_is_refused_not_accepted_then_dead(

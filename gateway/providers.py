@@ -141,6 +141,13 @@ def require_text(value: Any, reason: str, detail: str, *, name: str | None = Non
         return _within_limit(str(value), reason, name)
     if name is None:
         raise bad_request(reason, detail)
+    if isinstance(value, float) and value.is_integer() and not -(2**63) <= value < 2**64:
+        # What orjson makes of an integer past 64 bits: "the number 1.2345678901234568e+22, not a string or
+        # an integer" would contradict the integer its sender wrote.
+        raise bad_request(
+            reason,
+            f"{name} is an integer past 64 bits, which the gateway cannot read exactly: send it as a string",
+        )
     raise bad_request(reason, f"{name} is {described(value)}, not a string or an integer")
 
 

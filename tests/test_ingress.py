@@ -252,6 +252,22 @@ def test_a_type_that_is_no_string_or_integer_is_refused_saying_what_it_is(
     }
 
 
+@pytest.mark.parametrize(("field", "reason"), [("id", "missing_event_id"), ("type", "missing_event_type")])
+def test_an_integer_past_64_bits_is_refused_saying_so(gw: RunningGateway, field: str, reason: str) -> None:
+    # The JSON parser reads an integer past 64 bits as a float: the detail said "the payload's id is the
+    # number 1.2345678901234568e+22, not a string or an integer" of the integer its sender wrote.
+    payload = json.loads(consignly_body())
+    payload[field] = "BIG"
+    body = json.dumps(payload).encode().replace(b'"BIG"', b"12345678901234567890123")
+    response = gw.post("/webhooks/consignly", body, consignly_headers(body))
+    assert response.status_code == 400
+    assert response.json() == {
+        "error": reason,
+        "detail": f"the payload's {field} is an integer past 64 bits, which the gateway cannot read "
+        "exactly: send it as a string",
+    }
+
+
 def _send_consignly_with(gw: RunningGateway, field: str, value: str) -> httpx.Response:
     """A signed Consignly webhook whose payload's `field` is `value`."""
     payload = json.loads(consignly_body())

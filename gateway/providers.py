@@ -151,6 +151,19 @@ def require_text(value: Any, reason: str, detail: str, *, name: str | None = Non
     raise bad_request(reason, f"{name} is {described(value)}, not a string or an integer")
 
 
+def header_text(value: str | None) -> str | None:
+    """A header's value as the text its sender wrote, for an event id or type taken from a header. The
+    listener reads headers one byte a character (latin-1), the bytes that signatures cover; a sender writes
+    text that is not ASCII in UTF-8, as the id is sent on (Idempotency-Key). Bytes that are not UTF-8 stay
+    as they were read."""
+    if value is None or value.isascii():
+        return value
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # not UTF-8, or not read from the wire
+        return value
+
+
 def _within_limit(text: str, reason: str, name: str | None) -> str:
     # Four bytes of UTF-8 at most per character: shorter text is within the limit without encoding it.
     if len(text) * 4 <= MAX_TEXT_BYTES:

@@ -17,7 +17,7 @@ from typing import Any
 from gateway import hookimpl
 from gateway.config import Source
 from gateway.events import Event
-from gateway.providers import Provider
+from gateway.providers import Provider, header_text
 from plugins.hmac_generic import (
     SampleTypes,
     make_event,
@@ -49,8 +49,8 @@ class GitHubProvider(Provider):
             body,
             payload,
             received_at,
-            event_id=headers.get("x-github-delivery"),
-            event_type=headers.get("x-github-event"),
+            event_id=header_text(headers.get("x-github-delivery")),
+            event_type=header_text(headers.get("x-github-event")),
             id_detail="missing X-GitHub-Delivery header",
             type_detail="missing X-GitHub-Event header",
             id_name="the X-GitHub-Delivery header",

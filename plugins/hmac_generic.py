@@ -39,6 +39,7 @@ from gateway.providers import (
     Provider,
     any_digest_matches,
     bad_request,
+    header_text,
     hmac_digest,
     require_text,
     unauthorized,
@@ -246,7 +247,7 @@ FieldSource = Annotated[str, AfterValidator(_field_source)]
 
 def read_field(spec: str, headers: Mapping[str, str], payload: Any) -> Any:
     kind, _, name = spec.partition(":")
-    return headers.get(name) if kind == "header" else dig(payload, name)
+    return header_text(headers.get(name)) if kind == "header" else dig(payload, name)
 
 
 def _place_json(payload: dict[str, Any], path: str, value: Any) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 from gateway import hookimpl
 from gateway.config import Source
 from gateway.events import Event
-from gateway.providers import Provider, parse_timestamp
+from gateway.providers import Provider, header_text, parse_timestamp
 from plugins.hmac_generic import (
     SampleTypes,
     iso_now,
@@ -51,8 +51,8 @@ class ShopifyProvider(Provider):
             body,
             payload,
             received_at,
-            event_id=headers.get("x-shopify-event-id") or headers.get("x-shopify-webhook-id"),
-            event_type=headers.get("x-shopify-topic"),
+            event_id=header_text(headers.get("x-shopify-event-id") or headers.get("x-shopify-webhook-id")),
+            event_type=header_text(headers.get("x-shopify-topic")),
             occurred_at=parse_timestamp(headers.get("x-shopify-triggered-at")),
             id_detail="missing X-Shopify-Event-Id header",
             type_detail="missing X-Shopify-Topic header",

@@ -27,6 +27,7 @@ from gateway.providers import (
     Provider,
     any_digest_matches,
     bad_request,
+    header_text,
     hmac_digest,
     parse_timestamp,
     require_text,
@@ -210,7 +211,10 @@ class SvixProvider(Provider):
         return Event(
             source=self.source_name,
             id=require_text(
-                msg_id, "missing_event_id", f"missing {prefix}id header", name=f"the {id_prefix}id header"
+                header_text(msg_id),
+                "missing_event_id",
+                f"missing {prefix}id header",
+                name=f"the {id_prefix}id header",
             ),
             type=require_text(
                 payload.get("type"), "missing_event_type", "the payload has no type", name=PAYLOAD_TYPE

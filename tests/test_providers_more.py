@@ -1044,6 +1044,31 @@ def test_hookyard_send_requests_are_accepted_by_the_gateway(
         assert (tampered.status_code, tampered.json()["error"]) == (401, "invalid_signature")
 
 
+# Providers whose event id comes from a header (svix-id, webhook-id, X-GitHub-Delivery, X-Shopify-Event-Id,
+# and hmac's id_from: header:X-Acme-Delivery).
+HEADER_IDS = ["svix", "standard-webhooks", "github", "shopify", "hmac"]
+
+
+@pytest.mark.parametrize("provider", HEADER_IDS)
+def test_an_id_sent_in_a_header_as_utf8_is_that_text(
+    gw: tuple[RunningGateway, Downstream], provider: str
+) -> None:
+    # The listener reads a header one byte a character (latin-1): the id "évt_事件" sent in UTF-8 was
+    # stored, answered and sent on (Idempotency-Key, in UTF-8) as "Ã©vt_äº\x8bä»¶", an id its sender never
+    # wrote, that the app could not match with the provider's.
+    running, _ = gw
+    event_id = f"évt_事件_{provider}"
+    path, body, headers = build_request(
+        running.gateway.table, provider, CASE[provider].event_type, event_id=event_id
+    )
+    response = running.client.post(
+        running.url + path, content=body, headers=[(name, value.encode()) for name, value in headers.items()]
+    )
+    assert response.status_code == 200, response.text
+    assert response.json() == {"id": event_id, "status": "accepted"}
+    assert stored(running, event_id, provider).id == event_id
+
+
 def test_a_route_on_the_plain_github_event_with_an_action_filter(
     gw: tuple[RunningGateway, Downstream],
 ) -> None:

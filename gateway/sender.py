@@ -98,9 +98,15 @@ def unproxied_if_loopback(url: str) -> dict[str, None]:
     return {f"all://{f'[{host}]' if ':' in host else host}": None}
 
 
+def wire_headers(headers: dict[str, str]) -> dict[bytes, bytes]:
+    """Header values in UTF-8, as the gateway reads an id or a type from a header: httpx would encode them
+    as ASCII, and refuse an id that is not."""
+    return {name.encode(): value.encode() for name, value in headers.items()}
+
+
 def send(url: str, body: bytes, headers: dict[str, str], timeout: float = 10.0) -> httpx.Response:
     with httpx.Client(timeout=timeout, mounts=unproxied_if_loopback(url)) as client:
-        return client.post(url, content=body, headers=headers)
+        return client.post(url, content=body, headers=wire_headers(headers))
 
 
 @dataclass
@@ -142,7 +148,7 @@ async def send_many(url: str, requests: list[tuple[bytes, dict[str, str]]], conc
                 body, headers = queue.pop()
                 sent = time.perf_counter()
                 try:
-                    response = await client.post(url, content=body, headers=headers)
+                    response = await client.post(url, content=body, headers=wire_headers(headers))
                     statuses[str(response.status_code)] += 1
                 except httpx.HTTPError as exc:
                     statuses[type(exc).__name__] += 1

@@ -1136,6 +1136,24 @@ def test_hookyard_send_command_round_trip(
     assert event.verified is (source != "none")
 
 
+@pytest.mark.parametrize("source", HEADER_IDS)
+def test_hookyard_send_an_id_that_is_not_ascii(
+    gw: tuple[RunningGateway, Downstream], source: str, tmp_path: Path
+) -> None:
+    # Sent in a header, the id was refused by httpx's ASCII encoding: "cannot reach URL: 'ascii' codec can't
+    # encode character", of a gateway that was there. It goes in UTF-8, as the gateway reads it.
+    running, _ = gw
+    config_path = write_config(running, tmp_path / "routes.yaml")
+    event_id = f"évt_送_{source}"
+    event_type = CASE[source].event_type
+    result = hookyard(
+        "send", source, "--type", event_type, "--id", event_id, "-c", config_path, "--url", running.url
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output == f'200 {{"id":"{event_id}","status":"accepted"}}\n'
+    assert stored(running, event_id, source).id == event_id
+
+
 @pytest.mark.parametrize(("source", "event_type"), SEND, ids=[source for source, _ in SEND])
 def test_hookyard_sign_prints_a_curl_command_that_is_accepted(
     gw: tuple[RunningGateway, Downstream], source: str, event_type: str, tmp_path: Path

@@ -1467,25 +1467,36 @@ def test_sigterm_ends_the_process_while_a_store_actions_sqlite_file_never_answer
     assert "stopped" in logged and "Traceback" not in logged, logged
 
 
+class RenewableTls:
+    """A config file whose listener serves a certificate that can be renewed in place, as cert-manager does
+    (a Secret volume swaps its files): same paths, new content."""
+
+    def __init__(self, tmp_path: Path, downstream: Downstream) -> None:
+        self.cert, self.key = self_signed(tmp_path, "current")
+        self.renewed_cert, self.renewed_key = self_signed(tmp_path, "renewed")
+        self.path = tmp_path / "routes.yaml"
+        tls = {"cert": str(self.cert), "key": str(self.key)}
+        self.config = users_config(tmp_path, downstream, "/app", listen={"tls": tls})
+        self.path.write_text(yaml.safe_dump(self.config))
+
+    def renew(self) -> None:
+        self.cert.write_bytes(self.renewed_cert.read_bytes())
+        self.key.write_bytes(self.renewed_key.read_bytes())
+
+    def post_trusting_the_renewed(self, gw: RunningGateway, msg_id: str) -> int:
+        body, headers = svix_request(msg_id=msg_id)
+        with httpx.Client(verify=ssl.create_default_context(cafile=self.renewed_cert)) as client:
+            return client.post(gw.url + "/webhooks/consignease", content=body, headers=headers).status_code
+
+
 def test_renewed_certificate_files_are_picked_up_without_a_config_change(
     tmp_path: Path, downstream: Downstream
 ) -> None:
-    cert, key = self_signed(tmp_path, "current")
-    renewed_cert, renewed_key = self_signed(tmp_path, "renewed")
-    config_path = tmp_path / "routes.yaml"
-    config = users_config(tmp_path, downstream, "/app", listen={"tls": {"cert": str(cert), "key": str(key)}})
-    config_path.write_text(yaml.safe_dump(config))
-    with RunningGateway(config_path, scheme="https") as gw:
-        # cert-manager renews in place (a Secret volume swaps its files): same paths, new content.
-        cert.write_bytes(renewed_cert.read_bytes())
-        key.write_bytes(renewed_key.read_bytes())
+    tls = RenewableTls(tmp_path, downstream)
+    with RunningGateway(tls.path, scheme="https") as gw:
+        tls.renew()
         wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
-        body, headers = svix_request(msg_id="msg_renewed")
-        with httpx.Client(verify=ssl.create_default_context(cafile=renewed_cert)) as client:
-            assert (
-                client.post(gw.url + "/webhooks/consignease", content=body, headers=headers).status_code
-                == 200
-            )
+        assert tls.post_trusting_the_renewed(gw, "msg_renewed") == 200
 
 
 def test_tls_listener_and_certificate_reload(tmp_path: Path, downstream: Downstream) -> None:
@@ -1705,20 +1716,16 @@ def test_a_reload_keeps_the_sections_that_wait_for_a_restart_as_the_gateway_runs
     What read them there was misled: with TLS off in the file, the certificate the listener still serves
     was no longer watched nor reloaded, and a plugin's gateway.config named addresses and a store not in
     use."""
-    cert, key = self_signed(tmp_path, "current")
-    renewed_cert, renewed_key = self_signed(tmp_path, "renewed")
-    config_path = tmp_path / "routes.yaml"
-    config = users_config(tmp_path, downstream, "/app", listen={"tls": {"cert": str(cert), "key": str(key)}})
-    config_path.write_text(yaml.safe_dump(config))
-    with RunningGateway(config_path, scheme="https") as gw:
+    tls = RenewableTls(tmp_path, downstream)
+    with RunningGateway(tls.path, scheme="https") as gw:
         started = gw.gateway.config
-        changed = copy.deepcopy(config)
+        changed = copy.deepcopy(tls.config)
         changed["listen"] = {"host": "127.0.0.2", "port": free_port(), "max_connections": 100}
         changed["ops"] = {"host": "127.0.0.2", "port": free_port(), "admin_token": "a-new-token"}
         changed["storage"] = {"url": f"sqlite:///{tmp_path}/elsewhere.db", "retention": "1d"}
         changed["log"] = {"level": "debug", "format": "text"}
         changed["reload"] = {"watch": False, "interval": "200ms"}
-        config_path.write_text(yaml.safe_dump(changed))
+        tls.path.write_text(yaml.safe_dump(changed))
         wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
         running = gw.gateway.config
         assert running.listen.tls == started.listen.tls
@@ -1733,13 +1740,9 @@ def test_a_reload_keeps_the_sections_that_wait_for_a_restart_as_the_gateway_runs
         assert running.ops.admin_token == "a-new-token"
         assert running.reload.interval == 0.2
         # The listener still speaks TLS, and a certificate renewed in place is still picked up.
-        cert.write_bytes(renewed_cert.read_bytes())
-        key.write_bytes(renewed_key.read_bytes())
+        tls.renew()
         wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 2)
-        body, headers = svix_request(msg_id="msg_renewed_after_the_reload")
-        with httpx.Client(verify=ssl.create_default_context(cafile=renewed_cert)) as client:
-            response = client.post(gw.url + "/webhooks/consignease", content=body, headers=headers)
-        assert response.status_code == 200
+        assert tls.post_trusting_the_renewed(gw, "msg_renewed_after_the_reload") == 200
     messages = [record.getMessage() for record in caplog.records]
     for name in ("listen address", "ops address", "listen.tls", "storage", "log", "reload.watch"):
         assert f"{name} changed; it takes effect at the next restart" in messages, name

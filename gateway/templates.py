@@ -5,6 +5,12 @@ loop. So a render is bounded: the message it prints (MAX_MESSAGE), the loop iter
 (MAX_STEPS), its time (MAX_RENDER_SECONDS), and the length one filter, method or operator may make from its
 arguments before it runs. `compile_template` reports a syntax error with its line; `render` raises past a
 bound. Any action may use them: notify does.
+
+A template compiled with an `escape` function escapes every value it prints (what `{{ }}` writes) with it, and
+leaves its own text as written: the payload's texts cannot write what the message's format reads as markup
+(a chat's mention of everybody, a link that shows other text than where it leads). This is Jinja's
+autoescaping, with `escape` in place of HTML's: a value marked `|raw` (or `|safe`), what a macro or a block
+prints, is printed as it is.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from jinja2 import Template
     from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from markupsafe import Markup
 
 # The longest message a template may render, and the longest text or list one step may make (`*`, and the
 # filters, methods and operators under "what one step may make" below). A template
@@ -612,8 +619,31 @@ _JINJA_KWARGS = frozenset({"_loop_vars", "_block_vars"})
 _budget: ContextVar[_Budget | None] = ContextVar("template_render_budget", default=None)
 
 
+# How a template escapes what it prints: a function of a text (see compile_template), or None for nothing.
+Escape = Callable[[str], str] | None
+
+
 @functools.cache
-def _environment() -> ImmutableSandboxedEnvironment:
+def _escaped_text(escape: Callable[[str], str]) -> type[Markup]:
+    """The Markup class of texts escaped with `escape`: what it holds is printed as it is, and what it is
+    joined with, formatted with or added to is escaped with `escape` (not HTML's escaping, Markup's own)."""
+    from markupsafe import Markup
+
+    class Escaped(Markup):
+        __slots__ = ()
+
+        @classmethod
+        def escape(cls, s: Any) -> Escaped:
+            if hasattr(s, "__html__"):  # escaped already, or marked raw
+                text = s.__html__()
+                return text if type(text) is cls else cls(text)
+            return cls(escape(str(s)))
+
+    return Escaped
+
+
+@functools.cache
+def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
     from jinja2 import StrictUndefined, pass_eval_context
     from jinja2.exceptions import SecurityError
     from jinja2.nodes import EvalContext
@@ -621,6 +651,8 @@ def _environment() -> ImmutableSandboxedEnvironment:
     from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
     from jinja2.utils import Cycler, Joiner, Namespace
     from markupsafe import Markup
+
+    escaped = _escaped_text(escape) if escape is not None else None
 
     def step() -> None:
         budget = _budget.get()
@@ -642,7 +674,11 @@ def _environment() -> ImmutableSandboxedEnvironment:
         """`~`, as Jinja joins its operands, refused before it runs past MAX_MESSAGE: like `+`, it doubles a
         text at each step of `{% set ns.text = ns.text ~ ns.text %}`."""
         refuse_past_limit(_total(written_length(value) for value in values), "~")
-        return (markup_join if eval_ctx.autoescape else str_join)(values)
+        if escaped is None or not eval_ctx.autoescape:
+            return (markup_join if eval_ctx.autoescape else str_join)(values)
+        if any(hasattr(value, "__html__") for value in values):
+            return escaped("").join(values)  # which escapes the others
+        return str_join(values)
 
     def hold(value: Any) -> Any:
         """A list, tuple or dict written in a template, which may keep a new text, or another list, at each step
@@ -683,6 +719,12 @@ def _environment() -> ImmutableSandboxedEnvironment:
         intercepted_binops = frozenset({"*", "+", "%", "**"})
 
         def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+            if escaped is not None:
+                # A macro's output is Jinja's Markup, whose `+` and `%` would escape the other operand as HTML.
+                left, right = (
+                    escaped(value) if isinstance(value, Markup) and type(value) is not escaped else value
+                    for value in (left, right)
+                )
             counted = 0  # by check_length, for the one object the operator makes
             if operator == "*":
                 sequence, times = (right, left) if isinstance(left, int) else (left, right)
@@ -821,14 +863,79 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
     # Sandboxed because templates come from the config, which may be edited by people who must not get code
     # execution in the gateway; immutable so a template cannot change the event other actions see.
-    env = Environment(autoescape=False, undefined=StrictUndefined)
+    env = Environment(autoescape=escaped is not None, undefined=StrictUndefined)
     env.filters["isotime"] = isotime
+    if escaped is None:
+        env.filters["raw"] = env.filters["safe"] = _as_it_is
+    else:
+        _escape_with(env, escaped)
     _bound_growth(env)
     return env
 
 
-def compile_template(source: str) -> Template:
-    """Compile a message template; raises ValueError naming the line of a syntax error."""
+def _as_it_is(value: Any) -> Any:
+    """`|raw` where nothing is escaped."""
+    return value
+
+
+def _escape_with(env: ImmutableSandboxedEnvironment, escaped: type[Markup]) -> None:
+    """The filters of an environment that escapes values with `escaped.escape` instead of HTML's escaping,
+    which Jinja's filters apply themselves where they mix a value with Markup."""
+    from jinja2 import pass_eval_context
+    from jinja2.filters import do_tojson, do_urlize, do_xmlattr, make_attrgetter
+    from jinja2.nodes import EvalContext
+
+    def raw(value: Any) -> Markup:
+        return escaped(value)
+
+    def force_escape(value: Any) -> Markup:
+        return escaped(escaped.escape(str(value)))
+
+    def replace(value: Any, old: Any, new: Any, count: Any = None) -> str:
+        times = -1 if count is None else count
+        if hasattr(value, "__html__"):
+            return escaped(value).replace(old, new, times)  # which escapes `new`
+        if hasattr(new, "__html__") and str(old):  # a value's text replaced with raw text
+            return escaped.escape(new).join(str(value).split(str(old), times))  # which escapes the parts
+        return str(value).replace(str(old), str(new), times)
+
+    @pass_eval_context
+    def join(eval_ctx: EvalContext, value: Iterable[Any], d: Any = "", attribute: Any = None) -> str:
+        if attribute is not None:
+            value = map(make_attrgetter(eval_ctx.environment, attribute), value)
+        items = list(value)
+        if hasattr(d, "__html__") or any(hasattr(item, "__html__") for item in items):
+            return escaped.escape(d).join(items)  # which escapes the items
+        return str(d).join(map(str, items))
+
+    def as_value(function: Callable[..., Any]) -> Callable[..., Any]:
+        """A filter that writes HTML (or JSON safe in HTML), its result printed as a value: escaped."""
+
+        @functools.wraps(function)
+        def written(*args: Any, **kwargs: Any) -> str:
+            return str(function(*args, **kwargs))
+
+        return written
+
+    env.filters.update(
+        raw=raw,
+        safe=raw,
+        e=escaped.escape,
+        escape=escaped.escape,
+        forceescape=force_escape,
+        replace=replace,
+        join=join,
+        tojson=as_value(do_tojson),
+        urlize=as_value(do_urlize),
+        xmlattr=as_value(do_xmlattr),
+    )
+
+
+def compile_template(source: str, escape: Escape = None) -> Template:
+    """Compile a message template; raises ValueError naming the line of a syntax error. With `escape`, a
+    function of a text that returns it escaped for the message's format, every value the template prints is
+    escaped with it, and its own text, a value marked `|raw` or `|safe`, and what a macro or a block prints
+    (its values escaped already) are printed as they are."""
     from jinja2 import TemplateSyntaxError, nodes
     from jinja2.visitor import NodeTransformer
 
@@ -862,7 +969,7 @@ def compile_template(source: str) -> Template:
             return all(constant(pair.key) and constant(pair.value) for pair in node.items)
         return isinstance(node, nodes.Const)
 
-    env = _environment()
+    env = _environment(escape)
     try:
         # `~` joins its operands as `environment.concatenated(…)`, which bounds what it makes: Jinja joins
         # them in the compiled code, where no hook of the environment sees it.
@@ -873,9 +980,27 @@ def compile_template(source: str) -> Template:
             counted = nodes.EnvironmentAttribute("counted", lineno=loop.iter.lineno)
             loop.iter = nodes.Call(counted, [loop.iter], [], None, None, lineno=loop.iter.lineno)
         tree.set_environment(env)
-        return env.from_string(tree)  # an unknown filter or test is found here
+        template = env.from_string(tree)  # an unknown filter or test is found here
     except TemplateSyntaxError as exc:
         raise ValueError(f"line {exc.lineno}: {exc.message}") from None
+    if escape is not None:
+        _escape_output(template, _escaped_text(escape))
+    return template
+
+
+def _escape_output(template: Template, escaped: type[Markup]) -> None:
+    """Makes the compiled code of `template` escape with `escaped`: Jinja's code prints a value through the
+    `escape` of its module, marks what a block prints as its `Markup`, and makes macros of its `Macro`, all
+    HTML's."""
+    from jinja2.runtime import Macro
+
+    class EscapedMacro(Macro):
+        def _invoke(self, arguments: list[Any], autoescape: bool) -> str:
+            made = super()._invoke(arguments, autoescape)
+            return escaped(made) if autoescape else made
+
+    namespace = template.root_render_func.__globals__
+    namespace.update(escape=escaped.escape, Markup=escaped, Macro=EscapedMacro)
 
 
 def render(template: Template, context: dict[str, Any]) -> str:

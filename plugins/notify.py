@@ -17,6 +17,11 @@ The message is a Jinja template rendered in a sandbox. Undefined names are error
 half-empty message), syntax errors are reported when the config loads, and a template that renders to
 nothing (say, everything inside an `{% if %}`) skips the notification. What one render may print and run is
 bounded (gateway.templates): the payload it runs over is any sender's.
+
+For the same reason the values a message shows are escaped for the chat (ESCAPES), the template's own text not:
+a customer's name at the provider must not mention everybody in the channel or show a link that leads
+elsewhere. `|raw` puts a value in as it is. Discord is also told which mentions may ping: those the
+message still holds, the template's (discord_mentions).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import dataclasses
 import json
 import re
 import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import unquote
 
@@ -64,6 +70,69 @@ TEAMS_MAX_BYTES = 28_000
 
 # How much of what a chat webhook says when it refuses a message goes into the delivery's error.
 REASON_LIMIT = 200
+
+# A zero-width space: put into a chat's markup, it keeps the markup from being read, and shows nothing.
+_BREAK = "\u200b"
+
+
+def slack_escape(text: str) -> str:
+    """Slack's own escaping for text it did not write: `<!channel>`, `<@U123>` and `<https://x|a link>` are
+    all made of `<` and `>`, and `&` starts the escapes themselves."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# `@everyone`, `@here`, `<@id>`, `<@!id>` and `<@&role>` (the @ followed by an id); an @ at the end of the text
+# too, which a next value might continue.
+_DISCORD_MENTION = re.compile(r"@(?=everyone|here|[!&]?[0-9]|\Z)")
+# A masked link, `[text](https://elsewhere)`: the `](` between what it shows and where it leads; a `]` at the
+# end of the text, which a next value might continue.
+_MASKED_LINK = re.compile(r"\](?=\(|\Z)")
+
+
+def discord_escape(text: str) -> str:
+    """Discord has no escaping that works in code blocks too (a backslash shows there): a zero-width space after
+    the @ of a mention and between the parts of a masked link keeps them from being read as such. At the start
+    of the text, before `everyone` or `here`, which an @ of the template's might precede."""
+    text = _MASKED_LINK.sub("]" + _BREAK, _DISCORD_MENTION.sub("@" + _BREAK, text))
+    return _BREAK + text if text.startswith(("everyone", "here")) else text
+
+
+def teams_escape(text: str) -> str:
+    """An Adaptive Card's TextBlock reads Markdown, whose masked link `[text](url)` may show other text than
+    where it leads. A mention needs the card's `msteams.entities`, which notify does not send: text cannot ping."""
+    return _MASKED_LINK.sub("]" + _BREAK, text)
+
+
+# How each format escapes the values a message shows. A `generic` endpoint's is not known: nothing.
+ESCAPES: dict[str, Callable[[str], str]] = {
+    "slack": slack_escape,
+    "discord": discord_escape,
+    "teams": teams_escape,
+}
+
+# The mentions a Discord message holds: `@everyone` and `@here`, a user's `<@id>` or `<@!id>`, a role's `<@&id>`.
+_DISCORD_PINGS = re.compile(r"@(everyone|here)|<@(!?|&)([0-9]+)>")
+# Discord refuses a message that allows more users or roles than this.
+DISCORD_MAX_MENTIONS = 100
+
+
+def discord_mentions(message: str) -> dict[str, Any]:
+    """Discord's `allowed_mentions` for `message`: those it holds, and nothing else. Values are escaped
+    (discord_escape), so what is left is the template's own, or a value it marked `|raw`."""
+    everyone, users, roles = False, [], []
+    for match in _DISCORD_PINGS.finditer(message):
+        if match[1]:
+            everyone = True
+        elif match[2] == "&":
+            roles.append(match[3])
+        else:
+            users.append(match[3])
+    return {
+        "parse": ["everyone"] if everyone else [],
+        "users": list(dict.fromkeys(users))[:DISCORD_MAX_MENTIONS],
+        "roles": list(dict.fromkeys(roles))[:DISCORD_MAX_MENTIONS],
+    }
+
 
 # The engine words a used-up retry schedule as "gave up after N attempts: <last error>"; the default message
 # states the attempts itself, so it shows only the last error.
@@ -135,24 +204,27 @@ def template_context(job: Job) -> dict[str, Any]:
     }
 
 
-def default_message(job: Job) -> str:
+def default_message(job: Job, escape: Callable[[str], str] | None = None) -> str:
     """`consignly consignment.created <id> could not be delivered to app after 6 attempts: HTTP 503`,
-    `... was delivered to app`, or `... received` for a notify that runs on its own."""
+    `... was delivered to app`, or `... received` for a notify that runs on its own. Each value escaped with
+    `escape`: a sender chose the event's type and id, and an error may repeat what a server answered."""
     event, parent = job.event, job.parent
-    subject = f"{event.source} {event.type} {event.id}"
+    shown = escape or str
+    subject = f"{shown(event.source)} {shown(event.type)} {shown(event.id)}"
     if parent is None:
         return f"{subject} received"
     if parent.state == "delivered":
-        return f"{subject} was delivered to {parent.action}"
+        return f"{subject} was delivered to {shown(parent.action)}"
     plural = "" if parent.attempts == 1 else "s"
-    text = f"{subject} could not be delivered to {parent.action} after {parent.attempts} attempt{plural}"
+    attempts = f"{parent.attempts} attempt{plural}"
+    text = f"{subject} could not be delivered to {shown(parent.action)} after {attempts}"
     if parent.error:
         reason: str | None = _GAVE_UP.sub("", parent.error)
     elif parent.status_code is not None:
         reason = f"HTTP {parent.status_code}"
     else:
         reason = None
-    return f"{text}: {reason}" if reason else text
+    return f"{text}: {shown(reason)}" if reason else text
 
 
 def chat_payload(format: str, message: str, job: Job) -> dict[str, Any]:
@@ -162,7 +234,7 @@ def chat_payload(format: str, message: str, job: Job) -> dict[str, Any]:
     if format == "discord":
         if len(message) > DISCORD_MAX_CONTENT:
             message = message[: DISCORD_MAX_CONTENT - 1] + "…"
-        return {"content": message}
+        return {"content": message, "allowed_mentions": discord_mentions(message)}
     if format == "teams":
         return teams_card(message)
     event = job.event
@@ -299,12 +371,15 @@ class Notify(Action):
 
     def __init__(self, options: Any, resources: Any) -> None:
         super().__init__(options, resources)
-        self.template = compile_template(options.template) if options.template is not None else None
+        self.escape = ESCAPES.get(options.format)
+        self.template = (
+            compile_template(options.template, self.escape) if options.template is not None else None
+        )
         self.hidden = hidden_paths(options.url)
 
     def message(self, job: Job) -> str:
         if self.template is None:
-            return default_message(job)
+            return default_message(job, self.escape)
         return render(self.template, template_context(job))
 
     async def deliver(self, job: Job) -> Outcome:

@@ -308,7 +308,11 @@ def test_teams_discord_and_generic_payloads(tmp_path: Path, downstream: Downstre
             ],
         }
         [discord] = downstream.received("/discord")
-        assert discord.json() == {"content": text}
+        # No mention in the message: none may ping.
+        assert discord.json() == {
+            "content": text,
+            "allowed_mentions": {"parse": [], "users": [], "roles": []},
+        }
         [generic] = downstream.received("/generic")
         assert generic.headers["x-token"] == "t0ken"
         assert generic.headers["x-hookyard-event-id"] == "evt_formats"
@@ -331,6 +335,126 @@ def test_teams_discord_and_generic_payloads(tmp_path: Path, downstream: Downstre
             "route": "alerts",
             "parent": None,
         }
+
+
+# -- escaping what the event says ----------------------------------------------------------------------
+
+# What a sender chose (a customer's name, an order note): each chat's control sequences, to ping everybody
+# or to show a link that leads elsewhere than it says.
+HOSTILE = {
+    "customer": "<!channel> & <@U0123> @everyone",
+    "note": "<https://evil.example|click here> [click here](https://evil.example) <@222222222222222222>",
+    "oncall": "<@444444444444444444>",
+}
+
+
+def test_values_from_the_event_are_escaped_for_each_chat_and_the_templates_own_text_is_not(
+    tmp_path: Path, downstream: Downstream, slack: SlackWebhook
+) -> None:
+    actions = [
+        notify_action(
+            "slack",
+            slack.url,
+            format="slack",
+            template=(
+                "<!here> {{ event.data.customer }}: {{ event.data.note }} <https://shop.example/o/1|order>"
+                " {{ '<@U0999>'|raw }}"
+            ),
+        ),
+        notify_action(
+            "discord",
+            f"{downstream.url}/discord",
+            format="discord",
+            template=(
+                "@here {{ event.data.customer }}: {{ event.data.note }} [order](https://shop.example/o/1)"
+                " <@111111111111111111> {{ event.data.oncall|raw }}"
+            ),
+        ),
+        notify_action(
+            "teams",
+            f"{downstream.url}/teams",
+            format="teams",
+            template="**{{ event.data.customer }}**: {{ event.data.note }} [order](https://shop.example/o/1)",
+        ),
+        # A JSON endpoint's format is not known: the values are sent as they are.
+        notify_action("generic", f"{downstream.url}/generic", template="{{ event.data.note }}"),
+        # The built-in message escapes the event's id, which the sender chose too.
+        notify_action("default", f"{downstream.url}/default", format="slack"),
+    ]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_<!channel>", **HOSTILE))
+        wait_until(lambda: set(delivery_states(gw, "evt_<!channel>").values()) == {"delivered"})
+
+        assert slack.messages == [
+            "<!here> &lt;!channel&gt; &amp; &lt;@U0123&gt; @everyone: &lt;https://evil.example|click here&gt;"
+            " [click here](https://evil.example) &lt;@222222222222222222&gt; <https://shop.example/o/1|order>"
+            " <@U0999>"
+        ]
+        [discord] = downstream.received("/discord")
+        # A zero-width space keeps a mention from being one, and a masked link from being a link.
+        assert discord.json() == {
+            "content": "@here <!channel> & <@U0123> @\u200beveryone: <https://evil.example|click here>"
+            " [click here]\u200b(https://evil.example) <@\u200b222222222222222222>"
+            " [order](https://shop.example/o/1) <@111111111111111111> <@444444444444444444>",
+            # Only the mentions the template wrote (or put in with |raw) may ping.
+            "allowed_mentions": {
+                "parse": ["everyone"],
+                "users": ["111111111111111111", "444444444444444444"],
+                "roles": [],
+            },
+        }
+        [teams] = downstream.received("/teams")
+        [block] = teams.json()["attachments"][0]["content"]["body"]
+        assert block["text"] == (
+            "**<!channel> & <@U0123> @everyone**: <https://evil.example|click here>"
+            " [click here]\u200b(https://evil.example) <@222222222222222222> [order](https://shop.example/o/1)"
+        )
+        [generic] = downstream.received("/generic")
+        assert generic.json()["text"] == HOSTILE["note"]
+        [default] = downstream.received("/default")
+        assert default.json() == {"text": "consignly consignment.created evt_&lt;!channel&gt; received"}
+
+
+def test_escaping_follows_values_through_filters_blocks_and_macros(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    parts = [
+        # What a macro or a block prints is escaped once, its own text not at all.
+        "{% macro shout(text) %}<!here> {{ text|upper }}{% endmacro %}{{ shout(event.data.customer) }}",
+        "{% set who %}<b>{{ event.data.customer }}</b>{% endset %}{{ who }}",
+        # A text written inside {{ }} is a value, as in any Jinja template that escapes.
+        "{{ '<' ~ event.data.customer ~ '>' }}",
+        "{{ event.data.customer|replace(\"'\", '') }}",
+        "{{ event.data.customer|replace('&', '&'|raw) }}",
+        "{{ event.data.customer|truncate(12, True, '') }}",
+        "{{ [event.data.customer, '<&>'|raw]|join(' < ') }}",
+        "{{ shout('<x>') + event.data.customer }}",
+        "{{ '%s & %s'|format(event.data.customer, 1) }}",
+        "{{ event.data.customer|length }}",
+        "{{ event.data|tojson }}",
+    ]
+    actions = [notify_action("slack", f"{downstream.url}/slack", format="slack", template=" | ".join(parts))]
+    customer = "<!channel> & 'O\"Brien'"
+    escaped = "&lt;!channel&gt; &amp; 'O\"Brien'"
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_filters", customer=customer))
+        wait_until(lambda: delivery_states(gw, "evt_filters") == {"slack": "delivered"})
+        [request] = downstream.received("/slack")
+        assert request.json()["text"].split(" | ") == [
+            "<!here> &lt;!CHANNEL&gt; &amp; 'O\"BRIEN'",
+            f"<b>{escaped}</b>",
+            f"&lt;{escaped}&gt;",
+            '&lt;!channel&gt; &amp; O"Brien',
+            "&lt;!channel&gt; & 'O\"Brien'",
+            "&lt;!channel&gt; &amp;",
+            f"{escaped} &lt; <&>",
+            f"<!here> &lt;X&gt;{escaped}",
+            f"{escaped} &amp; 1",
+            str(len(customer)),
+            # tojson writes <, > and & as \\u escapes already.
+            '{"consignmentId": "550e8400-e29b-41d4-a716-446655440000", "customer":'
+            ' "\\u003c!channel\\u003e \\u0026 \\u0027O\\"Brien\\u0027", "status": 1}',
+        ]
 
 
 def test_a_teams_card_past_28_kb_is_cut_to_fit_as_valid_json(tmp_path: Path, downstream: Downstream) -> None:

@@ -130,7 +130,7 @@ class Ingress:
             raise Rejected(404, "unknown_path", "no source listens on this path")
         if scope["method"] != "POST":
             raise Rejected(405, "method_not_allowed", "use POST")
-        headers = _headers(scope, limits.max_headers, limits.max_header_bytes)
+        headers = _headers(scope, limits.max_headers, limits.max_header_bytes, endpoint)
         if endpoint.allow:
             client = scope.get("client")
             address = client_address(
@@ -334,11 +334,17 @@ def client_disconnected() -> Rejected:
     return Rejected(400, "client_disconnected", "the client went away before sending the body")
 
 
+def repeated_header(name: str) -> Rejected:
+    return Rejected(
+        400, "repeated_header", f"the {name} header came more than once; it holds one value: send it once"
+    )
+
+
 def invalid_http(error: Exception) -> Rejected:
     return Rejected(400, "invalid_http", f"the body is not valid HTTP/1.1 ({error})")
 
 
-def _headers(scope: Scope, max_count: int, max_bytes: int) -> dict[str, str]:
+def _headers(scope: Scope, max_count: int, max_bytes: int, endpoint: Endpoint) -> dict[str, str]:
     raw = scope["headers"]
     if len(raw) > max_count:
         raise Rejected(431, "headers_too_large", "too many or too large headers")
@@ -348,9 +354,17 @@ def _headers(scope: Scope, max_count: int, max_bytes: int) -> dict[str, str]:
         size += len(raw_name) + len(raw_value)
         name = raw_name.decode("latin-1")
         value = raw_value.decode("latin-1")
-        # A repeated header is one comma-separated value (RFC 9110), so a second signature header can
-        # never silently replace the first.
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        if name in headers:
+            # A header its provider reads one value from (an id, a type, a timestamp, one signature) is
+            # refused: joined, `x, x` would be an event id of its own, past deduplication against x.
+            # Looked up only here, as repeats are rare.
+            if name in endpoint.provider.single_headers:
+                raise repeated_header(name)
+            # Any other is one comma-separated value (RFC 9110), so a second signature header can never
+            # silently replace the first.
+            headers[name] = f"{headers[name]}, {value}"
+        else:
+            headers[name] = value
     if size > max_bytes:
         raise Rejected(431, "headers_too_large", "too many or too large headers")
     return headers

@@ -74,6 +74,9 @@ class Provider(ABC):
         self.options = self.Options.model_validate(source.options)
         # Headers that carry a secret itself (not a signature of it): never stored with the event.
         self.secret_headers: frozenset[str] = frozenset()
+        # Headers read as one value (an event's id, type or timestamp, a signature header that holds one):
+        # a request that repeats one is refused `400 repeated_header` rather than read joined with ", ".
+        self.single_headers: frozenset[str] = frozenset()
 
     @abstractmethod
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:

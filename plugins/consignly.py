@@ -78,12 +78,14 @@ class ConsignlyProvider(Provider):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.keys = [secret.encode() for secret in self.secrets]
+        # Exactly one signature, so a repeated header is refused for what it is (not as a bad signature).
+        self.single_headers = frozenset({SIGNATURE_HEADER})
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         header = headers.get(SIGNATURE_HEADER, "").strip()
         if not header:
             raise unauthorized("missing_signature", "missing X-Consignly-Signature header")
-        # Exactly one `sha256=<64 lower-case hex digits>`: a repeated header (joined with ", ") is refused.
+        # Exactly one `sha256=<64 lower-case hex digits>`: `a, b` in one header is refused.
         require_signature(self.keys, body, [header], prefix="sha256=")
 
     def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:

@@ -37,6 +37,7 @@ class GitHubProvider(Provider):
         super().__init__(source_name, source)
         self.keys = [secret.encode() for secret in self.secrets]
         self.sample_types = SampleTypes("ping")
+        self.single_headers = frozenset({"x-github-delivery", "x-github-event"})
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         header = require_header(headers, SIGNATURE_HEADER, "X-Hub-Signature-256")

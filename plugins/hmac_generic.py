@@ -275,6 +275,12 @@ class FieldMappedProvider(Provider):
     def __init__(self, source_name: str, source: Source) -> None:
         super().__init__(source_name, source)
         self.sample_types = SampleTypes("test.event")
+        # An id or a type read from a header is one value.
+        self.single_headers = frozenset(
+            spec.partition(":")[2]
+            for spec in (self.options.id_from, self.options.type_from)
+            if spec.startswith("header:")
+        )
 
     def occurred_at(self, headers: Mapping[str, str]) -> float | None:
         return None
@@ -391,6 +397,10 @@ class HmacProvider(FieldMappedProvider):
         # Entries are separated by whitespace, so a prefix with a space in it (`HMAC `) cannot start one:
         # such a header holds one signature, and its whole value is compared.
         self.one_signature = any(char.isspace() for char in self.options.prefix)
+        single = {self.options.header} if self.one_signature else set()
+        if self.options.timestamp_header is not None:
+            single.add(self.options.timestamp_header)
+        self.single_headers |= single
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         options = self.options

@@ -76,6 +76,7 @@ class TokenProvider(FieldMappedProvider):
         self.expected = [_fingerprint(secret.encode()) for secret in self.secrets]
         # The header is the secret itself: it is never stored with the event (Authorization never is).
         self.secret_headers = frozenset({self.options.header})
+        self.single_headers |= self.secret_headers  # one token
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         header = self.options.header
@@ -112,6 +113,7 @@ class BasicProvider(FieldMappedProvider):
         # The base64 text is compared, not what it decodes to: other spellings of the same bytes (altered
         # padding bits) are refused, as for every signature.
         self.expected = [_fingerprint(_basic_credentials(secret).encode()) for secret in self.secrets]
+        self.single_headers |= {AUTHORIZATION}  # one credential
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         scheme, _, encoded = require_header(headers, AUTHORIZATION, "Authorization").strip().partition(" ")

@@ -38,6 +38,9 @@ class ShopifyProvider(Provider):
         super().__init__(source_name, source)
         self.keys = [secret.encode() for secret in self.secrets]
         self.sample_types = SampleTypes("orders/create")
+        self.single_headers = frozenset(
+            {"x-shopify-event-id", "x-shopify-webhook-id", "x-shopify-topic", "x-shopify-triggered-at"}
+        )
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         header = require_header(headers, SIGNATURE_HEADER, "X-Shopify-Hmac-Sha256")

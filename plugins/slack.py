@@ -43,6 +43,7 @@ class SlackProvider(Provider):
     def __init__(self, source_name: str, source: Source) -> None:
         super().__init__(source_name, source)
         self.keys = [secret.encode() for secret in self.secrets]
+        self.single_headers = frozenset({TIMESTAMP_HEADER})
 
     def verify(self, headers: Mapping[str, str], body: bytes, now: float) -> None:
         header = require_header(headers, SIGNATURE_HEADER, "X-Slack-Signature")

@@ -131,6 +131,11 @@ class SvixProvider(Provider):
                     self.keys.append(decode_secret(secret))
             except ValueError as exc:
                 raise ValueError(f"secrets[{index}] {exc}") from None
+        # The signature header is a list of signatures (a repeated one counts too); the id and the
+        # timestamp are one value each.
+        self.single_headers = frozenset(
+            prefix + name for prefix in self.header_prefixes for name in ("id", "timestamp")
+        )
 
     def _header(self, headers: Mapping[str, str], name: str) -> tuple[str | None, str]:
         """The prefix (None when neither came) and the value of the first of svix-{name}, webhook-{name}

@@ -21,6 +21,9 @@ from typing import Any
 
 import pytest
 
+from gateway.config import Source
+from gateway.plugins import registry
+from gateway.providers import Provider
 from tests.support import (
     CONSIGNLY_SECRETS,
     SVIX_SECRET,
@@ -53,7 +56,58 @@ def repeated(request: Request, name: str, *values: str) -> Request:
     return request
 
 
-SOURCES = {"/webhooks/consignease": "consignease", "/webhooks/consignly": "consignly"}
+# Sources of the other providers, signed by each provider's own sender side (`hookyard send`).
+OTHER_SOURCES: dict[str, dict[str, Any]] = {
+    "github": {"provider": "github", "secrets": ["github-secret"]},
+    "shopify": {"provider": "shopify", "secrets": ["shopify-secret"]},
+    "slack": {"provider": "slack", "secrets": ["slack-secret"]},
+    "stripe": {"provider": "stripe", "secrets": ["whsec_stripe-secret"]},
+    "hmac": {
+        "provider": "hmac",
+        "secrets": ["hmac-secret"],
+        "options": {
+            "header": "X-Signature",
+            "timestamp_header": "X-Timestamp",
+            "signed_content": "{id}.{timestamp}.{body}",
+            "id_from": "header:X-Event-Id",
+            "type_from": "header:X-Event-Type",
+        },
+    },
+    "hmac-one": {
+        "provider": "hmac",
+        "secrets": ["hmac-secret"],
+        "options": {"header": "X-Signature", "prefix": "HMAC "},
+    },
+    "token": {"provider": "token", "secrets": ["token-secret"]},
+    "basic": {"provider": "basic", "secrets": ["user:basic-secret"]},
+}
+for _name, _source in OTHER_SOURCES.items():
+    _source["path"] = f"/webhooks/{_name}"
+
+SOURCES = {
+    "/webhooks/consignease": "consignease",
+    "/webhooks/consignly": "consignly",
+    **{source["path"]: name for name, source in OTHER_SOURCES.items()},
+}
+SIGNERS: dict[str, Provider] = {
+    name: registry().providers[source["provider"]](name, Source.model_validate(source))
+    for name, source in OTHER_SOURCES.items()
+}
+
+
+def signed(source: str, event_id: str | None = None) -> Request:
+    """A valid request to one of OTHER_SOURCES, as its provider's sender would send it."""
+    provider = SIGNERS[source]
+    event_id = event_id or f"evt_{uuid.uuid4().hex}"
+    now = time.time()
+    body = json.dumps(provider.sample_payload("test.event", event_id, {"n": 1}, now)).encode()
+    headers = {name.lower(): value for name, value in provider.sign(body, event_id, now).items()}
+    return Request(OTHER_SOURCES[source]["path"], body, {"content-type": "application/json", **headers})
+
+
+def twice(request: Request, name: str) -> Request:
+    """The request with its `name` header sent on two lines, the same value on each."""
+    return repeated(request, name, request.headers[name], request.headers[name])
 
 
 def svix_body(**overrides: object) -> bytes:
@@ -282,12 +336,10 @@ CASES: list[tuple[str, Callable[[], Request], int, str]] = [
         "invalid_signature",
     ),
     (
-        "consignly two signature header lines",  # joined into one value, which is not one signature
-        lambda: (lambda r: repeated(r, "x-consignly-signature", *[r.headers["x-consignly-signature"]] * 2))(
-            consignly()
-        ),
-        401,
-        "invalid_signature",
+        "consignly two signature header lines",  # X-Consignly-Signature holds one signature
+        lambda: twice(consignly(), "x-consignly-signature"),
+        400,
+        "repeated_header",
     ),
     (
         "two signature header lines, neither valid",
@@ -303,6 +355,110 @@ CASES: list[tuple[str, Callable[[], Request], int, str]] = [
         401,
         "invalid_signature",
     ),
+    # a header that holds one value, sent twice: refused naming it, rather than read as "a, a"
+    ("two svix-id lines", lambda: twice(svix(), "svix-id"), 400, "repeated_header"),
+    (
+        "two different svix-id lines",
+        lambda: (lambda r: repeated(r, "svix-id", r.headers["svix-id"], "msg_other"))(svix()),
+        400,
+        "repeated_header",
+    ),
+    ("two svix-timestamp lines", lambda: twice(svix(), "svix-timestamp"), 400, "repeated_header"),
+    ("two webhook-id lines", lambda: twice(svix(prefix="webhook-"), "webhook-id"), 400, "repeated_header"),
+    (
+        "two webhook-timestamp lines",
+        lambda: twice(svix(prefix="webhook-"), "webhook-timestamp"),
+        400,
+        "repeated_header",
+    ),
+    (
+        "two webhook-signature lines, the second valid",  # a list of signatures, as svix-signature is
+        lambda: (
+            lambda r: repeated(r, "webhook-signature", "v1,bm90IHRoaXMgb25l", r.headers["webhook-signature"])
+        )(svix(prefix="webhook-")),
+        200,
+        "accepted",
+    ),
+    ("github valid", lambda: signed("github"), 200, "accepted"),
+    (
+        "two X-GitHub-Delivery lines",
+        lambda: twice(signed("github"), "x-github-delivery"),
+        400,
+        "repeated_header",
+    ),
+    ("two X-GitHub-Event lines", lambda: twice(signed("github"), "x-github-event"), 400, "repeated_header"),
+    (
+        "two X-Hub-Signature-256 lines, the second valid",  # several signatures may come, as in one line
+        lambda: (
+            lambda r: repeated(
+                r, "x-hub-signature-256", "sha256=" + "0" * 64, r.headers["x-hub-signature-256"]
+            )
+        )(signed("github")),
+        200,
+        "accepted",
+    ),
+    ("shopify valid", lambda: signed("shopify"), 200, "accepted"),
+    (
+        "two X-Shopify-Event-Id lines",
+        lambda: twice(signed("shopify"), "x-shopify-event-id"),
+        400,
+        "repeated_header",
+    ),
+    (
+        "two X-Shopify-Webhook-Id lines",
+        lambda: twice(signed("shopify"), "x-shopify-webhook-id"),
+        400,
+        "repeated_header",
+    ),
+    (
+        "two X-Shopify-Topic lines",
+        lambda: twice(signed("shopify"), "x-shopify-topic"),
+        400,
+        "repeated_header",
+    ),
+    (
+        "two X-Shopify-Triggered-At lines",
+        lambda: twice(signed("shopify"), "x-shopify-triggered-at"),
+        400,
+        "repeated_header",
+    ),
+    ("slack valid", lambda: signed("slack"), 200, "accepted"),
+    (
+        "two X-Slack-Request-Timestamp lines",
+        lambda: twice(signed("slack"), "x-slack-request-timestamp"),
+        400,
+        "repeated_header",
+    ),
+    ("stripe valid", lambda: signed("stripe"), 200, "accepted"),
+    (
+        "Stripe-Signature split over two lines",  # a comma-separated list: RFC 9110 joins it back as sent
+        lambda: (lambda r: repeated(r, "stripe-signature", *r.headers["stripe-signature"].split(",", 1)))(
+            signed("stripe")
+        ),
+        200,
+        "accepted",
+    ),
+    ("hmac valid", lambda: signed("hmac"), 200, "accepted"),
+    ("two hmac id header lines", lambda: twice(signed("hmac"), "x-event-id"), 400, "repeated_header"),
+    ("two hmac type header lines", lambda: twice(signed("hmac"), "x-event-type"), 400, "repeated_header"),
+    ("two hmac timestamp header lines", lambda: twice(signed("hmac"), "x-timestamp"), 400, "repeated_header"),
+    (
+        "two hmac signature header lines, the second valid",
+        lambda: (lambda r: repeated(r, "x-signature", "0" * 64, r.headers["x-signature"]))(signed("hmac")),
+        200,
+        "accepted",
+    ),
+    ("hmac with one signature valid", lambda: signed("hmac-one"), 200, "accepted"),
+    (
+        "two signature lines where the prefix makes one signature",
+        lambda: twice(signed("hmac-one"), "x-signature"),
+        400,
+        "repeated_header",
+    ),
+    ("token valid", lambda: signed("token"), 200, "accepted"),
+    ("two token header lines", lambda: twice(signed("token"), "authorization"), 400, "repeated_header"),
+    ("basic valid", lambda: signed("basic"), 200, "accepted"),
+    ("two basic header lines", lambda: twice(signed("basic"), "authorization"), 400, "repeated_header"),
     # method, path, size
     ("GET", lambda: with_method(svix(), "GET"), 405, "method_not_allowed"),
     ("PUT", lambda: with_method(svix(), "PUT"), 405, "method_not_allowed"),
@@ -325,6 +481,7 @@ CASES: list[tuple[str, Callable[[], Request], int, str]] = [
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningGateway]:
     tmp_path = tmp_path_factory.mktemp("bad-inputs")
     config = gateway_config(tmp_path, limits={"max_body_bytes": LIMIT})
+    config["sources"].update(OTHER_SOURCES)
     with RunningGateway(config) as running:
         yield running
 
@@ -497,6 +654,23 @@ def read_head(reader: Any) -> tuple[int, dict[str, str]]:
 
 def duplicate() -> Request:
     return svix(svix_body(data={"id": "user_duplicate"}), extra={"svix-id": "msg_sent_twice"})
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["fast path", "asgi path"])
+def test_an_id_header_sent_twice_is_refused_naming_it_and_stores_nothing(
+    gw: RunningGateway, expect: bool
+) -> None:
+    # Read joined, `x, x` was stored as an event of its own: a later send of x was no duplicate of it.
+    event_id = f"{uuid.uuid4()}"
+    status, _, answer, counted = through_door(
+        gw, twice(signed("github", event_id), "x-github-delivery"), expect
+    )
+    assert (status, answer["error"]) == (400, "repeated_header")
+    assert "x-github-delivery" in answer["detail"]
+    rejections = ("hookyard_webhook_rejections_total", (("reason", "repeated_header"), ("source", "github")))
+    assert counted[rejections] == 1
+    status, _, answer, _ = through_door(gw, signed("github", event_id), expect)
+    assert (status, answer["status"]) == (200, "accepted")
 
 
 # Requests besides the corpus: framing, connection and path, and a duplicate.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,24 @@ def stored_payload(body: bytes) -> Any:
     """The payload of a body accepted as JSON (gateway.ingress), read back from the store: after its byte
     order mark, if it has one (orjson refuses one)."""
     return orjson.loads(body[3:] if body.startswith(BYTE_ORDER_MARK) else body)
+
+
+def lost_digits(value: Any) -> bool:
+    """Whether `value` may be what orjson makes of an integer past 64 bits: a float with no fraction beyond
+    what a 64-bit integer holds (1.2345678901234568e+29 for 123456789012345678901234567890). The sender's
+    digits are only in the body (exact_payload). A float the sender wrote as one (1e30) is one too."""
+    return isinstance(value, float) and value.is_integer() and not -(2**63) <= value < 2**64
+
+
+def exact_payload(body: bytes) -> Any:
+    """The payload of a body accepted as JSON, read again by Python's json, which keeps every integer's
+    digits; None when it cannot read it (nested past its recursion limit, an integer past 4,300 digits).
+    Everything else it reads as orjson does: it is only for payloads where lost_digits() found a number,
+    so that the common payload is parsed once."""
+    try:
+        return json.loads(body[3:] if body.startswith(BYTE_ORDER_MARK) else body)
+    except (RecursionError, ValueError):
+        return None
 
 
 # How deep a payload may nest to be shown as JSON (the admin API, `hookyard events show`). The gateway reads

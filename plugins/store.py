@@ -27,7 +27,7 @@ deliveries never add a second row.
     occurred_at  timestamptz             -- when the provider says it happened (NULL if it does not say,
                                          -- or says a time beyond the years 1-9999)
     received_at  timestamptz  NOT NULL
-    payload      jsonb        NOT NULL   -- the parsed body
+    payload      jsonb        NOT NULL   -- the parsed body (integers with all their digits)
     headers      jsonb        NOT NULL   -- the request headers, minus Authorization and cookies
     PRIMARY KEY (source, event_id); index <table>_type_idx on (type, received_at)
 
@@ -57,6 +57,9 @@ that arrives after it does not bring the row back; a newer update recreates the 
 tombstone. Writes to one key are serialized (an advisory lock in PostgreSQL, BEGIN IMMEDIATE in SQLite),
 so concurrent deliveries cannot interleave. An event whose `key` is missing, null, empty, an object or a
 list is skipped, with the reason recorded.
+
+Numbers are written as the sender wrote them: an integer past 64 bits, which the gateway's parser reads as
+a float, is read again from the body with all its digits, for `payload`, `data` and `key`.
 
 SQLite: the same tables, with timestamps as ISO 8601 UTC text (2026-11-22T10:00:00.000000Z, which sorts in
 time order) and JSON as text (query it with json_extract). The file is opened in WAL mode with
@@ -92,7 +95,7 @@ import sqlite3
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -103,7 +106,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from gateway import hookimpl
 from gateway.actions import Action, Job, Outcome, Resources, dead, delivered, retry, skipped
 from gateway.config import SQLITE_URL_FORMS, is_sqlite_url, sqlite_path
-from gateway.events import Event
+from gateway.events import Event, exact_payload
 from gateway.http_client import url_text_problem
 from gateway.tasks import DaemonThread
 
@@ -391,6 +394,11 @@ def _json(value: Any) -> str:
         # The gateway reads JSON nested up to 1024 levels; json.dumps stops near Python's recursion limit.
         # A ValueError, so that the delivery ends dead with the reason: raised, it was retried to no avail.
         raise ValueError("nested too deeply for Python's json to write") from None
+
+
+def _texts(write: Record | Change) -> tuple[str, ...]:
+    """What a write holds of the payload, as JSON text."""
+    return (write.payload,) if isinstance(write, Record) else (write.key, write.data)
 
 
 def key_text(value: Any) -> str | None:
@@ -913,6 +921,17 @@ class Store(Action):
         return delivered()
 
     def _prepare(self, event: Event) -> Record | Change | Outcome:
+        write = self._write(event)
+        # orjson reads an integer past 64 bits as a float, which json.dumps writes with an exponent
+        # (1.2345678901234568e+29): such a payload is read again, exactly, from its body. Only then, so that
+        # the common payload is parsed once; text that merely holds "e+" costs a second parse, nothing else.
+        if isinstance(write, Record | Change) and any("e+" in text for text in _texts(write)):
+            exact = exact_payload(event.body)
+            if exact is not None:
+                write = self._write(replace(event, payload=exact))
+        return write
+
+    def _write(self, event: Event) -> Record | Change | Outcome:
         options = self.options
         if options.mode == "append":
             return Record(

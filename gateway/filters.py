@@ -16,10 +16,10 @@ from __future__ import annotations
 import operator
 import re
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway.events import UNSTORED_HEADERS, Event
+from gateway.events import UNSTORED_HEADERS, Event, exact_payload, lost_digits
 
 Predicate = Callable[[Event], bool]
 # A provider's event_type: a name or code of its catalog -> the canonical type.
@@ -121,7 +121,21 @@ def _compile_entry(
     test = _compile_condition(value, place, errors)
     if test is None:
         return None
-    return lambda event: test(event.lookup(key, _ABSENT))
+
+    def check(event: Event) -> bool:
+        value = event.lookup(key, _ABSENT)
+        if value.__class__ is float and lost_digits(value):
+            value = _exact_lookup(event, key, value)
+        return test(value)
+
+    return check
+
+
+def _exact_lookup(event: Event, path: str, value: Any) -> Any:
+    """The value at `path` read again from the body, where orjson's payload holds a float that may have
+    been an integer past 64 bits: only then, so that the common event's body is parsed once."""
+    exact = exact_payload(event.body)
+    return value if exact is None else replace(event, payload=exact).lookup(path, _ABSENT)
 
 
 def _canonical_types(condition: Any, event_type: Canonical) -> Any:

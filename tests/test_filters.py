@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 
@@ -241,6 +242,26 @@ def test_regex_on_the_type() -> None:
 )
 def test_number_orderings(operator: str, value: Any, expected: bool) -> None:
     assert holds({"data.weight": {operator: 30}}, make_event({"weight": value})) is expected
+
+
+def test_integers_past_64_bits_compare_with_all_their_digits() -> None:
+    # Parsed as the listener parses a body: orjson reads such an integer as a float, and both of these were
+    # 1.2345678901234568e+29, which equals neither and orders below both.
+    body = b'{"data": {"amount": 123456789012345678901234567891, "debt": -123456789012345678901234567891}}'
+    event = Event(
+        source="consignly",
+        id="evt_1",
+        type="consignment.created",
+        received_at=1_700_000_000.0,
+        body=body,
+        payload=orjson.loads(body),
+    )
+    assert holds({"data.amount": 123456789012345678901234567891}, event)
+    assert not holds({"data.amount": 123456789012345678901234567890}, event)
+    assert holds({"payload.data.amount": {"in": [123456789012345678901234567891]}}, event)
+    assert holds({"data.amount": {"gt": 123456789012345678901234567890}}, event)
+    assert holds({"data.debt": {"lt": -123456789012345678901234567890}}, event)
+    assert holds({"data.debt": {"ne": -123456789012345678901234567890}}, event)
 
 
 @pytest.mark.parametrize(

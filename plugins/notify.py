@@ -54,6 +54,7 @@ from gateway.actions import (
     skipped,
     transport_error,
 )
+from gateway.events import exact_payload
 from gateway.http_client import HeaderError, check_configured_headers, check_framing_headers, check_headers
 from gateway.templates import compile_template, render
 
@@ -185,8 +186,13 @@ def parent_fields(parent: ParentResult | None) -> dict[str, Any] | None:
     }
 
 
-def template_context(job: Job) -> dict[str, Any]:
-    event = job.event
+# template_context's default: the event's own payload (which may be null).
+_EVENTS_OWN: Any = object()
+
+
+def template_context(job: Job, payload: Any = _EVENTS_OWN) -> dict[str, Any]:
+    """What a template sees; `payload` in place of the event's own, if given."""
+    event = job.event if payload is _EVENTS_OWN else dataclasses.replace(job.event, payload=payload)
     return {
         "event": {
             "id": event.id,
@@ -380,7 +386,13 @@ class Notify(Action):
     def message(self, job: Job) -> str:
         if self.template is None:
             return default_message(job, self.escape)
-        return render(self.template, template_context(job))
+        message = render(self.template, template_context(job))
+        # orjson reads an integer past 64 bits as a float, which prints with an exponent
+        # (1.2345678901234568e+29): such a message is rendered again over the payload read from the body by
+        # Python's json, which keeps every digit. Only then, so that the common payload is parsed once.
+        if "e+" in message and (exact := exact_payload(job.event.body)) is not None:
+            message = render(self.template, template_context(job, exact))
+        return message
 
     async def deliver(self, job: Job) -> Outcome:
         try:

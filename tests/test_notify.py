@@ -220,6 +220,25 @@ def test_failure_alert_after_the_schedule_is_used_up_and_custom_templates(
         }
 
 
+def test_a_template_prints_an_integer_past_64_bits_with_all_its_digits(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # orjson reads such an integer as a float, which printed as 1.2345678901234568e+29.
+    big = 123456789012345678901234567891
+    note = notify_action(
+        "note",
+        f"{downstream.url}/note",
+        format="slack",
+        template="{{ event.data.amount }} {{ event.data.parts }} {{ event.payload.data.amount - 1 }}",
+    )
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignease", note)])) as gw:
+        body, headers = svix_request(msg_id="msg_big", data={"amount": big, "parts": [-big, 0.5]})
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        wait_until(lambda: delivery_states(gw, "msg_big") == {"note": "delivered"})
+    [request] = downstream.received("/note")
+    assert request.json() == {"text": f"{big} [{-big}, 0.5] {big - 1}"}
+
+
 def test_success_template_to_slack(tmp_path: Path, downstream: Downstream, slack: SlackWebhook) -> None:
     # The app needs a second attempt, so the message has something to say about it.
     downstream.answer("/app", 503, 200)

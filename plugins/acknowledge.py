@@ -52,6 +52,7 @@ from gateway.actions import (
     skipped,
     transport_error,
 )
+from gateway.events import Event, exact_payload, lost_digits
 from gateway.http_client import control_character_name, header_control_character, shown_url
 from gateway.providers import described
 
@@ -286,6 +287,13 @@ def _wrong_kind(value: Any) -> bool:
     return value is not None and not isinstance(value, str) and _identifier(value) is None
 
 
+def _ids(event: Event) -> tuple[Any, Any]:
+    """The event's operationId and data.consignmentId, as they are in its payload."""
+    payload = event.payload
+    operation = payload.get("operationId") if isinstance(payload, dict) else None
+    return operation, event.lookup("data.consignmentId")
+
+
 class Acknowledge(Action):
     name = "acknowledge"
     description = (
@@ -310,9 +318,12 @@ class Acknowledge(Action):
         parent = job.parent
         if parent is None:
             return dead("the result of the action this one runs after is missing")
-        payload = job.event.payload
-        operation = payload.get("operationId") if isinstance(payload, dict) else None
-        consignment = job.event.lookup("data.consignmentId")
+        operation, consignment = _ids(job.event)
+        if lost_digits(operation) or lost_digits(consignment):
+            # orjson reads an integer past 64 bits as a float: read again from the body, with every digit.
+            exact = exact_payload(job.event.body)
+            if exact is not None:
+                operation, consignment = _ids(dataclasses.replace(job.event, payload=exact))
         # One of another kind (a number with a fraction, an object) names an operation that waits for its
         # result, which cannot be sent: a failure to show, not an event without one.
         for name, value in (("operationId", operation), ("data.consignmentId", consignment)):

@@ -389,6 +389,21 @@ def test_an_id_of_the_wrong_kind_ends_dead_saying_so(
         assert consignly_api.calls == []
 
 
+def test_ids_that_are_integers_past_64_bits_are_reported_with_all_their_digits(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    # orjson reads such an integer as a float: the delivery ended dead, as if the id were
+    # "the number 1.2345678901234568e+29".
+    operation_id, consignment_id = 123456789012345678901234567891, 98765432109876543210987654321
+    route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_big_ids", operation_id, consignment_id=consignment_id))
+        wait_until(lambda: delivery_states(gw, "evt_big_ids") == {"app": "delivered", "ack": "delivered"})
+        [call] = consignly_api.calls
+        assert call.consignment_id == str(consignment_id)
+        assert call.body == {"operationId": operation_id, "result": 1}
+
+
 # -- the API's own failures -------------------------------------------------------------------------------
 
 

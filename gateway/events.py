@@ -31,6 +31,20 @@ def lost_digits(value: Any) -> bool:
     return isinstance(value, float) and value.is_integer() and not -(2**63) <= value < 2**64
 
 
+def holds_lost_digits(value: Any) -> bool:
+    """Whether `value`, or anything in it, is a number for which lost_digits() holds (without recursion)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif lost_digits(item):
+            return True
+    return False
+
+
 def exact_payload(body: bytes) -> Any:
     """The payload of a body accepted as JSON, read again by Python's json, which keeps every integer's
     digits; None when it cannot read it (nested past its recursion limit, an integer past 4,300 digits).

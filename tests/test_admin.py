@@ -740,6 +740,23 @@ def test_an_event_nested_too_deeply_to_show_as_json_is_shown_with_its_body_as_te
                 assert '"payload": null' in shown.output and "nested more than 512" in shown.output
 
 
+def test_an_integer_past_64_bits_is_shown_with_all_its_digits(tmp_path: Path, downstream: Downstream) -> None:
+    # orjson reads such an integer as a float: the event's page showed 1.2345678901234568e+29.
+    big = 123456789012345678901234567891
+    config_path = tmp_path / "hookyard.yaml"
+    config_path.write_text(yaml.safe_dump(users_config(tmp_path, downstream)))
+    with RunningGateway(config_path) as gw:
+        body, headers = svix_request(msg_id="msg_big", data={"id": "user_1", "amount": big, "parts": [-big]})
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        event = admin(gw, "GET", "/admin/events/msg_big").json()
+        assert event["payload"]["data"] == {"id": "user_1", "amount": big, "parts": [-big]}
+        runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
+        for where in (["--admin-url", gw.ops_url], ["--config", str(config_path)]):
+            shown = runner.invoke(main, ["events", "show", "msg_big", *where, "--json"])
+            assert shown.exit_code == 0, shown.output
+            assert f'"amount": {big}' in shown.output and "e+" not in shown.output
+
+
 def test_replay_missing_makes_a_new_dependent_wait_for_its_replayed_parent(
     tmp_path: Path, downstream: Downstream
 ) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from typing import Any
 
 import orjson
+
+from gateway.events import exact_payload, holds_lost_digits
 
 
 class Sink:
@@ -33,6 +36,7 @@ class Sink:
             shown: Any = orjson.loads(body) if body else None
         except orjson.JSONDecodeError:
             shown = body.decode("utf-8", "replace")
+        exact = exact_payload(body) if holds_lost_digits(shown) else None
         line = {
             "time": round(time.time(), 3),
             "method": scope["method"],
@@ -41,8 +45,15 @@ class Sink:
             "body": shown,
         }
         try:
-            printed = orjson.dumps(line)
-        except orjson.JSONEncodeError:  # nested past the 254 levels orjson writes: the body as it came
+            if exact is not None:
+                # An integer past 64 bits, which orjson reads as a float and cannot write: every digit.
+                printed = json.dumps(
+                    {**line, "body": exact}, ensure_ascii=False, separators=(",", ":")
+                ).encode()
+            else:
+                printed = orjson.dumps(line)
+        except (orjson.JSONEncodeError, RecursionError):
+            # Nested past the 254 levels orjson writes (or the ones Python's json does): the body as it came.
             printed = orjson.dumps({**line, "body": body.decode("utf-8", "replace")})
         self.out.write(printed.decode() + "\n")
         self.out.flush()

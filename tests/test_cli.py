@@ -1416,6 +1416,18 @@ def test_the_sink_prints_a_body_nested_past_what_orjson_writes_as_text(tmp_path:
     assert "Traceback" not in out.read_text()
 
 
+def test_the_sink_prints_an_integer_past_64_bits_with_all_its_digits(tmp_path: Path) -> None:
+    # orjson reads such an integer as a float: the sink printed 1.2345678901234568e+29.
+    out = tmp_path / "sink.out"
+    body = '{"data":{"amount":123456789012345678901234567891,"ratio":0.5}}'
+    with running_sink(out) as url:
+        answer = httpx.post(url + "/hooks/big", content=body, timeout=10)
+        assert answer.status_code == 200
+        wait_until(lambda: "/hooks/big" in out.read_text(), 20)
+    [printed] = [json.loads(line) for line in out.read_text().splitlines() if "/hooks/big" in line]
+    assert printed["body"] == {"data": {"amount": 123456789012345678901234567891, "ratio": 0.5}}
+
+
 @pytest.mark.parametrize("option", [["--status", "600"], ["--status", "99"], ["--answer", "/hooks=1000"]])
 def test_sink_refuses_a_status_no_http_answer_can_carry(
     option: list[str], monkeypatch: pytest.MonkeyPatch

@@ -9,8 +9,9 @@ as a JSON object; the webhooks of one turn of the event loop are inserted into S
 in one transaction, each event with its headers and, with --sink-port, one leased delivery; a helper process
 fdatasyncs the WAL and only then are they answered 200, and forwarded to the sink over keep-alive connections.
 Each answered delivery is marked delivered, with a row for its attempt, in the next transaction. The same rows
-and the same fsync before every 200 as Hookyard with the benchmark's routes.yaml: what is left between the two
-is what Hookyard's generality costs. Not a gateway to run: a sink that fails or is slow is never retried.
+(with fewer columns) and the same fsync before every 200 as Hookyard with the benchmark's routes.yaml: what is
+left between the two is what Hookyard's generality costs. Not a gateway to run: a sink that fails or is slow is
+never retried.
 
 Listens on 127.0.0.1 only.
 """

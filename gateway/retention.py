@@ -71,23 +71,27 @@ class Retention:
         before = time.time() - self.retention
         events = deliveries = 0
         after: PruneCursor | None = None
-        while True:
-            pruned = await self.storage.prune(before, after=after, limit=PRUNE_BATCH)
-            if pruned.events:
-                events += pruned.events
-                deliveries += pruned.deliveries
-                self.metrics.events_pruned.inc(pruned.events)
-            if pruned.resume_after is None:
-                break
-            after = pruned.resume_after
-            await asyncio.sleep(PRUNE_PAUSE)
-        if events:
-            log.info(
-                "pruned events past storage.retention",
-                extra={
-                    "events": events,
-                    "deliveries": deliveries,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 1),
-                },
-            )
+        try:
+            while True:
+                pruned = await self.storage.prune(before, after=after, limit=PRUNE_BATCH)
+                if pruned.events:
+                    events += pruned.events
+                    deliveries += pruned.deliveries
+                    self.metrics.events_pruned.inc(pruned.events)
+                if pruned.resume_after is None:
+                    break
+                after = pruned.resume_after
+                await asyncio.sleep(PRUNE_PAUSE)
+        finally:
+            # Also when the run ends early: a shutdown (stop) or a store that refuses writes may cut short
+            # a long run (a backlog takes minutes), whose batches so far have deleted events all the same.
+            if events:
+                log.info(
+                    "pruned events past storage.retention",
+                    extra={
+                        "events": events,
+                        "deliveries": deliveries,
+                        "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                    },
+                )
         return events

@@ -2742,6 +2742,68 @@ def test_a_prune_that_fails_unexpectedly_is_logged_and_tried_again_at_the_next_r
     assert failed.exc_info is not None
 
 
+def test_a_run_cut_short_still_logs_what_it_deleted(
+    tmp_path: Path,
+    downstream: Downstream,
+    retention_clock: type[RetentionClock],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A long run (the first one after an upgrade, say) that a shutdown, or a store that starts refusing
+    # writes, ends between two batches has deleted events all the same: the log says so.
+    caplog.set_level(logging.INFO, logger="hookyard.storage")
+    monkeypatch.setattr(retention_module, "PRUNE_BATCH", 1)
+    monkeypatch.setattr(retention_module, "PRUNE_PAUSE", 3600.0)  # the run waits after its first batch
+    config = gateway_config(
+        tmp_path, downstream.url, storage={"url": f"sqlite:///{tmp_path}/hookyard.db", "retention": "1h"}
+    )
+    with RunningGateway(config) as gw:
+        for event_id in ("msg_first", "msg_second", "msg_newest"):
+            assert post_event(gw, event_id) == "accepted"
+            wait_until(lambda event_id=event_id: states_of(gw, event_id) == ["delivered"])
+        retention_clock.now = time.time() + 7200
+        wait_until(lambda: gw.metric("hookyard_events_pruned_total") == 1)
+        assert admin_show(gw, "msg_first").status_code == 404
+        assert states_of(gw, "msg_second") == ["delivered"]  # left to the rest of the run
+    assert not gw.thread.is_alive()
+    runs = [r for r in caplog.records if r.getMessage() == "pruned events past storage.retention"]
+    assert [(r.events, r.deliveries) for r in runs] == [(1, 1)]  # type: ignore[attr-defined]
+
+
+def test_a_run_that_fails_midway_logs_what_it_deleted_before(
+    tmp_path: Path,
+    downstream: Downstream,
+    retention_clock: type[RetentionClock],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="hookyard.storage")
+    monkeypatch.setattr(retention_module, "PRUNE_BATCH", 1)
+    config = gateway_config(
+        tmp_path, downstream.url, storage={"url": f"sqlite:///{tmp_path}/hookyard.db", "retention": "1h"}
+    )
+    with RunningGateway(config) as gw:
+        for event_id in ("msg_first", "msg_second", "msg_newest"):
+            assert post_event(gw, event_id) == "accepted"
+            wait_until(lambda event_id=event_id: states_of(gw, event_id) == ["delivered"])
+        real_prune, batches = gw.gateway.storage.prune, [0]
+
+        async def prune_refused_at_the_second_batch(*args: Any, **kwargs: Any) -> Any:
+            batches[0] += 1
+            if batches[0] == 2:
+                raise StorageUnavailable("database or disk is full")
+            return await real_prune(*args, **kwargs)
+
+        monkeypatch.setattr(gw.gateway.storage, "prune", prune_refused_at_the_second_batch)
+        retention_clock.now = time.time() + 7200
+        # The next run deletes msg_second: two runs, each logged with its own.
+        wait_until(lambda: gw.metric("hookyard_events_pruned_total") == 2)
+        assert states_of(gw, "msg_newest") == ["delivered"]
+    runs = [r for r in caplog.records if r.getMessage() == "pruned events past storage.retention"]
+    assert [(r.events, r.deliveries) for r in runs] == [(1, 1), (1, 1)]  # type: ignore[attr-defined]
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == ["cannot prune events"]
+
+
 def test_a_gateway_with_retention_off_prunes_nothing(
     tmp_path: Path, downstream: Downstream, retention_clock: type[RetentionClock]
 ) -> None:

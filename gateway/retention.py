@@ -69,7 +69,7 @@ class Retention:
         started = time.perf_counter()
         # Fixed for the whole walk: its cursor only goes forward over the same range.
         before = time.time() - self.retention
-        events = deliveries = 0
+        events = deliveries = dead = 0
         after: PruneCursor | None = None
         try:
             while True:
@@ -77,6 +77,7 @@ class Retention:
                 if pruned.events:
                     events += pruned.events
                     deliveries += pruned.deliveries
+                    dead += pruned.dead
                     self.metrics.events_pruned.inc(pruned.events)
                 if pruned.resume_after is None:
                     break
@@ -91,6 +92,8 @@ class Retention:
                     extra={
                         "events": events,
                         "deliveries": deliveries,
+                        # Ended dead and gone for good: `replay --state dead` no longer finds them.
+                        "dead": dead,
                         "duration_ms": round((time.perf_counter() - started) * 1000, 1),
                     },
                 )

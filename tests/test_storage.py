@@ -2169,7 +2169,7 @@ def test_prune_deletes_events_whose_deliveries_all_ended_before_its_time_and_not
 
     # At T0 + 20 itself evt_done's last delivery has only just ended.
     assert prune_all(db, T0 + 20) == [Pruned(1, 0, None)]  # evt_unrouted, received at T0
-    assert prune_all(db, T0 + 50) == [Pruned(1, 3, None)]
+    assert prune_all(db, T0 + 50) == [Pruned(1, 3, None, dead=1)]  # audit's dead went with it
     assert stored_ids(db) == {"evt_retrying", "evt_in_flight", "evt_waiting", "evt_young", "evt_newest"}
     # Its deliveries and their attempts went with it.
     placeholders = ",".join("?" * len(done_ids))
@@ -2206,7 +2206,7 @@ def test_a_dead_delivery_stays_replayable_until_its_event_is_pruned(db: Harness)
     [claim] = [c for c in db.claim(T0 + 120) if c.event.id == "evt_dead"]
     db.finish(claim, "dead", T0 + 130, status=422)
 
-    assert prune_all(db, T0 + 131) == [Pruned(1, 1, None)]
+    assert prune_all(db, T0 + 131) == [Pruned(1, 1, None, dead=1)]
     assert db.run(db.storage.dead_delivery_ids(since=None)) == []
     assert db.replay_dead(since=None, now=T0 + 200) == 0
 
@@ -2331,6 +2331,7 @@ def test_a_prune_batch_walks_indexes_whatever_the_database_holds(db: Harness) ->
         (sqlite_module.PRUNE_NEWEST, ()),
         (sqlite_module.PRUNE_SOME_ATTEMPTS, (2, 100)),
         (sqlite_module.PRUNE_ATTEMPTS, (seqs,)),
+        (sqlite_module.PRUNE_DEAD, (seqs,)),
         (sqlite_module.PRUNE_DELIVERIES, (seqs,)),
         (sqlite_module.PRUNE_EVENTS, (seqs,)),
     ):
@@ -2709,7 +2710,8 @@ def test_a_gateway_prunes_what_ended_before_its_retention_and_keeps_the_rest(
         assert post_event(gw, "msg_delivered") == "accepted"
         wait_until(lambda: states_of(gw, "msg_delivered") == ["delivered"])
     runs = [r for r in caplog.records if r.getMessage() == "pruned events past storage.retention"]
-    assert [(r.events, r.deliveries) for r in runs] == [(2, 2)]  # type: ignore[attr-defined]
+    # msg_dead's delivery was dead, never replayed after its last failure: the log says so.
+    assert [(r.events, r.deliveries, r.dead) for r in runs] == [(2, 2, 1)]  # type: ignore[attr-defined]
 
 
 def test_a_prune_that_fails_unexpectedly_is_logged_and_tried_again_at_the_next_run(

@@ -163,11 +163,13 @@ PruneCursor = tuple[float, int]
 @dataclass(frozen=True, slots=True)
 class Pruned:
     """What one batch of a prune deleted. `resume_after` is where the next batch of the same walk starts,
-    None once the walk has looked at every event received before its time."""
+    None once the walk has looked at every event received before its time. `dead`: how many of the
+    deliveries were dead, which no replay can bring back now."""
 
     events: int
     deliveries: int
     resume_after: PruneCursor | None
+    dead: int = 0
 
 
 @dataclass(slots=True)

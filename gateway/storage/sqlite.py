@@ -1660,6 +1660,9 @@ PRUNE_ATTEMPTS = (
     "DELETE FROM attempts WHERE delivery_id IN "
     "(SELECT id FROM deliveries WHERE event_seq IN (SELECT value FROM json_each(?)))"
 )
+PRUNE_DEAD = (
+    "SELECT count(*) FROM deliveries WHERE event_seq IN (SELECT value FROM json_each(?)) AND state = 'dead'"
+)
 PRUNE_DELIVERIES = "DELETE FROM deliveries WHERE event_seq IN (SELECT value FROM json_each(?))"
 PRUNE_EVENTS = "DELETE FROM events WHERE seq IN (SELECT value FROM json_each(?))"
 
@@ -1699,13 +1702,14 @@ def _prune(conn: sqlite3.Connection, before: float, after: PruneCursor | None, l
             full = looked_at == limit
     finally:
         candidates.close()
-    deliveries = 0
+    deliveries = dead = 0
     if doomed:
         seqs = orjson.dumps(doomed).decode()
         conn.execute(PRUNE_ATTEMPTS, (seqs,))
+        dead = conn.execute(PRUNE_DEAD, (seqs,)).fetchone()[0]
         deliveries = conn.execute(PRUNE_DELIVERIES, (seqs,)).rowcount
         conn.execute(PRUNE_EVENTS, (seqs,))
-    return Pruned(len(doomed), deliveries, cursor if full else None)
+    return Pruned(len(doomed), deliveries, cursor if full else None, dead)
 
 
 def _id_list(ids: Collection[int]) -> str | None:

@@ -232,8 +232,12 @@ def admin_routes(gateway: Gateway) -> list[Route]:
                 required: [mode]
                 properties:
                   mode: {type: string, enum: [dead, missing]}
-                  since: {type: string}
-                  until: {type: string}
+                  since:
+                    description: 2h, ISO 8601 or epoch seconds; the next pages, the since answered
+                    oneOf: [{type: string}, {type: number, nullable: true}]
+                  until:
+                    description: as since; the next pages, the until answered
+                    oneOf: [{type: string}, {type: number}]
                   source: {type: string}
                   route: {type: string}
                   action: {type: string}

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -549,6 +550,24 @@ def test_openapi_document_is_valid(tmp_path: Path, downstream: Downstream) -> No
         "schema"
     ]
     assert listed["cursor"]["minimum"] == replayed["properties"]["cursor"]["minimum"] == 0
+
+
+def test_the_window_a_bulk_replay_answers_is_a_body_the_document_lets_the_next_page_send(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """The next pages carry the since and until the first answered, as epoch seconds (numbers), as the CLI
+    sends them: the document's request body takes them, as the endpoint does."""
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        document = admin(gw, "GET", "/admin/openapi.json").json()
+        first = admin(gw, "POST", "/admin/replay", json={"mode": "dead", "since": "1h", "limit": 1})
+        assert first.status_code == 200, first.text
+        window = {name: first.json()[name] for name in ("since", "until")}
+        assert all(isinstance(value, float) for value in window.values())
+        following = {"mode": "dead", **window, "cursor": 1, "limit": 1}
+        assert admin(gw, "POST", "/admin/replay", json=following).status_code == 200
+    body = document["paths"]["/admin/replay"]["post"]["requestBody"]["content"]["application/json"]
+    jsonschema.Draft4Validator(body["schema"]).validate(following)
+    jsonschema.Draft4Validator(body["schema"]).validate({"mode": "dead", "since": "2h", "until": "0s"})
 
 
 def test_cli_through_the_admin_api(tmp_path: Path, downstream: Downstream) -> None:

@@ -45,6 +45,78 @@ schemas = SchemaGenerator(
                     "properties": {"error": {"type": "string"}},
                     "required": ["error"],
                 },
+                "EventSummary": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "source": {"type": "string"},
+                        "type": {"type": "string"},
+                        "received_at": {"type": "string", "format": "date-time"},
+                        "state": {"type": "string", "enum": ["pending", "delivered", "dead", "unrouted"]},
+                        "cursor": {"type": "integer", "description": "where a page ending here ends"},
+                    },
+                    "required": ["id", "source", "type", "received_at", "state", "cursor"],
+                },
+                "EventPage": {
+                    "type": "object",
+                    "properties": {
+                        "events": {"type": "array", "items": {"$ref": "#/components/schemas/EventSummary"}},
+                        "next_cursor": {"type": "integer", "nullable": True},
+                    },
+                    "required": ["events", "next_cursor"],
+                },
+                "Attempt": {
+                    "type": "object",
+                    "properties": {
+                        "number": {"type": "integer"},
+                        "at": {"type": "string", "format": "date-time"},
+                        "duration_ms": {"type": "number"},
+                        "outcome": {"type": "string"},
+                        "status_code": {"type": "integer", "nullable": True},
+                        "error": {"type": "string", "nullable": True},
+                    },
+                    "required": ["number", "at", "duration_ms", "outcome", "status_code", "error"],
+                },
+                "Delivery": {
+                    "type": "object",
+                    "properties": {
+                        "route": {"type": "string"},
+                        "action": {"type": "string"},
+                        "state": {"type": "string"},
+                        "attempts": {"type": "array", "items": {"$ref": "#/components/schemas/Attempt"}},
+                        "last_error": {"type": "string", "nullable": True},
+                        "next_attempt_at": {"type": "string", "format": "date-time", "nullable": True},
+                    },
+                    "required": ["route", "action", "state", "attempts", "last_error", "next_attempt_at"],
+                },
+                "Event": {
+                    "type": "object",
+                    "properties": {
+                        "id": {"type": "string"},
+                        "source": {"type": "string"},
+                        "type": {"type": "string"},
+                        "occurred_at": {"type": "string", "format": "date-time", "nullable": True},
+                        "received_at": {"type": "string", "format": "date-time"},
+                        "verified": {"type": "boolean"},
+                        "payload": {"description": "the body as parsed JSON", "nullable": True},
+                        "deliveries": {"type": "array", "items": {"$ref": "#/components/schemas/Delivery"}},
+                        "unreadable": {
+                            "type": "string",
+                            "description": "why payload is null (or shown as text in body)",
+                        },
+                        "body": {"type": "string"},
+                    },
+                    "required": [
+                        "id",
+                        "source",
+                        "type",
+                        "occurred_at",
+                        "received_at",
+                        "verified",
+                        "payload",
+                        "deliveries",
+                    ],
+                },
                 "ReplayPage": {
                     "type": "object",
                     "properties": {
@@ -149,7 +221,9 @@ def admin_routes(gateway: Gateway) -> list[Route]:
             schema: {type: integer, minimum: 0}
           - {name: limit, in: query, schema: {type: integer, minimum: 1, maximum: 500, default: 50}}
         responses:
-          200: {description: a page of events}
+          200:
+            description: a page of events
+            content: {application/json: {schema: {$ref: "#/components/schemas/EventPage"}}}
           400: {description: a bad filter}
           401: {description: missing or wrong bearer token (ops.admin_token is set)}
           403: {description: "without ops.admin_token: a caller that is not a local program (a web page)"}
@@ -175,7 +249,9 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           - {name: event_id, in: path, required: true, schema: {type: string}}
           - {name: source, in: query, schema: {type: string}}
         responses:
-          200: {description: the event}
+          200:
+            description: the event
+            content: {application/json: {schema: {$ref: "#/components/schemas/Event"}}}
           400: {description: a bad parameter}
           401: {description: missing or wrong bearer token (ops.admin_token is set)}
           403: {description: "without ops.admin_token: a caller that is not a local program (a web page)"}
@@ -199,7 +275,9 @@ def admin_routes(gateway: Gateway) -> list[Route]:
                 type: object
                 properties: {source: {type: string}, route: {type: string}, action: {type: string}}
         responses:
-          200: {description: how many deliveries will run again}
+          200:
+            description: how many deliveries will run again (replayed; created is 0, next_cursor null)
+            content: {application/json: {schema: {$ref: "#/components/schemas/ReplayPage"}}}
           400: {description: a bad body}
           401: {description: missing or wrong bearer token (ops.admin_token is set)}
           403: {description: "without ops.admin_token: a caller that is not a local program (a web page)"}
@@ -269,7 +347,16 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         )
 
     async def openapi(request: Request) -> Response:
-        return JSONResponse(schemas.get_schema(routes=request.app.routes))
+        document = schemas.get_schema(routes=request.app.routes)
+        # Every error an endpoint answers is {"error": "..."}: said once here, not in each docstring.
+        for operations in document.get("paths", {}).values():
+            for operation in operations.values():
+                for status, response in operation.get("responses", {}).items():
+                    if int(status) >= 400 and "content" not in response:
+                        response["content"] = {
+                            "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}
+                        }
+        return JSONResponse(document)
 
     return [
         Route("/admin/events", guarded(list_events), methods=["GET"]),

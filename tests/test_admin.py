@@ -16,6 +16,7 @@ import jsonschema
 import pytest
 import yaml
 from click.testing import CliRunner
+from openapi_schema_validator import OAS30Validator
 from openapi_spec_validator import validate
 from prometheus_client import Metric
 from svix.webhooks import Webhook
@@ -568,6 +569,36 @@ def test_the_window_a_bulk_replay_answers_is_a_body_the_document_lets_the_next_p
     body = document["paths"]["/admin/replay"]["post"]["requestBody"]["content"]["application/json"]
     jsonschema.Draft4Validator(body["schema"]).validate(following)
     jsonschema.Draft4Validator(body["schema"]).validate({"mode": "dead", "since": "2h", "until": "0s"})
+
+
+def test_the_admin_api_answers_in_the_shapes_the_openapi_document_gives(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """A client built from the document reads every answer with the schema it gives for that status: the
+    listing, an event with its attempts, a replay's counts, and the errors."""
+    downstream.answer("/app", 400)
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_shape")
+        send(gw, "msg_unrouted", event_type="session.created")
+        wait_until(lambda: states(gw, "msg_shape") == {"app": "dead", "audit": "delivered"})
+        document = admin(gw, "GET", "/admin/openapi.json").json()
+        answers = [
+            ("get", "/admin/events", admin(gw, "GET", "/admin/events", params={"limit": 1})),
+            ("get", "/admin/events", admin(gw, "GET", "/admin/events", params={"limit": 0})),
+            ("get", "/admin/events", admin(gw, "GET", "/admin/events", token="wrong")),
+            ("get", "/admin/events/{event_id}", admin(gw, "GET", "/admin/events/msg_shape")),
+            ("get", "/admin/events/{event_id}", admin(gw, "GET", "/admin/events/msg_unrouted")),
+            ("get", "/admin/events/{event_id}", admin(gw, "GET", "/admin/events/msg_none")),
+            ("post", "/admin/events/{event_id}/replay", admin(gw, "POST", "/admin/events/msg_shape/replay")),
+            ("post", "/admin/replay", admin(gw, "POST", "/admin/replay", json={"mode": "dead"})),
+        ]
+    assert [response.status_code for _, _, response in answers] == [200, 400, 401, 200, 200, 404, 200, 200]
+    assert answers[0][2].json()["next_cursor"] is not None
+    assert [d["attempts"][0]["status_code"] for d in answers[3][2].json()["deliveries"]] == [400, 200]
+    for method, path, response in answers:
+        documented = document["paths"][path][method]["responses"][str(response.status_code)]
+        schema = documented["content"]["application/json"]["schema"]
+        OAS30Validator({**schema, "components": document["components"]}).validate(response.json())
 
 
 def test_cli_through_the_admin_api(tmp_path: Path, downstream: Downstream) -> None:

@@ -213,8 +213,11 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           - {name: type, in: query, schema: {type: string}}
           - {name: state, in: query, schema: {type: string, enum: [pending, delivered, dead, unrouted]}}
           - {name: route, in: query, schema: {type: string}}
-          - {name: since, in: query, description: "2h, ISO 8601 or epoch seconds", schema: {type: string}}
-          - {name: until, in: query, schema: {type: string}}
+          - name: since
+            in: query
+            description: "2h, ISO 8601 (UTC without an offset) or epoch seconds"
+            schema: {type: string}
+          - {name: until, in: query, description: as since, schema: {type: string}}
           - name: cursor
             in: query
             description: next_cursor of the previous page (0 or none for the first)
@@ -311,7 +314,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
                 properties:
                   mode: {type: string, enum: [dead, missing]}
                   since:
-                    description: 2h, ISO 8601 or epoch seconds; the next pages, the since answered
+                    description: 2h, ISO 8601 (UTC without an offset) or epoch seconds; next pages, the since answered
                     oneOf: [{type: string}, {type: number, nullable: true}]
                   until:
                     description: as since; the next pages, the until answered

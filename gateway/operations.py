@@ -18,6 +18,9 @@ from gateway.routing import RouteTable
 from gateway.storage import FINAL_STATES, EventDetail, EventSummary, Storage
 
 MAX_PAGE = 500
+# The epoch seconds a time can be: those of the years 1 to 9999, what a datetime (and an ISO time) holds.
+EARLIEST = datetime(1, 1, 1, tzinfo=UTC).timestamp()
+LATEST = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC).timestamp()
 # Why an id, a source, a route or an action as listed may name nothing: the store shows text that is not
 # UTF-8 (a row edited by hand, a damaged page) with U+FFFD for each byte that is not, and looks up the bytes.
 NOT_NAMEABLE = "text shown with U+FFFD is stored as bytes that are not UTF-8, and cannot be named"
@@ -53,6 +56,12 @@ def parse_time(value: object, name: str = "since") -> float | None:
         # nan, inf or 1e999 would compare false with every time: an empty answer instead of an error.
         if not math.isfinite(number):
             raise OperationError(400, f"{name}: {value!r} is not a finite time")
+        if not EARLIEST <= number < LATEST:
+            # Likely epoch milliseconds (JavaScript's Date.now()): as seconds, the year 58000 or so, after
+            # every event or before none of them, an empty answer rather than an error.
+            raise OperationError(
+                400, f"{name}: {value!r} is outside the years 1 to 9999: epoch milliseconds? give seconds"
+            )
         if isinstance(value, str) and len(value) == 8 and value.isdigit() and _is_basic_date(value):
             # 20261202 reads as a date (ISO 8601's basic form) and as epoch seconds in August 1970.
             raise OperationError(

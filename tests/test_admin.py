@@ -1014,6 +1014,25 @@ def test_eight_digits_that_read_as_a_date_are_refused_not_taken_for_epoch_second
         assert admin(gw, "GET", "/admin/events", params={"since": "20261302"}).status_code == 200
 
 
+def test_epoch_milliseconds_are_refused_not_read_as_seconds_thousands_of_years_ahead(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """A JavaScript timestamp pasted as a time: read as seconds, the year 58000 or so, after every event (an
+    empty listing, a bulk replay of nothing, said only as counts of 0) or, as until, before all of them."""
+    millis = int(time.time() * 1000)
+    expected = "is outside the years 1 to 9999: epoch milliseconds? give seconds"
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_millis")
+        for name in ("since", "until"):
+            listed = admin(gw, "GET", "/admin/events", params={name: str(millis)})
+            assert (listed.status_code, listed.json()["error"]) == (400, f"{name}: '{millis}' {expected}")
+        replayed = admin(gw, "POST", "/admin/replay", json={"mode": "dead", "since": millis})
+        assert (replayed.status_code, replayed.json()["error"]) == (400, f"since: '{millis}' {expected}")
+        # Seconds, with their milliseconds as a fraction, are a time as ever.
+        listed = admin(gw, "GET", "/admin/events", params={"until": f"{millis / 1000 + 60:.3f}"})
+        assert [event["id"] for event in listed.json()["events"]] == ["msg_millis"]
+
+
 def test_an_admin_token_beyond_ascii_is_accepted(tmp_path: Path, downstream: Downstream) -> None:
     token = "jeton-sécurisé-✓"
     with RunningGateway(users_config(tmp_path, downstream, admin_token=token)) as gw:

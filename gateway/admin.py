@@ -483,7 +483,8 @@ def _default(value: int | None, default: int) -> int:
 def _int(value: Any, name: str) -> int | None:
     if value is None or value == "":
         return None
-    if isinstance(value, bool):
+    # int() cuts 2.7 to 2: a number the caller did not give (a whole one written 2.0 is the number).
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
         raise OperationError(400, f"{name}: must be an integer")
     try:
         number = int(value)

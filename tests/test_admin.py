@@ -1083,6 +1083,19 @@ def test_a_bulk_replay_without_a_mode_says_it_is_missing(tmp_path: Path, downstr
         )
 
 
+@pytest.mark.parametrize(("name", "value"), [("limit", 1.5), ("cursor", 2.7), ("limit", "1.5")])
+def test_a_bulk_replay_page_that_is_not_a_whole_number_is_refused_not_cut_to_one(
+    tmp_path: Path, downstream: Downstream, name: str, value: Any
+) -> None:
+    """The document says integer: 2.7 read as 2 would start the page at a cursor no answer gave."""
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        body = {"mode": "dead", "since": "1h", name: value}
+        response = admin(gw, "POST", "/admin/replay", json=body)
+        assert (response.status_code, response.json()) == (400, {"error": f"{name}: must be an integer"})
+        # A whole number written as a float is the number.
+        assert admin(gw, "POST", "/admin/replay", json={**body, name: 2.0}).status_code == 200
+
+
 def test_a_fault_in_an_admin_endpoint_is_a_json_500_logged_once_with_its_traceback(
     tmp_path: Path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

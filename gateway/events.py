@@ -27,8 +27,9 @@ def stored_payload(body: bytes) -> Any:
 def lost_digits(value: Any) -> bool:
     """Whether `value` may be what orjson makes of an integer past 64 bits: a float with no fraction beyond
     what a 64-bit integer holds (1.2345678901234568e+29 for 123456789012345678901234567890). The sender's
-    digits are only in the body (exact_payload). A float the sender wrote as one (1e30) is one too."""
-    return isinstance(value, float) and value.is_integer() and not -(2**63) <= value < 2**64
+    digits are only in the body (exact_payload). A float the sender wrote as one (1e30) is one too. -2**63 is
+    the float of the integers just below the least 64-bit one (-9223372036854775809 and its neighbours)."""
+    return isinstance(value, float) and value.is_integer() and not -(2**63) < value < 2**64
 
 
 def holds_lost_digits(value: Any) -> bool:

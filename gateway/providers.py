@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from gateway.config import Source
-from gateway.events import Event
+from gateway.events import Event, lost_digits
 from gateway.http_client import control_character_name, header_control_character
 
 # How require_text names the payload's own id and type when they are of the wrong kind.
@@ -144,7 +144,7 @@ def require_text(value: Any, reason: str, detail: str, *, name: str | None = Non
         return _within_limit(str(value), reason, name)
     if name is None:
         raise bad_request(reason, detail)
-    if isinstance(value, float) and value.is_integer() and not -(2**63) <= value < 2**64:
+    if lost_digits(value):
         # What orjson makes of an integer past 64 bits: "the number 1.2345678901234568e+22, not a string or
         # an integer" would contradict the integer its sender wrote.
         raise bad_request(

@@ -264,6 +264,22 @@ def test_integers_past_64_bits_compare_with_all_their_digits() -> None:
     assert holds({"data.debt": {"ne": -123456789012345678901234567890}}, event)
 
 
+def test_integers_just_below_64_bits_compare_with_all_their_digits() -> None:
+    # One below the least 64-bit integer: orjson reads it as the float -2**63, the least 64-bit integer's value.
+    body = b'{"data": {"debt": -9223372036854775809}}'
+    event = Event(
+        source="consignly",
+        id="evt_1",
+        type="consignment.created",
+        received_at=1_700_000_000.0,
+        body=body,
+        payload=orjson.loads(body),
+    )
+    assert holds({"data.debt": -9223372036854775809}, event)
+    assert not holds({"data.debt": -9223372036854775808}, event)
+    assert holds({"data.debt": {"lt": -9223372036854775808}}, event)
+
+
 @pytest.mark.parametrize(
     ("operator", "value", "expected"),
     [

@@ -253,12 +253,16 @@ def test_a_type_that_is_no_string_or_integer_is_refused_saying_what_it_is(
 
 
 @pytest.mark.parametrize(("field", "reason"), [("id", "missing_event_id"), ("type", "missing_event_type")])
-def test_an_integer_past_64_bits_is_refused_saying_so(gw: RunningGateway, field: str, reason: str) -> None:
+# The second is one below the least 64-bit integer, which the parser reads as that integer's value, -2**63.
+@pytest.mark.parametrize("number", [b"12345678901234567890123", b"-9223372036854775809"])
+def test_an_integer_past_64_bits_is_refused_saying_so(
+    gw: RunningGateway, field: str, reason: str, number: bytes
+) -> None:
     # The JSON parser reads an integer past 64 bits as a float: the detail said "the payload's id is the
     # number 1.2345678901234568e+22, not a string or an integer" of the integer its sender wrote.
     payload = json.loads(consignly_body())
     payload[field] = "BIG"
-    body = json.dumps(payload).encode().replace(b'"BIG"', b"12345678901234567890123")
+    body = json.dumps(payload).encode().replace(b'"BIG"', number)
     response = gw.post("/webhooks/consignly", body, consignly_headers(body))
     assert response.status_code == 400
     assert response.json() == {

@@ -772,6 +772,14 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
 
         # Every call a template makes passes here: a macro that calls itself twice cannot run for ever.
         def call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
+            made = self._call(context, obj, *args, **kwargs)
+            if escaped is not None and isinstance(made, Markup) and type(made) is not escaped:
+                # What a block prints (`self.name()`, `super()`) is Jinja's Markup, whose format, `%`, join
+                # and replace escape their arguments as HTML, which leaves a chat's mentions as they are.
+                return escaped(made)
+            return made
+
+        def _call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
             # compile_template's, not one the template makes
             if obj is not count_iterations and obj is not concatenate and obj is not hold:
                 step()

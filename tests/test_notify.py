@@ -476,6 +476,27 @@ def test_escaping_follows_values_through_filters_blocks_and_macros(
         ]
 
 
+def test_what_a_block_prints_escapes_for_the_chat_what_it_is_formatted_with(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # A block called as `self.name()` prints Jinja's Markup, whose format and `%` escaped their values as HTML,
+    # which leaves a Discord mention as it is.
+    template = (
+        "{% block line %}%s{% endblock %} | {{ self.line()|format(event.data.customer) }}"
+        " | {{ self.line().replace('%s', event.data.customer) }}"
+    )
+    actions = [notify_action("discord", f"{downstream.url}/discord", format="discord", template=template)]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_block", customer="@everyone <@222222222222222222>"))
+        wait_until(lambda: delivery_states(gw, "evt_block") == {"discord": "delivered"})
+        [request] = downstream.received("/discord")
+    escaped = "@\u200beveryone <@\u200b222222222222222222>"
+    assert request.json() == {
+        "content": f"%s | {escaped} | {escaped}",
+        "allowed_mentions": {"parse": [], "users": [], "roles": []},
+    }
+
+
 def test_a_teams_card_past_28_kb_is_cut_to_fit_as_valid_json(tmp_path: Path, downstream: Downstream) -> None:
     # 40,000 characters, 80 KB as sent: é is 2 bytes of UTF-8, and JSON escapes the quote as 2.
     template = """{{ event.id }} {{ 'é"' * 20000 }}"""

@@ -82,9 +82,11 @@ def slack_escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-# `@everyone`, `@here`, `<@id>`, `<@!id>` and `<@&role>` (the @ followed by an id); an @ at the end of the text
-# too, which a next value might continue.
-_DISCORD_MENTION = re.compile(r"@(?=everyone|here|[!&]?[0-9]|\Z)")
+# `@everyone`, `@here`, `<@id>`, `<@!id>` and `<@&role>` (the @ followed by an id); an @ that the end of the text
+# cuts short too (`@`, `@every`, `<@!`), which a next value might continue.
+_DISCORD_MENTION = re.compile(
+    r"@(?=everyone|here|[!&]?[0-9]|[!&]?\Z|e(?:v(?:e(?:r(?:y(?:o(?:ne?)?)?)?)?)?)?\Z|h(?:e(?:re?)?)?\Z)"
+)
 # A masked link, `[text](https://elsewhere)`: the `](` between what it shows and where it leads; a `]` at the
 # end of the text, which a next value might continue.
 _MASKED_LINK = re.compile(r"\](?=\(|\Z)")

@@ -476,6 +476,20 @@ def test_escaping_follows_values_through_filters_blocks_and_macros(
         ]
 
 
+def test_a_mention_split_across_two_values_does_not_ping(tmp_path: Path, downstream: Downstream) -> None:
+    # Each value escaped on its own, and the mention only whole where the message puts them side by side.
+    template = "{{ event.data.customer }}{{ event.data.note }}{{ event.data.oncall }}"
+    parts = {"customer": "<@!", "note": "222222222222222222> @every", "oncall": "one <@&"}
+    actions = [notify_action("discord", f"{downstream.url}/discord", format="discord", template=template)]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_split", **parts))
+        wait_until(lambda: delivery_states(gw, "evt_split") == {"discord": "delivered"})
+        [request] = downstream.received("/discord")
+    sent = request.json()
+    assert sent["content"].replace("\u200b", "") == "<@!222222222222222222> @everyone <@&"
+    assert sent["allowed_mentions"] == {"parse": [], "users": [], "roles": []}
+
+
 def test_what_a_block_prints_escapes_for_the_chat_what_it_is_formatted_with(
     tmp_path: Path, downstream: Downstream
 ) -> None:

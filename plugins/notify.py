@@ -95,9 +95,14 @@ _MASKED_LINK = re.compile(r"\](?=\(|\Z)")
 def discord_escape(text: str) -> str:
     """Discord has no escaping that works in code blocks too (a backslash shows there): a zero-width space after
     the @ of a mention and between the parts of a masked link keeps them from being read as such. At the start
-    of the text, before `everyone` or `here`, which an @ of the template's might precede."""
+    of the text, before `everyone` or `here`, which an @ of the template's might precede, or before a text that
+    is their start (`every`), which a next value might continue."""
     text = _MASKED_LINK.sub("]" + _BREAK, _DISCORD_MENTION.sub("@" + _BREAK, text))
-    return _BREAK + text if text.startswith(("everyone", "here")) else text
+    if text and (
+        text.startswith(("everyone", "here")) or "everyone".startswith(text) or "here".startswith(text)
+    ):
+        return _BREAK + text
+    return text
 
 
 def teams_escape(text: str) -> str:

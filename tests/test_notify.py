@@ -490,6 +490,21 @@ def test_a_mention_split_across_two_values_does_not_ping(tmp_path: Path, downstr
     assert sent["allowed_mentions"] == {"parse": [], "users": [], "roles": []}
 
 
+def test_a_mention_split_after_the_templates_own_at_does_not_ping(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # The template's @, then `every` and `one` from two values: neither starts with the whole word.
+    template = "@{{ event.data.customer }}{{ event.data.note }}"
+    actions = [notify_action("discord", f"{downstream.url}/discord", format="discord", template=template)]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_split_at", customer="every", note="one"))
+        wait_until(lambda: delivery_states(gw, "evt_split_at") == {"discord": "delivered"})
+        [request] = downstream.received("/discord")
+    sent = request.json()
+    assert sent["content"] == "@\u200beveryone"
+    assert sent["allowed_mentions"] == {"parse": [], "users": [], "roles": []}
+
+
 def test_what_a_block_prints_escapes_for_the_chat_what_it_is_formatted_with(
     tmp_path: Path, downstream: Downstream
 ) -> None:

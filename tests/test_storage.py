@@ -2662,6 +2662,13 @@ def post_event(gw: RunningGateway, event_id: str) -> str:
     return status
 
 
+def retained_for_an_hour(tmp_path: Path, downstream: Downstream) -> dict[str, Any]:
+    """A gateway config whose store keeps what ended an hour ago (the retention_clock moves time on)."""
+    return gateway_config(
+        tmp_path, downstream.url, storage={"url": f"sqlite:///{tmp_path}/hookyard.db", "retention": "1h"}
+    )
+
+
 def test_a_gateway_prunes_what_ended_before_its_retention_and_keeps_the_rest(
     tmp_path: Path,
     downstream: Downstream,
@@ -2672,9 +2679,7 @@ def test_a_gateway_prunes_what_ended_before_its_retention_and_keeps_the_rest(
     caplog.set_level(logging.INFO, logger="hookyard.storage")
     # One event per batch: every run goes on past the batches that delete nothing.
     monkeypatch.setattr(retention_module, "PRUNE_BATCH", 1)
-    config = gateway_config(
-        tmp_path, downstream.url, storage={"url": f"sqlite:///{tmp_path}/hookyard.db", "retention": "1h"}
-    )
+    config = retained_for_an_hour(tmp_path, downstream)
     config["defaults"]["retry"]["schedule"] = ["1h"]
     downstream.answer("/hooks/users", 503, 422, 422)  # then 200
     with RunningGateway(config) as gw:
@@ -2721,9 +2726,7 @@ def test_a_prune_that_fails_unexpectedly_is_logged_and_tried_again_at_the_next_r
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    config = gateway_config(
-        tmp_path, downstream.url, storage={"url": f"sqlite:///{tmp_path}/hookyard.db", "retention": "1h"}
-    )
+    config = retained_for_an_hour(tmp_path, downstream)
     with RunningGateway(config) as gw:
         for event_id in ("msg_old", "msg_newest"):  # the newest event is kept, whatever its age
             assert post_event(gw, event_id) == "accepted"
@@ -2756,9 +2759,7 @@ def test_a_run_cut_short_still_logs_what_it_deleted(
     caplog.set_level(logging.INFO, logger="hookyard.storage")
     monkeypatch.setattr(retention_module, "PRUNE_BATCH", 1)
     monkeypatch.setattr(retention_module, "PRUNE_PAUSE", 3600.0)  # the run waits after its first batch
-    config = gateway_config(
-        tmp_path, downstream.url, storage={"url": f"sqlite:///{tmp_path}/hookyard.db", "retention": "1h"}
-    )
+    config = retained_for_an_hour(tmp_path, downstream)
     with RunningGateway(config) as gw:
         for event_id in ("msg_first", "msg_second", "msg_newest"):
             assert post_event(gw, event_id) == "accepted"
@@ -2781,9 +2782,7 @@ def test_a_run_that_fails_midway_logs_what_it_deleted_before(
 ) -> None:
     caplog.set_level(logging.INFO, logger="hookyard.storage")
     monkeypatch.setattr(retention_module, "PRUNE_BATCH", 1)
-    config = gateway_config(
-        tmp_path, downstream.url, storage={"url": f"sqlite:///{tmp_path}/hookyard.db", "retention": "1h"}
-    )
+    config = retained_for_an_hour(tmp_path, downstream)
     with RunningGateway(config) as gw:
         for event_id in ("msg_first", "msg_second", "msg_newest"):
             assert post_event(gw, event_id) == "accepted"

@@ -376,7 +376,10 @@ def test_mutated_signed_requests_are_never_accepted_when_tampered(gw: RunningGat
         status, reason = _answer(response)
         seen[f"{source} {mutation}: {status} {reason}"] += 1
         _assert_documented(status, reason, request)
-        if TAMPERING[mutation]:
+        if source == "svix" and mutation == "repeat_id_header":
+            # The id sent twice is refused before its signature is looked at: which of the two was signed?
+            assert (status, reason) == (400, "repeated_header"), request
+        elif TAMPERING[mutation]:
             assert status == 401, request
         else:
             assert (status, reason) == (200, "accepted"), request

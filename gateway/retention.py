@@ -16,9 +16,11 @@ log = logging.getLogger("hookyard.storage")
 # A run every minute: an event outlives its retention by a minute at most, and each run has a minute's worth
 # of events to delete, whatever the traffic.
 PRUNE_INTERVAL = 60.0
-# Events one batch looks at, each batch one transaction of the store's writer. Between two batches of a run
-# the loop serves webhooks for PRUNE_PAUSE: a run of many batches (the first one after an upgrade, or after
-# the gateway was down) takes a small share of the loop, at up to 2,000 events a second.
+# Events one batch deletes, each batch one transaction of the store's writer. The kept ones it walks past
+# (a delivery still pending) do not count: the store bounds those on its own (PRUNE_SCAN for SQLite).
+# Between two batches of a run the loop serves webhooks for PRUNE_PAUSE: a run of many batches (the first
+# one after an upgrade, or after the gateway was down) takes a small share of the loop, at up to 2,000
+# events a second.
 PRUNE_BATCH = 100
 PRUNE_PAUSE = 0.05
 

@@ -2211,7 +2211,7 @@ def test_a_dead_delivery_stays_replayable_until_its_event_is_pruned(db: Harness)
     assert db.replay_dead(since=None, now=T0 + 200) == 0
 
 
-def test_a_prune_batch_looks_at_no_more_events_than_its_limit(db: Harness) -> None:
+def test_a_prune_batch_deletes_no_more_events_than_its_limit(db: Harness) -> None:
     for number in range(5):  # the oldest, still pending: looked at, and kept
         db.ingest(f"evt_pending_{number}", APP, at=T0 + number)
     for number in range(7):
@@ -2220,10 +2220,51 @@ def test_a_prune_batch_looks_at_no_more_events_than_its_limit(db: Harness) -> No
     commits = len(db.commits)
 
     batches = prune_all(db, T0 + 50, limit=3)
-    # Each batch one transaction of its own; the walk goes on past batches that deleted nothing.
-    assert [p.events for p in batches] == [0, 1, 3, 3, 0]
+    # Each batch one transaction of its own; the kept ones do not count against the limit.
+    assert [p.events for p in batches] == [3, 3, 1]
     assert len(db.commits) - commits == len(batches)
     assert len(stored_ids(db)) == 6
+
+
+def test_a_prune_walk_looks_past_many_kept_events_in_few_batches(
+    db: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Events past the retention with a delivery still pending (due tomorrow, say) stay, and are looked at
+    # once a run: a batch goes past up to PRUNE_SCAN of them, not `limit`, and the deletable ones after
+    # them go in the same run.
+    monkeypatch.setattr(sqlite_module, "PRUNE_SCAN", 20)
+    for number in range(50):
+        db.ingest(f"evt_pending_{number}", APP, at=T0 + number)
+    for number in range(7):
+        db.ingest(f"evt_unrouted_{number}", at=T0 + 100 + number)
+    db.ingest("evt_newest", at=T0 + 1000)
+    kept_walked: list[int] = []  # per batch, the kept events in the range of keys it walked
+    prune = sqlite_module._prune
+
+    def counting(conn: sqlite3.Connection, before: float, after: Any, limit: int) -> Pruned:
+        at, last = after if after is not None else (float("-inf"), 0)
+        query = "SELECT count(*) FROM events WHERE received_at < ? AND (received_at, seq) > (?, ?)"
+        pruned = prune(conn, before, after, limit)
+        if pruned.resume_after is None:
+            kept_walked.append(conn.execute(query, (before, at, last)).fetchone()[0])
+        else:
+            end, seq = pruned.resume_after
+            kept_walked.append(
+                conn.execute(
+                    f"{query} AND (received_at, seq) <= (?, ?)", (before, at, last, end, seq)
+                ).fetchone()[0]
+            )
+        return pruned
+
+    monkeypatch.setattr(sqlite_module, "_prune", counting)
+    commits = len(db.commits)
+
+    batches = prune_all(db, T0 + 500, limit=3)
+    # 20 kept, 20 kept, 10 kept and 3 deleted, 3 deleted, the last one.
+    assert [p.events for p in batches] == [0, 0, 3, 3, 1]
+    assert kept_walked == [20, 20, 10, 0, 0]  # each kept event once
+    assert len(db.commits) - commits == len(batches)
+    assert stored_ids(db) == {f"evt_pending_{number}" for number in range(50)} | {"evt_newest"}
 
 
 def test_a_prune_batch_deletes_no_more_than_its_bytes_of_bodies(db: Harness) -> None:

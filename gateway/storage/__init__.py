@@ -392,12 +392,13 @@ class Storage(ABC):
 
     @abstractmethod
     async def prune(self, before: float, *, after: PruneCursor | None = None, limit: int = 100) -> Pruned:
-        """One batch of retention: look at up to `limit` of the events received before `before`, oldest
-        first, from after `after`, and delete, with their deliveries and attempts, those whose deliveries
+        """One batch of retention: look at the events received before `before`, oldest first, from after
+        `after`, and delete, with their deliveries and attempts, up to `limit` of those whose deliveries
         are all final (delivered, dead, skipped) and finished before `before` (one with no delivery: received
-        before it). An event with a delivery pending or waiting, or one finished since, stays. A store may
-        look at fewer than `limit`, or delete only some of the attempts of an event it would delete (to bound
-        the batch's work); `resume_after` says where to go on."""
+        before it). An event with a delivery pending or waiting, or one finished since, stays, and does not
+        count against `limit`. A store may look at a bounded number of events only, delete fewer than `limit`,
+        or only some of the attempts of an event it would delete (to bound the batch's work); `resume_after`
+        says where to go on."""
 
 
 def open_storage(url: str) -> Storage:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import json
 import re
 import ssl
 import time
@@ -12,6 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import UTC
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from urllib.parse import unquote
 
 from pydantic import BaseModel, ConfigDict
 
@@ -278,6 +280,70 @@ async def drain_answer(response: httpx.Response) -> None:
     with contextlib.suppress(AnswerTooLong, TimeoutError, httpx.HTTPError):
         async with asyncio.timeout(ANSWER_READ_TIMEOUT):
             await read_answer(response)
+
+
+# How much of what a server says when it refuses a request goes into the delivery's error.
+REASON_LIMIT = 200
+
+
+def answer_reason(content: bytes, hidden: tuple[str, ...] = ()) -> str | None:
+    """What a refusal says, on one line and cut to REASON_LIMIT characters: Slack's plain-text code
+    (`no_service`, `channel_is_archived`), or the `error` or `message` of a JSON answer (Slack's API,
+    Discord's, a Teams Workflows trigger's); None for an empty answer, a page (a proxy's), or JSON without
+    either. Each text of `hidden` (hidden_paths) is shown as "/…"."""
+    text = content.decode("utf-8", "replace").strip()
+    if not text or text.startswith("<"):
+        return None
+    try:
+        answer = json.loads(text)
+    except ValueError:
+        pass
+    else:
+        found = _json_reason(answer)
+        if found is None:
+            return None
+        text = found
+    # Control characters (a line break among them) become spaces: the error is one line of the log.
+    text = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", text).split())
+    for path in hidden:
+        text = text.replace(path, "/…")
+    if len(text) > REASON_LIMIT:
+        text = text[: REASON_LIMIT - 1] + "…"
+    return text or None
+
+
+def _json_reason(answer: Any) -> str | None:
+    if not isinstance(answer, dict):
+        return None
+    for key in ("error", "message"):
+        value = answer.get(key)
+        if isinstance(value, dict):  # Teams: {"error": {"code": ..., "message": ...}}
+            value = value.get("message") or value.get("code")
+        if isinstance(value, str) and value.strip():
+            return value
+    return None
+
+
+def hidden_paths(url: str) -> tuple[str, ...]:
+    """The forms in which a server may repeat the path (and query) of `url`, longest first: a chat webhook's
+    path is its credential, which no error shows (see shown_url)."""
+    import httpx  # loaded already: the options' URL was checked with it
+
+    raw = httpx.URL(url).raw_path.decode("ascii")
+    forms = {raw, raw.partition("?")[0]}
+    forms |= {unquote(form) for form in forms}
+    return tuple(sorted((form for form in forms if len(form) > 1), key=len, reverse=True))
+
+
+async def read_reason(response: httpx.Response, hidden: tuple[str, ...] = ()) -> str | None:
+    """answer_reason of a streamed answer's body, read as drain_answer reads it: up to ANSWER_LIMIT bytes
+    within ANSWER_READ_TIMEOUT seconds. A longer, slower or cut-off body says nothing: the status decides."""
+    import httpx  # loaded already: response came from it
+
+    with contextlib.suppress(AnswerTooLong, TimeoutError, httpx.HTTPError):
+        async with asyncio.timeout(ANSWER_READ_TIMEOUT):
+            return answer_reason(await read_answer(response), hidden)
+    return None
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -26,40 +26,33 @@ message still holds, the template's (discord_mentions).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import json
 import re
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import unquote
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gateway import hookimpl
 from gateway.actions import (
-    ANSWER_READ_TIMEOUT,
     Action,
-    AnswerTooLong,
     Job,
     Outcome,
     ParentResult,
     check_http_url,
     dead,
     drain_answer,
+    hidden_paths,
     http_outcome,
-    read_answer,
+    read_reason,
     skipped,
     transport_error,
 )
 from gateway.events import exact_payload
 from gateway.http_client import HeaderError, check_configured_headers, check_framing_headers, check_headers
 from gateway.templates import compile_template, render
-
-if TYPE_CHECKING:
-    import httpx  # imported where it is used, as `resources.http` is made: see Resources
 
 EVENT_ID_HEADER = "x-hookyard-event-id"
 
@@ -68,9 +61,6 @@ DISCORD_MAX_CONTENT = 2000
 # Teams does not post a message past 28 KB. A Workflows webhook answers 202 before its flow posts the card,
 # so the delivery would count as delivered, and nothing shown. Counted on the whole body as sent.
 TEAMS_MAX_BYTES = 28_000
-
-# How much of what a chat webhook says when it refuses a message goes into the delivery's error.
-REASON_LIMIT = 200
 
 # A zero-width space: put into a chat's markup, it keeps the markup from being read, and shows nothing.
 _BREAK = "\u200b"
@@ -312,66 +302,6 @@ def render_error(exc: Exception) -> str:
             f"{where}: RecursionError: the event (or the template's recursion) is nested too deeply to render"
         )
     return f"{where}: {type(exc).__name__}: {exc}"
-
-
-def answer_reason(content: bytes, hidden: tuple[str, ...] = ()) -> str | None:
-    """What a chat webhook's refusal says, on one line and cut to REASON_LIMIT characters: Slack's plain-text
-    code (`no_service`, `channel_is_archived`), or the `error` or `message` of a JSON answer (Slack's API,
-    Discord's, a Teams Workflows trigger's); None for an empty answer, a page (a proxy's), or JSON without
-    either. Each text of `hidden` (hidden_paths) is shown as "/…"."""
-    text = content.decode("utf-8", "replace").strip()
-    if not text or text.startswith("<"):
-        return None
-    try:
-        answer = json.loads(text)
-    except ValueError:
-        pass
-    else:
-        found = _json_reason(answer)
-        if found is None:
-            return None
-        text = found
-    # Control characters (a line break among them) become spaces: the error is one line of the log.
-    text = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", text).split())
-    for path in hidden:
-        text = text.replace(path, "/…")
-    if len(text) > REASON_LIMIT:
-        text = text[: REASON_LIMIT - 1] + "…"
-    return text or None
-
-
-def _json_reason(answer: Any) -> str | None:
-    if not isinstance(answer, dict):
-        return None
-    for key in ("error", "message"):
-        value = answer.get(key)
-        if isinstance(value, dict):  # Teams: {"error": {"code": ..., "message": ...}}
-            value = value.get("message") or value.get("code")
-        if isinstance(value, str) and value.strip():
-            return value
-    return None
-
-
-def hidden_paths(url: str) -> tuple[str, ...]:
-    """The forms in which a server may repeat the path (and query) of `url`, longest first: a chat webhook's
-    path is its credential, which no error shows (see shown_url)."""
-    import httpx  # loaded already: the options' URL was checked with it
-
-    raw = httpx.URL(url).raw_path.decode("ascii")
-    forms = {raw, raw.partition("?")[0]}
-    forms |= {unquote(form) for form in forms}
-    return tuple(sorted((form for form in forms if len(form) > 1), key=len, reverse=True))
-
-
-async def read_reason(response: httpx.Response, hidden: tuple[str, ...] = ()) -> str | None:
-    """answer_reason of a streamed answer's body, read as drain_answer reads it: up to ANSWER_LIMIT bytes
-    within ANSWER_READ_TIMEOUT seconds. A longer, slower or cut-off body says nothing: the status decides."""
-    import httpx  # loaded already: response came from it
-
-    with contextlib.suppress(AnswerTooLong, TimeoutError, httpx.HTTPError):
-        async with asyncio.timeout(ANSWER_READ_TIMEOUT):
-            return answer_reason(await read_answer(response), hidden)
-    return None
 
 
 class Notify(Action):

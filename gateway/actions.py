@@ -284,13 +284,16 @@ async def drain_answer(response: httpx.Response) -> None:
 
 # How much of what a server says when it refuses a request goes into the delivery's error.
 REASON_LIMIT = 200
+# Shown in place of a secret that an answer repeats.
+_HIDDEN_SECRET = "…"
 
 
-def answer_reason(content: bytes, hidden: tuple[str, ...] = ()) -> str | None:
-    """What a refusal says, on one line and cut to REASON_LIMIT characters: Slack's plain-text code
-    (`no_service`, `channel_is_archived`), or the `error` or `message` of a JSON answer (Slack's API,
-    Discord's, a Teams Workflows trigger's); None for an empty answer, a page (a proxy's), or JSON without
-    either. Each text of `hidden` (hidden_paths) is shown as "/…"."""
+def answer_reason(content: bytes, hidden: tuple[str, ...] = (), secrets: tuple[str, ...] = ()) -> str | None:
+    """What a refusal says, on one line and cut to REASON_LIMIT characters: a plain-text answer (Slack's
+    `no_service`, `channel_is_archived`), or the `error`, `message`, `detail` or `title` of a JSON answer
+    (Slack's API, Discord's, a Teams Workflows trigger's, an RFC 9457 problem); None for an empty answer, a
+    page (a proxy's), or JSON without any of them. Each text of `hidden` (hidden_paths) is shown as "/…",
+    each of `secrets` (a bearer token, a client secret) as "…"."""
     text = content.decode("utf-8", "replace").strip()
     if not text or text.startswith("<"):
         return None
@@ -303,8 +306,14 @@ def answer_reason(content: bytes, hidden: tuple[str, ...] = ()) -> str | None:
         if found is None:
             return None
         text = found
+    secrets = tuple(sorted({secret for secret in secrets if secret}, key=len, reverse=True))
+    # Before the control characters go too: a secret may hold a tab, which would no longer match.
+    for secret in secrets:
+        text = text.replace(secret, _HIDDEN_SECRET)
     # Control characters (a line break among them) become spaces: the error is one line of the log.
     text = " ".join(re.sub(r"[\x00-\x1f\x7f-\x9f]", " ", text).split())
+    for secret in secrets:
+        text = text.replace(secret, _HIDDEN_SECRET)
     for path in hidden:
         text = text.replace(path, "/…")
     if len(text) > REASON_LIMIT:
@@ -315,7 +324,7 @@ def answer_reason(content: bytes, hidden: tuple[str, ...] = ()) -> str | None:
 def _json_reason(answer: Any) -> str | None:
     if not isinstance(answer, dict):
         return None
-    for key in ("error", "message"):
+    for key in ("error", "message", "detail", "title"):
         value = answer.get(key)
         if isinstance(value, dict):  # Teams: {"error": {"code": ..., "message": ...}}
             value = value.get("message") or value.get("code")
@@ -335,14 +344,16 @@ def hidden_paths(url: str) -> tuple[str, ...]:
     return tuple(sorted((form for form in forms if len(form) > 1), key=len, reverse=True))
 
 
-async def read_reason(response: httpx.Response, hidden: tuple[str, ...] = ()) -> str | None:
+async def read_reason(
+    response: httpx.Response, hidden: tuple[str, ...] = (), secrets: tuple[str, ...] = ()
+) -> str | None:
     """answer_reason of a streamed answer's body, read as drain_answer reads it: up to ANSWER_LIMIT bytes
     within ANSWER_READ_TIMEOUT seconds. A longer, slower or cut-off body says nothing: the status decides."""
     import httpx  # loaded already: response came from it
 
     with contextlib.suppress(AnswerTooLong, TimeoutError, httpx.HTTPError):
         async with asyncio.timeout(ANSWER_READ_TIMEOUT):
-            return answer_reason(await read_answer(response), hidden)
+            return answer_reason(await read_answer(response), hidden, secrets)
     return None
 
 

@@ -48,6 +48,7 @@ from gateway.actions import (
     http_outcome,
     parse_retry_after,
     read_answer,
+    read_reason,
     retry,
     skipped,
     transport_error,
@@ -351,25 +352,40 @@ class Acknowledge(Action):
 
         try:
             token = await self.bearer(job.timeout)
-            response = await self._put(url, body, token, job.timeout)
+            response, reason = await self._put(url, body, token, job.timeout)
             if response.status_code == 401 and self.credentials is not None:
                 # The token was revoked or expired before we thought: renew it and try once more. A second
                 # 401 is the API's verdict, read like any other answer.
                 token = await self.bearer(job.timeout, rejected=token)
-                response = await self._put(url, body, token, job.timeout)
+                response, reason = await self._put(url, body, token, job.timeout)
         except TokenUnavailable as exc:
             return exc.outcome
         except httpx.HTTPError as exc:
             return transport_error(exc)
-        return http_outcome(response, job.retry)
+        outcome = http_outcome(response, job.retry)
+        if reason is not None and outcome.error is not None:
+            outcome = dataclasses.replace(outcome, error=f"{outcome.error}: {reason}")
+        return outcome
 
-    async def _put(self, url: str, body: dict[str, Any], token: str, timeout: float) -> httpx.Response:
-        """The API's answer, its body read only so far (see drain_answer): the status decides."""
+    async def _put(
+        self, url: str, body: dict[str, Any], token: str, timeout: float
+    ) -> tuple[httpx.Response, str | None]:
+        """The API's answer, its body read only so far (see drain_answer), and for a refusal what its body
+        says (an unknown operation, a token without the scope): the status decides, the reason tells why."""
         async with self.resources.http.stream(
             "PUT", url, json=body, headers={"authorization": f"Bearer {token}"}, timeout=timeout
         ) as response:
-            await drain_answer(response)
-        return response
+            if 200 <= response.status_code < 300:
+                await drain_answer(response)
+                return response, None
+            return response, await read_reason(response, secrets=self._secrets(token))
+
+    def _secrets(self, token: str) -> tuple[str, ...]:
+        """What an error never shows, should the API's answer repeat it."""
+        secrets = [token, self.static_token]
+        if self.options.oauth is not None:
+            secrets.append(self.options.oauth.client_secret.get_secret_value())
+        return tuple(secrets)
 
 
 @hookimpl

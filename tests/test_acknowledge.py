@@ -79,6 +79,8 @@ class FakeConsignly:
     # Answers the connection-result endpoint gives before it works again, as when the API is overloaded or
     # being deployed: a status, or a (status, headers) pair.
     outages: list[int | tuple[int, dict[str, str]]] = field(default_factory=list)
+    # What the connection-result endpoint answers when it refuses: a content type and a body.
+    refusal: tuple[str, bytes] = ("application/json", b'{"message": "rejected"}')
     issued: list[str] = field(default_factory=list)
     valid: set[str] = field(default_factory=lambda: {STATIC_TOKEN})
     token_requests: list[dict[str, Any]] = field(default_factory=list)
@@ -99,19 +101,23 @@ class FakeConsignly:
         body = await read_body(receive)
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         extra: dict[str, str] = {}
+        content_type = "application/json"
         if scope["path"] == "/oauth/token":
             status, answer = await self.token_endpoint(scope["method"], headers, body)
+            content = json.dumps(answer).encode()
         else:
-            status, answer, extra = self.connection_result(scope, headers, body)
+            status, extra = self.connection_result(scope, headers, body)
+            content = b"{}" if status == 200 else self.refusal[1]
+            content_type = "application/json" if status == 200 else self.refusal[0]
         await send(
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(b"content-type", b"application/json")]
+                "headers": [(b"content-type", content_type.encode())]
                 + [(k.encode(), v.encode()) for k, v in extra.items()],
             }
         )
-        await send({"type": "http.response.body", "body": json.dumps(answer).encode()})
+        await send({"type": "http.response.body", "body": content})
 
     async def token_endpoint(self, method: str, headers: dict[str, str], body: bytes) -> tuple[int, Any]:
         if self.token_delay:
@@ -145,7 +151,7 @@ class FakeConsignly:
 
     def connection_result(
         self, scope: dict[str, Any], headers: dict[str, str], body: bytes
-    ) -> tuple[int, Any, dict[str, str]]:
+    ) -> tuple[int, dict[str, str]]:
         raw_path = scope["raw_path"].decode("ascii")
         match = _PATH.match(raw_path)
         scheme, _, token = headers.get("authorization", "").partition(" ")
@@ -178,7 +184,7 @@ class FakeConsignly:
             self.calls.append(
                 ApiCall(scope["method"], raw_path, consignment_id, token or None, payload, status)
             )
-        return status, {} if status == 200 else {"message": "rejected"}, extra
+        return status, extra
 
 
 @pytest.fixture
@@ -304,7 +310,7 @@ def test_a_refused_static_token_ends_dead_without_retries(
         # A static token cannot be renewed: the 401 is final.
         assert [call.status for call in consignly_api.calls] == [401]
         ack = next(d for d in event_detail(gw, "evt_refused").deliveries if d.action == "ack")
-        assert (ack.last_status, ack.last_error) == (401, "HTTP 401")
+        assert (ack.last_status, ack.last_error) == (401, "HTTP 401: rejected")
 
 
 def test_a_409_ends_dead_and_is_not_taken_for_already_recorded(
@@ -317,7 +323,88 @@ def test_a_409_ends_dead_and_is_not_taken_for_already_recorded(
         wait_until(lambda: delivery_states(gw, "evt_conflict") == {"app": "delivered", "ack": "dead"})
         assert [call.status for call in consignly_api.calls] == [409]
         ack = next(d for d in event_detail(gw, "evt_conflict").deliveries if d.action == "ack")
-        assert (ack.last_status, ack.last_error) == (409, "HTTP 409")
+        assert (ack.last_status, ack.last_error) == (409, "HTTP 409: rejected")
+
+
+@pytest.mark.parametrize(
+    ("status", "refusal", "error"),
+    [
+        # An RFC 9457 problem: its detail says which operation, not only that there was a conflict.
+        (
+            409,
+            (
+                "application/problem+json",
+                b'{"type": "about:blank", "title": "Conflict", "status": 409,'
+                b' "detail": "operation op-1 already has result 2"}',
+            ),
+            "HTTP 409: operation op-1 already has result 2",
+        ),
+        (400, ("application/problem+json", b'{"title": "Unknown operation"}'), "HTTP 400: Unknown operation"),
+        # Text, on one line, however many it had.
+        (
+            403,
+            ("text/plain", b"token lacks scope\r\nconsignments:write\n"),
+            "HTTP 403: token lacks scope consignments:write",
+        ),
+        # Nothing to say, or a proxy's page: the status alone.
+        (404, ("application/json", b""), "HTTP 404"),
+        (403, ("text/html", b"<html><body><h1>403 Forbidden</h1></body></html>"), "HTTP 403"),
+    ],
+)
+def test_a_refusal_carries_what_the_api_answered(
+    tmp_path: Path,
+    downstream: Downstream,
+    consignly_api: FakeConsignly,
+    status: int,
+    refusal: tuple[str, bytes],
+    error: str,
+) -> None:
+    consignly_api.outages = [status]
+    consignly_api.refusal = refusal
+    route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_refusal"))
+        wait_until(lambda: delivery_states(gw, "evt_refusal") == {"app": "delivered", "ack": "dead"})
+        # The reason is told, and the status still decides: none of these is retried.
+        assert [(a.outcome, a.status_code, a.error) for a in ack_history(gw, "evt_refusal")] == [
+            ("dead", status, error)
+        ]
+
+
+def test_a_refusal_that_repeats_a_secret_does_not_show_it(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    consignly_api.refusal = (
+        "application/json",
+        json.dumps({"error": "unknown token not-the-token"}).encode(),
+    )
+    route = consignments_route(downstream, consignly_api, token="not-the-token")
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_echo"))
+        wait_until(lambda: delivery_states(gw, "evt_echo") == {"app": "delivered", "ack": "dead"})
+        ack = next(d for d in event_detail(gw, "evt_echo").deliveries if d.action == "ack")
+        assert (ack.last_status, ack.last_error) == (401, "HTTP 401: unknown token …")
+
+
+def test_an_oauth_refusal_does_not_show_the_access_token_or_the_client_secret(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    consignly_api.refuse_all = True
+    consignly_api.refusal = (
+        "text/plain",
+        f"token tok-2 (client secret {CLIENT_SECRET}) is not allowed here".encode(),
+    )
+    route = consignments_route(downstream, consignly_api, **oauth(consignly_api))
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_oauth_echo"))
+        wait_until(lambda: delivery_states(gw, "evt_oauth_echo") == {"app": "delivered", "ack": "dead"})
+        # tok-1 was refused, renewed once, and tok-2 refused too: its 401 is the verdict.
+        assert [call.token for call in consignly_api.calls] == ["tok-1", "tok-2"]
+        ack = next(d for d in event_detail(gw, "evt_oauth_echo").deliveries if d.action == "ack")
+        assert (ack.last_status, ack.last_error) == (
+            401,
+            "HTTP 401: token … (client secret …) is not allowed here",
+        )
 
 
 def test_events_without_an_operation_are_skipped(
@@ -422,8 +509,8 @@ def test_api_outages_are_retried_until_acknowledged(
         send(gw, consignly_event("evt_api_down", "op-7"))
         wait_until(lambda: delivery_states(gw, "evt_api_down") == {"app": "delivered", "ack": "delivered"})
         assert [(a.number, a.outcome, a.status_code, a.error) for a in ack_history(gw, "evt_api_down")] == [
-            (1, "retry", 503, "HTTP 503"),
-            (2, "retry", 503, "HTTP 503"),
+            (1, "retry", 503, "HTTP 503: rejected"),
+            (2, "retry", 503, "HTTP 503: rejected"),
             (3, "delivered", 200, None),
         ]
         ack = next(d for d in event_detail(gw, "evt_api_down").deliveries if d.action == "ack")
@@ -450,7 +537,7 @@ def test_a_429_is_retried_after_its_retry_after(
         send(gw, consignly_event("evt_throttled"))
         wait_until(lambda: delivery_states(gw, "evt_throttled") == {"app": "delivered", "ack": "delivered"})
         first, second = ack_history(gw, "evt_throttled")
-        assert (first.outcome, first.status_code, first.error) == ("retry", 429, "HTTP 429")
+        assert (first.outcome, first.status_code, first.error) == ("retry", 429, "HTTP 429: rejected")
         assert (second.outcome, second.status_code) == ("delivered", 200)
         assert second.started_at - (first.started_at + first.duration) >= 0.99
         assert [call.status for call in consignly_api.calls] == [429, 200]

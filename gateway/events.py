@@ -88,6 +88,16 @@ class Event:
     occurred_at: float | None = None
     headers: dict[str, str] = field(default_factory=dict)
     verified: bool = True
+    # exact_payload()'s answer once asked for: the filters, the actions and their attempts on this event read
+    # the body again once between them.
+    _exact: Any = field(default=_MISSING, init=False, repr=False, compare=False)
+
+    def exact_payload(self) -> Any:
+        """The payload read again from the body with every digit of an integer past 64 bits (the module's
+        exact_payload), or None; read once per event, for those where lost_digits() found a number."""
+        if self._exact is _MISSING:
+            self._exact = exact_payload(self.body)
+        return self._exact
 
     @property
     def data(self) -> Any:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway.events import UNSTORED_HEADERS, Event, exact_payload, lost_digits
+from gateway.events import UNSTORED_HEADERS, Event, lost_digits
 
 Predicate = Callable[[Event], bool]
 # A provider's event_type: a name or code of its catalog -> the canonical type.
@@ -134,7 +134,7 @@ def _compile_entry(
 def _exact_lookup(event: Event, path: str, value: Any) -> Any:
     """The value at `path` read again from the body, where orjson's payload holds a float that may have
     been an integer past 64 bits: only then, so that the common event's body is parsed once."""
-    exact = exact_payload(event.body)
+    exact = event.exact_payload()
     return value if exact is None else replace(event, payload=exact).lookup(path, _ABSENT)
 
 

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.config import parse_duration
-from gateway.events import SHOWN_DEPTH, exact_payload, holds_lost_digits, nesting_depth
+from gateway.events import SHOWN_DEPTH, holds_lost_digits, nesting_depth
 from gateway.providers import iso_datetime
 from gateway.replay import PAGE, ReplayPage, replay_dead_page, replay_missing_page
 from gateway.routing import RouteTable
@@ -144,7 +144,7 @@ def detail_view(detail: EventDetail) -> dict[str, Any]:
             f"the payload is nested more than {SHOWN_DEPTH} levels deep: shown as text in body"
         )
         view["body"] = event.body.decode(errors="replace")
-    elif holds_lost_digits(event.payload) and (exact := exact_payload(event.body)) is not None:
+    elif holds_lost_digits(event.payload) and (exact := event.exact_payload()) is not None:
         # orjson reads an integer past 64 bits as a float: shown as its sender wrote it, every digit.
         view["payload"] = exact
     return view

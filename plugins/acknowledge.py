@@ -53,7 +53,7 @@ from gateway.actions import (
     skipped,
     transport_error,
 )
-from gateway.events import Event, exact_payload, lost_digits
+from gateway.events import Event, lost_digits
 from gateway.http_client import control_character_name, header_control_character, shown_url
 from gateway.providers import described
 
@@ -322,7 +322,7 @@ class Acknowledge(Action):
         operation, consignment = _ids(job.event)
         if lost_digits(operation) or lost_digits(consignment):
             # orjson reads an integer past 64 bits as a float: read again from the body, with every digit.
-            exact = exact_payload(job.event.body)
+            exact = job.event.exact_payload()
             if exact is not None:
                 operation, consignment = _ids(dataclasses.replace(job.event, payload=exact))
         # One of another kind (a number with a fraction, an object) names an operation that waits for its

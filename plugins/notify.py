@@ -50,7 +50,6 @@ from gateway.actions import (
     skipped,
     transport_error,
 )
-from gateway.events import exact_payload
 from gateway.http_client import HeaderError, check_configured_headers, check_framing_headers, check_headers
 from gateway.templates import compile_template, render
 
@@ -327,7 +326,7 @@ class Notify(Action):
         # orjson reads an integer past 64 bits as a float, which prints with an exponent
         # (1.2345678901234568e+29): such a message is rendered again over the payload read from the body by
         # Python's json, which keeps every digit. Only then, so that the common payload is parsed once.
-        if "e+" in message and (exact := exact_payload(job.event.body)) is not None:
+        if "e+" in message and (exact := job.event.exact_payload()) is not None:
             message = render(self.template, template_context(job, exact))
         return message
 

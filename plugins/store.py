@@ -106,7 +106,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from gateway import hookimpl
 from gateway.actions import Action, Job, Outcome, Resources, dead, delivered, retry, skipped
 from gateway.config import SQLITE_URL_FORMS, is_sqlite_url, sqlite_path
-from gateway.events import Event, exact_payload
+from gateway.events import Event
 from gateway.http_client import url_text_problem
 from gateway.tasks import DaemonThread
 
@@ -926,7 +926,7 @@ class Store(Action):
         # (1.2345678901234568e+29): such a payload is read again, exactly, from its body. Only then, so that
         # the common payload is parsed once; text that merely holds "e+" costs a second parse, nothing else.
         if isinstance(write, Record | Change) and any("e+" in text for text in _texts(write)):
-            exact = exact_payload(event.body)
+            exact = event.exact_payload()
             if exact is not None:
                 write = self._write(replace(event, payload=exact))
         return write

@@ -699,3 +699,14 @@ def test_a_boolean_inside_a_list_or_object_only_equals_a_boolean(spec: dict[str,
 def test_lists_still_compare_element_by_element() -> None:
     assert compile_filter({"data.flags": [True, 1.0, "x", None]})(make_event({"flags": [True, 1, "x", None]}))
     assert not compile_filter({"data.flags": [1, 2]})(make_event({"flags": [1, 2, 3]}))
+
+
+def test_the_body_is_read_again_once_per_event_whatever_reads_its_digits() -> None:
+    # Two filter leaves on two such integers, then the actions: one second parse of the body between them.
+    event = parsed_event(
+        b'{"data": {"a": 123456789012345678901234567891, "b": 123456789012345678901234567892}}'
+    )
+    assert holds({"data.a": 123456789012345678901234567891, "data.b": 123456789012345678901234567892}, event)
+    exact = event.exact_payload()
+    assert exact["data"]["b"] == 123456789012345678901234567892
+    assert event.exact_payload() is exact

@@ -758,6 +758,10 @@ class Engine:
             await asyncio.sleep(STATS_INTERVAL)
 
     async def _refresh_stats(self) -> None:
+        await self._refresh_queue()
+        await self._refresh_size()
+
+    async def _refresh_queue(self) -> None:
         now = time.time()
         try:
             stats = await self.storage.queue_stats(now)
@@ -769,6 +773,14 @@ class Engine:
         due, pending = stats.oldest_due_at, stats.oldest_pending_since
         self.metrics.delivery_lag.set(0.0 if due is None else max(0.0, now - due))
         self.metrics.oldest_pending.set(0.0 if pending is None else max(0.0, now - pending))
+
+    async def _refresh_size(self) -> None:
+        try:
+            size = await self.storage.size_on_disk()
+        except Exception as exc:
+            log.warning("cannot read the store's size", extra={"error": str(exc)})
+            return
+        self.metrics.storage_bytes.set(size)
 
 
 async def _close(actions: Collection[RunnableAction]) -> None:

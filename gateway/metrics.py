@@ -216,6 +216,11 @@ class Metrics:
             "while one hangs. 0 when none runs.",
             registry=registry,
         )
+        self.storage_bytes = Gauge(
+            "hookyard_storage_bytes",
+            "Bytes the store takes on disk: the SQLite database file and its write-ahead log.",
+            registry=registry,
+        )
         self.commit_batch = Histogram(
             "hookyard_storage_batch_size",
             "Operations per storage commit: above 1 when group commit shares one fsync among many.",

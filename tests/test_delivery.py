@@ -786,6 +786,23 @@ def test_the_queue_gauges_follow_the_deliveries_that_finish_while_the_gateway_st
     )
 
 
+def test_the_storage_size_gauge_is_there_once_started_and_grows_with_the_events_stored(
+    tmp_path: Any, downstream: Downstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway import delivery
+
+    monkeypatch.setattr(delivery, "STATS_INTERVAL", 0.05)
+    with RunningGateway(gateway_config(tmp_path, downstream.url)) as gw:
+        wait_until(lambda: gw.metric("hookyard_storage_bytes") > 0)
+        before = gw.metric("hookyard_storage_bytes")
+        padding = "x" * 4096
+        for n in range(100):
+            body, headers = svix_request(msg_id=f"msg_size_{n}", data={"padding": padding})
+            assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        # The bodies are in the file or in its WAL, whichever a checkpoint has left them in.
+        wait_until(lambda: gw.metric("hookyard_storage_bytes") > before + 50 * 4096)
+
+
 def test_an_attempt_cut_off_by_a_shutdown_is_not_in_the_history_and_its_number_is_skipped(
     tmp_path, downstream: Downstream
 ) -> None:

@@ -1728,6 +1728,27 @@ def test_queue_stats_and_next_due_at(db: Harness) -> None:
     assert stats.oldest_due_at is None  # nothing waits for a worker
 
 
+def test_size_on_disk_is_the_file_with_its_wal_and_grows_with_the_events(db: Harness) -> None:
+    wal = db.path.with_name(db.path.name + "-wal")
+
+    def on_disk() -> int:
+        return db.path.stat().st_size + wal.stat().st_size
+
+    db.settle()
+    before = db.run(db.storage.size_on_disk())
+    assert before == on_disk()
+    padding = "x" * 4096
+    for n in range(200):
+        event = make_event(f"evt_{n}")
+        event.body = json.dumps({"id": event.id, "type": event.type, "padding": padding}).encode()
+        db.run(db.storage.ingest(event, [APP]))
+    db.settle()
+    assert wal.stat().st_size > 0  # what is not checkpointed yet counts too
+    after = db.run(db.storage.size_on_disk())
+    assert after == on_disk()
+    assert after > before + 100 * 4096  # the bodies are in the file or in its WAL
+
+
 # -- inspection -----------------------------------------------------------------------------------------
 
 

@@ -315,6 +315,12 @@ class Storage(ABC):
     async def queue_stats(self, now: float) -> QueueStats: ...
 
     @abstractmethod
+    async def size_on_disk(self) -> int:
+        """How many bytes the store takes on disk: what an operator watches before a disk fills (retention
+        deletes old events, a receiver down for days grows the queue). A backend in a database it may share
+        counts its own tables only. Read with the queue statistics, off the event loop."""
+
+    @abstractmethod
     async def check_writable(self) -> None:
         """Raise StorageUnavailable unless a write would succeed now."""
 

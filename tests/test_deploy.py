@@ -1050,6 +1050,8 @@ def test_dashboard_has_the_panels_and_a_datasource_variable() -> None:
     # Readiness as /readyz answers it: hookyard_ready stays 1 while the store refuses writes and the pod
     # is out of the Service.
     panel_with("hookyard_ready", "hookyard_storage_writable")
+    # What fills the volume, before it is full.
+    panel_with("hookyard_storage_bytes")
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
-from gateway.events import UNSTORED_HEADERS, Event, lost_digits
+from gateway.events import UNSTORED_HEADERS, Event, holds_lost_digits, lost_digits
 
 Predicate = Callable[[Event], bool]
 # A provider's event_type: a name or code of its catalog -> the canonical type.
@@ -121,19 +121,30 @@ def _compile_entry(
     test = _compile_condition(value, place, errors)
     if test is None:
         return None
+    whole = _compares_whole(value)
 
     def check(event: Event) -> bool:
         value = event.lookup(key, _ABSENT)
-        if value.__class__ is float and lost_digits(value):
+        if value.__class__ is float:
+            if lost_digits(value):
+                value = _exact_lookup(event, key, value)
+        elif whole and value.__class__ in (list, dict) and holds_lost_digits(value):
             value = _exact_lookup(event, key, value)
         return test(value)
 
     return check
 
 
+def _compares_whole(condition: Any) -> bool:
+    """Whether the condition may compare a list or an object as a whole (a plain value, eq, ne, in,
+    not_in): only then are the lists and objects it looks at walked for a number whose digits orjson lost."""
+    return not isinstance(condition, dict) or not condition.keys().isdisjoint(("eq", "ne", "in", "not_in"))
+
+
 def _exact_lookup(event: Event, path: str, value: Any) -> Any:
     """The value at `path` read again from the body, where orjson's payload holds a float that may have
-    been an integer past 64 bits: only then, so that the common event's body is parsed once."""
+    been an integer past 64 bits (the value, or one in it): only then, so that the common event's body is
+    parsed once."""
     exact = event.exact_payload()
     return value if exact is None else replace(event, payload=exact).lookup(path, _ABSENT)
 

@@ -269,6 +269,29 @@ def test_integers_past_64_bits_compare_with_all_their_digits() -> None:
     assert holds({"data.debt": {"ne": -123456789012345678901234567890}}, event)
 
 
+BIG = 123456789012345678901234567891
+
+
+def test_integers_past_64_bits_compare_with_all_their_digits_in_a_list_or_an_object() -> None:
+    # A list or an object compared as a whole held orjson's floats: it missed the sender's number and
+    # matched the float (1.2345678901234568e+29) that any integer near it is read as.
+    body = (
+        b'{"data": {"amounts": [7, 123456789012345678901234567891], '
+        b'"total": {"due": 123456789012345678901234567891}}}'
+    )
+    event = parsed_event(body)
+    assert holds({"data.amounts": [7, BIG]}, event)
+    assert not holds({"data.amounts": [7, BIG - 1]}, event)
+    assert not holds({"data.amounts": [7, float(BIG)]}, event)
+    assert holds({"data.amounts": {"eq": [7, BIG]}}, event)
+    assert holds({"data.amounts": {"ne": [7, BIG - 1]}}, event)
+    assert holds({"data.amounts": {"in": [[7, BIG - 1], [7, BIG]]}}, event)
+    assert holds({"data.amounts": {"not_in": [[7, BIG - 1], [7, float(BIG)]]}}, event)
+    assert holds({"data.total": {"eq": {"due": BIG}}}, event)
+    assert not holds({"data.total": {"eq": {"due": BIG + 1}}}, event)
+    assert holds({"payload.data": {"ne": {"amounts": [7, BIG], "total": {"due": BIG + 1}}}}, event)
+
+
 def test_integers_just_below_64_bits_compare_with_all_their_digits() -> None:
     # One below the least 64-bit integer: orjson reads it as the float -2**63, the least 64-bit integer's value.
     body = b'{"data": {"debt": -9223372036854775809}}'

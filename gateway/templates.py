@@ -77,7 +77,8 @@ def isotime(value: float | None) -> str:
 #   str methods: center, ljust, rjust, zfill, expandtabs, replace, translate, join, format, format_map;
 #     and dict.fromkeys;
 #   operators: `%` on a text (printf-style widths and precisions), `**`, `*` and `+` on lists (call_binop),
-#     `+` and `~` on texts, which double one at each step of `ns.text ~ ns.text` (~: compile_template);
+#     `+` and `~` on texts, which double one at each step of `ns.text ~ ns.text` (~: compile_template), and
+#     whose new text is also counted against MAX_MADE, as a filter's is (count_joined);
 #   what a macro or a block prints, joined into one text (Environment.concat): a macro that prints its
 #     argument twice doubles it at each call on its own output;
 #   the global lipsum().
@@ -428,7 +429,7 @@ def _let_go(budget: _Budget) -> None:
 def count_held(holder: Any, values: Iterable[Any], what: str) -> None:
     """What a list, tuple or dict written in a template, a namespace(), cycler() or joiner() holds that may be
     new, each counted as its own object: the holder's references (with no holder, none); each text it holds
-    (the result of `~`, say, counted nowhere else); each list, tuple or dict it holds, by its references (its
+    (the result of a short `~`, say, counted nowhere else); each list, tuple or dict it holds, by its references (its
     items were counted where they were made). An object counted already, as a large text of the payload held
     at each step of a loop, is not counted again."""
     values = list(values)
@@ -439,6 +440,16 @@ def count_held(holder: Any, values: Iterable[Any], what: str) -> None:
             count_made(len(value), what, value)
         elif isinstance(value, list | tuple | dict):
             count_made(2 + 2 * len(value), what, value)
+
+
+def count_joined(made: str, what: str) -> None:
+    """The text `+` or `~` made, counted as its own object: a recursive macro that passes `text ~ "!"` on holds a
+    new one at each level until the deepest returns. One built up item by item (`ns.text ~ item`) lets the one
+    before go, which is taken back. One shorter than _SMALLEST_TRACKED is not counted: it would stay counted for
+    the whole render, and `"parcel " ~ i` in a loop of 100,000 would add up to the bound while holding nothing;
+    what may keep many of them counts them itself (a list or dict written in the template, namespace())."""
+    if len(made) >= _SMALLEST_TRACKED:
+        count_made(len(made), what, made)
 
 
 def count_result(made: Any, what: str) -> None:
@@ -675,10 +686,13 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
         text at each step of `{% set ns.text = ns.text ~ ns.text %}`."""
         refuse_past_limit(_total(written_length(value) for value in values), "~")
         if escaped is None or not eval_ctx.autoescape:
-            return (markup_join if eval_ctx.autoescape else str_join)(values)
-        if any(hasattr(value, "__html__") for value in values):
-            return escaped("").join(values)  # which escapes the others
-        return str_join(values)
+            made = (markup_join if eval_ctx.autoescape else str_join)(values)
+        elif any(hasattr(value, "__html__") for value in values):
+            made = escaped("").join(values)  # which escapes the others
+        else:
+            made = str_join(values)
+        count_joined(made, "~")
+        return made
 
     def hold(value: Any) -> Any:
         """A list, tuple or dict written in a template, which may keep a new text, or another list, at each step
@@ -748,8 +762,7 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
                 return made
             elif operator == "+" and isinstance(left, str) and isinstance(right, str):
                 # `{% set ns.text = ns.text + ns.text %}` doubles a text at each step: forty steps make a
-                # terabyte. Not counted against MAX_MADE: the old text is let go as the new one is made, and
-                # a text built up item by item (`ns.text + item`) would count its every length so far.
+                # terabyte. The new text is counted once made (count_joined).
                 refuse_past_limit(len(left) + len(right), "+")
             elif operator == "%" and isinstance(left, str):
                 counted = printf_length(left, right)
@@ -759,6 +772,8 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
                 check_length(counted, "**", "number")
             made = super().call_binop(context, operator, left, right)
             track(made, counted)
+            if operator == "+" and isinstance(left, str) and isinstance(right, str):
+                count_joined(made, "+")
             return made
 
         # compile_template() makes every `{% for %}` loop over `environment.counted(<what it names>)`.

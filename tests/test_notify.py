@@ -1333,23 +1333,23 @@ def test_a_list_built_item_by_item_renders_and_what_filters_keep_is_bounded(
     # Each step makes a new text of the payload's length, kept by a dict, a list or a namespace: 100,000 of the
     # note's 10,000 characters would hold a gigabyte, and a larger payload reached 630 MB within the second. Each
     # is refused by what makes or keeps it: dict(), a list written in the template, namespace(), a str method or
-    # a filter.
+    # a filter. A slice of the note is a new text that only what keeps it counts (`~` counts what it makes).
     kept = {
         "dict": (
             "{% set ns.d = dict(ns.d, **{i|string: event.data.note|upper}) %}",
             "dict() would make a dict longer than 100000",
         ),
-        "list": ('{% set ns.d = [ns.d, event.data.note ~ "!"] %}', f"a list or dict {made}"),
-        "namespace": ('{% set ns.d = namespace(a=ns.d, b=event.data.note ~ "!") %}', f"namespace() {made}"),
+        "list": ("{% set ns.d = [ns.d, event.data.note[1:]] %}", f"a list or dict {made}"),
+        "namespace": ("{% set ns.d = namespace(a=ns.d, b=event.data.note[1:]) %}", f"namespace() {made}"),
         "method": ('{% set ns.d = [ns.d, event.data.note.split("o", 1)] %}', f"str.split {made}"),
         "filter": ("{% set ns.d = [ns.d, event.data.note|upper] %}", f"|upper {made}"),
         # What a call passes past a macro's arguments, which Jinja holds in a tuple and a dict the macro may keep.
         "varargs": (
-            '{% macro keep() %}{% set ns.d = [ns.d, varargs] %}{% endmacro %}{{ keep(event.data.note ~ "!") }}',
+            "{% macro keep() %}{% set ns.d = [ns.d, varargs] %}{% endmacro %}{{ keep(event.data.note[1:]) }}",
             f"a macro's varargs or kwargs {made}",
         ),
         "kwargs": (
-            '{% macro keep() %}{% set ns.d = [ns.d, kwargs] %}{% endmacro %}{{ keep(a=event.data.note ~ "!") }}',
+            "{% macro keep() %}{% set ns.d = [ns.d, kwargs] %}{% endmacro %}{{ keep(a=event.data.note[1:]) }}",
             f"a macro's varargs or kwargs {made}",
         ),
     }
@@ -1426,3 +1426,40 @@ def test_a_loop_may_use_a_filter_on_a_large_field_when_it_keeps_little(
         }
         messages = {r.path.removeprefix("/"): r.json()["text"] for r in downstream.received()}
         assert messages == {name: length * 20 for name, (_, length) in loops.items()}
+
+
+def test_a_recursive_macro_cannot_hold_a_new_text_at_each_call(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # Each call makes a text a little longer than the note with `~` (or `+`) and passes it on, and each level of
+    # the recursion holds its own until the last returns. Uncounted, a note of 99,000 characters held 15 MB by
+    # the time Python's recursion limit stopped it, fifteen times what a render may hold.
+    deeper = {
+        "concat": '{% macro deeper(text) %}{{ deeper(text ~ "!") }}{% endmacro %}{{ deeper(event.data.note) }}',
+        "add": '{% macro deeper(text) %}{{ deeper(text + "!") }}{% endmacro %}{{ deeper(event.data.note) }}',
+    }
+    actions = [notify_action(name, f"{downstream.url}/{name}", template=t) for name, t in deeper.items()]
+    # A text built up with `~` lets the one before go: one of 99,000 characters made in 99 steps holds one at
+    # a time, though all it made add up to 5 MB.
+    actions.append(
+        notify_action(
+            "built",
+            f"{downstream.url}/built",
+            template="{% set ns = namespace(text='') %}{% for _ in range(event.data.count) %}"
+            "{% set ns.text = ns.text ~ event.data.note %}{% endfor %}{{ ns.text|length }}",
+        )
+    )
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_large", note="o" * 50_000, count=1))
+        send_consignly(gw, consignly_body(event_id="evt_built", note="o" * 1_000, count=99))
+        wait_until(lambda: set(delivery_states(gw, "evt_large").values()) <= {"dead", "delivered"})
+        wait_until(lambda: delivery_states(gw, "evt_built").get("built") in ("dead", "delivered"))
+        outcomes = {d.action: (d.attempts, d.last_error) for d in event_detail(gw, "evt_large").deliveries}
+        made = "would take what this render made past 1000000 characters"
+        assert outcomes == {
+            "concat": (1, f"template line 1: SecurityError: ~ {made}"),
+            "add": (1, f"template line 1: SecurityError: + {made}"),
+            "built": (1, None),
+        }
+        messages = {(r.path, r.json()["text"]) for r in downstream.received()}
+        assert messages == {("/built", "50000"), ("/built", "99000")}

@@ -67,8 +67,12 @@ _BREAK = "\u200b"
 
 def slack_escape(text: str) -> str:
     """Slack's own escaping for text it did not write: `<!channel>`, `<@U123>` and `<https://x|a link>` are
-    all made of `<` and `>`, and `&` starts the escapes themselves."""
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    all made of `<` and `>`, and `&` starts the escapes themselves. A zero-width space before a `!`, `@` or `#`
+    that starts the text: a template's own `<` may precede it (`<{{ url }}>`), and `<!channel>`, `<@U123>` and
+    `<#C123>` would need nothing of the value's to escape. Slack reads a `<` followed by anything else as a
+    link, and a value that is a URL is one still."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _BREAK + text if text.startswith(("!", "@", "#")) else text
 
 
 # `@everyone`, `@here`, `<@id>`, `<@!id>` and `<@&role>` (the @ followed by an id); an @ that the end of the text

@@ -434,6 +434,36 @@ def test_values_from_the_event_are_escaped_for_each_chat_and_the_templates_own_t
         assert default.json() == {"text": "consignly consignment.created evt_&lt;!channel&gt; received"}
 
 
+def test_a_value_inside_the_templates_own_angle_brackets_cannot_ping_in_slack(
+    tmp_path: Path, slack: SlackWebhook
+) -> None:
+    # The template writes the `<` and `>` of a link, and the value goes between them: `!channel` there made
+    # `<!channel>`, which pings the channel, with nothing of the value's to escape. A URL still makes a link.
+    template = (
+        "<{{ event.data.url }}|order> <{{ event.data.url }}> <{{ event.data.customer }}> <{{ event.data.note }}>"
+        " <{{ event.data.oncall }}> <{{ event.data.channel }}|general> <{{ event.data.empty }}{{ event.data.here }}>"
+    )
+    values = {
+        "url": "https://shop.example/o/1?a=1&b=2",
+        "customer": "!channel",
+        "note": "@U0123",
+        "oncall": "!subteam^S0123",
+        "channel": "#C0123",
+        "empty": "",
+        "here": "!here",
+    }
+    actions = [notify_action("slack", slack.url, format="slack", template=template)]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_bracketed", **values))
+        wait_until(lambda: delivery_states(gw, "evt_bracketed") == {"slack": "delivered"})
+    # A zero-width space before the value's `!`, `@` or `#`: Slack reads `<` followed by anything else as a
+    # link, not a mention, and shows the space as nothing.
+    assert slack.messages == [
+        "<https://shop.example/o/1?a=1&amp;b=2|order> <https://shop.example/o/1?a=1&amp;b=2>"
+        " <\u200b!channel> <\u200b@U0123> <\u200b!subteam^S0123> <\u200b#C0123|general> <\u200b!here>"
+    ]
+
+
 def test_escaping_follows_values_through_filters_blocks_and_macros(
     tmp_path: Path, downstream: Downstream
 ) -> None:

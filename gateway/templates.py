@@ -80,7 +80,7 @@ def isotime(value: float | None) -> str:
 #     `+` and `~` on texts, which double one at each step of `ns.text ~ ns.text` (~: compile_template), and
 #     whose new text is also counted against MAX_MADE, as a filter's is (count_joined);
 #   what a macro or a block prints, joined into one text (Environment.concat): a macro that prints its
-#     argument twice doubles it at each call on its own output;
+#     argument twice doubles it at each call on its own output; a macro's is also counted against MAX_MADE;
 #   the global lipsum().
 # A list or dict is measured as it is written out (written_length): one may hold a text many times over.
 # What they make is also added up over the render, against MAX_MADE (`+` on lists adds its shorter operand:
@@ -443,11 +443,12 @@ def count_held(holder: Any, values: Iterable[Any], what: str) -> None:
 
 
 def count_joined(made: str, what: str) -> None:
-    """The text `+` or `~` made, counted as its own object: a recursive macro that passes `text ~ "!"` on holds a
-    new one at each level until the deepest returns. One built up item by item (`ns.text ~ item`) lets the one
-    before go, which is taken back. One shorter than _SMALLEST_TRACKED is not counted: it would stay counted for
-    the whole render, and `"parcel " ~ i` in a loop of 100,000 would add up to the bound while holding nothing;
-    what may keep many of them counts them itself (a list or dict written in the template, namespace())."""
+    """The text `+`, `~` or a macro made, counted as its own object: a recursive macro that passes `text ~ "!"`
+    (or `bang(text)`) on holds a new one at each level until the deepest returns. One built up item by item
+    (`ns.text ~ item`) lets the one before go, which is taken back. One shorter than _SMALLEST_TRACKED is not
+    counted: it would stay counted for the whole render, and `"parcel " ~ i` in a loop of 100,000 would add up
+    to the bound while holding nothing; what may keep many of them counts them itself (a list or dict written
+    in the template, namespace())."""
     if len(made) >= _SMALLEST_TRACKED:
         count_made(len(made), what, made)
 
@@ -791,7 +792,10 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
             if escaped is not None and isinstance(made, Markup) and type(made) is not escaped:
                 # What a block prints (`self.name()`, `super()`) is Jinja's Markup, whose format, `%`, join
                 # and replace escape their arguments as HTML, which leaves a chat's mentions as they are.
-                return escaped(made)
+                made = escaped(made)
+            if isinstance(obj, Macro) and isinstance(made, str):
+                # Counted here, not as join_output makes it: with escaping, Markup copies it into another text.
+                count_joined(made, "a macro")
             return made
 
         def _call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:

@@ -1461,12 +1461,14 @@ def test_a_loop_may_use_a_filter_on_a_large_field_when_it_keeps_little(
 def test_a_recursive_macro_cannot_hold_a_new_text_at_each_call(
     tmp_path: Path, downstream: Downstream
 ) -> None:
-    # Each call makes a text a little longer than the note with `~` (or `+`) and passes it on, and each level of
-    # the recursion holds its own until the last returns. Uncounted, a note of 99,000 characters held 15 MB by
-    # the time Python's recursion limit stopped it, fifteen times what a render may hold.
+    # Each call makes a text a little longer than the note with `~`, `+` or a macro and passes it on, and each
+    # level of the recursion holds its own until the last returns. Uncounted, a note of 99,000 characters held
+    # 15 MB by the time Python's recursion limit stopped it, fifteen times what a render may hold.
     deeper = {
         "concat": '{% macro deeper(text) %}{{ deeper(text ~ "!") }}{% endmacro %}{{ deeper(event.data.note) }}',
         "add": '{% macro deeper(text) %}{{ deeper(text + "!") }}{% endmacro %}{{ deeper(event.data.note) }}',
+        "macro": "{% macro bang(text) %}{{ text }}!{% endmacro %}"
+        "{% macro deeper(text) %}{{ deeper(bang(text)) }}{% endmacro %}{{ deeper(event.data.note) }}",
     }
     actions = [notify_action(name, f"{downstream.url}/{name}", template=t) for name, t in deeper.items()]
     # A text built up with `~` lets the one before go: one of 99,000 characters made in 99 steps holds one at
@@ -1489,6 +1491,7 @@ def test_a_recursive_macro_cannot_hold_a_new_text_at_each_call(
         assert outcomes == {
             "concat": (1, f"template line 1: SecurityError: ~ {made}"),
             "add": (1, f"template line 1: SecurityError: + {made}"),
+            "macro": (1, f"template line 1: SecurityError: a macro {made}"),
             "built": (1, None),
         }
         messages = {(r.path, r.json()["text"]) for r in downstream.received()}

@@ -1,6 +1,6 @@
 """Part 6: the hot path alone, in one process: no sockets to the sender, no load generator.
 
-    python bench/hotpath.py --config ROUTES --requests FILE [--routed] [--warmup N]
+    python bench/hotpath.py --config ROUTES --requests FILE [--routed] [--warmup N] [--bytecodes FILE]
 
 run with the tree under test first on PYTHONPATH, starts the gateway of ROUTES in its own process (the svix
 source, SQLite on disk with its fsync helper, a route that forwards to the benchmark sink or that matches
@@ -12,7 +12,9 @@ thread) over the rounds after the warm-up.
 Run under valgrind's callgrind with two numbers of rounds, the difference of the instructions counted,
 divided by the difference of webhooks, is what one webhook costs in instructions: the same count on every
 run of the same code, however busy the host is, where CPU seconds on a shared machine are not. The requests
-are signed beforehand by the part, outside the process counted.
+are signed beforehand by the part, outside the process counted. With --bytecodes FILE it also counts the
+Python bytecodes each function runs (every thread), the same way: a profile by function that a busy host
+does not disturb either.
 
 The part runs it for the current tree and, with `--against REV`, for a `git archive` of REV, the same way:
 a before and after that does not depend on what the host was doing during either.
@@ -63,6 +65,8 @@ WARMUP_ROUNDS = 20
 # Rounds per measurement; under callgrind, the counted slope is between the two.
 CPU_ROUNDS = 600
 COUNTED_ROUNDS = (30, 100)
+# Rounds of the two runs whose bytecodes are counted: tracing every bytecode makes a run ~20x slower.
+BYTECODE_ROUNDS = (30, 60)
 LENGTH = struct.Struct("!I")
 TIMEOUT_S = 600  # one harness run, callgrind's included
 
@@ -196,12 +200,59 @@ async def harness(config: Path, requests: list[bytes], routed: bool, warmup: int
     }
 
 
+class BytecodeCounter:
+    """Counts the Python bytecodes each function runs, in every thread (sys.settrace with opcode events): a
+    profile that, like callgrind's count, does not depend on how busy the host is. Tracing makes the run
+    many times slower; the counts are what matter."""
+
+    def __init__(self) -> None:
+        self.counts: dict[Any, int] = {}
+
+    def install(self) -> None:
+        import threading
+
+        threading.settrace(self._call)
+        sys.settrace(self._call)
+
+    def _call(self, frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+        return self._opcode
+
+    def _opcode(self, frame: Any, event: str, arg: Any) -> Any:
+        if event == "opcode":
+            code = frame.f_code
+            self.counts[code] = self.counts.get(code, 0) + 1
+        return self._opcode
+
+    def write(self, path: Path) -> None:
+        sys.settrace(None)
+        tree = os.getcwd() + os.sep
+        counted: dict[str, int] = {}
+        for code, count in self.counts.items():
+            where = f"{_module(code.co_filename, tree)} {code.co_qualname}"
+            counted[where] = counted.get(where, 0) + count
+        path.write_text(json.dumps(counted))
+
+
+def _module(filename: str, tree: str) -> str:
+    """A code object's file as a module path: relative to the tree under test, to site-packages, or to the
+    standard library."""
+    if filename == "<string>":
+        return "(generated)"  # a dataclass's __init__, a namedtuple's __new__
+    for marker in ("site-packages" + os.sep, f"python3.{sys.version_info.minor}" + os.sep):
+        if marker in filename:
+            return filename.split(marker, 1)[1]
+    return filename.removeprefix(tree)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python bench/hotpath.py")
     parser.add_argument("--config", type=Path, required=True, help="the gateway's routes.yaml")
     parser.add_argument("--requests", type=Path, required=True, help="signed requests, length-prefixed")
     parser.add_argument("--routed", action="store_true", help="wait for each round's deliveries too")
     parser.add_argument("--warmup", type=int, default=WARMUP_ROUNDS, help="rounds before the measured ones")
+    parser.add_argument("--bytecodes", type=Path, help="count each function's bytecodes into this file")
     args = parser.parse_args()
     try:
         import uvloop
@@ -209,7 +260,12 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
+    counter = BytecodeCounter() if args.bytecodes else None
+    if counter is not None:
+        counter.install()
     result = asyncio.run(harness(args.config, read_requests(args.requests), args.routed, args.warmup))
+    if counter is not None:
+        counter.write(args.bytecodes)
     json.dump(result, sys.stdout)
 
 
@@ -256,10 +312,17 @@ def archive(rev: str, directory: Path) -> tuple[Path, str]:
 
 
 def harness_run(
-    settings: Settings, tree: Path, sink_url: str, mode: str, rounds: int, counted: bool
+    settings: Settings,
+    tree: Path,
+    sink_url: str,
+    mode: str,
+    rounds: int,
+    counted: bool,
+    bytecodes: Path | None = None,
 ) -> tuple[Json, int | None]:
     """One run of the harness on `tree`, on a database of its own: its JSON, and with `counted`
-    callgrind's instruction count."""
+    callgrind's instruction count. With `bytecodes`, each function's bytecodes are counted into that file
+    (BytecodeCounter)."""
     name = f"hotpath-{mode}-{rounds}-{time.monotonic_ns()}"
     config, _ports = gateway_config(
         settings.work, settings.work / f"{name}.db", sink_url, route_matches=mode == "routed"
@@ -267,6 +330,8 @@ def harness_run(
     requests = write_requests(settings.work / f"{name}.bin", f"hp{time.time_ns()}", rounds)
     argv = [PYTHON, str(HARNESS), "--config", str(config), "--requests", str(requests)]
     argv += ["--warmup", str(WARMUP_ROUNDS)] + (["--routed"] if mode == "routed" else [])
+    if bytecodes is not None:
+        argv += ["--bytecodes", str(bytecodes)]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     if counted:
         argv = under_callgrind(settings, argv, settings.work / f"callgrind-{requests.stem}.out")
@@ -314,7 +379,29 @@ def measure(settings: Settings, tree: Path, sink_url: str, mode: str) -> Json:
         assert short is not None and long is not None
         extra = (COUNTED_ROUNDS[1] - COUNTED_ROUNDS[0]) * CONNECTIONS
         row["instructions_per_webhook"] = (long - short) / extra
+    by_function = bytecodes_per_webhook(settings, tree, sink_url, mode)
+    row["bytecodes_per_webhook"] = sum(by_function.values())
+    row["bytecodes_by_function"] = by_function
     return row
+
+
+def bytecodes_per_webhook(settings: Settings, tree: Path, sink_url: str, mode: str) -> dict[str, float]:
+    """Each function's Python bytecodes per webhook: the difference between a run of BYTECODE_ROUNDS[1]
+    rounds and one of BYTECODE_ROUNDS[0], per webhook of the difference (as for the instructions)."""
+
+    def counted(rounds: int) -> dict[str, int]:
+        path = settings.work / f"bytecodes-{mode}-{rounds}-{time.monotonic_ns()}.json"
+        harness_run(settings, tree, sink_url, mode, rounds, counted=False, bytecodes=path)
+        try:
+            return cast(dict[str, int], json.loads(path.read_text()))
+        finally:
+            path.unlink()
+
+    with ThreadPoolExecutor(2) as pool:  # one run per core, as for the instructions
+        short, long = pool.map(counted, BYTECODE_ROUNDS)
+    webhooks = (BYTECODE_ROUNDS[1] - BYTECODE_ROUNDS[0]) * CONNECTIONS
+    per_webhook = {where: (count - short.get(where, 0)) / webhooks for where, count in long.items()}
+    return {where: count for where, count in per_webhook.items() if count >= 0.5}
 
 
 def run(settings: Settings, processes: Processes) -> Json:
@@ -339,6 +426,7 @@ def run(settings: Settings, processes: Processes) -> Json:
                     say(
                         f"     {row['cpu_us_per_webhook']:.1f} µs CPU per webhook"
                         + (f", {counted:,.0f} instructions" if counted else "")
+                        + f", {row['bytecodes_per_webhook']:,.0f} Python bytecodes"
                     )
                 rows.append(row)
     finally:
@@ -357,15 +445,16 @@ def run(settings: Settings, processes: Processes) -> Json:
 
 def render_table(rows: list[Json]) -> str:
     return table(
-        ["tree", "path", "CPU µs/webhook", "instructions/webhook"],
+        ["tree", "path", "CPU µs/webhook", "instructions/webhook", "bytecodes/webhook"],
         [
             [
                 f"{row['tree']} {row['commit']}".strip(),
                 row["label"],
                 f"{row['cpu_us_per_webhook']:.1f}" if "cpu_us_per_webhook" in row else "failed",
                 f"{row['instructions_per_webhook']:,.0f}" if row.get("instructions_per_webhook") else "",
+                f"{row['bytecodes_per_webhook']:,.0f}" if row.get("bytecodes_per_webhook") else "",
             ]
             for row in rows
         ],
-        "llrr",
+        "llrrr",
     )

@@ -3,8 +3,9 @@
 Each v1 is the hex HMAC-SHA256 of `{t}.{body}` keyed by the endpoint's whole signing secret, `whsec_`
 included, as UTF-8 bytes (Stripe does not base64-decode it). Several v1 entries appear while a secret is
 rolled; v0 (test mode's legacy scheme) and unknown entries are ignored. t must be within `tolerance` of
-now, in either direction (stripe-python only refuses old ones). The event id, type and creation time come
-from the payload's `id`, `type` and `created`.
+now, in either direction (stripe-python only refuses old ones). Two different t= are refused (400
+repeated_header): Stripe's own libraries disagree on which one counts. The event id, type and creation time
+come from the payload's `id`, `type` and `created`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 from gateway import hookimpl
 from gateway.config import Source
 from gateway.events import Event
-from gateway.providers import Provider, parse_timestamp, unauthorized
+from gateway.providers import Provider, bad_request, parse_timestamp, unauthorized
 from plugins.hmac_generic import (
     MAX_SIGNATURES,
     check_timestamp,
@@ -49,8 +50,8 @@ class StripeProvider(Provider):
             key, _, value = item.strip().partition("=")
             if not key:  # `,,`, a leading or a trailing comma: not a header Stripe writes
                 raise unauthorized("invalid_signature", "the Stripe-Signature header has an empty entry")
-            if key == "t" and timestamp is None:
-                timestamp = value
+            if key == "t":
+                timestamp = _one_timestamp(timestamp, value)
             elif key == "v1":
                 offered.append(value)
         timestamp = check_timestamp(timestamp, now, self.tolerance, "t= in the Stripe-Signature header")
@@ -89,6 +90,18 @@ class StripeProvider(Provider):
             "User-Agent": "Stripe/1.0 (+https://stripe.com/docs/webhooks)",
             "Stripe-Signature": f"t={timestamp},v1={digest}",
         }
+
+
+def _one_timestamp(before: str | None, value: str) -> str:
+    """The header's t=, refused when it holds two that differ: stripe-python checks the first, stripe-node
+    the last, so which one was signed cannot be told. The same one twice (the header repeated by a proxy,
+    its lines joined) names one time."""
+    if before is not None and before != value:
+        raise bad_request(
+            "repeated_header",
+            "the Stripe-Signature header holds two different timestamps (t=); it holds one: send it once",
+        )
+    return value
 
 
 @hookimpl

@@ -438,6 +438,14 @@ CASES: list[tuple[str, Callable[[], Request], int, str]] = [
         200,
         "accepted",
     ),
+    (
+        "Stripe-Signature on two lines with different t=",  # which one was signed cannot be told
+        lambda: (lambda r: repeated(r, "stripe-signature", r.headers["stripe-signature"], "t=1"))(
+            signed("stripe")
+        ),
+        400,
+        "repeated_header",
+    ),
     ("hmac valid", lambda: signed("hmac"), 200, "accepted"),
     ("two hmac id header lines", lambda: twice(signed("hmac"), "x-event-id"), 400, "repeated_header"),
     ("two hmac type header lines", lambda: twice(signed("hmac"), "x-event-type"), 400, "repeated_header"),

@@ -598,6 +598,25 @@ def test_stripe_future_timestamps_are_refused_unlike_stripe_python() -> None:
     assert error.reason == "timestamp_out_of_tolerance"
 
 
+def test_a_stripe_signature_with_two_different_timestamps_is_refused_as_ambiguous() -> None:
+    # stripe-python reads the first t=, stripe-node the last: which one was signed cannot be told.
+    secret = "whsec_two_timestamps"
+    body = CASE["stripe"].body
+    now = int(time.time())
+    good = hex_hmac(secret, f"{now}.".encode() + body)
+    provider = make_provider("stripe", [secret])
+    for header in (
+        f"t={now},v1={good},t={now - 60}",
+        f"t={now - 60},t={now},v1={good}",
+        f"t={now},v1={good}, t={now + 1},v1={good}",  # the header on two lines, joined
+    ):
+        error = rejection(lambda h=header: provider.verify({"stripe-signature": h}, body, time.time()))
+        assert (error.status, error.reason) == (400, "repeated_header"), header
+        assert "t=" in error.detail
+    # The same t= twice (a proxy that repeats the header) names one timestamp, and is read as before.
+    provider.verify({"stripe-signature": f"t={now},v1={good}, t={now},v1={good}"}, body, time.time())
+
+
 def test_stripe_event_fields_and_keying() -> None:
     case = CASE["stripe"]
     provider = case.make()

@@ -903,6 +903,39 @@ def test_bulk_replay_of_missing_deliveries_creates_them_and_shows_progress(
 
 
 @pytest.mark.parametrize("through", ["database", "admin-api"])
+def test_bulk_replay_with_json_prints_the_counts_on_one_line(
+    tmp_path: Path, downstream: Downstream, through: str
+) -> None:
+    args = ("--state", "missing", "--since", "1h", "--json")
+    result, due = bulk_replay(tmp_path, downstream, through, *args, expect=8)
+    assert result.exit_code == 0, result.output
+    # The sums of the pages' counts, for a script; the progress stays on stderr.
+    assert result.stdout.count("\n") == 1
+    assert json.loads(result.stdout) == {"replayed": 5, "created": 3}
+    assert len(result.stderr.splitlines()) == 4
+    assert len(due) == 8
+
+
+@pytest.mark.parametrize("through", ["database", "admin-api"])
+def test_replay_of_an_event_with_json_prints_the_admin_api_s_answer(
+    tmp_path: Path, downstream: Downstream, through: str
+) -> None:
+    with_storage(tmp_path / "db.sqlite", fill)
+    config = config_dict(tmp_path)
+    config["routes"][0]["actions"][0]["with"]["url"] = f"{downstream.url}/hooks"
+    path = write_config(tmp_path, config)
+    if through == "database":
+        result = invoke("replay", "-c", path, "evt_dead", "--action", "app", "--json")
+    else:
+        with RunningGateway(path) as gw:
+            result = invoke("replay", "--admin-url", gw.ops_url, "evt_dead", "--action", "app", "--json")
+    assert result.exit_code == 0, result.output
+    # The admin API's answer (a ReplayPage), as it came.
+    assert result.stdout.count("\n") == 1
+    assert json.loads(result.stdout) == {"replayed": 1, "created": 0, "next_cursor": None}
+
+
+@pytest.mark.parametrize("through", ["database", "admin-api"])
 def test_bulk_replay_of_missing_needs_since(tmp_path: Path, downstream: Downstream, through: str) -> None:
     result, due = bulk_replay(tmp_path, downstream, through, "--state", "missing")
     assert result.exit_code == 1

@@ -549,7 +549,7 @@ class Engine:
                 event,
                 delivery.route,
                 delivery.action,
-                delivery.attempts,
+                delivery.attempt_number,
                 runnable.plan.timeout,
                 policy,
                 claim.parent,
@@ -579,8 +579,9 @@ class Engine:
         else:
             state = outcome.kind
 
+        # Numbered on from the rounds before a replay; the schedule above counts this round's only.
         attempt = Attempt(
-            delivery.attempts, started, duration, outcome.kind, outcome.status_code, outcome.error
+            delivery.attempt_number, started, duration, outcome.kind, outcome.status_code, outcome.error
         )
         finished: Finished | None
         try:
@@ -612,7 +613,7 @@ class Engine:
                     **event.summary(),
                     "route": delivery.route,
                     "action": delivery.action,
-                    "attempt": delivery.attempts,
+                    "attempt": delivery.attempt_number,
                 },
             )
             # No longer ours to run: out of `_running` before the claim loop wakes, or it would leave the
@@ -638,7 +639,7 @@ class Engine:
                 **event.summary(),
                 "route": delivery.route,
                 "action": delivery.action,
-                "attempt": delivery.attempts,
+                "attempt": delivery.attempt_number,
                 "outcome": outcome.kind,
                 "status_code": outcome.status_code,
                 "error": outcome.error,
@@ -676,7 +677,7 @@ class Engine:
                     **event.summary(),
                     "route": delivery.route,
                     "action": delivery.action,
-                    "attempt": delivery.attempts,
+                    "attempt": delivery.attempt_number,
                     "outcome": "dead",
                     "error": delivery.last_error,
                 },

@@ -567,10 +567,10 @@ def test_a_replay_while_the_acknowledgement_retries_reports_the_new_result_only(
             (200, {"operationId": "op-9", "result": 1}),
         ]
         assert len(downstream.received("/app")) == 4
-        # It started over after the replay: its history keeps the attempt before it.
+        # It started over after the replay: its history keeps the attempt before it, and numbers on.
         assert [(a.number, a.outcome, a.status_code) for a in ack_history(gw, "evt_replayed")] == [
             (1, "retry", 503),
-            (1, "delivered", 200),
+            (2, "delivered", 200),
         ]
 
 

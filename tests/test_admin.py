@@ -327,6 +327,30 @@ def test_replay_one_event_and_one_action(tmp_path: Path, downstream: Downstream)
         assert gw.metric("hookyard_replays_total", mode="event") == 2
 
 
+def test_a_replayed_delivery_numbers_its_attempts_on_and_starts_its_retry_schedule_over(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    downstream.answer("/app", 500, 500, 500, 200)
+    config = users_config(tmp_path, downstream)
+    config["defaults"]["retry"]["schedule"] = ["50ms"]  # two attempts a round
+    with RunningGateway(config) as gw:
+        send(gw, "msg_rounds")
+        wait_until(lambda: states(gw, "msg_rounds") == {"app": "dead", "audit": "delivered"})
+        assert admin(gw, "POST", "/admin/events/msg_rounds/replay", json={}).json()["replayed"] == 1
+        # The replay has the whole schedule again: a retry, and then delivered. Numbered on from the
+        # round before, as the app is told, so no number names two attempts; so is its dependent's.
+        wait_until(lambda: len(downstream.received("/audit")) == 2)
+        app = admin(gw, "GET", "/admin/events/msg_rounds").json()["deliveries"][0]
+        assert [(a["number"], a["outcome"], a["status_code"]) for a in app["attempts"]] == [
+            (1, "retry", 500),
+            (2, "dead", 500),
+            (3, "retry", 500),
+            (4, "delivered", 200),
+        ]
+        assert [r.headers["x-hookyard-attempt"] for r in downstream.received("/app")] == ["1", "2", "3", "4"]
+        assert [r.headers["x-hookyard-attempt"] for r in downstream.received("/audit")] == ["1", "2"]
+
+
 def test_replay_one_event_narrowed_to_a_route(tmp_path: Path, downstream: Downstream) -> None:
     config = users_config(tmp_path, downstream)
     # A second route whose action has the same id: `action` alone names both.

@@ -133,7 +133,7 @@ class Harness:
         record = delivery.delivery if isinstance(delivery, Claim) else delivery
         outcome = "retry" if state == "pending" else state
         attempt = Attempt(
-            record.attempts if number is None else number, now - 0.25, 0.25, outcome, status, error
+            record.attempt_number if number is None else number, now - 0.25, 0.25, outcome, status, error
         )
         return self.run(self.storage.finish(record, attempt, state, due_at, now))
 
@@ -1891,6 +1891,72 @@ def test_replay_event_reruns_finished_deliveries_and_rewinds_dependents(db: Harn
     # The attempt history is kept.
     detail = db.detail("evt_1")
     assert len(detail.attempts[records["app"].id]) == 1
+
+
+def dead_after_two_attempts(db: Harness) -> int:
+    """evt_1: app dead after a retry, its `always` dependent ack delivered; answers its seq."""
+    db.ingest("evt_1", APP, action("ack", after="app", when="always"))
+    [app] = db.claim(T0 + 1)
+    db.finish(app, "pending", T0 + 2, due_at=T0 + 3, status=500)
+    [app] = db.claim(T0 + 3)
+    db.finish(app, "dead", T0 + 4, status=500)
+    [ack] = db.claim(T0 + 4)
+    db.finish(ack, "delivered", T0 + 5, status=200)
+    return db.detail("evt_1").seq
+
+
+def replay_and_deliver(db: Harness, seq: int, now: float) -> tuple[DeliveryRecord, DeliveryRecord]:
+    """Replay evt_1 and deliver app then ack: the records they were claimed with."""
+    assert db.run(db.storage.replay_event(seq, now=now)) == 1
+    [app] = db.claim(now)
+    db.finish(app, "delivered", now + 1, status=200)
+    [ack] = db.claim(now + 1)
+    db.finish(ack, "delivered", now + 2, status=200)
+    return app.delivery, ack.delivery
+
+
+def numbers(db: Harness) -> dict[str, list[int]]:
+    detail = db.detail("evt_1")
+    return {d.action: [a.number for a in detail.attempts[d.id]] for d in detail.deliveries}
+
+
+def test_a_replayed_delivery_numbers_its_attempts_on_and_counts_its_round_from_1(db: Harness) -> None:
+    seq = dead_after_two_attempts(db)
+    app, ack = replay_and_deliver(db, seq, T0 + 100)
+    # The round's count drives the retry schedule, and starts over; the number goes on from the rounds
+    # before, so that no number in the history names two attempts.
+    assert (app.attempts, app.attempt_number) == (1, 3)
+    assert (ack.attempts, ack.attempt_number) == (1, 2)
+    assert numbers(db) == {"app": [1, 2, 3], "ack": [1, 2]}
+    app, ack = replay_and_deliver(db, seq, T0 + 200)
+    assert (app.attempts, app.attempt_number) == (1, 4)
+    assert numbers(db) == {"app": [1, 2, 3, 4], "ack": [1, 2, 3]}
+    # A bulk replay of dead deliveries starts a round as one event's replay does.
+    assert db.run(db.storage.replay_event(seq, "app", now=T0 + 300)) == 1
+    [claim] = db.claim(T0 + 300)
+    db.finish(claim, "dead", T0 + 301, status=500)
+    assert db.replay_dead(since=None, now=T0 + 400) == 1
+    [claim] = db.claim(T0 + 400)
+    assert (claim.delivery.attempts, claim.delivery.attempt_number) == (1, 6)
+
+
+def test_a_database_made_before_attempts_were_numbered_across_replays_gets_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    column = "    attempts_before INTEGER NOT NULL DEFAULT 0,\n"
+    assert column in sqlite_module.SCHEMA
+    with contextlib.closing(sqlite3.connect(path)) as old:
+        old.executescript(sqlite_module.SCHEMA.replace(column, ""))
+    for _ in range(2):  # added once, and found there when opened again
+        harness = Harness(path)
+        harness.run(harness.storage.open())
+        try:
+            if not harness.run(harness.storage.get_event("evt_1")):
+                seq = dead_after_two_attempts(harness)
+                replay_and_deliver(harness, seq, T0 + 100)
+            assert numbers(harness) == {"app": [1, 2, 3], "ack": [1, 2]}
+        finally:
+            harness.run(harness.storage.close())
+            harness.runner.close()
 
 
 def test_replay_event_of_one_action(db: Harness) -> None:

@@ -72,8 +72,17 @@ class DeliveryRecord:
     last_error: str | None = None
     finished_at: float | None = None
     # When it last became pending (created, released by its parent, replayed). With `attempts` it names
-    # one attempt: a replay starts the count over, so a number alone may be an attempt of the round before.
+    # one attempt: a replay starts the count over, so a count alone may be an attempt of the round before.
     pending_since: float | None = None
+    # The attempts recorded in the rounds before this one (replays). `attempts` counts this round's only,
+    # and drives the retry schedule, which a replay starts over; the numbering goes on.
+    attempts_before: int = 0
+
+    @property
+    def attempt_number(self) -> int:
+        """The number of its current attempt in its whole history, as the attempt is recorded and the
+        action told (`Job.attempt`): unique among its attempts, whatever the replays."""
+        return self.attempts_before + self.attempts
 
 
 class Attempt(NamedTuple):

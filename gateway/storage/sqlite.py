@@ -153,7 +153,11 @@ CREATE TABLE IF NOT EXISTS deliveries (
     run_when    TEXT,
     -- waiting (for its parent), pending (due at due_at, or leased until due_at), delivered, dead, skipped
     state       TEXT NOT NULL,
+    -- this round's: a replay starts the count over, and the retry schedule with it
     attempts    INTEGER NOT NULL DEFAULT 0,
+    -- those recorded in the rounds before, which the numbering goes on from (added to an older database
+    -- by _add_missing_columns, after its other columns)
+    attempts_before INTEGER NOT NULL DEFAULT 0,
     due_at      REAL,
     -- when it last became pending (created, released by its parent, replayed): what the lag is measured from
     pending_since REAL,
@@ -195,13 +199,40 @@ QUEUE_STATS = (
 
 _DELIVERY_COLUMNS = (
     "id, event_seq, route, action, state, attempts, due_at, created_at, parent_id, run_when, "
-    "last_status, last_error, finished_at, pending_since"
+    "last_status, last_error, finished_at, pending_since, attempts_before"
 )
 # The headers as bytes, which orjson decodes and checks: a row whose text is not UTF-8 (edited by hand, a
 # damaged page) then fails on its own in _read_event, where sqlite3 would fail the whole statement.
 _EVENT_COLUMNS = (
     "seq, source, event_id, type, occurred_at, received_at, verified, CAST(headers AS BLOB), body"
 )
+
+
+# The columns added since the first databases were made: (table, column, definition).
+_ADDED_COLUMNS = (("deliveries", "attempts_before", "INTEGER NOT NULL DEFAULT 0"),)
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Add to a database made by an earlier version the columns it lacks (CREATE TABLE IF NOT EXISTS
+    leaves its tables as they are). Every statement names its columns, so an earlier version still works
+    on it. A database that has them all is only read: opening it takes no write lock."""
+    missing = [added for added in _ADDED_COLUMNS if added[1] not in _columns(conn, added[0])]
+    if not missing:
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for table, column, definition in missing:
+            if column not in _columns(conn, table):  # another process opening it may have added it since
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _columns(conn: sqlite3.Connection, table: str) -> set[str]:
+    return {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
 
 
 class _GroupCommit:
@@ -951,6 +982,7 @@ class SQLiteStorage(Storage):
             # Not serving yet: the schema may wait for another process's lock in SQLite, on the loop.
             conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT * 1000)}")
             conn.executescript(SCHEMA)
+            _add_missing_columns(conn)
             # From here on the loop waits for no lock: _GroupCommit tries a batch again from a timer.
             conn.execute("PRAGMA busy_timeout = 0")
         except (OSError, sqlite3.Error) as exc:
@@ -1843,8 +1875,8 @@ def _claim(
     if unready:
         placeholders = ",".join("?" * len(unready))
         conn.execute(
-            "UPDATE deliveries SET state = 'waiting', due_at = NULL, lease_owner = NULL, attempts = 0 "
-            f"WHERE id IN ({placeholders})",
+            "UPDATE deliveries SET state = 'waiting', due_at = NULL, lease_owner = NULL, attempts = 0, "
+            f"attempts_before = {_RECORDED} WHERE id IN ({placeholders})",
             unready,
         )
     return claims, skipped.skipped, unreadable
@@ -1861,7 +1893,7 @@ def _end_unreadable(
         f"last_error = ?, finished_at = ? WHERE id = ? RETURNING {_DELIVERY_COLUMNS}",
         (reason, now, delivery.id),
     ).fetchone()
-    conn.execute(_INSERT_ATTEMPT, (delivery.id, delivery.attempts, now, 0.0, "dead", None, reason))
+    conn.execute(_INSERT_ATTEMPT, (delivery.id, delivery.attempt_number, now, 0.0, "dead", None, reason))
     finished = Finished()
     _settle_dependents(conn, delivery.id, RESULT_OF["dead"], now, finished)
     # Read leniently, its text may not be UTF-8, nor its dependents': told as shown, as the listings do.
@@ -1918,10 +1950,10 @@ def _finish(
     unfollowed: str | None = None,
 ) -> Finished:
     final = state in ("delivered", "dead", "skipped")
-    # `attempts = ?` fences out a worker whose lease expired and whose delivery was claimed again since:
-    # its late result changes nothing. `pending_since` fences out an attempt of the round before a replay
-    # sent the delivery back to wait (a dependent whose parent was replayed): the count started over, and
-    # the new round's attempt may have the same number.
+    # `attempts = ?` (the round's count the attempt was claimed with, not its number) fences out a worker
+    # whose lease expired and whose delivery was claimed again since: its late result changes nothing.
+    # `pending_since` fences out an attempt of the round before a replay sent the delivery back to wait (a
+    # dependent whose parent was replayed): the count started over, and the new round's may be the same.
     since = delivery.pending_since
     recorded = (
         delivery.id,
@@ -1932,7 +1964,7 @@ def _finish(
         attempt.status_code,
     )
     if state == "delivered" and due_at is None and attempt.error is None:  # most results
-        parameters = (attempt.status_code, now, delivery.id, attempt.number, since)
+        parameters = (attempt.status_code, now, delivery.id, delivery.attempts, since)
         if conn.execute(_FINISH_DELIVERED_CHILDLESS, parameters).rowcount:
             # Final, and no dependent waits for it: nothing to settle.
             conn.execute(_INSERT_ATTEMPT_OK, recorded)
@@ -1949,7 +1981,7 @@ def _finish(
                 attempt.error,
                 now if final else None,
                 delivery.id,
-                attempt.number,
+                delivery.attempts,
                 since,
             ),
         )
@@ -2007,19 +2039,25 @@ def _settle_dependents(
         outcome, reason = None, SKIPPED_REASON  # below a skipped dependent, everything is skipped
 
 
+# A delivery's attempts recorded so far, for the rounds after a replay to number theirs on from (one
+# rewritten in an UPDATE of deliveries). The highest number, not a count: a database replayed by an earlier
+# version, which numbered each round from 1, numbers on past every attempt it holds.
+_RECORDED = "(SELECT coalesce(max(number), 0) FROM attempts WHERE attempts.delivery_id = deliveries.id)"
+
+
 def _reset(conn: sqlite3.Connection, ids: list[int], now: float) -> int:
-    """Replay: the given deliveries run again with a fresh attempt count, and their dependents wait again,
-    with a fresh count too, whatever their state: a dependent still pending (due, retrying or in flight)
-    acted on the parent's old result, and follows its new one. An attempt of it in flight is fenced out
-    (the delivery is no longer pending): its result is discarded. A delivery whose parent (or any
-    ancestor) is replayed too waits for it instead of running at once."""
+    """Replay: the given deliveries run again with a fresh attempt count (their numbers go on from those
+    recorded), and their dependents wait again, with a fresh count too, whatever their state: a dependent
+    still pending (due, retrying or in flight) acted on the parent's old result, and follows its new one.
+    An attempt of it in flight is fenced out (the delivery is no longer pending): its result is discarded.
+    A delivery whose parent (or any ancestor) is replayed too waits for it instead of running at once."""
     replayed = set(ids)
     roots = [delivery_id for delivery_id in ids if not _has_ancestor_in(conn, delivery_id, replayed)]
     changed = set(roots)
     for delivery_id in roots:
         conn.execute(
             "UPDATE deliveries SET state = 'pending', due_at = ?, pending_since = ?, attempts = 0, "
-            "lease_owner = NULL, finished_at = NULL WHERE id = ?",
+            f"attempts_before = {_RECORDED}, lease_owner = NULL, finished_at = NULL WHERE id = ?",
             (now, now, delivery_id),
         )
         descendants = [delivery_id]
@@ -2028,9 +2066,9 @@ def _reset(conn: sqlite3.Connection, ids: list[int], now: float) -> int:
             descendants = [
                 row[0]
                 for row in conn.execute(
-                    "UPDATE deliveries SET state = 'waiting', due_at = NULL, attempts = 0, finished_at = NULL, "
-                    f"lease_owner = NULL WHERE parent_id IN ({placeholders}) AND state != 'waiting' "
-                    "RETURNING id",
+                    "UPDATE deliveries SET state = 'waiting', due_at = NULL, attempts = 0, "
+                    f"attempts_before = {_RECORDED}, finished_at = NULL, lease_owner = NULL "
+                    f"WHERE parent_id IN ({placeholders}) AND state != 'waiting' RETURNING id",
                     descendants,
                 )
             ]

@@ -532,6 +532,7 @@ class Engine:
 
     async def _deliver(self, claim: Claim, runnable: RunnableAction | None) -> None:
         delivery, event = claim.delivery, claim.event
+        number = delivery.attempt_number  # for the job and the record: a property, read once
         unfollowed = None
         if runnable is None:
             started = time.time()
@@ -549,7 +550,7 @@ class Engine:
                 event,
                 delivery.route,
                 delivery.action,
-                delivery.attempt_number,
+                number,
                 runnable.plan.timeout,
                 policy,
                 claim.parent,
@@ -580,9 +581,7 @@ class Engine:
             state = outcome.kind
 
         # Numbered on from the rounds before a replay; the schedule above counts this round's only.
-        attempt = Attempt(
-            delivery.attempt_number, started, duration, outcome.kind, outcome.status_code, outcome.error
-        )
+        attempt = Attempt(number, started, duration, outcome.kind, outcome.status_code, outcome.error)
         finished: Finished | None
         try:
             # While the claim loop waits for a free slot, this record's commit is what frees one.

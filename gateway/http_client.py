@@ -404,7 +404,7 @@ class Target:
         return (self.scheme, self.host, self.port)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # read-only, but not frozen: one is made for every request (see Job)
 class Answer:
     status: int
     # Lower-cased names; the last value of a repeated header.

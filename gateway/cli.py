@@ -489,6 +489,8 @@ def replay(
         raise click.UsageError("give an EVENT_ID or --state dead|missing, not both")
     if event_id is None and state is None:
         raise click.UsageError("give an EVENT_ID, or --state dead|missing for a bulk replay")
+    if state == "missing" and since is None:
+        raise click.UsageError("--since is required with --state missing, e.g. --since 2h")
     if event_id is not None:
         ignored = [name for name, value in (("--since", since), ("--until", until)) if value is not None]
         if click.get_current_context().get_parameter_source("page_size") != ParameterSource.DEFAULT:

@@ -19,6 +19,7 @@ from click.core import ParameterSource
 
 from gateway import __version__
 from gateway.config import (
+    CONFIG_ENV_VAR,
     Config,
     ConfigError,
     default_config_path,
@@ -75,10 +76,19 @@ def _registry() -> Registry:
         raise SystemExit(1) from None
 
 
-def _config_errors(path: Path, exc: ConfigError) -> SystemExit:
-    """Print a ConfigError's lines on stderr, each naming the file: what to raise."""
+def _config_errors(path: Path, exc: ConfigError, *, given: bool = True) -> SystemExit:
+    """Print a ConfigError's lines on stderr, each naming the file: what to raise. given: False when no -c
+    named the file, so that a file that cannot be read says where its path came from."""
     for line in exc.errors:
-        click.echo(line if line.startswith(str(path)) else f"{path}: {line}", err=True)
+        line = line if line.startswith(str(path)) else f"{path}: {line}"
+        if not given and line.startswith(f"{path}: cannot read: "):
+            line += (
+                f" (the file ${CONFIG_ENV_VAR} names)"
+                if os.environ.get(CONFIG_ENV_VAR)
+                else f" (no -c PATH nor ${CONFIG_ENV_VAR} was given, so ./{path} in {Path.cwd()} was read): "
+                "give the config with -c PATH"
+            )
+        click.echo(line, err=True)
     return SystemExit(1)
 
 
@@ -88,7 +98,7 @@ def _load(config_path: Path | None) -> tuple[Config, RouteTable]:
     try:
         return load_routes(path, registry)
     except ConfigError as exc:
-        raise _config_errors(path, exc) from None
+        raise _config_errors(path, exc, given=config_path is not None) from None
 
 
 def _load_for(config_path: Path | None, needs: Collection[str]) -> Config:
@@ -99,7 +109,7 @@ def _load_for(config_path: Path | None, needs: Collection[str]) -> Config:
     try:
         config, unset = load_config_for(path, needs)
     except ConfigError as exc:
-        raise _config_errors(path, exc) from None
+        raise _config_errors(path, exc, given=config_path is not None) from None
     if unset:
         named = ", ".join(f"{name} ({place})" for name, place in unset.items())
         click.echo(f"hookyard: not set, and not needed by this command: {named}", err=True)

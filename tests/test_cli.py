@@ -180,6 +180,32 @@ def test_check_reports_unreadable_and_invalid_files(tmp_path: Path) -> None:
     assert f"{broken}: not valid YAML" in result.stderr
 
 
+def test_a_missing_config_found_by_default_says_how_to_name_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Run from a directory without routes.yaml, a new user read only "cannot read: No such file".
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("HOOKYARD_CONFIG", raising=False)
+    for args in (["check"], ["serve"], ["events", "list"], ["send", "consignease", "--type", "user.created"]):
+        result = invoke(*args)
+        assert result.exit_code == 1, (args, result.output)
+        assert result.stderr == (
+            "routes.yaml: cannot read: No such file or directory (no -c PATH nor $HOOKYARD_CONFIG was given, "
+            f"so ./routes.yaml in {tmp_path} was read): give the config with -c PATH\n"
+        ), args
+
+    named = tmp_path / "elsewhere.yaml"
+    result = invoke("check", env={"HOOKYARD_CONFIG": str(named)})
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"{named}: cannot read: No such file or directory (the file $HOOKYARD_CONFIG names)\n"
+    )
+
+    # Named with -c, the path is the user's own: nothing to add.
+    result = invoke("check", "-c", named)
+    assert result.stderr == f"{named}: cannot read: No such file or directory\n"
+
+
 def test_check_uses_hookyard_config_without_c(tmp_path: Path) -> None:
     good = write_config(tmp_path, config_dict(tmp_path), "good.yaml")
     result = invoke("check", env={"HOOKYARD_CONFIG": str(good)})

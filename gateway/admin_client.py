@@ -46,6 +46,8 @@ class RemoteOperations:
         self.timeout = timeout
         # As the user gave it, path and all, without its credentials: what errors name.
         self.shown_url = shown_url_with_path(url.rstrip("/"))
+        # The admin API's own paths begin with /admin: a base URL that ends so asks for /admin/admin/….
+        self.ends_in_admin = httpx.URL(url).path.rstrip("/").endswith("/admin")
         # As UTF-8 bytes, as the gateway reads it: httpx encodes a str value as ASCII, and a token beyond
         # ASCII (which ops.admin_token may be) would end the command with a UnicodeEncodeError.
         headers = {b"authorization": f"Bearer {token.strip()}".encode()} if token else {}
@@ -100,9 +102,10 @@ class RemoteOperations:
         without its credentials."""
         tried = response.request.url.raw_path.partition(b"?")[0].decode("ascii")
         text = " ".join(response.text[:200].split()) or "with no body"
+        hint = ": give the ops listener's own URL, without /admin" if self.ends_in_admin else ""
         return (
             f"{self.given_as} {self.shown_url} does not answer as Hookyard's ops listener: "
-            f"{response.request.method} {tried} answered {response.status_code} {text}"
+            f"{response.request.method} {tried} answered {response.status_code} {text}{hint}"
         )
 
     async def list_events(self, **filters: Any) -> dict[str, Any]:

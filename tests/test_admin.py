@@ -981,7 +981,8 @@ def test_an_admin_url_that_is_not_the_ops_listener_says_so(
         assert nested.stderr == (
             f"hookyard: --admin-url {base} does not answer as Hookyard's ops listener: {method} "
             f"/admin{path} answered 404 "
-            f'{{"error":"no admin endpoint {method} /admin{path}; see /admin/openapi.json"}}\n'
+            f'{{"error":"no admin endpoint {method} /admin{path}; see /admin/openapi.json"}}: give the ops '
+            "listener's own URL, without /admin\n"
         )
         # What the admin API itself answers is still its own error.
         missing = runner.invoke(main, ["events", "show", "msg_x", "--admin-url", gw.ops_url])

@@ -280,6 +280,22 @@ class _Text(click.types.StringParamType):
 TEXT = _Text()
 
 
+class _Time(_Text):
+    """A --since or --until, checked here so that one that is no time is a usage error naming its option.
+    The text goes on as given: a `2h` is read where the window is fixed (through --admin-url, by the
+    gateway's clock), so the check reads no clock."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from gateway.operations import OperationError, parse_time
+
+        text = super().convert(value, param, ctx)
+        try:
+            parse_time(text, "time", now=lambda: 0.0)
+        except OperationError as exc:
+            self.fail(str(exc).removeprefix("time: "), param, ctx)
+        return text
+
+
 def source_option(help: str) -> Decorator:
     return click.option("--source", type=TEXT, help=help)
 
@@ -290,7 +306,7 @@ def route_option(help: str) -> Decorator:
 
 def window_options(*, since: str, until: str) -> Decorator:
     return _together(
-        click.option("--since", type=TEXT, help=since), click.option("--until", type=TEXT, help=until)
+        click.option("--since", type=_Time(), help=since), click.option("--until", type=_Time(), help=until)
     )
 
 

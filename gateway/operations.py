@@ -40,8 +40,9 @@ def iso(timestamp: float | None) -> str | None:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def parse_time(value: object, name: str = "since") -> float | None:
-    """`2h` (that long ago), an ISO 8601 time, or seconds since the epoch."""
+def parse_time(value: object, name: str = "since", now: Callable[[], float] | None = None) -> float | None:
+    """`2h` (that long ago), an ISO 8601 time, or seconds since the epoch. now: the clock a duration is
+    counted back from, if not time.time."""
     if value is None or value == "":
         return None
     if isinstance(value, bool) or not isinstance(value, str | int | float):
@@ -72,7 +73,7 @@ def parse_time(value: object, name: str = "since") -> float | None:
         return number
     assert isinstance(value, str)
     try:
-        return time.time() - parse_duration(value)
+        return (now or time.time)() - parse_duration(value)
     except ValueError:
         pass
     try:

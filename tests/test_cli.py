@@ -726,6 +726,36 @@ def test_replay_needs_an_id_or_a_state(filled: Path, args: list[str], error: str
     assert deliveries(filled, "evt_dead")["app"].state == "dead"
 
 
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (
+            ["events", "list", "--since", "20261202"],
+            "Invalid value for '--since': '20261202' could be a date or epoch seconds (in 1970); write the date "
+            "as 2026-12-02",
+        ),
+        (
+            ["events", "list", "--until", "yesterday"],
+            "Invalid value for '--until': 'yesterday' is neither a duration (2h), an ISO time nor epoch seconds",
+        ),
+        (
+            ["replay", "--state", "dead", "--since", "1796437700000"],
+            "Invalid value for '--since': '1796437700000' is outside the years 1 to 9999: epoch milliseconds? "
+            "give seconds",
+        ),
+    ],
+)
+def test_a_time_the_cli_cannot_read_is_a_usage_error_naming_its_option(
+    filled: Path, args: list[str], error: str
+) -> None:
+    # It was the admin API's words, `hookyard: since: …`, with exit status 1.
+    result = invoke(*args, "-c", filled)
+    assert result.exit_code == 2, result.output
+    assert f"Error: {error}\n" in result.stderr
+    assert result.stdout == ""
+    assert deliveries(filled, "evt_dead")["app"].state == "dead"
+
+
 def test_replay_an_unknown_id_exits_1(filled: Path) -> None:
     result = invoke("replay", "-c", filled, "evt_nope")
     assert result.exit_code == 1

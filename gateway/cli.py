@@ -655,6 +655,8 @@ def send(
     concurrency: int,
 ) -> None:
     """Send a test event, signed exactly as SOURCE's provider signs it, and print the answer."""
+    import httpx
+
     from gateway.http_client import shown_url_with_path
     from gateway.sender import build_request, listen_url, send_many, source_url
     from gateway.sender import send as post
@@ -674,7 +676,13 @@ def send(
         response = post(target, body, headers)
     except Exception as exc:
         # Where it was sent, path and all (--url may have a path of its own), without the credentials.
-        click.echo(f"cannot reach {shown_url_with_path(target)}: {exc}", err=True)
+        reason = f"cannot reach {shown_url_with_path(target)}: {exc}"
+        if isinstance(exc, httpx.ConnectError):  # nothing listens there: most often, no gateway yet
+            reason += (
+                ": is the gateway running there? Start it with `hookyard serve`, or give its address"
+                " with --url"
+            )
+        click.echo(reason, err=True)
         raise SystemExit(1) from None
     click.echo(f"{response.status_code} {response.text}")
     if not response.is_success:

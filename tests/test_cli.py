@@ -1299,6 +1299,20 @@ def test_send_with_a_slash_in_the_urls_password_shows_no_part_of_it(tmp_path: Pa
     assert "percent-encoded" in result.stderr, result.stderr
 
 
+def test_send_before_the_gateway_runs_says_to_start_it(tmp_path: Path) -> None:
+    # A new user's first `hookyard send`, before `make run`: "Connection refused", and nothing to do.
+    config = config_dict(tmp_path)
+    port = free_port()
+    config["listen"] = {"host": "127.0.0.1", "port": port}
+    path = write_config(tmp_path, config)
+    result = invoke("send", "-c", path, "consignease", "--type", "user.created")
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        f"cannot reach http://127.0.0.1:{port}/webhooks/consignease: [Errno 111] Connection refused: "
+        "is the gateway running there? Start it with `hookyard serve`, or give its address with --url\n"
+    )
+
+
 @pytest.mark.parametrize("count", ["1", "3"])
 def test_send_to_a_closed_port_shows_the_url_without_its_password(tmp_path: Path, count: str) -> None:
     path = write_config(tmp_path, config_dict(tmp_path))

@@ -403,13 +403,14 @@ def test_replay_while_a_dependent_is_in_flight_runs_it_again_after_its_parent(
         wait_until(lambda: len(downstream.received("/app")) == 1 and downstream.in_flight == 1)
         assert admin(gw, "POST", "/admin/events/msg_in_flight/replay", json={}).json()["replayed"] == 1
         # audit acted on app's old result: it runs again once app's new one is in. The attempt that was
-        # under way is let finish, and its result discarded.
+        # under way is let finish, and its result discarded: the next is numbered past it, as it was sent.
         downstream.wait_for(2, "/audit")
         wait_until(lambda: states(gw, "msg_in_flight") == {"app": "delivered", "audit": "delivered"})
         assert len(downstream.received("/app")) == 2
+        assert [r.headers["x-hookyard-attempt"] for r in downstream.received("/audit")] == ["1", "2"]
         detail = admin(gw, "GET", "/admin/events/msg_in_flight").json()
         audit = next(d for d in detail["deliveries"] if d["action"] == "audit")
-        assert [(a["number"], a["outcome"]) for a in audit["attempts"]] == [(1, "delivered")]
+        assert [(a["number"], a["outcome"]) for a in audit["attempts"]] == [(2, "delivered")]
         labels = {"route": "users", "action": "audit", "outcome": "delivered"}
         assert gw.metric("hookyard_deliveries_total", **labels) == 1
 

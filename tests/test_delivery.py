@@ -504,12 +504,13 @@ def test_a_dependent_running_as_its_parent_is_replayed_reports_the_new_result_on
         gw.loop.call_soon_threadsafe(release.set)
 
         # The report of the failure ends after the replay: not taken for the report of the success, which
-        # is made next, as attempt 1 of the new round.
+        # is made next, as the first attempt of the new round, numbered past the discarded one (the action
+        # was told 1 for that one).
         wait_until(lambda: delivery_states(gw, "msg_rereport") == {"app": "delivered", "report": "delivered"})
-        assert reports == [(1, "dead"), (1, "delivered")]
+        assert reports == [(1, "dead"), (2, "delivered")]
         app, report = event_detail(gw, "msg_rereport").deliveries
         [attempt] = event_detail(gw, "msg_rereport").attempts[report.id]
-        assert (attempt.number, attempt.outcome) == (1, "delivered")
+        assert (attempt.number, attempt.outcome) == (2, "delivered")
         assert app.finished_at is not None and attempt.started_at >= app.finished_at  # the new round's
 
 

@@ -2183,6 +2183,10 @@ def test_an_attempt_begun_before_a_replay_cannot_finish_the_dependents_new_round
     assert db.detail("evt_1").attempts[ack.id] == []
     assert db.finish(fresh, "delivered", T0 + 7, status=200) == Finished()
     assert db.states("evt_1") == {"app": "delivered", "ack": "delivered"}
+    # Its number goes on past the stale attempt's, which was sent as attempt 1 though not recorded: no
+    # two attempts the receiver was sent have the same number, as for one a shutdown cut off.
+    assert (stale.delivery.attempt_number, fresh.delivery.attempt_number) == (1, 2)
+    assert [a.number for a in db.detail("evt_1").attempts[ack.id]] == [2]
 
 
 def test_a_dependent_claimed_while_its_parent_runs_again_waits_for_it(db: Harness) -> None:

@@ -74,8 +74,9 @@ class DeliveryRecord:
     # When it last became pending (created, released by its parent, replayed). With `attempts` it names
     # one attempt: a replay starts the count over, so a count alone may be an attempt of the round before.
     pending_since: float | None = None
-    # The attempts recorded in the rounds before this one (replays). `attempts` counts this round's only,
-    # and drives the retry schedule, which a replay starts over; the numbering goes on.
+    # The attempts made in the rounds before this one (replays), one whose result a replay fenced out too.
+    # `attempts` counts this round's only, and drives the retry schedule, which a replay starts over; the
+    # numbering goes on.
     attempts_before: int = 0
 
     @property

@@ -155,7 +155,7 @@ CREATE TABLE IF NOT EXISTS deliveries (
     state       TEXT NOT NULL,
     -- this round's: a replay starts the count over, and the retry schedule with it
     attempts    INTEGER NOT NULL DEFAULT 0,
-    -- those recorded in the rounds before, which the numbering goes on from (added to an older database
+    -- those made in the rounds before, which the numbering goes on from (added to an older database
     -- by _add_missing_columns, after its other columns)
     attempts_before INTEGER NOT NULL DEFAULT 0,
     due_at      REAL,
@@ -2043,6 +2043,10 @@ def _settle_dependents(
 # rewritten in an UPDATE of deliveries). The highest number, not a count: a database replayed by an earlier
 # version, which numbered each round from 1, numbers on past every attempt it holds.
 _RECORDED = "(SELECT coalesce(max(number), 0) FROM attempts WHERE attempts.delivery_id = deliveries.id)"
+# What a replay numbers a delivery's next round on from: past its recorded attempts, and past those its
+# round claimed that have no record, an attempt still in flight (its result fenced out, but sent with its
+# number) or one a shutdown cut off, whose number is skipped as it is within a round.
+_NUMBERED_ON = f"max(attempts_before + attempts, {_RECORDED})"
 
 
 def _reset(conn: sqlite3.Connection, ids: list[int], now: float) -> int:
@@ -2057,7 +2061,7 @@ def _reset(conn: sqlite3.Connection, ids: list[int], now: float) -> int:
     for delivery_id in roots:
         conn.execute(
             "UPDATE deliveries SET state = 'pending', due_at = ?, pending_since = ?, attempts = 0, "
-            f"attempts_before = {_RECORDED}, lease_owner = NULL, finished_at = NULL WHERE id = ?",
+            f"attempts_before = {_NUMBERED_ON}, lease_owner = NULL, finished_at = NULL WHERE id = ?",
             (now, now, delivery_id),
         )
         descendants = [delivery_id]
@@ -2067,7 +2071,7 @@ def _reset(conn: sqlite3.Connection, ids: list[int], now: float) -> int:
                 row[0]
                 for row in conn.execute(
                     "UPDATE deliveries SET state = 'waiting', due_at = NULL, attempts = 0, "
-                    f"attempts_before = {_RECORDED}, finished_at = NULL, lease_owner = NULL "
+                    f"attempts_before = {_NUMBERED_ON}, finished_at = NULL, lease_owner = NULL "
                     f"WHERE parent_id IN ({placeholders}) AND state != 'waiting' RETURNING id",
                     descendants,
                 )

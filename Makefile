@@ -49,7 +49,7 @@ check: lint typecheck test
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache
 
-bench: $(STAMP)  ## the whole benchmark in one run (~9 min): ingest, end to end, scale, profiles, clients, hot path -> bench/RESULTS.md; BENCH_ARGS="--against REV" also counts REV's hot path
+bench: $(STAMP)  ## the whole benchmark in one run (10 to 15 min): ingest, end to end, scale, profiles, clients, hot path -> bench/RESULTS.md; BENCH_ARGS="--against REV" also counts REV's hot path
 	$(BIN)/python -m bench.run --profile $(BENCH_ARGS)
 
 bench-quick: $(STAMP)  ## a shorter benchmark run, no profiles; results in /tmp/hookyard-bench-quick

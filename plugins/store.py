@@ -74,7 +74,9 @@ connects again and reaches the new primary. So does an idle connection the serve
 timeout) that an attempt took before asyncpg noticed (StaleConnection). An error in the statement itself (a
 column missing or of the wrong type in a table created by hand, a violated constraint, a value the column
 rejects, such as \\u0000 in a string for jsonb, or a key, event id or type longer than the 2704 bytes,
-compressed, that a PostgreSQL index entry holds) ends the delivery dead: retrying cannot help. The error of a
+compressed, that a PostgreSQL index entry holds) ends the delivery dead: retrying cannot help. For a table
+that lacks a column, has one of another type or lacks the primary key ON CONFLICT names, the error says so
+and what to do. The error of a
 violated constraint names the constraint, never the row: that holds the event's data. A payload nested too
 deeply for Python's json to write (the gateway reads up to 1024 levels) ends dead too, with either database.
 
@@ -441,6 +443,10 @@ class Backend(ABC):
     @abstractmethod
     def missing_table(self, exc: Exception) -> bool: ...
 
+    @abstractmethod
+    def wrong_shape(self, exc: Exception) -> bool:
+        """True for an error that says the table lacks a column the store writes, or its primary key."""
+
     def describe(self, exc: Exception) -> str:
         """The error as the attempt record and the log show it."""
         return _error(exc)
@@ -472,6 +478,8 @@ def _dated(timestamp: float | None) -> float | None:
 # granted, a table dropped while running (created again), a schema created.
 _PG_PERMANENT_CLASSES = ("22", "23", "42", "54")
 _PG_FIXABLE_STATES = frozenset({"42501", "42P01", "3F000"})
+# A table made by hand: no such column, a column of another type, no unique index for ON CONFLICT.
+_PG_WRONG_SHAPE = frozenset({"42703", "42804", "42P10"})
 # read_only_sql_transaction: a write on a hot standby, or on a session that starts read-only. After a
 # failover the pool's connections may still lead to the old primary, now a standby (a writer endpoint's
 # name moved to the new one, and connections opened before stay where they were). They stay open, so every
@@ -685,6 +693,12 @@ class Postgres(Backend):
     def missing_table(self, exc: Exception) -> bool:
         return isinstance(exc, self._asyncpg.PostgresError) and _sqlstate(exc) == "42P01"
 
+    def wrong_shape(self, exc: Exception) -> bool:
+        # asyncpg's DataError: a parameter typed by its column (append's) that is not of the store's type.
+        if isinstance(exc, self._asyncpg.exceptions.DataError):
+            return True
+        return isinstance(exc, self._asyncpg.PostgresError) and _sqlstate(exc) in _PG_WRONG_SHAPE
+
     def describe(self, exc: Exception) -> str:
         message = getattr(exc, "message", None)
         if not isinstance(exc, self._asyncpg.PostgresError) or not message:
@@ -733,6 +747,9 @@ def _iso(timestamp: float) -> str:
     # Fixed width, so that text comparison in SQL is time order. Not %Y: it writes the year 999 as "999".
     moment = _utc(timestamp)
     return f"{moment.year:04d}" + moment.strftime("-%m-%dT%H:%M:%S.%fZ")
+
+
+_SQLITE_WRONG_SHAPE = ("no such column", "has no column named", "ON CONFLICT clause does not match")
 
 
 class SQLite(Backend):
@@ -851,6 +868,12 @@ class SQLite(Backend):
     def missing_table(self, exc: Exception) -> bool:
         return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith("no such table")
 
+    def wrong_shape(self, exc: Exception) -> bool:
+        # SQLite has no codes of its own for these: SQLITE_ERROR, told apart by the message.
+        return isinstance(exc, sqlite3.OperationalError) and any(
+            words in str(exc) for words in _SQLITE_WRONG_SHAPE
+        )
+
     async def aclose(self) -> None:
         def close() -> None:
             if self._conn is not None:
@@ -916,7 +939,7 @@ class Store(Action):
                 self._ready = False  # dropped while running: the next attempt creates it again
                 return retry(f"{backend.where}: table {table} is missing: {backend.describe(exc)}")
             if backend.permanent(exc):
-                return dead(f"{backend.where}: cannot write to {table}: {backend.describe(exc)}")
+                return self._dead(f"{backend.where}: cannot write to {table}", exc)
             return retry(f"{backend.where}: {backend.describe(exc)}")
         return delivered()
 
@@ -988,9 +1011,24 @@ class Store(Action):
                 )
                 # A table made by hand (or for the other mode) without a column an index names: no later
                 # attempt can create that index.
-                return dead(message) if backend.permanent(exc) else retry(message)
+                if backend.permanent(exc):
+                    return self._dead(f"{backend.where}: cannot create table {self.options.table}", exc)
+                return retry(message)
             self._ready = True
         return None
+
+    def _dead(self, doing: str, exc: Exception) -> Outcome:
+        """A dead outcome; for a table made by hand that lacks what the store writes, what to do about it."""
+        message = f"{doing}: {self.backend.describe(exc)}"
+        if not self.backend.wrong_shape(exc):
+            return dead(message)
+        table, mode = self.options.table, self.options.mode
+        key = "PRIMARY KEY (source, event_id)" if mode == "append" else 'PRIMARY KEY ("key")'
+        return dead(
+            f"{message}. {table} is not of the shape the store writes: give it the {mode} columns, their "
+            f"types and {key} (see the store action in docs/configuration.md), or name a table that does "
+            "not exist, which the store creates; then replay the event"
+        )
 
     async def aclose(self) -> None:
         await self.backend.aclose()

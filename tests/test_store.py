@@ -608,6 +608,32 @@ def test_a_table_of_the_wrong_shape_is_dead_not_retried(db: Database) -> None:
     assert "headers" in (outcome.error or "")
 
 
+@pytest.mark.parametrize("mode", ["append", "upsert"])
+@pytest.mark.parametrize("fault", ["no primary key", "a column missing"])
+def test_a_hand_made_table_of_the_wrong_shape_says_what_to_do(db: Database, mode: str, fault: str) -> None:
+    # The database's own words ("there is no unique or exclusion constraint matching the ON CONFLICT
+    # specification") left the operator to work out that the table lacked the store's primary key.
+    ts, js = ("timestamptz", "jsonb") if db.kind == "postgresql" else ("text", "text")
+    if mode == "append":
+        columns = f"source text, event_id text, type text, occurred_at {ts}, received_at {ts}, payload {js}"
+        columns += f", headers {js}" if fault == "no primary key" else ""
+        key = ", PRIMARY KEY (source, event_id)" if fault == "a column missing" else ""
+    else:
+        columns = f'"key" text, source text, event_id text, type text, occurred_at {ts}, updated_at {ts}'
+        columns += f", received_at {ts}, data {js}" if fault == "no primary key" else ""
+        key = ', PRIMARY KEY ("key")' if fault == "a column missing" else ""
+    db.execute(f'CREATE TABLE "{db.table}" ({columns}{key})')
+    if mode == "upsert":
+        db.execute(f'CREATE INDEX "{db.table}_updated_idx" ON "{db.table}" (updated_at)')
+    options = {"url": db.url, "table": db.table} if mode == "append" else upsert(db)
+    [outcome] = deliver(options, make_event("e1"))
+    assert outcome.kind == "dead", outcome
+    error = outcome.error or ""
+    expected = "PRIMARY KEY (source, event_id)" if mode == "append" else 'PRIMARY KEY ("key")'
+    assert f"{db.table} is not of the shape the store writes" in error, error
+    assert expected in error and "docs/configuration.md" in error and "replay" in error, error
+
+
 def test_a_constraint_violation_is_dead_and_its_error_does_not_copy_the_row(db: Database) -> None:
     # PostgreSQL's DETAIL for a violated constraint is the failing row: the start of each of its values, the
     # event's payload and headers among them, went into the attempt record and the log.

@@ -2,6 +2,7 @@
 
     with:
       url: postgresql://hookyard@db:5432/app   # also postgres://; sqlite:///relative.db, sqlite:////absolute.db
+                                               # several hosts (db1:5432,db2:5432): the first that answers
       table: hookyard_events                   # the default; letters, digits, _; PostgreSQL allows schema.table
       mode: append                             # append (the default) or upsert
       key: data.id                             # upsert only, required: the event path whose value names the row
@@ -139,7 +140,7 @@ def parse_url(url: str) -> tuple[Literal["postgresql", "sqlite"], str]:
     if scheme in ("postgresql", "postgres"):
         try:
             parts = urlsplit(url)
-            _ = parts.port
+            _ = postgres_hosts(parts.netloc)
         except ValueError:
             # Not the exception's text: urllib quotes the would-be port, which can be part of the password
             # (an unencoded "/" in it ends the host part early).
@@ -157,6 +158,18 @@ def parse_url(url: str) -> tuple[Literal["postgresql", "sqlite"], str]:
             )
         return "postgresql", url
     raise ValueError(f"unsupported scheme {scheme!r}; use postgresql://user@host:port/db, {SQLITE_URL_FORMS}")
+
+
+def postgres_hosts(netloc: str) -> list[str]:
+    """The host:port of each host of a PostgreSQL URL's netloc: libpq and asyncpg take several, comma
+    separated, and connect to the first that answers (a primary and its standbys). ValueError for a port
+    that is not a number."""
+    hosts = []
+    for host in netloc.rpartition("@")[2].split(","):
+        parts = urlsplit(f"//{host}")
+        name = parts.hostname or "localhost"
+        hosts.append(f"[{name}]:{parts.port or 5432}" if ":" in name else f"{name}:{parts.port or 5432}")
+    return hosts
 
 
 def _same_file(path: str, storage_url: str) -> bool:
@@ -526,7 +539,7 @@ class Postgres(Backend):
         self.dsn = dsn
         parts = urlsplit(dsn)
         # Host, port and database only: the URL may carry a password.
-        self.where = f"postgresql {parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path}"
+        self.where = f"postgresql {','.join(postgres_hosts(parts.netloc))}{parts.path}"
         self.lock_prefix = f"hookyard.store:{table}:"
         self._pool: Any = None
         self._pool_lock = asyncio.Lock()

@@ -31,7 +31,15 @@ from gateway.plugins import Registry, new_plugin_manager
 from gateway.routing import RouteTable
 from gateway.storage import EventDetail
 from plugins.store import POOL_SIZE
-from tests.support import Downstream, RunningGateway, TcpProxy, gateway_config, svix_request, wait_until
+from tests.support import (
+    Downstream,
+    RunningGateway,
+    TcpProxy,
+    free_port,
+    gateway_config,
+    svix_request,
+    wait_until,
+)
 
 T0 = 1_790_000_000.0  # a fixed occurred_at, so that ordering tests say exactly which event is older
 
@@ -1032,6 +1040,18 @@ def test_an_attempt_against_a_server_that_stopped_answering_ends_without_waiting
     # Its connection was closed rather than given back with a transaction in an unknown state.
     assert after.kind == "delivered"
     assert set(pg.rows()) == {"user_1", "user_2"}
+
+
+def test_a_url_with_several_hosts_reaches_the_one_that_answers(pg: PostgresDatabase) -> None:
+    # libpq's and asyncpg's form for a primary and its standbys (host1:port1,host2:port2). The config
+    # refused it ("the host and port cannot be read"), though asyncpg connects to the first that answers.
+    parts = urlsplit(pg.action_url)
+    user, _, host = parts.netloc.rpartition("@")
+    nobody = f"127.0.0.1:{free_port()}"  # nothing listens there: asyncpg goes on to the next host
+    url = parts._replace(netloc=f"{user}@{nobody},{host}" if user else f"{nobody},{host}").geturl()
+    [outcome] = deliver({"url": url, "table": pg.table}, make_event("e1"))
+    assert outcome.kind == "delivered", outcome
+    assert [row["event_id"] for row in pg.events()] == ["e1"]
 
 
 def test_a_missing_database_is_retried(postgres_url: str, tmp_path: Path) -> None:

@@ -33,6 +33,16 @@ SAMPLE_DATA: dict[str, Any] = {
         "reference": "ORDER-1001",
     },
 }
+# Every consignment event names its consignment (data.consignmentId), which `acknowledge` reports on: a sample
+# of another consignment type without it would be skipped there, as no event Consignly sends is.
+SAMPLE_DATA["consignment.*"] = SAMPLE_DATA["consignment.created"]
+
+
+def sample_data(canonical: str) -> Any:
+    """The sample `data` of a type: its own, or its resource's (`consignment.*`), or a bare object id."""
+    resource = canonical.partition(".")[0]
+    sample = SAMPLE_DATA.get(canonical) or SAMPLE_DATA.get(f"{resource}.*")
+    return sample if sample is not None else {"id": f"obj_{uuid.uuid4().hex[:12]}"}
 
 
 def find_endpoint(table: RouteTable, source: str) -> Endpoint:
@@ -53,7 +63,7 @@ def build_request(
     event_id = event_id or f"msg_{uuid.uuid4().hex}"
     canonical = provider.event_type(event_type)
     if data is None:
-        data = SAMPLE_DATA.get(canonical, {"id": f"obj_{uuid.uuid4().hex[:12]}"})
+        data = sample_data(canonical)
     body = orjson.dumps(provider.sample_payload(event_type, event_id, data, now))
     headers = {"content-type": "application/json", **provider.sign(body, event_id, now)}
     return endpoint.path, body, headers

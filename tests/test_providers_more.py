@@ -1289,3 +1289,20 @@ def test_sample_payloads_for_consignease_and_consignly(
             for r in downstream.received("/hooks/consignments")
         )
     )
+
+
+@pytest.mark.parametrize("event_type", ["ConsignmentStatusUpdated", "112", "consignment.delivered"])
+def test_every_consignment_sample_names_its_consignment(
+    gw: tuple[RunningGateway, Downstream], tmp_path: Path, event_type: str
+) -> None:
+    """Every consignment event Consignly sends carries data.consignmentId, which `acknowledge` reports on:
+    a sample without it would be skipped there, as no real delivery is."""
+    running, _ = gw
+    config_path = write_config(running, tmp_path / "routes.yaml")
+    event_id = f"evt-sample-{event_type}"
+    result = hookyard(
+        "send", "consignly", "--type", event_type, "--id", event_id, "-c", config_path, "--url", running.url
+    )
+    assert result.exit_code == 0, result.output
+    shipment = stored(running, event_id, "consignly").payload["data"]
+    assert str(uuid.UUID(shipment["consignmentId"])) == shipment["consignmentId"]

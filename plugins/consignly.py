@@ -1,5 +1,8 @@
 """Consignly: HMAC-SHA256 of the raw body, hex, in `X-Consignly-Signature: sha256=<hex>`.
 
+Consignly runs on .NET, whose Convert.ToHexString writes upper-case hex: the hex and `sha256=` are read in
+either case.
+
 Any of the configured secrets may have signed a request: the app's client secret and the subscription's
 signingKey1/signingKey2 (two slots, so keys can be rotated without downtime).
 """
@@ -85,7 +88,7 @@ class ConsignlyProvider(Provider):
         header = headers.get(SIGNATURE_HEADER, "").strip()
         if not header:
             raise unauthorized("missing_signature", "missing X-Consignly-Signature header")
-        # Exactly one `sha256=<64 lower-case hex digits>`: `a, b` in one header is refused.
+        # Exactly one `sha256=<64 hex digits>`, in either case: `a, b` in one header is refused.
         require_signature(self.keys, body, [header], prefix="sha256=")
 
     def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:

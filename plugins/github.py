@@ -4,7 +4,8 @@ The event id is the `X-GitHub-Delivery` GUID (a redelivery keeps it, so dedupe h
 the `X-GitHub-Event` header as sent (`push`, `issues`, `pull_request`, `ping`). The action of events that
 have one is left in the payload: route on it with a filter (`payload.action: opened`). GitHub signs no
 timestamp, so there is no replay window to check; configure the webhook's content type as
-application/json (form-encoded bodies are not accepted). The legacy SHA-1 `X-Hub-Signature` is ignored.
+application/json (form-encoded bodies are not accepted). The hex and `sha256=` are read in either case. The
+legacy SHA-1 `X-Hub-Signature` is ignored.
 """
 
 from __future__ import annotations

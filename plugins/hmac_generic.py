@@ -20,6 +20,7 @@ every HMAC-style provider here shares (digest parsing, timestamp checks, where a
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import re
@@ -55,14 +56,15 @@ Encoding = Literal["hex", "base64"]
 
 
 def encode_digest(digest: bytes, encoding: Encoding) -> str:
-    """The one spelling of a digest that is accepted: lower-case hex, or standard base64 with padding."""
+    """A digest as a sender writes it: lower-case hex, or standard base64 with padding."""
     return digest.hex() if encoding == "hex" else base64.b64encode(digest).decode()
 
 
 def decode_digest(text: str, encoding: Encoding) -> bytes | None:
     """The raw digest when text is exactly its canonical spelling (see encode_digest), else None. Decoders
     also take upper-case hex and base64 whose unused padding bits were altered; those are other texts for
-    the same bytes, and a signature has exactly one text. Never raises."""
+    the same bytes, refused here. (require_signature reads hex in either case with hex_digest.) Never
+    raises."""
     try:
         digest = bytes.fromhex(text) if encoding == "hex" else base64.b64decode(text, validate=True)
     except ValueError:  # binascii.Error is a ValueError; so is non-ASCII input to b64decode
@@ -85,6 +87,18 @@ def signature_entries(header: str) -> list[str]:
     ]
 
 
+def hex_digest(entry: str, prefix: str) -> bytes | None:
+    """The digest in `<prefix><hex>`, the prefix and the hex digits in either case; None for anything
+    else. Hex digits only: bytes.fromhex() would also skip the spaces of `ab cd`."""
+    head, digits = entry[: len(prefix)], entry[len(prefix) :]
+    if head != prefix and not (head.isascii() and head.lower() == prefix.lower()):
+        return None
+    try:
+        return binascii.a2b_hex(digits)
+    except ValueError:  # binascii.Error (odd length, not a hex digit) or text that is not ASCII
+        return None
+
+
 def text_bytes(text: str) -> bytes:
     # For comparisons only. Lone surrogates cannot arrive over HTTP; surrogatepass keeps them from raising.
     return text.encode("utf-8", "surrogatepass")
@@ -99,15 +113,20 @@ def require_signature(
     encoding: Encoding = "hex",
     algorithm: Algorithm = "sha256",
 ) -> None:
-    """Raise invalid_signature unless some entry is, character for character, prefix + the canonical
-    encoding of the HMAC of content under some key. Text is compared, not decoded bytes, so that any change
-    to a signature's text is refused (upper-case hex, other base64 padding bits, a trailing comma), as the
-    providers' own verifiers compare it. Every pair is compared in constant time, so neither the answer nor
-    its timing names a secret."""
-    expected = [
-        text_bytes(prefix + encode_digest(hmac_digest(key, content, algorithm), encoding)) for key in keys
-    ]
-    if not any_digest_matches(expected, [text_bytes(entry) for entry in entries]):
+    """Raise invalid_signature unless some entry is prefix + the encoding of the HMAC of content under
+    some key. Hex is decoded and its bytes compared, so its digits and the prefix may come in either case
+    (.NET's Convert.ToHexString writes upper case), but nothing else may differ. Base64 is compared as text,
+    as the providers' own verifiers compare it, so other unused padding bits are refused. Every pair is
+    compared in constant time, so neither the answer nor its timing names a secret."""
+    if encoding == "hex":
+        expected = [hmac_digest(key, content, algorithm) for key in keys]
+        offered = [digest for entry in entries if (digest := hex_digest(entry, prefix)) is not None]
+    else:
+        expected = [
+            text_bytes(prefix + encode_digest(hmac_digest(key, content, algorithm), encoding)) for key in keys
+        ]
+        offered = [text_bytes(entry) for entry in entries]
+    if not any_digest_matches(expected, offered):
         raise unauthorized("invalid_signature", "no signature matches")
 
 

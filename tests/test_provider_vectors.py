@@ -68,10 +68,11 @@ def test_github_documented_example() -> None:
 
     github = provider("github", [GITHUB_SECRET])
     github.verify({"x-hub-signature-256": GITHUB_SIGNATURE}, GITHUB_BODY, 0.0)
-    # Upper-case hex is the same digest in another text; GitHub's own sample code compares the text.
-    upper = "sha256=" + GITHUB_SIGNATURE.removeprefix("sha256=").upper()
+    # Upper-case hex is the same digest, and is accepted; so is an upper-case scheme word. A comma is not.
+    github.verify({"x-hub-signature-256": GITHUB_SIGNATURE.upper()}, GITHUB_BODY, 0.0)
     assert (
-        reason(lambda: github.verify({"x-hub-signature-256": upper}, GITHUB_BODY, 0.0)) == "invalid_signature"
+        reason(lambda: github.verify({"x-hub-signature-256": GITHUB_SIGNATURE + ","}, GITHUB_BODY, 0.0))
+        == "invalid_signature"
     )
     assert github.sign(GITHUB_BODY, "d1", 0.0)["X-Hub-Signature-256"] == GITHUB_SIGNATURE
     with pytest.raises(Rejected) as rejected:
@@ -105,7 +106,9 @@ def test_slack_documented_example() -> None:
     headers = {"x-slack-signature": SLACK_SIGNATURE, "x-slack-request-timestamp": SLACK_TIMESTAMP}
     # The example is a slash command (form-encoded): the signature covers any bytes, JSON or not.
     slack.verify(headers, SLACK_BODY, float(SLACK_TIMESTAMP) + 30)
-    for other in (SLACK_SIGNATURE + ",", "V0=" + SLACK_SIGNATURE[3:], SLACK_SIGNATURE.upper()):
+    for same in ("V0=" + SLACK_SIGNATURE[3:], SLACK_SIGNATURE.upper()):  # hex is read in any case
+        slack.verify({**headers, "x-slack-signature": same}, SLACK_BODY, float(SLACK_TIMESTAMP))
+    for other in (SLACK_SIGNATURE + ",", "v0=" + SLACK_SIGNATURE[4:]):
         changed = {**headers, "x-slack-signature": other}
         assert (
             reason(lambda h=changed: slack.verify(h, SLACK_BODY, float(SLACK_TIMESTAMP)))
@@ -213,7 +216,11 @@ def test_hmac_with_the_rfc_vectors(algorithm: str, encoding: str) -> None:
     chosen = provider("hmac", [RFC_KEY], **options)
     chosen.verify({"x-signature": f"v1={text}"}, RFC_DATA, 0.0)
     assert chosen.sign(RFC_DATA, "id-1", 0.0)["x-signature"] == f"v1={text}"
-    for other in (f"V1={text}", f"v1={text.swapcase()}", f"v1={text},", text):
+    # Hex is read in any case, the prefix too; base64 only as written.
+    any_case = (f"V1={text}", f"v1={text.swapcase()}")
+    for same in any_case if encoding == "hex" else ():
+        chosen.verify({"x-signature": same}, RFC_DATA, 0.0)
+    for other in (*(() if encoding == "hex" else any_case), f"v1={text},", text):
         headers = {"x-signature": other}
         assert reason(lambda h=headers: chosen.verify(h, RFC_DATA, 0.0)) == "invalid_signature"
 

@@ -25,7 +25,7 @@ from gateway.config import Source
 from gateway.plugins import registry
 from gateway.providers import Provider, Rejected, hmac_digest
 from plugins.consignly import BY_CODE, BY_NAME, CATALOG, ConsignlyProvider, dotted_type
-from plugins.hmac_generic import MAX_SIGNATURES, signature_entries
+from plugins.hmac_generic import MAX_SIGNATURES, require_signature, signature_entries
 from plugins.svix import SvixProvider
 from tests.support import CONSIGNLY_SECRETS, SVIX_SECRET, consignly_body, consignly_headers, svix_request
 
@@ -470,15 +470,37 @@ def test_consignly_accepts_whatever_time_it_is() -> None:
     consignly_provider().verify(consignly_headers(body), body, NOW + 10 * 365 * 86400)
 
 
-def test_consignly_signature_has_exactly_one_spelling() -> None:
-    """The header is compared as text: other spellings of the same digest are refused, as any change to a
-    signature is. Whitespace around the value is not part of it (HTTP strips it)."""
+def test_consignly_signature_hex_and_prefix_are_read_in_any_case() -> None:
+    """Hex names the same digest in either case (.NET's Convert.ToHexString writes upper case), and the
+    scheme word too: `SHA256=` and upper-case hex are accepted. Other changes are refused, a comma stuck to
+    the signature included. Whitespace around the value is not part of it (HTTP strips it)."""
     body = consignly_body()
-    digest = consignly_headers(body)["x-consignly-signature"].removeprefix("sha256=")
+    digest = consignly_digest(body)
     provider = consignly_provider()
-    provider.verify({"x-consignly-signature": f"  sha256={digest}  "}, body, NOW)
-    for spelling in (f"sha256={digest.upper()}", f"SHA256={digest}", f"sha256={digest},"):
+    for spelling in (
+        f"  sha256={digest}  ",
+        f"sha256={digest.upper()}",
+        f"SHA256={digest}",
+        f"SHA256={digest.upper()}",
+        f"Sha256={digest[:32]}{digest[32:].upper()}",
+    ):
+        provider.verify({"x-consignly-signature": spelling}, body, NOW)
+    for spelling in (f"sha256={digest},", f"SHA256={digest.upper()},", f"SHA-256={digest.upper()}"):
         assert_invalid_signature(provider, {"x-consignly-signature": spelling}, body)
+
+
+@pytest.mark.parametrize("secret", CONSIGNLY_SECRETS)
+def test_each_consignly_secret_is_accepted_in_upper_case_hex(secret: str) -> None:
+    body = consignly_body()
+    digest = consignly_headers(body, secret)["x-consignly-signature"].removeprefix("sha256=")
+    consignly_provider().verify({"x-consignly-signature": f"SHA256={digest.upper()}"}, body, NOW)
+
+
+def test_consignly_upper_case_hex_of_another_digest_is_refused() -> None:
+    body = consignly_body(status=1)
+    other = consignly_digest(consignly_body(status=2)).upper()
+    error = rejected(consignly_provider(), {"x-consignly-signature": f"sha256={other}"}, body)
+    assert (error.status, error.reason, error.detail) == (401, "invalid_signature", "no signature matches")
 
 
 def test_consignly_secret_not_configured() -> None:
@@ -524,10 +546,16 @@ def consignly_digest(body: bytes) -> str:
         pytest.param(lambda d: f"sha256={d}{d}", id="twice"),
         pytest.param(lambda d: "sha256=", id="empty-value"),
         pytest.param(lambda d: "sha256=" + "z" * 64, id="non-hex"),
+        pytest.param(lambda d: "SHA256=" + "Z" * 64, id="upper-case-non-hex"),
+        pytest.param(lambda d: "sha256=" + " ".join(d[i : i + 2] for i in range(0, 64, 2)), id="spaced-hex"),
+        pytest.param(lambda d: f"sha256= {d}", id="space-after-prefix"),
+        pytest.param(lambda d: f"sha256={d[:-1]}\u0660", id="arabic-indic-digit"),
+        pytest.param(lambda d: f"sha256={d[:-1].upper()}", id="63-upper-case-digits"),
         pytest.param(lambda d: "sha256=" + "é" * 64, id="non-ascii"),
         pytest.param(lambda d: "sha256=" + d[:62] + "0x", id="hex-with-x"),
         pytest.param(lambda d: "sha256=" + base64.b64encode(bytes.fromhex(d)).decode(), id="base64"),
         pytest.param(lambda d: f"sha256={d}, sha256={d}", id="repeated-header"),
+        pytest.param(lambda d: f"SHA256={d.upper()}, SHA256={d.upper()}", id="repeated-upper-case"),
         pytest.param(lambda d: "sha256=" + "0" * 64, id="zeros"),
         pytest.param(lambda d: "=" * 10_000, id="huge"),
     ],
@@ -899,6 +927,9 @@ class Scheme:
     signature_from: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     id_header: str | None = None  # a signed id
+    # Where, in the signature header's text, a hex digest and its scheme word (`sha256=`) begin: from there
+    # on the case of a letter does not matter. None where the signature is not hex.
+    any_case_from: Callable[[str], int] | None = None
     retime: Callable[[dict[str, str], str], dict[str, str]] | None = None  # put another signed timestamp
 
     def __str__(self) -> str:
@@ -942,12 +973,12 @@ SCHEMES = [
     Scheme(
         "consignly", "consignly", text_secrets,
         lambda secret, body, _id, _ts: {"x-consignly-signature": "sha256=" + mac(secret, body).hex()},
-        "x-consignly-signature",
+        "x-consignly-signature", any_case_from=lambda _text: 0,
     ),
     Scheme(
         "github", "github", text_secrets,
         lambda secret, body, _id, _ts: {"x-hub-signature-256": "sha256=" + mac(secret, body).hex()},
-        "x-hub-signature-256",
+        "x-hub-signature-256", any_case_from=lambda _text: 0,
     ),
     Scheme(
         "stripe", "stripe", text_secrets,
@@ -955,6 +986,8 @@ SCHEMES = [
             "stripe-signature": f"t={ts},v1=" + mac(secret, f"{ts}.".encode() + body).hex()
         },
         "stripe-signature", retime=with_stripe_timestamp,
+        # The digest after v1=: Stripe's entry names (t, v1) are matched as written.
+        any_case_from=lambda text: text.index(",v1=") + len(",v1="),
     ),
     Scheme(
         "slack", "slack", text_secrets,
@@ -963,6 +996,7 @@ SCHEMES = [
             "x-slack-signature": "v0=" + mac(secret, f"v0:{ts}:".encode() + body).hex(),
         },
         "x-slack-signature", retime=lambda headers, ts: {**headers, "x-slack-request-timestamp": ts},
+        any_case_from=lambda _text: 0,
     ),
     Scheme(
         "shopify", "shopify", text_secrets,
@@ -977,7 +1011,7 @@ SCHEMES = [
             "x-acme-signature": "sha256=" + mac(secret, f"{event_id}.{ts}.".encode() + body).hex(),
         },
         "x-acme-signature", options=HMAC_ID_OPTIONS, id_header="x-acme-delivery",
-        retime=lambda headers, ts: {**headers, "x-acme-timestamp": ts},
+        retime=lambda headers, ts: {**headers, "x-acme-timestamp": ts}, any_case_from=lambda _text: 0,
     ),
     Scheme(
         "hmac-base64-sha512", "hmac", text_secrets,
@@ -996,6 +1030,7 @@ SCHEMES = [
     ),
 ]  # fmt: skip
 SIGNED_IDS = [scheme for scheme in SCHEMES if scheme.id_header]
+HEX_SCHEMES = [scheme for scheme in SCHEMES if scheme.any_case_from]
 SIGNED_TIMESTAMPS = [scheme for scheme in SCHEMES if scheme.retime]
 FAST = settings(max_examples=60, database=None, deadline=None)
 
@@ -1040,7 +1075,8 @@ def test_any_change_to_the_signature_text_is_rejected(
     scheme: Scheme, data: st.DataObject, body: bytes, event_id: str, timestamp: str
 ) -> None:
     """Replacing, inserting or deleting one character anywhere in the signature is refused, including
-    changes that decode to the same bytes: upper-case hex, other unused base64 padding bits, a comma."""
+    changes that decode to the same bytes (other unused base64 padding bits, a comma), but for the case of
+    a hex digest's letters and of its scheme word: those name the same signature and are accepted."""
     secret = data.draw(scheme.secrets, label="secret")
     headers = scheme.sign(secret, body, event_id, timestamp)
     text = headers[scheme.signature_header]
@@ -1056,11 +1092,45 @@ def test_any_change_to_the_signature_text_is_rejected(
     else:
         replacement = data.draw(mutation_characters.filter(lambda char: char != text[index]), label="with")
         mutated = text[:index] + replacement + text[index + 1 :]
+    if same_in_any_case(scheme, text, mutated):
+        scheme.make(secret).verify({**headers, scheme.signature_header: mutated}, body, NOW)
+        return
     with pytest.raises(Rejected) as caught:
         scheme.make(secret).verify({**headers, scheme.signature_header: mutated}, body, NOW)
     assert caught.value.status == 401
     if scheme.provider != "stripe":  # Stripe's header also holds the timestamp, which has its own reasons
         assert caught.value.reason == "invalid_signature"
+
+
+def same_in_any_case(scheme: Scheme, text: str, other: str) -> bool:
+    """Whether other is the signature text with only the case of ASCII letters changed, where the scheme
+    reads them in any case (a hex digest and its scheme word)."""
+    if scheme.any_case_from is None or len(other) != len(text):
+        return False
+    start = scheme.any_case_from(text)
+    return (
+        other[:start] == text[:start]
+        and other[start:].isascii()
+        and other[start:].lower() == text[start:].lower()
+    )
+
+
+@pytest.mark.parametrize("scheme", HEX_SCHEMES, ids=str)
+def test_hex_signatures_and_their_scheme_word_are_read_in_any_case(scheme: Scheme) -> None:
+    secret = "It's a Secret to Everybody"
+    body, timestamp = b'{"id": "evt_1", "type": "thing.done"}', str(int(NOW))
+    headers = scheme.sign(secret, body, MSG_ID, timestamp)
+    provider = scheme.make("another secret", secret)
+    text = headers[scheme.signature_header]
+    start = scheme.any_case_from(text) if scheme.any_case_from else 0
+    for spelling in (text[start:].upper(), text[start:].swapcase()):
+        provider.verify({**headers, scheme.signature_header: text[:start] + spelling}, body, NOW)
+    # Upper case does not make a wrong digest right.
+    wrong = scheme.sign(secret, body + b" ", MSG_ID, timestamp)[scheme.signature_header]
+    error = rejected(
+        provider, {**headers, scheme.signature_header: text[:start] + wrong[start:].upper()}, body
+    )
+    assert (error.status, error.reason) == (401, "invalid_signature")
 
 
 BASE64_ALPHABET = string.ascii_uppercase + string.ascii_lowercase + string.digits + "+/"
@@ -1073,8 +1143,8 @@ FIXED_SECRETS = {
 
 
 def same_digest_spellings(text: str, start: int) -> set[str]:
-    """Other texts for the signature in text[start:]: the same digest in upper case, the same base64 bytes
-    with an unused padding bit set, and the signature with a comma before or after it."""
+    """Other texts for the signature in text[start:]: the same digest with its letters' case swapped, the
+    same base64 bytes with an unused padding bit set, and the signature with a comma before or after it."""
     signature = text[start:]
     spellings = {text + ",", text[:start] + "," + signature, text[:start] + signature.swapcase()}
     encoded = signature.rpartition(",")[2]  # svix: v1,<base64>
@@ -1087,7 +1157,7 @@ def same_digest_spellings(text: str, start: int) -> set[str]:
 
 
 @pytest.mark.parametrize("scheme", SCHEMES, ids=str)
-def test_other_spellings_of_a_valid_signature_are_rejected(scheme: Scheme) -> None:
+def test_other_spellings_of_a_valid_signature_are_rejected_but_hex_in_another_case(scheme: Scheme) -> None:
     secret = FIXED_SECRETS.get(scheme.provider, "It's a Secret to Everybody")
     body, timestamp = b'{"id": "evt_1", "type": "thing.done"}', str(int(NOW))
     headers = scheme.sign(secret, body, MSG_ID, timestamp)
@@ -1097,6 +1167,9 @@ def test_other_spellings_of_a_valid_signature_are_rejected(scheme: Scheme) -> No
     spellings = same_digest_spellings(text, scheme.signature_from)
     assert len(spellings) >= 3
     for spelling in spellings:
+        if same_in_any_case(scheme, text, spelling):  # hex, whose case does not matter
+            provider.verify({**headers, scheme.signature_header: spelling}, body, NOW)
+            continue
         error = rejected(provider, {**headers, scheme.signature_header: spelling}, body)
         assert error.status == 401, spelling
 
@@ -1153,6 +1226,33 @@ ENTRY_SEPARATOR = re.compile(r",?\s+")
 def test_signature_entries_split_as_the_separator_says(header: str) -> None:
     expected = ENTRY_SEPARATOR.split(header.strip(), MAX_SIGNATURES)[:MAX_SIGNATURES]
     assert signature_entries(header) == expected
+
+
+def test_require_signature_reads_hex_in_any_case_and_base64_as_written() -> None:
+    keys = [b"first-secret", b"second-secret"]
+    for key in keys:
+        digest = mac(key, b"body")
+        for entry in (
+            f"sha256={digest.hex()}",
+            f"SHA256={digest.hex().upper()}",
+            f"Sha256={digest.hex().title()}",
+        ):
+            require_signature(keys, b"body", ["junk", entry], prefix="sha256=")
+        require_signature(keys, b"body", [b64(digest)], encoding="base64")
+    digest = mac(keys[0], b"body")
+    for entry in (
+        f"sha256={digest.hex().upper()},",  # a comma stuck to it
+        f"sha256={' '.join(f'{byte:02X}' for byte in digest)}",  # bytes.fromhex() would skip the spaces
+        f"sha256={digest.hex()[:-1]}",  # an odd number of digits
+        f"sha256={mac(b'other', b'body').hex().upper()}",
+        f"sha-256={digest.hex()}",
+    ):
+        with pytest.raises(Rejected) as caught:
+            require_signature(keys, b"body", [entry], prefix="sha256=")
+        assert (caught.value.status, caught.value.reason) == (401, "invalid_signature"), entry
+    with pytest.raises(Rejected) as caught:
+        require_signature(keys, b"body", [b64(digest).swapcase()], encoding="base64")
+    assert caught.value.reason == "invalid_signature"
 
 
 def test_hmac_digest_with_prepared_keys_is_hmac_digest_call_after_call() -> None:

@@ -683,6 +683,23 @@ def test_github_signature_entries_are_capped() -> None:
     assert error.reason == "invalid_signature"
 
 
+def test_github_hex_is_read_in_any_case_with_each_secret() -> None:
+    case = CASE["github"]
+    for secret in case.secrets:
+        digest = hex_hmac(secret, case.body)
+        for spelling in (
+            f"sha256={digest.upper()}",
+            f"SHA256={digest}",
+            f"sha256=00, SHA256={digest.upper()}",
+        ):
+            PROVIDERS["github"].verify({"x-hub-signature-256": spelling}, case.body, NOW)
+    wrong = hex_hmac(case.secrets[0], case.body + b" ").upper()
+    error = rejection(
+        lambda: PROVIDERS["github"].verify({"x-hub-signature-256": f"SHA256={wrong}"}, case.body, NOW)
+    )
+    assert (error.status, error.reason) == (401, "invalid_signature")
+
+
 def test_github_sha1_alone_is_not_enough_and_headers_name_the_event() -> None:
     case = CASE["github"]
     sha1 = {"x-hub-signature": "sha1=" + hex_hmac(case.secrets[0], case.body, "sha1")}

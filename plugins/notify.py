@@ -18,10 +18,10 @@ half-empty message), syntax errors are reported when the config loads, and a tem
 nothing (say, everything inside an `{% if %}`) skips the notification. What one render may print and run is
 bounded (gateway.templates): the payload it runs over is any sender's.
 
-For the same reason the values a message shows are escaped for the chat (ESCAPES), the template's own text not:
-a customer's name at the provider must not mention everybody in the channel or show a link that leads
-elsewhere. `|raw` puts a value in as it is. Discord is also told which mentions may ping: those the
-message still holds, the template's (discord_mentions).
+For the same reason the values a message shows are escaped for the chat (ESCAPES, then FINISHES over the
+whole message), the template's own text not: a customer's name at the provider must not mention everybody
+in the channel or show a link that leads elsewhere. `|raw` puts a value in as it is. Discord is also told
+which mentions may ping: those the message still holds, the template's (discord_mentions).
 """
 
 from __future__ import annotations
@@ -65,14 +65,32 @@ TEAMS_MAX_BYTES = 28_000
 _BREAK = "\u200b"
 
 
+# Where a value that markup could take in starts, marked by the escaping (slack_escape) while the template
+# renders: whether the template's own text right before it makes markup of it (Slack's `<`) only the whole
+# message shows, and a zero-width space anywhere else would be part of the text, a URL's say. A private-use
+# character, taken out of the values themselves first: a sender cannot place one.
+_VALUE_START = "\ue000"
+
+
+def _break_value_starts(message: str, markup: str) -> str:
+    """`message` with a zero-width space where a value starts right after `markup`, and no marks left."""
+    return message.replace(markup + _VALUE_START, markup + _BREAK).replace(_VALUE_START, "")
+
+
 def slack_escape(text: str) -> str:
     """Slack's own escaping for text it did not write: `<!channel>`, `<@U123>` and `<https://x|a link>` are
-    all made of `<` and `>`, and `&` starts the escapes themselves. A zero-width space before a `!`, `@` or `#`
-    that starts the text: a template's own `<` may precede it (`<{{ url }}>`), and `<!channel>`, `<@U123>` and
-    `<#C123>` would need nothing of the value's to escape. Slack reads a `<` followed by anything else as a
-    link, and a value that is a URL is one still."""
-    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return _BREAK + text if text.startswith(("!", "@", "#")) else text
+    all made of `<` and `>`, and `&` starts the escapes themselves. The start of a text that starts with `!`,
+    `@` or `#` is marked for slack_finish: a template's own `<` may precede it (`<{{ url }}>`), and
+    `<!channel>`, `<@U123>` and `<#C123>` would need nothing of the value's to escape. Slack reads a `<`
+    followed by anything else as a link, and a value that is a URL is one still."""
+    text = text.replace(_VALUE_START, "").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _VALUE_START + text if text.startswith(("!", "@", "#")) else text
+
+
+def slack_finish(message: str) -> str:
+    """A message whose values slack_escape escaped, a zero-width space between a `<` and a value's `!`, `@` or
+    `#` that follows it. Only a template's own text writes a `<`: a value's is `&lt;`."""
+    return _break_value_starts(message, "<")
 
 
 # `@everyone`, `@here`, `<@id>`, `<@!id>` and `<@&role>` (the @ followed by an id); an @ that the end of the text
@@ -109,6 +127,11 @@ ESCAPES: dict[str, Callable[[str], str]] = {
     "slack": slack_escape,
     "discord": discord_escape,
     "teams": teams_escape,
+}
+
+# What each format does to the whole message its escaped values went into. Nothing, for the others.
+FINISHES: dict[str, Callable[[str], str]] = {
+    "slack": slack_finish,
 }
 
 # The mentions a Discord message holds: `@everyone` and `@here`, a user's `<@id>` or `<@!id>`, a role's `<@&id>`.
@@ -318,12 +341,16 @@ class Notify(Action):
     def __init__(self, options: Any, resources: Any) -> None:
         super().__init__(options, resources)
         self.escape = ESCAPES.get(options.format)
+        self.finish = FINISHES.get(options.format, str)
         self.template = (
             compile_template(options.template, self.escape) if options.template is not None else None
         )
         self.hidden = hidden_paths(options.url)
 
     def message(self, job: Job) -> str:
+        return self.finish(self.rendered(job))
+
+    def rendered(self, job: Job) -> str:
         if self.template is None:
             return default_message(job, self.escape)
         message = render(self.template, template_context(job))

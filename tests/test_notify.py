@@ -464,6 +464,45 @@ def test_a_value_inside_the_templates_own_angle_brackets_cannot_ping_in_slack(
     ]
 
 
+def test_a_value_a_template_builds_a_slack_link_of_keeps_the_link_working(
+    tmp_path: Path, slack: SlackWebhook
+) -> None:
+    # `@name` right after the template's `<` would be a mention, inside a URL the template writes it is a path:
+    # a zero-width space there would be part of the URL, and the link would lead nowhere.
+    template = (
+        "<https://x.example/{{ event.data.customer }}|profile> <https://x.example/?c={{ event.data.channel }}>"
+        " {{ event.data.note }}"
+    )
+    values = {"customer": "@name", "channel": "#C0123", "note": "!channel"}
+    actions = [notify_action("slack", slack.url, format="slack", template=template)]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_in_url", **values))
+        wait_until(lambda: delivery_states(gw, "evt_in_url") == {"slack": "delivered"})
+    assert slack.messages == ["<https://x.example/@name|profile> <https://x.example/?c=#C0123> !channel"]
+
+
+def test_a_value_cannot_forge_where_a_slack_value_starts(tmp_path: Path, slack: SlackWebhook) -> None:
+    # Where a value starts is marked with a private-use character while the template renders, and broken up
+    # after it only if a `<` of the template's precedes it: a value that holds the mark itself must neither
+    # move the break nor keep it from being put where it is needed, and the mark is never sent.
+    mark = "\ue000"
+    template = (
+        "<{{ event.data.customer }}> <{{ event.data.note }}{{ event.data.oncall }}>"
+        " <https://x.example/{{ event.data.channel }}>"
+    )
+    values = {
+        "customer": f"{mark}!channel",
+        "note": mark,
+        "oncall": f"@U0123{mark}",
+        "channel": f"{mark}@name",
+    }
+    actions = [notify_action("slack", slack.url, format="slack", template=template)]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_forged", **values))
+        wait_until(lambda: delivery_states(gw, "evt_forged") == {"slack": "delivered"})
+    assert slack.messages == ["<\u200b!channel> <\u200b@U0123> <https://x.example/@name>"]
+
+
 def test_escaping_follows_values_through_filters_blocks_and_macros(
     tmp_path: Path, downstream: Downstream
 ) -> None:

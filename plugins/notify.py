@@ -65,10 +65,11 @@ TEAMS_MAX_BYTES = 28_000
 _BREAK = "\u200b"
 
 
-# Where a value that markup could take in starts, marked by the escaping (slack_escape) while the template
-# renders: whether the template's own text right before it makes markup of it (Slack's `<`) only the whole
-# message shows, and a zero-width space anywhere else would be part of the text, a URL's say. A private-use
-# character, taken out of the values themselves first: a sender cannot place one.
+# Where a value that markup could take in starts, marked by the escaping (slack_escape, discord_escape) while
+# the template renders: whether the template's own text right before it makes markup of it (Slack's `<`,
+# Discord's `@`) only the whole message shows, and a zero-width space anywhere else would be part of the
+# text, a URL's say. A private-use character, taken out of the values themselves first: a sender cannot place
+# one.
 _VALUE_START = "\ue000"
 
 
@@ -107,13 +108,21 @@ def discord_escape(text: str) -> str:
     """Discord has no escaping that works in code blocks too (a backslash shows there): a zero-width space after
     the @ of a mention and between the parts of a masked link keeps them from being read as such. At the start
     of the text, before `everyone` or `here`, which an @ of the template's might precede, or before a text that
-    is their start (`every`), which a next value might continue."""
+    is their start (`every`), which a next value might continue: that start marked for discord_finish."""
+    text = text.replace(_VALUE_START, "")
     text = _MASKED_LINK.sub("]" + _BREAK, _DISCORD_MENTION.sub("@" + _BREAK, text))
     if text and (
         text.startswith(("everyone", "here")) or "everyone".startswith(text) or "here".startswith(text)
     ):
-        return _BREAK + text
+        return _VALUE_START + text
     return text
+
+
+def discord_finish(message: str) -> str:
+    """A message whose values discord_escape escaped, a zero-width space between an `@` and a value's
+    `everyone` or `here` (or their start) that follows it. Only a template's own text ends in an `@`: a value's
+    last `@` has a zero-width space after it."""
+    return _break_value_starts(message, "@")
 
 
 def teams_escape(text: str) -> str:
@@ -132,6 +141,7 @@ ESCAPES: dict[str, Callable[[str], str]] = {
 # What each format does to the whole message its escaped values went into. Nothing, for the others.
 FINISHES: dict[str, Callable[[str], str]] = {
     "slack": slack_finish,
+    "discord": discord_finish,
 }
 
 # The mentions a Discord message holds: `@everyone` and `@here`, a user's `<@id>` or `<@!id>`, a role's `<@&id>`.

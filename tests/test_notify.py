@@ -574,6 +574,44 @@ def test_a_mention_split_after_the_templates_own_at_does_not_ping(
     assert sent["allowed_mentions"] == {"parse": [], "users": [], "roles": []}
 
 
+def test_a_value_a_template_builds_a_discord_link_of_keeps_the_link_working(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # `here` or its start (`he`, Hebrew's language code) right after the template's @ would be a mention, in a
+    # URL the template writes it is a path: a zero-width space there would be part of the URL.
+    template = (
+        "https://shop.example/{{ event.data.customer }}/o/1 {{ event.data.note }} @{{ event.data.oncall }}"
+    )
+    values = {"customer": "he", "note": "everyone", "oncall": "here"}
+    actions = [notify_action("discord", f"{downstream.url}/discord", format="discord", template=template)]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_discord_url", **values))
+        wait_until(lambda: delivery_states(gw, "evt_discord_url") == {"discord": "delivered"})
+        [request] = downstream.received("/discord")
+    assert request.json() == {
+        "content": "https://shop.example/he/o/1 everyone @\u200bhere",
+        "allowed_mentions": {"parse": [], "users": [], "roles": []},
+    }
+
+
+def test_a_value_cannot_forge_where_a_discord_value_starts(tmp_path: Path, downstream: Downstream) -> None:
+    # A value holding the private-use mark of where a value starts neither moves the break nor is sent.
+    mark = "\ue000"
+    template = (
+        "@{{ event.data.customer }} @{{ event.data.note }}{{ event.data.oncall }} x/{{ event.data.channel }}"
+    )
+    values = {"customer": f"{mark}everyone", "note": mark, "oncall": f"here{mark}", "channel": f"{mark}he"}
+    actions = [notify_action("discord", f"{downstream.url}/discord", format="discord", template=template)]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_discord_forged", **values))
+        wait_until(lambda: delivery_states(gw, "evt_discord_forged") == {"discord": "delivered"})
+        [request] = downstream.received("/discord")
+    assert request.json() == {
+        "content": "@\u200beveryone @\u200bhere x/he",
+        "allowed_mentions": {"parse": [], "users": [], "roles": []},
+    }
+
+
 def test_what_a_block_prints_escapes_for_the_chat_what_it_is_formatted_with(
     tmp_path: Path, downstream: Downstream
 ) -> None:

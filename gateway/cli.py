@@ -526,7 +526,7 @@ def replay(
         result = _operate(
             config_path, admin_url, lambda ops: ops.replay_event(event_id, source, action, route)
         )
-        click.echo(json.dumps(result) if as_json else f"replaying {result['replayed']} deliveries")
+        click.echo(json.dumps(result) if as_json else _replaying(result["replayed"]))
         return
 
     async def bulk(ops: Any) -> tuple[int, int]:
@@ -572,9 +572,15 @@ def replay(
         # The pages' sums: their cursors and window are the CLI's business, not a script's.
         click.echo(json.dumps({"replayed": replayed, "created": created}))
     else:
-        click.echo(
-            f"replaying {replayed} deliveries" + (f", created {created} missing ones" if created else "")
-        )
+        click.echo(_replaying(replayed, created))
+
+
+def _replaying(replayed: int, created: int = 0) -> str:
+    """`replaying 1 delivery`, `replaying 5 deliveries, created 1 missing one`."""
+    text = f"replaying {replayed} {'delivery' if replayed == 1 else 'deliveries'}"
+    if created:
+        text += f", created {created} missing {'one' if created == 1 else 'ones'}"
+    return text
 
 
 # What `send` and `sign` share: which source, which event, and where to.

@@ -640,7 +640,7 @@ def test_cli_through_the_admin_api(tmp_path: Path, downstream: Downstream) -> No
         replayed = runner.invoke(
             main, ["replay", "--state", "dead", "--since", "1h", "--admin-url", gw.ops_url]
         )
-        assert replayed.exit_code == 0 and "replaying 1 deliveries" in replayed.output
+        assert replayed.exit_code == 0 and "replaying 1 delivery\n" in replayed.output
         wait_until(lambda: states(gw, "msg_cli")["app"] == "delivered")
         denied = CliRunner().invoke(main, ["events", "list", "--admin-url", gw.ops_url])
         assert denied.exit_code == 1 and "bearer token" in denied.output

@@ -489,7 +489,7 @@ def test_commands_on_the_store_need_no_variable_of_the_rest_of_the_config(filled
     assert (shown.exit_code, shown.stderr) == (0, note)
     assert json.loads(shown.stdout)["id"] == "evt_dead"
     replayed = invoke("replay", "-c", path, "evt_dead", "--action", "notify")
-    assert (replayed.exit_code, replayed.stdout, replayed.stderr) == (0, "replaying 1 deliveries\n", note)
+    assert (replayed.exit_code, replayed.stdout, replayed.stderr) == (0, "replaying 1 delivery\n", note)
     dead = invoke("replay", "-c", path, "--state", "dead")
     assert (dead.exit_code, dead.stdout, dead.stderr) == (0, "replaying 2 deliveries\n", note)
 
@@ -647,8 +647,15 @@ def test_an_event_whose_stored_body_cannot_be_read_is_shown_replayed_and_left_ou
     assert deliveries(filled, "evt_dead")["app"].state == "dead"
     assert missing.stdout == "replaying 0 deliveries, created 2 missing ones\n"  # evt_unrouted, evt_twin
     replayed = invoke("replay", "-c", filled, "evt_dead")
-    assert replayed.stdout == "replaying 1 deliveries\n"
+    assert replayed.stdout == "replaying 1 delivery\n"
     assert deliveries(filled, "evt_dead")["app"].state == "pending"
+
+
+def test_a_replay_of_one_says_delivery_and_one_created_says_one(filled: Path) -> None:
+    # Only evt_twin (20 s ago) of the unrouted events is in the window, and the dead event before it too.
+    result = invoke("replay", "-c", filled, "--state", "missing", "--since", "5m")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "replaying 1 delivery, created 1 missing one\n"
 
 
 def test_events_show_an_unknown_id_exits_1(filled: Path) -> None:
@@ -660,7 +667,7 @@ def test_events_show_an_unknown_id_exits_1(filled: Path) -> None:
 def test_replay_an_event(filled: Path) -> None:
     result = invoke("replay", "-c", filled, "evt_dead")
     assert result.exit_code == 0, result.output
-    assert result.stdout == "replaying 1 deliveries\n"
+    assert result.stdout == "replaying 1 delivery\n"
     records = deliveries(filled, "evt_dead")
     assert (records["app"].state, records["app"].attempts) == ("pending", 0)
     assert records["app"].due_at is not None and records["app"].due_at <= time.time()
@@ -677,7 +684,7 @@ def test_replay_an_event(filled: Path) -> None:
 def test_replay_one_action(filled: Path) -> None:
     result = invoke("replay", "-c", filled, "evt_dead", "--action", "notify")
     assert result.exit_code == 0, result.output
-    assert result.stdout == "replaying 1 deliveries\n"
+    assert result.stdout == "replaying 1 delivery\n"
     records = deliveries(filled, "evt_dead")
     assert {k: r.state for k, r in records.items()} == {"app": "dead", "notify": "pending"}
 
@@ -690,14 +697,14 @@ def test_replay_one_route(filled: Path) -> None:
     route = deliveries(filled, "evt_dead")["app"].route
     result = invoke("replay", "-c", filled, "evt_dead", "--route", route, "--action", "app")
     assert result.exit_code == 0, result.output
-    assert result.stdout == "replaying 1 deliveries\n"
+    assert result.stdout == "replaying 1 delivery\n"
     assert deliveries(filled, "evt_dead")["app"].state == "pending"
 
 
 def test_replay_dead_deliveries_since(filled: Path) -> None:
     result = invoke("replay", "-c", filled, "--state", "dead", "--since", "1h")
     assert result.exit_code == 0, result.output
-    assert result.stdout == "replaying 1 deliveries\n"
+    assert result.stdout == "replaying 1 delivery\n"
     assert {k: r.state for k, r in deliveries(filled, "evt_dead").items()} == {
         "app": "pending",
         "notify": "waiting",
@@ -705,7 +712,7 @@ def test_replay_dead_deliveries_since(filled: Path) -> None:
     assert deliveries(filled, "evt_old_dead")["app"].state == "dead"
 
     everything = invoke("replay", "-c", filled, "--state", "dead")
-    assert everything.stdout == "replaying 1 deliveries\n"
+    assert everything.stdout == "replaying 1 delivery\n"
     assert deliveries(filled, "evt_old_dead")["app"].state == "pending"
     assert deliveries(filled, "evt_delivered")["app"].state == "delivered"
 
@@ -1171,7 +1178,7 @@ def test_a_bulk_replay_leaves_alone_what_ends_dead_again_while_it_runs(
     result = invoke("replay", "-c", path, "--state", "dead", "--since", "1h", "--page-size", "1")
     assert result.exit_code == 0, result.output
     assert pages == 2
-    assert result.stdout == "replaying 1 deliveries\n"
+    assert result.stdout == "replaying 1 delivery\n"
     assert {action: d.state for action, d in deliveries(path, "evt_twice").items()} == {
         "app": "dead",
         "notify": "dead",

@@ -80,7 +80,8 @@ def isotime(value: float | None) -> str:
 #     `+` and `~` on texts, which double one at each step of `ns.text ~ ns.text` (~: compile_template), and
 #     whose new text is also counted against MAX_MADE, as a filter's is (count_joined);
 #   what a macro or a block prints, joined into one text (Environment.concat): a macro that prints its
-#     argument twice doubles it at each call on its own output; a macro's is also counted against MAX_MADE;
+#     argument twice doubles it at each call on its own output; a macro's, and a `{% set %}` block's, is also
+#     counted against MAX_MADE (a block's: compile_template);
 #   the global lipsum().
 # A list or dict is measured as it is written out (written_length): one may hold a text many times over.
 # What they make is also added up over the render, against MAX_MADE (`+` on lists adds its shorter operand:
@@ -92,7 +93,7 @@ def isotime(value: float | None) -> str:
 # every other filter and str method (_count_made_by, Environment.call), the texts a list, tuple or dict written
 # in the template holds (hold), what namespace(), cycler() and joiner() are given, what a call passes to a
 # macro's varargs and kwargs (Environment.call), and what dict() adds, whose result is bounded as a list's is
-# (made_dict).
+# (made_dict), and the new text or list a slice makes (`text[1:]`: compile_template).
 # The other filters and methods make about as much as they are given (escaping, upper-casing or quoting it
 # grows it by a small factor at most), which the request body's limit bounds; truncate (its end) and default
 # add an argument once. The bounds are right within such a factor (the markup urlize adds is not counted, nor
@@ -702,6 +703,27 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
         count_held(value, held, "a list or dict")
         return value
 
+    def capture(value: Any) -> Any:
+        """What a `{% set %}` block assigned, counted as what a macro prints is: a recursive macro that captures
+        `{{ text }}!` in a block and passes it on holds a new text at each level."""
+        if isinstance(value, str):  # or what a filter of the block made of it, counted by the filter
+            count_joined(value, "a set block")
+        return value
+
+    def slice_of(value: Any, start: Any, stop: Any, step: Any) -> Any:
+        """`value[start:stop:step]`, as Jinja's code takes it, with the new text or list counted against MAX_MADE:
+        a recursive macro that passes `text[1:]` on holds a new one, nearly as long, at each level. No longer
+        than `value`, it needs no check before it is made."""
+        made = value[start:stop:step]
+        length = made_length(made)
+        # One shorter is not counted, as count_joined says; one that is `value` itself (`text[:]`) is not new.
+        if made is not value and length >= _SMALLEST_TRACKED:
+            count_made(length, "a slice", made)
+        return made
+
+    # The functions compile_template puts into the compiled code, which are not the template's steps.
+    compiled_in = frozenset(map(id, (count_iterations, concatenate, hold, capture, slice_of)))
+
     def join_output(pieces: Iterable[str]) -> str:
         """What a macro, a `{% set %}` block, a call block or a filter block prints, joined as Jinja does,
         refused before it is past MAX_MESSAGE: a macro that prints its argument twice, called on its own
@@ -783,6 +805,10 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
         concatenated = staticmethod(concatenate)
         # ... and every list, tuple or dict written in it but a constant one into `environment.held(<it>)`.
         held = staticmethod(hold)
+        # ... and what every `{% set %}` block assigns into `environment.captured(<it>)`.
+        captured = staticmethod(capture)
+        # ... and every slice of what is not a constant into `environment.sliced(<it>, start, stop, step)`.
+        sliced = staticmethod(slice_of)
         # The compiled code joins what a macro or a block prints with `environment.concat`.
         concat = staticmethod(join_output)
 
@@ -799,8 +825,7 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
             return made
 
         def _call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:
-            # compile_template's, not one the template makes
-            if obj is not count_iterations and obj is not concatenate and obj is not hold:
+            if id(obj) not in compiled_in:  # compile_template's, not one the template makes
                 step()
             if isinstance(obj, LoopContext) and args:  # `loop(item.children)` in a recursive loop
                 args = (count_iterations(args[0]), *args[1:])
@@ -983,6 +1008,33 @@ def compile_template(source: str, escape: Escape = None) -> Template:
         def visit_Dict(self, node: nodes.Dict) -> nodes.Expr:
             self.generic_visit(node)
             return held(node)
+
+        def visit_Getitem(self, node: nodes.Getitem) -> nodes.Expr:
+            # Jinja's code takes a slice itself, past the environment's getitem.
+            self.generic_visit(node)
+            if not isinstance(node.arg, nodes.Slice) or isinstance(node.node, nodes.Const):
+                return node
+            parts = (node.arg.start, node.arg.stop, node.arg.step)
+            bounds = [nodes.Const(None) if part is None else part for part in parts]
+            sliced = nodes.EnvironmentAttribute("sliced", lineno=node.lineno)
+            return nodes.Call(sliced, [node.node, *bounds], [], None, None, lineno=node.lineno)
+
+        def visit_AssignBlock(self, node: nodes.AssignBlock) -> nodes.Node | list[nodes.Node]:
+            # Jinja's code joins what the block prints and assigns it (as Markup, a copy, when it escapes) where
+            # no hook sees the text assigned: it is passed to `environment.captured` once assigned.
+            self.generic_visit(node)
+            target = node.target
+            if isinstance(target, nodes.Name):
+                stored: nodes.Expr = nodes.Name(target.name, "store")
+                assigned: nodes.Expr = nodes.Name(target.name, "load")
+            elif isinstance(target, nodes.NSRef):  # `{% set ns.text %}`
+                stored = nodes.NSRef(target.name, target.attr)
+                assigned = nodes.Getattr(nodes.Name(target.name, "load"), target.attr, "load")
+            else:  # `{% set a, b %}`: single characters of it
+                return node
+            captured = nodes.EnvironmentAttribute("captured")
+            counted = nodes.Call(captured, [assigned], [], None, None)
+            return [node, nodes.Assign(stored, counted).set_lineno(node.lineno)]
 
     def held(node: nodes.Expr) -> nodes.Expr:
         if constant(node):  # made of the template's own text: it keeps nothing a render made

@@ -545,6 +545,66 @@ def test_escaping_follows_values_through_filters_blocks_and_macros(
         ]
 
 
+def test_set_blocks_and_slices_print_what_they_take_escaped_where_values_are(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # What a `{% set %}` block captures and what a slice takes count against what a render holds, and print as
+    # before: a slice of a value is a value, escaped; one of what a block printed is printed as it is.
+    parts = [
+        "{% set who %}<b>{{ event.data.customer }}</b>{% endset %}{{ who }}",
+        "{% set ns = namespace(line='') %}{% set ns.line %}{{ event.data.customer }}!{% endset %}{{ ns.line }}",
+        "{% set kept | trim %}  {{ event.data.customer }}  {% endset %}{{ kept }}",
+        "{% for p in event.data.parcels %}{% set line %}[{{ p }}]{% endset %}{{ line }}{% endfor %}",
+        "{{ event.data.customer[3:10] }}",
+        "{{ event.data.customer[:3] }}",
+        "{{ event.data.customer[::-1] }}",
+        "{% set who %}<b>{{ event.data.customer }}</b>{% endset %}{{ who[:3] }}",
+        "{{ event.data.parcels[1:]|join(',') }}",
+        "{{ event.data.parcels[::2]|join(',') }}",
+        "{{ 'abcdef'[1:4] }}",
+    ]
+    template = " | ".join(parts)
+    actions = [
+        notify_action("generic", f"{downstream.url}/generic", template=template),
+        notify_action("slack", f"{downstream.url}/slack", format="slack", template=template),
+    ]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        body = consignly_body(
+            event_id="evt_sets", customer="<i>O'Brien & co</i>", parcels=["a", "b", "c", "d"]
+        )
+        send_consignly(gw, body)
+        wait_until(lambda: delivery_states(gw, "evt_sets") == {"generic": "delivered", "slack": "delivered"})
+        [generic] = downstream.received("/generic")
+        [slack] = downstream.received("/slack")
+    assert generic.json()["text"].split(" | ") == [
+        "<b><i>O'Brien & co</i></b>",
+        "<i>O'Brien & co</i>!",
+        "<i>O'Brien & co</i>",
+        "[a][b][c][d]",
+        "O'Brien",
+        "<i>",
+        ">i/<oc & neirB'O>i<",
+        "<b>",
+        "b,c,d",
+        "a,c",
+        "bcd",
+    ]
+    escaped = "&lt;i&gt;O'Brien &amp; co&lt;/i&gt;"
+    assert slack.json()["text"].split(" | ") == [
+        f"<b>{escaped}</b>",
+        f"{escaped}!",
+        escaped,
+        "[a][b][c][d]",
+        "O'Brien",
+        "&lt;i&gt;",
+        "&gt;i/&lt;oc &amp; neirB'O&gt;i&lt;",
+        "<b>",
+        "b,c,d",
+        "a,c",
+        "bcd",
+    ]
+
+
 def test_a_mention_split_across_two_values_does_not_ping(tmp_path: Path, downstream: Downstream) -> None:
     # Each value escaped on its own, and the mention only whole where the message puts them side by side.
     template = "{{ event.data.customer }}{{ event.data.note }}{{ event.data.oncall }}"
@@ -1439,25 +1499,25 @@ def test_a_list_built_item_by_item_renders_and_what_filters_keep_is_bounded(
     )
     # Each step makes a new text of the payload's length, kept by a dict, a list or a namespace: 100,000 of the
     # note's 10,000 characters would hold a gigabyte, and a larger payload reached 630 MB within the second. Each
-    # is refused by what makes or keeps it: dict(), a list written in the template, namespace(), a str method or
-    # a filter. A slice of the note is a new text that only what keeps it counts (`~` counts what it makes).
+    # is refused by what makes or keeps it: dict(), a str method, a filter, or a slice of the note (kept by a list
+    # written in the template, namespace() or what a call passes to a macro, which count it once, as made).
     kept = {
         "dict": (
             "{% set ns.d = dict(ns.d, **{i|string: event.data.note|upper}) %}",
             "dict() would make a dict longer than 100000",
         ),
-        "list": ("{% set ns.d = [ns.d, event.data.note[1:]] %}", f"a list or dict {made}"),
-        "namespace": ("{% set ns.d = namespace(a=ns.d, b=event.data.note[1:]) %}", f"namespace() {made}"),
+        "list": ("{% set ns.d = [ns.d, event.data.note[1:]] %}", f"a slice {made}"),
+        "namespace": ("{% set ns.d = namespace(a=ns.d, b=event.data.note[1:]) %}", f"a slice {made}"),
         "method": ('{% set ns.d = [ns.d, event.data.note.split("o", 1)] %}', f"str.split {made}"),
         "filter": ("{% set ns.d = [ns.d, event.data.note|upper] %}", f"|upper {made}"),
         # What a call passes past a macro's arguments, which Jinja holds in a tuple and a dict the macro may keep.
         "varargs": (
             "{% macro keep() %}{% set ns.d = [ns.d, varargs] %}{% endmacro %}{{ keep(event.data.note[1:]) }}",
-            f"a macro's varargs or kwargs {made}",
+            f"a slice {made}",
         ),
         "kwargs": (
             "{% macro keep() %}{% set ns.d = [ns.d, kwargs] %}{% endmacro %}{{ keep(a=event.data.note[1:]) }}",
-            f"a macro's varargs or kwargs {made}",
+            f"a slice {made}",
         ),
     }
     actions = [notify_action("listed", f"{downstream.url}/listed", template=listed)] + [
@@ -1500,6 +1560,8 @@ def test_a_loop_may_use_a_filter_on_a_large_field_when_it_keeps_little(
         "replace": ('{{ event.data.note|replace("O", "o")|length }}', "100000"),
         "format": ('{{ "{}!".format(event.data.note)|length }}', "100001"),
         "literal": ("{{ [event.data.note, i]|length }}", "2"),
+        "slice": ("{{ event.data.note[1:]|length }}", "99999"),
+        "block": ("{% set copy %}{{ event.data.note }}{% endset %}{{ copy|length }}", "100000"),
     }
     actions = [
         notify_action(
@@ -1538,16 +1600,30 @@ def test_a_loop_may_use_a_filter_on_a_large_field_when_it_keeps_little(
 def test_a_recursive_macro_cannot_hold_a_new_text_at_each_call(
     tmp_path: Path, downstream: Downstream
 ) -> None:
-    # Each call makes a text a little longer than the note with `~`, `+` or a macro and passes it on, and each
-    # level of the recursion holds its own until the last returns. Uncounted, a note of 99,000 characters held
-    # 15 MB by the time Python's recursion limit stopped it, fifteen times what a render may hold.
+    # Each call makes a text a little longer than the note with `~`, `+`, a macro or a `{% set %}` block, or a
+    # little shorter with a slice, and passes it on, and each level of the recursion holds its own until the last
+    # returns. Uncounted, a note of 99,000 characters held 15 MB by the time Python's recursion limit stopped
+    # it, fifteen times what a render may hold.
     deeper = {
         "concat": '{% macro deeper(text) %}{{ deeper(text ~ "!") }}{% endmacro %}{{ deeper(event.data.note) }}',
         "add": '{% macro deeper(text) %}{{ deeper(text + "!") }}{% endmacro %}{{ deeper(event.data.note) }}',
         "macro": "{% macro bang(text) %}{{ text }}!{% endmacro %}"
         "{% macro deeper(text) %}{{ deeper(bang(text)) }}{% endmacro %}{{ deeper(event.data.note) }}",
+        "block": "{% macro deeper(text) %}{% set longer %}{{ text }}!{% endset %}{{ deeper(longer) }}"
+        "{% endmacro %}{{ deeper(event.data.note) }}",
+        "namespace block": "{% set ns = namespace(text='') %}{% macro deeper(text) %}{% set ns.text %}{{ text }}!"
+        "{% endset %}{{ deeper(ns.text) }}{% endmacro %}{{ deeper(event.data.note) }}",
+        "slice": "{% macro deeper(text) %}{{ deeper(text[1:]) }}{% endmacro %}{{ deeper(event.data.note) }}",
+        # A list's slice is a new list of references to its items, which a list of the note's characters makes
+        # as long as the note.
+        "list slice": "{% macro deeper(items) %}{{ deeper(items[:-1]) }}{% endmacro %}"
+        "{{ deeper(event.data.note|list) }}",
     }
     actions = [notify_action(name, f"{downstream.url}/{name}", template=t) for name, t in deeper.items()]
+    # Where values are escaped, Jinja copies what a block captures into another text as it assigns it.
+    actions.append(
+        notify_action("slack block", f"{downstream.url}/slack", format="slack", template=deeper["block"])
+    )
     # A text built up with `~` lets the one before go: one of 99,000 characters made in 99 steps holds one at
     # a time, though all it made add up to 5 MB.
     actions.append(
@@ -1569,6 +1645,11 @@ def test_a_recursive_macro_cannot_hold_a_new_text_at_each_call(
             "concat": (1, f"template line 1: SecurityError: ~ {made}"),
             "add": (1, f"template line 1: SecurityError: + {made}"),
             "macro": (1, f"template line 1: SecurityError: a macro {made}"),
+            "block": (1, f"template line 1: SecurityError: a set block {made}"),
+            "namespace block": (1, f"template line 1: SecurityError: a set block {made}"),
+            "slice": (1, f"template line 1: SecurityError: a slice {made}"),
+            "list slice": (1, f"template line 1: SecurityError: a slice {made}"),
+            "slack block": (1, f"template line 1: SecurityError: a set block {made}"),
             "built": (1, None),
         }
         messages = {(r.path, r.json()["text"]) for r in downstream.received()}

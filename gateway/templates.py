@@ -80,8 +80,8 @@ def isotime(value: float | None) -> str:
 #     `+` and `~` on texts, which double one at each step of `ns.text ~ ns.text` (~: compile_template), and
 #     whose new text is also counted against MAX_MADE, as a filter's is (count_joined);
 #   what a macro or a block prints, joined into one text (Environment.concat): a macro that prints its
-#     argument twice doubles it at each call on its own output; a macro's, and a `{% set %}` block's, is also
-#     counted against MAX_MADE (a block's: compile_template);
+#     argument twice doubles it at each call on its own output; a macro's, a block's called as `self.name()`
+#     and a `{% set %}` block's are also counted against MAX_MADE (a set block's: compile_template);
 #   the global lipsum().
 # A list or dict is measured as it is written out (written_length): one may hold a text many times over.
 # What they make is also added up over the render, against MAX_MADE (`+` on lists adds its shorter operand:
@@ -444,12 +444,12 @@ def count_held(holder: Any, values: Iterable[Any], what: str) -> None:
 
 
 def count_joined(made: str, what: str) -> None:
-    """The text `+`, `~` or a macro made, counted as its own object: a recursive macro that passes `text ~ "!"`
-    (or `bang(text)`) on holds a new one at each level until the deepest returns. One built up item by item
-    (`ns.text ~ item`) lets the one before go, which is taken back. One shorter than _SMALLEST_TRACKED is not
-    counted: it would stay counted for the whole render, and `"parcel " ~ i` in a loop of 100,000 would add up
-    to the bound while holding nothing; what may keep many of them counts them itself (a list or dict written
-    in the template, namespace())."""
+    """The text `+`, `~`, a macro or a block made, counted as its own object: a recursive macro that passes
+    `text ~ "!"` (or `bang(text)`, `self.line()`) on holds a new one at each level until the deepest returns.
+    One built up item by item (`ns.text ~ item`) lets the one before go, which is taken back. One shorter than
+    _SMALLEST_TRACKED is not counted: it would stay counted for the whole render, and `"parcel " ~ i` in a loop
+    of 100,000 would add up to the bound while holding nothing; what may keep many of them counts them itself
+    (a list or dict written in the template, namespace())."""
     if len(made) >= _SMALLEST_TRACKED:
         count_made(len(made), what, made)
 
@@ -660,7 +660,7 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
     from jinja2 import StrictUndefined, pass_eval_context
     from jinja2.exceptions import SecurityError
     from jinja2.nodes import EvalContext
-    from jinja2.runtime import Context, LoopContext, Macro, markup_join, str_join
+    from jinja2.runtime import BlockReference, Context, LoopContext, Macro, markup_join, str_join
     from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedEscapeFormatter, SandboxedFormatter
     from jinja2.utils import Cycler, Joiner, Namespace
     from markupsafe import Markup
@@ -819,9 +819,9 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
                 # What a block prints (`self.name()`, `super()`) is Jinja's Markup, whose format, `%`, join
                 # and replace escape their arguments as HTML, which leaves a chat's mentions as they are.
                 made = escaped(made)
-            if isinstance(obj, Macro) and isinstance(made, str):
+            if isinstance(obj, Macro | BlockReference) and isinstance(made, str):
                 # Counted here, not as join_output makes it: with escaping, Markup copies it into another text.
-                count_joined(made, "a macro")
+                count_joined(made, "a macro" if isinstance(obj, Macro) else "a block")
             return made
 
         def _call(self, context: Context, obj: Any, /, *args: Any, **kwargs: Any) -> Any:

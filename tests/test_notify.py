@@ -1614,6 +1614,9 @@ def test_a_recursive_macro_cannot_hold_a_new_text_at_each_call(
         "namespace block": "{% set ns = namespace(text='') %}{% macro deeper(text) %}{% set ns.text %}{{ text }}!"
         "{% endset %}{{ deeper(ns.text) }}{% endmacro %}{{ deeper(event.data.note) }}",
         "slice": "{% macro deeper(text) %}{{ deeper(text[1:]) }}{% endmacro %}{{ deeper(event.data.note) }}",
+        # What a block prints, called as `self.name()`, is a new text at each call.
+        "self block": "{% block line %}{{ event.data.note }}!{% endblock %}"
+        "{% macro deeper(text) %}{{ deeper(self.line()) }}{% endmacro %}{{ deeper('') }}",
         # A list's slice is a new list of references to its items, which a list of the note's characters makes
         # as long as the note.
         "list slice": "{% macro deeper(items) %}{{ deeper(items[:-1]) }}{% endmacro %}"
@@ -1648,6 +1651,7 @@ def test_a_recursive_macro_cannot_hold_a_new_text_at_each_call(
             "block": (1, f"template line 1: SecurityError: a set block {made}"),
             "namespace block": (1, f"template line 1: SecurityError: a set block {made}"),
             "slice": (1, f"template line 1: SecurityError: a slice {made}"),
+            "self block": (1, f"template line 1: SecurityError: a block {made}"),
             "list slice": (1, f"template line 1: SecurityError: a slice {made}"),
             "slack block": (1, f"template line 1: SecurityError: a set block {made}"),
             "built": (1, None),

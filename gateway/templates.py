@@ -92,8 +92,9 @@ def isotime(value: float | None) -> str:
 # A list, dict or namespace may keep what every step of a loop made, so also added up are: the new result of
 # every other filter and str method (_count_made_by, Environment.call), the texts a list, tuple or dict written
 # in the template holds (hold), what namespace(), cycler() and joiner() are given, what a call passes to a
-# macro's varargs and kwargs (Environment.call), and what dict() adds, whose result is bounded as a list's is
-# (made_dict), and the new text or list a slice makes (`text[1:]`: compile_template).
+# macro's varargs and kwargs (Environment.call), what dict() adds, whose result is bounded as a list's is
+# (made_dict), and the new text, list or dict that a slice (`text[1:]`: compile_template) or the copy() of a list
+# or dict makes (count_copied).
 # The other filters and methods make about as much as they are given (escaping, upper-casing or quoting it
 # grows it by a small factor at most), which the request body's limit bounds; truncate (its end) and default
 # add an argument once. The bounds are right within such a factor (the markup urlize adds is not counted, nor
@@ -454,6 +455,16 @@ def count_joined(made: str, what: str) -> None:
         count_made(len(made), what, made)
 
 
+def count_copied(made: Any, what: str) -> None:
+    """A new text, list or dict made of part or all of one the render had (a slice, a list's copy), counted as
+    its own object: a recursive macro that passes `text[1:]` or `items.copy()` on holds a new one at each level.
+    No longer than what it was made of, it needs no check before it is made. One shorter than _SMALLEST_TRACKED
+    is not counted, as count_joined says."""
+    length = made_length(made)
+    if length >= _SMALLEST_TRACKED:
+        count_made(length, what, made)
+
+
 def count_result(made: Any, what: str) -> None:
     """A new result of a str method: a text, or a list or tuple of texts (split, partition), each counted as its
     own object; anything else by its written length, for the whole render."""
@@ -711,14 +722,11 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
         return value
 
     def slice_of(value: Any, start: Any, stop: Any, step: Any) -> Any:
-        """`value[start:stop:step]`, as Jinja's code takes it, with the new text or list counted against MAX_MADE:
-        a recursive macro that passes `text[1:]` on holds a new one, nearly as long, at each level. No longer
-        than `value`, it needs no check before it is made."""
+        """`value[start:stop:step]`, as Jinja's code takes it, with the new text or list counted against
+        MAX_MADE."""
         made = value[start:stop:step]
-        length = made_length(made)
-        # One shorter is not counted, as count_joined says; one that is `value` itself (`text[:]`) is not new.
-        if made is not value and length >= _SMALLEST_TRACKED:
-            count_made(length, "a slice", made)
+        if made is not value:  # `text[:]` is the text itself
+            count_copied(made, "a slice")
         return made
 
     # The functions compile_template puts into the compiled code, which are not the template's steps.
@@ -868,6 +876,10 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
                 check_length(counted, f"str.{name}")
                 made = super().call(context, obj, *args, **kwargs)
                 track(made, counted)
+                return made
+            if name == "copy" and isinstance(owner, list | dict):
+                made = super().call(context, obj, *args, **kwargs)
+                count_copied(made, f"{type(owner).__name__}.copy")
                 return made
             if name == "fromkeys" and isinstance(owner, type) and issubclass(owner, dict):
                 if args:  # iterated here, to be measured, and then made a dict of

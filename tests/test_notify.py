@@ -1621,6 +1621,8 @@ def test_a_recursive_macro_cannot_hold_a_new_text_at_each_call(
         # as long as the note.
         "list slice": "{% macro deeper(items) %}{{ deeper(items[:-1]) }}{% endmacro %}"
         "{{ deeper(event.data.note|list) }}",
+        "list copy": "{% macro deeper(items) %}{{ deeper(items.copy()) }}{% endmacro %}"
+        "{{ deeper(event.data.note|list) }}",
     }
     actions = [notify_action(name, f"{downstream.url}/{name}", template=t) for name, t in deeper.items()]
     # Where values are escaped, Jinja copies what a block captures into another text as it assigns it.
@@ -1653,6 +1655,7 @@ def test_a_recursive_macro_cannot_hold_a_new_text_at_each_call(
             "slice": (1, f"template line 1: SecurityError: a slice {made}"),
             "self block": (1, f"template line 1: SecurityError: a block {made}"),
             "list slice": (1, f"template line 1: SecurityError: a slice {made}"),
+            "list copy": (1, f"template line 1: SecurityError: list.copy {made}"),
             "slack block": (1, f"template line 1: SecurityError: a set block {made}"),
             "built": (1, None),
         }

@@ -65,11 +65,11 @@ TEAMS_MAX_BYTES = 28_000
 _BREAK = "\u200b"
 
 
-# Where a value that markup could take in starts, marked by the escaping (slack_escape, discord_escape) while
-# the template renders: whether the template's own text right before it makes markup of it (Slack's `<`,
-# Discord's `@`) only the whole message shows, and a zero-width space anywhere else would be part of the
-# text, a URL's say. A private-use character, taken out of the values themselves first: a sender cannot place
-# one.
+# Where markup could take in a value (a Slack value's `!`, `@` or `#`, a Discord value's start), marked by the
+# escaping (slack_escape, discord_escape) while the template renders: whether the template's own text right
+# before it makes markup of it (Slack's `<`, Discord's `@`) only the whole message shows, and a zero-width
+# space anywhere else would be part of the text, a URL's say. A private-use character, taken out of the values
+# themselves first: a sender cannot place one.
 _VALUE_START = "\ue000"
 
 
@@ -80,12 +80,16 @@ def _break_value_starts(message: str, markup: str) -> str:
 
 def slack_escape(text: str) -> str:
     """Slack's own escaping for text it did not write: `<!channel>`, `<@U123>` and `<https://x|a link>` are
-    all made of `<` and `>`, and `&` starts the escapes themselves. The start of a text that starts with `!`,
-    `@` or `#` is marked for slack_finish: a template's own `<` may precede it (`<{{ url }}>`), and
-    `<!channel>`, `<@U123>` and `<#C123>` would need nothing of the value's to escape. Slack reads a `<`
-    followed by anything else as a link, and a value that is a URL is one still."""
+    all made of `<` and `>`, and `&` starts the escapes themselves. Each `!`, `@` and `#` is marked for
+    slack_finish: a template's own `<` may precede it (`<{{ url }}>`), and `<!channel>`, `<@U123>` and
+    `<#C123>` would need nothing of the value's to escape. Each, not only one that starts the text: a filter
+    over what a block or a macro printed (`|trim`, `|replace`) may take off what came before it. Slack reads a
+    `<` followed by anything else as a link, and a value that is a URL is one still."""
     text = text.replace(_VALUE_START, "").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return _VALUE_START + text if text.startswith(("!", "@", "#")) else text
+    # str.replace, not a regular expression: a render may escape a long value thousands of times.
+    for markup in "!@#":
+        text = text.replace(markup, _VALUE_START + markup)
+    return text
 
 
 def slack_finish(message: str) -> str:
@@ -111,10 +115,14 @@ def discord_escape(text: str) -> str:
     is their start (`every`), which a next value might continue: that start marked for discord_finish."""
     text = text.replace(_VALUE_START, "")
     text = _MASKED_LINK.sub("]" + _BREAK, _DISCORD_MENTION.sub("@" + _BREAK, text))
-    if text and (
-        text.startswith(("everyone", "here")) or "everyone".startswith(text) or "here".startswith(text)
+    # Past leading whitespace and in either case: a filter over what a block printed (`|trim`, `|lower`) may
+    # make `everyone` of ` everyone` or `EVERYONE`.
+    word = text.lstrip()
+    start = word.lower()
+    if start and (
+        start.startswith(("everyone", "here")) or "everyone".startswith(start) or "here".startswith(start)
     ):
-        return _VALUE_START + text
+        return text[: len(text) - len(word)] + _VALUE_START + word
     return text
 
 

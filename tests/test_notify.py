@@ -503,6 +503,24 @@ def test_a_value_cannot_forge_where_a_slack_value_starts(tmp_path: Path, slack: 
     assert slack.messages == ["<\u200b!channel> <\u200b@U0123> <https://x.example/@name>"]
 
 
+def test_a_slack_value_trimmed_or_cut_inside_a_template_stays_broken_up(
+    tmp_path: Path, slack: SlackWebhook
+) -> None:
+    # What a block or a macro prints is escaped already, and a filter over it may take off what came before a
+    # value's `!` or `@` (its own leading space, a character): that `!` or `@` must still not follow a `<`.
+    template = (
+        "{% set customer %}{{ event.data.customer }}{% endset %}<{{ customer|trim }}>"
+        " {% macro show(text) %} {{ text }} {% endmacro %}<{{ show(event.data.note)|trim }}>"
+        " {% set oncall %}{{ event.data.oncall }}{% endset %}<{{ oncall|replace('x', '') }}>"
+    )
+    values = {"customer": " !channel", "note": "\n@U0123", "oncall": "x!here"}
+    actions = [notify_action("slack", slack.url, format="slack", template=template)]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_trimmed", **values))
+        wait_until(lambda: delivery_states(gw, "evt_trimmed") == {"slack": "delivered"})
+    assert slack.messages == ["<\u200b!channel> <\u200b@U0123> <\u200b!here>"]
+
+
 def test_escaping_follows_values_through_filters_blocks_and_macros(
     tmp_path: Path, downstream: Downstream
 ) -> None:
@@ -668,6 +686,27 @@ def test_a_value_cannot_forge_where_a_discord_value_starts(tmp_path: Path, downs
         [request] = downstream.received("/discord")
     assert request.json() == {
         "content": "@\u200beveryone @\u200bhere x/he",
+        "allowed_mentions": {"parse": [], "users": [], "roles": []},
+    }
+
+
+def test_a_discord_value_trimmed_or_lower_cased_inside_a_template_stays_broken_up(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # What a block prints is escaped already, and a filter over it may make `everyone` of a value that did not
+    # start with it (a leading space trimmed, `EVERYONE` lower-cased) right after a template's @.
+    template = (
+        "{% set customer %}{{ event.data.customer }}{% endset %}@{{ customer|trim }}"
+        " {% set note %}{{ event.data.note }}{% endset %}@{{ note|lower }}"
+    )
+    values = {"customer": " everyone", "note": "HERE"}
+    actions = [notify_action("discord", f"{downstream.url}/discord", format="discord", template=template)]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id="evt_discord_trimmed", **values))
+        wait_until(lambda: delivery_states(gw, "evt_discord_trimmed") == {"discord": "delivered"})
+        [request] = downstream.received("/discord")
+    assert request.json() == {
+        "content": "@\u200beveryone @\u200bhere",
         "allowed_mentions": {"parse": [], "users": [], "roles": []},
     }
 

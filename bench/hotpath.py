@@ -28,13 +28,15 @@ import gc
 import inspect
 import json
 import os
+import re
+import shutil
 import struct
 import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 if __package__ in (None, ""):
     # Run as a script (the harness): the tree under test is on PYTHONPATH, this file's own tree is not.
@@ -319,10 +321,10 @@ def harness_run(
     rounds: int,
     counted: bool,
     bytecodes: Path | None = None,
-) -> tuple[Json, int | None]:
+) -> tuple[Json, Counted | None]:
     """One run of the harness on `tree`, on a database of its own: its JSON, and with `counted`
-    callgrind's instruction count. With `bytecodes`, each function's bytecodes are counted into that file
-    (BytecodeCounter)."""
+    callgrind's instruction count, in all and by kind of code (instructions_by_kind). With `bytecodes`,
+    each function's bytecodes are counted into that file (BytecodeCounter)."""
     name = f"hotpath-{mode}-{rounds}-{time.monotonic_ns()}"
     config, _ports = gateway_config(
         settings.work, settings.work / f"{name}.db", sink_url, route_matches=mode == "routed"
@@ -361,8 +363,11 @@ def harness_run(
         )
     instructions = None
     if counted:
-        (settings.work / f"callgrind-{requests.stem}.out").unlink(missing_ok=True)
-        instructions = instructions_counted(done.stderr)
+        profile = settings.work / f"callgrind-{requests.stem}.out"
+        try:
+            instructions = Counted(instructions_counted(done.stderr), instructions_by_kind(profile))
+        finally:
+            profile.unlink(missing_ok=True)
     return result, instructions
 
 
@@ -378,11 +383,74 @@ def measure(settings: Settings, tree: Path, sink_url: str, mode: str) -> Json:
             )
         assert short is not None and long is not None
         extra = (COUNTED_ROUNDS[1] - COUNTED_ROUNDS[0]) * CONNECTIONS
-        row["instructions_per_webhook"] = (long - short) / extra
+        row["instructions_per_webhook"] = (long.total - short.total) / extra
+        if long.by_kind and short.by_kind:
+            row["instructions_by_kind"] = {
+                kind: (count - short.by_kind.get(kind, 0)) / extra for kind, count in long.by_kind.items()
+            }
     by_function = bytecodes_per_webhook(settings, tree, sink_url, mode)
     row["bytecodes_per_webhook"] = sum(by_function.values())
     row["bytecodes_by_function"] = by_function
     return row
+
+
+class Counted(NamedTuple):
+    """What callgrind counted in one harness run: every instruction, and by kind (empty without
+    callgrind_annotate)."""
+
+    total: int
+    by_kind: dict[str, int]
+
+
+# What kind of code a function callgrind names is, first match wins: where a webhook's instructions go in C,
+# which the Python bytecodes by function leave out (what each bytecode costs, SQLite, the hashes, the loop).
+CODE_KINDS = (
+    ("SQLite", re.compile(r"libsqlite3|Modules/_sqlite")),
+    ("hashes (HMAC-SHA256)", re.compile(r"libcrypto|sha256|hmac", re.IGNORECASE)),
+    ("event loop (uvloop, libuv)", re.compile(r"uvloop|libuv")),
+    ("HTTP parsing (httptools)", re.compile(r"httptools|llhttp")),
+    ("JSON (orjson)", re.compile(r"orjson")),
+    ("locks and the GIL", re.compile(r"pthread|ceval_gil")),
+    (
+        "memory: allocation, freeing, GC",
+        re.compile(r"obmalloc|malloc\.c|memset|memmove|memcpy|gcmodule|_Py_NewReference|dealloc"),
+    ),
+    (
+        "Python: the bytecode loop, frames, calls",
+        re.compile(r"ceval|Python/frame\.c|pycore_frame|Objects/call\.c|Include/object\.h|genobject"),
+    ),
+    (
+        "Python: dict and attribute lookups",
+        re.compile(r"dictobject|typeobject|Objects/object\.c|descrobject"),
+    ),
+    ("Python: str and bytes", re.compile(r"unicodeobject|bytesobject|stringlib")),
+    ("Python: the rest", re.compile(r"libpython|Python-3|/Python/|/Objects/|/Modules/")),
+)
+_ANNOTATED = re.compile(r"\s*([\d,]+)\s+\(\s*[\d.]+%\)\s+(.+)")
+
+
+def instructions_by_kind(profile: Path) -> dict[str, int]:
+    """A callgrind profile's instructions, by the kind of code (CODE_KINDS) of the function that ran them
+    (its own, not those it called); {} without callgrind_annotate (valgrind's, a Perl script)."""
+    annotate = shutil.which("callgrind_annotate")
+    if annotate is None:
+        return {}
+    listed = subprocess.run(
+        [annotate, "--auto=no", "--inclusive=no", "--threshold=100", str(profile)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=True,
+    ).stdout
+    kinds: dict[str, int] = {}
+    for line in listed.splitlines():
+        found = _ANNOTATED.match(line)
+        if found is None or found.group(2).startswith("PROGRAM TOTALS"):
+            continue
+        where = found.group(2)
+        kind = next((kind for kind, pattern in CODE_KINDS if pattern.search(where)), "other")
+        kinds[kind] = kinds.get(kind, 0) + int(found.group(1).replace(",", ""))
+    return kinds
 
 
 def bytecodes_per_webhook(settings: Settings, tree: Path, sink_url: str, mode: str) -> dict[str, float]:

@@ -510,6 +510,7 @@ def _hotpath(part: Json) -> list[str]:
             "llrrr",
         ),
         *_bytecodes_of_forwarding(rows),
+        *_instructions_by_kind(rows),
     ]
     failed = [row for row in part["rows"] if "error" in row]
     if failed:
@@ -565,6 +566,42 @@ def _bytecodes_of_forwarding(rows: list[Json]) -> list[str]:
             ["function", "bytecodes added per webhook", "share"],
             [[f"`{where}`", f"{count:,.0f}", f"{count / total:.0%}"] for where, count in largest],
             "lrr",
+        ),
+    ]
+
+
+def _instructions_by_kind(rows: list[Json]) -> list[str]:
+    """Where callgrind's instructions go by kind of code (bench.hotpath.CODE_KINDS), with no route and with
+    the forward route, for this commit (runs before they were sorted have none)."""
+    now = {row["mode"]: row.get("instructions_by_kind") for row in rows if row["tree"] == "now"}
+    routed, unrouted = now.get("routed"), now.get("unrouted")
+    if not routed or not unrouted:
+        return []
+    added = {kind: count - unrouted.get(kind, 0.0) for kind, count in routed.items()}
+    total = sum(added.values())
+    python = sum(count for kind, count in added.items() if kind.startswith(("Python", "memory")))
+    return [
+        "",
+        "The same instructions by the kind of code that ran them (each function's own, sorted by the library "
+        "or CPython source file callgrind names): what a bytecode costs, and the C the bytecodes leave out. "
+        f"Of what the forward route adds, {python / total:.0%} is CPython running Python code (the bytecode "
+        "loop, frames and calls, lookups, objects made and freed: Hookyard's, and asyncio's), and "
+        f"{added.get('SQLite', 0.0) / total:.0%} SQLite:",
+        "",
+        md_table(
+            ["kind of code", "no route", "forward route", "added by the forward route", "share of it"],
+            [
+                [
+                    kind,
+                    f"{unrouted.get(kind, 0.0):,.0f}",
+                    f"{routed[kind]:,.0f}",
+                    f"{added[kind]:,.0f}",
+                    f"{added[kind] / total:.0%}".replace("-0%", "0%"),  # a count that hardly moved
+                ]
+                for kind in sorted(routed, key=lambda kind: -added[kind])
+                if routed[kind] >= 500 or unrouted.get(kind, 0.0) >= 500
+            ],
+            "lrrrr",
         ),
     ]
 

@@ -10,8 +10,12 @@
 
 Tables and indexes are created when missing, on the first delivery rather than at start-up: a database that
 is down only delays this action's deliveries (retried on the route's schedule), never the gateway or the other
-actions. PostgreSQL is first asked whether they exist, and when they all do no DDL is run: CREATE INDEX IF
-NOT EXISTS would lock the table. Names are quoted, so they keep their case. A PostgreSQL schema must already
+actions. PostgreSQL is first asked whether they exist, and only the statements of what is missing are run:
+CREATE INDEX IF NOT EXISTS would lock the table, and a role that does not own a table made by a DBA (or may
+not create in its schema) is refused any of them, IF NOT EXISTS or not. Such a role needs SELECT, INSERT,
+UPDATE and DELETE on the tables. The index is only for queries: one that is missing and that the role may
+not create is logged, once per setup, as a warning with the CREATE INDEX statement for the table's owner,
+and the store writes without it. Names are quoted, so they keep their case. A PostgreSQL schema must already
 exist. `delete_on` matches the canonical event type (event.type, e.g. consignment.deleted), not a
 provider's code.
 
@@ -92,6 +96,7 @@ import contextlib
 import fnmatch
 import hashlib
 import json
+import logging
 import os
 import re
 import sqlite3
@@ -114,6 +119,8 @@ from gateway.http_client import url_text_problem
 from gateway.tasks import DaemonThread
 
 T = TypeVar("T")
+
+log = logging.getLogger("hookyard.store")
 
 DEFAULT_TABLE = "hookyard_events"
 
@@ -261,10 +268,15 @@ class Statements:
     clear_tombstone: str
     tombstone: str
     delete: str
-    # What setup creates, as PostgreSQL's to_regclass() reads names: the tables and the index.
-    relations: tuple[str, ...]
-    # Columns added to the table after its first shape, each with the SQLite statement that adds it to a
-    # table created before (PostgreSQL's setup adds them with ADD COLUMN IF NOT EXISTS).
+    # What setup creates, each named as PostgreSQL's to_regclass() reads names, with the statement that
+    # creates it: the tables (the one the store writes first) and the index. PostgreSQL's setup runs only
+    # the statements of what is missing: a role that does not own the table, or may not create in its
+    # schema, is refused each of them even when what it would create is there.
+    tables: tuple[tuple[str, str], ...]
+    # Only queries need it: a role that may not create it still writes (see Postgres.setup).
+    indexes: tuple[tuple[str, str], ...]
+    # Columns added to the table after its first shape, each with the statement that adds it to a table
+    # created before.
     added_columns: tuple[tuple[str, str], ...]
 
 
@@ -277,14 +289,10 @@ def statements(table: str, mode: str, dialect: Literal["postgresql", "sqlite"]) 
     # PostgreSQL puts an index in its table's schema and wants the bare name.
     type_index, updated_index = _quote(f"{name}_type_idx"), _quote(f"{name}_updated_idx")
     in_schema = f"{_quote(schema)}." if schema else ""
-    relations = (
-        (qualified, in_schema + type_index)
-        if mode == "append"
-        else (qualified, in_schema + updated_index, tombstones)
-    )
     ts, json_type = ("timestamptz", "jsonb") if dialect == "postgresql" else ("TEXT", "TEXT")
+    tables: tuple[tuple[str, str], ...]
     if mode == "append":
-        setup = f"""
+        create_table = f"""
             CREATE TABLE IF NOT EXISTS {qualified} (
                 source text NOT NULL,
                 event_id text NOT NULL,
@@ -294,11 +302,16 @@ def statements(table: str, mode: str, dialect: Literal["postgresql", "sqlite"]) 
                 payload {json_type} NOT NULL,
                 headers {json_type} NOT NULL,
                 PRIMARY KEY (source, event_id)
-            );
-            CREATE INDEX IF NOT EXISTS {type_index} ON {qualified} (type, received_at);
-        """
+            )"""
+        tables = ((qualified, create_table),)
+        indexes = (
+            (
+                in_schema + type_index,
+                f"CREATE INDEX IF NOT EXISTS {type_index} ON {qualified} (type, received_at)",
+            ),
+        )
     else:
-        setup = f"""
+        create_table = f"""
             CREATE TABLE IF NOT EXISTS {qualified} (
                 "key" text PRIMARY KEY,
                 data {json_type} NOT NULL,
@@ -308,18 +321,23 @@ def statements(table: str, mode: str, dialect: Literal["postgresql", "sqlite"]) 
                 occurred_at {ts} NOT NULL,
                 updated_at {ts} NOT NULL,
                 received_at {ts}
-            );
-            CREATE INDEX IF NOT EXISTS {updated_index} ON {qualified} (updated_at);
+            )"""
+        create_tombstones = f"""
             CREATE TABLE IF NOT EXISTS {tombstones} (
                 "key" text PRIMARY KEY,
                 occurred_at {ts} NOT NULL,
                 source text NOT NULL,
                 event_id text NOT NULL,
                 deleted_at {ts} NOT NULL
-            );
-        """
-        if dialect == "postgresql":
-            setup += f"ALTER TABLE {qualified} ADD COLUMN IF NOT EXISTS received_at {ts};"
+            )"""
+        tables = ((qualified, create_table), (tombstones, create_tombstones))
+        indexes = (
+            (
+                in_schema + updated_index,
+                f"CREATE INDEX IF NOT EXISTS {updated_index} ON {qualified} (updated_at)",
+            ),
+        )
+    setup = "".join(f"{create};\n" for _, create in (*tables, *indexes))
     sql: list[str] = [
         setup,
         f"""
@@ -365,9 +383,11 @@ def statements(table: str, mode: str, dialect: Literal["postgresql", "sqlite"]) 
     if dialect == "sqlite":
         sql = [re.sub(r"\$(\d+)", r"?\1", re.sub(r"::[a-z]+", "", text)) for text in sql]
     setup, append, put, clear_tombstone, tombstone, delete = sql
-    add_received_at = f"ALTER TABLE {qualified} ADD COLUMN received_at {ts}"
+    # SQLite adds a column only after reading that it is missing: it has no IF NOT EXISTS for it.
+    if_missing = "IF NOT EXISTS " if dialect == "postgresql" else ""
+    add_received_at = f"ALTER TABLE {qualified} ADD COLUMN {if_missing}received_at {ts}"
     added = () if mode == "append" else (("received_at", add_received_at),)
-    return Statements(setup, append, put, clear_tombstone, tombstone, delete, relations, added)
+    return Statements(setup, append, put, clear_tombstone, tombstone, delete, tables, indexes, added)
 
 
 # -- what one event writes ------------------------------------------------------------------------------
@@ -653,19 +673,50 @@ class Postgres(Backend):
         # index exists. It waits for every open transaction that wrote to the table, and every writer that
         # comes after waits behind it: a restart would hold up the app's own writes to the table.
         # A table from before a column was added is missing something too.
-        present = """
-            SELECT (SELECT bool_and(to_regclass(name) IS NOT NULL) FROM unnest($1::text[]) AS name)
-                AND (SELECT count(*) FROM pg_attribute
-                     WHERE attrelid = to_regclass($2) AND attname = ANY($3::text[]) AND NOT attisdropped)
-                    = cardinality($3::text[])
+        missing = """
+            SELECT array(SELECT name FROM unnest($1::text[]) AS name WHERE to_regclass(name) IS NULL)
+                || array(SELECT name FROM unnest($3::text[]) AS name WHERE NOT EXISTS (
+                    SELECT FROM pg_attribute
+                    WHERE attrelid = to_regclass($2) AND attname = name AND NOT attisdropped))
         """
-        table, columns = self.sql.relations[0], [name for name, _ in self.sql.added_columns]
+        sql = self.sql
+        names = [name for name, _ in (*sql.tables, *sql.indexes)]
+        columns = [name for name, _ in sql.added_columns]
         deadline = time.monotonic() + timeout
-        if await self._run(timeout, (present, (list(self.sql.relations), table, columns))):
-            return
+        absent = set(await self._run(timeout, (missing, (names, sql.tables[0][0], columns))))
+        # Only what is missing: a table made by a DBA, with the app's role granted no more than it writes,
+        # refuses any DDL (must be owner of table, permission denied for schema), IF NOT EXISTS or not.
+        tables = [create for name, create in (*sql.tables, *sql.added_columns) if name in absent]
+        if tables:
+            await self._ddl(deadline, tables)
+        for name, create in sql.indexes:
+            if name in absent:
+                await self._create_index(deadline, name, create)
+
+    async def _ddl(self, deadline: float, statements: list[str]) -> None:
         # Serialized across gateways: concurrent CREATE TABLE IF NOT EXISTS can fail on PostgreSQL's catalog.
         lock = ("SELECT pg_advisory_xact_lock($1)", (_lock_id(self.lock_prefix),))
-        await self._run(max(0.0, deadline - time.monotonic()), lock, (self.sql.setup, ()))
+        steps = [(statement, ()) for statement in statements]
+        await self._run(max(0.0, deadline - time.monotonic()), lock, *steps)
+
+    async def _create_index(self, deadline: float, name: str, create: str) -> None:
+        """Create an index, or warn when the role may not: only queries need it, the store's writes do not.
+        Its own transaction, so that the tables created before it stay."""
+        try:
+            await self._ddl(deadline, [create])
+        except self._asyncpg.PostgresError as exc:
+            if _sqlstate(exc) != "42501":
+                raise
+            # Once per action's setup (a start, a reload), not per delivery. The statement is the store's
+            # own, and `where` is host, port and database: never the URL's password.
+            log.warning(
+                "store: table %s has no index %s, and this role may not create it: events are written "
+                "without it, but queries by its columns read the whole table. Have the table's owner run: %s",
+                self.sql.tables[0][0],
+                name,
+                create,
+                extra={"database": self.where, "error": self.describe(exc)},
+            )
 
     async def append(self, record: Record, timeout: float) -> None:
         occurred = None if record.occurred_at is None else _utc(record.occurred_at)
@@ -837,7 +888,7 @@ class SQLite(Backend):
     async def setup(self, timeout: float) -> None:
         # Left open by the script, so that the columns are added in the same transaction.
         script = f"BEGIN IMMEDIATE; {self.sql.setup}"
-        table = self.sql.relations[0]
+        table = self.sql.tables[0][0]
 
         def create(conn: sqlite3.Connection) -> None:
             conn.executescript(script)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import sqlite3
 import ssl
 import threading
@@ -157,7 +158,8 @@ class PostgresDatabase(Database):
         self.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
         try:
             for name in (self.table, f"{self.table}_tombstones"):
-                self.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON "{name}" TO {role}')
+                if self.exists(name):
+                    self.execute(f'GRANT SELECT, INSERT, UPDATE, DELETE ON "{name}" TO {role}')
             parts = urlsplit(self.action_url)
             host = parts.netloc.rpartition("@")[2]
             yield role, parts._replace(netloc=f"{role}:{password}@{host}").geturl()
@@ -165,6 +167,10 @@ class PostgresDatabase(Database):
             self.execute(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'")
             self.execute(f"DROP OWNED BY {role}")
             self.execute(f"DROP ROLE {role}")
+
+    def exists(self, name: str) -> bool:
+        [row] = self.fetch(f"""SELECT to_regclass('"{name}"') IS NOT NULL AS found""")
+        return bool(row["found"])
 
     async def _fetch(self, sql: str) -> list[dict[str, Any]]:
         conn = await asyncpg.connect(self.url)
@@ -1189,6 +1195,88 @@ def test_a_hand_made_table_missing_an_indexed_column_is_dead_not_retried(db: Dat
     [outcome] = deliver({"url": db.url, "table": db.table}, make_event("e1"))
     assert outcome.kind == "dead", outcome
     assert "type" in (outcome.error or "")
+
+
+def hand_made_tables(pg: PostgresDatabase, mode: str, *, received_at: bool = True) -> dict[str, Any]:
+    """The store's tables as a DBA makes them, with the columns and primary keys but not the index; the
+    action's options."""
+    if mode == "append":
+        pg.execute(
+            f'CREATE TABLE "{pg.table}" (source text NOT NULL, event_id text NOT NULL, type text NOT NULL, '
+            "occurred_at timestamptz, received_at timestamptz NOT NULL, payload jsonb NOT NULL, "
+            "headers jsonb NOT NULL, PRIMARY KEY (source, event_id))"
+        )
+        return {"url": pg.url, "table": pg.table}
+    column = ", received_at timestamptz" if received_at else ""
+    pg.execute(
+        f'CREATE TABLE "{pg.table}" ("key" text PRIMARY KEY, data jsonb NOT NULL, source text NOT NULL, '
+        "event_id text NOT NULL, type text NOT NULL, occurred_at timestamptz NOT NULL, "
+        f"updated_at timestamptz NOT NULL{column})"
+    )
+    pg.execute(
+        f'CREATE TABLE "{pg.table}_tombstones" ("key" text PRIMARY KEY, occurred_at timestamptz NOT NULL, '
+        "source text NOT NULL, event_id text NOT NULL, deleted_at timestamptz NOT NULL)"
+    )
+    return {"url": pg.url, "table": pg.table, "mode": "upsert", "key": "data.id"}
+
+
+def may_create_in_public(pg: PostgresDatabase, role: str) -> bool:
+    [row] = pg.fetch(f"SELECT has_schema_privilege('{role}', 'public', 'CREATE') AS allowed")
+    return bool(row["allowed"])
+
+
+def store_warnings(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "hookyard.store" and r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("mode", ["append", "upsert"])
+def test_a_hand_made_table_without_its_index_is_written_by_a_role_that_may_not_create_it(
+    pg: PostgresDatabase, mode: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A DBA made the tables and gave the app's role SELECT, INSERT, UPDATE and DELETE, no CREATE. Setup's
+    # CREATE INDEX (and, in upsert, ALTER TABLE ADD COLUMN IF NOT EXISTS of a column that is there: the
+    # server asks for ownership first) failed with insufficient_privilege, and every delivery was retried
+    # until dead, though the index only serves queries.
+    options = hand_made_tables(pg, mode)
+    index = f"{pg.table}_type_idx" if mode == "append" else f"{pg.table}_updated_idx"
+    with pg.login_role() as (role, url), caplog.at_level(logging.WARNING, logger="hookyard.store"):
+        assert not may_create_in_public(pg, role)
+        events = (make_event("e1", data={"id": "user_1"}), make_event("e2", data={"id": "user_2"}))
+        outcomes = deliver({**options, "url": url}, *events)
+        [record] = store_warnings(caplog)  # once, at setup: not once per delivery
+        warning = record.getMessage()
+        assert not pg.exists(index)
+        # The DBA runs the statement the warning gives; a restart then finds nothing missing.
+        pg.execute(warning.partition("Have the table's owner run: ")[2])
+        later = deliver({**options, "url": url}, make_event("e3", data={"id": "user_3"}))
+    assert kinds(outcomes + later) == ["delivered"] * 3, outcomes + later
+    assert len(pg.events() if mode == "append" else pg.rows()) == 3
+    assert f'CREATE INDEX IF NOT EXISTS "{index}" ON "{pg.table}"' in warning, warning
+    assert f"must be owner of table {pg.table}" in record.__dict__["error"]
+    assert len(store_warnings(caplog)) == 1 and pg.exists(index)
+    password = urlsplit(url).password
+    assert password and password not in caplog.text
+
+
+@pytest.mark.parametrize("missing", ["the table", "a column"])
+def test_a_table_the_role_may_not_create_or_complete_is_still_retried_with_the_reason(
+    pg: PostgresDatabase, missing: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Without the table, or upsert's received_at column, there is nothing to write to: a privilege a DBA
+    # may grant while the schedule runs, not something to warn about and go on.
+    options = {"url": pg.url, "table": pg.table, "mode": "upsert", "key": "data.id"}
+    if missing == "a column":
+        hand_made_tables(pg, "upsert", received_at=False)
+    with pg.login_role() as (role, url), caplog.at_level(logging.WARNING, logger="hookyard.store"):
+        assert not may_create_in_public(pg, role)
+        [outcome] = deliver({**options, "url": url}, make_event("e1"))
+    assert outcome.kind == "retry", outcome
+    error = outcome.error or ""
+    assert f"cannot create table {pg.table}: InsufficientPrivilegeError" in error, error
+    reason = "permission denied for schema public" if missing == "the table" else "must be owner of table"
+    assert reason in error, error
+    assert not store_warnings(caplog)
+    assert pg.exists(pg.table) == (missing == "a column")
 
 
 @pytest.mark.parametrize("created", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])

@@ -516,10 +516,13 @@ _PG_WRONG_SHAPE = frozenset({"42703", "42804", "42P10"})
 # read_only_sql_transaction: a write on a hot standby, or on a session that starts read-only. After a
 # failover the pool's connections may still lead to the old primary, now a standby (a writer endpoint's
 # name moved to the new one, and connections opened before stay where they were). They stay open, so every
-# attempt would be refused on them; a new connection looks the name up again. A server being shut down
-# ends its connections (57P01, 57P02) and one that cannot take them yet refuses to connect (57P03): the
-# pool replaces those by itself.
+# attempt would be refused on them; a new connection looks the name up again. One that cannot take
+# connections yet refuses to connect (57P03).
 _PG_READ_ONLY = "25006"
+# What ends one idle session of the pool most likely ended them all (a restart, pg_terminate_backend of the
+# app's sessions), and each would hand its end (57P01 admin_shutdown, 57P02 crash_shutdown) to the next
+# attempt that takes it: they are replaced at once.
+_PG_EXPIRES_THE_POOL = frozenset({_PG_READ_ONLY, "57P01", "57P02"})
 _READ_ONLY_SERVER = (
     "read-only server (a standby, or the old primary after a failover): the pool's connections are "
     "replaced, the next attempt connects again"
@@ -626,9 +629,10 @@ class Postgres(Backend):
         try:
             return await self._execute(conn, steps)
         except self._asyncpg.PostgresError as exc:
-            if _sqlstate(exc) == _PG_READ_ONLY:
-                # Every connection of the pool: the idle ones lead to the same read-only server. This one
-                # is closed when it goes back to the pool, the others when next taken from it.
+            if _sqlstate(exc) in _PG_EXPIRES_THE_POOL:
+                # Every connection of the pool: the idle ones lead to the same read-only server, or the
+                # server ended their sessions too. This one is closed when it goes back to the pool, the
+                # others when next taken from it.
                 await pool.expire_connections()
             raise
         except self._asyncpg.exceptions.InternalClientError as exc:

@@ -867,7 +867,7 @@ def test_a_pooled_connection_the_server_ended_while_idle_is_replaced_with_a_clea
         return outcomes
 
     *outcomes, last = asyncio.run(run())
-    assert last.kind == "delivered"
+    assert last.kind == "delivered", last.error
     for outcome in outcomes:
         error = outcome.error or ""
         assert outcome.kind in ("delivered", "retry") and "InternalClientError" not in error, error

@@ -537,14 +537,25 @@ def _hotpath(part: Json) -> list[str]:
 BYTECODE_ROWS = 15
 
 
+def _added_by_forwarding(
+    rows: list[Json], key: str
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]] | None:
+    """This commit's counts under `key` (by function, by kind of code) with the forward route, with no route,
+    and what the forward route adds to each; None when a run has none (it predates them)."""
+    now = {row["mode"]: row.get(key) for row in rows if row["tree"] == "now"}
+    routed, unrouted = now.get("routed"), now.get("unrouted")
+    if not routed or not unrouted:
+        return None
+    return routed, unrouted, {where: count - unrouted.get(where, 0.0) for where, count in routed.items()}
+
+
 def _bytecodes_of_forwarding(rows: list[Json]) -> list[str]:
     """Where the Python bytecodes the forward route adds to a webhook go: this commit's routed run less its
     run with no route, by function (runs before bytecodes were counted have none)."""
-    now = {row["mode"]: row.get("bytecodes_by_function") for row in rows if row["tree"] == "now"}
-    routed, unrouted = now.get("routed"), now.get("unrouted")
-    if not routed or not unrouted:
+    counted = _added_by_forwarding(rows, "bytecodes_by_function")
+    if counted is None:
         return []
-    added = {where: count - unrouted.get(where, 0.0) for where, count in routed.items()}
+    _routed, unrouted, added = counted
     total = sum(added.values())
     largest = sorted(added.items(), key=lambda item: -item[1])[:BYTECODE_ROWS]
     modules: dict[str, float] = {}
@@ -573,11 +584,10 @@ def _bytecodes_of_forwarding(rows: list[Json]) -> list[str]:
 def _instructions_by_kind(rows: list[Json]) -> list[str]:
     """Where callgrind's instructions go by kind of code (bench.hotpath.CODE_KINDS), with no route and with
     the forward route, for this commit (runs before they were sorted have none)."""
-    now = {row["mode"]: row.get("instructions_by_kind") for row in rows if row["tree"] == "now"}
-    routed, unrouted = now.get("routed"), now.get("unrouted")
-    if not routed or not unrouted:
+    counted = _added_by_forwarding(rows, "instructions_by_kind")
+    if counted is None:
         return []
-    added = {kind: count - unrouted.get(kind, 0.0) for kind, count in routed.items()}
+    routed, unrouted, added = counted
     total = sum(added.values())
     python = sum(count for kind, count in added.items() if kind.startswith(("Python", "memory")))
     return [

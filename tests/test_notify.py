@@ -623,16 +623,21 @@ def test_set_blocks_and_slices_print_what_they_take_escaped_where_values_are(
     ]
 
 
+def discord_sent(tmp_path: Path, downstream: Downstream, template: str, event_id: str, **values: Any) -> Any:
+    """What a Discord notify with `template` sends for a Consignly event with `values` in its data."""
+    actions = [notify_action("discord", f"{downstream.url}/discord", format="discord", template=template)]
+    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
+        send_consignly(gw, consignly_body(event_id=event_id, **values))
+        wait_until(lambda: delivery_states(gw, event_id) == {"discord": "delivered"})
+        [request] = downstream.received("/discord")
+    return request.json()
+
+
 def test_a_mention_split_across_two_values_does_not_ping(tmp_path: Path, downstream: Downstream) -> None:
     # Each value escaped on its own, and the mention only whole where the message puts them side by side.
     template = "{{ event.data.customer }}{{ event.data.note }}{{ event.data.oncall }}"
     parts = {"customer": "<@!", "note": "222222222222222222> @every", "oncall": "one <@&"}
-    actions = [notify_action("discord", f"{downstream.url}/discord", format="discord", template=template)]
-    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
-        send_consignly(gw, consignly_body(event_id="evt_split", **parts))
-        wait_until(lambda: delivery_states(gw, "evt_split") == {"discord": "delivered"})
-        [request] = downstream.received("/discord")
-    sent = request.json()
+    sent = discord_sent(tmp_path, downstream, template, "evt_split", **parts)
     assert sent["content"].replace("\u200b", "") == "<@!222222222222222222> @everyone <@&"
     assert sent["allowed_mentions"] == {"parse": [], "users": [], "roles": []}
 
@@ -642,12 +647,7 @@ def test_a_mention_split_after_the_templates_own_at_does_not_ping(
 ) -> None:
     # The template's @, then `every` and `one` from two values: neither starts with the whole word.
     template = "@{{ event.data.customer }}{{ event.data.note }}"
-    actions = [notify_action("discord", f"{downstream.url}/discord", format="discord", template=template)]
-    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
-        send_consignly(gw, consignly_body(event_id="evt_split_at", customer="every", note="one"))
-        wait_until(lambda: delivery_states(gw, "evt_split_at") == {"discord": "delivered"})
-        [request] = downstream.received("/discord")
-    sent = request.json()
+    sent = discord_sent(tmp_path, downstream, template, "evt_split_at", customer="every", note="one")
     assert sent["content"] == "@\u200beveryone"
     assert sent["allowed_mentions"] == {"parse": [], "users": [], "roles": []}
 
@@ -661,12 +661,7 @@ def test_a_value_a_template_builds_a_discord_link_of_keeps_the_link_working(
         "https://shop.example/{{ event.data.customer }}/o/1 {{ event.data.note }} @{{ event.data.oncall }}"
     )
     values = {"customer": "he", "note": "everyone", "oncall": "here"}
-    actions = [notify_action("discord", f"{downstream.url}/discord", format="discord", template=template)]
-    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
-        send_consignly(gw, consignly_body(event_id="evt_discord_url", **values))
-        wait_until(lambda: delivery_states(gw, "evt_discord_url") == {"discord": "delivered"})
-        [request] = downstream.received("/discord")
-    assert request.json() == {
+    assert discord_sent(tmp_path, downstream, template, "evt_discord_url", **values) == {
         "content": "https://shop.example/he/o/1 everyone @\u200bhere",
         "allowed_mentions": {"parse": [], "users": [], "roles": []},
     }
@@ -679,12 +674,7 @@ def test_a_value_cannot_forge_where_a_discord_value_starts(tmp_path: Path, downs
         "@{{ event.data.customer }} @{{ event.data.note }}{{ event.data.oncall }} x/{{ event.data.channel }}"
     )
     values = {"customer": f"{mark}everyone", "note": mark, "oncall": f"here{mark}", "channel": f"{mark}he"}
-    actions = [notify_action("discord", f"{downstream.url}/discord", format="discord", template=template)]
-    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
-        send_consignly(gw, consignly_body(event_id="evt_discord_forged", **values))
-        wait_until(lambda: delivery_states(gw, "evt_discord_forged") == {"discord": "delivered"})
-        [request] = downstream.received("/discord")
-    assert request.json() == {
+    assert discord_sent(tmp_path, downstream, template, "evt_discord_forged", **values) == {
         "content": "@\u200beveryone @\u200bhere x/he",
         "allowed_mentions": {"parse": [], "users": [], "roles": []},
     }
@@ -700,12 +690,7 @@ def test_a_discord_value_trimmed_or_lower_cased_inside_a_template_stays_broken_u
         " {% set note %}{{ event.data.note }}{% endset %}@{{ note|lower }}"
     )
     values = {"customer": " everyone", "note": "HERE"}
-    actions = [notify_action("discord", f"{downstream.url}/discord", format="discord", template=template)]
-    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
-        send_consignly(gw, consignly_body(event_id="evt_discord_trimmed", **values))
-        wait_until(lambda: delivery_states(gw, "evt_discord_trimmed") == {"discord": "delivered"})
-        [request] = downstream.received("/discord")
-    assert request.json() == {
+    assert discord_sent(tmp_path, downstream, template, "evt_discord_trimmed", **values) == {
         "content": "@\u200beveryone @\u200bhere",
         "allowed_mentions": {"parse": [], "users": [], "roles": []},
     }
@@ -720,13 +705,11 @@ def test_what_a_block_prints_escapes_for_the_chat_what_it_is_formatted_with(
         "{% block line %}%s{% endblock %} | {{ self.line()|format(event.data.customer) }}"
         " | {{ self.line().replace('%s', event.data.customer) }}"
     )
-    actions = [notify_action("discord", f"{downstream.url}/discord", format="discord", template=template)]
-    with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
-        send_consignly(gw, consignly_body(event_id="evt_block", customer="@everyone <@222222222222222222>"))
-        wait_until(lambda: delivery_states(gw, "evt_block") == {"discord": "delivered"})
-        [request] = downstream.received("/discord")
+    sent = discord_sent(
+        tmp_path, downstream, template, "evt_block", customer="@everyone <@222222222222222222>"
+    )
     escaped = "@\u200beveryone <@\u200b222222222222222222>"
-    assert request.json() == {
+    assert sent == {
         "content": f"%s | {escaped} | {escaped}",
         "allowed_mentions": {"parse": [], "users": [], "roles": []},
     }

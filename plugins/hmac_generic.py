@@ -88,10 +88,12 @@ def signature_entries(header: str) -> list[str]:
 
 
 def hex_digest(entry: str, prefix: str) -> bytes | None:
-    """The digest in `<prefix><hex>`, the prefix and the hex digits in either case; None for anything
-    else. Hex digits only: bytes.fromhex() would also skip the spaces of `ab cd`."""
+    """The digest in `<prefix><hex>`, the prefix's ASCII letters and the hex digits in either case; None
+    for anything else. Hex digits only: bytes.fromhex() would also skip the spaces of `ab cd`."""
     head, digits = entry[: len(prefix)], entry[len(prefix) :]
-    if head != prefix and not (head.isascii() and head.lower() == prefix.lower()):
+    # Case is folded over ASCII only: Unicode's lower() maps the Kelvin sign to `k`, so a prefix holding
+    # one would match text that differs from it. (Configured prefixes are ASCII; see HmacOptions.)
+    if head != prefix and not (head.isascii() and prefix.isascii() and head.lower() == prefix.lower()):
         return None
     try:
         return binascii.a2b_hex(digits)
@@ -382,11 +384,19 @@ def _template(text: str) -> str:
     return text
 
 
+def _ascii_prefix(prefix: str) -> str:
+    # A hex signature's prefix is matched in either case, over ASCII letters only, and a header carries
+    # no other text as sent: a prefix beyond ASCII would match nothing, or match what it does not say.
+    if not prefix.isascii():
+        raise ValueError(f"{prefix!r} is not ASCII: a signature's prefix is ASCII text, such as sha256=")
+    return prefix
+
+
 class HmacOptions(FieldOptions):
     header: HeaderName
     algorithm: Algorithm = "sha256"
     encoding: Encoding = "hex"
-    prefix: str = ""
+    prefix: Annotated[str, AfterValidator(_ascii_prefix)] = ""
     timestamp_header: HeaderName | None = None
     signed_content: Annotated[str, AfterValidator(_template)] = "{body}"
 

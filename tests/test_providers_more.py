@@ -39,6 +39,7 @@ from gateway.plugins import registry
 from gateway.providers import Provider, Rejected
 from gateway.routing import RouteTable
 from gateway.sender import build_request
+from plugins.hmac_generic import hex_digest
 from tests.support import (
     SVIX_SECRET,
     Downstream,
@@ -827,6 +828,15 @@ def test_hmac_prefix_with_a_space() -> None:
         )
 
 
+def test_hex_signature_prefixes_are_matched_in_either_case_over_ascii_only() -> None:
+    digest = hashlib.sha256(b"x").digest()
+    assert hex_digest("SHA256=" + digest.hex().upper(), "sha256=") == digest
+    # Unicode's lower() maps the Kelvin sign to `k` and `İ` to `i̇`: neither is the same text as ASCII.
+    assert hex_digest("k=" + digest.hex(), "\u212a=") is None
+    assert hex_digest("\u212a=" + digest.hex(), "k=") is None
+    assert hex_digest("\u0130=" + digest.hex(), "i=") is None
+
+
 def test_hmac_missing_payload_fields_are_400s() -> None:
     acme = PROVIDERS["hmac"]
     headers = VALID["hmac"]
@@ -952,6 +962,11 @@ MISCONFIGURED: dict[str, tuple[dict[str, Any], str]] = {
     "hmac-id-from-body": (
         {**HMAC, "options": {"header": "X-Sig", "signed_content": "{id}.{body}"}},
         "sources.acme.options: signed_content uses {id}: set id_from to header:<Name>",
+    ),
+    "hmac-prefix-not-ascii": (
+        # U+212A KELVIN SIGN: Unicode's lower() makes it `k`, so it matched a `k=` it does not say.
+        {**HMAC, "options": {"header": "X-Sig", "prefix": "\u212a="}},
+        "sources.acme.options.prefix: '\u212a=' is not ASCII: a signature's prefix is ASCII text, such as sha256=",
     ),
     "hmac-id-from": (
         {**HMAC, "options": {"header": "X-Sig", "id_from": "xpath:/id"}},

@@ -570,6 +570,9 @@ def test_we_accept_exactly_the_stripe_signature_headers_stripe_python_accepts() 
         "other timestamp": f"t={now - 1},v1={good}",
         "too old": f"t={now - 1000},v1={v1(f'{now - 1000}.'.encode() + body)}",
         "no timestamp": f"v1={good}",
+        # stripe-python reads every entry: ten others before them do not hide t= and v1=.
+        "t and v1 past ten entries": ",".join([f"v0={v1(b'legacy')}"] * 10 + [f"t={now}", f"v1={good}"]),
+        "v1 past ten entries": ",".join([f"t={now}"] + [f"v1={v1(b'x')}"] * 10 + [f"v1={good}"]),
         "timestamp not a number": f"t=soon,v1={good}",
         "truncated": f"t={now},v1={good[:-2]}",
         "empty": "",
@@ -610,6 +613,7 @@ def test_a_stripe_signature_with_two_different_timestamps_is_refused_as_ambiguou
         f"t={now},v1={good},t={now - 60}",
         f"t={now - 60},t={now},v1={good}",
         f"t={now},v1={good}, t={now + 1},v1={good}",  # the header on two lines, joined
+        ",".join([f"t={now}", f"v1={good}"] + [f"v0={good}"] * 10 + [f"t={now - 60}"]),
     ):
         error = rejection(lambda h=header: provider.verify({"stripe-signature": h}, body, time.time()))
         assert (error.status, error.reason) == (400, "repeated_header"), header

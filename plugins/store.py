@@ -530,6 +530,22 @@ _READ_ONLY_SERVER = (
 POOL_SIZE = 10  # connections per action
 
 
+class SetupFailed(Exception):
+    """What setup was doing when the database refused it (`create table app_events_tombstones`), and the
+    database's error: a table that is there is not the one to name when its tombstones or a column are
+    what is missing."""
+
+    def __init__(self, doing: str, error: Exception) -> None:
+        super().__init__(f"cannot {doing}: {error}")
+        self.doing = doing
+        self.error = error
+
+
+def _bare(name: str) -> str:
+    # Table and index names are validated identifiers (letters, digits, _), so no quote is part of one.
+    return name.replace('"', "")
+
+
 class StaleConnection(ConnectionError):
     """A connection of the pool that cannot run a statement: its protocol is out of step with the server.
     The usual cause: the server ended the session while the connection sat idle in the pool (a restart, a
@@ -692,10 +708,27 @@ class Postgres(Backend):
         # refuses any DDL (must be owner of table, permission denied for schema), IF NOT EXISTS or not.
         tables = [create for name, create in (*sql.tables, *sql.added_columns) if name in absent]
         if tables:
-            await self._ddl(deadline, tables)
+            try:
+                await self._ddl(deadline, tables)
+            except Exception as exc:
+                raise SetupFailed(self._creating(absent), exc) from exc
         for name, create in sql.indexes:
             if name in absent:
                 await self._create_index(deadline, name, create)
+
+    def _creating(self, absent: set[str]) -> str:
+        """What setup's DDL does, for its error: a DBA who made the table and not its tombstones (or an
+        upsert table from before received_at) is told which is missing, not that the table cannot be made."""
+        table, *others = (name for name, _ in self.sql.tables)
+        if table in absent:
+            return f"create table {_bare(table)}"  # the tombstones with it, if they are missing too
+        doing = [f"create table {_bare(name)}" for name in others if name in absent]
+        doing += [
+            f"add column {name} to table {_bare(table)}"
+            for name, _ in self.sql.added_columns
+            if name in absent
+        ]
+        return " and ".join(doing)
 
     async def _ddl(self, deadline: float, statements: list[str]) -> None:
         # Serialized across gateways: concurrent CREATE TABLE IF NOT EXISTS can fail on PostgreSQL's catalog.
@@ -710,7 +743,9 @@ class Postgres(Backend):
             await self._ddl(deadline, [create])
         except self._asyncpg.PostgresError as exc:
             if _sqlstate(exc) != "42501":
-                raise
+                raise SetupFailed(
+                    f"create index {_bare(name)} on table {_bare(self.sql.tables[0][0])}", exc
+                ) from exc
             # Once per action's setup (a start, a reload), not per delivery. The statement is the store's
             # own, and `where` is host, port and database: never the URL's password.
             log.warning(
@@ -1074,14 +1109,14 @@ class Store(Action):
             try:
                 await backend.setup(left())
             except Exception as exc:
-                message = (
-                    f"{backend.where}: cannot create table {self.options.table}: {backend.describe(exc)}"
-                )
+                doing, error = f"create table {self.options.table}", exc
+                if isinstance(exc, SetupFailed):
+                    doing, error = exc.doing, exc.error
                 # A table made by hand (or for the other mode) without a column an index names: no later
                 # attempt can create that index.
-                if backend.permanent(exc):
-                    return self._dead(f"{backend.where}: cannot create table {self.options.table}", exc)
-                return retry(message)
+                if backend.permanent(error):
+                    return self._dead(f"{backend.where}: cannot {doing}", error)
+                return retry(f"{backend.where}: cannot {doing}: {backend.describe(error)}")
             self._ready = True
         return None
 

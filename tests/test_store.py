@@ -1202,6 +1202,8 @@ def test_a_hand_made_table_missing_an_indexed_column_is_dead_not_retried(db: Dat
     [outcome] = deliver({"url": db.url, "table": db.table}, make_event("e1"))
     assert outcome.kind == "dead", outcome
     assert "type" in (outcome.error or "")
+    if db.kind == "postgresql":  # which runs the index's statement on its own, and says so
+        assert f"cannot create index {db.table}_type_idx on table {db.table}:" in (outcome.error or "")
 
 
 def hand_made_tables(pg: PostgresDatabase, mode: str, *, received_at: bool = True) -> dict[str, Any]:
@@ -1265,25 +1267,58 @@ def test_a_hand_made_table_without_its_index_is_written_by_a_role_that_may_not_c
     assert password and password not in caplog.text
 
 
-@pytest.mark.parametrize("missing", ["the table", "a column"])
+@pytest.mark.parametrize("missing", ["the table", "the tombstones table", "a column"])
 def test_a_table_the_role_may_not_create_or_complete_is_still_retried_with_the_reason(
     pg: PostgresDatabase, missing: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Without the table, or upsert's received_at column, there is nothing to write to: a privilege a DBA
-    # may grant while the schedule runs, not something to warn about and go on.
+    # Without the table, its tombstones or upsert's received_at column, there is nothing to write to: a
+    # privilege a DBA may grant while the schedule runs, not something to warn about and go on. The error
+    # names what is missing: "cannot create table <table>" sent a DBA to a table that was there.
     options = {"url": pg.url, "table": pg.table, "mode": "upsert", "key": "data.id"}
-    if missing == "a column":
-        hand_made_tables(pg, "upsert", received_at=False)
+    doing = {
+        "the table": f"create table {pg.table}",
+        "the tombstones table": f"create table {pg.table}_tombstones",
+        "a column": f"add column received_at to table {pg.table}",
+    }[missing]
+    if missing != "the table":
+        hand_made_tables(pg, "upsert", received_at=missing != "a column")
+    if missing == "the tombstones table":
+        pg.execute(f'DROP TABLE "{pg.table}_tombstones"')
     with pg.login_role() as (role, url), caplog.at_level(logging.WARNING, logger="hookyard.store"):
         assert not may_create_in_public(pg, role)
         [outcome] = deliver({**options, "url": url}, make_event("e1"))
     assert outcome.kind == "retry", outcome
     error = outcome.error or ""
-    assert f"cannot create table {pg.table}: InsufficientPrivilegeError" in error, error
-    reason = "permission denied for schema public" if missing == "the table" else "must be owner of table"
+    assert f"cannot {doing}: InsufficientPrivilegeError" in error, error
+    reason = "must be owner of table" if missing == "a column" else "permission denied for schema public"
     assert reason in error, error
     assert not store_warnings(caplog)
-    assert pg.exists(pg.table) == (missing == "a column")
+    assert pg.exists(pg.table) == (missing != "the table")
+
+
+def test_a_role_that_may_create_in_the_schema_makes_the_missing_tombstones_beside_a_table_it_does_not_own(
+    pg: PostgresDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A DBA made the upsert table (not its index) and granted the app's role its rows and CREATE in the
+    # schema, but made no tombstones table: setup creates that one, warns about the index of the table the
+    # role does not own, and every write, deletes too, goes through.
+    options = hand_made_tables(pg, "upsert")
+    pg.execute(f'DROP TABLE "{pg.table}_tombstones"')
+    with pg.login_role() as (role, url), caplog.at_level(logging.WARNING, logger="hookyard.store"):
+        pg.execute(f"GRANT CREATE ON SCHEMA public TO {role}")
+        assert may_create_in_public(pg, role)
+        events = (
+            make_event("e1", data={"id": "user_1"}, occurred_at=T0),
+            make_event("e2", "user.deleted", data={"id": "user_1"}, occurred_at=T0 + 1),
+            make_event("e3", data={"id": "user_1"}, occurred_at=T0),  # older than the delete
+            make_event("e4", data={"id": "user_2"}, occurred_at=T0),
+        )
+        outcomes = deliver({**options, "url": url, "delete_on": ["user.deleted"]}, *events)
+        tombstones, rows = pg.tombstones(), pg.rows()
+        [record] = store_warnings(caplog)
+    assert kinds(outcomes) == ["delivered"] * 4, outcomes
+    assert (list(tombstones), list(rows)) == (["user_1"], ["user_2"])
+    assert f'CREATE INDEX IF NOT EXISTS "{pg.table}_updated_idx"' in record.getMessage()
 
 
 @pytest.mark.parametrize("created", ["0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-01:00"])

@@ -55,6 +55,12 @@ class TokenOptions(FieldOptions):
             self.scheme = "Bearer" if self.header == AUTHORIZATION else ""
         if any(char.isspace() for char in self.scheme):
             raise ValueError(f"scheme {self.scheme!r} must be one word, such as Bearer")
+        # Matched in either case, over ASCII letters only: Unicode's lower() would make the Kelvin sign a
+        # `k`, so a scheme holding one would accept a word it does not say.
+        if not (self.scheme.isascii() and self.scheme.isprintable()):
+            raise ValueError(
+                f"scheme {self.scheme!r} is not printable ASCII, as a header's word such as Bearer is"
+            )
         return self
 
 
@@ -83,7 +89,7 @@ class TokenProvider(FieldMappedProvider):
         value = require_header(headers, header, header).strip()
         if self.options.scheme:
             scheme, _, value = value.partition(" ")
-            if scheme.lower() != self.options.scheme.lower():
+            if not (scheme.isascii() and scheme.lower() == self.options.scheme.lower()):
                 raise unauthorized("invalid_signature", f"expected {header}: {self.options.scheme} <token>")
             value = value.strip()
         _require_credential(self.expected, _text_bytes(value))

@@ -988,6 +988,11 @@ MISCONFIGURED: dict[str, tuple[dict[str, Any], str]] = {
         {"provider": "token", "options": {"scheme": "Bear er"}},
         "sources.acme.options: scheme 'Bear er' must be one word",
     ),
+    "token-scheme-not-ascii": (
+        # U+212A KELVIN SIGN: Unicode's lower() makes it `k`, so `Token` matched a scheme it does not say.
+        {"provider": "token", "options": {"scheme": "\u212aey"}},
+        "sources.acme.options: scheme '\u212aey' is not printable ASCII",
+    ),
     "basic-no-user": (
         {"provider": "basic", "secrets": ["ok:fine", "just-a-password"]},
         "sources.acme.secrets[1] must be user:password",

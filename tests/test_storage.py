@@ -1959,6 +1959,37 @@ def test_a_database_made_before_attempts_were_numbered_across_replays_gets_the_c
             harness.runner.close()
 
 
+def test_a_round_an_earlier_version_replayed_numbers_on_past_every_recorded_attempt(tmp_path: Path) -> None:
+    # An earlier version numbered each replayed round from 1 and had no attempts_before: a delivery still
+    # retrying (or a dependent waiting) when the gateway was upgraded went on from its round's count, and
+    # numbered an attempt as one of the round before.
+    path = tmp_path / "old.db"
+    db = Harness(path)
+    db.run(db.storage.open())
+    dead_after_two_attempts(db)
+    ids = {name: record.id for name, record in db.deliveries("evt_1").items()}
+    reset = "UPDATE deliveries SET state = ?, due_at = ?, attempts = 0, finished_at = NULL WHERE id = ?"
+    db.connection.execute(reset, ("pending", T0 + 100, ids["app"]))
+    db.connection.execute(reset, ("waiting", None, ids["ack"]))
+    [app] = db.claim(T0 + 100)
+    db.finish(app, "pending", T0 + 101, due_at=T0 + 200, status=500, number=app.delivery.attempts)
+    db.connection.execute("ALTER TABLE deliveries DROP COLUMN attempts_before")
+    db.run(db.storage.close())
+    db.runner.close()
+    db = Harness(path)
+    db.run(db.storage.open())
+    try:
+        [app] = db.claim(T0 + 200)
+        db.finish(app, "dead", T0 + 201, status=500)
+        [ack] = db.claim(T0 + 201)
+        db.finish(ack, "delivered", T0 + 202, status=200)
+        # The earlier version's own repeat (app's second 1) stays; none is added.
+        assert numbers(db) == {"app": [1, 2, 1, 3], "ack": [1, 2]}
+    finally:
+        db.run(db.storage.close())
+        db.runner.close()
+
+
 def test_replay_event_of_one_action(db: Harness) -> None:
     seq = finished_event(db)
     assert db.run(db.storage.replay_event(seq, "audit", now=T0 + 100)) == 1

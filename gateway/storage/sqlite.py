@@ -224,6 +224,13 @@ def _add_missing_columns(conn: sqlite3.Connection) -> None:
         for table, column, definition in missing:
             if column not in _columns(conn, table):  # another process opening it may have added it since
                 conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                if column == "attempts_before":
+                    # A round that an earlier version's replay began, still running or waiting, numbered
+                    # its attempts from 1: it goes on past every attempt recorded, not past its own count.
+                    conn.execute(
+                        f"UPDATE deliveries SET attempts_before = max(0, {_RECORDED} - attempts) "
+                        "WHERE state IN ('pending', 'waiting')"
+                    )
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:

@@ -927,7 +927,14 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
 
     # Sandboxed because templates come from the config, which may be edited by people who must not get code
     # execution in the gateway; immutable so a template cannot change the event other actions see.
-    env = Environment(autoescape=escaped is not None, undefined=StrictUndefined)
+    # With escaping, a `finalize` that takes the evaluation context: Jinja then prints a constant in `{{ }}` (a
+    # text, a filter of one) at run time, through `escape`, where it would have escaped it as HTML when compiling
+    # the template: `{{ "<b>" }}` showed `&lt;b&gt;` in Discord, and `{{ "@everyone" }}` was left as it is.
+    env = Environment(
+        autoescape=escaped is not None,
+        undefined=StrictUndefined,
+        finalize=None if escaped is None else pass_eval_context(lambda eval_ctx, value: value),
+    )
     env.filters["isotime"] = isotime
     if escaped is None:
         env.filters["raw"] = env.filters["safe"] = _as_it_is

@@ -715,6 +715,18 @@ def test_what_a_block_prints_escapes_for_the_chat_what_it_is_formatted_with(
     }
 
 
+def test_a_text_written_inside_braces_is_escaped_for_the_chat_not_as_html(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # A constant in `{{ }}` is a value like any other: Discord's escaping, not HTML's, which showed `&lt;b&gt;` and
+    # left `@everyone` as it was, to ping.
+    template = "{{ '<b>' }} {{ '@everyone' }} {{ '@here'|upper|lower }} {{ '@here'|raw }}"
+    assert discord_sent(tmp_path, downstream, template, "evt_constants") == {
+        "content": "<b> @\u200beveryone @\u200bhere @here",
+        "allowed_mentions": {"parse": ["everyone"], "users": [], "roles": []},
+    }
+
+
 def test_a_teams_card_past_28_kb_is_cut_to_fit_as_valid_json(tmp_path: Path, downstream: Downstream) -> None:
     # 40,000 characters, 80 KB as sent: é is 2 bytes of UTF-8, and JSON escapes the quote as 2.
     template = """{{ event.id }} {{ 'é"' * 20000 }}"""

@@ -11,10 +11,18 @@ leaves its own text as written: the payload's texts cannot write what the messag
 (a chat's mention of everybody, a link that shows other text than where it leads). This is Jinja's
 autoescaping, with `escape` in place of HTML's: a value marked `|raw` (or `|safe`), what a macro or a block
 prints, is printed as it is.
+
+Escaping a value on its own cannot see what it makes beside the template's text (`<{{ value }}>` with
+`!channel` is Slack's `<!channel>`), nor what a filter makes of a block's text. So such a template's message
+also knows which of its characters are the template's own (owns): those written in it, in its macros and
+blocks too, and those of a `|raw` value. What a filter or method makes anew (`|replace`, `|reverse`, a
+slice) is not, whatever it was made of; `~`, `+`, `|join` and `|trim` keep what is. A chat's format can then
+break up every mention that is not wholly the template's own (plugins.notify).
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 import inspect
 import json
@@ -646,6 +654,83 @@ _budget: ContextVar[_Budget | None] = ContextVar("template_render_budget", defau
 # How a template escapes what it prints: a function of a text (see compile_template), or None for nothing.
 Escape = Callable[[str], str] | None
 
+# Where a text is the template's own: (start, end) pairs, in order, apart from one another.
+Spans = tuple[tuple[int, int], ...]
+# The names the compiled code of a template that escapes prints its own text from (compile_template).
+OWN_TEXT = "own_text_"
+
+
+class _Owned(str):
+    """A text, not escaped, that knows where it is the template's own: what a macro or a block prints before
+    Jinja marks it as escaped, and a rendered message. Its methods make plain texts, none of it own."""
+
+    _own: Spans = ()
+
+
+def owns(text: str, start: int, end: int) -> bool:
+    """Whether `text[start:end]`, of a message a template compiled with an `escape` rendered, is all the template's
+    own text (or a `|raw` value's). Of any other text, nothing is."""
+    own = _own_of(text)
+    index = bisect.bisect_right(own, (start, math.inf)) - 1
+    return index >= 0 and own[index][1] >= end
+
+
+def _own_of(text: Any) -> Spans:
+    # Only a text: a payload's value or an undefined name has no `_own`, and the latter fails on being asked.
+    return getattr(text, "_own", ()) if isinstance(text, str) else ()
+
+
+def _merged(spans: Iterable[tuple[int, int]]) -> Spans:
+    """Spans in order, those that touch or overlap made one."""
+    merged: list[tuple[int, int]] = []
+    for start, end in spans:
+        if merged and merged[-1][1] >= start:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        elif start < end:
+            merged.append((start, end))
+    return tuple(merged)
+
+
+def _joined_own(pieces: Iterable[str], separator: str = "") -> Spans:
+    """Where `separator.join(pieces)` is own, spans that touch made one: `<!{% if a %}here{% endif %}>` is
+    three pieces of the template's, one mention. A render joins thousands of pieces: merged as they come."""
+    spans: list[tuple[int, int]] = []
+    offset = 0
+    for index, piece in enumerate(pieces):
+        for part in (separator, piece) if index and separator else (piece,):
+            if type(part) is not str:  # a plain text is no one's own
+                for first, last in _own_of(part):
+                    first, last = first + offset, last + offset
+                    if spans and spans[-1][1] == first:  # no span ends past a later piece's start
+                        spans[-1] = (spans[-1][0], last)
+                    elif first < last:
+                        spans.append((first, last))
+            offset += len(part)
+    return tuple(spans)
+
+
+def _cut_own(own: Spans, start: int, end: int) -> Spans:
+    """Where `text[start:end]` is own, for a text owned at `own`."""
+    return _merged(
+        (max(first, start) - start, min(last, end) - start)
+        for first, last in own
+        if first < end and last > start
+    )
+
+
+def _with_own(text: str, own: Spans) -> str:
+    if not own:
+        return text
+    owned = _Owned(text)
+    owned._own = own
+    return owned
+
+
+def _stripped_bounds(text: str, chars: str | None, left: bool, right: bool) -> tuple[int, int]:
+    start = len(text) - len(str.lstrip(text, chars)) if left else 0
+    end = len(str.rstrip(text, chars)) if right else len(text)
+    return start, max(start, end)
+
 
 @functools.cache
 def _escaped_text(escape: Callable[[str], str]) -> type[Markup]:
@@ -654,7 +739,16 @@ def _escaped_text(escape: Callable[[str], str]) -> type[Markup]:
     from markupsafe import Markup
 
     class Escaped(Markup):
-        __slots__ = ()
+        # No __slots__: a text's subclass can have none but empty ones, and `_own` needs a place.
+        _own: Spans = ()
+
+        def __new__(cls, base: Any = "", encoding: str | None = None, errors: str = "strict") -> Escaped:
+            made = super().__new__(cls, base, encoding, errors)
+            if type(base) is not str:  # what a macro or a block printed, as Jinja marks it escaped
+                own = _own_of(base)
+                if own:
+                    made._own = own
+            return made
 
         @classmethod
         def escape(cls, s: Any) -> Escaped:
@@ -663,12 +757,57 @@ def _escaped_text(escape: Callable[[str], str]) -> type[Markup]:
                 return text if type(text) is cls else cls(text)
             return cls(escape(str(s)))
 
+        # What keeps the template's own text where it is: joining (`~`, `|join`), `+`, and `|trim`.
+        def join(self, seq: Iterable[Any]) -> Escaped:
+            parts = [self.escape(item) for item in seq]
+            made = type(self)(str.join(self, parts))
+            own = _joined_own(parts, self)
+            if own:
+                made._own = own
+            return made
+
+        def __add__(self, value: Any) -> Escaped:
+            if isinstance(value, str) or hasattr(value, "__html__"):
+                return type(self)().join((self, value))
+            return NotImplemented
+
+        def __radd__(self, value: Any) -> Escaped:
+            if isinstance(value, str) or hasattr(value, "__html__"):
+                return type(self)().join((value, self))
+            return NotImplemented
+
+        def _cut(self, start: int, end: int) -> Escaped:
+            made = type(self)(str.__getitem__(self, slice(start, end)))
+            own = _cut_own(self._own, start, end)
+            if own:
+                made._own = own
+            return made
+
+        def strip(self, chars: str | None = None) -> Escaped:
+            return self._cut(*_stripped_bounds(self, chars, True, True))
+
+        def lstrip(self, chars: str | None = None) -> Escaped:
+            return self._cut(*_stripped_bounds(self, chars, True, False))
+
+        def rstrip(self, chars: str | None = None) -> Escaped:
+            return self._cut(*_stripped_bounds(self, chars, False, True))
+
     return Escaped
+
+
+def _own_text(escaped: type[Markup], value: Any) -> Markup:
+    """`value` as the template's own text, all of it, unless it is escaped already (a block's text, whose values
+    stay values): the template's text itself, and a `|raw` value."""
+    if hasattr(value, "__html__"):
+        return escaped.escape(value)
+    text = str(value)
+    return escaped(_with_own(text, ((0, len(text)),) if text else ()))
 
 
 @functools.cache
 def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
-    from jinja2 import StrictUndefined, pass_eval_context
+    from jinja2 import StrictUndefined, nodes, pass_eval_context
+    from jinja2.compiler import CodeGenerator, Frame
     from jinja2.exceptions import SecurityError
     from jinja2.nodes import EvalContext
     from jinja2.runtime import BlockReference, Context, LoopContext, Macro, markup_join, str_join
@@ -738,7 +877,7 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
         output, doubles a text at each call."""
         pieces = list(pieces)
         refuse_past_limit(_total(map(len, pieces)), "a macro or block")
-        return "".join(pieces)
+        return _with_own("".join(pieces), _joined_own(pieces))
 
     class BoundedFormatter(SandboxedFormatter):
         """The sandbox's str.format, which refuses a field whose width or precision would take the result past
@@ -759,7 +898,26 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
     class BoundedEscapeFormatter(BoundedFormatter, SandboxedEscapeFormatter):
         """Markup's, which escapes what it formats."""
 
+    class OwnTextCodeGenerator(CodeGenerator):
+        """Prints the template's own text (compile_template's `own_text_` names) as it is, where Jinja would pass
+        it through `escape` and `finalize`, which leave it as it is, at a cost in each iteration of a loop. Inside
+        `{% autoescape false %}`, where Jinja would make a plain text of it, it stays the template's own."""
+
+        def _output_child_pre(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
+            if not _is_own_text(node):
+                super()._output_child_pre(node, frame, finalize)
+
+        def _output_child_post(self, node: nodes.Expr, frame: Frame, finalize: Any) -> None:
+            if not _is_own_text(node):
+                super()._output_child_post(node, frame, finalize)
+
+    def _is_own_text(node: nodes.Expr) -> bool:
+        return isinstance(node, nodes.InternalName) and node.name.startswith(OWN_TEXT)
+
     class Environment(ImmutableSandboxedEnvironment):
+        if escaped is not None:
+            code_generator_class = OwnTextCodeGenerator
+
         # The sandbox bounds range() but not what these make: each is checked before it runs.
         intercepted_binops = frozenset({"*", "+", "%", "**"})
 
@@ -957,7 +1115,7 @@ def _escape_with(env: ImmutableSandboxedEnvironment, escaped: type[Markup]) -> N
     from jinja2.nodes import EvalContext
 
     def raw(value: Any) -> Markup:
-        return escaped(value)
+        return _own_text(escaped, value)
 
     def force_escape(value: Any) -> Markup:
         return escaped(escaped.escape(str(value)))
@@ -1010,7 +1168,22 @@ def compile_template(source: str, escape: Escape = None) -> Template:
     from jinja2 import TemplateSyntaxError, nodes
     from jinja2.visitor import NodeTransformer
 
+    # The template's own text, by the name the compiled code prints it from (_escape_output).
+    own_texts: dict[str, str] = {}
+
     class BoundedConcat(NodeTransformer):
+        def visit_TemplateData(self, node: nodes.TemplateData) -> nodes.Expr:
+            # Jinja prints its text as a constant of the compiled code, a plain text like any other. With escaping,
+            # it is printed from a name instead, whose text knows it is the template's own.
+            if escape is None:
+                return node
+            name = f"{OWN_TEXT}{len(own_texts)}"
+            own_texts[name] = node.data
+            # As Jinja's parser makes its own internal names (Parser.free_identifier): printed as a bare name.
+            internal = object.__new__(nodes.InternalName)
+            nodes.Node.__init__(internal, name, lineno=node.lineno)
+            return internal
+
         def visit_Concat(self, node: nodes.Concat) -> nodes.Call:
             operands = [self.visit(operand) for operand in node.nodes]
             concatenated = nodes.EnvironmentAttribute("concatenated", lineno=node.lineno)
@@ -1082,27 +1255,30 @@ def compile_template(source: str, escape: Escape = None) -> Template:
     except TemplateSyntaxError as exc:
         raise ValueError(f"line {exc.lineno}: {exc.message}") from None
     if escape is not None:
-        _escape_output(template, _escaped_text(escape))
+        _escape_output(template, _escaped_text(escape), own_texts)
     return template
 
 
-def _escape_output(template: Template, escaped: type[Markup]) -> None:
+def _escape_output(template: Template, escaped: type[Markup], own_texts: dict[str, str]) -> None:
     """Makes the compiled code of `template` escape with `escaped`: Jinja's code prints a value through the
     `escape` of its module, marks what a block prints as its `Markup`, and makes macros of its `Macro`, all
-    HTML's."""
+    HTML's. And gives it the template's own texts, by the names it prints them from."""
     from jinja2.runtime import Macro
 
     class EscapedMacro(Macro):
         def _invoke(self, arguments: list[Any], autoescape: bool) -> str:
-            made = super()._invoke(arguments, autoescape)
+            # Jinja's Macro marks what it prints as HTML's Markup, a copy that would not know its own text.
+            made = self._func(*arguments)
             return escaped(made) if autoescape else made
 
     namespace = template.root_render_func.__globals__
     namespace.update(escape=escaped.escape, Markup=escaped, Macro=EscapedMacro)
+    namespace.update((name, _own_text(escaped, text)) for name, text in own_texts.items())
 
 
 def render(template: Template, context: dict[str, Any]) -> str:
-    """The message `template` makes of `context`; raises past MAX_MESSAGE, MAX_STEPS or MAX_RENDER_SECONDS."""
+    """The message `template` makes of `context`; raises past MAX_MESSAGE, MAX_STEPS or MAX_RENDER_SECONDS. Of a
+    template compiled with an `escape`, it knows which of its characters are the template's own (owns)."""
     token = _budget.set(_Budget(MAX_STEPS, time.monotonic() + MAX_RENDER_SECONDS))
     try:
         # Rendered piece by piece, so that a message that grows past the limit stops there.
@@ -1113,6 +1289,8 @@ def render(template: Template, context: dict[str, Any]) -> str:
             if length > MAX_MESSAGE:
                 raise ValueError(f"the message is longer than {MAX_MESSAGE} characters")
             pieces.append(piece)
-        return "".join(pieces).strip()
+        message = "".join(pieces)
+        start, end = _stripped_bounds(message, None, True, True)
+        return _with_own(message[start:end], _cut_own(_joined_own(pieces), start, end))
     finally:
         _budget.reset(token)

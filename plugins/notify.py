@@ -18,10 +18,12 @@ half-empty message), syntax errors are reported when the config loads, and a tem
 nothing (say, everything inside an `{% if %}`) skips the notification. What one render may print and run is
 bounded (gateway.templates): the payload it runs over is any sender's.
 
-For the same reason the values a message shows are escaped for the chat (ESCAPES, then FINISHES over the
-whole message), the template's own text not: a customer's name at the provider must not mention everybody
-in the channel or show a link that leads elsewhere. `|raw` puts a value in as it is. Discord is also told
-which mentions may ping: those the message still holds, the template's (discord_mentions).
+For the same reason the values a message shows are escaped for the chat (ESCAPES), the template's own text
+not: a customer's name at the provider must not mention everybody in the channel or show a link that leads
+elsewhere. Then, over the whole message (FINISHES), every mention that is not all the template's own text
+is broken up: one a value completes after the template's `<` or `@`, or a filter makes of a block's text.
+`|raw` puts a value in as it is, as the template's own. Discord is also told which mentions may ping: those
+the message still holds, the template's (discord_mentions).
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ from gateway.actions import (
     transport_error,
 )
 from gateway.http_client import HeaderError, check_configured_headers, check_framing_headers, check_headers
-from gateway.templates import compile_template, render
+from gateway.templates import compile_template, owns, render
 
 EVENT_ID_HEADER = "x-hookyard-event-id"
 
@@ -65,72 +67,57 @@ TEAMS_MAX_BYTES = 28_000
 _BREAK = "\u200b"
 
 
-# Where markup could take in a value (a Slack value's `!`, `@` or `#`, a Discord value's start), marked by the
-# escaping (slack_escape, discord_escape) while the template renders: whether the template's own text right
-# before it makes markup of it (Slack's `<`, Discord's `@`) only the whole message shows, and a zero-width
-# space anywhere else would be part of the text, a URL's say. A private-use character, taken out of the values
-# themselves first: a sender cannot place one.
-_VALUE_START = "\ue000"
-
-
-def _break_value_starts(message: str, markup: str) -> str:
-    """`message` with a zero-width space where a value starts right after `markup`, and no marks left."""
-    return message.replace(markup + _VALUE_START, markup + _BREAK).replace(_VALUE_START, "")
-
-
 def slack_escape(text: str) -> str:
     """Slack's own escaping for text it did not write: `<!channel>`, `<@U123>` and `<https://x|a link>` are
-    all made of `<` and `>`, and `&` starts the escapes themselves. Each `!`, `@` and `#` is marked for
-    slack_finish: a template's own `<` may precede it (`<{{ url }}>`), and `<!channel>`, `<@U123>` and
-    `<#C123>` would need nothing of the value's to escape. Each, not only one that starts the text: a filter
-    over what a block or a macro printed (`|trim`, `|replace`) may take off what came before it. Slack reads a
-    `<` followed by anything else as a link, and a value that is a URL is one still."""
-    text = text.replace(_VALUE_START, "").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    # str.replace, not a regular expression: a render may escape a long value thousands of times.
-    for markup in "!@#":
-        text = text.replace(markup, _VALUE_START + markup)
-    return text
+    all made of `<` and `>`, and `&` starts the escapes themselves. Slack reads a `<` followed by anything else
+    as a link, and a value that is a URL is one still."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# What decides whom a Slack `<…>` pings: `<!here>`, `<!channel>`, `<!everyone>`, `<!subteam^ID>`, `<@U123>`,
+# and `<#C123>` (a channel's link), up to a label's `|`; a date's `<!date^…>` pings nobody, whatever follows.
+_SLACK_MENTION = re.compile(r"<(?:!date\^|[!@#][^|>]*)")
 
 
 def slack_finish(message: str) -> str:
-    """A message whose values slack_escape escaped, a zero-width space between a `<` and a value's `!`, `@` or
-    `#` that follows it. Only a template's own text writes a `<`: a value's is `&lt;`."""
-    return _break_value_starts(message, "<")
+    """`message`, which a template escaped with slack_escape, with a zero-width space after the `<` of each
+    mention that is not wholly the template's own text (gateway.templates.owns): in `<{{ value }}>` the `<`
+    and `>` are the template's, and a value of `!channel` would make `<!channel>`, as would a filter over a
+    block's text. Only a template's own text and a raw value write a `<`: a value's is `&lt;`."""
+    return _break_mentions(message, _SLACK_MENTION, "<")
 
 
-# `@everyone`, `@here`, `<@id>`, `<@!id>` and `<@&role>` (the @ followed by an id); an @ that the end of the text
-# cuts short too (`@`, `@every`, `<@!`), which a next value might continue.
-_DISCORD_MENTION = re.compile(
-    r"@(?=everyone|here|[!&]?[0-9]|[!&]?\Z|e(?:v(?:e(?:r(?:y(?:o(?:ne?)?)?)?)?)?)?\Z|h(?:e(?:re?)?)?\Z)"
-)
+def _break_mentions(message: str, mention: re.Pattern[str], after: str) -> str:
+    """`message` with a zero-width space after the `after` that starts each `mention` not wholly its own."""
+    pieces: list[str] = []
+    done = 0
+    for match in mention.finditer(message):
+        if not owns(message, match.start(), match.end()):
+            cut = message.index(after, match.start()) + 1
+            pieces += [message[done:cut], _BREAK]
+            done = cut
+    return "".join(pieces) + message[done:] if pieces else str(message)
+
+
+# `@everyone`, `@here`, `<@id>`, `<@!id>` and `<@&role>`: in either case, as a mention that pings nobody costs
+# nothing to break up.
+_DISCORD_MENTION = re.compile(r"@(?:everyone|here)|<@[!&]?[0-9]+>", re.IGNORECASE)
 # A masked link, `[text](https://elsewhere)`: the `](` between what it shows and where it leads; a `]` at the
 # end of the text, which a next value might continue.
 _MASKED_LINK = re.compile(r"\](?=\(|\Z)")
 
 
 def discord_escape(text: str) -> str:
-    """Discord has no escaping that works in code blocks too (a backslash shows there): a zero-width space after
-    the @ of a mention and between the parts of a masked link keeps them from being read as such. At the start
-    of the text, before `everyone` or `here`, which an @ of the template's might precede, or before a text that
-    is their start (`every`), which a next value might continue: that start marked for discord_finish."""
-    text = text.replace(_VALUE_START, "")
-    text = _MASKED_LINK.sub("]" + _BREAK, _DISCORD_MENTION.sub("@" + _BREAK, text))
-    # Past leading whitespace and in either case: a filter over what a block printed (`|trim`, `|lower`) may
-    # make `everyone` of ` everyone` or `EVERYONE`.
-    word = text.lstrip()
-    start = word.lower()
-    if start and (
-        start.startswith(("everyone", "here")) or "everyone".startswith(start) or "here".startswith(start)
-    ):
-        return text[: len(text) - len(word)] + _VALUE_START + word
-    return text
+    """A zero-width space between the parts of a masked link keeps it from being read as one: Discord has no
+    escaping that works in code blocks too (a backslash shows there). A value's mentions are discord_finish's."""
+    return _MASKED_LINK.sub("]" + _BREAK, text)
 
 
 def discord_finish(message: str) -> str:
-    """A message whose values discord_escape escaped, a zero-width space between an `@` and a value's
-    `everyone` or `here` (or their start) that follows it. Only a template's own text ends in an `@`: a value's
-    last `@` has a zero-width space after it."""
-    return _break_value_starts(message, "@")
+    """`message`, which a template escaped with discord_escape, with a zero-width space after the `@` of each
+    mention that is not wholly the template's own text (gateway.templates.owns): a value's, one a value ends
+    after the template's `@`, one two values or a filter over a block's text make."""
+    return _break_mentions(message, _DISCORD_MENTION, "@")
 
 
 def teams_escape(text: str) -> str:
@@ -159,8 +146,9 @@ DISCORD_MAX_MENTIONS = 100
 
 
 def discord_mentions(message: str) -> dict[str, Any]:
-    """Discord's `allowed_mentions` for `message`: those it holds, and nothing else. Values are escaped
-    (discord_escape), so what is left is the template's own, or a value it marked `|raw`."""
+    """Discord's `allowed_mentions` for `message`: those it holds, and nothing else. Discord enforces it whatever
+    the text says; discord_finish broke up every mention that was not all the template's own (or a `|raw`
+    value's), so what is left is."""
     everyone, users, roles = False, [], []
     for match in _DISCORD_PINGS.finditer(message):
         if match[1]:

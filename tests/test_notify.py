@@ -481,26 +481,97 @@ def test_a_value_a_template_builds_a_slack_link_of_keeps_the_link_working(
     assert slack.messages == ["<https://x.example/@name|profile> <https://x.example/?c=#C0123> !channel"]
 
 
-def test_a_value_cannot_forge_where_a_slack_value_starts(tmp_path: Path, slack: SlackWebhook) -> None:
-    # Where a value starts is marked with a private-use character while the template renders, and broken up
-    # after it only if a `<` of the template's precedes it: a value that holds the mark itself must neither
-    # move the break nor keep it from being put where it is needed, and the mark is never sent.
-    mark = "\ue000"
-    template = (
-        "<{{ event.data.customer }}> <{{ event.data.note }}{{ event.data.oncall }}>"
-        " <https://x.example/{{ event.data.channel }}>"
-    )
-    values = {
-        "customer": f"{mark}!channel",
-        "note": mark,
-        "oncall": f"@U0123{mark}",
-        "channel": f"{mark}@name",
-    }
+def slack_sent(tmp_path: Path, slack: SlackWebhook, template: str, event_id: str, **values: Any) -> str:
+    """The message a Slack notify with `template` posts for a Consignly event with `values` in its data."""
     actions = [notify_action("slack", slack.url, format="slack", template=template)]
     with RunningGateway(gateway_config(tmp_path, routes=[route("consignly", *actions)])) as gw:
-        send_consignly(gw, consignly_body(event_id="evt_forged", **values))
-        wait_until(lambda: delivery_states(gw, "evt_forged") == {"slack": "delivered"})
-    assert slack.messages == ["<\u200b!channel> <\u200b@U0123> <https://x.example/@name>"]
+        send_consignly(gw, consignly_body(event_id=event_id, **values))
+        wait_until(lambda: delivery_states(gw, event_id) == {"slack": "delivered"})
+    [message] = slack.messages
+    return message
+
+
+def test_a_value_cannot_complete_a_slack_mention_the_template_starts(
+    tmp_path: Path, slack: SlackWebhook
+) -> None:
+    # The template's `<@` or `<!` followed by a value pings whom the sender chose: only a raw value may.
+    template = (
+        "<@{{ event.data.oncall }}> <!{{ event.data.customer }}> <!subteam^{{ event.data.note }}|team>"
+        " <@{{ event.data.oncall|raw }}>"
+    )
+    values = {"oncall": "U0123", "customer": "channel", "note": "S0123"}
+    assert slack_sent(tmp_path, slack, template, "evt_completed", **values) == (
+        "<\u200b@U0123> <\u200b!channel> <\u200b!subteam^S0123|team> <@U0123>"
+    )
+
+
+def test_a_filter_over_a_blocks_values_cannot_make_a_slack_mention(
+    tmp_path: Path, slack: SlackWebhook
+) -> None:
+    # What a block printed is escaped already: a filter that turns or cuts it round may bring a value's `!`
+    # right after the template's `<`, as it may bring the template's own text next to a value's.
+    template = (
+        "{% set customer %}{{ event.data.customer }}{% endset %}<{{ customer|reverse }}>"
+        " <{{ event.data.customer|reverse }}>"
+        " {% set note %}<{{ event.data.note }}{% endset %}{{ note|replace('x', '') }}>"
+        " {% set here %}!here{% endset %}<{{ here|upper|lower }}>"
+    )
+    values = {"customer": "lennahc!", "note": "x@U0123"}
+    assert slack_sent(tmp_path, slack, template, "evt_turned", **values) == (
+        "<\u200b!channel> <\u200b!channel> <\u200b@U0123> <\u200b!here>"
+    )
+
+
+def test_the_templates_own_slack_mentions_ping_wherever_it_writes_them(
+    tmp_path: Path, slack: SlackWebhook
+) -> None:
+    # Written in a macro, a call block, a trimmed set block, in two pieces around an `{% if %}`, joined with a
+    # value, or as a raw value: the template's own, and left as written. A date's `<!date^…>` pings nobody and
+    # may take the event's time.
+    template = (
+        "{% macro alert(text) %}<!channel> {{ text }}{% endmacro %}{{ alert(event.data.customer) }}"
+        " {% macro wrap() %}[{{ caller() }}]{% endmacro %}{% call wrap() %}<!here>{% endcall %}"
+        " {% set lead %}\n  <@U0999> {{ event.data.customer }}\n{% endset %}{{ lead|trim }}"
+        " {% set kept | trim %} <#C0999> {% endset %}{{ kept }}"
+        " <{% if event.data.customer %}!{% endif %}everyone>"
+        " {{ '<!subteam^S0999>'|raw ~ event.data.customer + '<@U0999>'|raw }}"
+        " <!date^{{ event.data.note }}^{date_short}|{{ event.data.note }}>"
+    )
+    values = {"customer": "x", "note": "1700000000"}
+    assert slack_sent(tmp_path, slack, template, "evt_own", **values) == (
+        "<!channel> x [<!here>] <@U0999> x <#C0999> <!everyone> <!subteam^S0999>x<@U0999>"
+        " <!date^1700000000^{date_short}|1700000000>"
+    )
+
+
+def test_a_values_private_use_characters_are_sent_as_they_are(
+    tmp_path: Path, downstream: Downstream, slack: SlackWebhook
+) -> None:
+    # Nothing in the text marks where a value is: U+E000 is a character like any other, raw or not.
+    mark = "\ue000"
+    template = "<{{ event.data.customer }}> {{ event.data.note|raw }} @{{ event.data.oncall }}"
+    values = {"customer": f"{mark}!channel", "note": f"a{mark}b", "oncall": f"{mark}here"}
+    assert slack_sent(tmp_path, slack, template, "evt_private", **values) == (
+        f"<{mark}!channel> a{mark}b @{mark}here"
+    )
+    assert discord_sent(tmp_path, downstream, template, "evt_private_discord", **values) == {
+        "content": f"<{mark}!channel> a{mark}b @{mark}here",
+        "allowed_mentions": {"parse": [], "users": [], "roles": []},
+    }
+
+
+def test_a_set_blocks_text_is_what_it_printed_to_filters_and_comparisons(
+    tmp_path: Path, slack: SlackWebhook
+) -> None:
+    # What a block printed is the escaped text and nothing else: its length, a comparison and a URL built of it
+    # see what the message shows.
+    template = (
+        "{% set who %}{{ event.data.customer }}{% endset %}"
+        "{{ who|length }} {{ who == '@ann!#' }} {{ who|urlencode }} {{ who|wordcount }}"
+    )
+    assert (
+        slack_sent(tmp_path, slack, template, "evt_block_text", customer="@ann!#") == "6 True %40ann%21%23 1"
+    )
 
 
 def test_a_slack_value_trimmed_or_cut_inside_a_template_stays_broken_up(
@@ -667,16 +738,44 @@ def test_a_value_a_template_builds_a_discord_link_of_keeps_the_link_working(
     }
 
 
-def test_a_value_cannot_forge_where_a_discord_value_starts(tmp_path: Path, downstream: Downstream) -> None:
-    # A value holding the private-use mark of where a value starts neither moves the break nor is sent.
-    mark = "\ue000"
+def test_a_filter_over_a_blocks_values_cannot_make_a_discord_mention(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # A filter over what a block printed may take out what kept a value's text from being a mention, turn it
+    # round, or bring it right after the template's @: none pings, nor do the template's own `x@here` and
+    # `everyone` that a filter made a mention of.
     template = (
-        "@{{ event.data.customer }} @{{ event.data.note }}{{ event.data.oncall }} x/{{ event.data.channel }}"
+        "{% set customer %}{{ event.data.customer }}{% endset %}@{{ customer|replace('x', '') }}"
+        " {% set note %}{{ event.data.note }}{% endset %}{{ note|reverse }}"
+        " {% set oncall %}{{ event.data.oncall }}{% endset %}{{ oncall.replace('x', '') }}"
+        " {% set own %}x@here{% endset %}{{ own[1:] }} {% set word %}xeveryone{% endset %}@{{ word|replace('x', '') }}"
     )
-    values = {"customer": f"{mark}everyone", "note": mark, "oncall": f"here{mark}", "channel": f"{mark}he"}
-    assert discord_sent(tmp_path, downstream, template, "evt_discord_forged", **values) == {
-        "content": "@\u200beveryone @\u200bhere x/he",
+    values = {"customer": "xeveryone", "note": "enoyreve@", "oncall": "<@x222222222222222222>"}
+    assert discord_sent(tmp_path, downstream, template, "evt_discord_filtered", **values) == {
+        "content": "@\u200beveryone @\u200beveryone <@\u200b222222222222222222> @\u200bhere @\u200beveryone",
         "allowed_mentions": {"parse": [], "users": [], "roles": []},
+    }
+
+
+def test_the_templates_own_discord_mentions_ping_and_a_values_do_not(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # A value after the template's `<@` would choose whom to ping; a raw one may, and the template's own text
+    # in a macro or a trimmed block does.
+    template = (
+        "<@{{ event.data.oncall }}> <@&{{ event.data.oncall }}> <@{{ event.data.oncall|raw }}>"
+        " {% macro alert() %}@here{% endmacro %}{{ alert() }}"
+        " {% set lead %}\n <@&333333333333333333> {{ event.data.customer }}{% endset %}{{ lead|trim }}"
+    )
+    values = {"oncall": "222222222222222222", "customer": "@everyone"}
+    assert discord_sent(tmp_path, downstream, template, "evt_discord_own", **values) == {
+        "content": "<@\u200b222222222222222222> <@\u200b&222222222222222222> <@222222222222222222>"
+        " @here <@&333333333333333333> @\u200beveryone",
+        "allowed_mentions": {
+            "parse": ["everyone"],
+            "users": ["222222222222222222"],
+            "roles": ["333333333333333333"],
+        },
     }
 
 

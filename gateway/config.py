@@ -697,24 +697,42 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     one without a word (a copied source whose name was left unchanged would replace the first)."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
+        seen: dict[Any, yaml.Mark] = {}
         for key_node, _value in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue  # `<<: *base` then an explicit key: overriding a merged key is what merges are for
             key = self.construct_object(key_node, deep=True)
             try:
-                duplicate = key in seen
+                first = seen.get(key)
             except TypeError:
                 continue  # unhashable: the base constructor reports it
-            if duplicate:
+            if first is not None:
+                # Where it was first written: of two copies of a source, the one to rename may be either.
                 raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"duplicate key {key!r}",
-                    key_node.start_mark,
+                    "first written", first, f"duplicate key {key!r}", key_node.start_mark
                 )
-            seen.add(key)
+            seen[key] = key_node.start_mark
         return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(exc: yaml.YAMLError, text: str) -> str:
+    """PyYAML's error on one line, its place as a line and column of the file. Its own text spans several
+    lines, quotes the file's lines and names the file `<unicode string>`: `hookyard check` prints one
+    error a line, and the reload log keeps the errors in one field."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark, context = exc.problem_mark, exc.context_mark
+        message = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+        if exc.context and context is not None and (context.line, context.column) != (mark.line, mark.column):
+            message += f" ({exc.context} at line {context.line + 1}, column {context.column + 1})"
+        elif exc.context:
+            message += f" ({exc.context})"
+        return message
+    if isinstance(exc, yaml.reader.ReaderError) and isinstance(exc.character, int):
+        # A character YAML does not allow (a NUL, say): given by its position in the text.
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        return f"line {line}, column {column}: character #x{exc.character:04x} is not allowed in YAML"
+    return " ".join(str(exc).split())
 
 
 def parse_config(text: str, *, environ: dict[str, str] | None = None, origin: str = "<config>") -> Config:
@@ -727,7 +745,7 @@ def _parse_config_tree(
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{origin}: not valid YAML: {exc}"]) from None
+        raise ConfigError([f"{origin}: not valid YAML: {_yaml_error(exc, text)}"]) from None
     if raw is None and not allow_empty:
         # Only comments: the first lines of a file being written in place, as empty as an empty file.
         raise ConfigError([f"{origin}: the file holds no config, only comments"])

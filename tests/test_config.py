@@ -770,6 +770,31 @@ def test_a_duplicate_key_is_refused_with_its_line() -> None:
     assert "duplicate key 'consignease'" in error and "line 4" in error
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            TWO_SOURCES_ONE_NAME,
+            "duplicate key 'consignease' (first written at line 3, column 3)",
+        ),
+        ("sources:\n  x: {path: /x\n", "line 3, column 1: "),
+        ("listen: {port: 1}\nroutes: [\n", "line 3, column 1: "),
+        ("a: b: c\n", "line 1, column 5: mapping values are not allowed here"),
+        ('a: "x\\q"\n', "line 1, column 7: found unknown escape character 'q'"),
+        ("a: 1\nb: [1,\n  \x00]\n", "line 3, column 3: character #x0000 is not allowed in YAML"),
+    ],
+)
+def test_invalid_yaml_is_one_line_naming_the_line_and_column(text: str, expected: str) -> None:
+    # `hookyard check` prints one error a line; PyYAML's own text spans several, quotes the file's lines
+    # and names the file `<unicode string>`.
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, origin="routes.yaml")
+    [error] = caught.value.errors
+    assert error.startswith("routes.yaml: not valid YAML: line ")
+    assert expected in error
+    assert "\n" not in error and "unicode string" not in error
+
+
 def test_merge_keys_may_still_be_overridden() -> None:
     config = parse_config(
         """

@@ -479,6 +479,41 @@ def test_bulk_replay_dead(tmp_path: Path, downstream: Downstream) -> None:
         assert admin(gw, "POST", "/admin/replay", json={"mode": "sideways"}).status_code == 400
 
 
+def test_a_body_field_given_twice_is_refused(tmp_path: Path, downstream: Downstream) -> None:
+    # Of `{"since": "1h", "since": "30d"}`, either could be the one meant: a JSON parser keeps the last, and
+    # the bulk replay would run wider than the first asked, unseen.
+    downstream.answer("/app", 400)
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_twice")
+        wait_until(lambda: states(gw, "msg_twice")["app"] == "dead")
+        twice = admin(
+            gw,
+            "POST",
+            "/admin/replay",
+            content=b'{"mode": "dead", "since": "1h", "route": "users", "since": "30d"}',
+        )
+        assert (twice.status_code, twice.json()["error"]) == (
+            400,
+            "'since' given more than once; give each once",
+        )
+        one = admin(
+            gw,
+            "POST",
+            "/admin/events/msg_twice/replay",
+            content=b'{"action": "app", "action": "audit"}',
+        )
+        assert (one.status_code, one.json()["error"]) == (
+            400,
+            "'action' given more than once; give each once",
+        )
+        assert states(gw, "msg_twice")["app"] == "dead"
+        assert gw.metric("hookyard_replays_total", mode="dead") == 0
+        assert gw.metric("hookyard_replays_total", mode="event") == 0
+        # Each given once, the same replay runs.
+        once = admin(gw, "POST", "/admin/replay", json={"mode": "dead", "since": "1h", "route": "users"})
+        assert once.status_code == 200 and once.json()["replayed"] == 1
+
+
 def test_bulk_replay_missing_includes_events_that_matched_no_route(
     tmp_path: Path, downstream: Downstream
 ) -> None:

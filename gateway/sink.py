@@ -44,6 +44,9 @@ class Sink:
             "headers": {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]},
             "body": shown,
         }
+        if scope.get("query_string"):
+            # A forward URL may carry one (`/hooks?tenant=a`): the request is not what was sent without it.
+            line = {**line, "query": scope["query_string"].decode("latin-1")}
         try:
             if exact is not None:
                 # An integer past 64 bits, which orjson reads as a float and cannot write: every digit.

@@ -1540,6 +1540,19 @@ def test_the_sink_prints_an_integer_past_64_bits_with_all_its_digits(tmp_path: P
     assert printed["body"] == {"data": {"amount": 123456789012345678901234567891, "ratio": 0.5}}
 
 
+def test_the_sink_prints_the_query_string(tmp_path: Path) -> None:
+    # A forward URL may carry a query (`/hooks/users?tenant=a`): the sink printed the path alone.
+    out = tmp_path / "sink.out"
+    with running_sink(out) as url:
+        answer = httpx.post(url + "/hooks/query?tenant=a&x=%2F", content=b"{}", timeout=10)
+        assert answer.status_code == 200
+        assert httpx.post(url + "/hooks/plain", content=b"{}", timeout=10).status_code == 200
+        wait_until(lambda: "/hooks/plain" in out.read_text(), 20)
+    [queried, plain] = [json.loads(line) for line in out.read_text().splitlines() if "/hooks/" in line]
+    assert (queried["path"], queried["query"]) == ("/hooks/query", "tenant=a&x=%2F")
+    assert plain["path"] == "/hooks/plain" and "query" not in plain
+
+
 @pytest.mark.parametrize("option", [["--status", "600"], ["--status", "99"], ["--answer", "/hooks=1000"]])
 def test_sink_refuses_a_status_no_http_answer_can_carry(
     option: list[str], monkeypatch: pytest.MonkeyPatch

@@ -339,6 +339,10 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         mode = _str(body, "mode")
         if not mode:
             raise OperationError(400, "mode: required, one of dead, missing")
+        for name in ("since", "until"):
+            if body.get(name) == "":
+                # A script's unset variable: read as no window, every dead delivery in the store would run.
+                raise OperationError(400, f"{name}: empty: give a time, e.g. 2h, or leave it out")
         return await ops.replay(
             mode=mode,
             since=_str(body, "since"),

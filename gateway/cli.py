@@ -515,6 +515,14 @@ def replay(
         raise click.UsageError("give an EVENT_ID or --state dead|missing, not both")
     if event_id is None and state is None:
         raise click.UsageError("give an EVENT_ID, or --state dead|missing for a bulk replay")
+    if state is not None:
+        # `--since "$WINDOW"` with the variable unset: read as no window, it replayed every dead delivery in
+        # the store, far wider than the window meant.
+        empty = [name for name, value in (("--since", since), ("--until", until)) if value == ""]
+        if empty:
+            raise click.UsageError(
+                f"{', '.join(empty)}: empty (a variable not set?): give a time, e.g. 2h, or leave the option out"
+            )
     if state == "missing" and since is None:
         raise click.UsageError("--since is required with --state missing, e.g. --since 2h")
     if event_id is not None:

@@ -514,6 +514,22 @@ def test_a_body_field_given_twice_is_refused(tmp_path: Path, downstream: Downstr
         assert once.status_code == 200 and once.json()["replayed"] == 1
 
 
+def test_a_bulk_replay_with_an_empty_window_is_refused(tmp_path: Path, downstream: Downstream) -> None:
+    # `"since": ""` (a script's unset variable) was read as no window: every dead delivery in the store ran.
+    downstream.answer("/app", 400)
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_empty_window")
+        wait_until(lambda: states(gw, "msg_empty_window")["app"] == "dead")
+        for name in ("since", "until"):
+            empty = admin(gw, "POST", "/admin/replay", json={"mode": "dead", name: ""})
+            assert (empty.status_code, empty.json()["error"]) == (
+                400,
+                f"{name}: empty: give a time, e.g. 2h, or leave it out",
+            )
+        assert states(gw, "msg_empty_window")["app"] == "dead"
+        assert gw.metric("hookyard_replays_total", mode="dead") == 0
+
+
 def test_bulk_replay_missing_includes_events_that_matched_no_route(
     tmp_path: Path, downstream: Downstream
 ) -> None:

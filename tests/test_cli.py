@@ -720,6 +720,29 @@ def test_replay_dead_deliveries_since(filled: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "error"),
     [
+        (["--state", "dead", "--since", ""], "--since: empty"),
+        (["--state", "dead", "--since", "2h", "--until", ""], "--until: empty"),
+        (["--state", "missing", "--since", ""], "--since: empty"),
+    ],
+)
+def test_a_bulk_replay_with_an_empty_window_is_a_usage_error(
+    filled: Path, args: list[str], error: str
+) -> None:
+    # `--since "$WINDOW"` with the variable unset was no window at all: every dead delivery ran again.
+    result = invoke("replay", "-c", filled, *args)
+    assert result.exit_code == 2, result.output
+    assert (
+        f"Error: {error} (a variable not set?): give a time, e.g. 2h, or leave the option out\n"
+        in result.stderr
+    )
+    assert result.stdout == ""
+    assert deliveries(filled, "evt_dead")["app"].state == "dead"
+    assert deliveries(filled, "evt_old_dead")["app"].state == "dead"
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
         ([], "give an EVENT_ID, or --state dead|missing for a bulk replay"),
         (["--since", "2h"], "give an EVENT_ID, or --state dead|missing for a bulk replay"),
         (["evt_dead", "--state", "dead"], "give an EVENT_ID or --state dead|missing, not both"),

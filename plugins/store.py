@@ -7,6 +7,8 @@
       mode: append                             # append (the default) or upsert
       key: data.id                             # upsert only, required: the event path whose value names the row
       delete_on: [user.deleted]                # upsert only: event types (globs allowed) that delete the row
+      transaction_pooling: true                # PostgreSQL only: the URL leads to a pooler in transaction
+                                               # mode (PgBouncer's pool_mode = transaction)
 
 Tables and indexes are created when missing, on the first delivery rather than at start-up: a database that
 is down only delays this action's deliveries (retried on the route's schedule), never the gateway or the other
@@ -22,6 +24,12 @@ provider's code.
 PostgreSQL: a pool of up to 10 connections per action; a lost connection is replaced on a later attempt.
 The action's timeout bounds the whole attempt: connecting, the wait for a free connection, the statements
 and the commit. An attempt that runs out says which of them it was waiting for, and is rolled back.
+
+Behind a pooler in transaction mode (`transaction_pooling: true`) the store keeps no prepared statement on
+a connection: the pooler hands the server's connections from client to client at each transaction's end,
+so a statement prepared on one would be run on another, which does not have it. Nothing else the store
+does outlives a transaction: its advisory locks are pg_advisory_xact_lock, and it sets nothing on the
+session (no SET, temporary table or LISTEN).
 
 append: one row per event, written with INSERT ... ON CONFLICT DO NOTHING, so replays and duplicate
 deliveries never add a second row.
@@ -192,6 +200,7 @@ class StoreOptions(BaseModel):
     # Validated even when absent: upsert requires it (validators run in field order, after mode).
     key: str | None = Field(default=None, validate_default=True)
     delete_on: list[str] = Field(default_factory=list)
+    transaction_pooling: bool = False
 
     @field_validator("url")
     @classmethod
@@ -249,6 +258,22 @@ class StoreOptions(BaseModel):
         if not all(event_type.strip() for event_type in types):
             raise ValueError("event types must not be empty")
         return types
+
+    @field_validator("transaction_pooling", mode="before")
+    @classmethod
+    def _a_boolean(cls, value: Any) -> Any:
+        # pydantic would take 1 as true; text still converts, as a ${VAR} always expands to text.
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            raise ValueError(f"the number {value}, not a boolean: write true or false")
+        return value
+
+    @field_validator("transaction_pooling")
+    @classmethod
+    def _pooled(cls, pooled: bool, info: ValidationInfo) -> bool:
+        url = info.data.get("url")
+        if pooled and isinstance(url, str) and is_sqlite_url(url):
+            raise ValueError("only for a PostgreSQL url: SQLite has no connection pooler")
+        return pooled
 
 
 # -- SQL ----------------------------------------------------------------------------------------------
@@ -568,7 +593,7 @@ ROLLBACK_TIMEOUT = 1.0
 class Postgres(Backend):
     """asyncpg with a pool created on first use, and created again after a failed creation."""
 
-    def __init__(self, dsn: str, sql: Statements, table: str) -> None:
+    def __init__(self, dsn: str, sql: Statements, table: str, *, transaction_pooling: bool = False) -> None:
         # Imported here, not with the module: asyncpg costs about 2.6 MB of resident memory that a gateway
         # with no PostgreSQL store would carry for nothing.
         import asyncpg  # type: ignore[import-untyped]
@@ -580,6 +605,13 @@ class Postgres(Backend):
         # Host, port and database only: the URL may carry a password.
         self.where = f"postgresql {','.join(postgres_hosts(parts.netloc))}{parts.path}"
         self.lock_prefix = f"hookyard.store:{table}:"
+        # Behind a pooler in transaction mode, consecutive transactions of one connection run on different
+        # server connections: asyncpg's named prepared statements, kept per connection and reused, are not
+        # there ("prepared statement __asyncpg_stmt_3__ does not exist"). Without its cache, asyncpg
+        # prepares an unnamed statement and parses it again in the same message as its execution, so even a
+        # lone statement outside a transaction runs on the server connection that parsed it. It costs a
+        # parse per statement, hence not the default.
+        self._connect_options: dict[str, Any] = {"statement_cache_size": 0} if transaction_pooling else {}
         self._pool: Any = None
         self._pool_lock = asyncio.Lock()
         # Taken before a connection of the pool, so that a wait for one is told from a wait to connect.
@@ -597,7 +629,9 @@ class Postgres(Backend):
                 # whose creation failed, and _pool stays None so that the next attempt creates a new one.
                 # An established pool replaces lost connections by itself. No timeouts of the pool's own:
                 # each attempt has its deadline.
-                self._pool = await self._asyncpg.create_pool(self.dsn, min_size=1, max_size=POOL_SIZE)
+                self._pool = await self._asyncpg.create_pool(
+                    self.dsn, min_size=1, max_size=POOL_SIZE, **self._connect_options
+                )
             return self._pool
 
     async def _run(self, timeout: float, *steps: tuple[str, tuple[Any, ...]]) -> Any:
@@ -1010,7 +1044,9 @@ class Store(Action):
         kind, location = parse_url(options.url)
         sql = statements(options.table, options.mode, kind)
         self.backend: Backend = (
-            Postgres(location, sql, options.table) if kind == "postgresql" else SQLite(Path(location), sql)
+            Postgres(location, sql, options.table, transaction_pooling=options.transaction_pooling)
+            if kind == "postgresql"
+            else SQLite(Path(location), sql)
         )
         # Tables are created on the first delivery, once (again after one was found missing).
         self._ready = False

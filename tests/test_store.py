@@ -6,8 +6,14 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
+import pwd
+import shutil
+import socket
 import sqlite3
 import ssl
+import subprocess
+import tempfile
 import threading
 import time
 import uuid
@@ -17,7 +23,7 @@ from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
 import orjson
@@ -228,6 +234,72 @@ def pg(postgres_url: str) -> Iterator[PostgresDatabase]:
     database = PostgresDatabase(postgres_url, f"hookyard_test_{uuid.uuid4().hex[:12]}")
     yield database
     database.drop()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_url(postgres_url: str) -> Iterator[str]:
+    """A PgBouncer of the session's own in transaction pooling mode, in front of the test database: the URL
+    that reaches the database through it. Two server connections at most, so that the store's ten share
+    them, as many gateways' would in production."""
+    binary = shutil.which("pgbouncer", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/usr/local/sbin")
+    if binary is None:
+        message = "pgbouncer is not installed; install it with: apt-get install -y pgbouncer"
+        if os.environ.get("HOOKYARD_REQUIRE_SERVICES") == "1":
+            pytest.fail(f"{message} (HOOKYARD_REQUIRE_SERVICES=1)")
+        pytest.skip(message)
+    server = urlsplit(postgres_url)
+    user = unquote(server.username or "postgres")
+    target = f"host={server.hostname or '127.0.0.1'} port={server.port or 5432} dbname={server.path[1:]}"
+    target += f" user={user}" + (f" password={unquote(server.password)}" if server.password else "")
+    port = free_port()
+    # Not under pytest's tmp_path: its directories are root's alone, and PgBouncer refuses to run as root.
+    with tempfile.TemporaryDirectory(prefix="hookyard-pgbouncer-") as directory:
+        home = Path(directory)
+        (home / "users.txt").write_text(f'"{user}" ""\n')
+        (home / "pgbouncer.ini").write_text(
+            f"""[databases]
+hookyard = {target}
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {home / "users.txt"}
+pool_mode = transaction
+default_pool_size = 2
+max_client_conn = 200
+logfile = {home / "pgbouncer.log"}
+pidfile = {home / "pgbouncer.pid"}
+"""
+        )
+        command = [binary, str(home / "pgbouncer.ini")]
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            for path in (home, *home.iterdir()):
+                os.chown(path, nobody.pw_uid, nobody.pw_gid)
+            command[1:1] = ["-u", "nobody"]
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        try:
+
+            def listening() -> bool:
+                if process.poll() is not None:
+                    log = home / "pgbouncer.log"
+                    raise AssertionError(f"pgbouncer exited: {log.read_text() if log.exists() else ''}")
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return True
+                return False
+
+            wait_until(listening)
+            # PgBouncer lets the user in (trust); it logs in to the server as the database entry says.
+            yield f"postgresql://{quote(user, safe='')}@127.0.0.1:{port}/hookyard"
+        finally:
+            process.terminate()
+            try:
+                process.wait(10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -558,6 +630,12 @@ def test_an_event_without_a_key_is_skipped_with_the_reason(tmp_path: Path) -> No
         ({"url": "postgresql://db:port/app"}, "url", "not a valid PostgreSQL URL"),
         ({"url": "sqlite:///./st\tore.db"}, "url", "a tab ('\\t') at character 15"),
         ({"url": "postgresql://root:hunter2@db/app\n"}, "url", "begins or ends with whitespace"),
+        ({"transaction_pooling": True}, "transaction_pooling", "only for a PostgreSQL url"),
+        (
+            {"url": "postgresql://root:hunter2@db/app", "transaction_pooling": 1},
+            "transaction_pooling",
+            "the number 1, not a boolean: write true or false",
+        ),
         ({"mode": "merge"}, "mode", "'append' or 'upsert'"),
         ({"url": None}, "url", "field required"),
     ],
@@ -591,6 +669,12 @@ def test_a_sqlite_url_s_scheme_is_read_in_any_case(tmp_path: Path) -> None:
 def test_valid_options_load(tmp_path: Path) -> None:
     actions = [
         {"id": "log", "use": "store", "with": {"url": "postgres://u:p@db:5432/app", "table": "audit.events"}},
+        # As a ${VAR} expands: text.
+        {
+            "id": "pooled",
+            "use": "store",
+            "with": {"url": "postgres://u@pgbouncer/app", "transaction_pooling": "true"},
+        },
         {
             "id": "sync",
             "use": "store",
@@ -606,6 +690,8 @@ def test_valid_options_load(tmp_path: Path) -> None:
     config = parse_config(yaml.safe_dump(gateway_config(tmp_path, routes=[users_route(*actions)])))
     table = RouteTable.build(config, registry())
     assert table.actions[("users", "log")].options.model_dump()["mode"] == "append"
+    assert table.actions[("users", "log")].options.model_dump()["transaction_pooling"] is False
+    assert table.actions[("users", "pooled")].options.model_dump()["transaction_pooling"] is True
 
 
 # -- failures ------------------------------------------------------------------------------------------------
@@ -1065,6 +1151,65 @@ def test_a_url_with_several_hosts_reaches_the_one_that_answers(pg: PostgresDatab
     [outcome] = deliver({"url": url, "table": pg.table}, make_event("e1"))
     assert outcome.kind == "delivered", outcome
     assert [row["event_id"] for row in pg.events()] == ["e1"]
+
+
+@pytest.mark.parametrize("mode", ["append", "upsert"])
+def test_behind_pgbouncer_in_transaction_mode_every_event_is_written_once(
+    pgbouncer_url: str, postgres_url: str, mode: str
+) -> None:
+    # Two gateways' actions on a table that does not exist yet, each with more deliveries at once than its
+    # pool holds, through a PgBouncer that hands its two server connections from client to client at
+    # every transaction's end. A statement prepared on one server connection and run on another failed
+    # ("prepared statement __asyncpg_stmt_3__ does not exist"), one attempt in two.
+    pg = PostgresDatabase(postgres_url, f"hookyard_test_{uuid.uuid4().hex[:12]}")
+    options: dict[str, Any] = {
+        "url": pgbouncer_url,
+        "table": pg.table,
+        "mode": mode,
+        "transaction_pooling": True,
+    }
+    if mode == "upsert":
+        options |= {"key": "data.id", "delete_on": ["user.deleted"]}
+
+    def events(gateway: int) -> list[Event]:
+        if mode == "append":
+            return [make_event(f"g{gateway}-e{number}") for number in range(100)]
+        # Per key: three updates (one from each gateway, the third twice), and for every fifth key a
+        # delete after them; each gateway sends them in its own order.
+        made = []
+        for key in range(25):
+            data = {"id": f"u{key}", "version": gateway + 1}
+            made.append(make_event(f"g{gateway}-u{key}", data=data, occurred_at=T0 + gateway + 1))
+            made.append(make_event(f"v3-u{key}", data={"id": f"u{key}", "version": 3}, occurred_at=T0 + 3))
+            if key % 5 == 0:
+                gone = make_event(f"d-u{key}", "user.deleted", data={"id": f"u{key}"}, occurred_at=T0 + 4)
+                made.append(gone)
+        return made[::-1] if gateway else made
+
+    async def gateway(number: int) -> list[Outcome]:
+        async with store_action(options) as action:
+            return await asyncio.gather(*(action.deliver(job(event, timeout=30)) for event in events(number)))
+
+    async def run() -> list[Outcome]:
+        first, second = await asyncio.gather(gateway(0), gateway(1))
+        return first + second
+
+    try:
+        outcomes = asyncio.run(run())
+        failed = [outcome.error for outcome in outcomes if outcome.kind != "delivered"]
+        assert not failed, failed
+        if mode == "append":
+            assert sorted(row["event_id"] for row in pg.events()) == sorted(
+                f"g{gateway}-e{number}" for gateway in (0, 1) for number in range(100)
+            )
+        else:
+            rows = pg.rows()
+            assert {key: row["data"]["version"] for key, row in rows.items()} == {
+                f"u{key}": 3 for key in range(25) if key % 5
+            }
+            assert sorted(pg.tombstones()) == sorted(f"u{key}" for key in range(0, 25, 5))
+    finally:
+        pg.drop()
 
 
 def test_a_missing_database_is_retried(postgres_url: str, tmp_path: Path) -> None:

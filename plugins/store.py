@@ -84,7 +84,9 @@ or time, may fix them while the schedule runs. A table dropped while running is 
 attempt. A write refused by a read-only server (25006: a standby, such as the old primary after a failover
 that moved the writer endpoint's name) makes the pool drop all its connections, so that the next attempt
 connects again and reaches the new primary. So does an idle connection the server ended (a restart, an idle
-timeout) that an attempt took before asyncpg noticed (StaleConnection). An error in the statement itself (a
+timeout) that an attempt took before asyncpg noticed (StaleConnection). A prepared statement of asyncpg's
+that is missing, there already or another one (a pooler in transaction mode without transaction_pooling)
+is retried, and the error says to set the option. An error in the statement itself (a
 column missing or of the wrong type in a table created by hand, a violated constraint, a value the column
 rejects, such as \\u0000 in a string for jsonb, or a key, event id or type longer than the 2704 bytes,
 compressed, that a PostgreSQL index entry holds) ends the delivery dead: retrying cannot help. For a table
@@ -552,6 +554,19 @@ _READ_ONLY_SERVER = (
     "read-only server (a standby, or the old primary after a failover): the pool's connections are "
     "replaced, the next attempt connects again"
 )
+# One of asyncpg's named prepared statements missing (26000), there already (42P05), or another than the
+# one asyncpg prepared (08P01: bind message supplies 7 parameters, but prepared statement
+# "__asyncpg_stmt_4__" requires 3). asyncpg's names never clash on a connection of its own: behind a pooler
+# in transaction mode, the statement went to a server connection that another client, or an earlier
+# gateway process numbering its statements from 1 too, prepared its own on. Not an error in the statement:
+# retried, as another attempt may land on a server connection that suits it.
+_PG_STATEMENT_STATES = frozenset({"26000", "42P05", "08P01"})
+_ASYNCPG_STATEMENT = "__asyncpg_stmt_"
+_TRANSACTION_POOLER = (
+    "the URL most likely leads to a pooler in transaction mode (PgBouncer's pool_mode = transaction), "
+    "which runs a statement prepared on one server connection on another: set transaction_pooling: true "
+    "in the store's with:"
+)
 POOL_SIZE = 10  # connections per action
 
 
@@ -822,10 +837,20 @@ class Postgres(Backend):
     def permanent(self, exc: Exception) -> bool:
         if isinstance(exc, self._asyncpg.exceptions.DataError):
             return True  # asyncpg refused a value for the column's type before sending it
+        if self._pooled_statement(exc):
+            return False
         if isinstance(exc, self._asyncpg.PostgresError):
             state = _sqlstate(exc)
             return state[:2] in _PG_PERMANENT_CLASSES and state not in _PG_FIXABLE_STATES
         return False
+
+    def _pooled_statement(self, exc: Exception) -> bool:
+        """An error of asyncpg's prepared statements that a pooler in transaction mode causes."""
+        return (
+            isinstance(exc, self._asyncpg.PostgresError)
+            and _sqlstate(exc) in _PG_STATEMENT_STATES
+            and _ASYNCPG_STATEMENT in str(getattr(exc, "message", "") or "")
+        )
 
     def missing_table(self, exc: Exception) -> bool:
         return isinstance(exc, self._asyncpg.PostgresError) and _sqlstate(exc) == "42P01"
@@ -840,6 +865,9 @@ class Postgres(Backend):
         message = getattr(exc, "message", None)
         if not isinstance(exc, self._asyncpg.PostgresError) or not message:
             return _error(exc)  # raised by asyncpg itself, not sent by the server
+        if self._pooled_statement(exc):
+            # In place of asyncpg's hint, which advises its own statement_cache_size: not an option here.
+            return f"{type(exc).__name__}: {message}; {_TRANSACTION_POOLER}"
         # Not str(exc), which adds the server's DETAIL: for a constraint violation (class 23) that is the
         # failing row or key, the start of each value, the event's payload and headers among them. They
         # have no place in the attempt record and the log; the message names the constraint and the table.

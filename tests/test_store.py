@@ -13,6 +13,7 @@ import socket
 import sqlite3
 import ssl
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -1210,6 +1211,58 @@ def test_behind_pgbouncer_in_transaction_mode_every_event_is_written_once(
             assert sorted(pg.tombstones()) == sorted(f"u{key}" for key in range(0, 25, 5))
     finally:
         pg.drop()
+
+
+def deliver_at_once(options: dict[str, Any], count: int) -> list[Outcome]:
+    """`count` appends delivered at once through one store action."""
+
+    async def run() -> list[Outcome]:
+        async with store_action(options) as action:
+            return await asyncio.gather(*(action.deliver(job(make_event(f"e{n}"))) for n in range(count)))
+
+    return asyncio.run(run())
+
+
+def test_behind_pgbouncer_without_transaction_pooling_attempts_are_retried_and_say_to_set_it(
+    pgbouncer_url: str, postgres_url: str
+) -> None:
+    # Each run is a gateway process of its own, as a pod is: asyncpg numbers its prepared statements from 1
+    # in each process, so a restarted gateway prepares names that its predecessor left on the pooler's
+    # server connections. That was "DuplicatePreparedStatementError: prepared statement
+    # "__asyncpg_stmt_1__" already exists", an error in the statement to the action: dead, not retried. And
+    # every such error repeated asyncpg's advice to set statement_cache_size, which is no option of the store.
+    pg = PostgresDatabase(postgres_url, f"hookyard_test_{uuid.uuid4().hex[:12]}")
+    options = json.dumps({"url": pgbouncer_url, "table": pg.table})
+    script = (
+        "import json, sys\n"
+        "from tests.test_store import deliver_at_once\n"
+        "outcomes = deliver_at_once(json.loads(sys.argv[1]), 60)\n"
+        "print(json.dumps([[outcome.kind, outcome.error] for outcome in outcomes]))\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+
+    def gateway_run() -> list[tuple[str, str | None]]:
+        done = subprocess.run(
+            [sys.executable, "-c", script, options], cwd=root, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        return [(kind, error) for kind, error in json.loads(done.stdout)]
+
+    try:
+        outcomes = gateway_run()
+        # A duplicate needs names left by an earlier process on the server connection a statement lands on.
+        for _ in range(5):
+            outcomes += gateway_run()
+            if any("DuplicatePreparedStatementError" in (error or "") for _, error in outcomes):
+                break
+    finally:
+        pg.drop()
+    errors = [error or "" for kind, error in outcomes if kind != "delivered"]
+    assert any("DuplicatePreparedStatementError" in error for error in errors), errors
+    assert {kind for kind, _ in outcomes} <= {"delivered", "retry"}, [kind for kind, _ in outcomes]
+    for error in errors:
+        assert "a pooler in transaction mode" in error and "set transaction_pooling: true" in error, error
+        assert "statement_cache_size" not in error, error
 
 
 def test_a_missing_database_is_retried(postgres_url: str, tmp_path: Path) -> None:

@@ -7,8 +7,9 @@
       mode: append                             # append (the default) or upsert
       key: data.id                             # upsert only, required: the event path whose value names the row
       delete_on: [user.deleted]                # upsert only: event types (globs allowed) that delete the row
-      transaction_pooling: true                # PostgreSQL only: the URL leads to a pooler in transaction
-                                               # mode (PgBouncer's pool_mode = transaction)
+      transaction_pooling: true                # PostgreSQL only: whether the URL leads to a pooler in
+                                               # transaction mode (PgBouncer's pool_mode = transaction);
+                                               # found out when the pool is made, if not given
 
 Tables and indexes are created when missing, on the first delivery rather than at start-up: a database that
 is down only delays this action's deliveries (retried on the route's schedule), never the gateway or the other
@@ -27,9 +28,10 @@ and the commit. An attempt that runs out says which of them it was waiting for, 
 
 Behind a pooler in transaction mode (`transaction_pooling: true`) the store keeps no prepared statement on
 a connection: the pooler hands the server's connections from client to client at each transaction's end,
-so a statement prepared on one would be run on another, which does not have it. Nothing else the store
-does outlives a transaction: its advisory locks are pg_advisory_xact_lock, and it sets nothing on the
-session (no SET, temporary table or LISTEN).
+so a statement prepared on one would be run on another, which does not have it. Not given, it is found out
+each time the pool is made: a pooler gives its client a process id of its own, not the server session's.
+Nothing else the store does outlives a transaction: its advisory locks are pg_advisory_xact_lock, and it
+sets nothing on the session (no SET, temporary table or LISTEN).
 
 append: one row per event, written with INSERT ... ON CONFLICT DO NOTHING, so replays and duplicate
 deliveries never add a second row.
@@ -202,7 +204,7 @@ class StoreOptions(BaseModel):
     # Validated even when absent: upsert requires it (validators run in field order, after mode).
     key: str | None = Field(default=None, validate_default=True)
     delete_on: list[str] = Field(default_factory=list)
-    transaction_pooling: bool = False
+    transaction_pooling: bool | None = None  # None: found out when the pool is made (Postgres._pooled)
 
     @field_validator("url")
     @classmethod
@@ -271,7 +273,7 @@ class StoreOptions(BaseModel):
 
     @field_validator("transaction_pooling")
     @classmethod
-    def _pooled(cls, pooled: bool, info: ValidationInfo) -> bool:
+    def _pooled(cls, pooled: bool | None, info: ValidationInfo) -> bool | None:
         url = info.data.get("url")
         if pooled and isinstance(url, str) and is_sqlite_url(url):
             raise ValueError("only for a PostgreSQL url: SQLite has no connection pooler")
@@ -608,7 +610,9 @@ ROLLBACK_TIMEOUT = 1.0
 class Postgres(Backend):
     """asyncpg with a pool created on first use, and created again after a failed creation."""
 
-    def __init__(self, dsn: str, sql: Statements, table: str, *, transaction_pooling: bool = False) -> None:
+    def __init__(
+        self, dsn: str, sql: Statements, table: str, *, transaction_pooling: bool | None = None
+    ) -> None:
         # Imported here, not with the module: asyncpg costs about 2.6 MB of resident memory that a gateway
         # with no PostgreSQL store would carry for nothing.
         import asyncpg  # type: ignore[import-untyped]
@@ -625,8 +629,8 @@ class Postgres(Backend):
         # there ("prepared statement __asyncpg_stmt_3__ does not exist"). Without its cache, asyncpg
         # prepares an unnamed statement and parses it again in the same message as its execution, so even a
         # lone statement outside a transaction runs on the server connection that parsed it. It costs a
-        # parse per statement, hence not the default.
-        self._connect_options: dict[str, Any] = {"statement_cache_size": 0} if transaction_pooling else {}
+        # parse per statement: only behind a pooler, as given or found out (None).
+        self.transaction_pooling = transaction_pooling
         self._pool: Any = None
         self._pool_lock = asyncio.Lock()
         # Taken before a connection of the pool, so that a wait for one is told from a wait to connect.
@@ -644,10 +648,35 @@ class Postgres(Backend):
                 # whose creation failed, and _pool stays None so that the next attempt creates a new one.
                 # An established pool replaces lost connections by itself. No timeouts of the pool's own:
                 # each attempt has its deadline.
+                pooled = self.transaction_pooling
+                if pooled is None:
+                    pooled = await self._behind_pooler()
                 self._pool = await self._asyncpg.create_pool(
-                    self.dsn, min_size=1, max_size=POOL_SIZE, **self._connect_options
+                    self.dsn,
+                    min_size=1,
+                    max_size=POOL_SIZE,
+                    **({"statement_cache_size": 0} if pooled else {}),
                 )
             return self._pool
+
+    async def _behind_pooler(self) -> bool:
+        """Whether the URL leads to a connection pooler: a forgotten `transaction_pooling` behind one in
+        transaction mode would run a statement in place of another of the same name, prepared on the server
+        connection by another gateway process (a delete for an update: the same arguments). A pooler gives
+        its client a process id of its own (for cancel requests, which it forwards), not the session's.
+        Asked without a prepared statement, so that the question leaves none behind either. In session mode
+        too, where keeping none only costs a parse per statement."""
+        conn = await self._asyncpg.connect(self.dsn, statement_cache_size=0)
+        try:
+            pooled = conn.get_server_pid() != await conn.fetchval("SELECT pg_backend_pid()")
+        finally:
+            await conn.close()
+        if pooled:
+            log.info(
+                "the store's database is behind a connection pooler: no prepared statements are kept",
+                extra={"database": self.where},
+            )
+        return bool(pooled)
 
     async def _run(self, timeout: float, *steps: tuple[str, tuple[Any, ...]]) -> Any:
         """Run the statements, several in one transaction; the value of a lone statement's first row."""

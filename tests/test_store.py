@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote, unquote, urlsplit
 
 import asyncpg  # type: ignore[import-untyped]
@@ -691,7 +691,7 @@ def test_valid_options_load(tmp_path: Path) -> None:
     config = parse_config(yaml.safe_dump(gateway_config(tmp_path, routes=[users_route(*actions)])))
     table = RouteTable.build(config, registry())
     assert table.actions[("users", "log")].options.model_dump()["mode"] == "append"
-    assert table.actions[("users", "log")].options.model_dump()["transaction_pooling"] is False
+    assert table.actions[("users", "log")].options.model_dump()["transaction_pooling"] is None  # found out
     assert table.actions[("users", "pooled")].options.model_dump()["transaction_pooling"] is True
 
 
@@ -1154,21 +1154,21 @@ def test_a_url_with_several_hosts_reaches_the_one_that_answers(pg: PostgresDatab
     assert [row["event_id"] for row in pg.events()] == ["e1"]
 
 
+@pytest.mark.parametrize("pooling", [True, None], ids=["given", "found-out"])
 @pytest.mark.parametrize("mode", ["append", "upsert"])
 def test_behind_pgbouncer_in_transaction_mode_every_event_is_written_once(
-    pgbouncer_url: str, postgres_url: str, mode: str
+    pgbouncer_url: str, postgres_url: str, mode: str, pooling: bool | None, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Two gateways' actions on a table that does not exist yet, each with more deliveries at once than its
     # pool holds, through a PgBouncer that hands its two server connections from client to client at
     # every transaction's end. A statement prepared on one server connection and run on another failed
-    # ("prepared statement __asyncpg_stmt_3__ does not exist"), one attempt in two.
+    # ("prepared statement __asyncpg_stmt_3__ does not exist"), one attempt in two. Without the option
+    # given, the store finds out that the URL leads to a pooler.
+    caplog.set_level(logging.INFO, logger="hookyard.store")
     pg = PostgresDatabase(postgres_url, f"hookyard_test_{uuid.uuid4().hex[:12]}")
-    options: dict[str, Any] = {
-        "url": pgbouncer_url,
-        "table": pg.table,
-        "mode": mode,
-        "transaction_pooling": True,
-    }
+    options: dict[str, Any] = {"url": pgbouncer_url, "table": pg.table, "mode": mode}
+    if pooling is not None:
+        options["transaction_pooling"] = pooling
     if mode == "upsert":
         options |= {"key": "data.id", "delete_on": ["user.deleted"]}
 
@@ -1211,6 +1211,29 @@ def test_behind_pgbouncer_in_transaction_mode_every_event_is_written_once(
             assert sorted(pg.tombstones()) == sorted(f"u{key}" for key in range(0, 25, 5))
     finally:
         pg.drop()
+    found_out = [r.getMessage() for r in caplog.records if "behind a connection pooler" in r.getMessage()]
+    assert len(found_out) == (2 if pooling is None else 0), found_out  # once per action's pool
+
+
+def test_a_direct_connection_keeps_its_prepared_statements(pg: PostgresDatabase) -> None:
+    # Not behind a pooler: the statements are prepared once per connection and reused, as asyncpg does.
+    options = {"url": pg.url, "table": pg.table}
+
+    async def run() -> int:
+        async with store_action(options) as action:
+            for number in range(3):
+                assert (await action.deliver(job(make_event(f"e{number}")))).kind == "delivered"
+            backend = action.backend  # type: ignore[attr-defined]
+            async with (await backend._get_pool()).acquire() as conn:
+                # Kept on its connection, under asyncpg's names: the pool has one connection here.
+                return cast(
+                    int,
+                    await conn.fetchval(
+                        "SELECT count(*) FROM pg_prepared_statements WHERE name LIKE '__asyncpg_stmt_%'"
+                    ),
+                )
+
+    assert asyncio.run(run()) >= 1
 
 
 def deliver_at_once(options: dict[str, Any], count: int) -> list[Outcome]:
@@ -1223,7 +1246,7 @@ def deliver_at_once(options: dict[str, Any], count: int) -> list[Outcome]:
     return asyncio.run(run())
 
 
-def test_behind_pgbouncer_without_transaction_pooling_attempts_are_retried_and_say_to_set_it(
+def test_behind_pgbouncer_with_transaction_pooling_off_attempts_are_retried_and_say_to_set_it(
     pgbouncer_url: str, postgres_url: str
 ) -> None:
     # Each run is a gateway process of its own, as a pod is: asyncpg numbers its prepared statements from 1
@@ -1232,7 +1255,7 @@ def test_behind_pgbouncer_without_transaction_pooling_attempts_are_retried_and_s
     # "__asyncpg_stmt_1__" already exists", an error in the statement to the action: dead, not retried. And
     # every such error repeated asyncpg's advice to set statement_cache_size, which is no option of the store.
     pg = PostgresDatabase(postgres_url, f"hookyard_test_{uuid.uuid4().hex[:12]}")
-    options = json.dumps({"url": pgbouncer_url, "table": pg.table})
+    options = json.dumps({"url": pgbouncer_url, "table": pg.table, "transaction_pooling": False})
     script = (
         "import json, sys\n"
         "from tests.test_store import deliver_at_once\n"

@@ -168,6 +168,10 @@ class SvixProvider(Provider):
         if not signature:
             raise unauthorized("missing_signature", f"missing {signature_prefix or prefix}signature header")
         timestamp_prefix, timestamp = self._header(headers, "timestamp")
+        if timestamp.startswith("0"):
+            # The svix and Standard Webhooks libraries read the header as a number and sign that number,
+            # so `01700000000` is signed as `1700000000`, never as its own text.
+            timestamp = timestamp.lstrip("0") or "0"
         label = f"{timestamp_prefix or prefix}timestamp header"
         check_timestamp(timestamp, now, self.tolerance, label)
         entries = signature_entries(signature)

@@ -86,6 +86,14 @@ def decode_ed25519(secret: str, prefix: str) -> bytes:
     return key
 
 
+def without_leading_zeros(timestamp: str) -> str:
+    """The timestamp header as the svix and Standard Webhooks libraries sign it: they read it as a number and
+    sign that number, so `01700000000` is signed as `1700000000`, never as its own text."""
+    if timestamp.startswith("0"):
+        return timestamp.lstrip("0") or "0"
+    return timestamp
+
+
 def signed_content(msg_id: str, timestamp: int | str, body: bytes) -> bytes:
     return f"{msg_id}.{timestamp}.".encode() + body
 
@@ -168,10 +176,7 @@ class SvixProvider(Provider):
         if not signature:
             raise unauthorized("missing_signature", f"missing {signature_prefix or prefix}signature header")
         timestamp_prefix, timestamp = self._header(headers, "timestamp")
-        if timestamp.startswith("0"):
-            # The svix and Standard Webhooks libraries read the header as a number and sign that number,
-            # so `01700000000` is signed as `1700000000`, never as its own text.
-            timestamp = timestamp.lstrip("0") or "0"
+        timestamp = without_leading_zeros(timestamp)
         label = f"{timestamp_prefix or prefix}timestamp header"
         check_timestamp(timestamp, now, self.tolerance, label)
         entries = signature_entries(signature)
@@ -216,7 +221,7 @@ class SvixProvider(Provider):
         if occurred_at is None:
             # Read as verify reads it: with `verify: log-only` an unverified header gets here too, and
             # str.isdigit() accepts "²" (a latin-1 byte), which float() refuses.
-            occurred_at = read_epoch(timestamp)
+            occurred_at = read_epoch(without_leading_zeros(timestamp))
         return Event(
             source=self.source_name,
             id=require_text(

@@ -180,6 +180,10 @@ def test_a_timestamp_with_leading_zeros_is_signed_as_its_number_as_the_libraries
     }
     assert library_accepts(name, body, request)
     provider.verify(request, body, float(number))
+    # And where the payload has no time of its own, the event's is the header's number all the same.
+    untimed = {key: value for key, value in json.loads(body).items() if key != "timestamp"}
+    event = provider.parse(request, json.dumps(untimed).encode(), untimed, float(number))
+    assert event.occurred_at == float(number)
 
 
 def make_svix_like(name: str) -> Provider:

@@ -171,6 +171,14 @@ def check_timestamp(
     return value
 
 
+def without_leading_zeros(timestamp: str) -> str:
+    """A timestamp as the svix, Standard Webhooks and Stripe libraries sign it: they read it as a number and
+    sign that number, so `01700000000` is signed as `1700000000`, never as its own text."""
+    if timestamp.startswith("0"):
+        return timestamp.lstrip("0") or "0"
+    return timestamp
+
+
 def body_digest_id(body: bytes) -> str:
     """An id for payloads that carry none: the same bytes (a retry) get the same id, so dedupe holds."""
     return "sha256:" + hashlib.sha256(body).hexdigest()

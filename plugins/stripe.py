@@ -24,6 +24,7 @@ from plugins.hmac_generic import (
     require_header,
     require_object,
     require_signature,
+    without_leading_zeros,
 )
 
 SIGNATURE_HEADER = "stripe-signature"
@@ -55,7 +56,8 @@ class StripeProvider(Provider):
             elif key == "v1":
                 offered.append(value)
         timestamp = check_timestamp(timestamp, now, self.tolerance, "t= in the Stripe-Signature header")
-        require_signature(self.keys, f"{timestamp}.".encode() + body, offered)
+        # As its number: stripe-python reads t= with int() and signs "%d".
+        require_signature(self.keys, f"{without_leading_zeros(timestamp)}.".encode() + body, offered)
 
     def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:
         payload = require_object(payload)

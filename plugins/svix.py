@@ -42,6 +42,7 @@ from plugins.hmac_generic import (
     signature_entries,
     text_bytes,
     wire_bytes,
+    without_leading_zeros,
 )
 
 # cryptography costs about 6 MB of resident memory and only v1a (ed25519) keys need it: it is imported when
@@ -84,14 +85,6 @@ def decode_ed25519(secret: str, prefix: str) -> bytes:
     if len(key) != 32:
         raise ValueError(f"is not a {prefix} ed25519 key: the part after {prefix} must be base64 of 32 bytes")
     return key
-
-
-def without_leading_zeros(timestamp: str) -> str:
-    """The timestamp header as the svix and Standard Webhooks libraries sign it: they read it as a number and
-    sign that number, so `01700000000` is signed as `1700000000`, never as its own text."""
-    if timestamp.startswith("0"):
-        return timestamp.lstrip("0") or "0"
-    return timestamp
 
 
 def signed_content(msg_id: str, timestamp: int | str, body: bytes) -> bytes:

@@ -574,6 +574,9 @@ def test_we_accept_exactly_the_stripe_signature_headers_stripe_python_accepts() 
         "t and v1 past ten entries": ",".join([f"v0={v1(b'legacy')}"] * 10 + [f"t={now}", f"v1={good}"]),
         "v1 past ten entries": ",".join([f"t={now}"] + [f"v1={v1(b'x')}"] * 10 + [f"v1={good}"]),
         "timestamp not a number": f"t=soon,v1={good}",
+        # stripe-python reads t= as a number and signs that number, not the header's text.
+        "t= with leading zeros, signed as its number": f"t=00{now},v1={good}",
+        "t= with leading zeros, signed as written": f"t=00{now},v1={v1(f'00{now}.'.encode() + body)}",
         "truncated": f"t={now},v1={good[:-2]}",
         "empty": "",
         "garbage": "garbage",

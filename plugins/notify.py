@@ -76,7 +76,9 @@ def slack_escape(text: str) -> str:
 
 # What decides whom a Slack `<…>` pings: `<!here>`, `<!channel>`, `<!everyone>`, `<!subteam^ID>`, `<@U123>`,
 # and `<#C123>` (a channel's link), up to a label's `|`; a date's `<!date^…>` pings nobody, whatever follows.
-_SLACK_MENTION = re.compile(r"<(?:!date\^|[!@#][^|>]*)")
+# Up to a next `<` too: a match runs on past it, and `<{{ a }} … <@{{ b }}>` with no `>` between made one match,
+# its first `<` broken up and the `<@` of b's mention never looked at.
+_SLACK_MENTION = re.compile(r"<(?:!date\^|[!@#][^|<>]*)")
 
 
 def slack_finish(message: str) -> str:

@@ -505,6 +505,18 @@ def test_a_value_cannot_complete_a_slack_mention_the_template_starts(
     )
 
 
+def test_a_value_after_a_templates_unclosed_angle_bracket_cannot_hide_a_later_slack_mention(
+    tmp_path: Path, slack: SlackWebhook
+) -> None:
+    # A `<` of the template's that no `>` or `|` closes before its next `<` (a less-than sign): the value after
+    # it and the next mention were read as one, and only its first `<` was broken up, so `<@U0999>` pinged.
+    template = "Latency <{{ event.data.limit }} ms, owner <@{{ event.data.owner }}>"
+    values = {"limit": "#1", "owner": "U0999"}
+    assert slack_sent(tmp_path, slack, template, "evt_unclosed", **values) == (
+        "Latency <\u200b#1 ms, owner <\u200b@U0999>"
+    )
+
+
 def test_a_filter_over_a_blocks_values_cannot_make_a_slack_mention(
     tmp_path: Path, slack: SlackWebhook
 ) -> None:

@@ -517,6 +517,28 @@ def test_a_value_after_a_templates_unclosed_angle_bracket_cannot_hide_a_later_sl
     )
 
 
+def test_a_message_built_up_line_by_line_in_a_loop_keeps_its_own_mentions_and_renders_in_time(
+    tmp_path: Path, slack: SlackWebhook
+) -> None:
+    # Where a text is the template's own was copied whole each time a line was added to it: 2,000 lines of
+    # each kind took past the second a render may run (a fifth of one without it), and the message ended dead.
+    template = (
+        "{% set ns = namespace(text='') %}{% for i in range(event.data.count) %}"
+        "{% set line %}<!here>{{ i }}\n{% endset %}{% set ns.text = ns.text ~ line %}{% endfor %}"
+        "{% set ns.block = '' %}{% for i in range(event.data.count) %}"
+        "{% set ns.block %}{{ ns.block }}<@U1>{{ i }}\n{% endset %}{% endfor %}"
+        "{{ ns.text }}{{ ns.block }}<{{ event.data.note }}>"
+        # Two texts made of one: the second's own `!here>` is not the first's, which shares its start.
+        "{% set lt %}<{% endset %}{% set value = lt ~ event.data.here %}{% set own %}{{ lt }}!here>{% endset %}"
+        " {{ value }}> {{ own }}"
+    )
+    message = slack_sent(tmp_path, slack, template, "evt_lines", count=2000, note="!channel", here="!here")
+    lines = message.split("\n")
+    assert lines[:2] == ["<!here>0", "<!here>1"] and lines[1999:2001] == ["<!here>1999", "<@U1>0"]
+    assert lines[-2:] == ["<@U1>1999", "<\u200b!channel> <\u200b!here> <!here>"] and len(lines) == 4001
+    assert message.count("\u200b") == 2
+
+
 def test_a_filter_over_a_blocks_values_cannot_make_a_slack_mention(
     tmp_path: Path, slack: SlackWebhook
 ) -> None:

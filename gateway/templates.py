@@ -954,6 +954,27 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
             if not _is_own_text(node):
                 super()._output_child_post(node, frame, finalize)
 
+        def visit_FilterBlock(self, node: nodes.FilterBlock, frame: Frame) -> None:
+            # Jinja's, with what the filter makes printed as `{{ }}` prints a value: escaped, unless it is escaped
+            # text (a block's, as `|upper` or `|trim` make it). Jinja prints it as it is, and `|striptags` makes
+            # plain text of the block's escaped values: a value's `<https://elsewhere|a link>` was a link again.
+            filter_frame = frame.inner()
+            filter_frame.symbols.analyze_node(node)
+            self.enter_frame(filter_frame)
+            self.buffer(filter_frame)
+            self.blockvisit(node.body, filter_frame)
+            self.start_write(frame, node)
+            escaping = frame.eval_ctx.volatile or frame.eval_ctx.autoescape
+            if frame.eval_ctx.volatile:
+                self.write("(escape if context.eval_ctx.autoescape else str)(")
+            elif escaping:
+                self.write("escape(")
+            self.visit_Filter(node.filter, filter_frame)
+            if escaping:
+                self.write(")")
+            self.end_write(frame)
+            self.leave_frame(filter_frame)
+
     def _is_own_text(node: nodes.Expr) -> bool:
         return isinstance(node, nodes.InternalName) and node.name.startswith(OWN_TEXT)
 

@@ -517,6 +517,22 @@ def test_a_value_after_a_templates_unclosed_angle_bracket_cannot_hide_a_later_sl
     )
 
 
+def test_what_a_filter_block_makes_of_its_values_is_escaped_as_a_value(
+    tmp_path: Path, slack: SlackWebhook
+) -> None:
+    # `|striptags` takes the tags of the template's own `<b>` off and makes plain text of the escaped value: a
+    # filter block printed that as it is, and the sender's link showed other text than where it led. What a
+    # filter block keeps of the template's own text is still its own.
+    template = (
+        "{% filter striptags %}<b>{{ event.data.note }}</b>{% endfilter %}"
+        " {% filter trim %} <!here> {% endfilter %} {% filter upper %}{{ event.data.customer }}{% endfilter %}"
+    )
+    values = {"note": "<https://evil.example|Your invoice>", "customer": "a & b"}
+    assert slack_sent(tmp_path, slack, template, "evt_filtered", **values) == (
+        "&lt;https://evil.example|Your invoice&gt; <!here> A &AMP; B"
+    )
+
+
 def test_a_message_built_up_line_by_line_in_a_loop_keeps_its_own_mentions_and_renders_in_time(
     tmp_path: Path, slack: SlackWebhook
 ) -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import bisect
 import functools
 import inspect
-import itertools
 import json
 import math
 import re
@@ -652,36 +651,47 @@ _JINJA_KWARGS = frozenset({"_loop_vars", "_block_vars"})
 _budget: ContextVar[_Budget | None] = ContextVar("template_render_budget", default=None)
 
 
+def _check_time() -> None:
+    """Raises past MAX_RENDER_SECONDS, within a render."""
+    from jinja2.exceptions import SecurityError
+
+    budget = _budget.get()
+    if budget is not None and time.monotonic() > budget.deadline:
+        raise SecurityError(f"rendering took more than {MAX_RENDER_SECONDS:g} s")
+
+
 # How a template escapes what it prints: a function of a text (see compile_template), or None for nothing.
 Escape = Callable[[str], str] | None
 
 
 class Spans:
-    """Where a text is the template's own: (start, end) pairs, in order, apart from one another or touching.
+    """Where a text is the template's own, kept as the text was put together: its `parts`, each a stretch of it
+    that is all own, or that is a stretch of another text's own as it was there. The (start, end) pairs are
+    worked out when asked for, once (pairs). Working them out at each join or trim made a text built up in a
+    loop (`{% set ns.text = ns.text ~ line %}`, `(ns.text ~ line)|trim`, `line ~ ns.text`) cost the square of
+    its pieces: 2,000 lines took past MAX_RENDER_SECONDS, where a tenth of a second had been enough."""
 
-    The first `count` pairs of a list that a text joined to others at its end shares with what they make: they
-    add theirs to it in place, while no other text has added to it. Copying every pair at each join made a
-    text built up in a loop (`{% set ns.text = ns.text ~ line %}`, a set block that prints itself and a line)
-    cost the square of its pieces: 5,000 lines took past MAX_RENDER_SECONDS, where 0.2 s had been enough."""
+    __slots__ = ("_pairs", "length", "parts")
 
-    __slots__ = ("_count", "_pairs")
-
-    def __init__(self, pairs: list[tuple[int, int]]) -> None:
-        self._pairs, self._count = pairs, len(pairs)
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return itertools.islice(self._pairs, self._count)
+    def __init__(self, length: int, parts: tuple[_Part, ...]) -> None:
+        self.length, self.parts = length, parts
+        self._pairs: list[tuple[int, int]] | None = None
 
     def __bool__(self) -> bool:
-        return self._count > 0
+        return bool(self.parts)
 
-    def extensible(self) -> list[tuple[int, int]] | None:
-        """Its list, to add to in place, if it has pairs and no other text added to it: the pairs past `count` are
-        not its own. Not an empty one's: NO_SPANS would keep the first it was given."""
-        return self._pairs if self._count and len(self._pairs) == self._count else None
+    def pairs(self) -> list[tuple[int, int]]:
+        """Where the text is own: (start, end) pairs, in order, apart from one another."""
+        if self._pairs is None:
+            self._pairs = _worked_out(self)
+        return self._pairs
 
 
-NO_SPANS = Spans([])
+# A stretch of a text: (where it starts in the text, where it starts and ends in the other text's own it is a
+# stretch of, that other's Spans or None for a stretch all own).
+_Part = tuple[int, int, int, "Spans | None"]
+
+NO_SPANS = Spans(0, ())
 # The names the compiled code of a template that escapes prints its own text from (compile_template).
 OWN_TEXT = "own_text_"
 
@@ -696,17 +706,9 @@ class _Owned(str):
 def owns(text: str, start: int, end: int) -> bool:
     """Whether `text[start:end]`, of a message a template compiled with an `escape` rendered, is all the template's
     own text (or a `|raw` value's). Of any other text, nothing is."""
-    own = _own_of(text)
-    pairs, count = own._pairs, own._count
-    index = bisect.bisect_right(pairs, (start, math.inf), 0, count) - 1
-    if index < 0:
-        return False
-    reach = pairs[index][1]
-    # Pairs that touch are one stretch of own text: a join does not merge into a pair another text shares.
-    while reach < end and index + 1 < count and pairs[index + 1][0] <= reach:
-        index += 1
-        reach = max(reach, pairs[index][1])
-    return reach >= end
+    own = _own_of(text).pairs()
+    index = bisect.bisect_right(own, (start, math.inf)) - 1
+    return index >= 0 and own[index][1] >= end
 
 
 def _own_of(text: Any) -> Spans:
@@ -714,51 +716,69 @@ def _own_of(text: Any) -> Spans:
     return getattr(text, "_own", NO_SPANS) if isinstance(text, str) else NO_SPANS
 
 
-def _merged(spans: Iterable[tuple[int, int]]) -> Spans:
-    """Spans in order, those that touch or overlap made one."""
-    merged: list[tuple[int, int]] = []
-    for start, end in spans:
-        if merged and merged[-1][1] >= start:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        elif start < end:
-            merged.append((start, end))
-    return Spans(merged)
+def _all_own(length: int) -> Spans:
+    return Spans(length, ((0, 0, length, None),)) if length else NO_SPANS
 
 
 def _joined_own(pieces: Iterable[str], separator: str = "") -> Spans:
-    """Where `separator.join(pieces)` is own, spans that touch made one: `<!{% if a %}here{% endif %}>` is
-    three pieces of the template's, one mention. A render joins thousands of pieces: merged as they come. The
-    first piece's pairs are added to in place if they can be (Spans), and are not merged into."""
-    spans: list[tuple[int, int]] = []
-    shared = 0  # how many pairs of `spans` the first piece shares: not to be changed
+    """Where `separator.join(pieces)` is own: `<!{% if a %}here{% endif %}>` is three pieces of the template's,
+    one mention (pairs makes one of stretches that touch). A piece whose own is one stretch is taken in as that
+    stretch, not as a stretch of the piece: a text made of a text made of a text is not gone through link by link."""
+    parts: list[_Part] = []
     offset = 0
     for index, piece in enumerate(pieces):
         for part in (separator, piece) if index and separator else (piece,):
             if type(part) is not str:  # a plain text is no one's own
                 own = _own_of(part)
-                extensible = own.extensible() if offset == 0 and not spans else None
-                if extensible is not None:
-                    spans, shared = extensible, len(extensible)
-                    offset += len(part)
-                    continue
-                for first, last in own:
-                    first, last = first + offset, last + offset
-                    # No span ends past a later piece's start; one the first piece shares stays as it is.
-                    if len(spans) > shared and spans[-1][1] == first:
-                        spans[-1] = (spans[-1][0], last)
-                    elif first < last:
-                        spans.append((first, last))
+                if len(own.parts) == 1:
+                    start, first, last, other = own.parts[0]
+                    parts.append((offset + start, first, last, other))
+                elif own:
+                    parts.append((offset, 0, own.length, own))
             offset += len(part)
-    return Spans(spans) if spans else NO_SPANS
+    return Spans(offset, tuple(parts)) if parts else NO_SPANS
 
 
 def _cut_own(own: Spans, start: int, end: int) -> Spans:
     """Where `text[start:end]` is own, for a text owned at `own`."""
-    return _merged(
-        (max(first, start) - start, min(last, end) - start)
-        for first, last in own
-        if first < end and last > start
-    )
+    parts: list[_Part] = []
+    for at, first, last, other in own.parts:
+        cut_start, cut_end = max(at, start), min(at + last - first, end)
+        if cut_start < cut_end:
+            parts.append((cut_start - start, first + cut_start - at, first + cut_end - at, other))
+    return Spans(end - start, tuple(parts)) if parts else NO_SPANS
+
+
+def _worked_out(own: Spans) -> list[tuple[int, int]]:
+    """The (start, end) pairs of `own`, in order, those that touch made one. A stretch another text's own is
+    taken from may be taken many times (`ns.text ~ ns.text`): gone through each time, as long as the render may
+    run (within render, which works out its message's)."""
+    pairs: list[tuple[int, int]] = []
+    # Stretches still to go through, the next last: whose, how far its positions are from the whole text's, and
+    # where it starts and ends in it.
+    pending: list[tuple[Spans | None, int, int, int]] = [(own, 0, 0, own.length)]
+    gone_through = 0
+    while pending:
+        other, shift, first, last = pending.pop()
+        if other is None:  # all own
+            start, end = first + shift, last + shift
+            if pairs and pairs[-1][1] >= start:
+                pairs[-1] = (pairs[-1][0], end)
+            else:
+                pairs.append((start, end))
+            continue
+        found = []
+        for at, part_first, part_last, part_other in other.parts:
+            cut_start, cut_end = max(at, first), min(at + part_last - part_first, last)
+            if cut_start < cut_end:
+                moved = part_first - at
+                found.append((part_other, shift - moved, cut_start + moved, cut_end + moved))
+        pending.extend(reversed(found))
+        gone_through += len(other.parts)
+        if gone_through > 10_000:
+            gone_through = 0
+            _check_time()
+    return pairs
 
 
 def _with_own(text: str, own: Spans) -> str:
@@ -844,7 +864,7 @@ def _own_text(escaped: type[Markup], value: Any) -> Markup:
     if hasattr(value, "__html__"):
         return escaped.escape(value)
     text = str(value)
-    return escaped(_with_own(text, Spans([(0, len(text))]) if text else NO_SPANS))
+    return escaped(_with_own(text, _all_own(len(text))))
 
 
 @functools.cache
@@ -1355,6 +1375,8 @@ def render(template: Template, context: dict[str, Any]) -> str:
             pieces.append(piece)
         message = "".join(pieces)
         start, end = _stripped_bounds(message, None, True, True)
-        return _with_own(message[start:end], _cut_own(_joined_own(pieces), start, end))
+        own = _cut_own(_joined_own(pieces), start, end)
+        own.pairs()  # worked out here, within MAX_RENDER_SECONDS
+        return _with_own(message[start:end], own)
     finally:
         _budget.reset(token)

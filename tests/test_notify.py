@@ -555,6 +555,24 @@ def test_a_message_built_up_line_by_line_in_a_loop_keeps_its_own_mentions_and_re
     assert message.count("\u200b") == 2
 
 
+def test_a_message_trimmed_or_added_to_at_its_start_in_a_loop_keeps_its_own_mentions_and_renders_in_time(
+    tmp_path: Path, slack: SlackWebhook
+) -> None:
+    # Where a text is the template's own was worked out anew each time it was trimmed or a line was put before
+    # it: 2,000 lines of each took past the second a render may run, and the message ended dead.
+    template = (
+        "{% set ns = namespace(text='', back='') %}{% for i in range(event.data.count) %}"
+        "{% set line %}\n<!here>{{ i }}{{ event.data.note }}{% endset %}{% set ns.text = (ns.text ~ line)|trim %}"
+        "{% set line %}<@U1>{{ i }}\n{% endset %}{% set ns.back = line ~ ns.back %}{% endfor %}"
+        "{{ ns.text }}\n{{ ns.back }}"
+    )
+    message = slack_sent(tmp_path, slack, template, "evt_trimmed", count=2000, note=" <!channel>")
+    lines = message.split("\n")
+    assert lines[:2] == ["<!here>0 &lt;!channel&gt;", "<!here>1 &lt;!channel&gt;"] and len(lines) == 4000
+    assert lines[1999:2001] == ["<!here>1999 &lt;!channel&gt;", "<@U1>1999"] and lines[-1] == "<@U1>0"
+    assert "\u200b" not in message
+
+
 def test_a_filter_over_a_blocks_values_cannot_make_a_slack_mention(
     tmp_path: Path, slack: SlackWebhook
 ) -> None:

@@ -1195,7 +1195,7 @@ def _escape_with(env: ImmutableSandboxedEnvironment, escaped: type[Markup]) -> N
     """The filters of an environment that escapes values with `escaped.escape` instead of HTML's escaping,
     which Jinja's filters apply themselves where they mix a value with Markup."""
     from jinja2 import pass_eval_context
-    from jinja2.filters import do_tojson, do_urlize, do_xmlattr, make_attrgetter
+    from jinja2.filters import do_indent, do_tojson, do_urlize, do_xmlattr, make_attrgetter
     from jinja2.nodes import EvalContext
 
     def raw(value: Any) -> Markup:
@@ -1221,6 +1221,13 @@ def _escape_with(env: ImmutableSandboxedEnvironment, escaped: type[Markup]) -> N
             return escaped.escape(d).join(items)  # which escapes the items
         return str(d).join(map(str, items))
 
+    def indent(value: Any, width: Any = 4, first: bool = False, blank: bool = False) -> str:
+        # Jinja's marks a text `width` as escaped where it indents escaped text (a block's): a value's was
+        # printed as it is, its `<https://elsewhere|a link>` a link.
+        if hasattr(value, "__html__") and isinstance(width, str):
+            width = escaped.escape(width)
+        return do_indent(value, width, first, blank)
+
     def as_value(function: Callable[..., Any]) -> Callable[..., Any]:
         """A filter that writes HTML (or JSON safe in HTML), its result printed as a value: escaped."""
 
@@ -1238,6 +1245,7 @@ def _escape_with(env: ImmutableSandboxedEnvironment, escaped: type[Markup]) -> N
         forceescape=force_escape,
         replace=replace,
         join=join,
+        indent=indent,
         tojson=as_value(do_tojson),
         urlize=as_value(do_urlize),
         xmlattr=as_value(do_xmlattr),

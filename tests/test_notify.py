@@ -533,6 +533,16 @@ def test_what_a_filter_block_makes_of_its_values_is_escaped_as_a_value(
     )
 
 
+def test_a_value_a_blocks_text_is_indented_with_is_escaped(tmp_path: Path, slack: SlackWebhook) -> None:
+    # Jinja's indent marks a text it indents escaped text with as escaped itself: the value was printed as it
+    # is, and its link was a link.
+    template = "{% set body %}a\nb{% endset %}{{ body|indent(event.data.note) }}"
+    values = {"note": "<https://evil.example|Your invoice> "}
+    assert slack_sent(tmp_path, slack, template, "evt_indented", **values) == (
+        "a\n&lt;https://evil.example|Your invoice&gt; b"
+    )
+
+
 def test_a_message_built_up_line_by_line_in_a_loop_keeps_its_own_mentions_and_renders_in_time(
     tmp_path: Path, slack: SlackWebhook
 ) -> None:

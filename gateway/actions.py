@@ -302,6 +302,10 @@ def answer_reason(content: bytes, hidden: tuple[str, ...] = (), secrets: tuple[s
         answer = json.loads(text)
     except ValueError:
         pass
+    except RecursionError:
+        # JSON nested past the parser's depth (64 KiB of `[`): nothing to read in it, and raised on, it would
+        # fail the attempt, which the status alone decides (a 409 retried instead of dead).
+        return None
     else:
         found = _json_reason(answer)
         if found is None:

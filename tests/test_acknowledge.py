@@ -349,6 +349,9 @@ def test_a_409_ends_dead_and_is_not_taken_for_already_recorded(
         # Nothing to say, or a proxy's page: the status alone.
         (404, ("application/json", b""), "HTTP 404"),
         (403, ("text/html", b"<html><body><h1>403 Forbidden</h1></body></html>"), "HTTP 403"),
+        # JSON nested deeper than the parser goes says nothing either: the refusal stays a refusal.
+        (409, ("application/json", b"[" * 5000), "HTTP 409"),
+        (409, ("application/json", b'{"detail": ' * 5000), "HTTP 409"),
     ],
 )
 def test_a_refusal_carries_what_the_api_answered(

@@ -263,7 +263,7 @@ def _json(content: bytes) -> Any:
     """The JSON of an answer's body, or None."""
     try:
         return json.loads(content)
-    except ValueError:  # UnicodeDecodeError included
+    except (ValueError, RecursionError):  # UnicodeDecodeError included; RecursionError: nested past its depth
         return None
 
 

@@ -859,6 +859,37 @@ def test_wrong_client_credentials_are_a_retryable_token_failure(consignly_api: F
     assert "wrong" not in repr(options)
 
 
+@pytest.mark.parametrize(
+    ("status", "error"),
+    [(200, "token endpoint: the answer has no access_token"), (400, "token endpoint: HTTP 400")],
+)
+def test_a_token_answer_nested_past_the_json_parser_is_a_retryable_token_failure(
+    status: int, error: str
+) -> None:
+    # Well within the 64 KiB that is read, and deeper than Python's json goes: its RecursionError failed the
+    # attempt as an exception of the action, with a traceback in the log.
+    nested = b"[" * 5000
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(
+            f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {len(nested)}\r\n\r\n".encode()
+            + nested
+        )
+
+    async def scenario(url: str) -> TokenUnavailable:
+        options = OAuthOptions.model_validate(
+            {"token_url": f"{url}/oauth/token", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}
+        )
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(TokenUnavailable) as raised:
+                await ClientCredentials(options, http).token(5)
+            return raised.value
+
+    with raw_server(answer) as url:
+        failure = asyncio.run(scenario(url))
+    assert (failure.outcome.kind, failure.outcome.error) == ("retry", error)
+
+
 # -- config checks ----------------------------------------------------------------------------------------
 
 

@@ -86,7 +86,7 @@ class RemoteOperations:
             ) from None
         try:
             body: Any = response.json()
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested past what Python's json reads
             body = None
         if not response.is_success:
             if not _from_an_endpoint(body, response.status_code):

@@ -36,6 +36,7 @@ from tests.support import (
     RunningGateway,
     bound_socket,
     free_port,
+    raw_server,
     wait_until,
 )
 
@@ -1535,6 +1536,23 @@ def test_an_admin_url_that_answers_200_but_is_not_the_ops_listener_says_so(downs
                     f"hookyard: $HOOKYARD_ADMIN_URL {url} does not answer as Hookyard's ops listener: "
                     f"{method} {path} answered 200 {answer}\n"
                 )
+
+
+def test_an_admin_url_that_answers_json_nested_past_the_parser_says_it_is_not_the_ops_listener() -> None:
+    """Deeper than Python's json reads: its RecursionError ended the command in a traceback."""
+    nested = b"[" * 5000
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(nested), nested))
+
+    with raw_server(answer) as url:
+        for command, method, path in ADMIN_CALLS:
+            given = CliRunner().invoke(main, [*command, "--admin-url", url])
+            assert given.exit_code == 1, given.output
+            assert given.stderr == (
+                f"hookyard: --admin-url {url} does not answer as Hookyard's ops listener: "
+                f"{method} {path} answered 200 {'[' * 200}\n"
+            )
 
 
 def test_the_sink_prints_a_body_nested_past_what_orjson_writes_as_text(tmp_path: Path) -> None:

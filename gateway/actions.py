@@ -9,6 +9,7 @@ import json
 import re
 import ssl
 import time
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from datetime import UTC
@@ -262,14 +263,55 @@ class AnswerTooLong(Exception):
 
 async def read_answer(response: httpx.Response) -> bytes:
     """The whole body of an answer sent with `stream=True` (`http.stream(...)`), decoded. Raises
-    AnswerTooLong past ANSWER_LIMIT bytes, and httpx's errors when the connection fails; closing the
-    answer then closes the connection rather than keep it for the next request."""
+    AnswerTooLong past ANSWER_LIMIT bytes, and httpx's errors when the connection fails or a compressed
+    body is broken; closing the answer then closes the connection rather than keep it for the next
+    request."""
+    import httpx  # loaded already: response came from it
+
+    # Decoded here, never past ANSWER_LIMIT: httpx decodes each piece that comes whole, and 16 KiB of gzip
+    # may hold 16 MiB, for every answer of a receiver that sends so.
+    inflate = _Inflate.of(response.headers.get("content-encoding", ""))
     body = bytearray()
-    async for chunk in response.aiter_bytes():
+    async for chunk in response.aiter_raw() if inflate is not None else response.aiter_bytes():
+        if inflate is not None:
+            try:
+                chunk = inflate.decompress(chunk, ANSWER_LIMIT + 1 - len(body))
+            except zlib.error as exc:
+                raise httpx.DecodingError(f"cannot decode the answer: {exc}") from None
         body += chunk
         if len(body) > ANSWER_LIMIT:
             raise AnswerTooLong(f"the answer is longer than {ANSWER_LIMIT // 1024} KiB")
     return bytes(body)
+
+
+class _Inflate:
+    """gzip or deflate, decoded at most so far at a time (zlib's max_length); a deflate body without its
+    zlib header is read raw, as httpx reads it."""
+
+    def __init__(self, coding: str) -> None:
+        self.deflate = coding == "deflate"
+        self.decoder = zlib.decompressobj(zlib.MAX_WBITS if self.deflate else zlib.MAX_WBITS | 16)
+        self.started = False
+
+    @classmethod
+    def of(cls, content_encoding: str) -> _Inflate | None:
+        """One for an answer in gzip or deflate alone; None for any other (httpx decodes it, or passes it
+        on as it came)."""
+        codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip().lower() != "identity"]
+        if len(codings) != 1 or codings[0] not in ("gzip", "x-gzip", "deflate"):
+            return None
+        return cls(codings[0])
+
+    def decompress(self, data: bytes, room: int) -> bytes:
+        try:
+            decoded = self.decoder.decompress(data, room)
+        except zlib.error:
+            if not self.deflate or self.started:
+                raise
+            self.decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+            decoded = self.decoder.decompress(data, room)
+        self.started = True
+        return decoded
 
 
 async def drain_answer(response: httpx.Response) -> None:

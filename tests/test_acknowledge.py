@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gzip
 import json
 import logging
 import re
 import socket
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +24,9 @@ import httpx
 import pytest
 import yaml
 
+from gateway.actions import Resources
 from gateway.config import ConfigError, parse_config
+from gateway.http_client import HttpClient, default_ssl_context
 from gateway.plugins import registry
 from gateway.routing import RouteTable
 from gateway.storage import Attempt, EventDetail
@@ -888,6 +892,65 @@ def test_a_token_answer_nested_past_the_json_parser_is_a_retryable_token_failure
     with raw_server(answer) as url:
         failure = asyncio.run(scenario(url))
     assert (failure.outcome.kind, failure.outcome.error) == ("retry", error)
+
+
+def gzip_answer(status: int, content: bytes) -> Any:
+    """A raw server's answer: `content` gzip-compressed, as a server sends it to a client that accepts it."""
+    body = gzip.compress(content, 9)
+
+    def answer(conn: socket.socket) -> None:
+        conn.sendall(
+            f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-encoding: gzip\r\n"
+            f"content-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+
+    return answer
+
+
+def token_from(url: str) -> tuple[str | TokenUnavailable, int]:
+    """What the token endpoint at `url` gives through the gateway's shared client, and the most memory
+    Python held at once while it was read."""
+
+    async def scenario() -> str | TokenUnavailable:
+        options = OAuthOptions.model_validate(
+            {"token_url": f"{url}/oauth/token", "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}
+        )
+        client = HttpClient(ssl_context=default_ssl_context(), user_agent="hookyard/test")
+        resources = Resources(
+            client=client, user_agent="hookyard/test", ssl_context=client.ssl_context, pool=1
+        )
+        http = resources.http  # made (and aiohttp loaded) before the count starts
+        tracemalloc.start()
+        try:
+            return await ClientCredentials(options, http).token(5)
+        except TokenUnavailable as exc:
+            return exc
+        finally:
+            await resources.aclose()
+
+    try:
+        result = asyncio.run(scenario())
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_a_compressed_token_answer_is_read_decoded() -> None:
+    answer = json.dumps({"access_token": "tok-gzip", "expires_in": 3600}).encode()
+    with raw_server(gzip_answer(200, answer)) as url:
+        token, _peak = token_from(url)
+    assert token == "tok-gzip"
+
+
+def test_a_compressed_answer_is_decoded_no_further_than_64_kib() -> None:
+    # 64 MiB of zeros in 64 KiB: decoded whole chunk by chunk (16 KiB of it into 16 MiB at a time), each
+    # answer of a receiver that sent it took that much memory, times the deliveries running at once.
+    with raw_server(gzip_answer(200, b"0" * (64 * 1024 * 1024))) as url:
+        failure, peak = token_from(url)
+    assert isinstance(failure, TokenUnavailable)
+    assert failure.outcome.error == "token endpoint: the answer is longer than 64 KiB"
+    assert peak < 4 * 1024 * 1024
 
 
 # -- config checks ----------------------------------------------------------------------------------------

@@ -87,8 +87,17 @@ schemas = SchemaGenerator(
                         "attempts": {"type": "array", "items": {"$ref": "#/components/schemas/Attempt"}},
                         "last_error": {"type": "string", "nullable": True},
                         "next_attempt_at": {"type": "string", "format": "date-time", "nullable": True},
+                        "in_flight": {"type": "boolean", "description": "an attempt is under way"},
                     },
-                    "required": ["route", "action", "state", "attempts", "last_error", "next_attempt_at"],
+                    "required": [
+                        "route",
+                        "action",
+                        "state",
+                        "attempts",
+                        "last_error",
+                        "next_attempt_at",
+                        "in_flight",
+                    ],
                 },
                 "Event": {
                     "type": "object",

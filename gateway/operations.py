@@ -131,7 +131,12 @@ def detail_view(detail: EventDetail) -> dict[str, Any]:
                     for a in detail.attempts.get(d.id, [])
                 ],
                 "last_error": d.last_error,
-                "next_attempt_at": iso(d.due_at) if d.state == "pending" else None,
+                # While an attempt is under way, due_at is when its lease runs out: its result decides
+                # whether there is a next attempt, and when.
+                "next_attempt_at": (
+                    iso(d.due_at) if d.state == "pending" and d.id not in detail.in_flight else None
+                ),
+                "in_flight": d.id in detail.in_flight,
             }
             for d in detail.deliveries
         ],

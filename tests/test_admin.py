@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import sqlite3
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
@@ -32,9 +34,11 @@ from tests.support import (
     SVIX_SECRET,
     Downstream,
     RunningGateway,
+    ServerThread,
     consignly_body,
     consignly_headers,
     gateway_config,
+    read_body,
     svix_request,
     wait_until,
 )
@@ -299,6 +303,46 @@ def test_show_event_with_attempts(tmp_path: Path, downstream: Downstream) -> Non
         ]
         assert all(a["duration_ms"] >= 0 and a["at"].endswith("Z") for a in app["attempts"])
         assert admin(gw, "GET", "/admin/events/nope").status_code == 404
+
+
+def test_a_delivery_whose_attempt_is_under_way_shows_no_next_attempt(tmp_path: Path) -> None:
+    """While an attempt is in flight the delivery is leased until its lease runs out (`delivery.lease`):
+    that time was shown as its next attempt, one nobody scheduled."""
+    arrived, answer = threading.Event(), threading.Event()
+
+    async def sink(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        arrived.set()
+        while not answer.is_set():  # the answer is held until the test has looked
+            await asyncio.sleep(0.01)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with ServerThread(sink) as server:
+        config = gateway_config(tmp_path, f"http://127.0.0.1:{server.port}")
+        config["ops"] = {"host": "127.0.0.1", "admin_token": TOKEN}
+        config["delivery"]["lease"] = "1h"
+        with RunningGateway(config) as gw:
+            send(gw, "msg_running")
+            assert arrived.wait(10)
+            try:
+                [running] = admin(gw, "GET", "/admin/events/msg_running").json()["deliveries"]
+                runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
+                shown = runner.invoke(main, ["events", "show", "msg_running", "--admin-url", gw.ops_url])
+            finally:
+                answer.set()
+            assert shown.exit_code == 0, shown.output
+            assert json.loads(shown.stdout)["deliveries"] == [running]
+            assert (running["state"], running["in_flight"], running["next_attempt_at"]) == (
+                "pending",
+                True,
+                None,
+            )
+            wait_until(lambda: states(gw, "msg_running") == {"app": "delivered"})
+            [done] = admin(gw, "GET", "/admin/events/msg_running").json()["deliveries"]
+            assert (done["in_flight"], done["next_attempt_at"]) == (False, None)
 
 
 def test_replay_one_event_and_one_action(tmp_path: Path, downstream: Downstream) -> None:

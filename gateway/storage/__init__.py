@@ -210,6 +210,9 @@ class EventDetail:
     deliveries: list[DeliveryRecord]
     attempts: dict[int, list[Attempt]]  # by delivery id
     unreadable: str | None = None  # as StoredEvent's
+    # The deliveries with an attempt under way (leased to a worker), by id: their due_at is when the lease
+    # ends, not when they are tried next.
+    in_flight: frozenset[int] = frozenset()
 
 
 class Storage(ABC):

@@ -1317,13 +1317,15 @@ class SQLiteStorage(Storage):
                 params.append(source)
             details = []
             for row in conn.execute(sql + " ORDER BY seq DESC", params).fetchall():
-                deliveries = [
-                    _shown_delivery(_delivery(r))
-                    for r in conn.execute(
-                        f"SELECT {_DELIVERY_COLUMNS} FROM deliveries WHERE event_seq = ? ORDER BY id",
-                        (row[0],),
-                    )
-                ]
+                deliveries, in_flight = [], set()
+                for *columns, leased in conn.execute(
+                    f"SELECT {_DELIVERY_COLUMNS}, lease_owner IS NOT NULL FROM deliveries "
+                    "WHERE event_seq = ? ORDER BY id",
+                    (row[0],),
+                ):
+                    deliveries.append(_shown_delivery(_delivery(tuple(columns))))
+                    if leased:
+                        in_flight.add(deliveries[-1].id)
                 attempts: dict[int, list[Attempt]] = {d.id: [] for d in deliveries}
                 for delivery_id, *fields in conn.execute(
                     "SELECT a.delivery_id, a.number, a.started_at, a.duration, a.outcome, a.status_code, a.error "
@@ -1333,7 +1335,9 @@ class SQLiteStorage(Storage):
                 ):
                     attempts[delivery_id].append(Attempt(*map(_shown, fields)))
                 event, unreadable = _read_event(row)
-                details.append(EventDetail(event, row[0], deliveries, attempts, unreadable))
+                details.append(
+                    EventDetail(event, row[0], deliveries, attempts, unreadable, frozenset(in_flight))
+                )
             return details
 
         # Shows a row whose text is not UTF-8 too, as the listings do (see _LENIENT_TEXT).

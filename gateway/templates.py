@@ -17,7 +17,8 @@ Escaping a value on its own cannot see what it makes beside the template's text 
 also knows which of its characters are the template's own (owns): those written in it, in its macros and
 blocks too, and those of a `|raw` value. What a filter or method makes anew (`|replace`, `|reverse`, a
 slice) is not, whatever it was made of; `~`, `+`, `|join` and `|trim` keep what is. A chat's format can then
-break up every mention that is not wholly the template's own (plugins.notify).
+break up every mention that is not wholly the template's own (plugins.notify). A change of case over such
+text changes what it shows, not its escapes (_recased).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import inspect
 import json
 import math
 import re
+import string
 import sys
 import time
 from collections import Counter
@@ -796,6 +798,43 @@ def _stripped_bounds(text: str, chars: str | None, left: bool, right: bool) -> t
 
 
 @functools.cache
+def _cased_escapes(escape: Callable[[str], str]) -> tuple[re.Pattern[str], dict[str, str]] | None:
+    """The sequences `escape` writes for a character that a change of case would change (Slack's `&amp;`,
+    `&lt;` and `&gt;`), found once, with the character each shows; None for an escape that writes none."""
+    shown = {escape(char): char for char in string.punctuation}
+    cased = {sequence: char for sequence, char in shown.items() if sequence.swapcase() != sequence}
+    if not cased:
+        return None
+    alternatives = sorted(cased, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, alternatives))), cased
+
+
+def _recased(text: str, change: Callable[[str], str], escape: Callable[[str], str]) -> str:
+    """`change` (upper, title, ...) of a text escaped with `escape`, applied to what the text shows and not to
+    its escapes: upper-cased, Slack's `&amp;` was `&AMP;`, which Slack shows as it is. Each stretch between two
+    escapes is changed as it would be after the character the escape before it shows (title and capitalize
+    look at what comes before a letter)."""
+    text = str.__str__(text)  # plain: a piece of escaped text would escape what it is added to
+    found = _cased_escapes(escape)
+    if found is None:
+        return change(text)
+    pattern, shown = found
+    pieces: list[str] = []
+    done, before = 0, ""
+    for match in pattern.finditer(text):
+        pieces += [_changed_after(text[done : match.start()], change, before), match[0]]
+        done, before = match.end(), shown[match[0]]
+    pieces.append(_changed_after(text[done:], change, before))
+    return "".join(pieces)
+
+
+def _changed_after(piece: str, change: Callable[[str], str], before: str) -> str:
+    if not before:
+        return change(piece)
+    return change(before + piece)[len(change(before)) :]
+
+
+@functools.cache
 def _escaped_text(escape: Callable[[str], str]) -> type[Markup]:
     """The Markup class of texts escaped with `escape`: what it holds is printed as it is, and what it is
     joined with, formatted with or added to is escaped with `escape` (not HTML's escaping, Markup's own)."""
@@ -848,6 +887,25 @@ def _escaped_text(escape: Callable[[str], str]) -> type[Markup]:
 
         def strip(self, chars: str | None = None) -> Escaped:
             return self._cut(*_stripped_bounds(self, chars, True, True))
+
+        # A change of case changes what the text shows, not its escapes (_recased); none of it is own then.
+        def upper(self) -> Escaped:
+            return type(self)(_recased(self, str.upper, escape))
+
+        def lower(self) -> Escaped:
+            return type(self)(_recased(self, str.lower, escape))
+
+        def casefold(self) -> Escaped:
+            return type(self)(_recased(self, str.casefold, escape))
+
+        def swapcase(self) -> Escaped:
+            return type(self)(_recased(self, str.swapcase, escape))
+
+        def title(self) -> Escaped:
+            return type(self)(_recased(self, str.title, escape))
+
+        def capitalize(self) -> Escaped:
+            return type(self)(_recased(self, str.capitalize, escape))
 
         def lstrip(self, chars: str | None = None) -> Escaped:
             return self._cut(*_stripped_bounds(self, chars, True, False))
@@ -1178,10 +1236,10 @@ def _environment(escape: Escape = None) -> ImmutableSandboxedEnvironment:
         finalize=None if escaped is None else pass_eval_context(lambda eval_ctx, value: value),
     )
     env.filters["isotime"] = isotime
-    if escaped is None:
+    if escape is None or escaped is None:
         env.filters["raw"] = env.filters["safe"] = _as_it_is
     else:
-        _escape_with(env, escaped)
+        _escape_with(env, escaped, escape)
     _bound_growth(env)
     return env
 
@@ -1191,11 +1249,13 @@ def _as_it_is(value: Any) -> Any:
     return value
 
 
-def _escape_with(env: ImmutableSandboxedEnvironment, escaped: type[Markup]) -> None:
-    """The filters of an environment that escapes values with `escaped.escape` instead of HTML's escaping,
-    which Jinja's filters apply themselves where they mix a value with Markup."""
+def _escape_with(
+    env: ImmutableSandboxedEnvironment, escaped: type[Markup], escape: Callable[[str], str]
+) -> None:
+    """The filters of an environment that escapes values with `escaped.escape` (`escape`) instead of HTML's
+    escaping, which Jinja's filters apply themselves where they mix a value with Markup."""
     from jinja2 import pass_eval_context
-    from jinja2.filters import do_indent, do_tojson, do_urlize, do_xmlattr, make_attrgetter
+    from jinja2.filters import do_indent, do_title, do_tojson, do_urlize, do_xmlattr, make_attrgetter
     from jinja2.nodes import EvalContext
 
     def raw(value: Any) -> Markup:
@@ -1228,6 +1288,12 @@ def _escape_with(env: ImmutableSandboxedEnvironment, escaped: type[Markup]) -> N
             width = escaped.escape(width)
         return do_indent(value, width, first, blank)
 
+    def title(value: Any) -> str:
+        # Jinja's makes a plain text of escaped text (a block's), which was then escaped again: `&amp;amp;`.
+        if hasattr(value, "__html__"):
+            return escaped(_recased(escaped.escape(value), do_title, escape))
+        return do_title(value)
+
     def as_value(function: Callable[..., Any]) -> Callable[..., Any]:
         """A filter that writes HTML (or JSON safe in HTML), its result printed as a value: escaped."""
 
@@ -1246,6 +1312,7 @@ def _escape_with(env: ImmutableSandboxedEnvironment, escaped: type[Markup]) -> N
         replace=replace,
         join=join,
         indent=indent,
+        title=title,
         tojson=as_value(do_tojson),
         urlize=as_value(do_urlize),
         xmlattr=as_value(do_xmlattr),

@@ -522,14 +522,32 @@ def test_what_a_filter_block_makes_of_its_values_is_escaped_as_a_value(
 ) -> None:
     # `|striptags` takes the tags of the template's own `<b>` off and makes plain text of the escaped value: a
     # filter block printed that as it is, and the sender's link showed other text than where it led. What a
-    # filter block keeps of the template's own text is still its own.
+    # filter block keeps of the template's own text is still its own. A change of case leaves the escapes be.
     template = (
         "{% filter striptags %}<b>{{ event.data.note }}</b>{% endfilter %}"
         " {% filter trim %} <!here> {% endfilter %} {% filter upper %}{{ event.data.customer }}{% endfilter %}"
     )
     values = {"note": "<https://evil.example|Your invoice>", "customer": "a & b"}
     assert slack_sent(tmp_path, slack, template, "evt_filtered", **values) == (
-        "&lt;https://evil.example|Your invoice&gt; <!here> A &AMP; B"
+        "&lt;https://evil.example|Your invoice&gt; <!here> A &amp; B"
+    )
+
+
+def test_a_change_of_case_over_a_blocks_values_changes_what_slack_shows_not_the_escapes(
+    tmp_path: Path, slack: SlackWebhook
+) -> None:
+    # `&amp;` upper-cased is `&AMP;`, which Slack shows as it is; Jinja's title made plain text of a block's
+    # escaped values, which was escaped again (`&amp;amp;`). Each changes the case of what the message shows.
+    template = (
+        "{% filter upper %}{{ event.data.customer }} &amp; co{% endfilter %}"
+        " {% filter title %}{{ event.data.customer }}{% endfilter %}"
+        " {% filter capitalize %}{{ event.data.note }}{% endfilter %}"
+        " {% set who %}{{ event.data.customer }}{% endset %}{{ who.upper() }} {{ who.title() }} {{ who.swapcase() }}"
+    )
+    values = {"customer": "ann & <bob>", "note": "&IDLE <X>"}
+    assert slack_sent(tmp_path, slack, template, "evt_cased", **values) == (
+        "ANN &amp; &lt;BOB&gt; &amp; CO Ann &amp; &lt;Bob&gt; &amp;idle &lt;x&gt;"
+        " ANN &amp; &lt;BOB&gt; Ann &amp; &lt;Bob&gt; ANN &amp; &lt;BOB&gt;"
     )
 
 

@@ -75,26 +75,51 @@ def slack_escape(text: str) -> str:
 
 
 # What decides whom a Slack `<…>` pings: `<!here>`, `<!channel>`, `<!everyone>`, `<!subteam^ID>`, `<@U123>`,
-# and `<#C123>` (a channel's link), up to a label's `|`; a date's `<!date^…>` pings nobody, whatever follows.
+# and `<#C123>` (a channel's link), up to a label's `|`; a date's `<!date^…>` pings nobody, and what follows
+# its `<!date^` (group 1) is read for the `^` that starts each further part of it (_slack_owned).
 # Up to a next `<` too: a match runs on past it, and `<{{ a }} … <@{{ b }}>` with no `>` between made one match,
 # its first `<` broken up and the `<@` of b's mention never looked at.
-_SLACK_MENTION = re.compile(r"<(?:!date\^|[!@#][^|<>]*)")
+_SLACK_MENTION = re.compile(r"<(?:!date\^([^|<>]*)|[!@#][^|<>]*)")
 
 
 def slack_finish(message: str) -> str:
     """`message`, which a template escaped with slack_escape, with a zero-width space after the `<` of each
     mention that is not wholly the template's own text (gateway.templates.owns): in `<{{ value }}>` the `<`
     and `>` are the template's, and a value of `!channel` would make `<!channel>`, as would a filter over a
-    block's text. Only a template's own text and a raw value write a `<`: a value's is `&lt;`."""
-    return _break_mentions(message, _SLACK_MENTION, "<")
+    block's text. Only a template's own text and a raw value write a `<`: a value's is `&lt;`. So is a date
+    whose `^` a value wrote (_slack_owned)."""
+    return _break_mentions(message, _SLACK_MENTION, "<", _slack_owned)
 
 
-def _break_mentions(message: str, mention: re.Pattern[str], after: str) -> str:
-    """`message` with a zero-width space after the `after` that starts each `mention` not wholly its own."""
+def _slack_owned(message: str, match: re.Match[str]) -> bool:
+    """Whether a `_SLACK_MENTION` is the template's own. A date (`<!date^{{ time|int }}^{date_short}|…>`) pings
+    nobody and may show a value, but each `^` in it starts a further part, the third a link: a value's `^`
+    (`1700000000^{date_short}^https://elsewhere`) made the date a link the sender chose. Its `^` must all be
+    the template's own."""
+    if match[1] is None:
+        return _owned_whole(message, match)
+    start = match.start(1)
+    return owns(message, match.start(), start) and all(
+        owns(message, start + at, start + at + 1) for at, char in enumerate(match[1]) if char == "^"
+    )
+
+
+def _owned_whole(message: str, match: re.Match[str]) -> bool:
+    return owns(message, match.start(), match.end())
+
+
+def _break_mentions(
+    message: str,
+    mention: re.Pattern[str],
+    after: str,
+    owned: Callable[[str, re.Match[str]], bool] = _owned_whole,
+) -> str:
+    """`message` with a zero-width space after the `after` that starts each `mention` not `owned` (by default,
+    not wholly its own)."""
     pieces: list[str] = []
     done = 0
     for match in mention.finditer(message):
-        if not owns(message, match.start(), match.end()):
+        if not owned(message, match):
             cut = message.index(after, match.start()) + 1
             pieces += [message[done:cut], _BREAK]
             done = cut

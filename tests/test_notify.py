@@ -505,6 +505,20 @@ def test_a_value_cannot_complete_a_slack_mention_the_template_starts(
     )
 
 
+def test_a_value_cannot_add_a_link_to_a_slack_date(tmp_path: Path, slack: SlackWebhook) -> None:
+    # A `^` starts each further part of a `<!date^…>`, the third a link: a time not passed through `|int`
+    # made the date a link the sender chose. The template's own parts, its link too, are left as written.
+    template = (
+        "<!date^{{ event.data.note }}^{date_short}|then>"
+        " <!date^{{ event.data.time }}^{date_short}^https://shop.example/orders|{{ event.data.time }}>"
+    )
+    values = {"note": "1700000000^{date_short}^https://evil.example", "time": "1700000000"}
+    assert slack_sent(tmp_path, slack, template, "evt_dated", **values) == (
+        "<\u200b!date^1700000000^{date_short}^https://evil.example^{date_short}|then>"
+        " <!date^1700000000^{date_short}^https://shop.example/orders|1700000000>"
+    )
+
+
 def test_a_value_after_a_templates_unclosed_angle_bracket_cannot_hide_a_later_slack_mention(
     tmp_path: Path, slack: SlackWebhook
 ) -> None:

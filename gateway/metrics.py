@@ -267,7 +267,8 @@ class Metrics:
         )
         self.storage_writable = Gauge(
             "hookyard_storage_writable",
-            "1 when the store took the last readiness check's test write (every /readyz), 0 when it failed.",
+            "1 when the store took the last readiness check's test write (every /readyz), 0 when it failed or "
+            "found the volume full.",
             registry=registry,
         )
 

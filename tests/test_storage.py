@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -2564,6 +2565,53 @@ def test_a_full_disk_error_names_the_cause(db: Harness) -> None:
     with pytest.raises(StorageUnavailable) as failure:
         db.run(db.storage.ingest(*big_event("evt_big")))
     assert "full" in str(failure.value)
+
+
+@contextlib.contextmanager
+def small_tmpfs(directory: Path, size: str) -> Iterator[Path]:
+    """A real file system that fills up: a tmpfs of `size` mounted on directory (needs root)."""
+    directory.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], check=False
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        yield directory
+    finally:
+        if subprocess.run(["umount", str(directory)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def test_readiness_fails_on_a_full_disk_after_a_refused_webhook(tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+        harness = Harness(disk / "hookyard.db")
+        harness.run(harness.storage.open())
+        try:
+            harness.ingest("evt_before", APP)
+            ballast = disk / "ballast"
+            with contextlib.suppress(OSError), ballast.open("wb") as out:
+                while True:
+                    out.write(b"\0" * 65536)
+                    out.flush()
+            # Room for a few pages, not for the whole of a large webhook.
+            os.truncate(ballast, ballast.stat().st_size - 32768)
+            # The refused webhook leaves its frames in the write-ahead log: the readiness check's single page
+            # fits there, so the write alone would pass while every webhook like it is refused.
+            with pytest.raises(StorageUnavailable):
+                harness.run(harness.storage.ingest(*big_event("evt_big")))
+            with pytest.raises(StorageUnavailable) as failure:
+                harness.run(harness.storage.check_writable())
+            assert "full" in str(failure.value)
+
+            ballast.unlink()
+            harness.run(harness.storage.check_writable())
+            assert harness.run(harness.storage.ingest(*big_event("evt_big"))) is True
+        finally:
+            harness.run(harness.storage.close())
+            harness.runner.close()
 
 
 def test_operations_on_a_closed_store_are_unavailable(tmp_path: Path) -> None:

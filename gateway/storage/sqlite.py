@@ -105,6 +105,11 @@ BUSY_RETRY_MAX = 0.1
 # are refused until it finishes. A disk that stopped answering would otherwise hold every webhook, and
 # /readyz, for ever. Closing the store waits as long at most for what is in progress (_GroupCommit.close).
 FSYNC_TIMEOUT = 5.0
+# The free space the store's file system must have for /readyz (check_writable): room for one webhook of the
+# default limits.max_body_bytes. Its test write takes a single page, which fits in what the write-ahead log
+# already holds of a transaction the disk refused (a larger webhook's), so on a full disk the write alone
+# passes while every webhook is refused 503.
+READY_FREE_BYTES = 1024 * 1024
 # The two kinds of checkpoint (_GroupCommit.checkpoint).
 BACKGROUND, RESTART = "background", "restart"
 # A prune batch deletes no more than this many bytes of bodies (at least one event, whatever its size).
@@ -1264,6 +1269,15 @@ class SQLiteStorage(Storage):
                 raise StorageUnavailable("the database is at its size limit")
 
         await self._run(probe)
+        try:
+            stat = os.statvfs(self.path.parent)
+        except OSError as exc:
+            raise StorageUnavailable(f"cannot read the free space of {self.path.parent}: {exc}") from exc
+        # Not counting the blocks the file system keeps for root: the image does not run as root, and a
+        # container's root lacks the capability to use them.
+        available = stat.f_bavail * stat.f_frsize
+        if available < READY_FREE_BYTES:
+            raise StorageUnavailable(f"sqlite: database or disk is full ({available} bytes free)")
 
     # -- inspection and replay ------------------------------------------------------------------------
 

@@ -809,5 +809,7 @@ def sink(host: str, port: int, status: int, answers: tuple[str, ...]) -> None:
         click.echo(f"hookyard: {_reason(exc)}", err=True)
         raise SystemExit(1) from None
     config = uvicorn.Config(Sink(status, answers=by_prefix), log_level="warning", access_log=False)
-    with sock:
+    with sock, contextlib.suppress(KeyboardInterrupt):
+        # Ctrl-C is how the sink is stopped: uvicorn shuts down on it, then raises it again, which click
+        # would report as `Aborted!` with status 1, as for a command that failed. It ends with 0, as serve.
         uvicorn.Server(config).run(sockets=[sock])

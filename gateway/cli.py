@@ -685,6 +685,12 @@ def send(
         requests = [build_request(table, source, event_type, parsed)[1:] for _ in range(count)]
         summary = _run(send_many(target, requests, concurrency))
         click.echo(summary.describe())
+        if set(summary.statuses) == {"ConnectError"}:  # nothing listens there, as for one event below
+            click.echo(
+                f"cannot reach {shown_url_with_path(target)}: none of the {count} requests could connect"
+                f"{_NOT_LISTENING}",
+                err=True,
+            )
         raise SystemExit(0 if summary.all_succeeded else 1)
     try:
         response = post(target, body, headers)
@@ -692,15 +698,18 @@ def send(
         # Where it was sent, path and all (--url may have a path of its own), without the credentials.
         reason = f"cannot reach {shown_url_with_path(target)}: {exc}"
         if isinstance(exc, httpx.ConnectError):  # nothing listens there: most often, no gateway yet
-            reason += (
-                ": is the gateway running there? Start it with `hookyard serve`, or give its address"
-                " with --url"
-            )
+            reason += _NOT_LISTENING
         click.echo(reason, err=True)
         raise SystemExit(1) from None
     click.echo(f"{response.status_code} {response.text}")
     if not response.is_success:
         raise SystemExit(1)
+
+
+# What `send` adds where nothing listens at its URL: most often, the gateway is not started yet.
+_NOT_LISTENING = (
+    ": is the gateway running there? Start it with `hookyard serve`, or give its address with --url"
+)
 
 
 def _check_target(target: str, option: str = "--url", example: str = "http://127.0.0.1:8080") -> None:

@@ -1345,6 +1345,21 @@ def test_send_before_the_gateway_runs_says_to_start_it(tmp_path: Path) -> None:
     )
 
 
+def test_send_with_count_before_the_gateway_runs_says_to_start_it(tmp_path: Path) -> None:
+    # It printed `sent 3 in 0.01s (…/s); ConnectError: 3; …` alone: sent where nothing was, and no word of why.
+    config = config_dict(tmp_path)
+    port = free_port()
+    config["listen"] = {"host": "127.0.0.1", "port": port}
+    path = write_config(tmp_path, config)
+    result = invoke("send", "-c", path, "consignease", "--type", "user.created", "--count", "3")
+    assert result.exit_code == 1, result.output
+    assert result.stdout.startswith("sent 3 in ") and "ConnectError: 3;" in result.stdout, result.stdout
+    assert result.stderr == (
+        f"cannot reach http://127.0.0.1:{port}/webhooks/consignease: none of the 3 requests could connect: "
+        "is the gateway running there? Start it with `hookyard serve`, or give its address with --url\n"
+    )
+
+
 @pytest.mark.parametrize("count", ["1", "3"])
 def test_send_to_a_closed_port_shows_the_url_without_its_password(tmp_path: Path, count: str) -> None:
     path = write_config(tmp_path, config_dict(tmp_path))

@@ -671,6 +671,7 @@ def send(
     """Send a test event, signed exactly as SOURCE's provider signs it, and print the answer."""
     import httpx
 
+    from gateway import sender
     from gateway.http_client import shown_url_with_path
     from gateway.sender import build_request, listen_url, send_many, source_url
     from gateway.sender import send as post
@@ -694,6 +695,15 @@ def send(
         raise SystemExit(0 if summary.all_succeeded else 1)
     try:
         response = post(target, body, headers)
+    except (httpx.ReadTimeout, httpx.WriteTimeout):
+        # Reached, but not answered: a gateway whose store is locked holds the webhook until its commit is
+        # on disk, and may answer 200 after this. Not `cannot reach`, which would say it never got there.
+        click.echo(
+            f"{shown_url_with_path(target)} did not answer within {sender.SEND_TIMEOUT:g} s; the event may "
+            "have been taken all the same (`hookyard events list` shows it if it was)",
+            err=True,
+        )
+        raise SystemExit(1) from None
     except Exception as exc:
         # Where it was sent, path and all (--url may have a path of its own), without the credentials.
         reason = f"cannot reach {shown_url_with_path(target)}: {exc}"

@@ -114,7 +114,12 @@ def wire_headers(headers: dict[str, str]) -> dict[bytes, bytes]:
     return {name.encode(): value.encode() for name, value in headers.items()}
 
 
-def send(url: str, body: bytes, headers: dict[str, str], timeout: float = 10.0) -> httpx.Response:
+# How long `hookyard send` waits for the gateway's answer, which comes once the event is on disk.
+SEND_TIMEOUT = 10.0
+
+
+def send(url: str, body: bytes, headers: dict[str, str], timeout: float | None = None) -> httpx.Response:
+    timeout = SEND_TIMEOUT if timeout is None else timeout
     with httpx.Client(timeout=timeout, mounts=unproxied_if_loopback(url)) as client:
         return client.post(url, content=body, headers=wire_headers(headers))
 

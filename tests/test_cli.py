@@ -1360,6 +1360,29 @@ def test_send_with_count_before_the_gateway_runs_says_to_start_it(tmp_path: Path
     )
 
 
+def test_send_to_a_gateway_that_takes_the_request_but_does_not_answer_says_it_may_be_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said `cannot reach URL: timed out`, as if the event had never got there. A gateway whose store is
+    locked (a `sqlite3` shell's write) holds the webhook and answers 200 once its commit is on disk: the
+    event may well be taken."""
+    monkeypatch.setattr("gateway.sender.SEND_TIMEOUT", 0.5)
+    path = write_config(tmp_path, config_dict(tmp_path))
+
+    def hold(conn: socket.socket) -> None:
+        # Reads on, answering nothing, until the client gives up and closes the connection.
+        while conn.recv(65536):
+            pass
+
+    with raw_server(hold) as url:
+        result = invoke("send", "-c", path, "consignease", "--type", "user.created", "--url", url)
+    assert result.exit_code == 1, result.output
+    assert result.stderr == (
+        f"{url}/webhooks/consignease did not answer within 0.5 s; the event may have been taken "
+        "all the same (`hookyard events list` shows it if it was)\n"
+    )
+
+
 @pytest.mark.parametrize("count", ["1", "3"])
 def test_send_to_a_closed_port_shows_the_url_without_its_password(tmp_path: Path, count: str) -> None:
     path = write_config(tmp_path, config_dict(tmp_path))

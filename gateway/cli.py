@@ -688,8 +688,8 @@ def send(
         click.echo(summary.describe())
         if set(summary.statuses) == {"ConnectError"}:  # nothing listens there, as for one event below
             click.echo(
-                f"cannot reach {shown_url_with_path(target)}: none of the {count} requests could connect"
-                f"{_NOT_LISTENING}",
+                f"hookyard: cannot reach {shown_url_with_path(target)}: none of the {count} requests could "
+                f"connect{_NOT_LISTENING}",
                 err=True,
             )
         raise SystemExit(0 if summary.all_succeeded else 1)
@@ -699,14 +699,14 @@ def send(
         # Reached, but not answered: a gateway whose store is locked holds the webhook until its commit is
         # on disk, and may answer 200 after this. Not `cannot reach`, which would say it never got there.
         click.echo(
-            f"{shown_url_with_path(target)} did not answer within {sender.SEND_TIMEOUT:g} s; the event may "
-            "have been taken all the same (`hookyard events list` shows it if it was)",
+            f"hookyard: {shown_url_with_path(target)} did not answer within {sender.SEND_TIMEOUT:g} s; the "
+            "event may have been taken all the same (`hookyard events list` shows it if it was)",
             err=True,
         )
         raise SystemExit(1) from None
     except Exception as exc:
         # Where it was sent, path and all (--url may have a path of its own), without the credentials.
-        reason = f"cannot reach {shown_url_with_path(target)}: {exc}"
+        reason = f"hookyard: cannot reach {shown_url_with_path(target)}: {exc}"
         if isinstance(exc, httpx.ConnectError):  # nothing listens there: most often, no gateway yet
             reason += _NOT_LISTENING
         click.echo(reason, err=True)

@@ -1340,8 +1340,8 @@ def test_send_before_the_gateway_runs_says_to_start_it(tmp_path: Path) -> None:
     result = invoke("send", "-c", path, "consignease", "--type", "user.created")
     assert result.exit_code == 1, result.output
     assert result.stderr == (
-        f"cannot reach http://127.0.0.1:{port}/webhooks/consignease: [Errno 111] Connection refused: "
-        "is the gateway running there? Start it with `hookyard serve`, or give its address with --url\n"
+        f"hookyard: cannot reach http://127.0.0.1:{port}/webhooks/consignease: [Errno 111] Connection "
+        "refused: is the gateway running there? Start it with `hookyard serve`, or give its address with --url\n"
     )
 
 
@@ -1355,7 +1355,8 @@ def test_send_with_count_before_the_gateway_runs_says_to_start_it(tmp_path: Path
     assert result.exit_code == 1, result.output
     assert result.stdout.startswith("sent 3 in ") and "ConnectError: 3;" in result.stdout, result.stdout
     assert result.stderr == (
-        f"cannot reach http://127.0.0.1:{port}/webhooks/consignease: none of the 3 requests could connect: "
+        f"hookyard: cannot reach http://127.0.0.1:{port}/webhooks/consignease: none of the 3 requests could "
+        "connect: "
         "is the gateway running there? Start it with `hookyard serve`, or give its address with --url\n"
     )
 
@@ -1378,7 +1379,7 @@ def test_send_to_a_gateway_that_takes_the_request_but_does_not_answer_says_it_ma
         result = invoke("send", "-c", path, "consignease", "--type", "user.created", "--url", url)
     assert result.exit_code == 1, result.output
     assert result.stderr == (
-        f"{url}/webhooks/consignease did not answer within 0.5 s; the event may have been taken "
+        f"hookyard: {url}/webhooks/consignease did not answer within 0.5 s; the event may have been taken "
         "all the same (`hookyard events list` shows it if it was)\n"
     )
 
@@ -1395,7 +1396,9 @@ def test_send_to_a_closed_port_shows_the_url_without_its_password(tmp_path: Path
     assert result.exit_code == 1, result.output
     assert "s3cr3t" not in result.output, result.output
     if count == "1":
-        assert f"cannot reach http://127.0.0.1:{port}/webhooks/consignease" in result.stderr, result.stderr
+        assert result.stderr.startswith(
+            f"hookyard: cannot reach http://127.0.0.1:{port}/webhooks/consignease"
+        )
 
 
 @pytest.mark.parametrize(

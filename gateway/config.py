@@ -70,7 +70,13 @@ class ConfigError(Exception):
 
 
 def _follows_from(error: str, unexpanded: Collection[str]) -> bool:
-    places = {*unexpanded, *(re.sub(r"\[\d+\]$", "", place) for place in unexpanded)}
+    # The list holding the value, and an action's `with:` holding it: an action checks its options together
+    # (`give a bearer token or oauth client credentials`), and so reads the empty text as no value at all.
+    places = {
+        *unexpanded,
+        *(re.sub(r"\[\d+\]$", "", place) for place in unexpanded),
+        *(re.sub(r"(\.with)\.[^.\[]+$", r"\1", place) for place in unexpanded),
+    }
     return any(error.startswith((f"{place}: ", f"{place} ")) for place in places)
 
 

@@ -147,6 +147,30 @@ def test_check_reports_an_unset_secret_variable_once(tmp_path: Path) -> None:
     )
 
 
+def test_check_reports_an_action_option_whose_variable_is_unset_once(tmp_path: Path) -> None:
+    """The demo's `token: "${CONSIGNLY_API_TOKEN}"` without its default was reported twice: `with: give a
+    bearer token or oauth client credentials` came first, and sent the reader to write credentials into the
+    file, where the variable was all there was to set."""
+    config = config_dict(tmp_path)
+    config["routes"][0]["actions"].append(
+        {
+            "id": "ack",
+            "use": "acknowledge",
+            "after": "app",
+            "with": {"base_url": "http://127.0.0.1:3000/consignly", "token": "${HOOKYARD_TEST_UNSET_TOKEN}"},
+        }
+    )
+    path = write_config(tmp_path, config)
+
+    check_reports(
+        path,
+        [
+            f"{path}: routes[0].actions[1].with.token: environment variable HOOKYARD_TEST_UNSET_TOKEN is not "
+            "set"
+        ],
+    )
+
+
 def test_check_reports_every_shape_error_with_its_place(tmp_path: Path) -> None:
     config = config_dict(tmp_path)
     config["sources"]["consignease"]["colour"] = "blue"

@@ -184,7 +184,7 @@ def main() -> None:
 @main.command()
 @config_option
 def serve(config_path: Path | None) -> None:
-    """Serve the webhook and ops listeners until SIGTERM."""
+    """Serve the webhook and ops listeners until SIGTERM or Ctrl-C."""
     from gateway.app import Gateway
     from gateway.logs import configure_logging
 
@@ -804,7 +804,8 @@ def sign(
     help="Answer STATUS to paths starting with PREFIX, e.g. --answer /hooks/consignments=400.",
 )
 def sink(host: str, port: int, status: int, answers: tuple[str, ...]) -> None:
-    """Receive HTTP requests and print each as a JSON line (a stand-in app for trying routes)."""
+    """Receive HTTP requests and print each as a JSON line (a stand-in app for trying routes), until
+    Ctrl-C."""
     import uvicorn
 
     from gateway.app import listening_socket

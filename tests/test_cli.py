@@ -1760,6 +1760,14 @@ def test_sink_on_a_host_that_is_not_a_name_says_so_as_serve_does(host: str) -> N
     )
 
 
+def test_serve_and_sink_say_in_their_help_how_they_are_stopped() -> None:
+    # `serve` named SIGTERM alone, and `sink` nothing: Ctrl-C stops both, which is how the tour stops them.
+    for command in ("serve", "sink"):
+        result = invoke(command, "--help")
+        assert result.exit_code == 0, result.output
+        assert "Ctrl-C" in " ".join(result.stdout.split()), result.stdout
+
+
 def test_every_option_of_every_command_says_what_it_does_in_its_help() -> None:
     import click
 

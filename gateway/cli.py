@@ -211,7 +211,11 @@ def check(config_path: Path | None) -> None:
     """Validate a config file: exit 1 listing every error."""
     config, table = _load(config_path)
     routes = sum(len(routes) for routes in table.routes.values())
-    click.echo(f"ok: {len(config.sources)} sources, {routes} routes")
+    click.echo(f"ok: {_counted(len(config.sources), 'source')}, {_counted(routes, 'route')}")
+
+
+def _counted(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 @main.command()

@@ -232,11 +232,20 @@ def test_a_missing_config_found_by_default_says_how_to_name_one(
     assert result.stderr == f"{named}: cannot read: No such file or directory\n"
 
 
+def test_check_counts_one_source_and_one_route_in_the_singular(tmp_path: Path) -> None:
+    # It said `ok: 1 sources, 1 routes`.
+    config = config_dict(tmp_path)
+    del config["sources"]["consignly"]
+    result = invoke("check", "-c", write_config(tmp_path, config))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "ok: 1 source, 1 route\n"
+
+
 def test_check_uses_hookyard_config_without_c(tmp_path: Path) -> None:
     good = write_config(tmp_path, config_dict(tmp_path), "good.yaml")
     result = invoke("check", env={"HOOKYARD_CONFIG": str(good)})
     assert result.exit_code == 0, result.output
-    assert result.stdout == "ok: 2 sources, 1 routes\n"
+    assert result.stdout == "ok: 2 sources, 1 route\n"
 
     bad = write_config(tmp_path, {"sources": {"x": {"path": "nope", "provider": "svix"}}}, "bad.yaml")
     result = invoke("check", env={"HOOKYARD_CONFIG": str(bad)})

@@ -34,8 +34,12 @@ def ops_app(gateway: Gateway) -> Starlette:
     async def readyz(request: Request) -> Response:
         if not gateway.ready:
             return JSONResponse({"status": "not ready", "reason": "starting or stopping"}, status_code=503)
+        # Read at each check, so that a reload's limits apply. The headers are stored as JSON, where a byte
+        # past ASCII (a header is read as latin-1) takes two.
+        limits = gateway.config.limits
+        room = limits.max_body_bytes + 2 * limits.max_header_bytes
         try:
-            await gateway.storage.check_writable()
+            await gateway.storage.check_writable(room=room)
         except StorageUnavailable as exc:
             # Out of the load balancer now, so no webhook is refused for it either: the gauge is what
             # shows it.

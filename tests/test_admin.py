@@ -1289,7 +1289,7 @@ def test_a_fault_in_the_readiness_check_is_a_json_503_not_ready_logged_once(
     with RunningGateway(users_config(tmp_path, downstream)) as gw:
         assert gw.metric("hookyard_storage_writable") == 1
 
-        async def fault() -> None:
+        async def fault(*, room: int) -> None:
             raise RuntimeError("a fault in the readiness check")
 
         monkeypatch.setattr(gw.gateway.storage, "check_writable", fault)

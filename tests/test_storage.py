@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+import yaml
 
 from gateway import retention as retention_module
 from gateway.actions import ParentResult
@@ -2612,6 +2613,112 @@ def test_readiness_fails_on_a_full_disk_after_a_refused_webhook(tmp_path: Path) 
         finally:
             harness.run(harness.storage.close())
             harness.runner.close()
+
+
+def leave_free(disk: Path, free: int) -> Path:
+    """Fill `disk` to its last byte with a ballast file, then give `free` bytes of it back."""
+    ballast = disk / "ballast"
+    with contextlib.suppress(OSError), ballast.open("ab") as out:
+        while True:
+            out.write(b"\0" * 65536)
+            out.flush()
+    os.truncate(ballast, max(0, ballast.stat().st_size - free))
+    return ballast
+
+
+# One webhook at the default limits, as /readyz asks room for: its body, and its headers as JSON, where
+# each byte read as latin-1 past ASCII takes two.
+DEFAULT_ROOM = 1024 * 1024 + 2 * 16 * 1024
+
+
+def largest_webhook(event_id: str) -> tuple[Event, list[NewDelivery]]:
+    event = make_event(event_id)
+    event.body = b"x" * (1024 * 1024)
+    event.headers = {"x-pad": "\u00e9" * (16 * 1024 - len("x-pad"))}
+    return event, [APP]
+
+
+def checkpoint(path: Path) -> None:
+    """Copy the whole write-ahead log into the database file, as the store's own checkpoints do."""
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as other:
+        busy, frames, copied = other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    assert (busy, frames) == (0, copied)
+
+
+def test_readiness_asks_room_for_one_webhook_of_the_configured_size(tmp_path: Path) -> None:
+    # It asked for 1 MiB whatever the limits: a larger limits.max_body_bytes left the pod ready where such
+    # a webhook is refused, and even at the default the log and the database file take it twice.
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+        harness = Harness(disk / "hookyard.db")
+        harness.run(harness.storage.open())
+        try:
+            harness.ingest("evt_before", APP)
+            harness.settle()
+            leave_free(disk, 2_500_000)
+            harness.run(harness.storage.check_writable(room=DEFAULT_ROOM))
+            with pytest.raises(StorageUnavailable) as failure:
+                harness.run(harness.storage.check_writable(room=4 * DEFAULT_ROOM))
+            assert "full" in str(failure.value) and "needed" in str(failure.value)
+
+            # Ready means it fits: the webhook in the log, then in the database file.
+            assert harness.run(harness.storage.ingest(*largest_webhook("evt_largest"))) is True
+            harness.settle()
+            checkpoint(harness.path)
+        finally:
+            harness.run(harness.storage.close())
+            harness.runner.close()
+
+
+def test_readiness_counts_the_files_free_pages_but_the_log_needs_room_on_the_volume(tmp_path: Path) -> None:
+    # A file that retention emptied keeps its size (docs/operations.md): new webhooks go to its free
+    # pages, so only their frames in the write-ahead log need room on the volume.
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+        harness = Harness(disk / "hookyard.db")
+        harness.run(harness.storage.open())
+        try:
+            for number in range(40):
+                assert harness.run(harness.storage.ingest(*big_event(f"evt_old_{number}"))) is True
+            harness.settle()
+            with contextlib.closing(sqlite3.connect(harness.path, isolation_level=None)) as other:
+                other.execute("DELETE FROM deliveries")
+                other.execute("DELETE FROM events")
+                assert other.execute("PRAGMA freelist_count").fetchone()[0] > 400
+            checkpoint(harness.path)
+            ballast = leave_free(disk, 1_500_000)
+            harness.run(harness.storage.check_writable(room=DEFAULT_ROOM))
+            assert harness.run(harness.storage.ingest(*largest_webhook("evt_largest"))) is True
+            harness.settle()
+            checkpoint(harness.path)
+
+            # Free pages are left in the file, but the log has no room for a webhook's frames.
+            ballast.unlink()
+            leave_free(disk, 500_000)
+            with pytest.raises(StorageUnavailable) as failure:
+                harness.run(harness.storage.check_writable(room=DEFAULT_ROOM))
+            assert "full" in str(failure.value)
+        finally:
+            harness.run(harness.storage.close())
+            harness.runner.close()
+
+
+def test_readiness_follows_a_reload_of_the_body_limit(tmp_path: Path, downstream: Downstream) -> None:
+    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+        config = gateway_config(tmp_path, downstream.url)
+        config["storage"] = {"url": f"sqlite:///{disk}/hookyard.db"}
+        config["reload"] = {"interval": "100ms"}
+        path = tmp_path / "routes.yaml"
+        path.write_text(yaml.safe_dump(config))
+        with RunningGateway(path) as gw:
+            leave_free(disk, 3_500_000)
+            assert ops_get(gw, "/readyz")[0].status_code == 200
+
+            config["limits"] = {"max_body_bytes": 4 * 1024 * 1024}
+            path.write_text(yaml.safe_dump(config))
+            wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+            ready = ops_get(gw, "/readyz")[0]
+            assert ready.status_code == 503
+            assert ready.json()["reason"].startswith("storage: sqlite: database or disk is full")
+            assert gw.metric("hookyard_storage_writable") == 0
 
 
 def test_operations_on_a_closed_store_are_unavailable(tmp_path: Path) -> None:

@@ -334,8 +334,9 @@ class Storage(ABC):
         counts its own tables only. Read with the queue statistics, off the event loop."""
 
     @abstractmethod
-    async def check_writable(self) -> None:
-        """Raise StorageUnavailable unless a write would succeed now."""
+    async def check_writable(self, *, room: int = 0) -> None:
+        """Raise StorageUnavailable unless a write would succeed now, and one more webhook of `room` bytes
+        (its body and headers at their limits) would fit."""
 
     def fsync_wait(self) -> float:
         """How long the oldest fsync that commits wait for has run, in seconds; 0 when they wait for none, or

@@ -105,11 +105,18 @@ BUSY_RETRY_MAX = 0.1
 # are refused until it finishes. A disk that stopped answering would otherwise hold every webhook, and
 # /readyz, for ever. Closing the store waits as long at most for what is in progress (_GroupCommit.close).
 FSYNC_TIMEOUT = 5.0
-# The free space the store's file system must have for /readyz (check_writable): room for one webhook of the
-# default limits.max_body_bytes. Its test write takes a single page, which fits in what the write-ahead log
-# already holds of a transaction the disk refused (a larger webhook's), so on a full disk the write alone
-# passes while every webhook is refused 503.
+# The free space the store's file system must have at least for /readyz (check_writable), whatever the
+# limits: other writes (results, leases, checkpoints) need room too. Its test write takes a single page,
+# which fits in what the write-ahead log already holds of a transaction the disk refused (a larger
+# webhook's), so on a full disk the write alone passes while every webhook is refused 503: the check asks
+# for room for one webhook of the configured size (_room_needed) besides.
 READY_FREE_BYTES = 1024 * 1024
+# Pages a webhook writes besides those of its body and headers: its rows' leaves, the indexes' leaves, the
+# b-tree pages above them that a split changes, the database header.
+READY_ROW_PAGES = 16
+# What a WAL frame adds to its page, and the pointer an overflow page keeps of its page (SQLite's formats).
+WAL_FRAME_HEADER = 24
+OVERFLOW_POINTER = 4
 # The two kinds of checkpoint (_GroupCommit.checkpoint).
 BACKGROUND, RESTART = "background", "restart"
 # A prune batch deletes no more than this many bytes of bodies (at least one event, whatever its size).
@@ -960,6 +967,16 @@ def _file_size(path: Path) -> int:
 _FSYNC_HELPER = Path(__file__).with_name("fsync_helper.py")
 
 
+def _room_needed(room: int, page_size: int, free_pages: int) -> int:
+    """The free space a webhook of `room` bytes (body and headers) needs on the volume: its pages go to the
+    write-ahead log first, a frame each, then a checkpoint copies them into the database file, which grows
+    by those that its free pages cannot hold. Never less than READY_FREE_BYTES."""
+    pages = -(-room // (page_size - OVERFLOW_POINTER)) + READY_ROW_PAGES
+    wal = pages * (page_size + WAL_FRAME_HEADER)
+    database = max(0, pages - free_pages) * page_size
+    return max(READY_FREE_BYTES, wal + database)
+
+
 class SQLiteStorage(Storage):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -1254,10 +1271,10 @@ class SQLiteStorage(Storage):
         broken = None if self._writer is None else self._writer.broken
         return None if broken is None else f"sqlite: {broken}"
 
-    async def check_writable(self) -> None:
+    async def check_writable(self, *, room: int = 0) -> None:
         # Durable: while an fsync is overdue it is refused at once, and until then it waits for an fsync
         # FSYNC_TIMEOUT at most, and for another process's write lock BUSY_TIMEOUT at most.
-        def probe(conn: sqlite3.Connection) -> None:
+        def probe(conn: sqlite3.Connection) -> tuple[int, int]:
             # A real write that the batch commits: proves the file and the disk take writes right now.
             conn.execute("PRAGMA user_version = 1")
             # That write never needs a new page; an insert would, so a database at its size limit with no
@@ -1267,8 +1284,9 @@ class SQLiteStorage(Storage):
             free = conn.execute("PRAGMA freelist_count").fetchone()[0]
             if pages >= limit and free == 0:
                 raise StorageUnavailable("the database is at its size limit")
+            return conn.execute("PRAGMA page_size").fetchone()[0], free
 
-        await self._run(probe)
+        page_size, free = await self._run(probe)
         try:
             stat = os.statvfs(self.path.parent)
         except OSError as exc:
@@ -1276,8 +1294,11 @@ class SQLiteStorage(Storage):
         # Not counting the blocks the file system keeps for root: the image does not run as root, and a
         # container's root lacks the capability to use them.
         available = stat.f_bavail * stat.f_frsize
-        if available < READY_FREE_BYTES:
-            raise StorageUnavailable(f"sqlite: database or disk is full ({available} bytes free)")
+        needed = _room_needed(room, page_size, free)
+        if available < needed:
+            raise StorageUnavailable(
+                f"sqlite: database or disk is full ({available} bytes free, {needed} needed)"
+            )
 
     # -- inspection and replay ------------------------------------------------------------------------
 

@@ -29,8 +29,9 @@ from pydantic import BaseModel
 
 from gateway import hookspecs
 from gateway.cli import main
-from gateway.config import Config, parse_config
+from gateway.config import Config, Limits, parse_config
 from gateway.metrics import Metrics
+from gateway.storage.sqlite import _room_needed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,6 +202,18 @@ def test_every_metric_is_documented() -> None:
     names = {metric.name for metric in Metrics().registry.collect()}
     missing = sorted(name for name in names if name not in operations)
     assert not missing, f"metrics missing from docs/operations.md: {missing}"
+
+
+def test_the_room_readiness_asks_for_is_stated_as_the_store_computes_it() -> None:
+    """The free space /readyz needs with the default limits, in both guides, is the store's own figure."""
+    limits = Limits()
+    room = limits.max_body_bytes + 2 * limits.max_header_bytes
+    empty, reused = _room_needed(room, 4096, 0), _room_needed(room, 4096, 10_000)
+    operations = " ".join((ROOT / "docs" / "operations.md").read_text().split())
+    kubernetes = " ".join((ROOT / "docs" / "kubernetes.md").read_text().split())
+    assert f"{empty:,} bytes (2.2 MiB) on a database file with no free pages, {reused:,} bytes" in operations
+    assert f"{empty:,} bytes (2.2 MiB) with the default limits" in kubernetes
+    assert f"{empty:,} bytes with the default limits, {reused:,} once" in kubernetes
 
 
 def readme_commands() -> list[list[str]]:

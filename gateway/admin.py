@@ -220,7 +220,10 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         summary: List events, newest first
         parameters:
           - {name: source, in: query, schema: {type: string}}
-          - {name: type, in: query, schema: {type: string}}
+          - name: type
+            in: query
+            description: "the canonical type, or a name or code as a route's events: takes it (101)"
+            schema: {type: string}
           - {name: state, in: query, schema: {type: string, enum: [pending, delivered, dead, unrouted]}}
           - {name: route, in: query, schema: {type: string}}
           - name: since
@@ -240,6 +243,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           400: {description: a bad filter}
           401: {description: missing or wrong bearer token (ops.admin_token is set)}
           403: {description: "without ops.admin_token: a caller that is not a local program (a web page)"}
+          409: {description: "without source: the sources' providers read the type as different types"}
           500: {description: "a fault in Hookyard, logged with its traceback"}
           503: {description: the store cannot be read or written right now}
         """

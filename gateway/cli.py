@@ -28,6 +28,7 @@ from gateway.config import (
 )
 from gateway.http_client import header_control_character
 from gateway.plugins import DuplicateName, Registry, plugin_manager
+from gateway.providers import Provider
 from gateway.routing import RouteTable, load_routes
 from gateway.storage import StorageUnavailable, open_storage
 from gateway.tasks import cancel_and_wait
@@ -330,11 +331,14 @@ def _operate(
     work: Callable[[Any], Awaitable[T]],
     *,
     routes: bool = False,
+    types: bool = False,
 ) -> T:
     """Run `work` with Operations on the database named by the config, or on a running gateway.
 
     routes: whether `work` routes events (a replay of missing deliveries), for which the whole config must
-    load as `serve` loads it; otherwise only its storage section is needed (see _load_for)."""
+    load as `serve` loads it; otherwise only its storage section is needed (see _load_for).
+    types: whether `work` filters by an event type, which the sources' providers read (a name or code as
+    its canonical type, see operations.canonical_type)."""
     from gateway.admin_client import RemoteOperations
     from gateway.operations import OperationError, Operations
 
@@ -366,8 +370,9 @@ def _operate(
             await storage.open(create=False)
         except StorageUnavailable as exc:
             raise OperationError(503, str(exc)) from None
+        providers = _providers(config) if types and table is None else None
         try:
-            return await work(Operations(storage, table))
+            return await work(Operations(storage, table, providers=providers))
         except StorageUnavailable as exc:
             # A full or read-only disk, a lock another process holds: said as the admin API says it (503),
             # not as a traceback.
@@ -391,6 +396,23 @@ def _operate(
         raise SystemExit(1) from None
 
 
+def _providers(config: Config) -> dict[str, Provider]:
+    """Each source's provider, for reading a type filter through its catalog, as the gateway reads it. Made
+    from the config as far as _load_for reads it: a source whose provider cannot be made so (unknown, or
+    refusing its options or its secrets, a ${VAR} unset here) has none, and the type is taken as given."""
+    registry = _registry()
+    providers: dict[str, Provider] = {}
+    for name, source in config.sources.items():
+        provider_cls = registry.providers.get(source.provider)
+        if provider_cls is None:
+            continue
+        try:
+            providers[name] = provider_cls(name, source)
+        except ValueError:  # pydantic's ValidationError included; `hookyard check` says what is wrong
+            continue
+    return providers
+
+
 @main.group()
 def events() -> None:
     """Inspect stored events."""
@@ -405,7 +427,13 @@ def events() -> None:
     "dead at least (dead), or no delivery (unrouted).",
 )
 @source_option("Only events of this source.")
-@click.option("--type", "event_type", type=TEXT, help="Only events of this canonical type.")
+@click.option(
+    "--type",
+    "event_type",
+    type=TEXT,
+    help="Only events of this type: the canonical one (consignment.created), or a name or code as a "
+    "route's events: takes it (ConsignmentCreated, 101).",
+)
 @route_option("Only events with a delivery for this route.")
 @window_options(
     since="Only events received in this window (2h) or since a time (ISO 8601).",
@@ -441,6 +469,7 @@ def events_list(
             cursor=cursor,
             limit=limit,
         ),
+        types=bool(event_type),
     )
     if not page["events"]:
         # On stderr, as the hint below: a listing with nothing in it looks the same as one that failed.

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
 from gateway.config import parse_duration
 from gateway.events import SHOWN_DEPTH, holds_lost_digits, nesting_depth
-from gateway.providers import iso_datetime
+from gateway.providers import Provider, iso_datetime
 from gateway.replay import PAGE, ReplayPage, replay_dead_page, replay_missing_page
 from gateway.routing import RouteTable
 from gateway.storage import FINAL_STATES, EventDetail, EventSummary, Storage
@@ -83,6 +83,23 @@ def parse_time(value: object, name: str = "since", now: Callable[[], float] | No
             400, f"{name}: {value!r} is neither a duration (2h), an ISO time nor epoch seconds"
         ) from None
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def canonical_type(name: str, source: str | None, providers: Mapping[str, Provider]) -> str:
+    """A type as a route's `events:` takes it, a provider's name or code (ConsignmentCreated, 101), as the
+    canonical type events are stored with (consignment.created): read through the catalog of the source's
+    provider, or without a source through those of every source, which must agree (409 otherwise, naming
+    what it is in each). A canonical type, or one no catalog knows, stays as it is."""
+    if source is not None:
+        provider = providers.get(source)
+        return name if provider is None else provider.event_type(name)
+    readings = {
+        source: read for source, provider in providers.items() if (read := provider.event_type(name)) != name
+    }
+    if len(set(readings.values())) > 1:
+        named = ", ".join(f"{read} in {source}" for source, read in sorted(readings.items()))
+        raise OperationError(409, f"type: {name!r} is {named}; give the canonical type, or the source")
+    return next(iter(readings.values()), name)
 
 
 def _is_basic_date(value: str) -> bool:
@@ -177,9 +194,15 @@ class Operations:
         table: RouteTable | None,
         wake: Callable[[], None] | None = None,
         counted: Callable[[str, int], None] | None = None,
+        providers: Mapping[str, Provider] | None = None,
     ) -> None:
         self.storage = storage
         self.table = table
+        # Each source's provider, whose catalog reads a type filter (canonical_type): the table's, if none
+        # are given.
+        if providers is None and table is not None:
+            providers = {endpoint.name: endpoint.provider for endpoint in table.endpoints.values()}
+        self.providers = providers or {}
         self.wake = wake or (lambda: None)
         # Told (mode, number of deliveries) after each replay: the metrics.
         self.counted = counted or (lambda mode, count: None)
@@ -205,7 +228,7 @@ class Operations:
         rows = await self.storage.list_events(
             state=state,
             source=source,
-            type=type,
+            type=type and canonical_type(type, source, self.providers),
             route=route,
             since=parse_time(since),
             until=parse_time(until, "until"),

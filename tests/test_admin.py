@@ -263,6 +263,29 @@ def test_list_filters_by_source_and_until(tmp_path: Path, downstream: Downstream
         assert bad.status_code == 400 and bad.json()["error"].startswith("until: ")
 
 
+def test_list_reads_a_type_as_a_routes_events_take_it(tmp_path: Path, downstream: Downstream) -> None:
+    config = users_config(tmp_path, downstream)
+    with RunningGateway(config) as gw:
+        send(gw, "msg_user")
+        body = consignly_body(event_type="ConsignmentCreated", event_id="evt_named")
+        assert gw.post("/webhooks/consignly", body, consignly_headers(body)).is_success
+
+        def ids(**params: Any) -> list[str]:
+            response = admin(gw, "GET", "/admin/events", params=params)
+            assert response.status_code == 200, response.text
+            return [event["id"] for event in response.json()["events"]]
+
+        # Stored as consignment.created, it was found by that type only.
+        assert ids(type="consignment.created") == ["evt_named"]
+        assert ids(type="ConsignmentCreated") == ["evt_named"]
+        assert ids(type="101", source="consignly") == ["evt_named"]
+        assert ids(type="ConsignmentCreated", source="consignease") == []
+        runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
+        listed = runner.invoke(main, ["events", "list", "--admin-url", gw.ops_url, "--type", "101"])
+        assert listed.exit_code == 0, listed.output
+        assert [line.split()[-1] for line in listed.stdout.splitlines()] == ["evt_named"]
+
+
 def test_until_as_epoch_seconds(tmp_path: Path, downstream: Downstream) -> None:
     with RunningGateway(users_config(tmp_path, downstream)) as gw:
         send(gw, "msg_epoch")

@@ -452,6 +452,81 @@ def test_events_list_keeps_each_event_on_its_line(tmp_path: Path) -> None:
     assert line.endswith(" " + forged.replace("\n", "\\n"))
 
 
+def test_events_list_reads_a_type_as_a_routes_events_take_it(tmp_path: Path) -> None:
+    """`hookyard send consignly --type ConsignmentCreated` stores consignment.created, and a route's
+    `events: [ConsignmentCreated]` matches it; `events list --type ConsignmentCreated` listed nothing."""
+
+    async def fill_types(storage: SQLiteStorage) -> None:
+        now = time.time()
+        await storage.ingest(make_event("evt_created", now - 30, "consignly", "consignment.created"), [])
+        await storage.ingest(make_event("evt_updated", now - 20, "consignly", "consignment.updated"), [])
+        await storage.ingest(make_event("msg_user", now - 10), [])
+
+    with_storage(tmp_path / "db.sqlite", fill_types)
+    config = config_dict(tmp_path)
+    # The catalog needs no secret: an operator's shell need not hold one.
+    config["sources"]["consignly"]["secrets"] = ["${HOOKYARD_TEST_UNSET_SECRET}"]
+    path = write_config(tmp_path, config)
+    for args in (
+        ["--type", "ConsignmentCreated"],
+        ["--type", "101"],
+        ["--type", "consignment.created"],
+        ["--source", "consignly", "--type", "ConsignmentCreated"],
+    ):
+        listed = invoke("events", "list", "-c", path, *args)
+        assert (listed.exit_code, listed_ids(listed)) == (0, ["evt_created"]), (args, listed.output)
+    assert listed_ids(invoke("events", "list", "-c", path, "--type", "user.created")) == ["msg_user"]
+    # Svix has no catalog: through that source the name is only itself.
+    other = invoke("events", "list", "-c", path, "--source", "consignease", "--type", "ConsignmentCreated")
+    assert (other.exit_code, other.stdout) == (0, "")
+    assert other.stderr.endswith("no events\n")
+
+
+def test_events_list_says_what_to_write_for_a_type_the_sources_read_differently(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from plugins.consignly import ConsignlyProvider
+
+    class ParcelPost(ConsignlyProvider):
+        name = "parcelpost"
+
+        def event_type(self, name: str | int) -> str:
+            return "parcel.created" if name == "ConsignmentCreated" else str(name)
+
+    class Plugin:
+        @hookimpl
+        def register_providers(self) -> list[type[ConsignlyProvider]]:
+            return [ParcelPost]
+
+    pm = new_plugin_manager()
+    pm.register(Plugin(), name="parcelpost")
+    monkeypatch.setattr("gateway.cli.plugin_manager", lambda: pm)
+
+    async def fill_types(storage: SQLiteStorage) -> None:
+        now = time.time()
+        await storage.ingest(make_event("evt_created", now - 30, "consignly", "consignment.created"), [])
+        await storage.ingest(make_event("evt_parcel", now - 20, "parcels", "parcel.created"), [])
+
+    with_storage(tmp_path / "db.sqlite", fill_types)
+    config = config_dict(tmp_path)
+    config["sources"]["parcels"] = {"path": "/parcels", "provider": "parcelpost", "secrets": ["s"]}
+    path = write_config(tmp_path, config)
+    ambiguous = invoke("events", "list", "-c", path, "--type", "ConsignmentCreated")
+    assert (ambiguous.exit_code, ambiguous.stdout) == (1, "")
+    assert ambiguous.stderr == (
+        "hookyard: type: 'ConsignmentCreated' is consignment.created in consignly, parcel.created in parcels; "
+        "give the canonical type, or the source with --source\n"
+    )
+    for args, expected in (
+        (["--source", "parcels", "--type", "ConsignmentCreated"], ["evt_parcel"]),
+        (["--source", "consignly", "--type", "ConsignmentCreated"], ["evt_created"]),
+        (["--type", "parcel.created"], ["evt_parcel"]),
+        (["--type", "101"], ["evt_created"]),  # a code only Consignly's catalog knows
+    ):
+        listed = invoke("events", "list", "-c", path, *args)
+        assert (listed.exit_code, listed_ids(listed)) == (0, expected), (args, listed.output)
+
+
 def test_events_list_rejects_a_bad_since(filled: Path) -> None:
     result = invoke("events", "list", "-c", filled, "--since", "yesterday")
     assert result.exit_code != 0

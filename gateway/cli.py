@@ -315,6 +315,20 @@ def window_options(*, since: str, until: str) -> Decorator:
     )
 
 
+def _check_window(since: str | None, until: str | None) -> None:
+    """A window that holds no time (`--since 1h --until 2h`, the wrong way round) is a usage error naming
+    both options, not an empty listing or a replay of nothing. Read by this machine's clock: the two
+    durations of one window are counted back from the same moment wherever it is read."""
+    from gateway.operations import OperationError, parse_window
+
+    if since is None or until is None:
+        return
+    try:
+        parse_window(since, until, ("--since", "--until"))
+    except OperationError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 def json_option(help: str) -> Decorator:
     return click.option("--json", "as_json", is_flag=True, help=help)
 
@@ -456,6 +470,7 @@ def events_list(
     as_json: bool,
 ) -> None:
     """List events, newest first, a page at a time."""
+    _check_window(since, until)
     page = _operate(
         config_path,
         admin_url,
@@ -558,6 +573,8 @@ def replay(
             )
     if state == "missing" and since is None:
         raise click.UsageError("--since is required with --state missing, e.g. --since 2h")
+    if state is not None:
+        _check_window(since, until)
     if event_id is not None:
         ignored = [name for name, value in (("--since", since), ("--until", until)) if value is not None]
         if click.get_current_context().get_parameter_source("page_size") != ParameterSource.DEFAULT:

@@ -85,6 +85,30 @@ def parse_time(value: object, name: str = "since", now: Callable[[], float] | No
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
+def parse_window(
+    since: object, until: object, names: tuple[str, str] = ("since", "until")
+) -> tuple[float | None, float | None]:
+    """since and until as parse_time reads them, a duration in either counted back from one reading of the
+    clock. A window that ends where it starts or before (since 1h, until 2h) holds no time: refused, naming
+    both as `names` says, rather than answered with nothing, as if nothing were there."""
+    read: list[float] = []
+
+    def now() -> float:  # read once, and only for a duration
+        if not read:
+            read.append(time.time())
+        return read[0]
+
+    starts = parse_time(since, names[0], now=now)
+    ends = parse_time(until, names[1], now=now)
+    if starts is not None and ends is not None and starts >= ends:
+        raise OperationError(
+            400,
+            f"{names[0]} {since!r} is not before {names[1]} {until!r}: the window holds no time (a duration "
+            f"is counted back from now: {names[0]} 2h, {names[1]} 1h is the hour before the last)",
+        )
+    return starts, ends
+
+
 def canonical_type(name: str, source: str | None, providers: Mapping[str, Provider]) -> str:
     """A type as a route's `events:` takes it, a provider's name or code (ConsignmentCreated, 101), as the
     canonical type events are stored with (consignment.created): read through the catalog of the source's
@@ -225,13 +249,14 @@ class Operations:
         if state is not None and state not in ("pending", "delivered", "dead", "unrouted"):
             raise OperationError(400, f"state: {state!r} is not one of pending, delivered, dead, unrouted")
         _check_page(cursor, limit)
+        starts, ends = parse_window(since, until)
         rows = await self.storage.list_events(
             state=state,
             source=source,
             type=type and canonical_type(type, source, self.providers),
             route=route,
-            since=parse_time(since),
-            until=parse_time(until, "until"),
+            since=starts,
+            until=ends,
             # 0 is where a bulk replay's cursor starts: here too, the first page (no event has seq 0).
             before=cursor or None,
             # One more than the page: whether there is a next one, rather than a cursor to an empty page
@@ -313,7 +338,7 @@ class Operations:
         latest: a delivery a page makes run again may end dead again before the last page is read, and
         one with a later id (a dependent, waiting for its parent again) would be replayed twice."""
         _check_page(cursor, limit)
-        starts, ends = parse_time(since), parse_time(until, "until")
+        starts, ends = parse_window(since, until)
         now = time.time()
         window: dict[str, Any] = {
             "since": starts,

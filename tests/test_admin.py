@@ -597,6 +597,31 @@ def test_a_bulk_replay_with_an_empty_window_is_refused(tmp_path: Path, downstrea
         assert gw.metric("hookyard_replays_total", mode="dead") == 0
 
 
+def test_a_window_that_ends_before_it_starts_is_refused(tmp_path: Path, downstream: Downstream) -> None:
+    # since 1h, until 2h: answered with nothing, as if nothing were there.
+    downstream.answer("/app", 400)
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_window")
+        wait_until(lambda: states(gw, "msg_window")["app"] == "dead")
+        error = (
+            "since '1h' is not before until '2h': the window holds no time (a duration is counted back from "
+            "now: since 2h, until 1h is the hour before the last)"
+        )
+        listed = admin(gw, "GET", "/admin/events", params={"since": "1h", "until": "2h"})
+        assert (listed.status_code, listed.json()["error"]) == (400, error)
+        for mode in ("dead", "missing"):
+            replayed = admin(gw, "POST", "/admin/replay", json={"mode": mode, "since": "1h", "until": "2h"})
+            assert (replayed.status_code, replayed.json()["error"]) == (400, error)
+        assert states(gw, "msg_window")["app"] == "dead"
+        assert gw.metric("hookyard_replays_total", mode="dead") == 0
+        # The CLI says so before it asks: as a usage error naming its options.
+        runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
+        through = runner.invoke(
+            main, ["events", "list", "--admin-url", gw.ops_url, "--since", "1h", "--until", "2h"]
+        )
+        assert through.exit_code == 2 and "--since '1h' is not before --until '2h'" in through.stderr
+
+
 def test_bulk_replay_missing_includes_events_that_matched_no_route(
     tmp_path: Path, downstream: Downstream
 ) -> None:

@@ -851,6 +851,37 @@ def test_a_bulk_replay_with_an_empty_window_is_a_usage_error(
 
 
 @pytest.mark.parametrize(
+    "command",
+    [
+        ["events", "list"],
+        ["replay", "--state", "dead"],
+        ["replay", "--state", "missing"],
+    ],
+)
+@pytest.mark.parametrize(
+    ("since", "until"), [("1h", "2h"), ("2026-12-02T10:00", "2026-12-02T09:00"), ("1h", "1h")]
+)
+def test_a_window_that_ends_before_it_starts_is_a_usage_error_naming_both_options(
+    filled: Path, command: list[str], since: str, until: str
+) -> None:
+    # `--since 1h --until 2h` (events received after an hour ago and before two hours ago) found nothing,
+    # and said `no events`, or `replaying 0 deliveries`, as if there were none.
+    result = invoke(*command, "-c", filled, "--since", since, "--until", until)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""
+    assert (
+        f"Error: --since {since!r} is not before --until {until!r}: the window holds no time (a duration is "
+        "counted back from now: --since 2h, --until 1h is the hour before the last)\n"
+    ) in result.stderr
+    assert deliveries(filled, "evt_old_dead")["app"].state == "dead"
+    assert deliveries(filled, "evt_unrouted") == {}
+    # The right way round, the same window finds what is in it.
+    if since == "1h" and until == "2h":
+        turned = invoke(*command, "-c", filled, "--since", until, "--until", since)
+        assert turned.exit_code == 0, turned.output
+
+
+@pytest.mark.parametrize(
     ("args", "error"),
     [
         ([], "give an EVENT_ID, or --state dead|missing for a bulk replay"),

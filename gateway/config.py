@@ -216,7 +216,7 @@ def _misread(value: Any, annotation: Any, loc: tuple[str | int, ...]) -> list[In
         return []
     if isinstance(value, bool) and bool not in kinds and kinds & {int, float}:
         message = f"{_yaml_boolean(value)}, not {_numbers(branches)}"
-    elif isinstance(value, int | float) and not isinstance(value, bool) and kinds == {bool}:
+    elif isinstance(value, int | float) and not isinstance(value, bool) and kinds - {type(None)} == {bool}:
         message = f"the number {value}, not a boolean: write true or false"
     else:
         return []

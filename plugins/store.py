@@ -121,11 +121,11 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from gateway import hookimpl
 from gateway.actions import Action, Job, Outcome, Resources, dead, delivered, retry, skipped
-from gateway.config import SQLITE_URL_FORMS, is_sqlite_url, sqlite_path
+from gateway.config import SQLITE_URL_FORMS, Strict, is_sqlite_url, sqlite_path
 from gateway.events import Event
 from gateway.http_client import url_text_problem
 from gateway.tasks import DaemonThread
@@ -196,7 +196,8 @@ def _same_file(path: str, storage_url: str) -> bool:
     return os.path.realpath(path) == os.path.realpath(sqlite_path(storage_url))
 
 
-class StoreOptions(BaseModel):
+class StoreOptions(Strict):
+    # Strict: `transaction_pooling: 1` is refused, as a number where routes.yaml wants a boolean anywhere.
     model_config = ConfigDict(extra="forbid")
     url: str
     table: str = DEFAULT_TABLE
@@ -262,14 +263,6 @@ class StoreOptions(BaseModel):
         if not all(event_type.strip() for event_type in types):
             raise ValueError("event types must not be empty")
         return types
-
-    @field_validator("transaction_pooling", mode="before")
-    @classmethod
-    def _a_boolean(cls, value: Any) -> Any:
-        # pydantic would take 1 as true; text still converts, as a ${VAR} always expands to text.
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            raise ValueError(f"the number {value}, not a boolean: write true or false")
-        return value
 
     @field_validator("transaction_pooling")
     @classmethod

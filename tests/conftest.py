@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.support import Downstream, downstream_server
+from tests.support import Downstream, downstream_server, unavailable
 
 DEFAULT_POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -29,10 +29,7 @@ def require_service(name: str, url: str) -> None:
     try:
         socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 5432), timeout=2).close()
     except OSError as exc:
-        message = f"{name} at {parts.hostname}:{parts.port} is unreachable: {exc}"
-        if os.environ.get("HOOKYARD_REQUIRE_SERVICES") == "1":
-            pytest.fail(message + " (HOOKYARD_REQUIRE_SERVICES=1)")
-        pytest.skip(message)
+        unavailable(f"{name} at {parts.hostname}:{parts.port} is unreachable: {exc}")
 
 
 @pytest.fixture(scope="session")

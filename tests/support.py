@@ -12,6 +12,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 import pluggy
@@ -669,3 +670,31 @@ def self_signed(directory: Path, name: str) -> tuple[Path, Path]:
         )
     )
     return cert_path, key_path
+
+
+def unavailable(message: str) -> NoReturn:
+    """Skip a test whose server, tool or privilege is missing here, or under HOOKYARD_REQUIRE_SERVICES=1 (CI)
+    fail it: what cannot be staged must not pass CI silently."""
+    if os.environ.get("HOOKYARD_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{message} (HOOKYARD_REQUIRE_SERVICES=1)")
+    pytest.skip(message)
+
+
+@contextmanager
+def tmpfs(directory: Path, size: str) -> Iterator[Path]:
+    """A real, small file system that fills up: a tmpfs of `size` mounted on directory (needs root, or
+    CAP_SYS_ADMIN), unmounted at the end."""
+    directory.mkdir()
+    mount = shutil.which("mount")
+    if mount is None or os.geteuid() != 0:
+        unavailable("mounting a tmpfs needs root and mount(8)")
+    mounted = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True, text=True
+    )
+    if mounted.returncode != 0:
+        unavailable(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
+    try:
+        yield directory
+    finally:
+        if subprocess.run(["umount", str(directory)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(directory)], capture_output=True)

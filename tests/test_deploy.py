@@ -19,7 +19,7 @@ import sys
 import time
 import tomllib
 from pathlib import Path, PurePosixPath
-from typing import Any, NoReturn
+from typing import Any
 
 import pytest
 import yaml
@@ -37,6 +37,7 @@ from tests.support import (
     gateway_config,
     metric_value,
     svix_request,
+    unavailable,
     wait_until,
     worst_case_shutdown,
 )
@@ -77,13 +78,6 @@ DATA_DIR = "/var/lib/hookyard"
 
 
 # -- external tools ------------------------------------------------------------------------------------
-
-
-def unavailable(message: str) -> NoReturn:
-    """Skip, or under HOOKYARD_REQUIRE_SERVICES=1 (CI) fail: a missing tool must not pass CI silently."""
-    if os.environ.get("HOOKYARD_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{message} (HOOKYARD_REQUIRE_SERVICES=1)")
-    pytest.skip(message)
 
 
 def require_tool(name: str, install: str) -> str:

@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import sqlite3
-import subprocess
 import sys
 import threading
 import time
@@ -51,7 +50,7 @@ from gateway.storage.sqlite import (
     _GroupCommit,
     _WalSyncer,
 )
-from tests.support import Downstream, RunningGateway, gateway_config, svix_request, wait_until
+from tests.support import Downstream, RunningGateway, gateway_config, svix_request, tmpfs, wait_until
 
 T = TypeVar("T")
 
@@ -2568,37 +2567,14 @@ def test_a_full_disk_error_names_the_cause(db: Harness) -> None:
     assert "full" in str(failure.value)
 
 
-@contextlib.contextmanager
-def small_tmpfs(directory: Path, size: str) -> Iterator[Path]:
-    """A real file system that fills up: a tmpfs of `size` mounted on directory (needs root)."""
-    directory.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], check=False
-    )
-    if mounted.returncode != 0:
-        pytest.skip("cannot mount a tmpfs here")
-    try:
-        yield directory
-    finally:
-        if subprocess.run(["umount", str(directory)], check=False).returncode != 0:
-            subprocess.run(["umount", "-l", str(directory)], check=False)
-
-
 def test_readiness_fails_on_a_full_disk_after_a_refused_webhook(tmp_path: Path) -> None:
-    with small_tmpfs(tmp_path / "disk", "4m") as disk:
+    with tmpfs(tmp_path / "disk", "4m") as disk:
         harness = Harness(disk / "hookyard.db")
         harness.run(harness.storage.open())
         try:
             harness.ingest("evt_before", APP)
-            ballast = disk / "ballast"
-            with contextlib.suppress(OSError), ballast.open("wb") as out:
-                while True:
-                    out.write(b"\0" * 65536)
-                    out.flush()
             # Room for a few pages, not for the whole of a large webhook.
-            os.truncate(ballast, ballast.stat().st_size - 32768)
+            ballast = leave_free(disk, 32768)
             # The refused webhook leaves its frames in the write-ahead log: the readiness check's single page
             # fits there, so the write alone would pass while every webhook like it is refused.
             with pytest.raises(StorageUnavailable):
@@ -2648,7 +2624,7 @@ def checkpoint(path: Path) -> None:
 def test_readiness_asks_room_for_one_webhook_of_the_configured_size(tmp_path: Path) -> None:
     # It asked for 1 MiB whatever the limits: a larger limits.max_body_bytes left the pod ready where such
     # a webhook is refused, and even at the default the log and the database file take it twice.
-    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+    with tmpfs(tmp_path / "disk", "16m") as disk:
         harness = Harness(disk / "hookyard.db")
         harness.run(harness.storage.open())
         try:
@@ -2672,7 +2648,7 @@ def test_readiness_asks_room_for_one_webhook_of_the_configured_size(tmp_path: Pa
 def test_readiness_counts_the_files_free_pages_but_the_log_needs_room_on_the_volume(tmp_path: Path) -> None:
     # A file that retention emptied keeps its size (docs/operations.md): new webhooks go to its free
     # pages, so only their frames in the write-ahead log need room on the volume.
-    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+    with tmpfs(tmp_path / "disk", "16m") as disk:
         harness = Harness(disk / "hookyard.db")
         harness.run(harness.storage.open())
         try:
@@ -2702,7 +2678,7 @@ def test_readiness_counts_the_files_free_pages_but_the_log_needs_room_on_the_vol
 
 
 def test_readiness_follows_a_reload_of_the_body_limit(tmp_path: Path, downstream: Downstream) -> None:
-    with small_tmpfs(tmp_path / "disk", "16m") as disk:
+    with tmpfs(tmp_path / "disk", "16m") as disk:
         config = gateway_config(tmp_path, downstream.url)
         config["storage"] = {"url": f"sqlite:///{disk}/hookyard.db"}
         config["reload"] = {"interval": "100ms"}

@@ -46,6 +46,7 @@ from tests.support import (
     free_port,
     gateway_config,
     svix_request,
+    unavailable,
     wait_until,
 )
 
@@ -244,10 +245,7 @@ def pgbouncer_url(postgres_url: str) -> Iterator[str]:
     them, as many gateways' would in production."""
     binary = shutil.which("pgbouncer", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/usr/local/sbin")
     if binary is None:
-        message = "pgbouncer is not installed; install it with: apt-get install -y pgbouncer"
-        if os.environ.get("HOOKYARD_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{message} (HOOKYARD_REQUIRE_SERVICES=1)")
-        pytest.skip(message)
+        unavailable("pgbouncer is not installed; install it with: apt-get install -y pgbouncer")
     server = urlsplit(postgres_url)
     user = unquote(server.username or "postgres")
     target = f"host={server.hostname or '127.0.0.1'} port={server.port or 5432} dbname={server.path[1:]}"

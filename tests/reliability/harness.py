@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
 import re
 import socket
@@ -16,10 +15,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import httpx
-import pytest
 import uvicorn
 import yaml
 
@@ -48,14 +46,6 @@ def record(scenario: str, figures: dict[str, Any], directory: Path) -> Path:
         f"\n[reliability] {scenario}: {json.dumps(figures, sort_keys=True)}\n[reliability] written to {path}"
     )
     return path
-
-
-def unavailable(message: str) -> NoReturn:
-    """Skip a test whose tool or privilege is missing here, or under HOOKYARD_REQUIRE_SERVICES=1 (CI) fail
-    it: a fault that cannot be staged must not pass CI silently."""
-    if os.environ.get("HOOKYARD_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"{message} (HOOKYARD_REQUIRE_SERVICES=1)")
-    pytest.skip(message)
 
 
 # -- what docs/errors.md promises ---------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from tests.reliability.harness import (
     record,
     sampler,
     signed_events,
-    unavailable,
 )
 from tests.support import (
     Downstream,
@@ -44,6 +43,8 @@ from tests.support import (
     TcpProxy,
     gateway_config,
     svix_request,
+    tmpfs,
+    unavailable,
     wait_until,
 )
 
@@ -89,27 +90,6 @@ def _post(gw: RunningGateway, msg_id: str) -> tuple[int, str]:
 
 
 # -- disk full ----------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def tmpfs(directory: Path, size: str) -> Iterator[Path]:
-    """A real, tiny file system: tmpfs mounted on directory (needs root, or CAP_SYS_ADMIN)."""
-    directory.mkdir()
-    mount = shutil.which("mount")
-    if mount is None or os.geteuid() != 0:
-        unavailable("mounting a tmpfs needs root and mount(8); the max_page_count variant still runs")
-    result = subprocess.run(
-        [mount, "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)], capture_output=True, text=True
-    )
-    if result.returncode != 0:
-        unavailable(
-            f"cannot mount a tmpfs here ({result.stderr.strip()}); the max_page_count variant still runs"
-        )
-    try:
-        yield directory
-    finally:
-        if subprocess.run(["umount", str(directory)], capture_output=True).returncode != 0:
-            subprocess.run(["umount", "-l", str(directory)], capture_output=True)
 
 
 def fill(directory: Path) -> int:

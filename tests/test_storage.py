@@ -155,7 +155,14 @@ def keyed(claims: list[Claim]) -> dict[tuple[str, str], Claim]:
 
 @pytest.fixture
 def db(tmp_path: Path) -> Iterator[Harness]:
-    harness = Harness(tmp_path / "hookyard.db")
+    with opened_harness(tmp_path / "hookyard.db") as harness:
+        yield harness
+
+
+@contextlib.contextmanager
+def opened_harness(path: Path) -> Iterator[Harness]:
+    """A store opened on `path`, closed at the end with its runner."""
+    harness = Harness(path)
     harness.run(harness.storage.open())
     try:
         yield harness
@@ -2568,27 +2575,21 @@ def test_a_full_disk_error_names_the_cause(db: Harness) -> None:
 
 
 def test_readiness_fails_on_a_full_disk_after_a_refused_webhook(tmp_path: Path) -> None:
-    with tmpfs(tmp_path / "disk", "4m") as disk:
-        harness = Harness(disk / "hookyard.db")
-        harness.run(harness.storage.open())
-        try:
-            harness.ingest("evt_before", APP)
-            # Room for a few pages, not for the whole of a large webhook.
-            ballast = leave_free(disk, 32768)
-            # The refused webhook leaves its frames in the write-ahead log: the readiness check's single page
-            # fits there, so the write alone would pass while every webhook like it is refused.
-            with pytest.raises(StorageUnavailable):
-                harness.run(harness.storage.ingest(*big_event("evt_big")))
-            with pytest.raises(StorageUnavailable) as failure:
-                harness.run(harness.storage.check_writable())
-            assert "full" in str(failure.value)
-
-            ballast.unlink()
+    with tmpfs(tmp_path / "disk", "4m") as disk, opened_harness(disk / "hookyard.db") as harness:
+        harness.ingest("evt_before", APP)
+        # Room for a few pages, not for the whole of a large webhook.
+        ballast = leave_free(disk, 32768)
+        # The refused webhook leaves its frames in the write-ahead log: the readiness check's single page
+        # fits there, so the write alone would pass while every webhook like it is refused.
+        with pytest.raises(StorageUnavailable):
+            harness.run(harness.storage.ingest(*big_event("evt_big")))
+        with pytest.raises(StorageUnavailable) as failure:
             harness.run(harness.storage.check_writable())
-            assert harness.run(harness.storage.ingest(*big_event("evt_big"))) is True
-        finally:
-            harness.run(harness.storage.close())
-            harness.runner.close()
+        assert "full" in str(failure.value)
+
+        ballast.unlink()
+        harness.run(harness.storage.check_writable())
+        assert harness.run(harness.storage.ingest(*big_event("evt_big"))) is True
 
 
 def leave_free(disk: Path, free: int) -> Path:
@@ -2624,57 +2625,45 @@ def checkpoint(path: Path) -> None:
 def test_readiness_asks_room_for_one_webhook_of_the_configured_size(tmp_path: Path) -> None:
     # It asked for 1 MiB whatever the limits: a larger limits.max_body_bytes left the pod ready where such
     # a webhook is refused, and even at the default the log and the database file take it twice.
-    with tmpfs(tmp_path / "disk", "16m") as disk:
-        harness = Harness(disk / "hookyard.db")
-        harness.run(harness.storage.open())
-        try:
-            harness.ingest("evt_before", APP)
-            harness.settle()
-            leave_free(disk, 2_500_000)
-            harness.run(harness.storage.check_writable(room=DEFAULT_ROOM))
-            with pytest.raises(StorageUnavailable) as failure:
-                harness.run(harness.storage.check_writable(room=4 * DEFAULT_ROOM))
-            assert "full" in str(failure.value) and "needed" in str(failure.value)
+    with tmpfs(tmp_path / "disk", "16m") as disk, opened_harness(disk / "hookyard.db") as harness:
+        harness.ingest("evt_before", APP)
+        harness.settle()
+        leave_free(disk, 2_500_000)
+        harness.run(harness.storage.check_writable(room=DEFAULT_ROOM))
+        with pytest.raises(StorageUnavailable) as failure:
+            harness.run(harness.storage.check_writable(room=4 * DEFAULT_ROOM))
+        assert "full" in str(failure.value) and "needed" in str(failure.value)
 
-            # Ready means it fits: the webhook in the log, then in the database file.
-            assert harness.run(harness.storage.ingest(*largest_webhook("evt_largest"))) is True
-            harness.settle()
-            checkpoint(harness.path)
-        finally:
-            harness.run(harness.storage.close())
-            harness.runner.close()
+        # Ready means it fits: the webhook in the log, then in the database file.
+        assert harness.run(harness.storage.ingest(*largest_webhook("evt_largest"))) is True
+        harness.settle()
+        checkpoint(harness.path)
 
 
 def test_readiness_counts_the_files_free_pages_but_the_log_needs_room_on_the_volume(tmp_path: Path) -> None:
     # A file that retention emptied keeps its size (docs/operations.md): new webhooks go to its free
     # pages, so only their frames in the write-ahead log need room on the volume.
-    with tmpfs(tmp_path / "disk", "16m") as disk:
-        harness = Harness(disk / "hookyard.db")
-        harness.run(harness.storage.open())
-        try:
-            for number in range(40):
-                assert harness.run(harness.storage.ingest(*big_event(f"evt_old_{number}"))) is True
-            harness.settle()
-            with contextlib.closing(sqlite3.connect(harness.path, isolation_level=None)) as other:
-                other.execute("DELETE FROM deliveries")
-                other.execute("DELETE FROM events")
-                assert other.execute("PRAGMA freelist_count").fetchone()[0] > 400
-            checkpoint(harness.path)
-            ballast = leave_free(disk, 1_500_000)
-            harness.run(harness.storage.check_writable(room=DEFAULT_ROOM))
-            assert harness.run(harness.storage.ingest(*largest_webhook("evt_largest"))) is True
-            harness.settle()
-            checkpoint(harness.path)
+    with tmpfs(tmp_path / "disk", "16m") as disk, opened_harness(disk / "hookyard.db") as harness:
+        for number in range(40):
+            assert harness.run(harness.storage.ingest(*big_event(f"evt_old_{number}"))) is True
+        harness.settle()
+        with contextlib.closing(sqlite3.connect(harness.path, isolation_level=None)) as other:
+            other.execute("DELETE FROM deliveries")
+            other.execute("DELETE FROM events")
+            assert other.execute("PRAGMA freelist_count").fetchone()[0] > 400
+        checkpoint(harness.path)
+        ballast = leave_free(disk, 1_500_000)
+        harness.run(harness.storage.check_writable(room=DEFAULT_ROOM))
+        assert harness.run(harness.storage.ingest(*largest_webhook("evt_largest"))) is True
+        harness.settle()
+        checkpoint(harness.path)
 
-            # Free pages are left in the file, but the log has no room for a webhook's frames.
-            ballast.unlink()
-            leave_free(disk, 500_000)
-            with pytest.raises(StorageUnavailable) as failure:
-                harness.run(harness.storage.check_writable(room=DEFAULT_ROOM))
-            assert "full" in str(failure.value)
-        finally:
-            harness.run(harness.storage.close())
-            harness.runner.close()
+        # Free pages are left in the file, but the log has no room for a webhook's frames.
+        ballast.unlink()
+        leave_free(disk, 500_000)
+        with pytest.raises(StorageUnavailable) as failure:
+            harness.run(harness.storage.check_writable(room=DEFAULT_ROOM))
+        assert "full" in str(failure.value)
 
 
 def test_readiness_follows_a_reload_of_the_body_limit(tmp_path: Path, downstream: Downstream) -> None:

@@ -152,6 +152,7 @@ class Gateway:
         self._tls: ssl.SSLContext | None = None  # the webhook listener's, with listen.tls
         self._exit = asyncio.Event()
         self._shutting_down = False
+        self._hurry = asyncio.Event()  # set once the shutdown is cut short: it waits no more
         self._reloads: set[asyncio.Task[bool]] = set()  # asked for by SIGHUP, held until done
         # The plugins whose startup hook has returned: if the start fails after that, theirs is the
         # shutdown to call, as a context manager's exit runs only once its enter has finished.
@@ -258,7 +259,26 @@ class Gateway:
             log.error("cannot close the HTTP clients", exc_info=closing.exception())
 
     def request_exit(self) -> None:
+        """Shut down, as serve says (SIGTERM, SIGINT). Asked again once the gateway has served, the shutdown
+        is cut short (_cut_short)."""
+        if (self._exit.is_set() or self._shutting_down) and self._ingress_server is not None:
+            self._cut_short()
         self._exit.set()
+
+    def _cut_short(self) -> None:
+        """Wait no more for the work in progress, as if each wait's time were up: the rest of
+        listen.drain_delay, the webhook requests in progress (cut off unanswered: their senders send them
+        again) and the running deliveries (cancelled and released: due at once at the next start). What
+        follows runs as usual, each step within its bound: the actions, the plugins' shutdown hooks and the
+        store are closed, and nothing answered is lost."""
+        if self._hurry.is_set():
+            return
+        self._hurry.set()
+        log.warning("shutdown cut short: not waiting for the work in progress")
+        if self._engine is not None:
+            self._engine.hurry()
+        if self._ingress_server is not None:
+            self._ingress_server.force_exit = True  # uvicorn stops waiting for the requests in progress
 
     # -- hot reload -------------------------------------------------------------------------------------
 
@@ -389,7 +409,8 @@ class Gateway:
         """Run until SIGTERM/SIGINT (or request_exit), then shut down without losing anything:
         /readyz turns 503; after listen.drain_delay the webhook listener stops taking connections and
         finishes the requests in progress; running deliveries get delivery.shutdown_timeout; storage is
-        closed; the ops listener stops last, so probes and scrapes see the whole shutdown.
+        closed; the ops listener stops last, so probes and scrapes see the whole shutdown. A second
+        SIGTERM/SIGINT meanwhile ends the waits for the work in progress at once (_cut_short).
 
         freeze_startup_objects: for a process that serves this one gateway for its whole life (`hookyard
         serve`): see collect_less."""
@@ -462,7 +483,9 @@ class Gateway:
             self.metrics.ready.set(0)
             log.info("shutting down")
             if self.config.listen.drain_delay and not servers[0].done():
-                await asyncio.sleep(self.config.listen.drain_delay)
+                hurried = asyncio.create_task(self._hurry.wait())
+                await asyncio.wait([hurried], timeout=self.config.listen.drain_delay)
+                hurried.cancel()
             ingress.should_exit = True
             await asyncio.gather(servers[0], return_exceptions=True)
             cut_off(connections)

@@ -187,6 +187,7 @@ class Engine:
         # a claim and a read (a commit each) per delivery.
         self._wants_slots = False
         self._stopping = False
+        self._hurried = asyncio.Event()  # stop() waits no more (hurry)
         self._loop_task: asyncio.Task[None] | None = None
         self._stats_task: asyncio.Task[None] | None = None
         self._lease_task: asyncio.Task[None] | None = None
@@ -348,10 +349,15 @@ class Engine:
         self._stats_task = asyncio.create_task(self._stats_loop(), name="hookyard-queue-stats")
         self._lease_task = asyncio.create_task(self._keep_leases(), name="hookyard-leases")
 
+    def hurry(self) -> None:
+        """End stop()'s waits for the claim, the commits and the deliveries in progress now (or, called before
+        it, as they begin): it goes on as when its timeout has passed. For a shutdown cut short."""
+        self._hurried.set()
+
     async def stop(self, timeout: float) -> None:
-        """Stop claiming, give running deliveries `timeout` seconds, then release the rest so they are due
-        at once at the next start (the interrupted attempt still counts towards the schedule: its request
-        may have reached the receiver)."""
+        """Stop claiming, give running deliveries `timeout` seconds (until hurry, if sooner), then release the
+        rest so they are due at once at the next start (the interrupted attempt still counts towards the
+        schedule: its request may have reached the receiver)."""
         self._stopping = True
         self._wakeup.set()
         # The queue's gauges go on until the end: a scrape during a long drain shows it progress.
@@ -360,25 +366,25 @@ class Engine:
         if claiming is not None:
             # The claim loop was cancelled waiting for this claim: what it leases is not run here but given
             # back, with no attempt counted, rather than left leased until the next start.
-            await asyncio.wait([claiming], timeout=timeout)
+            await self._wait_for_all([claiming], timeout)
             if claiming.done() and not claiming.cancelled() and claiming.exception() is None:
                 self._release_soon([claim.delivery.id for claim in claiming.result()])
         if self._leasing:
             # Their deliveries are started, or given back (stopping), as each commit finishes.
-            await asyncio.wait(list(self._leasing), timeout=timeout)
+            await self._wait_for_all(list(self._leasing), timeout)
         if self._running:
-            _done, pending = await asyncio.wait(list(self._running.values()), timeout=timeout)
-            unfinished = [delivery_id for delivery_id, task in self._running.items() if task in pending]
+            await self._wait_for_all(list(self._running.values()), timeout)
+            unfinished = {delivery_id: task for delivery_id, task in self._running.items() if not task.done()}
             # An action that catches its cancellation and goes on is left running, its delivery released
             # all the same (should it still end while the store is open, its result is recorded as usual).
-            left = await cancel_and_wait(pending)
+            left = await cancel_and_wait(unfinished.values())
             if left:
                 log.warning(
                     "deliveries still running after their cancellation; given up", extra={"count": len(left)}
                 )
             if unfinished:
                 with contextlib.suppress(StorageUnavailable):
-                    await self.storage.release(unfinished, time.time(), self.owner)
+                    await self.storage.release(list(unfinished), time.time(), self.owner)
                 log.warning("released unfinished deliveries", extra={"count": len(unfinished)})
         # Given back by commits that finished as it stopped (`ingested`); one that finishes later still is
         # released at the next start.
@@ -398,6 +404,18 @@ class Engine:
         if late:
             log.warning("actions still closing; given up", extra={"timeout_s": ACTION_CLOSE_TIMEOUT})
             await cancel_and_wait(late)
+
+    async def _wait_for_all(self, futures: Collection[asyncio.Future[Any]], timeout: float) -> None:
+        """Until every one of futures is done, for timeout seconds at most, or until hurry."""
+        if self._hurried.is_set() or not futures:
+            return
+        all_done = asyncio.ensure_future(asyncio.wait(futures))
+        hurried = asyncio.ensure_future(self._hurried.wait())
+        try:
+            await asyncio.wait([all_done, hurried], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            # Cancelling a wait leaves what it waits for running.
+            await cancel_and_wait([all_done, hurried])
 
     async def _claim_loop(self) -> None:
         while not self._stopping:

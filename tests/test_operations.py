@@ -1358,6 +1358,73 @@ def test_sigterm_releases_unfinished_deliveries_for_the_next_start(tmp_path: Pat
     assert {r.headers["idempotency-key"] for r in holding.downstream.received("/held/app")} == set(ids)
 
 
+@pytest.mark.parametrize(
+    ("signals", "when"),
+    [((signal.SIGTERM, signal.SIGTERM), "deliveries"), ((signal.SIGINT, signal.SIGINT), "drain_delay")],
+    ids=["sigterm_twice_while_delivering", "ctrl_c_twice_while_draining"],
+)
+def test_a_second_signal_cuts_the_shutdown_short(
+    tmp_path: Path, holding: Holding, signals: tuple[signal.Signals, signal.Signals], when: str
+) -> None:
+    """The receiver holds every request, and the first signal's shutdown would wait a minute for them (or
+    for a load balancer, drain_delay): a second signal ends the wait at once, as if the time were up. The
+    running deliveries are released in the file, the process exits 0 within seconds, and the next start
+    delivers them. Before, the second signal changed nothing: the whole minute was waited out."""
+    config = users_config(tmp_path, holding.downstream, "/held/app")
+    config["defaults"]["timeout"] = "5m"  # only the shutdown ends the attempts
+    config["delivery"] = {"poll_interval": "200ms", "lease": "10m", "shutdown_timeout": "60s"}
+    config["log"] = {"level": "info"}
+    if when == "drain_delay":
+        config["listen"] = {"drain_delay": "60s"}
+    process, url = start_process(tmp_path, config)
+    ids = [f"msg_cut_short_{index}" for index in range(3)]
+    try:
+        for msg_id in ids:
+            body, headers = svix_request(msg_id=msg_id)
+            assert httpx.post(url + "/webhooks/consignease", content=body, headers=headers).status_code == 200
+        wait_until(lambda: holding.held == len(ids))
+
+        assert process.process is not None
+        first, second = signals
+        process.process.send_signal(first)
+        if when == "drain_delay":
+            wait_until(lambda: "shutting down" in process.log_path.read_text())
+        else:  # the listener has stopped: the engine is waiting for the deliveries
+            wait_until(lambda: refuses_connections(url), 5)
+        time.sleep(0.3)
+        assert process.process.poll() is None  # the first signal alone waits on
+        started = time.monotonic()
+        process.process.send_signal(second)
+        exit_code = process.process.wait(15)
+        took = time.monotonic() - started
+    finally:
+        process.kill()
+    assert exit_code == 0, process.log_path.read_text()
+    assert took < 15, f"stopping took {took:.1f}s after the second signal"
+    logged = process.log_path.read_text()
+    assert "shutdown cut short" in logged and "released unfinished deliveries" in logged, logged
+    assert "stopped" in logged and "Traceback" not in logged, logged
+
+    # Pending in the file, owned by nobody: the attempt cut short counts, as a timeout's does.
+    stored = stored_deliveries(tmp_path / "hookyard.db")
+    assert set(stored) == set(ids)
+    assert {(row["state"], row["lease_owner"], row["attempts"]) for row in stored.values()} == {
+        ("pending", None, 1)
+    }
+
+    holding.release.set()  # the receiver answers again
+    process.start()
+    try:
+        wait_until(
+            lambda: (
+                {r["state"] for r in stored_deliveries(tmp_path / "hookyard.db").values()} == {"delivered"}
+            )
+        )
+    finally:
+        process.kill()
+    assert {r.headers["idempotency-key"] for r in holding.downstream.received("/held/app")} == set(ids)
+
+
 # `hookyard serve`, giving up on an fsync that does not answer sooner than after 5 s.
 IMPATIENT_SERVE = """
 from gateway.cli import main

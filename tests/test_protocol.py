@@ -596,6 +596,41 @@ def test_a_webhook_cut_off_by_the_shutdown_has_its_connection_ended_as_the_liste
     assert not rejections
 
 
+@pytest.mark.parametrize("door", ["fast_path", "asgi_path"])
+def test_a_second_exit_cuts_off_the_webhooks_the_listener_is_draining(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, door: str
+) -> None:
+    # The listener waits for the requests in progress once it stops (here a minute): a second exit, as a
+    # second SIGTERM or Ctrl-C asks for it, ends that wait at once, as its timeout does. The second exit
+    # changed nothing: the listener waited out its whole drain.
+    monkeypatch.setattr(app, "INGRESS_DRAIN_TIMEOUT", 60)
+    request = signed("msg_cut_short", extra="Expect: 100-continue\r\n" if door == "asgi_path" else "")
+    gw = RunningGateway(gateway_config(tmp_path, limits={"read_timeout": "5m"}))
+    with gw, Connection(gw.url) as conn:
+        if door == "asgi_path":
+            head, _, body = request.partition(b"\r\n\r\n")
+            conn.send(head + b"\r\n\r\n")
+            assert conn.answer()[0] == 100
+            conn.send(body[:10])  # and the rest never
+        else:
+            conn.send(request[:-10])  # and the rest never
+        wait_until(lambda: gw.gateway.ingress.in_flight == 1)
+        gw.loop.call_soon_threadsafe(gw.gateway.request_exit)
+        wait_until(lambda: not gw.gateway.ready)
+        time.sleep(0.3)
+        assert gw.thread.is_alive()  # the first exit waits for the request
+        gw.loop.call_soon_threadsafe(gw.gateway.request_exit)
+        conn.sock.settimeout(15)
+        try:
+            ended = conn.sock.recv(4096)  # no answer; TimeoutError if the drain goes on
+        except ConnectionResetError:
+            ended = b""
+        assert ended == b""
+        gw.thread.join(15)
+        assert not gw.thread.is_alive()
+    assert gw.gateway.ingress.in_flight == 0
+
+
 def test_a_client_that_leaves_mid_body_is_counted_and_frees_its_slot(tmp_path) -> None:
     with RunningGateway(gateway_config(tmp_path)) as gw:
         with Connection(gw.url) as conn:

@@ -259,8 +259,9 @@ class Gateway:
             log.error("cannot close the HTTP clients", exc_info=closing.exception())
 
     def request_exit(self) -> None:
-        """Shut down, as serve says (SIGTERM, SIGINT). Asked again once the gateway has served, the shutdown
-        is cut short (_cut_short)."""
+        """Shut down, as serve says (SIGTERM, SIGINT). Asked for while a shutdown of the serving gateway is
+        already asked for or under way (a second Ctrl-C), the shutdown is cut short (_cut_short). While
+        the gateway starts, it is not: the start's cancellation waits for no work in progress."""
         if (self._exit.is_set() or self._shutting_down) and self._ingress_server is not None:
             self._cut_short()
         self._exit.set()

@@ -262,9 +262,14 @@ class Gateway:
         """Shut down, as serve says (SIGTERM, SIGINT). Asked for while a shutdown of the serving gateway is
         already asked for or under way (a second Ctrl-C), the shutdown is cut short (_cut_short). While
         the gateway starts, it is not: the start's cancellation waits for no work in progress."""
-        if (self._exit.is_set() or self._shutting_down) and self._ingress_server is not None:
+        if self.exit_requested and self._ingress_server is not None:
             self._cut_short()
         self._exit.set()
+
+    @property
+    def exit_requested(self) -> bool:
+        """Whether a shutdown has been asked for (request_exit) or is under way."""
+        return self._exit.is_set() or self._shutting_down
 
     def _cut_short(self) -> None:
         """Wait no more for the work in progress, as if each wait's time were up: the rest of

@@ -352,11 +352,17 @@ class RunningGateway:
 
     def __exit__(self, *exc: object) -> None:
         with suppress(RuntimeError):  # its event loop is closed: the gateway has stopped already
-            self.loop.call_soon_threadsafe(self.gateway.request_exit)
+            self.loop.call_soon_threadsafe(self._exit_once)
         self.thread.join(20)
         self.client.close()
         self.ingress_sock.close()
         self.ops_sock.close()
+
+    def _exit_once(self) -> None:
+        # A test that asked for the exit itself waits for the shutdown it began: a second request would
+        # cut it short (a second Ctrl-C).
+        if not self.gateway.exit_requested:
+            self.gateway.request_exit()
 
     def post(self, path: str, body: bytes, headers: dict[str, str]) -> httpx.Response:
         return self.client.post(self.url + path, content=body, headers=headers)

@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import click
 import pluggy
@@ -22,6 +22,7 @@ from gateway.config import (
     CONFIG_ENV_VAR,
     Config,
     ConfigError,
+    OpsListener,
     default_config_path,
     json_schema,
     load_config_for,
@@ -106,6 +107,12 @@ def _load_for(config_path: Path | None, needs: Collection[str]) -> Config:
     """The config as far as the sections in `needs` go, for the commands that need no more: a ${VAR} unset
     outside them (a secret, the admin token, a chat webhook's URL, which an operator's shell need not hold)
     is named in one line on stderr, not an error. Its value, were one set, is never shown."""
+    return _load_for_unset(config_path, needs)[0]
+
+
+def _load_for_unset(config_path: Path | None, needs: Collection[str]) -> tuple[Config, dict[str, str]]:
+    """_load_for's config, and the variables left unset, each with its place: defaults stand in for a
+    section that holds one."""
     path = config_path or default_config_path()
     try:
         config, unset = load_config_for(path, needs)
@@ -114,20 +121,25 @@ def _load_for(config_path: Path | None, needs: Collection[str]) -> Config:
     if unset:
         named = ", ".join(f"{name} ({place})" for name, place in unset.items())
         click.echo(f"hookyard: not set, and not needed by this command: {named}", err=True)
-    return config
+    return config, unset
 
 
-def _load_source(config_path: Path | None, source: str, *, needs_listen: bool) -> RouteTable:
+def _load_source(
+    config_path: Path | None, source: str, *, needs_listen: bool
+) -> tuple[RouteTable, OpsListener | None]:
     """The table of one source, for `send` and `sign`: they need its provider and secrets, and `listen:`
-    where no --url is given, not the routes or the rest of the config (see _load_for)."""
+    where no --url is given, not the routes or the rest of the config (see _load_for). With it the ops
+    listener as the file has it, where `send` may look its event up; None if a variable it holds is unset
+    (the admin token, most often), which leaves defaults in its place."""
     needs = [f"sources.{source}", *(["listen"] if needs_listen else [])]
-    config = _load_for(config_path, needs)
+    config, unset = _load_for_unset(config_path, needs)
+    ops = None if any(place.split(".")[0] == "ops" for place in unset.values()) else config.ops
     if source not in config.sources:
         known = ", ".join(sorted(config.sources))
         raise click.BadParameter(f"unknown source {source!r}; known: {known}", param_hint="SOURCE")
     alone = config.model_copy(update={"sources": {source: config.sources[source]}, "routes": []})
     try:
-        return RouteTable.build(alone, _registry())
+        return RouteTable.build(alone, _registry()), ops
     except ConfigError as exc:  # its provider unknown, or one that cannot take its options
         raise _config_errors(config_path or default_config_path(), exc) from None
 
@@ -356,19 +368,10 @@ def _operate(
     from gateway.admin_client import RemoteOperations
     from gateway.operations import OperationError, Operations
 
-    # Named in errors as the user gave it: the option, or the variable.
-    from_env = click.get_current_context().get_parameter_source("admin_url") == ParameterSource.ENVIRONMENT
-    given_as = "$HOOKYARD_ADMIN_URL" if from_env else "--admin-url"
+    given_as = _admin_url_given_as()
     token = os.environ.get("HOOKYARD_ADMIN_TOKEN")
     if admin_url:
-        _check_target(admin_url, given_as, "http://127.0.0.1:9000")
-        _check_no_credentials(admin_url, given_as)
-        if token is not None and header_control_character(token.strip()) is not None:
-            # Not shown: the HTTP library's refusal would repeat the header, token and all.
-            raise click.UsageError(
-                "$HOOKYARD_ADMIN_TOKEN holds a line break or another control character, which no header "
-                "can carry (two lines of a file?); it is not shown"
-            )
+        _check_admin(admin_url, given_as, token)
 
     async def run() -> T:
         if admin_url:
@@ -408,6 +411,24 @@ def _operate(
             )
         click.echo(f"hookyard: {exc}{hint}", err=True)
         raise SystemExit(1) from None
+
+
+def _admin_url_given_as() -> str:
+    """How the user gave --admin-url, to name it so in errors: the option, or the variable."""
+    from_env = click.get_current_context().get_parameter_source("admin_url") == ParameterSource.ENVIRONMENT
+    return "$HOOKYARD_ADMIN_URL" if from_env else "--admin-url"
+
+
+def _check_admin(admin_url: str, given_as: str, token: str | None) -> None:
+    """An admin URL and token that no request could be sent with are a usage error, before anything is done."""
+    _check_target(admin_url, given_as, "http://127.0.0.1:9000")
+    _check_no_credentials(admin_url, given_as)
+    if token is not None and header_control_character(token.strip()) is not None:
+        # Not shown: the HTTP library's refusal would repeat the header, token and all.
+        raise click.UsageError(
+            "$HOOKYARD_ADMIN_TOKEN holds a line break or another control character, which no header "
+            "can carry (two lines of a file?); it is not shown"
+        )
 
 
 def _providers(config: Config) -> dict[str, Provider]:
@@ -668,6 +689,14 @@ def _parse_data(data: str | None) -> Any:
         raise click.BadParameter("nested too deeply to read", param_hint="--data") from None
 
 
+class _Signed(NamedTuple):
+    table: RouteTable
+    ops: OpsListener | None  # as _load_source reads it
+    path: str
+    body: bytes
+    headers: dict[str, str]
+
+
 def _signed_request(
     config_path: Path | None,
     source: str,
@@ -675,12 +704,16 @@ def _signed_request(
     data: str | None,
     event_id: str | None,
     url: str | None,
-) -> tuple[RouteTable, str, bytes, dict[str, str]]:
+) -> _Signed:
+    """The source's request, signed; a --type its provider never sends is said on stderr first (a typo
+    would leave the event unrouted without a word), and the request is made all the same."""
     import orjson
 
-    from gateway.sender import build_request
+    from gateway.sender import build_request, find_endpoint, unknown_type
 
-    table = _load_source(config_path, source, needs_listen=not url)
+    table, ops = _load_source(config_path, source, needs_listen=not url)
+    if (warning := unknown_type(find_endpoint(table, source).provider, event_type)) is not None:
+        click.echo(f"hookyard: warning: {warning}", err=True)
     try:
         path, body, headers = build_request(table, source, event_type, _parse_data(data), event_id)
     except orjson.JSONEncodeError as exc:  # nested past 254 levels, an integer past 64 bits
@@ -689,7 +722,7 @@ def _signed_request(
         raise click.BadParameter(str(exc.args[0]), param_hint="SOURCE") from None
     except ValueError as exc:  # e.g. a source with only public keys cannot sign
         raise click.UsageError(f"cannot sign for {source}: {exc}") from None
-    return table, path, body, headers
+    return _Signed(table, ops, path, body, headers)
 
 
 @main.command()
@@ -708,6 +741,12 @@ def _signed_request(
     show_default=True,
     help="Requests in flight at once with --count.",
 )
+@click.option(
+    "--admin-url",
+    envvar="HOOKYARD_ADMIN_URL",
+    help="The gateway's ops listener, where the event is looked up to say if no route matched it "
+    "(default: from ops: in the config, without --url); the token comes from $HOOKYARD_ADMIN_TOKEN.",
+)
 def send(
     config_path: Path | None,
     source: str,
@@ -717,6 +756,7 @@ def send(
     url: str | None,
     count: int,
     concurrency: int,
+    admin_url: str | None,
 ) -> None:
     """Send a test event, signed exactly as SOURCE's provider signs it, and print the answer."""
     import httpx
@@ -726,9 +766,10 @@ def send(
     from gateway.sender import build_request, listen_url, send_many, source_url
     from gateway.sender import send as post
 
-    table, path, body, headers = _signed_request(config_path, source, event_type, data, event_id, url)
+    table, ops, path, body, headers = _signed_request(config_path, source, event_type, data, event_id, url)
     target = source_url(url or listen_url(table), path)
     _check_target(target)
+    lookup = _lookup_for(admin_url, None if url else ops) if count == 1 else None
     if count > 1:
         if event_id is not None:
             raise click.UsageError("--id names one event; leave it out with --count")
@@ -764,6 +805,71 @@ def send(
     click.echo(f"{response.status_code} {response.text}")
     if not response.is_success:
         raise SystemExit(1)
+    if lookup is not None:
+        _say_if_unrouted(lookup, source, response)
+
+
+class _Lookup(NamedTuple):
+    """Where `send` looks its event up: an admin API, and how to name it in errors."""
+
+    url: str
+    token: str | None
+    given_as: str
+
+
+# How long `send` waits for the admin API's answer on its event: a look-up, not what was asked for.
+LOOKUP_TIMEOUT = 3.0
+
+
+def _lookup_for(admin_url: str | None, ops: OpsListener | None) -> _Lookup | None:
+    """The admin API `send` looks its event up on: --admin-url ($HOOKYARD_ADMIN_URL), checked as the
+    operator commands check it; else the ops listener of the config whose `listen:` it sends to (`ops`,
+    None with --url), with the config's admin token if the environment has none; else none."""
+    from gateway.sender import listener_url
+
+    token = os.environ.get("HOOKYARD_ADMIN_TOKEN")
+    if admin_url:
+        given_as = _admin_url_given_as()
+        _check_admin(admin_url, given_as, token)
+        return _Lookup(admin_url, token, given_as)
+    if ops is None or ops.port == 0:  # port 0: chosen at start, so not known here
+        return None
+    return _Lookup(listener_url(ops), token if token is not None else ops.admin_token, "ops:")
+
+
+def _say_if_unrouted(lookup: _Lookup, source: str, response: Any) -> None:
+    """Say on stderr when the event the gateway took matched no route: nothing will be delivered, and a
+    typo'd --type, or a type no route lists, is otherwise told apart from a slow receiver only by looking.
+    An admin API that cannot be reached is said nothing of; any other failure to look is one line."""
+    from gateway.admin_client import RemoteOperations
+    from gateway.operations import OperationError
+
+    try:
+        event_id = response.json()["id"]
+    except (ValueError, KeyError, TypeError):  # not the gateway's answer: nothing to look up
+        return
+    if not isinstance(event_id, str):
+        return
+
+    async def look() -> dict[str, Any]:
+        remote = RemoteOperations(lookup.url, lookup.token, timeout=LOOKUP_TIMEOUT, given_as=lookup.given_as)
+        try:
+            return await remote.show_event(event_id, source)
+        finally:
+            await remote.aclose()
+
+    try:
+        detail = _run(look())
+    except OperationError as exc:
+        if exc.status != 503:  # 503: nothing answers there (no ops listener, or not this host's)
+            click.echo(f"hookyard: cannot tell whether a route matched the event: {exc}", err=True)
+        return
+    if not detail["deliveries"]:
+        click.echo(
+            f"hookyard: no route matched type {_one_line(detail['type'])} from source {_one_line(source)}: "
+            "nothing will be delivered",
+            err=True,
+        )
 
 
 # What `send` adds where nothing listens at its URL: most often, the gateway is not started yet.
@@ -827,7 +933,7 @@ def sign(
 
     from gateway.sender import listen_url, source_url
 
-    table, path, body, headers = _signed_request(config_path, source, event_type, data, event_id, url)
+    table, _, path, body, headers = _signed_request(config_path, source, event_type, data, event_id, url)
     target = source_url(url or listen_url(table), path)
     parts = ["curl", "-sS", "-X", "POST", shlex.quote(target)]
     for name, value in headers.items():

@@ -6,7 +6,7 @@ import functools
 import hmac
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -107,6 +107,11 @@ class Provider(ABC):
     def event_type(self, name: str | int) -> str:
         """Map a route's `events:` entry or a payload's type to the canonical type (catalog lookups)."""
         return str(name)
+
+    def known_types(self) -> Collection[str] | None:
+        """Every type this provider sends, as a route's `events:` may name it (canonical types, and the names
+        or codes of its catalog), or None for a provider that may send any type (the default)."""
+        return None
 
     # -- the sender's side, for `hookyard send` and tests --------------------------------------------
 

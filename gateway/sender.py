@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import time
 import uuid
 from collections import Counter
@@ -13,6 +14,8 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 import orjson
 
+from gateway.config import Listener
+from gateway.providers import Provider
 from gateway.routing import Endpoint, RouteTable
 
 # Sample `data` per event type, so that a bare `hookyard send SOURCE --type T` looks like the real thing.
@@ -71,11 +74,26 @@ def build_request(
 
 def listen_url(table: RouteTable) -> str:
     listen = table.config.listen
-    host = "127.0.0.1" if listen.host in ("0.0.0.0", "::", "") else listen.host
+    return listener_url(listen, "https" if listen.tls is not None else "http")
+
+
+def listener_url(listener: Listener, scheme: str = "http") -> str:
+    """Where this host reaches a listener of the config: one bound to every address, on loopback."""
+    host = "127.0.0.1" if listener.host in ("0.0.0.0", "::", "") else listener.host
     if ":" in host:  # an IPv6 address goes in brackets in a URL
         host = f"[{host}]"
-    scheme = "https" if listen.tls is not None else "http"
-    return f"{scheme}://{host}:{listen.port}"
+    return f"{scheme}://{host}:{listener.port}"
+
+
+def unknown_type(provider: Provider, event_type: str) -> str | None:
+    """What to say of a --type the source's provider never sends (a typo, most often), with the closest one
+    it does; None for a type it sends, or where it does not list its types. No route could match it."""
+    known = provider.known_types()
+    if known is None or provider.event_type(event_type) in {provider.event_type(name) for name in known}:
+        return None
+    close = difflib.get_close_matches(event_type, known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{provider.name} sends no event type {event_type!r}{hint}"
 
 
 def source_url(base: str, path: str) -> str:

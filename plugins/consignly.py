@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -72,6 +72,8 @@ def dotted_type(name: str) -> str:
 
 BY_NAME: dict[str, str] = {name: dotted_type(name) for name in CATALOG.values()}
 BY_CODE: dict[int, str] = {code: dotted_type(name) for code, name in CATALOG.items()}
+# Every type as a route may name it: by name (ConsignmentCreated) or dotted (consignment.created).
+KNOWN_TYPES: tuple[str, ...] = (*BY_NAME, *BY_NAME.values())
 
 
 class ConsignlyProvider(Provider):
@@ -116,6 +118,9 @@ class ConsignlyProvider(Provider):
         ):
             return BY_CODE.get(int(name), str(name))
         return BY_NAME.get(name, name)
+
+    def known_types(self) -> Collection[str]:
+        return KNOWN_TYPES
 
     def sample_payload(self, event_type: str, event_id: str, data: Any, now: float) -> Any:
         created = datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

@@ -34,6 +34,7 @@ from tests.support import (
     CONSIGNLY_SECRETS,
     SVIX_SECRET,
     Downstream,
+    GatewayProcess,
     RunningGateway,
     bound_socket,
     free_port,
@@ -1498,6 +1499,74 @@ def test_send_with_count_before_the_gateway_runs_says_to_start_it(tmp_path: Path
         "connect: "
         "is the gateway running there? Start it with `hookyard serve`, or give its address with --url\n"
     )
+
+
+def test_send_says_when_no_route_matched_the_event(tmp_path: Path) -> None:
+    """It printed `200 … accepted` for an event no route took, and nothing was ever delivered, without a word
+    of why: a type no route lists, or a misspelt --type. `hookyard serve` found as the config has it, the
+    event looked up on its ops listener."""
+    config = config_dict(tmp_path)
+    ingress, ops = free_port(), free_port()
+    config["listen"] = {"host": "127.0.0.1", "port": ingress}
+    config["ops"] = {"host": "127.0.0.1", "port": ops}
+    config["routes"].append(
+        {
+            "name": "consignments",
+            "source": "consignly",
+            "events": ["ConsignmentCreated"],
+            "actions": [{"id": "app", "use": "forward", "with": {"url": "http://127.0.0.1:9/hooks"}}],
+        }
+    )
+    path = write_config(tmp_path, config)
+    process = GatewayProcess(path, f"http://127.0.0.1:{ops}").start()
+    try:
+        routed = invoke("send", "-c", path, "consignly", "--type", "ConsignmentCreated")
+        unrouted = invoke("send", "-c", path, "consignly", "--type", "ConsignmentDeleted")
+        misspelt = invoke("send", "-c", path, "consignly", "--type", "ConsignmentCreatd")
+    finally:
+        process.kill()
+    assert (routed.exit_code, routed.stderr) == (0, ""), routed.output
+    # Taken all the same, and said so as before: the gateway did what it was asked.
+    for result in (unrouted, misspelt):
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith("200 {") and '"status":"accepted"' in result.stdout
+    assert unrouted.stderr == (
+        "hookyard: no route matched type consignment.deleted from source consignly: nothing will be delivered\n"
+    )
+    assert misspelt.stderr == (
+        "hookyard: warning: consignly sends no event type 'ConsignmentCreatd' (did you mean "
+        "ConsignmentCreated?)\n"
+        "hookyard: no route matched type ConsignmentCreatd from source consignly: nothing will be delivered\n"
+    )
+
+
+def test_send_looks_its_event_up_on_the_admin_url_and_says_nothing_where_none_answers(tmp_path: Path) -> None:
+    config = config_dict(tmp_path)
+    config["ops"] = {"admin_token": "admin-token-for-tests"}
+    path = write_config(tmp_path, config)
+    token = {"HOOKYARD_ADMIN_TOKEN": "admin-token-for-tests"}
+    closed = f"http://127.0.0.1:{free_port()}"
+    with RunningGateway(path) as gw:
+
+        def send(*args: str, env: dict[str, str] | None = None) -> Result:
+            # consignment.created: no route of this config lists it.
+            return invoke("send", "-c", path, "consignly", "--type", "101", "--url", gw.url, *args, env=env)
+
+        # --url names a gateway whose ops listener the config does not say: nothing is looked up.
+        alone = send()
+        nothing_there = send("--admin-url", closed, env=token)
+        looked_up = send("--admin-url", gw.ops_url, env=token)
+        from_env = send(env={**token, "HOOKYARD_ADMIN_URL": gw.ops_url})
+        no_token = send("--admin-url", gw.ops_url)
+    unrouted = "hookyard: no route matched type consignment.created from source consignly: nothing will be delivered\n"
+    for result in (alone, nothing_there, looked_up, from_env, no_token):
+        assert result.exit_code == 0, result.output
+        assert result.stdout.startswith("200 {"), result.output
+    assert alone.stderr == nothing_there.stderr == ""
+    assert looked_up.stderr == from_env.stderr == unrouted
+    # One line, no traceback: the event was sent, whatever the look-up found.
+    assert no_token.stderr.startswith("hookyard: cannot tell whether a route matched the event: ")
+    assert no_token.stderr.count("\n") == 1, no_token.stderr
 
 
 def test_send_to_a_gateway_that_takes_the_request_but_does_not_answer_says_it_may_be_taken(

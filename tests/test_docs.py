@@ -724,6 +724,7 @@ def test_every_cli_option_is_described_where_its_command_is() -> None:
     assert {words[0] for words, command in commands.items() if "--admin-url" in long_options(command)} == {
         "events",
         "replay",
+        "send",
     }
 
 

@@ -26,6 +26,7 @@ import yaml
 from gateway import retention as retention_module
 from gateway.actions import ParentResult
 from gateway.events import Event
+from gateway.operations import detail_view, iso
 from gateway.storage import (
     Attempt,
     Claim,
@@ -1855,6 +1856,34 @@ def test_get_event_returns_deliveries_and_attempts_in_order(db: Harness) -> None
     assert detail.attempts[ack_record.id] == []
     assert db.run(db.storage.get_event("evt_missing")) == []
     assert db.run(db.storage.get_event("evt_1", source="other")) == []
+
+
+def test_a_lease_that_has_run_out_is_not_in_flight(tmp_path: Path) -> None:
+    """`events show` said `in_flight: true` for a delivery whose lease a crashed process left behind, until
+    the next start released it, and showed no next attempt: none of it runs, and it is due since its lease
+    ended. Read by the clock, as `events show` reads it."""
+    path = tmp_path / "hookyard.db"
+    now = time.time()
+    with opened_harness(path) as crashed:
+        # One leased now for a minute, another for a minute ten minutes ago; the process then dies with both.
+        crashed.ingest("evt_running", APP, at=now - 1)
+        [running] = crashed.claim(now, lease=60)
+        crashed.ingest("evt_stale", APP, at=now - 600)
+        [stale] = crashed.claim(now - 600, lease=60)
+    with opened_harness(path) as reopened:
+        stale_detail, running_detail = reopened.detail("evt_stale"), reopened.detail("evt_running")
+    assert stale_detail.in_flight == frozenset()
+    assert running_detail.in_flight == {running.delivery.id}
+    [stale_view] = detail_view(stale_detail)["deliveries"]
+    [running_view] = detail_view(running_detail)["deliveries"]
+    assert (stale_view["state"], stale_view["in_flight"]) == ("pending", False)
+    assert stale_view["next_attempt_at"] == iso(now - 540)
+    assert (running_view["state"], running_view["in_flight"], running_view["next_attempt_at"]) == (
+        "pending",
+        True,
+        None,
+    )
+    assert stale.delivery.event_seq != running.delivery.event_seq
 
 
 # -- replay ---------------------------------------------------------------------------------------------

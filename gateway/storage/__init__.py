@@ -210,8 +210,8 @@ class EventDetail:
     deliveries: list[DeliveryRecord]
     attempts: dict[int, list[Attempt]]  # by delivery id
     unreadable: str | None = None  # as StoredEvent's
-    # The deliveries with an attempt under way (leased to a worker), by id: their due_at is when the lease
-    # ends, not when they are tried next.
+    # The deliveries with an attempt under way (leased to a worker, the lease not run out), by id: their
+    # due_at is when the lease ends, not when they are tried next.
     in_flight: frozenset[int] = frozenset()
 
 
@@ -365,8 +365,11 @@ class Storage(ABC):
         """Events newest first; `before` is the seq of the last one of the previous page."""
 
     @abstractmethod
-    async def get_event(self, event_id: str, source: str | None = None) -> list[EventDetail]:
-        """Every stored event with that id (one per source), newest first."""
+    async def get_event(
+        self, event_id: str, source: str | None = None, now: float | None = None
+    ) -> list[EventDetail]:
+        """Every stored event with that id (one per source), newest first. A delivery is in flight while
+        its lease runs past `now` (default: the clock's time)."""
 
     @abstractmethod
     async def replay_event(

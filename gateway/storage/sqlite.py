@@ -1343,7 +1343,13 @@ class SQLiteStorage(Storage):
         # lock, which the serving process's batches then wait for.
         return await self._read(list_events)
 
-    async def get_event(self, event_id: str, source: str | None = None) -> list[EventDetail]:
+    async def get_event(
+        self, event_id: str, source: str | None = None, now: float | None = None
+    ) -> list[EventDetail]:
+        # A lease that has run out is a crashed process's (released at the next start) or a worker's that
+        # missed its renewals: no attempt of it is running, and the delivery is due at the lease's end.
+        leased_until = time.time() if now is None else now
+
         def get_event(conn: sqlite3.Connection) -> list[EventDetail]:
             sql = f"SELECT {_EVENT_COLUMNS} FROM events WHERE event_id = ?"
             params: list[Any] = [event_id]
@@ -1354,9 +1360,9 @@ class SQLiteStorage(Storage):
             for row in conn.execute(sql + " ORDER BY seq DESC", params).fetchall():
                 deliveries, in_flight = [], set()
                 for *columns, leased in conn.execute(
-                    f"SELECT {_DELIVERY_COLUMNS}, lease_owner IS NOT NULL FROM deliveries "
+                    f"SELECT {_DELIVERY_COLUMNS}, lease_owner IS NOT NULL AND due_at > ? FROM deliveries "
                     "WHERE event_seq = ? ORDER BY id",
-                    (row[0],),
+                    (leased_until, row[0]),
                 ):
                     deliveries.append(_shown_delivery(_delivery(tuple(columns))))
                     if leased:

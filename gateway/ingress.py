@@ -116,7 +116,13 @@ class Ingress:
     # -- the steps, shared by both doors ----------------------------------------------------------------
 
     def endpoint(self, scope: Scope) -> Endpoint | None:
-        return self.gateway.table.endpoints.get(scope["path"])
+        endpoint = self.gateway.table.endpoints.get(scope["path"])
+        # The path is decoded from the request line, where an encoded slash (%2F) belongs to its segment:
+        # it is no separator, and `/webhooks%2Fconsignly` is not `/webhooks/consignly`, which its decoding
+        # reads as. (The fast path takes no path with a %-escape.)
+        if endpoint is not None and b"%2f" in (scope.get("raw_path") or b"").lower():
+            return None
+        return endpoint
 
     def admit(self, scope: Scope, endpoint: Endpoint | None) -> dict[str, str]:
         """Everything decided before the body: raises Rejected. An admitted request is in flight until

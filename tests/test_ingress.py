@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -156,6 +157,38 @@ def test_unknown_path_is_404(gw: RunningGateway) -> None:
     response = gw.post("/webhooks/nope", b"{}", {})
     assert response.status_code == 404
     assert response.json()["error"] == "unknown_path"
+
+
+def raw_post(url: str, target: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+    """POST to `target` exactly as written (httpx would normalise it), on a connection of its own: the
+    status and the JSON answer."""
+    host, port = url.removeprefix("http://").split(":")
+    head = f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head.encode() + b"\r\n" + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status_line, _, rest = answer.partition(b"\r\n")
+    return int(status_line.split()[1]), json.loads(rest.partition(b"\r\n\r\n")[2])
+
+
+@pytest.mark.parametrize("target", ["/webhooks%2Fconsignly", "/webhooks%2fconsignly"])
+def test_an_encoded_slash_is_no_path_separator(gw: RunningGateway, target: str) -> None:
+    """`/webhooks%2Fconsignly` was taken as `/webhooks/consignly`: the path decoded, its %2F read as a `/`.
+    A path whose segments differ from the source's is another path, answered as any unknown one."""
+    body = consignly_body(event_id="evt_encoded_slash")
+    assert raw_post(gw.url, target, body, consignly_headers(body)) == (
+        404,
+        {"error": "unknown_path", "detail": "no source listens on this path"},
+    )
+    assert gw.metric("hookyard_webhook_rejections_total", source="", reason="unknown_path") == 1
+    assert gw.metric("hookyard_webhooks_received_total", source="", outcome="rejected") == 1
+    stored = asyncio.run_coroutine_threadsafe(gw.gateway.storage.get_event("evt_encoded_slash"), gw.loop)
+    assert stored.result(10) == []
+    # Another character escaped is the same character: the source's own path.
+    assert raw_post(gw.url, "/webhooks/consign%6Cy", body, consignly_headers(body))[0] == 200
 
 
 def test_wrong_method_is_405(gw: RunningGateway) -> None:

@@ -363,6 +363,19 @@ def render_error(exc: Exception) -> str:
     return f"{where}: {type(exc).__name__}: {exc}"
 
 
+def header_secrets(headers: dict[str, str]) -> tuple[str, ...]:
+    """What an error never shows of the configured `headers`, should a refusal repeat it: each value, and
+    what follows its scheme (`Bearer <token>`). A chat API's key goes there (a URL with credentials is
+    refused), and nothing tells which header holds one."""
+    secrets: list[str] = []
+    for value in headers.values():
+        secrets.append(value.strip())
+        _, space, credential = value.strip().partition(" ")
+        if space:
+            secrets.append(credential.strip())
+    return tuple(secret for secret in secrets if secret)
+
+
 class Notify(Action):
     name = "notify"
     description = (
@@ -379,6 +392,7 @@ class Notify(Action):
             compile_template(options.template, self.escape) if options.template is not None else None
         )
         self.hidden = hidden_paths(options.url)
+        self.secrets = header_secrets(options.headers)
 
     def message(self, job: Job) -> str:
         return self.finish(self.rendered(job))
@@ -426,7 +440,7 @@ class Notify(Action):
                 else:
                     # Chat webhooks say why they refused in the body: Slack's 404 `no_service` (the webhook
                     # was removed) and 410 `channel_is_archived` need different fixes.
-                    reason = await read_reason(response, self.hidden)
+                    reason = await read_reason(response, self.hidden, self.secrets)
         except httpx.HTTPError as exc:
             return transport_error(exc)
         outcome = http_outcome(response, job.retry)

@@ -1451,10 +1451,40 @@ def test_a_refusal_that_echoes_the_webhook_url_is_reported_without_it(
     assert logged and not any("T0001" in text for text in logged)
 
 
-def only_attempt(tmp_path: Path, url: str, msg_id: str) -> Any:
+@pytest.mark.parametrize(
+    ("headers", "echoed", "error"),
+    [
+        ({"X-Api-Key": "key-8f2b6c1d9e"}, "invalid key key-8f2b6c1d9e", "invalid key …"),
+        ({"Authorization": "Bearer tok-5a7c3e9f1b"}, "invalid token tok-5a7c3e9f1b", "invalid token …"),
+        ({"Authorization": "Bearer tok-5a7c3e9f1b"}, "you sent: Bearer tok-5a7c3e9f1b", "you sent: …"),
+    ],
+    ids=["api-key", "bearer-token", "whole-value"],
+)
+def test_a_refusal_that_echoes_a_configured_header_is_reported_without_its_value(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, headers: dict[str, str], echoed: str, error: str
+) -> None:
+    # `headers` is where a chat webhook's credential goes (the URL refuses one): an API that repeats what
+    # it was sent in its refusal must not put the key into the attempt's error, which the admin API and
+    # the log show.
+    caplog.set_level(logging.INFO)
+    secret = echoed.rpartition(" ")[2]
+
+    def answer(conn: socket.socket) -> None:
+        body = json.dumps({"error": echoed}).encode()
+        head = f"HTTP/1.1 401 Unauthorized\r\ncontent-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        conn.sendall(head.encode() + body)
+
+    with raw_server(answer) as url:
+        alert = only_attempt(tmp_path, f"{url}/hook", "msg_key_echoed", headers=headers)
+    assert alert.last_error == f"HTTP 401: {error}"
+    logged = [str(vars(record)) for record in caplog.records if record.name.startswith("hookyard")]
+    assert logged and not any(secret in text for text in logged)
+
+
+def only_attempt(tmp_path: Path, url: str, msg_id: str, **options: Any) -> Any:
     """The delivery of one event to a notify action at `url` that has no retries, once it is dead."""
     config = gateway_config(
-        tmp_path, routes=[route("consignease", notify_action("alert", url, format="slack"))]
+        tmp_path, routes=[route("consignease", notify_action("alert", url, format="slack", **options))]
     )
     config["defaults"]["retry"]["schedule"] = []
     with RunningGateway(config) as gw:

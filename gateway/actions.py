@@ -353,6 +353,12 @@ def answer_reason(content: bytes, hidden: tuple[str, ...] = (), secrets: tuple[s
         if found is None:
             return None
         text = found
+    return shown_reason(text, hidden, secrets)
+
+
+def shown_reason(text: str, hidden: tuple[str, ...] = (), secrets: tuple[str, ...] = ()) -> str | None:
+    """`text`, what a server said of a refusal, as an error shows it: on one line, cut to REASON_LIMIT
+    characters, each of `hidden` shown as "/…" and each of `secrets` as "…"; None when nothing is left."""
     secrets = tuple(sorted({secret for secret in secrets if secret}, key=len, reverse=True))
     # Before the control characters go too: a secret may hold a tab, which would no longer match.
     for secret in secrets:

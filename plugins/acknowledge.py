@@ -50,6 +50,7 @@ from gateway.actions import (
     read_answer,
     read_reason,
     retry,
+    shown_reason,
     skipped,
     transport_error,
 )
@@ -180,13 +181,18 @@ class ClientCredentials:
         if options.scope:
             form["scope"] = options.scope
         headers = {"accept": "application/json"}
+        # What a refusal never shows, should the endpoint repeat what it was sent: the secret as it is, as
+        # the form encodes it, and the Basic credentials that hold it.
+        sent = [secret, quote_plus(secret)]
         if options.auth_method == "client_secret_post":
             form["client_id"] = options.client_id
             form["client_secret"] = secret
         else:
             # RFC 6749 2.3.1: both are form-encoded before they are joined and base64-encoded.
             pair = f"{quote_plus(options.client_id)}:{quote_plus(secret)}"
-            headers["authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+            credentials = base64.b64encode(pair.encode()).decode("ascii")
+            headers["authorization"] = "Basic " + credentials
+            sent.append(credentials)
         started = time.monotonic()
         import httpx  # loaded already: self.http is an httpx client
 
@@ -206,7 +212,7 @@ class ClientCredentials:
         # A token endpoint that refuses us may recover (a rotated secret is fixed, the server comes back): every
         # failure here is retried on the action's schedule rather than ending the delivery dead at once.
         if not 200 <= response.status_code < 300:
-            detail = _oauth_error(content)
+            detail = _oauth_error(content, tuple(sent))
             raise TokenUnavailable(
                 retry(
                     f"token endpoint: HTTP {response.status_code}{f' {detail}' if detail else ''}",
@@ -267,11 +273,12 @@ def _json(content: bytes) -> Any:
         return None
 
 
-def _oauth_error(content: bytes | None) -> str:
-    """The `error` code of an OAuth error answer (`invalid_client`), or nothing."""
+def _oauth_error(content: bytes | None, secrets: tuple[str, ...]) -> str:
+    """The `error` code of an OAuth error answer (`invalid_client`), as any refusal's reason is shown (on one
+    line, cut short, without `secrets`), or nothing."""
     answer = _json(content) if content is not None else None
     error = answer.get("error") if isinstance(answer, dict) else None
-    return error if isinstance(error, str) else ""
+    return (shown_reason(error, secrets=secrets) or "") if isinstance(error, str) else ""
 
 
 def _identifier(value: Any) -> str | int | None:

@@ -863,6 +863,48 @@ def test_wrong_client_credentials_are_a_retryable_token_failure(consignly_api: F
     assert "wrong" not in repr(options)
 
 
+@pytest.mark.parametrize("auth_method", ["client_secret_post", "client_secret_basic"])
+def test_a_token_refusal_that_repeats_the_client_credentials_does_not_show_them(auth_method: str) -> None:
+    # The `error` of a token endpoint's refusal goes into the delivery's error, which the admin API and the
+    # log show: one that repeats what it was sent (the form, the Basic header) must not show the secret,
+    # and one line, however long the answer, as every other refusal's reason is.
+    async def echo(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = (await read_body(receive)).decode()
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        said = f"invalid_client\r\nsent {body} {headers.get('authorization', '')} {unquote(body)}" + "x" * 500
+        content = json.dumps({"error": said}).encode()
+        await send({"type": "http.response.start", "status": 401, "headers": []})
+        await send({"type": "http.response.body", "body": content})
+
+    async def scenario(url: str) -> TokenUnavailable:
+        options = OAuthOptions.model_validate(
+            {
+                "token_url": f"{url}/oauth/token",
+                "client_id": CLIENT_ID,
+                "client_secret": CLIENT_SECRET,
+                "auth_method": auth_method,
+            }
+        )
+        async with httpx.AsyncClient() as http:
+            with pytest.raises(TokenUnavailable) as raised:
+                await ClientCredentials(options, http).token(5)
+            return raised.value
+
+    with ServerThread(echo) as server:
+        failure = asyncio.run(scenario(f"http://127.0.0.1:{server.port}"))
+    error = failure.outcome.error or ""
+    assert failure.outcome.kind == "retry"
+    assert error.startswith("token endpoint: HTTP 401 invalid_client sent ")
+    form_encoded = "cs_9f8e7d%266c5b%3D4a"
+    basic = base64.b64encode(f"{CLIENT_ID}:{form_encoded}".encode()).decode()
+    secrets = [CLIENT_SECRET, form_encoded, basic]
+    assert not any(secret in error for secret in secrets), error
+    assert "\r" not in error and "\n" not in error
+    assert len(error) <= len("token endpoint: HTTP 401 ") + 200
+
+
 @pytest.mark.parametrize(
     ("status", "error"),
     [(200, "token endpoint: the answer has no access_token"), (400, "token endpoint: HTTP 400")],

@@ -345,8 +345,10 @@ class Acknowledge(Action):
             return skipped("the event has no data.consignmentId")
         # The id comes from the payload: encoded as one path segment, a `/`, `?` or `#` in it stays inside
         # it. `.` and `..` are left as they are by any encoding (unreserved) and a URL resolves them as
-        # dot-segments, so the PUT would reach another endpoint: no consignment has such an id.
-        if str(consignment_id) in (".", ".."):
+        # dot-segments, so the PUT would reach another endpoint: no consignment has such an id. Nor `..;x`:
+        # aiohttp sends a `;` unencoded, and a servlet container reads what follows it as a parameter of
+        # the segment, resolving the `..` before it.
+        if str(consignment_id).partition(";")[0] in (".", ".."):
             return dead(f"data.consignmentId {consignment_id!r} is not a consignment id")
         url = (
             f"{self.options.base_url}/v1/consignments/{quote(str(consignment_id), safe='')}/connection-result"

@@ -288,12 +288,13 @@ def test_reports_the_parent_result_with_a_static_token(
         assert consignly_api.token_requests == []
 
 
-@pytest.mark.parametrize("consignment_id", ["..", "."])
+@pytest.mark.parametrize("consignment_id", ["..", ".", "..;", ".;x", "..;jsessionid=1"])
 def test_a_dot_segment_consignment_id_ends_dead_without_a_request(
     tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly, consignment_id: str
 ) -> None:
     # Percent-encoding leaves dots as they are, and a URL resolves `..` and `.`: the PUT would go to
-    # /v1/connection-result or /v1/consignments/connection-result instead.
+    # /v1/connection-result or /v1/consignments/connection-result instead. So does a servlet container
+    # for `..;x`, whose `;x` it reads as a parameter of the segment: the client sends `;` as it is.
     route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
     with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
         send(gw, consignly_event("evt_dots", consignment_id=consignment_id))

@@ -22,6 +22,7 @@ import orjson
 
 from gateway.addresses import client_address, contains
 from gateway.events import BYTE_ORDER_MARK, UNSTORED_HEADERS
+from gateway.logs import Throttle
 from gateway.providers import Rejected
 from gateway.storage import Ingested, NewDelivery, StorageUnavailable, Unconfirmed
 
@@ -40,8 +41,8 @@ Reply = dict[str, Any]
 # A bug (in a provider plugin, say) must not leave the sender without an answer, nor show it a traceback.
 INTERNAL_ERROR = Rejected(500, "internal_error", "the request could not be handled; see the gateway's log")
 
-# A flood of connections is refused as fast as it comes: the log says so once a minute, the metric counts
-# each one.
+# A flood of connections, or of requests refused 401, 403 or 5xx, comes as fast as anyone sends it: the log
+# says so once a minute (for refusals, per source and reason), the metric counts each one.
 _FULL_LOG_INTERVAL = 60.0  # seconds
 
 # Retry-After on 503 tells well-behaved senders when to come back; Allow on 405 names the method.
@@ -112,6 +113,8 @@ class Ingress:
         # open-file limit cannot hold that many (gateway.app.fit_connections).
         self.max_connections = gateway.config.listen.max_connections
         self._full_logged = -_FULL_LOG_INTERVAL  # when a connection past it was last logged
+        # The lines a sender without a secret causes: `webhook rejected`, and the listener's malformed requests.
+        self.log_throttle = Throttle(_FULL_LOG_INTERVAL)
 
     # -- the steps, shared by both doors ----------------------------------------------------------------
 
@@ -240,16 +243,19 @@ class Ingress:
         """Count and log a refusal; the reply to send with its status."""
         self.gateway.metrics.rejected(source, rejection.reason)
         if rejection.status >= 500 or rejection.status in (401, 403):
-            client = scope.get("client")
-            log.info(
-                "webhook rejected",
-                extra={
-                    "source": source,
-                    "reason": rejection.reason,
-                    "status": rejection.status,
-                    "client": client[0] if client else None,
-                },
-            )
+            suppressed = self.log_throttle.admit(source, rejection.reason)
+            if suppressed is not None:
+                client = scope.get("client")
+                log.info(
+                    "webhook rejected",
+                    extra={
+                        "source": source,
+                        "reason": rejection.reason,
+                        "status": rejection.status,
+                        "client": client[0] if client else None,
+                        "suppressed": suppressed,
+                    },
+                )
         return {"error": rejection.reason, "detail": rejection.detail}
 
     def _verify(self, endpoint: Endpoint, headers: dict[str, str], body: bytes, now: float) -> bool:

@@ -4,11 +4,36 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
+import time
 from contextvars import ContextVar
 from typing import Any
 
 from pythonjsonlogger.json import JsonFormatter
+
+
+class Throttle:
+    """At most one line of each kind per `interval` seconds, for lines that anyone who can reach the webhook
+    listener causes (a refused webhook, a request that is not HTTP): without a secret, they would otherwise
+    write the log as fast as they can send, and push out what an operator needs from it. The metrics count
+    every one."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        # Per kind: when its line was last written, and how many were not since.
+        self._kinds: dict[tuple[str, ...], tuple[float, int]] = {}
+
+    def admit(self, *kind: str) -> int | None:
+        """None when a line of `kind` is not to be written now; otherwise how many were not since the last
+        one that was (its `suppressed` field)."""
+        now = time.monotonic()
+        written, suppressed = self._kinds.get(kind, (-math.inf, 0))
+        if now - written < self.interval:
+            self._kinds[kind] = (written, suppressed + 1)
+            return None
+        self._kinds[kind] = (now, 0)
+        return suppressed
 
 
 class _DropColorMessage(logging.Filter):

@@ -437,7 +437,9 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
             if self._head_timed_out:
                 self._close_with(_TIMED_OUT)
                 return
-            self.logger.warning("Invalid HTTP request received.")
+            suppressed = ingress.log_throttle.admit("invalid_http_received")
+            if suppressed is not None:
+                self.logger.warning("Invalid HTTP request received.", extra={"suppressed": suppressed})
             self._close_with(_MALFORMED)
 
         def _close_with(self, answer: tuple[bytes, str]) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import json
+import logging
 import socket
 import threading
 import time
@@ -128,6 +129,53 @@ def test_bad_svix_requests_are_401_and_counted_by_reason(
 
 
 SVIX_SECRET_FRAGMENT = "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def test_a_flood_of_refused_webhooks_is_logged_once_a_minute_per_source_and_reason(
+    gw: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Anyone who can reach the listener can send a request with no signature or a wrong one, or one that is
+    # not HTTP: a line for each would let them write the log as fast as they send. The metric counts each.
+    caplog.set_level(logging.INFO)
+    body, headers = svix_request(msg_id="msg_flood", secret="whsec_" + "A" * 43 + "=")
+    for _ in range(20):
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 401
+    unsigned = {"content-type": "application/json"}
+    for _ in range(5):
+        assert gw.post("/webhooks/consignease", body, unsigned).status_code == 401
+    for _ in range(5):
+        with socket.create_connection(gw.ingress_sock.getsockname()) as conn:
+            conn.sendall(b"NOT HTTP AT ALL\r\n\r\n")
+            assert conn.recv(65536).startswith(b"HTTP/1.1 400 ")
+
+    def logged(message: str) -> list[dict[str, Any]]:
+        return [vars(record) for record in caplog.records if record.getMessage() == message]
+
+    refusals = [(r["source"], r["reason"], r["suppressed"]) for r in logged("webhook rejected")]
+    assert refusals == [
+        ("consignease", "invalid_signature", 0),
+        ("consignease", "missing_signature", 0),
+    ]
+    assert [r["suppressed"] for r in logged("Invalid HTTP request received.")] == [0]
+    assert (
+        gw.metric("hookyard_webhook_rejections_total", source="consignease", reason="invalid_signature") == 20
+    )
+
+
+def test_a_refusal_logged_after_the_interval_says_how_many_went_unlogged(
+    gw: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    gw.gateway.ingress.log_throttle.interval = 1.0
+    body, headers = svix_request(msg_id="msg_unlogged", secret="whsec_" + "A" * 43 + "=")
+    for _ in range(10):
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 401
+    time.sleep(1.1)  # one interval since the last line at the latest: the next refusal is logged
+    assert gw.post("/webhooks/consignease", body, headers).status_code == 401
+    lines = [vars(record) for record in caplog.records if record.getMessage() == "webhook rejected"]
+    # Each refusal was logged, or counted in the line after it.
+    assert len(lines) + sum(line["suppressed"] for line in lines) == 11
+    assert lines[0]["suppressed"] == 0 and 1 <= len(lines) < 11
 
 
 @pytest.mark.parametrize("secret", CONSIGNLY_SECRETS, ids=["client-secret", "signing-key-1", "signing-key-2"])

@@ -161,6 +161,9 @@ schemas = SchemaGenerator(
 # How the router's 404 under /admin begins: the CLI tells it from an endpoint's own 404 (no such event).
 NO_ENDPOINT = "no admin endpoint"
 
+# An admin request's body is a few fields: one past this is refused as it comes, not held in memory whole.
+MAX_BODY_BYTES = 64 * 1024
+
 LIST_FILTERS = ("source", "type", "state", "route", "since", "until", "cursor", "limit")
 BULK_REPLAY_FIELDS = ("mode", "since", "until", "source", "route", "action", "cursor", "limit")
 
@@ -300,6 +303,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           403: {description: "without ops.admin_token: a caller that is not a local program (a web page)"}
           404: {description: "no such event, or no delivery of that route or action"}
           409: {description: the id exists in several sources; give source}
+          413: {description: the body is longer than 64 KiB}
           500: {description: "a fault in Hookyard, logged with its traceback"}
           503: {description: the store cannot be read or written right now}
         """
@@ -345,6 +349,7 @@ def admin_routes(gateway: Gateway) -> list[Route]:
           400: {description: a bad request}
           401: {description: missing or wrong bearer token (ops.admin_token is set)}
           403: {description: "without ops.admin_token: a caller that is not a local program (a web page)"}
+          413: {description: the body is longer than 64 KiB}
           500: {description: "a fault in Hookyard, logged with its traceback"}
           503: {description: the store cannot be read or written right now}
         """
@@ -447,8 +452,18 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 
 async def _json(request: Request) -> dict[str, Any]:
+    too_long = OperationError(
+        413, f"the body is longer than {MAX_BODY_BYTES // 1024} KiB; an admin request's body is a few fields"
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise too_long
+    raw = bytearray()
     try:
-        raw = await request.body()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > MAX_BODY_BYTES:  # chunked, with no length declared
+                raise too_long
     except ClientDisconnect:
         # The caller left mid-body, or the listener closed a malformed one: no fault, and no one to answer.
         raise OperationError(400, "the body was cut short") from None

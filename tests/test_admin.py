@@ -1389,6 +1389,24 @@ def test_a_replay_body_that_is_not_a_json_object_is_a_400_with_its_reason(
             assert (response.status_code, response.json()) == (400, {"error": reason}), body
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+def test_a_body_past_64_kib_is_refused_not_read_into_memory_whole(
+    tmp_path: Path, downstream: Downstream, chunked: bool
+) -> None:
+    # An admin body is a few fields. Read whole, one of 300 MB took the gateway's memory past 600 MB, and
+    # its webhooks with it: refused once past the limit, however it is framed.
+    body = b'{"mode": "dead"' + b" " * 70_000 + b"}"
+    content: Any = iter([body[:1000], body[1000:]]) if chunked else body
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        response = admin(gw, "POST", "/admin/replay", content=content)
+        assert (response.status_code, response.json()) == (
+            413,
+            {"error": "the body is longer than 64 KiB; an admin request's body is a few fields"},
+        )
+        fits = b'{"mode": "dead"' + b" " * 60_000 + b"}"
+        assert admin(gw, "POST", "/admin/replay", content=fits).status_code == 200
+
+
 def test_a_caller_that_leaves_before_its_body_ends_is_no_fault(
     tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:

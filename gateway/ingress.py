@@ -112,8 +112,8 @@ class Ingress:
         # The listener's limit of open connections: listen.max_connections, or less where the process's
         # open-file limit cannot hold that many (gateway.app.fit_connections).
         self.max_connections = gateway.config.listen.max_connections
-        self._full_logged = -_FULL_LOG_INTERVAL  # when a connection past it was last logged
-        # The lines a sender without a secret causes: `webhook rejected`, and the listener's malformed requests.
+        # The lines a sender without a secret causes: `webhook rejected`, the listener's malformed requests
+        # and its connections past max_connections.
         self.log_throttle = Throttle(_FULL_LOG_INTERVAL)
 
     # -- the steps, shared by both doors ----------------------------------------------------------------
@@ -165,14 +165,13 @@ class Ingress:
         """Count a connection refused past max_connections (under no source: nothing of it is read), and
         say so in the log at most once a minute."""
         self.gateway.metrics.rejected("", "too_many_connections")
-        now = time.monotonic()
-        if now - self._full_logged >= _FULL_LOG_INTERVAL:
-            self._full_logged = now
+        suppressed = self.log_throttle.admit("too_many_connections")
+        if suppressed is not None:
             log.warning(
                 "the webhook listener has %d connections open (listen.max_connections): new ones are "
                 "refused 503 too_many_connections",
                 self.max_connections,
-                extra={"max_connections": self.max_connections},
+                extra={"max_connections": self.max_connections, "suppressed": suppressed},
             )
 
     def accept(

@@ -49,7 +49,7 @@ CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
     ("storage: fsync of the WAL (helper process)", ("gateway/storage/fsync_helper.py",)),
     ("storage: statements and COMMIT (event loop)", ("gateway/storage/",)),
     ("storage: checkpoints and queue statistics (helper threads)", ("concurrent/futures/thread.py",)),
-    ("delivery engine", ("gateway/delivery.py", "gateway/retry.py", "gateway/actions.py")),
+    ("delivery engine", ("gateway/delivery.py", "gateway/backoff.py", "gateway/actions.py")),
     (
         "HTTP client (forward, httpx, aiohttp)",
         ("plugins/forward.py", "gateway/http_client.py", "httpx/", "httpx_aiohttp/", "aiohttp/", "yarl/"),

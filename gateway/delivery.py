@@ -22,12 +22,12 @@ from typing import Any
 import pluggy
 
 from gateway.actions import Action, Job, Outcome, Resources, dead, retry, skipped
+from gateway.backoff import next_delay
 from gateway.config import DeliveryEngine as EngineSettings
 from gateway.events import Event
 from gateway.limits import ConcurrencyLimit
 from gateway.metrics import Metrics
 from gateway.plugins import Registry
-from gateway.retry import next_delay
 from gateway.routing import PlannedAction, RouteTable
 from gateway.storage import (
     Attempt,

@@ -994,8 +994,8 @@ def test_a_delivery_whose_stored_event_cannot_be_read_ends_dead_and_the_others_g
 
 
 def test_jitter_keeps_each_delay_within_its_band_and_spreads_them() -> None:
+    from gateway.backoff import next_delay
     from gateway.config import RetryPolicy
-    from gateway.retry import next_delay
 
     policy = RetryPolicy(schedule=[10.0, 60.0], jitter=0.2)
     for attempt, scheduled in ((1, 10.0), (2, 60.0)):
@@ -1013,8 +1013,8 @@ def test_jitter_keeps_each_delay_within_its_band_and_spreads_them() -> None:
 
 
 def test_retry_after_holds_a_delivery_back_an_hour_at_most_or_the_schedule_longest() -> None:
+    from gateway.backoff import next_delay
     from gateway.config import RetryPolicy
-    from gateway.retry import next_delay
 
     # Ten years, from a wrong header: the delivery would stay pending, out of replay's reach, for as long.
     ten_years = 315_360_000.0

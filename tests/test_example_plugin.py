@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -79,6 +80,42 @@ def test_event_flows_through_the_example_provider_and_action(installed_example: 
     }
 
 
+def test_the_example_action_retries_a_failed_write_with_its_own_error(
+    installed_example: None, tmp_path: Path
+) -> None:
+    # The plugin imports `retry` from `gateway`, as the guide shows, and the engine has imported its own
+    # modules by then: it must still get the helper, not a module of the same name.
+    archive = tmp_path / "archive.jsonl"
+    archive.mkdir()  # where the file should be: every append fails
+    config = gateway_config(
+        tmp_path,
+        sources={"acme": {"path": "/webhooks/acme", "provider": "acme", "secrets": ["acme-secret"]}},
+        routes=[
+            {
+                "name": "archive",
+                "source": "acme",
+                "actions": [{"use": "jsonl", "with": {"path": str(archive)}}],
+            }
+        ],
+    )
+    with RunningGateway(config, pm=new_plugin_manager()) as gw:
+        provider = gw.gateway.table.endpoints["/webhooks/acme"].provider
+        body = json.dumps({"id": "acme_2", "type": "invoice.paid"}).encode()
+        assert gw.post("/webhooks/acme", body, provider.sign(body, "acme_2", time.time())).status_code == 200
+
+        def history() -> list[tuple[str, str | None]]:
+            stored = asyncio.run_coroutine_threadsafe(gw.gateway.storage.get_event("acme_2"), gw.loop).result(
+                10
+            )
+            [attempts] = stored[0].attempts.values() if stored and stored[0].attempts else [[]]
+            return [(attempt.outcome, attempt.error) for attempt in attempts]
+
+        wait_until(lambda: len(history()) == 4)
+        attempts = history()
+    assert [outcome for outcome, _ in attempts] == ["retry", "retry", "retry", "dead"]
+    assert all(f"cannot write {archive}: Is a directory" in (error or "") for _, error in attempts), attempts
+
+
 @pytest.mark.parametrize(
     ("source", "error"),
     [
@@ -118,3 +155,15 @@ def test_a_plugin_refused_at_load_is_one_line_of_error_not_a_traceback(
     assert result.exit_code == 1, (result.output, result.exception)
     assert result.stderr.startswith("hookyard: plugin broken: ") and error in result.stderr, result.stderr
     assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.output, result.output
+
+
+def test_no_module_of_the_gateway_package_has_the_name_of_what_it_exports() -> None:
+    # Importing gateway.<name> binds that module as the package's attribute, over the helper of that name,
+    # and `from gateway import <name>` then gives a plugin the module.
+    import gateway
+
+    package = Path(gateway.__file__).parent
+    modules = {path.stem for path in package.glob("*.py")} | {
+        path.name for path in package.iterdir() if path.is_dir()
+    }
+    assert not modules & set(gateway.__all__)

@@ -41,6 +41,36 @@ class Outcome:
     # Seconds the receiver asked us to wait (Retry-After); the schedule's delay is used when it is longer.
     retry_after: float | None = None
 
+    def __post_init__(self) -> None:
+        # Checked where a plugin makes it, so that a wrong field is that attempt's error (the engine retries
+        # an action that raised). Recorded as it was, it failed the engine after the attempt, and the delivery
+        # was left leased, claimed again for ever, or in a state that means nothing.
+        if self.kind not in _KINDS:
+            raise ValueError(f"an Outcome's kind is {self.kind!r}, not delivered, retry, dead or skipped")
+        if self.status_code is not None and type(self.status_code) not in _NUMBERS:
+            raise TypeError(f"an Outcome's status_code is {_a(self.status_code)}, not an int")
+        if self.retry_after is not None and type(self.retry_after) not in _NUMBERS:
+            raise TypeError(f"an Outcome's retry_after is {_a(self.retry_after)}, not a number")
+        if self.error is not None:
+            if not isinstance(self.error, str):
+                raise TypeError(f"an Outcome's error is {_a(self.error)}, not a str")
+            if len(self.error) > MAX_ERROR_CHARS:
+                # Stored with every attempt and logged: a whole answer body or traceback would be, each time.
+                cut = f"… ({len(self.error)} characters)"
+                object.__setattr__(self, "error", self.error[: MAX_ERROR_CHARS - len(cut)] + cut)
+
+
+_KINDS = frozenset(("delivered", "retry", "dead", "skipped"))
+_NUMBERS = (int, float)  # not bool, nor a str that reads as one: stored and compared as numbers
+
+# The longest error an attempt records; the rest is cut, saying how long it was.
+MAX_ERROR_CHARS = 2000
+
+
+def _a(value: Any) -> str:
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"
+
 
 def delivered(status_code: int | None = None) -> Outcome:
     # Outcomes are immutable: the usual ones are made once, not for every delivery (a frozen dataclass

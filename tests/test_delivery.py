@@ -19,6 +19,7 @@ import yaml
 from standardwebhooks.webhooks import Webhook as StandardWebhook
 
 from gateway import hookimpl
+from gateway.actions import Outcome, delivered, retry
 from gateway.app import Gateway
 from gateway.ingress import plan_deliveries
 from gateway.storage import Ingested, Lease, NewDelivery, StorageUnavailable
@@ -458,7 +459,7 @@ def test_an_attempt_fenced_out_counts_in_no_metric_and_no_hook(tmp_path, downstr
 def test_a_dependent_running_as_its_parent_is_replayed_reports_the_new_result_once_it_ends(
     tmp_path, downstream: Downstream
 ) -> None:
-    from gateway.actions import Action, Job, Outcome, delivered
+    from gateway.actions import Action, Job, delivered
     from gateway.operations import Operations
     from gateway.plugins import new_plugin_manager
 
@@ -516,7 +517,7 @@ def test_a_dependent_running_as_its_parent_is_replayed_reports_the_new_result_on
 
 def test_an_action_that_returns_no_outcome_is_retried_then_dead(tmp_path, downstream: Downstream) -> None:
     from gateway import hookimpl
-    from gateway.actions import Action, Job, Outcome
+    from gateway.actions import Action, Job
     from gateway.plugins import new_plugin_manager
 
     class Sloppy(Action):
@@ -543,6 +544,89 @@ def test_an_action_that_returns_no_outcome_is_retried_then_dead(tmp_path, downst
             ("retry", "the action returned str, not an Outcome"),
             ("dead", "gave up after 2 attempts: the action returned str, not an Outcome"),
         ]
+
+
+@pytest.mark.parametrize(
+    ("made", "error"),
+    [
+        (
+            lambda: Outcome("sent"),
+            "ValueError: an Outcome's kind is 'sent', not delivered, retry, dead or skipped",
+        ),
+        (lambda: retry(OSError(5, "I/O error")), "TypeError: an Outcome's error is an OSError, not a str"),
+        (
+            lambda: retry("later", retry_after="30"),
+            "TypeError: an Outcome's retry_after is a str, not a number",
+        ),
+        (lambda: delivered("200 OK"), "TypeError: an Outcome's status_code is a str, not an int"),
+    ],
+    ids=["kind", "error", "retry_after", "status_code"],
+)
+def test_an_action_that_makes_a_malformed_outcome_is_retried_then_dead(
+    tmp_path, downstream: Downstream, made: Callable[[], Outcome], error: str
+) -> None:
+    # Recorded as it was, each failed the engine after the attempt: the delivery left in a state of no
+    # meaning, or leased and claimed again for ever, with nothing counted.
+    from gateway import hookimpl
+    from gateway.actions import Action, Job
+    from gateway.plugins import new_plugin_manager
+
+    class Malformed(Action):
+        name = "malformed"
+
+        async def deliver(self, job: Job) -> Outcome:
+            return made()
+
+    class MalformedPlugin:
+        @hookimpl
+        def register_actions(self) -> list[type[Action]]:
+            return [Malformed]
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(MalformedPlugin(), name="malformed")
+    route = users_route(downstream, {"id": "app", "use": "malformed", "retry": {"schedule": ["10ms"]}})
+    with RunningGateway(gateway_config(tmp_path, routes=[route]), pm=pm) as gw:
+        body, headers = svix_request(msg_id="msg_malformed")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_malformed") == {"app": "dead"})
+        [delivery] = event_detail(gw, "msg_malformed").deliveries
+        assert [(a.outcome, a.error) for a in event_detail(gw, "msg_malformed").attempts[delivery.id]] == [
+            ("retry", error),
+            ("dead", f"gave up after 2 attempts: {error}"),
+        ]
+        assert gw.metric("hookyard_deliveries_total", route="users", action="app", outcome="dead") == 1
+
+
+def test_an_action_error_is_stored_and_logged_cut_to_a_bounded_length(
+    tmp_path, downstream: Downstream
+) -> None:
+    from gateway import hookimpl
+    from gateway.actions import MAX_ERROR_CHARS, Action, Job
+    from gateway.plugins import new_plugin_manager
+
+    class Verbose(Action):
+        name = "verbose"
+
+        async def deliver(self, job: Job) -> Outcome:
+            return retry("E" * 5_000_000)  # a whole answer body, say: stored with every attempt as it was
+
+    class VerbosePlugin:
+        @hookimpl
+        def register_actions(self) -> list[type[Action]]:
+            return [Verbose]
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(VerbosePlugin(), name="verbose")
+    route = users_route(downstream, {"id": "app", "use": "verbose", "retry": {"schedule": ["10ms"]}})
+    with RunningGateway(gateway_config(tmp_path, routes=[route]), pm=pm) as gw:
+        body, headers = svix_request(msg_id="msg_verbose")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_verbose") == {"app": "dead"})
+        [delivery] = event_detail(gw, "msg_verbose").deliveries
+        errors = [a.error or "" for a in event_detail(gw, "msg_verbose").attempts[delivery.id]]
+    assert [len(e) for e in errors] == [MAX_ERROR_CHARS, MAX_ERROR_CHARS], [len(e) for e in errors]
+    assert errors[0].startswith("EEE") and errors[0].endswith("… (5000000 characters)")
+    assert errors[1].startswith("gave up after 2 attempts: EEE")
 
 
 def test_refused_connections_are_named_as_such(tmp_path, downstream: Downstream) -> None:

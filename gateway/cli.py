@@ -28,7 +28,7 @@ from gateway.config import (
     load_config_for,
 )
 from gateway.http_client import header_control_character
-from gateway.plugins import DuplicateName, Registry, plugin_manager
+from gateway.plugins import PluginError, Registry, plugin_manager
 from gateway.providers import Provider
 from gateway.routing import RouteTable, load_routes
 from gateway.storage import StorageUnavailable, open_storage
@@ -65,7 +65,7 @@ def _plugins() -> pluggy.PluginManager:
     observer, a wrapper on startup) ends the command with one line naming it, not a traceback."""
     try:
         return plugin_manager()
-    except pluggy.PluginValidationError as exc:
+    except (pluggy.PluginValidationError, PluginError) as exc:
         click.echo(f"hookyard: {exc}", err=True)
         raise SystemExit(1) from None
 
@@ -73,7 +73,7 @@ def _plugins() -> pluggy.PluginManager:
 def _registry() -> Registry:
     try:
         return Registry.collect(_plugins())
-    except DuplicateName as exc:
+    except PluginError as exc:  # a name registered twice, a hook that raised or returned no class
         click.echo(f"hookyard: {exc}", err=True)
         raise SystemExit(1) from None
 
@@ -241,6 +241,7 @@ def schema() -> None:
 def list_plugins() -> None:
     """List loaded plugins with the providers and actions they register."""
     pm = _plugins()
+    _registry()  # a plugin that registers what the gateway would refuse is named, as `check` names it
     distributions = {
         id(plugin): f"{dist.project_name} {dist.version}" for plugin, dist in pm.list_plugin_distinfo()
     }

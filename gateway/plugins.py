@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import importlib.metadata
 import inspect
 import os
+import reprlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -61,6 +65,7 @@ def new_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
     for dotted in DEFAULT_PLUGINS:
         pm.register(importlib.import_module(dotted), name=dotted)
     if load_entry_points:
+        _import_entry_points()
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     try:
         # Typos in hook names fail here instead of silently never being called.
@@ -72,6 +77,22 @@ def new_plugin_manager(*, load_entry_points: bool = True) -> pluggy.PluginManage
         pm.trace.root.setwriter(sys.stderr.write)
         pm.enable_tracing()
     return pm
+
+
+class PluginError(Exception):
+    """A plugin that cannot be used as it is; the message is one line for the operator, naming it."""
+
+
+def _import_entry_points() -> None:
+    """Import the module of each entry point of the group before pluggy does (it is imported once), so that
+    one that cannot be imported (a dependency missing, a syntax error) is named, not left to a traceback."""
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry_point.load()
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {entry_point.name}: {entry_point.value} cannot be imported: {type(exc).__name__}: {exc}"
+            ) from exc
 
 
 def check_implementations(pm: pluggy.PluginManager) -> None:
@@ -126,7 +147,7 @@ def plugin_manager() -> pluggy.PluginManager:
     return new_plugin_manager()
 
 
-class DuplicateName(Exception):
+class DuplicateName(PluginError):
     pass
 
 
@@ -139,14 +160,95 @@ class Registry:
 
     @classmethod
     def collect(cls, pm: pluggy.PluginManager) -> Registry:
+        from gateway.actions import Action
+        from gateway.providers import Provider
+
         registry = cls()
-        for batch in pm.hook.register_providers():
-            for provider in batch:
-                _add(registry.providers, provider.name, provider, "provider")
-        for batch in pm.hook.register_actions():
-            for action in batch:
-                _add(registry.actions, action.name, action, "action")
+        for provider in _registered(pm, "register_providers", Provider):
+            _add(registry.providers, provider.name, provider, "provider")
+        for action in _registered(pm, "register_actions", Action):
+            _add(registry.actions, action.name, action, "action")
         return registry
+
+
+def _registered(pm: pluggy.PluginManager, hook: str, base: type) -> Iterator[Any]:
+    """The classes a register_* hook returned, each checked as far as it can be before a config uses it: a
+    wrong one would fail only as a traceback, when the config is compiled or a webhook comes in."""
+    caller = getattr(pm.hook, hook)
+    try:
+        batches = caller()
+    except Exception as exc:
+        raise PluginError(f"{_raised_in(caller, exc)}{hook} raised {type(exc).__name__}: {exc}") from exc
+    for batch in batches:
+        if not isinstance(batch, list | tuple):
+            raise PluginError(
+                f"{_returned_by(pm, caller, batch)}{hook} returned {_shown(batch)}, "
+                f"not a list of {base.__name__} classes"
+            )
+        for cls in batch:
+            problem = _class_problem(cls, base)
+            if problem:
+                raise PluginError(f"{_returned_by(pm, caller, cls)}{hook} returned {problem}")
+            yield cls
+
+
+def _class_problem(cls: Any, base: type) -> str | None:
+    """What makes cls no registrable subclass of base (Provider, Action), or None."""
+    from pydantic import BaseModel
+
+    kind = base.__name__
+    if not isinstance(cls, type):
+        return f"{_shown(cls)}, not a {kind} subclass (return the class itself, not an instance)"
+    if not issubclass(cls, base):
+        return f"{_shown(cls)}, not a {kind} subclass"
+    named = f"{kind} {cls.__module__}.{cls.__qualname__}"
+    name = getattr(cls, "name", None)
+    if not isinstance(name, str) or not name:
+        given = "not set" if name is None else f"{_shown(name)}"
+        return f"{named}, whose name is {given}: set `name` to the non-empty string routes.yaml uses"
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+        return f"{named} ({name!r}), which does not implement {missing}"
+    options = getattr(cls, "Options", None)
+    if not isinstance(options, type) or not issubclass(options, BaseModel):
+        return f"{named} ({name!r}), whose Options is {_shown(options)}, not a pydantic model (a BaseModel subclass)"
+    return None
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, type):
+        return f"the class {value.__module__}.{value.__qualname__}"
+    article = "an" if type(value).__name__[0] in "aeiouAEIOU" else "a"
+    return f"{reprlib.repr(value)} ({article} {type(value).__name__})"
+
+
+def _raised_in(caller: Any, exc: BaseException) -> str:
+    """`plugin NAME: ` for the implementation the traceback passes through, or nothing."""
+    codes = {getattr(impl.function, "__code__", None): impl.plugin_name for impl in caller.get_hookimpls()}
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code in codes:
+            return f"plugin {codes[tb.tb_frame.f_code]}: "
+        tb = tb.tb_next
+    return ""
+
+
+def _returned_by(pm: pluggy.PluginManager, caller: Any, value: Any) -> str:
+    """`plugin NAME: ` for the plugin that returned value, or nothing. Only on the way to an error: each
+    implementation is called again (register_* hooks are free of side effects), and failing that the plugin
+    is the module that defines value's class."""
+    for impl in caller.get_hookimpls():
+        if impl.wrapper or impl.hookwrapper:
+            continue
+        with contextlib.suppress(Exception):
+            returned = impl.function()
+            if returned is value or returned == value or value in returned:
+                return f"plugin {impl.plugin_name}: "
+    module = value.__module__ if isinstance(value, type) else type(value).__module__
+    for name, plugin in pm.list_name_plugin():
+        if getattr(plugin, "__name__", None) == module:
+            return f"plugin {name}: "
+    return ""
 
 
 def _add(table: dict[str, type], name: str, cls: type, kind: str) -> None:

@@ -24,7 +24,7 @@ import yaml
 from click.testing import CliRunner, Result
 
 from gateway import hookimpl
-from gateway.actions import Action
+from gateway.actions import Action, Job, Outcome, delivered
 from gateway.cli import main
 from gateway.events import Event
 from gateway.plugins import new_plugin_manager
@@ -296,6 +296,9 @@ def test_plugins_lists_what_a_plugin_registers_as_the_gateway_collects_it(
 
     class Sms(Action):
         name = "sms"
+
+        async def deliver(self, job: Job) -> Outcome:  # an Action without it is refused
+            return delivered()
 
     pm = new_plugin_manager(load_entry_points=False)
     pm.register(Optional(), name="optional")

@@ -116,6 +116,20 @@ def test_the_example_action_retries_a_failed_write_with_its_own_error(
     assert all(f"cannot write {archive}: Is a directory" in (error or "") for _, error in attempts), attempts
 
 
+# A provider that would do, for the plugins below that register it wrong.
+PROVIDER = """from gateway import Provider, hookimpl
+
+class Acme(Provider):
+    name = "acme"
+
+    def __init__(self, *args):
+        pass
+
+    def verify(self, headers, body, now):
+        pass
+"""
+
+
 @pytest.mark.parametrize(
     ("source", "error"),
     [
@@ -129,8 +143,50 @@ def test_the_example_action_retries_a_failed_write_with_its_own_error(
             "from gateway import hookimpl\n\n\n@hookimpl\nasync def event_accepted(event):\n    pass\n",
             "event_accepted is an async def",
         ),
+        # A module that cannot be imported: a dependency missing.
+        (
+            "import hookyard_no_such_dependency\n",
+            "broken_plugin cannot be imported: ModuleNotFoundError: No module named 'hookyard_no_such_dependency'",
+        ),
+        (
+            PROVIDER + "\n@hookimpl\ndef register_providers():\n    raise RuntimeError('no key')\n",
+            "register_providers raised RuntimeError: no key",
+        ),
+        (
+            PROVIDER + "\n@hookimpl\ndef register_providers():\n    return Acme\n",
+            "register_providers returned the class broken_plugin.Acme, not a list of Provider classes",
+        ),
+        (
+            PROVIDER + "\n@hookimpl\ndef register_providers():\n    return [Acme('acme', None)]\n",
+            "not a Provider subclass (return the class itself, not an instance)",
+        ),
+        (
+            PROVIDER + "\nAcme.name = 5\n\n@hookimpl\ndef register_providers():\n    return [Acme]\n",
+            "register_providers returned Provider broken_plugin.Acme, whose name is 5 (an int)",
+        ),
+        (
+            "from gateway import Provider, hookimpl\n\nclass Acme(Provider):\n    name = 'acme'\n\n"
+            "@hookimpl\ndef register_providers():\n    return [Acme]\n",
+            "Provider broken_plugin.Acme ('acme'), which does not implement verify",
+        ),
+        (
+            "from gateway import Action, hookimpl\n\nclass Log(Action):\n    name = 'log'\n    Options = dict\n\n"
+            "    async def deliver(self, job):\n        pass\n\n"
+            "@hookimpl\ndef register_actions():\n    return [Log]\n",
+            "Action broken_plugin.Log ('log'), whose Options is the class builtins.dict, not a pydantic model",
+        ),
     ],
-    ids=["misspelt_hook", "async_observer"],
+    ids=[
+        "misspelt_hook",
+        "async_observer",
+        "import_error",
+        "register_raises",
+        "a_class_not_a_list",
+        "an_instance",
+        "name_not_a_string",
+        "abstract_provider",
+        "options_not_a_model",
+    ],
 )
 @pytest.mark.parametrize("command", [["serve"], ["check"], ["plugins"]])
 def test_a_plugin_refused_at_load_is_one_line_of_error_not_a_traceback(

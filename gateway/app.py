@@ -32,7 +32,7 @@ from gateway.launch import sigterm_caught
 from gateway.logs import serving_listener
 from gateway.metrics import Metrics
 from gateway.ops import ops_app
-from gateway.plugins import HookTrace, Registry, check_implementations, plugin_manager
+from gateway.plugins import HookTrace, PluginError, Registry, check_implementations, plugin_manager
 from gateway.protocol import LINGERING_AT_MOST, OpsProtocol, cut_off, tls_protocol, webhook_protocol
 from gateway.retention import Retention
 from gateway.routing import RouteTable, load_routes
@@ -225,9 +225,16 @@ class Gateway:
         trace = HookTrace(self.pm)
         for impl in reversed(self.pm.hook.startup.get_hookimpls()):
             trace.call("startup", impl.plugin_name, arguments)
-            result = impl.function(*(arguments[name] for name in impl.argnames))
-            if inspect.isawaitable(result):
-                result = await result
+            try:
+                result = impl.function(*(arguments[name] for name in impl.argnames))
+                if inspect.isawaitable(result):
+                    result = await result
+            except Exception as exc:
+                # The traceback is for the plugin's author, in the log; serve ends with one line naming it.
+                log.error("a startup hook failed", exc_info=True, extra={"plugin": impl.plugin_name})
+                raise PluginError(
+                    f"plugin {impl.plugin_name}: startup raised {type(exc).__name__}: {exc}"
+                ) from exc
             trace.finish("startup", impl.plugin_name, result)
             self._started_plugins.append(impl.plugin_name)
 
@@ -317,7 +324,9 @@ class Gateway:
             if isinstance(exc, ConfigError):
                 errors = exc.errors
             else:
-                errors = [str(exc) if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"]
+                errors = [
+                    str(exc) if isinstance(exc, OSError | PluginError) else f"{type(exc).__name__}: {exc}"
+                ]
             # Not tried again until the files change (or SIGHUP): one error per bad update, not per poll.
             self._watched = watched
             self.metrics.config_reloads.labels("error").inc()

@@ -209,6 +209,9 @@ def serve(config_path: Path | None) -> None:
     except (StorageUnavailable, OSError) as exc:
         click.echo(f"hookyard: {_reason(exc)}", err=True)
         raise SystemExit(1) from None
+    except PluginError as exc:  # a startup hook, or an action's constructor, failed
+        click.echo(f"hookyard: {exc}", err=True)
+        raise SystemExit(1) from None
 
 
 def _reason(exc: Exception) -> str:

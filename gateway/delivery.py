@@ -27,7 +27,7 @@ from gateway.config import DeliveryEngine as EngineSettings
 from gateway.events import Event
 from gateway.limits import ConcurrencyLimit
 from gateway.metrics import Metrics
-from gateway.plugins import Registry
+from gateway.plugins import PluginError, Registry
 from gateway.routing import PlannedAction, RouteTable
 from gateway.storage import (
     Attempt,
@@ -76,7 +76,15 @@ def build_actions(
 ) -> dict[tuple[str, str], RunnableAction]:
     runnable = {}
     for key, plan in table.actions.items():
-        action = registry.actions[plan.use](plan.options, resources)
+        try:
+            action = registry.actions[plan.use](plan.options, resources)
+        except Exception as exc:
+            # A plugin's constructor (a file it opens, a client it prepares): named, for serve or a reload
+            # to say in one line which action of which route could not start.
+            raise PluginError(
+                f"route {plan.route!r}, action {plan.key!r}: the {plan.use} action could not be set up: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         limit = ConcurrencyLimit(plan.concurrency) if plan.concurrency else None
         runnable[key] = RunnableAction(plan, action, limit)
     return runnable

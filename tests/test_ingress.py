@@ -567,7 +567,7 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path, downstream: Downstream) 
     from gateway import hookimpl
     from gateway.app import Gateway
     from gateway.config import parse_config
-    from gateway.plugins import new_plugin_manager
+    from gateway.plugins import PluginError, new_plugin_manager
 
     calls: list[str] = []
 
@@ -600,7 +600,9 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path, downstream: Downstream) 
     pm.register(Broken(), name="broken")
     pm.register(Pool("first"), name="first")
     threads = threading.active_count()
-    with pytest.raises(RuntimeError, match="cannot start"):
+    with pytest.raises(
+        PluginError, match=r"^plugin broken: startup raised RuntimeError: a plugin cannot start$"
+    ):
         asyncio.run(Gateway(config, pm=pm).start())
     # The plugin that started is told to close what it opened; the one that failed and the one never
     # started are not.

@@ -131,6 +131,13 @@ class RouteTable:
             except ValueError as exc:
                 errors.append(f"{place}.{_secret_in_the_file(str(exc), source)}")
                 continue
+            except Exception as exc:
+                # A plugin's bug as it prepares its keys: an error of the config, not a traceback from check.
+                errors.append(
+                    f"{place}.provider: the {source.provider} provider could not be set up: "
+                    f"{type(exc).__name__}: {exc}"
+                )
+                continue
             table.endpoints[source.path] = Endpoint(
                 name,
                 source.path,

@@ -1028,3 +1028,21 @@ def test_build_does_not_mutate_the_config(registry: Registry) -> None:
     before = copy.deepcopy(parsed.model_dump())
     RouteTable.build(parsed, registry)
     assert parsed.model_dump() == before
+
+
+def test_a_provider_whose_constructor_raises_other_than_valueerror_is_a_config_error(
+    registry: Registry,
+) -> None:
+    # A plugin's bug when it prepares its keys: an error of `hookyard check` naming the source, not a traceback.
+    class Keyed(SvixProvider):
+        name = "keyed"
+
+        def __init__(self, source_name: str, source: Any) -> None:
+            super().__init__(source_name, source)
+            raise KeyError("kid")
+
+    with_keyed = Registry(providers={**registry.providers, "keyed": Keyed}, actions=registry.actions)
+    config = base_config()
+    config["sources"]["consignease"]["provider"] = "keyed"
+    errors = build_errors(with_keyed, config)
+    assert errors == ["sources.consignease.provider: the keyed provider could not be set up: KeyError: 'kid'"]

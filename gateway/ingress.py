@@ -225,7 +225,13 @@ class Ingress:
         if new and self.gateway.observes_events:
             self._accepted(event, routes)
         status = "accepted" if new else "duplicate"
-        return status, {**(endpoint.provider.reply(event) or {}), "id": event.id, "status": status}
+        try:
+            return status, {**(endpoint.provider.reply(event) or {}), "id": event.id, "status": status}
+        except Exception:
+            # A plugin's reply() that raised or gave no mapping: the event is stored, and its deliveries run,
+            # so the sender is told so, as it would be told again each time it retried.
+            log.exception("a provider's reply failed; answered without it", extra=event.summary())
+            return status, {"id": event.id, "status": status}
 
     def _accepted(self, event: Event, routes: list[CompiledRoute]) -> None:
         """Tell the event_accepted hooks of a new event whose commit is written."""

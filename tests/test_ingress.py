@@ -551,6 +551,43 @@ def test_slack_url_verification_whose_challenge_is_no_text_is_accepted_without_a
     assert "could not be written" not in caplog.text
 
 
+@pytest.mark.parametrize("answer", ["raises", "a_list"])
+def test_a_provider_reply_that_fails_answers_the_stored_event_accepted_without_it(
+    tmp_path, downstream: Downstream, caplog: pytest.LogCaptureFixture, answer: str
+) -> None:
+    # The event is stored and its deliveries run: it was answered 500 "could not be stored", and every retry
+    # of the sender's the same, though the event was there.
+    from gateway import hookimpl
+    from gateway.plugins import new_plugin_manager
+    from plugins.svix import SvixProvider
+
+    class Replying(SvixProvider):
+        name = "replying"
+
+        def reply(self, event: Any) -> Any:
+            if answer == "raises":
+                raise RuntimeError("no challenge")
+            return ["challenge"]
+
+    class ReplyingPlugin:
+        @hookimpl
+        def register_providers(self) -> list[type[Any]]:
+            return [Replying]
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(ReplyingPlugin(), name="replying")
+    config = gateway_config(tmp_path, downstream.url)
+    config["sources"]["consignease"]["provider"] = "replying"
+    with RunningGateway(config, pm=pm) as gw:
+        body, headers = svix_request(msg_id="msg_reply")
+        first = gw.post("/webhooks/consignease", body, headers)
+        assert (first.status_code, first.json()) == (200, {"id": "msg_reply", "status": "accepted"})
+        again = gw.post("/webhooks/consignease", body, headers)
+        assert (again.status_code, again.json()) == (200, {"id": "msg_reply", "status": "duplicate"})
+        downstream.wait_for(1, "/hooks/users")
+    assert "a provider's reply failed" in caplog.text and "could not be stored" not in caplog.text
+
+
 def test_one_serving_process_per_database(tmp_path, downstream: Downstream) -> None:
     from gateway.app import Gateway
     from gateway.config import parse_config

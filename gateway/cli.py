@@ -726,6 +726,8 @@ def _signed_request(
         raise click.BadParameter(str(exc.args[0]), param_hint="SOURCE") from None
     except ValueError as exc:  # e.g. a source with only public keys cannot sign
         raise click.UsageError(f"cannot sign for {source}: {exc}") from None
+    except PluginError as exc:  # its provider's sign or sample_payload failed: a bug of the plugin's
+        raise click.ClickException(f"cannot sign for {source}: {exc}") from None
     return _Signed(table, ops, path, body, headers)
 
 

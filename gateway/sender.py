@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import reprlib
 import time
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -15,6 +17,7 @@ import httpx
 import orjson
 
 from gateway.config import Listener
+from gateway.plugins import PluginError
 from gateway.providers import Provider
 from gateway.routing import Endpoint, RouteTable
 
@@ -67,9 +70,34 @@ def build_request(
     canonical = provider.event_type(event_type)
     if data is None:
         data = sample_data(canonical)
-    body = orjson.dumps(provider.sample_payload(event_type, event_id, data, now))
-    headers = {"content-type": "application/json", **provider.sign(body, event_id, now)}
+    orjson.dumps(data)  # what --data holds that cannot be written (an integer past 64 bits) is its own error
+    payload = _provider_call(provider, "sample_payload", event_type, event_id, data, now)
+    try:
+        body = orjson.dumps(payload)
+    except orjson.JSONEncodeError as exc:
+        raise PluginError(
+            f"the {provider.name} provider's sample_payload cannot be written as JSON: {exc}"
+        ) from exc
+    signed = _provider_call(provider, "sign", body, event_id, now)
+    if not isinstance(signed, Mapping):
+        shown = f"{reprlib.repr(signed)} (a {type(signed).__name__})"
+        raise PluginError(f"the {provider.name} provider's sign returned {shown}, not headers")
+    headers = {"content-type": "application/json", **signed}
     return endpoint.path, body, headers
+
+
+def _provider_call(provider: Provider, method: str, *args: Any) -> Any:
+    """A provider's sample_payload or sign, whose failure is the plugin's: named as such, not taken for an
+    error of the operator's --data or SOURCE. A ValueError is a provider's refusal to sign (a source with only
+    public keys), and passes."""
+    try:
+        return getattr(provider, method)(*args)
+    except ValueError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"the {provider.name} provider's {method} raised {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def listen_url(table: RouteTable) -> str:

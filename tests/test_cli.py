@@ -1375,6 +1375,62 @@ def test_send_with_data_nested_too_deeply_is_a_usage_error(tmp_path: Path, level
     assert "--data" in result.stderr and reason in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [
+        ("sign_raises", "cannot sign for consignease: the mint provider's sign raised RuntimeError: no key"),
+        (
+            "sign_list",
+            "cannot sign for consignease: the mint provider's sign returned ['x'] (a list), not headers",
+        ),
+        ("sign_keyerror", "cannot sign for consignease: the mint provider's sign raised KeyError: 'kid'"),
+        (
+            "sample_object",
+            "cannot sign for consignease: the mint provider's sample_payload cannot be written as JSON: "
+            "Type is not JSON serializable: object",
+        ),
+    ],
+)
+def test_send_whose_provider_cannot_sign_blames_the_provider_not_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str, said: str
+) -> None:
+    # A plugin's sign() or sample_payload() that failed was a traceback, `unknown source` (a KeyError) or an
+    # error of --data, which the operator had not given.
+    from plugins.svix import SvixProvider
+
+    class Mint(SvixProvider):
+        name = "mint"
+
+        def sample_payload(self, event_type: str, event_id: str, data: Any, now: float) -> Any:
+            if fault == "sample_object":
+                return {"id": event_id, "type": event_type, "at": object()}
+            return super().sample_payload(event_type, event_id, data, now)
+
+        def sign(self, body: bytes, event_id: str, now: float) -> Any:
+            if fault == "sign_raises":
+                raise RuntimeError("no key")
+            if fault == "sign_keyerror":
+                raise KeyError("kid")
+            return ["x"]
+
+    class MintPlugin:
+        @hookimpl
+        def register_providers(self) -> list[type[Any]]:
+            return [Mint]
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(MintPlugin(), name="mint")
+    monkeypatch.setattr("gateway.cli.plugin_manager", lambda: pm)
+    config = config_dict(tmp_path)
+    config["sources"]["consignease"]["provider"] = "mint"
+    path = write_config(tmp_path, config)
+    result = invoke(
+        "send", "-c", path, "consignease", "--type", "user.created", "--url", "http://127.0.0.1:9"
+    )
+    assert result.exit_code == 1, (result.exit_code, result.exception, result.output)
+    assert result.stderr.strip() == f"Error: {said}", result.stderr
+
+
 def test_a_tolerance_under_a_second_is_refused_at_load(tmp_path: Path) -> None:
     config = config_dict(tmp_path)
     config["sources"]["consignease"]["tolerance"] = 0

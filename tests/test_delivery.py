@@ -515,37 +515,6 @@ def test_a_dependent_running_as_its_parent_is_replayed_reports_the_new_result_on
         assert app.finished_at is not None and attempt.started_at >= app.finished_at  # the new round's
 
 
-def test_an_action_that_returns_no_outcome_is_retried_then_dead(tmp_path, downstream: Downstream) -> None:
-    from gateway import hookimpl
-    from gateway.actions import Action, Job
-    from gateway.plugins import new_plugin_manager
-
-    class Sloppy(Action):
-        name = "sloppy"
-
-        async def deliver(self, job: Job) -> Outcome:
-            return "done"  # type: ignore[return-value]  # the plugin bug under test
-
-    class SloppyPlugin:
-        @hookimpl
-        def register_actions(self) -> list[type[Action]]:
-            return [Sloppy]
-
-    pm = new_plugin_manager(load_entry_points=False)
-    pm.register(SloppyPlugin(), name="sloppy")
-    route = users_route(downstream, {"id": "app", "use": "sloppy", "retry": {"schedule": ["10ms"]}})
-    with RunningGateway(gateway_config(tmp_path, routes=[route]), pm=pm) as gw:
-        body, headers = svix_request(msg_id="msg_sloppy")
-        gw.post("/webhooks/consignease", body, headers)
-        # Recorded like an attempt that raised: retried on the schedule, then dead, never left leased.
-        wait_until(lambda: delivery_states(gw, "msg_sloppy") == {"app": "dead"})
-        [delivery] = event_detail(gw, "msg_sloppy").deliveries
-        assert [(a.outcome, a.error) for a in event_detail(gw, "msg_sloppy").attempts[delivery.id]] == [
-            ("retry", "the action returned str, not an Outcome"),
-            ("dead", "gave up after 2 attempts: the action returned str, not an Outcome"),
-        ]
-
-
 @pytest.mark.parametrize(
     ("made", "error"),
     [
@@ -559,14 +528,16 @@ def test_an_action_that_returns_no_outcome_is_retried_then_dead(tmp_path, downst
             "TypeError: an Outcome's retry_after is a str, not a number",
         ),
         (lambda: delivered("200 OK"), "TypeError: an Outcome's status_code is a str, not an int"),
+        (lambda: "done", "the action returned str, not an Outcome"),
     ],
-    ids=["kind", "error", "retry_after", "status_code"],
+    ids=["kind", "error", "retry_after", "status_code", "not_an_outcome"],
 )
 def test_an_action_that_makes_a_malformed_outcome_is_retried_then_dead(
     tmp_path, downstream: Downstream, made: Callable[[], Outcome], error: str
 ) -> None:
-    # Recorded as it was, each failed the engine after the attempt: the delivery left in a state of no
-    # meaning, or leased and claimed again for ever, with nothing counted.
+    # Recorded like an attempt that raised: retried on the schedule, then dead, never left leased. Recorded
+    # as it was, each failed the engine after the attempt: the delivery left in a state of no meaning, or
+    # leased and claimed again for ever, with nothing counted.
     from gateway import hookimpl
     from gateway.actions import Action, Job
     from gateway.plugins import new_plugin_manager

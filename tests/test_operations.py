@@ -1423,18 +1423,19 @@ def test_sigterm_releases_unfinished_deliveries_for_the_next_start(tmp_path: Pat
         assert row["attempts"] == 1, msg_id  # the interrupted attempt counts: it may have reached the app
     assert "released unfinished deliveries" in process.log_path.read_text()
 
-    holding.release.set()  # the receiver answers again
-    process.start()
-    try:
-        wait_until(
-            lambda: (
-                {r["state"] for r in stored_deliveries(tmp_path / "hookyard.db").values()} == {"delivered"}
-            )
-        )
-    finally:
-        process.kill()
+    deliver_after_restart(process, holding, tmp_path / "hookyard.db")
     assert {row["attempts"] for row in stored_deliveries(tmp_path / "hookyard.db").values()} == {2}
     assert {r.headers["idempotency-key"] for r in holding.downstream.received("/held/app")} == set(ids)
+
+
+def deliver_after_restart(process: GatewayProcess, holding: Holding, database: Path) -> None:
+    """Start the gateway again with the receiver answering, until every delivery in the file is delivered."""
+    holding.release.set()
+    process.start()
+    try:
+        wait_until(lambda: {r["state"] for r in stored_deliveries(database).values()} == {"delivered"})
+    finally:
+        process.kill()
 
 
 @pytest.mark.parametrize(
@@ -1491,16 +1492,7 @@ def test_a_second_signal_cuts_the_shutdown_short(
         ("pending", None, 1)
     }
 
-    holding.release.set()  # the receiver answers again
-    process.start()
-    try:
-        wait_until(
-            lambda: (
-                {r["state"] for r in stored_deliveries(tmp_path / "hookyard.db").values()} == {"delivered"}
-            )
-        )
-    finally:
-        process.kill()
+    deliver_after_restart(process, holding, tmp_path / "hookyard.db")
     assert {r.headers["idempotency-key"] for r in holding.downstream.received("/held/app")} == set(ids)
 
 

@@ -46,9 +46,9 @@ def test_entry_point_plugin_is_loaded_and_listed(installed_example: None) -> Non
     assert "example [hookyard-example 0.1.0]  (providers: acme; actions: jsonl)" in result.output
 
 
-def test_event_flows_through_the_example_provider_and_action(installed_example: None, tmp_path: Path) -> None:
-    archive = tmp_path / "archive.jsonl"
-    config = gateway_config(
+def archive_config(tmp_path: Path, archive: Path) -> Path:
+    """A gateway whose one route archives every event of the example's acme source to `archive`."""
+    return gateway_config(
         tmp_path,
         sources={"acme": {"path": "/webhooks/acme", "provider": "acme", "secrets": ["acme-secret"]}},
         routes=[
@@ -59,6 +59,11 @@ def test_event_flows_through_the_example_provider_and_action(installed_example: 
             }
         ],
     )
+
+
+def test_event_flows_through_the_example_provider_and_action(installed_example: None, tmp_path: Path) -> None:
+    archive = tmp_path / "archive.jsonl"
+    config = archive_config(tmp_path, archive)
     with RunningGateway(config, pm=new_plugin_manager()) as gw:
         provider = gw.gateway.table.endpoints["/webhooks/acme"].provider
         body = json.dumps({"id": "acme_1", "type": "invoice.paid", "data": {"amount": 42}}).encode()
@@ -87,17 +92,7 @@ def test_the_example_action_retries_a_failed_write_with_its_own_error(
     # modules by then: it must still get the helper, not a module of the same name.
     archive = tmp_path / "archive.jsonl"
     archive.mkdir()  # where the file should be: every append fails
-    config = gateway_config(
-        tmp_path,
-        sources={"acme": {"path": "/webhooks/acme", "provider": "acme", "secrets": ["acme-secret"]}},
-        routes=[
-            {
-                "name": "archive",
-                "source": "acme",
-                "actions": [{"use": "jsonl", "with": {"path": str(archive)}}],
-            }
-        ],
-    )
+    config = archive_config(tmp_path, archive)
     with RunningGateway(config, pm=new_plugin_manager()) as gw:
         provider = gw.gateway.table.endpoints["/webhooks/acme"].provider
         body = json.dumps({"id": "acme_2", "type": "invoice.paid"}).encode()

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from email.utils import formatdate
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -538,66 +539,56 @@ def test_an_action_that_makes_a_malformed_outcome_is_retried_then_dead(
     # Recorded like an attempt that raised: retried on the schedule, then dead, never left leased. Recorded
     # as it was, each failed the engine after the attempt: the delivery left in a state of no meaning, or
     # leased and claimed again for ever, with nothing counted.
-    from gateway import hookimpl
-    from gateway.actions import Action, Job
-    from gateway.plugins import new_plugin_manager
-
-    class Malformed(Action):
-        name = "malformed"
-
-        async def deliver(self, job: Job) -> Outcome:
-            return made()
-
-    class MalformedPlugin:
-        @hookimpl
-        def register_actions(self) -> list[type[Action]]:
-            return [Malformed]
-
-    pm = new_plugin_manager(load_entry_points=False)
-    pm.register(MalformedPlugin(), name="malformed")
-    route = users_route(downstream, {"id": "app", "use": "malformed", "retry": {"schedule": ["10ms"]}})
-    with RunningGateway(gateway_config(tmp_path, routes=[route]), pm=pm) as gw:
-        body, headers = svix_request(msg_id="msg_malformed")
-        gw.post("/webhooks/consignease", body, headers)
-        wait_until(lambda: delivery_states(gw, "msg_malformed") == {"app": "dead"})
-        [delivery] = event_detail(gw, "msg_malformed").deliveries
-        assert [(a.outcome, a.error) for a in event_detail(gw, "msg_malformed").attempts[delivery.id]] == [
-            ("retry", error),
-            ("dead", f"gave up after 2 attempts: {error}"),
-        ]
-        assert gw.metric("hookyard_deliveries_total", route="users", action="app", outcome="dead") == 1
+    errors, dead = errors_until_dead(tmp_path, downstream, made)
+    assert errors == [error, f"gave up after 2 attempts: {error}"]
+    assert dead == 1
 
 
 def test_an_action_error_is_stored_and_logged_cut_to_a_bounded_length(
     tmp_path, downstream: Downstream
 ) -> None:
-    from gateway import hookimpl
-    from gateway.actions import MAX_ERROR_CHARS, Action, Job
-    from gateway.plugins import new_plugin_manager
+    from gateway.actions import MAX_ERROR_CHARS
 
-    class Verbose(Action):
-        name = "verbose"
-
-        async def deliver(self, job: Job) -> Outcome:
-            return retry("E" * 5_000_000)  # a whole answer body, say: stored with every attempt as it was
-
-    class VerbosePlugin:
-        @hookimpl
-        def register_actions(self) -> list[type[Action]]:
-            return [Verbose]
-
-    pm = new_plugin_manager(load_entry_points=False)
-    pm.register(VerbosePlugin(), name="verbose")
-    route = users_route(downstream, {"id": "app", "use": "verbose", "retry": {"schedule": ["10ms"]}})
-    with RunningGateway(gateway_config(tmp_path, routes=[route]), pm=pm) as gw:
-        body, headers = svix_request(msg_id="msg_verbose")
-        gw.post("/webhooks/consignease", body, headers)
-        wait_until(lambda: delivery_states(gw, "msg_verbose") == {"app": "dead"})
-        [delivery] = event_detail(gw, "msg_verbose").deliveries
-        errors = [a.error or "" for a in event_detail(gw, "msg_verbose").attempts[delivery.id]]
+    # A whole answer body, say: stored with every attempt as it was.
+    errors, _dead = errors_until_dead(tmp_path, downstream, lambda: retry("E" * 5_000_000))
     assert [len(e) for e in errors] == [MAX_ERROR_CHARS, MAX_ERROR_CHARS], [len(e) for e in errors]
     assert errors[0].startswith("EEE") and errors[0].endswith("… (5000000 characters)")
     assert errors[1].startswith("gave up after 2 attempts: EEE")
+
+
+def errors_until_dead(
+    tmp_path: Path, downstream: Downstream, outcome: Callable[[], Outcome]
+) -> tuple[list[str], float]:
+    """One webhook to an action whose every attempt returns outcome(), retried once: the errors its two
+    attempts recorded, and the deliveries counted dead."""
+    from gateway import hookimpl
+    from gateway.actions import Action, Job
+    from gateway.plugins import new_plugin_manager
+
+    class Made(Action):
+        name = "made"
+
+        async def deliver(self, job: Job) -> Outcome:
+            return outcome()
+
+    class MadePlugin:
+        @hookimpl
+        def register_actions(self) -> list[type[Action]]:
+            return [Made]
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(MadePlugin(), name="made")
+    route = users_route(downstream, {"id": "app", "use": "made", "retry": {"schedule": ["10ms"]}})
+    with RunningGateway(gateway_config(tmp_path, routes=[route]), pm=pm) as gw:
+        body, headers = svix_request(msg_id="msg_made")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_made") == {"app": "dead"})
+        [delivery] = event_detail(gw, "msg_made").deliveries
+        attempts = event_detail(gw, "msg_made").attempts[delivery.id]
+        assert [a.outcome for a in attempts] == ["retry", "dead"]
+        return [a.error or "" for a in attempts], gw.metric(
+            "hookyard_deliveries_total", route="users", action="app", outcome="dead"
+        )
 
 
 def test_refused_connections_are_named_as_such(tmp_path, downstream: Downstream) -> None:

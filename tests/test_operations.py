@@ -1392,10 +1392,7 @@ def test_sigterm_releases_unfinished_deliveries_for_the_next_start(tmp_path: Pat
     process, url = start_process(tmp_path, config)
     ids = [f"msg_held_{index}" for index in range(3)]
     try:
-        for msg_id in ids:
-            body, headers = svix_request(msg_id=msg_id)
-            assert httpx.post(url + "/webhooks/consignease", content=body, headers=headers).status_code == 200
-        wait_until(lambda: holding.held == len(ids))
+        send_held(url, holding, ids)
 
         assert process.process is not None
         signalled_at, started = time.time(), time.monotonic()
@@ -1426,6 +1423,14 @@ def test_sigterm_releases_unfinished_deliveries_for_the_next_start(tmp_path: Pat
     deliver_after_restart(process, holding, tmp_path / "hookyard.db")
     assert {row["attempts"] for row in stored_deliveries(tmp_path / "hookyard.db").values()} == {2}
     assert {r.headers["idempotency-key"] for r in holding.downstream.received("/held/app")} == set(ids)
+
+
+def send_held(url: str, holding: Holding, ids: list[str]) -> None:
+    """One webhook per id, each answered 200, until the receiver holds all of their deliveries."""
+    for msg_id in ids:
+        body, headers = svix_request(msg_id=msg_id)
+        assert httpx.post(url + "/webhooks/consignease", content=body, headers=headers).status_code == 200
+    wait_until(lambda: holding.held == len(ids))
 
 
 def deliver_after_restart(process: GatewayProcess, holding: Holding, database: Path) -> None:
@@ -1459,10 +1464,7 @@ def test_a_second_signal_cuts_the_shutdown_short(
     process, url = start_process(tmp_path, config)
     ids = [f"msg_cut_short_{index}" for index in range(3)]
     try:
-        for msg_id in ids:
-            body, headers = svix_request(msg_id=msg_id)
-            assert httpx.post(url + "/webhooks/consignease", content=body, headers=headers).status_code == 200
-        wait_until(lambda: holding.held == len(ids))
+        send_held(url, holding, ids)
 
         assert process.process is not None
         first, second = signals

@@ -191,7 +191,8 @@ class Ingress:
             kept.pop(name, None)
         event = endpoint.provider.parse(kept, body, payload, received_at)
         event.verified = verified
-        return event, self.gateway.table.match(event)
+        # By the endpoint's table, not the running one: a reload may have swapped it since the headers.
+        return event, endpoint.match(event)
 
     def store(self, event: Event, routes: list[CompiledRoute]) -> asyncio.Future[Ingested]:
         """Start the durable commit of the event and its deliveries; the future says whether it was new,

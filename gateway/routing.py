@@ -6,7 +6,7 @@ from __future__ import annotations
 import fnmatch
 import re
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +71,12 @@ class Endpoint:
     insecure: bool
     log_only: bool = False
     allow: tuple[Network, ...] = ()
+    # The source's routes in the same config: a webhook is routed by the config its source was found in,
+    # though a reload swaps the table while its body is still coming.
+    routes: tuple[CompiledRoute, ...] = field(default=(), compare=False, repr=False)
+
+    def match(self, event: Event) -> list[CompiledRoute]:
+        return [route for route in self.routes if route.matches(event)]
 
 
 @dataclass
@@ -168,6 +174,8 @@ class RouteTable:
                     table.actions[(route.name, action.key)] = action
         if errors:
             raise ConfigError(errors)
+        for path, endpoint in table.endpoints.items():
+            table.endpoints[path] = replace(endpoint, routes=tuple(table.routes.get(endpoint.name, ())))
         return table
 
 

@@ -255,6 +255,38 @@ def test_a_reload_lets_running_deliveries_finish_and_pending_ones_use_the_new_co
         assert [a["outcome"] for a in deliveries(gw)["slow"]["attempts"]] == ["delivered"]
 
 
+@pytest.mark.parametrize("query", ["", "?tenant=a"], ids=["fast path", "asgi"])
+def test_a_webhook_whose_body_arrives_across_a_reload_is_routed_by_the_config_it_came_in_under(
+    tmp_path: Path, downstream: Downstream, query: str
+) -> None:
+    """The source a webhook is for is looked up once its headers are in, the routes once its body is. A
+    reload in between that renamed the source (the same path, its routes following it) left the event
+    routed by the new table under the old name: stored, answered 200, and sent nowhere."""
+    config_path = tmp_path / "routes.yaml"
+    config = users_config(tmp_path, downstream, "/app")
+    config["reload"] = {"watch": False}
+    config_path.write_text(yaml.safe_dump(config))
+    body, headers = svix_request(msg_id="msg_across_a_reload")
+    head = f"POST /webhooks/consignease{query} HTTP/1.1\r\nhost: hookyard\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    head += f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    with RunningGateway(config_path) as gw:
+        port = int(gw.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head.encode() + body[:10])
+            wait_until(lambda: gw.gateway.ingress.in_flight == 1)  # its headers are in: its source is known
+            renamed = copy.deepcopy(config)
+            renamed["sources"] = {"users-src": config["sources"]["consignease"]}
+            renamed["routes"][0]["source"] = "users-src"
+            config_path.write_text(yaml.safe_dump(renamed))
+            assert asyncio.run_coroutine_threadsafe(gw.gateway.reload(), gw.loop).result(5) is True
+            sock.sendall(body[10:])
+            answer = sock.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        [delivered] = downstream.wait_for(1, "/app")
+        assert delivered.headers["idempotency-key"] == "msg_across_a_reload"
+
+
 def parent_and_dependents(url: str, parent: str, path: str, *more_on_failure: str) -> list[dict[str, Any]]:
     """A route's actions: `parent` forwarding to url/path, `alert` after it on failure, `audit` on success,
     and each of more_on_failure on failure too (each forwarding to url/its name)."""

@@ -335,6 +335,7 @@ class Gateway:
             return False
         # Everything else applies at once; these are bound at start-up.
         old = self.config
+        waiting = False
         for name, before, after in (
             ("listen address", (old.listen.host, old.listen.port), (config.listen.host, config.listen.port)),
             ("ops address", (old.ops.host, old.ops.port), (config.ops.host, config.ops.port)),
@@ -347,6 +348,9 @@ class Gateway:
         ):
             if before != after:
                 log.warning("%s changed; it takes effect at the next restart", name)
+                waiting = True
+        # The running config keeps what it started with, so this compares the file with what is in effect.
+        self.metrics.config_restart_required.set(int(waiting))
         config = keep_restart_only(old, config)
         self.config = config
         table.config = config

@@ -251,6 +251,12 @@ class Metrics:
             registry=registry,
         )
         self.config_last_reload_successful.set(1)
+        self.config_restart_required = Gauge(
+            "hookyard_config_restart_required",
+            "1 while the config file, as last reloaded, changes a setting that takes effect only at a restart "
+            "(an address, storage, delivery, log, reload.watch, turning listen.tls on or off). 0 otherwise.",
+            registry=registry,
+        )
         self.ready = Gauge(
             "hookyard_ready", "1 when the gateway is ready to accept webhooks.", registry=registry
         )

@@ -1920,6 +1920,36 @@ def test_a_reload_keeps_the_sections_that_wait_for_a_restart_as_the_gateway_runs
         assert f"{name} changed; it takes effect at the next restart" in messages, name
 
 
+def test_a_setting_that_waits_for_the_restart_shows_in_a_metric_until_the_file_and_the_gateway_agree(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """A reload that changes the store, the delivery workers or an address says so in the log only: the
+    running gateway keeps the old ones, and a pod whose file names another store starts on it, the
+    deliveries pending in the old one left behind, with nothing an alert could see beforehand."""
+    config_path = tmp_path / "routes.yaml"
+    config = users_config(tmp_path, downstream, "/app")
+    config["reload"] = {"watch": False}
+    config_path.write_text(yaml.safe_dump(config))
+
+    def reload(content: dict[str, Any]) -> None:
+        config_path.write_text(yaml.safe_dump(content))
+        assert asyncio.run_coroutine_threadsafe(gw.gateway.reload(), gw.loop).result(5) is True
+
+    with RunningGateway(config_path) as gw:
+        assert gw.metric("hookyard_config_restart_required") == 0
+        moved = copy.deepcopy(config)
+        moved["storage"] = {"url": f"sqlite:///{tmp_path}/elsewhere.db"}
+        reload(moved)
+        assert gw.metric("hookyard_config_restart_required") == 1
+        # What a reload applies at once leaves it as it is.
+        moved["routes"][0]["actions"][0]["with"]["url"] = f"{downstream.url}/moved"
+        reload(moved)
+        assert gw.metric("hookyard_config_restart_required") == 1
+        # The file back on the running store: nothing waits for a restart.
+        reload(config)
+        assert gw.metric("hookyard_config_restart_required") == 0
+
+
 def test_a_reload_asked_for_while_shutting_down_is_skipped(
     tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:

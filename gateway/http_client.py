@@ -658,7 +658,8 @@ def default_ssl_context() -> ssl.SSLContext:
 
 class HttpClient:
     """Keep-alive connections per origin. The number of connections is bounded by the callers: one per
-    request in flight (the delivery engine runs at most `delivery.concurrency`), the idle ones kept."""
+    request in flight (the delivery engine runs at most `delivery.concurrency`), the idle ones kept for
+    `keepalive` seconds (up to twice that once no request comes, see _sweep)."""
 
     def __init__(
         self,
@@ -674,6 +675,7 @@ class HttpClient:
         self.connect_timeout = connect_timeout
         self._idle: dict[tuple[str, str, int], deque[Connection]] = {}
         self._draining: set[Connection] = set()  # answered, the rest of the body still coming
+        self._sweeper: asyncio.TimerHandle | None = None  # the next _sweep, while any connection is idle
         self._closed = False
 
     async def request(
@@ -767,11 +769,16 @@ class HttpClient:
             # Checkouts take the newest; the oldest would stay open past `keepalive` unless let go here.
             while not (idle[0].open and connection.idle_since - idle[0].idle_since < self.keepalive):
                 idle.popleft().close()
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().call_later(self.keepalive, self._sweep)
         else:
             connection.close()
 
     async def aclose(self) -> None:
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for connection in list(self._draining):
             connection.close()
         for connections in self._idle.values():
@@ -796,6 +803,21 @@ class HttpClient:
                 return connection
             connection.close()
         return await self._connect(target)
+
+    def _sweep(self) -> None:
+        """Close the idle connections past the keepalive of every origin, and forget the origins left with
+        none; again after `keepalive` while any is left. An origin's own requests let go of its old
+        connections (_release), but one no longer sent to (a reload gave its action another URL), or a
+        gateway that no webhook comes to, would keep them open, and their entries here, for good."""
+        self._sweeper = None
+        now = time.monotonic()
+        for origin, idle in list(self._idle.items()):
+            while idle and not (idle[0].open and now - idle[0].idle_since < self.keepalive):
+                idle.popleft().close()
+            if not idle:
+                del self._idle[origin]
+        if self._idle:
+            self._sweeper = asyncio.get_running_loop().call_later(self.keepalive, self._sweep)
 
     async def _connect(self, target: Target) -> Connection:
         if self._closed:

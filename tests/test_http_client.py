@@ -632,3 +632,28 @@ def test_an_answer_whose_head_never_ends_is_an_invalid_answer_once_past_the_head
                 await http.request("POST", target, {}, b"{}")
 
     run(test)
+
+
+def test_idle_connections_are_let_go_past_the_keepalive_without_another_request() -> None:
+    # A reload that points actions at new receivers leaves the old origins without requests, and a quiet
+    # gateway sends none at all: their idle connections must close past the keepalive all the same, and
+    # the pool must forget the origins, however many there were.
+    async def test() -> None:
+        servers = [Scripted(answer(OK)) for _ in range(200)]
+        targets = [Target.parse(f"http://127.0.0.1:{await server.start()}/") for server in servers]
+        http = client(keepalive=0.2)
+        try:
+            for target in targets:
+                assert (await http.request("POST", target, {}, b"{}")).status == 200
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            while sum(len(s.ended_by_client) for s in servers) < len(servers) and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+            assert sum(len(s.ended_by_client) for s in servers) == len(servers)
+            assert http._idle == {}
+        finally:
+            await http.aclose()
+            for server in servers:
+                await server.close()
+
+    run(test)

@@ -1861,8 +1861,9 @@ def test_get_event_returns_deliveries_and_attempts_in_order(db: Harness) -> None
 
 def test_a_lease_that_has_run_out_is_not_in_flight(tmp_path: Path) -> None:
     """`events show` said `in_flight: true` for a delivery whose lease a crashed process left behind, until
-    the next start released it, and showed no next attempt: none of it runs, and it is due since its lease
-    ended. Read by the clock, as `events show` reads it."""
+    the next start released it, and showed no next attempt (and hookyard_delivery_queue counted it in
+    flight): none of it runs, and it is due since its lease ended. Read by the clock, as `events show`
+    reads it."""
     path = tmp_path / "hookyard.db"
     now = time.time()
     with opened_harness(path) as crashed:
@@ -1873,6 +1874,10 @@ def test_a_lease_that_has_run_out_is_not_in_flight(tmp_path: Path) -> None:
         [stale] = crashed.claim(now - 600, lease=60)
     with opened_harness(path) as reopened:
         stale_detail, running_detail = reopened.detail("evt_stale"), reopened.detail("evt_running")
+        # The queue gauge counts them so too: the stale one waits for a worker, and its lag runs.
+        stats = reopened.run(reopened.storage.queue_stats(now))
+    assert (stats.counts["in_flight"], stats.counts["due"]) == (1, 1)
+    assert stats.oldest_due_at == now - 540
     assert stale_detail.in_flight == frozenset()
     assert running_detail.in_flight == {running.delivery.id}
     [stale_view] = detail_view(stale_detail)["deliveries"]

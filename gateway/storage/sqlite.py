@@ -203,9 +203,10 @@ CREATE INDEX IF NOT EXISTS attempts_delivery ON attempts (delivery_id);
 """
 
 # The pending deliveries by where they stand, each group with the oldest time one became pending: a scan of
-# every pending delivery (through the partial index deliveries_due), every 2 s on the reader's thread.
+# every pending delivery (through the partial index deliveries_due), every 2 s on the reader's thread. A
+# lease's due_at is its end: one that has run out (its process died) is due again, as a claim takes it.
 QUEUE_STATS = (
-    "SELECT CASE WHEN lease_owner IS NOT NULL THEN 'in_flight' WHEN due_at <= ? THEN 'due' "
+    "SELECT CASE WHEN due_at <= :now THEN 'due' WHEN lease_owner IS NOT NULL THEN 'in_flight' "
     "ELSE 'scheduled' END, count(*), min(pending_since) FROM deliveries WHERE state = 'pending' GROUP BY 1"
 )
 
@@ -1241,14 +1242,15 @@ class SQLiteStorage(Storage):
         def stats(conn: sqlite3.Connection) -> QueueStats:
             counts = {"due": 0, "scheduled": 0, "in_flight": 0, "waiting": 0}
             oldest: float | None = None
-            for bucket, count, since in conn.execute(QUEUE_STATS, (now,)):
+            for bucket, count, since in conn.execute(QUEUE_STATS, {"now": now}):
                 counts[bucket] = count
                 if since is not None and (oldest is None or since < oldest):
                     oldest = since
             counts["waiting"] = conn.execute(
                 "SELECT count(*) FROM deliveries WHERE state = 'waiting'"
             ).fetchone()[0]
-            # A leased delivery's due_at is its lease's end, so only deliveries waiting for a worker count.
+            # A leased delivery's due_at is its lease's end, so only deliveries waiting for a worker count
+            # (one whose lease has run out among them).
             due = conn.execute(
                 "SELECT min(due_at) FROM deliveries WHERE state = 'pending' AND due_at <= ?", (now,)
             ).fetchone()[0]

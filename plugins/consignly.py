@@ -27,7 +27,7 @@ from gateway.providers import (
     require_text,
     unauthorized,
 )
-from plugins.hmac_generic import require_signature
+from plugins.hmac_generic import hex_digest, require_signature
 
 SIGNATURE_HEADER = "x-consignly-signature"
 
@@ -90,7 +90,14 @@ class ConsignlyProvider(Provider):
         header = headers.get(SIGNATURE_HEADER, "").strip()
         if not header:
             raise unauthorized("missing_signature", "missing X-Consignly-Signature header")
-        # Exactly one `sha256=<64 hex digits>`, in either case: `a, b` in one header is refused.
+        # Exactly one `sha256=<64 hex digits>`, in either case: `a, b` in one header is refused. A header
+        # written another way is told apart from a signature no secret made: the sender's fix is its
+        # format, not its secret, and the format is public.
+        digest = hex_digest(header, "sha256=")
+        if digest is None or len(digest) != hashlib.sha256().digest_size:
+            raise unauthorized(
+                "invalid_signature", "X-Consignly-Signature must be sha256=<64 hex digits>, once"
+            )
         require_signature(self.keys, body, [header], prefix="sha256=")
 
     def parse(self, headers: Mapping[str, str], body: bytes, payload: Any, received_at: float) -> Event:

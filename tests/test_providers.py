@@ -616,11 +616,18 @@ def consignly_digest(body: bytes) -> str:
 )
 def test_consignly_bad_signature_headers(make_header: Any) -> None:
     body = consignly_body()
-    error = rejected(
-        consignly_provider(), {"x-consignly-signature": make_header(consignly_digest(body))}, body
-    )
+    header = make_header(consignly_digest(body))
+    error = rejected(consignly_provider(), {"x-consignly-signature": header}, body)
     assert (error.status, error.reason) == (401, "invalid_signature")
     assert not any(secret in error.detail for secret in CONSIGNLY_SECRETS)
+    # A header written another way says so: "no signature matches" would send the sender after its secret.
+    # Only a well-formed signature that no secret made is "no signature matches".
+    well_formed = re.fullmatch(r"sha256=[0-9a-f]{64}", header, flags=re.ASCII | re.IGNORECASE)
+    assert error.detail == (
+        "no signature matches"
+        if well_formed
+        else "X-Consignly-Signature must be sha256=<64 hex digits>, once"
+    )
 
 
 # == consignly: parse ==================================================================================

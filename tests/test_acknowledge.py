@@ -535,6 +535,50 @@ def test_api_outages_are_retried_until_acknowledged(
         assert gw.metric("hookyard_deliveries_total", **labels, outcome="delivered") == 1
 
 
+def test_consignlys_retry_during_a_slow_delivery_is_a_duplicate_reported_once(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    downstream.delay = 1.0  # the app is still taking the event when Consignly sends it again
+    route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        body = consignly_event("evt_resent", "op-3")
+        send(gw, body)
+        wait_until(lambda: downstream.in_flight == 1)
+        again = gw.post("/webhooks/consignly", body, consignly_headers(body))
+        assert (again.status_code, again.json()) == (200, {"id": "evt_resent", "status": "duplicate"})
+        wait_until(lambda: delivery_states(gw, "evt_resent") == {"app": "delivered", "ack": "delivered"})
+        # A later event is acknowledged after a second copy of the first would have been.
+        send(gw, consignly_event("evt_after", "op-4"))
+        wait_until(lambda: delivery_states(gw, "evt_after") == {"app": "delivered", "ack": "delivered"})
+        assert len(downstream.received("/app")) == 2
+        assert [call.body for call in consignly_api.calls] == [
+            {"operationId": "op-3", "result": 1},
+            {"operationId": "op-4", "result": 1},
+        ]
+
+
+def test_a_dead_acknowledgement_replayed_on_its_own_reports_the_recorded_result(
+    tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
+) -> None:
+    # The API is down through the acknowledgement's whole schedule (4 attempts), then comes back.
+    consignly_api.outages = [503] * 4
+    route = consignments_route(downstream, consignly_api, token=STATIC_TOKEN)
+    with RunningGateway(gateway_config(tmp_path, routes=[route])) as gw:
+        send(gw, consignly_event("evt_ack_dead", "op-5"))
+        wait_until(lambda: delivery_states(gw, "evt_ack_dead") == {"app": "delivered", "ack": "dead"})
+        replay = gw.client.post(
+            gw.ops_url + "/admin/replay", json={"mode": "dead", "since": "1h", "action": "ack"}
+        )
+        assert replay.json()["replayed"] == 1
+        wait_until(lambda: delivery_states(gw, "evt_ack_dead") == {"app": "delivered", "ack": "delivered"})
+        # The app's recorded result, sent once more; the app is not sent the event again.
+        assert [(call.status, call.body) for call in consignly_api.calls] == [
+            *[(503, {"operationId": "op-5", "result": 1})] * 4,
+            (200, {"operationId": "op-5", "result": 1}),
+        ]
+        assert len(downstream.received("/app")) == 1
+
+
 def test_a_429_is_retried_after_its_retry_after(
     tmp_path: Path, downstream: Downstream, consignly_api: FakeConsignly
 ) -> None:

@@ -35,7 +35,7 @@ from gateway.ops import ops_app
 from gateway.plugins import HookTrace, PluginError, Registry, check_implementations, plugin_manager
 from gateway.protocol import LINGERING_AT_MOST, OpsProtocol, cut_off, tls_protocol, webhook_protocol
 from gateway.retention import Retention
-from gateway.routing import RouteTable, load_routes
+from gateway.routing import RouteTable, load_routes, never_matched
 from gateway.storage import Storage, open_storage
 from gateway.storage.sqlite import FSYNC_TIMEOUT
 from gateway.tasks import CANCELLED_GRACE, DaemonThread, cancel_and_wait
@@ -365,6 +365,7 @@ class Gateway:
         self.metrics.config_reloads.labels("success").inc()
         self.metrics.config_last_reload_successful.set(1)
         log.info("config reloaded", extra={"sources": len(table.endpoints)})
+        _warn_never_matched(config, table)
         self._warn_insecure()
         return True
 
@@ -486,6 +487,7 @@ class Gateway:
                 "ops": [f"http://{socket_address(sock)}" for sock in ops_sockets],
             },
         )
+        _warn_never_matched(self.config, self.table)
         watcher = None
         if self.config_path is not None and self.config.reload.watch:
             watcher = asyncio.create_task(self._watch_config(), name="hookyard-config-watch")
@@ -744,3 +746,11 @@ def _on_daemon_thread(function: Callable[..., Any], arguments: list[Any]) -> asy
         return asyncio.get_running_loop().run_in_executor(thread, function, *arguments)
     finally:
         thread.shutdown(wait=False)  # it ends once the call has returned
+
+
+def _warn_never_matched(config: Config, table: RouteTable) -> None:
+    """What `hookyard check` warns of, in the log of a gateway that starts or reloads a file never checked:
+    a route's `events:` entry that its provider never sends (a typo, most often), so the route never
+    matches it."""
+    for warning in never_matched(config, table):
+        log.warning("a route's event type is never sent", extra={"warning": warning})

@@ -225,9 +225,14 @@ def _reason(exc: Exception) -> str:
 @config_option
 def check(config_path: Path | None) -> None:
     """Validate a config file: exit 1 listing every error."""
+    from gateway.routing import never_matched
+
     config, table = _load(config_path)
     routes = sum(len(routes) for routes in table.routes.values())
     click.echo(f"ok: {_counted(len(config.sources), 'source')}, {_counted(routes, 'route')}")
+    # Not errors: a provider may start sending a type it did not list.
+    for warning in never_matched(config, table):
+        click.echo(f"hookyard: warning: {warning}", err=True)
 
 
 def _counted(count: int, noun: str) -> str:
@@ -713,7 +718,8 @@ def _signed_request(
     would leave the event unrouted without a word), and the request is made all the same."""
     import orjson
 
-    from gateway.sender import build_request, find_endpoint, unknown_type
+    from gateway.providers import unknown_type
+    from gateway.sender import build_request, find_endpoint
 
     table, ops = _load_source(config_path, source, needs_listen=not url)
     if (warning := unknown_type(find_endpoint(table, source).provider, event_type)) is not None:

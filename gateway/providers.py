@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import functools
 import hmac
 import re
@@ -247,3 +249,22 @@ def parse_timestamp(value: Any) -> float | None:
         # unreadable, as for numbers, since no UTC date can show it.
         return seconds if -62135596800 <= seconds <= 253402300799 else None
     return None
+
+
+def unknown_type(provider: Provider, pattern: str | int) -> str | None:
+    """What to say of an event type (a `--type`, a route's `events:` entry: a name, a code or a glob) that
+    none of the types its provider sends is, with the closest one it does; None when one is, or where the
+    provider does not list its types. No route could match such a type: a typo, most often."""
+    known = provider.known_types()
+    if known is None:
+        return None
+    sent = {provider.event_type(name) for name in known}
+    if isinstance(pattern, str) and any(char in pattern for char in "*?["):  # a glob, as routes read it
+        if any(fnmatch.fnmatchcase(event_type, pattern) for event_type in sent):
+            return None
+        return f"{provider.name} sends no event type that {pattern!r} matches"
+    if provider.event_type(pattern) in sent:
+        return None
+    close = difflib.get_close_matches(str(pattern), known, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else ""
+    return f"{provider.name} sends no event type {pattern!r}{hint}"

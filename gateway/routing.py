@@ -27,7 +27,7 @@ from gateway.config import (
 from gateway.events import UNSTORED_HEADERS, Event
 from gateway.filters import FilterError, Predicate, compile_filter
 from gateway.plugins import Registry
-from gateway.providers import Provider
+from gateway.providers import Provider, unknown_type
 from gateway.storage import NewDelivery
 
 
@@ -283,6 +283,21 @@ def _plan_action(
         after=action.after,
         when=(action.when or "always") if action.after else None,
     )
+
+
+def never_matched(config: Config, table: RouteTable) -> list[str]:
+    """Each route's `events:` entry that no type its source's provider sends is (unknown_type), with its
+    place: the route never matches it."""
+    providers = {endpoint.name: endpoint.provider for endpoint in table.endpoints.values()}
+    said: list[str] = []
+    for index, route in enumerate(config.routes):
+        provider = providers.get(route.source)
+        for place, pattern in enumerate(route.events):
+            if provider is not None and (warning := unknown_type(provider, pattern)) is not None:
+                said.append(
+                    f"routes[{index}].events[{place}] ({route.name}): {warning}; the route never matches it"
+                )
+    return said
 
 
 def _event_pattern(provider: Provider, pattern: str | int) -> str:

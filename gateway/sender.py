@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import difflib
 import reprlib
 import time
 import uuid
@@ -111,17 +110,6 @@ def listener_url(listener: Listener, scheme: str = "http") -> str:
     if ":" in host:  # an IPv6 address goes in brackets in a URL
         host = f"[{host}]"
     return f"{scheme}://{host}:{listener.port}"
-
-
-def unknown_type(provider: Provider, event_type: str) -> str | None:
-    """What to say of a --type the source's provider never sends (a typo, most often), with the closest one
-    it does; None for a type it sends, or where it does not list its types. No route could match it."""
-    known = provider.known_types()
-    if known is None or provider.event_type(event_type) in {provider.event_type(name) for name in known}:
-        return None
-    close = difflib.get_close_matches(event_type, known, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else ""
-    return f"{provider.name} sends no event type {event_type!r}{hint}"
 
 
 def source_url(base: str, path: str) -> str:

@@ -242,6 +242,30 @@ def test_check_counts_one_source_and_one_route_in_the_singular(tmp_path: Path) -
     assert result.stdout == "ok: 1 source, 1 route\n"
 
 
+def test_check_warns_of_route_events_that_their_provider_never_sends(tmp_path: Path) -> None:
+    # A typo'd name or a glob that matches none of a provider's types passed `check`, and the route then
+    # matched nothing, without a word. Only a provider that lists its types can tell; svix sends any.
+    config = config_dict(tmp_path)
+    config["routes"].append(
+        {
+            "name": "consignments",
+            "source": "consignly",
+            "events": ["ConsignmentCreate", 101, "ConsignmentCreated", "consignment.*", "JobConnection.*"],
+            "actions": [{"id": "app", "use": "forward", "with": {"url": "http://127.0.0.1:3000/hooks"}}],
+        }
+    )
+    config["routes"][0]["events"] = ["user.created", "user.craeted"]
+    result = invoke("check", "-c", write_config(tmp_path, config))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "ok: 2 sources, 2 routes\n"
+    assert result.stderr.splitlines() == [
+        "hookyard: warning: routes[1].events[0] (consignments): consignly sends no event type "
+        "'ConsignmentCreate' (did you mean ConsignmentCreated?); the route never matches it",
+        "hookyard: warning: routes[1].events[4] (consignments): consignly sends no event type that "
+        "'JobConnection.*' matches; the route never matches it",
+    ]
+
+
 def test_check_uses_hookyard_config_without_c(tmp_path: Path) -> None:
     good = write_config(tmp_path, config_dict(tmp_path), "good.yaml")
     result = invoke("check", env={"HOOKYARD_CONFIG": str(good)})

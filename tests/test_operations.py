@@ -187,6 +187,45 @@ def test_configmap_swap_changes_routing_without_restart(
         assert gw.post("/webhooks/extra", b"{}", {}).json()["error"] == "missing_signature"
 
 
+def test_a_route_event_type_its_provider_never_sends_is_logged_at_start_and_at_reload(
+    tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What `hookyard check` warns of, for a file that reaches the gateway unchecked (a ConfigMap edit).
+    def consignly_config(events: list[str | int]) -> dict[str, Any]:
+        config = users_config(tmp_path, downstream, "/app")
+        config["sources"]["consignly"] = {
+            "path": "/webhooks/consignly",
+            "provider": "consignly",
+            "secrets": ["s"],
+        }
+        config["routes"].append(
+            {**config["routes"][0], "name": "consignments", "source": "consignly", "events": events}
+        )
+        return config
+
+    def warnings() -> list[str]:
+        return [
+            r.warning  # type: ignore[attr-defined]
+            for r in caplog.records
+            if r.getMessage() == "a route's event type is never sent"
+        ]
+
+    volume = ConfigMapVolume(tmp_path / "config")
+    volume.publish(consignly_config(["ConsignmentCreate", 102]))
+    with RunningGateway(volume.path) as gw:
+        wait_until(lambda: warnings() != [])
+        assert warnings() == [
+            "routes[1].events[0] (consignments): consignly sends no event type 'ConsignmentCreate' "
+            "(did you mean ConsignmentCreated?); the route never matches it"
+        ]
+        volume.publish(consignly_config(["ConsignmentCreated", "consignment.creatd"]))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1)
+        assert warnings()[1:] == [
+            "routes[1].events[1] (consignments): consignly sends no event type 'consignment.creatd' "
+            "(did you mean consignment.created?); the route never matches it"
+        ]
+
+
 def test_a_reload_lets_running_deliveries_finish_and_pending_ones_use_the_new_config(
     tmp_path: Path, holding: Holding
 ) -> None:

@@ -179,6 +179,8 @@ class Engine:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._wakeup = asyncio.Event()
         self._running: dict[int, asyncio.Task[None]] = {}
+        # Claims of deliveries running here, each to start once that attempt ends: the newest claim only.
+        self._queued: dict[int, Claim] = {}
         self._reserved = 0  # slots held for deliveries leased in commits that have not finished yet
         # Every delivery running here is leased until at least this time: each lease taken since the last
         # renewal (or since now) lasts past it, and that renewal took those running then past it.
@@ -522,8 +524,14 @@ class Engine:
             # (the store fences out the running attempt of the round before), or a store that does not
             # leave out `running`, once its lease ran out under the attempt. Let that attempt finish, then
             # run this claim: left alone, its lease would hold the delivery back until it ran out.
+            superseded = self._queued.get(delivery_id)
+            self._queued[delivery_id] = claim
+            if superseded is not None:
+                # Claimed again while the claim before waited (the parent replayed once more): this one
+                # fences that one out, which would only send a request whose result is discarded.
+                return
             log.warning("delivery claimed while still running", extra={"delivery": delivery_id})
-            running.add_done_callback(partial(self._start_after, claim))
+            running.add_done_callback(partial(self._start_after, delivery_id))
             return
         # Looked up now, so that the delivery counts against the `concurrency` of the action it runs with.
         runnable = self.actions.get((claim.delivery.route, claim.delivery.action))
@@ -548,9 +556,10 @@ class Engine:
 
         task.add_done_callback(done)
 
-    def _start_after(self, claim: Claim, _previous: asyncio.Task[None]) -> None:
-        """Start a claim that came while an attempt of its delivery ran, now that the attempt is over (its
-        own `done` ran first: callbacks run in the order they were added)."""
+    def _start_after(self, delivery_id: int, _previous: asyncio.Task[None]) -> None:
+        """Start the newest claim that came while an attempt of the delivery ran, now that the attempt is
+        over (its own `done` ran first: callbacks run in the order they were added)."""
+        claim = self._queued.pop(delivery_id)
         if self._stopping:
             self._release_soon([claim.delivery.id])  # not attempted: due at the next start
         else:

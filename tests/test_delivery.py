@@ -516,6 +516,69 @@ def test_a_dependent_running_as_its_parent_is_replayed_reports_the_new_result_on
         assert app.finished_at is not None and attempt.started_at >= app.finished_at  # the new round's
 
 
+def test_replays_while_a_dependent_runs_send_it_once_more_after_that_attempt_not_once_per_replay(
+    tmp_path, downstream: Downstream
+) -> None:
+    from gateway.actions import Action, Job, delivered
+    from gateway.operations import Operations
+    from gateway.plugins import new_plugin_manager
+
+    told: list[int] = []  # the attempt numbers the action was told, in the order it was called
+    running = most = 0  # its calls under way now, and at most
+    release = asyncio.Event()  # ends the first call, made on the gateway's loop
+
+    class Report(Action):
+        name = "report"
+
+        async def deliver(self, job: Job) -> Outcome:
+            nonlocal running, most
+            told.append(job.attempt)
+            running += 1
+            most = max(most, running)
+            try:
+                if len(told) == 1:
+                    await release.wait()
+            finally:
+                running -= 1
+            return delivered(200)
+
+    class ReportPlugin:
+        @hookimpl
+        def register_actions(self) -> list[type[Action]]:
+            return [Report]
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(ReportPlugin(), name="report")
+    route = users_route(
+        downstream,
+        {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}},
+        {"id": "report", "use": "report", "after": "app", "timeout": "30s"},
+    )
+    config = gateway_config(tmp_path, routes=[route], delivery={"poll_interval": "200ms", "lease": "2m"})
+    with RunningGateway(config, pm=pm) as gw:
+        body, headers = svix_request(msg_id="msg_replays")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: told == [1])  # and held
+
+        # Replayed three times while that attempt runs: each time app runs again, and report is claimed
+        # for its new result, each claim fencing out the round of the one before.
+        ops = Operations(gw.gateway.storage, gw.gateway.table, wake=gw.gateway.engine.wake)
+        for replays in range(1, 4):
+            asyncio.run_coroutine_threadsafe(ops.replay_event("msg_replays"), gw.loop).result(10)
+            wait_until(lambda: delivery_states(gw, "msg_replays")["app"] == "delivered")
+            wait_until(lambda: event_detail(gw, "msg_replays").deliveries[1].attempts == 1)
+            assert len(downstream.received("/app")) == replays + 1
+        gw.loop.call_soon_threadsafe(release.set)
+
+        # Only the last claim is sent, once the attempt under way has ended: the two before it were
+        # of rounds that are over, and their results would only be discarded.
+        wait_until(lambda: delivery_states(gw, "msg_replays") == {"app": "delivered", "report": "delivered"})
+        assert told == [1, 4]
+        assert most == 1
+        report = event_detail(gw, "msg_replays").deliveries[1]
+        assert [a.number for a in event_detail(gw, "msg_replays").attempts[report.id]] == [4]
+
+
 @pytest.mark.parametrize(
     ("made", "error"),
     [

@@ -523,14 +523,22 @@ class Engine:
             # Claimed although it runs here: a dependent whose parent was replayed and has its new result
             # (the store fences out the running attempt of the round before), or a store that does not
             # leave out `running`, once its lease ran out under the attempt. Let that attempt finish, then
-            # run this claim: left alone, its lease would hold the delivery back until it ran out.
+            # run this claim: left alone, its lease would hold the delivery back until it ran out. Expected
+            # after a replay, so no warning: the result it fences out is logged as one.
             superseded = self._queued.get(delivery_id)
             self._queued[delivery_id] = claim
             if superseded is not None:
                 # Claimed again while the claim before waited (the parent replayed once more): this one
                 # fences that one out, which would only send a request whose result is discarded.
                 return
-            log.warning("delivery claimed while still running", extra={"delivery": delivery_id})
+            log.info(
+                "delivery claimed again while an attempt of it runs; it starts when that attempt ends",
+                extra={
+                    "delivery": delivery_id,
+                    "route": claim.delivery.route,
+                    "action": claim.delivery.action,
+                },
+            )
             running.add_done_callback(partial(self._start_after, delivery_id))
             return
         # Looked up now, so that the delivery counts against the `concurrency` of the action it runs with.

@@ -517,7 +517,7 @@ def test_a_dependent_running_as_its_parent_is_replayed_reports_the_new_result_on
 
 
 def test_replays_while_a_dependent_runs_send_it_once_more_after_that_attempt_not_once_per_replay(
-    tmp_path, downstream: Downstream
+    tmp_path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     from gateway.actions import Action, Job, delivered
     from gateway.operations import Operations
@@ -555,6 +555,8 @@ def test_replays_while_a_dependent_runs_send_it_once_more_after_that_attempt_not
         {"id": "report", "use": "report", "after": "app", "timeout": "30s"},
     )
     config = gateway_config(tmp_path, routes=[route], delivery={"poll_interval": "200ms", "lease": "2m"})
+    config["log"] = {"level": "info"}
+    caplog.set_level(logging.INFO, logger="hookyard.delivery")
     with RunningGateway(config, pm=pm) as gw:
         body, headers = svix_request(msg_id="msg_replays")
         gw.post("/webhooks/consignease", body, headers)
@@ -577,6 +579,9 @@ def test_replays_while_a_dependent_runs_send_it_once_more_after_that_attempt_not
         assert most == 1
         report = event_detail(gw, "msg_replays").deliveries[1]
         assert [a.number for a in event_detail(gw, "msg_replays").attempts[report.id]] == [4]
+    # Said once, when the first claim came, and not as a warning: a replay is expected to cause it.
+    said = [r for r in caplog.records if r.message.startswith("delivery claimed again while an attempt")]
+    assert [(r.levelname, r.route, r.action) for r in said] == [("INFO", "users", "report")]
 
 
 @pytest.mark.parametrize(

@@ -368,6 +368,43 @@ def test_a_delivery_whose_attempt_is_under_way_shows_no_next_attempt(tmp_path: P
             assert (done["in_flight"], done["next_attempt_at"]) == (False, None)
 
 
+def test_a_replay_while_a_delivery_is_in_flight_leaves_it_and_its_result_alone(tmp_path: Path) -> None:
+    arrived, answer = threading.Event(), threading.Event()
+    running = most = 0  # requests of the delivery under way at the receiver, and at most
+
+    async def sink(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        nonlocal running, most
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        running += 1
+        most = max(most, running)
+        arrived.set()
+        while not answer.is_set():  # held until the replays are in
+            await asyncio.sleep(0.01)
+        running -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    with ServerThread(sink) as server:
+        config = gateway_config(tmp_path, f"http://127.0.0.1:{server.port}")
+        config["ops"] = {"host": "127.0.0.1", "admin_token": TOKEN}
+        config["delivery"]["lease"] = "1h"
+        with RunningGateway(config) as gw:
+            send(gw, "msg_busy")
+            assert arrived.wait(10)
+            try:
+                replays = [admin(gw, "POST", "/admin/events/msg_busy/replay", json={}) for _ in range(3)]
+            finally:
+                answer.set()
+            assert [r.json()["replayed"] for r in replays] == [0, 0, 0]
+            wait_until(lambda: states(gw, "msg_busy") == {"app": "delivered"})
+            [app] = admin(gw, "GET", "/admin/events/msg_busy").json()["deliveries"]
+            assert [(a["number"], a["outcome"]) for a in app["attempts"]] == [(1, "delivered")]
+            assert most == 1
+            assert gw.metric("hookyard_replays_total", mode="event") == 0
+
+
 def test_replay_one_event_and_one_action(tmp_path: Path, downstream: Downstream) -> None:
     with RunningGateway(users_config(tmp_path, downstream)) as gw:
         send(gw, "msg_replay")

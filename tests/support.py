@@ -18,7 +18,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -33,6 +33,7 @@ import yaml
 from svix.webhooks import Webhook
 
 from gateway import hookimpl
+from gateway.actions import Action
 from gateway.app import Gateway
 from gateway.config import load_config, parse_config
 from gateway.events import Event
@@ -482,15 +483,27 @@ class UncheckedIdProvider(ConsignlyProvider):
 
 def with_unchecked_ids(config: dict[str, Any]) -> pluggy.PluginManager:
     """Switch config's consignly source to UncheckedIdProvider; the plugin manager to run it with."""
+    config["sources"]["consignly"]["provider"] = UncheckedIdProvider.name
+    return plugins_with(providers=[UncheckedIdProvider])
 
-    class UncheckedIds:
+
+def plugins_with(
+    providers: Sequence[type[Provider]] = (), actions: Sequence[type[Action]] = ()
+) -> pluggy.PluginManager:
+    """The built-in plugins (no installed ones) and one more that registers `providers` and `actions`, as a
+    test's own plugin would."""
+
+    class TestPlugin:
         @hookimpl
         def register_providers(self) -> list[type[Provider]]:
-            return [UncheckedIdProvider]
+            return list(providers)
 
-    config["sources"]["consignly"]["provider"] = UncheckedIdProvider.name
+        @hookimpl
+        def register_actions(self) -> list[type[Action]]:
+            return list(actions)
+
     pm = new_plugin_manager(load_entry_points=False)
-    pm.register(UncheckedIds(), name=UncheckedIdProvider.name)
+    pm.register(TestPlugin(), name="test-plugin")
     return pm
 
 

@@ -38,6 +38,7 @@ from tests.support import (
     RunningGateway,
     bound_socket,
     free_port,
+    plugins_with,
     raw_server,
     wait_until,
 )
@@ -1437,13 +1438,7 @@ def test_send_whose_provider_cannot_sign_blames_the_provider_not_the_data(
                 raise KeyError("kid")
             return ["x"]
 
-    class MintPlugin:
-        @hookimpl
-        def register_providers(self) -> list[type[Any]]:
-            return [Mint]
-
-    pm = new_plugin_manager(load_entry_points=False)
-    pm.register(MintPlugin(), name="mint")
+    pm = plugins_with(providers=[Mint])
     monkeypatch.setattr("gateway.cli.plugin_manager", lambda: pm)
     config = config_dict(tmp_path)
     config["sources"]["consignease"]["provider"] = "mint"

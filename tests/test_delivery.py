@@ -31,6 +31,7 @@ from tests.support import (
     downstream_server,
     gateway_config,
     metric_value,
+    plugins_with,
     svix_request,
     wait_until,
 )
@@ -462,7 +463,6 @@ def test_a_dependent_running_as_its_parent_is_replayed_reports_the_new_result_on
 ) -> None:
     from gateway.actions import Action, Job, delivered
     from gateway.operations import Operations
-    from gateway.plugins import new_plugin_manager
 
     reports: list[tuple[int, str]] = []  # (attempt, the parent's state it reported)
     release = asyncio.Event()  # ends the first report, made on the gateway's loop
@@ -477,13 +477,7 @@ def test_a_dependent_running_as_its_parent_is_replayed_reports_the_new_result_on
                 await release.wait()
             return delivered(200)
 
-    class ReportPlugin:
-        @hookimpl
-        def register_actions(self) -> list[type[Action]]:
-            return [Report]
-
-    pm = new_plugin_manager(load_entry_points=False)
-    pm.register(ReportPlugin(), name="report")
+    pm = plugins_with(actions=[Report])
     route = users_route(
         downstream,
         {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}},
@@ -521,7 +515,6 @@ def test_replays_while_a_dependent_runs_send_it_once_more_after_that_attempt_not
 ) -> None:
     from gateway.actions import Action, Job, delivered
     from gateway.operations import Operations
-    from gateway.plugins import new_plugin_manager
 
     told: list[int] = []  # the attempt numbers the action was told, in the order it was called
     running = most = 0  # its calls under way now, and at most
@@ -542,13 +535,7 @@ def test_replays_while_a_dependent_runs_send_it_once_more_after_that_attempt_not
                 running -= 1
             return delivered(200)
 
-    class ReportPlugin:
-        @hookimpl
-        def register_actions(self) -> list[type[Action]]:
-            return [Report]
-
-    pm = new_plugin_manager(load_entry_points=False)
-    pm.register(ReportPlugin(), name="report")
+    pm = plugins_with(actions=[Report])
     route = users_route(
         downstream,
         {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/app"}},
@@ -629,9 +616,7 @@ def errors_until_dead(
 ) -> tuple[list[str], float]:
     """One webhook to an action whose every attempt returns outcome(), retried once: the errors its two
     attempts recorded, and the deliveries counted dead."""
-    from gateway import hookimpl
     from gateway.actions import Action, Job
-    from gateway.plugins import new_plugin_manager
 
     class Made(Action):
         name = "made"
@@ -639,13 +624,7 @@ def errors_until_dead(
         async def deliver(self, job: Job) -> Outcome:
             return outcome()
 
-    class MadePlugin:
-        @hookimpl
-        def register_actions(self) -> list[type[Action]]:
-            return [Made]
-
-    pm = new_plugin_manager(load_entry_points=False)
-    pm.register(MadePlugin(), name="made")
+    pm = plugins_with(actions=[Made])
     route = users_route(downstream, {"id": "app", "use": "made", "retry": {"schedule": ["10ms"]}})
     with RunningGateway(gateway_config(tmp_path, routes=[route]), pm=pm) as gw:
         body, headers = svix_request(msg_id="msg_made")

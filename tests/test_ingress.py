@@ -27,6 +27,7 @@ from tests.support import (
     consignly_headers,
     free_port,
     gateway_config,
+    plugins_with,
     svix_request,
     wait_until,
 )
@@ -557,8 +558,6 @@ def test_a_provider_reply_that_fails_answers_the_stored_event_accepted_without_i
 ) -> None:
     # The event is stored and its deliveries run: it was answered 500 "could not be stored", and every retry
     # of the sender's the same, though the event was there.
-    from gateway import hookimpl
-    from gateway.plugins import new_plugin_manager
     from plugins.svix import SvixProvider
 
     class Replying(SvixProvider):
@@ -569,13 +568,7 @@ def test_a_provider_reply_that_fails_answers_the_stored_event_accepted_without_i
                 raise RuntimeError("no challenge")
             return ["challenge"]
 
-    class ReplyingPlugin:
-        @hookimpl
-        def register_providers(self) -> list[type[Any]]:
-            return [Replying]
-
-    pm = new_plugin_manager(load_entry_points=False)
-    pm.register(ReplyingPlugin(), name="replying")
+    pm = plugins_with(providers=[Replying])
     config = gateway_config(tmp_path, downstream.url)
     config["sources"]["consignease"]["provider"] = "replying"
     with RunningGateway(config, pm=pm) as gw:

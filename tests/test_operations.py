@@ -43,6 +43,7 @@ from tests.support import (
     event_loops,
     free_port,
     gateway_config,
+    plugins_with,
     self_signed,
     svix_request,
     wait_until,
@@ -2107,13 +2108,7 @@ def test_a_reload_whose_action_cannot_be_built_is_refused_and_changes_nothing(
         async def deliver(self, job: Job) -> Outcome:
             return delivered()
 
-    class Plugin:
-        @hookimpl
-        def register_actions(self) -> list[type[Action]]:
-            return [Templated]
-
-    pm = new_plugin_manager(load_entry_points=False)
-    pm.register(Plugin(), name="templated")
+    pm = plugins_with(actions=[Templated])
     path = tmp_path / "routes.yaml"
     path.write_text(yaml.safe_dump(users_config(tmp_path, downstream, "/before")))
     with RunningGateway(path, pm=pm) as gw:

@@ -9,6 +9,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -328,81 +329,71 @@ def test_show_event_with_attempts(tmp_path: Path, downstream: Downstream) -> Non
         assert admin(gw, "GET", "/admin/events/nope").status_code == 404
 
 
+class HeldReceiver:
+    """An ASGI receiver that holds every answer until `answer` is set, and counts the requests under way."""
+
+    def __init__(self) -> None:
+        self.arrived, self.answer = threading.Event(), threading.Event()
+        self.running = self.most = 0  # requests under way, and at most
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        await read_body(receive)
+        self.running += 1
+        self.most = max(self.most, self.running)
+        self.arrived.set()
+        while not self.answer.is_set():
+            await asyncio.sleep(0.01)
+        self.running -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+@contextmanager
+def held_delivery(tmp_path: Path, msg_id: str) -> Iterator[tuple[RunningGateway, HeldReceiver]]:
+    """A gateway with the admin API whose one delivery, of `msg_id`, is under way at a HeldReceiver (its
+    lease outlasting the test) when this yields; its answer is let go on leaving, whatever happened."""
+    receiver = HeldReceiver()
+    with ServerThread(receiver) as server:
+        config = gateway_config(tmp_path, f"http://127.0.0.1:{server.port}")
+        config["ops"] = {"host": "127.0.0.1", "admin_token": TOKEN}
+        config["delivery"]["lease"] = "1h"
+        with RunningGateway(config) as gw:
+            send(gw, msg_id)
+            try:
+                assert receiver.arrived.wait(10)
+                yield gw, receiver
+            finally:
+                receiver.answer.set()
+
+
 def test_a_delivery_whose_attempt_is_under_way_shows_no_next_attempt(tmp_path: Path) -> None:
     """While an attempt is in flight the delivery is leased until its lease runs out (`delivery.lease`):
     that time was shown as its next attempt, one nobody scheduled."""
-    arrived, answer = threading.Event(), threading.Event()
-
-    async def sink(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            return
-        await read_body(receive)
-        arrived.set()
-        while not answer.is_set():  # the answer is held until the test has looked
-            await asyncio.sleep(0.01)
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    with ServerThread(sink) as server:
-        config = gateway_config(tmp_path, f"http://127.0.0.1:{server.port}")
-        config["ops"] = {"host": "127.0.0.1", "admin_token": TOKEN}
-        config["delivery"]["lease"] = "1h"
-        with RunningGateway(config) as gw:
-            send(gw, "msg_running")
-            assert arrived.wait(10)
-            try:
-                [running] = admin(gw, "GET", "/admin/events/msg_running").json()["deliveries"]
-                runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
-                shown = runner.invoke(main, ["events", "show", "msg_running", "--admin-url", gw.ops_url])
-            finally:
-                answer.set()
-            assert shown.exit_code == 0, shown.output
-            assert json.loads(shown.stdout)["deliveries"] == [running]
-            assert (running["state"], running["in_flight"], running["next_attempt_at"]) == (
-                "pending",
-                True,
-                None,
-            )
-            wait_until(lambda: states(gw, "msg_running") == {"app": "delivered"})
-            [done] = admin(gw, "GET", "/admin/events/msg_running").json()["deliveries"]
-            assert (done["in_flight"], done["next_attempt_at"]) == (False, None)
+    with held_delivery(tmp_path, "msg_running") as (gw, receiver):
+        [running] = admin(gw, "GET", "/admin/events/msg_running").json()["deliveries"]
+        runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
+        shown = runner.invoke(main, ["events", "show", "msg_running", "--admin-url", gw.ops_url])
+        receiver.answer.set()
+        assert shown.exit_code == 0, shown.output
+        assert json.loads(shown.stdout)["deliveries"] == [running]
+        assert (running["state"], running["in_flight"], running["next_attempt_at"]) == ("pending", True, None)
+        wait_until(lambda: states(gw, "msg_running") == {"app": "delivered"})
+        [done] = admin(gw, "GET", "/admin/events/msg_running").json()["deliveries"]
+        assert (done["in_flight"], done["next_attempt_at"]) == (False, None)
 
 
 def test_a_replay_while_a_delivery_is_in_flight_leaves_it_and_its_result_alone(tmp_path: Path) -> None:
-    arrived, answer = threading.Event(), threading.Event()
-    running = most = 0  # requests of the delivery under way at the receiver, and at most
-
-    async def sink(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        nonlocal running, most
-        if scope["type"] != "http":
-            return
-        await read_body(receive)
-        running += 1
-        most = max(most, running)
-        arrived.set()
-        while not answer.is_set():  # held until the replays are in
-            await asyncio.sleep(0.01)
-        running -= 1
-        await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
-
-    with ServerThread(sink) as server:
-        config = gateway_config(tmp_path, f"http://127.0.0.1:{server.port}")
-        config["ops"] = {"host": "127.0.0.1", "admin_token": TOKEN}
-        config["delivery"]["lease"] = "1h"
-        with RunningGateway(config) as gw:
-            send(gw, "msg_busy")
-            assert arrived.wait(10)
-            try:
-                replays = [admin(gw, "POST", "/admin/events/msg_busy/replay", json={}) for _ in range(3)]
-            finally:
-                answer.set()
-            assert [r.json()["replayed"] for r in replays] == [0, 0, 0]
-            wait_until(lambda: states(gw, "msg_busy") == {"app": "delivered"})
-            [app] = admin(gw, "GET", "/admin/events/msg_busy").json()["deliveries"]
-            assert [(a["number"], a["outcome"]) for a in app["attempts"]] == [(1, "delivered")]
-            assert most == 1
-            assert gw.metric("hookyard_replays_total", mode="event") == 0
+    with held_delivery(tmp_path, "msg_busy") as (gw, receiver):
+        replays = [admin(gw, "POST", "/admin/events/msg_busy/replay", json={}) for _ in range(3)]
+        receiver.answer.set()
+        assert [r.json()["replayed"] for r in replays] == [0, 0, 0]
+        wait_until(lambda: states(gw, "msg_busy") == {"app": "delivered"})
+        [app] = admin(gw, "GET", "/admin/events/msg_busy").json()["deliveries"]
+        assert [(a["number"], a["outcome"]) for a in app["attempts"]] == [(1, "delivered")]
+        assert receiver.most == 1
+        assert gw.metric("hookyard_replays_total", mode="event") == 0
 
 
 def test_replay_one_event_and_one_action(tmp_path: Path, downstream: Downstream) -> None:

@@ -136,6 +136,22 @@ schemas = SchemaGenerator(
                     },
                     "required": ["replayed", "created", "next_cursor"],
                 },
+                "EventReplayPage": {
+                    "allOf": [
+                        {"$ref": "#/components/schemas/ReplayPage"},
+                        {
+                            "type": "object",
+                            "properties": {
+                                "pending": {
+                                    "type": "integer",
+                                    "description": "deliveries the replay matched but left alone: not "
+                                    "final yet (in flight, due, or waiting for their parent)",
+                                },
+                            },
+                            "required": ["pending"],
+                        },
+                    ]
+                },
                 "BulkReplayPage": {
                     "allOf": [
                         {"$ref": "#/components/schemas/ReplayPage"},
@@ -296,8 +312,10 @@ def admin_routes(gateway: Gateway) -> list[Route]:
                 properties: {source: {type: string}, route: {type: string}, action: {type: string}}
         responses:
           200:
-            description: how many deliveries will run again (replayed; created is 0, next_cursor null)
-            content: {application/json: {schema: {$ref: "#/components/schemas/ReplayPage"}}}
+            description: >
+              how many deliveries will run again (replayed; created is 0, next_cursor null), and how many
+              it matched but left alone because they are not final yet (pending)
+            content: {application/json: {schema: {$ref: "#/components/schemas/EventReplayPage"}}}
           400: {description: a bad body}
           401: {description: missing or wrong bearer token (ops.admin_token is set)}
           403: {description: "without ops.admin_token: a caller that is not a local program (a web page)"}

@@ -614,7 +614,11 @@ def replay(
         result = _operate(
             config_path, admin_url, lambda ops: ops.replay_event(event_id, source, action, route)
         )
-        click.echo(json.dumps(result) if as_json else _replaying(result["replayed"]))
+        if as_json:
+            click.echo(json.dumps(result))
+        else:
+            # A gateway of an earlier version does not answer `pending`.
+            click.echo(_replaying(result["replayed"], pending=result.get("pending", 0)))
         return
 
     async def bulk(ops: Any) -> tuple[int, int]:
@@ -663,11 +667,14 @@ def replay(
         click.echo(_replaying(replayed, created))
 
 
-def _replaying(replayed: int, created: int = 0) -> str:
-    """`replaying 1 delivery`, `replaying 5 deliveries, created 1 missing one`."""
+def _replaying(replayed: int, created: int = 0, pending: int = 0) -> str:
+    """`replaying 1 delivery`, `replaying 5 deliveries, created 1 missing one`, `replaying 0 deliveries; 1
+    left alone: still pending (in flight, due or waiting)`."""
     text = f"replaying {replayed} {'delivery' if replayed == 1 else 'deliveries'}"
     if created:
         text += f", created {created} missing {'one' if created == 1 else 'ones'}"
+    if pending:
+        text += f"; {pending} left alone: still pending (in flight, due or waiting)"
     return text
 
 

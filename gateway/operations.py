@@ -315,7 +315,12 @@ class Operations:
                 )
         self.counted("event", count)
         self.wake()
-        return asdict(ReplayPage(replayed=count))
+        # Those it matched but left alone, not final yet (in flight, due, waiting): without them, an answer
+        # of 0 reads as a replay that matched nothing. Matched as the store does, in the detail read above;
+        # one that finished since and was replayed all the same is counted once, as replayed.
+        matched = [d for d in deliveries if d.action == action or (action is None and d.parent_id is None)]
+        pending = max(0, len(matched) - count)
+        return {**asdict(ReplayPage(replayed=count)), "pending": pending}
 
     async def replay(
         self,

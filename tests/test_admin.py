@@ -387,8 +387,15 @@ def test_a_delivery_whose_attempt_is_under_way_shows_no_next_attempt(tmp_path: P
 def test_a_replay_while_a_delivery_is_in_flight_leaves_it_and_its_result_alone(tmp_path: Path) -> None:
     with held_delivery(tmp_path, "msg_busy") as (gw, receiver):
         replays = [admin(gw, "POST", "/admin/events/msg_busy/replay", json={}) for _ in range(3)]
+        runner = CliRunner(env={"HOOKYARD_ADMIN_TOKEN": TOKEN})
+        told = runner.invoke(main, ["replay", "msg_busy", "--admin-url", gw.ops_url])
         receiver.answer.set()
-        assert [r.json()["replayed"] for r in replays] == [0, 0, 0]
+        # Matched, left alone, and counted so: not the answer of a replay that matched nothing.
+        assert [(r.json()["replayed"], r.json()["pending"]) for r in replays] == [(0, 1)] * 3
+        assert (told.exit_code, told.stdout) == (
+            0,
+            "replaying 0 deliveries; 1 left alone: still pending (in flight, due or waiting)\n",
+        )
         wait_until(lambda: states(gw, "msg_busy") == {"app": "delivered"})
         [app] = admin(gw, "GET", "/admin/events/msg_busy").json()["deliveries"]
         assert [(a["number"], a["outcome"]) for a in app["attempts"]] == [(1, "delivered")]
@@ -405,6 +412,7 @@ def test_replay_one_event_and_one_action(tmp_path: Path, downstream: Downstream)
             "replayed": 1,
             "created": 0,
             "next_cursor": None,
+            "pending": 0,
         }  # as docs/operations.md shows it
         # The root runs again, and its dependent after it, with the same event id for downstream dedupe.
         assert [r.headers["idempotency-key"] for r in downstream.wait_for(2, "/audit")] == ["msg_replay"] * 2

@@ -815,9 +815,17 @@ def test_replay_an_event(filled: Path) -> None:
     assert deliveries(filled, "evt_delivered")["app"].state == "delivered"
     assert deliveries(filled, "evt_old_dead")["app"].state == "dead"
 
+    # Its delivery is due now: left alone, and said so, not answered as if nothing matched.
     again = invoke("replay", "-c", filled, "evt_dead")
     assert again.exit_code == 0
-    assert again.stdout == "replaying 0 deliveries\n"
+    assert again.stdout == "replaying 0 deliveries; 1 left alone: still pending (in flight, due or waiting)\n"
+
+
+def test_replay_of_a_pending_delivery_says_it_was_left_alone(filled: Path) -> None:
+    result = invoke("replay", "-c", filled, "evt_pending", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {"replayed": 0, "created": 0, "next_cursor": None, "pending": 1}
+    assert deliveries(filled, "evt_pending")["app"].state == "pending"
 
 
 def test_replay_one_action(filled: Path) -> None:
@@ -1186,9 +1194,9 @@ def test_replay_of_an_event_with_json_prints_the_admin_api_s_answer(
         with RunningGateway(path) as gw:
             result = invoke("replay", "--admin-url", gw.ops_url, "evt_dead", "--action", "app", "--json")
     assert result.exit_code == 0, result.output
-    # The admin API's answer (a ReplayPage), as it came.
+    # The admin API's answer (a ReplayPage and what it left alone), as it came.
     assert result.stdout.count("\n") == 1
-    assert json.loads(result.stdout) == {"replayed": 1, "created": 0, "next_cursor": None}
+    assert json.loads(result.stdout) == {"replayed": 1, "created": 0, "next_cursor": None, "pending": 0}
 
 
 @pytest.mark.parametrize("through", ["database", "admin-api"])

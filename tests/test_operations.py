@@ -440,7 +440,7 @@ def test_a_dependent_of_an_action_a_reload_removed_is_skipped_when_replayed_or_c
 
         for action in ("alert", "audit"):
             replay = gw.client.post(gw.ops_url + "/admin/events/msg_alone/replay", json={"action": action})
-            assert replay.json() == {"replayed": 1, "created": 0, "next_cursor": None}
+            assert replay.json() == {"replayed": 1, "created": 0, "next_cursor": None, "pending": 0}
             wait_until(lambda: deliveries(gw)[action][0] == "skipped")  # noqa: B023
         time.sleep(0.3)
         assert deliveries(gw) == gone

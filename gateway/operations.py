@@ -301,24 +301,25 @@ class Operations:
         if action is not None and action not in {d.action for d in deliveries}:
             where = "" if route is None else f" in route {route!r}"
             raise OperationError(404, f"event {event_id!r} has no delivery for action {action!r}{where}")
+        # What the store replays, as it matches them: the action's deliveries, or the roots.
+        matched = [d for d in deliveries if d.action == action or (action is None and d.parent_id is None)]
         count = await self.storage.replay_event(detail.seq, action, time.time(), route=route)
-        if count == 0 and "\ufffd" in (route or "") + (action or ""):
-            # A final delivery is shown by that name, yet none is stored by it: its text is not UTF-8.
-            shown = [d for d in deliveries if d.action == action or (action is None and d.parent_id is None)]
-            if any(d.state in FINAL_STATES for d in shown):
-                named = [
-                    f"{name} {value!r}" for name, value in (("route", route), ("action", action)) if value
-                ]
-                raise OperationError(
-                    404,
-                    f"event {event_id!r} has no delivery for {' and '.join(named)} as stored: {NOT_NAMEABLE}",
-                )
+        # A final delivery is shown by that name, yet none is stored by it: its text is not UTF-8.
+        if (
+            count == 0
+            and "\ufffd" in (route or "") + (action or "")
+            and any(d.state in FINAL_STATES for d in matched)
+        ):
+            named = [f"{name} {value!r}" for name, value in (("route", route), ("action", action)) if value]
+            raise OperationError(
+                404,
+                f"event {event_id!r} has no delivery for {' and '.join(named)} as stored: {NOT_NAMEABLE}",
+            )
         self.counted("event", count)
         self.wake()
         # Those it matched but left alone, not final yet (in flight, due, waiting): without them, an answer
-        # of 0 reads as a replay that matched nothing. Matched as the store does, in the detail read above;
-        # one that finished since and was replayed all the same is counted once, as replayed.
-        matched = [d for d in deliveries if d.action == action or (action is None and d.parent_id is None)]
+        # of 0 reads as a replay that matched nothing. Read just before the replay: one that finished since
+        # and was replayed all the same is counted once, as replayed.
         pending = max(0, len(matched) - count)
         return {**asdict(ReplayPage(replayed=count)), "pending": pending}
 

@@ -363,17 +363,26 @@ def render_error(exc: Exception) -> str:
     return f"{where}: {type(exc).__name__}: {exc}"
 
 
+# Headers that describe the message, never a credential: their values may be shown.
+_DESCRIPTIVE_HEADERS = re.compile(r"(accept|content)(-.*)?|user-agent", re.IGNORECASE)
+# Shorter than this, a value is no credential (a version, a flag); hidden, it would blank every place the
+# same few characters stand in the reason.
+_SHORTEST_SECRET = 8
+
+
 def header_secrets(headers: dict[str, str]) -> tuple[str, ...]:
-    """What an error never shows of the configured `headers`, should a refusal repeat it: each value, and
-    what follows its scheme (`Bearer <token>`). A chat API's key goes there (a URL with credentials is
-    refused), and nothing tells which header holds one."""
+    """What an error never shows of the configured `headers`, should a refusal repeat it: each value that
+    could be a credential, and what follows its scheme (`Bearer <token>`). A chat API's key goes there (a
+    URL with credentials is refused), and no name tells which header holds one."""
     secrets: list[str] = []
-    for value in headers.values():
+    for name, value in headers.items():
+        if _DESCRIPTIVE_HEADERS.fullmatch(name.strip()):
+            continue
         secrets.append(value.strip())
         _, space, credential = value.strip().partition(" ")
         if space:
             secrets.append(credential.strip())
-    return tuple(secret for secret in secrets if secret)
+    return tuple(secret for secret in secrets if len(secret) >= _SHORTEST_SECRET)
 
 
 class Notify(Action):

@@ -1457,8 +1457,15 @@ def test_a_refusal_that_echoes_the_webhook_url_is_reported_without_it(
         ({"X-Api-Key": "key-8f2b6c1d9e"}, "invalid key key-8f2b6c1d9e", "invalid key …"),
         ({"Authorization": "Bearer tok-5a7c3e9f1b"}, "invalid token tok-5a7c3e9f1b", "invalid token …"),
         ({"Authorization": "Bearer tok-5a7c3e9f1b"}, "you sent: Bearer tok-5a7c3e9f1b", "you sent: …"),
+        # A value too short to be a credential (a version, a flag) stays: hidden, it would blank every
+        # place the same few characters stand in the reason.
+        (
+            {"X-Api-Version": "2", "Accept": "application/json", "X-Api-Key": "key-8f2b6c1d9e"},
+            "version 2 wants application/json; invalid key key-8f2b6c1d9e",
+            "version 2 wants application/json; invalid key …",
+        ),
     ],
-    ids=["api-key", "bearer-token", "whole-value"],
+    ids=["api-key", "bearer-token", "whole-value", "short-values-stay"],
 )
 def test_a_refusal_that_echoes_a_configured_header_is_reported_without_its_value(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, headers: dict[str, str], echoed: str, error: str

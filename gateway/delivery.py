@@ -648,9 +648,12 @@ class Engine:
             return
         if not finished.recorded:
             # Fenced out: the delivery was claimed again or replayed while this attempt ran, so this result
-            # is not the delivery's and no metric or hook counts it. The delivery may be due now.
-            log.warning(
-                "attempt result discarded: the delivery was claimed again or replayed meanwhile",
+            # is not the delivery's and no metric or hook counts it. The delivery may be due now. At info:
+            # a replay (a dependent's, whose parent was replayed) is what makes this happen, and what the
+            # operator asked for; a lease lost while the attempt ran is logged where its renewal failed.
+            log.info(
+                "attempt result discarded, as expected after a replay: the delivery was replayed or claimed "
+                "again while the attempt ran",
                 extra={
                     **event.summary(),
                     "route": delivery.route,

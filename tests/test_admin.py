@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import sqlite3
 import threading
@@ -497,9 +498,10 @@ def test_replay_one_event_narrowed_to_a_route(tmp_path: Path, downstream: Downst
 
 
 def test_replay_while_a_dependent_is_in_flight_runs_it_again_after_its_parent(
-    tmp_path: Path, downstream: Downstream
+    tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     downstream.delay = 0.5
+    caplog.set_level(logging.INFO, "hookyard.delivery")
     with RunningGateway(users_config(tmp_path, downstream)) as gw:
         send(gw, "msg_in_flight")
         # app is done (a request is recorded once answered) and audit's request is under way.
@@ -516,6 +518,14 @@ def test_replay_while_a_dependent_is_in_flight_runs_it_again_after_its_parent(
         assert [(a["number"], a["outcome"]) for a in audit["attempts"]] == [(2, "delivered")]
         labels = {"route": "users", "action": "audit", "outcome": "delivered"}
         assert gw.metric("hookyard_deliveries_total", **labels) == 1
+    # The replay's expected outcome, nothing for an operator to act on: not a warning.
+    [discarded] = [r for r in caplog.records if r.getMessage().startswith("attempt result discarded")]
+    assert (discarded.levelname, discarded.getMessage()) == (
+        "INFO",
+        "attempt result discarded, as expected after a replay: the delivery was replayed or claimed again "
+        "while the attempt ran",
+    )
+    assert (discarded.route, discarded.action, discarded.attempt) == ("users", "audit", 1)  # type: ignore[attr-defined]
 
 
 def test_bulk_replay_dead(tmp_path: Path, downstream: Downstream) -> None:

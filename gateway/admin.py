@@ -160,10 +160,15 @@ schemas = SchemaGenerator(
                             "description": "the window this page ran on, in epoch seconds: give it to "
                             "the next pages",
                             "properties": {
+                                "pending": {
+                                    "type": "integer",
+                                    "description": "deliveries the page matched but left alone: not final "
+                                    "yet (in flight, due, or waiting for their parent); 0 for mode dead",
+                                },
                                 "since": {"type": "number", "nullable": True},
                                 "until": {"type": "number"},
                             },
-                            "required": ["since", "until"],
+                            "required": ["pending", "since", "until"],
                         },
                     ]
                 },

@@ -16,9 +16,10 @@ from gateway.replay import ReplayPage
 from gateway.sender import unproxied_if_loopback
 
 # What an event's detail always holds (gateway.operations.detail_view), and a replay's page: the fields of
-# the ReplayPage the endpoint answers with.
+# the ReplayPage the endpoint answers with, but `pending`, which a gateway of an earlier version does not
+# answer (the CLI then counts none).
 DETAIL_FIELDS = ("id", "source", "type", "deliveries")
-PAGE_FIELDS = tuple(field.name for field in fields(ReplayPage))
+PAGE_FIELDS = tuple(field.name for field in fields(ReplayPage) if field.name != "pending")
 
 
 def _segment(event_id: str) -> str:

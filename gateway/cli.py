@@ -573,7 +573,7 @@ def events_show(
 )
 @json_option(
     "The admin API's answer on one line; with --state, the counts summed over the pages "
-    '(`{"replayed": 5, "created": 3}`).'
+    '(`{"replayed": 5, "created": 3, "pending": 0}`).'
 )
 def replay(
     config_path: Path | None,
@@ -621,7 +621,7 @@ def replay(
             click.echo(_replaying(result["replayed"], pending=result.get("pending", 0)))
         return
 
-    async def bulk(ops: Any) -> tuple[int, int]:
+    async def bulk(ops: Any) -> tuple[int, int, int]:
         # As given for the first page, which fixes the window (`2h` before it, ending then at the latest)
         # by the clock of whoever runs it: through --admin-url, the gateway's, which wrote the deliveries'
         # times. This machine's may be behind it, and would leave out what ended dead in the last seconds.
@@ -630,7 +630,7 @@ def replay(
 
         window: dict[str, Any] = {"since": since, "until": until}
         fixed_here = False
-        replayed = created = 0
+        replayed = created = pending = 0
         cursor: int | None = 0
         while cursor is not None:
             page = await ops.replay(
@@ -647,6 +647,7 @@ def replay(
                 created + page["created"],
                 page["next_cursor"],
             )
+            pending += page.get("pending", 0)  # a gateway of an earlier version does not answer it
             if "since" in page:
                 window = {"since": page["since"], "until": page["until"]}
             elif not fixed_here:
@@ -657,14 +658,14 @@ def replay(
                 fixed_here = True
             if cursor is not None:  # a long replay shows its progress
                 click.echo(f"... {replayed} replayed, {created} created", err=True)
-        return replayed, created
+        return replayed, created, pending
 
-    replayed, created = _operate(config_path, admin_url, bulk, routes=state == "missing")
+    replayed, created, pending = _operate(config_path, admin_url, bulk, routes=state == "missing")
     if as_json:
         # The pages' sums: their cursors and window are the CLI's business, not a script's.
-        click.echo(json.dumps({"replayed": replayed, "created": created}))
+        click.echo(json.dumps({"replayed": replayed, "created": created, "pending": pending}))
     else:
-        click.echo(_replaying(replayed, created))
+        click.echo(_replaying(replayed, created, pending))
 
 
 def _replaying(replayed: int, created: int = 0, pending: int = 0) -> str:

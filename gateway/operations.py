@@ -321,7 +321,7 @@ class Operations:
         # of 0 reads as a replay that matched nothing. Read just before the replay: one that finished since
         # and was replayed all the same is counted once, as replayed.
         pending = max(0, len(matched) - count)
-        return {**asdict(ReplayPage(replayed=count)), "pending": pending}
+        return asdict(ReplayPage(replayed=count, pending=pending))
 
     async def replay(
         self,

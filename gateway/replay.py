@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 
 from gateway.routing import RouteTable
-from gateway.storage import NewDelivery, Storage
+from gateway.storage import FINAL_STATES, NewDelivery, Storage
 
 PAGE = 500
 
@@ -29,6 +29,9 @@ class ReplayPage:
     replayed: int = 0  # existing deliveries reset to run again
     created: int = 0  # deliveries that did not exist before
     next_cursor: int | None = None  # pass back to continue; None when done
+    # Deliveries it matched but left alone, not final yet (in flight, due, or waiting for their parent):
+    # without them, a count of 0 reads as a replay that found nothing to do.
+    pending: int = 0
 
 
 async def replay_dead_page(
@@ -95,6 +98,8 @@ async def replay_missing_page(
                     missing.append(NewDelivery(matched.name, planned.key, planned.after, planned.when))
                 elif existing.state == "dead":
                     dead.append(existing.id)
+                elif existing.state not in FINAL_STATES:
+                    page.pending += 1
         # Dead ones first: a dependent created next then waits for its parent's new result.
         page.replayed += await storage.reset_deliveries(dead, now)
         if missing:

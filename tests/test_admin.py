@@ -583,7 +583,7 @@ def test_bulk_replay_dead(tmp_path: Path, downstream: Downstream) -> None:
         rest = admin(
             gw, "POST", "/admin/replay", json={"mode": "dead", **window, "cursor": first["next_cursor"]}
         ).json()
-        assert rest == {"replayed": 1, "created": 0, "next_cursor": None, **window}
+        assert rest == {"replayed": 1, "created": 0, "next_cursor": None, "pending": 0, **window}
         for index in range(3):
             wait_until(
                 lambda i=index: states(gw, f"msg_dead_{i}") == {"app": "delivered", "audit": "delivered"}
@@ -666,6 +666,28 @@ def test_a_window_that_ends_before_it_starts_is_refused(tmp_path: Path, downstre
             main, ["events", "list", "--admin-url", gw.ops_url, "--since", "1h", "--until", "2h"]
         )
         assert through.exit_code == 2 and "--since '1h' is not before --until '2h'" in through.stderr
+
+
+def test_bulk_replay_missing_counts_the_deliveries_it_left_alone_as_pending(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    downstream.delay = 0.5
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_under_way")
+        wait_until(lambda: downstream.in_flight == 1)
+        # app's attempt is under way and audit waits for it: both left alone, and counted.
+        result = admin(gw, "POST", "/admin/replay", json={"mode": "missing", "since": "1h"}).json()
+        assert {**counts(result), "pending": result["pending"]} == {
+            "replayed": 0,
+            "created": 0,
+            "next_cursor": None,
+            "pending": 2,
+        }
+        assert gw.metric("hookyard_replays_total", mode="missing") == 0
+        downstream.wait_for(1, "/audit")
+        assert len(downstream.received("/app")) == 1
+        dead = admin(gw, "POST", "/admin/replay", json={"mode": "dead", "since": "1h"}).json()
+        assert dead["pending"] == 0
 
 
 def test_bulk_replay_missing_includes_events_that_matched_no_route(

@@ -1175,7 +1175,7 @@ def test_bulk_replay_with_json_prints_the_counts_on_one_line(
     assert result.exit_code == 0, result.output
     # The sums of the pages' counts, for a script; the progress stays on stderr.
     assert result.stdout.count("\n") == 1
-    assert json.loads(result.stdout) == {"replayed": 5, "created": 3}
+    assert json.loads(result.stdout) == {"replayed": 5, "created": 3, "pending": 0}
     assert len(result.stderr.splitlines()) == 4
     assert len(due) == 8
 
@@ -1339,6 +1339,37 @@ def test_a_bulk_replay_keeps_its_window_fixed_across_pages(
     result = invoke("replay", "-c", path, "--state", "dead", "--since", "2h", "--page-size", "1")
     assert result.exit_code == 0, result.output
     assert result.stdout == "replaying 3 deliveries\n"
+
+
+async def _dead_due_and_in_flight(storage: SQLiteStorage) -> None:
+    """evt_dead (app dead), evt_in_flight (app claimed, its attempt under way) and evt_due (app due, not
+    claimed yet), received a minute ago."""
+    now = time.time()
+    await storage.ingest(make_event("evt_dead", now - 60), [APP])
+    [dead] = await storage.claim(now, 10, 60, "w")
+    await finish(storage, dead, "dead", now, 410)
+    await storage.ingest(make_event("evt_in_flight", now - 59), [APP])
+    await storage.claim(now, 10, 3600, "w")
+    await storage.ingest(make_event("evt_due", now - 58), [APP])
+
+
+def test_a_bulk_replay_of_missing_deliveries_says_what_it_left_alone_as_still_pending(
+    tmp_path: Path,
+) -> None:
+    """As the replay of one event says it: a count of the dead alone reads as if the others had been
+    forgotten, where they are on their way already."""
+    path = write_config(tmp_path, config_dict(tmp_path))
+    with_storage(tmp_path / "db.sqlite", _dead_due_and_in_flight)
+    result = invoke("replay", "-c", path, "--state", "missing", "--since", "1h", "--page-size", "2")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == "replaying 1 delivery; 2 left alone: still pending (in flight, due or waiting)\n"
+    states = {
+        event: deliveries(path, event)["app"].state for event in ("evt_dead", "evt_in_flight", "evt_due")
+    }
+    assert states == {"evt_dead": "pending", "evt_in_flight": "pending", "evt_due": "pending"}
+    # The replayed one is pending now, and counted so by the next replay.
+    again = invoke("replay", "-c", path, "--state", "missing", "--since", "1h", "--json")
+    assert json.loads(again.stdout) == {"replayed": 0, "created": 0, "pending": 3}
 
 
 async def _app_and_notify_dead(storage: SQLiteStorage) -> None:

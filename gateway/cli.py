@@ -188,7 +188,32 @@ def _exit_now() -> None:
     os._exit(0)
 
 
-@click.group()
+# Where a command keeps what a Ctrl-C leaves done by then (see _if_interrupted), in its click context's meta,
+# which the contexts of one invocation share.
+_INTERRUPTED = "hookyard.interrupted"
+
+
+def _if_interrupted(note: str | None) -> None:
+    """What to say if Ctrl-C ends the command from now on: what is done, or may be, by then (a request
+    the other end may have acted on before it could answer). None: nothing (a listing changes nothing)."""
+    click.get_current_context().meta[_INTERRUPTED] = note
+
+
+class _Commands(click.Group):
+    """The `hookyard` group. A command ended by Ctrl-C exits with status 130, as shells expect of one the
+    user interrupted (128 + SIGINT), and says what it may have done: click's `Aborted!` and status 1 read
+    as a failure, and as if nothing had been done. (`serve` and `sink` stop on Ctrl-C by themselves.)"""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            if note := ctx.meta.get(_INTERRUPTED):
+                click.echo(f"hookyard: interrupted: {note}", err=True)
+            raise click.exceptions.Exit(130) from None
+
+
+@click.group(cls=_Commands)
 @click.version_option(__version__, prog_name="hookyard")
 def main() -> None:
     """Hookyard: verify, persist, route and deliver webhooks."""
@@ -611,9 +636,19 @@ def replay(
             ignored.append("--page-size")
         if ignored:
             raise click.UsageError(f"{', '.join(ignored)}: only with --state, not with an EVENT_ID")
-        result = _operate(
-            config_path, admin_url, lambda ops: ops.replay_event(event_id, source, action, route)
+        _if_interrupted(
+            f"the replay may have been done all the same (`hookyard events show {_one_line(event_id)}` "
+            "shows it)"
         )
+
+        async def one(ops: Any) -> dict[str, Any]:
+            answer: dict[str, Any] = await ops.replay_event(event_id, source, action, route)
+            _if_interrupted(
+                f"the replay was done: {_replaying(answer['replayed'], pending=answer.get('pending', 0))}"
+            )
+            return answer
+
+        result = _operate(config_path, admin_url, one)
         if as_json:
             click.echo(json.dumps(result))
         else:
@@ -633,6 +668,11 @@ def replay(
         replayed = created = pending = 0
         cursor: int | None = 0
         while cursor is not None:
+            # A page is one request, which the gateway may carry out whether or not its answer is read.
+            _if_interrupted(
+                f"after {replayed} replayed, {created} created; the page under way may have been replayed "
+                "all the same, and the same command again replays what is left"
+            )
             page = await ops.replay(
                 mode=state,
                 **window,
@@ -658,6 +698,7 @@ def replay(
                 fixed_here = True
             if cursor is not None:  # a long replay shows its progress
                 click.echo(f"... {replayed} replayed, {created} created", err=True)
+        _if_interrupted(f"the replay was done: {_replaying(replayed, created, pending)}")
         return replayed, created, pending
 
     replayed, created, pending = _operate(config_path, admin_url, bulk, routes=state == "missing")
@@ -795,7 +836,11 @@ def send(
             raise click.UsageError("--id names one event; leave it out with --count")
         parsed = _parse_data(data)
         requests = [build_request(table, source, event_type, parsed)[1:] for _ in range(count)]
+        _if_interrupted(
+            "the events sent so far may have been taken (`hookyard events list` shows those that were)"
+        )
         summary = _run(send_many(target, requests, concurrency))
+        _if_interrupted(None)
         click.echo(summary.describe())
         if set(summary.statuses) == {"ConnectError"}:  # nothing listens there, as for one event below
             click.echo(
@@ -804,6 +849,7 @@ def send(
                 err=True,
             )
         raise SystemExit(0 if summary.all_succeeded else 1)
+    _if_interrupted("the event may have been taken all the same (`hookyard events list` shows it if it was)")
     try:
         response = post(target, body, headers)
     except (httpx.ReadTimeout, httpx.WriteTimeout):
@@ -823,6 +869,7 @@ def send(
         click.echo(reason, err=True)
         raise SystemExit(1) from None
     click.echo(f"{response.status_code} {response.text}")
+    _if_interrupted(None)  # its answer, printed, says what was done
     if not response.is_success:
         raise SystemExit(1)
     if lookup is not None:

@@ -12,6 +12,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -1961,20 +1962,105 @@ def test_the_sink_prints_the_query_string(tmp_path: Path) -> None:
     assert plain["path"] == "/hooks/plain" and "query" not in plain
 
 
+# `hookyard` with SIGINT handled as Python handles it from a terminal (KeyboardInterrupt): a child of a
+# process that ignores it (a test runner's worker, say) would inherit the ignoring, and never see it.
+FROM_A_TERMINAL = (
+    "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "from gateway.launch import main; main()"
+)
+
+
+def http_answer(body: dict[str, Any]) -> bytes:
+    content = json.dumps(body).encode()
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(content)}\r\n"
+    return head.encode() + b"Connection: close\r\n\r\n" + content
+
+
+def interrupted(tmp_path: Path, args: list[str], answers: tuple[bytes, ...] = ()) -> tuple[int, str]:
+    """Ctrl-C on `hookyard ARGS` ({url} in them: a server's, answering `answers` to its first requests, one
+    each, then holding the next one unanswered) once that held request has arrived: the exit status, and
+    what the command said on stderr."""
+    held = threading.Event()
+    answered = iter(answers)
+
+    def answer(conn: socket.socket) -> None:
+        if (reply := next(answered, None)) is not None:
+            conn.sendall(reply)
+            return
+        held.set()
+        while conn.recv(65536):  # until the command ends, and its connection with it
+            pass
+
+    err = tmp_path / "interrupted.err"
+    with raw_server(answer) as url, open(err, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", FROM_A_TERMINAL, *(arg.format(url=url) for arg in args)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        try:
+            wait_until(lambda: held.is_set() or process.poll() is not None, 20)
+            assert process.poll() is None, f"exited with {process.returncode}: {err.read_text()}"
+            process.send_signal(signal.SIGINT)
+            status = process.wait(20)
+        finally:
+            process.kill()
+            process.wait(10)
+    return status, err.read_text()
+
+
+PAGE = {"replayed": 2, "created": 0, "next_cursor": 2, "pending": 0, "since": 1.0, "until": 2.0}
+
+
+@pytest.mark.parametrize(
+    ("args", "answers", "said"),
+    [
+        (
+            ["send", "consignease", "--type", "user.created", "--url", "{url}"],
+            (),
+            "the event may have been taken all the same (`hookyard events list` shows it if it was)",
+        ),
+        (
+            ["send", "consignease", "--type", "user.created", "--url", "{url}", "--count", "3"],
+            (),
+            "the events sent so far may have been taken (`hookyard events list` shows those that were)",
+        ),
+        (["events", "list", "--admin-url", "{url}"], (), None),
+        (["events", "show", "evt_1", "--admin-url", "{url}"], (), None),
+        (
+            ["replay", "evt_1", "--admin-url", "{url}"],
+            (),
+            "the replay may have been done all the same (`hookyard events show evt_1` shows it)",
+        ),
+        (
+            ["replay", "--state", "dead", "--since", "1h", "--admin-url", "{url}"],
+            (http_answer(PAGE),),
+            "after 2 replayed, 0 created; the page under way may have been replayed all the same, and the "
+            "same command again replays what is left",
+        ),
+    ],
+)
+def test_ctrl_c_ends_a_command_with_status_130_saying_what_may_be_done(
+    tmp_path: Path, args: list[str], answers: tuple[bytes, ...], said: str | None
+) -> None:
+    """It printed click's `Aborted!` and exited 1, as a command that failed, where a shell expects 130 of
+    one the user interrupted; and `Aborted!` read as if nothing had been done, where a request under way
+    may well have been, and a bulk replay's pages before it were."""
+    config = write_config(tmp_path, config_dict(tmp_path))
+    status, stderr = interrupted(tmp_path, [*args, "-c", str(config)], answers)
+    assert status == 130
+    progress = "... 2 replayed, 0 created\n" if answers else ""
+    assert stderr == progress + (f"hookyard: interrupted: {said}\n" if said else "")
+
+
 def test_ctrl_c_stops_the_sink_quietly_with_status_0(tmp_path: Path) -> None:
     """Ctrl-C is how the tour stops the sink, again and again: it printed click's `Aborted!` and exited 1,
     as a command that failed does, where `serve` stops on it with status 0."""
     port = free_port()
     out, err = tmp_path / "sink.out", tmp_path / "sink.err"
-    # SIGINT handled as Python handles it from a terminal (KeyboardInterrupt): a child of a process that
-    # ignores it (a test runner's worker, say) would inherit the ignoring, and never see it.
-    start = (
-        "import signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
-        "from gateway.launch import main; main()"
-    )
     with open(out, "wb") as stdout, open(err, "wb") as stderr:
         process = subprocess.Popen(
-            [sys.executable, "-c", start, "sink", "--port", str(port)], stdout=stdout, stderr=stderr
+            [sys.executable, "-c", FROM_A_TERMINAL, "sink", "--port", str(port)], stdout=stdout, stderr=stderr
         )
     url = f"http://127.0.0.1:{port}"
     try:

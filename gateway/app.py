@@ -362,6 +362,7 @@ class Gateway:
             engine.swap_actions(actions)
         self._reload_certificate()
         self._fit_connections()
+        self.metrics.keep_only_configured(config.sources.keys(), table.actions.keys())
         self.metrics.config_reloads.labels("success").inc()
         self.metrics.config_last_reload_successful.set(1)
         log.info("config reloaded", extra={"sources": len(table.endpoints)})

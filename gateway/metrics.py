@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from bisect import bisect_left
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
@@ -73,6 +73,11 @@ class _LoopFamily(ABC, Generic[Child]):
         if child is None:
             child = self._children[values] = self._new_child()
         return child
+
+    def keep_only(self, wanted: Callable[[tuple[str, ...]], bool]) -> None:
+        """Drop the children whose label values are not `wanted`: their series leave the exposition."""
+        for values in [values for values in self._children if not wanted(values)]:
+            del self._children[values]
 
     def describe(self) -> Iterator[Metric]:
         yield self._family()
@@ -309,6 +314,37 @@ class Metrics:
         result or an unreadable event settled)."""
         for delivery in deliveries:
             self.deliveries.labels(delivery.route, delivery.action, "skipped").inc()
+
+    def keep_only_configured(self, sources: Collection[str], actions: Collection[tuple[str, str]]) -> None:
+        """After a reload: drop the series of the sources, routes and actions (route, action) that are no
+        longer configured, and keep the others as they are. A series left behind would show its last value
+        for ever: a gauge or a rate of something that no longer exists, on a dashboard or in an alert.
+        Prometheus reads a series that vanishes as ended, and one that comes back (the action put back, a
+        delivery of a removed one ending) as a counter that started over."""
+        sources = {*sources, ""}  # "": webhooks refused before any source was known (an unknown path)
+        routes = {route for route, _ in actions}
+        self.webhooks_received.keep_only(lambda values: values[0] in sources)
+        self.ingest_duration.keep_only(lambda values: values[0] in sources)
+        self.deliveries.keep_only(lambda values: values[:2] in actions)
+        self.delivery_duration.keep_only(lambda values: values in actions)
+        self.end_to_end.keep_only(lambda values: values[0] in routes)
+        for by_source in (self.rejections, self.unverified):
+            series = {
+                (sample.labels["source"], sample.labels["reason"])
+                for family in by_source.collect()
+                for sample in family.samples
+            }
+            for source, reason in series:
+                if source not in sources:
+                    by_source.remove(source, reason)
+        # What answered() and delivery_finished() hold for the next webhook or attempt: a child dropped
+        # above would otherwise go on counting where no scrape reads it.
+        self._answer_children = {
+            key: children for key, children in self._answer_children.items() if key[0] in sources
+        }
+        self._delivery_children = {
+            key: children for key, children in self._delivery_children.items() if key[:2] in actions
+        }
 
     def observe_commit(self, batch_size: int, seconds: float) -> None:
         self.commit_batch.observe(batch_size)

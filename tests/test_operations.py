@@ -40,6 +40,8 @@ from tests.support import (
     RunningGateway,
     ServerThread,
     bound_socket,
+    consignly_body,
+    consignly_headers,
     event_loops,
     free_port,
     gateway_config,
@@ -293,6 +295,74 @@ def test_a_reload_lets_running_deliveries_finish_and_pending_ones_use_the_new_co
         [slow_request] = downstream.received("/held/slow")
         assert slow_request.headers["idempotency-key"] == "msg_reloaded"
         assert [a["outcome"] for a in deliveries(gw)["slow"]["attempts"]] == ["delivered"]
+
+
+def labelled_series(exposition: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    """Every sample of an exposition that has a source, route or action label, by name and labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if {"source", "route", "action"} & sample.labels.keys()
+    }
+
+
+def test_a_reload_drops_the_metric_series_of_what_it_removed_and_keeps_the_rest(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """A removed source, route or action kept its series on /metrics for ever, with their last values:
+    a dashboard showed, and an alert fired on, something that no longer exists."""
+    config = gateway_config(tmp_path, downstream.url)
+    config["reload"] = {"interval": "100ms"}
+    users = config["routes"][0]
+    users["actions"].append({"id": "audit", "use": "forward", "with": {"url": f"{downstream.url}/audit"}})
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with RunningGateway(path) as gw:
+        body, headers = svix_request(msg_id="msg_metrics")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        body = consignly_body(event_type="ConsignmentCreated", event_id="evt_metrics")
+        assert gw.post("/webhooks/consignly", body, consignly_headers(body)).status_code == 200
+        assert gw.post("/webhooks/consignly", body, {"x-consignly-signature": "sha256=00"}).status_code == 401
+        for route, action in (("users", "app"), ("users", "audit"), ("consignments", "app")):
+            labels = {"route": route, "action": action, "outcome": "delivered"}
+            wait_until(lambda labels=labels: gw.metric("hookyard_deliveries_total", **labels) == 1)
+        before = labelled_series(gw.client.get(gw.ops_url + "/metrics").text)
+
+        def of(series: dict[tuple[str, frozenset[tuple[str, str]]], float], **labels: str) -> set[str]:
+            return {name for name, pairs in series if set(labels.items()) <= pairs}
+
+        names = {
+            "hookyard_webhooks_received_total",
+            "hookyard_ingest_duration_seconds_count",
+            "hookyard_webhook_rejections_total",
+        }
+        assert names <= of(before, source="consignly")
+        names = {"hookyard_deliveries_total", "hookyard_delivery_duration_seconds_count"}
+        assert names <= of(before, route="users", action="audit")
+        assert "hookyard_end_to_end_seconds_count" in of(before, route="consignments")
+
+        # The new config drops the consignly source with its route, and the audit action of users.
+        users["actions"].pop()
+        config["routes"] = [users]
+        del config["sources"]["consignly"]
+        path.write_text(yaml.safe_dump(config))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1, timeout=5)
+        after = labelled_series(gw.client.get(gw.ops_url + "/metrics").text)
+
+    gone = {
+        key
+        for key in before
+        if ("source", "consignly") in key[1]
+        or ("route", "consignments") in key[1]
+        or {("route", "users"), ("action", "audit")} <= key[1]
+    }
+    assert gone and not gone & after.keys()
+    # What remains is as it was: counters go on from their values.
+    assert {key: before[key] for key in before.keys() - gone} == after
+    assert of(after, route="users", action="app") and of(after, source="consignease")
 
 
 @pytest.mark.parametrize("query", ["", "?tenant=a"], ids=["fast path", "asgi"])

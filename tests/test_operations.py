@@ -45,6 +45,7 @@ from tests.support import (
     event_loops,
     free_port,
     gateway_config,
+    metric_value,
     plugins_with,
     self_signed,
     svix_request,
@@ -2122,6 +2123,47 @@ def test_a_reload_that_cannot_load_is_refused_and_watching_goes_on(
         config["routes"][0]["name"] = "renamed"
         path.write_text(yaml.safe_dump(config))
         wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1, timeout=5)
+
+
+def test_a_file_written_in_place_in_two_steps_is_refused_half_way_and_loaded_once_whole(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """An editor saving in place: the watcher of a real serve reads the file half written, refuses it, and
+    must load the whole of it once the write is complete. The refusal leaves /readyz, and the config
+    metrics once the whole file is in, as they were."""
+    path, config = users_config_file(tmp_path, downstream)
+    ops_url = f"http://127.0.0.1:{config['ops']['port']}"
+    gateway = GatewayProcess(path, ops_url).start()
+    try:
+
+        def metric(name: str, **labels: str) -> float:
+            return metric_value(httpx.get(ops_url + "/metrics", timeout=5).text, name, **labels)
+
+        config["routes"][0]["actions"][0]["with"]["url"] = f"{downstream.url}/after"
+        text = yaml.safe_dump(config)
+        half = text.index("use: forward") + len("use: forw")  # an action no plugin registers, and no more
+        with path.open("w") as file:
+            file.write(text[:half])
+            file.flush()
+            wait_until(lambda: metric("hookyard_config_reloads_total", result="error") == 1)
+            assert metric("hookyard_config_last_reload_successful") == 0
+            assert httpx.get(ops_url + "/readyz", timeout=5).status_code == 200
+            time.sleep(0.3)  # a few more looks of the watcher at the same half: refused once
+            file.write(text[half:])
+        wait_until(lambda: metric("hookyard_config_reloads_total", result="success") == 1)
+        assert metric("hookyard_config_reloads_total", result="error") == 1
+        assert metric("hookyard_config_last_reload_successful") == 1
+        assert metric("hookyard_config_restart_required") == 0
+        assert httpx.get(ops_url + "/readyz", timeout=5).status_code == 200
+        body, headers = svix_request(msg_id="msg_whole")
+        url = f"http://127.0.0.1:{config['listen']['port']}/webhooks/consignease"
+        assert httpx.post(url, content=body, headers=headers, timeout=5).status_code == 200
+        [delivered] = downstream.wait_for(1, "/after")
+        assert delivered.headers["idempotency-key"] == "msg_whole"
+    finally:
+        assert gateway.terminate() == 0
+    logged = gateway.log_path.read_text()
+    assert (logged.count("config reload refused"), logged.count("config reloaded")) == (1, 1)
 
 
 @pytest.mark.parametrize("valid", [True, False], ids=["loaded", "refused"])

@@ -71,6 +71,10 @@ START_CANCEL_BOUND = (
 # 10,000 that hardly happens, and what a reference cycle keeps waits a little longer: a few MB at most.
 GC_YOUNG_THRESHOLD = 10_000
 
+# How long a changed config file must stay the same before the watcher loads it: an editor's save or a
+# `cat >` writes a file in a few milliseconds, and a half-written one read meanwhile could still be valid.
+CONFIG_SETTLE = 0.5  # seconds
+
 # The files a gateway keeps open besides its webhook listener's connections: about 30 at rest (the store's
 # database, WAL and lock, the fsync helper's pipes, both listening sockets, the event loop's own, stdio),
 # with the ops listener's probes, scrapes and admin calls on top; and the webhook listener's connections
@@ -391,7 +395,13 @@ class Gateway:
             watched = self._read_watched()
             # An unreadable file (mid-swap, or gone for a moment) reads as empty: the reload then refuses
             # it and keeps the running config until the file is back.
-            if watched != self._watched:
+            if watched == self._watched:
+                continue
+            # A file written in place (an editor's save, `cat > routes.yaml`) can be read half way, and
+            # half a config may be valid: cut between two routes, it would apply without them, and their
+            # pending deliveries would end dead. Load only what has stayed the same for a moment.
+            await asyncio.sleep(CONFIG_SETTLE)
+            if self._read_watched() == watched:
                 await self.reload()
 
     def _reload_certificate(self) -> None:

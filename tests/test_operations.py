@@ -31,7 +31,7 @@ from pydantic import BaseModel
 from gateway import app, delivery, hookimpl, protocol
 from gateway.actions import Action, Job, Outcome, Resources, delivered
 from gateway.app import INGRESS_DRAIN_TIMEOUT, OPS_DRAIN_TIMEOUT
-from gateway.config import DeliveryEngine
+from gateway.config import DeliveryEngine, parse_config
 from gateway.plugins import new_plugin_manager
 from gateway.storage.sqlite import SCHEMA
 from tests.support import (
@@ -2164,6 +2164,32 @@ def test_a_file_written_in_place_in_two_steps_is_refused_half_way_and_loaded_onc
         assert gateway.terminate() == 0
     logged = gateway.log_path.read_text()
     assert (logged.count("config reload refused"), logged.count("config reloaded")) == (1, 1)
+
+
+def test_a_file_written_in_place_is_loaded_only_once_it_stays_the_same(
+    tmp_path: Path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Half a file can be a valid config: cut between two routes, it is one without the second. Read
+    during a write in place, it must not be loaded; the whole file is, once it has stopped changing."""
+    monkeypatch.setattr(app, "CONFIG_SETTLE", 1.0)
+    config = users_config(tmp_path, downstream, "/app")
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with RunningGateway(path) as gw:
+        second = {**config["routes"][0], "name": "second"}
+        text = yaml.safe_dump({**config, "routes": [*config["routes"], second]})
+        half = text.index("- actions:", text.index("- actions:") + 1)  # the start of the second route
+        assert [route.name for route in parse_config(text[:half]).routes] == ["users"]  # valid on its own
+        with path.open("w") as file:
+            file.write(text[:half])
+            file.flush()
+            time.sleep(0.3)  # several looks of the watcher (every 100 ms), all within the settle time
+            file.write(text[half:])
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="success") == 1, timeout=10)
+        assert [route.name for route in gw.gateway.config.routes] == ["users", "second"]
+        time.sleep(0.3)
+        assert gw.metric("hookyard_config_reloads_total", result="success") == 1
+        assert gw.metric("hookyard_config_reloads_total", result="error") == 0
 
 
 @pytest.mark.parametrize("valid", [True, False], ids=["loaded", "refused"])

@@ -6,6 +6,7 @@ each action's own `with:` schema, filters, event names) happen when routes are c
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import math
 import os
@@ -768,7 +769,11 @@ def _parse_config_tree(
     except ValidationError as exc:
         # A value whose ${VAR} could not be expanded is wrong for that reason alone: what validation says
         # of the text left in its place (`only sqlite:///… is supported`) would point away from it.
-        shape = [e for e in format_validation_errors(exc) if e.partition(": ")[0] not in expanded_badly]
+        shape = [
+            e
+            for e in format_validation_errors(exc, model=Config)
+            if e.partition(": ")[0] not in expanded_badly
+        ]
         raise ConfigError(
             in_file_order(errors + shape, expanded), _validated_parts(expanded), expanded, expanded_badly
         ) from None
@@ -896,7 +901,11 @@ def _validated_parts(expanded: dict[str, Any]) -> PartialConfig | None:
     return PartialConfig(config, places, frozenset(map(str, unchecked)))
 
 
-def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...] = ()) -> list[str]:
+def format_validation_errors(
+    exc: ValidationError, prefix: tuple[str | int, ...] = (), model: type[BaseModel] | None = None
+) -> list[str]:
+    """One line per error, each naming its place (`prefix` before the places of `model`'s own fields); an
+    unknown key that is a typo of one `model` takes there says which."""
     lines: list[str] = []
     errors = exc.errors()
     unions = _union_misses(errors)
@@ -925,11 +934,57 @@ def format_validation_errors(exc: ValidationError, prefix: tuple[str | int, ...]
         elif error["type"] == "missing":
             message = "field required"
         elif error["type"] == "extra_forbidden":
-            message = "unknown key"
+            message = "unknown key" + did_you_mean(str(loc[-1]), _keys_at(model, tuple(error["loc"][:-1])))
         line = f"{place}: {message}" if place else message
         if line not in lines:
             lines.append(line)
     return lines
+
+
+def did_you_mean(word: str, choices: Collection[str]) -> str:
+    """` (did you mean NAME?)` for the choice closest to a word that is none of them, or nothing: a typo
+    (`limts:`, `use: forwrd`) is most often why a key or a name is unknown."""
+    close = difflib.get_close_matches(word, sorted(choices), n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _keys_at(model: type[BaseModel] | None, loc: tuple[str | int, ...]) -> list[str]:
+    """The keys of the mapping at `loc` of `model`'s input, as the file writes them (`with`, not `with_`);
+    none where the place is not a model's mapping (a union's branch, whose name pydantic puts in loc)."""
+    annotation: Any = model
+    for step in loc:
+        annotation = _inside_of(annotation, step)
+    return [
+        field.alias or name
+        for branch in _members(annotation)
+        if isinstance(branch, type) and issubclass(branch, BaseModel)
+        for name, field in branch.model_fields.items()
+    ]
+
+
+def _inside_of(annotation: Any, step: str | int) -> Any:
+    """The annotation of what `step` names inside a value of `annotation`: a model's field, a mapping's
+    value, a list's entry."""
+    for branch in _members(annotation):
+        if isinstance(branch, type) and issubclass(branch, BaseModel) and isinstance(step, str):
+            for name, field in branch.model_fields.items():
+                if step in (name, field.alias):
+                    return field.annotation
+        elif get_origin(branch) is dict and isinstance(step, str):
+            return get_args(branch)[1]
+        elif get_origin(branch) is list and isinstance(step, int):
+            return get_args(branch)[0]
+    return None
+
+
+def _members(annotation: Any) -> list[Any]:
+    """`A | B | None` -> [A, B, None], Annotated types read as the type they annotate."""
+    origin = get_origin(annotation)
+    if origin is Union or origin is UnionType:
+        return [member for arg in get_args(annotation) for member in _members(arg)]
+    if origin is Annotated:
+        return _members(get_args(annotation)[0])
+    return [annotation]
 
 
 # What a branch of a union takes, by the type of error pydantic gives for a value it does not take.

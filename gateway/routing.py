@@ -20,6 +20,7 @@ from gateway.config import (
     RetryPolicy,
     Route,
     Source,
+    did_you_mean,
     format_validation_errors,
     in_file_order,
     load_config_tree,
@@ -116,7 +117,7 @@ class RouteTable:
             provider_cls = registry.providers.get(source.provider)
             if provider_cls is None:
                 errors.append(
-                    f"{place}.provider: unknown provider {source.provider!r}; known: {_known(registry.providers)}"
+                    f"{place}.provider: {_unknown('provider', source.provider, registry.providers)}"
                 )
                 continue
             if provider_cls.needs_secret and not source.secrets:
@@ -132,7 +133,9 @@ class RouteTable:
             try:
                 provider = provider_cls(name, source)
             except ValidationError as exc:
-                errors.extend(format_validation_errors(exc, (*place.split("."), "options")))
+                errors.extend(
+                    format_validation_errors(exc, (*place.split("."), "options"), provider_cls.Options)
+                )
                 continue
             except ValueError as exc:
                 errors.append(f"{place}.{_secret_in_the_file(str(exc), source)}")
@@ -162,8 +165,8 @@ class RouteTable:
             seen_routes.add(route.name)
             if route.source not in config.sources and route.source not in unchecked_sources:
                 errors.append(
-                    f"{place}.source: unknown source {route.source!r}; "
-                    f"known: {_known({**config.sources, **dict.fromkeys(unchecked_sources)})}"
+                    f"{place}.source: "
+                    f"{_unknown('source', route.source, {**config.sources, **dict.fromkeys(unchecked_sources)})}"
                 )
                 continue
             # Without a provider (its own error is reported above) the route is still checked, not built.
@@ -260,7 +263,7 @@ def _plan_action(
         errors.append(f"{place}.when: only meaningful together with after")
     action_cls = registry.actions.get(action.use)
     if action_cls is None:
-        errors.append(f"{place}.use: unknown action {action.use!r}; known: {_known(registry.actions)}")
+        errors.append(f"{place}.use: {_unknown('action', action.use, registry.actions)}")
         return None
     if action_cls.needs_parent and action.after is None:
         errors.append(
@@ -270,7 +273,7 @@ def _plan_action(
         # The context tells an action's options what they may not share with the gateway (its store).
         options = action_cls.Options.model_validate(action.with_, context={"storage_url": config.storage.url})
     except ValidationError as exc:
-        errors.extend(format_validation_errors(exc, (place, "with")))
+        errors.extend(format_validation_errors(exc, (place, "with"), action_cls.Options))
         return None
     return PlannedAction(
         route=route,
@@ -323,5 +326,8 @@ def _secret_in_the_file(message: str, source: Source) -> str:
     return _SECRET_INDEX.sub(lambda match: f"secrets[{source.secret_place(int(match[1]))}]", message, count=1)
 
 
-def _known(names: dict[str, Any]) -> str:
-    return ", ".join(sorted(names)) or "(none)"
+def _unknown(kind: str, name: str, names: dict[str, Any]) -> str:
+    """`unknown action 'forwrd' (did you mean forward?); known: …`: the closest name first, as a typo is
+    the likeliest reason, then every name there is."""
+    known = ", ".join(sorted(names)) or "(none)"
+    return f"unknown {kind} {name!r}{did_you_mean(name, names)}; known: {known}"

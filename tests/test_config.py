@@ -506,18 +506,30 @@ def test_non_finite_durations_in_the_config_name_their_place(written: str) -> No
     ("text", "error"),
     [
         ("bogus: 1", "bogus: unknown key"),
-        ("listen: {host: 0.0.0.0, prot: 80}", "listen.prot: unknown key"),
+        # A typo names the key meant, in every section and at every depth (the alias `with` too).
+        ("limts: {max_body_bytes: 10}", "limts: unknown key (did you mean limits?)"),
+        ("listen: {host: 0.0.0.0, prot: 80}", "listen.prot: unknown key (did you mean port?)"),
         ("listen: {tls: {cert: c, key: k, chain: x}}", "listen.tls.chain: unknown key"),
-        ("defaults: {retry: {schedul: [1s]}}", "defaults.retry.schedul: unknown key"),
-        ("sources: {x: {path: /x, provider: svix, secret: whsec_abc}}", "sources.x.secret: unknown key"),
+        (
+            "defaults: {retry: {schedul: [1s]}}",
+            "defaults.retry.schedul: unknown key (did you mean schedule?)",
+        ),
+        (
+            "sources: {x: {path: /x, provider: svix, secret: whsec_abc}}",
+            "sources.x.secret: unknown key (did you mean secrets?)",
+        ),
         (
             "routes: [{name: a, source: x, actions: [{use: forward}]},"
             " {name: b, source: x, actions: [{use: forward}, {use: forward, wiht: {}}]}]",
-            "routes[1].actions[1].wiht: unknown key",
+            "routes[1].actions[1].wiht: unknown key (did you mean with?)",
         ),
         (
             "routes: [{name: a, source: x, event: [a], actions: [{use: forward}]}]",
-            "routes[0].event: unknown key",
+            "routes[0].event: unknown key (did you mean events?)",
+        ),
+        (
+            "routes: [{name: a, source: x, actions: [{use: forward, retry: {retry_onn: [500]}}]}]",
+            "routes[0].actions[0].retry.retry_onn: unknown key (did you mean retry_on?)",
         ),
         ("delivery: {retries: 3}", "delivery.retries: unknown key"),
     ],

@@ -470,12 +470,17 @@ def test_acknowledge_after_an_action(registry: Registry) -> None:
 # -- errors: sources ---------------------------------------------------------------------------------
 
 
-def test_unknown_provider_lists_the_known_ones(registry: Registry) -> None:
+@pytest.mark.parametrize(
+    ("written", "hint"), [("consignlee", " (did you mean consignly?)"), ("xyzzy", "")], ids=["typo", "far"]
+)
+def test_unknown_provider_names_the_closest_and_lists_the_known_ones(
+    registry: Registry, written: str, hint: str
+) -> None:
     config = base_config()
-    config["sources"]["consignly"]["provider"] = "consignlee"
+    config["sources"]["consignly"]["provider"] = written
     errors = build_errors(registry, config)
     known = ", ".join(sorted(registry.providers))
-    assert errors == [f"sources.consignly.provider: unknown provider 'consignlee'; known: {known}"]
+    assert errors == [f"sources.consignly.provider: unknown provider {written!r}{hint}; known: {known}"]
     assert {"svix", "consignly", "none"} <= set(registry.providers)
 
 
@@ -571,15 +576,25 @@ def test_a_number_where_a_provider_option_takes_text_says_to_quote_it(registry: 
 # -- errors: routes and actions ----------------------------------------------------------------------
 
 
-def test_unknown_source_lists_the_known_ones(registry: Registry) -> None:
-    errors = build_errors(registry, base_config([route("r", "consignlee")]))
-    assert errors == ["routes[0].source: unknown source 'consignlee'; known: consignease, consignly"]
+@pytest.mark.parametrize(
+    ("written", "hint"), [("consignyl", " (did you mean consignly?)"), ("xyzzy", "")], ids=["typo", "far"]
+)
+def test_unknown_source_names_the_closest_and_lists_the_known_ones(
+    registry: Registry, written: str, hint: str
+) -> None:
+    errors = build_errors(registry, base_config([route("r", written)]))
+    assert errors == [f"routes[0].source: unknown source {written!r}{hint}; known: consignease, consignly"]
 
 
-def test_unknown_action_lists_the_known_ones(registry: Registry) -> None:
-    errors = build_errors(registry, base_config([route("r", "consignly", {"use": "fwd"})]))
+@pytest.mark.parametrize(
+    ("written", "hint"), [("forwrd", " (did you mean forward?)"), ("xyzzy", "")], ids=["typo", "far"]
+)
+def test_unknown_action_names_the_closest_and_lists_the_known_ones(
+    registry: Registry, written: str, hint: str
+) -> None:
+    errors = build_errors(registry, base_config([route("r", "consignly", {"use": written})]))
     known = ", ".join(sorted(registry.actions))
-    assert errors == [f"routes[0].actions[0].use: unknown action 'fwd'; known: {known}"]
+    assert errors == [f"routes[0].actions[0].use: unknown action {written!r}{hint}; known: {known}"]
     assert "forward" in known
 
 
@@ -838,6 +853,31 @@ def test_forward_with_an_unknown_key(registry: Registry) -> None:
     action = {"use": "forward", "with": {"url": "http://a/x", "retries": 3}}
     errors = build_errors(registry, base_config([route("r", "consignly", forward(id="ok"), action)]))
     assert errors == ["routes[0].actions[1].with.retries: unknown key"]
+
+
+def test_a_typo_in_an_action_s_or_a_provider_s_options_names_the_key_meant(registry: Registry) -> None:
+    ack = {
+        "use": "acknowledge",
+        "after": "app",
+        "with": {
+            "base_url": "http://a",
+            "oauth": {"token_url": "http://a/t", "client_id": "c", "client_secrt": "s"},
+        },
+    }
+    app = {"id": "app", "use": "forward", "with": {"url": "http://a", "hedaers": {}}}
+    config = base_config([route("r", "consignly", app, ack)])
+    config["sources"]["hooks"] = {
+        "path": "/hooks",
+        "provider": "token",
+        "secrets": ["t"],
+        "options": {"haeder": "X"},
+    }
+    assert build_errors(registry, config) == [
+        "sources.hooks.options.haeder: unknown key (did you mean header?)",
+        "routes[0].actions[0].with.hedaers: unknown key (did you mean headers?)",
+        "routes[0].actions[1].with.oauth.client_secret: field required",
+        "routes[0].actions[1].with.oauth.client_secrt: unknown key (did you mean client_secret?)",
+    ]
 
 
 def test_forward_method_is_checked(registry: Registry) -> None:

@@ -728,6 +728,13 @@ def _yaml_error(exc: yaml.YAMLError, text: str) -> str:
     error a line, and the reload log keeps the errors in one field."""
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
         mark, context = exc.problem_mark, exc.context_mark
+        if _at_a_tab(mark):
+            # PyYAML says `found character '\t' that cannot start any token`: a tab is invisible in most
+            # editors, and an indentation that looks right gives no clue to it.
+            return (
+                f"line {mark.line + 1}, column {mark.column + 1}: a tab, where YAML takes only spaces "
+                "(to indent, and after a key's colon): replace it with spaces"
+            )
         message = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
         if exc.context and context is not None and (context.line, context.column) != (mark.line, mark.column):
             message += f" ({exc.context} at line {context.line + 1}, column {context.column + 1})"
@@ -740,6 +747,11 @@ def _yaml_error(exc: yaml.YAMLError, text: str) -> str:
         column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
         return f"line {line}, column {column}: character #x{exc.character:04x} is not allowed in YAML"
     return " ".join(str(exc).split())
+
+
+def _at_a_tab(mark: yaml.Mark) -> bool:
+    buffer = mark.buffer
+    return isinstance(buffer, str) and buffer[mark.pointer : mark.pointer + 1] == "\t"
 
 
 def parse_config(text: str, *, environ: dict[str, str] | None = None, origin: str = "<config>") -> Config:

@@ -664,6 +664,24 @@ def test_invalid_yaml_is_an_error_naming_the_origin() -> None:
     assert caught.value.errors[0].startswith("conf/routes.yaml: not valid YAML: ")
 
 
+@pytest.mark.parametrize(
+    ("text", "place"),
+    [
+        ("listen:\n\tport: 8080\n", "line 2, column 1"),  # indented with a tab
+        ("listen:\n  port: 8080\n  \thost: 0.0.0.0\n", "line 3, column 3"),  # a tab after spaces
+        ("listen:\n  port:\t8080\n", "line 2, column 8"),  # a tab after the colon
+    ],
+)
+def test_a_tab_where_yaml_takes_spaces_is_named_as_a_tab(text: str, place: str) -> None:
+    # PyYAML said `found character '\t' that cannot start any token`, of a character most editors hide.
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, environ={}, origin="routes.yaml")
+    assert caught.value.errors == [
+        f"routes.yaml: not valid YAML: {place}: a tab, where YAML takes only spaces (to indent, and after a "
+        "key's colon): replace it with spaces"
+    ]
+
+
 @pytest.mark.parametrize("text", ["- a\n- b\n", "just a string", "42"])
 def test_top_level_must_be_a_mapping(text: str) -> None:
     with pytest.raises(ConfigError) as caught:

@@ -937,6 +937,17 @@ def format_validation_errors(
             # A value YAML read as something else (`127`, `off`, `2026-01-01`), here and in a plugin's
             # options alike. Its kind, not the value: it may be a secret.
             message = f"{_read_as(error['input'])}, not text: quote it"
+        elif error["type"] in _SCALARS:
+            # pydantic says `Input should be a valid integer, unable to parse string as an integer`. The
+            # value is not shown, as for text: a plugin's option may hold a secret.
+            kind, unreadable = _SCALARS[error["type"]]
+            message = f"must be {kind}" + (
+                f"; the text given does not read as {unreadable}"
+                if unreadable
+                else f", not {_kind_of(error['input'])}"
+            )
+        elif error["type"] == "int_from_float":
+            message = "must be an integer, not a number with a fraction"
         elif error["type"] in _SHAPES:
             # pydantic says `Input should be a valid dictionary or instance of Route`: a class name that is
             # nowhere in the file. The value is not shown: it may be a secret (`secrets: s3cret`).
@@ -1043,6 +1054,16 @@ def _union_misses(errors: list[Any]) -> dict[tuple[Any, ...], str]:
         misses[place] = f"must be {text}"
     return misses
 
+
+# A value of the wrong kind where one kind is taken: (what is taken, what text given does not read as).
+_SCALARS = {
+    "int_type": ("an integer", ""),
+    "float_type": ("a number", ""),
+    "bool_type": ("true or false", ""),
+    "int_parsing": ("an integer", "one"),
+    "float_parsing": ("a number", "one"),
+    "bool_parsing": ("true or false", "either"),
+}
 
 _SHAPES = {
     "model_type": "a mapping (key: value)",

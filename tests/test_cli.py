@@ -235,6 +235,75 @@ def test_a_missing_config_found_by_default_says_how_to_name_one(
     assert result.stderr == f"{named}: cannot read: No such file or directory\n"
 
 
+# The mistakes a new user makes in routes.yaml, each with the one line that names it: what the line of
+# `hookyard check` says, `hookyard serve` says too.
+SOURCE = "sources: {hooks: {path: /hooks, provider: token, secrets: [s3cret]}}\n"
+ROUTE = "routes: [{name: r, source: hooks, actions: [{use: forward, with: {url: 'http://127.0.0.1:9/'}}]}]\n"
+NEW_USER_MISTAKES = {
+    "wrong type": (
+        "listen: {port: eighty}\n" + SOURCE + ROUTE,
+        "listen.port: must be an integer; the text given does not read as one",
+    ),
+    "unknown key": (
+        "listen: {port: 8080, hots: 127.0.0.1}\n" + SOURCE + ROUTE,
+        "listen.hots: unknown key (did you mean host?)",
+    ),
+    "typo in a section": (
+        "limts: {max_body_bytes: 10}\n" + SOURCE + ROUTE,
+        "limts: unknown key (did you mean limits?)",
+    ),
+    "bad duration": (
+        "defaults: {timeout: 5 seconds}\n" + SOURCE + ROUTE,
+        "defaults.timeout: '5 seconds' is not a duration; use e.g. 500ms, 5s, 2m, 1h or a number of seconds",
+    ),
+    "variable not set": (
+        'ops: {admin_token: "${HOOKYARD_TEST_UNSET_TOKEN}"}\n' + SOURCE + ROUTE,
+        "ops.admin_token: environment variable HOOKYARD_TEST_UNSET_TOKEN is not set (and has no default)",
+    ),
+    "unknown source": (
+        SOURCE + ROUTE.replace("source: hooks", "source: hoks"),
+        "routes[0].source: unknown source 'hoks' (did you mean hooks?); known: hooks",
+    ),
+    "unknown action": (
+        SOURCE + ROUTE.replace("use: forward", "use: forwrd"),
+        "routes[0].actions[0].use: unknown action 'forwrd' (did you mean forward?); "
+        "known: acknowledge, forward, notify, store",
+    ),
+    "YAML syntax": (
+        "listen: {port: 8080\n" + SOURCE,
+        "not valid YAML: line 2, column 8: expected ',' or '}', but got ':' "
+        "(while parsing a flow mapping at line 1, column 9)",
+    ),
+    "tab": (
+        "listen:\n\tport: 8080\n" + SOURCE + ROUTE,
+        "not valid YAML: line 2, column 1: a tab, where YAML takes only spaces (to indent, and after a "
+        "key's colon): replace it with spaces",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "error"), NEW_USER_MISTAKES.values(), ids=NEW_USER_MISTAKES)
+def test_check_and_serve_name_a_new_user_s_mistake_in_the_same_one_line(
+    tmp_path: Path, text: str, error: str
+) -> None:
+    path = write_config(tmp_path, text)
+    environment = {key: value for key, value in os.environ.items() if key != "HOOKYARD_TEST_UNSET_TOKEN"}
+    said = {}
+    for command in ("check", "serve"):
+        # serve as it runs, in a process of its own: it must refuse the file before it binds or opens anything.
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", command, "-c", str(path)],
+            env=environment,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert (result.returncode, result.stdout) == (1, ""), (command, result)
+        said[command] = result.stderr
+    assert said["check"] == said["serve"]
+    assert said["check"].splitlines() == [f"{path}: {error}"]
+
+
 def test_check_counts_one_source_and_one_route_in_the_singular(tmp_path: Path) -> None:
     # It said `ok: 1 sources, 1 routes`.
     config = config_dict(tmp_path)

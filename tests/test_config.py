@@ -560,6 +560,31 @@ def test_missing_fields_are_reported_as_field_required(text: str, error: str) ->
 @pytest.mark.parametrize(
     ("text", "error"),
     [
+        # pydantic said `Input should be a valid integer, unable to parse string as an integer`.
+        ("listen: {port: eighty}", "listen.port: must be an integer; the text given does not read as one"),
+        ("listen: {port: [8080]}", "listen.port: must be an integer, not a list"),
+        (
+            "limits: {max_headers: 1.5}",
+            "limits.max_headers: must be an integer, not a number with a fraction",
+        ),
+        (
+            "defaults: {retry: {jitter: lots}}",
+            "defaults.retry.jitter: must be a number; the text given does not read as one",
+        ),
+        (
+            "reload: {watch: maybe}",
+            "reload.watch: must be true or false; the text given does not read as either",
+        ),
+        ("reload: {watch: {a: 1}}", "reload.watch: must be true or false, not a mapping"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_says_which_kind_the_key_takes(text: str, error: str) -> None:
+    assert config_errors(text) == [error]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
         ("routes: [x]", "routes[0]: must be a mapping (key: value), not text"),
         ("listen:", "listen: must be a mapping (key: value), not empty"),
         ("sources: [x]", "sources: must be a mapping (key: value), not a list"),

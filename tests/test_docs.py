@@ -15,22 +15,26 @@ import shutil
 import subprocess
 import textwrap
 import tomllib
+import types
 import typing
 from pathlib import Path
 from typing import Any
 
+import annotated_types
 import click
 import pluggy
 import pytest
 import yaml
 from click.testing import CliRunner
 from packaging.requirements import Requirement
-from pydantic import BaseModel
+from pydantic import BaseModel, SecretStr, TypeAdapter, ValidationError
+from pydantic.fields import FieldInfo
 
-from gateway import hookspecs
+from gateway import actions, config, hookspecs, providers
 from gateway.cli import main
 from gateway.config import Config, Limits, parse_config
 from gateway.metrics import Metrics
+from gateway.plugins import Registry, new_plugin_manager
 from gateway.storage.sqlite import _room_needed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -358,14 +362,6 @@ def _models(annotation: Any) -> list[type[BaseModel]]:
     return [model for argument in typing.get_args(annotation) for model in _models(argument)]
 
 
-def test_every_config_key_is_in_the_reference() -> None:
-    reference = (ROOT / "docs" / "configuration.md").read_text()
-    keys = config_keys(Config)
-    assert "sources.allow_ips" in keys and "routes.actions.retry.retry_on" in keys
-    missing = sorted(key for key in keys if f"`{key.rpartition('.')[2]}`" not in reference)
-    assert not missing, f"config keys missing from docs/configuration.md: {missing}"
-
-
 def check_examples(page: str) -> list[tuple[str, str, list[str]]]:
     """The `hookyard check -c FILE` examples of a docs page: (FILE, the YAML block shown before the
     command, or "" for routes.yaml, the lines the command prints)."""
@@ -448,59 +444,262 @@ def test_the_readme_names_the_demo_ports_and_every_variable_that_moves_the_sink(
     assert not missing, f"the README's paragraph on ports taken does not set {missing}"
 
 
-def reference_tables() -> dict[str, list[tuple[str, str]]]:
-    """Each `## \\`section\\`` table of the config reference (and the retry policy's): (key, default cell)."""
-    reference = (ROOT / "docs" / "configuration.md").read_text()
-    tables: dict[str, list[tuple[str, str]]] = {}
-    for heading, body in re.findall(r"^## `(\w+)`\n(.*?)(?=^## )", reference, re.M | re.S):
-        if heading == "defaults":
-            body, retry = body.split("A **retry policy**", 1)
-            tables["retry"] = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", retry, re.M)
-        tables[heading] = re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", body, re.M)
+# -- the configuration reference: every key of every model, with its type, default and range -----------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+    """Where a model's keys are documented: the `index`th table of the section under `heading` of `page`."""
+
+    page: str
+    heading: str
+    model: type[BaseModel]
+    index: int = 0
+
+
+CONFIG_TABLES = [
+    Table("docs/configuration.md", "## Top level", config.Config),
+    Table("docs/configuration.md", "## `listen`", config.IngressListener),
+    Table("docs/configuration.md", "## `ops`", config.OpsListener),
+    Table("docs/configuration.md", "## `storage`", config.StorageConfig),
+    Table("docs/configuration.md", "## `limits`", config.Limits),
+    Table("docs/configuration.md", "## `defaults`", config.Defaults),
+    Table("docs/configuration.md", "## `defaults`", config.RetryPolicy, 1),
+    Table("docs/configuration.md", "## `delivery`", config.DeliveryEngine),
+    Table("docs/configuration.md", "## `log`", config.LogConfig),
+    Table("docs/configuration.md", "## `reload`", config.Reload),
+    Table("docs/configuration.md", "## `sources`", config.Source),
+    Table("docs/configuration.md", "## `routes`", config.Route),
+    Table("docs/configuration.md", "### Actions", config.ActionConfig),
+]
+# The providers whose options have a table in docs/providers.md, by the heading it is under.
+PROVIDER_TABLES = {"hmac": "## `hmac`", "token": "## `token`"}
+# basic's options are token's id_from and type_from: its paragraph names them.
+PROVIDER_PARAGRAPHS = {"basic": ("## `token`", "**`basic`**")}
+# A model that a table names in its type column rather than as a mapping.
+KIND_NAMES = {config.RetryPolicy: "retry policy"}
+
+
+def built_in_registry() -> Registry:
+    return Registry.collect(new_plugin_manager(load_entry_points=False))
+
+
+def plugin_tables() -> list[Table]:
+    """The `with:` table of each built-in action and the `options:` table of each built-in provider that
+    takes any."""
+    registry = built_in_registry()
+    tables = [
+        Table("docs/configuration.md", f"## The `{name}` action", action.Options)
+        for name, action in sorted(registry.actions.items())
+        if action.Options is not actions.NoOptions
+    ]
+    for name, provider in sorted(registry.providers.items()):
+        if provider.Options is providers.NoOptions or name in PROVIDER_PARAGRAPHS:
+            continue
+        assert name in PROVIDER_TABLES, f"{name} takes options: give them a table in docs/providers.md"
+        tables.append(Table("docs/providers.md", PROVIDER_TABLES[name], provider.Options))
     return tables
 
 
-def documented_default(cell: str) -> Any:
-    """The value a default cell of the reference stands for: its first `code`, or None for `none …`."""
-    code = re.match(r"\s*`([^`]*)`", cell)
-    if code is None:
-        assert re.match(r"\s*none\b", cell), f"a default that is neither `code` nor none: {cell!r}"
-        return None
-    return yaml.safe_load(code[1])
+ALL_TABLES = [*CONFIG_TABLES, *plugin_tables()]
 
 
-@pytest.mark.parametrize(
-    ("section", "model"),
-    [
-        ("listen", "IngressListener"),
-        ("ops", "OpsListener"),
-        ("storage", "StorageConfig"),
-        ("limits", "Limits"),
-        ("defaults", "Defaults"),
-        ("retry", "RetryPolicy"),
-        ("delivery", "DeliveryEngine"),
-        ("log", "LogConfig"),
-        ("reload", "Reload"),
-        ("sources", "Source"),
-    ],
-)
-def test_each_default_in_the_reference_is_the_default_the_config_takes(section: str, model: str) -> None:
-    cls = getattr(importlib.import_module("gateway.config"), model)
-    rows = dict(reference_tables()[section])
-    assert sorted(rows) == sorted(cls.model_fields), f"the table under ## `{section}`"
-    required = {name for name, field in cls.model_fields.items() if field.is_required()}
-    # Required keys are **required**; a default written as prose (`see below`) is checked where it points.
-    documented = {key: cell for key, cell in rows.items() if key not in required and "see below" not in cell}
-    assert all("**required**" in rows[key] for key in required), f"## `{section}`: {sorted(required)}"
-    # Only a source has required keys.
-    given = {key: {"path": "/hooks", "provider": "github"}[key] for key in required}
-    defaults = cls.model_validate(given)
-    for key, cell in documented.items():
-        expected = getattr(defaults, key)
-        # The documented value, read as the config reads it (durations, `off`, sizes).
-        written = documented_default(cell)
-        actual = written if written is None else getattr(cls.model_validate({**given, key: written}), key)
-        assert actual == expected, f"## `{section}`: `{key}` is documented as {cell.strip()!r}"
+def _cells(row: str) -> list[str]:
+    return [cell.strip() for cell in re.split(r"(?<!\\)\|", row.strip())[1:-1]]
+
+
+def table_rows(table: Table) -> dict[str, tuple[str, str, str]]:
+    """Each key of a table: (its type cell, "" in a table without one; its default cell; its row). A row of
+    several keys (`id_from`, `type_from`) gives each its own default, in the order written."""
+    text = re.sub(r"^```.*?^```", "", section(table.page, table.heading), flags=re.M | re.S)
+    header, _, *lines = re.findall(r"(?:^\|.*\n)+", text, re.M)[table.index].splitlines()
+    typed = _cells(header)[1] == "type"
+    rows = {}
+    for line in lines:
+        cells = _cells(line)
+        names = re.findall(r"`([^`]+)`", cells[0])
+        kind, default = (cells[1], cells[2]) if typed else ("", cells[1])
+        defaults = re.findall(r"`[^`]*`", default) if len(names) > 1 else [default]
+        assert len(defaults) == len(names), f"{table.heading}: a default for each of {names}"
+        for name, cell in zip(names, defaults, strict=True):
+            rows[name] = (kind, cell, line)
+    return rows
+
+
+def _members(annotation: Any) -> list[Any]:
+    """`A | Annotated[B, …] | None` -> [A, B]."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union or origin is types.UnionType:
+        return [member for argument in typing.get_args(annotation) for member in _members(argument)]
+    if origin is typing.Annotated:
+        return _members(typing.get_args(annotation)[0])
+    return [] if annotation is type(None) else [annotation]
+
+
+def _validators(field: FieldInfo) -> set[Any]:
+    """The functions that read a field's value itself (a duration's parser), on it or on its type."""
+    annotations = [field.annotation, *typing.get_args(field.annotation)]
+    metadata = [*field.metadata, *(item for a in annotations for item in getattr(a, "__metadata__", ()))]
+    return {getattr(item, "func", None) for item in metadata}
+
+
+def _choices(annotation: Any) -> list[Any]:
+    """The values a Literal takes, through unions, lists and Annotated."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return list(typing.get_args(annotation))
+    if origin not in (typing.Union, types.UnionType, list, typing.Annotated):
+        return []
+    # An Annotated type's metadata is not a type: only what it annotates.
+    arguments = typing.get_args(annotation)[: 1 if origin is typing.Annotated else None]
+    return [choice for argument in arguments for choice in _choices(argument)]
+
+
+DURATION_PARSERS = {config.parse_duration, config.parse_positive_duration, config.parse_retention}
+
+
+def kind_words(field: FieldInfo) -> tuple[str, ...]:
+    """The words, any of which a type cell says of a field's kind; none for a choice of words, whose
+    choices the cell lists instead."""
+    if _validators(field) & DURATION_PARSERS:
+        return ("duration",)
+    [kind, *_] = _members(field.annotation)
+    origin = typing.get_origin(kind)
+    if origin is typing.Literal:
+        return ()
+    if origin in (list, dict):
+        return {list: ("list",), dict: ("mapping",)}[origin]
+    if isinstance(kind, type) and issubclass(kind, BaseModel):
+        return ("mapping", *([KIND_NAMES[kind]] if kind in KIND_NAMES else []))
+    return {
+        int: ("integer",),
+        float: ("number",),
+        bool: ("boolean",),
+        str: ("string",),
+        SecretStr: ("string",),
+    }[kind]
+
+
+def range_text(field: FieldInfo) -> str | None:
+    """How a table writes the bounds of a number: `0\N{EN DASH}65535`, `> 0`, `\N{GREATER-THAN OR EQUAL TO} 1`."""
+    ge = next((item.ge for item in field.metadata if isinstance(item, annotated_types.Ge)), None)
+    le = next((item.le for item in field.metadata if isinstance(item, annotated_types.Le)), None)
+    gt = next((item.gt for item in field.metadata if isinstance(item, annotated_types.Gt)), None)
+    if ge is not None and le is not None:
+        return f"{ge}\N{EN DASH}{le}"
+    if gt is not None:
+        return f"> {gt}"
+    if ge is not None:
+        return f"\N{GREATER-THAN OR EQUAL TO} {ge}"
+    return None
+
+
+def documents_default(field: FieldInfo, cell: str) -> bool:
+    """Whether a default cell says the default the field has. A value is written in `code`, perhaps with a
+    note in brackets (`1048576` (1 MiB)) and as the config reads it (`5m`, `7d`); a section of its own
+    (see …) holds a nested model's; a default in words (`a built-in message`), by another key
+    (`defaults.retry`) or with a condition (`always` when `after` is set) is None, worked out where it is
+    used."""
+    default = field.get_default(call_default_factory=True)
+    if cell.startswith("see "):
+        return any(table.model in _members(field.annotation) for table in CONFIG_TABLES)
+    if re.match(r"none\b", cell):
+        return default is None
+    code = re.fullmatch(r"`([^`]*)`(?: \(.*\))?", cell)
+    if code is None or code[1] in config_keys(Config):
+        return default is None
+    adapter: TypeAdapter[Any] = TypeAdapter(
+        typing.Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+    )
+    for written in (yaml.safe_load(code[1]), code[1]):  # `{body}` is text, not a YAML mapping
+        try:
+            if adapter.validate_python(written) == default:
+                return True
+        except ValidationError:
+            continue
+    return False
+
+
+@pytest.mark.parametrize("table", ALL_TABLES, ids=lambda table: f"{table.model.__name__}")
+def test_each_key_is_in_its_table_with_its_type_range_and_default(table: Table) -> None:
+    rows = table_rows(table)
+    fields = {field.alias or name: field for name, field in table.model.model_fields.items()}
+    where = f"{table.page}, the table under {table.heading}"
+    assert sorted(rows) == sorted(fields), f"{where}: its keys are not {table.model.__name__}'s"
+    for key, field in fields.items():
+        kind, default, row = rows[key]
+        required = field.is_required()
+        assert ("**required**" in default) == required, (
+            f"{where}: `{key}` is {'' if required else 'not '}required"
+        )
+        if not required:
+            value = field.get_default(call_default_factory=True)
+            assert documents_default(field, default), (
+                f"{where}: `{key}` defaults to {value!r}, not {default!r}"
+            )
+        if kind:
+            words = kind_words(field)
+            listed = re.fullmatch(r"`[^`]+`(?:(?:, | or )`[^`]+`)*", kind) is not None
+            assert not words or listed or any(word in kind for word in words), (
+                f"{where}: `{key}` is a {words[0]}"
+            )
+            written = {span.strip("\"'") for span in re.findall(r"`([^`]+)`", kind)}
+            missing = [choice for choice in _choices(field.annotation) if str(choice) not in written]
+            assert not missing, f"{where}: `{key}` also takes {missing}"
+            bounds = range_text(field)
+            assert bounds is None or bounds in kind, f"{where}: `{key}` is {bounds}"
+        # A nested mapping without a table of its own has its keys told in its row.
+        for inner in _models(field.annotation):
+            if not any(other.model is inner for other in CONFIG_TABLES):
+                spans = " ".join(re.findall(r"`([^`]+)`", row))
+                untold = [name for name in inner.model_fields if not re.search(rf"\b{name}\b", spans)]
+                assert not untold, f"{where}: the row of `{key}` does not name {untold}"
+
+
+def config_fields(model: type[BaseModel], place: str = "") -> list[tuple[str, FieldInfo]]:
+    """Every key of routes.yaml with its field, as `section.key`, down through nested sections."""
+    fields = []
+    for name, field in model.model_fields.items():
+        key = f"{place}{field.alias or name}"
+        fields.append((key, field))
+        for inner in _models(field.annotation):
+            fields += config_fields(inner, f"{key}.")
+    return fields
+
+
+def test_the_durations_section_names_every_duration_that_must_be_longer_than_zero() -> None:
+    text = " ".join(section("docs/configuration.md", "## Durations").split())
+    [sentence] = [part for part in text.split(". ") if "must be longer than 0" in part]
+    named = set(re.findall(r"`([\w.]+)`", sentence))
+    positive = {
+        key for key, field in config_fields(Config) if config.parse_positive_duration in _validators(field)
+    }
+    assert {"limits.read_timeout", "routes.actions.timeout"} <= positive
+    # A key of every section that has one (`timeout`: defaults' and each action's) is named bare.
+    unnamed = sorted(key for key in positive if key not in named and key.rpartition(".")[2] not in named)
+    assert not unnamed, f"docs/configuration.md, ## Durations: {unnamed} must be longer than 0 too"
+    wrong = sorted(
+        name for name in named if not any(key == name or key.endswith(f".{name}") for key in positive)
+    )
+    assert not wrong, f"docs/configuration.md, ## Durations: {wrong} may be 0"
+
+
+def test_the_providers_that_take_options_are_named_where_their_options_are() -> None:
+    registry = built_in_registry()
+    taking = sorted(
+        name for name, provider in registry.providers.items() if provider.Options is not providers.NoOptions
+    )
+    assert taking == sorted([*PROVIDER_TABLES, *PROVIDER_PARAGRAPHS])
+    # The sources table's `options` row names them, and says the others take none.
+    [sources] = [table for table in CONFIG_TABLES if table.model is config.Source]
+    row = table_rows(sources)["options"][2]
+    [sentence] = [part for part in row.split(". ") if "take options" in part]
+    assert sorted(re.findall(r"`([\w-]+)`", sentence)) == taking
+    for name, (heading, start) in PROVIDER_PARAGRAPHS.items():
+        text = section("docs/providers.md", heading)
+        paragraph = text[text.index(start) :].split("\n\n", 1)[0]
+        untold = [key for key in registry.providers[name].Options.model_fields if f"`{key}`" not in paragraph]
+        assert not untold, f"docs/providers.md: the paragraph on {name} does not name {untold}"
 
 
 _EXPORTED_SUFFIX = {"info": "_info", "counter": "_total"}  # what prometheus_client adds to a family's name
@@ -561,35 +760,6 @@ def test_the_readme_links_every_page_of_the_docs_and_names_every_module() -> Non
     modules = sorted(path.name for path in (ROOT / "gateway").glob("*.py") if not path.name.startswith("_"))
     missing = [name for name in modules if not re.search(rf"(?<![\w.]){re.escape(name)}\b", layout)]
     assert not missing, f"the README's Project layout does not name {missing}"
-
-
-@pytest.mark.parametrize(
-    ("action", "cls"),
-    [
-        ("forward", "plugins.forward.Forward"),
-        ("store", "plugins.store.Store"),
-        ("notify", "plugins.notify.Notify"),
-        ("acknowledge", "plugins.acknowledge.Acknowledge"),
-    ],
-)
-def test_each_with_key_of_a_built_in_action_is_in_its_table_with_its_default(action: str, cls: str) -> None:
-    module, name = cls.rsplit(".", 1)
-    options = getattr(importlib.import_module(module), name).Options
-    reference = (ROOT / "docs" / "configuration.md").read_text()
-    section = reference.split(f"## The `{action}` action", 1)[1].split("\n## ", 1)[0]
-    rows = dict(
-        re.findall(r"^\| `(\w+)` \| [^|]+ \| ([^|]+) \|", section.split("| `with:` key |", 1)[1], re.M)
-    )
-    assert sorted(rows) == sorted(options.model_fields), f"the `with:` table of ## The `{action}` action"
-    for key, field in options.model_fields.items():
-        cell = rows[key]
-        if field.is_required():
-            assert "**required**" in cell, f"{action}: `{key}` is required"
-        elif re.match(r"\s*(`|none\b)", cell):
-            expected = field.get_default(call_default_factory=True)
-            assert documented_default(cell) == expected, f"{action}: `{key}` defaults to {expected!r}"
-        else:  # a default told in words (`a built-in message`) is one the action makes itself
-            assert field.get_default() is None, f"{action}: `{key}` is documented as {cell.strip()!r}"
 
 
 def example_configs(page: str) -> list[str]:

@@ -933,6 +933,10 @@ def format_validation_errors(
             # A name YAML read as something else: `no:` or `on:` is a boolean, `2026-01-01:` a date.
             # pydantic would say `sources[0].[key]: Input should be a valid string`.
             place, message = format_location(loc[:-2]), _not_text(error["input"])
+        elif error["type"] == "invalid_key":
+            # The same of a key of a section (`listen: {on: …}`, `1:` at the top level): pydantic said
+            # `listen[1]: Keys should be strings`, the key put as an index of the mapping it is in.
+            place, message = format_location(loc[:-1]), _not_text(error["input"])
         elif error["type"] == "string_type" and not isinstance(error["input"], list | dict | None):
             # A value YAML read as something else (`127`, `off`, `2026-01-01`), here and in a plugin's
             # options alike. Its kind, not the value: it may be a secret.
@@ -1101,6 +1105,8 @@ def _not_text(key: Any) -> str:
         kind = _yaml_boolean(key)
     elif isinstance(key, int | float):
         kind = f"the number {key}"
+    elif key is None:
+        kind = "null (~, null, or nothing before the colon)"  # not Python's NoneType
     else:
         kind = f"a {type(key).__name__} ({key})"
     return f"a name that YAML reads as {kind}, not text: quote it"

@@ -913,6 +913,7 @@ def test_a_value_that_yaml_reads_as_no_text_says_so() -> None:
         ("on", "the boolean true (as YAML reads yes, no, on and off)"),
         ("123", "the number 123"),
         ("2026-01-01", "a date (2026-01-01)"),
+        ("~", "null (~, null, or nothing before the colon)"),
     ],
 )
 def test_a_source_name_that_yaml_reads_as_no_text_says_so(name: str, read_as: str) -> None:
@@ -920,6 +921,24 @@ def test_a_source_name_that_yaml_reads_as_no_text_says_so(name: str, read_as: st
     assert config_errors(f"sources: {{{name}: {{path: /a, provider: none, insecure: true}}}}") == [
         f"sources: a name that YAML reads as {read_as}, not text: quote it"
     ]
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        (
+            "listen: {on: 8080}",
+            "listen: a name that YAML reads as the boolean true (as YAML reads yes, no, on and off), "
+            "not text: quote it",
+        ),
+        ("listen: {1: 2}", "listen: a name that YAML reads as the number 1, not text: quote it"),
+        ("1: x", "a name that YAML reads as the number 1, not text: quote it"),
+        ("~: x", "a name that YAML reads as null (~, null, or nothing before the colon), not text: quote it"),
+    ],
+)
+def test_a_key_of_a_section_that_yaml_reads_as_no_text_says_so(text: str, error: str) -> None:
+    # pydantic said `listen[1]: Keys should be strings`: the key as an index, in its words.
+    assert config_errors(text) == [error]
 
 
 def test_y_and_n_are_text_to_yaml_not_booleans() -> None:

@@ -272,10 +272,14 @@ class Ingress:
                 raise
             # verify: log-only, while a source is being migrated: count and keep the event, marked.
             self.gateway.metrics.unverified.labels(endpoint.name, rejection.reason).inc()
-            log.warning(
-                "accepting unverified webhook (verify: log-only)",
-                extra={"source": endpoint.name, "reason": rejection.reason},
-            )
+            # Anyone who can reach the listener can send these, and each is stored: a line for each would
+            # let them flood the log too. The metric counts every one; `events list` shows them.
+            suppressed = self.log_throttle.admit(endpoint.name, rejection.reason, "unverified")
+            if suppressed is not None:
+                log.warning(
+                    "accepting unverified webhook (verify: log-only)",
+                    extra={"source": endpoint.name, "reason": rejection.reason, "suppressed": suppressed},
+                )
             return False
         return endpoint.provider.verifies
 

@@ -282,9 +282,13 @@ def test_log_only_accepts_and_marks_unverified(tmp_path: Any, caplog: pytest.Log
             gw.gateway.storage.get_event("msg_unverified"), gw.loop
         ).result()
         assert detail[0].event.verified is False
+        # Anyone can send more of them: every one is kept and counted, and the log says so once a minute.
+        for number in range(2):
+            body, headers = svix_request(msg_id=f"msg_unverified_{number}", secret="whsec_" + "A" * 43 + "=")
+            assert gw.post("/webhooks/consignease", body, headers).status_code == 200
         assert (
             gw.metric("hookyard_webhooks_unverified_total", source="consignease", reason="invalid_signature")
-            == 1
+            == 3
         )
         [logged] = [
             record
@@ -293,6 +297,7 @@ def test_log_only_accepts_and_marks_unverified(tmp_path: Any, caplog: pytest.Log
         ]
         assert logged.levelno == logging.WARNING
         assert (logged.__dict__["source"], logged.__dict__["reason"]) == ("consignease", "invalid_signature")
+        assert logged.__dict__["suppressed"] == 0
         # Malformed requests are still refused: there is no event to keep.
         assert gw.post("/webhooks/consignease", b"nope", headers).status_code == 400
         good_body, good_headers = svix_request(msg_id="msg_verified")

@@ -159,6 +159,8 @@ class Downstream:
     delay: float = 0.0
     in_flight: int = 0
     max_in_flight: int = 0
+    # When given, every request waits, its body read, until it is set (30 s at most) before it is answered.
+    hold: threading.Event | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answer(self, path: str, *answers: Any) -> None:
@@ -182,6 +184,10 @@ class Downstream:
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         if self.delay:
             await asyncio.sleep(self.delay)
+        for _ in range(600):
+            if self.hold is None or self.hold.is_set():
+                break
+            await asyncio.sleep(0.05)
         with self.lock:
             self.in_flight -= 1
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}

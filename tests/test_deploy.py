@@ -14,8 +14,10 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 from pathlib import Path, PurePosixPath
@@ -33,6 +35,7 @@ from gateway.routing import RouteTable
 from tests.support import (
     GatewayProcess,
     RunningGateway,
+    downstream_server,
     free_port,
     gateway_config,
     metric_value,
@@ -477,6 +480,97 @@ def test_the_webhooks_in_progress_fit_in_the_memory_limit(
         for sock in connections:
             sock.close()
         assert gateway.terminate() == 0
+
+
+# What a whole webhook costs the gateway while it is stored or delivered, in multiples of its body: the
+# bytes, and the payload parsed from them, which for JSON of many small objects is several times larger.
+WEBHOOK_COST = 10
+
+
+def large_signed_webhook(secret: str, limit: int, msg_id: str) -> bytes:
+    """A whole Consignease request of JSON made of many small objects, its body just within `limit`."""
+    item = {"sku": "A1", "qty": 1, "ok": True}
+    count = limit // (len(json.dumps(item)) + 2)
+    while True:
+        body, headers = svix_request(msg_id=msg_id, secret=secret, data={"items": [item] * count})
+        if len(body) <= limit:
+            break
+        count -= (len(body) - limit) // len(json.dumps(item)) + 1
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return (
+        f"POST /webhooks/consignease HTTP/1.1\r\nHost: hookyard\r\nContent-Length: {len(body)}\r\n{head}\r\n"
+    ).encode() + body
+
+
+def test_the_webhooks_stored_and_delivered_at_once_fit_in_the_memory_limit(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """A whole webhook holds its body and its parsed payload while it waits to be stored, and again while one
+    of its deliveries runs: limits.max_concurrent_requests webhooks waiting on a slow store (another
+    process's write lock here; a slow disk alike) and delivery.concurrency deliveries held by a slow app, all
+    of limits.max_body_bytes, must fit in the container's memory limit with Hookyard's own memory. Measured
+    on `hookyard serve` with the deploy's routes.yaml."""
+    limit = memory_bytes(sidecar(pod_spec(rendered["base"]))["resources"]["limits"]["memory"])
+    config = parse_config(deploy_routes(), environ=example_secret_env())
+    in_progress, delivering = config.limits.max_concurrent_requests, config.delivery.concurrency
+    body = config.limits.max_body_bytes
+    assert (in_progress + delivering) * WEBHOOK_COST * body + RSS_BUDGET <= limit, (
+        f"{in_progress} webhooks stored and {delivering} delivered at once, of up to {body} bytes, do not fit "
+        f"in {limit} bytes with Hookyard's"
+    )
+
+    secret = example_secret_env()["CONSIGNEASE_WEBHOOK_SECRET"]
+    with downstream_server() as app:
+        app.hold = threading.Event()
+        routes = yaml.safe_load(deploy_routes())
+        listen_port, ops_port = free_port(), free_port()
+        routes["listen"].update(host="127.0.0.1", port=listen_port, drain_delay="0s")  # a quick stop
+        routes["ops"].update(host="127.0.0.1", port=ops_port)
+        database = tmp_path / "hookyard.db"
+        routes["storage"]["url"] = f"sqlite:///{database}"
+        for route in routes["routes"]:
+            for action in route["actions"]:
+                action["with"]["url"] = action["with"]["url"].replace("http://127.0.0.1:3000", app.url)
+        path = tmp_path / "routes.yaml"
+        path.write_text(yaml.safe_dump(routes))
+        gateway = GatewayProcess(path, f"http://127.0.0.1:{ops_port}", env=example_secret_env()).start()
+        assert gateway.process is not None
+        connections: list[socket.socket] = []
+        writer = sqlite3.connect(database, isolation_level=None, timeout=10)
+        try:
+            # The app holds every delivery it is sent: delivery.concurrency of them run at once.
+            for number in range(delivering):
+                with socket.create_connection(("127.0.0.1", listen_port), timeout=30) as sock:
+                    sock.sendall(large_signed_webhook(secret, body, f"msg_delivered_{number}"))
+                    assert sock.recv(65536).startswith(b"HTTP/1.1 200 "), number
+            wait_until(lambda: app.in_flight == delivering, 30)
+
+            # Another process holds the store's write lock: every webhook received waits to be stored (for
+            # 5 s, then it is refused), so the requests are signed before.
+            *requests, one_more = [
+                large_signed_webhook(secret, body, f"msg_stored_{number}")
+                for number in range(in_progress + 1)
+            ]
+            writer.execute("BEGIN IMMEDIATE")
+            for request in requests:
+                sock = socket.create_connection(("127.0.0.1", listen_port), timeout=30)
+                connections.append(sock)
+                sock.sendall(request)
+            with socket.create_connection(("127.0.0.1", listen_port), timeout=30) as extra:
+                extra.sendall(one_more)
+                assert b"overloaded" in extra.recv(65536)
+            samples = [memory_used(gateway.process.pid)]
+            while len(samples) < 3 or samples[-1] - samples[-3] > 2 * 1024 * 1024:
+                assert len(samples) < 120, samples
+                time.sleep(0.25)
+                samples.append(memory_used(gateway.process.pid))
+            assert samples[-1] <= limit - 16 * 1024 * 1024, f"{samples[-1]} bytes used, the limit is {limit}"
+        finally:
+            writer.close()
+            app.hold.set()
+            for sock in connections:
+                sock.close()
+            assert gateway.terminate() == 0
 
 
 # What the example leaves the app to stop in, before Hookyard (a native sidecar) gets its SIGTERM.

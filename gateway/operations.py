@@ -304,6 +304,12 @@ class Operations:
         # What the store replays, as it matches them: the action's deliveries, or the roots.
         matched = [d for d in deliveries if d.action == action or (action is None and d.parent_id is None)]
         count = await self.storage.replay_event(detail.seq, action, time.time(), route=route)
+        if count is None:
+            # Read just before, then deleted by a batch of retention's that ran in between: without this,
+            # its deliveries would be answered as left alone, still pending.
+            raise OperationError(
+                404, f"no event {event_id!r}: deleted by retention (storage.retention) as it was replayed"
+            )
         # A final delivery is shown by that name, yet none is stored by it: its text is not UTF-8.
         if (
             count == 0

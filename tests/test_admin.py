@@ -497,6 +497,35 @@ def test_replay_one_event_narrowed_to_a_route(tmp_path: Path, downstream: Downst
         )
 
 
+def test_replaying_an_event_that_retention_deletes_meanwhile_is_a_404_not_a_delivery_left_pending(
+    tmp_path: Path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    downstream.answer("/app", 422)  # dead at once: the replay has something to run again
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_old")
+        wait_until(lambda: states(gw, "msg_old") == {"app": "dead", "audit": "delivered"})
+        send(gw, "msg_newest")  # the newest event is never deleted, whatever its age
+        wait_until(lambda: states(gw, "msg_newest") == {"app": "delivered", "audit": "delivered"})
+        storage = gw.gateway.storage
+        replay_event = storage.replay_event
+
+        async def replay_after_a_prune(*args: Any, **kwargs: Any) -> Any:
+            # The replay reads the event, then replays it in a batch of its own: a batch of retention's,
+            # deleting the event, may come in between. Staged here with a real prune of the store.
+            assert (await storage.prune(time.time() + 3600)).events == 1
+            return await replay_event(*args, **kwargs)
+
+        monkeypatch.setattr(storage, "replay_event", replay_after_a_prune)
+        replayed = admin(gw, "POST", "/admin/events/msg_old/replay", json={})
+        # Not `{"replayed": 0, "pending": 1}`: nothing is left to run, and no delivery waits.
+        assert (replayed.status_code, replayed.json()) == (
+            404,
+            {"error": "no event 'msg_old': deleted by retention (storage.retention) as it was replayed"},
+        )
+        assert admin(gw, "GET", "/admin/events/msg_old").status_code == 404
+        assert gw.metric("hookyard_replays_total", mode="event") == 0
+
+
 def test_replay_while_a_dependent_is_in_flight_runs_it_again_after_its_parent(
     tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:

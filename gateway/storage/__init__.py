@@ -374,9 +374,10 @@ class Storage(ABC):
     @abstractmethod
     async def replay_event(
         self, seq: int, action: str | None = None, now: float = 0.0, *, route: str | None = None
-    ) -> int:
+    ) -> int | None:
         """Make an event's finished deliveries (all root ones, or one action's; of every route, or of
-        `route`) run again, their dependents waiting again; returns how many were reset."""
+        `route`) run again, their dependents waiting again; returns how many were reset, or None when no
+        event `seq` is stored (retention deleted it since the caller read it)."""
 
     @abstractmethod
     async def dead_delivery_ids(

@@ -1388,8 +1388,10 @@ class SQLiteStorage(Storage):
 
     async def replay_event(
         self, seq: int, action: str | None = None, now: float = 0.0, *, route: str | None = None
-    ) -> int:
-        def replay(conn: sqlite3.Connection) -> int:
+    ) -> int | None:
+        def replay(conn: sqlite3.Connection) -> int | None:
+            if conn.execute("SELECT 1 FROM events WHERE seq = ?", (seq,)).fetchone() is None:
+                return None  # pruned since the caller read it: no delivery is left to run, or pending
             sql = (
                 "SELECT id FROM deliveries WHERE event_seq = ? AND state IN ('delivered', 'dead', 'skipped')"
             )

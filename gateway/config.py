@@ -133,6 +133,8 @@ def parse_retention(value: Any) -> float | None:
 
 
 _DURATION_TEXT = {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"}
+# The same with a digit other than 0 in it: `0s` or `0.0ms` is refused when the config loads, as 0 is.
+_POSITIVE_DURATION_TEXT = {"type": "string", "pattern": r"^\s*(?=[\d.]*[1-9])\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"}
 Duration = Annotated[
     float,
     BeforeValidator(parse_duration),
@@ -141,7 +143,7 @@ Duration = Annotated[
 PositiveDuration = Annotated[
     float,
     BeforeValidator(parse_positive_duration),
-    WithJsonSchema({"anyOf": [{"type": "number", "exclusiveMinimum": 0}, _DURATION_TEXT]}),
+    WithJsonSchema({"anyOf": [{"type": "number", "exclusiveMinimum": 0}, _POSITIVE_DURATION_TEXT]}),
 ]
 Retention = Annotated[
     float | None,
@@ -150,7 +152,7 @@ Retention = Annotated[
         {
             "anyOf": [
                 {"type": "number", "exclusiveMinimum": 0},
-                _DURATION_TEXT,
+                _POSITIVE_DURATION_TEXT,
                 {"enum": [False, "off", "false", "no"]},
             ]
         }

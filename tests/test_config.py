@@ -1069,12 +1069,37 @@ def test_a_duration_too_large_for_a_float_is_refused_naming_its_key(section: str
 
 
 @pytest.mark.parametrize(
-    ("retention", "valid"), [("7d", True), (3600, True), (False, True), ("off", True), (0, False)]
+    ("retention", "valid"),
+    [
+        ("7d", True),
+        (3600, True),
+        ("1ms", True),  # the shortest it takes
+        (False, True),
+        ("off", True),
+        (0, False),
+        # Written as text, 0 is refused when the config loads, as the number is: an editor says so too.
+        ("0s", False),
+        ("0.000ms", False),
+        ("00", False),
+    ],
 )
 def test_json_schema_checks_storage_retention(
     validator: jsonschema.Draft202012Validator, retention: Any, valid: bool
 ) -> None:
     assert validator.is_valid({"storage": {"retention": retention}}) is valid
+
+
+@pytest.mark.parametrize(("lease", "valid"), [("1ms", True), ("0.5s", True), (0, False), ("0s", False)])
+def test_json_schema_refuses_0_for_a_duration_that_must_be_longer(
+    validator: jsonschema.Draft202012Validator, lease: Any, valid: bool
+) -> None:
+    # What the config refuses when it loads, as a lease of 0 would expire at once, every time.
+    text = f"delivery: {{lease: {lease}}}"
+    if valid:
+        parse_config(text)
+    else:
+        assert config_errors(text)
+    assert validator.is_valid({"delivery": {"lease": lease}}) is valid
 
 
 @pytest.mark.parametrize("secret", ["whsec_abc\n", " whsec_abc", "whsec_abc\t"])

@@ -331,8 +331,14 @@ class Gateway:
                 errors = [
                     str(exc) if isinstance(exc, OSError | PluginError) else f"{type(exc).__name__}: {exc}"
                 ]
+            # The certificate is not the config's to hold back: a renewal that comes while a bad update
+            # waits to be fixed is served at once, from the running config's paths, not once the file is
+            # fixed, which may be after the old certificate has expired.
+            certificate_renewed = self._watched is not None and watched[1:] != self._watched[1:]
             # Not tried again until the files change (or SIGHUP): one error per bad update, not per poll.
             self._watched = watched
+            if certificate_renewed:
+                self._reload_certificate()
             self.metrics.config_reloads.labels("error").inc()
             self.metrics.config_last_reload_successful.set(0)
             log.error("config reload refused; keeping the running config", extra={"errors": errors})

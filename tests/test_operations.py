@@ -1782,6 +1782,22 @@ def test_renewed_certificate_files_are_picked_up_without_a_config_change(
         assert tls.post_trusting_the_renewed(gw, "msg_renewed") == 200
 
 
+def test_a_certificate_renewed_while_the_config_file_is_refused_is_picked_up(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # A bad ConfigMap update waiting to be fixed, and cert-manager renews the Secret meanwhile: the renewal
+    # was refused with the file, and the old certificate was served until the config was fixed, even past
+    # its expiry.
+    tls = RenewableTls(tmp_path, downstream)
+    with RunningGateway(tls.path, scheme="https") as gw:
+        tls.path.write_text(yaml.safe_dump({**tls.config, "routes": [{"name": "broken"}]}))
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="error") == 1)
+        tls.renew()
+        wait_until(lambda: gw.metric("hookyard_config_reloads_total", result="error") == 2)
+        assert tls.post_trusting_the_renewed(gw, "msg_renewed_under_a_refused_file") == 200
+        assert gw.metric("hookyard_config_last_reload_successful") == 0
+
+
 def test_tls_listener_and_certificate_reload(tmp_path: Path, downstream: Downstream) -> None:
     first_cert, first_key = self_signed(tmp_path, "first")
     second_cert, second_key = self_signed(tmp_path, "second")

@@ -158,6 +158,9 @@ class Gateway:
         self._shutting_down = False
         self._hurry = asyncio.Event()  # set once the shutdown is cut short: it waits no more
         self._reloads: set[asyncio.Task[bool]] = set()  # asked for by SIGHUP, held until done
+        # One reload at a time: one refused pauses to close what it built, and a SIGHUP's meanwhile would
+        # otherwise apply first, then be taken for refused (the metric, the files last seen).
+        self._reloading = asyncio.Lock()
         # The plugins whose startup hook has returned: if the start fails after that, theirs is the
         # shutdown to call, as a context manager's exit runs only once its enter has finished.
         self._started_plugins: list[str] = []
@@ -205,7 +208,7 @@ class Gateway:
             ssl_context=ssl_context,
             pool=self.config.delivery.concurrency,
         )
-        actions = build_actions(self.table, self.registry, self._resources)
+        actions = await build_actions(self.table, self.registry, self._resources)
         self._engine = Engine(self.storage, actions, self.config.delivery, self.metrics, self.pm)
         self.storage.on_unreadable = self._engine.unreadable
         await self._start_plugins()
@@ -304,6 +307,10 @@ class Gateway:
         invalid one is logged and counted, and the old one keeps serving."""
         if self.config_path is None:
             return False
+        async with self._reloading:
+            return await self._reload(self.config_path)
+
+    async def _reload(self, config_path: Path) -> bool:
         if self._shutting_down:
             # A SIGHUP or a file change as the gateway stops: new actions on a stopping engine would never
             # run, and those swapped in after it stopped would never be closed.
@@ -314,11 +321,12 @@ class Gateway:
         # finished), the next look sees it, and loads what they end up holding.
         watched = self._read_watched()
         try:
-            config, table = load_routes(self.config_path, self.registry, allow_empty=False)
+            config, table = load_routes(config_path, self.registry, allow_empty=False)
             # Built before anything is swapped: an action's constructor may raise too (a plugin's file or
-            # client it prepares), and then nothing of the new config may apply.
+            # client it prepares), and then nothing of the new config may apply. Built without a pause (one
+            # comes only with a failure), so that no webhook sees a config half swapped.
             actions = (
-                build_actions(table, self.registry, resources)
+                await build_actions(table, self.registry, resources)
                 if engine is not None and resources is not None
                 else None
             )

@@ -71,14 +71,18 @@ class RunnableAction:
     limit: ConcurrencyLimit | None
 
 
-def build_actions(
+async def build_actions(
     table: RouteTable, registry: Registry, resources: Resources
 ) -> dict[tuple[str, str], RunnableAction]:
-    runnable = {}
+    """The table's actions, built. Suspends only when one cannot be built: the actions built before it are
+    closed then (what their constructors opened, a file or a client), as none of them will ever run; a
+    reload refused again and again would otherwise leave more of them open each time."""
+    runnable: dict[tuple[str, str], RunnableAction] = {}
     for key, plan in table.actions.items():
         try:
             action = registry.actions[plan.use](plan.options, resources)
         except Exception as exc:
+            await _close_built(runnable.values())
             # A plugin's constructor (a file it opens, a client it prepares): named, for serve or a reload
             # to say in one line which action of which route could not start.
             raise PluginError(
@@ -88,6 +92,14 @@ def build_actions(
         limit = ConcurrencyLimit(plan.concurrency) if plan.concurrency else None
         runnable[key] = RunnableAction(plan, action, limit)
     return runnable
+
+
+async def _close_built(actions: Collection[RunnableAction]) -> None:
+    closing = asyncio.ensure_future(_close(actions))
+    _done, late = await asyncio.wait([closing], timeout=ACTION_CLOSE_TIMEOUT)
+    if late:
+        log.warning("actions still closing; given up", extra={"timeout_s": ACTION_CLOSE_TIMEOUT})
+        await cancel_and_wait(late)
 
 
 def _limits(actions: dict[tuple[str, str], RunnableAction]) -> dict[tuple[str, str], ConcurrencyLimit]:

@@ -2292,6 +2292,53 @@ def test_a_reload_whose_action_cannot_be_built_is_refused_and_changes_nothing(
         downstream.wait_for(1, "/after")
 
 
+def test_a_reload_refused_for_an_action_that_cannot_be_built_closes_those_built_before_it(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # An action's constructor may open what its aclose() closes (a file, a client). Those built before the
+    # one that failed were dropped unclosed: with a bad file that a GitOps loop applies again and again,
+    # one more of each at every refused reload.
+    from gateway import delivered
+
+    opened: list[Action] = []
+    closed: list[Action] = []
+
+    class Spool(Action):
+        name = "spool"
+
+        def __init__(self, options: Any, resources: Any) -> None:
+            super().__init__(options, resources)
+            opened.append(self)
+
+        async def deliver(self, job: Job) -> Outcome:
+            return delivered()
+
+        async def aclose(self) -> None:
+            closed.append(self)
+
+    class Unbuildable(Spool):
+        name = "unbuildable"
+
+        def __init__(self, options: Any, resources: Any) -> None:
+            raise PermissionError(13, "Permission denied", "/var/spool/acme")
+
+    pm = plugins_with(actions=[Spool, Unbuildable])
+    path = tmp_path / "routes.yaml"
+    config = users_config(tmp_path, downstream, "/app", reload={"watch": False})
+    path.write_text(yaml.safe_dump(config))
+    with RunningGateway(path, pm=pm) as gw:
+        config["routes"][0]["actions"] += [
+            {"id": "spool", "use": "spool"},
+            {"id": "broken", "use": "unbuildable"},
+        ]
+        path.write_text(yaml.safe_dump(config))
+        for attempt in range(1, 4):
+            assert not asyncio.run_coroutine_threadsafe(gw.gateway.reload(), gw.loop).result(10)
+            assert gw.metric("hookyard_config_reloads_total", result="error") == attempt
+        assert len(opened) == 3
+        assert closed == opened
+
+
 def test_a_refused_reload_logs_every_error_as_check_does(
     tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -2468,3 +2469,191 @@ def test_an_ops_request_cut_off_by_the_shutdown_gets_no_answer_as_a_webhook_does
             with conn.makefile("rb") as reader:
                 assert reader.read() == b""
     assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+
+
+# A cluster's GitOps loop or frequent ConfigMap updates: a reload every RELOAD_EVERY_S under steady load,
+# 40 to warm up, then CHURN_RELOADS more, measured.
+CHURN_RELOADS = 150
+CHURN_RATE = 100  # webhooks a second
+RELOAD_EVERY_S = 0.15
+
+
+def churned_config(config: dict[str, Any], downstream: Downstream, number: int) -> dict[str, Any]:
+    """The config of reload `number`: the `users` route always, forwarding to the same place; a second route
+    under a new name each time (its filter, action ids and notify template changed), dropped at every
+    third; a second source under a new name each time, dropped at every fourth. Every seventh is
+    refused."""
+    changed = copy.deepcopy(config)
+    changed["limits"] = {"max_body_bytes": [65536, 1048576][number % 2]}
+    changed["routes"][0]["actions"][0]["concurrency"] = [4, 16, 64][number % 3]
+    if number % 3 != 2:
+        log_id = f"log-{number % 2}"
+        changed["routes"].append(
+            {
+                "name": f"side-{number}",
+                "source": "consignease",
+                "filter": {"data.n": {"gte": [0, 50, 90][number % 3]}},
+                "actions": [
+                    {"id": log_id, "use": "forward", "with": {"url": f"{downstream.url}/side"}},
+                    {
+                        "id": "chat",
+                        "use": "notify",
+                        "after": log_id,
+                        "with": {
+                            "url": f"{downstream.url}/chat",
+                            "template": f"v{number} {{{{ event.id }}}}",
+                        },
+                    },
+                ],
+            }
+        )
+    if number % 4 != 3:
+        extra = f"extra-{number}"
+        changed["sources"][extra] = {**changed["sources"]["consignease"], "path": "/webhooks/extra"}
+        changed["routes"].append(
+            {
+                "name": f"from-{extra}",
+                "source": extra,
+                "actions": [{"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/extra"}}],
+            }
+        )
+    if number % 7 == 0:
+        changed["routes"].append({"name": "broken", "source": "nowhere", "actions": []})
+    return changed
+
+
+def reloaded_since(metrics_url: str, successes: float) -> bool:
+    exposition = httpx.get(metrics_url).text
+    return metric_value(exposition, "hookyard_config_reloads_total", result="success") > successes
+
+
+def series_count(exposition: str) -> int:
+    return sum(1 for line in exposition.splitlines() if line and not line.startswith("#"))
+
+
+@pytest.mark.slow
+def test_a_reload_every_150_ms_under_load_leaks_nothing_and_loses_no_webhook(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    from tests.reliability.harness import open_fds, proc_status
+
+    config = users_config(tmp_path, downstream, "/users")
+    config["log"] = {"level": "info"}
+    config["reload"] = {"interval": "200ms"}
+    config["sources"].pop("consignly")
+    process, url = start_process(tmp_path, config)
+    assert process.process is not None
+    pid = process.process.pid
+    metrics_url = process.ops_url + "/metrics"
+    accepted: list[str] = []
+    stop = threading.Event()
+
+    def send() -> None:
+        with httpx.Client(timeout=10) as client:
+            number = 0
+            deadline = time.monotonic() + 60  # bounded, however slowly the reloads go
+            while not stop.is_set() and time.monotonic() < deadline:
+                number += 1
+                msg_id = f"msg_churn_{number:06d}"
+                body, headers = svix_request(data={"id": msg_id, "n": number % 100}, msg_id=msg_id)
+                response = client.post(url + "/webhooks/consignease", content=body, headers=headers)
+                if response.status_code == 200:
+                    accepted.append(msg_id)
+                time.sleep(1 / CHURN_RATE)
+
+    def reload_to(number: int) -> None:
+        written = tmp_path / "routes.yaml.new"
+        written.write_text(yaml.safe_dump(churned_config(config, downstream, number)))
+        os.replace(written, process.config_path)  # as a ConfigMap's symlink swap: never half written
+        if number % 4:  # the others are left to the watcher
+            process.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        time.sleep(RELOAD_EVERY_S)
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    try:
+        for number in range(1, 41):  # warm up: every kind of config seen once, caches filled
+            reload_to(number)
+        baseline = proc_status(pid)
+        fds_before = open_fds(pid)
+        series_before = series_count(httpx.get(metrics_url).text)
+        delivered_before = 0.0
+        for number in range(41, 41 + CHURN_RELOADS):
+            reload_to(number)
+            if number % 20 == 0:
+                # The kept route's counter goes on counting: a reload drops the series of what it removed only.
+                delivered = metric_value(
+                    httpx.get(metrics_url).text,
+                    "hookyard_deliveries_total",
+                    route="users",
+                    action="app",
+                    outcome="delivered",
+                )
+                assert delivered >= delivered_before
+                delivered_before = delivered
+        stop.set()
+        sender.join(15)
+        exposition = httpx.get(metrics_url).text
+        reloads = metric_value(exposition, "hookyard_config_reloads_total", result="success")
+        refused = metric_value(exposition, "hookyard_config_reloads_total", result="error")
+        assert reloads + refused >= 100 and refused >= 10, exposition
+        # Every webhook answered 200 reaches the kept route once; nothing is left pending.
+        wait_until(lambda: len(downstream.received("/users")) >= len(accepted), 60, 0.2)
+        keys = Counter(request.headers["idempotency-key"] for request in downstream.received("/users"))
+        assert set(keys) == set(accepted)
+        assert max(keys.values()) == 1
+        database = sqlite3.connect(tmp_path / "hookyard.db")
+        try:
+            wait_until(
+                lambda: (
+                    database.execute(
+                        "SELECT count(*) FROM deliveries WHERE state IN ('pending', 'waiting')"
+                    ).fetchone()[0]
+                    == 0
+                ),
+                30,
+                0.2,
+            )
+            # The removed routes' deliveries end dead or skipped, each with its reason.
+            unexplained = database.execute(
+                "SELECT count(*) FROM deliveries WHERE state IN ('dead', 'skipped') AND last_error IS NULL"
+            ).fetchone()[0]
+        finally:
+            database.close()
+        assert unexplained == 0
+        # Back to the config the baseline was read under, twice: the second drops the series that the
+        # deliveries of actions removed by the first brought back as they ended.
+        for again in range(2):
+            successes = metric_value(
+                httpx.get(metrics_url).text, "hookyard_config_reloads_total", result="success"
+            )
+            baseline_config = yaml.safe_dump(churned_config(config, downstream, 40))
+            process.config_path.write_text(f"{baseline_config}# {again}\n")
+            process.process.send_signal(signal.SIGHUP)
+            wait_until(lambda since=successes: reloaded_since(metrics_url, since))
+        after = proc_status(pid)
+        fds_after = open_fds(pid)
+        series_after = series_count(httpx.get(metrics_url).text)
+        exit_code, took = stop_with_sigterm(process.process)
+    finally:
+        stop.set()
+        process.kill()
+    logged = process.log_path.read_text()
+    assert exit_code == 0, logged[-3000:]
+    assert took < worst_case_shutdown(0, DeliveryEngine().shutdown_timeout), f"shutdown took {took:.1f}s"
+    # Past the warm-up, CHURN_RELOADS more reloads: a leak of what a reload builds (actions, their clients and
+    # files, the series of what it removed, the tasks that close the old actions) would show in these.
+    assert after["Threads"] == baseline["Threads"]
+    assert fds_after <= fds_before + 16, (fds_before, fds_after)
+    assert after["VmRSS"] - baseline["VmRSS"] < 16 * 1024, (baseline, after)  # KiB
+    assert series_after <= series_before + 8, (series_before, series_after)
+    errors = [
+        line
+        for line in logged.splitlines()
+        if '"ERROR"' in line and "config reload refused; keeping the running config" not in line
+    ]
+    assert not errors, errors[:5]
+    assert "Traceback" not in logged
+    print(
+        "FIGURES", baseline, after, fds_before, fds_after, series_before, series_after, reloads, refused, took
+    )

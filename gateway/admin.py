@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
@@ -408,16 +409,26 @@ def admin_routes(gateway: Gateway) -> list[Route]:
         return JSONResponse(document)
 
     return [
-        Route("/admin/events", guarded(list_events), methods=["GET"]),
+        AdminRoute("/admin/events", guarded(list_events), methods=["GET"]),
         # `:path`: an event id may hold a `/` (the client sends it as %2F, which arrives decoded).
         EventRoute("/admin/events/{event_id:path}", guarded(show_event), methods=["GET"]),
-        Route("/admin/events/{event_id:path}/replay", guarded(replay_event), methods=["POST"]),
-        Route("/admin/replay", guarded(bulk_replay), methods=["POST"]),
-        Route("/admin/openapi.json", openapi, methods=["GET"], include_in_schema=False),
+        AdminRoute("/admin/events/{event_id:path}/replay", guarded(replay_event), methods=["POST"]),
+        AdminRoute("/admin/replay", guarded(bulk_replay), methods=["POST"]),
+        AdminRoute("/admin/openapi.json", openapi, methods=["GET"], include_in_schema=False),
     ]
 
 
-class EventRoute(Route):
+class AdminRoute(Route):
+    """A route that matches the whole decoded path, line feeds (%0A) included. Starlette's pattern ends in
+    `$`, which matches before a final line feed too, and its `:path` is `.*`, which stops at one: the event
+    `msg_1` was shown for `/admin/events/msg_1%0A`, and an id holding a line feed had no replay endpoint."""
+
+    def __init__(self, path: str, endpoint: Callable[..., Any], **options: Any) -> None:
+        super().__init__(path, endpoint, **options)
+        self.path_regex = re.compile(self.path_regex.pattern.removesuffix("$") + r"\Z", re.DOTALL)
+
+
+class EventRoute(AdminRoute):
     """/admin/events/{id}, but not a path whose last segment is `replay` after the id's: that is the replay
     endpoint's path whatever the method, so a GET there is its 405, not the event `x/replay` shown. An id's
     own `/` arrives as %2F, and is told apart by the raw path. The id `replay` alone (any sender chooses its
@@ -440,7 +451,9 @@ async def http_error(request: Request, exc: Exception) -> Response:
     """The router's 404 and 405: under /admin, JSON as every admin error (with 405's Allow); elsewhere
     (/healthz, /readyz, /metrics) the plain text they have always had."""
     assert isinstance(exc, HTTPException)
-    path = request.url.path
+    # As it was matched: the URL's text drops a line feed (%0A), and `/admin/events` would be named as the
+    # path that is no endpoint.
+    path = request.scope["path"]
     if path != "/admin" and not path.startswith("/admin/"):
         return PlainTextResponse(exc.detail, status_code=exc.status_code, headers=exc.headers)
     if exc.status_code == 405:

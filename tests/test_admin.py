@@ -1193,6 +1193,29 @@ def test_admin_api_shows_and_replays_an_event_whose_id_has_a_slash(
         assert result.exit_code == 0, result.output
 
 
+def test_an_id_that_ends_in_a_line_feed_is_not_read_as_the_id_without_it(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """A path's pattern ended in `$`, which matches before a final line feed too: `msg_lf%0A` showed the
+    event msg_lf, another than asked for. And an id's part matched no line feed at all: a replay of one was
+    answered as a path that is no endpoint, which the CLI reads as an admin URL that is not Hookyard's."""
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_lf")
+        wait_until(lambda: len(downstream.received("/audit")) == 1)
+        shown = admin(gw, "GET", "/admin/events/msg_lf%0A")
+        assert (shown.status_code, shown.json()) == (404, {"error": "no event 'msg_lf\\n'"})
+        replayed = admin(gw, "POST", "/admin/events/msg_lf%0A/replay")
+        assert (replayed.status_code, replayed.json()) == (404, {"error": "no event 'msg_lf\\n'"})
+        inner = admin(gw, "POST", "/admin/events/msg%0Alf/replay")
+        assert (inner.status_code, inner.json()) == (404, {"error": "no event 'msg\\nlf'"})
+        listed = admin(gw, "GET", "/admin/events%0A")
+        assert (listed.status_code, listed.json()) == (
+            404,
+            {"error": "no admin endpoint GET /admin/events\n; see /admin/openapi.json"},
+        )
+        assert len(downstream.received("/audit")) == 1
+
+
 @pytest.mark.parametrize(
     ("command", "method", "path"),
     [

@@ -73,7 +73,9 @@ def parse_time(value: object, name: str = "since", now: Callable[[], float] | No
         return number
     assert isinstance(value, str)
     try:
-        return (now or time.time)() - parse_duration(value)
+        # No further back than the year 1, where epoch seconds are taken from: a bulk replay answers its
+        # window for the next pages to send, and `1000000d` (everything) must come back as a time they can.
+        return max(EARLIEST, (now or time.time)() - parse_duration(value))
     except ValueError:
         pass
     try:

@@ -1322,6 +1322,24 @@ def test_epoch_milliseconds_are_refused_not_read_as_seconds_thousands_of_years_a
         assert [event["id"] for event in listed.json()["events"]] == ["msg_millis"]
 
 
+def test_a_duration_back_past_the_year_1_answers_a_window_the_next_page_can_send(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """`since: 1000000d` (everything, say) was counted back to before the year 1 and answered so: the next
+    page, sent that since as epoch seconds as the CLI sends it, was refused as outside the years 1 to 9999."""
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_long_ago")
+        listed = admin(gw, "GET", "/admin/events", params={"since": "1000000d"})
+        assert [event["id"] for event in listed.json()["events"]] == ["msg_long_ago"]
+        first = admin(gw, "POST", "/admin/replay", json={"mode": "dead", "since": "1000000d", "limit": 1})
+        assert first.status_code == 200, first.text
+        window = {name: first.json()[name] for name in ("since", "until")}
+        following = admin(
+            gw, "POST", "/admin/replay", json={"mode": "dead", **window, "cursor": 1, "limit": 1}
+        )
+        assert following.status_code == 200, following.text
+
+
 def test_an_admin_token_beyond_ascii_is_accepted(tmp_path: Path, downstream: Downstream) -> None:
     token = "jeton-sécurisé-✓"
     with RunningGateway(users_config(tmp_path, downstream, admin_token=token)) as gw:

@@ -315,7 +315,12 @@ def admin_routes(gateway: Gateway) -> list[Route]:
             application/json:
               schema:
                 type: object
-                properties: {source: {type: string}, route: {type: string}, action: {type: string}}
+                description: a field that is null is one not given
+                additionalProperties: false
+                properties:
+                  source: {type: string, nullable: true}
+                  route: {type: string, nullable: true}
+                  action: {type: string, nullable: true}
         responses:
           200:
             description: >
@@ -352,20 +357,22 @@ def admin_routes(gateway: Gateway) -> list[Route]:
             application/json:
               schema:
                 type: object
+                description: a field other than mode that is null is one not given
                 required: [mode]
+                additionalProperties: false
                 properties:
                   mode: {type: string, enum: [dead, missing]}
                   since:
                     description: 2h, ISO 8601 (UTC without an offset) or epoch seconds; next pages, the since answered
-                    oneOf: [{type: string}, {type: number, nullable: true}]
+                    oneOf: [{type: string, minLength: 1}, {type: number, nullable: true}]
                   until:
                     description: as since; the next pages, the until answered
-                    oneOf: [{type: string}, {type: number}]
-                  source: {type: string}
-                  route: {type: string}
-                  action: {type: string}
-                  cursor: {type: integer, minimum: 0}
-                  limit: {type: integer, minimum: 1, maximum: 500, default: 500}
+                    oneOf: [{type: string, minLength: 1}, {type: number, nullable: true}]
+                  source: {type: string, nullable: true}
+                  route: {type: string, nullable: true}
+                  action: {type: string, nullable: true}
+                  cursor: {type: integer, minimum: 0, nullable: true}
+                  limit: {type: integer, minimum: 1, maximum: 500, default: 500, nullable: true}
         responses:
           200:
             description: this page's counts

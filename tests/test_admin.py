@@ -836,6 +836,43 @@ def test_the_window_a_bulk_replay_answers_is_a_body_the_document_lets_the_next_p
     jsonschema.Draft4Validator(body["schema"]).validate({"mode": "dead", "since": "2h", "until": "0s"})
 
 
+@pytest.mark.parametrize(
+    ("path", "body", "valid"),
+    [
+        ("/admin/replay", {"mode": "dead", "since": "1h"}, True),
+        ("/admin/replay", {"mode": "dead", "sinse": "1h"}, False),
+        ("/admin/replay", {"mode": "dead", "since": ""}, False),
+        ("/admin/replay", {"mode": "dead", "until": ""}, False),
+        (
+            "/admin/replay",
+            {"mode": "dead", "since": None, "until": None, "source": None, "route": None},
+            True,
+        ),
+        ("/admin/replay", {"mode": "dead", "action": None, "cursor": None, "limit": None}, True),
+        ("/admin/events/msg_body/replay", {"route": "users"}, True),
+        ("/admin/events/msg_body/replay", {"rout": "users"}, False),
+        ("/admin/events/msg_body/replay", {"source": None, "route": None, "action": None}, True),
+    ],
+    ids=["window", "misspelt", "empty-since", "empty-until", "nulls", "more-nulls", "route", "rout", "null"],
+)
+def test_the_openapi_document_takes_the_request_bodies_the_endpoints_take(
+    tmp_path: Path, downstream: Downstream, path: str, body: dict[str, Any], valid: bool
+) -> None:
+    """A client checks a body against the document before sending it: the document took a misspelt field
+    and an empty since or until, which the endpoint refuses, and refused null, which it reads as a field
+    not given (as the since: null a bulk replay's first page answers)."""
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        send(gw, "msg_body")
+        wait_until(lambda: len(downstream.received("/audit")) == 1)
+        document = admin(gw, "GET", "/admin/openapi.json").json()
+        response = admin(gw, "POST", path, json=body)
+    assert response.status_code == (200 if valid else 400), response.text
+    operation = "/admin/replay" if path == "/admin/replay" else "/admin/events/{event_id}/replay"
+    schema = document["paths"][operation]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    validator = OAS30Validator({**schema, "components": document["components"]})
+    assert validator.is_valid(body) is valid, list(validator.iter_errors(body))
+
+
 def test_the_admin_api_answers_in_the_shapes_the_openapi_document_gives(
     tmp_path: Path, downstream: Downstream
 ) -> None:

@@ -239,7 +239,9 @@ class UpgradeIgnoring(HttpToolsProtocol):
                 return
             except httptools.HttpParserUpgrade as upgrade:
                 rest = rest[upgrade.args[0] :]  # the next request asks too
-        self._unsupported_upgrade_warning()  # CONNECT: uvicorn's
+        # A CONNECT, answered as any other request (405 on the webhook listener). Not uvicorn's warning here,
+        # that no WebSocket library is installed and to `pip install 'uvicorn[standard]'` (at each scanner's
+        # CONNECT): none is missing, as no listener tunnels or switches protocols.
 
     def _head_without_upgrade(self) -> bytes:
         parser = self.parser

@@ -1151,3 +1151,22 @@ def test_an_answer_writes_the_default_headers_uvicorn_set_last() -> None:
     assert protocol._default_headers(first) == b"date: Fri, 04 Dec 2026 19:00:00 GMT\r\nserver: hookyard\r\n"
     assert protocol._default_headers(later) == b"date: Fri, 04 Dec 2026 19:00:01 GMT\r\nserver: hookyard\r\n"
     assert protocol._default_headers([]) == b""
+
+
+def test_a_connect_request_is_answered_without_a_warning_to_install_a_websocket_library(
+    tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # uvicorn logged `Unsupported upgrade request.` and `No supported WebSocket library detected. Please
+    # use "pip install 'uvicorn[standard]'"` at each CONNECT (a scanner's, say): nothing is missing, as no
+    # listener tunnels or switches protocols, and the request is answered as any other.
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        statuses = []
+        for url in (gw.url, gw.ops_url):
+            with Connection(url) as conn:
+                conn.send(b"CONNECT /webhooks/consignease HTTP/1.1\r\nHost: x\r\n\r\n")
+                statuses.append(conn.answer()[0])
+    assert statuses == [405, 404]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.name.startswith("uvicorn") and r.levelname != "INFO"
+    ]
+    assert warnings == []

@@ -818,6 +818,19 @@ def test_openapi_document_is_valid(tmp_path: Path, downstream: Downstream) -> No
     assert listed["cursor"]["minimum"] == replayed["properties"]["cursor"]["minimum"] == 0
 
 
+def test_the_openapi_document_asks_for_the_bearer_token_only_where_one_is_set(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    """Without ops.admin_token the API answers without one: a client built from the document asked its user
+    for a token that does not exist."""
+    with RunningGateway(users_config(tmp_path / "token", downstream)) as gw:
+        assert admin(gw, "GET", "/admin/openapi.json").json()["security"] == [{"bearer": []}]
+    with RunningGateway(users_config(tmp_path / "open", downstream, admin_token=None)) as gw:
+        document = admin(gw, "GET", "/admin/openapi.json", token=None).json()
+    validate(document)
+    assert document["security"] == []
+
+
 def test_the_window_a_bulk_replay_answers_is_a_body_the_document_lets_the_next_page_send(
     tmp_path: Path, downstream: Downstream
 ) -> None:

@@ -11,6 +11,7 @@ import ssl
 import time
 import zlib
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -23,6 +24,8 @@ from gateway.events import Event
 from gateway.http_client import HttpClient, Target, announces_a_stray_body, check_url_text, shown_url
 
 if TYPE_CHECKING:
+    from types import SimpleNamespace
+
     import aiohttp
     import httpx
 
@@ -125,7 +128,9 @@ class Resources:
 
     http: httpx's API over aiohttp's keep-alive pool, for any action. session: aiohttp's own API over that
     pool. client: a lean HTTP/1.1 client for actions that send one plain request per event on the hot path
-    (forward): it costs about a fifth of aiohttp's CPU per request (bench/RESULTS.md).
+    (forward): it costs about a fifth of aiohttp's CPU per request (bench/RESULTS.md). Both pools send a
+    request again, on another connection, when a kept one ends before its answer (HttpClient.send,
+    _KeptConnectionResend).
 
     `http` and `session` are made when an action first asks for them, on the event loop: httpx and
     aiohttp take some 30 MB of memory once imported, which a gateway whose actions never use them (only
@@ -147,11 +152,14 @@ class Resources:
         if self._session is None:
             import aiohttp
 
+            resend = _KeptConnectionResend(sends=self.pool + 1)
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.pool, keepalive_timeout=30, ssl=self.ssl_context),
                 headers={"user-agent": self.user_agent},
                 cookie_jar=aiohttp.DummyCookieJar(),
                 response_class=_response_class(),
+                middlewares=(resend.middleware,),
+                trace_configs=[resend.trace],
             )
         return self._session
 
@@ -193,6 +201,86 @@ def _response_class() -> type[aiohttp.ClientResponse]:
             return self
 
     return Response
+
+
+@dataclass(slots=True)
+class _Sending:
+    """One send of a request by the pool: whether it went out on a kept connection, one that had served an
+    earlier request."""
+
+    kept: bool = False
+
+
+# The send under way in this task, for the pool's trace to mark (_KeptConnectionResend).
+_SENDING: ContextVar[_Sending | None] = ContextVar("hookyard_sending", default=None)
+
+
+class _KeptConnectionResend:
+    """Sends a request again, on another connection, when the kept connection it went out on ended before
+    its answer came.
+
+    Receivers close idle keep-alive connections sooner than the pool's 30 s (uvicorn and Node.js after 5 s,
+    gunicorn after 2 s). The pool drops a connection whose close it has seen; one whose close was still on
+    its way when the request went out fails it before a byte of the answer (Server disconnected, a reset).
+    aiohttp sends such a request again by itself only for idempotent methods, not a POST (notify, most
+    plugins): the attempt failed, was logged, and waited for the schedule's first delay, though the receiver
+    never took it. Keeping connections idle for less time would not do: a receiver whose timeout is shorter
+    still, or that restarts, closes them all the same, and every message would pay a new connection (and
+    TLS handshake) to a chat API that keeps them for minutes.
+
+    So it is sent again at once, as forward's client does. RFC 9112 9.3.1 lets a client do so when it can
+    tell the request was not processed: a connection that had served a request and ends before any answer
+    is what a receiver closing an idle one looks like. Only when nothing of the answer was read (aiohttp
+    cannot say whether part of its head came before the close, which a receiver that answers at all hardly
+    does) and the body can be sent again (not a stream read once). The failed attempt would have been sent
+    again on the schedule anyway: this spares the wait and the failure. A new connection that ends
+    unanswered fails the attempt as before: the receiver did that to a fresh one. The next send may take
+    another kept connection from the pool, each closed once it fails, so the request goes out `sends` times
+    at most (the pool's size and one more)."""
+
+    def __init__(self, *, sends: int) -> None:
+        import aiohttp
+
+        self.sends = sends
+        self.trace = aiohttp.TraceConfig()
+        self.trace.on_connection_reuseconn.append(_mark_kept)
+
+    async def middleware(
+        self, request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType
+    ) -> aiohttp.ClientResponse:
+        import aiohttp
+
+        for _ in range(self.sends - 1):
+            sending = _Sending()
+            # Not reset afterwards: every send sets its own, and a send abandoned in a task the garbage
+            # collector closes runs its `finally` outside that task's context, where a reset fails.
+            _SENDING.set(sending)
+            try:
+                return await handler(request)
+            except (
+                aiohttp.ServerDisconnectedError,
+                aiohttp.ClientOSError,
+                aiohttp.ClientConnectionResetError,
+            ):
+                # Raised before the answer's head was read (the handler returns once it is); a connect
+                # error comes only from a new connection.
+                if not sending.kept:
+                    raise
+                await request.close()  # the failed send's body writer settles: a body rewinds only then
+                body = request.body
+                if isinstance(body, aiohttp.payload.Payload) and body.consumed:
+                    raise
+        return await handler(request)
+
+
+async def _mark_kept(
+    _session: aiohttp.ClientSession,
+    _context: SimpleNamespace,
+    _params: aiohttp.TraceConnectionReuseconnParams,
+) -> None:
+    sending = _SENDING.get()
+    if sending is not None:
+        sending.kept = True
 
 
 def _url_free_transport(session: aiohttp.ClientSession) -> httpx.AsyncBaseTransport:

@@ -1564,6 +1564,108 @@ def test_a_204_that_announces_a_body_costs_its_connection_and_the_next_message_i
     assert requests == ["first", "first"]
 
 
+def kept_connection_receiver(requests: list[str], *, new_ones_fail: bool = False) -> Any:
+    """A raw receiver's `answer` (raw_server) that answers `ok` on a new connection, keeps it open, and
+    closes it without answering when the next request comes on it: a receiver whose keep-alive timeout
+    (uvicorn's and Node.js's 5 s, gunicorn's 2 s) ran out just as the gateway sent on the connection, too
+    late for the gateway to have seen the close. `new_ones_fail`: once one was answered, a new connection
+    is closed unanswered too. Records "new" and "kept" for each request."""
+    answered: list[bool] = []
+
+    def answer(conn: socket.socket) -> None:
+        requests.append("new")
+        if new_ones_fail and answered:
+            return
+        answered.append(True)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        conn.settimeout(10)
+        with contextlib.suppress(OSError):  # the gateway closed it, or sent nothing more within 10 s
+            if conn.recv(65536):
+                requests.append("kept")
+
+    return answer
+
+
+def test_a_message_sent_on_a_kept_connection_the_receiver_closed_is_delivered_at_its_first_attempt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The pool's connection looked open, the receiver had closed it: the POST failed before any answer, and
+    # was logged as a failure and sent again only after the schedule's first delay. The receiver never saw
+    # it, so it is sent again at once, on a new connection.
+    requests: list[str] = []
+    config = gateway_config(
+        tmp_path, routes=[route("consignease", notify_action("alert", "", format="slack"))]
+    )
+    config["defaults"]["retry"]["schedule"] = ["5s"]
+    caplog.set_level(logging.INFO)
+    with raw_server(kept_connection_receiver(requests)) as url:
+        config["routes"][0]["actions"][0]["with"]["url"] = f"{url}/hook"
+        with RunningGateway(config) as gw:
+            for msg_id in ("msg_first", "msg_second"):
+                send_consignease(gw, msg_id)
+                wait_until(lambda m=msg_id: delivery_states(gw, m)["alert"] in ("delivered", "dead"))
+                [history] = event_detail(gw, msg_id).attempts.values()
+                assert [(a.outcome, a.status_code, a.error) for a in history] == [("delivered", 200, None)]
+    assert requests == ["new", "kept", "new"]
+    assert not [r for r in caplog.records if r.name.startswith("hookyard") and r.levelno >= logging.WARNING]
+
+
+def test_a_receiver_that_closes_new_connections_unanswered_too_fails_the_attempt(tmp_path: Path) -> None:
+    # Sent again on a new connection only when the one it failed on had been kept: a receiver that drops
+    # every request fails the attempt after that one more, and its schedule decides the rest.
+    requests: list[str] = []
+    with raw_server(kept_connection_receiver(requests, new_ones_fail=True)) as url:
+        config = gateway_config(
+            tmp_path, routes=[route("consignease", notify_action("alert", f"{url}/hook", format="slack"))]
+        )
+        config["defaults"]["retry"]["schedule"] = []
+        with RunningGateway(config) as gw:
+            send_consignease(gw, "msg_first")
+            wait_until(lambda: delivery_states(gw, "msg_first")["alert"] in ("delivered", "dead"))
+            send_consignease(gw, "msg_second")
+            wait_until(lambda: delivery_states(gw, "msg_second")["alert"] in ("delivered", "dead"))
+            [history] = event_detail(gw, "msg_second").attempts.values()
+    assert [(a.outcome, a.status_code) for a in history] == [("dead", None)]
+    assert (history[0].error or "").startswith("gave up after 1 attempt: connection closed before the answer")
+    assert requests == ["new", "kept", "new"]
+
+
+def test_a_plugins_post_through_the_shared_session_is_sent_again_unless_its_body_was_a_stream() -> None:
+    # Resources.session is the pool under Resources.http: a plugin that uses aiohttp's API gets the same. A
+    # body read from a stream once cannot be sent again: that request fails, as it did.
+    import aiohttp
+
+    from gateway.actions import Resources
+    from gateway.http_client import HttpClient, default_ssl_context
+
+    async def stream() -> Any:
+        yield b"streamed"
+
+    async def post(url: str, body: Any) -> int | str:
+        client = HttpClient(ssl_context=default_ssl_context(), user_agent="hookyard/test")
+        resources = Resources(
+            client=client, user_agent="hookyard/test", ssl_context=client.ssl_context, pool=4
+        )
+        try:
+            async with resources.session.post(url, data=b"first") as response:
+                await response.read()
+            async with resources.session.post(url, data=body, allow_redirects=False) as response:
+                return response.status
+        except aiohttp.ServerDisconnectedError as exc:
+            return type(exc).__name__
+        finally:
+            await resources.aclose()
+
+    for body, status, sent in [
+        (b"second", 200, ["new", "kept", "new"]),
+        (stream(), "ServerDisconnectedError", ["new", "kept"]),
+    ]:
+        requests: list[str] = []
+        with raw_server(kept_connection_receiver(requests)) as url:
+            assert asyncio.run(asyncio.wait_for(post(url, body), 10)) == status
+        assert requests == sent
+
+
 @pytest.mark.parametrize("body", ["endless", "cut-short"])
 def test_a_2xx_whose_body_does_not_come_whole_is_delivered_once(tmp_path: Path, body: str) -> None:
     # The status decides, as for forward. httpx read an answer's body whole, into memory, for as long as

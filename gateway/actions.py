@@ -152,7 +152,7 @@ class Resources:
         if self._session is None:
             import aiohttp
 
-            resend = _KeptConnectionResend(sends=self.pool + 1)
+            resend = _KeptConnectionResend()
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.pool, keepalive_timeout=30, ssl=self.ssl_context),
                 headers={"user-agent": self.user_agent},
@@ -215,33 +215,35 @@ class _Sending:
 _SENDING: ContextVar[_Sending | None] = ContextVar("hookyard_sending", default=None)
 
 
+# What aiohttp sends again by itself when a kept connection ends before the answer (RFC 9110 9.2.2).
+_RESENT_BY_AIOHTTP = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
+
+
 class _KeptConnectionResend:
-    """Sends a request again, on another connection, when the kept connection it went out on ended before
-    its answer came.
+    """Sends a request once more when the kept connection it went out on ended before its answer came.
 
     Receivers close idle keep-alive connections sooner than the pool's 30 s (uvicorn and Node.js after 5 s,
     gunicorn after 2 s). The pool drops a connection whose close it has seen; one whose close was still on
     its way when the request went out fails it before a byte of the answer (Server disconnected, a reset).
-    aiohttp sends such a request again by itself only for idempotent methods, not a POST (notify, most
-    plugins): the attempt failed, was logged, and waited for the schedule's first delay, though the receiver
-    never took it. Keeping connections idle for less time would not do: a receiver whose timeout is shorter
-    still, or that restarts, closes them all the same, and every message would pay a new connection (and
-    TLS handshake) to a chat API that keeps them for minutes.
+    aiohttp sends such a request again by itself only for idempotent methods (_RESENT_BY_AIOHTTP), not a
+    POST (notify, most plugins): the attempt failed, was logged, and waited for the schedule's first delay,
+    though the receiver most likely never took it. Keeping connections idle for less time would not do: a
+    receiver whose timeout is shorter still, or that restarts, closes them all the same, and every message
+    would pay a new connection (and TLS handshake) to a chat API that keeps them for minutes.
 
-    So it is sent again at once, as forward's client does. RFC 9112 9.3.1 lets a client do so when it can
-    tell the request was not processed: a connection that had served a request and ends before any answer
-    is what a receiver closing an idle one looks like. Only when nothing of the answer was read (aiohttp
+    So it is sent once more at once, as forward's client does. RFC 9112 9.3.1 lets a client do so when it
+    can tell the request was not processed: a connection that had served a request and ends before any
+    answer is what a receiver closing an idle one looks like, though a receiver that took the request and
+    then died looks the same (the schedule would have sent it again too). Once only: each connection of
+    the pool may be kept and fail alike, and a receiver that takes requests and dies before answering would
+    otherwise get the same request once per connection. Only when nothing of the answer was read (aiohttp
     cannot say whether part of its head came before the close, which a receiver that answers at all hardly
-    does) and the body can be sent again (not a stream read once). The failed attempt would have been sent
-    again on the schedule anyway: this spares the wait and the failure. A new connection that ends
-    unanswered fails the attempt as before: the receiver did that to a fresh one. The next send may take
-    another kept connection from the pool, each closed once it fails, so the request goes out `sends` times
-    at most (the pool's size and one more)."""
+    does) and the body can be sent again (not a stream read once). A new connection that ends unanswered
+    fails the attempt as before: the receiver did that to a fresh one."""
 
-    def __init__(self, *, sends: int) -> None:
+    def __init__(self) -> None:
         import aiohttp
 
-        self.sends = sends
         self.trace = aiohttp.TraceConfig()
         self.trace.on_connection_reuseconn.append(_mark_kept)
 
@@ -250,26 +252,24 @@ class _KeptConnectionResend:
     ) -> aiohttp.ClientResponse:
         import aiohttp
 
-        for _ in range(self.sends - 1):
-            sending = _Sending()
-            # Not reset afterwards: every send sets its own, and a send abandoned in a task the garbage
-            # collector closes runs its `finally` outside that task's context, where a reset fails.
-            _SENDING.set(sending)
-            try:
-                return await handler(request)
-            except (
-                aiohttp.ServerDisconnectedError,
-                aiohttp.ClientOSError,
-                aiohttp.ClientConnectionResetError,
-            ):
-                # Raised before the answer's head was read (the handler returns once it is); a connect
-                # error comes only from a new connection.
-                if not sending.kept:
-                    raise
-                await request.close()  # the failed send's body writer settles: a body rewinds only then
-                body = request.body
-                if isinstance(body, aiohttp.payload.Payload) and body.consumed:
-                    raise
+        if request.method in _RESENT_BY_AIOHTTP:
+            return await handler(request)
+        sending = _Sending()
+        # Not reset afterwards: every send sets its own, and a send abandoned in a task the garbage collector
+        # closes runs its `finally` outside that task's context, where a reset fails.
+        _SENDING.set(sending)
+        try:
+            return await handler(request)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError, aiohttp.ClientConnectionResetError):
+            # Raised before the answer's head was read (the handler returns once it is); a connect error
+            # comes only from a new connection.
+            if not sending.kept:
+                raise
+            await request.close()  # the failed send's body writer settles: a body rewinds only then
+            body = request.body
+            if isinstance(body, aiohttp.payload.Payload) and body.consumed:
+                raise
+        _SENDING.set(None)
         return await handler(request)
 
 

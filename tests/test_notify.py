@@ -1666,6 +1666,66 @@ def test_a_plugins_post_through_the_shared_session_is_sent_again_unless_its_body
         assert requests == sent
 
 
+def test_a_request_a_receiver_takes_and_dies_on_is_sent_once_more_not_once_per_kept_connection() -> None:
+    # A receiver that takes each request on a kept connection and then closes it unanswered (a worker that
+    # dies after its side effect) looks like one whose keep-alive ran out. With four kept connections in
+    # the pool, each send took the next one: the request was taken five times. Once more, then it raises.
+    import aiohttp
+
+    from gateway.actions import Resources
+    from gateway.http_client import HttpClient, default_ssl_context
+
+    taken: list[bytes] = []
+    first_four = threading.Barrier(4, timeout=10)  # the four warm-ups at once: four connections kept
+
+    def connection(conn: socket.socket) -> None:
+        with conn:
+            for number in range(2):
+                request = conn.recv(65536)
+                if not request:
+                    return
+                body = request.rpartition(b"\r\n\r\n")[2]
+                taken.append(body)
+                if number == 0:  # a new connection's request is answered
+                    if body == b"warm-up":
+                        first_four.wait()
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def accept() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                threading.Thread(target=connection, args=(listener.accept()[0],), daemon=True).start()
+
+    async def post_after_warming_up(url: str) -> str:
+        client = HttpClient(ssl_context=default_ssl_context(), user_agent="hookyard/test")
+        resources = Resources(
+            client=client, user_agent="hookyard/test", ssl_context=client.ssl_context, pool=4
+        )
+
+        async def post(body: bytes) -> int:
+            async with resources.session.post(url, data=body) as response:
+                await response.read()
+                return response.status
+
+        try:
+            assert await asyncio.gather(*(post(b"warm-up") for _ in range(4))) == [200] * 4
+            return str(await post(b"payment"))
+        except aiohttp.ServerDisconnectedError as exc:
+            return type(exc).__name__
+        finally:
+            await resources.aclose()
+
+    threading.Thread(target=accept, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
+        assert asyncio.run(asyncio.wait_for(post_after_warming_up(url), 20)) == "ServerDisconnectedError"
+    finally:
+        listener.close()
+    assert taken.count(b"payment") == 2
+
+
 @pytest.mark.parametrize("body", ["endless", "cut-short"])
 def test_a_2xx_whose_body_does_not_come_whole_is_delivered_once(tmp_path: Path, body: str) -> None:
     # The status decides, as for forward. httpx read an answer's body whole, into memory, for as long as

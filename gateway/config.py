@@ -981,14 +981,17 @@ def _keys_at(model: type[BaseModel] | None, loc: tuple[str | int, ...]) -> list[
     """The keys of the mapping at `loc` of `model`'s input, as the file writes them (`with`, not `with_`);
     none where the place is not a model's mapping (a union's branch, whose name pydantic puts in loc)."""
     annotation: Any = model
-    for step in loc:
-        annotation = _inside_of(annotation, step)
-    return [
-        field.alias or name
-        for branch in _members(annotation)
-        if isinstance(branch, type) and issubclass(branch, BaseModel)
-        for name, field in branch.model_fields.items()
-    ]
+    try:
+        for step in loc:
+            annotation = _inside_of(annotation, step)
+        return [
+            field.alias or name
+            for branch in _members(annotation)
+            if isinstance(branch, type) and issubclass(branch, BaseModel)
+            for name, field in branch.model_fields.items()
+        ]
+    except Exception:  # a plugin's Options may be typed in ways not foreseen: the hint is only a hint
+        return []
 
 
 def _inside_of(annotation: Any, step: str | int) -> Any:
@@ -999,9 +1002,9 @@ def _inside_of(annotation: Any, step: str | int) -> Any:
             for name, field in branch.model_fields.items():
                 if step in (name, field.alias):
                     return field.annotation
-        elif get_origin(branch) is dict and isinstance(step, str):
+        elif get_origin(branch) is dict and isinstance(step, str) and len(get_args(branch)) == 2:
             return get_args(branch)[1]
-        elif get_origin(branch) is list and isinstance(step, int):
+        elif get_origin(branch) is list and isinstance(step, int) and len(get_args(branch)) == 1:
             return get_args(branch)[0]
     return None
 

@@ -538,6 +538,28 @@ def test_unknown_keys_are_rejected_at_their_place(text: str, error: str) -> None
     assert config_errors(text) == [error]
 
 
+def test_an_unknown_key_under_a_bare_typing_mapping_is_reported_without_a_guess() -> None:
+    # A plugin's Options typed with a bare Dict (no arguments) in a union: looking for the keys to suggest
+    # raised IndexError, and `check` and a reload showed that instead of the config's own error.
+    from typing import Dict  # noqa: UP035 - as a plugin may write it
+
+    from pydantic import BaseModel, ConfigDict, ValidationError
+
+    from gateway.config import format_validation_errors
+
+    class Inner(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        limit: int = 0
+
+    class Options(BaseModel):
+        x: Dict | list[Inner]  # noqa: UP006
+
+    with pytest.raises(ValidationError) as caught:
+        Options.model_validate({"x": [{"limt": 1}]})
+    errors = format_validation_errors(caught.value, ("with",), Options)
+    assert any(error.startswith("with.x") and "unknown key" in error for error in errors), errors
+
+
 @pytest.mark.parametrize(
     ("text", "error"),
     [

@@ -415,8 +415,14 @@ class Gateway:
             # half a config may be valid: cut between two routes, it would apply without them, and their
             # pending deliveries would end dead. Load only what has stayed the same for a moment.
             await asyncio.sleep(CONFIG_SETTLE)
-            if self._read_watched() == watched:
-                await self.reload()
+            if self._read_watched() != watched:
+                continue
+            assert self.config_path is not None  # watched only then
+            async with self._reloading:
+                # Unless a SIGHUP's reload has read the same files meanwhile (one refused pauses to close
+                # the actions it built): the same bad update would be refused, and counted, twice.
+                if watched != self._watched:
+                    await self._reload(self.config_path)
 
     def _reload_certificate(self) -> None:
         context, tls = self._tls, self.config.listen.tls

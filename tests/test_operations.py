@@ -2340,6 +2340,44 @@ def test_a_reload_refused_for_an_action_that_cannot_be_built_closes_those_built_
         assert closed == opened
 
 
+def test_a_bad_update_that_a_sighup_refused_is_not_refused_again_by_the_watcher(
+    tmp_path: Path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A refused reload pauses to close the actions it built. The watcher saw the same change meanwhile
+    # and, once the SIGHUP's reload was done, refused it a second time: two errors for one bad update.
+    from gateway import delivered
+
+    class SlowToClose(Action):
+        name = "slow-to-close"
+
+        async def deliver(self, job: Job) -> Outcome:
+            return delivered()
+
+        async def aclose(self) -> None:
+            await asyncio.sleep(1.5)
+
+    class Unbuildable(SlowToClose):
+        name = "unbuildable"
+
+        def __init__(self, options: Any, resources: Any) -> None:
+            raise PermissionError(13, "Permission denied", "/var/spool/acme")
+
+    monkeypatch.setattr(app, "CONFIG_SETTLE", 0.2)
+    path = tmp_path / "routes.yaml"
+    config = users_config(tmp_path, downstream, "/app")  # watched every 100 ms
+    path.write_text(yaml.safe_dump(config))
+    with RunningGateway(path, pm=plugins_with(actions=[SlowToClose, Unbuildable])) as gw:
+        config["routes"][0]["actions"] += [
+            {"id": "spool", "use": "slow-to-close"},
+            {"id": "broken", "use": "unbuildable"},
+        ]
+        path.write_text(yaml.safe_dump(config))
+        # At once, as a SIGHUP sent with the update: before the watcher's settle time is over.
+        assert not asyncio.run_coroutine_threadsafe(gw.gateway.reload(), gw.loop).result(10)
+        time.sleep(2.5)  # several more looks of the watcher at the same file, and a close of 1.5 s
+        assert gw.metric("hookyard_config_reloads_total", result="error") == 1
+
+
 def test_a_refused_reload_logs_every_error_as_check_does(
     tmp_path: Path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -7,6 +7,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -637,7 +638,7 @@ def replay(
         if ignored:
             raise click.UsageError(f"{', '.join(ignored)}: only with --state, not with an EVENT_ID")
         _if_interrupted(
-            f"the replay may have been done all the same (`hookyard events show {_one_line(event_id)}` "
+            f"the replay may have been done all the same (`hookyard events show {shlex.quote(_one_line(event_id))}` "
             "shows it)"
         )
 

@@ -2101,6 +2101,11 @@ PAGE = {"replayed": 2, "created": 0, "next_cursor": 2, "pending": 0, "since": 1.
             (),
             "the replay may have been done all the same (`hookyard events show evt_1` shows it)",
         ),
+        (  # an id is the sender's: quoted as a shell reads it
+            ["replay", "evt 1;$(x)", "--admin-url", "{url}"],
+            (),
+            "the replay may have been done all the same (`hookyard events show 'evt 1;$(x)'` shows it)",
+        ),
         (
             ["replay", "--state", "dead", "--since", "1h", "--admin-url", "{url}"],
             (http_answer(PAGE),),

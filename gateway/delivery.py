@@ -95,8 +95,17 @@ async def build_actions(
 
 
 async def _close_built(actions: Collection[RunnableAction]) -> None:
-    closing = asyncio.ensure_future(_close(actions))
-    _done, late = await asyncio.wait([closing], timeout=ACTION_CLOSE_TIMEOUT)
+    await _close_within_bound([asyncio.ensure_future(_close(actions))])
+
+
+async def _close_within_bound(closing: list[asyncio.Future[None]]) -> None:
+    """Wait for actions' closes ACTION_CLOSE_TIMEOUT at most, then cancel them. Cancelled meanwhile (a
+    shutdown cancels a reload's watcher), they are cancelled too, not left running past the loop's end."""
+    try:
+        _done, late = await asyncio.wait(closing, timeout=ACTION_CLOSE_TIMEOUT)
+    except asyncio.CancelledError:
+        await cancel_and_wait(closing)
+        raise
     if late:
         log.warning("actions still closing; given up", extra={"timeout_s": ACTION_CLOSE_TIMEOUT})
         await cancel_and_wait(late)
@@ -421,11 +430,7 @@ class Engine:
             )
         # With the actions a reload replaced, whose deliveries are over by now: closed while the loop and the
         # shared HTTP clients are still there, not left to a loop that is gone.
-        closing = [*self._closing, asyncio.create_task(_close(self.actions.values()))]
-        _done, late = await asyncio.wait(closing, timeout=ACTION_CLOSE_TIMEOUT)
-        if late:
-            log.warning("actions still closing; given up", extra={"timeout_s": ACTION_CLOSE_TIMEOUT})
-            await cancel_and_wait(late)
+        await _close_within_bound([*self._closing, asyncio.create_task(_close(self.actions.values()))])
 
     async def _wait_for_all(self, futures: Collection[asyncio.Future[Any]], timeout: float) -> None:
         """Until every one of futures is done, for timeout seconds at most, or until hurry."""

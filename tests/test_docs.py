@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -12,8 +13,11 @@ import os
 import re
 import shlex
 import shutil
+import sqlite3
 import subprocess
+import sys
 import textwrap
+import threading
 import tomllib
 import types
 import typing
@@ -22,6 +26,7 @@ from typing import Any
 
 import annotated_types
 import click
+import httpx
 import pluggy
 import pytest
 import yaml
@@ -36,6 +41,15 @@ from gateway.config import Config, Limits, parse_config
 from gateway.metrics import Metrics
 from gateway.plugins import Registry, new_plugin_manager
 from gateway.storage.sqlite import _room_needed
+from tests.support import (
+    Downstream,
+    GatewayProcess,
+    free_port,
+    gateway_config,
+    svix_request,
+    unavailable,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -1062,3 +1076,116 @@ def test_the_guide_names_the_commands_that_call_register_providers(
     loaded = commands_that_load_plugins(tmp_path, monkeypatch)
     assert loaded >= {"check", "send", "plugins"}
     assert named == loaded, f"### register_providers is called by {sorted(loaded)}"
+
+
+def backup_commands() -> list[str]:
+    """The commands of the Backups section of docs/operations.md, as an operator would paste them."""
+    block = re.search(r"```sh\n(.*?)```", section("docs/operations.md", "## Backups"), re.S)
+    assert block is not None, "no sh block in the Backups section of docs/operations.md"
+    return [line for line in block[1].splitlines() if line.strip() and not line.startswith("#")]
+
+
+PRELOADED = 600
+
+
+@pytest.mark.parametrize("command", backup_commands())
+def test_the_documented_backup_ends_under_load_and_restores_every_answered_webhook(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, downstream: Downstream, command: str
+) -> None:
+    if command.startswith("sqlite3 ") and shutil.which("sqlite3") is None:
+        unavailable("the sqlite3 shell is not installed")
+    # Every delivery waits at the receiver: the copy holds them in flight or queued, none delivered.
+    downstream.hold = threading.Event()
+    ingress, ops = free_port(), free_port()
+    served = tmp_path / "served"
+    (served / "var").mkdir(parents=True)
+
+    def configured(directory: Path, ingress: int, ops: int) -> Path:
+        config = gateway_config(
+            directory,
+            downstream.url,
+            storage={"url": "sqlite:///var/hookyard.db"},  # relative, as the documented commands are
+            listen={"host": "127.0.0.1", "port": ingress},
+            ops={"host": "127.0.0.1", "port": ops},
+            delivery={"concurrency": 4, "lease": "10m", "poll_interval": "200ms"},
+        )
+        path = directory / "routes.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+
+    process = GatewayProcess(configured(served, ingress, ops), f"http://127.0.0.1:{ops}")
+    answered: list[str] = []
+    stop = threading.Event()
+
+    def send(client: httpx.Client, index: int, pad: int) -> None:
+        body, headers = svix_request(msg_id=f"msg_backup_{index:06}", data={"pad": "x" * pad})
+        response = client.post(
+            f"http://127.0.0.1:{ingress}/webhooks/consignease", content=body, headers=headers
+        )
+        if response.status_code == 200:
+            answered.append(response.json()["id"])
+
+    def load(first: int) -> None:
+        # Small webhooks, one after the other, for as long as the backup runs (a minute at most).
+        with httpx.Client(timeout=10) as client:
+            for index in range(first, first + 100_000):
+                if stop.is_set():
+                    return
+                send(client, index, 100)
+
+    monkeypatch.chdir(served)  # the gateway's, whose store is relative to where it runs
+    try:
+        process.start()
+        with httpx.Client(timeout=10) as client:
+            for index in range(PRELOADED):  # a store of some 60 MB: a copy of it takes many steps
+                send(client, index, 100_000)
+        # Two writers, so that the gateway commits without a pause while either waits for its answer.
+        writers = [threading.Thread(target=load, args=(first,), daemon=True) for first in (10**5, 2 * 10**5)]
+        for writer in writers:
+            writer.start()
+        wait_until(lambda: len(answered) >= PRELOADED + 100, 30)
+        before = set(answered)
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+        try:
+            backup = subprocess.run(command, shell=True, cwd=served, env=env, capture_output=True, timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{command!r} did not end within 60 s while webhooks kept coming")
+        finally:
+            stop.set()
+            for writer in writers:
+                writer.join(15)
+        assert backup.returncode == 0, backup.stderr
+    finally:
+        process.kill()
+    # What the killed gateway had in flight is answered now, and left out of what the copy delivers.
+    downstream.hold.set()
+    wait_until(lambda: downstream.in_flight == 0, 35)
+    with downstream.lock:
+        downstream.requests.clear()
+
+    copy = served / "var" / "hookyard-backup.db"
+    with contextlib.closing(sqlite3.connect(copy)) as db:
+        assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        stored = {row[0] for row in db.execute("SELECT event_id FROM events")}
+    assert before <= stored
+
+    # Restored as the docs say, in a directory of its own: the copy in place of hookyard.db, no WAL beside it.
+    restored = tmp_path / "restored"
+    (restored / "var").mkdir(parents=True)
+    shutil.copyfile(copy, restored / "var" / "hookyard.db")
+    ingress, ops = free_port(), free_port()
+    process = GatewayProcess(configured(restored, ingress, ops), f"http://127.0.0.1:{ops}")
+    monkeypatch.chdir(restored)
+    try:
+        process.start()
+        # Every webhook answered before the backup began is delivered from the copy.
+        wait_until(lambda: {r.headers["idempotency-key"] for r in downstream.received()} >= before, 60)
+        # And the copy's ids are known: a provider's resend of one is a duplicate.
+        with httpx.Client(timeout=10) as client:
+            body, headers = svix_request(msg_id=min(before), data={"pad": "x" * 100_000})
+            resent = client.post(
+                f"http://127.0.0.1:{ingress}/webhooks/consignease", content=body, headers=headers
+            )
+        assert resent.json()["status"] == "duplicate"
+    finally:
+        process.kill()

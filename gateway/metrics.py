@@ -305,9 +305,12 @@ class Metrics:
             )
             self._delivery_children[(route, action, outcome)] = children
         children[0].inc()
-        children[1].observe(seconds)
+        # Both are differences of wall-clock readings (the age's start is the stored receipt time): a clock
+        # stepped back between them makes them negative, and a histogram's sum must never go down (rate()
+        # reads it as a counter). Such an attempt counts as taking no time.
+        children[1].observe(max(seconds, 0.0))
         if children[2] is not None:
-            children[2].observe(age)
+            children[2].observe(max(age, 0.0))
 
     def skipped(self, deliveries: Sequence[DeliveryRecord]) -> None:
         """Dependents skipped without an attempt of their own (Storage.on_skipped, and those an attempt's

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 
-from gateway.metrics import LATENCY_BUCKETS, LoopCounter, LoopHistogram
+from gateway.metrics import LATENCY_BUCKETS, LoopCounter, LoopHistogram, Metrics
 
 
 def test_loop_counter_and_histogram_expose_what_prometheus_clients_own_would() -> None:
@@ -36,3 +36,19 @@ def test_a_family_without_children_exposes_its_help_and_type_only() -> None:
     Histogram("hookyard_took_seconds", "Took.", ["route"], buckets=(1, 2), registry=theirs)
     LoopHistogram("hookyard_took_seconds", "Took.", ["route"], buckets=(1, 2), registry=ours)
     assert generate_latest(ours) == generate_latest(theirs)
+
+
+def test_a_delivery_timed_across_a_clock_stepped_back_counts_as_taking_no_time() -> None:
+    """An attempt's duration and its event's age are differences of wall-clock readings: the system clock
+    stepped back an hour between them (NTP, a VM restored) makes them negative. The histograms' sums, read
+    as counters by rate(), must not go down."""
+    metrics = Metrics()
+    metrics.delivery_finished("users", "app", "delivered", 0.25, 1.5)
+    metrics.delivery_finished("users", "app", "delivered", -3599.75, -3598.5)
+    exposed = generate_latest(metrics.registry).decode()
+    for name, labels, total in [
+        ("hookyard_delivery_duration_seconds", 'action="app",route="users"', 0.25),
+        ("hookyard_end_to_end_seconds", 'route="users"', 1.5),
+    ]:
+        assert f"{name}_sum{{{labels}}} {total}" in exposed
+        assert f"{name}_count{{{labels}}} 2.0" in exposed

@@ -595,7 +595,7 @@ class Engine:
         number = delivery.attempt_number  # for the job and the record: a property, read once
         unfollowed = None
         if runnable is None:
-            started = time.time()
+            started, clock = time.time(), time.monotonic()
             where = no_longer_configured(delivery.route, delivery.action)
             # Dead, for `replay --state dead` to find once the action is back. Its dependents are skipped:
             # nothing failed (an `acknowledge` would report a failure to the provider), nor succeeded.
@@ -616,14 +616,16 @@ class Engine:
                 claim.parent,
             )
             if runnable.limit is None:  # most actions: no context manager to enter and leave per attempt
-                started = time.time()
+                started, clock = time.time(), time.monotonic()
                 outcome = await self._attempt(runnable.action, job)
             else:
                 async with runnable.limit:
-                    started = time.time()
+                    started, clock = time.time(), time.monotonic()
                     outcome = await self._attempt(runnable.action, job)
         finished_at = time.time()
-        duration = finished_at - started
+        # Timed on the monotonic clock, stamped on the wall clock: across a step of the wall clock (NTP, a
+        # VM resumed) an attempt's duration would read an hour, or minus one.
+        duration = time.monotonic() - clock
 
         state, due_at = "pending", None
         if outcome.kind == "retry":

@@ -510,6 +510,47 @@ def test_a_dependent_running_as_its_parent_is_replayed_reports_the_new_result_on
         assert app.finished_at is not None and attempt.started_at >= app.finished_at  # the new round's
 
 
+def test_an_attempt_across_a_step_of_the_wall_clock_is_timed_as_long_as_it_took(
+    tmp_path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its duration was the difference of two wall-clock readings: with the clock stepped back an hour (NTP,
+    # a VM resumed) while it ran, `events show`, the log and the attempts table said -3,600,000 ms.
+    from gateway import delivery
+    from gateway.actions import Action, Job
+
+    class SteppedClock:
+        """time, as the engine reads it, with the wall clock an hour back once `step` is set."""
+
+        step = 0.0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(time, name)
+
+        def time(self) -> float:
+            return time.time() + self.step
+
+    clock = SteppedClock()
+    monkeypatch.setattr(delivery, "time", clock)
+
+    class StepsTheClock(Action):
+        name = "steps-the-clock"
+
+        async def deliver(self, job: Job) -> Outcome:
+            await asyncio.sleep(0.1)
+            clock.step = -3600.0
+            return delivered(200)
+
+    route = users_route(downstream, {"id": "app", "use": "steps-the-clock"})
+    with RunningGateway(
+        gateway_config(tmp_path, routes=[route]), pm=plugins_with(actions=[StepsTheClock])
+    ) as gw:
+        body, headers = svix_request(msg_id="msg_clock_step")
+        gw.post("/webhooks/consignease", body, headers)
+        wait_until(lambda: delivery_states(gw, "msg_clock_step") == {"app": "delivered"})
+        [[attempt]] = event_detail(gw, "msg_clock_step").attempts.values()
+    assert 0.1 <= attempt.duration < 60
+
+
 def test_replays_while_a_dependent_runs_send_it_once_more_after_that_attempt_not_once_per_replay(
     tmp_path, downstream: Downstream, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -305,11 +305,10 @@ class Metrics:
             )
             self._delivery_children[(route, action, outcome)] = children
         children[0].inc()
-        # Both are differences of wall-clock readings (the age's start is the stored receipt time): a clock
-        # stepped back between them makes them negative, and a histogram's sum must never go down (rate()
-        # reads it as a counter). Such an attempt counts as taking no time.
-        children[1].observe(max(seconds, 0.0))
+        children[1].observe(seconds)  # timed on the monotonic clock
         if children[2] is not None:
+            # Counted from the stored receipt time, on the wall clock: a clock stepped back since makes it
+            # negative, and a histogram's sum must never go down (rate() reads it as a counter).
             children[2].observe(max(age, 0.0))
 
     def skipped(self, deliveries: Sequence[DeliveryRecord]) -> None:

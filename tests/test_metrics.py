@@ -38,16 +38,16 @@ def test_a_family_without_children_exposes_its_help_and_type_only() -> None:
     assert generate_latest(ours) == generate_latest(theirs)
 
 
-def test_a_delivery_timed_across_a_clock_stepped_back_counts_as_taking_no_time() -> None:
-    """An attempt's duration and its event's age are differences of wall-clock readings: the system clock
-    stepped back an hour between them (NTP, a VM restored) makes them negative. The histograms' sums, read
-    as counters by rate(), must not go down."""
+def test_an_event_received_before_a_clock_stepped_back_counts_as_no_time_end_to_end() -> None:
+    """An event's age is counted from its stored receipt time, on the wall clock: the system clock stepped
+    back an hour since (NTP, a VM restored) makes it negative. The histogram's sum, read as a counter by
+    rate(), must not go down. (The attempt's own duration is timed on the monotonic clock.)"""
     metrics = Metrics()
     metrics.delivery_finished("users", "app", "delivered", 0.25, 1.5)
-    metrics.delivery_finished("users", "app", "delivered", -3599.75, -3598.5)
+    metrics.delivery_finished("users", "app", "delivered", 0.25, -3598.5)
     exposed = generate_latest(metrics.registry).decode()
     for name, labels, total in [
-        ("hookyard_delivery_duration_seconds", 'action="app",route="users"', 0.25),
+        ("hookyard_delivery_duration_seconds", 'action="app",route="users"', 0.5),
         ("hookyard_end_to_end_seconds", 'route="users"', 1.5),
     ]:
         assert f"{name}_sum{{{labels}}} {total}" in exposed

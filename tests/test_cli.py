@@ -2061,21 +2061,26 @@ def interrupted(tmp_path: Path, args: list[str], answers: tuple[bytes, ...] = ()
             pass
 
     err = tmp_path / "interrupted.err"
-    with raw_server(answer) as url, open(err, "wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-c", FROM_A_TERMINAL, *(arg.format(url=url) for arg in args)],
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-        try:
-            wait_until(lambda: held.is_set() or process.poll() is not None, 20)
-            assert process.poll() is None, f"exited with {process.returncode}: {err.read_text()}"
-            process.send_signal(signal.SIGINT)
-            status = process.wait(20)
-        finally:
-            process.kill()
-            process.wait(10)
+    with raw_server(answer) as url:
+        status = ctrl_c_once([arg.format(url=url) for arg in args], held.is_set, err)
     return status, err.read_text()
+
+
+def ctrl_c_once(args: list[str], ready: Callable[[], bool], err: Path) -> int:
+    """Run `hookyard ARGS` as from a terminal (its stderr to `err`), press Ctrl-C once `ready()` (20 s at
+    most; the command must still run then), and return its exit status."""
+    with open(err, "wb") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", FROM_A_TERMINAL, *args], stdout=subprocess.DEVNULL, stderr=stderr
+        )
+    try:
+        wait_until(lambda: ready() or process.poll() is not None, 20)
+        assert process.poll() is None, f"exited with {process.returncode}: {err.read_text()}"
+        process.send_signal(signal.SIGINT)
+        return process.wait(20)
+    finally:
+        process.kill()
+        process.wait(10)
 
 
 PAGE = {"replayed": 2, "created": 0, "next_cursor": 2, "pending": 0, "since": 1.0, "until": 2.0}
@@ -2131,20 +2136,8 @@ def test_ctrl_c_stops_the_sink_quietly_with_status_0(tmp_path: Path) -> None:
     """Ctrl-C is how the tour stops the sink, again and again: it printed click's `Aborted!` and exited 1,
     as a command that failed does, where `serve` stops on it with status 0."""
     port = free_port()
-    out, err = tmp_path / "sink.out", tmp_path / "sink.err"
-    with open(out, "wb") as stdout, open(err, "wb") as stderr:
-        process = subprocess.Popen(
-            [sys.executable, "-c", FROM_A_TERMINAL, "sink", "--port", str(port)], stdout=stdout, stderr=stderr
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: process.poll() is not None or _answers(url), 20)
-        assert process.poll() is None, f"sink exited with {process.returncode}: {err.read_text()}"
-        process.send_signal(signal.SIGINT)
-        status = process.wait(20)
-    finally:
-        process.kill()
-        process.wait(10)
+    err = tmp_path / "sink.err"
+    status = ctrl_c_once(["sink", "--port", str(port)], lambda: _answers(f"http://127.0.0.1:{port}"), err)
     assert (status, err.read_text()) == (0, "")
 
 

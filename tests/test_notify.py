@@ -1651,14 +1651,16 @@ def test_a_plugins_post_through_the_shared_session_is_sent_again_unless_its_body
                 await response.read()
             async with resources.session.post(url, data=body, allow_redirects=False) as response:
                 return response.status
-        except aiohttp.ServerDisconnectedError as exc:
-            return type(exc).__name__
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            # The receiver's close reaches the pool as an end of the connection or, when part of the
+            # streamed body was still unread in its socket, as a reset: either way the send failed.
+            return "failed"
         finally:
             await resources.aclose()
 
     for body, status, sent in [
         (b"second", 200, ["new", "kept", "new"]),
-        (stream(), "ServerDisconnectedError", ["new", "kept"]),
+        (stream(), "failed", ["new", "kept"]),
     ]:
         requests: list[str] = []
         with raw_server(kept_connection_receiver(requests)) as url:
@@ -1712,15 +1714,15 @@ def test_a_request_a_receiver_takes_and_dies_on_is_sent_once_more_not_once_per_k
         try:
             assert await asyncio.gather(*(post(b"warm-up") for _ in range(4))) == [200] * 4
             return str(await post(b"payment"))
-        except aiohttp.ServerDisconnectedError as exc:
-            return type(exc).__name__
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):  # an end or a reset alike
+            return "failed"
         finally:
             await resources.aclose()
 
     threading.Thread(target=accept, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{listener.getsockname()[1]}/hook"
-        assert asyncio.run(asyncio.wait_for(post_after_warming_up(url), 20)) == "ServerDisconnectedError"
+        assert asyncio.run(asyncio.wait_for(post_after_warming_up(url), 20)) == "failed"
     finally:
         listener.close()
     assert taken.count(b"payment") == 2

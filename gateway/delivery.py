@@ -804,6 +804,22 @@ class Engine:
             # A plugin bug or an unexpected failure: retried like any other, and logged with its traceback.
             log.exception("action raised", extra={**job.event.summary(), "action": job.action})
             return retry(f"{type(exc).__name__}: {exc}")
+        except GeneratorExit:
+            raise  # the coroutine is being closed: it must end
+        except BaseException as exc:
+            # KeyboardInterrupt, SystemExit or a plugin's own BaseException (a sys.exit() in a library, say):
+            # raised out of the task it would end `serve`, or leave the delivery leased with nothing recorded.
+            # Real signals never raise here (serve handles them on the loop), so it is the plugin's: a failed
+            # attempt, retried on the schedule like any other.
+            if late:
+                task.uncancel()
+            log.error(
+                "action raised %s, which is not an Exception; counted as a failed attempt",
+                type(exc).__name__,
+                exc_info=True,
+                extra={**job.event.summary(), "action": job.action, "plugin": type(action).__module__},
+            )
+            return retry(f"{type(exc).__name__}{f': {exc}' if str(exc) else ''} (raised by the action)")
         if late:
             task.uncancel()  # the action finished all the same: its outcome stands
         if not isinstance(outcome, Outcome):

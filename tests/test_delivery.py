@@ -640,6 +640,39 @@ def test_an_action_that_makes_a_malformed_outcome_is_retried_then_dead(
     assert dead == 1
 
 
+class PluginsOwnBaseException(BaseException):
+    pass
+
+
+def _raise(exc: BaseException) -> Outcome:
+    raise exc
+
+
+@pytest.mark.parametrize(
+    ("raised", "error"),
+    [
+        (KeyboardInterrupt(), "KeyboardInterrupt (raised by the action)"),
+        (SystemExit(3), "SystemExit: 3 (raised by the action)"),
+        (PluginsOwnBaseException("gone"), "PluginsOwnBaseException: gone (raised by the action)"),
+    ],
+    ids=["KeyboardInterrupt", "SystemExit", "own"],
+)
+def test_an_action_that_raises_a_base_exception_fails_the_attempt_and_the_gateway_goes_on(
+    tmp_path, downstream: Downstream, caplog: pytest.LogCaptureFixture, raised: BaseException, error: str
+) -> None:
+    # KeyboardInterrupt and SystemExit ended `serve` from the delivery's task, and another BaseException left
+    # the delivery leased with no attempt recorded. A plugin's, never a signal's (serve handles those).
+    errors, dead = errors_until_dead(tmp_path, downstream, lambda: _raise(raised))
+    assert errors == [error, f"gave up after 2 attempts: {error}"]
+    assert dead == 1
+    said = [r for r in caplog.records if r.getMessage().startswith("action raised")]
+    assert len(said) == 2
+    assert said[0].getMessage() == (
+        f"action raised {type(raised).__name__}, which is not an Exception; counted as a failed attempt"
+    )
+    assert said[0].plugin == __name__
+
+
 def test_an_action_error_is_stored_and_logged_cut_to_a_bounded_length(
     tmp_path, downstream: Downstream
 ) -> None:

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -23,6 +24,7 @@ import orjson
 from gateway.addresses import client_address, contains
 from gateway.events import BYTE_ORDER_MARK, UNSTORED_HEADERS
 from gateway.logs import Throttle
+from gateway.plugins import plugin_of
 from gateway.providers import Rejected
 from gateway.storage import Ingested, NewDelivery, StorageUnavailable, Unconfirmed
 
@@ -40,6 +42,18 @@ Reply = dict[str, Any]
 
 # A bug (in a provider plugin, say) must not leave the sender without an answer, nor show it a traceback.
 INTERNAL_ERROR = Rejected(500, "internal_error", "the request could not be handled; see the gateway's log")
+
+
+# A provider plugin that raised something other than Rejected (a bug), or gave an event the store refused:
+# nothing was stored, so the sender is told to retry, as it will once the plugin is fixed.
+def provider_failed(provider: str) -> Rejected:
+    return Rejected(
+        500,
+        "provider_failed",
+        f"the {provider} provider failed on this request (a bug in it, see the gateway's log); nothing was "
+        "stored: retry later",
+    )
+
 
 # A flood of connections, or of requests refused 401, 403 or 5xx, comes as fast as anyone sends it: the log
 # says so once a minute (for refusals, per source and reason), the metric counts each one.
@@ -206,7 +220,16 @@ class Ingress:
         engine.follow(deliveries, lease, stored)
         return stored
 
-    def unstored(self, event: Event, routes: list[CompiledRoute], exc: StorageUnavailable) -> Rejected:
+    def unstored(
+        self, endpoint: Endpoint, event: Event, routes: list[CompiledRoute], exc: StorageUnavailable
+    ) -> Rejected:
+        if type(event.id) is not str or type(event.type) is not str:
+            # A provider's parse (or event_type) that gave no text: the store refused the event (NOT NULL),
+            # which is no fault of the disk's. Looked at only now, not for every webhook.
+            field, value = ("id", event.id) if type(event.id) is not str else ("type", event.type)
+            what = f"made an event whose {field} is {value!r} (a {type(value).__name__}), not a str"
+            self._provider_failed(endpoint, "parse", what, None)
+            return provider_failed(endpoint.provider.name)
         if isinstance(exc, Unconfirmed):
             # Written, but its fsync did not answer in time: it may be stored, and its deliveries run.
             log.error("cannot confirm webhook stored", extra={**event.summary(), "error": str(exc)})
@@ -241,6 +264,42 @@ class Ingress:
         except Exception:
             # The event is written: a plugin's failure must not change its answer.
             log.exception("an event_accepted hook failed", extra=event.summary())
+
+    def failed(self, endpoint: Endpoint, exc: BaseException) -> Rejected:
+        """A request that raised something other than Rejected before its commit: the refusal to answer. The
+        provider's own bug when its traceback passes through one of its methods (verify, parse, event_type,
+        ...): named, with the hook, at most once a minute per source, hook and exception, since every
+        webhook of the source raises it until the plugin is fixed; otherwise one of Hookyard's."""
+        provider = endpoint.provider
+        hook = _provider_hook(provider, exc.__traceback__)
+        if hook is None:
+            if self.log_throttle.admit(endpoint.name, "internal_error", type(exc).__name__) is not None:
+                log.error("a webhook could not be handled", exc_info=exc, extra={"source": endpoint.name})
+            return INTERNAL_ERROR
+        self._provider_failed(endpoint, hook, f"raised {type(exc).__name__}: {exc}", exc)
+        return provider_failed(provider.name)
+
+    def _provider_failed(self, endpoint: Endpoint, hook: str, what: str, exc: BaseException | None) -> None:
+        provider = endpoint.provider
+        suppressed = self.log_throttle.admit(endpoint.name, "provider_failed", hook, what.partition(":")[0])
+        if suppressed is None:
+            return
+        plugin = plugin_of(self.gateway.pm, type(provider))
+        log.error(
+            "the %s provider (plugin %s): %s %s; answered 500 provider_failed, nothing stored",
+            provider.name,
+            plugin,
+            hook,
+            what,
+            exc_info=exc,
+            extra={
+                "source": endpoint.name,
+                "provider": provider.name,
+                "plugin": plugin,
+                "hook": hook,
+                "suppressed": suppressed,
+            },
+        )
 
     def answered(self, source: str, status: str, started: float) -> None:
         self.gateway.metrics.answered(source, status, time.perf_counter() - started)
@@ -302,9 +361,10 @@ class Ingress:
         except Rejected as rejection:
             await self._refuse(send, source, rejection, scope)
             return
-        except Exception:
-            log.exception("a webhook could not be handled", extra={"source": source})
-            await self._refuse(send, source, INTERNAL_ERROR, scope)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # a provider's SystemExit too: it must not end `serve`
+            await self._refuse(send, source, self.failed(endpoint, exc), scope)
             return
         finally:
             self.release()
@@ -331,13 +391,23 @@ class Ingress:
             # commits, or the engine would never start the deliveries it leased.
             new = (await asyncio.shield(self.store(event, routes))).new
         except StorageUnavailable as exc:
-            raise self.unstored(event, routes, exc) from None
+            raise self.unstored(endpoint, event, routes, exc) from None
         return self.stored(endpoint, event, routes, new)
 
     async def _refuse(self, send: Send, source: str, rejection: Rejected, scope: Scope) -> None:
         reply = self.refused(source, rejection, scope)
         extra = _CLOSE if rejection.status == 408 else EXTRA_HEADERS.get(rejection.status)
         await _respond(send, rejection.status, reply, extra)
+
+
+def _provider_hook(provider: Any, tb: TracebackType | None) -> str | None:
+    """The provider's method (verify, parse, event_type, ...) the traceback passes through last, or None."""
+    hook = None
+    while tb is not None:
+        if tb.tb_frame.f_locals.get("self") is provider:
+            hook = tb.tb_frame.f_code.co_name
+        tb = tb.tb_next
+    return hook
 
 
 def plan_deliveries(routes: list[CompiledRoute]) -> list[NewDelivery]:

@@ -251,6 +251,16 @@ def _returned_by(pm: pluggy.PluginManager, caller: Any, value: Any) -> str:
     return ""
 
 
+def plugin_of(pm: pluggy.PluginManager, cls: type) -> str:
+    """The name of the plugin that defines cls (a provider or an action), as `hookyard plugins` lists it:
+    the plugin that is cls's module, or an object of it; else the module's own name. For error messages."""
+    for name, plugin in pm.list_name_plugin():
+        module = plugin.__name__ if inspect.ismodule(plugin) else type(plugin).__module__
+        if module == cls.__module__:
+            return name
+    return cls.__module__
+
+
 def _add(table: dict[str, type], name: str, cls: type, kind: str) -> None:
     if name in table and table[name] is not cls:
         raise DuplicateName(

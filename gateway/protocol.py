@@ -598,9 +598,8 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
             except Rejected as rejection:
                 self._refuse(webhook, rejection)
                 return
-            except Exception:
-                log.exception("a webhook could not be handled", extra={"source": webhook.endpoint.name})
-                self._refuse(webhook, INTERNAL_ERROR)
+            except BaseException as exc:  # a provider's SystemExit too: it must not end `serve`
+                self._refuse(webhook, ingress.failed(webhook.endpoint, exc))
                 return
             stored.add_done_callback(partial(self._stored, webhook))
 
@@ -611,7 +610,7 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
                 new = stored.result().new
                 status, reply = ingress.stored(webhook.endpoint, event, webhook.routes, new)
             except StorageUnavailable as exc:
-                self._refuse(webhook, ingress.unstored(event, webhook.routes, exc))
+                self._refuse(webhook, ingress.unstored(webhook.endpoint, event, webhook.routes, exc))
                 return
             except (Exception, asyncio.CancelledError):
                 log.exception("a webhook could not be stored", extra=event.summary())

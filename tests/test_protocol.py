@@ -12,6 +12,7 @@ import sqlite3
 import ssl
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -946,13 +947,10 @@ class UnanswerableProvider(SvixProvider):
         return {"challenge": object()}  # a bug in a provider plugin: JSON cannot hold it
 
 
-@pytest.mark.parametrize("expect", [False, True], ids=["fast_path", "asgi_path"])
-@pytest.mark.parametrize(
-    "provider", [ExplodingProvider, UnanswerableProvider], ids=["parse_raises", "reply_not_json"]
-)
-def test_a_provider_bug_gets_500_internal_error_and_the_connection_stays_usable(
-    tmp_path, provider: type[Provider], expect: bool
-) -> None:
+def with_provider(tmp_path: Path, provider: type[Provider]) -> tuple[dict[str, Any], Any, str]:
+    """A config with a source of `provider`, registered by a plugin named after it: the config, the plugin
+    manager and the source's path."""
+
     class BuggyPlugin:
         @hookimpl
         def register_providers(self) -> list[type[Provider]]:
@@ -964,26 +962,115 @@ def test_a_provider_bug_gets_500_internal_error_and_the_connection_stays_usable(
     path = f"/webhooks/{provider.name}"
     config["sources"][provider.name] = {**config["sources"]["consignease"], "path": path}
     config["sources"][provider.name]["provider"] = provider.name
+    return config, pm, path
+
+
+def send_signed(conn: Connection, msg_id: str, path: str, expect: bool) -> tuple[int, bytes]:
+    """Send one signed webhook on conn, through the ASGI app (which says 100 Continue first) if expect; its
+    status and body."""
+    if expect:
+        head, _, body = signed(msg_id, path=path, extra="Expect: 100-continue\r\n").partition(b"\r\n\r\n")
+        conn.send(head + b"\r\n\r\n")
+        assert conn.reader.readline() == b"HTTP/1.1 100 Continue\r\n"
+        assert conn.reader.readline() == b"\r\n"
+        conn.send(body)
+    else:
+        conn.send(signed(msg_id, path=path))
+    status, _, answer = conn.answer()
+    return status, answer
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["fast_path", "asgi_path"])
+@pytest.mark.parametrize(
+    ("provider", "reason"),
+    [(ExplodingProvider, "provider_failed"), (UnanswerableProvider, "internal_error")],
+    ids=["parse_raises", "reply_not_json"],
+)
+def test_a_provider_bug_gets_a_500_and_the_connection_stays_usable(
+    tmp_path, provider: type[Provider], reason: str, expect: bool
+) -> None:
+    config, pm, path = with_provider(tmp_path, provider)
     with RunningGateway(config, pm=pm) as gw, Connection(gw.url) as conn:
-        if expect:  # served by the ASGI app, which says 100 Continue first
-            head, _, body = signed("msg_buggy", path=path, extra="Expect: 100-continue\r\n").partition(
-                b"\r\n\r\n"
-            )
-            conn.send(head + b"\r\n\r\n")
-            assert conn.reader.readline() == b"HTTP/1.1 100 Continue\r\n"
-            assert conn.reader.readline() == b"\r\n"
-            conn.send(body)
-        else:
-            conn.send(signed("msg_buggy", path=path))
-        status, _, body = conn.answer()
+        status, body = send_signed(conn, "msg_buggy", path, expect)
         conn.send(signed("msg_fine"))
         after = conn.answer()
-        assert (
-            gw.metric("hookyard_webhook_rejections_total", source=provider.name, reason="internal_error") == 1
-        )
+        assert gw.metric("hookyard_webhook_rejections_total", source=provider.name, reason=reason) == 1
         assert gw.gateway.ingress.in_flight == 0
-    assert (status, json.loads(body)["error"]) == (500, "internal_error")
+    assert (status, json.loads(body)["error"]) == (500, reason)
     assert (after[0], json.loads(after[2])["status"]) == (200, "accepted")
+
+
+class TypeMapping(SvixProvider):
+    """svix's provider, with its event types mapped by event_type as catalog providers do."""
+
+    name = "type-mapping"
+
+    def parse(self, headers: Any, body: bytes, payload: Any, received_at: float) -> Any:
+        event = super().parse(headers, body, payload, received_at)
+        event.type = self.event_type(event.type)
+        return event
+
+
+class EventTypeRaises(TypeMapping):
+    name = "event-type-raises"
+
+    def event_type(self, name: str | int) -> str:
+        raise KeyError(name)
+
+
+class VerifyExits(SvixProvider):
+    name = "verify-exits"
+
+    def verify(self, headers: Any, body: bytes, now: float) -> None:
+        raise SystemExit(2)  # a library's sys.exit(): it ended `serve`
+
+
+class EventTypeNone(TypeMapping):
+    name = "event-type-none"
+
+    def event_type(self, name: str | int) -> Any:
+        return None  # answered 503 storage_unavailable, the store blamed for the NOT NULL it refused
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["fast_path", "asgi_path"])
+@pytest.mark.parametrize(
+    ("provider", "said"),
+    [
+        (EventTypeRaises, "event_type raised KeyError: 'user.created'"),
+        (VerifyExits, "verify raised SystemExit: 2"),
+        (EventTypeNone, "parse made an event whose type is None (a NoneType), not a str"),
+    ],
+    ids=["event_type_raises", "verify_exits", "event_type_none"],
+)
+def test_a_provider_that_fails_every_webhook_is_named_once_and_its_senders_are_told_to_retry(
+    tmp_path, caplog: pytest.LogCaptureFixture, provider: type[Provider], said: str, expect: bool
+) -> None:
+    # Each webhook's traceback was logged in full, unnamed and unthrottled, and the answer said nothing of
+    # whether to retry; a SystemExit ended `serve`.
+    config, pm, path = with_provider(tmp_path, provider)
+    with RunningGateway(config, pm=pm) as gw, Connection(gw.url) as conn:
+        answers = [send_signed(conn, f"msg_{n}", path, expect) for n in range(3)]
+        conn.send(signed("msg_fine"))
+        assert conn.answer()[0] == 200  # the gateway, and the other sources, go on
+        rejected = gw.metric(
+            "hookyard_webhook_rejections_total", source=provider.name, reason="provider_failed"
+        )
+    for status, body in answers:
+        assert status == 500
+        assert json.loads(body) == {
+            "error": "provider_failed",
+            "detail": f"the {provider.name} provider failed on this request (a bug in it, see the gateway's "
+            "log); nothing was stored: retry later",
+        }
+    assert rejected == 3
+    named = [r for r in caplog.records if r.name == "hookyard.ingress" and r.levelname == "ERROR"]
+    assert [r.getMessage() for r in named] == [
+        f"the {provider.name} provider (plugin {provider.name}): {said}; answered 500 provider_failed, "
+        "nothing stored"
+    ]
+    assert (named[0].plugin, named[0].hook, named[0].suppressed) == (provider.name, said.split()[0], 0)
+    with contextlib.closing(sqlite3.connect(tmp_path / "hookyard.db")) as db:
+        assert [event_id for (event_id,) in db.execute("SELECT event_id FROM events")] == ["msg_fine"]
 
 
 def test_hookyard_serve_freezes_what_exists_once_started_and_tests_do_not(tmp_path) -> None:

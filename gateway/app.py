@@ -36,6 +36,7 @@ from gateway.plugins import HookTrace, PluginError, Registry, check_implementati
 from gateway.protocol import LINGERING_AT_MOST, OpsProtocol, cut_off, tls_protocol, webhook_protocol
 from gateway.retention import Retention
 from gateway.routing import RouteTable, load_routes, never_matched
+from gateway.stalls import StallWatch
 from gateway.storage import Storage, open_storage
 from gateway.storage.sqlite import FSYNC_TIMEOUT
 from gateway.tasks import CANCELLED_GRACE, DaemonThread, cancel_and_wait
@@ -523,6 +524,8 @@ class Gateway:
         if self.config_path is not None and self.config.reload.watch:
             watcher = asyncio.create_task(self._watch_config(), name="hookyard-config-watch")
         exit_requested = asyncio.create_task(self._exit.wait())
+        stalls = StallWatch(loop)
+        stalls.start()
         try:
             # A listener that stops on its own ends the wait as surely as a signal does.
             await asyncio.wait([exit_requested, *servers], return_when=asyncio.FIRST_COMPLETED)
@@ -547,6 +550,7 @@ class Gateway:
             finally:
                 ops.should_exit = True
                 await asyncio.gather(servers[1], return_exceptions=True)
+                stalls.stop()
             log.info("stopped")
 
     async def _start_unless_exit(self) -> bool:

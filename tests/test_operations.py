@@ -29,12 +29,13 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from gateway import app, delivery, hookimpl, protocol
+from gateway import app, delivery, hookimpl, protocol, stalls
 from gateway.actions import Action, Job, Outcome, Resources, delivered
 from gateway.app import INGRESS_DRAIN_TIMEOUT, OPS_DRAIN_TIMEOUT
 from gateway.config import DeliveryEngine, parse_config
 from gateway.plugins import new_plugin_manager
 from gateway.storage.sqlite import SCHEMA
+from plugins.svix import SvixProvider
 from tests.support import (
     Downstream,
     GatewayProcess,
@@ -2695,3 +2696,33 @@ def test_a_reload_every_150_ms_under_load_leaks_nothing_and_loses_no_webhook(
     print(
         "FIGURES", baseline, after, fds_before, fds_after, series_before, series_after, reloads, refused, took
     )
+
+
+class BlockingProvider(SvixProvider):
+    name = "blocking"
+
+    def verify(self, headers: Any, body: bytes, now: float) -> None:
+        time.sleep(1.0)  # a plugin's blocking call: the whole loop waits
+        super().verify(headers, body, now)
+
+
+def test_a_provider_that_blocks_the_event_loop_is_named_in_the_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing said why every webhook and delivery waited, nor where.
+    monkeypatch.setattr(stalls, "STALL_THRESHOLD", 0.3)
+    config = gateway_config(tmp_path)
+    config["sources"]["consignease"]["provider"] = BlockingProvider.name
+    with RunningGateway(config, pm=plugins_with(providers=[BlockingProvider])) as gw:
+        body, headers = svix_request(msg_id="msg_blocking")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        # (A loaded machine may hold the loop up elsewhere too: only the provider's is looked at.)
+        blocked = wait_until(
+            lambda: [r for r in caplog.records if r.name == "hookyard.loop" and r.function == "verify"]
+        )
+    [record] = blocked
+    assert record.levelname == "WARNING"
+    assert record.getMessage().startswith("the event loop has been blocked for ")
+    assert f"in verify ({__file__}:" in record.getMessage()
+    assert (record.function, record.file, record.suppressed) == ("verify", __file__, 0)
+    assert "time.sleep(1.0)" in record.stack

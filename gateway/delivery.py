@@ -27,7 +27,7 @@ from gateway.config import DeliveryEngine as EngineSettings
 from gateway.events import Event
 from gateway.limits import ConcurrencyLimit
 from gateway.metrics import Metrics
-from gateway.plugins import PluginError, Registry
+from gateway.plugins import PluginError, Registry, raised_by
 from gateway.routing import PlannedAction, RouteTable
 from gateway.storage import (
     Attempt,
@@ -723,11 +723,16 @@ class Engine:
         # The skipped dependents finished too, without an attempt of their own.
         finals = [(delivery, outcome, final)]
         finals += [(dependent, skipped(dependent.last_error or ""), True) for dependent in finished.skipped]
+        hook = self.pm.hook.delivery_finished
         for record, result, is_final in finals:
             try:
-                self.pm.hook.delivery_finished(delivery=record, outcome=result, final=is_final)
-            except Exception:
-                log.exception("a delivery_finished hook failed", extra=event.summary())
+                hook(delivery=record, outcome=result, final=is_final)
+            except BaseException as exc:  # a SystemExit too: it would end `serve`
+                log.error(
+                    "a delivery_finished hook failed",
+                    exc_info=exc,
+                    extra={**event.summary(), "plugin": raised_by(hook, exc)},
+                )
 
     def unreadable(self, deliveries: list[Unreadable]) -> None:
         """Deliveries a claim ended dead as their event could not be read back (Storage.on_unreadable):

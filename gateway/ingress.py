@@ -24,7 +24,7 @@ import orjson
 from gateway.addresses import client_address, contains
 from gateway.events import BYTE_ORDER_MARK, UNSTORED_HEADERS
 from gateway.logs import Throttle
-from gateway.plugins import plugin_of
+from gateway.plugins import plugin_of, raised_by
 from gateway.providers import Rejected
 from gateway.storage import Ingested, NewDelivery, StorageUnavailable, Unconfirmed
 
@@ -259,11 +259,16 @@ class Ingress:
 
     def _accepted(self, event: Event, routes: list[CompiledRoute]) -> None:
         """Tell the event_accepted hooks of a new event whose commit is written."""
+        hook = self.gateway.pm.hook.event_accepted
         try:
-            self.gateway.pm.hook.event_accepted(event=event, routes=[route.name for route in routes])
-        except Exception:
+            hook(event=event, routes=[route.name for route in routes])
+        except BaseException as exc:  # a SystemExit too: it would end `serve`
             # The event is written: a plugin's failure must not change its answer.
-            log.exception("an event_accepted hook failed", extra=event.summary())
+            log.error(
+                "an event_accepted hook failed",
+                exc_info=exc,
+                extra={**event.summary(), "plugin": raised_by(hook, exc)},
+            )
 
     def failed(self, endpoint: Endpoint, exc: BaseException) -> Rejected:
         """A request that raised something other than Rejected before its commit: the refusal to answer. The

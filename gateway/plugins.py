@@ -224,13 +224,21 @@ def _shown(value: Any) -> str:
 
 def _raised_in(caller: Any, exc: BaseException) -> str:
     """`plugin NAME: ` for the implementation the traceback passes through, or nothing."""
-    codes = {getattr(impl.function, "__code__", None): impl.plugin_name for impl in caller.get_hookimpls()}
+    name = raised_by(caller, exc)
+    return f"plugin {name}: " if name is not None else ""
+
+
+def raised_by(caller: Any, exc: BaseException) -> str | None:
+    """The plugin whose implementation of the hook (`pm.hook.NAME`) the traceback passes through, or None."""
+    codes: dict[Any, str] = {
+        getattr(impl.function, "__code__", None): impl.plugin_name for impl in caller.get_hookimpls()
+    }
     tb = exc.__traceback__
     while tb is not None:
         if tb.tb_frame.f_code in codes:
-            return f"plugin {codes[tb.tb_frame.f_code]}: "
+            return codes[tb.tb_frame.f_code]
         tb = tb.tb_next
-    return ""
+    return None
 
 
 def _returned_by(pm: pluggy.PluginManager, caller: Any, value: Any) -> str:

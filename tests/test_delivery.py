@@ -1733,3 +1733,39 @@ def test_a_delivery_whose_stored_text_is_not_utf8_ends_dead_and_the_others_go_ou
         assert gw.metric("hookyard_deliveries_total", route=route, action="app", outcome="dead") == 1
         assert gw.client.get(f"{gw.ops_url}/metrics").status_code == 200
     assert "delivery loop failed" not in caplog.text
+
+
+def test_observer_hooks_that_raise_system_exit_are_logged_naming_their_plugin_and_the_gateway_goes_on(
+    tmp_path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A SystemExit (a library's sys.exit()) from either hook ended `serve`.
+    from gateway.plugins import new_plugin_manager
+
+    class Exits:
+        @hookimpl
+        def event_accepted(self, event):  # type: ignore[no-untyped-def]
+            raise SystemExit(1)
+
+        @hookimpl
+        def delivery_finished(self, delivery, outcome, final):  # type: ignore[no-untyped-def]
+            raise SystemExit(2)
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(Exits(), name="exits")
+    with RunningGateway(gateway_config(tmp_path, routes=[users_route(downstream)]), pm=pm) as gw:
+        for msg_id in ("msg_exit_1", "msg_exit_2"):
+            body, headers = svix_request(msg_id=msg_id)
+            assert gw.post("/webhooks/consignease", body, headers).json()["status"] == "accepted"
+        wait_until(lambda: len(downstream.received("/app")) == 2)
+        wait_until(
+            lambda: (
+                len([r for r in caplog.records if r.getMessage() == "a delivery_finished hook failed"]) == 2
+            )
+        )
+    failed = [r for r in caplog.records if r.getMessage().endswith("hook failed")]
+    assert sorted((r.getMessage(), r.plugin, r.levelname) for r in failed) == [
+        ("a delivery_finished hook failed", "exits", "ERROR"),
+        ("a delivery_finished hook failed", "exits", "ERROR"),
+        ("an event_accepted hook failed", "exits", "ERROR"),
+        ("an event_accepted hook failed", "exits", "ERROR"),
+    ]

@@ -119,6 +119,14 @@ def _check_codings(headers: dict[str, str]) -> None:
         )
 
 
+class NotAnEvent(Exception):
+    """What a provider's parse returned instead of an Event."""
+
+    def __init__(self, value: object) -> None:
+        super().__init__(f"parse returned {type(value).__name__}, not an Event")
+        self.value = value
+
+
 class Ingress:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
@@ -204,7 +212,10 @@ class Ingress:
         for name in (*UNSTORED_HEADERS, *endpoint.provider.secret_headers):
             kept.pop(name, None)
         event = endpoint.provider.parse(kept, body, payload, received_at)
-        event.verified = verified
+        try:
+            event.verified = verified
+        except AttributeError:  # (free unless raised) a provider's parse that returned None, say
+            raise NotAnEvent(event) from None
         # By the endpoint's table, not the running one: a reload may have swapped it since the headers.
         return event, endpoint.match(event)
 
@@ -277,6 +288,11 @@ class Ingress:
         webhook of the source raises it until the plugin is fixed; otherwise one of Hookyard's."""
         provider = endpoint.provider
         hook = _provider_hook(provider, exc.__traceback__)
+        if isinstance(exc, NotAnEvent):
+            self._provider_failed(
+                endpoint, "parse", f"returned {type(exc.value).__name__}, not an Event", None
+            )
+            return provider_failed(provider.name)
         if hook is None:
             if self.log_throttle.admit(endpoint.name, "internal_error", type(exc).__name__) is not None:
                 log.error("a webhook could not be handled", exc_info=exc, extra={"source": endpoint.name})

@@ -1032,6 +1032,13 @@ class EventTypeNone(TypeMapping):
         return None  # answered 503 storage_unavailable, the store blamed for the NOT NULL it refused
 
 
+class ParseReturnsNone(SvixProvider):
+    name = "parse-returns-none"
+
+    def parse(self, headers: Any, body: bytes, payload: Any, received_at: float) -> Any:
+        return None  # a 500 internal_error, with an AttributeError of the gateway's to read
+
+
 @pytest.mark.parametrize("expect", [False, True], ids=["fast_path", "asgi_path"])
 @pytest.mark.parametrize(
     ("provider", "said"),
@@ -1039,8 +1046,9 @@ class EventTypeNone(TypeMapping):
         (EventTypeRaises, "event_type raised KeyError: 'user.created'"),
         (VerifyExits, "verify raised SystemExit: 2"),
         (EventTypeNone, "parse made an event whose type is None (a NoneType), not a str"),
+        (ParseReturnsNone, "parse returned NoneType, not an Event"),
     ],
-    ids=["event_type_raises", "verify_exits", "event_type_none"],
+    ids=["event_type_raises", "verify_exits", "event_type_none", "parse_returns_none"],
 )
 def test_a_provider_that_fails_every_webhook_is_named_once_and_its_senders_are_told_to_retry(
     tmp_path, caplog: pytest.LogCaptureFixture, provider: type[Provider], said: str, expect: bool

@@ -793,7 +793,14 @@ async def _unanswered_if_cut_off(
     """The ASGI app, for one request. Cancelled at the end of the listener's drain, its request gets no
     answer, as one on the fast path does (the sender sends it again): uvicorn would answer it `500`
     text/plain, and log a traceback. Its connection is closed, and the cycle marked as gone, which uvicorn
-    then writes nothing to."""
+    then writes nothing to.
+
+    A request whose client expects `100 Continue` and is answered before it is sent one (refused at its
+    head: no such path, a body declared too large) closes its connection after the answer: its client may
+    send the body or not (RFC 9110 §10.1.1), and kept alive, the connection would read what it sends next,
+    a request, as the rest of that body and drop it unanswered."""
+    if cycle.waiting_for_100_continue:
+        send = partial(_closing_unless_continued, cycle, send)
     try:
         await app(scope, receive, send)
     except asyncio.CancelledError:
@@ -801,6 +808,15 @@ async def _unanswered_if_cut_off(
             raise  # uvicorn closes the connection under an answer begun
         cycle.disconnected = True
         cycle.transport.close()
+
+
+async def _closing_unless_continued(cycle: RequestResponseCycle, send: Any, message: Any) -> None:
+    """uvicorn's send(), but an answer that begins before the request's 100 Continue, with its body not all
+    in, closes the connection (uvicorn adds `connection: close`, then closes, and the webhook listener's
+    connection lingers: what the client sends is read and dropped)."""
+    if message["type"] == "http.response.start" and cycle.waiting_for_100_continue and cycle.more_body:
+        cycle.keep_alive = False
+    await send(message)
 
 
 # The ops listener's answer to a request that is not HTTP, after its status line and the Date header.

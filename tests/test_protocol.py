@@ -752,6 +752,64 @@ def test_a_sender_that_expects_100_continue_is_served_by_the_asgi_app(tmp_path) 
     assert (status, json.loads(answer)) == (200, {"id": "msg_continue", "status": "accepted"})
 
 
+# Requests refused at their head, before their body is asked for: the listener, the request's head, what it
+# is answered.
+_REFUSED_AT_THE_HEAD = {
+    "unknown path": ("url", b"POST /nowhere HTTP/1.1\r\nContent-Length: %d\r\n", 404),
+    "wrong method": ("url", b"PUT /webhooks/consignease HTTP/1.1\r\nContent-Length: %d\r\n", 405),
+    "declared too large": ("url", b"POST /webhooks/consignease HTTP/1.1\r\nContent-Length: 5000\r\n", 413),
+    "compressed": (
+        "url",
+        b"POST /webhooks/consignease HTTP/1.1\r\nContent-Encoding: gzip\r\nContent-Length: %d\r\n",
+        415,
+    ),
+    "admin, no endpoint": ("ops_url", b"POST /admin/nowhere HTTP/1.1\r\nContent-Length: %d\r\n", 404),
+    "admin, declared too large": (
+        "ops_url",
+        b"POST /admin/replay HTTP/1.1\r\nContent-Length: 70000\r\n",
+        413,
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    ("listener", "head", "status"), _REFUSED_AT_THE_HEAD.values(), ids=_REFUSED_AT_THE_HEAD
+)
+def test_a_request_refused_before_its_100_continue_closes_its_connection_so_its_body_is_never_a_request(
+    tmp_path, listener: str, head: bytes, status: int
+) -> None:
+    # Answered without 100 Continue, the client may send the body or not (RFC 9110 §10.1.1): kept alive, the
+    # connection read the client's next request as that body, dropped it unanswered, and hung until its
+    # idle deadline. Closed instead (RFC 9112 §9.6), as Go's server does.
+    following = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    head = head % len(following) if b"%d" in head else head
+    config = gateway_config(tmp_path, limits={"max_body_bytes": 1000, "idle_timeout": "30s"})
+    with RunningGateway(config) as gw, Connection(getattr(gw, listener)) as conn:
+        conn.send(head + b"Host: 127.0.0.1\r\n" + _CONTINUE + b"\r\n")
+        answered, headers, _ = conn.answer()
+        assert (answered, headers.get("connection")) == (status, "close")
+        conn.send(following)  # the client's next request, had the connection been kept: never answered
+        if listener == "url":
+            assert conn.closed_by_server()  # read and dropped as the connection lingers
+        else:
+            # The ops listener does not linger: what comes after its close may reset the connection.
+            with contextlib.suppress(ConnectionResetError):
+                assert conn.closed_by_server()
+
+
+def test_a_request_refused_once_its_body_came_unasked_for_keeps_its_connection(tmp_path) -> None:
+    # A client that sends its body without waiting for 100 Continue: nothing of it is left to tell apart
+    # from the next request.
+    request = b"POST /nowhere HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" + _CONTINUE + b"\r\n{}"
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.url) as conn:
+        conn.send(request)
+        refused = conn.answer()
+        conn.send(signed("msg_after_unasked_body"))
+        after = conn.answer()
+    assert (refused[0], refused[1].get("connection")) == (404, None)
+    assert (after[0], json.loads(after[2])["status"]) == (200, "accepted")
+
+
 def test_an_http_1_0_sender_that_expects_100_continue_gets_no_1xx_and_the_same_answer(tmp_path) -> None:
     # HTTP/1.0 has no 1xx answers: a client reads `100 Continue` as the final answer (RFC 9110 §15.2), so
     # the expectation is ignored (§10.1.1) and the webhook is answered as it would be without it.

@@ -56,7 +56,7 @@ def ops_app(gateway: Gateway) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    return Starlette(
+    app = Starlette(
         routes=[
             Route("/healthz", answering_faults(healthz, 500, {"status": "error"}), include_in_schema=False),
             # /readyz answers 200 or 503 (docs/operations.md), and a check that failed proved nothing.
@@ -66,6 +66,11 @@ def ops_app(gateway: Gateway) -> Starlette:
         ],
         exception_handlers={HTTPException: http_error},
     )
+    # A path is the one written, as on the webhook listener: `/metrics/` is no endpoint (404), where
+    # Starlette would redirect it (307) to `/metrics`. A probe or a scraper set up with the slash sees it at
+    # once, and a POST is never redirected, for a client to send again or not.
+    app.router.redirect_slashes = False
+    return app
 
 
 def answering_faults(endpoint: Endpoint, status_code: int, shape: dict[str, str] | None = None) -> Endpoint:

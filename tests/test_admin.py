@@ -1431,6 +1431,35 @@ def test_an_unknown_admin_path_or_method_is_answered_in_json(tmp_path: Path, dow
         )
 
 
+# Each path of the ops listener with a slash after it, how it is asked for, and its answer's error.
+_SLASHED = {
+    "/healthz/": ("GET", "Not Found"),
+    "/readyz/": ("GET", "Not Found"),
+    "/metrics/": ("GET", "Not Found"),
+    "/admin/": ("GET", "no admin endpoint GET /admin/; see /admin/openapi.json"),
+    "/admin/events/": ("GET", "no admin endpoint GET /admin/events/; see /admin/openapi.json"),
+    "/admin/replay/": ("POST", "no admin endpoint POST /admin/replay/; see /admin/openapi.json"),
+    "/admin/openapi.json/": ("GET", "no admin endpoint GET /admin/openapi.json/; see /admin/openapi.json"),
+}
+
+
+@pytest.mark.parametrize("path", _SLASHED)
+def test_a_path_with_a_trailing_slash_is_no_endpoint_and_never_redirected(
+    tmp_path: Path, downstream: Downstream, path: str
+) -> None:
+    """A path is the one written, as on the webhook listener: /metrics/ was redirected 307 to /metrics,
+    and so was a POST to /admin/replay/, while /admin/events/ was an event '' to show. A probe or a scraper
+    configured so now sees the 404 at once, and a redirected POST is never sent twice."""
+    method, error = _SLASHED[path]
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        answer = admin(gw, method, path, json={"mode": "dead"} if method == "POST" else None)
+        found = admin(gw, method, path.rstrip("/"), json={"mode": "dead"} if method == "POST" else None)
+    assert "location" not in answer.headers
+    assert answer.status_code == 404
+    assert (answer.text if error == "Not Found" else answer.json()["error"]) == error
+    assert found.status_code == (404 if path == "/admin/" else 200)
+
+
 def test_a_bulk_replay_without_a_mode_says_it_is_missing(tmp_path: Path, downstream: Downstream) -> None:
     with RunningGateway(users_config(tmp_path, downstream)) as gw:
         response = admin(gw, "POST", "/admin/replay", json={"since": "1h"})

@@ -107,6 +107,10 @@ _HEAD_TOO_LARGE = _closing_answer(
     431, "headers_too_large", "the request line and headers go on past the limit without ending"
 )
 _MALFORMED = _closing_answer(400, "invalid_http", "the request is not valid HTTP/1.1")
+# The longest URL httptools parses (uvicorn parses it once the head is in): a longer one fails the parser,
+# and is answered 414, as RFC 9112 §3 asks, not as HTTP that is malformed.
+URL_LIMIT = 65535  # bytes
+_URL_TOO_LONG = _closing_answer(414, "url_too_long", f"the URL is longer than {URL_LIMIT} bytes")
 # Counted by Ingress.too_many_connections, which the listener over HTTPS shares.
 _TOO_MANY_CONNECTIONS, _ = _closing_answer(
     503, "too_many_connections", "the listener has listen.max_connections connections open; retry later"
@@ -120,7 +124,7 @@ _LINGER = 1.0  # seconds
 # closed: a flood of clients that never close cannot take more.
 LINGERING_AT_MOST = 64
 # Beyond limits.max_header_bytes (the headers' names and values), what a request's head may hold: its
-# line (uvicorn refuses a URL over 64 KiB) and each header's punctuation.
+# line (a URL over URL_LIMIT is refused 414) and each header's punctuation.
 _HEAD_ALLOWANCE = 128 * 1024
 
 # A fast-path request's stages.
@@ -212,6 +216,13 @@ class UpgradeIgnoring(HttpToolsProtocol):
         message = "Invalid HTTP request received."
         self.logger.warning(message)
         self.send_400_response(message)
+
+    def _url_too_long(self, error: httptools.HttpParserError) -> bool:
+        """Whether the parser failed on the request's URL for its length alone (httptools.parse_url, which
+        uvicorn calls from the parser's callback at the end of the head)."""
+        return (
+            isinstance(error.__context__, httptools.HttpParserInvalidURLError) and len(self.url) > URL_LIMIT
+        )
 
     def _ignore_upgrade(self, cycle: Cycle) -> None:
         if self.parser.get_method() == b"CONNECT":
@@ -331,6 +342,8 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
         _head_too_large = False
         # Refused (408) because its head did not end in time, behind requests still in progress.
         _head_timed_out = False
+        # Refused (414) because its URL is longer than the parser reads.
+        _long_url = False
         lingering = Lingering()
 
         def connection_made(self, transport: Any) -> None:
@@ -399,6 +412,7 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
             if self._malformed:
                 return  # the parser keeps failing on what follows, which is never read
             self._malformed = True
+            self._long_url = self._url_too_long(error)
             cycle, webhook = self.cycle, self._webhook
             if webhook is not None and webhook.cycle is cycle and webhook.stage == RECEIVING:
                 # The webhook's own body is malformed (a bad chunk): refused, for what it is. Nothing after
@@ -438,6 +452,9 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
                 return
             if self._head_timed_out:
                 self._close_with(_TIMED_OUT)
+                return
+            if self._long_url:
+                self._close_with(_URL_TOO_LONG)
                 return
             suppressed = ingress.log_throttle.admit("invalid_http_received")
             if suppressed is not None:
@@ -825,6 +842,11 @@ _OPS_MALFORMED = b"content-type: application/json\r\nconnection: close\r\nconten
     len(_OPS_MALFORMED_BODY),
     _OPS_MALFORMED_BODY,
 )
+_OPS_URL_TOO_LONG_BODY = orjson.dumps({"error": f"the URL is longer than {URL_LIMIT} bytes"})
+_OPS_URL_TOO_LONG = b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (
+    len(_OPS_URL_TOO_LONG_BODY),
+    _OPS_URL_TOO_LONG_BODY,
+)
 
 
 class OpsProtocol(UpgradeIgnoring):
@@ -835,13 +857,22 @@ class OpsProtocol(UpgradeIgnoring):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         super()._start_asgi_task(cycle, partial(_unanswered_if_cut_off, app, cycle))
 
+    def _invalid_http(self, error: httptools.HttpParserError) -> None:
+        if self._url_too_long(error):
+            self._close_with(414, _OPS_URL_TOO_LONG)  # HTTP, but a URL past what the parser reads
+            return
+        super()._invalid_http(error)
+
     def send_400_response(self, msg: str) -> None:
-        # What the parser cannot read (not HTTP, a URL past 64 KiB, a bad chunk): in JSON as every error a
-        # tool reads here, where uvicorn answers text/plain. Then closed, as uvicorn does.
-        head = STATUS_LINE[400] + b"".join(
+        # What the parser cannot read (not HTTP, a bad chunk): in JSON as every error a tool reads here,
+        # where uvicorn answers text/plain. Then closed, as uvicorn does.
+        self._close_with(400, _OPS_MALFORMED)
+
+    def _close_with(self, status: int, rest: bytes) -> None:
+        head = STATUS_LINE[status] + b"".join(
             name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
         )
-        self.transport.write(head + _OPS_MALFORMED)
+        self.transport.write(head + rest)
         self.transport.close()
 
 

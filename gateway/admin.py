@@ -443,17 +443,16 @@ class EventRoute(AdminRoute):
     """/admin/events/{id}, but not a path whose last segment is `replay` after the id's: that is the replay
     endpoint's path whatever the method, so a GET there is its 405, not the event `x/replay` shown. An id's
     own `/` arrives as %2F, and is told apart by the raw path. The id `replay` alone (any sender chooses its
-    ids) is no replay endpoint's path, and is shown. Nor is `/admin/events/` an event's path: no event has
-    an empty id, and that is the listing's path with a slash after it, no endpoint."""
+    ids) is no replay endpoint's path, and is shown."""
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child = super().matches(scope)
-        if match is Match.NONE:
-            return match, child
         raw = scope.get("raw_path") or scope["path"].encode()
         before, _, last = raw.rpartition(b"/")
-        if not child["path_params"]["event_id"] or (
-            before != b"/admin/events" and unquote(last.decode("latin-1")) == "replay"
+        if (
+            match is not Match.NONE
+            and before != b"/admin/events"
+            and unquote(last.decode("latin-1")) == "replay"
         ):
             return Match.NONE, {}
         return match, child

@@ -1437,7 +1437,7 @@ _SLASHED = {
     "/readyz/": ("GET", "Not Found"),
     "/metrics/": ("GET", "Not Found"),
     "/admin/": ("GET", "no admin endpoint GET /admin/; see /admin/openapi.json"),
-    "/admin/events/": ("GET", "no admin endpoint GET /admin/events/; see /admin/openapi.json"),
+    "/admin/events/": ("GET", "no event ''"),  # the path of the event '', as `events show ''` asks for it
     "/admin/replay/": ("POST", "no admin endpoint POST /admin/replay/; see /admin/openapi.json"),
     "/admin/openapi.json/": ("GET", "no admin endpoint GET /admin/openapi.json/; see /admin/openapi.json"),
 }
@@ -1448,8 +1448,8 @@ def test_a_path_with_a_trailing_slash_is_no_endpoint_and_never_redirected(
     tmp_path: Path, downstream: Downstream, path: str
 ) -> None:
     """A path is the one written, as on the webhook listener: /metrics/ was redirected 307 to /metrics,
-    and so was a POST to /admin/replay/, while /admin/events/ was an event '' to show. A probe or a scraper
-    configured so now sees the 404 at once, and a redirected POST is never sent twice."""
+    and so was a POST to /admin/replay/, while /admin/events/ was (and is) the event '' to show. A probe or
+    a scraper configured so now sees the 404 at once, and a redirected POST is never sent twice."""
     method, error = _SLASHED[path]
     with RunningGateway(users_config(tmp_path, downstream)) as gw:
         answer = admin(gw, method, path, json={"mode": "dead"} if method == "POST" else None)

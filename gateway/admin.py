@@ -38,7 +38,12 @@ Endpoint = Callable[[Request], Awaitable[Response]]
 schemas = SchemaGenerator(
     {
         "openapi": "3.0.3",
-        "info": {"title": "Hookyard admin API", "version": __version__},
+        "info": {
+            "title": "Hookyard admin API",
+            "version": __version__,
+            "description": "Each path is matched as written: with a slash after it, it is another path, "
+            "answered 404. Nothing is redirected.",
+        },
         "components": {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {

@@ -1454,10 +1454,12 @@ def test_a_path_with_a_trailing_slash_is_no_endpoint_and_never_redirected(
     with RunningGateway(users_config(tmp_path, downstream)) as gw:
         answer = admin(gw, method, path, json={"mode": "dead"} if method == "POST" else None)
         found = admin(gw, method, path.rstrip("/"), json={"mode": "dead"} if method == "POST" else None)
+        described = admin(gw, "GET", "/admin/openapi.json").json()["info"]["description"]
     assert "location" not in answer.headers
     assert answer.status_code == 404
     assert (answer.text if error == "Not Found" else answer.json()["error"]) == error
     assert found.status_code == (404 if path == "/admin/" else 200)
+    assert "with a slash after it, it is another path, answered 404. Nothing is redirected." in described
 
 
 def test_a_bulk_replay_without_a_mode_says_it_is_missing(tmp_path: Path, downstream: Downstream) -> None:

@@ -842,6 +842,19 @@ _OPS_MALFORMED = b"content-type: application/json\r\nconnection: close\r\nconten
     len(_OPS_MALFORMED_BODY),
     _OPS_MALFORMED_BODY,
 )
+# The longest request line and headers the ops listener reads: a URL as long as the parser reads, and 64 KiB
+# of headers, far more than a probe, a scrape or an admin call sends. uvicorn's parser sets no bound.
+OPS_HEAD_LIMIT = URL_LIMIT + 64 * 1024  # bytes
+_OPS_HEAD_TOO_LARGE_BODY = orjson.dumps(
+    {"error": f"the request line and headers are longer than {OPS_HEAD_LIMIT} bytes"}
+)
+_OPS_HEAD_TOO_LARGE = (
+    b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
+    % (
+        len(_OPS_HEAD_TOO_LARGE_BODY),
+        _OPS_HEAD_TOO_LARGE_BODY,
+    )
+)
 _OPS_URL_TOO_LONG_BODY = orjson.dumps({"error": f"the URL is longer than {URL_LIMIT} bytes"})
 _OPS_URL_TOO_LONG = b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (
     len(_OPS_URL_TOO_LONG_BODY),
@@ -852,7 +865,28 @@ _OPS_URL_TOO_LONG = b"content-type: application/json\r\nconnection: close\r\ncon
 class OpsProtocol(UpgradeIgnoring):
     """The ops listener's protocol: uvicorn's, but a request cut off at the end of the listener's drain
     (OPS_DRAIN_TIMEOUT: its body still coming, say) gets no answer, as on the webhook listener, rather than
-    uvicorn's `500` text/plain with a traceback logged. And a request that is not HTTP is answered in JSON."""
+    uvicorn's `500` text/plain with a traceback logged. And a request that is not HTTP is answered in JSON.
+    A request line and headers that go on past OPS_HEAD_LIMIT are answered 431 as they arrive, and closed:
+    uvicorn would hold all of it in memory, for as long as it came."""
+
+    # A request's head is being read, and the bytes of the reads since it began.
+    _in_head = False
+    _head_bytes = 0
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head, self._head_bytes = True, 0
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._in_head and not self.transport.is_closing():
+            self._head_bytes += len(data)  # with what came before it in the same read: a bound, no more
+            if self._head_bytes > OPS_HEAD_LIMIT:
+                self._close_with(431, _OPS_HEAD_TOO_LARGE)
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         super()._start_asgi_task(cycle, partial(_unanswered_if_cut_off, app, cycle))

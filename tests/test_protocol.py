@@ -307,6 +307,26 @@ def test_a_head_that_never_ends_is_refused_431_as_it_arrives_and_webhooks_go_on(
             assert other.answer()[0] == 200
 
 
+def test_an_ops_request_whose_head_never_ends_is_refused_431_as_it_arrives(tmp_path) -> None:
+    # uvicorn's parser held it all: a header streamed to the ops listener grew the process by its size (64
+    # MB read, then answered 200), from any peer that reaches the port, token or not.
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.ops_url) as conn:
+        conn.sock.settimeout(5)
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        sent = 0
+        while sent < 32 * 1024 * 1024 and not select.select([conn.sock], [], [], 0)[0]:
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # closed under what is sent
+                conn.send(b"a" * 65536)
+            sent += 65536
+        assert sent < 4 * 1024 * 1024  # answered as it arrived, not once the head ended
+        status, headers, body = conn.answer()
+        assert gw.client.get(gw.ops_url + "/healthz").status_code == 200
+    assert (status, headers["content-type"], headers["connection"]) == (431, "application/json", "close")
+    assert json.loads(body) == {
+        "error": f"the request line and headers are longer than {protocol.OPS_HEAD_LIMIT} bytes"
+    }
+
+
 @pytest.mark.parametrize("listener", ["url", "ops_url"])
 @pytest.mark.parametrize("path", ["/webhooks/consignease?", "/nowhere/"])
 def test_a_url_too_long_to_parse_is_refused_414_naming_it_and_the_listener_goes_on(

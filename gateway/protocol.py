@@ -836,30 +836,26 @@ async def _closing_unless_continued(cycle: RequestResponseCycle, send: Any, mess
     await send(message)
 
 
-# The ops listener's answer to a request that is not HTTP, after its status line and the Date header.
-_OPS_MALFORMED_BODY = orjson.dumps({"error": "the request is not valid HTTP/1.1"})
-_OPS_MALFORMED = b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (
-    len(_OPS_MALFORMED_BODY),
-    _OPS_MALFORMED_BODY,
-)
+def _ops_closing(error: str) -> bytes:
+    """An ops listener's answer that closes the connection, after its status line and the Date header: JSON,
+    as every error a tool reads there."""
+    body = orjson.dumps({"error": error})
+    return b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
+
+
+# The ops listener's answer to a request that is not HTTP.
+_OPS_MALFORMED = _ops_closing("the request is not valid HTTP/1.1")
 # The longest request line and headers the ops listener reads: a URL as long as the parser reads, and 64 KiB
 # of headers, far more than a probe, a scrape or an admin call sends. uvicorn's parser sets no bound.
 OPS_HEAD_LIMIT = URL_LIMIT + 64 * 1024  # bytes
-_OPS_HEAD_TOO_LARGE_BODY = orjson.dumps(
-    {"error": f"the request line and headers are longer than {OPS_HEAD_LIMIT} bytes"}
-)
-_OPS_HEAD_TOO_LARGE = (
-    b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s"
-    % (
-        len(_OPS_HEAD_TOO_LARGE_BODY),
-        _OPS_HEAD_TOO_LARGE_BODY,
-    )
-)
-_OPS_URL_TOO_LONG_BODY = orjson.dumps({"error": f"the URL is longer than {URL_LIMIT} bytes"})
-_OPS_URL_TOO_LONG = b"content-type: application/json\r\nconnection: close\r\ncontent-length: %d\r\n\r\n%s" % (
-    len(_OPS_URL_TOO_LONG_BODY),
-    _OPS_URL_TOO_LONG_BODY,
-)
+_OPS_HEAD_TOO_LARGE = _ops_closing(f"the request line and headers are longer than {OPS_HEAD_LIMIT} bytes")
+_OPS_URL_TOO_LONG = _ops_closing(f"the URL is longer than {URL_LIMIT} bytes")
+# How long the ops listener waits for a request's line and headers, from the connection or from the
+# request's first byte: probes, scrapes and admin calls send theirs at once.
+OPS_HEAD_TIMEOUT = 10.0  # seconds
 
 
 class OpsProtocol(UpgradeIgnoring):
@@ -867,19 +863,52 @@ class OpsProtocol(UpgradeIgnoring):
     (OPS_DRAIN_TIMEOUT: its body still coming, say) gets no answer, as on the webhook listener, rather than
     uvicorn's `500` text/plain with a traceback logged. And a request that is not HTTP is answered in JSON.
     A request line and headers that go on past OPS_HEAD_LIMIT are answered 431 as they arrive, and closed:
-    uvicorn would hold all of it in memory, for as long as it came."""
+    uvicorn would hold all of it in memory, for as long as it came. Those that have not come within
+    OPS_HEAD_TIMEOUT of the connection, or of the request's first byte, are answered 408, and closed: uvicorn
+    would hold the connection for ever (its keep-alive timeout runs only after an answer)."""
 
     # A request's head is being read, and the bytes of the reads since it began.
     _in_head = False
     _head_bytes = 0
+    _head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn's takes a Transport
+        self._wait_for_head()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_came()
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head, self._head_bytes = True, 0
+        self._wait_for_head()
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_came()
         super().on_headers_complete()
+
+    def _wait_for_head(self) -> None:
+        self._head_came()
+        self._head_deadline = self.loop.call_later(OPS_HEAD_TIMEOUT, self._head_timed_out, OPS_HEAD_TIMEOUT)
+
+    def _head_came(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_timed_out(self, timeout: float) -> None:
+        self._head_deadline = None
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # Pipelined behind a request still being answered: a 408 now would be read as its answer.
+            self._wait_for_head()
+            return
+        self._close_with(408, _ops_closing(f"the request line and headers did not come within {timeout:g} s"))
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)

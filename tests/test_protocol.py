@@ -327,6 +327,24 @@ def test_an_ops_request_whose_head_never_ends_is_refused_431_as_it_arrives(tmp_p
     }
 
 
+@pytest.mark.parametrize(
+    "sent", [b"", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"], ids=["nothing", "half a head"]
+)
+def test_an_ops_connection_whose_head_does_not_come_in_time_gets_408_and_is_closed(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, sent: bytes
+) -> None:
+    # uvicorn's protocol held such a connection for ever (its keep-alive timeout runs only after an answer):
+    # enough of them would take every file descriptor the process may open.
+    monkeypatch.setattr(protocol, "OPS_HEAD_TIMEOUT", 0.3)
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.ops_url) as conn:
+        conn.send(sent)
+        status, headers, body = conn.answer()
+        assert conn.closed_by_server()
+        assert gw.client.get(gw.ops_url + "/healthz").status_code == 200  # a request in time is answered
+    assert (status, headers["connection"]) == (408, "close")
+    assert json.loads(body) == {"error": "the request line and headers did not come within 0.3 s"}
+
+
 @pytest.mark.parametrize("listener", ["url", "ops_url"])
 @pytest.mark.parametrize("path", ["/webhooks/consignease?", "/nowhere/"])
 def test_a_url_too_long_to_parse_is_refused_414_naming_it_and_the_listener_goes_on(

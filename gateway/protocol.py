@@ -47,7 +47,10 @@ close_notify is sent, and the client's is not waited for. So is one still linger
 still coming, or its commit) is aborted, unanswered (cut_off).
 
 The ops listener's protocol (OpsProtocol) is uvicorn's, but for the end of its drain: a request cut off
-then gets no answer either.
+then gets no answer either. And a request's head has a deadline and a bound there too (408, 431).
+
+Expect: a request whose client waits for `100 Continue` and is refused before it is sent one closes its
+connection after the answer, on both listeners (see _unanswered_if_cut_off).
 
 HTTPS: the TLS handshake is the listener's own (`tls_protocol`), so that a connection counts against
 listen.max_connections, and has a deadline, from the moment it is accepted.

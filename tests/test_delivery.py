@@ -920,7 +920,9 @@ def test_the_queue_gauges_follow_the_deliveries_that_finish_while_the_gateway_st
 
     monkeypatch.setattr(delivery, "STATS_INTERVAL", 0.05)
     with downstream_server() as fast, downstream_server() as slow:
-        fast.delay, slow.delay = 0.5, 2.0
+        # Each answer held until the test lets it go: the fast one once the drain has begun, the slow one
+        # once a scrape has seen the fast one finish, however slow the machine.
+        fast.hold, slow.hold = threading.Event(), threading.Event()
         route = users_route(
             fast,
             {"id": "fast", "use": "forward", "with": {"url": f"{fast.url}/fast"}},
@@ -943,9 +945,12 @@ def test_the_queue_gauges_follow_the_deliveries_that_finish_while_the_gateway_st
         try:
             wait_until(lambda: not gw.gateway.ready)
             # The fast delivery finishes during the drain, and a scrape sees it; the slow one is still running.
-            wait_until(lambda: in_flight() == 1, timeout=1.4)
+            fast.hold.set()
+            wait_until(lambda: in_flight() == 1)
             assert not slow.received()
         finally:
+            fast.hold.set()
+            slow.hold.set()
             stopping.join(20)
     assert [r.path for r in fast.received() + slow.received()] == ["/fast", "/slow"]
     # Read last, once both had finished: nothing is left in flight.

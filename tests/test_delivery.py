@@ -296,11 +296,11 @@ def test_action_concurrency_limits_requests_in_flight(tmp_path, downstream: Down
 def test_an_action_at_its_concurrency_holds_no_slot_that_another_action_waits_for(
     tmp_path, downstream: Downstream
 ) -> None:
-    # slow's receiver takes 1.5 s per event, one at a time, and four of its events are queued when fast's
-    # event comes. Two slots in all: had slow's queue taken them, to wait for slow, fast's delivery would
-    # have waited behind three of slow's (4.5 s).
+    # slow's receiver holds its answers until the test lets them go, one event at a time, and four of its
+    # events are queued when fast's event comes. Two slots in all: had slow's queue taken them, to wait for
+    # slow, fast's delivery would have waited behind slow's, which is not answered before fast's arrives.
     with downstream_server() as slow_app:
-        slow_app.delay = 1.5
+        slow_app.hold = threading.Event()
         routes = [
             users_route(
                 slow_app,
@@ -312,15 +312,19 @@ def test_an_action_at_its_concurrency_holds_no_slot_that_another_action_waits_fo
         ]
         config = gateway_config(tmp_path, routes=routes)
         config["delivery"]["concurrency"] = 2
+        config["defaults"]["timeout"] = "30s"  # the held attempt is not timed out, however slow the machine
         with RunningGateway(config) as gw:
             for index in range(4):
                 body, headers = svix_request(msg_id=f"msg_slow_{index}")
                 gw.post("/webhooks/consignease", body, headers)
+            wait_until(lambda: slow_app.in_flight == 1)
             body, headers = svix_request("user.deleted", msg_id="msg_fast")
-            sent = time.monotonic()
             gw.post("/webhooks/consignease", body, headers)
-            downstream.wait_for(1, "/app", timeout=10)
-            assert time.monotonic() - sent < 1.0
+            try:
+                downstream.wait_for(1, "/app", timeout=10)
+                assert not slow_app.received()  # slow's first is still held
+            finally:
+                slow_app.hold.set()
             # slow still took one at a time, in the order they came, each once.
             received = slow_app.wait_for(4, "/slow", timeout=15)
             assert [r.headers["idempotency-key"] for r in received] == [f"msg_slow_{i}" for i in range(4)]

@@ -2372,9 +2372,14 @@ def test_a_bad_update_that_a_sighup_refused_is_not_refused_again_by_the_watcher(
             {"id": "spool", "use": "slow-to-close"},
             {"id": "broken", "use": "unbuildable"},
         ]
-        path.write_text(yaml.safe_dump(config))
-        # At once, as a SIGHUP sent with the update: before the watcher's settle time is over.
-        assert not asyncio.run_coroutine_threadsafe(gw.gateway.reload(), gw.loop).result(10)
+
+        async def update_and_sighup() -> bool:
+            # At once, as a SIGHUP sent with the update: written and read by the reload in one turn of the
+            # loop, so that the watcher, however late this thread runs, cannot have taken the update first.
+            path.write_text(yaml.safe_dump(config))
+            return await gw.gateway.reload()
+
+        assert not asyncio.run_coroutine_threadsafe(update_and_sighup(), gw.loop).result(10)
         time.sleep(2.5)  # several more looks of the watcher at the same file, and a close of 1.5 s
         assert gw.metric("hookyard_config_reloads_total", result="error") == 1
 

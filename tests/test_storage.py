@@ -552,7 +552,9 @@ class StuckClose:
 def test_closing_the_last_connection_holds_up_neither_the_loop_nor_the_shutdown(
     db: Harness, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(sqlite_module, "FSYNC_TIMEOUT", 0.3)
+    # The close is given up on after FSYNC_TIMEOUT, the stuck close returns only after 5 s: a second apart, and
+    # each well apart from a turn of the loop, so that a busy machine cannot blur them.
+    monkeypatch.setattr(sqlite_module, "FSYNC_TIMEOUT", 1.0)
     assert db.ingest("evt_stored", APP) is True
     writer = db.storage._writer
     assert writer is not None
@@ -580,7 +582,7 @@ def test_closing_the_last_connection_holds_up_neither_the_loop_nor_the_shutdown(
         took, longest_turn = db.run(close_and_watch_the_loop())
     finally:
         stuck.release.set()
-    assert took < 1 and longest_turn < 0.2, (took, longest_turn)
+    assert took < 3 and longest_turn < 0.9, (took, longest_turn)
     # Closed on a daemon thread: stuck there, it would not keep the process from exiting.
     assert stuck.closed_on is not None and stuck.closed_on.daemon
     assert "the store is closed with an fsync unconfirmed" in caplog.text

@@ -984,11 +984,12 @@ def test_a_read_only_server_after_a_failover_makes_the_pool_connect_afresh(pg: P
         async def run() -> tuple[list[Outcome], Outcome, list[Outcome]]:
             async with store_action(options) as action:
                 # Five connections to the old primary, idle in the pool: five deliveries held by another
-                # session's lock until their timeout, so that none of them is refused yet.
+                # session's lock until their timeout, so that none of them is refused yet. The timeout counts
+                # their connecting too: 3 s, in which a busy machine opens all five (not always in 0.5 s).
                 blocker = await asyncpg.connect(pg.url)
                 try:
                     await blocker.execute(f'BEGIN; LOCK TABLE "{pg.table}" IN ACCESS EXCLUSIVE MODE')
-                    held = await asyncio.gather(*(delivery(action, n, 0.5) for n in range(1, 6)))
+                    held = await asyncio.gather(*(delivery(action, n, 3) for n in range(1, 6)))
                 finally:
                     await blocker.close()
                 assert await asyncio.to_thread(pg.action_sessions) == 5

@@ -752,6 +752,12 @@ class Postgres(Backend):
             except Exception:
                 with contextlib.suppress(Exception):  # one the server closed is the pool's already
                     conn.terminate()
+            except asyncio.CancelledError:
+                # Cut short by aclose (the engine stops, or a reload replaced the action): closed as well, or
+                # the pool would get it with its transaction open, roll it back and log an error about it.
+                with contextlib.suppress(Exception):
+                    conn.terminate()
+                raise
             raise
         return None
 

@@ -1141,6 +1141,49 @@ def test_an_attempt_against_a_server_that_stopped_answering_ends_without_waiting
     assert set(pg.rows()) == {"user_1", "user_2"}
 
 
+def test_an_attempt_whose_rollback_the_close_cuts_short_leaves_no_transaction_to_the_pool(
+    pg: PostgresDatabase, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The engine stops, or a reload replaces the action, while an attempt past its deadline is rolling back:
+    # the action's close cancels it there. Its connection went back to the pool with the transaction open,
+    # and the pool's reset of it logged an error: "Resetting connection with an active transaction" or, on a
+    # server that stopped answering as here, a ConnectionError that no one retrieved.
+    from plugins import store
+
+    monkeypatch.setattr(store, "ROLLBACK_TIMEOUT", 5.0)
+    parts = urlsplit(pg.url)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        options = {"url": pg.action_url_via(proxy), "table": pg.table, "mode": "upsert", "key": "data.id"}
+
+        async def run() -> list[Any]:
+            loop = asyncio.get_running_loop()
+            blocker = await asyncpg.connect(pg.url)
+            try:
+                async with store_action(options) as action:
+                    assert (await action.deliver(job(make_event("e0")))).kind == "delivered"
+                    await blocker.execute(f'BEGIN; LOCK TABLE "{pg.table}" IN ACCESS EXCLUSIVE MODE')
+                    started = loop.time()
+                    attempt = asyncio.create_task(action.deliver(job(make_event("e1"), 2)))
+                    # Its transaction begun, its statement waits for the lock; then the server's answers stop,
+                    # so that the rollback after the deadline waits (ROLLBACK_TIMEOUT) for the cut statement's.
+                    for _ in range(100):
+                        if await asyncio.to_thread(pg.action_sessions, "wait_event_type = 'Lock'"):
+                            break
+                        await asyncio.sleep(0.02)
+                    await asyncio.to_thread(proxy.pause)
+                    await asyncio.sleep(max(started + 3 - loop.time(), 0))  # a second into the rollback
+                # Closed here, with the rollback under way.
+                return await asyncio.gather(attempt, return_exceptions=True)
+            finally:
+                await asyncio.to_thread(proxy.resume)
+                await blocker.close()
+
+        [ended] = asyncio.run(run())
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    assert isinstance(ended, asyncio.CancelledError), ended  # cut short by the close, not timed out
+    assert set(pg.rows()) == {"user_1"}
+
+
 def test_a_url_with_several_hosts_reaches_the_one_that_answers(pg: PostgresDatabase) -> None:
     # libpq's and asyncpg's form for a primary and its standbys (host1:port1,host2:port2). The config
     # refused it ("the host and port cannot be read"), though asyncpg connects to the first that answers.

@@ -575,11 +575,17 @@ def _default(value: int | None, default: int) -> int:
     return default if value is None else value
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
 def _int(value: Any, name: str) -> int | None:
     if value is None or value == "":
         return None
     # int() cuts 2.7 to 2: a number the caller did not give (a whole one written 2.0 is the number).
     if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise OperationError(400, f"{name}: must be an integer")
+    # As written, in ASCII digits: int() would also read "+5", " 5", "1_0" and other scripts' digits.
+    if isinstance(value, str) and not _INTEGER.fullmatch(value):
         raise OperationError(400, f"{name}: must be an integer")
     try:
         number = int(value)

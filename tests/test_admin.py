@@ -1484,6 +1484,23 @@ def test_a_bulk_replay_page_that_is_not_a_whole_number_is_refused_not_cut_to_one
         assert admin(gw, "POST", "/admin/replay", json={**body, name: 2.0}).status_code == 200
 
 
+def test_a_page_size_is_read_only_as_written_digits_not_as_whatever_python_reads_as_a_number(
+    tmp_path: Path, downstream: Downstream
+) -> None:
+    # int() reads "+5", " 5 ", "1_0" and Arabic-Indic digits as numbers: a limit the document's integer does
+    # not allow, which another implementation of the API would refuse.
+    with RunningGateway(users_config(tmp_path, downstream)) as gw:
+        for limit in ["+5", " 5", "5 ", "1_0", "\u0665", "0x5"]:
+            response = admin(gw, "GET", "/admin/events", params={"limit": limit})
+            assert (response.status_code, response.json()) == (400, {"error": "limit: must be an integer"}), (
+                limit
+            )
+        assert admin(gw, "GET", "/admin/events", params={"limit": "5"}).status_code == 200
+        body = {"mode": "dead", "since": "1h", "cursor": "1_0"}
+        response = admin(gw, "POST", "/admin/replay", json=body)
+        assert (response.status_code, response.json()) == (400, {"error": "cursor: must be an integer"})
+
+
 def test_a_fault_in_an_admin_endpoint_is_a_json_500_logged_once_with_its_traceback(
     tmp_path: Path, downstream: Downstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

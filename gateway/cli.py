@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -194,9 +195,10 @@ def _exit_now() -> None:
 _INTERRUPTED = "hookyard.interrupted"
 
 
-def _if_interrupted(note: str | None) -> None:
+def _if_interrupted(note: str | Callable[[], str] | None) -> None:
     """What to say if Ctrl-C ends the command from now on: what is done, or may be, by then (a request
-    the other end may have acted on before it could answer). None: nothing (a listing changes nothing)."""
+    the other end may have acted on before it could answer), or what makes it up then. None: nothing (a
+    listing changes nothing)."""
     click.get_current_context().meta[_INTERRUPTED] = note
 
 
@@ -210,7 +212,7 @@ class _Commands(click.Group):
             return super().invoke(ctx)
         except KeyboardInterrupt:
             if note := ctx.meta.get(_INTERRUPTED):
-                click.echo(f"hookyard: interrupted: {note}", err=True)
+                click.echo(f"hookyard: interrupted: {note() if callable(note) else note}", err=True)
             raise click.exceptions.Exit(130) from None
 
 
@@ -837,10 +839,9 @@ def send(
             raise click.UsageError("--id names one event; leave it out with --count")
         parsed = _parse_data(data)
         requests = [build_request(table, source, event_type, parsed)[1:] for _ in range(count)]
-        _if_interrupted(
-            "the events sent so far may have been taken (`hookyard events list` shows those that were)"
-        )
-        summary = _run(send_many(target, requests, concurrency))
+        statuses: Counter[str] = Counter()
+        _if_interrupted(lambda: _sent_so_far(statuses, count))
+        summary = _run(send_many(target, requests, concurrency, statuses))
         _if_interrupted(None)
         click.echo(summary.describe())
         if set(summary.statuses) == {"ConnectError"}:  # nothing listens there, as for one event below
@@ -875,6 +876,17 @@ def send(
         raise SystemExit(1)
     if lookup is not None:
         _say_if_unrouted(lookup, source, response)
+
+
+def _sent_so_far(statuses: Counter[str], count: int) -> str:
+    """What `send --count` says when Ctrl-C ends it: the answers so far, and that those under way may have
+    been taken all the same."""
+    answered = sum(statuses.values())
+    seen = "".join(f", {status}: {number}" for status, number in sorted(statuses.items()))
+    return (
+        f"{answered} of {count} sent and answered{seen}; those under way may have been taken all the same "
+        "(`hookyard events list` shows those that were)"
+    )
 
 
 class _Lookup(NamedTuple):

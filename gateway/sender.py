@@ -184,9 +184,15 @@ class LoadSummary:
         )
 
 
-async def send_many(url: str, requests: list[tuple[bytes, dict[str, str]]], concurrency: int) -> LoadSummary:
-    """Send every request, at most `concurrency` at a time: a quick, bounded load."""
-    statuses: Counter[str] = Counter()
+async def send_many(
+    url: str,
+    requests: list[tuple[bytes, dict[str, str]]],
+    concurrency: int,
+    statuses: Counter[str] | None = None,
+) -> LoadSummary:
+    """Send every request, at most `concurrency` at a time: a quick, bounded load. Each answer's status (or
+    error) is counted in `statuses` as it comes: what a Ctrl-C says was done."""
+    statuses = Counter() if statuses is None else statuses
     latencies: list[float] = []
     queue = list(reversed(requests))
     started = time.perf_counter()

@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from types import TracebackType
+from types import CodeType, TracebackType
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -25,7 +25,7 @@ from gateway.addresses import client_address, contains
 from gateway.events import BYTE_ORDER_MARK, UNSTORED_HEADERS
 from gateway.logs import Throttle
 from gateway.plugins import plugin_of, raised_by
-from gateway.providers import Rejected
+from gateway.providers import Provider, Rejected
 from gateway.storage import Ingested, NewDelivery, StorageUnavailable, Unconfirmed
 
 if TYPE_CHECKING:
@@ -287,12 +287,12 @@ class Ingress:
         ...): named, with the hook, at most once a minute per source, hook and exception, since every
         webhook of the source raises it until the plugin is fixed; otherwise one of Hookyard's."""
         provider = endpoint.provider
-        hook = _provider_hook(provider, exc.__traceback__)
         if isinstance(exc, NotAnEvent):
             self._provider_failed(
                 endpoint, "parse", f"returned {type(exc.value).__name__}, not an Event", None
             )
             return provider_failed(provider.name)
+        hook = _provider_hook(provider, exc.__traceback__)
         if hook is None:
             if self.log_throttle.admit(endpoint.name, "internal_error", type(exc).__name__) is not None:
                 log.error("a webhook could not be handled", exc_info=exc, extra={"source": endpoint.name})
@@ -422,13 +422,44 @@ class Ingress:
 
 
 def _provider_hook(provider: Any, tb: TracebackType | None) -> str | None:
-    """The provider's method (verify, parse, event_type, ...) the traceback passes through last, or None."""
+    """The provider's method (verify, parse, event_type, ...) the traceback passes through last, or None.
+    Frames are matched by their code, never by their locals: on Python 3.11 reading a frame's f_locals keeps
+    a copy of them on the frame, and the handler's holds the exception, whose traceback holds the frame, so
+    each failed request (its body, its event) would stay until a collection, which a frozen heap makes rare.
+    """
+    cls = type(provider)
+    codes = _PROVIDER_CODES.get(cls)
+    if codes is None:
+        codes = _PROVIDER_CODES[cls] = _provider_codes(cls)
     hook = None
     while tb is not None:
-        if tb.tb_frame.f_locals.get("self") is provider:
+        if tb.tb_frame.f_code in codes:
             hook = tb.tb_frame.f_code.co_name
         tb = tb.tb_next
     return hook
+
+
+_PROVIDER_CODES: dict[type, frozenset[CodeType]] = {}
+
+
+def _provider_codes(cls: type) -> frozenset[CodeType]:
+    """The code of every method the provider's own classes define: not Hookyard's Provider base class,
+    whose bugs are Hookyard's."""
+    codes: set[CodeType] = set()
+    for klass in cls.__mro__:
+        if klass is Provider or not issubclass(klass, Provider):
+            continue
+        for value in vars(klass).values():
+            if isinstance(value, staticmethod | classmethod):
+                value = value.__func__
+            functions = (value.fget, value.fset, value.fdel) if isinstance(value, property) else (value,)
+            for function in functions:
+                while function is not None:
+                    code = getattr(function, "__code__", None)
+                    if isinstance(code, CodeType):
+                        codes.add(code)
+                    function = getattr(function, "__wrapped__", None)
+    return frozenset(codes)
 
 
 def plan_deliveries(routes: list[CompiledRoute]) -> list[NewDelivery]:

@@ -12,12 +12,13 @@ import sqlite3
 import ssl
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from gateway import app, hookimpl, protocol
+from gateway import app, hookimpl, protocol, providers
 from gateway.app import GC_YOUNG_THRESHOLD, INGRESS_DRAIN_TIMEOUT
 from gateway.plugins import new_plugin_manager
 from gateway.protocol import CoalescedWrites, Lingering
@@ -1202,6 +1203,71 @@ def test_a_provider_that_fails_every_webhook_is_named_once_and_its_senders_are_t
     assert (named[0].plugin, named[0].hook, named[0].suppressed) == (provider.name, said.split()[0], 0)
     with contextlib.closing(sqlite3.connect(tmp_path / "hookyard.db")) as db:
         assert [event_id for (event_id,) in db.execute("SELECT event_id FROM events")] == ["msg_fine"]
+
+
+RAISED: list[weakref.ref[BaseException]] = []
+
+
+class PluginBug(RuntimeError):
+    """Unlike RuntimeError, can be referred to weakly."""
+
+
+def tracked(exc: BaseException) -> BaseException:
+    """exc, with a weak reference to it kept in RAISED (and no frame of the raiser holding it)."""
+    RAISED.append(weakref.ref(exc))
+    return exc
+
+
+class VerifyRaises(SvixProvider):
+    name = "verify-raises"
+
+    def verify(self, headers: Any, body: bytes, now: float) -> None:
+        raise tracked(PluginBug("a bug in a provider plugin"))
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["fast_path", "asgi_path"])
+def test_a_provider_failure_is_freed_with_its_request_not_at_a_collection(tmp_path, expect: bool) -> None:
+    # The plugin was found by reading each frame's locals, which Python 3.11 copies onto the frame: the
+    # handler's copy held the exception, whose traceback held the handler's frame, so each failed request
+    # (its body, its event) stayed until a collection, rare in `hookyard serve` (a frozen heap).
+    config, pm, path = with_provider(tmp_path, VerifyRaises)
+    RAISED.clear()
+    gc.disable()
+    try:
+        with RunningGateway(config, pm=pm) as gw, Connection(gw.url) as conn:
+            statuses = [send_signed(conn, f"msg_{n}", path, expect)[0] for n in range(3)]
+            # The first is logged, its traceback with it; the second is over once the third is answered.
+            second_alive = RAISED[1]() is not None
+    finally:
+        gc.enable()
+    assert statuses == [500, 500, 500]
+    assert not second_alive
+
+
+class KeepsParse(Provider):
+    """A provider that keeps the base class's parse."""
+
+    name = "keeps-parse"
+
+    def verify(self, headers: Any, body: bytes, now: float) -> None:
+        pass
+
+
+def test_a_bug_in_the_provider_base_class_is_hookyards_not_the_plugins(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Provider.parse runs with the provider as its `self`: its failures were named the plugin's.
+    def broken(**fields: Any) -> Any:
+        raise RuntimeError("a bug in Hookyard")
+
+    config, pm, path = with_provider(tmp_path, KeepsParse)
+    monkeypatch.setattr(providers, "Event", broken)
+    body = b'{"id": "evt_1", "type": "user.created"}'
+    with RunningGateway(config, pm=pm) as gw, Connection(gw.url) as conn:
+        conn.send(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        status, _, answer = conn.answer()
+    assert (status, json.loads(answer)["error"]) == (500, "internal_error")
+    assert "a webhook could not be handled" in [r.getMessage() for r in caplog.records]
 
 
 def test_hookyard_serve_freezes_what_exists_once_started_and_tests_do_not(tmp_path) -> None:

@@ -382,7 +382,7 @@ class Ingress:
         except Rejected as rejection:
             await self._refuse(send, source, rejection, scope)
             return
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, GeneratorExit):  # a coroutine closed while it waits: no answer
             raise
         except BaseException as exc:  # a provider's SystemExit too: it must not end `serve`
             await self._refuse(send, source, self.failed(endpoint, exc), scope)

@@ -1270,6 +1270,48 @@ def test_a_bug_in_the_provider_base_class_is_hookyards_not_the_plugins(
     assert "a webhook could not be handled" in [r.getMessage() for r in caplog.records]
 
 
+class Suspend:
+    """Awaited, suspends the coroutine until it is resumed or closed."""
+
+    def __await__(self) -> Any:
+        yield
+
+
+def test_a_webhook_closed_while_it_waits_for_its_body_is_not_answered_as_a_failure(
+    tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The ASGI door caught the GeneratorExit of a close(), logged "a webhook could not be handled" with it
+    # and sent a 500 from a coroutine being closed.
+    sent: list[Any] = []
+
+    async def receive() -> Any:
+        await Suspend()
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def close_while_receiving(gw: RunningGateway) -> Any:
+        _, headers = svix_request(msg_id="msg_closed")
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": "/webhooks/consignease",
+            "raw_path": b"/webhooks/consignease",
+            "headers": [(name.encode(), value.encode()) for name, value in headers.items()],
+            "client": ("127.0.0.1", 50000),
+        }
+        coro = gw.gateway.ingress(scope, receive, send)
+        coro.send(None)  # suspended in receive()
+        coro.close()
+        return gw.gateway.ingress.in_flight
+
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        in_flight = asyncio.run_coroutine_threadsafe(close_while_receiving(gw), gw.loop).result(10)
+    assert sent == []
+    assert in_flight == 0
+    assert "a webhook could not be handled" not in [r.getMessage() for r in caplog.records]
+
+
 def test_hookyard_serve_freezes_what_exists_once_started_and_tests_do_not(tmp_path) -> None:
     # A full collection would walk every module, config and plugin object, holding up the webhooks in
     # progress: `hookyard serve` (one gateway for the process's life) moves them out of the collector's sight.

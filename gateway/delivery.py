@@ -804,8 +804,7 @@ class Engine:
                 return retry(f"timeout after {job.timeout:g}s")
             raise
         except Exception as exc:
-            if late:
-                task.uncancel()
+            _still_cancelled(task, late, exc)
             # A plugin bug or an unexpected failure: retried like any other, and logged with its traceback.
             log.exception("action raised", extra={**job.event.summary(), "action": job.action})
             return retry(f"{type(exc).__name__}: {exc}")
@@ -816,8 +815,7 @@ class Engine:
             # raised out of the task it would end `serve`, or leave the delivery leased with nothing recorded.
             # Real signals never raise here (serve handles them on the loop), so it is the plugin's: a failed
             # attempt, retried on the schedule like any other.
-            if late:
-                task.uncancel()
+            _still_cancelled(task, late, exc)
             log.error(
                 "action raised %s, which is not an Exception; counted as a failed attempt",
                 type(exc).__name__,
@@ -890,3 +888,13 @@ async def _cancel(*tasks: asyncio.Task[None] | None) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _still_cancelled(task: asyncio.Task[Any], late: bool, exc: BaseException) -> None:
+    """After an action raised exc, which is not a CancelledError: take back the deadline's cancellation if
+    it was late, and raise CancelledError if someone else (a shutdown) cancelled the task too, whose
+    cancellation the action turned into exc: the attempt is cut off, not a failure to record."""
+    if late:
+        task.uncancel()
+    if task.cancelling():
+        raise asyncio.CancelledError from exc

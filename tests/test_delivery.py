@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import os
@@ -675,6 +676,42 @@ def test_an_action_that_raises_a_base_exception_fails_the_attempt_and_the_gatewa
         f"action raised {type(raised).__name__}, which is not an Exception; counted as a failed attempt"
     )
     assert said[0].plugin == __name__
+
+
+def test_an_action_that_turns_the_shutdowns_cancellation_into_system_exit_is_cut_off_not_failed(
+    tmp_path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The SystemExit was taken for the action's own failure: the shutdown's cancellation was lost and a
+    # failed attempt recorded for a delivery the stop had cut off.
+    from gateway.actions import Action, Job
+
+    started = threading.Event()
+
+    class Exits(Action):
+        name = "exits"
+
+        async def deliver(self, job: Job) -> Outcome:
+            started.set()
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                raise SystemExit(4) from None
+            return delivered()
+
+    route = users_route(downstream, {"id": "app", "use": "exits"})
+    config = gateway_config(tmp_path, routes=[route])
+    config["delivery"]["shutdown_timeout"] = "1s"
+    with RunningGateway(config, pm=plugins_with(actions=[Exits])) as gw:
+        body, headers = svix_request(msg_id="msg_exits")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        assert started.wait(10)
+    with contextlib.closing(sqlite3.connect(tmp_path / "hookyard.db")) as db:
+        attempts = db.execute("SELECT count(*) FROM attempts").fetchone()[0]
+        states = [state for (state,) in db.execute("SELECT state FROM deliveries")]
+    assert (attempts, states) == (0, ["pending"])
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if m.startswith("action raised")]
+    assert "released unfinished deliveries" in messages
 
 
 def test_an_action_error_is_stored_and_logged_cut_to_a_bounded_length(

@@ -527,31 +527,34 @@ class Gateway:
         stalls = StallWatch(loop)
         stalls.start()
         try:
-            # A listener that stops on its own ends the wait as surely as a signal does.
-            await asyncio.wait([exit_requested, *servers], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            exit_requested.cancel()
-            if watcher is not None:
-                watcher.cancel()
-            self.ready = False
-            self._shutting_down = True
-            self.metrics.ready.set(0)
-            log.info("shutting down")
-            if self.config.listen.drain_delay and not servers[0].done():
-                hurried = asyncio.create_task(self._hurry.wait())
-                await asyncio.wait([hurried], timeout=self.config.listen.drain_delay)
-                hurried.cancel()
-            ingress.should_exit = True
-            await asyncio.gather(servers[0], return_exceptions=True)
-            cut_off(connections)
-            protocol.lingering.close_all()
             try:
-                await self.stop()
+                # A listener that stops on its own ends the wait as surely as a signal does.
+                await asyncio.wait([exit_requested, *servers], return_when=asyncio.FIRST_COMPLETED)
             finally:
-                ops.should_exit = True
-                await asyncio.gather(servers[1], return_exceptions=True)
-                stalls.stop()
-            log.info("stopped")
+                exit_requested.cancel()
+                if watcher is not None:
+                    watcher.cancel()
+                self.ready = False
+                self._shutting_down = True
+                self.metrics.ready.set(0)
+                log.info("shutting down")
+                if self.config.listen.drain_delay and not servers[0].done():
+                    hurried = asyncio.create_task(self._hurry.wait())
+                    await asyncio.wait([hurried], timeout=self.config.listen.drain_delay)
+                    hurried.cancel()
+                ingress.should_exit = True
+                await asyncio.gather(servers[0], return_exceptions=True)
+                cut_off(connections)
+                protocol.lingering.close_all()
+                try:
+                    await self.stop()
+                finally:
+                    ops.should_exit = True
+                    await asyncio.gather(servers[1], return_exceptions=True)
+                log.info("stopped")
+        finally:
+            # However the drain ends (cancelled, or failing), the watching thread does not outlive serve.
+            stalls.stop()
 
     async def _start_unless_exit(self) -> bool:
         """Start, unless an exit is asked for first (SIGTERM while the start waits): then the start is

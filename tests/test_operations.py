@@ -2731,3 +2731,42 @@ def test_a_provider_that_blocks_the_event_loop_is_named_in_the_log(
     assert f"in verify ({__file__}:" in record.getMessage()
     assert (record.function, record.file, record.suppressed) == ("verify", __file__, 0)
     assert "time.sleep(1.0)" in record.stack
+
+
+def test_a_serve_cancelled_while_it_drains_stops_watching_the_event_loop(tmp_path: Path) -> None:
+    # The watching thread was stopped at the end of the drain only: a serve cancelled during it (or whose
+    # drain failed) left the thread watching a loop that no longer ran, for the life of the process.
+    config = gateway_config(tmp_path)
+    config["listen"] = {**config.get("listen", {}), "drain_delay": "60s"}
+    gw = RunningGateway(config)  # its gateway and sockets, served here rather than in its thread
+    before = set(threading.enumerate())
+
+    async def cancel_while_draining() -> list[threading.Thread]:
+        serving = asyncio.create_task(gw.gateway.serve([gw.ingress_sock], [gw.ops_sock]))
+        watching: list[threading.Thread] = []
+        for _ in range(1000):  # 10 s at most
+            watching = [
+                t for t in threading.enumerate() if t not in before and t.name == "hookyard-stall-watch"
+            ]
+            if watching or serving.done():
+                break
+            await asyncio.sleep(0.01)
+        gw.gateway.request_exit()
+        for _ in range(1000):
+            if not gw.gateway.ready:
+                break
+            await asyncio.sleep(0.01)
+        serving.cancel()  # in the drain delay's wait
+        with contextlib.suppress(asyncio.CancelledError):
+            await serving
+        await gw.gateway.stop()
+        return watching
+
+    try:
+        [watching] = asyncio.run(cancel_while_draining())
+        wait_until(lambda: not watching.is_alive())
+    finally:
+        gw.loop.close()
+        gw.client.close()
+        gw.ingress_sock.close()
+        gw.ops_sock.close()

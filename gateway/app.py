@@ -36,7 +36,7 @@ from gateway.plugins import HookTrace, PluginError, Registry, check_implementati
 from gateway.protocol import LINGERING_AT_MOST, OpsProtocol, cut_off, tls_protocol, webhook_protocol
 from gateway.retention import Retention
 from gateway.routing import RouteTable, load_routes, never_matched
-from gateway.stalls import StallWatch
+from gateway.stalls import StallWatch, plugin_sources
 from gateway.storage import Storage, open_storage
 from gateway.storage.sqlite import FSYNC_TIMEOUT
 from gateway.tasks import CANCELLED_GRACE, DaemonThread, cancel_and_wait
@@ -524,7 +524,10 @@ class Gateway:
         if self.config_path is not None and self.config.reload.watch:
             watcher = asyncio.create_task(self._watch_config(), name="hookyard-config-watch")
         exit_requested = asyncio.create_task(self._exit.wait())
-        stalls = StallWatch(loop)
+        stalls = StallWatch(
+            loop,
+            plugin_sources(self.pm, [*self.registry.providers.values(), *self.registry.actions.values()]),
+        )
         stalls.start()
         try:
             try:

@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import copy
 import gc
+import inspect
 import io
 import json
 import logging
 import os
+import selectors
 import signal
 import socket
 import sqlite3
@@ -36,6 +38,7 @@ from gateway.config import DeliveryEngine, parse_config
 from gateway.plugins import new_plugin_manager
 from gateway.storage.sqlite import SCHEMA
 from plugins.svix import SvixProvider
+from tests import support
 from tests.support import (
     Downstream,
     GatewayProcess,
@@ -2731,6 +2734,70 @@ def test_a_provider_that_blocks_the_event_loop_is_named_in_the_log(
     assert f"in verify ({__file__}:" in record.getMessage()
     assert (record.function, record.file, record.suppressed) == ("verify", __file__, 0)
     assert "time.sleep(1.0)" in record.stack
+
+
+class SyncClientProvider(SvixProvider):
+    name = "sync-client"
+    url = ""  # a server that never answers
+
+    def verify(self, headers: Any, body: bytes, now: float) -> None:
+        with contextlib.suppress(httpx.TimeoutException):
+            httpx.get(self.url, timeout=1.0)  # a plugin's synchronous client: the whole loop waits for it
+        super().verify(headers, body, now)
+
+
+def test_a_plugin_blocked_in_an_installed_library_is_the_one_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The innermost frame outside the standard library was named: httpcore's, where the plugin's call waited,
+    # with the plugin's own frame cut from the stack logged and a once-a-minute limit on httpcore's line
+    # that silenced every other plugin blocked the same way.
+    monkeypatch.setattr(stalls, "STALL_THRESHOLD", 0.3)
+    silent = socket.create_server(("127.0.0.1", 0))  # takes connections, never answers
+    monkeypatch.setattr(SyncClientProvider, "url", f"http://127.0.0.1:{silent.getsockname()[1]}/")
+    config = gateway_config(tmp_path)
+    config["sources"]["consignease"]["provider"] = SyncClientProvider.name
+    with silent, RunningGateway(config, pm=plugins_with(providers=[SyncClientProvider])) as gw:
+        body, headers = svix_request(msg_id="msg_sync_client")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        blocked = wait_until(
+            lambda: [r for r in caplog.records if r.name == "hookyard.loop" and r.file == __file__]
+        )
+    [record] = blocked
+    assert (record.function, record.plugin) == ("verify", __name__)
+    assert f"in verify ({__file__}:" in record.getMessage()
+    assert f"of plugin {__name__}" in record.getMessage()
+    assert "a plugin must not block" in record.getMessage()
+    assert record.stack.startswith(f'  File "{__file__}"')  # from the plugin's frame inward
+    assert "httpcore" in record.stack
+
+
+@pytest.mark.parametrize("new_loop", event_loops())
+def test_an_event_loop_waiting_for_something_to_do_is_never_said_to_be_blocked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, new_loop: Any
+) -> None:
+    # A loop late to beat only because the process had been paused (SIGSTOP, a VM suspended) was said to
+    # be blocked in the frame that runs it, its thread waiting in the selector. Here any beat is late.
+    monkeypatch.setattr(stalls, "STALL_THRESHOLD", 0.0)
+    config = gateway_config(tmp_path)
+    config["sources"]["consignease"]["provider"] = BlockingProvider.name
+    with RunningGateway(config, pm=plugins_with(providers=[BlockingProvider]), new_loop=new_loop) as gw:
+        time.sleep(1.0)  # idle, looked at by the watch a few times
+        body, headers = svix_request(msg_id="msg_blocking")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        # The watch, which looked at the idle loop all along, has said something since.
+        wait_until(lambda: [r for r in caplog.records if r.name == "hookyard.loop"])
+    # (A loaded machine may hold the loop up elsewhere too, or find it at work: only a waiting loop is looked
+    # for, its innermost frame the selector's or the one that runs the loop.)
+    innermost = [r.stack.rpartition('  File "')[2] for r in caplog.records if r.name == "hookyard.loop"]
+    waiting = [selectors.__file__, f'{support.__file__}", line {support_run_line()}, in _run']
+    assert not [frame for frame in innermost if frame.startswith(tuple(waiting))]
+
+
+def support_run_line() -> int:
+    """The line of RunningGateway._run that runs the loop."""
+    lines, first = inspect.getsourcelines(RunningGateway._run)
+    return first + next(n for n, line in enumerate(lines) if "run_until_complete" in line)
 
 
 def test_a_serve_cancelled_while_it_drains_stops_watching_the_event_loop(tmp_path: Path) -> None:

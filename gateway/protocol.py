@@ -47,7 +47,8 @@ close_notify is sent, and the client's is not waited for. So is one still linger
 still coming, or its commit) is aborted, unanswered (cut_off).
 
 The ops listener's protocol (OpsProtocol) is uvicorn's, but for the end of its drain: a request cut off
-then gets no answer either. And a request's head has a deadline and a bound there too (408, 431).
+then gets no answer either. And a request's head has a deadline and a bound there too (408, 431), and
+its body a deadline (408).
 
 Expect: a request whose client waits for `100 Continue` and is refused before it is sent one closes its
 connection after the answer, on both listeners (see _unanswered_if_cut_off).
@@ -824,7 +825,7 @@ async def _unanswered_if_cut_off(
     try:
         await app(scope, receive, send)
     except asyncio.CancelledError:
-        if cycle.response_started:
+        if cycle.response_complete or (isinstance(cycle, RequestResponseCycle) and cycle.response_started):
             raise  # uvicorn closes the connection under an answer begun
         cycle.disconnected = True
         cycle.transport.close()
@@ -859,6 +860,8 @@ _OPS_URL_TOO_LONG = _ops_closing(f"the URL is longer than {URL_LIMIT} bytes")
 # How long the ops listener waits for a request's line and headers, from the connection or from the
 # request's first byte: probes, scrapes and admin calls send theirs at once.
 OPS_HEAD_TIMEOUT = 10.0  # seconds
+# How long it waits for a request's body once its head is in: an admin call's is a few fields, sent with it.
+OPS_BODY_TIMEOUT = 10.0  # seconds
 
 
 class OpsProtocol(UpgradeIgnoring):
@@ -868,12 +871,16 @@ class OpsProtocol(UpgradeIgnoring):
     A request line and headers that go on past OPS_HEAD_LIMIT are answered 431 as they arrive, and closed:
     uvicorn would hold all of it in memory, for as long as it came. Those that have not come within
     OPS_HEAD_TIMEOUT of the connection, or of the request's first byte, are answered 408, and closed: uvicorn
-    would hold the connection for ever (its keep-alive timeout runs only after an answer)."""
+    would hold the connection for ever (its keep-alive timeout runs only after an answer). So is a body that
+    has not all come within OPS_BODY_TIMEOUT of its head, or closed without an answer if it was answered
+    already (the rest of a body an endpoint did not read): uvicorn would wait for it for ever, and cancels
+    its keep-alive timeout at every byte."""
 
     # A request's head is being read, and the bytes of the reads since it began.
     _in_head = False
     _head_bytes = 0
     _head_deadline: asyncio.TimerHandle | None = None
+    _body_deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn's takes a Transport
@@ -881,6 +888,7 @@ class OpsProtocol(UpgradeIgnoring):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_came()
+        self._body_came()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -892,6 +900,41 @@ class OpsProtocol(UpgradeIgnoring):
         self._in_head = False
         self._head_came()
         super().on_headers_complete()
+        # Until on_message_complete, which follows at once for a request without a body.
+        self._wait_for_body()
+
+    def on_message_complete(self) -> None:
+        self._body_came()
+        super().on_message_complete()
+
+    def _wait_for_body(self) -> None:
+        self._body_came()
+        self._body_deadline = self.loop.call_later(OPS_BODY_TIMEOUT, self._body_timed_out, OPS_BODY_TIMEOUT)
+
+    def _body_came(self) -> None:
+        if self._body_deadline is not None:
+            self._body_deadline.cancel()
+            self._body_deadline = None
+
+    def _body_timed_out(self, timeout: float) -> None:
+        self._body_deadline = None
+        cycle = self.cycle
+        if self.transport.is_closing() or cycle is None:
+            return
+        if cycle.waiting_for_100_continue or any(queued is cycle for queued, _ in self.pipeline):
+            # Its client was not asked for the body yet, or it is queued behind a request still being
+            # answered, and reading is paused until then: its time begins once it is read.
+            self._wait_for_body()
+            return
+        if cycle.response_complete or (isinstance(cycle, RequestResponseCycle) and cycle.response_started):
+            # Answered already (or being answered): the rest of the body was to be read and dropped.
+            self.transport.close()
+            return
+        # The endpoint waits for the body (an admin call): it is told its client left, and what it answers
+        # goes nowhere (uvicorn writes nothing for a cycle that is disconnected).
+        cycle.disconnected = True
+        cycle.message_event.set()
+        self._close_with(408, _ops_closing(f"the body did not come within {timeout:g} s"))
 
     def _wait_for_head(self) -> None:
         self._head_came()

@@ -347,6 +347,38 @@ def test_an_ops_connection_whose_head_does_not_come_in_time_gets_408_and_is_clos
     assert json.loads(body) == {"error": "the request line and headers did not come within 0.3 s"}
 
 
+def test_an_admin_request_whose_body_stops_gets_408_and_its_connection_is_closed(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # uvicorn waited for the rest of the body for ever, with the connection and the endpoint's task.
+    monkeypatch.setattr(protocol, "OPS_BODY_TIMEOUT", 0.3)
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.ops_url) as conn:
+        head = b"POST /admin/replay HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n"
+        conn.send(head + b'{"mode": "')
+        status, headers, body = conn.answer()
+        assert conn.closed_by_server()
+        with Connection(gw.ops_url) as other:  # a body that comes whole is read as ever
+            other.send(b"POST /admin/replay HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 16\r\n\r\n")
+            other.send(b'{"mode": "dead"}')
+            assert other.answer()[0] == 200
+    assert (status, headers["content-type"], headers["connection"]) == (408, "application/json", "close")
+    assert json.loads(body) == {"error": "the body did not come within 0.3 s"}
+
+
+def test_an_ops_connection_whose_body_stops_after_its_answer_is_closed(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Answered without reading its body (/healthz), the connection read the rest to drop it: every byte
+    # cancelled uvicorn's keep-alive timeout, so a body that stopped held the connection for ever.
+    monkeypatch.setattr(protocol, "OPS_BODY_TIMEOUT", 0.3)
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.ops_url) as conn:
+        conn.sock.settimeout(20)  # closed within a second or so, or never
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        assert conn.answer()[0] == 200
+        conn.send(b"01234")  # after the answer, which armed the keep-alive timeout
+        assert conn.closed_by_server()
+
+
 @pytest.mark.parametrize("listener", ["url", "ops_url"])
 @pytest.mark.parametrize("path", ["/webhooks/consignease?", "/nowhere/"])
 def test_a_url_too_long_to_parse_is_refused_414_naming_it_and_the_listener_goes_on(

@@ -51,6 +51,10 @@ log = logging.getLogger("hookyard")
 # app it serves (it gets SIGTERM only once the app has exited).
 INGRESS_DRAIN_TIMEOUT = 5  # seconds
 OPS_DRAIN_TIMEOUT = 1
+# How long the ops listener keeps a connection open after an answer, for the next request (uvicorn's
+# default). The kubelet opens a connection per probe; Prometheus keeps its scrape connection, and one
+# closed between two scrapes (15 s to 1 min apart) is seen closed and dialled again, without an error.
+OPS_IDLE_TIMEOUT = 5  # seconds
 # How long the plugins' shutdown hooks may take, all of them together: one waiting on a service that stopped
 # answering (a flush with no timeout of its own) is cancelled then, and the store is closed all the same.
 # One that does not end on its cancellation (or blocks its thread) is left running CANCELLED_GRACE later.
@@ -501,6 +505,7 @@ class Gateway:
         self.metrics.webhook_connections.set_function(lambda: len(connections))
         ops_uvicorn = self._uvicorn_config(self.ops, ops_config.host, ops_config.port, OPS_DRAIN_TIMEOUT)
         ops_uvicorn.http = OpsProtocol  # uvicorn's, but what its drain cuts off gets no answer
+        ops_uvicorn.timeout_keep_alive = OPS_IDLE_TIMEOUT
         ops = _Server(ops_uvicorn, "ops")
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)

@@ -874,7 +874,8 @@ class OpsProtocol(UpgradeIgnoring):
     would hold the connection for ever (its keep-alive timeout runs only after an answer). So is a body that
     has not all come within OPS_BODY_TIMEOUT of its head, or closed without an answer if it was answered
     already (the rest of a body an endpoint did not read): uvicorn would wait for it for ever, and cancels
-    its keep-alive timeout at every byte."""
+    its keep-alive timeout at every byte. And a connection that is idle again after what it was sent (the
+    end of a body after its answer, a blank line between requests) has the keep-alive timeout again."""
 
     # A request's head is being read, and the bytes of the reads since it began.
     _in_head = False
@@ -957,11 +958,25 @@ class OpsProtocol(UpgradeIgnoring):
         self._close_with(408, _ops_closing(f"the request line and headers did not come within {timeout:g} s"))
 
     def data_received(self, data: bytes) -> None:
-        super().data_received(data)
-        if self._in_head and not self.transport.is_closing():
+        super().data_received(data)  # cancels the keep-alive timeout
+        if self.transport.is_closing():
+            return
+        if self._in_head:
             self._head_bytes += len(data)  # with what came before it in the same read: a bound, no more
             if self._head_bytes > OPS_HEAD_LIMIT:
                 self._close_with(431, _OPS_HEAD_TOO_LARGE)
+        elif (
+            self._head_deadline is None
+            and self._body_deadline is None
+            and self.timeout_keep_alive_task is None
+            and (self.cycle is None or self.cycle.response_complete)
+            and not self.pipeline
+        ):
+            # Idle again, with nothing to wait for: what came ended a body already answered, or was no
+            # request (blank lines between requests). uvicorn arms its timeout only after an answer.
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         super()._start_asgi_task(cycle, partial(_unanswered_if_cut_off, app, cycle))

@@ -379,6 +379,26 @@ def test_an_ops_connection_whose_body_stops_after_its_answer_is_closed(
         assert conn.closed_by_server()
 
 
+@pytest.mark.parametrize(
+    ("head", "then"),
+    [(b"Content-Length: 10\r\n", b"0123456789"), (b"", b"\r\n")],
+    ids=["the end of its body", "a blank line"],
+)
+def test_an_ops_connection_idle_again_after_what_follows_its_answer_is_closed_at_the_keep_alive_timeout(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, head: bytes, then: bytes
+) -> None:
+    # What came after the answer cancelled uvicorn's keep-alive timeout, which only the next answer arms:
+    # the end of a body /healthz did not read, or a blank line (which begins no request), and the connection
+    # was held for ever.
+    monkeypatch.setattr(app, "OPS_IDLE_TIMEOUT", 1)
+    with RunningGateway(gateway_config(tmp_path)) as gw, Connection(gw.ops_url) as conn:
+        conn.sock.settimeout(20)  # closed within a second or so, or never
+        conn.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + head + b"\r\n")
+        assert conn.answer()[0] == 200
+        conn.send(then)
+        assert conn.closed_by_server()
+
+
 @pytest.mark.parametrize("listener", ["url", "ops_url"])
 @pytest.mark.parametrize("path", ["/webhooks/consignease?", "/nowhere/"])
 def test_a_url_too_long_to_parse_is_refused_414_naming_it_and_the_listener_goes_on(

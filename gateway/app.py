@@ -31,9 +31,16 @@ from gateway.ingress import Ingress
 from gateway.launch import sigterm_caught
 from gateway.logs import serving_listener
 from gateway.metrics import Metrics
-from gateway.ops import ops_app
+from gateway.ops import connections_shed, ops_app
 from gateway.plugins import HookTrace, PluginError, Registry, check_implementations, plugin_manager
-from gateway.protocol import LINGERING_AT_MOST, OpsProtocol, cut_off, tls_protocol, webhook_protocol
+from gateway.protocol import (
+    LINGERING_AT_MOST,
+    OPS_MAX_CONNECTIONS,
+    cut_off,
+    ops_protocol,
+    tls_protocol,
+    webhook_protocol,
+)
 from gateway.retention import Retention
 from gateway.routing import RouteTable, load_routes, never_matched
 from gateway.stalls import StallWatch, plugin_sources
@@ -81,11 +88,12 @@ GC_YOUNG_THRESHOLD = 10_000
 CONFIG_SETTLE = 0.5  # seconds
 
 # The files a gateway keeps open besides its webhook listener's connections: about 30 at rest (the store's
-# database, WAL and lock, the fsync helper's pipes, both listening sockets, the event loop's own, stdio),
-# with the ops listener's probes, scrapes and admin calls on top; and the webhook listener's connections
-# closed after their answer, for the moment they linger (LINGERING_AT_MOST). Deliveries add up to two per
-# worker (delivery.concurrency): the forward action's keep-alive connections and aiohttp's pool.
-FILES_RESERVED = 64 + LINGERING_AT_MOST
+# database, WAL and lock, the fsync helper's pipes, both listening sockets, the event loop's own, stdio);
+# the ops listener's connections (probes, scrapes and admin calls: OPS_MAX_CONNECTIONS at most); and the
+# webhook listener's connections closed after their answer, for the moment they linger (LINGERING_AT_MOST).
+# Deliveries add up to two per worker (delivery.concurrency): the forward action's keep-alive connections
+# and aiohttp's pool.
+FILES_RESERVED = 32 + OPS_MAX_CONNECTIONS + LINGERING_AT_MOST
 
 
 def collect_less() -> None:
@@ -504,9 +512,12 @@ class Gateway:
         connections = ingress.server_state.connections  # read at each scrape: nothing per connection
         self.metrics.webhook_connections.set_function(lambda: len(connections))
         ops_uvicorn = self._uvicorn_config(self.ops, ops_config.host, ops_config.port, OPS_DRAIN_TIMEOUT)
-        ops_uvicorn.http = OpsProtocol  # uvicorn's, but what its drain cuts off gets no answer
+        # uvicorn's, but what its drain cuts off gets no answer, and its connections are bounded.
+        ops_uvicorn.http = ops_protocol(connections_shed(self))
         ops_uvicorn.timeout_keep_alive = OPS_IDLE_TIMEOUT
         ops = _Server(ops_uvicorn, "ops")
+        ops_connections = ops.server_state.connections
+        self.metrics.ops_connections.set_function(lambda: len(ops_connections))
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signal.SIGHUP, self._reload_soon)
         if hups:

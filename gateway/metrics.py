@@ -276,6 +276,18 @@ class Metrics:
             "open-file limit cannot hold it); past it, new ones are refused 503 too_many_connections.",
             registry=registry,
         )
+        self.ops_connections = Gauge(
+            "hookyard_ops_connections",
+            "Connections open on the ops listener (32 at most).",
+            registry=registry,
+        )
+        self.ops_connections_shed = Counter(
+            "hookyard_ops_connections_shed_total",
+            "Connections the ops listener shed while it had its 32 open, by outcome: closed (the oldest with no "
+            "request being answered, for a new one) or refused (503, each one had a request being answered).",
+            ["outcome"],
+            registry=registry,
+        )
         self.storage_writable = Gauge(
             "hookyard_storage_writable",
             "1 when the store took the last readiness check's test write (every /readyz), 0 when it failed or "

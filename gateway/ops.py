@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -13,12 +14,42 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway.admin import Endpoint, admin_routes, http_error
+from gateway.logs import Throttle
+from gateway.protocol import OPS_MAX_CONNECTIONS
 from gateway.storage import StorageUnavailable
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
 log = logging.getLogger("hookyard.ops")
+
+# A flood of connections comes as fast as anyone sends it: the log says so once a minute per outcome, the
+# metric counts each one.
+_SHED_LOG_INTERVAL = 60.0  # seconds
+_SHED = {
+    "closed": "the ops listener has %d connections open: the oldest with no request being answered is closed "
+    "for each new one",
+    "refused": "the ops listener has %d connections open, each with a request being answered: new ones are "
+    "refused 503",
+}
+
+
+def connections_shed(gateway: Gateway) -> Callable[[str], None]:
+    """What the ops listener calls for each connection it closes or refuses once it has OPS_MAX_CONNECTIONS
+    open (see gateway.protocol.OpsProtocol): counted, and said in the log at most once a minute."""
+    throttle = Throttle(_SHED_LOG_INTERVAL)
+
+    def shed(outcome: str) -> None:
+        gateway.metrics.ops_connections_shed.labels(outcome).inc()
+        suppressed = throttle.admit(outcome)
+        if suppressed is not None:
+            log.warning(
+                _SHED[outcome],
+                OPS_MAX_CONNECTIONS,
+                extra={"max_connections": OPS_MAX_CONNECTIONS, "suppressed": suppressed},
+            )
+
+    return shed
 
 
 def ops_app(gateway: Gateway) -> Starlette:

@@ -862,6 +862,14 @@ _OPS_URL_TOO_LONG = _ops_closing(f"the URL is longer than {URL_LIMIT} bytes")
 OPS_HEAD_TIMEOUT = 10.0  # seconds
 # How long it waits for a request's body once its head is in: an admin call's is a few fields, sent with it.
 OPS_BODY_TIMEOUT = 10.0  # seconds
+# The ops listener's connections open at once, at most: probes, scrapes and admin calls take a few. Their file
+# descriptors are kept besides listen.max_connections (gateway.app.FILES_RESERVED), so that a flood of them
+# leaves the webhook listener and the store theirs.
+OPS_MAX_CONNECTIONS = 32
+_OPS_TOO_MANY_CONNECTIONS = b"retry-after: 5\r\n" + _ops_closing(
+    f"the ops listener has {OPS_MAX_CONNECTIONS} connections open, each with a request being answered; "
+    "retry later"
+)
 
 
 class OpsProtocol(UpgradeIgnoring):
@@ -875,17 +883,61 @@ class OpsProtocol(UpgradeIgnoring):
     has not all come within OPS_BODY_TIMEOUT of its head, or closed without an answer if it was answered
     already (the rest of a body an endpoint did not read): uvicorn would wait for it for ever, and cancels
     its keep-alive timeout at every byte. And a connection that is idle again after what it was sent (the
-    end of a body after its answer, a blank line between requests) has the keep-alive timeout again."""
+    end of a body after its answer, a blank line between requests) has the keep-alive timeout again.
+
+    At most OPS_MAX_CONNECTIONS connections are open at once. One more closes the oldest that has no request
+    being answered (idle, still sending its request, or not reading its answer), so that a flood of idle or
+    slow connections cannot keep a probe or a scrape out; refused with 503 only when each one has a request
+    being answered. `shed` is told which ("closed", "refused"), to count and log it."""
 
     # A request's head is being read, and the bytes of the reads since it began.
     _in_head = False
     _head_bytes = 0
     _head_deadline: asyncio.TimerHandle | None = None
     _body_deadline: asyncio.TimerHandle | None = None
+    _opened = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn's takes a Transport
+        self._opened = self.loop.time()
+        if len(self.connections) > OPS_MAX_CONNECTIONS and not self._make_room():
+            # Its slot is given up at once, as on the webhook listener: a burst of refusals does not refuse
+            # the next connection in turn.
+            self.connections.discard(self)
+            self._close_with(503, _OPS_TOO_MANY_CONNECTIONS)
+            self.shed("refused")
+            return
         self._wait_for_head()
+
+    def _make_room(self) -> bool:
+        """Close the oldest other connection with no request being answered; whether there was one."""
+        others = (
+            cast(OpsProtocol, other)
+            for other in self.connections
+            if other is not self and not cast(OpsProtocol, other)._answering()
+        )
+        oldest = min(others, key=lambda other: other._opened, default=None)
+        if oldest is None:
+            return False
+        # Aborted: a close would wait for a client that does not read to take what was written to it.
+        self.connections.discard(oldest)
+        oldest.transport.abort()
+        self.shed("closed")
+        return True
+
+    def shed(self, outcome: str) -> None:
+        """A connection was closed ("closed") or refused ("refused") for the limit: see ops_protocol."""
+
+    def _answering(self) -> bool:
+        """Whether a request is being answered: all of it read, and its answer to come or being read."""
+        cycle = self.cycle
+        return (
+            cycle is not None
+            and not cycle.response_complete
+            and not cycle.more_body
+            and not self.transport.is_closing()
+            and not self.flow.write_paused
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_came()
@@ -1005,6 +1057,16 @@ class OpsProtocol(UpgradeIgnoring):
 # read. What the gateway wrote is sent before its close_notify: nothing the client was owed is lost. (An
 # idle connection does not wait: see CoalescedWrites.close_at_once.)
 TLS_SHUTDOWN_TIMEOUT = 1.0  # seconds
+
+
+def ops_protocol(shed: Callable[[str], None]) -> type[OpsProtocol]:
+    """The ops listener's protocol class, telling `shed` of each connection it closes or refuses when full."""
+
+    class Ops(OpsProtocol):
+        def shed(self, outcome: str) -> None:
+            shed(outcome)
+
+    return Ops
 
 
 def tls_protocol(

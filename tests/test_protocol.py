@@ -16,18 +16,21 @@ import weakref
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from prometheus_client import generate_latest
 
 from gateway import app, hookimpl, protocol, providers
 from gateway.app import GC_YOUNG_THRESHOLD, INGRESS_DRAIN_TIMEOUT
 from gateway.plugins import new_plugin_manager
-from gateway.protocol import CoalescedWrites, Lingering
+from gateway.protocol import OPS_MAX_CONNECTIONS, CoalescedWrites, Lingering
 from gateway.providers import Provider
 from plugins.svix import SvixProvider
 from tests.support import (
     RunningGateway,
     event_loops,
     gateway_config,
+    metric_value,
     open_sockets,
     self_signed,
     svix_request,
@@ -397,6 +400,82 @@ def test_an_ops_connection_idle_again_after_what_follows_its_answer_is_closed_at
         assert conn.answer()[0] == 200
         conn.send(then)
         assert conn.closed_by_server()
+
+
+def ops_metric(gw: RunningGateway, name: str, **labels: str) -> float:
+    """A metric read in the gateway's process, not scraped: a scrape's connection would count among the ops
+    listener's."""
+    return metric_value(generate_latest(gw.gateway.metrics.registry).decode(), name, **labels)
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_a_flood_of_idle_ops_connections_closes_the_oldest_and_probes_and_scrapes_are_answered(
+    tmp_path,
+) -> None:
+    # The ops listener took every connection, each held until its head's deadline: a flood renewed as fast
+    # took every file descriptor the process may open, and /healthz, /readyz, webhooks and the store failed.
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        port = int(gw.ops_url.rpartition(":")[2])
+        flood = [
+            socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3 * OPS_MAX_CONNECTIONS)
+        ]
+        try:
+            flood[-1].sendall(b"GET /healthz HTTP/1.1\r\n")  # half a head: no request being answered
+            assert httpx.get(gw.ops_url + "/healthz", timeout=10).status_code == 200
+            assert httpx.get(gw.ops_url + "/metrics", timeout=10).status_code == 200
+            assert closed_by_server(flood[0])  # the oldest, at once, not at its head's deadline
+            assert ops_metric(gw, "hookyard_ops_connections") <= OPS_MAX_CONNECTIONS
+            assert (
+                ops_metric(gw, "hookyard_ops_connections_shed_total", outcome="closed")
+                >= 2 * OPS_MAX_CONNECTIONS
+            )
+        finally:
+            for sock in flood:
+                sock.close()
+
+
+def test_one_ops_connection_more_than_those_each_being_answered_is_refused_503(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    release, held = threading.Event(), []
+
+    async def check_writable(room: int) -> None:
+        held.append(room)
+        for _ in range(600):  # 30 s at most
+            if release.is_set():
+                return
+            await asyncio.sleep(0.05)
+
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        monkeypatch.setattr(gw.gateway.storage, "check_writable", check_writable)
+        wait_until(lambda: ops_metric(gw, "hookyard_ops_connections") == 0)  # the start's readiness checks
+        probes = [Connection(gw.ops_url) for _ in range(OPS_MAX_CONNECTIONS)]
+        try:
+            for probe in probes:
+                probe.send(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            wait_until(lambda: len(held) == OPS_MAX_CONNECTIONS)
+            with Connection(gw.ops_url) as one_more:
+                status, headers, body = one_more.answer()
+                assert one_more.closed_by_server()
+            release.set()
+            assert [probe.answer()[0] for probe in probes] == [200] * OPS_MAX_CONNECTIONS  # none was closed
+        finally:
+            release.set()
+            for probe in probes:
+                probe.__exit__()
+        assert httpx.get(gw.ops_url + "/healthz", timeout=10).status_code == 200
+        assert ops_metric(gw, "hookyard_ops_connections_shed_total", outcome="refused") == 1
+    assert (status, headers["retry-after"], headers["connection"]) == (503, "5", "close")
+    assert json.loads(body) == {
+        "error": f"the ops listener has {OPS_MAX_CONNECTIONS} connections open, each with a request being "
+        "answered; retry later"
+    }
 
 
 @pytest.mark.parametrize("listener", ["url", "ops_url"])

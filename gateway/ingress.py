@@ -443,11 +443,11 @@ _PROVIDER_CODES: dict[type, frozenset[CodeType]] = {}
 
 
 def _provider_codes(cls: type) -> frozenset[CodeType]:
-    """The code of every method the provider's own classes define: not Hookyard's Provider base class,
-    whose bugs are Hookyard's."""
+    """The code of every method the provider's own classes define, mixins among them: not Hookyard's
+    Provider base class (nor its bases), whose bugs are Hookyard's."""
     codes: set[CodeType] = set()
     for klass in cls.__mro__:
-        if klass is Provider or not issubclass(klass, Provider):
+        if klass in Provider.__mro__:
             continue
         for value in vars(klass).values():
             if isinstance(value, staticmethod | classmethod):

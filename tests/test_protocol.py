@@ -1294,6 +1294,17 @@ class ParseReturnsNone(SvixProvider):
         return None  # a 500 internal_error, with an AttributeError of the gateway's to read
 
 
+class SharedVerify:
+    """A mixin a plugin's providers share: not a Provider itself."""
+
+    def verify(self, headers: Any, body: bytes, now: float) -> None:
+        raise KeyError("x-signature")
+
+
+class VerifyFromMixin(SharedVerify, SvixProvider):
+    name = "verify-from-mixin"
+
+
 @pytest.mark.parametrize("expect", [False, True], ids=["fast_path", "asgi_path"])
 @pytest.mark.parametrize(
     ("provider", "said"),
@@ -1302,8 +1313,9 @@ class ParseReturnsNone(SvixProvider):
         (VerifyExits, "verify raised SystemExit: 2"),
         (EventTypeNone, "parse made an event whose type is None (a NoneType), not a str"),
         (ParseReturnsNone, "parse returned NoneType, not an Event"),
+        (VerifyFromMixin, "verify raised KeyError: 'x-signature'"),
     ],
-    ids=["event_type_raises", "verify_exits", "event_type_none", "parse_returns_none"],
+    ids=["event_type_raises", "verify_exits", "event_type_none", "parse_returns_none", "verify_from_mixin"],
 )
 def test_a_provider_that_fails_every_webhook_is_named_once_and_its_senders_are_told_to_retry(
     tmp_path, caplog: pytest.LogCaptureFixture, provider: type[Provider], said: str, expect: bool

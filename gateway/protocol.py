@@ -930,6 +930,10 @@ class OpsProtocol(UpgradeIgnoring):
 
     def _answering(self) -> bool:
         """Whether a request is being answered: all of it read, and its answer to come or being read."""
+        if self.pipeline:
+            # Requests wait behind one still being answered: the current cycle is the latest of them, whose
+            # body may still be coming.
+            return True
         cycle = self.cycle
         return (
             cycle is not None

@@ -459,6 +459,9 @@ def test_one_ops_connection_more_than_those_each_being_answered_is_refused_503(
         try:
             for probe in probes:
                 probe.send(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+            # Behind its request, one sends the start of another: still being answered all the same (it was
+            # taken for a connection whose request's body is still coming, and closed).
+            probes[0].send(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nab")
             wait_until(lambda: len(held) == OPS_MAX_CONNECTIONS)
             with Connection(gw.ops_url) as one_more:
                 status, headers, body = one_more.answer()

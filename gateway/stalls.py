@@ -38,8 +38,9 @@ _PATHS = sysconfig.get_paths()
 _STDLIB = tuple({_PATHS["stdlib"], _PATHS["platstdlib"]})
 # Installed packages, plugins among them, may lie under the standard library's directory.
 _INSTALLED = tuple({_PATHS["purelib"], _PATHS["platlib"]})
-# Where asyncio's own loop waits for something to do.
+# Where asyncio's own loop waits for something to do: in its selector, called from the loop's turn.
 _SELECTORS = selectors.__file__
+_RUN_ONCE = asyncio.base_events.BaseEventLoop._run_once.__code__  # type: ignore[attr-defined]
 # How many frames of a blocked stack are logged.
 _STACK_FRAMES = 8
 
@@ -79,7 +80,9 @@ class StallWatch:
         """Whether the loop's thread waits for something to do: in the selector's select (asyncio's loop), or
         in the frame that runs a loop written in C."""
         if frame.f_code.co_filename == _SELECTORS:
-            return True
+            # The loop's own wait, not a plugin's blocking call that waits in a selector too (subprocess.run
+            # with its output captured, multiprocessing's wait).
+            return frame.f_back is not None and frame.f_back.f_code is _RUN_ONCE
         if self._runner is None or frame.f_code is not self._runner[0]:
             return False
         return _depth(frame) == self._runner[1]

@@ -235,10 +235,68 @@ def downstream_server() -> Iterator[Downstream]:
         yield downstream
 
 
+REQUEST_READ_TIMEOUT = 10.0  # seconds, for the whole of a request that raw_server reads
+REQUEST_LIMIT = 16 * 1024 * 1024
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """One HTTP/1.1 request from conn, however many packets it came in: its head, then the body its
+    Content-Length or chunked encoding says. Less if the client stops sending first, or past
+    REQUEST_READ_TIMEOUT or REQUEST_LIMIT bytes."""
+    deadline = time.monotonic() + REQUEST_READ_TIMEOUT
+    buffer = bytearray()
+
+    def read_until(enough: Callable[[bytes], bool]) -> bool:
+        """Receive until enough(what came so far); False if the client stopped, or the time or size ran out."""
+        while not enough(bytes(buffer)):
+            left = deadline - time.monotonic()
+            if left <= 0 or len(buffer) > REQUEST_LIMIT:
+                return False
+            conn.settimeout(left)
+            try:
+                chunk = conn.recv(65536)
+            except OSError:  # timed out, or reset
+                return False
+            if not chunk:
+                return False
+            buffer.extend(chunk)
+        return True
+
+    if not read_until(lambda data: b"\r\n\r\n" in data):
+        return bytes(buffer)
+    body_start = buffer.index(b"\r\n\r\n") + 4
+    headers = {
+        name.strip().lower(): value.strip().lower()
+        for name, _, value in (
+            line.partition(b":") for line in bytes(buffer[: body_start - 4]).split(b"\r\n")[1:]
+        )
+    }
+    if b"chunked" not in headers.get(b"transfer-encoding", b""):
+        length = int(headers.get(b"content-length", b"0") or b"0")
+        read_until(lambda data: len(data) >= body_start + length)
+        return bytes(buffer)
+    # Chunk after chunk (its size line, its data, CRLF) up to the last, of size 0, then the trailers' blank line.
+    position = body_start
+    while read_until(lambda data, at=position: b"\r\n" in data[at:]):
+        line_end = buffer.index(b"\r\n", position)
+        try:
+            size = int(bytes(buffer[position:line_end]).split(b";")[0].strip(), 16)
+        except ValueError:
+            return bytes(buffer)
+        position = line_end + 2
+        if size == 0:
+            read_until(lambda data, at=position: data[at:].startswith(b"\r\n") or b"\r\n\r\n" in data[at:])
+            return bytes(buffer)
+        position += size + 2
+        if not read_until(lambda data, at=position: len(data) >= at):
+            break
+    return bytes(buffer)
+
+
 @contextmanager
 def raw_server(answer: Callable[[socket.socket], None]) -> Iterator[str]:
-    """A server that reads each request (whatever came in its first packet) and hands the connection to
-    `answer`, which writes what it likes and may close it: the server's address."""
+    """A server that reads each request whole (read_request), however many packets it comes in, and hands
+    the connection to `answer`, which writes what it likes and may close it: the server's address."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
@@ -249,7 +307,8 @@ def raw_server(answer: Callable[[socket.socket], None]) -> Iterator[str]:
                 return
             with conn:
                 # Once the request is in: a reset during the handshake would be a failed connect instead.
-                conn.recv(65536)
+                read_request(conn)
+                conn.settimeout(None)
                 answer(conn)
 
     threading.Thread(target=serve, daemon=True).start()

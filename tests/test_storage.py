@@ -726,8 +726,10 @@ def is_closed(connection: sqlite3.Connection) -> bool:
 def test_a_batch_waits_for_another_processs_write_lock_off_the_loop(
     db: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # The bound is well apart from the 0.15 s the lock is held for, so a loaded machine cannot blur them.
-    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT", 1.0)
+    # The bound is well apart from the 0.15 s the lock is held for, so a loaded machine cannot blur them: what
+    # the fault would show (the whole bound, waited for in SQLite's busy handler with the loop held) is twice
+    # what the checks below allow, and what they allow is ten times what each takes.
+    monkeypatch.setattr(sqlite_module, "BUSY_TIMEOUT", 3.0)
     other = sqlite3.connect(db.path, isolation_level=None)
 
     async def timed(operation: Coroutine[Any, Any, T]) -> tuple[T | BaseException, float]:
@@ -771,17 +773,17 @@ def test_a_batch_waits_for_another_processs_write_lock_off_the_loop(
         other.close()
     for key in ("waited", "waited_again"):
         stored, took = seen[key]
-        assert stored is True and 0.14 < took < 0.9, (key, stored, took)
+        assert stored is True and 0.14 < took < 1.5, (key, stored, took)
     refused, took = seen["refused"]
     assert isinstance(refused, StorageUnavailable), refused
     assert "database is locked (by another process, for " in str(refused)
-    assert 0.99 < took < 2.5, took
+    assert 2.99 < took < 4.5, took
     refused, took = seen["refused_at_once"]
-    assert isinstance(refused, StorageUnavailable) and took < 0.5, (refused, took)
+    assert isinstance(refused, StorageUnavailable) and took < 1.5, (refused, took)
     assert seen["retried"][0] is True  # nothing of it was written when it was refused
     # The loop ran all along: it never waited for the lock in SQLite's busy handler (which would hold it for
     # the whole bound, since the lock's release is itself a callback on this loop).
-    assert seen["stall"] < 0.5, seen["stall"]
+    assert seen["stall"] < 1.5, seen["stall"]
 
 
 def test_an_operation_that_fails_after_sqlite_rolled_back_is_refused_not_left_waiting(tmp_path: Path) -> None:

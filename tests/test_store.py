@@ -1058,28 +1058,49 @@ def test_deliveries_beyond_the_pool_end_by_their_timeout_and_say_what_they_waite
 
 
 def test_an_attempt_cancelled_while_it_rolls_back_leaves_no_error_and_a_clean_connection(
-    pg: PostgresDatabase, caplog: pytest.LogCaptureFixture
+    pg: PostgresDatabase, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    options = {"url": pg.action_url, "table": pg.table, "mode": "upsert", "key": "data.id"}
+    from plugins import store
 
-    async def run() -> Outcome:
-        async with store_action(options) as action:
-            assert (await action.deliver(job(make_event("e0")))).kind == "delivered"
-            blocker = await asyncpg.connect(pg.url)
-            try:
-                await blocker.execute(f'BEGIN; LOCK TABLE "{pg.table}" IN ACCESS EXCLUSIVE MODE')
-                attempt = asyncio.create_task(action.deliver(job(make_event("e1"), 0.3)))
-                # The engine cancels an attempt past its timeout on a timer of its own: here just after the
-                # action's own deadline, while it cancels its statement and rolls back. asyncpg then left the
-                # transaction to the pool, which logged an error about it.
-                asyncio.get_running_loop().call_later(0.302, attempt.cancel)
-                with contextlib.suppress(asyncio.CancelledError):
-                    await attempt
-            finally:
-                await blocker.close()
-            return await action.deliver(job(make_event("e2", data={"id": "user_2"})))
+    monkeypatch.setattr(store, "ROLLBACK_TIMEOUT", 5.0)
+    parts = urlsplit(pg.url)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        options = {"url": pg.action_url_via(proxy), "table": pg.table, "mode": "upsert", "key": "data.id"}
 
-    assert asyncio.run(run()).kind == "delivered"
+        async def run() -> tuple[bool, Outcome]:
+            loop = asyncio.get_running_loop()
+            async with store_action(options) as action:
+                assert (await action.deliver(job(make_event("e0")))).kind == "delivered"
+                blocker = await asyncpg.connect(pg.url)
+                try:
+                    await blocker.execute(f'BEGIN; LOCK TABLE "{pg.table}" IN ACCESS EXCLUSIVE MODE')
+                    started = loop.time()
+                    attempt = asyncio.create_task(action.deliver(job(make_event("e1"), 2)))
+                    # Its transaction begun, its statement waits for the lock; then the server's answers stop,
+                    # so that the rollback after the deadline waits (ROLLBACK_TIMEOUT) until the test lets it go.
+                    for _ in range(100):
+                        if await asyncio.to_thread(pg.action_sessions, "wait_event_type = 'Lock'"):
+                            break
+                        await asyncio.sleep(0.02)
+                    await asyncio.to_thread(proxy.pause)
+                    # The engine cancels an attempt past its timeout on a timer of its own: here a second into
+                    # the rollback, as the server answers again. asyncpg then left the transaction to the pool,
+                    # which logged an error about it.
+                    await asyncio.sleep(max(started + 3 - loop.time(), 0))
+                    rolling_back = not attempt.done()  # past its deadline, and not ended: in the rollback
+                    # Let go, and cancelled in the same turn of the loop: before it reads any of the answers.
+                    proxy.resume()
+                    attempt.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await attempt
+                finally:
+                    await asyncio.to_thread(proxy.resume)
+                    await blocker.close()
+                return rolling_back, await action.deliver(job(make_event("e2", data={"id": "user_2"})))
+
+        rolling_back, after = asyncio.run(run())
+    assert rolling_back
+    assert after.kind == "delivered"
     assert "Resetting connection" not in caplog.text
     assert pg.action_sessions("state = 'idle in transaction'") == 0
 

@@ -907,7 +907,7 @@ def test_a_reader_holding_an_old_snapshot_holds_up_no_commit_past_the_wal_size_l
         started = time.perf_counter()
         for n in range(3):
             assert db.ingest(f"evt_while_read_{n}", APP) is True
-        assert time.perf_counter() - started < 1.0
+        assert time.perf_counter() - started < 3  # a wait for the reader would take BUSY_TIMEOUT, 5 s
         backup.execute("COMMIT")
     # The reader gone, the WAL starts over.
     db.ingest("evt_after", APP)
@@ -1831,7 +1831,7 @@ def test_a_listing_takes_no_write_lock_and_waits_for_none(db: Harness) -> None:
         # The same for what bulk replays page through (narrowed to a rare source: a long walk too).
         assert [e.event.id for e in db.run(db.storage.events_page(since=None, source="shop"))] == ["evt_1"]
         assert db.run(db.storage.dead_delivery_ids(since=None, source="shop")) == []
-        assert time.perf_counter() - started < 1.0
+        assert time.perf_counter() - started < 3  # a wait for the lock would take BUSY_TIMEOUT, 5 s
         writer.execute("ROLLBACK")
 
 

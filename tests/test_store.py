@@ -1057,6 +1057,24 @@ def test_deliveries_beyond_the_pool_end_by_their_timeout_and_say_what_they_waite
     assert pg.action_sessions("state = 'idle in transaction'") == 0
 
 
+async def attempt_left_to_roll_back(
+    pg: PostgresDatabase, proxy: TcpProxy, blocker: asyncpg.Connection, action: Any
+) -> tuple[asyncio.Task[Outcome], float]:
+    """An attempt (timeout 2 s) whose transaction has begun and whose statement waits for the table's lock,
+    which blocker takes; then the server's answers stop (proxy paused), so that its rollback after the
+    deadline waits (ROLLBACK_TIMEOUT) until the proxy resumes. The attempt, and the loop's time it began."""
+    loop = asyncio.get_running_loop()
+    await blocker.execute(f'BEGIN; LOCK TABLE "{pg.table}" IN ACCESS EXCLUSIVE MODE')
+    started = loop.time()
+    attempt = asyncio.create_task(action.deliver(job(make_event("e1"), 2)))
+    for _ in range(100):
+        if await asyncio.to_thread(pg.action_sessions, "wait_event_type = 'Lock'"):
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.to_thread(proxy.pause)
+    return attempt, started
+
+
 def test_an_attempt_cancelled_while_it_rolls_back_leaves_no_error_and_a_clean_connection(
     pg: PostgresDatabase, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -1073,16 +1091,7 @@ def test_an_attempt_cancelled_while_it_rolls_back_leaves_no_error_and_a_clean_co
                 assert (await action.deliver(job(make_event("e0")))).kind == "delivered"
                 blocker = await asyncpg.connect(pg.url)
                 try:
-                    await blocker.execute(f'BEGIN; LOCK TABLE "{pg.table}" IN ACCESS EXCLUSIVE MODE')
-                    started = loop.time()
-                    attempt = asyncio.create_task(action.deliver(job(make_event("e1"), 2)))
-                    # Its transaction begun, its statement waits for the lock; then the server's answers stop,
-                    # so that the rollback after the deadline waits (ROLLBACK_TIMEOUT) until the test lets it go.
-                    for _ in range(100):
-                        if await asyncio.to_thread(pg.action_sessions, "wait_event_type = 'Lock'"):
-                            break
-                        await asyncio.sleep(0.02)
-                    await asyncio.to_thread(proxy.pause)
+                    attempt, started = await attempt_left_to_roll_back(pg, proxy, blocker, action)
                     # The engine cancels an attempt past its timeout on a timer of its own: here a second into
                     # the rollback, as the server answers again. asyncpg then left the transaction to the pool,
                     # which logged an error about it.
@@ -1182,16 +1191,7 @@ def test_an_attempt_whose_rollback_the_close_cuts_short_leaves_no_transaction_to
             try:
                 async with store_action(options) as action:
                     assert (await action.deliver(job(make_event("e0")))).kind == "delivered"
-                    await blocker.execute(f'BEGIN; LOCK TABLE "{pg.table}" IN ACCESS EXCLUSIVE MODE')
-                    started = loop.time()
-                    attempt = asyncio.create_task(action.deliver(job(make_event("e1"), 2)))
-                    # Its transaction begun, its statement waits for the lock; then the server's answers stop,
-                    # so that the rollback after the deadline waits (ROLLBACK_TIMEOUT) for the cut statement's.
-                    for _ in range(100):
-                        if await asyncio.to_thread(pg.action_sessions, "wait_event_type = 'Lock'"):
-                            break
-                        await asyncio.sleep(0.02)
-                    await asyncio.to_thread(proxy.pause)
+                    attempt, started = await attempt_left_to_roll_back(pg, proxy, blocker, action)
                     await asyncio.sleep(max(started + 3 - loop.time(), 0))  # a second into the rollback
                 # Closed here, with the rollback under way.
                 return await asyncio.gather(attempt, return_exceptions=True)

@@ -1057,6 +1057,14 @@ def test_deliveries_beyond_the_pool_end_by_their_timeout_and_say_what_they_waite
     assert pg.action_sessions("state = 'idle in transaction'") == 0
 
 
+@contextmanager
+def upserts_via_proxy(pg: PostgresDatabase) -> Iterator[tuple[TcpProxy, dict[str, Any]]]:
+    """A proxy to the test server, to pause its answers, and the options of an upsert action through it."""
+    parts = urlsplit(pg.url)
+    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
+        yield proxy, {"url": pg.action_url_via(proxy), "table": pg.table, "mode": "upsert", "key": "data.id"}
+
+
 async def attempt_left_to_roll_back(
     pg: PostgresDatabase, proxy: TcpProxy, blocker: asyncpg.Connection, action: Any
 ) -> tuple[asyncio.Task[Outcome], float]:
@@ -1081,9 +1089,7 @@ def test_an_attempt_cancelled_while_it_rolls_back_leaves_no_error_and_a_clean_co
     from plugins import store
 
     monkeypatch.setattr(store, "ROLLBACK_TIMEOUT", 5.0)
-    parts = urlsplit(pg.url)
-    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
-        options = {"url": pg.action_url_via(proxy), "table": pg.table, "mode": "upsert", "key": "data.id"}
+    with upserts_via_proxy(pg) as (proxy, options):
 
         async def run() -> tuple[bool, Outcome]:
             loop = asyncio.get_running_loop()
@@ -1117,9 +1123,7 @@ def test_an_attempt_cancelled_while_it_rolls_back_leaves_no_error_and_a_clean_co
 def test_an_attempt_whose_deadline_falls_in_its_begin_is_rolled_back_without_an_error(
     pg: PostgresDatabase, caplog: pytest.LogCaptureFixture
 ) -> None:
-    parts = urlsplit(pg.url)
-    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
-        options = {"url": pg.action_url_via(proxy), "table": pg.table, "mode": "upsert", "key": "data.id"}
+    with upserts_via_proxy(pg) as (proxy, options):
 
         async def run() -> tuple[Outcome, Outcome]:
             async with store_action(options) as action:
@@ -1147,9 +1151,7 @@ def test_an_attempt_against_a_server_that_stopped_answering_ends_without_waiting
     from plugins import store
 
     monkeypatch.setattr(store, "ROLLBACK_TIMEOUT", 0.2)
-    parts = urlsplit(pg.url)
-    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
-        options = {"url": pg.action_url_via(proxy), "table": pg.table, "mode": "upsert", "key": "data.id"}
+    with upserts_via_proxy(pg) as (proxy, options):
 
         async def run() -> tuple[bool, Outcome, Outcome]:
             async with store_action(options) as action:
@@ -1181,9 +1183,7 @@ def test_an_attempt_whose_rollback_the_close_cuts_short_leaves_no_transaction_to
     from plugins import store
 
     monkeypatch.setattr(store, "ROLLBACK_TIMEOUT", 5.0)
-    parts = urlsplit(pg.url)
-    with TcpProxy(parts.hostname or "127.0.0.1", parts.port or 5432) as proxy:
-        options = {"url": pg.action_url_via(proxy), "table": pg.table, "mode": "upsert", "key": "data.id"}
+    with upserts_via_proxy(pg) as (proxy, options):
 
         async def run() -> list[Any]:
             loop = asyncio.get_running_loop()

@@ -120,11 +120,15 @@ def _check_codings(headers: dict[str, str]) -> None:
 
 
 class NotAnEvent(Exception):
-    """What a provider's parse returned instead of an Event."""
+    """A provider's parse that returned something other than an Event, or one whose id or type is not
+    text: a bytes or an integer would be stored as such (a BLOB, an INTEGER) and answered 2xx, though no id
+    given as text finds it again, and the admin API cannot show it."""
 
-    def __init__(self, value: object) -> None:
-        super().__init__(f"parse returned {type(value).__name__}, not an Event")
-        self.value = value
+    @classmethod
+    def not_text(cls, event: Event) -> NotAnEvent:
+        """The exception for an event whose id or type is not a str."""
+        field, value = ("id", event.id) if type(event.id) is not str else ("type", event.type)
+        return cls(f"made an event whose {field} is {value!r} (a {type(value).__name__}), not a str")
 
 
 class Ingress:
@@ -215,7 +219,9 @@ class Ingress:
         try:
             event.verified = verified
         except AttributeError:  # (free unless raised) a provider's parse that returned None, say
-            raise NotAnEvent(event) from None
+            raise NotAnEvent(f"returned {type(event).__name__}, not an Event") from None
+        if type(event.id) is not str or type(event.type) is not str:  # two checks, no call, per webhook
+            raise NotAnEvent.not_text(event)
         # By the endpoint's table, not the running one: a reload may have swapped it since the headers.
         return event, endpoint.match(event)
 
@@ -231,16 +237,7 @@ class Ingress:
         engine.follow(deliveries, lease, stored)
         return stored
 
-    def unstored(
-        self, endpoint: Endpoint, event: Event, routes: list[CompiledRoute], exc: StorageUnavailable
-    ) -> Rejected:
-        if type(event.id) is not str or type(event.type) is not str:
-            # A provider's parse (or event_type) that gave no text: the store refused the event (NOT NULL),
-            # which is no fault of the disk's. Looked at only now, not for every webhook.
-            field, value = ("id", event.id) if type(event.id) is not str else ("type", event.type)
-            what = f"made an event whose {field} is {value!r} (a {type(value).__name__}), not a str"
-            self._provider_failed(endpoint, "parse", what, None)
-            return provider_failed(endpoint.provider.name)
+    def unstored(self, event: Event, routes: list[CompiledRoute], exc: StorageUnavailable) -> Rejected:
         if isinstance(exc, Unconfirmed):
             # Written, but its fsync did not answer in time: it may be stored, and its deliveries run.
             log.error("cannot confirm webhook stored", extra={**event.summary(), "error": str(exc)})
@@ -288,9 +285,7 @@ class Ingress:
         webhook of the source raises it until the plugin is fixed; otherwise one of Hookyard's."""
         provider = endpoint.provider
         if isinstance(exc, NotAnEvent):
-            self._provider_failed(
-                endpoint, "parse", f"returned {type(exc.value).__name__}, not an Event", None
-            )
+            self._provider_failed(endpoint, "parse", str(exc), None)
             return provider_failed(provider.name)
         hook = _provider_hook(provider, exc.__traceback__)
         if hook is None:
@@ -412,7 +407,7 @@ class Ingress:
             # commits, or the engine would never start the deliveries it leased.
             new = (await asyncio.shield(self.store(event, routes))).new
         except StorageUnavailable as exc:
-            raise self.unstored(endpoint, event, routes, exc) from None
+            raise self.unstored(event, routes, exc) from None
         return self.stored(endpoint, event, routes, new)
 
     async def _refuse(self, send: Send, source: str, rejection: Rejected, scope: Scope) -> None:

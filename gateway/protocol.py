@@ -631,7 +631,7 @@ def webhook_protocol(ingress: Ingress) -> type[ListenerProtocol]:
                 new = stored.result().new
                 status, reply = ingress.stored(webhook.endpoint, event, webhook.routes, new)
             except StorageUnavailable as exc:
-                self._refuse(webhook, ingress.unstored(webhook.endpoint, event, webhook.routes, exc))
+                self._refuse(webhook, ingress.unstored(event, webhook.routes, exc))
                 return
             except (Exception, asyncio.CancelledError):
                 log.exception("a webhook could not be stored", extra=event.summary())

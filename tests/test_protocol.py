@@ -1290,6 +1290,22 @@ class EventTypeNone(TypeMapping):
         return None  # answered 503 storage_unavailable, the store blamed for the NOT NULL it refused
 
 
+class EventTypeBytes(TypeMapping):
+    name = "event-type-bytes"
+
+    def event_type(self, name: str | int) -> Any:
+        return str(name).encode()  # stored as a BLOB, then the answer's JSON failed: 500 for a stored event
+
+
+class IdInteger(SvixProvider):
+    name = "id-integer"
+
+    def parse(self, headers: Any, body: bytes, payload: Any, received_at: float) -> Any:
+        event = super().parse(headers, body, payload, received_at)
+        event.id = len(event.id)  # stored as an INTEGER, which no id given as text then found again
+        return event
+
+
 class ParseReturnsNone(SvixProvider):
     name = "parse-returns-none"
 
@@ -1315,10 +1331,20 @@ class VerifyFromMixin(SharedVerify, SvixProvider):
         (EventTypeRaises, "event_type raised KeyError: 'user.created'"),
         (VerifyExits, "verify raised SystemExit: 2"),
         (EventTypeNone, "parse made an event whose type is None (a NoneType), not a str"),
+        (EventTypeBytes, "parse made an event whose type is b'user.created' (a bytes), not a str"),
+        (IdInteger, "parse made an event whose id is 5 (a int), not a str"),
         (ParseReturnsNone, "parse returned NoneType, not an Event"),
         (VerifyFromMixin, "verify raised KeyError: 'x-signature'"),
     ],
-    ids=["event_type_raises", "verify_exits", "event_type_none", "parse_returns_none", "verify_from_mixin"],
+    ids=[
+        "event_type_raises",
+        "verify_exits",
+        "event_type_none",
+        "event_type_bytes",
+        "id_integer",
+        "parse_returns_none",
+        "verify_from_mixin",
+    ],
 )
 def test_a_provider_that_fails_every_webhook_is_named_once_and_its_senders_are_told_to_retry(
     tmp_path, caplog: pytest.LogCaptureFixture, provider: type[Provider], said: str, expect: bool

@@ -123,6 +123,10 @@ STATS_INTERVAL = 2.0
 # the store's reads run one at a time: the last one would wait behind it for ever, and the store would
 # never be closed. Given up on, the gauges keep their last values.
 LAST_STATS_TIMEOUT = 2.0
+# How long an attempt cancelled for running late may take to end before it is named in the log and cancelled
+# again (then again as often): an action that catches the cancellation and goes on would otherwise keep its
+# delivery in flight, and a worker slot, until the gateway stops, with nothing said.
+STOP_GRACE = 1.0
 # How long a stop waits for the actions to close (their pools and connections), those a reload replaced
 # included: a database that stopped answering must not hold the exit for ever.
 ACTION_CLOSE_TIMEOUT = 5.0
@@ -139,38 +143,40 @@ class Deadlines:
     it fires about once per timeout, not once per attempt."""
 
     def __init__(self) -> None:
-        self._running: dict[asyncio.Task[Any], float] = {}  # task -> deadline, on the loop's clock
-        self._late: set[asyncio.Task[Any]] = set()  # cancelled here, not yet told (finish)
+        # task -> its deadline (on the loop's clock), and what it runs, to name it if it does not stop
+        self._running: dict[asyncio.Task[Any], tuple[float, Action, Job]] = {}
+        # Cancelled here, not yet told (finish): what it runs, and how many times it was cancelled.
+        self._late: dict[asyncio.Task[Any], tuple[Action, Job, int]] = {}
         self._timer: asyncio.TimerHandle | None = None
 
-    def start(self, task: asyncio.Task[Any], seconds: float) -> None:
+    def start(self, task: asyncio.Task[Any], action: Action, job: Job) -> None:
         loop = task.get_loop()
+        seconds = job.timeout
         deadline = loop.time() + seconds
-        self._running[task] = deadline
+        self._running[task] = (deadline, action, job)
         latest = deadline + seconds * LATENESS
         if self._timer is None or latest < self._timer.when():
             if self._timer is not None:
                 self._timer.cancel()
             self._timer = loop.call_at(latest, self._cancel_late, loop)
 
-    def finish(self, task: asyncio.Task[Any]) -> bool:
-        """The attempt is over; True when it was cancelled for running late (its cancellation is then
-        the caller's to take back, as asyncio.timeout does)."""
+    def finish(self, task: asyncio.Task[Any]) -> int:
+        """The attempt is over: how many times it was cancelled for running late, 0 if it was not (those
+        cancellations are then the caller's to take back, as asyncio.timeout does)."""
         if self._running.pop(task, None) is not None:
-            return False
-        if task in self._late:
-            self._late.discard(task)
-            return True
-        return False
+            return 0
+        late = self._late.pop(task, None)
+        return 0 if late is None else late[2]
 
     def _cancel_late(self, loop: asyncio.AbstractEventLoop) -> None:
         self._timer = None
         now, soonest = loop.time(), None
-        for task, deadline in list(self._running.items()):
+        for task, (deadline, action, job) in list(self._running.items()):
             if deadline <= now:
                 del self._running[task]
-                self._late.add(task)
+                self._late[task] = (action, job, 1)
                 task.cancel()
+                loop.call_later(STOP_GRACE, self._not_ended, task)
             else:
                 # Its latest moment; the timeout is not kept, so allow a tenth of what is left (less slack,
                 # never more, than at its start).
@@ -178,6 +184,32 @@ class Deadlines:
                 soonest = latest if soonest is None else min(soonest, latest)
         if soonest is not None:
             self._timer = loop.call_at(soonest, self._cancel_late, loop)
+
+    def _not_ended(self, task: asyncio.Task[Any]) -> None:
+        """STOP_GRACE after an attempt was cancelled for running late: if it goes on (its action caught the
+        cancellation), say so, the first time, and cancel it again."""
+        late = self._late.get(task)
+        if late is None or task.done():
+            return
+        action, job, cancelled = late
+        if cancelled == 1:
+            log.warning(
+                "action %r of route %r did not stop within %g s of its attempt's cancellation for running "
+                "past its timeout (%g s): cancelled again",
+                job.action,
+                job.route,
+                STOP_GRACE,
+                job.timeout,
+                extra={
+                    **job.event.summary(),
+                    "route": job.route,
+                    "action": job.action,
+                    "plugin": type(action).__module__,
+                },
+            )
+        self._late[task] = (action, job, cancelled + 1)
+        task.cancel()
+        task.get_loop().call_later(STOP_GRACE, self._not_ended, task)
 
 
 class Engine:
@@ -791,7 +823,7 @@ class Engine:
     async def _attempt(self, action: Action, job: Job) -> Outcome:
         task = asyncio.current_task()
         assert task is not None
-        self._deadlines.start(task, job.timeout)
+        self._deadlines.start(task, action, job)
         try:
             try:
                 outcome = await action.deliver(job)
@@ -800,7 +832,7 @@ class Engine:
                 # the action made of it, as asyncio.timeout does.
                 late = self._deadlines.finish(task)
         except asyncio.CancelledError:
-            if late and task.uncancel() == 0:  # and by nobody else (a shutdown): the attempt timed out
+            if late and _uncancel(task, late) == 0:  # and by nobody else (a shutdown): the attempt timed out
                 return retry(f"timeout after {job.timeout:g}s")
             raise
         except Exception as exc:
@@ -824,7 +856,7 @@ class Engine:
             )
             return retry(f"{type(exc).__name__}{f': {exc}' if str(exc) else ''} (raised by the action)")
         if late:
-            task.uncancel()  # the action finished all the same: its outcome stands
+            _uncancel(task, late)  # the action finished all the same: its outcome stands
         if not isinstance(outcome, Outcome):
             # A plugin bug that would otherwise fail the engine after the attempt, with the delivery never
             # recorded: claimed again each time its lease ran out, for ever. Retried like a raised error.
@@ -890,11 +922,19 @@ async def _cancel(*tasks: asyncio.Task[None] | None) -> None:
                 await task
 
 
-def _still_cancelled(task: asyncio.Task[Any], late: bool, exc: BaseException) -> None:
-    """After an action raised exc, which is not a CancelledError: take back the deadline's cancellation if
+def _uncancel(task: asyncio.Task[Any], times: int) -> int:
+    """Take back the deadline's cancellations of task (times of them): the cancellations left, someone
+    else's (a shutdown's)."""
+    left = task.cancelling()
+    for _ in range(times):
+        left = task.uncancel()
+    return left
+
+
+def _still_cancelled(task: asyncio.Task[Any], late: int, exc: BaseException) -> None:
+    """After an action raised exc, which is not a CancelledError: take back the deadline's cancellations if
     it was late, and raise CancelledError if someone else (a shutdown) cancelled the task too, whose
     cancellation the action turned into exc: the attempt is cut off, not a failure to record."""
-    if late:
-        task.uncancel()
+    _uncancel(task, late)
     if task.cancelling():
         raise asyncio.CancelledError from exc

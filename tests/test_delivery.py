@@ -714,6 +714,45 @@ def test_an_action_that_turns_the_shutdowns_cancellation_into_system_exit_is_cut
     assert "released unfinished deliveries" in messages
 
 
+def test_an_action_that_goes_on_after_its_timeout_is_named_and_cancelled_again(
+    tmp_path, downstream: Downstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Cancelled once for running late, it caught the cancellation and went on waiting: its delivery stayed
+    # in flight, holding a worker slot, until the gateway stopped, and nothing said why.
+    from gateway.actions import Action, Job
+
+    cancellations = 0
+
+    class Stubborn(Action):
+        name = "stubborn"
+
+        async def deliver(self, job: Job) -> Outcome:
+            nonlocal cancellations
+            try:
+                await asyncio.Event().wait()
+            except asyncio.CancelledError:
+                cancellations += 1
+            await asyncio.Event().wait()  # the next cancellation ends it
+            return delivered()
+
+    route = users_route(
+        downstream, {"id": "app", "use": "stubborn", "timeout": "100ms", "retry": {"schedule": ["1h"]}}
+    )
+    with RunningGateway(gateway_config(tmp_path, routes=[route]), pm=plugins_with(actions=[Stubborn])) as gw:
+        body, headers = svix_request(msg_id="msg_stubborn")
+        assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        wait_until(lambda: event_detail(gw, "msg_stubborn").deliveries[0].last_error is not None)
+        [delivery] = event_detail(gw, "msg_stubborn").deliveries
+        assert (delivery.state, delivery.last_error) == ("pending", "timeout after 0.1s")  # to retry
+    assert cancellations == 1
+    said = [r for r in caplog.records if "did not stop" in r.getMessage()]
+    assert [r.getMessage() for r in said] == [
+        "action 'app' of route 'users' did not stop within 1 s of its attempt's cancellation for running "
+        "past its timeout (0.1 s): cancelled again"
+    ]
+    assert (said[0].levelname, said[0].event_id, said[0].plugin) == ("WARNING", "msg_stubborn", __name__)
+
+
 def test_an_action_error_is_stored_and_logged_cut_to_a_bounded_length(
     tmp_path, downstream: Downstream
 ) -> None:

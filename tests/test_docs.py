@@ -989,8 +989,8 @@ def log_calls() -> list[tuple[str, str, str]]:
 
 
 def _as_pattern(message: str) -> str:
-    # `%s` and `%d` stand for what the docs write as NAME or N.
-    return ".+?".join(re.escape(part) for part in re.split(r"%[sdr]", message))
+    # `%s`, `%d`, `%g` and `%r` stand for what the docs write as NAME or N.
+    return ".+?".join(re.escape(part) for part in re.split(r"%[sdgr]", message))
 
 
 def logged_as(message: str, code: str) -> bool:

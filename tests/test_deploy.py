@@ -10,9 +10,11 @@ import asyncio
 import base64
 import fnmatch
 import json
+import math
 import os
 import re
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -23,6 +25,7 @@ import tomllib
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -33,6 +36,7 @@ from gateway.metrics import LoopCounter, LoopHistogram, Metrics
 from gateway.plugins import Registry, plugin_manager
 from gateway.routing import RouteTable
 from tests.support import (
+    SVIX_SECRET,
     GatewayProcess,
     RunningGateway,
     downstream_server,
@@ -1160,6 +1164,293 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     checked = run([promtool, "check", "rules", str(path)])
     assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+# -- every shipped PromQL expression, evaluated by a real Prometheus ------------------------------------
+
+OPERATIONS_GUIDE = ROOT / "docs" / "operations.md"
+# Grafana's variables, as a dashboard of one pod sees them. $__rate_interval is at least four scrape
+# intervals; a minute spans the whole of the test's short history.
+GRAFANA_VARIABLES = {"$__rate_interval": "1m", "$namespace": "shop", "$pod": "app-1"}
+# The target labels the PodMonitor (or the usual relabelling) gives every series.
+SCRAPED_AS = {"job": "hookyard", "namespace": "shop", "pod": "app-1"}
+# Metrics that the test's requests and deliveries must move: a dashboard panel over these alone shows a
+# number, not an empty graph or NaN.
+MOVED_BY_TRAFFIC = {
+    "hookyard_webhooks_received_total",
+    "hookyard_webhook_rejections_total",
+    "hookyard_ingest_duration_seconds_bucket",
+    "hookyard_deliveries_total",
+    "hookyard_delivery_duration_seconds_bucket",
+    "hookyard_end_to_end_seconds_bucket",
+}
+# What one wave of send_every_kind_of_webhook counts: five requests; a delivery, its skipped follow-up, and
+# one that fails four times (three retries, then dead).
+WAVE_COUNTERS = {"hookyard_webhooks_received_total": 5, "hookyard_deliveries_total": 6}
+_PROMQL_WORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "offset", "bool"}
+_PROMQL_WORDS |= {"and", "or", "unless", "atan2", "inf", "nan"}
+
+
+def metric_names(expr: str) -> set[str]:
+    """The metric names a PromQL expression selects: what is left once strings, label matchers, ranges and
+    grouping labels are taken out, less function names (followed by a parenthesis) and keywords."""
+    text = re.sub(r'"(?:[^"\\]|\\.)*"', '""', expr)
+    text = re.sub(r"\{[^}]*\}|\[[^\]]*\]", " ", text)
+    text = re.sub(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", text)
+    names = re.findall(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)\b(?!\s*\()", text)
+    return {name for name in names if name.lower() not in _PROMQL_WORDS}
+
+
+def documented_promql() -> list[tuple[str, str]]:
+    """Each expression of the guide's promql blocks, named by the first line of its comment: an expression
+    runs on while its lines are indented or its brackets are open, and a comment or a blank line ends it."""
+    found: list[tuple[str, str]] = []
+    for block in re.findall(r"```promql\n(.*?)```", OPERATIONS_GUIDE.read_text(), re.S):
+        comment, lines, previous = "", [], ""
+        for line in [*block.splitlines(), ""]:
+            text = "\n".join(lines)
+            open_brackets = sum(text.count(c) for c in "({[") - sum(text.count(c) for c in ")}]")
+            if lines and (
+                not line.strip() or line.startswith("#") or not (line[0].isspace() or open_brackets)
+            ):
+                found.append((comment, text))
+                lines = []
+            if line.startswith("#") and not previous.startswith("#"):
+                comment = line.lstrip("# ")
+            elif line.strip() and not line.startswith("#"):
+                lines.append(line)
+            previous = line
+    return found
+
+
+def grafana_to_promql(expr: str) -> str:
+    """A dashboard query as Grafana sends it; label_values(selector, label), a Grafana function, as the
+    PromQL that lists the same values."""
+    for variable, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(variable, value)
+    assert "$" not in expr, f"unknown variable in {expr}"
+    label_values = re.fullmatch(r"label_values\((.*),\s*(\w+)\)", expr, re.S)
+    return f"count by ({label_values[2]}) ({label_values[1]})" if label_values else expr
+
+
+class PrometheusServer:
+    """A real Prometheus on a loopback port, scraping one target's /metrics every second into a
+    temporary storage directory. Stopped by its PID."""
+
+    def __init__(self, directory: Path, target: str) -> None:
+        self.binary = require_tool("prometheus", "apt-get install -y prometheus")
+        self.directory = directory
+        self.target = target
+        self.url = f"http://127.0.0.1:{free_port()}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> PrometheusServer:
+        self.directory.mkdir()
+        config = self.directory / "prometheus.yml"
+        labels = {key: value for key, value in SCRAPED_AS.items() if key != "job"}
+        scrape = {
+            "job_name": SCRAPED_AS["job"],
+            "static_configs": [{"targets": [self.target], "labels": labels}],
+        }
+        config.write_text(
+            yaml.safe_dump(
+                {"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [scrape]}
+            )
+        )
+        with (self.directory / "prometheus.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    self.binary,
+                    f"--config.file={config}",
+                    f"--storage.tsdb.path={self.directory / 'data'}",
+                    f"--web.listen-address={self.url.removeprefix('http://')}",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
+        try:
+            wait_until(lambda: self.process.poll() is not None or self._ready(), 30, 0.1)
+            assert self.process.poll() is None, (self.directory / "prometheus.log").read_text()[-2000:]
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+
+    def _ready(self) -> bool:
+        try:
+            return httpx.get(self.url + "/-/ready", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def query(self, expr: str) -> dict[str, Any]:
+        """The API's answer to an instant query at this moment: status, data or errorType and error."""
+        answer: dict[str, Any] = httpx.get(
+            self.url + "/api/v1/query", params={"query": expr}, timeout=10
+        ).json()
+        return answer
+
+    def value(self, expr: str) -> float | None:
+        """The one value of an expression that selects one series; None before it is scraped."""
+        result = self.query(expr)["data"]["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    def metric_names(self) -> set[str]:
+        names: list[str] = httpx.get(self.url + "/api/v1/label/__name__/values", timeout=10).json()["data"]
+        return set(names)
+
+
+def send_every_kind_of_webhook(gw_url: str, wave: int) -> None:
+    """One delivered event (its failure-only follow-up skipped), one whose receiver always fails (retried,
+    then dead), one with a forged signature, one with none, and an unsigned one to a log-only source."""
+    with httpx.Client(timeout=10) as client:
+
+        def post(path: str, body: bytes, headers: dict[str, str]) -> int:
+            return client.post(gw_url + path, content=body, headers=headers).status_code
+
+        assert post("/webhooks/consignease", *svix_request("user.created", msg_id=f"msg_user{wave}")) == 200
+        assert (
+            post("/webhooks/consignease", *svix_request("invoice.paid", msg_id=f"msg_invoice{wave}")) == 200
+        )
+        forged = svix_request(msg_id=f"msg_forged{wave}", secret="whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD")
+        assert post("/webhooks/consignease", *forged) == 401
+        body, headers = svix_request(msg_id=f"msg_unsigned{wave}")
+        unsigned = {k: v for k, v in headers.items() if k != "svix-signature"}
+        assert post("/webhooks/consignease", body, unsigned) == 401
+        assert post("/webhooks/legacy", body, {**unsigned, "svix-id": f"msg_legacy{wave}"}) == 200
+
+
+def scrape_two_waves_of_traffic(prometheus: PrometheusServer, gateway: GatewayProcess, gw_url: str) -> None:
+    """Every kind of webhook twice, each wave scraped once its deliveries are done, so that the rates over
+    the window are not zero; a reload between them."""
+    reloads = 'hookyard_config_reloads_total{result="success"}'
+    wait_until(lambda: prometheus.value('up{job="hookyard"}') == 1, 30, 0.2)
+    for wave in (1, 2):
+        send_every_kind_of_webhook(gw_url, wave)
+        wait_until(lambda wave=wave: scraped_counts(prometheus) == scraped_counts_after(wave), 30, 0.2)
+        if wave == 1:
+            assert gateway.process is not None
+            gateway.process.send_signal(signal.SIGHUP)
+            wait_until(lambda: prometheus.value(reloads) == 1, 30, 0.2)
+
+
+def scraped_counts(prometheus: PrometheusServer) -> tuple[float | None, ...]:
+    """The webhooks received and the deliveries ended, as Prometheus last scraped them."""
+    return tuple(prometheus.value(f"sum({name})") for name in WAVE_COUNTERS)
+
+
+def scraped_counts_after(wave: int) -> tuple[float, ...]:
+    return tuple(float(count * wave) for count in WAVE_COUNTERS.values())
+
+
+@pytest.mark.slow
+def test_every_shipped_promql_expression_works_on_a_real_scrape(tmp_path: Path) -> None:
+    """The dashboard's queries, the alerts and the guide's examples, each evaluated by a real Prometheus that
+    scrapes a real gateway after deliveries of every outcome and refused webhooks: none errs (a parse error,
+    a type error, two series with one label set), each metric it names has series (a renamed metric fails),
+    and the dashboard's panels over requests, deliveries and latencies show numbers."""
+    ingress, ops = free_port(), free_port()
+    with downstream_server() as downstream:
+        downstream.default = 200
+        downstream.answer("/hooks/invoices", *[500] * 20)
+        config = gateway_config(tmp_path, downstream.url, listen={"host": "127.0.0.1", "port": ingress})
+        config["ops"] = {"host": "127.0.0.1", "port": ops}
+        config["sources"]["legacy"] = {
+            "path": "/webhooks/legacy",
+            "provider": "svix",
+            "secrets": [SVIX_SECRET],
+            "verify": "log-only",
+        }
+        alert = {"id": "alert", "use": "forward", "after": "app", "when": "failure"}
+        [users] = [route for route in config["routes"] if route["name"] == "users"]
+        users["actions"].append({**alert, "with": {"url": f"{downstream.url}/hooks/alerts"}})
+        config["routes"].append(
+            {
+                "name": "invoices",
+                "source": "consignease",
+                "events": ["invoice.*"],
+                "actions": [
+                    {"id": "app", "use": "forward", "with": {"url": f"{downstream.url}/hooks/invoices"}}
+                ],
+            }
+        )
+        path = tmp_path / "routes.yaml"
+        path.write_text(yaml.safe_dump(config))
+        gateway = GatewayProcess(path, f"http://127.0.0.1:{ops}").start()
+        try:
+            with PrometheusServer(tmp_path / "prometheus", f"127.0.0.1:{ops}") as prometheus:
+                scrape_two_waves_of_traffic(prometheus, gateway, f"http://127.0.0.1:{ingress}")
+                problems = promql_problems(prometheus)
+        finally:
+            gateway.kill()
+    assert not problems, "\n".join(problems)
+
+
+def promql_problems(prometheus: PrometheusServer) -> list[str]:
+    """What is wrong with each shipped expression, as Prometheus evaluates it now."""
+    scraped = prometheus.metric_names()
+    dashboard = [(title, grafana_to_promql(expr)) for title, expr in dashboard_expressions()]
+    [group] = yaml.safe_load(ALERTS.read_text())["groups"]
+    alerts = [(rule["alert"], rule["expr"]) for rule in group["rules"]]
+    guide = documented_promql()
+    assert len(dashboard) >= 20 and len(alerts) >= 10 and len(guide) >= 20, (dashboard, alerts, guide)
+    problems = []
+    for kind, expressions in (("dashboard", dashboard), ("alert", alerts), ("operations.md", guide)):
+        for name, expr in expressions:
+            where = f"{kind} {name!r}: {' '.join(expr.split())}"
+            used = metric_names(expr)
+            assert used, where
+            problems += [f"{where}: no series of {metric}" for metric in sorted(used - scraped)]
+            answer = prometheus.query(expr)
+            if answer["status"] != "success":
+                problems.append(f"{where}: {answer['errorType']}: {answer['error']}")
+            elif answer.get("warnings"):
+                problems.append(f"{where}: warnings {answer['warnings']}")
+            elif kind == "dashboard":
+                problems += dashboard_result_problems(where, used, answer["data"]["result"])
+    return problems
+
+
+def dashboard_result_problems(where: str, used: set[str], result: list[dict[str, Any]]) -> list[str]:
+    """A panel shows nothing (an empty result), or over metrics that the traffic moved, NaN."""
+    if not result:
+        return [f"{where}: empty result"]
+    values = [float(series["value"][1]) for series in result]
+    if used <= MOVED_BY_TRAFFIC and any(math.isnan(value) for value in values):
+        return [f"{where}: NaN in {result}"]
+    return []
+
+
+def test_the_metric_name_reader_finds_names_and_only_names() -> None:
+    expr = (
+        'sum by (route, action) ((hookyard_deliveries_total{outcome="dead"} unless '
+        "hookyard_deliveries_total offset 15m) or increase(hookyard_x_total[1h])) > 0 "
+        "and on (pod) up == bool 1 * histogram_quantile(0.99, rate(b_bucket[5m]))"
+    )
+    assert metric_names(expr) == {"hookyard_deliveries_total", "hookyard_x_total", "up", "b_bucket"}
+    assert metric_names("max(deriv(hookyard_storage_bytes[6h])) * 86400") == {"hookyard_storage_bytes"}
+    assert metric_names('count by (pod) (hookyard_build_info{namespace=~"shop"})') == {"hookyard_build_info"}
+
+
+def test_the_guides_promql_is_read_expression_by_expression() -> None:
+    found = documented_promql()
+    exprs = [" ".join(expr.split()) for _, expr in found]
+    # An expression that runs over indented lines is one; two lines side by side are two.
+    assert any(
+        e.startswith("sum by (route, action) ((hookyard_deliveries_total") and e.endswith("> 0")
+        for e in exprs
+    )
+    assert 'sum(hookyard_delivery_queue{state="due"})' in exprs
+    assert 'sum(hookyard_delivery_queue{state="scheduled"})' in exprs
+    assert all(not e.startswith("#") for e in exprs)
 
 
 # -- the image ------------------------------------------------------------------------------------------

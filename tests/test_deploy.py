@@ -1455,6 +1455,36 @@ def dashboard_result_problems(where: str, used: set[str], result: list[dict[str,
     return []
 
 
+_INCREASE = re.compile(r"increase\(([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\[([^\]]+)\]\)")
+
+
+def first_counts_missed(expr: str) -> list[str]:
+    """The increase() terms of an expression that do not also count a series new in their window in full:
+    a labelled counter appears at its first count, at 1, and increase() alone reads that as 0."""
+    flat = " ".join(expr.split()).replace("{ ", "{")
+    missed = []
+    for metric, matchers, window in _INCREASE.findall(flat):
+        selector = metric + matchers
+        if f"{selector} unless {selector} offset {window}" not in flat:
+            missed.append(f"increase({selector}[{window}])")
+    return missed
+
+
+def test_queries_of_any_increase_count_a_series_new_in_their_window() -> None:
+    """An alert on any increase, and a dashboard panel of increases, must see the first one: the guide's
+    alerts, deploy/prometheus/alerts.yaml and the dashboard each pair increase(X[W]) with X unless X offset W."""
+    [group] = yaml.safe_load(ALERTS.read_text())["groups"]
+    checked = [(rule["alert"], rule["expr"]) for rule in group["rules"]]
+    checked += [(name, expr) for name, expr in documented_promql() if name.startswith("Alert:")]
+    checked += [(title, grafana_to_promql(expr)) for title, expr in dashboard_expressions()]
+    missed = [f"{name}: {term}" for name, expr in checked for term in first_counts_missed(expr)]
+    assert not missed, "\n".join(missed)
+    assert sum("increase(" in expr for _, expr in checked) >= 6
+    # A check of the checker.
+    assert first_counts_missed('sum(increase(x_total{a="b"}[5m])) > 0') == ['increase(x_total{a="b"}[5m])']
+    assert not first_counts_missed("sum((x_total unless x_total offset 5m) or increase(x_total[5m])) > 0")
+
+
 def test_the_metric_name_reader_finds_names_and_only_names() -> None:
     expr = (
         'sum by (route, action) ((hookyard_deliveries_total{outcome="dead"} unless '

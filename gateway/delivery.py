@@ -86,8 +86,8 @@ async def build_actions(
             # A plugin's constructor (a file it opens, a client it prepares): named, for serve or a reload
             # to say in one line which action of which route could not start.
             raise PluginError(
-                f"route {plan.route!r}, action {plan.key!r}: the {plan.use} action could not be set up: "
-                f"{type(exc).__name__}: {exc}"
+                f"route {plan.route!r}, action {plan.key!r}: the {plan.use} action "
+                f"({registry.origin(registry.actions[plan.use])}) could not be set up: {type(exc).__name__}: {exc}"
             ) from exc
         limit = ConcurrencyLimit(plan.concurrency) if plan.concurrency else None
         runnable[key] = RunnableAction(plan, action, limit)

@@ -157,6 +157,8 @@ class Registry:
 
     providers: dict[str, type[Provider]] = field(default_factory=dict)
     actions: dict[str, type[Action]] = field(default_factory=dict)
+    # Each class's plugin, as `hookyard plugins` lists it: errors of its code name whose code it is.
+    origins: dict[type, str] = field(default_factory=dict)
 
     @classmethod
     def collect(cls, pm: pluggy.PluginManager) -> Registry:
@@ -168,7 +170,27 @@ class Registry:
             _add(registry.providers, provider.name, provider, "provider")
         for action in _registered(pm, "register_actions", Action):
             _add(registry.actions, action.name, action, "action")
+        distributions = _distributions(pm)
+        for registered in [*registry.providers.values(), *registry.actions.values()]:
+            name = plugin_of(pm, registered)
+            registry.origins[registered] = (
+                f"{name} [{distributions[name]}]" if name in distributions else name
+            )
         return registry
+
+    def origin(self, cls: type) -> str:
+        """`plugin NAME [DISTRIBUTION VERSION]` for the plugin that registered cls (a provider or an action),
+        for the error its code raised; the module that defines cls when it came from no plugin manager."""
+        return f"plugin {self.origins.get(cls, cls.__module__)}"
+
+
+def _distributions(pm: pluggy.PluginManager) -> dict[str, str]:
+    """`PROJECT VERSION` of each plugin installed from a distribution (an entry point), by plugin name."""
+    return {
+        name: f"{dist.project_name} {dist.version}"
+        for plugin, dist in pm.list_plugin_distinfo()
+        if (name := pm.get_name(plugin)) is not None
+    }
 
 
 def _registered(pm: pluggy.PluginManager, hook: str, base: type) -> Iterator[Any]:

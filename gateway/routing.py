@@ -143,8 +143,8 @@ class RouteTable:
             except Exception as exc:
                 # A plugin's bug as it prepares its keys: an error of the config, not a traceback from check.
                 errors.append(
-                    f"{place}.provider: the {source.provider} provider could not be set up: "
-                    f"{type(exc).__name__}: {exc}"
+                    f"{place}.provider: the {source.provider} provider ({registry.origin(provider_cls)}) could "
+                    f"not be set up: {type(exc).__name__}: {exc}"
                 )
                 continue
             table.endpoints[source.path] = Endpoint(
@@ -274,6 +274,14 @@ def _plan_action(
         options = action_cls.Options.model_validate(action.with_, context={"storage_url": config.storage.url})
     except ValidationError as exc:
         errors.extend(format_validation_errors(exc, (place, "with"), action_cls.Options))
+        return None
+    except Exception as exc:
+        # A validator of the plugin's that raised other than ValueError (pydantic passes it on): its bug, an
+        # error of the config naming it, not a traceback from check, serve or a reload.
+        errors.append(
+            f"{place}.with: the {action.use} action's options ({registry.origin(action_cls)}) could not be "
+            f"read: {type(exc).__name__}: {exc}"
+        )
         return None
     return PlannedAction(
         route=route,

@@ -1140,7 +1140,8 @@ main()
         ),
         (
             "constructor",
-            "hookyard: route 'users', action 'spool': the spool action could not be set up: PermissionError: "
+            "hookyard: route 'users', action 'spool': the spool action (plugin failing) could not be set up: "
+            "PermissionError: "
             "[Errno 13] Permission denied: '/var/spool/acme'",
         ),
     ],

@@ -4,6 +4,7 @@ names), filters, planned actions with their defaults, and every error, collected
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,9 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import BaseModel, model_validator
 
+from gateway import Action, hookimpl
 from gateway.config import ConfigError, load_config, parse_config
 from gateway.events import Event
 from gateway.http_client import shown_url, shown_url_with_path
@@ -1070,10 +1073,9 @@ def test_build_does_not_mutate_the_config(registry: Registry) -> None:
     assert parsed.model_dump() == before
 
 
-def test_a_provider_whose_constructor_raises_other_than_valueerror_is_a_config_error(
-    registry: Registry,
-) -> None:
-    # A plugin's bug when it prepares its keys: an error of `hookyard check` naming the source, not a traceback.
+def test_a_provider_whose_constructor_raises_other_than_valueerror_is_a_config_error() -> None:
+    # A plugin's bug when it prepares its keys: an error of `hookyard check` naming the source and the
+    # plugin whose code raised, not a traceback.
     class Keyed(SvixProvider):
         name = "keyed"
 
@@ -1081,8 +1083,64 @@ def test_a_provider_whose_constructor_raises_other_than_valueerror_is_a_config_e
             super().__init__(source_name, source)
             raise KeyError("kid")
 
-    with_keyed = Registry(providers={**registry.providers, "keyed": Keyed}, actions=registry.actions)
     config = base_config()
     config["sources"]["consignease"]["provider"] = "keyed"
-    errors = build_errors(with_keyed, config)
-    assert errors == ["sources.consignease.provider: the keyed provider could not be set up: KeyError: 'kid'"]
+    errors = build_errors(registry_with(providers=[Keyed]), config)
+    assert errors == [
+        "sources.consignease.provider: the keyed provider (plugin acme_keys) could not be set up: KeyError: 'kid'"
+    ]
+
+
+class _RaisingOptions(BaseModel):
+    # A validator with a bug: pydantic passes on what is not a ValueError.
+    @model_validator(mode="after")
+    def _check(self) -> _RaisingOptions:
+        raise KeyError("region")
+
+
+def test_a_provider_whose_options_model_raises_names_its_source_provider_and_plugin() -> None:
+    class Regional(SvixProvider):
+        name = "regional"
+        Options = _RaisingOptions
+
+    config = base_config()
+    config["sources"]["consignease"]["provider"] = "regional"
+    errors = build_errors(registry_with(providers=[Regional]), config)
+    assert errors == [
+        "sources.consignease.provider: the regional provider (plugin acme_keys) could not be set up: "
+        "KeyError: 'region'"
+    ]
+
+
+def test_an_action_whose_options_model_raises_is_a_config_error_naming_its_plugin() -> None:
+    class Spool(Action):
+        name = "spool"
+        Options = _RaisingOptions
+
+        async def deliver(self, job: Any) -> Any:
+            raise AssertionError("never run")
+
+    errors = build_errors(
+        registry_with(actions=[Spool]), base_config([route("r", "consignly", {"id": "s", "use": "spool"})])
+    )
+    assert errors == [
+        "routes[0].actions[0].with: the spool action's options (plugin acme_keys) could not be read: "
+        "KeyError: 'region'"
+    ]
+
+
+def registry_with(*, providers: Sequence[type] = (), actions: Sequence[type] = ()) -> Registry:
+    """The built-in plugins' registry, with a plugin `acme_keys` that registers providers and actions."""
+
+    class AcmeKeys:
+        @hookimpl
+        def register_providers(self) -> list[type]:
+            return list(providers)
+
+        @hookimpl
+        def register_actions(self) -> list[type]:
+            return list(actions)
+
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(AcmeKeys(), name="acme_keys")
+    return Registry.collect(pm)

@@ -94,6 +94,23 @@ async def build_actions(
     return runnable
 
 
+def _running_delivery(delivery_id: int, task: asyncio.Task[None]) -> dict[str, Any]:
+    """The delivery a task runs (DeliveryEngine._deliver), as an operator would replay it: its source, event
+    id, route and action. Read from the suspended coroutine's own arguments, only when a shutdown gives up
+    on it, so that starting a delivery keeps nothing more for this; the id alone if it cannot be read."""
+    frame = getattr(task.get_coro(), "cr_frame", None)
+    claim = frame.f_locals.get("claim") if frame is not None else None
+    if not isinstance(claim, Claim):
+        return {"delivery": delivery_id}
+    return {
+        "source": claim.event.source,
+        "event_id": claim.event.id,
+        "route": claim.delivery.route,
+        "action": claim.delivery.action,
+        "delivery": delivery_id,
+    }
+
+
 async def _close_built(actions: Collection[RunnableAction]) -> None:
     await _close_within_bound([asyncio.ensure_future(_close(actions))])
 
@@ -130,6 +147,8 @@ STOP_GRACE = 1.0
 # How long a stop waits for the actions to close (their pools and connections), those a reload replaced
 # included: a database that stopped answering must not hold the exit for ever.
 ACTION_CLOSE_TIMEOUT = 5.0
+# How many of the deliveries a shutdown gives up on its log line names (for a replay); the others are counted.
+NAMED_GIVEN_UP = 10
 
 
 class Deadlines:
@@ -442,8 +461,15 @@ class Engine:
             # all the same (should it still end while the store is open, its result is recorded as usual).
             left = await cancel_and_wait(unfinished.values())
             if left:
+                given_up = [delivery_id for delivery_id, task in unfinished.items() if task in left]
+                named = [_running_delivery(delivery_id, unfinished[delivery_id]) for delivery_id in given_up]
                 log.warning(
-                    "deliveries still running after their cancellation; given up", extra={"count": len(left)}
+                    "deliveries still running after their cancellation; given up",
+                    extra={
+                        "count": len(left),
+                        "deliveries": named[:NAMED_GIVEN_UP],
+                        "more": max(0, len(named) - NAMED_GIVEN_UP),
+                    },
                 )
             if unfinished:
                 with contextlib.suppress(StorageUnavailable):

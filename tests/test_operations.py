@@ -901,11 +901,13 @@ def test_a_plain_shutdown_hook_may_return_an_awaitable(tmp_path: Path) -> None:
 
 class Stubborn:
     """A plugin whose action catches its cancellation and goes on waiting, in its deliveries and in its close,
-    until `released` is set. `delivering` is set once a delivery has begun."""
+    until `released` is set. `delivering` is set once a delivery has begun; `begun` lists the ids of the
+    events whose delivery has."""
 
     def __init__(self) -> None:
         self.released = threading.Event()
         self.delivering = threading.Event()
+        self.begun: list[str] = []
 
     @hookimpl
     def register_actions(self) -> list[type[Action]]:
@@ -915,6 +917,7 @@ class Stubborn:
             name = "stubborn"
 
             async def deliver(self, job: Job) -> Outcome:
+                plugin.begun.append(job.event.id)
                 plugin.delivering.set()
                 await ignoring_cancellation(plugin.released)
                 return delivered(200)
@@ -955,6 +958,46 @@ def test_a_delivery_and_an_action_close_that_ignore_their_cancellation_are_left_
     # Released all the same: pending, no lease owner, for the next start to run.
     [row] = stored_deliveries(tmp_path / "hookyard.db").values()
     assert (row["state"], row["lease_owner"]) == ("pending", None)
+    # Named, for an operator to replay it: the count alone said nothing of which it was.
+    [given_up] = [r for r in caplog.records if r.getMessage().startswith("deliveries still running after")]
+    assert given_up.deliveries == [  # type: ignore[attr-defined]
+        {
+            "source": "consignease",
+            "event_id": "msg_stubborn",
+            "route": "users",
+            "action": "app",
+            "delivery": 1,
+        }
+    ]
+    assert given_up.more == 0  # type: ignore[attr-defined]
+
+
+def test_a_shutdown_names_ten_of_the_deliveries_it_gives_up_on_and_counts_the_others(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    plugin = Stubborn()
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(plugin, name="stubborn")
+    config = gateway_config(tmp_path)
+    config["delivery"] = {"poll_interval": "200ms", "lease": "2m", "shutdown_timeout": "200ms"}
+    config["routes"] = [
+        {"name": "users", "source": "consignease", "actions": [{"id": "app", "use": "stubborn"}]}
+    ]
+    sent = [f"msg_{number}" for number in range(12)]
+    try:
+        gw = RunningGateway(config, pm=pm).__enter__()
+        for msg_id in sent:
+            body, headers = svix_request(msg_id=msg_id)
+            assert gw.post("/webhooks/consignease", body, headers).status_code == 200
+        assert wait_until(lambda: len(plugin.begun) == len(sent), timeout=10)
+        stop_taking(gw)
+    finally:
+        plugin.released.set()
+    [given_up] = [r for r in caplog.records if r.getMessage().startswith("deliveries still running after")]
+    named = given_up.deliveries  # type: ignore[attr-defined]
+    assert (given_up.count, len(named), given_up.more) == (12, 10, 2)  # type: ignore[attr-defined]
+    assert {delivery["event_id"] for delivery in named} < set(sent)
+    assert {(delivery["route"], delivery["action"]) for delivery in named} == {("users", "app")}
 
 
 def test_closing_the_shared_http_clients_is_given_up_on_if_it_ignores_its_cancellation(

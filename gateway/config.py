@@ -701,9 +701,39 @@ def _inside(place: str, sections: Collection[str]) -> bool:
     return any(place == section or place.startswith((f"{section}.", f"{section}[")) for section in sections)
 
 
+# The tags that make a value of a kind no setting takes, with what each makes. PyYAML's safe loader makes them
+# all, and pydantic takes some without a word: `!!binary` bytes as the text they decode to (a secret, a URL),
+# a `!!set` as a list in no order; in a plugin's options or a filter they would reach code that expects JSON.
+_UNTAKEN_TAGS = {
+    "tag:yaml.org,2002:binary": ("bytes", "write the text it encodes"),
+    "tag:yaml.org,2002:timestamp": ("a date", "write the date as quoted text"),
+    "tag:yaml.org,2002:set": ("a set", "write a list"),
+    "tag:yaml.org,2002:omap": ("a list of pairs", "write a mapping"),
+    "tag:yaml.org,2002:pairs": ("a list of pairs", "write a mapping"),
+}
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """safe_load, except that a key written twice in one mapping is an error: PyYAML would keep the last
-    one without a word (a copied source whose name was left unchanged would replace the first)."""
+    one without a word (a copied source whose name was left unchanged would replace the first); and so is a
+    tag of _UNTAKEN_TAGS, written in the file (a date YAML reads as such untagged is left to validation,
+    which says where text is wanted)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if not self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            written = getattr(event, "tag", None) or ""
+            untaken = _UNTAKEN_TAGS.get(written)
+            if untaken is not None:
+                made, instead = untaken
+                tag = "!!" + written.removeprefix("tag:yaml.org,2002:")
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"the tag {tag} makes {made}, which no setting takes: {instead}",
+                    event.start_mark,
+                )
+        return super().compose_node(parent, index)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Mark] = {}

@@ -848,6 +848,49 @@ def test_a_duplicate_key_is_refused_with_its_line() -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        (
+            "!!binary d2hzZWNfYWJj",
+            "the tag !!binary makes bytes, which no setting takes: write the text it encodes",
+        ),
+        (
+            "!!timestamp 2026-01-01",
+            "the tag !!timestamp makes a date, which no setting takes: write the date as quoted text",
+        ),
+        ("!!set {a, b}", "the tag !!set makes a set, which no setting takes: write a list"),
+        ("!!omap [a: 1]", "the tag !!omap makes a list of pairs, which no setting takes: write a mapping"),
+        ("!!pairs [a: 1]", "the tag !!pairs makes a list of pairs, which no setting takes: write a mapping"),
+    ],
+)
+@pytest.mark.parametrize(
+    "place", ["secrets: [{value}]", "secrets: [whsec_abc], options: {{region: {value}}}"]
+)
+def test_a_tag_that_makes_what_no_setting_takes_is_refused_with_its_line(
+    value: str, said: str, place: str
+) -> None:
+    # PyYAML made them all: a !!binary secret was taken as the text it decodes to, a !!set as a list in no
+    # order, and in a plugin's options (which are not checked until the plugin reads them) anything went.
+    text = (
+        f"listen: {{port: 8080}}\nsources:\n  s: {{path: /w, provider: svix, {place.format(value=value)}}}\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, environ={}, origin="routes.yaml")
+    column = text.splitlines()[2].index("!!") + 1
+    assert caught.value.errors == [f"routes.yaml: not valid YAML: line 3, column {column}: {said}"]
+
+
+def test_the_tags_that_make_text_numbers_and_collections_are_taken() -> None:
+    text = "listen: {port: !!int '8080'}\nsources:\n  s: {path: !!str /w, provider: svix, secrets: !!seq [whsec_abc]}\n"
+    config = parse_config(text, environ={})
+    assert (config.listen.port, config.sources["s"].path, config.sources["s"].secrets) == (
+        8080,
+        "/w",
+        ["whsec_abc"],
+    )
+
+
+@pytest.mark.parametrize(
     ("text", "expected"),
     [
         (

@@ -288,6 +288,13 @@ class Metrics:
             ["outcome"],
             registry=registry,
         )
+        self.ops_request_faults = Counter(
+            "hookyard_ops_request_faults_total",
+            "Requests to /healthz, /readyz or /metrics answered 500 (503 on /readyz) for a fault in Hookyard or "
+            "a plugin while answering them, by path.",
+            ["path"],
+            registry=registry,
+        )
         self.storage_writable = Gauge(
             "hookyard_storage_writable",
             "1 when the store took the last readiness check's test write (every /readyz), 0 when it failed or "

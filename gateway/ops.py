@@ -26,6 +26,8 @@ log = logging.getLogger("hookyard.ops")
 # A flood of connections comes as fast as anyone sends it: the log says so once a minute per outcome, the
 # metric counts each one.
 _SHED_LOG_INTERVAL = 60.0  # seconds
+# A fault in answering a probe or a scrape comes back at each one: logged once a minute per path, counted each time.
+_FAULT_LOG_INTERVAL = 60.0  # seconds
 _SHED = {
     "closed": "the ops listener has %d connections open: the oldest with no request being answered is closed "
     "for each new one",
@@ -50,6 +52,25 @@ def connections_shed(gateway: Gateway) -> Callable[[str], None]:
             )
 
     return shed
+
+
+def faults_reported(gateway: Gateway) -> Callable[[Request], None]:
+    """What answering_faults calls, handling the exception, for each fault: counted by path, and logged with
+    its traceback at most once a minute per path. A probe or a scraper asks every few seconds, and a fault
+    that stays would otherwise fill the log with the same traceback."""
+    throttle = Throttle(_FAULT_LOG_INTERVAL)
+
+    def report(request: Request) -> None:
+        path = request.url.path  # one of the three routes answering_faults wraps: a bounded label
+        gateway.metrics.ops_request_faults.labels(path).inc()
+        suppressed = throttle.admit(path)
+        if suppressed is not None:
+            log.exception(
+                "an ops request failed",
+                extra={"method": request.method, "path": path, "suppressed": suppressed},
+            )
+
+    return report
 
 
 def ops_app(gateway: Gateway) -> Starlette:
@@ -87,12 +108,21 @@ def ops_app(gateway: Gateway) -> Starlette:
     async def metrics(request: Request) -> Response:
         return Response(generate_latest(gateway.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    report = faults_reported(gateway)
     app = Starlette(
         routes=[
-            Route("/healthz", answering_faults(healthz, 500, {"status": "error"}), include_in_schema=False),
+            Route(
+                "/healthz",
+                answering_faults(healthz, report, 500, {"status": "error"}),
+                include_in_schema=False,
+            ),
             # /readyz answers 200 or 503 (docs/operations.md), and a check that failed proved nothing.
-            Route("/readyz", answering_faults(readyz, 503, {"status": "not ready"}), include_in_schema=False),
-            Route("/metrics", answering_faults(metrics, 500), include_in_schema=False),
+            Route(
+                "/readyz",
+                answering_faults(readyz, report, 503, {"status": "not ready"}),
+                include_in_schema=False,
+            ),
+            Route("/metrics", answering_faults(metrics, report, 500), include_in_schema=False),
             *admin_routes(gateway),
         ],
         exception_handlers={HTTPException: http_error},
@@ -104,19 +134,24 @@ def ops_app(gateway: Gateway) -> Starlette:
     return app
 
 
-def answering_faults(endpoint: Endpoint, status_code: int, shape: dict[str, str] | None = None) -> Endpoint:
+def answering_faults(
+    endpoint: Endpoint,
+    report: Callable[[Request], None],
+    status_code: int,
+    shape: dict[str, str] | None = None,
+) -> Endpoint:
     """`endpoint`, whose bugs (a plugin's collector that raises, a store's check) are answered `status_code`
     in JSON, as the admin API's are: `{"error": "internal error"}`, or with `shape`, the health endpoints'
-    own fields and `"reason": "internal error"`. Starlette's answer is `500` in plain text, and uvicorn logs
-    the traceback without naming the path. The exception's text stays in the log: it may hold paths and
-    data that a probe or a scraper has no use for."""
+    own fields and `"reason": "internal error"`, and told to `report` (faults_reported). Starlette's answer
+    is `500` in plain text, and uvicorn logs the traceback without naming the path. The exception's text
+    stays in the log: it may hold paths and data that a probe or a scraper has no use for."""
     body = {**shape, "reason": "internal error"} if shape is not None else {"error": "internal error"}
 
     async def handle(request: Request) -> Response:
         try:
             return await endpoint(request)
         except Exception:
-            log.exception("an ops request failed", extra={"method": request.method, "path": request.url.path})
+            report(request)
             return JSONResponse(body, status_code=status_code)
 
     return handle

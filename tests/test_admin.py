@@ -1557,10 +1557,12 @@ def test_a_fault_in_a_plugins_collector_is_a_json_500_on_metrics_logged_once(
         # The other endpoints, and the next scrape, are answered as before.
         assert gw.client.get(gw.ops_url + "/readyz").json() == {"status": "ready"}
         assert gw.client.get(gw.ops_url + "/metrics").status_code == 500
-    assert (
-        faults_logged(caplog)
-        == [("ERROR", "an ops request failed", "/metrics", "a fault in a plugin's collector")] * 2
-    )
+        faults = gw.gateway.metrics.ops_request_faults.labels("/metrics")._value.get()
+    # Logged once a minute: each scrape brought the same traceback.
+    assert faults_logged(caplog) == [
+        ("ERROR", "an ops request failed", "/metrics", "a fault in a plugin's collector")
+    ]
+    assert faults == 2
 
 
 def test_a_fault_in_the_readiness_check_is_a_json_503_not_ready_logged_once(
@@ -1577,9 +1579,12 @@ def test_a_fault_in_the_readiness_check_is_a_json_503_not_ready_logged_once(
             raise RuntimeError("a fault in the readiness check")
 
         monkeypatch.setattr(gw.gateway.storage, "check_writable", fault)
-        response = gw.client.get(gw.ops_url + "/readyz")
-        assert (response.status_code, response.headers["content-type"]) == (503, "application/json")
-        assert response.json() == {"status": "not ready", "reason": "internal error"}
+        # Each probe: the same answer, counted, the traceback logged once a minute, not at every probe.
+        for _probe in range(5):
+            response = gw.client.get(gw.ops_url + "/readyz")
+            assert (response.status_code, response.headers["content-type"]) == (503, "application/json")
+            assert response.json() == {"status": "not ready", "reason": "internal error"}
+        assert gw.metric("hookyard_ops_request_faults_total", path="/readyz") == 5
         assert gw.metric("hookyard_storage_writable") == 0
         assert gw.client.get(gw.ops_url + "/healthz").json() == {"status": "ok"}
         monkeypatch.undo()
@@ -1600,9 +1605,11 @@ def test_a_fault_in_the_liveness_check_is_a_json_500_logged_once(
             raise RuntimeError("a fault in the liveness check")
 
         monkeypatch.setattr(gw.gateway.storage, "needs_restart", fault)
-        response = gw.client.get(gw.ops_url + "/healthz")
-        assert (response.status_code, response.headers["content-type"]) == (500, "application/json")
-        assert response.json() == {"status": "error", "reason": "internal error"}
+        for _probe in range(3):
+            response = gw.client.get(gw.ops_url + "/healthz")
+            assert (response.status_code, response.headers["content-type"]) == (500, "application/json")
+            assert response.json() == {"status": "error", "reason": "internal error"}
+        assert gw.metric("hookyard_ops_request_faults_total", path="/healthz") == 3
         monkeypatch.undo()
         assert gw.client.get(gw.ops_url + "/healthz").json() == {"status": "ok"}
     assert faults_logged(caplog) == [

@@ -46,7 +46,7 @@ from gateway.routing import RouteTable, load_routes, never_matched
 from gateway.stalls import StallWatch, plugin_sources
 from gateway.storage import Storage, open_storage
 from gateway.storage.sqlite import FSYNC_TIMEOUT
-from gateway.tasks import CANCELLED_GRACE, DaemonThread, cancel_and_wait
+from gateway.tasks import CANCELLED_GRACE, DaemonThread, cancel_and_wait, wait_unless_hurried
 
 log = logging.getLogger("hookyard")
 
@@ -267,7 +267,7 @@ class Gateway:
                 await self._retention.stop()
             if self._engine is not None:
                 await self._engine.stop(self.config.delivery.shutdown_timeout)
-            await _call_each(self.pm, "shutdown", SHUTDOWN_HOOKS_TIMEOUT, gateway=self)
+            await _call_each(self.pm, "shutdown", SHUTDOWN_HOOKS_TIMEOUT, hurried=self._hurry, gateway=self)
         finally:
             # Whatever failed above, the pools, the store's threads and its serving lock are let go.
             await self._close_clients()
@@ -278,7 +278,7 @@ class Gateway:
         if resources is None:
             return
         closing = asyncio.ensure_future(resources.aclose())
-        await asyncio.wait([closing], timeout=CLIENTS_CLOSE_TIMEOUT)
+        await wait_unless_hurried([closing], CLIENTS_CLOSE_TIMEOUT, self._hurry)
         if not closing.done():
             log.warning("HTTP clients still closing; given up", extra={"timeout_s": CLIENTS_CLOSE_TIMEOUT})
             await cancel_and_wait([closing])
@@ -301,9 +301,10 @@ class Gateway:
     def _cut_short(self) -> None:
         """Wait no more for the work in progress, as if each wait's time were up: the rest of
         listen.drain_delay, the webhook requests in progress (cut off unanswered: their senders send them
-        again) and the running deliveries (cancelled and released: due at once at the next start). What
-        follows runs as usual, each step within its bound: the actions, the plugins' shutdown hooks and the
-        store are closed, and nothing answered is lost."""
+        again) and the running deliveries (cancelled and released: due at once at the next start); and the
+        closes that follow are given up on at once, as at the end of their time: the actions' closes, the
+        plugins' shutdown hooks and the shared HTTP clients. The store's close still gets its own bound: it
+        makes what was answered durable, and nothing answered is lost."""
         if self._hurry.is_set():
             return
         self._hurry.set()
@@ -731,7 +732,13 @@ def listening_socket(host: str, port: int) -> socket.socket:
 
 
 async def _call_each(
-    pm: pluggy.PluginManager, name: str, timeout: float, only: Collection[str] | None = None, **kwargs: Any
+    pm: pluggy.PluginManager,
+    name: str,
+    timeout: float,
+    only: Collection[str] | None = None,
+    *,
+    hurried: asyncio.Event | None = None,
+    **kwargs: Any,
 ) -> None:
     """Call every implementation of the hook `name` in pluggy's order (or those of the plugins named in
     `only`), one at a time, awaiting what it returns, for `timeout` seconds at most all together. One that
@@ -743,6 +750,10 @@ async def _call_each(
     cancelled, and those called after it are cancelled as soon as they wait; all of them together get
     CANCELLED_GRACE more to end. One still running then (it catches its cancellation, or its thread blocks)
     is left running: a task, or a daemon thread, that ends with the process.
+
+    Once `hurried` is set (a shutdown cut short by a second signal), the time is up at once: the hook running
+    then is cancelled, as are those after it as soon as they wait, and CANCELLED_GRACE from then is all they
+    get together.
 
     Each call, and what it returned, is traced as pluggy traces the hooks it calls (HookTrace)."""
     hook = getattr(pm.hook, name)
@@ -758,7 +769,10 @@ async def _call_each(
         try:
             # Its first step runs before this wait ends, even past the deadline: what it does before it
             # first waits is done.
-            await asyncio.wait([call], timeout=max(deadline - loop.time(), 0))
+            await wait_unless_hurried([call], max(deadline - loop.time(), 0), hurried)
+            if hurried is not None and hurried.is_set():
+                deadline = min(deadline, loop.time())
+                give_up_at = min(give_up_at, loop.time() + CANCELLED_GRACE)
             if not call.done():
                 await cancel_and_wait([call], max(give_up_at - loop.time(), 0))
         except asyncio.CancelledError:

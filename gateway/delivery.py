@@ -43,7 +43,7 @@ from gateway.storage import (
     Unreadable,
     no_longer_configured,
 )
-from gateway.tasks import cancel_and_wait
+from gateway.tasks import cancel_and_wait, wait_unless_hurried
 
 log = logging.getLogger("hookyard.delivery")
 
@@ -115,14 +115,18 @@ async def _close_built(actions: Collection[RunnableAction]) -> None:
     await _close_within_bound([asyncio.ensure_future(_close(actions))])
 
 
-async def _close_within_bound(closing: list[asyncio.Future[None]]) -> None:
-    """Wait for actions' closes ACTION_CLOSE_TIMEOUT at most, then cancel them. Cancelled meanwhile (a
-    shutdown cancels a reload's watcher), they are cancelled too, not left running past the loop's end."""
+async def _close_within_bound(
+    closing: list[asyncio.Future[None]], hurried: asyncio.Event | None = None
+) -> None:
+    """Wait for actions' closes ACTION_CLOSE_TIMEOUT at most (until `hurried` is set, if sooner: a shutdown
+    cut short), then cancel them. Cancelled meanwhile (a shutdown cancels a reload's watcher), they are
+    cancelled too, not left running past the loop's end."""
     try:
-        _done, late = await asyncio.wait(closing, timeout=ACTION_CLOSE_TIMEOUT)
+        await wait_unless_hurried(closing, ACTION_CLOSE_TIMEOUT, hurried)
     except asyncio.CancelledError:
         await cancel_and_wait(closing)
         raise
+    late = [future for future in closing if not future.done()]
     if late:
         log.warning("actions still closing; given up", extra={"timeout_s": ACTION_CLOSE_TIMEOUT})
         await cancel_and_wait(late)
@@ -488,19 +492,13 @@ class Engine:
             )
         # With the actions a reload replaced, whose deliveries are over by now: closed while the loop and the
         # shared HTTP clients are still there, not left to a loop that is gone.
-        await _close_within_bound([*self._closing, asyncio.create_task(_close(self.actions.values()))])
+        await _close_within_bound(
+            [*self._closing, asyncio.create_task(_close(self.actions.values()))], self._hurried
+        )
 
     async def _wait_for_all(self, futures: Collection[asyncio.Future[Any]], timeout: float) -> None:
         """Until every one of futures is done, for timeout seconds at most, or until hurry."""
-        if self._hurried.is_set() or not futures:
-            return
-        all_done = asyncio.ensure_future(asyncio.wait(futures))
-        hurried = asyncio.ensure_future(self._hurried.wait())
-        try:
-            await asyncio.wait([all_done, hurried], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            # Cancelling a wait leaves what it waits for running.
-            await cancel_and_wait([all_done, hurried])
+        await wait_unless_hurried(futures, timeout, self._hurried)
 
     async def _claim_loop(self) -> None:
         while not self._stopping:

@@ -37,6 +37,26 @@ async def cancel_and_wait(
     return pending
 
 
+async def wait_unless_hurried(
+    futures: Collection[asyncio.Future[Any]], timeout: float, hurried: asyncio.Event | None
+) -> None:
+    """Until every one of futures is done, for timeout seconds at most, or until `hurried` is set (a
+    shutdown cut short by a second signal): then as if the time were up. What is waited for is left running."""
+    if not futures:
+        return
+    if hurried is None or hurried.is_set():
+        # Hurried already: no wait, but what was just started still gets its first step, as at a timeout.
+        await asyncio.wait(futures, timeout=timeout if hurried is None else 0)
+        return
+    all_done = asyncio.ensure_future(asyncio.wait(futures))
+    hurry = asyncio.ensure_future(hurried.wait())
+    try:
+        await asyncio.wait([all_done, hurry], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Cancelling a wait leaves what it waits for running.
+        await cancel_and_wait([all_done, hurry])
+
+
 def _retrieved(task: asyncio.Future[Any]) -> None:
     # Read, or asyncio logs "exception was never retrieved" for a task given up on.
     if not task.cancelled():

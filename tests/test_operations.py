@@ -1000,6 +1000,82 @@ def test_a_shutdown_names_ten_of_the_deliveries_it_gives_up_on_and_counts_the_ot
     assert {(delivery["route"], delivery["action"]) for delivery in named} == {("users", "app")}
 
 
+class SlowToClose:
+    """A plugin whose action's close (`stage` "close") or whose shutdown hook ("hook") waits for a service
+    that does not answer, honouring its cancellation; `began` is set once it waits."""
+
+    def __init__(self, stage: str) -> None:
+        self.stage = stage
+        self.began = threading.Event()
+
+    async def _wait_for_ever(self) -> None:
+        self.began.set()
+        await asyncio.sleep(3600)
+
+    @hookimpl
+    def register_actions(self) -> list[type[Action]]:
+        plugin = self
+
+        class Lingering(Action):
+            name = "lingering"
+
+            async def deliver(self, job: Job) -> Outcome:
+                return delivered(200)
+
+            async def aclose(self) -> None:
+                if plugin.stage == "close":
+                    await plugin._wait_for_ever()
+
+        return [Lingering]
+
+    @hookimpl
+    async def shutdown(self) -> None:
+        if self.stage == "hook":
+            await self._wait_for_ever()
+
+
+@pytest.mark.parametrize(
+    ("stage", "given_up"),
+    [
+        ("close", "actions still closing; given up"),
+        ("hook", "a shutdown hook did not finish in time; given up"),
+    ],
+)
+def test_a_second_signal_gives_up_on_the_closes_the_shutdown_waits_for(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    stage: str,
+    given_up: str,
+) -> None:
+    """A second signal cut short the waits for the work in progress only: an action's close or a shutdown
+    hook waiting on a service that does not answer was still waited out, whatever the signals after."""
+    monkeypatch.setattr(delivery, "ACTION_CLOSE_TIMEOUT", 60.0)
+    monkeypatch.setattr(app, "SHUTDOWN_HOOKS_TIMEOUT", 60.0)
+    plugin = SlowToClose(stage)
+    pm = new_plugin_manager(load_entry_points=False)
+    pm.register(plugin, name="slow-to-close")
+    config = gateway_config(tmp_path)
+    config["routes"] = [
+        {"name": "users", "source": "consignease", "actions": [{"id": "app", "use": "lingering"}]}
+    ]
+    gw = RunningGateway(config, pm=pm).__enter__()
+    try:
+        gw.loop.call_soon_threadsafe(gw.gateway.request_exit)
+        assert plugin.began.wait(20)
+        second = time.monotonic()
+        gw.loop.call_soon_threadsafe(gw.gateway.request_exit)
+        gw.thread.join(40)
+        took = time.monotonic() - second
+        assert not gw.thread.is_alive(), "the shutdown waited out the close's 60 s"
+    finally:
+        gw.__exit__(None, None, None)
+    # Cancelled at once, ended within its grace: far below the 60 s, whatever the machine's load.
+    assert took < 20, f"stopping took {took:.1f}s after the second signal"
+    assert "shutdown cut short: not waiting for the work in progress" in caplog.messages
+    assert any(message.startswith(given_up) for message in caplog.messages), caplog.messages
+
+
 def test_closing_the_shared_http_clients_is_given_up_on_if_it_ignores_its_cancellation(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

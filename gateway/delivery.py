@@ -95,7 +95,7 @@ async def build_actions(
 
 
 def _running_delivery(delivery_id: int, task: asyncio.Task[None]) -> dict[str, Any]:
-    """The delivery a task runs (DeliveryEngine._deliver), as an operator would replay it: its source, event
+    """The delivery a task runs (Engine._deliver), as an operator would replay it: its source, event
     id, route and action. Read from the suspended coroutine's own arguments, only when a shutdown gives up
     on it, so that starting a delivery keeps nothing more for this; the id alone if it cannot be read."""
     frame = getattr(task.get_coro(), "cr_frame", None)

@@ -121,6 +121,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
+import orjson
 from pydantic import ConfigDict, Field, ValidationInfo, field_validator
 
 from gateway import hookimpl
@@ -444,6 +445,19 @@ class Change:
 
 
 def _json(value: Any) -> str:
+    """`value` as compact JSON text. By orjson: a payload of 1 MiB takes json.dumps about 12 ms of the event
+    loop, which every other delivery and webhook waits for, and orjson about 1 ms. Its text is json's but for
+    how some floats are spelled (0.000015, not 1.5e-05), the same number to both databases' JSON. NaN and
+    infinities, which orjson would write as null, cannot be in a payload: it is parsed from the body by
+    orjson, which refuses them. What orjson cannot write (an integer past 64 bits, read again from the body
+    with all its digits; nesting past 255 levels; a lone surrogate) is written by json, as before."""
+    try:
+        return orjson.dumps(value).decode()
+    except orjson.JSONEncodeError:
+        return _python_json(value)
+
+
+def _python_json(value: Any) -> str:
     # allow_nan=False: NaN is not JSON, and the database would refuse it later with a less clear message.
     try:
         return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
@@ -463,7 +477,9 @@ def key_text(value: Any) -> str | None:
     if isinstance(value, str):
         return value or None
     if isinstance(value, bool | int | float):
-        return _json(value)
+        # json's spelling, as ever: the text names the row, and orjson spells some floats otherwise
+        # (0.000015 for 1.5e-05), which would name another row.
+        return _python_json(value)
     return None
 
 

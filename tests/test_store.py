@@ -794,6 +794,19 @@ def test_a_payload_nested_past_what_json_dumps_can_write_is_dead_not_raised(db: 
     assert second.kind == "delivered"
 
 
+def test_a_payload_nested_past_what_orjson_writes_is_stored_whole(db: Database) -> None:
+    # The payload is written by orjson, which stops at 255 levels: one nested deeper (the gateway reads up
+    # to 1024) is written by json instead, as it was before.
+    nested: Any = "bottom"
+    for _ in range(300):
+        nested = [nested]
+    event = make_event("e1", data={"id": "user_1", "deep": nested})
+    [outcome] = deliver({"url": db.url, "table": db.table}, event)
+    assert outcome.kind == "delivered", outcome
+    [row] = db.events()
+    assert row["payload"] == event.payload
+
+
 @pytest.mark.parametrize("mode", ["append", "upsert"])
 def test_a_nul_character_in_a_webhook_is_accepted_and_only_a_postgresql_store_of_it_is_dead(
     tmp_path: Path, db: Database, downstream: Downstream, mode: str

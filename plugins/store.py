@@ -31,7 +31,9 @@ a connection: the pooler hands the server's connections from client to client at
 so a statement prepared on one would be run on another, which does not have it. Not given, it is found out
 each time the pool is made: a pooler gives its client a process id of its own, not the server session's.
 Nothing else the store does outlives a transaction: its advisory locks are pg_advisory_xact_lock, and it
-sets nothing on the session (no SET, temporary table or LISTEN).
+sets nothing on the session (no SET, temporary table or LISTEN). A pooler in statement mode (PgBouncer's
+pool_mode = statement) refuses the transactions that create the tables and write upserts: retried, with an
+error that names the mode and says what to use instead.
 
 append: one row per event, written with INSERT ... ON CONFLICT DO NOTHING, so replays and duplicate
 deliveries never add a second row.
@@ -578,6 +580,14 @@ _TRANSACTION_POOLER = (
     "which runs a statement prepared on one server connection on another: set transaction_pooling: true "
     "in the store's with:"
 )
+# PgBouncer's words, at a BEGIN, in statement mode (pool_mode = statement): it ends the client's connection,
+# which asyncpg reports as closed "in the middle of operation", the words following.
+_PGBOUNCER_STATEMENT_MODE = "transaction blocks not allowed in statement pooling mode"
+_STATEMENT_POOLER = (
+    "the URL leads to PgBouncer in statement pooling mode (pool_mode = statement), which refuses "
+    "transactions: the store needs them to create its tables and to write upserts; point the URL at a pool "
+    "in transaction mode (with transaction_pooling: true) or session mode"
+)
 POOL_SIZE = 10  # connections per action
 
 
@@ -906,6 +916,9 @@ class Postgres(Backend):
         return isinstance(exc, self._asyncpg.PostgresError) and _sqlstate(exc) in _PG_WRONG_SHAPE
 
     def describe(self, exc: Exception) -> str:
+        if _PGBOUNCER_STATEMENT_MODE in str(exc):
+            # Retried, as a pool_mode changed meanwhile lets a later attempt through; said what to change.
+            return f"{_error(exc)}; {_STATEMENT_POOLER}"
         message = getattr(exc, "message", None)
         if not isinstance(exc, self._asyncpg.PostgresError) or not message:
             return _error(exc)  # raised by asyncpg itself, not sent by the server

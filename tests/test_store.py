@@ -243,6 +243,20 @@ def pgbouncer_url(postgres_url: str) -> Iterator[str]:
     """A PgBouncer of the session's own in transaction pooling mode, in front of the test database: the URL
     that reaches the database through it. Two server connections at most, so that the store's ten share
     them, as many gateways' would in production."""
+    with running_pgbouncer(postgres_url, "transaction") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def pgbouncer_statement_mode_url(postgres_url: str) -> Iterator[str]:
+    """As pgbouncer_url, in statement pooling mode: it refuses any transaction of several statements."""
+    with running_pgbouncer(postgres_url, "statement") as url:
+        yield url
+
+
+@contextlib.contextmanager
+def running_pgbouncer(postgres_url: str, pool_mode: str) -> Iterator[str]:
+    """A PgBouncer in `pool_mode` in front of the test database, with two server connections; its URL."""
     binary = shutil.which("pgbouncer", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/usr/local/sbin")
     if binary is None:
         unavailable("pgbouncer is not installed; install it with: apt-get install -y pgbouncer")
@@ -265,7 +279,7 @@ listen_port = {port}
 unix_socket_dir =
 auth_type = trust
 auth_file = {home / "users.txt"}
-pool_mode = transaction
+pool_mode = {pool_mode}
 default_pool_size = 2
 max_client_conn = 200
 logfile = {home / "pgbouncer.log"}
@@ -1289,6 +1303,29 @@ def test_behind_pgbouncer_in_transaction_mode_every_event_is_written_once(
         pg.drop()
     found_out = [r.getMessage() for r in caplog.records if "behind a connection pooler" in r.getMessage()]
     assert len(found_out) == (2 if pooling is None else 0), found_out  # once per action's pool
+
+
+@pytest.mark.parametrize("mode", ["append", "upsert"])
+def test_behind_pgbouncer_in_statement_mode_attempts_are_retried_and_say_to_change_the_pool_mode(
+    pgbouncer_statement_mode_url: str, postgres_url: str, mode: str
+) -> None:
+    # PgBouncer refuses the BEGIN of the transactions that create the tables and write upserts, and closes
+    # the connection: the error was asyncpg's "connection was closed in the middle of operation", followed by
+    # PgBouncer's words, which did not say what to change.
+    pg = PostgresDatabase(postgres_url, f"hookyard_test_{uuid.uuid4().hex[:12]}")
+    options: dict[str, Any] = {"url": pgbouncer_statement_mode_url, "table": pg.table, "mode": mode}
+    if mode == "upsert":
+        options["key"] = "data.id"
+    try:
+        outcomes = deliver(options, make_event("e1"), make_event("e2"))
+    finally:
+        pg.drop()
+    for outcome in outcomes:
+        assert outcome.kind == "retry", outcome  # a pool_mode changed meanwhile lets a later attempt through
+        error = outcome.error or ""
+        assert "transaction blocks not allowed in statement pooling mode" in error, error
+        assert "PgBouncer in statement pooling mode (pool_mode = statement)" in error, error
+        assert "a pool in transaction mode (with transaction_pooling: true) or session mode" in error, error
 
 
 def test_a_direct_connection_keeps_its_prepared_statements(pg: PostgresDatabase) -> None:

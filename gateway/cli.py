@@ -480,7 +480,7 @@ def _providers(config: Config) -> dict[str, Provider]:
             continue
         try:
             providers[name] = provider_cls(name, source)
-        except ValueError:  # pydantic's ValidationError included; `hookyard check` says what is wrong
+        except Exception:  # options refused, or a plugin's bug: `hookyard check` says what is wrong
             continue
     return providers
 

@@ -626,6 +626,38 @@ def test_events_list_says_what_to_write_for_a_type_the_sources_read_differently(
         assert (listed.exit_code, listed_ids(listed)) == (0, expected), (args, listed.output)
 
 
+def test_events_list_takes_a_type_as_given_where_a_plugins_provider_cannot_be_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Only a ValueError was passed over: a provider plugin whose constructor raised anything else ended
+    # `events list --type` with a traceback (`check` and `serve` name the plugin and its error).
+    from plugins.consignly import ConsignlyProvider
+
+    class Broken(ConsignlyProvider):
+        name = "broken"
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            raise KeyError("kid")
+
+    class Plugin:
+        @hookimpl
+        def register_providers(self) -> list[type[ConsignlyProvider]]:
+            return [Broken]
+
+    pm = new_plugin_manager()
+    pm.register(Plugin(), name="broken")
+    monkeypatch.setattr("gateway.cli.plugin_manager", lambda: pm)
+
+    async def fill_types(storage: SQLiteStorage) -> None:
+        await storage.ingest(make_event("evt_created", time.time(), "consignly", "consignment.created"), [])
+
+    with_storage(tmp_path / "db.sqlite", fill_types)
+    config = config_dict(tmp_path)
+    config["sources"]["broken"] = {"path": "/broken", "provider": "broken", "secrets": ["s"]}
+    listed = invoke("events", "list", "-c", write_config(tmp_path, config), "--type", "ConsignmentCreated")
+    assert (listed.exit_code, listed_ids(listed)) == (0, ["evt_created"]), listed.output
+
+
 def test_events_list_rejects_a_bad_since(filled: Path) -> None:
     result = invoke("events", "list", "-c", filled, "--since", "yesterday")
     assert result.exit_code != 0

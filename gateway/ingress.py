@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import reprlib
 import time
 from collections.abc import Callable
 from types import CodeType, TracebackType
@@ -124,11 +125,19 @@ class NotAnEvent(Exception):
     text: a bytes or an integer would be stored as such (a BLOB, an INTEGER) and answered 2xx, though no id
     given as text finds it again, and the admin API cannot show it."""
 
+    def __init__(self, what: str, kind: str) -> None:
+        super().__init__(what)
+        self.kind = kind  # what the log's throttle tells failures apart by: not the value, each webhook's own
+
     @classmethod
     def not_text(cls, event: Event) -> NotAnEvent:
         """The exception for an event whose id or type is not a str."""
         field, value = ("id", event.id) if type(event.id) is not str else ("type", event.type)
-        return cls(f"made an event whose {field} is {value!r} (a {type(value).__name__}), not a str")
+        kind = type(value).__name__
+        # Shown cut short: a provider may have put a whole body there.
+        return cls(
+            f"made an event whose {field} is {reprlib.repr(value)} (a {kind}), not a str", f"{field} {kind}"
+        )
 
 
 class Ingress:
@@ -219,7 +228,7 @@ class Ingress:
         try:
             event.verified = verified
         except AttributeError:  # (free unless raised) a provider's parse that returned None, say
-            raise NotAnEvent(f"returned {type(event).__name__}, not an Event") from None
+            raise NotAnEvent(f"returned {type(event).__name__}, not an Event", type(event).__name__) from None
         if type(event.id) is not str or type(event.type) is not str:  # two checks, no call, per webhook
             raise NotAnEvent.not_text(event)
         # By the endpoint's table, not the running one: a reload may have swapped it since the headers.
@@ -285,19 +294,23 @@ class Ingress:
         webhook of the source raises it until the plugin is fixed; otherwise one of Hookyard's."""
         provider = endpoint.provider
         if isinstance(exc, NotAnEvent):
-            self._provider_failed(endpoint, "parse", str(exc), None)
+            self._provider_failed(endpoint, "parse", str(exc), exc.kind, None)
             return provider_failed(provider.name)
         hook = _provider_hook(provider, exc.__traceback__)
         if hook is None:
             if self.log_throttle.admit(endpoint.name, "internal_error", type(exc).__name__) is not None:
                 log.error("a webhook could not be handled", exc_info=exc, extra={"source": endpoint.name})
             return INTERNAL_ERROR
-        self._provider_failed(endpoint, hook, f"raised {type(exc).__name__}: {exc}", exc)
+        self._provider_failed(endpoint, hook, f"raised {type(exc).__name__}: {exc}", type(exc).__name__, exc)
         return provider_failed(provider.name)
 
-    def _provider_failed(self, endpoint: Endpoint, hook: str, what: str, exc: BaseException | None) -> None:
+    def _provider_failed(
+        self, endpoint: Endpoint, hook: str, what: str, kind: str, exc: BaseException | None
+    ) -> None:
+        """Log a provider's failure, at most once a minute per source, hook and kind of failure (the
+        exception's class): a bug that fails every webhook would otherwise write a line for each."""
         provider = endpoint.provider
-        suppressed = self.log_throttle.admit(endpoint.name, "provider_failed", hook, what.partition(":")[0])
+        suppressed = self.log_throttle.admit(endpoint.name, "provider_failed", hook, kind)
         if suppressed is None:
             return
         plugin = plugin_of(self.gateway.pm, type(provider))

@@ -48,7 +48,8 @@ still coming, or its commit) is aborted, unanswered (cut_off).
 
 The ops listener's protocol (OpsProtocol) is uvicorn's, but for the end of its drain: a request cut off
 then gets no answer either. And a request's head has a deadline and a bound there too (408, 431), and
-its body a deadline (408).
+its body a deadline (408). Its connections closed after an answer linger as the webhook listener's do
+(CoalescedWrites).
 
 Expect: a request whose client waits for `100 Continue` and is refused before it is sent one closes its
 connection after the answer, on both listeners (see _unanswered_if_cut_off).
@@ -888,7 +889,13 @@ class OpsProtocol(UpgradeIgnoring):
     At most OPS_MAX_CONNECTIONS connections are open at once. One more closes the oldest that has no request
     being answered (idle, still sending its request, or not reading its answer), so that a flood of idle or
     slow connections cannot keep a probe or a scrape out; refused with 503 only when each one has a request
-    being answered. `shed` is told which ("closed", "refused"), to count and log it."""
+    being answered. `shed` is told which ("closed", "refused"), to count and log it.
+
+    Closing after an answer (a refusal, `connection: close`) lingers as on the webhook listener
+    (CoalescedWrites.close): a client still sending reads the answer rather than ECONNRESET."""
+
+    # The listener's connections closed after their answer that still linger (set by ops_protocol).
+    lingering: ClassVar[Lingering]
 
     # A request's head is being read, and the bytes of the reads since it began.
     _in_head = False
@@ -898,7 +905,9 @@ class OpsProtocol(UpgradeIgnoring):
     _opened = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn's takes a Transport
+        # Duck-typed, as on the webhook listener: its close() lingers.
+        writes = CoalescedWrites(transport, self.loop, self.lingering)
+        super().connection_made(cast(asyncio.Transport, writes))
         self._opened = self.loop.time()
         if len(self.connections) > OPS_MAX_CONNECTIONS and not self._make_room():
             # Its slot is given up at once, as on the webhook listener: a burst of refusals does not refuse
@@ -1053,7 +1062,7 @@ class OpsProtocol(UpgradeIgnoring):
             name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
         )
         self.transport.write(head + rest)
-        self.transport.close()
+        self.transport.close()  # lingers: the client may still be sending (CoalescedWrites.close)
 
 
 # How long closing a TLS connection after its answer waits for the client's close_notify after sending its
@@ -1067,6 +1076,10 @@ def ops_protocol(shed: Callable[[str], None]) -> type[OpsProtocol]:
     """The ops listener's protocol class, telling `shed` of each connection it closes or refuses when full."""
 
     class Ops(OpsProtocol):
+        # At most as many as it has connections open: their file descriptors are in
+        # gateway.app.FILES_RESERVED.
+        lingering = Lingering(OPS_MAX_CONNECTIONS)
+
         def shed(self, outcome: str) -> None:
             shed(outcome)
 
@@ -1246,13 +1259,14 @@ class LingeringClose(asyncio.Protocol):
 
 
 class Lingering:
-    """A listener's lingering connections (LingeringClose), oldest first: at most LINGERING_AT_MOST."""
+    """A listener's lingering connections (LingeringClose), oldest first: at most `at_most`."""
 
-    def __init__(self) -> None:
+    def __init__(self, at_most: int = LINGERING_AT_MOST) -> None:
         self._closes: dict[LingeringClose, None] = {}
+        self._at_most = at_most
 
     def add(self, close: LingeringClose) -> None:
-        if len(self._closes) >= LINGERING_AT_MOST:
+        if len(self._closes) >= self._at_most:
             next(iter(self._closes)).close()  # the oldest, which had the longest to read its answer
         self._closes[close] = None
 

@@ -577,6 +577,48 @@ def test_a_client_still_sending_when_its_connection_is_answered_and_closed_reads
         wait_until(lambda: gw.metric("hookyard_webhook_connections") == 0)
 
 
+_OPS_HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+# As _STILL_SENDING, on the ops listener (whose head and body deadlines are shortened to 0.3 s).
+_OPS_STILL_SENDING = {
+    "head_timeout": (_OPS_HEAD + b"X-Slow: ", b"a", 0.02, 408),
+    "head_too_large": (_OPS_HEAD + b"X-Endless: ", _BULK, 0.0, 431),
+    "url_too_long": (
+        b"POST /%s HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" % (b"a" * 70_000),
+        _BULK,
+        0.0,
+        414,
+    ),
+    "malformed": (b"GARBAGE \x00\x01\r\n", _BULK, 0.0, 400),
+    "body_timeout": (
+        b"POST /admin/replay HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{",
+        b"a" * 100,
+        None,
+        408,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", _OPS_STILL_SENDING.values(), ids=_OPS_STILL_SENDING)
+def test_an_ops_client_still_sending_when_its_connection_is_refused_reads_the_answer(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, case: tuple[bytes, bytes, float | None, int]
+) -> None:
+    # The ops listener closed its refusals with what the client had sent since unread: the connection was
+    # reset, and the client read ECONNRESET (or nothing) instead of the 408, 414 or 431.
+    first, more, pace, status = case
+    monkeypatch.setattr(protocol, "OPS_HEAD_TIMEOUT", 0.3)
+    monkeypatch.setattr(protocol, "OPS_BODY_TIMEOUT", 0.3)
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        host, port = gw.ops_url.removeprefix("http://").split(":")
+        for _ in range(4):
+            with socket.create_connection((host, int(port)), timeout=5) as sock:
+                answer = send_until_answered(sock, first, more, pace)
+            assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:100]
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert b"connection: close" in head.lower().split(b"\r\n")
+            assert "error" in json.loads(body)
+        wait_until(lambda: ops_metric(gw, "hookyard_ops_connections") == 0)
+
+
 def https_config(tmp_path) -> tuple[dict[str, Any], ssl.SSLContext]:
     """A gateway_config served over HTTPS, with a certificate of its own, and a client context trusting it."""
     cert, key = self_signed(tmp_path, "listener")

@@ -31,7 +31,7 @@ from gateway.ingress import Ingress
 from gateway.launch import sigterm_caught
 from gateway.logs import serving_listener
 from gateway.metrics import Metrics
-from gateway.ops import connections_shed, ops_app
+from gateway.ops import answers_unread, connections_shed, ops_app
 from gateway.plugins import HookTrace, PluginError, Registry, check_implementations, plugin_manager
 from gateway.protocol import (
     LINGERING_AT_MOST,
@@ -515,7 +515,7 @@ class Gateway:
         self.metrics.webhook_connections.set_function(lambda: len(connections))
         ops_uvicorn = self._uvicorn_config(self.ops, ops_config.host, ops_config.port, OPS_DRAIN_TIMEOUT)
         # uvicorn's, but what its drain cuts off gets no answer, and its connections are bounded.
-        ops_uvicorn.http = ops_class = ops_protocol(connections_shed(self))
+        ops_uvicorn.http = ops_class = ops_protocol(connections_shed(self), answers_unread(self))
         ops_uvicorn.timeout_keep_alive = OPS_IDLE_TIMEOUT
         ops = _Server(ops_uvicorn, "ops")
         ops_connections = ops.server_state.connections

@@ -47,9 +47,9 @@ close_notify is sent, and the client's is not waited for. So is one still linger
 still coming, or its commit) is aborted, unanswered (cut_off).
 
 The ops listener's protocol (OpsProtocol) is uvicorn's, but for the end of its drain: a request cut off
-then gets no answer either. And a request's head has a deadline and a bound there too (408, 431), and
-its body a deadline (408). Its connections closed after an answer linger as the webhook listener's do
-(CoalescedWrites).
+then gets no answer either. And a request's head has a deadline and a bound there too (408, 431), its
+body a deadline (408), and an answer a deadline to be read (OPS_WRITE_TIMEOUT). Its connections closed
+after an answer linger as the webhook listener's do (CoalescedWrites).
 
 Expect: a request whose client waits for `100 Continue` and is refused before it is sent one closes its
 connection after the answer, on both listeners (see _unanswered_if_cut_off).
@@ -867,6 +867,11 @@ OPS_BODY_TIMEOUT = 10.0  # seconds
 # descriptors are kept besides listen.max_connections (gateway.app.FILES_RESERVED), so that a flood of them
 # leaves the webhook listener and the store theirs.
 OPS_MAX_CONNECTIONS = 32
+# How long an answer may wait for its client to read it: from the moment what is still to be sent outgrows
+# the transport's buffer (writing paused) until it drains. A client that asks and never reads (requests
+# pipelined behind an answer it leaves unread) would otherwise hold its connection, and a place among
+# OPS_MAX_CONNECTIONS as a request being answered, for ever.
+OPS_WRITE_TIMEOUT = 10.0  # seconds
 _OPS_TOO_MANY_CONNECTIONS = b"retry-after: 5\r\n" + _ops_closing(
     f"the ops listener has {OPS_MAX_CONNECTIONS} connections open, each with a request being answered; "
     "retry later"
@@ -889,7 +894,9 @@ class OpsProtocol(UpgradeIgnoring):
     At most OPS_MAX_CONNECTIONS connections are open at once. One more closes the oldest that has no request
     being answered (idle, still sending its request, or not reading its answer), so that a flood of idle or
     slow connections cannot keep a probe or a scrape out; refused with 503 only when each one has a request
-    being answered. `shed` is told which ("closed", "refused"), to count and log it.
+    being answered. `shed` is told which ("closed", "refused"), to count and log it. An answer its client
+    has not read within OPS_WRITE_TIMEOUT of filling the transport's buffer ends its connection (aborted:
+    a close would wait for the client to read it), and `unread` is told.
 
     Closing after an answer (a refusal, `connection: close`) lingers as on the webhook listener
     (CoalescedWrites.close): a client still sending reads the answer rather than ECONNRESET."""
@@ -902,6 +909,7 @@ class OpsProtocol(UpgradeIgnoring):
     _head_bytes = 0
     _head_deadline: asyncio.TimerHandle | None = None
     _body_deadline: asyncio.TimerHandle | None = None
+    _write_deadline: asyncio.TimerHandle | None = None
     _opened = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -937,6 +945,34 @@ class OpsProtocol(UpgradeIgnoring):
     def shed(self, outcome: str) -> None:
         """A connection was closed ("closed") or refused ("refused") for the limit: see ops_protocol."""
 
+    def unread(self, timeout: float) -> None:
+        """A connection was ended for an answer its client did not read within `timeout` seconds: see
+        ops_protocol."""
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        self._disarm_write_deadline()
+        self._write_deadline = self.loop.call_later(
+            OPS_WRITE_TIMEOUT, self._write_timed_out, OPS_WRITE_TIMEOUT
+        )
+
+    def resume_writing(self) -> None:
+        self._disarm_write_deadline()
+        super().resume_writing()
+
+    def _disarm_write_deadline(self) -> None:
+        if self._write_deadline is not None:
+            self._write_deadline.cancel()
+            self._write_deadline = None
+
+    def _write_timed_out(self, timeout: float) -> None:
+        self._write_deadline = None
+        # Its slot is given up at once, as when it is closed for room: the loop may take a while to tell it
+        # is lost.
+        self.connections.discard(self)
+        self.transport.abort()
+        self.unread(timeout)
+
     def _answering(self) -> bool:
         """Whether a request is being answered: all of it read, and its answer to come or being read."""
         if self.pipeline:
@@ -955,6 +991,7 @@ class OpsProtocol(UpgradeIgnoring):
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_came()
         self._body_came()
+        self._disarm_write_deadline()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -1072,8 +1109,9 @@ class OpsProtocol(UpgradeIgnoring):
 TLS_SHUTDOWN_TIMEOUT = 1.0  # seconds
 
 
-def ops_protocol(shed: Callable[[str], None]) -> type[OpsProtocol]:
-    """The ops listener's protocol class, telling `shed` of each connection it closes or refuses when full."""
+def ops_protocol(shed: Callable[[str], None], unread: Callable[[float], None]) -> type[OpsProtocol]:
+    """The ops listener's protocol class, telling `shed` of each connection it closes or refuses when full,
+    and `unread` of each it ends for an answer not read within OPS_WRITE_TIMEOUT."""
 
     class Ops(OpsProtocol):
         # At most as many as it has connections open: their file descriptors are in
@@ -1082,6 +1120,9 @@ def ops_protocol(shed: Callable[[str], None]) -> type[OpsProtocol]:
 
         def shed(self, outcome: str) -> None:
             shed(outcome)
+
+        def unread(self, timeout: float) -> None:
+            unread(timeout)
 
     return Ops
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import logging
 import select
 import socket
 import sqlite3
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from gateway import app, hookimpl, protocol, providers
 from gateway.app import GC_YOUNG_THRESHOLD, INGRESS_DRAIN_TIMEOUT
@@ -479,6 +481,75 @@ def test_one_ops_connection_more_than_those_each_being_answered_is_refused_503(
         "error": f"the ops listener has {OPS_MAX_CONNECTIONS} connections open, each with a request being "
         "answered; retry later"
     }
+
+
+class LargeExposition:
+    """A collector that makes /metrics `size` bytes long, cheaply: one label value."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def collect(self) -> Any:
+        family = GaugeMetricFamily("test_padding", "Pads the exposition.", labels=["padding"])
+        family.add_metric(["x" * self.size], 1)
+        yield family
+
+
+def never_reading_client(port: int, request: bytes) -> socket.socket:
+    """A client that sends `request` and never reads, with the smallest receive window it may offer (set
+    before connecting, as the window is agreed then)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(10)
+    sock.connect(("127.0.0.1", port))
+    sock.sendall(request)
+    return sock
+
+
+def closed_after_what_was_sent(sock: socket.socket) -> bool:
+    """Whether the server closed (or aborted) the connection, once what it had sent is read."""
+    for _ in range(1000):
+        try:
+            if not sock.recv(65536):
+                return True
+        except ConnectionResetError:
+            return True
+    return False
+
+
+def healthz_status(url: str) -> int:
+    with contextlib.suppress(httpx.HTTPError):
+        return httpx.get(url + "/healthz", timeout=5).status_code
+    return 0
+
+
+def test_ops_clients_that_never_read_their_answers_are_closed_and_probes_are_answered_again(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each client asked for /metrics again and again without reading: behind the answer it left unread, the
+    # requests it had pipelined kept its connection "being answered" for ever, and with 32 such connections
+    # every new one, /healthz included, was refused 503 for as long as they stayed.
+    monkeypatch.setattr(protocol, "OPS_WRITE_TIMEOUT", 2.0)
+    caplog.set_level(logging.WARNING, logger="hookyard.ops")
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        gw.gateway.metrics.registry.register(LargeExposition(1024 * 1024))
+        port = int(gw.ops_url.rpartition(":")[2])
+        scrapes = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 8
+        clients = []
+        try:
+            for _ in range(OPS_MAX_CONNECTIONS):
+                clients.append(never_reading_client(port, scrapes))
+            # Each one's first answer is on its way: the connections are full of answers being written.
+            wait_until(lambda: len(select.select(clients, [], [], 0)[0]) == len(clients), 20)
+            wait_until(lambda: healthz_status(gw.ops_url) == 200, 30)
+            wait_until(lambda: ops_metric(gw, "hookyard_ops_answers_unread_total") == OPS_MAX_CONNECTIONS, 30)
+            assert all(closed_after_what_was_sent(client) for client in clients)
+        finally:
+            for client in clients:
+                client.close()
+        wait_until(lambda: ops_metric(gw, "hookyard_ops_connections") == 0)
+    said = [record.getMessage() for record in caplog.records if "did not read" in record.getMessage()]
+    assert said == ["an ops connection was closed: its client did not read its answer within 2 s"]  # once
 
 
 @pytest.mark.parametrize("listener", ["url", "ops_url"])

@@ -129,13 +129,18 @@ class NotAnEvent(Exception):
         super().__init__(what)
         self.kind = kind  # what the log's throttle tells failures apart by: not the value, each webhook's own
 
-    @classmethod
-    def not_text(cls, event: Event) -> NotAnEvent:
-        """The exception for an event whose id or type is not a str."""
-        field, value = ("id", event.id) if type(event.id) is not str else ("type", event.type)
+
+def as_plain_text(event: Event) -> None:
+    """Make the event's id and type plain str where they are a subclass of it (a StrEnum, say: a str, as
+    the store and the admin API take it), or raise NotAnEvent where either is not text at all."""
+    for field in ("id", "type"):
+        value = getattr(event, field)
+        if isinstance(value, str):
+            setattr(event, field, str.__str__(value))
+            continue
         kind = type(value).__name__
         # Shown cut short: a provider may have put a whole body there.
-        return cls(
+        raise NotAnEvent(
             f"made an event whose {field} is {reprlib.repr(value)} (a {kind}), not a str", f"{field} {kind}"
         )
 
@@ -230,7 +235,7 @@ class Ingress:
         except AttributeError:  # (free unless raised) a provider's parse that returned None, say
             raise NotAnEvent(f"returned {type(event).__name__}, not an Event", type(event).__name__) from None
         if type(event.id) is not str or type(event.type) is not str:  # two checks, no call, per webhook
-            raise NotAnEvent.not_text(event)
+            as_plain_text(event)
         # By the endpoint's table, not the running one: a reload may have swapped it since the headers.
         return event, endpoint.match(event)
 

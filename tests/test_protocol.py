@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import gc
 import json
 import logging
@@ -1490,6 +1491,30 @@ def test_a_provider_that_fails_every_webhook_is_named_once_and_its_senders_are_t
     assert (named[0].plugin, named[0].hook, named[0].suppressed) == (provider.name, said.split()[0], 0)
     with contextlib.closing(sqlite3.connect(tmp_path / "hookyard.db")) as db:
         assert [event_id for (event_id,) in db.execute("SELECT event_id FROM events")] == ["msg_fine"]
+
+
+class Kind(enum.StrEnum):
+    CREATED = "user.created"
+
+
+class TypeStrEnum(TypeMapping):
+    """A catalog of its types as a StrEnum: each a str, taken as the text it holds."""
+
+    name = "type-str-enum"
+
+    def event_type(self, name: str | int) -> Any:
+        return Kind(name)
+
+
+@pytest.mark.parametrize("expect", [False, True], ids=["fast_path", "asgi_path"])
+def test_an_event_whose_type_is_a_str_subclass_is_stored_as_its_text(tmp_path, expect: bool) -> None:
+    config, pm, path = with_provider(tmp_path, TypeStrEnum)
+    with RunningGateway(config, pm=pm) as gw, Connection(gw.url) as conn:
+        status, body = send_signed(conn, "msg_enum", path, expect)
+    assert (status, json.loads(body)["status"]) == (200, "accepted")
+    with contextlib.closing(sqlite3.connect(tmp_path / "hookyard.db")) as db:
+        stored = db.execute("SELECT event_id, type, typeof(type) FROM events").fetchall()
+    assert stored == [("msg_enum", "user.created", "text")]
 
 
 RAISED: list[weakref.ref[BaseException]] = []

@@ -282,11 +282,20 @@ def _returned_by(pm: pluggy.PluginManager, caller: Any, value: Any) -> str:
 
 
 def plugin_of(pm: pluggy.PluginManager, cls: type) -> str:
-    """The name of the plugin that defines cls (a provider or an action), as `hookyard plugins` lists it:
-    the plugin that is cls's module, or an object of it; else the module's own name. For error messages."""
+    """The name of the plugin that registered cls (a provider or an action), as `hookyard plugins` lists it,
+    for error messages: the plugin whose register_providers or register_actions returns it (called again:
+    those hooks are free of side effects); failing that, the plugin whose module or package defines it (a
+    packaged plugin's classes are in modules of their own); else the module's own name."""
+    for hook in ("register_providers", "register_actions"):
+        for impl in getattr(pm.hook, hook).get_hookimpls():
+            if impl.wrapper or impl.hookwrapper:
+                continue
+            with contextlib.suppress(Exception):
+                if cls in (impl.function() or ()):
+                    return str(impl.plugin_name)
     for name, plugin in pm.list_name_plugin():
         module = plugin.__name__ if inspect.ismodule(plugin) else type(plugin).__module__
-        if module == cls.__module__:
+        if cls.__module__ == module or cls.__module__.startswith(f"{module}."):
             return name
     return cls.__module__
 

@@ -1120,6 +1120,9 @@ def test_an_action_whose_options_model_raises_is_a_config_error_naming_its_plugi
         async def deliver(self, job: Any) -> Any:
             raise AssertionError("never run")
 
+    # As a packaged plugin lays it out: the class in a module of its own, not the plugin's. The plugin was
+    # found by module, and this one was named `plugin acme_hook.actions`.
+    Spool.__module__ = "acme_hook.actions"
     errors = build_errors(
         registry_with(actions=[Spool]), base_config([route("r", "consignly", {"id": "s", "use": "spool"})])
     )

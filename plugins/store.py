@@ -449,10 +449,12 @@ class Change:
 def _json(value: Any) -> str:
     """`value` as compact JSON text. By orjson: a payload of 1 MiB takes json.dumps about 12 ms of the event
     loop, which every other delivery and webhook waits for, and orjson about 1 ms. Its text is json's but for
-    how some floats are spelled (0.000015, not 1.5e-05), the same number to both databases' JSON. NaN and
-    infinities, which orjson would write as null, cannot be in a payload: it is parsed from the body by
-    orjson, which refuses them. What orjson cannot write (an integer past 64 bits, read again from the body
-    with all its digits; nesting past 255 levels; a lone surrogate) is written by json, as before."""
+    how some floats are spelled (0.000015, not 1.5e-05), the same number to both databases' JSON. A payload
+    parsed from the body (every built-in provider's) holds nothing else: orjson refused NaN and infinities
+    there. One that a provider plugin's parse built may: orjson writes a NaN or an infinity as null, as
+    JavaScript's JSON.stringify does, and a date, a UUID, an enum or a dataclass as its JSON form, where json
+    refused them and the delivery ended dead. What orjson cannot write (an integer past 64 bits, read again
+    from the body with all its digits; nesting past 255 levels; a lone surrogate) is written by json."""
     try:
         return orjson.dumps(value).decode()
     except orjson.JSONEncodeError:

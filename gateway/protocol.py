@@ -1250,6 +1250,7 @@ class LingeringClose(asyncio.Protocol):
         self.tcp_transport = tcp_transport
         self.lingering = lingering
         lingering.add(self)
+        self.loop = loop
         self.timer = loop.call_later(_LINGER, self.close)
         self.received = False  # anything since the answer
 
@@ -1277,6 +1278,11 @@ class LingeringClose(asyncio.Protocol):
         self.timer.cancel()
         if not self.transport.is_closing():  # else closed by close_if_all_answered: its TLS layer ends it
             self.transport.close()
+        if self.transport.get_write_buffer_size():
+            # Its client has not read the end of the answer (a large /metrics it never reads): the close
+            # waits for that, for ever, holding the connection's file descriptor outside every limit of
+            # connections. Given the write deadline, then aborted (a no-op once it has ended).
+            self.timer = self.loop.call_later(OPS_WRITE_TIMEOUT, self.transport.abort)
 
     def end(self) -> None:
         """Close now, waiting for nothing (over TLS, close() waits for the client's close_notify). Over TLS,

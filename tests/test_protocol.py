@@ -553,6 +553,37 @@ def test_ops_clients_that_never_read_their_answers_are_closed_and_probes_are_ans
     assert said == ["an ops connection was closed: its client did not read its answer within 2 s"]  # once
 
 
+def server_side_of(server_port: int, client: socket.socket) -> bool:
+    """Whether a process still holds the server's end of `client`'s connection: a socket in the kernel's
+    TCP table with an inode (one the process has closed is left to the kernel, which sends what it holds of
+    it, and has none)."""
+    client_port = client.getsockname()[1]
+    wanted = [f"0100007F:{server_port:04X}", f"0100007F:{client_port:04X}"]
+    with open("/proc/net/tcp") as table:
+        return any(row[1:3] == wanted and row[9] != "0" for row in map(str.split, table))
+
+
+def test_an_ops_answer_left_unread_after_its_connection_closed_ends_it_in_time(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A scrape with `Connection: close` that its client never reads: once written, the answer was handed to
+    # the lingering close and its deadline cancelled, and the close waited for the client to read what was
+    # left, for ever, holding the connection's file descriptor outside any limit of connections.
+    monkeypatch.setattr(protocol, "OPS_WRITE_TIMEOUT", 1.0)
+    with RunningGateway(gateway_config(tmp_path)) as gw:
+        # Larger than what the kernel takes of it (net.ipv4.tcp_wmem, 4 MiB at most by default): the rest is
+        # left to the gateway to send.
+        gw.gateway.metrics.registry.register(LargeExposition(16 * 1024 * 1024))
+        port = int(gw.ops_url.rpartition(":")[2])
+        client = never_reading_client(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        with contextlib.closing(client):
+            wait_until(lambda: select.select([client], [], [], 0)[0] != [], 20)  # its answer is on its way
+            assert server_side_of(port, client)
+            wait_until(lambda: not server_side_of(port, client), 30)
+            assert closed_after_what_was_sent(client)
+        assert healthz_status(gw.ops_url) == 200
+
+
 @pytest.mark.parametrize("listener", ["url", "ops_url"])
 @pytest.mark.parametrize("path", ["/webhooks/consignease?", "/nowhere/"])
 def test_a_url_too_long_to_parse_is_refused_414_naming_it_and_the_listener_goes_on(

@@ -31,7 +31,7 @@ from gateway.ingress import Ingress
 from gateway.launch import sigterm_caught
 from gateway.logs import serving_listener
 from gateway.metrics import Metrics
-from gateway.ops import answers_unread, connections_shed, ops_app
+from gateway.ops import connections_shed, ops_app
 from gateway.plugins import HookTrace, PluginError, Registry, check_implementations, plugin_manager
 from gateway.protocol import (
     LINGERING_AT_MOST,
@@ -90,11 +90,10 @@ CONFIG_SETTLE = 0.5  # seconds
 # The files a gateway keeps open besides its webhook listener's connections: about 30 at rest (the store's
 # database, WAL and lock, the fsync helper's pipes, both listening sockets, the event loop's own, stdio);
 # the ops listener's connections (probes, scrapes and admin calls: OPS_MAX_CONNECTIONS at most); and the
-# webhook listener's connections closed after their answer, for the moment they linger (LINGERING_AT_MOST),
-# and the ops listener's (OPS_MAX_CONNECTIONS at most).
+# webhook listener's connections closed after their answer, for the moment they linger (LINGERING_AT_MOST).
 # Deliveries add up to two per worker (delivery.concurrency): the forward action's keep-alive connections
 # and aiohttp's pool.
-FILES_RESERVED = 32 + 2 * OPS_MAX_CONNECTIONS + LINGERING_AT_MOST
+FILES_RESERVED = 32 + OPS_MAX_CONNECTIONS + LINGERING_AT_MOST
 
 
 def collect_less() -> None:
@@ -515,7 +514,7 @@ class Gateway:
         self.metrics.webhook_connections.set_function(lambda: len(connections))
         ops_uvicorn = self._uvicorn_config(self.ops, ops_config.host, ops_config.port, OPS_DRAIN_TIMEOUT)
         # uvicorn's, but what its drain cuts off gets no answer, and its connections are bounded.
-        ops_uvicorn.http = ops_class = ops_protocol(connections_shed(self), answers_unread(self))
+        ops_uvicorn.http = ops_protocol(connections_shed(self))
         ops_uvicorn.timeout_keep_alive = OPS_IDLE_TIMEOUT
         ops = _Server(ops_uvicorn, "ops")
         ops_connections = ops.server_state.connections
@@ -572,7 +571,6 @@ class Gateway:
                 finally:
                     ops.should_exit = True
                     await asyncio.gather(servers[1], return_exceptions=True)
-                    ops_class.lingering.close_all()
                 log.info("stopped")
         finally:
             # However the drain ends (cancelled, or failing), the watching thread does not outlive serve.

@@ -295,12 +295,6 @@ class Metrics:
             ["path"],
             registry=registry,
         )
-        self.ops_answers_unread = Counter(
-            "hookyard_ops_answers_unread_total",
-            "Connections the ops listener closed because their client did not read an answer within 10 s "
-            "(a scraper or a client that asks and never reads).",
-            registry=registry,
-        )
         self.storage_writable = Gauge(
             "hookyard_storage_writable",
             "1 when the store took the last readiness check's test write (every /readyz), 0 when it failed or "

@@ -73,25 +73,6 @@ def faults_reported(gateway: Gateway) -> Callable[[Request], None]:
     return report
 
 
-def answers_unread(gateway: Gateway) -> Callable[[float], None]:
-    """What the ops listener calls for each connection it ends because its client did not read an answer
-    within OPS_WRITE_TIMEOUT (see gateway.protocol.OpsProtocol): counted, and said in the log at most once
-    a minute."""
-    throttle = Throttle(_SHED_LOG_INTERVAL)
-
-    def unread(timeout: float) -> None:
-        gateway.metrics.ops_answers_unread.inc()
-        suppressed = throttle.admit("unread")
-        if suppressed is not None:
-            log.warning(
-                "an ops connection was closed: its client did not read its answer within %s s",
-                f"{timeout:g}",
-                extra={"write_timeout": timeout, "suppressed": suppressed},
-            )
-
-    return unread
-
-
 def ops_app(gateway: Gateway) -> Starlette:
     async def healthz(request: Request) -> Response:
         # Liveness: the process and its event loop answer. Storage trouble is readiness, not liveness:

@@ -47,9 +47,8 @@ close_notify is sent, and the client's is not waited for. So is one still linger
 still coming, or its commit) is aborted, unanswered (cut_off).
 
 The ops listener's protocol (OpsProtocol) is uvicorn's, but for the end of its drain: a request cut off
-then gets no answer either. And a request's head has a deadline and a bound there too (408, 431), its
-body a deadline (408), and an answer a deadline to be read (OPS_WRITE_TIMEOUT). Its connections closed
-after an answer linger as the webhook listener's do (CoalescedWrites).
+then gets no answer either. And a request's head has a deadline and a bound there too (408, 431), and
+its body a deadline (408).
 
 Expect: a request whose client waits for `100 Continue` and is refused before it is sent one closes its
 connection after the answer, on both listeners (see _unanswered_if_cut_off).
@@ -867,11 +866,6 @@ OPS_BODY_TIMEOUT = 10.0  # seconds
 # descriptors are kept besides listen.max_connections (gateway.app.FILES_RESERVED), so that a flood of them
 # leaves the webhook listener and the store theirs.
 OPS_MAX_CONNECTIONS = 32
-# How long an answer may wait for its client to read it: from the moment what is still to be sent outgrows
-# the transport's buffer (writing paused) until it drains. A client that asks and never reads (requests
-# pipelined behind an answer it leaves unread) would otherwise hold its connection, and a place among
-# OPS_MAX_CONNECTIONS as a request being answered, for ever.
-OPS_WRITE_TIMEOUT = 10.0  # seconds
 _OPS_TOO_MANY_CONNECTIONS = b"retry-after: 5\r\n" + _ops_closing(
     f"the ops listener has {OPS_MAX_CONNECTIONS} connections open, each with a request being answered; "
     "retry later"
@@ -894,28 +888,17 @@ class OpsProtocol(UpgradeIgnoring):
     At most OPS_MAX_CONNECTIONS connections are open at once. One more closes the oldest that has no request
     being answered (idle, still sending its request, or not reading its answer), so that a flood of idle or
     slow connections cannot keep a probe or a scrape out; refused with 503 only when each one has a request
-    being answered. `shed` is told which ("closed", "refused"), to count and log it. An answer its client
-    has not read within OPS_WRITE_TIMEOUT of filling the transport's buffer ends its connection (aborted:
-    a close would wait for the client to read it), and `unread` is told.
-
-    Closing after an answer (a refusal, `connection: close`) lingers as on the webhook listener
-    (CoalescedWrites.close): a client still sending reads the answer rather than ECONNRESET."""
-
-    # The listener's connections closed after their answer that still linger (set by ops_protocol).
-    lingering: ClassVar[Lingering]
+    being answered. `shed` is told which ("closed", "refused"), to count and log it."""
 
     # A request's head is being read, and the bytes of the reads since it began.
     _in_head = False
     _head_bytes = 0
     _head_deadline: asyncio.TimerHandle | None = None
     _body_deadline: asyncio.TimerHandle | None = None
-    _write_deadline: asyncio.TimerHandle | None = None
     _opened = 0.0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # Duck-typed, as on the webhook listener: its close() lingers.
-        writes = CoalescedWrites(transport, self.loop, self.lingering)
-        super().connection_made(cast(asyncio.Transport, writes))
+        super().connection_made(transport)  # type: ignore[arg-type]  # uvicorn's takes a Transport
         self._opened = self.loop.time()
         if len(self.connections) > OPS_MAX_CONNECTIONS and not self._make_room():
             # Its slot is given up at once, as on the webhook listener: a burst of refusals does not refuse
@@ -945,34 +928,6 @@ class OpsProtocol(UpgradeIgnoring):
     def shed(self, outcome: str) -> None:
         """A connection was closed ("closed") or refused ("refused") for the limit: see ops_protocol."""
 
-    def unread(self, timeout: float) -> None:
-        """A connection was ended for an answer its client did not read within `timeout` seconds: see
-        ops_protocol."""
-
-    def pause_writing(self) -> None:
-        super().pause_writing()
-        self._disarm_write_deadline()
-        self._write_deadline = self.loop.call_later(
-            OPS_WRITE_TIMEOUT, self._write_timed_out, OPS_WRITE_TIMEOUT
-        )
-
-    def resume_writing(self) -> None:
-        self._disarm_write_deadline()
-        super().resume_writing()
-
-    def _disarm_write_deadline(self) -> None:
-        if self._write_deadline is not None:
-            self._write_deadline.cancel()
-            self._write_deadline = None
-
-    def _write_timed_out(self, timeout: float) -> None:
-        self._write_deadline = None
-        # Its slot is given up at once, as when it is closed for room: the loop may take a while to tell it
-        # is lost.
-        self.connections.discard(self)
-        self.transport.abort()
-        self.unread(timeout)
-
     def _answering(self) -> bool:
         """Whether a request is being answered: all of it read, and its answer to come or being read."""
         if self.pipeline:
@@ -991,7 +946,6 @@ class OpsProtocol(UpgradeIgnoring):
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_came()
         self._body_came()
-        self._disarm_write_deadline()
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
@@ -1099,7 +1053,7 @@ class OpsProtocol(UpgradeIgnoring):
             name + b": " + value + b"\r\n" for name, value in self.server_state.default_headers
         )
         self.transport.write(head + rest)
-        self.transport.close()  # lingers: the client may still be sending (CoalescedWrites.close)
+        self.transport.close()
 
 
 # How long closing a TLS connection after its answer waits for the client's close_notify after sending its
@@ -1109,20 +1063,12 @@ class OpsProtocol(UpgradeIgnoring):
 TLS_SHUTDOWN_TIMEOUT = 1.0  # seconds
 
 
-def ops_protocol(shed: Callable[[str], None], unread: Callable[[float], None]) -> type[OpsProtocol]:
-    """The ops listener's protocol class, telling `shed` of each connection it closes or refuses when full,
-    and `unread` of each it ends for an answer not read within OPS_WRITE_TIMEOUT."""
+def ops_protocol(shed: Callable[[str], None]) -> type[OpsProtocol]:
+    """The ops listener's protocol class, telling `shed` of each connection it closes or refuses when full."""
 
     class Ops(OpsProtocol):
-        # At most as many as it has connections open: their file descriptors are in
-        # gateway.app.FILES_RESERVED.
-        lingering = Lingering(OPS_MAX_CONNECTIONS)
-
         def shed(self, outcome: str) -> None:
             shed(outcome)
-
-        def unread(self, timeout: float) -> None:
-            unread(timeout)
 
     return Ops
 
@@ -1250,7 +1196,6 @@ class LingeringClose(asyncio.Protocol):
         self.tcp_transport = tcp_transport
         self.lingering = lingering
         lingering.add(self)
-        self.loop = loop
         self.timer = loop.call_later(_LINGER, self.close)
         self.received = False  # anything since the answer
 
@@ -1278,11 +1223,6 @@ class LingeringClose(asyncio.Protocol):
         self.timer.cancel()
         if not self.transport.is_closing():  # else closed by close_if_all_answered: its TLS layer ends it
             self.transport.close()
-        if self.transport.get_write_buffer_size():
-            # Its client has not read the end of the answer (a large /metrics it never reads): the close
-            # waits for that, for ever, holding the connection's file descriptor outside every limit of
-            # connections. Given the write deadline, then aborted (a no-op once it has ended).
-            self.timer = self.loop.call_later(OPS_WRITE_TIMEOUT, self.transport.abort)
 
     def end(self) -> None:
         """Close now, waiting for nothing (over TLS, close() waits for the client's close_notify). Over TLS,
@@ -1306,14 +1246,13 @@ class LingeringClose(asyncio.Protocol):
 
 
 class Lingering:
-    """A listener's lingering connections (LingeringClose), oldest first: at most `at_most`."""
+    """A listener's lingering connections (LingeringClose), oldest first: at most LINGERING_AT_MOST."""
 
-    def __init__(self, at_most: int = LINGERING_AT_MOST) -> None:
+    def __init__(self) -> None:
         self._closes: dict[LingeringClose, None] = {}
-        self._at_most = at_most
 
     def add(self, close: LingeringClose) -> None:
-        if len(self._closes) >= self._at_most:
+        if len(self._closes) >= LINGERING_AT_MOST:
             next(iter(self._closes)).close()  # the oldest, which had the longest to read its answer
         self._closes[close] = None
 

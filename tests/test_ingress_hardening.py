@@ -586,8 +586,7 @@ def test_a_flood_of_connections_under_a_low_open_file_limit_leaves_the_ops_liste
     tmp_path: Any,
 ) -> None:
     # 264 open files at most, hard limit included: listen.max_connections (1024) is lowered to fit, with
-    # 64 + 64 (refused connections as they linger) + 32 (the ops listener's, as they linger) + 2 x
-    # delivery.concurrency kept for the rest. Without a
+    # 64 + 64 (refused connections as they linger) + 2 x delivery.concurrency kept for the rest. Without a
     # limit, the listener would take all 264 and the ops listener's accept() would fail with EMFILE.
     ingress, ops = free_port(), free_port()
     config = gateway_config(
@@ -604,7 +603,7 @@ def test_a_flood_of_connections_under_a_low_open_file_limit_leaves_the_ops_liste
     try:
         with httpx.Client(timeout=3) as client:
             assert (
-                metric_value(client.get(ops_url + "/metrics").text, "hookyard_webhook_max_connections") == 88
+                metric_value(client.get(ops_url + "/metrics").text, "hookyard_webhook_max_connections") == 120
             )
             for _ in range(250):
                 flood.append(socket.create_connection(("127.0.0.1", ingress), timeout=5))
@@ -613,16 +612,16 @@ def test_a_flood_of_connections_under_a_low_open_file_limit_leaves_the_ops_liste
                 return metric_value(client.get(ops_url + "/metrics").text, name, **labels)
 
             wait_until(
-                lambda: scraped("hookyard_webhook_rejections_total", reason="too_many_connections") == 162
+                lambda: scraped("hookyard_webhook_rejections_total", reason="too_many_connections") == 130
             )
-            assert scraped("hookyard_webhook_connections") == 88
+            assert scraped("hookyard_webhook_connections") == 120
             assert client.get(ops_url + "/healthz").status_code == 200
             assert client.get(ops_url + "/readyz").status_code == 200  # the store still writes
     finally:
         for sock in flood:
             sock.close()
         process.kill()
-    assert "listen.max_connections lowered from 1024 to 88" in process.log_path.read_text()
+    assert "listen.max_connections lowered from 1024 to 120" in process.log_path.read_text()
 
 
 def test_the_open_file_limit_is_raised_for_listen_max_connections_or_the_limit_lowered_to_fit() -> None:

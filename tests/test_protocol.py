@@ -7,7 +7,6 @@ import contextlib
 import enum
 import gc
 import json
-import logging
 import select
 import socket
 import sqlite3
@@ -21,7 +20,6 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client import generate_latest
-from prometheus_client.core import GaugeMetricFamily
 
 from gateway import app, hookimpl, protocol, providers
 from gateway.app import GC_YOUNG_THRESHOLD, INGRESS_DRAIN_TIMEOUT
@@ -484,106 +482,6 @@ def test_one_ops_connection_more_than_those_each_being_answered_is_refused_503(
     }
 
 
-class LargeExposition:
-    """A collector that makes /metrics `size` bytes long, cheaply: one label value."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def collect(self) -> Any:
-        family = GaugeMetricFamily("test_padding", "Pads the exposition.", labels=["padding"])
-        family.add_metric(["x" * self.size], 1)
-        yield family
-
-
-def never_reading_client(port: int, request: bytes) -> socket.socket:
-    """A client that sends `request` and never reads, with the smallest receive window it may offer (set
-    before connecting, as the window is agreed then)."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    sock.settimeout(10)
-    sock.connect(("127.0.0.1", port))
-    sock.sendall(request)
-    return sock
-
-
-def closed_after_what_was_sent(sock: socket.socket) -> bool:
-    """Whether the server closed (or aborted) the connection, once what it had sent is read."""
-    for _ in range(1000):
-        try:
-            if not sock.recv(65536):
-                return True
-        except ConnectionResetError:
-            return True
-    return False
-
-
-def healthz_status(url: str) -> int:
-    with contextlib.suppress(httpx.HTTPError):
-        return httpx.get(url + "/healthz", timeout=5).status_code
-    return 0
-
-
-def test_ops_clients_that_never_read_their_answers_are_closed_and_probes_are_answered_again(
-    tmp_path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    # Each client asked for /metrics again and again without reading: behind the answer it left unread, the
-    # requests it had pipelined kept its connection "being answered" for ever, and with 32 such connections
-    # every new one, /healthz included, was refused 503 for as long as they stayed.
-    monkeypatch.setattr(protocol, "OPS_WRITE_TIMEOUT", 2.0)
-    caplog.set_level(logging.WARNING, logger="hookyard.ops")
-    with RunningGateway(gateway_config(tmp_path)) as gw:
-        gw.gateway.metrics.registry.register(LargeExposition(1024 * 1024))
-        port = int(gw.ops_url.rpartition(":")[2])
-        scrapes = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 8
-        clients = []
-        try:
-            for _ in range(OPS_MAX_CONNECTIONS):
-                clients.append(never_reading_client(port, scrapes))
-            # Each one's first answer is on its way: the connections are full of answers being written.
-            wait_until(lambda: len(select.select(clients, [], [], 0)[0]) == len(clients), 20)
-            wait_until(lambda: healthz_status(gw.ops_url) == 200, 30)
-            wait_until(lambda: ops_metric(gw, "hookyard_ops_answers_unread_total") == OPS_MAX_CONNECTIONS, 30)
-            assert all(closed_after_what_was_sent(client) for client in clients)
-        finally:
-            for client in clients:
-                client.close()
-        wait_until(lambda: ops_metric(gw, "hookyard_ops_connections") == 0)
-    said = [record.getMessage() for record in caplog.records if "did not read" in record.getMessage()]
-    assert said == ["an ops connection was closed: its client did not read its answer within 2 s"]  # once
-
-
-def server_side_of(server_port: int, client: socket.socket) -> bool:
-    """Whether a process still holds the server's end of `client`'s connection: a socket in the kernel's
-    TCP table with an inode (one the process has closed is left to the kernel, which sends what it holds of
-    it, and has none)."""
-    client_port = client.getsockname()[1]
-    wanted = [f"0100007F:{server_port:04X}", f"0100007F:{client_port:04X}"]
-    with open("/proc/net/tcp") as table:
-        return any(row[1:3] == wanted and row[9] != "0" for row in map(str.split, table))
-
-
-def test_an_ops_answer_left_unread_after_its_connection_closed_ends_it_in_time(
-    tmp_path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # A scrape with `Connection: close` that its client never reads: once written, the answer was handed to
-    # the lingering close and its deadline cancelled, and the close waited for the client to read what was
-    # left, for ever, holding the connection's file descriptor outside any limit of connections.
-    monkeypatch.setattr(protocol, "OPS_WRITE_TIMEOUT", 1.0)
-    with RunningGateway(gateway_config(tmp_path)) as gw:
-        # Larger than what the kernel takes of it (net.ipv4.tcp_wmem, 4 MiB at most by default): the rest is
-        # left to the gateway to send.
-        gw.gateway.metrics.registry.register(LargeExposition(16 * 1024 * 1024))
-        port = int(gw.ops_url.rpartition(":")[2])
-        client = never_reading_client(port, b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        with contextlib.closing(client):
-            wait_until(lambda: select.select([client], [], [], 0)[0] != [], 20)  # its answer is on its way
-            assert server_side_of(port, client)
-            wait_until(lambda: not server_side_of(port, client), 30)
-            assert closed_after_what_was_sent(client)
-        assert healthz_status(gw.ops_url) == 200
-
-
 @pytest.mark.parametrize("listener", ["url", "ops_url"])
 @pytest.mark.parametrize("path", ["/webhooks/consignease?", "/nowhere/"])
 def test_a_url_too_long_to_parse_is_refused_414_naming_it_and_the_listener_goes_on(
@@ -678,48 +576,6 @@ def test_a_client_still_sending_when_its_connection_is_answered_and_closed_reads
             assert json.loads(body)["error"] == reason
         # Closed by then, or soon after: none of them holds a place among listen.max_connections.
         wait_until(lambda: gw.metric("hookyard_webhook_connections") == 0)
-
-
-_OPS_HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
-# As _STILL_SENDING, on the ops listener (whose head and body deadlines are shortened to 0.3 s).
-_OPS_STILL_SENDING = {
-    "head_timeout": (_OPS_HEAD + b"X-Slow: ", b"a", 0.02, 408),
-    "head_too_large": (_OPS_HEAD + b"X-Endless: ", _BULK, 0.0, 431),
-    "url_too_long": (
-        b"POST /%s HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n" % (b"a" * 70_000),
-        _BULK,
-        0.0,
-        414,
-    ),
-    "malformed": (b"GARBAGE \x00\x01\r\n", _BULK, 0.0, 400),
-    "body_timeout": (
-        b"POST /admin/replay HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 1000\r\n\r\n{",
-        b"a" * 100,
-        None,
-        408,
-    ),
-}
-
-
-@pytest.mark.parametrize("case", _OPS_STILL_SENDING.values(), ids=_OPS_STILL_SENDING)
-def test_an_ops_client_still_sending_when_its_connection_is_refused_reads_the_answer(
-    tmp_path, monkeypatch: pytest.MonkeyPatch, case: tuple[bytes, bytes, float | None, int]
-) -> None:
-    # The ops listener closed its refusals with what the client had sent since unread: the connection was
-    # reset, and the client read ECONNRESET (or nothing) instead of the 408, 414 or 431.
-    first, more, pace, status = case
-    monkeypatch.setattr(protocol, "OPS_HEAD_TIMEOUT", 0.3)
-    monkeypatch.setattr(protocol, "OPS_BODY_TIMEOUT", 0.3)
-    with RunningGateway(gateway_config(tmp_path)) as gw:
-        host, port = gw.ops_url.removeprefix("http://").split(":")
-        for _ in range(4):
-            with socket.create_connection((host, int(port)), timeout=5) as sock:
-                answer = send_until_answered(sock, first, more, pace)
-            assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:100]
-            head, _, body = answer.partition(b"\r\n\r\n")
-            assert b"connection: close" in head.lower().split(b"\r\n")
-            assert "error" in json.loads(body)
-        wait_until(lambda: ops_metric(gw, "hookyard_ops_connections") == 0)
 
 
 def https_config(tmp_path) -> tuple[dict[str, Any], ssl.SSLContext]:

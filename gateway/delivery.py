@@ -27,7 +27,7 @@ from gateway.config import DeliveryEngine as EngineSettings
 from gateway.events import Event
 from gateway.limits import ConcurrencyLimit
 from gateway.metrics import Metrics
-from gateway.plugins import PluginError, Registry, raised_by
+from gateway.plugins import PluginError, Registry, plugin_of, raised_by
 from gateway.routing import PlannedAction, RouteTable
 from gateway.storage import (
     Attempt,
@@ -165,7 +165,8 @@ class Deadlines:
     the timer is moved sooner only for an attempt whose latest moment comes before it, so at a steady rate
     it fires about once per timeout, not once per attempt."""
 
-    def __init__(self) -> None:
+    def __init__(self, pm: pluggy.PluginManager | None = None) -> None:
+        self.pm = pm  # to name the plugin of an action that does not stop
         # task -> its deadline (on the loop's clock), and what it runs, to name it if it does not stop
         self._running: dict[asyncio.Task[Any], tuple[float, Action, Job]] = {}
         # Cancelled here, not yet told (finish): what it runs, and how many times it was cancelled.
@@ -227,7 +228,7 @@ class Deadlines:
                     **job.event.summary(),
                     "route": job.route,
                     "action": job.action,
-                    "plugin": type(action).__module__,
+                    "plugin": _plugin_of(self.pm, action),
                 },
             )
         self._late[task] = (action, job, cancelled + 1)
@@ -267,7 +268,7 @@ class Engine:
         self._due_at = 0.0
         self._wakes = 0
         self._queueing = 0  # events being stored whose deliveries (some of them) go to the queue
-        self._deadlines = Deadlines()
+        self._deadlines = Deadlines(pm)
         # The claim loop found no free slot, or filled every one: a slot that frees up may have work. When
         # it claimed less than it could, a free slot changes nothing, and waking the loop for it would cost
         # a claim and a read (a commit each) per delivery.
@@ -876,7 +877,7 @@ class Engine:
                 "action raised %s, which is not an Exception; counted as a failed attempt",
                 type(exc).__name__,
                 exc_info=True,
-                extra={**job.event.summary(), "action": job.action, "plugin": type(action).__module__},
+                extra={**job.event.summary(), "action": job.action, "plugin": _plugin_of(self.pm, action)},
             )
             return retry(f"{type(exc).__name__}{f': {exc}' if str(exc) else ''} (raised by the action)")
         if late:
@@ -944,6 +945,12 @@ async def _cancel(*tasks: asyncio.Task[None] | None) -> None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+
+def _plugin_of(pm: pluggy.PluginManager | None, action: Action) -> str:
+    """The plugin that registered action's class, as `hookyard plugins` lists it (its module without a plugin
+    manager), for the log line that tells of its bug."""
+    return plugin_of(pm, type(action)) if pm is not None else type(action).__module__
 
 
 def _uncancel(task: asyncio.Task[Any], times: int) -> int:

@@ -675,7 +675,7 @@ def test_an_action_that_raises_a_base_exception_fails_the_attempt_and_the_gatewa
     assert said[0].getMessage() == (
         f"action raised {type(raised).__name__}, which is not an Exception; counted as a failed attempt"
     )
-    assert said[0].plugin == __name__
+    assert said[0].plugin == "test-plugin"  # as `hookyard plugins` lists the plugin that registered it
 
 
 def test_an_action_that_turns_the_shutdowns_cancellation_into_system_exit_is_cut_off_not_failed(
@@ -750,7 +750,7 @@ def test_an_action_that_goes_on_after_its_timeout_is_named_and_cancelled_again(
         "action 'app' of route 'users' did not stop within 1 s of its attempt's cancellation for running "
         "past its timeout (0.1 s): cancelled again"
     ]
-    assert (said[0].levelname, said[0].event_id, said[0].plugin) == ("WARNING", "msg_stubborn", __name__)
+    assert (said[0].levelname, said[0].event_id, said[0].plugin) == ("WARNING", "msg_stubborn", "test-plugin")
 
 
 def test_an_action_error_is_stored_and_logged_cut_to_a_bounded_length(
